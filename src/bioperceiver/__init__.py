@@ -1,0 +1,29 @@
+"""BioPerceiver: multimodal biomedical foundation models on a shared Perceiver backbone.
+
+Importing this package registers ``BioPerceiverConfig``/``BioPerceiverModel`` with the transformers Auto
+classes, so ``AutoModel.from_pretrained(directory)`` works without ``trust_remote_code``.
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_bioperceiver import BioPerceiverConfig
+from .factory import create_config, create_model, list_models
+from .modalities import list_modality_kinds, register_modality
+from .modeling_bioperceiver import BioPerceiverModel, BioPerceiverModelOutput, BioPerceiverPreTrainedModel
+
+__version__ = "0.1.0"
+
+AutoConfig.register(BioPerceiverConfig.model_type, BioPerceiverConfig, exist_ok=True)
+AutoModel.register(BioPerceiverConfig, BioPerceiverModel, exist_ok=True)
+
+__all__ = [
+    "BioPerceiverConfig",
+    "BioPerceiverModel",
+    "BioPerceiverModelOutput",
+    "BioPerceiverPreTrainedModel",
+    "create_config",
+    "create_model",
+    "list_modality_kinds",
+    "list_models",
+    "register_modality",
+]
