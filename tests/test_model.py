@@ -186,7 +186,7 @@ def test_gradient_checkpointing_gives_same_gradients(config, batch):
     model(**batch).pooler_output.sum().backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     assert all(layer.gradient_checkpointing for layer in model.encoder.self_layers)
     model(**batch).pooler_output.sum().backward()
     for n, p in model.named_parameters():

@@ -51,8 +51,72 @@ def _attend(
     return out, weights
 
 
+class _NormKV(torch.autograd.Function):
+    """``LayerNorm(x) -> (x_n W_k^T + b_k, x_n W_v^T + b_v)`` recomputing ``x_n`` in backward.
+
+    Over the N input tokens this is the dominant activation memory of the encoder. Storing nothing but the
+    per-token mean and inverse std (the input ``x`` is kept alive by the graph anyway) saves one ``(N, d_kv)``
+    activation per cross-attention, and taking ``grad_k``/``grad_v`` separately avoids concatenating them. The
+    recomputation is one LayerNorm, negligible next to the projections. Mixed precision: the LayerNorm runs in
+    fp32 and the projections in the autocast dtype, as autocast itself would do.
+    """
+
+    @staticmethod
+    def forward(ctx, x, norm_w, norm_b, w_k, b_k, w_v, b_v, eps: float):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        acc = torch.promote_types(x.dtype, torch.float32)  # LayerNorm precision: at least fp32
+        with torch.autocast(device, enabled=False):
+            y, mean, rstd = torch.native_layer_norm(x.to(acc), (x.shape[-1],), norm_w.to(acc), norm_b.to(acc), eps)
+            y = y.to(dtype)
+            k = F.linear(y, w_k.to(dtype), b_k.to(dtype))  # (B, N, C_k)
+            v = F.linear(y, w_v.to(dtype), b_v.to(dtype))  # (B, N, C_v)
+        ctx.save_for_backward(x, norm_w, norm_b, w_k, w_v, mean, rstd)
+        ctx.compute_dtype = dtype
+        return k, v
+
+    @staticmethod
+    def backward(ctx, grad_k, grad_v):
+        x, norm_w, norm_b, w_k, w_v, mean, rstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dtype, d = ctx.compute_dtype, x.shape[-1]
+        acc = mean.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            xf = x.to(acc)
+            y = ((xf - mean) * rstd * norm_w.to(acc) + norm_b.to(acc)).to(dtype).reshape(-1, d)  # recomputed
+            gk = grad_k.to(dtype).reshape(-1, grad_k.shape[-1])
+            gv = grad_v.to(dtype).reshape(-1, grad_v.shape[-1])
+            grad_wk = (gk.T @ y).to(w_k.dtype) if need[3] else None
+            grad_wv = (gv.T @ y).to(w_v.dtype) if need[5] else None
+            grad_bk = gk.sum(0).to(w_k.dtype) if need[4] else None
+            grad_bv = gv.sum(0).to(w_v.dtype) if need[6] else None
+            del y
+            grad_x = grad_nw = grad_nb = None
+            if need[0] or need[1] or need[2]:
+                grad_y = gk @ w_k.to(dtype)
+                grad_y.addmm_(gv, w_v.to(dtype))  # (B*N, d), accumulated in place
+                grad_x, grad_nw, grad_nb = torch.ops.aten.native_layer_norm_backward(
+                    grad_y.to(acc).view_as(xf),
+                    xf,
+                    (d,),
+                    mean,
+                    rstd,
+                    norm_w.to(acc),
+                    norm_b.to(acc),
+                    [need[0], need[1], need[2]],
+                )
+                grad_x = grad_x.to(x.dtype) if grad_x is not None else None
+                grad_nw = grad_nw.to(norm_w.dtype) if grad_nw is not None else None
+                grad_nb = grad_nb.to(norm_b.dtype) if grad_nb is not None else None
+        return grad_x, grad_nw, grad_nb, grad_wk, grad_bk, grad_wv, grad_bv, None
+
+
 class CrossAttention(nn.Module):
-    """Multi-head attention from latent queries ``(B, M, d_q)`` to input tokens ``(B, N, d_kv)``."""
+    """Multi-head attention from latent queries ``(B, M, d_q)`` to input tokens ``(B, N, d_kv)``.
+
+    The input tokens are layer-normalised here (``norm_kv``) together with the key/value projections, in one
+    memory-saving step (see :class:`_NormKV`); the queries arrive already normalised.
+    """
 
     def __init__(
         self,
@@ -63,6 +127,7 @@ class CrossAttention(nn.Module):
         qk_channels: int | None = None,
         v_channels: int | None = None,
         dropout: float = 0.0,
+        eps: float = 1e-5,
     ) -> None:
         super().__init__()
         qk_channels = qk_channels or d_q
@@ -74,6 +139,7 @@ class CrossAttention(nn.Module):
             )
         self.num_heads = num_heads
         self.dropout = dropout
+        self.norm_kv = nn.LayerNorm(d_kv, eps=eps)
         self.q_proj = nn.Linear(d_q, qk_channels)
         self.k_proj = nn.Linear(d_kv, qk_channels)
         self.v_proj = nn.Linear(d_kv, v_channels)
@@ -83,33 +149,57 @@ class CrossAttention(nn.Module):
         b, n, c = x.shape
         return x.view(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)  # (B, H, N, dh)
 
+    def project_kv(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (B, N, d_kv) -> keys (B, N, C_k), values (B, N, C_v) of the normalised tokens."""
+        norm = self.norm_kv
+        return _NormKV.apply(
+            tokens,
+            norm.weight,
+            norm.bias,
+            self.k_proj.weight,
+            self.k_proj.bias,
+            self.v_proj.weight,
+            self.v_proj.bias,
+            norm.eps,
+        )
+
     def forward(
         self,
         queries: torch.Tensor,
-        keys_values: torch.Tensor,
+        tokens: torch.Tensor,
         keep_mask: torch.Tensor | None = None,
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, m, _ = queries.shape
         q = self._heads(self.q_proj(queries))  # (B, H, M, dh)
-        k = self._heads(self.k_proj(keys_values))  # (B, H, N, dh)
-        v = self._heads(self.v_proj(keys_values))  # (B, H, N, dv)
+        k, v = self.project_kv(tokens)
+        k, v = self._heads(k), self._heads(v)  # (B, H, N, dh), (B, H, N, dv)
         p = self.dropout if self.training else 0.0
         out, weights = _attend(q, k, v, keep_mask, p, need_weights)
         out = out.transpose(1, 2).reshape(b, m, -1)  # (B, M, v_channels)
         return self.out_proj(out), weights
 
 
-class SelfAttention(CrossAttention):
-    """Multi-head self-attention over the latent array ``(B, M, D)`` (no mask: latents are never padding)."""
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the latent array ``(B, M, D)`` with a fused QKV projection (no mask:
+    latents are never padding)."""
 
     def __init__(self, *, dim: int, num_heads: int, dropout: float = 0.0) -> None:
-        super().__init__(d_q=dim, d_kv=dim, num_heads=num_heads, dropout=dropout)
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.qkv_proj = nn.Linear(dim, 3 * dim)
+        self.out_proj = nn.Linear(dim, dim)
 
-    def forward(  # type: ignore[override]
-        self, x: torch.Tensor, need_weights: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return super().forward(x, x, None, need_weights)
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, m, d = x.shape
+        qkv = self.qkv_proj(x).view(b, m, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, M, dh)
+        p = self.dropout if self.training else 0.0
+        out, weights = _attend(q, k, v, None, p, need_weights)
+        return self.out_proj(out.transpose(1, 2).reshape(b, m, d)), weights
 
 
 class CrossAttentionBlock(nn.Module):
@@ -128,8 +218,9 @@ class CrossAttentionBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.norm_latents = nn.LayerNorm(d_latents, eps=eps)
-        self.norm_inputs = nn.LayerNorm(d_input, eps=eps)
-        self.attn = CrossAttention(d_q=d_latents, d_kv=d_input, num_heads=num_heads, dropout=attention_dropout)
+        self.attn = CrossAttention(
+            d_q=d_latents, d_kv=d_input, num_heads=num_heads, dropout=attention_dropout, eps=eps
+        )  # normalises the input tokens itself
         self.drop = nn.Dropout(dropout)
         self.norm_mlp = nn.LayerNorm(d_latents, eps=eps)
         self.mlp = Mlp(dim=d_latents, widening_factor=widening_factor, dropout=dropout)
@@ -141,7 +232,7 @@ class CrossAttentionBlock(nn.Module):
         keep_mask: torch.Tensor,
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out, weights = self.attn(self.norm_latents(latents), self.norm_inputs(tokens), keep_mask, need_weights)
+        out, weights = self.attn(self.norm_latents(latents), tokens, keep_mask, need_weights)
         latents = latents + self.drop(out)  # (B, M, D)
         latents = latents + self.mlp(self.norm_mlp(latents))
         return latents, weights
