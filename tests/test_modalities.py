@@ -153,3 +153,73 @@ def test_vit_backbone_tokens_drop_prefix():
     )
     tokens, keep = emb({"pixel_values": torch.randn(1, 1, 32, 32)})
     assert tokens.shape == (1, 4, 8) and keep.all()
+
+
+def test_nhwc_backbone_tokens_follow_the_feature_grid():
+    emb = embedder("image", mode="timm", backbone="mambaout_femto", in_channels=1)
+    pixels = torch.randn(2, 1, 64, 96)
+    feats = emb.backbone.forward_features(pixels)  # (B, h, w, C): NHWC
+    assert emb.backbone.output_fmt == "NHWC" and feats.shape[1:3] == (2, 3)
+    tokens, grid = emb._backbone_tokens(pixels)
+    assert grid == (2, 3)
+    torch.testing.assert_close(tokens, emb.proj(feats.flatten(1, 2)))
+
+
+def test_vit_backbone_non_square_grid():
+    emb = embedder(
+        "image", mode="timm", backbone="vit_tiny_patch16_224", backbone_kwargs={"img_size": (32, 48), "depth": 1}
+    )
+    tokens, grid = emb._backbone_tokens(torch.randn(1, 1, 32, 48))
+    assert grid == (2, 3) and tokens.shape == (1, 6, 8)
+
+
+def test_backbone_with_non_persistent_buffers_is_refused():
+    with pytest.raises(ValueError, match="non-persistent buffers"):
+        embedder(
+            "image",
+            mode="timm",
+            backbone="swin_tiny_patch4_window7_224",
+            backbone_kwargs={"depths": (1, 1, 1, 1), "embed_dim": 24, "num_heads": (1, 1, 1, 1)},
+        )
+
+
+def test_rgb_checkpoint_loads_into_greyscale_backbone(tmp_path):
+    rgb = timm.create_model("resnet10t", pretrained=False, num_classes=0, global_pool="", in_chans=3)
+    weights = tmp_path / "rgb.safetensors"
+    save_file(rgb.state_dict(), str(weights))
+    emb = embedder("image", mode="timm", backbone="resnet10t", in_channels=1, backbone_weights=str(weights))
+    loaded = emb.backbone.state_dict()
+    assert torch.equal(loaded["layer2.0.conv1.weight"], rgb.state_dict()["layer2.0.conv1.weight"])
+    stem = rgb.state_dict()["conv1.0.weight"]
+    torch.testing.assert_close(loaded["conv1.0.weight"], stem.sum(1, keepdim=True))  # timm's channel adaptation
+
+
+def test_frozen_backbone_keeps_statistics_and_ignores_absent_samples():
+    emb = embedder("image", mode="timm", backbone="resnet10t", freeze_backbone=True).train()
+    assert not emb.backbone.training
+    before = {k: v.clone() for k, v in emb.backbone.state_dict().items()}
+    pixels = torch.randn(3, 1, 64, 64)
+    tokens, keep = emb({"pixel_values": pixels, "present": torch.tensor([True, False, True])})
+    assert all(torch.equal(v, emb.backbone.state_dict()[k]) for k, v in before.items())
+    assert keep.tolist() == [[True] * 4, [False] * 4, [True] * 4]
+    # a sample's tokens do not depend on its batch-mates, in training mode too
+    alone, _ = emb({"pixel_values": pixels[:1]})
+    torch.testing.assert_close(tokens[:1], alone)
+
+
+def test_positions_keep_fp32_precision_in_a_bf16_model():
+    fp32 = embedder("signal", patch_size=4, num_channels=4)
+    bf16 = embedder("signal", patch_size=4, num_channels=4).to(torch.bfloat16)
+    ts = 3000.0 + torch.arange(12.0)[None] * 0.5  # an hour into a recording, 2 Hz
+    t32 = fp32.time_encoding(ts[..., None])
+    t16 = bf16.time_encoding(ts[..., None]).float()
+    # bf16 cannot even represent these time stamps apart (spacing 16 s at 3000 s); fp32 features can
+    assert (t32[0, 1:] - t32[0, :-1]).abs().max() > 1e-3
+    torch.testing.assert_close(t16, t32, atol=0.05, rtol=0.05)
+    img32 = embedder("image", patch_size=4)
+    img16 = embedder("image", patch_size=4)
+    img16.load_state_dict(img32.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, _ = img16({"pixel_values": torch.zeros(1, 1, 64, 64)})
+    b, _ = img32({"pixel_values": torch.zeros(1, 1, 64, 64)})
+    torch.testing.assert_close(a.float(), b, atol=0.05, rtol=0.05)

@@ -153,12 +153,19 @@ def test_sample_without_any_modality_raises_naming_it(model, batch):
 
 
 def test_save_and_automodel_round_trip(tmp_path, model, batch):
+    with torch.no_grad():  # move every parameter off its deterministic initial value (LayerNorm ones, zeros, ...)
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "bioperceiver"
     assert isinstance(AutoConfig.from_pretrained(tmp_path), bp.BioPerceiverConfig)
     loaded = AutoModel.from_pretrained(tmp_path).eval()
     assert type(loaded) is bp.BioPerceiverModel
+    reference_state = model.state_dict()
+    assert loaded.state_dict().keys() == reference_state.keys()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, reference_state[key]), key
     for ref, got in zip(_outputs(model, batch), _outputs(loaded, batch)):
         assert torch.equal(ref, got)
 
@@ -248,7 +255,10 @@ def test_every_preset_builds_and_runs(name):
         "text": {"input_ids": torch.randint(1, 100, (1, 12))},
     }
     assert set(small) == set(config.modality_names)
-    with torch.no_grad():
-        out = model(**small, return_modality_embeddings=True)
+    model.train()
+    out = model(**small, return_modality_embeddings=True)
     assert out.pooler_output.shape == (1, config.d_latents)
     assert out.modality_mask.all() and torch.isfinite(out.modality_pooler_output).all()
+    (out.pooler_output.square().mean() + out.modality_pooler_output.square().mean()).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not no_grad, f"parameters without a finite gradient: {no_grad[:5]}"

@@ -80,6 +80,8 @@ class BioPerceiverEncoder(nn.Module):
         self.config = config
         d, eps = config.d_latents, config.layer_norm_eps
         self.latents = nn.Parameter(torch.empty(config.num_latents, d))
+        std = config.initializer_range
+        nn.init.trunc_normal_(self.latents, std=std, a=-2 * std, b=2 * std)  # also when used without a PreTrainedModel
         self.cross_layers = nn.ModuleList(
             BioPerceiverCrossAttentionLayer(
                 d_latents=d,

@@ -44,7 +44,10 @@ class FourierFeatures(nn.Module):
         self.proj = nn.Linear(num_dims * (2 * num_bands + 1), d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        freqs = torch.logspace(self.log_min, self.log_max, self.num_bands, device=x.device, dtype=x.dtype)
+        # Positions and angles in fp32 whatever the model dtype: bf16 cannot hold angles of ~100 rad (or time
+        # stamps of an hour) precisely, and the position information would be lost in mixed precision.
+        x = x.float()
+        freqs = torch.logspace(self.log_min, self.log_max, self.num_bands, device=x.device, dtype=torch.float32)
         angles = 2 * math.pi * x[..., None] * freqs  # (..., num_dims, num_bands)
         feats = torch.cat([x[..., None], angles.sin(), angles.cos()], dim=-1)  # (..., num_dims, 2 nb + 1)
-        return self.proj(feats.flatten(-2))
+        return self.proj(feats.flatten(-2).to(self.proj.weight.dtype))

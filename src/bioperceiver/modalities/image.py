@@ -47,8 +47,9 @@ class ImageConfig:
         backbone_kwargs: extra keyword arguments for ``timm.create_model``.
         freeze_backbone: keep the timm backbone's weights fixed during training.
         num_fourier_bands: Fourier frequency bands per spatial axis.
-        max_fourier_freq: highest Fourier frequency in cycles per unit of normalised coordinates (a grid of
-            ``n`` patches along ``[-1, 1]`` resolves up to ``n / 4``).
+        max_fourier_freq: highest Fourier frequency in cycles per unit of normalised coordinates. A grid of
+            ``n`` patches along ``[-1, 1]`` resolves up to ``n / 4``: the default 8 suits grids of up to 32 patches
+            per axis; higher bands would alias differently at each resolution.
     """
 
     spatial_dims: int = 2
@@ -60,7 +61,7 @@ class ImageConfig:
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     freeze_backbone: bool = False
     num_fourier_bands: int = 16
-    max_fourier_freq: float = 32.0
+    max_fourier_freq: float = 8.0
 
     def __post_init__(self) -> None:
         if self.spatial_dims not in (2, 3):
@@ -119,16 +120,8 @@ class ImageEmbedder(ModalityEmbedder):
 
     def _create_backbone(self, config: ImageConfig) -> nn.Module:
         import timm
-        from timm.models import load_checkpoint
 
-        backbone = timm.create_model(
-            config.backbone,
-            pretrained=False,
-            num_classes=0,
-            global_pool="",
-            in_chans=config.in_channels,
-            **config.backbone_kwargs,
-        )
+        overlay = None
         if config.backbone_weights:
             path = Path(config.backbone_weights).expanduser()
             if not path.is_file():
@@ -136,36 +129,66 @@ class ImageEmbedder(ModalityEmbedder):
                     f"modality {self.name!r}: backbone_weights file {str(path)!r} does not exist; give a local "
                     ".safetensors/.pth file of the timm model or set backbone_weights=None"
                 )
-            # strict=False: the classifier head was dropped (num_classes=0); report what did not load.
-            incompatible = load_checkpoint(backbone, str(path), strict=False)
-            if incompatible is not None and incompatible.missing_keys:
-                raise ValueError(
-                    f"modality {self.name!r}: {path} lacks backbone weights "
-                    f"{incompatible.missing_keys[:5]}...; is it a {config.backbone} checkpoint?"
-                )
-            logger.info("%s: loaded %s weights from %s", self.name, config.backbone, path)
+            # timm's own pretrained loader reads the local file, drops the classifier and adapts the stem to
+            # in_channels (e.g. an RGB checkpoint for grey-scale X-rays).
+            overlay = {"file": str(path)}
+        backbone = timm.create_model(
+            config.backbone,
+            pretrained=overlay is not None,
+            pretrained_cfg_overlay=overlay,
+            num_classes=0,
+            global_pool="",
+            in_chans=config.in_channels,
+            **config.backbone_kwargs,
+        )
+        if overlay is not None:
+            logger.info("%s: loaded %s weights from %s", self.name, config.backbone, overlay["file"])
+        non_persistent = [
+            f"{mod_name}.{buf}" for mod_name, mod in backbone.named_modules() for buf in mod._non_persistent_buffers_set
+        ]
+        if non_persistent:
+            # from_pretrained refills non-persistent buffers with uninitialised memory; such a backbone would
+            # silently compute garbage after reloading, so it is refused until that is supported.
+            raise ValueError(
+                f"modality {self.name!r}: timm backbone {config.backbone!r} has non-persistent buffers "
+                f"{non_persistent[:3]}, which a saved BioPerceiver cannot restore; pick a backbone without them "
+                "(e.g. a ResNet/ConvNeXt/EfficientNet/ViT)"
+            )
         if config.freeze_backbone:
             backbone.requires_grad_(False)
+            backbone.eval()
         # The backbone keeps timm's own initialisation (or the loaded weights): mark it so that the
         # transformers weight initialisation of the surrounding model leaves it alone.
         for module in backbone.modules():
             module._is_hf_initialized = True
         return backbone
 
+    def train(self, mode: bool = True) -> ImageEmbedder:
+        super().train(mode)
+        if self.backbone is not None and self.config.freeze_backbone:
+            self.backbone.eval()  # a frozen backbone keeps its normalisation statistics fixed
+        return self
+
     def _backbone_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         feats = self.backbone.forward_features(pixels)
-        if feats.dim() == 4:  # CNN feature map (B, C', h, w)
+        if feats.dim() == 4:  # a feature map, (B, C', h, w) or (B, h, w, C') by the model's output format
+            if str(getattr(self.backbone, "output_fmt", "NCHW")).upper() == "NHWC":
+                feats = feats.permute(0, 3, 1, 2)
             grid = tuple(feats.shape[-2:])
             feats = feats.flatten(2).transpose(1, 2)  # (B, h*w, C')
         else:  # ViT-like token sequence (B, prefix + h*w, C')
             feats = feats[:, getattr(self.backbone, "num_prefix_tokens", 0) :]
-            side = math.isqrt(feats.shape[1])
-            if side * side != feats.shape[1]:
+            patch_embed = getattr(self.backbone, "patch_embed", None)
+            if patch_embed is not None and hasattr(patch_embed, "dynamic_feat_size"):
+                grid = tuple(int(g) for g in patch_embed.dynamic_feat_size(tuple(pixels.shape[-2:])))
+            else:
+                side = math.isqrt(feats.shape[1])
+                grid = (side, side)
+            if grid[0] * grid[1] != feats.shape[1]:
                 raise ValueError(
-                    f"modality {self.name!r}: cannot infer the patch grid of {feats.shape[1]} tokens; "
-                    "use a square input or a CNN backbone"
+                    f"modality {self.name!r}: cannot map {feats.shape[1]} backbone tokens onto a patch grid "
+                    f"{grid}; use a CNN backbone or a ViT with a patch_embed"
                 )
-            grid = (side, side)
         return self.proj(feats), grid
 
     def embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +206,13 @@ class ImageEmbedder(ModalityEmbedder):
         # Absent samples' pixels are zeroed so that whatever fills them never reaches the model.
         pixels = torch.where(present.view(b, *[1] * (pixels.dim() - 1)), pixels.to(dtype), 0.0)
         if self.backbone is not None:
-            tokens, grid = self._backbone_tokens(pixels)
+            # Only the samples that have the image go through the backbone (its normalisation layers must not
+            # see the zero images of absent samples, nor couple samples of one batch more than needed).
+            rows = present.nonzero().flatten()
+            if rows.numel() == 0:
+                rows = torch.zeros(1, dtype=torch.long, device=pixels.device)  # all absent: any row, all masked
+            sub_tokens, grid = self._backbone_tokens(pixels[rows])
+            tokens = sub_tokens.new_zeros(b, *sub_tokens.shape[1:]).index_copy(0, rows, sub_tokens)
         elif cfg.spatial_dims == 2:
             tokens = self.patch_embed(pixels)  # (B, h, w, D_in)
             grid = tuple(tokens.shape[1:3])
@@ -193,7 +222,7 @@ class ImageEmbedder(ModalityEmbedder):
             tokens = self.patch_embed(F.pad(pixels, pad))  # (B, D_in, d, h, w)
             grid = tuple(tokens.shape[2:])
             tokens = tokens.flatten(2).transpose(1, 2)  # (B, d*h*w, D_in)
-        coords = grid_coordinates(grid, tokens.device, tokens.dtype)  # (N, spatial_dims)
+        coords = grid_coordinates(grid, tokens.device, torch.float32)  # (N, spatial_dims), fp32 on purpose
         tokens = tokens + self.position(coords)
         keep = present[:, None].expand(b, tokens.shape[1])  # (B, N)
         return tokens, keep

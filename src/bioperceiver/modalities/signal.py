@@ -115,10 +115,10 @@ class SignalEmbedder(ModalityEmbedder):
                 f"modality {self.name!r}: channel ids must lie in [0, {self.config.num_channels}), "
                 f"found [{int(ids.min())}, {int(ids.max())}]; refit the channel vocabulary"
             )
-        ts = self._timestamps(inputs, b, t, values.device, dtype)
+        ts = self._timestamps(inputs, b, t, values.device, torch.float32)  # seconds stay fp32 even in bf16 models
         valid = channel_keep[:, :, None] & time_keep[:, None, :]  # (B, C, T)
         values = torch.where(valid, values.to(dtype), 0.0)
-        ts = torch.where(time_keep, ts, 0.0)
+        ts = torch.where(time_keep, ts, 0.0)  # (B, T) fp32
         pad = (-t) % p
         n = (t + pad) // p
         patches = F.pad(values, (0, pad)).view(b, c, n, p)  # (B, C, n, P)
