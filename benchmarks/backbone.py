@@ -34,32 +34,23 @@ import torch
 
 logger = logging.getLogger("benchmarks.backbone")
 
-ARCH_KEYS = (
-    "num_latents",
-    "d_latents",
-    "d_input",
-    "num_cross_attention_heads",
-    "num_self_attention_heads",
-    "num_cross_attention_layers",
-    "num_self_attention_layers",
-    "self_attention_widening_factor",
-    "cross_attention_widening_factor",
-)
 PEERS = ("bioperceiver", "hf_perceiver")
-ARCH: dict[str, int] = {}
+ARCH: dict[str, int] = {}  # the encoder settings both peers share, resolved by BioPerceiverConfig (defaults included)
+ENCODER_FIELDS = (
+    "num_latents", "d_latents", "d_input", "num_cross_attention_heads", "num_self_attention_heads",
+    "num_self_attention_layers", "self_attention_widening_factor", "cross_attention_widening_factor",
+)  # fmt: skip
 
 
 def set_arch(preset: str) -> None:
     """The encoder settings of a shipped preset (the embedders are not part of this benchmark)."""
-    from bioperceiver.factory import preset_config
+    import bioperceiver as bp
 
-    cfg = preset_config(preset)
+    config = bp.create_config(preset)
+    if config.num_cross_attention_layers != 1 or config.num_blocks != 1:
+        raise ValueError("transformers.PerceiverModel has one cross-attention and one block; pick such a preset")
     ARCH.clear()
-    ARCH.update({key: cfg[key] for key in ARCH_KEYS if key in cfg})
-    if ARCH.get("num_cross_attention_layers", 1) != 1:
-        raise ValueError("transformers.PerceiverModel has exactly one cross-attention; pick a preset with one")
-    ARCH.setdefault("cross_attention_widening_factor", 1)
-    ARCH.setdefault("self_attention_widening_factor", 4)
+    ARCH.update({key: getattr(config, key) for key in ENCODER_FIELDS})
 
 
 def build(impl: str) -> torch.nn.Module:

@@ -15,7 +15,6 @@ compilation and mixed precision are applied from the training scripts.
 from __future__ import annotations
 
 import copy
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +28,6 @@ from transformers.utils import ModelOutput
 from .configuration_bioperceiver import BioPerceiverConfig
 from .layers import CrossAttentionBlock, ScalarEncoder, SelfAttentionBlock
 from .modalities import ModalityEmbedder, get_embedder_class
-
-logger = logging.getLogger(__name__)
 
 ModalityInputs = dict[str, dict[str, torch.Tensor] | None]
 

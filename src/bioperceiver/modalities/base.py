@@ -52,9 +52,6 @@ class ModalityEmbedder(nn.Module):
                 f"required {list(self.input_keys)}, optional {list(self.optional_input_keys)}"
             )
 
-    def batch_size(self, inputs: dict[str, torch.Tensor]) -> int:
-        return inputs[self.input_keys[0]].shape[0]
-
     def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         self.check_inputs(inputs)
         tokens, keep = self.embed(inputs)  # (B, N, D_in), (B, N)
