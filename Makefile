@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup demo test lint format bench clean
 
-setup: $(VENV)/.deps
+setup: $(VENV)/.deps $(VENV)/.demo-data
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ $(VENV)/.torch: | $(PY)
 # the same command so that nothing here can swap the torch build.
 $(VENV)/.deps: pyproject.toml $(VENV)/.torch
 	$(PIP) install $(TORCH) -e ".[deepspeed,dev]"
+	touch $@
+
+# Real data the demo cohort is built from, as shipped inside these pinned packages (see ../shared/data/README.md).
+# --no-deps: we only read their data files (torchxrayvision and systole would pull plotting/CUDA-heavy stacks).
+DEMO_DATA := torchxrayvision==1.5.7 systole==0.3.1 survset==0.2.11 pydicom-data==1.0.0
+$(VENV)/.demo-data: Makefile $(VENV)/.deps
+	$(PIP) install --no-deps $(DEMO_DATA)
 	touch $@
 
 demo: setup

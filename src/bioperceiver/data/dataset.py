@@ -1,0 +1,254 @@
+"""Hugging Face datasets from manifests: a cached, multiprocess ``map`` path and a streaming path sharded across
+ranks with ``split_dataset_by_node``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+
+from .errors import DataError, SkipReport, check_on_error
+from .manifest import MAPPING_KINDS, Manifest, is_missing
+from .processing import BioPerceiverProcessor
+
+logger = logging.getLogger(__name__)
+
+ERROR_COLUMN = "__error__"
+_List = getattr(datasets, "List", datasets.Sequence)
+
+
+def modality_features(processor: BioPerceiverProcessor) -> dict[str, Any]:
+    """Explicit Arrow features of each processed modality (robust to absent values and ragged arrays)."""
+    feats: dict[str, Any] = {}
+    for name, proc in processor.processors.items():
+        kind = proc.kind
+        if kind == "text":
+            feats[name] = {
+                "input_ids": _List(datasets.Value("int64")),
+                "attention_mask": _List(datasets.Value("int64")),
+            }
+        elif kind == "image":
+            shape = (proc.settings.in_channels, *proc.settings.spatial_size)
+            array_cls = {3: datasets.Array3D, 4: datasets.Array4D}[len(shape)]
+            feats[name] = {"pixel_values": array_cls(shape=shape, dtype="float32")}
+        elif kind == "omics":
+            feats[name] = {"gene_ids": _List(datasets.Value("int64")), "values": _List(datasets.Value("float32"))}
+        elif kind == "signal":
+            feats[name] = {
+                "values": _List(_List(datasets.Value("float32"))),
+                "channel_ids": _List(datasets.Value("int64")),
+                "timestamps": _List(datasets.Value("float32")),
+                "sampling_rate": datasets.Value("float32"),
+            }
+        elif kind == "tabular":
+            feats[name] = {
+                "feature_ids": _List(datasets.Value("int64")),
+                "values": _List(datasets.Value("float32")),
+                "category_ids": _List(datasets.Value("int64")),
+            }
+        else:
+            raise ValueError(f"no dataset features for modality kind {kind!r}")
+    return feats
+
+
+def _clean_table(manifest: Manifest, split: str | None):
+    table = manifest.table
+    if split is not None:
+        if "split" not in table:
+            raise ValueError("the manifest has no 'split' column: call bioperceiver.data.assign_splits first")
+        table = table[table["split"] == split]
+    table = table.reset_index(drop=True).copy()
+    for col, kind in manifest.modalities.items():  # mappings as JSON text: Arrow structs would union all keys
+        if kind in MAPPING_KINDS:
+            table[col] = [
+                None if is_missing(v) else v if isinstance(v, str) else json.dumps(_plain(v)) for v in table[col]
+            ]
+    for col in table.columns:  # Arrow needs one type per column
+        if table[col].dtype == object and col.startswith("meta_"):
+            table[col] = [
+                None if is_missing(v) else v if isinstance(v, str) else json.dumps(_plain(v)) for v in table[col]
+            ]
+    return table
+
+
+def _plain(v):
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return [_plain(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _to_row(processed: dict[str, Any], processor: BioPerceiverProcessor) -> dict[str, Any]:
+    row = {}
+    for name, proc in processor.processors.items():
+        arrays = processed.get(name)
+        if arrays is None:
+            row[name] = None
+        elif proc.kind == "signal":
+            row[name] = {
+                "values": arrays["values"],
+                "channel_ids": arrays["channel_ids"],
+                "timestamps": arrays.get("timestamps"),
+                "sampling_rate": float(arrays["sampling_rate"]) if "sampling_rate" in arrays else None,
+            }
+        elif proc.kind == "text":
+            row[name] = {"input_ids": arrays["input_ids"], "attention_mask": arrays["attention_mask"]}
+        else:
+            row[name] = dict(arrays)
+    return row
+
+
+class _RowProcessor:
+    """Picklable ``map`` function: one manifest row -> processed modalities (+ error column)."""
+
+    def __init__(self, processor, base_dir, on_error, train, seed):
+        self.processor, self.base_dir, self.on_error, self.train, self.seed = processor, base_dir, on_error, train, seed
+
+    def __call__(self, row: dict[str, Any], idx: int) -> dict[str, Any]:
+        rng = np.random.default_rng([self.seed, idx])
+        try:
+            out = _to_row(self.processor(row, base_dir=self.base_dir, train=self.train, rng=rng), self.processor)
+            out[ERROR_COLUMN] = None
+        except DataError as err:
+            if self.on_error == "raise":
+                raise
+            out = dict.fromkeys(self.processor.processors)
+            out[ERROR_COLUMN] = json.dumps(
+                {"reason": err.reason, "modality": err.modality, "sample_id": err.sample_id, "message": str(err)}
+            )
+        return out
+
+
+def _fingerprint(manifest: Manifest, processor: BioPerceiverProcessor, split, train, seed) -> str:
+    h = hashlib.sha256()
+    if manifest.path is not None:
+        st = Path(manifest.path).stat()
+        h.update(f"{Path(manifest.path).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    else:
+        h.update(manifest.table.to_json(default_handler=str).encode())
+    procs = {n: p.to_dict() for n, p in processor.processors.items()}
+    h.update(json.dumps(procs, sort_keys=True, default=str).encode())
+    from .. import __version__
+
+    h.update(f"{split}:{train}:{seed}:{__version__}".encode())
+    return h.hexdigest()[:32]
+
+
+def _report_from(ds: datasets.Dataset) -> SkipReport:
+    report = SkipReport()
+    for text in ds[ERROR_COLUMN]:
+        if text is not None:
+            e = json.loads(text)
+            report.add(DataError(e["reason"], e["message"], sample_id=e["sample_id"], modality=e["modality"]))
+    return report
+
+
+def build_dataset(
+    manifest: Manifest,
+    processor: BioPerceiverProcessor,
+    *,
+    split: str | None = None,
+    num_proc: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    on_error: str = "raise",
+    train: bool = False,
+    seed: int = 0,
+) -> tuple[datasets.Dataset, SkipReport]:
+    """Process every row with ``datasets.map`` (``num_proc`` workers) into a ``datasets.Dataset`` in torch-friendly
+    columns; results are cached in ``cache_dir`` keyed by the manifest file, the fitted processors and the
+    arguments, so a second call is a cache hit. Returns the dataset (bad rows removed when ``on_error="skip"``)
+    and the :class:`SkipReport` (logged)."""
+    check_on_error(on_error)
+    table = _clean_table(manifest, split)
+    raw = datasets.Dataset.from_pandas(table, preserve_index=False)
+    features = raw.features.copy()
+    for name, feat in modality_features(processor).items():
+        features[name] = feat
+    features[ERROR_COLUMN] = datasets.Value("string")
+    kwargs: dict[str, Any] = {}
+    if cache_dir is not None:
+        fp = _fingerprint(manifest, processor, split, train, seed)
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        kwargs = {"cache_file_name": str(Path(cache_dir) / f"processed-{fp}.arrow"), "new_fingerprint": fp}
+    ds = raw.map(
+        _RowProcessor(processor, manifest.base_dir, on_error, train, seed),
+        with_indices=True,
+        features=features,
+        num_proc=num_proc if num_proc and num_proc > 1 else None,
+        desc=f"processing {split or 'all'} samples",
+        load_from_cache_file=cache_dir is not None,
+        **kwargs,
+    )
+    report = _report_from(ds)
+    report.log(f"build_dataset({split or 'all'})")
+    if report.total:
+        ds = ds.filter(lambda e: e is None, input_columns=[ERROR_COLUMN])
+    return ds.remove_columns([ERROR_COLUMN]), report
+
+
+def build_iterable_dataset(
+    manifest: Manifest,
+    processor: BioPerceiverProcessor,
+    *,
+    split: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    num_shards: int | None = None,
+    shuffle_buffer: int | None = None,
+    seed: int = 0,
+    train: bool = False,
+    on_error: str = "raise",
+) -> tuple[datasets.IterableDataset, SkipReport]:
+    """Streaming path: rows are processed lazily as they are read, sharded across ranks with
+    ``datasets.distributed.split_dataset_by_node``. ``num_shards`` defaults to a multiple of ``world_size`` so
+    every rank reads whole shards. Skipped rows are logged when met and counted in the returned report (of this
+    process)."""
+    from datasets.distributed import split_dataset_by_node
+
+    check_on_error(on_error)
+    table = _clean_table(manifest, split)
+    if num_shards is None:
+        num_shards = world_size * max(1, min(8, len(table) // max(world_size, 1) // 64))
+    ds = datasets.Dataset.from_pandas(table, preserve_index=False).to_iterable_dataset(num_shards=num_shards)
+    if shuffle_buffer:
+        ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
+    if world_size > 1:
+        ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+    report = SkipReport()
+    fn = _RowProcessor(processor, manifest.base_dir, on_error, train, seed)
+
+    def process(row, idx):
+        out = fn(row, idx + rank * 1_000_003)
+        if out[ERROR_COLUMN] is not None:
+            e = json.loads(out[ERROR_COLUMN])
+            err = DataError(e["reason"], e["message"], sample_id=e["sample_id"], modality=e["modality"])
+            report.add(err)
+            logger.warning("skipped: %s", err)
+        return out
+
+    ds = ds.map(process, with_indices=True)
+    ds = ds.filter(lambda e: e is None, input_columns=[ERROR_COLUMN]).remove_columns([ERROR_COLUMN])
+    return ds, report
+
+
+def to_sample(row: dict[str, Any], processor: BioPerceiverProcessor) -> dict[str, Any]:
+    """A dataset row (lists from Arrow) back to the processor's output form (arrays), for the collator."""
+    out = dict(row)
+    for name, proc in processor.processors.items():
+        arrays = row.get(name)
+        if arrays is None:
+            continue
+        conv = {k: np.asarray(v) for k, v in arrays.items() if v is not None}
+        if proc.kind == "signal" and "values" in conv and conv["values"].ndim == 1:  # zero channels
+            conv["values"] = conv["values"].reshape(0, 0)
+        out[name] = conv
+    return out

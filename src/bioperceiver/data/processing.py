@@ -1,0 +1,175 @@
+"""``BioPerceiverProcessor``: the per-modality processors of one model, saved beside it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DataError, SkipReport, check_on_error
+from .manifest import Manifest, is_missing
+from .processors.base import ModalityProcessor, get_processor_class
+
+logger = logging.getLogger(__name__)
+
+PROCESSOR_INDEX = "bioperceiver_processor.json"
+PROCESSORS_DIR = "processors"
+
+
+class BioPerceiverProcessor:
+    """Processors by modality name (manifest column). ``save_pretrained(dir)`` writes
+    ``bioperceiver_processor.json`` and ``processors/<name>/`` into ``dir`` — the model's directory, so a checkpoint
+    carries its tokenizers.
+
+    Args:
+        processors: ``{modality name: ModalityProcessor}``.
+    """
+
+    def __init__(self, processors: Mapping[str, ModalityProcessor]):
+        self.processors = dict(processors)
+        for name, proc in self.processors.items():
+            proc.name = name
+
+    @classmethod
+    def from_manifest(
+        cls, manifest: Manifest, settings: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> BioPerceiverProcessor:
+        """Unfitted processors for every modality column of ``manifest``; ``settings`` gives per-column settings
+        (a ``"kind"`` entry may be included and must match the column's kind)."""
+        settings = dict(settings or {})
+        unknown = set(settings) - set(manifest.modalities)
+        if unknown:
+            raise ValueError(
+                f"processor settings for {sorted(unknown)}, which are not modality columns of the manifest"
+            )
+        procs = {}
+        for name, kind in manifest.modalities.items():
+            s = dict(settings.get(name, {}))
+            if s.pop("kind", kind) != kind:
+                raise ValueError(f"processor settings for {name!r} name another kind than the manifest's {kind!r}")
+            procs[name] = get_processor_class(kind)(name, **s)
+        return cls(procs)
+
+    @property
+    def modalities(self) -> dict[str, str]:
+        return {name: p.kind for name, p in self.processors.items()}
+
+    def fit(self, manifest: Manifest, split: str | None = "train") -> BioPerceiverProcessor:
+        """Fit every processor on its column, using the ``split`` rows only (all rows when ``split`` is None or
+        the manifest has no split column)."""
+        table = manifest.table
+        if split is not None and "split" in table:
+            table = table[table["split"] == split]
+            if table.empty:
+                raise ValueError(f"the manifest has no {split!r} rows to fit the processors on")
+        ids = table["sample_id"].tolist()
+        for name, proc in self.processors.items():
+            if proc.is_fitted and not proc.needs_fit:
+                continue
+            proc.fit(table[name].tolist(), sample_ids=ids, base_dir=manifest.base_dir)
+        return self
+
+    def __call__(
+        self,
+        record: Mapping[str, Any],
+        *,
+        base_dir: str | os.PathLike | None = None,
+        train: bool = False,
+        rng: np.random.Generator | None = None,
+        modalities: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """Process one manifest row: ``{name: arrays or None}`` for each modality, plus ``sample_id``,
+        ``patient_id`` and any ``label_*`` entries passed through. Raises :class:`DataError` naming the sample."""
+        sid = record.get("sample_id")
+        out: dict[str, Any] = {"sample_id": sid, "patient_id": record.get("patient_id")}
+        rng = rng if rng is not None else np.random.default_rng()
+        present = 0
+        for name, proc in self.processors.items():
+            if modalities is not None and name not in modalities:
+                out[name] = None
+                continue
+            value = record.get(name)
+            if is_missing(value):
+                out[name] = None
+                continue
+            out[name] = proc(value, sample_id=sid, base_dir=base_dir, train=train, rng=rng)
+            present += 1
+        if not present:
+            raise DataError(
+                "no_modality",
+                "the sample has no modality this processor handles",
+                sample_id=sid,
+                fix="drop the row or fill at least one modality column",
+            )
+        for key, value in record.items():
+            if key.startswith("label_"):
+                out[key] = value
+        return out
+
+    def process_many(
+        self, records, *, base_dir=None, train: bool = False, seed: int = 0, on_error: str = "raise"
+    ) -> tuple[list[dict], SkipReport]:
+        """Process rows one by one; with ``on_error="skip"`` bad samples are left out and counted."""
+        check_on_error(on_error)
+        report, out = SkipReport(), []
+        rng = np.random.default_rng(seed)
+        for rec in records:
+            try:
+                out.append(self(rec, base_dir=base_dir, train=train, rng=rng))
+            except DataError as err:
+                if on_error == "raise":
+                    raise
+                report.add(err)
+        return out, report
+
+    def model_modalities(self, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict]:
+        """``BioPerceiverConfig.modalities`` entries implied by the fitted processors (vocab sizes, channels,
+        spatial dims), updated with ``overrides`` (embedder settings such as ``patch_size``)."""
+        out = {}
+        for name, proc in self.processors.items():
+            cfg = proc.model_settings()
+            cfg.update((overrides or {}).get(name, {}))
+            out[name] = cfg
+        return out
+
+    def report(self) -> dict[str, dict[str, int]]:
+        """Per modality, what was seen at call time but not tokenised (out-of-vocabulary genes, channels...)."""
+        return {name: proc.report() for name, proc in self.processors.items() if proc.report()}
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, proc in self.processors.items():
+            proc.save_pretrained(directory / PROCESSORS_DIR / name)
+        index = {"format_version": 1, "modalities": self.modalities}
+        tmp = directory / (PROCESSOR_INDEX + ".tmp")
+        tmp.write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, directory / PROCESSOR_INDEX)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> BioPerceiverProcessor:
+        directory = Path(directory)
+        index_path = directory / PROCESSOR_INDEX
+        if not index_path.exists():
+            raise FileNotFoundError(
+                f"{index_path} not found: {directory} holds no BioPerceiver processors (fit them with "
+                "tokenizers/fit_processors.py)"
+            )
+        index = json.loads(index_path.read_text())
+        procs = {}
+        for name, kind in index["modalities"].items():
+            proc = ModalityProcessor.from_pretrained(directory / PROCESSORS_DIR / name)
+            if proc.kind != kind:
+                raise ValueError(f"{directory}: processor {name!r} is a {proc.kind!r} processor, index says {kind!r}")
+            procs[name] = proc
+        return cls(procs)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{n}: {type(p).__name__}" for n, p in self.processors.items())
+        return f"BioPerceiverProcessor({inner})"

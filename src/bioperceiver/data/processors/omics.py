@@ -1,0 +1,234 @@
+"""Omics processor: a gene vocabulary fitted from data, expression normalisation, top-k selection."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .base import ModalityProcessor, register_processor
+
+logger = logging.getLogger(__name__)
+
+NORMALIZATIONS = ("log1p", "cpm_log1p", "none")
+
+
+@dataclass
+class OmicsSettings:
+    """Settings of the omics processor.
+
+    Args:
+        normalization: ``"log1p"`` (counts), ``"cpm_log1p"`` (scale each sample to 1e6 then log1p; TPM-like) or
+            ``"none"`` (values already normalised, e.g. log2 microarray intensities).
+        zscore: standardise each gene with mean/std fitted on the training split (after ``normalization``).
+        top_k: keep only the ``top_k`` genes with the highest normalised expression per sample (``None``: all).
+        drop_zeros: a zero value produces no token (sparse counts); ``False`` keeps zeros as tokens.
+        case: gene names are normalised to ``"upper"`` or ``"lower"`` case (``None``: unchanged).
+        min_samples: a gene enters the vocabulary when measured in at least this many training samples.
+        max_genes: cap on the vocabulary (most frequently measured genes first; ties by name).
+        oov: ``"count"`` (unknown genes produce no token and are counted in ``report()``) or ``"error"``.
+    """
+
+    normalization: str = "log1p"
+    zscore: bool = False
+    top_k: int | None = None
+    drop_zeros: bool = True
+    case: str | None = "upper"
+    min_samples: int = 1
+    max_genes: int | None = None
+    oov: str = "count"
+
+    def __post_init__(self):
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.oov not in ("count", "error"):
+            raise ValueError(f"oov must be 'count' or 'error', got {self.oov!r}")
+        if self.case not in (None, "upper", "lower"):
+            raise ValueError(f"case must be 'upper', 'lower' or None, got {self.case!r}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+
+
+@functools.lru_cache(maxsize=8)
+def _read_expression_table(path: str, mtime: float) -> pd.DataFrame:
+    p = Path(path)
+    if p.suffix == ".parquet":
+        return pd.read_parquet(p)
+    if p.suffix == ".json":
+        return pd.DataFrame([json.loads(p.read_text())])
+    sep = "\t" if p.suffix in (".tsv", ".txt") else ","
+    return pd.read_csv(p, sep=sep)
+
+
+def read_expression(value, base_dir: Path | None, proc: ModalityProcessor) -> dict[str, float]:
+    """An omics cell (mapping, JSON string, or file reference) as ``{gene: value}``."""
+    from ..manifest import as_mapping, parse_reference
+
+    mapping = as_mapping(value)
+    if mapping is not None:
+        return mapping
+    if not isinstance(value, (str, Path)):
+        raise proc.error("bad_type", f"expected a gene->value mapping or a file path, got {type(value).__name__}", "")
+    ref = parse_reference(str(value), base_dir)
+    if not ref.path.exists():
+        raise proc.error("missing_file", f"expression file {ref.path} does not exist", "fix the path")
+    try:
+        table = _read_expression_table(str(ref.path), ref.path.stat().st_mtime)
+    except Exception as err:
+        raise proc.error("unreadable_file", f"cannot read {ref.path}: {err}", "check the file format") from None
+    if "row" in ref.options:
+        key = ref.options["row"]
+        index = table.index.astype(str)
+        if key not in set(index):
+            first = table.columns[0]
+            if table[first].astype(str).eq(key).any():
+                table = table.set_index(first)
+                index = table.index.astype(str)
+            else:
+                raise proc.error("missing_row", f"row {key!r} not found in {ref.path.name}", "fix the #row= reference")
+        row = table[index == key].iloc[0]
+        return {str(k): v for k, v in row.items()}
+    if table.shape[1] == 2 and len(table) >= 1:  # gene,value rows
+        return dict(zip(table.iloc[:, 0].astype(str), table.iloc[:, 1]))
+    if len(table) == 1:
+        return {str(k): v for k, v in table.iloc[0].items()}
+    raise proc.error(
+        "ambiguous_file",
+        f"{ref.path.name} has {len(table)} rows and {table.shape[1]} columns",
+        "use 'gene,value' rows, a single-row file, or select a row of a matrix with '#row=<sample>'",
+    )
+
+
+@register_processor("omics")
+class OmicsProcessor(ModalityProcessor):
+    """Expression -> ``gene_ids`` (int64) and ``values`` (float32), one token per measured in-vocabulary gene."""
+
+    Settings = OmicsSettings
+
+    def __init__(self, name=None, **settings):
+        super().__init__(name, **settings)
+        self._index: dict[str, int] = {}
+        self._mean = self._std = None
+
+    def _norm_name(self, gene) -> str:
+        g = str(gene).strip()
+        return g.upper() if self.settings.case == "upper" else g.lower() if self.settings.case == "lower" else g
+
+    def _parse(self, value, base_dir) -> tuple[list[str], np.ndarray]:
+        mapping = read_expression(value, base_dir, self)
+        genes, vals = [], []
+        for g, v in mapping.items():
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                continue  # not measured
+            try:
+                fv = float(v)
+            except (TypeError, ValueError):
+                raise self.error(
+                    "bad_value", f"gene {g!r} has non-numeric value {v!r}", "expression values must be numbers"
+                ) from None
+            if not math.isfinite(fv):
+                raise self.error("non_finite", f"gene {g!r} has value {fv}", "replace inf by a finite value or null")
+            genes.append(self._norm_name(g))
+            vals.append(fv)
+        vals = np.asarray(vals, dtype=np.float64)
+        if len(set(genes)) != len(genes):
+            raise self.error(
+                "duplicate_gene", "some genes appear twice after case normalisation", "aggregate duplicates first"
+            )
+        return genes, self._normalise(vals)
+
+    def _normalise(self, vals: np.ndarray) -> np.ndarray:
+        n = self.settings.normalization
+        if n != "none" and vals.size and vals.min() < 0:
+            raise self.error(
+                "negative_expression",
+                f"negative expression value {vals.min():.3g} with normalization={n!r}",
+                "use normalization='none' for values already on a log scale",
+            )
+        if n == "log1p":
+            return np.log1p(vals)
+        if n == "cpm_log1p":
+            total = vals.sum()
+            return np.log1p(vals / total * 1e6) if total > 0 else vals
+        return vals
+
+    def _fit(self, values, sample_ids, base_dir):
+        from collections import Counter
+
+        counts: Counter = Counter()
+        parsed = []
+        for v, sid in zip(values, sample_ids):
+            try:
+                genes, vals = self._parse(v, base_dir)
+            except Exception as err:
+                raise (err.located(sample_id=sid) if hasattr(err, "located") else err) from None
+            counts.update(genes)
+            parsed.append((genes, vals))
+        vocab = sorted((g for g, c in counts.items() if c >= self.settings.min_samples), key=lambda g: (-counts[g], g))
+        if self.settings.max_genes:
+            vocab = vocab[: self.settings.max_genes]
+        vocab = sorted(vocab)
+        self.state = {"genes": vocab, "fitted_on": len(values)}
+        self._on_load()
+        if self.settings.zscore:
+            s1 = np.zeros(len(vocab))
+            s2 = np.zeros(len(vocab))
+            n = np.zeros(len(vocab))
+            for genes, vals in parsed:
+                idx = np.array([self._index.get(g, -1) for g in genes], dtype=np.int64)
+                keep = idx >= 0
+                np.add.at(s1, idx[keep], vals[keep])
+                np.add.at(s2, idx[keep], vals[keep] ** 2)
+                np.add.at(n, idx[keep], 1)
+            mean = s1 / np.maximum(n, 1)
+            std = np.sqrt(np.maximum(s2 / np.maximum(n, 1) - mean**2, 0))
+            std[std < 1e-6] = 1.0
+            self.state["mean"] = mean.tolist()
+            self.state["std"] = std.tolist()
+            self._on_load()
+        logger.info("omics processor %r: vocabulary of %d genes", self.name, len(vocab))
+
+    def _on_load(self):
+        self._index = {g: i for i, g in enumerate(self.state.get("genes", []))}
+        if "mean" in self.state:
+            self._mean = np.asarray(self.state["mean"])
+            self._std = np.asarray(self.state["std"])
+
+    def _process(self, value, *, sample_id, base_dir, train, rng):
+        genes, vals = self._parse(value, base_dir)
+        idx = np.array([self._index.get(g, -1) for g in genes], dtype=np.int64)
+        oov = int((idx < 0).sum())
+        if oov:
+            if self.settings.oov == "error":
+                unknown = [g for g, i in zip(genes, idx) if i < 0][:5]
+                raise self.error(
+                    "unknown_gene", f"{oov} gene(s) not in the vocabulary, e.g. {unknown}", "refit the processor"
+                )
+            self.counters["oov_genes"] += oov
+        keep = idx >= 0
+        if self.settings.drop_zeros:
+            keep &= vals != 0
+        idx, vals = idx[keep], vals[keep]
+        if len(genes) and not len(idx) and oov == len(genes):
+            raise self.error(
+                "no_known_genes",
+                f"none of the {len(genes)} measured genes is in the fitted vocabulary ({len(self._index)} genes)",
+                "check the gene identifiers (symbols vs Ensembl IDs, case) match the training data",
+            )
+        if self.settings.top_k is not None and len(idx) > self.settings.top_k:
+            order = np.argsort(-vals, kind="stable")[: self.settings.top_k]
+            order.sort()
+            idx, vals = idx[order], vals[order]
+        if self.settings.zscore:
+            vals = (vals - self._mean[idx]) / self._std[idx]
+        order = np.argsort(idx, kind="stable")
+        return {"gene_ids": idx[order], "values": vals[order].astype(np.float32)}
+
+    def model_settings(self):
+        return {"kind": "omics", "num_genes": max(1, len(self.state["genes"]))}

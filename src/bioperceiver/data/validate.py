@@ -1,0 +1,318 @@
+"""Manifest validation: every problem at once, with row, column and fix.
+
+Usage::
+
+    python -m bioperceiver.data.validate MANIFEST [--modality col=kind ...] [--deep PROCESSOR_DIR] [--json OUT]
+    bioperceiver-validate MANIFEST ...
+
+Exit status 0 when the manifest is clean, 1 when it has problems, 2 when it cannot be read at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .errors import DataError
+from .manifest import (
+    ID_COLUMNS,
+    LABEL_PREFIX,
+    MAPPING_KINDS,
+    PATH_KINDS,
+    SPLIT_COLUMN,
+    SPLITS,
+    Manifest,
+    as_mapping,
+    is_missing,
+    parse_reference,
+    resolve_modalities,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Problem:
+    """One problem: ``row`` is the 0-based row number (``None`` for table-level problems)."""
+
+    reason: str
+    message: str
+    fix: str
+    row: int | None = None
+    sample_id: str | None = None
+    column: str | None = None
+
+    def __str__(self) -> str:
+        where = []
+        if self.row is not None:
+            where.append(f"row {self.row}")
+        if self.sample_id is not None:
+            where.append(f"sample {self.sample_id!r}")
+        if self.column is not None:
+            where.append(f"column {self.column!r}")
+        return f"[{self.reason}] {', '.join(where) or 'manifest'}: {self.message} Fix: {self.fix}"
+
+
+@dataclass
+class ValidationReport:
+    num_rows: int
+    modalities: dict[str, str]
+    problems: list[Problem] = field(default_factory=list)
+    modality_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for p in self.problems:
+            out[p.reason] = out.get(p.reason, 0) + 1
+        return out
+
+    def summary(self, max_lines: int = 50) -> str:
+        head = (
+            f"{self.num_rows} rows; modalities {self.modalities}; present per modality {self.modality_counts}; "
+            f"{len(self.problems)} problem(s)"
+        )
+        if self.ok:
+            return head + " - manifest OK"
+        lines = [head, "by reason: " + ", ".join(f"{k}={v}" for k, v in sorted(self.counts().items()))]
+        lines += [str(p) for p in self.problems[:max_lines]]
+        if len(self.problems) > max_lines:
+            lines.append(f"... and {len(self.problems) - max_lines} more (use --json for all)")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_rows": self.num_rows,
+            "modalities": self.modalities,
+            "modality_counts": self.modality_counts,
+            "ok": self.ok,
+            "counts": self.counts(),
+            "problems": [asdict(p) for p in self.problems],
+        }
+
+
+def _bad_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(float(v))
+
+
+def validate_manifest(
+    manifest: str | os.PathLike | pd.DataFrame | Manifest,
+    *,
+    modalities: dict[str, str] | None = None,
+    base_dir: str | os.PathLike | None = None,
+    processor=None,
+    check_files: bool = True,
+) -> ValidationReport:
+    """Check a manifest and report every problem at once (never raises on bad content).
+
+    Checks: required id columns, empty/duplicate ids, unknown columns, rows with no modality, empty notes,
+    non-mapping or NaN/inf-holding mapping cells, missing or unreadable paths (and ``#`` window references),
+    invalid split names and patients in several splits, NaN/inf labels. With ``processor`` (a fitted
+    :class:`~bioperceiver.data.BioPerceiverProcessor`) every cell is also run through its processor, which
+    catches corrupt files, unknown genes and the like.
+    """
+    problems: list[Problem] = []
+    if isinstance(manifest, Manifest):
+        table, mods, base = manifest.table, dict(manifest.modalities), manifest.base_dir
+    else:
+        if isinstance(manifest, pd.DataFrame):
+            table, meta, base = manifest, {}, Path(base_dir) if base_dir else Path.cwd()
+        else:
+            path = Path(manifest)
+            from .manifest import _read_table, metadata_path
+
+            table = _read_table(path)
+            mp = metadata_path(path)
+            meta = json.loads(mp.read_text()) if mp.exists() else {}
+            base = Path(base_dir) if base_dir else path.resolve().parent
+        mods, unknown = resolve_modalities(table.columns, {**meta.get("modalities", {}), **(modalities or {})})
+        for col in unknown:
+            problems.append(
+                Problem(
+                    "unknown_column",
+                    f"{col!r} is not a modality, label or meta column",
+                    "rename it '<kind>_<name>', 'label_<name>' or 'meta_<name>', or pass --modality col=kind",
+                    column=col,
+                )
+            )
+    n = len(table)
+    for col in ID_COLUMNS:
+        if col not in table:
+            problems.append(Problem("missing_column", f"no {col!r} column", f"add a {col} column", column=col))
+    if not mods:
+        problems.append(Problem("no_modality_column", "no modality column", "add e.g. 'text' or 'image_cxr'"))
+    ids = table["sample_id"] if "sample_id" in table else pd.Series([None] * n)
+    sid = [None if is_missing(v) else str(v) for v in ids]
+    if "sample_id" in table:
+        seen: dict[str, int] = {}
+        for i, s in enumerate(sid):
+            if s is None or not s.strip():
+                problems.append(Problem("empty_id", "sample_id is empty", "give every row a unique sample_id", i))
+            elif s in seen:
+                problems.append(
+                    Problem("duplicate_id", f"duplicate of row {seen[s]}", "make sample_id unique", i, s, "sample_id")
+                )
+            else:
+                seen[s] = i
+    if "patient_id" in table:
+        for i, p in enumerate(table["patient_id"]):
+            if is_missing(p) or not str(p).strip():
+                problems.append(
+                    Problem("empty_id", "patient_id is empty", "fill patient_id (splits are per patient)", i, sid[i])
+                )
+    counts = dict.fromkeys(mods, 0)
+    any_present = [False] * n
+    for col, kind in mods.items():
+        for i, v in enumerate(table[col]):
+            if is_missing(v):
+                continue
+            any_present[i] = True
+            counts[col] += 1
+            problems.extend(_check_cell(col, kind, v, i, sid[i], base, check_files))
+    for i, has in enumerate(any_present):
+        if not has and mods:
+            problems.append(
+                Problem("no_modality", "the sample has no modality", "drop the row or fill a modality", i, sid[i])
+            )
+    if SPLIT_COLUMN in table:
+        for i, s in enumerate(table[SPLIT_COLUMN]):
+            if not is_missing(s) and s not in SPLITS:
+                problems.append(Problem("bad_split", f"split {s!r}", f"use one of {SPLITS}", i, sid[i], SPLIT_COLUMN))
+        if "patient_id" in table:
+            from .splits import patients_in_several_splits
+
+            for pid, splits in patients_in_several_splits(table).items():
+                problems.append(
+                    Problem(
+                        "patient_in_several_splits",
+                        f"patient {pid!r} is in splits {splits}",
+                        "split by patient: bioperceiver.data.assign_splits(manifest, overwrite=True)",
+                        column=SPLIT_COLUMN,
+                    )
+                )
+    for col in (c for c in table.columns if c.startswith(LABEL_PREFIX)):
+        for i, v in enumerate(table[col]):
+            if _bad_number(v) and not is_missing(v):
+                problems.append(Problem("non_finite_label", f"label is {v}", "use null for unknown", i, sid[i], col))
+    if processor is not None:
+        problems.extend(_deep_check(table, mods, base, processor, sid))
+    return ValidationReport(n, mods, problems, counts)
+
+
+def _check_cell(col, kind, v, i, sid, base, check_files) -> list[Problem]:
+    out = []
+    if kind == "text":
+        if not isinstance(v, str):
+            out.append(Problem("bad_type", f"note is a {type(v).__name__}", "store notes as text", i, sid, col))
+        elif not v.strip():
+            out.append(Problem("empty_text", "the note is empty", "set the cell to null or fill it", i, sid, col))
+        return out
+    if kind in MAPPING_KINDS:
+        mapping = as_mapping(v)
+        if mapping is not None:
+            bad = [k for k, x in mapping.items() if isinstance(x, float) and math.isinf(x)]
+            if kind == "omics":
+                bad += [k for k, x in mapping.items() if isinstance(x, float) and math.isnan(x)]
+            if bad:
+                out.append(
+                    Problem(
+                        "non_finite",
+                        f"{len(bad)} value(s) NaN/inf, e.g. {bad[:3]}",
+                        "use null (tabular) or leave the gene out (omics) for unmeasured values",
+                        i,
+                        sid,
+                        col,
+                    )
+                )
+            if not mapping:
+                out.append(Problem("empty_mapping", "the mapping is empty", "set the cell to null", i, sid, col))
+            return out
+        if kind == "tabular" or not isinstance(v, str):
+            out.append(
+                Problem("bad_type", f"expected a mapping, got {type(v).__name__}", "store a dict or JSON", i, sid, col)
+            )
+            return out
+    if kind in PATH_KINDS or kind == "omics":
+        if not isinstance(v, str) or not v.strip():
+            out.append(Problem("bad_type", f"expected a path, got {v!r}", "store a file path", i, sid, col))
+            return out
+        if check_files:
+            ref = parse_reference(v, base)
+            if not ref.path.exists():
+                out.append(Problem("missing_file", f"{ref.path} does not exist", "fix the path", i, sid, col))
+            elif not os.access(ref.path, os.R_OK):
+                out.append(Problem("unreadable_file", f"{ref.path} is not readable", "fix permissions", i, sid, col))
+            elif ref.path.is_file() and ref.path.stat().st_size == 0:
+                out.append(Problem("empty_file", f"{ref.path} is empty", "re-export the file", i, sid, col))
+            for key in ("start", "duration"):
+                if key in ref.options:
+                    try:
+                        float(ref.options[key])
+                    except ValueError:
+                        out.append(Problem("bad_reference", f"#{key}={ref.options[key]!r}", "use seconds", i, sid, col))
+    return out
+
+
+def _deep_check(table, mods, base, processor, sid) -> list[Problem]:
+    out = []
+    for col in mods:
+        proc = processor.processors.get(col)
+        if proc is None:
+            out.append(Problem("no_processor", "no fitted processor for this column", "refit processors", column=col))
+            continue
+        for i, v in enumerate(table[col]):
+            if is_missing(v):
+                continue
+            try:
+                proc(v, sample_id=sid[i], base_dir=base)
+            except DataError as err:
+                out.append(Problem(err.reason, err.message, err.fix or "-", i, sid[i], col))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bioperceiver-validate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("manifest", help="Parquet, CSV or JSONL manifest")
+    parser.add_argument("--modality", action="append", default=[], metavar="COLUMN=KIND", help="column kind")
+    parser.add_argument("--deep", metavar="PROCESSOR_DIR", help="also run every cell through these processors")
+    parser.add_argument("--no-files", action="store_true", help="do not check that paths exist")
+    parser.add_argument("--json", metavar="OUT", help="write the full report as JSON")
+    parser.add_argument("--max-lines", type=int, default=50)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    mods = {}
+    for item in args.modality:
+        col, _, kind = item.partition("=")
+        if not kind:
+            parser.error(f"--modality expects COLUMN=KIND, got {item!r}")
+        mods[col] = kind
+    processor = None
+    if args.deep:
+        from .processing import BioPerceiverProcessor
+
+        processor = BioPerceiverProcessor.from_pretrained(args.deep)
+    try:
+        report = validate_manifest(args.manifest, modalities=mods, processor=processor, check_files=not args.no_files)
+    except (OSError, ValueError) as err:
+        print(f"cannot read {args.manifest}: {err}", file=sys.stderr)
+        return 2
+    print(report.summary(args.max_lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=1, default=str) + "\n")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
