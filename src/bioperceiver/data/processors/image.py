@@ -177,7 +177,7 @@ class ImageProcessor(ModalityProcessor):
         if s.spatial_dims == 3 and (s.orientation or s.pixdim) and extra.get("affine") is not None:
             x = MetaTensor(x, affine=extra["affine"])
             if s.orientation:
-                x = Orientation(axcodes=s.orientation)(x)
+                x = Orientation(axcodes=s.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))(x)
             if s.pixdim:
                 x = Spacing(pixdim=s.pixdim, mode="bilinear")(x)
             x = x.as_tensor()
