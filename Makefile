@@ -38,7 +38,7 @@ $(VENV)/.demo-data: Makefile $(VENV)/.deps
 	touch $@
 
 demo: setup
-	$(PY) pretrain/embed_dicom_demo.py --output_dir outputs/demo
+	$(PY) pretrain/demo_pipeline.py --output_dir outputs/demo
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -269,3 +269,22 @@ def test_streaming_shards_cover_the_split_once_across_ranks(cohort):
     batch = BioPerceiverCollator(processor.modalities)([to_sample(row, processor)], train=False)
     with torch.no_grad():
         assert torch.isfinite(tiny_model(processor)(inputs=batch["inputs"]).pooler_output).all()
+
+
+def test_out_of_vocabulary_counts_survive_map_workers(cohort):
+    manifest, processor = cohort
+    table = manifest.table.copy()
+    rows = table.index[table["omics_expression"].notna()][:3]
+    for r in rows:
+        genes = json.loads(table.loc[r, "omics_expression"])
+        genes["NOT_A_GENE"] = 5.0
+        table.loc[r, "omics_expression"] = json.dumps(genes)
+    fresh = BioPerceiverProcessor.from_pretrained(_saved(processor, manifest))
+    build_dataset(read_manifest(table, base_dir=manifest.base_dir), fresh, num_proc=2)
+    assert fresh.report()["omics_expression"]["oov_genes"] == 3
+
+
+def _saved(processor, manifest):
+    path = manifest.base_dir / "saved_processor"
+    processor.save_pretrained(path)
+    return path

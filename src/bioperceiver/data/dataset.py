@@ -20,6 +20,7 @@ from .processing import BioPerceiverProcessor
 logger = logging.getLogger(__name__)
 
 ERROR_COLUMN = "__error__"
+COUNTS_COLUMN = "__counts__"  # per-row processor counters (OOV genes...), summed in the parent process
 _List = getattr(datasets, "List", datasets.Sequence)
 
 
@@ -114,6 +115,17 @@ class _RowProcessor:
         self.processor, self.base_dir, self.on_error, self.train, self.seed = processor, base_dir, on_error, train, seed
 
     def __call__(self, row: dict[str, Any], idx: int) -> dict[str, Any]:
+        before = {n: dict(p.counters) for n, p in self.processor.processors.items()}
+        out = self._process(row, idx)
+        diff = {}
+        for n, p in self.processor.processors.items():
+            d = {k: v - before[n].get(k, 0) for k, v in p.counters.items() if v != before[n].get(k, 0)}
+            if d:
+                diff[n] = d
+        out[COUNTS_COLUMN] = json.dumps(diff) if diff else None
+        return out
+
+    def _process(self, row: dict[str, Any], idx: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.seed, idx])
         try:
             out = _to_row(self.processor(row, base_dir=self.base_dir, train=self.train, rng=rng), self.processor)
@@ -174,6 +186,7 @@ def build_dataset(
     for name, feat in modality_features(processor).items():
         features[name] = feat
     features[ERROR_COLUMN] = datasets.Value("string")
+    features[COUNTS_COLUMN] = datasets.Value("string")
     kwargs: dict[str, Any] = {}
     if cache_dir is not None:
         fp = _fingerprint(manifest, processor, split, train, seed)
@@ -190,9 +203,25 @@ def build_dataset(
     )
     report = _report_from(ds)
     report.log(f"build_dataset({split or 'all'})")
+    _merge_counts(processor, ds[COUNTS_COLUMN])
     if report.total:
         ds = ds.filter(lambda e: e is None, input_columns=[ERROR_COLUMN])
-    return ds.remove_columns([ERROR_COLUMN]), report
+    return ds.remove_columns([ERROR_COLUMN, COUNTS_COLUMN]), report
+
+
+def _merge_counts(processor: BioPerceiverProcessor, column) -> None:
+    """Add the workers' per-row counters (out-of-vocabulary genes, unknown channels...) to the parent's processors
+    and log them: what was not tokenised is reported, never silently lost."""
+    total: dict[str, dict[str, int]] = {}
+    for text in column:
+        if text:
+            for name, d in json.loads(text).items():
+                for k, v in d.items():
+                    total.setdefault(name, {}).setdefault(k, 0)
+                    total[name][k] += v
+    for name, d in total.items():
+        processor.processors[name].counters.update(d)
+        logger.warning("modality %r: not tokenised (counted) %s", name, d)
 
 
 def build_iterable_dataset(
@@ -236,7 +265,7 @@ def build_iterable_dataset(
         return out
 
     ds = ds.map(process, with_indices=True)
-    ds = ds.filter(lambda e: e is None, input_columns=[ERROR_COLUMN]).remove_columns([ERROR_COLUMN])
+    ds = ds.filter(lambda e: e is None, input_columns=[ERROR_COLUMN]).remove_columns([ERROR_COLUMN, COUNTS_COLUMN])
     return ds, report
 
 
