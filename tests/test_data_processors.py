@@ -320,3 +320,25 @@ def test_composite_processor_saves_beside_model_and_configures_it(tmp_path):
     with pytest.raises(DataError, match=r"sample .z.*no modality"):
         proc({"sample_id": "z", "patient_id": "p", "text": None})
     assert torch.is_tensor(model.latents) if hasattr(model, "latents") else True
+
+
+def test_image_dicom_series_folder_is_stacked_in_slice_order(tmp_path):
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    series = tmp_path / "series"
+    series.mkdir()
+    for k in range(5):  # slices shifted 2 mm apart, brightness rising with position; file names in reverse order
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.SOPInstanceUID = generate_uid()
+        ds.InstanceNumber = k + 1
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, z + 2.0 * k]
+        ds.PixelData = (ds.pixel_array + 100 * k).astype(ds.pixel_array.dtype).tobytes()
+        ds.save_as(series / f"slice{4 - k}.dcm")
+    proc = ImageProcessor("ct", spatial_dims=3, spatial_size=[8, 32, 32], intensity="none", pixdim=None)
+    arr, _ = proc.load(str(series))
+    assert arr.shape == (1, 128, 128, 5)
+    means = [float(arr[0, ..., i].mean()) for i in range(5)]
+    np.testing.assert_allclose(np.diff(means), 100.0, atol=1e-3)  # sorted by position, not by file name
+    assert proc(str(series))["pixel_values"].shape == (1, 8, 32, 32)
