@@ -53,6 +53,7 @@ test: lint
 
 bench: setup
 	$(PY) benchmarks/backbone.py
+	$(PY) benchmarks/data_pipeline.py
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

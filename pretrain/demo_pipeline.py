@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
     p.add_argument("--preset", default="bioperceiver_debug")
     p.add_argument("--padchest_studies", type=int, default=600)
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--num_proc", type=int, default=2)
+    p.add_argument("--num_proc", type=int, default=1, help="datasets.map workers (see benchmarks/RESULTS.md)")
     p.add_argument("--modality_dropout", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

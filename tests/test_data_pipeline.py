@@ -288,3 +288,31 @@ def _saved(processor, manifest):
     path = manifest.base_dir / "saved_processor"
     processor.save_pretrained(path)
     return path
+
+
+def test_dataset_cache_is_keyed_by_rows_not_by_file_name(cohort, tmp_path):
+    manifest, processor = cohort
+    big, _ = build_dataset(manifest.subset(slice(0, 30)), processor, cache_dir=tmp_path / "c")
+    small, _ = build_dataset(manifest.subset(slice(0, 9)), processor, cache_dir=tmp_path / "c")
+    assert len(big) == 31 and len(small) == 10  # .loc slices are inclusive
+    assert small["sample_id"] == manifest.table["sample_id"][:10].tolist()
+
+
+def test_omics_matrix_fast_path_equals_the_mapping_path(cohort, tmp_path):
+    from bioperceiver.data import OmicsProcessor
+
+    rng = np.random.default_rng(0)
+    genes = [f"g{i}" for i in range(50)]
+    values = rng.gamma(2.0, size=(4, 50))
+    values[1, :5] = np.nan  # unmeasured
+    pd.DataFrame(values, columns=genes, index=[f"s{i}" for i in range(4)]).to_parquet(tmp_path / "m.parquet")
+    mappings = [{g: v for g, v in zip(genes, row) if not np.isnan(v)} for row in values]
+    refs = [f"m.parquet#row=s{i}" for i in range(4)]
+    for kw in ({}, {"top_k": 7, "zscore": True}):
+        a = OmicsProcessor("o", **kw).fit(mappings[:3])
+        b = OmicsProcessor("o", **kw).fit(refs[:3], base_dir=tmp_path)
+        assert a.state == b.state
+        for mapping, ref in zip(mappings, refs):
+            x, y = a(mapping), b(ref, base_dir=tmp_path)
+            np.testing.assert_array_equal(x["gene_ids"], y["gene_ids"])
+            np.testing.assert_allclose(x["values"], y["values"], rtol=1e-6)

@@ -142,11 +142,13 @@ class _RowProcessor:
 
 def _fingerprint(manifest: Manifest, processor: BioPerceiverProcessor, split, train, seed) -> str:
     h = hashlib.sha256()
+    table = _clean_table(manifest, split)
+    # The rows themselves (not just the file's name and time): subsets of one manifest file must not share a key.
+    h.update(table.to_json(orient="split", default_handler=str).encode())
+    h.update(str(Path(manifest.base_dir).resolve()).encode())
     if manifest.path is not None:
-        st = Path(manifest.path).stat()
-        h.update(f"{Path(manifest.path).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-    else:
-        h.update(manifest.table.to_json(default_handler=str).encode())
+        st = Path(manifest.path).stat()  # files referenced by the rows may change with the manifest
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
     procs = {n: p.to_dict() for n, p in processor.processors.items()}
     h.update(json.dumps(procs, sort_keys=True, default=str).encode())
     from .. import __version__

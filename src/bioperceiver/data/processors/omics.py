@@ -66,6 +66,50 @@ def _read_expression_table(path: str, mtime: float) -> pd.DataFrame:
     return pd.read_csv(p, sep=sep)
 
 
+@dataclass
+class _Matrix:
+    """A numeric samples x genes table held as one float array (rows looked up by id)."""
+
+    key: str
+    genes: list[str]
+    values: np.ndarray
+    rows: dict[str, int]
+
+
+@functools.lru_cache(maxsize=8)
+def _read_matrix(path: str, mtime: float) -> _Matrix | None:
+    table = _read_expression_table(path, mtime)
+    if not all(pd.api.types.is_numeric_dtype(t) for t in table.dtypes):
+        first = table.columns[0]
+        rest = table.drop(columns=[first])
+        if not all(pd.api.types.is_numeric_dtype(t) for t in rest.dtypes):
+            return None  # not a numeric matrix: the generic (mapping) path reports what is wrong
+        table = rest.set_axis(table[first].astype(str), axis=0)
+    rows = {str(k): i for i, k in enumerate(table.index)}
+    return _Matrix(f"{path}:{mtime}", [str(c) for c in table.columns], table.to_numpy(np.float64), rows)
+
+
+def read_matrix_row(value, base_dir: Path | None, proc: ModalityProcessor) -> tuple[_Matrix, int] | None:
+    """Fast path for ``matrix.parquet#row=<id>`` cells: the cached matrix and the row number (``None`` when the
+    cell is not such a reference or the file is not a numeric matrix)."""
+    from ..manifest import parse_reference
+
+    if not isinstance(value, (str, Path)) or "#" not in str(value):
+        return None
+    ref = parse_reference(str(value), base_dir)
+    if "row" not in ref.options or not ref.path.exists():
+        return None
+    try:
+        matrix = _read_matrix(str(ref.path), ref.path.stat().st_mtime)
+    except Exception:
+        return None
+    if matrix is None:
+        return None
+    if ref.options["row"] not in matrix.rows:
+        raise proc.error("missing_row", f"row {ref.options['row']!r} not found in {ref.path.name}", "fix #row=")
+    return matrix, matrix.rows[ref.options["row"]]
+
+
 def read_expression(value, base_dir: Path | None, proc: ModalityProcessor) -> dict[str, float]:
     """An omics cell (mapping, JSON string, or file reference) as ``{gene: value}``."""
     from ..manifest import as_mapping, parse_reference
@@ -115,12 +159,17 @@ class OmicsProcessor(ModalityProcessor):
         super().__init__(name, **settings)
         self._index: dict[str, int] = {}
         self._mean = self._std = None
+        self._matrix_cache: dict[str, tuple] = {}
 
     def _norm_name(self, gene) -> str:
         g = str(gene).strip()
         return g.upper() if self.settings.case == "upper" else g.lower() if self.settings.case == "lower" else g
 
-    def _parse(self, value, base_dir) -> tuple[list[str], np.ndarray]:
+    def _parse(self, value, base_dir) -> tuple[list[str], np.ndarray, np.ndarray | None]:
+        """``(normalised gene names, normalised values, vocabulary ids or None)`` of the measured genes."""
+        fast = read_matrix_row(value, base_dir, self)
+        if fast is not None:
+            return self._parse_matrix_row(*fast)
         mapping = read_expression(value, base_dir, self)
         genes, vals = [], []
         for g, v in mapping.items():
@@ -141,7 +190,26 @@ class OmicsProcessor(ModalityProcessor):
             raise self.error(
                 "duplicate_gene", "some genes appear twice after case normalisation", "aggregate duplicates first"
             )
-        return genes, self._normalise(vals)
+        return genes, self._normalise(vals), None
+
+    def _parse_matrix_row(self, matrix: _Matrix, row: int):
+        """Vectorised: gene names are normalised and looked up once per matrix file (cached), not per sample."""
+        cached = self._matrix_cache.get(matrix.key)
+        if cached is None or cached[2] != len(self._index):
+            names = [self._norm_name(g) for g in matrix.genes]
+            if len(set(names)) != len(names):
+                raise self.error(
+                    "duplicate_gene", "some genes appear twice after case normalisation", "aggregate duplicates first"
+                )
+            ids = np.array([self._index.get(g, -1) for g in names], dtype=np.int64)
+            cached = self._matrix_cache[matrix.key] = (np.array(names, dtype=object), ids, len(self._index))
+        names, ids, _ = cached
+        vals = matrix.values[row]
+        measured = ~np.isnan(vals)
+        if np.isinf(vals).any():
+            bad = names[np.isinf(vals)][:3].tolist()
+            raise self.error("non_finite", f"gene(s) {bad} have infinite values", "replace inf by a finite value")
+        return names[measured].tolist(), self._normalise(vals[measured]), ids[measured]
 
     def _normalise(self, vals: np.ndarray) -> np.ndarray:
         n = self.settings.normalization
@@ -165,7 +233,7 @@ class OmicsProcessor(ModalityProcessor):
         parsed = []
         for v, sid in zip(values, sample_ids):
             try:
-                genes, vals = self._parse(v, base_dir)
+                genes, vals, _ = self._parse(v, base_dir)
             except Exception as err:
                 raise (err.located(sample_id=sid) if hasattr(err, "located") else err) from None
             counts.update(genes)
@@ -181,7 +249,7 @@ class OmicsProcessor(ModalityProcessor):
             s2 = np.zeros(len(vocab))
             n = np.zeros(len(vocab))
             for genes, vals in parsed:
-                idx = np.array([self._index.get(g, -1) for g in genes], dtype=np.int64)
+                idx = self._lookup(genes)
                 keep = idx >= 0
                 np.add.at(s1, idx[keep], vals[keep])
                 np.add.at(s2, idx[keep], vals[keep] ** 2)
@@ -194,15 +262,20 @@ class OmicsProcessor(ModalityProcessor):
             self._on_load()
         logger.info("omics processor %r: vocabulary of %d genes", self.name, len(vocab))
 
+    def _lookup(self, genes: list[str]) -> np.ndarray:
+        return np.fromiter((self._index.get(g, -1) for g in genes), dtype=np.int64, count=len(genes))
+
     def _on_load(self):
+        self._matrix_cache = {}
         self._index = {g: i for i, g in enumerate(self.state.get("genes", []))}
         if "mean" in self.state:
             self._mean = np.asarray(self.state["mean"])
             self._std = np.asarray(self.state["std"])
 
     def _process(self, value, *, sample_id, base_dir, train, rng):
-        genes, vals = self._parse(value, base_dir)
-        idx = np.array([self._index.get(g, -1) for g in genes], dtype=np.int64)
+        genes, vals, idx = self._parse(value, base_dir)
+        if idx is None:
+            idx = self._lookup(genes)
         oov = int((idx < 0).sum())
         if oov:
             if self.settings.oov == "error":
