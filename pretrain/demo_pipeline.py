@@ -6,7 +6,7 @@
    ``bioperceiver.data.recipes.demo``; the data is written under ``--output_dir``, never into the repository.
 2. Validate the manifest, assign patient-level splits and fit every processor on the train split
    (``tokenizers/fit_processors.py`` with ``tokenizers/demo_processors.yaml``).
-3. Process every split with ``datasets.map`` (2 workers, cached), collate batches with modality dropout, and
+3. Process every split with ``datasets.map`` (cached), collate batches with modality dropout, and
    embed them with a freshly initialised model whose modality settings come from the fitted processors.
 4. Save model + processors into one directory, reload both (``AutoModel.from_pretrained``,
    ``BioPerceiverProcessor.from_pretrained``) and check the reloaded pair reproduces the embeddings exactly.
