@@ -1,0 +1,22 @@
+"""Contrastive pretraining losses: standalone, distributed-aware modules returning dicts (``loss`` + terms).
+
+Inputs are per-view embeddings ``(B, K, D)`` with a presence mask ``(B, K)`` — e.g. a model's
+``modality_pooler_output``/``modality_mask``, optionally with the fused ``pooler_output`` appended as a view — and
+optional integer patient ids (:func:`patient_index` maps id strings to ids that agree across ranks).
+"""
+
+from .clip import ClipLoss, LearnableTemperature
+from .distributed import gather_no_grad, gather_with_grad, patient_index, world
+from .multiview import MultiViewLoss
+from .siglip import SigLipLoss
+
+__all__ = [
+    "ClipLoss",
+    "LearnableTemperature",
+    "MultiViewLoss",
+    "SigLipLoss",
+    "gather_no_grad",
+    "gather_with_grad",
+    "patient_index",
+    "world",
+]

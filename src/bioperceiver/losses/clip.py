@@ -1,0 +1,116 @@
+"""CLIP-style InfoNCE over every pair of modalities two samples share, with absent modalities masked out."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .distributed import gather_no_grad, gather_with_grad, global_count
+
+
+class LearnableTemperature(nn.Module):
+    """``exp(logit_scale)`` multiplies cosine similarities (inverse temperature); clamped so the scale never exceeds
+    ``max_scale`` (CLIP: 100)."""
+
+    def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0, learnable: bool = True):
+        super().__init__()
+        value = torch.tensor(math.log(1.0 / init_temperature))
+        self.logit_scale = nn.Parameter(value) if learnable else nn.Buffer(value)
+        self.max_log = math.log(max_scale)
+
+    def forward(self) -> torch.Tensor:
+        return self.logit_scale.clamp(max=self.max_log).exp()
+
+
+def _views(embeddings: torch.Tensor, mask: torch.Tensor, patient_ids: torch.Tensor | None):
+    """Normalised local views, their global (gathered, with gradient) counterparts, masks and patient ids."""
+    if embeddings.dim() != 3 or mask.shape != embeddings.shape[:2]:
+        raise ValueError(
+            f"expected embeddings (B, K, D) and mask (B, K), got {tuple(embeddings.shape)} and {tuple(mask.shape)}"
+        )
+    b = embeddings.shape[0]
+    z = F.normalize(embeddings.float(), dim=-1)
+    z_all, offset = gather_with_grad(z)
+    mask_all = gather_no_grad(mask.bool())
+    if patient_ids is None:  # every sample its own patient
+        pid = torch.arange(b, device=z.device) + offset
+        pid_all = torch.arange(z_all.shape[0], device=z.device)
+    else:
+        if patient_ids.shape != (b,):
+            raise ValueError(f"patient_ids must have shape ({b},), got {tuple(patient_ids.shape)}")
+        pid = patient_ids.long()
+        pid_all = gather_no_grad(pid)
+    return z, mask.bool(), pid, z_all, mask_all, pid_all, offset
+
+
+class ClipLoss(nn.Module):
+    """Symmetric InfoNCE for every pair of modality views ``(a, b)``, averaged over pairs.
+
+    For a pair, row ``i`` (local sample with ``a``) is scored against every global sample ``j`` that has ``b``;
+    the positive is ``j = i``. Samples lacking ``a`` give no row, samples lacking ``b`` give no column (masked, never
+    zero-filled); other samples of the same patient are removed from the negatives (``patient_ids``). A pair
+    contributes when at least one sample in the global batch has both. Distributed: local rows x gathered columns.
+
+    Args:
+        init_temperature: initial softmax temperature (learnable unless ``learnable_temperature=False``).
+        max_scale: largest inverse temperature (the clamp).
+        view_names: names for the per-pair terms in the output dict (default ``view0``, ``view1``...).
+    """
+
+    def __init__(
+        self,
+        init_temperature: float = 0.07,
+        max_scale: float = 100.0,
+        learnable_temperature: bool = True,
+        view_names: list[str] | None = None,
+    ):
+        super().__init__()
+        self.temperature = LearnableTemperature(init_temperature, max_scale, learnable_temperature)
+        self.view_names = view_names
+
+    def forward(
+        self, embeddings: torch.Tensor, mask: torch.Tensor, patient_ids: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``embeddings (B, K, D)`` one view per modality (e.g. ``modality_pooler_output``, optionally with the fused
+        view appended), ``mask (B, K)`` which views exist, ``patient_ids (B,)``."""
+        z, m, pid, z_all, m_all, pid_all, offset = _views(embeddings, mask, patient_ids)
+        scale = self.temperature()
+        b, k = m.shape
+        rows = torch.arange(b, device=z.device) + offset
+        same_patient = pid[:, None] == pid_all[None, :]
+        same_patient[torch.arange(b), rows] = False  # the positive itself stays
+        out: dict[str, torch.Tensor] = {}
+        total = z.new_zeros(())
+        n_pairs = 0
+        for a in range(k):
+            for c in range(a + 1, k):
+                both_local = m[:, a] & m[:, c]
+                count, world = global_count(both_local.sum().float())
+                if count == 0:
+                    continue
+                pair = z.new_zeros(())
+                for x, y in ((a, c), (c, a)):
+                    logits = scale * z[:, x] @ z_all[:, y].T  # (b, B)
+                    valid_col = m_all[:, y][None, :] & ~same_patient
+                    logits = logits.masked_fill(~valid_col, float("-inf"))
+                    ce = F.cross_entropy(logits[both_local], rows[both_local], reduction="sum")
+                    pair = pair + 0.5 * ce * world / count
+                name = f"{self._name(a)}-{self._name(c)}"
+                out[f"loss_{name}"] = pair.detach()
+                total = total + pair
+                n_pairs += 1
+        if n_pairs == 0:
+            # no sample has two views anywhere: a zero loss that still touches the graph (DDP needs every grad)
+            total = 0.0 * (embeddings.sum() + self.temperature.logit_scale)
+        else:
+            total = total / n_pairs
+        out["loss"] = total
+        out["temperature"] = (1.0 / scale).detach()
+        out["num_pairs"] = torch.tensor(n_pairs)
+        return out
+
+    def _name(self, i: int) -> str:
+        return self.view_names[i] if self.view_names else f"view{i}"

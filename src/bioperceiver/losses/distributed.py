@@ -1,0 +1,84 @@
+"""Gathering embeddings across ranks with gradients, for the local-loss formulation of contrastive losses.
+
+Each rank scores its *local* rows against the *global* columns (memory ``O(local x global)``), and the gathered
+columns keep their autograd graph: ``torch.distributed.nn.functional.all_gather`` sums the gradients of every
+rank's loss back onto the rank that owns each embedding. With losses normalised by global counts and scaled by the
+world size (see :func:`global_count`), DDP's gradient averaging then gives exactly the gradients of one process over
+the whole global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)``; ``(0, 1)`` without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate ``x`` (first dimension = local batch, may differ between ranks) from every rank, keeping
+    gradients; returns the global tensor and the offset of this rank's rows in it."""
+    rank, size = world()
+    if size == 1:
+        return x, 0
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(size)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    longest = max(sizes)
+    padded = x
+    if x.shape[0] < longest:
+        padded = torch.cat([x, x.new_zeros((longest - x.shape[0], *x.shape[1:]))])
+    from torch.distributed.nn.functional import all_gather
+
+    parts = all_gather(padded)
+    out = torch.cat([p[:s] for p, s in zip(parts, sizes)])
+    return out, sum(sizes[:rank])
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank without gradients (masks, ids; any dtype; unequal first dimensions)."""
+    _, size = world()
+    if size == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(size)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    longest = max(sizes)
+    padded = torch.cat([x, x.new_zeros((longest - x.shape[0], *x.shape[1:]))]) if x.shape[0] < longest else x
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+def patient_index(patient_ids: list[str], device=None) -> torch.Tensor:
+    """Stable int64 ids for patient id strings (the same on every rank): SHA-1 of the id, 63 bits."""
+    import hashlib
+
+    return torch.tensor(
+        [int.from_bytes(hashlib.sha1(str(p).encode()).digest()[:8], "big") >> 1 for p in patient_ids],
+        dtype=torch.long,
+        device=device,
+    )
+
+
+def global_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over ranks (no gradient): the global number of terms a loss is averaged over."""
+    _, size = world()
+    if size == 1:
+        return x.detach()
+    y = x.detach().clone()
+    dist.all_reduce(y)
+    return y
+
+
+def global_count(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(global sum of x, world size)``: divide a local sum by the global count and multiply by the world size,
+    and the DDP-averaged gradient equals the single-process gradient of the global mean."""
+    return global_sum(x), world()[1]
