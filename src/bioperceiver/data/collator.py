@@ -133,17 +133,19 @@ class BioPerceiverCollator:
             )
         return out
 
-    def _generator(self) -> np.random.Generator:
+    def _generator(self, features=None) -> np.random.Generator:
+        seeds = [f.get("__view_seed__") for f in features or []]
+        if seeds and all(s is not None for s in seeds):  # reproducible per batch content (exact resume)
+            return np.random.default_rng([self.seed, *map(int, seeds)])
         if self._rng is None:
             info = torch.utils.data.get_worker_info()
             worker = info.id if info is not None else 0
             self._rng = np.random.default_rng([self.seed, worker])
         return self._rng
 
-    def _drop(self, present: list[str]) -> set[str]:
+    def _drop(self, present: list[str], rng: np.random.Generator) -> set[str]:
         if len(present) < 2 or not any(self.dropout[m] > 0 for m in present):
             return set()
-        rng = self._generator()
         dropped = {m for m in present if rng.random() < self.dropout[m]}
         if len(dropped) == len(present):  # keep one, chosen uniformly among the dropped
             dropped.discard(present[int(rng.integers(len(present)))])
@@ -155,6 +157,8 @@ class BioPerceiverCollator:
         kept, checked = [], []
         for sample in features:
             try:
+                if sample.get("__error__") is not None:  # a dataset that skipped this row hands its error on
+                    raise sample["__error__"]
                 checked.append(self._check(sample))
                 kept.append(sample)
             except DataError as err:
@@ -165,8 +169,9 @@ class BioPerceiverCollator:
         if not kept:
             return None
         if train:
+            rng = self._generator(kept)
             for arrays in checked:
-                for m in self._drop([m for m, a in arrays.items() if a is not None]):
+                for m in self._drop([m for m, a in arrays.items() if a is not None], rng):
                     arrays[m] = None
         inputs = {}
         for name, kind in self.modalities.items():

@@ -1,0 +1,5 @@
+"""Training helpers shared by the pretraining and finetuning scripts."""
+
+from .pretraining import ContrastivePretrainer, ManifestTorchDataset, build_loss, parameter_groups
+
+__all__ = ["ContrastivePretrainer", "ManifestTorchDataset", "build_loss", "parameter_groups"]

@@ -1,0 +1,112 @@
+"""Contrastive pretraining: views of each sample (each present modality alone + the fused view), a shared
+projection head, and one of the losses in :mod:`bioperceiver.losses`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.errors import DataError
+from ..losses import ClipLoss, MultiViewLoss, SigLipLoss, patient_index
+
+logger = logging.getLogger(__name__)
+
+LOSSES = {"clip": ClipLoss, "siglip": SigLipLoss, "multiview": MultiViewLoss}
+
+
+def build_loss(name: str, view_names: list[str] | None = None, **kwargs) -> nn.Module:
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+    if name != "multiview" and view_names is not None:
+        kwargs.setdefault("view_names", view_names)
+    return LOSSES[name](**kwargs)
+
+
+class ContrastivePretrainer(nn.Module):
+    """Wraps a :class:`~bioperceiver.BioPerceiverModel` for contrastive pretraining.
+
+    Views: one per configured modality (``modality_pooler_output``, absent ones masked) plus, with
+    ``fused_view=True``, the fused embedding of every present modality. A shared two-layer projection head maps
+    views to ``config.projection_dim`` before the loss. Only the backbone is saved with ``save_pretrained``; the
+    head and the loss's temperature live in the training state (checkpoints).
+    """
+
+    def __init__(self, model: nn.Module, loss: str = "clip", fused_view: bool = True, **loss_kwargs):
+        super().__init__()
+        self.model = model
+        cfg = model.config
+        self.fused_view = fused_view
+        self.view_names = [*cfg.modality_names, *(["fused"] if fused_view else [])]
+        self.projection = nn.Sequential(
+            nn.Linear(cfg.d_latents, cfg.d_latents), nn.GELU(), nn.Linear(cfg.d_latents, cfg.projection_dim)
+        )
+        self.loss_name = loss
+        self.loss_fn = build_loss(loss, self.view_names, **loss_kwargs)
+
+    def views(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(inputs=inputs, return_modality_embeddings=True)
+        views, mask = out.modality_pooler_output, out.modality_mask.bool()
+        if self.fused_view:
+            views = torch.cat([views, out.pooler_output[:, None]], dim=1)
+            mask = torch.cat([mask, mask.any(dim=1, keepdim=True)], dim=1)
+        return self.projection(views), mask
+
+    def forward(self, inputs: dict[str, Any], patient_id: list[str] | None = None, **_: Any) -> dict[str, torch.Tensor]:
+        views, mask = self.views(inputs)
+        pid = patient_index(patient_id, device=views.device) if patient_id is not None else None
+        out = self.loss_fn(views, mask, pid)
+        out["num_views"] = mask.sum().detach()
+        return out
+
+
+def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay for biases, norms, embeddings, latents and temperatures/biases of losses."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = (
+            p.dim() < 2
+            or "norm" in name.lower()
+            or "embedding" in name.lower()
+            or name.endswith("latents")
+            or "loss_fn" in name
+        )
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class ManifestTorchDataset(torch.utils.data.Dataset):
+    """Manifest rows processed on the fly (fresh augmentations / windows per epoch, reproducible: the RNG is seeded
+    by ``(seed, epoch, index)``, so a resumed run sees exactly the views an uninterrupted one would).
+
+    With ``on_error="skip"`` a bad row yields ``None`` (the collator drops it and counts it); otherwise it raises.
+    """
+
+    def __init__(self, manifest, processor, *, train: bool = True, seed: int = 0, on_error: str = "raise"):
+        self.records = manifest.records()
+        self.base_dir = manifest.base_dir
+        self.processor, self.train, self.seed, self.on_error = processor, train, seed, on_error
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        try:
+            out = self.processor(self.records[i], base_dir=self.base_dir, train=self.train, rng=rng)
+            out["__view_seed__"] = int(rng.integers(2**62))  # modality dropout of this sample, this epoch
+            return out
+        except DataError as err:
+            if self.on_error == "raise":
+                raise
+            logger.warning("skipped: %s", err)
+            return {"sample_id": self.records[i].get("sample_id"), "__error__": err}
