@@ -39,6 +39,7 @@ $(VENV)/.demo-data: Makefile $(VENV)/.deps
 
 demo: setup
 	$(PY) pretrain/demo_pipeline.py --output_dir outputs/demo
+	$(PY) pretrain/run_pretrain.py --config pretrain/configs/demo.yaml
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -36,7 +36,15 @@ from transformers import get_cosine_schedule_with_warmup
 
 import bioperceiver as bp
 from bioperceiver.data import BioPerceiverCollator, BioPerceiverProcessor, assign_splits, read_manifest
-from bioperceiver.training import ContrastivePretrainer, ManifestTorchDataset, parameter_groups
+from bioperceiver.losses import local_only
+from bioperceiver.training import (
+    ContrastivePretrainer,
+    ManifestTorchDataset,
+    parameter_groups,
+    plot_history,
+    plot_similarity,
+    retrieval_metrics,
+)
 
 logger = logging.getLogger("run_pretrain")
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +116,31 @@ def prepare_data(cfg: dict, accelerator, out: Path):
     return manifest, processor, embedders
 
 
+@torch.no_grad()
+def evaluate(
+    trainer: ContrastivePretrainer, dataset, collator, batch_size: int
+) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Held-out patients: mean contrastive loss and cross-modal retrieval R@1/5/10 for every pair of views."""
+    was_training = trainer.training
+    trainer.eval()
+    views, masks, losses = [], [], []
+    for start in range(0, len(dataset), batch_size):
+        batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], train=False)
+        if batch is None:
+            continue
+        v, m = trainer.views(batch["inputs"])
+        with local_only():  # only the main process evaluates: no collectives
+            losses.append(float(trainer.loss_fn(v, m)["loss"]))
+        views.append(v.cpu())
+        masks.append(m.cpu())
+    trainer.train(was_training)
+    if not views:
+        return {}, torch.empty(0), torch.empty(0)
+    views_t, masks_t = torch.cat(views), torch.cat(masks)
+    metrics = {"eval_loss": float(sum(losses) / len(losses)), **retrieval_metrics(views_t, masks_t, trainer.view_names)}
+    return metrics, views_t, masks_t
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
@@ -122,6 +155,8 @@ def main(argv=None) -> dict:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     # gloo on CPU-only distributed runs (DeepSpeed's CPU accelerator needs it explicitly, see ../shared ENVIRONMENT)
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
+    # a batch rarely holds every modality: the embedders of absent ones get no gradient that step
+    handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     accelerator = Accelerator(
         gradient_accumulation_steps=tr["gradient_accumulation_steps"],
         mixed_precision=tr["mixed_precision"],
@@ -182,6 +217,23 @@ def main(argv=None) -> dict:
     if report_to:
         accelerator.init_trackers("pretrain", config={"loss": cfg["loss"]["name"], "preset": cfg["model"]["preset"]})
 
+    eval_cfg = cfg.get("eval", {})
+    eval_ds = ManifestTorchDataset(
+        manifest.split(eval_cfg.get("split", "validation")), processor, train=False, seed=cfg["seed"], on_error="skip"
+    )
+    eval_collator = BioPerceiverCollator(processor.modalities, on_error="skip")
+
+    def run_eval(step: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        metrics, v, m = ({}, None, None)
+        if accelerator.is_main_process and len(eval_ds):
+            metrics, v, m = evaluate(accelerator.unwrap_model(trainer), eval_ds, eval_collator, tr["batch_size"])
+            r1 = {k: round(x, 3) for k, x in metrics.items() if k.startswith("R@1/")}
+            logger.info("step %d held-out loss %.4f, R@1 %s", step, metrics.get("eval_loss", float("nan")), r1)
+            if report_to:
+                accelerator.log({k: x for k, x in metrics.items() if not k.startswith("queries")}, step=step)
+        accelerator.wait_for_everyone()
+        return metrics, v, m
+
     n_batches = len(loader)
     accum = tr["gradient_accumulation_steps"]
     history: list[dict] = []
@@ -226,6 +278,10 @@ def main(argv=None) -> dict:
                 bar.set_postfix(loss=f"{loss:.3f}")
                 if report_to:
                     accelerator.log(rec, step=step)
+            if eval_cfg.get("steps") and step % eval_cfg["steps"] == 0 and step < opt["max_steps"]:
+                metrics, _, _ = run_eval(step)
+                if metrics:
+                    history.append({"step": step, **metrics})
             if step % ck["save_steps"] == 0 or step == opt["max_steps"]:
                 save_checkpoint(accelerator, ckpt_dir, step, batches_seen, ck["keep_last"])
                 if args.crash_after_step == step:
@@ -236,8 +292,21 @@ def main(argv=None) -> dict:
     if collator.report.total:
         collator.report.log("pretraining batches")
     final = out / "final"
+    metrics, views, masks = run_eval(step)
+    if metrics:
+        history.append({"step": step, **metrics})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        (out / "eval_results.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        plot_history(history, out / "loss_curves.png")
+        names = accelerator.unwrap_model(trainer).view_names
+        pairs = sorted(
+            (k.split("/", 1)[1] for k in metrics if k.startswith("queries/") and not k.endswith("-fused")),
+            key=lambda key: -metrics[f"queries/{key}"],
+        )
+        for key in pairs[:3]:
+            a, b = _split_pair(key, names)
+            plot_similarity(views, masks, names, a, b, out / f"similarity_{a}__{b}.png")
         unwrapped = accelerator.unwrap_model(trainer)
         unwrapped.model.save_pretrained(final)
         processor.save_pretrained(final)
@@ -246,8 +315,15 @@ def main(argv=None) -> dict:
     if report_to:
         accelerator.end_training()
     return {"final": str(final), "history": history, "steps": step, "losses_finite": all(
-        math.isfinite(h["loss"]) for h in history
+        math.isfinite(h["loss"]) for h in history if "loss" in h
     )}  # fmt: skip
+
+
+def _split_pair(key: str, names: list[str]) -> tuple[str, str]:
+    for a in names:
+        if key.startswith(a + "-") and key[len(a) + 1 :] in names:
+            return a, key[len(a) + 1 :]
+    raise ValueError(key)
 
 
 if __name__ == "__main__":

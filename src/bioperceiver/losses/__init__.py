@@ -6,7 +6,7 @@ optional integer patient ids (:func:`patient_index` maps id strings to ids that 
 """
 
 from .clip import ClipLoss, LearnableTemperature
-from .distributed import gather_no_grad, gather_with_grad, patient_index, world
+from .distributed import gather_no_grad, gather_with_grad, local_only, patient_index, world
 from .multiview import MultiViewLoss
 from .siglip import SigLipLoss
 
@@ -17,6 +17,7 @@ __all__ = [
     "SigLipLoss",
     "gather_no_grad",
     "gather_with_grad",
+    "local_only",
     "patient_index",
     "world",
 ]

@@ -9,13 +9,29 @@ the whole global batch.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
+_LOCAL_ONLY = False
+
+
+@contextlib.contextmanager
+def local_only():
+    """Compute losses on this process's batch alone even inside a process group (e.g. evaluation on the main
+    process while the other ranks wait: a collective there would deadlock)."""
+    global _LOCAL_ONLY
+    previous, _LOCAL_ONLY = _LOCAL_ONLY, True
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY = previous
+
 
 def world() -> tuple[int, int]:
-    """``(rank, world_size)``; ``(0, 1)`` without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
+    """``(rank, world_size)``; ``(0, 1)`` without an initialised process group or inside :func:`local_only`."""
+    if not _LOCAL_ONLY and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 

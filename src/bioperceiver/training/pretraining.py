@@ -110,3 +110,80 @@ class ManifestTorchDataset(torch.utils.data.Dataset):
                 raise
             logger.warning("skipped: %s", err)
             return {"sample_id": self.records[i].get("sample_id"), "__error__": err}
+
+
+@torch.no_grad()
+def retrieval_metrics(
+    views: torch.Tensor, mask: torch.Tensor, names: list[str], ks: tuple[int, ...] = (1, 5, 10), min_pairs: int = 2
+) -> dict[str, float]:
+    """Cross-modal retrieval on held-out samples: for every pair of views ``(a, b)`` and each sample having both,
+    rank all samples having ``b`` by cosine similarity to its ``a`` view; ``R@k`` = share of queries whose own ``b``
+    view is in the top ``k`` (both directions averaged). Also reports the number of queries and chance ``R@1``."""
+    z = torch.nn.functional.normalize(views.float(), dim=-1)
+    out: dict[str, float] = {}
+    k_views = len(names)
+    for a in range(k_views):
+        for b in range(a + 1, k_views):
+            both = mask[:, a] & mask[:, b]
+            if int(both.sum()) < min_pairs:
+                continue
+            recalls = {k: [] for k in ks}
+            for x, y in ((a, b), (b, a)):
+                cand = torch.nonzero(mask[:, y]).squeeze(1)
+                queries = torch.nonzero(both).squeeze(1)
+                sim = z[queries, x] @ z[cand, y].T
+                target = (cand[None, :] == queries[:, None]).float().argmax(1)
+                rank = (sim > sim.gather(1, target[:, None])).sum(1)
+                for k in ks:
+                    recalls[k].append((rank < k).float().mean().item())
+            key = f"{names[a]}-{names[b]}"
+            for k in ks:
+                out[f"R@{k}/{key}"] = float(np.mean(recalls[k]))
+            out[f"queries/{key}"] = int(both.sum())
+            out[f"chance_R@1/{key}"] = 1.0 / max(1, int(mask[:, b].sum()))
+    return out
+
+
+def plot_similarity(views: torch.Tensor, mask: torch.Tensor, names: list[str], a: str, b: str, path) -> bool:
+    """PNG of the cosine similarity between the ``a`` and ``b`` views of held-out samples having both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ia, ib = names.index(a), names.index(b)
+    both = mask[:, ia] & mask[:, ib]
+    if int(both.sum()) < 2:
+        return False
+    z = torch.nn.functional.normalize(views[both].float(), dim=-1)
+    sim = (z[:, ia] @ z[:, ib].T).numpy()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    im = ax.imshow(sim, vmin=-1, vmax=1, cmap="coolwarm")
+    ax.set_xlabel(f"{b} view of sample j")
+    ax.set_ylabel(f"{a} view of sample i")
+    ax.set_title(f"held-out cosine similarity, {int(both.sum())} samples\n(diagonal = same sample)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_history(history: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = [h["step"] for h in history if "loss" in h]
+    ax.plot(steps, [h["loss"] for h in history if "loss" in h], label="train loss")
+    evals = [h for h in history if "eval_loss" in h]
+    if evals:
+        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("contrastive loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
