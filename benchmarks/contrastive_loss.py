@@ -57,11 +57,13 @@ def run_one(mode: str, local: int, world: int, dim: int, repeats: int) -> dict:
         x = torch.randn(local, 2, dim, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
         t0 = time.perf_counter()
         if mode == "local":
-            gathered = lambda z: (torch.cat([z, F.normalize(others, dim=-1)]), 0)  # noqa: E731  (rank 0)
+            gathered = lambda z, sizes=None: (torch.cat([z, F.normalize(others, dim=-1)]), 0)  # noqa: E731  (rank 0)
             ones = torch.ones(x.shape[0], 2, dtype=torch.bool)
             with (
                 mock.patch.object(clip_module, "gather_with_grad", gathered),
-                mock.patch.object(clip_module, "gather_no_grad", lambda m, n=local * world: m.new_ones(n, 2)),
+                mock.patch.object(
+                    clip_module, "gather_no_grad", lambda m, sizes=None, n=local * world: m.new_ones(n, 2)
+                ),
                 mock.patch.object(clip_module, "global_count", lambda c: (c * world, world)),
             ):
                 loss = loss_fn(x, ones)["loss"]

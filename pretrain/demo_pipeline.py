@@ -13,7 +13,8 @@
 5. Write ``summary.json``, ``modality_coverage.png`` (which modalities each source brings) and
    ``similarity.png``.
 
-Contrastive pretraining replaces step 3's random model once the pretraining script lands.
+``make demo`` then pretrains with ``pretrain/run_pretrain.py --config pretrain/configs/demo.yaml``, which reuses
+the processors fitted here (``outputs/demo/model``).
 """
 
 from __future__ import annotations

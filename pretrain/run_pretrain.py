@@ -35,7 +35,13 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 import bioperceiver as bp
-from bioperceiver.data import BioPerceiverCollator, BioPerceiverProcessor, assign_splits, read_manifest
+from bioperceiver.data import (
+    BioPerceiverCollator,
+    BioPerceiverProcessor,
+    assign_splits,
+    load_processor_settings,
+    read_manifest,
+)
 from bioperceiver.losses import local_only
 from bioperceiver.training import (
     ContrastivePretrainer,
@@ -98,21 +104,15 @@ def prepare_data(cfg: dict, accelerator, out: Path):
             manifest_path = build_demo_cohort(manifest_path.parent, seed=cfg["seed"])
         accelerator.wait_for_everyone()
     manifest = assign_splits(read_manifest(manifest_path))
+    settings_path = data.get("processor_settings")
+    processors, embedders = load_processor_settings(ROOT / settings_path if settings_path else None)
+    # Fitted processors are read from processor_dir; when it holds none yet, the main process fits them on the
+    # train split and saves them there (make demo reuses the ones demo_pipeline.py fitted).
     proc_dir = Path(data["processor_dir"]) if data.get("processor_dir") else out / "processor"
-    if not data.get("processor_dir"):
-        if accelerator.is_main_process and not (proc_dir / "bioperceiver_processor.json").exists():
-            settings = (
-                yaml.safe_load((ROOT / data["processor_settings"]).read_text())
-                if data.get("processor_settings")
-                else {}
-            )
-            procs = settings.get("processors", settings)
-            BioPerceiverProcessor.from_manifest(manifest, procs).fit(manifest, split="train").save_pretrained(proc_dir)
-        accelerator.wait_for_everyone()
+    if accelerator.is_main_process and not (proc_dir / "bioperceiver_processor.json").exists():
+        BioPerceiverProcessor.from_manifest(manifest, processors).fit(manifest, split="train").save_pretrained(proc_dir)
+    accelerator.wait_for_everyone()
     processor = BioPerceiverProcessor.from_pretrained(proc_dir)
-    embedders = {}
-    if data.get("processor_settings"):
-        embedders = yaml.safe_load((ROOT / data["processor_settings"]).read_text()).get("embedders", {})
     return manifest, processor, embedders
 
 

@@ -43,7 +43,12 @@ def run_config(tmp_path_factory):
     }
     (root / "settings.yaml").write_text(yaml.safe_dump(settings))
     cfg = yaml.safe_load((ROOT / "pretrain" / "configs" / "demo.yaml").read_text())
-    cfg["data"].update(manifest=str(manifest), build_demo_cohort=False, processor_settings=str(root / "settings.yaml"))
+    cfg["data"].update(
+        manifest=str(manifest),
+        build_demo_cohort=False,
+        processor_settings=str(root / "settings.yaml"),
+        processor_dir=str(root / "processors"),
+    )
     cfg["optim"].update(max_steps=6, warmup_steps=2)
     cfg["train"]["batch_size"] = 8
     cfg["checkpoint"].update(save_steps=3, keep_last=2)

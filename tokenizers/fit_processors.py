@@ -19,23 +19,23 @@ import json
 import logging
 from pathlib import Path
 
-import yaml
-
-from bioperceiver.data import BioPerceiverProcessor, assign_splits, read_manifest, validate_manifest, write_manifest
+from bioperceiver.data import (
+    BioPerceiverProcessor,
+    assign_splits,
+    load_processor_settings,
+    read_manifest,
+    validate_manifest,
+    write_manifest,
+)
 
 logger = logging.getLogger("fit_processors")
 
 
 def load_settings(path: str | None, manifest) -> tuple[dict, dict]:
-    """``(processor settings, embedder overrides)`` from a JSON/YAML file, or the manifest's metadata."""
+    """``(processor settings, embedder overrides)`` from ``--settings``, or the manifest's metadata."""
     if path is None:
         return dict(manifest.metadata.get("processor_settings", {})), {}
-    data = yaml.safe_load(Path(path).read_text())
-    if not isinstance(data, dict):
-        raise SystemExit(f"{path}: expected a mapping {{column: {{setting: value}}}}")
-    if "processors" in data or "embedders" in data:
-        return dict(data.get("processors", {})), dict(data.get("embedders", {}))
-    return data, {}
+    return load_processor_settings(path)
 
 
 def main(argv=None) -> Path:

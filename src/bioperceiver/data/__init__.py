@@ -7,7 +7,7 @@ from .collator import BioPerceiverCollator
 from .dataset import build_dataset, build_iterable_dataset, to_sample
 from .errors import DataError, SkipReport
 from .manifest import Manifest, parse_reference, read_manifest, write_manifest
-from .processing import BioPerceiverProcessor
+from .processing import BioPerceiverProcessor, load_processor_settings
 from .processors import (
     ImageProcessor,
     ModalityProcessor,
@@ -42,6 +42,7 @@ __all__ = [
     "build_iterable_dataset",
     "check_patient_splits",
     "get_processor_class",
+    "load_processor_settings",
     "parse_reference",
     "read_manifest",
     "register_processor",

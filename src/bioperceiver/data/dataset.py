@@ -140,9 +140,9 @@ class _RowProcessor:
         return out
 
 
-def _fingerprint(manifest: Manifest, processor: BioPerceiverProcessor, split, train, seed) -> str:
+def _fingerprint(table, manifest: Manifest, processor: BioPerceiverProcessor, split, train, seed) -> str:
+    """Cache key of a processed split: ``table`` is the split's cleaned rows (already built by the caller)."""
     h = hashlib.sha256()
-    table = _clean_table(manifest, split)
     # The rows themselves (not just the file's name and time): subsets of one manifest file must not share a key.
     h.update(table.to_json(orient="split", default_handler=str).encode())
     h.update(str(Path(manifest.base_dir).resolve()).encode())
@@ -191,7 +191,7 @@ def build_dataset(
     features[COUNTS_COLUMN] = datasets.Value("string")
     kwargs: dict[str, Any] = {}
     if cache_dir is not None:
-        fp = _fingerprint(manifest, processor, split, train, seed)
+        fp = _fingerprint(table, manifest, processor, split, train, seed)
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         kwargs = {"cache_file_name": str(Path(cache_dir) / f"processed-{fp}.arrow"), "new_fingerprint": fp}
     ds = raw.map(

@@ -87,12 +87,6 @@ class SkipReport:
         if len(ex) < self.max_examples:
             ex.append(str(error))
 
-    def update(self, other: SkipReport) -> None:
-        self.counts.update(other.counts)
-        for key, msgs in other.examples.items():
-            ex = self.examples.setdefault(key, [])
-            ex.extend(msgs[: max(0, self.max_examples - len(ex))])
-
     @property
     def total(self) -> int:
         return sum(self.counts.values())

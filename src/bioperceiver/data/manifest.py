@@ -137,10 +137,6 @@ class Manifest:
     def __len__(self) -> int:
         return len(self.table)
 
-    @property
-    def modality_columns(self) -> list[str]:
-        return list(self.modalities)
-
     def subset(self, rows) -> Manifest:
         return Manifest(
             self.table.loc[rows].reset_index(drop=True),

@@ -21,6 +21,21 @@ PROCESSOR_INDEX = "bioperceiver_processor.json"
 PROCESSORS_DIR = "processors"
 
 
+def load_processor_settings(path: str | os.PathLike | None) -> tuple[dict, dict]:
+    """``(processor settings, embedder overrides)`` from a JSON/YAML file that is either ``{column: settings}`` or
+    ``{processors: {column: settings}, embedders: {column: settings}}``; ``({}, {})`` for ``None``."""
+    if path is None:
+        return {}, {}
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping {{column: {{setting: value}}}}")
+    if "processors" in data or "embedders" in data:
+        return dict(data.get("processors") or {}), dict(data.get("embedders") or {})
+    return data, {}
+
+
 class BioPerceiverProcessor:
     """Processors by modality name (manifest column). ``save_pretrained(dir)`` writes
     ``bioperceiver_processor.json`` and ``processors/<name>/`` into ``dir`` — the model's directory, so a checkpoint

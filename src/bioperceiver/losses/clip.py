@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import gather_no_grad, gather_with_grad, global_count
+from .distributed import gather_no_grad, gather_with_grad, global_count, local_sizes
 
 
 class LearnableTemperature(nn.Module):
@@ -33,8 +33,9 @@ def _views(embeddings: torch.Tensor, mask: torch.Tensor, patient_ids: torch.Tens
         )
     b = embeddings.shape[0]
     z = F.normalize(embeddings.float(), dim=-1)
-    z_all, offset = gather_with_grad(z)
-    mask_all = gather_no_grad(mask.bool())
+    sizes = local_sizes(z)  # exchanged once for the three gathers below
+    z_all, offset = gather_with_grad(z, sizes)
+    mask_all = gather_no_grad(mask.bool(), sizes)
     if patient_ids is None:  # every sample its own patient
         pid = torch.arange(b, device=z.device) + offset
         pid_all = torch.arange(z_all.shape[0], device=z.device)
@@ -42,11 +43,69 @@ def _views(embeddings: torch.Tensor, mask: torch.Tensor, patient_ids: torch.Tens
         if patient_ids.shape != (b,):
             raise ValueError(f"patient_ids must have shape ({b},), got {tuple(patient_ids.shape)}")
         pid = patient_ids.long()
-        pid_all = gather_no_grad(pid)
+        pid_all = gather_no_grad(pid, sizes)
     return z, mask.bool(), pid, z_all, mask_all, pid_all, offset
 
 
-class ClipLoss(nn.Module):
+class PairwiseContrastiveLoss(nn.Module):
+    """Shared machinery of the pair losses: one term per pair of views ``(a, b)`` that at least one sample of the
+    global batch has both of, both directions, averaged over pairs. Subclasses define :meth:`direction`, the sum
+    over local rows that have both views of one direction's loss. The global number of such rows per pair is
+    all-reduced once per step for all pairs."""
+
+    view_names: list[str] | None = None
+
+    def direction(self, ctx: dict, x: int, y: int, rows_with_both: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_parameters(self) -> torch.Tensor:  # touched by the zero loss so DDP sees every gradient
+        return self.temperature.logit_scale
+
+    def forward(
+        self, embeddings: torch.Tensor, mask: torch.Tensor, patient_ids: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``embeddings (B, K, D)`` one view per modality (e.g. ``modality_pooler_output``, optionally with the fused
+        view appended), ``mask (B, K)`` which views exist, ``patient_ids (B,)``."""
+        z, m, pid, z_all, m_all, pid_all, offset = _views(embeddings, mask, patient_ids)
+        b, k = m.shape
+        rows = torch.arange(b, device=z.device) + offset
+        own = torch.zeros((b, z_all.shape[0]), dtype=torch.bool, device=z.device)
+        own[torch.arange(b), rows] = True
+        ctx = {
+            "z": z,
+            "z_all": z_all,
+            "m": m,
+            "m_all": m_all,
+            "rows": rows,
+            "own": own,
+            "other_same_patient": (pid[:, None] == pid_all[None, :]) & ~own,
+            "scale": self.temperature(),
+        }
+        both = m[:, :, None] & m[:, None, :]  # (b, K, K): sample has views a and b
+        counts, world = global_count(both.sum(0).float())
+        out: dict[str, torch.Tensor] = {}
+        total, n_pairs = z.new_zeros(()), 0
+        for a in range(k):
+            for c in range(a + 1, k):
+                if counts[a, c] == 0:
+                    continue
+                pair = sum(0.5 * self.direction(ctx, x, y, both[:, a, c]) for x, y in ((a, c), (c, a)))
+                pair = pair * world / counts[a, c]
+                out[f"loss_{self._name(a)}-{self._name(c)}"] = pair.detach()
+                total, n_pairs = total + pair, n_pairs + 1
+        if n_pairs == 0:
+            # no sample has two views anywhere: a zero loss that still touches the graph (DDP needs every grad)
+            total = 0.0 * (embeddings.sum() + self.extra_parameters())
+        else:
+            total = total / n_pairs
+        out.update(loss=total, temperature=(1.0 / ctx["scale"]).detach(), num_pairs=torch.tensor(n_pairs))
+        return out
+
+    def _name(self, i: int) -> str:
+        return self.view_names[i] if self.view_names else f"view{i}"
+
+
+class ClipLoss(PairwiseContrastiveLoss):
     """Symmetric InfoNCE for every pair of modality views ``(a, b)``, averaged over pairs.
 
     For a pair, row ``i`` (local sample with ``a``) is scored against every global sample ``j`` that has ``b``;
@@ -71,46 +130,8 @@ class ClipLoss(nn.Module):
         self.temperature = LearnableTemperature(init_temperature, max_scale, learnable_temperature)
         self.view_names = view_names
 
-    def forward(
-        self, embeddings: torch.Tensor, mask: torch.Tensor, patient_ids: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor]:
-        """``embeddings (B, K, D)`` one view per modality (e.g. ``modality_pooler_output``, optionally with the fused
-        view appended), ``mask (B, K)`` which views exist, ``patient_ids (B,)``."""
-        z, m, pid, z_all, m_all, pid_all, offset = _views(embeddings, mask, patient_ids)
-        scale = self.temperature()
-        b, k = m.shape
-        rows = torch.arange(b, device=z.device) + offset
-        same_patient = pid[:, None] == pid_all[None, :]
-        same_patient[torch.arange(b), rows] = False  # the positive itself stays
-        out: dict[str, torch.Tensor] = {}
-        total = z.new_zeros(())
-        n_pairs = 0
-        for a in range(k):
-            for c in range(a + 1, k):
-                both_local = m[:, a] & m[:, c]
-                count, world = global_count(both_local.sum().float())
-                if count == 0:
-                    continue
-                pair = z.new_zeros(())
-                for x, y in ((a, c), (c, a)):
-                    logits = scale * z[:, x] @ z_all[:, y].T  # (b, B)
-                    valid_col = m_all[:, y][None, :] & ~same_patient
-                    logits = logits.masked_fill(~valid_col, float("-inf"))
-                    ce = F.cross_entropy(logits[both_local], rows[both_local], reduction="sum")
-                    pair = pair + 0.5 * ce * world / count
-                name = f"{self._name(a)}-{self._name(c)}"
-                out[f"loss_{name}"] = pair.detach()
-                total = total + pair
-                n_pairs += 1
-        if n_pairs == 0:
-            # no sample has two views anywhere: a zero loss that still touches the graph (DDP needs every grad)
-            total = 0.0 * (embeddings.sum() + self.temperature.logit_scale)
-        else:
-            total = total / n_pairs
-        out["loss"] = total
-        out["temperature"] = (1.0 / scale).detach()
-        out["num_pairs"] = torch.tensor(n_pairs)
-        return out
-
-    def _name(self, i: int) -> str:
-        return self.view_names[i] if self.view_names else f"view{i}"
+    def direction(self, ctx, x, y, rows_with_both):
+        logits = ctx["scale"] * ctx["z"][:, x] @ ctx["z_all"][:, y].T  # (b, B)
+        valid_col = ctx["m_all"][:, y][None, :] & ~ctx["other_same_patient"]
+        logits = logits.masked_fill(~valid_col, float("-inf"))
+        return F.cross_entropy(logits[rows_with_both], ctx["rows"][rows_with_both], reduction="sum")

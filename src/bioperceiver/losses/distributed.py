@@ -36,40 +36,44 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Concatenate ``x`` (first dimension = local batch, may differ between ranks) from every rank, keeping
-    gradients; returns the global tensor and the offset of this rank's rows in it."""
-    rank, size = world()
+def local_sizes(x: torch.Tensor) -> list[int]:
+    """First-dimension size of ``x`` on every rank (one small all-gather); ``[len(x)]`` when not distributed."""
+    _, size = world()
     if size == 1:
-        return x, 0
+        return [x.shape[0]]
     n = torch.tensor([x.shape[0]], device=x.device)
     sizes = [torch.zeros_like(n) for _ in range(size)]
     dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    longest = max(sizes)
-    padded = x
-    if x.shape[0] < longest:
-        padded = torch.cat([x, x.new_zeros((longest - x.shape[0], *x.shape[1:]))])
+    return [int(s) for s in sizes]
+
+
+def _pad_to(x: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.cat([x, x.new_zeros((n - x.shape[0], *x.shape[1:]))]) if x.shape[0] < n else x
+
+
+def gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> tuple[torch.Tensor, int]:
+    """Concatenate ``x`` (first dimension = local batch, may differ between ranks) from every rank, keeping
+    gradients; returns the global tensor and the offset of this rank's rows in it. Pass ``sizes``
+    (:func:`local_sizes`) when several tensors of one batch are gathered, to exchange them once."""
+    rank, size = world()
+    if size == 1:
+        return x, 0
     from torch.distributed.nn.functional import all_gather
 
-    parts = all_gather(padded)
-    out = torch.cat([p[:s] for p, s in zip(parts, sizes)])
-    return out, sum(sizes[:rank])
+    sizes = sizes or local_sizes(x)
+    parts = all_gather(_pad_to(x, max(sizes)))
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]), sum(sizes[:rank])
 
 
-def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+def gather_no_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     """Concatenate ``x`` from every rank without gradients (masks, ids; any dtype; unequal first dimensions)."""
     _, size = world()
     if size == 1:
         return x
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(size)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    longest = max(sizes)
-    padded = torch.cat([x, x.new_zeros((longest - x.shape[0], *x.shape[1:]))]) if x.shape[0] < longest else x
+    sizes = sizes or local_sizes(x)
+    padded = _pad_to(x, max(sizes)).contiguous()
     parts = [torch.empty_like(padded) for _ in range(size)]
-    dist.all_gather(parts, padded.contiguous())
+    dist.all_gather(parts, padded)
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 
@@ -84,17 +88,12 @@ def patient_index(patient_ids: list[str], device=None) -> torch.Tensor:
     )
 
 
-def global_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum of ``x`` over ranks (no gradient): the global number of terms a loss is averaged over."""
+def global_count(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(sum of x over ranks, world size)``, no gradient: divide a local sum by the global count and multiply by
+    the world size, and the DDP-averaged gradient equals the single-process gradient of the global mean."""
     _, size = world()
     if size == 1:
-        return x.detach()
+        return x.detach(), 1
     y = x.detach().clone()
     dist.all_reduce(y)
-    return y
-
-
-def global_count(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``(global sum of x, world size)``: divide a local sum by the global count and multiply by the world size,
-    and the DDP-averaged gradient equals the single-process gradient of the global mean."""
-    return global_sum(x), world()[1]
+    return y, size

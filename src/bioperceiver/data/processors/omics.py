@@ -78,7 +78,7 @@ class _Matrix:
 
 @functools.lru_cache(maxsize=8)
 def _read_matrix(path: str, mtime: float) -> _Matrix | None:
-    table = _read_expression_table(path, mtime)
+    table = _read_expression_table.__wrapped__(path, mtime)  # uncached: the matrix is the one copy kept
     if not all(pd.api.types.is_numeric_dtype(t) for t in table.dtypes):
         first = table.columns[0]
         rest = table.drop(columns=[first])
