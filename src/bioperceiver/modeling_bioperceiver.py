@@ -43,6 +43,10 @@ class BioPerceiverModelOutput(ModelOutput):
             order) computed from that modality alone; zeros where the sample lacks the modality. Only with
             ``return_modality_embeddings=True``.
         modality_mask: ``(B, K)`` bool, which modalities each sample has (always returned).
+        leave_one_out_pooler_output: ``(B, K, D)``: for modality ``k``, the fused embedding of every *other*
+            modality the sample has (``k``'s tokens masked out of cross-attention); zeros where the sample lacks
+            ``k`` or has nothing else (see ``leave_one_out_mask``). Only with ``return_leave_one_out=True``.
+        leave_one_out_mask: ``(B, K)`` bool, samples having modality ``k`` and at least one other.
         hidden_states: latents after every block, when ``output_hidden_states=True``.
         cross_attentions: cross-attention probabilities ``(B, H, M, N)`` per cross-attention call over the
             concatenated tokens (order of ``token_modality``), when ``output_attentions=True``.
@@ -55,6 +59,8 @@ class BioPerceiverModelOutput(ModelOutput):
     pooler_output: torch.FloatTensor | None = None
     modality_pooler_output: torch.FloatTensor | None = None
     modality_mask: torch.BoolTensor | None = None
+    leave_one_out_pooler_output: torch.FloatTensor | None = None
+    leave_one_out_mask: torch.BoolTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     cross_attentions: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
@@ -230,6 +236,7 @@ class BioPerceiverModel(BioPerceiverPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_modality_embeddings: bool = False,
+        return_leave_one_out: bool = False,
         return_dict: bool | None = None,
         **modality_inputs: dict[str, torch.Tensor] | None,
     ) -> BioPerceiverModelOutput | tuple:
@@ -267,6 +274,25 @@ class BioPerceiverModel(BioPerceiverPreTrainedModel):
                 view_latents = self.encoder(view_tokens[rows], view_keep[rows])[0]  # (b_k, M, D)
                 modality_pooled = modality_pooled.index_put((rows, torch.full_like(rows, k)), view_latents.mean(dim=1))
 
+        loo_pooled = loo_mask = None
+        if return_leave_one_out:
+            # fused view of all *other* modalities: the held-out modality's tokens leave the cross-attention
+            loo_pooled = latents.new_zeros(b, len(self.modality_names), latents.shape[-1])
+            loo_mask = torch.zeros_like(modality_mask)
+            start = 0
+            for name in names:
+                k = self.modality_names.index(name)
+                n_tok = embedded[name][0].shape[1]
+                others = keep.clone()
+                others[:, start : start + n_tok] = False
+                start += n_tok
+                loo_mask[:, k] = modality_mask[:, k] & others.any(dim=1)
+                rows = loo_mask[:, k].nonzero().flatten()
+                if rows.numel() == 0:
+                    continue
+                rest_latents = self.encoder(tokens[rows], others[rows])[0]
+                loo_pooled = loo_pooled.index_put((rows, torch.full_like(rows, k)), rest_latents.mean(dim=1))
+
         token_modality = None
         if output_attentions:
             token_modality = torch.cat(
@@ -280,6 +306,8 @@ class BioPerceiverModel(BioPerceiverPreTrainedModel):
             pooler_output=pooled,
             modality_pooler_output=modality_pooled,
             modality_mask=modality_mask,
+            leave_one_out_pooler_output=loo_pooled,
+            leave_one_out_mask=loo_mask,
             hidden_states=hidden if output_hidden_states else None,
             cross_attentions=cross if output_attentions else None,
             attentions=selfs if output_attentions else None,

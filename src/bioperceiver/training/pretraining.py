@@ -35,7 +35,14 @@ class ContrastivePretrainer(nn.Module):
     head and the loss's temperature live in the training state (checkpoints).
     """
 
-    def __init__(self, model: nn.Module, loss: str = "clip", fused_view: bool = True, **loss_kwargs):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: str = "clip",
+        fused_view: bool = True,
+        leave_one_out: float = 0.0,
+        **loss_kwargs,
+    ):
         super().__init__()
         self.model = model
         cfg = model.config
@@ -46,21 +53,59 @@ class ContrastivePretrainer(nn.Module):
         )
         self.loss_name = loss
         self.loss_fn = build_loss(loss, self.view_names, **loss_kwargs)
+        if leave_one_out < 0:
+            raise ValueError(f"leave_one_out is a loss weight and must be >= 0, got {leave_one_out}")
+        self.leave_one_out = float(leave_one_out)
+        # own temperature (and bias for SigLIP): "one modality vs the rest" is a different matching problem
+        self.loo_loss_fn = build_loss(loss, ["held_out", "rest"], **loss_kwargs) if leave_one_out else None
 
-    def views(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(inputs=inputs, return_modality_embeddings=True)
+    def _encode(self, inputs: dict[str, Any]):
+        return self.model(inputs=inputs, return_modality_embeddings=True, return_leave_one_out=bool(self.loo_loss_fn))
+
+    def _views_from(self, out) -> tuple[torch.Tensor, torch.Tensor]:
         views, mask = out.modality_pooler_output, out.modality_mask.bool()
         if self.fused_view:
             views = torch.cat([views, out.pooler_output[:, None]], dim=1)
             mask = torch.cat([mask, mask.any(dim=1, keepdim=True)], dim=1)
         return self.projection(views), mask
 
+    def views(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected views ``(B, V, projection_dim)`` in ``view_names`` order and their mask ``(B, V)``."""
+        return self._views_from(self.model(inputs=inputs, return_modality_embeddings=True))
+
     def forward(self, inputs: dict[str, Any], patient_id: list[str] | None = None, **_: Any) -> dict[str, torch.Tensor]:
-        views, mask = self.views(inputs)
+        out = self._encode(inputs)
+        views, mask = self._views_from(out)
         pid = patient_index(patient_id, device=views.device) if patient_id is not None else None
-        out = self.loss_fn(views, mask, pid)
-        out["num_views"] = mask.sum().detach()
-        return out
+        result = self.loss_fn(views, mask, pid)
+        result["num_views"] = mask.sum().detach()
+        if self.loo_loss_fn is not None:
+            loo = self.leave_one_out_loss(views, out, pid)
+            result.update(loo)
+            result["loss"] = result["loss"] + self.leave_one_out * loo["loss_loo"]
+        return result
+
+    def leave_one_out_loss(self, views: torch.Tensor, out, pid: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """For every modality ``k``: its own view against the fused view of the sample's *other* modalities, with
+        the same loss family (own temperature), averaged over modalities. Every rank runs the same sequence of loss
+        calls (one per configured modality, rows of samples lacking ``k`` or anything else are masked), so the
+        distributed gathers stay in step even when ranks hold different modalities."""
+        rest = self.projection(out.leave_one_out_pooler_output)  # (B, K, P)
+        rest_mask = out.leave_one_out_mask.bool()
+        terms: dict[str, torch.Tensor] = {}
+        total, n = views.new_zeros(()), 0
+        for k, name in enumerate(self.model.config.modality_names):
+            pair = torch.stack([views[:, k], rest[:, k]], dim=1)
+            pair_mask = torch.stack([rest_mask[:, k], rest_mask[:, k]], dim=1)
+            res = self.loo_loss_fn(pair, pair_mask, pid)
+            if int(res["num_pairs"] if "num_pairs" in res else res["num_anchors"]):
+                terms[f"loss_loo_{name}"] = res["loss"].detach()
+                total, n = total + res["loss"], n + 1
+            else:
+                total = total + res["loss"]  # an exact zero that still touches the graph (DDP)
+        terms["loss_loo"] = total / max(n, 1)
+        terms["loo_temperature"] = res["temperature"]
+        return terms
 
 
 def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
