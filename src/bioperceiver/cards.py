@@ -1,0 +1,275 @@
+"""Model cards for pretrained and finetuned BioPerceiver models, rendered with ``huggingface_hub.ModelCard``.
+
+The Jinja templates live in the repository's ``model_cards/`` folder (``pretrained.md``, ``finetuned.md``); pass
+``template=`` to use your own. Everything that can be measured is filled from the run itself: the model and its
+modalities, the data provenance and licence of every modality (from the manifest's ``.meta.json`` ``sources`` and
+its ``meta_source`` column), modality presence and the most common missing-modality patterns, the training
+configuration, evaluation with confidence intervals and the compute used. Prose that only a person can write
+(intended use beyond the defaults, known biases of *your* cohort) has a clearly marked place in the template.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "model_cards"
+NOT_RECORDED = "not recorded (add a `sources` list with `name`/`licence` to the manifest's .meta.json sidecar)"
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.{digits}g}"
+    return "" if value is None else str(value)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A GitHub-flavoured Markdown table (``|`` in cells escaped); empty string when there are no rows."""
+    if not rows:
+        return ""
+    columns = list(columns or rows[0].keys())
+
+    def cell(v: Any) -> str:
+        return _fmt(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _present(manifest) -> dict[str, list[bool]]:
+    from .data.manifest import is_missing
+
+    return {col: [not is_missing(v) for v in manifest.table[col]] for col in manifest.modalities}
+
+
+def modality_presence(manifest) -> list[dict[str, Any]]:
+    """Per modality column: kind, samples and patients that have it, share of samples."""
+    n = len(manifest.table)
+    present = _present(manifest)
+    pids = manifest.table["patient_id"].astype(str).tolist() if "patient_id" in manifest.table else None
+    rows = []
+    for col, kind in manifest.modalities.items():
+        have = present[col]
+        row = {
+            "modality": col,
+            "kind": kind,
+            "samples": sum(have),
+            "present %": round(100.0 * sum(have) / max(n, 1), 1),
+        }
+        if pids is not None:
+            row["patients"] = len({p for p, h in zip(pids, have) if h})
+        rows.append(row)
+    return rows
+
+
+def presence_patterns(manifest, top: int = 10) -> list[dict[str, Any]]:
+    """The most frequent sets of present modalities (missing-modality patterns) with their counts."""
+    present = _present(manifest)
+    cols = list(manifest.modalities)
+    n = len(manifest.table)
+    patterns = Counter(
+        " + ".join(c for c in cols if present[c][i]) or "(none)" for i in range(n)
+    )  # fmt: skip
+    rows = [
+        {"modalities present": p, "samples": c, "share %": round(100.0 * c / max(n, 1), 1)}
+        for p, c in patterns.most_common(top)
+    ]
+    if len(patterns) > top:
+        rest = n - sum(r["samples"] for r in rows)
+        rows.append({"modalities present": f"({len(patterns) - top} other patterns)", "samples": rest,
+                     "share %": round(100.0 * rest / max(n, 1), 1)})  # fmt: skip
+    return rows
+
+
+def provenance(manifest) -> list[dict[str, Any]]:
+    """Per modality: the sources its values come from (``meta_source`` column) with their licences (sidecar)."""
+    sources = {s.get("name"): s for s in manifest.metadata.get("sources", []) if isinstance(s, Mapping)}
+    present = _present(manifest)
+    by_row = manifest.table["meta_source"].astype(str).tolist() if "meta_source" in manifest.table else None
+    rows = []
+    for col, kind in manifest.modalities.items():
+        if by_row is None:
+            names = Counter(s for s in sources) if len(sources) == 1 else Counter()
+        else:
+            names = Counter(src for src, have in zip(by_row, present[col]) if have)
+        if not names:
+            rows.append({"modality": col, "kind": kind, "sources": NOT_RECORDED, "licence": ""})
+            continue
+        rows.append(
+            {
+                "modality": col,
+                "kind": kind,
+                "sources": ", ".join(f"{s} ({c})" for s, c in names.most_common()),
+                "licence": "; ".join(
+                    f"{s}: {sources[s].get('licence', 'not recorded')}" if s in sources else f"{s}: not recorded"
+                    for s in names
+                ),
+            }
+        )
+    return rows
+
+
+def source_citations(manifest) -> list[str]:
+    return [
+        f"**{s.get('name')}**: {s.get('citation', 'no citation recorded')}" + (f" <{s['url']}>" if s.get("url") else "")
+        for s in manifest.metadata.get("sources", [])
+        if isinstance(s, Mapping)
+    ]
+
+
+def model_summary(config, num_parameters: int | None = None) -> dict[str, Any]:
+    """Architecture facts and one row per configured modality with its embedder settings."""
+    modalities = []
+    for name, cfg in config.modalities.items():
+        settings = {k: v for k, v in cfg.items() if k != "kind" and v is not None and not isinstance(v, (dict, list))}
+        modalities.append(
+            {
+                "modality": name,
+                "kind": cfg["kind"],
+                "embedder settings": ", ".join(f"{k}={v}" for k, v in settings.items()),
+            }
+        )
+    arch = {
+        "latents": f"{config.num_latents} x {config.d_latents}",
+        "input token width": config.d_input,
+        "blocks x self-attention layers": f"{config.num_blocks} x {config.num_self_attention_layers}",
+        "cross-attention layers / heads": f"{config.num_cross_attention_layers} / {config.num_cross_attention_heads}",
+        "self-attention heads": config.num_self_attention_heads,
+        "parameters": f"{num_parameters / 1e6:.2f} M" if num_parameters else None,
+    }
+    return {"architecture": {k: v for k, v in arch.items() if v is not None}, "modalities": modalities}
+
+
+def _leftover_placeholders(text: str) -> list[str]:
+    return re.findall(r"\{\{[^}]*\}\}|\{%[^%]*%\}", text)
+
+
+def resolve_template(template: str | Path) -> Path:
+    path = Path(template)
+    if not path.suffix:
+        path = TEMPLATE_DIR / f"{template}.md"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model card template {path} not found; pass template=<path to a .md Jinja template> (the shipped "
+            f"ones are in the repository's model_cards/ folder)"
+        )
+    return path
+
+
+def render_card(template: str | Path, card_data: ModelCardData, **context: Any) -> ModelCard:
+    """Render a Jinja template into a ``huggingface_hub.ModelCard`` (as ``ModelCard.from_template`` does, with the
+    card data's YAML as ``card_data``), but strictly: a variable the template uses and the caller did not provide
+    raises instead of rendering as an empty string, and so does a placeholder left in the output."""
+    import jinja2
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    text = resolve_template(template).read_text(encoding="utf-8")
+    values = {**card_data.to_dict(), **context}
+    try:
+        content = env.from_string(text).render(card_data=card_data.to_yaml(), **values)
+    except jinja2.UndefinedError as err:
+        raise ValueError(f"model card template {template}: {err}; pass it as a keyword to render_card") from err
+    leftover = _leftover_placeholders(content)
+    if leftover:
+        raise ValueError(f"model card template left placeholders unrendered: {leftover[:5]}")
+    return ModelCard(content)
+
+
+def retrieval_rows(metrics: Mapping[str, float], ks: Iterable[int] = (1, 5, 10)) -> list[dict[str, Any]]:
+    """Rows of the retrieval table from :func:`~bioperceiver.training.retrieval_metrics` output (with CIs when
+    the metrics carry ``..._ci_low``/``..._ci_high``)."""
+    rows = []
+    for key in sorted(k.split("/", 1)[1] for k in metrics if k.startswith("queries/")):
+        row: dict[str, Any] = {"views": key.replace("-", " ↔ ", 1), "queries": metrics[f"queries/{key}"]}
+        for k in ks:
+            name = f"R@{k}/{key}"
+            if name not in metrics:
+                continue
+            lo, hi = metrics.get(f"R@{k}_ci_low/{key}"), metrics.get(f"R@{k}_ci_high/{key}")
+            row[f"R@{k}"] = f"{metrics[name]:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None else "")
+        row["chance R@1"] = metrics.get(f"chance_R@1/{key}")
+        rows.append(row)
+    return rows
+
+
+def pretraining_card(
+    *,
+    config,
+    manifest,
+    run_config: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    compute: Mapping[str, Any],
+    num_parameters: int | None = None,
+    model_name: str = "BioPerceiver (contrastively pretrained)",
+    license: str = "other",
+    template: str | Path = "pretrained",
+    train_split: str = "train",
+    eval_split: str = "validation",
+) -> ModelCard:
+    """The card of a pretraining run: ``manifest`` is the full manifest (train and held-out rows; with a
+    ``split`` column), ``run_config`` the run YAML as a dict, ``metrics`` the held-out retrieval metrics,
+    ``compute`` free-form facts (hardware, processes, wall-clock, samples seen...)."""
+    train = manifest.split(train_split) if "split" in manifest.table else manifest
+    held_out = manifest.split(eval_split) if "split" in manifest.table else None
+    summary = model_summary(config, num_parameters)
+    prov = provenance(manifest)
+    kinds = sorted({m["kind"] for m in summary["modalities"]})
+    source_names = [s.get("name") for s in manifest.metadata.get("sources", []) if isinstance(s, Mapping)]
+    card_data = ModelCardData(
+        model_name=model_name,
+        license=license,
+        library_name="transformers",
+        pipeline_tag="feature-extraction",
+        tags=["bioperceiver", "perceiver", "multimodal", "medical", "contrastive-pretraining", *kinds],
+        datasets=source_names or None,
+    )
+    presence = modality_presence(train)
+    sparse = [r["modality"] for r in presence if r["present %"] < 5.0]
+    loss = run_config.get("loss", {})
+    train_cfg = {
+        "loss": loss.get("name"),
+        "fused view": loss.get("fused_view", True),
+        "leave-one-out weight": loss.get("leave_one_out", 0.0),
+        "optimizer steps": run_config.get("optim", {}).get("max_steps"),
+        "batch size per process": run_config.get("train", {}).get("batch_size"),
+        "gradient accumulation": run_config.get("train", {}).get("gradient_accumulation_steps"),
+        "learning rate": run_config.get("optim", {}).get("lr"),
+        "weight decay": run_config.get("optim", {}).get("weight_decay"),
+        "warm-up steps": run_config.get("optim", {}).get("warmup_steps"),
+        "mixed precision": run_config.get("train", {}).get("mixed_precision"),
+        "modality dropout": run_config.get("data", {}).get("modality_dropout"),
+        "seed": run_config.get("seed"),
+    }
+    return render_card(
+        template,
+        card_data,
+        model_name=model_name,
+        architecture=markdown_table([{"": k, "value": v} for k, v in summary["architecture"].items()]),
+        modalities_table=markdown_table(summary["modalities"]),
+        provenance_table=markdown_table(prov),
+        citations=source_citations(manifest),
+        train_size=f"{len(train)} samples"
+        + (f" from {train.table['patient_id'].nunique()} patients" if "patient_id" in train.table else ""),
+        held_out_size=(
+            f"{len(held_out)} samples from {held_out.table['patient_id'].nunique()} patients"
+            if held_out is not None and "patient_id" in held_out.table
+            else "none"
+        ),
+        presence_table=markdown_table(presence),
+        patterns_table=markdown_table(presence_patterns(train)),
+        sparse_modalities=sparse,
+        training_table=markdown_table([{"setting": k, "value": v} for k, v in train_cfg.items() if v is not None]),
+        retrieval_table=markdown_table(retrieval_rows(metrics)),
+        eval_loss=_fmt(metrics.get("eval_loss")),
+        compute_table=markdown_table([{"": k, "value": v} for k, v in compute.items()]),
+    )
