@@ -184,7 +184,9 @@ def _worker(rank, world, port, name, shards, queue):
         total = loss.detach().clone()
         dist.all_reduce(total)
         if rank == 0:
-            queue.put((float(total) / world, {k: p.grad.clone() for k, p in model.module.named_parameters()}))
+            # numpy, not tensors: torch shares tensors through a file descriptor served by this process, which may
+            # have exited by the time the parent unpickles them
+            queue.put((float(total) / world, {k: p.grad.numpy().copy() for k, p in model.module.named_parameters()}))
     finally:
         dist.destroy_process_group()
 
@@ -214,4 +216,4 @@ def test_two_processes_equal_one_process_loss_and_gradients(name):
         assert p.exitcode == 0
     assert math.isclose(dist_loss, loss.item(), rel_tol=1e-5, abs_tol=1e-6)
     for k, p in single.named_parameters():
-        torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-6, msg=f"{name}: gradient of {k}")
+        torch.testing.assert_close(torch.from_numpy(grads[k]), p.grad, rtol=1e-4, atol=1e-6, msg=f"{name}: gradient of {k}")
