@@ -9,15 +9,33 @@ from .clip import ClipLoss, LearnableTemperature
 from .distributed import gather_no_grad, gather_with_grad, local_only, patient_index, world
 from .multiview import MultiViewLoss
 from .siglip import SigLipLoss
+from .survival import (
+    CoxPHLoss,
+    DiscreteTimeNLLLoss,
+    cox_ph_loss,
+    discrete_time_nll,
+    discretize,
+    make_time_bins,
+    risk_from_hazard_logits,
+    survival_from_hazard_logits,
+)
 
 __all__ = [
     "ClipLoss",
+    "CoxPHLoss",
+    "DiscreteTimeNLLLoss",
     "LearnableTemperature",
     "MultiViewLoss",
     "SigLipLoss",
+    "cox_ph_loss",
+    "discrete_time_nll",
+    "discretize",
     "gather_no_grad",
     "gather_with_grad",
     "local_only",
+    "make_time_bins",
     "patient_index",
+    "risk_from_hazard_logits",
+    "survival_from_hazard_logits",
     "world",
 ]
