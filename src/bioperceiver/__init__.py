@@ -4,23 +4,37 @@ Importing this package registers ``BioPerceiverConfig``/``BioPerceiverModel`` wi
 classes, so ``AutoModel.from_pretrained(directory)`` works without ``trust_remote_code``.
 """
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from .configuration_bioperceiver import BioPerceiverConfig
 from .factory import create_config, create_model, list_models
 from .modalities import list_modality_kinds, register_modality
 from .modeling_bioperceiver import BioPerceiverModel, BioPerceiverModelOutput, BioPerceiverPreTrainedModel
+from .modeling_tasks import (
+    AutoModelForSurvival,
+    BioPerceiverClassifierOutput,
+    BioPerceiverForSequenceClassification,
+    BioPerceiverForSurvival,
+    BioPerceiverSurvivalOutput,
+)
 
 __version__ = "0.1.0"
 
 AutoConfig.register(BioPerceiverConfig.model_type, BioPerceiverConfig, exist_ok=True)
 AutoModel.register(BioPerceiverConfig, BioPerceiverModel, exist_ok=True)
+AutoModelForSequenceClassification.register(BioPerceiverConfig, BioPerceiverForSequenceClassification, exist_ok=True)
+AutoModelForSurvival.register(BioPerceiverConfig, BioPerceiverForSurvival, exist_ok=True)
 
 __all__ = [
+    "AutoModelForSurvival",
+    "BioPerceiverClassifierOutput",
     "BioPerceiverConfig",
+    "BioPerceiverForSequenceClassification",
+    "BioPerceiverForSurvival",
     "BioPerceiverModel",
     "BioPerceiverModelOutput",
     "BioPerceiverPreTrainedModel",
+    "BioPerceiverSurvivalOutput",
     "create_config",
     "create_model",
     "list_modality_kinds",

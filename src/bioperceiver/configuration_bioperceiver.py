@@ -46,6 +46,15 @@ class BioPerceiverConfig(PreTrainedConfig):
             ``kind`` (a registered kind: ``text``, ``image``, ``omics``, ``signal``, ``tabular``) and that kind's
             settings (see ``bioperceiver.modalities.<kind>``). Several names may share one kind. Missing settings
             are filled with the kind's defaults, so the saved config is complete.
+        head_type (`str`, defaults to ``"pooled"``): task head of the ``BioPerceiverFor...`` models: ``"pooled"``
+            (mean of the latents -> [MLP] -> linear) or ``"query"`` (a learned query cross-attends to the latents,
+            Perceiver IO style).
+        head_hidden_size (`int`, defaults to 0): hidden width of the pooled head's MLP; 0 = a linear head.
+        head_dropout (`float`, defaults to 0.1): dropout inside the task head.
+        survival_loss (`str`, defaults to ``"cox"``): ``"cox"`` (partial likelihood) or ``"discrete"`` (logistic
+            hazard over ``survival_time_bins``) for ``BioPerceiverForSurvival``.
+        survival_ties (`str`, defaults to ``"efron"``): tie handling of the Cox loss, ``"efron"`` or ``"breslow"``.
+        survival_time_bins (`list[float]`, optional): increasing cut points of the discrete-time head.
     """
 
     model_type = "bioperceiver"
@@ -67,6 +76,12 @@ class BioPerceiverConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     projection_dim: int = 128
     modalities: dict[str, Any] | None = None
+    head_type: str = "pooled"
+    head_hidden_size: int = 0
+    head_dropout: float = 0.1
+    survival_loss: str = "cox"
+    survival_ties: str = "efron"
+    survival_time_bins: list[float] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         positive = (
@@ -81,7 +96,7 @@ class BioPerceiverConfig(PreTrainedConfig):
             "self_attention_widening_factor",
             "projection_dim",
         )
-        for key in (*positive, "num_self_attention_layers"):
+        for key in (*positive, "num_self_attention_layers", "head_hidden_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{key} must be an integer, got {value!r} ({type(value).__name__})")
@@ -96,7 +111,20 @@ class BioPerceiverConfig(PreTrainedConfig):
                     f"d_latents={self.d_latents} must be divisible by {key}={getattr(self, key)}; "
                     "pick a head count that divides the latent width"
                 )
-        for key in ("hidden_dropout", "attention_dropout"):
+        if self.head_type not in ("pooled", "query"):
+            raise ValueError(f"head_type must be 'pooled' or 'query', got {self.head_type!r}")
+        if self.head_hidden_size < 0:
+            raise ValueError(f"head_hidden_size must be >= 0 (0 = linear head), got {self.head_hidden_size}")
+        if self.survival_loss not in ("cox", "discrete"):
+            raise ValueError(f"survival_loss must be 'cox' or 'discrete', got {self.survival_loss!r}")
+        if self.survival_ties not in ("efron", "breslow"):
+            raise ValueError(f"survival_ties must be 'efron' or 'breslow', got {self.survival_ties!r}")
+        if self.survival_time_bins is not None:
+            bins = [float(b) for b in self.survival_time_bins]
+            if not bins or any(b >= c for b, c in zip(bins, bins[1:])):
+                raise ValueError(f"survival_time_bins must be a non-empty increasing list, got {bins}")
+            self.survival_time_bins = bins
+        for key in ("hidden_dropout", "attention_dropout", "head_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"{key} must lie in [0, 1), got {getattr(self, key)}")
         if self.layer_norm_eps <= 0 or self.initializer_range <= 0:

@@ -1,5 +1,13 @@
 """Training helpers shared by the pretraining and finetuning scripts."""
 
+from .finetuning import (
+    DEFAULT_LORA_TARGETS,
+    FINETUNING_MODES,
+    compute_latents,
+    configure_finetuning,
+    count_parameters,
+    merge_lora,
+)
 from .pretraining import (
     ContrastivePretrainer,
     ManifestTorchDataset,
@@ -11,6 +19,12 @@ from .pretraining import (
 )
 
 __all__ = [
+    "DEFAULT_LORA_TARGETS",
+    "FINETUNING_MODES",
+    "compute_latents",
+    "configure_finetuning",
+    "count_parameters",
+    "merge_lora",
     "ContrastivePretrainer",
     "ManifestTorchDataset",
     "build_loss",

@@ -1,0 +1,305 @@
+"""Task models: a BioPerceiver backbone with a lightweight head.
+
+* :class:`BioPerceiverForSequenceClassification`: binary, multiclass, multilabel classification and regression,
+  chosen by ``config.problem_type`` / ``config.num_labels`` exactly as in ``transformers``' sequence classifiers.
+* :class:`BioPerceiverForSurvival`: a Cox proportional-hazards risk score (negative partial log-likelihood, Efron
+  or Breslow ties), or a discrete-time (logistic) hazard head over ``config.survival_time_bins``.
+
+Heads (``config.head_type``): ``"pooled"`` (LayerNorm + optional MLP + linear on the mean of the latents) or
+``"query"`` (a Perceiver IO decoder: a learned query cross-attends to the latents, then a linear layer). Both
+compute the loss when ``labels`` are given and return ``ModelOutput``s. ``latents=`` skips the backbone (cached
+embeddings of a frozen backbone: linear probing without re-running the encoder every epoch).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.auto.auto_factory import _BaseAutoModelClass, _LazyAutoMapping
+
+from .configuration_bioperceiver import BioPerceiverConfig
+from .layers.attention import CrossAttentionBlock
+from .losses.survival import cox_ph_loss, discrete_time_nll, discretize, survival_from_hazard_logits
+from .modeling_bioperceiver import BioPerceiverModel, BioPerceiverPreTrainedModel
+
+HEAD_TYPES = ("pooled", "query")
+SURVIVAL_LOSSES = ("cox", "discrete")
+
+
+@dataclass
+class BioPerceiverClassifierOutput(ModelOutput):
+    """``logits (B, num_labels)`` (regression: predictions), ``loss`` when labels were given, the fused
+    ``pooler_output (B, D)``, ``modality_mask (B, K)`` and the latents when ``output_hidden_states``."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    modality_mask: torch.BoolTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class BioPerceiverSurvivalOutput(ModelOutput):
+    """``risk (B,)``: higher = earlier event (Cox: the log hazard ratio; discrete: minus the expected number of
+    bins survived). ``logits``: ``(B, 1)`` Cox risk or ``(B, T)`` discrete hazard logits; ``survival (B, T)``
+    :math:`S(t_j)` at the end of every time bin (discrete head only)."""
+
+    loss: torch.FloatTensor | None = None
+    risk: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    survival: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    modality_mask: torch.BoolTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class PooledHead(nn.Module):
+    """Mean of the latents -> LayerNorm -> [Linear -> GELU -> Dropout] -> Dropout -> Linear."""
+
+    def __init__(self, config: BioPerceiverConfig, out_features: int):
+        super().__init__()
+        d, hidden = config.d_latents, config.head_hidden_size
+        layers: list[nn.Module] = [nn.LayerNorm(d, eps=config.layer_norm_eps)]
+        if hidden:
+            layers += [nn.Linear(d, hidden), nn.GELU(), nn.Dropout(config.head_dropout)]
+            d = hidden
+        layers += [nn.Dropout(config.head_dropout), nn.Linear(d, out_features)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.net(latents.mean(dim=1))
+
+
+class QueryHead(nn.Module):
+    """Perceiver IO decoder: one learned output query cross-attends to the latents, then a linear layer."""
+
+    def __init__(self, config: BioPerceiverConfig, out_features: int):
+        super().__init__()
+        d = config.d_latents
+        self.query = nn.Parameter(torch.zeros(1, 1, d))
+        nn.init.trunc_normal_(self.query, std=config.initializer_range)
+        self.decoder = CrossAttentionBlock(
+            d_latents=d,
+            d_input=d,
+            num_heads=config.num_cross_attention_heads,
+            widening_factor=config.cross_attention_widening_factor,
+            dropout=config.head_dropout,
+            attention_dropout=config.attention_dropout,
+            eps=config.layer_norm_eps,
+        )
+        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.out = nn.Sequential(nn.Dropout(config.head_dropout), nn.Linear(d, out_features))
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        b, m, _ = latents.shape
+        keep = torch.ones(b, m, dtype=torch.bool, device=latents.device)
+        query, _ = self.decoder(self.query.expand(b, -1, -1), latents, keep)
+        return self.out(self.norm(query[:, 0]))
+
+
+def build_head(config: BioPerceiverConfig, out_features: int) -> nn.Module:
+    if config.head_type == "pooled":
+        return PooledHead(config, out_features)
+    if config.head_type == "query":
+        return QueryHead(config, out_features)
+    raise ValueError(f"head_type={config.head_type!r}; choose one of {HEAD_TYPES}")
+
+
+class _BioPerceiverWithHead(BioPerceiverPreTrainedModel):
+    """Backbone + head; ``from_pretrained`` on a pretrained backbone folder loads the backbone and initialises the
+    head (reported by transformers as newly initialised weights)."""
+
+    def _backbone(
+        self,
+        inputs: dict[str, Any] | None,
+        latents: torch.Tensor | None,
+        output_attentions: bool | None,
+        output_hidden_states: bool | None,
+        modality_inputs: dict[str, Any],
+    ):
+        if latents is not None:
+            if inputs or modality_inputs:
+                raise ValueError("pass either modality inputs or precomputed `latents`, not both")
+            if latents.dim() != 3 or latents.shape[-1] != self.config.d_latents:
+                raise ValueError(
+                    f"latents must be the backbone's last_hidden_state (B, num_latents, {self.config.d_latents}), "
+                    f"got {tuple(latents.shape)}"
+                )
+            return latents, None
+        out = self.bioperceiver(
+            inputs=inputs,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **modality_inputs,
+        )
+        return out.last_hidden_state, out
+
+    @staticmethod
+    def _extras(out) -> dict[str, Any]:
+        if out is None:
+            return {}
+        return {
+            "pooler_output": out.pooler_output,
+            "modality_mask": out.modality_mask,
+            "hidden_states": out.hidden_states,
+            "attentions": out.attentions,
+            "cross_attentions": out.cross_attentions,
+        }
+
+
+class BioPerceiverForSequenceClassification(_BioPerceiverWithHead):
+    """Classification or regression from any subset of modalities.
+
+    ``config.problem_type``: ``"regression"`` (MSE; ``num_labels`` targets), ``"single_label_classification"``
+    (cross-entropy; binary is ``num_labels=2``), ``"multi_label_classification"`` (BCE with logits). When unset it
+    is inferred from the first labels as in transformers: ``num_labels == 1`` -> regression, integer labels ->
+    single-label, float labels -> multilabel.
+    """
+
+    def __init__(self, config: BioPerceiverConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bioperceiver = BioPerceiverModel(config)
+        self.head = build_head(config, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        inputs: dict[str, Any] | None = None,
+        labels: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **modality_inputs: Any,
+    ) -> BioPerceiverClassifierOutput | tuple:
+        latent_states, out = self._backbone(inputs, latents, output_attentions, output_hidden_states, modality_inputs)
+        logits = self.head(latent_states)
+        loss = None
+        if labels is not None:
+            loss = self._loss(logits, labels)
+        result = BioPerceiverClassifierOutput(loss=loss, logits=logits, **self._extras(out))
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return result if return_dict else result.to_tuple()
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        labels = labels.to(logits.device)
+        if self.config.problem_type is None:
+            if self.num_labels == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int, torch.int16, torch.uint8) and labels.dim() == 1:
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        kind = self.config.problem_type
+        if kind == "regression":
+            target = labels.float().view(logits.shape)
+            observed = torch.isfinite(target)
+            if not observed.any():
+                return 0.0 * logits.sum()
+            return F.mse_loss(logits[observed], target[observed])
+        if kind == "single_label_classification":
+            if labels.dim() != 1:
+                raise ValueError(f"single-label classification needs class indices (B,), got {tuple(labels.shape)}")
+            if labels.numel() and (labels.min() < -100 or labels.max() >= self.num_labels):
+                raise ValueError(f"class index out of range [0, {self.num_labels}): {labels.tolist()}")
+            return F.cross_entropy(logits, labels.long(), ignore_index=-100)
+        if kind == "multi_label_classification":
+            target = labels.float().view(logits.shape)
+            observed = target >= 0  # -1 / -100 mark an unknown label: left out of the loss
+            if not observed.any():
+                return 0.0 * logits.sum()
+            return F.binary_cross_entropy_with_logits(logits[observed], target[observed])
+        raise ValueError(f"problem_type={kind!r} is not supported")
+
+
+class BioPerceiverForSurvival(_BioPerceiverWithHead):
+    """Time-to-event from any subset of modalities.
+
+    ``labels (B, 2)``: ``[:, 0]`` the follow-up time, ``[:, 1]`` the event indicator (1 = event, 0 = censored).
+    ``config.survival_loss="cox"`` (default): one output, the log hazard ratio, trained with the negative Cox
+    partial log-likelihood over the batch (``config.survival_ties``: ``"efron"`` or ``"breslow"``; the risk set is
+    the batch, so use batches with several events). ``"discrete"``: ``len(config.survival_time_bins) + 1`` hazard
+    logits for the intervals ``(-inf, b_0], (b_0, b_1], ..., (b_last, inf)`` trained with the logistic-hazard
+    likelihood.
+    """
+
+    def __init__(self, config: BioPerceiverConfig):
+        super().__init__(config)
+        if config.survival_loss not in SURVIVAL_LOSSES:
+            raise ValueError(f"survival_loss={config.survival_loss!r}; choose one of {SURVIVAL_LOSSES}")
+        if config.survival_loss == "discrete" and not config.survival_time_bins:
+            raise ValueError(
+                "survival_loss='discrete' needs config.survival_time_bins (cut points, e.g. quantiles of the "
+                "training event times: bioperceiver.losses.make_time_bins)"
+            )
+        self.bioperceiver = BioPerceiverModel(config)
+        out = 1 if config.survival_loss == "cox" else len(config.survival_time_bins) + 1
+        self.head = build_head(config, out)
+        if config.survival_time_bins:
+            self.register_buffer(
+                "time_bins", torch.tensor(config.survival_time_bins, dtype=torch.float32), persistent=False
+            )
+        self.post_init()
+
+    def forward(
+        self,
+        inputs: dict[str, Any] | None = None,
+        labels: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **modality_inputs: Any,
+    ) -> BioPerceiverSurvivalOutput | tuple:
+        latent_states, out = self._backbone(inputs, latents, output_attentions, output_hidden_states, modality_inputs)
+        logits = self.head(latent_states)
+        survival = None
+        if self.config.survival_loss == "cox":
+            risk = logits[:, 0]
+        else:
+            survival = survival_from_hazard_logits(logits.float())
+            risk = -survival.sum(dim=1)  # minus the expected number of intervals survived
+        loss = None
+        if labels is not None:
+            if labels.dim() != 2 or labels.shape[1] != 2:
+                raise ValueError(f"survival labels must be (B, 2) [time, event], got {tuple(labels.shape)}")
+            time, event = labels[:, 0].float(), labels[:, 1].float()
+            if self.config.survival_loss == "cox":
+                loss = cox_ph_loss(risk.float(), time, event, ties=self.config.survival_ties)
+            else:
+                loss = discrete_time_nll(logits.float(), discretize(time, self.time_bins.to(time.device)), event)
+        result = BioPerceiverSurvivalOutput(
+            loss=loss, risk=risk, logits=logits, survival=survival, **self._extras(out)
+        )  # fmt: skip
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return result if return_dict else result.to_tuple()
+
+
+class AutoModelForSurvival(_BaseAutoModelClass):
+    """Auto class for survival models (transformers has none): ``AutoModelForSurvival.from_pretrained(path)``."""
+
+    _model_mapping = _LazyAutoMapping(OrderedDict(), OrderedDict())
+
+
+__all__ = [
+    "AutoModelForSurvival",
+    "BioPerceiverClassifierOutput",
+    "BioPerceiverForSequenceClassification",
+    "BioPerceiverForSurvival",
+    "BioPerceiverSurvivalOutput",
+    "PooledHead",
+    "QueryHead",
+    "build_head",
+]
