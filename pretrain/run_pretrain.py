@@ -4,6 +4,10 @@
     python pretrain/run_pretrain.py --config pretrain/configs/demo.yaml [key.sub=value ...] [--resume latest|PATH]
     accelerate launch --config_file pretrain/configs/accelerate/ddp.yaml pretrain/run_pretrain.py --config ...
 
+Launch files for one CPU, one GPU, DDP, FSDP2, DeepSpeed ZeRO-2/3 and SLURM are in ``pretrain/configs/`` (see the
+main README). Evaluation runs its forwards on every rank and the final backbone is gathered with
+``accelerator.get_state_dict``, so ZeRO-3 and FSDP (sharded parameters) work like DDP.
+
 The run YAML holds the model preset + overrides, data (manifest, processors), loss, optimiser, schedule, batch
 sizes, precision, checkpointing and logging; ``key.sub=value`` arguments override it (values parsed as YAML).
 Checkpoints (``save_state``: model, optimiser, scheduler, RNG, plus the data position) are written atomically to
@@ -16,6 +20,8 @@ the backbone is saved with ``save_pretrained`` (safetensors) together with its p
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -29,7 +35,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -82,7 +88,8 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, batches_seen: int, k
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(tmp))  # collective: every rank writes its RNG state (and its shards with DeepSpeed/FSDP)
+    accelerator.wait_for_everyone()  # ... so the folder is renamed only once all of them are written
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "batches_seen": batches_seen}) + "\n")
         if final.exists():
@@ -116,29 +123,108 @@ def prepare_data(cfg: dict, accelerator, out: Path):
     return manifest, processor, embedders
 
 
+@contextlib.contextmanager
+def forward_as(module: torch.nn.Module, fn):
+    """Temporarily make ``fn`` the module's ``forward``, so that calling ``module(...)`` runs it *through the hooks
+    of the module* (FSDP2's root unshards its parameters in its forward hooks, ZeRO-3 gathers in every module's).
+    An instance-level ``forward`` already there (accelerate's autocast wrapper) is put back afterwards."""
+    previous = module.__dict__.get("forward")
+    module.forward = fn
+    try:
+        yield module
+    finally:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
+
+
 @torch.no_grad()
 def evaluate(
     trainer: ContrastivePretrainer, dataset, collator, batch_size: int
 ) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Held-out patients: mean contrastive loss and cross-modal retrieval R@1/5/10 for every pair of views."""
+    """Held-out patients: mean contrastive loss and cross-modal retrieval R@1/5/10 for every pair of views.
+
+    Every rank calls this with the same data (ZeRO-3/FSDP gather parameter shards inside each forward, a collective
+    all ranks must join); the loss is computed per process (``local_only``): no cross-rank gather of views."""
+
+    def eval_forward(inputs):
+        v, m = trainer.views(inputs)
+        with local_only():
+            return v, m, trainer.loss_fn(v, m)["loss"]
+
     was_training = trainer.training
     trainer.eval()
     views, masks, losses = [], [], []
-    for start in range(0, len(dataset), batch_size):
-        batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], train=False)
-        if batch is None:
-            continue
-        v, m = trainer.views(batch["inputs"])
-        with local_only():  # only the main process evaluates: no collectives
-            losses.append(float(trainer.loss_fn(v, m)["loss"]))
-        views.append(v.cpu())
-        masks.append(m.cpu())
+    with forward_as(trainer, eval_forward):
+        for start in range(0, len(dataset), batch_size):
+            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], train=False)
+            if batch is None:
+                continue
+            v, m, loss = trainer(batch["inputs"])
+            losses.append(float(loss))
+            views.append(v.float().cpu())
+            masks.append(m.cpu())
     trainer.train(was_training)
     if not views:
         return {}, torch.empty(0), torch.empty(0)
     views_t, masks_t = torch.cat(views), torch.cat(masks)
     metrics = {"eval_loss": float(sum(losses) / len(losses)), **retrieval_metrics(views_t, masks_t, trainer.view_names)}
     return metrics, views_t, masks_t
+
+
+def trackers_from_config(lg: dict) -> list[str]:
+    """``logging.report_to`` (a name, a list, or none) -> tracker names; fails early when a tracker's package is
+    missing (accelerate would only warn and train without it)."""
+    report_to = lg.get("report_to")
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    names = [n for n in names if n not in (None, "none")]
+    if "wandb" in names and importlib.util.find_spec("wandb") is None:
+        raise SystemExit(
+            "logging.report_to: wandb needs the wandb package: pip install 'bioperceiver[wandb]' "
+            "(then `wandb login`, or WANDB_MODE=offline)"
+        )
+    if "tensorboard" in names and not (
+        importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
+    ):
+        raise SystemExit("logging.report_to: tensorboard needs the tensorboard package: pip install tensorboard")
+    return names
+
+
+def flat_config(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested run config -> ``{"a.b": scalar}`` (what TensorBoard's hparams accept; W&B takes it too)."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+class TokenCounter:
+    """Counts the tokens each modality's embedder hands to the encoder (its keep-mask: padding, absent samples and
+    dropped modalities excluded) during training forwards. Counts stay on the device until :meth:`take`."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.names = list(model.modality_names)
+        self.counts: dict[str, torch.Tensor] = {}
+        for name in self.names:
+            model.embedders[name].register_forward_hook(self._hook(name))
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            if module.training:
+                keep = output[1].detach().sum()
+                self.counts[name] = keep if name not in self.counts else self.counts[name] + keep
+
+        return hook
+
+    def take(self, device) -> torch.Tensor:
+        """Counts since the last call, one per modality (``self.names`` order), as an int64 tensor on ``device``."""
+        out = torch.stack([self.counts.get(n, torch.zeros((), dtype=torch.long)).to(device) for n in self.names])
+        self.counts = {}
+        return out.long()
 
 
 def main(argv=None) -> dict:
@@ -151,7 +237,8 @@ def main(argv=None) -> dict:
     cfg = load_config(args.config, args.overrides)
     out = Path(cfg["output_dir"])
     tr, opt, ck, lg = cfg["train"], cfg["optim"], cfg["checkpoint"], cfg["logging"]
-    report_to = None if lg.get("report_to") in (None, "none") else lg["report_to"]
+    trackers = trackers_from_config(lg)
+    project = lg.get("project") or "bioperceiver-pretrain"
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     # gloo on CPU-only distributed runs (DeepSpeed's CPU accelerator needs it explicitly, see ../shared ENVIRONMENT)
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
@@ -160,14 +247,25 @@ def main(argv=None) -> dict:
     accelerator = Accelerator(
         gradient_accumulation_steps=tr["gradient_accumulation_steps"],
         mixed_precision=tr["mixed_precision"],
-        log_with=report_to,
+        log_with=trackers or None,
         project_dir=str(out),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=handlers,
+        # optim.warmup_steps/max_steps count optimizer steps: the loop steps the scheduler once per optimizer step
+        # (accelerate's default would step it num_processes times per step, for schedules written per sample)
+        step_scheduler_with_optimizer=False,
     )
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     logging.basicConfig(
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
+    )
+    logger.info(
+        "%s, %d process(es), device %s, mixed precision %s",
+        accelerator.distributed_type.value,
+        accelerator.num_processes,
+        accelerator.device,
+        accelerator.mixed_precision,
     )
     set_seed(cfg["seed"])
     manifest, processor, embedders = prepare_data(cfg, accelerator, out)
@@ -176,10 +274,15 @@ def main(argv=None) -> dict:
     )
     if tr.get("gradient_checkpointing"):
         model.activation_checkpointing_enable()
+    tokens = TokenCounter(model)
     loss_cfg = dict(cfg["loss"])
-    trainer = ContrastivePretrainer(
-        model, loss=loss_cfg.pop("name"), fused_view=loss_cfg.pop("fused_view", True), **loss_cfg
-    )
+    name, fused_view = loss_cfg.pop("name"), loss_cfg.pop("fused_view", True)
+    leave_one_out = float(loss_cfg.pop("leave_one_out", 0.0) or 0.0)
+    if leave_one_out:  # only passed when used (older ContrastivePretrainer versions lack the keyword)
+        loss_cfg["leave_one_out"] = leave_one_out
+    trainer = ContrastivePretrainer(model, loss=name, fused_view=fused_view, **loss_cfg)
+    if deepspeed:
+        _deepspeed_setup(accelerator, trainer, opt)
     train_ds = ManifestTorchDataset(
         manifest.split("train"), processor, train=True, seed=cfg["seed"], on_error=cfg["data"]["on_error"]
     )
@@ -214,8 +317,9 @@ def main(argv=None) -> dict:
         state = json.loads((path / "trainer_state.json").read_text())
         step, batches_seen = state["step"], state["batches_seen"]
         logger.info("resumed from %s at step %d", path, step)
-    if report_to:
-        accelerator.init_trackers("pretrain", config={"loss": cfg["loss"]["name"], "preset": cfg["model"]["preset"]})
+    if trackers:
+        init_kwargs = {"wandb": {"name": lg["run_name"]}} if lg.get("run_name") and "wandb" in trackers else {}
+        accelerator.init_trackers(project, config=flat_config(cfg), init_kwargs=init_kwargs)
 
     eval_cfg = cfg.get("eval", {})
     eval_ds = ManifestTorchDataset(
@@ -224,12 +328,15 @@ def main(argv=None) -> dict:
     eval_collator = BioPerceiverCollator(processor.modalities, on_error="skip")
 
     def run_eval(step: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """Every rank runs the same forwards (sharded parameters are gathered collectively); the main one logs."""
         metrics, v, m = ({}, None, None)
-        if accelerator.is_main_process and len(eval_ds):
-            metrics, v, m = evaluate(accelerator.unwrap_model(trainer), eval_ds, eval_collator, tr["batch_size"])
+        if len(eval_ds):
+            with accelerator.autocast():
+                metrics, v, m = evaluate(accelerator.unwrap_model(trainer), eval_ds, eval_collator, tr["batch_size"])
+        if accelerator.is_main_process and metrics:
             r1 = {k: round(x, 3) for k, x in metrics.items() if k.startswith("R@1/")}
             logger.info("step %d held-out loss %.4f, R@1 %s", step, metrics.get("eval_loss", float("nan")), r1)
-            if report_to:
+            if trackers:
                 accelerator.log({k: x for k, x in metrics.items() if not k.startswith("queries")}, step=step)
         accelerator.wait_for_everyone()
         return metrics, v, m
@@ -238,7 +345,7 @@ def main(argv=None) -> dict:
     accum = tr["gradient_accumulation_steps"]
     history: list[dict] = []
     bar = tqdm(total=opt["max_steps"], initial=step, disable=not accelerator.is_local_main_process, desc="pretrain")
-    t_last, samples_since = time.perf_counter(), 0
+    t_last, samples_since, grad_norm = time.perf_counter(), 0, None
     while step < opt["max_steps"]:
         epoch, skip = divmod(batches_seen, n_batches)
         train_ds.set_epoch(epoch)
@@ -251,11 +358,13 @@ def main(argv=None) -> dict:
                 continue
             with accelerator.accumulate(trainer):
                 outputs = trainer(inputs=batch["inputs"], patient_id=batch["patient_id"])
-                accelerator.backward(outputs["loss"])
+                accelerator.backward(outputs["loss"])  # DeepSpeed: also steps (clipping from its JSON) here
                 if accelerator.sync_gradients and opt.get("grad_clip"):
-                    accelerator.clip_grad_norm_(trainer.parameters(), opt["grad_clip"])
+                    # clips (DeepSpeed: returns the norm it clipped with); the pre-clip norm is logged
+                    grad_norm = accelerator.clip_grad_norm_(trainer.parameters(), opt["grad_clip"])
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
                 optimizer.zero_grad()
             samples_since += len(batch["sample_id"])
             if batches_seen % accum:
@@ -264,20 +373,34 @@ def main(argv=None) -> dict:
             bar.update(1)
             if step % lg["log_steps"] == 0 or step == opt["max_steps"]:
                 loss = accelerator.reduce(outputs["loss"].detach(), reduction="mean").item()
+                # samples and per-modality tokens summed over processes (one all-reduce)
+                counts = torch.cat(
+                    [tokens.take(accelerator.device), torch.tensor([samples_since], device=accelerator.device)]
+                )
+                counts = accelerator.reduce(counts, reduction="sum").tolist()
                 now = time.perf_counter()
+                dt = now - t_last
                 rec = {
                     "step": step,
                     "loss": loss,
                     "lr": scheduler.get_last_lr()[0],
                     "temperature": float(outputs["temperature"]),
-                    "samples_per_s": samples_since * accelerator.num_processes / (now - t_last),
+                    "samples_per_s": counts[-1] / dt,
+                    "tokens_per_s": sum(counts[:-1]) / dt,
+                    **{f"tokens_per_s/{n}": c / dt for n, c in zip(tokens.names, counts[:-1], strict=True)},
                     **{k: float(v) for k, v in outputs.items() if k.startswith("loss_")},
                 }
+                if grad_norm is not None:
+                    rec["grad_norm"] = float(grad_norm)
+                if accelerator.device.type == "cuda":
+                    peak = torch.tensor([torch.cuda.max_memory_allocated(accelerator.device) / 2**30])
+                    rec["gpu_mem_gib"] = accelerator.gather(peak.to(accelerator.device)).max().item()
                 t_last, samples_since = now, 0
                 history.append(rec)
                 bar.set_postfix(loss=f"{loss:.3f}")
-                if report_to:
+                if trackers:
                     accelerator.log(rec, step=step)
+            t_pause = time.perf_counter()  # evaluation and checkpoints do not count against the throughput
             if eval_cfg.get("steps") and step % eval_cfg["steps"] == 0 and step < opt["max_steps"]:
                 metrics, _, _ = run_eval(step)
                 if metrics:
@@ -286,6 +409,7 @@ def main(argv=None) -> dict:
                 save_checkpoint(accelerator, ckpt_dir, step, batches_seen, ck["keep_last"])
                 if args.crash_after_step == step:
                     os.kill(os.getpid(), signal.SIGKILL)
+            t_last += time.perf_counter() - t_pause
             if step >= opt["max_steps"]:
                 break
     bar.close()
@@ -295,28 +419,86 @@ def main(argv=None) -> dict:
     metrics, views, masks = run_eval(step)
     if metrics:
         history.append({"step": step, **metrics})
-    accelerator.wait_for_everyone()
+    # The full state dict, gathered from the shards under ZeRO-3/FSDP: a collective, every rank calls it.
+    state_dict = accelerator.get_state_dict(trainer)
+    plots: list[Path] = []
     if accelerator.is_main_process:
         (out / "eval_results.json").write_text(json.dumps(metrics, indent=1) + "\n")
         plot_history(history, out / "loss_curves.png")
-        names = accelerator.unwrap_model(trainer).view_names
+        plots.append(out / "loss_curves.png")
+        unwrapped = accelerator.unwrap_model(trainer)
+        names = unwrapped.view_names
         pairs = sorted(
             (k.split("/", 1)[1] for k in metrics if k.startswith("queries/") and not k.endswith("-fused")),
             key=lambda key: -metrics[f"queries/{key}"],
         )
         for key in pairs[:3]:
             a, b = _split_pair(key, names)
-            plot_similarity(views, masks, names, a, b, out / f"similarity_{a}__{b}.png")
-        unwrapped = accelerator.unwrap_model(trainer)
-        unwrapped.model.save_pretrained(final)
+            if plot_similarity(views, masks, names, a, b, out / f"similarity_{a}__{b}.png"):
+                plots.append(out / f"similarity_{a}__{b}.png")
+        backbone = {k[len("model.") :]: v for k, v in state_dict.items() if k.startswith("model.")}
+        unwrapped.model.save_pretrained(final, state_dict=backbone)
         processor.save_pretrained(final)
         (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
         logger.info("saved the pretrained backbone and processors to %s", final)
-    if report_to:
+    accelerator.wait_for_everyone()
+    if trackers:
         accelerator.end_training()
-    return {"final": str(final), "history": history, "steps": step, "losses_finite": all(
+    summary = _summary(out, final, ckpt_dir, plots, trackers, project, lg, accelerator)
+    if accelerator.is_main_process:
+        print("\n".join(summary), flush=True)
+    return {"final": str(final), "history": history, "steps": step, "summary": summary, "losses_finite": all(
         math.isfinite(h["loss"]) for h in history if "loss" in h
     )}  # fmt: skip
+
+
+def _deepspeed_setup(accelerator, trainer: torch.nn.Module, opt: dict) -> None:
+    """What the DeepSpeed JSON leaves to this script, before ``prepare``.
+
+    * ``"gradient_clipping": "auto"`` becomes ``optim.grad_clip`` (accelerate would fill in 1.0 whatever the run
+      config says); DeepSpeed then clips inside its step and ``clip_grad_norm_`` only reports the norm.
+    * DeepSpeed 0.19 broadcasts every parameter from rank 0 as ``p.data.view(torch.uint8)``, which fails on 0-dim
+      tensors ("self.dim() cannot be 0 to view Float as Byte"): the losses' learnable temperature and bias are
+      scalars, so they get shape ``(1,)`` here (same values and maths; only DeepSpeed checkpoints see the shape).
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin.is_auto("gradient_clipping"):
+        plugin.deepspeed_config["gradient_clipping"] = float(opt.get("grad_clip") or 0.0)
+    for name, param in trainer.named_parameters():
+        if param.dim() == 0:
+            param.data = param.data.reshape(1)
+            logger.debug("DeepSpeed: %s reshaped to (1,)", name)
+
+
+def _summary(out: Path, final: Path, ckpt_dir: Path, plots, trackers, project, lg, accelerator) -> list[str]:
+    """Where everything is, printed at the end of the run."""
+    ckpts = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    lines = [
+        "",
+        "=" * 100,
+        f"Pretraining finished. Run directory: {out.resolve()}",
+        f"  backbone (AutoModel)   {final.resolve()}  (config.json + model.safetensors)",
+        f"  processors             {final.resolve()}  (BioPerceiverProcessor.from_pretrained)",
+        f"  held-out evaluation    {(out / 'eval_results.json').resolve()}",
+        f"  step history           {(out / 'history.json').resolve()}",
+    ]
+    lines += [f"  plot                   {p.resolve()}" for p in plots]
+    lines.append(
+        f"  checkpoints            {ckpt_dir.resolve()}  ({', '.join(c.name for c in ckpts) or 'none'}; "
+        "continue with --resume latest)"
+    )
+    if "tensorboard" in trackers:
+        logdir = Path(accelerator.logging_dir or out) / project
+        lines.append(f"  TensorBoard logs       {logdir.resolve()}")
+        lines.append(f"                         tensorboard --logdir {logdir.resolve()}")
+    if "wandb" in trackers:
+        lines.append(f"  Weights & Biases       project {project!r}, run {lg.get('run_name') or '(auto-named)'}")
+    lines += [
+        "  load it:  import bioperceiver; from transformers import AutoModel; "
+        f"AutoModel.from_pretrained({str(final)!r})",
+        "=" * 100,
+    ]
+    return lines
 
 
 def _split_pair(key: str, names: list[str]) -> tuple[str, str]:
