@@ -57,6 +57,8 @@ class BioPerceiverConfig(PreTrainedConfig):
         survival_time_bins (`list[float]`, optional): increasing cut points of the discrete-time head.
     """
 
+    # Outputs ``Trainer`` leaves out of gathered predictions (it keeps ``logits``/``risk``).
+    keys_to_ignore_at_inference = ["pooler_output", "modality_mask", "hidden_states", "attentions", "cross_attentions"]
     model_type = "bioperceiver"
 
     num_latents: int = 128

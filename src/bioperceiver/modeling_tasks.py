@@ -119,6 +119,10 @@ class _BioPerceiverWithHead(BioPerceiverPreTrainedModel):
     """Backbone + head; ``from_pretrained`` on a pretrained backbone folder loads the backbone and initialises the
     head (reported by transformers as newly initialised weights)."""
 
+    # Losses are means over the batch; ``Trainer`` must not pass ``num_items_in_batch`` (it would reach the
+    # embedders as a modality) nor skip its own gradient-accumulation scaling.
+    accepts_loss_kwargs = False
+
     def _backbone(
         self,
         inputs: dict[str, Any] | None,
