@@ -273,3 +273,161 @@ def pretraining_card(
         eval_loss=_fmt(metrics.get("eval_loss")),
         compute_table=markdown_table([{"": k, "value": v} for k, v in compute.items()]),
     )
+
+
+def metric_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """``{"auroc": x, "auroc_ci_low": ..., "auroc_ci_high": ...}`` -> table rows (metric, value, 95% CI)."""
+    rows = []
+    for key, value in metrics.items():
+        skip = ("_ci_low", "_ci_high", "_ci_n_used", "_time")
+        if key.endswith(skip) or not isinstance(value, (int, float)) or key in ("n", "n_resamples", "ci_level"):
+            continue
+        lo, hi = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+        ci = f"[{_fmt(float(lo))}, {_fmt(float(hi))}]" if lo is not None and hi is not None else ""
+        rows.append({"metric": key, "value": _fmt(float(value)), "95% CI": ci})
+    return rows
+
+
+def _metric_table(rows: Sequence[Mapping[str, Any]], lead: str, metric_names: Sequence[str]) -> str:
+    out = []
+    for r in rows:
+        row = {lead: r.get(lead), "n": r.get("n")}
+        for m in metric_names:
+            v = r.get(m)
+            if v is None:
+                row[m] = "too few samples"
+                continue
+            lo, hi = r.get(f"{m}_ci_low"), r.get(f"{m}_ci_high")
+            row[m] = _fmt(float(v)) + (f" [{_fmt(float(lo))}, {_fmt(float(hi))}]" if lo is not None else "")
+        out.append(row)
+    return markdown_table(out)
+
+
+TASK_METRICS = {
+    "classification": ("auroc", "auprc", "accuracy", "f1", "f1_macro"),
+    "multilabel": ("auroc", "auprc", "f1_macro", "f1_micro"),
+    "regression": ("rmse", "mae", "r2"),
+    "survival": ("c_index", "td_auc_q50"),
+}
+
+
+def _narrow(manifest, modalities: Sequence[str]):
+    """A copy of ``manifest`` whose modality columns are ``modalities`` only; rows with none of them dropped."""
+    from .data.manifest import Manifest, is_missing
+
+    cols = [m for m in manifest.modalities if m in modalities]
+    keep = [any(not is_missing(manifest.table[c].iloc[i]) for c in cols) for i in range(len(manifest.table))]
+    return Manifest(
+        manifest.table.loc[keep].reset_index(drop=True),
+        {m: manifest.modalities[m] for m in cols},
+        list(manifest.label_columns),
+        dict(manifest.metadata),
+        manifest.base_dir,
+    )
+
+
+def finetuning_card(
+    *,
+    config,
+    manifest,
+    spec,
+    results: Mapping[str, Any],
+    model_args: Mapping[str, Any],
+    data_args: Mapping[str, Any],
+    training_args,
+    compute: Mapping[str, Any],
+    train_manifest=None,
+    license: str = "other",
+    template: str | Path = "finetuned",
+) -> ModelCard:
+    """The card of a finetuned model: task, labels, base model, finetuning configuration, the test metrics with
+    bootstrap CIs, results per missing-modality pattern and per modality ablation."""
+    # the card describes the modalities the model was finetuned on and the rows it was trained on
+    used = list(data_args.get("modalities") or [m for m in config.modality_names if m in manifest.modalities])
+    manifest = _narrow(manifest, used)
+    train = _narrow(train_manifest if train_manifest is not None else manifest, used)
+    test_split = data_args.get("test_split", "test")
+    test = results.get(test_split, {})
+    main_metrics = [m for m in TASK_METRICS[spec.task] if m in test]
+    base = model_args.get("model_name_or_path")
+    summary = model_summary(config)
+    kinds = sorted({m["kind"] for m in summary["modalities"]})
+    source_names = [s.get("name") for s in manifest.metadata.get("sources", []) if isinstance(s, Mapping)]
+    if "meta_source" in train.table:
+        seen = set(train.table["meta_source"].astype(str))
+        source_names = [s for s in source_names if s in seen]
+        manifest.metadata["sources"] = [
+            s for s in manifest.metadata.get("sources", []) if isinstance(s, Mapping) and s.get("name") in seen
+        ]
+    eval_results = []
+    from huggingface_hub import EvalResult
+
+    for m in main_metrics:
+        if isinstance(test.get(m), float) and math.isfinite(test[m]):
+            eval_results.append(
+                EvalResult(
+                    task_type=spec.task,
+                    dataset_type="manifest",
+                    dataset_name=str(Path(str(data_args.get("manifest"))).name),
+                    dataset_split=test_split,
+                    metric_type=m,
+                    metric_value=float(test[m]),
+                )
+            )
+    card_data = ModelCardData(
+        model_name=f"BioPerceiver {spec.task} ({', '.join(spec.columns)})",
+        license=license,
+        library_name="transformers",
+        tags=["bioperceiver", "perceiver", "multimodal", "medical", spec.task, *kinds],
+        datasets=source_names or None,
+        metrics=list(main_metrics) or None,
+        base_model=base if base and not Path(str(base)).exists() else None,
+        eval_results=eval_results or None,
+    )
+    labels = (
+        f"`{spec.time_column}` (follow-up time) and `{spec.event_column}` (1 = event)"
+        if spec.task == "survival"
+        else f"`{spec.label_column}`" + (f", classes {spec.classes}" if spec.classes else "")
+    )
+    finetune_cfg = {
+        "base model": base or f"none: random initialisation from preset {model_args.get('preset')}",
+        "finetuning mode": model_args.get("finetuning_mode"),
+        "head": f"{config.head_type}" + (f", MLP {config.head_hidden_size}" if config.head_hidden_size else ""),
+        "modalities used": ", ".join(data_args.get("modalities") or config.modality_names),
+        "label fraction": data_args.get("label_fraction"),
+        "epochs": training_args.num_train_epochs,
+        "batch size per device": training_args.per_device_train_batch_size,
+        "learning rate": training_args.learning_rate,
+        "weight decay": training_args.weight_decay,
+        "modality dropout": data_args.get("modality_dropout"),
+        "seed": training_args.seed,
+        "bootstrap resamples (by patient)": data_args.get("n_bootstrap"),
+    }
+    if spec.task == "survival":
+        finetune_cfg["survival loss"] = f"{config.survival_loss} ({config.survival_ties} ties)"
+    splits = results.get("split_sizes") or {
+        s: results.get(s, {}).get("n")
+        for s in (data_args.get("train_split"), data_args.get("eval_split"), test_split)
+    }
+    return render_card(
+        template,
+        card_data,
+        model_name=card_data.model_name,
+        task=spec.task,
+        labels=labels,
+        architecture=markdown_table([{"": k, "value": v} for k, v in summary["architecture"].items()]),
+        modalities_table=markdown_table(summary["modalities"]),
+        provenance_table=markdown_table(provenance(train)),
+        citations=source_citations(manifest),
+        train_size=f"{len(train)} samples"
+        + (f" from {train.table['patient_id'].nunique()} patients" if "patient_id" in train.table else ""),
+        split_sizes=", ".join(f"{k}: {v}" for k, v in splits.items() if v is not None) or "see all_results.json",
+        presence_table=markdown_table(modality_presence(train)),
+        patterns_table=markdown_table(presence_patterns(train)),
+        training_table=markdown_table([{"setting": k, "value": v} for k, v in finetune_cfg.items() if v is not None]),
+        test_table=markdown_table(metric_rows(test)),
+        validation_table=markdown_table(metric_rows(results.get(data_args.get("eval_split"), {}))),
+        pattern_results=_metric_table(results.get("by_pattern", []), "modalities present", main_metrics[:2]),
+        ablation_results=_metric_table(results.get("ablation", []), "condition", main_metrics[:1]),
+        compute_table=markdown_table([{"": k, "value": v} for k, v in compute.items()]),
+    )

@@ -1,0 +1,501 @@
+#!/usr/bin/env python
+"""Finetune a (pretrained or randomly initialised) BioPerceiver with a lightweight head on a labelled manifest.
+
+    python finetune/run_finetune.py finetune/configs/demo_survival.yaml [--key value overrides]
+    python finetune/run_finetune.py --model_name_or_path outputs/demo/pretrain/final --manifest cohort.parquet \
+        --task classification --label_column label_diagnosis --output_dir runs/dx --do_train --do_eval --do_predict
+    accelerate launch --num_processes 4 finetune/run_finetune.py args.yaml      # multi-GPU, Trainer handles DDP
+
+Arguments are ``ModelArguments``, ``DataArguments`` and transformers' ``TrainingArguments`` (parsed with
+``HfArgumentParser``; a single ``.yaml``/``.json`` argument is an argument file, and further ``--key value``
+arguments override it). Tasks: ``classification`` (binary/multiclass), ``multilabel``, ``regression``,
+``survival`` (Cox or discrete-time). Finetuning modes: ``linear_probe`` (frozen backbone, cached embeddings),
+``partial``, ``full``, ``lora``. Without ``--model_name_or_path`` the backbone is randomly initialised from
+``--preset`` (the no-pretraining baseline).
+
+Outputs in ``output_dir``: the model (``save_pretrained``, LoRA merged) + processors + ``finetuning_task.json`` +
+``README.md`` (model card); ``all_results.json`` (train/validation/test metrics, test with bootstrap 95% CIs);
+``predictions_test.csv`` (per sample); ``results_by_pattern.csv`` (metrics per missing-modality pattern);
+``ablation.csv`` (each modality removed / alone); PNGs (ROC/PR, calibration, Kaplan–Meier, ablation).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+import bioperceiver as bp
+from bioperceiver.cards import finetuning_card
+from bioperceiver.data import (
+    BioPerceiverProcessor,
+    assign_splits,
+    load_processor_settings,
+    read_manifest,
+)
+from bioperceiver.data.manifest import is_missing
+from bioperceiver.evaluation import compute_task_metrics, metrics_with_ci
+from bioperceiver.evaluation.plots import (
+    plot_ablation,
+    plot_calibration,
+    plot_km_by_risk,
+    plot_regression,
+    plot_roc_pr,
+)
+from bioperceiver.losses.survival import make_time_bins
+from bioperceiver.training import compute_latents, configure_finetuning, count_parameters, merge_lora
+from bioperceiver.training.tasks import (
+    LabelSpec,
+    LatentDataset,
+    ProcessedDataset,
+    TaskCollator,
+    TaskDataset,
+    TaskTrainer,
+    labelled_records,
+    pattern_table,
+    predict,
+    presence_pattern,
+    write_predictions,
+)
+
+logger = logging.getLogger("run_finetune")
+ROOT = Path(__file__).resolve().parents[1]
+PRIMARY = {"classification": "auroc", "multilabel": "auroc", "regression": "rmse", "survival": "c_index"}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "pretrained BioPerceiver folder (backbone or finetuned); unset or 'none' = random init"},
+    )
+    preset: str = field(default="bioperceiver_debug", metadata={"help": "preset for random initialisation"})
+    finetuning_mode: str = field(default="full", metadata={"help": "linear_probe | partial | full | lora"})
+    unfreeze_last_n_layers: int = field(default=1, metadata={"help": "partial: latent layers to train"})
+    cache_embeddings: bool = field(default=True, metadata={"help": "linear_probe: embed every sample once"})
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    head_type: str = field(default="pooled", metadata={"help": "pooled | query (Perceiver IO decoder)"})
+    head_hidden_size: int = field(default=0, metadata={"help": "pooled head MLP width; 0 = linear"})
+    head_dropout: float = 0.1
+    survival_loss: str = field(default="cox", metadata={"help": "cox | discrete"})
+    survival_ties: str = field(default="efron", metadata={"help": "efron | breslow"})
+    num_time_bins: int = field(default=10, metadata={"help": "discrete survival: bins (quantiles of event times)"})
+    license: str = field(default="other", metadata={"help": "licence in the model card metadata"})
+
+
+@dataclass
+class DataArguments:
+    manifest: str = field(metadata={"help": "labelled manifest (Parquet/CSV/JSONL)"})
+    task: str = field(metadata={"help": "classification | multilabel | regression | survival"})
+    label_column: str | None = field(default=None, metadata={"help": "label_* column (not for survival)"})
+    time_column: str = "label_survival_time"
+    event_column: str = "label_survival_event"
+    label_values: list[str] | None = field(default=None, metadata={"help": "classes (default: from train split)"})
+    positive_label: str | None = field(
+        default=None, metadata={"help": "binary 'contains this label' task over a list-valued column"}
+    )
+    top_k_labels: int | None = field(default=None, metadata={"help": "multilabel: keep the k most frequent"})
+    modalities: list[str] | None = field(default=None, metadata={"help": "restrict to these modality columns"})
+    build_demo_cohort: bool = field(default=False, metadata={"help": "build the bundled demo cohort if missing"})
+    processor_dir: str | None = field(default=None, metadata={"help": "fitted processors (default: the model's)"})
+    processor_settings: str | None = field(default=None, metadata={"help": "YAML of processor/embedder settings"})
+    train_split: str = "train"
+    eval_split: str = "validation"
+    test_split: str = "test"
+    label_fraction: float = field(default=1.0, metadata={"help": "share of training patients kept (label efficiency)"})
+    modality_dropout: float = 0.0
+    on_error: str = field(default="raise", metadata={"help": "raise | skip (counted and logged)"})
+    n_bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for the test CIs (by patient)"})
+    ablations: bool = field(default=True, metadata={"help": "test metric with each modality removed / alone"})
+    min_pattern_samples: int = field(default=10, metadata={"help": "smallest pattern group that gets metrics"})
+
+
+class EpochSetter(TrainerCallback):
+    """Fresh, reproducible augmentations each epoch (the dataset's RNG is seeded by (seed, epoch, index))."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(int(state.epoch or 0))
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        import yaml
+
+        values = yaml.safe_load(Path(argv[0]).read_text())  # YAML is a superset of JSON
+        extra = parser.parse_args_into_dataclasses(
+            args=[*_to_cli(values), *argv[1:]], look_for_args_file=False
+        )  # later flags win
+        return tuple(extra)  # type: ignore[return-value]
+    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)  # type: ignore[return-value]
+
+
+def _to_cli(values: dict[str, Any]) -> list[str]:
+    out = []
+    for k, v in values.items():
+        if isinstance(v, list):
+            out += [f"--{k}", *map(str, v)]
+        elif isinstance(v, dict):
+            out += [f"--{k}", json.dumps(v)]
+        else:
+            out += [f"--{k}", str(v)]
+    return out
+
+
+def subsample_patients(records: list[dict], targets: list, fraction: float, seed: int):
+    """Keep a seeded ``fraction`` of training *patients* (all their rows): the label-efficiency setting."""
+    if fraction >= 1.0:
+        return records, targets
+    if fraction <= 0:
+        raise ValueError(f"label_fraction must be in (0, 1], got {fraction}")
+    patients = sorted({str(r.get("patient_id")) for r in records})
+    rng = np.random.default_rng(seed)
+    kept = set(rng.choice(patients, size=max(2, math.ceil(fraction * len(patients))), replace=False).tolist())
+    pairs = [(r, t) for r, t in zip(records, targets) if str(r.get("patient_id")) in kept]
+    logger.info("label_fraction %.3f: %d of %d patients, %d rows", fraction, len(kept), len(patients), len(pairs))
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def load_processor(model_args, data_args, manifest) -> tuple[BioPerceiverProcessor, dict]:
+    """The model's (or ``--processor_dir``'s) fitted processors; otherwise processors fitted on the training split
+    of the used modalities with ``--processor_settings``."""
+    settings, embedders = load_processor_settings(_path(data_args.processor_settings))
+    for candidate in (data_args.processor_dir, model_args.model_name_or_path):
+        if candidate and (Path(candidate) / "bioperceiver_processor.json").exists():
+            logger.info("processors from %s", candidate)
+            return BioPerceiverProcessor.from_pretrained(candidate), embedders
+    logger.info("fitting processors on the %s split", data_args.train_split)
+    proc = BioPerceiverProcessor.from_manifest(manifest, settings)
+    if data_args.modalities:
+        proc = BioPerceiverProcessor({m: p for m, p in proc.processors.items() if m in data_args.modalities})
+    return proc.fit(manifest, split=data_args.train_split), embedders
+
+
+def _path(p: str | None) -> Path | None:
+    if p is None:
+        return None
+    return Path(p) if Path(p).exists() else ROOT / p
+
+
+def build_model(model_args, spec: LabelSpec, processor, embedders, train_records):
+    cls = bp.BioPerceiverForSurvival if spec.task == "survival" else bp.BioPerceiverForSequenceClassification
+    head = {
+        "head_type": model_args.head_type,
+        "head_hidden_size": model_args.head_hidden_size,
+        "head_dropout": model_args.head_dropout,
+    }
+    if spec.task == "survival":
+        head.update(survival_loss=model_args.survival_loss, survival_ties=model_args.survival_ties)
+        if model_args.survival_loss == "discrete":
+            times = [float(r[spec.time_column]) for r in train_records]
+            events = [int(r[spec.event_column]) for r in train_records]
+            head["survival_time_bins"] = [float(b) for b in make_time_bins(times, events, model_args.num_time_bins)]
+    else:
+        head.update(num_labels=spec.num_labels, problem_type=spec.problem_type)
+        if spec.task != "regression":
+            head.update(id2label=dict(enumerate(map(str, spec.classes))))
+    if model_args.model_name_or_path:
+        config = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path, **head)
+        missing = sorted(set(processor.modalities) - set(config.modality_names))
+        if missing:
+            raise ValueError(
+                f"the processors have modalities {missing} that {model_args.model_name_or_path} was not built with; "
+                f"restrict --modalities to {config.modality_names} or pretrain with them"
+            )
+        model = cls.from_pretrained(model_args.model_name_or_path, config=config)
+    else:
+        config = bp.create_config(model_args.preset, modalities=processor.model_modalities(embedders), **head)
+        model = cls(config)
+    return model
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    model_args, data_args, training_args = parse_args(argv)
+    if str(model_args.model_name_or_path).lower() in ("", "none", "null", "random"):
+        model_args.model_name_or_path = None  # `--model_name_or_path none` overrides an argument file's backbone
+    logging.basicConfig(
+        level=logging.INFO if training_args.should_log else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    transformers.utils.logging.set_verbosity_warning()
+    training_args.remove_unused_columns = False
+    training_args.label_names = ["labels"]
+    out = Path(training_args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(training_args.seed)
+    t0 = time.perf_counter()
+
+    # ---- data -------------------------------------------------------------------------------------------------
+    manifest_path = Path(data_args.manifest)
+    with training_args.main_process_first(desc="building the demo cohort"):
+        if not manifest_path.exists() and data_args.build_demo_cohort:
+            from bioperceiver.data.recipes.demo import build_demo_cohort
+
+            build_demo_cohort(manifest_path.parent, seed=0)
+    manifest = read_manifest(manifest_path)
+    if "split" not in manifest.table:
+        manifest = assign_splits(manifest)
+    if data_args.modalities:
+        unknown = sorted(set(data_args.modalities) - set(manifest.modalities))
+        if unknown:
+            raise ValueError(f"--modalities {unknown} are not modality columns of the manifest {list(manifest.modalities)}")
+    spec = LabelSpec(
+        task=data_args.task,
+        label_column=data_args.label_column,
+        time_column=data_args.time_column if data_args.task == "survival" else None,
+        event_column=data_args.event_column if data_args.task == "survival" else None,
+        classes=list(data_args.label_values or []),
+        positive_label=data_args.positive_label,
+        top_k=data_args.top_k_labels,
+    )
+    for c in spec.columns:
+        if c not in manifest.table:
+            raise ValueError(f"label column {c!r} is not in the manifest; label columns: {manifest.label_columns}")
+    splits = {s: manifest.split(s).records() for s in (data_args.train_split, data_args.eval_split, data_args.test_split)}
+    train_raw = [r for r in splits[data_args.train_split] if not any(is_missing(r.get(c)) for c in spec.columns)]
+    spec.fit(train_raw)
+    labelled = {s: labelled_records(recs, spec, s) for s, recs in splits.items()}
+    train_recs, train_targets = subsample_patients(*labelled[data_args.train_split], data_args.label_fraction,
+                                                   training_args.seed)  # fmt: skip
+    if not train_recs:
+        raise ValueError(f"no labelled rows in the {data_args.train_split} split for {spec.columns}")
+
+    processor, embedders = load_processor(model_args, data_args, manifest)
+    used = [m for m in processor.modalities if not data_args.modalities or m in data_args.modalities]
+    modalities = {m: processor.modalities[m] for m in used}
+    model = build_model(model_args, spec, processor, embedders, train_recs)
+    model = configure_finetuning(
+        model,
+        model_args.finetuning_mode,
+        unfreeze_last_n_layers=model_args.unfreeze_last_n_layers,
+        lora_r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+    )
+    base_dir = manifest.base_dir
+    train_ds = TaskDataset(train_recs, train_targets, processor, base_dir=base_dir, train=True,
+                           seed=training_args.seed, modalities=used, on_error=data_args.on_error)  # fmt: skip
+    evals = {
+        s: ProcessedDataset(*labelled[s], processor, base_dir=base_dir, modalities=used, on_error=data_args.on_error)
+        for s in (data_args.eval_split, data_args.test_split)
+    }
+    eval_ds = evals[data_args.eval_split]
+    test_ds = evals[data_args.test_split]
+    logger.info("rows: train %d, %s %d, %s %d", len(train_ds), data_args.eval_split, len(eval_ds),
+                data_args.test_split, len(test_ds))  # fmt: skip
+
+    collator = TaskCollator(modalities, modality_dropout=data_args.modality_dropout, on_error=data_args.on_error,
+                            seed=training_args.seed)  # fmt: skip
+    trainer_train, trainer_eval = train_ds, eval_ds
+    if model_args.finetuning_mode == "linear_probe" and model_args.cache_embeddings:
+        # frozen backbone: embed every sample once (no augmentation, no modality dropout), train the head on that
+        plain = TaskCollator(modalities, train=False)
+        bs = training_args.per_device_eval_batch_size
+        train_fixed = ProcessedDataset(train_recs, train_targets, processor, base_dir=base_dir, modalities=used,
+                                       on_error=data_args.on_error)  # fmt: skip
+
+        def latents(ds):
+            batches = (plain.collator([ds[i] for i in range(s, min(s + bs, len(ds)))], train=False)
+                       for s in range(0, len(ds), bs))  # fmt: skip
+            return LatentDataset(compute_latents(model, batches), [s["__target__"] for s in ds.samples])
+
+        trainer_train, trainer_eval = latents(train_fixed), latents(eval_ds) if len(eval_ds) else None
+        logger.info("linear probe: cached the frozen backbone's latents of %d + %d samples", len(trainer_train),
+                    len(eval_ds))  # fmt: skip
+
+    def compute_metrics(eval_pred) -> dict[str, float]:
+        preds = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+        labels = eval_pred.label_ids
+        return compute_task_metrics(spec.task, np.asarray(preds), np.asarray(labels), num_labels=spec.num_labels)
+
+    if training_args.eval_strategy != "no" and not len(eval_ds):
+        raise ValueError(f"eval_strategy={training_args.eval_strategy} but the {data_args.eval_split} split is empty")
+    trainer = TaskTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=trainer_train,
+        eval_dataset=trainer_eval if len(eval_ds) else None,
+        data_collator=collator,
+        compute_metrics=compute_metrics,
+        callbacks=[EpochSetter(trainer_train)],
+    )
+
+    results: dict[str, Any] = {"task": spec.task, "finetuning_mode": model_args.finetuning_mode,
+                               "pretrained": model_args.model_name_or_path, "parameters": count_parameters(model)}  # fmt: skip
+    results["split_sizes"] = {
+        data_args.train_split: _rows_patients(train_recs),
+        data_args.eval_split: _rows_patients(eval_ds.samples),
+        data_args.test_split: _rows_patients(test_ds.samples),
+    }
+    if training_args.do_train:
+        last = None
+        if training_args.resume_from_checkpoint:
+            last = training_args.resume_from_checkpoint
+        elif out.is_dir():
+            last = get_last_checkpoint(str(out))
+            if last:
+                logger.info("resuming from the last checkpoint %s", last)
+        train_result = trainer.train(resume_from_checkpoint=last)
+        results["train"] = train_result.metrics
+        trainer.log_metrics("train", train_result.metrics)
+
+    final_model = merge_lora(trainer.model)
+    device = training_args.device
+    final_model.to(device)
+    if trainer.is_world_process_zero():
+        results.update(evaluate_and_report(final_model, spec, modalities, data_args, training_args, evals, manifest, out))
+        results["wall_clock_s"] = round(time.perf_counter() - t0, 1)
+        final_model.save_pretrained(out)
+        processor.save_pretrained(out)
+        spec.save(out)
+        card = finetuning_card(
+            config=final_model.config,
+            manifest=manifest,
+            spec=spec,
+            results=results,
+            model_args=asdict(model_args),
+            data_args=asdict(data_args),
+            training_args=training_args,
+            compute=_compute_facts(training_args, results),
+            train_manifest=manifest.subset(manifest.table["sample_id"].isin({r["sample_id"] for r in train_recs})),
+            license=model_args.license,
+        )
+        card.save(out / "README.md")
+        (out / "all_results.json").write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
+        logger.info("finetuned model, processors, card and reports in %s", out)
+    return results
+
+
+def _rows_patients(rows) -> str:
+    return f"{len(rows)} rows / {len({str(r.get('patient_id')) for r in rows})} patients"
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _compute_facts(training_args, results) -> dict[str, Any]:
+    device = training_args.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores visible)"
+    return {
+        "hardware": name,
+        "processes": training_args.world_size,
+        "wall-clock": f"{results.get('wall_clock_s', float('nan'))} s",
+        "train runtime": f"{results.get('train', {}).get('train_runtime', float('nan'))} s",
+        "precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
+        "torch / transformers": f"{torch.__version__} / {transformers.__version__}",
+    }
+
+
+def evaluate_and_report(model, spec, modalities, data_args, training_args, evals, manifest, out: Path) -> dict:
+    """Validation and test metrics (test with patient-bootstrap CIs), predictions file, per-pattern results,
+    modality ablations and plots."""
+    res: dict[str, Any] = {}
+    records_by_id = {r["sample_id"]: r for r in manifest.records()}
+    device = training_args.device
+    bs = training_args.per_device_eval_batch_size
+    names = list(modalities)
+
+    def targets(ds) -> np.ndarray:
+        return torch.stack([s["__target__"] for s in ds.samples]).numpy() if len(ds) else np.empty(0)
+
+    def score(pred: np.ndarray, y: np.ndarray, groups=None, ci: bool = True) -> dict[str, float]:
+        p = pred[:, 0] if spec.task in ("survival", "regression") else pred
+        if spec.task == "survival":
+            labels = y
+        elif spec.task == "regression":
+            p, labels = spec.decode_regression(p), spec.decode_regression(y)
+        else:
+            labels = y
+        if not ci:
+            return compute_task_metrics(spec.task, p, labels, num_labels=spec.num_labels)
+        return metrics_with_ci(spec.task, p, labels, num_labels=spec.num_labels, n_resamples=data_args.n_bootstrap,
+                               groups=groups, seed=training_args.seed)  # fmt: skip
+
+    for split, ds in evals.items():
+        if not len(ds):
+            logger.warning("the %s split has no labelled rows: no metrics", split)
+            continue
+        pred, _ = predict(model, ds, modalities, batch_size=bs, device=device)
+        y = targets(ds)
+        is_test = split == data_args.test_split
+        groups = np.array([str(s.get("patient_id")) for s in ds.samples])
+        res[split] = score(pred, y, groups=groups, ci=is_test)
+        logger.info("%s: %s", split, {k: round(v, 4) for k, v in res[split].items() if isinstance(v, float)})
+        if not is_test:
+            continue
+        write_predictions(out / "predictions_test.csv", ds, records_by_id, spec, pred, names)
+        patterns = [presence_pattern(s, names) for s in ds.samples]
+        by_pattern = pattern_table(patterns, lambda idx: score(pred[idx], y[idx], ci=False),
+                                   data_args.min_pattern_samples)  # fmt: skip
+        _write_csv(out / "results_by_pattern.csv", by_pattern)
+        res["by_pattern"] = by_pattern
+        res["plots"] = _plots(spec, pred, y, out)
+        if data_args.ablations and len(names) > 1:
+            rows = [{"condition": "all modalities", **score(pred, y, groups=groups)}]
+            for m in names:
+                for label, kw in ((f"without {m}", {"drop": [m]}), (f"{m} alone", {"keep_only": [m]})):
+                    p2, keep = predict(model, ds, modalities, batch_size=bs, device=device, **kw)
+                    if keep.sum() < data_args.min_pattern_samples:
+                        rows.append({"condition": label, "n": int(keep.sum())})
+                        continue
+                    rows.append({"condition": label, **score(p2[keep], y[keep], groups=groups[keep])})
+            _write_csv(out / "ablation.csv", rows)
+            res["ablation"] = rows
+            plot = plot_ablation(rows, PRIMARY[spec.task], out / "ablation.png")
+            if plot:
+                res["plots"].append(plot.name)
+    return res
+
+
+def _plots(spec: LabelSpec, pred: np.ndarray, y: np.ndarray, out: Path) -> list[str]:
+    from scipy.special import expit, softmax
+
+    made = []
+    if spec.task == "survival":
+        km = plot_km_by_risk(y[:, 0], y[:, 1], pred[:, 0], out / "km_by_risk_group.png")
+        if km:
+            made.append(km[0].name)
+    elif spec.task == "regression":
+        made.append(plot_regression(spec.decode_regression(y), spec.decode_regression(pred[:, 0]),
+                                    out / "predicted_vs_true.png", spec.label_column).name)  # fmt: skip
+    else:
+        prob = expit(pred) if spec.task == "multilabel" else softmax(pred, axis=1)
+        for fn, name in ((plot_roc_pr, "roc_pr.png"), (plot_calibration, "calibration.png")):
+            path = fn(y, prob, spec.classes, out / name)
+            if path:
+                made.append(path.name)
+    return made
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+if __name__ == "__main__":
+    main()
