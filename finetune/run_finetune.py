@@ -257,7 +257,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if data_args.modalities:
         unknown = sorted(set(data_args.modalities) - set(manifest.modalities))
         if unknown:
-            raise ValueError(f"--modalities {unknown} are not modality columns of the manifest {list(manifest.modalities)}")
+            raise ValueError(
+                f"--modalities {unknown} are not modality columns of the manifest {list(manifest.modalities)}"
+            )
     spec = LabelSpec(
         task=data_args.task,
         label_column=data_args.label_column,
@@ -270,7 +272,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for c in spec.columns:
         if c not in manifest.table:
             raise ValueError(f"label column {c!r} is not in the manifest; label columns: {manifest.label_columns}")
-    splits = {s: manifest.split(s).records() for s in (data_args.train_split, data_args.eval_split, data_args.test_split)}
+    splits = {
+        s: manifest.split(s).records() for s in (data_args.train_split, data_args.eval_split, data_args.test_split)
+    }
     train_raw = [r for r in splits[data_args.train_split] if not any(is_missing(r.get(c)) for c in spec.columns)]
     spec.fit(train_raw)
     labelled = {s: labelled_records(recs, spec, s) for s, recs in splits.items()}
@@ -339,8 +343,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         callbacks=[EpochSetter(trainer_train)],
     )
 
-    results: dict[str, Any] = {"task": spec.task, "finetuning_mode": model_args.finetuning_mode,
-                               "pretrained": model_args.model_name_or_path, "parameters": count_parameters(model)}  # fmt: skip
+    results: dict[str, Any] = {
+        "task": spec.task,
+        "finetuning_mode": model_args.finetuning_mode,
+        "pretrained": model_args.model_name_or_path,
+        "parameters": count_parameters(model),
+    }
+    results["manifest"] = str(manifest_path.resolve())
     results["split_sizes"] = {
         data_args.train_split: _rows_patients(train_recs),
         data_args.eval_split: _rows_patients(eval_ds.samples),
@@ -362,7 +371,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = training_args.device
     final_model.to(device)
     if trainer.is_world_process_zero():
-        results.update(evaluate_and_report(final_model, spec, modalities, data_args, training_args, evals, manifest, out))
+        results.update(
+            evaluate_and_report(final_model, spec, modalities, data_args, training_args, evals, manifest, out)
+        )
         results["wall_clock_s"] = round(time.perf_counter() - t0, 1)
         final_model.save_pretrained(out)
         processor.save_pretrained(out)
@@ -449,7 +460,7 @@ def evaluate_and_report(model, spec, modalities, data_args, training_args, evals
             continue
         write_predictions(out / "predictions_test.csv", ds, records_by_id, spec, pred, names)
         patterns = [presence_pattern(s, names) for s in ds.samples]
-        by_pattern = pattern_table(patterns, lambda idx: score(pred[idx], y[idx], ci=False),
+        by_pattern = pattern_table(patterns, lambda idx, pred=pred, y=y: score(pred[idx], y[idx], ci=False),
                                    data_args.min_pattern_samples)  # fmt: skip
         _write_csv(out / "results_by_pattern.csv", by_pattern)
         res["by_pattern"] = by_pattern

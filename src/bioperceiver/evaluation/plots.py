@@ -105,9 +105,9 @@ def plot_km_by_risk(time, event, risk, path: Path, groups: int = 3) -> tuple[Pat
         sel = group == g
         if sel.sum() == 0:
             continue
-        KaplanMeierFitter().fit(time[sel], event[sel], label=f"{names[g]} predicted risk (n={int(sel.sum())})").plot(
-            ax=ax, ci_show=True
-        )
+        KaplanMeierFitter().fit(
+            time[sel], event[sel], label=f"{names[g]} predicted risk (n={int(sel.sum())})"
+        ).plot_survival_function(ax=ax, ci_show=True)
     ax.set(xlabel="time", ylabel="survival probability", title=f"Kaplan–Meier by predicted risk, log-rank p={p:.3g}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

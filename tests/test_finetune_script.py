@@ -1,0 +1,267 @@
+"""finetune/run_finetune.py end to end through a patched argv on small real subsets of the demo cohort, one run per
+task type (binary, multiclass, multilabel, regression, survival), plus argument files, resume and round trips."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+import bioperceiver as bp
+from bioperceiver.data import BioPerceiverProcessor, assign_splits, read_manifest, write_manifest
+from bioperceiver.data.processing import load_processor_settings
+from bioperceiver.training import FINETUNING_MODES
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("SurvSet", reason="the demo cohort needs the demo-data packages (make setup)")
+pytest.importorskip("data_store", reason="the demo cohort needs the demo-data packages (make setup)")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("run_finetune", ROOT / "finetune" / "run_finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_finetune"] = module  # dataclasses look their module up while the script is executed
+    spec.loader.exec_module(module)
+    return module
+
+
+run_finetune = _load_script()
+
+CARD_SECTIONS = [
+    "## Model and modalities",
+    "## Data provenance and licence per modality",
+    "## Training data: modality presence and missingness",
+    "## Training configuration",
+    "## Evaluation",
+    "### Results per missing-modality pattern",
+    "### Modality ablation",
+    "## Intended use",
+    "## Out-of-scope use",
+    "## Bias, risks and limitations",
+    "## Compute used",
+]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    """The demo cohort (real packaged data) with patient-level splits, plus derived SurvSet label columns (tumour
+    grade as a multiclass target, age as a regression target) so every task type runs on real rows."""
+    from bioperceiver.data.recipes.demo import build_demo_cohort
+
+    out = tmp_path_factory.mktemp("cohort")
+    build_demo_cohort(out, seed=0)
+    manifest = assign_splits(read_manifest(out / "manifest.parquet"))
+    table = manifest.table.copy()
+    clinical = table["tabular_clinical"].map(lambda v: json.loads(v) if isinstance(v, str) else None)
+    table["label_grade"] = clinical.map(
+        lambda c: None if not c or c.get("grade") is None else str(int(float(c["grade"])))
+    )
+    table["label_age"] = clinical.map(lambda c: None if not c or c.get("age") is None else float(c["age"]))
+    write_manifest(table, out / "labelled.parquet", manifest.metadata)
+    return out / "labelled.parquet"
+
+
+def _run(cohort: Path, out: Path, *args: str, monkeypatch=None) -> dict:
+    argv = [
+        "--manifest", str(cohort),
+        "--output_dir", str(out),
+        "--processor_settings", "tokenizers/demo_processors.yaml",
+        "--do_train", "true",
+        "--per_device_train_batch_size", "16",
+        "--per_device_eval_batch_size", "32",
+        "--eval_strategy", "epoch",
+        "--save_strategy", "epoch",
+        "--logging_steps", "5",
+        "--n_bootstrap", "30",
+        "--min_pattern_samples", "5",
+        "--use_cpu", "true",
+        "--report_to", "none",
+        "--seed", "0",
+        *args,
+    ]  # fmt: skip
+    if monkeypatch is not None:  # the script as a user runs it: `python finetune/run_finetune.py ...`
+        monkeypatch.setattr(sys, "argv", ["run_finetune.py", *argv])
+        return run_finetune.main()
+    return run_finetune.main(argv)
+
+
+def _check_outputs(out: Path, results: dict, metric: str) -> pd.DataFrame:
+    saved = json.loads((out / "all_results.json").read_text())
+    assert saved["task"] == results["task"]
+    test = saved["test"]
+    assert np.isfinite(test[metric])
+    assert test[f"{metric}_ci_low"] <= test[metric] <= test[f"{metric}_ci_high"]
+    assert test["n_resamples"] == 30 and test["n_groups"] <= test["n"]
+    preds = pd.read_csv(out / "predictions_test.csv")
+    assert len(preds) == test["n"]
+    assert preds["sample_id"].is_unique
+    assert (out / "results_by_pattern.csv").exists()
+    for name in ("config.json", "model.safetensors", "bioperceiver_processor.json", "finetuning_task.json"):
+        assert (out / name).exists(), name
+    card = ModelCard.load(out / "README.md")
+    for section in CARD_SECTIONS:
+        assert section in card.text, f"card lacks {section!r}"
+    assert card.data.license == "other"
+    assert "{{" not in card.text and "}}" not in card.text
+    for plot in saved["test"].get("plots", []) + saved.get("plots", []):
+        assert (out / plot).exists()
+    return preds
+
+
+def _reload_and_predict(out: Path, cls, modalities: list[str]) -> np.ndarray:
+    """The saved folder alone (model + processors + task spec) reproduces the test predictions."""
+    from bioperceiver.training.tasks import LabelSpec, ProcessedDataset, labelled_records, predict
+
+    model = cls.from_pretrained(out).eval()
+    processor = BioPerceiverProcessor.from_pretrained(out)
+    spec = LabelSpec.load(out)
+    manifest = read_manifest(json.loads((out / "all_results.json").read_text())["manifest"])
+    records, targets = labelled_records(manifest.split("test").records(), spec, "test")
+    ds = ProcessedDataset(records, targets, processor, base_dir=manifest.base_dir, modalities=modalities)
+    pred, _ = predict(model, ds, {m: processor.modalities[m] for m in modalities})
+    return pred
+
+
+def test_survival_cox_end_to_end_with_ablation_card_and_round_trip(cohort, tmp_path, monkeypatch):
+    out = tmp_path / "surv"
+    results = _run(
+        cohort, out, "--task", "survival", "--modalities", "omics_expression", "tabular_clinical",
+        "--num_train_epochs", "1", "--learning_rate", "1e-3", monkeypatch=monkeypatch,
+    )  # fmt: skip
+    preds = _check_outputs(out, results, "c_index")
+    assert {"label_survival_time", "label_survival_event", "risk"} <= set(preds.columns)
+    ablation = pd.read_csv(out / "ablation.csv")
+    assert set(ablation["condition"]) == {
+        "all modalities",
+        "without omics_expression",
+        "omics_expression alone",
+        "without tabular_clinical",
+        "tabular_clinical alone",
+    }
+    assert (out / "km_by_risk_group.png").exists() and (out / "ablation.png").exists()
+    card = (out / "README.md").read_text()
+    assert "c_index" in card and "survset_gse1992" in card and "padchest" not in card  # only what it was trained on
+    reloaded = _reload_and_predict(out, bp.AutoModelForSurvival, ["omics_expression", "tabular_clinical"])
+    np.testing.assert_allclose(reloaded[:, 0], preds["risk"].to_numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_multilabel_linear_probe_on_a_pretrained_backbone_keeps_it_frozen(cohort, tmp_path):
+    # a "pretrained" backbone folder as run_pretrain.py writes it: backbone + fitted processors
+    manifest = read_manifest(cohort)
+    settings, embedders = load_processor_settings(ROOT / "tokenizers" / "demo_processors.yaml")
+    proc = BioPerceiverProcessor.from_manifest(manifest, settings)
+    proc = BioPerceiverProcessor({m: proc.processors[m] for m in ("text_report", "tabular_study")}).fit(manifest)
+    backbone = bp.create_model("bioperceiver_debug", modalities=proc.model_modalities(embedders))
+    pre = tmp_path / "pretrained"
+    backbone.save_pretrained(pre)
+    proc.save_pretrained(pre)
+
+    out = tmp_path / "findings"
+    results = _run(
+        cohort, out, "--task", "multilabel", "--label_column", "label_findings", "--top_k_labels", "4",
+        "--model_name_or_path", str(pre), "--finetuning_mode", "linear_probe", "--num_train_epochs", "2",
+        "--learning_rate", "3e-3",
+    )  # fmt: skip
+    preds = _check_outputs(out, results, "auroc")
+    assert results["parameters"]["trainable"] < results["parameters"]["total"] / 10
+    spec = json.loads((out / "finetuning_task.json").read_text())
+    assert len(spec["classes"]) == 4
+    assert {f"prob_{c}" for c in spec["classes"]} <= set(preds.columns)
+    assert (out / "roc_pr.png").exists() and (out / "calibration.png").exists()
+    # linear probe: the saved backbone is bit-identical to the pretrained one, the head is new
+    before, after = load_file(pre / "model.safetensors"), load_file(out / "model.safetensors")
+    for key, value in before.items():
+        torch.testing.assert_close(after[f"bioperceiver.{key}"], value, rtol=0, atol=0, msg=key)
+    assert any(k.startswith("head.") for k in after)
+
+
+def test_binary_classification_with_lora_and_query_head(cohort, tmp_path):
+    out = tmp_path / "normal"
+    results = _run(
+        cohort, out, "--task", "classification", "--label_column", "label_findings", "--positive_label", "normal",
+        "--modalities", "text_report", "tabular_study", "--finetuning_mode", "lora", "--head_type", "query",
+        "--max_steps", "6", "--eval_strategy", "no", "--save_strategy", "no",
+    )  # fmt: skip
+    preds = _check_outputs(out, results, "auroc")
+    assert {"auroc", "auprc", "accuracy", "f1", "brier"} <= set(results["test"])
+    assert results["parameters"]["trainable"] < results["parameters"]["total"]
+    # LoRA is merged into the saved weights: a plain (peft-free) model reproduces the predictions
+    reloaded = _reload_and_predict(out, AutoModelForSequenceClassification, ["text_report", "tabular_study"])
+    prob = torch.softmax(torch.from_numpy(reloaded), dim=1)[:, 1].numpy()
+    np.testing.assert_allclose(prob, preds["prob_normal"].to_numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_multiclass_grade_from_expression_with_partial_unfreezing(cohort, tmp_path):
+    out = tmp_path / "grade"
+    results = _run(
+        cohort, out, "--task", "classification", "--label_column", "label_grade", "--modalities", "omics_expression",
+        "--finetuning_mode", "partial", "--max_steps", "6", "--eval_strategy", "no", "--save_strategy", "no",
+    )  # fmt: skip
+    _check_outputs(out, results, "auroc")
+    assert json.loads((out / "finetuning_task.json").read_text())["classes"] == ["1", "2", "3"]
+    assert {"f1_macro", "f1_micro", "accuracy"} <= set(results["test"])
+    assert not (out / "ablation.csv").exists()  # one modality: nothing to ablate
+
+
+def test_regression_age_reports_metrics_in_original_units(cohort, tmp_path):
+    out = tmp_path / "age"
+    results = _run(
+        cohort, out, "--task", "regression", "--label_column", "label_age",
+        "--modalities", "omics_expression", "tabular_clinical", "--max_steps", "6", "--eval_strategy", "no",
+        "--save_strategy", "no", "--ablations", "false",
+    )  # fmt: skip
+    preds = _check_outputs(out, results, "rmse")
+    ages = preds["label_age"].to_numpy()
+    assert 20 < ages.mean() < 100  # true labels are written in years, not standardised units
+    baseline = float(np.sqrt(np.mean((ages - ages.mean()) ** 2)))
+    assert results["test"]["rmse"] < 5 * baseline  # in years: same scale as the spread of the labels
+    assert (out / "predicted_vs_true.png").exists()
+
+
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(cohort, tmp_path):
+    """Run 1 epoch, then ask for 2 in the same folder: the last checkpoint is found and training continues from it
+    (optimizer, scheduler, RNG and data position restored), ending bit-identical to a straight 2-epoch run."""
+    common = ("--task", "survival", "--modalities", "tabular_clinical", "--ablations", "false",
+              "--lr_scheduler_type", "constant", "--learning_rate", "1e-3", "--eval_strategy", "no")  # fmt: skip
+    straight = tmp_path / "straight"
+    _run(cohort, straight, *common, "--num_train_epochs", "2")
+    resumed = tmp_path / "resumed"
+    _run(cohort, resumed, *common, "--num_train_epochs", "1")
+    steps_per_epoch = json.loads((resumed / "all_results.json").read_text())["train"]
+    assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-12"], steps_per_epoch
+    second = _run(cohort, resumed, *common, "--num_train_epochs", "2")
+    assert second["train"]["epoch"] == 2.0
+    state = json.loads((resumed / "checkpoint-24" / "trainer_state.json").read_text())
+    assert state["global_step"] == 24
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+
+
+def test_every_shipped_argument_file_parses():
+    files = sorted((ROOT / "finetune" / "configs").glob("*.yaml")) + sorted(
+        (ROOT / "finetune" / "configs").glob("*.json")
+    )
+    assert files
+    for path in files:
+        model_args, data_args, training_args = run_finetune.parse_args([str(path), "--output_dir", "/tmp/x"])
+        assert data_args.task in ("classification", "multilabel", "regression", "survival"), path
+        assert model_args.finetuning_mode in FINETUNING_MODES, path
+        assert training_args.output_dir == "/tmp/x"  # command-line flags override the file
+
+
+def test_bad_arguments_fail_with_a_clear_message(cohort, tmp_path):
+    with pytest.raises(ValueError, match="label column 'label_nope'"):
+        _run(cohort, tmp_path / "x", "--task", "classification", "--label_column", "label_nope")
+    with pytest.raises(ValueError, match="--modalities"):
+        _run(cohort, tmp_path / "y", "--task", "survival", "--modalities", "omics_nope")
