@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import platform
 import shutil
 import signal
 import time
@@ -41,6 +42,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 import bioperceiver as bp
+from bioperceiver.cards import pretraining_card
 from bioperceiver.data import (
     BioPerceiverCollator,
     BioPerceiverProcessor,
@@ -81,8 +83,9 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(accelerator, ckpt_dir: Path, step: int, batches_seen: int, keep_last: int) -> None:
-    """``save_state`` into a temporary folder, then an atomic rename: a crash never leaves a half checkpoint."""
+def save_checkpoint(accelerator, ckpt_dir: Path, step: int, batches_seen: int, keep_last: int, **extra) -> None:
+    """``save_state`` into a temporary folder, then an atomic rename: a crash never leaves a half checkpoint.
+    ``extra`` (run totals such as samples seen) goes into ``trainer_state.json`` beside the step and data position."""
     final = ckpt_dir / f"checkpoint-{step}"
     tmp = ckpt_dir / f".tmp-checkpoint-{step}"
     if accelerator.is_main_process and tmp.exists():
@@ -91,7 +94,9 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, batches_seen: int, k
     accelerator.save_state(str(tmp))  # collective: every rank writes its RNG state (and its shards with DeepSpeed/FSDP)
     accelerator.wait_for_everyone()  # ... so the folder is renamed only once all of them are written
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "batches_seen": batches_seen}) + "\n")
+        (tmp / "trainer_state.json").write_text(
+            json.dumps({"step": step, "batches_seen": batches_seen, **extra}) + "\n"
+        )
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -141,9 +146,10 @@ def forward_as(module: torch.nn.Module, fn):
 
 @torch.no_grad()
 def evaluate(
-    trainer: ContrastivePretrainer, dataset, collator, batch_size: int
+    trainer: ContrastivePretrainer, dataset, collator, batch_size: int, n_bootstrap: int = 0, seed: int = 0
 ) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Held-out patients: mean contrastive loss and cross-modal retrieval R@1/5/10 for every pair of views.
+    """Held-out patients: mean contrastive loss and cross-modal retrieval R@1/5/10 for every pair of views, with
+    ``n_bootstrap`` percentile-bootstrap 95% intervals (queries resampled by patient).
 
     Every rank calls this with the same data (ZeRO-3/FSDP gather parameter shards inside each forward, a collective
     all ranks must join); the loss is computed per process (``local_only``): no cross-rank gather of views."""
@@ -155,7 +161,7 @@ def evaluate(
 
     was_training = trainer.training
     trainer.eval()
-    views, masks, losses = [], [], []
+    views, masks, losses, patients = [], [], [], []
     with forward_as(trainer, eval_forward):
         for start in range(0, len(dataset), batch_size):
             batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], train=False)
@@ -165,11 +171,15 @@ def evaluate(
             losses.append(float(loss))
             views.append(v.float().cpu())
             masks.append(m.cpu())
+            patients += [str(p) for p in batch["patient_id"]]
     trainer.train(was_training)
     if not views:
         return {}, torch.empty(0), torch.empty(0)
     views_t, masks_t = torch.cat(views), torch.cat(masks)
-    metrics = {"eval_loss": float(sum(losses) / len(losses)), **retrieval_metrics(views_t, masks_t, trainer.view_names)}
+    retrieval = retrieval_metrics(
+        views_t, masks_t, trainer.view_names, n_bootstrap=n_bootstrap, groups=patients, seed=seed
+    )
+    metrics = {"eval_loss": float(sum(losses) / len(losses)), **retrieval}
     return metrics, views_t, masks_t
 
 
@@ -208,6 +218,7 @@ class TokenCounter:
 
     def __init__(self, model: torch.nn.Module):
         self.names = list(model.modality_names)
+        self.skip_last = 0  # trailing padding rows (RankPadder) not counted
         self.counts: dict[str, torch.Tensor] = {}
         for name in self.names:
             model.embedders[name].register_forward_hook(self._hook(name))
@@ -215,7 +226,8 @@ class TokenCounter:
     def _hook(self, name: str):
         def hook(module, args, output):
             if module.training:
-                keep = output[1].detach().sum()
+                keep = output[1].detach()
+                keep = (keep[: len(keep) - self.skip_last] if self.skip_last else keep).sum()
                 self.counts[name] = keep if name not in self.counts else self.counts[name] + keep
 
         return hook
@@ -227,6 +239,90 @@ class TokenCounter:
         return out.long()
 
 
+class RankPadder:
+    """Appends one padding sample holding *every* modality to each training batch, so that every rank makes the
+    same module calls at every step whatever modalities its batch holds. :class:`PaddedPretrainer` masks the row
+    out of the loss (all its views absent), so the loss and every gradient are exactly those of the real batch.
+
+    Why: the backbone runs every present modality's embedder and one encoder pass per modality present in the
+    local batch (its per-modality view), so ranks with different modalities make different calls. DDP copes
+    (``find_unused_parameters``); DeepSpeed ZeRO does not: ZeRO-2/3 reduce gradients in buckets filled by
+    per-parameter hooks (a parameter with a gradient on one rank and none on another mismatches the collectives:
+    gloo "Received data size doesn't match expected size", NCCL a hang) and ZeRO-3 gathers a module's parameter
+    shards in its forward hooks, once per call (a different number of encoder calls per rank hangs). FSDP gathers
+    per wrapped block and call in the same way.
+
+    The padding row takes each modality's arrays from the first training sample that has it (the same on every
+    rank), cut or zero-padded to the batch's padded length so the real rows are left untouched."""
+
+    PAD_ID = "__rank_padding__"
+
+    def __init__(self, dataset, collator, names: list[str]):
+        self.row: dict[str, dict[str, torch.Tensor]] = {}
+        for i in range(len(dataset)):
+            batch = collator([dataset[i]], train=False)
+            for name, arrays in (batch or {}).get("inputs", {}).items():
+                self.row.setdefault(name, arrays)
+            if len(self.row) == len(names):
+                break
+        missing = sorted(set(names) - set(self.row))
+        if missing:  # no training sample has them: no rank ever runs these embedders, which is consistent
+            logger.warning("no training sample has %s: these embedders are never trained", missing)
+
+    @staticmethod
+    def _fit(t: torch.Tensor, shape: torch.Size, key: str, name: str) -> torch.Tensor:
+        """``t`` (one row) cut or zero-padded to ``shape`` beyond the batch dimension (zeros = absent tokens)."""
+        if t.dim() != len(shape):
+            raise ValueError(f"{name}.{key}: padding row has {t.dim()} dims, the batch {len(shape)}")
+        if key == "pixel_values" and t.shape[1:] != shape[1:]:
+            raise ValueError(f"{name}: images of shape {tuple(t.shape[1:])} and {tuple(shape[1:])} in one run")
+        t = t[(slice(None), *(slice(0, n) for n in shape[1:]))]
+        pad = [x for n, m in zip(reversed(shape[1:]), reversed(t.shape[1:]), strict=True) for x in (0, n - m)]
+        return torch.nn.functional.pad(t, pad) if any(pad) else t
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["sample_id"])
+        inputs = {}
+        for name, pad in self.row.items():
+            real = batch["inputs"].get(name)
+            if real is None:  # nobody in the batch has it: n all-absent rows (values copied, masks False)
+                real = {
+                    k: torch.zeros_like(t[:1].expand(n, *t.shape[1:]))
+                    if t.dtype == torch.bool or k == "attention_mask"
+                    else t[:1].expand(n, *t.shape[1:]).clone()
+                    for k, t in pad.items()
+                }
+            if set(real) != set(pad):
+                raise ValueError(f"{name}: batch arrays {sorted(real)} but padding row {sorted(pad)}")
+            inputs[name] = {k: torch.cat([real[k], self._fit(pad[k], real[k].shape, k, name)]) for k in real}
+        return {**batch, "inputs": inputs, "patient_id": [*batch["patient_id"], self.PAD_ID]}
+
+
+class PaddedPretrainer(ContrastivePretrainer):
+    """:class:`ContrastivePretrainer` whose last ``num_pad`` batch rows (:class:`RankPadder`) run through the model
+    but have no view in the loss: their modality (and leave-one-out) masks are cleared before the loss sees them.
+    The backbone processes samples independently, so the real rows' views are unchanged."""
+
+    _num_pad = 0
+
+    def forward(self, inputs, patient_id=None, num_pad: int = 0, **kwargs):
+        self._num_pad = num_pad
+        try:
+            return super().forward(inputs, patient_id, **kwargs)
+        finally:
+            self._num_pad = 0
+
+    def _encode(self, inputs):
+        out = super()._encode(inputs)
+        if self._num_pad:
+            for key in ("modality_mask", "leave_one_out_mask"):
+                if out.get(key) is not None:
+                    m = out[key].clone()
+                    m[-self._num_pad :] = False
+                    out[key] = m
+        return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
@@ -234,6 +330,7 @@ def main(argv=None) -> dict:
     p.add_argument("--crash_after_step", type=int, help=argparse.SUPPRESS)  # tests: SIGKILL after this checkpoint
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     args = p.parse_args(argv)
+    t_start = time.perf_counter()
     cfg = load_config(args.config, args.overrides)
     out = Path(cfg["output_dir"])
     tr, opt, ck, lg = cfg["train"], cfg["optim"], cfg["checkpoint"], cfg["logging"]
@@ -272,6 +369,7 @@ def main(argv=None) -> dict:
     model = bp.create_model(
         cfg["model"]["preset"], modalities=processor.model_modalities(embedders), **cfg["model"].get("overrides", {})
     )
+    num_parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3/FSDP shard them
     if tr.get("gradient_checkpointing"):
         model.activation_checkpointing_enable()
     tokens = TokenCounter(model)
@@ -280,7 +378,12 @@ def main(argv=None) -> dict:
     leave_one_out = float(loss_cfg.pop("leave_one_out", 0.0) or 0.0)
     if leave_one_out:  # only passed when used (older ContrastivePretrainer versions lack the keyword)
         loss_cfg["leave_one_out"] = leave_one_out
-    trainer = ContrastivePretrainer(model, loss=name, fused_view=fused_view, **loss_cfg)
+    # ZeRO and FSDP need every rank to make the same module calls: see RankPadder
+    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    pad_ranks = sharded and accelerator.num_processes > 1
+    trainer = (PaddedPretrainer if pad_ranks else ContrastivePretrainer)(
+        model, loss=name, fused_view=fused_view, **loss_cfg
+    )
     if deepspeed:
         _deepspeed_setup(accelerator, trainer, opt)
     train_ds = ManifestTorchDataset(
@@ -291,6 +394,9 @@ def main(argv=None) -> dict:
         modality_dropout=cfg["data"]["modality_dropout"],
         on_error=cfg["data"]["on_error"],
         seed=cfg["seed"],
+    )
+    padder = (
+        RankPadder(train_ds, BioPerceiverCollator(processor.modalities), model.modality_names) if pad_ranks else None
     )
     loader = DataLoader(
         train_ds,
@@ -309,6 +415,7 @@ def main(argv=None) -> dict:
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     step, batches_seen = 0, 0
+    samples_before, seconds_before, samples_local = 0, 0.0, 0  # run totals over resumes (model card)
     if args.resume:
         path = latest_checkpoint(ckpt_dir) if args.resume == "latest" else Path(args.resume)
         if path is None:
@@ -316,6 +423,7 @@ def main(argv=None) -> dict:
         accelerator.load_state(str(path))
         state = json.loads((path / "trainer_state.json").read_text())
         step, batches_seen = state["step"], state["batches_seen"]
+        samples_before, seconds_before = state.get("samples_seen", 0), state.get("train_seconds", 0.0)
         logger.info("resumed from %s at step %d", path, step)
     if trackers:
         init_kwargs = {"wandb": {"name": lg["run_name"]}} if lg.get("run_name") and "wandb" in trackers else {}
@@ -327,12 +435,27 @@ def main(argv=None) -> dict:
     )
     eval_collator = BioPerceiverCollator(processor.modalities, on_error="skip")
 
+    def run_totals() -> dict[str, float]:
+        """Samples seen (all processes, all run segments) and training seconds so far: one all-reduce."""
+        seen = accelerator.reduce(torch.tensor([samples_local], device=accelerator.device), reduction="sum")
+        return {
+            "samples_seen": samples_before + int(seen.item()),
+            "train_seconds": seconds_before + time.perf_counter() - t_start,
+        }
+
     def run_eval(step: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
         """Every rank runs the same forwards (sharded parameters are gathered collectively); the main one logs."""
         metrics, v, m = ({}, None, None)
         if len(eval_ds):
             with accelerator.autocast():
-                metrics, v, m = evaluate(accelerator.unwrap_model(trainer), eval_ds, eval_collator, tr["batch_size"])
+                metrics, v, m = evaluate(
+                    accelerator.unwrap_model(trainer),
+                    eval_ds,
+                    eval_collator,
+                    tr["batch_size"],
+                    n_bootstrap=int(eval_cfg.get("n_bootstrap", 1000) or 0),
+                    seed=cfg["seed"],
+                )
         if accelerator.is_main_process and metrics:
             r1 = {k: round(x, 3) for k, x in metrics.items() if k.startswith("R@1/")}
             logger.info("step %d held-out loss %.4f, R@1 %s", step, metrics.get("eval_loss", float("nan")), r1)
@@ -356,8 +479,12 @@ def main(argv=None) -> dict:
             batches_seen += 1
             if batch is None:  # every sample of the batch was skipped (counted by the collator)
                 continue
+            extra = {}
+            if padder is not None:
+                batch, extra = padder(batch), {"num_pad": 1}
+            tokens.skip_last = extra.get("num_pad", 0)
             with accelerator.accumulate(trainer):
-                outputs = trainer(inputs=batch["inputs"], patient_id=batch["patient_id"])
+                outputs = trainer(inputs=batch["inputs"], patient_id=batch["patient_id"], **extra)
                 accelerator.backward(outputs["loss"])  # DeepSpeed: also steps (clipping from its JSON) here
                 if accelerator.sync_gradients and opt.get("grad_clip"):
                     # clips (DeepSpeed: returns the norm it clipped with); the pre-clip norm is logged
@@ -367,6 +494,7 @@ def main(argv=None) -> dict:
                     scheduler.step()
                 optimizer.zero_grad()
             samples_since += len(batch["sample_id"])
+            samples_local += len(batch["sample_id"])
             if batches_seen % accum:
                 continue
             step += 1
@@ -406,7 +534,7 @@ def main(argv=None) -> dict:
                 if metrics:
                     history.append({"step": step, **metrics})
             if step % ck["save_steps"] == 0 or step == opt["max_steps"]:
-                save_checkpoint(accelerator, ckpt_dir, step, batches_seen, ck["keep_last"])
+                save_checkpoint(accelerator, ckpt_dir, step, batches_seen, ck["keep_last"], **run_totals())
                 if args.crash_after_step == step:
                     os.kill(os.getpid(), signal.SIGKILL)
             t_last += time.perf_counter() - t_pause
@@ -421,6 +549,7 @@ def main(argv=None) -> dict:
         history.append({"step": step, **metrics})
     # The full state dict, gathered from the shards under ZeRO-3/FSDP: a collective, every rank calls it.
     state_dict = accelerator.get_state_dict(trainer)
+    totals = run_totals()
     plots: list[Path] = []
     if accelerator.is_main_process:
         (out / "eval_results.json").write_text(json.dumps(metrics, indent=1) + "\n")
@@ -439,6 +568,20 @@ def main(argv=None) -> dict:
         backbone = {k[len("model.") :]: v for k, v in state_dict.items() if k.startswith("model.")}
         unwrapped.model.save_pretrained(final, state_dict=backbone)
         processor.save_pretrained(final)
+        compute = compute_facts(accelerator, step, totals, cfg)
+        try:
+            card = pretraining_card(
+                config=unwrapped.model.config,
+                manifest=manifest,
+                run_config=cfg,
+                metrics=metrics,
+                compute=compute,
+                num_parameters=num_parameters,
+                eval_split=eval_cfg.get("split", "validation"),
+            )
+            card.save(final / "README.md")
+        except Exception:  # the trained model is saved; a card problem must not lose the run
+            logger.exception("could not write the model card %s", final / "README.md")
         (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
         logger.info("saved the pretrained backbone and processors to %s", final)
     accelerator.wait_for_everyone()
@@ -452,6 +595,29 @@ def main(argv=None) -> dict:
     )}  # fmt: skip
 
 
+def compute_facts(accelerator, steps: int, totals: dict, cfg: dict) -> dict[str, Any]:
+    """The model card's "compute used": hardware, processes, precision, wall-clock, steps, samples."""
+    device = accelerator.device
+    if device.type == "cuda":
+        hardware = f"{accelerator.num_processes} x {torch.cuda.get_device_name(device)}"
+    else:
+        hardware = f"{device.type}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    tr = cfg["train"]
+    seconds = totals["train_seconds"]
+    return {
+        "hardware": hardware,
+        "processes": accelerator.num_processes,
+        "machines": int(os.environ.get("WORLD_SIZE", 1)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+        "distributed type": accelerator.distributed_type.value,
+        "mixed precision": accelerator.mixed_precision,
+        "wall-clock": f"{seconds / 3600:.2f} h ({seconds:.0f} s, whole run incl. evaluation and resumes)",
+        "optimizer steps": steps,
+        "global batch": tr["batch_size"] * tr["gradient_accumulation_steps"] * accelerator.num_processes,
+        "samples seen": totals["samples_seen"],
+        "software": f"torch {torch.__version__}, bioperceiver {getattr(bp, '__version__', '?')}",
+    }
+
+
 def _deepspeed_setup(accelerator, trainer: torch.nn.Module, opt: dict) -> None:
     """What the DeepSpeed JSON leaves to this script, before ``prepare``.
 
@@ -460,6 +626,8 @@ def _deepspeed_setup(accelerator, trainer: torch.nn.Module, opt: dict) -> None:
     * DeepSpeed 0.19 broadcasts every parameter from rank 0 as ``p.data.view(torch.uint8)``, which fails on 0-dim
       tensors ("self.dim() cannot be 0 to view Float as Byte"): the losses' learnable temperature and bias are
       scalars, so they get shape ``(1,)`` here (same values and maths; only DeepSpeed checkpoints see the shape).
+    * Every rank must make the same module calls (ZeRO's gradient buckets and ZeRO-3's parameter gathers): the
+      training batches are padded by :class:`RankPadder` (see ``main``).
     """
     plugin = accelerator.state.deepspeed_plugin
     if plugin.is_auto("gradient_clipping"):

@@ -1,8 +1,13 @@
 """pretrain/run_pretrain.py end to end on CPU: a run killed with SIGKILL right after a checkpoint and resumed with
---resume latest ends with exactly the parameters of an uninterrupted run; shipped run YAMLs parse."""
+--resume latest ends with exactly the parameters of an uninterrupted run, and writes a model card with bootstrap
+intervals; shipped run YAMLs, accelerate YAMLs, DeepSpeed JSONs and the SLURM script are valid."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +90,27 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(run_config):
     kept = sorted(p.name for p in (run_config / "full" / "checkpoints").iterdir())
     assert kept == ["checkpoint-3", "checkpoint-6"]
 
+    # the model card: loadable by huggingface_hub, retrieval R@k with 95% bootstrap intervals, compute used
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(run_config / "full" / "final" / "README.md")
+    assert card.data.library_name == "transformers" and "bioperceiver" in card.data.tags
+    metrics = json.loads((run_config / "full" / "eval_results.json").read_text())
+    pairs = [k.split("/", 1)[1] for k in metrics if k.startswith("queries/")]
+    assert pairs
+    for pair in pairs:
+        lo, point, hi = (metrics[f"R@1{s}/{pair}"] for s in ("_ci_low", "", "_ci_high"))
+        assert 0.0 <= lo <= point <= hi <= 1.0
+        row = next(line for line in card.text.splitlines() if line.startswith(f"| {pair.replace('-', ' ↔ ', 1)} |"))
+        assert f"{point:.3f} [{lo:.3f}, {hi:.3f}]" in row  # the table shows the run's own numbers
+    assert re.search(r"\| optimizer steps \| 6 \|", card.text)
+    assert re.search(r"\| processes \| 1 \|", card.text)
+    samples = int(re.search(r"\| samples seen \| (\d+) \|", card.text).group(1))
+    assert samples == 6 * 8  # 6 steps of 8 samples (no sample of the synthetic cohort is skipped)
+    # the resumed run counts samples across both segments
+    resumed_card = (run_config / "crash" / "final" / "README.md").read_text()
+    assert re.search(r"\| samples seen \| 48 \|", resumed_card)
+
 
 def test_shipped_run_configs_parse():
     sys.path.insert(0, str(ROOT / "pretrain"))
@@ -96,3 +122,136 @@ def test_shipped_run_configs_parse():
         cfg = load_config(str(path), ["optim.lr=0.5", "loss.name=siglip"])
         assert {"model", "data", "loss", "optim", "train", "checkpoint", "logging"} <= set(cfg)
         assert cfg["optim"]["lr"] == 0.5 and cfg["loss"]["name"] == "siglip"
+
+
+ACCEL = ROOT / "pretrain" / "configs" / "accelerate"
+EXPECTED_TYPES = {
+    "cpu": "NO",
+    "single_gpu": "NO",
+    "cpu_ddp": "MULTI_GPU",
+    "ddp": "MULTI_GPU",
+    "fsdp": "FSDP",
+    "deepspeed_zero2": "DEEPSPEED",
+    "deepspeed_zero3": "DEEPSPEED",
+}
+
+
+def test_shipped_accelerate_configs_load_with_accelerate():
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+
+    files = sorted(ACCEL.glob("*.yaml"))
+    assert {p.stem for p in files} == set(EXPECTED_TYPES)
+    for path in files:
+        cfg = load_config_from_file(str(path))
+        assert isinstance(cfg, ClusterConfig), path
+        assert cfg.distributed_type.value == EXPECTED_TYPES[path.stem], path
+        assert cfg.num_machines == 1 and cfg.machine_rank == 0 and cfg.num_processes >= 1, path
+        assert cfg.use_cpu == path.stem.startswith("cpu"), path
+        if cfg.distributed_type.value == "DEEPSPEED":
+            ds = cfg.deepspeed_config
+            assert (ROOT / ds["deepspeed_config_file"]).is_file(), path  # relative to the repository root
+            # accelerate refuses these next to a deepspeed_config_file: they belong to the JSON ("auto")
+            forbidden = {"gradient_accumulation_steps", "gradient_clipping", "zero_stage", "offload_optimizer_device"}
+            assert not forbidden & set(ds), path
+            assert path.stem.endswith(ds["deepspeed_config_file"].split("/")[-1].removesuffix(".json")), path
+        if cfg.distributed_type.value == "FSDP":
+            from bioperceiver import BioPerceiverPreTrainedModel
+
+            wrapped = cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")
+            assert set(wrapped) == set(BioPerceiverPreTrainedModel._no_split_modules), path
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_jsons_leave_batch_precision_and_clipping_to_the_run_yaml(stage):
+    cfg = json.loads((ROOT / "pretrain" / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
+    auto = ["train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"]
+    assert all(cfg[k] == "auto" for k in auto)
+    assert cfg["fp16"]["enabled"] == "auto" and cfg["bf16"]["enabled"] == "auto"
+    assert cfg["zero_optimization"]["stage"] == stage
+    # run_pretrain.py passes its own torch AdamW + cosine schedule (weight-decay groups, warm-up): none here
+    assert "optimizer" not in cfg and "scheduler" not in cfg
+    if stage == 3:  # final/ needs the full weights gathered at save time
+        assert cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+SBATCH = ROOT / "pretrain" / "configs" / "slurm" / "pretrain_multinode.sbatch"
+
+
+def test_slurm_script_parses_and_launches_one_accelerate_per_node(tmp_path):
+    """``bash -n``, then a dry run with stub ``scontrol``/``srun``/``accelerate`` on PATH: srun runs the per-node
+    command as node 1 of 2, the stub accelerate records its arguments."""
+    subprocess.run(["bash", "-n", str(SBATCH)], check=True)
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    scripts = {
+        "scontrol": 'printf "gpu-node-a\\ngpu-node-b\\n"',
+        # the last srun arguments are: bash -c CMD bash ARGS... ; run them as the task of node 1
+        "srun": 'while [[ "$1" == --* ]]; do shift; done; SLURM_NODEID=1 exec "$@"',
+        "accelerate": f'printf "%s\\n" "$@" > {tmp_path}/accelerate_args',
+    }
+    for name, body in scripts.items():
+        (stubs / name).write_text(f"#!/bin/bash\n{body}\n")
+        (stubs / name).chmod(stat.S_IRWXU)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+        "PATH": f"{stubs}:{os.environ['PATH']}",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "gpu-node-[a-b]",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_GPUS_ON_NODE": "4",
+    }
+    res = subprocess.run(
+        ["bash", str(SBATCH), "--config", "my run.yaml", "optim.max_steps=10"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    args = (tmp_path / "accelerate_args").read_text().splitlines()
+    opts = dict(zip(args[1::2], args[2::2], strict=False)) if args[0] == "launch" else {}
+    assert args[0] == "launch"
+    assert opts["--num_machines"] == "2" and opts["--num_processes"] == "8"  # 2 nodes x 4 GPUs
+    assert opts["--machine_rank"] == "1" and opts["--main_process_ip"] == "gpu-node-a"
+    assert opts["--main_process_port"] == str(29500 + 4242 % 1000)
+    assert opts["--config_file"] == "pretrain/configs/accelerate/ddp.yaml"
+    assert args[-4:] == ["pretrain/run_pretrain.py", "--config", "my run.yaml", "optim.max_steps=10"]
+
+
+def test_retrieval_bootstrap_intervals_resample_queries_by_patient():
+    """R@k intervals: point estimates as without the bootstrap; each resample is R@k over the drawn patients' queries
+    (recomputed here by brute force); deterministic for a seed."""
+    import numpy as np
+
+    from bioperceiver.training import retrieval_metrics
+
+    g = torch.Generator().manual_seed(0)
+    views = torch.randn(60, 3, 8, generator=g)
+    views[:, 1] = views[:, 0] + 0.7 * torch.randn(60, 8, generator=g)  # a and b aligned, noisily
+    mask = torch.rand(60, 3, generator=g) > 0.2
+    patients = [f"p{i // 3}" for i in range(60)]  # 3 samples per patient
+    plain = retrieval_metrics(views, mask, ["a", "b", "fused"])
+    boot = retrieval_metrics(views, mask, ["a", "b", "fused"], n_bootstrap=50, groups=patients, seed=3)
+    assert boot == retrieval_metrics(views, mask, ["a", "b", "fused"], n_bootstrap=50, groups=patients, seed=3)
+    assert {k: boot[k] for k in plain} == plain
+    assert boot["R@1_ci_low/a-b"] < boot["R@1/a-b"] < boot["R@1_ci_high/a-b"]
+
+    # brute force: the same draws of patients (numpy default_rng(seed), as many as there are patients)
+    z = torch.nn.functional.normalize(views, dim=-1)
+    both = (mask[:, 0] & mask[:, 1]).nonzero().flatten().tolist()
+    q_patients = sorted({patients[i] for i in both})
+    draws = np.random.default_rng(3).integers(0, len(q_patients), size=(50, len(q_patients)))
+
+    def hit(q, x, y):
+        cand = mask[:, y].nonzero().flatten()
+        sims = z[cand, y] @ z[q, x]
+        return float((sims > sims[(cand == q).nonzero().item()]).sum() < 1)
+
+    per_query = {q: (hit(q, 0, 1) + hit(q, 1, 0)) / 2 for q in both}
+    resampled = []
+    for drawn in draws:
+        rows = [q for d in drawn for q in both if patients[q] == q_patients[d]]
+        resampled.append(np.mean([per_query[q] for q in rows]))
+    low, high = np.quantile(resampled, [0.025, 0.975])
+    assert boot["R@1_ci_low/a-b"] == pytest.approx(low) and boot["R@1_ci_high/a-b"] == pytest.approx(high)

@@ -159,11 +159,29 @@ class ManifestTorchDataset(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def retrieval_metrics(
-    views: torch.Tensor, mask: torch.Tensor, names: list[str], ks: tuple[int, ...] = (1, 5, 10), min_pairs: int = 2
+    views: torch.Tensor,
+    mask: torch.Tensor,
+    names: list[str],
+    ks: tuple[int, ...] = (1, 5, 10),
+    min_pairs: int = 2,
+    *,
+    n_bootstrap: int = 0,
+    groups=None,
+    alpha: float = 0.05,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Cross-modal retrieval on held-out samples: for every pair of views ``(a, b)`` and each sample having both,
     rank all samples having ``b`` by cosine similarity to its ``a`` view; ``R@k`` = share of queries whose own ``b``
-    view is in the top ``k`` (both directions averaged). Also reports the number of queries and chance ``R@1``."""
+    view is in the top ``k`` (both directions averaged). Also reports the number of queries and chance ``R@1``.
+
+    With ``n_bootstrap > 0``, adds a percentile bootstrap ``(1 - alpha)`` interval of each ``R@k`` as
+    ``R@k_ci_low/<pair>`` and ``R@k_ci_high/<pair>``: the queries are resampled with replacement (whole groups of
+    them with ``groups``, one id per row of ``views``, e.g. patient ids, so that samples of one patient are drawn
+    together), the candidate set stays fixed. Deterministic for a given ``seed``."""
+    if n_bootstrap and not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1) (0.05 for a 95% interval), got {alpha}")
+    if groups is not None and len(groups) != len(views):
+        raise ValueError(f"groups has {len(groups)} entries for {len(views)} samples; give one id per sample")
     z = torch.nn.functional.normalize(views.float(), dim=-1)
     out: dict[str, float] = {}
     k_views = len(names)
@@ -172,21 +190,42 @@ def retrieval_metrics(
             both = mask[:, a] & mask[:, b]
             if int(both.sum()) < min_pairs:
                 continue
-            recalls = {k: [] for k in ks}
+            queries = torch.nonzero(both).squeeze(1)
+            hits = {k: torch.zeros(len(queries)) for k in ks}  # per query: hit rate over the two directions
             for x, y in ((a, b), (b, a)):
                 cand = torch.nonzero(mask[:, y]).squeeze(1)
-                queries = torch.nonzero(both).squeeze(1)
                 sim = z[queries, x] @ z[cand, y].T
                 target = (cand[None, :] == queries[:, None]).float().argmax(1)
                 rank = (sim > sim.gather(1, target[:, None])).sum(1)
                 for k in ks:
-                    recalls[k].append((rank < k).float().mean().item())
+                    hits[k] += (rank < k).float() / 2
             key = f"{names[a]}-{names[b]}"
             for k in ks:
-                out[f"R@{k}/{key}"] = float(np.mean(recalls[k]))
+                out[f"R@{k}/{key}"] = float(hits[k].mean())
+            if n_bootstrap:
+                q_groups = None if groups is None else np.asarray(groups, dtype=object)[queries.numpy()]
+                weights = _bootstrap_weights(len(queries), n_bootstrap, seed, q_groups)  # (R, Q)
+                for k in ks:
+                    resampled = weights @ hits[k].double().numpy() / weights.sum(1)
+                    low, high = np.quantile(resampled, [alpha / 2, 1 - alpha / 2])
+                    out[f"R@{k}_ci_low/{key}"], out[f"R@{k}_ci_high/{key}"] = float(low), float(high)
             out[f"queries/{key}"] = int(both.sum())
             out[f"chance_R@1/{key}"] = 1.0 / max(1, int(mask[:, b].sum()))
     return out
+
+
+def _bootstrap_weights(n: int, n_resamples: int, seed: int, groups=None) -> np.ndarray:
+    """``(n_resamples, n)``: how often each row is drawn in each resample (rows, or whole groups of rows)."""
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        codes, n_units = np.arange(n), n
+    else:
+        _, codes = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+        n_units = int(codes.max()) + 1
+    drawn = rng.integers(0, n_units, size=(n_resamples, n_units))
+    counts = np.zeros((n_resamples, n_units))
+    np.add.at(counts, (np.arange(n_resamples)[:, None], drawn), 1.0)
+    return counts[:, codes]
 
 
 def plot_similarity(views: torch.Tensor, mask: torch.Tensor, names: list[str], a: str, b: str, path) -> bool:

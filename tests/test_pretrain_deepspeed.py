@@ -1,0 +1,183 @@
+"""DeepSpeed ZeRO-2/ZeRO-3 through ``accelerate launch`` on CPU (2 processes, gloo), and the batch padding that makes
+every rank call the same modules (without it ZeRO mismatches its collectives as soon as two ranks' batches hold
+different modalities: gloo aborts under ZeRO-2, ZeRO-3 hangs).
+
+DeepSpeed selects its CPU accelerator here; the first distributed run JIT-compiles ``deepspeed_shm_comm_op``
+(~45 s, cached in ``TORCH_EXTENSIONS_DIR``). The runs use a torch AdamW (a DeepSpeed-JSON optimizer would compile CPU
+Adam for ~1.5 min)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from bioperceiver.data.recipes.synthetic import make_synthetic_cohort
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "pretrain" / "run_pretrain.py"
+ACCEL = ROOT / "pretrain" / "configs" / "accelerate"
+HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+STEPS = 3
+
+
+def _tiny_config(root: Path) -> Path:
+    """The synthetic cohort with every modality kind, missing modalities and a tiny preset; 3 steps, no evaluation
+    until the end."""
+    manifest = make_synthetic_cohort(root / "cohort", num_patients=40, missing_rate=0.3, seed=5)
+    settings = {
+        "processors": {
+            "text_note": {"vocab_size": 200, "min_frequency": 1, "max_length": 48},
+            "image_2d": {"spatial_size": [16, 16], "augment": {"flip": 0.5, "noise_std": 0.05}},
+            "image_3d": {"spatial_dims": 3, "spatial_size": [8, 8, 8]},
+            "signal_ecg": {"target_rate": 50.0, "window_s": 2.0},
+        },
+        "embedders": {"image_2d": {"patch_size": 8}, "image_3d": {"patch_size": 4}, "signal_ecg": {"patch_size": 10}},
+    }
+    (root / "settings.yaml").write_text(yaml.safe_dump(settings))
+    cfg = yaml.safe_load((ROOT / "pretrain" / "configs" / "demo.yaml").read_text())
+    cfg["data"].update(
+        manifest=str(manifest),
+        build_demo_cohort=False,
+        processor_settings=str(root / "settings.yaml"),
+        processor_dir=str(root / "processors"),
+    )
+    cfg["optim"].update(max_steps=STEPS, warmup_steps=1)
+    cfg["train"]["batch_size"] = 4
+    cfg["checkpoint"].update(save_steps=STEPS, keep_last=1)
+    cfg["eval"].update(steps=0, n_bootstrap=100)
+    cfg["logging"].update(log_steps=1, report_to="none")
+    (root / "run.yaml").write_text(yaml.safe_dump(cfg))
+    return root / "run.yaml"
+
+
+@pytest.fixture(scope="module")
+def run_config(tmp_path_factory) -> Path:
+    return _tiny_config(tmp_path_factory.mktemp("pretrain_ds"))
+
+
+def _launch(run_yaml: Path, out: Path, accelerate_config: str, env_extra: dict | None = None):
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "DS_ACCELERATOR": "cpu",  # no CUDA here: DeepSpeed's CPU accelerator (gloo)
+        "TORCH_EXTENSIONS_DIR": os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions")
+        ),
+        **(env_extra or {}),
+    }
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(ACCEL / accelerate_config),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "0",  # a free port: tests may run side by side
+        str(SCRIPT),
+        "--config",
+        str(run_yaml),
+        f"output_dir={out}",
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
+def _history(out: Path) -> list[dict]:
+    return [h for h in json.loads((out / "history.json").read_text()) if "loss" in h]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(run_config):
+    """The same run under plain DDP (2 CPU processes): the reference ZeRO must reproduce."""
+    out = run_config.parent / "ddp"
+    res = _launch(run_config, out, "cpu_ddp.yaml", {"ACCELERATE_USE_CPU": "1"})
+    assert res.returncode == 0, res.stderr[-4000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_DEEPSPEED, reason="deepspeed is not installed (pip install 'bioperceiver[deepspeed]')")
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_zero_on_cpu_trains_saves_a_loadable_model_and_matches_ddp(run_config, ddp_run, stage):
+    out = run_config.parent / stage
+    res = _launch(run_config, out, f"deepspeed_{stage}.yaml")
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "DEEPSPEED, 2 process(es)" in res.stderr
+    hist = _history(out)
+    assert [h["step"] for h in hist] == list(range(1, STEPS + 1))
+    assert all(math.isfinite(h["loss"]) for h in hist)
+
+    from transformers import AutoModel
+
+    import bioperceiver  # noqa: F401  (registers the Auto classes)
+
+    model = AutoModel.from_pretrained(out / "final")
+    assert sum(p.numel() for p in model.parameters()) > 0
+    # Ranks held different modalities at some step (the synthetic cohort has 30% missing modalities and batches of
+    # 4), so this also checks the padding row: ZeRO ends exactly where DDP does, up to float summation order.
+    ours, ref = load_file(out / "final" / "model.safetensors"), load_file(ddp_run / "final" / "model.safetensors")
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
+    ddp_losses = [h["loss"] for h in _history(ddp_run)]
+    assert [h["loss"] for h in hist] == pytest.approx(ddp_losses, rel=1e-4)
+
+
+def test_padding_row_leaves_loss_and_gradients_unchanged(run_config):
+    """The row RankPadder appends runs through every embedder and encoder pass but has no view in the loss: loss and
+    every parameter gradient equal those of the real batch (clip with leave-one-out, and multiview)."""
+    sys.path.insert(0, str(ROOT / "pretrain"))
+    from run_pretrain import PaddedPretrainer, RankPadder
+
+    import bioperceiver as bp
+    from bioperceiver.data import BioPerceiverCollator, BioPerceiverProcessor, assign_splits, read_manifest
+    from bioperceiver.data.processing import load_processor_settings
+    from bioperceiver.training import ContrastivePretrainer, ManifestTorchDataset
+
+    cfg = yaml.safe_load(run_config.read_text())
+    manifest = assign_splits(read_manifest(cfg["data"]["manifest"]))
+    procs, embedders = load_processor_settings(cfg["data"]["processor_settings"])
+    processor = BioPerceiverProcessor.from_manifest(manifest, procs).fit(manifest, split="train")
+    ds = ManifestTorchDataset(manifest.split("train"), processor, train=True, seed=0)
+    collator = BioPerceiverCollator(processor.modalities, modality_dropout=0.3, seed=0)
+    names = sorted(processor.modalities)
+    padder = RankPadder(ds, BioPerceiverCollator(processor.modalities), names)
+    assert sorted(padder.row) == names
+    # a batch lacking some modalities entirely (the padding row then brings every one)
+    batch = next(
+        b
+        for i in range(0, len(ds) - 3, 3)
+        if len((b := collator([ds[j] for j in range(i, i + 3)]))["inputs"]) < len(names)
+    )
+    padded = padder(batch)
+    assert sorted(padded["inputs"]) == names and len(padded["patient_id"]) == len(batch["patient_id"]) + 1
+
+    for loss, kw in (("clip", {"leave_one_out": 0.5}), ("multiview", {})):
+        torch.manual_seed(0)
+        model = bp.create_model("bioperceiver_debug", modalities=processor.model_modalities(embedders))
+        ref = ContrastivePretrainer(model, loss=loss, **kw)
+        pad = PaddedPretrainer(model, loss=loss, **kw)
+        pad.load_state_dict(ref.state_dict())
+        out_ref = ref(batch["inputs"], batch["patient_id"])
+        out_ref["loss"].backward()
+        g_ref = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
+        ref.zero_grad(set_to_none=True)
+        out_pad = pad(padded["inputs"], padded["patient_id"], num_pad=1)
+        out_pad["loss"].backward()
+        g_pad = {n: p.grad for n, p in pad.named_parameters() if p.grad is not None}
+        torch.testing.assert_close(out_pad["loss"], out_ref["loss"], rtol=1e-5, atol=1e-6)
+        assert set(g_pad) == {n for n, p in pad.named_parameters() if p.requires_grad}  # every parameter: a gradient
+        assert set(g_ref) < set(g_pad)  # ... where the real batch alone leaves some embedders without one
+        for n, g in g_pad.items():  # equal up to float summation order (batches of 3 and 4 rows)
+            r = g_ref.get(n, torch.zeros_like(g))
+            assert (g - r).abs().max() <= 1e-4 * r.abs().max() + 1e-7, (loss, n)
