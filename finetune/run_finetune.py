@@ -122,6 +122,16 @@ class DataArguments:
     n_bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for the test CIs (by patient)"})
     ablations: bool = field(default=True, metadata={"help": "test metric with each modality removed / alone"})
     min_pattern_samples: int = field(default=10, metadata={"help": "smallest pattern group that gets metrics"})
+    uncertainty: bool = field(
+        default=True,
+        metadata={"help": "temperature scaling, ECE, conformal sets/intervals, MC-dropout on the test split"},
+    )
+    mc_dropout_samples: int = field(default=20, metadata={"help": "MC-dropout forward passes (0 = off)"})
+    conformal_alpha: float = field(default=0.1, metadata={"help": "conformal miscoverage: sets cover 1 - alpha"})
+    interpret: bool = field(
+        default=True, metadata={"help": "modality Shapley values, integrated gradients and a deletion test on test"}
+    )
+    explain_samples: int = field(default=3, metadata={"help": "test patients with explanation figures (0 = none)"})
 
 
 class EpochSetter(TrainerCallback):
@@ -372,7 +382,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     final_model.to(device)
     if trainer.is_world_process_zero():
         results.update(
-            evaluate_and_report(final_model, spec, modalities, data_args, training_args, evals, manifest, out)
+            evaluate_and_report(
+                final_model, spec, modalities, processor, data_args, training_args, evals, manifest, out
+            )
         )
         results["wall_clock_s"] = round(time.perf_counter() - t0, 1)
         final_model.save_pretrained(out)
@@ -392,8 +404,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         card.save(out / "README.md")
         (out / "all_results.json").write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
-        logger.info("finetuned model, processors, card and reports in %s", out)
+        print("\n".join(_summary(out, results, spec, data_args)), flush=True)
     return results
+
+
+def _summary(out: Path, results: dict, spec: LabelSpec, data_args) -> list[str]:
+    """Where everything is, and the headline test metric, printed at the end of the run."""
+    test = results.get(data_args.test_split, {})
+    metric = PRIMARY[spec.task]
+    headline = "no labelled test rows"
+    if metric in test:
+        headline = f"{metric} {test[metric]:.4f}"
+        if f"{metric}_ci_low" in test:
+            headline += f" (95% CI {test[f'{metric}_ci_low']:.4f}-{test[f'{metric}_ci_high']:.4f}, n={test.get('n')})"
+    files = [
+        ("model + processors", "config.json, model.safetensors, bioperceiver_processor.json, finetuning_task.json"),
+        ("model card", "README.md"),
+        ("all metrics", "all_results.json"),
+        ("per-sample predictions", "predictions_test.csv"),
+        ("per missing-modality pattern", "results_by_pattern.csv"),
+        ("modality ablation", "ablation.csv"),
+    ]
+    lines = ["", "=" * 100, f"Finetuning ({spec.task}) finished: test {headline}", f"  folder  {out.resolve()}"]
+    lines += [f"  {what:<30}{name}" for what, name in files if (out / name.split(",")[0]).exists()]
+    lines += [f"  {'plot':<30}{p}" for p in results.get("plots", [])]
+    lines.append("=" * 100)
+    return lines
 
 
 def _rows_patients(rows) -> str:
@@ -421,7 +457,9 @@ def _compute_facts(training_args, results) -> dict[str, Any]:
     }
 
 
-def evaluate_and_report(model, spec, modalities, data_args, training_args, evals, manifest, out: Path) -> dict:
+def evaluate_and_report(
+    model, spec, modalities, processor, data_args, training_args, evals, manifest, out: Path
+) -> dict:
     """Validation and test metrics (test with patient-bootstrap CIs), predictions file, per-pattern results,
     modality ablations and plots."""
     res: dict[str, Any] = {}
@@ -446,6 +484,7 @@ def evaluate_and_report(model, spec, modalities, data_args, training_args, evals
         return metrics_with_ci(spec.task, p, labels, num_labels=spec.num_labels, n_resamples=data_args.n_bootstrap,
                                groups=groups, seed=training_args.seed)  # fmt: skip
 
+    val_pred = val_y = None
     for split, ds in evals.items():
         if not len(ds):
             logger.warning("the %s split has no labelled rows: no metrics", split)
@@ -457,14 +496,27 @@ def evaluate_and_report(model, spec, modalities, data_args, training_args, evals
         res[split] = score(pred, y, groups=groups, ci=is_test)
         logger.info("%s: %s", split, {k: round(v, 4) for k, v in res[split].items() if isinstance(v, float)})
         if not is_test:
+            val_pred, val_y = pred, y
             continue
-        write_predictions(out / "predictions_test.csv", ds, records_by_id, spec, pred, names)
+        extra = None
+        if data_args.uncertainty:
+            rep = _uncertainty(model, spec, ds, modalities, data_args, training_args, val_pred, val_y, pred, y, out)
+            if rep is not None:
+                res["uncertainty"] = rep.metrics
+                res["uncertainty_card"] = rep.card_rows()
+                extra = {c: rep.table[c].to_numpy() for c in rep.table.columns}
+                if rep.plot:
+                    res.setdefault("plots", []).append(Path(rep.plot).name)
+        if data_args.interpret:
+            shap_cols = _interpret(model, spec, ds, modalities, processor, data_args, training_args, val_pred, res, out)
+            extra = {**(extra or {}), **shap_cols}
+        write_predictions(out / "predictions_test.csv", ds, records_by_id, spec, pred, names, extra=extra)
         patterns = [presence_pattern(s, names) for s in ds.samples]
         by_pattern = pattern_table(patterns, lambda idx, pred=pred, y=y: score(pred[idx], y[idx], ci=False),
                                    data_args.min_pattern_samples)  # fmt: skip
         _write_csv(out / "results_by_pattern.csv", by_pattern)
         res["by_pattern"] = by_pattern
-        res["plots"] = _plots(spec, pred, y, out)
+        res["plots"] = res.get("plots", []) + _plots(spec, pred, y, out)
         if data_args.ablations and len(names) > 1:
             rows = [{"condition": "all modalities", **score(pred, y, groups=groups)}]
             for m in names:
@@ -480,6 +532,124 @@ def evaluate_and_report(model, spec, modalities, data_args, training_args, evals
             if plot:
                 res["plots"].append(plot.name)
     return res
+
+
+def _uncertainty(model, spec, ds, modalities, data_args, training_args, val_pred, val_y, pred, y, out: Path):
+    """Calibration (temperature fitted on validation), conformal sets/intervals calibrated on validation, and
+    MC-dropout spread on the test split. Validation also chose the checkpoint, so coverage is approximate."""
+    from bioperceiver.uncertainty import mc_dropout_predict, uncertainty_report
+
+    if val_pred is None:
+        logger.warning("no labelled validation rows: no calibration or conformal sets (they are fitted there)")
+        return None
+    mc = None
+    if data_args.mc_dropout_samples > 0:
+        bs, device = training_args.per_device_eval_batch_size, training_args.device
+        mc = mc_dropout_predict(
+            model,
+            lambda m: predict(m, ds, modalities, batch_size=bs, device=device),
+            n_samples=data_args.mc_dropout_samples,
+            seed=training_args.seed,
+            task=spec.task,
+        )
+    rep = uncertainty_report(
+        spec.task,
+        val_pred,
+        val_y,
+        pred,
+        y,
+        alpha=data_args.conformal_alpha,
+        mc=mc,
+        class_names=[str(c) for c in spec.classes] or None,
+        decode=spec.decode_regression if spec.task == "regression" else None,
+        plot_path=out / "reliability_diagram.png" if spec.task in ("classification", "multilabel") else None,
+        seed=training_args.seed,
+    )
+    logger.info("uncertainty: %s", {k: v for k, v in rep.metrics.items() if isinstance(v, float)})
+    return rep
+
+
+def _explained_score(spec: LabelSpec):
+    """What the explanations explain, as a function of the head output: the risk (survival), the log-odds of the
+    positive class (binary), the prediction (regression), or the predicted class's logit (multiclass/multilabel)."""
+    if spec.task == "survival":
+        return "risk", lambda pred: pred[:, 0], "predicted risk (log hazard ratio)"
+    if spec.task == "regression":
+        return 0, lambda pred: pred[:, 0], f"predicted {spec.label_column} (standardised)"
+    if spec.num_labels == 2 and spec.task == "classification":
+        log_odds = lambda out: out.logits[:, 1] - out.logits[:, 0]  # noqa: E731  (of the model's output)
+        return log_odds, lambda pred: pred[:, 1] - pred[:, 0], f"log-odds of {spec.classes[1]}"
+    return None, None, "logit of the predicted class"
+
+
+def _interpret(model, spec, ds, modalities, processor, data_args, training_args, val_pred, res, out: Path) -> dict:
+    """Exact modality Shapley values for every test sample (columns ``shapley_<modality>`` of the predictions
+    file), integrated-gradients figures for a few patients and a top-k vs. random token deletion test."""
+    import pandas as pd
+
+    from bioperceiver.interpret import deletion_test, explain_sample, integrated_gradients, modality_shapley
+    from bioperceiver.interpret.figures import plot_modality_shapley
+
+    device, bs = training_args.device, training_args.per_device_eval_batch_size
+    collator = TaskCollator(modalities, train=False).collator
+    target, score_fn, meaning = _explained_score(spec)
+    # f(no modality): the mean explained score on validation (the "average patient"), 0 when it is per class
+    empty = float(np.mean(score_fn(val_pred))) if score_fn is not None and val_pred is not None else 0.0
+    frames, shapleys = [], []
+    for start in range(0, len(ds), bs):
+        batch = collator([ds[i] for i in range(start, min(start + bs, len(ds)))], train=False)
+        batch = {**batch, "inputs": _to(batch["inputs"], device)}
+        sh = modality_shapley(model, batch, target=target, empty_value=empty)
+        shapleys.append(sh)
+        frames.append(sh.to_frame())
+    sh = _concat_shapley(shapleys)
+    table = sh.summary()
+    used = [n for n in sh.names if n in modalities]
+    table = table[table["modality"].isin(used)].reset_index(drop=True)
+    _write_csv(out / "modality_shapley.csv", pd.concat(frames).to_dict("records"))
+    plots = [plot_modality_shapley(sh, out / "modality_shapley.png").name]
+    baseline = "the mean over the validation split" if score_fn is not None and val_pred is not None else "a zero logit"
+    res["interpretation"] = {"explained": meaning, "empty_value": empty, "empty_value_is": baseline,
+                             "shapley": table.to_dict("records")}  # fmt: skip
+
+    # a few patients: the highest, median and lowest explained score
+    full = sh.full.numpy()
+    order = np.argsort(-full)
+    picks = list(dict.fromkeys([order[0], order[len(order) // 2], order[-1]]))[: data_args.explain_samples]
+    if picks:
+        batch = collator([ds[int(i)] for i in picks], train=False)
+        batch = {**batch, "inputs": _to(batch["inputs"], device)}
+        attr = integrated_gradients(model, batch, target=target, processors=processor)
+        picked = _select_shapley(sh, [int(i) for i in picks])
+        for j in range(len(picks)):
+            written = explain_sample(attr, j, out / "explanations", shapley=picked)
+            plots += [f"explanations/{p.name}" for p in written.values()]
+        faith = deletion_test(model, batch, attr, k=(1, 5, 10), n_random=10, seed=training_args.seed, target=target)
+        res["interpretation"]["deletion_test"] = faith.to_dict("records")
+        res["interpretation"]["ig_convergence_delta"] = float(np.abs(attr.delta.numpy()).max())
+    res.setdefault("plots", []).extend(plots)
+    values = sh.values.numpy()
+    return {f"shapley_{n}": values[:, k] for k, n in enumerate(sh.names) if n in modalities}
+
+
+def _to(inputs: dict, device) -> dict:
+    return {m: {k: v.to(device) if torch.is_tensor(v) else v for k, v in d.items()} for m, d in inputs.items()}
+
+
+def _concat_shapley(parts):
+    import dataclasses
+
+    first = parts[0]
+    cat = {f: torch.cat([getattr(p, f) for p in parts]) for f in ("values", "present", "full", "empty", "coalitions")}
+    ids = [i for p in parts for i in (p.sample_ids or [])]
+    return dataclasses.replace(first, **cat, sample_ids=ids or None)
+
+
+def _select_shapley(sh, rows: list[int]):
+    import dataclasses
+
+    sel = {f: getattr(sh, f)[rows] for f in ("values", "present", "full", "empty", "coalitions")}
+    return dataclasses.replace(sh, **sel, sample_ids=[sh.sample_ids[i] for i in rows] if sh.sample_ids else None)
 
 
 def _plots(spec: LabelSpec, pred: np.ndarray, y: np.ndarray, out: Path) -> list[str]:

@@ -44,6 +44,7 @@ CARD_SECTIONS = [
     "## Evaluation",
     "### Results per missing-modality pattern",
     "### Modality ablation",
+    "### Uncertainty and calibration",
     "## Intended use",
     "## Out-of-scope use",
     "## Bias, risks and limitations",
@@ -138,7 +139,15 @@ def test_survival_cox_end_to_end_with_ablation_card_and_round_trip(cohort, tmp_p
         "--num_train_epochs", "1", "--learning_rate", "1e-3", monkeypatch=monkeypatch,
     )  # fmt: skip
     preds = _check_outputs(out, results, "c_index")
-    assert {"label_survival_time", "label_survival_event", "risk"} <= set(preds.columns)
+    assert {"label_survival_time", "label_survival_event", "risk", "mc_mean", "mc_std"} <= set(preds.columns)
+    assert (preds["mc_std"] > 0).all()  # dropout is active in the MC passes
+    # modality Shapley values per test sample: they add up to the predicted risk minus the empty-set baseline
+    empty = results["interpretation"]["empty_value"]
+    shap = preds["shapley_omics_expression"] + preds["shapley_tabular_clinical"]
+    np.testing.assert_allclose(shap + empty, preds["risk"], rtol=1e-4, atol=1e-4)
+    assert len(list((out / "explanations").glob("*.png"))) == 9  # 3 patients x (2 modalities + Shapley bars)
+    faith = pd.DataFrame(results["interpretation"]["deletion_test"])
+    assert list(faith["k"]) == [1, 5, 10] and faith["drop_random"].notna().all()
     ablation = pd.read_csv(out / "ablation.csv")
     assert set(ablation["condition"]) == {
         "all modalities",
@@ -193,6 +202,13 @@ def test_binary_classification_with_lora_and_query_head(cohort, tmp_path):
     )  # fmt: skip
     preds = _check_outputs(out, results, "auroc")
     assert {"auroc", "auprc", "accuracy", "f1", "brier"} <= set(results["test"])
+    # calibrated probabilities and conformal sets per sample; calibration and coverage in the results and card
+    assert {"calibrated_prob_normal", "conformal_set", "set_size", "label_in_set", "mc_std"} <= set(preds.columns)
+    unc = results["uncertainty"]
+    assert unc["coverage"] == pytest.approx(preds["label_in_set"].mean())
+    assert unc["ece_after"] >= 0 and unc["temperature"] > 0
+    assert (out / "reliability_diagram.png").exists()
+    assert "coverage" in (out / "README.md").read_text()
     assert results["parameters"]["trainable"] < results["parameters"]["total"]
     # LoRA is merged into the saved weights: a plain (peft-free) model reproduces the predictions
     reloaded = _reload_and_predict(out, AutoModelForSequenceClassification, ["text_report", "tabular_study"])

@@ -311,6 +311,32 @@ TASK_METRICS = {
 }
 
 
+def _interpretation_text(interp: Mapping[str, Any] | None) -> str:
+    """Modality Shapley summary and the deletion test, as Markdown."""
+    if not interp:
+        return ""
+    parts = [
+        f"Exact Shapley values of the modalities for the {interp['explained']} (the empty set is worth "
+        f"{_fmt(interp['empty_value'])}, {interp.get('empty_value_is', 'a baseline')}; per sample the values sum to "
+        "the prediction minus that):",
+        "",
+        markdown_table(interp.get("shapley", [])),
+    ]
+    if interp.get("deletion_test"):
+        parts += [
+            "",
+            "Faithfulness of integrated-gradients token attributions on the explained patients: mean drop of the "
+            "explained score when the top-k attributed tokens are deleted vs. k random tokens:",
+            "",
+            markdown_table(interp["deletion_test"], ["k", "drop_top", "drop_random", "drop_random_std", "n_samples"]),
+        ]
+    parts += [
+        "",
+        "Per-patient figures (token attributions per modality, modality Shapley bars) are in `explanations/`.",
+    ]
+    return "\n".join(parts)
+
+
 def _narrow(manifest, modalities: Sequence[str]):
     """A copy of ``manifest`` whose modality columns are ``modalities`` only; rows with none of them dropped."""
     from .data.manifest import Manifest, is_missing
@@ -406,8 +432,7 @@ def finetuning_card(
     if spec.task == "survival":
         finetune_cfg["survival loss"] = f"{config.survival_loss} ({config.survival_ties} ties)"
     splits = results.get("split_sizes") or {
-        s: results.get(s, {}).get("n")
-        for s in (data_args.get("train_split"), data_args.get("eval_split"), test_split)
+        s: results.get(s, {}).get("n") for s in (data_args.get("train_split"), data_args.get("eval_split"), test_split)
     }
     return render_card(
         template,
@@ -429,5 +454,7 @@ def finetuning_card(
         validation_table=markdown_table(metric_rows(results.get(data_args.get("eval_split"), {}))),
         pattern_results=_metric_table(results.get("by_pattern", []), "modalities present", main_metrics[:2]),
         ablation_results=_metric_table(results.get("ablation", []), "condition", main_metrics[:1]),
+        uncertainty_table=markdown_table(results["uncertainty_card"]) if results.get("uncertainty_card") else "",
+        interpretation=_interpretation_text(results.get("interpretation")),
         compute_table=markdown_table([{"": k, "value": v} for k, v in compute.items()]),
     )
