@@ -429,6 +429,8 @@ def finetuning_card(
         "seed": training_args.seed,
         "bootstrap resamples (by patient)": data_args.get("n_bootstrap"),
     }
+    if base and (Path(str(base)) / "README.md").exists():
+        finetune_cfg["pretraining configuration"] = f"in the base model's card, {Path(str(base)) / 'README.md'}"
     if spec.task == "survival":
         finetune_cfg["survival loss"] = f"{config.survival_loss} ({config.survival_ties} ties)"
     splits = results.get("split_sizes") or {
