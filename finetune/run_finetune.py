@@ -360,6 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "parameters": count_parameters(model),
     }
     results["manifest"] = str(manifest_path.resolve())
+    results["modalities"] = used
     results["split_sizes"] = {
         data_args.train_split: _rows_patients(train_recs),
         data_args.eval_split: _rows_patients(eval_ds.samples),

@@ -281,3 +281,43 @@ def test_bad_arguments_fail_with_a_clear_message(cohort, tmp_path):
         _run(cohort, tmp_path / "x", "--task", "classification", "--label_column", "label_nope")
     with pytest.raises(ValueError, match="--modalities"):
         _run(cohort, tmp_path / "y", "--task", "survival", "--modalities", "omics_nope")
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "finetune" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("task", ["classification", "survival"])
+def test_deep_ensemble_of_finetuned_seeds(cohort, tmp_path, task):
+    ensemble = _load("predict_ensemble")
+    args = (
+        ("--task", "classification", "--label_column", "label_findings", "--positive_label", "normal",
+         "--modalities", "tabular_study")
+        if task == "classification"
+        else ("--task", "survival", "--modalities", "tabular_clinical")
+    )  # fmt: skip
+    dirs = []
+    for seed in (0, 1):
+        out = tmp_path / f"seed{seed}"
+        _run(cohort, out, *args, "--seed", str(seed), "--max_steps", "4", "--eval_strategy", "no",
+             "--save_strategy", "no", "--interpret", "false", "--uncertainty", "false")  # fmt: skip
+        dirs.append(out)
+    res = ensemble.main(["--model_dirs", *map(str, dirs), "--output_dir", str(tmp_path / "ens"), "--n_bootstrap", "20"])
+    table = pd.read_csv(tmp_path / "ens" / "ensemble_predictions.csv")
+    members = [pd.read_csv(d / "predictions_test.csv") for d in dirs]
+    assert list(table["sample_id"]) == list(members[0]["sample_id"])
+    if task == "classification":
+        # the ensemble probability is the mean of the members' probabilities; their spread is the disagreement
+        mean = (members[0]["prob_normal"] + members[1]["prob_normal"]) / 2
+        np.testing.assert_allclose(table["ensemble_prob_normal"], mean, rtol=1e-5, atol=1e-6)
+        assert (table["ensemble_mutual_information"] >= -1e-12).all() and table["ensemble_std"].max() > 0
+        assert np.isfinite(res["ensemble"]["auroc"])
+    else:
+        # Cox risks are centred per member before averaging (their additive constant is arbitrary)
+        risks = [m["risk"] - m["risk"].mean() for m in members]
+        np.testing.assert_allclose(table["ensemble_mean"], (risks[0] + risks[1]) / 2, rtol=1e-4, atol=1e-5)
+        assert np.isfinite(res["ensemble"]["c_index"]) and set(res["members_metrics"]) == {"seed0", "seed1"}
