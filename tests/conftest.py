@@ -102,3 +102,43 @@ def model(config) -> bp.BioPerceiverModel:
 @pytest.fixture
 def batch(config) -> dict[str, dict]:
     return random_batch(config)
+
+
+def synthetic_run_config(root, *, max_steps: int, warmup_steps: int, batch_size: int, save_steps: int,
+                         keep_last: int, **sections):  # fmt: skip
+    """A pretraining run YAML (``root/run.yaml``) on the synthetic cohort (every modality kind, 30% missing, a tiny
+    preset) for script-level tests; ``sections`` update further config sections, e.g. ``eval={"steps": 0}``."""
+    from pathlib import Path
+
+    import yaml
+
+    from bioperceiver.data.recipes.synthetic import make_synthetic_cohort
+
+    root = Path(root)
+    manifest = make_synthetic_cohort(root / "cohort", num_patients=40, missing_rate=0.3, seed=5)
+    settings = {
+        "processors": {
+            "text_note": {"vocab_size": 200, "min_frequency": 1, "max_length": 48},
+            "image_2d": {"spatial_size": [16, 16], "augment": {"flip": 0.5, "noise_std": 0.05}},
+            "image_3d": {"spatial_dims": 3, "spatial_size": [8, 8, 8]},
+            "signal_ecg": {"target_rate": 50.0, "window_s": 2.0},
+        },
+        "embedders": {"image_2d": {"patch_size": 8}, "image_3d": {"patch_size": 4}, "signal_ecg": {"patch_size": 10}},
+    }
+    (root / "settings.yaml").write_text(yaml.safe_dump(settings))
+    repo = Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load((repo / "pretrain" / "configs" / "demo.yaml").read_text())
+    cfg["data"].update(
+        manifest=str(manifest),
+        build_demo_cohort=False,
+        processor_settings=str(root / "settings.yaml"),
+        processor_dir=str(root / "processors"),
+    )
+    cfg["optim"].update(max_steps=max_steps, warmup_steps=warmup_steps)
+    cfg["train"]["batch_size"] = batch_size
+    cfg["checkpoint"].update(save_steps=save_steps, keep_last=keep_last)
+    cfg["logging"].update(log_steps=1, report_to="none")
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    (root / "run.yaml").write_text(yaml.safe_dump(cfg))
+    return root / "run.yaml"

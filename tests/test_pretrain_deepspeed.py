@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import synthetic_run_config
 from safetensors.torch import load_file
-
-from bioperceiver.data.recipes.synthetic import make_synthetic_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "pretrain" / "run_pretrain.py"
@@ -33,31 +32,8 @@ STEPS = 3
 def _tiny_config(root: Path) -> Path:
     """The synthetic cohort with every modality kind, missing modalities and a tiny preset; 3 steps, no evaluation
     until the end."""
-    manifest = make_synthetic_cohort(root / "cohort", num_patients=40, missing_rate=0.3, seed=5)
-    settings = {
-        "processors": {
-            "text_note": {"vocab_size": 200, "min_frequency": 1, "max_length": 48},
-            "image_2d": {"spatial_size": [16, 16], "augment": {"flip": 0.5, "noise_std": 0.05}},
-            "image_3d": {"spatial_dims": 3, "spatial_size": [8, 8, 8]},
-            "signal_ecg": {"target_rate": 50.0, "window_s": 2.0},
-        },
-        "embedders": {"image_2d": {"patch_size": 8}, "image_3d": {"patch_size": 4}, "signal_ecg": {"patch_size": 10}},
-    }
-    (root / "settings.yaml").write_text(yaml.safe_dump(settings))
-    cfg = yaml.safe_load((ROOT / "pretrain" / "configs" / "demo.yaml").read_text())
-    cfg["data"].update(
-        manifest=str(manifest),
-        build_demo_cohort=False,
-        processor_settings=str(root / "settings.yaml"),
-        processor_dir=str(root / "processors"),
-    )
-    cfg["optim"].update(max_steps=STEPS, warmup_steps=1)
-    cfg["train"]["batch_size"] = 4
-    cfg["checkpoint"].update(save_steps=STEPS, keep_last=1)
-    cfg["eval"].update(steps=0, n_bootstrap=100)
-    cfg["logging"].update(log_steps=1, report_to="none")
-    (root / "run.yaml").write_text(yaml.safe_dump(cfg))
-    return root / "run.yaml"
+    return synthetic_run_config(root, max_steps=STEPS, warmup_steps=1, batch_size=4, save_steps=STEPS, keep_last=1,
+                                eval={"steps": 0, "n_bootstrap": 100})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
