@@ -216,4 +216,6 @@ def test_two_processes_equal_one_process_loss_and_gradients(name):
         assert p.exitcode == 0
     assert math.isclose(dist_loss, loss.item(), rel_tol=1e-5, abs_tol=1e-6)
     for k, p in single.named_parameters():
-        torch.testing.assert_close(torch.from_numpy(grads[k]), p.grad, rtol=1e-4, atol=1e-6, msg=f"{name}: gradient of {k}")
+        torch.testing.assert_close(
+            torch.from_numpy(grads[k]), p.grad, rtol=1e-4, atol=1e-6, msg=f"{name}: gradient of {k}"
+        )
