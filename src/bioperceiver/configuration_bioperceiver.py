@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import itertools
+from typing import Any, ClassVar
 
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
@@ -58,7 +59,13 @@ class BioPerceiverConfig(PreTrainedConfig):
     """
 
     # Outputs ``Trainer`` leaves out of gathered predictions (it keeps ``logits``/``risk``).
-    keys_to_ignore_at_inference = ["pooler_output", "modality_mask", "hidden_states", "attentions", "cross_attentions"]
+    keys_to_ignore_at_inference: ClassVar[list[str]] = [
+        "pooler_output",
+        "modality_mask",
+        "hidden_states",
+        "attentions",
+        "cross_attentions",
+    ]
     model_type = "bioperceiver"
 
     num_latents: int = 128
@@ -123,7 +130,7 @@ class BioPerceiverConfig(PreTrainedConfig):
             raise ValueError(f"survival_ties must be 'efron' or 'breslow', got {self.survival_ties!r}")
         if self.survival_time_bins is not None:
             bins = [float(b) for b in self.survival_time_bins]
-            if not bins or any(b >= c for b, c in zip(bins, bins[1:])):
+            if not bins or any(b >= c for b, c in itertools.pairwise(bins)):
                 raise ValueError(f"survival_time_bins must be a non-empty increasing list, got {bins}")
             self.survival_time_bins = bins
         for key in ("hidden_dropout", "attention_dropout", "head_dropout"):

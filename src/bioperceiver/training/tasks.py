@@ -352,12 +352,18 @@ def pattern_table(
     return rows
 
 
-def write_predictions(path: Path, dataset: ProcessedDataset, records_by_id: dict, spec: LabelSpec,
-                      preds: np.ndarray, modalities: Sequence[str], extra: dict[str, np.ndarray] | None = None):  # fmt: skip
+def write_predictions(
+    path: Path,
+    dataset: ProcessedDataset,
+    records_by_id: dict,
+    spec: LabelSpec,
+    preds: np.ndarray,
+    modalities: Sequence[str],
+    extra: dict[str, np.ndarray] | None = None,
+):
     """One row per sample: ids, presence pattern, label(s), prediction(s) (probabilities / original-scale values /
     risk) — a CSV anyone can re-score."""
     import pandas as pd
-
     from scipy.special import expit, softmax
 
     rows = []
