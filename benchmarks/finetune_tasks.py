@@ -1,0 +1,830 @@
+"""Finetuning benchmarks on the demo cohort's real data: BioPerceiver (``finetune/run_finetune.py``) against
+classical baselines on the same patients, splits and folds (issue #5, "Benchmarks on real data").
+
+Sub-benchmarks (``--only``; all run in one go by default, results side by side in one JSON and one PNG):
+
+* ``survival`` -- SurvSet breast-cancer cohorts GSE1992 + GSE4335 (239 patients, ``omics_expression`` +
+  ``tabular_clinical``). Patient-level 5-fold CV stratified by cohort x event. In every fold the four training
+  folds are split again (stratified, 80/20) into *train* and *validation*; every model is fitted on train,
+  chooses its settings on validation and is scored once on the held-out fold (test). BioPerceiver: a small grid
+  of finetuning settings (pretrained linear probe, pretrained full finetuning, random-init full finetuning),
+  each run through ``run_finetune.main`` with a manifest whose ``split`` column is the fold's; the setting with
+  the best validation C-index is the fold's BioPerceiver result. Baseline: ridge-penalised Cox
+  (``lifelines.CoxPHFitter``) on clinical covariates (+ cohort indicator) and principal components of the
+  expression matrix (genes shared by both platforms, standardised per cohort, top-variance genes, PCA; every
+  step fitted on the fold's training rows only); penalizer and number of components chosen on validation.
+* ``findings`` -- PadChest findings (top-6 labels, multilabel) from ``text_report`` + ``tabular_study``, the
+  library's patient-level hash split (the split pretraining used: test patients were never seen in
+  pretraining). BioPerceiver (same three settings, chosen on validation macro-AUROC) vs. TF-IDF (word 1-2-grams)
+  + one-hot/scaled study fields + one-vs-rest logistic regression (C chosen on validation). Test macro-AUROC
+  with 95% patient-bootstrap CIs (``bioperceiver.evaluation.metrics_with_ci``) and a paired bootstrap of the
+  difference (same resampled patients for both models).
+* ``label_efficiency`` -- the findings task with 1%, 10%, 100% of the training patients (``--label_fraction``,
+  patients drawn by ``run_finetune.subsample_patients`` with the run's seed), pretrained vs. random-init
+  backbone (both full finetuning with the same settings), several seeds; TF-IDF + LR on the same patients as a
+  reference. Small fractions get more epochs so that every run takes at least ``--min_steps`` optimiser steps.
+* ``fusion`` -- on the survival folds: early fusion (Cox on concatenated clinical + expression features, i.e.
+  the Cox baseline), late fusion (mean of the log-hazards of unimodal models: Cox per modality; BioPerceiver
+  trained with ``--modalities`` of one modality, with the setting the fold selected), and BioPerceiver's
+  intermediate fusion (both modalities' tokens through the shared latents: the survival benchmark's model).
+
+Run (the numbers in benchmarks/RESULTS.md)::
+
+    .venv/bin/python benchmarks/finetune_tasks.py                 # everything, ~30 min on a 2-core CPU
+    .venv/bin/python benchmarks/finetune_tasks.py --quick         # smoke run (1 fold, 2 epochs, 1 seed)
+    .venv/bin/python benchmarks/finetune_tasks.py --only findings label_efficiency
+
+The pretrained backbone is ``--pretrained_dir`` (default ``outputs/bench_finetune/pretrain/final``); when it is
+missing it is made first with ``pretrain/run_pretrain.py --config pretrain/configs/demo.yaml`` (150 steps,
+~5-10 min on this CPU), on the demo cohort built under ``--work_dir``. Pretraining is self-supervised on the
+cohort's *train* split of the hash split: for the survival CV that means most test-fold patients' (unlabelled)
+expression and clinical values were seen in pretraining (counted per fold in the JSON); labels never were.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "finetune"))
+
+SURV_MODALITIES = ["omics_expression", "tabular_clinical"]
+FIND_MODALITIES = ["text_report", "tabular_study"]
+SETTINGS = "tokenizers/demo_processors.yaml"
+
+# BioPerceiver finetuning settings tried (selected on validation, never on test). lr / epochs follow the shipped
+# argument files: linear probe as demo_findings.yaml, full finetuning as demo_survival.yaml.
+BP_CONFIGS = {
+    "pretrained_linear_probe": {"pretrained": True, "mode": "linear_probe", "lr": 3e-3, "epochs": 30},
+    "pretrained_full": {"pretrained": True, "mode": "full", "lr": 3e-4, "epochs": 15},
+    "random_full": {"pretrained": False, "mode": "full", "lr": 3e-4, "epochs": 15},
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data and backbone
+# ---------------------------------------------------------------------------------------------------------------
+def ensure_cohort(work: Path) -> Path:
+    manifest = work / "cohort" / "manifest.parquet"
+    if not manifest.exists():
+        from bioperceiver.data.recipes.demo import build_demo_cohort
+
+        build_demo_cohort(manifest.parent, seed=0)
+    return manifest
+
+
+def ensure_backbone(args, manifest: Path) -> tuple[Path, list[str]]:
+    final = Path(args.pretrained_dir)
+    cmd = [sys.executable, "pretrain/run_pretrain.py", "--config", "pretrain/configs/demo.yaml",
+           f"output_dir={final.parent}", f"data.manifest={manifest}",
+           f"data.processor_dir={final.parent / 'processors'}", "logging.report_to=none"]  # fmt: skip
+    if not (final / "config.json").exists():
+        log(f"pretrained backbone missing: {' '.join(cmd)}")
+        subprocess.run(cmd, cwd=ROOT, check=True)
+    return final, cmd
+
+
+def write_split_manifest(manifest, rows: pd.DataFrame, split: pd.Series, columns: list[str], path: Path) -> Path:
+    """A copy of ``rows`` (ids, the used modality and label columns) with ``split`` set; in the cohort folder so
+    relative references (omics matrices) resolve; sidecar metadata copied."""
+    from bioperceiver.data.manifest import write_manifest
+
+    # every modality column stays (empty where unused): run_finetune fits random-init processors from a settings
+    # file that names all of the demo cohort's modalities and rejects a manifest without those columns
+    keep = [
+        "sample_id",
+        "patient_id",
+        *manifest.modalities,
+        *[c for c in columns if c not in manifest.modalities],
+        "meta_source",
+    ]
+    table = rows[keep].copy()
+    table["split"] = split.to_numpy()
+    meta = {k: v for k, v in manifest.metadata.items() if k in ("modalities", "labels", "label_notes")}
+    return write_manifest(table.reset_index(drop=True), path, metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BioPerceiver through run_finetune.main
+# ---------------------------------------------------------------------------------------------------------------
+class _NoCard:
+    def save(self, path) -> None:
+        pass
+
+
+class BPRunner:
+    def __init__(self, args, backbone: Path):
+        import run_finetune
+
+        self.rf = run_finetune
+        card = run_finetune.finetuning_card
+
+        def tolerant_card(*a, **kw):
+            # the model card is not measured here; its template is read from disk at every run, so a template edited
+            # while this process runs can disagree with the card code it imported: skip the card then, keep the run
+            try:
+                return card(*a, **kw)
+            except Exception as exc:
+                log(f"  (model card not written: {exc})")
+                return _NoCard()
+
+        run_finetune.finetuning_card = tolerant_card
+        self.args = args
+        self.backbone = backbone
+        self.runs: list[dict] = []
+
+    def run(self, tag: str, manifest: Path, task_args: list[str], cfg: dict, *, seed: int = 0,
+            label_fraction: float = 1.0, epochs: int | None = None, modalities=None, extra=()) -> dict:  # fmt: skip
+        out = Path(self.args.work_dir) / "runs" / tag
+        shutil.rmtree(out, ignore_errors=True)  # a leftover checkpoint would be resumed
+        survival = "survival" in task_args
+        primary = "c_index" if survival else "auroc"
+        epochs = epochs or (2 if self.args.quick else cfg["epochs"])
+        argv = ["--manifest", str(manifest), *task_args,
+                "--model_name_or_path", str(self.backbone) if cfg["pretrained"] else "none",
+                "--finetuning_mode", cfg["mode"], "--processor_settings", SETTINGS,
+                "--output_dir", str(out), "--do_train", "true", "--num_train_epochs", str(epochs),
+                "--learning_rate", str(cfg["lr"]), "--weight_decay", "0.01",
+                "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "64",
+                "--eval_strategy", "epoch", "--save_strategy", "epoch", "--save_total_limit", "1",
+                "--load_best_model_at_end", "true", "--metric_for_best_model", primary,
+                "--greater_is_better", "true", "--logging_steps", "50", "--seed", str(seed),
+                "--label_fraction", str(label_fraction), "--n_bootstrap", "100", "--ablations", "false",
+                "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true"]  # fmt: skip
+        if survival:
+            argv += ["--warmup_steps", "0.1", "--lr_scheduler_type", "cosine"]
+        argv += list(extra)  # later flags win
+        if modalities:
+            argv += ["--modalities", *modalities]
+        fields = getattr(self.rf.DataArguments, "__dataclass_fields__", {})
+        for name in ("uncertainty", "interpret"):  # optional reports (calibration, MC-dropout, explanations): costly
+            if name in fields:
+                argv += [f"--{name}", "false"]
+        t0 = time.perf_counter()
+        res = self.rf.main(argv)
+        wall = time.perf_counter() - t0
+        pred = pd.read_csv(out / "predictions_test.csv", dtype={"sample_id": str, "patient_id": str})
+        rec = {
+            "tag": tag,
+            "config": cfg,
+            "seed": seed,
+            "label_fraction": label_fraction,
+            "epochs": epochs,
+            "modalities": modalities,
+            "validation": res.get("validation", {}).get(primary, float("nan")),
+            "test": res.get("test", {}).get(primary, float("nan")),
+            "split_sizes": res.get("split_sizes"),
+            "train_runtime_s": res.get("train", {}).get("train_runtime"),
+            "wall_s": round(wall, 1),
+            "argv": argv,
+        }
+        self.runs.append(rec)
+        log(f"  {tag}: validation {primary} {rec['validation']:.4f}, test {rec['test']:.4f} ({wall:.0f} s)")
+        for p in list(out.iterdir()):  # keep the reports, drop weights and checkpoints
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.suffix in (".safetensors", ".bin"):
+                p.unlink()
+        return {**rec, "pred": pred}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# classical features
+# ---------------------------------------------------------------------------------------------------------------
+def parse_json_col(values) -> pd.DataFrame:
+    return pd.DataFrame([json.loads(v) if isinstance(v, str) else (v or {}) for v in values])
+
+
+class TabularEncoder:
+    """Numeric columns (anything that parses as a number): train-median imputation + missing indicator +
+    standardisation; other columns: one-hot (train categories). Fitted on training rows only."""
+
+    def fit(self, df: pd.DataFrame):
+        self.num, self.cat = {}, {}
+        for c in df.columns:
+            num = pd.to_numeric(df[c].map(lambda v: np.nan if v is None else v), errors="coerce")
+            present = df[c].notna() & (df[c].astype(str) != "")
+            if present.any() and num[present].notna().all():
+                med = float(num.median()) if num.notna().any() else 0.0
+                filled = num.fillna(med)
+                self.num[c] = (med, float(filled.mean()), float(filled.std() or 1.0), bool(num.isna().any()))
+            else:
+                self.cat[c] = sorted({str(v) for v in df[c].dropna()})
+        return self
+
+    def transform(self, df: pd.DataFrame) -> pd.DataFrame:
+        out = {}
+        for c, (med, mu, sd, ind) in self.num.items():
+            col = df[c] if c in df else pd.Series([np.nan] * len(df), index=df.index)
+            num = pd.to_numeric(col.map(lambda v: np.nan if v is None else v), errors="coerce")
+            out[c] = ((num.fillna(med) - mu) / sd).to_numpy()
+            if ind:
+                out[f"{c}__missing"] = num.isna().astype(float).to_numpy()
+        for c, cats in self.cat.items():
+            col = df[c].astype(str) if c in df else pd.Series([""] * len(df), index=df.index)
+            for v in cats:
+                out[f"{c}={v}"] = (col == v).astype(float).to_numpy()
+        return pd.DataFrame(out, index=df.index)
+
+
+class SurvivalFeatures:
+    """Clinical covariates + cohort indicator, and PCA of expression. Fitted on the training rows only: per-cohort
+    gene standardisation, top-variance genes, PCA, scaling of the components."""
+
+    def __init__(self, cohort_dir: Path, rows: pd.DataFrame, n_genes: int = 1000):
+        self.rows = rows
+        self.n_genes = n_genes
+        from bioperceiver.data.manifest import parse_reference
+
+        mats = {}
+        for src, sub in rows.groupby("meta_source"):
+            refs = [parse_reference(v, cohort_dir) for v in sub["omics_expression"]]
+            mat = pd.read_parquet(refs[0].path)
+            mat.index = mat.index.astype(str)
+            mats[src] = mat.loc[[r.options["row"] for r in refs]]
+            mats[src].index = sub.index
+        genes = sorted(set.intersection(*(set(m.columns) for m in mats.values())))
+        self.expr = pd.concat([m[genes] for m in mats.values()]).loc[rows.index].astype(float)
+        self.clin = parse_json_col(rows["tabular_clinical"].tolist()).set_index(rows.index)
+        self.clin["cohort_gse4335"] = (rows["meta_source"] == "survset_gse4335").astype(float)
+        self.n_shared_genes = len(genes)
+
+    def fit(self, train_idx):
+        from sklearn.decomposition import PCA
+
+        self.tab = TabularEncoder().fit(self.clin.loc[train_idx])
+        tr = self.expr.loc[train_idx]
+        src = self.rows.loc[train_idx, "meta_source"]
+        self.gene_stats = {}
+        var = []
+        for s in src.unique():
+            x = tr[(src == s).to_numpy()]
+            self.gene_stats[s] = (x.mean(), x.std().replace(0, 1.0).fillna(1.0))
+            var.append(x.var())
+        top = pd.concat(var, axis=1).mean(axis=1).sort_values(ascending=False).index[: self.n_genes]
+        self.genes = list(top)
+        z = self._z(train_idx)
+        self.pca = PCA(n_components=min(30, len(train_idx) - 1), random_state=0).fit(z)
+        pcs = self.pca.transform(z)
+        self.pc_mu, self.pc_sd = pcs.mean(0), pcs.std(0) + 1e-12
+        return self
+
+    def _z(self, idx) -> np.ndarray:
+        x = self.expr.loc[idx].copy()
+        src = self.rows.loc[idx, "meta_source"]
+        for s, (mu, sd) in self.gene_stats.items():
+            m = (src == s).to_numpy()
+            x.loc[m] = (x.loc[m] - mu) / sd
+        return x[self.genes].to_numpy()
+
+    def transform(self, idx, n_pcs: int, clinical: bool = True) -> pd.DataFrame:
+        parts = []
+        if clinical:
+            parts.append(self.tab.transform(self.clin.loc[idx]))
+        if n_pcs:
+            pcs = (self.pca.transform(self._z(idx))[:, :n_pcs] - self.pc_mu[:n_pcs]) / self.pc_sd[:n_pcs]
+            parts.append(pd.DataFrame(pcs, index=idx, columns=[f"pc{i}" for i in range(n_pcs)]))
+        return pd.concat(parts, axis=1)
+
+
+def cox_select(feats: SurvivalFeatures, rows, tr, va, te, *, pcs_grid, pen_grid, clinical=True) -> dict:
+    """Fit a ridge Cox model on ``tr`` for each (components, penalizer), choose by validation C-index, score test."""
+    from lifelines import CoxPHFitter
+
+    from bioperceiver.evaluation import concordance_index
+
+    t, e = rows["label_survival_time"].astype(float), rows["label_survival_event"].astype(int)
+    grid = []
+    for n_pcs in pcs_grid:
+        if not clinical and not n_pcs:
+            continue
+        xtr, xva, xte = (feats.transform(i, n_pcs, clinical) for i in (tr, va, te))
+        keep = xtr.columns[xtr.std() > 0]
+        xtr, xva, xte = xtr[keep], xva[keep], xte[keep]
+        for pen in pen_grid:
+            df = xtr.assign(T=t.loc[tr].to_numpy(), E=e.loc[tr].to_numpy())
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    cph = CoxPHFitter(penalizer=pen, l1_ratio=0.0).fit(df, "T", "E")
+            except Exception as exc:  # lifelines ConvergenceError on a grid point: record and skip
+                grid.append({"n_pcs": n_pcs, "penalizer": pen, "error": type(exc).__name__})
+                continue
+            rv, rt = (cph.predict_log_partial_hazard(x).to_numpy() for x in (xva, xte))
+            grid.append({"n_pcs": n_pcs, "penalizer": pen, "n_features": xtr.shape[1],
+                         "validation": concordance_index(t.loc[va], rv, e.loc[va]),
+                         "test": concordance_index(t.loc[te], rt, e.loc[te]), "risk_test": rt})  # fmt: skip
+    ok = [g for g in grid if "validation" in g]
+    best = max(ok, key=lambda g: g["validation"])  # first of ties (grid order)
+    return {"best": {k: v for k, v in best.items() if k != "risk_test"}, "risk_test": best["risk_test"],
+            "grid": [{k: v for k, v in g.items() if k != "risk_test"} for g in grid]}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1 + 4: survival CV and fusion
+# ---------------------------------------------------------------------------------------------------------------
+def survival_benchmark(args, manifest, runner: BPRunner | None, pretrain_patients: set, do_fusion: bool) -> dict:
+    from scipy.stats import spearmanr
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    from bioperceiver.evaluation import concordance_index
+
+    table = manifest.table
+    rows = table[table["label_survival_time"].notna()].copy().reset_index(drop=True)
+    rows.index = rows["sample_id"].astype(str).to_numpy()
+    strata = rows["meta_source"] + ":" + rows["label_survival_event"].astype(int).astype(str)
+    feats = SurvivalFeatures(manifest.base_dir, rows, n_genes=args.n_genes)
+    skf = StratifiedKFold(n_splits=args.folds, shuffle=True, random_state=args.seed)
+    pcs_grid, pen_grid = [0, 5, 10, 20], [0.01, 0.1, 1.0, 10.0]
+    folds = []
+    n_run = 1 if args.quick else min(args.folds, args.max_folds or args.folds)
+    t_e = (rows["label_survival_time"].astype(float), rows["label_survival_event"].astype(int))
+    for k, (trval_i, te_i) in enumerate(skf.split(rows, strata)):
+        if k >= n_run:
+            break
+        trval = rows.index[trval_i]
+        tr, va = train_test_split(trval, test_size=0.2, stratify=strata.loc[trval], random_state=args.seed + k)
+        te = rows.index[te_i]
+        split = pd.Series("train", index=rows.index)
+        split.loc[va], split.loc[te] = "validation", "test"
+        fold = {"fold": k, "n": {"train": len(tr), "validation": len(va), "test": len(te)},
+                "events": {s: int(t_e[1].loc[i].sum()) for s, i in (("train", tr), ("validation", va), ("test", te))},
+                "test_patients_seen_unlabelled_in_pretraining": int(sum(str(rows.loc[i, "patient_id"]) in
+                                                                        pretrain_patients for i in te))}  # fmt: skip
+        log(f"survival fold {k}: {fold['n']} events {fold['events']}")
+        feats.fit(tr)
+        fold["cox"] = cox_select(feats, rows, tr, va, te, pcs_grid=pcs_grid, pen_grid=pen_grid)
+        log(f"  cox (clinical + expression PCs) {fold['cox']['best']}")
+        if do_fusion:
+            fold["cox_clinical"] = cox_select(feats, rows, tr, va, te, pcs_grid=[0], pen_grid=pen_grid)
+            fold["cox_omics"] = cox_select(feats, rows, tr, va, te, pcs_grid=pcs_grid[1:], pen_grid=pen_grid,
+                                           clinical=False)  # fmt: skip
+            late = (fold["cox_clinical"]["risk_test"] + fold["cox_omics"]["risk_test"]) / 2
+            fold["cox_late"] = {"best": {"test": concordance_index(t_e[0].loc[te], late, t_e[1].loc[te])}}
+        if runner is not None:
+            cols = [*SURV_MODALITIES, "label_survival_time", "label_survival_event"]
+            path = write_split_manifest(manifest, rows, split, cols, manifest.base_dir / f"bench_surv_fold{k}.parquet")
+            task = ["--task", "survival"]
+            bp = {}
+            configs = (
+                {k: v for k, v in BP_CONFIGS.items() if k != "pretrained_linear_probe"} if args.quick else BP_CONFIGS
+            )
+            for name, cfg in configs.items():
+                r = runner.run(f"surv_f{k}_{name}", path, task, cfg, seed=args.seed, modalities=SURV_MODALITIES)
+                bp[name] = r
+            best = max(bp, key=lambda n: bp[n]["validation"])
+            fold["bp"] = {n: {"validation": r["validation"], "test": r["test"], "wall_s": r["wall_s"]}
+                          for n, r in bp.items()}  # fmt: skip
+            fold["bp_selected"] = {"config": best, "validation": bp[best]["validation"], "test": bp[best]["test"]}
+            log(f"  BioPerceiver selected on validation: {best} test C-index {bp[best]['test']:.4f}")
+            if do_fusion:
+                risks = {}
+                for m in SURV_MODALITIES:
+                    r = runner.run(f"surv_f{k}_{best}_{m}", path, task, BP_CONFIGS[best], seed=args.seed,
+                                   modalities=[m])  # fmt: skip
+                    fold[f"bp_{m}"] = {"validation": r["validation"], "test": r["test"], "wall_s": r["wall_s"]}
+                    risks[m] = r["pred"].set_index("sample_id").loc[list(te), "risk"].to_numpy()
+                late = np.mean([risks[m] for m in SURV_MODALITIES], axis=0)
+                fold["bp_late"] = {"test": concordance_index(t_e[0].loc[te], late, t_e[1].loc[te])}
+                # how much each modality drives the intermediate-fusion model: rank correlation of its test risks
+                # with each unimodal model's
+                both = bp[best]["pred"].set_index("sample_id").loc[list(te), "risk"].to_numpy()
+                fold["bp_intermediate_spearman_with_unimodal"] = {
+                    m: float(spearmanr(both, risks[m]).statistic) for m in SURV_MODALITIES
+                }
+        folds.append(fold)
+    out = {"n_patients": len(rows), "n_events": int(t_e[1].sum()), "n_shared_genes": feats.n_shared_genes,
+           "n_top_variance_genes": args.n_genes, "cox_grid": {"n_pcs": pcs_grid, "penalizer": pen_grid},
+           "bp_configs": BP_CONFIGS, "folds": folds}  # fmt: skip
+    out["summary"] = survival_summary(folds)
+    return out
+
+
+def _ms(x) -> dict:
+    x = np.asarray(x, dtype=float)
+    return {"per_fold": x.tolist(), "mean": float(np.mean(x)), "sd": float(np.std(x, ddof=1)) if len(x) > 1 else 0.0}
+
+
+def survival_summary(folds: list[dict]) -> dict:
+    s = {"cox": _ms([f["cox"]["best"]["test"] for f in folds])}
+    if all("bp_selected" in f for f in folds):
+        s["bp_selected"] = _ms([f["bp_selected"]["test"] for f in folds])
+        d = np.array(s["bp_selected"]["per_fold"]) - np.array(s["cox"]["per_fold"])
+        s["difference_bp_minus_cox"] = _ms(d)
+        s["folds_bp_ge_cox"] = int((d >= 0).sum())
+        for name in folds[0]["bp"]:
+            s[f"bp_{name}"] = _ms([f["bp"][name]["test"] for f in folds])
+            s[f"bp_{name}_validation"] = _ms([f["bp"][name]["validation"] for f in folds])
+        s["selected_configs"] = [f["bp_selected"]["config"] for f in folds]
+    for key in ("cox_clinical", "cox_omics", "cox_late"):
+        if all(key in f for f in folds):
+            s[key] = _ms([f[key]["best"]["test"] for f in folds])
+    for key in ("bp_omics_expression", "bp_tabular_clinical", "bp_late"):
+        if all(key in f for f in folds):
+            s[key] = _ms([f[key]["test"] for f in folds])
+    if all("bp_intermediate_spearman_with_unimodal" in f for f in folds):
+        s["bp_intermediate_spearman_with_unimodal"] = {
+            m: _ms([f["bp_intermediate_spearman_with_unimodal"][m] for f in folds]) for m in SURV_MODALITIES
+        }
+    return s
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2 + 3: findings and label efficiency
+# ---------------------------------------------------------------------------------------------------------------
+class FindingsData:
+    def __init__(self, manifest):
+        from bioperceiver.data import assign_splits
+        from bioperceiver.training.tasks import LabelSpec, labelled_records
+
+        self.manifest = manifest
+        rows = manifest.table[manifest.table["text_report"].notna()].copy().reset_index(drop=True)
+        m = assign_splits(manifest.subset(manifest.table["text_report"].notna().to_numpy()))
+        self.rows = m.table
+        self.spec = LabelSpec(task="multilabel", label_column="label_findings", top_k=6)
+        recs = {s: m.split(s).records() for s in ("train", "validation", "test")}
+        self.spec.fit([r for r in recs["train"] if r.get("label_findings") is not None])
+        self.data = {}
+        for s, rr in recs.items():
+            kept, targets = labelled_records(rr, self.spec, s)
+            self.data[s] = (kept, np.stack([t.numpy() for t in targets]).astype(int))
+        self.path = write_split_manifest(manifest, rows, self.rows["split"], [*FIND_MODALITIES, "label_findings"],
+                                         manifest.base_dir / "bench_findings.parquet")  # fmt: skip
+
+    def sizes(self) -> dict:
+        return {s: {"rows": len(r), "patients": len({x["patient_id"] for x in r}),
+                    "positives": dict(zip(self.spec.classes, y.sum(0).tolist()))}
+                for s, (r, y) in self.data.items()}  # fmt: skip
+
+
+def tfidf_lr(data: FindingsData, train_recs, y_train, *, text_only=False, c_grid=(0.1, 1.0, 10.0, 100.0)) -> dict:
+    from scipy import sparse
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+
+    from bioperceiver.evaluation import compute_task_metrics
+
+    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=1 if len(train_recs) < 50 else 2, sublinear_tf=True)
+    vec.fit([r["text_report"] for r in train_recs])
+    tab = TabularEncoder().fit(parse_json_col([r["tabular_study"] for r in train_recs]))
+
+    def X(recs):
+        xt = vec.transform([r["text_report"] for r in recs])
+        if text_only:
+            return xt
+        return sparse.hstack(
+            [xt, sparse.csr_matrix(tab.transform(parse_json_col([r["tabular_study"] for r in recs])).to_numpy())]
+        ).tocsr()
+
+    xtr, (vr, yv), (ter, _) = X(train_recs), data.data["validation"], data.data["test"]
+    xva, xte = X(vr), X(ter)
+    grid = []
+    for c in c_grid:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            clf = OneVsRestClassifier(LogisticRegression(C=c, max_iter=5000)).fit(xtr, y_train)
+            pv, pt = clf.predict_proba(xva), clf.predict_proba(xte)
+        auc = compute_task_metrics("multilabel", pv, yv, from_logits=False)["auroc"]
+        grid.append({"C": c, "validation": auc, "probs_test": pt})
+    best = max(grid, key=lambda g: g["validation"])
+    return {"C": best["C"], "validation": best["validation"], "probs_test": best["probs_test"],
+            "grid": [{"C": g["C"], "validation": g["validation"]} for g in grid]}  # fmt: skip
+
+
+def bp_probs(data: FindingsData, pred: pd.DataFrame) -> np.ndarray:
+    recs = data.data["test"][0]
+    p = pred.set_index("sample_id").loc[[r["sample_id"] for r in recs]]
+    return p[[f"prob_{c}" for c in data.spec.classes]].to_numpy()
+
+
+def score_with_ci(data: FindingsData, probs: np.ndarray, n_boot: int, seed: int) -> dict:
+    from bioperceiver.evaluation import metrics_with_ci
+
+    recs, y = data.data["test"]
+    groups = np.array([r["patient_id"] for r in recs])
+    m = metrics_with_ci("multilabel", probs, y, from_logits=False, groups=groups, n_resamples=n_boot, seed=seed)
+    return {k: m[k] for k in ("auroc", "auroc_ci_low", "auroc_ci_high", "n", "n_groups")}
+
+
+def paired_diff(data: FindingsData, pa: np.ndarray, pb: np.ndarray, n_boot: int, seed: int) -> dict:
+    """Macro-AUROC(a) - macro-AUROC(b) on the same patient-bootstrap resamples."""
+    from bioperceiver.evaluation import Resampler, compute_task_metrics, quiet_metric_warnings
+
+    recs, y = data.data["test"]
+    groups = np.array([r["patient_id"] for r in recs])
+
+    def auc(p, idx):
+        return compute_task_metrics("multilabel", p[idx], y[idx], from_logits=False)["auroc"]
+
+    full = np.arange(len(y))
+    point = auc(pa, full) - auc(pb, full)
+    diffs = []
+    with quiet_metric_warnings():
+        for idx in Resampler(len(y), n_boot, seed, groups).indices():
+            d = auc(pa, idx) - auc(pb, idx)
+            if np.isfinite(d):
+                diffs.append(d)
+    diffs = np.asarray(diffs)
+    return {"difference": float(point), "ci_low": float(np.quantile(diffs, 0.025)),
+            "ci_high": float(np.quantile(diffs, 0.975)), "p_a_better": float((diffs > 0).mean()),
+            "n_used": len(diffs)}  # fmt: skip
+
+
+def findings_benchmark(args, data: FindingsData, runner: BPRunner | None) -> dict:
+    out = {"classes": data.spec.classes, "sizes": data.sizes(), "models": {}}
+    nb = 200 if args.quick else args.n_bootstrap
+    train_recs, y_train = data.data["train"]
+    for variant, text_only in (("tfidf_lr_text_study", False), ("tfidf_lr_text_only", True)):
+        r = tfidf_lr(data, train_recs, y_train, text_only=text_only)
+        out["models"][variant] = {"C": r["C"], "validation": r["validation"], "grid": r["grid"],
+                                  **score_with_ci(data, r["probs_test"], nb, args.seed)}  # fmt: skip
+        out.setdefault("_probs", {})[variant] = r["probs_test"]
+        test_auc = out["models"][variant]["auroc"]
+        log(f"findings {variant}: C={r['C']} validation {r['validation']:.4f} test {test_auc:.4f}")
+    if runner is not None:
+        task = ["--task", "multilabel", "--label_column", "label_findings", "--top_k_labels", "6"]
+        configs = {"pretrained_linear_probe": BP_CONFIGS["pretrained_linear_probe"]} if args.quick else BP_CONFIGS
+        for name, cfg in configs.items():
+            r = runner.run(f"findings_{name}", data.path, task, cfg, seed=args.seed, modalities=FIND_MODALITIES)
+            probs = bp_probs(data, r["pred"])
+            out["models"][f"bp_{name}"] = {"validation": r["validation"], "wall_s": r["wall_s"],
+                                           **score_with_ci(data, probs, nb, args.seed)}  # fmt: skip
+            out["_probs"][f"bp_{name}"] = probs
+        bp_names = [n for n in out["models"] if n.startswith("bp_")]
+        best = max(bp_names, key=lambda n: out["models"][n]["validation"])
+        out["bp_selected"] = best
+        out["paired_difference_bp_selected_minus_tfidf"] = paired_diff(
+            data, out["_probs"][best], out["_probs"]["tfidf_lr_text_study"], nb, args.seed
+        )
+    out.pop("_probs", None)
+    return out
+
+
+def label_efficiency(args, data: FindingsData, runner: BPRunner | None) -> dict:
+    from run_finetune import subsample_patients
+
+    train_recs, y_train = data.data["train"]
+    fractions = [0.1, 1.0] if args.quick else args.fractions
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    task = ["--task", "multilabel", "--label_column", "label_findings", "--top_k_labels", "6"]
+    cfgs = {"pretrained": BP_CONFIGS["pretrained_full"], "random": BP_CONFIGS["random_full"]}
+    points = []
+    for frac in fractions:
+        for seed in seeds:
+            recs, ys = subsample_patients(train_recs, list(y_train), frac, seed)  # the run's own draw
+            ys = np.stack(ys)
+            spe = math.ceil(len(recs) / 32)
+            base = 2 if args.quick else cfgs["pretrained"]["epochs"]
+            steps = base * spe if args.quick else max(base * spe, args.min_steps)
+            every = max(1, steps // (2 if args.quick else 15))  # ~15 validations / checkpoints per run
+            sched = ["--max_steps", str(steps), "--eval_strategy", "steps", "--eval_steps", str(every),
+                     "--save_strategy", "steps", "--save_steps", str(every)]  # fmt: skip
+            pt = {"fraction": frac, "seed": seed, "patients": len({r["patient_id"] for r in recs}),
+                  "rows": len(recs), "labels_with_a_positive": int((ys.sum(0) > 0).sum()),
+                  "positives": dict(zip(data.spec.classes, ys.sum(0).tolist())), "steps": steps,
+                  "epochs": round(steps / spe, 1), "eval_every_steps": every}  # fmt: skip
+            r = tfidf_lr(data, recs, ys)
+            from bioperceiver.evaluation import compute_task_metrics
+
+            pt["tfidf_lr"] = compute_task_metrics("multilabel", r["probs_test"], data.data["test"][1],
+                                                  from_logits=False)["auroc"]  # fmt: skip
+            if runner is not None:
+                for name, cfg in cfgs.items():
+                    rr = runner.run(f"le_{frac}_{seed}_{name}", data.path, task, cfg, seed=seed, label_fraction=frac,
+                                    modalities=FIND_MODALITIES, extra=sched)  # fmt: skip
+                    pt[name] = rr["test"]
+                    pt[f"{name}_validation"] = rr["validation"]
+                    pt[f"{name}_split_sizes"] = rr["split_sizes"]
+            log(f"label efficiency {frac} seed {seed}: {pt['patients']} patients / {pt['rows']} rows, "
+                f"{pt['labels_with_a_positive']}/6 labels with a positive; "
+                + ", ".join(f"{k} {pt[k]:.4f}" for k in ("tfidf_lr", "pretrained", "random") if k in pt))  # fmt: skip
+            points.append(pt)
+    summary = {}
+    for frac in fractions:
+        sel = [p for p in points if p["fraction"] == frac]
+        summary[str(frac)] = {"patients": [p["patients"] for p in sel], "rows": [p["rows"] for p in sel]}
+        for k in ("tfidf_lr", "pretrained", "random"):
+            if k in sel[0]:
+                summary[str(frac)][k] = _ms([p[k] for p in sel])
+    return {"fractions": fractions, "seeds": seeds, "min_steps": args.min_steps, "settings": cfgs,
+            "points": points, "summary": summary}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reporting
+# ---------------------------------------------------------------------------------------------------------------
+def table(headers: list[str], rows: list[list]) -> str:
+    def f(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(f(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def ms(d: dict) -> str:
+    return f"{d['mean']:.3f} ± {d['sd']:.3f}"
+
+
+def print_report(res: dict) -> None:
+    if "survival" in res:
+        s = res["survival"]
+        folds, summ = s["folds"], s["summary"]
+        rows = []
+        for f in folds:
+            r = [f["fold"], f"{f['n']['test']} ({f['events']['test']} ev)", f["cox"]["best"]["test"],
+                 f"{f['cox']['best']['n_pcs']} PCs, pen {f['cox']['best']['penalizer']}"]  # fmt: skip
+            if "bp_selected" in f:
+                r += [*(f["bp"][n]["test"] for n in f["bp"]), f["bp_selected"]["config"], f["bp_selected"]["test"],
+                      f["bp_selected"]["test"] - f["cox"]["best"]["test"]]  # fmt: skip
+            rows.append(r)
+        heads = ["fold", "test n", "Cox C-index", "Cox chosen"]
+        if "bp_selected" in summ:
+            names = list(folds[0]["bp"])
+            heads += [f"BP {n}" for n in names] + ["BP chosen on val", "BP selected", "BP − Cox"]
+            rows.append(["mean ± sd", "", ms(summ["cox"]), "", *(ms(summ[f"bp_{n}"]) for n in names), "",
+                         ms(summ["bp_selected"]), ms(summ["difference_bp_minus_cox"])])  # fmt: skip
+        else:
+            rows.append(["mean ± sd", "", ms(summ["cox"]), ""])
+        print("\n## Survival, 5-fold CV (test C-index)\n" + table(heads, rows))
+        fus = [(k, summ[k]) for k in ("cox", "cox_clinical", "cox_omics", "cox_late", "bp_tabular_clinical",
+                                      "bp_omics_expression", "bp_late", "bp_selected") if k in summ]  # fmt: skip
+        if len(fus) > 2:
+            print("\n## Fusion (survival folds, test C-index)\n" + table(
+                ["model", *(f"fold {f['fold']}" for f in folds), "mean ± sd"],
+                [[k, *v["per_fold"], ms(v)] for k, v in fus]))  # fmt: skip
+        for m, v in summ.get("bp_intermediate_spearman_with_unimodal", {}).items():
+            print(f"Spearman of BP intermediate-fusion test risks with BP {m} alone: {ms(v)}")
+    if "findings" in res:
+        f = res["findings"]
+        rows = [
+            [n, m.get("validation", float("nan")), m["auroc"], f"[{m['auroc_ci_low']:.3f}, {m['auroc_ci_high']:.3f}]"]
+            for n, m in f["models"].items()
+        ]
+        print("\n## PadChest findings (macro-AUROC)\n" + table(["model", "validation", "test", "95% CI"], rows))
+        if "paired_difference_bp_selected_minus_tfidf" in f:
+            d = f["paired_difference_bp_selected_minus_tfidf"]
+            print(f"{f['bp_selected']} − TF-IDF: {d['difference']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
+    if "label_efficiency" in res:
+        le = res["label_efficiency"]["summary"]
+        keys = [k for k in ("tfidf_lr", "pretrained", "random") if k in next(iter(le.values()))]
+        rows = [[fr, "/".join(map(str, v["patients"])), *(ms(v[k]) for k in keys)] for fr, v in le.items()]
+        print("\n## Label efficiency (findings, test macro-AUROC)\n" + table(["fraction", "patients", *keys], rows))
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+    if "survival" in res:
+        ax, s = axes[0], res["survival"]["summary"]
+        keys = [k for k in ("cox", "bp_selected", "bp_pretrained_linear_probe", "bp_pretrained_full",
+                            "bp_random_full") if k in s]  # fmt: skip
+        for i, k in enumerate(keys):
+            ax.bar(i, s[k]["mean"], yerr=s[k]["sd"], color="C0" if k == "cox" else "C1", alpha=0.6, capsize=4)
+            ax.scatter([i] * len(s[k]["per_fold"]), s[k]["per_fold"], color="k", s=10, zorder=3)
+        ax.set_xticks(range(len(keys)), [k.replace("bp_", "BP ").replace("_", " ") for k in keys], rotation=30,
+                      ha="right", fontsize=8)  # fmt: skip
+        ax.set_ylim(0.4, 0.9)
+        ax.axhline(0.5, color="grey", lw=0.5)
+        ax.set_title("Survival: test C-index per fold (mean ± sd)")
+    if "findings" in res:
+        ax, m = axes[1], res["findings"]["models"]
+        for i, (k, v) in enumerate(m.items()):
+            ax.bar(i, v["auroc"], yerr=[[v["auroc"] - v["auroc_ci_low"]], [v["auroc_ci_high"] - v["auroc"]]],
+                   color="C0" if k.startswith("tfidf") else "C1", alpha=0.6, capsize=4)  # fmt: skip
+        ax.set_xticks(range(len(m)), [k.replace("_", " ") for k in m], rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0.4, 1.0)
+        ax.set_title("PadChest findings: test macro-AUROC (95% CI)")
+    if "label_efficiency" in res:
+        ax, le = axes[2], res["label_efficiency"]["summary"]
+        fr = [float(f) for f in le]
+        for k, c in (("tfidf_lr", "C0"), ("pretrained", "C1"), ("random", "C2")):
+            if k in next(iter(le.values())):
+                mu = [le[f][k]["mean"] for f in le]
+                sd = [le[f][k]["sd"] for f in le]
+                ax.errorbar(fr, mu, yerr=sd, marker="o", capsize=3, color=c, label=k)
+        ax.set_xscale("log")
+        ax.set_xlabel("fraction of training patients")
+        ax.legend(fontsize=8)
+        ax.set_title("Label efficiency (findings, macro-AUROC)")
+    if "survival" in res:
+        ax, s = axes[3], res["survival"]["summary"]
+        keys = [k for k in ("cox_clinical", "cox_omics", "cox_late", "cox", "bp_tabular_clinical",
+                            "bp_omics_expression", "bp_late", "bp_selected") if k in s]  # fmt: skip
+        for i, k in enumerate(keys):
+            ax.bar(i, s[k]["mean"], yerr=s[k]["sd"], color="C0" if k.startswith("cox") else "C1", alpha=0.6,
+                   capsize=4)  # fmt: skip
+        names = {"cox": "Cox early (concat)", "cox_late": "Cox late (mean)", "bp_late": "BP late (mean)",
+                 "bp_selected": "BP intermediate"}  # fmt: skip
+        ax.set_xticks(range(len(keys)), [names.get(k, k.replace("_", " ")) for k in keys], rotation=30, ha="right",
+                      fontsize=8)  # fmt: skip
+        ax.set_ylim(0.4, 0.9)
+        ax.axhline(0.5, color="grey", lw=0.5)
+        ax.set_title("Fusion (survival, test C-index mean ± sd)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _json_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return o.item() if hasattr(o, "item") else str(o)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="*", default=["survival", "findings", "label_efficiency", "fusion"],
+                   choices=["survival", "findings", "label_efficiency", "fusion"])  # fmt: skip
+    p.add_argument("--work_dir", default=str(ROOT / "outputs" / "bench_finetune"))
+    p.add_argument("--pretrained_dir", default=str(ROOT / "outputs" / "bench_finetune" / "pretrain" / "final"))
+    p.add_argument("--no_bioperceiver", action="store_true", help="baselines only")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--max_folds", type=int, default=None, help="run only the first N folds (timing, debugging)")
+    p.add_argument("--n_genes", type=int, default=1000, help="top-variance genes before PCA (Cox baseline)")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--min_steps", type=int, default=60, help="label efficiency: least optimiser steps per run")
+    p.add_argument("--n_bootstrap", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 fold, 2 epochs, 1 seed, fewer settings")
+    p.add_argument("--output", default=None)
+    args = p.parse_args()
+    name = "finetune_tasks_quick" if args.quick else "finetune_tasks"
+    out_json = Path(args.output) if args.output else ROOT / "benchmarks" / "results" / f"{name}.json"
+    logging.basicConfig(level=logging.WARNING)  # run_finetune's own basicConfig becomes a no-op: quiet runs
+    os.chdir(ROOT)
+    t0 = time.perf_counter()
+
+    import torch
+    import transformers
+
+    from bioperceiver.data import assign_splits, read_manifest
+
+    work = Path(args.work_dir)
+    manifest_path = ensure_cohort(work)
+    manifest = read_manifest(manifest_path)
+    runner, pretrain_cmd = None, None
+    if not args.no_bioperceiver:
+        backbone, pretrain_cmd = ensure_backbone(args, manifest_path)
+        runner = BPRunner(args, backbone)
+    pre_split = assign_splits(manifest).table
+    pretrain_patients = set(pre_split.loc[pre_split["split"] == "train", "patient_id"].astype(str))
+
+    res: dict = {
+        "command": " ".join([".venv/bin/python", "benchmarks/finetune_tasks.py", *sys.argv[1:]]),
+        "pretrain_command": " ".join(pretrain_cmd[1:]) if pretrain_cmd else None,
+        "pretrained_dir": args.pretrained_dir if runner else None,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "quick": args.quick,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    if "survival" in args.only or "fusion" in args.only:
+        res["survival"] = survival_benchmark(args, manifest, runner, pretrain_patients, "fusion" in args.only)
+    if "findings" in args.only or "label_efficiency" in args.only:
+        data = FindingsData(manifest)
+        if "findings" in args.only:
+            res["findings"] = findings_benchmark(args, data, runner)
+        if "label_efficiency" in args.only:
+            res["label_efficiency"] = label_efficiency(args, data, runner)
+    if runner is not None:
+        res["bioperceiver_runs"] = runner.runs
+    res["wall_clock_s"] = round(time.perf_counter() - t0, 1)
+    print_report(res)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(res, indent=1, default=_json_default) + "\n")
+    plot(res, out_json.with_suffix(".png"))
+    log(f"wrote {out_json} and {out_json.with_suffix('.png')} in {res['wall_clock_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
