@@ -1,7 +1,7 @@
 # Every target sets up what it needs, idempotently, in $(VENV).
 #   make demo   the main job (see README)
 #   make test   lint + the CPU test suite (what CI runs)
-#   make bench  the backbone benchmark (writes benchmarks/results/)
+#   make bench  the speed/memory benchmarks (write benchmarks/results/; finetune_tasks.py is run on its own)
 VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
@@ -57,6 +57,8 @@ test: lint
 bench: setup
 	$(PY) benchmarks/backbone.py
 	$(PY) benchmarks/data_pipeline.py
+	$(PY) benchmarks/contrastive_loss.py
+	$(PY) benchmarks/pretrain_step.py
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

@@ -194,6 +194,8 @@ def load_processor(model_args, data_args, manifest) -> tuple[BioPerceiverProcess
             logger.info("processors from %s", candidate)
             return BioPerceiverProcessor.from_pretrained(candidate), embedders
     logger.info("fitting processors on the %s split", data_args.train_split)
+    wanted = set(data_args.modalities or manifest.modalities)
+    settings = {k: v for k, v in settings.items() if k in manifest.modalities and k in wanted}  # others: unused here
     proc = BioPerceiverProcessor.from_manifest(manifest, settings)
     if data_args.modalities:
         proc = BioPerceiverProcessor({m: p for m, p in proc.processors.items() if m in data_args.modalities})

@@ -321,3 +321,18 @@ def test_deep_ensemble_of_finetuned_seeds(cohort, tmp_path, task):
         risks = [m["risk"] - m["risk"].mean() for m in members]
         np.testing.assert_allclose(table["ensemble_mean"], (risks[0] + risks[1]) / 2, rtol=1e-4, atol=1e-5)
         assert np.isfinite(res["ensemble"]["c_index"]) and set(res["members_metrics"]) == {"seed0", "seed1"}
+
+
+def test_processor_settings_for_modalities_the_manifest_lacks_are_ignored(cohort, tmp_path):
+    """A settings file written for a bigger cohort (here: every demo modality) works on a manifest that has only
+    some of those columns: processors are fitted for the used modalities only."""
+    manifest = read_manifest(cohort)
+    keep = ["sample_id", "patient_id", "split", "tabular_clinical", "label_survival_time", "label_survival_event"]
+    small = manifest.table.loc[manifest.table["tabular_clinical"].notna(), keep]
+    write_manifest(small, tmp_path / "survival_only.parquet", manifest.metadata)
+    results = _run(
+        tmp_path / "survival_only.parquet", tmp_path / "out", "--task", "survival", "--max_steps", "2",
+        "--eval_strategy", "no", "--save_strategy", "no", "--interpret", "false", "--uncertainty", "false",
+    )  # fmt: skip
+    assert results["modalities"] == ["tabular_clinical"]
+    assert np.isfinite(results["test"]["c_index"])
