@@ -477,7 +477,17 @@ def main(argv=None) -> dict:
         trainer.train()
         for batch in epoch_loader:
             batches_seen += 1
-            if batch is None:  # every sample of the batch was skipped (counted by the collator)
+            # every sample of the batch was skipped (counted by the collator): all processes skip it together, else
+            # from here on their gradient all-reduces would pair different batches and their step counts drift
+            n_empty = int(batch is None)
+            if accelerator.num_processes > 1:
+                flag = torch.tensor([float(n_empty)], device=accelerator.device)
+                n_empty = int(accelerator.reduce(flag, reduction="sum").item())
+            if n_empty:
+                if accelerator.is_main_process:
+                    logger.warning(
+                        "batch %d: every sample skipped on %d process(es); all skip it", batches_seen, n_empty
+                    )
                 continue
             extra = {}
             if padder is not None:
