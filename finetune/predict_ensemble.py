@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +50,24 @@ def member_predictions(folder: Path, manifest, split: str, device: str, batch_si
     return spec, ids, patients, y, pred
 
 
+def _member_keys(folders: list[Path]) -> list[str]:
+    """Short unique names: the folder names, or paths relative to the members' common parent when names repeat."""
+    names = [f.name for f in folders]
+    if len(set(names)) == len(names):
+        return names
+    resolved = [f.resolve() for f in folders]
+    common = Path(os.path.commonpath(resolved))
+    return [str(r.relative_to(common)) for r in resolved]
+
+
 def _score(spec: LabelSpec, pred: np.ndarray, y: np.ndarray, groups, n_bootstrap: int, seed: int, from_logits: bool):
     if spec.task == "survival":
         return metrics_with_ci("survival", pred[:, 0], y, groups=groups, n_resamples=n_bootstrap, seed=seed)
     if spec.task == "regression":
-        p, t = spec.decode_regression(pred[:, 0]), spec.decode_regression(y)
-        return metrics_with_ci("regression", p, t, groups=groups, n_resamples=n_bootstrap, seed=seed)
+        # predictions are already in the label's units; targets are stored standardised
+        return metrics_with_ci(
+            "regression", pred[:, 0], spec.decode_regression(y), groups=groups, n_resamples=n_bootstrap, seed=seed
+        )
     return metrics_with_ci(spec.task, pred, y, num_labels=spec.num_labels, from_logits=from_logits, groups=groups,
                            n_resamples=n_bootstrap, seed=seed)  # fmt: skip
 
@@ -77,8 +90,7 @@ def main(argv=None) -> dict:
             raise SystemExit(f"{f} is not a run_finetune.py output folder (no finetuning_task.json)")
     manifest_path = args.manifest or json.loads((folders[0] / "all_results.json").read_text())["manifest"]
     manifest = read_manifest(manifest_path)
-    if "split" not in manifest.table:
-        manifest = assign_splits(manifest)
+    manifest = assign_splits(manifest)  # adds patient-level splits, or checks the manifest's own
 
     members = [member_predictions(f, manifest, args.split, args.device, args.batch_size) for f in folders]
     spec, ids, patients, y, _ = members[0]
@@ -94,6 +106,9 @@ def main(argv=None) -> dict:
         if i != ids:
             raise SystemExit(f"{f} kept other {args.split} rows than {folders[0]} (different modalities or skips)")
     preds = [m[4] for m in members]
+    if spec.task == "regression":  # every column and metric in the label's own units
+        preds = [m[0].decode_regression(m[4]) for m in members]
+    keys = _member_keys(folders)
     cox = spec.task == "survival" and all(
         json.loads((f / "config.json").read_text()).get("survival_loss", "cox") == "cox" for f in folders
     )
@@ -103,9 +118,9 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     table = pd.DataFrame({"sample_id": ids, "patient_id": patients})
-    for f, pr in zip(folders, preds, strict=True):
+    for name, pr in zip(keys, preds, strict=True):
         key = "risk" if spec.task == "survival" else "prediction" if spec.task == "regression" else "logits"
-        table[f"{f.name}:{key}"] = [json.dumps(np.round(r, 6).tolist()) if r.size > 1 else float(r[0]) for r in pr]
+        table[f"{name}:{key}"] = [json.dumps(np.round(r, 6).tolist()) if r.size > 1 else float(r[0]) for r in pr]
     for name, col in unc.columns(prefix="ensemble_", class_names=[str(c) for c in spec.classes] or None).items():
         table[name] = col
     if spec.task in ("classification", "multilabel"):
@@ -122,8 +137,8 @@ def main(argv=None) -> dict:
         results["ensemble"] = _score(spec, np.asarray(unc.mean).reshape(len(ids), -1), y, groups, args.n_bootstrap,
                                      args.seed, from_logits=True)  # fmt: skip
     results["members_metrics"] = {
-        f.name: _score(spec, pr, y, groups, args.n_bootstrap, args.seed, from_logits=True)
-        for f, pr in zip(folders, preds, strict=True)
+        name: _score(spec, pr, y, groups, args.n_bootstrap, args.seed, from_logits=True)
+        for name, pr in zip(keys, preds, strict=True)
     }
     (out / "ensemble_results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
     logger.info("ensemble of %d members on %d %s rows -> %s", len(folders), len(ids), args.split, out)

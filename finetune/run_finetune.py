@@ -162,6 +162,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
 def _to_cli(values: dict[str, Any]) -> list[str]:
     out = []
     for k, v in values.items():
+        if v is None:  # `key: null` in an argument file = not given (the field's default), never the text "None"
+            continue
         if isinstance(v, list):
             out += [f"--{k}", *map(str, v)]
         elif isinstance(v, dict):
@@ -171,18 +173,18 @@ def _to_cli(values: dict[str, Any]) -> list[str]:
     return out
 
 
-def subsample_patients(records: list[dict], targets: list, fraction: float, seed: int):
+def subsample_patients(records: list[dict], fraction: float, seed: int) -> list[dict]:
     """Keep a seeded ``fraction`` of training *patients* (all their rows): the label-efficiency setting."""
     if fraction >= 1.0:
-        return records, targets
+        return records
     if fraction <= 0:
         raise ValueError(f"label_fraction must be in (0, 1], got {fraction}")
     patients = sorted({str(r.get("patient_id")) for r in records})
     rng = np.random.default_rng(seed)
     kept = set(rng.choice(patients, size=max(2, math.ceil(fraction * len(patients))), replace=False).tolist())
-    pairs = [(r, t) for r, t in zip(records, targets) if str(r.get("patient_id")) in kept]
-    logger.info("label_fraction %.3f: %d of %d patients, %d rows", fraction, len(kept), len(patients), len(pairs))
-    return [p[0] for p in pairs], [p[1] for p in pairs]
+    rows = [r for r in records if str(r.get("patient_id")) in kept]
+    logger.info("label_fraction %.3f: %d of %d patients, %d rows", fraction, len(kept), len(patients), len(rows))
+    return rows
 
 
 def load_processor(model_args, data_args, manifest) -> tuple[BioPerceiverProcessor, dict]:
@@ -208,7 +210,7 @@ def _path(p: str | None) -> Path | None:
     return Path(p) if Path(p).exists() else ROOT / p
 
 
-def build_model(model_args, spec: LabelSpec, processor, embedders, train_records):
+def build_model(model_args, spec: LabelSpec, processor, embedders, train_records, used: list[str]):
     cls = bp.BioPerceiverForSurvival if spec.task == "survival" else bp.BioPerceiverForSequenceClassification
     head = {
         "head_type": model_args.head_type,
@@ -227,10 +229,10 @@ def build_model(model_args, spec: LabelSpec, processor, embedders, train_records
             head.update(id2label=dict(enumerate(map(str, spec.classes))))
     if model_args.model_name_or_path:
         config = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path, **head)
-        missing = sorted(set(processor.modalities) - set(config.modality_names))
+        missing = sorted(set(used) - set(config.modality_names))
         if missing:
             raise ValueError(
-                f"the processors have modalities {missing} that {model_args.model_name_or_path} was not built with; "
+                f"modalities {missing} are used but {model_args.model_name_or_path} was not built with them; "
                 f"restrict --modalities to {config.modality_names} or pretrain with them"
             )
         model = cls.from_pretrained(model_args.model_name_or_path, config=config)
@@ -249,6 +251,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         format="%(levelname)s %(name)s: %(message)s",
     )
     transformers.utils.logging.set_verbosity_warning()
+    lower = ("loss", "mse", "rmse", "mae", "brier", "log_loss")
+    if training_args.metric_for_best_model and training_args.metric_for_best_model.removeprefix("eval_") in lower:
+        training_args.greater_is_better = False  # transformers' default (True unless "loss") would keep the worst
     training_args.remove_unused_columns = False
     training_args.label_names = ["labels"]
     out = Path(training_args.output_dir)
@@ -264,8 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             build_demo_cohort(manifest_path.parent, seed=0)
     manifest = read_manifest(manifest_path)
-    if "split" not in manifest.table:
-        manifest = assign_splits(manifest)
+    manifest = assign_splits(manifest)  # adds hashed patient-level splits, or checks the manifest's own
     if data_args.modalities:
         unknown = sorted(set(data_args.modalities) - set(manifest.modalities))
         if unknown:
@@ -287,18 +291,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     splits = {
         s: manifest.split(s).records() for s in (data_args.train_split, data_args.eval_split, data_args.test_split)
     }
-    train_raw = [r for r in splits[data_args.train_split] if not any(is_missing(r.get(c)) for c in spec.columns)]
-    spec.fit(train_raw)
-    labelled = {s: labelled_records(recs, spec, s) for s, recs in splits.items()}
-    train_recs, train_targets = subsample_patients(*labelled[data_args.train_split], data_args.label_fraction,
-                                                   training_args.seed)  # fmt: skip
+    # the label-efficiency subset is drawn first, so classes and regression scaling come from the kept patients only
+    splits[data_args.train_split] = subsample_patients(
+        [r for r in splits[data_args.train_split] if not any(is_missing(r.get(c)) for c in spec.columns)],
+        data_args.label_fraction,
+        training_args.seed,
+    )
+    spec.fit(splits[data_args.train_split])
+    labelled = {s: labelled_records(recs, spec, s, on_error=data_args.on_error) for s, recs in splits.items()}
+    train_recs, train_targets = labelled[data_args.train_split]
     if not train_recs:
         raise ValueError(f"no labelled rows in the {data_args.train_split} split for {spec.columns}")
 
     processor, embedders = load_processor(model_args, data_args, manifest)
+    if data_args.modalities and set(data_args.modalities) - set(processor.modalities):
+        raise ValueError(
+            f"--modalities {sorted(set(data_args.modalities) - set(processor.modalities))} have no processor in "
+            f"{data_args.processor_dir or model_args.model_name_or_path} (it has {list(processor.modalities)})"
+        )
     used = [m for m in processor.modalities if not data_args.modalities or m in data_args.modalities]
     modalities = {m: processor.modalities[m] for m in used}
-    model = build_model(model_args, spec, processor, embedders, train_recs)
+    model = build_model(model_args, spec, processor, embedders, train_recs, used)
     model = configure_finetuning(
         model,
         model_args.finetuning_mode,
@@ -323,6 +336,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             seed=training_args.seed)  # fmt: skip
     trainer_train, trainer_eval = train_ds, eval_ds
     if model_args.finetuning_mode == "linear_probe" and model_args.cache_embeddings:
+        if data_args.modality_dropout > 0:
+            logger.warning(
+                "linear probe on cached latents: --modality_dropout %.2f and augmentations cannot apply (every "
+                "sample is embedded once); pass --cache_embeddings false to use them",
+                data_args.modality_dropout,
+            )
         # frozen backbone: embed every sample once (no augmentation, no modality dropout), train the head on that
         plain = TaskCollator(modalities, train=False)
         bs = training_args.per_device_eval_batch_size
@@ -340,8 +359,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def compute_metrics(eval_pred) -> dict[str, float]:
         preds = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
-        labels = eval_pred.label_ids
-        return compute_task_metrics(spec.task, np.asarray(preds), np.asarray(labels), num_labels=spec.num_labels)
+        preds, labels = np.asarray(preds), np.asarray(eval_pred.label_ids)
+        if spec.task == "regression":  # logged in the label's own units, as in all_results.json
+            preds, labels = spec.decode_regression(preds.reshape(len(labels), -1)[:, 0]), spec.decode_regression(labels)
+        return compute_task_metrics(spec.task, preds, labels, num_labels=spec.num_labels)
 
     if training_args.eval_strategy != "no" and not len(eval_ds):
         raise ValueError(f"eval_strategy={training_args.eval_strategy} but the {data_args.eval_split} split is empty")
@@ -351,6 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_dataset=trainer_train,
         eval_dataset=trainer_eval if len(eval_ds) else None,
         data_collator=collator,
+        eval_data_collator=TaskCollator(modalities, train=False, on_error=data_args.on_error),
         compute_metrics=compute_metrics,
         callbacks=[EpochSetter(trainer_train)],
     )
@@ -513,8 +535,8 @@ def evaluate_and_report(
         if data_args.interpret:
             shap_cols = _interpret(model, spec, ds, modalities, processor, data_args, training_args, val_pred, res, out)
             extra = {**(extra or {}), **shap_cols}
-        write_predictions(out / "predictions_test.csv", ds, records_by_id, spec, pred, names, extra=extra)
-        patterns = [presence_pattern(s, names) for s in ds.samples]
+        write_predictions(out / "predictions_test.csv", ds, records_by_id, spec, pred, modalities, extra=extra)
+        patterns = [presence_pattern(s, modalities) for s in ds.samples]
         by_pattern = pattern_table(patterns, lambda idx, pred=pred, y=y: score(pred[idx], y[idx], ci=False),
                                    data_args.min_pattern_samples)  # fmt: skip
         _write_csv(out / "results_by_pattern.csv", by_pattern)

@@ -336,3 +336,59 @@ def test_processor_settings_for_modalities_the_manifest_lacks_are_ignored(cohort
     )  # fmt: skip
     assert results["modalities"] == ["tabular_clinical"]
     assert np.isfinite(results["test"]["c_index"])
+
+
+def test_label_spec_reads_labels_the_way_users_write_them():
+    from bioperceiver.data import DataError
+    from bioperceiver.training.tasks import LabelSpec, labelled_records
+
+    # --label_values arrive as text; an integer (or 2.0 float) column still matches them
+    spec = LabelSpec("classification", label_column="g", classes=["1", "2", "3"]).fit([{"g": 1}, {"g": 2}])
+    assert int(spec.encode({"g": 2})) == 1 and int(spec.encode({"g": 3.0})) == 2
+    # survival events as 1/0, booleans or their text forms
+    surv = LabelSpec("survival", time_column="t", event_column="e")
+    for event, expected in ((True, 1.0), ("True", 1.0), ("1", 1.0), (0, 0.0), ("false", 0.0), (1.0, 1.0)):
+        assert surv.encode({"t": 2.0, "e": event}).tolist() == [2.0, expected], event
+    with pytest.raises(DataError, match="not an event indicator"):
+        surv.encode({"t": 2.0, "e": "maybe"})
+    # a class unseen in training: an error naming the sample, or a counted skip when asked
+    rows = [{"sample_id": "a", "g": 1}, {"sample_id": "b", "g": 7}]
+    with pytest.raises(DataError, match="sample 'b'"):
+        labelled_records(rows, spec, "test")
+    kept, targets = labelled_records(rows, spec, "test", on_error="skip")
+    assert [r["sample_id"] for r in kept] == ["a"] and len(targets) == 1
+
+
+def test_null_in_an_argument_file_means_not_given(tmp_path):
+    args = tmp_path / "args.yaml"
+    args.write_text(
+        "manifest: m.parquet\ntask: classification\nlabel_column: label_x\npositive_label: null\n"
+        "top_k_labels: null\noutput_dir: out\n"
+    )
+    _, data_args, _ = run_finetune.parse_args([str(args)])
+    assert data_args.positive_label is None and data_args.top_k_labels is None
+
+
+def test_a_modality_with_no_token_counts_as_absent_in_predictions_and_ablations(cohort):
+    """A clinical cell whose fields are all null is processed into zero tokens: prediction and the "alone"
+    ablation must treat the sample as lacking that modality instead of crashing the run."""
+    from bioperceiver.training.tasks import LabelSpec, ProcessedDataset, labelled_records, predict, presence_pattern
+
+    manifest = read_manifest(cohort)
+    settings, embedders = load_processor_settings(ROOT / "tokenizers" / "demo_processors.yaml")
+    used = ["omics_expression", "tabular_clinical"]
+    proc = BioPerceiverProcessor.from_manifest(manifest, {k: v for k, v in settings.items() if k in used})
+    proc = BioPerceiverProcessor({m: proc.processors[m] for m in used}).fit(manifest)
+    spec = LabelSpec("survival", time_column="label_survival_time", event_column="label_survival_event")
+    records, targets = labelled_records(manifest.split("test").records()[:200], spec, "test")
+    records = [dict(r) for r in records[:4]]
+    fields = json.loads(records[0]["tabular_clinical"])
+    records[0]["tabular_clinical"] = json.dumps(dict.fromkeys(fields))  # every field null
+    ds = ProcessedDataset(records, targets[:4], proc, base_dir=manifest.base_dir, modalities=used)
+    modalities = {m: proc.modalities[m] for m in used}
+    assert presence_pattern(ds[0], modalities) == "omics_expression"
+    model = bp.BioPerceiverForSurvival(
+        bp.create_config("bioperceiver_debug", modalities=proc.model_modalities(embedders))
+    )
+    pred, keep = predict(model, ds, modalities, keep_only=["tabular_clinical"])
+    assert keep.tolist() == [False, True, True, True] and np.isnan(pred[0]).all() and np.isfinite(pred[1:]).all()

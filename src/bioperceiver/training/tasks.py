@@ -7,7 +7,7 @@ import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import transformers
 
-from ..data.collator import BioPerceiverCollator
+from ..data.collator import BioPerceiverCollator, _num_tokens
 from ..data.errors import DataError
 from ..data.manifest import is_missing
 
@@ -119,7 +119,7 @@ class LabelSpec:
                     modality=self.time_column,
                     fix="fix the follow-up time or leave the cell empty to drop the row from this task",
                 )
-            return torch.tensor([float(t), float(bool(int(e)))], dtype=torch.float32)
+            return torch.tensor([float(t), _event(e, record, self.event_column)], dtype=torch.float32)
         v = record.get(self.label_column)
         if is_missing(v):
             return None
@@ -131,16 +131,17 @@ class LabelSpec:
         if self.positive_label is not None:
             have = {str(x) for x in _as_list(v)}
             return torch.tensor(int(str(self.positive_label) in have), dtype=torch.long)
-        value = _scalar(v)
-        if value not in self.classes:
+        # classes compare as text: `--label_values 1 2 3` (strings) matches an integer column, 2.0 matches "2"
+        value, names = str(_scalar(v)), [str(_scalar(c)) for c in self.classes]
+        if value not in names:
             raise DataError(
                 "unknown_class",
-                f"{self.label_column}={value!r} is not one of the training classes {self.classes}",
+                f"{self.label_column}={value!r} is not one of the training classes {names}",
                 sample_id=record.get("sample_id"),
                 modality=self.label_column,
                 fix="give the classes explicitly (label_values) or drop rows of classes unseen in training",
             )
-        return torch.tensor(self.classes.index(value), dtype=torch.long)
+        return torch.tensor(names.index(value), dtype=torch.long)
 
     def decode_regression(self, pred: np.ndarray) -> np.ndarray:
         return pred * self.target_std + self.target_mean
@@ -153,6 +154,22 @@ class LabelSpec:
     @classmethod
     def load(cls, directory: str | Path) -> LabelSpec:
         return cls(**json.loads((Path(directory) / SPEC_NAME).read_text()))
+
+
+def _event(value: Any, record: dict, column: str) -> float:
+    """1.0 (event) or 0.0 (censored) from 1/0, True/False, 1.0/0.0 or their text forms."""
+    text = str(value).strip().lower()
+    if text in ("1", "1.0", "true", "yes"):
+        return 1.0
+    if text in ("0", "0.0", "false", "no"):
+        return 0.0
+    raise DataError(
+        "bad_label",
+        f"{column}={value!r} is not an event indicator",
+        sample_id=record.get("sample_id"),
+        modality=column,
+        fix="use 1 (event) / 0 (censored), or leave the cell empty to drop the row from this task",
+    )
 
 
 def _as_list(v: Any) -> list:
@@ -171,11 +188,21 @@ def _scalar(v: Any) -> Any:
     return v
 
 
-def labelled_records(records: Sequence[dict], spec: LabelSpec, split: str) -> tuple[list[dict], list[torch.Tensor]]:
-    """Rows of a split that have this task's label, with their targets; unlabelled rows are counted and logged."""
-    kept, targets, missing = [], [], 0
+def labelled_records(
+    records: Sequence[dict], spec: LabelSpec, split: str, on_error: str = "raise"
+) -> tuple[list[dict], list[torch.Tensor]]:
+    """Rows of a split that have this task's label, with their targets; unlabelled rows are counted and logged.
+    A bad label (e.g. a class unseen in training) raises, or with ``on_error="skip"`` is counted and logged."""
+    kept, targets, missing, bad = [], [], 0, Counter()
     for r in records:
-        t = spec.encode(r)
+        try:
+            t = spec.encode(r)
+        except DataError as err:
+            if on_error != "skip":
+                raise
+            bad[err.reason] += 1
+            logger.warning("%s: skipped: %s", split, err)
+            continue
         if t is None:
             missing += 1
             continue
@@ -183,6 +210,8 @@ def labelled_records(records: Sequence[dict], spec: LabelSpec, split: str) -> tu
         targets.append(t)
     if missing:
         logger.info("%s: %d of %d rows have no %s label and are left out", split, missing, len(records), spec.columns)
+    if bad:
+        logger.warning("%s: %d rows with a bad label skipped: %s", split, sum(bad.values()), dict(bad))
     return kept, targets
 
 
@@ -313,7 +342,7 @@ def predict(
                 if name in drop or (keep_only is not None and name not in keep_only):
                     g[name] = None
             masked.append(g)
-        has_any = np.array([any(g.get(n) is not None for n in modalities) for g in masked])
+        has_any = np.array([any(has_tokens(g, n, k) for n, k in modalities.items()) for g in masked])
         keep.append(has_any)
         rows = [g for g, ok in zip(masked, has_any) if ok]
         out = np.full((len(feats), _width(model)), np.nan, dtype=np.float64)
@@ -331,8 +360,24 @@ def _width(model) -> int:
     return 1 if hasattr(model, "config") and type(model).__name__.endswith("Survival") else model.config.num_labels
 
 
-def presence_pattern(sample: dict, modalities: Sequence[str]) -> str:
-    return " + ".join(n for n in modalities if sample.get(n) is not None) or "(none)"
+def has_tokens(sample: dict, name: str, kind: str | None = None) -> bool:
+    """Whether the processed ``sample`` has modality ``name`` with at least one token: the collator's notion of
+    present (a tabular cell whose fields are all null, for example, is processed but has no token)."""
+    value = sample.get(name)
+    if value is None:
+        return False
+    if kind is None:
+        return True
+    try:
+        return _num_tokens(kind, {k: np.asarray(v) for k, v in value.items()}) > 0
+    except (KeyError, AttributeError):  # malformed: let the collator raise its clear error
+        return True
+
+
+def presence_pattern(sample: dict, modalities: Mapping[str, str] | Sequence[str]) -> str:
+    """``"a + b"``: the modalities (``{name: kind}``, or names) ``sample`` has tokens for; ``"(none)"``."""
+    kinds = dict(modalities) if isinstance(modalities, Mapping) else dict.fromkeys(modalities)
+    return " + ".join(n for n, k in kinds.items() if has_tokens(sample, n, k)) or "(none)"
 
 
 def pattern_table(
@@ -396,10 +441,30 @@ class TaskTrainer(transformers.Trainer):
     a dict of modalities, not a token tensor, so ``6 × parameters × positions`` is counted over the latent
     positions every sample runs through (``num_latents``), the term that dominates a Perceiver's cost."""
 
+    def __init__(self, *args, eval_data_collator=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        # evaluation and prediction batches: no modality dropout, no augmentation (train collator otherwise)
+        self.eval_data_collator = eval_data_collator
+
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
+                        dataloader_key=None):  # fmt: skip
+        if is_training or self.eval_data_collator is None:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+        train_collator, self.data_collator = self.data_collator, self.eval_data_collator
+        try:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+        finally:
+            self.data_collator = train_collator
+
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
         config = getattr(model, "config", None)
         labels = inputs.get("labels")
         if config is None or labels is None or not hasattr(model, "num_parameters"):
             return 0
-        return 6 * labels.shape[0] * config.num_latents * model.num_parameters(exclude_embeddings=True)
+        if "latents" in inputs:  # cached latents (linear probe): only the head runs
+            head = getattr(model, "head", None)
+            params = sum(p.numel() for p in head.parameters()) if head is not None else 0
+        else:
+            params = model.num_parameters(exclude_embeddings=True)
+        return 6 * labels.shape[0] * config.num_latents * params
