@@ -116,7 +116,9 @@ class DataArguments:
     train_split: str = "train"
     eval_split: str = "validation"
     test_split: str = "test"
-    label_fraction: float = field(default=1.0, metadata={"help": "share of training patients kept (label efficiency)"})
+    label_fraction: float = field(
+        default=1.0, metadata={"help": "share of training patients whose labels are used (label efficiency)"}
+    )
     modality_dropout: float = 0.0
     on_error: str = field(default="raise", metadata={"help": "raise | skip (counted and logged)"})
     n_bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for the test CIs (by patient)"})
@@ -291,13 +293,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     splits = {
         s: manifest.split(s).records() for s in (data_args.train_split, data_args.eval_split, data_args.test_split)
     }
-    # the label-efficiency subset is drawn first, so classes and regression scaling come from the kept patients only
-    splits[data_args.train_split] = subsample_patients(
-        [r for r in splits[data_args.train_split] if not any(is_missing(r.get(c)) for c in spec.columns)],
-        data_args.label_fraction,
-        training_args.seed,
-    )
-    spec.fit(splits[data_args.train_split])
+    train_raw = [r for r in splits[data_args.train_split] if not any(is_missing(r.get(c)) for c in spec.columns)]
+    # the label set (classes, top-k) is the task's definition: fixed from the whole training split, so that every
+    # --label_fraction solves the same task (pass --label_values to fix it yourself); the patients whose labels
+    # are used, and the regression scaling, come from the kept fraction only
+    spec.fit(train_raw)
+    splits[data_args.train_split] = subsample_patients(train_raw, data_args.label_fraction, training_args.seed)
+    if spec.task == "regression":
+        spec.fit(splits[data_args.train_split])
     labelled = {s: labelled_records(recs, spec, s, on_error=data_args.on_error) for s, recs in splits.items()}
     train_recs, train_targets = labelled[data_args.train_split]
     if not train_recs:
