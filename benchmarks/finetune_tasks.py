@@ -179,6 +179,10 @@ class BPRunner:
         old = self.reuse.get(tag)
         if old is None or old.get("argv") != argv:
             return None
+        if "--modality_dropout" in argv and not old.get("eval_without_modality_dropout"):
+            # recorded before run_finetune evaluated without modality dropout (commit b04023b): its per-epoch
+            # validation, which chose the best checkpoint, had modalities randomly hidden; the argv is the same
+            return None
         try:
             res = json.loads((out / "all_results.json").read_text())
             pred = pd.read_csv(out / "predictions_test.csv", dtype={"sample_id": str, "patient_id": str})
@@ -240,6 +244,8 @@ class BPRunner:
             "train_runtime_s": res.get("train", {}).get("train_runtime"),
             "wall_s": round(wall, 1),
             "argv": argv,
+            # run_finetune evaluates (checkpoint choice, validation, test) without modality dropout since b04023b
+            "eval_without_modality_dropout": True,
         }
         self.runs.append(rec)
         log(f"  {tag}: validation {primary} {rec['validation']:.4f}, test {rec['test']:.4f} ({wall:.0f} s)")
@@ -832,7 +838,8 @@ def main() -> None:
     p.add_argument("--output", default=None)
     p.add_argument("--reuse_runs", default=None, metavar="JSON",
                    help="reuse the BioPerceiver runs recorded in this results JSON whose argument list is identical "
-                        "and whose run folder under --work_dir still holds its results (no retraining)")  # fmt: skip
+                        "and whose run folder under --work_dir still holds its results (no retraining); runs with "
+                        "--modality_dropout recorded before evaluation dropped it are never reused")  # fmt: skip
     p.add_argument("--merge", action="store_true",
                    help="keep the sub-benchmarks not run now (and their BioPerceiver runs) from the existing output "
                         "JSON")  # fmt: skip
