@@ -101,21 +101,10 @@ def load_batches(cfg: dict, n_batches: int) -> tuple[Any, dict, list[dict]]:
     """Processor, embedder settings and ``n_batches`` collated training batches, as run_pretrain.py makes them."""
     from torch.utils.data import DataLoader
 
-    from bioperceiver.data import BioPerceiverCollator
-    from bioperceiver.training import ManifestTorchDataset
-
     stub = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)  # one process, no Accelerator
     out = Path(cfg["output_dir"])
     manifest, processor, embedders = run_pretrain.prepare_data(cfg, stub, out)
-    train_ds = ManifestTorchDataset(
-        manifest.split("train"), processor, train=True, seed=cfg["seed"], on_error=cfg["data"]["on_error"]
-    )
-    collator = BioPerceiverCollator(
-        processor.modalities,
-        modality_dropout=cfg["data"]["modality_dropout"],
-        on_error=cfg["data"]["on_error"],
-        seed=cfg["seed"],
-    )
+    train_ds, collator = run_pretrain.training_data(cfg, manifest, processor)
     torch.manual_seed(cfg["seed"])
     loader = DataLoader(
         train_ds, batch_size=cfg["train"]["batch_size"], shuffle=True, drop_last=True, collate_fn=collator

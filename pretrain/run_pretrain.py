@@ -128,6 +128,20 @@ def prepare_data(cfg: dict, accelerator, out: Path):
     return manifest, processor, embedders
 
 
+def training_data(cfg: dict, manifest, processor) -> tuple[ManifestTorchDataset, BioPerceiverCollator]:
+    """The training split as an augmenting dataset, and its collator (modality dropout, skip policy)."""
+    train_ds = ManifestTorchDataset(
+        manifest.split("train"), processor, train=True, seed=cfg["seed"], on_error=cfg["data"]["on_error"]
+    )
+    collator = BioPerceiverCollator(
+        processor.modalities,
+        modality_dropout=cfg["data"]["modality_dropout"],
+        on_error=cfg["data"]["on_error"],
+        seed=cfg["seed"],
+    )
+    return train_ds, collator
+
+
 @contextlib.contextmanager
 def forward_as(module: torch.nn.Module, fn):
     """Temporarily make ``fn`` the module's ``forward``, so that calling ``module(...)`` runs it *through the hooks
@@ -386,15 +400,7 @@ def main(argv=None) -> dict:
     )
     if deepspeed:
         _deepspeed_setup(accelerator, trainer, opt)
-    train_ds = ManifestTorchDataset(
-        manifest.split("train"), processor, train=True, seed=cfg["seed"], on_error=cfg["data"]["on_error"]
-    )
-    collator = BioPerceiverCollator(
-        processor.modalities,
-        modality_dropout=cfg["data"]["modality_dropout"],
-        on_error=cfg["data"]["on_error"],
-        seed=cfg["seed"],
-    )
+    train_ds, collator = training_data(cfg, manifest, processor)
     padder = (
         RankPadder(train_ds, BioPerceiverCollator(processor.modalities), model.modality_names) if pad_ranks else None
     )
