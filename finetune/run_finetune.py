@@ -615,10 +615,16 @@ def _interpret(model, spec, ds, modalities, processor, data_args, training_args,
     file), integrated-gradients figures for a few patients and a top-k vs. random token deletion test."""
     import pandas as pd
 
-    from bioperceiver.interpret import deletion_test, explain_sample, integrated_gradients, modality_shapley
+    from bioperceiver.interpret import (
+        ModalityShapley,
+        deletion_test,
+        explain_sample,
+        integrated_gradients,
+        modality_shapley,
+    )
     from bioperceiver.interpret.figures import plot_modality_shapley
 
-    device, bs = training_args.device, training_args.per_device_eval_batch_size
+    bs = training_args.per_device_eval_batch_size  # interpret moves the batches to the model's device
     collator = TaskCollator(modalities, train=False).collator
     target, score_fn, meaning = _explained_score(spec)
     # f(no modality): the mean explained score on validation (the "average patient"), 0 when it is per class
@@ -626,11 +632,10 @@ def _interpret(model, spec, ds, modalities, processor, data_args, training_args,
     frames, shapleys = [], []
     for start in range(0, len(ds), bs):
         batch = collator([ds[i] for i in range(start, min(start + bs, len(ds)))], train=False)
-        batch = {**batch, "inputs": _to(batch["inputs"], device)}
         sh = modality_shapley(model, batch, target=target, empty_value=empty)
         shapleys.append(sh)
         frames.append(sh.to_frame())
-    sh = _concat_shapley(shapleys)
+    sh = ModalityShapley.concat(shapleys)
     table = sh.summary()
     used = [n for n in sh.names if n in modalities]
     table = table[table["modality"].isin(used)].reset_index(drop=True)
@@ -646,9 +651,8 @@ def _interpret(model, spec, ds, modalities, processor, data_args, training_args,
     picks = list(dict.fromkeys([order[0], order[len(order) // 2], order[-1]]))[: data_args.explain_samples]
     if picks:
         batch = collator([ds[int(i)] for i in picks], train=False)
-        batch = {**batch, "inputs": _to(batch["inputs"], device)}
         attr = integrated_gradients(model, batch, target=target, processors=processor)
-        picked = _select_shapley(sh, [int(i) for i in picks])
+        picked = sh.select([int(i) for i in picks])
         for j in range(len(picks)):
             written = explain_sample(attr, j, out / "explanations", shapley=picked)
             plots += [f"explanations/{p.name}" for p in written.values()]
@@ -658,26 +662,6 @@ def _interpret(model, spec, ds, modalities, processor, data_args, training_args,
     res.setdefault("plots", []).extend(plots)
     values = sh.values.numpy()
     return {f"shapley_{n}": values[:, k] for k, n in enumerate(sh.names) if n in modalities}
-
-
-def _to(inputs: dict, device) -> dict:
-    return {m: {k: v.to(device) if torch.is_tensor(v) else v for k, v in d.items()} for m, d in inputs.items()}
-
-
-def _concat_shapley(parts):
-    import dataclasses
-
-    first = parts[0]
-    cat = {f: torch.cat([getattr(p, f) for p in parts]) for f in ("values", "present", "full", "empty", "coalitions")}
-    ids = [i for p in parts for i in (p.sample_ids or [])]
-    return dataclasses.replace(first, **cat, sample_ids=ids or None)
-
-
-def _select_shapley(sh, rows: list[int]):
-    import dataclasses
-
-    sel = {f: getattr(sh, f)[rows] for f in ("values", "present", "full", "empty", "coalitions")}
-    return dataclasses.replace(sh, **sel, sample_ids=[sh.sample_ids[i] for i in rows] if sh.sample_ids else None)
 
 
 def _plots(spec: LabelSpec, pred: np.ndarray, y: np.ndarray, out: Path) -> list[str]:

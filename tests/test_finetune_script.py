@@ -392,3 +392,25 @@ def test_a_modality_with_no_token_counts_as_absent_in_predictions_and_ablations(
     )
     pred, keep = predict(model, ds, modalities, keep_only=["tabular_clinical"])
     assert keep.tolist() == [False, True, True, True] and np.isnan(pred[0]).all() and np.isfinite(pred[1:]).all()
+
+
+def test_trainer_evaluates_without_modality_dropout(tmp_path):
+    """Evaluation and prediction batches come from the evaluation collator (no modality dropout, no
+    augmentation); training batches from the training one."""
+    from transformers import TrainingArguments
+
+    from bioperceiver.training.tasks import TaskCollator, TaskTrainer
+
+    mods = {"tabular": "tabular"}
+    train_col, eval_col = TaskCollator(mods, modality_dropout=0.5), TaskCollator(mods, train=False)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", remove_unused_columns=False)
+    model = bp.BioPerceiverForSurvival(
+        bp.create_config("bioperceiver_debug", modalities={"tabular": {"kind": "tabular", "num_features": 4}})
+    )
+    data = [{"latents": torch.zeros(1), "__target__": torch.zeros(2)}] * 2
+    trainer = TaskTrainer(model=model, args=args, train_dataset=data, eval_dataset=data, data_collator=train_col,
+                          eval_data_collator=eval_col)  # fmt: skip
+    assert trainer.get_eval_dataloader().collate_fn is eval_col
+    assert trainer.get_test_dataloader(data).collate_fn is eval_col
+    assert trainer.get_train_dataloader().collate_fn is train_col
+    assert trainer.data_collator is train_col  # restored

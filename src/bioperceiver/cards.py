@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from huggingface_hub import ModelCard, ModelCardData
 
 logger = logging.getLogger(__name__)
@@ -342,7 +343,8 @@ def _narrow(manifest, modalities: Sequence[str]):
     from .data.manifest import Manifest, is_missing
 
     cols = [m for m in manifest.modalities if m in modalities]
-    keep = [any(not is_missing(manifest.table[c].iloc[i]) for c in cols) for i in range(len(manifest.table))]
+    missing = [manifest.table[c].map(is_missing).to_numpy(dtype=bool) for c in cols]
+    keep = ~np.logical_and.reduce(missing) if missing else np.zeros(len(manifest.table), dtype=bool)
     return Manifest(
         manifest.table.loc[keep].reset_index(drop=True),
         {m: manifest.modalities[m] for m in cols},

@@ -126,7 +126,7 @@ class BioPerceiverCollator:
             first = next(iter(_SPECS[kind]))
             if first not in conv and not (kind == "signal" and "values" in conv):
                 raise DataError("missing_key", f"missing {first!r}", sample_id=sid, modality=name)
-            out[name] = None if _num_tokens(kind, conv) == 0 else conv
+            out[name] = None if num_tokens(kind, conv) == 0 else conv
         if all(v is None for v in out.values()):
             raise DataError(
                 "no_modality", "the sample has no modality with any token", sample_id=sid, fix="drop the sample"
@@ -294,7 +294,8 @@ class BioPerceiverCollator:
         return out
 
 
-def _num_tokens(kind: str, arrays: Mapping[str, np.ndarray]) -> int:
+def num_tokens(kind: str, arrays: Mapping[str, np.ndarray]) -> int:
+    """Tokens a processed modality gives the model (0 = the collator treats the modality as absent)."""
     if kind == "image":
         return int(arrays["pixel_values"].size)
     if kind == "signal":

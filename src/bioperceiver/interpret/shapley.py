@@ -63,6 +63,21 @@ class ModalityShapley:
     coalitions: torch.Tensor
     sample_ids: list | None = None
 
+    _ROWS = ("values", "present", "full", "empty", "coalitions")
+
+    @classmethod
+    def concat(cls, parts: Iterable[ModalityShapley]) -> ModalityShapley:
+        """One object for the samples of several batches (same players), in order."""
+        parts = list(parts)
+        rows = {f: torch.cat([getattr(p, f) for p in parts]) for f in cls._ROWS}
+        ids = [i for p in parts for i in (p.sample_ids or [])]
+        return cls(names=list(parts[0].names), **rows, sample_ids=ids or None)
+
+    def select(self, rows: list[int]) -> ModalityShapley:
+        """The samples at batch indices ``rows``, in that order."""
+        ids = [self.sample_ids[i] for i in rows] if self.sample_ids else None
+        return type(self)(names=list(self.names), **{f: getattr(self, f)[rows] for f in self._ROWS}, sample_ids=ids)
+
     def to_frame(self) -> pd.DataFrame:
         """Per sample and modality: ``sample, modality, present, shapley, full, empty``."""
         rows = []

@@ -3,6 +3,7 @@ and the analyses a finetuning run reports (per missing-modality pattern, modalit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 import transformers
 
-from ..data.collator import BioPerceiverCollator, _num_tokens
+from ..data.collator import BioPerceiverCollator, num_tokens
 from ..data.errors import DataError
 from ..data.manifest import is_missing
 
@@ -369,7 +370,7 @@ def has_tokens(sample: dict, name: str, kind: str | None = None) -> bool:
     if kind is None:
         return True
     try:
-        return _num_tokens(kind, {k: np.asarray(v) for k, v in value.items()}) > 0
+        return num_tokens(kind, {k: np.asarray(v) for k, v in value.items()}) > 0
     except (KeyError, AttributeError):  # malformed: let the collator raise its clear error
         return True
 
@@ -446,15 +447,24 @@ class TaskTrainer(transformers.Trainer):
         # evaluation and prediction batches: no modality dropout, no augmentation (train collator otherwise)
         self.eval_data_collator = eval_data_collator
 
-    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
-                        dataloader_key=None):  # fmt: skip
-        if is_training or self.eval_data_collator is None:
-            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+    @contextlib.contextmanager
+    def _evaluation_collator(self):
+        if self.eval_data_collator is None:
+            yield
+            return
         train_collator, self.data_collator = self.data_collator, self.eval_data_collator
         try:
-            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+            yield
         finally:
             self.data_collator = train_collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        with self._evaluation_collator():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        with self._evaluation_collator():
+            return super().get_test_dataloader(test_dataset)
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
