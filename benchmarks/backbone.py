@@ -37,9 +37,15 @@ logger = logging.getLogger("benchmarks.backbone")
 PEERS = ("bioperceiver", "hf_perceiver")
 ARCH: dict[str, int] = {}  # the encoder settings both peers share, resolved by BioPerceiverConfig (defaults included)
 ENCODER_FIELDS = (
-    "num_latents", "d_latents", "d_input", "num_cross_attention_heads", "num_self_attention_heads",
-    "num_self_attention_layers", "self_attention_widening_factor", "cross_attention_widening_factor",
-)  # fmt: skip
+    "num_latents",
+    "d_latents",
+    "d_input",
+    "num_cross_attention_heads",
+    "num_self_attention_heads",
+    "num_self_attention_layers",
+    "self_attention_widening_factor",
+    "cross_attention_widening_factor",
+)
 
 
 def set_arch(preset: str) -> None:

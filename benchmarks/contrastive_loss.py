@@ -108,8 +108,10 @@ def main() -> None:
             out = subprocess.run([*cmd, "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"global {g:5d} {mode:5s} {rows[-1]['time_s'] * 1e3:8.1f} ms  {rows[-1]['peak_mib']:8.1f} MiB")
-    print(f"\n| global batch | world (local {args.local_batch}) | local-loss ms | naive ms | time ratio | "
-          "local-loss MiB | naive MiB | memory ratio |")  # fmt: skip
+    print(
+        f"\n| global batch | world (local {args.local_batch}) | local-loss ms | naive ms | time ratio | "
+        "local-loss MiB | naive MiB | memory ratio |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     table = []
     for g in args.globals:

@@ -56,8 +56,17 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 logger = logging.getLogger("benchmarks.data_pipeline")
 ROOT = Path(__file__).resolve().parents[1]
 VERSIONS = (
-    "torch", "numpy", "pandas", "pyarrow", "scipy", "datasets", "monai", "pydicom", "tokenizers", "bioperceiver",
-)  # fmt: skip
+    "torch",
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "scipy",
+    "datasets",
+    "monai",
+    "pydicom",
+    "tokenizers",
+    "bioperceiver",
+)
 
 
 # ---- timing -------------------------------------------------------------------------------------------------------

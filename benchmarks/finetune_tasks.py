@@ -111,9 +111,16 @@ def ensure_cohort(work: Path) -> Path:
 
 def ensure_backbone(args, manifest: Path) -> tuple[Path, list[str]]:
     final = Path(args.pretrained_dir)
-    cmd = [sys.executable, "pretrain/run_pretrain.py", "--config", "pretrain/configs/demo.yaml",
-           f"output_dir={final.parent}", f"data.manifest={manifest}",
-           f"data.processor_dir={final.parent / 'processors'}", "logging.report_to=none"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "pretrain/run_pretrain.py",
+        "--config",
+        "pretrain/configs/demo.yaml",
+        f"output_dir={final.parent}",
+        f"data.manifest={manifest}",
+        f"data.processor_dir={final.parent / 'processors'}",
+        "logging.report_to=none",
+    ]
     if not (final / "config.json").exists():
         log(f"pretrained backbone missing: {' '.join(cmd)}")
         subprocess.run(cmd, cwd=ROOT, check=True)
@@ -193,23 +200,76 @@ class BPRunner:
             return None
         return {**old, "reused": True, "pred": pred}
 
-    def run(self, tag: str, manifest: Path, task_args: list[str], cfg: dict, *, seed: int = 0,
-            label_fraction: float = 1.0, epochs: int | None = None, modalities=None, extra=()) -> dict:  # fmt: skip
+    def run(
+        self,
+        tag: str,
+        manifest: Path,
+        task_args: list[str],
+        cfg: dict,
+        *,
+        seed: int = 0,
+        label_fraction: float = 1.0,
+        epochs: int | None = None,
+        modalities=None,
+        extra=(),
+    ) -> dict:
         out = Path(self.args.work_dir) / "runs" / tag
         survival = "survival" in task_args
         primary = "c_index" if survival else "auroc"
         epochs = epochs or (2 if self.args.quick else cfg["epochs"])
-        argv = ["--manifest", str(manifest), *task_args,
-                "--model_name_or_path", str(self.backbone) if cfg["pretrained"] else "none",
-                "--finetuning_mode", cfg["mode"], "--processor_settings", SETTINGS,
-                "--output_dir", str(out), "--do_train", "true", "--num_train_epochs", str(epochs),
-                "--learning_rate", str(cfg["lr"]), "--weight_decay", "0.01",
-                "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "64",
-                "--eval_strategy", "epoch", "--save_strategy", "epoch", "--save_total_limit", "1",
-                "--load_best_model_at_end", "true", "--metric_for_best_model", primary,
-                "--greater_is_better", "true", "--logging_steps", "50", "--seed", str(seed),
-                "--label_fraction", str(label_fraction), "--n_bootstrap", "100", "--ablations", "false",
-                "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true"]  # fmt: skip
+        argv = [
+            "--manifest",
+            str(manifest),
+            *task_args,
+            "--model_name_or_path",
+            str(self.backbone) if cfg["pretrained"] else "none",
+            "--finetuning_mode",
+            cfg["mode"],
+            "--processor_settings",
+            SETTINGS,
+            "--output_dir",
+            str(out),
+            "--do_train",
+            "true",
+            "--num_train_epochs",
+            str(epochs),
+            "--learning_rate",
+            str(cfg["lr"]),
+            "--weight_decay",
+            "0.01",
+            "--per_device_train_batch_size",
+            "32",
+            "--per_device_eval_batch_size",
+            "64",
+            "--eval_strategy",
+            "epoch",
+            "--save_strategy",
+            "epoch",
+            "--save_total_limit",
+            "1",
+            "--load_best_model_at_end",
+            "true",
+            "--metric_for_best_model",
+            primary,
+            "--greater_is_better",
+            "true",
+            "--logging_steps",
+            "50",
+            "--seed",
+            str(seed),
+            "--label_fraction",
+            str(label_fraction),
+            "--n_bootstrap",
+            "100",
+            "--ablations",
+            "false",
+            "--use_cpu",
+            "true",
+            "--report_to",
+            "none",
+            "--disable_tqdm",
+            "true",
+        ]
         if survival:
             argv += ["--warmup_steps", "0.1", "--lr_scheduler_type", "cosine"]
         if cfg.get("modality_dropout"):
@@ -380,13 +440,23 @@ def cox_select(feats: SurvivalFeatures, rows, tr, va, te, *, pcs_grid, pen_grid,
                 grid.append({"n_pcs": n_pcs, "penalizer": pen, "error": type(exc).__name__})
                 continue
             rv, rt = (cph.predict_log_partial_hazard(x).to_numpy() for x in (xva, xte))
-            grid.append({"n_pcs": n_pcs, "penalizer": pen, "n_features": xtr.shape[1],
-                         "validation": concordance_index(t.loc[va], rv, e.loc[va]),
-                         "test": concordance_index(t.loc[te], rt, e.loc[te]), "risk_test": rt})  # fmt: skip
+            grid.append(
+                {
+                    "n_pcs": n_pcs,
+                    "penalizer": pen,
+                    "n_features": xtr.shape[1],
+                    "validation": concordance_index(t.loc[va], rv, e.loc[va]),
+                    "test": concordance_index(t.loc[te], rt, e.loc[te]),
+                    "risk_test": rt,
+                }
+            )
     ok = [g for g in grid if "validation" in g]
     best = max(ok, key=lambda g: g["validation"])  # first of ties (grid order)
-    return {"best": {k: v for k, v in best.items() if k != "risk_test"}, "risk_test": best["risk_test"],
-            "grid": [{k: v for k, v in g.items() if k != "risk_test"} for g in grid]}  # fmt: skip
+    return {
+        "best": {k: v for k, v in best.items() if k != "risk_test"},
+        "risk_test": best["risk_test"],
+        "grid": [{k: v for k, v in g.items() if k != "risk_test"} for g in grid],
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -416,18 +486,23 @@ def survival_benchmark(args, manifest, runner: BPRunner | None, pretrain_patient
         te = rows.index[te_i]
         split = pd.Series("train", index=rows.index)
         split.loc[va], split.loc[te] = "validation", "test"
-        fold = {"fold": k, "n": {"train": len(tr), "validation": len(va), "test": len(te)},
-                "events": {s: int(t_e[1].loc[i].sum()) for s, i in (("train", tr), ("validation", va), ("test", te))},
-                "test_patients_seen_unlabelled_in_pretraining": int(sum(str(rows.loc[i, "patient_id"]) in
-                                                                        pretrain_patients for i in te))}  # fmt: skip
+        fold = {
+            "fold": k,
+            "n": {"train": len(tr), "validation": len(va), "test": len(te)},
+            "events": {s: int(t_e[1].loc[i].sum()) for s, i in (("train", tr), ("validation", va), ("test", te))},
+            "test_patients_seen_unlabelled_in_pretraining": int(
+                sum(str(rows.loc[i, "patient_id"]) in pretrain_patients for i in te)
+            ),
+        }
         log(f"survival fold {k}: {fold['n']} events {fold['events']}")
         feats.fit(tr)
         fold["cox"] = cox_select(feats, rows, tr, va, te, pcs_grid=pcs_grid, pen_grid=pen_grid)
         log(f"  cox (clinical + expression PCs) {fold['cox']['best']}")
         if do_fusion:
             fold["cox_clinical"] = cox_select(feats, rows, tr, va, te, pcs_grid=[0], pen_grid=pen_grid)
-            fold["cox_omics"] = cox_select(feats, rows, tr, va, te, pcs_grid=pcs_grid[1:], pen_grid=pen_grid,
-                                           clinical=False)  # fmt: skip
+            fold["cox_omics"] = cox_select(
+                feats, rows, tr, va, te, pcs_grid=pcs_grid[1:], pen_grid=pen_grid, clinical=False
+            )
             late = (fold["cox_clinical"]["risk_test"] + fold["cox_omics"]["risk_test"]) / 2
             fold["cox_late"] = {"best": {"test": concordance_index(t_e[0].loc[te], late, t_e[1].loc[te])}}
         if runner is not None:
@@ -440,8 +515,15 @@ def survival_benchmark(args, manifest, runner: BPRunner | None, pretrain_patient
                 r = runner.run(f"surv_f{k}_{name}", path, task, cfg, seed=args.seed, modalities=SURV_MODALITIES)
                 bp[name] = r
             best = max(bp, key=lambda n: bp[n]["validation"])
-            fold["bp"] = {n: {"validation": r["validation"], "test": r["test"], "wall_s": r["wall_s"],
-                              "reused": bool(r.get("reused"))} for n, r in bp.items()}  # fmt: skip
+            fold["bp"] = {
+                n: {
+                    "validation": r["validation"],
+                    "test": r["test"],
+                    "wall_s": r["wall_s"],
+                    "reused": bool(r.get("reused")),
+                }
+                for n, r in bp.items()
+            }
             if do_fusion:
                 # does a setting use the clinical covariates? rank correlation of its test risks with the fold's
                 # (validation-chosen) clinical-only and expression-only Cox models' log-hazards
@@ -456,8 +538,9 @@ def survival_benchmark(args, manifest, runner: BPRunner | None, pretrain_patient
             if do_fusion:
                 risks = {}
                 for m in SURV_MODALITIES:
-                    r = runner.run(f"surv_f{k}_{best}_{m}", path, task, BP_CONFIGS[best], seed=args.seed,
-                                   modalities=[m])  # fmt: skip
+                    r = runner.run(
+                        f"surv_f{k}_{best}_{m}", path, task, BP_CONFIGS[best], seed=args.seed, modalities=[m]
+                    )
                     fold[f"bp_{m}"] = {"validation": r["validation"], "test": r["test"], "wall_s": r["wall_s"]}
                     risks[m] = r["pred"].set_index("sample_id").loc[list(te), "risk"].to_numpy()
                 late = np.mean([risks[m] for m in SURV_MODALITIES], axis=0)
@@ -469,9 +552,15 @@ def survival_benchmark(args, manifest, runner: BPRunner | None, pretrain_patient
                     m: float(spearmanr(both, risks[m]).statistic) for m in SURV_MODALITIES
                 }
         folds.append(fold)
-    out = {"n_patients": len(rows), "n_events": int(t_e[1].sum()), "n_shared_genes": feats.n_shared_genes,
-           "n_top_variance_genes": args.n_genes, "cox_grid": {"n_pcs": pcs_grid, "penalizer": pen_grid},
-           "bp_configs": {n: BP_CONFIGS[n] for n in SURV_BP_CONFIGS}, "folds": folds}  # fmt: skip
+    out = {
+        "n_patients": len(rows),
+        "n_events": int(t_e[1].sum()),
+        "n_shared_genes": feats.n_shared_genes,
+        "n_top_variance_genes": args.n_genes,
+        "cox_grid": {"n_pcs": pcs_grid, "penalizer": pen_grid},
+        "bp_configs": {n: BP_CONFIGS[n] for n in SURV_BP_CONFIGS},
+        "folds": folds,
+    }
     out["summary"] = survival_summary(folds)
     return out
 
@@ -529,13 +618,23 @@ class FindingsData:
         for s, rr in recs.items():
             kept, targets = labelled_records(rr, self.spec, s)
             self.data[s] = (kept, np.stack([t.numpy() for t in targets]).astype(int))
-        self.path = write_split_manifest(manifest, rows, self.rows["split"], [*FIND_MODALITIES, "label_findings"],
-                                         manifest.base_dir / "bench_findings.parquet")  # fmt: skip
+        self.path = write_split_manifest(
+            manifest,
+            rows,
+            self.rows["split"],
+            [*FIND_MODALITIES, "label_findings"],
+            manifest.base_dir / "bench_findings.parquet",
+        )
 
     def sizes(self) -> dict:
-        return {s: {"rows": len(r), "patients": len({x["patient_id"] for x in r}),
-                    "positives": dict(zip(self.spec.classes, y.sum(0).tolist()))}
-                for s, (r, y) in self.data.items()}  # fmt: skip
+        return {
+            s: {
+                "rows": len(r),
+                "patients": len({x["patient_id"] for x in r}),
+                "positives": dict(zip(self.spec.classes, y.sum(0).tolist())),
+            }
+            for s, (r, y) in self.data.items()
+        }
 
 
 def tfidf_lr(data: FindingsData, train_recs, y_train, *, text_only=False, c_grid=(0.1, 1.0, 10.0, 100.0)) -> dict:
@@ -569,8 +668,12 @@ def tfidf_lr(data: FindingsData, train_recs, y_train, *, text_only=False, c_grid
         auc = compute_task_metrics("multilabel", pv, yv, from_logits=False)["auroc"]
         grid.append({"C": c, "validation": auc, "probs_test": pt})
     best = max(grid, key=lambda g: g["validation"])
-    return {"C": best["C"], "validation": best["validation"], "probs_test": best["probs_test"],
-            "grid": [{"C": g["C"], "validation": g["validation"]} for g in grid]}  # fmt: skip
+    return {
+        "C": best["C"],
+        "validation": best["validation"],
+        "probs_test": best["probs_test"],
+        "grid": [{"C": g["C"], "validation": g["validation"]} for g in grid],
+    }
 
 
 def bp_probs(data: FindingsData, pred: pd.DataFrame) -> np.ndarray:
@@ -607,9 +710,13 @@ def paired_diff(data: FindingsData, pa: np.ndarray, pb: np.ndarray, n_boot: int,
             if np.isfinite(d):
                 diffs.append(d)
     diffs = np.asarray(diffs)
-    return {"difference": float(point), "ci_low": float(np.quantile(diffs, 0.025)),
-            "ci_high": float(np.quantile(diffs, 0.975)), "p_a_better": float((diffs > 0).mean()),
-            "n_used": len(diffs)}  # fmt: skip
+    return {
+        "difference": float(point),
+        "ci_low": float(np.quantile(diffs, 0.025)),
+        "ci_high": float(np.quantile(diffs, 0.975)),
+        "p_a_better": float((diffs > 0).mean()),
+        "n_used": len(diffs),
+    }
 
 
 def findings_benchmark(args, data: FindingsData, runner: BPRunner | None) -> dict:
@@ -618,8 +725,12 @@ def findings_benchmark(args, data: FindingsData, runner: BPRunner | None) -> dic
     train_recs, y_train = data.data["train"]
     for variant, text_only in (("tfidf_lr_text_study", False), ("tfidf_lr_text_only", True)):
         r = tfidf_lr(data, train_recs, y_train, text_only=text_only)
-        out["models"][variant] = {"C": r["C"], "validation": r["validation"], "grid": r["grid"],
-                                  **score_with_ci(data, r["probs_test"], nb, args.seed)}  # fmt: skip
+        out["models"][variant] = {
+            "C": r["C"],
+            "validation": r["validation"],
+            "grid": r["grid"],
+            **score_with_ci(data, r["probs_test"], nb, args.seed),
+        }
         out.setdefault("_probs", {})[variant] = r["probs_test"]
         test_auc = out["models"][variant]["auroc"]
         log(f"findings {variant}: C={r['C']} validation {r['validation']:.4f} test {test_auc:.4f}")
@@ -629,8 +740,11 @@ def findings_benchmark(args, data: FindingsData, runner: BPRunner | None) -> dic
         for name, cfg in ((n, BP_CONFIGS[n]) for n in names):
             r = runner.run(f"findings_{name}", data.path, task, cfg, seed=args.seed, modalities=FIND_MODALITIES)
             probs = bp_probs(data, r["pred"])
-            out["models"][f"bp_{name}"] = {"validation": r["validation"], "wall_s": r["wall_s"],
-                                           **score_with_ci(data, probs, nb, args.seed)}  # fmt: skip
+            out["models"][f"bp_{name}"] = {
+                "validation": r["validation"],
+                "wall_s": r["wall_s"],
+                **score_with_ci(data, probs, nb, args.seed),
+            }
             out["_probs"][f"bp_{name}"] = probs
         bp_names = [n for n in out["models"] if n.startswith("bp_")]
         best = max(bp_names, key=lambda n: out["models"][n]["validation"])
@@ -659,27 +773,55 @@ def label_efficiency(args, data: FindingsData, runner: BPRunner | None) -> dict:
             base = 2 if args.quick else cfgs["pretrained"]["epochs"]
             steps = base * spe if args.quick else max(base * spe, args.min_steps)
             every = max(1, steps // (2 if args.quick else 15))  # ~15 validations / checkpoints per run
-            sched = ["--max_steps", str(steps), "--eval_strategy", "steps", "--eval_steps", str(every),
-                     "--save_strategy", "steps", "--save_steps", str(every)]  # fmt: skip
-            pt = {"fraction": frac, "seed": seed, "patients": len({r["patient_id"] for r in recs}),
-                  "rows": len(recs), "labels_with_a_positive": int((ys.sum(0) > 0).sum()),
-                  "positives": dict(zip(data.spec.classes, ys.sum(0).tolist())), "steps": steps,
-                  "epochs": round(steps / spe, 1), "eval_every_steps": every}  # fmt: skip
+            sched = [
+                "--max_steps",
+                str(steps),
+                "--eval_strategy",
+                "steps",
+                "--eval_steps",
+                str(every),
+                "--save_strategy",
+                "steps",
+                "--save_steps",
+                str(every),
+            ]
+            pt = {
+                "fraction": frac,
+                "seed": seed,
+                "patients": len({r["patient_id"] for r in recs}),
+                "rows": len(recs),
+                "labels_with_a_positive": int((ys.sum(0) > 0).sum()),
+                "positives": dict(zip(data.spec.classes, ys.sum(0).tolist())),
+                "steps": steps,
+                "epochs": round(steps / spe, 1),
+                "eval_every_steps": every,
+            }
             r = tfidf_lr(data, recs, ys)
             from bioperceiver.evaluation import compute_task_metrics
 
-            pt["tfidf_lr"] = compute_task_metrics("multilabel", r["probs_test"], data.data["test"][1],
-                                                  from_logits=False)["auroc"]  # fmt: skip
+            pt["tfidf_lr"] = compute_task_metrics(
+                "multilabel", r["probs_test"], data.data["test"][1], from_logits=False
+            )["auroc"]
             if runner is not None:
                 for name, cfg in cfgs.items():
-                    rr = runner.run(f"le_{frac}_{seed}_{name}", data.path, task, cfg, seed=seed, label_fraction=frac,
-                                    modalities=FIND_MODALITIES, extra=sched)  # fmt: skip
+                    rr = runner.run(
+                        f"le_{frac}_{seed}_{name}",
+                        data.path,
+                        task,
+                        cfg,
+                        seed=seed,
+                        label_fraction=frac,
+                        modalities=FIND_MODALITIES,
+                        extra=sched,
+                    )
                     pt[name] = rr["test"]
                     pt[f"{name}_validation"] = rr["validation"]
                     pt[f"{name}_split_sizes"] = rr["split_sizes"]
-            log(f"label efficiency {frac} seed {seed}: {pt['patients']} patients / {pt['rows']} rows, "
+            log(
+                f"label efficiency {frac} seed {seed}: {pt['patients']} patients / {pt['rows']} rows, "
                 f"{pt['labels_with_a_positive']}/6 labels with a positive; "
-                + ", ".join(f"{k} {pt[k]:.4f}" for k in ("tfidf_lr", "pretrained", "random") if k in pt))  # fmt: skip
+                + ", ".join(f"{k} {pt[k]:.4f}" for k in ("tfidf_lr", "pretrained", "random") if k in pt)
+            )
             points.append(pt)
     summary = {}
     for frac in fractions:
@@ -688,8 +830,14 @@ def label_efficiency(args, data: FindingsData, runner: BPRunner | None) -> dict:
         for k in ("tfidf_lr", "pretrained", "random"):
             if k in sel[0]:
                 summary[str(frac)][k] = _ms([p[k] for p in sel])
-    return {"fractions": fractions, "seeds": seeds, "min_steps": args.min_steps, "settings": cfgs,
-            "points": points, "summary": summary}  # fmt: skip
+    return {
+        "fractions": fractions,
+        "seeds": seeds,
+        "min_steps": args.min_steps,
+        "settings": cfgs,
+        "points": points,
+        "summary": summary,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -714,27 +862,61 @@ def print_report(res: dict) -> None:
         folds, summ = s["folds"], s["summary"]
         rows = []
         for f in folds:
-            r = [f["fold"], f"{f['n']['test']} ({f['events']['test']} ev)", f["cox"]["best"]["test"],
-                 f"{f['cox']['best']['n_pcs']} PCs, pen {f['cox']['best']['penalizer']}"]  # fmt: skip
+            r = [
+                f["fold"],
+                f"{f['n']['test']} ({f['events']['test']} ev)",
+                f["cox"]["best"]["test"],
+                f"{f['cox']['best']['n_pcs']} PCs, pen {f['cox']['best']['penalizer']}",
+            ]
             if "bp_selected" in f:
-                r += [*(f["bp"][n]["test"] for n in f["bp"]), f["bp_selected"]["config"], f["bp_selected"]["test"],
-                      f["bp_selected"]["test"] - f["cox"]["best"]["test"]]  # fmt: skip
+                r += [
+                    *(f["bp"][n]["test"] for n in f["bp"]),
+                    f["bp_selected"]["config"],
+                    f["bp_selected"]["test"],
+                    f["bp_selected"]["test"] - f["cox"]["best"]["test"],
+                ]
             rows.append(r)
         heads = ["fold", "test n", "Cox C-index", "Cox chosen"]
         if "bp_selected" in summ:
             names = list(folds[0]["bp"])
             heads += [f"BP {n}" for n in names] + ["BP chosen on val", "BP selected", "BP − Cox"]
-            rows.append(["mean ± sd", "", ms(summ["cox"]), "", *(ms(summ[f"bp_{n}"]) for n in names), "",
-                         ms(summ["bp_selected"]), ms(summ["difference_bp_minus_cox"])])  # fmt: skip
+            rows.append(
+                [
+                    "mean ± sd",
+                    "",
+                    ms(summ["cox"]),
+                    "",
+                    *(ms(summ[f"bp_{n}"]) for n in names),
+                    "",
+                    ms(summ["bp_selected"]),
+                    ms(summ["difference_bp_minus_cox"]),
+                ]
+            )
         else:
             rows.append(["mean ± sd", "", ms(summ["cox"]), ""])
         print("\n## Survival, 5-fold CV (test C-index)\n" + table(heads, rows))
-        fus = [(k, summ[k]) for k in ("cox", "cox_clinical", "cox_omics", "cox_late", "bp_tabular_clinical",
-                                      "bp_omics_expression", "bp_late", "bp_selected") if k in summ]  # fmt: skip
+        fus = [
+            (k, summ[k])
+            for k in (
+                "cox",
+                "cox_clinical",
+                "cox_omics",
+                "cox_late",
+                "bp_tabular_clinical",
+                "bp_omics_expression",
+                "bp_late",
+                "bp_selected",
+            )
+            if k in summ
+        ]
         if len(fus) > 2:
-            print("\n## Fusion (survival folds, test C-index)\n" + table(
-                ["model", *(f"fold {f['fold']}" for f in folds), "mean ± sd"],
-                [[k, *v["per_fold"], ms(v)] for k, v in fus]))  # fmt: skip
+            print(
+                "\n## Fusion (survival folds, test C-index)\n"
+                + table(
+                    ["model", *(f"fold {f['fold']}" for f in folds), "mean ± sd"],
+                    [[k, *v["per_fold"], ms(v)] for k, v in fus],
+                )
+            )
         for n, v in summ.get("bp_spearman_with_cox_unimodal", {}).items():
             print(f"Spearman of BP {n} test risks with Cox " + ", ".join(f"{m} alone {ms(x)}" for m, x in v.items()))
         for m, v in summ.get("bp_intermediate_spearman_with_unimodal", {}).items():
@@ -770,16 +952,27 @@ def plot(res: dict, path: Path) -> None:
         for i, k in enumerate(keys):
             ax.bar(i, s[k]["mean"], yerr=s[k]["sd"], color="C0" if k == "cox" else "C1", alpha=0.6, capsize=4)
             ax.scatter([i] * len(s[k]["per_fold"]), s[k]["per_fold"], color="k", s=10, zorder=3)
-        ax.set_xticks(range(len(keys)), [k.replace("bp_", "BP ").replace("_", " ") for k in keys], rotation=30,
-                      ha="right", fontsize=8)  # fmt: skip
+        ax.set_xticks(
+            range(len(keys)),
+            [k.replace("bp_", "BP ").replace("_", " ") for k in keys],
+            rotation=30,
+            ha="right",
+            fontsize=8,
+        )
         ax.set_ylim(0.4, 0.9)
         ax.axhline(0.5, color="grey", lw=0.5)
         ax.set_title("Survival: test C-index per fold (mean ± sd)")
     if "findings" in res:
         ax, m = axes[1], res["findings"]["models"]
         for i, (k, v) in enumerate(m.items()):
-            ax.bar(i, v["auroc"], yerr=[[v["auroc"] - v["auroc_ci_low"]], [v["auroc_ci_high"] - v["auroc"]]],
-                   color="C0" if k.startswith("tfidf") else "C1", alpha=0.6, capsize=4)  # fmt: skip
+            ax.bar(
+                i,
+                v["auroc"],
+                yerr=[[v["auroc"] - v["auroc_ci_low"]], [v["auroc_ci_high"] - v["auroc"]]],
+                color="C0" if k.startswith("tfidf") else "C1",
+                alpha=0.6,
+                capsize=4,
+            )
         ax.set_xticks(range(len(m)), [k.replace("_", " ") for k in m], rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0.4, 1.0)
         ax.set_title("PadChest findings: test macro-AUROC (95% CI)")
@@ -797,15 +990,31 @@ def plot(res: dict, path: Path) -> None:
         ax.set_title("Label efficiency (findings, macro-AUROC)")
     if "survival" in res:
         ax, s = axes[3], res["survival"]["summary"]
-        keys = [k for k in ("cox_clinical", "cox_omics", "cox_late", "cox", "bp_tabular_clinical",
-                            "bp_omics_expression", "bp_late", "bp_selected") if k in s]  # fmt: skip
+        keys = [
+            k
+            for k in (
+                "cox_clinical",
+                "cox_omics",
+                "cox_late",
+                "cox",
+                "bp_tabular_clinical",
+                "bp_omics_expression",
+                "bp_late",
+                "bp_selected",
+            )
+            if k in s
+        ]
         for i, k in enumerate(keys):
-            ax.bar(i, s[k]["mean"], yerr=s[k]["sd"], color="C0" if k.startswith("cox") else "C1", alpha=0.6,
-                   capsize=4)  # fmt: skip
-        names = {"cox": "Cox early (concat)", "cox_late": "Cox late (mean)", "bp_late": "BP late (mean)",
-                 "bp_selected": "BP intermediate"}  # fmt: skip
-        ax.set_xticks(range(len(keys)), [names.get(k, k.replace("_", " ")) for k in keys], rotation=30, ha="right",
-                      fontsize=8)  # fmt: skip
+            ax.bar(i, s[k]["mean"], yerr=s[k]["sd"], color="C0" if k.startswith("cox") else "C1", alpha=0.6, capsize=4)
+        names = {
+            "cox": "Cox early (concat)",
+            "cox_late": "Cox late (mean)",
+            "bp_late": "BP late (mean)",
+            "bp_selected": "BP intermediate",
+        }
+        ax.set_xticks(
+            range(len(keys)), [names.get(k, k.replace("_", " ")) for k in keys], rotation=30, ha="right", fontsize=8
+        )
         ax.set_ylim(0.4, 0.9)
         ax.axhline(0.5, color="grey", lw=0.5)
         ax.set_title("Fusion (survival, test C-index mean ± sd)")
@@ -821,8 +1030,12 @@ def _json_default(o):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="*", default=["survival", "findings", "label_efficiency", "fusion"],
-                   choices=["survival", "findings", "label_efficiency", "fusion"])  # fmt: skip
+    p.add_argument(
+        "--only",
+        nargs="*",
+        default=["survival", "findings", "label_efficiency", "fusion"],
+        choices=["survival", "findings", "label_efficiency", "fusion"],
+    )
     p.add_argument("--work_dir", default=str(ROOT / "outputs" / "bench_finetune"))
     p.add_argument("--pretrained_dir", default=str(ROOT / "outputs" / "bench_finetune" / "pretrain" / "final"))
     p.add_argument("--no_bioperceiver", action="store_true", help="baselines only")
@@ -836,13 +1049,19 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 fold, 2 epochs, 1 seed, fewer settings")
     p.add_argument("--output", default=None)
-    p.add_argument("--reuse_runs", default=None, metavar="JSON",
-                   help="reuse the BioPerceiver runs recorded in this results JSON whose argument list is identical "
-                        "and whose run folder under --work_dir still holds its results (no retraining); runs with "
-                        "--modality_dropout recorded before evaluation dropped it are never reused")  # fmt: skip
-    p.add_argument("--merge", action="store_true",
-                   help="keep the sub-benchmarks not run now (and their BioPerceiver runs) from the existing output "
-                        "JSON")  # fmt: skip
+    p.add_argument(
+        "--reuse_runs",
+        default=None,
+        metavar="JSON",
+        help="reuse the BioPerceiver runs recorded in this results JSON whose argument list is identical "
+        "and whose run folder under --work_dir still holds its results (no retraining); runs with "
+        "--modality_dropout recorded before evaluation dropped it are never reused",
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the sub-benchmarks not run now (and their BioPerceiver runs) from the existing output JSON",
+    )
     args = p.parse_args()
     name = "finetune_tasks_quick" if args.quick else "finetune_tasks"
     out_json = Path(args.output) if args.output else ROOT / "benchmarks" / "results" / f"{name}.json"

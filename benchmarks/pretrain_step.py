@@ -389,8 +389,9 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     processor, embedders, batches = load_batches(cfg, args.batches)
     setup_s = time.perf_counter() - start
-    logger.info("%d batches of %d collated in %.1f s (data: %s)", len(batches), len(batches[0]["sample_id"]),
-                setup_s, base)  # fmt: skip
+    logger.info(
+        "%d batches of %d collated in %.1f s (data: %s)", len(batches), len(batches[0]["sample_id"]), setup_s, base
+    )
 
     torch.manual_seed(cfg["seed"])
     model = bp.create_model(preset, modalities=processor.model_modalities(embedders), **cfg["model"]["overrides"])
@@ -418,9 +419,12 @@ def main(argv=None) -> dict:
     for name in ("ours", "peer"):
         logger.info(
             "%s GFLOPs, batch 0: forward analytic %.4f / counted %.4f; forward+backward analytic %.4f / counted %.4f",
-            name, analytic0[name]["forward"] / 1e9, counted[name]["forward"] / 1e9,
-            analytic0[name]["forward+backward"] / 1e9, counted[name]["forward+backward"] / 1e9,
-        )  # fmt: skip
+            name,
+            analytic0[name]["forward"] / 1e9,
+            counted[name]["forward"] / 1e9,
+            analytic0[name]["forward+backward"] / 1e9,
+            counted[name]["forward+backward"] / 1e9,
+        )
 
     # warm-up round of every variant (allocations, AdamW state), then rotating timed rounds
     for name in VARIANTS:
@@ -439,9 +443,11 @@ def main(argv=None) -> dict:
                 peak_mem[name] = max(peak_mem.get(name, 0), torch.cuda.max_memory_allocated() - resident)
             order_log.append(name)
         logger.info(
-            "round %d/%d: %s", r + 1, args.repeats,
+            "round %d/%d: %s",
+            r + 1,
+            args.repeats,
             "  ".join(f"{k} {1e3 * sum(v[-1]) / n:.1f} ms/step" for k, v in rounds.items()),
-        )  # fmt: skip
+        )
 
     peak = backbone.measured_peak_flops(args.device, args.dtype)
     b = statistics.mean(len(x["sample_id"]) for x in batches)
@@ -557,8 +563,11 @@ def report(r: dict) -> str:
     ]
 
     def row(label, a, b, fmt, ratio=True):
-        lines.append(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {a / b:.2f}x |" if ratio else
-                     f"| {label} | {fmt.format(a)} | {fmt.format(b)} | |")  # fmt: skip
+        lines.append(
+            f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {a / b:.2f}x |"
+            if ratio
+            else f"| {label} | {fmt.format(a)} | {fmt.format(b)} | |"
+        )
 
     row("step time, ms (best round)", 1e3 * ours["step_s"], 1e3 * peer["step_s"], "{:,.1f}")
     row("step time, ms (median round)", 1e3 * ours["step_s_median"], 1e3 * peer["step_s_median"], "{:,.1f}")

@@ -68,8 +68,16 @@ def _score(spec: LabelSpec, pred: np.ndarray, y: np.ndarray, groups, n_bootstrap
         return metrics_with_ci(
             "regression", pred[:, 0], spec.decode_regression(y), groups=groups, n_resamples=n_bootstrap, seed=seed
         )
-    return metrics_with_ci(spec.task, pred, y, num_labels=spec.num_labels, from_logits=from_logits, groups=groups,
-                           n_resamples=n_bootstrap, seed=seed)  # fmt: skip
+    return metrics_with_ci(
+        spec.task,
+        pred,
+        y,
+        num_labels=spec.num_labels,
+        from_logits=from_logits,
+        groups=groups,
+        n_resamples=n_bootstrap,
+        seed=seed,
+    )
 
 
 def main(argv=None) -> dict:
@@ -134,8 +142,9 @@ def main(argv=None) -> dict:
         mean = unc.mean if spec.task == "multilabel" or unc.mean.ndim == 2 else np.stack([1 - unc.mean, unc.mean], 1)
         results["ensemble"] = _score(spec, mean, y, groups, args.n_bootstrap, args.seed, from_logits=False)
     else:
-        results["ensemble"] = _score(spec, np.asarray(unc.mean).reshape(len(ids), -1), y, groups, args.n_bootstrap,
-                                     args.seed, from_logits=True)  # fmt: skip
+        results["ensemble"] = _score(
+            spec, np.asarray(unc.mean).reshape(len(ids), -1), y, groups, args.n_bootstrap, args.seed, from_logits=True
+        )
     results["members_metrics"] = {
         name: _score(spec, pr, y, groups, args.n_bootstrap, args.seed, from_logits=True)
         for name, pr in zip(keys, preds, strict=True)

@@ -324,19 +324,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lora_dropout=model_args.lora_dropout,
     )
     base_dir = manifest.base_dir
-    train_ds = TaskDataset(train_recs, train_targets, processor, base_dir=base_dir, train=True,
-                           seed=training_args.seed, modalities=used, on_error=data_args.on_error)  # fmt: skip
+    train_ds = TaskDataset(
+        train_recs,
+        train_targets,
+        processor,
+        base_dir=base_dir,
+        train=True,
+        seed=training_args.seed,
+        modalities=used,
+        on_error=data_args.on_error,
+    )
     evals = {
         s: ProcessedDataset(*labelled[s], processor, base_dir=base_dir, modalities=used, on_error=data_args.on_error)
         for s in (data_args.eval_split, data_args.test_split)
     }
     eval_ds = evals[data_args.eval_split]
     test_ds = evals[data_args.test_split]
-    logger.info("rows: train %d, %s %d, %s %d", len(train_ds), data_args.eval_split, len(eval_ds),
-                data_args.test_split, len(test_ds))  # fmt: skip
+    logger.info(
+        "rows: train %d, %s %d, %s %d",
+        len(train_ds),
+        data_args.eval_split,
+        len(eval_ds),
+        data_args.test_split,
+        len(test_ds),
+    )
 
-    collator = TaskCollator(modalities, modality_dropout=data_args.modality_dropout, on_error=data_args.on_error,
-                            seed=training_args.seed)  # fmt: skip
+    collator = TaskCollator(
+        modalities, modality_dropout=data_args.modality_dropout, on_error=data_args.on_error, seed=training_args.seed
+    )
     trainer_train, trainer_eval = train_ds, eval_ds
     if model_args.finetuning_mode == "linear_probe" and model_args.cache_embeddings:
         if data_args.modality_dropout > 0:
@@ -348,17 +363,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # frozen backbone: embed every sample once (no augmentation, no modality dropout), train the head on that
         plain = TaskCollator(modalities, train=False)
         bs = training_args.per_device_eval_batch_size
-        train_fixed = ProcessedDataset(train_recs, train_targets, processor, base_dir=base_dir, modalities=used,
-                                       on_error=data_args.on_error)  # fmt: skip
+        train_fixed = ProcessedDataset(
+            train_recs, train_targets, processor, base_dir=base_dir, modalities=used, on_error=data_args.on_error
+        )
 
         def latents(ds):
-            batches = (plain.collator([ds[i] for i in range(s, min(s + bs, len(ds)))], train=False)
-                       for s in range(0, len(ds), bs))  # fmt: skip
+            batches = (
+                plain.collator([ds[i] for i in range(s, min(s + bs, len(ds)))], train=False)
+                for s in range(0, len(ds), bs)
+            )
             return LatentDataset(compute_latents(model, batches), [s["__target__"] for s in ds.samples])
 
         trainer_train, trainer_eval = latents(train_fixed), latents(eval_ds) if len(eval_ds) else None
-        logger.info("linear probe: cached the frozen backbone's latents of %d + %d samples", len(trainer_train),
-                    len(eval_ds))  # fmt: skip
+        logger.info(
+            "linear probe: cached the frozen backbone's latents of %d + %d samples", len(trainer_train), len(eval_ds)
+        )
 
     def compute_metrics(eval_pred) -> dict[str, float]:
         preds = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
@@ -509,8 +528,15 @@ def evaluate_and_report(
             labels = y
         if not ci:
             return compute_task_metrics(spec.task, p, labels, num_labels=spec.num_labels)
-        return metrics_with_ci(spec.task, p, labels, num_labels=spec.num_labels, n_resamples=data_args.n_bootstrap,
-                               groups=groups, seed=training_args.seed)  # fmt: skip
+        return metrics_with_ci(
+            spec.task,
+            p,
+            labels,
+            num_labels=spec.num_labels,
+            n_resamples=data_args.n_bootstrap,
+            groups=groups,
+            seed=training_args.seed,
+        )
 
     val_pred = val_y = None
     for split, ds in evals.items():
@@ -540,8 +566,9 @@ def evaluate_and_report(
             extra = {**(extra or {}), **shap_cols}
         write_predictions(out / "predictions_test.csv", ds, records_by_id, spec, pred, modalities, extra=extra)
         patterns = [presence_pattern(s, modalities) for s in ds.samples]
-        by_pattern = pattern_table(patterns, lambda idx, pred=pred, y=y: score(pred[idx], y[idx], ci=False),
-                                   data_args.min_pattern_samples)  # fmt: skip
+        by_pattern = pattern_table(
+            patterns, lambda idx, pred=pred, y=y: score(pred[idx], y[idx], ci=False), data_args.min_pattern_samples
+        )
         _write_csv(out / "results_by_pattern.csv", by_pattern)
         res["by_pattern"] = by_pattern
         res["plots"] = res.get("plots", []) + _plots(spec, pred, y, out)
@@ -642,8 +669,12 @@ def _interpret(model, spec, ds, modalities, processor, data_args, training_args,
     _write_csv(out / "modality_shapley.csv", pd.concat(frames).to_dict("records"))
     plots = [plot_modality_shapley(sh, out / "modality_shapley.png").name]
     baseline = "the mean over the validation split" if score_fn is not None and val_pred is not None else "a zero logit"
-    res["interpretation"] = {"explained": meaning, "empty_value": empty, "empty_value_is": baseline,
-                             "shapley": table.to_dict("records")}  # fmt: skip
+    res["interpretation"] = {
+        "explained": meaning,
+        "empty_value": empty,
+        "empty_value_is": baseline,
+        "shapley": table.to_dict("records"),
+    }
 
     # a few patients: the highest, median and lowest explained score
     full = sh.full.numpy()
@@ -673,8 +704,14 @@ def _plots(spec: LabelSpec, pred: np.ndarray, y: np.ndarray, out: Path) -> list[
         if km:
             made.append(km[0].name)
     elif spec.task == "regression":
-        made.append(plot_regression(spec.decode_regression(y), spec.decode_regression(pred[:, 0]),
-                                    out / "predicted_vs_true.png", spec.label_column).name)  # fmt: skip
+        made.append(
+            plot_regression(
+                spec.decode_regression(y),
+                spec.decode_regression(pred[:, 0]),
+                out / "predicted_vs_true.png",
+                spec.label_column,
+            ).name
+        )
     else:
         prob = expit(pred) if spec.task == "multilabel" else softmax(pred, axis=1)
         for fn, name in ((plot_roc_pr, "roc_pr.png"), (plot_calibration, "calibration.png")):

@@ -113,9 +113,15 @@ def main(argv=None) -> dict:
     model_dir = out / "model"
     t = time.perf_counter()
     fit_processors.main(
-        ["--manifest", str(manifest_path), "--settings", str(HERE.parent / "tokenizers" / "demo_processors.yaml"),
-         "--output_dir", str(model_dir)]
-    )  # fmt: skip
+        [
+            "--manifest",
+            str(manifest_path),
+            "--settings",
+            str(HERE.parent / "tokenizers" / "demo_processors.yaml"),
+            "--output_dir",
+            str(model_dir),
+        ]
+    )
     timings["fit_processors_s"] = time.perf_counter() - t
     manifest = read_manifest(model_dir / "split_manifest.parquet", base_dir=manifest_path.parent)
     processor = BioPerceiverProcessor.from_pretrained(model_dir)

@@ -606,9 +606,13 @@ def main(argv=None) -> dict:
     summary = _summary(out, final, ckpt_dir, plots, trackers, project, lg, accelerator)
     if accelerator.is_main_process:
         print("\n".join(summary), flush=True)
-    return {"final": str(final), "history": history, "steps": step, "summary": summary, "losses_finite": all(
-        math.isfinite(h["loss"]) for h in history if "loss" in h
-    )}  # fmt: skip
+    return {
+        "final": str(final),
+        "history": history,
+        "steps": step,
+        "summary": summary,
+        "losses_finite": all(math.isfinite(h["loss"]) for h in history if "loss" in h),
+    }
 
 
 def compute_facts(accelerator, steps: int, totals: dict, cfg: dict) -> dict[str, Any]:

@@ -104,8 +104,9 @@ def batch(config) -> dict[str, dict]:
     return random_batch(config)
 
 
-def synthetic_run_config(root, *, max_steps: int, warmup_steps: int, batch_size: int, save_steps: int,
-                         keep_last: int, **sections):  # fmt: skip
+def synthetic_run_config(
+    root, *, max_steps: int, warmup_steps: int, batch_size: int, save_steps: int, keep_last: int, **sections
+):
     """A pretraining run YAML (``root/run.yaml``) on the synthetic cohort (every modality kind, 30% missing, a tiny
     preset) for script-level tests; ``sections`` update further config sections, e.g. ``eval={"steps": 0}``."""
     from pathlib import Path

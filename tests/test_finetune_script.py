@@ -73,22 +73,36 @@ def cohort(tmp_path_factory) -> Path:
 
 def _run(cohort: Path, out: Path, *args: str, monkeypatch=None) -> dict:
     argv = [
-        "--manifest", str(cohort),
-        "--output_dir", str(out),
-        "--processor_settings", "tokenizers/demo_processors.yaml",
-        "--do_train", "true",
-        "--per_device_train_batch_size", "16",
-        "--per_device_eval_batch_size", "32",
-        "--eval_strategy", "epoch",
-        "--save_strategy", "epoch",
-        "--logging_steps", "5",
-        "--n_bootstrap", "30",
-        "--min_pattern_samples", "5",
-        "--use_cpu", "true",
-        "--report_to", "none",
-        "--seed", "0",
+        "--manifest",
+        str(cohort),
+        "--output_dir",
+        str(out),
+        "--processor_settings",
+        "tokenizers/demo_processors.yaml",
+        "--do_train",
+        "true",
+        "--per_device_train_batch_size",
+        "16",
+        "--per_device_eval_batch_size",
+        "32",
+        "--eval_strategy",
+        "epoch",
+        "--save_strategy",
+        "epoch",
+        "--logging_steps",
+        "5",
+        "--n_bootstrap",
+        "30",
+        "--min_pattern_samples",
+        "5",
+        "--use_cpu",
+        "true",
+        "--report_to",
+        "none",
+        "--seed",
+        "0",
         *args,
-    ]  # fmt: skip
+    ]
     if monkeypatch is not None:  # the script as a user runs it: `python finetune/run_finetune.py ...`
         monkeypatch.setattr(sys, "argv", ["run_finetune.py", *argv])
         return run_finetune.main()
@@ -135,9 +149,19 @@ def _reload_and_predict(out: Path, cls, modalities: list[str]) -> np.ndarray:
 def test_survival_cox_end_to_end_with_ablation_card_and_round_trip(cohort, tmp_path, monkeypatch):
     out = tmp_path / "surv"
     results = _run(
-        cohort, out, "--task", "survival", "--modalities", "omics_expression", "tabular_clinical",
-        "--num_train_epochs", "1", "--learning_rate", "1e-3", monkeypatch=monkeypatch,
-    )  # fmt: skip
+        cohort,
+        out,
+        "--task",
+        "survival",
+        "--modalities",
+        "omics_expression",
+        "tabular_clinical",
+        "--num_train_epochs",
+        "1",
+        "--learning_rate",
+        "1e-3",
+        monkeypatch=monkeypatch,
+    )
     preds = _check_outputs(out, results, "c_index")
     assert {"label_survival_time", "label_survival_event", "risk", "mc_mean", "mc_std"} <= set(preds.columns)
     assert (preds["mc_std"] > 0).all()  # dropout is active in the MC passes
@@ -176,10 +200,23 @@ def test_multilabel_linear_probe_on_a_pretrained_backbone_keeps_it_frozen(cohort
 
     out = tmp_path / "findings"
     results = _run(
-        cohort, out, "--task", "multilabel", "--label_column", "label_findings", "--top_k_labels", "4",
-        "--model_name_or_path", str(pre), "--finetuning_mode", "linear_probe", "--num_train_epochs", "2",
-        "--learning_rate", "3e-3",
-    )  # fmt: skip
+        cohort,
+        out,
+        "--task",
+        "multilabel",
+        "--label_column",
+        "label_findings",
+        "--top_k_labels",
+        "4",
+        "--model_name_or_path",
+        str(pre),
+        "--finetuning_mode",
+        "linear_probe",
+        "--num_train_epochs",
+        "2",
+        "--learning_rate",
+        "3e-3",
+    )
     preds = _check_outputs(out, results, "auroc")
     assert results["parameters"]["trainable"] < results["parameters"]["total"] / 10
     spec = json.loads((out / "finetuning_task.json").read_text())
@@ -196,10 +233,28 @@ def test_multilabel_linear_probe_on_a_pretrained_backbone_keeps_it_frozen(cohort
 def test_binary_classification_with_lora_and_query_head(cohort, tmp_path):
     out = tmp_path / "normal"
     results = _run(
-        cohort, out, "--task", "classification", "--label_column", "label_findings", "--positive_label", "normal",
-        "--modalities", "text_report", "tabular_study", "--finetuning_mode", "lora", "--head_type", "query",
-        "--max_steps", "6", "--eval_strategy", "no", "--save_strategy", "no",
-    )  # fmt: skip
+        cohort,
+        out,
+        "--task",
+        "classification",
+        "--label_column",
+        "label_findings",
+        "--positive_label",
+        "normal",
+        "--modalities",
+        "text_report",
+        "tabular_study",
+        "--finetuning_mode",
+        "lora",
+        "--head_type",
+        "query",
+        "--max_steps",
+        "6",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+    )
     preds = _check_outputs(out, results, "auroc")
     assert {"auroc", "auprc", "accuracy", "f1", "brier"} <= set(results["test"])
     # calibrated probabilities and conformal sets per sample; calibration and coverage in the results and card
@@ -219,9 +274,23 @@ def test_binary_classification_with_lora_and_query_head(cohort, tmp_path):
 def test_multiclass_grade_from_expression_with_partial_unfreezing(cohort, tmp_path):
     out = tmp_path / "grade"
     results = _run(
-        cohort, out, "--task", "classification", "--label_column", "label_grade", "--modalities", "omics_expression",
-        "--finetuning_mode", "partial", "--max_steps", "6", "--eval_strategy", "no", "--save_strategy", "no",
-    )  # fmt: skip
+        cohort,
+        out,
+        "--task",
+        "classification",
+        "--label_column",
+        "label_grade",
+        "--modalities",
+        "omics_expression",
+        "--finetuning_mode",
+        "partial",
+        "--max_steps",
+        "6",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+    )
     _check_outputs(out, results, "auroc")
     assert json.loads((out / "finetuning_task.json").read_text())["classes"] == ["1", "2", "3"]
     assert {"f1_macro", "f1_micro", "accuracy"} <= set(results["test"])
@@ -231,10 +300,24 @@ def test_multiclass_grade_from_expression_with_partial_unfreezing(cohort, tmp_pa
 def test_regression_age_reports_metrics_in_original_units(cohort, tmp_path):
     out = tmp_path / "age"
     results = _run(
-        cohort, out, "--task", "regression", "--label_column", "label_age",
-        "--modalities", "omics_expression", "tabular_clinical", "--max_steps", "6", "--eval_strategy", "no",
-        "--save_strategy", "no", "--ablations", "false",
-    )  # fmt: skip
+        cohort,
+        out,
+        "--task",
+        "regression",
+        "--label_column",
+        "label_age",
+        "--modalities",
+        "omics_expression",
+        "tabular_clinical",
+        "--max_steps",
+        "6",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+        "--ablations",
+        "false",
+    )
     preds = _check_outputs(out, results, "rmse")
     ages = preds["label_age"].to_numpy()
     assert 20 < ages.mean() < 100  # true labels are written in years, not standardised units
@@ -246,8 +329,20 @@ def test_regression_age_reports_metrics_in_original_units(cohort, tmp_path):
 def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(cohort, tmp_path):
     """Run 1 epoch, then ask for 2 in the same folder: the last checkpoint is found and training continues from it
     (optimizer, scheduler, RNG and data position restored), ending bit-identical to a straight 2-epoch run."""
-    common = ("--task", "survival", "--modalities", "tabular_clinical", "--ablations", "false",
-              "--lr_scheduler_type", "constant", "--learning_rate", "1e-3", "--eval_strategy", "no")  # fmt: skip
+    common = (
+        "--task",
+        "survival",
+        "--modalities",
+        "tabular_clinical",
+        "--ablations",
+        "false",
+        "--lr_scheduler_type",
+        "constant",
+        "--learning_rate",
+        "1e-3",
+        "--eval_strategy",
+        "no",
+    )
     straight = tmp_path / "straight"
     _run(cohort, straight, *common, "--num_train_epochs", "2")
     resumed = tmp_path / "resumed"
@@ -295,16 +390,39 @@ def _load(name: str):
 def test_deep_ensemble_of_finetuned_seeds(cohort, tmp_path, task):
     ensemble = _load("predict_ensemble")
     args = (
-        ("--task", "classification", "--label_column", "label_findings", "--positive_label", "normal",
-         "--modalities", "tabular_study")
+        (
+            "--task",
+            "classification",
+            "--label_column",
+            "label_findings",
+            "--positive_label",
+            "normal",
+            "--modalities",
+            "tabular_study",
+        )
         if task == "classification"
         else ("--task", "survival", "--modalities", "tabular_clinical")
-    )  # fmt: skip
+    )
     dirs = []
     for seed in (0, 1):
         out = tmp_path / f"seed{seed}"
-        _run(cohort, out, *args, "--seed", str(seed), "--max_steps", "4", "--eval_strategy", "no",
-             "--save_strategy", "no", "--interpret", "false", "--uncertainty", "false")  # fmt: skip
+        _run(
+            cohort,
+            out,
+            *args,
+            "--seed",
+            str(seed),
+            "--max_steps",
+            "4",
+            "--eval_strategy",
+            "no",
+            "--save_strategy",
+            "no",
+            "--interpret",
+            "false",
+            "--uncertainty",
+            "false",
+        )
         dirs.append(out)
     res = ensemble.main(["--model_dirs", *map(str, dirs), "--output_dir", str(tmp_path / "ens"), "--n_bootstrap", "20"])
     table = pd.read_csv(tmp_path / "ens" / "ensemble_predictions.csv")
@@ -331,9 +449,21 @@ def test_processor_settings_for_modalities_the_manifest_lacks_are_ignored(cohort
     small = manifest.table.loc[manifest.table["tabular_clinical"].notna(), keep]
     write_manifest(small, tmp_path / "survival_only.parquet", manifest.metadata)
     results = _run(
-        tmp_path / "survival_only.parquet", tmp_path / "out", "--task", "survival", "--max_steps", "2",
-        "--eval_strategy", "no", "--save_strategy", "no", "--interpret", "false", "--uncertainty", "false",
-    )  # fmt: skip
+        tmp_path / "survival_only.parquet",
+        tmp_path / "out",
+        "--task",
+        "survival",
+        "--max_steps",
+        "2",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+        "--interpret",
+        "false",
+        "--uncertainty",
+        "false",
+    )
     assert results["modalities"] == ["tabular_clinical"]
     assert np.isfinite(results["test"]["c_index"])
 
@@ -408,8 +538,14 @@ def test_trainer_evaluates_without_modality_dropout(tmp_path):
         bp.create_config("bioperceiver_debug", modalities={"tabular": {"kind": "tabular", "num_features": 4}})
     )
     data = [{"latents": torch.zeros(1), "__target__": torch.zeros(2)}] * 2
-    trainer = TaskTrainer(model=model, args=args, train_dataset=data, eval_dataset=data, data_collator=train_col,
-                          eval_data_collator=eval_col)  # fmt: skip
+    trainer = TaskTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        eval_dataset=data,
+        data_collator=train_col,
+        eval_data_collator=eval_col,
+    )
     assert trainer.get_eval_dataloader().collate_fn is eval_col
     assert trainer.get_test_dataloader(data).collate_fn is eval_col
     assert trainer.get_train_dataloader().collate_fn is train_col

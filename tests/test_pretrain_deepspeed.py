@@ -32,8 +32,15 @@ STEPS = 3
 def _tiny_config(root: Path) -> Path:
     """The synthetic cohort with every modality kind, missing modalities and a tiny preset; 3 steps, no evaluation
     until the end."""
-    return synthetic_run_config(root, max_steps=STEPS, warmup_steps=1, batch_size=4, save_steps=STEPS, keep_last=1,
-                                eval={"steps": 0, "n_bootstrap": 100})  # fmt: skip
+    return synthetic_run_config(
+        root,
+        max_steps=STEPS,
+        warmup_steps=1,
+        batch_size=4,
+        save_steps=STEPS,
+        keep_last=1,
+        eval={"steps": 0, "n_bootstrap": 100},
+    )
 
 
 @pytest.fixture(scope="module")

@@ -240,18 +240,29 @@ def test_ddp_processes_skip_together_when_one_gets_an_empty_batch(tmp_path):
     all-reduces paired different batches (and their step counters drifted apart) without any message."""
     import pandas as pd
 
-    run = synthetic_run_config(tmp_path, max_steps=16, warmup_steps=1, batch_size=1, save_steps=100, keep_last=1,
-                               eval={"steps": 0})  # fmt: skip
+    run = synthetic_run_config(
+        tmp_path, max_steps=16, warmup_steps=1, batch_size=1, save_steps=100, keep_last=1, eval={"steps": 0}
+    )
     manifest = Path(yaml.safe_load(run.read_text())["data"]["manifest"])
     table = pd.read_parquet(manifest)
     broken = table.index[table["image_2d"].notna()][::3]
     table.loc[broken, "image_2d"] = "synthetic/images/does-not-exist.png"
     table.to_parquet(manifest)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-           str(ROOT / "pretrain" / "configs" / "accelerate" / "cpu_ddp.yaml"), "--num_processes", "2",
-           "--main_process_port", "0", str(ROOT / "pretrain" / "run_pretrain.py"), "--config", str(run),
-           f"output_dir={tmp_path / 'out'}"]  # fmt: skip
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(ROOT / "pretrain" / "configs" / "accelerate" / "cpu_ddp.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "0",
+        str(ROOT / "pretrain" / "run_pretrain.py"),
+        "--config",
+        str(run),
+        f"output_dir={tmp_path / 'out'}",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     assert re.search(r"every sample skipped on 1 process\(es\); all skip it", res.stderr)

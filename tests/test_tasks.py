@@ -139,8 +139,13 @@ def test_cached_latents_equal_the_full_forward_and_any_subset_works():
 
 
 def test_head_config_is_validated():
-    for bad in ({"head_type": "mlp"}, {"head_hidden_size": -1}, {"survival_ties": "exact"},
-                {"survival_time_bins": [3.0, 1.0]}, {"head_dropout": 1.5}):  # fmt: skip
+    for bad in (
+        {"head_type": "mlp"},
+        {"head_hidden_size": -1},
+        {"survival_ties": "exact"},
+        {"survival_time_bins": [3.0, 1.0]},
+        {"head_dropout": 1.5},
+    ):
         with pytest.raises(ValueError):
             tiny_config(**bad)
 
@@ -149,16 +154,18 @@ def test_finetuning_modes_train_what_they_say():
     from bioperceiver.training import configure_finetuning
 
     m = configure_finetuning(_model(BioPerceiverForSequenceClassification, num_labels=2), "linear_probe")
-    assert {n for n, p in m.named_parameters() if p.requires_grad} == {n for n, _ in m.named_parameters() if
-                                                                        n.startswith("head.")}  # fmt: skip
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == {
+        n for n, _ in m.named_parameters() if n.startswith("head.")
+    }
     m = configure_finetuning(_model(BioPerceiverForSequenceClassification, num_labels=2), "partial")
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     last = len(m.bioperceiver.encoder.self_layers) - 1
     assert any(n.startswith(f"bioperceiver.encoder.self_layers.{last}.") for n in trainable)
     assert not any(n.startswith("bioperceiver.embedders.") or ".cross_layers." in n for n in trainable)
     with pytest.raises(ValueError, match="self-attention layers"):
-        configure_finetuning(_model(BioPerceiverForSequenceClassification, num_labels=2), "partial",
-                             unfreeze_last_n_layers=99)  # fmt: skip
+        configure_finetuning(
+            _model(BioPerceiverForSequenceClassification, num_labels=2), "partial", unfreeze_last_n_layers=99
+        )
 
 
 def test_lora_adapters_change_the_output_and_merge_exactly():

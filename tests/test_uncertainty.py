@@ -351,12 +351,24 @@ def test_classification_report_table_metrics_and_diagram(tmp_path):
     zv, zt = 3 * zv, 3 * zt
     zt[5] = np.nan  # a test row without a prediction
     mc = summarize_samples(zt[None] + np.random.default_rng(0).normal(0, 0.3, (8, *zt.shape)), "classification")
-    rep = uncertainty_report("classification", zv, yv, zt, yt, mc=mc, class_names=["a", "b", "c"],
-                             plot_path=tmp_path / "reliability.png")  # fmt: skip
+    rep = uncertainty_report(
+        "classification", zv, yv, zt, yt, mc=mc, class_names=["a", "b", "c"], plot_path=tmp_path / "reliability.png"
+    )
     t, m = rep.table, rep.metrics
     assert len(t) == 800 and t.iloc[5].drop("conformal_set").isna().all() and t["conformal_set"][5] is None
-    expected = {"calibrated_prob_a", "calibrated_prob_b", "calibrated_prob_c", "confidence", "entropy", "conformal_set",
-                "set_size", "label_in_set", "mc_std", "mc_entropy", "mc_mutual_information"}  # fmt: skip
+    expected = {
+        "calibrated_prob_a",
+        "calibrated_prob_b",
+        "calibrated_prob_c",
+        "confidence",
+        "entropy",
+        "conformal_set",
+        "set_size",
+        "label_in_set",
+        "mc_std",
+        "mc_entropy",
+        "mc_mutual_information",
+    }
     assert expected == set(t.columns)
     assert abs(m["temperature"] - 3.0) < 0.35 and m["ece_after"] <= m["ece_before"]
     assert m["val_ece_after"] <= m["val_ece_before"] and m["n_test"] == 799 and m["n_calibration"] == 1500
@@ -404,8 +416,9 @@ def test_reliability_diagram_classwise(tmp_path):
     rng = np.random.default_rng(0)
     p = rng.dirichlet(np.ones(3), 300)
     y = rng.integers(0, 3, 300)
-    path = plot_reliability_diagram(y, p, tmp_path / "d" / "r.png", p**2 / (p**2).sum(1, keepdims=True),
-                                    mode="classwise")  # fmt: skip
+    path = plot_reliability_diagram(
+        y, p, tmp_path / "d" / "r.png", p**2 / (p**2).sum(1, keepdims=True), mode="classwise"
+    )
     assert path.exists() and path.stat().st_size > 1000
 
 

@@ -6,6 +6,7 @@ classes, so ``AutoModel.from_pretrained(directory)`` works without ``trust_remot
 
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
+from ._version import __version__
 from .configuration_bioperceiver import BioPerceiverConfig
 from .factory import create_config, create_model, list_models
 from .modalities import list_modality_kinds, register_modality
@@ -17,8 +18,6 @@ from .modeling_tasks import (
     BioPerceiverForSurvival,
     BioPerceiverSurvivalOutput,
 )
-
-__version__ = "0.1.0"
 
 AutoConfig.register(BioPerceiverConfig.model_type, BioPerceiverConfig, exist_ok=True)
 AutoModel.register(BioPerceiverConfig, BioPerceiverModel, exist_ok=True)
@@ -35,6 +34,7 @@ __all__ = [
     "BioPerceiverModelOutput",
     "BioPerceiverPreTrainedModel",
     "BioPerceiverSurvivalOutput",
+    "__version__",
     "create_config",
     "create_model",
     "list_modality_kinds",

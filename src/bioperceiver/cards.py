@@ -78,17 +78,20 @@ def presence_patterns(manifest, top: int = 10) -> list[dict[str, Any]]:
     present = _present(manifest)
     cols = list(manifest.modalities)
     n = len(manifest.table)
-    patterns = Counter(
-        " + ".join(c for c in cols if present[c][i]) or "(none)" for i in range(n)
-    )  # fmt: skip
+    patterns = Counter(" + ".join(c for c in cols if present[c][i]) or "(none)" for i in range(n))
     rows = [
         {"modalities present": p, "samples": c, "share %": round(100.0 * c / max(n, 1), 1)}
         for p, c in patterns.most_common(top)
     ]
     if len(patterns) > top:
         rest = n - sum(r["samples"] for r in rows)
-        rows.append({"modalities present": f"({len(patterns) - top} other patterns)", "samples": rest,
-                     "share %": round(100.0 * rest / max(n, 1), 1)})  # fmt: skip
+        rows.append(
+            {
+                "modalities present": f"({len(patterns) - top} other patterns)",
+                "samples": rest,
+                "share %": round(100.0 * rest / max(n, 1), 1),
+            }
+        )
     return rows
 
 

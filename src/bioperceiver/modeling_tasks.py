@@ -284,9 +284,7 @@ class BioPerceiverForSurvival(_BioPerceiverWithHead):
                 loss = cox_ph_loss(risk.float(), time, event, ties=self.config.survival_ties)
             else:
                 loss = discrete_time_nll(logits.float(), discretize(time, self.time_bins.to(time.device)), event)
-        result = BioPerceiverSurvivalOutput(
-            loss=loss, risk=risk, logits=logits, survival=survival, **self._extras(out)
-        )  # fmt: skip
+        result = BioPerceiverSurvivalOutput(loss=loss, risk=risk, logits=logits, survival=survival, **self._extras(out))
         return_dict = self.config.return_dict if return_dict is None else return_dict
         return result if return_dict else result.to_tuple()
 

@@ -205,20 +205,28 @@ class PredictiveUncertainty:
                 f"{prefix}mutual_information": self.mutual_information,
             }
         if self.task == "binary":
-            return {f"{prefix}std": self.std, f"{prefix}entropy": self.predictive_entropy,
-                    f"{prefix}mutual_information": self.mutual_information}  # fmt: skip
+            return {
+                f"{prefix}std": self.std,
+                f"{prefix}entropy": self.predictive_entropy,
+                f"{prefix}mutual_information": self.mutual_information,
+            }
         if self.task == "multilabel":
             names = list(class_names) if class_names is not None else [str(k) for k in range(self.mean.shape[1])]
             cols: dict[str, np.ndarray] = {}
-            for what, arr in (("std", self.std), ("entropy", self.predictive_entropy),
-                              ("mutual_information", self.mutual_information)):  # fmt: skip
+            for what, arr in (
+                ("std", self.std),
+                ("entropy", self.predictive_entropy),
+                ("mutual_information", self.mutual_information),
+            ):
                 cols.update({f"{prefix}{what}_{c}": arr[:, k] for k, c in enumerate(names)})
             return cols
         mean, std = self.mean, self.std
         if mean.ndim == 2:
             names = list(class_names) if class_names is not None else [str(k) for k in range(mean.shape[1])]
-            return {**{f"{prefix}mean_{c}": mean[:, k] for k, c in enumerate(names)},
-                    **{f"{prefix}std_{c}": std[:, k] for k, c in enumerate(names)}}  # fmt: skip
+            return {
+                **{f"{prefix}mean_{c}": mean[:, k] for k, c in enumerate(names)},
+                **{f"{prefix}std_{c}": std[:, k] for k, c in enumerate(names)},
+            }
         return {f"{prefix}mean": mean, f"{prefix}std": std}
 
 
@@ -259,8 +267,17 @@ def summarize_samples(
         h = _bernoulli_entropy(mean)
         eh, _ = _mean_std(_bernoulli_entropy(p))
     mi = np.maximum(h - eh, 0.0)
-    return PredictiveUncertainty(kind, mean, std, x, from_logits=from_logits, predictive_entropy=h,
-                                 expected_entropy=eh, mutual_information=mi, temperature=temperature)  # fmt: skip
+    return PredictiveUncertainty(
+        kind,
+        mean,
+        std,
+        x,
+        from_logits=from_logits,
+        predictive_entropy=h,
+        expected_entropy=eh,
+        mutual_information=mi,
+        temperature=temperature,
+    )
 
 
 def _attention_dropout_types() -> tuple[type, ...]:
@@ -468,8 +485,11 @@ def ensemble_predict(
             with _eval_mode(m):
                 outs.append(_forward_all(m, data, dev))
         if center_risk is None:
-            center_risk = any(getattr(m.config, "survival_loss", None) == "cox" for m in members
-                              if type(m).__name__.endswith("Survival"))  # fmt: skip
+            center_risk = any(
+                getattr(m.config, "survival_loss", None) == "cox"
+                for m in members
+                if type(m).__name__.endswith("Survival")
+            )
     else:
         if task is None:
             raise ValueError("pass task= with prediction arrays")
@@ -526,8 +546,9 @@ def _nll(kind: str, z: np.ndarray, y: np.ndarray, beta: float | np.ndarray = 1.0
     return float(-ll.sum() / observed.sum())
 
 
-def negative_log_likelihood(logits, labels, task: str = "classification",
-                            temperature: float | np.ndarray = 1.0) -> float:  # fmt: skip
+def negative_log_likelihood(
+    logits, labels, task: str = "classification", temperature: float | np.ndarray = 1.0
+) -> float:
     """Mean NLL of ``logits / temperature`` (multilabel: over the observed entries, ``-1`` = unknown)."""
     kind, z, y = _prepare_classification(logits, labels, task)
     return _nll(kind, z, y, 1.0 / np.asarray(temperature, dtype=np.float64))
@@ -554,15 +575,20 @@ class TemperatureScaler:
 
     def to_dict(self) -> dict[str, Any]:
         t = self.temperature
-        return {"temperature": t.tolist() if isinstance(t, np.ndarray) else float(t),
-                "nll_before": self.nll_before, "nll_after": self.nll_after, "n": self.n,
-                "at_bound": self.at_bound}  # fmt: skip
+        return {
+            "temperature": t.tolist() if isinstance(t, np.ndarray) else float(t),
+            "nll_before": self.nll_before,
+            "nll_after": self.nll_after,
+            "n": self.n,
+            "at_bound": self.at_bound,
+        }
 
 
 def _fit_beta(kind: str, z: np.ndarray, y: np.ndarray, bounds: tuple[float, float]) -> tuple[float, bool]:
     lo, hi = 1.0 / bounds[1], 1.0 / bounds[0]
-    res = minimize_scalar(lambda b: _nll(kind, z, y, b), bounds=(lo, hi), method="bounded",
-                          options={"xatol": 1e-10, "maxiter": 500})  # fmt: skip
+    res = minimize_scalar(
+        lambda b: _nll(kind, z, y, b), bounds=(lo, hi), method="bounded", options={"xatol": 1e-10, "maxiter": 500}
+    )
     beta = float(res.x)
     at_bound = min(beta - lo, hi - beta) < 1e-6 * hi
     return beta, at_bound
@@ -641,8 +667,9 @@ def _check_probs(p: np.ndarray) -> None:
         raise ValueError("probabilities must lie in [0, 1] (pass probabilities, not logits)")
 
 
-def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15,
-                     mode: str = "top_label") -> dict[str, np.ndarray] | list[dict[str, np.ndarray]]:  # fmt: skip
+def reliability_bins(
+    probs: np.ndarray, labels: np.ndarray, n_bins: int = 15, mode: str = "top_label"
+) -> dict[str, np.ndarray] | list[dict[str, np.ndarray]]:
     """Per-bin ``lower``, ``upper``, mean ``confidence``, ``accuracy`` (observed frequency) and ``count``
     (``(n_bins,)`` each; NaN for empty bins). ``mode``: ``"top_label"`` (``probs`` ``(N, C)`` or ``(N,)``
     positive-class probabilities; ``labels`` class indices), ``"binary"`` (positive-class probabilities — column
@@ -681,8 +708,9 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15,
     return _binary_bins(p.max(axis=1), p.argmax(axis=1) == y, n_bins)
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15,
-                               mode: str = "top_label") -> float:  # fmt: skip
+def expected_calibration_error(
+    probs: np.ndarray, labels: np.ndarray, n_bins: int = 15, mode: str = "top_label"
+) -> float:
     """ECE :math:`= \\sum_b \\frac{|B_b|}{n} |\\mathrm{acc}(B_b) - \\mathrm{conf}(B_b)|` over ``n_bins``
     equal-width bins ``(lo, hi]``; modes as in :func:`reliability_bins` (``"classwise"``: the mean of the
     per-class binary ECEs over classes with at least one row)."""
@@ -727,15 +755,17 @@ def plot_reliability_diagram(
             bins = {"lower": bins[0]["lower"], "count": count, "confidence": conf, "accuracy": acc}
         ece = expected_calibration_error(probs, labels, n_bins, mode)
         nz = bins["count"] > 0
-        ax.plot(bins["confidence"][nz], bins["accuracy"][nz], "o-", ms=4, color=color,
-                label=f"{name} (ECE {ece:.3f})")  # fmt: skip
+        ax.plot(bins["confidence"][nz], bins["accuracy"][nz], "o-", ms=4, color=color, label=f"{name} (ECE {ece:.3f})")
         offset = (i - (len(series) - 1) / 2) * width / len(series)
-        hist.bar(bins["lower"] + width / 2 + offset, bins["count"], width=width / len(series), color=color,
-                 alpha=0.7)  # fmt: skip
+        hist.bar(bins["lower"] + width / 2 + offset, bins["count"], width=width / len(series), color=color, alpha=0.7)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
     xlabel = "confidence (top-label probability)" if mode == "top_label" else "predicted probability"
-    ax.set(ylabel="observed accuracy" if mode == "top_label" else "observed frequency", xlim=(0, 1), ylim=(0, 1),
-           title=title or f"reliability diagram ({n_bins} equal-width bins)")  # fmt: skip
+    ax.set(
+        ylabel="observed accuracy" if mode == "top_label" else "observed frequency",
+        xlim=(0, 1),
+        ylim=(0, 1),
+        title=title or f"reliability diagram ({n_bins} equal-width bins)",
+    )
     ax.legend(fontsize=8, loc="upper left")
     hist.set(xlabel=xlabel, ylabel="samples")
     fig.tight_layout()
@@ -840,8 +870,13 @@ class ConformalClassifier:
         return coverage_summary(sets[ok], y[ok])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "score": self.score, "qhat": self.qhat, "n_calibration": self.n_calibration,
-                "randomized": self.randomized}  # fmt: skip
+        return {
+            "alpha": self.alpha,
+            "score": self.score,
+            "qhat": self.qhat,
+            "n_calibration": self.n_calibration,
+            "randomized": self.randomized,
+        }
 
 
 def calibrate_conformal(
@@ -869,8 +904,9 @@ def calibrate_conformal(
     s = conformal_scores(p, score, u)[np.arange(len(y)), y]
     qhat = conformal_quantile(s, alpha)
     if not np.isfinite(qhat):
-        logger.warning("conformal: %d calibration rows are too few for alpha=%s; every set is all classes",
-                       len(y), alpha)  # fmt: skip
+        logger.warning(
+            "conformal: %d calibration rows are too few for alpha=%s; every set is all classes", len(y), alpha
+        )
     return ConformalClassifier(alpha, score, qhat, len(y), bool(randomized and score == "aps"), seed, s)
 
 
@@ -897,13 +933,19 @@ class ConformalRegressor:
         ok = np.isfinite(lo) & np.isfinite(hi) & np.isfinite(y)
         if self.qhat == float("inf"):
             ok = np.isfinite(np.asarray(pred, dtype=np.float64).reshape(-1)) & np.isfinite(y)
-        return {"coverage": float(((lo[ok] <= y[ok]) & (y[ok] <= hi[ok])).mean()) if ok.any() else float("nan"),
-                "mean_interval_width": float((hi[ok] - lo[ok]).mean()) if ok.any() else float("nan"),
-                "n": int(ok.sum())}  # fmt: skip
+        return {
+            "coverage": float(((lo[ok] <= y[ok]) & (y[ok] <= hi[ok])).mean()) if ok.any() else float("nan"),
+            "mean_interval_width": float((hi[ok] - lo[ok]).mean()) if ok.any() else float("nan"),
+            "n": int(ok.sum()),
+        }
 
     def to_dict(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "qhat": self.qhat, "n_calibration": self.n_calibration,
-                "normalized": self.normalized}  # fmt: skip
+        return {
+            "alpha": self.alpha,
+            "qhat": self.qhat,
+            "n_calibration": self.n_calibration,
+            "normalized": self.normalized,
+        }
 
 
 def calibrate_conformal_regression(
@@ -944,8 +986,11 @@ class UncertaintyReport:
 
     def card_rows(self) -> list[dict[str, Any]]:
         """``[{"quantity", "value", "meaning"}]`` rows for a model-card table (known keys only)."""
-        return [{"quantity": k, "value": self.metrics[k], "meaning": METRIC_DESCRIPTIONS[k]}
-                for k in METRIC_DESCRIPTIONS if k in self.metrics]  # fmt: skip
+        return [
+            {"quantity": k, "value": self.metrics[k], "meaning": METRIC_DESCRIPTIONS[k]}
+            for k in METRIC_DESCRIPTIONS
+            if k in self.metrics
+        ]
 
 
 METRIC_DESCRIPTIONS = {
@@ -1048,8 +1093,13 @@ def uncertainty_report(
         if temperature_scaling and len(temp_idx):
             scaler = fit_temperature(zv[temp_idx], yv[temp_idx], kind, per_label=per_label_temperature)
             t = scaler.temperature
-            metrics.update({"temperature": t.tolist() if isinstance(t, np.ndarray) else float(t),
-                            "val_nll_before": scaler.nll_before, "val_nll_after": scaler.nll_after})  # fmt: skip
+            metrics.update(
+                {
+                    "temperature": t.tolist() if isinstance(t, np.ndarray) else float(t),
+                    "val_nll_before": scaler.nll_before,
+                    "val_nll_after": scaler.nll_after,
+                }
+            )
         temp = scaler.temperature if scaler is not None else None
         pv_raw, pt_raw = to_probabilities(zv, kind), to_probabilities(zt, kind)
         pv, pt = to_probabilities(zv, kind, temp), to_probabilities(zt, kind, temp)
@@ -1061,13 +1111,19 @@ def uncertainty_report(
             metrics["ece_before"] = expected_calibration_error(pt_raw[ok_t], yt[ok_t], n_bins, mode)
             metrics["ece_after"] = expected_calibration_error(pt[ok_t], yt[ok_t], n_bins, mode)
             if kind != "multilabel":
-                metrics["classwise_ece_before"] = expected_calibration_error(pt_raw[ok_t], yt[ok_t], n_bins,
-                                                                             "classwise")  # fmt: skip
+                metrics["classwise_ece_before"] = expected_calibration_error(
+                    pt_raw[ok_t], yt[ok_t], n_bins, "classwise"
+                )
                 metrics["classwise_ece_after"] = expected_calibration_error(pt[ok_t], yt[ok_t], n_bins, "classwise")
             if plot_path is not None and ok_t.any():
-                plot = plot_reliability_diagram(yt[ok_t], pt_raw[ok_t], plot_path,
-                                                pt[ok_t] if scaler is not None else None, n_bins=n_bins,
-                                                mode=mode)  # fmt: skip
+                plot = plot_reliability_diagram(
+                    yt[ok_t],
+                    pt_raw[ok_t],
+                    plot_path,
+                    pt[ok_t] if scaler is not None else None,
+                    n_bins=n_bins,
+                    mode=mode,
+                )
         if kind == "multilabel":
             names = _class_names(class_names, pt.shape[1])
             cols.update({f"calibrated_prob_{c}": pt[:, k] for k, c in enumerate(names)})
@@ -1094,8 +1150,9 @@ def uncertainty_report(
                     inside[has] = sets[np.flatnonzero(has), y1[has].astype(np.int64)]
                     cols["label_in_set"] = inside
                     summary = coverage_summary(sets[has], y1[has])
-                    metrics.update({k: summary[k] for k in ("coverage", "mean_set_size", "singleton_rate",
-                                                            "empty_set_rate")})  # fmt: skip
+                    metrics.update(
+                        {k: summary[k] for k in ("coverage", "mean_set_size", "singleton_rate", "empty_set_rate")}
+                    )
         if mc is not None and scaler is not None and mc.from_logits:
             mc = mc.with_temperature(scaler.temperature)
     elif kind == "regression":
@@ -1106,8 +1163,9 @@ def uncertainty_report(
             conformal = calibrate_conformal_regression(pv_[conf_idx], yv_[conf_idx], alpha)
             lo, hi = conformal.predict_intervals(pt_)
             cols["interval_lower"], cols["interval_upper"] = lo, hi
-            metrics.update({"conformal_alpha": alpha, "conformal_score": "absolute residual",
-                            "conformal_qhat": conformal.qhat})  # fmt: skip
+            metrics.update(
+                {"conformal_alpha": alpha, "conformal_score": "absolute residual", "conformal_qhat": conformal.qhat}
+            )
             if yt is not None:
                 ev = conformal.evaluate(pt_, dec(yt.reshape(len(yt), -1)[:, 0]))
                 metrics.update({"coverage": ev["coverage"], "mean_interval_width": ev["mean_interval_width"]})

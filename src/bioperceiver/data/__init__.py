@@ -4,7 +4,7 @@
 """
 
 from .collator import BioPerceiverCollator
-from .dataset import build_dataset, build_iterable_dataset, to_sample
+from .dataset import ManifestDataset, build_dataset, build_iterable_dataset, to_sample
 from .errors import DataError, SkipReport
 from .manifest import Manifest, parse_reference, read_manifest, write_manifest
 from .processing import BioPerceiverProcessor, load_processor_settings
@@ -29,6 +29,7 @@ __all__ = [
     "DataError",
     "ImageProcessor",
     "Manifest",
+    "ManifestDataset",
     "ModalityProcessor",
     "OmicsProcessor",
     "Problem",

@@ -12,6 +12,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import torch
 
 from .errors import DataError, SkipReport, check_on_error
 from .manifest import MAPPING_KINDS, Manifest, is_missing
@@ -151,7 +152,7 @@ def _fingerprint(table, manifest: Manifest, processor: BioPerceiverProcessor, sp
         h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
     procs = {n: p.to_dict() for n, p in processor.processors.items()}
     h.update(json.dumps(procs, sort_keys=True, default=str).encode())
-    from .. import __version__
+    from .._version import __version__
 
     h.update(f"{split}:{train}:{seed}:{__version__}".encode())
     return h.hexdigest()[:32]
@@ -283,3 +284,67 @@ def to_sample(row: dict[str, Any], processor: BioPerceiverProcessor) -> dict[str
             conv["values"] = conv["values"].reshape(0, 0)
         out[name] = conv
     return out
+
+
+class ManifestDataset(torch.utils.data.Dataset):
+    """Manifest rows processed on the fly: the one map-style dataset of pretraining and finetuning.
+
+    Training views are fresh every epoch and reproducible: the RNG of row ``i`` is seeded by ``(seed, epoch, i)``,
+    so a resumed run sees exactly the views (augmentations, signal windows, modality dropout through
+    ``__view_seed__``) an uninterrupted one would.
+
+    Args:
+        records: manifest rows (``Manifest.records()``).
+        processor: a fitted :class:`BioPerceiverProcessor`.
+        base_dir: folder that relative paths in the rows resolve against (``Manifest.base_dir``).
+        train: training-time processing (augmentations, random windows).
+        seed: seed of the per-row RNG.
+        on_error: ``"raise"``, or ``"skip"``: a bad row yields ``{"sample_id", "__error__"}``, which the collator
+            drops and counts.
+        modalities: process only these modality names (the others are absent); ``None`` = all the processor has.
+        targets: optional per-row targets, handed on as ``sample["__target__"]``.
+    """
+
+    def __init__(
+        self,
+        records: list[dict[str, Any]],
+        processor: BioPerceiverProcessor,
+        *,
+        base_dir: str | os.PathLike | None = None,
+        train: bool = False,
+        seed: int = 0,
+        on_error: str = "raise",
+        modalities: list[str] | None = None,
+        targets: list[Any] | None = None,
+    ):
+        self.records = list(records)
+        if targets is not None and len(targets) != len(self.records):
+            raise ValueError(f"{len(targets)} targets for {len(self.records)} records")
+        self.targets = None if targets is None else list(targets)
+        self.processor, self.base_dir, self.train, self.seed = processor, base_dir, train, seed
+        self.on_error, self.modalities, self.epoch = check_on_error(on_error), modalities, 0
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, processor: BioPerceiverProcessor, **kwargs: Any) -> ManifestDataset:
+        return cls(manifest.records(), processor, base_dir=manifest.base_dir, **kwargs)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        kwargs = {} if self.modalities is None else {"modalities": self.modalities}
+        try:
+            out = self.processor(self.records[i], base_dir=self.base_dir, train=self.train, rng=rng, **kwargs)
+        except DataError as err:
+            if self.on_error == "raise":
+                raise
+            logger.warning("skipped: %s", err)
+            return {"sample_id": self.records[i].get("sample_id"), ERROR_COLUMN: err}
+        if self.targets is not None:
+            out["__target__"] = self.targets[i]
+        out["__view_seed__"] = int(rng.integers(2**62))  # modality dropout of this sample, this epoch
+        return out

@@ -220,8 +220,9 @@ class TaskDataset(torch.utils.data.Dataset):
     """Manifest rows processed on the fly (train: fresh augmentations per epoch, seeded by ``(seed, epoch, idx)``)
     with their targets. ``modalities`` restricts what the model sees."""
 
-    def __init__(self, records, targets, processor, *, base_dir=None, train=False, seed=0, modalities=None,
-                 on_error="raise"):  # fmt: skip
+    def __init__(
+        self, records, targets, processor, *, base_dir=None, train=False, seed=0, modalities=None, on_error="raise"
+    ):
         self.records, self.targets = list(records), list(targets)
         self.processor, self.base_dir, self.train, self.seed = processor, base_dir, train, seed
         self.modalities, self.on_error, self.epoch = modalities, on_error, 0
@@ -295,8 +296,9 @@ class TaskCollator:
     and ``labels``), so it plugs into ``Trainer``; skipped rows (``on_error="skip"``) drop their targets too."""
 
     def __init__(self, modalities: dict[str, str], *, modality_dropout=0.0, on_error="raise", seed=0, train=True):
-        self.collator = BioPerceiverCollator(modalities, modality_dropout=modality_dropout, on_error=on_error,
-                                             seed=seed)  # fmt: skip
+        self.collator = BioPerceiverCollator(
+            modalities, modality_dropout=modality_dropout, on_error=on_error, seed=seed
+        )
         self.train = train
 
     def __call__(self, features: Sequence[dict]) -> dict[str, Any]:
@@ -415,8 +417,11 @@ def write_predictions(
     rows = []
     for i, s in enumerate(dataset.samples):
         rec = records_by_id[s["sample_id"]]
-        row = {"sample_id": s["sample_id"], "patient_id": s.get("patient_id"),
-               "modalities": presence_pattern(s, modalities)}  # fmt: skip
+        row = {
+            "sample_id": s["sample_id"],
+            "patient_id": s.get("patient_id"),
+            "modalities": presence_pattern(s, modalities),
+        }
         for c in spec.columns:
             v = rec.get(c)
             row[c] = json.dumps(list(map(str, v))) if isinstance(v, (list, tuple, np.ndarray)) else v
