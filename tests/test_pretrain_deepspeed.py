@@ -119,19 +119,22 @@ def test_deepspeed_zero_on_cpu_trains_saves_a_loadable_model_and_matches_ddp(run
 def test_padding_row_leaves_loss_and_gradients_unchanged(run_config):
     """The row RankPadder appends runs through every embedder and encoder pass but has no view in the loss: loss and
     every parameter gradient equal those of the real batch (clip with leave-one-out, and multiview)."""
-    sys.path.insert(0, str(ROOT / "pretrain"))
-    from run_pretrain import PaddedPretrainer, RankPadder
-
     import bioperceiver as bp
-    from bioperceiver.data import BioPerceiverCollator, BioPerceiverProcessor, assign_splits, read_manifest
+    from bioperceiver.data import (
+        BioPerceiverCollator,
+        BioPerceiverProcessor,
+        ManifestDataset,
+        assign_splits,
+        read_manifest,
+    )
     from bioperceiver.data.processing import load_processor_settings
-    from bioperceiver.training import ContrastivePretrainer, ManifestTorchDataset
+    from bioperceiver.training import ContrastivePretrainer, PaddedPretrainer, RankPadder
 
     cfg = yaml.safe_load(run_config.read_text())
     manifest = assign_splits(read_manifest(cfg["data"]["manifest"]))
     procs, embedders = load_processor_settings(cfg["data"]["processor_settings"])
     processor = BioPerceiverProcessor.from_manifest(manifest, procs).fit(manifest, split="train")
-    ds = ManifestTorchDataset(manifest.split("train"), processor, train=True, seed=0)
+    ds = ManifestDataset.from_manifest(manifest.split("train"), processor, train=True, seed=0)
     collator = BioPerceiverCollator(processor.modalities, modality_dropout=0.3, seed=0)
     names = sorted(processor.modalities)
     padder = RankPadder(ds, BioPerceiverCollator(processor.modalities), names)

@@ -66,6 +66,14 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(run_config):
     BioPerceiverProcessor.from_pretrained(run_config / "full" / "final")
     kept = sorted(p.name for p in (run_config / "full" / "checkpoints").iterdir())
     assert kept == ["checkpoint-3", "checkpoint-6"]
+    # the resolved run config travels with every checkpoint and with the final model, and reloads to the same config
+    from bioperceiver.training import load_run_config
+
+    resolved = load_run_config(run_config / "run.yaml", [f"output_dir={run_config / 'full'}"])
+    for folder in ("checkpoints/checkpoint-3", "checkpoints/checkpoint-6", "final"):
+        saved = run_config / "full" / folder / "run_config.yaml"
+        assert saved.read_text() == resolved.to_yaml(), folder
+        assert load_run_config(saved) == resolved, folder
 
     # the model card: loadable by huggingface_hub, retrieval R@k with 95% bootstrap intervals, compute used
     from huggingface_hub import ModelCard
@@ -81,6 +89,8 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(run_config):
         row = next(line for line in card.text.splitlines() if line.startswith(f"| {pair.replace('-', ' ↔ ', 1)} |"))
         assert f"{point:.3f} [{lo:.3f}, {hi:.3f}]" in row  # the table shows the run's own numbers
     assert re.search(r"\| optimizer steps \| 6 \|", card.text)
+    card_yaml = card.text.split("## Training configuration", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(card_yaml) == resolved.to_dict()  # the card shows the whole resolved config
     assert re.search(r"\| processes \| 1 \|", card.text)
     samples = int(re.search(r"\| samples seen \| (\d+) \|", card.text).group(1))
     assert samples == 6 * 8  # 6 steps of 8 samples (no sample of the synthetic cohort is skipped)
@@ -90,15 +100,23 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(run_config):
 
 
 def test_shipped_run_configs_parse():
-    sys.path.insert(0, str(ROOT / "pretrain"))
-    from run_pretrain import load_config
+    """Every shipped run YAML parses against the typed config, with overrides applied on top."""
+    from bioperceiver.training import PretrainConfig, load_run_config
 
     configs = sorted((ROOT / "pretrain" / "configs").glob("*.yaml"))
     assert configs
     for path in configs:
-        cfg = load_config(str(path), ["optim.lr=0.5", "loss.name=siglip"])
-        assert {"model", "data", "loss", "optim", "train", "checkpoint", "logging"} <= set(cfg)
-        assert cfg["optim"]["lr"] == 0.5 and cfg["loss"]["name"] == "siglip"
+        cfg = load_run_config(path, ["optim.lr=0.5", "loss.name=siglip"])
+        assert isinstance(cfg, PretrainConfig)
+        assert cfg.optim.lr == 0.5 and cfg.loss.name == "siglip"
+        raw = yaml.safe_load(path.read_text())  # every key the file sets is read as written
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                assert getattr(cfg, section) == values, section
+                continue
+            for key, value in values.items():
+                if f"{section}.{key}" not in ("optim.lr", "loss.name"):
+                    assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
 
 
 ACCEL = ROOT / "pretrain" / "configs" / "accelerate"

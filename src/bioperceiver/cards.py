@@ -221,8 +221,11 @@ def pretraining_card(
     eval_split: str = "validation",
 ) -> ModelCard:
     """The card of a pretraining run: ``manifest`` is the full manifest (train and held-out rows; with a
-    ``split`` column), ``run_config`` the run YAML as a dict, ``metrics`` the held-out retrieval metrics,
-    ``compute`` free-form facts (hardware, processes, wall-clock, samples seen...)."""
+    ``split`` column), ``run_config`` the resolved run config as a dict (``PretrainConfig.to_dict()``; shown as a
+    table of the main settings and in full as YAML), ``metrics`` the held-out retrieval metrics, ``compute``
+    free-form facts (hardware, processes, wall-clock, samples seen...)."""
+    import yaml
+
     train = manifest.split(train_split) if "split" in manifest.table else manifest
     held_out = manifest.split(eval_split) if "split" in manifest.table else None
     summary = model_summary(config, num_parameters)
@@ -273,6 +276,7 @@ def pretraining_card(
         patterns_table=markdown_table(presence_patterns(train)),
         sparse_modalities=sparse,
         training_table=markdown_table([{"setting": k, "value": v} for k, v in train_cfg.items() if v is not None]),
+        run_config_yaml=yaml.safe_dump(dict(run_config), sort_keys=False).rstrip("\n"),
         retrieval_table=markdown_table(retrieval_rows(metrics)),
         eval_loss=_fmt(metrics.get("eval_loss")),
         compute_table=markdown_table([{"": k, "value": v} for k, v in compute.items()]),

@@ -1,8 +1,14 @@
 """Contrastive pretraining: views of each sample (each present modality alone + the fused view), a shared
-projection head, and one of the losses in :mod:`bioperceiver.losses`."""
+projection head, and one of the losses in :mod:`bioperceiver.losses`; held-out evaluation by cross-modal retrieval
+with patient-bootstrap intervals (:func:`evaluate`, :func:`retrieval_metrics`).
+
+A new loss is one entry in :data:`LOSSES` (name -> ``nn.Module`` class taking ``(views (B, V, D), mask (B, V),
+patient_ids (B,) | None)`` and returning a dict with ``loss`` and ``temperature``); the run config's ``loss.name``
+is checked against it."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -10,12 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.errors import DataError
-from ..losses import ClipLoss, MultiViewLoss, SigLipLoss, patient_index
+from ..evaluation.bootstrap import Resampler
+from ..losses import ClipLoss, MultiViewLoss, SigLipLoss, local_only, patient_index
 
 logger = logging.getLogger(__name__)
 
-LOSSES = {"clip": ClipLoss, "siglip": SigLipLoss, "multiview": MultiViewLoss}
+LOSSES: dict[str, type[nn.Module]] = {"clip": ClipLoss, "siglip": SigLipLoss, "multiview": MultiViewLoss}
+"""Contrastive losses by the name a run config's ``loss.name`` gives."""
 
 
 def build_loss(name: str, view_names: list[str] | None = None, **kwargs) -> nn.Module:
@@ -125,36 +132,60 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, A
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class ManifestTorchDataset(torch.utils.data.Dataset):
-    """Manifest rows processed on the fly (fresh augmentations / windows per epoch, reproducible: the RNG is seeded
-    by ``(seed, epoch, index)``, so a resumed run sees exactly the views an uninterrupted one would).
+@contextlib.contextmanager
+def forward_as(module: nn.Module, fn):
+    """Temporarily make ``fn`` the module's ``forward``, so that calling ``module(...)`` runs it *through the hooks
+    of the module* (FSDP2's root unshards its parameters in its forward hooks, ZeRO-3 gathers in every module's).
+    An instance-level ``forward`` already there (accelerate's autocast wrapper) is put back afterwards."""
+    previous = module.__dict__.get("forward")
+    module.forward = fn
+    try:
+        yield module
+    finally:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
 
-    With ``on_error="skip"`` a bad row yields ``None`` (the collator drops it and counts it); otherwise it raises.
-    """
 
-    def __init__(self, manifest, processor, *, train: bool = True, seed: int = 0, on_error: str = "raise"):
-        self.records = manifest.records()
-        self.base_dir = manifest.base_dir
-        self.processor, self.train, self.seed, self.on_error = processor, train, seed, on_error
-        self.epoch = 0
+@torch.no_grad()
+def evaluate(
+    trainer: ContrastivePretrainer, dataset, collator, batch_size: int, n_bootstrap: int = 0, seed: int = 0
+) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Held-out patients: mean contrastive loss and cross-modal retrieval R@1/5/10 for every pair of views, with
+    ``n_bootstrap`` percentile-bootstrap 95% intervals (queries resampled by patient).
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    Returns ``(metrics, views (N, V, P), masks (N, V))``. Every rank calls this with the same data (ZeRO-3/FSDP
+    gather parameter shards inside each forward, a collective all ranks must join); the loss is computed per
+    process (``local_only``): no cross-rank gather of views."""
 
-    def __len__(self) -> int:
-        return len(self.records)
+    def eval_forward(inputs):
+        v, m = trainer.views(inputs)
+        with local_only():
+            return v, m, trainer.loss_fn(v, m)["loss"]
 
-    def __getitem__(self, i: int):
-        rng = np.random.default_rng([self.seed, self.epoch, i])
-        try:
-            out = self.processor(self.records[i], base_dir=self.base_dir, train=self.train, rng=rng)
-            out["__view_seed__"] = int(rng.integers(2**62))  # modality dropout of this sample, this epoch
-            return out
-        except DataError as err:
-            if self.on_error == "raise":
-                raise
-            logger.warning("skipped: %s", err)
-            return {"sample_id": self.records[i].get("sample_id"), "__error__": err}
+    was_training = trainer.training
+    trainer.eval()
+    views, masks, losses, patients = [], [], [], []
+    with forward_as(trainer, eval_forward):
+        for start in range(0, len(dataset), batch_size):
+            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], train=False)
+            if batch is None:
+                continue
+            v, m, loss = trainer(batch["inputs"])
+            losses.append(float(loss))
+            views.append(v.float().cpu())
+            masks.append(m.cpu())
+            patients += [str(p) for p in batch["patient_id"]]
+    trainer.train(was_training)
+    if not views:
+        return {}, torch.empty(0), torch.empty(0)
+    views_t, masks_t = torch.cat(views), torch.cat(masks)
+    retrieval = retrieval_metrics(
+        views_t, masks_t, trainer.view_names, n_bootstrap=n_bootstrap, groups=patients, seed=seed
+    )
+    metrics = {"eval_loss": float(sum(losses) / len(losses)), **retrieval}
+    return metrics, views_t, masks_t
 
 
 @torch.no_grad()
@@ -203,8 +234,10 @@ def retrieval_metrics(
             for k in ks:
                 out[f"R@{k}/{key}"] = float(hits[k].mean())
             if n_bootstrap:
-                q_groups = None if groups is None else np.asarray(groups, dtype=object)[queries.numpy()]
-                weights = _bootstrap_weights(len(queries), n_bootstrap, seed, q_groups)  # (R, Q)
+                # patients as text (ids of mixed types compare as strings), the draws of evaluation.bootstrap
+                q_groups = None if groups is None else np.asarray(groups, dtype=object).astype(str)[queries.numpy()]
+                resampler = Resampler(len(queries), n_bootstrap, seed, q_groups)
+                weights = np.concatenate(list(resampler.weights()))  # (R, Q) times each query was drawn
                 for k in ks:
                     resampled = weights @ hits[k].double().numpy() / weights.sum(1)
                     low, high = np.quantile(resampled, [alpha / 2, 1 - alpha / 2])
@@ -212,20 +245,6 @@ def retrieval_metrics(
             out[f"queries/{key}"] = int(both.sum())
             out[f"chance_R@1/{key}"] = 1.0 / max(1, int(mask[:, b].sum()))
     return out
-
-
-def _bootstrap_weights(n: int, n_resamples: int, seed: int, groups=None) -> np.ndarray:
-    """``(n_resamples, n)``: how often each row is drawn in each resample (rows, or whole groups of rows)."""
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        codes, n_units = np.arange(n), n
-    else:
-        _, codes = np.unique(np.asarray(groups).astype(str), return_inverse=True)
-        n_units = int(codes.max()) + 1
-    drawn = rng.integers(0, n_units, size=(n_resamples, n_units))
-    counts = np.zeros((n_resamples, n_units))
-    np.add.at(counts, (np.arange(n_resamples)[:, None], drawn), 1.0)
-    return counts[:, codes]
 
 
 def plot_similarity(views: torch.Tensor, mask: torch.Tensor, names: list[str], a: str, b: str, path) -> bool:

@@ -1,0 +1,350 @@
+"""The typed pretraining run config: a tree of dataclasses read from YAML, with dotted ``key.sub=value`` overrides.
+
+    config = load_run_config("pretrain/configs/demo.yaml", ["optim.max_steps=200", "loss.name=siglip"])
+    config.optim.max_steps            # 200
+    print(config.to_yaml())           # the resolved config (what --print_config shows, what checkpoints keep)
+
+Every key is a field below, with its type, default and docstring. A key the schema does not know, in the file or in
+an override, raises :class:`RunConfigError` before any work, naming the key, its section and the closest valid key
+(``optim.max_step=3`` -> "did you mean 'max_steps'?"); so does a value of the wrong type (``optim.lr=abc``).
+Override values are parsed as YAML (``optim.betas=[0.9,0.95]``, ``logging.report_to=none``); a float field also
+takes a number written as text (``1e-3``, which YAML 1.1 reads as a string). Free-form sections stay dicts
+(``model.overrides``: any :class:`~bioperceiver.BioPerceiverConfig` argument, e.g. ``model.overrides.d_latents=64``).
+
+Defaults: where the loop had a default for an absent key, the same one; keys the loop required take the values of
+``pretrain/configs/demo.yaml``.
+
+Relative paths (``output_dir``, ``data.manifest``, ``data.processor_dir``) resolve against the current working
+directory of the process, as they always have (``make demo`` runs from the repository root);
+``data.processor_settings`` resolves against the ``settings_root`` handed to
+:func:`~bioperceiver.training.loop.run_pretraining` (``pretrain/run_pretrain.py`` passes the repository root, so the
+shipped ``tokenizers/demo_processors.yaml`` is found from any working directory). Absolute paths are used as given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "CheckpointConfig",
+    "DataConfig",
+    "EvalConfig",
+    "LoggingConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "PretrainConfig",
+    "RunConfigError",
+    "TrainConfig",
+    "apply_override",
+    "load_run_config",
+]
+
+
+class RunConfigError(ValueError):
+    """An unknown key or a value of the wrong type in a run config (file or command line)."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "bioperceiver_debug"
+    """Architecture preset (``bioperceiver.list_models()``), e.g. ``bioperceiver_debug``."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Free-form :class:`~bioperceiver.BioPerceiverConfig` arguments over the preset (``d_latents``...)."""
+
+
+@dataclass
+class DataConfig:
+    manifest: str = "outputs/demo/cohort/manifest.parquet"
+    """The manifest (Parquet/CSV/JSONL); patient-level splits are assigned when it has no ``split`` column."""
+    build_demo_cohort: bool = False
+    """Build the bundled demo cohort at ``manifest``'s folder first when the manifest does not exist."""
+    processor_dir: str | None = None
+    """Fitted processors (``BioPerceiverProcessor.from_pretrained``); fitted on the train split and saved there when
+    the folder holds none. ``None``: ``<output_dir>/processor``."""
+    processor_settings: str | None = None
+    """Processor and embedder settings YAML (``tokenizers/demo_processors.yaml``); ``None``: library defaults."""
+    modality_dropout: float = 0.2
+    """Probability of dropping each present modality of a training sample (at least one is kept)."""
+    on_error: Literal["skip", "raise"] = "skip"
+    """A sample whose processing fails: ``skip`` it (counted, logged) or ``raise``."""
+    num_workers: int = 0
+    """``DataLoader`` worker processes."""
+
+
+@dataclass
+class LossConfig:
+    name: str = "clip"
+    """A loss of :data:`bioperceiver.training.pretraining.LOSSES`: ``clip``, ``siglip`` or ``multiview``."""
+    fused_view: bool = True
+    """Add the fused embedding of all present modalities as one more view."""
+    init_temperature: float | None = None
+    """Initial temperature; ``None``: the loss's own default (clip 0.07, siglip and multiview 0.1)."""
+    leave_one_out: float = 0.0
+    """Weight of the leave-one-out term (each modality vs. the fused view of the others); 0 turns it off."""
+    init_bias: float | None = None
+    """SigLIP only: initial logit bias; ``None``: the loss's default (-10)."""
+    max_scale: float | None = None
+    """Upper bound of the learnable logit scale (1 / temperature); ``None``: the loss's default (100)."""
+    learnable_temperature: bool | None = None
+    """clip and multiview: learn the temperature (``None``: the loss's default, learnable)."""
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the loss constructor: the loss-specific keys that are set."""
+        keys = ("init_temperature", "init_bias", "max_scale", "learnable_temperature")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.0e-3
+    """Peak AdamW learning rate (after warm-up, then cosine decay to 0 at ``max_steps``)."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (not applied to biases, norms, embeddings, latents, loss temperatures)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW ``(beta1, beta2)``."""
+    warmup_steps: int = 10
+    """Linear warm-up, in optimizer steps."""
+    max_steps: int = 150
+    """Optimizer steps of the whole run."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value; ``None`` or 0: no clipping."""
+
+    def __post_init__(self) -> None:
+        if len(self.betas) != 2:
+            raise RunConfigError(f"optim.betas: expected two numbers [beta1, beta2], got {self.betas!r}")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32
+    """Samples per process and forward (the global batch is ``batch_size x accumulation x processes``)."""
+    gradient_accumulation_steps: int = 1
+    """Forwards per optimizer step."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Accelerate mixed precision."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
+
+
+@dataclass
+class CheckpointConfig:
+    save_steps: int = 50
+    """Write ``output_dir/checkpoints/checkpoint-<step>`` every this many optimizer steps (and at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept; older ones are deleted."""
+
+
+@dataclass
+class EvalConfig:
+    split: str = "validation"
+    """Manifest split of the held-out patients for retrieval evaluation."""
+    steps: int = 0
+    """Evaluate every this many optimizer steps; 0: only at the end."""
+    n_bootstrap: int = 1000
+    """Bootstrap resamples (by patient) of the retrieval R@k intervals; 0: no intervals."""
+
+
+@dataclass
+class LoggingConfig:
+    log_steps: int = 10
+    """Log loss, learning rate, throughput every this many optimizer steps."""
+    report_to: str | list[str] | None = None
+    """Trackers: ``tensorboard``, ``wandb``, a list of them, or ``none``."""
+    project: str | None = None
+    """Tracker project name; ``None``: ``bioperceiver-pretrain``."""
+    run_name: str | None = None
+    """W&B run name; ``None``: W&B names it."""
+
+
+@dataclass
+class PretrainConfig:
+    """A contrastive pretraining run (``pretrain/run_pretrain.py``)."""
+
+    seed: int = 0
+    """Seed of the model initialisation, data order, augmentations and modality dropout."""
+    output_dir: str = "outputs/demo/pretrain"
+    """Run folder: checkpoints, ``final/`` (backbone, processors, card), history, plots, tracker logs."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        from .pretraining import LOSSES
+
+        if self.loss.name not in LOSSES:
+            close = difflib.get_close_matches(self.loss.name, list(LOSSES), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise RunConfigError(f"loss.name: unknown loss {self.loss.name!r}{hint} Choose one of {sorted(LOSSES)}")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "the config") -> PretrainConfig:
+        """Build and check a config from nested dicts (a parsed YAML); ``source`` names where they came from."""
+        return _build(cls, raw, "", source)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
+    """Read a run YAML (``None``: all defaults), apply ``key.sub=value`` overrides in order and check everything.
+
+    Raises :class:`RunConfigError` naming the offending key, its section, where it came from and the closest valid
+    key."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise RunConfigError(f"{path}: a run config is a YAML mapping of sections, got {type(raw).__name__}")
+        PretrainConfig.from_dict(raw, source=str(path))  # file errors are reported as the file's
+    for item in overrides:
+        apply_override(raw, item)
+    return PretrainConfig.from_dict(raw, source=f"{path or 'the defaults'} with overrides {list(overrides)}")
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``key.sub=value`` (value parsed as YAML) in the nested dict ``raw``, checking the key path first."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise RunConfigError(f"override {item!r} must look like key.sub=value, e.g. optim.max_steps=200")
+    *parents, leaf = key.split(".")
+    cls: Any = PretrainConfig
+    node = raw
+    for depth, name in enumerate([*parents, leaf]):
+        if cls is not None:  # inside the schema: the key must exist
+            fields = {f.name: f for f in dataclasses.fields(cls)}
+            section = ".".join(parents[:depth])
+            if name not in fields:
+                raise _unknown(name, section, list(fields), f"the command-line override {item!r}")
+            hint = _hints(cls)[name]
+            cls = hint if dataclasses.is_dataclass(hint) else None
+        if depth < len(parents):
+            nxt = node.get(name)
+            if nxt is None:
+                nxt = node[name] = {}
+            elif not isinstance(nxt, dict):
+                raise RunConfigError(f"override {item!r}: {'.'.join(parents[: depth + 1])} is not a section")
+            node = nxt
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise RunConfigError(f"override {item!r}: the value is not valid YAML ({err})") from None
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unknown(name: str, section: str, valid: list[str], source: str) -> RunConfigError:
+    where = f"section {section!r}" if section else "the top level"
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    full = f"{section}.{name}" if section else name
+    return RunConfigError(
+        f"unknown key {name!r} ({full}) in {where} of {source}.{hint} Valid keys of {where}: {', '.join(valid)}"
+    )
+
+
+def _build(cls: type, raw: Any, section: str, source: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RunConfigError(f"{section or 'the config'} in {source} must be a mapping of keys, got {raw!r}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in hints:
+            raise _unknown(str(key), section, names, source)
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{section}.{key}" if section else key
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, path, source)
+        else:
+            kwargs[key] = _coerce(value, hint, path, source)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, path: str, source: str) -> Any:
+    """``value`` checked against the annotation ``hint`` (and converted where lossless: int -> float, "1e-3" ->
+    float, a YAML ``no`` (False) -> "no" for a choice that has it)."""
+    ok, out = _match(value, hint)
+    if ok:
+        return out
+    raise RunConfigError(
+        f"{path}: expected {_describe(hint)}, got {value!r} ({type(value).__name__}) in {source}. "
+        f"Fix the value, e.g. {path}=<{_describe(hint)}>"
+    )
+
+
+def _match(value: Any, hint: Any) -> tuple[bool, Any]:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True, value
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            ok, out = _match(value, arg)
+            if ok:
+                return True, out
+        return False, None
+    if hint is type(None):
+        return value is None or (isinstance(value, str) and value.lower() in ("none", "null")), None
+    if origin is Literal:
+        if value is False and "no" in args:
+            return True, "no"
+        return value in args, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str):
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, None
+        return False, None
+    if hint is str:
+        return isinstance(value, str), value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            return False, None
+        items = [_match(v, args[0]) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if origin is dict:
+        return isinstance(value, dict), dict(value) if isinstance(value, dict) else None
+    raise TypeError(f"run config annotation {hint!r} is not supported by the checker; add it to _match")
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if hint is type(None):
+        return "none"
+    if origin is Literal:
+        return "one of " + "|".join(map(str, args))
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    if origin is dict:
+        return "a mapping"
+    return getattr(hint, "__name__", str(hint))

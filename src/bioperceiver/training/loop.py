@@ -1,0 +1,466 @@
+"""The contrastive pretraining loop with Accelerate, as a library function: :func:`run_pretraining`.
+
+One CPU, one GPU, DDP, FSDP, DeepSpeed ZeRO-2/3, one node or many, with no code change (the launcher decides).
+Evaluation runs its forwards on every rank and the final backbone is gathered with ``accelerator.get_state_dict``,
+so ZeRO-3 and FSDP (sharded parameters) work like DDP.
+
+Checkpoints (``save_state``: model, optimiser, scheduler, RNG, plus the data position and the resolved run config)
+are written atomically to ``output_dir/checkpoints/checkpoint-<step>`` every ``checkpoint.save_steps`` steps;
+``resume="latest"`` continues mid-epoch with ``skip_first_batches`` and ends with exactly the parameters of an
+uninterrupted run. At the end the backbone is saved with ``save_pretrained`` (safetensors) together with its
+processors, the resolved run config and a model card in ``output_dir/final`` (loadable by
+``AutoModel.from_pretrained``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
+from accelerate.utils import DistributedType, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from ..cards import pretraining_card
+from ..data import (
+    BioPerceiverCollator,
+    BioPerceiverProcessor,
+    ManifestDataset,
+    assign_splits,
+    load_processor_settings,
+    read_manifest,
+)
+from ..factory import create_model
+from .checkpointing import RUN_CONFIG, checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from .config import LoggingConfig, OptimConfig, PretrainConfig, RunConfigError
+from .metering import TokenCounter, compute_facts
+from .padding import PaddedPretrainer, RankPadder
+from .pretraining import ContrastivePretrainer, evaluate, parameter_groups, plot_history, plot_similarity
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROJECT = "bioperceiver-pretrain"
+
+
+def prepare_data(config: PretrainConfig, accelerator, out: Path, settings_root: str | os.PathLike | None = None):
+    """The manifest (built first for the demo cohort when asked), with patient-level splits, the fitted processors
+    and the embedder settings. Processors are read from ``data.processor_dir``; when it holds none yet, the main
+    process fits them on the train split and saves them there. A relative ``data.processor_settings`` resolves
+    against ``settings_root`` (default: the working directory).
+
+    ``accelerator`` needs only ``is_main_process`` and ``wait_for_everyone`` (a stub does for one process)."""
+    data = config.data
+    manifest_path = Path(data.manifest)
+    if not manifest_path.exists() and data.build_demo_cohort:
+        if accelerator.is_main_process:
+            from ..data.recipes.demo import build_demo_cohort
+
+            manifest_path = build_demo_cohort(manifest_path.parent, seed=config.seed)
+        accelerator.wait_for_everyone()
+    manifest = assign_splits(read_manifest(manifest_path))
+    settings = data.processor_settings
+    settings_path = Path(settings_root or ".") / settings if settings else None
+    processors, embedders = load_processor_settings(settings_path)
+    proc_dir = Path(data.processor_dir) if data.processor_dir else out / "processor"
+    if accelerator.is_main_process and not (proc_dir / "bioperceiver_processor.json").exists():
+        BioPerceiverProcessor.from_manifest(manifest, processors).fit(manifest, split="train").save_pretrained(proc_dir)
+    accelerator.wait_for_everyone()
+    processor = BioPerceiverProcessor.from_pretrained(proc_dir)
+    return manifest, processor, embedders
+
+
+def training_data(config: PretrainConfig, manifest, processor) -> tuple[ManifestDataset, BioPerceiverCollator]:
+    """The training split as an augmenting dataset, and its collator (modality dropout, skip policy)."""
+    train_ds = ManifestDataset.from_manifest(
+        manifest.split("train"), processor, train=True, seed=config.seed, on_error=config.data.on_error
+    )
+    collator = BioPerceiverCollator(
+        processor.modalities,
+        modality_dropout=config.data.modality_dropout,
+        on_error=config.data.on_error,
+        seed=config.seed,
+    )
+    return train_ds, collator
+
+
+def trackers_from_config(lg: LoggingConfig) -> list[str]:
+    """``logging.report_to`` (a name, a list, or none) -> tracker names; fails early when a tracker's package is
+    missing (accelerate would only warn and train without it)."""
+    report_to = lg.report_to
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    names = [n for n in names if n not in (None, "none")]
+    if "wandb" in names and importlib.util.find_spec("wandb") is None:
+        raise RunConfigError(
+            "logging.report_to: wandb needs the wandb package: pip install 'bioperceiver[wandb]' "
+            "(then `wandb login`, or WANDB_MODE=offline)"
+        )
+    if "tensorboard" in names and not (
+        importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
+    ):
+        raise RunConfigError("logging.report_to: tensorboard needs the tensorboard package: pip install tensorboard")
+    return names
+
+
+def flat_config(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested run config -> ``{"a.b": scalar}`` (what TensorBoard's hparams accept; W&B takes it too)."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+def deepspeed_setup(accelerator, trainer: torch.nn.Module, opt: OptimConfig) -> None:
+    """What the DeepSpeed JSON leaves to the run config, before ``prepare``.
+
+    * ``"gradient_clipping": "auto"`` becomes ``optim.grad_clip`` (accelerate would fill in 1.0 whatever the run
+      config says); DeepSpeed then clips inside its step and ``clip_grad_norm_`` only reports the norm.
+    * DeepSpeed 0.19 broadcasts every parameter from rank 0 as ``p.data.view(torch.uint8)``, which fails on 0-dim
+      tensors ("self.dim() cannot be 0 to view Float as Byte"): the losses' learnable temperature and bias are
+      scalars, so they get shape ``(1,)`` here (same values and maths; only DeepSpeed checkpoints see the shape).
+    * Every rank must make the same module calls (ZeRO's gradient buckets and ZeRO-3's parameter gathers): the
+      training batches are padded by :class:`~bioperceiver.training.padding.RankPadder`.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin.is_auto("gradient_clipping"):
+        plugin.deepspeed_config["gradient_clipping"] = float(opt.grad_clip or 0.0)
+    for name, param in trainer.named_parameters():
+        if param.dim() == 0:
+            param.data = param.data.reshape(1)
+            logger.debug("DeepSpeed: %s reshaped to (1,)", name)
+
+
+def make_accelerator(config: PretrainConfig, trackers: list[str]) -> Accelerator:
+    """The run's Accelerator: gloo for CPU-only distributed runs, unused parameters allowed under DDP, seedable
+    sampler (exact resume), the scheduler stepped once per optimizer step."""
+    tr = config.train
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # gloo on CPU-only distributed runs (DeepSpeed's CPU accelerator needs it explicitly, see ../shared ENVIRONMENT)
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
+    # a batch rarely holds every modality: the embedders of absent ones get no gradient that step
+    handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    return Accelerator(
+        gradient_accumulation_steps=tr.gradient_accumulation_steps,
+        mixed_precision=tr.mixed_precision,
+        log_with=trackers or None,
+        project_dir=str(config.output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=handlers,
+        # optim.warmup_steps/max_steps count optimizer steps: the loop steps the scheduler once per optimizer step
+        # (accelerate's default would step it num_processes times per step, for schedules written per sample)
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def run_pretraining(
+    config: PretrainConfig,
+    *,
+    resume: str | os.PathLike | None = None,
+    settings_root: str | os.PathLike | None = None,
+    crash_after_step: int | None = None,
+) -> dict[str, Any]:
+    """Pretrain a backbone contrastively as ``config`` says; every rank of a launch calls it.
+
+    Args:
+        config: the checked run config (:func:`~bioperceiver.training.config.load_run_config`).
+        resume: ``"latest"`` or a checkpoint folder to continue from (bit-identical to an uninterrupted run).
+        settings_root: folder a relative ``data.processor_settings`` resolves against (default: working directory).
+        crash_after_step: tests only: SIGKILL this process right after the checkpoint of this step is written.
+
+    Returns:
+        ``{"final": folder of the saved backbone, "history": logged records, "steps", "summary": lines saying where
+        everything is, "losses_finite"}``.
+    """
+    t_start = time.perf_counter()
+    cfg = config
+    out = Path(cfg.output_dir)
+    tr, opt, ck, lg, eval_cfg = cfg.train, cfg.optim, cfg.checkpoint, cfg.logging, cfg.eval
+    run_config_yaml = cfg.to_yaml()
+    trackers = trackers_from_config(lg)
+    project = lg.project or DEFAULT_PROJECT
+    accelerator = make_accelerator(cfg, trackers)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    logger.info(
+        "%s, %d process(es), device %s, mixed precision %s",
+        accelerator.distributed_type.value,
+        accelerator.num_processes,
+        accelerator.device,
+        accelerator.mixed_precision,
+    )
+    set_seed(cfg.seed)
+    manifest, processor, embedders = prepare_data(cfg, accelerator, out, settings_root)
+    model = create_model(cfg.model.preset, modalities=processor.model_modalities(embedders), **cfg.model.overrides)
+    num_parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3/FSDP shard them
+    if tr.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    tokens = TokenCounter(model)
+    # ZeRO and FSDP need every rank to make the same module calls: see RankPadder
+    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    pad_ranks = sharded and accelerator.num_processes > 1
+    trainer = (PaddedPretrainer if pad_ranks else ContrastivePretrainer)(
+        model,
+        loss=cfg.loss.name,
+        fused_view=cfg.loss.fused_view,
+        leave_one_out=cfg.loss.leave_one_out,
+        **cfg.loss.loss_kwargs(),
+    )
+    if deepspeed:
+        deepspeed_setup(accelerator, trainer, opt)
+    train_ds, collator = training_data(cfg, manifest, processor)
+    padder = (
+        RankPadder(train_ds, BioPerceiverCollator(processor.modalities), model.modality_names) if pad_ranks else None
+    )
+    loader = DataLoader(
+        train_ds,
+        batch_size=tr.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collator,
+        num_workers=cfg.data.num_workers,
+    )
+    optimizer = torch.optim.AdamW(parameter_groups(trainer, opt.weight_decay), lr=opt.lr, betas=tuple(opt.betas))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, opt.warmup_steps, opt.max_steps)
+    trainer, optimizer, loader, scheduler = accelerator.prepare(trainer, optimizer, loader, scheduler)
+
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    step, batches_seen = 0, 0
+    samples_before, seconds_before, samples_local = 0, 0.0, 0  # run totals over resumes (model card)
+    if resume:
+        state = load_checkpoint(accelerator, resolve_resume(resume, ckpt_dir))
+        step, batches_seen = state["step"], state["batches_seen"]
+        samples_before, seconds_before = state.get("samples_seen", 0), state.get("train_seconds", 0.0)
+    if trackers:
+        init_kwargs = {"wandb": {"name": lg.run_name}} if lg.run_name and "wandb" in trackers else {}
+        accelerator.init_trackers(project, config=flat_config(cfg.to_dict()), init_kwargs=init_kwargs)
+
+    eval_ds = ManifestDataset.from_manifest(
+        manifest.split(eval_cfg.split), processor, train=False, seed=cfg.seed, on_error="skip"
+    )
+    eval_collator = BioPerceiverCollator(processor.modalities, on_error="skip")
+
+    def run_totals() -> dict[str, float]:
+        """Samples seen (all processes, all run segments) and training seconds so far: one all-reduce."""
+        seen = accelerator.reduce(torch.tensor([samples_local], device=accelerator.device), reduction="sum")
+        return {
+            "samples_seen": samples_before + int(seen.item()),
+            "train_seconds": seconds_before + time.perf_counter() - t_start,
+        }
+
+    def run_eval(step: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """Every rank runs the same forwards (sharded parameters are gathered collectively); the main one logs."""
+        metrics, v, m = ({}, None, None)
+        if len(eval_ds):
+            with accelerator.autocast():
+                metrics, v, m = evaluate(
+                    accelerator.unwrap_model(trainer),
+                    eval_ds,
+                    eval_collator,
+                    tr.batch_size,
+                    n_bootstrap=eval_cfg.n_bootstrap,
+                    seed=cfg.seed,
+                )
+        if accelerator.is_main_process and metrics:
+            r1 = {k: round(x, 3) for k, x in metrics.items() if k.startswith("R@1/")}
+            logger.info("step %d held-out loss %.4f, R@1 %s", step, metrics.get("eval_loss", float("nan")), r1)
+            if trackers:
+                accelerator.log({k: x for k, x in metrics.items() if not k.startswith("queries")}, step=step)
+        accelerator.wait_for_everyone()
+        return metrics, v, m
+
+    n_batches = len(loader)
+    accum = tr.gradient_accumulation_steps
+    history: list[dict] = []
+    bar = tqdm(total=opt.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="pretrain")
+    t_last, samples_since, grad_norm = time.perf_counter(), 0, None
+    while step < opt.max_steps:
+        epoch, skip = divmod(batches_seen, n_batches)
+        train_ds.set_epoch(epoch)
+        loader.set_epoch(epoch)
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        trainer.train()
+        for batch in epoch_loader:
+            batches_seen += 1
+            # every sample of the batch was skipped (counted by the collator): all processes skip it together, else
+            # from here on their gradient all-reduces would pair different batches and their step counts drift
+            n_empty = int(batch is None)
+            if accelerator.num_processes > 1:
+                flag = torch.tensor([float(n_empty)], device=accelerator.device)
+                n_empty = int(accelerator.reduce(flag, reduction="sum").item())
+            if n_empty:
+                if accelerator.is_main_process:
+                    logger.warning(
+                        "batch %d: every sample skipped on %d process(es); all skip it", batches_seen, n_empty
+                    )
+                continue
+            extra = {}
+            if padder is not None:
+                batch, extra = padder(batch), {"num_pad": 1}
+            tokens.skip_last = extra.get("num_pad", 0)
+            with accelerator.accumulate(trainer):
+                outputs = trainer(inputs=batch["inputs"], patient_id=batch["patient_id"], **extra)
+                accelerator.backward(outputs["loss"])  # DeepSpeed: also steps (clipping from its JSON) here
+                if accelerator.sync_gradients and opt.grad_clip:
+                    # clips (DeepSpeed: returns the norm it clipped with); the pre-clip norm is logged
+                    grad_norm = accelerator.clip_grad_norm_(trainer.parameters(), opt.grad_clip)
+                optimizer.step()
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
+                optimizer.zero_grad()
+            samples_since += len(batch["sample_id"])
+            samples_local += len(batch["sample_id"])
+            if batches_seen % accum:
+                continue
+            step += 1
+            bar.update(1)
+            if step % lg.log_steps == 0 or step == opt.max_steps:
+                loss = accelerator.reduce(outputs["loss"].detach(), reduction="mean").item()
+                # samples and per-modality tokens summed over processes (one all-reduce)
+                counts = torch.cat(
+                    [tokens.take(accelerator.device), torch.tensor([samples_since], device=accelerator.device)]
+                )
+                counts = accelerator.reduce(counts, reduction="sum").tolist()
+                now = time.perf_counter()
+                dt = now - t_last
+                rec = {
+                    "step": step,
+                    "loss": loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "temperature": float(outputs["temperature"]),
+                    "samples_per_s": counts[-1] / dt,
+                    "tokens_per_s": sum(counts[:-1]) / dt,
+                    **{f"tokens_per_s/{n}": c / dt for n, c in zip(tokens.names, counts[:-1], strict=True)},
+                    **{k: float(v) for k, v in outputs.items() if k.startswith("loss_")},
+                }
+                if grad_norm is not None:
+                    rec["grad_norm"] = float(grad_norm)
+                if accelerator.device.type == "cuda":
+                    peak = torch.tensor([torch.cuda.max_memory_allocated(accelerator.device) / 2**30])
+                    rec["gpu_mem_gib"] = accelerator.gather(peak.to(accelerator.device)).max().item()
+                t_last, samples_since = now, 0
+                history.append(rec)
+                bar.set_postfix(loss=f"{loss:.3f}")
+                if trackers:
+                    accelerator.log(rec, step=step)
+            t_pause = time.perf_counter()  # evaluation and checkpoints do not count against the throughput
+            if eval_cfg.steps and step % eval_cfg.steps == 0 and step < opt.max_steps:
+                metrics, _, _ = run_eval(step)
+                if metrics:
+                    history.append({"step": step, **metrics})
+            if step % ck.save_steps == 0 or step == opt.max_steps:
+                save_checkpoint(
+                    accelerator, ckpt_dir, step, batches_seen, ck.keep_last, run_config_yaml, **run_totals()
+                )
+                if crash_after_step == step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            t_last += time.perf_counter() - t_pause
+            if step >= opt.max_steps:
+                break
+    bar.close()
+    if collator.report.total:
+        collator.report.log("pretraining batches")
+    final = out / "final"
+    metrics, views, masks = run_eval(step)
+    if metrics:
+        history.append({"step": step, **metrics})
+    # The full state dict, gathered from the shards under ZeRO-3/FSDP: a collective, every rank calls it.
+    state_dict = accelerator.get_state_dict(trainer)
+    totals = run_totals()
+    plots: list[Path] = []
+    if accelerator.is_main_process:
+        (out / "eval_results.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        plot_history(history, out / "loss_curves.png")
+        plots.append(out / "loss_curves.png")
+        unwrapped = accelerator.unwrap_model(trainer)
+        names = unwrapped.view_names
+        pairs = sorted(
+            (k.split("/", 1)[1] for k in metrics if k.startswith("queries/") and not k.endswith("-fused")),
+            key=lambda key: -metrics[f"queries/{key}"],
+        )
+        for key in pairs[:3]:
+            a, b = _split_pair(key, names)
+            if plot_similarity(views, masks, names, a, b, out / f"similarity_{a}__{b}.png"):
+                plots.append(out / f"similarity_{a}__{b}.png")
+        backbone = {k[len("model.") :]: v for k, v in state_dict.items() if k.startswith("model.")}
+        unwrapped.model.save_pretrained(final, state_dict=backbone)
+        processor.save_pretrained(final)
+        (final / RUN_CONFIG).write_text(run_config_yaml)
+        compute = compute_facts(accelerator, step, totals, cfg)
+        try:
+            card = pretraining_card(
+                config=unwrapped.model.config,
+                manifest=manifest,
+                run_config=cfg.to_dict(),
+                metrics=metrics,
+                compute=compute,
+                num_parameters=num_parameters,
+                eval_split=eval_cfg.split,
+            )
+            card.save(final / "README.md")
+        except Exception:  # the trained model is saved; a card problem must not lose the run
+            logger.exception("could not write the model card %s", final / "README.md")
+        (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+        logger.info("saved the pretrained backbone and processors to %s", final)
+    accelerator.wait_for_everyone()
+    if trackers:
+        accelerator.end_training()
+    summary = _summary(out, final, ckpt_dir, plots, trackers, project, lg, accelerator)
+    return {
+        "final": str(final),
+        "history": history,
+        "steps": step,
+        "summary": summary,
+        "losses_finite": all(math.isfinite(h["loss"]) for h in history if "loss" in h),
+        "is_main_process": accelerator.is_main_process,
+    }
+
+
+def _summary(out: Path, final: Path, ckpt_dir: Path, plots, trackers, project, lg, accelerator) -> list[str]:
+    """Where everything is, for the script to print at the end of the run."""
+    ckpts = checkpoints(ckpt_dir)
+    lines = [
+        "",
+        "=" * 100,
+        f"Pretraining finished. Run directory: {out.resolve()}",
+        f"  backbone (AutoModel)   {final.resolve()}  (config.json + model.safetensors)",
+        f"  processors             {final.resolve()}  (BioPerceiverProcessor.from_pretrained)",
+        f"  run config             {(final / RUN_CONFIG).resolve()}  (also in every checkpoint)",
+        f"  held-out evaluation    {(out / 'eval_results.json').resolve()}",
+        f"  step history           {(out / 'history.json').resolve()}",
+    ]
+    lines += [f"  plot                   {p.resolve()}" for p in plots]
+    lines.append(
+        f"  checkpoints            {ckpt_dir.resolve()}  ({', '.join(c.name for c in ckpts) or 'none'}; "
+        "continue with --resume latest)"
+    )
+    if "tensorboard" in trackers:
+        logdir = Path(accelerator.logging_dir or out) / project
+        lines.append(f"  TensorBoard logs       {logdir.resolve()}")
+        lines.append(f"                         tensorboard --logdir {logdir.resolve()}")
+    if "wandb" in trackers:
+        lines.append(f"  Weights & Biases       project {project!r}, run {lg.run_name or '(auto-named)'}")
+    lines += [
+        "  load it:  import bioperceiver; from transformers import AutoModel; "
+        f"AutoModel.from_pretrained({str(final)!r})",
+        "=" * 100,
+    ]
+    return lines
+
+
+def _split_pair(key: str, names: list[str]) -> tuple[str, str]:
+    for a in names:
+        if key.startswith(a + "-") and key[len(a) + 1 :] in names:
+            return a, key[len(a) + 1 :]
+    raise ValueError(f"retrieval pair {key!r} is not two of the views {names}")

@@ -1,0 +1,64 @@
+"""What a pretraining run measures besides its loss: tokens per modality per second (:class:`TokenCounter`) and the
+model card's "compute used" (:func:`compute_facts`)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import torch
+
+from .._version import __version__
+
+
+class TokenCounter:
+    """Counts the tokens each modality's embedder hands to the encoder (its keep-mask: padding, absent samples and
+    dropped modalities excluded) during training forwards. Counts stay on the device until :meth:`take`."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.names = list(model.modality_names)
+        self.skip_last = 0  # trailing padding rows (RankPadder) not counted
+        self.counts: dict[str, torch.Tensor] = {}
+        for name in self.names:
+            model.embedders[name].register_forward_hook(self._hook(name))
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            if module.training:
+                keep = output[1].detach()
+                keep = (keep[: len(keep) - self.skip_last] if self.skip_last else keep).sum()
+                self.counts[name] = keep if name not in self.counts else self.counts[name] + keep
+
+        return hook
+
+    def take(self, device) -> torch.Tensor:
+        """Counts since the last call, one per modality (``self.names`` order), as an int64 tensor on ``device``."""
+        out = torch.stack([self.counts.get(n, torch.zeros((), dtype=torch.long)).to(device) for n in self.names])
+        self.counts = {}
+        return out.long()
+
+
+def compute_facts(accelerator, steps: int, totals: dict, config) -> dict[str, Any]:
+    """The model card's "compute used": hardware, processes, precision, wall-clock, steps, samples.
+
+    ``config``: the :class:`~bioperceiver.training.config.PretrainConfig` of the run."""
+    device = accelerator.device
+    if device.type == "cuda":
+        hardware = f"{accelerator.num_processes} x {torch.cuda.get_device_name(device)}"
+    else:
+        hardware = f"{device.type}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    tr = config.train
+    seconds = totals["train_seconds"]
+    return {
+        "hardware": hardware,
+        "processes": accelerator.num_processes,
+        "machines": int(os.environ.get("WORLD_SIZE", 1)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+        "distributed type": accelerator.distributed_type.value,
+        "mixed precision": accelerator.mixed_precision,
+        "wall-clock": f"{seconds / 3600:.2f} h ({seconds:.0f} s, whole run incl. evaluation and resumes)",
+        "optimizer steps": steps,
+        "global batch": tr.batch_size * tr.gradient_accumulation_steps * accelerator.num_processes,
+        "samples seen": totals["samples_seen"],
+        "software": f"torch {torch.__version__}, bioperceiver {__version__}",
+    }
