@@ -21,7 +21,7 @@ What one **step** is (both peers, measured alternately in the same process):
   encoder's share of the difference can be read off.
 
 Inputs are real batches: the demo cohort (``bioperceiver.data.recipes.demo``) with processors fitted on the
-train split, loaded by ``run_pretrain.prepare_data`` from the run config (``pretrain/configs/demo.yaml``:
+train split, loaded by ``bioperceiver.training.prepare_data`` from the run config (``pretrain/configs/demo.yaml``:
 ``outputs/demo`` is reused when ``make demo`` has built it, otherwise everything is built under
 ``outputs/bench_pretrain_step``); ``--batches`` batches of ``train.batch_size`` are drawn by the same DataLoader
 (shuffled train split, modality dropout of the config) and collated **before** timing, so data loading is not in
@@ -82,10 +82,10 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT / "pretrain"))
 import backbone  # noqa: E402  (benchmarks/backbone.py: the HF peer, the matmul peak)
 import data_pipeline  # noqa: E402  (benchmarks/data_pipeline.py: machine description)
-import run_pretrain  # noqa: E402  (pretrain/run_pretrain.py: the run config and data preparation)
+
+from bioperceiver.training import PretrainConfig, load_run_config, prepare_data, training_data  # noqa: E402
 
 logger = logging.getLogger("benchmarks.pretrain_step")
 VARIANTS = ("ours", "peer", "ours_embedders")
@@ -97,18 +97,16 @@ LABELS = {
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------
-def load_batches(cfg: dict, n_batches: int) -> tuple[Any, dict, list[dict]]:
+def load_batches(cfg: PretrainConfig, n_batches: int) -> tuple[Any, dict, list[dict]]:
     """Processor, embedder settings and ``n_batches`` collated training batches, as run_pretrain.py makes them."""
     from torch.utils.data import DataLoader
 
     stub = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)  # one process, no Accelerator
-    out = Path(cfg["output_dir"])
-    manifest, processor, embedders = run_pretrain.prepare_data(cfg, stub, out)
-    train_ds, collator = run_pretrain.training_data(cfg, manifest, processor)
-    torch.manual_seed(cfg["seed"])
-    loader = DataLoader(
-        train_ds, batch_size=cfg["train"]["batch_size"], shuffle=True, drop_last=True, collate_fn=collator
-    )
+    out = Path(cfg.output_dir)
+    manifest, processor, embedders = prepare_data(cfg, stub, out, settings_root=ROOT)
+    train_ds, collator = training_data(cfg, manifest, processor)
+    torch.manual_seed(cfg.seed)
+    loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, collate_fn=collator)
     batches = [b for b in itertools.islice(loader, n_batches) if b is not None]
     if not batches:
         raise SystemExit("no batch could be collated from the train split")
@@ -296,15 +294,15 @@ def counted_flops(trainer, peer, batch: dict, autocast) -> dict[str, dict[str, f
 def make_steps(trainer, peer, batches, cfg, device: str, dtype: str) -> dict[str, Any]:
     from bioperceiver.training import parameter_groups
 
-    opt_cfg = cfg["optim"]
+    opt_cfg = cfg.optim
 
     def adamw(module):
         return torch.optim.AdamW(
-            parameter_groups(module, opt_cfg["weight_decay"]), lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"])
+            parameter_groups(module, opt_cfg.weight_decay), lr=opt_cfg.lr, betas=tuple(opt_cfg.betas)
         )
 
     opt_ours, opt_peer = adamw(trainer), adamw(peer)
-    clip = opt_cfg.get("grad_clip")
+    clip = opt_cfg.grad_clip
 
     def autocast():
         return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == "bf16")
@@ -384,8 +382,8 @@ def main(argv=None) -> dict:
     overrides = [f"data.manifest={base / 'cohort' / 'manifest.parquet'}", "data.build_demo_cohort=true"]
     overrides.append(f"data.processor_dir={base / 'model'}")
     overrides.append(f"output_dir={ROOT / 'outputs' / 'bench_pretrain_step'}")
-    cfg = run_pretrain.load_config(args.config, overrides)
-    preset = args.preset or cfg["model"]["preset"]
+    cfg = load_run_config(args.config, overrides)
+    preset = args.preset or cfg.model.preset
     start = time.perf_counter()
     processor, embedders, batches = load_batches(cfg, args.batches)
     setup_s = time.perf_counter() - start
@@ -393,12 +391,12 @@ def main(argv=None) -> dict:
         "%d batches of %d collated in %.1f s (data: %s)", len(batches), len(batches[0]["sample_id"]), setup_s, base
     )
 
-    torch.manual_seed(cfg["seed"])
-    model = bp.create_model(preset, modalities=processor.model_modalities(embedders), **cfg["model"]["overrides"])
-    loss_cfg = cfg["loss"]
-    if loss_cfg["name"] != "clip" or not loss_cfg.get("fused_view", True) or loss_cfg.get("leave_one_out"):
+    torch.manual_seed(cfg.seed)
+    model = bp.create_model(preset, modalities=processor.model_modalities(embedders), **cfg.model.overrides)
+    loss_cfg = cfg.loss
+    if loss_cfg.name != "clip" or not loss_cfg.fused_view or loss_cfg.leave_one_out:
         raise SystemExit("the peer reproduces the CLIP loss with a fused view and no leave-one-out term only")
-    loss_kwargs = {"init_temperature": loss_cfg.get("init_temperature", 0.07)}
+    loss_kwargs = {"init_temperature": 0.07, **loss_cfg.loss_kwargs()}
     trainer = ContrastivePretrainer(model, loss="clip", fused_view=True, **loss_kwargs)
     peer = PerceiverPeer(trainer, loss_kwargs)
     trainer.to(args.device).train()
@@ -501,8 +499,8 @@ def main(argv=None) -> dict:
         "batches": n,
         "batch_size": b,
         "repeats": args.repeats,
-        "modality_dropout": cfg["data"]["modality_dropout"],
-        "optim": cfg["optim"],
+        "modality_dropout": cfg.data.modality_dropout,
+        "optim": cfg.to_dict()["optim"],
         "arch": dict(backbone.ARCH),
         "params": params,
         "machine": machine,
@@ -534,7 +532,7 @@ def main(argv=None) -> dict:
     out["wall_s"] = time.perf_counter() - wall
     print(out["report"])
     print(f"\nwall time {out['wall_s']:.0f} s")
-    is_demo = (args.device, args.dtype, preset) == ("cpu", "fp32", cfg["model"]["preset"])
+    is_demo = (args.device, args.dtype, preset) == ("cpu", "fp32", cfg.model.preset)
     default = "pretrain_step.json" if is_demo else f"pretrain_step_{preset}_{args.device}_{args.dtype}.json"
     if args.quick:
         default = default.replace(".json", "_quick.json")

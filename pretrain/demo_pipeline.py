@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,9 +36,6 @@ from transformers import AutoModel
 import bioperceiver as bp
 from bioperceiver.data import BioPerceiverCollator, BioPerceiverProcessor, build_dataset, read_manifest, to_sample
 from bioperceiver.data.recipes.demo import build_demo_cohort
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tokenizers"))
-import fit_processors  # a script in tokenizers/ (script folders are not packages)
 
 logger = logging.getLogger("demo_pipeline")
 HERE = Path(__file__).resolve().parent
@@ -112,15 +110,19 @@ def main(argv=None) -> dict:
     timings["build_cohort_s"] = time.perf_counter() - t0
     model_dir = out / "model"
     t = time.perf_counter()
-    fit_processors.main(
+    # a step of its own (tokenizers/fit_processors.py), run as the command a user would run: scripts import no script
+    subprocess.run(
         [
+            sys.executable,
+            str(HERE.parent / "tokenizers" / "fit_processors.py"),
             "--manifest",
             str(manifest_path),
             "--settings",
             str(HERE.parent / "tokenizers" / "demo_processors.yaml"),
             "--output_dir",
             str(model_dir),
-        ]
+        ],
+        check=True,
     )
     timings["fit_processors_s"] = time.perf_counter() - t
     manifest = read_manifest(model_dir / "split_manifest.parquet", base_dir=manifest_path.parent)
