@@ -231,10 +231,13 @@ def test_risk_groups_perfect_score_ordered_curves_and_tiny_logrank_p(tmp_path):
     assert np.all(np.diff(s, axis=0) <= 0)  # low >= medium >= high at every time
     assert np.all(np.diff(s, axis=1) <= 0)  # each curve non-increasing
     res = rg.evaluate(-t_test, time_test, event_test)
-    assert np.all(np.diff(res["observed"], axis=0) <= 0)
+    step = np.diff(res["observed"], axis=0)
+    assert np.all(step[np.isfinite(step)] <= 0)
+    last_high = time_test[res["group"] == 2].max()  # the test KM is NaN after a group's last follow-up
+    assert np.array_equal(np.isnan(res["observed"][2]), rg.horizons > last_high)
     assert res["logrank_p"] < 1e-20 and res["logrank_df"] == 2
     assert np.array_equal(res["group"], np.digitize(-t_test, rg.cuts)) and sum(res["n"]) == 300
-    assert np.allclose(res["calibration_error"], np.abs(res["predicted"] - res["observed"]))
+    assert np.allclose(res["calibration_error"], np.abs(res["predicted"] - res["observed"]), equal_nan=True)
     png = plot_risk_groups(rg, -t_test, time_test, event_test, tmp_path / "km" / "risk_groups.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 

@@ -504,7 +504,8 @@ class RiskGroups:
         self, risk: np.ndarray, time: np.ndarray, event: np.ndarray, horizons: Sequence[float] | None = None
     ) -> dict[str, Any]:
         """Compare on test patients: ``group`` ``(N,)``, per group ``n``/``events``, ``predicted`` ``(k, H)``
-        (validation KM), ``observed`` ``(k, H)`` (test KM; NaN for a group without test patients),
+        (validation KM), ``observed`` ``(k, H)`` (test KM; NaN for a group without test patients or after its last
+        test follow-up time),
         ``calibration_error`` ``(k, H)`` ``|predicted - observed|``, ``mean_calibration_error`` (over finite
         entries), ``max_calibration_error`` and the log-rank ``logrank_chi2``/``logrank_df``/``logrank_p`` across
         the test groups."""
@@ -518,8 +519,8 @@ class RiskGroups:
         for k in range(self.n_groups):
             sel = ok & (g == k)
             n[k], ev[k] = sel.sum(), e[sel].sum()
-            if n[k]:
-                observed[k] = step_at(*kaplan_meier(t[sel], e[sel]), h)
+            if n[k]:  # the KM is undefined after the group's last follow-up time
+                observed[k] = np.where(h <= t[sel].max(), step_at(*kaplan_meier(t[sel], e[sel]), h), np.nan)
         predicted = self.group_survival(h)
         err = np.abs(predicted - observed)
         lr = logrank_test(t[ok], e[ok], g[ok])
@@ -608,7 +609,7 @@ def plot_risk_groups(
         f"risk groups: log-rank p={res['logrank_p']:.3g}, mean |S_val - KM_test|={res['mean_calibration_error']:.3f}"
     )
     ax.set(xlabel="time", ylabel="survival probability", ylim=(0, 1.02), title=title or default_title)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -668,7 +669,9 @@ class ConformalSurvival:
       ``1 / G(c0-)``, which can only raise ``qhat``. With the true ``G`` this gives the same finite-sample
       guarantee; here ``G`` is the Kaplan-Meier estimate of the censoring survival on the calibration data
       (:func:`censoring_kaplan_meier`), so the guarantee holds up to its estimation error (Candès et al.'s doubly
-      robust result: coverage ``>= 1 - alpha - O(error of G)``).
+      robust result: coverage ``>= 1 - alpha - O(error of G)``). This is the inverse-probability-of-censoring
+      extension of their Type-I procedure to data where the censoring time of patients with an event is unknown
+      (the same idea as Davidov et al., ICLR 2025, with ``P(C >= t | X)`` not depending on ``X``).
 
     Not guaranteed: coverage conditional on ``x`` (the bound is marginal), or anything if censoring depends on the
     covariates (then ``P(C >= c | X)`` must be modelled per patient, which this class does not do). Larger ``c0``
