@@ -7,9 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layers import ScalarEncoder
-from .base import ModalityEmbedder, require_positive
-from .registry import register_modality
+from ...layers import ScalarEncoder
+from ..embedder import ModalityEmbedder, require_positive
 
 
 @dataclass
@@ -34,7 +33,6 @@ class TabularConfig:
         )
 
 
-@register_modality("tabular")
 class TabularEmbedder(ModalityEmbedder):
     """Inputs: ``feature_ids`` (B, F) int; ``values`` (B, F) float (standardised numeric value, ignored for
     categorical tokens); optional ``category_ids`` (B, F) int (0 = numeric); optional ``mask`` (B, F).
@@ -42,6 +40,7 @@ class TabularEmbedder(ModalityEmbedder):
     A missing value is no token: leave it out or set its mask to False.
     """
 
+    kind = "tabular"
     config_class = TabularConfig
     input_keys = ("feature_ids", "values")
     optional_input_keys = ("category_ids", "mask")
@@ -51,6 +50,11 @@ class TabularEmbedder(ModalityEmbedder):
         self.feature_embeddings = nn.Embedding(config.num_features, d_input)
         self.category_embeddings = nn.Embedding(config.num_categories, d_input)
         self.value_encoder = ScalarEncoder(d_out=d_input, num_bands=config.num_value_bands)
+
+    def matmul_flops(self, inputs):
+        fc1, fc2 = self.value_encoder.fc1, self.value_encoder.fc2  # its input depends on learned frequencies
+        ids = inputs["feature_ids"]
+        return float(ids.numel() * 2 * (fc1.in_features * fc1.out_features + fc2.in_features * fc2.out_features)), 0.0
 
     def embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, values = inputs["feature_ids"], inputs["values"]

@@ -1,4 +1,4 @@
-"""Base class and registry of the data-side processors (one per modality kind).
+"""Base class of the data-side processors (one per modality kind, in ``modalities/<kind>/processor.py``).
 
 A processor turns one manifest cell into the arrays its modality embedder reads (see
 ``bioperceiver/modalities``), without the batch dimension. ``fit`` learns vocabularies and statistics from the
@@ -20,35 +20,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import DataError
+from ..data.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 FORMAT_VERSION = 1
-
-_PROCESSORS: dict[str, type[ModalityProcessor]] = {}
-
-
-def register_processor(kind: str):
-    """Class decorator registering a processor for a modality kind (the same names as the embedders)."""
-
-    def wrap(cls):
-        cls.kind = kind
-        _PROCESSORS[kind] = cls
-        return cls
-
-    return wrap
-
-
-def get_processor_class(kind: str) -> type[ModalityProcessor]:
-    if kind not in _PROCESSORS:
-        raise ValueError(f"no processor for modality kind {kind!r}; known kinds: {sorted(_PROCESSORS)}")
-    return _PROCESSORS[kind]
-
-
-def list_processor_kinds() -> list[str]:
-    return sorted(_PROCESSORS)
 
 
 class ModalityProcessor:
@@ -107,7 +84,7 @@ class ModalityProcessor:
         base_dir: str | os.PathLike | None = None,
     ) -> ModalityProcessor:
         """Learn vocabularies/statistics from the (training) values of this modality; missing values are ignored."""
-        from ..manifest import is_missing
+        from ..data.manifest import is_missing
 
         vals, ids = [], []
         sample_ids = list(sample_ids) if sample_ids is not None else None
@@ -178,7 +155,12 @@ class ModalityProcessor:
     @classmethod
     def from_dict(cls, data: dict[str, Any], directory: Path | None = None) -> ModalityProcessor:
         kind = data.get("kind")
-        target = get_processor_class(kind) if cls is ModalityProcessor else cls
+        if cls is ModalityProcessor:
+            from .registry import get_modality
+
+            target = get_modality(kind).processor_class
+        else:
+            target = cls
         if target.kind != kind:
             raise ValueError(f"processor config is for kind {kind!r}, not {target.kind!r}")
         if data.get("format_version", 1) > FORMAT_VERSION:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .base import ModalityProcessor, register_processor
+from ..processor import ModalityProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _read_matrix(path: str, mtime: float) -> _Matrix | None:
 def read_matrix_row(value, base_dir: Path | None, proc: ModalityProcessor) -> tuple[_Matrix, int] | None:
     """Fast path for ``matrix.parquet#row=<id>`` cells: the cached matrix and the row number (``None`` when the
     cell is not such a reference or the file is not a numeric matrix)."""
-    from ..manifest import parse_reference
+    from ...data.manifest import parse_reference
 
     if not isinstance(value, (str, Path)) or "#" not in str(value):
         return None
@@ -112,7 +112,7 @@ def read_matrix_row(value, base_dir: Path | None, proc: ModalityProcessor) -> tu
 
 def read_expression(value, base_dir: Path | None, proc: ModalityProcessor) -> dict[str, float]:
     """An omics cell (mapping, JSON string, or file reference) as ``{gene: value}``."""
-    from ..manifest import as_mapping, parse_reference
+    from ...data.manifest import as_mapping, parse_reference
 
     mapping = as_mapping(value)
     if mapping is not None:
@@ -149,10 +149,10 @@ def read_expression(value, base_dir: Path | None, proc: ModalityProcessor) -> di
     )
 
 
-@register_processor("omics")
 class OmicsProcessor(ModalityProcessor):
     """Expression -> ``gene_ids`` (int64) and ``values`` (float32), one token per measured in-vocabulary gene."""
 
+    kind = "omics"
     Settings = OmicsSettings
 
     def __init__(self, name=None, **settings):

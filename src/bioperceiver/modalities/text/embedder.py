@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import ModalityEmbedder, require_positive
-from .registry import register_modality
+from ..embedder import ModalityEmbedder, require_positive
 
 
 @dataclass
@@ -31,13 +30,13 @@ class TextConfig:
             raise ValueError(f"pad_token_id={self.pad_token_id} must lie in [0, vocab_size={self.vocab_size})")
 
 
-@register_modality("text")
 class TextEmbedder(ModalityEmbedder):
     """Inputs: ``input_ids`` (B, T) int; optional ``attention_mask`` (B, T), 1 = real token.
 
     An absent note is a row whose attention mask is all zero.
     """
 
+    kind = "text"
     config_class = TextConfig
     input_keys = ("input_ids",)
     optional_input_keys = ("attention_mask",)
@@ -46,6 +45,9 @@ class TextEmbedder(ModalityEmbedder):
         super().__init__(name, config, d_input)
         self.word_embeddings = nn.Embedding(config.vocab_size, d_input, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, d_input)
+
+    def matmul_flops(self, inputs):
+        return 0.0, 0.0  # embedding lookups only
 
     def embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = inputs["input_ids"]

@@ -24,9 +24,8 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from torch import nn
 
-from ..layers import FourierFeatures, grid_coordinates
-from .base import ModalityEmbedder, require_positive
-from .registry import register_modality
+from ...layers import FourierFeatures, grid_coordinates
+from ..embedder import ModalityEmbedder, require_positive
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +82,11 @@ class ImageConfig:
             raise ValueError(f"max_fourier_freq must be >= 0.25, got {self.max_fourier_freq}")
 
 
-@register_modality("image")
 class ImageEmbedder(ModalityEmbedder):
     """Inputs: ``pixel_values`` (B, C, H, W) or (B, C, D, H, W); optional ``present`` (B,) bool marking the
     samples that have this image (absent samples' pixels are ignored)."""
 
+    kind = "image"
     config_class = ImageConfig
     input_keys = ("pixel_values",)
     optional_input_keys = ("present",)
@@ -190,6 +189,17 @@ class ImageEmbedder(ModalityEmbedder):
                     f"{grid}; use a CNN backbone or a ViT with a patch_embed"
                 )
         return self.proj(feats), grid
+
+    def matmul_flops(self, inputs):
+        if self.backbone is not None:
+            raise NotImplementedError("FLOPs of a timm image backbone are not counted here")
+        px = inputs["pixel_values"]  # every row, also the zeroed images of samples without one
+        b, c, spatial = px.shape[0], px.shape[1], px.shape[2:]
+        p = self.config.patch_size
+        grid = math.prod(-(-s // p) for s in spatial)
+        d = self.d_input
+        flops = float(b * grid * 2 * c * p ** len(spatial) * d + grid * 2 * self.position.proj.in_features * d)
+        return flops, flops
 
     def embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = inputs["pixel_values"]

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layers import ScalarEncoder
-from .base import ModalityEmbedder, require_positive
-from .registry import register_modality
+from ...layers import ScalarEncoder
+from ..embedder import ModalityEmbedder, require_positive
 
 
 @dataclass
@@ -28,7 +27,6 @@ class OmicsConfig:
         require_positive(num_genes=self.num_genes, num_value_bands=self.num_value_bands)
 
 
-@register_modality("omics")
 class OmicsEmbedder(ModalityEmbedder):
     """Inputs: ``gene_ids`` (B, G) int, ``values`` (B, G) float (normalised), optional ``mask`` (B, G).
 
@@ -36,6 +34,7 @@ class OmicsEmbedder(ModalityEmbedder):
     values are never zero-filled into the model.
     """
 
+    kind = "omics"
     config_class = OmicsConfig
     input_keys = ("gene_ids", "values")
     optional_input_keys = ("mask",)
@@ -44,6 +43,11 @@ class OmicsEmbedder(ModalityEmbedder):
         super().__init__(name, config, d_input)
         self.gene_embeddings = nn.Embedding(config.num_genes, d_input)
         self.value_encoder = ScalarEncoder(d_out=d_input, num_bands=config.num_value_bands)
+
+    def matmul_flops(self, inputs):
+        fc1, fc2 = self.value_encoder.fc1, self.value_encoder.fc2  # its input depends on learned frequencies
+        ids = inputs["gene_ids"]
+        return float(ids.numel() * 2 * (fc1.in_features * fc1.out_features + fc2.in_features * fc2.out_features)), 0.0
 
     def embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, values = inputs["gene_ids"], inputs["values"]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import ModalityProcessor, register_processor
+from ..processor import ModalityProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +56,11 @@ def _as_number(v):
     return None
 
 
-@register_processor("tabular")
 class TabularProcessor(ModalityProcessor):
     """``{feature: value}`` -> ``feature_ids``, ``values`` (standardised numbers, 0 for categories) and
     ``category_ids`` (0 = numeric). A missing value (null/NaN) is no token."""
 
+    kind = "tabular"
     Settings = TabularSettings
 
     def __init__(self, name=None, **settings):
@@ -68,7 +68,7 @@ class TabularProcessor(ModalityProcessor):
         self._features: dict[str, tuple[int, dict]] = {}
 
     def _mapping(self, value) -> dict:
-        from ..manifest import as_mapping
+        from ...data.manifest import as_mapping
 
         mapping = as_mapping(value)
         if mapping is None:

@@ -38,6 +38,12 @@ class ModalityEmbedder(nn.Module):
     def embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def matmul_flops(self, inputs: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """Forward matmul FLOPs of this embedder's linear/conv layers on a batch (lookups and additions are not
+        counted), and the part of them done by layers fed with constants (raw pixels / signal samples, Fourier
+        features of positions): their backward has no input gradient, so it costs 1x their forward, not 2x."""
+        raise NotImplementedError(f"no FLOP formula for modality kind {self.kind!r}")
+
     def check_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
         if not isinstance(inputs, dict):
             raise ValueError(

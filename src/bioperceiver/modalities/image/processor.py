@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import ModalityProcessor, check_finite, register_processor
+from ..processor import ModalityProcessor, check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +84,10 @@ def _loader():
         return LoadImage(image_only=True, ensure_channel_first=False, simple_keys=True)
 
 
-@register_processor("image")
 class ImageProcessor(ModalityProcessor):
     """Image path -> ``pixel_values`` float32 ``(C, *spatial_size)``."""
 
+    kind = "image"
     Settings = ImageSettings
 
     def __init__(self, name=None, **settings):
@@ -102,7 +102,7 @@ class ImageProcessor(ModalityProcessor):
     # ---- loading ------------------------------------------------------------------------------------------------
     def load(self, value, base_dir: Path | None = None) -> tuple[np.ndarray, dict]:
         """Read the file into a channel-first float32 array with ``spatial_dims`` spatial axes (and its meta)."""
-        from ..manifest import parse_reference
+        from ...data.manifest import parse_reference
 
         if not isinstance(value, (str, Path)):
             raise self.error("bad_type", f"expected an image path, got {type(value).__name__}", "")

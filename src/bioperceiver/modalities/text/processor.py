@@ -14,7 +14,7 @@ import numpy as np
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from .base import ModalityProcessor, register_processor
+from ..processor import ModalityProcessor
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 TOKENIZER_FILE = "tokenizer.json"
@@ -166,10 +166,10 @@ class TextSettings:
             raise ValueError(f"max_length must be >= 3 (room for [CLS] and [SEP]), got {self.max_length}")
 
 
-@register_processor("text")
 class TextProcessor(ModalityProcessor):
     """Note text -> ``input_ids`` and ``attention_mask`` (int64), truncated to ``max_length``."""
 
+    kind = "text"
     Settings = TextSettings
 
     def __init__(self, name=None, **settings):

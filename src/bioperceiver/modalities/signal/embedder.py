@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import FourierFeatures
-from .base import ModalityEmbedder, require_positive
-from .registry import register_modality
+from ...layers import FourierFeatures
+from ..embedder import ModalityEmbedder, require_positive
 
 
 @dataclass
@@ -50,7 +49,6 @@ class SignalConfig:
             raise ValueError(f"min_period={self.min_period} must not exceed max_period={self.max_period}")
 
 
-@register_modality("signal")
 class SignalEmbedder(ModalityEmbedder):
     """Inputs: ``values`` (B, C, T) float; ``channel_ids`` (B, C) int. Optional: ``channel_mask`` (B, C),
     ``time_mask`` (B, T) (valid samples; variable lengths), ``timestamps`` (B, T) seconds (irregular
@@ -60,6 +58,7 @@ class SignalEmbedder(ModalityEmbedder):
     in seconds). The patch time is the mean time stamp of its valid samples, so irregular sampling is kept.
     """
 
+    kind = "signal"
     config_class = SignalConfig
     input_keys = ("values", "channel_ids")
     optional_input_keys = ("channel_mask", "time_mask", "timestamps", "sampling_rate")
@@ -96,6 +95,13 @@ class SignalEmbedder(ModalityEmbedder):
                 f"modality {self.name!r}: sampling_rate must have one value per sample ({b}), got {rate.shape[0]}"
             )
         return torch.arange(t, device=device, dtype=dtype)[None, :] / rate[:, None]  # (B, T) seconds
+
+    def matmul_flops(self, inputs):
+        b, c, t = inputs["values"].shape
+        p = self.config.patch_size
+        n = -(-t // p)
+        flops = float(b * c * n * 2 * p * self.d_input + b * n * 2 * self.time_encoding.proj.in_features * self.d_input)
+        return flops, flops
 
     def embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         values, channel_ids = inputs["values"], inputs["channel_ids"]

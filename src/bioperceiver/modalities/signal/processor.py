@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import ModalityProcessor, check_finite, register_processor
+from ..processor import ModalityProcessor, check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -182,11 +182,11 @@ def window_references(path: str, duration_s: float, window_s: float, stride_s: f
     return refs
 
 
-@register_processor("signal")
 class SignalProcessor(ModalityProcessor):
     """Recording reference -> ``values (C, T)`` float32, ``channel_ids (C,)`` and ``sampling_rate`` (float) or
     ``timestamps (T,)`` (seconds from the window start)."""
 
+    kind = "signal"
     Settings = SignalSettings
 
     def __init__(self, name=None, **settings):
@@ -194,7 +194,7 @@ class SignalProcessor(ModalityProcessor):
         self._index: dict[str, int] = {}
 
     def load(self, value, base_dir: Path | None) -> Recording:
-        from ..manifest import parse_reference
+        from ...data.manifest import parse_reference
 
         if not isinstance(value, (str, Path)):
             raise self.error("bad_type", f"expected a signal file path, got {type(value).__name__}", "")
