@@ -84,11 +84,13 @@ def validate_manifest(
 ) -> ValidationReport:
     """Check a manifest and report every problem at once (never raises on bad content).
 
-    Checks: required id columns, empty/duplicate ids, unknown columns, rows with no modality, empty notes,
-    non-mapping or NaN/inf-holding mapping cells, missing or unreadable paths (and ``#`` window references),
-    invalid split names and patients in several splits, NaN/inf labels. With ``processor`` (a fitted
-    :class:`~bioperceiver.data.BioPerceiverProcessor`) every cell is also run through its processor, which
-    catches corrupt files, unknown genes and the like.
+    Checks: required id columns, empty/duplicate ids, unknown columns, rows with no modality, invalid split names
+    and patients in several splits, NaN/inf labels, and every modality cell through its kind's
+    ``ModalitySpec.check_cell``: empty notes, non-mapping, NaN/inf- or non-number-holding mappings, missing,
+    unreadable or empty paths, ``#`` options, and a header decode of image/signal files (no pixel or sample data
+    is read). With ``processor`` (a fitted :class:`~bioperceiver.data.BioPerceiverProcessor`) every cell is also
+    run through its processor (``ModalitySpec.deep_check``), which catches corrupt data, unknown genes and the
+    like.
     """
     problems: list[Problem] = []
     if isinstance(manifest, Manifest):
