@@ -157,16 +157,9 @@ def setup(args) -> tuple[Any, Any, dict, dict]:
 
 def describe(kind: str, arrays: dict) -> tuple[str, int]:
     """A short description of one processed value and its length in the model's input units."""
-    if kind == "text":
-        return "input_ids", len(arrays["input_ids"])
-    if kind == "tabular":
-        return "features", len(arrays["feature_ids"])
-    if kind == "omics":
-        return "genes", len(arrays["gene_ids"])
-    if kind == "signal":
-        c, t = arrays["values"].shape
-        return f"{c} ch x T", t
-    return "x".join(map(str, arrays["pixel_values"].shape)), int(arrays["pixel_values"].size)
+    from bioperceiver.modalities import get_modality
+
+    return get_modality(kind).describe(arrays)
 
 
 # ---- benchmarks ---------------------------------------------------------------------------------------------------

@@ -65,7 +65,6 @@ import copy
 import itertools
 import json
 import logging
-import math
 import os
 import statistics
 import sys
@@ -203,33 +202,12 @@ def encoder_flops(cfg, b: int, n: int) -> dict[str, float]:
 def embedder_flops(model, inputs: dict[str, dict[str, torch.Tensor]]) -> tuple[float, float]:
     """Forward matmul FLOPs of the embedders' linear / conv layers (lookups and additions are not counted), and the
     part of them done by layers fed with constants (raw pixels / signal samples, Fourier features of positions):
-    their backward has no input gradient, so it costs 1x their forward instead of 2x."""
+    their backward has no input gradient, so it costs 1x their forward instead of 2x. Each kind's embedder knows
+    its formula (``ModalityEmbedder.matmul_flops``)."""
     total = constant_input = 0.0
     for name, arrays in inputs.items():
-        emb = model.embedders[name]
-        d = emb.d_input
-        kind = emb.kind
-        if kind in ("omics", "tabular"):  # ScalarEncoder: its input depends on learned frequencies
-            ids = arrays["gene_ids" if kind == "omics" else "feature_ids"]
-            fc1, fc2 = emb.value_encoder.fc1, emb.value_encoder.fc2
-            total += ids.numel() * 2 * (fc1.in_features * fc1.out_features + fc2.in_features * fc2.out_features)
-        elif kind == "signal":
-            b, c, t = arrays["values"].shape
-            p = emb.config.patch_size
-            n = math.ceil(t / p)
-            flops = b * c * n * 2 * p * d + b * n * 2 * emb.time_encoding.proj.in_features * d
-            total, constant_input = total + flops, constant_input + flops
-        elif kind == "image":
-            if emb.backbone is not None:
-                raise NotImplementedError("FLOPs of a timm image backbone are not counted here")
-            px = arrays["pixel_values"]  # every row, also the zeroed images of samples without one
-            b, c, spatial = px.shape[0], px.shape[1], px.shape[2:]
-            p = emb.config.patch_size
-            grid = math.prod(math.ceil(s / p) for s in spatial)
-            flops = b * grid * 2 * c * p ** len(spatial) * d + grid * 2 * emb.position.proj.in_features * d
-            total, constant_input = total + flops, constant_input + flops
-        elif kind != "text":  # text: embedding lookups only
-            raise NotImplementedError(f"no FLOP formula for modality kind {kind!r}")
+        flops, constant = model.embedders[name].matmul_flops(arrays)
+        total, constant_input = total + flops, constant_input + constant
     return total, constant_input
 
 

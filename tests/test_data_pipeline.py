@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 import bioperceiver as bp
 from bioperceiver.data import (
@@ -123,11 +124,41 @@ def test_deep_validation_runs_the_processors(cohort, tmp_path):
     manifest, processor = cohort
     table = manifest.table.copy()
     row = table.index[table["image_2d"].notna()][0]
-    bad = manifest.base_dir / "synthetic" / "corrupt.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    good = manifest.base_dir / "synthetic" / "good.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8)).save(good)
+    bad = manifest.base_dir / "synthetic" / "truncated.png"
+    bad.write_bytes(good.read_bytes()[:120])  # the header decodes; the pixels do not
     table.loc[row, "image_2d"] = str(bad)
+    assert validate_manifest(table, base_dir=manifest.base_dir).ok  # the cheap check reads headers only
     report = validate_manifest(table, base_dir=manifest.base_dir, processor=processor)
     assert [(p.reason, p.row, p.column) for p in report.problems] == [("unreadable_image", row, "image_2d")]
+
+
+def test_cheap_validation_decodes_image_and_signal_headers(cohort, tmp_path):
+    manifest, _processor = cohort
+    table = manifest.table.copy()
+    rows = table.index[table["image_2d"].notna() & table["signal_ecg"].notna()][:3]
+    d = manifest.base_dir / "synthetic"
+    (d / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # PNG signature, no valid IHDR
+    (d / "garbage.nii.gz").write_bytes(b"\x1f\x8b not a gzip stream")
+    (d / "garbage.npz").write_bytes(b"PK not a zip archive")
+    np.save(d / "empty.npy", np.zeros((3, 0), dtype=np.float32))
+    table.loc[rows[0], "image_2d"] = str(d / "garbage.png")
+    table.loc[rows[1], "image_2d"] = str(d / "garbage.nii.gz")
+    table.loc[rows[0], "signal_ecg"] = str(d / "garbage.npz")
+    table.loc[rows[2], "signal_ecg"] = str(d / "empty.npy")
+    table.loc[rows[2], "omics_expression"] = json.dumps({"GENE0001": "high", "GENE0002": 1.5})
+    report = validate_manifest(table, base_dir=manifest.base_dir)
+    assert sorted((p.reason, p.row, p.column) for p in report.problems) == sorted(
+        [
+            ("unreadable_image", rows[0], "image_2d"),
+            ("unreadable_image", rows[1], "image_2d"),
+            ("unreadable_signal", rows[0], "signal_ecg"),
+            ("empty_signal", rows[2], "signal_ecg"),
+            ("non_numeric", rows[2], "omics_expression"),
+        ]
+    )
+    assert all(p.fix and p.message for p in report.problems)
 
 
 # ---- splits -------------------------------------------------------------------------------------------------------

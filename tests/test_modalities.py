@@ -1,15 +1,23 @@
-"""Per-kind embedder behaviour: token layout, masks, bad input, timm backbones, time encodings."""
+"""Per-kind embedder behaviour (token layout, masks, bad input, timm backbones, time encodings) and the spec contract
+of every built-in kind (folders, arrays, collation, Arrow rows, cheap cell checks, the registry)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import nibabel
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
+from pydicom.data import get_testdata_file
 from safetensors.torch import save_file
 from transformers import AutoModel
 
 import bioperceiver as bp
-from bioperceiver.modalities import get_embedder_class
+from bioperceiver.data import BioPerceiverCollator, BioPerceiverProcessor, read_manifest
+from bioperceiver.modalities import available_modalities, get_embedder_class, get_modality, register_modality
 
 
 def embedder(kind: str, d_input: int = 8, **settings):
@@ -223,3 +231,72 @@ def test_positions_keep_fp32_precision_in_a_bf16_model():
         a, _ = img16({"pixel_values": torch.zeros(1, 1, 64, 64)})
     b, _ = img32({"pixel_values": torch.zeros(1, 1, 64, 64)})
     torch.testing.assert_close(a.float(), b, atol=0.05, rtol=0.05)
+
+
+# ---- the spec contract of every built-in kind ----------------------------------------------------------------------
+LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy_v0_1"
+
+
+def test_builtin_kinds_are_folders_whose_spec_matches_processor_and_embedder():
+    processor = BioPerceiverProcessor.from_pretrained(LEGACY / "model")
+    manifest = read_manifest(LEGACY / "cohort" / "manifest.jsonl")
+    processed = [processor(r, base_dir=manifest.base_dir) for r in manifest.records()]
+    ids = [p["sample_id"] for p in processed]
+    assert available_modalities() == sorted(
+        {"text", "image", "omics", "signal", "tabular"} | set(available_modalities())
+    )
+    for name, proc in processor.processors.items():
+        spec = get_modality(proc.kind)
+        assert type(proc) is spec.processor_class and spec.kind == proc.kind == spec.embedder_class.kind
+        for part, cls in (("processor", spec.processor_class), ("embedder", spec.embedder_class), ("spec", type(spec))):
+            assert cls.__module__ == f"bioperceiver.modalities.{spec.kind}.{part}"
+        column = [None if p[name] is None else spec.check_arrays(p[name]) for p in processed]
+        assert any(a is None for a in column) and any(a is not None for a in column)
+        for arrays in filter(None, column):
+            assert set(arrays) <= set(spec.arrays) and spec.num_tokens(arrays) > 0
+            back = spec.from_row(spec.to_row(arrays))  # the Arrow row round trip of build_dataset
+            assert set(back) == set(arrays)
+            for key, value in arrays.items():
+                np.testing.assert_array_equal(back[key], value)
+        batch = spec.collate(name, column, ids, lambda n: n)
+        emb = spec.embedder_class
+        assert set(emb.input_keys) <= set(batch) <= set(emb.input_keys) | set(emb.optional_input_keys)
+        assert spec.features(proc).keys() == spec.arrays.keys()
+
+
+def test_cheap_cell_checks_decode_headers_only(tmp_path):
+    image, signal = get_modality("image"), get_modality("signal")
+    ok = get_testdata_file("CT_small.dcm")
+    assert image.check_cell(ok, base_dir=None) == []
+    assert [p.reason for p in image.check_cell(get_testdata_file("rtplan.dcm"), base_dir=None)] == ["not_an_image"]
+    (tmp_path / "cut.dcm").write_bytes(b"not a DICOM file" * 16)
+    assert [p.reason for p in image.check_cell("cut.dcm", base_dir=tmp_path)] == ["unreadable_image"]
+    nibabel.save(nibabel.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.eye(4)), tmp_path / "v.nii.gz")
+    Image.fromarray(np.zeros((6, 7), np.uint8)).save(tmp_path / "x.jpg")
+    np.save(tmp_path / "a.npy", np.zeros((6, 7), np.float32))
+    for good in ("v.nii.gz", "x.jpg", "a.npy"):
+        assert image.check_cell(good, base_dir=tmp_path) == [], good
+    assert [p.reason for p in image.check_cell(7, base_dir=tmp_path)] == ["bad_type"]
+    (tmp_path / "r.edf").write_bytes(b"not an edf header" * 20)
+    (tmp_path / "t.csv").write_text("time\n0.0\n")
+    (tmp_path / "s.csv").write_text("time,HR\n0.0,60\n")
+    assert [p.reason for p in signal.check_cell("r.edf", base_dir=tmp_path)] == ["unreadable_signal"]
+    assert [p.reason for p in signal.check_cell("t.csv#start=x", base_dir=tmp_path)] == ["no_channels", "bad_reference"]
+    assert signal.check_cell("s.csv#start=1&duration=2", base_dir=tmp_path) == []
+    tabular, omics, text = get_modality("tabular"), get_modality("omics"), get_modality("text")
+    assert [p.reason for p in tabular.check_cell({"age": [1, 2], "sex": "F"}, base_dir=None)] == ["non_scalar"]
+    assert tabular.check_cell('{"age": null, "sex": "F"}', base_dir=None) == []
+    assert [p.reason for p in omics.check_cell({"TP53": "high", "EGFR": "1.5"}, base_dir=None)] == ["non_numeric"]
+    assert [p.reason for p in text.check_cell("  ", base_dir=None)] == ["empty_text"]
+    assert [p.reason for p in text.check_cell(3.0, base_dir=None)] == ["bad_type"]
+
+
+def test_registry_rejects_classes_and_unknown_kinds():
+    with pytest.raises(ValueError, match="ModalitySpec instance"):
+        register_modality(type(get_modality("text")))
+    with pytest.raises(ValueError, match=r"unknown modality kind 'spectrum'.*register_modality"):
+        get_modality("spectrum")
+    with pytest.raises(ValueError, match=r"modality 'x'.*unknown modality kind"):
+        bp.BioPerceiverConfig(modalities={"x": {"kind": "spectrum"}})
+    with pytest.raises(ValueError, match="unknown modality kind"):
+        BioPerceiverCollator({"x": "spectrum"})

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bioperceiver.data import TextProcessor, assign_splits, read_manifest
+from bioperceiver.data import assign_splits, read_manifest
+from bioperceiver.modalities.text import TextProcessor
 
 logger = logging.getLogger("train_text_tokenizer")
 
@@ -49,7 +50,7 @@ def main(argv=None) -> Path:
     held_out: list[str] = []
     if args.manifest:
         manifest = read_manifest(args.manifest)
-        texts = [c for c, k in manifest.modalities.items() if k == "text"]
+        texts = [c for c, k in manifest.modalities.items() if k == TextProcessor.kind]
         column = args.column or (texts[0] if len(texts) == 1 else None)
         if column not in texts:
             raise SystemExit(f"--column must name one of the manifest's text columns {texts}")

@@ -9,7 +9,13 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 from ._version import __version__
 from .configuration_bioperceiver import BioPerceiverConfig
 from .factory import create_config, create_model, list_models
-from .modalities import list_modality_kinds, register_modality
+from .modalities import (
+    ModalitySpec,
+    available_modalities,
+    get_modality,
+    list_modality_kinds,
+    register_modality,
+)
 from .modeling_bioperceiver import BioPerceiverModel, BioPerceiverModelOutput, BioPerceiverPreTrainedModel
 from .modeling_tasks import (
     AutoModelForSurvival,
@@ -34,9 +40,12 @@ __all__ = [
     "BioPerceiverModelOutput",
     "BioPerceiverPreTrainedModel",
     "BioPerceiverSurvivalOutput",
+    "ModalitySpec",
     "__version__",
+    "available_modalities",
     "create_config",
     "create_model",
+    "get_modality",
     "list_modality_kinds",
     "list_models",
     "register_modality",

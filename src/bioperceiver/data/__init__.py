@@ -1,27 +1,39 @@
-"""The data layer: manifests, per-modality processors, datasets, patient-level splits and collation.
+"""The data layer: manifests, datasets, patient-level splits, validation and collation.
 
 ``raw files --recipe--> manifest --processors--> model inputs --collator--> batch`` (see the repo's DESIGN).
+The per-kind processors live with their kind in ``bioperceiver.modalities.<kind>``; the names below
+(``TextProcessor``, ``ModalityProcessor``, ...) are re-exported from there.
 """
+
+from importlib import import_module
 
 from .collator import BioPerceiverCollator
 from .dataset import ManifestDataset, build_dataset, build_iterable_dataset, to_sample
-from .errors import DataError, SkipReport
+from .errors import DataError, Problem, SkipReport
 from .manifest import Manifest, parse_reference, read_manifest, write_manifest
 from .processing import BioPerceiverProcessor, load_processor_settings
-from .processors import (
-    ImageProcessor,
-    ModalityProcessor,
-    OmicsProcessor,
-    SignalProcessor,
-    TabularProcessor,
-    TextProcessor,
-    get_processor_class,
-    register_processor,
-    train_tokenizer,
-    window_references,
-)
 from .splits import assign_splits, check_patient_splits, split_of
-from .validate import Problem, ValidationReport, validate_manifest
+from .validate import ValidationReport, validate_manifest
+
+# Resolved on first use: the modality folders import this package's modules, so an eager import here would
+# be circular when ``bioperceiver.modalities`` is imported first.
+_FROM_MODALITIES = {
+    "ModalityProcessor": "bioperceiver.modalities.processor",
+    "TextProcessor": "bioperceiver.modalities.text",
+    "train_tokenizer": "bioperceiver.modalities.text",
+    "ImageProcessor": "bioperceiver.modalities.image",
+    "OmicsProcessor": "bioperceiver.modalities.omics",
+    "SignalProcessor": "bioperceiver.modalities.signal",
+    "window_references": "bioperceiver.modalities.signal",
+    "TabularProcessor": "bioperceiver.modalities.tabular",
+}
+
+
+def __getattr__(name: str):
+    if name in _FROM_MODALITIES:
+        return getattr(import_module(_FROM_MODALITIES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BioPerceiverCollator",
@@ -42,11 +54,9 @@ __all__ = [
     "build_dataset",
     "build_iterable_dataset",
     "check_patient_splits",
-    "get_processor_class",
     "load_processor_settings",
     "parse_reference",
     "read_manifest",
-    "register_processor",
     "split_of",
     "to_sample",
     "train_tokenizer",

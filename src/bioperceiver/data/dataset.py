@@ -14,49 +14,20 @@ import datasets
 import numpy as np
 import torch
 
+from ..modalities.registry import get_modality
 from .errors import DataError, SkipReport, check_on_error
-from .manifest import MAPPING_KINDS, Manifest, is_missing
+from .manifest import Manifest, is_missing
 from .processing import BioPerceiverProcessor
 
 logger = logging.getLogger(__name__)
 
 ERROR_COLUMN = "__error__"
 COUNTS_COLUMN = "__counts__"  # per-row processor counters (OOV genes...), summed in the parent process
-_List = getattr(datasets, "List", datasets.Sequence)
 
 
 def modality_features(processor: BioPerceiverProcessor) -> dict[str, Any]:
     """Explicit Arrow features of each processed modality (robust to absent values and ragged arrays)."""
-    feats: dict[str, Any] = {}
-    for name, proc in processor.processors.items():
-        kind = proc.kind
-        if kind == "text":
-            feats[name] = {
-                "input_ids": _List(datasets.Value("int64")),
-                "attention_mask": _List(datasets.Value("int64")),
-            }
-        elif kind == "image":
-            shape = (proc.settings.in_channels, *proc.settings.spatial_size)
-            array_cls = {3: datasets.Array3D, 4: datasets.Array4D}[len(shape)]
-            feats[name] = {"pixel_values": array_cls(shape=shape, dtype="float32")}
-        elif kind == "omics":
-            feats[name] = {"gene_ids": _List(datasets.Value("int64")), "values": _List(datasets.Value("float32"))}
-        elif kind == "signal":
-            feats[name] = {
-                "values": _List(_List(datasets.Value("float32"))),
-                "channel_ids": _List(datasets.Value("int64")),
-                "timestamps": _List(datasets.Value("float32")),
-                "sampling_rate": datasets.Value("float32"),
-            }
-        elif kind == "tabular":
-            feats[name] = {
-                "feature_ids": _List(datasets.Value("int64")),
-                "values": _List(datasets.Value("float32")),
-                "category_ids": _List(datasets.Value("int64")),
-            }
-        else:
-            raise ValueError(f"no dataset features for modality kind {kind!r}")
-    return feats
+    return {name: get_modality(proc.kind).features(proc) for name, proc in processor.processors.items()}
 
 
 def _clean_table(manifest: Manifest, split: str | None):
@@ -67,7 +38,7 @@ def _clean_table(manifest: Manifest, split: str | None):
         table = table[table["split"] == split]
     table = table.reset_index(drop=True).copy()
     for col, kind in manifest.modalities.items():  # mappings as JSON text: Arrow structs would union all keys
-        if kind in MAPPING_KINDS:
+        if "mapping" in get_modality(kind).cell_forms:
             table[col] = [
                 None if is_missing(v) else v if isinstance(v, str) else json.dumps(_plain(v)) for v in table[col]
             ]
@@ -93,19 +64,7 @@ def _to_row(processed: dict[str, Any], processor: BioPerceiverProcessor) -> dict
     row = {}
     for name, proc in processor.processors.items():
         arrays = processed.get(name)
-        if arrays is None:
-            row[name] = None
-        elif proc.kind == "signal":
-            row[name] = {
-                "values": arrays["values"],
-                "channel_ids": arrays["channel_ids"],
-                "timestamps": arrays.get("timestamps"),
-                "sampling_rate": float(arrays["sampling_rate"]) if "sampling_rate" in arrays else None,
-            }
-        elif proc.kind == "text":
-            row[name] = {"input_ids": arrays["input_ids"], "attention_mask": arrays["attention_mask"]}
-        else:
-            row[name] = dict(arrays)
+        row[name] = None if arrays is None else get_modality(proc.kind).to_row(arrays)
     return row
 
 
@@ -279,10 +238,7 @@ def to_sample(row: dict[str, Any], processor: BioPerceiverProcessor) -> dict[str
         arrays = row.get(name)
         if arrays is None:
             continue
-        conv = {k: np.asarray(v) for k, v in arrays.items() if v is not None}
-        if proc.kind == "signal" and "values" in conv and conv["values"].ndim == 1:  # zero channels
-            conv["values"] = conv["values"].reshape(0, 0)
-        out[name] = conv
+        out[name] = get_modality(proc.kind).from_row(arrays)
     return out
 
 

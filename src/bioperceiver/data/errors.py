@@ -113,3 +113,25 @@ class SkipReport:
             logger.warning("%s: %s", what, self.summary())
         else:
             logger.info("%s: no samples skipped", what)
+
+
+@dataclass
+class Problem:
+    """One problem: ``row`` is the 0-based row number (``None`` for table-level problems)."""
+
+    reason: str
+    message: str
+    fix: str
+    row: int | None = None
+    sample_id: str | None = None
+    column: str | None = None
+
+    def __str__(self) -> str:
+        where = []
+        if self.row is not None:
+            where.append(f"row {self.row}")
+        if self.sample_id is not None:
+            where.append(f"sample {self.sample_id!r}")
+        if self.column is not None:
+            where.append(f"column {self.column!r}")
+        return f"[{self.reason}] {', '.join(where) or 'manifest'}: {self.message} Fix: {self.fix}"

@@ -10,7 +10,8 @@ A manifest is a Parquet, CSV or JSONL table with
   An explicit ``modalities={column: kind}`` mapping (argument or manifest metadata) overrides the naming rule;
 * label columns ``label_<name>`` and free metadata columns ``meta_<name>`` (never fed to the model).
 
-Cell values per kind (relative paths are resolved against the manifest's folder):
+Cell values per built-in kind (relative paths are resolved against the manifest's folder; each kind's
+``ModalitySpec.cell_forms`` says which forms it takes and ``ModalitySpec.check_cell`` checks them):
 
 =========  =====================================================================================================
 kind       cell
@@ -54,14 +55,12 @@ SPLITS = ("train", "validation", "test")
 LABEL_PREFIX = "label_"
 META_PREFIX = "meta_"
 MANIFEST_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
-PATH_KINDS = ("image", "signal")  # kinds whose cells are always paths
-MAPPING_KINDS = ("omics", "tabular")  # kinds whose inline cells are mappings
 
 
 def _known_kinds() -> list[str]:
-    from ..modalities import list_modality_kinds
+    from ..modalities import available_modalities
 
-    return list_modality_kinds()
+    return available_modalities()
 
 
 def kind_of_column(column: str, kinds: Iterable[str] | None = None) -> str | None:

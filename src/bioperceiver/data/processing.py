@@ -7,13 +7,16 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..modalities.registry import get_modality
 from .errors import DataError, SkipReport, check_on_error
 from .manifest import Manifest, is_missing
-from .processors.base import ModalityProcessor, get_processor_class
+
+if TYPE_CHECKING:
+    from ..modalities.processor import ModalityProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +70,7 @@ class BioPerceiverProcessor:
             s = dict(settings.get(name, {}))
             if s.pop("kind", kind) != kind:
                 raise ValueError(f"processor settings for {name!r} name another kind than the manifest's {kind!r}")
-            procs[name] = get_processor_class(kind)(name, **s)
+            procs[name] = get_modality(kind).processor(name, **s)
         return cls(procs)
 
     @property
@@ -176,6 +179,8 @@ class BioPerceiverProcessor:
                 f"{index_path} not found: {directory} holds no BioPerceiver processors (fit them with "
                 "tokenizers/fit_processors.py)"
             )
+        from ..modalities.processor import ModalityProcessor
+
         index = json.loads(index_path.read_text())
         procs = {}
         for name, kind in index["modalities"].items():

@@ -16,50 +16,17 @@ import logging
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from .errors import DataError
-from .manifest import (
-    ID_COLUMNS,
-    LABEL_PREFIX,
-    MAPPING_KINDS,
-    PATH_KINDS,
-    SPLIT_COLUMN,
-    SPLITS,
-    Manifest,
-    as_mapping,
-    is_missing,
-    parse_reference,
-    resolve_modalities,
-)
+from ..modalities.registry import get_modality
+from .errors import Problem
+from .manifest import ID_COLUMNS, LABEL_PREFIX, SPLIT_COLUMN, SPLITS, Manifest, is_missing, resolve_modalities
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Problem:
-    """One problem: ``row`` is the 0-based row number (``None`` for table-level problems)."""
-
-    reason: str
-    message: str
-    fix: str
-    row: int | None = None
-    sample_id: str | None = None
-    column: str | None = None
-
-    def __str__(self) -> str:
-        where = []
-        if self.row is not None:
-            where.append(f"row {self.row}")
-        if self.sample_id is not None:
-            where.append(f"sample {self.sample_id!r}")
-        if self.column is not None:
-            where.append(f"column {self.column!r}")
-        return f"[{self.reason}] {', '.join(where) or 'manifest'}: {self.message} Fix: {self.fix}"
 
 
 @dataclass
@@ -117,11 +84,13 @@ def validate_manifest(
 ) -> ValidationReport:
     """Check a manifest and report every problem at once (never raises on bad content).
 
-    Checks: required id columns, empty/duplicate ids, unknown columns, rows with no modality, empty notes,
-    non-mapping or NaN/inf-holding mapping cells, missing or unreadable paths (and ``#`` window references),
-    invalid split names and patients in several splits, NaN/inf labels. With ``processor`` (a fitted
-    :class:`~bioperceiver.data.BioPerceiverProcessor`) every cell is also run through its processor, which
-    catches corrupt files, unknown genes and the like.
+    Checks: required id columns, empty/duplicate ids, unknown columns, rows with no modality, invalid split names
+    and patients in several splits, NaN/inf labels, and every modality cell through its kind's
+    ``ModalitySpec.check_cell``: empty notes, non-mapping, NaN/inf- or non-number-holding mappings, missing,
+    unreadable or empty paths, ``#`` options, and a header decode of image/signal files (no pixel or sample data
+    is read). With ``processor`` (a fitted :class:`~bioperceiver.data.BioPerceiverProcessor`) every cell is also
+    run through its processor (``ModalitySpec.deep_check``), which catches corrupt data, unknown genes and the
+    like.
     """
     problems: list[Problem] = []
     if isinstance(manifest, Manifest):
@@ -212,57 +181,12 @@ def validate_manifest(
 
 
 def _check_cell(col, kind, v, i, sid, base, check_files) -> list[Problem]:
-    out = []
-    if kind == "text":
-        if not isinstance(v, str):
-            out.append(Problem("bad_type", f"note is a {type(v).__name__}", "store notes as text", i, sid, col))
-        elif not v.strip():
-            out.append(Problem("empty_text", "the note is empty", "set the cell to null or fill it", i, sid, col))
-        return out
-    if kind in MAPPING_KINDS:
-        mapping = as_mapping(v)
-        if mapping is not None:
-            bad = [k for k, x in mapping.items() if isinstance(x, float) and math.isinf(x)]
-            if kind == "omics":
-                bad += [k for k, x in mapping.items() if isinstance(x, float) and math.isnan(x)]
-            if bad:
-                out.append(
-                    Problem(
-                        "non_finite",
-                        f"{len(bad)} value(s) NaN/inf, e.g. {bad[:3]}",
-                        "use null (tabular) or leave the gene out (omics) for unmeasured values",
-                        i,
-                        sid,
-                        col,
-                    )
-                )
-            if not mapping:
-                out.append(Problem("empty_mapping", "the mapping is empty", "set the cell to null", i, sid, col))
-            return out
-        if kind == "tabular" or not isinstance(v, str):
-            out.append(
-                Problem("bad_type", f"expected a mapping, got {type(v).__name__}", "store a dict or JSON", i, sid, col)
-            )
-            return out
-    if kind in PATH_KINDS or kind == "omics":
-        if not isinstance(v, str) or not v.strip():
-            out.append(Problem("bad_type", f"expected a path, got {v!r}", "store a file path", i, sid, col))
-            return out
-        if check_files:
-            ref = parse_reference(v, base)
-            if not ref.path.exists():
-                out.append(Problem("missing_file", f"{ref.path} does not exist", "fix the path", i, sid, col))
-            elif not os.access(ref.path, os.R_OK):
-                out.append(Problem("unreadable_file", f"{ref.path} is not readable", "fix permissions", i, sid, col))
-            elif ref.path.is_file() and ref.path.stat().st_size == 0:
-                out.append(Problem("empty_file", f"{ref.path} is empty", "re-export the file", i, sid, col))
-            for key in ("start", "duration"):
-                if key in ref.options:
-                    try:
-                        float(ref.options[key])
-                    except ValueError:
-                        out.append(Problem("bad_reference", f"#{key}={ref.options[key]!r}", "use seconds", i, sid, col))
-    return out
+    try:
+        spec = get_modality(kind)
+    except ValueError as err:
+        return [Problem("unknown_kind", str(err), "register the kind or fix the --modality mapping", i, sid, col)]
+    found = spec.check_cell(v, base_dir=base, check_files=check_files)
+    return [replace(p, row=i, sample_id=sid, column=col) for p in found]
 
 
 def _deep_check(table, mods, base, processor, sid) -> list[Problem]:
@@ -272,13 +196,12 @@ def _deep_check(table, mods, base, processor, sid) -> list[Problem]:
         if proc is None:
             out.append(Problem("no_processor", "no fitted processor for this column", "refit processors", column=col))
             continue
+        spec = get_modality(proc.kind)
         for i, v in enumerate(table[col]):
             if is_missing(v):
                 continue
-            try:
-                proc(v, sample_id=sid[i], base_dir=base)
-            except DataError as err:
-                out.append(Problem(err.reason, err.message, err.fix or "-", i, sid[i], col))
+            found = spec.deep_check(proc, v, sample_id=sid[i], base_dir=base)
+            out.extend(replace(p, row=i, sample_id=sid[i], column=col) for p in found)
     return out
 
 

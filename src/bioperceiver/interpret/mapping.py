@@ -15,13 +15,14 @@ are given; otherwise tokens are named by their ids/indices.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+
+from ..modalities.registry import get_modality
 
 FRAME_COLUMNS = ["sample", "modality", "token_index", "token_label", "score"]
 
@@ -134,100 +135,16 @@ def _vocab(attr: Attribution, modality: str, key: str) -> list[str] | None:
 def image_grid(attr: Attribution, modality: str) -> tuple[int, ...]:
     """Patch grid ``(h, w)`` / ``(d, h, w)`` of an image modality (patch mode: ``ceil(size / patch_size)``; a timm
     backbone: the factorisation of the token count closest to the image's aspect ratio)."""
-    cfg = attr.modality_configs[modality]
-    size = tuple(attr.inputs[modality]["pixel_values"].shape[2:])
-    n = attr.scores[modality].shape[1]
-    if cfg.get("mode", "patch") == "patch":
-        grid = tuple(-(-s // cfg["patch_size"]) for s in size)
-        if math.prod(grid) == n:
-            return grid
-    if len(size) != 2:
-        raise ValueError(f"cannot map {n} tokens of {modality!r} onto a {len(size)}D patch grid")
-    h_over_w = size[0] / size[1]
-    pairs = [(h, n // h) for h in range(1, n + 1) if n % h == 0]
-    return min(pairs, key=lambda hw: abs(math.log(hw[0] / hw[1]) - math.log(h_over_w)))
+    from ..modalities.image import image_grid as grid_of
 
-
-def _signal_layout(attr: Attribution, modality: str, sample: int) -> tuple[int, int, np.ndarray | None]:
-    """(channels C, patches P, patch start times in seconds (P,) or None)."""
-    arrays = attr.inputs[modality]
-    c, t = arrays["values"].shape[1:]
-    p = attr.modality_configs[modality]["patch_size"]
-    n = -(-t // p)
-    starts = None
-    if arrays.get("timestamps") is not None:
-        ts = arrays["timestamps"][sample].double().numpy()
-        starts = ts[np.arange(n) * p]
-    else:
-        rate = arrays.get("sampling_rate")
-        rate = float(rate[sample]) if rate is not None else attr.modality_configs[modality].get("sampling_rate")
-        if rate:
-            starts = np.arange(n) * p / rate
-    return c, n, starts
-
-
-def _tabular_value(attr: Attribution, modality: str, sample: int, j: int) -> str:
-    arrays = attr.inputs[modality]
-    fid = int(arrays["feature_ids"][sample, j])
-    cat = int(arrays["category_ids"][sample, j]) if arrays.get("category_ids") is not None else 0
-    value = float(arrays["values"][sample, j])
-    features = _vocab(attr, modality, "features")
-    info = features[fid] if features is not None and fid < len(features) else None
-    if cat == 0:
-        if info is not None and info.get("type") == "numeric":
-            return f"{value * info['scale'] + info['center']:.4g}"
-        return f"{value:.3g} (standardised)"
-    if info is not None and info.get("type") == "categorical":
-        k = cat - info["unknown_id"] - 1
-        return info["categories"][k] if 0 <= k < len(info["categories"]) else "unknown"
-    return f"category {cat}"
-
-
-def _tabular_name(attr: Attribution, modality: str, fid: int) -> str:
-    features = _vocab(attr, modality, "features")
-    return features[fid]["name"] if features is not None and fid < len(features) else f"feature {fid}"
+    return grid_of(attr, modality)
 
 
 def token_labels(attr: Attribution, modality: str) -> list[list[str]]:
-    """Human-readable name of every token, ``[sample][token]`` (padding tokens included, named as well)."""
-    kind, arrays = attr.kind(modality), attr.inputs[modality]
-    b, n = attr.scores[modality].shape
-    if kind == "text":
-        tok = _tokenizer(attr, modality)
-        ids = arrays["input_ids"].tolist()
-        if tok is not None:
-            return [[tok.id_to_token(i) or f"id {i}" for i in row] for row in ids]
-        return [[f"id {i}" for i in row] for row in ids]
-    if kind == "image":
-        grid = image_grid(attr, modality)
-        axes = ("z", "y", "x")[-len(grid) :]
-        names = [
-            "patch (" + ", ".join(f"{a}{i}" for a, i in zip(axes, np.unravel_index(k, grid))) + ")" for k in range(n)
-        ]
-        return [names] * b
-    if kind == "omics":
-        genes = _vocab(attr, modality, "genes")
-        return [
-            [genes[i] if genes is not None and i < len(genes) else f"gene {i}" for i in row]
-            for row in arrays["gene_ids"].tolist()
-        ]
-    if kind == "signal":
-        channels = _vocab(attr, modality, "channels")
-        out = []
-        for s in range(b):
-            c, p, starts = _signal_layout(attr, modality, s)
-            cids = arrays["channel_ids"][s].tolist()
-            names = [channels[i] if channels is not None and i < len(channels) else f"channel {i}" for i in cids]
-            when = [f"{starts[j]:.2f} s" if starts is not None else f"patch {j}" for j in range(p)]
-            out.append([f"{names[k // p]} @ {when[k % p]}" for k in range(c * p)])
-        return out
-    if kind == "tabular":
-        fids = arrays["feature_ids"].tolist()
-        return [
-            [f"{_tabular_name(attr, modality, f)} = {_tabular_value(attr, modality, s, j)}" for j, f in enumerate(row)]
-            for s, row in enumerate(fids)
-        ]
-    return [[f"token {i}" for i in range(n)] for _ in range(b)]
+    """Human-readable name of every token, ``[sample][token]`` (padding tokens included, named as well): what the
+    modality's kind says a token is (``ModalitySpec.token_labels``: word piece, patch, gene, channel @ time,
+    feature = value)."""
+    return get_modality(attr.kind(modality)).token_labels(attr, modality)
 
 
 # ---- per-kind views of one sample ----------------------------------------------------------------------------------
@@ -328,8 +245,10 @@ def signal_matrix(
         ``(matrix (C, P), channel names (C,), patch start times in seconds (P,) or None)``; dropped channels and
         padded time patches are 0.
     """
+    from ..modalities.signal import signal_layout
+
     m = attr.modality_of_kind("signal", modality)
-    c, p, starts = _signal_layout(attr, m, sample)
+    c, p, starts = signal_layout(attr.inputs[m], attr.modality_configs[m], sample)
     matrix = attr.scores[m][sample].double().numpy().reshape(c, p)
     channels = _vocab(attr, m, "channels")
     cids = attr.inputs[m]["channel_ids"][sample].tolist()
@@ -343,13 +262,16 @@ def tabular_features(attr: Attribution, sample: int, modality: str | None = None
     Returns:
         DataFrame ``feature, value, score``, highest ``|score|`` first.
     """
+    from ..modalities.tabular import feature_name, feature_value
+
     m = attr.modality_of_kind("tabular", modality)
+    proc = attr.processors.get(m)
     fids = attr.inputs[m]["feature_ids"][sample].tolist()
     scores = attr.scores[m][sample].tolist()
     rows = [
         {
-            "feature": _tabular_name(attr, m, fids[j]),
-            "value": _tabular_value(attr, m, sample, j),
+            "feature": feature_name(proc, fids[j]),
+            "value": feature_value(proc, attr.inputs[m], sample, j),
             "score": scores[j],
         }
         for j in attr.keep[m][sample].nonzero().flatten().tolist()

@@ -1,0 +1,75 @@
+"""Base class of every modality embedder (model-side tokenizer)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+def require_positive(**values: float) -> None:
+    for key, value in values.items():
+        if value is None or value <= 0:
+            raise ValueError(f"{key} must be > 0, got {value}")
+
+
+class ModalityEmbedder(nn.Module):
+    """Turns one modality's batch arrays into tokens ``(B, N, d_input)`` and a keep-mask ``(B, N)``.
+
+    Subclasses set ``config_class`` (a dataclass of the kind's settings, validated in ``__post_init__``),
+    implement :meth:`embed` and declare the input keys they read in ``input_keys`` (required) and
+    ``optional_input_keys``. The base class adds the learned modality-type embedding to every token and
+    zeroes the tokens that the keep-mask drops, so the values found in padding never matter.
+    """
+
+    kind: ClassVar[str]
+    config_class: ClassVar[type]
+    input_keys: ClassVar[tuple[str, ...]] = ()
+    optional_input_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, name: str, config: Any, d_input: int) -> None:
+        super().__init__()
+        self.name = name
+        self.config = config
+        self.d_input = d_input
+        self.type_embedding = nn.Parameter(torch.zeros(d_input))
+
+    def embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def matmul_flops(self, inputs: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """Forward matmul FLOPs of this embedder's linear/conv layers on a batch (lookups and additions are not
+        counted), and the part of them done by layers fed with constants (raw pixels / signal samples, Fourier
+        features of positions): their backward has no input gradient, so it costs 1x their forward, not 2x."""
+        raise NotImplementedError(f"no FLOP formula for modality kind {self.kind!r}")
+
+    def check_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
+        if not isinstance(inputs, dict):
+            raise ValueError(
+                f"modality {self.name!r}: expected a dict of tensors with keys {list(self.input_keys)}, "
+                f"got {type(inputs).__name__}"
+            )
+        missing = [k for k in self.input_keys if k not in inputs]
+        unknown = sorted(set(inputs) - set(self.input_keys) - set(self.optional_input_keys))
+        if missing or unknown:
+            raise ValueError(
+                f"modality {self.name!r} (kind {self.kind!r}): missing keys {missing}, unknown keys {unknown}; "
+                f"required {list(self.input_keys)}, optional {list(self.optional_input_keys)}"
+            )
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        self.check_inputs(inputs)
+        tokens, keep = self.embed(inputs)  # (B, N, D_in), (B, N)
+        tokens = tokens + self.type_embedding
+        tokens = torch.where(keep[..., None], tokens, torch.zeros((), dtype=tokens.dtype, device=tokens.device))
+        return tokens, keep
+
+    def _mask(self, inputs: dict[str, torch.Tensor], key: str, shape: torch.Size) -> torch.Tensor:
+        """Boolean keep-mask from ``inputs[key]`` (any dtype, nonzero = keep), or all-True when absent."""
+        mask = inputs.get(key)
+        if mask is None:
+            return torch.ones(shape, dtype=torch.bool, device=inputs[self.input_keys[0]].device)
+        if mask.shape != shape:
+            raise ValueError(f"modality {self.name!r}: {key} has shape {tuple(mask.shape)}, expected {tuple(shape)}")
+        return mask.bool()

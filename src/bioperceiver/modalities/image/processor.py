@@ -1,0 +1,265 @@
+"""Image processor: MONAI loading (DICOM file or series folder, NIfTI, PNG/JPEG/TIFF, .npy), orientation and
+spacing for volumes, intensity windowing/normalisation, resize or crop to a fixed size, optional augmentation.
+
+Arrays follow MONAI's convention for every format (channel first, then MONAI's spatial axes order), so images
+from different file types line up.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..processor import ModalityProcessor, check_finite
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".dcm", ".dicom", ".nii", ".nii.gz", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy")
+INTENSITY_MODES = ("percentile", "window", "zscore", "dataset", "none")
+RESIZE_MODES = ("resize", "longest_pad", "crop_pad")
+
+
+@dataclass
+class ImageSettings:
+    """Settings of the image processor.
+
+    Args:
+        spatial_dims: 2 (images) or 3 (volumes); must match the model's image modality.
+        spatial_size: output size per spatial axis, e.g. ``[224, 224]`` or ``[64, 128, 128]``.
+        in_channels: output channels; RGB -> grey (mean of RGB) when 1, grey -> repeated when 3.
+        intensity: ``"percentile"`` (per image, ``percentiles`` -> [0, 1]), ``"window"`` (``window`` -> [0, 1],
+            e.g. CT Hounsfield units ``[-1000, 1000]``), ``"zscore"`` (per image), ``"dataset"`` (mean/std
+            fitted on the training split) or ``"none"``.
+        percentiles: lower/upper percentile for ``"percentile"``.
+        window: intensity range for ``"window"``.
+        resize: ``"resize"`` (to ``spatial_size``, aspect not kept), ``"longest_pad"`` (keep aspect, pad) or
+            ``"crop_pad"`` (centre crop/pad, no interpolation).
+        orientation: axis codes volumes are reoriented to (``None`` keeps the file's); 3D only.
+        pixdim: voxel spacing in mm volumes are resampled to before resizing (``None`` keeps it); 3D only.
+        augment: random augmentations applied when called with ``train=True`` (views for contrastive
+            pretraining): any of ``flip`` (probability), ``rotate_deg`` (max degrees, 2D), ``zoom`` (max relative
+            zoom), ``noise_std`` (Gaussian noise after normalisation), ``gamma`` (max log-gamma contrast change).
+        max_fit_samples: images read by ``fit`` for ``intensity="dataset"`` statistics.
+    """
+
+    spatial_dims: int = 2
+    spatial_size: list[int] = field(default_factory=lambda: [224, 224])
+    in_channels: int = 1
+    intensity: str = "percentile"
+    percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
+    window: list[float] | None = None
+    resize: str = "resize"
+    orientation: str | None = "RAS"
+    pixdim: list[float] | None = None
+    augment: dict[str, float] = field(default_factory=dict)
+    max_fit_samples: int = 256
+
+    def __post_init__(self):
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        self.spatial_size = [int(s) for s in self.spatial_size]
+        if len(self.spatial_size) != self.spatial_dims or min(self.spatial_size) < 1:
+            raise ValueError(f"spatial_size {self.spatial_size} must have {self.spatial_dims} positive entries")
+        if self.intensity not in INTENSITY_MODES:
+            raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got {self.intensity!r}")
+        if self.intensity == "window" and (self.window is None or len(self.window) != 2):
+            raise ValueError("intensity='window' needs window=[low, high]")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        unknown = set(self.augment) - {"flip", "rotate_deg", "zoom", "noise_std", "gamma"}
+        if unknown:
+            raise ValueError(f"unknown augmentation(s) {sorted(unknown)}")
+
+
+def _loader():
+    from monai.transforms import LoadImage
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LoadImage(image_only=True, ensure_channel_first=False, simple_keys=True)
+
+
+class ImageProcessor(ModalityProcessor):
+    """Image path -> ``pixel_values`` float32 ``(C, *spatial_size)``."""
+
+    kind = "image"
+    Settings = ImageSettings
+
+    def __init__(self, name=None, **settings):
+        super().__init__(name, **settings)
+        self._load = None
+        self._augment = None
+
+    @property
+    def needs_fit(self) -> bool:
+        return self.settings.intensity == "dataset"
+
+    # ---- loading ------------------------------------------------------------------------------------------------
+    def load(self, value, base_dir: Path | None = None) -> tuple[np.ndarray, dict]:
+        """Read the file into a channel-first float32 array with ``spatial_dims`` spatial axes (and its meta)."""
+        from ...data.manifest import parse_reference
+
+        if not isinstance(value, (str, Path)):
+            raise self.error("bad_type", f"expected an image path, got {type(value).__name__}", "")
+        ref = parse_reference(str(value), base_dir)
+        path = ref.path
+        if not path.exists():
+            raise self.error("missing_file", f"image {path} does not exist", "fix the path or set the cell to null")
+        if path.suffix == ".npy":
+            try:
+                arr = np.load(path, allow_pickle=False)
+            except Exception as err:
+                raise self.error("unreadable_image", f"cannot read {path}: {err}", "check the file") from None
+            return self._channel_first(np.asarray(arr, dtype=np.float32), path, has_channel=None), {}
+        if self._load is None:
+            self._load = _loader()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                img = self._load(str(path))
+        except Exception as err:
+            raise self.error(
+                "unreadable_image",
+                f"cannot read {path} ({type(err).__name__}: {str(err)[:200]})",
+                "check that the file opens (pydicom.dcmread / nibabel.load / PIL.Image.open); compressed DICOM "
+                "transfer syntaxes need the matching pylibjpeg/gdcm codec",
+            ) from None
+        meta = dict(getattr(img, "meta", {}) or {})
+        arr = np.asarray(img, dtype=np.float32)
+        ocs = meta.get("original_channel_dim")
+        if isinstance(ocs, (int, np.integer)) and not isinstance(ocs, bool):
+            arr, has_channel = np.moveaxis(arr, int(ocs), 0), True
+        elif arr.ndim == self.settings.spatial_dims + 1 and arr.shape[-1] in (3, 4) and self.settings.spatial_dims == 2:
+            arr, has_channel = np.moveaxis(arr, -1, 0), True  # colour DICOM: samples per pixel last
+        else:
+            has_channel = False  # MONAI marks channel-less images with NaN/"no_channel"
+        return self._channel_first(arr, path, has_channel), {"affine": getattr(img, "affine", None), "meta": meta}
+
+    def _channel_first(self, arr: np.ndarray, path: Path, has_channel: bool | None) -> np.ndarray:
+        sd = self.settings.spatial_dims
+        if has_channel is None:  # .npy or unknown: (spatial...) or (C, spatial...)
+            has_channel = arr.ndim == sd + 1
+        if not has_channel:
+            arr = arr[None]
+        # 2D models accept a volume with a single slice; 3D models a single image only as an error.
+        while arr.ndim > sd + 1 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.ndim != sd + 1:
+            raise self.error(
+                "wrong_shape",
+                f"{path.name} has shape {tuple(arr.shape[1:])} (channels {arr.shape[0]}) but this modality is {sd}D",
+                "put volumes in a modality with spatial_dims=3 and 2D images in one with spatial_dims=2",
+            )
+        c, want = arr.shape[0], self.settings.in_channels
+        if c != want:
+            if want == 1 and c in (3, 4):
+                arr = arr[:3].mean(axis=0, keepdims=True)
+            elif want == 3 and c == 1:
+                arr = np.repeat(arr, 3, axis=0)
+            else:
+                raise self.error(
+                    "wrong_channels", f"{path.name} has {c} channels, expected {want}", "set in_channels to match"
+                )
+        return np.ascontiguousarray(arr, dtype=np.float32)
+
+    # ---- geometry and intensity ---------------------------------------------------------------------------------
+    def _spatial(self, arr: np.ndarray, extra: dict) -> np.ndarray:
+        from monai.data import MetaTensor
+        from monai.transforms import Orientation, Resize, ResizeWithPadOrCrop, Spacing
+
+        s = self.settings
+        x = torch.from_numpy(arr)
+        if s.spatial_dims == 3 and (s.orientation or s.pixdim) and extra.get("affine") is not None:
+            x = MetaTensor(x, affine=extra["affine"])
+            if s.orientation:
+                x = Orientation(axcodes=s.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))(x)
+            if s.pixdim:
+                x = Spacing(pixdim=s.pixdim, mode="bilinear")(x)
+            x = x.as_tensor()
+        if s.resize == "resize":
+            x = Resize(spatial_size=s.spatial_size, mode="area" if _shrinks(x, s) else "bilinear")(x)
+        elif s.resize == "longest_pad":
+            x = Resize(spatial_size=max(s.spatial_size), size_mode="longest", mode="area")(x)
+            x = ResizeWithPadOrCrop(spatial_size=s.spatial_size)(x)
+        else:
+            x = ResizeWithPadOrCrop(spatial_size=s.spatial_size)(x)
+        return np.asarray(x, dtype=np.float32)
+
+    def _intensity(self, arr: np.ndarray) -> np.ndarray:
+        s = self.settings
+        if s.intensity == "percentile":
+            lo, hi = np.percentile(arr, s.percentiles)
+            return np.clip((arr - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(arr)
+        if s.intensity == "window":
+            lo, hi = s.window
+            return np.clip((arr - lo) / (hi - lo), 0, 1)
+        if s.intensity == "zscore":
+            std = arr.std()
+            return (arr - arr.mean()) / std if std > 0 else arr - arr.mean()
+        if s.intensity == "dataset":
+            return (arr - self.state["mean"]) / self.state["std"]
+        return arr
+
+    def _fit(self, values, sample_ids, base_dir):
+        if self.settings.intensity != "dataset":
+            self.state = {"fitted_on": len(values)}
+            return
+        total, total_sq, count = 0.0, 0.0, 0
+        for v in values[: self.settings.max_fit_samples]:
+            arr, extra = self.load(v, base_dir)
+            arr = self._spatial(arr, extra).astype(np.float64)
+            total, total_sq, count = total + arr.sum(), total_sq + (arr**2).sum(), count + arr.size
+        mean = total / count
+        std = max(float(np.sqrt(max(total_sq / count - mean**2, 0.0))), 1e-6)
+        self.state = {"mean": float(mean), "std": std, "fitted_on": min(len(values), self.settings.max_fit_samples)}
+
+    def _augmentations(self):
+        from monai.transforms import Compose, RandAdjustContrast, RandFlip, RandGaussianNoise, RandRotate, RandZoom
+
+        a, ts = self.settings.augment, []
+        if a.get("flip"):
+            ts += [RandFlip(prob=a["flip"], spatial_axis=i) for i in range(self.settings.spatial_dims)]
+        if a.get("rotate_deg") and self.settings.spatial_dims == 2:
+            ts.append(RandRotate(range_x=np.deg2rad(a["rotate_deg"]), prob=1.0, padding_mode="zeros"))
+        if a.get("zoom"):
+            ts.append(RandZoom(prob=1.0, min_zoom=1 - a["zoom"], max_zoom=1 + a["zoom"], keep_size=True))
+        if a.get("gamma"):
+            g = float(np.exp(a["gamma"]))
+            ts.append(RandAdjustContrast(prob=1.0, gamma=(1 / g, g)))
+        if a.get("noise_std"):
+            ts.append(RandGaussianNoise(prob=1.0, std=a["noise_std"]))
+        return Compose(ts)
+
+    def _process(self, value, *, sample_id, base_dir, train, rng):
+        arr, extra = self.load(value, base_dir)
+        check_finite(self, arr, "the image", "repair or exclude the file")
+        if arr.size == 0 or min(arr.shape[1:]) < 1:
+            raise self.error("empty_image", f"image has shape {arr.shape}", "exclude the file")
+        arr = self._spatial(arr, extra)
+        if train and self.settings.augment:
+            if self._augment is None:
+                self._augment = self._augmentations()
+            if self.settings.intensity == "percentile" or self.settings.intensity == "window":
+                arr = self._intensity(arr)  # gamma contrast expects [0, 1]
+                arr = self._apply_aug(arr, rng)
+            else:
+                arr = self._intensity(self._apply_aug(arr, rng))
+        else:
+            arr = self._intensity(arr)
+        return {"pixel_values": np.ascontiguousarray(arr, dtype=np.float32)}
+
+    def _apply_aug(self, arr, rng):
+        self._augment.set_random_state(seed=int(rng.integers(2**31 - 1)))
+        return np.asarray(self._augment(torch.from_numpy(np.ascontiguousarray(arr))), dtype=np.float32)
+
+    def model_settings(self):
+        return {"kind": "image", "spatial_dims": self.settings.spatial_dims, "in_channels": self.settings.in_channels}
+
+
+def _shrinks(x: torch.Tensor, s: ImageSettings) -> bool:
+    return all(a >= b for a, b in zip(x.shape[1:], s.spatial_size))

@@ -1,0 +1,307 @@
+"""Omics processor: a gene vocabulary fitted from data, expression normalisation, top-k selection."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..processor import ModalityProcessor
+
+logger = logging.getLogger(__name__)
+
+NORMALIZATIONS = ("log1p", "cpm_log1p", "none")
+
+
+@dataclass
+class OmicsSettings:
+    """Settings of the omics processor.
+
+    Args:
+        normalization: ``"log1p"`` (counts), ``"cpm_log1p"`` (scale each sample to 1e6 then log1p; TPM-like) or
+            ``"none"`` (values already normalised, e.g. log2 microarray intensities).
+        zscore: standardise each gene with mean/std fitted on the training split (after ``normalization``).
+        top_k: keep only the ``top_k`` genes with the highest normalised expression per sample (``None``: all).
+        drop_zeros: a zero value produces no token (sparse counts); ``False`` keeps zeros as tokens.
+        case: gene names are normalised to ``"upper"`` or ``"lower"`` case (``None``: unchanged).
+        min_samples: a gene enters the vocabulary when measured in at least this many training samples.
+        max_genes: cap on the vocabulary (most frequently measured genes first; ties by name).
+        oov: ``"count"`` (unknown genes produce no token and are counted in ``report()``) or ``"error"``.
+    """
+
+    normalization: str = "log1p"
+    zscore: bool = False
+    top_k: int | None = None
+    drop_zeros: bool = True
+    case: str | None = "upper"
+    min_samples: int = 1
+    max_genes: int | None = None
+    oov: str = "count"
+
+    def __post_init__(self):
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.oov not in ("count", "error"):
+            raise ValueError(f"oov must be 'count' or 'error', got {self.oov!r}")
+        if self.case not in (None, "upper", "lower"):
+            raise ValueError(f"case must be 'upper', 'lower' or None, got {self.case!r}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+
+
+@functools.lru_cache(maxsize=8)
+def _read_expression_table(path: str, mtime: float) -> pd.DataFrame:
+    p = Path(path)
+    if p.suffix == ".parquet":
+        return pd.read_parquet(p)
+    if p.suffix == ".json":
+        return pd.DataFrame([json.loads(p.read_text())])
+    sep = "\t" if p.suffix in (".tsv", ".txt") else ","
+    return pd.read_csv(p, sep=sep)
+
+
+@dataclass
+class _Matrix:
+    """A numeric samples x genes table held as one float array (rows looked up by id)."""
+
+    key: str
+    genes: list[str]
+    values: np.ndarray
+    rows: dict[str, int]
+
+
+@functools.lru_cache(maxsize=8)
+def _read_matrix(path: str, mtime: float) -> _Matrix | None:
+    table = _read_expression_table.__wrapped__(path, mtime)  # uncached: the matrix is the one copy kept
+    if not all(pd.api.types.is_numeric_dtype(t) for t in table.dtypes):
+        first = table.columns[0]
+        rest = table.drop(columns=[first])
+        if not all(pd.api.types.is_numeric_dtype(t) for t in rest.dtypes):
+            return None  # not a numeric matrix: the generic (mapping) path reports what is wrong
+        table = rest.set_axis(table[first].astype(str), axis=0)
+    rows = {str(k): i for i, k in enumerate(table.index)}
+    return _Matrix(f"{path}:{mtime}", [str(c) for c in table.columns], table.to_numpy(np.float64), rows)
+
+
+def read_matrix_row(value, base_dir: Path | None, proc: ModalityProcessor) -> tuple[_Matrix, int] | None:
+    """Fast path for ``matrix.parquet#row=<id>`` cells: the cached matrix and the row number (``None`` when the
+    cell is not such a reference or the file is not a numeric matrix)."""
+    from ...data.manifest import parse_reference
+
+    if not isinstance(value, (str, Path)) or "#" not in str(value):
+        return None
+    ref = parse_reference(str(value), base_dir)
+    if "row" not in ref.options or not ref.path.exists():
+        return None
+    try:
+        matrix = _read_matrix(str(ref.path), ref.path.stat().st_mtime)
+    except Exception:
+        return None
+    if matrix is None:
+        return None
+    if ref.options["row"] not in matrix.rows:
+        raise proc.error("missing_row", f"row {ref.options['row']!r} not found in {ref.path.name}", "fix #row=")
+    return matrix, matrix.rows[ref.options["row"]]
+
+
+def read_expression(value, base_dir: Path | None, proc: ModalityProcessor) -> dict[str, float]:
+    """An omics cell (mapping, JSON string, or file reference) as ``{gene: value}``."""
+    from ...data.manifest import as_mapping, parse_reference
+
+    mapping = as_mapping(value)
+    if mapping is not None:
+        return mapping
+    if not isinstance(value, (str, Path)):
+        raise proc.error("bad_type", f"expected a gene->value mapping or a file path, got {type(value).__name__}", "")
+    ref = parse_reference(str(value), base_dir)
+    if not ref.path.exists():
+        raise proc.error("missing_file", f"expression file {ref.path} does not exist", "fix the path")
+    try:
+        table = _read_expression_table(str(ref.path), ref.path.stat().st_mtime)
+    except Exception as err:
+        raise proc.error("unreadable_file", f"cannot read {ref.path}: {err}", "check the file format") from None
+    if "row" in ref.options:
+        key = ref.options["row"]
+        index = table.index.astype(str)
+        if key not in set(index):
+            first = table.columns[0]
+            if table[first].astype(str).eq(key).any():
+                table = table.set_index(first)
+                index = table.index.astype(str)
+            else:
+                raise proc.error("missing_row", f"row {key!r} not found in {ref.path.name}", "fix the #row= reference")
+        row = table[index == key].iloc[0]
+        return {str(k): v for k, v in row.items()}
+    if table.shape[1] == 2 and len(table) >= 1:  # gene,value rows
+        return dict(zip(table.iloc[:, 0].astype(str), table.iloc[:, 1]))
+    if len(table) == 1:
+        return {str(k): v for k, v in table.iloc[0].items()}
+    raise proc.error(
+        "ambiguous_file",
+        f"{ref.path.name} has {len(table)} rows and {table.shape[1]} columns",
+        "use 'gene,value' rows, a single-row file, or select a row of a matrix with '#row=<sample>'",
+    )
+
+
+class OmicsProcessor(ModalityProcessor):
+    """Expression -> ``gene_ids`` (int64) and ``values`` (float32), one token per measured in-vocabulary gene."""
+
+    kind = "omics"
+    Settings = OmicsSettings
+
+    def __init__(self, name=None, **settings):
+        super().__init__(name, **settings)
+        self._index: dict[str, int] = {}
+        self._mean = self._std = None
+        self._matrix_cache: dict[str, tuple] = {}
+
+    def _norm_name(self, gene) -> str:
+        g = str(gene).strip()
+        return g.upper() if self.settings.case == "upper" else g.lower() if self.settings.case == "lower" else g
+
+    def _parse(self, value, base_dir) -> tuple[list[str], np.ndarray, np.ndarray | None]:
+        """``(normalised gene names, normalised values, vocabulary ids or None)`` of the measured genes."""
+        fast = read_matrix_row(value, base_dir, self)
+        if fast is not None:
+            return self._parse_matrix_row(*fast)
+        mapping = read_expression(value, base_dir, self)
+        genes, vals = [], []
+        for g, v in mapping.items():
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                continue  # not measured
+            try:
+                fv = float(v)
+            except (TypeError, ValueError):
+                raise self.error(
+                    "bad_value", f"gene {g!r} has non-numeric value {v!r}", "expression values must be numbers"
+                ) from None
+            if not math.isfinite(fv):
+                raise self.error("non_finite", f"gene {g!r} has value {fv}", "replace inf by a finite value or null")
+            genes.append(self._norm_name(g))
+            vals.append(fv)
+        vals = np.asarray(vals, dtype=np.float64)
+        if len(set(genes)) != len(genes):
+            raise self.error(
+                "duplicate_gene", "some genes appear twice after case normalisation", "aggregate duplicates first"
+            )
+        return genes, self._normalise(vals), None
+
+    def _parse_matrix_row(self, matrix: _Matrix, row: int):
+        """Vectorised: gene names are normalised and looked up once per matrix file (cached), not per sample."""
+        cached = self._matrix_cache.get(matrix.key)
+        if cached is None or cached[2] != len(self._index):
+            names = [self._norm_name(g) for g in matrix.genes]
+            if len(set(names)) != len(names):
+                raise self.error(
+                    "duplicate_gene", "some genes appear twice after case normalisation", "aggregate duplicates first"
+                )
+            ids = np.array([self._index.get(g, -1) for g in names], dtype=np.int64)
+            cached = self._matrix_cache[matrix.key] = (np.array(names, dtype=object), ids, len(self._index))
+        names, ids, _ = cached
+        vals = matrix.values[row]
+        measured = ~np.isnan(vals)
+        if np.isinf(vals).any():
+            bad = names[np.isinf(vals)][:3].tolist()
+            raise self.error("non_finite", f"gene(s) {bad} have infinite values", "replace inf by a finite value")
+        return names[measured].tolist(), self._normalise(vals[measured]), ids[measured]
+
+    def _normalise(self, vals: np.ndarray) -> np.ndarray:
+        n = self.settings.normalization
+        if n != "none" and vals.size and vals.min() < 0:
+            raise self.error(
+                "negative_expression",
+                f"negative expression value {vals.min():.3g} with normalization={n!r}",
+                "use normalization='none' for values already on a log scale",
+            )
+        if n == "log1p":
+            return np.log1p(vals)
+        if n == "cpm_log1p":
+            total = vals.sum()
+            return np.log1p(vals / total * 1e6) if total > 0 else vals
+        return vals
+
+    def _fit(self, values, sample_ids, base_dir):
+        from collections import Counter
+
+        counts: Counter = Counter()
+        parsed = []
+        for v, sid in zip(values, sample_ids):
+            try:
+                genes, vals, _ = self._parse(v, base_dir)
+            except Exception as err:
+                raise (err.located(sample_id=sid) if hasattr(err, "located") else err) from None
+            counts.update(genes)
+            parsed.append((genes, vals))
+        vocab = sorted((g for g, c in counts.items() if c >= self.settings.min_samples), key=lambda g: (-counts[g], g))
+        if self.settings.max_genes:
+            vocab = vocab[: self.settings.max_genes]
+        vocab = sorted(vocab)
+        self.state = {"genes": vocab, "fitted_on": len(values)}
+        self._on_load()
+        if self.settings.zscore:
+            s1 = np.zeros(len(vocab))
+            s2 = np.zeros(len(vocab))
+            n = np.zeros(len(vocab))
+            for genes, vals in parsed:
+                idx = self._lookup(genes)
+                keep = idx >= 0
+                np.add.at(s1, idx[keep], vals[keep])
+                np.add.at(s2, idx[keep], vals[keep] ** 2)
+                np.add.at(n, idx[keep], 1)
+            mean = s1 / np.maximum(n, 1)
+            std = np.sqrt(np.maximum(s2 / np.maximum(n, 1) - mean**2, 0))
+            std[std < 1e-6] = 1.0
+            self.state["mean"] = mean.tolist()
+            self.state["std"] = std.tolist()
+            self._on_load()
+        logger.info("omics processor %r: vocabulary of %d genes", self.name, len(vocab))
+
+    def _lookup(self, genes: list[str]) -> np.ndarray:
+        return np.fromiter((self._index.get(g, -1) for g in genes), dtype=np.int64, count=len(genes))
+
+    def _on_load(self):
+        self._matrix_cache = {}
+        self._index = {g: i for i, g in enumerate(self.state.get("genes", []))}
+        if "mean" in self.state:
+            self._mean = np.asarray(self.state["mean"])
+            self._std = np.asarray(self.state["std"])
+
+    def _process(self, value, *, sample_id, base_dir, train, rng):
+        genes, vals, idx = self._parse(value, base_dir)
+        if idx is None:
+            idx = self._lookup(genes)
+        oov = int((idx < 0).sum())
+        if oov:
+            if self.settings.oov == "error":
+                unknown = [g for g, i in zip(genes, idx) if i < 0][:5]
+                raise self.error(
+                    "unknown_gene", f"{oov} gene(s) not in the vocabulary, e.g. {unknown}", "refit the processor"
+                )
+            self.counters["oov_genes"] += oov
+        keep = idx >= 0
+        if self.settings.drop_zeros:
+            keep &= vals != 0
+        idx, vals = idx[keep], vals[keep]
+        if len(genes) and not len(idx) and oov == len(genes):
+            raise self.error(
+                "no_known_genes",
+                f"none of the {len(genes)} measured genes is in the fitted vocabulary ({len(self._index)} genes)",
+                "check the gene identifiers (symbols vs Ensembl IDs, case) match the training data",
+            )
+        if self.settings.top_k is not None and len(idx) > self.settings.top_k:
+            order = np.argsort(-vals, kind="stable")[: self.settings.top_k]
+            order.sort()
+            idx, vals = idx[order], vals[order]
+        if self.settings.zscore:
+            vals = (vals - self._mean[idx]) / self._std[idx]
+        order = np.argsort(idx, kind="stable")
+        return {"gene_ids": idx[order], "values": vals[order].astype(np.float32)}
+
+    def model_settings(self):
+        return {"kind": "omics", "num_genes": max(1, len(self.state["genes"]))}

@@ -1,0 +1,210 @@
+"""Base class of the data-side processors (one per modality kind, in ``modalities/<kind>/processor.py``).
+
+A processor turns one manifest cell into the arrays its modality embedder reads (see
+``bioperceiver/modalities``), without the batch dimension. ``fit`` learns vocabularies and statistics from the
+training split, ``save_pretrained``/``from_pretrained`` store them as JSON (plus files such as ``tokenizer.json``)
+and ``model_settings`` says what the model's modality config needs (vocabulary sizes and the like).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..data.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+PROCESSOR_CONFIG_NAME = "processor_config.json"
+FORMAT_VERSION = 1
+
+
+class ModalityProcessor:
+    """One modality's processor. Subclasses define a ``Settings`` dataclass, ``_fit``, ``_process`` and the
+    fitted ``state`` (JSON-serialisable), and may override ``_save_files``/``_load_files`` for extra files.
+
+    Args:
+        name: the modality (manifest column) this processor serves; used in error messages.
+        **settings: fields of the subclass's ``Settings`` dataclass.
+    """
+
+    kind: ClassVar[str] = ""
+    Settings: ClassVar[type] = object
+
+    def __init__(self, name: str | None = None, **settings: Any):
+        self.name = name or self.kind
+        try:
+            self.settings = self.Settings(**settings)
+        except TypeError as err:
+            valid = [f.name for f in dataclasses.fields(self.Settings)]
+            raise ValueError(f"{self.kind} processor {self.name!r}: {err}; valid settings: {valid}") from None
+        self.state: dict[str, Any] = {}
+        self.counters: Counter = Counter()  # e.g. out-of-vocabulary genes/channels/features seen at call time
+
+    # ---- to implement -------------------------------------------------------------------------------------------
+    def _fit(self, values: list[Any], sample_ids: list[str], base_dir: Path | None) -> None:
+        raise NotImplementedError
+
+    def _process(self, value: Any, *, sample_id: str | None, base_dir: Path | None, train: bool, rng) -> dict:
+        raise NotImplementedError
+
+    def model_settings(self) -> dict[str, Any]:
+        """Settings of this modality in ``BioPerceiverConfig.modalities`` implied by the processor (vocab sizes)."""
+        return {"kind": self.kind}
+
+    def _save_files(self, directory: Path) -> None:  # extra files beside processor_config.json
+        pass
+
+    def _load_files(self, directory: Path) -> None:
+        pass
+
+    @property
+    def needs_fit(self) -> bool:
+        return True
+
+    # ---- public API ---------------------------------------------------------------------------------------------
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self.state) or not self.needs_fit
+
+    def fit(
+        self,
+        values: Iterable[Any],
+        *,
+        sample_ids: Iterable[str] | None = None,
+        base_dir: str | os.PathLike | None = None,
+    ) -> ModalityProcessor:
+        """Learn vocabularies/statistics from the (training) values of this modality; missing values are ignored."""
+        from ..data.manifest import is_missing
+
+        vals, ids = [], []
+        sample_ids = list(sample_ids) if sample_ids is not None else None
+        for i, v in enumerate(values):
+            if is_missing(v):
+                continue
+            vals.append(v)
+            ids.append(sample_ids[i] if sample_ids is not None else f"#{i}")
+        if not vals:
+            raise DataError(
+                "no_training_values",
+                "no non-missing value to fit on",
+                modality=self.name,
+                fix="check that the training split has samples with this modality, or drop the modality",
+            )
+        self.state = {}
+        self._fit(vals, ids, Path(base_dir) if base_dir is not None else None)
+        logger.info("fitted %s processor %r on %d values", self.kind, self.name, len(vals))
+        return self
+
+    def __call__(
+        self,
+        value: Any,
+        *,
+        sample_id: str | None = None,
+        base_dir: str | os.PathLike | None = None,
+        train: bool = False,
+        rng: np.random.Generator | None = None,
+    ) -> dict[str, np.ndarray | float]:
+        """Process one cell into arrays (no batch dimension). Raises :class:`DataError` naming the sample."""
+        if not self.is_fitted:
+            raise RuntimeError(
+                f"{self.kind} processor {self.name!r} is not fitted: call .fit(training values) or load one with "
+                "from_pretrained"
+            )
+        try:
+            return self._process(
+                value,
+                sample_id=sample_id,
+                base_dir=Path(base_dir) if base_dir is not None else None,
+                train=train,
+                rng=rng if rng is not None else np.random.default_rng(),
+            )
+        except DataError as err:
+            raise err.located(sample_id=sample_id, modality=self.name) from None
+
+    def error(self, reason: str, message: str, fix: str = "") -> DataError:
+        return DataError(reason, message, modality=self.name, fix=fix)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "name": self.name,
+            "settings": dataclasses.asdict(self.settings),
+            "state": self.state,
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / (PROCESSOR_CONFIG_NAME + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True, default=_json_default) + "\n")
+        os.replace(tmp, directory / PROCESSOR_CONFIG_NAME)
+        self._save_files(directory)
+        return directory
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], directory: Path | None = None) -> ModalityProcessor:
+        kind = data.get("kind")
+        if cls is ModalityProcessor:
+            from .registry import get_modality
+
+            target = get_modality(kind).processor_class
+        else:
+            target = cls
+        if target.kind != kind:
+            raise ValueError(f"processor config is for kind {kind!r}, not {target.kind!r}")
+        if data.get("format_version", 1) > FORMAT_VERSION:
+            raise ValueError(
+                f"processor {data.get('name')!r} was saved by a newer bioperceiver (format "
+                f"{data['format_version']} > {FORMAT_VERSION}); upgrade bioperceiver"
+            )
+        proc = target(data.get("name"), **data.get("settings", {}))
+        proc.state = copy.deepcopy(data.get("state", {}))
+        if directory is not None:
+            proc._load_files(directory)
+        proc._on_load()
+        return proc
+
+    def _on_load(self) -> None:  # rebuild caches from state
+        pass
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> ModalityProcessor:
+        directory = Path(directory)
+        path = directory / PROCESSOR_CONFIG_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: not a saved processor directory")
+        return cls.from_dict(json.loads(path.read_text()), directory)
+
+    def report(self) -> dict[str, int]:
+        """Counts of things seen at call time that were not turned into tokens (out-of-vocabulary etc.)."""
+        return dict(self.counters)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, fitted={self.is_fitted}, settings={self.settings})"
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def check_finite(proc: ModalityProcessor, array: np.ndarray, what: str, fix: str) -> None:
+    if array.size and not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise proc.error("non_finite", f"{what} has {bad} NaN/inf value(s)", fix)

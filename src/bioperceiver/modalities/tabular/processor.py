@@ -1,0 +1,203 @@
+"""Tabular/EHR processor: feature vocabulary, robust numeric standardisation, categorical codes."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..processor import ModalityProcessor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TabularSettings:
+    """Settings of the tabular processor.
+
+    Args:
+        scaling: ``"robust"`` (median and IQR/1.349 of the training split) or ``"standard"`` (mean/std).
+        clip: standardised numeric values are clipped to ``[-clip, clip]`` (outliers; ``None`` disables).
+        max_categories: most frequent categories kept per categorical feature; the rest share its unknown bucket.
+        min_category_count: a category seen fewer times in training goes to the unknown bucket.
+        min_feature_count: a feature enters the vocabulary when present in at least this many training samples.
+        categorical: feature names forced to be categorical even when their values look numeric (e.g. codes).
+        unknown_feature: ``"count"`` (a feature not in the vocabulary produces no token and is counted) or
+            ``"error"``.
+    """
+
+    scaling: str = "robust"
+    clip: float | None = 10.0
+    max_categories: int = 64
+    min_category_count: int = 1
+    min_feature_count: int = 1
+    categorical: list[str] | None = None
+    unknown_feature: str = "count"
+
+    def __post_init__(self):
+        if self.scaling not in ("robust", "standard"):
+            raise ValueError(f"scaling must be 'robust' or 'standard', got {self.scaling!r}")
+        if self.unknown_feature not in ("count", "error"):
+            raise ValueError(f"unknown_feature must be 'count' or 'error', got {self.unknown_feature!r}")
+
+
+def _is_missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _as_number(v):
+    if isinstance(v, bool | np.bool_):
+        return float(v)
+    if isinstance(v, int | float | np.integer | np.floating):
+        return float(v)
+    return None
+
+
+class TabularProcessor(ModalityProcessor):
+    """``{feature: value}`` -> ``feature_ids``, ``values`` (standardised numbers, 0 for categories) and
+    ``category_ids`` (0 = numeric). A missing value (null/NaN) is no token."""
+
+    kind = "tabular"
+    Settings = TabularSettings
+
+    def __init__(self, name=None, **settings):
+        super().__init__(name, **settings)
+        self._features: dict[str, tuple[int, dict]] = {}
+
+    def _mapping(self, value) -> dict:
+        from ...data.manifest import as_mapping
+
+        mapping = as_mapping(value)
+        if mapping is None:
+            raise self.error(
+                "bad_type",
+                f"expected a {{feature: value}} mapping (or its JSON string), got {type(value).__name__}",
+                "store tabular cells as dicts or JSON objects",
+            )
+        return mapping
+
+    def _fit(self, values, sample_ids, base_dir):
+        forced = set(self.settings.categorical or [])
+        present: Counter = Counter()
+        numbers: dict[str, list[float]] = {}
+        cats: dict[str, Counter] = {}
+        for v, sid in zip(values, sample_ids):
+            try:
+                mapping = self._mapping(v)
+            except Exception as err:
+                raise err.located(sample_id=sid) from None
+            for k, x in mapping.items():
+                if _is_missing(x):
+                    continue
+                present[k] += 1
+                num = _as_number(x)
+                if num is not None and k not in forced:
+                    if not math.isfinite(num):
+                        raise self.error("non_finite", f"feature {k!r} is {num}", "use null for missing").located(
+                            sample_id=sid
+                        )
+                    numbers.setdefault(k, []).append(num)
+                else:
+                    cats.setdefault(k, Counter())[str(x)] += 1
+        features, next_cat = [], 1
+        for name in sorted(k for k, c in present.items() if c >= self.settings.min_feature_count):
+            if name in cats:  # any non-numeric value makes the feature categorical
+                counter = cats[name]
+                for x in numbers.get(name, []):
+                    counter[_fmt(x)] += 1
+                kept = [
+                    c
+                    for c, n in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))
+                    if n >= self.settings.min_category_count
+                ][: self.settings.max_categories]
+                features.append(
+                    {"name": name, "type": "categorical", "unknown_id": next_cat, "categories": sorted(kept)}
+                )
+                next_cat += 1 + len(kept)
+            else:
+                x = np.asarray(numbers[name])
+                if self.settings.scaling == "robust":
+                    center = float(np.median(x))
+                    q1, q3 = np.percentile(x, [25, 75])
+                    scale = float((q3 - q1) / 1.349)
+                    if scale <= 0:
+                        scale = float(x.std())
+                else:
+                    center, scale = float(x.mean()), float(x.std())
+                features.append(
+                    {"name": name, "type": "numeric", "center": center, "scale": scale if scale > 0 else 1.0}
+                )
+        self.state = {"features": features, "num_categories": next_cat, "fitted_on": len(values)}
+        self._on_load()
+
+    def _on_load(self):
+        self._features = {}
+        for i, f in enumerate(self.state.get("features", [])):
+            info = dict(f)
+            if f["type"] == "categorical":
+                info["codes"] = {c: f["unknown_id"] + 1 + j for j, c in enumerate(f["categories"])}
+            self._features[f["name"]] = (i, info)
+
+    def _process(self, value, *, sample_id, base_dir, train, rng):
+        mapping = self._mapping(value)
+        fids, vals, cids = [], [], []
+        clip = self.settings.clip
+        for k, x in mapping.items():
+            if _is_missing(x):
+                continue
+            if k not in self._features:
+                if self.settings.unknown_feature == "error":
+                    raise self.error("unknown_feature", f"feature {k!r} is not in the vocabulary", "refit or drop it")
+                self.counters["unknown_features"] += 1
+                continue
+            i, info = self._features[k]
+            if info["type"] == "numeric":
+                num = _as_number(x)
+                if num is None:
+                    try:
+                        num = float(x)
+                    except (TypeError, ValueError):
+                        raise self.error(
+                            "bad_value", f"numeric feature {k!r} has value {x!r}", "use a number or null"
+                        ) from None
+                if not math.isfinite(num):
+                    raise self.error("non_finite", f"feature {k!r} is {num}", "use null for a missing value")
+                z = (num - info["center"]) / info["scale"]
+                if clip is not None:
+                    z = min(max(z, -clip), clip)
+                fids.append(i)
+                vals.append(z)
+                cids.append(0)
+            else:
+                key = _fmt(x) if _as_number(x) is not None else str(x)
+                code = info["codes"].get(key)
+                if code is None:
+                    code = info["unknown_id"]
+                    self.counters["unknown_categories"] += 1
+                fids.append(i)
+                vals.append(0.0)
+                cids.append(code)
+        return {
+            "feature_ids": np.asarray(fids, dtype=np.int64),
+            "values": np.asarray(vals, dtype=np.float32),
+            "category_ids": np.asarray(cids, dtype=np.int64),
+        }
+
+    def model_settings(self):
+        return {
+            "kind": "tabular",
+            "num_features": max(1, len(self.state["features"])),
+            "num_categories": max(2, self.state["num_categories"]),
+        }
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f["name"] for f in self.state.get("features", [])]
+
+
+def _fmt(x) -> str:
+    x = float(x)
+    return str(int(x)) if x.is_integer() else repr(x)

@@ -1,0 +1,254 @@
+"""Text processor: a Hugging Face ``tokenizers`` tokenizer (trained on the notes, or loaded from tokenizer.json)."""
+
+from __future__ import annotations
+
+import heapq
+import shutil
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from ..processor import ModalityProcessor
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _learn_merges(
+    word_counts: dict[str, int], symbols_of, merge, vocab_size: int, base: list[str], min_frequency: int
+) -> list[tuple[str, str]]:
+    """Byte-pair merges over ``word_counts``: the most frequent adjacent pair first, ties broken by the pair's
+    text, so the result depends only on the corpus (``tokenizers``' trainers break ties in hash-map order, which
+    gives a different vocabulary from run to run). Pair counts are updated incrementally; a lazy max-heap keeps
+    the cost near O(merges x affected words)."""
+    words = [symbols_of(w) for w in word_counts]
+    counts = list(word_counts.values())
+    pair_counts: Counter = Counter()
+    where: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for i, w in enumerate(words):
+        for pair in pairwise(w):
+            pair_counts[pair] += counts[i]
+            where[pair].add(i)
+    heap = [(-c, pair) for pair, c in pair_counts.items()]
+    heapq.heapify(heap)
+    vocab = set(base)
+    merges: list[tuple[str, str]] = []
+    while heap and len(vocab) < vocab_size:
+        neg, pair = heapq.heappop(heap)
+        if pair_counts.get(pair, 0) != -neg:
+            continue  # stale entry
+        if -neg < min_frequency:
+            break
+        new = merge(*pair)
+        merges.append(pair)
+        vocab.add(new)
+        changed: set[tuple[str, str]] = set()
+        for i in list(where.pop(pair, ())):
+            w, c = words[i], counts[i]
+            for p in pairwise(w):
+                pair_counts[p] -= c
+                changed.add(p)
+            out, j = [], 0
+            while j < len(w):
+                if j + 1 < len(w) and (w[j], w[j + 1]) == pair:
+                    out.append(new)
+                    j += 2
+                else:
+                    out.append(w[j])
+                    j += 1
+            words[i] = out
+            for p in pairwise(out):
+                pair_counts[p] += c
+                where[p].add(i)
+                changed.add(p)
+        pair_counts.pop(pair, None)
+        for p in changed:
+            if p != pair and pair_counts.get(p, 0) > 0:
+                heapq.heappush(heap, (-pair_counts[p], p))
+    return merges
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    *,
+    model: str = "wordpiece",
+    vocab_size: int = 8000,
+    lowercase: bool = True,
+    strip_accents: bool = True,
+    min_frequency: int = 2,
+) -> Tokenizer:
+    """Train a WordPiece (BERT-style) or byte-level BPE tokenizer on ``texts``, deterministically.
+
+    Special tokens ``[PAD]`` (id 0), ``[UNK]``, ``[CLS]``, ``[SEP]``, ``[MASK]``; every encoding is wrapped as
+    ``[CLS] ... [SEP]``. The vocabulary is learnt by byte-pair merges with ties broken by text (see
+    :func:`_learn_merges`) and loaded into a Hugging Face ``tokenizers`` model for fast encoding.
+    """
+    if model not in ("wordpiece", "bpe"):
+        raise ValueError(f"tokenizer model must be 'wordpiece' or 'bpe', got {model!r}")
+    norm = [normalizers.NFD()]
+    if lowercase:
+        norm.append(normalizers.Lowercase())
+    if strip_accents:
+        norm.append(normalizers.StripAccents())
+    normalizer = normalizers.Sequence(norm)
+    pre = pre_tokenizers.BertPreTokenizer() if model == "wordpiece" else pre_tokenizers.ByteLevel(add_prefix_space=True)
+    word_counts: Counter = Counter()
+    for t in texts:
+        if isinstance(t, str) and t.strip():
+            word_counts.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(t)))
+    word_counts = dict(sorted(word_counts.items()))
+    specials = list(SPECIAL_TOKENS)
+    if model == "wordpiece":
+        chars = sorted({c for w in word_counts for c in w[:1]} | {"##" + c for w in word_counts for c in w[1:]})
+        merges = _learn_merges(
+            word_counts,
+            lambda w: [w[0]] + ["##" + c for c in w[1:]],
+            lambda a, b: a + b.removeprefix("##"),
+            vocab_size,
+            specials + chars,
+            min_frequency,
+        )
+        tokens = specials + chars + [a + b.removeprefix("##") for a, b in merges]
+        vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+        tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix="##"))
+        tok.decoder = decoders.WordPiece()
+    else:
+        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+        merges = _learn_merges(word_counts, list, lambda a, b: a + b, vocab_size, specials + alphabet, min_frequency)
+        tokens = specials + alphabet + [a + b for a, b in merges]
+        vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="[UNK]"))
+        tok.decoder = decoders.ByteLevel()
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
+    tok.add_special_tokens(specials)  # never split, skipped by decode
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    return tok
+
+
+@dataclass
+class TextSettings:
+    """Settings of the text processor.
+
+    Args:
+        tokenizer_file: an existing ``tokenizer.json`` to use instead of training one (``fit`` then only checks
+            it); e.g. a BERT vocabulary.
+        model: ``"wordpiece"`` or ``"bpe"`` when training.
+        vocab_size: target vocabulary size when training.
+        lowercase: lowercase (and strip accents) before tokenising when training.
+        min_frequency: minimum count of a merge/word piece when training.
+        max_length: longest token sequence kept (special tokens included); the model's position table must
+            cover it.
+        truncation: ``"right"`` keeps the beginning of long notes, ``"left"`` keeps the end.
+    """
+
+    tokenizer_file: str | None = None
+    model: str = "wordpiece"
+    vocab_size: int = 8000
+    lowercase: bool = True
+    min_frequency: int = 2
+    max_length: int = 512
+    truncation: str = "right"
+
+    def __post_init__(self):
+        if self.truncation not in ("right", "left"):
+            raise ValueError(f"truncation must be 'right' or 'left', got {self.truncation!r}")
+        if self.max_length < 3:
+            raise ValueError(f"max_length must be >= 3 (room for [CLS] and [SEP]), got {self.max_length}")
+
+
+class TextProcessor(ModalityProcessor):
+    """Note text -> ``input_ids`` and ``attention_mask`` (int64), truncated to ``max_length``."""
+
+    kind = "text"
+    Settings = TextSettings
+
+    def __init__(self, name=None, **settings):
+        super().__init__(name, **settings)
+        self.tokenizer: Tokenizer | None = None
+        if self.settings.tokenizer_file:
+            self.tokenizer = Tokenizer.from_file(str(self.settings.tokenizer_file))
+            self.state = self._describe()
+        self._configure()
+
+    def _configure(self) -> None:
+        if self.tokenizer is None:
+            return
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_length=self.settings.max_length, direction=self.settings.truncation)
+
+    def _describe(self) -> dict:
+        return {"vocab_size": self.tokenizer.get_vocab_size(), "pad_token_id": self._pad_id()}
+
+    def _pad_id(self) -> int:
+        for tok in ("[PAD]", "<pad>", "<PAD>"):
+            tid = self.tokenizer.token_to_id(tok)
+            if tid is not None:
+                return tid
+        return 0
+
+    def _fit(self, values, sample_ids, base_dir):
+        if self.settings.tokenizer_file:
+            self.tokenizer = Tokenizer.from_file(str(self.settings.tokenizer_file))
+        else:
+            self.tokenizer = train_tokenizer(
+                values,
+                model=self.settings.model,
+                vocab_size=self.settings.vocab_size,
+                lowercase=self.settings.lowercase,
+                min_frequency=self.settings.min_frequency,
+            )
+        self._configure()
+        self.state = self._describe()
+
+    def _process(self, value, *, sample_id, base_dir, train, rng):
+        if not isinstance(value, str):
+            raise self.error("bad_type", f"expected the note as a string, got {type(value).__name__}", "")
+        if not value.strip():
+            raise self.error(
+                "empty_text", "the note is empty", "set the cell to null when a sample has no note, or fill it"
+            )
+        enc = self.tokenizer.encode(value)
+        ids = np.asarray(enc.ids, dtype=np.int64)
+        if enc.overflowing:
+            self.counters["truncated_notes"] += 1
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+    def model_settings(self):
+        return {
+            "kind": "text",
+            "vocab_size": self.state["vocab_size"],
+            "max_position_embeddings": self.settings.max_length,
+            "pad_token_id": self.state["pad_token_id"],
+        }
+
+    def _save_files(self, directory: Path) -> None:
+        if self.tokenizer is not None:
+            tmp = directory / (TOKENIZER_FILE + ".tmp")
+            self.tokenizer.save(str(tmp))
+            shutil.move(tmp, directory / TOKENIZER_FILE)
+
+    def _load_files(self, directory: Path) -> None:
+        path = directory / TOKENIZER_FILE
+        if path.exists():
+            self.tokenizer = Tokenizer.from_file(str(path))
+        elif self.state:
+            raise FileNotFoundError(f"{path} missing: the saved text processor {self.name!r} is incomplete")
+        self._configure()
+
+    def to_dict(self):
+        data = super().to_dict()
+        data["settings"]["tokenizer_file"] = None  # the saved directory carries tokenizer.json itself
+        return data
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(map(int, ids)))
