@@ -85,6 +85,10 @@ class Task:
         args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items() if v not in (None, [], {}))
         return f"{type(self).__name__}({args})"
 
+    def target_signature(self) -> tuple:
+        """What must agree for two models to predict the same target: task, label columns, class names."""
+        return (self.name, list(self.columns), [str(c) for c in getattr(self, "classes", [])])
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Task) and self.to_dict() == other.to_dict()
 
