@@ -15,6 +15,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification
 import bioperceiver as bp
 from bioperceiver import AutoModelForSurvival, BioPerceiverForSequenceClassification, BioPerceiverForSurvival
 from bioperceiver.losses.survival import cox_ph_loss, discrete_time_nll, discretize
+from bioperceiver.modeling_tasks import QueryHead
 
 
 def _model(cls, **overrides):
@@ -340,3 +341,45 @@ def test_models_declare_their_task_and_the_metrics_follow_it():
     with_ci = reg.evaluate(out, y, n_resamples=50, groups=np.arange(40) // 2)
     ref = metrics_with_ci("regression", 10 * out[:, 0] + 50, 10 * y + 50, n_resamples=50, groups=np.arange(40) // 2)
     assert with_ci == ref
+
+
+@pytest.mark.parametrize("cls", [BioPerceiverForSequenceClassification, BioPerceiverForSurvival])
+@pytest.mark.parametrize("head_type", ["pooled", "query"])
+def test_every_head_parameter_is_initialised_on_every_load_path(cls, head_type, tmp_path):
+    """Issue 13: transformers creates parameters missing from a checkpoint on the meta device and initialises only
+    what ``_init_weights`` handles; the query head's ``query`` must be among them (it held 1e34-1e38 before)."""
+    torch.manual_seed(0)
+    backbone = bp.BioPerceiverModel(tiny_config())
+    backbone.save_pretrained(tmp_path / "backbone")
+    saved = backbone.state_dict()
+    std = backbone.config.initializer_range
+    head = {"head_type": head_type, "head_hidden_size": 8}
+
+    def check(model, from_backbone: bool):
+        for name, p in model.named_parameters():
+            assert torch.isfinite(p).all(), name
+            if from_backbone and name.startswith("bioperceiver."):
+                torch.testing.assert_close(p, saved[name.removeprefix("bioperceiver.")], msg=name)
+        checked = set()
+        for module in model.head.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                assert (module.weight == 1).all() and (module.bias == 0).all()
+                checked |= {id(module.weight), id(module.bias)}
+            elif isinstance(module, torch.nn.Linear):  # truncated normal within 2 std, zero bias
+                w = module.weight
+                assert w.abs().max() <= 2 * std + 1e-7 and w.std() > 0.2 * std and (module.bias == 0).all()
+                checked |= {id(w), id(module.bias)}
+            elif isinstance(module, QueryHead):
+                q = module.query
+                assert q.abs().max() <= 2 * std + 1e-7 and q.std() > 0.2 * std, q
+                checked.add(id(q))
+        assert checked == {id(p) for p in model.head.parameters()}  # every head parameter was checked
+
+    for _ in range(3):
+        check(cls.from_pretrained(tmp_path / "backbone", **head), from_backbone=True)
+    fresh = cls(tiny_config(**head))
+    check(fresh, from_backbone=False)
+    fresh.save_pretrained(tmp_path / "finetuned")
+    again = cls.from_pretrained(tmp_path / "finetuned")
+    for name, p in fresh.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[name], p, msg=name)

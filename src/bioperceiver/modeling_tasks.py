@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.auto.auto_factory import _BaseAutoModelClass, _LazyAutoMapping
 
@@ -130,8 +131,7 @@ class QueryHead(nn.Module):
     def __init__(self, config: BioPerceiverConfig, out_features: int):
         super().__init__()
         d = config.d_latents
-        self.query = nn.Parameter(torch.zeros(1, 1, d))
-        nn.init.trunc_normal_(self.query, std=config.initializer_range)
+        self.query = nn.Parameter(torch.zeros(1, 1, d))  # initialised by _BioPerceiverWithHead._init_weights
         self.decoder = CrossAttentionBlock(
             d_latents=d,
             d_input=d,
@@ -166,6 +166,15 @@ class _BioPerceiverWithHead(BioPerceiverPreTrainedModel):
     # Losses are means over the batch; ``Trainer`` must not pass ``num_items_in_batch`` (it would reach the
     # embedders as a modality) nor skip its own gradient-accumulation scaling.
     accepts_loss_kwargs = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """The backbone's initialisation plus the query head's learned query (truncated normal, 2 std): every load
+        path initialises parameters missing from a checkpoint through here only (transformers 5 creates them on the
+        meta device), so a parameter not handled here would keep uninitialised memory."""
+        super()._init_weights(module)
+        if isinstance(module, QueryHead):
+            std = self.config.initializer_range
+            init.trunc_normal_(module.query, std=std, a=-2 * std, b=2 * std)
 
     def _backbone(
         self,
