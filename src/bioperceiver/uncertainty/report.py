@@ -134,7 +134,7 @@ def uncertainty_report(
     ``val_labels``/``test_labels``: the targets (class indices ``(N,)``, multi-hot ``(N, C)``, values ``(N,)`` or
     ``(N, 1)``; survival labels are not used). ``mc``: a :class:`PredictiveUncertainty` of the *test* rows
     (MC-dropout or ensemble); logit samples are re-summarised with the fitted temperature. ``decode``
-    (regression): the affine, increasing map back to the original units (``LabelSpec.decode_regression``),
+    (regression): the affine, increasing map back to the original units (``RegressionTask.decode``),
     applied to predictions, targets, intervals and MC values (a std as ``decode(std) - decode(0)``).
     ``conformal_fraction``: keep this share of the validation rows (seeded) for conformal calibration only and fit
     the temperature on the rest (exact exchangeability); default: both on all validation rows.
