@@ -186,22 +186,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise ValueError(
                 f"--modalities {unknown} are not modality columns of the manifest {list(manifest.modalities)}"
             )
-    spec = Task.from_dict(task_settings(model_args, data_args))
-    spec.check_columns(list(manifest.table.columns), manifest.label_columns)
+    task = Task.from_dict(task_settings(model_args, data_args))
+    task.check_columns(list(manifest.table.columns), manifest.label_columns)
     splits = {
         s: manifest.split(s).records() for s in (data_args.train_split, data_args.eval_split, data_args.test_split)
     }
-    train_raw = [r for r in splits[data_args.train_split] if not any(is_missing(r.get(c)) for c in spec.columns)]
+    train_raw = [r for r in splits[data_args.train_split] if not any(is_missing(r.get(c)) for c in task.columns)]
     # the label set (classes, top-k) is the task's definition: fixed from the whole training split, so that every
     # --label_fraction solves the same task (pass --label_values to fix it yourself); the patients whose labels
     # are used, and the regression scaling, come from the kept fraction only
-    spec.fit(train_raw)
+    task.fit(train_raw)
     splits[data_args.train_split] = subsample_patients(train_raw, data_args.label_fraction, training_args.seed)
-    spec.refit_on_subset(splits[data_args.train_split])  # regression: scaling of the rows actually trained on
-    labelled = {s: labelled_records(recs, spec, s, on_error=data_args.on_error) for s, recs in splits.items()}
+    task.refit_on_subset(splits[data_args.train_split])  # regression: scaling of the rows actually trained on
+    labelled = {s: labelled_records(recs, task, s, on_error=data_args.on_error) for s, recs in splits.items()}
     train_recs, train_targets = labelled[data_args.train_split]
     if not train_recs:
-        raise ValueError(f"no labelled rows in the {data_args.train_split} split for {spec.columns}")
+        raise ValueError(f"no labelled rows in the {data_args.train_split} split for {task.columns}")
 
     processor, embedders = load_processor(model_args, data_args, manifest)
     if data_args.modalities and set(data_args.modalities) - set(processor.modalities):
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     used = [m for m in processor.modalities if not data_args.modalities or m in data_args.modalities]
     modalities = {m: processor.modalities[m] for m in used}
-    model = build_model(model_args, spec, processor, embedders, train_recs, used)
+    model = build_model(model_args, task, processor, embedders, train_recs, used)
     model = configure_finetuning(
         model,
         model_args.finetuning_mode,
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         preds = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
         preds, labels = np.asarray(preds), np.asarray(eval_pred.label_ids)
         # the task's metrics in the label's own units, as in all_results.json
-        return spec.evaluate(preds.reshape(len(labels), -1), labels, ci=False)
+        return task.evaluate(preds.reshape(len(labels), -1), labels, ci=False)
 
     if training_args.eval_strategy != "no" and not len(eval_ds):
         raise ValueError(f"eval_strategy={training_args.eval_strategy} but the {data_args.eval_split} split is empty")
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     results: dict[str, Any] = {
-        "task": spec.name,
+        "task": task.name,
         "finetuning_mode": model_args.finetuning_mode,
         "pretrained": model_args.model_name_or_path,
         "parameters": count_parameters(model),
@@ -338,15 +338,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             interpret=data_args.interpret,
             explain_samples=data_args.explain_samples,
         )
-        results.update(evaluate_and_report(final_model, spec, modalities, processor, evals, manifest, out, settings))
+        results.update(evaluate_and_report(final_model, task, modalities, processor, evals, manifest, out, settings))
         results["wall_clock_s"] = round(time.perf_counter() - t0, 1)
         final_model.save_pretrained(out)
         processor.save_pretrained(out)
-        spec.save(out)
+        task.save(out)
         card = finetuning_card(
             config=final_model.config,
             manifest=manifest,
-            task=spec,
+            task=task,
             results=results,
             model_args=asdict(model_args),
             data_args=asdict(data_args),
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         card.save(out / "README.md")
         (out / "all_results.json").write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
-        print("\n".join(_summary(out, results, spec, data_args)), flush=True)
+        print("\n".join(_summary(out, results, task, data_args)), flush=True)
     return results
 
 
