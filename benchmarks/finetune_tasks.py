@@ -605,13 +605,14 @@ def survival_summary(folds: list[dict]) -> dict:
 class FindingsData:
     def __init__(self, manifest):
         from bioperceiver.data import assign_splits
-        from bioperceiver.training.tasks import LabelSpec, labelled_records
+        from bioperceiver.tasks import get_task
+        from bioperceiver.training.tasks import labelled_records
 
         self.manifest = manifest
         rows = manifest.table[manifest.table["text_report"].notna()].copy().reset_index(drop=True)
         m = assign_splits(manifest.subset(manifest.table["text_report"].notna().to_numpy()))
         self.rows = m.table
-        self.spec = LabelSpec(task="multilabel", label_column="label_findings", top_k=6)
+        self.spec = get_task("multilabel", label_column="label_findings", top_k=6)
         recs = {s: m.split(s).records() for s in ("train", "validation", "test")}
         self.spec.fit([r for r in recs["train"] if r.get("label_findings") is not None])
         self.data = {}

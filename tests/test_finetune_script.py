@@ -132,13 +132,26 @@ def _check_outputs(out: Path, results: dict, metric: str) -> pd.DataFrame:
     return preds
 
 
+REFERENCE = json.loads((ROOT / "tests" / "data" / "finetune_reference.json").read_text())
+
+
+def _same_as_before(name: str, results: dict) -> None:
+    """The run reproduces the validation/test metrics (with CIs) and uncertainty numbers recorded before tasks
+    became objects (same seed, same data): the refactor changed no numerics."""
+    for section, expected in REFERENCE[name].items():
+        got = results[section]
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), f"{name} {section}.{key}"
+
+
 def _reload_and_predict(out: Path, cls, modalities: list[str]) -> np.ndarray:
     """The saved folder alone (model + processors + task spec) reproduces the test predictions."""
-    from bioperceiver.training.tasks import LabelSpec, ProcessedDataset, labelled_records, predict
+    from bioperceiver.tasks import Task
+    from bioperceiver.training.tasks import ProcessedDataset, labelled_records, predict
 
     model = cls.from_pretrained(out).eval()
     processor = BioPerceiverProcessor.from_pretrained(out)
-    spec = LabelSpec.load(out)
+    spec = Task.load(out)
     manifest = read_manifest(json.loads((out / "all_results.json").read_text())["manifest"])
     records, targets = labelled_records(manifest.split("test").records(), spec, "test")
     ds = ProcessedDataset(records, targets, processor, base_dir=manifest.base_dir, modalities=modalities)
@@ -163,6 +176,7 @@ def test_survival_cox_end_to_end_with_ablation_card_and_round_trip(cohort, tmp_p
         monkeypatch=monkeypatch,
     )
     preds = _check_outputs(out, results, "c_index")
+    _same_as_before("surv", results)
     assert {"label_survival_time", "label_survival_event", "risk", "mc_mean", "mc_std"} <= set(preds.columns)
     assert (preds["mc_std"] > 0).all()  # dropout is active in the MC passes
     # modality Shapley values per test sample: they add up to the predicted risk minus the empty-set baseline
@@ -218,6 +232,7 @@ def test_multilabel_linear_probe_on_a_pretrained_backbone_keeps_it_frozen(cohort
         "3e-3",
     )
     preds = _check_outputs(out, results, "auroc")
+    _same_as_before("findings", results)
     assert results["parameters"]["trainable"] < results["parameters"]["total"] / 10
     spec = json.loads((out / "finetuning_task.json").read_text())
     assert len(spec["classes"]) == 4
@@ -256,6 +271,7 @@ def test_binary_classification_with_lora_and_query_head(cohort, tmp_path):
         "no",
     )
     preds = _check_outputs(out, results, "auroc")
+    _same_as_before("normal", results)
     assert {"auroc", "auprc", "accuracy", "f1", "brier"} <= set(results["test"])
     # calibrated probabilities and conformal sets per sample; calibration and coverage in the results and card
     assert {"calibrated_prob_normal", "conformal_set", "set_size", "label_in_set", "mc_std"} <= set(preds.columns)
@@ -292,6 +308,7 @@ def test_multiclass_grade_from_expression_with_partial_unfreezing(cohort, tmp_pa
         "no",
     )
     _check_outputs(out, results, "auroc")
+    _same_as_before("grade", results)
     assert json.loads((out / "finetuning_task.json").read_text())["classes"] == ["1", "2", "3"]
     assert {"f1_macro", "f1_micro", "accuracy"} <= set(results["test"])
     assert not (out / "ablation.csv").exists()  # one modality: nothing to ablate
@@ -319,6 +336,7 @@ def test_regression_age_reports_metrics_in_original_units(cohort, tmp_path):
         "false",
     )
     preds = _check_outputs(out, results, "rmse")
+    _same_as_before("age", results)
     ages = preds["label_age"].to_numpy()
     assert 20 < ages.mean() < 100  # true labels are written in years, not standardised units
     baseline = float(np.sqrt(np.mean((ages - ages.mean()) ** 2)))
@@ -468,15 +486,16 @@ def test_processor_settings_for_modalities_the_manifest_lacks_are_ignored(cohort
     assert np.isfinite(results["test"]["c_index"])
 
 
-def test_label_spec_reads_labels_the_way_users_write_them():
+def test_tasks_read_labels_the_way_users_write_them():
     from bioperceiver.data import DataError
-    from bioperceiver.training.tasks import LabelSpec, labelled_records
+    from bioperceiver.tasks import get_task
+    from bioperceiver.training.tasks import labelled_records
 
     # --label_values arrive as text; an integer (or 2.0 float) column still matches them
-    spec = LabelSpec("classification", label_column="g", classes=["1", "2", "3"]).fit([{"g": 1}, {"g": 2}])
+    spec = get_task("classification", label_column="g", classes=["1", "2", "3"]).fit([{"g": 1}, {"g": 2}])
     assert int(spec.encode({"g": 2})) == 1 and int(spec.encode({"g": 3.0})) == 2
     # survival events as 1/0, booleans or their text forms
-    surv = LabelSpec("survival", time_column="t", event_column="e")
+    surv = get_task("survival", time_column="t", event_column="e")
     for event, expected in ((True, 1.0), ("True", 1.0), ("1", 1.0), (0, 0.0), ("false", 0.0), (1.0, 1.0)):
         assert surv.encode({"t": 2.0, "e": event}).tolist() == [2.0, expected], event
     with pytest.raises(DataError, match="not an event indicator"):
@@ -502,14 +521,15 @@ def test_null_in_an_argument_file_means_not_given(tmp_path):
 def test_a_modality_with_no_token_counts_as_absent_in_predictions_and_ablations(cohort):
     """A clinical cell whose fields are all null is processed into zero tokens: prediction and the "alone"
     ablation must treat the sample as lacking that modality instead of crashing the run."""
-    from bioperceiver.training.tasks import LabelSpec, ProcessedDataset, labelled_records, predict, presence_pattern
+    from bioperceiver.tasks import get_task
+    from bioperceiver.training.tasks import ProcessedDataset, labelled_records, predict, presence_pattern
 
     manifest = read_manifest(cohort)
     settings, embedders = load_processor_settings(ROOT / "tokenizers" / "demo_processors.yaml")
     used = ["omics_expression", "tabular_clinical"]
     proc = BioPerceiverProcessor.from_manifest(manifest, {k: v for k, v in settings.items() if k in used})
     proc = BioPerceiverProcessor({m: proc.processors[m] for m in used}).fit(manifest)
-    spec = LabelSpec("survival", time_column="label_survival_time", event_column="label_survival_event")
+    spec = get_task("survival", time_column="label_survival_time", event_column="label_survival_event")
     records, targets = labelled_records(manifest.split("test").records()[:200], spec, "test")
     records = [dict(r) for r in records[:4]]
     fields = json.loads(records[0]["tabular_clinical"])

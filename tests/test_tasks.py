@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification
 import bioperceiver as bp
 from bioperceiver import AutoModelForSurvival, BioPerceiverForSequenceClassification, BioPerceiverForSurvival
 from bioperceiver.losses.survival import cox_ph_loss, discrete_time_nll, discretize
+from bioperceiver.modeling_tasks import QueryHead
 
 
 def _model(cls, **overrides):
@@ -194,3 +196,190 @@ def test_lora_adapters_change_the_output_and_merge_exactly():
         torch.testing.assert_close(merged(inputs=batch).logits, adapted, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="bypassed"):
         configure_finetuning(copy.deepcopy(base), "lora", lora_target_modules=["k_proj", "q_proj"])
+
+
+# ---- task objects: registry, serialised form, label encoding ---------------------------------------------------------
+TRAIN_ROWS = [
+    {"sample_id": "a", "dx": "flu", "findings": ["cough", "fever"], "age": 30.0, "t": 5.0, "e": 1},
+    {"sample_id": "b", "dx": "cold", "findings": ["cough"], "age": 50.0, "t": 2.5, "e": "0"},
+    {"sample_id": "c", "dx": "flu", "findings": ["rash", "cough"], "age": 70.0, "t": 9.0, "e": True},
+    {"sample_id": "d", "dx": None, "findings": None, "age": None, "t": None, "e": None},
+]
+TASK_SETTINGS = {
+    "classification": {"label_column": "dx"},
+    "multilabel": {"label_column": "findings", "top_k": 2},
+    "regression": {"label_column": "age"},
+    "survival": {"time_column": "t", "event_column": "e", "loss": "discrete", "num_time_bins": 4},
+}
+
+
+@pytest.mark.parametrize("name", sorted(TASK_SETTINGS))
+def test_every_task_round_trips_through_its_saved_form(name, tmp_path):
+    import json
+
+    from bioperceiver.tasks import Task, get_task
+
+    task = get_task(name, **TASK_SETTINGS[name]).fit(TRAIN_ROWS)
+    again = Task.from_dict(json.loads(json.dumps(task.to_dict())))
+    assert type(again) is type(task) and again == task and again.to_dict() == task.to_dict()
+    task.save(tmp_path)
+    loaded = Task.load(tmp_path)
+    assert loaded == task
+    for row in TRAIN_ROWS:
+        a, b = task.encode(row), loaded.encode(row)
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert task.encode(TRAIN_ROWS[3]) is None  # a missing label leaves the row out
+
+
+def test_label_encoding_decodes_back_per_task():
+    from bioperceiver.tasks import get_task
+
+    clf = get_task("classification", label_column="dx").fit(TRAIN_ROWS)
+    assert clf.classes == ["cold", "flu"] and clf.num_labels == 2
+    assert [clf.decode(int(clf.encode(r))) for r in TRAIN_ROWS[:3]] == ["flu", "cold", "flu"]
+    ml = get_task("multilabel", label_column="findings", top_k=2).fit(TRAIN_ROWS)
+    assert ml.classes == ["cough", "fever"]  # the 2 most frequent labels of the training rows
+    assert ml.decode(ml.encode(TRAIN_ROWS[0])) == ["cough", "fever"] and ml.decode(ml.encode(TRAIN_ROWS[2])) == [
+        "cough"
+    ]
+    reg = get_task("regression", label_column="age").fit(TRAIN_ROWS)
+    z = torch.stack([reg.encode(r) for r in TRAIN_ROWS[:3]]).numpy()
+    assert abs(z.mean()) < 1e-6 and abs(z.std() - 1) < 1e-6  # standardised with the training mean/std
+    np.testing.assert_allclose(reg.decode(z), [30.0, 50.0, 70.0], rtol=1e-6)
+    surv = get_task("survival", time_column="t", event_column="e")
+    assert [surv.encode(r).tolist() for r in TRAIN_ROWS[:3]] == [[5.0, 1.0], [2.5, 0.0], [9.0, 1.0]]
+    binary = get_task("classification", label_column="findings", positive_label="rash").fit(TRAIN_ROWS)
+    assert binary.classes == ["not rash", "rash"] and [int(binary.encode(r)) for r in TRAIN_ROWS[:3]] == [0, 0, 1]
+
+
+def test_finetuning_task_json_written_before_task_objects_still_loads(tmp_path):
+    """The LabelSpec layout held every task's fields; each task takes its own and ignores the rest."""
+    import json
+
+    from bioperceiver.tasks import ClassificationTask, RegressionTask, SurvivalTask, Task
+
+    old = {
+        "label_column": None,
+        "time_column": None,
+        "event_column": None,
+        "classes": [],
+        "positive_label": None,
+        "top_k": None,
+        "target_mean": 0.0,
+        "target_std": 1.0,
+    }
+    cases = [
+        (
+            {
+                "task": "classification",
+                "label_column": "label_findings",
+                "classes": ["not normal", "normal"],
+                "positive_label": "normal",
+            },
+            ClassificationTask,
+        ),
+        ({"task": "regression", "label_column": "label_age", "target_mean": 60.5, "target_std": 12.0}, RegressionTask),
+        (
+            {"task": "survival", "time_column": "label_survival_time", "event_column": "label_survival_event"},
+            SurvivalTask,
+        ),
+    ]
+    for fields, cls in cases:
+        (tmp_path / "finetuning_task.json").write_text(json.dumps({**old, **fields}, indent=1))
+        task = Task.load(tmp_path)
+        assert type(task) is cls
+        for k, v in fields.items():
+            if k != "task":
+                assert getattr(task, k) == v, k
+    assert task.loss == "cox"  # the default of folders saved before the loss was part of the task
+
+
+def test_registry_takes_a_new_task_and_names_the_choices():
+    from bioperceiver.tasks import RegressionTask, available_tasks, get_task, register_task
+    from bioperceiver.tasks.base import _REGISTRY
+
+    assert {"classification", "multilabel", "regression", "survival"} <= set(available_tasks())
+    assert type(get_task("multi_label_classification")).__name__ == "MultilabelTask"  # transformers' problem type
+
+    class LogRegressionTask(RegressionTask):  # a task defined only here: y -> log(y)
+        name = "log_regression"
+
+        def encode(self, record):
+            v = record.get(self.label_column)
+            return None if v is None else torch.tensor(float(np.log(v)))
+
+    try:
+        register_task(LogRegressionTask)
+        task = get_task("log_regression", label_column="age")
+        assert float(task.encode({"age": np.e})) == pytest.approx(1.0)
+        assert type(task.from_dict(task.to_dict())) is LogRegressionTask
+    finally:
+        _REGISTRY.pop("log_regression", None)
+    with pytest.raises(ValueError, match="choose one of"):
+        get_task("classificaton")
+    with pytest.raises(ValueError, match="label_column"):
+        get_task("classification").check_columns(["label_x"])
+
+
+def test_models_declare_their_task_and_the_metrics_follow_it():
+    from bioperceiver.evaluation import metrics_with_ci, regression_metrics
+    from bioperceiver.tasks import get_task
+
+    assert _model(BioPerceiverForSurvival).output_task == "survival"
+    for problem_type, num_labels, name in (
+        (None, 1, "regression"),
+        (None, 3, "classification"),
+        ("multi_label_classification", 3, "multilabel"),
+    ):
+        model = _model(BioPerceiverForSequenceClassification, num_labels=num_labels, problem_type=problem_type)
+        assert get_task(model.output_task).name == name
+    # a regression task scores in the label's units: the same numbers as the plain metrics on decoded values
+    reg = get_task("regression", label_column="y", target_mean=50.0, target_std=10.0)
+    rng = np.random.default_rng(0)
+    out, y = rng.normal(size=(40, 1)), rng.normal(size=40)
+    assert reg.evaluate(out, y, ci=False) == regression_metrics(10 * out[:, 0] + 50, 10 * y + 50)
+    with_ci = reg.evaluate(out, y, n_resamples=50, groups=np.arange(40) // 2)
+    ref = metrics_with_ci("regression", 10 * out[:, 0] + 50, 10 * y + 50, n_resamples=50, groups=np.arange(40) // 2)
+    assert with_ci == ref
+
+
+@pytest.mark.parametrize("cls", [BioPerceiverForSequenceClassification, BioPerceiverForSurvival])
+@pytest.mark.parametrize("head_type", ["pooled", "query"])
+def test_every_head_parameter_is_initialised_on_every_load_path(cls, head_type, tmp_path):
+    """Issue 13: transformers creates parameters missing from a checkpoint on the meta device and initialises only
+    what ``_init_weights`` handles; the query head's ``query`` must be among them (it held 1e34-1e38 before)."""
+    torch.manual_seed(0)
+    backbone = bp.BioPerceiverModel(tiny_config())
+    backbone.save_pretrained(tmp_path / "backbone")
+    saved = backbone.state_dict()
+    std = backbone.config.initializer_range
+    head = {"head_type": head_type, "head_hidden_size": 8}
+
+    def check(model, from_backbone: bool):
+        for name, p in model.named_parameters():
+            assert torch.isfinite(p).all(), name
+            if from_backbone and name.startswith("bioperceiver."):
+                torch.testing.assert_close(p, saved[name.removeprefix("bioperceiver.")], msg=name)
+        checked = set()
+        for module in model.head.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                assert (module.weight == 1).all() and (module.bias == 0).all()
+                checked |= {id(module.weight), id(module.bias)}
+            elif isinstance(module, torch.nn.Linear):  # truncated normal within 2 std, zero bias
+                w = module.weight
+                assert w.abs().max() <= 2 * std + 1e-7 and w.std() > 0.2 * std and (module.bias == 0).all()
+                checked |= {id(w), id(module.bias)}
+            elif isinstance(module, QueryHead):
+                q = module.query
+                assert q.abs().max() <= 2 * std + 1e-7 and q.std() > 0.2 * std, q
+                checked.add(id(q))
+        assert checked == {id(p) for p in model.head.parameters()}  # every head parameter was checked
+
+    for _ in range(3):
+        check(cls.from_pretrained(tmp_path / "backbone", **head), from_backbone=True)
+    fresh = cls(tiny_config(**head))
+    check(fresh, from_backbone=False)
+    fresh.save_pretrained(tmp_path / "finetuned")
+    again = cls.from_pretrained(tmp_path / "finetuned")
+    for name, p in fresh.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[name], p, msg=name)

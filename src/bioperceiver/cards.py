@@ -311,14 +311,6 @@ def _metric_table(rows: Sequence[Mapping[str, Any]], lead: str, metric_names: Se
     return markdown_table(out)
 
 
-TASK_METRICS = {
-    "classification": ("auroc", "auprc", "accuracy", "f1", "f1_macro"),
-    "multilabel": ("auroc", "auprc", "f1_macro", "f1_micro"),
-    "regression": ("rmse", "mae", "r2"),
-    "survival": ("c_index", "td_auc_q50"),
-}
-
-
 def _interpretation_text(interp: Mapping[str, Any] | None) -> str:
     """Modality Shapley summary and the deletion test, as Markdown."""
     if not interp:
@@ -365,7 +357,7 @@ def finetuning_card(
     *,
     config,
     manifest,
-    spec,
+    task,
     results: Mapping[str, Any],
     model_args: Mapping[str, Any],
     data_args: Mapping[str, Any],
@@ -376,14 +368,22 @@ def finetuning_card(
     template: str | Path = "finetuned",
 ) -> ModelCard:
     """The card of a finetuned model: task, labels, base model, finetuning configuration, the test metrics with
-    bootstrap CIs, results per missing-modality pattern and per modality ablation."""
+    bootstrap CIs, results per missing-modality pattern and per modality ablation. ``task``: the
+    :class:`~bioperceiver.tasks.Task` (or its saved dict); the results section is the task's
+    (:func:`bioperceiver.evaluation.report.card_results`)."""
+    from .evaluation.report import card_results
+    from .tasks import Task
+
+    if not isinstance(task, Task):
+        task = Task.from_dict(task)
     # the card describes the modalities the model was finetuned on and the rows it was trained on
     used = list(data_args.get("modalities") or [m for m in config.modality_names if m in manifest.modalities])
     manifest = _narrow(manifest, used)
     train = _narrow(train_manifest if train_manifest is not None else manifest, used)
     test_split = data_args.get("test_split", "test")
     test = results.get(test_split, {})
-    main_metrics = [m for m in TASK_METRICS[spec.task] if m in test]
+    section = card_results(task, results, data_args.get("eval_split"), test_split)
+    main_metrics = section.pop("main_metrics")
     base = model_args.get("model_name_or_path")
     summary = model_summary(config)
     kinds = sorted({m["kind"] for m in summary["modalities"]})
@@ -401,7 +401,7 @@ def finetuning_card(
         if isinstance(test.get(m), float) and math.isfinite(test[m]):
             eval_results.append(
                 EvalResult(
-                    task_type=spec.task,
+                    task_type=task.name,
                     dataset_type="manifest",
                     dataset_name=str(Path(str(data_args.get("manifest"))).name),
                     dataset_split=test_split,
@@ -410,20 +410,16 @@ def finetuning_card(
                 )
             )
     card_data = ModelCardData(
-        model_name=f"BioPerceiver {spec.task} ({', '.join(spec.columns)})",
+        model_name=task.card_title(),
         license=license,
         library_name="transformers",
-        tags=["bioperceiver", "perceiver", "multimodal", "medical", spec.task, *kinds],
+        tags=["bioperceiver", "perceiver", "multimodal", "medical", task.name, *kinds],
         datasets=source_names or None,
         metrics=list(main_metrics) or None,
         base_model=base if base and not Path(str(base)).exists() else None,
         eval_results=eval_results or None,
     )
-    labels = (
-        f"`{spec.time_column}` (follow-up time) and `{spec.event_column}` (1 = event)"
-        if spec.task == "survival"
-        else f"`{spec.label_column}`" + (f", classes {spec.classes}" if spec.classes else "")
-    )
+    labels = task.card_labels()
     finetune_cfg = {
         "base model": base or f"none: random initialisation from preset {model_args.get('preset')}",
         "finetuning mode": model_args.get("finetuning_mode"),
@@ -440,8 +436,7 @@ def finetuning_card(
     }
     if base and (Path(str(base)) / "README.md").exists():
         finetune_cfg["pretraining configuration"] = f"in the base model's card, {Path(str(base)) / 'README.md'}"
-    if spec.task == "survival":
-        finetune_cfg["survival loss"] = f"{config.survival_loss} ({config.survival_ties} ties)"
+    finetune_cfg.update(task.card_settings(config))
     splits = results.get("split_sizes") or {
         s: results.get(s, {}).get("n") for s in (data_args.get("train_split"), data_args.get("eval_split"), test_split)
     }
@@ -449,7 +444,7 @@ def finetuning_card(
         template,
         card_data,
         model_name=card_data.model_name,
-        task=spec.task,
+        task=task.name,
         labels=labels,
         architecture=markdown_table([{"": k, "value": v} for k, v in summary["architecture"].items()]),
         modalities_table=markdown_table(summary["modalities"]),
@@ -461,11 +456,6 @@ def finetuning_card(
         presence_table=markdown_table(modality_presence(train)),
         patterns_table=markdown_table(presence_patterns(train)),
         training_table=markdown_table([{"setting": k, "value": v} for k, v in finetune_cfg.items() if v is not None]),
-        test_table=markdown_table(metric_rows(test)),
-        validation_table=markdown_table(metric_rows(results.get(data_args.get("eval_split"), {}))),
-        pattern_results=_metric_table(results.get("by_pattern", []), "modalities present", main_metrics[:2]),
-        ablation_results=_metric_table(results.get("ablation", []), "condition", main_metrics[:1]),
-        uncertainty_table=markdown_table(results["uncertainty_card"]) if results.get("uncertainty_card") else "",
-        interpretation=_interpretation_text(results.get("interpretation")),
+        **section,
         compute_table=markdown_table([{"": k, "value": v} for k, v in compute.items()]),
     )

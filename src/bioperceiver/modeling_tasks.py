@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.auto.auto_factory import _BaseAutoModelClass, _LazyAutoMapping
 
@@ -30,6 +31,50 @@ from .modeling_bioperceiver import BioPerceiverModel, BioPerceiverPreTrainedMode
 
 HEAD_TYPES = ("pooled", "query")
 SURVIVAL_LOSSES = ("cox", "discrete")
+
+
+def _infer_problem_type(num_labels: int, labels: torch.Tensor) -> str:
+    """transformers' rule: one label is regression, integer class indices single-label, else multi-label."""
+    if num_labels == 1:
+        return "regression"
+    if labels.dtype in (torch.long, torch.int, torch.int16, torch.uint8) and labels.dim() == 1:
+        return "single_label_classification"
+    return "multi_label_classification"
+
+
+def _regression_loss(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """MSE over the observed (finite) targets."""
+    target = labels.float().view(logits.shape)
+    observed = torch.isfinite(target)
+    if not observed.any():
+        return 0.0 * logits.sum()
+    return F.mse_loss(logits[observed], target[observed])
+
+
+def _single_label_loss(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """Cross-entropy over class indices (-100 = unknown, left out)."""
+    if labels.dim() != 1:
+        raise ValueError(f"single-label classification needs class indices (B,), got {tuple(labels.shape)}")
+    if labels.numel() and (labels.min() < -100 or labels.max() >= num_labels):
+        raise ValueError(f"class index out of range [0, {num_labels}): {labels.tolist()}")
+    return F.cross_entropy(logits, labels.long(), ignore_index=-100)
+
+
+def _multi_label_loss(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """BCE with logits over the known labels (-1 / -100 mark an unknown label: left out of the loss)."""
+    target = labels.float().view(logits.shape)
+    observed = target >= 0
+    if not observed.any():
+        return 0.0 * logits.sum()
+    return F.binary_cross_entropy_with_logits(logits[observed], target[observed])
+
+
+# transformers' problem types and their losses: the sequence classifier looks its loss up here
+PROBLEM_TYPE_LOSSES = {
+    "regression": _regression_loss,
+    "single_label_classification": _single_label_loss,
+    "multi_label_classification": _multi_label_loss,
+}
 
 
 @dataclass
@@ -86,8 +131,7 @@ class QueryHead(nn.Module):
     def __init__(self, config: BioPerceiverConfig, out_features: int):
         super().__init__()
         d = config.d_latents
-        self.query = nn.Parameter(torch.zeros(1, 1, d))
-        nn.init.trunc_normal_(self.query, std=config.initializer_range)
+        self.query = nn.Parameter(torch.zeros(1, 1, d))  # initialised by _BioPerceiverWithHead._init_weights
         self.decoder = CrossAttentionBlock(
             d_latents=d,
             d_input=d,
@@ -122,6 +166,15 @@ class _BioPerceiverWithHead(BioPerceiverPreTrainedModel):
     # Losses are means over the batch; ``Trainer`` must not pass ``num_items_in_batch`` (it would reach the
     # embedders as a modality) nor skip its own gradient-accumulation scaling.
     accepts_loss_kwargs = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """The backbone's initialisation plus the query head's learned query (truncated normal, 2 std): every load
+        path initialises parameters missing from a checkpoint through here only (transformers 5 creates them on the
+        meta device), so a parameter not handled here would keep uninitialised memory."""
+        super()._init_weights(module)
+        if isinstance(module, QueryHead):
+            std = self.config.initializer_range
+            init.trunc_normal_(module.query, std=std, a=-2 * std, b=2 * std)
 
     def _backbone(
         self,
@@ -197,35 +250,23 @@ class BioPerceiverForSequenceClassification(_BioPerceiverWithHead):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         return result if return_dict else result.to_tuple()
 
+    @property
+    def output_task(self) -> str:
+        """The task these outputs solve, as a ``bioperceiver.tasks`` name (a transformers ``problem_type``; unset
+        it follows transformers: one label is regression, several single-label classification)."""
+        return self.config.problem_type or ("regression" if self.num_labels == 1 else "single_label_classification")
+
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = labels.to(logits.device)
         if self.config.problem_type is None:
-            if self.num_labels == 1:
-                self.config.problem_type = "regression"
-            elif labels.dtype in (torch.long, torch.int, torch.int16, torch.uint8) and labels.dim() == 1:
-                self.config.problem_type = "single_label_classification"
-            else:
-                self.config.problem_type = "multi_label_classification"
-        kind = self.config.problem_type
-        if kind == "regression":
-            target = labels.float().view(logits.shape)
-            observed = torch.isfinite(target)
-            if not observed.any():
-                return 0.0 * logits.sum()
-            return F.mse_loss(logits[observed], target[observed])
-        if kind == "single_label_classification":
-            if labels.dim() != 1:
-                raise ValueError(f"single-label classification needs class indices (B,), got {tuple(labels.shape)}")
-            if labels.numel() and (labels.min() < -100 or labels.max() >= self.num_labels):
-                raise ValueError(f"class index out of range [0, {self.num_labels}): {labels.tolist()}")
-            return F.cross_entropy(logits, labels.long(), ignore_index=-100)
-        if kind == "multi_label_classification":
-            target = labels.float().view(logits.shape)
-            observed = target >= 0  # -1 / -100 mark an unknown label: left out of the loss
-            if not observed.any():
-                return 0.0 * logits.sum()
-            return F.binary_cross_entropy_with_logits(logits[observed], target[observed])
-        raise ValueError(f"problem_type={kind!r} is not supported")
+            self.config.problem_type = _infer_problem_type(self.num_labels, labels)
+        loss = PROBLEM_TYPE_LOSSES.get(self.config.problem_type)
+        if loss is None:
+            raise ValueError(
+                f"problem_type={self.config.problem_type!r} is not supported; "
+                f"choose one of {sorted(PROBLEM_TYPE_LOSSES)}"
+            )
+        return loss(logits, labels, self.num_labels)
 
 
 class BioPerceiverForSurvival(_BioPerceiverWithHead):
@@ -256,6 +297,8 @@ class BioPerceiverForSurvival(_BioPerceiverWithHead):
                 "time_bins", torch.tensor(config.survival_time_bins, dtype=torch.float32), persistent=False
             )
         self.post_init()
+
+    output_task = "survival"  # the bioperceiver.tasks name of these outputs
 
     def forward(
         self,
@@ -296,6 +339,7 @@ class AutoModelForSurvival(_BaseAutoModelClass):
 
 
 __all__ = [
+    "PROBLEM_TYPE_LOSSES",
     "AutoModelForSurvival",
     "BioPerceiverClassifierOutput",
     "BioPerceiverForSequenceClassification",

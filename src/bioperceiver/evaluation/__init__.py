@@ -1,5 +1,7 @@
 """Evaluation: task metrics on numpy arrays (for a ``Trainer``'s ``compute_metrics``) and bootstrap confidence
-intervals over samples or patients (for test-set reports and model cards)."""
+intervals over samples or patients (for test-set reports and model cards). Which metrics a task gets is the task
+object's choice (:mod:`bioperceiver.tasks`); :mod:`.report` is the one evaluation/report path of finetuned models
+(imported on its own: it needs the training stack)."""
 
 from .bootstrap import BootstrapCI, Resampler, bootstrap_ci, bootstrap_metrics, metrics_with_ci
 from .metrics import (

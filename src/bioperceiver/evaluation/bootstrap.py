@@ -23,10 +23,8 @@ from functools import partial
 import numpy as np
 
 from .metrics import (
-    TASKS,
     _as_numpy,
     auc_time_points,
-    compute_task_metrics,
     concordance_counts,
     prepare_classification,
     prepare_regression,
@@ -337,8 +335,38 @@ def _w_survival(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# the weighted kernel of each classification kind that prepare_classification returns
+CLASSIFICATION_KERNELS = {
+    "binary": lambda y, probs, threshold: partial(_w_binary, y, probs, threshold=threshold),
+    "multiclass": lambda y, probs, threshold: partial(_w_multiclass, y, probs),
+    "multilabel": lambda y, probs, threshold: partial(_w_multilabel, y, probs, threshold=threshold),
+}
+
+
+def classification_kernel(task, problem_type, predictions, labels, num_labels, from_logits, threshold):
+    """``(n, point, kernel, extra)`` of a classification task (see :meth:`bioperceiver.tasks.Task.bootstrap_kernel`)."""
+    kind, probs, y = prepare_classification(predictions, labels, problem_type, num_labels, from_logits)
+    point = task.compute_metrics(
+        predictions, labels, num_labels=num_labels, from_logits=from_logits, threshold=threshold
+    )
+    return len(y), point, CLASSIFICATION_KERNELS[kind](y, probs, threshold), {}
+
+
+def regression_kernel(task, predictions, labels):
+    pred, target = prepare_regression(predictions, labels)
+    return len(target), task.compute_metrics(predictions, labels), partial(_w_regression, pred, target), {}
+
+
+def survival_kernel(task, predictions, labels, event, times):
+    risk, time, ev = prepare_survival(predictions, labels, event)
+    named = auc_time_points(time, ev, times)
+    point = task.compute_metrics(risk, time, event=ev, times=times)
+    extra = {"n_events": int(ev.sum()), **{f"{k}_time": t for k, t in named.items()}}
+    return len(time), point, partial(_w_survival, risk, time, ev, named), extra
+
+
 def metrics_with_ci(
-    task: str,
+    task,
     predictions,
     labels,
     *,
@@ -365,43 +393,26 @@ def metrics_with_ci(
     ``seed`` and ``groups``. ``*_ci_n_used`` counts the resamples where a metric was defined.
 
     Args:
-        task: ``classification``, ``multilabel``, ``regression`` or ``survival``.
+        task: a :class:`~bioperceiver.tasks.Task` or its name (``classification``, ``multilabel``,
+            ``regression``, ``survival``); the task picks the metrics and their weighted kernels.
         predictions: logits (or probabilities with ``from_logits=False``), regression outputs, or risk scores.
         labels: class ids, ``(N, K)`` 0/1 labels, targets, or survival times (with ``event``; or ``(N, 2)``
             ``(time, event)`` labels).
         groups: optional ``(N,)`` group ids (patients) for a cluster bootstrap.
         times: survival only: explicit td-AUC times (default: quartiles of the event times).
     """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    _check_alpha(alpha)
-    extra: dict[str, float] = {}
-    if task in ("classification", "multilabel"):
-        problem_type = "single_label_classification" if task == "classification" else "multi_label_classification"
-        kind, probs, y = prepare_classification(predictions, labels, problem_type, num_labels, from_logits)
-        n = len(y)
-        point = compute_task_metrics(
-            task, predictions, labels, num_labels=num_labels, from_logits=from_logits, threshold=threshold
-        )
-        if kind == "binary":
-            kernel = partial(_w_binary, y, probs, threshold=threshold)
-        elif kind == "multiclass":
-            kernel = partial(_w_multiclass, y, probs)
-        else:
-            kernel = partial(_w_multilabel, y, probs, threshold=threshold)
-    elif task == "regression":
-        pred, target = prepare_regression(predictions, labels)
-        n = len(target)
-        point = compute_task_metrics(task, predictions, labels)
-        kernel = partial(_w_regression, pred, target)
-    else:
-        risk, time, ev = prepare_survival(predictions, labels, event)
-        n = len(time)
-        named = auc_time_points(time, ev, times)
-        point = compute_task_metrics(task, risk, time, event=ev, times=times)
-        kernel = partial(_w_survival, risk, time, ev, named)
-        extra = {"n_events": int(ev.sum()), **{f"{k}_time": t for k, t in named.items()}}
+    from ..tasks import get_task
 
+    _check_alpha(alpha)
+    n, point, kernel, extra = get_task(task).bootstrap_kernel(
+        predictions,
+        labels,
+        event=event,
+        num_labels=num_labels,
+        from_logits=from_logits,
+        threshold=threshold,
+        times=times,
+    )
     resampler = Resampler(n, n_resamples, seed, groups)
     chunks = [kernel(w) for w in resampler.weights()]
     out: dict[str, float] = {}

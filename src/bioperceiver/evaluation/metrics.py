@@ -195,32 +195,40 @@ def classification_metrics(
     missing from a small evaluation set is therefore skipped, not scored 0.
     """
     kind, probs, y = prepare_classification(logits_or_probs, labels, problem_type, num_labels, from_logits)
-    if kind == "binary":
-        auroc = _binary_auroc(y, probs)
-        if np.isnan(auroc):
-            _warn("AUROC undefined: only class %d present among %d labels; returning NaN", y[0], len(y))
-        auprc = _binary_auprc(y, probs)
-        if np.isnan(auprc):
-            _warn("AUPRC undefined: no positive label among %d; returning NaN", len(y))
-        pred = (probs > threshold).astype(np.int64)
-        return {
-            "auroc": auroc,
-            "auprc": auprc,
-            "accuracy": float(accuracy_score(y, pred)),
-            "f1": float(f1_score(y, pred, zero_division=np.nan)),
-            "brier": float(brier_score_loss(y, probs, pos_label=1)),
-            "log_loss": float(log_loss(y, probs, labels=[0, 1])),
-        }
-    if kind == "multiclass":
-        onehot = y[:, None] == np.arange(probs.shape[1])[None, :]  # (N, K)
-        pred = probs.argmax(1)
-        return {
-            "auroc": _macro([_binary_auroc(c, p) for c, p in zip(onehot.T, probs.T, strict=True)], "AUROC", "class"),
-            "auprc": _macro([_binary_auprc(c, p) for c, p in zip(onehot.T, probs.T, strict=True)], "AUPRC", "class"),
-            "accuracy": float(accuracy_score(y, pred)),
-            "f1_macro": float(f1_score(y, pred, average="macro", zero_division=np.nan)),
-            "f1_micro": float(f1_score(y, pred, average="micro", zero_division=np.nan)),
-        }
+    return CLASSIFICATION_METRICS[kind](y, probs, threshold)
+
+
+def _binary_metrics(y: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
+    auroc = _binary_auroc(y, probs)
+    if np.isnan(auroc):
+        _warn("AUROC undefined: only class %d present among %d labels; returning NaN", y[0], len(y))
+    auprc = _binary_auprc(y, probs)
+    if np.isnan(auprc):
+        _warn("AUPRC undefined: no positive label among %d; returning NaN", len(y))
+    pred = (probs > threshold).astype(np.int64)
+    return {
+        "auroc": auroc,
+        "auprc": auprc,
+        "accuracy": float(accuracy_score(y, pred)),
+        "f1": float(f1_score(y, pred, zero_division=np.nan)),
+        "brier": float(brier_score_loss(y, probs, pos_label=1)),
+        "log_loss": float(log_loss(y, probs, labels=[0, 1])),
+    }
+
+
+def _multiclass_metrics(y: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
+    onehot = y[:, None] == np.arange(probs.shape[1])[None, :]  # (N, K)
+    pred = probs.argmax(1)
+    return {
+        "auroc": _macro([_binary_auroc(c, p) for c, p in zip(onehot.T, probs.T, strict=True)], "AUROC", "class"),
+        "auprc": _macro([_binary_auprc(c, p) for c, p in zip(onehot.T, probs.T, strict=True)], "AUPRC", "class"),
+        "accuracy": float(accuracy_score(y, pred)),
+        "f1_macro": float(f1_score(y, pred, average="macro", zero_division=np.nan)),
+        "f1_micro": float(f1_score(y, pred, average="micro", zero_division=np.nan)),
+    }
+
+
+def _multilabel_metrics(y: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
     pred = (probs > threshold).astype(np.int64)
     auroc_micro = _binary_auroc(y.ravel(), probs.ravel())
     auprc_micro = _binary_auprc(y.ravel(), probs.ravel())
@@ -235,6 +243,14 @@ def classification_metrics(
         "f1_macro": float(f1_score(y, pred, average="macro", zero_division=np.nan)),
         "f1_micro": float(f1_score(y, pred, average="micro", zero_division=np.nan)),
     }
+
+
+# the metrics of each classification kind that prepare_classification returns
+CLASSIFICATION_METRICS = {
+    "binary": _binary_metrics,
+    "multiclass": _multiclass_metrics,
+    "multilabel": _multilabel_metrics,
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -534,7 +550,7 @@ def survival_metrics(
 
 
 def compute_task_metrics(
-    task: str,
+    task,
     predictions,
     labels,
     *,
@@ -544,19 +560,18 @@ def compute_task_metrics(
     threshold: float = 0.5,
     times: Sequence[float] | None = None,
 ) -> dict[str, float]:
-    """Point metrics of one task (``classification``, ``multilabel``, ``regression`` or ``survival``), e.g. inside a
+    """Point metrics of one task (a :class:`~bioperceiver.tasks.Task` or its name: ``classification``,
+    ``multilabel``, ``regression``, ``survival``), e.g. inside a
     ``Trainer``'s ``compute_metrics(eval_pred)``. For ``survival``, ``predictions`` are risks and ``labels`` times
     with ``event`` given, or ``(N, 2)`` ``(time, event)`` labels."""
-    if task == "classification":
-        return classification_metrics(
-            predictions, labels, "single_label_classification", num_labels, from_logits=from_logits, threshold=threshold
-        )
-    if task == "multilabel":
-        return classification_metrics(
-            predictions, labels, "multi_label_classification", num_labels, from_logits=from_logits, threshold=threshold
-        )
-    if task == "regression":
-        return regression_metrics(predictions, labels)
-    if task == "survival":
-        return survival_metrics(predictions, labels, event, times=times)
-    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    from ..tasks import get_task
+
+    return get_task(task).compute_metrics(
+        predictions,
+        labels,
+        event=event,
+        num_labels=num_labels,
+        from_logits=from_logits,
+        threshold=threshold,
+        times=times,
+    )

@@ -1,15 +1,13 @@
-"""Supervised tasks on a manifest: label encoding, datasets and collation for the HF ``Trainer``, prediction,
-and the analyses a finetuning run reports (per missing-modality pattern, modality ablations)."""
+"""Supervised tasks on a manifest: labelled rows, datasets and collation for the HF ``Trainer``, prediction, and
+the grouping a finetuning run reports by (missing-modality patterns). Label encoding is the task object's
+(:mod:`bioperceiver.tasks`); the report is :mod:`bioperceiver.evaluation.report`."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,186 +16,22 @@ import torch
 import transformers
 
 from ..data.collator import BioPerceiverCollator, num_tokens
+from ..data.dataset import ERROR_COLUMN, ManifestDataset
 from ..data.errors import DataError
-from ..data.manifest import is_missing
+from ..tasks import Task, get_task
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("classification", "multilabel", "regression", "survival")
-SPEC_NAME = "finetuning_task.json"
-
-
-@dataclass
-class LabelSpec:
-    """How manifest label columns become model targets; saved next to the model (``finetuning_task.json``).
-
-    * ``classification``: ``label_column`` values (ints or strings) -> class index over ``classes``; with
-      ``positive_label`` the column may hold lists (e.g. findings) and the task is "contains it" (binary).
-    * ``multilabel``: a list-valued column -> multi-hot over ``classes`` (given, or the ``top_k`` most frequent in
-      the training split).
-    * ``regression``: a number, standardised with the training mean/std (predictions are mapped back).
-    * ``survival``: ``time_column`` and ``event_column`` -> ``(time, event)``.
-    """
-
-    task: str
-    label_column: str | None = None
-    time_column: str | None = None
-    event_column: str | None = None
-    classes: list[Any] = field(default_factory=list)
-    positive_label: Any = None
-    top_k: int | None = None
-    target_mean: float = 0.0
-    target_std: float = 1.0
-
-    def __post_init__(self):
-        if self.task not in TASKS:
-            raise ValueError(f"task {self.task!r}; choose one of {TASKS}")
-        if self.task == "survival":
-            if not (self.time_column and self.event_column):
-                raise ValueError("task 'survival' needs time_column and event_column (e.g. label_survival_time)")
-        elif not self.label_column:
-            raise ValueError(f"task {self.task!r} needs label_column (a label_* column of the manifest)")
-
-    @property
-    def columns(self) -> list[str]:
-        return [self.time_column, self.event_column] if self.task == "survival" else [self.label_column]
-
-    @property
-    def num_labels(self) -> int:
-        if self.task == "survival":
-            return 1
-        if self.task == "regression":
-            return 1
-        return len(self.classes)
-
-    @property
-    def problem_type(self) -> str | None:
-        return {
-            "classification": "single_label_classification",
-            "multilabel": "multi_label_classification",
-            "regression": "regression",
-        }.get(self.task)
-
-    # ---- fitting on the training split --------------------------------------------------------------------------
-    def fit(self, records: Sequence[dict]) -> LabelSpec:
-        values = [r.get(self.label_column) for r in records] if self.label_column else []
-        values = [v for v in values if not is_missing(v)]
-        if self.task == "classification":
-            if self.positive_label is not None:
-                self.classes = [f"not {self.positive_label}", str(self.positive_label)]
-            elif not self.classes:
-                self.classes = sorted({_scalar(v) for v in values}, key=lambda x: (str(type(x)), x))
-            if len(self.classes) < 2:
-                raise ValueError(
-                    f"{self.label_column}: the training split has {len(self.classes)} class(es) {self.classes}; a "
-                    "classifier needs at least two (check the split or the column)"
-                )
-        elif self.task == "multilabel":
-            if not self.classes:
-                counts = Counter(str(x) for v in values for x in _as_list(v))
-                if not counts:
-                    raise ValueError(f"{self.label_column}: no labels in the training split")
-                self.classes = [c for c, _ in counts.most_common(self.top_k)]
-        elif self.task == "regression":
-            y = np.asarray([float(v) for v in values], dtype=np.float64)
-            if len(y) < 2:
-                raise ValueError(f"{self.label_column}: fewer than two training targets")
-            self.target_mean, self.target_std = float(y.mean()), float(y.std() or 1.0)
-        return self
-
-    # ---- encoding ---------------------------------------------------------------------------------------------
-    def encode(self, record: dict) -> torch.Tensor | None:
-        """The target of one row, or ``None`` when its label is missing (the row is left out and counted)."""
-        if self.task == "survival":
-            t, e = record.get(self.time_column), record.get(self.event_column)
-            if is_missing(t) or is_missing(e):
-                return None
-            if not math.isfinite(float(t)) or float(t) < 0:
-                raise DataError(
-                    "bad_label",
-                    f"{self.time_column}={t!r} is not a non-negative number",
-                    sample_id=record.get("sample_id"),
-                    modality=self.time_column,
-                    fix="fix the follow-up time or leave the cell empty to drop the row from this task",
-                )
-            return torch.tensor([float(t), _event(e, record, self.event_column)], dtype=torch.float32)
-        v = record.get(self.label_column)
-        if is_missing(v):
-            return None
-        if self.task == "regression":
-            return torch.tensor((float(v) - self.target_mean) / self.target_std, dtype=torch.float32)
-        if self.task == "multilabel":
-            have = {str(x) for x in _as_list(v)}
-            return torch.tensor([float(c in have) for c in self.classes], dtype=torch.float32)
-        if self.positive_label is not None:
-            have = {str(x) for x in _as_list(v)}
-            return torch.tensor(int(str(self.positive_label) in have), dtype=torch.long)
-        # classes compare as text: `--label_values 1 2 3` (strings) matches an integer column, 2.0 matches "2"
-        value, names = str(_scalar(v)), [str(_scalar(c)) for c in self.classes]
-        if value not in names:
-            raise DataError(
-                "unknown_class",
-                f"{self.label_column}={value!r} is not one of the training classes {names}",
-                sample_id=record.get("sample_id"),
-                modality=self.label_column,
-                fix="give the classes explicitly (label_values) or drop rows of classes unseen in training",
-            )
-        return torch.tensor(names.index(value), dtype=torch.long)
-
-    def decode_regression(self, pred: np.ndarray) -> np.ndarray:
-        return pred * self.target_std + self.target_mean
-
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / SPEC_NAME
-        path.write_text(json.dumps(asdict(self), indent=1, default=str) + "\n")
-        return path
-
-    @classmethod
-    def load(cls, directory: str | Path) -> LabelSpec:
-        return cls(**json.loads((Path(directory) / SPEC_NAME).read_text()))
-
-
-def _event(value: Any, record: dict, column: str) -> float:
-    """1.0 (event) or 0.0 (censored) from 1/0, True/False, 1.0/0.0 or their text forms."""
-    text = str(value).strip().lower()
-    if text in ("1", "1.0", "true", "yes"):
-        return 1.0
-    if text in ("0", "0.0", "false", "no"):
-        return 0.0
-    raise DataError(
-        "bad_label",
-        f"{column}={value!r} is not an event indicator",
-        sample_id=record.get("sample_id"),
-        modality=column,
-        fix="use 1 (event) / 0 (censored), or leave the cell empty to drop the row from this task",
-    )
-
-
-def _as_list(v: Any) -> list:
-    if isinstance(v, (list, tuple, np.ndarray)):
-        return list(v)
-    return [v]
-
-
-def _scalar(v: Any) -> Any:
-    if isinstance(v, (np.integer, bool, np.bool_)):
-        return int(v)
-    if isinstance(v, np.floating):
-        return int(v) if float(v).is_integer() else float(v)
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    return v
-
 
 def labelled_records(
-    records: Sequence[dict], spec: LabelSpec, split: str, on_error: str = "raise"
+    records: Sequence[dict], task: Task, split: str, on_error: str = "raise"
 ) -> tuple[list[dict], list[torch.Tensor]]:
     """Rows of a split that have this task's label, with their targets; unlabelled rows are counted and logged.
     A bad label (e.g. a class unseen in training) raises, or with ``on_error="skip"`` is counted and logged."""
     kept, targets, missing, bad = [], [], 0, Counter()
     for r in records:
         try:
-            t = spec.encode(r)
+            t = task.encode(r)
         except DataError as err:
             if on_error != "skip":
                 raise
@@ -210,59 +44,33 @@ def labelled_records(
         kept.append(r)
         targets.append(t)
     if missing:
-        logger.info("%s: %d of %d rows have no %s label and are left out", split, missing, len(records), spec.columns)
+        logger.info("%s: %d of %d rows have no %s label and are left out", split, missing, len(records), task.columns)
     if bad:
         logger.warning("%s: %d rows with a bad label skipped: %s", split, sum(bad.values()), dict(bad))
     return kept, targets
 
 
-class TaskDataset(torch.utils.data.Dataset):
-    """Manifest rows processed on the fly (train: fresh augmentations per epoch, seeded by ``(seed, epoch, idx)``)
-    with their targets. ``modalities`` restricts what the model sees."""
-
-    def __init__(
-        self, records, targets, processor, *, base_dir=None, train=False, seed=0, modalities=None, on_error="raise"
-    ):
-        self.records, self.targets = list(records), list(targets)
-        self.processor, self.base_dir, self.train, self.seed = processor, base_dir, train, seed
-        self.modalities, self.on_error, self.epoch = modalities, on_error, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> dict:
-        rng = np.random.default_rng([self.seed, self.epoch, i])
-        try:
-            out = self.processor(
-                self.records[i], base_dir=self.base_dir, train=self.train, rng=rng, modalities=self.modalities
-            )
-        except DataError as err:
-            if self.on_error == "raise":
-                raise
-            return {"sample_id": self.records[i].get("sample_id"), "__error__": err}
-        out["__target__"] = self.targets[i]
-        out["__view_seed__"] = int(rng.integers(2**62))
-        return out
-
-
 class ProcessedDataset(torch.utils.data.Dataset):
-    """Evaluation rows processed once (deterministic); rows that fail are skipped with a count when asked."""
+    """Evaluation rows processed once (deterministic): :class:`~bioperceiver.data.ManifestDataset` with
+    ``train=False``, materialised; rows that fail are skipped with a count when ``on_error="skip"``."""
 
     def __init__(self, records, targets, processor, *, base_dir=None, modalities=None, on_error="raise"):
+        rows = ManifestDataset(
+            records,
+            processor,
+            base_dir=base_dir,
+            train=False,
+            on_error=on_error,
+            modalities=modalities,
+            targets=targets,
+        )
         self.samples, self.report = [], Counter()
-        for rec, target in zip(records, targets):
-            try:
-                out = processor(rec, base_dir=base_dir, train=False, modalities=modalities)
-            except DataError as err:
-                if on_error == "raise":
-                    raise
+        for i in range(len(rows)):
+            out = rows[i]
+            err = out.get(ERROR_COLUMN)
+            if err is not None:
                 self.report[(err.modality, err.reason)] += 1
-                logger.warning("skipped: %s", err)
                 continue
-            out["__target__"] = target
             self.samples.append(out)
         if self.report:
             logger.warning("skipped %d evaluation rows: %s", sum(self.report.values()), dict(self.report))
@@ -276,6 +84,10 @@ class ProcessedDataset(torch.utils.data.Dataset):
     @property
     def sample_ids(self) -> list[str]:
         return [s["sample_id"] for s in self.samples]
+
+    def targets(self) -> np.ndarray:
+        """The encoded targets, stacked."""
+        return torch.stack([s["__target__"] for s in self.samples]).numpy() if self.samples else np.empty(0)
 
 
 class LatentDataset(torch.utils.data.Dataset):
@@ -334,6 +146,7 @@ def predict(
     Predictions: logits (classification), standardised values (regression) or risks (survival). Samples left
     with no modality get no prediction (``keep`` False)."""
     model.eval()
+    width = get_task(model.output_task).output_width(model.config)
     collate = BioPerceiverCollator(modalities)
     preds, keep = [], []
     for start in range(0, len(dataset), batch_size):
@@ -348,7 +161,7 @@ def predict(
         has_any = np.array([any(has_tokens(g, n, k) for n, k in modalities.items()) for g in masked])
         keep.append(has_any)
         rows = [g for g, ok in zip(masked, has_any) if ok]
-        out = np.full((len(feats), _width(model)), np.nan, dtype=np.float64)
+        out = np.full((len(feats), width), np.nan, dtype=np.float64)
         if rows:
             batch = collate(rows, train=False)
             inputs = {n: {k: v.to(device) for k, v in a.items()} for n, a in batch["inputs"].items()}
@@ -357,10 +170,6 @@ def predict(
             out[has_any] = value.float().cpu().numpy()
         preds.append(out)
     return np.concatenate(preds), np.concatenate(keep)
-
-
-def _width(model) -> int:
-    return 1 if hasattr(model, "config") and type(model).__name__.endswith("Survival") else model.config.num_labels
 
 
 def has_tokens(sample: dict, name: str, kind: str | None = None) -> bool:
@@ -404,42 +213,41 @@ def write_predictions(
     path: Path,
     dataset: ProcessedDataset,
     records_by_id: dict,
-    spec: LabelSpec,
+    task: Task,
     preds: np.ndarray,
     modalities: Sequence[str],
     extra: dict[str, np.ndarray] | None = None,
 ):
-    """One row per sample: ids, presence pattern, label(s), prediction(s) (probabilities / original-scale values /
-    risk) — a CSV anyone can re-score."""
+    """One row per sample: ids, presence pattern, label(s), the task's prediction columns (probabilities /
+    original-scale values / risk) and ``extra`` columns — a CSV anyone can re-score."""
     import pandas as pd
-    from scipy.special import expit, softmax
 
+    columns = task.prediction_columns(np.asarray(preds)) if len(dataset) else {}
     rows = []
     for i, s in enumerate(dataset.samples):
-        rec = records_by_id[s["sample_id"]]
         row = {
             "sample_id": s["sample_id"],
             "patient_id": s.get("patient_id"),
             "modalities": presence_pattern(s, modalities),
         }
-        for c in spec.columns:
-            v = rec.get(c)
-            row[c] = json.dumps(list(map(str, v))) if isinstance(v, (list, tuple, np.ndarray)) else v
-        p = preds[i]
-        if spec.task == "survival":
-            row["risk"] = p[0]
-        elif spec.task == "regression":
-            row["prediction"] = float(spec.decode_regression(p[:1])[0])
-        elif spec.task == "multilabel":
-            row.update({f"prob_{c}": float(x) for c, x in zip(spec.classes, expit(p))})
-        else:
-            row.update({f"prob_{c}": float(x) for c, x in zip(spec.classes, softmax(p))})
-            row["predicted"] = spec.classes[int(np.argmax(p))]
+        row.update(task.label_cells(records_by_id[s["sample_id"]]))
+        row.update({k: v[i] for k, v in columns.items()})
         for k, v in (extra or {}).items():
             row[k] = v[i]
         rows.append(row)
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
+
+
+class EpochSetter(transformers.TrainerCallback):
+    """Fresh, reproducible augmentations each epoch (the dataset's RNG is seeded by (seed, epoch, index))."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(int(state.epoch or 0))
 
 
 class TaskTrainer(transformers.Trainer):

@@ -1,0 +1,86 @@
+"""Typed arguments of ``finetune/run_finetune.py`` (parsed with ``HfArgumentParser`` next to transformers'
+``TrainingArguments``): what model to finetune and how (:class:`ModelArguments`), and on which data, task and
+evaluation (:class:`DataArguments`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "pretrained BioPerceiver folder (backbone or finetuned); unset or 'none' = random init"},
+    )
+    preset: str = field(default="bioperceiver_debug", metadata={"help": "preset for random initialisation"})
+    finetuning_mode: str = field(default="full", metadata={"help": "linear_probe | partial | full | lora"})
+    unfreeze_last_n_layers: int = field(default=1, metadata={"help": "partial: latent layers to train"})
+    cache_embeddings: bool = field(default=True, metadata={"help": "linear_probe: embed every sample once"})
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    head_type: str = field(default="pooled", metadata={"help": "pooled | query (Perceiver IO decoder)"})
+    head_hidden_size: int = field(default=0, metadata={"help": "pooled head MLP width; 0 = linear"})
+    head_dropout: float = 0.1
+    survival_loss: str = field(default="cox", metadata={"help": "survival task: cox | discrete"})
+    survival_ties: str = field(default="efron", metadata={"help": "efron | breslow"})
+    num_time_bins: int = field(default=10, metadata={"help": "discrete survival: bins (quantiles of event times)"})
+    license: str = field(default="other", metadata={"help": "licence in the model card metadata"})
+
+
+@dataclass
+class DataArguments:
+    manifest: str = field(metadata={"help": "labelled manifest (Parquet/CSV/JSONL)"})
+    task: str = field(metadata={"help": "classification | multilabel | regression | survival"})
+    label_column: str | None = field(default=None, metadata={"help": "label_* column (not for survival)"})
+    time_column: str = "label_survival_time"
+    event_column: str = "label_survival_event"
+    label_values: list[str] | None = field(default=None, metadata={"help": "classes (default: from train split)"})
+    positive_label: str | None = field(
+        default=None, metadata={"help": "binary 'contains this label' task over a list-valued column"}
+    )
+    top_k_labels: int | None = field(default=None, metadata={"help": "multilabel: keep the k most frequent"})
+    modalities: list[str] | None = field(default=None, metadata={"help": "restrict to these modality columns"})
+    build_demo_cohort: bool = field(default=False, metadata={"help": "build the bundled demo cohort if missing"})
+    processor_dir: str | None = field(default=None, metadata={"help": "fitted processors (default: the model's)"})
+    processor_settings: str | None = field(default=None, metadata={"help": "YAML of processor/embedder settings"})
+    train_split: str = "train"
+    eval_split: str = "validation"
+    test_split: str = "test"
+    label_fraction: float = field(
+        default=1.0, metadata={"help": "share of training patients whose labels are used (label efficiency)"}
+    )
+    modality_dropout: float = 0.0
+    on_error: str = field(default="raise", metadata={"help": "raise | skip (counted and logged)"})
+    n_bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for the test CIs (by patient)"})
+    ablations: bool = field(default=True, metadata={"help": "test metric with each modality removed / alone"})
+    min_pattern_samples: int = field(default=10, metadata={"help": "smallest pattern group that gets metrics"})
+    uncertainty: bool = field(
+        default=True,
+        metadata={"help": "temperature scaling, ECE, conformal sets/intervals, MC-dropout on the test split"},
+    )
+    mc_dropout_samples: int = field(default=20, metadata={"help": "MC-dropout forward passes (0 = off)"})
+    conformal_alpha: float = field(default=0.1, metadata={"help": "conformal miscoverage: sets cover 1 - alpha"})
+    interpret: bool = field(
+        default=True, metadata={"help": "modality Shapley values, integrated gradients and a deletion test on test"}
+    )
+    explain_samples: int = field(default=3, metadata={"help": "test patients with explanation figures (0 = none)"})
+
+
+def task_settings(model_args: ModelArguments, data_args: DataArguments) -> dict[str, Any]:
+    """The settings of ``data_args.task`` from the arguments: every task takes the ones it names (see
+    :meth:`bioperceiver.tasks.Task.from_dict`)."""
+    return {
+        "task": data_args.task,
+        "label_column": data_args.label_column,
+        "time_column": data_args.time_column,
+        "event_column": data_args.event_column,
+        "classes": list(data_args.label_values or []),
+        "positive_label": data_args.positive_label,
+        "top_k": data_args.top_k_labels,
+        "loss": model_args.survival_loss,
+        "ties": model_args.survival_ties,
+        "num_time_bins": model_args.num_time_bins,
+    }
