@@ -402,14 +402,41 @@ def test_regression_multilabel_and_survival_reports():
     z = rng.normal(0, 2, (4000, 2))
     y = (rng.uniform(size=z.shape) < 1 / (1 + np.exp(-z))).astype(float)
     ml = uncertainty_report("multilabel", 2 * z[:2000], y[:2000], 2 * z[2000:], y[2000:], class_names=["x", "y"])
-    assert {"calibrated_prob_x", "calibrated_prob_y", "entropy"} == set(ml.table.columns)
+    assert {
+        "calibrated_prob_x",
+        "calibrated_prob_y",
+        "entropy",
+        "conformal_set_x",
+        "conformal_set_y",
+        "set_size",
+    } == set(ml.table.columns)
     assert ml.metrics["ece_mode"] == "classwise" and ml.metrics["ece_after"] < ml.metrics["ece_before"]
-    assert "coverage" not in ml.metrics
+    # per-label conformal sets: each label covered at >= 1 - alpha on exchangeable test rows
+    assert abs(ml.metrics["coverage"] - (1 - ALPHA)) < 0.025
+    covered = [
+        [str(int(v)) in str(s).split("|") for s, v in zip(ml.table[f"conformal_set_{c}"], y[2000:, k])]
+        for k, c in enumerate(["x", "y"])
+    ]
+    np.testing.assert_allclose(np.mean(covered, axis=1), [ml.metrics["coverage_x"], ml.metrics["coverage_y"]])
 
     risk = rng.normal(size=(50, 1))
     mc = summarize_samples(risk[None] + rng.normal(0, 0.1, (4, 50, 1)), "survival")
     sv = uncertainty_report("survival", risk, np.zeros((50, 2)), risk, None, mc=mc)
-    assert set(sv.table.columns) == {"mc_mean", "mc_std"} and sv.metrics["mean_mc_std"] > 0
+    assert {"mc_mean", "mc_std"} <= set(sv.table.columns) and sv.metrics["mean_mc_std"] > 0
+    assert "conformal_skipped" in sv.metrics  # no event among the calibration rows: reported, not fatal
+
+    # survival with a known model: exponential times with rate exp(risk), independent exponential censoring
+    r = rng.normal(size=(4000, 1))
+    t_true = rng.exponential(1 / np.exp(r[:, 0]))
+    c = rng.exponential(2.0, size=4000)
+    y = np.stack([np.minimum(t_true, c), (t_true <= c).astype(float)], 1)
+    sv = uncertainty_report("survival", r[:2000], y[:2000], r[2000:], y[2000:])
+    assert {"risk_group", "survival_lower_bound"} <= set(sv.table.columns)
+    assert set(sv.table["risk_group"]) == {"low", "medium", "high"}
+    assert sv.metrics["risk_groups_logrank_p"] < 1e-6 and sv.metrics["risk_groups_mean_calibration_error"] < 0.05
+    true_coverage = float((t_true[2000:] >= sv.table["survival_lower_bound"]).mean())
+    assert sv.metrics["conformal_coverage_lower"] <= true_coverage <= sv.metrics["conformal_coverage_upper"]
+    assert true_coverage >= 1 - ALPHA - 0.03
 
 
 def test_reliability_diagram_classwise(tmp_path):

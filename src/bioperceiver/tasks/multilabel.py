@@ -123,7 +123,36 @@ class MultilabelTask(ProbabilisticTask):
         ctx.cols["entropy"] = bernoulli_entropy(pt).mean(axis=1)
 
     def conformal(self, ctx, pv: np.ndarray, pt: np.ndarray) -> None:
-        """Per-label conformal sets. TODO(issue 12): wired by the coordinator to the per-label conformal method of
-        ``bioperceiver.uncertainty_ext`` (written on another branch); until then multilabel runs report calibrated
-        probabilities and ECE only, as before."""
-        return None
+        """Per-label split-conformal sets ⊆ {0, 1} (:class:`~bioperceiver.uncertainty.ConformalMultilabel`, marginal
+        per-label coverage ``>= 1 - alpha``) calibrated on ``ctx.conf_idx`` of the validation rows; unknown
+        (``-1``) labels are left out per label. Columns ``conformal_set_<label>`` (``"0"``, ``"1"``, ``"0|1"`` or
+        empty) and ``set_size`` (labels whose set is not a single value); per-label coverage on test."""
+        from ..uncertainty.conformal_tasks import ConformalMultilabel
+
+        if not len(ctx.conf_idx):
+            return
+        names = ctx.names(pt.shape[1])
+        yv = np.where(ctx.yv[ctx.conf_idx] < 0, np.nan, ctx.yv[ctx.conf_idx])
+        try:
+            conformal = ConformalMultilabel.fit(pv[ctx.conf_idx], yv, ctx.alpha, label_names=names)
+        except ValueError as err:  # e.g. fewer calibration rows than alpha needs: reported, not fatal
+            ctx.metrics["conformal_skipped"] = str(err)
+            return
+        ctx.conformal = conformal
+        sets = conformal.predict(pt)  # (N, L, 2): [i, j, c] = value c of label j is in the set
+        text = np.array(["", "1", "0", "0|1"], dtype=object)[sets[..., 0] * 2 + sets[..., 1]]
+        ctx.cols.update({f"conformal_set_{c}": text[:, k] for k, c in enumerate(names)})
+        ctx.cols["set_size"] = np.where(ctx.ok_t, (sets.sum(axis=2) != 1).sum(axis=1), np.nan)
+        ctx.metrics.update({"conformal_alpha": ctx.alpha, "conformal_score": "lac (per label)"})
+        if ctx.yt is not None:
+            yt = np.where(ctx.yt < 0, np.nan, ctx.yt)
+            ev = conformal.evaluate(pt[ctx.ok_t], yt[ctx.ok_t])
+            ctx.metrics.update(
+                {
+                    "coverage": ev["coverage"],  # mean over labels of the per-label coverage
+                    "joint_coverage": ev["joint_coverage"],
+                    "mean_set_size": ev["mean_set_size"],
+                    "both_values_rate": ev["both_rate"],
+                    **{f"coverage_{c}": v for c, v in zip(names, ev["per_label_coverage"])},
+                }
+            )

@@ -175,7 +175,54 @@ class SurvivalTask(Task):
         self.conformal(ctx)
 
     def conformal(self, ctx) -> None:
-        """Conformalised survival predictions / calibrated risk groups. TODO(issue 12): wired by the coordinator
-        to ``bioperceiver.uncertainty_ext`` (written on another branch); until then survival runs report the
-        MC-dropout spread of the risk only, as before."""
-        return None
+        """Calibrated risk groups and conformal lower bounds on survival time, both fitted on the validation rows
+        ``ctx.conf_idx`` (targets ``(time, event)``):
+
+        - :class:`~bioperceiver.uncertainty.RiskGroups`: tertiles of the validation risk, each group's validation
+          Kaplan-Meier curve as its predicted survival; per test patient ``risk_group`` and ``group_survival_<t>``
+          at the validation quartile times; on test the KM per group, the calibration error and the log-rank test.
+        - :class:`~bioperceiver.uncertainty.ConformalSurvival` (Candès, Lei & Ren 2023, censoring weights from a
+          Kaplan-Meier fit, i.e. censoring independent of the covariates): ``survival_lower_bound`` with
+          ``P(T >= L) >= 1 - alpha``; on test the coverage range censoring allows.
+
+        Either is skipped, with the reason in the metrics, when the validation rows cannot support it (too few
+        patients or events for ``alpha``)."""
+        from ..uncertainty.conformal_tasks import ConformalSurvival, RiskGroups
+
+        idx = ctx.conf_idx
+        if not len(idx) or ctx.yv.ndim != 2 or ctx.yv.shape[1] < 2:
+            return
+        risk_v, time_v, event_v = ctx.zv[idx, 0], ctx.yv[idx, 0], ctx.yv[idx, 1]
+        risk_t = ctx.zt[:, 0]
+        yt = ctx.yt if ctx.yt is not None and ctx.yt.ndim == 2 and ctx.yt.shape[1] >= 2 else None
+        try:
+            groups = RiskGroups.fit(risk_v, time_v, event_v)
+        except ValueError as err:
+            ctx.metrics["risk_groups_skipped"] = str(err)
+        else:
+            ctx.cols["risk_group"] = np.array(
+                [groups.names[g] if g >= 0 else None for g in groups.assign(risk_t)], dtype=object
+            )
+            surv = groups.predict_survival(risk_t)  # (N, H)
+            ctx.cols.update({f"group_survival_{h:g}": surv[:, k] for k, h in enumerate(groups.horizons)})
+            ctx.metrics["risk_groups"] = groups.n_groups
+            if yt is not None:
+                ev = groups.evaluate(risk_t[ctx.ok_t], yt[ctx.ok_t, 0], yt[ctx.ok_t, 1])
+                ctx.metrics.update(
+                    {
+                        "risk_groups_mean_calibration_error": ev["mean_calibration_error"],
+                        "risk_groups_max_calibration_error": ev["max_calibration_error"],
+                        "risk_groups_logrank_p": ev["logrank_p"],
+                    }
+                )
+        try:
+            bound = ConformalSurvival.fit(time_v, event_v, risk=risk_v, alpha=ctx.alpha)
+        except ValueError as err:
+            ctx.metrics["conformal_skipped"] = str(err)
+            return
+        ctx.conformal = bound
+        ctx.cols["survival_lower_bound"] = bound.lower_bound(risk=risk_t)
+        ctx.metrics.update({"conformal_alpha": ctx.alpha, "conformal_c0": bound.c0, "conformal_qhat": bound.qhat})
+        if yt is not None:
+            ev = bound.evaluate(yt[ctx.ok_t, 0], yt[ctx.ok_t, 1], risk=risk_t[ctx.ok_t])
+            ctx.metrics.update({f"conformal_{k}": v for k, v in ev.items()})

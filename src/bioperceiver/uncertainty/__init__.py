@@ -1,8 +1,10 @@
 """Predictive uncertainty, calibration and conformal prediction for finetuned BioPerceiver task models:
 :mod:`.sampling` (MC-dropout, ensembles), :mod:`.calibration` (temperature scaling, ECE, reliability diagrams),
-:mod:`.conformal` (LAC/APS sets, regression intervals) and :mod:`.report` (the whole pipeline of one run). What
-differs between tasks (probabilities, entropies, which calibration and conformal method) is the task object's
-(:mod:`bioperceiver.tasks`); every function takes a :class:`~bioperceiver.tasks.Task` or a task name.
+:mod:`.conformal` (LAC/APS sets, regression intervals), :mod:`.conformal_tasks` (per-label multilabel sets,
+calibrated survival risk groups and conformal lower bounds on survival time) and :mod:`.report` (the whole
+pipeline of one run). What differs between tasks (probabilities, entropies, which calibration and conformal
+method) is the task object's (:mod:`bioperceiver.tasks`); every function takes a :class:`~bioperceiver.tasks.Task`
+or a task name.
 
 Everything works on numpy arrays of raw model outputs as :func:`bioperceiver.training.tasks.predict` returns them
 (logits ``(N, C)`` for classification, ``(N, C)`` label logits for multilabel, standardised values ``(N, 1)`` for
@@ -62,6 +64,15 @@ from .conformal import (
     conformal_scores,
     coverage_summary,
 )
+from .conformal_tasks import (
+    ConformalMultilabel,
+    ConformalSurvival,
+    RiskGroups,
+    kaplan_meier,
+    logrank_test,
+    multilabel_coverage_summary,
+    plot_risk_groups,
+)
 from .report import METRIC_DESCRIPTIONS, CalibrationContext, UncertaintyReport, uncertainty_report
 from .sampling import (
     PredictiveUncertainty,
@@ -79,8 +90,11 @@ __all__ = [
     "METRIC_DESCRIPTIONS",
     "CalibrationContext",
     "ConformalClassifier",
+    "ConformalMultilabel",
     "ConformalRegressor",
+    "ConformalSurvival",
     "PredictiveUncertainty",
+    "RiskGroups",
     "TemperatureScaler",
     "UncertaintyReport",
     "calibrate_conformal",
@@ -92,10 +106,14 @@ __all__ = [
     "ensemble_predict",
     "expected_calibration_error",
     "fit_temperature",
+    "kaplan_meier",
+    "logrank_test",
     "mc_dropout_mode",
     "mc_dropout_predict",
+    "multilabel_coverage_summary",
     "negative_log_likelihood",
     "plot_reliability_diagram",
+    "plot_risk_groups",
     "reliability_bins",
     "summarize_samples",
     "task_kind",

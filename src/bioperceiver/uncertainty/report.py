@@ -63,6 +63,18 @@ METRIC_DESCRIPTIONS = {
     "singleton_rate": "fraction of test sets with exactly one class",
     "empty_set_rate": "fraction of empty test sets",
     "mean_interval_width": "mean width of the conformal test intervals",
+    "joint_coverage": "multilabel: share of test rows whose every label lies in its conformal set",
+    "both_values_rate": "multilabel: share of test labels whose set is {0, 1} (the model is unsure)",
+    "conformal_skipped": "why no conformal sets / bounds were fitted (too few validation rows for alpha)",
+    "risk_groups": "survival: number of risk groups (validation risk quantiles) with their validation KM curves",
+    "risk_groups_mean_calibration_error": "survival: mean |validation-KM prediction - test KM| over groups, horizons",
+    "risk_groups_max_calibration_error": "survival: largest |validation-KM prediction - test KM|",
+    "risk_groups_logrank_p": "survival: log-rank p-value across the test risk groups",
+    "risk_groups_skipped": "why no survival risk groups were fitted",
+    "conformal_c0": "survival: time horizon c0 the conformal lower bounds are truncated at",
+    "conformal_coverage_lower": "survival: test coverage P(T >= bound), lower end (censored rows counted as missed)",
+    "conformal_coverage_upper": "survival: test coverage P(T >= bound), upper end (censored rows counted as covered)",
+    "conformal_mean_lower_bound": "survival: mean conformal lower bound on the survival time over test rows",
     "mc_samples": "stochastic passes / ensemble members behind the MC columns",
     "mean_mc_std": "mean over test rows of the MC std (predicted-class probability or risk/value)",
     "mean_mutual_information": "mean epistemic uncertainty (mutual information, nats) over test rows",
@@ -142,7 +154,8 @@ def uncertainty_report(
     ``table`` columns — classification: ``calibrated_prob_<class>`` (after temperature scaling), ``confidence``
     (top calibrated probability), ``entropy`` (of the calibrated probabilities, nats), ``conformal_set`` (class
     names joined by ``|``), ``set_size``, ``label_in_set`` (with test labels); multilabel:
-    ``calibrated_prob_<label>`` and ``entropy`` (mean Bernoulli entropy over labels; no conformal sets);
+    ``calibrated_prob_<label>``, ``entropy`` (mean Bernoulli entropy over labels), ``conformal_set_<label>`` and
+    ``set_size``; survival: ``risk_group``, ``group_survival_<t>`` and ``survival_lower_bound``;
     regression: ``interval_lower``, ``interval_upper``; plus the MC columns of
     :meth:`PredictiveUncertainty.columns` (``mc_std``, ``mc_entropy``, ``mc_mutual_information``; survival and
     regression ``mc_mean``, ``mc_std``). ``metrics``: see :data:`METRIC_DESCRIPTIONS` (computed on rows with a

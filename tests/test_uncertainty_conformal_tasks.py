@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 
-from bioperceiver.uncertainty_ext import (
+from bioperceiver.uncertainty.conformal_tasks import (
     ConformalMultilabel,
     ConformalSurvival,
     RiskGroups,
