@@ -13,7 +13,7 @@ from .errors import DataError, Problem, SkipReport
 from .manifest import Manifest, parse_reference, read_manifest, write_manifest
 from .processing import BioPerceiverProcessor, load_processor_settings
 from .splits import assign_splits, check_patient_splits, split_of
-from .validate import ValidationReport, validate_manifest
+from .validate import ManifestError, ValidationReport, check_manifest_before_work, validate_manifest
 
 # Resolved on first use: the modality folders import this package's modules, so an eager import here would
 # be circular when ``bioperceiver.modalities`` is imported first.
@@ -42,6 +42,7 @@ __all__ = [
     "ImageProcessor",
     "Manifest",
     "ManifestDataset",
+    "ManifestError",
     "ModalityProcessor",
     "OmicsProcessor",
     "Problem",
@@ -53,6 +54,7 @@ __all__ = [
     "assign_splits",
     "build_dataset",
     "build_iterable_dataset",
+    "check_manifest_before_work",
     "check_patient_splits",
     "load_processor_settings",
     "parse_reference",

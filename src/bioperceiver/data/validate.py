@@ -29,6 +29,18 @@ from .manifest import ID_COLUMNS, LABEL_PREFIX, SPLIT_COLUMN, SPLITS, Manifest, 
 logger = logging.getLogger(__name__)
 
 
+# Problems of the table itself rather than of one sample's content: no ``on_error`` setting skips them.
+MANIFEST_LEVEL_REASONS = frozenset({"empty_id", "duplicate_id", "bad_split", "patient_in_several_splits"})
+
+
+class ManifestError(ValueError):
+    """The manifest cannot be used as it is; ``report`` holds every problem (row, sample, column, fix)."""
+
+    def __init__(self, message: str, report: ValidationReport):
+        super().__init__(message)
+        self.report = report
+
+
 @dataclass
 class ValidationReport:
     num_rows: int
@@ -58,6 +70,14 @@ class ValidationReport:
         if len(self.problems) > max_lines:
             lines.append(f"... and {len(self.problems) - max_lines} more (use --json for all)")
         return "\n".join(lines)
+
+    def blocking(self, on_error: str) -> list[Problem]:
+        """Problems that must stop a run before any work: manifest-level ones (table-level problems, empty or
+        duplicate ids, bad split names, patients in several splits) always; every problem when ``on_error`` is
+        ``"raise"``. Per-sample content problems are otherwise left to ``on_error`` (skipped and counted)."""
+        if on_error == "raise":
+            return list(self.problems)
+        return [p for p in self.problems if p.row is None or p.reason in MANIFEST_LEVEL_REASONS]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -178,6 +198,37 @@ def validate_manifest(
     if processor is not None:
         problems.extend(_deep_check(table, mods, base, processor, sid))
     return ValidationReport(n, mods, problems, counts)
+
+
+def check_manifest_before_work(
+    manifest: str | os.PathLike | pd.DataFrame | Manifest,
+    *,
+    on_error: str,
+    check_files: bool = True,
+    what: str = "this run",
+    max_lines: int = 50,
+) -> ValidationReport:
+    """Cheap validation (headers decoded, no processor) of a manifest before a script does any work.
+
+    Raises :class:`ManifestError` listing every blocking problem (:meth:`ValidationReport.blocking`); the other
+    problems are logged with their counts and left to ``on_error``. Returns the report."""
+    report = validate_manifest(manifest, check_files=check_files)
+    blocking = report.blocking(on_error)
+    if blocking:
+        shown = ValidationReport(report.num_rows, report.modalities, blocking, report.modality_counts)
+        raise ManifestError(
+            f"the manifest cannot be used for {what} (on_error={on_error!r}); fix these first, or check it with "
+            f"`bioperceiver-validate MANIFEST`:\n{shown.summary(max_lines)}",
+            report,
+        )
+    if report.problems:
+        logger.warning(
+            "manifest: %d per-sample problem(s) left to on_error=%r: %s",
+            len(report.problems),
+            on_error,
+            report.counts(),
+        )
+    return report
 
 
 def _check_cell(col, kind, v, i, sid, base, check_files) -> list[Problem]:
