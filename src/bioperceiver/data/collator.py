@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..modalities.registry import get_modality
-from .errors import DataError, SkipReport, check_on_error
+from .errors import DEFAULT_ON_ERROR, DataError, SkipReport, check_on_error
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,9 @@ class BioPerceiverCollator:
         modality_dropout: probability of hiding a present modality from a sample during training, one float for
             all or ``{name: p}``; the last present modality of a sample is never dropped.
         label_columns: label keys to collate into tensors (numbers; lists of strings stay lists).
-        on_error: ``"raise"`` or ``"skip"`` (bad samples are left out and counted in ``report``).
+        on_error: ``"skip_modality"`` (default): a modality whose arrays are bad is left out of its sample (and a
+            sample left with none is dropped), ``"skip_sample"``: a bad sample is left out, ``"raise"``. What is
+            left out is counted in ``report``, including the modalities a dataset dropped (``"__skipped__"``).
         seed: seed of the dropout RNG (mixed with the DataLoader worker id).
         pad_to_multiple_of: round padded lengths up (helps kernels and compilation).
     """
@@ -39,7 +41,7 @@ class BioPerceiverCollator:
         *,
         modality_dropout: float | Mapping[str, float] = 0.0,
         label_columns: Sequence[str] | None = None,
-        on_error: str = "raise",
+        on_error: str = DEFAULT_ON_ERROR,
         seed: int = 0,
         pad_to_multiple_of: int | None = None,
     ):
@@ -63,7 +65,9 @@ class BioPerceiverCollator:
         self._rng: np.random.Generator | None = None
 
     # ---- per-sample checks --------------------------------------------------------------------------------------
-    def _check(self, sample: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray] | None]:
+    def _check(self, sample: Mapping[str, Any], dropped: list[DataError]) -> dict[str, dict[str, np.ndarray] | None]:
+        """Checked arrays per modality (``None`` = absent); under ``skip_modality`` bad modalities are appended to
+        ``dropped`` and absent."""
         sid = sample.get("sample_id")
         out = {}
         for name in self.modalities:
@@ -76,7 +80,14 @@ class BioPerceiverCollator:
                     "bad_type", f"expected a dict of arrays, got {type(arrays).__name__}", sample_id=sid, modality=name
                 )
             spec = self.specs[name]
-            conv = spec.check_arrays(arrays, sample_id=sid, modality=name)
+            try:
+                conv = spec.check_arrays(arrays, sample_id=sid, modality=name)
+            except DataError as err:
+                if self.on_error != "skip_modality":
+                    raise
+                dropped.append(err)
+                out[name] = None
+                continue
             out[name] = None if spec.num_tokens(conv) == 0 else conv
         if all(v is None for v in out.values()):
             raise DataError(
@@ -107,16 +118,19 @@ class BioPerceiverCollator:
         self._calls += 1
         kept, checked = [], []
         for sample in features:
+            dropped = list(sample.get("__skipped__") or ())  # modalities a dataset already left out
             try:
                 if sample.get("__error__") is not None:  # a dataset that skipped this row hands its error on
                     raise sample["__error__"]
-                checked.append(self._check(sample))
+                checked.append(self._check(sample, dropped))
                 kept.append(sample)
             except DataError as err:
                 if self.on_error == "raise":
                     raise
                 self.report.add(err)
                 logger.warning("skipped: %s", err)
+            for err in dropped:
+                self.report.add(err, scope="modality")
         if not kept:
             return None
         if train:

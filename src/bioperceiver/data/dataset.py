@@ -15,13 +15,14 @@ import numpy as np
 import torch
 
 from ..modalities.registry import get_modality
-from .errors import DataError, SkipReport, check_on_error
+from .errors import DEFAULT_ON_ERROR, DataError, SkipReport, check_on_error
 from .manifest import Manifest, is_missing
-from .processing import BioPerceiverProcessor
+from .processing import SKIPPED_KEY, BioPerceiverProcessor
 
 logger = logging.getLogger(__name__)
 
 ERROR_COLUMN = "__error__"
+SKIPPED_COLUMN = "__skipped__"  # JSON list of the modality errors of a kept (or skipped) row: skip_modality
 COUNTS_COLUMN = "__counts__"  # per-row processor counters (OOV genes...), summed in the parent process
 
 
@@ -88,19 +89,36 @@ class _RowProcessor:
     def _process(self, row: dict[str, Any], idx: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.seed, idx])
         try:
-            out = _to_row(self.processor(row, base_dir=self.base_dir, train=self.train, rng=rng), self.processor)
+            processed = self.processor(row, base_dir=self.base_dir, train=self.train, rng=rng, on_error=self.on_error)
+            skipped = processed.pop(SKIPPED_KEY, [])
+            out = _to_row(processed, self.processor)
             out[ERROR_COLUMN] = None
         except DataError as err:
             if self.on_error == "raise":
                 raise
+            skipped = getattr(err, "skipped", [])
             out = dict.fromkeys(self.processor.processors)
-            out[ERROR_COLUMN] = json.dumps(
-                {"reason": err.reason, "modality": err.modality, "sample_id": err.sample_id, "message": str(err)}
-            )
+            out[ERROR_COLUMN] = json.dumps(_error_dict(err))
+        out[SKIPPED_COLUMN] = json.dumps([_error_dict(e) for e in skipped]) if skipped else None
         return out
 
 
-def _fingerprint(table, manifest: Manifest, processor: BioPerceiverProcessor, split, train, seed) -> str:
+def _error_dict(err: DataError) -> dict[str, Any]:
+    return {"reason": err.reason, "modality": err.modality, "sample_id": err.sample_id, "message": str(err)}
+
+
+def _error_from(e: dict[str, Any]) -> DataError:
+    return DataError(e["reason"], e["message"], sample_id=e["sample_id"], modality=e["modality"])
+
+
+def _count_row(report: SkipReport, error_text: str | None, skipped_text: str | None) -> None:
+    for e in json.loads(skipped_text) if skipped_text else ():
+        report.add(_error_from(e), scope="modality")
+    if error_text is not None:
+        report.add(_error_from(json.loads(error_text)))
+
+
+def _fingerprint(table, manifest: Manifest, processor: BioPerceiverProcessor, split, train, seed, on_error) -> str:
     """Cache key of a processed split: ``table`` is the split's cleaned rows (already built by the caller)."""
     h = hashlib.sha256()
     # The rows themselves (not just the file's name and time): subsets of one manifest file must not share a key.
@@ -113,16 +131,14 @@ def _fingerprint(table, manifest: Manifest, processor: BioPerceiverProcessor, sp
     h.update(json.dumps(procs, sort_keys=True, default=str).encode())
     from .._version import __version__
 
-    h.update(f"{split}:{train}:{seed}:{__version__}".encode())
+    h.update(f"{split}:{train}:{seed}:{on_error}:{__version__}".encode())
     return h.hexdigest()[:32]
 
 
 def _report_from(ds: datasets.Dataset) -> SkipReport:
     report = SkipReport()
-    for text in ds[ERROR_COLUMN]:
-        if text is not None:
-            e = json.loads(text)
-            report.add(DataError(e["reason"], e["message"], sample_id=e["sample_id"], modality=e["modality"]))
+    for error_text, skipped_text in zip(ds[ERROR_COLUMN], ds[SKIPPED_COLUMN], strict=True):
+        _count_row(report, error_text, skipped_text)
     return report
 
 
@@ -133,25 +149,27 @@ def build_dataset(
     split: str | None = None,
     num_proc: int | None = None,
     cache_dir: str | os.PathLike | None = None,
-    on_error: str = "raise",
+    on_error: str = DEFAULT_ON_ERROR,
     train: bool = False,
     seed: int = 0,
 ) -> tuple[datasets.Dataset, SkipReport]:
     """Process every row with ``datasets.map`` (``num_proc`` workers) into a ``datasets.Dataset`` in torch-friendly
     columns; results are cached in ``cache_dir`` keyed by the manifest file, the fitted processors and the
-    arguments, so a second call is a cache hit. Returns the dataset (bad rows removed when ``on_error="skip"``)
-    and the :class:`SkipReport` (logged)."""
-    check_on_error(on_error)
+    arguments, so a second call is a cache hit. Returns the dataset and the :class:`SkipReport` (logged): under
+    ``on_error="skip_modality"`` (default) an unreadable modality is absent from its row and counted, a row left
+    with no modality is removed; under ``"skip_sample"`` a row with any unreadable modality is removed."""
+    on_error = check_on_error(on_error)
     table = _clean_table(manifest, split)
     raw = datasets.Dataset.from_pandas(table, preserve_index=False)
     features = raw.features.copy()
     for name, feat in modality_features(processor).items():
         features[name] = feat
     features[ERROR_COLUMN] = datasets.Value("string")
+    features[SKIPPED_COLUMN] = datasets.Value("string")
     features[COUNTS_COLUMN] = datasets.Value("string")
     kwargs: dict[str, Any] = {}
     if cache_dir is not None:
-        fp = _fingerprint(table, manifest, processor, split, train, seed)
+        fp = _fingerprint(table, manifest, processor, split, train, seed, on_error)
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         kwargs = {"cache_file_name": str(Path(cache_dir) / f"processed-{fp}.arrow"), "new_fingerprint": fp}
     ds = raw.map(
@@ -168,7 +186,7 @@ def build_dataset(
     _merge_counts(processor, ds[COUNTS_COLUMN])
     if report.total:
         ds = ds.filter(lambda e: e is None, input_columns=[ERROR_COLUMN])
-    return ds.remove_columns([ERROR_COLUMN, COUNTS_COLUMN]), report
+    return ds.remove_columns([ERROR_COLUMN, SKIPPED_COLUMN, COUNTS_COLUMN]), report
 
 
 def _merge_counts(processor: BioPerceiverProcessor, column) -> None:
@@ -197,7 +215,7 @@ def build_iterable_dataset(
     shuffle_buffer: int | None = None,
     seed: int = 0,
     train: bool = False,
-    on_error: str = "raise",
+    on_error: str = DEFAULT_ON_ERROR,
 ) -> tuple[datasets.IterableDataset, SkipReport]:
     """Streaming path: rows are processed lazily as they are read, sharded across ranks with
     ``datasets.distributed.split_dataset_by_node``. ``num_shards`` defaults to a multiple of ``world_size`` so
@@ -205,7 +223,7 @@ def build_iterable_dataset(
     process)."""
     from datasets.distributed import split_dataset_by_node
 
-    check_on_error(on_error)
+    on_error = check_on_error(on_error)
     table = _clean_table(manifest, split)
     if num_shards is None:
         num_shards = world_size * max(1, min(8, len(table) // max(world_size, 1) // 64))
@@ -219,15 +237,14 @@ def build_iterable_dataset(
 
     def process(row, idx):
         out = fn(row, idx + rank * 1_000_003)
-        if out[ERROR_COLUMN] is not None:
-            e = json.loads(out[ERROR_COLUMN])
-            err = DataError(e["reason"], e["message"], sample_id=e["sample_id"], modality=e["modality"])
-            report.add(err)
-            logger.warning("skipped: %s", err)
+        if out[ERROR_COLUMN] is not None or out[SKIPPED_COLUMN] is not None:
+            _count_row(report, out[ERROR_COLUMN], out[SKIPPED_COLUMN])
+            logger.warning("skipped: %s %s", out[ERROR_COLUMN] or "", out[SKIPPED_COLUMN] or "")
         return out
 
     ds = ds.map(process, with_indices=True)
-    ds = ds.filter(lambda e: e is None, input_columns=[ERROR_COLUMN]).remove_columns([ERROR_COLUMN, COUNTS_COLUMN])
+    ds = ds.filter(lambda e: e is None, input_columns=[ERROR_COLUMN])
+    ds = ds.remove_columns([ERROR_COLUMN, SKIPPED_COLUMN, COUNTS_COLUMN])
     return ds, report
 
 
@@ -255,8 +272,10 @@ class ManifestDataset(torch.utils.data.Dataset):
         base_dir: folder that relative paths in the rows resolve against (``Manifest.base_dir``).
         train: training-time processing (augmentations, random windows).
         seed: seed of the per-row RNG.
-        on_error: ``"raise"``, or ``"skip"``: a bad row yields ``{"sample_id", "__error__"}``, which the collator
-            drops and counts.
+        on_error: ``"skip_modality"`` (default): an unreadable modality is absent from the sample and its error
+            listed under ``"__skipped__"`` (the collator counts it); a sample with no readable modality left, and
+            under ``"skip_sample"`` any bad sample, yields ``{"sample_id", "__error__", "__skipped__"}``, which the
+            collator drops and counts. ``"raise"`` raises the :class:`DataError`.
         modalities: process only these modality names (the others are absent); ``None`` = all the processor has.
         targets: optional per-row targets, handed on as ``sample["__target__"]``.
     """
@@ -269,7 +288,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         base_dir: str | os.PathLike | None = None,
         train: bool = False,
         seed: int = 0,
-        on_error: str = "raise",
+        on_error: str = DEFAULT_ON_ERROR,
         modalities: list[str] | None = None,
         targets: list[Any] | None = None,
     ):
@@ -294,12 +313,17 @@ class ManifestDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, i])
         kwargs = {} if self.modalities is None else {"modalities": self.modalities}
         try:
-            out = self.processor(self.records[i], base_dir=self.base_dir, train=self.train, rng=rng, **kwargs)
+            out = self.processor(
+                self.records[i], base_dir=self.base_dir, train=self.train, rng=rng, on_error=self.on_error, **kwargs
+            )
         except DataError as err:
             if self.on_error == "raise":
                 raise
             logger.warning("skipped: %s", err)
-            return {"sample_id": self.records[i].get("sample_id"), ERROR_COLUMN: err}
+            sid = self.records[i].get("sample_id")
+            return {"sample_id": sid, ERROR_COLUMN: err, SKIPPED_KEY: list(getattr(err, "skipped", []))}
+        for err in out.get(SKIPPED_KEY, ()):
+            logger.warning("modality dropped: %s", err)
         if self.targets is not None:
             out["__target__"] = self.targets[i]
         out["__view_seed__"] = int(rng.integers(2**62))  # modality dropout of this sample, this epoch

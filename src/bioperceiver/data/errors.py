@@ -1,8 +1,16 @@
 """Bad-input handling shared by the manifest validator, the processors, the datasets and the collator.
 
 Every problem is a :class:`DataError` that names the sample, the modality (column) and what to do about it.
-Callers choose a policy: ``on_error="raise"`` (default) raises it; ``on_error="skip"`` drops the sample and
-counts it per reason in a :class:`SkipReport`, which is logged at the end. Nothing is dropped silently.
+Callers choose a policy (``on_error``):
+
+* ``"skip_modality"`` (the default everywhere in the library): an unreadable modality of a sample is dropped (the
+  sample goes on without it, as with any missing modality) and counted; a sample left with no modality is skipped
+  and counted. Missing modalities are the norm in a cohort, so one bad image does not cost the sample its note.
+* ``"skip_sample"`` (``"skip"`` is accepted as its old name): the whole sample is dropped and counted.
+* ``"raise"``: the :class:`DataError` is raised.
+
+Counts are kept per ``(modality, reason)`` in a :class:`SkipReport`, which is logged at the end. Nothing is
+dropped silently.
 """
 
 from __future__ import annotations
@@ -13,7 +21,9 @@ from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
 
-ON_ERROR_CHOICES = ("raise", "skip")
+ON_ERROR_CHOICES = ("skip_modality", "skip_sample", "raise", "skip")
+DEFAULT_ON_ERROR = "skip_modality"
+_ALIASES = {"skip": "skip_sample"}
 
 
 class DataError(ValueError):
@@ -67,52 +77,95 @@ def _rebuild_data_error(reason, message, sample_id, modality, fix):
 
 
 def check_on_error(on_error: str) -> str:
+    """The canonical policy name (``"skip"`` -> ``"skip_sample"``); ``ValueError`` for anything else."""
     if on_error not in ON_ERROR_CHOICES:
-        raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
-    return on_error
+        raise ValueError(
+            f"on_error must be one of {ON_ERROR_CHOICES} ('skip' is the old name of 'skip_sample'), got {on_error!r}"
+        )
+    return _ALIASES.get(on_error, on_error)
+
+
+SAMPLE, MODALITY = "sample", "modality"
 
 
 @dataclass
 class SkipReport:
-    """Counts of skipped samples per ``(modality, reason)``, with a few example messages each."""
+    """What was skipped, per ``(modality, reason)`` with a few example messages each, in two scopes:
+    ``counts`` holds samples dropped whole, ``modality_counts`` modality values dropped while their sample was kept
+    (``on_error="skip_modality"``, or a training value left out of processor fitting)."""
 
     counts: Counter = field(default_factory=Counter)
     examples: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    modality_counts: Counter = field(default_factory=Counter)
+    modality_examples: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     max_examples: int = 3
 
-    def add(self, error: DataError) -> None:
+    def add(self, error: DataError, scope: str = SAMPLE) -> None:
+        """Count ``error``: ``scope="sample"`` (the sample was dropped) or ``"modality"`` (only its modality)."""
+        if scope not in (SAMPLE, MODALITY):
+            raise ValueError(f"scope must be {SAMPLE!r} or {MODALITY!r}, got {scope!r}")
+        counts, examples = (self.counts, self.examples) if scope == SAMPLE else self._modality_scope()
         key = (error.modality or "-", error.reason)
-        self.counts[key] += 1
-        ex = self.examples.setdefault(key, [])
+        counts[key] += 1
+        ex = examples.setdefault(key, [])
         if len(ex) < self.max_examples:
             ex.append(str(error))
 
+    def _modality_scope(self):
+        return self.modality_counts, self.modality_examples
+
+    def update(self, other: SkipReport) -> None:
+        """Add another report's counts (and examples) to this one."""
+        for mine, theirs in (
+            ((self.counts, self.examples), (other.counts, other.examples)),
+            ((self.modality_counts, self.modality_examples), (other.modality_counts, other.modality_examples)),
+        ):
+            for key, c in theirs[0].items():
+                mine[0][key] += c
+                ex = mine[1].setdefault(key, [])
+                ex.extend(theirs[1].get(key, [])[: max(self.max_examples - len(ex), 0)])
+
     @property
     def total(self) -> int:
+        """Samples dropped whole."""
         return sum(self.counts.values())
 
+    @property
+    def modality_total(self) -> int:
+        """Modality values dropped while their samples were kept."""
+        return sum(self.modality_counts.values())
+
     def as_dict(self) -> dict:
+        def rows(counts, examples):
+            return [
+                {"modality": m, "reason": r, "count": c, "examples": examples.get((m, r), [])}
+                for (m, r), c in sorted(counts.items())
+            ]
+
         return {
             "total": self.total,
-            "by_reason": [
-                {"modality": m, "reason": r, "count": c, "examples": self.examples.get((m, r), [])}
-                for (m, r), c in sorted(self.counts.items())
-            ],
+            "by_reason": rows(self.counts, self.examples),
+            "modality_total": self.modality_total,
+            "modalities_by_reason": rows(self.modality_counts, self.modality_examples),
         }
 
     def summary(self) -> str:
-        if not self.total:
-            return "no samples skipped"
-        lines = [f"skipped {self.total} sample(s):"]
-        for (m, r), c in sorted(self.counts.items()):
-            lines.append(f"  {c:6d}  modality={m}  reason={r}  e.g. {self.examples[(m, r)][0]}")
+        if not self.total and not self.modality_total:
+            return "nothing skipped"
+        lines = [f"skipped {self.total} sample(s); dropped {self.modality_total} modality value(s) of kept samples"]
+        for scope, counts, examples in (
+            ("sample", self.counts, self.examples),
+            ("modality", self.modality_counts, self.modality_examples),
+        ):
+            for (m, r), c in sorted(counts.items()):
+                lines.append(f"  {c:6d}  {scope:8s}  modality={m}  reason={r}  e.g. {examples[(m, r)][0]}")
         return "\n".join(lines)
 
     def log(self, what: str = "data") -> None:
-        if self.total:
+        if self.total or self.modality_total:
             logger.warning("%s: %s", what, self.summary())
         else:
-            logger.info("%s: no samples skipped", what)
+            logger.info("%s: nothing skipped", what)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..modalities.registry import get_modality
-from .errors import DataError, SkipReport, check_on_error
+from .errors import DEFAULT_ON_ERROR, DataError, SkipReport, check_on_error
 from .manifest import Manifest, is_missing
 
 if TYPE_CHECKING:
@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 PROCESSOR_INDEX = "bioperceiver_processor.json"
 PROCESSORS_DIR = "processors"
+SKIPPED_KEY = "__skipped__"  # errors of the modalities dropped from a sample under on_error="skip_modality"
 
 
 def load_processor_settings(path: str | os.PathLike | None) -> tuple[dict, dict]:
@@ -52,6 +53,7 @@ class BioPerceiverProcessor:
         self.processors = dict(processors)
         for name, proc in self.processors.items():
             proc.name = name
+        self.fit_report = SkipReport()  # training values left out of the last fit (see fit)
 
     @classmethod
     def from_manifest(
@@ -77,19 +79,35 @@ class BioPerceiverProcessor:
     def modalities(self) -> dict[str, str]:
         return {name: p.kind for name, p in self.processors.items()}
 
-    def fit(self, manifest: Manifest, split: str | None = "train") -> BioPerceiverProcessor:
+    def fit(
+        self, manifest: Manifest, split: str | None = "train", *, on_error: str = DEFAULT_ON_ERROR
+    ) -> BioPerceiverProcessor:
         """Fit every processor on its column, using the ``split`` rows only (all rows when ``split`` is None or
-        the manifest has no split column)."""
+        the manifest has no split column).
+
+        With ``on_error`` ``"skip_modality"``/``"skip_sample"`` a training value that cannot be read is left out of
+        its processor's fit (the other modalities of that sample still count for theirs) and counted in
+        :attr:`fit_report` (per modality and reason, logged); with ``"raise"`` a :class:`DataError` names the
+        sample, the modality and the fix."""
+        on_error = check_on_error(on_error)
         table = manifest.table
         if split is not None and "split" in table:
             table = table[table["split"] == split]
             if table.empty:
                 raise ValueError(f"the manifest has no {split!r} rows to fit the processors on")
         ids = table["sample_id"].tolist()
+        self.fit_report = SkipReport()
         for name, proc in self.processors.items():
             if proc.is_fitted and not proc.needs_fit:
                 continue
-            proc.fit(table[name].tolist(), sample_ids=ids, base_dir=manifest.base_dir)
+            proc.fit(
+                table[name].tolist(),
+                sample_ids=ids,
+                base_dir=manifest.base_dir,
+                on_error=on_error,
+                report=self.fit_report,
+            )
+        self.fit_report.log("processor fitting")
         return self
 
     def __call__(
@@ -100,13 +118,20 @@ class BioPerceiverProcessor:
         train: bool = False,
         rng: np.random.Generator | None = None,
         modalities: list[str] | None = None,
+        on_error: str = "raise",
     ) -> dict[str, Any]:
         """Process one manifest row: ``{name: arrays or None}`` for each modality, plus ``sample_id``,
-        ``patient_id`` and any ``label_*`` entries passed through. Raises :class:`DataError` naming the sample."""
+        ``patient_id`` and any ``label_*`` entries passed through. Raises :class:`DataError` naming the sample.
+
+        ``on_error="skip_modality"``: a modality that fails is set to ``None`` (absent) and its error listed in
+        ``out["__skipped__"]``; when no modality is left the :class:`DataError` raised (reason
+        ``"no_readable_modality"``) carries those errors in ``.skipped``. Other values raise the first error (the
+        caller then drops the whole sample under ``"skip_sample"``)."""
+        on_error = check_on_error(on_error)
         sid = record.get("sample_id")
         out: dict[str, Any] = {"sample_id": sid, "patient_id": record.get("patient_id")}
         rng = rng if rng is not None else np.random.default_rng()
-        present = 0
+        present, skipped = 0, []
         for name, proc in self.processors.items():
             if modalities is not None and name not in modalities:
                 out[name] = None
@@ -115,34 +140,59 @@ class BioPerceiverProcessor:
             if is_missing(value):
                 out[name] = None
                 continue
-            out[name] = proc(value, sample_id=sid, base_dir=base_dir, train=train, rng=rng)
+            try:
+                out[name] = proc(value, sample_id=sid, base_dir=base_dir, train=train, rng=rng)
+            except DataError as err:
+                if on_error != "skip_modality":
+                    raise
+                out[name] = None
+                skipped.append(err.located(sample_id=sid, modality=name))
+                continue
             present += 1
         if not present:
+            if skipped:
+                err = DataError(
+                    "no_readable_modality",
+                    f"no modality of the sample could be read ({', '.join(e.reason for e in skipped)})",
+                    sample_id=sid,
+                    fix="fix the files named in the modality errors, or drop the row",
+                )
+                err.skipped = skipped
+                raise err
             raise DataError(
                 "no_modality",
                 "the sample has no modality this processor handles",
                 sample_id=sid,
                 fix="drop the row or fill at least one modality column",
             )
+        if skipped:
+            out[SKIPPED_KEY] = skipped
         for key, value in record.items():
             if key.startswith("label_"):
                 out[key] = value
         return out
 
     def process_many(
-        self, records, *, base_dir=None, train: bool = False, seed: int = 0, on_error: str = "raise"
+        self, records, *, base_dir=None, train: bool = False, seed: int = 0, on_error: str = DEFAULT_ON_ERROR
     ) -> tuple[list[dict], SkipReport]:
-        """Process rows one by one; with ``on_error="skip"`` bad samples are left out and counted."""
-        check_on_error(on_error)
+        """Process rows one by one; bad modalities (``"skip_modality"``) or samples (``"skip_sample"``) are left
+        out and counted."""
+        on_error = check_on_error(on_error)
         report, out = SkipReport(), []
         rng = np.random.default_rng(seed)
         for rec in records:
             try:
-                out.append(self(rec, base_dir=base_dir, train=train, rng=rng))
+                sample = self(rec, base_dir=base_dir, train=train, rng=rng, on_error=on_error)
             except DataError as err:
                 if on_error == "raise":
                     raise
+                for e in getattr(err, "skipped", ()):
+                    report.add(e, scope="modality")
                 report.add(err)
+                continue
+            for e in sample.pop(SKIPPED_KEY, ()):
+                report.add(e, scope="modality")
+            out.append(sample)
         return out, report
 
     def model_modalities(self, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict]:

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..data.errors import DataError
+from ..data.errors import DEFAULT_ON_ERROR, DataError, SkipReport, check_on_error
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +82,17 @@ class ModalityProcessor:
         *,
         sample_ids: Iterable[str] | None = None,
         base_dir: str | os.PathLike | None = None,
+        on_error: str = DEFAULT_ON_ERROR,
+        report: SkipReport | None = None,
     ) -> ModalityProcessor:
-        """Learn vocabularies/statistics from the (training) values of this modality; missing values are ignored."""
+        """Learn vocabularies/statistics from the (training) values of this modality; missing values are ignored.
+
+        A value that cannot be read (a :class:`DataError` naming its sample) is, with ``on_error`` ``"skip_modality"``
+        or ``"skip_sample"``, left out of the fit and counted in ``report`` (scope ``"modality"``, its reason);
+        with ``"raise"`` the error is raised, naming the sample, this modality and the fix."""
         from ..data.manifest import is_missing
+
+        on_error = check_on_error(on_error)
 
         vals, ids = [], []
         sample_ids = list(sample_ids) if sample_ids is not None else None
@@ -100,8 +108,28 @@ class ModalityProcessor:
                 modality=self.name,
                 fix="check that the training split has samples with this modality, or drop the modality",
             )
-        self.state = {}
-        self._fit(vals, ids, Path(base_dir) if base_dir is not None else None)
+        base = Path(base_dir) if base_dir is not None else None
+        while True:  # a bad value is dropped and the fit restarted: fits are cheap next to a run, bad values rare
+            self.state = {}
+            try:
+                self._fit(vals, ids, base)
+                break
+            except DataError as err:
+                err = err.located(modality=self.name)
+                if on_error == "raise" or err.sample_id not in ids:
+                    raise err from None
+                j = ids.index(err.sample_id)
+                del vals[j], ids[j]
+                if report is not None:
+                    report.add(err, scope="modality")
+                logger.warning("left out of fitting: %s", err)
+                if not vals:
+                    raise DataError(
+                        "no_training_values",
+                        "no readable value to fit on (every training value was left out)",
+                        modality=self.name,
+                        fix="fix the files of this modality (bioperceiver-validate MANIFEST), or drop the modality",
+                    ) from None
         logger.info("fitted %s processor %r on %d values", self.kind, self.name, len(vals))
         return self
 

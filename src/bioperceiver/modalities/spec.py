@@ -346,13 +346,65 @@ def finite_number(value: Any) -> bool:
     )
 
 
+NPY_FIX = "re-export it with numpy.save as a plain numeric array"
+
+
+class NpyFileError(ValueError):
+    """A ``.npy`` file that is not a readable numeric array (the message says why, never to unpickle it)."""
+
+
 def npy_shape(path: Path) -> tuple[int, ...]:
-    """Shape stored in a ``.npy`` header; the data is not read (version 3 headers: a memory map, still no read)."""
+    """Shape stored in a ``.npy`` header, after checking the file can hold it: the header decodes, the dtype is
+    numeric (not pickled objects) and the file is as long as the header says (not truncated). The data is not read.
+    Raises :class:`NpyFileError`."""
     from numpy.lib import format as npy_format
 
+    path = Path(path)
     with open(path, "rb") as f:
-        major, _minor = npy_format.read_magic(f)
-        if major in (1, 2):
-            read = npy_format.read_array_header_1_0 if major == 1 else npy_format.read_array_header_2_0
-            return tuple(read(f)[0])
-    return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
+        try:
+            version = npy_format.read_magic(f)
+            if version == (1, 0):
+                shape, _fortran, dtype = npy_format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _fortran, dtype = npy_format.read_array_header_2_0(f)
+            else:
+                shape, _fortran, dtype = npy_format._read_array_header(f, version)
+        except Exception:
+            raise NpyFileError(
+                f"{path.name} is not a valid .npy array file (its header does not decode: corrupt, truncated or not "
+                "written by numpy.save)"
+            ) from None
+        offset = f.tell()
+    if dtype.hasobject:
+        raise NpyFileError(f"{path.name} holds Python objects, not a numeric array")
+    expected = offset + math.prod(shape) * dtype.itemsize
+    size = path.stat().st_size
+    if size < expected:
+        raise NpyFileError(
+            f"{path.name} is truncated: its header announces {tuple(shape)} {dtype} ({expected} bytes) but the file "
+            f"has {size} bytes"
+        )
+    return tuple(shape)
+
+
+def load_npy(path: Path) -> np.ndarray:
+    """``np.load(path, allow_pickle=False)`` of a user's file, with the checks of :func:`npy_shape` first; every
+    failure is a :class:`NpyFileError` whose message diagnoses the file (numpy's own text for some corrupt files
+    suggests unpickling them, which is both the wrong diagnosis and unsafe)."""
+    npy_shape(path)
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as err:
+        raise NpyFileError(
+            f"{Path(path).name} is not a valid .npy array file (corrupt or truncated: {type(err).__name__})"
+        ) from None
+
+
+def describe_failure(err: BaseException) -> str:
+    """``"Type: message"`` of a decoder failure for a user, without numpy's advice to unpickle a file."""
+    if isinstance(err, NpyFileError):
+        return str(err)
+    text = str(err)
+    if "pickle" in text.lower():
+        return "not a valid numpy array file (corrupt or truncated, or it holds Python objects)"
+    return f"{type(err).__name__}: {text[:160]}"

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...data.errors import DataError
 from ..processor import ModalityProcessor, check_finite
+from ..spec import NPY_FIX, NpyFileError, describe_failure, load_npy
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +114,11 @@ class ImageProcessor(ModalityProcessor):
             raise self.error("missing_file", f"image {path} does not exist", "fix the path or set the cell to null")
         if path.suffix == ".npy":
             try:
-                arr = np.load(path, allow_pickle=False)
-            except Exception as err:
-                raise self.error("unreadable_image", f"cannot read {path}: {err}", "check the file") from None
+                arr = load_npy(path)
+            except NpyFileError as err:
+                raise self.error("corrupt_file", str(err), NPY_FIX) from None
+            if arr.size == 0:
+                raise self.error("empty_image", f"{path.name} has shape {arr.shape}", "re-export the image")
             return self._channel_first(np.asarray(arr, dtype=np.float32), path, has_channel=None), {}
         if self._load is None:
             self._load = _loader()
@@ -125,7 +129,7 @@ class ImageProcessor(ModalityProcessor):
         except Exception as err:
             raise self.error(
                 "unreadable_image",
-                f"cannot read {path} ({type(err).__name__}: {str(err)[:200]})",
+                f"cannot read {path} ({describe_failure(err)})",
                 "check that the file opens (pydicom.dcmread / nibabel.load / PIL.Image.open); compressed DICOM "
                 "transfer syntaxes need the matching pylibjpeg/gdcm codec",
             ) from None
@@ -210,8 +214,11 @@ class ImageProcessor(ModalityProcessor):
             self.state = {"fitted_on": len(values)}
             return
         total, total_sq, count = 0.0, 0.0, 0
-        for v in values[: self.settings.max_fit_samples]:
-            arr, extra = self.load(v, base_dir)
+        for v, sid in zip(values[: self.settings.max_fit_samples], sample_ids):
+            try:
+                arr, extra = self.load(v, base_dir)
+            except DataError as err:
+                raise err.located(sample_id=sid) from None
             arr = self._spatial(arr, extra).astype(np.float64)
             total, total_sq, count = total + arr.sum(), total_sq + (arr**2).sum(), count + arr.size
         mean = total / count

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ...data.errors import DataError, Problem
-from ..spec import ArraySpec, ModalitySpec, npy_shape
+from ..spec import NPY_FIX, ArraySpec, ModalitySpec, NpyFileError, describe_failure, npy_shape
 from .embedder import ImageEmbedder
 from .processor import ImageProcessor
 
@@ -92,11 +92,13 @@ class ImageSpec(ModalitySpec):
                 shape = (int(ds.Rows), int(ds.Columns))
             else:
                 return []  # another format MONAI may read: the deep check runs the processor
+        except NpyFileError as err:
+            return [Problem("corrupt_file", str(err), NPY_FIX)]
         except Exception as err:  # any decoder failure is the finding
             return [
                 Problem(
                     "unreadable_image",
-                    f"cannot decode the header of {path.name} ({type(err).__name__}: {str(err)[:160]})",
+                    f"cannot decode the header of {path.name} ({describe_failure(err)})",
                     "re-export the file; check it opens with PIL / pydicom / nibabel / numpy",
                 )
             ]

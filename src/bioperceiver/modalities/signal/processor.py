@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ...data.errors import DataError
 from ..processor import ModalityProcessor, check_finite
+from ..spec import NPY_FIX, NpyFileError, describe_failure, load_npy
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ def _read_recording(path: Path, default_rate: float | None, proc: ModalityProces
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
-            values = np.load(path, allow_pickle=False)
+            values = load_npy(path)
             side = Path(str(path) + ".json")
             meta = json.loads(side.read_text()) if side.exists() else {}
             values = np.atleast_2d(values)
@@ -126,12 +128,22 @@ def _read_recording(path: Path, default_rate: float | None, proc: ModalityProces
             raise proc.error(
                 "unsupported_format", f"signal file {path.name} has an unsupported format", "use .npy/.npz/.csv/.edf"
             )
-    except (OSError, ValueError, KeyError, EOFError) as err:
-        if hasattr(err, "reason"):
-            raise
-        raise proc.error("unreadable_signal", f"cannot read {path}: {err}", "check the file") from None
+    except DataError:
+        raise
+    except NpyFileError as err:
+        raise proc.error("corrupt_file", str(err), NPY_FIX) from None
+    except Exception as err:
+        raise proc.error(
+            "unreadable_signal", f"cannot read {path} ({describe_failure(err)})", "re-export the recording"
+        ) from None
     if values.dtype.kind not in "fiub":
         raise proc.error("bad_dtype", f"{path.name} holds {values.dtype} values", "store numbers")
+    if values.size == 0:
+        raise proc.error(
+            "empty_signal",
+            f"{path.name} holds values of shape {values.shape} (no samples or no channels)",
+            "store values as (channels, time) with at least one sample, or set the cell to null",
+        )
     values = values.astype(np.float64)
     if len(channels) != values.shape[0]:
         raise proc.error(

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ...data.errors import DataError, Problem
-from ..spec import ArraySpec, ModalitySpec, npy_shape
+from ..spec import NPY_FIX, ArraySpec, ModalitySpec, NpyFileError, describe_failure, npy_shape
 from .embedder import SignalEmbedder
 from .processor import SignalProcessor
 
@@ -124,16 +124,24 @@ class SignalSpec(ModalitySpec):
                 return []
             else:
                 return []
+        except NpyFileError as err:
+            return [Problem("corrupt_file", str(err), NPY_FIX)]
         except Exception as err:  # any decoder failure is the finding
             return [
                 Problem(
                     "unreadable_signal",
-                    f"cannot decode the header of {path.name} ({type(err).__name__}: {str(err)[:160]})",
+                    f"cannot decode the header of {path.name} ({describe_failure(err)})",
                     "re-export the recording",
                 )
             ]
         if len(shape) not in (1, 2) or 0 in shape:
-            return [Problem("empty_signal", f"{path.name} holds values of shape {shape}", "store (channels, time)")]
+            return [
+                Problem(
+                    "empty_signal",
+                    f"{path.name} holds values of shape {shape} (no samples or no channels)",
+                    "store values as (channels, time) with at least one sample, or set the cell to null",
+                )
+            ]
         return []
 
     def check_options(self, options):

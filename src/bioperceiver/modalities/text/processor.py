@@ -14,6 +14,7 @@ import numpy as np
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from ...data.errors import DataError
 from ..processor import ModalityProcessor
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -197,6 +198,12 @@ class TextProcessor(ModalityProcessor):
         return 0
 
     def _fit(self, values, sample_ids, base_dir):
+        for v, sid in zip(values, sample_ids):
+            if not isinstance(v, str) or not v.strip():  # the same checks as a call, before any training
+                try:
+                    self._check_note(v)
+                except DataError as err:
+                    raise err.located(sample_id=sid) from None
         if self.settings.tokenizer_file:
             self.tokenizer = Tokenizer.from_file(str(self.settings.tokenizer_file))
         else:
@@ -211,17 +218,20 @@ class TextProcessor(ModalityProcessor):
         self.state = self._describe()
 
     def _process(self, value, *, sample_id, base_dir, train, rng):
+        self._check_note(value)
+        enc = self.tokenizer.encode(value)
+        ids = np.asarray(enc.ids, dtype=np.int64)
+        if enc.overflowing:
+            self.counters["truncated_notes"] += 1
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+    def _check_note(self, value) -> None:
         if not isinstance(value, str):
             raise self.error("bad_type", f"expected the note as a string, got {type(value).__name__}", "")
         if not value.strip():
             raise self.error(
                 "empty_text", "the note is empty", "set the cell to null when a sample has no note, or fill it"
             )
-        enc = self.tokenizer.encode(value)
-        ids = np.asarray(enc.ids, dtype=np.int64)
-        if enc.overflowing:
-            self.counters["truncated_notes"] += 1
-        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
     def model_settings(self):
         return {
