@@ -239,7 +239,7 @@ def test_collator_skip_counts_and_raise_names_the_sample(cohort):
         else None
     )
     bad_empty = {"sample_id": "empty-sample", **dict.fromkeys(processor.processors)}
-    strict = BioPerceiverCollator(processor.modalities)
+    strict = BioPerceiverCollator(processor.modalities, on_error="raise")
     with pytest.raises(DataError, match=r"empty-sample.*no modality"):
         strict([*good, bad_empty])
     features = [*good, bad_empty]
@@ -282,7 +282,7 @@ def test_dataset_skip_reports_bad_rows_and_raise_names_them(cohort):
     table.loc[rows, "text_note"] = "   "
     broken = read_manifest(table, base_dir=manifest.base_dir)
     with pytest.raises(DataError, match="empty"):
-        build_dataset(broken, processor)
+        build_dataset(broken, processor, on_error="raise")
     ds, report = build_dataset(broken, processor, on_error="skip", num_proc=2)
     assert len(ds) == len(table) - 2 and report.counts[("text_note", "empty_text")] == 2
     assert set(table.loc[rows, "sample_id"]).isdisjoint(ds["sample_id"])

@@ -30,7 +30,7 @@ SETTINGS = {
     "image_xray": {"spatial_size": [16, 16]},
     "signal_ecg": {"window_s": None},
 }
-WORDS = "patient stable mild effusion no fracture heart normal size lungs clear".split()
+WORDS = ["patient", "stable", "mild", "effusion", "no", "fracture", "heart", "normal", "size", "lungs", "clear"]
 
 
 def _npy_with_sidecar(path, array, rate=100.0):
@@ -251,7 +251,7 @@ def test_skip_sample_drops_the_whole_sample(image_cohort):
         assert len(samples) == 10 and many_report.counts == report.counts
     samples, many_report = processor.process_many(manifest.records(), base_dir=manifest.base_dir)
     assert len(samples) == 11 and many_report.modality_counts == {("image_xray", "corrupt_file"): 2}
-    with pytest.raises(DataError, match="'s1'.*'image_xray'"):
+    with pytest.raises(DataError, match=r"'s1'.*'image_xray'"):
         _collate_all(manifest, processor, "raise")
 
 

@@ -8,8 +8,11 @@ Steps: validate the manifest (stop on problems unless ``--allow_invalid``), assi
 has none (salted hash of ``patient_id``), fit each processor on the ``train`` rows, save them with
 ``BioPerceiverProcessor.save_pretrained``, and write ``model_modalities.json`` (the ``modalities`` argument of
 ``create_model``/``BioPerceiverConfig`` implied by the fitted vocabularies) and ``split_manifest.parquet`` (the
-manifest with its ``split`` column). ``--settings`` is a JSON/YAML file ``{column: {setting: value}}``; without
-it the manifest metadata's ``processor_settings`` are used.
+manifest with its ``split`` column). ``--settings`` is a JSON/YAML file ``{column: {setting: value}}`` (or
+``{processors: ..., embedders: ...}``) keyed by manifest column; entries for columns this manifest lacks are listed
+and not applied, and relative paths in it resolve against its own folder. Without it the manifest metadata's
+``processor_settings`` are used. With ``--allow_invalid``, training values that cannot be read are left out of
+fitting and counted (``--on_error raise`` stops on the first instead).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 from pathlib import Path
 
 from bioperceiver.data import (
+    ON_ERROR_CHOICES,
     BioPerceiverProcessor,
     assign_splits,
     load_processor_settings,
@@ -47,6 +51,12 @@ def main(argv=None) -> Path:
     p.add_argument("--salt", default="bioperceiver", help="salt of the patient-level split hash")
     p.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
     p.add_argument("--allow_invalid", action="store_true", help="fit even when validation finds problems")
+    p.add_argument(
+        "--on_error",
+        default="skip_modality",
+        choices=ON_ERROR_CHOICES,
+        help="a training value that cannot be read: left out of fitting and counted (skip_*), or raise",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -57,7 +67,12 @@ def main(argv=None) -> Path:
         raise SystemExit("the manifest has problems (listed above); fix them or pass --allow_invalid")
     manifest = assign_splits(manifest, fractions=args.fractions, salt=args.salt)
     settings, embedders = load_settings(args.settings, manifest)
-    processor = BioPerceiverProcessor.from_manifest(manifest, settings).fit(manifest, split=args.split)
+    processor = BioPerceiverProcessor.from_manifest(manifest, settings)
+    if processor.unused_settings:
+        print("settings not applied (no such column in this manifest): " + "; ".join(processor.unused_settings))
+    processor.fit(manifest, split=args.split, on_error=args.on_error)
+    if processor.fit_report.modality_total:
+        print("left out of fitting: " + processor.fit_report.summary())
     out = Path(args.output_dir)
     processor.save_pretrained(out)
     modalities = processor.model_modalities(embedders)

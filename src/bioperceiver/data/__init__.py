@@ -9,9 +9,9 @@ from importlib import import_module
 
 from .collator import BioPerceiverCollator
 from .dataset import ManifestDataset, build_dataset, build_iterable_dataset, to_sample
-from .errors import DataError, Problem, SkipReport
+from .errors import DEFAULT_ON_ERROR, ON_ERROR_CHOICES, DataError, Problem, SkipReport, check_on_error
 from .manifest import Manifest, parse_reference, read_manifest, write_manifest
-from .processing import BioPerceiverProcessor, load_processor_settings
+from .processing import BioPerceiverProcessor, ProcessorSettings, load_processor_settings
 from .splits import assign_splits, check_patient_splits, split_of
 from .validate import ManifestError, ValidationReport, check_manifest_before_work, validate_manifest
 
@@ -36,6 +36,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "DEFAULT_ON_ERROR",
+    "ON_ERROR_CHOICES",
     "BioPerceiverCollator",
     "BioPerceiverProcessor",
     "DataError",
@@ -46,6 +48,7 @@ __all__ = [
     "ModalityProcessor",
     "OmicsProcessor",
     "Problem",
+    "ProcessorSettings",
     "SignalProcessor",
     "SkipReport",
     "TabularProcessor",
@@ -55,6 +58,7 @@ __all__ = [
     "build_dataset",
     "build_iterable_dataset",
     "check_manifest_before_work",
+    "check_on_error",
     "check_patient_splits",
     "load_processor_settings",
     "parse_reference",

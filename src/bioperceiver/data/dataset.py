@@ -104,11 +104,17 @@ class _RowProcessor:
 
 
 def _error_dict(err: DataError) -> dict[str, Any]:
-    return {"reason": err.reason, "modality": err.modality, "sample_id": err.sample_id, "message": str(err)}
+    return {
+        "reason": err.reason,
+        "modality": err.modality,
+        "sample_id": err.sample_id,
+        "message": err.message,
+        "fix": err.fix,
+    }
 
 
 def _error_from(e: dict[str, Any]) -> DataError:
-    return DataError(e["reason"], e["message"], sample_id=e["sample_id"], modality=e["modality"])
+    return DataError(e["reason"], e["message"], sample_id=e["sample_id"], modality=e["modality"], fix=e["fix"])
 
 
 def _count_row(report: SkipReport, error_text: str | None, skipped_text: str | None) -> None:

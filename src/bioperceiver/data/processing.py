@@ -25,19 +25,112 @@ PROCESSORS_DIR = "processors"
 SKIPPED_KEY = "__skipped__"  # errors of the modalities dropped from a sample under on_error="skip_modality"
 
 
-def load_processor_settings(path: str | os.PathLike | None) -> tuple[dict, dict]:
-    """``(processor settings, embedder overrides)`` from a JSON/YAML file that is either ``{column: settings}`` or
-    ``{processors: {column: settings}, embedders: {column: settings}}``; ``({}, {})`` for ``None``."""
+SETTINGS_SECTIONS = ("processors", "embedders")
+_PATH_SUFFIXES = ("_file", "_path", "_dir")
+
+
+class ProcessorSettings(tuple):
+    """``(processors, embedders)``: per-COLUMN processor settings and embedder overrides from a settings file
+    (a 2-tuple, so ``settings, embedders = load_processor_settings(path)`` works).
+
+    Entries are keyed by manifest column (``text_report``, ``signal_ecg``...), never by kind: nothing in a settings
+    file applies to a column it does not name. :meth:`for_columns` keeps the entries of the columns a run has and
+    reports the others.
+
+    Attributes:
+        source: the file read (``None`` for settings built in code).
+        unknown_keys: top-level keys of a sectioned file other than ``processors``/``embedders`` (ignored, reported).
+    """
+
+    def __new__(cls, processors=None, embedders=None, *, source=None, unknown_keys=()):
+        self = super().__new__(cls, (dict(processors or {}), dict(embedders or {})))
+        self.source = None if source is None else Path(source)
+        self.unknown_keys = list(unknown_keys)
+        self.not_applied: list[str] = []  # set by for_columns: the entries it left out
+        return self
+
+    def __getnewargs_ex__(self):
+        return (self[0], self[1]), {"source": self.source, "unknown_keys": self.unknown_keys}
+
+    @property
+    def processors(self) -> dict[str, dict]:
+        return self[0]
+
+    @property
+    def embedders(self) -> dict[str, dict]:
+        return self[1]
+
+    def unused(self, columns) -> list[str]:
+        """Entries that would not be applied to a manifest with these modality ``columns``, as
+        ``"section.key (why)"`` strings (empty when everything is used)."""
+        columns = set(columns)
+        out = [f"{k} (unknown section; expected {' or '.join(SETTINGS_SECTIONS)})" for k in self.unknown_keys]
+        for section, entries in zip(SETTINGS_SECTIONS, self, strict=True):
+            out += [f"{section}.{c} (no such modality column)" for c in entries if c not in columns]
+        return out
+
+    def for_columns(self, columns) -> ProcessorSettings:
+        """The entries of ``columns`` only; every other entry is logged (one warning with the list) and listed in
+        the result's ``not_applied`` attribute, so a script can show it."""
+        columns = list(columns)
+        unused = self.unused(columns)
+        if unused:
+            logger.warning(
+                "processor settings%s: %d entr%s not used by this manifest (not applied to any column): %s",
+                f" from {self.source}" if self.source else "",
+                len(unused),
+                "y" if len(unused) == 1 else "ies",
+                "; ".join(unused),
+            )
+        out = ProcessorSettings(
+            {c: v for c, v in self.processors.items() if c in columns},
+            {c: v for c, v in self.embedders.items() if c in columns},
+            source=self.source,
+        )
+        out.not_applied = unused
+        return out
+
+
+def load_processor_settings(path: str | os.PathLike | None) -> ProcessorSettings:
+    """``(processor settings, embedder overrides)`` (a :class:`ProcessorSettings`) from a JSON/YAML file that is
+    either ``{column: settings}`` or ``{processors: {column: settings}, embedders: {column: settings}}``; empty for
+    ``None``.
+
+    Keys are manifest columns; settings for columns a manifest lacks are reported, never applied to another column
+    (:meth:`ProcessorSettings.for_columns`). Relative paths in the file (settings whose name ends in ``_file``,
+    ``_path`` or ``_dir``, e.g. a text processor's ``tokenizer_file``) resolve against the settings file's own
+    folder, wherever the run starts from."""
     if path is None:
-        return {}, {}
+        return ProcessorSettings()
     import yaml
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"processor settings file {path} does not exist; fix the path (or pass none)")
+    data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping {{column: {{setting: value}}}}")
-    if "processors" in data or "embedders" in data:
-        return dict(data.get("processors") or {}), dict(data.get("embedders") or {})
-    return data, {}
+    unknown: list[str] = []
+    if any(k in data for k in SETTINGS_SECTIONS):
+        unknown = [k for k in data if k not in SETTINGS_SECTIONS]
+        processors, embedders = dict(data.get("processors") or {}), dict(data.get("embedders") or {})
+    else:
+        processors, embedders = data, {}
+    for section, entries in (("processors", processors), ("embedders", embedders)):
+        for column, settings in entries.items():
+            if not isinstance(settings, dict):
+                raise ValueError(
+                    f"{path}: {section}.{column} must be a mapping of settings for the column {column!r}, got "
+                    f"{settings!r}"
+                )
+            entries[column] = {k: _resolve(v, k, path.parent) for k, v in settings.items()}
+    return ProcessorSettings(processors, embedders, source=path, unknown_keys=unknown)
+
+
+def _resolve(value: Any, key: str, folder: Path) -> Any:
+    if isinstance(value, str) and key.endswith(_PATH_SUFFIXES) and value and not Path(value).is_absolute():
+        return str(folder / value)
+    return value
 
 
 class BioPerceiverProcessor:
@@ -54,26 +147,36 @@ class BioPerceiverProcessor:
         for name, proc in self.processors.items():
             proc.name = name
         self.fit_report = SkipReport()  # training values left out of the last fit (see fit)
+        self.unused_settings: list[str] = []  # settings entries from_manifest did not apply (no such column)
 
     @classmethod
     def from_manifest(
         cls, manifest: Manifest, settings: Mapping[str, Mapping[str, Any]] | None = None
     ) -> BioPerceiverProcessor:
         """Unfitted processors for every modality column of ``manifest``; ``settings`` gives per-column settings
-        (a ``"kind"`` entry may be included and must match the column's kind)."""
-        settings = dict(settings or {})
-        unknown = set(settings) - set(manifest.modalities)
-        if unknown:
-            raise ValueError(
-                f"processor settings for {sorted(unknown)}, which are not modality columns of the manifest"
-            )
+        (a ``"kind"`` entry may be included and must match the column's kind). Settings for columns the manifest
+        lacks are not applied to any column: they are logged as a warning and listed in the result's
+        ``unused_settings``."""
+        if isinstance(settings, ProcessorSettings):
+            chosen = settings.for_columns(manifest.modalities)
+            unused = chosen.not_applied
+            settings = chosen.processors
+        else:
+            settings = dict(settings or {})
+            unused = [f"processors.{c} (no such modality column)" for c in settings if c not in manifest.modalities]
+            if unused:
+                logger.warning(
+                    "processor settings not used by this manifest (not applied to any column): %s", "; ".join(unused)
+                )
         procs = {}
         for name, kind in manifest.modalities.items():
             s = dict(settings.get(name, {}))
             if s.pop("kind", kind) != kind:
                 raise ValueError(f"processor settings for {name!r} name another kind than the manifest's {kind!r}")
             procs[name] = get_modality(kind).processor(name, **s)
-        return cls(procs)
+        out = cls(procs)
+        out.unused_settings = unused
+        return out
 
     @property
     def modalities(self) -> dict[str, str]:
@@ -198,6 +301,11 @@ class BioPerceiverProcessor:
     def model_modalities(self, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict]:
         """``BioPerceiverConfig.modalities`` entries implied by the fitted processors (vocab sizes, channels,
         spatial dims), updated with ``overrides`` (embedder settings such as ``patch_size``)."""
+        unused = sorted(set(overrides or {}) - set(self.processors))
+        if unused:
+            logger.warning(
+                "embedder settings for %s not used: no such modality among %s", unused, list(self.processors)
+            )
         out = {}
         for name, proc in self.processors.items():
             cfg = proc.model_settings()

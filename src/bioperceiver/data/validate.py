@@ -1,9 +1,17 @@
-"""Manifest validation: every problem at once, with row, column and fix.
+"""Manifest validation: every problem at once, each naming its row, sample, column and fix.
 
 Usage::
 
     python -m bioperceiver.data.validate MANIFEST [--modality col=kind ...] [--deep PROCESSOR_DIR] [--json OUT]
     bioperceiver-validate MANIFEST ...
+
+The default (cheap) mode reads no pixel or sample data: it checks ids, splits, labels and every cell's type, and
+decodes file headers through each modality's spec: ``.npy`` headers (shape, a zero-length axis such as a
+``(3, 0)`` signal, a numeric dtype, and a file as long as its header says: truncated or corrupt files are named,
+with the advice to re-export them), PNG/JPEG/TIFF/DICOM/NIfTI image headers, signal ``.npz``/``.csv``/``.edf``
+headers, and the value types of omics and tabular mappings (e.g. ``{"TP53": "high"}``). ``--deep`` also runs
+every cell through fitted processors; fit them first (``tokenizers/fit_processors.py``): fitting leaves unreadable
+training values out and counts them, so the bad rows are then reported here rather than crashing the fit.
 
 Exit status 0 when the manifest is clean, 1 when it has problems, 2 when it cannot be read at all.
 """
@@ -23,7 +31,7 @@ from typing import Any
 import pandas as pd
 
 from ..modalities.registry import get_modality
-from .errors import Problem
+from .errors import Problem, check_on_error
 from .manifest import ID_COLUMNS, LABEL_PREFIX, SPLIT_COLUMN, SPLITS, Manifest, is_missing, resolve_modalities
 
 logger = logging.getLogger(__name__)
@@ -75,7 +83,7 @@ class ValidationReport:
         """Problems that must stop a run before any work: manifest-level ones (table-level problems, empty or
         duplicate ids, bad split names, patients in several splits) always; every problem when ``on_error`` is
         ``"raise"``. Per-sample content problems are otherwise left to ``on_error`` (skipped and counted)."""
-        if on_error == "raise":
+        if check_on_error(on_error) == "raise":
             return list(self.problems)
         return [p for p in self.problems if p.row is None or p.reason in MANIFEST_LEVEL_REASONS]
 
@@ -257,11 +265,23 @@ def _deep_check(table, mods, base, processor, sid) -> list[Problem]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bioperceiver-validate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="bioperceiver-validate",
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.strip().split("\n\n")[3:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("manifest", help="Parquet, CSV or JSONL manifest")
     parser.add_argument("--modality", action="append", default=[], metavar="COLUMN=KIND", help="column kind")
-    parser.add_argument("--deep", metavar="PROCESSOR_DIR", help="also run every cell through these processors")
-    parser.add_argument("--no-files", action="store_true", help="do not check that paths exist")
+    parser.add_argument(
+        "--deep",
+        metavar="PROCESSOR_DIR",
+        help="also run every cell through the fitted processors saved there (catches what headers cannot: "
+        "unknown genes, undecodable pixels, sidecar errors)",
+    )
+    parser.add_argument(
+        "--no-files", action="store_true", help="do not open referenced files (no existence or header checks)"
+    )
     parser.add_argument("--json", metavar="OUT", help="write the full report as JSON")
     parser.add_argument("--max-lines", type=int, default=50)
     args = parser.parse_args(argv)
