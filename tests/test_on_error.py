@@ -76,6 +76,7 @@ def _write_bad_files(root) -> dict[str, str]:
     np.save(root / "objects.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
     (root / "objects.npy.json").write_text(json.dumps({"sampling_rate": 100.0}))
     _npy_with_sidecar(root / "no_samples.npy", np.zeros((3, 0), np.float32))
+    (root / "omics_text.json").write_text(json.dumps({"TP53": "low", "EGFR": 2.0}))
     image = (root / "img0.npy").read_bytes()
     (root / "img_truncated.npy").write_bytes(image[: len(image) - 100])
     return {"truncated": "truncated.npy", "garbage": "garbage.npy", "objects": "objects.npy"}
@@ -88,6 +89,7 @@ BAD = {
     "s4": {"omics": {"TP53": "high", "EGFR": 1.0}},
     "s5": {"image_xray": "img_truncated.npy"},
     "s9": {"signal_ecg": "objects.npy"},
+    "s10": {"omics": "omics_text.json"},
 }
 
 
@@ -113,6 +115,7 @@ def test_cheap_validation_catches_corrupt_npy_empty_signal_and_text_omics(bad_co
         ("s4", "omics"): ("non_numeric", "'high'"),
         ("s5", "image_xray"): ("corrupt_file", "truncated"),
         ("s9", "signal_ecg"): ("corrupt_file", "objects"),
+        ("s10", "omics"): ("non_numeric", "'low'"),
     }
     assert set(found) == set(expected), report.summary()
     for key, (reason, words) in expected.items():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
 from types import MappingProxyType
 
 import torch
@@ -50,6 +52,19 @@ class OmicsSpec(ModalitySpec):
                 )
             )
         return out
+
+    def check_file(self, path):
+        """A ``.json`` expression file is read (small: one sample) and its values checked like a mapping cell;
+        tables (CSV/TSV/Parquet) are left to the deep check."""
+        if path.suffix.lower() != ".json":
+            return []
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            return [Problem("unreadable_omics", f"{path.name} is not valid JSON ({err})", "re-export the file")]
+        if not isinstance(data, dict):
+            return [Problem("bad_type", f"{path.name} holds a {type(data).__name__}", "store {gene: value}")]
+        return [replace(p, message=f"{path.name}: {p.message}") for p in self.check_mapping(data)]
 
     def token_labels(self, attribution, modality):
         genes = (getattr(attribution.processors.get(modality), "state", None) or {}).get("genes")
