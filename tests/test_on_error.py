@@ -267,3 +267,17 @@ def test_collator_skip_modality_drops_only_the_bad_arrays():
     assert batch["sample_id"] == ["a", "b"]
     assert batch["inputs"]["omics"]["mask"].tolist() == [[False, False], [True, True]]
     assert collator.report.modality_counts == {("omics", "non_finite"): 1} and collator.report.total == 0
+
+
+def test_deep_validation_reports_an_unexpected_processor_failure_as_a_problem(bad_cohort, monkeypatch):
+    processor = BioPerceiverProcessor.from_manifest(bad_cohort, SETTINGS).fit(bad_cohort)
+    omics = processor.processors["omics"]
+
+    def broken(value, **kwargs):
+        raise KeyError("a bug, or a reader failing in a way no one foresaw")
+
+    monkeypatch.setattr(omics, "_process", broken)
+    report = validate_manifest(bad_cohort, processor=processor)
+    failed = [p for p in report.problems if p.reason == "processor_failed"]
+    assert {p.sample_id for p in failed} == {f"s{i}" for i in range(12)}
+    assert all(p.column == "omics" and "KeyError" in p.message and p.fix for p in failed)

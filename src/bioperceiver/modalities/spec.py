@@ -307,11 +307,20 @@ class ModalitySpec:
     def deep_check(
         self, processor: ModalityProcessor, value: Any, *, sample_id: str | None, base_dir: Path | None
     ) -> list[Problem]:
-        """The validator's deep check: run the fitted processor on the cell."""
+        """The validator's deep check: run the fitted processor on the cell. Any failure is reported as a problem of
+        the cell (an unexpected exception included), never raised: one bad file must not end the validation."""
         try:
             processor(value, sample_id=sample_id, base_dir=base_dir)
         except DataError as err:
-            return [Problem(err.reason, err.message, err.fix or "-")]
+            return [Problem(err.reason, err.message, err.fix or "re-export the value or set the cell to null")]
+        except Exception as err:
+            return [
+                Problem(
+                    "processor_failed",
+                    f"the {self.kind} processor failed on this value ({describe_failure(err)})",
+                    "check the value opens with its usual reader; re-export it or set the cell to null",
+                )
+            ]
         return []
 
     # ---- attributions -------------------------------------------------------------------------------------------

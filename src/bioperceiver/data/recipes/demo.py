@@ -609,8 +609,10 @@ def _build_systole(
 ) -> tuple[list[dict[str, Any]], dict[str, Any], list[str]]:
     arrays = {}
     for key, (_, rel) in SYSTOLE_FILES.items():
-        arrays[key] = np.load(_package_file("systole", "systole", rel), mmap_mode="r")
-    stim = np.asarray(np.load(_package_file("systole", "systole", SYSTOLE_STIM_FILE), mmap_mode="r"))
+        arrays[key] = np.load(_package_file("systole", "systole", rel), mmap_mode="r", allow_pickle=False)
+    stim = np.asarray(
+        np.load(_package_file("systole", "systole", SYSTOLE_STIM_FILE), mmap_mode="r", allow_pickle=False)
+    )
     lengths = {k: a.shape for k, a in arrays.items()} | {"stim": stim.shape}
     if len({s for s in lengths.values()}) != 1 or stim.ndim != 1:
         raise ValueError(f"systole Task1 recordings are not synchronized 1-D arrays of one length: {lengths}")
