@@ -262,6 +262,7 @@ def test_nan_loss_stops_naming_step_samples_and_modality_and_saves_nothing_corru
                 seen["ids"] = list(batch["sample_id"])
             return batch
 
+        collate.report = collator.report  # what the loop reads after training
         return train_ds, collate
 
     monkeypatch.setattr(loop, "training_data", poisoned_training_data)

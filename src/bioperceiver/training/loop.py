@@ -209,8 +209,9 @@ def raise_if_non_finite(outputs, batch, step: int, trainer, accelerator) -> None
         if per_view
         else "every view is finite on this process (the loss itself, or another process's batch, went non-finite)"
     )
+    loss = float(outputs["loss"].detach())
     raise NonFiniteLossError(
-        f"non-finite training loss ({float(outputs['loss'].detach()):.4g}) at step {step + 1} (batch {len(ids)} samples on "
+        f"non-finite training loss ({loss:.4g}) at step {step + 1} (batch {len(ids)} samples on "
         f"process {accelerator.process_index}: {', '.join(map(str, ids))}); {where}. Nothing of this step was "
         "applied or saved. Check those samples' values (bioperceiver-validate MANIFEST --deep), lower optim.lr or "
         "set optim.grad_clip, then continue with --resume latest"
