@@ -305,3 +305,46 @@ def test_duplicate_sample_id_stops_before_fitting_processors_with_the_full_list(
     assert "duplicate_id=2" in err
     assert str(table.loc[2, "sample_id"]) in err and str(table.loc[6, "sample_id"]) in err
     assert not proc_dir.exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+class ReachedFitting(Exception):
+    pass
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip", "skip_sample", "skip_modality"])
+def test_per_sample_problems_follow_on_error_before_any_work(cohort, script, capsys, tmp_path, on_error):
+    """An empty note and a NaN omics value are per-sample problems: with ``raise`` the run stops before fitting
+    processors, listing both; with a skip policy validation lets the run go on (the data layer skips them)."""
+    import pandas as pd
+
+    raw = yaml.safe_load(cohort.read_text())
+    table = pd.read_parquet(raw["data"]["manifest"])
+    notes = table.index[table["text_note"].notna()]
+    omics = table.index[table["omics_expression"].notna()]
+    table.loc[notes[0], "text_note"] = "   "
+    table.loc[omics[1], "omics_expression"] = '{"GENE0002": NaN, "GENE0003": 1.0}'
+    manifest = Path(raw["data"]["manifest"]).with_name(f"bad_cells_{on_error}.parquet")
+    table.to_parquet(manifest)
+
+    def fit(*args, **kwargs):
+        raise ReachedFitting
+
+    args = run_args(
+        cohort,
+        tmp_path / "run",
+        f"data.manifest={manifest}",
+        f"data.processor_dir={tmp_path / 'procs'}",
+        f"data.on_error={on_error}",
+    )
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(BioPerceiverProcessor, "fit", fit)
+        if on_error == "raise":
+            with pytest.raises(SystemExit) as info:
+                script.main(args)
+            assert info.value.code == 2
+            err = capsys.readouterr().err
+            assert "2 problem(s)" in err and "text_note" in err and "omics_expression" in err
+            assert str(table.loc[notes[0], "sample_id"]) in err and str(table.loc[omics[1], "sample_id"]) in err
+        else:
+            with pytest.raises(ReachedFitting):
+                script.main(args)
