@@ -90,6 +90,18 @@ def test_existing_run_is_refused_unless_resume_or_overwrite(cohort, base_run, sc
     assert_same(params(out / "final"), before)  # the same seed retrains the same model, from scratch
 
 
+def test_resume_from_another_folder_into_an_output_dir_holding_a_run_is_refused(
+    cohort, base_run, script, capsys, tmp_path
+):
+    other = tmp_path / "other"
+    shutil.copytree(base_run, other)
+    with pytest.raises(SystemExit) as info:
+        script.main(run_args(cohort, other, "--resume", str(base_run / "checkpoints" / "checkpoint-2")))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "holds another run" in err and "Resume into an empty output_dir" in err
+
+
 def test_rotation_deletes_only_this_runs_checkpoints_oldest_step_first(tmp_path):
     """The issue's case: a newer run's checkpoint-2 beside an older run's checkpoint-6. Before, rotation sorted every
     checkpoint by step and deleted the new run's one, so --resume latest continued the other run."""

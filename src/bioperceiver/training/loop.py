@@ -58,7 +58,7 @@ from ..data import (
 )
 from ..data.errors import ON_ERROR_CHOICES
 from ..data.processing import PROCESSOR_INDEX
-from ..data.validate import check_manifest_before_work
+from ..data.validate import ManifestError, check_manifest_before_work
 from ..factory import create_model
 from .checkpointing import (
     RUN_CONFIG,
@@ -235,15 +235,17 @@ def prepare_data(config: PretrainConfig, accelerator, out: Path, settings_root: 
         accelerator.wait_for_everyone()
     manifest = assign_splits(read_manifest(manifest_path))
     # cheap validation before any work: manifest-level problems stop here with the full list, on every process
-    problem = None
+    error, problem = None, None
     if accelerator.is_main_process:
         try:
             check_manifest_before_work(manifest, on_error=data.on_error, what="pretraining")
-        except ValueError as err:  # ManifestError
-            problem = err
-    problem = _broadcast(problem, accelerator)
+        except ManifestError as err:
+            error, problem = err, str(err)
+    problem = _broadcast(problem, accelerator)  # the message (the report does not travel)
+    if error is not None:
+        raise error
     if problem is not None:
-        raise problem
+        raise ManifestError(problem, None)
     settings = data.processor_settings
     settings_path = Path(settings_root or ".") / settings if settings else None
     processors, embedders = load_processor_settings(settings_path)
@@ -376,6 +378,11 @@ def run_pretraining(
     check_output_dir(cfg, resume, overwrite_output_dir)  # before any work, on every process
     ckpt_dir = out / "checkpoints"
     resume_path = resolve_resume(resume, ckpt_dir) if resume else None
+    if resume_path is not None and Path(resume_path).resolve().parent != ckpt_dir.resolve() and existing_run(out):
+        raise RunConfigError(
+            f"--resume {resume_path}: that checkpoint is not in {ckpt_dir}, and output_dir {out} holds another run "
+            f"({', '.join(existing_run(out))}); runs are never mixed. Resume into an empty output_dir"
+        )
     accelerator = make_accelerator(cfg, trackers)
     if resume_path is not None:
         run_id = check_resume(cfg, resume_path, accelerator.num_processes).get("run_id") or new_run_id()
