@@ -39,7 +39,7 @@ $(VENV)/.demo-data: Makefile $(VENV)/.deps
 
 demo: setup
 	$(PY) pretrain/demo_pipeline.py --output_dir outputs/demo
-	$(PY) pretrain/run_pretrain.py --config pretrain/configs/demo.yaml
+	$(PY) pretrain/run_pretrain.py --config pretrain/configs/demo.yaml --overwrite_output_dir
 	$(PY) finetune/run_finetune.py finetune/configs/demo_survival.yaml
 	$(PY) finetune/run_finetune.py finetune/configs/demo_findings.yaml
 

@@ -112,11 +112,21 @@ def test_shipped_run_configs_parse():
         raw = yaml.safe_load(path.read_text())  # every key the file sets is read as written
         for section, values in raw.items():
             if not isinstance(values, dict):
-                assert getattr(cfg, section) == values, section
+                assert getattr(cfg, section) == _as_resolved(section, values, path), section
                 continue
             for key, value in values.items():
                 if f"{section}.{key}" not in ("optim.lr", "loss.name"):
-                    assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
+                    got = getattr(getattr(cfg, section), key)
+                    assert got == _as_resolved(f"{section}.{key}", value, path), f"{section}.{key}"
+
+
+def _as_resolved(key: str, value, config_file: Path):
+    """A path key's value as the config resolves it: relative to the config file's folder."""
+    from bioperceiver.training.config import PATH_KEYS
+
+    if key in PATH_KEYS and isinstance(value, str):
+        return os.path.normpath(config_file.parent / value)
+    return value
 
 
 ACCEL = ROOT / "pretrain" / "configs" / "accelerate"

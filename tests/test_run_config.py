@@ -121,3 +121,84 @@ def test_print_config_exits_zero_as_a_command():
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert yaml.safe_load(res.stdout)["optim"]["max_steps"] == 150
+
+
+def test_relative_paths_resolve_against_the_config_files_folder_and_overrides_against_the_cwd(tmp_path, monkeypatch):
+    """Before, every relative path resolved against the working directory (and processor_settings against the
+    repository root), so a copied config read and wrote different places depending on where it was run from."""
+    folder = tmp_path / "project" / "configs"
+    folder.mkdir(parents=True)
+    (folder / "run.yaml").write_text(
+        "output_dir: ../runs/a\n"
+        "data: {manifest: ../data/m.parquet, processor_dir: procs, processor_settings: settings.yaml}\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_run_config(folder / "run.yaml")
+    assert cfg.output_dir == str(tmp_path / "project" / "runs" / "a")
+    assert cfg.data.manifest == str(tmp_path / "project" / "data" / "m.parquet")
+    assert cfg.data.processor_dir == str(folder / "procs")
+    assert cfg.data.processor_settings == str(folder / "settings.yaml")
+    # the same keys typed on the command line resolve against the working directory; absolute paths stay
+    cfg = load_run_config(folder / "run.yaml", ["output_dir=out/b", "data.manifest=/abs/m.csv"])
+    assert cfg.output_dir == str(elsewhere / "out" / "b") and cfg.data.manifest == "/abs/m.csv"
+    assert load_run_config(None).output_dir == str(elsewhere / "outputs" / "demo" / "pretrain")  # a default: cwd
+    # the resolved config reloads to itself (what checkpoints keep and --config takes again)
+    (tmp_path / "saved.yaml").write_text(cfg.to_yaml())
+    assert load_run_config(tmp_path / "saved.yaml") == cfg
+
+
+def test_demo_config_reads_and_writes_the_same_places_from_any_working_directory(tmp_path, monkeypatch):
+    """`make demo` runs from the repository root: outputs/demo/... and tokenizers/demo_processors.yaml as before."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_run_config(DEMO)
+    assert cfg.output_dir == str(ROOT / "outputs" / "demo" / "pretrain")
+    assert cfg.data.manifest == str(ROOT / "outputs" / "demo" / "cohort" / "manifest.parquet")
+    assert cfg.data.processor_dir == str(ROOT / "outputs" / "demo" / "model")
+    assert cfg.data.processor_settings == str(ROOT / "tokenizers" / "demo_processors.yaml")
+    assert Path(cfg.data.processor_settings).is_file()
+
+
+@pytest.mark.parametrize("value", ["skip_modality", "skip_sample", "skip", "raise"])
+def test_on_error_takes_the_per_sample_policies(value):
+    assert load_run_config(DEMO, [f"data.on_error={value}"]).data.on_error == value
+
+
+def test_on_error_rejects_an_unknown_policy():
+    with pytest.raises(
+        RunConfigError, match=r"data\.on_error: expected one of skip_modality\|skip_sample\|skip\|raise"
+    ):
+        load_run_config(DEMO, ["data.on_error=drop"])
+
+
+def test_resume_conflicts_name_changed_keys_outside_the_allow_list():
+    from bioperceiver.training.config import RESUME_MUTABLE_KEYS, changed_keys, config_hash, resume_conflicts
+
+    saved = load_run_config(DEMO)
+    allowed = load_run_config(
+        DEMO,
+        [
+            "optim.max_steps=300",
+            "checkpoint.save_steps=7",
+            "checkpoint.keep_last=5",
+            "eval.steps=3",
+            "eval.n_bootstrap=0",
+            "logging.report_to=none",
+            "logging.log_steps=1",
+            "output_dir=/elsewhere",
+        ],
+    )
+    assert len(changed_keys(saved, allowed)) == 8 and resume_conflicts(saved, allowed) == []
+    assert config_hash(saved) != config_hash(allowed) and config_hash(saved) == config_hash(load_run_config(DEMO))
+    changed = load_run_config(
+        DEMO, ["optim.lr=0.1", "model.overrides.d_latents=64", "train.batch_size=4", "seed=1", "data.on_error=raise"]
+    )
+    assert resume_conflicts(saved, changed) == [
+        "data.on_error",
+        "model.overrides",
+        "optim.lr",
+        "seed",
+        "train.batch_size",
+    ]
+    assert "optim.lr" not in RESUME_MUTABLE_KEYS and "logging.*" in RESUME_MUTABLE_KEYS

@@ -9,8 +9,8 @@
 - :mod:`.finetuning`: finetuning modes (linear probe, full, LoRA).
 """
 
-from .checkpointing import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
-from .config import PretrainConfig, RunConfigError, load_run_config
+from .checkpointing import CheckpointWriteError, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from .config import RESUME_MUTABLE_KEYS, PretrainConfig, RunConfigError, load_run_config
 from .finetuning import (
     DEFAULT_LORA_TARGETS,
     FINETUNING_MODES,
@@ -19,7 +19,7 @@ from .finetuning import (
     count_parameters,
     merge_lora,
 )
-from .loop import prepare_data, run_pretraining, training_data
+from .loop import NonFiniteLossError, prepare_data, run_pretraining, training_data
 from .metering import TokenCounter, compute_facts
 from .padding import PaddedPretrainer, RankPadder
 from .pretraining import (
@@ -38,7 +38,10 @@ __all__ = [
     "DEFAULT_LORA_TARGETS",
     "FINETUNING_MODES",
     "LOSSES",
+    "RESUME_MUTABLE_KEYS",
+    "CheckpointWriteError",
     "ContrastivePretrainer",
+    "NonFiniteLossError",
     "PaddedPretrainer",
     "PretrainConfig",
     "RankPadder",

@@ -14,17 +14,25 @@ takes a number written as text (``1e-3``, which YAML 1.1 reads as a string). Fre
 Defaults: where the loop had a default for an absent key, the same one; keys the loop required take the values of
 ``pretrain/configs/demo.yaml``.
 
-Relative paths (``output_dir``, ``data.manifest``, ``data.processor_dir``) resolve against the current working
-directory of the process, as they always have (``make demo`` runs from the repository root);
-``data.processor_settings`` resolves against the ``settings_root`` handed to
-:func:`~bioperceiver.training.loop.run_pretraining` (``pretrain/run_pretrain.py`` passes the repository root, so the
-shipped ``tokenizers/demo_processors.yaml`` is found from any working directory). Absolute paths are used as given.
+Relative paths (``output_dir``, ``data.manifest``, ``data.processor_dir``, ``data.processor_settings``) written in a
+config FILE resolve against that file's folder (``pretrain/configs/demo.yaml`` says ``../../outputs/demo/pretrain``,
+so ``make demo`` writes ``outputs/demo/...`` from the repository root, and a copied config keeps pointing next to
+itself wherever the command runs); the same keys given as command-line overrides (``output_dir=runs/a``) resolve
+against the working directory, like any path typed in a shell; a key left at its default resolves against the working
+directory too. :func:`load_run_config` returns them absolute (the resolved config saved with every checkpoint and in
+the card shows where the run really read and wrote). Absolute paths and ``~`` are used as given.
+
+Resuming (``--resume``) checks the checkpoint's saved config against the current one: only the keys of
+:data:`RESUME_MUTABLE_KEYS` (run length, logging, checkpoint cadence, evaluation cadence, output paths) may differ;
+any other change is refused, naming the keys (:func:`resume_conflicts`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +42,8 @@ from typing import Any, Literal
 import yaml
 
 __all__ = [
+    "PATH_KEYS",
+    "RESUME_MUTABLE_KEYS",
     "CheckpointConfig",
     "DataConfig",
     "EvalConfig",
@@ -45,8 +55,29 @@ __all__ = [
     "RunConfigError",
     "TrainConfig",
     "apply_override",
+    "changed_keys",
+    "config_hash",
     "load_run_config",
+    "resume_conflicts",
 ]
+
+PATH_KEYS = ("output_dir", "data.manifest", "data.processor_dir", "data.processor_settings")
+"""Path-valued keys: relative values resolve against the config file's folder (file) or the working directory
+(command-line overrides, defaults)."""
+
+RESUME_MUTABLE_KEYS = (
+    "output_dir",
+    "optim.max_steps",
+    "checkpoint.save_steps",
+    "checkpoint.keep_last",
+    "eval.steps",
+    "eval.n_bootstrap",
+    "logging.*",
+)
+"""Keys a resumed run may change (``section.*``: the whole section). Everything else (model, data, loss, optimiser
+settings other than the run length, batch sizes, precision, seed) must equal the checkpoint's config, or the resumed
+run would silently be a different experiment. Changing ``optim.max_steps`` re-shapes the cosine schedule from the
+resumed step on; the result then differs from an uninterrupted run of either length."""
 
 
 class RunConfigError(ValueError):
@@ -74,8 +105,13 @@ class DataConfig:
     """Processor and embedder settings YAML (``tokenizers/demo_processors.yaml``); ``None``: library defaults."""
     modality_dropout: float = 0.2
     """Probability of dropping each present modality of a training sample (at least one is kept)."""
-    on_error: Literal["skip", "raise"] = "skip"
-    """A sample whose processing fails: ``skip`` it (counted, logged) or ``raise``."""
+    on_error: Literal["skip_modality", "skip_sample", "skip", "raise"] = "skip"
+    """Per-sample content problems (an empty note, a NaN omics value, an unreadable file): ``skip_modality`` drops
+    only the bad modality of the sample (its other modalities are kept), ``skip_sample`` (alias ``skip``) drops the
+    whole sample, both counted and logged; ``raise`` stops at the first one, and also makes every problem the cheap
+    manifest validation finds before the run a blocking one. Manifest-level problems (duplicate or empty
+    ``sample_id``, bad split names, a patient in several splits) always stop the run before any work, whatever this
+    says. Where the data layer does not implement ``skip_modality`` yet, it falls back to ``skip_sample`` (logged)."""
     num_workers: int = 0
     """``DataLoader`` worker processes."""
 
@@ -205,17 +241,82 @@ class PretrainConfig:
 def load_run_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
     """Read a run YAML (``None``: all defaults), apply ``key.sub=value`` overrides in order and check everything.
 
+    Relative paths (:data:`PATH_KEYS`) come back absolute: those written in the file resolved against the file's
+    folder, those of overrides and defaults against the working directory.
+
     Raises :class:`RunConfigError` naming the offending key, its section, where it came from and the closest valid
     key."""
     raw: dict[str, Any] = {}
+    cwd = Path.cwd()
     if path is not None:
         raw = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(raw, dict):
             raise RunConfigError(f"{path}: a run config is a YAML mapping of sections, got {type(raw).__name__}")
         PretrainConfig.from_dict(raw, source=str(path))  # file errors are reported as the file's
+        _resolve_paths(raw, Path(path).resolve().parent, PATH_KEYS)
     for item in overrides:
         apply_override(raw, item)
+        _resolve_paths(raw, cwd, [item.partition("=")[0]])
+    _resolve_paths(raw, cwd, PATH_KEYS, defaults=True)
     return PretrainConfig.from_dict(raw, source=f"{path or 'the defaults'} with overrides {list(overrides)}")
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path, keys, defaults: bool = False) -> None:
+    """Make the relative path values at dotted ``keys`` of ``raw`` absolute against ``base`` (in place); with
+    ``defaults``, keys absent from ``raw`` take their schema default first (when it is a path)."""
+    for key in keys:
+        if key not in PATH_KEYS:
+            continue
+        *parents, leaf = key.split(".")
+        node, cls = raw, PretrainConfig
+        for name in parents:
+            cls = _hints(cls)[name]
+            node = node.setdefault(name, {}) if defaults else node.get(name)
+            if not isinstance(node, dict):
+                break
+        else:
+            if leaf not in node and defaults:
+                node[leaf] = next(f for f in dataclasses.fields(cls) if f.name == leaf).default
+            value = node.get(leaf)
+            if isinstance(value, str) and value.lower() not in ("none", "null"):
+                p = Path(value).expanduser()
+                node[leaf] = p.as_posix() if p.is_absolute() else os.path.normpath(base / p)
+
+
+def _flat(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict) and value and key != "overrides":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_hash(config: PretrainConfig | dict[str, Any]) -> str:
+    """SHA-256 (hex) of the resolved config, key order independent: recorded with every checkpoint."""
+    data = config.to_dict() if isinstance(config, PretrainConfig) else config
+    return hashlib.sha256(yaml.safe_dump(data, sort_keys=True).encode()).hexdigest()
+
+
+def changed_keys(old: PretrainConfig | dict[str, Any], new: PretrainConfig | dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs (``model.overrides`` compared as one key)."""
+    a = _flat(old.to_dict() if isinstance(old, PretrainConfig) else old)
+    b = _flat(new.to_dict() if isinstance(new, PretrainConfig) else new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, _MISSING) != b.get(k, _MISSING))
+
+
+def resume_conflicts(saved: PretrainConfig | dict[str, Any], current: PretrainConfig | dict[str, Any]) -> list[str]:
+    """The changed keys (:func:`changed_keys`) that a resumed run may NOT change (not in
+    :data:`RESUME_MUTABLE_KEYS`)."""
+
+    def allowed(key: str) -> bool:
+        return any(key == a or (a.endswith(".*") and key.startswith(a[:-1])) for a in RESUME_MUTABLE_KEYS)
+
+    return [k for k in changed_keys(saved, current) if not allowed(k)]
+
+
+_MISSING = object()
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

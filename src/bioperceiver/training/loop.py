@@ -9,7 +9,22 @@ are written atomically to ``output_dir/checkpoints/checkpoint-<step>`` every ``c
 ``resume="latest"`` continues mid-epoch with ``skip_first_batches`` and ends with exactly the parameters of an
 uninterrupted run. At the end the backbone is saved with ``save_pretrained`` (safetensors) together with its
 processors, the resolved run config and a model card in ``output_dir/final`` (loadable by
-``AutoModel.from_pretrained``).
+``AutoModel.from_pretrained``), written into a temporary folder and renamed, so a crash never leaves half of it.
+
+Safety before any work:
+
+* **Runs never mix.** An ``output_dir`` that already holds a run (``checkpoints/checkpoint-*`` or ``final/``) is
+  refused unless ``resume`` is given (continue it) or ``overwrite_output_dir`` (delete it first). Each checkpoint
+  records the run id (made at the start of a fresh run, kept across resumes), the SHA-256 of the resolved config
+  and the number of processes; resuming refuses a changed config, naming the keys (only
+  :data:`~bioperceiver.training.config.RESUME_MUTABLE_KEYS` may change), and a different number of processes
+  (the data position and the RNG streams are per process: exact resume needs the same count, so it is refused
+  rather than silently inexact). Rotation only deletes checkpoints of the current run id.
+* **The manifest is validated** (cheap mode, :func:`~bioperceiver.data.validate.check_manifest_before_work`)
+  before processors are fitted: manifest-level problems (duplicate ``sample_id`` ...) stop the run with the full
+  list; per-sample ones are left to ``data.on_error``.
+* **A non-finite loss stops the run** before the backward pass (no update, no checkpoint from the bad step) with
+  :class:`NonFiniteLossError` naming the step, the batch's sample ids and the views that went non-finite.
 """
 
 from __future__ import annotations
@@ -19,6 +34,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -26,7 +42,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -40,9 +56,21 @@ from ..data import (
     load_processor_settings,
     read_manifest,
 )
+from ..data.errors import ON_ERROR_CHOICES
+from ..data.processing import PROCESSOR_INDEX
+from ..data.validate import ManifestError, check_manifest_before_work
 from ..factory import create_model
-from .checkpointing import RUN_CONFIG, checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from .config import LoggingConfig, OptimConfig, PretrainConfig, RunConfigError
+from .checkpointing import (
+    RUN_CONFIG,
+    atomic_dir,
+    checkpoints,
+    load_checkpoint,
+    new_run_id,
+    read_trainer_state,
+    resolve_resume,
+    save_checkpoint,
+)
+from .config import LoggingConfig, OptimConfig, PretrainConfig, RunConfigError, config_hash, resume_conflicts
 from .metering import TokenCounter, compute_facts
 from .padding import PaddedPretrainer, RankPadder
 from .pretraining import ContrastivePretrainer, evaluate, parameter_groups, plot_history, plot_similarity
@@ -50,6 +78,144 @@ from .pretraining import ContrastivePretrainer, evaluate, parameter_groups, plot
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROJECT = "bioperceiver-pretrain"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss went NaN/inf; raised before the backward pass, so no parameter or checkpoint is touched."""
+
+
+def data_on_error(on_error: str) -> str:
+    """``data.on_error`` as the data layer takes it: ``skip`` is ``skip_sample``; a policy the installed data layer
+    does not implement (``skip_modality`` before it lands) falls back to dropping the whole sample, with a warning."""
+    if on_error in ON_ERROR_CHOICES:
+        return on_error
+    fallback = "skip_sample" if "skip_sample" in ON_ERROR_CHOICES else "skip"
+    if on_error != "skip_sample":
+        logger.warning("data.on_error=%r is not implemented by the data layer here: using %r", on_error, fallback)
+    return fallback
+
+
+def existing_run(out: Path) -> list[str]:
+    """What of a run ``out`` already holds: checkpoint folders (complete or not) and ``final/``."""
+    found = (
+        sorted(p.name for p in (out / "checkpoints").glob("*checkpoint-*")) if (out / "checkpoints").is_dir() else []
+    )
+    return found + (["final/"] if (out / "final").exists() else [])
+
+
+def check_output_dir(config: PretrainConfig, resume, overwrite_output_dir: bool) -> None:
+    """Refuse to start a fresh run into an ``output_dir`` that holds one (unless ``overwrite_output_dir``), and
+    refuse an overwrite that would delete the run's own inputs or the working directory. Reads only."""
+    out = Path(config.output_dir)
+    if resume and overwrite_output_dir:
+        raise RunConfigError("--resume and --overwrite_output_dir contradict each other: pass one of them")
+    found = existing_run(out)
+    if found and not resume and not overwrite_output_dir:
+        raise RunConfigError(
+            f"output_dir {out} already holds a run ({', '.join(found)}); runs are never mixed. Pass --resume latest "
+            "(or --resume PATH) to continue it, --overwrite_output_dir to delete it and start afresh, or choose "
+            "another output_dir=..."
+        )
+    if overwrite_output_dir and out.exists():
+        here = out.resolve()
+        inputs = {
+            "data.manifest": config.data.manifest,
+            "data.processor_settings": config.data.processor_settings,
+            "data.processor_dir": config.data.processor_dir,
+        }
+        inside = [k for k, v in inputs.items() if v and Path(v).resolve().is_relative_to(here)]
+        if Path.cwd().resolve().is_relative_to(here) or inside:
+            what = f"the run's inputs ({', '.join(inside)})" if inside else "the working directory"
+            raise RunConfigError(
+                f"--overwrite_output_dir would delete {out}, which holds {what}; choose another output_dir"
+            )
+
+
+def check_resume(config: PretrainConfig, path: Path, num_processes: int) -> dict[str, Any]:
+    """The checkpoint's trainer state, after checking that this run may continue it: the same resolved config
+    except :data:`~bioperceiver.training.config.RESUME_MUTABLE_KEYS`, and the same number of processes."""
+    import yaml
+
+    state = read_trainer_state(path)
+    saved_path = path / RUN_CONFIG
+    if saved_path.is_file() and state.get("config_hash") != config_hash(config):
+        conflicts = resume_conflicts(yaml.safe_load(saved_path.read_text()), config.to_dict())
+        if conflicts:
+            raise RunConfigError(
+                f"--resume {path}: the run config changed since that checkpoint in {', '.join(conflicts)}; a resumed "
+                "run must be the same experiment. Put these keys back as they are in "
+                f"{saved_path} (only run length, logging, checkpoint and evaluation cadence and output paths may "
+                "change), or start a new run in another output_dir"
+            )
+    saved_procs = state.get("num_processes")
+    if saved_procs is not None and saved_procs != num_processes:
+        raise RunConfigError(
+            f"--resume {path}: the checkpoint was written by {saved_procs} process(es), this launch has "
+            f"{num_processes}. Exact resume needs the same number (the data position and random streams are per "
+            f"process): launch with --num_processes {saved_procs}, or start a new run from the weights in final/"
+        )
+    return state
+
+
+def save_processor_atomically(processor: BioPerceiverProcessor, directory: Path) -> None:
+    """``processor.save_pretrained(directory)`` written into a temporary sibling first and then moved in, its index
+    (what ``from_pretrained`` requires) last: a crash midway leaves no index, so the processors are refitted next
+    time instead of half-read. ``directory`` may hold other files (a model)."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".tmp-{directory.name}-processor")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        processor.save_pretrained(tmp)
+        directory.mkdir(parents=True, exist_ok=True)
+        for entry in sorted(tmp.iterdir(), key=lambda e: e.name == PROCESSOR_INDEX):  # the index last
+            dest = directory / entry.name
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            os.replace(entry, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _broadcast(value: Any, accelerator) -> Any:
+    """``value`` of the main process on every process (one object)."""
+    if getattr(accelerator, "num_processes", 1) <= 1:
+        return value
+    box = [value]
+    broadcast_object_list(box)
+    return box[0]
+
+
+def raise_if_non_finite(outputs, batch, step: int, trainer, accelerator) -> None:
+    """Stop the run when the loss of this forward is NaN/inf on any process (all processes stop together, before the
+    backward pass) with the step, the batch's sample ids and the views whose embeddings went non-finite."""
+    bad = torch.tensor([float(not torch.isfinite(outputs["loss"].detach()).all())], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    if not bad.item():
+        return
+    unwrapped = accelerator.unwrap_model(trainer)
+    ids = list(batch["sample_id"])
+    with torch.no_grad():
+        views, mask = unwrapped.views(batch["inputs"])  # (B, V, P), (B, V)
+        rows = ~torch.isfinite(views).all(-1) & mask.bool()  # (B, V)
+    per_view = {
+        name: [ids[i] for i in rows[:, v].nonzero().flatten().tolist()]
+        for v, name in enumerate(unwrapped.view_names)
+        if rows[:, v].any()
+    }
+    where = (
+        "; ".join(f"view {name!r} non-finite for {', '.join(map(str, s))}" for name, s in per_view.items())
+        if per_view
+        else "every view is finite on this process (the loss itself, or another process's batch, went non-finite)"
+    )
+    loss = float(outputs["loss"].detach())
+    raise NonFiniteLossError(
+        f"non-finite training loss ({loss:.4g}) at step {step + 1} (batch {len(ids)} samples on "
+        f"process {accelerator.process_index}: {', '.join(map(str, ids))}); {where}. Nothing of this step was "
+        "applied or saved. Check those samples' values (bioperceiver-validate MANIFEST --deep), lower optim.lr or "
+        "set optim.grad_clip, then continue with --resume latest"
+    )
 
 
 def prepare_data(config: PretrainConfig, accelerator, out: Path, settings_root: str | os.PathLike | None = None):
@@ -68,12 +234,25 @@ def prepare_data(config: PretrainConfig, accelerator, out: Path, settings_root: 
             manifest_path = build_demo_cohort(manifest_path.parent, seed=config.seed)
         accelerator.wait_for_everyone()
     manifest = assign_splits(read_manifest(manifest_path))
+    # cheap validation before any work: manifest-level problems stop here with the full list, on every process
+    error, problem = None, None
+    if accelerator.is_main_process:
+        try:
+            check_manifest_before_work(manifest, on_error=data.on_error, what="pretraining")
+        except ManifestError as err:
+            error, problem = err, str(err)
+    problem = _broadcast(problem, accelerator)  # the message (the report does not travel)
+    if error is not None:
+        raise error
+    if problem is not None:
+        raise ManifestError(problem, None)
     settings = data.processor_settings
     settings_path = Path(settings_root or ".") / settings if settings else None
     processors, embedders = load_processor_settings(settings_path)
     proc_dir = Path(data.processor_dir) if data.processor_dir else out / "processor"
-    if accelerator.is_main_process and not (proc_dir / "bioperceiver_processor.json").exists():
-        BioPerceiverProcessor.from_manifest(manifest, processors).fit(manifest, split="train").save_pretrained(proc_dir)
+    if accelerator.is_main_process and not (proc_dir / PROCESSOR_INDEX).exists():
+        fitted = BioPerceiverProcessor.from_manifest(manifest, processors).fit(manifest, split="train")
+        save_processor_atomically(fitted, proc_dir)
     accelerator.wait_for_everyone()
     processor = BioPerceiverProcessor.from_pretrained(proc_dir)
     return manifest, processor, embedders
@@ -81,13 +260,14 @@ def prepare_data(config: PretrainConfig, accelerator, out: Path, settings_root: 
 
 def training_data(config: PretrainConfig, manifest, processor) -> tuple[ManifestDataset, BioPerceiverCollator]:
     """The training split as an augmenting dataset, and its collator (modality dropout, skip policy)."""
+    on_error = data_on_error(config.data.on_error)
     train_ds = ManifestDataset.from_manifest(
-        manifest.split("train"), processor, train=True, seed=config.seed, on_error=config.data.on_error
+        manifest.split("train"), processor, train=True, seed=config.seed, on_error=on_error
     )
     collator = BioPerceiverCollator(
         processor.modalities,
         modality_dropout=config.data.modality_dropout,
-        on_error=config.data.on_error,
+        on_error=on_error,
         seed=config.seed,
     )
     return train_ds, collator
@@ -168,6 +348,7 @@ def run_pretraining(
     config: PretrainConfig,
     *,
     resume: str | os.PathLike | None = None,
+    overwrite_output_dir: bool = False,
     settings_root: str | os.PathLike | None = None,
     crash_after_step: int | None = None,
 ) -> dict[str, Any]:
@@ -175,8 +356,12 @@ def run_pretraining(
 
     Args:
         config: the checked run config (:func:`~bioperceiver.training.config.load_run_config`).
-        resume: ``"latest"`` or a checkpoint folder to continue from (bit-identical to an uninterrupted run).
-        settings_root: folder a relative ``data.processor_settings`` resolves against (default: working directory).
+        resume: ``"latest"`` or a checkpoint folder to continue from (bit-identical to an uninterrupted run); the
+            checkpoint's config and number of processes are checked first.
+        overwrite_output_dir: delete ``output_dir`` first when it holds a run (without it, or ``resume``, such an
+            ``output_dir`` is refused with :class:`~bioperceiver.training.config.RunConfigError`).
+        settings_root: folder a relative ``data.processor_settings`` resolves against (default: working directory;
+            :func:`~bioperceiver.training.config.load_run_config` already makes paths absolute).
         crash_after_step: tests only: SIGKILL this process right after the checkpoint of this step is written.
 
     Returns:
@@ -190,7 +375,24 @@ def run_pretraining(
     run_config_yaml = cfg.to_yaml()
     trackers = trackers_from_config(lg)
     project = lg.project or DEFAULT_PROJECT
+    check_output_dir(cfg, resume, overwrite_output_dir)  # before any work, on every process
+    ckpt_dir = out / "checkpoints"
+    resume_path = resolve_resume(resume, ckpt_dir) if resume else None
+    if resume_path is not None and Path(resume_path).resolve().parent != ckpt_dir.resolve() and existing_run(out):
+        raise RunConfigError(
+            f"--resume {resume_path}: that checkpoint is not in {ckpt_dir}, and output_dir {out} holds another run "
+            f"({', '.join(existing_run(out))}); runs are never mixed. Resume into an empty output_dir"
+        )
     accelerator = make_accelerator(cfg, trackers)
+    if resume_path is not None:
+        run_id = check_resume(cfg, resume_path, accelerator.num_processes).get("run_id") or new_run_id()
+    else:
+        if overwrite_output_dir and existing_run(out) and accelerator.is_main_process:
+            logger.warning("--overwrite_output_dir: deleting the run in %s", out)
+            shutil.rmtree(out)
+        accelerator.wait_for_everyone()
+        run_id = _broadcast(new_run_id(), accelerator)
+    run_facts = {"run_id": run_id, "config_hash": config_hash(cfg), "num_processes": accelerator.num_processes}
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     logger.info(
         "%s, %d process(es), device %s, mixed precision %s",
@@ -234,12 +436,11 @@ def run_pretraining(
     scheduler = get_cosine_schedule_with_warmup(optimizer, opt.warmup_steps, opt.max_steps)
     trainer, optimizer, loader, scheduler = accelerator.prepare(trainer, optimizer, loader, scheduler)
 
-    ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     step, batches_seen = 0, 0
     samples_before, seconds_before, samples_local = 0, 0.0, 0  # run totals over resumes (model card)
-    if resume:
-        state = load_checkpoint(accelerator, resolve_resume(resume, ckpt_dir))
+    if resume_path is not None:
+        state = load_checkpoint(accelerator, resume_path)
         step, batches_seen = state["step"], state["batches_seen"]
         samples_before, seconds_before = state.get("samples_seen", 0), state.get("train_seconds", 0.0)
     if trackers:
@@ -311,6 +512,7 @@ def run_pretraining(
             tokens.skip_last = extra.get("num_pad", 0)
             with accelerator.accumulate(trainer):
                 outputs = trainer(inputs=batch["inputs"], patient_id=batch["patient_id"], **extra)
+                raise_if_non_finite(outputs, batch, step, trainer, accelerator)
                 accelerator.backward(outputs["loss"])  # DeepSpeed: also steps (clipping from its JSON) here
                 if accelerator.sync_gradients and opt.grad_clip:
                     # clips (DeepSpeed: returns the norm it clipped with); the pre-clip norm is logged
@@ -361,7 +563,14 @@ def run_pretraining(
                     history.append({"step": step, **metrics})
             if step % ck.save_steps == 0 or step == opt.max_steps:
                 save_checkpoint(
-                    accelerator, ckpt_dir, step, batches_seen, ck.keep_last, run_config_yaml, **run_totals()
+                    accelerator,
+                    ckpt_dir,
+                    step,
+                    batches_seen,
+                    ck.keep_last,
+                    run_config_yaml,
+                    **run_facts,
+                    **run_totals(),
                 )
                 if crash_after_step == step:
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -394,23 +603,24 @@ def run_pretraining(
             if plot_similarity(views, masks, names, a, b, out / f"similarity_{a}__{b}.png"):
                 plots.append(out / f"similarity_{a}__{b}.png")
         backbone = {k[len("model.") :]: v for k, v in state_dict.items() if k.startswith("model.")}
-        unwrapped.model.save_pretrained(final, state_dict=backbone)
-        processor.save_pretrained(final)
-        (final / RUN_CONFIG).write_text(run_config_yaml)
         compute = compute_facts(accelerator, step, totals, cfg)
-        try:
-            card = pretraining_card(
-                config=unwrapped.model.config,
-                manifest=manifest,
-                run_config=cfg.to_dict(),
-                metrics=metrics,
-                compute=compute,
-                num_parameters=num_parameters,
-                eval_split=eval_cfg.split,
-            )
-            card.save(final / "README.md")
-        except Exception:  # the trained model is saved; a card problem must not lose the run
-            logger.exception("could not write the model card %s", final / "README.md")
+        with atomic_dir(final) as tmp:  # all of final/ or none of it: a crash keeps the previous one
+            unwrapped.model.save_pretrained(tmp, state_dict=backbone)
+            processor.save_pretrained(tmp)
+            (tmp / RUN_CONFIG).write_text(run_config_yaml)
+            try:
+                card = pretraining_card(
+                    config=unwrapped.model.config,
+                    manifest=manifest,
+                    run_config=cfg.to_dict(),
+                    metrics=metrics,
+                    compute=compute,
+                    num_parameters=num_parameters,
+                    eval_split=eval_cfg.split,
+                )
+                card.save(tmp / "README.md")
+            except Exception:  # the trained model is saved; a card problem must not lose the run
+                logger.exception("could not write the model card %s", final / "README.md")
         (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
         logger.info("saved the pretrained backbone and processors to %s", final)
     accelerator.wait_for_everyone()
