@@ -13,6 +13,10 @@ arguments override it). Tasks: ``classification`` (binary/multiclass), ``multila
 ``partial``, ``full``, ``lora``. Without ``--model_name_or_path`` the backbone is randomly initialised from
 ``--preset`` (the no-pretraining baseline).
 
+Before any work: the model/processor folders, the output folder and the manifest (cheap validation) are checked.
+An ``output_dir`` that holds a run is refused unless ``--resume_from_checkpoint latest|CHECKPOINT`` (arguments must
+match the run's ``finetuning_run.json`` up to the resumable ones) or ``--overwrite_output_dir true`` (clears it).
+
 Outputs in ``output_dir``: the model (``save_pretrained``, LoRA merged) + processors + ``finetuning_task.json`` +
 ``README.md`` (model card); ``all_results.json`` (train/validation/test metrics, test with bootstrap 95% CIs);
 ``predictions_test.csv`` (per sample); ``results_by_pattern.csv`` (metrics per missing-modality pattern);
