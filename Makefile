@@ -40,8 +40,8 @@ $(VENV)/.demo-data: Makefile $(VENV)/.deps
 demo: setup
 	$(PY) pretrain/demo_pipeline.py --output_dir outputs/demo
 	$(PY) pretrain/run_pretrain.py --config pretrain/configs/demo.yaml --overwrite_output_dir
-	$(PY) finetune/run_finetune.py finetune/configs/demo_survival.yaml
-	$(PY) finetune/run_finetune.py finetune/configs/demo_findings.yaml
+	$(PY) finetune/run_finetune.py finetune/configs/demo_survival.yaml --overwrite_output_dir true
+	$(PY) finetune/run_finetune.py finetune/configs/demo_findings.yaml --overwrite_output_dir true
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -24,6 +24,7 @@ import torch
 from bioperceiver.data import BioPerceiverProcessor, assign_splits, read_manifest
 from bioperceiver.evaluation.report import ensemble_report
 from bioperceiver.tasks import Task
+from bioperceiver.training.finetuning import check_model_path
 from bioperceiver.training.tasks import ProcessedDataset, labelled_records, predict
 
 logger = logging.getLogger("predict_ensemble")
@@ -66,9 +67,13 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     folders = [Path(d) for d in args.model_dirs]
-    for f in folders:
+    for f in folders:  # before any work: each member is a finetuned model folder
+        check_model_path(str(f), argument="--model_dirs")
         if not (f / "finetuning_task.json").exists():
-            raise SystemExit(f"{f} is not a run_finetune.py output folder (no finetuning_task.json)")
+            raise ValueError(
+                f"--model_dirs {f} is not a run_finetune.py output folder (no finetuning_task.json): pass the "
+                "--output_dir folders of finetuning runs"
+            )
     manifest_path = args.manifest or json.loads((folders[0] / "all_results.json").read_text())["manifest"]
     manifest = read_manifest(manifest_path)
     manifest = assign_splits(manifest)  # adds patient-level splits, or checks the manifest's own

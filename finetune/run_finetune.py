@@ -13,6 +13,10 @@ arguments override it). Tasks: ``classification`` (binary/multiclass), ``multila
 ``partial``, ``full``, ``lora``. Without ``--model_name_or_path`` the backbone is randomly initialised from
 ``--preset`` (the no-pretraining baseline).
 
+Before any work: the model/processor folders, the output folder and the manifest (cheap validation) are checked.
+An ``output_dir`` that holds a run is refused unless ``--resume_from_checkpoint latest|CHECKPOINT`` (arguments must
+match the run's ``finetuning_run.json`` up to the resumable ones) or ``--overwrite_output_dir true`` (clears it).
+
 Outputs in ``output_dir``: the model (``save_pretrained``, LoRA merged) + processors + ``finetuning_task.json`` +
 ``README.md`` (model card); ``all_results.json`` (train/validation/test metrics, test with bootstrap 95% CIs);
 ``predictions_test.csv`` (per sample); ``results_by_pattern.csv`` (metrics per missing-modality pattern);
@@ -35,7 +39,6 @@ import numpy as np
 import torch
 import transformers
 from transformers import HfArgumentParser, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 import bioperceiver as bp
 from bioperceiver.cards import finetuning_card
@@ -43,6 +46,7 @@ from bioperceiver.data import (
     BioPerceiverProcessor,
     ManifestDataset,
     assign_splits,
+    check_manifest_before_work,
     load_processor_settings,
     read_manifest,
 )
@@ -50,11 +54,23 @@ from bioperceiver.data.manifest import is_missing
 from bioperceiver.evaluation.report import ReportSettings, evaluate_and_report, headline
 from bioperceiver.tasks import Task
 from bioperceiver.training import compute_latents, configure_finetuning, count_parameters, merge_lora
-from bioperceiver.training.arguments import DataArguments, ModelArguments, task_settings
+from bioperceiver.training.arguments import DataArguments, ModelArguments, data_layer_on_error, task_settings
+from bioperceiver.training.finetuning import (
+    RUN_RECORD,
+    check_modalities_match,
+    check_model_path,
+    check_output_dir,
+    processor_folder,
+    resolve_resume_checkpoint,
+    resolved_arguments,
+    saved_processor_modalities,
+    start_run,
+)
 from bioperceiver.training.tasks import (
     EpochSetter,
     LatentDataset,
     ProcessedDataset,
+    RunRecordSaver,
     TaskCollator,
     TaskTrainer,
     labelled_records,
@@ -110,10 +126,10 @@ def load_processor(model_args, data_args, manifest) -> tuple[BioPerceiverProcess
     """The model's (or ``--processor_dir``'s) fitted processors; otherwise processors fitted on the training split
     of the used modalities with ``--processor_settings``."""
     settings, embedders = load_processor_settings(_path(data_args.processor_settings))
-    for candidate in (data_args.processor_dir, model_args.model_name_or_path):
-        if candidate and (Path(candidate) / "bioperceiver_processor.json").exists():
-            logger.info("processors from %s", candidate)
-            return BioPerceiverProcessor.from_pretrained(candidate), embedders
+    folder = processor_folder(data_args.processor_dir, model_args.model_name_or_path)
+    if folder is not None:
+        logger.info("processors from %s", folder)
+        return BioPerceiverProcessor.from_pretrained(folder), embedders
     logger.info("fitting processors on the %s split", data_args.train_split)
     wanted = set(data_args.modalities or manifest.modalities)
     settings = {k: v for k, v in settings.items() if k in manifest.modalities and k in wanted}  # others: unused here
@@ -127,6 +143,40 @@ def _path(p: str | None) -> Path | None:
     if p is None:
         return None
     return Path(p) if Path(p).exists() else ROOT / p
+
+
+def check_before_work(model_args, data_args, training_args):
+    """What can be checked before any work: the model folder, saved processors against the model's modalities,
+    the output folder (runs never mix) and ``--resume_from_checkpoint``. Returns ``(run record, clear output_dir
+    first, checkpoint to resume)``; raises ``ValueError`` saying what to pass instead."""
+    if model_args.model_name_or_path:
+        check_model_path(model_args.model_name_or_path)
+    folder = processor_folder(data_args.processor_dir, model_args.model_name_or_path)
+    if folder is not None:
+        check_modalities(model_args, data_args, saved_processor_modalities(folder), f"the processors in {folder}")
+    out = Path(training_args.output_dir)
+    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, out)
+    arguments = resolved_arguments(model_args, data_args, training_args)
+    protected = (model_args.model_name_or_path, data_args.processor_dir, data_args.manifest)
+    record, clear = check_output_dir(
+        out, arguments, resume=resume, overwrite=data_args.overwrite_output_dir, protected=protected
+    )
+    return record, clear, resume
+
+
+def check_modalities(model_args, data_args, modalities: list[str], source: str) -> list[str]:
+    """The modalities the run uses (``modalities`` restricted to ``--modalities``), each with an embedder in the
+    model (from ``--model_name_or_path``; a randomly initialised model is built for them)."""
+    model_modalities = modalities
+    if model_args.model_name_or_path:
+        model_modalities = list(transformers.AutoConfig.from_pretrained(model_args.model_name_or_path).modality_names)
+    return check_modalities_match(
+        modalities,
+        model_modalities,
+        wanted=data_args.modalities,
+        processor_source=source,
+        model_source=model_args.model_name_or_path,
+    )
 
 
 def build_model(model_args, task: Task, processor, embedders, train_records, used: list[str]):
@@ -167,7 +217,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     training_args.remove_unused_columns = False
     training_args.label_names = ["labels"]
     out = Path(training_args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # before any work: paths, processors vs. model, the output folder (runs never mix), resume
+    record, clear, resume = check_before_work(model_args, data_args, training_args)
+    on_error = data_layer_on_error(data_args.on_error)
     set_seed(training_args.seed)
     t0 = time.perf_counter()
 
@@ -179,6 +231,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             build_demo_cohort(manifest_path.parent, seed=0)
     manifest = read_manifest(manifest_path)
+    # cheap validation: manifest-level problems stop here with the full list; per-sample ones follow --on_error
+    check_manifest_before_work(manifest, on_error=data_args.on_error, what="finetuning")
     manifest = assign_splits(manifest)  # adds hashed patient-level splits, or checks the manifest's own
     if data_args.modalities:
         unknown = sorted(set(data_args.modalities) - set(manifest.modalities))
@@ -188,6 +242,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
     task = Task.from_dict(task_settings(model_args, data_args))
     task.check_columns(list(manifest.table.columns), manifest.label_columns)
+    if processor_folder(data_args.processor_dir, model_args.model_name_or_path) is None:  # to be fitted here
+        check_modalities(model_args, data_args, list(manifest.modalities), f"the modality columns of {manifest_path}")
+    with training_args.main_process_first(desc="every process checked output_dir"):
+        pass
+    with training_args.main_process_first(desc="preparing output_dir"):
+        if training_args.should_save:
+            start_run(out, record, clear)
     splits = {
         s: manifest.split(s).records() for s in (data_args.train_split, data_args.eval_split, data_args.test_split)
     }
@@ -198,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     task.fit(train_raw)
     splits[data_args.train_split] = subsample_patients(train_raw, data_args.label_fraction, training_args.seed)
     task.refit_on_subset(splits[data_args.train_split])  # regression: scaling of the rows actually trained on
-    labelled = {s: labelled_records(recs, task, s, on_error=data_args.on_error) for s, recs in splits.items()}
+    labelled = {s: labelled_records(recs, task, s, on_error=on_error) for s, recs in splits.items()}
     train_recs, train_targets = labelled[data_args.train_split]
     if not train_recs:
         raise ValueError(f"no labelled rows in the {data_args.train_split} split for {task.columns}")
@@ -228,11 +289,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train=True,
         seed=training_args.seed,
         modalities=used,
-        on_error=data_args.on_error,
+        on_error=on_error,
         targets=train_targets,
     )
     evals = {
-        s: ProcessedDataset(*labelled[s], processor, base_dir=base_dir, modalities=used, on_error=data_args.on_error)
+        s: ProcessedDataset(*labelled[s], processor, base_dir=base_dir, modalities=used, on_error=on_error)
         for s in (data_args.eval_split, data_args.test_split)
     }
     eval_ds = evals[data_args.eval_split]
@@ -247,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     collator = TaskCollator(
-        modalities, modality_dropout=data_args.modality_dropout, on_error=data_args.on_error, seed=training_args.seed
+        modalities, modality_dropout=data_args.modality_dropout, on_error=on_error, seed=training_args.seed
     )
     trainer_train, trainer_eval = train_ds, eval_ds
     if model_args.finetuning_mode == "linear_probe" and model_args.cache_embeddings:
@@ -261,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         plain = TaskCollator(modalities, train=False)
         bs = training_args.per_device_eval_batch_size
         train_fixed = ProcessedDataset(
-            train_recs, train_targets, processor, base_dir=base_dir, modalities=used, on_error=data_args.on_error
+            train_recs, train_targets, processor, base_dir=base_dir, modalities=used, on_error=on_error
         )
 
         def latents(ds):
@@ -290,9 +351,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_dataset=trainer_train,
         eval_dataset=trainer_eval if len(eval_ds) else None,
         data_collator=collator,
-        eval_data_collator=TaskCollator(modalities, train=False, on_error=data_args.on_error),
+        eval_data_collator=TaskCollator(modalities, train=False, on_error=on_error),
         compute_metrics=compute_metrics,
-        callbacks=[EpochSetter(trainer_train)],
+        callbacks=[EpochSetter(trainer_train), RunRecordSaver(record, RUN_RECORD)],
     )
 
     results: dict[str, Any] = {
@@ -309,14 +370,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data_args.test_split: _rows_patients(test_ds.samples),
     }
     if training_args.do_train:
-        last = None
-        if training_args.resume_from_checkpoint:
-            last = training_args.resume_from_checkpoint
-        elif out.is_dir():
-            last = get_last_checkpoint(str(out))
-            if last:
-                logger.info("resuming from the last checkpoint %s", last)
-        train_result = trainer.train(resume_from_checkpoint=last)
+        if resume:
+            logger.info("resuming run %s from %s", record["run_id"], resume)
+        train_result = trainer.train(resume_from_checkpoint=resume)
         results["train"] = train_result.metrics
         trainer.log_metrics("train", train_result.metrics)
 

@@ -345,8 +345,9 @@ def test_regression_age_reports_metrics_in_original_units(cohort, tmp_path):
 
 
 def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(cohort, tmp_path):
-    """Run 1 epoch, then ask for 2 in the same folder: the last checkpoint is found and training continues from it
-    (optimizer, scheduler, RNG and data position restored), ending bit-identical to a straight 2-epoch run."""
+    """Run 1 epoch, then ask for 2 in the same folder with ``--resume_from_checkpoint latest``: the last checkpoint
+    is found and training continues from it (optimizer, scheduler, RNG and data position restored), ending
+    bit-identical to a straight 2-epoch run. (Issue 13: without the flag the folder is refused, never mixed.)"""
     common = (
         "--task",
         "survival",
@@ -367,7 +368,7 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(cohort, 
     _run(cohort, resumed, *common, "--num_train_epochs", "1")
     steps_per_epoch = json.loads((resumed / "all_results.json").read_text())["train"]
     assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-12"], steps_per_epoch
-    second = _run(cohort, resumed, *common, "--num_train_epochs", "2")
+    second = _run(cohort, resumed, *common, "--num_train_epochs", "2", "--resume_from_checkpoint", "latest")
     assert second["train"]["epoch"] == 2.0
     state = json.loads((resumed / "checkpoint-24" / "trainer_state.json").read_text())
     assert state["global_step"] == 24

@@ -347,7 +347,9 @@ def test_models_declare_their_task_and_the_metrics_follow_it():
 @pytest.mark.parametrize("head_type", ["pooled", "query"])
 def test_every_head_parameter_is_initialised_on_every_load_path(cls, head_type, tmp_path):
     """Issue 13: transformers creates parameters missing from a checkpoint on the meta device and initialises only
-    what ``_init_weights`` handles; the query head's ``query`` must be among them (it held 1e34-1e38 before)."""
+    what ``_init_weights`` handles; the query head's ``query`` must be among them (it held 1e34-1e38 before). Paths:
+    from a saved backbone (several times), fresh, from a finetuned folder, LoRA (configured, merged, saved, loaded),
+    and the backbone class itself."""
     torch.manual_seed(0)
     backbone = bp.BioPerceiverModel(tiny_config())
     backbone.save_pretrained(tmp_path / "backbone")
@@ -383,3 +385,28 @@ def test_every_head_parameter_is_initialised_on_every_load_path(cls, head_type, 
     again = cls.from_pretrained(tmp_path / "finetuned")
     for name, p in fresh.state_dict().items():
         torch.testing.assert_close(again.state_dict()[name], p, msg=name)
+    # LoRA on a model loaded from the backbone: the head (trained in full, `modules_to_save`) is initialised, the
+    # adapters start as A ~ kaiming-uniform, B = 0; merged and saved, the finetuned folder loads back exactly
+    from bioperceiver.training import configure_finetuning, merge_lora
+
+    loaded = cls.from_pretrained(tmp_path / "backbone", **head)
+    check(loaded, from_backbone=True)
+    peft_model = configure_finetuning(loaded, "lora", lora_r=4)
+    lora = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert lora and all(torch.isfinite(p).all() for p in peft_model.parameters())
+    for name, p in lora.items():
+        if "lora_B" in name:
+            assert (p == 0).all(), name
+        else:  # kaiming-uniform(a=sqrt(5)) over fan_in: |A| <= 1 / sqrt(fan_in)
+            assert 0 < p.abs().max() <= 1 / p.shape[1] ** 0.5 + 1e-7, name
+    merged = merge_lora(peft_model)
+    check(merged, from_backbone=True)  # B = 0: merging changes no backbone weight
+    merged.save_pretrained(tmp_path / "lora_finetuned")
+    reloaded = cls.from_pretrained(tmp_path / "lora_finetuned")
+    for name, p in merged.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], p, rtol=0, atol=0, msg=name)
+    # the backbone class itself on the same paths: every parameter finite, the saved ones exact
+    for model in (bp.BioPerceiverModel.from_pretrained(tmp_path / "backbone"), bp.BioPerceiverModel(tiny_config())):
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    for name, p in bp.BioPerceiverModel.from_pretrained(tmp_path / "lora_finetuned").state_dict().items():
+        torch.testing.assert_close(p, merged.state_dict()[f"bioperceiver.{name}"], rtol=0, atol=0, msg=name)

@@ -4,8 +4,14 @@ evaluation (:class:`DataArguments`)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# ``skip`` is the older name of ``skip_sample``
+ON_ERROR_CHOICES = ("raise", "skip", "skip_sample", "skip_modality")
 
 
 @dataclass
@@ -53,7 +59,14 @@ class DataArguments:
         default=1.0, metadata={"help": "share of training patients whose labels are used (label efficiency)"}
     )
     modality_dropout: float = 0.0
-    on_error: str = field(default="raise", metadata={"help": "raise | skip (counted and logged)"})
+    on_error: str = field(
+        default="raise",
+        metadata={
+            "help": "bad per-sample content: raise | skip_sample (= skip; the sample is left out, counted and logged) "
+            "| skip_modality (only the bad modality of the sample is dropped, where the data layer supports it). "
+            "Manifest-level problems (duplicate ids, bad splits) always stop the run"
+        },
+    )
     n_bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for the test CIs (by patient)"})
     ablations: bool = field(default=True, metadata={"help": "test metric with each modality removed / alone"})
     min_pattern_samples: int = field(default=10, metadata={"help": "smallest pattern group that gets metrics"})
@@ -67,6 +80,35 @@ class DataArguments:
         default=True, metadata={"help": "modality Shapley values, integrated gradients and a deletion test on test"}
     )
     explain_samples: int = field(default=3, metadata={"help": "test patients with explanation figures (0 = none)"})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "clear an output_dir that already holds a run and start again (without it, such a folder is "
+            "refused unless --resume_from_checkpoint)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ON_ERROR_CHOICES:
+            raise ValueError(f"--on_error {self.on_error!r}: choose one of {ON_ERROR_CHOICES}")
+
+
+def data_layer_on_error(on_error: str) -> str:
+    """``--on_error`` as the data layer (datasets, collator) names it: the same value where it supports it;
+    ``skip_sample`` and ``skip`` are one mode under either name; ``skip_modality`` falls back to skipping the whole
+    sample (with a warning) where the data layer cannot drop a single modality."""
+    from ..data.errors import ON_ERROR_CHOICES as supported
+
+    if on_error in supported:
+        return on_error
+    for other in {"skip_sample": ("skip",), "skip": ("skip_sample",), "skip_modality": ("skip_sample", "skip")}[
+        on_error
+    ]:
+        if other in supported:
+            if on_error == "skip_modality":
+                logger.warning("on_error=skip_modality: this data layer skips the whole sample (%s)", other)
+            return other
+    raise ValueError(f"--on_error {on_error!r}: this data layer supports {supported}")
 
 
 def task_settings(model_args: ModelArguments, data_args: DataArguments) -> dict[str, Any]:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -113,3 +119,274 @@ def compute_latents(model: nn.Module, batches, device: torch.device | str = "cpu
         out.append(backbone(inputs=inputs).last_hidden_state.cpu())
     backbone.train(was_training)
     return torch.cat(out)
+
+
+# ---- safety before any work: model/processor paths, the output folder, resume ------------------------------------
+
+RUN_RECORD = "finetuning_run.json"
+# files whose presence means a folder already holds a finetuning run (or a model): never mixed into silently
+RUN_MARKERS = ("all_results.json", "model.safetensors", "config.json", "finetuning_task.json", RUN_RECORD)
+# arguments a resumed run may change: how long to train, logging, saving and what is reported at the end
+RESUMABLE_ARGUMENTS = frozenset(
+    {
+        "num_train_epochs",
+        "max_steps",
+        "logging_steps",
+        "logging_strategy",
+        "logging_first_step",
+        "logging_nan_inf_filter",
+        "log_level",
+        "log_level_replica",
+        "log_on_each_node",
+        "disable_tqdm",
+        "report_to",
+        "run_name",
+        "project",
+        "save_steps",
+        "save_strategy",
+        "save_total_limit",
+        "save_on_each_node",
+        "eval_steps",
+        "per_device_eval_batch_size",
+        "eval_accumulation_steps",
+        "dataloader_num_workers",
+        "dataloader_pin_memory",
+        "dataloader_persistent_workers",
+        "dataloader_prefetch_factor",
+        "do_eval",
+        "do_predict",
+        "output_dir",
+        "resume_from_checkpoint",
+        "overwrite_output_dir",
+        "n_bootstrap",
+        "ablations",
+        "min_pattern_samples",
+        "uncertainty",
+        "mc_dropout_samples",
+        "conformal_alpha",
+        "interpret",
+        "explain_samples",
+        "license",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_strategy",
+        "hub_token",
+        "hub_private_repo",
+        "hub_always_push",
+        "hub_revision",
+    }
+)
+LATEST = ("latest", "last", "true")  # --resume_from_checkpoint values meaning "the last checkpoint in output_dir"
+
+
+def check_model_path(path: str, *, argument: str = "--model_name_or_path") -> None:
+    """Fail before any work when ``path`` cannot be a BioPerceiver model folder: a folder without ``config.json``,
+    a file, a ``config.json`` of another model type, or a path that does not exist locally (a hub repo id is tried
+    only when the hub can be reached)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        config = p / "config.json"
+        if not config.exists():
+            hints = sorted(str(c.parent) for c in p.glob("*/config.json"))[:3]
+            hint = f" (folders below it that do: {hints})" if hints else ""
+            raise ValueError(
+                f"{argument} {path} is a folder but holds no config.json: pass the `final/` folder of a pretraining "
+                f"run or a finetuned model folder{hint}"
+            )
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{argument} {path}: config.json cannot be read ({err}); re-save the model") from err
+        if model_type != "bioperceiver":
+            raise ValueError(
+                f"{argument} {path} holds a {model_type!r} model, not a BioPerceiver one: pass the `final/` folder "
+                "of a pretraining run or a folder written by run_finetune.py"
+            )
+        return
+    if p.exists():
+        raise ValueError(f"{argument} {path} is a file; pass the model's folder (the one holding config.json)")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    looks_like_repo = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    message = (
+        f"{argument} {path} does not exist locally. Pass the `final/` folder of a pretraining run or a finetuned "
+        "model folder (check the path and the working directory); a Hugging Face hub id (org/name) needs network "
+        "access"
+    )
+    if offline or not looks_like_repo:
+        raise ValueError(message + (" and HF_HUB_OFFLINE is set" if offline else ""))
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path)
+    except Exception as err:  # every hub failure gets the same advice, the cause chained
+        raise ValueError(f"{message}, and fetching it from the hub failed: {err}") from err
+
+
+def processor_folder(processor_dir: str | None, model_name_or_path: str | None) -> Path | None:
+    """The folder whose fitted processors a run uses: ``processor_dir`` (which must hold them), else the model's
+    folder when it holds them, else ``None`` (processors are fitted on the training split)."""
+    if processor_dir:
+        p = Path(processor_dir)
+        if not (p / "bioperceiver_processor.json").exists():
+            raise ValueError(
+                f"--processor_dir {processor_dir} holds no bioperceiver_processor.json: pass the folder a pretraining "
+                "run or run_finetune.py saved processors in (e.g. the pretraining run's `final/`), or leave "
+                "--processor_dir unset to use the model's processors or fit new ones"
+            )
+        return p
+    if model_name_or_path and (Path(model_name_or_path) / "bioperceiver_processor.json").exists():
+        return Path(model_name_or_path)
+    return None
+
+
+def saved_processor_modalities(folder: str | os.PathLike) -> list[str]:
+    """The modality columns of the processors saved in ``folder`` (reads the JSON only; nothing is loaded)."""
+    return list(json.loads((Path(folder) / "bioperceiver_processor.json").read_text())["modalities"])
+
+
+def check_modalities_match(
+    processor_modalities: list[str],
+    model_modalities: list[str],
+    *,
+    wanted: list[str] | None,
+    processor_source: str,
+    model_source: str,
+) -> list[str]:
+    """The modalities a run uses (``processor_modalities``, restricted to ``wanted``), checked against the model's:
+    every one needs a processor and an embedder in the model. ``processor_source`` names where the processors come
+    from (``"the processors in DIR"``). Raises ``ValueError`` naming both sets and what to pass instead."""
+    if wanted:
+        lacking = sorted(set(wanted) - set(processor_modalities))
+        if lacking:
+            raise ValueError(
+                f"--modalities {lacking} are not among {processor_source} {sorted(processor_modalities)}: restrict "
+                "--modalities to those, or pass a --processor_dir fitted with them"
+            )
+    used = [m for m in processor_modalities if not wanted or m in wanted]
+    extra = sorted(set(used) - set(model_modalities))
+    if extra:
+        shared = [m for m in used if m in model_modalities]
+        raise ValueError(
+            f"{processor_source} cover modalities {sorted(used)} but the model {model_source} was built with "
+            f"{sorted(model_modalities)} ({extra} have no embedder in it): pass --processor_dir with the processors "
+            f"saved beside the model (its own folder), or restrict --modalities to {shared}"
+        )
+    return used
+
+
+def resolved_arguments(*groups: Any) -> dict[str, Any]:
+    """One flat, JSON-safe dict of argument dataclasses (``TrainingArguments`` through its ``to_dict``)."""
+    from dataclasses import asdict, is_dataclass
+
+    out: dict[str, Any] = {}
+    for g in groups:
+        values = g.to_dict() if hasattr(g, "to_dict") else asdict(g) if is_dataclass(g) else dict(g)
+        out.update(values)
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def arguments_hash(arguments: dict[str, Any], resumable: frozenset[str] = RESUMABLE_ARGUMENTS) -> str:
+    """sha256 of the arguments that define a run (the ``resumable`` ones left out)."""
+    kept = {k: v for k, v in arguments.items() if k not in resumable}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_markers(folder: str | os.PathLike) -> list[str]:
+    """The files and checkpoints in ``folder`` that show it already holds a finetuning run or a model."""
+    p = Path(folder)
+    if not p.is_dir():
+        return []
+    found = [m for m in RUN_MARKERS if (p / m).exists()]
+    return found + sorted(c.name for c in p.glob("checkpoint-*") if c.is_dir())
+
+
+def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str | os.PathLike) -> str | None:
+    """``--resume_from_checkpoint``: ``latest`` (or ``last``/``true``) = the last ``checkpoint-*`` in
+    ``output_dir``; otherwise a checkpoint folder that must exist. ``None``/``false`` = no resume."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    value = resume_from_checkpoint
+    if value is None or str(value).lower() in ("", "false", "none", "no"):
+        return None
+    if str(value).lower() in LATEST:
+        last = get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+        if last is None:
+            raise ValueError(
+                f"--resume_from_checkpoint {value}: {output_dir} holds no checkpoint-* folder to resume; start a new "
+                "run without it (or in another --output_dir), or pass a checkpoint folder"
+            )
+        return last
+    if not (Path(value) / "trainer_state.json").exists():
+        raise ValueError(
+            f"--resume_from_checkpoint {value} is not a checkpoint folder (no trainer_state.json): pass "
+            "`latest` or one of the checkpoint-* folders of the run's output_dir"
+        )
+    return str(value)
+
+
+def check_output_dir(
+    output_dir: str | os.PathLike,
+    arguments: dict[str, Any],
+    *,
+    resume: str | None,
+    overwrite: bool,
+    protected: tuple[str | os.PathLike | None, ...] = (),
+    resumable: frozenset[str] = RESUMABLE_ARGUMENTS,
+) -> tuple[dict[str, Any], bool]:
+    """Decide what a run may do with ``output_dir`` without touching it: returns ``(run record, clear first)``.
+
+    A folder that already holds a run (:func:`run_markers`) is refused unless ``resume`` (the run's record, when it
+    has one, must match ``arguments`` up to the ``resumable`` keys: changed ones are named) or ``overwrite`` (the
+    folder is cleared first; never a folder that holds one of the ``protected`` paths, e.g. the model being
+    finetuned or the manifest)."""
+    out = Path(output_dir)
+    found = run_markers(out)
+    record = {"run_id": uuid.uuid4().hex[:12], "arguments_hash": arguments_hash(arguments, resumable)}
+    record["arguments"] = arguments
+    if resume is None:
+        if not found:
+            return record, False
+        if not overwrite:
+            raise ValueError(
+                f"--output_dir {out} already holds a finetuning run or a model ({', '.join(found[:6])}): runs are "
+                "never mixed. Pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir true to "
+                "clear the folder and start again, or another --output_dir"
+            )
+        here = out.resolve()
+        for p in protected:
+            if p is not None and Path(p).exists() and Path(p).resolve().is_relative_to(here):
+                raise ValueError(
+                    f"--overwrite_output_dir would delete {p}, which this run reads: pass another --output_dir"
+                )
+        return record, True
+    previous = Path(resume) / RUN_RECORD if resume and (Path(resume) / RUN_RECORD).exists() else out / RUN_RECORD
+    if not previous.exists():
+        logger.warning("%s has no %s (written by an older version): resuming without checking it", out, RUN_RECORD)
+        return record, False
+    old = json.loads(previous.read_text())
+    if old["arguments_hash"] != record["arguments_hash"]:
+        before, now = old.get("arguments", {}), arguments
+        changed = sorted(k for k in set(before) | set(now) if k not in resumable and before.get(k) != now.get(k))
+        detail = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed) or "(unknown keys)"
+        raise ValueError(
+            f"--resume_from_checkpoint: the run in {previous.parent} (run id {old['run_id']}) was started with other "
+            f"arguments: {detail}. Only the training length, logging, saving and reporting arguments may change on "
+            "resume (bioperceiver.training.finetuning.RESUMABLE_ARGUMENTS): restore the others, or start a new run "
+            "(--overwrite_output_dir true or another --output_dir)"
+        )
+    record["run_id"] = old["run_id"]
+    return record, False
+
+
+def start_run(output_dir: str | os.PathLike, record: dict[str, Any], clear: bool) -> None:
+    """Clear ``output_dir`` if asked, create it and write the run record (call on the main process only)."""
+    out = Path(output_dir)
+    if clear and out.is_dir():
+        logger.warning("--overwrite_output_dir: clearing %s", out)
+        for child in out.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")

@@ -5,6 +5,7 @@ the grouping a finetuning run reports by (missing-modality patterns). Label enco
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data.collator import BioPerceiverCollator, num_tokens
 from ..data.dataset import ERROR_COLUMN, ManifestDataset
@@ -27,13 +29,14 @@ def labelled_records(
     records: Sequence[dict], task: Task, split: str, on_error: str = "raise"
 ) -> tuple[list[dict], list[torch.Tensor]]:
     """Rows of a split that have this task's label, with their targets; unlabelled rows are counted and logged.
-    A bad label (e.g. a class unseen in training) raises, or with ``on_error="skip"`` is counted and logged."""
+    A bad label (e.g. a class unseen in training) raises, or with any skipping ``on_error`` (``"skip"``,
+    ``"skip_sample"``, ``"skip_modality"``: a label belongs to the whole sample) is counted and logged."""
     kept, targets, missing, bad = [], [], 0, Counter()
     for r in records:
         try:
             t = task.encode(r)
         except DataError as err:
-            if on_error != "skip":
+            if on_error == "raise":
                 raise
             bad[err.reason] += 1
             logger.warning("%s: skipped: %s", split, err)
@@ -248,6 +251,19 @@ class EpochSetter(transformers.TrainerCallback):
     def on_epoch_begin(self, args, state, control, **kwargs):
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(int(state.epoch or 0))
+
+
+class RunRecordSaver(transformers.TrainerCallback):
+    """Writes the run record (run id + hash of the resolved arguments, :func:`~.finetuning.check_output_dir`) into
+    every checkpoint, so that resuming from a checkpoint folder checks the arguments it was written with."""
+
+    def __init__(self, record: dict[str, Any], filename: str):
+        self.record, self.filename = record, filename
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            (folder / self.filename).write_text(json.dumps(self.record, indent=1, sort_keys=True) + "\n")
 
 
 class TaskTrainer(transformers.Trainer):

@@ -1,0 +1,280 @@
+"""Issue 13, finetuning on a user's own cohort: every bad input is named before any work (model and processor
+folders, the output folder, the manifest), runs never mix (refused, resumed with the same arguments, or cleared),
+and the README's finetuning example runs with both head types from a pretrained backbone (synthetic cohort, CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+import bioperceiver as bp
+from bioperceiver.data import BioPerceiverProcessor, ManifestError, assign_splits, read_manifest, write_manifest
+from bioperceiver.data.processing import load_processor_settings
+from bioperceiver.data.recipes.synthetic import make_synthetic_cohort
+from bioperceiver.training.arguments import DataArguments
+from bioperceiver.training.finetuning import RUN_RECORD, check_output_dir, resolve_resume_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+USED = ["text_note", "tabular_ehr"]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "finetune" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the script is executed
+    spec.loader.exec_module(module)
+    return module
+
+
+run_finetune = _load("run_finetune")
+
+
+class WorkStarted(Exception):
+    """Raised by the patched first step of real work (reading the manifest, fitting processors)."""
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> dict[str, Path]:
+    """A synthetic cohort with patient-level splits, processor settings, and a "pretrained" backbone folder as
+    run_pretrain.py writes it (backbone + processors of ``USED``), plus processors fitted for one more modality."""
+    root = tmp_path_factory.mktemp("cohort")
+    manifest = assign_splits(
+        read_manifest(make_synthetic_cohort(root / "raw", num_patients=40, missing_rate=0.0, seed=5))
+    )
+    write_manifest(manifest.table, root / "raw" / "split.parquet", manifest.metadata)
+    settings = {"processors": {"text_note": {"vocab_size": 200, "min_frequency": 1, "max_length": 48}}}
+    (root / "settings.yaml").write_text(yaml.safe_dump(settings))
+    manifest = read_manifest(root / "raw" / "split.parquet")
+    procs, embedders = load_processor_settings(root / "settings.yaml")
+    fitted = BioPerceiverProcessor.from_manifest(manifest, procs)
+    three = BioPerceiverProcessor({m: fitted.processors[m] for m in [*USED, "omics_expression"]}).fit(manifest)
+    three.save_pretrained(root / "three_processors")
+    two = BioPerceiverProcessor({m: three.processors[m] for m in USED})
+    torch.manual_seed(0)
+    backbone = bp.create_model("bioperceiver_debug", modalities=two.model_modalities(embedders))
+    backbone.save_pretrained(root / "backbone")
+    two.save_pretrained(root / "backbone")
+    return {
+        "manifest": root / "raw" / "split.parquet",
+        "settings": root / "settings.yaml",
+        "backbone": root / "backbone",
+        "three": root / "three_processors",
+    }
+
+
+def _argv(cohort, out: Path, *args: str, modalities: tuple[str, ...] = tuple(USED)) -> list[str]:
+    return [
+        "--manifest",
+        str(cohort["manifest"]),
+        "--processor_settings",
+        str(cohort["settings"]),
+        "--output_dir",
+        str(out),
+        "--task",
+        "classification",
+        "--label_column",
+        "label_binary",
+        *(["--modalities", *modalities] if modalities else []),
+        "--do_train",
+        "true",
+        "--per_device_train_batch_size",
+        "8",
+        "--per_device_eval_batch_size",
+        "16",
+        "--max_steps",
+        "2",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+        "--n_bootstrap",
+        "10",
+        "--min_pattern_samples",
+        "5",
+        "--ablations",
+        "false",
+        "--uncertainty",
+        "false",
+        "--interpret",
+        "false",
+        "--use_cpu",
+        "true",
+        "--report_to",
+        "none",
+        "--seed",
+        "0",
+        *args,
+    ]
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Reading the manifest or fitting processors counts as work: the checks must fail before either."""
+
+    def refuse(*_args, **_kwargs):
+        raise WorkStarted
+
+    monkeypatch.setattr(run_finetune, "read_manifest", refuse)
+    monkeypatch.setattr(BioPerceiverProcessor, "fit", refuse)
+
+
+def test_model_and_processor_paths_are_named_before_any_work(cohort, tmp_path, no_work):
+    empty = tmp_path / "not_a_model"
+    empty.mkdir()
+    (empty / "final").mkdir()
+    shutil.copy(cohort["backbone"] / "config.json", empty / "final" / "config.json")
+    with pytest.raises(ValueError, match=r"is a folder but holds no config.json: pass the `final/` folder") as err:
+        run_finetune.main(_argv(cohort, tmp_path / "a", "--model_name_or_path", str(empty)))
+    assert str(empty / "final") in str(err.value)  # the folder below that would do
+    missing = tmp_path / "runs" / "pretrain" / "final"
+    with pytest.raises(ValueError, match="does not exist locally") as err:
+        run_finetune.main(_argv(cohort, tmp_path / "b", "--model_name_or_path", str(missing)))
+    assert "network access" in str(err.value) and "repo id" not in str(err.value)
+    with pytest.raises(ValueError, match=r"does not exist locally.*network access"):  # hub-id shaped, offline
+        run_finetune.main(_argv(cohort, tmp_path / "c", "--model_name_or_path", "someone/backbone"))
+    # processors for a modality the model has no embedder for: both sets named, and what to pass instead
+    with pytest.raises(ValueError, match=r"omics_expression") as err:
+        argv = ["--model_name_or_path", str(cohort["backbone"]), "--processor_dir", str(cohort["three"])]
+        run_finetune.main(_argv(cohort, tmp_path / "d", *argv, modalities=()))
+    message = str(err.value)
+    assert str(sorted([*USED, "omics_expression"])) in message and str(sorted(USED)) in message
+    assert "--processor_dir" in message and "--modalities" in message
+    with pytest.raises(ValueError, match=r"holds no bioperceiver_processor\.json"):
+        run_finetune.main(_argv(cohort, tmp_path / "e", "--processor_dir", str(empty)))
+
+
+def test_an_output_dir_holding_a_run_is_refused_before_any_work(cohort, tmp_path, no_work):
+    for marker in ("all_results.json", "model.safetensors", "checkpoint-3"):
+        out = tmp_path / marker.split(".")[0]
+        out.mkdir()
+        (out / marker).mkdir() if marker.startswith("checkpoint") else (out / marker).write_text("{}")
+        with pytest.raises(ValueError, match=r"already holds a finetuning run.*--resume_from_checkpoint.*--overwrite"):
+            run_finetune.main(_argv(cohort, out))
+    # never clear a folder this run reads from
+    with pytest.raises(ValueError, match="would delete"):
+        argv = _argv(cohort, cohort["backbone"], "--model_name_or_path", str(cohort["backbone"]))
+        run_finetune.main([*argv, "--overwrite_output_dir", "true"])
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        run_finetune.main(_argv(cohort, tmp_path / "fresh", "--resume_from_checkpoint", "latest"))
+
+
+def test_overwrite_clears_and_resume_checks_the_run_record(cohort, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "all_results.json").write_text('{"from": "another run"}')
+    (out / "stale.txt").write_text("left over")
+    save = ("--save_strategy", "steps", "--save_steps", "2", "--lr_scheduler_type", "constant")
+    first = run_finetune.main(_argv(cohort, out, *save, "--overwrite_output_dir", "true"))
+    assert not (out / "stale.txt").exists() and np.isfinite(first["test"]["auroc"])
+    record = json.loads((out / RUN_RECORD).read_text())
+    assert len(record["run_id"]) == 12 and len(record["arguments_hash"]) == 64
+    assert json.loads((out / "checkpoint-2" / RUN_RECORD).read_text()) == record  # checkpoints carry it too
+    # a changed argument that defines the run is named; resuming with the same ones continues the same run
+    with pytest.raises(ValueError, match=r"learning_rate: 5e-05 -> 0\.5") as err:
+        run_finetune.main(_argv(cohort, out, *save, "--resume_from_checkpoint", "latest", "--learning_rate", "0.5"))
+    assert record["run_id"] in str(err.value)
+    second = run_finetune.main(_argv(cohort, out, *save, "--resume_from_checkpoint", "latest", "--max_steps", "4"))
+    assert second["train"]["epoch"] > first["train"]["epoch"]
+    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+    resumed = json.loads((out / RUN_RECORD).read_text())
+    assert resumed["run_id"] == record["run_id"] and resumed["arguments_hash"] == record["arguments_hash"]
+    assert resumed["arguments"]["max_steps"] == 4
+    # and without either flag the folder is refused
+    with pytest.raises(ValueError, match="already holds a finetuning run"):
+        run_finetune.main(_argv(cohort, out, *save))
+
+
+def test_resume_record_check_is_exact_and_names_every_changed_key(tmp_path):
+    args = {"learning_rate": 1e-3, "seed": 0, "num_train_epochs": 1, "head_type": "pooled"}
+    record, clear = check_output_dir(tmp_path, args, resume=None, overwrite=False)
+    assert not clear
+    (tmp_path / RUN_RECORD).write_text(json.dumps(record))
+    (tmp_path / "checkpoint-1").mkdir()
+    (tmp_path / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    last = resolve_resume_checkpoint("latest", tmp_path)
+    assert last == str(tmp_path / "checkpoint-1")
+    again, _ = check_output_dir(tmp_path, {**args, "num_train_epochs": 5}, resume=last, overwrite=False)
+    assert again["run_id"] == record["run_id"]
+    with pytest.raises(ValueError, match=r"head_type: 'pooled' -> 'query', seed: 0 -> 1\."):
+        check_output_dir(tmp_path, {**args, "seed": 1, "head_type": "query"}, resume=last, overwrite=False)
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        resolve_resume_checkpoint(str(tmp_path / "checkpoint-9"), tmp_path)
+
+
+def _bad_manifest(cohort, tmp_path: Path, *, duplicate: bool) -> Path:
+    manifest = read_manifest(cohort["manifest"])
+    table = manifest.table.copy()
+    notes = table.index[table["text_note"].notna()]
+    table.loc[notes[0], "text_note"] = "   "  # an empty note: per-sample content
+    if duplicate:
+        table.loc[notes[2], "sample_id"] = table.loc[notes[1], "sample_id"]  # manifest-level
+    # beside the cohort's manifest: relative file paths resolve against the manifest's folder
+    path = cohort["manifest"].parent / f"{tmp_path.name}_{'dup' if duplicate else 'note'}.parquet"
+    write_manifest(table, path, manifest.metadata)
+    return path
+
+
+def test_the_manifest_is_validated_before_any_work(cohort, tmp_path, monkeypatch):
+    def refuse(*_args, **_kwargs):
+        raise WorkStarted
+
+    monkeypatch.setattr(BioPerceiverProcessor, "fit", refuse)
+    dup = {**cohort, "manifest": _bad_manifest(cohort, tmp_path, duplicate=True)}
+    with pytest.raises(ManifestError) as err:  # on_error=raise: every problem is blocking, all listed at once
+        run_finetune.main(_argv(dup, tmp_path / "a"))
+    assert set(err.value.report.counts()) == {"duplicate_id", "empty_text"}
+    assert "duplicate_id=1" in str(err.value) and "empty_text=1" in str(err.value)
+    for on_error in ("skip", "skip_sample", "skip_modality"):  # manifest-level problems stop every mode
+        with pytest.raises(ManifestError, match="duplicate_id=1") as err:
+            run_finetune.main(_argv(dup, tmp_path / on_error, "--on_error", on_error))
+        assert "empty_text" not in str(err.value)
+    # per-sample content follows --on_error: the run goes on to fit processors
+    note = {**cohort, "manifest": _bad_manifest(cohort, tmp_path, duplicate=False)}
+    with pytest.raises(ManifestError, match="empty_text=1"):
+        run_finetune.main(_argv(note, tmp_path / "b"))
+    with pytest.raises(WorkStarted):
+        run_finetune.main(_argv(note, tmp_path / "c", "--on_error", "skip_sample"))
+    with pytest.raises(ValueError, match=r"--on_error 'ignore': choose one of .*skip_modality"):
+        DataArguments(manifest="m", task="classification", on_error="ignore")
+
+
+@pytest.mark.parametrize("head_type", ["pooled", "query"])
+def test_readme_example_runs_with_both_head_types_from_a_pretrained_backbone(cohort, tmp_path, head_type):
+    """The README's flags (LoRA, per-epoch evaluation and saving, best model at the end) on a saved backbone: the
+    query head's learned query is initialised on this path too, so predictions and metrics are finite."""
+    out = tmp_path / head_type
+    argv = _argv(cohort, out, "--model_name_or_path", str(cohort["backbone"]), "--finetuning_mode", "lora")
+    argv += ["--head_type", head_type, "--eval_strategy", "epoch", "--save_strategy", "epoch"]
+    argv += ["--load_best_model_at_end", "true", "--metric_for_best_model", "auroc", "--num_train_epochs", "2"]
+    argv += ["--max_steps", "-1", "--learning_rate", "1e-3"]
+    results = run_finetune.main(argv)
+    assert sorted(results["modalities"]) == sorted(USED)
+    for section in ("validation", "test"):
+        assert np.isfinite(results[section]["auroc"]) and 0 <= results[section]["auroc"] <= 1, section
+    preds = pd.read_csv(out / "predictions_test.csv")
+    probs = preds.filter(like="prob_").to_numpy()
+    assert len(preds) == results["test"]["n"] and np.isfinite(probs).all()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    model = bp.BioPerceiverForSequenceClassification.from_pretrained(out)
+    assert model.config.head_type == head_type
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_predict_ensemble_names_bad_model_dirs(cohort, tmp_path):
+    ensemble = _load("predict_ensemble")
+    out = str(tmp_path / "ens")
+    with pytest.raises(ValueError, match="does not exist locally"):
+        ensemble.main(["--model_dirs", str(tmp_path / "runs" / "s0"), "--output_dir", out])
+    with pytest.raises(ValueError, match=r"is a folder but holds no config\.json"):
+        ensemble.main(["--model_dirs", str(tmp_path), "--output_dir", out])
+    with pytest.raises(ValueError, match=r"not a run_finetune.py output folder \(no finetuning_task.json\)"):
+        ensemble.main(["--model_dirs", str(cohort["backbone"]), "--output_dir", out])
