@@ -54,7 +54,7 @@ from bioperceiver.data.manifest import is_missing
 from bioperceiver.evaluation.report import ReportSettings, evaluate_and_report, headline
 from bioperceiver.tasks import Task
 from bioperceiver.training import compute_latents, configure_finetuning, count_parameters, merge_lora
-from bioperceiver.training.arguments import DataArguments, ModelArguments, data_layer_on_error, task_settings
+from bioperceiver.training.arguments import DataArguments, ModelArguments, task_settings
 from bioperceiver.training.finetuning import (
     RUN_RECORD,
     check_modalities_match,
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(training_args.output_dir)
     # before any work: paths, processors vs. model, the output folder (runs never mix), resume
     record, clear, resume = check_before_work(model_args, data_args, training_args)
-    on_error = data_layer_on_error(data_args.on_error)
+    on_error = data_args.on_error
     set_seed(training_args.seed)
     t0 = time.perf_counter()
 

@@ -8,10 +8,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..data.errors import DEFAULT_ON_ERROR, check_on_error
+
 logger = logging.getLogger(__name__)
 
 # ``skip`` is the older name of ``skip_sample``
-ON_ERROR_CHOICES = ("raise", "skip", "skip_sample", "skip_modality")
 
 
 @dataclass
@@ -60,10 +61,11 @@ class DataArguments:
     )
     modality_dropout: float = 0.0
     on_error: str = field(
-        default="raise",
+        default=DEFAULT_ON_ERROR,
         metadata={
-            "help": "bad per-sample content: raise | skip_sample (= skip; the sample is left out, counted and logged) "
-            "| skip_modality (only the bad modality of the sample is dropped, where the data layer supports it). "
+            "help": "bad per-sample content: skip_modality (default: only the unreadable modality of a sample is "
+            "dropped, its other modalities kept; counted per reason) | skip_sample (= skip; the whole sample is left "
+            "out, counted and logged) | raise. "
             "Manifest-level problems (duplicate ids, bad splits) always stop the run"
         },
     )
@@ -89,26 +91,10 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.on_error not in ON_ERROR_CHOICES:
-            raise ValueError(f"--on_error {self.on_error!r}: choose one of {ON_ERROR_CHOICES}")
-
-
-def data_layer_on_error(on_error: str) -> str:
-    """``--on_error`` as the data layer (datasets, collator) names it: the same value where it supports it;
-    ``skip_sample`` and ``skip`` are one mode under either name; ``skip_modality`` falls back to skipping the whole
-    sample (with a warning) where the data layer cannot drop a single modality."""
-    from ..data.errors import ON_ERROR_CHOICES as supported
-
-    if on_error in supported:
-        return on_error
-    for other in {"skip_sample": ("skip",), "skip": ("skip_sample",), "skip_modality": ("skip_sample", "skip")}[
-        on_error
-    ]:
-        if other in supported:
-            if on_error == "skip_modality":
-                logger.warning("on_error=skip_modality: this data layer skips the whole sample (%s)", other)
-            return other
-    raise ValueError(f"--on_error {on_error!r}: this data layer supports {supported}")
+        try:
+            self.on_error = check_on_error(self.on_error)
+        except ValueError as err:
+            raise ValueError(f"--on_error: {err}") from None
 
 
 def task_settings(model_args: ModelArguments, data_args: DataArguments) -> dict[str, Any]:

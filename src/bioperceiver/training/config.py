@@ -105,7 +105,7 @@ class DataConfig:
     """Processor and embedder settings YAML (``tokenizers/demo_processors.yaml``); ``None``: library defaults."""
     modality_dropout: float = 0.2
     """Probability of dropping each present modality of a training sample (at least one is kept)."""
-    on_error: Literal["skip_modality", "skip_sample", "skip", "raise"] = "skip"
+    on_error: Literal["skip_modality", "skip_sample", "skip", "raise"] = "skip_modality"
     """Per-sample content problems (an empty note, a NaN omics value, an unreadable file): ``skip_modality`` drops
     only the bad modality of the sample (its other modalities are kept), ``skip_sample`` (alias ``skip``) drops the
     whole sample, both counted and logged; ``raise`` stops at the first one, and also makes every problem the cheap

@@ -56,7 +56,7 @@ from ..data import (
     load_processor_settings,
     read_manifest,
 )
-from ..data.errors import ON_ERROR_CHOICES
+from ..data.errors import check_on_error
 from ..data.processing import PROCESSOR_INDEX
 from ..data.validate import ManifestError, check_manifest_before_work
 from ..factory import create_model
@@ -82,17 +82,6 @@ DEFAULT_PROJECT = "bioperceiver-pretrain"
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss went NaN/inf; raised before the backward pass, so no parameter or checkpoint is touched."""
-
-
-def data_on_error(on_error: str) -> str:
-    """``data.on_error`` as the data layer takes it: ``skip`` is ``skip_sample``; a policy the installed data layer
-    does not implement (``skip_modality`` before it lands) falls back to dropping the whole sample, with a warning."""
-    if on_error in ON_ERROR_CHOICES:
-        return on_error
-    fallback = "skip_sample" if "skip_sample" in ON_ERROR_CHOICES else "skip"
-    if on_error != "skip_sample":
-        logger.warning("data.on_error=%r is not implemented by the data layer here: using %r", on_error, fallback)
-    return fallback
 
 
 def existing_run(out: Path) -> list[str]:
@@ -260,7 +249,7 @@ def prepare_data(config: PretrainConfig, accelerator, out: Path, settings_root: 
 
 def training_data(config: PretrainConfig, manifest, processor) -> tuple[ManifestDataset, BioPerceiverCollator]:
     """The training split as an augmenting dataset, and its collator (modality dropout, skip policy)."""
-    on_error = data_on_error(config.data.on_error)
+    on_error = check_on_error(config.data.on_error)
     train_ds = ManifestDataset.from_manifest(
         manifest.split("train"), processor, train=True, seed=config.seed, on_error=on_error
     )

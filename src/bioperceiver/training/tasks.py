@@ -20,6 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..data.collator import BioPerceiverCollator, num_tokens
 from ..data.dataset import ERROR_COLUMN, ManifestDataset
 from ..data.errors import DataError
+from ..data.processing import SKIPPED_KEY
 from ..tasks import Task, get_task
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ def labelled_records(
 
 class ProcessedDataset(torch.utils.data.Dataset):
     """Evaluation rows processed once (deterministic): :class:`~bioperceiver.data.ManifestDataset` with
-    ``train=False``, materialised; rows that fail are skipped with a count when ``on_error="skip"``."""
+    ``train=False``, materialised. Under a skipping ``on_error`` rows that fail are left out and modalities that fail
+    are dropped from their row (``skip_modality``), both counted per ``(modality, reason)`` in ``report``."""
 
     def __init__(self, records, targets, processor, *, base_dir=None, modalities=None, on_error="raise"):
         rows = ManifestDataset(
@@ -74,9 +76,11 @@ class ProcessedDataset(torch.utils.data.Dataset):
             if err is not None:
                 self.report[(err.modality, err.reason)] += 1
                 continue
+            for dropped in out.get(SKIPPED_KEY) or ():
+                self.report[(dropped.modality, dropped.reason)] += 1
             self.samples.append(out)
         if self.report:
-            logger.warning("skipped %d evaluation rows: %s", sum(self.report.values()), dict(self.report))
+            logger.warning("evaluation rows skipped or modalities dropped: %s", dict(self.report))
 
     def __len__(self) -> int:
         return len(self.samples)
