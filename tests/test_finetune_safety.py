@@ -230,7 +230,7 @@ def test_the_manifest_is_validated_before_any_work(cohort, tmp_path, monkeypatch
     monkeypatch.setattr(BioPerceiverProcessor, "fit", refuse)
     dup = {**cohort, "manifest": _bad_manifest(cohort, tmp_path, duplicate=True)}
     with pytest.raises(ManifestError) as err:  # on_error=raise: every problem is blocking, all listed at once
-        run_finetune.main(_argv(dup, tmp_path / "a"))
+        run_finetune.main(_argv(dup, tmp_path / "a", "--on_error", "raise"))
     assert set(err.value.report.counts()) == {"duplicate_id", "empty_text"}
     assert "duplicate_id=1" in str(err.value) and "empty_text=1" in str(err.value)
     for on_error in ("skip", "skip_sample", "skip_modality"):  # manifest-level problems stop every mode
