@@ -21,9 +21,9 @@ Sub-benchmarks (``--only``; all run in one go by default, results side by side i
   with 95% patient-bootstrap CIs (``bioperceiver.evaluation.metrics_with_ci``) and a paired bootstrap of the
   difference (same resampled patients for both models).
 * ``label_efficiency`` -- the findings task with 1%, 10%, 100% of the training patients (``--label_fraction``,
-  patients drawn by ``run_finetune.subsample_patients`` with the run's seed), pretrained vs. random-init
-  backbone (both full finetuning with the same settings), several seeds; TF-IDF + LR on the same patients as a
-  reference. Small fractions get more epochs so that every run takes at least ``--min_steps`` optimiser steps.
+  patients drawn by ``bioperceiver.training.finetune_loop.subsample_patients`` with the run's seed), pretrained vs.
+  random-init backbone (both full finetuning with the same settings), several seeds; TF-IDF + LR on the same patients as
+  a reference. Small fractions get more epochs so that every run takes at least ``--min_steps`` optimiser steps.
 * ``fusion`` -- on the survival folds: early fusion (Cox on concatenated clinical + expression features, i.e.
   the Cox baseline), late fusion (mean of the log-hazards of unimodal models: Cox per modality; BioPerceiver
   trained with ``--modalities`` of one modality, with the setting the fold selected), and BioPerceiver's
@@ -159,8 +159,10 @@ class BPRunner:
     def __init__(self, args, backbone: Path):
         import run_finetune
 
+        from bioperceiver.training import finetune_loop
+
         self.rf = run_finetune
-        card = run_finetune.finetuning_card
+        card = finetune_loop.finetuning_card
 
         def tolerant_card(*a, **kw):
             # the model card is not measured here; its template is read from disk at every run, so a template edited
@@ -171,7 +173,7 @@ class BPRunner:
                 log(f"  (model card not written: {exc})")
                 return _NoCard()
 
-        run_finetune.finetuning_card = tolerant_card
+        finetune_loop.finetuning_card = tolerant_card
         self.args = args
         self.backbone = backbone
         self.runs: list[dict] = []
@@ -758,7 +760,7 @@ def findings_benchmark(args, data: FindingsData, runner: BPRunner | None) -> dic
 
 
 def label_efficiency(args, data: FindingsData, runner: BPRunner | None) -> dict:
-    from run_finetune import subsample_patients
+    from bioperceiver.training.finetune_loop import subsample_patients
 
     train_recs, y_train = data.data["train"]
     fractions = [0.1, 1.0] if args.quick else args.fractions

@@ -20,6 +20,7 @@ import bioperceiver as bp
 from bioperceiver.data import BioPerceiverProcessor, ManifestError, assign_splits, read_manifest, write_manifest
 from bioperceiver.data.processing import load_processor_settings
 from bioperceiver.data.recipes.synthetic import make_synthetic_cohort
+from bioperceiver.training import finetune_loop
 from bioperceiver.training.arguments import DataArguments
 from bioperceiver.training.finetuning import RUN_RECORD, check_output_dir, resolve_resume_checkpoint
 
@@ -123,7 +124,7 @@ def no_work(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise WorkStarted
 
-    monkeypatch.setattr(run_finetune, "read_manifest", refuse)
+    monkeypatch.setattr(finetune_loop, "read_manifest", refuse)
     monkeypatch.setattr(BioPerceiverProcessor, "fit", refuse)
 
 

@@ -1,0 +1,498 @@
+"""The finetuning run behind ``finetune/run_finetune.py``, as a library function: :func:`run_finetuning`.
+
+Checks before any work (model/processor folders, output folder, resume, manifest), data preparation (splits, task
+fitting, ``--label_fraction``), processors and model, the Hugging Face ``Trainer`` (cached latents for a linear
+probe), training, and the report: metrics with bootstrap CIs, per-pattern results, ablations, plots, the saved
+model + processors + task, the model card and ``all_results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from transformers import TrainingArguments, set_seed
+
+from ..cards import finetuning_card
+from ..data import (
+    BioPerceiverProcessor,
+    ManifestDataset,
+    assign_splits,
+    check_manifest_before_work,
+    load_processor_settings,
+    read_manifest,
+)
+from ..data.manifest import is_missing
+from ..evaluation.report import ReportSettings, evaluate_and_report, headline
+from ..factory import create_config
+from ..tasks import Task
+from .arguments import DataArguments, ModelArguments, task_settings
+from .finetuning import (
+    RUN_RECORD,
+    check_modalities_match,
+    check_model_path,
+    check_output_dir,
+    compute_latents,
+    configure_finetuning,
+    count_parameters,
+    merge_lora,
+    processor_folder,
+    resolve_resume_checkpoint,
+    resolved_arguments,
+    saved_processor_modalities,
+    start_run,
+)
+from .tasks import (
+    EpochSetter,
+    LatentDataset,
+    ProcessedDataset,
+    RunRecordSaver,
+    TaskCollator,
+    TaskTrainer,
+    labelled_records,
+)
+
+logger = logging.getLogger("run_finetune")  # the name the script's log lines have always carried
+ROOT = Path(__file__).resolve().parents[3]
+LOWER_IS_BETTER = ("loss", "mse", "rmse", "mae", "brier", "log_loss")
+
+
+def subsample_patients(records: list[dict], fraction: float, seed: int) -> list[dict]:
+    """Keep a seeded ``fraction`` of training *patients* (all their rows): the label-efficiency setting."""
+    if fraction >= 1.0:
+        return records
+    if fraction <= 0:
+        raise ValueError(f"label_fraction must be in (0, 1], got {fraction}")
+    patients = sorted({str(r.get("patient_id")) for r in records})
+    rng = np.random.default_rng(seed)
+    kept = set(rng.choice(patients, size=max(2, math.ceil(fraction * len(patients))), replace=False).tolist())
+    rows = [r for r in records if str(r.get("patient_id")) in kept]
+    logger.info("label_fraction %.3f: %d of %d patients, %d rows", fraction, len(kept), len(patients), len(rows))
+    return rows
+
+
+def load_processor(model_args, data_args, manifest) -> tuple[BioPerceiverProcessor, dict]:
+    """The model's (or ``--processor_dir``'s) fitted processors; otherwise processors fitted on the training split
+    of the used modalities with ``--processor_settings``."""
+    settings, embedders = load_processor_settings(_path(data_args.processor_settings))
+    folder = processor_folder(data_args.processor_dir, model_args.model_name_or_path)
+    if folder is not None:
+        logger.info("processors from %s", folder)
+        return BioPerceiverProcessor.from_pretrained(folder), embedders
+    logger.info("fitting processors on the %s split", data_args.train_split)
+    wanted = set(data_args.modalities or manifest.modalities)
+    settings = {k: v for k, v in settings.items() if k in manifest.modalities and k in wanted}  # others: unused here
+    proc = BioPerceiverProcessor.from_manifest(manifest, settings)
+    if data_args.modalities:
+        proc = BioPerceiverProcessor({m: p for m, p in proc.processors.items() if m in data_args.modalities})
+    return proc.fit(manifest, split=data_args.train_split), embedders
+
+
+def _path(p: str | None) -> Path | None:
+    if p is None:
+        return None
+    return Path(p) if Path(p).exists() else ROOT / p
+
+
+def check_before_work(model_args, data_args, training_args):
+    """What can be checked before any work: the model folder, saved processors against the model's modalities,
+    the output folder (runs never mix) and ``--resume_from_checkpoint``. Returns ``(run record, clear output_dir
+    first, checkpoint to resume)``; raises ``ValueError`` saying what to pass instead."""
+    if model_args.model_name_or_path:
+        check_model_path(model_args.model_name_or_path)
+    folder = processor_folder(data_args.processor_dir, model_args.model_name_or_path)
+    if folder is not None:
+        check_modalities(model_args, data_args, saved_processor_modalities(folder), f"the processors in {folder}")
+    out = Path(training_args.output_dir)
+    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, out)
+    arguments = resolved_arguments(model_args, data_args, training_args)
+    protected = (model_args.model_name_or_path, data_args.processor_dir, data_args.manifest)
+    record, clear = check_output_dir(
+        out, arguments, resume=resume, overwrite=data_args.overwrite_output_dir, protected=protected
+    )
+    return record, clear, resume
+
+
+def check_modalities(model_args, data_args, modalities: list[str], source: str) -> list[str]:
+    """The modalities the run uses (``modalities`` restricted to ``--modalities``), each with an embedder in the
+    model (from ``--model_name_or_path``; a randomly initialised model is built for them)."""
+    model_modalities = modalities
+    if model_args.model_name_or_path:
+        model_modalities = list(transformers.AutoConfig.from_pretrained(model_args.model_name_or_path).modality_names)
+    return check_modalities_match(
+        modalities,
+        model_modalities,
+        wanted=data_args.modalities,
+        processor_source=source,
+        model_source=model_args.model_name_or_path,
+    )
+
+
+def build_model(model_args, task: Task, processor, embedders, train_records, used: list[str]):
+    cls = task.model_class()
+    head = {
+        "head_type": model_args.head_type,
+        "head_hidden_size": model_args.head_hidden_size,
+        "head_dropout": model_args.head_dropout,
+        **task.config_settings(train_records),
+    }
+    if model_args.model_name_or_path:
+        config = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path, **head)
+        missing = sorted(set(used) - set(config.modality_names))
+        if missing:
+            raise ValueError(
+                f"modalities {missing} are used but {model_args.model_name_or_path} was not built with them; "
+                f"restrict --modalities to {config.modality_names} or pretrain with them"
+            )
+        model = cls.from_pretrained(model_args.model_name_or_path, config=config)
+    else:
+        config = create_config(model_args.preset, modalities=processor.model_modalities(embedders), **head)
+        model = cls(config)
+    return model
+
+
+def run_finetuning(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> dict[str, Any]:
+    """One finetuning run; returns the results written to ``output_dir/all_results.json`` (on the main process,
+    with the test metrics; on the others, what was known before the report)."""
+    normalise_arguments(model_args, training_args)
+    out = Path(training_args.output_dir)
+    # before any work: paths, processors vs. model, the output folder (runs never mix), resume
+    record, clear, resume = check_before_work(model_args, data_args, training_args)
+    set_seed(training_args.seed)
+    t0 = time.perf_counter()
+    manifest, task = load_manifest_and_task(model_args, data_args, training_args)
+    with training_args.main_process_first(desc="every process checked output_dir"):
+        pass
+    with training_args.main_process_first(desc="preparing output_dir"):
+        if training_args.should_save:
+            start_run(out, record, clear)
+    labelled = labelled_splits(manifest, task, data_args, training_args.seed)
+    train_recs = labelled[data_args.train_split][0]
+    processor, embedders = load_processor(model_args, data_args, manifest)
+    used = used_modalities(model_args, data_args, processor)
+    modalities = {m: processor.modalities[m] for m in used}
+    model = build_model(model_args, task, processor, embedders, train_recs, used)
+    model = configure_finetuning(
+        model,
+        model_args.finetuning_mode,
+        unfreeze_last_n_layers=model_args.unfreeze_last_n_layers,
+        lora_r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+    )
+    train_ds, evals = build_datasets(labelled, processor, manifest.base_dir, used, data_args, training_args)
+    eval_ds, test_ds = evals[data_args.eval_split], evals[data_args.test_split]
+    trainer = build_trainer(model, task, modalities, train_ds, eval_ds, record, model_args, data_args, training_args)
+    results: dict[str, Any] = {
+        "task": task.name,
+        "finetuning_mode": model_args.finetuning_mode,
+        "pretrained": model_args.model_name_or_path,
+        "parameters": count_parameters(model),
+    }
+    results["manifest"] = str(Path(data_args.manifest).resolve())
+    results["modalities"] = used
+    results["split_sizes"] = {
+        data_args.train_split: _rows_patients(train_recs),
+        data_args.eval_split: _rows_patients(eval_ds.samples),
+        data_args.test_split: _rows_patients(test_ds.samples),
+    }
+    if training_args.do_train:
+        if resume:
+            logger.info("resuming run %s from %s", record["run_id"], resume)
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        results["train"] = train_result.metrics
+        trainer.log_metrics("train", train_result.metrics)
+    final_model = merge_lora(trainer.model)
+    final_model.to(training_args.device)
+    if trainer.is_world_process_zero():
+        report_run(
+            final_model,
+            task,
+            modalities,
+            processor,
+            evals,
+            manifest,
+            results,
+            t0,
+            model_args,
+            data_args,
+            training_args,
+            train_recs,
+        )
+    return results
+
+
+def normalise_arguments(model_args: ModelArguments, training_args: TrainingArguments) -> None:
+    """``--model_name_or_path none`` (overrides an argument file's backbone) means random init; the Trainer keeps
+    the ``labels`` column and the best checkpoint by a lower-is-better metric."""
+    if str(model_args.model_name_or_path).lower() in ("", "none", "null", "random"):
+        model_args.model_name_or_path = None
+    metric = training_args.metric_for_best_model
+    if metric and metric.removeprefix("eval_") in LOWER_IS_BETTER:
+        training_args.greater_is_better = False  # transformers' default (True unless "loss") would keep the worst
+    training_args.remove_unused_columns = False
+    training_args.label_names = ["labels"]
+
+
+def load_manifest_and_task(model_args, data_args, training_args):
+    """The manifest (the demo cohort built first if asked), validated cheaply and split by patient, and the task,
+    checked against its columns; modalities fitted here are checked against the model's."""
+    manifest_path = Path(data_args.manifest)
+    with training_args.main_process_first(desc="building the demo cohort"):
+        if not manifest_path.exists() and data_args.build_demo_cohort:
+            from ..data.recipes.demo import build_demo_cohort
+
+            build_demo_cohort(manifest_path.parent, seed=0)
+    manifest = read_manifest(manifest_path)
+    # cheap validation: manifest-level problems stop here with the full list; per-sample ones follow --on_error
+    check_manifest_before_work(manifest, on_error=data_args.on_error, what="finetuning")
+    manifest = assign_splits(manifest)  # adds hashed patient-level splits, or checks the manifest's own
+    if data_args.modalities:
+        unknown = sorted(set(data_args.modalities) - set(manifest.modalities))
+        if unknown:
+            raise ValueError(
+                f"--modalities {unknown} are not modality columns of the manifest {list(manifest.modalities)}"
+            )
+    task = Task.from_dict(task_settings(model_args, data_args))
+    task.check_columns(list(manifest.table.columns), manifest.label_columns)
+    if processor_folder(data_args.processor_dir, model_args.model_name_or_path) is None:  # to be fitted here
+        check_modalities(model_args, data_args, list(manifest.modalities), f"the modality columns of {manifest_path}")
+    return manifest, task
+
+
+def labelled_splits(manifest, task: Task, data_args, seed: int) -> dict[str, tuple[list[dict], list]]:
+    """``{split: (records, targets)}`` of the train/eval/test splits; fits ``task`` on the training split and keeps
+    ``--label_fraction`` of its patients."""
+    splits = {
+        s: manifest.split(s).records() for s in (data_args.train_split, data_args.eval_split, data_args.test_split)
+    }
+    train_raw = [r for r in splits[data_args.train_split] if not any(is_missing(r.get(c)) for c in task.columns)]
+    # the label set (classes, top-k) is the task's definition: fixed from the whole training split, so that every
+    # --label_fraction solves the same task (pass --label_values to fix it yourself); the patients whose labels
+    # are used, and the regression scaling, come from the kept fraction only
+    task.fit(train_raw)
+    splits[data_args.train_split] = subsample_patients(train_raw, data_args.label_fraction, seed)
+    task.refit_on_subset(splits[data_args.train_split])  # regression: scaling of the rows actually trained on
+    labelled = {s: labelled_records(recs, task, s, on_error=data_args.on_error) for s, recs in splits.items()}
+    if not labelled[data_args.train_split][0]:
+        raise ValueError(f"no labelled rows in the {data_args.train_split} split for {task.columns}")
+    return labelled
+
+
+def used_modalities(model_args, data_args, processor: BioPerceiverProcessor) -> list[str]:
+    """The processor's modalities restricted to ``--modalities`` (each must have a processor)."""
+    if data_args.modalities and set(data_args.modalities) - set(processor.modalities):
+        raise ValueError(
+            f"--modalities {sorted(set(data_args.modalities) - set(processor.modalities))} have no processor in "
+            f"{data_args.processor_dir or model_args.model_name_or_path} (it has {list(processor.modalities)})"
+        )
+    return [m for m in processor.modalities if not data_args.modalities or m in data_args.modalities]
+
+
+def build_datasets(labelled, processor, base_dir, used: list[str], data_args, training_args):
+    """``(training ManifestDataset (augmented), {eval/test split: ProcessedDataset})``."""
+    train_recs, train_targets = labelled[data_args.train_split]
+    on_error = data_args.on_error
+    train_ds = ManifestDataset(
+        train_recs,
+        processor,
+        base_dir=base_dir,
+        train=True,
+        seed=training_args.seed,
+        modalities=used,
+        on_error=on_error,
+        targets=train_targets,
+    )
+    evals = {
+        s: ProcessedDataset(*labelled[s], processor, base_dir=base_dir, modalities=used, on_error=on_error)
+        for s in (data_args.eval_split, data_args.test_split)
+    }
+    logger.info(
+        "rows: train %d, %s %d, %s %d",
+        len(train_ds),
+        data_args.eval_split,
+        len(evals[data_args.eval_split]),
+        data_args.test_split,
+        len(evals[data_args.test_split]),
+    )
+    return train_ds, evals
+
+
+def cached_latents(model, modalities, train_ds, eval_ds, processor, base_dir, used, data_args, training_args):
+    """Linear probe with a frozen backbone: every sample embedded once (no augmentation, no modality dropout);
+    ``(train LatentDataset, eval LatentDataset or None)``."""
+    if data_args.modality_dropout > 0:
+        logger.warning(
+            "linear probe on cached latents: --modality_dropout %.2f and augmentations cannot apply (every "
+            "sample is embedded once); pass --cache_embeddings false to use them",
+            data_args.modality_dropout,
+        )
+    plain = TaskCollator(modalities, train=False)
+    bs = training_args.per_device_eval_batch_size
+    train_fixed = ProcessedDataset(
+        train_ds.records, train_ds.targets, processor, base_dir=base_dir, modalities=used, on_error=data_args.on_error
+    )
+
+    def latents(ds):
+        batches = (
+            plain.collator([ds[i] for i in range(s, min(s + bs, len(ds)))], train=False) for s in range(0, len(ds), bs)
+        )
+        return LatentDataset(compute_latents(model, batches), [s["__target__"] for s in ds.samples])
+
+    trainer_train, trainer_eval = latents(train_fixed), latents(eval_ds) if len(eval_ds) else None
+    logger.info(
+        "linear probe: cached the frozen backbone's latents of %d + %d samples", len(trainer_train), len(eval_ds)
+    )
+    return trainer_train, trainer_eval
+
+
+def build_trainer(model, task: Task, modalities, train_ds, eval_ds, record, model_args, data_args, training_args):
+    """The :class:`TaskTrainer`: the task's metrics on validation, modality dropout in training, cached latents for
+    a linear probe (``--cache_embeddings``), the run record saved with every checkpoint."""
+    on_error = data_args.on_error
+    collator = TaskCollator(
+        modalities, modality_dropout=data_args.modality_dropout, on_error=on_error, seed=training_args.seed
+    )
+    trainer_train, trainer_eval = train_ds, eval_ds
+    if model_args.finetuning_mode == "linear_probe" and model_args.cache_embeddings:
+        trainer_train, trainer_eval = cached_latents(
+            model,
+            modalities,
+            train_ds,
+            eval_ds,
+            train_ds.processor,
+            train_ds.base_dir,
+            list(modalities),
+            data_args,
+            training_args,
+        )
+
+    def compute_metrics(eval_pred) -> dict[str, float]:
+        preds = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+        preds, labels = np.asarray(preds), np.asarray(eval_pred.label_ids)
+        # the task's metrics in the label's own units, as in all_results.json
+        return task.evaluate(preds.reshape(len(labels), -1), labels, ci=False)
+
+    if training_args.eval_strategy != "no" and not len(eval_ds):
+        raise ValueError(f"eval_strategy={training_args.eval_strategy} but the {data_args.eval_split} split is empty")
+    return TaskTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=trainer_train,
+        eval_dataset=trainer_eval if len(eval_ds) else None,
+        data_collator=collator,
+        eval_data_collator=TaskCollator(modalities, train=False, on_error=on_error),
+        compute_metrics=compute_metrics,
+        callbacks=[EpochSetter(trainer_train), RunRecordSaver(record, RUN_RECORD)],
+    )
+
+
+def report_run(
+    final_model,
+    task,
+    modalities,
+    processor,
+    evals,
+    manifest,
+    results,
+    t0,
+    model_args,
+    data_args,
+    training_args,
+    train_recs,
+) -> None:
+    """Main process: evaluation and reports into ``output_dir`` (added to ``results``), then the model,
+    processors, task, model card and ``all_results.json``."""
+    out = Path(training_args.output_dir)
+    settings = ReportSettings(
+        test_split=data_args.test_split,
+        n_bootstrap=data_args.n_bootstrap,
+        seed=training_args.seed,
+        batch_size=training_args.per_device_eval_batch_size,
+        device=training_args.device,
+        min_pattern_samples=data_args.min_pattern_samples,
+        ablations=data_args.ablations,
+        uncertainty=data_args.uncertainty,
+        mc_dropout_samples=data_args.mc_dropout_samples,
+        conformal_alpha=data_args.conformal_alpha,
+        interpret=data_args.interpret,
+        explain_samples=data_args.explain_samples,
+    )
+    results.update(evaluate_and_report(final_model, task, modalities, processor, evals, manifest, out, settings))
+    results["wall_clock_s"] = round(time.perf_counter() - t0, 1)
+    final_model.save_pretrained(out)
+    processor.save_pretrained(out)
+    task.save(out)
+    card = finetuning_card(
+        config=final_model.config,
+        manifest=manifest,
+        task=task,
+        results=results,
+        model_args=asdict(model_args),
+        data_args=asdict(data_args),
+        training_args=training_args,
+        compute=_compute_facts(training_args, results),
+        train_manifest=manifest.subset(manifest.table["sample_id"].isin({r["sample_id"] for r in train_recs})),
+        license=model_args.license,
+    )
+    card.save(out / "README.md")
+    (out / "all_results.json").write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
+
+
+def finetuning_summary(output_dir: str | os.PathLike, results: dict, test_split: str) -> list[str]:
+    """Where everything is, and the headline test metric (of the task saved in ``output_dir``)."""
+    return _summary(Path(output_dir), results, Task.load(output_dir), test_split)
+
+
+def _summary(out: Path, results: dict, task: Task, test_split: str) -> list[str]:
+    """Where everything is, and the headline test metric, printed at the end of the run."""
+    files = [
+        ("model + processors", "config.json, model.safetensors, bioperceiver_processor.json, finetuning_task.json"),
+        ("model card", "README.md"),
+        ("all metrics", "all_results.json"),
+        ("per-sample predictions", "predictions_test.csv"),
+        ("per missing-modality pattern", "results_by_pattern.csv"),
+        ("modality ablation", "ablation.csv"),
+    ]
+    test = headline(task, results, test_split)
+    lines = ["", "=" * 100, f"Finetuning ({task.name}) finished: test {test}", f"  folder  {out.resolve()}"]
+    lines += [f"  {what:<30}{name}" for what, name in files if (out / name.split(",")[0]).exists()]
+    lines += [f"  {'plot':<30}{p}" for p in results.get("plots", [])]
+    lines.append("=" * 100)
+    return lines
+
+
+def _rows_patients(rows) -> str:
+    return f"{len(rows)} rows / {len({str(r.get('patient_id')) for r in rows})} patients"
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _compute_facts(training_args, results) -> dict[str, Any]:
+    device = training_args.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores visible)"
+    return {
+        "hardware": name,
+        "processes": training_args.world_size,
+        "wall-clock": f"{results.get('wall_clock_s', float('nan'))} s",
+        "train runtime": f"{results.get('train', {}).get('train_runtime', float('nan'))} s",
+        "precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
+        "torch / transformers": f"{torch.__version__} / {transformers.__version__}",
+    }
