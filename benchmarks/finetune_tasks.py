@@ -63,7 +63,6 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "finetune"))
 
 SURV_MODALITIES = ["omics_expression", "tabular_clinical"]
 FIND_MODALITIES = ["text_report", "tabular_study"]
@@ -157,9 +156,14 @@ class _NoCard:
 
 class BPRunner:
     def __init__(self, args, backbone: Path):
-        import run_finetune
+        import importlib.util
 
         from bioperceiver.training import finetune_loop
+
+        # the script as a module, loaded from its file (not put on sys.path): its parse_args/main are the user's path
+        spec = importlib.util.spec_from_file_location("run_finetune_script", ROOT / "finetune" / "run_finetune.py")
+        run_finetune = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(run_finetune)
 
         self.rf = run_finetune
         card = finetune_loop.finetuning_card
