@@ -241,9 +241,10 @@ def test_the_manifest_is_validated_before_any_work(cohort, tmp_path, monkeypatch
     # per-sample content follows --on_error: the run goes on to fit processors
     note = {**cohort, "manifest": _bad_manifest(cohort, tmp_path, duplicate=False)}
     with pytest.raises(ManifestError, match="empty_text=1"):
-        run_finetune.main(_argv(note, tmp_path / "b"))
-    with pytest.raises(WorkStarted):
-        run_finetune.main(_argv(note, tmp_path / "c", "--on_error", "skip_sample"))
+        run_finetune.main(_argv(note, tmp_path / "b", "--on_error", "raise"))
+    for i, on_error in enumerate((None, "skip_sample")):  # None: the default, skip_modality
+        with pytest.raises(WorkStarted):
+            run_finetune.main(_argv(note, tmp_path / f"c{i}", *(("--on_error", on_error) if on_error else ())))
     with pytest.raises(ValueError, match=r"--on_error 'ignore': choose one of .*skip_modality"):
         DataArguments(manifest="m", task="classification", on_error="ignore")
 

@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..data.errors import DEFAULT_ON_ERROR, check_on_error
+from ..data.errors import DEFAULT_ON_ERROR, ON_ERROR_CHOICES, check_on_error
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +93,8 @@ class DataArguments:
     def __post_init__(self) -> None:
         try:
             self.on_error = check_on_error(self.on_error)
-        except ValueError as err:
-            raise ValueError(f"--on_error: {err}") from None
+        except ValueError:
+            raise ValueError(f"--on_error {self.on_error!r}: choose one of {ON_ERROR_CHOICES}") from None
 
 
 def task_settings(model_args: ModelArguments, data_args: DataArguments) -> dict[str, Any]:
