@@ -97,11 +97,13 @@ class Task:
     # ---- labels -----------------------------------------------------------------------------------------------
     @property
     def columns(self) -> list[str]:
-        """The manifest columns holding this task's label."""
-        raise NotImplementedError
+        """The manifest columns holding this task's label (default: the one ``label_column``)."""
+        return [getattr(self, "label_column", None)]
 
     def check_columns(self, available: Sequence[str], label_columns: Sequence[str] = ()) -> None:
-        """Raise ``ValueError`` naming a label column the manifest lacks."""
+        """Raise ``ValueError`` for a label column that is not set or that the manifest lacks."""
+        if not all(self.columns):
+            raise ValueError(f"task {self.name!r} needs label_column (a label_* column of the manifest)")
         for c in self.columns:
             if c not in available:
                 raise ValueError(f"label column {c!r} is not in the manifest; label columns: {list(label_columns)}")

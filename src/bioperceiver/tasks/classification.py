@@ -53,15 +53,6 @@ class ProbabilisticTask(Task):
         self.classes = list(classes or [])
 
     @property
-    def columns(self) -> list[str]:
-        return [self.label_column]
-
-    def check_columns(self, available, label_columns=()) -> None:
-        if not self.label_column:
-            raise ValueError(f"task {self.name!r} needs label_column (a label_* column of the manifest)")
-        super().check_columns(available, label_columns)
-
-    @property
     def num_labels(self) -> int:
         return len(self.classes)
 

@@ -27,15 +27,6 @@ class RegressionTask(Task):
         self.label_column = label_column
         self.target_mean, self.target_std = float(target_mean), float(target_std)
 
-    @property
-    def columns(self) -> list[str]:
-        return [self.label_column]
-
-    def check_columns(self, available, label_columns=()) -> None:
-        if not self.label_column:
-            raise ValueError(f"task {self.name!r} needs label_column (a label_* column of the manifest)")
-        super().check_columns(available, label_columns)
-
     def fit(self, records: Sequence[dict]) -> RegressionTask:
         values = [v for v in (r.get(self.label_column) for r in records) if not is_missing(v)]
         y = np.asarray([float(v) for v in values], dtype=np.float64)
