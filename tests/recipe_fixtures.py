@@ -241,6 +241,8 @@ GENES = [
     ("ENSG00000146648.18", "EGFR", "protein_coding"),
     ("ENSG00000133703.12", "KRAS", "protein_coding"),
     ("ENSG00000243485.5", "MIR1302-2HG", "lncRNA"),
+    ("ENSG00000002586.20", "CD99", "protein_coding"),
+    ("ENSG00000002586.20_PAR_Y", "CD99", "protein_coding"),  # a gene name that occurs twice, as in GENCODE v36
 ]
 SAMPLE_SHEET_HEADER = [
     "File ID",
@@ -285,15 +287,19 @@ class TcgaCase:
     expression: tuple[str, ...] = ("01",)
     slides: tuple[str, ...] = ("DX1",)  # DX1 diagnostic, TS1 / BS1 tissue (frozen) slides
     report: bool = True
-    case_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    @property
+    def case_id(self) -> str:
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, self.barcode + "/case"))
 
 
 @dataclass
 class TcgaFixture:
     root: Path
     cases: list[TcgaCase]
-    expression: dict[str, dict[str, float]] = field(default_factory=dict)  # sample barcode -> gene -> tpm
+    expression: dict[str, dict[str, float]] = field(default_factory=dict)  # sample barcode -> gene_id -> tpm
     files: dict[str, Path] = field(default_factory=dict)  # sample/slide barcode -> file
+    reports: dict[str, str] = field(default_factory=dict)  # patient -> report text
 
 
 def default_tcga_cases() -> list[TcgaCase]:
@@ -317,7 +323,7 @@ def star_counts_text(values: dict[str, float], seed: int) -> str:
         n = int(rng.integers(1_000_000, 3_000_000))
         lines.append(f"{name}\t\t\t{n}\t{n}\t{n}\t\t\t")
     for gene_id, gene_name, gene_type in GENES:
-        tpm = values[gene_name]
+        tpm = values[gene_id]
         count = round(tpm * 10)
         lines.append(
             f"{gene_id}\t{gene_name}\t{gene_type}\t{count}\t{count // 2}\t{count - count // 2}\t{tpm:.4f}\t"
@@ -326,9 +332,12 @@ def star_counts_text(values: dict[str, float], seed: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_tcga(root: Path, cases: list[TcgaCase] | None = None, *, gz_clinical: bool = False) -> TcgaFixture:
-    """Write a GDC download at ``root``: ``gdc_sample_sheet.tsv`` + ``clinical.tsv`` (gzipped when ``gz_clinical``)
-    and one folder per file UUID (expression TSVs, ``.svs`` slides, report PDFs)."""
+def write_tcga(
+    root: Path, cases: list[TcgaCase] | None = None, *, gz_clinical: bool = False, reports_csv: bool = True
+) -> TcgaFixture:
+    """Write a GDC download at ``root``: ``gdc_sample_sheet.<date>.tsv`` + ``clinical.tsv`` (gzipped when
+    ``gz_clinical``), one folder per file UUID (expression TSVs, ``.svs`` slides, report PDFs) and, when
+    ``reports_csv``, a ``TCGA_Reports.csv`` with one report text per case that has a report."""
     cases = default_tcga_cases() if cases is None else cases
     root = Path(root)
     fixture = TcgaFixture(root, cases)
@@ -336,7 +345,7 @@ def write_tcga(root: Path, cases: list[TcgaCase] | None = None, *, gz_clinical: 
     for k, case in enumerate(cases):
         for j, code in enumerate(case.expression):
             sample = f"{case.barcode}-{code}A"
-            values = {g[1]: round(1.0 + 10.0 * ((k * 7 + j * 3 + i) % 11), 3) for i, g in enumerate(GENES)}
+            values = {g[0]: round(1.0 + 10.0 * ((k * 7 + j * 3 + i) % 11), 3) for i, g in enumerate(GENES)}
             file_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{sample}/rna"))
             name = f"{uuid.uuid5(uuid.NAMESPACE_URL, sample + '/n')}.rna_seq.augmented_star_gene_counts.tsv"
             path = root / file_id / name
@@ -357,13 +366,14 @@ def write_tcga(root: Path, cases: list[TcgaCase] | None = None, *, gz_clinical: 
                 ]
             )
         for slide in case.slides:
-            sample = f"{case.barcode}-01Z" if slide.startswith("DX") else f"{case.barcode}-01A"
-            slide_barcode = f"{sample}-00-{slide}"
+            dx = slide.startswith("DX")
+            sample = f"{case.barcode}-01Z" if dx else f"{case.barcode}-01A"
+            slide_barcode = f"{sample}-00-{slide}" if dx else f"{sample}-01-{slide}"
             file_id = str(uuid.uuid5(uuid.NAMESPACE_URL, slide_barcode))
             name = f"{slide_barcode}.{str(uuid.uuid5(uuid.NAMESPACE_URL, slide_barcode + 'x')).upper()}.svs"
             path = root / file_id / name
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b"II*\x00" + bytes(64))  # a TIFF signature: the recipe never opens slides
+            write_slide(path, seed=k)
             fixture.files[slide_barcode] = path
             sheet.append(
                 [file_id, name, "Biospecimen", "Slide Image", case.project, case.barcode, sample, "Primary Tumor"]
@@ -378,7 +388,17 @@ def write_tcga(root: Path, cases: list[TcgaCase] | None = None, *, gz_clinical: 
             sheet.append(
                 [file_id, name, "Clinical", "Pathology Report", case.project, case.barcode, case.barcode, "'--"]
             )
-    _write_tsv(root / "gdc_sample_sheet.tsv", SAMPLE_SHEET_HEADER, sheet, gz=False)
+    _write_tsv(root / "gdc_sample_sheet.2026-12-02.tsv", SAMPLE_SHEET_HEADER, sheet, gz=False)
+    if reports_csv:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["patient_filename", "text"])
+        for case in cases:
+            if case.report:
+                text = f"SURGICAL PATHOLOGY REPORT {case.barcode}: {case.project[5:]} tumour, margins négatives."
+                writer.writerow([f"{case.barcode}.{uuid.uuid5(uuid.NAMESPACE_URL, case.barcode)}".upper(), text])
+                fixture.reports[case.barcode] = text
+        _write_text(root / "TCGA_Reports.csv", buf.getvalue(), gz=False)
     clinical = [
         [
             case.case_id,
@@ -402,6 +422,32 @@ def write_tcga(root: Path, cases: list[TcgaCase] | None = None, *, gz_clinical: 
     ]
     _write_tsv(root / "clinical.tsv", CLINICAL_HEADER, clinical, gz=gz_clinical)
     return fixture
+
+
+def write_slide(path: Path, seed: int = 0) -> None:
+    """A small two-level tiled RGB TIFF (named ``.svs`` like GDC's slides) with its resolution (0.5 µm/px) in the
+    tags, written with ``tifffile`` when it is installed (OpenSlide reads it as a generic tiled TIFF), else a
+    plain TIFF with Pillow. Content is random pixels: the recipe never reads them."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    try:
+        import tifffile
+    except ImportError:
+        from PIL import Image
+
+        Image.fromarray(pixels).save(path, format="TIFF")
+        return
+    with tifffile.TiffWriter(path) as tif:
+        for level, mpp in ((pixels, 0.5), (pixels[::2, ::2], 1.0)):
+            tif.write(
+                np.ascontiguousarray(level),
+                tile=(16, 16),
+                photometric="rgb",
+                compression="zlib",
+                resolution=(1e4 / mpp, 1e4 / mpp),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if mpp == 0.5 else 1,
+                metadata=None,
+            )
 
 
 def _write_tsv(path: Path, header: list[str], rows: list[list], gz: bool) -> Path:
