@@ -135,6 +135,11 @@ def test_corrupt_record_raises_or_is_a_named_counted_skip(tmp_path):
     assert {(r["reason"], r["count"]) for r in skipped["by_reason"]} == {("corrupt_record", 1), ("missing_record", 1)}
     assert any("00004_lr" in e for r in skipped["by_reason"] for e in r["examples"])
     assert _meta(tmp_path / "skip")["counts"]["dropped"] == 2
+    parallel = ptbxl.build_ptbxl(src.root, tmp_path / "parallel", on_error="skip", num_workers=2)
+    pd.testing.assert_frame_equal(pd.read_parquet(parallel), pd.read_parquet(path))
+    assert _meta(tmp_path / "parallel")["counts"] == _meta(tmp_path / "skip")["counts"]
+    with pytest.raises(DataError, match="00004_lr"):  # in record order, whatever the number of workers
+        ptbxl.build_ptbxl(src.root, tmp_path / "raise2", num_workers=2)
     path = ptbxl.build_ptbxl(src.root, tmp_path / "keep", on_error="skip_modality")
     table = pd.read_parquet(path).set_index("sample_id")
     assert len(table) == 7 and table.loc["4", "signal_ecg"] is None and table.loc["4", "text_report"]
@@ -216,3 +221,12 @@ def test_write_recipe_output_validates_before_putting_the_manifest_in_place(tmp_
     assert sorted(p.name for p in (tmp_path / "bad").iterdir()) == ["validation_report.json"]
     with pytest.raises(RecipeSplitError, match="'p'"):
         write_recipe_output(table.assign(patient_id=["p", "p"]), tmp_path / "leak", **kwargs)
+
+
+def test_nothing_kept_is_a_clear_error_with_the_counts(tmp_path):
+    src = write_ptbxl(tmp_path / "in", default_ptbxl_records()[:2], rates=(100,))
+    for ecg_id in (1, 2):
+        src.record_path(ecg_id).with_suffix(".dat").unlink()
+    with pytest.raises(RecipeOutputError, match=r"(?s)no row kept.*missing_record"):
+        ptbxl.build_ptbxl(src.root, tmp_path / "out", on_error="skip_sample")
+    assert not (tmp_path / "out" / "manifest.parquet").exists()

@@ -49,6 +49,7 @@ import math
 import os
 import time
 from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +241,41 @@ def convert_record(record: Path, target: Path, ecg_id: str, sampling_rate: int) 
     os.replace(tmp, target)
 
 
+def _convert_job(job: tuple[str, str, str, int]) -> tuple[str, DataError | None]:
+    record, target, ecg_id, rate = job
+    try:
+        convert_record(Path(record), Path(target), ecg_id, rate)
+    except DataError as err:
+        return ecg_id, err
+    return ecg_id, None
+
+
+def _convert_all(
+    jobs: list[tuple[str, str, str, int]], num_workers: int, desc: str, stop_at_first_error: bool
+) -> dict[str, DataError]:
+    """Convert every record (in ``num_workers`` processes when > 1); returns the errors by ``ecg_id``. Results come
+    back in record order; with ``stop_at_first_error`` the work stops at the first bad record."""
+    errors: dict[str, DataError] = {}
+    progress = tqdm(total=len(jobs), desc=desc, unit="ecg", mininterval=2.0)
+    pool = ProcessPoolExecutor(max_workers=num_workers) if num_workers > 1 and len(jobs) > 1 else None
+    try:
+        if pool is None:
+            results = map(_convert_job, jobs)
+        else:
+            results = pool.map(_convert_job, jobs, chunksize=max(1, min(64, len(jobs) // (4 * num_workers))))
+        for ecg_id, err in results:
+            progress.update()
+            if err is not None:
+                errors[ecg_id] = err
+                if stop_at_first_error:
+                    break
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        progress.close()
+    return errors
+
+
 def build_ptbxl(
     ptbxl_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -249,6 +285,7 @@ def build_ptbxl(
     on_error: str = "raise",
     overwrite: bool = False,
     limit: int | None = None,
+    num_workers: int = 1,
 ) -> Path:
     """Convert a PTB-XL download into ``output_dir/manifest.parquet`` (+ sidecar, + ``signals/``); returns its path.
 
@@ -260,6 +297,8 @@ def build_ptbxl(
         on_error: what a bad record does (:data:`bioperceiver.data.errors.ON_ERROR_CHOICES`).
         overwrite: replace a manifest already in ``output_dir``.
         limit: convert only the first ``limit`` ECGs (a quick look; the splits stay the dataset's folds).
+        num_workers: processes converting the WFDB records (1: in this process). Errors are handled in record
+            order whatever the number, so ``on_error="raise"`` names the first bad record.
 
     Raises:
         RecipeInputError / RecipeSchemaError: a file or column of the download is missing.
@@ -300,8 +339,9 @@ def build_ptbxl(
 
     rate_dir = f"records{sampling_rate}"
     file_column = SAMPLING_RATES[sampling_rate]
-    rows: list[dict[str, Any]] = []
-    for row in tqdm(db.to_dict("records"), desc=f"PTB-XL {rate_dir}", unit="ecg", mininterval=2.0):
+    pending: list[dict[str, Any]] = []
+    jobs: list[tuple[str, str, str, int]] = []
+    for row in db.to_dict("records"):
         ecg_id = row["ecg_id"]
         out_row: dict[str, Any] = {
             "sample_id": ecg_id,
@@ -320,14 +360,8 @@ def build_ptbxl(
         if out_row["label_superclass"] is None:
             report.note("no_diagnostic_superclass")
         relative = str(row[file_column]).strip()
-        cell = f"signals/{relative}.npz"
-        try:
-            convert_record(src / relative, out / cell, ecg_id, sampling_rate)
-            out_row[SIGNAL_COLUMN] = cell
-        except DataError as err:
-            if report.handle(err, on_error) == "sample":
-                continue
-            out_row[SIGNAL_COLUMN] = None
+        out_row[SIGNAL_COLUMN] = f"signals/{relative}.npz"
+        jobs.append((str(src / relative), str(out / out_row[SIGNAL_COLUMN]), ecg_id, sampling_rate))
         text = row.get("report")
         out_row["text_report"] = text.strip() if isinstance(text, str) and text.strip() else None
         if out_row["text_report"] is None:
@@ -336,8 +370,18 @@ def build_ptbxl(
         for col in META_COLUMNS:
             if col in row:
                 out_row[f"meta_{col}"] = _meta(row[col])
+        pending.append(out_row)
+
+    errors = _convert_all(jobs, num_workers, f"PTB-XL {rate_dir}", check_on_error(on_error) == "raise")
+    rows: list[dict[str, Any]] = []
+    for out_row in pending:
+        err = errors.get(out_row["sample_id"])
+        if err is not None:
+            if report.handle(err, on_error) == "sample":
+                continue
+            out_row[SIGNAL_COLUMN] = None
         if all(out_row[c] is None for c in MODALITIES):
-            report.exclude("no_modality_left", example=f"ecg_id {ecg_id}")
+            report.exclude("no_modality_left", example=f"ecg_id {out_row['sample_id']}")
             continue
         rows.append(out_row)
 
@@ -369,6 +413,7 @@ def build_ptbxl(
             "min_likelihood": min_likelihood,
             "on_error": on_error,
             "limit": limit,
+            "num_workers": num_workers,
             "split_rule": "strat_fold 1-8 train, 9 validation, 10 test",
         },
         outputs=[f"signals/{rate_dir}/"],
@@ -416,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         "--min_likelihood", type=float, default=0.0, help="keep SCP statements at least this likely (0-100)"
     )
     parser.add_argument("--limit", type=int, default=None, help="convert only the first N ECGs")
+    parser.add_argument("--num_workers", type=int, default=1, help="processes converting the WFDB records")
 
     def run(args):
         return build_ptbxl(
@@ -426,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             on_error=args.on_error,
             overwrite=args.overwrite_output_dir,
             limit=args.limit,
+            num_workers=args.num_workers,
         )
 
     return run_recipe(run, parser, argv)
