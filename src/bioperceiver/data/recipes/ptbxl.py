@@ -312,12 +312,12 @@ def build_ptbxl(
         raise ValueError(f"min_likelihood is a percentage (0-100), got {min_likelihood}")
     check_on_error(on_error)
     src = Path(ptbxl_dir).expanduser().resolve()
-    out = prepare_output_dir(output_dir, overwrite)
     db_path = require_file(src / DATABASE_FILE, f"the PTB-XL database table ({DATABASE_FILE})", WHERE_FROM)
     st_path = require_file(src / STATEMENTS_FILE, f"the SCP statement table ({STATEMENTS_FILE})", WHERE_FROM)
     db = pd.read_csv(db_path, encoding="utf-8")
     require_columns(db, DATABASE_COLUMNS, db_path, VERSION_HINT)
     statements = read_statements(st_path)
+    out = prepare_output_dir(output_dir, overwrite)  # after the inputs are found: a failed start leaves no folder
     report = RecipeReport(NAME)
     report.read[db_path.name] = len(db)
     report.read[st_path.name] = len(statements)

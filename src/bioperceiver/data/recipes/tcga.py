@@ -346,7 +346,6 @@ def build_tcga(
     if bad_types or not sample_types:
         raise ValueError(f"sample_types must be codes among {sorted(SAMPLE_TYPES)}, got {list(sample_types)}")
     src = Path(tcga_dir).expanduser().resolve()
-    out = prepare_output_dir(output_dir, overwrite)
     report = RecipeReport(NAME)
     slide_target = _slide_storage(slide_column, report)
 
@@ -357,6 +356,7 @@ def build_tcga(
     )
     sheet = read_sample_sheet(sheet_path)
     cases = read_clinical(clinical_path)
+    out = prepare_output_dir(output_dir, overwrite)  # after the inputs are found: a failed start leaves no folder
     report.read[sheet_path.name] = len(sheet)
     report.read[clinical_path.name + " (cases)"] = len(cases)
     reports: dict[str, str] = {}
