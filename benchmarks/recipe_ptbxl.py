@@ -5,7 +5,8 @@
 
 Writes ``--records`` synthetic 10 s, 12-lead WFDB records (tests/recipe_fixtures.py, ``wfdb.wrsamp``) plus the two
 tables into a temporary folder, then runs ``python -m bioperceiver.data.recipes.ptbxl`` on it in a child process and
-reports its wall time, ECGs/s (conversion + validation of the written manifest included) and the child's peak RSS.
+reports its wall time, ECGs/s (conversion + validation of the written manifest included; ``build`` excludes the
+interpreter start and imports) and the peak RSS of the recipe's main process (workers not included).
 The real PTB-XL has 21,799 ECGs: multiply the time accordingly (the recipe is linear in records).
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import resource
+import os
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=2000)
     parser.add_argument("--sampling_rate", type=int, choices=(100, 500), default=100)
+    parser.add_argument("--num_workers", type=int, nargs="+", default=[1], help="one recipe run per value")
     parser.add_argument("--output", default=None, help="JSON file for the figures")
     args = parser.parse_args()
     fx = _fixtures()
@@ -50,23 +52,35 @@ def main() -> int:
         t0 = time.perf_counter()
         fx.write_ptbxl(Path(tmp) / "in", records, rates=(args.sampling_rate,))
         write_s = time.perf_counter() - t0
-        cmd = [sys.executable, "-m", "bioperceiver.data.recipes.ptbxl", "--ptbxl_dir", f"{tmp}/in", "--output_dir",
-               f"{tmp}/out", "--sampling_rate", str(args.sampling_rate), "--log_level", "WARNING"]  # fmt: skip
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})
-        wall = time.perf_counter() - t0
-        peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        meta = json.loads((Path(tmp) / "out" / "manifest.parquet.meta.json").read_text())
+        runs = []
+        for workers in args.num_workers:
+            out = f"{tmp}/out{workers}"
+            cmd = [sys.executable, "-m", "bioperceiver.data.recipes.ptbxl", "--ptbxl_dir", f"{tmp}/in", "--output_dir",
+                   out, "--sampling_rate", str(args.sampling_rate), "--log_level", "WARNING",
+                   "--num_workers", str(workers)]  # fmt: skip
+            t0 = time.perf_counter()
+            child = subprocess.Popen(cmd, env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})
+            _, status, usage = os.wait4(child.pid, 0)
+            wall = time.perf_counter() - t0
+            if status != 0:
+                raise SystemExit(f"the recipe failed (status {status}): {' '.join(cmd)}")
+            meta = json.loads((Path(out) / "manifest.parquet.meta.json").read_text())
+            runs.append(
+                {
+                    "num_workers": workers,
+                    "kept": meta["rows"],
+                    "recipe_wall_s": round(wall, 2),
+                    "recipe_build_s": meta["build_seconds"],
+                    "ecgs_per_s_wall": round(args.records / wall, 1),
+                    "ecgs_per_s_build": round(args.records / meta["build_seconds"], 1),
+                    "peak_rss_mib_main_process": round(usage.ru_maxrss / 1024, 1),
+                }
+            )
     result = {
         "records": args.records,
         "sampling_rate": args.sampling_rate,
-        "kept": meta["rows"],
-        "recipe_wall_s": round(wall, 2),
-        "recipe_build_s": meta.get("build_seconds"),
-        "ecgs_per_s_wall": round(args.records / wall, 1),
-        "ecgs_per_s_build": round(args.records / meta["build_seconds"], 1) if meta.get("build_seconds") else None,
-        "peak_rss_mib": round(peak_mib, 1),
         "fixture_write_s": round(write_s, 2),
+        "runs": runs,
     }
     print(json.dumps(result, indent=1))
     if args.output:
