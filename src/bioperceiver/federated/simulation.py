@@ -343,6 +343,7 @@ def plot_federated_history(history: list[dict[str, Any]], path: str | os.PathLik
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = [("train_loss", "train", "local training loss")]
     if any("eval_loss" in h.get("eval", {}) for h in history):
@@ -359,6 +360,7 @@ def plot_federated_history(history: list[dict[str, Any]], path: str | os.PathLik
                 ax.plot(*zip(*pts), marker="o", ms=3, label=s)
         ax.plot(rounds, [h.get(agg, {}).get(key, np.nan) for h in history], "k--", lw=2, label="weighted mean")
         ax.set(title=title, xlabel="round", ylabel=key)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
     if global_keys:
         ax = axes[-1]

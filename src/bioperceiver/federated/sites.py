@@ -23,9 +23,12 @@ logger = logging.getLogger(__name__)
 SITE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-def split_sites(manifest: Manifest, site_column: str = "site") -> dict[str, Manifest]:
-    """``{site: its rows}`` from the manifest's ``site_column`` (sorted by site name). A row without a site is an
-    error naming it: every record must belong to exactly one site."""
+def split_sites(manifest: Manifest, site_column: str = "meta_site") -> dict[str, Manifest]:
+    """``{site: its rows}`` from the manifest's ``site_column`` (sorted by site name; ``site`` also finds
+    ``meta_site``, the manifest's name for it). A row without a site is an error naming it: every record must
+    belong to exactly one site."""
+    if site_column not in manifest.table.columns and f"meta_{site_column}" in manifest.table.columns:
+        site_column = f"meta_{site_column}"
     if site_column not in manifest.table.columns:
         cols = [c for c in manifest.table.columns if "site" in c or "source" in c]
         raise ValueError(
