@@ -104,15 +104,16 @@ def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
 
-def make_client_app(client_for: Callable[[Context], SiteClient]) -> ClientApp:
-    """A Flower ``ClientApp`` whose ``train``/``evaluate`` handlers run ``client_for(context)`` (a
-    :class:`SiteClient`): the same code in simulation (:func:`run_federated`) and at a site (``flower-supernode``)."""
+def make_client_app(client_for: Callable[[Context, ConfigRecord], SiteClient]) -> ClientApp:
+    """A Flower ``ClientApp`` whose ``train``/``evaluate`` handlers run ``client_for(context, config)`` (a
+    :class:`SiteClient`; ``config`` is the message's ``ConfigRecord``): the same code in simulation
+    (:func:`run_federated`) and at a site (``flower-supernode``, :mod:`.app`)."""
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        client = client_for(context)
         cfg = msg.content["config"]
+        client = client_for(context, cfg)
         mu = cfg.get("proximal-mu")
         arrays, metrics = client.fit(
             from_array_record(msg.content["arrays"]),
@@ -123,7 +124,7 @@ def make_client_app(client_for: Callable[[Context], SiteClient]) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        client = client_for(context)
+        client = client_for(context, msg.content["config"])
         metrics = client.evaluate(from_array_record(msg.content["arrays"]))
         if metrics is None:  # nothing held out at this site: weight 0 in the average
             metrics = {"num-examples": 0.0, "eval_loss": 0.0}
@@ -136,11 +137,24 @@ class InProcessGrid(Grid):
     """A Flower ``Grid`` whose nodes are ``ClientApp`` objects called in this process, one after the other (node
     ids 1..K in the order of ``sites``)."""
 
-    def __init__(self, app: ClientApp, sites: Sequence[str]):
+    def __init__(
+        self,
+        app: ClientApp,
+        sites: Sequence[str],
+        node_configs: Sequence[dict[str, Any]] | None = None,
+        run_config: dict[str, Any] | None = None,
+    ):
         self.app = app
         self.sites = list(sites)
+        node_configs = node_configs or [{} for _ in self.sites]
         self.contexts = {
-            i + 1: Context(run_id=1, node_id=i + 1, node_config={"site": s}, state=RecordDict(), run_config={})
+            i + 1: Context(
+                run_id=1,
+                node_id=i + 1,
+                node_config={"site": s, **node_configs[i]},
+                state=RecordDict(),
+                run_config=dict(run_config or {}),
+            )
             for i, s in enumerate(self.sites)
         }
         self._run = None
@@ -257,7 +271,7 @@ def run_federated(
         raise ValueError(f"site names must be unique, got {names}")
     _identity()
     by_site = {c.name: c for c in clients}
-    grid = InProcessGrid(make_client_app(lambda ctx: by_site[ctx.node_config["site"]]), names)
+    grid = InProcessGrid(make_client_app(lambda ctx, cfg: by_site[ctx.node_config["site"]]), names)
     strategy = build_strategy(config, len(clients))
     dtypes = {k: v.dtype for k, v in initial_state.items()}
     out = Path(output_dir) if output_dir is not None else None
