@@ -35,17 +35,17 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCES = ["survset_gse1992", "survset_gse4335"]
 
 
-def variant_manifests(cohort: Path, out: Path) -> dict[str, Path]:
-    """One manifest per variant (SurvSet rows only, hashed patient splits, a ``meta_site`` column)."""
+def variant_manifests(cohort: Path) -> dict[str, Path]:
+    """One manifest per variant (SurvSet rows only, hashed patient splits, a ``meta_site`` column), written beside
+    the cohort's manifest (its expression files are referenced relative to it)."""
     m = assign_splits(read_manifest(cohort))
     table = m.table[m.table["meta_source"].isin(SOURCES)].reset_index(drop=True)
     keep = [c for c in table.columns if not c.startswith(("text_", "image_", "signal_", "tabular_study"))]
     table = table[keep]
-    out.mkdir(parents=True, exist_ok=True)
     paths = {}
 
     def write(name, t):
-        p = out / f"{name}.parquet"
+        p = cohort.parent / f"bench_federated_{name}.parquet"
         write_manifest(t, p, {k: v for k, v in m.metadata.items() if k != "modalities"})
         paths[name] = p
 
@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
 
         cohort = build_demo_cohort(cohort.parent, seed=0)
     out = Path(args.output_dir)
-    paths = variant_manifests(cohort, out / "manifests")
+    paths = variant_manifests(cohort)
     order = ["federated", "fedprox", "centralised", *(f"single_{s}" for s in SOURCES)]
     results = {}
     for name in args.variants or order:
@@ -130,18 +130,18 @@ def main(argv=None) -> dict:
             f"({r['seconds']:.0f} s)",
             flush=True,
         )
-    summary = {
-        name: {
-            "test_c_index_all": r["test_pooled"],
-            "test_per_site": r["test_per_site"],
-            "sites": r["sites"],
-            "seconds": r["seconds"],
+        summary = {
+            name: {
+                "test_c_index_all": r["test_pooled"],
+                "test_per_site": r["test_per_site"],
+                "sites": r["sites"],
+                "seconds": r["seconds"],
+            }
+            for name, r in results.items()
         }
-        for name, r in results.items()
-    }
-    (out / "federated_benchmark.json").write_text(
-        json.dumps({"args": vars(args), "results": summary}, indent=1, default=str)
-    )
+        # written after every variant: an interrupted run keeps what it measured
+        text = json.dumps({"args": vars(args), "results": summary}, indent=1, default=str)
+        (out / "federated_benchmark.json").write_text(text)
     return summary
 
 

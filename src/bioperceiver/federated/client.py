@@ -180,12 +180,18 @@ class SiteClient:
         global_params = [p.detach().clone() for p in params]
         optimizer = self._optimizer(params)
         losses: list[float] = []
+        skipped = 0
         steps_left = c.local_steps
         epochs = c.local_epochs if c.local_steps is None else math.inf
         epoch = 0
         while epoch < epochs and (steps_left is None or steps_left > 0):
             for batch in self._loader(self.train_dataset, generator, c.shuffle):
+                if batch is None:  # every sample of the batch was skipped (counted and logged by the collator)
+                    continue
                 loss = self.objective(model, batch)
+                if not loss.requires_grad:  # nothing to learn from this batch (e.g. no pair of views)
+                    skipped += 1
+                    continue
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"site {self.name!r}, round {server_round}: non-finite local loss {loss.item()}; lower the "
@@ -209,6 +215,7 @@ class SiteClient:
             "num-examples": float(self.num_train),
             "train_loss": sum(losses) / max(len(losses), 1),
             "steps": float(len(losses)),
+            "skipped_batches": float(skipped),
         }
         if c.clip_update_norm is not None:
             metrics.update(self._privatise(params, global_params, generator))
@@ -244,6 +251,8 @@ class SiteClient:
         model.eval()
         total, count = 0.0, 0
         for batch in self._loader(self.eval_dataset, None, False):
+            if batch is None:
+                continue
             loss = self.objective(model, batch)
             n = _batch_size(batch)
             total += float(loss) * n

@@ -246,7 +246,7 @@ def run_federated_finetuning(fed: FederatedArguments, model_args, data_args) -> 
     from ..tasks import Task
     from ..training.arguments import task_settings
     from ..training.finetune_loop import build_model
-    from ..training.finetuning import configure_finetuning, processor_folder
+    from ..training.finetuning import configure_finetuning, merge_lora, processor_folder
     from ..training.tasks import ProcessedDataset, TaskCollator, labelled_records, predict
 
     on_error = check_on_error(data_args.on_error)
@@ -282,7 +282,14 @@ def run_federated_finetuning(fed: FederatedArguments, model_args, data_args) -> 
     def model_fn():
         torch.manual_seed(fed.seed)
         model = build_model(model_args, task, processor, embedders, train_raw, used)
-        return configure_finetuning(model, mode=model_args.finetuning_mode)
+        return configure_finetuning(
+            model,
+            mode=model_args.finetuning_mode,
+            unfreeze_last_n_layers=model_args.unfreeze_last_n_layers,
+            lora_r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+        )
 
     local = fed.local_config()
     clients, datasets = [], {}
@@ -311,7 +318,32 @@ def run_federated_finetuning(fed: FederatedArguments, model_args, data_args) -> 
             )
         )
     model = model_fn()
-    result = run_federated(clients, model.state_dict(), fed.federated_config(), output_dir=out, resume=fed.resume)
+    val = [ds[data_args.eval_split] for ds in datasets.values() if len(ds[data_args.eval_split])]
+
+    def global_validation(server_round: int, state: dict[str, torch.Tensor]) -> dict[str, float] | None:
+        """Simulation only: the task's primary metric over every site's validation patients, per round (a real
+        deployment gets the per-site evaluation losses, computed where the data is)."""
+        if not val:
+            return None
+        model.load_state_dict(state)
+        model.eval()
+        preds, ys = [], []
+        for d in val:
+            pred, keep = predict(model, d, modalities)
+            preds.append(pred[keep])
+            ys.append(d.targets()[keep])
+        metrics = task.evaluate(np.concatenate(preds), np.concatenate(ys), ci=False)
+        key = task.primary_metric
+        return {f"validation_{key}": float(metrics[key])} if key in metrics else None
+
+    result = run_federated(
+        clients,
+        model.state_dict(),
+        fed.federated_config(),
+        output_dir=out,
+        resume=fed.resume,
+        evaluate_fn=global_validation,
+    )
     model.load_state_dict(result.state)
     model.eval()
 
@@ -330,7 +362,7 @@ def run_federated_finetuning(fed: FederatedArguments, model_args, data_args) -> 
     pooled_test = torch.utils.data.ConcatDataset([ds[test] for ds in datasets.values()])
     pooled = _evaluate_concat(model, task, pooled_test, modalities, data_args.n_bootstrap, fed.seed, predict)
     contributions = site_contributions(sites)
-    model.save_pretrained(out)
+    merge_lora(model).save_pretrained(out)  # LoRA adapters merged: a plain task model
     processor.save_pretrained(out)
     task.save(out)
     results = {

@@ -381,6 +381,7 @@ def plot_federated_history(history: list[dict[str, Any]], path: str | os.PathLik
         for k in global_keys:
             ax.plot(rounds, [h.get("global", {}).get(k, np.nan) for h in history], marker="o", ms=3, label=k)
         ax.set(title="global model (server evaluation)", xlabel="round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
