@@ -21,6 +21,7 @@ is :class:`~bioperceiver.federated.client.SiteClient`, the one the simulation (`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -113,7 +114,13 @@ _CLIENTS: dict[str, SiteClient] = {}  # per site process: one client per (manife
 def _site(context: Context):
     path = str(context.node_config["manifest"])
     name = str(context.node_config.get("site", Path(path).stem))
-    return name, assign_splits(read_manifest(path))
+    return name, _read_site_manifest(path, Path(path).stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_site_manifest(path: str, mtime_ns: int):
+    # read once per site process (phase 1 asks up to ~64 count queries); a changed file is read again
+    return assign_splits(read_manifest(path))
 
 
 def _client_for(context: Context, config: ConfigRecord) -> SiteClient:
