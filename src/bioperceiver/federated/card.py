@@ -41,7 +41,8 @@ def mechanism_text(config: FederatedConfig, local: LocalTrainingConfig) -> str:
         "sampled per round.",
         "- What left a site each round: its model weights after local training, its number of training samples "
         "and its mean local loss; for the processors (vocabularies, normalisation statistics): per-site counts and "
-        "sums (robust tabular quantiles: counts of values below server-chosen thresholds).",
+        "sums (word counts of text columns, category counts; robust tabular quantiles: counts of values below "
+        "server-chosen thresholds).",
     ]
     if local.clip_update_norm is not None:
         noise = (
