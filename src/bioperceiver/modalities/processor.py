@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,6 +25,7 @@ from ..data.errors import DEFAULT_ON_ERROR, DataError, SkipReport, check_on_erro
 logger = logging.getLogger(__name__)
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
+StatisticsQuery = Callable[[dict[str, Any]], dict[str, Any]]
 FORMAT_VERSION = 1
 
 
@@ -133,6 +134,88 @@ class ModalityProcessor:
         logger.info("fitted %s processor %r on %d values", self.kind, self.name, len(vals))
         return self
 
+    # ---- federated fitting: each site summarises its own values, the server fits from the merged summaries ------
+    def _site_statistics(self, values: list[Any], sample_ids: list[str], base_dir: Path | None) -> dict[str, Any]:
+        """This site's contribution to a federated fit: JSON-serialisable counts and sums, never raw values.
+        Summaries of all sites are merged with :func:`sum_statistics` (numbers and lists add up, dicts merge by
+        key), so they must be additive."""
+        raise NotImplementedError(
+            f"the {self.kind} processor has no federated fit: implement _site_statistics and _fit_from_statistics "
+            "(see CONTRIBUTING.md, 'Adding a modality')"
+        )
+
+    def _fit_from_statistics(self, merged: dict[str, Any], query: StatisticsQuery) -> None:
+        """Fill ``self.state`` from the merged summaries of all sites (equal to ``_fit`` on the pooled values).
+        ``query(request)`` asks every site :meth:`_answer_query` and returns the merged answers (for what one pass of
+        sums cannot give, e.g. exact quantiles by counting)."""
+        raise NotImplementedError(f"the {self.kind} processor has no federated fit")
+
+    def _answer_query(
+        self, values: list[Any], sample_ids: list[str], base_dir: Path | None, request: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A site's additive answer to a follow-up ``request`` of :meth:`_fit_from_statistics` (counts only)."""
+        raise NotImplementedError(f"the {self.kind} processor asks no follow-up query")
+
+    def _present(self, values: Iterable[Any], sample_ids: Iterable[str] | None) -> tuple[list[Any], list[str]]:
+        from ..data.manifest import is_missing
+
+        sample_ids = list(sample_ids) if sample_ids is not None else None
+        vals, ids = [], []
+        for i, v in enumerate(values):
+            if not is_missing(v):
+                vals.append(v)
+                ids.append(sample_ids[i] if sample_ids is not None else f"#{i}")
+        return vals, ids
+
+    def site_statistics(
+        self,
+        values: Iterable[Any],
+        *,
+        sample_ids: Iterable[str] | None = None,
+        base_dir: str | os.PathLike | None = None,
+    ) -> dict[str, Any]:
+        """What one site sends for a federated fit of this processor (missing values ignored; a value that cannot be
+        read raises a :class:`DataError` naming the sample, to be fixed at the site). An empty site sends ``{}``."""
+        vals, ids = self._present(values, sample_ids)
+        if not vals:
+            return {}
+        try:
+            return self._site_statistics(vals, ids, Path(base_dir) if base_dir is not None else None)
+        except DataError as err:
+            raise err.located(modality=self.name) from None
+
+    def answer_query(
+        self,
+        values: Iterable[Any],
+        request: dict[str, Any],
+        *,
+        sample_ids: Iterable[str] | None = None,
+        base_dir: str | os.PathLike | None = None,
+    ) -> dict[str, Any]:
+        """One site's answer to a follow-up query of :meth:`fit_from_statistics`."""
+        vals, ids = self._present(values, sample_ids)
+        if not vals:
+            return {}
+        return self._answer_query(vals, ids, Path(base_dir) if base_dir is not None else None, request)
+
+    def fit_from_statistics(self, merged: dict[str, Any], query: StatisticsQuery | None = None) -> ModalityProcessor:
+        """Fit from the merged site summaries (:func:`sum_statistics` of every site's :meth:`site_statistics`)."""
+        if not merged:
+            raise DataError(
+                "no_training_values",
+                "no site has a non-missing value to fit on",
+                modality=self.name,
+                fix="check that some site's training split has this modality, or drop the modality",
+            )
+
+        def no_query(request):
+            raise RuntimeError(f"the {self.kind} processor needs follow-up queries to the sites: pass query=")
+
+        self.state = {}
+        self._fit_from_statistics(merged, query or no_query)
+        logger.info("fitted %s processor %r from site statistics", self.kind, self.name)
+        return self
+
     def __call__(
         self,
         value: Any,
@@ -236,3 +319,25 @@ def check_finite(proc: ModalityProcessor, array: np.ndarray, what: str, fix: str
     if array.size and not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())
         raise proc.error("non_finite", f"{what} has {bad} NaN/inf value(s)", fix)
+
+
+def sum_statistics(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Merge site summaries: numbers add, lists of numbers add element-wise, dicts merge key by key (recursively).
+
+    >>> sum_statistics([{"n": 2, "genes": {"A": 1}}, {"n": 3, "genes": {"A": 2, "B": 1}}])
+    {'n': 5, 'genes': {'A': 3, 'B': 1}}
+    """
+    out: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if key not in out:
+                out[key] = sum_statistics([value]) if isinstance(value, dict) else copy.deepcopy(value)
+            elif isinstance(value, dict):
+                out[key] = sum_statistics([out[key], value])
+            elif isinstance(value, list):
+                if len(value) != len(out[key]):
+                    raise ValueError(f"site statistics {key!r} have different lengths ({len(out[key])}, {len(value)})")
+                out[key] = [a + b for a, b in zip(out[key], value)]
+            else:
+                out[key] = out[key] + value
+    return out

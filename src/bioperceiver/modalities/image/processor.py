@@ -225,6 +225,33 @@ class ImageProcessor(ModalityProcessor):
         std = max(float(np.sqrt(max(total_sq / count - mean**2, 0.0))), 1e-6)
         self.state = {"mean": float(mean), "std": std, "fitted_on": min(len(values), self.settings.max_fit_samples)}
 
+    # ---- federated fit: intensity sums of the first max_fit_samples images of each site --------------------------
+    def _site_statistics(self, values, sample_ids, base_dir):
+        if self.settings.intensity != "dataset":
+            return {"fitted_on": len(values)}
+        total, total_sq, count = 0.0, 0.0, 0
+        for v, sid in zip(values[: self.settings.max_fit_samples], sample_ids):
+            try:
+                arr, extra = self.load(v, base_dir)
+            except DataError as err:
+                raise err.located(sample_id=sid) from None
+            arr = self._spatial(arr, extra).astype(np.float64)
+            total, total_sq, count = total + float(arr.sum()), total_sq + float((arr**2).sum()), count + arr.size
+        return {
+            "fitted_on": min(len(values), self.settings.max_fit_samples),
+            "sum": total,
+            "sumsq": total_sq,
+            "count": count,
+        }
+
+    def _fit_from_statistics(self, merged, query):
+        if self.settings.intensity != "dataset":
+            self.state = {"fitted_on": int(merged["fitted_on"])}
+            return
+        mean = merged["sum"] / merged["count"]
+        std = max(float(np.sqrt(max(merged["sumsq"] / merged["count"] - mean**2, 0.0))), 1e-6)
+        self.state = {"mean": float(mean), "std": std, "fitted_on": int(merged["fitted_on"])}
+
     def _augmentations(self):
         from monai.transforms import Compose, RandAdjustContrast, RandFlip, RandGaussianNoise, RandRotate, RandZoom
 

@@ -262,6 +262,38 @@ class OmicsProcessor(ModalityProcessor):
             self._on_load()
         logger.info("omics processor %r: vocabulary of %d genes", self.name, len(vocab))
 
+    # ---- federated fit: per-gene sample counts (vocabulary union) and per-gene sums (z-score statistics) ---------
+    def _site_statistics(self, values, sample_ids, base_dir):
+        counts: dict[str, int] = {}
+        sums: dict[str, list[float]] = {}
+        for v, sid in zip(values, sample_ids):
+            try:
+                genes, vals, _ = self._parse(v, base_dir)
+            except Exception as err:
+                raise (err.located(sample_id=sid) if hasattr(err, "located") else err) from None
+            for g, x in zip(genes, vals.tolist()):
+                counts[g] = counts.get(g, 0) + 1
+                if self.settings.zscore:
+                    s = sums.setdefault(g, [0.0, 0.0, 0.0])
+                    s[0], s[1], s[2] = s[0] + x, s[1] + x * x, s[2] + 1
+        return {"fitted_on": len(values), "genes": counts, **({"sums": sums} if self.settings.zscore else {})}
+
+    def _fit_from_statistics(self, merged, query):
+        counts = merged["genes"]
+        vocab = sorted((g for g, c in counts.items() if c >= self.settings.min_samples), key=lambda g: (-counts[g], g))
+        if self.settings.max_genes:
+            vocab = vocab[: self.settings.max_genes]
+        vocab = sorted(vocab)
+        self.state = {"genes": vocab, "fitted_on": int(merged["fitted_on"])}
+        if self.settings.zscore:
+            s1, s2, n = np.array([merged["sums"][g] for g in vocab], dtype=np.float64).reshape(-1, 3).T
+            mean = s1 / np.maximum(n, 1)
+            std = np.sqrt(np.maximum(s2 / np.maximum(n, 1) - mean**2, 0))
+            std[std < 1e-6] = 1.0
+            self.state["mean"] = mean.tolist()
+            self.state["std"] = std.tolist()
+        self._on_load()
+
     def _lookup(self, genes: list[str]) -> np.ndarray:
         return np.fromiter((self._index.get(g, -1) for g in genes), dtype=np.int64, count=len(genes))
 

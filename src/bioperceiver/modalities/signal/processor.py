@@ -298,6 +298,40 @@ class SignalProcessor(ModalityProcessor):
             self.state["stats"] = stats
         self._on_load()
 
+    # ---- federated fit: channel counts (union) and per-channel sums of the first max_fit_samples per site ------
+    def _site_statistics(self, values, sample_ids, base_dir):
+        counts: dict[str, int] = {}
+        sums: dict[str, list[float]] = {}
+        for i, (v, sid) in enumerate(zip(values, sample_ids)):
+            try:
+                rec = self.load(v, base_dir)
+                for c in rec.channels:
+                    counts[c] = counts.get(c, 0) + 1
+                if self.settings.normalization == "dataset" and i < self.settings.max_fit_samples:
+                    rec = self._clean(rec)
+                    for c, name in enumerate(rec.channels):
+                        s = sums.setdefault(name, [0.0, 0.0, 0.0])
+                        s[0] += float(rec.values[c].sum())
+                        s[1] += float((rec.values[c] ** 2).sum())
+                        s[2] += rec.values.shape[1]
+            except Exception as err:
+                raise (err.located(sample_id=sid) if hasattr(err, "located") else err) from None
+        return {"fitted_on": len(values), "channels": counts, "sums": sums}
+
+    def _fit_from_statistics(self, merged, query):
+        counts = merged["channels"]
+        names = sorted(counts, key=lambda c: (-counts[c], c))
+        if self.settings.max_channels:
+            names = names[: self.settings.max_channels]
+        self.state = {"channels": sorted(names), "fitted_on": int(merged["fitted_on"])}
+        if self.settings.normalization == "dataset":
+            stats = {}
+            for name, (s1, s2, n) in merged.get("sums", {}).items():
+                mean = s1 / n
+                stats[name] = [mean, max(math.sqrt(max(s2 / n - mean**2, 0.0)), 1e-8)]
+            self.state["stats"] = stats
+        self._on_load()
+
     def _on_load(self):
         self._index = {c: i for i, c in enumerate(self.state.get("channels", []))}
 

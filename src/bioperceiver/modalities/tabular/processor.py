@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 from collections import Counter
 from dataclasses import dataclass
 
@@ -133,6 +134,100 @@ class TabularProcessor(ModalityProcessor):
         self.state = {"features": features, "num_categories": next_cat, "fitted_on": len(values)}
         self._on_load()
 
+    # ---- federated fit: counts and sums per site; quantiles by counting (bisection), never raw values ----------
+    def _site_statistics(self, values, sample_ids, base_dir):
+        forced = set(self.settings.categorical or [])
+        present: Counter = Counter()
+        numeric: dict[str, list[float]] = {}
+        cats: dict[str, Counter] = {}
+        for v, sid in zip(values, sample_ids):
+            try:
+                mapping = self._mapping(v)
+            except Exception as err:
+                raise err.located(sample_id=sid) from None
+            for k, x in mapping.items():
+                if _is_missing(x):
+                    continue
+                present[k] += 1
+                num = _as_number(x)
+                if num is not None and k not in forced:
+                    if not math.isfinite(num):
+                        raise self.error("non_finite", f"feature {k!r} is {num}", "use null for missing").located(
+                            sample_id=sid
+                        )
+                    s = numeric.setdefault(k, [0.0, 0.0, 0.0])
+                    s[0], s[1], s[2] = s[0] + 1, s[1] + num, s[2] + num * num
+                else:
+                    cats.setdefault(k, Counter())[str(x)] += 1
+        return {
+            "fitted_on": len(values),
+            "present": dict(present),
+            "numeric": numeric,  # [n, sum, sum of squares]
+            "categories": {k: dict(c) for k, c in cats.items()},
+        }
+
+    def _site_numbers(self, values) -> dict[str, np.ndarray]:
+        forced = set(self.settings.categorical or [])
+        out: dict[str, list[float]] = {}
+        for v in values:
+            for k, x in self._mapping(v).items():
+                num = None if _is_missing(x) or k in forced else _as_number(x)
+                if num is not None:
+                    out.setdefault(k, []).append(num)
+        return {k: np.sort(np.asarray(x, dtype=np.float64)) for k, x in out.items()}
+
+    def _answer_query(self, values, sample_ids, base_dir, request):
+        numbers = self._site_numbers(values)
+        if request["op"] == "count_le":  # how many values of a feature are <= a threshold
+            return {
+                key: int(np.searchsorted(numbers.get(f, np.empty(0)), t, side="right"))
+                for key, (f, t) in request["thresholds"].items()
+            }
+        if request["op"] == "numeric_categories":  # numeric values of a mixed feature, counted as categories
+            out: dict[str, dict[str, int]] = {}
+            for f in request["features"]:
+                for x in numbers.get(f, []):
+                    out.setdefault(f, {})
+                    out[f][_fmt(x)] = out[f].get(_fmt(x), 0) + 1
+            return out
+        raise ValueError(f"unknown tabular query {request['op']!r}")
+
+    def _fit_from_statistics(self, merged, query):
+        present, numeric, cats = merged.get("present", {}), merged.get("numeric", {}), merged.get("categories", {})
+        names = sorted(k for k, c in present.items() if c >= self.settings.min_feature_count)
+        mixed = [n for n in names if n in cats and n in numeric]
+        extra = query({"op": "numeric_categories", "features": mixed}) if mixed else {}
+        robust = [n for n in names if n not in cats] if self.settings.scaling == "robust" else []
+        quantiles = _federated_quartiles(query, {n: int(numeric[n][0]) for n in robust})
+        features, next_cat = [], 1
+        for name in names:
+            if name in cats:
+                counter = Counter(cats[name])
+                counter.update(extra.get(name, {}))
+                kept = [
+                    c
+                    for c, n in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))
+                    if n >= self.settings.min_category_count
+                ][: self.settings.max_categories]
+                features.append(
+                    {"name": name, "type": "categorical", "unknown_id": next_cat, "categories": sorted(kept)}
+                )
+                next_cat += 1 + len(kept)
+                continue
+            n, s1, s2 = numeric[name]
+            mean = s1 / n
+            std = math.sqrt(max(s2 / n - mean * mean, 0.0))
+            if self.settings.scaling == "robust":
+                center, q1, q3 = quantiles[name]
+                scale = float((q3 - q1) / 1.349)
+                if scale <= 0:
+                    scale = std
+            else:
+                center, scale = mean, std
+            features.append({"name": name, "type": "numeric", "center": center, "scale": scale if scale > 0 else 1.0})
+        self.state = {"features": features, "num_categories": next_cat, "fitted_on": int(merged["fitted_on"])}
+        self._on_load()
+
     def _on_load(self):
         self._features = {}
         for i, f in enumerate(self.state.get("features", [])):
@@ -196,6 +291,65 @@ class TabularProcessor(ModalityProcessor):
     @property
     def feature_names(self) -> list[str]:
         return [f["name"] for f in self.state.get("features", [])]
+
+
+def _ordered(x: float) -> int:
+    """float64 -> int with the same order (-0.0 and 0.0 both 0): bisection over every float between two values."""
+    i = struct.unpack("<q", struct.pack("<d", x))[0]
+    return i if i >= 0 else -(i & 0x7FFFFFFFFFFFFFFF)
+
+
+def _unordered(i: int) -> float:
+    bits = i if i >= 0 else (-i) | -0x8000000000000000
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+def _order_statistics(query, targets: dict[str, tuple[str, int]]) -> dict[str, float]:
+    """Exact ``k``-th smallest value (0-based) of each ``(feature, k)`` over all sites, by bisection over the
+    floats with count queries (``count_le``): every site answers how many of its values are <= a threshold. At
+    most 64 query rounds, all targets at once."""
+    lo = {key: _ordered(-math.inf) for key in targets}
+    hi = {key: _ordered(math.inf) for key in targets}
+    while any(lo[k] < hi[k] for k in targets):
+        open_ = [k for k in targets if lo[k] < hi[k]]
+        mid = {k: (lo[k] + hi[k]) // 2 for k in open_}
+        counts = query({"op": "count_le", "thresholds": {k: [targets[k][0], _unordered(mid[k])] for k in open_}})
+        for k in open_:
+            if counts.get(k, 0) >= targets[k][1] + 1:
+                hi[k] = mid[k]
+            else:
+                lo[k] = mid[k] + 1
+    return {k: _unordered(lo[k]) for k in targets}
+
+
+def _lerp(a: float, b: float, t: float) -> float:  # numpy's linear interpolation, for identical quantiles
+    d = b - a
+    return b - d * (1 - t) if t >= 0.5 else a + d * t
+
+
+def _federated_quartiles(query, sizes: dict[str, int]) -> dict[str, tuple[float, float, float]]:
+    """``(median, 25th, 75th percentile)`` per feature as ``np.median`` / ``np.percentile`` give on the pooled
+    values, from count queries only."""
+    targets: dict[str, tuple[str, int]] = {}
+    plan: dict[str, list[tuple[int, int, float]]] = {}
+    for f, n in sizes.items():
+        rows = []
+        for q in (0.5, 0.25, 0.75):
+            h = (n - 1) * q
+            k = math.floor(h)
+            rows.append((k, min(k + 1, n - 1), h - k))
+            targets[f"{f}\x00{k}"] = (f, k)
+            targets[f"{f}\x00{min(k + 1, n - 1)}"] = (f, min(k + 1, n - 1))
+        plan[f] = rows
+    values = _order_statistics(query, targets) if targets else {}
+    out = {}
+    for f, rows in plan.items():
+        (k0, k1, _), *quarts = rows
+        a, b = values[f"{f}\x00{k0}"], values[f"{f}\x00{k1}"]
+        median = (a + b) / 2 if sizes[f] % 2 == 0 else a
+        q1, q3 = (_lerp(values[f"{f}\x00{k}"], values[f"{f}\x00{j}"], t) for k, j, t in quarts)
+        out[f] = (float(median), float(q1), float(q3))
+    return out
 
 
 def _fmt(x) -> str:

@@ -75,6 +75,33 @@ def _learn_merges(
     return merges
 
 
+def count_words(texts: Iterable[str], *, model: str = "wordpiece", lowercase: bool = True, strip_accents: bool = True):
+    """Pre-tokenised word counts of ``texts`` (what :func:`tokenizer_from_counts` learns from; additive over sites)."""
+    if model not in ("wordpiece", "bpe"):
+        raise ValueError(f"tokenizer model must be 'wordpiece' or 'bpe', got {model!r}")
+    normalizer, pre = _normalizer(lowercase, strip_accents), _pre_tokenizer(model)
+    word_counts: Counter = Counter()
+    for t in texts:
+        if isinstance(t, str) and t.strip():
+            word_counts.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(t)))
+    return dict(word_counts)
+
+
+def _normalizer(lowercase: bool, strip_accents: bool):
+    norm = [normalizers.NFD()]
+    if lowercase:
+        norm.append(normalizers.Lowercase())
+    if strip_accents:
+        norm.append(normalizers.StripAccents())
+    return normalizers.Sequence(norm)
+
+
+def _pre_tokenizer(model: str):
+    return (
+        pre_tokenizers.BertPreTokenizer() if model == "wordpiece" else pre_tokenizers.ByteLevel(add_prefix_space=True)
+    )
+
+
 def train_tokenizer(
     texts: Iterable[str],
     *,
@@ -90,19 +117,30 @@ def train_tokenizer(
     ``[CLS] ... [SEP]``. The vocabulary is learnt by byte-pair merges with ties broken by text (see
     :func:`_learn_merges`) and loaded into a Hugging Face ``tokenizers`` model for fast encoding.
     """
+    counts = count_words(texts, model=model, lowercase=lowercase, strip_accents=strip_accents)
+    return tokenizer_from_counts(
+        counts,
+        model=model,
+        vocab_size=vocab_size,
+        lowercase=lowercase,
+        strip_accents=strip_accents,
+        min_frequency=min_frequency,
+    )
+
+
+def tokenizer_from_counts(
+    word_counts: dict[str, int],
+    *,
+    model: str = "wordpiece",
+    vocab_size: int = 8000,
+    lowercase: bool = True,
+    strip_accents: bool = True,
+    min_frequency: int = 2,
+) -> Tokenizer:
+    """The tokenizer :func:`train_tokenizer` learns, from word counts (e.g. summed over sites)."""
     if model not in ("wordpiece", "bpe"):
         raise ValueError(f"tokenizer model must be 'wordpiece' or 'bpe', got {model!r}")
-    norm = [normalizers.NFD()]
-    if lowercase:
-        norm.append(normalizers.Lowercase())
-    if strip_accents:
-        norm.append(normalizers.StripAccents())
-    normalizer = normalizers.Sequence(norm)
-    pre = pre_tokenizers.BertPreTokenizer() if model == "wordpiece" else pre_tokenizers.ByteLevel(add_prefix_space=True)
-    word_counts: Counter = Counter()
-    for t in texts:
-        if isinstance(t, str) and t.strip():
-            word_counts.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(t)))
+    normalizer, pre = _normalizer(lowercase, strip_accents), _pre_tokenizer(model)
     word_counts = dict(sorted(word_counts.items()))
     specials = list(SPECIAL_TOKENS)
     if model == "wordpiece":
@@ -209,6 +247,33 @@ class TextProcessor(ModalityProcessor):
         else:
             self.tokenizer = train_tokenizer(
                 values,
+                model=self.settings.model,
+                vocab_size=self.settings.vocab_size,
+                lowercase=self.settings.lowercase,
+                min_frequency=self.settings.min_frequency,
+            )
+        self._configure()
+        self.state = self._describe()
+
+    # ---- federated fit: word counts per site (summed), the tokenizer learnt from the sum -----------------------
+    def _site_statistics(self, values, sample_ids, base_dir):
+        for v, sid in zip(values, sample_ids):
+            if not isinstance(v, str) or not v.strip():
+                try:
+                    self._check_note(v)
+                except DataError as err:
+                    raise err.located(sample_id=sid) from None
+        if self.settings.tokenizer_file:
+            return {"fitted_on": len(values)}
+        counts = count_words(values, model=self.settings.model, lowercase=self.settings.lowercase)
+        return {"fitted_on": len(values), "words": counts}
+
+    def _fit_from_statistics(self, merged, query):
+        if self.settings.tokenizer_file:
+            self.tokenizer = Tokenizer.from_file(str(self.settings.tokenizer_file))
+        else:
+            self.tokenizer = tokenizer_from_counts(
+                merged.get("words", {}),
                 model=self.settings.model,
                 vocab_size=self.settings.vocab_size,
                 lowercase=self.settings.lowercase,
