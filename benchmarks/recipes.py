@@ -201,7 +201,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=10_000_000)
     p.add_argument("--subjects", type=int, default=20_000)
-    p.add_argument("--block_size_mb", type=float, default=16.0)
+    p.add_argument("--block_size_mb", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work_dir", default="/tmp/bioperceiver_bench_recipes")
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "recipes.json"))

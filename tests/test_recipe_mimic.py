@@ -53,6 +53,10 @@ def test_cxr_anchor_rows_labels_splits_and_validation(cxr):
     assert df.loc["cxr:50000003", "label_icd"] is None  # no admission around that study
     patient = json.loads(df.loc["cxr:50000001", "tabular_patient"])
     assert patient == {"gender": "F", "age": 52.0, "admission_type": "URGENT"}
+    modality_columns = {
+        c for c in df.columns if not c.startswith(("label_", "meta_")) and c not in ("patient_id", "split")
+    }
+    assert modality_columns == set(mimic.MODALITY_COLUMNS)  # every modality present in this fixture
     report = validate_manifest(read_manifest(out / "manifest.parquet"))
     assert report.ok, report.summary()
     meta = json.loads(metadata_path(out / "manifest.parquet").read_text())
