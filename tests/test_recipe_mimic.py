@@ -137,6 +137,7 @@ def test_missing_file_names_it_and_where_it_comes_from(fx, tmp_path):
         run(fx.__class__(fx.root, bad, fx.note_dir, fx.cxr_dir, fx.ecg_dir), tmp_path / "o")
     argv = ["--mimic_dir", str(bad), "--cxr_dir", str(fx.cxr_dir), "--output_dir", str(tmp_path / "o2")]
     assert mimic.main(argv) == 1  # the CLI: one clear line, exit status 1
+    assert not (tmp_path / "o2").exists()  # a failed start leaves nothing behind
 
 
 def test_renamed_column_names_file_column_and_version(fx, tmp_path):

@@ -428,6 +428,12 @@ def write_recipe_output(
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if len(df) == 0:
+        report.finish(0)
+        raise RecipeOutputError(
+            f"{name}: no row kept, nothing written. What was read and dropped:\n{report.summary()}\nFix: check the "
+            "input folder and the recipe options (and --on_error)"
+        )
     if SPLIT_COLUMN in df:
         bad = sorted({str(s) for s in df[SPLIT_COLUMN].dropna()} - set(SPLITS))
         if bad:

@@ -606,7 +606,6 @@ def _ecg_npz(record: Path, out: Path, sample_id: str) -> Path:
 def build_mimic_manifest(args: argparse.Namespace) -> Path:
     """Build ``OUT/manifest.parquet`` from the parsed command line (see the module docstring)."""
     started = time.perf_counter()
-    out = prepare_output_dir(args.output_dir, args.overwrite_output_dir)
     mimic_dir = Path(args.mimic_dir)
     if not mimic_dir.is_dir():
         raise RecipeInputError(f"--mimic_dir {mimic_dir} is not a folder. Fix: {_where_from('mimic')}")
@@ -634,6 +633,7 @@ def build_mimic_manifest(args: argparse.Namespace) -> Path:
         inp.table("cxr_split")
         inp.table("cxr_chexpert")
 
+    out = prepare_output_dir(args.output_dir, args.overwrite_output_dir)  # after the inputs are found
     adm = read_table(a_path, TABLES["admissions"], a_cols, block_size=bs)
     report.read[a_path.name] += len(adm)
 
