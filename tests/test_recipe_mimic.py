@@ -193,8 +193,10 @@ def test_patient_in_two_official_splits(fx, tmp_path):
         run(fx.__class__(fx.root, fx.mimic_dir, fx.note_dir, bad, fx.ecg_dir), tmp_path / "o")
 
 
-def test_streamed_labs_equal_a_whole_pandas_read(tmp_path):
-    """The bounded-memory path (many small blocks) gives exactly what a whole-file pandas read + merge gives."""
+@pytest.mark.parametrize("max_join_rows", [2_000_000, 300])
+def test_streamed_labs_equal_a_whole_pandas_read(tmp_path, max_join_rows):
+    """The bounded-memory path (many small blocks, joins sliced or not) gives exactly what a whole-file pandas
+    read + merge gives."""
     path = write_labevents(tmp_path / "labevents.csv", 20_000, 40, chunk=7_000)
     rng = np.random.default_rng(1)
     anchors = pd.DataFrame(
@@ -209,7 +211,7 @@ def test_streamed_labs_equal_a_whole_pandas_read(tmp_path):
     report = mimic.RecipeReport("t")
     got = mimic.stream_aligned(
         path, spec, list(spec.columns), anchors, pick=pick, keys=("anchor_idx", "itemid"), rank="rank",
-        block_size=1 << 16, report=report, desc="t",
+        block_size=1 << 16, report=report, desc="t", max_join_rows=max_join_rows,
     )  # fmt: skip
     assert report.read["labevents.csv"] == 20_000
     full = pd.read_csv(path, parse_dates=["charttime", "storetime"])

@@ -348,14 +348,17 @@ def stream_aligned(
     block_size: int,
     report: RecipeReport,
     desc: str,
+    max_join_rows: int = 2_000_000,
 ) -> pd.DataFrame:
     """Rows of a large table aligned to anchors, in bounded memory.
 
     Each block is filtered to the anchors' subjects, joined to their anchors (``anchor_idx``, ``subject_id``,
     ``anchor_time`` ...), passed through ``pick`` (the time-window filter; it may add the ``rank`` column) and
     reduced to the best row (highest ``rank``) per ``keys`` before the next block; the partial results are merged
-    the same way. Returns one row per ``keys``."""
+    the same way. A block whose join would exceed ``max_join_rows`` rows (subjects with many anchors, e.g. hundreds
+    of CXR studies) is joined in slices. Returns one row per ``keys``."""
     subjects = pa.array(anchors["subject_id"].unique(), type=pa.int64())
+    per_subject = anchors["subject_id"].value_counts()
     best: list[pd.DataFrame] = []
     size = path.stat().st_size
     reduce_ = lambda df: df.sort_values([*keys, rank], kind="stable").drop_duplicates(list(keys), keep="last")  # noqa: E731
@@ -366,10 +369,15 @@ def stream_aligned(
             batch = batch.filter(pc.is_in(batch.column("subject_id"), value_set=subjects))
             if not batch.num_rows:
                 continue
-            joined = batch.to_pandas().merge(anchors, on="subject_id", how="inner")
-            picked = pick(joined)
-            if len(picked):
-                best.append(reduce_(picked))
+            rows = batch.to_pandas()
+            weight = np.cumsum(rows["subject_id"].map(per_subject).to_numpy())  # join rows up to each row
+            cuts = np.searchsorted(weight, np.arange(max_join_rows, weight[-1], max_join_rows), side="right")
+            for lo, hi in zip([0, *cuts], [*cuts, len(rows)]):
+                if hi <= lo:
+                    continue
+                picked = pick(rows.iloc[lo:hi].merge(anchors, on="subject_id", how="inner"))
+                if len(picked):
+                    best.append(reduce_(picked))
             if len(best) > 16:
                 best = [reduce_(pd.concat(best, ignore_index=True))]
     if not best:
