@@ -222,3 +222,16 @@ def test_streamed_labs_equal_a_whole_pandas_read(tmp_path, max_join_rows):
     b = ref[cols].sort_values(cols[:2]).reset_index(drop=True)
     assert len(a) > 50
     pd.testing.assert_frame_equal(a, b, check_dtype=False)
+
+
+def test_missing_cxr_image_is_named_or_counted(fx, tmp_path):
+    bad = tmp_path / "cxr"
+    shutil.copytree(fx.cxr_dir, bad)
+    (bad / "files" / "p10" / "p10000764" / "s50000002" / "d2-ap.jpg").unlink()
+    moved = fx.__class__(fx.root, fx.mimic_dir, fx.note_dir, bad, fx.ecg_dir)
+    with pytest.raises(ValueError, match=r"cxr:50000002.*image_cxr.*d2-ap\.jpg"):
+        run(moved, tmp_path / "o", "--ecg_signals", "none")
+    df = run(moved, tmp_path / "o", "--ecg_signals", "none", "--on_error", "skip_modality")
+    assert pd.isna(df.loc["cxr:50000002", "image_cxr"]) and df.loc["cxr:50000002", "text_radiology"]
+    meta = json.loads(metadata_path(tmp_path / "o" / "manifest.parquet").read_text())
+    assert "missing_image" in json.dumps(meta["counts"]["skipped"])
