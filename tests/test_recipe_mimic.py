@@ -63,6 +63,7 @@ def test_cxr_anchor_rows_labels_splits_and_validation(cxr):
     assert meta["versions"]["mimic_iv"] == "3.1"  # read from the PhysioNet path .../mimiciv/3.1
     assert meta["modalities"] == {} or set(meta["modalities"]) <= set(df.columns)
     assert meta["counts"]["read"]["labevents.csv.gz"] == 7
+    assert meta["counts"]["read"]["diagnoses_icd.csv.gz"] == 4  # every row read, not only the kept ones
     assert meta["labels"] == {"label_icd": "multilabel", "label_chexpert": "multilabel"}
 
 

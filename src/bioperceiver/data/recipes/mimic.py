@@ -323,10 +323,14 @@ def read_table(
     *,
     block_size: int,
     keep: tuple[str, pa.Array] | None = None,
+    report: RecipeReport | None = None,
 ) -> pd.DataFrame:
-    """A (small or filtered) table as pandas: streamed, only ``columns``, rows whose ``keep[0]`` is in ``keep[1]``."""
+    """A (small or filtered) table as pandas: streamed, only ``columns``, rows whose ``keep[0]`` is in ``keep[1]``;
+    every row read (kept or not) is counted in ``report.read``."""
     parts = []
     for batch in iter_batches(path, spec, columns, block_size):
+        if report is not None:
+            report.read[path.name] += batch.num_rows
         if keep is not None:
             batch = batch.filter(pc.is_in(batch.column(keep[0]), value_set=keep[1]))
         if batch.num_rows:
@@ -525,8 +529,7 @@ class _Inputs:
 def _anchors_cxr(inp: _Inputs, report: RecipeReport, args) -> pd.DataFrame:
     bs = args.block_size
     path, cols = inp.table("cxr_metadata")
-    meta = read_table(path, TABLES["cxr_metadata"], cols, block_size=bs)
-    report.read[path.name] += len(meta)
+    meta = read_table(path, TABLES["cxr_metadata"], cols, block_size=bs, report=report)
     views = [v.strip().upper() for v in args.cxr_views.split(",") if v.strip()]
     meta["_view_rank"] = meta["ViewPosition"].str.upper().map({v: i for i, v in enumerate(views)})
     studies = meta["study_id"].nunique()
@@ -551,8 +554,7 @@ def _anchors_cxr(inp: _Inputs, report: RecipeReport, args) -> pd.DataFrame:
 
 def _anchors_ecg(inp: _Inputs, report: RecipeReport, args) -> pd.DataFrame:
     path, cols = inp.table("ecg_records")
-    rec = read_table(path, TABLES["ecg_records"], cols, block_size=args.block_size)
-    report.read[path.name] += len(rec)
+    rec = read_table(path, TABLES["ecg_records"], cols, block_size=args.block_size, report=report)
     bad = rec["ecg_time"].isna()
     report.exclude("ecg_without_time", int(bad.sum()))
     rec = rec[~bad]
@@ -642,8 +644,7 @@ def build_mimic_manifest(args: argparse.Namespace) -> Path:
         inp.table("cxr_chexpert")
 
     out = prepare_output_dir(args.output_dir, args.overwrite_output_dir)  # after the inputs are found
-    adm = read_table(a_path, TABLES["admissions"], a_cols, block_size=bs)
-    report.read[a_path.name] += len(adm)
+    adm = read_table(a_path, TABLES["admissions"], a_cols, block_size=bs, report=report)
 
     # -- anchors
     if args.anchor == "cxr":
@@ -671,8 +672,7 @@ def build_mimic_manifest(args: argparse.Namespace) -> Path:
     base = anchors[["anchor_idx", "subject_id", "anchor_time", "anchor_hadm_id"]]
 
     # -- patient fields
-    pats = read_table(p_path, TABLES["patients"], p_cols, block_size=bs, keep=("subject_id", subjects))
-    report.read[p_path.name] += len(pats)
+    pats = read_table(p_path, TABLES["patients"], p_cols, block_size=bs, keep=("subject_id", subjects), report=report)
     fields = base.merge(pats, on="subject_id", how="left").merge(
         adm[["hadm_id", "admission_type"]].astype({"hadm_id": "float64"}),
         left_on="anchor_hadm_id",
@@ -688,7 +688,7 @@ def build_mimic_manifest(args: argparse.Namespace) -> Path:
 
     # -- labs: streamed, bounded memory
     lab_path, lab_cols = lab
-    items = read_table(d_path, TABLES["d_labitems"], d_cols, block_size=bs)
+    items = read_table(d_path, TABLES["d_labitems"], d_cols, block_size=bs, report=report)
     names = {
         int(i): f"{label} ({fluid}) [{int(i)}]"
         for i, label, fluid in zip(items["itemid"], items["label"], items["fluid"])
@@ -767,16 +767,18 @@ def build_mimic_manifest(args: argparse.Namespace) -> Path:
             ):
                 ecg_rows[int(i)] = {"study_id": int(s), "path": p, "ecg_time": t}
         else:
-            rec = read_table(ecg[0], TABLES["ecg_records"], ecg[1], block_size=bs, keep=("subject_id", subjects))
-            report.read[ecg[0].name] += len(rec)
+            rec = read_table(
+                ecg[0], TABLES["ecg_records"], ecg[1], block_size=bs, keep=("subject_id", subjects), report=report
+            )
             near = closest_before(anchors, rec, "ecg_time", pd.Timedelta(hours=args.ecg_window_hours), allow_after)
             for i, s, p, t in zip(near["anchor_idx"], near["study_id"], near["path"], near["ecg_time"]):
                 ecg_rows[int(i)] = {"study_id": int(s), "path": p, "ecg_time": t}
         meas = inp.table("ecg_measurements", required=False)
         if meas is not None and ecg_rows:
             wanted = pa.array(sorted({r["study_id"] for r in ecg_rows.values()}), type=pa.int64())
-            mm = read_table(meas[0], TABLES["ecg_measurements"], meas[1], block_size=bs, keep=("study_id", wanted))
-            report.read[meas[0].name] += len(mm)
+            mm = read_table(
+                meas[0], TABLES["ecg_measurements"], meas[1], block_size=bs, keep=("study_id", wanted), report=report
+            )
             mm = mm.drop_duplicates("study_id").set_index("study_id")
             rep_cols = [c for c in mm.columns if c.startswith("report_")]
             num_cols = [c for c in ECG_MEASUREMENTS if c in mm.columns]
@@ -789,8 +791,7 @@ def build_mimic_manifest(args: argparse.Namespace) -> Path:
 
     # -- labels
     hadms = pa.array(anchors["anchor_hadm_id"].dropna().astype("int64").unique(), type=pa.int64())
-    dx = read_table(dx_path, TABLES["diagnoses_icd"], dx_cols, block_size=bs, keep=("hadm_id", hadms))
-    report.read[dx_path.name] += len(dx)
+    dx = read_table(dx_path, TABLES["diagnoses_icd"], dx_cols, block_size=bs, keep=("hadm_id", hadms), report=report)
     dx["code"] = "ICD" + dx["icd_version"].astype(str) + ":" + dx["icd_code"].astype(str).str.strip()
     icd = dx.groupby("hadm_id")["code"].agg(lambda s: sorted(set(s))).to_dict()
     chexpert: dict[int, tuple[list[str], list[str]]] = {}
@@ -798,8 +799,9 @@ def build_mimic_manifest(args: argparse.Namespace) -> Path:
     if args.anchor == "cxr":
         c_path, c_cols = inp.table("cxr_chexpert")
         studies = pa.array(anchors["meta_study_id"].unique(), type=pa.int64())
-        chx = read_table(c_path, TABLES["cxr_chexpert"], c_cols, block_size=bs, keep=("study_id", studies))
-        report.read[c_path.name] += len(chx)
+        chx = read_table(
+            c_path, TABLES["cxr_chexpert"], c_cols, block_size=bs, keep=("study_id", studies), report=report
+        )
         found = [f for f in CHEXPERT_FINDINGS if f in chx.columns]
         for row in chx.itertuples(index=False, name=None):
             vals = dict(zip(chx.columns, row))
@@ -808,8 +810,9 @@ def build_mimic_manifest(args: argparse.Namespace) -> Path:
                 [f for f in found if vals[f] == -1.0],
             )
         s_path, s_cols = inp.table("cxr_split")
-        spl = read_table(s_path, TABLES["cxr_split"], s_cols, block_size=bs, keep=("subject_id", subjects))
-        report.read[s_path.name] += len(spl)
+        spl = read_table(
+            s_path, TABLES["cxr_split"], s_cols, block_size=bs, keep=("subject_id", subjects), report=report
+        )
         spl["split"] = spl["split"].replace({"validate": "validation"})
         spl = spl.drop_duplicates(["subject_id", "split"]).rename(columns={"subject_id": "patient_id"})
         check_patient_safe(spl, "split", what=f"official MIMIC-CXR splits ({s_path.name})")
