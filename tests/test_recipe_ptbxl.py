@@ -184,6 +184,13 @@ def test_require_file_accepts_either_spelling(tmp_path):
     assert require_file(tmp_path / "y.csv.gz", "y", "get it") == tmp_path / "y.csv"
     with pytest.raises(RecipeInputError, match=r"the z table not found: .*z\.csv and z\.csv\.gz.*Fix: download Z"):
         require_file(tmp_path / "z.csv", "the z table", "download Z")
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "z.csv").write_text("a\n")  # a file that moved between dataset versions
+    assert require_file(tmp_path / "v2" / "z.csv", "z", "get it", alternatives=[tmp_path / "v1" / "z.csv"]) == (
+        tmp_path / "v1" / "z.csv"
+    )
+    with pytest.raises(RecipeInputError, match=r"z\.csv, z\.csv\.gz, .*core/z\.csv and .*core/z\.csv\.gz"):
+        require_file(tmp_path / "z.csv", "z", "get it", alternatives=[tmp_path / "core" / "z.csv"])
     require_columns(pd.DataFrame(columns=["a", "b"]), ["a"], "f.csv", "v1")
     with pytest.raises(RecipeSchemaError, match=r"f\.csv: missing column\(s\) 'c'; .*expects v1"):
         require_columns(pd.DataFrame(columns=["a", "b"]), ["a", "c"], "f.csv", "v1")

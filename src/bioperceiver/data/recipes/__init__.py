@@ -1,1 +1,2 @@
-"""Recipes that turn public layouts into manifests: ``demo`` (the bundled real cohort) and ``synthetic``."""
+"""Recipes that turn public layouts into manifests: ``demo`` (the bundled real cohort), ``synthetic``, and the
+public-cohort recipes ``ptbxl`` and ``tcga`` built on the shared base in ``common``."""

@@ -150,7 +150,9 @@ def run_recipe(main: Callable[[argparse.Namespace], Any], parser: argparse.Argum
 # inputs
 
 
-def require_file(path: str | os.PathLike, what: str, where_from: str) -> Path:
+def require_file(
+    path: str | os.PathLike, what: str, where_from: str, *, alternatives: Sequence[str | os.PathLike] = ()
+) -> Path:
     """The existing file for ``path``, accepting it compressed or not: asking for ``x.csv`` finds ``x.csv`` or
     ``x.csv.gz``, asking for ``x.csv.gz`` finds either too.
 
@@ -158,20 +160,25 @@ def require_file(path: str | os.PathLike, what: str, where_from: str) -> Path:
         path: the file as the dataset documents it (``<dir>/ptbxl_database.csv``).
         what: what the file is, for a person (``"the PTB-XL database table"``).
         where_from: how to get it (``"download PTB-XL 1.0.3 from PhysioNet: https://physionet.org/..."``).
+        alternatives: other places the file has had (another dataset version's folder or name), tried in order
+            after ``path``, each compressed or not.
 
     Raises:
-        RecipeInputError: neither spelling exists; the message names both, the folder and ``where_from``.
+        RecipeInputError: no spelling exists; the message names every one tried, the folder and ``where_from``.
     """
-    path = Path(path)
-    plain = path.with_name(path.name[: -len(".gz")]) if path.name.endswith(".gz") else path
-    candidates = [plain, plain.with_name(plain.name + ".gz")]
+    candidates: list[Path] = []
+    for option in (path, *alternatives):
+        option = Path(option)
+        plain = option.with_name(option.name[: -len(".gz")]) if option.name.endswith(".gz") else option
+        candidates += [plain, plain.with_name(plain.name + ".gz")]
     for c in candidates:
         if c.is_file():
             return c
-    folder = plain.parent
+    folder = candidates[0].parent
     hint = "" if folder.is_dir() else f" (the folder {folder} does not exist)"
+    names = [c.name if c.parent == folder else str(c) for c in candidates]
     raise RecipeInputError(
-        f"{what} not found: looked for {' and '.join(c.name for c in candidates)} in {folder}{hint}. "
+        f"{what} not found: looked for {', '.join(names[:-1])} and {names[-1]} in {folder}{hint}. "
         f"Fix: {where_from}, and pass the folder that holds it."
     )
 

@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError, check_on_error
 from .common import (
+    RecipeError,
     RecipeReport,
     RecipeSchemaError,
     check_patient_safe,
@@ -311,6 +312,13 @@ def build_ptbxl(
     if not 0 <= min_likelihood <= 100:
         raise ValueError(f"min_likelihood is a percentage (0-100), got {min_likelihood}")
     check_on_error(on_error)
+    try:
+        import wfdb  # noqa: F401  (read in convert_record; fail here, before any work)
+    except ImportError as err:
+        raise RecipeError(
+            f"the PTB-XL recipe reads WFDB records with the wfdb package, which cannot be imported ({err}). Fix: "
+            'pip install -e ".[recipes]" (wfdb==4.3.0)'
+        ) from None
     src = Path(ptbxl_dir).expanduser().resolve()
     db_path = require_file(src / DATABASE_FILE, f"the PTB-XL database table ({DATABASE_FILE})", WHERE_FROM)
     st_path = require_file(src / STATEMENTS_FILE, f"the SCP statement table ({STATEMENTS_FILE})", WHERE_FROM)
