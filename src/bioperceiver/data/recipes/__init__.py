@@ -1,2 +1,2 @@
 """Recipes that turn public layouts into manifests: ``demo`` (the bundled real cohort), ``synthetic``, and the
-public-cohort recipes ``ptbxl`` and ``tcga`` built on the shared base in ``common``."""
+public-cohort recipes ``ptbxl``, ``tcga`` and ``mimic`` built on the shared base in ``common``."""
