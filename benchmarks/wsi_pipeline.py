@@ -112,6 +112,9 @@ def run_point(point: dict) -> dict:
     if what == "backbone":
         return _backbone_point(point)
     slide = Path(point["slide"])
+    import bioperceiver.modalities.wsi.extract  # noqa: F401 - imports are not part of any measurement
+
+    _grid(slide, point["target_mpp"], point["tile_size"])  # warm-up: file cache, lazy imports
     base = _reset_peak()
     start = time.perf_counter()
     coords, patch = _grid(slide, point["target_mpp"], point["tile_size"])
