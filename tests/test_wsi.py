@@ -124,6 +124,9 @@ def test_tiles_land_on_tissue_cover_it_and_read_the_right_pixels(slides):
         x, y = coords[i]
         want = level0[y : y + patch, x : x + patch].reshape(TILE, 4, TILE, 4, 3).mean((1, 3))
         assert np.abs(ds[i].numpy().astype(float) - want).max() <= 1.0
+    import pickle  # an opened dataset still goes to DataLoader workers (each opens its own slide handle)
+
+    torch.testing.assert_close(pickle.loads(pickle.dumps(ds))[0], ds[0], rtol=0, atol=0)
 
 
 def test_glass_has_no_tissue(slides):

@@ -120,6 +120,9 @@ class TileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.coords)
 
+    def __getstate__(self) -> dict:  # worker processes open their own handle (slide handles do not pickle)
+        return {**self.__dict__, "_reader": None}
+
     def __getitem__(self, i: int) -> torch.Tensor:
         from PIL import Image
 
