@@ -337,10 +337,10 @@ def main(argv: list[str] | None = None) -> int:
             on_error=args.on_error,
             progress=not args.no_progress,
         )
-        print(json.dumps(summary["status"].value_counts().to_dict()))
+        logger.info("slides by status: %s", json.dumps(summary["status"].value_counts().to_dict()))
     if args.merge:
         fragment = merge_shards(args.output_dir)
-        print(f"manifest fragment: {Path(args.output_dir) / 'manifest_wsi.csv'} ({len(fragment)} slides)")
+        logger.info("manifest fragment: %s (%d slides)", Path(args.output_dir) / "manifest_wsi.csv", len(fragment))
     return 0
 
 
