@@ -61,7 +61,9 @@ class SlideReader:
         """RGB ``(h, w, 3)`` uint8 of ``size`` pixels of ``level`` whose top-left is level-0 ``xy``; transparent
         (outside the scanned area) pixels become white glass."""
         region = np.asarray(self.handle.read_region((int(xy[0]), int(xy[1])), int(level), tuple(map(int, size))))
-        if region.shape[-1] == 4:
+        if region.shape[-1] == 4 and region[..., 3].min() == 255:  # opaque (the usual case): no blending
+            region = region[..., :3]
+        elif region.shape[-1] == 4:
             alpha = region[..., 3:4].astype(np.float32) / 255.0
             region = (region[..., :3] * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8)
         return region
