@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -28,6 +29,7 @@ from bioperceiver.modalities import get_modality
 from bioperceiver.modalities.wsi import WsiEmbedder, WsiProcessor
 from bioperceiver.modalities.wsi.extract import (
     ExtractSettings,
+    build_parser,
     default_shard,
     extract_slide,
     list_slides,
@@ -436,3 +438,40 @@ def test_50k_tile_slide_in_one_cpu_forward_is_order_invariant():
         shuffled = model(inputs={"wsi": {k: v[:, perm] for k, v in inputs.items()}}).pooler_output
     assert torch.isfinite(out).all() and seconds < 30
     torch.testing.assert_close(shuffled, out, rtol=1e-4, atol=1e-5)  # tiles are a set: their order does not matter
+
+
+def test_slurm_array_example_parses_and_passes_its_settings(tmp_path):
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "pretrain" / "configs" / "slurm" / "extract_wsi.sbatch"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
+    (stub / "srun").chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{stub}:{os.environ['PATH']}",
+        "ARGS_OUT": str(tmp_path / "args"),
+        "SLURM_CPUS_PER_TASK": "8",
+        "SLIDES": "/data/slides",
+        "OUTPUT_DIR": "/data/features",
+        "ENCODER": "vit_large_patch16_224",
+        "ENCODER_WEIGHTS": "/models/uni.bin",
+    }
+    subprocess.run(["bash", str(script), "--min_tissue", "0.3"], check=True, env=env, cwd=tmp_path)
+    args = (tmp_path / "args").read_text().split("\n")
+    assert args[:3] == ["python", "-m", "bioperceiver.modalities.wsi.extract"]
+    parsed = build_parser().parse_args(args[3:-1])  # every flag it passes is one the extractor knows
+    assert (parsed.slides, parsed.encoder, parsed.num_workers, parsed.on_error, parsed.min_tissue) == (
+        "/data/slides",
+        "vit_large_patch16_224",
+        7,
+        "skip",
+        0.3,
+    )
+    assert parsed.shard is None  # the array task id comes from SLURM_ARRAY_TASK_ID inside the extractor
+    missing = {k: v for k, v in env.items() if k != "ENCODER_WEIGHTS"}
+    result = subprocess.run(["bash", str(script)], env=missing, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode != 0 and "ENCODER_WEIGHTS" in result.stderr
