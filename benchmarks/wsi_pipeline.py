@@ -202,7 +202,7 @@ def _backbone_point(point: dict) -> dict:
     }
 
 
-def measure(point: dict) -> dict:
+def measure(point: dict, results: dict | None = None, output: Path | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", json.dumps(point)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -210,6 +210,10 @@ def measure(point: dict) -> dict:
         return {**point, "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
     result = json.loads(out.stdout.strip().splitlines()[-1])
     logger.info("%s", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items() if k != "slide"})
+    if results is not None and output is not None:  # written after every point: a killed run keeps what it measured
+        results["backbone" if point["what"] == "backbone" else "pipeline"].append(result)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(results, indent=1) + "\n")
     return result
 
 
@@ -236,28 +240,18 @@ def main() -> None:
     if args.part in ("all", "pipeline"):
         slide = str(make_fixture(args.slide))
         common = {"slide": slide, "target_mpp": args.target_mpp, "tile_size": args.tile_size}
-        results["pipeline"].append(measure({**common, "what": "prepare"}))
-        results["pipeline"].append(measure({**common, "what": "read_loop"}))
+        measure({**common, "what": "prepare"}, results, args.output)
+        measure({**common, "what": "read_loop"}, results, args.output)
         for w in args.workers:
-            results["pipeline"].append(measure({**common, "what": "read_loader", "workers": w}))
+            measure({**common, "what": "read_loader", "workers": w}, results, args.output)
         for w in args.workers:
-            results["pipeline"].append(
-                measure(
-                    {
-                        **common,
-                        "what": "encode",
-                        "workers": w,
-                        "encoder": args.encoder,
-                        "encode_tiles": args.encode_tiles,
-                    }
-                )
-            )
+            point = {**common, "what": "encode", "workers": w, "encoder": args.encoder}
+            measure({**point, "encode_tiles": args.encode_tiles}, results, args.output)
     if args.part in ("all", "backbone"):
         for n in args.tokens:
             for impl in ("bioperceiver", "hf_perceiver"):
-                results["backbone"].append(
-                    measure({"what": "backbone", "impl": impl, "tokens": n, "preset": args.preset, "iters": args.iters})
-                )
+                point = {"what": "backbone", "impl": impl, "tokens": n, "preset": args.preset, "iters": args.iters}
+                measure(point, results, args.output)
     import platform
 
     import torch

@@ -377,7 +377,7 @@ def test_pretraining_on_synthetic_slide_and_omics_pairs_with_attribution_figures
         result["loss"].backward()
         assert model.embedders["wsi_slide"].feature_proj.weight.grad.abs().sum() > 0
         opt.step()
-        losses.append(float(result["loss"]))
+        losses.append(float(result["loss"].detach()))
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
     clf = bp.BioPerceiverForSequenceClassification(config).eval()
