@@ -248,6 +248,12 @@ def explain_sample(
         plot = _PLOTTERS.get(attr.kind(mod))
         if plot is not None:
             written[mod] = plot(attr, sample, out_dir / f"{stem}_{mod}.png", modality=mod)
+        else:  # a plug-in kind draws its own figures (ModalitySpec.explanation_figures)
+            from ..modalities import get_modality
+
+            written.update(
+                get_modality(attr.kind(mod)).explanation_figures(attr, sample, out_dir / f"{stem}_{mod}.png", mod)
+            )
     if shapley is not None:
         written["shapley"] = plot_modality_shapley(shapley, out_dir / f"{stem}_shapley.png", sample=sample)
     return written

@@ -12,7 +12,7 @@ To add a kind, write such a folder (or the three classes anywhere) and call :fun
 nothing else changes (``tests/test_modality_plugin.py`` does it from a test file alone).
 """
 
-from . import image, omics, signal, tabular, text  # registers the built-in kinds
+from . import image, omics, signal, tabular, text, wsi  # registers the built-in kinds
 from .embedder import ModalityEmbedder
 from .processor import ModalityProcessor
 from .registry import (
@@ -43,4 +43,5 @@ __all__ = [
     "tabular",
     "text",
     "unregister_modality",
+    "wsi",
 ]

@@ -330,6 +330,12 @@ class ModalitySpec:
         b, n = attribution.scores[modality].shape
         return [[f"{self.token_unit} {i}" for i in range(n)] for _ in range(b)]
 
+    def explanation_figures(self, attribution: Any, sample: int, path: Path, modality: str) -> dict[str, Path]:
+        """The kind's own explanation figures of batch index ``sample`` (``interpret.explain_sample`` calls this
+        for kinds it has no built-in plot for): ``{key: saved PNG}``, the main one at ``path`` under key
+        ``modality``, extras beside it. Default: none."""
+        return {}
+
     # ---- reporting ----------------------------------------------------------------------------------------------
     def describe(self, arrays: Mapping[str, np.ndarray]) -> tuple[str, int]:
         """A short description of one processed value and its length in the model's input units."""

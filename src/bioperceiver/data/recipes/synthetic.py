@@ -46,6 +46,16 @@ independent ``C ~ Exponential(rate = 0.05)``, giving ``label_survival_time = min
 ``label_survival_event = int(T <= C)``; ``label_multilabel`` lists the names of the dimensions with ``z_k > 0.5``.
 The true latent is stored in ``meta_latent``.
 
+Whole slides (opt-in, ``wsi_slides=True``; off by default so existing cohorts are unchanged): a column
+``wsi_slide`` (wsi) holds, per sample, the tile-feature file of one slide (or, with ``wsi_slides_per_sample``
+above 1, a list of them: a patient's slides, pooled by the wsi processor), written in the CLAM/TRIDENT layout that
+``python -m bioperceiver.modalities.wsi.extract`` writes (``features`` (N, F), ``coords`` (N, 2) level-0 px,
+attributes ``patch_size_level0``, ``target_mpp``, ``level0_mpp``, ``encoder``). Tiles lie on a grid inside an
+elliptic "tissue" region; each tile's feature is ``tanh(A z + B u + noise * e)`` where ``u`` is a per-tile
+nuisance vector and ``A``, ``B`` fixed weights, so the slide-level signal is spread over the tiles. Its presence
+(probability ``1 - missing_rate``) is drawn from its own stream: the other modalities are the same with or
+without it. These are synthetic features, not pixels: no slide image is written.
+
 With ``samples_per_patient > 1`` the samples of a patient share ``z`` and its labels, with independent noise.
 
 Missingness: each of the six modality cells of a sample is independently absent (null) with probability
@@ -164,6 +174,7 @@ _NOISE_WORDS = ("noted", "again", "stable", "today", "overall", "reportedly", "a
 _STREAM_LATENT = 0
 _STREAM_LABELS = 1
 _STREAM_SAMPLE = 2
+_STREAM_WSI = 3
 _MODEL_SEED = 20240917
 _MODEL_STREAM_LABELS = 1
 _MODEL_STREAM_GENES = 2
@@ -461,6 +472,48 @@ def make_tabular(
 # --------------------------------------------------------------------------------------------------- file writing
 
 
+@dataclass
+class WsiFeatureModel:
+    """Fixed weights of the synthetic tile features: ``feature = tanh(A z + B u + noise * e)``."""
+
+    latent: np.ndarray  # (F, d)
+    nuisance: np.ndarray  # (F, 4)
+
+    @classmethod
+    def build(cls, latent_dim: int, feature_dim: int) -> WsiFeatureModel:
+        rng = np.random.default_rng([_MODEL_SEED, 5, latent_dim, feature_dim])
+        return cls(
+            rng.normal(size=(feature_dim, latent_dim)) / math.sqrt(latent_dim), rng.normal(size=(feature_dim, 4)) * 0.5
+        )
+
+
+def write_slide_features(
+    path: Path, model: WsiFeatureModel, z: np.ndarray, rng: np.random.Generator, noise: float, tiles: tuple[int, int]
+) -> None:
+    """One synthetic slide's tile features in the CLAM/TRIDENT ``.h5`` layout (see the module docstring)."""
+    import h5py
+
+    n = int(rng.integers(tiles[0], tiles[1] + 1))
+    side = math.ceil(math.sqrt(n / 0.7)) + 1
+    gy, gx = np.mgrid[0:side, 0:side]
+    inside = ((gx - side / 2 + 0.5) / (side / 2)) ** 2 + ((gy - side / 2 + 0.5) / (side / 2)) ** 2 <= 1.0
+    grid = np.stack([gx[inside], gy[inside]], axis=1)[:n]
+    patch = 448  # 224 px at 0.5 µm/px on a 0.25 µm/px scan
+    coords = (grid * patch).astype(np.int64)
+    u = rng.normal(size=(len(coords), model.nuisance.shape[1]))
+    feats = np.tanh(
+        z @ model.latent.T + u @ model.nuisance.T + noise * rng.normal(size=(len(coords), len(model.latent)))
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w", track_order=True) as f:
+        f.create_dataset("features", data=feats.astype(np.float32), track_times=False)
+        f.create_dataset("coords", data=coords, track_times=False)
+        f.attrs["patch_size_level0"] = patch
+        f.attrs["target_mpp"] = 0.5
+        f.attrs["level0_mpp"] = 0.25
+        f.attrs["encoder"] = "synthetic"
+
+
 def save_npz_deterministic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Like ``np.savez_compressed`` but with fixed zip timestamps, so equal arrays give equal bytes."""
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -524,6 +577,10 @@ def make_synthetic_cohort(
     noise: float = 0.1,
     seed: int = 0,
     manifest_format: str = "parquet",
+    wsi_slides: bool = False,
+    wsi_tiles: tuple[int, int] = (24, 64),
+    wsi_feature_dim: int = 16,
+    wsi_slides_per_sample: int = 1,
 ) -> Path:
     """Write a synthetic cohort (files under ``output_dir/synthetic/``) and its manifest; return the manifest path.
 
@@ -566,6 +623,16 @@ def make_synthetic_cohort(
         "seed": int(seed),
         "manifest_format": manifest_format,
     }
+    if wsi_slides:
+        wsi_tiles = _check_range("wsi_tiles", wsi_tiles, 1)
+        if wsi_feature_dim < 1 or wsi_slides_per_sample < 1:
+            raise ValueError("wsi_feature_dim and wsi_slides_per_sample must be >= 1")
+        params.update(
+            wsi_slides=True,
+            wsi_tiles=list(wsi_tiles),
+            wsi_feature_dim=int(wsi_feature_dim),
+            wsi_slides_per_sample=int(wsi_slides_per_sample),
+        )
     start = time.perf_counter()
     out = Path(output_dir)
     dirs = {
@@ -573,6 +640,9 @@ def make_synthetic_cohort(
         "image_3d": Path(SYNTHETIC_DIR) / "volumes",
         "signal_ecg": Path(SYNTHETIC_DIR) / "signals",
     }
+    if wsi_slides:
+        dirs["wsi_slide"] = Path(SYNTHETIC_DIR) / "slides"
+        wsi_model = WsiFeatureModel.build(latent_dim, wsi_feature_dim)
     for rel in dirs.values():
         (out / rel).mkdir(parents=True, exist_ok=True)
 
@@ -625,6 +695,18 @@ def make_synthetic_cohort(
                     written.add(out / rel)
                 elif col == "tabular_ehr":
                     row[col] = json.dumps(make_tabular(model, z, r, noise, missing_rate / 3.0), separators=(",", ":"))
+            if wsi_slides:
+                wrng = np.random.default_rng([_STREAM_WSI, int(seed), p, s])
+                if wrng.random() >= missing_rate:
+                    rels = []
+                    for k in range(wsi_slides_per_sample):
+                        rel = dirs["wsi_slide"] / f"{stem}_slide-{k}.h5"
+                        write_slide_features(out / rel, wsi_model, z, wrng, noise, wsi_tiles)
+                        rels.append(rel.as_posix())
+                        written.add(out / rel)
+                    row["wsi_slide"] = rels[0] if wsi_slides_per_sample == 1 else rels
+                else:
+                    row["wsi_slide"] = None
             row.update(labels)
             row["label_multilabel"] = list(labels["label_multilabel"])
             row["meta_synthetic"] = True
@@ -633,6 +715,10 @@ def make_synthetic_cohort(
             rows.append(row)
 
     table = pd.DataFrame(rows)
+    if wsi_slides:
+        columns = [*columns, "wsi_slide"]
+        if manifest_format == "csv" and wsi_slides_per_sample > 1:
+            table["wsi_slide"] = table["wsi_slide"].map(lambda v: json.dumps(v) if isinstance(v, list) else v)
     for col in columns:
         table[col] = table[col].astype(object)
     if manifest_format == "csv":
@@ -654,7 +740,7 @@ def make_synthetic_cohort(
         "description": "Synthetic multimodal cohort with known ground truth; not real patient data.",
         "params": params,
         "generative_model": GENERATIVE_MODEL,
-        "modalities": dict(MODALITIES),
+        "modalities": {**MODALITIES, **({"wsi_slide": "wsi"} if wsi_slides else {})},
         "labels": dict(LABELS),
         "num_classes": {"label_multiclass": NUM_CLASSES},
         "multilabel_classes": latent_names(latent_dim),
@@ -702,12 +788,17 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--noise", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--manifest_format", choices=sorted(MANIFEST_FORMATS), default="parquet")
+    parser.add_argument("--wsi_slides", action="store_true", help="add a wsi_slide column of tile-feature files")
+    parser.add_argument("--wsi_tiles", type=int, nargs=2, default=(24, 64), metavar=("MIN", "MAX"))
+    parser.add_argument("--wsi_feature_dim", type=int, default=16)
+    parser.add_argument("--wsi_slides_per_sample", type=int, default=1)
     parser.add_argument("--log_level", default="INFO")
     args = vars(parser.parse_args(argv))
     logging.basicConfig(level=args.pop("log_level").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     output_dir = args.pop("output_dir")
     args["text_length"] = tuple(args["text_length"])
     args["genes_per_sample"] = tuple(args["genes_per_sample"])
+    args["wsi_tiles"] = tuple(args["wsi_tiles"])
     path = make_synthetic_cohort(output_dir, **args)
     print(path)
     return path
