@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -220,7 +221,7 @@ def run_finetuning(
         results["train"] = train_result.metrics
         trainer.log_metrics("train", train_result.metrics)
     if dp is not None:
-        results["privacy"] = privacy_results(trainer, model_args, data_args)
+        results["privacy"] = privacy_results(trainer, model_args, data_args, train_recs)
         clear_grad_samples(trainer.model)
     final_model = merge_lora(trainer.model)
     final_model.to(training_args.device)
@@ -366,9 +367,12 @@ def cached_latents(model, modalities, train_ds, eval_ds, processor, base_dir, us
     return trainer_train, trainer_eval
 
 
-def privacy_results(trainer: DPTaskTrainer, model_args, data_args) -> dict[str, Any]:
+def privacy_results(trainer: DPTaskTrainer, model_args, data_args, train_recs) -> dict[str, Any]:
     """The DP guarantee of a run (``all_results.json["privacy"]``, the card's privacy section), logged."""
     report = trainer.privacy_report()
+    # the guarantee is per training row; a patient with k rows is protected as a group of k (epsilon grows ~k-fold)
+    rows_per_patient = Counter(str(r.get("patient_id")) for r in train_recs)
+    report["max_training_rows_per_patient"] = max(rows_per_patient.values(), default=0)
     fitted_here = processor_folder(data_args.processor_dir, model_args.model_name_or_path) is None
     report["not covered"] = (
         "the label encoding fitted on the training split (classes, top-k labels, regression scaling, survival time "
@@ -495,7 +499,7 @@ def _summary(out: Path, results: dict, task: Task, test_split: str) -> list[str]
         ("model + processors", "config.json, model.safetensors, bioperceiver_processor.json, finetuning_task.json"),
         ("model card", "README.md"),
         ("all metrics", "all_results.json"),
-        ("per-sample predictions", "predictions_test.csv"),
+        ("per-sample predictions (ids: keep local)", "local_only/predictions_test.csv"),
         ("per missing-modality pattern", "results_by_pattern.csv"),
         ("modality ablation", "ablation.csv"),
     ]
