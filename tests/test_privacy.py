@@ -180,10 +180,11 @@ def test_dp_settings_name_the_fix():
         DPSettings(target_epsilon=3.0, accountant="gdpx")
 
 
-@pytest.mark.parametrize("accountant", ["rdp", "prv"])
-def test_accountant_and_noise_equal_opacus_privacy_engine_for_the_same_schedule(tmp_path, accountant):
+def test_accountant_and_noise_equal_opacus_privacy_engine_for_the_same_schedule(tmp_path):
     """A linear-probe DP run (32 rows, batch 8, 2 epochs: Poisson rate 1/4, 8 steps) calibrates the same noise as
-    Opacus' ``PrivacyEngine.make_private_with_epsilon`` and spends the same epsilon, at most the target."""
+    Opacus' ``PrivacyEngine.make_private_with_epsilon`` and spends the same epsilon, at most the target (RDP; the PRV
+    accountant goes through the same Opacus calls and is slow to calibrate, so it is not run here)."""
+    accountant = "rdp"
     from transformers import TrainingArguments
 
     model = _classifier(num_labels=2)
@@ -250,7 +251,7 @@ def _argv(cohort, out: Path, *args: str) -> list[str]:
         "--output_dir", str(out), "--task", "classification", "--label_column", "label_binary",
         "--modalities", "text_note", "tabular_ehr", "--do_train", "true", "--per_device_train_batch_size", "8",
         "--per_device_eval_batch_size", "16", "--n_bootstrap", "10", "--min_pattern_samples", "5",
-        "--mc_dropout_samples", "2", "--explain_samples", "2", "--use_cpu", "true", "--report_to", "none",
+        "--mc_dropout_samples", "2", "--explain_samples", "1", "--use_cpu", "true", "--report_to", "none",
         "--seed", "0", "--disable_tqdm", "true", *args,
     ]  # fmt: skip
 
@@ -270,6 +271,7 @@ def test_dp_lora_run_reports_epsilon_and_shares_no_identifier(cohort, tmp_path):
     run_finetune = _load_script()
     out = tmp_path / "dp"
     argv = _argv(cohort, out, "--finetuning_mode", "lora", "--num_train_epochs", "2", "--learning_rate", "1e-2")
+    argv += ["--ablations", "false", "--uncertainty", "false"]
     argv += ["--eval_strategy", "epoch", "--save_strategy", "epoch", "--dp_target_epsilon", "3", "--dp_delta", "1e-4"]
     results = run_finetune.main(argv)
     saved = json.loads((out / "all_results.json").read_text())
