@@ -196,9 +196,11 @@ class BPRunner:
             # recorded before run_finetune evaluated without modality dropout (commit b04023b): its per-epoch
             # validation, which chose the best checkpoint, had modalities randomly hidden; the argv is the same
             return None
+        from bioperceiver.evaluation.report import predictions_path
+
         try:
             res = json.loads((out / "all_results.json").read_text())
-            pred = pd.read_csv(out / "predictions_test.csv", dtype={"sample_id": str, "patient_id": str})
+            pred = pd.read_csv(predictions_path(out), dtype={"sample_id": str, "patient_id": str})
         except (OSError, ValueError):
             return None
         got = (res.get("validation", {}).get(primary), res.get("test", {}).get(primary))
@@ -296,7 +298,9 @@ class BPRunner:
         t0 = time.perf_counter()
         res = self.rf.main(argv)
         wall = time.perf_counter() - t0
-        pred = pd.read_csv(out / "predictions_test.csv", dtype={"sample_id": str, "patient_id": str})
+        from bioperceiver.evaluation.report import predictions_path
+
+        pred = pd.read_csv(predictions_path(out), dtype={"sample_id": str, "patient_id": str})
         rec = {
             "tag": tag,
             "config": cfg,

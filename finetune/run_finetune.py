@@ -19,8 +19,10 @@ match the run's ``finetuning_run.json`` up to the resumable ones) or ``--overwri
 
 Outputs in ``output_dir``: the model (``save_pretrained``, LoRA merged) + processors + ``finetuning_task.json`` +
 ``README.md`` (model card); ``all_results.json`` (train/validation/test metrics, test with bootstrap 95% CIs);
-``predictions_test.csv`` (per sample); ``results_by_pattern.csv`` (metrics per missing-modality pattern);
-``ablation.csv`` (each modality removed / alone); PNGs (ROC/PR, calibration, Kaplan–Meier, ablation).
+``local_only/predictions_test.csv`` (per sample, with ids: keep it at the site); ``results_by_pattern.csv``
+(metrics per missing-modality pattern); ``ablation.csv`` (each modality removed / alone); PNGs (ROC/PR,
+calibration, Kaplan–Meier, ablation). With ``--dp_target_epsilon`` the run trains with DP-SGD (Opacus) and reports
+the spent epsilon in ``all_results.json`` and the card.
 """
 
 from __future__ import annotations

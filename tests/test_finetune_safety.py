@@ -20,6 +20,7 @@ import bioperceiver as bp
 from bioperceiver.data import BioPerceiverProcessor, ManifestError, assign_splits, read_manifest, write_manifest
 from bioperceiver.data.processing import load_processor_settings
 from bioperceiver.data.recipes.synthetic import make_synthetic_cohort
+from bioperceiver.evaluation.report import predictions_path
 from bioperceiver.training import finetune_loop
 from bioperceiver.training.arguments import DataArguments
 from bioperceiver.training.finetuning import RUN_RECORD, check_output_dir, resolve_resume_checkpoint
@@ -262,7 +263,7 @@ def test_readme_example_runs_with_both_head_types_from_a_pretrained_backbone(coh
     assert sorted(results["modalities"]) == sorted(USED)
     for section in ("validation", "test"):
         assert np.isfinite(results[section]["auroc"]) and 0 <= results[section]["auroc"] <= 1, section
-    preds = pd.read_csv(out / "predictions_test.csv")
+    preds = pd.read_csv(predictions_path(out))
     probs = preds.filter(like="prob_").to_numpy()
     assert len(preds) == results["test"]["n"] and np.isfinite(probs).all()
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)

@@ -19,6 +19,7 @@ from transformers import AutoModelForSequenceClassification
 import bioperceiver as bp
 from bioperceiver.data import BioPerceiverProcessor, assign_splits, read_manifest, write_manifest
 from bioperceiver.data.processing import load_processor_settings
+from bioperceiver.evaluation.report import predictions_path
 from bioperceiver.training import FINETUNING_MODES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +117,7 @@ def _check_outputs(out: Path, results: dict, metric: str) -> pd.DataFrame:
     assert np.isfinite(test[metric])
     assert test[f"{metric}_ci_low"] <= test[metric] <= test[f"{metric}_ci_high"]
     assert test["n_resamples"] == 30 and test["n_groups"] <= test["n"]
-    preds = pd.read_csv(out / "predictions_test.csv")
+    preds = pd.read_csv(predictions_path(out))
     assert len(preds) == test["n"]
     assert preds["sample_id"].is_unique
     assert (out / "results_by_pattern.csv").exists()
@@ -445,7 +446,7 @@ def test_deep_ensemble_of_finetuned_seeds(cohort, tmp_path, task):
         dirs.append(out)
     res = ensemble.main(["--model_dirs", *map(str, dirs), "--output_dir", str(tmp_path / "ens"), "--n_bootstrap", "20"])
     table = pd.read_csv(tmp_path / "ens" / "ensemble_predictions.csv")
-    members = [pd.read_csv(d / "predictions_test.csv") for d in dirs]
+    members = [pd.read_csv(predictions_path(d)) for d in dirs]
     assert list(table["sample_id"]) == list(members[0]["sample_id"])
     if task == "classification":
         # the ensemble probability is the mean of the members' probabilities; their spread is the disagreement

@@ -337,6 +337,46 @@ def _interpretation_text(interp: Mapping[str, Any] | None) -> str:
     return "\n".join(parts)
 
 
+PRIVACY_ROWS = (
+    ("epsilon", "epsilon spent"),
+    ("delta", "delta"),
+    ("target_epsilon", "target epsilon"),
+    ("accountant", "accountant"),
+    ("noise_multiplier", "noise multiplier"),
+    ("max_grad_norm", "per-sample clipping norm"),
+    ("sample_rate", "Poisson sample rate"),
+    ("expected_batch_size", "expected batch size"),
+    ("steps", "steps"),
+    ("max_training_rows_per_patient", "most training rows of one patient (group size of the guarantee)"),
+    ("per_sample_gradients", "per-sample gradients"),
+    ("opacus", "opacus"),
+)
+
+
+def privacy_text(privacy: Mapping[str, Any] | None) -> str:
+    """The card's privacy section: the DP-SGD guarantee (epsilon, delta, mechanism, what it covers), or that the
+    model was trained without one; and where identifiers are (nowhere in the shared files)."""
+    ids = (
+        "Identifiers: this card, the plots, `all_results.json` and the aggregate CSVs hold counts only, no sample or "
+        "patient id (explanation figures are named by their row index in the test split). Per-sample predictions "
+        "and Shapley values are in `local_only/`, which stays at the site and is not part of the shared model."
+    )
+    if not privacy:
+        return (
+            "Trained without differential privacy: no formal privacy guarantee for the training rows "
+            "(`--dp_target_epsilon` trains with DP-SGD).\n\n" + ids
+        )
+    rows = [{"": label, "value": privacy[key]} for key, label in PRIVACY_ROWS if privacy.get(key) is not None]
+    return (
+        f"Finetuned with differential privacy: {privacy.get('mechanism')}. The guarantee is "
+        f"(epsilon = {_fmt(privacy.get('epsilon'), 3)}, delta = {privacy.get('delta')}) for "
+        f"{privacy.get('protected', 'the training rows')}.\n\n"
+        + markdown_table(rows)
+        + f"\n\nNot covered by the guarantee: {privacy.get('not covered', 'see all_results.json')}.\n\n"
+        + ids
+    )
+
+
 def _narrow(manifest, modalities: Sequence[str]):
     """A copy of ``manifest`` whose modality columns are ``modalities`` only; rows with none of them dropped."""
     from .data.manifest import Manifest, is_missing
@@ -456,6 +496,7 @@ def finetuning_card(
         presence_table=markdown_table(modality_presence(train)),
         patterns_table=markdown_table(presence_patterns(train)),
         training_table=markdown_table([{"setting": k, "value": v} for k, v in finetune_cfg.items() if v is not None]),
+        privacy=privacy_text(results.get("privacy")),
         **section,
         compute_table=markdown_table([{"": k, "value": v} for k, v in compute.items()]),
     )

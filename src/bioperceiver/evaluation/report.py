@@ -20,6 +20,33 @@ from ..training.tasks import ProcessedDataset, TaskCollator, pattern_table, pred
 
 logger = logging.getLogger(__name__)
 
+# Everything in a finetuning output folder may be shared (model, card, plots, all_results.json) except this
+# subfolder: the per-sample tables, which carry sample and patient ids, stay at the site.
+LOCAL_ONLY_DIR = "local_only"
+PREDICTIONS_FILE = "predictions_test.csv"
+LOCAL_ONLY_NOTE = """This folder holds per-sample results with sample and patient identifiers (predictions, per-sample
+modality Shapley values). Keep it at the site: do not share or upload it with the model. Everything else in the
+output folder (model, processors, model card, plots, all_results.json, aggregate CSVs) holds no identifier.
+"""
+
+
+def local_only_dir(out: str | Path) -> Path:
+    """``out/local_only/`` (created, with a note saying what it holds and that it stays local)."""
+    folder = Path(out) / LOCAL_ONLY_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    note = folder / "README.txt"
+    if not note.exists():
+        note.write_text(LOCAL_ONLY_NOTE)
+    return folder
+
+
+def predictions_path(out: str | Path) -> Path:
+    """The per-sample predictions file of a finetuning output folder: ``local_only/predictions_test.csv``, or
+    ``predictions_test.csv`` at the top of folders written before identifiers were kept local."""
+    new = Path(out) / LOCAL_ONLY_DIR / PREDICTIONS_FILE
+    old = Path(out) / PREDICTIONS_FILE
+    return old if old.exists() and not new.exists() else new
+
 
 @dataclass
 class ReportSettings:
@@ -107,7 +134,8 @@ def evaluate_and_report(
         if settings.interpret:
             shap_cols = interpretation_section(model, task, ds, modalities, processor, settings, val_pred, res, out)
             extra = {**(extra or {}), **shap_cols}
-        write_predictions(out / "predictions_test.csv", ds, records_by_id, task, pred, modalities, extra=extra)
+        local = local_only_dir(out)  # per-sample rows carry ids: kept out of what is shared
+        write_predictions(local / PREDICTIONS_FILE, ds, records_by_id, task, pred, modalities, extra=extra)
         patterns = [presence_pattern(s, modalities) for s in ds.samples]
         by_pattern = pattern_table(
             patterns, lambda idx, pred=pred, y=y: score(pred[idx], y[idx], ci=False), settings.min_pattern_samples
@@ -201,7 +229,7 @@ def interpretation_section(model, task: Task, ds, modalities, processor, setting
     table = sh.summary()
     used = [n for n in sh.names if n in modalities]
     table = table[table["modality"].isin(used)].reset_index(drop=True)
-    write_csv(out / "modality_shapley.csv", pd.concat(frames).to_dict("records"))
+    write_csv(local_only_dir(out) / "modality_shapley.csv", pd.concat(frames).to_dict("records"))  # per sample
     plots = [plot_modality_shapley(sh, out / "modality_shapley.png").name]
     baseline = "the mean over the validation split" if score_fn is not None and val_pred is not None else "a zero logit"
     res["interpretation"] = {
@@ -219,8 +247,12 @@ def interpretation_section(model, task: Task, ds, modalities, processor, setting
         batch = collator([ds[int(i)] for i in picks], train=False)
         attr = integrated_gradients(model, batch, target=target, processors=processor)
         picked = sh.select([int(i) for i in picks])
+        # figures are shared: named and titled by the row's index in the test split, never by its sample id
+        labels = [f"test-{int(i):04d}" for i in picks]
+        attr.sample_ids, picked.sample_ids = labels, labels
+        res["interpretation"]["explained_rows"] = labels
         for j in range(len(picks)):
-            written = explain_sample(attr, j, out / "explanations", shapley=picked)
+            written = explain_sample(attr, j, out / "explanations", shapley=picked, prefix=labels[j])
             plots += [f"explanations/{p.name}" for p in written.values()]
         faith = deletion_test(model, batch, attr, k=(1, 5, 10), n_random=10, seed=settings.seed, target=target)
         res["interpretation"]["deletion_test"] = faith.to_dict("records")

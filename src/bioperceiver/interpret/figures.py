@@ -237,10 +237,11 @@ def explain_sample(
 
     Returns:
         ``{modality or "shapley": saved path}``; files are ``<out_dir>/<prefix>_<modality>.png`` with ``prefix``
-        defaulting to the sample id (non-alphanumerics replaced by ``_``).
+        defaulting to ``sample<index>`` (the batch index: file names never carry a sample id; non-alphanumerics
+        replaced by ``_``).
     """
     out_dir = Path(out_dir)
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(prefix if prefix is not None else attr.sample_name(sample)))
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(prefix if prefix is not None else f"sample{sample}"))
     written: dict[str, Path] = {}
     for mod in attr.modalities:
         if not bool(attr.keep[mod][sample].any()):

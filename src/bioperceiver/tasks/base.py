@@ -108,6 +108,10 @@ class Task:
             if c not in available:
                 raise ValueError(f"label column {c!r} is not in the manifest; label columns: {list(label_columns)}")
 
+    def check_differential_privacy(self) -> None:
+        """Raise ``ValueError`` when this task's loss cannot be trained with DP-SGD (it must be a sum of
+        per-sample terms, each depending on its own row only)."""
+
     def fit(self, records: Sequence[dict]) -> Task:
         """Fit the label encoding on the training rows (classes, scaling); returns ``self``."""
         return self

@@ -65,6 +65,14 @@ class SurvivalTask(Task):
     def columns(self) -> list[str]:
         return [self.time_column, self.event_column]
 
+    def check_differential_privacy(self) -> None:
+        if self.loss == "cox":
+            raise ValueError(
+                "differential privacy needs a loss that is a sum of per-sample terms; the Cox partial likelihood is "
+                "not (each row's term depends on its whole risk set, so per-sample gradients and their clipping do "
+                "not bound one patient's influence). Use --survival_loss discrete (discrete-time hazard head)"
+            )
+
     def check_columns(self, available, label_columns=()) -> None:
         if not (self.time_column and self.event_column):
             raise ValueError("task 'survival' needs time_column and event_column (e.g. label_survival_time)")

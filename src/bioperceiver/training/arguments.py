@@ -35,6 +35,20 @@ class ModelArguments:
     survival_ties: str = field(default="efron", metadata={"help": "efron | breslow"})
     num_time_bins: int = field(default=10, metadata={"help": "discrete survival: bins (quantiles of event times)"})
     license: str = field(default="other", metadata={"help": "licence in the model card metadata"})
+    dp_target_epsilon: float | None = field(
+        default=None,
+        metadata={
+            "help": "differential privacy (DP-SGD, Opacus): the epsilon spent by the end of training; the noise is "
+            "calibrated for it. Unset (and no --dp_noise_multiplier) = no DP"
+        },
+    )
+    dp_delta: float = field(default=1e-5, metadata={"help": "DP: the delta of the (epsilon, delta) guarantee"})
+    dp_max_grad_norm: float = field(default=1.0, metadata={"help": "DP: per-sample gradient clipping norm"})
+    dp_noise_multiplier: float | None = field(
+        default=None,
+        metadata={"help": "DP: noise standard deviation / clipping norm, instead of --dp_target_epsilon"},
+    )
+    dp_accountant: str = field(default="rdp", metadata={"help": "DP accountant: rdp | prv"})
 
 
 @dataclass

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ from .finetuning import (
     saved_processor_modalities,
     start_run,
 )
+from .privacy import DPSettings, DPTaskTrainer, check_dp_run, clear_grad_samples
 from .tasks import (
     EpochSetter,
     LatentDataset,
@@ -167,11 +169,14 @@ def run_finetuning(
     with the test metrics; on the others, what was known before the report)."""
     normalise_arguments(model_args, training_args)
     out = Path(training_args.output_dir)
+    dp = DPSettings.from_arguments(model_args)  # None: no differential privacy
     # before any work: paths, processors vs. model, the output folder (runs never mix), resume
     record, clear, resume = check_before_work(model_args, data_args, training_args)
     set_seed(training_args.seed)
     t0 = time.perf_counter()
     manifest, task = load_manifest_and_task(model_args, data_args, training_args)
+    if dp is not None:
+        check_dp_run(training_args, task, resume)
     with training_args.main_process_first(desc="every process checked output_dir"):
         pass
     with training_args.main_process_first(desc="preparing output_dir"):
@@ -193,7 +198,9 @@ def run_finetuning(
     )
     train_ds, evals = build_datasets(labelled, processor, manifest.base_dir, used, data_args, training_args)
     eval_ds, test_ds = evals[data_args.eval_split], evals[data_args.test_split]
-    trainer = build_trainer(model, task, modalities, train_ds, eval_ds, record, model_args, data_args, training_args)
+    trainer = build_trainer(
+        model, task, modalities, train_ds, eval_ds, record, model_args, data_args, training_args, dp=dp
+    )
     results: dict[str, Any] = {
         "task": task.name,
         "finetuning_mode": model_args.finetuning_mode,
@@ -213,6 +220,9 @@ def run_finetuning(
         train_result = trainer.train(resume_from_checkpoint=resume)
         results["train"] = train_result.metrics
         trainer.log_metrics("train", train_result.metrics)
+    if dp is not None:
+        results["privacy"] = privacy_results(trainer, model_args, data_args, train_recs)
+        clear_grad_samples(trainer.model)
     final_model = merge_lora(trainer.model)
     final_model.to(training_args.device)
     if trainer.is_world_process_zero():
@@ -357,9 +367,35 @@ def cached_latents(model, modalities, train_ds, eval_ds, processor, base_dir, us
     return trainer_train, trainer_eval
 
 
-def build_trainer(model, task: Task, modalities, train_ds, eval_ds, record, model_args, data_args, training_args):
+def privacy_results(trainer: DPTaskTrainer, model_args, data_args, train_recs) -> dict[str, Any]:
+    """The DP guarantee of a run (``all_results.json["privacy"]``, the card's privacy section), logged."""
+    report = trainer.privacy_report()
+    # the guarantee is per training row; a patient with k rows is protected as a group of k (epsilon grows ~k-fold)
+    rows_per_patient = Counter(str(r.get("patient_id")) for r in train_recs)
+    report["max_training_rows_per_patient"] = max(rows_per_patient.values(), default=0)
+    fitted_here = processor_folder(data_args.processor_dir, model_args.model_name_or_path) is None
+    report["not covered"] = (
+        "the label encoding fitted on the training split (classes, top-k labels, regression scaling, survival time "
+        "bins)"
+        + (", the processors fitted on the training split (vocabularies, statistics)" if fitted_here else "")
+        + "; validation rows (checkpoint choice, calibration) and test rows; the logged training loss"
+    )
+    logger.info(
+        "differential privacy: (epsilon %.4f, delta %g) spent in %d steps (target epsilon %s)",
+        report["epsilon"],
+        report["delta"],
+        report["steps"],
+        report["target_epsilon"],
+    )
+    return report
+
+
+def build_trainer(
+    model, task: Task, modalities, train_ds, eval_ds, record, model_args, data_args, training_args, dp=None
+):
     """The :class:`TaskTrainer`: the task's metrics on validation, modality dropout in training, cached latents for
-    a linear probe (``--cache_embeddings``), the run record saved with every checkpoint."""
+    a linear probe (``--cache_embeddings``), the run record saved with every checkpoint; with ``dp``
+    (:class:`~.privacy.DPSettings`) the :class:`~.privacy.DPTaskTrainer` (DP-SGD)."""
     on_error = data_args.on_error
     collator = TaskCollator(
         modalities, modality_dropout=data_args.modality_dropout, on_error=on_error, seed=training_args.seed
@@ -386,7 +422,8 @@ def build_trainer(model, task: Task, modalities, train_ds, eval_ds, record, mode
 
     if training_args.eval_strategy != "no" and not len(eval_ds):
         raise ValueError(f"eval_strategy={training_args.eval_strategy} but the {data_args.eval_split} split is empty")
-    return TaskTrainer(
+    kwargs = {"dp": dp} if dp is not None else {}
+    return (DPTaskTrainer if dp is not None else TaskTrainer)(
         model=model,
         args=training_args,
         train_dataset=trainer_train,
@@ -395,6 +432,7 @@ def build_trainer(model, task: Task, modalities, train_ds, eval_ds, record, mode
         eval_data_collator=TaskCollator(modalities, train=False, on_error=on_error),
         compute_metrics=compute_metrics,
         callbacks=[EpochSetter(trainer_train), RunRecordSaver(record, RUN_RECORD)],
+        **kwargs,
     )
 
 
@@ -461,7 +499,7 @@ def _summary(out: Path, results: dict, task: Task, test_split: str) -> list[str]
         ("model + processors", "config.json, model.safetensors, bioperceiver_processor.json, finetuning_task.json"),
         ("model card", "README.md"),
         ("all metrics", "all_results.json"),
-        ("per-sample predictions", "predictions_test.csv"),
+        ("per-sample predictions (ids: keep local)", "local_only/predictions_test.csv"),
         ("per missing-modality pattern", "results_by_pattern.csv"),
         ("modality ablation", "ablation.csv"),
     ]

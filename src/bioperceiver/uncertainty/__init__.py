@@ -37,7 +37,7 @@ get NaN in every per-sample column.
 * :func:`uncertainty_report`: the whole pipeline for one finetuning run — temperature on the validation split,
   ECE before/after on validation and test, conformal calibration on the validation split and coverage on the
   test split, a reliability diagram, and a per-test-sample :class:`pandas.DataFrame` (to append to
-  ``predictions_test.csv``) plus a flat dict of numbers for the model card.
+  ``local_only/predictions_test.csv``) plus a flat dict of numbers for the model card.
 
 Note on reusing one split: :func:`uncertainty_report` fits the temperature and calibrates the conformal threshold
 on the same validation rows. A one-parameter fit barely perturbs exchangeability, but the guarantee is exact only
