@@ -259,7 +259,9 @@ def search(
     logger.info(
         "%d %s queries against %d %s rows (%s backend)", len(queries), modality, len(index), target, index.backend
     )
-    scores, idx = index.search(queries.vectors, k, exclude_patients=queries.patient_ids)
+    ks = (1, 5, 10)
+    # evaluation scores R@1/5/10 whatever -k is; the table keeps the top k
+    scores, idx = index.search(queries.vectors, max(k, *ks) if evaluate else k, exclude_patients=queries.patient_ids)
     rows = []
     data = index.data
     for q in range(len(queries)):
@@ -286,9 +288,7 @@ def search(
         for name, s in (("index", data), ("query", queries)):
             if label_column not in s.labels:
                 raise ValueError(f"the {name} embeddings have no {label_column!r} column; they have {sorted(s.labels)}")
-        result.metrics = recall_at_k(
-            queries.labels[label_column], queries.patient_ids, data, label_column, idx, ks=(1, 5, 10)
-        )
+        result.metrics = recall_at_k(queries.labels[label_column], queries.patient_ids, data, label_column, idx, ks=ks)
         result.metrics.update({"modality": modality, "target": target, "label_column": label_column})
         logger.info("retrieval: %s", result.metrics)
     if output is not None:
