@@ -124,9 +124,15 @@ class EmbeddingIndex:
         if self._index is not None:
             return self._index.search(queries, k)
         scores = queries @ self.data.vectors.T  # (Q, N)
+        top = (
+            np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            if k < scores.shape[1]
+            else np.tile(np.arange(k), (len(scores), 1))
+        )
+        top_scores = np.take_along_axis(scores, top, axis=1)
         # best first; ties broken by the lower index, deterministically
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(scores, order, axis=1), order
+        order = np.lexsort((top, -top_scores), axis=1)
+        return np.take_along_axis(top_scores, order, axis=1), np.take_along_axis(top, order, axis=1)
 
     def search(
         self, queries: np.ndarray, k: int = 10, exclude_patients: Sequence[str] | None = None
