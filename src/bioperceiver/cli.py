@@ -244,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if wants_help and stop.code in (0, None):
             print(f"\nexample:\n  {command.example}")
         raise
-    except ValueError as err:  # bad input: the library's message names the row/column/folder and the fix
+    except (ValueError, FileNotFoundError) as err:  # bad input: the message names the row/column/folder and fix
         print(f"bioperceiver {name}: error: {err}", file=sys.stderr)
         return 2
     return code if isinstance(code, int) else 0
