@@ -175,6 +175,17 @@ def test_shards_of_processes_partition_the_shards():
         shards_of_process(4, 2, 2)
 
 
+def test_process_layout_follows_the_launcher(monkeypatch):
+    from bioperceiver.inference.embedding import process_layout
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")  # what torchrun / accelerate launch set in each process
+    assert process_layout() == (1, 3)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert process_layout() == (0, 1)
+
+
 def test_two_processes_write_each_shard_once_and_resume_skips_finished_shards(finetuned, tmp_path):
     folder, _, manifest = finetuned
     loaded = load_model_folder(folder, device="cpu")

@@ -73,6 +73,17 @@ def shards_of_process(num_shards: int, process_index: int, num_processes: int) -
     return list(range(process_index, num_shards, num_processes))
 
 
+def process_layout() -> tuple[int, int]:
+    """``(process index, process count)`` of this launch: ``RANK``/``WORLD_SIZE`` as ``torchrun`` and ``accelerate
+    launch`` set them (no process group is needed: processes never communicate), else accelerate's state."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.process_index, state.num_processes
+
+
 @dataclass
 class EmbedResult:
     """One process's work: shards written and skipped because already finished (resume), rows embedded, what was
@@ -195,11 +206,9 @@ def embed(
     process writes only its shards. Finished shards are skipped (resume). Returns this process's
     :class:`EmbedResult`."""
     if process_index is None or num_processes is None:
-        from accelerate import PartialState
-
-        state = PartialState()
-        process_index = state.process_index if process_index is None else process_index
-        num_processes = state.num_processes if num_processes is None else num_processes
+        index, count = process_layout()
+        process_index = index if process_index is None else process_index
+        num_processes = count if num_processes is None else num_processes
     loaded = model if isinstance(model, LoadedModel) else load_model_folder(model, device=device)
     m = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
     used = list(loaded.modalities)
