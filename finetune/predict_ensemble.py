@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from bioperceiver.data import BioPerceiverProcessor, assign_splits, read_manifest
+from bioperceiver.data import assign_splits, read_manifest
 from bioperceiver.evaluation.report import ensemble_report
-from bioperceiver.tasks import Task
+from bioperceiver.inference.loading import load_model_folder
 from bioperceiver.training.finetuning import check_model_path
 from bioperceiver.training.tasks import ProcessedDataset, labelled_records, predict
 
@@ -32,16 +32,15 @@ logger = logging.getLogger("predict_ensemble")
 
 def member_predictions(folder: Path, manifest, split: str, device: str, batch_size: int):
     """``(task, model config, sample ids, patient ids, targets, predictions (N, K))`` of one finetuned folder."""
-    task = Task.load(folder)
-    model = task.auto_model_class().from_pretrained(folder).to(device).eval()
-    processor = BioPerceiverProcessor.from_pretrained(folder)
-    info = json.loads((folder / "all_results.json").read_text()) if (folder / "all_results.json").exists() else {}
-    used = info.get("modalities") or [m for m in processor.modalities if m in model.config.modality_names]
+    member = load_model_folder(folder, device=device, argument="--model_dirs", require_task=True)
+    task = member.task
     records, targets = labelled_records(manifest.split(split).records(), task, split)
-    ds = ProcessedDataset(records, targets, processor, base_dir=manifest.base_dir, modalities=used)
-    pred, _ = predict(model, ds, {m: processor.modalities[m] for m in used}, batch_size=batch_size, device=device)
+    ds = ProcessedDataset(
+        records, targets, member.processor, base_dir=manifest.base_dir, modalities=list(member.modalities)
+    )
+    pred, _ = predict(member.model, ds, member.modalities, batch_size=batch_size, device=device)
     patients = [str(s.get("patient_id")) for s in ds.samples]
-    return task, model.config, ds.sample_ids, patients, ds.targets(), pred
+    return task, member.model.config, ds.sample_ids, patients, ds.targets(), pred
 
 
 def _member_keys(folders: list[Path]) -> list[str]:

@@ -30,6 +30,18 @@ AutoModel.register(BioPerceiverConfig, BioPerceiverModel, exist_ok=True)
 AutoModelForSequenceClassification.register(BioPerceiverConfig, BioPerceiverForSequenceClassification, exist_ok=True)
 AutoModelForSurvival.register(BioPerceiverConfig, BioPerceiverForSurvival, exist_ok=True)
 
+# ``bioperceiver.embed/predict/search(...)``: the functions behind the ``bioperceiver`` command, imported on first use
+_INFERENCE = ("embed", "predict", "search")
+
+
+def __getattr__(name: str):
+    if name in _INFERENCE:
+        from importlib import import_module
+
+        return getattr(import_module(".inference", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "AutoModelForSurvival",
     "BioPerceiverClassifierOutput",
@@ -45,8 +57,11 @@ __all__ = [
     "available_modalities",
     "create_config",
     "create_model",
+    "embed",
     "get_modality",
     "list_modality_kinds",
     "list_models",
+    "predict",
     "register_modality",
+    "search",
 ]

@@ -174,10 +174,13 @@ def uncertainty_section(model, task: Task, ds, modalities, settings: ReportSetti
     MC-dropout spread on the test split — each as the task defines it. Validation also chose the checkpoint, so
     coverage is approximate."""
     from ..uncertainty import mc_dropout_predict, uncertainty_report
+    from ..uncertainty.saved import CalibrationSet, save_calibration_set
 
     if val_pred is None:
         logger.warning("no labelled validation rows: no calibration or conformal sets (they are fitted there)")
         return None
+    # saved beside the model: `bioperceiver predict` re-fits the same temperature and conformal threshold from it
+    save_calibration_set(out, CalibrationSet(val_pred, val_y, settings.conformal_alpha, settings.seed))
     mc = None
     if settings.mc_dropout_samples > 0:
         bs, device = settings.batch_size, settings.device
