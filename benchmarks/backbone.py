@@ -60,7 +60,7 @@ def set_arch(preset: str) -> None:
 
 
 def build(impl: str) -> torch.nn.Module:
-    if impl == "bioperceiver":
+    if impl in ("bioperceiver", "bioperceiver_packed"):
         import bioperceiver as bp
         from bioperceiver.modeling_bioperceiver import BioPerceiverEncoder
 
@@ -86,6 +86,11 @@ def build(impl: str) -> torch.nn.Module:
 def forward(impl: str, model: torch.nn.Module, tokens: torch.Tensor, keep: torch.Tensor, weights: bool = False):
     if impl == "bioperceiver":
         return model(tokens, keep, output_attentions=weights)[0]
+    if impl == "bioperceiver_packed":  # the real tokens only (packing counted in the step), one segment per row
+        from bioperceiver.layers import PackedTokens
+
+        packed = PackedTokens.from_segments(tokens[keep], None, keep.sum(1).tolist())
+        return model(packed, None)[0]
     return model(inputs=tokens, attention_mask=keep.long()).last_hidden_state
 
 
@@ -201,6 +206,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--output", type=Path, default=None, help="JSON results (default benchmarks/results/)")
+    parser.add_argument(
+        "--impls", nargs="+", default=list(PEERS), choices=[*PEERS, "bioperceiver_packed"], help="what to measure"
+    )
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     set_arch(args.preset)
@@ -215,7 +223,7 @@ def main() -> None:
     results: dict[int, dict[str, dict]] = {}
     for n in args.tokens:
         results[n] = {}
-        for _, impl in sorted((r, impl) for r in range(args.repeats) for impl in PEERS):
+        for _, impl in sorted((r, impl) for r in range(args.repeats) for impl in args.impls):
             cmd = [
                 sys.executable,
                 __file__,
@@ -271,6 +279,13 @@ def main() -> None:
     ]
     checks = []
     for n, row in results.items():
+        if "step_s" in row.get("bioperceiver_packed", {}) and "step_s" in row.get("bioperceiver", {}):
+            packed_speed = row["bioperceiver_packed"]["tokens_per_s"] / row["bioperceiver"]["tokens_per_s"]
+            lines.append(
+                f"| {n} packed | {row['bioperceiver_packed']['tokens_per_s']:,.0f} (padded x{packed_speed:.2f}) | | | "
+                f"{row['bioperceiver_packed']['peak_bytes'] / 2**20:,.1f} | | | "
+                f"{3 * count_flops('bioperceiver', n) * args.batch / row['bioperceiver_packed']['step_s'] / peak:.1%} |"
+            )
         ours, hf = row.get("bioperceiver", {}), row.get("hf_perceiver", {})
         if "step_s" not in ours or "step_s" not in hf:
             lines.append(f"| {n} | {ours.get('error', '')} | {hf.get('error', '')} | | | | | |")

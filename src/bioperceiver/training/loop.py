@@ -333,6 +333,16 @@ def all_reduce_gradients(accelerator, module: torch.nn.Module) -> None:
         start += n
 
 
+def compile_backbone(model: torch.nn.Module, backend: str = "inductor") -> None:
+    """``torch.compile`` the encoder in place (``Module.compile``: parameter names, hence checkpoints, unchanged),
+    with dynamic shapes (batch and token counts vary). On the packed path only the latent self-attention layers are
+    compiled: the packed cross-attention loops over segments whose lengths change every batch, which would make
+    dynamo specialise and recompile per batch."""
+    targets = list(model.encoder.self_layers) if model.packed else [model.encoder]
+    for module in targets:
+        module.compile(backend=backend, dynamic=True)
+
+
 def make_accelerator(config: PretrainConfig, trackers: list[str]) -> Accelerator:
     """The run's Accelerator: gloo for CPU-only distributed runs, unused parameters allowed under DDP, seedable
     sampler (exact resume), the scheduler stepped once per optimizer step."""
@@ -420,7 +430,7 @@ def run_pretraining(
         model.activation_checkpointing_enable()
     model.set_packed(tr.packed)
     if tr.compile:
-        model.encoder.compile(dynamic=True)  # in place: parameter names (checkpoints) unchanged
+        compile_backbone(model)
     tokens = TokenCounter(model)
     # ZeRO and FSDP need every rank to make the same module calls: see RankPadder
     sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
