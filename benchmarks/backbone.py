@@ -339,5 +339,79 @@ def main() -> None:
     logger.info("wrote %s", output)
 
 
+def attention_paths(threads: int = 1, repeats: int = 5) -> dict[str, float]:
+    """Packed cross-attention on CPU, forward + backward of one layer's attention, 16 segments (64 latents each,
+    4-16k keys of 2-4k real tokens each): per-segment SDPA (what the packed path uses), FlexAttention with a document
+    block mask (eager, as the library would call it), nested-tensor (jagged) SDPA, and the padded masked SDPA."""
+    import torch.nn.functional as F
+
+    from bioperceiver.layers import PackedTokens, packed_attend
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    h, m, dh, s = 4, 64, 32, 16
+    lengths = torch.randint(2000, 4001, (s,), generator=g).tolist()
+    t = sum(lengths)
+    q = torch.randn(s, h, m, dh, generator=g, requires_grad=True)
+    k = torch.randn(t, h, dh, generator=g, requires_grad=True)
+    v = torch.randn(t, h, dh, generator=g, requires_grad=True)
+    packed = PackedTokens.from_segments(k.detach().flatten(1), None, lengths)
+    n_max = max(lengths)
+
+    def segments():
+        return packed_attend(q, k, v, packed, 0.0)
+
+    def padded():
+        keep = torch.arange(n_max)[None] < torch.tensor(lengths)[:, None]  # (S, N)
+        kk = k.new_zeros(s, n_max, h, dh).masked_scatter(keep[..., None, None], k)
+        vv = v.new_zeros(s, n_max, h, dh).masked_scatter(keep[..., None, None], v)
+        return F.scaled_dot_product_attention(
+            q, kk.transpose(1, 2), vv.transpose(1, 2), attn_mask=keep[:, None, None, :]
+        )
+
+    def nested():
+        kn = torch.nested.nested_tensor_from_jagged(k, offsets=packed.cu_seqlens).transpose(1, 2)  # (S, H, j, dh)
+        vn = torch.nested.nested_tensor_from_jagged(v, offsets=packed.cu_seqlens).transpose(1, 2)
+        qn = torch.nested.nested_tensor_from_jagged(
+            q.transpose(1, 2).reshape(s * m, h, dh), offsets=torch.arange(0, (s + 1) * m, m)
+        ).transpose(1, 2)
+        return F.scaled_dot_product_attention(qn, kn, vn)
+
+    def flex():
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        doc = torch.repeat_interleave(torch.arange(s), torch.tensor(lengths))
+        qdoc = torch.arange(s).repeat_interleave(m)
+        mask = create_block_mask(lambda b, hh, qi, ki: qdoc[qi] == doc[ki], None, None, s * m, t, device="cpu")
+        qq = q.transpose(0, 1).reshape(1, h, s * m, dh)
+        return flex_attention(qq, k.permute(1, 0, 2)[None], v.permute(1, 0, 2)[None], block_mask=mask)
+
+    out: dict[str, float] = {}
+    for name, fn in (
+        ("segment_sdpa", segments),
+        ("padded_sdpa", padded),
+        ("nested_jagged_sdpa", nested),
+        ("flex_eager", flex),
+    ):
+        times = []
+        try:
+            for _ in range(repeats):
+                start = time.perf_counter()
+                res = fn()
+                (res.values() if res.is_nested else res).float().sum().backward()
+                times.append(time.perf_counter() - start)
+                q.grad = k.grad = v.grad = None
+            out[name] = min(times)
+        except Exception as err:  # a path this torch build cannot run on CPU is reported, not fatal
+            out[name] = float("nan")
+            logger.info("%s: %s", name, str(err).splitlines()[0][:160])
+        logger.info("%-20s %.4f s (forward + backward, best of %d)", name, out[name], repeats)
+    return out
+
+
 if __name__ == "__main__":
-    main()
+    if "--attention_paths" in sys.argv[1:]:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        attention_paths()
+    else:
+        main()
