@@ -131,15 +131,14 @@ def packed_attend(
             q.transpose(1, 2).reshape(s * m, h, dh), k, v, cu_q, cu_k, m, packed.max_len
         )  # (S * M, H, dv)
         return out.view(s, m, h, -1).transpose(1, 2)
-    kh, vh = k.transpose(0, 1), v.transpose(0, 1)  # (H, T_kv, dh): per-head contiguous slices
-    outs, start = [], 0
-    for i, n in enumerate(packed.lengths):
-        outs.append(
-            F.scaled_dot_product_attention(
-                q[i], kh[:, start : start + n], vh[:, start : start + n], dropout_p=dropout_p
-            )
-        )  # (H, M, dv)
-        start += n
+    # split/unbind, not slicing: their backward concatenates the per-segment gradients once, where the backward of
+    # each slice would materialise a zero-filled gradient of the whole key stream (O(S x T) time and memory)
+    ks = k.transpose(0, 1).split(list(packed.lengths), dim=1)  # S x (H, n_s, dh)
+    vs = v.transpose(0, 1).split(list(packed.lengths), dim=1)
+    outs = [
+        F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p)  # (H, M, dv)
+        for qi, ki, vi in zip(q.unbind(0), ks, vs, strict=True)
+    ]
     return torch.stack(outs)
 
 
