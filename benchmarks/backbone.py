@@ -60,7 +60,7 @@ def set_arch(preset: str) -> None:
 
 
 def build(impl: str) -> torch.nn.Module:
-    if impl == "bioperceiver":
+    if impl in ("bioperceiver", "bioperceiver_packed"):
         import bioperceiver as bp
         from bioperceiver.modeling_bioperceiver import BioPerceiverEncoder
 
@@ -86,6 +86,11 @@ def build(impl: str) -> torch.nn.Module:
 def forward(impl: str, model: torch.nn.Module, tokens: torch.Tensor, keep: torch.Tensor, weights: bool = False):
     if impl == "bioperceiver":
         return model(tokens, keep, output_attentions=weights)[0]
+    if impl == "bioperceiver_packed":  # the real tokens only (packing counted in the step), one segment per row
+        from bioperceiver.layers import PackedTokens
+
+        packed = PackedTokens.from_segments(tokens[keep], None, keep.sum(1).tolist())
+        return model(packed, None)[0]
     return model(inputs=tokens, attention_mask=keep.long()).last_hidden_state
 
 
@@ -201,6 +206,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--output", type=Path, default=None, help="JSON results (default benchmarks/results/)")
+    parser.add_argument(
+        "--impls", nargs="+", default=list(PEERS), choices=[*PEERS, "bioperceiver_packed"], help="what to measure"
+    )
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     set_arch(args.preset)
@@ -215,7 +223,7 @@ def main() -> None:
     results: dict[int, dict[str, dict]] = {}
     for n in args.tokens:
         results[n] = {}
-        for _, impl in sorted((r, impl) for r in range(args.repeats) for impl in PEERS):
+        for _, impl in sorted((r, impl) for r in range(args.repeats) for impl in args.impls):
             cmd = [
                 sys.executable,
                 __file__,
@@ -271,6 +279,13 @@ def main() -> None:
     ]
     checks = []
     for n, row in results.items():
+        if "step_s" in row.get("bioperceiver_packed", {}) and "step_s" in row.get("bioperceiver", {}):
+            packed_speed = row["bioperceiver_packed"]["tokens_per_s"] / row["bioperceiver"]["tokens_per_s"]
+            lines.append(
+                f"| {n} packed | {row['bioperceiver_packed']['tokens_per_s']:,.0f} (padded x{packed_speed:.2f}) | | | "
+                f"{row['bioperceiver_packed']['peak_bytes'] / 2**20:,.1f} | | | "
+                f"{3 * count_flops('bioperceiver', n) * args.batch / row['bioperceiver_packed']['step_s'] / peak:.1%} |"
+            )
         ours, hf = row.get("bioperceiver", {}), row.get("hf_perceiver", {})
         if "step_s" not in ours or "step_s" not in hf:
             lines.append(f"| {n} | {ours.get('error', '')} | {hf.get('error', '')} | | | | | |")
@@ -324,5 +339,79 @@ def main() -> None:
     logger.info("wrote %s", output)
 
 
+def attention_paths(threads: int = 1, repeats: int = 5) -> dict[str, float]:
+    """Packed cross-attention on CPU, forward + backward of one layer's attention, 16 segments (64 latents each,
+    4-16k keys of 2-4k real tokens each): per-segment SDPA (what the packed path uses), FlexAttention with a document
+    block mask (eager, as the library would call it), nested-tensor (jagged) SDPA, and the padded masked SDPA."""
+    import torch.nn.functional as F
+
+    from bioperceiver.layers import PackedTokens, packed_attend
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    h, m, dh, s = 4, 64, 32, 16
+    lengths = torch.randint(2000, 4001, (s,), generator=g).tolist()
+    t = sum(lengths)
+    q = torch.randn(s, h, m, dh, generator=g, requires_grad=True)
+    k = torch.randn(t, h, dh, generator=g, requires_grad=True)
+    v = torch.randn(t, h, dh, generator=g, requires_grad=True)
+    packed = PackedTokens.from_segments(k.detach().flatten(1), None, lengths)
+    n_max = max(lengths)
+
+    def segments():
+        return packed_attend(q, k, v, packed, 0.0)
+
+    def padded():
+        keep = torch.arange(n_max)[None] < torch.tensor(lengths)[:, None]  # (S, N)
+        kk = k.new_zeros(s, n_max, h, dh).masked_scatter(keep[..., None, None], k)
+        vv = v.new_zeros(s, n_max, h, dh).masked_scatter(keep[..., None, None], v)
+        return F.scaled_dot_product_attention(
+            q, kk.transpose(1, 2), vv.transpose(1, 2), attn_mask=keep[:, None, None, :]
+        )
+
+    def nested():
+        kn = torch.nested.nested_tensor_from_jagged(k, offsets=packed.cu_seqlens).transpose(1, 2)  # (S, H, j, dh)
+        vn = torch.nested.nested_tensor_from_jagged(v, offsets=packed.cu_seqlens).transpose(1, 2)
+        qn = torch.nested.nested_tensor_from_jagged(
+            q.transpose(1, 2).reshape(s * m, h, dh), offsets=torch.arange(0, (s + 1) * m, m)
+        ).transpose(1, 2)
+        return F.scaled_dot_product_attention(qn, kn, vn)
+
+    def flex():
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        doc = torch.repeat_interleave(torch.arange(s), torch.tensor(lengths))
+        qdoc = torch.arange(s).repeat_interleave(m)
+        mask = create_block_mask(lambda b, hh, qi, ki: qdoc[qi] == doc[ki], None, None, s * m, t, device="cpu")
+        qq = q.transpose(0, 1).reshape(1, h, s * m, dh)
+        return flex_attention(qq, k.permute(1, 0, 2)[None], v.permute(1, 0, 2)[None], block_mask=mask)
+
+    out: dict[str, float] = {}
+    for name, fn in (
+        ("segment_sdpa", segments),
+        ("padded_sdpa", padded),
+        ("nested_jagged_sdpa", nested),
+        ("flex_eager", flex),
+    ):
+        times = []
+        try:
+            for _ in range(repeats):
+                start = time.perf_counter()
+                res = fn()
+                (res.values() if res.is_nested else res).float().sum().backward()
+                times.append(time.perf_counter() - start)
+                q.grad = k.grad = v.grad = None
+            out[name] = min(times)
+        except Exception as err:  # a path this torch build cannot run on CPU is reported, not fatal
+            out[name] = float("nan")
+            logger.info("%s: %s", name, str(err).splitlines()[0][:160])
+        logger.info("%-20s %.4f s (forward + backward, best of %d)", name, out[name], repeats)
+    return out
+
+
 if __name__ == "__main__":
-    main()
+    if "--attention_paths" in sys.argv[1:]:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        attention_paths()
+    else:
+        main()

@@ -639,5 +639,200 @@ def plot(r: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# ---- padded vs packed (issue 16) ------------------------------------------------------------------------------------
+# ``--layouts``: the same pretraining step (ContrastivePretrainer, CLIP + fused view, backward, AdamW) with the padded
+# encoder passes (default) and the packed ones (``train.packed``), on the demo mix (real collated batches) and on a
+# heavy synthetic mix (15k genes + 2k-token note + 12-lead ECG, 75% presence each). Every variant runs in a fresh
+# process (spawn) so its peak resident memory (``ru_maxrss`` less the RSS just before the first step) is its own.
+# ``--grad_cache``: one step on a large contrastive batch, whole vs token-budget micro-batches with gradient caching.
+
+
+def heavy_modalities() -> dict[str, dict]:
+    return {
+        "omics": {"kind": "omics", "num_genes": 20000, "num_value_bands": 8},
+        "text_note": {"kind": "text", "vocab_size": 8000, "max_position_embeddings": 2048},
+        "signal_ecg": {"kind": "signal", "patch_size": 50, "num_channels": 12, "num_time_bands": 8},
+    }
+
+
+def heavy_batches(n_batches: int, b: int, seed: int = 0) -> list[dict]:
+    """Synthetic heavy-mix batches: every modality present for ~75% of samples (each sample keeps one at least),
+    ragged note lengths (200-2048 tokens) and gene counts (5k-15k kept)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        present = torch.rand(b, 3, generator=g) < 0.75
+        present[torch.arange(b), torch.randint(0, 3, (b,), generator=g)] = True
+        genes = torch.randint(5000, 15001, (b,), generator=g)
+        gene_mask = (torch.arange(15000)[None] < genes[:, None]) & present[:, :1]
+        words = torch.randint(200, 2049, (b,), generator=g)
+        text_mask = (torch.arange(2048)[None] < words[:, None]) & present[:, 1:2]
+        inputs = {
+            "omics": {
+                "gene_ids": torch.randint(0, 20000, (b, 15000), generator=g),
+                "values": torch.randn(b, 15000, generator=g),
+                "mask": gene_mask,
+            },
+            "text_note": {"input_ids": torch.randint(1, 8000, (b, 2048), generator=g), "attention_mask": text_mask},
+            "signal_ecg": {
+                "values": torch.randn(b, 12, 5000, generator=g),
+                "channel_ids": torch.arange(12).expand(b, 12).clone(),
+                "channel_mask": present[:, 2:3].expand(b, 12).clone(),
+                "sampling_rate": torch.full((b,), 500.0),
+            },
+        }
+        out.append({"inputs": inputs, "patient_id": [f"p{i}" for i in range(b)], "sample_id": list(range(b))})
+    return out
+
+
+def computed_tokens(model, batches: list[dict]) -> dict[str, float]:
+    """Token slots the encoder's cross-attention processes per step, padded and packed, and the real ones: padded =
+    fused pass ``B x N`` + each modality's pass ``b_m x N_m``; packed = real tokens of the same views."""
+    padded = packed = 0
+    with torch.no_grad():
+        for batch in batches:
+            emb = model.embed(batch["inputs"])
+            keeps = [keep for _, keep in emb.values()]
+            padded += sum(k.shape[1] for k in keeps) * keeps[0].shape[0]
+            packed += sum(int(k.sum()) for k in keeps)  # fused view
+            for keep in keeps:
+                rows = keep.any(1)
+                padded += int(rows.sum()) * keep.shape[1]
+                packed += int(keep.sum())  # that modality's view
+    return {"padded_slots": padded, "real_tokens": packed}
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _layout_child(job: dict, queue) -> None:
+    """One variant in a fresh process: build, warm up once, time ``repeats`` rounds over the batches."""
+    import resource
+
+    torch.set_num_threads(job["threads"])
+    logging.getLogger("bioperceiver").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    import bioperceiver as bp
+    from bioperceiver.data.sampler import token_budget_chunks
+    from bioperceiver.training import ContrastivePretrainer
+    from bioperceiver.training.pretraining import parameter_groups
+
+    if job["mix"] == "demo":
+        cfg = load_run_config(job["config"], job["overrides"])
+        processor, embedders, batches = load_batches(cfg, job["batches"])
+        modalities = processor.model_modalities(embedders)
+    else:
+        modalities = heavy_modalities()
+        batches = heavy_batches(job["batches"], job["batch_size"])
+    torch.manual_seed(0)
+    model = bp.create_model(job["preset"], modalities=modalities).set_packed(job["packed"])
+    trainer = ContrastivePretrainer(model, loss="clip").train()
+    opt = torch.optim.AdamW(parameter_groups(trainer, 0.05), lr=1e-4)
+    budget = job.get("max_tokens")
+
+    def step(batch):
+        if budget:
+            counts = [int(c) for c in sum(keep.sum(1) for _, keep in model.embed(batch["inputs"]).values())]
+            trainer.grad_cached_step(batch["inputs"], batch["patient_id"], token_budget_chunks(counts, budget))
+        else:
+            trainer(batch["inputs"], batch["patient_id"])["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    tokens = computed_tokens(model, batches)
+    base = _rss_mib()
+    step(batches[0])  # warm-up (AdamW state, allocator)
+    times = []
+    for _ in range(job["repeats"]):
+        t = time.perf_counter()
+        for batch in batches:
+            step(batch)
+        times.append((time.perf_counter() - t) / len(batches))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
+    n = len(batches[0]["patient_id"])
+    queue.put(
+        {
+            "s_per_step_best": min(times),
+            "s_per_step_median": statistics.median(times),
+            "samples_per_s": n / min(times),
+            "peak_rss_above_setup_mib": peak - base,
+            "batch_size": n,
+            **tokens,
+        }
+    )
+
+
+def _spawn(job: dict) -> dict:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_layout_child, args=(job, queue))
+    proc.start()
+    result = queue.get(timeout=3600)
+    proc.join()
+    return result
+
+
+def layouts_main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description="padded vs packed pretraining step; gradient-caching memory")
+    parser.add_argument("--layouts", action="store_true")
+    parser.add_argument("--config", default=str(ROOT / "pretrain" / "configs" / "demo.yaml"))
+    parser.add_argument("--preset", default="bioperceiver_debug")
+    parser.add_argument("--mixes", default="demo,heavy", help="comma list of demo, heavy")
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--heavy_batch_size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--grad_cache_batch", type=int, default=0, help="also: one step on this many demo samples")
+    parser.add_argument("--max_tokens", type=int, default=4096, help="micro-batch token budget (gradient caching)")
+    parser.add_argument("--output", type=Path, default=HERE / "results" / "pretrain_step_layouts.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    demo = ROOT / "outputs" / "demo"
+    base = demo if (demo / "cohort" / "manifest.parquet").exists() else ROOT / "outputs" / "bench_pretrain_step"
+    overrides = [
+        f"data.manifest={base / 'cohort' / 'manifest.parquet'}",
+        "data.build_demo_cohort=true",
+        f"data.processor_dir={base / 'model'}",
+        f"output_dir={ROOT / 'outputs' / 'bench_pretrain_step'}",
+    ]
+    common = {"config": args.config, "overrides": overrides, "preset": args.preset, "threads": args.threads}
+    record: dict[str, Any] = {"load_average_start": os.getloadavg(), "threads": args.threads, "results": {}}
+    for mix in args.mixes.split(","):
+        for packed in (False, True):
+            job = {**common, "mix": mix, "packed": packed, "batches": args.batches, "repeats": args.repeats}
+            job["batch_size"] = args.heavy_batch_size
+            key = f"{mix}/{'packed' if packed else 'padded'}"
+            record["results"][key] = r = _spawn(job)
+            logger.info(
+                "%-14s %.3f s/step, %.1f samples/s, real-token fraction %.3f, peak RSS +%.0f MiB",
+                key,
+                r["s_per_step_best"],
+                r["samples_per_s"],
+                r["real_tokens"] / (r["real_tokens"] if packed else r["padded_slots"]),
+                r["peak_rss_above_setup_mib"],
+            )
+    if args.grad_cache_batch:
+        for budget in (None, args.max_tokens):
+            job = {**common, "mix": "demo", "packed": True, "batches": 1, "repeats": 1, "max_tokens": budget}
+            job["overrides"] = [*overrides, f"train.batch_size={args.grad_cache_batch}"]
+            key = f"grad_cache/{args.grad_cache_batch}/{'budget_' + str(budget) if budget else 'whole'}"
+            record["results"][key] = r = _spawn(job)
+            logger.info(
+                "%-28s %.2f s/step, peak RSS +%.0f MiB", key, r["s_per_step_best"], r["peak_rss_above_setup_mib"]
+            )
+    record["load_average_end"] = os.getloadavg()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(record, indent=1) + "\n")
+    logger.info("wrote %s", args.output)
+    return record
+
+
 if __name__ == "__main__":
-    main()
+    if "--layouts" in sys.argv[1:]:
+        layouts_main()
+    else:
+        main()

@@ -26,7 +26,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_bioperceiver import BioPerceiverConfig
-from .layers import CrossAttentionBlock, ScalarEncoder, SelfAttentionBlock
+from .layers import CrossAttentionBlock, PackedTokens, ScalarEncoder, SelfAttentionBlock
 from .modalities import ModalityEmbedder, get_embedder_class
 
 ModalityInputs = dict[str, dict[str, torch.Tensor] | None]
@@ -112,13 +112,20 @@ class BioPerceiverEncoder(nn.Module):
 
     def forward(
         self,
-        tokens: torch.Tensor,
-        keep_mask: torch.Tensor,
+        tokens: torch.Tensor | PackedTokens,
+        keep_mask: torch.Tensor | None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
     ) -> tuple[torch.Tensor, tuple, tuple, tuple]:
-        """tokens (B, N, D_in), keep_mask (B, N) bool -> latents (B, M, D), hidden states, attentions."""
-        x = self.latents.to(tokens.dtype).expand(tokens.shape[0], -1, -1)  # (B, M, D)
+        """tokens (B, N, D_in), keep_mask (B, N) bool -> latents (B, M, D), hidden states, attentions.
+
+        Packed: ``tokens`` a :class:`~bioperceiver.layers.PackedTokens` of S segments, ``keep_mask`` None ->
+        latents (S, M, D); every segment's latents attend to its own tokens only (no padding)."""
+        if isinstance(tokens, PackedTokens):
+            rows, dtype = tokens.num_segments, tokens.tokens.dtype
+        else:
+            rows, dtype = tokens.shape[0], tokens.dtype
+        x = self.latents.to(dtype).expand(rows, -1, -1)  # (B, M, D)
         hidden, cross, selfs = [], [], []
         for block in range(self.config.num_blocks):
             if block == 0 or self.config.repeat_cross_attention:
@@ -200,7 +207,17 @@ class BioPerceiverModel(BioPerceiverPreTrainedModel):
             }
         )
         self.encoder = BioPerceiverEncoder(config)
+        self.packed = False
         self.post_init()
+
+    def set_packed(self, enabled: bool = True) -> BioPerceiverModel:
+        """Padding-free encoder passes (``True``) or the padded ``(B, N)`` batch with a keep-mask (``False``, the
+        default). Packed: the real tokens of every sample are gathered into one ragged stream, and the fused view,
+        the per-modality views and the leave-one-out views of all samples run as segments of **one** encoder pass
+        (keys/values projected once per token); results equal the padded path to float tolerance. Attention
+        probabilities (``output_attentions``) always use the padded path."""
+        self.packed = bool(enabled)
+        return self
 
     @property
     def modality_names(self) -> list[str]:
@@ -259,6 +276,27 @@ class BioPerceiverModel(BioPerceiverPreTrainedModel):
                 f"{names}); drop these samples or give each at least one modality"
             )
 
+        if self.packed and not output_attentions:
+            latents, hidden, modality_pooled, loo_pooled, loo_mask = self._encode_packed(
+                embedded,
+                tokens,
+                keep,
+                modality_mask,
+                return_modality_embeddings,
+                return_leave_one_out,
+                output_hidden_states,
+            )
+            out = BioPerceiverModelOutput(
+                last_hidden_state=latents,
+                pooler_output=latents.mean(dim=1),
+                modality_pooler_output=modality_pooled,
+                modality_mask=modality_mask,
+                leave_one_out_pooler_output=loo_pooled,
+                leave_one_out_mask=loo_mask,
+                hidden_states=hidden if output_hidden_states else None,
+            )
+            return out if return_dict else out.to_tuple()
+
         latents, hidden, cross, selfs = self.encoder(tokens, keep, output_attentions, output_hidden_states)
         pooled = latents.mean(dim=1)  # (B, D)
 
@@ -314,6 +352,71 @@ class BioPerceiverModel(BioPerceiverPreTrainedModel):
             token_modality=token_modality,
         )
         return out if return_dict else out.to_tuple()
+
+    def _encode_packed(
+        self,
+        embedded: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        tokens: torch.Tensor,
+        keep: torch.Tensor,
+        modality_mask: torch.Tensor,
+        return_modality_embeddings: bool,
+        return_leave_one_out: bool,
+        output_hidden_states: bool,
+    ):
+        """Every requested view of every sample as one segment of a single padding-free encoder pass.
+
+        Segments, in order: the fused view of each sample (all its real tokens), then for each present modality the
+        samples having it (that modality's tokens), then for each modality the samples having it and something else
+        (their other tokens). The key stream is the sample-major list of real tokens; views index into it."""
+        names = list(embedded)
+        b, n, _ = tokens.shape
+        dev = tokens.device
+        k_all = len(self.modality_names)
+        pos_modality = torch.cat(
+            [torch.full((embedded[nm][0].shape[1],), self.modality_names.index(nm), device=dev) for nm in names]
+        )  # (N,)
+        flat = tokens[keep]  # (T, D_in): sample b's tokens contiguous, modalities in `names` order
+        tok_modality = pos_modality.expand(b, n)[keep]  # (T,)
+        counts = keep.sum(dim=1)  # (B,)
+        mod_counts = {nm: embedded[nm][1].sum(dim=1) for nm in names}  # (B,) each
+        parts, lengths, slots = [], counts.tolist(), []  # slots: (kind, k, rows)
+        if return_modality_embeddings:
+            for nm in names:
+                k = self.modality_names.index(nm)
+                rows = modality_mask[:, k].nonzero().flatten()
+                if rows.numel():
+                    parts.append((tok_modality == k).nonzero().flatten())
+                    lengths += mod_counts[nm][rows].tolist()
+                    slots.append(("modality", k, rows))
+        loo_mask = None
+        if return_leave_one_out:
+            loo_mask = torch.zeros_like(modality_mask)
+            sample_of = torch.repeat_interleave(torch.arange(b, device=dev), counts)  # (T,)
+            for nm in names:
+                k = self.modality_names.index(nm)
+                others = counts - mod_counts[nm]
+                loo_mask[:, k] = modality_mask[:, k] & (others > 0)
+                rows = loo_mask[:, k].nonzero().flatten()
+                if rows.numel():
+                    parts.append((loo_mask[:, k][sample_of] & (tok_modality != k)).nonzero().flatten())
+                    lengths += others[rows].tolist()
+                    slots.append(("leave_one_out", k, rows))
+        index = torch.cat([torch.arange(flat.shape[0], device=dev), *parts]) if parts else None
+        packed = PackedTokens.from_segments(flat, index, lengths)
+        latents_all, hidden, _, _ = self.encoder(packed, None, False, output_hidden_states)  # (S, M, D)
+        latents = latents_all[:b]
+        hidden = tuple(h[:b] for h in hidden)
+        pooled = {
+            kind: latents.new_zeros(b, k_all, latents.shape[-1])  # (B, K, D)
+            for kind, want in (("modality", return_modality_embeddings), ("leave_one_out", return_leave_one_out))
+            if want
+        }
+        start = b
+        for kind, k, rows in slots:
+            view = latents_all[start : start + rows.numel()].mean(dim=1)  # (b_k, D)
+            pooled[kind] = pooled[kind].index_put((rows, torch.full_like(rows, k)), view)
+            start += rows.numel()
+        return latents, hidden, pooled.get("modality"), pooled.get("leave_one_out"), loo_mask
 
 
 __all__ = ["BioPerceiverModel", "BioPerceiverModelOutput", "BioPerceiverPreTrainedModel"]

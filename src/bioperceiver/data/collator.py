@@ -33,6 +33,8 @@ class BioPerceiverCollator:
             left out is counted in ``report``, including the modalities a dataset dropped (``"__skipped__"``).
         seed: seed of the dropout RNG (mixed with the DataLoader worker id).
         pad_to_multiple_of: round padded lengths up (helps kernels and compilation).
+        count_tokens: also return ``num_tokens``, the real tokens of every sample after modality dropout (what the
+            token-budget grouping of :func:`~bioperceiver.data.sampler.token_budget_chunks` reads).
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class BioPerceiverCollator:
         on_error: str = DEFAULT_ON_ERROR,
         seed: int = 0,
         pad_to_multiple_of: int | None = None,
+        count_tokens: bool = False,
     ):
         self.modalities = dict(modalities)
         self.specs = {name: get_modality(kind) for name, kind in self.modalities.items()}  # ValueError if unknown
@@ -60,6 +63,7 @@ class BioPerceiverCollator:
         self.on_error = check_on_error(on_error)
         self.seed = seed
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.count_tokens = count_tokens
         self.report = SkipReport()
         self._calls = 0
         self._rng: np.random.Generator | None = None
@@ -150,6 +154,10 @@ class BioPerceiverCollator:
             "sample_id": [s.get("sample_id") for s in kept],
             "patient_id": [s.get("patient_id") for s in kept],
         }
+        if self.count_tokens:
+            batch["num_tokens"] = [
+                sum(self.specs[m].num_tokens(a) for m, a in arrays.items() if a is not None) for arrays in checked
+            ]
         if self.label_columns:
             batch["labels"] = {c: _collate_label(c, [s.get(c) for s in kept]) for c in self.label_columns}
         return batch
@@ -158,6 +166,16 @@ class BioPerceiverCollator:
         m = self.pad_to_multiple_of
         n = max(n, 1)
         return n if not m else -(-n // m) * m
+
+
+def select_rows(inputs: Mapping[str, Mapping[str, torch.Tensor]], rows) -> dict[str, dict[str, torch.Tensor]]:
+    """The model inputs of a batch restricted to ``rows`` (batch indices, in that order), every array along its
+    first (batch) axis. A modality none of the rows has stays, with all-false keep-masks (the model skips it)."""
+    index = torch.as_tensor(list(rows), dtype=torch.long)
+    return {
+        name: {key: t.index_select(0, index.to(t.device)) for key, t in arrays.items()}
+        for name, arrays in inputs.items()
+    }
 
 
 def num_tokens(kind: str, arrays: Mapping[str, np.ndarray]) -> int:

@@ -1,6 +1,14 @@
 """Reusable building blocks of the BioPerceiver backbone and the modality embedders."""
 
-from .attention import CrossAttention, CrossAttentionBlock, Mlp, SelfAttention, SelfAttentionBlock
+from .attention import (
+    CrossAttention,
+    CrossAttentionBlock,
+    Mlp,
+    PackedTokens,
+    SelfAttention,
+    SelfAttentionBlock,
+    packed_attend,
+)
 from .fourier import FourierFeatures, grid_coordinates
 from .value_encoder import ScalarEncoder
 
@@ -9,8 +17,10 @@ __all__ = [
     "CrossAttentionBlock",
     "FourierFeatures",
     "Mlp",
+    "PackedTokens",
     "ScalarEncoder",
     "SelfAttention",
     "SelfAttentionBlock",
     "grid_coordinates",
+    "packed_attend",
 ]

@@ -11,9 +11,14 @@ may be attended to, ``False`` = padding or an absent modality.
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 class Mlp(nn.Module):
@@ -49,6 +54,92 @@ def _attend(
     weights = scores.softmax(dim=-1)
     out = F.dropout(weights, p=dropout_p) @ v
     return out, weights
+
+
+@dataclass(frozen=True)
+class PackedTokens:
+    """Padding-free layout of the input tokens of ``S`` attention segments (one segment = one sample's view).
+
+    ``tokens`` holds every real token once; segment ``s`` attends to ``tokens[index[cu_seqlens[s]:cu_seqlens[s+1]]]``
+    (``index=None``: the stream is already in segment order). Several views of one sample (fused, one modality,
+    leave-one-out) are segments that share tokens: their keys and values are projected once and gathered.
+
+    Args:
+        tokens: ``(T, D_in)`` the real tokens, no padding.
+        cu_seqlens: ``(S + 1,)`` int64 offsets of the segments in the (gathered) key stream, ``cu_seqlens[0] = 0``.
+        lengths: the ``S`` segment lengths as Python ints (the CPU path loops over them without a device sync).
+        index: ``(sum(lengths),)`` int64 positions in ``tokens`` of every segment's keys, or ``None``.
+    """
+
+    tokens: torch.Tensor
+    cu_seqlens: torch.Tensor
+    lengths: tuple[int, ...]
+    index: torch.Tensor | None = None
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def max_len(self) -> int:
+        return max(self.lengths, default=0)
+
+    @classmethod
+    def from_segments(cls, tokens: torch.Tensor, index: torch.Tensor | None, lengths: list[int]) -> PackedTokens:
+        if any(n <= 0 for n in lengths):
+            raise ValueError(f"every packed segment needs at least one token, got lengths {lengths}")
+        total = sum(lengths)
+        if (index.numel() if index is not None else tokens.shape[0]) != total:
+            raise ValueError(
+                f"segment lengths sum to {total} but the key stream has "
+                f"{index.numel() if index is not None else tokens.shape[0]} tokens"
+            )
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.long)
+        cu[1:] = torch.tensor(lengths, dtype=torch.long).cumsum(0)
+        return cls(tokens=tokens, cu_seqlens=cu.to(tokens.device), lengths=tuple(int(n) for n in lengths), index=index)
+
+
+def _varlen_available(q: torch.Tensor, dropout_p: float) -> bool:
+    """Flash varlen (``torch.nn.attention.varlen``) runs on CUDA in fp16/bf16, without attention dropout."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or dropout_p > 0 or q.shape[-1] > 256:
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (torch >= 2.10)
+    except ImportError:
+        return False
+    return True
+
+
+def packed_attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedTokens, dropout_p: float
+) -> torch.Tensor:
+    """Every segment's ``M`` queries against that segment's keys only; no padded key is ever scored.
+
+    q ``(S, H, M, dh)``, k/v ``(T_kv, H, dh)`` in segment order (already gathered) -> out ``(S, H, M, dv)``.
+    On CUDA in half precision: one ``varlen_attn`` call (flash attention with separate query/key offsets).
+    Elsewhere: one ``scaled_dot_product_attention`` per segment on slices of the key stream (its fused CPU kernel;
+    the loop costs ~10 us a segment, measured faster on CPU than FlexAttention or nested tensors, see
+    ``benchmarks/RESULTS.md``).
+    """
+    s, h, m, dh = q.shape
+    if _varlen_available(q, dropout_p):
+        from torch.nn.attention.varlen import varlen_attn
+
+        cu_k = packed.cu_seqlens.to(device=q.device, dtype=torch.int32)
+        cu_q = torch.arange(0, (s + 1) * m, m, device=q.device, dtype=torch.int32)
+        out = varlen_attn(
+            q.transpose(1, 2).reshape(s * m, h, dh), k, v, cu_q, cu_k, m, packed.max_len
+        )  # (S * M, H, dv)
+        return out.view(s, m, h, -1).transpose(1, 2)
+    # split/unbind, not slicing: their backward concatenates the per-segment gradients once, where the backward of
+    # each slice would materialise a zero-filled gradient of the whole key stream (O(S x T) time and memory)
+    ks = k.transpose(0, 1).split(list(packed.lengths), dim=1)  # S x (H, n_s, dh)
+    vs = v.transpose(0, 1).split(list(packed.lengths), dim=1)
+    outs = [
+        F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p)  # (H, M, dv)
+        for qi, ki, vi in zip(q.unbind(0), ks, vs, strict=True)
+    ]
+    return torch.stack(outs)
 
 
 class _NormKV(torch.autograd.Function):
@@ -166,10 +257,12 @@ class CrossAttention(nn.Module):
     def forward(
         self,
         queries: torch.Tensor,
-        tokens: torch.Tensor,
+        tokens: torch.Tensor | PackedTokens,
         keep_mask: torch.Tensor | None = None,
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(tokens, PackedTokens):
+            return self.forward_packed(queries, tokens, need_weights), None
         b, m, _ = queries.shape
         q = self._heads(self.q_proj(queries))  # (B, H, M, dh)
         k, v = self.project_kv(tokens)
@@ -178,6 +271,24 @@ class CrossAttention(nn.Module):
         out, weights = _attend(q, k, v, keep_mask, p, need_weights)
         out = out.transpose(1, 2).reshape(b, m, -1)  # (B, M, v_channels)
         return self.out_proj(out), weights
+
+    def forward_packed(self, queries: torch.Tensor, packed: PackedTokens, need_weights: bool = False) -> torch.Tensor:
+        """queries ``(S, M, d_q)``, one row per segment of ``packed`` -> ``(S, M, d_q)``. Keys and values are
+        projected once over the unique tokens ``(T, d_kv)`` and gathered per segment."""
+        if need_weights:
+            raise ValueError("attention weights are not available on the packed path; call the model unpacked")
+        s, m, _ = queries.shape
+        if s != packed.num_segments:
+            raise ValueError(f"{s} query rows for {packed.num_segments} packed segments")
+        q = self._heads(self.q_proj(queries))  # (S, H, M, dh)
+        k, v = self.project_kv(packed.tokens)  # (T, C_k), (T, C_v)
+        if packed.index is not None:
+            k, v = k.index_select(0, packed.index), v.index_select(0, packed.index)  # (T_kv, C)
+        h = self.num_heads
+        k, v = k.view(k.shape[0], h, -1), v.view(v.shape[0], h, -1)  # (T_kv, H, dh)
+        p = self.dropout if self.training else 0.0
+        out = packed_attend(q, k, v, packed, p)  # (S, H, M, dv)
+        return self.out_proj(out.transpose(1, 2).reshape(s, m, -1))
 
 
 class SelfAttention(nn.Module):
@@ -228,10 +339,11 @@ class CrossAttentionBlock(nn.Module):
     def forward(
         self,
         latents: torch.Tensor,
-        tokens: torch.Tensor,
-        keep_mask: torch.Tensor,
+        tokens: torch.Tensor | PackedTokens,
+        keep_mask: torch.Tensor | None,
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """latents (B, M, D) against tokens (B, N, D_in) + keep_mask, or (S, M, D) against S packed segments."""
         out, weights = self.attn(self.norm_latents(latents), tokens, keep_mask, need_weights)
         latents = latents + self.drop(out)  # (B, M, D)
         latents = latents + self.mlp(self.norm_mlp(latents))

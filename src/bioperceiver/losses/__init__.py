@@ -7,6 +7,7 @@ optional integer patient ids (:func:`patient_index` maps id strings to ids that 
 
 from .clip import ClipLoss, LearnableTemperature
 from .distributed import gather_no_grad, gather_with_grad, local_only, patient_index, world
+from .grad_cache import grad_cache_step
 from .multiview import MultiViewLoss
 from .siglip import SigLipLoss
 from .survival import (
@@ -32,6 +33,7 @@ __all__ = [
     "discretize",
     "gather_no_grad",
     "gather_with_grad",
+    "grad_cache_step",
     "local_only",
     "make_time_bins",
     "patient_index",

@@ -169,6 +169,22 @@ class TrainConfig:
     """Accelerate mixed precision."""
     gradient_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
+    packed: bool = False
+    """Padding-free encoder passes: each sample's real tokens only, all views of the batch in one pass
+    (``BioPerceiverModel.set_packed``); equal to the padded path to float tolerance. ``False``: the padded batch."""
+    max_tokens_per_batch: int | None = None
+    """Token budget of a micro-batch: each batch of ``batch_size`` samples (the contrastive batch, unchanged) is
+    split into groups of at most this many real tokens, embedded one group at a time with gradient caching (the
+    gradients of the whole-batch step, the memory of one group). ``None``: the batch in one forward. Not with
+    DeepSpeed or FSDP."""
+    compile: bool = False
+    """``torch.compile`` the backbone's encoder (dynamic shapes); equal to eager to float tolerance."""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch <= 0:
+            raise RunConfigError(
+                f"train.max_tokens_per_batch: a positive token count or null, got {self.max_tokens_per_batch}"
+            )
 
 
 @dataclass

@@ -58,6 +58,7 @@ from ..data import (
 )
 from ..data.errors import check_on_error
 from ..data.processing import PROCESSOR_INDEX
+from ..data.sampler import token_budget_chunks
 from ..data.validate import ManifestError, check_manifest_before_work
 from ..factory import create_model
 from .checkpointing import (
@@ -258,6 +259,7 @@ def training_data(config: PretrainConfig, manifest, processor) -> tuple[Manifest
         modality_dropout=config.data.modality_dropout,
         on_error=on_error,
         seed=config.seed,
+        count_tokens=config.train.max_tokens_per_batch is not None,
     )
     return train_ds, collator
 
@@ -309,6 +311,36 @@ def deepspeed_setup(accelerator, trainer: torch.nn.Module, opt: OptimConfig) -> 
         if param.dim() == 0:
             param.data = param.data.reshape(1)
             logger.debug("DeepSpeed: %s reshaped to (1,)", name)
+
+
+def all_reduce_gradients(accelerator, module: torch.nn.Module) -> None:
+    """Average the gradients over processes once (what DDP does per backward; gradient caching runs its backwards
+    under ``no_sync``). A parameter without a gradient on this process joins with zeros, so every rank reduces the
+    same tensors whatever modalities its batch held."""
+    if accelerator.num_processes <= 1:
+        return
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    torch.distributed.all_reduce(flat)
+    flat /= accelerator.num_processes
+    start = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[start : start + n].view_as(p.grad))
+        start += n
+
+
+def compile_backbone(model: torch.nn.Module, backend: str = "inductor") -> None:
+    """``torch.compile`` the encoder in place (``Module.compile``: parameter names, hence checkpoints, unchanged),
+    with dynamic shapes (batch and token counts vary). On the packed path only the latent self-attention layers are
+    compiled: the packed cross-attention loops over segments whose lengths change every batch, which would make
+    dynamo specialise and recompile per batch."""
+    targets = list(model.encoder.self_layers) if model.packed else [model.encoder]
+    for module in targets:
+        module.compile(backend=backend, dynamic=True)
 
 
 def make_accelerator(config: PretrainConfig, trackers: list[str]) -> Accelerator:
@@ -396,10 +428,18 @@ def run_pretraining(
     num_parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3/FSDP shard them
     if tr.gradient_checkpointing:
         model.activation_checkpointing_enable()
+    model.set_packed(tr.packed)
+    if tr.compile:
+        compile_backbone(model)
     tokens = TokenCounter(model)
     # ZeRO and FSDP need every rank to make the same module calls: see RankPadder
     sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
     pad_ranks = sharded and accelerator.num_processes > 1
+    if tr.max_tokens_per_batch is not None and sharded:
+        raise RunConfigError(
+            "train.max_tokens_per_batch (gradient caching) runs its own backward passes and reduces gradients once, "
+            "which DeepSpeed and FSDP do not allow; use DDP or one process, or set train.max_tokens_per_batch=null"
+        )
     trainer = (PaddedPretrainer if pad_ranks else ContrastivePretrainer)(
         model,
         loss=cfg.loss.name,
@@ -500,9 +540,26 @@ def run_pretraining(
                 batch, extra = padder(batch), {"num_pad": 1}
             tokens.skip_last = extra.get("num_pad", 0)
             with accelerator.accumulate(trainer):
-                outputs = trainer(inputs=batch["inputs"], patient_id=batch["patient_id"], **extra)
-                raise_if_non_finite(outputs, batch, step, trainer, accelerator)
-                accelerator.backward(outputs["loss"])  # DeepSpeed: also steps (clipping from its JSON) here
+                if tr.max_tokens_per_batch is not None:
+                    # the contrastive batch stays batch_size samples; it is embedded in token-budget groups
+                    chunks = token_budget_chunks(batch["num_tokens"], tr.max_tokens_per_batch)
+                    with accelerator.no_sync(trainer):
+                        outputs = accelerator.unwrap_model(trainer).grad_cached_step(
+                            batch["inputs"],
+                            batch["patient_id"],
+                            chunks,
+                            backward=accelerator.backward,
+                            before_backward=lambda o, b=batch, s=step: raise_if_non_finite(
+                                o, b, s, trainer, accelerator
+                            ),
+                            autocast=accelerator.autocast,
+                        )
+                    if accelerator.sync_gradients:
+                        all_reduce_gradients(accelerator, trainer)
+                else:
+                    outputs = trainer(inputs=batch["inputs"], patient_id=batch["patient_id"], **extra)
+                    raise_if_non_finite(outputs, batch, step, trainer, accelerator)
+                    accelerator.backward(outputs["loss"])  # DeepSpeed: also steps (clipping from its JSON) here
                 if accelerator.sync_gradients and opt.grad_clip:
                     # clips (DeepSpeed: returns the norm it clipped with); the pre-clip norm is logged
                     grad_norm = accelerator.clip_grad_norm_(trainer.parameters(), opt.grad_clip)

@@ -14,7 +14,8 @@ from .._version import __version__
 
 class TokenCounter:
     """Counts the tokens each modality's embedder hands to the encoder (its keep-mask: padding, absent samples and
-    dropped modalities excluded) during training forwards. Counts stay on the device until :meth:`take`."""
+    dropped modalities excluded) during training forwards with a graph (gradient caching's first, graph-free pass is
+    not counted twice). Counts stay on the device until :meth:`take`."""
 
     def __init__(self, model: torch.nn.Module):
         self.names = list(model.modality_names)
@@ -25,7 +26,7 @@ class TokenCounter:
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            if module.training:
+            if module.training and torch.is_grad_enabled():  # not the graph-free pass of gradient caching
                 keep = output[1].detach()
                 keep = (keep[: len(keep) - self.skip_last] if self.skip_last else keep).sum()
                 self.counts[name] = keep if name not in self.counts else self.counts[name] + keep

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.collator import select_rows
 from ..evaluation.bootstrap import Resampler
-from ..losses import ClipLoss, MultiViewLoss, SigLipLoss, local_only, patient_index
+from ..losses import ClipLoss, MultiViewLoss, SigLipLoss, grad_cache_step, local_only, patient_index
 
 logger = logging.getLogger(__name__)
 
@@ -81,24 +82,58 @@ class ContrastivePretrainer(nn.Module):
         return self._views_from(self.model(inputs=inputs, return_modality_embeddings=True))
 
     def forward(self, inputs: dict[str, Any], patient_id: list[str] | None = None, **_: Any) -> dict[str, torch.Tensor]:
+        emb = self.embed_views(inputs)
+        pid = patient_index(patient_id, device=emb["views"].device) if patient_id is not None else None
+        return self.loss_from(emb, pid)
+
+    def embed_views(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Everything the loss needs from a batch, row-aligned with it: projected ``views (B, V, P)`` and their
+        ``mask (B, V)``; with leave-one-out also ``rest (B, K, P)`` (projected fused view of the other modalities)
+        and ``rest_mask (B, K)``. Gradient caching embeds a batch in chunks through this."""
         out = self._encode(inputs)
         views, mask = self._views_from(out)
-        pid = patient_index(patient_id, device=views.device) if patient_id is not None else None
+        emb = {"views": views, "mask": mask}
+        if self.loo_loss_fn is not None:
+            emb["rest"] = self.projection(out.leave_one_out_pooler_output)  # (B, K, P)
+            emb["rest_mask"] = out.leave_one_out_mask.bool()
+        return emb
+
+    def loss_from(self, emb: dict[str, torch.Tensor], pid: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The contrastive loss (plus the weighted leave-one-out term) of :meth:`embed_views`' output."""
+        views, mask = emb["views"], emb["mask"]
         result = self.loss_fn(views, mask, pid)
         result["num_views"] = mask.sum().detach()
         if self.loo_loss_fn is not None:
-            loo = self.leave_one_out_loss(views, out, pid)
+            loo = self.leave_one_out_loss(views, emb["rest"], emb["rest_mask"], pid)
             result.update(loo)
             result["loss"] = result["loss"] + self.leave_one_out * loo["loss_loo"]
         return result
 
-    def leave_one_out_loss(self, views: torch.Tensor, out, pid: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """For every modality ``k``: its own view against the fused view of the sample's *other* modalities, with
-        the same loss family (own temperature), averaged over modalities. Every rank runs the same sequence of loss
-        calls (one per configured modality, rows of samples lacking ``k`` or anything else are masked), so the
-        distributed gathers stay in step even when ranks hold different modalities."""
-        rest = self.projection(out.leave_one_out_pooler_output)  # (B, K, P)
-        rest_mask = out.leave_one_out_mask.bool()
+    def grad_cached_step(
+        self,
+        inputs: dict[str, Any],
+        patient_id: list[str] | None,
+        chunks: list[list[int]],
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        """The training step of :meth:`forward` + backward over the whole batch, embedded ``chunks`` (lists of batch
+        rows, e.g. :func:`~bioperceiver.data.sampler.token_budget_chunks`) one at a time with gradient caching
+        (:func:`~bioperceiver.losses.grad_cache_step`; ``kwargs``: its ``backward``, ``before_backward``,
+        ``autocast``). Accumulates the parameter gradients of the un-chunked step; returns the detached loss dict."""
+        pid = None
+        if patient_id is not None:
+            pid = patient_index(patient_id, device=next(self.parameters()).device)
+        parts = [select_rows(inputs, rows) for rows in chunks]
+        return grad_cache_step(self.embed_views, parts, chunks, lambda emb: self.loss_from(emb, pid), **kwargs)
+
+    def leave_one_out_loss(
+        self, views: torch.Tensor, rest: torch.Tensor, rest_mask: torch.Tensor, pid: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """For every modality ``k``: its own view against the fused view of the sample's *other* modalities
+        (``rest (B, K, P)``, ``rest_mask (B, K)``), with the same loss family (own temperature), averaged over
+        modalities. Every rank runs the same sequence of loss calls (one per configured modality, rows of samples
+        lacking ``k`` or anything else are masked), so the distributed gathers stay in step even when ranks hold
+        different modalities."""
         terms: dict[str, torch.Tensor] = {}
         total, n = views.new_zeros(()), 0
         for k, name in enumerate(self.model.config.modality_names):
