@@ -81,6 +81,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..manifest import metadata_path, write_manifest
+from .common import _plain
 
 logger = logging.getLogger(__name__)
 
@@ -231,22 +232,6 @@ def _atomic_target(path: Path) -> Iterator[Path]:
 def _write_json_atomic(path: Path, obj: Any) -> None:
     with _atomic_target(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def _plain(value: Any) -> Any:
-    """A JSON-safe Python scalar: numpy scalars unwrapped, NaN/NA -> None."""
-    if value is None:
-        return None
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    try:
-        if pd.isna(value):
-            return None
-    except (TypeError, ValueError):
-        pass
-    return value
 
 
 def _tabular_json(fields: Mapping[str, Any]) -> str:

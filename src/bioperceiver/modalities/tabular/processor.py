@@ -80,11 +80,10 @@ class TabularProcessor(ModalityProcessor):
             )
         return mapping
 
-    def _fit(self, values, sample_ids, base_dir):
+    def _observations(self, values, sample_ids):
+        """Every present (feature, raw value, number or ``None`` for a categorical value) of ``values``; a
+        non-finite number is an error naming the sample."""
         forced = set(self.settings.categorical or [])
-        present: Counter = Counter()
-        numbers: dict[str, list[float]] = {}
-        cats: dict[str, Counter] = {}
         for v, sid in zip(values, sample_ids):
             try:
                 mapping = self._mapping(v)
@@ -93,16 +92,23 @@ class TabularProcessor(ModalityProcessor):
             for k, x in mapping.items():
                 if _is_missing(x):
                     continue
-                present[k] += 1
-                num = _as_number(x)
-                if num is not None and k not in forced:
-                    if not math.isfinite(num):
-                        raise self.error("non_finite", f"feature {k!r} is {num}", "use null for missing").located(
-                            sample_id=sid
-                        )
-                    numbers.setdefault(k, []).append(num)
-                else:
-                    cats.setdefault(k, Counter())[str(x)] += 1
+                num = _as_number(x) if k not in forced else None
+                if num is not None and not math.isfinite(num):
+                    raise self.error("non_finite", f"feature {k!r} is {num}", "use null for missing").located(
+                        sample_id=sid
+                    )
+                yield k, x, num
+
+    def _fit(self, values, sample_ids, base_dir):
+        present: Counter = Counter()
+        numbers: dict[str, list[float]] = {}
+        cats: dict[str, Counter] = {}
+        for k, x, num in self._observations(values, sample_ids):
+            present[k] += 1
+            if num is not None:
+                numbers.setdefault(k, []).append(num)
+            else:
+                cats.setdefault(k, Counter())[str(x)] += 1
         features, next_cat = [], 1
         for name in sorted(k for k, c in present.items() if c >= self.settings.min_feature_count):
             if name in cats:  # any non-numeric value makes the feature categorical
@@ -136,29 +142,16 @@ class TabularProcessor(ModalityProcessor):
 
     # ---- federated fit: counts and sums per site; quantiles by counting (bisection), never raw values ----------
     def _site_statistics(self, values, sample_ids, base_dir):
-        forced = set(self.settings.categorical or [])
         present: Counter = Counter()
         numeric: dict[str, list[float]] = {}
         cats: dict[str, Counter] = {}
-        for v, sid in zip(values, sample_ids):
-            try:
-                mapping = self._mapping(v)
-            except Exception as err:
-                raise err.located(sample_id=sid) from None
-            for k, x in mapping.items():
-                if _is_missing(x):
-                    continue
-                present[k] += 1
-                num = _as_number(x)
-                if num is not None and k not in forced:
-                    if not math.isfinite(num):
-                        raise self.error("non_finite", f"feature {k!r} is {num}", "use null for missing").located(
-                            sample_id=sid
-                        )
-                    s = numeric.setdefault(k, [0.0, 0.0, 0.0])
-                    s[0], s[1], s[2] = s[0] + 1, s[1] + num, s[2] + num * num
-                else:
-                    cats.setdefault(k, Counter())[str(x)] += 1
+        for k, x, num in self._observations(values, sample_ids):
+            present[k] += 1
+            if num is not None:
+                s = numeric.setdefault(k, [0.0, 0.0, 0.0])
+                s[0], s[1], s[2] = s[0] + 1, s[1] + num, s[2] + num * num
+            else:
+                cats.setdefault(k, Counter())[str(x)] += 1
         return {
             "fitted_on": len(values),
             "present": dict(present),
