@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bioperceiver.data.recipes.mimic import CHEXPERT_FINDINGS
+
 LAB_HEADER = [
     "labevent_id",
     "subject_id",
@@ -51,22 +53,7 @@ CXR_META_HEADER = [
     "ViewCodeSequence_CodeMeaning",
     "PatientOrientationCodeSequence_CodeMeaning",
 ]
-CHEXPERT = [
-    "Atelectasis",
-    "Cardiomegaly",
-    "Consolidation",
-    "Edema",
-    "Enlarged Cardiomediastinum",
-    "Fracture",
-    "Lung Lesion",
-    "Lung Opacity",
-    "No Finding",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Pneumonia",
-    "Pneumothorax",
-    "Support Devices",
-]
+CHEXPERT = list(CHEXPERT_FINDINGS)  # the 14 columns of mimic-cxr-2.0.0-chexpert.csv
 LAB_ITEMS = [(50912, "Creatinine", "Blood", "Chemistry"), (50971, "Potassium", "Blood", "Chemistry"),
              (51006, "Urea Nitrogen", "Blood", "Chemistry"), (51237, "INR(PT)", "Blood", "Hematology")]  # fmt: skip
 
