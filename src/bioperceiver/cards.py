@@ -189,6 +189,16 @@ def render_card(template: str | Path, card_data: ModelCardData, **context: Any) 
     return ModelCard(content)
 
 
+def _eval_loss_scale(batch_size: int | None) -> str:
+    """What the held-out loss is averaged over, and the uniform-guess level to read it against."""
+    if not batch_size:
+        return ""
+    return (
+        f" (mean over batches of {batch_size} held-out samples; with the clip loss a uniform guess scores about "
+        f"ln {batch_size} = {math.log(batch_size):.3f})"
+    )
+
+
 def retrieval_rows(metrics: Mapping[str, float], ks: Iterable[int] = (1, 5, 10)) -> list[dict[str, Any]]:
     """Rows of the retrieval table from :func:`~bioperceiver.training.retrieval_metrics` output (with CIs when
     the metrics carry ``..._ci_low``/``..._ci_high``)."""
@@ -201,7 +211,9 @@ def retrieval_rows(metrics: Mapping[str, float], ks: Iterable[int] = (1, 5, 10))
                 continue
             lo, hi = metrics.get(f"R@{k}_ci_low/{key}"), metrics.get(f"R@{k}_ci_high/{key}")
             row[f"R@{k}"] = f"{metrics[name]:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None else "")
-        row["chance R@1"] = metrics.get(f"chance_R@1/{key}")
+            chance = metrics.get(f"chance_R@{k}/{key}")
+            if chance is not None:  # beside every R@k: what a random ranking gets
+                row[f"chance R@{k}"] = f"{chance:.3f}"
         rows.append(row)
     return rows
 
@@ -278,7 +290,7 @@ def pretraining_card(
         training_table=markdown_table([{"setting": k, "value": v} for k, v in train_cfg.items() if v is not None]),
         run_config_yaml=yaml.safe_dump(dict(run_config), sort_keys=False).rstrip("\n"),
         retrieval_table=markdown_table(retrieval_rows(metrics)),
-        eval_loss=_fmt(metrics.get("eval_loss")),
+        eval_loss=_fmt(metrics.get("eval_loss")) + _eval_loss_scale(metrics.get("eval_loss_batch_size")),
         compute_table=markdown_table([{"": k, "value": v} for k, v in compute.items()]),
     )
 

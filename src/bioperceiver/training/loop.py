@@ -498,12 +498,18 @@ def run_pretraining(
                     accelerator.unwrap_model(trainer),
                     eval_ds,
                     eval_collator,
-                    tr.batch_size,
+                    tr.batch_size * accelerator.num_processes,  # the contrastive batch of a training step
                     n_bootstrap=eval_cfg.n_bootstrap,
                     seed=cfg.seed,
                 )
         if accelerator.is_main_process and metrics:
-            r1 = {k: round(x, 3) for k, x in metrics.items() if k.startswith("R@1/")}
+            r1 = {
+                k.split("/", 1)[
+                    1
+                ]: f"{x:.3f} (chance {metrics.get('chance_R@1/' + k.split('/', 1)[1], float('nan')):.3f})"
+                for k, x in metrics.items()
+                if k.startswith("R@1/")
+            }
             logger.info("step %d held-out loss %.4f, R@1 %s", step, metrics.get("eval_loss", float("nan")), r1)
             if trackers:
                 accelerator.log({k: x for k, x in metrics.items() if not k.startswith("queries")}, step=step)
@@ -636,7 +642,13 @@ def run_pretraining(
     plots: list[Path] = []
     if accelerator.is_main_process:
         (out / "eval_results.json").write_text(json.dumps(metrics, indent=1) + "\n")
-        plot_history(history, out / "loss_curves.png")
+        plot_history(
+            history,
+            out / "loss_curves.png",
+            batch_size=tr.batch_size * accelerator.num_processes,
+            loss_name=cfg.loss.name,
+            dropout=cfg.data.modality_dropout,
+        )
         plots.append(out / "loss_curves.png")
         unwrapped = accelerator.unwrap_model(trainer)
         names = unwrapped.view_names

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -208,7 +209,7 @@ def evaluate(
             if batch is None:
                 continue
             v, m, loss = trainer(batch["inputs"])
-            losses.append(float(loss))
+            losses.append((float(loss), len(v)))
             views.append(v.float().cpu())
             masks.append(m.cpu())
             patients += [str(p) for p in batch["patient_id"]]
@@ -219,7 +220,16 @@ def evaluate(
     retrieval = retrieval_metrics(
         views_t, masks_t, trainer.view_names, n_bootstrap=n_bootstrap, groups=patients, seed=seed
     )
-    metrics = {"eval_loss": float(sum(losses) / len(losses)), **retrieval}
+    # A contrastive loss grows with the number of candidates (about ln B for B samples): the mean is over the batches
+    # of exactly ``batch_size`` samples (the training batch), a smaller last batch is left out of it (its samples
+    # still count in the retrieval metrics) unless no full batch exists.
+    full = [loss for loss, n in losses if n == batch_size]
+    metrics = {
+        "eval_loss": float(np.mean(full or [loss for loss, _ in losses])),
+        "eval_loss_batch_size": batch_size if full else len(views_t),  # no full batch: the one smaller batch
+        "eval_loss_batches": len(full) or len(losses),
+        **retrieval,
+    }
     return metrics, views_t, masks_t
 
 
@@ -278,8 +288,16 @@ def retrieval_metrics(
                     low, high = np.quantile(resampled, [alpha / 2, 1 - alpha / 2])
                     out[f"R@{k}_ci_low/{key}"], out[f"R@{k}_ci_high/{key}"] = float(low), float(high)
             out[f"queries/{key}"] = int(both.sum())
-            out[f"chance_R@1/{key}"] = 1.0 / max(1, int(mask[:, b].sum()))
+            for k in ks:  # a random ranking puts the own view in the top k with probability k / candidates
+                out[f"chance_R@{k}/{key}"] = chance_recall(k, int(mask[:, b].sum()), int(mask[:, a].sum()))
     return out
+
+
+def chance_recall(k: int, candidates_b: int, candidates_a: int | None = None) -> float:
+    """R@k of a random ranking: ``min(k, N) / N`` for ``N`` candidates, averaged over the two retrieval directions
+    (``a -> b`` ranks the ``candidates_b`` samples having ``b``; ``b -> a`` the ``candidates_a`` having ``a``)."""
+    sizes = [n for n in (candidates_b, candidates_a) if n is not None]
+    return float(np.mean([min(k, n) / n if n else 0.0 for n in sizes]))
 
 
 def plot_similarity(views: torch.Tensor, mask: torch.Tensor, names: list[str], a: str, b: str, path) -> bool:
@@ -307,21 +325,40 @@ def plot_similarity(views: torch.Tensor, mask: torch.Tensor, names: list[str], a
     return True
 
 
-def plot_history(history: list[dict], path) -> None:
+def plot_history(
+    history: list[dict], path, *, batch_size: int | None = None, loss_name: str = "clip", dropout: float = 0.0
+) -> None:
+    """``loss_curves.png``: the training loss (one contrastive batch per logged step, with modality dropout and
+    augmentation) and the held-out loss (mean over held-out batches of the same size, nothing dropped) on separate
+    panels, because they are not the same quantity; with ``batch_size`` and the ``clip`` loss, the level of a
+    uniform guess (ln B: every candidate equally similar) is drawn on both."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    steps = [h["step"] for h in history if "loss" in h]
-    ax.plot(steps, [h["loss"] for h in history if "loss" in h], label="train loss")
     evals = [h for h in history if "eval_loss" in h]
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
+    train_ax = axes[0, 0]
+    steps = [h["step"] for h in history if "loss" in h]
+    train_ax.plot(steps, [h["loss"] for h in history if "loss" in h], label="training batch")
+    what = f"batches of {batch_size} samples" if batch_size else "one batch per step"
+    train_ax.set_title(f"training loss ({what}" + (f", modality dropout {dropout:g})" if dropout else ")"), fontsize=10)
+    train_ax.set_ylabel(f"{loss_name} loss of one training batch")
+    panels = [train_ax]
     if evals:
-        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="held-out loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("contrastive loss")
-    ax.legend()
+        eval_ax = axes[0, 1]
+        eval_ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", color="C1", label="held-out")
+        size = evals[-1].get("eval_loss_batch_size", batch_size)
+        eval_ax.set_title(f"held-out loss (mean over batches of {size} samples)", fontsize=10)
+        eval_ax.set_ylabel(f"{loss_name} loss, held-out patients")
+        panels.append(eval_ax)
+    for ax in panels:
+        if batch_size and loss_name == "clip":
+            size = batch_size if ax is train_ax else evals[-1].get("eval_loss_batch_size", batch_size)
+            ax.axhline(math.log(size), ls="--", color="grey", lw=1, label=f"uniform guess, ln {size}")
+        ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,0 +1,108 @@
+"""Pretraining outputs compare like with like: the held-out loss uses training-sized contrastive batches, retrieval
+is always shown beside its chance level, and loss_curves.png keeps the two losses on separate panels."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bioperceiver.cards import retrieval_rows
+from bioperceiver.losses import ClipLoss
+from bioperceiver.training.pretraining import chance_recall, evaluate, plot_history, retrieval_metrics
+
+
+class _FixedViews(nn.Module):
+    """A stand-in pretrainer: each sample's two views are fixed random vectors (text, image)."""
+
+    def __init__(self, n: int, dim: int = 8):
+        super().__init__()
+        self.view_names = ["text", "image"]
+        g = torch.Generator().manual_seed(0)
+        self.table = torch.randn(n, 2, dim, generator=g)
+        self.loss_fn = ClipLoss(view_names=self.view_names)
+
+    def views(self, inputs):
+        return self.table[inputs["rows"]], torch.ones(len(inputs["rows"]), 2, dtype=torch.bool)
+
+
+def _collate(items, train=False):
+    return {"inputs": {"rows": torch.tensor(items)}, "patient_id": [f"p{i}" for i in items]}
+
+
+def test_held_out_loss_is_the_mean_over_training_sized_batches_only():
+    trainer = _FixedViews(10)
+    metrics, views, _ = evaluate(trainer, list(range(10)), _collate, batch_size=4)
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    with torch.no_grad():
+        expected = np.mean([float(trainer.loss_fn(trainer.table[s : s + 4], mask)["loss"]) for s in (0, 4)])
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-6)  # the 2-sample tail is not in the mean
+    assert metrics["eval_loss_batch_size"] == 4 and metrics["eval_loss_batches"] == 2
+    assert len(views) == 10  # ... but all 10 samples are in the retrieval metrics
+    assert metrics["queries/text-image"] == 10
+
+
+def test_held_out_set_smaller_than_a_batch_reports_its_own_size():
+    metrics, _, _ = evaluate(_FixedViews(3), [0, 1, 2], _collate, batch_size=8)
+    assert metrics["eval_loss_batch_size"] == 3 and metrics["eval_loss_batches"] == 1
+
+
+def test_chance_recall_matches_random_rankings():
+    n, ks = 20, (1, 5, 10)
+    hits = {k: [] for k in ks}
+    for seed in range(300):
+        g = torch.Generator().manual_seed(seed)
+        out = retrieval_metrics(torch.randn(n, 2, 32, generator=g), torch.ones(n, 2, dtype=torch.bool), ["a", "b"])
+        for k in ks:
+            hits[k].append(out[f"R@{k}/a-b"])
+    for k in ks:
+        assert out[f"chance_R@{k}/a-b"] == pytest.approx(k / n)
+        assert np.mean(hits[k]) == pytest.approx(k / n, abs=0.02)
+    assert chance_recall(10, 4, 40) == pytest.approx((1.0 + 0.25) / 2)  # k above the candidates: every query hits
+
+
+def test_retrieval_table_puts_chance_beside_every_recall():
+    mask = torch.ones(6, 3, dtype=torch.bool)
+    mask[0, 1] = False  # the image view is missing for one sample: 5 candidates for it, 6 for text
+    out = retrieval_metrics(torch.randn(6, 3, 4), mask, ["text", "image", "fused"])
+    rows = {r["views"]: r for r in retrieval_rows(out)}
+    row = rows["text ↔ image"]
+    assert row["chance R@1"] == f"{(1 / 5 + 1 / 6) / 2:.3f}"
+    assert row["chance R@5"] == f"{(1 + 5 / 6) / 2:.3f}"
+    assert all(f"chance R@{k}" in r for r in rows.values() for k in (1, 5, 10))
+
+
+def test_loss_curves_draw_training_and_held_out_losses_on_separate_panels(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    saved = {}
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def keep(fig, path, **kw):
+        saved["axes"] = [
+            (ax.get_title(), ax.get_ylabel(), [line.get_label() for line in ax.get_lines()]) for ax in fig.axes
+        ]
+        return real_savefig(fig, path, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    history = [{"step": s, "loss": 3.0 - 0.1 * s} for s in range(1, 11)] + [
+        {"step": 10, "eval_loss": 3.2, "eval_loss_batch_size": 32}
+    ]
+    plot_history(history, tmp_path / "loss_curves.png", batch_size=32, loss_name="clip", dropout=0.2)
+    assert (tmp_path / "loss_curves.png").stat().st_size > 0
+    (train_title, train_y, train_lines), (eval_title, eval_y, eval_lines) = saved["axes"]
+    assert "training" in train_title and "32 samples" in train_title and "dropout 0.2" in train_title
+    assert "held-out" in eval_title and "32 samples" in eval_title
+    assert "training batch" in train_y and "held-out" in eval_y
+    assert "uniform guess, ln 32" in train_lines and "uniform guess, ln 32" in eval_lines
+    assert math.isclose(math.log(32), 3.4657, abs_tol=1e-4)
+
+
+def test_card_says_what_the_held_out_loss_is_averaged_over():
+    from bioperceiver.cards import _eval_loss_scale
+
+    assert _eval_loss_scale(None) == ""
+    assert "batches of 32 held-out samples" in _eval_loss_scale(32) and "ln 32 = 3.466" in _eval_loss_scale(32)
