@@ -87,7 +87,9 @@ def test_subset_views_settings_are_checked(setup):
     with pytest.raises(ValueError, match="token 'mask'"):
         _trainer(model, subset_views=1, subset_modality="text").subset_views_of(random_batch(model.config))
     with pytest.raises(RunConfigError, match="multiview"):
-        PretrainConfig.from_dict({"loss": {"name": "clip", "subset_views": 2, "subset_modality": "omics"}})
+        PretrainConfig.from_dict(
+            {"loss": {"name": "clip", "subset_views": 2, "subset_modality": "omics"}}
+        ).loss.check_run()
     with pytest.raises(RunConfigError, match="subset_fraction"):
         PretrainConfig.from_dict(
             {"loss": {"name": "multiview", "subset_views": 2, "subset_modality": "x", "subset_fraction": 1.5}}

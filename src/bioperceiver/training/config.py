@@ -145,15 +145,20 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.subset_views < 0:
             raise RunConfigError(f"loss.subset_views: a number of extra views >= 0, got {self.subset_views}")
-        if self.subset_views and self.name != "multiview":
-            raise RunConfigError(
-                f"loss.subset_views needs loss.name=multiview (every view of a patient a positive), got {self.name!r}"
-            )
         if self.subset_views and not self.subset_modality:
             raise RunConfigError("loss.subset_views: set loss.subset_modality to the modality to subsample")
         if not 0 < self.subset_fraction < 1:
             raise RunConfigError(
                 f"loss.subset_fraction: the share of tokens kept, in (0, 1); got {self.subset_fraction}"
+            )
+
+    def check_run(self) -> None:
+        """Checks of the loss section as a whole, at run start (a config file stays loadable with any
+        ``loss.name`` override): ``subset_views`` needs ``multiview``."""
+        if self.subset_views and self.name != "multiview":
+            raise RunConfigError(
+                f"loss.subset_views={self.subset_views} needs loss.name=multiview (every view of a patient is a "
+                f"positive), got {self.name!r}; set loss.subset_views=0 for {self.name}"
             )
 
     def subset_kwargs(self) -> dict[str, Any]:

@@ -391,6 +391,7 @@ def run_pretraining(
     """
     t_start = time.perf_counter()
     cfg = config
+    cfg.loss.check_run()
     out = Path(cfg.output_dir)
     tr, opt, ck, lg, eval_cfg = cfg.train, cfg.optim, cfg.checkpoint, cfg.logging, cfg.eval
     run_config_yaml = cfg.to_yaml()
