@@ -159,6 +159,12 @@ def extend_vocabulary(model_args, data_args, processor, manifest, used: list[str
             counts["vocabulary_before"],
             counts["vocabulary_after"],
         )
+    if model_args.finetuning_mode != "full" and any(c["added"] for c in report.values()):
+        logger.warning(
+            "finetuning_mode %s: the added vocabulary embeddings stay at their random initialisation (only "
+            "--finetuning_mode full trains the embedders); --extend_vocabulary false leaves the new genes/features out",
+            model_args.finetuning_mode,
+        )
     return report
 
 
