@@ -488,6 +488,12 @@ def finetuning_card(
     }
     if base and (Path(str(base)) / "README.md").exists():
         finetune_cfg["pretraining configuration"] = f"in the base model's card, {Path(str(base)) / 'README.md'}"
+    for name, counts in (results.get("vocabulary_extension") or {}).items():
+        finetune_cfg[f"vocabulary extension ({name})"] = (
+            f"{counts['added']} added, {counts['overlap']} overlapping with the pretrained vocabulary "
+            f"({counts['vocabulary_before']} -> {counts['vocabulary_after']})"
+            + (f"; new sources {', '.join(counts['new_sources'])}" if counts.get("new_sources") else "")
+        )
     finetune_cfg.update(task.card_settings(config))
     splits = results.get("split_sizes") or {
         s: results.get(s, {}).get("n") for s in (data_args.get("train_split"), data_args.get("eval_split"), test_split)

@@ -170,6 +170,34 @@ class BioPerceiverPreTrainedModel(PreTrainedModel):
         if isinstance(module, ModalityEmbedder):
             init.normal_(module.type_embedding, std=std)
 
+    def resize_modality_vocabularies(self, modalities: dict[str, dict[str, Any]]) -> dict[str, dict[str, tuple]]:
+        """Grow the vocabulary embeddings of the modalities (gene ids, tabular features...) to the sizes in
+        ``modalities`` (``BioPerceiverConfig.modalities``-style entries, e.g. ``processor.model_modalities()`` after
+        :meth:`~bioperceiver.data.BioPerceiverProcessor.extend`), as ``resize_token_embeddings`` does: existing rows
+        unchanged, new rows initialised as ``_init_weights`` initialises embeddings, ``config.modalities`` updated so
+        that ``save_pretrained``/``from_pretrained`` round-trip. Sizes not larger than the model's are left as they
+        are. Call it before the optimizer is built. Returns ``{modality: {field: (old, new)}}`` of the grown ones."""
+        backbone = self if isinstance(self, BioPerceiverModel) else getattr(self, self.base_model_prefix)
+        grown_all = {}
+        for name, settings in modalities.items():
+            if name not in backbone.embedders:
+                continue
+            emb = backbone.embedders[name]
+            sizes = {
+                k: int(settings[k])
+                for k in emb.vocabulary_embeddings
+                if k in settings and int(settings[k]) > getattr(emb.config, k)
+            }
+            if not sizes:
+                continue
+            grown = emb.resize_vocabulary(sizes, std=self.config.initializer_range)
+            for config in {id(self.config): self.config, id(backbone.config): backbone.config}.values():
+                entry = dict(config.modalities[name])
+                entry.update({k: new for k, (_, new) in grown.items()})
+                config.modalities = {**config.modalities, name: entry}
+            grown_all[name] = grown
+        return grown_all
+
     def save_pretrained(self, save_directory, *args: Any, **kwargs: Any):
         """Save as usual; a timm backbone's local ``backbone_weights`` path is not written into the saved config
         because the checkpoint now carries those weights (the directory stays loadable on any machine)."""

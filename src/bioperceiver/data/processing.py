@@ -213,6 +213,26 @@ class BioPerceiverProcessor:
         self.fit_report.log("processor fitting")
         return self
 
+    def extend(
+        self, manifest: Manifest, split: str | None = "train", modalities: list[str] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Extend the vocabulary of every extensible processor (:meth:`ModalityProcessor.extend`) with the
+        ``split`` rows of ``manifest`` (a new cohort's training split); ``{modality: counts}`` of the extended ones
+        (modalities restricted to ``modalities``; those with no value in the split are left as they are)."""
+        table = manifest.table
+        if split is not None and "split" in table:
+            table = table[table["split"] == split]
+        ids = table["sample_id"].tolist()
+        out = {}
+        for name, proc in self.processors.items():
+            if not proc.extensible or name not in table or (modalities is not None and name not in modalities):
+                continue
+            values = table[name].tolist()
+            if all(is_missing(v) for v in values):
+                continue
+            out[name] = proc.extend(values, sample_ids=ids, base_dir=manifest.base_dir)
+        return out
+
     def __call__(
         self,
         record: Mapping[str, Any],

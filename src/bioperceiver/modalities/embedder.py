@@ -27,6 +27,9 @@ class ModalityEmbedder(nn.Module):
     config_class: ClassVar[type]
     input_keys: ClassVar[tuple[str, ...]] = ()
     optional_input_keys: ClassVar[tuple[str, ...]] = ()
+    vocabulary_embeddings: ClassVar[dict[str, str]] = {}
+    """Config size field -> ``nn.Embedding`` attribute it sizes (e.g. ``{"num_genes": "gene_embeddings"}``): the
+    vocabularies :meth:`resize_vocabulary` can grow when the processor's vocabulary is extended."""
 
     def __init__(self, name: str, config: Any, d_input: int) -> None:
         super().__init__()
@@ -34,6 +37,34 @@ class ModalityEmbedder(nn.Module):
         self.config = config
         self.d_input = d_input
         self.type_embedding = nn.Parameter(torch.zeros(d_input))
+
+    @torch.no_grad()
+    def resize_vocabulary(self, sizes: dict[str, int], std: float) -> dict[str, tuple[int, int]]:
+        """Grow vocabulary embeddings to ``sizes`` (config field -> new size), like transformers'
+        ``resize_token_embeddings``: existing rows are kept bit-identical, new rows drawn from ``N(0, std)`` (the
+        embedding initialisation of ``_init_weights``), and the config field updated. Returns ``{field: (old,
+        new)}`` of the grown ones; shrinking is refused."""
+        grown = {}
+        for key, new in sizes.items():
+            if key not in self.vocabulary_embeddings:
+                raise ValueError(
+                    f"modality {self.name!r} (kind {self.kind!r}) has no resizable vocabulary {key!r}; it has "
+                    f"{sorted(self.vocabulary_embeddings)}"
+                )
+            old_emb: nn.Embedding = getattr(self, self.vocabulary_embeddings[key])
+            old = old_emb.num_embeddings
+            if new < old:
+                raise ValueError(f"modality {self.name!r}: cannot shrink {key} from {old} to {new}")
+            if new == old:
+                continue
+            emb = nn.Embedding(new, old_emb.embedding_dim, device=old_emb.weight.device, dtype=old_emb.weight.dtype)
+            emb.weight[:old] = old_emb.weight
+            nn.init.normal_(emb.weight[old:], std=std)
+            emb.weight.requires_grad_(old_emb.weight.requires_grad)
+            setattr(self, self.vocabulary_embeddings[key], emb)
+            setattr(self.config, key, new)
+            grown[key] = (old, new)
+        return grown
 
     def embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

@@ -134,6 +134,24 @@ class ModalityProcessor:
         logger.info("fitted %s processor %r on %d values", self.kind, self.name, len(vals))
         return self
 
+    # ---- vocabulary extension (finetuning on a cohort with new genes / features) --------------------------------
+    def extend(
+        self,
+        values: Iterable[Any],
+        sample_ids: Iterable[str] | None = None,
+        base_dir: str | os.PathLike | None = None,
+    ) -> dict[str, Any]:
+        """Grow the fitted vocabulary with what ``values`` (a new cohort's training rows) bring, keeping every
+        existing id, as tokenizers add tokens; returns counts (``added``, ``overlap``, ...). Kinds with a fitted
+        vocabulary the model embeds (omics genes, tabular features) implement it, with the embedder's
+        ``vocabulary_embeddings``."""
+        raise NotImplementedError(f"the {self.kind} processor has no vocabulary extension")
+
+    @property
+    def extensible(self) -> bool:
+        """Whether this kind implements :meth:`extend`."""
+        return type(self).extend is not ModalityProcessor.extend
+
     # ---- federated fitting: each site summarises its own values, the server fits from the merged summaries ------
     def _site_statistics(self, values: list[Any], sample_ids: list[str], base_dir: Path | None) -> dict[str, Any]:
         """This site's contribution to a federated fit: JSON-serialisable counts and sums, never raw values.

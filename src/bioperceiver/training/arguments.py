@@ -67,6 +67,14 @@ class DataArguments:
     build_demo_cohort: bool = field(default=False, metadata={"help": "build the bundled demo cohort if missing"})
     processor_dir: str | None = field(default=None, metadata={"help": "fitted processors (default: the model's)"})
     processor_settings: str | None = field(default=None, metadata={"help": "YAML of processor/embedder settings"})
+    extend_vocabulary: bool = field(
+        default=True,
+        metadata={
+            "help": "with a pretrained model: genes / tabular features of the training split missing from its "
+            "vocabulary are added (new embeddings initialised, existing ones kept; counts logged and in the card); "
+            "false keeps the pretrained vocabulary (unknown ones are out-of-vocabulary)"
+        },
+    )
     train_split: str = "train"
     eval_split: str = "validation"
     test_split: str = "test"

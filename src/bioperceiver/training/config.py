@@ -132,6 +132,45 @@ class LossConfig:
     """Upper bound of the learnable logit scale (1 / temperature); ``None``: the loss's default (100)."""
     learnable_temperature: bool | None = None
     """clip and multiview: learn the temperature (``None``: the loss's default, learnable)."""
+    subset_views: int = 0
+    """Masked-gene-subset views (``multiview`` only): per training sample having ``subset_modality``, this many
+    extra views of that modality alone, each keeping a random ``subset_fraction`` of its tokens (e.g. genes), through
+    the backbone; two subsets of one profile are then positives, next to the modality <-> modality pairs. Deterministic
+    given ``seed``; held-out retrieval leaves them out. 0 (default): off, the step is exactly as without it."""
+    subset_modality: str | None = None
+    """The modality (manifest column, e.g. ``omics_expression``) whose token subsets make ``subset_views``."""
+    subset_fraction: float = 0.5
+    """Share of a sample's tokens kept in each subset view (at least one token), in (0, 1)."""
+
+    def __post_init__(self) -> None:
+        if self.subset_views < 0:
+            raise RunConfigError(f"loss.subset_views: a number of extra views >= 0, got {self.subset_views}")
+        if self.subset_views and not self.subset_modality:
+            raise RunConfigError("loss.subset_views: set loss.subset_modality to the modality to subsample")
+        if not 0 < self.subset_fraction < 1:
+            raise RunConfigError(
+                f"loss.subset_fraction: the share of tokens kept, in (0, 1); got {self.subset_fraction}"
+            )
+
+    def check_run(self) -> None:
+        """Checks of the loss section as a whole, at run start (a config file stays loadable with any
+        ``loss.name`` override): ``subset_views`` needs ``multiview``."""
+        if self.subset_views and self.name != "multiview":
+            raise RunConfigError(
+                f"loss.subset_views={self.subset_views} needs loss.name=multiview (every view of a patient is a "
+                f"positive), got {self.name!r}; set loss.subset_views=0 for {self.name}"
+            )
+
+    def subset_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`~bioperceiver.training.pretraining.ContrastivePretrainer` for subset views
+        (none when off)."""
+        if not self.subset_views:
+            return {}
+        return {
+            "subset_views": self.subset_views,
+            "subset_modality": self.subset_modality,
+            "subset_fraction": self.subset_fraction,
+        }
 
     def loss_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for the loss constructor: the loss-specific keys that are set."""

@@ -139,6 +139,35 @@ def check_modalities(model_args, data_args, modalities: list[str], source: str) 
     )
 
 
+def extend_vocabulary(model_args, data_args, processor, manifest, used: list[str]) -> dict[str, dict]:
+    """With a pretrained model and ``--extend_vocabulary`` (default): extend its saved processors' vocabularies
+    (genes, tabular features) with the training split (:meth:`BioPerceiverProcessor.extend`); the model's embeddings
+    are grown to match after loading. ``{modality: counts}`` of the extended modalities (logged)."""
+    if not model_args.model_name_or_path or not data_args.extend_vocabulary:
+        return {}
+    if processor_folder(data_args.processor_dir, model_args.model_name_or_path) is None:
+        return {}  # fitted on this training split: nothing to extend
+    report = processor.extend(manifest, split=data_args.train_split, modalities=used)
+    for name, counts in report.items():
+        logger.info(
+            "vocabulary of %r extended on the %s split: %d added, %d overlapping with the pretrained vocabulary "
+            "(%d -> %d)",
+            name,
+            data_args.train_split,
+            counts["added"],
+            counts["overlap"],
+            counts["vocabulary_before"],
+            counts["vocabulary_after"],
+        )
+    if model_args.finetuning_mode != "full" and any(c["added"] for c in report.values()):
+        logger.warning(
+            "finetuning_mode %s: the added vocabulary embeddings stay at their random initialisation (only "
+            "--finetuning_mode full trains the embedders); --extend_vocabulary false leaves the new genes/features out",
+            model_args.finetuning_mode,
+        )
+    return report
+
+
 def build_model(model_args, task: Task, processor, embedders, train_records, used: list[str]):
     cls = task.model_class()
     head = {
@@ -187,7 +216,10 @@ def run_finetuning(
     processor, embedders = load_processor(model_args, data_args, manifest)
     used = used_modalities(model_args, data_args, processor)
     modalities = {m: processor.modalities[m] for m in used}
+    extension = extend_vocabulary(model_args, data_args, processor, manifest, used)
     model = build_model(model_args, task, processor, embedders, train_recs, used)
+    if extension:
+        model.resize_modality_vocabularies(processor.model_modalities())
     model = configure_finetuning(
         model,
         model_args.finetuning_mode,
@@ -207,6 +239,8 @@ def run_finetuning(
         "pretrained": model_args.model_name_or_path,
         "parameters": count_parameters(model),
     }
+    if extension:
+        results["vocabulary_extension"] = extension
     results["manifest"] = str(Path(data_args.manifest).resolve())
     results["modalities"] = used
     results["split_sizes"] = {
@@ -378,6 +412,12 @@ def privacy_results(trainer: DPTaskTrainer, model_args, data_args, train_recs) -
         "the label encoding fitted on the training split (classes, top-k labels, regression scaling, survival time "
         "bins)"
         + (", the processors fitted on the training split (vocabularies, statistics)" if fitted_here else "")
+        + (
+            ", the vocabulary extension of the pretrained processors on the training split (added genes/features, "
+            "their statistics)"
+            if not fitted_here and data_args.extend_vocabulary
+            else ""
+        )
         + "; validation rows (checkpoint choice, calibration) and test rows; the logged training loss"
     )
     logger.info(

@@ -391,6 +391,7 @@ def run_pretraining(
     """
     t_start = time.perf_counter()
     cfg = config
+    cfg.loss.check_run()
     out = Path(cfg.output_dir)
     tr, opt, ck, lg, eval_cfg = cfg.train, cfg.optim, cfg.checkpoint, cfg.logging, cfg.eval
     run_config_yaml = cfg.to_yaml()
@@ -440,11 +441,17 @@ def run_pretraining(
             "train.max_tokens_per_batch (gradient caching) runs its own backward passes and reduces gradients once, "
             "which DeepSpeed and FSDP do not allow; use DDP or one process, or set train.max_tokens_per_batch=null"
         )
+    if pad_ranks and cfg.loss.subset_views:
+        raise RunConfigError(
+            "loss.subset_views runs extra backbone calls whose number depends on the batch, which DeepSpeed ZeRO / "
+            "FSDP with several processes cannot pad across ranks; use DDP or one process, or loss.subset_views=0"
+        )
     trainer = (PaddedPretrainer if pad_ranks else ContrastivePretrainer)(
         model,
         loss=cfg.loss.name,
         fused_view=cfg.loss.fused_view,
         leave_one_out=cfg.loss.leave_one_out,
+        **cfg.loss.subset_kwargs(),
         **cfg.loss.loss_kwargs(),
     )
     if deepspeed:

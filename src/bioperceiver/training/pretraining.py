@@ -42,6 +42,14 @@ class ContrastivePretrainer(nn.Module):
     ``fused_view=True``, the fused embedding of every present modality. A shared two-layer projection head maps
     views to ``config.projection_dim`` before the loss. Only the backbone is saved with ``save_pretrained``; the
     head and the loss's temperature live in the training state (checkpoints).
+
+    Masked-subset views (``subset_views=K > 0``, ``multiview`` loss only): the training loss also sees, per sample
+    having ``subset_modality``, ``K`` more views of that modality alone, each from a random subset of its tokens
+    (``ceil(subset_fraction x tokens)``, at least one, drawn from the torch random stream: deterministic given the
+    seed), run through the backbone alone. Every view of a patient is a positive under ``multiview``, so two subsets
+    of one expression profile are positives, next to the modality <-> modality pairs. They are appended after the
+    ``view_names`` views of :meth:`embed_views`; :meth:`views` (held-out evaluation) leaves them out. ``K = 0`` (the
+    default) leaves the step exactly as without the option.
     """
 
     def __init__(
@@ -50,6 +58,9 @@ class ContrastivePretrainer(nn.Module):
         loss: str = "clip",
         fused_view: bool = True,
         leave_one_out: float = 0.0,
+        subset_views: int = 0,
+        subset_modality: str | None = None,
+        subset_fraction: float = 0.5,
         **loss_kwargs,
     ):
         super().__init__()
@@ -67,6 +78,24 @@ class ContrastivePretrainer(nn.Module):
         self.leave_one_out = float(leave_one_out)
         # own temperature (and bias for SigLIP): "one modality vs the rest" is a different matching problem
         self.loo_loss_fn = build_loss(loss, ["held_out", "rest"], **loss_kwargs) if leave_one_out else None
+        self.subset_views = int(subset_views)
+        self.subset_modality = subset_modality
+        self.subset_fraction = float(subset_fraction)
+        if self.subset_views < 0:
+            raise ValueError(f"subset_views is a number of extra views and must be >= 0, got {subset_views}")
+        if self.subset_views:
+            if loss != "multiview":
+                raise ValueError(
+                    f"subset_views needs the multiview loss (any number of views of a patient are positives); got "
+                    f"loss {loss!r}: set loss.name=multiview or loss.subset_views=0"
+                )
+            if subset_modality not in cfg.modality_names:
+                raise ValueError(
+                    f"subset_views: subset_modality must be one of the model's modalities {cfg.modality_names}, got "
+                    f"{subset_modality!r}"
+                )
+            if not 0 < self.subset_fraction < 1:
+                raise ValueError(f"subset_fraction is the share of tokens kept, in (0, 1); got {subset_fraction}")
 
     def _encode(self, inputs: dict[str, Any]):
         return self.model(inputs=inputs, return_modality_embeddings=True, return_leave_one_out=bool(self.loo_loss_fn))
@@ -93,11 +122,59 @@ class ContrastivePretrainer(nn.Module):
         and ``rest_mask (B, K)``. Gradient caching embeds a batch in chunks through this."""
         out = self._encode(inputs)
         views, mask = self._views_from(out)
+        if self.subset_views:
+            extra, extra_mask = self.subset_views_of(inputs)
+            views, mask = torch.cat([views, extra], dim=1), torch.cat([mask, extra_mask], dim=1)
         emb = {"views": views, "mask": mask}
         if self.loo_loss_fn is not None:
             emb["rest"] = self.projection(out.leave_one_out_pooler_output)  # (B, K, P)
             emb["rest_mask"] = out.leave_one_out_mask.bool()
         return emb
+
+    def subset_masks(self, keep: torch.Tensor) -> torch.Tensor:
+        """``subset_views`` random token subsets of every row of ``keep (b, N)`` (real tokens True): ``(K, b, N)``,
+        each keeping ``ceil(subset_fraction x real tokens)`` (at least one) of the row's real tokens."""
+        n_keep = torch.ceil(keep.sum(1) * self.subset_fraction).clamp(min=1)  # (b,)
+        masks = []
+        for _ in range(self.subset_views):
+            score = torch.rand(keep.shape, device=keep.device).masked_fill(~keep, 2.0)  # padding ranks last
+            rank = score.argsort(dim=1).argsort(dim=1)  # (b, N) rank of each token's draw in its row
+            masks.append(keep & (rank < n_keep[:, None]))
+        return torch.stack(masks)
+
+    def subset_views_of(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected masked-subset views ``(B, K, P)`` of ``subset_modality`` and their mask ``(B, K)`` (samples
+        having the modality): the ``K`` subsets of all those samples go through the backbone in one call."""
+        name = self.subset_modality
+        arrays = inputs.get(name)
+        first = next(v for v in inputs.values() if v is not None)
+        b = next(iter(first.values())).shape[0]
+        p = self.model.config.projection_dim
+        device = next(self.projection.parameters()).device
+        if arrays is None:
+            return torch.zeros(b, self.subset_views, p, device=device), torch.zeros(
+                b, self.subset_views, dtype=torch.bool, device=device
+            )
+        if "mask" not in arrays:
+            raise ValueError(
+                f"subset_views: modality {name!r} has no token keep-mask ('mask') in its batch arrays "
+                f"({sorted(arrays)}); choose a modality whose arrays carry a token 'mask' (omics, tabular) as "
+                "loss.subset_modality"
+            )
+        keep = arrays["mask"].bool()  # (B, N)
+        rows = keep.any(dim=1).nonzero().flatten()
+        mask = torch.zeros(b, self.subset_views, dtype=torch.bool, device=keep.device)
+        if rows.numel() == 0:
+            return torch.zeros(b, self.subset_views, p, device=device), mask
+        k = self.subset_views
+        masks = self.subset_masks(keep[rows])  # (K, b_m, N)
+        sub = {key: torch.cat([v[rows]] * k) for key, v in arrays.items() if key != "mask"}
+        sub["mask"] = masks.reshape(-1, keep.shape[1]).to(arrays["mask"].dtype)
+        pooled = self.model(inputs={name: sub}).pooler_output  # (K * b_m, D)
+        proj = self.projection(pooled).reshape(k, rows.numel(), -1).transpose(0, 1)  # (b_m, K, P)
+        views = proj.new_zeros(b, k, proj.shape[-1]).index_put((rows,), proj)
+        mask[rows] = True
+        return views, mask
 
     def loss_from(self, emb: dict[str, torch.Tensor], pid: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The contrastive loss (plus the weighted leave-one-out term) of :meth:`embed_views`' output."""

@@ -38,6 +38,7 @@ class OmicsEmbedder(ModalityEmbedder):
     config_class = OmicsConfig
     input_keys = ("gene_ids", "values")
     optional_input_keys = ("mask",)
+    vocabulary_embeddings = {"num_genes": "gene_embeddings"}  # noqa: RUF012 (class-level constant)
 
     def __init__(self, name: str, config: OmicsConfig, d_input: int) -> None:
         super().__init__(name, config, d_input)

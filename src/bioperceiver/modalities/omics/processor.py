@@ -17,6 +17,7 @@ from ..processor import ModalityProcessor
 logger = logging.getLogger(__name__)
 
 NORMALIZATIONS = ("log1p", "cpm_log1p", "none")
+ZSCORES = (False, True, "per_source")
 
 
 @dataclass
@@ -26,7 +27,13 @@ class OmicsSettings:
     Args:
         normalization: ``"log1p"`` (counts), ``"cpm_log1p"`` (scale each sample to 1e6 then log1p; TPM-like) or
             ``"none"`` (values already normalised, e.g. log2 microarray intensities).
-        zscore: standardise each gene with mean/std fitted on the training split (after ``normalization``).
+        zscore: standardise each gene with mean/std fitted on the training split (after ``normalization``):
+            ``True`` pools all training samples; ``"per_source"`` fits them per source matrix file (the cohort: a
+            ``matrix.parquet#row=<id>`` cell's source is the file name, ``matrix.parquet``), on that source's training
+            rows only, to remove batch effects between cohorts and platforms. A gene a source does not measure keeps
+            the pooled statistics, and so do cells without a source (inline mappings, one-sample files). A source not
+            seen in fitting is an error naming it at call time: fit it with :meth:`OmicsProcessor.extend` on that
+            cohort's training rows (``run_finetune`` does this), or use ``zscore: true``.
         top_k: keep only the ``top_k`` genes with the highest normalised expression per sample (``None``: all).
         drop_zeros: a zero value produces no token (sparse counts); ``False`` keeps zeros as tokens.
         case: gene names are normalised to ``"upper"`` or ``"lower"`` case (``None``: unchanged).
@@ -36,7 +43,7 @@ class OmicsSettings:
     """
 
     normalization: str = "log1p"
-    zscore: bool = False
+    zscore: bool | str = False
     top_k: int | None = None
     drop_zeros: bool = True
     case: str | None = "upper"
@@ -51,6 +58,8 @@ class OmicsSettings:
             raise ValueError(f"oov must be 'count' or 'error', got {self.oov!r}")
         if self.case not in (None, "upper", "lower"):
             raise ValueError(f"case must be 'upper', 'lower' or None, got {self.case!r}")
+        if self.zscore not in ZSCORES:
+            raise ValueError(f"zscore must be one of {ZSCORES}, got {self.zscore!r}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
 
@@ -149,6 +158,24 @@ def read_expression(value, base_dir: Path | None, proc: ModalityProcessor) -> di
     )
 
 
+def cell_source(value, base_dir: Path | None) -> str | None:
+    """The source (cohort) of an omics cell: the file name of a ``matrix.parquet#row=<id>`` reference; ``None``
+    for an inline mapping or a one-sample file."""
+    from ...data.manifest import parse_reference
+
+    if not isinstance(value, (str, Path)) or "#" not in str(value):
+        return None
+    ref = parse_reference(str(value), base_dir)
+    return ref.path.name if "row" in ref.options else None
+
+
+def _mean_std(s1: np.ndarray, s2: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = s1 / np.maximum(n, 1)
+    std = np.sqrt(np.maximum(s2 / np.maximum(n, 1) - mean**2, 0))
+    std[std < 1e-6] = 1.0
+    return mean, std
+
+
 class OmicsProcessor(ModalityProcessor):
     """Expression -> ``gene_ids`` (int64) and ``values`` (float32), one token per measured in-vocabulary gene."""
 
@@ -159,7 +186,12 @@ class OmicsProcessor(ModalityProcessor):
         super().__init__(name, **settings)
         self._index: dict[str, int] = {}
         self._mean = self._std = None
+        self._sources: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._matrix_cache: dict[str, tuple] = {}
+
+    @property
+    def per_source(self) -> bool:
+        return self.settings.zscore == "per_source"
 
     def _norm_name(self, gene) -> str:
         g = str(gene).strip()
@@ -226,18 +258,49 @@ class OmicsProcessor(ModalityProcessor):
             return np.log1p(vals / total * 1e6) if total > 0 else vals
         return vals
 
-    def _fit(self, values, sample_ids, base_dir):
-        from collections import Counter
-
-        counts: Counter = Counter()
+    def _parse_all(self, values, sample_ids, base_dir) -> list[tuple[list[str], np.ndarray, str | None]]:
+        """``(genes, normalised values, source)`` of every value; a bad value raises naming its sample."""
         parsed = []
         for v, sid in zip(values, sample_ids):
             try:
                 genes, vals, _ = self._parse(v, base_dir)
             except Exception as err:
                 raise (err.located(sample_id=sid) if hasattr(err, "located") else err) from None
+            parsed.append((genes, vals, cell_source(v, base_dir) if self.per_source else None))
+        return parsed
+
+    def _sums(self, parsed, size: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-gene sum, sum of squares and count of the vocabulary ids ``[offset, offset + size)`` over ``parsed``."""
+        s1, s2, n = np.zeros(size), np.zeros(size), np.zeros(size)
+        for genes, vals, _ in parsed:
+            idx = self._lookup(genes) - offset
+            keep = (idx >= 0) & (idx < size)
+            np.add.at(s1, idx[keep], vals[keep])
+            np.add.at(s2, idx[keep], vals[keep] ** 2)
+            np.add.at(n, idx[keep], 1)
+        return s1, s2, n
+
+    def _source_statistics(self, parsed) -> dict[str, dict[str, list[float]]]:
+        """Per source seen in ``parsed``: mean/std of every vocabulary gene, the pooled ones where the source does
+        not measure the gene."""
+        out = {}
+        for source in sorted({s for _, _, s in parsed if s is not None}):
+            s1, s2, n = self._sums([p for p in parsed if p[2] == source], len(self._index))
+            mean, std = _mean_std(s1, s2, n)
+            measured = n > 0
+            out[source] = {
+                "mean": np.where(measured, mean, self._mean).tolist(),
+                "std": np.where(measured, std, self._std).tolist(),
+            }
+        return out
+
+    def _fit(self, values, sample_ids, base_dir):
+        from collections import Counter
+
+        parsed = self._parse_all(values, sample_ids, base_dir)
+        counts: Counter = Counter()
+        for genes, _, _ in parsed:
             counts.update(genes)
-            parsed.append((genes, vals))
         vocab = sorted((g for g, c in counts.items() if c >= self.settings.min_samples), key=lambda g: (-counts[g], g))
         if self.settings.max_genes:
             vocab = vocab[: self.settings.max_genes]
@@ -245,38 +308,109 @@ class OmicsProcessor(ModalityProcessor):
         self.state = {"genes": vocab, "fitted_on": len(values)}
         self._on_load()
         if self.settings.zscore:
-            s1 = np.zeros(len(vocab))
-            s2 = np.zeros(len(vocab))
-            n = np.zeros(len(vocab))
-            for genes, vals in parsed:
-                idx = self._lookup(genes)
-                keep = idx >= 0
-                np.add.at(s1, idx[keep], vals[keep])
-                np.add.at(s2, idx[keep], vals[keep] ** 2)
-                np.add.at(n, idx[keep], 1)
-            mean = s1 / np.maximum(n, 1)
-            std = np.sqrt(np.maximum(s2 / np.maximum(n, 1) - mean**2, 0))
-            std[std < 1e-6] = 1.0
+            mean, std = _mean_std(*self._sums(parsed, len(vocab)))
             self.state["mean"] = mean.tolist()
             self.state["std"] = std.tolist()
             self._on_load()
-        logger.info("omics processor %r: vocabulary of %d genes", self.name, len(vocab))
+            if self.per_source:
+                self.state["sources"] = self._source_statistics(parsed)
+                self._on_load()
+        logger.info(
+            "omics processor %r: vocabulary of %d genes%s",
+            self.name,
+            len(vocab),
+            f", z-scored per source ({len(self._sources)} sources)" if self.per_source else "",
+        )
+
+    def extend(self, values, sample_ids=None, base_dir=None) -> dict:
+        """Add what a new cohort brings to a fitted processor, as tokenizers add tokens: genes measured in at least
+        ``min_samples`` of ``values`` and missing from the vocabulary are appended (existing gene ids unchanged,
+        ``max_genes`` not applied), their z-score statistics fitted on ``values``; with ``zscore: per_source`` every
+        source not fitted yet gets its statistics from its rows in ``values`` (sources already fitted keep theirs,
+        extended to the added genes). Pass the new cohort's *training* rows.
+
+        Returns ``{"added": genes appended, "overlap": measured genes already in the vocabulary, "measured": distinct
+        measured genes, "vocabulary_before": n, "vocabulary_after": n, "new_sources": [...]}``."""
+        if not self.is_fitted:
+            raise RuntimeError(f"omics processor {self.name!r} is not fitted: fit it before extending it")
+        from collections import Counter
+
+        vals, ids = self._present(values, sample_ids)
+        if not vals:
+            raise self.error("no_training_values", "no non-missing value to extend the vocabulary with", "")
+        base = Path(base_dir) if base_dir is not None else None
+        parsed = self._parse_all(vals, ids, base)
+        counts: Counter = Counter()
+        for genes, _, _ in parsed:
+            counts.update(genes)
+        before = len(self.state["genes"])
+        overlap = sum(1 for g in counts if g in self._index)
+        added = sorted(g for g, c in counts.items() if g not in self._index and c >= self.settings.min_samples)
+        known_sources = set(self._sources)
+        self.state = {**self.state, "genes": [*self.state["genes"], *added]}
+        self.state["extended_on"] = int(self.state.get("extended_on", 0)) + len(vals)
+        self._on_load()
+        if self.settings.zscore:
+            mean, std = _mean_std(*self._sums(parsed, len(added), offset=before))
+            self.state["mean"] = [*self.state["mean"], *mean.tolist()]
+            self.state["std"] = [*self.state["std"], *std.tolist()]
+            self._on_load()
+        new_sources = []
+        if self.per_source:
+            fitted = self._source_statistics(parsed)
+            sources = dict(self.state.get("sources", {}))
+            for source, stats in fitted.items():
+                if source in known_sources:  # keep its statistics; the added genes take this cohort's
+                    old = sources[source]
+                    sources[source] = {k: [*old[k], *stats[k][before:]] for k in ("mean", "std")}
+                else:
+                    sources[source] = stats
+                    new_sources.append(source)
+            for source in known_sources - set(fitted):  # not in this cohort: the added genes take pooled values
+                old = sources[source]
+                sources[source] = {k: [*old[k], *self.state[k][before:]] for k in ("mean", "std")}
+            self.state["sources"] = sources
+            self._on_load()
+        report = {
+            "added": len(added),
+            "overlap": overlap,
+            "measured": len(counts),
+            "vocabulary_before": before,
+            "vocabulary_after": len(self.state["genes"]),
+            "new_sources": new_sources,
+        }
+        logger.info(
+            "omics processor %r extended on %d values: %d genes added, %d overlapping (vocabulary %d -> %d)%s",
+            self.name,
+            len(vals),
+            report["added"],
+            overlap,
+            before,
+            report["vocabulary_after"],
+            f", new sources {new_sources}" if new_sources else "",
+        )
+        return report
 
     # ---- federated fit: per-gene sample counts (vocabulary union) and per-gene sums (z-score statistics) ---------
     def _site_statistics(self, values, sample_ids, base_dir):
         counts: dict[str, int] = {}
         sums: dict[str, list[float]] = {}
-        for v, sid in zip(values, sample_ids):
-            try:
-                genes, vals, _ = self._parse(v, base_dir)
-            except Exception as err:
-                raise (err.located(sample_id=sid) if hasattr(err, "located") else err) from None
+        by_source: dict[str, dict[str, list[float]]] = {}
+        for genes, vals, source in self._parse_all(values, sample_ids, base_dir):
             for g, x in zip(genes, vals.tolist()):
                 counts[g] = counts.get(g, 0) + 1
                 if self.settings.zscore:
                     s = sums.setdefault(g, [0.0, 0.0, 0.0])
                     s[0], s[1], s[2] = s[0] + x, s[1] + x * x, s[2] + 1
-        return {"fitted_on": len(values), "genes": counts, **({"sums": sums} if self.settings.zscore else {})}
+                    if source is not None:
+                        t = by_source.setdefault(source, {}).setdefault(g, [0.0, 0.0, 0.0])
+                        t[0], t[1], t[2] = t[0] + x, t[1] + x * x, t[2] + 1
+        out = {"fitted_on": len(values), "genes": counts}
+        if self.settings.zscore:
+            out["sums"] = sums
+        if self.per_source:
+            out["source_sums"] = by_source
+        return out
 
     def _fit_from_statistics(self, merged, query):
         counts = merged["genes"]
@@ -287,11 +421,18 @@ class OmicsProcessor(ModalityProcessor):
         self.state = {"genes": vocab, "fitted_on": int(merged["fitted_on"])}
         if self.settings.zscore:
             s1, s2, n = np.array([merged["sums"][g] for g in vocab], dtype=np.float64).reshape(-1, 3).T
-            mean = s1 / np.maximum(n, 1)
-            std = np.sqrt(np.maximum(s2 / np.maximum(n, 1) - mean**2, 0))
-            std[std < 1e-6] = 1.0
+            mean, std = _mean_std(s1, s2, n)
             self.state["mean"] = mean.tolist()
             self.state["std"] = std.tolist()
+        if self.per_source:
+            self.state["sources"] = {}
+            for source, sums in sorted(merged.get("source_sums", {}).items()):
+                s1, s2, n = np.array([sums.get(g, [0.0, 0.0, 0.0]) for g in vocab], dtype=np.float64).reshape(-1, 3).T
+                m, s = _mean_std(s1, s2, n)
+                self.state["sources"][source] = {
+                    "mean": np.where(n > 0, m, mean).tolist(),
+                    "std": np.where(n > 0, s, std).tolist(),
+                }
         self._on_load()
 
     def _lookup(self, genes: list[str]) -> np.ndarray:
@@ -303,6 +444,25 @@ class OmicsProcessor(ModalityProcessor):
         if "mean" in self.state:
             self._mean = np.asarray(self.state["mean"])
             self._std = np.asarray(self.state["std"])
+        self._sources = {
+            k: (np.asarray(v["mean"]), np.asarray(v["std"])) for k, v in self.state.get("sources", {}).items()
+        }
+
+    def _statistics_for(self, value, base_dir) -> tuple[np.ndarray, np.ndarray]:
+        """The z-score mean/std that apply to a cell: its source's with ``zscore: per_source`` (pooled for a cell
+        without a source), else pooled."""
+        source = cell_source(value, base_dir) if self.per_source else None
+        if source is None:
+            return self._mean, self._std
+        if source not in self._sources:
+            raise self.error(
+                "unknown_source",
+                f"source {source!r} was not seen when the per-source z-score statistics were fitted (fitted sources: "
+                f"{sorted(self._sources)[:10]})",
+                "extend the processor on that cohort's training rows (OmicsProcessor.extend; run_finetune does it "
+                "with --extend_vocabulary true), or use zscore: true (pooled statistics)",
+            )
+        return self._sources[source]
 
     def _process(self, value, *, sample_id, base_dir, train, rng):
         genes, vals, idx = self._parse(value, base_dir)
@@ -324,14 +484,16 @@ class OmicsProcessor(ModalityProcessor):
             raise self.error(
                 "no_known_genes",
                 f"none of the {len(genes)} measured genes is in the fitted vocabulary ({len(self._index)} genes)",
-                "check the gene identifiers (symbols vs Ensembl IDs, case) match the training data",
+                "check the gene identifiers (symbols vs Ensembl IDs, case) match the training data, or extend the "
+                "vocabulary on the new cohort's training rows (run_finetune --extend_vocabulary true)",
             )
         if self.settings.top_k is not None and len(idx) > self.settings.top_k:
             order = np.argsort(-vals, kind="stable")[: self.settings.top_k]
             order.sort()
             idx, vals = idx[order], vals[order]
         if self.settings.zscore:
-            vals = (vals - self._mean[idx]) / self._std[idx]
+            mean, std = self._statistics_for(value, base_dir)
+            vals = (vals - mean[idx]) / std[idx]
         order = np.argsort(idx, kind="stable")
         return {"gene_ids": idx[order], "values": vals[order].astype(np.float32)}
 

@@ -44,6 +44,7 @@ class TabularEmbedder(ModalityEmbedder):
     config_class = TabularConfig
     input_keys = ("feature_ids", "values")
     optional_input_keys = ("category_ids", "mask")
+    vocabulary_embeddings = {"num_features": "feature_embeddings", "num_categories": "category_embeddings"}  # noqa: RUF012
 
     def __init__(self, name: str, config: TabularConfig, d_input: int) -> None:
         super().__init__(name, config, d_input)

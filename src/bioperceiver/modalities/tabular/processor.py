@@ -99,7 +99,8 @@ class TabularProcessor(ModalityProcessor):
                     )
                 yield k, x, num
 
-    def _fit(self, values, sample_ids, base_dir):
+    def _count(self, values, sample_ids) -> tuple[Counter, dict[str, list[float]], dict[str, Counter]]:
+        """Per feature: samples present, numeric values, categorical value counts."""
         present: Counter = Counter()
         numbers: dict[str, list[float]] = {}
         cats: dict[str, Counter] = {}
@@ -109,8 +110,12 @@ class TabularProcessor(ModalityProcessor):
                 numbers.setdefault(k, []).append(num)
             else:
                 cats.setdefault(k, Counter())[str(x)] += 1
-        features, next_cat = [], 1
-        for name in sorted(k for k, c in present.items() if c >= self.settings.min_feature_count):
+        return present, numbers, cats
+
+    def _feature_entries(self, names, numbers, cats, next_cat: int) -> tuple[list[dict], int]:
+        """The vocabulary entries of ``names`` (categorical codes from ``next_cat`` on) and the next free code."""
+        features = []
+        for name in names:
             if name in cats:  # any non-numeric value makes the feature categorical
                 counter = cats[name]
                 for x in numbers.get(name, []):
@@ -137,8 +142,59 @@ class TabularProcessor(ModalityProcessor):
                 features.append(
                     {"name": name, "type": "numeric", "center": center, "scale": scale if scale > 0 else 1.0}
                 )
+        return features, next_cat
+
+    def _fit(self, values, sample_ids, base_dir):
+        present, numbers, cats = self._count(values, sample_ids)
+        names = sorted(k for k, c in present.items() if c >= self.settings.min_feature_count)
+        features, next_cat = self._feature_entries(names, numbers, cats, 1)
         self.state = {"features": features, "num_categories": next_cat, "fitted_on": len(values)}
         self._on_load()
+
+    def extend(self, values, sample_ids=None, base_dir=None) -> dict:
+        """Add the features (e.g. lab tests) a new cohort brings to a fitted processor, as tokenizers add tokens:
+        features present in at least ``min_feature_count`` of ``values`` and missing from the vocabulary are
+        appended (existing feature ids, scalings and category codes unchanged; new categorical codes start at the
+        old ``num_categories``), their scaling and categories fitted on ``values`` (the new cohort's training rows).
+
+        Returns ``{"added": features appended, "overlap": present features already in the vocabulary, "measured":
+        distinct present features, "vocabulary_before": n, "vocabulary_after": n}``."""
+        if not self.is_fitted:
+            raise RuntimeError(f"tabular processor {self.name!r} is not fitted: fit it before extending it")
+        vals, ids = self._present(values, sample_ids)
+        if not vals:
+            raise self.error("no_training_values", "no non-missing value to extend the vocabulary with", "")
+        present, numbers, cats = self._count(vals, ids)
+        before = len(self.state["features"])
+        names = sorted(
+            k for k, c in present.items() if k not in self._features and c >= self.settings.min_feature_count
+        )
+        features, next_cat = self._feature_entries(names, numbers, cats, self.state["num_categories"])
+        overlap = sum(1 for k in present if k in self._features)
+        self.state = {
+            **self.state,
+            "features": [*self.state["features"], *features],
+            "num_categories": next_cat,
+            "extended_on": int(self.state.get("extended_on", 0)) + len(vals),
+        }
+        self._on_load()
+        report = {
+            "added": len(features),
+            "overlap": overlap,
+            "measured": len(present),
+            "vocabulary_before": before,
+            "vocabulary_after": len(self.state["features"]),
+        }
+        logger.info(
+            "tabular processor %r extended on %d values: %d features added, %d overlapping (vocabulary %d -> %d)",
+            self.name,
+            len(vals),
+            report["added"],
+            overlap,
+            before,
+            report["vocabulary_after"],
+        )
+        return report
 
     # ---- federated fit: counts and sums per site; quantiles by counting (bisection), never raw values ----------
     def _site_statistics(self, values, sample_ids, base_dir):

@@ -1,0 +1,276 @@
+"""Per-cohort (per-source) z-scores, vocabulary extension of omics/tabular processors and of the model's embeddings,
+and finetuning a pretrained model on a cohort whose genes the pretrained vocabulary lacks (issue 18)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import tiny_config
+
+import bioperceiver as bp
+from bioperceiver.data import BioPerceiverProcessor, read_manifest, write_manifest
+from bioperceiver.data.errors import DataError
+from bioperceiver.modalities.omics.processor import OmicsProcessor
+from bioperceiver.modalities.processor import sum_statistics
+from bioperceiver.modalities.tabular.processor import TabularProcessor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _matrix(path: Path, genes: list[str], n: int, shift: float, seed: int, prefix: str) -> list[str]:
+    """A samples x genes expression matrix (log scale, a cohort-wide ``shift``: a batch effect); its cells."""
+    rng = np.random.default_rng(seed)
+    values = rng.normal(5 + shift, 1 + 0.2 * np.arange(len(genes)), size=(n, len(genes)))
+    values[rng.random(values.shape) < 0.1] = np.nan  # unmeasured
+    ids = [f"{prefix}{i}" for i in range(n)]
+    pd.DataFrame(values, index=pd.Index(ids, name="sample"), columns=genes).to_parquet(path)
+    return [f"{path.name}#row={i}" for i in ids]
+
+
+def _genes(a: int, b: int) -> list[str]:
+    return [f"G{i}" for i in range(a, b)]
+
+
+@pytest.fixture
+def cohorts(tmp_path):
+    a = _matrix(tmp_path / "a.parquet", _genes(0, 8), 30, 0.0, 0, "a")
+    b = _matrix(tmp_path / "b.parquet", _genes(4, 12), 30, 3.0, 1, "b")
+    return tmp_path, a, b
+
+
+def _manual(cells, base, source_rows, genes):
+    """Per-gene mean/std of the rows ``source_rows`` of a matrix (the reference computation)."""
+    table = pd.read_parquet(base / cells[0].split("#")[0]).loc[source_rows, genes]
+    std = table.std(ddof=0).to_numpy()
+    return table.mean().to_numpy(), np.where(std < 1e-6, 1.0, std)
+
+
+def test_per_source_zscore_uses_each_cohorts_training_statistics(cohorts):
+    base, a, b = cohorts
+    train = a[:20] + b[:20]
+    proc = OmicsProcessor("omics_x", normalization="none", zscore="per_source").fit(train, base_dir=base)
+    assert sorted(proc.state["sources"]) == ["a.parquet", "b.parquet"]
+    # a held-out row of cohort b is standardised with b's training-row statistics, not the pooled ones
+    out = proc(b[25], base_dir=base)
+    genes = [proc.state["genes"][i] for i in out["gene_ids"]]
+    mean, std = _manual(b, base, [f"b{i}" for i in range(20)], genes)
+    raw = pd.read_parquet(base / "b.parquet").loc["b25", genes].to_numpy()
+    np.testing.assert_allclose(out["values"], (raw - mean) / std, rtol=1e-5, atol=1e-5)
+    # the batch effect is gone: each cohort's training rows are centred per gene
+    for cells in (a[:20], b[:20]):
+        rows = [proc(c, base_dir=base) for c in cells]
+        ids = np.concatenate([r["gene_ids"] for r in rows])
+        vals = np.concatenate([r["values"] for r in rows])
+        for g in np.unique(ids):
+            assert abs(vals[ids == g].mean()) < 1e-5
+    # a mapping cell has no source: pooled statistics
+    mapping = {"G0": 5.0, "G5": 6.0}
+    pooled = OmicsProcessor("omics_x", normalization="none", zscore=True).fit(train, base_dir=base)
+    np.testing.assert_array_equal(proc(mapping)["values"], pooled(mapping)["values"])
+    np.testing.assert_array_equal(proc.state["mean"], pooled.state["mean"])
+    # round trip
+    again = OmicsProcessor.from_dict(json.loads(json.dumps(proc.to_dict())))
+    np.testing.assert_array_equal(again(b[25], base_dir=base)["values"], out["values"])
+
+
+def test_unseen_source_is_an_error_naming_it_and_the_fix(cohorts):
+    base, a, b = cohorts
+    proc = OmicsProcessor("omics_x", normalization="none", zscore="per_source").fit(a[:20], base_dir=base)
+    with pytest.raises(DataError, match=r"b\.parquet.*extend") as info:
+        proc(b[0], base_dir=base, sample_id="b0")
+    assert info.value.reason == "unknown_source"
+    assert info.value.sample_id == "b0"
+
+
+def test_per_source_federated_fit_equals_pooled_fit(cohorts):
+    base, a, b = cohorts
+
+    def make():
+        return OmicsProcessor("omics_x", normalization="none", zscore="per_source")
+
+    sites = [a[:10] + b[:5], a[10:20] + b[5:20]]
+    proc = make()
+    merged = sum_statistics(proc.site_statistics(v, base_dir=base) for v in sites)
+    proc.fit_from_statistics(merged)
+    pooled = make().fit(a[:20] + b[:20], base_dir=base)
+    assert proc.state["genes"] == pooled.state["genes"]
+    for key in ("mean", "std"):
+        np.testing.assert_allclose(proc.state[key], pooled.state[key], rtol=1e-9)
+        for source in ("a.parquet", "b.parquet"):
+            np.testing.assert_allclose(proc.state["sources"][source][key], pooled.state["sources"][source][key])
+
+
+def test_zscore_setting_is_checked():
+    with pytest.raises(ValueError, match="zscore must be one of"):
+        OmicsProcessor("omics_x", zscore="per_cohort")
+
+
+def test_omics_extension_keeps_existing_ids_and_statistics(cohorts):
+    base, a, b = cohorts
+    proc = OmicsProcessor("omics_x", normalization="none", zscore="per_source").fit(a[:20], base_dir=base)
+    before = json.loads(json.dumps(proc.state))
+    out_a = proc(a[25], base_dir=base)
+    report = proc.extend(b[:20], base_dir=base)
+    assert report == {
+        "added": 4,  # G8..G11
+        "overlap": 4,  # G4..G7
+        "measured": 8,
+        "vocabulary_before": 8,
+        "vocabulary_after": 12,
+        "new_sources": ["b.parquet"],
+    }
+    assert proc.state["genes"][:8] == before["genes"] and proc.state["genes"][8:] == sorted(_genes(8, 12))
+    assert proc.state["mean"][:8] == before["mean"] and proc.state["std"][:8] == before["std"]
+    assert proc.state["sources"]["a.parquet"]["mean"][:8] == before["sources"]["a.parquet"]["mean"]
+    # the old cohort's tokens are unchanged; the new cohort is tokenised with its own statistics
+    np.testing.assert_array_equal(proc(a[25], base_dir=base)["values"], out_a["values"])
+    np.testing.assert_array_equal(proc(a[25], base_dir=base)["gene_ids"], out_a["gene_ids"])
+    out_b = proc(b[25], base_dir=base)
+    assert out_b["gene_ids"].max() == 11
+    genes = [proc.state["genes"][i] for i in out_b["gene_ids"]]
+    mean, std = _manual(b, base, [f"b{i}" for i in range(20)], genes)
+    raw = pd.read_parquet(base / "b.parquet").loc["b25", genes].to_numpy()
+    np.testing.assert_allclose(out_b["values"], (raw - mean) / std, rtol=1e-5, atol=1e-5)
+    assert proc.model_settings()["num_genes"] == 12
+
+
+def test_tabular_extension_appends_features_and_category_codes():
+    rows = [{"age": 50.0 + i, "sex": "F" if i % 2 else "M"} for i in range(10)]
+    proc = TabularProcessor("tabular_x").fit(rows)
+    before = json.loads(json.dumps(proc.state))
+    old = proc(rows[3])
+    new_rows = [{"age": 60.0 + i, "crp": float(i), "smoker": "yes" if i % 3 else "no"} for i in range(10)]
+    report = proc.extend(new_rows)
+    assert report == {"added": 2, "overlap": 1, "measured": 3, "vocabulary_before": 2, "vocabulary_after": 4}
+    assert proc.state["features"][:2] == before["features"]
+    assert proc.feature_names[2:] == ["crp", "smoker"]
+    assert proc.state["num_categories"] == before["num_categories"] + 3  # unknown bucket + "no" + "yes"
+    for key in old:
+        np.testing.assert_array_equal(proc(rows[3])[key], old[key])
+    out = proc(new_rows[4])
+    assert sorted(out["feature_ids"].tolist()) == [0, 2, 3]
+    assert out["category_ids"].max() < proc.model_settings()["num_categories"]
+
+
+def test_model_vocabulary_resize_keeps_rows_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = bp.BioPerceiverModel(tiny_config())
+    old_genes = model.embedders["omics"].gene_embeddings.weight.detach().clone()
+    old_feats = model.embedders["tabular"].feature_embeddings.weight.detach().clone()
+    n_genes = model.config.modalities["omics"]["num_genes"]
+    grown = model.resize_modality_vocabularies(
+        {"omics": {"kind": "omics", "num_genes": n_genes + 5}, "tabular": {"kind": "tabular", "num_features": 10}}
+    )
+    assert grown == {"omics": {"num_genes": (n_genes, n_genes + 5)}}  # 10 < 16 features: left as it is
+    weight = model.embedders["omics"].gene_embeddings.weight
+    assert torch.equal(weight[:n_genes], old_genes)
+    assert torch.equal(model.embedders["tabular"].feature_embeddings.weight, old_feats)
+    std = model.config.initializer_range
+    assert weight[n_genes:].abs().max() < 6 * std and weight[n_genes:].std() > 0
+    assert model.config.modalities["omics"]["num_genes"] == n_genes + 5
+    # a new gene id runs forward and receives a gradient
+    ids = torch.tensor([[n_genes + 4, 1]])
+    out = model(omics={"gene_ids": ids, "values": torch.ones(1, 2)})
+    out.pooler_output.sum().backward()
+    assert weight.grad[n_genes + 4].abs().sum() > 0
+    model.save_pretrained(tmp_path / "m")
+    again = bp.BioPerceiverModel.from_pretrained(tmp_path / "m")
+    assert again.config.modalities["omics"]["num_genes"] == n_genes + 5
+    assert torch.equal(again.embedders["omics"].gene_embeddings.weight, weight.detach())
+    with pytest.raises(ValueError, match="cannot shrink"):
+        model.embedders["omics"].resize_vocabulary({"num_genes": 2}, std=0.02)
+
+
+# ---- finetuning a pretrained model on a cohort with new genes ----------------------------------------------------
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("run_finetune", ROOT / "finetune" / "run_finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_finetune"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cohort_manifest(base: Path, name: str, genes: list[str], shift: float, seed: int, n: int = 48) -> Path:
+    cells = _matrix(base / f"{name}.parquet", genes, n, shift, seed, name)
+    rng = np.random.default_rng(seed)
+    split = ["train"] * (n // 2) + ["validation"] * (n // 4) + ["test"] * (n - n // 2 - n // 4)
+    table = pd.DataFrame(
+        {
+            "sample_id": [c.split("=")[1] for c in cells],
+            "patient_id": [c.split("=")[1] for c in cells],
+            "split": split,
+            "omics_expression": cells,
+            "tabular_clinical": [json.dumps({"age": float(rng.normal(60, 10))}) for _ in cells],
+            "label_y": ["yes" if i % 2 else "no" for i in range(n)],
+        }
+    )
+    return write_manifest(table, base / f"{name}_manifest.parquet")
+
+
+@pytest.fixture
+def pretrained(tmp_path) -> Path:
+    manifest = read_manifest(_cohort_manifest(tmp_path, "dev", _genes(0, 8), 0.0, 0))
+    proc = BioPerceiverProcessor(
+        {
+            "omics_expression": OmicsProcessor(normalization="none", zscore="per_source"),
+            "tabular_clinical": TabularProcessor(),
+        }
+    ).fit(manifest)
+    torch.manual_seed(0)
+    backbone = bp.create_model("bioperceiver_debug", modalities=proc.model_modalities())
+    pre = tmp_path / "pretrained"
+    backbone.save_pretrained(pre)
+    proc.save_pretrained(pre)
+    return pre
+
+
+def _finetune(manifest: Path, pre: Path, out: Path, *args: str) -> dict:
+    argv = [
+        *("--manifest", str(manifest), "--output_dir", str(out), "--model_name_or_path", str(pre)),
+        *("--task", "classification", "--label_column", "label_y", "--do_train", "true"),
+        *("--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--eval_strategy", "no"),
+        *("--save_strategy", "no", "--n_bootstrap", "10", "--ablations", "false", "--uncertainty", "false"),
+        *("--interpret", "false", "--use_cpu", "true", "--report_to", "none", "--seed", "0"),
+        *args,
+    ]
+    return _load_script().main(argv)
+
+
+def test_finetune_extends_the_pretrained_vocabulary(tmp_path, pretrained):
+    manifest = _cohort_manifest(tmp_path, "new", _genes(4, 14), 2.0, 1)
+    out = tmp_path / "ft"
+    results = _finetune(manifest, pretrained, out)
+    ext = results["vocabulary_extension"]
+    assert ext["omics_expression"]["added"] == 6 and ext["omics_expression"]["overlap"] == 4
+    assert ext["omics_expression"]["new_sources"] == ["new.parquet"]
+    assert ext["tabular_clinical"]["added"] == 0 and ext["tabular_clinical"]["overlap"] == 1
+    saved = json.loads((out / "all_results.json").read_text())
+    assert saved["vocabulary_extension"] == ext
+    card = (out / "README.md").read_text()
+    assert "vocabulary extension (omics_expression)" in card and "6 added, 4 overlapping" in card
+    # the saved model and processors round-trip with the extended vocabulary
+    config = json.loads((out / "config.json").read_text())
+    assert config["modalities"]["omics_expression"]["num_genes"] == 14
+    proc = BioPerceiverProcessor.from_pretrained(out)
+    assert len(proc.processors["omics_expression"].state["genes"]) == 14
+    model = bp.AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.bioperceiver.embedders["omics_expression"].gene_embeddings.num_embeddings == 14
+    # the pretrained gene embeddings stay where they were only if training did not move them: compare the shape
+    # of the pretrained rows instead (the pretrained folder itself is untouched)
+    before = bp.BioPerceiverModel.from_pretrained(pretrained)
+    assert before.embedders["omics_expression"].gene_embeddings.num_embeddings == 8
+
+
+def test_finetune_without_extension_keeps_the_old_error(tmp_path, pretrained):
+    manifest = _cohort_manifest(tmp_path, "disjoint", _genes(20, 26), 2.0, 2)
+    with pytest.raises(DataError, match=r"none of the .* measured genes is in the fitted vocabulary"):
+        _finetune(manifest, pretrained, tmp_path / "ft", "--extend_vocabulary", "false", "--on_error", "raise")
