@@ -8,6 +8,8 @@ each, three models on exactly the same patients:
   fields, CLIP) on the *train* split of the full-PadChest manifest;
 * ``random`` -- the same architecture, randomly initialised, same processors (the WordPiece vocabulary fitted on the
   pretraining reports) and the same finetuning settings: the difference is the pretrained weights only;
+* ``pretrained_probe`` -- the pretrained backbone frozen, a linear head trained on its cached embeddings
+  (``finetune_tasks.BP_CONFIGS["pretrained_linear_probe"]``: lr 3e-3);
 * ``tfidf_lr`` -- TF-IDF word 1-2-grams + study fields + one-vs-rest logistic regression, the vectoriser and C fitted
   / chosen on the run's labelled patients and the validation patients (``benchmarks/finetune_tasks.py``'s
   ``tfidf_lr``).
@@ -46,7 +48,9 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = "tokenizers/padchest_processors.yaml"
-ARMS = ("pretrained", "random", "tfidf_lr")
+ARMS = ("pretrained", "random", "tfidf_lr", "pretrained_probe")
+# finetune_tasks.BP_CONFIGS setting of each BioPerceiver arm (the learning rate of the full arms is --lr)
+BP_ARMS = {"pretrained": "pretrained_full", "random": "random_full", "pretrained_probe": "pretrained_linear_probe"}
 TASK = ["--task", "multilabel", "--label_column", "label_findings", "--top_k_labels", "6"]
 MODALITIES = ["text_report", "tabular_study"]
 
@@ -113,12 +117,15 @@ def bootstrap_means(data, probs: dict[str, list[np.ndarray]], n_boot: int, seed:
     recs, y = data.data["test"]
     groups = np.array([r["patient_id"] for r in recs])
 
+    from sklearn.metrics import roc_auc_score
+
+    def macro_auc(p, yy):
+        if (yy.min(0) != yy.max(0)).all():  # every label has both classes: sklearn's macro AUROC, the same number
+            return roc_auc_score(yy, p, average="macro")
+        return compute_task_metrics("multilabel", p, yy, from_logits=False)["auroc"]  # the labels where defined
+
     def mean_auc(name, idx):
-        return float(
-            np.mean(
-                [compute_task_metrics("multilabel", p[idx], y[idx], from_logits=False)["auroc"] for p in probs[name]]
-            )
-        )
+        return float(np.mean([macro_auc(p[idx], y[idx]) for p in probs[name]]))
 
     names = [n for n in ARMS if probs.get(n)]
     point = {n: mean_auc(n, np.arange(len(y))) for n in names}
@@ -135,7 +142,7 @@ def bootstrap_means(data, probs: dict[str, list[np.ndarray]], n_boot: int, seed:
             "ci_low": float(np.nanquantile(d, 0.025)),
             "ci_high": float(np.nanquantile(d, 0.975)),
         }
-    for a, b in (("pretrained", "random"), ("pretrained", "tfidf_lr")):
+    for a, b in (("pretrained", "random"), ("pretrained", "tfidf_lr"), ("pretrained_probe", "random")):
         if a in names and b in names:
             d = np.asarray(draws[a]) - np.asarray(draws[b])
             out[f"{a}_minus_{b}"] = {
@@ -195,7 +202,8 @@ def run_point(ft, args, data, runner, frac: float, seed: int, points_dir: Path) 
         elif runner is None:
             continue
         else:
-            cfg = {**ft.BP_CONFIGS["pretrained_full" if arm == "pretrained" else "random_full"], "lr": args.lr}
+            cfg = dict(ft.BP_CONFIGS[BP_ARMS[arm]])
+            cfg["lr"] = args.lr if cfg["mode"] == "full" else cfg["lr"]
             extra = [*sched, "--processor_settings", SETTINGS, "--processor_dir", str(args.processor_dir)]
             rr = runner.run(
                 f"le_{tag}_{arm}",
@@ -229,7 +237,7 @@ def plot(res: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     fr = res["fractions"]
-    for arm, color in (("tfidf_lr", "C0"), ("pretrained", "C1"), ("random", "C2")):
+    for arm, color in (("tfidf_lr", "C0"), ("pretrained", "C1"), ("random", "C2"), ("pretrained_probe", "C3")):
         s = [res["summary"][str(f)].get(arm) for f in fr]
         if not all(s):
             continue
@@ -295,7 +303,7 @@ def main(argv=None) -> dict:
     data = ft.FindingsData(read_manifest(path))
     ft_args = argparse.Namespace(work_dir=str(work), quick=False, reuse_runs=None)
     args.processor_dir = args.processor_dir or args.pretrained_dir
-    bp = {"pretrained", "random"} & set(args.arms)
+    bp = set(BP_ARMS) & set(args.arms)
     runner = ft.BPRunner(ft_args, Path(args.pretrained_dir)) if bp else None
     points = [
         run_point(ft, args, data, runner, frac, seed, points_dir) for frac in args.fractions for seed in args.seeds
