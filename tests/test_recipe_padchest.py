@@ -4,6 +4,7 @@ demo's test patients kept out of the train split, the sidecar."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -49,6 +50,11 @@ def test_one_row_per_study_with_the_slices_fields(slice_dir, built):
     assert fields["n_images"] == got.iloc[0] and "projections" in fields and "age_years" in fields
     assert meta["modalities"] == {"text_report": "text", "tabular_study": "tabular"}
     assert meta["labels"] == {"label_findings": "multilabel"}
+    # the suggested settings are the ones the shipped settings file fits (and what fit_processors uses without one)
+    import yaml
+
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "tokenizers/padchest_processors.yaml").read_text())
+    assert meta["processor_settings"] == shipped["processors"]
 
 
 def test_streaming_does_not_change_the_rows(slice_dir, built, tmp_path):

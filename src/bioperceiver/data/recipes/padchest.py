@@ -86,6 +86,8 @@ PADCHEST_USECOLS = [
     "MethodLabel",
     "Labels",
 ]
+# the text processor of tokenizers/padchest_processors.yaml: reports are short (p95 ~45 tokens)
+TEXT_SETTINGS = {"model": "wordpiece", "vocab_size": 8000, "min_frequency": 2, "max_length": 96}
 _ID_DTYPES = {"StudyID": str, "PatientID": str, "ImageID": str}
 
 SOURCE_NOTES = (
@@ -337,9 +339,9 @@ def build_padchest(
         "patients": int(df["patient_id"].nunique()),
         "patients_per_split": {k: int(v) for k, v in df.groupby("split")["patient_id"].nunique().items()},
         "split_rule": "bioperceiver.data.splits.split_of(patient_id), fractions (0.8, 0.1, 0.1), salt 'bioperceiver'",
-        "processor_settings": {
-            "text_report": {"tokenizer": "train on the train split only (tokenizers/padchest_processors.yaml)"}
-        },
+        # suggested settings (what tokenizers/fit_processors.py uses without --settings): the WordPiece vocabulary
+        # is trained when the processors are fitted, on the train split only (tokenizers/padchest_processors.yaml)
+        "processor_settings": {"text_report": dict(TEXT_SETTINGS), "tabular_study": {}},
     }
     return write_recipe_output(
         df,
