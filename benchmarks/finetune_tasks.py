@@ -778,8 +778,9 @@ def label_efficiency(args, data: FindingsData, runner: BPRunner | None) -> dict:
     points = []
     for frac in fractions:
         for seed in seeds:
-            recs, ys = subsample_patients(train_recs, list(y_train), frac, seed)  # the run's own draw
-            ys = np.stack(ys)
+            recs = subsample_patients(train_recs, frac, seed)  # the run's own draw
+            kept = {id(r) for r in recs}
+            ys = np.stack([y for r, y in zip(train_recs, y_train) if id(r) in kept])
             spe = math.ceil(len(recs) / 32)
             base = 2 if args.quick else cfgs["pretrained"]["epochs"]
             steps = base * spe if args.quick else max(base * spe, args.min_steps)
