@@ -27,7 +27,8 @@ For each cohort of ``--cohorts`` (built with :mod:`bioperceiver.data.recipes.sur
 External cohorts (gse3143, DBCD, DLBCL, chop, AML_Bull, vdv) are accepted for evaluation only: every setting is
 fixed or chosen on the cohort's own validation part, and nothing here pretrains on them.
 
-Outputs (``--output_dir``, default ``outputs/survival_cv``): ``survival_cv.json``, ``survival_cv.png``, and
+Outputs (``--output_dir``, default ``outputs/survival_cv``): ``survival_cv.json``, ``survival_cv.png``,
+``survival_cv.md`` (the tables), and
 ``cache/<cohort>/fold<k>/<model>.json`` -- each finished (cohort, fold, model) result with its test risks; a rerun
 with the same settings skips it (resumable). ``runs/`` holds the BioPerceiver run folders (reports, no weights).
 
@@ -389,17 +390,26 @@ def summarise(args, cohort: str, role: str, rows, fold_meta: list[dict], results
 # report
 # ---------------------------------------------------------------------------------------------------------------
 def report_lines(res: dict) -> list[str]:
+    """Markdown tables: test C-index mean ± SD per cohort and model, then the paired differences with 95% CIs."""
     models = [*BASELINES, "bp_random", "bp_pretrained"]
-    lines = ["cohort        " + "".join(f"{m:>18}" for m in models) + "   best baseline (val)"]
+    lines = [
+        "| cohort | patients (events) | " + " | ".join(models) + " | best baseline (validation) |",
+        "|---|---|" + "---|" * (len(models) + 1),
+    ]
     for c, r in res["cohorts"].items():
         cells = []
         for m in models:
             s = r["models"].get(m, {})
-            cells.append(f"{s['test']['mean']:.3f} ± {s['test']['sd']:.3f}" if "test" in s else "-")
-        lines.append(f"{c:<14}" + "".join(f"{x:>18}" for x in cells) + f"   {r['best_baseline_by_validation']}")
+            cells.append(f"{s['test']['mean']:.3f} ± {s['test']['sd']:.3f}" if "test" in s else "–")
+        lines.append(
+            f"| {c}{' (ext)' if r['role'] == 'external' else ''} | {r['n_patients']} ({r['n_events']}) | "
+            + " | ".join(cells)
+            + f" | {r['best_baseline_by_validation']} |"
+        )
+    lines += ["", "| cohort | difference | mean over folds | 95% CI (paired patient bootstrap) |", "|---|---|---|---|"]
     for c, r in res["cohorts"].items():
         for name, d in r["paired_differences"].items():
-            lines.append(f"{c:<14} {name:<32} {d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
+            lines.append(f"| {c} | {name} | {d['difference']:+.3f} | [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] |")
     return lines
 
 
@@ -508,8 +518,8 @@ def main(argv=None) -> dict:
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     (out / "survival_cv.json").write_text(json.dumps(res, indent=1, default=ft._json_default))
     plot(res, out / "survival_cv.png")
-    for line in report_lines(res):
-        logger.warning(line)
+    (out / "survival_cv.md").write_text("\n".join(report_lines(res)) + "\n")
+    print("\n".join(report_lines(res)), flush=True)
     return res
 
 
