@@ -422,7 +422,7 @@ def plot(res: dict, path: Path) -> None:
     present = {m for r in res["cohorts"].values() for m in r["models"]}
     models = [m for m in (*BASELINES, "bp_random", "bp_pretrained") if m in present]
     cohorts = list(res["cohorts"])
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(cohorts) * len(models) / 3), 4))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(cohorts) + 2), 4.5))
     width = 0.8 / len(models)
     for j, m in enumerate(models):
         for i, c in enumerate(cohorts):
