@@ -403,7 +403,7 @@ class SurvivalFeatures:
         top = pd.concat(var, axis=1).mean(axis=1).sort_values(ascending=False).index[: self.n_genes]
         self.genes = list(top)
         z = self._z(train_idx)
-        self.pca = PCA(n_components=min(30, len(train_idx) - 1), random_state=0).fit(z)
+        self.pca = PCA(n_components=min(30, len(train_idx) - 1, z.shape[1]), random_state=0).fit(z)  # small panels
         pcs = self.pca.transform(z)
         self.pc_mu, self.pc_sd = pcs.mean(0), pcs.std(0) + 1e-12
         return self

@@ -1,0 +1,527 @@
+"""Cross-validated survival benchmark per SurvSet cohort: BioPerceiver (random init, pretrained) vs classical models.
+
+For each cohort of ``--cohorts`` (built with :mod:`bioperceiver.data.recipes.survset`, one manifest for all):
+
+* **folds** -- patient-level ``--folds``-fold CV stratified by event (:func:`make_folds`); inside the training
+  folds a stratified ``--val_fraction`` of patients is the *validation* part. Every model is fitted on *train*,
+  chooses its settings on *validation* only and is scored once on the held-out fold (*test*).
+* **models**
+  - ``cox_clinical``: ``lifelines.CoxPHFitter`` on the clinical covariates (train-median imputation, one-hot,
+    standardisation; ridge penalty chosen on validation). Cohorts without clinical covariates have none.
+  - ``cox_clinical_pcs``: the same on clinical covariates + principal components of expression (gene
+    standardisation, top-variance genes, PCA and component scaling fitted on the training rows only; number of
+    components in ``{0, 2, 5, 10, 20}`` and penalty chosen on validation). Both Cox models reuse
+    ``benchmarks/finetune_tasks.py``'s ``SurvivalFeatures`` / ``cox_select``.
+  - ``rsf``: scikit-survival ``RandomSurvivalForest`` (200 trees) on the same clinical + PC features (number of
+    components and ``min_samples_leaf`` chosen on validation).
+  - ``bp_random``: BioPerceiver from random initialisation (``--random_preset``), full finetuning with a Cox head
+    through ``finetune/run_finetune.py``'s ``main`` (``benchmarks/finetune_tasks.py``'s ``BPRunner``), the best
+    epoch chosen on validation C-index.
+  - ``bp_pretrained``: the same from ``--pretrained_dir`` (only when given).
+* **report** per cohort: test C-index mean ± SD over folds; paired patient-bootstrap differences (``bp_pretrained``
+  - ``bp_random``, ``bp_pretrained`` - best baseline, ``bp_random`` - best baseline) with 95% CIs: in each of
+  ``--n_bootstrap`` resamples every fold's test patients are redrawn with replacement (the same draw for both
+  models), the fold's C-index difference is computed, and the differences are averaged over folds. The *best
+  baseline* is the classical model with the highest mean *validation* C-index (never chosen on test).
+
+External cohorts (gse3143, DBCD, DLBCL, chop, AML_Bull, vdv) are accepted for evaluation only: every setting is
+fixed or chosen on the cohort's own validation part, and nothing here pretrains on them.
+
+Outputs (``--output_dir``, default ``outputs/survival_cv``): ``survival_cv.json``, ``survival_cv.png``,
+``survival_cv.md`` (the tables), and
+``cache/<cohort>/fold<k>/<model>.json`` -- each finished (cohort, fold, model) result with its test risks; a rerun
+with the same settings skips it (resumable). ``runs/`` holds the BioPerceiver run folders (reports, no weights).
+
+    python benchmarks/survival_cv.py --cohorts gse1992 gse4335 --folds 5
+    python benchmarks/survival_cv.py --cohorts nki70 --folds 5 --pretrained_dir /work/evidence/survset/pretrain/final
+    python benchmarks/survival_cv.py --cohorts Bergamaschi --quick      # smoke: 2 folds, 2 epochs, fewer settings
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+MODALITIES = ["omics_expression", "tabular_clinical"]
+BASELINES = ("cox_clinical", "cox_clinical_pcs", "rsf")
+PCS_GRID = (0, 2, 5, 10, 20)
+PEN_GRID = (0.01, 0.1, 1.0, 10.0)
+RSF_GRID = {"n_pcs": (5, 20), "min_samples_leaf": (5, 15)}
+logger = logging.getLogger("survival_cv")
+
+
+def _load_finetune_tasks():
+    """``benchmarks/finetune_tasks.py`` as a module (its helpers are reused, not copied)."""
+    spec = importlib.util.spec_from_file_location("finetune_tasks", ROOT / "benchmarks" / "finetune_tasks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ft = _load_finetune_tasks()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# folds
+# ---------------------------------------------------------------------------------------------------------------
+def make_folds(
+    patients: pd.Series, events: pd.Series, n_folds: int, seed: int, val_fraction: float = 0.2
+) -> list[dict[str, np.ndarray]]:
+    """Patient-level folds stratified by event: ``[{"train", "validation", "test"}: row labels]`` per fold.
+
+    ``patients`` and ``events`` are indexed by row; a patient's rows always fall in one part (a patient counts as an
+    event when any of its rows has one). The test parts partition the patients; validation is a stratified
+    ``val_fraction`` of each fold's training patients.
+    """
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    per = pd.DataFrame({"patient": patients.astype(str), "event": events.astype(int)})
+    pat = per.groupby("patient", sort=True)["event"].max()
+    if pat.sum() < n_folds or (len(pat) - pat.sum()) < n_folds:
+        raise ValueError(f"{n_folds} folds need at least {n_folds} patients with and without an event each")
+    ids = pat.index.to_numpy()
+    skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    out = []
+    for k, (trval_i, te_i) in enumerate(skf.split(ids, pat.to_numpy())):
+        trval = ids[trval_i]
+        tr, va = train_test_split(trval, test_size=val_fraction, stratify=pat.loc[trval], random_state=seed + k)
+        parts = {"train": set(tr), "validation": set(va), "test": set(ids[te_i])}
+        out.append({name: per.index[per["patient"].isin(p)].to_numpy() for name, p in parts.items()})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# baselines
+# ---------------------------------------------------------------------------------------------------------------
+def has_clinical(rows: pd.DataFrame) -> bool:
+    return "tabular_clinical" in rows and rows["tabular_clinical"].notna().any()
+
+
+def fit_cox(feats, rows, tr, va, te, *, with_pcs: bool) -> dict:
+    """Ridge Cox (lifelines) on clinical covariates, optionally + expression PCs; settings chosen on validation."""
+    clinical = has_clinical(rows)
+    if not with_pcs and not clinical:
+        return {"skipped": "no clinical covariates in this cohort"}
+    pcs = tuple(p for p in PCS_GRID if p <= feats.pca.n_components_ and (clinical or p))  # small panels: fewer PCs
+    res = ft.cox_select(
+        feats,
+        rows,
+        list(tr),
+        list(va),
+        list(te),
+        pcs_grid=pcs if with_pcs else (0,),
+        pen_grid=PEN_GRID,
+        clinical=clinical,
+    )
+    return {
+        "validation": res["best"]["validation"],
+        "test": res["best"]["test"],
+        "selected": {k: res["best"][k] for k in ("n_pcs", "penalizer", "n_features")},
+        "risk_test": np.asarray(res["risk_test"], float).tolist(),
+    }
+
+
+def fit_rsf(feats, rows, tr, va, te, *, seed: int, n_estimators: int = 200) -> dict:
+    """scikit-survival random survival forest on clinical + expression PCs; settings chosen on validation."""
+    from sksurv.ensemble import RandomSurvivalForest
+    from sksurv.util import Surv
+
+    from bioperceiver.evaluation import concordance_index
+
+    t = rows["label_survival_time"].astype(float)
+    e = rows["label_survival_event"].astype(int)
+    clinical = has_clinical(rows)
+    best = None
+    for n_pcs in sorted({min(p, feats.pca.n_components_) for p in RSF_GRID["n_pcs"]}):
+        xtr, xva, xte = (feats.transform(list(i), n_pcs, clinical).to_numpy() for i in (tr, va, te))
+        y = Surv.from_arrays(event=e.loc[tr].astype(bool).to_numpy(), time=t.loc[tr].to_numpy())
+        for leaf in RSF_GRID["min_samples_leaf"]:
+            model = RandomSurvivalForest(
+                n_estimators=n_estimators, min_samples_leaf=leaf, max_features="sqrt", n_jobs=1, random_state=seed
+            ).fit(xtr, y)
+            val = concordance_index(t.loc[va], model.predict(xva), e.loc[va])
+            if best is None or val > best["validation"]:
+                rt = model.predict(xte)
+                best = {
+                    "validation": val,
+                    "test": concordance_index(t.loc[te], rt, e.loc[te]),
+                    "selected": {"n_pcs": n_pcs, "min_samples_leaf": leaf, "n_estimators": n_estimators},
+                    "risk_test": np.asarray(rt, float).tolist(),
+                }
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# paired bootstrap over folds
+# ---------------------------------------------------------------------------------------------------------------
+def bootstrap_c_index(fold_data: list[dict], n_boot: int, seed: int) -> np.ndarray:
+    """C-index per resample and model, averaged over folds: ``(n_boot, n_models)``.
+
+    ``fold_data``: per fold ``{"time", "event", "patients", "risks": (n_models, n)}``; every resample redraws each
+    fold's test patients with replacement, the same draw for every model (paired)."""
+    from bioperceiver.evaluation.bootstrap import Resampler
+    from bioperceiver.evaluation.metrics import concordance_counts
+
+    per_fold = []
+    for k, f in enumerate(fold_data):
+        w = next(Resampler(len(f["time"]), n_boot, seed=seed + k, groups=f["patients"]).weights(chunk=n_boot))
+        cols = []
+        for risk in f["risks"]:
+            conc, tied, pairs = concordance_counts(
+                np.asarray(f["time"], float), np.asarray(risk, float), np.asarray(f["event"], bool), w
+            )
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cols.append((conc + 0.5 * tied) / pairs)
+        per_fold.append(np.stack(cols, axis=1))
+    return np.nanmean(np.stack(per_fold), axis=0)
+
+
+def paired_difference(fold_data: list[dict], n_boot: int, seed: int) -> dict:
+    """Mean over folds of C-index(model 0) - C-index(model 1) on the same test patients, with a 95% percentile CI
+    from the paired patient bootstrap."""
+    from bioperceiver.evaluation import concordance_index
+
+    point = np.mean(
+        [
+            concordance_index(f["time"], r[0], f["event"]) - concordance_index(f["time"], r[1], f["event"])
+            for f in fold_data
+            for r in [f["risks"]]
+        ]
+    )
+    boot = bootstrap_c_index(fold_data, n_boot, seed)
+    d = boot[:, 0] - boot[:, 1]
+    d = d[~np.isnan(d)]
+    return {
+        "difference": float(point),
+        "ci95": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))],
+        "p_boot_le_0": float(np.mean(d <= 0)),
+        "n_bootstrap": len(d),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cache
+# ---------------------------------------------------------------------------------------------------------------
+def _key(settings: dict) -> str:
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def cached(path: Path, settings: dict) -> dict | None:
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return rec if rec.get("key") == _key(settings) else None
+
+
+def store(path: Path, settings: dict, rec: dict) -> dict:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rec = {**rec, "key": _key(settings), "settings": settings}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(rec, default=ft._json_default))
+    os.replace(tmp, path)
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one cohort
+# ---------------------------------------------------------------------------------------------------------------
+def bp_config(args, pretrained: bool) -> dict:
+    return {"pretrained": pretrained, "mode": "full", "lr": args.bp_lr, "epochs": 2 if args.quick else args.bp_epochs}
+
+
+def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
+    from bioperceiver.data.recipes.survset import COHORTS
+
+    spec = COHORTS[cohort]
+    source = "sksurv_GSE7390" if spec.source == "sksurv" else f"survset_{cohort}"
+    table = manifest.table
+    rows = table[(table["meta_source"] == source) & table["label_survival_time"].notna()].copy()
+    rows.index = rows["sample_id"].astype(str).to_numpy()
+    folds = make_folds(rows["patient_id"], rows["label_survival_event"], args.folds, args.seed, args.val_fraction)
+    n_run = 2 if args.quick else len(folds)
+    feats = ft.SurvivalFeatures(manifest.base_dir, rows, n_genes=args.n_genes)
+    models = [*BASELINES, *runners]
+    results: dict[str, list[dict]] = {m: [] for m in models}
+    fold_meta = []
+    bar = tqdm(total=n_run * len(models), desc=cohort, leave=False)
+    for k, part in enumerate(folds[:n_run]):
+        tr, va, te = part["train"], part["validation"], part["test"]
+        fold_meta.append(
+            {
+                "fold": k,
+                "n": {s: len(part[s]) for s in part},
+                "events": {s: int(rows.loc[part[s], "label_survival_event"].sum()) for s in part},
+                "test_ids": list(te),
+            }
+        )
+        fitted = False
+        for model in models:
+            settings = {
+                "cohort": cohort,
+                "fold": k,
+                "folds": args.folds,
+                "seed": args.seed,
+                "val_fraction": args.val_fraction,
+                "model": model,
+                "n_genes": args.n_genes,
+                "quick": args.quick,
+            }
+            if model.startswith("bp_"):
+                settings.update(bp_config(args, model == "bp_pretrained"), preset=args.random_preset)
+                if model == "bp_pretrained":
+                    settings["pretrained_dir"] = str(Path(args.pretrained_dir).resolve())
+            elif model == "rsf":
+                settings["grid"] = RSF_GRID
+            else:
+                settings["grid"] = {"n_pcs": PCS_GRID, "penalizer": PEN_GRID}
+            path = out / "cache" / cohort / f"fold{k}" / f"{model}.json"
+            rec = cached(path, settings)
+            if rec is None:
+                t0 = time.perf_counter()
+                if model.startswith("bp_"):
+                    rec = run_bp(args, manifest, rows, part, runners[model], cohort, k, model)
+                else:
+                    if not fitted:
+                        feats.fit(list(tr))
+                        fitted = True
+                    if model == "rsf":
+                        rec = fit_rsf(feats, rows, tr, va, te, seed=args.seed)
+                    else:
+                        rec = fit_cox(feats, rows, tr, va, te, with_pcs=model == "cox_clinical_pcs")
+                rec["wall_s"] = round(time.perf_counter() - t0, 1)
+                rec = store(path, settings, rec)
+            results[model].append(rec)
+            bar.update(1)
+            if "test" in rec:
+                bar.set_postfix_str(f"fold {k} {model} {rec['test']:.3f}")
+    bar.close()
+    return summarise(args, cohort, spec.role, rows, fold_meta, results)
+
+
+def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str) -> dict:
+    split = pd.Series("train", index=rows.index)
+    split.loc[part["validation"]] = "validation"
+    split.loc[part["test"]] = "test"
+    cols = [*MODALITIES, "label_survival_time", "label_survival_event"]
+    path = manifest.base_dir / f"cv_{cohort}_fold{k}.parquet"
+    ft.write_split_manifest(manifest, rows, split, cols, path)
+    extra = ["--preset", args.random_preset] if model == "bp_random" else []
+    modalities = [m for m in MODALITIES if m != "tabular_clinical" or has_clinical(rows)]
+    r = runner.run(
+        f"{cohort}_f{k}_{model}",
+        path,
+        ["--task", "survival"],
+        bp_config(args, model == "bp_pretrained"),
+        seed=args.seed,
+        modalities=modalities,
+        extra=extra,
+    )
+    pred = r["pred"].set_index("sample_id")
+    risk = pred.loc[[str(i) for i in part["test"]], "risk"].to_numpy(float)
+    return {"validation": r["validation"], "test": r["test"], "risk_test": risk.tolist(), "epochs": r["epochs"]}
+
+
+def summarise(args, cohort: str, role: str, rows, fold_meta: list[dict], results: dict) -> dict:
+    t, e = rows["label_survival_time"].astype(float), rows["label_survival_event"].astype(int)
+    models = {}
+    for m, recs in results.items():
+        if any("test" not in r for r in recs):
+            models[m] = {"skipped": recs[0].get("skipped", "not run")}
+            continue
+        test = np.array([r["test"] for r in recs], float)
+        val = np.array([r["validation"] for r in recs], float)
+        models[m] = {
+            "test": ft._ms(test),
+            "validation": ft._ms(val),
+            "selected": [r.get("selected") for r in recs],
+            "wall_s": float(sum(r.get("wall_s", 0) for r in recs)),
+        }
+    base = [m for m in BASELINES if "test" in models[m]]
+    best = max(base, key=lambda m: models[m]["validation"]["mean"])
+
+    def fold_data(a: str, b: str) -> list[dict]:
+        out = []
+        for f, ra, rb in zip(fold_meta, results[a], results[b]):
+            ids = f["test_ids"]
+            out.append(
+                {
+                    "time": t.loc[ids].to_numpy(),
+                    "event": e.loc[ids].to_numpy(),
+                    "patients": rows.loc[ids, "patient_id"].to_numpy(),
+                    "risks": np.array([ra["risk_test"], rb["risk_test"]]),
+                }
+            )
+        return out
+
+    diffs = {}
+    pairs = [("bp_pretrained", "bp_random"), ("bp_pretrained", best), ("bp_random", best)]
+    for a, b in pairs:
+        if "test" in models.get(a, {}) and "test" in models.get(b, {}):
+            diffs[f"{a} - {b}"] = paired_difference(fold_data(a, b), args.n_bootstrap, args.seed)
+    return {
+        "cohort": cohort,
+        "role": role,
+        "n_patients": len(rows),
+        "n_events": int(e.sum()),
+        "has_clinical": has_clinical(rows),
+        "folds": fold_meta,
+        "models": models,
+        "best_baseline_by_validation": best,
+        "paired_differences": diffs,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------------------------
+def report_lines(res: dict) -> list[str]:
+    """Markdown tables: test C-index mean ± SD per cohort and model, then the paired differences with 95% CIs."""
+    models = [*BASELINES, "bp_random", "bp_pretrained"]
+    lines = [
+        "| cohort | patients (events) | " + " | ".join(models) + " | best baseline (validation) |",
+        "|---|---|" + "---|" * (len(models) + 1),
+    ]
+    for c, r in res["cohorts"].items():
+        cells = []
+        for m in models:
+            s = r["models"].get(m, {})
+            cells.append(f"{s['test']['mean']:.3f} ± {s['test']['sd']:.3f}" if "test" in s else "–")
+        lines.append(
+            f"| {c}{' (ext)' if r['role'] == 'external' else ''} | {r['n_patients']} ({r['n_events']}) | "
+            + " | ".join(cells)
+            + f" | {r['best_baseline_by_validation']} |"
+        )
+    lines += ["", "| cohort | difference | mean over folds | 95% CI (paired patient bootstrap) |", "|---|---|---|---|"]
+    for c, r in res["cohorts"].items():
+        for name, d in r["paired_differences"].items():
+            lines.append(f"| {c} | {name} | {d['difference']:+.3f} | [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] |")
+    return lines
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = {m for r in res["cohorts"].values() for m in r["models"]}
+    models = [m for m in (*BASELINES, "bp_random", "bp_pretrained") if m in present]
+    cohorts = list(res["cohorts"])
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(cohorts) + 2), 4.5))
+    width = 0.8 / len(models)
+    for j, m in enumerate(models):
+        for i, c in enumerate(cohorts):
+            s = res["cohorts"][c]["models"].get(m, {})
+            if "test" not in s:
+                continue
+            x = i + (j - (len(models) - 1) / 2) * width
+            ax.bar(x, s["test"]["mean"], width, yerr=s["test"]["sd"], color=f"C{j}", label=m if i == 0 else None)
+            ax.scatter([x] * len(s["test"]["per_fold"]), s["test"]["per_fold"], s=6, color="k", zorder=3)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(cohorts)), [f"{c}\n({res['cohorts'][c]['role'][:3]})" for c in cohorts])
+    ax.set_ylabel(f"test C-index (mean ± SD over {res['folds']} folds; dots: folds)")
+    ax.set_ylim(0.3, 1.0)
+    ax.legend(fontsize=7, ncol=len(models))
+    ax.set_title("Survival CV per cohort (chance 0.5)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from bioperceiver.data.recipes.survset import COHORTS, DEVELOPMENT_COHORTS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cohorts", nargs="+", default=list(DEVELOPMENT_COHORTS), choices=sorted(COHORTS))
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--val_fraction", type=float, default=0.2)
+    p.add_argument("--pretrained_dir", default=None, help="pretrained BioPerceiver (adds the bp_pretrained arm)")
+    p.add_argument("--no_bioperceiver", action="store_true", help="baselines only")
+    p.add_argument("--random_preset", default="bioperceiver_debug", help="architecture of the random-init arm")
+    p.add_argument("--bp_epochs", type=int, default=10)
+    p.add_argument("--bp_lr", type=float, default=3e-4)
+    p.add_argument("--n_genes", type=int, default=1000, help="top-variance genes before PCA")
+    p.add_argument("--n_bootstrap", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 folds, 2 epochs")
+    p.add_argument("--data_dir", default=None, help="cohort manifest folder (default OUTPUT_DIR/cohort)")
+    p.add_argument("--output_dir", default=str(ROOT / "outputs" / "survival_cv"))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    out = Path(args.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    os.chdir(ROOT)
+    t0 = time.perf_counter()
+    from bioperceiver.data import read_manifest
+    from bioperceiver.data.recipes.survset import build_survset_cohort
+
+    data_dir = Path(args.data_dir) if args.data_dir else out / "cohort"
+    manifest = read_manifest(build_survset_cohort(data_dir, sorted(set(args.cohorts), key=args.cohorts.index)))
+    runners = {}
+    if not args.no_bioperceiver:
+        args.work_dir = str(out)  # BPRunner writes run folders under work_dir/runs
+        args.reuse_runs = None
+        runners["bp_random"] = ft.BPRunner(args, Path("none"))
+        if args.pretrained_dir:
+            if not (Path(args.pretrained_dir) / "config.json").is_file():
+                raise SystemExit(f"--pretrained_dir {args.pretrained_dir} holds no config.json (pretrain it first)")
+            runners["bp_pretrained"] = ft.BPRunner(args, Path(args.pretrained_dir))
+    res = {
+        "benchmark": "survival_cv",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "folds": args.folds,
+        "seed": args.seed,
+        "val_fraction": args.val_fraction,
+        "bp": {
+            "epochs": 2 if args.quick else args.bp_epochs,
+            "lr": args.bp_lr,
+            "random_preset": args.random_preset,
+            "pretrained_dir": args.pretrained_dir,
+        },
+        "grids": {"cox": {"n_pcs": PCS_GRID, "penalizer": PEN_GRID}, "rsf": RSF_GRID},
+        "manifest": str(manifest.path) if hasattr(manifest, "path") else str(data_dir),
+        "cohorts": {},
+    }
+    for cohort in tqdm(args.cohorts, desc="cohorts"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res["cohorts"][cohort] = run_cohort(args, manifest, cohort, runners, out)
+    import sklearn
+    import torch
+
+    res["environment"] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "sklearn": sklearn.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    res["wall_s"] = round(time.perf_counter() - t0, 1)
+    (out / "survival_cv.json").write_text(json.dumps(res, indent=1, default=ft._json_default))
+    plot(res, out / "survival_cv.png")
+    (out / "survival_cv.md").write_text("\n".join(report_lines(res)) + "\n")
+    print("\n".join(report_lines(res)), flush=True)
+    return res
+
+
+if __name__ == "__main__":
+    main()

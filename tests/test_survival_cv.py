@@ -1,0 +1,147 @@
+"""Pure parts of benchmarks/survival_cv.py: patient-level stratified folds, train-only fitting, paired bootstrap."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("lifelines")
+pytest.importorskip("sksurv")
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("survival_cv", ROOT / "benchmarks" / "survival_cv.py")
+cv = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cv)
+
+
+def _rows(n_patients=60, repeats=2, seed=0):
+    rng = np.random.default_rng(seed)
+    patients = np.repeat([f"p{i}" for i in range(n_patients)], repeats)
+    events = np.repeat(rng.random(n_patients) < 0.3, repeats).astype(int)
+    index = [f"s{i}" for i in range(len(patients))]
+    return pd.Series(patients, index=index), pd.Series(events, index=index)
+
+
+def test_folds_are_patient_level_stratified_and_partition():
+    patients, events = _rows()
+    folds = cv.make_folds(patients, events, n_folds=5, seed=0, val_fraction=0.2)
+    assert len(folds) == 5
+    tests = np.concatenate([f["test"] for f in folds])
+    assert sorted(tests) == sorted(patients.index)  # test parts partition every row once
+    rate = events.groupby(patients).max().mean()
+    for f in folds:
+        parts = {k: set(patients.loc[v]) for k, v in f.items()}
+        assert not (parts["train"] & parts["validation"] or parts["train"] & parts["test"])
+        assert not parts["validation"] & parts["test"]
+        assert set().union(*parts.values()) == set(patients)  # every patient in exactly one part
+        for v in f.values():  # all of a patient's rows go together
+            assert set(patients.loc[v].value_counts()) == {2}
+        test_rate = events.loc[f["test"]].groupby(patients.loc[f["test"]]).max().mean()
+        assert abs(test_rate - rate) <= 1 / len(parts["test"]) + 1e-9  # stratified by event
+        assert 0.15 < len(parts["validation"]) / (len(parts["train"]) + len(parts["validation"])) < 0.25
+    again = cv.make_folds(patients, events, n_folds=5, seed=0)
+    assert all((a["test"] == b["test"]).all() for a, b in zip(folds, again))
+    with pytest.raises(ValueError, match="folds need"):
+        cv.make_folds(patients, events * 0, n_folds=5, seed=0)
+
+
+@pytest.fixture()
+def cohort(tmp_path):
+    rng = np.random.default_rng(1)
+    n, g = 90, 40
+    x = rng.normal(size=(n, g))
+    risk = x[:, 0] + 0.5 * x[:, 1]
+    time = rng.exponential(np.exp(-risk))
+    event = (rng.random(n) < 0.7).astype(int)
+    pids = [f"p{i}" for i in range(n)]
+    (tmp_path / "omics").mkdir()
+    pd.DataFrame(x, index=pd.Index(pids, name="pid"), columns=[f"G{j}" for j in range(g)]).astype("float32").to_parquet(
+        tmp_path / "omics" / "c.parquet"
+    )
+    rows = pd.DataFrame(
+        {
+            "sample_id": pids,
+            "patient_id": pids,
+            "omics_expression": [f"omics/c.parquet#row={p}" for p in pids],
+            "tabular_clinical": [
+                json.dumps({"age": float(a), "er": e})
+                for a, e in zip(rng.normal(60, 9, n), rng.choice(["pos", "neg"], n))
+            ],
+            "label_survival_time": time,
+            "label_survival_event": event,
+            "meta_source": "survset_c",
+        },
+        index=pids,
+    )
+    folds = cv.make_folds(rows["patient_id"], rows["label_survival_event"], n_folds=3, seed=0)
+    return tmp_path, rows, folds[0]
+
+
+def _fit(base, rows, part, model):
+    feats = cv.ft.SurvivalFeatures(base, rows, n_genes=30)
+    feats.fit(list(part["train"]))
+    tr, va, te = part["train"], part["validation"], part["test"]
+    if model == "rsf":
+        return feats, cv.fit_rsf(feats, rows, tr, va, te, seed=0, n_estimators=20)
+    return feats, cv.fit_cox(feats, rows, tr, va, te, with_pcs=model == "cox_clinical_pcs")
+
+
+@pytest.mark.parametrize("model", ["cox_clinical", "cox_clinical_pcs", "rsf"])
+def test_baselines_fit_on_training_rows_only(cohort, model):
+    base, rows, part = cohort
+    feats, ref = _fit(base, rows, part, model)
+    assert 0.0 <= ref["test"] <= 1.0 and len(ref["risk_test"]) == len(part["test"])
+    # test labels and other test rows' features never reach fitting or selection
+    changed = rows.copy()
+    te = list(part["test"])
+    changed.loc[te, "label_survival_time"] = changed.loc[te, "label_survival_time"].to_numpy()[::-1]
+    changed.loc[te, "label_survival_event"] = 1 - changed.loc[te, "label_survival_event"]
+    feats2 = cv.ft.SurvivalFeatures(base, changed, n_genes=30)
+    feats2.expr.loc[te[1:]] = feats2.expr.loc[te[1:]] * 3.0 + 1.0
+    feats2.fit(list(part["train"]))
+    np.testing.assert_allclose(feats2.pca.components_, feats.pca.components_)
+    tr, va = part["train"], part["validation"]
+    if model == "rsf":
+        res = cv.fit_rsf(feats2, changed, tr, va, te, seed=0, n_estimators=20)
+    else:
+        res = cv.fit_cox(feats2, changed, tr, va, te, with_pcs=model == "cox_clinical_pcs")
+    assert res["selected"] == ref["selected"] and res["validation"] == pytest.approx(ref["validation"])
+    assert res["risk_test"][0] == pytest.approx(ref["risk_test"][0])  # the untouched test row scores the same
+    # ... while changing training labels does change the fit
+    moved = rows.copy()
+    tr_ids = list(part["train"])
+    shuffled = np.random.default_rng(5).permutation(moved.loc[tr_ids, "label_survival_time"].to_numpy())
+    moved.loc[tr_ids, "label_survival_time"] = shuffled
+    _, res3 = _fit(base, moved, part, model)
+    assert not np.allclose(res3["risk_test"], ref["risk_test"])
+
+
+def test_no_clinical_cohort_skips_clinical_cox(cohort):
+    base, rows, part = cohort
+    rows = rows.assign(tabular_clinical=None)
+    feats, res = _fit(base, rows, part, "cox_clinical")
+    assert "skipped" in res
+    res = cv.fit_cox(feats, rows, part["train"], part["validation"], part["test"], with_pcs=True)
+    assert res["selected"]["n_pcs"] > 0
+
+
+def test_paired_bootstrap_difference():
+    rng = np.random.default_rng(0)
+    folds = []
+    for _ in range(3):
+        t = rng.exponential(size=80)
+        e = (rng.random(80) < 0.8).astype(int)
+        perfect, noise = -t, rng.normal(size=80)
+        folds.append({"time": t, "event": e, "patients": np.arange(80), "risks": np.array([perfect, noise])})
+    d = cv.paired_difference(folds, n_boot=300, seed=0)
+    assert d["difference"] > 0.3 and d["ci95"][0] > 0.2 and d["ci95"][0] <= d["difference"] <= d["ci95"][1]
+    same = [{**f, "risks": np.array([f["risks"][1], f["risks"][1]])} for f in folds]
+    d0 = cv.paired_difference(same, n_boot=100, seed=0)
+    assert d0["difference"] == 0.0 and d0["ci95"] == [0.0, 0.0]  # paired: identical models never differ
+    boot = cv.bootstrap_c_index(folds, n_boot=400, seed=1)
+    assert boot.shape == (400, 2) and abs(boot[:, 0].mean() - 1.0) < 1e-9  # a perfect ranking stays perfect
