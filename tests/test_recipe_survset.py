@@ -128,3 +128,18 @@ def test_reuse_rebuild_and_errors(cohort, tmp_path):
     assert survset.main(["--output_dir", str(out), "--cohorts", "Bergamaschi", "--log_level", "WARNING"]) == 0
     assert len(pd.read_parquet(out / "manifest.parquet")) == 82
     assert survset.main(["--output_dir", str(out), "--cohorts", "nope", "--log_level", "WARNING"]) == 1
+
+
+def test_sidecar_processor_settings_fit_per_cohort_statistics(cohort):
+    """The sidecar's suggested omics settings are valid processor settings, and z-score every cohort on its own."""
+    from bioperceiver.modalities.omics.processor import OmicsProcessor
+
+    path, table, meta = cohort
+    proc = OmicsProcessor("omics_expression", **meta["processor_settings"]["omics_expression"])
+    dev = table[table["meta_cohort_role"] == "development"]
+    proc.fit(dev["omics_expression"].tolist(), sample_ids=dev["sample_id"].tolist(), base_dir=path.parent)
+    assert sorted(proc.state["sources"]) == sorted(
+        {parse_reference(v, path.parent).path.name for v in dev["omics_expression"]}
+    )
+    values = proc(dev["omics_expression"].iloc[0], sample_id=dev["sample_id"].iloc[0], base_dir=path.parent)["values"]
+    assert np.isfinite(values).all() and len(values) > 0

@@ -139,7 +139,7 @@ ROLE_DEVELOPMENT, ROLE_EXTERNAL = "development", "external"
 
 MODALITIES = {"omics_expression": "omics", "tabular_clinical": "tabular"}
 LABELS = {"label_survival_time": "survival", "label_survival_event": "survival"}
-PROCESSOR_SETTINGS = {"omics_expression": {"normalization": "none", "zscore": True, "per_cohort": "meta_source"}}
+PROCESSOR_SETTINGS = {"omics_expression": {"normalization": "none", "zscore": "per_source"}}  # one matrix per cohort
 _MISSING = {"missing", "na", "nan", "none", "", "x", "unkown", "unknown"}
 
 
