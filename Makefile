@@ -1,6 +1,8 @@
 # Every target sets up what it needs, idempotently, in $(VENV).
 #   make demo   the main job (see README)
 #   make test   lint + the CPU test suite (what CI runs)
+#   make evidence  issue 18's evidence table (SurvSet + full-PadChest pretraining, survival CV, label efficiency;
+#               ~1.5-2 h on a 2-core CPU, resumable: re-run to continue; writes outputs/evidence/EVIDENCE.md)
 #   make bench  the speed/memory benchmarks (write benchmarks/results/; finetune_tasks.py is run on its own)
 VENV   ?= .venv
 PYTHON ?= python3
@@ -10,7 +12,7 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench evidence clean
 
 setup: $(VENV)/.deps $(VENV)/.demo-data
 
@@ -53,6 +55,9 @@ format: setup
 
 test: lint
 	$(PY) -m pytest -q
+
+evidence: setup
+	$(PY) benchmarks/evidence.py --work_dir outputs/evidence
 
 bench: setup
 	$(PY) benchmarks/backbone.py

@@ -1,0 +1,260 @@
+#!/usr/bin/env python
+"""The whole evidence table of issue 18 in one resumable command (``make evidence``): does pretraining pay off?
+
+    python benchmarks/evidence.py                          # every part, in order; finished parts are skipped
+    python benchmarks/evidence.py --list                   # the parts, their commands and whether each is done
+    python benchmarks/evidence.py --only survival_cv       # one part (its prerequisites must be done)
+    python benchmarks/evidence.py --redo label_efficiency  # run a finished part again
+
+Each part is one command (a script of this folder or of ``pretrain/``) that writes its results under
+``--work_dir`` (default ``outputs/evidence``). A part is *done* when the file it names as its result exists; the
+scripts write results atomically and skip their own finished sub-runs, and an interrupted pretraining resumes from
+its last checkpoint (``--resume latest``), so re-running the same command continues where it stopped.
+``evidence_log.json`` records each part's command, wall time and exit status; at the end ``EVIDENCE.md``
+lists every part with its command and wall time, followed by the tables the parts write (``<result>.md``).
+
+External validation cohorts (SurvSet gse3143, DBCD, DLBCL, chop, AML_Bull, vdv) appear only in evaluation parts,
+with settings fixed beforehand or chosen on validation folds of the development cohorts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+logger = logging.getLogger("evidence")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Part:
+    """One step of the evidence table: ``argv`` (``{work}``, ``{python}`` and ``{root}`` are filled in), the result
+    file that marks it done (relative to the work dir), the parts it needs and a time estimate on a 2-core CPU."""
+
+    name: str
+    what: str
+    argv: list[str]
+    result: str
+    needs: list[str] = field(default_factory=list)
+    minutes: float = 5.0
+
+
+PY, W = "{python}", "{work}"
+
+
+def _pretrain(config: str, out: str, *overrides: str) -> list[str]:
+    return [
+        PY,
+        "pretrain/run_pretrain.py",
+        "--config",
+        config,
+        f"output_dir={out}",
+        *overrides,
+        "--overwrite_output_dir",
+    ]
+
+
+def _survival(out: str, data: str, *cohorts: str) -> list[str]:
+    chosen = ["--cohorts", *cohorts] if cohorts else []
+    return [
+        PY,
+        "benchmarks/survival_cv.py",
+        *chosen,
+        "--folds",
+        "5",
+        "--bp_epochs",
+        "15",
+        "--pretrained_dir",
+        f"{W}/survset/pretrain/final",
+        "--output_dir",
+        out,
+        "--data_dir",
+        data,
+    ]
+
+
+PARTS: list[Part] = [  # in run order; minutes as measured on the shared 2-core VM (2026-12-03)
+    Part(
+        "survset_cohort",
+        "SurvSet development cohorts + GSE7390 -> one manifest (shared gene vocabulary)",
+        [PY, "-m", "bioperceiver.data.recipes.survset", "--output_dir", f"{W}/survset/dev_cohort"],
+        "survset/dev_cohort/manifest.parquet",
+        minutes=1.5,
+    ),
+    Part(
+        "survset_pretrain",
+        "omics <-> clinical + masked-gene-subset views, 400 steps of 128 (development cohorts only)",
+        _pretrain(
+            "pretrain/configs/survset_omics.yaml",
+            f"{W}/survset/pretrain",
+            f"data.manifest={W}/survset/dev_cohort/manifest.parquet",
+        ),
+        "survset/pretrain/final/config.json",
+        needs=["survset_cohort"],
+        minutes=5,
+    ),
+    Part(
+        "survival_cv",
+        "each development cohort, 5 folds: Cox (clinical), Cox (clinical + PCs), RSF, BioPerceiver random/pretrained",
+        _survival(f"{W}/survset/survival_cv", f"{W}/survset/cv_cohort"),
+        "survset/survival_cv/survival_cv.json",
+        needs=["survset_pretrain"],
+        minutes=22,
+    ),
+    Part(
+        "survival_external",
+        "the external SurvSet cohorts, evaluation only (the development cohorts' fixed settings)",
+        _survival(
+            f"{W}/survset/survival_external",
+            f"{W}/survset/external_cohort",
+            *("gse3143", "DBCD", "DLBCL", "chop", "AML_Bull", "vdv"),
+        ),
+        "survset/survival_external/survival_cv.json",
+        needs=["survset_pretrain"],
+        minutes=15,
+    ),
+    Part(
+        "padchest_cohort",
+        "all PadChest studies -> one manifest with the demo's patient hash split",
+        [PY, "-m", "bioperceiver.data.recipes.padchest", "--output_dir", f"{W}/padchest/cohort"],
+        "padchest/cohort/manifest.parquet",
+        minutes=7,
+    ),
+    Part(
+        "padchest_pretrain",
+        "report <-> study fields on the train split, 3,000 steps of 128",
+        _pretrain(
+            "pretrain/configs/padchest.yaml",
+            f"{W}/padchest/pretrain",
+            f"data.manifest={W}/padchest/cohort/manifest.parquet",
+            f"data.processor_dir={W}/padchest/model",
+        ),
+        "padchest/pretrain/final/config.json",
+        needs=["padchest_cohort"],
+        minutes=16,
+    ),
+    Part(
+        "label_efficiency",
+        "findings at 1/10/100% of a 2,000-patient pool, 3 seeds: pretrained vs random init vs TF-IDF + LR",
+        [
+            PY,
+            "benchmarks/label_efficiency.py",
+            "--manifest",
+            f"{W}/padchest/cohort/manifest.parquet",
+            "--pretrained_dir",
+            f"{W}/padchest/pretrain/final",
+            "--processor_dir",
+            f"{W}/padchest/model",
+            "--work_dir",
+            f"{W}/padchest/label_efficiency",
+        ],
+        "padchest/label_efficiency/label_efficiency.json",
+        needs=["padchest_pretrain"],
+        minutes=30,
+    ),
+]
+
+
+def _fill(value: str, work: Path) -> str:
+    for key, filled in (("{work}", str(work)), ("{python}", sys.executable), ("{root}", str(ROOT))):
+        value = value.replace(key, filled)  # not str.format: an argument may hold other braces
+    return value
+
+
+def is_done(part: Part, work: Path) -> bool:
+    return (work / part.result).exists()
+
+
+def run_part(part: Part, work: Path, log: dict) -> bool:
+    argv = [_fill(a, work) for a in part.argv]
+    if "--overwrite_output_dir" in argv:  # a pretraining run: resume an interrupted one from its last checkpoint
+        out = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("output_dir=")))
+        if any((out / "checkpoints").glob("checkpoint-*")):
+            argv[argv.index("--overwrite_output_dir") : argv.index("--overwrite_output_dir") + 1] = [
+                "--resume",
+                "latest",
+            ]
+    logger.info("%s: %s", part.name, " ".join(argv))
+    start = time.perf_counter()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    rc = subprocess.call(argv, cwd=ROOT, env=env)
+    seconds = time.perf_counter() - start
+    log[part.name] = {"argv": argv, "seconds": round(seconds, 1), "returncode": rc, "finished": time.time()}
+    if rc == 0 and not is_done(part, work):
+        logger.error("%s exited 0 but did not write %s", part.name, part.result)
+        return False
+    return rc == 0
+
+
+def summary(work: Path, log: dict) -> str:
+    """``EVIDENCE.md``: every part, whether it is done, the command that made it and its wall time, followed by the
+    markdown tables the parts write beside their results (``<result>.md``: survival_cv's per-cohort table)."""
+    lines = ["# Evidence table (benchmarks/evidence.py)", "", "| part | what | result | command | wall time |"]
+    lines.append("|---|---|---|---|---|")
+    tables = []
+    for part in PARTS:
+        entry = log.get(part.name, {})
+        done = is_done(part, work)
+        cmd = " ".join("python" if a == sys.executable else a for a in entry.get("argv", []))
+        wall = f"{entry['seconds'] / 60:.1f} min" if "seconds" in entry else ""
+        lines.append(f"| {part.name} | {part.what} | {part.result if done else 'not run'} | `{cmd}` | {wall} |")
+        table = (work / part.result).with_suffix(".md")
+        if done and table.exists():
+            tables += ["", f"## {part.name}", "", table.read_text().strip()]
+    return "\n".join(lines + tables) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work_dir", type=Path, default=ROOT / "outputs" / "evidence")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these parts")
+    parser.add_argument("--redo", nargs="+", default=[], help="run these parts even when they are done")
+    parser.add_argument("--list", action="store_true", help="list the parts and exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    names = [p.name for p in PARTS]
+    for name in [*(args.only or []), *args.redo]:
+        if name not in names:
+            parser.error(f"unknown part {name!r}; the parts are {names}")
+    work = args.work_dir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    log_path = work / "evidence_log.json"
+    log = json.loads(log_path.read_text()) if log_path.exists() else {}
+    if args.list:
+        for p in PARTS:
+            done = "done" if is_done(p, work) else f"~{p.minutes:g} min"
+            print(f"{p.name:22s} {done:10s} {p.what}\n{'':33s}{' '.join(_fill(a, work) for a in p.argv)}")
+        return 0
+    todo = [p for p in PARTS if (args.only is None or p.name in args.only)]
+    todo = [p for p in todo if p.name in args.redo or not is_done(p, work)]
+    logger.info("parts to run: %s (~%g min)", [p.name for p in todo], sum(p.minutes for p in todo))
+    failed = []
+    for part in tqdm(todo, desc="evidence", unit="part"):
+        missing = [n for n in part.needs if not is_done(next(p for p in PARTS if p.name == n), work)]
+        if missing:
+            logger.error("%s needs %s first; skipped", part.name, missing)
+            failed.append(part.name)
+            continue
+        ok = run_part(part, work, log)
+        log_path.write_text(json.dumps(log, indent=1) + "\n")
+        if not ok:
+            failed.append(part.name)
+    (work / "EVIDENCE.md").write_text(summary(work, log))
+    logger.info("summary: %s", work / "EVIDENCE.md")
+    if failed:
+        logger.error("parts that did not finish: %s (re-run the same command to resume them)", failed)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""benchmarks/evidence.py runs its parts in order, skips finished ones, respects prerequisites and resumes
+interrupted pretraining runs from their last checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("evidence", ROOT / "benchmarks" / "evidence.py")
+evidence = importlib.util.module_from_spec(_spec)
+sys.modules["evidence"] = evidence  # dataclasses look their module up there
+_spec.loader.exec_module(evidence)
+
+
+def _writer(path: str, text: str = "{}") -> list[str]:
+    return [
+        "{python}",
+        "-c",
+        f"import pathlib; p = pathlib.Path(r'{path}'); p.parent.mkdir(parents=True, exist_ok=True); "
+        f"p.write_text({text!r})",
+    ]
+
+
+def test_parts_run_in_order_skip_when_done_and_respect_prerequisites(tmp_path, monkeypatch):
+    parts = [
+        evidence.Part("a", "first", _writer("{work}/a/out.json"), "a/out.json"),
+        evidence.Part("b", "needs a", _writer("{work}/b/out.json"), "b/out.json", needs=["a"]),
+        evidence.Part("c", "fails", ["{python}", "-c", "raise SystemExit(3)"], "c/out.json"),
+    ]
+    monkeypatch.setattr(evidence, "PARTS", parts)
+    work = tmp_path / "w"
+    assert evidence.main(["--work_dir", str(work), "--only", "b"]) == 1  # a is not done: b is refused, not run
+    assert not (work / "b" / "out.json").exists()
+    assert evidence.main(["--work_dir", str(work)]) == 1  # a and b run, c fails and is reported
+    log = json.loads((work / "evidence_log.json").read_text())
+    assert log["a"]["returncode"] == 0 and log["c"]["returncode"] == 3
+    (work / "a" / "out.json").write_text('{"kept": 1}')
+    assert evidence.main(["--work_dir", str(work), "--only", "a", "b"]) == 0  # both done: nothing re-runs
+    assert (work / "a" / "out.json").read_text() == '{"kept": 1}'
+    assert evidence.main(["--work_dir", str(work), "--redo", "a", "--only", "a"]) == 0
+    assert (work / "a" / "out.json").read_text() == "{}"
+    summary = (work / "EVIDENCE.md").read_text()
+    assert "| a | first | a/out.json | `python -c" in summary and "| c | fails | not run |" in summary
+
+
+def test_an_interrupted_pretraining_part_resumes_instead_of_overwriting(tmp_path, monkeypatch):
+    out = tmp_path / "w" / "pre"
+    (out / "checkpoints" / "checkpoint-50").mkdir(parents=True)
+    seen = {}
+
+    def fake_call(argv, cwd, env):
+        seen["argv"] = argv
+        return 1
+
+    monkeypatch.setattr(evidence.subprocess, "call", fake_call)
+    part = evidence.Part("p", "pretrain", evidence._pretrain("cfg.yaml", "{work}/pre"), "pre/final/config.json")
+    assert not evidence.run_part(part, tmp_path / "w", {})
+    assert seen["argv"][-2:] == ["--resume", "latest"] and "--overwrite_output_dir" not in seen["argv"]
+    assert seen["argv"][0] == sys.executable and f"output_dir={out}" in seen["argv"]
