@@ -114,6 +114,16 @@ class DataConfig:
     says. Where the data layer does not implement ``skip_modality`` yet, it falls back to ``skip_sample`` (logged)."""
     num_workers: int = 0
     """``DataLoader`` worker processes."""
+    shards: str | None = None
+    """Pre-tokenised shards of the training split (a folder or an fsspec URL written by ``python -m
+    bioperceiver.data.shards write``), streamed instead of processing the manifest's train rows on the fly; the
+    manifest and processors still give the held-out split and the saved processors. The data position (a global
+    sample position, :class:`~bioperceiver.data.shards.ShardedDataset`) is saved in every checkpoint."""
+    shard_shuffle_buffer: int = 1024
+    """Rows of the bounded shuffle buffer over the shard stream (with ``shards``)."""
+    cached_features: bool = False
+    """With ``shards`` written with ``--cache_features``: the step reads the stored outputs of frozen encoders (e.g.
+    a frozen timm image backbone) instead of their inputs; checked against the shards and the model's weights."""
 
 
 @dataclass
