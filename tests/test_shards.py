@@ -323,3 +323,14 @@ class _OneProcess:
 
     def wait_for_everyone(self):
         pass
+
+
+def test_run_config_resolves_a_relative_shard_folder_and_keeps_urls(tmp_path):
+    from bioperceiver.training import load_run_config
+
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "run.yaml").write_text("data:\n  shards: ../shards/train\n")
+    cfg = load_run_config(tmp_path / "conf" / "run.yaml")
+    assert cfg.data.shards == str(tmp_path / "shards" / "train")
+    cfg = load_run_config(tmp_path / "conf" / "run.yaml", ["data.shards=s3://bucket/shards"])
+    assert cfg.data.shards == "s3://bucket/shards" and cfg.data.cached_features is False

@@ -61,9 +61,9 @@ __all__ = [
     "resume_conflicts",
 ]
 
-PATH_KEYS = ("output_dir", "data.manifest", "data.processor_dir", "data.processor_settings")
+PATH_KEYS = ("output_dir", "data.manifest", "data.processor_dir", "data.processor_settings", "data.shards")
 """Path-valued keys: relative values resolve against the config file's folder (file) or the working directory
-(command-line overrides, defaults)."""
+(command-line overrides, defaults); URLs (``scheme://...``) are used as given."""
 
 RESUME_MUTABLE_KEYS = (
     "output_dir",
@@ -115,8 +115,8 @@ class DataConfig:
     num_workers: int = 0
     """``DataLoader`` worker processes."""
     shards: str | None = None
-    """Pre-tokenised shards of the training split (a folder or an fsspec URL written by ``python -m
-    bioperceiver.data.shards write``), streamed instead of processing the manifest's train rows on the fly; the
+    """Pre-tokenised shards of the training split (a folder, or an fsspec URL such as ``s3://b/shards``, written by
+    ``python -m bioperceiver.data.shards write``), streamed instead of processing the train rows on the fly; the
     manifest and processors still give the held-out split and the saved processors. The data position (a global
     sample position, :class:`~bioperceiver.data.shards.ShardedDataset`) is saved in every checkpoint."""
     shard_shuffle_buffer: int = 1024
@@ -304,7 +304,7 @@ def _resolve_paths(raw: dict[str, Any], base: Path, keys, defaults: bool = False
             if leaf not in node and defaults:
                 node[leaf] = next(f for f in dataclasses.fields(cls) if f.name == leaf).default
             value = node.get(leaf)
-            if isinstance(value, str) and value.lower() not in ("none", "null"):
+            if isinstance(value, str) and value.lower() not in ("none", "null") and "://" not in value:
                 p = Path(value).expanduser()
                 node[leaf] = p.as_posix() if p.is_absolute() else os.path.normpath(base / p)
 

@@ -123,7 +123,8 @@ class ContrastivePretrainer(nn.Module):
         pid = None
         if patient_id is not None:
             pid = patient_index(patient_id, device=next(self.parameters()).device)
-        parts = [select_rows(inputs, rows) for rows in chunks]
+        kinds = {name: cfg["kind"] for name, cfg in self.model.config.modalities.items()}
+        parts = [select_rows(inputs, rows, kinds) for rows in chunks]  # each cut to its own longest row
         return grad_cache_step(self.embed_views, parts, chunks, lambda emb: self.loss_from(emb, pid), **kwargs)
 
     def leave_one_out_loss(
