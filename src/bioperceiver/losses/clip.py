@@ -131,7 +131,14 @@ class ClipLoss(PairwiseContrastiveLoss):
         self.view_names = view_names
 
     def direction(self, ctx, x, y, rows_with_both):
-        logits = ctx["scale"] * ctx["z"][:, x] @ ctx["z_all"][:, y].T  # (b, B)
+        # Memory: every pair's tensors live until the backward, so each (b, B) copy counts (x 2 directions x pairs;
+        # at B = 4,096 one is 64 MiB). The scale multiplies the (b, P) rows, not the (b, B) logits (whose product
+        # the backward would keep for the scale's gradient); masked columns are filled in place with the dtype's
+        # lowest value (exp() of it is exactly 0 next to any real logit, as -inf, and a row with no valid column
+        # stays finite); rows without both views are ignored by the target instead of gathered into a copy. What
+        # the backward keeps: the log-softmax output and the mask.
+        logits = (ctx["scale"] * ctx["z"][:, x]) @ ctx["z_all"][:, y].T  # (b, B)
         valid_col = ctx["m_all"][:, y][None, :] & ~ctx["other_same_patient"]
-        logits = logits.masked_fill(~valid_col, float("-inf"))
-        return F.cross_entropy(logits[rows_with_both], ctx["rows"][rows_with_both], reduction="sum")
+        logits = logits.masked_fill_(~valid_col, torch.finfo(logits.dtype).min)
+        target = ctx["rows"].masked_fill(~rows_with_both, -100)
+        return F.cross_entropy(logits, target, reduction="sum", ignore_index=-100)
