@@ -11,8 +11,10 @@ do not depend on that). The whole-batch variant runs for the sizes of ``--whole_
 size's peak stayed under ``--max_rss_mib`` (the machine is shared); larger sizes are extrapolated from the measured
 ones (linear in N: activation memory is proportional to the batch), labelled as such.
 
-Peak memory = ``ru_maxrss`` of the child less its RSS right before the step (collated batch, model and optimiser
-already built): activations, gradients, AdamW state, allocator slack.
+Peak memory = the child's peak RSS during the step (``VmHWM``, reset right before it through
+``/proc/self/clear_refs``) less its RSS then (collated batch, model and optimiser already built): activations,
+gradients, AdamW state, allocator slack. (``ru_maxrss`` would include the peak of building the batch, which for
+small batches is higher than the step's.)
 
 ``--scaling``: weak scaling on 1 and 2 gloo processes, the same per-process batch (demo samples, with replacement,
 different per rank): each process runs forward (the CLIP loss all-gathers the embeddings across processes with
@@ -82,6 +84,19 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _reset_peak_rss() -> None:
+    """Reset the process's peak RSS (``VmHWM``) to its current RSS (Linux ``clear_refs``), so that the peak read
+    after the step is the step's, not one left by building the batch (data processing and collation peak higher
+    than the step for small batches: ``ru_maxrss`` would report theirs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
 def _memory_child(job: dict, queue) -> None:
     import resource
 
@@ -100,7 +115,11 @@ def _memory_child(job: dict, queue) -> None:
     trainer = ContrastivePretrainer(model, loss="clip").train()
     opt = torch.optim.AdamW(parameter_groups(trainer, 0.05), lr=1e-4)
     chunks = token_budget_chunks(batch["num_tokens"], job["max_tokens"]) if job["grad_cache"] else None
+    import gc
+
+    gc.collect()
     base = _rss_mib()
+    _reset_peak_rss()
     times = []
     for _ in range(job["steps"]):
         t = time.perf_counter()
@@ -112,9 +131,10 @@ def _memory_child(job: dict, queue) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
+    peak = _peak_rss_mib()
     queue.put(
         {
+            "lifetime_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # incl. setup
             "batch_size": len(batch["patient_id"]),
             "grad_cache": job["grad_cache"],
             "micro_batches": len(chunks) if chunks else 1,
@@ -187,8 +207,11 @@ def _scaling_worker(rank: int, world: int, port: int, job: dict, queue) -> None:
     opt = torch.optim.AdamW(parameter_groups(trainer, 0.05), lr=1e-4)
     params = [p for p in trainer.parameters() if p.requires_grad]
 
+    comm = [0.0]
+
     def step(batch):
         trainer(batch["inputs"], batch["patient_id"])["loss"].backward()
+        t0 = time.perf_counter()
         if world > 1:
             for p in params:
                 if p.grad is None:
@@ -200,11 +223,13 @@ def _scaling_worker(rank: int, world: int, port: int, job: dict, queue) -> None:
             for p in params:
                 p.grad.copy_(flat[start : start + p.numel()].view_as(p))
                 start += p.numel()
+        comm[0] += time.perf_counter() - t0
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     step(batches[0])  # warm-up
     dist.barrier()
+    comm[0] = 0.0
     t = time.perf_counter()
     for batch in batches[1:]:
         step(batch)
@@ -212,7 +237,13 @@ def _scaling_worker(rank: int, world: int, port: int, job: dict, queue) -> None:
     elapsed = time.perf_counter() - t
     if rank == 0:
         queue.put(
-            {"world_size": world, "seconds": elapsed, "steps": job["steps"], "batch_per_process": job["batch_size"]}
+            {
+                "world_size": world,
+                "seconds": elapsed,
+                "gradient_all_reduce_seconds": comm[0],  # rank 0, waiting for the other rank included
+                "steps": job["steps"],
+                "batch_per_process": job["batch_size"],
+            }
         )
     dist.destroy_process_group()
 

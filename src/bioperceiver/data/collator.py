@@ -174,12 +174,17 @@ def select_rows(
     """The model inputs of a batch restricted to ``rows`` (batch indices, in that order), every array along its
     first (batch) axis. A modality none of the rows has stays, with all-false keep-masks (the model skips it).
 
-    With ``kinds`` (``{modality: kind}``), each modality's arrays are also cut to the longest of the selected rows
+    With ``kinds`` (``{modality: kind}``), a modality none of the rows has is left out (an image tensor holds every
+    row, present or not), and each modality's arrays are cut to the longest of the selected rows
     (:meth:`~bioperceiver.modalities.spec.ModalitySpec.trim_padding`): a micro-batch of short notes is not padded
     to the longest note of the whole batch (gradient caching embeds such micro-batches one at a time)."""
     index = torch.as_tensor(list(rows), dtype=torch.long)
     out = {}
     for name, arrays in inputs.items():
+        if kinds is not None:
+            keep = arrays.get(get_modality(kinds[name]).mask_key)
+            if keep is not None and not keep.index_select(0, index.to(keep.device)).bool().any():
+                continue  # none of the rows has it: left out, as the collator leaves out a modality no sample has
         length = None if kinds is None else get_modality(kinds[name]).rows_length(arrays, index)
         mask = arrays.get(get_modality(kinds[name]).mask_key) if length is not None else None
         out[name] = {
