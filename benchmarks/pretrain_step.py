@@ -732,10 +732,21 @@ def _layout_child(job: dict, queue) -> None:
     opt = torch.optim.AdamW(parameter_groups(trainer, 0.05), lr=1e-4)
     budget = job.get("max_tokens")
 
+    def chunks_of(batch):
+        """Token-budget micro-batches from the collator's per-sample token counts (what the training loop uses).
+        Computed before the measurement: an earlier version embedded the whole batch *with* a graph inside every
+        step to count tokens, which put a whole-batch activation into the gradient-caching step's peak memory."""
+        counts = batch.get("num_tokens")
+        if counts is None:
+            with torch.no_grad():
+                counts = [int(c) for c in sum(keep.sum(1) for _, keep in model.embed(batch["inputs"]).values())]
+        return token_budget_chunks(counts, budget)
+
+    chunks = {id(b): chunks_of(b) for b in batches} if budget else {}
+
     def step(batch):
         if budget:
-            counts = [int(c) for c in sum(keep.sum(1) for _, keep in model.embed(batch["inputs"]).values())]
-            trainer.grad_cached_step(batch["inputs"], batch["patient_id"], token_budget_chunks(counts, budget))
+            trainer.grad_cached_step(batch["inputs"], batch["patient_id"], chunks[id(batch)])
         else:
             trainer(batch["inputs"], batch["patient_id"])["loss"].backward()
         opt.step()
@@ -819,6 +830,7 @@ def layouts_main(argv=None) -> dict:
         for budget in (None, args.max_tokens):
             job = {**common, "mix": "demo", "packed": True, "batches": 1, "repeats": 1, "max_tokens": budget}
             job["overrides"] = [*overrides, f"train.batch_size={args.grad_cache_batch}"]
+            job["overrides"].append(f"train.max_tokens_per_batch={args.max_tokens}")  # the collator counts tokens
             key = f"grad_cache/{args.grad_cache_batch}/{'budget_' + str(budget) if budget else 'whole'}"
             record["results"][key] = r = _spawn(job)
             logger.info(

@@ -75,7 +75,8 @@ def test_dropout_is_replayed_chunk_by_chunk():
     from bioperceiver.data.collator import select_rows
 
     torch.manual_seed(123)
-    parts = [trainer.embed_views(select_rows(batch, rows)) for rows in chunks]
+    kinds = {name: c["kind"] for name, c in config.modalities.items()}  # chunks cut to their own longest row
+    parts = [trainer.embed_views(select_rows(batch, rows, kinds)) for rows in chunks]
     emb = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     trainer.loss_from(emb, None)["loss"].backward()
     ref = grads(trainer)
@@ -179,3 +180,25 @@ def test_two_processes_with_grad_cache_equal_one_unchunked_process(name):
     assert math.isclose(dist_loss, loss.item(), rel_tol=1e-5, abs_tol=1e-6)
     for k, p in single.named_parameters():
         torch.testing.assert_close(torch.from_numpy(got[k]), p.grad, rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
+
+
+def test_micro_batches_are_cut_to_their_own_longest_row():
+    """``select_rows`` with kinds: a micro-batch's padded arrays have the width of its own longest row (the
+    real tokens unchanged), so gradient caching does not carry the whole batch's padding into every chunk."""
+    from bioperceiver.data.collator import select_rows
+
+    config = tiny_config()
+    batch = mixed_batch(config, 6, seed=3)
+    text = next(n for n, c in config.modalities.items() if c["kind"] == "text")
+    mask = batch[text]["attention_mask"].bool()
+    mask[:3, 2:] = False  # rows 0-2: at most 2 tokens
+    batch[text]["attention_mask"] = mask
+    kinds = {name: c["kind"] for name, c in config.modalities.items()}
+    cut = select_rows(batch, [0, 1, 2], kinds)
+    full = select_rows(batch, [0, 1, 2])
+    assert cut[text]["input_ids"].shape[1] <= 2 < full[text]["input_ids"].shape[1]
+    assert torch.equal(cut[text]["input_ids"][cut[text]["attention_mask"].bool()],
+                       full[text]["input_ids"][full[text]["attention_mask"].bool()])  # fmt: skip
+    for name in kinds:
+        if kinds[name] in ("image", "signal") and name in cut:  # kinds with their own collate are not cut
+            assert all(torch.equal(cut[name][k], full[name][k]) for k in full[name])

@@ -219,3 +219,27 @@ def test_two_processes_equal_one_process_loss_and_gradients(name):
         torch.testing.assert_close(
             torch.from_numpy(grads[k]), p.grad, rtol=1e-4, atol=1e-6, msg=f"{name}: gradient of {k}"
         )
+
+
+@pytest.mark.parametrize("cls", [ClipLoss, SigLipLoss])
+def test_recomputed_directions_give_the_same_loss_and_gradients(cls):
+    """``checkpoint_min_logits``: directions recomputed in the backward (what large batches use to keep one
+    direction's ``(b, B)`` logits at a time) give the loss and gradients of the plain ones."""
+    torch.manual_seed(0)
+    emb = torch.randn(12, 3, 8)
+    mask = torch.rand(12, 3) > 0.3
+    mask[:, 0] = True
+    pid = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5, 6, 7, 8, 9])
+    out = {}
+    for threshold in (2**40, 0):
+        loss = cls()
+        loss.checkpoint_min_logits = threshold
+        e = emb.clone().requires_grad_(True)
+        res = loss(e, mask, pid)
+        res["loss"].backward()
+        out[threshold] = (res["loss"].detach(), e.grad, [p.grad for p in loss.parameters()])
+    (l1, g1, p1), (l2, g2, p2) = out.values()
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(g1, g2)
+    for a, b in zip(p1, p2, strict=True):
+        torch.testing.assert_close(a, b)

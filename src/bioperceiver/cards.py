@@ -267,6 +267,12 @@ def pretraining_card(
         "warm-up steps": run_config.get("optim", {}).get("warmup_steps"),
         "mixed precision": run_config.get("train", {}).get("mixed_precision"),
         "modality dropout": run_config.get("data", {}).get("modality_dropout"),
+        "training data": (
+            f"pre-tokenised shards {run_config['data']['shards']}"
+            if run_config.get("data", {}).get("shards")
+            else "manifest rows processed on the fly"
+        ),
+        "cached frozen-encoder features": bool(run_config.get("data", {}).get("cached_features", False)),
         "seed": run_config.get("seed"),
     }
     return render_card(

@@ -168,14 +168,33 @@ class BioPerceiverCollator:
         return n if not m else -(-n // m) * m
 
 
-def select_rows(inputs: Mapping[str, Mapping[str, torch.Tensor]], rows) -> dict[str, dict[str, torch.Tensor]]:
+def select_rows(
+    inputs: Mapping[str, Mapping[str, torch.Tensor]], rows, kinds: Mapping[str, str] | None = None
+) -> dict[str, dict[str, torch.Tensor]]:
     """The model inputs of a batch restricted to ``rows`` (batch indices, in that order), every array along its
-    first (batch) axis. A modality none of the rows has stays, with all-false keep-masks (the model skips it)."""
+    first (batch) axis. A modality none of the rows has stays, with all-false keep-masks (the model skips it).
+
+    With ``kinds`` (``{modality: kind}``), a modality none of the rows has is left out (an image tensor holds every
+    row, present or not), and each modality's arrays are cut to the longest of the selected rows
+    (:meth:`~bioperceiver.modalities.spec.ModalitySpec.trim_padding`): a micro-batch of short notes is not padded
+    to the longest note of the whole batch (gradient caching embeds such micro-batches one at a time)."""
     index = torch.as_tensor(list(rows), dtype=torch.long)
-    return {
-        name: {key: t.index_select(0, index.to(t.device)) for key, t in arrays.items()}
-        for name, arrays in inputs.items()
-    }
+    out = {}
+    for name, arrays in inputs.items():
+        if kinds is not None:
+            keep = arrays.get(get_modality(kinds[name]).mask_key)
+            if keep is not None and not keep.index_select(0, index.to(keep.device)).bool().any():
+                continue  # none of the rows has it: left out, as the collator leaves out a modality no sample has
+        length = None if kinds is None else get_modality(kinds[name]).rows_length(arrays, index)
+        mask = arrays.get(get_modality(kinds[name]).mask_key) if length is not None else None
+        out[name] = {
+            # cut first, then gather: the copy has the micro-batch's own width
+            key: (t.narrow(1, 0, length) if mask is not None and t.dim() >= 2 and t.shape[1] == mask.shape[1] else t)
+            .index_select(0, index.to(t.device))
+            .contiguous()
+            for key, t in arrays.items()
+        }
+    return out
 
 
 def num_tokens(kind: str, arrays: Mapping[str, np.ndarray]) -> int:

@@ -54,9 +54,21 @@ class PairwiseContrastiveLoss(nn.Module):
     all-reduced once per step for all pairs."""
 
     view_names: list[str] | None = None
+    checkpoint_min_logits: int = 2**20
+    """Directions whose ``(b, B)`` logits have at least this many entries are recomputed in the backward
+    (``torch.utils.checkpoint``) instead of keeping their ``(b, B)`` tensors: every pair and direction of a step
+    would otherwise hold its own until the backward (at B = 4,096: 30 directions x 64 MiB for 6 views). Same values
+    and gradients; the price is one more logits + softmax per direction."""
 
     def direction(self, ctx: dict, x: int, y: int, rows_with_both: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _direction(self, ctx: dict, x: int, y: int, rows_with_both: torch.Tensor) -> torch.Tensor:
+        if ctx["z"].shape[0] * ctx["z_all"].shape[0] >= self.checkpoint_min_logits and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self.direction, ctx, x, y, rows_with_both, use_reentrant=False)
+        return self.direction(ctx, x, y, rows_with_both)
 
     def extra_parameters(self) -> torch.Tensor:  # touched by the zero loss so DDP sees every gradient
         return self.temperature.logit_scale
@@ -89,7 +101,7 @@ class PairwiseContrastiveLoss(nn.Module):
             for c in range(a + 1, k):
                 if counts[a, c] == 0:
                     continue
-                pair = sum(0.5 * self.direction(ctx, x, y, both[:, a, c]) for x, y in ((a, c), (c, a)))
+                pair = sum(0.5 * self._direction(ctx, x, y, both[:, a, c]) for x, y in ((a, c), (c, a)))
                 pair = pair * world / counts[a, c]
                 out[f"loss_{self._name(a)}-{self._name(c)}"] = pair.detach()
                 total, n_pairs = total + pair, n_pairs + 1
@@ -131,7 +143,14 @@ class ClipLoss(PairwiseContrastiveLoss):
         self.view_names = view_names
 
     def direction(self, ctx, x, y, rows_with_both):
-        logits = ctx["scale"] * ctx["z"][:, x] @ ctx["z_all"][:, y].T  # (b, B)
+        # Memory: every pair's tensors live until the backward, so each (b, B) copy counts (x 2 directions x pairs;
+        # at B = 4,096 one is 64 MiB). The scale multiplies the (b, P) rows, not the (b, B) logits (whose product
+        # the backward would keep for the scale's gradient); masked columns are filled in place with the dtype's
+        # lowest value (exp() of it is exactly 0 next to any real logit, as -inf, and a row with no valid column
+        # stays finite); rows without both views are ignored by the target instead of gathered into a copy. What
+        # the backward keeps: the log-softmax output and the mask.
+        logits = (ctx["scale"] * ctx["z"][:, x]) @ ctx["z_all"][:, y].T  # (b, B)
         valid_col = ctx["m_all"][:, y][None, :] & ~ctx["other_same_patient"]
-        logits = logits.masked_fill(~valid_col, float("-inf"))
-        return F.cross_entropy(logits[rows_with_both], ctx["rows"][rows_with_both], reduction="sum")
+        logits = logits.masked_fill_(~valid_col, torch.finfo(logits.dtype).min)
+        target = ctx["rows"].masked_fill(~rows_with_both, -100)
+        return F.cross_entropy(logits, target, reduction="sum", ignore_index=-100)

@@ -75,6 +75,16 @@ class ModalityEmbedder(nn.Module):
         features of positions): their backward has no input gradient, so it costs 1x their forward, not 2x."""
         raise NotImplementedError(f"no FLOP formula for modality kind {self.kind!r}")
 
+    def frozen_fingerprint(self) -> str | None:
+        """SHA-256 of the weights of this embedder's frozen encoder, when it has one whose outputs may be computed
+        once and stored (:mod:`bioperceiver.data.shards`, ``--cache_features``); ``None`` (the default) otherwise."""
+        return None
+
+    def frozen_features(self, arrays: dict[str, Any]) -> dict[str, Any]:
+        """One processed sample's arrays (numpy, no batch axis) -> the arrays that replace them when the frozen
+        encoder's outputs are cached; :meth:`embed` must accept a batch of them and give the same tokens."""
+        raise NotImplementedError(f"modality kind {self.kind!r} has no frozen encoder whose outputs can be cached")
+
     def check_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
         if not isinstance(inputs, dict):
             raise ValueError(

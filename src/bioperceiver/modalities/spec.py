@@ -219,6 +219,17 @@ class ModalitySpec:
                 scalars.pop(k, None)
         return {**out, **scalars}
 
+    def rows_length(self, arrays: Mapping[str, torch.Tensor], index: torch.Tensor) -> int | None:
+        """The padded length the batch rows ``index`` need alone (their longest real run along the token axis), for
+        cutting a micro-batch's arrays (:func:`~bioperceiver.data.collator.select_rows`); ``None``: do not cut. The
+        default layout (padded axis 1 + the ``(B, L)`` keep-mask :attr:`mask_key`) is cut; a kind with its own
+        :meth:`collate` is not, unless it overrides this."""
+        mask = arrays.get(self.mask_key)
+        if type(self).collate is not ModalitySpec.collate or mask is None or mask.dim() != 2:
+            return None
+        real = mask.index_select(0, index.to(mask.device)).bool().any(0).nonzero()
+        return int(real[-1]) + 1 if real.numel() else 1
+
     # ---- datasets (Arrow) ---------------------------------------------------------------------------------------
     def features(self, processor: ModalityProcessor) -> dict[str, Any]:
         """Explicit ``datasets`` features of one processed sample (robust to absent values and ragged arrays)."""

@@ -61,9 +61,9 @@ __all__ = [
     "resume_conflicts",
 ]
 
-PATH_KEYS = ("output_dir", "data.manifest", "data.processor_dir", "data.processor_settings")
+PATH_KEYS = ("output_dir", "data.manifest", "data.processor_dir", "data.processor_settings", "data.shards")
 """Path-valued keys: relative values resolve against the config file's folder (file) or the working directory
-(command-line overrides, defaults)."""
+(command-line overrides, defaults); URLs (``scheme://...``) are used as given."""
 
 RESUME_MUTABLE_KEYS = (
     "output_dir",
@@ -114,6 +114,16 @@ class DataConfig:
     says. Where the data layer does not implement ``skip_modality`` yet, it falls back to ``skip_sample`` (logged)."""
     num_workers: int = 0
     """``DataLoader`` worker processes."""
+    shards: str | None = None
+    """Pre-tokenised shards of the training split (a folder, or an fsspec URL such as ``s3://b/shards``, written by
+    ``python -m bioperceiver.data.shards write``), streamed instead of processing the train rows on the fly; the
+    manifest and processors still give the held-out split and the saved processors. The data position (a global
+    sample position, :class:`~bioperceiver.data.shards.ShardedDataset`) is saved in every checkpoint."""
+    shard_shuffle_buffer: int = 1024
+    """Rows of the bounded shuffle buffer over the shard stream (with ``shards``)."""
+    cached_features: bool = False
+    """With ``shards`` written with ``--cache_features``: the step reads the stored outputs of frozen encoders (e.g.
+    a frozen timm image backbone) instead of their inputs; checked against the shards and the model's weights."""
 
 
 @dataclass
@@ -333,7 +343,7 @@ def _resolve_paths(raw: dict[str, Any], base: Path, keys, defaults: bool = False
             if leaf not in node and defaults:
                 node[leaf] = next(f for f in dataclasses.fields(cls) if f.name == leaf).default
             value = node.get(leaf)
-            if isinstance(value, str) and value.lower() not in ("none", "null"):
+            if isinstance(value, str) and value.lower() not in ("none", "null") and "://" not in value:
                 p = Path(value).expanduser()
                 node[leaf] = p.as_posix() if p.is_absolute() else os.path.normpath(base / p)
 

@@ -59,6 +59,7 @@ from ..data import (
 from ..data.errors import check_on_error
 from ..data.processing import PROCESSOR_INDEX
 from ..data.sampler import token_budget_chunks
+from ..data.shards import ShardedDataset, batch_to_device, check_cached_features
 from ..data.validate import ManifestError, check_manifest_before_work
 from ..factory import create_model
 from .checkpointing import (
@@ -264,6 +265,45 @@ def training_data(config: PretrainConfig, manifest, processor) -> tuple[Manifest
     return train_ds, collator
 
 
+def sharded_training_data(config: PretrainConfig, accelerator, processor, model, pad_ranks: bool):
+    """The training stream of ``data.shards`` for this rank (``None`` without shards), after checking that the
+    shards were written for these processors and that cached features match the model's frozen encoders."""
+    data = config.data
+    if not data.shards:
+        if data.cached_features:
+            raise RunConfigError("data.cached_features=true needs data.shards (written with --cache_features)")
+        return None
+    if pad_ranks:
+        raise RunConfigError(
+            "data.shards with DeepSpeed/FSDP on several processes is not supported yet (their batches are padded "
+            "per rank from a map-style dataset); use DDP or one process, or data.shards=null"
+        )
+    stream = ShardedDataset(
+        data.shards,
+        batch_size=config.train.batch_size,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        seed=config.seed,
+        shuffle_buffer=data.shard_shuffle_buffer,
+    )
+    if stream.index["modalities"] != dict(processor.modalities):
+        raise RunConfigError(
+            f"data.shards {data.shards} holds modalities {stream.index['modalities']}, the processors have "
+            f"{dict(processor.modalities)}: write the shards with this run's processors (--processors)"
+        )
+    try:
+        check_cached_features(stream.index, model, data.cached_features)
+    except ValueError as err:
+        raise RunConfigError(f"data.shards {data.shards}: {err}") from err
+    if stream.steps_left() == 0:
+        raise RunConfigError(
+            f"data.shards {data.shards} holds {stream.num_rows} rows, fewer than one step of train.batch_size "
+            f"{config.train.batch_size} x {accelerator.num_processes} process(es)"
+        )
+    logger.info("training data: %d rows in %d shards from %s", stream.num_rows, len(stream.row_counts), data.shards)
+    return stream
+
+
 def trackers_from_config(lg: LoggingConfig) -> list[str]:
     """``logging.report_to`` (a name, a list, or none) -> tracker names; fails early when a tracker's package is
     missing (accelerate would only warn and train without it)."""
@@ -457,20 +497,24 @@ def run_pretraining(
     if deepspeed:
         deepspeed_setup(accelerator, trainer, opt)
     train_ds, collator = training_data(cfg, manifest, processor)
+    stream = sharded_training_data(cfg, accelerator, processor, model, pad_ranks)  # None: manifest rows
     padder = (
         RankPadder(train_ds, BioPerceiverCollator(processor.modalities), model.modality_names) if pad_ranks else None
     )
     loader = DataLoader(
-        train_ds,
+        stream or train_ds,
         batch_size=tr.batch_size,
-        shuffle=True,
-        drop_last=True,
+        shuffle=stream is None,
+        drop_last=stream is None,  # the stream yields whole batches (drop_last of its own, the same on every rank)
         collate_fn=collator,
         num_workers=cfg.data.num_workers,
     )
     optimizer = torch.optim.AdamW(parameter_groups(trainer, opt.weight_decay), lr=opt.lr, betas=tuple(opt.betas))
     scheduler = get_cosine_schedule_with_warmup(optimizer, opt.warmup_steps, opt.max_steps)
-    trainer, optimizer, loader, scheduler = accelerator.prepare(trainer, optimizer, loader, scheduler)
+    if stream is None:
+        trainer, optimizer, loader, scheduler = accelerator.prepare(trainer, optimizer, loader, scheduler)
+    else:  # the stream splits the data across ranks itself (accelerate would dispatch an IterableDataset's batches)
+        trainer, optimizer, scheduler = accelerator.prepare(trainer, optimizer, scheduler)
 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     step, batches_seen = 0, 0
@@ -479,6 +523,8 @@ def run_pretraining(
         state = load_checkpoint(accelerator, resume_path)
         step, batches_seen = state["step"], state["batches_seen"]
         samples_before, seconds_before = state.get("samples_seen", 0), state.get("train_seconds", 0.0)
+        if stream is not None:
+            stream.load_state_dict(state["data_state"])
     if trackers:
         init_kwargs = {"wandb": {"name": lg.run_name}} if lg.run_name and "wandb" in trackers else {}
         accelerator.init_trackers(project, config=flat_config(cfg.to_dict()), init_kwargs=init_kwargs)
@@ -523,19 +569,27 @@ def run_pretraining(
         accelerator.wait_for_everyone()
         return metrics, v, m
 
-    n_batches = len(loader)
+    n_batches = len(loader) if stream is None else None
     accum = tr.gradient_accumulation_steps
     history: list[dict] = []
     bar = tqdm(total=opt.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="pretrain")
     t_last, samples_since, grad_norm = time.perf_counter(), 0, None
     while step < opt.max_steps:
-        epoch, skip = divmod(batches_seen, n_batches)
-        train_ds.set_epoch(epoch)
-        loader.set_epoch(epoch)
-        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        if stream is not None:  # the stream's own position says where the epoch continues
+            if stream.steps_left() == 0:
+                stream.set_epoch(stream.epoch + 1)
+            epoch_loader = loader
+        else:
+            epoch, skip = divmod(batches_seen, n_batches)
+            train_ds.set_epoch(epoch)
+            loader.set_epoch(epoch)
+            epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
         trainer.train()
         for batch in epoch_loader:
             batches_seen += 1
+            if stream is not None:
+                stream.advance(tr.batch_size * accelerator.num_processes)  # one global step of the stream
+                batch = batch_to_device(batch, accelerator.device)
             # every sample of the batch was skipped (counted by the collator): all processes skip it together, else
             # from here on their gradient all-reduces would pair different batches and their step counts drift
             n_empty = int(batch is None)
@@ -630,6 +684,7 @@ def run_pretraining(
                     run_config_yaml,
                     **run_facts,
                     **run_totals(),
+                    **({"data_state": stream.state_dict()} if stream is not None else {}),
                 )
                 if crash_after_step == step:
                     os.kill(os.getpid(), signal.SIGKILL)

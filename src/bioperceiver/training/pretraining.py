@@ -201,7 +201,8 @@ class ContrastivePretrainer(nn.Module):
         pid = None
         if patient_id is not None:
             pid = patient_index(patient_id, device=next(self.parameters()).device)
-        parts = [select_rows(inputs, rows) for rows in chunks]
+        kinds = {name: cfg["kind"] for name, cfg in self.model.config.modalities.items()}
+        parts = _LazyRows(inputs, chunks, kinds)  # each cut to its own longest row, made when embedded
         return grad_cache_step(self.embed_views, parts, chunks, lambda emb: self.loss_from(emb, pid), **kwargs)
 
     def leave_one_out_loss(
@@ -226,6 +227,24 @@ class ContrastivePretrainer(nn.Module):
         terms["loss_loo"] = total / max(n, 1)
         terms["loo_temperature"] = res["temperature"]
         return terms
+
+
+class _LazyRows:
+    """The inputs of each micro-batch (:func:`~bioperceiver.data.collator.select_rows`, cut to its own longest
+    row), made when it is embedded and dropped after: one micro-batch's copy at a time, not a second copy of the
+    whole batch (a batch's image tensor holds every row, present or not)."""
+
+    def __init__(self, inputs, chunks, kinds):
+        self.inputs, self.chunks, self.kinds = inputs, chunks, kinds
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int):
+        return select_rows(self.inputs, self.chunks[i], self.kinds)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.layers import PatchEmbed
@@ -84,12 +85,15 @@ class ImageConfig:
 
 class ImageEmbedder(ModalityEmbedder):
     """Inputs: ``pixel_values`` (B, C, H, W) or (B, C, D, H, W); optional ``present`` (B,) bool marking the
-    samples that have this image (absent samples' pixels are ignored)."""
+    samples that have this image (absent samples' pixels are ignored). With a frozen timm backbone whose outputs
+    were cached (:meth:`frozen_features`), ``backbone_features`` (B, h*w, C') and ``feature_grid`` (B, 2) instead of
+    ``pixel_values``."""
 
     kind = "image"
     config_class = ImageConfig
     input_keys = ("pixel_values",)
     optional_input_keys = ("present",)
+    feature_keys = ("backbone_features", "feature_grid")
 
     def __init__(self, name: str, config: ImageConfig, d_input: int) -> None:
         super().__init__(name, config, d_input)
@@ -168,7 +172,49 @@ class ImageEmbedder(ModalityEmbedder):
             self.backbone.eval()  # a frozen backbone keeps its normalisation statistics fixed
         return self
 
+    def frozen_fingerprint(self) -> str | None:
+        """SHA-256 of a frozen timm backbone's weights (``None`` for patch mode or a trained backbone)."""
+        if self.backbone is None or not self.config.freeze_backbone:
+            return None
+        import hashlib
+
+        h = hashlib.sha256(self.config.backbone.encode())
+        for key, value in sorted(self.backbone.state_dict().items()):
+            h.update(key.encode())
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    @torch.no_grad()
+    def frozen_features(self, arrays):
+        """``{"pixel_values": (C, H, W)}`` -> ``{"backbone_features": (h*w, C') float32, "feature_grid": (2,)}``:
+        the frozen backbone's feature map of one image, what :meth:`embed` reads instead of the pixels."""
+        if self.frozen_fingerprint() is None:
+            raise ValueError(f"modality {self.name!r}: only a frozen timm backbone's outputs can be cached")
+        dtype = self.position.proj.weight.dtype
+        pixels = torch.as_tensor(np.asarray(arrays["pixel_values"]), dtype=dtype)[None]  # (1, C, H, W)
+        feats, grid = self._backbone_features(pixels)  # (1, h*w, C')
+        return {
+            "backbone_features": feats[0].float().numpy(),
+            "feature_grid": np.asarray(grid, dtype=np.int64),
+        }
+
+    def check_inputs(self, inputs):
+        if isinstance(inputs, dict) and "backbone_features" in inputs:
+            unknown = sorted(set(inputs) - {*self.feature_keys, "present"})
+            if unknown or "feature_grid" not in inputs or self.frozen_fingerprint() is None:
+                raise ValueError(
+                    f"modality {self.name!r}: cached backbone features need a frozen timm backbone and the keys "
+                    f"{list(self.feature_keys)} (+ 'present'), got {sorted(inputs)}"
+                )
+            return
+        super().check_inputs(inputs)
+
     def _backbone_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        feats, grid = self._backbone_features(pixels)
+        return self.proj(feats), grid
+
+    def _backbone_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """The backbone's output tokens (B, h*w, C') and their grid ``(h, w)``."""
         feats = self.backbone.forward_features(pixels)
         if feats.dim() == 4:  # a feature map, (B, C', h, w) or (B, h, w, C') by the model's output format
             if str(getattr(self.backbone, "output_fmt", "NCHW")).upper() == "NHWC":
@@ -188,7 +234,7 @@ class ImageEmbedder(ModalityEmbedder):
                     f"modality {self.name!r}: cannot map {feats.shape[1]} backbone tokens onto a patch grid "
                     f"{grid}; use a CNN backbone or a ViT with a patch_embed"
                 )
-        return self.proj(feats), grid
+        return feats, grid
 
     def matmul_flops(self, inputs):
         if self.backbone is not None:
@@ -202,6 +248,8 @@ class ImageEmbedder(ModalityEmbedder):
         return flops, flops
 
     def embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if "backbone_features" in inputs:
+            return self._embed_cached(inputs)
         pixels = inputs["pixel_values"]
         cfg = self.config
         if pixels.dim() != cfg.spatial_dims + 2 or pixels.shape[1] != cfg.in_channels:
@@ -233,6 +281,23 @@ class ImageEmbedder(ModalityEmbedder):
             grid = tuple(tokens.shape[2:])
             tokens = tokens.flatten(2).transpose(1, 2)  # (B, d*h*w, D_in)
         coords = grid_coordinates(grid, tokens.device, torch.float32)  # (N, spatial_dims), fp32 on purpose
+        tokens = tokens + self.position(coords)
+        keep = present[:, None].expand(b, tokens.shape[1])  # (B, N)
+        return tokens, keep
+
+    def _embed_cached(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`embed` from the frozen backbone's cached outputs: the same tokens as from the pixels."""
+        feats = inputs["backbone_features"]  # (B, h*w, C')
+        b = feats.shape[0]
+        present = inputs.get("present")
+        present = torch.ones(b, dtype=torch.bool, device=feats.device) if present is None else present.bool()
+        rows = present.nonzero().flatten()
+        if rows.numel() == 0:
+            rows = torch.zeros(1, dtype=torch.long, device=feats.device)
+        grid = tuple(int(g) for g in inputs["feature_grid"][rows[0]].tolist())
+        sub = self.proj(feats[rows].to(self.proj.weight.dtype))
+        tokens = sub.new_zeros(b, *sub.shape[1:]).index_copy(0, rows, sub)
+        coords = grid_coordinates(grid, tokens.device, torch.float32)  # (N, 2)
         tokens = tokens + self.position(coords)
         keep = present[:, None].expand(b, tokens.shape[1])  # (B, N)
         return tokens, keep

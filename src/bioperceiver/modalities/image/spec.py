@@ -35,10 +35,38 @@ class ImageSpec(ModalitySpec):
     token_unit = "patch"
 
     def num_tokens(self, arrays):
+        if "backbone_features" in arrays:  # cached outputs of a frozen backbone (bioperceiver.data.shards)
+            return int(arrays["backbone_features"].shape[0])
         return int(arrays["pixel_values"].size)
+
+    def check_arrays(self, arrays, *, sample_id=None, modality=None):
+        if "backbone_features" not in arrays:
+            return super().check_arrays(arrays, sample_id=sample_id, modality=modality)
+        feats = np.asarray(arrays["backbone_features"])
+        grid = np.asarray(arrays.get("feature_grid", ()))
+        if (
+            feats.ndim != 2
+            or grid.shape != (2,)
+            or int(np.prod(grid)) != feats.shape[0]
+            or set(arrays)
+            != {
+                "backbone_features",
+                "feature_grid",
+            }
+        ):
+            raise DataError(
+                "wrong_shape",
+                f"cached backbone features {feats.shape} with grid {grid.tolist()} (keys {sorted(arrays)})",
+                sample_id=sample_id,
+                modality=modality,
+                fix="rewrite the shards with --cache_features",
+            )
+        return {"backbone_features": feats, "feature_grid": grid}
 
     def collate(self, name, column, sample_ids, pad_len):
         b = len(column)
+        if any(a is not None and "backbone_features" in a for a in column):
+            return self._collate_features(name, column, sample_ids)
         shapes = {a["pixel_values"].shape for a in column if a is not None}
         if len(shapes) > 1:
             raise DataError(
@@ -55,6 +83,28 @@ class ImageSpec(ModalitySpec):
                 px[i] = torch.from_numpy(np.asarray(a["pixel_values"], dtype=np.float32))
                 present[i] = True
         return {"pixel_values": px, "present": present}
+
+    def _collate_features(self, name, column, sample_ids):
+        """Cached frozen-backbone outputs: ``backbone_features`` (B, h*w, C'), ``feature_grid`` (B, 2), ``present``."""
+        shapes = {(a["backbone_features"].shape, tuple(a["feature_grid"])) for a in column if a is not None}
+        if len(shapes) > 1 or any(a is not None and "backbone_features" not in a for a in column):
+            raise DataError(
+                "shape_mismatch",
+                f"cached backbone features of different shapes (or mixed with pixels) in one batch: {sorted(shapes)} "
+                f"(samples {list(sample_ids)})",
+                modality=name,
+                fix="write every image of the shards with the same processor and --cache_features",
+            )
+        (shape, grid) = shapes.pop()
+        b = len(column)
+        feats = torch.zeros((b, *shape), dtype=torch.float32)
+        present = torch.zeros(b, dtype=torch.bool)
+        for i, a in enumerate(column):
+            if a is not None:
+                feats[i] = torch.from_numpy(np.asarray(a["backbone_features"], dtype=np.float32))
+                present[i] = True
+        grids = torch.tensor([list(grid)] * b, dtype=torch.long)
+        return {"backbone_features": feats, "feature_grid": grids, "present": present}
 
     def features(self, processor):
         import datasets
