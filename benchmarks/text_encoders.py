@@ -27,7 +27,7 @@ Run (the numbers in benchmarks/RESULTS.md)::
 
     nice -n 10 .venv/bin/python benchmarks/text_encoders.py --work_dir /work/evidence/text18 \\
         --cohort_dir /work/evidence/demo_cohort --pretrained_dir /work/evidence/demo_pretrain/final \\
-        --seeds 0 1 2 --encoder_seeds 0
+        --seeds 0 1 2 --encoder_seeds 0 1 2 --partial_seeds 0
     .venv/bin/python benchmarks/text_encoders.py --quick     # smoke run: 2 epochs, 1 seed, 200 resamples
 """
 
@@ -106,10 +106,14 @@ def encoders_benchmark(args, ft, data, runner) -> dict:
     cfg = dict(ft.BP_CONFIGS["random_full"])
     probs: dict[str, dict[int, np.ndarray]] = {}
     for name, encoder in CONFIGS.items():
+        if name not in args.configs:
+            continue
         extra = []
         if encoder is not None:
             extra = ["--processor_settings", str(write_settings(Path(args.work_dir), name, encoder))]
         seeds = args.seeds if encoder is None else (args.encoder_seeds or args.seeds)
+        if name == "minilm_partial2" and args.partial_seeds:
+            seeds = args.partial_seeds
         for seed in seeds:
             run = runner.run(
                 f"text_{name}_s{seed}", data.path, task, cfg, seed=seed, modalities=ft.FIND_MODALITIES, extra=extra
@@ -130,8 +134,10 @@ def encoders_benchmark(args, ft, data, runner) -> dict:
             "seeds": list(seeds),
         }
         ft.log(f"{name}: test macro-AUROC {np.mean(tests):.4f} over seeds {seeds}")
-    s0 = min(set(probs["scratch"]) & set.intersection(*(set(v) for v in probs.values())))
-    for name in CONFIGS:
+    if "scratch" not in probs:
+        return out
+    s0 = min(set.intersection(*(set(v) for v in probs.values())))
+    for name in probs:
         if name != "scratch":
             out[f"paired_{name}_minus_scratch_seed{s0}"] = ft.paired_diff(
                 data, probs[name][s0], probs["scratch"][s0], args.n_bootstrap, 0
@@ -195,6 +201,33 @@ def zero_shot(args, ft, data) -> dict:
     return out
 
 
+def tokenization(args, ft, data) -> dict:
+    """How each tokenizer cuts the (Spanish, stemmed) training reports: word pieces per whitespace word and the
+    share of [UNK]; MiniLM's English uncased vocabulary against the WordPiece tokenizer trained on the reports."""
+    from bioperceiver.data import BioPerceiverProcessor
+    from bioperceiver.modalities.text import TextProcessor
+
+    reports = [r["text_report"] for r in data.data["train"][0]]
+    tokenizers = {
+        "demo_trained_wordpiece": BioPerceiverProcessor.from_pretrained(args.pretrained_dir).processors["text_report"],
+        "minilm_bert_uncased": TextProcessor("text", tokenizer_dir=str(minilm_folder()), max_length=512),
+    }
+    words = sum(len(t.split()) for t in reports)
+    out = {"n_reports": len(reports), "words": words}
+    for name, proc in tokenizers.items():
+        unk = proc.tokenizer.token_to_id("[UNK]")
+        ids = [proc(t)["input_ids"][1:-1] for t in reports]  # without [CLS]/[SEP]
+        n = sum(len(i) for i in ids)
+        out[name] = {
+            "pieces_per_word": n / words,
+            "unk_share": float(sum(int((i == unk).sum()) for i in ids) / n),
+            "vocab_size": proc.tokenizer.get_vocab_size(),
+            "example": proc.tokenizer.encode(reports[0]).tokens,
+        }
+        ft.log(f"{name}: {n / words:.2f} pieces per word, [UNK] {out[name]['unk_share']:.4f}")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work_dir", default=str(ROOT / "outputs" / "bench_text_encoders"))
@@ -204,14 +237,30 @@ def main() -> None:
     p.add_argument(
         "--encoder_seeds", type=int, nargs="+", default=None, help="seeds of the MiniLM runs (default: --seeds)"
     )
+    p.add_argument(
+        "--partial_seeds", type=int, nargs="+", default=None, help="seeds of minilm_partial2 (default: --encoder_seeds)"
+    )
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="text paths to run")
+    p.add_argument(
+        "--reuse_runs",
+        default=None,
+        metavar="JSON",
+        help="reuse runs recorded in this results JSON with an identical argument list whose folder under "
+        "--work_dir still holds its results (finetune_tasks.BPRunner; runs are deterministic on CPU)",
+    )
     p.add_argument("--n_bootstrap", type=int, default=1000)
-    p.add_argument("--only", nargs="*", default=["encoders", "zero_shot"], choices=["encoders", "zero_shot"])
+    p.add_argument(
+        "--only",
+        nargs="*",
+        default=["encoders", "zero_shot", "tokens"],
+        choices=["encoders", "zero_shot", "tokens"],
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, 1 seed, 200 resamples")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "text_encoders.json"))
     args = p.parse_args()
     if args.quick:
-        args.seeds, args.encoder_seeds, args.n_bootstrap = args.seeds[:1], args.seeds[:1], 200
-    args.reuse_runs = None
+        args.seeds, args.encoder_seeds, args.partial_seeds = args.seeds[:1], args.seeds[:1], args.seeds[:1]
+        args.n_bootstrap = 200
     logging.basicConfig(level=logging.WARNING)
     os.chdir(ROOT)
     t0 = time.perf_counter()
@@ -239,11 +288,15 @@ def main() -> None:
     if "zero_shot" in args.only:
         _, res["pretrain_command"] = ft.ensure_backbone(args, manifest_path)
         res["zero_shot"] = zero_shot(args, ft, data)
+    if "tokens" in args.only:
+        _, res["pretrain_command"] = ft.ensure_backbone(args, manifest_path)
+        res["tokens"] = tokenization(args, ft, data)
     res["wall_clock_s"] = round(time.perf_counter() - t0, 1)
     out = Path(args.output)
-    if out.exists() and set(args.only) != {"encoders", "zero_shot"}:  # keep the part not rerun
+    if out.exists() and set(args.only) != {"encoders", "zero_shot", "tokens"}:  # keep the parts not rerun
         prev = json.loads(out.read_text())
-        res = {**{k: prev[k] for k in ("encoders", "zero_shot", "bioperceiver_runs") if k in prev}, **res}
+        parts = ("encoders", "zero_shot", "tokens", "bioperceiver_runs")
+        res = {**{k: prev[k] for k in parts if k in prev and k not in res}, **res}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1, default=ft._json_default) + "\n")
     ft.log(f"wrote {out} in {res['wall_clock_s']:.0f} s")
