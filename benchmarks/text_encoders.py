@@ -27,7 +27,7 @@ Run (the numbers in benchmarks/RESULTS.md)::
 
     nice -n 10 .venv/bin/python benchmarks/text_encoders.py --work_dir /work/evidence/text18 \\
         --cohort_dir /work/evidence/demo_cohort --pretrained_dir /work/evidence/demo_pretrain/final \\
-        --seeds 0 1 2 --encoder_seeds 0 1 2 --partial_seeds 0
+        --seeds 0 1 2 --encoder_seeds 0        # + --only encoders --configs minilm_partial2 --partial_seeds 1
     .venv/bin/python benchmarks/text_encoders.py --quick     # smoke run: 2 epochs, 1 seed, 200 resamples
 """
 
