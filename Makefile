@@ -29,7 +29,7 @@ $(VENV)/.torch: | $(PY)
 # The package in editable mode with its extras; re-run whenever pyproject.toml changes. The torch pins go in
 # the same command so that nothing here can swap the torch build.
 $(VENV)/.deps: pyproject.toml $(VENV)/.torch
-	$(PIP) install $(TORCH) -e ".[deepspeed,dev,recipes,privacy,wsi,search,evidence]"
+	$(PIP) install $(TORCH) -e ".[deepspeed,dev,recipes,privacy,wsi,search,evidence,text]"
 	touch $@
 
 # Real data the demo cohort is built from, as shipped inside these pinned packages (see ../shared/data/README.md).

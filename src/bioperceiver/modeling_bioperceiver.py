@@ -198,13 +198,26 @@ class BioPerceiverPreTrainedModel(PreTrainedModel):
             grown_all[name] = grown
         return grown_all
 
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        """Load as usual, then re-apply the embedders' own ``requires_grad`` settings (a frozen pretrained text
+        encoder or timm backbone), which loading the weights resets."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) on request
+        for module in model.modules():
+            if isinstance(module, ModalityEmbedder):
+                module.apply_trainability()
+        return loaded
+
     def save_pretrained(self, save_directory, *args: Any, **kwargs: Any):
-        """Save as usual; a timm backbone's local ``backbone_weights`` path is not written into the saved config
-        because the checkpoint now carries those weights (the directory stays loadable on any machine)."""
+        """Save as usual; a timm backbone's local ``backbone_weights`` path and a text encoder's local
+        ``pretrained_encoder`` folder are not written into the saved config because the checkpoint now carries
+        those weights (the directory stays loadable on any machine)."""
         original = copy.deepcopy(self.config.modalities)
         for cfg in self.config.modalities.values():
-            if cfg.get("backbone_weights"):
-                cfg["backbone_weights"] = None
+            for key in ("backbone_weights", "pretrained_encoder"):
+                if cfg.get(key):
+                    cfg[key] = None
         try:
             return super().save_pretrained(save_directory, *args, **kwargs)
         finally:

@@ -69,6 +69,10 @@ class ModalityEmbedder(nn.Module):
     def embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def apply_trainability(self) -> None:
+        """Re-apply the embedder's own ``requires_grad`` settings (e.g. a frozen pretrained encoder) after a caller
+        unfroze the whole model; nothing by default."""
+
     def matmul_flops(self, inputs: dict[str, torch.Tensor]) -> tuple[float, float]:
         """Forward matmul FLOPs of this embedder's linear/conv layers on a batch (lookups and additions are not
         counted), and the part of them done by layers fed with constants (raw pixels / signal samples, Fourier

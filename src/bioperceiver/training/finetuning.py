@@ -54,6 +54,8 @@ def configure_finetuning(
     backbone = model.bioperceiver
     if mode == "full":
         model.requires_grad_(True)
+        for embedder in backbone.embedders.values():
+            embedder.apply_trainability()  # a frozen pretrained part of an embedder stays frozen
     elif mode in ("linear_probe", "partial"):
         backbone.requires_grad_(False)
         model.head.requires_grad_(True)

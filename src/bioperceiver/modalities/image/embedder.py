@@ -166,6 +166,10 @@ class ImageEmbedder(ModalityEmbedder):
             module._is_hf_initialized = True
         return backbone
 
+    def apply_trainability(self) -> None:
+        if self.backbone is not None and self.config.freeze_backbone:
+            self.backbone.requires_grad_(False)
+
     def train(self, mode: bool = True) -> ImageEmbedder:
         super().train(mode)
         if self.backbone is not None and self.config.freeze_backbone:

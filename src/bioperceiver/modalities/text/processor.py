@@ -1,4 +1,5 @@
-"""Text processor: a Hugging Face ``tokenizers`` tokenizer (trained on the notes, or loaded from tokenizer.json)."""
+"""Text processor: a Hugging Face ``tokenizers`` tokenizer (trained on the notes, or loaded from tokenizer.json or a
+pretrained model's folder)."""
 
 from __future__ import annotations
 
@@ -181,6 +182,11 @@ class TextSettings:
     Args:
         tokenizer_file: an existing ``tokenizer.json`` to use instead of training one (``fit`` then only checks
             it); e.g. a BERT vocabulary.
+        tokenizer_dir: a local folder of a pretrained Hugging Face model whose tokenizer to use instead of training
+            one: its ``tokenizer.json``, or else its ``vocab.txt`` (a BERT WordPiece vocabulary, lower-cased
+            unless the folder's ``tokenizer_config.json`` says ``do_lower_case: false``). Pair it with the text
+            embedder's ``pretrained_encoder`` set to the same folder. The tokenizer is saved with the processors,
+            so a saved folder never needs this path again.
         model: ``"wordpiece"`` or ``"bpe"`` when training.
         vocab_size: target vocabulary size when training.
         lowercase: lowercase (and strip accents) before tokenising when training.
@@ -191,6 +197,7 @@ class TextSettings:
     """
 
     tokenizer_file: str | None = None
+    tokenizer_dir: str | None = None
     model: str = "wordpiece"
     vocab_size: int = 8000
     lowercase: bool = True
@@ -203,6 +210,29 @@ class TextSettings:
             raise ValueError(f"truncation must be 'right' or 'left', got {self.truncation!r}")
         if self.max_length < 3:
             raise ValueError(f"max_length must be >= 3 (room for [CLS] and [SEP]), got {self.max_length}")
+        if self.tokenizer_file and self.tokenizer_dir:
+            raise ValueError("give tokenizer_file or tokenizer_dir, not both")
+
+
+def load_pretrained_tokenizer(folder: str | Path) -> Tokenizer:
+    """The tokenizer of a pretrained Hugging Face model folder: ``tokenizer.json``, else a BERT WordPiece tokenizer
+    built from ``vocab.txt`` (``[CLS] ... [SEP]`` added to every encoding)."""
+    import json
+
+    folder = Path(folder).expanduser()
+    if (folder / TOKENIZER_FILE).is_file():
+        return Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+    if (folder / "vocab.txt").is_file():
+        from tokenizers.implementations import BertWordPieceTokenizer
+
+        config_path = folder / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        lower = bool(config.get("do_lower_case", True))
+        return BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=lower)._tokenizer
+    raise ValueError(
+        f"tokenizer_dir {str(folder)!r} holds neither {TOKENIZER_FILE} nor vocab.txt; give the local folder of a "
+        "pretrained Hugging Face model (e.g. the one the text embedder's pretrained_encoder names)"
+    )
 
 
 class TextProcessor(ModalityProcessor):
@@ -214,10 +244,18 @@ class TextProcessor(ModalityProcessor):
     def __init__(self, name=None, **settings):
         super().__init__(name, **settings)
         self.tokenizer: Tokenizer | None = None
-        if self.settings.tokenizer_file:
-            self.tokenizer = Tokenizer.from_file(str(self.settings.tokenizer_file))
+        if self._given_tokenizer():
+            self.tokenizer = self._load_given_tokenizer()
             self.state = self._describe()
         self._configure()
+
+    def _given_tokenizer(self) -> bool:
+        return bool(self.settings.tokenizer_file or self.settings.tokenizer_dir)
+
+    def _load_given_tokenizer(self) -> Tokenizer:
+        if self.settings.tokenizer_file:
+            return Tokenizer.from_file(str(self.settings.tokenizer_file))
+        return load_pretrained_tokenizer(self.settings.tokenizer_dir)
 
     def _configure(self) -> None:
         if self.tokenizer is None:
@@ -242,8 +280,8 @@ class TextProcessor(ModalityProcessor):
                     self._check_note(v)
                 except DataError as err:
                     raise err.located(sample_id=sid) from None
-        if self.settings.tokenizer_file:
-            self.tokenizer = Tokenizer.from_file(str(self.settings.tokenizer_file))
+        if self._given_tokenizer():
+            self.tokenizer = self._load_given_tokenizer()
         else:
             self.tokenizer = train_tokenizer(
                 values,
@@ -263,14 +301,14 @@ class TextProcessor(ModalityProcessor):
                     self._check_note(v)
                 except DataError as err:
                     raise err.located(sample_id=sid) from None
-        if self.settings.tokenizer_file:
+        if self._given_tokenizer():
             return {"fitted_on": len(values)}
         counts = count_words(values, model=self.settings.model, lowercase=self.settings.lowercase)
         return {"fitted_on": len(values), "words": counts}
 
     def _fit_from_statistics(self, merged, query):
-        if self.settings.tokenizer_file:
-            self.tokenizer = Tokenizer.from_file(str(self.settings.tokenizer_file))
+        if self._given_tokenizer():
+            self.tokenizer = self._load_given_tokenizer()
         else:
             self.tokenizer = tokenizer_from_counts(
                 merged.get("words", {}),
@@ -322,7 +360,8 @@ class TextProcessor(ModalityProcessor):
 
     def to_dict(self):
         data = super().to_dict()
-        data["settings"]["tokenizer_file"] = None  # the saved directory carries tokenizer.json itself
+        # the saved directory carries tokenizer.json itself
+        data["settings"]["tokenizer_file"] = data["settings"]["tokenizer_dir"] = None
         return data
 
     def decode(self, ids) -> str:
