@@ -2,7 +2,7 @@
 
 The findings task (the 6 most frequent PadChest findings of the labelled pool's training patients, multilabel,
 from ``text_report`` + ``tabular_study``) with 1%, 10% and 100% of the labelled pool's training patients, 3 seeds
-each, three models on exactly the same patients:
+each, five models on exactly the same patients:
 
 * ``pretrained`` -- full finetuning of the backbone ``pretrain/configs/padchest.yaml`` pretrained (report <-> study
   fields, CLIP) on the *train* split of the full-PadChest manifest;
@@ -10,6 +10,9 @@ each, three models on exactly the same patients:
   pretraining reports) and the same finetuning settings: the difference is the pretrained weights only;
 * ``pretrained_probe`` -- the pretrained backbone frozen, a linear head trained on its cached embeddings
   (``finetune_tasks.BP_CONFIGS["pretrained_linear_probe"]``: lr 3e-3);
+* ``random_probe`` -- its control: the *randomly initialised* backbone frozen, the same linear head and settings
+  (what the probe gets from the architecture and processors alone; the gap to ``pretrained_probe`` is what the
+  pretrained features carry);
 * ``tfidf_lr`` -- TF-IDF word 1-2-grams + study fields + one-vs-rest logistic regression, the vectoriser and C fitted
   / chosen on the run's labelled patients and the validation patients (``benchmarks/finetune_tasks.py``'s
   ``tfidf_lr``).
@@ -48,9 +51,15 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = "tokenizers/padchest_processors.yaml"
-ARMS = ("pretrained", "random", "tfidf_lr", "pretrained_probe")
+ARMS = ("pretrained", "random", "tfidf_lr", "pretrained_probe", "random_probe")
 # finetune_tasks.BP_CONFIGS setting of each BioPerceiver arm (the learning rate of the full arms is --lr)
-BP_ARMS = {"pretrained": "pretrained_full", "random": "random_full", "pretrained_probe": "pretrained_linear_probe"}
+BP_ARMS = {
+    "pretrained": "pretrained_full",
+    "random": "random_full",
+    "pretrained_probe": "pretrained_linear_probe",
+    "random_probe": "random_linear_probe",  # the control of the probe: what a frozen *random* backbone gives
+}
+PROBE_CONTROL = {"random_linear_probe": {"pretrained": False, "mode": "linear_probe", "lr": 3e-3, "epochs": 30}}
 TASK = ["--task", "multilabel", "--label_column", "label_findings", "--top_k_labels", "6"]
 MODALITIES = ["text_report", "tabular_study"]
 
@@ -142,7 +151,8 @@ def bootstrap_means(data, probs: dict[str, list[np.ndarray]], n_boot: int, seed:
             "ci_low": float(np.nanquantile(d, 0.025)),
             "ci_high": float(np.nanquantile(d, 0.975)),
         }
-    for a, b in (("pretrained", "random"), ("pretrained", "tfidf_lr"), ("pretrained_probe", "random")):
+    pairs = (("pretrained", "random"), ("pretrained", "tfidf_lr"), ("pretrained_probe", "random"))
+    for a, b in (*pairs, ("pretrained_probe", "random_probe")):
         if a in names and b in names:
             d = np.asarray(draws[a]) - np.asarray(draws[b])
             out[f"{a}_minus_{b}"] = {
@@ -202,7 +212,7 @@ def run_point(ft, args, data, runner, frac: float, seed: int, points_dir: Path) 
         elif runner is None:
             continue
         else:
-            cfg = dict(ft.BP_CONFIGS[BP_ARMS[arm]])
+            cfg = dict({**ft.BP_CONFIGS, **PROBE_CONTROL}[BP_ARMS[arm]])
             cfg["lr"] = args.lr if cfg["mode"] == "full" else cfg["lr"]
             extra = [*sched, "--processor_settings", SETTINGS, "--processor_dir", str(args.processor_dir)]
             rr = runner.run(
@@ -237,7 +247,8 @@ def plot(res: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     fr = res["fractions"]
-    for arm, color in (("tfidf_lr", "C0"), ("pretrained", "C1"), ("random", "C2"), ("pretrained_probe", "C3")):
+    arms = (("tfidf_lr", "C0"), ("pretrained", "C1"), ("random", "C2"), ("pretrained_probe", "C3"))
+    for arm, color in (*arms, ("random_probe", "C4")):
         s = [res["summary"][str(f)].get(arm) for f in fr]
         if not all(s):
             continue

@@ -363,6 +363,54 @@ def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
+def reusable_output(manifest: Path, recipe: str, params: Mapping[str, Any]) -> bool:
+    """``True`` when ``manifest`` and its sidecar were written by ``recipe`` with the same ``params`` and every output
+    file the sidecar lists is still there (a recipe then returns the manifest instead of rebuilding it)."""
+    meta_file = metadata_path(manifest)
+    if not (manifest.is_file() and meta_file.is_file()):
+        return False
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if meta.get("recipe") != recipe or meta.get("params") != dict(params):
+        return False
+    missing = [f for f in meta.get("outputs", []) if not (manifest.parent / f).is_file()]
+    if missing:
+        logger.info(
+            "%s in %s lacks %d file(s) (e.g. %s); rebuilding", recipe, manifest.parent, len(missing), missing[0]
+        )
+        return False
+    return True
+
+
+def previous_outputs(manifest: Path, recipe: str, overwrite: bool) -> list[str]:
+    """The output files an earlier build of ``recipe`` listed in its sidecar (to remove the ones a rebuild no longer
+    writes, :func:`remove_stale_outputs`). A manifest written by something else is refused unless ``overwrite``."""
+    meta_file = metadata_path(manifest)
+    if meta_file.is_file():
+        try:
+            previous = json.loads(meta_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            previous = {}
+        if previous.get("recipe") == recipe:
+            return list(previous.get("outputs", []))
+        if not overwrite:
+            raise FileExistsError(f"{manifest} was not written by {recipe}; pass overwrite=True to replace it")
+    elif manifest.exists() and not overwrite:
+        raise FileExistsError(f"{manifest} exists without a {recipe} sidecar; pass overwrite=True to replace it")
+    return []
+
+
+def remove_stale_outputs(out_dir: Path, previous: Iterable[str], current: Iterable[str]) -> None:
+    """Delete the files of an earlier build that this build did not write again."""
+    for rel in sorted(set(previous) - set(current)):
+        stale = out_dir / rel
+        if stale.is_file():
+            stale.unlink()
+            logger.info("removed stale file %s", stale)
+
+
 def package_versions(distributions: Iterable[str] = ()) -> dict[str, str | None]:
     """Python and installed package versions (``None`` when not installed) for the sidecar."""
     out: dict[str, str | None] = {"python": platform.python_version()}

@@ -80,7 +80,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..manifest import metadata_path, write_manifest
-from .common import _plain
+from .common import _plain, previous_outputs, remove_stale_outputs, reusable_output
 from .padchest import PADCHEST_PACKAGE_FILE, PADCHEST_USECOLS, SOURCE_NOTES, select_patients, study_row
 
 logger = logging.getLogger(__name__)
@@ -259,25 +259,6 @@ def _params(
         "include_dicom": bool(include_dicom),
         "seed": int(seed),
     }
-
-
-def _reusable(manifest: Path, params: Mapping[str, Any]) -> bool:
-    meta_file = metadata_path(manifest)
-    if not (manifest.is_file() and meta_file.is_file()):
-        return False
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    if meta.get("recipe") != RECIPE or meta.get("params") != dict(params):
-        return False
-    missing = [f for f in meta.get("outputs", []) if not (manifest.parent / f).is_file()]
-    if missing:
-        logger.info(
-            "demo cohort in %s lacks %d file(s) (e.g. %s); rebuilding", manifest.parent, len(missing), missing[0]
-        )
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -793,21 +774,10 @@ def build_demo_cohort(
     manifest = out_dir / MANIFEST_NAME
     meta_file = metadata_path(manifest)
 
-    if not overwrite and _reusable(manifest, params):
+    if not overwrite and reusable_output(manifest, RECIPE, params):
         logger.info("demo cohort up to date: %s", manifest)
         return manifest
-    previous_outputs: list[str] = []
-    if meta_file.is_file():
-        try:
-            previous = json.loads(meta_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            previous = {}
-        if previous.get("recipe") == RECIPE:
-            previous_outputs = list(previous.get("outputs", []))
-        elif not overwrite:
-            raise FileExistsError(f"{manifest} was not written by {RECIPE}; pass overwrite=True to replace it")
-    elif manifest.exists() and not overwrite:
-        raise FileExistsError(f"{manifest} exists without a {RECIPE} sidecar; pass overwrite=True to replace it")
+    previous = previous_outputs(manifest, RECIPE, overwrite)
 
     # fail before any work when a needed package is missing
     _package_file("systole", "systole", SYSTOLE_STIM_FILE)
@@ -872,11 +842,7 @@ def build_demo_cohort(
     write_manifest(table, manifest, None)
     metadata["build_seconds"] = round(time.perf_counter() - t0, 2)
     _write_json_atomic(meta_file, metadata)
-    for rel in sorted(set(previous_outputs) - set(outputs)):
-        stale = out_dir / rel
-        if stale.is_file():
-            stale.unlink()
-            logger.info("removed stale file %s", stale)
+    remove_stale_outputs(out_dir, previous, outputs)
     logger.info(
         "demo cohort: %d rows %s in %.1f s -> %s",
         len(table),

@@ -104,7 +104,6 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..manifest import metadata_path
 from .common import (
     MANIFEST_NAME,
     RecipeError,
@@ -112,6 +111,9 @@ from .common import (
     RecipeReport,
     _plain,
     prepare_output_dir,
+    previous_outputs,
+    remove_stale_outputs,
+    reusable_output,
     run_recipe,
     write_recipe_output,
 )
@@ -586,19 +588,6 @@ def _params(cohorts: Sequence[str]) -> dict[str, Any]:
     return {"recipe_version": RECIPE_VERSION, "cohorts": [str(c) for c in cohorts]}
 
 
-def _reusable(manifest: Path, params: Mapping[str, Any]) -> bool:
-    meta_file = metadata_path(manifest)
-    if not (manifest.is_file() and meta_file.is_file()):
-        return False
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    if meta.get("recipe") != RECIPE or meta.get("params") != dict(params):
-        return False
-    return all((manifest.parent / f).is_file() for f in meta.get("outputs", []))
-
-
 def development_rows(table: pd.DataFrame) -> pd.DataFrame:
     """The rows a pretraining, tuning or selection step may use (``meta_cohort_role == "development"``)."""
     return table[table["meta_cohort_role"] == ROLE_DEVELOPMENT]
@@ -635,22 +624,10 @@ def build_survset_cohort(
     out = Path(output_dir).expanduser().resolve()
     manifest = out / MANIFEST_NAME
     params = _params(cohorts)
-    if not overwrite and _reusable(manifest, params):
+    if not overwrite and reusable_output(manifest, RECIPE, params):
         logger.info("survset cohort up to date: %s", manifest)
         return manifest
-    previous_outputs: list[str] = []
-    meta_file = metadata_path(manifest)
-    if meta_file.is_file():
-        try:
-            previous = json.loads(meta_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            previous = {}
-        if previous.get("recipe") == RECIPE:
-            previous_outputs = list(previous.get("outputs", []))
-        elif not overwrite:
-            raise FileExistsError(f"{manifest} was not written by {RECIPE}; pass overwrite=True to replace it")
-    elif manifest.exists() and not overwrite:
-        raise FileExistsError(f"{manifest} exists without a {RECIPE} sidecar; pass overwrite=True to replace it")
+    previous = previous_outputs(manifest, RECIPE, overwrite)
     out = prepare_output_dir(out, overwrite=True)
     started = time.perf_counter()
     report = RecipeReport(NAME)
@@ -714,10 +691,7 @@ def build_survset_cohort(
         extra=extra,
         started=started,
     )
-    for rel in sorted(set(previous_outputs) - set(outputs)):
-        stale = out / rel
-        if stale.is_file():
-            stale.unlink()
+    remove_stale_outputs(out, previous, outputs)
     return path
 
 
