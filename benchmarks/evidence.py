@@ -82,7 +82,9 @@ def _survival(out: str, data: str, *cohorts: str) -> list[str]:
     ]
 
 
-PARTS: list[Part] = [  # in run order; minutes as measured on the shared 2-core VM (2026-12-03)
+# In run order. Minutes as measured on the shared 2-core VM on 2026-12-03 with other jobs running (load 4-8): about
+# 2.5 h in all there; on idle cores the parts ran about twice as fast.
+PARTS: list[Part] = [
     Part(
         "survset_cohort",
         "SurvSet development cohorts + GSE7390 -> one manifest (shared gene vocabulary)",
@@ -160,6 +162,27 @@ PARTS: list[Part] = [  # in run order; minutes as measured on the shared 2-core 
         "padchest/label_efficiency/label_efficiency.json",
         needs=["padchest_pretrain"],
         minutes=30,
+    ),
+    Part(
+        "text_encoders",
+        "demo findings: from-scratch text vs MiniLM frozen / top-2 layers (seeds 0-2 / 0-1) vs TF-IDF; zero-shot check",
+        [
+            PY,
+            "benchmarks/text_encoders.py",
+            "--work_dir",
+            f"{W}/text_encoders",
+            "--seeds",
+            "0",
+            "1",
+            "2",
+            "--encoder_seeds",
+            "0",
+            "1",
+            "--output",
+            f"{W}/text_encoders/text_encoders.json",
+        ],
+        "text_encoders/text_encoders.json",
+        minutes=45,
     ),
 ]
 
