@@ -460,7 +460,8 @@ def run_pretraining(
     Args:
         config: the checked run config (:func:`~bioperceiver.training.config.load_run_config`).
         resume: ``"latest"`` or a checkpoint folder to continue from (bit-identical to an uninterrupted run); the
-            checkpoint's config and number of processes are checked first.
+            checkpoint's config and number of processes are checked first (another number only with ``data.shards``:
+            the same samples and global batch, other random draws; see the module docstring).
         overwrite_output_dir: delete ``output_dir`` first when it holds a run (without it, or ``resume``, such an
             ``output_dir`` is refused with :class:`~bioperceiver.training.config.RunConfigError`).
         settings_root: folder a relative ``data.processor_settings`` resolves against (default: working directory;
@@ -515,7 +516,7 @@ def run_pretraining(
                 logger.warning(
                     "resuming a run of %d process(es) on %d at step %d (data.shards: the stream continues at its "
                     "global sample position). The global contrastive batch stays %d samples: %d per process now "
-                    "(train.batch_size %d was per process on %d). Processes without a saved random state get one "
+                    "(was %d per process on %d). Processes without a saved random state get one "
                     "derived from (seed, step, rank): dropout and other random draws differ from an uninterrupted "
                     "run on %d process(es)",
                     saved_procs,
@@ -523,7 +524,7 @@ def run_pretraining(
                     saved["step"],
                     local_batch * world,
                     local_batch,
-                    tr.batch_size,
+                    local_batch * world // saved_procs,
                     saved_procs,
                     world,
                 )
