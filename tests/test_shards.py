@@ -334,3 +334,18 @@ def test_run_config_resolves_a_relative_shard_folder_and_keeps_urls(tmp_path):
     assert cfg.data.shards == str(tmp_path / "shards" / "train")
     cfg = load_run_config(tmp_path / "conf" / "run.yaml", ["data.shards=s3://bucket/shards"])
     assert cfg.data.shards == "s3://bucket/shards" and cfg.data.cached_features is False
+
+
+def test_advancing_while_iterating_does_not_move_the_blocks_to_come(shard_dir):
+    """The training loop calls ``advance`` after every global step while it iterates the same object (DataLoader
+    with ``num_workers=0``): the rank still yields exactly its blocks of the epoch. Before, the generator read the
+    moving position, so every second block was skipped and the last one repeated."""
+    batch, world = 2, 2
+    ds = ShardedDataset(shard_dir, batch_size=batch, rank=1, world_size=world, seed=4, shuffle_buffer=3)
+    want = all_rows(ds)
+    got = []
+    for i, sample in enumerate(ds):
+        got.append(sample["sample_id"])
+        if i % batch == batch - 1:
+            ds.advance(batch * world)  # one global step consumed
+    assert got == want and ds.position == len(want) * world

@@ -473,12 +473,15 @@ class ShardedDataset(torch.utils.data.IterableDataset):
 
     # ---- iteration ------------------------------------------------------------------------------------------
     def local_positions(self, worker: int = 0, num_workers: int = 1) -> Iterator[int]:
-        """Global positions (in the epoch order) this rank's ``worker`` yields, from the current position on."""
-        b, w = self.batch_size, self.world_size
-        end = self.position + self.steps_left() * b * w if self.drop_last else self.num_rows
+        """Global positions (in the epoch order) this rank's ``worker`` yields, from the current position on.
+
+        The start is fixed when iteration begins: the training loop calls :meth:`advance` while it iterates (with
+        ``num_workers=0`` on this very object), which must not move the blocks still to come."""
+        b, w, start = self.batch_size, self.world_size, self.position
+        end = start + self.steps_left() * b * w if self.drop_last else self.num_rows
         j = worker  # local block number: rank r's j-th block is the global block j * world_size + r
         while True:
-            lo = self.position + (j * w + self.rank) * b
+            lo = start + (j * w + self.rank) * b
             if lo >= end:
                 return
             yield from range(lo, min(lo + b, end))

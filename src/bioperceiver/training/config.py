@@ -211,7 +211,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 32
-    """Samples per process and forward (the global batch is ``batch_size x accumulation x processes``)."""
+    """Samples per process and forward (the global batch is ``batch_size x accumulation x processes``). A run with
+    ``data.shards`` resumed on another number of processes keeps its global batch: the per-process batch becomes
+    that global batch divided by the new number of processes (logged; saved as ``global_batch_size``)."""
     gradient_accumulation_steps: int = 1
     """Forwards per optimizer step."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"

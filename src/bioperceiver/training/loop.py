@@ -18,8 +18,18 @@ Safety before any work:
   records the run id (made at the start of a fresh run, kept across resumes), the SHA-256 of the resolved config
   and the number of processes; resuming refuses a changed config, naming the keys (only
   :data:`~bioperceiver.training.config.RESUME_MUTABLE_KEYS` may change), and a different number of processes
-  (the data position and the RNG streams are per process: exact resume needs the same count, so it is refused
-  rather than silently inexact). Rotation only deletes checkpoints of the current run id.
+  unless the run streams shards (below): without ``data.shards`` the data position and the RNG streams are per
+  process, so exact resume needs the same count and another one is refused rather than silently inexact. Rotation
+  only deletes checkpoints of the current run id.
+* **Another number of processes with ``data.shards``** (DDP or one process): the stream's state is a global sample
+  position, so the resumed run consumes exactly the samples the checkpoint had not seen. The **global contrastive
+  batch stays the run's** (``train.batch_size`` x the processes the run started with, recorded in the checkpoint as
+  ``global_batch_size``): the per-process batch becomes ``global_batch_size / num_processes`` (refused when it does
+  not divide), so 2 x 8 resumed on 1 process steps with 16 per process (bound its memory with
+  ``train.max_tokens_per_batch``). Model, optimiser and scheduler load as usual and the step counter continues;
+  a process with no saved RNG state (a new rank) gets one derived from ``(seed, step, rank)``
+  (:func:`derived_seed`), so dropout and other random draws differ from an uninterrupted run (warned). Every
+  change is recorded in the checkpoint (``world_size_changes``) and the model card.
 * **The manifest is validated** (cheap mode, :func:`~bioperceiver.data.validate.check_manifest_before_work`)
   before processors are fitted: manifest-level problems (duplicate ``sample_id`` ...) stop the run with the full
   list; per-sample ones are left to ``data.on_error``.
@@ -42,7 +52,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
-from accelerate.utils import DistributedType, broadcast_object_list, set_seed
+from accelerate.utils import RNG_STATE_NAME, DistributedType, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -124,7 +134,8 @@ def check_output_dir(config: PretrainConfig, resume, overwrite_output_dir: bool)
 
 def check_resume(config: PretrainConfig, path: Path, num_processes: int) -> dict[str, Any]:
     """The checkpoint's trainer state, after checking that this run may continue it: the same resolved config
-    except :data:`~bioperceiver.training.config.RESUME_MUTABLE_KEYS`, and the same number of processes."""
+    except :data:`~bioperceiver.training.config.RESUME_MUTABLE_KEYS`, and the same number of processes unless the
+    run streams ``data.shards`` (whose position is global; see :func:`resumed_batch`)."""
     import yaml
 
     state = read_trainer_state(path)
@@ -139,13 +150,39 @@ def check_resume(config: PretrainConfig, path: Path, num_processes: int) -> dict
                 "change), or start a new run in another output_dir"
             )
     saved_procs = state.get("num_processes")
-    if saved_procs is not None and saved_procs != num_processes:
+    if saved_procs is not None and saved_procs != num_processes and not config.data.shards:
         raise RunConfigError(
             f"--resume {path}: the checkpoint was written by {saved_procs} process(es), this launch has "
-            f"{num_processes}. Exact resume needs the same number (the data position and random streams are per "
-            f"process): launch with --num_processes {saved_procs}, or start a new run from the weights in final/"
+            f"{num_processes}. Without data.shards exact resume needs the same number (the data position and random "
+            f"streams are per process): launch with --num_processes {saved_procs}, or stream pre-tokenised shards "
+            "(data.shards, whose position is global: a run that streams them from its start may resume on any "
+            "number of processes), or start a new run from the weights in final/"
         )
     return state
+
+
+def derived_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of a process that has no saved RNG state after a resume on another number of processes: a function
+    of the run seed, the resumed step and the rank only (the same on every relaunch), distinct per rank."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def resumed_batch(state: dict[str, Any], config: PretrainConfig, num_processes: int, path: Path) -> int:
+    """The per-process batch of a run resumed from ``state`` on ``num_processes`` processes: the run's global
+    contrastive batch (``global_batch_size`` of the checkpoint, else ``train.batch_size`` x its processes) divided
+    among them. Equal to ``train.batch_size`` when the number of processes did not change."""
+    saved_procs = state.get("num_processes") or num_processes
+    global_batch = int(state.get("global_batch_size") or config.train.batch_size * saved_procs)
+    if global_batch % num_processes:
+        divisors = [k for k in range(1, global_batch + 1) if global_batch % k == 0]
+        raise RunConfigError(
+            f"--resume {path}: the run's global contrastive batch is {global_batch} samples per step "
+            f"({saved_procs} process(es) when saved), which does not divide among {num_processes} processes; the "
+            f"global batch stays the run's, so launch with a number of processes dividing it ({divisors})"
+        )
+    return global_batch // num_processes
 
 
 def save_processor_atomically(processor: BioPerceiverProcessor, directory: Path) -> None:
@@ -265,9 +302,14 @@ def training_data(config: PretrainConfig, manifest, processor) -> tuple[Manifest
     return train_ds, collator
 
 
-def sharded_training_data(config: PretrainConfig, accelerator, processor, model, pad_ranks: bool):
+def sharded_training_data(
+    config: PretrainConfig, accelerator, processor, model, pad_ranks: bool, batch_size: int | None = None
+):
     """The training stream of ``data.shards`` for this rank (``None`` without shards), after checking that the
-    shards were written for these processors and that cached features match the model's frozen encoders."""
+    shards were written for these processors and that cached features match the model's frozen encoders.
+    ``batch_size``: samples per process and step (default ``train.batch_size``; other after a resume on another
+    number of processes, :func:`resumed_batch`)."""
+    batch_size = batch_size or config.train.batch_size
     data = config.data
     if not data.shards:
         if data.cached_features:
@@ -280,7 +322,7 @@ def sharded_training_data(config: PretrainConfig, accelerator, processor, model,
         )
     stream = ShardedDataset(
         data.shards,
-        batch_size=config.train.batch_size,
+        batch_size=batch_size,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         seed=config.seed,
@@ -297,8 +339,8 @@ def sharded_training_data(config: PretrainConfig, accelerator, processor, model,
         raise RunConfigError(f"data.shards {data.shards}: {err}") from err
     if stream.steps_left() == 0:
         raise RunConfigError(
-            f"data.shards {data.shards} holds {stream.num_rows} rows, fewer than one step of train.batch_size "
-            f"{config.train.batch_size} x {accelerator.num_processes} process(es)"
+            f"data.shards {data.shards} holds {stream.num_rows} rows, fewer than one step of {batch_size} samples "
+            f"per process x {accelerator.num_processes} process(es)"
         )
     logger.info("training data: %d rows in %d shards from %s", stream.num_rows, len(stream.row_counts), data.shards)
     return stream
@@ -418,7 +460,8 @@ def run_pretraining(
     Args:
         config: the checked run config (:func:`~bioperceiver.training.config.load_run_config`).
         resume: ``"latest"`` or a checkpoint folder to continue from (bit-identical to an uninterrupted run); the
-            checkpoint's config and number of processes are checked first.
+            checkpoint's config and number of processes are checked first (another number only with ``data.shards``:
+            the same samples and global batch, other random draws; see the module docstring).
         overwrite_output_dir: delete ``output_dir`` first when it holds a run (without it, or ``resume``, such an
             ``output_dir`` is refused with :class:`~bioperceiver.training.config.RunConfigError`).
         settings_root: folder a relative ``data.processor_settings`` resolves against (default: working directory;
@@ -446,22 +489,68 @@ def run_pretraining(
             f"({', '.join(existing_run(out))}); runs are never mixed. Resume into an empty output_dir"
         )
     accelerator = make_accelerator(cfg, trackers)
+    world = accelerator.num_processes
+    local_batch, world_changes, saved_procs = tr.batch_size, [], world
     if resume_path is not None:
-        run_id = check_resume(cfg, resume_path, accelerator.num_processes).get("run_id") or new_run_id()
+        saved = check_resume(cfg, resume_path, world)
+        run_id = saved.get("run_id") or new_run_id()
+        saved_procs = saved.get("num_processes") or world
+        local_batch = resumed_batch(saved, cfg, world, resume_path)
+        world_changes = list(saved.get("world_size_changes") or [])
+        if saved_procs != world:
+            if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+                raise RunConfigError(
+                    f"--resume {resume_path}: DeepSpeed/FSDP save their states sharded per process, so a run written "
+                    f"by {saved_procs} process(es) cannot load on {world}; resume with DDP or one process"
+                )
+            world_changes.append(
+                {
+                    "step": saved["step"],
+                    "from_processes": saved_procs,
+                    "to_processes": world,
+                    "per_process_batch": local_batch,
+                    "global_batch": local_batch * world,
+                }
+            )
+            if accelerator.is_main_process:
+                logger.warning(
+                    "resuming a run of %d process(es) on %d at step %d (data.shards: the stream continues at its "
+                    "global sample position). The global contrastive batch stays %d samples: %d per process now "
+                    "(was %d per process on %d). Processes without a saved random state get one "
+                    "derived from (seed, step, rank): dropout and other random draws differ from an uninterrupted "
+                    "run on %d process(es)",
+                    saved_procs,
+                    world,
+                    saved["step"],
+                    local_batch * world,
+                    local_batch,
+                    local_batch * world // saved_procs,
+                    saved_procs,
+                    world,
+                )
     else:
         if overwrite_output_dir and existing_run(out) and accelerator.is_main_process:
             logger.warning("--overwrite_output_dir: deleting the run in %s", out)
             shutil.rmtree(out)
         accelerator.wait_for_everyone()
         run_id = _broadcast(new_run_id(), accelerator)
-    run_facts = {"run_id": run_id, "config_hash": config_hash(cfg), "num_processes": accelerator.num_processes}
+    run_facts = {
+        "run_id": run_id,
+        "config_hash": config_hash(cfg),
+        "num_processes": world,
+        # samples of one forward over all processes (the contrastive batch); kept across resumes on other counts
+        "global_batch_size": local_batch * world,
+        "world_size_changes": world_changes,
+    }
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     logger.info(
-        "%s, %d process(es), device %s, mixed precision %s",
+        "%s, %d process(es), device %s, mixed precision %s; contrastive batch %d samples (%d per process)",
         accelerator.distributed_type.value,
         accelerator.num_processes,
         accelerator.device,
         accelerator.mixed_precision,
+        local_batch * world,
+        local_batch,
     )
     set_seed(cfg.seed)
     manifest, processor, embedders = prepare_data(cfg, accelerator, out, settings_root)
@@ -497,13 +586,13 @@ def run_pretraining(
     if deepspeed:
         deepspeed_setup(accelerator, trainer, opt)
     train_ds, collator = training_data(cfg, manifest, processor)
-    stream = sharded_training_data(cfg, accelerator, processor, model, pad_ranks)  # None: manifest rows
+    stream = sharded_training_data(cfg, accelerator, processor, model, pad_ranks, local_batch)  # None: manifest rows
     padder = (
         RankPadder(train_ds, BioPerceiverCollator(processor.modalities), model.modality_names) if pad_ranks else None
     )
     loader = DataLoader(
         stream or train_ds,
-        batch_size=tr.batch_size,
+        batch_size=local_batch,
         shuffle=stream is None,
         drop_last=stream is None,  # the stream yields whole batches (drop_last of its own, the same on every rank)
         collate_fn=collator,
@@ -522,6 +611,8 @@ def run_pretraining(
     if resume_path is not None:
         state = load_checkpoint(accelerator, resume_path)
         step, batches_seen = state["step"], state["batches_seen"]
+        if saved_procs != world and not (resume_path / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl").is_file():
+            set_seed(derived_seed(cfg.seed, step, accelerator.process_index))  # a new rank: no saved random state
         samples_before, seconds_before = state.get("samples_seen", 0), state.get("train_seconds", 0.0)
         if stream is not None:
             stream.load_state_dict(state["data_state"])
@@ -551,7 +642,7 @@ def run_pretraining(
                     accelerator.unwrap_model(trainer),
                     eval_ds,
                     eval_collator,
-                    tr.batch_size * accelerator.num_processes,  # the contrastive batch of a training step
+                    local_batch * world,  # the contrastive batch of a training step
                     n_bootstrap=eval_cfg.n_bootstrap,
                     seed=cfg.seed,
                 )
@@ -588,7 +679,7 @@ def run_pretraining(
         for batch in epoch_loader:
             batches_seen += 1
             if stream is not None:
-                stream.advance(tr.batch_size * accelerator.num_processes)  # one global step of the stream
+                stream.advance(local_batch * world)  # one global step of the stream
                 batch = batch_to_device(batch, accelerator.device)
             # every sample of the batch was skipped (counted by the collator): all processes skip it together, else
             # from here on their gradient all-reduces would pair different batches and their step counts drift
@@ -707,7 +798,7 @@ def run_pretraining(
         plot_history(
             history,
             out / "loss_curves.png",
-            batch_size=tr.batch_size * accelerator.num_processes,
+            batch_size=local_batch * world,
             loss_name=cfg.loss.name,
             dropout=cfg.data.modality_dropout,
         )
@@ -723,7 +814,7 @@ def run_pretraining(
             if plot_similarity(views, masks, names, a, b, out / f"similarity_{a}__{b}.png"):
                 plots.append(out / f"similarity_{a}__{b}.png")
         backbone = {k[len("model.") :]: v for k, v in state_dict.items() if k.startswith("model.")}
-        compute = compute_facts(accelerator, step, totals, cfg)
+        compute = compute_facts(accelerator, step, totals, cfg, local_batch=local_batch, world_changes=world_changes)
         with atomic_dir(final) as tmp:  # all of final/ or none of it: a crash keeps the previous one
             unwrapped.model.save_pretrained(tmp, state_dict=backbone)
             processor.save_pretrained(tmp)

@@ -40,10 +40,20 @@ class TokenCounter:
         return out.long()
 
 
-def compute_facts(accelerator, steps: int, totals: dict, config) -> dict[str, Any]:
+def compute_facts(
+    accelerator,
+    steps: int,
+    totals: dict,
+    config,
+    *,
+    local_batch: int | None = None,
+    world_changes: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """The model card's "compute used": hardware, processes, precision, wall-clock, steps, samples.
 
-    ``config``: the :class:`~bioperceiver.training.config.PretrainConfig` of the run."""
+    ``config``: the :class:`~bioperceiver.training.config.PretrainConfig` of the run; ``local_batch``: samples per
+    process and forward (default ``train.batch_size``; other after a resume on another number of processes);
+    ``world_changes``: the resumes on another number of processes (``world_size_changes`` of the checkpoint)."""
     device = accelerator.device
     if device.type == "cuda":
         hardware = f"{accelerator.num_processes} x {torch.cuda.get_device_name(device)}"
@@ -51,7 +61,7 @@ def compute_facts(accelerator, steps: int, totals: dict, config) -> dict[str, An
         hardware = f"{device.type}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     tr = config.train
     seconds = totals["train_seconds"]
-    return {
+    facts = {
         "hardware": hardware,
         "processes": accelerator.num_processes,
         "machines": int(os.environ.get("WORLD_SIZE", 1)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
@@ -59,7 +69,14 @@ def compute_facts(accelerator, steps: int, totals: dict, config) -> dict[str, An
         "mixed precision": accelerator.mixed_precision,
         "wall-clock": f"{seconds / 3600:.2f} h ({seconds:.0f} s, whole run incl. evaluation and resumes)",
         "optimizer steps": steps,
-        "global batch": tr.batch_size * tr.gradient_accumulation_steps * accelerator.num_processes,
+        "global batch": (local_batch or tr.batch_size) * tr.gradient_accumulation_steps * accelerator.num_processes,
         "samples seen": totals["samples_seen"],
         "software": f"torch {torch.__version__}, bioperceiver {__version__}",
     }
+    if world_changes:
+        facts["process count changes"] = "; ".join(
+            f"{c['from_processes']} -> {c['to_processes']} processes at step {c['step']} "
+            f"({c['per_process_batch']} samples per process, contrastive batch {c['global_batch']} kept)"
+            for c in world_changes
+        )
+    return facts
