@@ -238,7 +238,7 @@ def findings_probe(emb_by_model, train, test, label_col, text_col, top_k, n_boot
         single[c] = {"feature": str(vocab[col]), "train_auroc": float(max(aucs[j], 1 - aucs[j]))}
     probs["tfidf_lr"], probs["best_single_tfidf_feature"] = p_tfidf, p_single
     # the same text squeezed to the embeddings' width (truncated SVD fitted on train): is the width the limit?
-    dim = next(iter(emb_by_model.values()))[0].shape[1]
+    dim = min(next(iter(emb_by_model.values()))[0].shape[1], xtr.shape[1] - 1)  # at most the text's features - 1
     svd = TruncatedSVD(n_components=dim, random_state=0).fit(xtr)
     ztr, zte = svd.transform(xtr), svd.transform(xte)
     p_svd = np.zeros(yte.shape)
