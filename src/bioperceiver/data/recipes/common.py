@@ -46,6 +46,7 @@ The sidecar holds ``recipe``, ``name``, ``recipe_version``, ``synthetic: false``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib.metadata
 import json
@@ -56,7 +57,7 @@ import platform
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -361,6 +362,19 @@ def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
         raise FileExistsError(f"{manifest} exists; pass --overwrite_output_dir to replace it")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+@contextlib.contextmanager
+def atomic_target(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; on success it replaces ``path``, on failure it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def reusable_output(manifest: Path, recipe: str, params: Mapping[str, Any]) -> bool:

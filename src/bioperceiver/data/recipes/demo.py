@@ -80,7 +80,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..manifest import metadata_path, write_manifest
-from .common import _plain, previous_outputs, remove_stale_outputs, reusable_output
+from .common import _plain, atomic_target, previous_outputs, remove_stale_outputs, reusable_output
 from .padchest import PADCHEST_PACKAGE_FILE, PADCHEST_USECOLS, SOURCE_NOTES, select_patients, study_row
 
 logger = logging.getLogger(__name__)
@@ -216,21 +216,8 @@ def _package_licence(dist: str) -> str:
     return "; ".join(classifiers) if classifiers else "unverified (no licence in package metadata)"
 
 
-@contextlib.contextmanager
-def _atomic_target(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; on success it replaces ``path``, on failure it is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    with _atomic_target(path) as tmp:
+    with atomic_target(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
@@ -410,7 +397,7 @@ def _build_survset(names: Sequence[str], out_dir: Path) -> tuple[list[dict[str, 
         if n_nonfinite:
             logger.warning("SurvSet %s: %d non-finite expression values kept as NaN", name, n_nonfinite)
         rel = f"omics/{name}.parquet"
-        with _atomic_target(out_dir / rel) as tmp:
+        with atomic_target(out_dir / rel) as tmp:
             matrix.to_parquet(tmp, index=True, use_dictionary=False, write_statistics=False)
         outputs.append(rel)
         clinical = _survset_clinical(df, fac, clinical_num, name)
@@ -481,7 +468,7 @@ def _build_systole(
     for key, (channel, _) in SYSTOLE_FILES.items():
         rel = f"signals/systole_{key}.npz"
         values = np.asarray(arrays[key], dtype=np.float32)[None, :]
-        with _atomic_target(out_dir / rel) as tmp, open(tmp, "wb") as fh:
+        with atomic_target(out_dir / rel) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, values=values, channels=np.array([channel]), sampling_rate=np.float64(SYSTOLE_RATE_HZ))
         outputs.append(rel)
     rows = []
@@ -652,7 +639,7 @@ def _build_dicom(out_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, An
     rows, outputs = [], []
     for rec in chosen:
         rel = f"images/{rec['stem']}.dcm"
-        with _atomic_target(out_dir / rel) as tmp:
+        with atomic_target(out_dir / rel) as tmp:
             shutil.copyfile(rec["path"], tmp)
         outputs.append(rel)
         rows.append(

@@ -85,7 +85,6 @@ last. Command line::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -94,7 +93,7 @@ import sys
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +109,7 @@ from .common import (
     RecipeInputError,
     RecipeReport,
     _plain,
+    atomic_target,
     prepare_output_dir,
     previous_outputs,
     remove_stale_outputs,
@@ -463,18 +463,6 @@ def _expression_columns(df: pd.DataFrame, spec: CohortSpec) -> list[str]:
     return [c for c in df.columns if c.startswith("num_") and c not in known]
 
 
-@contextlib.contextmanager
-def _atomic_target(path: Path) -> Iterator[Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _build_cohort(spec: CohortSpec, out_dir: Path, report: RecipeReport) -> tuple[list[dict], dict, dict, str]:
     df, ref = _load_gse7390() if spec.source == "sksurv" else _load_survset(spec.name)
     report.read[f"{spec.source}:{spec.name}"] += len(df)
@@ -498,7 +486,7 @@ def _build_cohort(spec: CohortSpec, out_dir: Path, report: RecipeReport) -> tupl
         report.note(f"{spec.name}:columns_averaged_into_one_token", sum(len(v) for v in merged.values()))
     source = "sksurv_GSE7390" if spec.source == "sksurv" else f"survset_{spec.name}"
     rel = f"omics/{spec.name}.parquet"
-    with _atomic_target(out_dir / rel) as tmp:
+    with atomic_target(out_dir / rel) as tmp:
         matrix.to_parquet(tmp, index=True)
     clinical = _clinical_rows(df, spec)
     rows = []
