@@ -68,6 +68,37 @@ def test_subset_views_shape_mask_loss_and_gradients(setup):
     torch.testing.assert_close(again.embed_views(batch)["views"], emb["views"], rtol=0, atol=0)
 
 
+def test_text_subset_views_keep_a_share_of_each_report_s_words(setup):
+    """Report <-> report views (``subset_modality`` a text column): the text kind's keep-mask is ``attention_mask``;
+    each view keeps ceil(fraction x real tokens) of a report, only real ones, and the gradient reaches the text
+    embedder through the subset views alone."""
+    model, batch = setup
+    text = next(n for n, m in model.config.modalities.items() if m["kind"] == "text")
+    batch[text]["attention_mask"][1] = 0  # sample 1 has no report
+    batch[text]["attention_mask"][3, 3:] = 0  # a 3-token report
+    trainer = _trainer(model, subset_views=2, subset_modality=text, subset_fraction=0.5)
+    seen = []
+    hook = trainer.model.embedders[text].register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((args[0] if args else kwargs["inputs"])["attention_mask"].clone()),
+        with_kwargs=True,
+    )
+    torch.manual_seed(3)
+    views, mask = trainer.subset_views_of(batch)
+    hook.remove()
+    sub = seen[-1].bool()  # (K x rows having a report, T): the subset views' call
+    real = batch[text]["attention_mask"].bool()
+    rows = [0, 2, 3]
+    assert sub.shape == (2 * len(rows), real.shape[1])
+    for j, r in enumerate(rows * 2):
+        assert not (sub[j] & ~real[r]).any()
+        assert int(sub[j].sum()) == math.ceil(0.5 * int(real[r].sum()))
+    assert mask.tolist() == [[True, True], [False, False], [True, True], [True, True]]
+    assert torch.equal(views[1], torch.zeros_like(views[1]))
+    views.sum().backward()
+    grads = [p.grad for p in trainer.model.embedders[text].parameters() if p.grad is not None]
+    assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+
+
 def test_subset_views_off_is_the_step_as_before(setup):
     model, batch = setup
     plain, off = _trainer(model), _trainer(model, subset_views=0, subset_modality="omics")
@@ -84,8 +115,9 @@ def test_subset_views_settings_are_checked(setup):
         ContrastivePretrainer(model, loss="clip", subset_views=1, subset_modality="omics")
     with pytest.raises(ValueError, match="subset_modality"):
         _trainer(model, subset_views=1, subset_modality="rna")
-    with pytest.raises(ValueError, match="token 'mask'"):
-        _trainer(model, subset_views=1, subset_modality="text").subset_views_of(random_batch(model.config))
+    image = next(n for n, m in model.config.modalities.items() if m["kind"] == "image")
+    with pytest.raises(ValueError, match="per-token keep-mask 'present'"):
+        _trainer(model, subset_views=1, subset_modality=image).subset_views_of(random_batch(model.config))
     with pytest.raises(RunConfigError, match="multiview"):
         PretrainConfig.from_dict(
             {"loss": {"name": "clip", "subset_views": 2, "subset_modality": "omics"}}

@@ -143,12 +143,14 @@ class LossConfig:
     learnable_temperature: bool | None = None
     """clip and multiview: learn the temperature (``None``: the loss's default, learnable)."""
     subset_views: int = 0
-    """Masked-gene-subset views (``multiview`` only): per training sample having ``subset_modality``, this many
-    extra views of that modality alone, each keeping a random ``subset_fraction`` of its tokens (e.g. genes), through
-    the backbone; two subsets of one profile are then positives, next to the modality <-> modality pairs. Deterministic
+    """Masked-token-subset views (``multiview`` only): per training sample having ``subset_modality``, this many
+    extra views of that modality alone, each keeping a random ``subset_fraction`` of its tokens (genes of a profile,
+    words of a report), through the backbone; two subsets of one profile (or report) are then positives, next to the
+    modality <-> modality pairs, so the encoder must keep what tells one sample's tokens from another's. Deterministic
     given ``seed``; held-out retrieval leaves them out. 0 (default): off, the step is exactly as without it."""
     subset_modality: str | None = None
-    """The modality (manifest column, e.g. ``omics_expression``) whose token subsets make ``subset_views``."""
+    """The modality (manifest column, e.g. ``omics_expression`` or ``text_report``) whose token subsets make
+    ``subset_views``: any kind with a per-token keep-mask (omics, tabular, text, signal)."""
     subset_fraction: float = 0.5
     """Share of a sample's tokens kept in each subset view (at least one token), in (0, 1)."""
 

@@ -20,6 +20,7 @@ from torch import nn
 from ..data.collator import select_rows
 from ..evaluation.bootstrap import Resampler
 from ..losses import ClipLoss, MultiViewLoss, SigLipLoss, grad_cache_step, local_only, patient_index
+from ..modalities.registry import get_modality
 
 logger = logging.getLogger(__name__)
 
@@ -155,21 +156,22 @@ class ContrastivePretrainer(nn.Module):
             return torch.zeros(b, self.subset_views, p, device=device), torch.zeros(
                 b, self.subset_views, dtype=torch.bool, device=device
             )
-        if "mask" not in arrays:
+        key = get_modality(self.model.config.modalities[name]["kind"]).mask_key
+        if key not in arrays or arrays[key].dim() != 2:
             raise ValueError(
-                f"subset_views: modality {name!r} has no token keep-mask ('mask') in its batch arrays "
-                f"({sorted(arrays)}); choose a modality whose arrays carry a token 'mask' (omics, tabular) as "
+                f"subset_views: modality {name!r} has no per-token keep-mask {key!r} of shape (B, N) in its batch "
+                f"arrays ({sorted(arrays)}); choose a tokenised modality (omics, tabular, text, signal) as "
                 "loss.subset_modality"
             )
-        keep = arrays["mask"].bool()  # (B, N)
+        keep = arrays[key].bool()  # (B, N)
         rows = keep.any(dim=1).nonzero().flatten()
         mask = torch.zeros(b, self.subset_views, dtype=torch.bool, device=keep.device)
         if rows.numel() == 0:
             return torch.zeros(b, self.subset_views, p, device=device), mask
         k = self.subset_views
         masks = self.subset_masks(keep[rows])  # (K, b_m, N)
-        sub = {key: torch.cat([v[rows]] * k) for key, v in arrays.items() if key != "mask"}
-        sub["mask"] = masks.reshape(-1, keep.shape[1]).to(arrays["mask"].dtype)
+        sub = {a: torch.cat([v[rows]] * k) for a, v in arrays.items() if a != key}
+        sub[key] = masks.reshape(-1, keep.shape[1]).to(arrays[key].dtype)
         pooled = self.model(inputs={name: sub}).pooler_output  # (K * b_m, D)
         proj = self.projection(pooled).reshape(k, rows.numel(), -1).transpose(0, 1)  # (b_m, K, P)
         views = proj.new_zeros(b, k, proj.shape[-1]).index_put((rows,), proj)
