@@ -52,7 +52,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = "tokenizers/padchest_processors.yaml"
 ARMS = ("pretrained", "random", "tfidf_lr", "pretrained_probe", "random_probe")
-# finetune_tasks.BP_CONFIGS setting of each BioPerceiver arm (the learning rate of the full arms is --lr)
+# finetune_tasks.BP_CONFIGS setting of each BioPerceiver arm (the learning rate of the full arms is --lr, or the
+# best on validation of --lrs)
 BP_ARMS = {
     "pretrained": "pretrained_full",
     "random": "random_full",
@@ -175,6 +176,18 @@ def schedule(n_rows: int, args) -> tuple[int, list[str]]:
     return steps, flags
 
 
+def learning_rates(args) -> list[float]:
+    """The full-finetuning arms' learning rates: ``--lrs`` (each run, the one with the best validation score
+    kept) or the single ``--lr``."""
+    return list(args.lrs) if args.lrs else [args.lr]
+
+
+def choose_on_validation(tried: list[tuple[float, dict]]) -> tuple[float, dict]:
+    """The (learning rate, run) with the highest *validation* score (the first on ties: the grid's order);
+    test scores play no part."""
+    return max(tried, key=lambda t: (t[1]["validation"], -tried.index(t)))
+
+
 def run_point(ft, args, data, runner, frac: float, seed: int, points_dir: Path) -> dict:
     """One (fraction, seed): the models of ``--arms`` on the same patients. Each finished arm is saved
     (``points/<fraction>_<seed>_<arm>.json`` + ``.npy`` test probabilities) and read back on a rerun."""
@@ -213,21 +226,28 @@ def run_point(ft, args, data, runner, frac: float, seed: int, points_dir: Path) 
             continue
         else:
             cfg = dict({**ft.BP_CONFIGS, **PROBE_CONTROL}[BP_ARMS[arm]])
-            cfg["lr"] = args.lr if cfg["mode"] == "full" else cfg["lr"]
+            lrs = learning_rates(args) if cfg["mode"] == "full" else [cfg["lr"]]
             extra = [*sched, "--processor_settings", SETTINGS, "--processor_dir", str(args.processor_dir)]
-            rr = runner.run(
-                f"le_{tag}_{arm}",
-                data.path,
-                TASK,
-                cfg,
-                seed=seed,
-                label_fraction=frac,
-                modalities=MODALITIES,
-                extra=extra,
-            )
+            tried = []
+            for lr in lrs:
+                name = f"le_{tag}_{arm}" if len(lrs) == 1 else f"le_{tag}_{arm}_lr{lr:g}"
+                rr = runner.run(
+                    name,
+                    data.path,
+                    TASK,
+                    {**cfg, "lr": lr},
+                    seed=seed,
+                    label_fraction=frac,
+                    modalities=MODALITIES,
+                    extra=extra,
+                )
+                tried.append((lr, rr))
+            lr, rr = choose_on_validation(tried)
             probs[arm] = ft.bp_probs(data, rr["pred"])
-            rec = {"validation": rr["validation"], "wall_s": rr["wall_s"], "split_sizes": rr["split_sizes"]}
-            rec["argv"] = rr["argv"]
+            rec = {"validation": rr["validation"], "wall_s": sum(r["wall_s"] for _, r in tried)}
+            rec.update(split_sizes=rr["split_sizes"], argv=rr["argv"], lr=lr)
+            if len(tried) > 1:  # every candidate's validation score: the choice is auditable
+                rec["lr_grid"] = {f"{c:g}": r["validation"] for c, r in tried}
         if not done.exists():
             rec["score"] = ft.score_with_ci(data, probs[arm], args.n_bootstrap, args.seed)
             np.save(points_dir / f"{tag}_{arm}.npy", probs[arm])
@@ -287,7 +307,14 @@ def main(argv=None) -> dict:
     p.add_argument("--max_steps", type=int, default=300)
     p.add_argument("--evals_per_run", type=int, default=6, help="validations (checkpoint choice) per run")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=3e-4, help="full-finetuning learning rate (without --lrs)")
+    p.add_argument(
+        "--lrs",
+        type=float,
+        nargs="+",
+        default=None,
+        help="full-finetuning learning rates to try per run; the one with the best validation AUROC is kept",
+    )
     p.add_argument("--n_bootstrap", type=int, default=500)
     p.add_argument("--seed", type=int, default=0, help="patient samples and bootstrap")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="models to run now")

@@ -90,3 +90,16 @@ def test_seed_mean_bootstrap_matches_library_auroc(drop_label):
     diff = out["pretrained_minus_random"]
     assert diff["difference"] == pytest.approx(out["pretrained"]["auroc"] - out["random"]["auroc"])
     assert "pretrained_minus_tfidf_lr" not in out
+
+
+def test_learning_rate_is_chosen_on_validation_never_on_test():
+    """--lrs: every candidate runs; the kept run is the best on validation, whatever its test score."""
+    tried = [
+        (3e-4, {"validation": 0.70, "test": 0.90}),
+        (1e-3, {"validation": 0.80, "test": 0.60}),
+        (3e-3, {"validation": 0.80, "test": 0.99}),  # a tie on validation: the grid's first wins
+    ]
+    lr, run = le.choose_on_validation(tried)
+    assert lr == 1e-3 and run["test"] == 0.60
+    assert le.learning_rates(SimpleNamespace(lrs=None, lr=3e-4)) == [3e-4]
+    assert le.learning_rates(SimpleNamespace(lrs=[1e-4, 1e-3], lr=3e-4)) == [1e-4, 1e-3]
