@@ -515,7 +515,7 @@ def plot(res: dict, path: Path) -> None:
 
     models = present_models(res)
     cohorts = list(res["cohorts"])
-    fig, ax = plt.subplots(figsize=(max(7.0, (0.25 * len(models) + 0.3) * len(cohorts) + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(min(22.0, max(7.0, (0.6 + 0.1 * len(models)) * len(cohorts) + 2)), 5.0))
     width = 0.8 / len(models)
     for j, m in enumerate(models):
         for i, c in enumerate(cohorts):
