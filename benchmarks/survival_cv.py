@@ -18,8 +18,16 @@ For each cohort of ``--cohorts`` (built with :mod:`bioperceiver.data.recipes.sur
     through ``finetune/run_finetune.py``'s ``main`` (``benchmarks/finetune_tasks.py``'s ``BPRunner``), the best
     epoch chosen on validation C-index.
   - ``bp_pretrained``: the same from ``--pretrained_dir`` (only when given).
+  - ``bp_random_probe`` / ``bp_pretrained_probe``: the same backbones frozen (``--finetuning_mode linear_probe``,
+    cached embeddings) with a linear Cox head, at ``benchmarks/finetune_tasks.py``'s
+    ``BP_CONFIGS["pretrained_linear_probe"]`` learning rate and epochs (``--probe_lr``, ``--probe_epochs``), the best
+    epoch chosen on validation C-index.
+  - ``bp_random_selected`` / ``bp_pretrained_selected`` (derived, nothing trained): per fold, whichever of the full
+    and the probe arm of that init has the higher *validation* C-index (ties: full); the pick per fold is recorded.
+  ``--bp_arms`` chooses the BioPerceiver arms (default: all; the pretrained ones only with ``--pretrained_dir``).
 * **report** per cohort: test C-index mean ± SD over folds; paired patient-bootstrap differences (``bp_pretrained``
-  - ``bp_random``, ``bp_pretrained`` - best baseline, ``bp_random`` - best baseline) with 95% CIs: in each of
+  - ``bp_random``, ``bp_pretrained`` - best baseline, ``bp_random`` - best baseline, the same for the probe and
+  selected arms, and ``bp_pretrained_probe`` - ``bp_pretrained``) with 95% CIs: in each of
   ``--n_bootstrap`` resamples every fold's test patients are redrawn with replacement (the same draw for both
   models), the fold's C-index difference is computed, and the differences are averaged over folds. The *best
   baseline* is the classical model with the highest mean *validation* C-index (never chosen on test).
@@ -35,6 +43,7 @@ with the same settings skips it (resumable). ``runs/`` holds the BioPerceiver ru
     python benchmarks/survival_cv.py --cohorts gse1992 gse4335 --folds 5
     python benchmarks/survival_cv.py --cohorts nki70 --folds 5 --pretrained_dir /work/evidence/survset/pretrain/final
     python benchmarks/survival_cv.py --cohorts Bergamaschi --quick      # smoke: 2 folds, 2 epochs, fewer settings
+    python benchmarks/survival_cv.py --cohorts nki70 --bp_arms bp_random bp_random_probe   # some BP arms only
 """
 
 from __future__ import annotations
@@ -61,6 +70,30 @@ BASELINES = ("cox_clinical", "cox_clinical_pcs", "rsf")
 PCS_GRID = (0, 2, 5, 10, 20)
 PEN_GRID = (0.01, 0.1, 1.0, 10.0)
 RSF_GRID = {"n_pcs": (5, 20), "min_samples_leaf": (5, 15)}
+# trained BioPerceiver arms: initialisation and finetuning mode
+BP_ARMS = {
+    "bp_random": {"pretrained": False, "mode": "full"},
+    "bp_pretrained": {"pretrained": True, "mode": "full"},
+    "bp_random_probe": {"pretrained": False, "mode": "linear_probe"},
+    "bp_pretrained_probe": {"pretrained": True, "mode": "linear_probe"},
+}
+# derived arms (nothing trained): per fold the (full, probe) arm with the higher validation C-index
+SELECTED_ARMS = {
+    "bp_random_selected": ("bp_random", "bp_random_probe"),
+    "bp_pretrained_selected": ("bp_pretrained", "bp_pretrained_probe"),
+}
+ALL_BP_ARMS = (*BP_ARMS, *SELECTED_ARMS)
+# paired differences reported (when both arms ran); None = the best baseline chosen on validation
+DIFF_PAIRS = (
+    ("bp_pretrained", "bp_random"),
+    ("bp_pretrained", None),
+    ("bp_random", None),
+    ("bp_pretrained_probe", "bp_random_probe"),
+    ("bp_pretrained_probe", None),
+    ("bp_pretrained_probe", "bp_pretrained"),
+    ("bp_pretrained_selected", "bp_random_selected"),
+    ("bp_pretrained_selected", None),
+)
 logger = logging.getLogger("survival_cv")
 
 
@@ -240,8 +273,36 @@ def store(path: Path, settings: dict, rec: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # one cohort
 # ---------------------------------------------------------------------------------------------------------------
-def bp_config(args, pretrained: bool) -> dict:
-    return {"pretrained": pretrained, "mode": "full", "lr": args.bp_lr, "epochs": 2 if args.quick else args.bp_epochs}
+def bp_config(args, model: str) -> dict:
+    """The finetuning setting of a trained BioPerceiver arm (part of its cache key: unchanged for the full arms)."""
+    arm = BP_ARMS[model]
+    if arm["mode"] == "full":
+        lr, epochs = args.bp_lr, args.bp_epochs
+    else:
+        lr, epochs = args.probe_lr, args.probe_epochs
+    return {"pretrained": arm["pretrained"], "mode": arm["mode"], "lr": lr, "epochs": 2 if args.quick else epochs}
+
+
+def select_by_validation(full: list[dict], probe: list[dict], names: tuple[str, str]) -> list[dict]:
+    """Per fold, the record (full or probe) with the higher *validation* C-index (ties: full); test is never looked
+    at. Each returned record carries ``picked`` (the arm's name) and both validation C-indices."""
+    out = []
+    for rf, rp in zip(full, probe, strict=True):
+        if "test" not in rf or "test" not in rp:
+            out.append({"skipped": "a constituent arm did not run"})
+            continue
+        pick, rec = (names[1], rp) if rp["validation"] > rf["validation"] else (names[0], rf)
+        out.append(
+            {
+                "validation": rec["validation"],
+                "test": rec["test"],
+                "risk_test": rec["risk_test"],
+                "picked": pick,
+                "selected": {"picked": pick, "validation": {names[0]: rf["validation"], names[1]: rp["validation"]}},
+                "wall_s": 0.0,
+            }
+        )
+    return out
 
 
 def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
@@ -258,6 +319,7 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
     models = [*BASELINES, *runners]
     results: dict[str, list[dict]] = {m: [] for m in models}
     fold_meta = []
+    origin: dict[str, list[str]] = {"cached": [], "ran": []}  # (fold, model) read back from cache vs fitted now
     bar = tqdm(total=n_run * len(models), desc=cohort, leave=False)
     for k, part in enumerate(folds[:n_run]):
         tr, va, te = part["train"], part["validation"], part["test"]
@@ -282,8 +344,8 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                 "quick": args.quick,
             }
             if model.startswith("bp_"):
-                settings.update(bp_config(args, model == "bp_pretrained"), preset=args.random_preset)
-                if model == "bp_pretrained":
+                settings.update(bp_config(args, model), preset=args.random_preset)
+                if BP_ARMS[model]["pretrained"]:
                     settings["pretrained_dir"] = str(Path(args.pretrained_dir).resolve())
             elif model == "rsf":
                 settings["grid"] = RSF_GRID
@@ -291,6 +353,7 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                 settings["grid"] = {"n_pcs": PCS_GRID, "penalizer": PEN_GRID}
             path = out / "cache" / cohort / f"fold{k}" / f"{model}.json"
             rec = cached(path, settings)
+            origin["cached" if rec is not None else "ran"].append(f"f{k}:{model}")
             if rec is None:
                 t0 = time.perf_counter()
                 if model.startswith("bp_"):
@@ -310,7 +373,16 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
             if "test" in rec:
                 bar.set_postfix_str(f"fold {k} {model} {rec['test']:.3f}")
     bar.close()
-    return summarise(args, cohort, spec.role, rows, fold_meta, results)
+    ft.log(
+        f"{cohort}: {len(origin['cached'])} (fold, model) results read back from cache, {len(origin['ran'])} fitted now"
+        + (f" ({', '.join(origin['ran'])})" if origin["ran"] else "")
+    )
+    for name, (full, probe) in SELECTED_ARMS.items():
+        if name in getattr(args, "bp_arms", ()) and full in results and probe in results:
+            results[name] = select_by_validation(results[full], results[probe], (full, probe))
+    summary = summarise(args, cohort, spec.role, rows, fold_meta, results)
+    summary["from_cache"] = origin
+    return summary
 
 
 def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str) -> dict:
@@ -320,13 +392,13 @@ def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str) 
     cols = [*MODALITIES, "label_survival_time", "label_survival_event"]
     path = manifest.base_dir / f"cv_{cohort}_fold{k}.parquet"
     ft.write_split_manifest(manifest, rows, split, cols, path)
-    extra = ["--preset", args.random_preset] if model == "bp_random" else []
+    extra = [] if BP_ARMS[model]["pretrained"] else ["--preset", args.random_preset]
     modalities = [m for m in MODALITIES if m != "tabular_clinical" or has_clinical(rows)]
     r = runner.run(
         f"{cohort}_f{k}_{model}",
         path,
         ["--task", "survival"],
-        bp_config(args, model == "bp_pretrained"),
+        bp_config(args, model),
         seed=args.seed,
         modalities=modalities,
         extra=extra,
@@ -351,6 +423,8 @@ def summarise(args, cohort: str, role: str, rows, fold_meta: list[dict], results
             "selected": [r.get("selected") for r in recs],
             "wall_s": float(sum(r.get("wall_s", 0) for r in recs)),
         }
+        if m in SELECTED_ARMS:
+            models[m]["picked"] = [r["picked"] for r in recs]
     base = [m for m in BASELINES if "test" in models[m]]
     best = max(base, key=lambda m: models[m]["validation"]["mean"])
 
@@ -369,7 +443,7 @@ def summarise(args, cohort: str, role: str, rows, fold_meta: list[dict], results
         return out
 
     diffs = {}
-    pairs = [("bp_pretrained", "bp_random"), ("bp_pretrained", best), ("bp_random", best)]
+    pairs = [(a, best if b is None else b) for a, b in DIFF_PAIRS]
     for a, b in pairs:
         if "test" in models.get(a, {}) and "test" in models.get(b, {}):
             diffs[f"{a} - {b}"] = paired_difference(fold_data(a, b), args.n_bootstrap, args.seed)
@@ -390,8 +464,9 @@ def summarise(args, cohort: str, role: str, rows, fold_meta: list[dict], results
 # report
 # ---------------------------------------------------------------------------------------------------------------
 def report_lines(res: dict) -> list[str]:
-    """Markdown tables: test C-index mean ± SD per cohort and model, then the paired differences with 95% CIs."""
-    models = [*BASELINES, "bp_random", "bp_pretrained"]
+    """Markdown tables: test C-index mean ± SD per cohort and model, then the paired differences with 95% CIs, then
+    which arm each selected arm picked per fold."""
+    models = present_models(res)
     lines = [
         "| cohort | patients (events) | " + " | ".join(models) + " | best baseline (validation) |",
         "|---|---|" + "---|" * (len(models) + 1),
@@ -410,7 +485,26 @@ def report_lines(res: dict) -> list[str]:
     for c, r in res["cohorts"].items():
         for name, d in r["paired_differences"].items():
             lines.append(f"| {c} | {name} | {d['difference']:+.3f} | [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] |")
+    selected = [m for m in SELECTED_ARMS if m in models]
+    if selected:
+        lines += [
+            "",
+            "| cohort | " + " | ".join(f"{m}: pick per fold (by validation C-index)" for m in selected) + " |",
+            "|---|" + "---|" * len(selected),
+        ]
+        for c, r in res["cohorts"].items():
+            cells = []
+            for m in selected:
+                picks = r["models"].get(m, {}).get("picked")
+                cells.append(", ".join("probe" if p.endswith("_probe") else "full" for p in picks) if picks else "–")
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return lines
+
+
+def present_models(res: dict) -> list[str]:
+    """The models any cohort ran, in report order (baselines, then the BioPerceiver arms)."""
+    present = {m for r in res["cohorts"].values() for m, s in r["models"].items() if "test" in s}
+    return [m for m in (*BASELINES, *ALL_BP_ARMS) if m in present]
 
 
 def plot(res: dict, path: Path) -> None:
@@ -419,10 +513,9 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    present = {m for r in res["cohorts"].values() for m in r["models"]}
-    models = [m for m in (*BASELINES, "bp_random", "bp_pretrained") if m in present]
+    models = present_models(res)
     cohorts = list(res["cohorts"])
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(cohorts) + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(min(22.0, max(7.0, (0.6 + 0.1 * len(models)) * len(cohorts) + 2)), 5.0))
     width = 0.8 / len(models)
     for j, m in enumerate(models):
         for i, c in enumerate(cohorts):
@@ -436,7 +529,7 @@ def plot(res: dict, path: Path) -> None:
     ax.set_xticks(range(len(cohorts)), [f"{c}\n({res['cohorts'][c]['role'][:3]})" for c in cohorts])
     ax.set_ylabel(f"test C-index (mean ± SD over {res['folds']} folds; dots: folds)")
     ax.set_ylim(0.3, 1.0)
-    ax.legend(fontsize=7, ncol=len(models))
+    ax.legend(fontsize=7, ncol=min(len(models), 5))
     ax.set_title("Survival CV per cohort (chance 0.5)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -455,6 +548,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--random_preset", default="bioperceiver_debug", help="architecture of the random-init arm")
     p.add_argument("--bp_epochs", type=int, default=10)
     p.add_argument("--bp_lr", type=float, default=3e-4)
+    probe = ft.BP_CONFIGS["pretrained_linear_probe"]
+    p.add_argument("--probe_lr", type=float, default=probe["lr"], help="learning rate of the *_probe arms")
+    p.add_argument("--probe_epochs", type=int, default=probe["epochs"], help="epochs of the *_probe arms")
+    p.add_argument(
+        "--bp_arms",
+        nargs="+",
+        default=None,
+        choices=ALL_BP_ARMS,
+        help="BioPerceiver arms (default: all; the pretrained ones only with --pretrained_dir); a *_selected arm "
+        "adds its full and probe arms",
+    )
     p.add_argument("--n_genes", type=int, default=1000, help="top-variance genes before PCA")
     p.add_argument("--n_bootstrap", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
@@ -462,6 +566,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data_dir", default=None, help="cohort manifest folder (default OUTPUT_DIR/cohort)")
     p.add_argument("--output_dir", default=str(ROOT / "outputs" / "survival_cv"))
     return p.parse_args(argv)
+
+
+def resolve_bp_arms(args) -> list[str]:
+    """The BioPerceiver arms to run, in report order: ``--bp_arms`` (default all; pretrained ones only with
+    ``--pretrained_dir``) plus the full and probe arms any selected arm needs."""
+    if args.no_bioperceiver:
+        return []
+    wanted = set(args.bp_arms or (a for a in ALL_BP_ARMS if args.pretrained_dir or "pretrained" not in a))
+    for sel, parts in SELECTED_ARMS.items():
+        if sel in wanted:
+            wanted.update(parts)
+    if not args.pretrained_dir and any("pretrained" in a for a in wanted):
+        raise SystemExit(f"--bp_arms {sorted(a for a in wanted if 'pretrained' in a)} need --pretrained_dir")
+    return [a for a in ALL_BP_ARMS if a in wanted]
 
 
 def main(argv=None) -> dict:
@@ -476,15 +594,18 @@ def main(argv=None) -> dict:
 
     data_dir = Path(args.data_dir) if args.data_dir else out / "cohort"
     manifest = read_manifest(build_survset_cohort(data_dir, sorted(set(args.cohorts), key=args.cohorts.index)))
+    args.bp_arms = resolve_bp_arms(args)
     runners = {}
-    if not args.no_bioperceiver:
+    if args.bp_arms:
         args.work_dir = str(out)  # BPRunner writes run folders under work_dir/runs
         args.reuse_runs = None
-        runners["bp_random"] = ft.BPRunner(args, Path("none"))
+        random_runner = ft.BPRunner(args, Path("none"))
         if args.pretrained_dir:
             if not (Path(args.pretrained_dir) / "config.json").is_file():
                 raise SystemExit(f"--pretrained_dir {args.pretrained_dir} holds no config.json (pretrain it first)")
-            runners["bp_pretrained"] = ft.BPRunner(args, Path(args.pretrained_dir))
+            pretrained_runner = ft.BPRunner(args, Path(args.pretrained_dir))
+        for arm in (a for a in BP_ARMS if a in args.bp_arms):
+            runners[arm] = pretrained_runner if BP_ARMS[arm]["pretrained"] else random_runner
     res = {
         "benchmark": "survival_cv",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -495,6 +616,9 @@ def main(argv=None) -> dict:
         "bp": {
             "epochs": 2 if args.quick else args.bp_epochs,
             "lr": args.bp_lr,
+            "probe_epochs": 2 if args.quick else args.probe_epochs,
+            "probe_lr": args.probe_lr,
+            "arms": list(args.bp_arms),
             "random_preset": args.random_preset,
             "pretrained_dir": args.pretrained_dir,
         },

@@ -145,3 +145,104 @@ def test_paired_bootstrap_difference():
     assert d0["difference"] == 0.0 and d0["ci95"] == [0.0, 0.0]  # paired: identical models never differ
     boot = cv.bootstrap_c_index(folds, n_boot=400, seed=1)
     assert boot.shape == (400, 2) and abs(boot[:, 0].mean() - 1.0) < 1e-9  # a perfect ranking stays perfect
+
+
+def _rec(val, test, risk):
+    return {"validation": val, "test": test, "risk_test": list(map(float, risk))}
+
+
+def test_selected_arm_picks_by_validation_never_test():
+    full = [_rec(0.70, 0.50, [1, 2]), _rec(0.60, 0.90, [3, 4]), _rec(0.65, 0.55, [5, 6])]
+    probe = [_rec(0.60, 0.95, [7, 8]), _rec(0.61, 0.40, [9, 10]), _rec(0.65, 0.99, [11, 12])]
+    out = cv.select_by_validation(full, probe, ("bp_pretrained", "bp_pretrained_probe"))
+    # fold 0: full wins on validation although probe wins on test; fold 1: the reverse; fold 2: a tie keeps full
+    assert [r["picked"] for r in out] == ["bp_pretrained", "bp_pretrained_probe", "bp_pretrained"]
+    assert [r["test"] for r in out] == [0.50, 0.40, 0.55]
+    assert [r["risk_test"] for r in out] == [[1, 2], [9, 10], [5, 6]]
+    assert out[1]["selected"]["validation"] == {"bp_pretrained": 0.60, "bp_pretrained_probe": 0.61}
+    skipped = cv.select_by_validation([{"skipped": "x"}], [probe[0]], ("a", "b"))
+    assert "test" not in skipped[0]
+
+
+def test_new_arms_summarised_and_reported():
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(3)
+    n, n_folds = 60, 3
+    ids = [f"s{i}" for i in range(n)]
+    rows = pd.DataFrame(
+        {
+            "patient_id": ids,
+            "label_survival_time": rng.exponential(size=n),
+            "label_survival_event": (rng.random(n) < 0.6).astype(int),
+            "tabular_clinical": None,
+        },
+        index=ids,
+    )
+    tests = [ids[i::n_folds] for i in range(n_folds)]
+    fold_meta = [{"fold": k, "test_ids": te} for k, te in enumerate(tests)]
+    t = rows["label_survival_time"]
+    good = {k: -t.loc[te].to_numpy() for k, te in enumerate(tests)}  # a perfect ranking
+
+    def arm(vals, tests_c, perfect):
+        return [
+            _rec(v, c, good[k] if perfect else rng.normal(size=len(tests[k])))
+            for k, (v, c) in enumerate(zip(vals, tests_c))
+        ]
+
+    results = {
+        "cox_clinical": [{"skipped": "no clinical covariates in this cohort"}] * n_folds,
+        "cox_clinical_pcs": arm([0.7] * 3, [0.7] * 3, False),
+        "rsf": arm([0.6] * 3, [0.6] * 3, False),
+        "bp_random": arm([0.6, 0.6, 0.6], [0.5] * 3, False),
+        "bp_pretrained": arm([0.8, 0.5, 0.8], [0.6] * 3, False),
+        "bp_random_probe": arm([0.5] * 3, [0.5] * 3, False),
+        "bp_pretrained_probe": arm([0.7, 0.7, 0.7], [1.0] * 3, True),
+    }
+    for name, (full, probe) in cv.SELECTED_ARMS.items():
+        results[name] = cv.select_by_validation(results[full], results[probe], (full, probe))
+    args = SimpleNamespace(n_bootstrap=50, seed=0)
+    summary = cv.summarise(args, "c", "development", rows, fold_meta, results)
+    m = summary["models"]
+    assert m["bp_pretrained_selected"]["picked"] == ["bp_pretrained", "bp_pretrained_probe", "bp_pretrained"]
+    assert m["bp_random_selected"]["picked"] == ["bp_random"] * 3
+    assert summary["best_baseline_by_validation"] == "cox_clinical_pcs"  # by validation, cox_clinical skipped
+    diffs = summary["paired_differences"]
+    for name in (
+        "bp_pretrained - bp_random",
+        "bp_pretrained_probe - bp_random_probe",
+        "bp_pretrained_probe - cox_clinical_pcs",
+        "bp_pretrained_probe - bp_pretrained",
+        "bp_pretrained_selected - bp_random_selected",
+        "bp_pretrained_selected - cox_clinical_pcs",
+    ):
+        assert name in diffs, name
+    assert diffs["bp_pretrained_probe - bp_random_probe"]["ci95"][0] > 0.2  # perfect ranking vs noise
+    res = {"folds": n_folds, "cohorts": {"c": summary}}
+    lines = cv.report_lines(res)
+    header = lines[0]
+    for name in (*cv.BP_ARMS, *cv.SELECTED_ARMS):
+        assert f" {name} |" in header
+    assert "| c | full, full, full | full, probe, full |" in lines  # random_selected, pretrained_selected
+
+
+def test_bp_arms_default_and_selection():
+    base = ["--cohorts", "nki70"]
+    args = cv.parse_args(base)
+    assert cv.resolve_bp_arms(args) == ["bp_random", "bp_random_probe", "bp_random_selected"]
+    args = cv.parse_args([*base, "--pretrained_dir", "x"])
+    assert cv.resolve_bp_arms(args) == list(cv.ALL_BP_ARMS)
+    args = cv.parse_args([*base, "--pretrained_dir", "x", "--bp_arms", "bp_pretrained_selected"])
+    assert cv.resolve_bp_arms(args) == ["bp_pretrained", "bp_pretrained_probe", "bp_pretrained_selected"]
+    with pytest.raises(SystemExit):
+        cv.resolve_bp_arms(cv.parse_args([*base, "--bp_arms", "bp_pretrained_probe"]))
+    assert cv.resolve_bp_arms(cv.parse_args([*base, "--no_bioperceiver"])) == []
+    # the full arms' settings (their cache key) are the ones earlier runs stored
+    assert cv.bp_config(args, "bp_random") == {"pretrained": False, "mode": "full", "lr": 3e-4, "epochs": 10}
+    probe = cv.ft.BP_CONFIGS["pretrained_linear_probe"]
+    assert cv.bp_config(args, "bp_pretrained_probe") == {
+        "pretrained": True,
+        "mode": "linear_probe",
+        "lr": probe["lr"],
+        "epochs": probe["epochs"],
+    }
