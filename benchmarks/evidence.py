@@ -133,7 +133,7 @@ PARTS: list[Part] = [
     ),
     Part(
         "padchest_pretrain",
-        "report <-> study fields on the train split, 3,000 steps of 128",
+        "report <-> study fields + report <-> report halves (multiview) on the train split, 3,000 steps of 128",
         _pretrain(
             "pretrain/configs/padchest.yaml",
             f"{W}/padchest/pretrain",

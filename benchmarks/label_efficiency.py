@@ -27,7 +27,8 @@ hash the pretraining used, so no test patient (labelled or not) was seen in pret
 Scores: test macro AUROC with a 95% patient-bootstrap interval per run; per fraction the mean over seeds with the
 bootstrap interval of that mean (the same resampled patients for every seed and model) and the paired bootstrap of
 ``pretrained - random`` and ``pretrained - tfidf_lr``. Every finished run is kept in ``--work_dir/points/`` (its
-test probabilities included) and skipped when the script is run again (resume). Writes a JSON and a PNG.
+test probabilities included) and skipped when the script is run again (resume). Writes a JSON, a PNG and the
+tables as markdown (``label_efficiency.md``).
 
     python benchmarks/label_efficiency.py --manifest outputs/padchest/cohort/manifest.parquet \
         --pretrained_dir outputs/padchest/pretrain/final --work_dir outputs/padchest/label_efficiency
@@ -259,6 +260,38 @@ def run_point(ft, args, data, runner, frac: float, seed: int, points_dir: Path) 
     return {**pt, "probs": probs}
 
 
+def report_markdown(res: dict) -> str:
+    """The summary as markdown (``label_efficiency.md`` beside the JSON; ``benchmarks/evidence.py`` puts it in
+    ``EVIDENCE.md``): per fraction, each arm's seed-mean test AUROC with its 95% interval and seed SD, then the
+    paired differences."""
+    arms = [a for a in ARMS if any(a in s for s in res["summary"].values())]
+    lines = [
+        f"Test macro AUROC, mean of seeds {res['seeds']} [95% patient-bootstrap CI of the mean] and the SD over seeds; "
+        f"`{res['command']}`",
+        "",
+        "| labelled | " + " | ".join(arms) + " |",
+        "|---|" + "---|" * len(arms),
+    ]
+    for frac in res["fractions"]:
+        s = res["summary"][str(frac)]
+        cells = [
+            f"{s[a]['auroc']:.3f} [{s[a]['ci_low']:.3f}, {s[a]['ci_high']:.3f}] SD {s[a]['sd_over_seeds']:.3f}"
+            if a in s
+            else "–"
+            for a in arms
+        ]
+        lines.append(f"| {frac:.0%} ({s['patients_mean']:.0f} pts) | " + " | ".join(cells) + " |")
+    lines += ["", "| labelled | difference (paired) | mean | 95% CI |", "|---|---|---|---|"]
+    for frac in res["fractions"]:
+        for key, d in res["summary"][str(frac)].items():
+            if "_minus_" in key:
+                a, b = key.split("_minus_")
+                lines.append(
+                    f"| {frac:.0%} | {a} − {b} | {d['difference']:+.3f} | [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] |"
+                )
+    return "\n".join(lines) + "\n"
+
+
 def plot(res: dict, path: Path) -> None:
     import matplotlib
 
@@ -390,6 +423,7 @@ def main(argv=None) -> dict:
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(res, indent=1, default=ft._json_default) + "\n")
     plot(res, out_json.with_suffix(".png"))
+    out_json.with_suffix(".md").write_text(report_markdown(res))
     log(f"wrote {out_json} and {out_json.with_suffix('.png')} in {res['wall_clock_s']:.0f} s")
     return res
 

@@ -103,3 +103,21 @@ def test_learning_rate_is_chosen_on_validation_never_on_test():
     assert lr == 1e-3 and run["test"] == 0.60
     assert le.learning_rates(SimpleNamespace(lrs=None, lr=3e-4)) == [3e-4]
     assert le.learning_rates(SimpleNamespace(lrs=[1e-4, 1e-3], lr=3e-4)) == [1e-4, 1e-3]
+
+
+def test_markdown_report_has_every_arm_fraction_and_difference():
+    arm = {"auroc": 0.7, "ci_low": 0.6, "ci_high": 0.8, "sd_over_seeds": 0.05}
+    summary = {
+        str(f): {
+            "pretrained": arm,
+            "random": {**arm, "auroc": 0.65},
+            "patients_mean": 20 * f * 100,
+            "pretrained_minus_random": {"difference": 0.05, "ci_low": 0.01, "ci_high": 0.09},
+        }
+        for f in (0.01, 1.0)
+    }
+    res = {"seeds": [0, 1], "command": "python benchmarks/label_efficiency.py", "fractions": [0.01, 1.0]}
+    text = le.report_markdown({**res, "summary": summary})
+    assert "| labelled | pretrained | random |" in text
+    assert "| 1% (20 pts) | 0.700 [0.600, 0.800] SD 0.050 | 0.650 [0.600, 0.800] SD 0.050 |" in text
+    assert "| 100% | pretrained − random | +0.050 | [+0.010, +0.090] |" in text
