@@ -748,13 +748,14 @@ def plot(res: dict, path: Path) -> None:
     cohorts = list(res["cohorts"])
     fig, ax = plt.subplots(figsize=(min(22.0, max(7.0, (0.6 + 0.1 * len(models)) * len(cohorts) + 2)), 5.0))
     width = 0.8 / len(models)
+    colors = [plt.get_cmap("tab20")(j) if len(models) > 10 else f"C{j}" for j in range(len(models))]  # C10 = C0
     for j, m in enumerate(models):
         for i, c in enumerate(cohorts):
             s = res["cohorts"][c]["models"].get(m, {})
             if "test" not in s:
                 continue
             x = i + (j - (len(models) - 1) / 2) * width
-            ax.bar(x, s["test"]["mean"], width, yerr=s["test"]["sd"], color=f"C{j}", label=m if i == 0 else None)
+            ax.bar(x, s["test"]["mean"], width, yerr=s["test"]["sd"], color=colors[j], label=m if i == 0 else None)
             ax.scatter([x] * len(s["test"]["per_fold"]), s["test"]["per_fold"], s=6, color="k", zorder=3)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xticks(range(len(cohorts)), [f"{c}\n({res['cohorts'][c]['role'][:3]})" for c in cohorts])
