@@ -24,10 +24,26 @@ For each cohort of ``--cohorts`` (built with :mod:`bioperceiver.data.recipes.sur
     epoch chosen on validation C-index.
   - ``bp_random_selected`` / ``bp_pretrained_selected`` (derived, nothing trained): per fold, whichever of the full
     and the probe arm of that init has the higher *validation* C-index (ties: full); the pick per fold is recorded.
-  ``--bp_arms`` chooses the BioPerceiver arms (default: all; the pretrained ones only with ``--pretrained_dir``).
+  - ``cox_clinical_emb_pretrained`` (no neural training): the ``cox_clinical_pcs`` recipe with the principal
+    components of the frozen pretrained backbone's embedding of the *expression view alone* (its
+    ``modality_pooler_output`` for ``omics_expression``, so the clinical covariates are not counted twice) in place
+    of the expression PCs: embedding standardisation, PCA and component scaling fitted on the training rows only,
+    number of components in ``{0, 2, 5, 10, 20}`` (capped by the width) and penalty chosen on validation
+    (``cox_select``). Cohorts the backbone's processors do not know (the external ones) are embedded per fold after
+    extending the processors' vocabulary and per-source statistics on that fold's training rows, as finetuning does
+    (added genes get seeded random embeddings).
+  - ``cox_clinical_emb_random``: the same on a seeded random init of the same architecture and processors (the
+    control; ``benchmarks/pretraining_diagnostics.py``'s ``load_models`` / ``embed``).
+  - ``cox_clinical_pcs_emb_pretrained``: clinical covariates + as many expression PCs as ``cox_clinical_pcs`` chose
+    in that fold + embedding PCs chosen on validation; 0 embedding PCs reproduces ``cox_clinical_pcs``, so it
+    asks whether the embedding adds to the classical expression PCs.
+  ``--bp_arms`` chooses the BioPerceiver arms (default: all; the pretrained ones and the three ``*_emb_*`` arms
+  only with ``--pretrained_dir``). The ``*_emb_*`` arms are BioPerceiver-derived, never candidates for the best
+  baseline.
 * **report** per cohort: test C-index mean ± SD over folds; paired patient-bootstrap differences (``bp_pretrained``
   - ``bp_random``, ``bp_pretrained`` - best baseline, ``bp_random`` - best baseline, the same for the probe and
-  selected arms, and ``bp_pretrained_probe`` - ``bp_pretrained``) with 95% CIs: in each of
+  selected arms, ``bp_pretrained_probe`` - ``bp_pretrained``, ``cox_clinical_emb_pretrained`` - best baseline and -
+  ``cox_clinical_emb_random``, ``cox_clinical_pcs_emb_pretrained`` - ``cox_clinical_pcs``) with 95% CIs: in each of
   ``--n_bootstrap`` resamples every fold's test patients are redrawn with replacement (the same draw for both
   models), the fold's C-index difference is computed, and the differences are averaged over folds. The *best
   baseline* is the classical model with the highest mean *validation* C-index (never chosen on test).
@@ -38,7 +54,9 @@ fixed or chosen on the cohort's own validation part, and nothing here pretrains 
 Outputs (``--output_dir``, default ``outputs/survival_cv``): ``survival_cv.json``, ``survival_cv.png``,
 ``survival_cv.md`` (the tables), and
 ``cache/<cohort>/fold<k>/<model>.json`` -- each finished (cohort, fold, model) result with its test risks; a rerun
-with the same settings skips it (resumable). ``runs/`` holds the BioPerceiver run folders (reports, no weights).
+with the same settings skips it (resumable); ``cache/<cohort>/embedding_<init>.npz`` (+ ``.json``: settings and
+the vocabulary extension per fold) the expression-view embeddings of the ``*_emb_*`` arms. ``runs/`` holds the
+BioPerceiver run folders (reports, no weights).
 
     python benchmarks/survival_cv.py --cohorts gse1992 gse4335 --folds 5
     python benchmarks/survival_cv.py --cohorts nki70 --folds 5 --pretrained_dir /work/evidence/survset/pretrain/final
@@ -82,7 +100,15 @@ SELECTED_ARMS = {
     "bp_random_selected": ("bp_random", "bp_random_probe"),
     "bp_pretrained_selected": ("bp_pretrained", "bp_pretrained_probe"),
 }
-ALL_BP_ARMS = (*BP_ARMS, *SELECTED_ARMS)
+# classical-on-embedding arms (no neural training): ridge Cox on clinical covariates + principal components of the
+# frozen backbone's embedding of the expression view alone; "expr_pcs": also the expression PCs cox_clinical_pcs chose
+EMB_ARMS = {
+    "cox_clinical_emb_pretrained": {"init": "pretrained", "expr_pcs": False},
+    "cox_clinical_emb_random": {"init": "random_init", "expr_pcs": False},
+    "cox_clinical_pcs_emb_pretrained": {"init": "pretrained", "expr_pcs": True},
+}
+EMB_MODALITY = "omics_expression"
+ALL_BP_ARMS = (*BP_ARMS, *SELECTED_ARMS, *EMB_ARMS)
 # paired differences reported (when both arms ran); None = the best baseline chosen on validation
 DIFF_PAIRS = (
     ("bp_pretrained", "bp_random"),
@@ -93,6 +119,9 @@ DIFF_PAIRS = (
     ("bp_pretrained_probe", "bp_pretrained"),
     ("bp_pretrained_selected", "bp_random_selected"),
     ("bp_pretrained_selected", None),
+    ("cox_clinical_emb_pretrained", None),
+    ("cox_clinical_emb_pretrained", "cox_clinical_emb_random"),
+    ("cox_clinical_pcs_emb_pretrained", "cox_clinical_pcs"),
 )
 logger = logging.getLogger("survival_cv")
 
@@ -106,6 +135,16 @@ def _load_finetune_tasks():
 
 
 ft = _load_finetune_tasks()
+
+
+def _load_diagnostics():
+    """``benchmarks/pretraining_diagnostics.py`` as a module (its backbone loading and embedding are reused)."""
+    spec = importlib.util.spec_from_file_location(
+        "pretraining_diagnostics", ROOT / "benchmarks" / "pretraining_diagnostics.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,9 +183,13 @@ def has_clinical(rows: pd.DataFrame) -> bool:
     return "tabular_clinical" in rows and rows["tabular_clinical"].notna().any()
 
 
-def fit_cox(feats, rows, tr, va, te, *, with_pcs: bool) -> dict:
-    """Ridge Cox (lifelines) on clinical covariates, optionally + expression PCs; settings chosen on validation."""
-    clinical = has_clinical(rows)
+def fit_cox(feats, rows, tr, va, te, *, with_pcs: bool, clinical: bool | None = None) -> dict:
+    """Ridge Cox (lifelines) on clinical covariates, optionally + expression PCs; settings chosen on validation.
+
+    ``feats``: :class:`SurvivalFeatures`-like (``pca.n_components_``, ``transform(ids, n_pcs, clinical)``);
+    ``clinical`` (default: the cohort has clinical covariates) is passed to ``transform`` as whether to include the
+    fixed block (see :class:`EmbeddingFeatures`)."""
+    clinical = has_clinical(rows) if clinical is None else clinical
     if not with_pcs and not clinical:
         return {"skipped": "no clinical covariates in this cohort"}
     pcs = tuple(p for p in PCS_GRID if p <= feats.pca.n_components_ and (clinical or p))  # small panels: fewer PCs
@@ -196,6 +239,154 @@ def fit_rsf(feats, rows, tr, va, te, *, seed: int, n_estimators: int = 200) -> d
                     "risk_test": np.asarray(rt, float).tolist(),
                 }
     return best
+
+
+class EmbeddingFeatures:
+    """Features for a ridge Cox on a frozen embedding, with :class:`SurvivalFeatures`' interface.
+
+    ``transform(ids, n_pcs, clinical)``: with ``clinical`` the fixed classical block -- ``base``'s clinical
+    covariates (when ``base_clinical``) and its first ``expr_pcs`` expression PCs (``base`` must be fitted) -- then
+    the top ``n_pcs`` principal components of ``emb`` (rows: sample ids). :meth:`fit` standardises the embedding's
+    dimensions, fits the PCA and scales the components on the training rows only; ``pca.n_components_`` caps the
+    grid (``min(width, training rows - 1)``)."""
+
+    def __init__(self, base, emb: pd.DataFrame, *, expr_pcs: int = 0, base_clinical: bool = True):
+        self.base, self.emb = base, emb
+        self.expr_pcs, self.base_clinical = int(expr_pcs), bool(base_clinical)
+
+    def fit(self, train_idx):
+        from sklearn.decomposition import PCA
+
+        x = self.emb.loc[list(train_idx)].to_numpy(float)
+        if not np.isfinite(x).all():
+            raise ValueError("the embedding has missing rows among the training rows")
+        self.mu, sd = x.mean(0), x.std(0)
+        self.sd = np.where(sd > 1e-12, sd, 1.0)
+        z = (x - self.mu) / self.sd
+        self.pca = PCA(n_components=min(x.shape[1], len(x) - 1), random_state=0).fit(z)
+        pcs = self.pca.transform(z)
+        self.pc_mu, self.pc_sd = pcs.mean(0), pcs.std(0) + 1e-12
+        return self
+
+    def transform(self, idx, n_pcs: int, clinical: bool = True) -> pd.DataFrame:
+        idx = list(idx)
+        parts = []
+        if clinical and (self.base_clinical or self.expr_pcs):
+            parts.append(self.base.transform(idx, self.expr_pcs, self.base_clinical))
+        if n_pcs:
+            z = (self.emb.loc[idx].to_numpy(float) - self.mu) / self.sd
+            pcs = (self.pca.transform(z)[:, :n_pcs] - self.pc_mu[:n_pcs]) / self.pc_sd[:n_pcs]
+            parts.append(pd.DataFrame(pcs, index=idx, columns=[f"emb{i}" for i in range(n_pcs)]))
+        return pd.concat(parts, axis=1)
+
+
+def fit_cox_emb(feats, emb: pd.DataFrame, rows, tr, va, te, *, expr_pcs: int = 0) -> dict:
+    """Ridge Cox on clinical covariates (+ ``expr_pcs`` expression PCs) + the embedding's top PCs; the number of
+    embedding PCs (``PCS_GRID``, capped) and the penalty chosen on validation (``cox_select``). ``feats``: the
+    fold's fitted :class:`SurvivalFeatures`. With ``expr_pcs`` the grid's 0 embedding PCs is ``cox_clinical_pcs``
+    at that fold's choice, so the embedding is only taken when validation prefers it."""
+    clinical = has_clinical(rows)
+    efeats = EmbeddingFeatures(feats, emb, expr_pcs=expr_pcs, base_clinical=clinical).fit(list(tr))
+    rec = fit_cox(efeats, rows, tr, va, te, with_pcs=True, clinical=clinical or expr_pcs > 0)
+    rec["selected"] = {"expr_pcs": int(expr_pcs), **rec["selected"]}
+    return rec
+
+
+def embedding_models(pretrained_dir: str, seed: int) -> dict:
+    """``{"pretrained": LoadedModel, "random_init": the same architecture and processors, seeded random init}``
+    (``benchmarks/pretraining_diagnostics.py``'s ``load_models``)."""
+    pre, rand = _load_diagnostics().load_models(pretrained_dir, seed)
+    return {"pretrained": pre, "random_init": rand}
+
+
+def embed_view(loaded, rows: pd.DataFrame, base_dir, train_ids, seed: int) -> tuple[np.ndarray, dict]:
+    """The frozen backbone's pooled embedding of the expression view alone (``modality_pooler_output``) of every row
+    of ``rows``, in row order, and the vocabulary extension it needed.
+
+    The backbone's processors are extended on the ``train_ids`` rows only (as ``run_finetune`` extends them on the
+    training split): genes and per-source z-score statistics a cohort brings that pretraining did not see (the
+    external cohorts); added gene embeddings are initialised from ``seed``. Nothing is extended for a cohort the
+    processors know."""
+    import copy
+
+    import torch
+
+    from bioperceiver.inference.loading import LoadedModel
+
+    proc = copy.deepcopy(loaded.processor)
+    ext = proc.processors[EMB_MODALITY].extend(
+        rows.loc[list(train_ids), EMB_MODALITY].tolist(), sample_ids=list(train_ids), base_dir=base_dir
+    )
+    ext = {"added": int(ext["added"]), "overlap": int(ext["overlap"]), "new_sources": list(ext["new_sources"])}
+    model = loaded.model
+    if ext["added"]:
+        model = copy.deepcopy(model)
+        torch.manual_seed(seed)
+        model.resize_modality_vocabularies(proc.model_modalities())
+        model.eval()
+    lm = LoadedModel(model, proc, loaded.modalities, None, loaded.folder, dict(loaded.info))
+    records = [
+        {"sample_id": str(i), "patient_id": str(r["patient_id"]), EMB_MODALITY: r[EMB_MODALITY]}
+        for i, r in rows.iterrows()
+    ]
+    emb = _load_diagnostics().embed(lm, records, base_dir)
+    pos = {str(s): j for j, s in enumerate(emb["ids"])}
+    missing = [i for i in rows.index if str(i) not in pos]
+    if missing:
+        raise RuntimeError(f"{len(missing)} rows were not embedded, e.g. {missing[:3]}")
+    x = emb[EMB_MODALITY][[pos[str(i)] for i in rows.index]]
+    if np.isnan(x).any():
+        raise RuntimeError("some rows have no expression embedding")
+    return x.astype(np.float32), ext
+
+
+def cohort_embeddings(args, manifest, rows, folds, cohort: str, out: Path, init: str, models: dict) -> list:
+    """Per fold, the ``init`` backbone's expression-view embedding of the cohort's rows (a DataFrame indexed by
+    sample id), cached in ``cache/<cohort>/embedding_<init>.npz``. A cohort the processors know is embedded once
+    (the same rows for every fold); one that needs the vocabulary extended is embedded per fold, extended on that
+    fold's training rows only."""
+    settings = {
+        "cohort": cohort,
+        "init": init,
+        "modality": EMB_MODALITY,
+        "pretrained_dir": str(Path(args.pretrained_dir).resolve()),
+        "seed": args.seed,
+        "folds": args.folds,
+        "val_fraction": args.val_fraction,
+        "rows": hashlib.sha1("\n".join(map(str, rows.index)).encode()).hexdigest()[:12],
+    }
+    path = out / "cache" / cohort / f"embedding_{init}.npz"
+    key = _key(settings)
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) == key:
+                ids = [str(i) for i in z["ids"]]
+                ft.log(f"{cohort}: {init} expression embeddings read back from {path}")
+                return [pd.DataFrame(z[f"fold{k}"], index=ids) for k in range(len(folds))]
+    t0 = time.perf_counter()
+    arrays, shared, extensions = {}, None, []
+    for k, part in enumerate(folds):
+        if shared is not None:
+            arrays[f"fold{k}"] = shared
+            extensions.append(extensions[-1])
+            continue
+        x, ext = embed_view(models[init], rows, manifest.base_dir, part["train"], args.seed)
+        arrays[f"fold{k}"] = x
+        extensions.append(ext)
+        if not ext["added"] and not ext["new_sources"]:
+            shared = x  # nothing fitted on this fold's rows: the same embedding serves every fold
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, key=np.array(key), ids=np.array([str(i) for i in rows.index]), **arrays)
+    os.replace(tmp, path)
+    (path.with_suffix(".json")).write_text(
+        json.dumps({"key": key, "settings": settings, "extension_per_fold": extensions, "shape": x.shape}, indent=1)
+    )
+    ft.log(
+        f"{cohort}: {init} expression embeddings {x.shape} computed in {time.perf_counter() - t0:.1f} s "
+        + ("(once: processors know the cohort)" if shared is not None else "(per fold: vocabulary extended)")
+    )
+    return [pd.DataFrame(arrays[f"fold{k}"], index=[str(i) for i in rows.index]) for k in range(len(folds))]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -316,7 +507,9 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
     folds = make_folds(rows["patient_id"], rows["label_survival_event"], args.folds, args.seed, args.val_fraction)
     n_run = 2 if args.quick else len(folds)
     feats = ft.SurvivalFeatures(manifest.base_dir, rows, n_genes=args.n_genes)
-    models = [*BASELINES, *runners]
+    emb_arms = [a for a in EMB_ARMS if a in getattr(args, "bp_arms", ())]
+    models = [*BASELINES, *runners, *emb_arms]
+    embeddings: dict[str, list] = {}  # init -> per-fold embedding, computed or read back on first use
     results: dict[str, list[dict]] = {m: [] for m in models}
     fold_meta = []
     origin: dict[str, list[str]] = {"cached": [], "ran": []}  # (fold, model) read back from cache vs fitted now
@@ -349,6 +542,17 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                     settings["pretrained_dir"] = str(Path(args.pretrained_dir).resolve())
             elif model == "rsf":
                 settings["grid"] = RSF_GRID
+            elif model in EMB_ARMS:
+                arm = EMB_ARMS[model]
+                pcs_rec = results["cox_clinical_pcs"][k]
+                expr_pcs = int(pcs_rec["selected"]["n_pcs"]) if arm["expr_pcs"] and "selected" in pcs_rec else 0
+                settings.update(
+                    grid={"n_pcs": PCS_GRID, "penalizer": PEN_GRID},
+                    init=arm["init"],
+                    embedding=EMB_MODALITY,
+                    expr_pcs=expr_pcs,
+                    pretrained_dir=str(Path(args.pretrained_dir).resolve()),
+                )
             else:
                 settings["grid"] = {"n_pcs": PCS_GRID, "penalizer": PEN_GRID}
             path = out / "cache" / cohort / f"fold{k}" / f"{model}.json"
@@ -362,7 +566,15 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                     if not fitted:
                         feats.fit(list(tr))
                         fitted = True
-                    if model == "rsf":
+                    if model in EMB_ARMS:
+                        init = EMB_ARMS[model]["init"]
+                        if init not in embeddings:
+                            embeddings[init] = cohort_embeddings(
+                                args, manifest, rows, folds, cohort, out, init, args.embedding_models
+                            )
+                        emb = embeddings[init][k]
+                        rec = fit_cox_emb(feats, emb, rows, tr, va, te, expr_pcs=settings["expr_pcs"])
+                    elif model == "rsf":
                         rec = fit_rsf(feats, rows, tr, va, te, seed=args.seed)
                     else:
                         rec = fit_cox(feats, rows, tr, va, te, with_pcs=model == "cox_clinical_pcs")
@@ -498,6 +710,25 @@ def report_lines(res: dict) -> list[str]:
                 picks = r["models"].get(m, {}).get("picked")
                 cells.append(", ".join("probe" if p.endswith("_probe") else "full" for p in picks) if picks else "–")
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    emb = [m for m in EMB_ARMS if m in models]
+    if emb:
+        lines += [
+            "",
+            "| cohort | " + " | ".join(f"{m}: embedding PCs per fold (by validation)" for m in emb) + " |",
+            "|---|" + "---|" * len(emb),
+        ]
+        for c, r in res["cohorts"].items():
+            cells = []
+            for m in emb:
+                sel = r["models"].get(m, {}).get("selected")
+                cells.append(
+                    ", ".join(
+                        f"{s['n_pcs']}" + (f" (+{s['expr_pcs']} expr.)" if s.get("expr_pcs") else "") for s in sel
+                    )
+                    if sel
+                    else "–"
+                )
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -517,13 +748,14 @@ def plot(res: dict, path: Path) -> None:
     cohorts = list(res["cohorts"])
     fig, ax = plt.subplots(figsize=(min(22.0, max(7.0, (0.6 + 0.1 * len(models)) * len(cohorts) + 2)), 5.0))
     width = 0.8 / len(models)
+    colors = [plt.get_cmap("tab20")(j) if len(models) > 10 else f"C{j}" for j in range(len(models))]  # C10 = C0
     for j, m in enumerate(models):
         for i, c in enumerate(cohorts):
             s = res["cohorts"][c]["models"].get(m, {})
             if "test" not in s:
                 continue
             x = i + (j - (len(models) - 1) / 2) * width
-            ax.bar(x, s["test"]["mean"], width, yerr=s["test"]["sd"], color=f"C{j}", label=m if i == 0 else None)
+            ax.bar(x, s["test"]["mean"], width, yerr=s["test"]["sd"], color=colors[j], label=m if i == 0 else None)
             ax.scatter([x] * len(s["test"]["per_fold"]), s["test"]["per_fold"], s=6, color="k", zorder=3)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xticks(range(len(cohorts)), [f"{c}\n({res['cohorts'][c]['role'][:3]})" for c in cohorts])
@@ -573,12 +805,16 @@ def resolve_bp_arms(args) -> list[str]:
     ``--pretrained_dir``) plus the full and probe arms any selected arm needs."""
     if args.no_bioperceiver:
         return []
-    wanted = set(args.bp_arms or (a for a in ALL_BP_ARMS if args.pretrained_dir or "pretrained" not in a))
+
+    def needs_pretrained(a: str) -> bool:  # the embedding arms' random control reuses the pretrained processors
+        return "pretrained" in a or a in EMB_ARMS
+
+    wanted = set(args.bp_arms or (a for a in ALL_BP_ARMS if args.pretrained_dir or not needs_pretrained(a)))
     for sel, parts in SELECTED_ARMS.items():
         if sel in wanted:
             wanted.update(parts)
-    if not args.pretrained_dir and any("pretrained" in a for a in wanted):
-        raise SystemExit(f"--bp_arms {sorted(a for a in wanted if 'pretrained' in a)} need --pretrained_dir")
+    if not args.pretrained_dir and any(needs_pretrained(a) for a in wanted):
+        raise SystemExit(f"--bp_arms {sorted(a for a in wanted if needs_pretrained(a))} need --pretrained_dir")
     return [a for a in ALL_BP_ARMS if a in wanted]
 
 
@@ -606,6 +842,8 @@ def main(argv=None) -> dict:
             pretrained_runner = ft.BPRunner(args, Path(args.pretrained_dir))
         for arm in (a for a in BP_ARMS if a in args.bp_arms):
             runners[arm] = pretrained_runner if BP_ARMS[arm]["pretrained"] else random_runner
+        if any(a in EMB_ARMS for a in args.bp_arms):
+            args.embedding_models = embedding_models(args.pretrained_dir, args.seed)
     res = {
         "benchmark": "survival_cv",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -623,6 +861,7 @@ def main(argv=None) -> dict:
             "pretrained_dir": args.pretrained_dir,
         },
         "grids": {"cox": {"n_pcs": PCS_GRID, "penalizer": PEN_GRID}, "rsf": RSF_GRID},
+        "embedding_arms": {a: {**EMB_ARMS[a], "modality": EMB_MODALITY} for a in EMB_ARMS if a in args.bp_arms},
         "manifest": str(manifest.path) if hasattr(manifest, "path") else str(data_dir),
         "cohorts": {},
     }

@@ -246,3 +246,113 @@ def test_bp_arms_default_and_selection():
         "lr": probe["lr"],
         "epochs": probe["epochs"],
     }
+
+
+def _emb_fixture(cohort, width=12, seed=7):
+    base, rows, part = cohort
+    rng = np.random.default_rng(seed)
+    emb = pd.DataFrame(rng.normal(size=(len(rows), width)), index=rows.index)
+    emb[0] += rows["label_survival_time"].rank().to_numpy() / len(rows)  # some survival signal
+    feats = cv.ft.SurvivalFeatures(base, rows, n_genes=30)
+    feats.fit(list(part["train"]))
+    return feats, emb
+
+
+def test_embedding_features_fit_on_training_rows_only(cohort):
+    _, rows, part = cohort
+    feats, emb = _emb_fixture(cohort)
+    tr, te = list(part["train"]), list(part["test"])
+    ef = cv.EmbeddingFeatures(feats, emb, base_clinical=True).fit(tr)
+    assert ef.pca.n_components_ == 12  # capped by the width
+    x = ef.transform(tr, 5, clinical=True)
+    assert list(x.columns[-5:]) == [f"emb{i}" for i in range(5)]
+    np.testing.assert_allclose(x[[f"emb{i}" for i in range(5)]].mean(), 0, atol=1e-9)  # scaled on train rows
+    np.testing.assert_allclose(x[[f"emb{i}" for i in range(5)]].std(ddof=0), 1, atol=1e-6)
+    assert list(ef.transform(tr, 0, clinical=True).columns) == list(feats.transform(tr, 0, True).columns)
+    # other rows' embeddings never reach the fit: changing test rows leaves the train transform unchanged
+    changed = emb.copy()
+    changed.loc[te] = changed.loc[te] * 5.0 + 3.0
+    ef2 = cv.EmbeddingFeatures(feats, changed, base_clinical=True).fit(tr)
+    pd.testing.assert_frame_equal(ef2.transform(tr, 10), ef.transform(tr, 10))
+    np.testing.assert_allclose(ef2.pca.components_, ef.pca.components_)
+    # the fixed block: expression PCs from the fitted SurvivalFeatures, before the embedding's components
+    ef3 = cv.EmbeddingFeatures(feats, emb, expr_pcs=2, base_clinical=False).fit(tr)
+    assert list(ef3.transform(te, 3).columns) == ["pc0", "pc1", "emb0", "emb1", "emb2"]
+    assert list(ef3.transform(te, 3, clinical=False).columns) == ["emb0", "emb1", "emb2"]
+    # the grid is capped by min(width, training rows - 1)
+    small = cv.EmbeddingFeatures(feats, emb, base_clinical=True).fit(tr[:5])
+    assert small.pca.n_components_ == 4
+    res = cv.fit_cox(
+        small, rows.loc[tr[:5] + list(part["validation"]) + te], tr[:5], part["validation"], te, with_pcs=True
+    )
+    assert res["selected"]["n_pcs"] in (0, 2)
+
+
+def test_embedding_cox_selects_on_validation_and_nests_cox_clinical_pcs(cohort):
+    _, rows, part = cohort
+    feats, emb = _emb_fixture(cohort)
+    tr, va, te = part["train"], part["validation"], part["test"]
+    rec = cv.fit_cox_emb(feats, emb, rows, tr, va, te)
+    assert rec["selected"]["expr_pcs"] == 0 and rec["selected"]["n_pcs"] in cv.PCS_GRID
+    assert len(rec["risk_test"]) == len(te)
+    # test labels never reach fitting or selection
+    changed = rows.copy()
+    changed.loc[list(te), "label_survival_event"] = 1 - changed.loc[list(te), "label_survival_event"]
+    rec2 = cv.fit_cox_emb(feats, emb, changed, tr, va, te)
+    assert rec2["selected"] == rec["selected"] and rec2["risk_test"] == pytest.approx(rec["risk_test"])
+    # with the expression PCs cox_clinical_pcs chose, 0 embedding PCs is exactly that model (same validation)
+    pcs = cv.fit_cox(feats, rows, tr, va, te, with_pcs=True)
+    both = cv.fit_cox_emb(feats, emb, rows, tr, va, te, expr_pcs=pcs["selected"]["n_pcs"])
+    assert both["validation"] >= pcs["validation"] - 1e-12
+    if both["selected"]["n_pcs"] == 0:
+        assert both["risk_test"] == pytest.approx(pcs["risk_test"])
+    # a cohort without clinical covariates: embedding PCs only, or expression PCs with or without them
+    bare = rows.assign(tabular_clinical=None)
+    assert cv.fit_cox_emb(feats, emb, bare, tr, va, te)["selected"]["n_pcs"] > 0
+
+
+def test_embedding_arms_summarised_and_resolved():
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(4)
+    n, n_folds = 45, 3
+    ids = [f"s{i}" for i in range(n)]
+    rows = pd.DataFrame(
+        {
+            "patient_id": ids,
+            "label_survival_time": rng.exponential(size=n),
+            "label_survival_event": (rng.random(n) < 0.6).astype(int),
+            "tabular_clinical": None,
+        },
+        index=ids,
+    )
+    tests = [ids[i::n_folds] for i in range(n_folds)]
+    fold_meta = [{"fold": k, "test_ids": te} for k, te in enumerate(tests)]
+
+    def arm(v, expr_pcs=0):
+        sel = {"expr_pcs": expr_pcs, "n_pcs": 5, "penalizer": 1.0}
+        return [{**_rec(v, v, rng.normal(size=len(te))), "selected": sel} for te in tests]
+
+    results = {
+        "cox_clinical": [{"skipped": "no clinical covariates in this cohort"}] * n_folds,
+        "cox_clinical_pcs": arm(0.7),
+        "rsf": arm(0.6),
+        **{m: arm(0.65, 2 if cv.EMB_ARMS[m]["expr_pcs"] else 0) for m in cv.EMB_ARMS},
+    }
+    summary = cv.summarise(SimpleNamespace(n_bootstrap=30, seed=0), "c", "development", rows, fold_meta, results)
+    assert summary["best_baseline_by_validation"] == "cox_clinical_pcs"  # the embedding arms are not baselines
+    for name in (
+        "cox_clinical_emb_pretrained - cox_clinical_pcs",
+        "cox_clinical_emb_pretrained - cox_clinical_emb_random",
+        "cox_clinical_pcs_emb_pretrained - cox_clinical_pcs",
+    ):
+        assert name in summary["paired_differences"], name
+    lines = cv.report_lines({"folds": n_folds, "cohorts": {"c": summary}})
+    for name in cv.EMB_ARMS:
+        assert f" {name} |" in lines[0]
+    assert "| c | 5, 5, 5 | 5, 5, 5 | 5 (+2 expr.), 5 (+2 expr.), 5 (+2 expr.) |" in lines
+    base = ["--cohorts", "nki70"]
+    assert not set(cv.EMB_ARMS) & set(cv.resolve_bp_arms(cv.parse_args(base)))  # need --pretrained_dir
+    assert set(cv.EMB_ARMS) <= set(cv.resolve_bp_arms(cv.parse_args([*base, "--pretrained_dir", "x"])))
+    with pytest.raises(SystemExit):
+        cv.resolve_bp_arms(cv.parse_args([*base, "--bp_arms", "cox_clinical_emb_random"]))
