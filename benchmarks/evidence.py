@@ -146,7 +146,8 @@ PARTS: list[Part] = [
     ),
     Part(
         "label_efficiency",
-        "findings at 1/10/100% of a 2,000-patient pool, 3 seeds: pretrained vs random init vs TF-IDF + LR",
+        "findings at 1/10/100% of a 2,000-patient pool, 3 seeds: pretrained vs random init (lr chosen on validation) "
+        "vs TF-IDF + LR",
         [
             PY,
             "benchmarks/label_efficiency.py",
@@ -158,6 +159,8 @@ PARTS: list[Part] = [
             f"{W}/padchest/model",
             "--work_dir",
             f"{W}/padchest/label_efficiency",
+            "--lrs",  # the full arms' learning rate chosen on validation, as TF-IDF's C is
+            *("3e-4", "1e-3", "3e-3"),
         ],
         "padchest/label_efficiency/label_efficiency.json",
         needs=["padchest_pretrain"],
