@@ -174,6 +174,8 @@ PARTS: list[Part] = [
             "benchmarks/text_encoders.py",
             "--work_dir",
             f"{W}/text_encoders",
+            "--pretrained_dir",  # the zero-shot check's demo backbone: pretrained into the evidence folder too
+            f"{W}/text_encoders/pretrain/final",
             "--seeds",
             "0",
             "1",
