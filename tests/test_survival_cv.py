@@ -164,11 +164,10 @@ def test_selected_arm_picks_by_validation_never_test():
     assert "test" not in skipped[0]
 
 
-def test_new_arms_summarised_and_reported():
-    from types import SimpleNamespace
-
-    rng = np.random.default_rng(3)
-    n, n_folds = 60, 3
+def _synthetic_folds(n: int, n_folds: int, seed: int):
+    """A cohort of ``n`` random survival rows without clinical covariates, ``n_folds`` interleaved test folds and
+    their fold metadata (what ``summarise`` reads), and the generator, to draw more from the same stream."""
+    rng = np.random.default_rng(seed)
     ids = [f"s{i}" for i in range(n)]
     rows = pd.DataFrame(
         {
@@ -180,7 +179,14 @@ def test_new_arms_summarised_and_reported():
         index=ids,
     )
     tests = [ids[i::n_folds] for i in range(n_folds)]
-    fold_meta = [{"fold": k, "test_ids": te} for k, te in enumerate(tests)]
+    return rows, tests, [{"fold": k, "test_ids": te} for k, te in enumerate(tests)], rng
+
+
+def test_new_arms_summarised_and_reported():
+    from types import SimpleNamespace
+
+    n_folds = 3
+    rows, tests, fold_meta, rng = _synthetic_folds(n=60, n_folds=n_folds, seed=3)
     t = rows["label_survival_time"]
     good = {k: -t.loc[te].to_numpy() for k, te in enumerate(tests)}  # a perfect ranking
 
@@ -314,20 +320,8 @@ def test_embedding_cox_selects_on_validation_and_nests_cox_clinical_pcs(cohort):
 def test_embedding_arms_summarised_and_resolved():
     from types import SimpleNamespace
 
-    rng = np.random.default_rng(4)
-    n, n_folds = 45, 3
-    ids = [f"s{i}" for i in range(n)]
-    rows = pd.DataFrame(
-        {
-            "patient_id": ids,
-            "label_survival_time": rng.exponential(size=n),
-            "label_survival_event": (rng.random(n) < 0.6).astype(int),
-            "tabular_clinical": None,
-        },
-        index=ids,
-    )
-    tests = [ids[i::n_folds] for i in range(n_folds)]
-    fold_meta = [{"fold": k, "test_ids": te} for k, te in enumerate(tests)]
+    n_folds = 3
+    rows, tests, fold_meta, rng = _synthetic_folds(n=45, n_folds=n_folds, seed=4)
 
     def arm(v, expr_pcs=0):
         sel = {"expr_pcs": expr_pcs, "n_pcs": 5, "penalizer": 1.0}
