@@ -106,3 +106,61 @@ def test_card_says_what_the_held_out_loss_is_averaged_over():
 
     assert _eval_loss_scale(None) == ""
     assert "batches of 32 held-out samples" in _eval_loss_scale(32) and "ln 32 = 3.466" in _eval_loss_scale(32)
+
+
+def test_uniform_loss_is_what_a_model_scoring_every_candidate_alike_gets():
+    """The reference: identical embeddings make every logit equal, so the loss itself is the uniform-guess level.
+    With missing views and a shared patient (fewer candidates for some rows) it is not ln B, and the loss reports
+    the exact level on any embeddings."""
+    from bioperceiver.losses import MultiViewLoss
+
+    b, v, d = 8, 3, 4
+    mask = torch.ones(b, v, dtype=torch.bool)
+    mask[0, 1] = mask[3, 2] = mask[5, 0] = False
+    pid = torch.tensor([0, 1, 2, 3, 4, 5, 6, 6])  # two samples of one patient
+    same = torch.ones(b, v, d)
+    for loss_fn in (ClipLoss(), MultiViewLoss()):
+        flat = loss_fn(same, mask, pid)
+        assert float(flat["uniform_loss"]) == pytest.approx(float(flat["loss"].detach()), rel=1e-5)
+        other = loss_fn(torch.randn(b, v, d, generator=torch.Generator().manual_seed(1)), mask, pid)
+        assert float(other["uniform_loss"]) == pytest.approx(float(flat["loss"].detach()), rel=1e-5)  # independent of z
+    full = MultiViewLoss()(same, torch.ones(b, v, dtype=torch.bool))
+    assert float(full["uniform_loss"]) == pytest.approx(math.log(b * v - 1))  # every other view is a candidate
+    assert float(ClipLoss()(same, torch.ones(b, v, dtype=torch.bool))["uniform_loss"]) == pytest.approx(math.log(b))
+
+
+def test_held_out_metrics_carry_the_uniform_level_of_the_same_batches():
+    trainer = _FixedViews(10)
+    metrics, _, _ = evaluate(trainer, list(range(10)), _collate, batch_size=4)
+    assert metrics["eval_loss_uniform"] == pytest.approx(math.log(4))  # clip, every view present: ln B
+
+
+def test_loss_curves_draw_the_measured_uniform_level_not_ln_b_for_multiview(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from bioperceiver.cards import _eval_loss_scale
+    from bioperceiver.training.pretraining import uniform_guess_level
+
+    lines = {}
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def keep(fig, path, **kw):
+        lines["labels"] = [[line.get_label() for line in ax.get_lines()] for ax in fig.axes]
+        lines["levels"] = [[line.get_ydata()[0] for line in ax.get_lines()[1:]] for ax in fig.axes]
+        return real_savefig(fig, path, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    history = [{"step": s, "loss": 6.0 - 0.1 * s, "uniform_loss": 6.3 + 0.02 * (s % 2)} for s in range(1, 11)] + [
+        {"step": 10, "eval_loss": 5.5, "eval_loss_batch_size": 128, "eval_loss_uniform": 6.25}
+    ]
+    plot_history(history, tmp_path / "loss_curves.png", batch_size=128, loss_name="multiview")
+    train_labels, eval_labels = lines["labels"]
+    assert "uniform guess, 6.31 (measured on these batches)" in train_labels
+    assert "uniform guess, 6.25 (measured on these batches)" in eval_labels
+    assert lines["levels"][0][0] == pytest.approx(6.31) and lines["levels"][1][0] == pytest.approx(6.25)
+    # no measured level: ln B only for clip, nothing for losses without a uniform level (siglip)
+    old = [{"step": 1, "loss": 4.0}]
+    assert uniform_guess_level(old, held_out=False, batch_size=32, loss_name="clip") == (math.log(32), "ln 32")
+    assert uniform_guess_level(old, held_out=False, batch_size=32, loss_name="siglip") is None
+    assert uniform_guess_level(old, held_out=False, batch_size=32, loss_name="multiview") is None
+    assert "scores 6.250 on the same batches" in _eval_loss_scale(128, 6.25)

@@ -189,10 +189,16 @@ def render_card(template: str | Path, card_data: ModelCardData, **context: Any) 
     return ModelCard(content)
 
 
-def _eval_loss_scale(batch_size: int | None) -> str:
-    """What the held-out loss is averaged over, and the uniform-guess level to read it against."""
+def _eval_loss_scale(batch_size: int | None, uniform: float | None = None) -> str:
+    """What the held-out loss is averaged over, and the uniform-guess level to read it against: the level the loss
+    measured on the same batches (``eval_loss_uniform``) when given, else ``ln B`` as the clip loss's level."""
     if not batch_size:
         return ""
+    if uniform is not None:
+        return (
+            f" (mean over batches of {batch_size} held-out samples; a uniform guess scores {uniform:.3f} on the same "
+            "batches)"
+        )
     return (
         f" (mean over batches of {batch_size} held-out samples; with the clip loss a uniform guess scores about "
         f"ln {batch_size} = {math.log(batch_size):.3f})"
@@ -296,7 +302,8 @@ def pretraining_card(
         training_table=markdown_table([{"setting": k, "value": v} for k, v in train_cfg.items() if v is not None]),
         run_config_yaml=yaml.safe_dump(dict(run_config), sort_keys=False).rstrip("\n"),
         retrieval_table=markdown_table(retrieval_rows(metrics)),
-        eval_loss=_fmt(metrics.get("eval_loss")) + _eval_loss_scale(metrics.get("eval_loss_batch_size")),
+        eval_loss=_fmt(metrics.get("eval_loss"))
+        + _eval_loss_scale(metrics.get("eval_loss_batch_size"), metrics.get("eval_loss_uniform")),
         compute_table=markdown_table([{"": k, "value": v} for k, v in compute.items()]),
     )
 

@@ -54,6 +54,10 @@ class PairwiseContrastiveLoss(nn.Module):
     all-reduced once per step for all pairs."""
 
     view_names: list[str] | None = None
+    softmax_over_columns: bool = False
+    """True when a direction is a softmax over its valid columns (InfoNCE): then ``uniform_loss`` (what a model
+    scoring every candidate alike would get on this batch, ``ln`` of the number of candidates, averaged the way the
+    loss is) is reported beside the loss. A sigmoid loss has no such level."""
     checkpoint_min_logits: int = 2**20
     """Directions whose ``(b, B)`` logits have at least this many entries are recomputed in the backward
     (``torch.utils.checkpoint``) instead of keeping their ``(b, B)`` tensors: every pair and direction of a step
@@ -97,6 +101,7 @@ class PairwiseContrastiveLoss(nn.Module):
         counts, world = global_count(both.sum(0).float())
         out: dict[str, torch.Tensor] = {}
         total, n_pairs = z.new_zeros(()), 0
+        uniform = z.new_zeros(())
         for a in range(k):
             for c in range(a + 1, k):
                 if counts[a, c] == 0:
@@ -105,12 +110,20 @@ class PairwiseContrastiveLoss(nn.Module):
                 pair = pair * world / counts[a, c]
                 out[f"loss_{self._name(a)}-{self._name(c)}"] = pair.detach()
                 total, n_pairs = total + pair, n_pairs + 1
+                if self.softmax_over_columns:
+                    with torch.no_grad():  # ln(valid columns) of each row, averaged like the loss terms
+                        for y in (c, a):  # the column view of each direction
+                            cols = (ctx["m_all"][:, y][None, :] & ~ctx["other_same_patient"]).sum(1)
+                            level = cols.clamp(min=1).float().log()[both[:, a, c]].sum()
+                            uniform = uniform + 0.5 * level * world / counts[a, c]
         if n_pairs == 0:
             # no sample has two views anywhere: a zero loss that still touches the graph (DDP needs every grad)
             total = 0.0 * (embeddings.sum() + self.extra_parameters())
         else:
             total = total / n_pairs
         out.update(loss=total, temperature=(1.0 / ctx["scale"]).detach(), num_pairs=torch.tensor(n_pairs))
+        if self.softmax_over_columns:
+            out["uniform_loss"] = uniform / max(n_pairs, 1)
         return out
 
     def _name(self, i: int) -> str:
@@ -130,6 +143,8 @@ class ClipLoss(PairwiseContrastiveLoss):
         max_scale: largest inverse temperature (the clamp).
         view_names: names for the per-pair terms in the output dict (default ``view0``, ``view1``...).
     """
+
+    softmax_over_columns = True
 
     def __init__(
         self,

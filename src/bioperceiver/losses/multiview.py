@@ -14,7 +14,9 @@ class MultiViewLoss(nn.Module):
     views...) are embedded; for an anchor view, every other view of the **same patient** is a positive and all
     other views are negatives (SupCon: ``-mean over positives of log softmax``). Any number of modalities works,
     and an unpaired single-modality sample is handled by giving it two augmented views (two columns of the input).
-    Anchors without a positive in the global batch do not contribute.
+    Anchors without a positive in the global batch do not contribute. ``uniform_loss`` is what a model scoring every
+    candidate alike would get on the same batch (``ln`` of each anchor's number of candidates, averaged over anchors):
+    about ``ln(B x views - 1)``, not ``ln B``.
     """
 
     def __init__(self, init_temperature: float = 0.1, max_scale: float = 100.0, learnable_temperature: bool = True):
@@ -45,12 +47,17 @@ class MultiViewLoss(nn.Module):
         use = a_ok & (n_pos > 0)
         per_anchor = -(log_prob.masked_fill(~pos, 0.0).sum(-1) / n_pos.clamp(min=1))
         count, world = global_count(use.sum().float())
+        # a model scoring every candidate alike: each positive has log-probability -ln(valid candidates)
+        uniform = valid.sum(-1).clamp(min=1).float().log()
         if count == 0:
             loss = 0.0 * (views.sum() + self.temperature.logit_scale)
+            uniform_loss = uniform.new_zeros(())
         else:
             loss = per_anchor[use].sum() * world / count
+            uniform_loss = uniform[use].sum() * world / count
         return {
             "loss": loss,
             "temperature": (1.0 / scale).detach(),
             "num_anchors": count.detach().long(),
+            "uniform_loss": uniform_loss.detach(),
         }

@@ -750,6 +750,8 @@ def run_pretraining(
                     **{f"tokens_per_s/{n}": c / dt for n, c in zip(tokens.names, counts[:-1], strict=True)},
                     **{k: float(v) for k, v in outputs.items() if k.startswith("loss_")},
                 }
+                if "uniform_loss" in outputs:  # the level of a uniform guess on this batch (softmax losses)
+                    rec["uniform_loss"] = accelerator.reduce(outputs["uniform_loss"].detach(), "mean").item()
                 if grad_norm is not None:
                     rec["grad_norm"] = float(grad_norm)
                 if accelerator.device.type == "cuda":

@@ -296,7 +296,8 @@ def evaluate(
     def eval_forward(inputs):
         v, m = trainer.views(inputs)
         with local_only():
-            return v, m, trainer.loss_fn(v, m)["loss"]
+            res = trainer.loss_fn(v, m)
+            return v, m, res["loss"], res.get("uniform_loss")
 
     was_training = trainer.training
     trainer.eval()
@@ -306,8 +307,8 @@ def evaluate(
             batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], train=False)
             if batch is None:
                 continue
-            v, m, loss = trainer(batch["inputs"])
-            losses.append((float(loss), len(v)))
+            v, m, loss, uniform = trainer(batch["inputs"])
+            losses.append((float(loss), len(v), None if uniform is None else float(uniform)))
             views.append(v.float().cpu())
             masks.append(m.cpu())
             patients += [str(p) for p in batch["patient_id"]]
@@ -321,13 +322,16 @@ def evaluate(
     # A contrastive loss grows with the number of candidates (about ln B for B samples): the mean is over the batches
     # of exactly ``batch_size`` samples (the training batch), a smaller last batch is left out of it (its samples
     # still count in the retrieval metrics) unless no full batch exists.
-    full = [loss for loss, n in losses if n == batch_size]
+    full = [entry for entry in losses if entry[1] == batch_size]
+    used = full or losses
     metrics = {
-        "eval_loss": float(np.mean(full or [loss for loss, _ in losses])),
+        "eval_loss": float(np.mean([loss for loss, _, _ in used])),
         "eval_loss_batch_size": batch_size if full else len(views_t),  # no full batch: the one smaller batch
-        "eval_loss_batches": len(full) or len(losses),
+        "eval_loss_batches": len(used),
         **retrieval,
     }
+    if all(u is not None for _, _, u in used):  # what a uniform guess scores on the same batches (softmax losses)
+        metrics["eval_loss_uniform"] = float(np.mean([u for _, _, u in used]))
     return metrics, views_t, masks_t
 
 
@@ -428,8 +432,11 @@ def plot_history(
 ) -> None:
     """``loss_curves.png``: the training loss (one contrastive batch per logged step, with modality dropout and
     augmentation) and the held-out loss (mean over held-out batches of the same size, nothing dropped) on separate
-    panels, because they are not the same quantity; with ``batch_size`` and the ``clip`` loss, the level of a
-    uniform guess (ln B: every candidate equally similar) is drawn on both."""
+    panels, because they are not the same quantity. The level of a uniform guess (every candidate equally similar)
+    is drawn on each panel: the ``uniform_loss`` / ``eval_loss_uniform`` the loss measured on those batches (softmax
+    losses: ``ln`` of the candidates per anchor, which for the multiview loss is about ``ln(B x views)``, not
+    ``ln B``); for a history without them (older runs), ``ln B`` with ``batch_size`` and the ``clip`` loss. A sigmoid
+    loss (``siglip``) has no such level and gets no line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -452,11 +459,30 @@ def plot_history(
         eval_ax.set_ylabel(f"{loss_name} loss, held-out patients")
         panels.append(eval_ax)
     for ax in panels:
-        if batch_size and loss_name == "clip":
-            size = batch_size if ax is train_ax else evals[-1].get("eval_loss_batch_size", batch_size)
-            ax.axhline(math.log(size), ls="--", color="grey", lw=1, label=f"uniform guess, ln {size}")
+        level = uniform_guess_level(history, held_out=ax is not train_ax, batch_size=batch_size, loss_name=loss_name)
+        if level is not None:
+            ax.axhline(level[0], ls="--", color="grey", lw=1, label=f"uniform guess, {level[1]}")
         ax.set_xlabel("optimizer step")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def uniform_guess_level(
+    history: list[dict], *, held_out: bool, batch_size: int | None = None, loss_name: str = "clip"
+) -> tuple[float, str] | None:
+    """``(level, label)`` of a uniform guess for the training (``held_out=False``) or held-out loss of ``history``:
+    the mean of the recorded ``uniform_loss`` (``eval_loss_uniform``) when the loss measured it, else ``ln B`` for
+    the ``clip`` loss with a known batch size (histories written before the level was recorded), else ``None``."""
+    key = "eval_loss_uniform" if held_out else "uniform_loss"
+    values = [h[key] for h in history if key in h]
+    if values:
+        return float(np.mean(values)), f"{float(np.mean(values)):.2f} (measured on these batches)"
+    size = batch_size
+    if held_out:
+        evals = [h for h in history if "eval_loss" in h]
+        size = evals[-1].get("eval_loss_batch_size", batch_size) if evals else batch_size
+    if size and loss_name == "clip":
+        return math.log(size), f"ln {size}"
+    return None
