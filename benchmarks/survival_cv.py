@@ -427,14 +427,51 @@ def paired_difference(fold_data: list[dict], n_boot: int, seed: int) -> dict:
         ]
     )
     boot = bootstrap_c_index(fold_data, n_boot, seed)
-    d = boot[:, 0] - boot[:, 1]
-    d = d[~np.isnan(d)]
+    replicates = boot[:, 0] - boot[:, 1]
+    d = replicates[~np.isnan(replicates)]
     return {
         "difference": float(point),
         "ci95": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))],
         "p_boot_le_0": float(np.mean(d <= 0)),
         "n_bootstrap": len(d),
+        "_replicates": replicates,  # for pooled_differences; not written to the JSON
     }
+
+
+def pooled_differences(cohorts: dict, role: str = "development") -> dict:
+    """Each paired difference averaged over the ``role`` cohorts that have it, every cohort weighted equally (a
+    cohort's C-index is computed within the cohort: no pairs across cohorts or time units), with a 95% percentile
+    interval from the per-cohort bootstrap replicates averaged replicate by replicate (cohorts are resampled
+    independently). Differences against the best baseline are pooled by role (``"- best baseline"``) whichever
+    classical model each cohort's validation chose. ``above_zero``: cohorts whose mean difference is > 0."""
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for name, r in cohorts.items():
+        if r["role"] != role:
+            continue
+        for d in r["paired_differences"].values():
+            groups.setdefault(" - ".join(d["pair"]), []).append((name, d))
+    out = {}
+    for key, items in groups.items():
+        reps = np.stack([d["_replicates"] for _, d in items])  # (cohorts, n_boot)
+        ok = ~np.isnan(reps).any(axis=0)
+        pooled = reps[:, ok].mean(axis=0)
+        out[key] = {
+            "difference": float(np.mean([d["difference"] for _, d in items])),
+            "ci95": [float(np.percentile(pooled, 2.5)), float(np.percentile(pooled, 97.5))],
+            "cohorts": [c for c, _ in items],
+            "above_zero": sum(d["difference"] > 0 for _, d in items),
+            "n_bootstrap": int(ok.sum()),
+        }
+    return out
+
+
+def _without_replicates(res: dict) -> dict:
+    """``res`` with the bootstrap replicates left out (the JSON keeps the intervals, not the draws)."""
+    out = {**res, "cohorts": {}}
+    for name, r in res["cohorts"].items():
+        diffs = {k: {a: b for a, b in d.items() if a != "_replicates"} for k, d in r["paired_differences"].items()}
+        out["cohorts"][name] = {**r, "paired_differences": diffs}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -655,10 +692,11 @@ def summarise(args, cohort: str, role: str, rows, fold_meta: list[dict], results
         return out
 
     diffs = {}
-    pairs = [(a, best if b is None else b) for a, b in DIFF_PAIRS]
-    for a, b in pairs:
-        if "test" in models.get(a, {}) and "test" in models.get(b, {}):
-            diffs[f"{a} - {b}"] = paired_difference(fold_data(a, b), args.n_bootstrap, args.seed)
+    for a, b in DIFF_PAIRS:
+        other = best if b is None else b
+        if "test" in models.get(a, {}) and "test" in models.get(other, {}):
+            d = paired_difference(fold_data(a, other), args.n_bootstrap, args.seed)
+            diffs[f"{a} - {other}"] = {**d, "pair": [a, "best baseline" if b is None else b]}
     return {
         "cohort": cohort,
         "role": role,
@@ -697,6 +735,19 @@ def report_lines(res: dict) -> list[str]:
     for c, r in res["cohorts"].items():
         for name, d in r["paired_differences"].items():
             lines.append(f"| {c} | {name} | {d['difference']:+.3f} | [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] |")
+    pooled = {role: p for role, p in res.get("pooled", {}).items() if p}
+    if pooled:
+        lines += [
+            "",
+            "| cohorts pooled (equal weight) | difference | mean over cohorts | 95% CI | cohorts > 0 |",
+            "|---|---|---|---|---|",
+        ]
+        for role, table in pooled.items():
+            for name, d in table.items():
+                lines.append(
+                    f"| {role} ({len(d['cohorts'])}) | {name} | {d['difference']:+.3f} | "
+                    f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {d['above_zero']} of {len(d['cohorts'])} |"
+                )
     selected = [m for m in SELECTED_ARMS if m in models]
     if selected:
         lines += [
@@ -879,6 +930,8 @@ def main(argv=None) -> dict:
         "threads": torch.get_num_threads(),
     }
     res["wall_s"] = round(time.perf_counter() - t0, 1)
+    res["pooled"] = {role: pooled_differences(res["cohorts"], role) for role in ("development", "external")}
+    res = _without_replicates(res)
     (out / "survival_cv.json").write_text(json.dumps(res, indent=1, default=ft._json_default))
     plot(res, out / "survival_cv.png")
     (out / "survival_cv.md").write_text("\n".join(report_lines(res)) + "\n")

@@ -350,3 +350,45 @@ def test_embedding_arms_summarised_and_resolved():
     assert set(cv.EMB_ARMS) <= set(cv.resolve_bp_arms(cv.parse_args([*base, "--pretrained_dir", "x"])))
     with pytest.raises(SystemExit):
         cv.resolve_bp_arms(cv.parse_args([*base, "--bp_arms", "cox_clinical_emb_random"]))
+
+
+def test_pooled_differences_average_cohorts_replicate_by_replicate():
+    """Pooling over cohorts: the point is the mean of the cohorts' differences, the interval comes from the cohorts'
+    bootstrap replicates averaged draw by draw; differences against each cohort's own best baseline pool together;
+    external cohorts stay out of the development pool; the JSON keeps no replicates."""
+    rng = np.random.default_rng(0)
+
+    def folds(perfect: bool):
+        out = []
+        for _ in range(3):
+            t = rng.exponential(size=50)
+            e = (rng.random(50) < 0.7).astype(int)
+            noise = rng.normal(size=50)
+            out.append(
+                {"time": t, "event": e, "patients": np.arange(50), "risks": np.array([-t if perfect else noise, noise])}
+            )
+        return out
+
+    good = cv.paired_difference(folds(True), n_boot=200, seed=0)
+    tie = cv.paired_difference(folds(False), n_boot=200, seed=0)  # the same risks twice: exactly 0
+    ext = cv.paired_difference(folds(True), n_boot=200, seed=0)
+    cohorts = {
+        "a": {
+            "role": "development",
+            "paired_differences": {"bp - cox_clinical_pcs": {**good, "pair": ["bp", "best baseline"]}},
+        },
+        "b": {"role": "development", "paired_differences": {"bp - rsf": {**tie, "pair": ["bp", "best baseline"]}}},
+        "x": {"role": "external", "paired_differences": {"bp - rsf": {**ext, "pair": ["bp", "best baseline"]}}},
+    }
+    pooled = cv.pooled_differences(cohorts)
+    d = pooled["bp - best baseline"]
+    assert d["cohorts"] == ["a", "b"] and d["above_zero"] == 1
+    assert d["difference"] == pytest.approx(good["difference"] / 2)
+    halves = good["_replicates"] / 2  # cohort b's replicates are all 0
+    assert d["ci95"] == pytest.approx([np.percentile(halves, 2.5), np.percentile(halves, 97.5)])
+    assert cv.pooled_differences(cohorts, "external")["bp - best baseline"]["cohorts"] == ["x"]
+    stripped = cv._without_replicates({"cohorts": cohorts})
+    json.dumps(stripped)  # serialisable: no arrays left
+    assert "_replicates" in cohorts["a"]["paired_differences"]["bp - cox_clinical_pcs"]  # the input is untouched
+    lines = cv.report_lines({"cohorts": {}, "pooled": {"development": pooled}})
+    assert any(line.startswith("| development (2) | bp - best baseline |") and "1 of 2" in line for line in lines)
