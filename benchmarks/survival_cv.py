@@ -299,6 +299,64 @@ def embedding_models(pretrained_dir: str, seed: int) -> dict:
     return {"pretrained": pre, "random_init": rand}
 
 
+def fold_wise(args) -> bool:
+    """``--pretrained_dir`` names one backbone per CV fold (``{fold}`` in the path, e.g. each pretrained on a
+    :func:`write_fold_manifests` manifest without that fold's test patients)."""
+    return bool(args.pretrained_dir) and "{fold}" in args.pretrained_dir
+
+
+def fold_backbones(args) -> list[str]:
+    """The backbone folder of each fold: ``--pretrained_dir`` itself, or it with ``{fold}`` filled in."""
+    return [args.pretrained_dir.replace("{fold}", str(k)) for k in range(args.folds)]
+
+
+def write_fold_manifests(args, cv_manifest, pretrain_manifest: str | Path) -> list[Path]:
+    """One pretraining manifest per CV fold, beside ``pretrain_manifest`` (``<stem>_cvfold<k>.parquet``, same
+    folder, so its relative file references still resolve): the same rows with a ``split`` column in which
+    every patient of that fold's *test* part (of each ``--cohorts`` cohort, :func:`make_folds` with this run's
+    ``--folds``, ``--seed``, ``--val_fraction``) is ``test`` and never trained on; the other patients keep the
+    hashed validation split pretraining would assign (:func:`bioperceiver.data.assign_splits`) and train otherwise.
+    Pretraining one backbone per manifest and passing ``--pretrained_dir .../fold{fold}/final`` removes the
+    transductive advantage (the test patients' unlabelled profiles seen in pretraining)."""
+    from bioperceiver.data import read_manifest, write_manifest
+    from bioperceiver.data.recipes.survset import COHORTS
+    from bioperceiver.data.splits import split_of
+
+    src = read_manifest(pretrain_manifest)
+    table = src.table
+    ids = set(table["sample_id"].astype(str))
+    test_sets: list[set[str]] = [set() for _ in range(args.folds)]
+    cv = cv_manifest.table
+    for cohort in args.cohorts:
+        spec = COHORTS[cohort]
+        source = "sksurv_GSE7390" if spec.source == "sksurv" else f"survset_{cohort}"
+        rows = cv[(cv["meta_source"] == source) & cv["label_survival_time"].notna()]
+        rows.index = rows["sample_id"].astype(str).to_numpy()
+        folds = make_folds(rows["patient_id"], rows["label_survival_event"], args.folds, args.seed, args.val_fraction)
+        for k, part in enumerate(folds):
+            test = set(map(str, part["test"]))
+            missing = test - ids
+            if missing and spec.role == "development":
+                raise ValueError(
+                    f"{len(missing)} test rows of {cohort} fold {k} are not in {pretrain_manifest} (e.g. "
+                    f"{sorted(missing)[:3]}): build both manifests with the same survset recipe"
+                )
+            test_sets[k] |= test & ids
+    hashed = ["validation" if split_of(str(p)) == "validation" else "train" for p in table["patient_id"]]
+    meta = {**src.metadata, "cv_fold_of": str(pretrain_manifest)}
+    out = []
+    src_path = Path(pretrain_manifest)
+    for k, test in enumerate(test_sets):
+        fold_table = table.copy()
+        is_test = fold_table["sample_id"].astype(str).isin(test).to_numpy()
+        fold_table["split"] = np.where(is_test, "test", hashed)
+        path = src_path.with_name(f"{src_path.stem}_cvfold{k}{src_path.suffix}")
+        write_manifest(fold_table, path, {**meta, "cv_fold": k, "held_out_test_rows": int(is_test.sum())})
+        ft.log(f"fold {k}: {path} ({int(is_test.sum())} test rows held out of pretraining, {len(fold_table)} rows)")
+        out.append(path)
+    return out
+
+
 def embed_view(loaded, rows: pd.DataFrame, base_dir, train_ids, seed: int) -> tuple[np.ndarray, dict]:
     """The frozen backbone's pooled embedding of the expression view alone (``modality_pooler_output``) of every row
     of ``rows``, in row order, and the vocabulary extension it needed.
@@ -340,11 +398,12 @@ def embed_view(loaded, rows: pd.DataFrame, base_dir, train_ids, seed: int) -> tu
     return x.astype(np.float32), ext
 
 
-def cohort_embeddings(args, manifest, rows, folds, cohort: str, out: Path, init: str, models: dict) -> list:
+def cohort_embeddings(args, manifest, rows, folds, cohort: str, out: Path, init: str, models: list) -> list:
     """Per fold, the ``init`` backbone's expression-view embedding of the cohort's rows (a DataFrame indexed by
-    sample id), cached in ``cache/<cohort>/embedding_<init>.npz``. A cohort the processors know is embedded once
-    (the same rows for every fold); one that needs the vocabulary extended is embedded per fold, extended on that
-    fold's training rows only."""
+    sample id), cached in ``cache/<cohort>/embedding_<init>.npz``. ``models``: per fold ``{init: LoadedModel}``
+    (the same dict for every fold, or each fold's own backbone with ``--pretrained_dir`` holding ``{fold}``). A
+    cohort the processors know is embedded once per backbone (the same rows for every fold that shares it); one
+    that needs the vocabulary extended is embedded per fold, extended on that fold's training rows only."""
     settings = {
         "cohort": cohort,
         "init": init,
@@ -366,15 +425,15 @@ def cohort_embeddings(args, manifest, rows, folds, cohort: str, out: Path, init:
     t0 = time.perf_counter()
     arrays, shared, extensions = {}, None, []
     for k, part in enumerate(folds):
-        if shared is not None:
+        if shared is not None and models[k] is models[0]:
             arrays[f"fold{k}"] = shared
             extensions.append(extensions[-1])
             continue
-        x, ext = embed_view(models[init], rows, manifest.base_dir, part["train"], args.seed)
+        x, ext = embed_view(models[k][init], rows, manifest.base_dir, part["train"], args.seed)
         arrays[f"fold{k}"] = x
         extensions.append(ext)
         if not ext["added"] and not ext["new_sources"]:
-            shared = x  # nothing fitted on this fold's rows: the same embedding serves every fold
+            shared = x  # nothing fitted on this fold's rows: the same embedding serves every fold of this backbone
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.npz")
     np.savez(tmp, key=np.array(key), ids=np.array([str(i) for i in rows.index]), **arrays)
@@ -384,7 +443,13 @@ def cohort_embeddings(args, manifest, rows, folds, cohort: str, out: Path, init:
     )
     ft.log(
         f"{cohort}: {init} expression embeddings {x.shape} computed in {time.perf_counter() - t0:.1f} s "
-        + ("(once: processors know the cohort)" if shared is not None else "(per fold: vocabulary extended)")
+        + (
+            "(per fold: one backbone per fold)"
+            if fold_wise(args)
+            else "(once: processors know the cohort)"
+            if shared is not None
+            else "(per fold: vocabulary extended)"
+        )
     )
     return [pd.DataFrame(arrays[f"fold{k}"], index=[str(i) for i in rows.index]) for k in range(len(folds))]
 
@@ -826,7 +891,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cohorts", nargs="+", default=list(DEVELOPMENT_COHORTS), choices=sorted(COHORTS))
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--val_fraction", type=float, default=0.2)
-    p.add_argument("--pretrained_dir", default=None, help="pretrained BioPerceiver (adds the bp_pretrained arm)")
+    p.add_argument(
+        "--pretrained_dir",
+        default=None,
+        help="pretrained BioPerceiver (adds the pretrained arms); with {fold} in it, one backbone per fold (the "
+        "embedding arms only)",
+    )
+    p.add_argument(
+        "--write_fold_manifests",
+        default=None,
+        metavar="PRETRAIN_MANIFEST",
+        help="write one copy of this pretraining manifest per fold with that fold's test patients as split 'test' "
+        "(never pretrained on), then exit; pretrain one backbone on each and pass --pretrained_dir "
+        "DIR/fold{fold}/final (the embedding arms)",
+    )
     p.add_argument("--no_bioperceiver", action="store_true", help="baselines only")
     p.add_argument("--random_preset", default="bioperceiver_debug", help="architecture of the random-init arm")
     p.add_argument("--bp_epochs", type=int, default=10)
@@ -881,6 +959,10 @@ def main(argv=None) -> dict:
 
     data_dir = Path(args.data_dir) if args.data_dir else out / "cohort"
     manifest = read_manifest(build_survset_cohort(data_dir, sorted(set(args.cohorts), key=args.cohorts.index)))
+    if args.write_fold_manifests:
+        paths = write_fold_manifests(args, manifest, args.write_fold_manifests)
+        print("\n".join(map(str, paths)))
+        return {"fold_manifests": [str(q) for q in paths]}
     args.bp_arms = resolve_bp_arms(args)
     runners = {}
     if args.bp_arms:
@@ -888,13 +970,22 @@ def main(argv=None) -> dict:
         args.reuse_runs = None
         random_runner = ft.BPRunner(args, Path("none"))
         if args.pretrained_dir:
-            if not (Path(args.pretrained_dir) / "config.json").is_file():
-                raise SystemExit(f"--pretrained_dir {args.pretrained_dir} holds no config.json (pretrain it first)")
-            pretrained_runner = ft.BPRunner(args, Path(args.pretrained_dir))
+            for folder in sorted(set(fold_backbones(args))):
+                if not (Path(folder) / "config.json").is_file():
+                    raise SystemExit(f"--pretrained_dir {folder} holds no config.json (pretrain it first)")
+            trained = sorted(a for a in args.bp_arms if a in BP_ARMS and BP_ARMS[a]["pretrained"])
+            if fold_wise(args) and trained:
+                raise SystemExit(
+                    f"--pretrained_dir with {{fold}} (one backbone per fold) is supported by the embedding arms "
+                    f"{sorted(EMB_ARMS)} only; leave {trained} out of --bp_arms"
+                )
+            if not fold_wise(args):
+                pretrained_runner = ft.BPRunner(args, Path(args.pretrained_dir))
         for arm in (a for a in BP_ARMS if a in args.bp_arms):
             runners[arm] = pretrained_runner if BP_ARMS[arm]["pretrained"] else random_runner
         if any(a in EMB_ARMS for a in args.bp_arms):
-            args.embedding_models = embedding_models(args.pretrained_dir, args.seed)
+            loaded = {folder: embedding_models(folder, args.seed) for folder in sorted(set(fold_backbones(args)))}
+            args.embedding_models = [loaded[folder] for folder in fold_backbones(args)]  # per fold
     res = {
         "benchmark": "survival_cv",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -392,3 +392,76 @@ def test_pooled_differences_average_cohorts_replicate_by_replicate():
     assert "_replicates" in cohorts["a"]["paired_differences"]["bp - cox_clinical_pcs"]  # the input is untouched
     lines = cv.report_lines({"cohorts": {}, "pooled": {"development": pooled}})
     assert any(line.startswith("| development (2) | bp - best baseline |") and "1 of 2" in line for line in lines)
+
+
+def test_fold_manifests_hold_out_each_fold_s_test_patients(tmp_path):
+    """One pretraining manifest per CV fold: that fold's test patients are split 'test' (never pretrained on), every
+    other patient trains or validates as the hashed split says, and the test parts of the folds partition the
+    cohort. A development test row missing from the pretraining manifest is an error naming the cohort."""
+    from types import SimpleNamespace
+
+    from bioperceiver.data import read_manifest, write_manifest
+    from bioperceiver.data.splits import split_of
+
+    rng = np.random.default_rng(0)
+    n = 60
+    ids = [f"survset_gse1992:p{i}" for i in range(n)]
+    table = pd.DataFrame(
+        {
+            "sample_id": ids,
+            "patient_id": ids,
+            "omics_expression": [f"omics/x.parquet#row=p{i}" for i in range(n)],
+            "label_survival_time": rng.exponential(size=n),
+            "label_survival_event": (rng.random(n) < 0.4).astype(int),
+            "meta_source": "survset_gse1992",
+        }
+    )
+    cv_path = write_manifest(table, tmp_path / "cv" / "manifest.parquet", {})
+    pre_path = write_manifest(table.drop(columns=["label_survival_time"]), tmp_path / "pre" / "manifest.parquet", {})
+    args = SimpleNamespace(cohorts=["gse1992"], folds=3, seed=0, val_fraction=0.2)
+    paths = cv.write_fold_manifests(args, read_manifest(cv_path), pre_path)
+    assert [p.name for p in paths] == [f"manifest_cvfold{k}.parquet" for k in range(3)]
+    assert all(p.parent == pre_path.parent for p in paths)  # beside the source: relative references still resolve
+    folds = cv.make_folds(
+        table.set_index("sample_id")["patient_id"], table.set_index("sample_id")["label_survival_event"], 3, 0, 0.2
+    )
+    seen = []
+    for k, path in enumerate(paths):
+        m = read_manifest(path)
+        split = m.table.set_index("sample_id")["split"]
+        test = set(split.index[split == "test"])
+        assert test == set(folds[k]["test"])
+        seen += sorted(test)
+        rest = split[split != "test"]
+        expected = ["validation" if split_of(p) == "validation" else "train" for p in rest.index]
+        assert rest.tolist() == expected
+        assert m.metadata["cv_fold"] == k and m.metadata["held_out_test_rows"] == len(test)
+    assert sorted(seen) == sorted(ids)  # every patient is held out of exactly one fold's pretraining
+    short = write_manifest(table.iloc[5:], tmp_path / "short" / "manifest.parquet", {})
+    with pytest.raises(ValueError, match="gse1992 fold"):
+        cv.write_fold_manifests(args, read_manifest(cv_path), short)
+
+
+def test_fold_wise_backbones_embed_each_fold_with_its_own(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    rows = pd.DataFrame({"patient_id": ["a", "b", "c"]}, index=["a", "b", "c"])
+    folds = [{"train": ["a"]}, {"train": ["b"]}, {"train": ["c"]}]
+    calls = []
+
+    def fake_embed(model, rows, base_dir, train_ids, seed):
+        calls.append(model)
+        return np.full((len(rows), 2), float(model), dtype=np.float32), {"added": 0, "overlap": 5, "new_sources": []}
+
+    monkeypatch.setattr(cv, "embed_view", fake_embed)
+    manifest = SimpleNamespace(base_dir=tmp_path)
+    args = SimpleNamespace(pretrained_dir=str(tmp_path / "fold{fold}" / "final"), seed=0, folds=3, val_fraction=0.2)
+    assert cv.fold_wise(args) and cv.fold_backbones(args)[2] == str(tmp_path / "fold2" / "final")
+    per_fold = [{"pretrained": 10 + k} for k in range(3)]
+    out = cv.cohort_embeddings(args, manifest, rows, folds, "c", tmp_path / "o1", "pretrained", per_fold)
+    assert calls == [10, 11, 12] and [float(e.iloc[0, 0]) for e in out] == [10.0, 11.0, 12.0]
+    calls.clear()
+    shared = {"pretrained": 7}
+    args.pretrained_dir = str(tmp_path / "one" / "final")
+    out = cv.cohort_embeddings(args, manifest, rows, folds, "c", tmp_path / "o2", "pretrained", [shared] * 3)
+    assert calls == [7] and [float(e.iloc[0, 0]) for e in out] == [7.0] * 3  # one backbone: embedded once
