@@ -83,7 +83,7 @@ from .checkpointing import (
     save_checkpoint,
 )
 from .config import LoggingConfig, OptimConfig, PretrainConfig, RunConfigError, config_hash, resume_conflicts
-from .metering import TokenCounter, compute_facts
+from .metering import TokenCounter, compute_facts, cpu_load_warning
 from .padding import PaddedPretrainer, RankPadder
 from .pretraining import ContrastivePretrainer, evaluate, parameter_groups, plot_history, plot_similarity
 
@@ -552,6 +552,9 @@ def run_pretraining(
         local_batch * world,
         local_batch,
     )
+    contention = cpu_load_warning(accelerator.device.type)
+    if contention and accelerator.is_main_process:
+        logger.warning(contention)
     set_seed(cfg.seed)
     manifest, processor, embedders = prepare_data(cfg, accelerator, out, settings_root)
     model = create_model(cfg.model.preset, modalities=processor.model_modalities(embedders), **cfg.model.overrides)

@@ -40,6 +40,29 @@ class TokenCounter:
         return out.long()
 
 
+def cpu_load_warning(device_type: str, load: float | None = None, cores: int | None = None) -> str | None:
+    """A warning when a CPU run starts on cores other processes already keep busy, else ``None``.
+
+    ``load``: the 1-minute load average (default :func:`os.getloadavg`), ``cores``: :func:`os.cpu_count`. Several
+    torch jobs on the same cores each start one thread per core, and together they run many times slower than one
+    after the other (measured on a 2-core machine: pretraining ~80x slower beside other torch jobs), which makes
+    timings and throughputs meaningless. Warns above ``cores + 0.5`` (this process's own start-up counts about 1)."""
+    if device_type != "cpu":
+        return None
+    try:
+        load = os.getloadavg()[0] if load is None else load
+    except (AttributeError, OSError):  # no load average on this platform
+        return None
+    cores = cores or os.cpu_count() or 1
+    if load <= cores + 0.5:
+        return None
+    return (
+        f"CPU load average {load:.1f} on {cores} cores before this run: other processes are using the cores, and "
+        f"torch starts {torch.get_num_threads()} threads here, so this run (and its timings) will be much slower. "
+        "Run one job at a time, or give each job its share (OMP_NUM_THREADS=1 or torch.set_num_threads)."
+    )
+
+
 def compute_facts(
     accelerator,
     steps: int,
