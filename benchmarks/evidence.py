@@ -63,7 +63,9 @@ def _pretrain(config: str, out: str, *overrides: str) -> list[str]:
     ]
 
 
-def _survival(out: str, data: str, *cohorts: str) -> list[str]:
+def _survival(
+    out: str, data: str, *cohorts: str, pretrained: str = f"{W}/survset/pretrain/final", arms: tuple[str, ...] = ()
+) -> list[str]:
     chosen = ["--cohorts", *cohorts] if cohorts else []
     return [
         PY,
@@ -73,8 +75,9 @@ def _survival(out: str, data: str, *cohorts: str) -> list[str]:
         "5",
         "--bp_epochs",
         "15",
+        *(["--bp_arms", *arms] if arms else []),
         "--pretrained_dir",
-        f"{W}/survset/pretrain/final",
+        pretrained,
         "--output_dir",
         out,
         "--data_dir",
@@ -161,24 +164,12 @@ PARTS: list[Part] = [
     Part(
         "survival_cv_foldwise",
         "the embedding-as-Cox-features arms with each fold's own backbone (no test patient seen in pretraining)",
-        [
-            PY,
-            "benchmarks/survival_cv.py",
-            "--folds",
-            "5",
-            "--bp_epochs",
-            "15",
-            "--bp_arms",
-            "cox_clinical_emb_pretrained",
-            "cox_clinical_emb_random",
-            "cox_clinical_pcs_emb_pretrained",
-            "--pretrained_dir",
-            f"{W}/survset/pretrain_cvfolds/fold{{fold}}/final",
-            "--output_dir",
+        _survival(
             f"{W}/survset/survival_cv_foldwise",
-            "--data_dir",
             f"{W}/survset/cv_cohort",
-        ],
+            pretrained=f"{W}/survset/pretrain_cvfolds/fold{{fold}}/final",  # {fold}: survival_cv fills it per fold
+            arms=("cox_clinical_emb_pretrained", "cox_clinical_emb_random", "cox_clinical_pcs_emb_pretrained"),
+        ),
         "survset/survival_cv_foldwise/survival_cv.json",
         needs=[f"survset_pretrain_fold{k}" for k in range(5)],
         minutes=6,
