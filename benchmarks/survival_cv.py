@@ -150,6 +150,16 @@ def _load_diagnostics():
 # ---------------------------------------------------------------------------------------------------------------
 # folds
 # ---------------------------------------------------------------------------------------------------------------
+def cohort_rows(table: pd.DataFrame, cohort: str) -> pd.DataFrame:
+    """The labelled rows of one cohort of a survset-recipe manifest, indexed by sample id (a copy)."""
+    from bioperceiver.data.recipes.survset import COHORTS
+
+    source = "sksurv_GSE7390" if COHORTS[cohort].source == "sksurv" else f"survset_{cohort}"
+    rows = table[(table["meta_source"] == source) & table["label_survival_time"].notna()].copy()
+    rows.index = rows["sample_id"].astype(str).to_numpy()
+    return rows
+
+
 def make_folds(
     patients: pd.Series, events: pd.Series, n_folds: int, seed: int, val_fraction: float = 0.2
 ) -> list[dict[str, np.ndarray]]:
@@ -326,12 +336,9 @@ def write_fold_manifests(args, cv_manifest, pretrain_manifest: str | Path) -> li
     table = src.table
     ids = set(table["sample_id"].astype(str))
     test_sets: list[set[str]] = [set() for _ in range(args.folds)]
-    cv = cv_manifest.table
     for cohort in args.cohorts:
         spec = COHORTS[cohort]
-        source = "sksurv_GSE7390" if spec.source == "sksurv" else f"survset_{cohort}"
-        rows = cv[(cv["meta_source"] == source) & cv["label_survival_time"].notna()]
-        rows.index = rows["sample_id"].astype(str).to_numpy()
+        rows = cohort_rows(cv_manifest.table, cohort)
         folds = make_folds(rows["patient_id"], rows["label_survival_event"], args.folds, args.seed, args.val_fraction)
         for k, part in enumerate(folds):
             test = set(map(str, part["test"]))
@@ -602,10 +609,7 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
     from bioperceiver.data.recipes.survset import COHORTS
 
     spec = COHORTS[cohort]
-    source = "sksurv_GSE7390" if spec.source == "sksurv" else f"survset_{cohort}"
-    table = manifest.table
-    rows = table[(table["meta_source"] == source) & table["label_survival_time"].notna()].copy()
-    rows.index = rows["sample_id"].astype(str).to_numpy()
+    rows = cohort_rows(manifest.table, cohort)
     folds = make_folds(rows["patient_id"], rows["label_survival_event"], args.folds, args.seed, args.val_fraction)
     n_run = 2 if args.quick else len(folds)
     feats = ft.SurvivalFeatures(manifest.base_dir, rows, n_genes=args.n_genes)

@@ -102,6 +102,8 @@ class PairwiseContrastiveLoss(nn.Module):
         out: dict[str, torch.Tensor] = {}
         total, n_pairs = z.new_zeros(()), 0
         uniform = z.new_zeros(())
+        if self.softmax_over_columns:
+            log_cols = self._log_valid_columns(ctx)
         for a in range(k):
             for c in range(a + 1, k):
                 if counts[a, c] == 0:
@@ -110,12 +112,10 @@ class PairwiseContrastiveLoss(nn.Module):
                 pair = pair * world / counts[a, c]
                 out[f"loss_{self._name(a)}-{self._name(c)}"] = pair.detach()
                 total, n_pairs = total + pair, n_pairs + 1
-                if self.softmax_over_columns:
-                    with torch.no_grad():  # ln(valid columns) of each row, averaged like the loss terms
-                        for y in (c, a):  # the column view of each direction
-                            cols = (ctx["m_all"][:, y][None, :] & ~ctx["other_same_patient"]).sum(1)
-                            level = cols.clamp(min=1).float().log()[both[:, a, c]].sum()
-                            uniform = uniform + 0.5 * level * world / counts[a, c]
+                if self.softmax_over_columns:  # ln(valid columns) of each row, averaged like the loss terms
+                    rows_ac = both[:, a, c]
+                    level = log_cols[rows_ac, c].sum() + log_cols[rows_ac, a].sum()  # the two directions' columns
+                    uniform = uniform + 0.5 * level * world / counts[a, c]
         if n_pairs == 0:
             # no sample has two views anywhere: a zero loss that still touches the graph (DDP needs every grad)
             total = 0.0 * (embeddings.sum() + self.extra_parameters())
@@ -125,6 +125,17 @@ class PairwiseContrastiveLoss(nn.Module):
         if self.softmax_over_columns:
             out["uniform_loss"] = uniform / max(n_pairs, 1)
         return out
+
+    @staticmethod
+    @torch.no_grad()
+    def _log_valid_columns(ctx: dict) -> torch.Tensor:
+        """``(b, K)``: ln of the columns row ``i`` is scored against when the column view is ``y`` (every sample of
+        the global batch with view ``y``, less the row's other samples of the same patient). Once per step, from the
+        few same-patient pairs, instead of a ``(b, B)`` mask per pair and direction."""
+        m_all = ctx["m_all"]
+        r, j = ctx["other_same_patient"].nonzero(as_tuple=True)
+        same = torch.zeros(ctx["m"].shape, device=m_all.device).index_add_(0, r, m_all[j].float())
+        return (m_all.sum(0)[None, :] - same).clamp(min=1).log()
 
     def _name(self, i: int) -> str:
         return self.view_names[i] if self.view_names else f"view{i}"
