@@ -2,6 +2,7 @@
 """The whole evidence table of issue 18 in one resumable command (``make evidence``): does pretraining pay off?
 
     python benchmarks/evidence.py                          # every part, in order; finished parts are skipped
+    python benchmarks/evidence.py --with_optional          # also the optional parts (SurvSet seeds 1-4, ~80 min)
     python benchmarks/evidence.py --list                   # the parts, their commands and whether each is done
     python benchmarks/evidence.py --only survival_cv       # one part (its prerequisites must be done)
     python benchmarks/evidence.py --redo label_efficiency  # run a finished part again
@@ -46,6 +47,7 @@ class Part:
     result: str
     needs: list[str] = field(default_factory=list)
     minutes: float = 5.0
+    optional: bool = False  # run only with --with_optional or when named in --only (beyond the two-hour table)
 
 
 PY, W = "{python}", "{work}"
@@ -64,7 +66,12 @@ def _pretrain(config: str, out: str, *overrides: str) -> list[str]:
 
 
 def _survival(
-    out: str, data: str, *cohorts: str, pretrained: str = f"{W}/survset/pretrain/final", arms: tuple[str, ...] = ()
+    out: str,
+    data: str,
+    *cohorts: str,
+    pretrained: str = f"{W}/survset/pretrain/final",
+    arms: tuple[str, ...] = (),
+    extra: tuple[str, ...] = (),
 ) -> list[str]:
     chosen = ["--cohorts", *cohorts] if cohorts else []
     return [
@@ -82,7 +89,111 @@ def _survival(
         out,
         "--data_dir",
         data,
+        *extra,
     ]
+
+
+EMB_ARMS = ("cox_clinical_emb_pretrained", "cox_clinical_emb_random", "cox_clinical_pcs_emb_pretrained")
+FINETUNED_ARMS = ("bp_random", "bp_pretrained", "bp_random_probe", "bp_pretrained_probe")
+EXTRA_SEEDS = (1, 2, 3, 4)  # the optional seed-spread parts: pretraining seed s with --init_seed s
+
+
+def _seed_parts() -> list[Part]:
+    """Optional: the fold-wise SurvSet backbones and embedding CV again with pretraining seeds 1-4 (``--init_seed``
+    the same, so the random-init control is reseeded too), a second finetuning seed (``--init_seed 1``) for the
+    finetuned arms, and ``seed_spread.py`` over them (~80 min on 2 idle cores)."""
+    parts = []
+    for s in EXTRA_SEEDS:
+        parts += [
+            Part(
+                f"survset_pretrain_seed{s}_fold{k}",
+                f"survset_pretrain_fold{k} with seed={s}",
+                _pretrain(
+                    "pretrain/configs/survset_omics.yaml",
+                    f"{W}/survset/pretrain_cvfolds_seed{s}/fold{k}",
+                    f"data.manifest={W}/survset/dev_cohort/manifest_cvfold{k}.parquet",
+                    f"seed={s}",
+                ),
+                f"survset/pretrain_cvfolds_seed{s}/fold{k}/final/config.json",
+                needs=["survset_fold_manifests"],
+                minutes=5,
+                optional=True,
+            )
+            for k in range(5)
+        ]
+        parts.append(
+            Part(
+                f"survival_cv_foldwise_seed{s}",
+                f"survival_cv_foldwise on the seed-{s} backbones, --init_seed {s}",
+                _survival(
+                    f"{W}/survset/survival_cv_foldwise_seed{s}",
+                    f"{W}/survset/cv_cohort",
+                    pretrained=f"{W}/survset/pretrain_cvfolds_seed{s}/fold{{fold}}/final",
+                    arms=EMB_ARMS,
+                    extra=("--init_seed", str(s)),
+                ),
+                f"survset/survival_cv_foldwise_seed{s}/survival_cv.json",
+                needs=[f"survset_pretrain_seed{s}_fold{k}" for k in range(5)],
+                minutes=8,
+                optional=True,
+            )
+        )
+    parts += [
+        Part(
+            "survset_seed_spread_foldwise",
+            "the fold-wise embedding arms over pretraining seeds 0-4: mean, SD between seeds, two-level bootstrap CI",
+            [
+                PY,
+                "benchmarks/seed_spread.py",
+                "--runs",
+                f"{W}/survset/survival_cv_foldwise",
+                *(f"{W}/survset/survival_cv_foldwise_seed{s}" for s in EXTRA_SEEDS),
+                "--labels",
+                *(f"seed{s}" for s in (0, *EXTRA_SEEDS)),
+                "--output_dir",
+                f"{W}/survset/seed_spread_foldwise",
+            ],
+            "survset/seed_spread_foldwise/seed_spread.json",
+            needs=["survival_cv_foldwise", *(f"survival_cv_foldwise_seed{s}" for s in EXTRA_SEEDS)],
+            minutes=0.5,
+            optional=True,
+        ),
+        Part(
+            "survival_cv_init1",
+            "survival_cv's finetuned arms again with --init_seed 1 (same folds, same pretrained backbone)",
+            _survival(
+                f"{W}/survset/survival_cv_init1",
+                f"{W}/survset/cv_cohort",
+                arms=FINETUNED_ARMS,
+                extra=("--init_seed", "1"),
+            ),
+            "survset/survival_cv_init1/survival_cv.json",
+            needs=["survival_cv"],
+            minutes=40,
+            optional=True,
+        ),
+        Part(
+            "survset_seed_spread_finetuned",
+            "the finetuned arms over finetuning seeds 0-1",
+            [
+                PY,
+                "benchmarks/seed_spread.py",
+                "--runs",
+                f"{W}/survset/survival_cv",
+                f"{W}/survset/survival_cv_init1",
+                "--labels",
+                "init0",
+                "init1",
+                "--output_dir",
+                f"{W}/survset/seed_spread_finetuned",
+            ],
+            "survset/seed_spread_finetuned/seed_spread.json",
+            needs=["survival_cv", "survival_cv_init1"],
+            minutes=0.5,
+            optional=True,
+        ),
+    ]
+    return parts
 
 
 # In run order. Minutes as measured on the shared 2-core VM on 2026-12-03 with other jobs running (load 4-8): about
@@ -168,7 +279,7 @@ PARTS: list[Part] = [
             f"{W}/survset/survival_cv_foldwise",
             f"{W}/survset/cv_cohort",
             pretrained=f"{W}/survset/pretrain_cvfolds/fold{{fold}}/final",  # {fold}: survival_cv fills it per fold
-            arms=("cox_clinical_emb_pretrained", "cox_clinical_emb_random", "cox_clinical_pcs_emb_pretrained"),
+            arms=EMB_ARMS,
         ),
         "survset/survival_cv_foldwise/survival_cv.json",
         needs=[f"survset_pretrain_fold{k}" for k in range(5)],
@@ -239,6 +350,7 @@ PARTS: list[Part] = [
         "text_encoders/text_encoders.json",
         minutes=45,
     ),
+    *_seed_parts(),
 ]
 
 
@@ -284,7 +396,8 @@ def summary(work: Path, log: dict) -> str:
         done = is_done(part, work)
         cmd = " ".join("python" if a == sys.executable else a for a in entry.get("argv", []))
         wall = f"{entry['seconds'] / 60:.1f} min" if "seconds" in entry else ""
-        lines.append(f"| {part.name} | {part.what} | {part.result if done else 'not run'} | `{cmd}` | {wall} |")
+        state = part.result if done else "optional, not run" if part.optional else "not run"
+        lines.append(f"| {part.name} | {part.what} | {state} | `{cmd}` | {wall} |")
         table = (work / part.result).with_suffix(".md")
         if done and table.exists():
             tables += ["", f"## {part.name}", "", table.read_text().strip()]
@@ -297,6 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", default=None, help="run only these parts")
     parser.add_argument("--redo", nargs="+", default=[], help="run these parts even when they are done")
     parser.add_argument("--list", action="store_true", help="list the parts and exit")
+    parser.add_argument(
+        "--with_optional",
+        action="store_true",
+        help="also run the optional parts (more SurvSet seeds, ~80 min more); --only runs any part it names",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     names = [p.name for p in PARTS]
@@ -309,12 +427,21 @@ def main(argv: list[str] | None = None) -> int:
     log = json.loads(log_path.read_text()) if log_path.exists() else {}
     if args.list:
         for p in PARTS:
-            done = "done" if is_done(p, work) else f"~{p.minutes:g} min"
+            done = "done" if is_done(p, work) else f"~{p.minutes:g} min" + (" opt" if p.optional else "")
             print(f"{p.name:22s} {done:10s} {p.what}\n{'':33s}{' '.join(_fill(a, work) for a in p.argv)}")
         return 0
-    todo = [p for p in PARTS if (args.only is None or p.name in args.only)]
+    todo = [
+        p
+        for p in PARTS
+        if (p.name in args.only if args.only else args.with_optional or not p.optional or p.name in args.redo)
+    ]
     todo = [p for p in todo if p.name in args.redo or not is_done(p, work)]
     logger.info("parts to run: %s (~%g min)", [p.name for p in todo], sum(p.minutes for p in todo))
+    left = [p for p in PARTS if p.optional and p not in todo and not is_done(p, work)]
+    if left and not args.only:
+        logger.info(
+            "%d optional parts not run (~%g min; --with_optional runs them)", len(left), sum(p.minutes for p in left)
+        )
     failed = []
     for part in tqdm(todo, desc="evidence", unit="part"):
         missing = [n for n in part.needs if not is_done(next(p for p in PARTS if p.name == n), work)]

@@ -52,7 +52,8 @@ External cohorts (gse3143, DBCD, DLBCL, chop, AML_Bull, vdv) are accepted for ev
 fixed or chosen on the cohort's own validation part, and nothing here pretrains on them.
 
 Outputs (``--output_dir``, default ``outputs/survival_cv``): ``survival_cv.json``, ``survival_cv.png``,
-``survival_cv.md`` (the tables), and
+``survival_cv.md`` (the tables), ``survival_cv_replicates.npz`` (the paired differences' bootstrap replicates, which
+``benchmarks/seed_spread.py`` combines over runs that differ only in ``--init_seed`` or the pretraining seed), and
 ``cache/<cohort>/fold<k>/<model>.json`` -- each finished (cohort, fold, model) result with its test risks; a rerun
 with the same settings skips it (resumable); ``cache/<cohort>/embedding_<init>.npz`` (+ ``.json``: settings and
 the vocabulary extension per fold) the expression-view embeddings of the ``*_emb_*`` arms. ``runs/`` holds the
@@ -62,6 +63,8 @@ BioPerceiver run folders (reports, no weights).
     python benchmarks/survival_cv.py --cohorts nki70 --folds 5 --pretrained_dir /work/evidence/survset/pretrain/final
     python benchmarks/survival_cv.py --cohorts Bergamaschi --quick      # smoke: 2 folds, 2 epochs, fewer settings
     python benchmarks/survival_cv.py --cohorts nki70 --bp_arms bp_random bp_random_probe   # some BP arms only
+    python benchmarks/survival_cv.py --cohorts nki70 --init_seed 1 --output_dir outputs/survival_cv_init1  # same
+        # folds and bootstrap draws, another seed for every neural init (random-init control, finetuning, new genes)
 """
 
 from __future__ import annotations
@@ -420,6 +423,7 @@ def cohort_embeddings(args, manifest, rows, folds, cohort: str, out: Path, init:
         "folds": args.folds,
         "val_fraction": args.val_fraction,
         "rows": hashlib.sha1("\n".join(map(str, rows.index)).encode()).hexdigest()[:12],
+        **init_settings(args),
     }
     path = out / "cache" / cohort / f"embedding_{init}.npz"
     key = _key(settings)
@@ -436,7 +440,7 @@ def cohort_embeddings(args, manifest, rows, folds, cohort: str, out: Path, init:
             arrays[f"fold{k}"] = shared
             extensions.append(extensions[-1])
             continue
-        x, ext = embed_view(models[k][init], rows, manifest.base_dir, part["train"], args.seed)
+        x, ext = embed_view(models[k][init], rows, manifest.base_dir, part["train"], args.init_seed)
         arrays[f"fold{k}"] = x
         extensions.append(ext)
         if not ext["added"] and not ext["new_sources"]:
@@ -535,6 +539,21 @@ def pooled_differences(cohorts: dict, role: str = "development") -> dict:
             "n_bootstrap": int(ok.sum()),
         }
     return out
+
+
+def write_replicates(res: dict, path: Path) -> Path:
+    """Every paired difference's bootstrap replicates (``names``: ``"<cohort>\t<difference>"``, ``replicates``:
+    ``(n, n_bootstrap)``; NaN where a resample had no comparable pair), for ``benchmarks/seed_spread.py``: runs with
+    the same ``--seed`` and folds redraw the same test patients in replicate ``b``, so replicates pair across runs."""
+    names, reps = [], []
+    for cohort, r in res["cohorts"].items():
+        for key, d in r["paired_differences"].items():
+            names.append(f"{cohort}\t{key}")
+            reps.append(np.asarray(d["_replicates"], float))
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, names=np.array(names, dtype=str), replicates=np.stack(reps) if reps else np.zeros((0, 0)))
+    os.replace(tmp, path)
+    return path
 
 
 def _without_replicates(res: dict) -> dict:
@@ -643,7 +662,7 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                 "quick": args.quick,
             }
             if model.startswith("bp_"):
-                settings.update(bp_config(args, model), preset=args.random_preset)
+                settings.update(bp_config(args, model), preset=args.random_preset, **init_settings(args))
                 if BP_ARMS[model]["pretrained"]:
                     settings["pretrained_dir"] = str(Path(args.pretrained_dir).resolve())
             elif model == "rsf":
@@ -658,6 +677,7 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                     embedding=EMB_MODALITY,
                     expr_pcs=expr_pcs,
                     pretrained_dir=str(Path(args.pretrained_dir).resolve()),
+                    **init_settings(args),
                 )
             else:
                 settings["grid"] = {"n_pcs": PCS_GRID, "penalizer": PEN_GRID}
@@ -713,11 +733,11 @@ def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str) 
     extra = [] if BP_ARMS[model]["pretrained"] else ["--preset", args.random_preset]
     modalities = [m for m in MODALITIES if m != "tabular_clinical" or has_clinical(rows)]
     r = runner.run(
-        f"{cohort}_f{k}_{model}",
+        f"{cohort}_f{k}_{model}" + (f"_init{args.init_seed}" if init_settings(args) else ""),
         path,
         ["--task", "survival"],
         bp_config(args, model),
-        seed=args.seed,
+        seed=args.init_seed,
         modalities=modalities,
         extra=extra,
     )
@@ -926,11 +946,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--n_genes", type=int, default=1000, help="top-variance genes before PCA")
     p.add_argument("--n_bootstrap", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="folds, the bootstrap and the baselines' randomness")
+    p.add_argument(
+        "--init_seed",
+        type=int,
+        default=None,
+        help="seed of the BioPerceiver arms' random initialisation and finetuning and of added gene embeddings "
+        "(default: --seed); vary it, with --seed fixed, to repeat the neural arms on the same folds",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 2 folds, 2 epochs")
     p.add_argument("--data_dir", default=None, help="cohort manifest folder (default OUTPUT_DIR/cohort)")
     p.add_argument("--output_dir", default=str(ROOT / "outputs" / "survival_cv"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.init_seed is None:
+        args.init_seed = args.seed
+    return args
+
+
+def init_settings(args) -> dict:
+    """The cache-key entry of ``--init_seed``: empty when it is ``--seed`` (the default, so results cached before
+    the option existed stay valid)."""
+    init_seed = getattr(args, "init_seed", args.seed)
+    return {} if init_seed == args.seed else {"init_seed": init_seed}
 
 
 def resolve_bp_arms(args) -> list[str]:
@@ -988,7 +1025,7 @@ def main(argv=None) -> dict:
         for arm in (a for a in BP_ARMS if a in args.bp_arms):
             runners[arm] = pretrained_runner if BP_ARMS[arm]["pretrained"] else random_runner
         if any(a in EMB_ARMS for a in args.bp_arms):
-            loaded = {folder: embedding_models(folder, args.seed) for folder in sorted(set(fold_backbones(args)))}
+            loaded = {folder: embedding_models(folder, args.init_seed) for folder in sorted(set(fold_backbones(args)))}
             args.embedding_models = [loaded[folder] for folder in fold_backbones(args)]  # per fold
     res = {
         "benchmark": "survival_cv",
@@ -996,6 +1033,7 @@ def main(argv=None) -> dict:
         "argv": sys.argv[1:] if argv is None else list(argv),
         "folds": args.folds,
         "seed": args.seed,
+        "init_seed": args.init_seed,
         "val_fraction": args.val_fraction,
         "bp": {
             "epochs": 2 if args.quick else args.bp_epochs,
@@ -1026,6 +1064,7 @@ def main(argv=None) -> dict:
     }
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     res["pooled"] = {role: pooled_differences(res["cohorts"], role) for role in ("development", "external")}
+    write_replicates(res, out / "survival_cv_replicates.npz")
     res = _without_replicates(res)
     (out / "survival_cv.json").write_text(json.dumps(res, indent=1, default=ft._json_default))
     plot(res, out / "survival_cv.png")

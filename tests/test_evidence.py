@@ -60,3 +60,32 @@ def test_an_interrupted_pretraining_part_resumes_instead_of_overwriting(tmp_path
     assert not evidence.run_part(part, tmp_path / "w", {})
     assert seen["argv"][-2:] == ["--resume", "latest"] and "--overwrite_output_dir" not in seen["argv"]
     assert seen["argv"][0] == sys.executable and f"output_dir={out}" in seen["argv"]
+
+
+def test_optional_parts_run_only_when_asked(tmp_path, monkeypatch):
+    parts = [
+        evidence.Part("a", "always", _writer("{work}/a/out.json"), "a/out.json"),
+        evidence.Part("o", "optional", _writer("{work}/o/out.json"), "o/out.json", needs=["a"], optional=True),
+    ]
+    monkeypatch.setattr(evidence, "PARTS", parts)
+    work = tmp_path / "w"
+    assert evidence.main(["--work_dir", str(work)]) == 0
+    assert (work / "a" / "out.json").exists() and not (work / "o" / "out.json").exists()
+    assert "| o | optional | optional, not run |" in (work / "EVIDENCE.md").read_text()
+    assert evidence.main(["--work_dir", str(work), "--only", "o"]) == 0  # named: it runs
+    (work / "o" / "out.json").unlink()
+    assert evidence.main(["--work_dir", str(work), "--with_optional"]) == 0
+    assert (work / "o" / "out.json").exists()
+
+
+def test_the_recorded_parts_are_consistent():
+    """Every prerequisite names an earlier part, names are unique, a default part needs default parts only, and
+    the optional seed parts pair pretraining seed s with --init_seed s on the fold-wise backbones of seed s."""
+    names = [p.name for p in evidence.PARTS]
+    assert len(names) == len(set(names))
+    for i, p in enumerate(evidence.PARTS):
+        assert all(n in names[:i] for n in p.needs), p.name
+        assert all(not q.optional for q in evidence.PARTS if q.name in p.needs) or p.optional  # default needs default
+    seed3 = next(p for p in evidence.PARTS if p.name == "survival_cv_foldwise_seed3")
+    assert seed3.argv[seed3.argv.index("--init_seed") + 1] == "3"
+    assert any("pretrain_cvfolds_seed3/fold{fold}" in a for a in seed3.argv)

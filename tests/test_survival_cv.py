@@ -455,7 +455,9 @@ def test_fold_wise_backbones_embed_each_fold_with_its_own(tmp_path, monkeypatch)
 
     monkeypatch.setattr(cv, "embed_view", fake_embed)
     manifest = SimpleNamespace(base_dir=tmp_path)
-    args = SimpleNamespace(pretrained_dir=str(tmp_path / "fold{fold}" / "final"), seed=0, folds=3, val_fraction=0.2)
+    args = SimpleNamespace(
+        pretrained_dir=str(tmp_path / "fold{fold}" / "final"), seed=0, init_seed=0, folds=3, val_fraction=0.2
+    )
     assert cv.fold_wise(args) and cv.fold_backbones(args)[2] == str(tmp_path / "fold2" / "final")
     per_fold = [{"pretrained": 10 + k} for k in range(3)]
     out = cv.cohort_embeddings(args, manifest, rows, folds, "c", tmp_path / "o1", "pretrained", per_fold)
@@ -465,3 +467,48 @@ def test_fold_wise_backbones_embed_each_fold_with_its_own(tmp_path, monkeypatch)
     args.pretrained_dir = str(tmp_path / "one" / "final")
     out = cv.cohort_embeddings(args, manifest, rows, folds, "c", tmp_path / "o2", "pretrained", [shared] * 3)
     assert calls == [7] and [float(e.iloc[0, 0]) for e in out] == [7.0] * 3  # one backbone: embedded once
+
+
+def test_init_seed_reseeds_the_neural_arms_on_the_same_folds(tmp_path, monkeypatch):
+    """--init_seed defaults to --seed and then leaves every cache key as before; another value reaches the embedding
+    (added genes) and is part of its cache key, so a rerun into the same folder recomputes instead of reading the
+    other seed's embedding back."""
+    from types import SimpleNamespace
+
+    args = cv.parse_args(["--seed", "2"])
+    assert args.init_seed == 2 and cv.init_settings(args) == {}
+    args = cv.parse_args(["--seed", "2", "--init_seed", "5"])
+    assert args.init_seed == 5 and cv.init_settings(args) == {"init_seed": 5}
+
+    rows = pd.DataFrame({"patient_id": ["a", "b"]}, index=["a", "b"])
+    folds = [{"train": ["a"]}, {"train": ["b"]}]
+    seeds = []
+
+    def fake_embed(model, rows, base_dir, train_ids, seed):
+        seeds.append(seed)
+        return np.full((len(rows), 2), float(seed), dtype=np.float32), {"added": 1, "overlap": 5, "new_sources": []}
+
+    monkeypatch.setattr(cv, "embed_view", fake_embed)
+    manifest = SimpleNamespace(base_dir=tmp_path)
+    ns = SimpleNamespace(pretrained_dir=str(tmp_path / "m"), seed=0, init_seed=0, folds=2, val_fraction=0.2)
+    out = cv.cohort_embeddings(ns, manifest, rows, folds, "c", tmp_path, "pretrained", [{"pretrained": 1}] * 2)
+    assert seeds == [0, 0] and float(out[1].iloc[0, 0]) == 0.0
+    cv.cohort_embeddings(ns, manifest, rows, folds, "c", tmp_path, "pretrained", [{"pretrained": 1}] * 2)
+    assert seeds == [0, 0]  # read back
+    ns.init_seed = 3
+    out = cv.cohort_embeddings(ns, manifest, rows, folds, "c", tmp_path, "pretrained", [{"pretrained": 1}] * 2)
+    assert seeds == [0, 0, 3, 3] and float(out[0].iloc[0, 0]) == 3.0  # recomputed with the new seed
+
+
+def test_replicates_written_for_every_difference(tmp_path):
+    reps = np.array([0.1, np.nan, -0.2])
+    res = {
+        "cohorts": {
+            "a": {"paired_differences": {"x - rsf": {"_replicates": reps}, "x - y": {"_replicates": reps * 2}}},
+            "b": {"paired_differences": {"x - y": {"_replicates": reps * 3}}},
+        }
+    }
+    path = cv.write_replicates(res, tmp_path / "r.npz")
+    with np.load(path) as z:
+        assert list(z["names"]) == ["a\tx - rsf", "a\tx - y", "b\tx - y"]
+        np.testing.assert_array_equal(z["replicates"][2], reps * 3)

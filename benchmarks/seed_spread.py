@@ -1,0 +1,253 @@
+#!/usr/bin/env python
+"""Combine ``benchmarks/survival_cv.py`` runs that differ only in their seeds: is a difference larger than the
+spread between seeds?
+
+One pretraining seed can make pretraining look useful or useless on its own (SurvSet, ``benchmarks/RESULTS.md``).
+Give this script several ``survival_cv.py`` output folders -- the same cohorts, ``--folds``, ``--seed`` and
+``--val_fraction`` (so the same folds and bootstrap draws), each with another pretraining seed behind
+``--pretrained_dir`` and/or another ``--init_seed`` -- and it reports, for every pooled paired difference
+(``survival_cv.py``'s equal-weight average over a role's cohorts):
+
+* each run's pooled difference and its 95% patient-bootstrap interval (as ``survival_cv.py`` reports it);
+* the mean over runs, the SD between runs, and how many runs are above 0;
+* a 95% interval for the mean over runs from a two-level bootstrap: each replicate redraws the runs with replacement
+  and, within them, the test patients (replicate ``b`` of every run is the same patient draw, so the draws pair
+  across runs); it covers both the spread between seeds and the sampling of patients;
+* per cohort, the mean difference over runs.
+
+Outputs (``--output_dir``): ``seed_spread.json``, ``seed_spread.md`` and ``seed_spread.png`` (each run's interval
+and the mean over runs, per difference).
+
+    python benchmarks/seed_spread.py --runs outputs/cv_seed0 outputs/cv_seed1 outputs/cv_seed2 \\
+        --labels seed0 seed1 seed2 --output_dir outputs/seed_spread
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger("seed_spread")
+# what every combined run must share (the folds and the bootstrap draws depend on them)
+SHARED = ("folds", "seed", "val_fraction")
+
+
+def load_run(folder: str | Path) -> dict:
+    """A ``survival_cv.py`` output folder: its JSON and, per ``(cohort, difference)``, the bootstrap replicates."""
+    folder = Path(folder)
+    res_path, rep_path = folder / "survival_cv.json", folder / "survival_cv_replicates.npz"
+    for p in (res_path, rep_path):
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"{p} is missing: run benchmarks/survival_cv.py with --output_dir {folder} (a finished run rerun with "
+                "the same arguments reads every result back from its cache and writes the replicates)"
+            )
+    res = json.loads(res_path.read_text())
+    with np.load(rep_path, allow_pickle=False) as z:
+        reps = dict(zip((str(n) for n in z["names"]), z["replicates"]))
+    return {"folder": str(folder), "res": res, "replicates": reps}
+
+
+def check_compatible(runs: list[dict], labels: list[str]) -> None:
+    """Every run has the same folds and bootstrap draws as the first, or a ValueError naming the run and the fix."""
+    ref = runs[0]["res"]
+    for run, label in zip(runs[1:], labels[1:]):
+        res = run["res"]
+        for key in SHARED:
+            if res.get(key) != ref.get(key):
+                raise ValueError(
+                    f"run {label} ({run['folder']}) has {key}={res.get(key)!r}, the first run {ref.get(key)!r}: "
+                    f"combine runs that share {', '.join(SHARED)} (vary --init_seed or the pretraining seed instead)"
+                )
+        for cohort, r in res["cohorts"].items():
+            if cohort not in ref["cohorts"]:
+                continue
+            ids = [f["test_ids"] for f in r["folds"]]
+            if ids != [f["test_ids"] for f in ref["cohorts"][cohort]["folds"]]:
+                raise ValueError(
+                    f"run {label} ({run['folder']}): cohort {cohort}'s test folds differ from the first run's (another "
+                    "manifest or cohort rows?); the bootstrap draws would not pair"
+                )
+
+
+def cohort_differences(run: dict, role: str) -> dict[str, dict[str, tuple[float, np.ndarray]]]:
+    """``{pooled key ("a - b" or "a - best baseline"): {cohort: (difference, replicates)}}`` for ``role``."""
+    out: dict[str, dict] = {}
+    for cohort, r in run["res"]["cohorts"].items():
+        if r["role"] != role:
+            continue
+        for key, d in r["paired_differences"].items():
+            name = f"{cohort}\t{key}"
+            if name not in run["replicates"]:
+                raise ValueError(f"{run['folder']}: no replicates for {cohort} {key}; rerun survival_cv.py there")
+            out.setdefault(" - ".join(d["pair"]), {})[cohort] = (float(d["difference"]), run["replicates"][name])
+    return out
+
+
+def combine(runs: list[dict], labels: list[str], role: str, n_boot: int = 10000, seed: int = 0) -> dict:
+    """Every pooled difference that all ``runs`` report over the same cohorts of ``role``: per run, mean over runs,
+    SD, runs above 0, the two-level bootstrap interval of the mean, and the per-cohort means."""
+    per_run = [cohort_differences(r, role) for r in runs]
+    keys = [k for k in per_run[0] if all(k in p for p in per_run)]
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key in keys:
+        cohorts = list(per_run[0][key])
+        if any(list(p[key]) != cohorts for p in per_run):
+            logger.warning("%s: the runs cover different %s cohorts; left out", key, role)
+            continue
+        point = np.array([[p[key][c][0] for c in cohorts] for p in per_run])  # (runs, cohorts)
+        reps = np.stack([np.stack([p[key][c][1] for c in cohorts]) for p in per_run])  # (runs, cohorts, boot)
+        ok = ~np.isnan(reps).any(axis=(0, 1))
+        pooled_reps = reps[:, :, ok].mean(axis=1)  # (runs, boot): each run's pooled replicate
+        pooled = point.mean(axis=1)
+        n_runs, n_rep = pooled_reps.shape
+        # two-level bootstrap: redraw the runs, then take replicate b (a patient draw) of each drawn run
+        cols = rng.integers(n_rep, size=n_boot)
+        picks = rng.integers(n_runs, size=(n_boot, n_runs))
+        two_level = pooled_reps[picks, cols[:, None]].mean(axis=1)
+        patients_only = pooled_reps.mean(axis=0)
+        out[key] = {
+            "cohorts": cohorts,
+            "runs": {
+                label: {
+                    "difference": float(pooled[i]),
+                    "ci95": [float(np.percentile(pooled_reps[i], 2.5)), float(np.percentile(pooled_reps[i], 97.5))],
+                }
+                for i, label in enumerate(labels)
+            },
+            "mean": float(pooled.mean()),
+            "sd_between_runs": float(pooled.std(ddof=1)) if n_runs > 1 else 0.0,
+            "runs_above_zero": int((pooled > 0).sum()),
+            "ci95_runs_and_patients": [float(np.percentile(two_level, 2.5)), float(np.percentile(two_level, 97.5))],
+            "ci95_patients_only": [float(np.percentile(patients_only, 2.5)), float(np.percentile(patients_only, 97.5))],
+            "per_cohort_mean": {c: float(point[:, j].mean()) for j, c in enumerate(cohorts)},
+            "n_bootstrap": int(n_boot),
+        }
+    return out
+
+
+def _ci(ci) -> str:
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def report_lines(result: dict) -> list[str]:
+    labels = result["labels"]
+    lines = []
+    for role, diffs in result["roles"].items():
+        if not diffs:
+            continue
+        lines += [
+            f"### {role} cohorts: pooled differences over {len(labels)} runs",
+            "",
+            "| difference | " + " | ".join(labels) + " | mean over runs [95% CI, runs and patients] | SD between runs "
+            "| runs > 0 |",
+            "|---|" + "---|" * len(labels) + "---|---|---|",
+        ]
+        for key, d in diffs.items():
+            per = " | ".join(f"{d['runs'][lab]['difference']:+.3f} {_ci(d['runs'][lab]['ci95'])}" for lab in labels)
+            lines.append(
+                f"| {key} | {per} | **{d['mean']:+.3f}** {_ci(d['ci95_runs_and_patients'])} | "
+                f"{d['sd_between_runs']:.3f} | {d['runs_above_zero']} of {len(labels)} |"
+            )
+        cohorts = list(next(iter(diffs.values()))["cohorts"])
+        lines += ["", "Mean over runs per cohort:", "", "| difference | " + " | ".join(cohorts) + " |"]
+        lines.append("|---|" + "---|" * len(cohorts))
+        for key, d in diffs.items():
+            vals = " | ".join(f"{d['per_cohort_mean'].get(c, float('nan')):+.3f}" for c in cohorts)
+            lines.append(f"| {key} | {vals} |")
+        lines.append("")
+    return lines
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    roles = [r for r, d in result["roles"].items() if d]
+    if not roles:
+        return
+    labels = result["labels"]
+    fig, axes = plt.subplots(
+        1, len(roles), figsize=(7 * len(roles), 0.9 + 0.6 * max(len(result["roles"][r]) for r in roles)), squeeze=False
+    )
+    for ax, role in zip(axes[0], roles):
+        diffs = result["roles"][role]
+        for y, d in enumerate(diffs.values()):
+            for i, lab in enumerate(labels):
+                r = d["runs"][lab]
+                yy = y + 0.25 * (i + 1) / (len(labels) + 1) - 0.125
+                ax.errorbar(
+                    r["difference"],
+                    yy,
+                    xerr=[[r["difference"] - r["ci95"][0]], [r["ci95"][1] - r["difference"]]],
+                    fmt="o",
+                    ms=3,
+                    color=f"C{i % 10}",
+                    alpha=0.6,
+                    label=lab if y == 0 else None,
+                )
+            lo, hi = d["ci95_runs_and_patients"]
+            ax.errorbar(d["mean"], y + 0.3, xerr=[[d["mean"] - lo], [hi - d["mean"]]], fmt="D", color="k", capsize=3)
+        ax.axvline(0, color="grey", lw=0.8, ls="--")
+        ax.set_yticks(range(len(diffs)), [k.replace(" - ", "\n- ") for k in diffs], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("pooled C-index difference (95% CI); black: mean over runs (runs and patients resampled)")
+        ax.set_title(f"{role} cohorts, {len(labels)} runs")
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", required=True, help="survival_cv.py output folders")
+    p.add_argument("--labels", nargs="+", default=None, help="one per run (default: the folder names)")
+    p.add_argument("--roles", nargs="+", default=["development", "external"], choices=["development", "external"])
+    p.add_argument("--n_bootstrap", type=int, default=10000)
+    p.add_argument("--seed", type=int, default=0, help="seed of the two-level bootstrap")
+    p.add_argument("--output_dir", required=True)
+    args = p.parse_args(argv)
+    if args.labels is not None and len(args.labels) != len(args.runs):
+        p.error(f"--labels has {len(args.labels)} names for {len(args.runs)} --runs")
+    if len(args.runs) < 2:
+        p.error("give at least two --runs")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    labels = args.labels or [Path(r).name for r in args.runs]
+    runs = [load_run(r) for r in args.runs]
+    check_compatible(runs, labels)
+    result = {
+        "benchmark": "seed_spread",
+        "runs": dict(zip(labels, args.runs)),
+        "labels": labels,
+        "argv": {lab: r["res"].get("argv") for lab, r in zip(labels, runs)},
+        "roles": {role: combine(runs, labels, role, args.n_bootstrap, args.seed) for role in args.roles},
+    }
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".seed_spread.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out / "seed_spread.json")
+    lines = report_lines(result)
+    (out / "seed_spread.md").write_text("\n".join(lines) + "\n")
+    plot(result, out / "seed_spread.png")
+    print("\n".join(lines), flush=True)
+    logger.info("wrote %s", out / "seed_spread.json")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""benchmarks/seed_spread.py: survival_cv.py runs that differ only in their seeds, combined."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("lifelines")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+cv = _load("survival_cv")
+ss = _load("seed_spread")
+FOLDS = [{"test_ids": ["s1", "s2"]}, {"test_ids": ["s3", "s4"]}]
+
+
+def _fold_data(rng, shift: float):
+    """Three folds where model 0's risk is a noisy copy of -time and model 1's pure noise; ``shift`` mixes the
+    signal in (so runs differ)."""
+    out = []
+    for _ in range(3):
+        t = rng.exponential(size=60)
+        e = (rng.random(60) < 0.7).astype(int)
+        noise = rng.normal(size=60)
+        out.append(
+            {
+                "time": t,
+                "event": e,
+                "patients": np.arange(60),
+                "risks": np.array([shift * -t + noise, rng.normal(size=60)]),
+            }
+        )
+    return out
+
+
+def _write_run(folder: Path, cohorts: dict, *, seed=0, folds=FOLDS) -> Path:
+    """A survival_cv.py output folder as its main() writes it: JSON without replicates, replicates beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    res = {"folds": 5, "seed": seed, "val_fraction": 0.2, "argv": ["--x"], "cohorts": {}}
+    for name, (role, diffs) in cohorts.items():
+        res["cohorts"][name] = {"role": role, "folds": folds, "paired_differences": diffs}
+    res["pooled"] = {role: cv.pooled_differences(res["cohorts"], role) for role in ("development", "external")}
+    cv.write_replicates(res, folder / "survival_cv_replicates.npz")
+    (folder / "survival_cv.json").write_text(json.dumps(cv._without_replicates(res), default=float))
+    return folder
+
+
+def _runs(tmp_path, shifts, seed=0):
+    """One run per shift; cohorts a, b (development) and x (external), each with 'bp - best baseline'."""
+    folders = []
+    for i, shift in enumerate(shifts):
+        rng = np.random.default_rng(100 + i)
+        cohorts = {}
+        for name, role, base in (("a", "development", "rsf"), ("b", "development", "cox"), ("x", "external", "rsf")):
+            d = cv.paired_difference(_fold_data(rng, shift), n_boot=300, seed=seed)
+            cohorts[name] = (role, {f"bp - {base}": {**d, "pair": ["bp", "best baseline"]}})
+        folders.append(_write_run(tmp_path / f"run{i}", cohorts, seed=seed))
+    return folders
+
+
+def test_each_run_matches_survival_cv_and_the_mean_pools_runs(tmp_path):
+    folders = _runs(tmp_path, [0.2, 0.5, 1.0])
+    out = ss.main(["--runs", *map(str, folders), "--labels", "s0", "s1", "s2", "--output_dir", str(tmp_path / "o")])
+    dev = out["roles"]["development"]["bp - best baseline"]
+    recorded = [json.loads((f / "survival_cv.json").read_text())["pooled"]["development"] for f in folders]
+    for lab, rec in zip(("s0", "s1", "s2"), recorded):  # each run: survival_cv.py's own pooled number and interval
+        assert dev["runs"][lab]["difference"] == pytest.approx(rec["bp - best baseline"]["difference"])
+        assert dev["runs"][lab]["ci95"] == pytest.approx(rec["bp - best baseline"]["ci95"])
+    per_run = [r["bp - best baseline"]["difference"] for r in recorded]
+    assert dev["mean"] == pytest.approx(np.mean(per_run))
+    assert dev["sd_between_runs"] == pytest.approx(np.std(per_run, ddof=1))
+    assert dev["runs_above_zero"] == sum(d > 0 for d in per_run)
+    assert dev["cohorts"] == ["a", "b"]
+    lo, hi = dev["ci95_runs_and_patients"]
+    plo, phi = dev["ci95_patients_only"]
+    assert lo <= dev["mean"] <= hi and lo <= plo and phi <= hi  # the seed spread widens the interval
+    ext = out["roles"]["external"]["bp - best baseline"]
+    assert ext["cohorts"] == ["x"]
+    for name in ("seed_spread.json", "seed_spread.md", "seed_spread.png"):
+        assert (tmp_path / "o" / name).stat().st_size > 0
+    md = (tmp_path / "o" / "seed_spread.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| bp - best baseline |"))
+    assert f"**{dev['mean']:+.3f}**" in row and row.endswith(f"| {dev['runs_above_zero']} of 3 |")
+
+
+def test_identical_runs_add_no_spread_and_noise_free_runs_only_spread(tmp_path):
+    same = _runs(tmp_path / "same", [0.5])[0]
+    twice = ss.combine([ss.load_run(same), ss.load_run(same)], ["a", "b"], "development", n_boot=4000)
+    d = twice["bp - best baseline"]
+    assert d["sd_between_runs"] == 0.0
+    assert d["ci95_runs_and_patients"] == pytest.approx(d["runs"]["a"]["ci95"], abs=0.01)
+
+    def flat(folder, value):  # replicates all equal to the point: no patient sampling noise
+        reps = np.full(200, value)
+        diffs = {"bp - rsf": {"difference": value, "_replicates": reps, "pair": ["bp", "best baseline"]}}
+        return ss.load_run(_write_run(folder, {"a": ("development", diffs)}))
+
+    runs = [flat(tmp_path / f"f{i}", v) for i, v in enumerate([0.01, 0.02, 0.03, 0.04])]
+    d = ss.combine(runs, list("abcd"), "development", n_boot=4000)["bp - best baseline"]
+    assert d["ci95_patients_only"] == pytest.approx([0.025, 0.025])
+    lo, hi = d["ci95_runs_and_patients"]
+    assert 0.01 <= lo < 0.025 < hi <= 0.04  # only the spread between runs is left
+
+
+def test_runs_that_do_not_pair_are_refused(tmp_path):
+    a, b = _runs(tmp_path, [0.5, 0.5])
+    other_seed = _runs(tmp_path / "s1", [0.5], seed=1)[0]
+    with pytest.raises(ValueError, match=r"run r1 .* seed=1.*vary --init_seed"):
+        ss.check_compatible([ss.load_run(a), ss.load_run(other_seed)], ["r0", "r1"])
+    moved = tmp_path / "moved"
+    rng = np.random.default_rng(0)
+    d = cv.paired_difference(_fold_data(rng, 0.5), n_boot=50, seed=0)
+    folds = [{"test_ids": ["s9"]}, {"test_ids": ["s3"]}]
+    _write_run(moved, {"a": ("development", {"bp - rsf": {**d, "pair": ["bp", "best baseline"]}})}, folds=folds)
+    with pytest.raises(ValueError, match="cohort a's test folds differ"):
+        ss.check_compatible([ss.load_run(a), ss.load_run(moved)], ["r0", "r1"])
+    (b / "survival_cv_replicates.npz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"survival_cv_replicates\.npz is missing"):
+        ss.load_run(b)
+    with pytest.raises(SystemExit):
+        ss.parse_args(["--runs", str(a), "--output_dir", str(tmp_path)])  # one run: nothing to combine
