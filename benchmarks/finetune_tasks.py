@@ -190,7 +190,14 @@ class BPRunner:
         """A run recorded in ``--reuse_runs`` with the identical argument list whose run folder still holds its
         predictions and results, with the recorded validation and test metrics (runs are deterministic on CPU)."""
         old = self.reuse.get(tag)
-        if old is None or old.get("argv") != argv:
+        if old is None:
+            return None
+        if old.get("argv") != argv:
+            before, now = old.get("argv") or [], argv
+            changed = [f"{a!r} -> {b!r}" for a, b in zip(before, now) if a != b][:3]
+            if len(before) != len(now):
+                changed.append(f"{len(before)} -> {len(now)} arguments")
+            log(f"  {tag}: recorded run not reused, its arguments differ ({'; '.join(changed)})")
             return None
         if "--modality_dropout" in argv and not old.get("eval_without_modality_dropout"):
             # recorded before run_finetune evaluated without modality dropout (commit b04023b): its per-epoch
@@ -201,10 +208,12 @@ class BPRunner:
         try:
             res = json.loads((out / "all_results.json").read_text())
             pred = pd.read_csv(predictions_path(out), dtype={"sample_id": str, "patient_id": str})
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
+            log(f"  {tag}: recorded run not reused, its run folder {out} lacks results or predictions ({exc})")
             return None
         got = (res.get("validation", {}).get(primary), res.get("test", {}).get(primary))
         if got != (old["validation"], old["test"]):
+            log(f"  {tag}: recorded run not reused, {out} holds other results than recorded ({got})")
             return None
         return {**old, "reused": True, "pred": pred}
 
