@@ -141,7 +141,7 @@ def _seed_parts() -> list[Part]:
     parts += [
         Part(
             "survset_seed_spread_foldwise",
-            "the fold-wise embedding arms over pretraining seeds 0-4: mean, SD between seeds, two-level bootstrap CI",
+            "the fold-wise embedding arms over pretraining seeds 0-4: mean, SD, two-level bootstrap CI; seed ensemble",
             [
                 PY,
                 "benchmarks/seed_spread.py",
@@ -152,6 +152,9 @@ def _seed_parts() -> list[Part]:
                 *(f"seed{s}" for s in (0, *EXTRA_SEEDS)),
                 "--output_dir",
                 f"{W}/survset/seed_spread_foldwise",
+                "--ensemble",
+                "cox_clinical_emb_pretrained",
+                "cox_clinical_emb_random",
             ],
             "survset/seed_spread_foldwise/seed_spread.json",
             needs=["survival_cv_foldwise", *(f"survival_cv_foldwise_seed{s}" for s in EXTRA_SEEDS)],
@@ -186,6 +189,9 @@ def _seed_parts() -> list[Part]:
                 "init1",
                 "--output_dir",
                 f"{W}/survset/seed_spread_finetuned",
+                "--ensemble",
+                "bp_pretrained",
+                "bp_random",
             ],
             "survset/seed_spread_finetuned/seed_spread.json",
             needs=["survival_cv", "survival_cv_init1"],

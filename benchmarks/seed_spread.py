@@ -13,18 +13,25 @@ Give this script several ``survival_cv.py`` output folders -- the same cohorts, 
 * a 95% interval for the mean over runs from a two-level bootstrap: each replicate redraws the runs with replacement
   and, within them, the test patients (replicate ``b`` of every run is the same patient draw, so the draws pair
   across runs); it covers both the spread between seeds and the sampling of patients;
-* per cohort, the mean difference over runs.
+* per cohort, the mean difference over runs;
+* with ``--ensemble ARM [CONTROL]``: the runs' test risks of ``ARM`` averaged per patient (the Cox linear predictors
+  of the runs' fitted models, nothing refitted or chosen again; read from each run's ``cache/``), scored like a
+  single arm: per cohort against the best baseline (chosen on validation, as in the runs) and against ``CONTROL``
+  averaged the same way, then pooled over the cohorts (``survival_cv.py``'s paired patient bootstrap, the same
+  draws). An ensemble of pretraining seeds is the usual answer to seed-to-seed spread; this asks whether it pays.
 
 Outputs (``--output_dir``): ``seed_spread.json``, ``seed_spread.md`` and ``seed_spread.png`` (each run's interval
 and the mean over runs, per difference).
 
     python benchmarks/seed_spread.py --runs outputs/cv_seed0 outputs/cv_seed1 outputs/cv_seed2 \\
-        --labels seed0 seed1 seed2 --output_dir outputs/seed_spread
+        --labels seed0 seed1 seed2 --output_dir outputs/seed_spread \\
+        --ensemble cox_clinical_emb_pretrained cox_clinical_emb_random
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -33,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 logger = logging.getLogger("seed_spread")
+ROOT = Path(__file__).resolve().parents[1]
 # what every combined run must share (the folds and the bootstrap draws depend on them)
 SHARED = ("folds", "seed", "val_fraction")
 
@@ -132,6 +140,102 @@ def combine(runs: list[dict], labels: list[str], role: str, n_boot: int = 10000,
     return out
 
 
+def _survival_cv():
+    spec = importlib.util.spec_from_file_location("survival_cv", ROOT / "benchmarks" / "survival_cv.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def cached_risks(run: dict, cohort: str, model: str, fold: int) -> np.ndarray:
+    """``model``'s test risks in ``fold`` of ``cohort`` from the run's ``cache/``, after checking that the cached
+    result is this run's (same cohort, fold, seeds and backbone), not one a later run wrote over it."""
+    res = run["res"]
+    path = Path(run["folder"]) / "cache" / cohort / f"fold{fold}" / f"{model}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: rerun survival_cv.py into {run['folder']} with its arguments")
+    rec = json.loads(path.read_text())
+    got = rec.get("settings", {})
+    want = {"cohort": cohort, "fold": fold, "model": model, "seed": res["seed"], "folds": res["folds"]}
+    stale = [k for k, v in want.items() if got.get(k) != v]
+    if got.get("init_seed", res["seed"]) != res.get("init_seed", res["seed"]):
+        stale.append("init_seed")
+    backbone = (res.get("bp") or {}).get("pretrained_dir")
+    if "pretrained_dir" in got and backbone and got["pretrained_dir"] != str((ROOT / backbone).resolve()):
+        stale.append("pretrained_dir")
+    if stale:
+        raise ValueError(
+            f"{path} holds another run's result ({', '.join(stale)} differ from {run['folder']}/survival_cv.json): "
+            "rerun survival_cv.py into that folder with the arguments of its survival_cv.json"
+        )
+    return np.asarray(rec["risk_test"], float)
+
+
+def ensemble(runs: list[dict], arm: str, control: str | None, n_boot: int) -> dict:
+    """``arm`` (and ``control``) with each patient's test risk averaged over ``runs``: per cohort the test C-index
+    and the paired differences against the best baseline and the averaged ``control``; pooled per role."""
+    from bioperceiver.data import read_manifest
+    from bioperceiver.evaluation import concordance_index
+
+    cv = _survival_cv()
+    res0 = runs[0]["res"]
+    table = read_manifest(res0["manifest"]).table
+    cohorts, scores = {}, {}
+    for cohort, c0 in res0["cohorts"].items():
+        if arm not in c0["models"] or "test" not in c0["models"][arm]:
+            continue
+        best = c0["best_baseline_by_validation"]
+        rows = cv.cohort_rows(table, cohort)
+        models = {f"{arm} (ensemble)": arm, "best baseline": best}
+        if control:
+            models[f"{control} (ensemble)"] = control
+        folds = []
+        for k, f in enumerate(c0["folds"]):
+            ids = f["test_ids"]
+            risks = {name: np.mean([cached_risks(r, cohort, m, k) for r in runs], axis=0) for name, m in models.items()}
+            folds.append(
+                {
+                    "time": rows.loc[ids, "label_survival_time"].to_numpy(float),
+                    "event": rows.loc[ids, "label_survival_event"].to_numpy(int),
+                    "patients": rows.loc[ids, "patient_id"].to_numpy(),
+                    "risks": risks,
+                }
+            )
+        scores[cohort] = {
+            name: float(np.mean([concordance_index(f["time"], f["risks"][name], f["event"]) for f in folds]))
+            for name in models
+        }
+        scores[cohort]["best baseline is"] = best
+        diffs = {}
+        for other in [o for o in models if o != f"{arm} (ensemble)"]:
+            data = [{**f, "risks": np.array([f["risks"][f"{arm} (ensemble)"], f["risks"][other]])} for f in folds]
+            d = cv.paired_difference(data, n_boot, res0["seed"])
+            diffs[f"{arm} (ensemble) - {other}"] = {**d, "pair": [f"{arm} (ensemble)", other]}
+        cohorts[cohort] = {"role": c0["role"], "paired_differences": diffs}
+    pooled = {role: cv.pooled_differences(cohorts, role) for role in ("development", "external")}
+    per_cohort = {
+        c: {k: {a: b for a, b in d.items() if a != "_replicates"} for k, d in r["paired_differences"].items()}
+        for c, r in cohorts.items()
+    }
+    return {"arm": arm, "control": control, "test_c_index": scores, "paired_differences": per_cohort, "pooled": pooled}
+
+
+def ensemble_lines(ens: dict, n_runs: int) -> list[str]:
+    lines = [f"### {ens['arm']}: test risks averaged over the {n_runs} runs (ensemble)", ""]
+    names = [n for n in next(iter(ens["test_c_index"].values())) if n != "best baseline is"]
+    lines += ["| cohort | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for c, sc in ens["test_c_index"].items():
+        lines.append(f"| {c} | " + " | ".join(f"{sc[n]:.3f}" for n in names) + " |")
+    lines += ["", "| pooled | difference | 95% CI | cohorts > 0 |", "|---|---|---|---|"]
+    for role, diffs in ens["pooled"].items():
+        for key, d in diffs.items():
+            n = len(d["cohorts"])
+            lines.append(
+                f"| {role} ({n}) | {key} | {d['difference']:+.3f} {_ci(d['ci95'])} | {d['above_zero']} of {n} |"
+            )
+    return [*lines, ""]
+
+
 def _ci(ci) -> str:
     return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
@@ -176,7 +280,10 @@ def plot(result: dict, path: Path) -> None:
         return
     labels = result["labels"]
     fig, axes = plt.subplots(
-        1, len(roles), figsize=(7 * len(roles), 0.9 + 0.6 * max(len(result["roles"][r]) for r in roles)), squeeze=False
+        1,
+        len(roles),
+        figsize=(9.5 * len(roles), 0.9 + 0.6 * max(len(result["roles"][r]) for r in roles)),
+        squeeze=False,
     )
     for ax, role in zip(axes[0], roles):
         diffs = result["roles"][role]
@@ -195,13 +302,21 @@ def plot(result: dict, path: Path) -> None:
                     label=lab if y == 0 else None,
                 )
             lo, hi = d["ci95_runs_and_patients"]
-            ax.errorbar(d["mean"], y + 0.3, xerr=[[d["mean"] - lo], [hi - d["mean"]]], fmt="D", color="k", capsize=3)
+            ax.errorbar(
+                d["mean"],
+                y + 0.3,
+                xerr=[[d["mean"] - lo], [hi - d["mean"]]],
+                fmt="D",
+                color="k",
+                capsize=3,
+                label="mean over runs (runs and patients resampled)" if y == 0 else None,
+            )
         ax.axvline(0, color="grey", lw=0.8, ls="--")
         ax.set_yticks(range(len(diffs)), [k.replace(" - ", "\n- ") for k in diffs], fontsize=7)
         ax.invert_yaxis()
-        ax.set_xlabel("pooled C-index difference (95% CI); black: mean over runs (runs and patients resampled)")
+        ax.set_xlabel("pooled C-index difference, 95% CI")
         ax.set_title(f"{role} cohorts, {len(labels)} runs")
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -214,12 +329,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--roles", nargs="+", default=["development", "external"], choices=["development", "external"])
     p.add_argument("--n_bootstrap", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0, help="seed of the two-level bootstrap")
+    p.add_argument(
+        "--ensemble",
+        nargs="+",
+        metavar="ARM",
+        default=None,
+        help="ARM [CONTROL]: also score ARM's test risks averaged over the runs, against the best baseline and "
+        "CONTROL averaged the same way",
+    )
     p.add_argument("--output_dir", required=True)
     args = p.parse_args(argv)
     if args.labels is not None and len(args.labels) != len(args.runs):
         p.error(f"--labels has {len(args.labels)} names for {len(args.runs)} --runs")
     if len(args.runs) < 2:
         p.error("give at least two --runs")
+    if args.ensemble is not None and len(args.ensemble) > 2:
+        p.error("--ensemble takes an arm and at most one control arm")
     return args
 
 
@@ -236,12 +361,17 @@ def main(argv=None) -> dict:
         "argv": {lab: r["res"].get("argv") for lab, r in zip(labels, runs)},
         "roles": {role: combine(runs, labels, role, args.n_bootstrap, args.seed) for role in args.roles},
     }
+    lines = report_lines(result)
+    if args.ensemble:
+        n_boot = len(next(iter(runs[0]["replicates"].values()), np.zeros(1000)))  # the runs' own draws
+        arm, control = args.ensemble[0], (args.ensemble[1:] or [None])[0]
+        result["ensemble"] = ensemble(runs, arm, control, n_boot)
+        lines += ensemble_lines(result["ensemble"], len(runs))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".seed_spread.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out / "seed_spread.json")
-    lines = report_lines(result)
     (out / "seed_spread.md").write_text("\n".join(lines) + "\n")
     plot(result, out / "seed_spread.png")
     print("\n".join(lines), flush=True)

@@ -131,3 +131,92 @@ def test_runs_that_do_not_pair_are_refused(tmp_path):
         ss.load_run(b)
     with pytest.raises(SystemExit):
         ss.parse_args(["--runs", str(a), "--output_dir", str(tmp_path)])  # one run: nothing to combine
+
+
+def test_ensemble_averages_the_runs_cached_risks(tmp_path):
+    """--ensemble: each patient's test risk averaged over the runs (read from their caches, checked to be theirs),
+    scored against the best baseline and the averaged control with survival_cv's paired bootstrap; a cache another
+    run wrote over is refused."""
+    import pandas as pd
+
+    from bioperceiver.data import write_manifest
+    from bioperceiver.evaluation import concordance_index
+
+    rng = np.random.default_rng(3)
+    n = 40
+    time = rng.exponential(size=2 * n)
+    event = (rng.random(2 * n) < 0.7).astype(int)
+    ids = [f"s{i}" for i in range(2 * n)]
+    table = pd.DataFrame(
+        {
+            "sample_id": ids,
+            "patient_id": [f"p{i}" for i in range(2 * n)],
+            "meta_source": "survset_nki70",
+            "label_survival_time": time,
+            "label_survival_event": event,
+        }
+    )
+    manifest = write_manifest(table, tmp_path / "cohort" / "manifest.parquet")
+    folds = [{"test_ids": ids[:n]}, {"test_ids": ids[n:]}]
+    models = ("emb", "rnd", "cox_clinical_pcs")
+    risks = {}  # (run, model, fold) -> risks
+    runs = []
+    for r in range(2):
+        folder = tmp_path / f"run{r}"
+        for k in range(2):
+            sl = slice(k * n, (k + 1) * n)
+            for m in models:
+                signal = {"emb": 1.0, "rnd": 0.2, "cox_clinical_pcs": 0.5}[m]
+                risk = -signal * time[sl] + rng.normal(size=n)
+                risks[r, m, k] = risk
+                settings = {"cohort": "nki70", "fold": k, "model": m, "seed": 0, "folds": 2, "init_seed": r or None}
+                settings = {a: b for a, b in settings.items() if b is not None}
+                path = folder / "cache" / "nki70" / f"fold{k}" / f"{m}.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"risk_test": risk.tolist(), "settings": settings}))
+        res = {
+            "seed": 0,
+            "init_seed": r,
+            "folds": 2,
+            "manifest": str(manifest),
+            "bp": {"pretrained_dir": None},
+            "cohorts": {
+                "nki70": {
+                    "role": "development",
+                    "folds": folds,
+                    "models": {m: {"test": {"mean": 0.6}} for m in models},
+                    "best_baseline_by_validation": "cox_clinical_pcs",
+                }
+            },
+        }
+        runs.append({"folder": str(folder), "res": res, "replicates": {}})
+    ens = ss.ensemble(runs, "emb", "rnd", n_boot=200)
+    mean = {m: [(risks[0, m, k] + risks[1, m, k]) / 2 for k in range(2)] for m in models}
+    fold_t = [time[:n], time[n:]]
+    fold_e = [event[:n], event[n:]]
+    expect = np.mean([concordance_index(fold_t[k], mean["emb"][k], fold_e[k]) for k in range(2)])
+    assert ens["test_c_index"]["nki70"]["emb (ensemble)"] == pytest.approx(expect)
+    ref = cv.paired_difference(
+        [
+            {
+                "time": fold_t[k],
+                "event": fold_e[k],
+                "patients": np.array([f"p{i}" for i in range(k * n, (k + 1) * n)]),
+                "risks": np.array([mean["emb"][k], mean["rnd"][k]]),
+            }
+            for k in range(2)
+        ],
+        200,
+        0,
+    )
+    got = ens["pooled"]["development"]["emb (ensemble) - rnd (ensemble)"]
+    assert got["difference"] == pytest.approx(ref["difference"])
+    assert got["ci95"] == pytest.approx(
+        [np.percentile(ref["_replicates"], 2.5), np.percentile(ref["_replicates"], 97.5)]
+    )
+    assert "emb (ensemble) - best baseline" in ens["pooled"]["development"]
+    lines = ss.ensemble_lines(ens, 2)
+    assert any(line.startswith("| nki70 |") for line in lines)
+    runs[1]["res"]["init_seed"] = 5  # the cache says init_seed 1: another run's result
+    with pytest.raises(ValueError, match="holds another run's result \\(init_seed"):
+        ss.ensemble(runs, "emb", "rnd", n_boot=50)
