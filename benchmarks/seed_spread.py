@@ -147,9 +147,10 @@ def _survival_cv():
     return mod
 
 
-def cached_risks(run: dict, cohort: str, model: str, fold: int) -> np.ndarray:
+def cached_risks(run: dict, cohort: str, model: str, fold: int, *, neural: bool = True) -> np.ndarray:
     """``model``'s test risks in ``fold`` of ``cohort`` from the run's ``cache/``, after checking that the cached
-    result is this run's (same cohort, fold, seeds and backbone), not one a later run wrote over it."""
+    result is this run's (same cohort, fold, seeds and backbone), not one a later run wrote over it. ``neural``:
+    a BioPerceiver arm, whose result depends on ``--init_seed`` (a classical baseline's does not)."""
     res = run["res"]
     path = Path(run["folder"]) / "cache" / cohort / f"fold{fold}" / f"{model}.json"
     if not path.is_file():
@@ -158,7 +159,7 @@ def cached_risks(run: dict, cohort: str, model: str, fold: int) -> np.ndarray:
     got = rec.get("settings", {})
     want = {"cohort": cohort, "fold": fold, "model": model, "seed": res["seed"], "folds": res["folds"]}
     stale = [k for k, v in want.items() if got.get(k) != v]
-    if got.get("init_seed", res["seed"]) != res.get("init_seed", res["seed"]):
+    if neural and got.get("init_seed", res["seed"]) != res.get("init_seed", res["seed"]):
         stale.append("init_seed")
     backbone = (res.get("bp") or {}).get("pretrained_dir")
     if "pretrained_dir" in got and backbone and got["pretrained_dir"] != str((ROOT / backbone).resolve()):
@@ -192,7 +193,10 @@ def ensemble(runs: list[dict], arm: str, control: str | None, n_boot: int) -> di
         folds = []
         for k, f in enumerate(c0["folds"]):
             ids = f["test_ids"]
-            risks = {name: np.mean([cached_risks(r, cohort, m, k) for r in runs], axis=0) for name, m in models.items()}
+            risks = {
+                name: np.mean([cached_risks(r, cohort, m, k, neural=m not in cv.BASELINES) for r in runs], axis=0)
+                for name, m in models.items()
+            }
             folds.append(
                 {
                     "time": rows.loc[ids, "label_survival_time"].to_numpy(float),
