@@ -185,6 +185,9 @@ def ensemble(runs: list[dict], arm: str, control: str | None, n_boot: int) -> di
     for cohort, c0 in res0["cohorts"].items():
         if arm not in c0["models"] or "test" not in c0["models"][arm]:
             continue
+        if any(cohort not in r["res"]["cohorts"] for r in runs[1:]):
+            logger.info("%s: not in every run; left out of the ensemble", cohort)
+            continue
         best = c0["best_baseline_by_validation"]
         rows = cv.cohort_rows(table, cohort)
         models = {f"{arm} (ensemble)": arm, "best baseline": best}
