@@ -229,6 +229,8 @@ def ensemble(runs: list[dict], arm: str, control: str | None, n_boot: int) -> di
 
 def ensemble_lines(ens: dict, n_runs: int) -> list[str]:
     lines = [f"### {ens['arm']}: test risks averaged over the {n_runs} runs (ensemble)", ""]
+    if not ens["test_c_index"]:
+        return [*lines, f"No cohort has {ens['arm']} in every run.", ""]
     names = [n for n in next(iter(ens["test_c_index"].values())) if n != "best baseline is"]
     lines += ["| cohort | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for c, sc in ens["test_c_index"].items():

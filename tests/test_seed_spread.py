@@ -219,7 +219,8 @@ def test_ensemble_averages_the_runs_cached_risks(tmp_path):
     lines = ss.ensemble_lines(ens, 2)
     assert any(line.startswith("| nki70 |") for line in lines)
     only_first = [runs[0], {**runs[1], "res": {**runs[1]["res"], "cohorts": {}}}]
-    assert ss.ensemble(only_first, "emb", "rnd", n_boot=50)["test_c_index"] == {}  # a cohort one run lacks: out
+    none = ss.ensemble(only_first, "emb", "rnd", n_boot=50)
+    assert none["test_c_index"] == {} and "No cohort has emb" in ss.ensemble_lines(none, 2)[2]  # a cohort one run lacks
     runs[1]["res"]["init_seed"] = 5  # the cache says init_seed 1: another run's result
     with pytest.raises(ValueError, match="holds another run's result \\(init_seed"):
         ss.ensemble(runs, "emb", "rnd", n_boot=50)
