@@ -114,6 +114,7 @@ def combine(runs: list[dict], labels: list[str], role: str, n_boot: int = 10000,
         ok = ~np.isnan(reps).any(axis=(0, 1))
         pooled_reps = reps[:, :, ok].mean(axis=1)  # (runs, boot): each run's pooled replicate
         pooled = point.mean(axis=1)
+        recorded = [r["res"]["pooled"][role][key] for r in runs]  # each run's own pooled number and interval
         n_runs, n_rep = pooled_reps.shape
         # two-level bootstrap: redraw the runs, then take replicate b (a patient draw) of each drawn run
         cols = rng.integers(n_rep, size=n_boot)
@@ -123,11 +124,7 @@ def combine(runs: list[dict], labels: list[str], role: str, n_boot: int = 10000,
         out[key] = {
             "cohorts": cohorts,
             "runs": {
-                label: {
-                    "difference": float(pooled[i]),
-                    "ci95": [float(np.percentile(pooled_reps[i], 2.5)), float(np.percentile(pooled_reps[i], 97.5))],
-                }
-                for i, label in enumerate(labels)
+                label: {"difference": rec["difference"], "ci95": rec["ci95"]} for label, rec in zip(labels, recorded)
             },
             "mean": float(pooled.mean()),
             "sd_between_runs": float(pooled.std(ddof=1)) if n_runs > 1 else 0.0,

@@ -966,8 +966,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def init_settings(args) -> dict:
     """The cache-key entry of ``--init_seed``: empty when it is ``--seed`` (the default, so results cached before
     the option existed stay valid)."""
-    init_seed = getattr(args, "init_seed", args.seed)
-    return {} if init_seed == args.seed else {"init_seed": init_seed}
+    return {} if args.init_seed == args.seed else {"init_seed": args.init_seed}
 
 
 def resolve_bp_arms(args) -> list[str]:

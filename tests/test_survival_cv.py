@@ -442,18 +442,30 @@ def test_fold_manifests_hold_out_each_fold_s_test_patients(tmp_path):
         cv.write_fold_manifests(args, read_manifest(cv_path), short)
 
 
+def _fake_embed_view(monkeypatch, *, record: str, added: int) -> list:
+    """Replace ``embed_view``: each call records its backbone (``record="model"``) or seed and embeds every row as
+    that value, reporting ``added`` new genes; returns the list of recorded values."""
+    calls = []
+
+    def fake(model, rows, base_dir, train_ids, seed):
+        value = model if record == "model" else seed
+        calls.append(value)
+        return np.full((len(rows), 2), float(value), dtype=np.float32), {
+            "added": added,
+            "overlap": 5,
+            "new_sources": [],
+        }
+
+    monkeypatch.setattr(cv, "embed_view", fake)
+    return calls
+
+
 def test_fold_wise_backbones_embed_each_fold_with_its_own(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     rows = pd.DataFrame({"patient_id": ["a", "b", "c"]}, index=["a", "b", "c"])
     folds = [{"train": ["a"]}, {"train": ["b"]}, {"train": ["c"]}]
-    calls = []
-
-    def fake_embed(model, rows, base_dir, train_ids, seed):
-        calls.append(model)
-        return np.full((len(rows), 2), float(model), dtype=np.float32), {"added": 0, "overlap": 5, "new_sources": []}
-
-    monkeypatch.setattr(cv, "embed_view", fake_embed)
+    calls = _fake_embed_view(monkeypatch, record="model", added=0)
     manifest = SimpleNamespace(base_dir=tmp_path)
     args = SimpleNamespace(
         pretrained_dir=str(tmp_path / "fold{fold}" / "final"), seed=0, init_seed=0, folds=3, val_fraction=0.2
@@ -482,13 +494,7 @@ def test_init_seed_reseeds_the_neural_arms_on_the_same_folds(tmp_path, monkeypat
 
     rows = pd.DataFrame({"patient_id": ["a", "b"]}, index=["a", "b"])
     folds = [{"train": ["a"]}, {"train": ["b"]}]
-    seeds = []
-
-    def fake_embed(model, rows, base_dir, train_ids, seed):
-        seeds.append(seed)
-        return np.full((len(rows), 2), float(seed), dtype=np.float32), {"added": 1, "overlap": 5, "new_sources": []}
-
-    monkeypatch.setattr(cv, "embed_view", fake_embed)
+    seeds = _fake_embed_view(monkeypatch, record="seed", added=1)  # added genes: embedded per fold, seeded
     manifest = SimpleNamespace(base_dir=tmp_path)
     ns = SimpleNamespace(pretrained_dir=str(tmp_path / "m"), seed=0, init_seed=0, folds=2, val_fraction=0.2)
     out = cv.cohort_embeddings(ns, manifest, rows, folds, "c", tmp_path, "pretrained", [{"pretrained": 1}] * 2)
