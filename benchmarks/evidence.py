@@ -95,13 +95,15 @@ def _survival(
 
 EMB_ARMS = ("cox_clinical_emb_pretrained", "cox_clinical_emb_random", "cox_clinical_pcs_emb_pretrained")
 FINETUNED_ARMS = ("bp_random", "bp_pretrained", "bp_random_probe", "bp_pretrained_probe")
+LR_GRID = ("3e-4", "1e-3", "3e-3")  # the optional learning-rate-grid parts (the PadChest label-efficiency grid)
 EXTRA_SEEDS = (1, 2, 3, 4)  # the optional seed-spread parts: pretraining seed s with --init_seed s
 
 
 def _seed_parts() -> list[Part]:
     """Optional: the fold-wise SurvSet backbones and embedding CV again with pretraining seeds 1-4 (``--init_seed``
     the same, so the random-init control is reseeded too), a second finetuning seed (``--init_seed 1``) for the
-    finetuned arms, and ``seed_spread.py`` over them (~80 min on 2 idle cores)."""
+    finetuned arms, and ``seed_spread.py`` over them (~80 min on 2 idle cores); the finetuned arms with the
+    learning rate chosen on validation (``--bp_lrs``), finetuning seeds 0 and 1, and ``seed_spread.py`` over those."""
     parts = []
     for s in EXTRA_SEEDS:
         parts += [
@@ -199,6 +201,59 @@ def _seed_parts() -> list[Part]:
             optional=True,
         ),
     ]
+    for init, run, needs in (
+        (0, "survival_cv_lrgrid", "survival_cv"),
+        (1, "survival_cv_lrgrid_init1", "survival_cv_init1"),
+    ):
+        parts.append(
+            Part(
+                run,
+                f"the finetuned arms, learning rate chosen on validation from {{{', '.join(LR_GRID)}}}, "
+                f"--init_seed {init} (the {LR_GRID[0]} runs read back from {needs})",
+                _survival(
+                    f"{W}/survset/{run}",
+                    f"{W}/survset/cv_cohort",
+                    arms=FINETUNED_ARMS,
+                    extra=(
+                        "--bp_lrs",
+                        *LR_GRID,
+                        "--init_seed",
+                        str(init),
+                        "--reuse_cache",
+                        *dict.fromkeys((f"{W}/survset/{needs}", f"{W}/survset/survival_cv")),
+                    ),
+                ),
+                f"survset/{run}/survival_cv.json",
+                needs=[needs],
+                minutes=35,
+                optional=True,
+            )
+        )
+    parts.append(
+        Part(
+            "survset_seed_spread_lrgrid",
+            "the learning-rate-grid finetuned arms over finetuning seeds 0-1",
+            [
+                PY,
+                "benchmarks/seed_spread.py",
+                "--runs",
+                f"{W}/survset/survival_cv_lrgrid",
+                f"{W}/survset/survival_cv_lrgrid_init1",
+                "--labels",
+                "init0",
+                "init1",
+                "--output_dir",
+                f"{W}/survset/seed_spread_lrgrid",
+                "--ensemble",
+                "bp_pretrained",
+                "bp_random",
+            ],
+            "survset/seed_spread_lrgrid/seed_spread.json",
+            needs=["survival_cv_lrgrid", "survival_cv_lrgrid_init1"],
+            minutes=0.5,
+            optional=True,
+        )
+    )
     return parts
 
 

@@ -147,14 +147,19 @@ def _survival_cv():
 def cached_risks(run: dict, cohort: str, model: str, fold: int, *, neural: bool = True) -> np.ndarray:
     """``model``'s test risks in ``fold`` of ``cohort`` from the run's ``cache/``, after checking that the cached
     result is this run's (same cohort, fold, seeds and backbone), not one a later run wrote over it. ``neural``:
-    a BioPerceiver arm, whose result depends on ``--init_seed`` (a classical baseline's does not)."""
+    a BioPerceiver arm, whose result depends on ``--init_seed`` (a classical baseline's does not). For an arm run
+    with a ``--bp_lrs`` grid it reads the run at the rate validation kept in that fold (recorded in the run's JSON)."""
     res = run["res"]
-    path = Path(run["folder"]) / "cache" / cohort / f"fold{fold}" / f"{model}.json"
+    lrs = res["cohorts"].get(cohort, {}).get("models", {}).get(model, {}).get("lr")  # a --bp_lrs grid's pick
+    name = f"{model}_lr{lrs[fold]:g}.json" if lrs else f"{model}.json"
+    path = Path(run["folder"]) / "cache" / cohort / f"fold{fold}" / name
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: rerun survival_cv.py into {run['folder']} with its arguments")
     rec = json.loads(path.read_text())
     got = rec.get("settings", {})
     want = {"cohort": cohort, "fold": fold, "model": model, "seed": res["seed"], "folds": res["folds"]}
+    if lrs:
+        want["lr"] = lrs[fold]
     stale = [k for k, v in want.items() if got.get(k) != v]
     if neural and got.get("init_seed", res["seed"]) != res.get("init_seed", res["seed"]):
         stale.append("init_seed")

@@ -17,7 +17,9 @@ For each cohort of ``--cohorts`` (built with :mod:`bioperceiver.data.recipes.sur
   - ``bp_random``: BioPerceiver from random initialisation (``--random_preset``), full finetuning with a Cox head
     through ``finetune/run_finetune.py``'s ``main`` (``benchmarks/finetune_tasks.py``'s ``BPRunner``), the best
     epoch chosen on validation C-index.
-  - ``bp_pretrained``: the same from ``--pretrained_dir`` (only when given).
+  - ``bp_pretrained``: the same from ``--pretrained_dir`` (only when given). With ``--bp_lrs`` both full-finetuning
+    arms are finetuned at every listed rate and, per fold, the run with the best *validation* C-index is kept (the
+    rate kept per fold is reported; each rate's run is cached on its own).
   - ``bp_random_probe`` / ``bp_pretrained_probe``: the same backbones frozen (``--finetuning_mode linear_probe``,
     cached embeddings) with a linear Cox head, at ``benchmarks/finetune_tasks.py``'s
     ``BP_CONFIGS["pretrained_linear_probe"]`` learning rate and epochs (``--probe_lr``, ``--probe_epochs``), the best
@@ -65,6 +67,9 @@ BioPerceiver run folders (reports, no weights).
     python benchmarks/survival_cv.py --cohorts nki70 --bp_arms bp_random bp_random_probe   # some BP arms only
     python benchmarks/survival_cv.py --cohorts nki70 --init_seed 1 --output_dir outputs/survival_cv_init1  # same
         # folds and bootstrap draws, another seed for every neural init (random-init control, finetuning, new genes)
+    python benchmarks/survival_cv.py --cohorts nki70 --bp_arms bp_random bp_pretrained --bp_lrs 3e-4 1e-3 3e-3 \
+        --pretrained_dir DIR --reuse_cache outputs/survival_cv --output_dir outputs/survival_cv_lrgrid
+        # learning rate chosen on validation; results an earlier run cached (its 3e-4 runs, the baselines) are copied
 """
 
 from __future__ import annotations
@@ -580,6 +585,17 @@ def cached(path: Path, settings: dict) -> dict | None:
     return rec if rec.get("key") == _key(settings) else None
 
 
+def find_cached(own: Path, settings: dict, elsewhere=()) -> dict | None:
+    """``settings``' result at ``own``, else at the first of ``elsewhere`` that holds it (same cache key), copied to
+    ``own`` so the folder stays self-contained."""
+    rec = cached(own, settings)
+    if rec is None:
+        rec = next((r for q in elsewhere if (r := cached(Path(q), settings)) is not None), None)
+        if rec is not None:
+            rec = store(own, settings, rec)
+    return rec
+
+
 def store(path: Path, settings: dict, rec: dict) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     rec = {**rec, "key": _key(settings), "settings": settings}
@@ -600,6 +616,60 @@ def bp_config(args, model: str) -> dict:
     else:
         lr, epochs = args.probe_lr, args.probe_epochs
     return {"pretrained": arm["pretrained"], "mode": arm["mode"], "lr": lr, "epochs": 2 if args.quick else epochs}
+
+
+def bp_lrs(args, model: str) -> list[float]:
+    """The learning rates a trained BioPerceiver arm is finetuned at: ``--bp_lrs`` for the full-finetuning arms
+    (the run with the best validation C-index is kept), otherwise the arm's single rate."""
+    if BP_ARMS[model]["mode"] == "full" and getattr(args, "bp_lrs", None):
+        return list(args.bp_lrs)
+    return [bp_config(args, model)["lr"]]
+
+
+def lr_grid_record(
+    settings: dict, lrs: list[float], cache_dir: Path, fit, origin: list | None = None, reuse=()
+) -> dict:
+    """One (fold, arm) finetuned at every rate of ``lrs``; the run with the highest *validation* C-index is kept
+    (ties and NaN: the earlier rate in ``lrs``), test never looked at. Each rate's run is cached on its own,
+    ``<model>_lr<lr>.json`` with the cache key a single-rate run at that rate has, so a result cached by an
+    earlier single-rate run (``<model>.json``, same key; also in the ``reuse`` cache folders, the same relative
+    path) is read back (and copied to its own name) instead of refitted. ``fit(lr)`` trains one
+    run and returns its record. The returned record carries ``lr`` (the rate kept) and every rate's validation
+    C-index under ``selected``."""
+    model = settings["model"]
+    tried = []
+    for lr in lrs:
+        s = {**settings, "lr": lr}
+        own = cache_dir / f"{model}_lr{lr:g}.json"
+        rel = Path(*cache_dir.parts[-2:])  # <cohort>/fold<k>
+        # every rate's run under its own name (benchmarks/seed_spread.py reads them)
+        names = (own.name, f"{model}.json")
+        rec = find_cached(own, s, [d / n for d in (cache_dir, *(Path(r) / rel for r in reuse)) for n in names])
+        if origin is not None:
+            origin.append(("cached" if rec is not None else "ran", f"f{settings['fold']}:{model}@{lr:g}"))
+        if rec is None:
+            t0 = time.perf_counter()
+            rec = fit(lr)
+            rec["wall_s"] = round(time.perf_counter() - t0, 1)
+            rec = store(own, s, rec)
+        tried.append((lr, rec))
+    if any("test" not in r for _, r in tried):
+        return {"skipped": "a learning rate's run did not finish"}
+
+    def score(i: int) -> tuple[float, int]:
+        v = float(tried[i][1]["validation"])
+        return (v if np.isfinite(v) else -np.inf, -i)
+
+    lr, best = tried[max(range(len(tried)), key=score)]
+    return {
+        "validation": best["validation"],
+        "test": best["test"],
+        "risk_test": best["risk_test"],
+        "epochs": best.get("epochs"),
+        "lr": lr,
+        "selected": {"lr": lr, "validation": {f"{c:g}": r["validation"] for c, r in tried}},
+        "wall_s": float(sum(r.get("wall_s", 0) for _, r in tried)),
+    }
 
 
 def select_by_validation(full: list[dict], probe: list[dict], names: tuple[str, str]) -> list[dict]:
@@ -682,8 +752,24 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
             else:
                 settings["grid"] = {"n_pcs": PCS_GRID, "penalizer": PEN_GRID}
             path = out / "cache" / cohort / f"fold{k}" / f"{model}.json"
-            rec = cached(path, settings)
-            origin["cached" if rec is not None else "ran"].append(f"f{k}:{model}")
+            if model in BP_ARMS and len(lrs := bp_lrs(args, model)) > 1:
+                grid_origin: list[tuple[str, str]] = []
+                rec = lr_grid_record(
+                    settings,
+                    lrs,
+                    path.parent,
+                    lambda lr, model=model, part=part, k=k: run_bp(
+                        args, manifest, rows, part, runners[model], cohort, k, model, lr=lr
+                    ),
+                    grid_origin,
+                    [Path(d) / "cache" for d in args.reuse_cache],
+                )
+                for where, what in grid_origin:
+                    origin[where].append(what)
+            else:
+                rel = path.relative_to(out / "cache")
+                rec = find_cached(path, settings, [Path(d) / "cache" / rel for d in args.reuse_cache])
+                origin["cached" if rec is not None else "ran"].append(f"f{k}:{model}")
             if rec is None:
                 t0 = time.perf_counter()
                 if model.startswith("bp_"):
@@ -723,7 +809,9 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
     return summary
 
 
-def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str) -> dict:
+def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str, lr: float | None = None) -> dict:
+    """One finetuning run of a trained BioPerceiver arm on fold ``k``; ``lr`` overrides the arm's rate (a
+    ``--bp_lrs`` grid point, whose run folder is tagged with it)."""
     split = pd.Series("train", index=rows.index)
     split.loc[part["validation"]] = "validation"
     split.loc[part["test"]] = "test"
@@ -732,11 +820,13 @@ def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str) 
     ft.write_split_manifest(manifest, rows, split, cols, path)
     extra = [] if BP_ARMS[model]["pretrained"] else ["--preset", args.random_preset]
     modalities = [m for m in MODALITIES if m != "tabular_clinical" or has_clinical(rows)]
+    cfg = bp_config(args, model)
+    tag = f"{cohort}_f{k}_{model}" + (f"_lr{lr:g}" if lr is not None else "")
     r = runner.run(
-        f"{cohort}_f{k}_{model}" + (f"_init{args.init_seed}" if init_settings(args) else ""),
+        tag + (f"_init{args.init_seed}" if init_settings(args) else ""),
         path,
         ["--task", "survival"],
-        bp_config(args, model),
+        cfg if lr is None else {**cfg, "lr": lr},
         seed=args.init_seed,
         modalities=modalities,
         extra=extra,
@@ -763,6 +853,8 @@ def summarise(args, cohort: str, role: str, rows, fold_meta: list[dict], results
         }
         if m in SELECTED_ARMS:
             models[m]["picked"] = [r["picked"] for r in recs]
+        if all("lr" in r for r in recs):  # a --bp_lrs grid: the rate kept per fold
+            models[m]["lr"] = [r["lr"] for r in recs]
     base = [m for m in BASELINES if "test" in models[m]]
     best = max(base, key=lambda m: models[m]["validation"]["mean"])
 
@@ -850,6 +942,16 @@ def report_lines(res: dict) -> list[str]:
                 picks = r["models"].get(m, {}).get("picked")
                 cells.append(", ".join("probe" if p.endswith("_probe") else "full" for p in picks) if picks else "–")
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    grid = [m for m in models if any("lr" in r["models"].get(m, {}) for r in res["cohorts"].values())]
+    if grid:
+        lines += [
+            "",
+            "| cohort | " + " | ".join(f"{m}: learning rate per fold (by validation C-index)" for m in grid) + " |",
+            "|---|" + "---|" * len(grid),
+        ]
+        for c, r in res["cohorts"].items():
+            cells = [", ".join(f"{x:g}" for x in r["models"].get(m, {}).get("lr", [])) or "–" for m in grid]
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
     emb = [m for m in EMB_ARMS if m in models]
     if emb:
         lines += [
@@ -932,7 +1034,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_bioperceiver", action="store_true", help="baselines only")
     p.add_argument("--random_preset", default="bioperceiver_debug", help="architecture of the random-init arm")
     p.add_argument("--bp_epochs", type=int, default=10)
-    p.add_argument("--bp_lr", type=float, default=3e-4)
+    p.add_argument("--bp_lr", type=float, default=3e-4, help="learning rate of the full-finetuning arms")
+    p.add_argument(
+        "--bp_lrs",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="LR",
+        help="finetune the full-finetuning arms at each of these rates and keep, per (fold, arm), the run with the "
+        "best validation C-index (replaces --bp_lr; a run cached at one of these rates is read back)",
+    )
     probe = ft.BP_CONFIGS["pretrained_linear_probe"]
     p.add_argument("--probe_lr", type=float, default=probe["lr"], help="learning rate of the *_probe arms")
     p.add_argument("--probe_epochs", type=int, default=probe["epochs"], help="epochs of the *_probe arms")
@@ -943,6 +1054,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=ALL_BP_ARMS,
         help="BioPerceiver arms (default: all; the pretrained ones only with --pretrained_dir); a *_selected arm "
         "adds its full and probe arms",
+    )
+    p.add_argument(
+        "--reuse_cache",
+        nargs="+",
+        default=[],
+        metavar="RUN_DIR",
+        help="earlier survival_cv.py output folders: a (fold, model) result cached there with the same settings is "
+        "copied into this run's cache instead of refitted (embeddings are not shared)",
     )
     p.add_argument("--n_genes", type=int, default=1000, help="top-variance genes before PCA")
     p.add_argument("--n_bootstrap", type=int, default=1000)
@@ -1037,6 +1156,7 @@ def main(argv=None) -> dict:
         "bp": {
             "epochs": 2 if args.quick else args.bp_epochs,
             "lr": args.bp_lr,
+            "lrs": args.bp_lrs,
             "probe_epochs": 2 if args.quick else args.probe_epochs,
             "probe_lr": args.probe_lr,
             "arms": list(args.bp_arms),

@@ -89,3 +89,11 @@ def test_the_recorded_parts_are_consistent():
     seed3 = next(p for p in evidence.PARTS if p.name == "survival_cv_foldwise_seed3")
     assert seed3.argv[seed3.argv.index("--init_seed") + 1] == "3"
     assert any("pretrain_cvfolds_seed3/fold{fold}" in a for a in seed3.argv)
+    for name, init, reused in (("survival_cv_lrgrid", "0", "survival_cv"), ("survival_cv_lrgrid_init1", "1", "init1")):
+        grid = next(p for p in evidence.PARTS if p.name == name)
+        argv = grid.argv
+        assert argv[argv.index("--init_seed") + 1] == init and argv[argv.index("--bp_lrs") + 1] == "3e-4"
+        assert argv[argv.index("--reuse_cache") + 1].endswith(reused)  # its 3e-4 runs: the same init seed's
+        assert set(argv[argv.index("--bp_arms") + 1 :][:4]) == set(evidence.FINETUNED_ARMS)
+    spread = next(p for p in evidence.PARTS if p.name == "survset_seed_spread_lrgrid")
+    assert spread.needs == ["survival_cv_lrgrid", "survival_cv_lrgrid_init1"]

@@ -224,3 +224,23 @@ def test_ensemble_averages_the_runs_cached_risks(tmp_path):
     runs[1]["res"]["init_seed"] = 5  # the cache says init_seed 1: another run's result
     with pytest.raises(ValueError, match="holds another run's result \\(init_seed"):
         ss.ensemble(runs, "emb", "rnd", n_boot=50)
+
+
+def test_ensemble_reads_the_rate_a_learning_rate_grid_kept(tmp_path):
+    """An arm run with survival_cv.py --bp_lrs: its risks come from the run at the rate validation kept in each fold
+    (recorded in survival_cv.json), not from another rate's cache file; a cache at another rate is refused."""
+    folder = tmp_path / "run"
+    for k, (lr, other) in enumerate(((1e-3, 3e-3), (3e-3, 1e-3))):
+        for rate, risk in ((lr, [1.0, 2.0]), (other, [9.0, 9.0])):
+            settings = {"cohort": "c", "fold": k, "model": "bp", "seed": 0, "folds": 2, "lr": rate}
+            cv.store(folder / "cache" / "c" / f"fold{k}" / f"bp_lr{rate:g}.json", settings, {"risk_test": risk})
+    res = {"seed": 0, "init_seed": 0, "folds": 2, "bp": {}, "cohorts": {"c": {"models": {"bp": {"lr": [1e-3, 3e-3]}}}}}
+    run = {"folder": str(folder), "res": res}
+    for k in range(2):
+        np.testing.assert_array_equal(ss.cached_risks(run, "c", "bp", k), [1.0, 2.0])
+    path = folder / "cache" / "c" / "fold1" / "bp_lr0.003.json"
+    rec = json.loads(path.read_text())
+    rec["settings"]["lr"] = 1e-3
+    path.write_text(json.dumps(rec))
+    with pytest.raises(ValueError, match="another run's result \\(lr"):
+        ss.cached_risks(run, "c", "bp", 1)

@@ -518,3 +518,83 @@ def test_replicates_written_for_every_difference(tmp_path):
     with np.load(path) as z:
         assert list(z["names"]) == ["a\tx - rsf", "a\tx - y", "b\tx - y"]
         np.testing.assert_array_equal(z["replicates"][2], reps * 3)
+
+
+def test_lr_grid_keeps_the_best_validation_run_and_reuses_single_rate_caches(tmp_path):
+    """--bp_lrs: every rate is fitted (or read back), the highest *validation* C-index wins whatever test says,
+    ties go to the earlier rate, and a run cached by a single-rate run at one of the rates is not refitted."""
+    from types import SimpleNamespace
+
+    settings = {"cohort": "c", "fold": 0, "model": "bp_pretrained", "mode": "full", "lr": 3e-4, "epochs": 15}
+    cache = tmp_path / "cache" / "c" / "fold0"
+    cv.store(cache / "bp_pretrained.json", settings, {"validation": 0.6, "test": 0.9, "risk_test": [0.0]})
+    scores = {1e-3: (0.7, 0.5), 3e-3: (0.7, 0.99)}  # lr -> (validation, test)
+    fitted = []
+
+    def fit(lr):
+        fitted.append(lr)
+        v, t = scores[lr]
+        return {"validation": v, "test": t, "risk_test": [lr], "epochs": 3}
+
+    origin = []
+    rec = cv.lr_grid_record(settings, [3e-4, 1e-3, 3e-3], cache, fit, origin)
+    assert fitted == [1e-3, 3e-3]  # 3e-4 read back from the single-rate run's cache
+    assert rec["lr"] == 1e-3 and rec["test"] == 0.5 and rec["risk_test"] == [1e-3]  # tie on validation: earlier rate
+    assert rec["selected"]["validation"] == {"0.0003": 0.6, "0.001": 0.7, "0.003": 0.7}
+    assert [w for w, _ in origin] == ["cached", "ran", "ran"]
+    assert cv.cached(cache / "bp_pretrained_lr0.0003.json", settings)["test"] == 0.9  # copied under its own name
+    assert (cache / "bp_pretrained_lr0.001.json").is_file() and (cache / "bp_pretrained_lr0.003.json").is_file()
+    again = cv.lr_grid_record(settings, [3e-4, 1e-3, 3e-3], cache, fit)
+    assert fitted == [1e-3, 3e-3] and again["lr"] == rec["lr"] and again["test"] == rec["test"]  # all read back
+    scores[1e-2] = (float("nan"), 0.99)
+    assert cv.lr_grid_record(settings, [1e-2, 1e-3], cache, fit)["lr"] == 1e-3  # NaN validation never wins
+
+    args = SimpleNamespace(bp_lrs=[1e-3, 3e-3], bp_lr=3e-4, bp_epochs=15, probe_lr=3e-3, probe_epochs=30, quick=False)
+    assert cv.bp_lrs(args, "bp_random") == [1e-3, 3e-3] and cv.bp_lrs(args, "bp_random_probe") == [3e-3]
+    args.bp_lrs = None
+    assert cv.bp_lrs(args, "bp_pretrained") == [3e-4]
+    assert cv.parse_args(["--bp_lrs", "3e-4", "1e-3"]).bp_lrs == [3e-4, 1e-3]
+
+
+def test_lr_grid_choice_summarised_and_reported():
+    from types import SimpleNamespace
+
+    recs = [
+        {"validation": 0.7, "test": 0.6, "risk_test": [0.1, 0.2], "lr": lr, "selected": {"lr": lr}}
+        for lr in (1e-3, 3e-3)
+    ]
+    rows = pd.DataFrame(
+        {"patient_id": ["a", "b"], "label_survival_time": [1.0, 2.0], "label_survival_event": [1, 0]}, index=["a", "b"]
+    )
+    base = {"validation": 0.5, "test": 0.5, "risk_test": [0.2, 0.1]}
+    results = {**{m: [base, base] for m in cv.BASELINES}, "bp_random": recs}
+    meta = [{"test_ids": ["a", "b"]}] * 2
+    args = SimpleNamespace(n_bootstrap=10, seed=0)
+    s = cv.summarise(args, "c", "development", rows, meta, results)
+    assert s["models"]["bp_random"]["lr"] == [1e-3, 3e-3] and "lr" not in s["models"]["cox_clinical_pcs"]
+    lines = cv.report_lines({"cohorts": {"c": s}, "folds": 2})
+    assert "| c | 0.001, 0.003 |" in lines
+
+
+def test_reuse_cache_reads_another_run_s_results_and_copies_them(tmp_path):
+    """--reuse_cache: a result cached in an earlier run's folder under the same settings is copied into this run's
+    cache, not refitted; other settings there are ignored; a --bp_lrs grid finds single-rate runs there too."""
+    settings = {"cohort": "c", "fold": 1, "model": "bp_random", "mode": "full", "lr": 3e-4, "epochs": 15}
+    old = tmp_path / "old" / "cache" / "c" / "fold1"
+    cv.store(old / "bp_random.json", settings, {"validation": 0.8, "test": 0.7, "risk_test": [1.0]})
+    own = tmp_path / "new" / "cache" / "c" / "fold1" / "bp_random.json"
+    assert cv.find_cached(own, {**settings, "epochs": 10}, [old / "bp_random.json"]) is None  # other settings
+    assert not own.exists()
+    rec = cv.find_cached(own, settings, [tmp_path / "missing.json", old / "bp_random.json"])
+    assert rec["test"] == 0.7 and cv.cached(own, settings)["test"] == 0.7  # copied: the new folder stands alone
+
+    fitted = []
+
+    def fit(lr):
+        fitted.append(lr)
+        return {"validation": 0.5, "test": 0.5, "risk_test": [lr]}
+
+    grid_dir = tmp_path / "grid" / "cache" / "c" / "fold1"
+    rec = cv.lr_grid_record(settings, [3e-4, 1e-3], grid_dir, fit, reuse=[tmp_path / "old" / "cache"])
+    assert fitted == [1e-3] and rec["lr"] == 3e-4 and (grid_dir / "bp_random_lr0.0003.json").is_file()
+    assert cv.parse_args([]).reuse_cache == []
