@@ -64,8 +64,15 @@ def load_run(folder: str | Path) -> dict:
 def check_compatible(runs: list[dict], labels: list[str]) -> None:
     """Every run has the same folds and bootstrap draws as the first, or a ValueError naming the run and the fix."""
     ref = runs[0]["res"]
+    n_ref = {len(v) for v in runs[0]["replicates"].values()}
     for run, label in zip(runs[1:], labels[1:]):
         res = run["res"]
+        n_rep = {len(v) for v in run["replicates"].values()}
+        if n_rep and n_ref and n_rep != n_ref:
+            raise ValueError(
+                f"run {label} ({run['folder']}) has {sorted(n_rep)} bootstrap replicates per difference, the first run "
+                f"{sorted(n_ref)}: rerun survival_cv.py with the first run's --n_bootstrap"
+            )
         for key in SHARED:
             if res.get(key) != ref.get(key):
                 raise ValueError(

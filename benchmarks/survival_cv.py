@@ -1153,6 +1153,7 @@ def main(argv=None) -> dict:
         "seed": args.seed,
         "init_seed": args.init_seed,
         "val_fraction": args.val_fraction,
+        "n_bootstrap": args.n_bootstrap,
         "bp": {
             "epochs": 2 if args.quick else args.bp_epochs,
             "lr": args.bp_lr,

@@ -121,11 +121,16 @@ def test_runs_that_do_not_pair_are_refused(tmp_path):
         ss.check_compatible([ss.load_run(a), ss.load_run(other_seed)], ["r0", "r1"])
     moved = tmp_path / "moved"
     rng = np.random.default_rng(0)
-    d = cv.paired_difference(_fold_data(rng, 0.5), n_boot=50, seed=0)
+    d = cv.paired_difference(_fold_data(rng, 0.5), n_boot=300, seed=0)
     folds = [{"test_ids": ["s9"]}, {"test_ids": ["s3"]}]
     _write_run(moved, {"a": ("development", {"bp - rsf": {**d, "pair": ["bp", "best baseline"]}})}, folds=folds)
     with pytest.raises(ValueError, match="cohort a's test folds differ"):
         ss.check_compatible([ss.load_run(a), ss.load_run(moved)], ["r0", "r1"])
+    fewer = tmp_path / "fewer"
+    d = cv.paired_difference(_fold_data(rng, 0.5), n_boot=50, seed=0)
+    _write_run(fewer, {"a": ("development", {"bp - rsf": {**d, "pair": ["bp", "best baseline"]}})})
+    with pytest.raises(ValueError, match=r"run r1 .* \[50\] bootstrap replicates .* --n_bootstrap"):
+        ss.check_compatible([ss.load_run(a), ss.load_run(fewer)], ["r0", "r1"])
     (b / "survival_cv_replicates.npz").unlink()
     with pytest.raises(FileNotFoundError, match=r"survival_cv_replicates\.npz is missing"):
         ss.load_run(b)
