@@ -653,8 +653,8 @@ def lr_grid_record(
             rec["wall_s"] = round(time.perf_counter() - t0, 1)
             rec = store(own, s, rec)
         tried.append((lr, rec))
-    if any("test" not in r for _, r in tried):
-        return {"skipped": "a learning rate's run did not finish"}
+    if skipped := [r for _, r in tried if "test" not in r]:
+        return {"skipped": skipped[0].get("skipped", "a learning rate's run did not finish")}
 
     def score(i: int) -> tuple[float, int]:
         v = float(tried[i][1]["validation"])
@@ -733,6 +733,8 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
             }
             if model.startswith("bp_"):
                 settings.update(bp_config(args, model), preset=args.random_preset, **init_settings(args))
+                if args.bp_modalities:  # only when restricted: the cache keys of earlier runs stay valid
+                    settings["modalities"] = list(args.bp_modalities)
                 if BP_ARMS[model]["pretrained"]:
                     settings["pretrained_dir"] = str(Path(args.pretrained_dir).resolve())
             elif model == "rsf":
@@ -809,9 +811,19 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
     return summary
 
 
+def bp_modalities(args, rows: pd.DataFrame) -> list[str]:
+    """The modalities the trained BioPerceiver arms see in a cohort: expression, and the clinical covariates where
+    the cohort has them; ``--bp_modalities`` keeps only those listed (an ablation)."""
+    present = [m for m in MODALITIES if m != "tabular_clinical" or has_clinical(rows)]
+    return [m for m in present if not args.bp_modalities or m in args.bp_modalities]
+
+
 def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str, lr: float | None = None) -> dict:
     """One finetuning run of a trained BioPerceiver arm on fold ``k``; ``lr`` overrides the arm's rate (a
     ``--bp_lrs`` grid point, whose run folder is tagged with it)."""
+    modalities = bp_modalities(args, rows)
+    if not modalities:
+        return {"skipped": f"{cohort} has none of --bp_modalities {args.bp_modalities}"}
     split = pd.Series("train", index=rows.index)
     split.loc[part["validation"]] = "validation"
     split.loc[part["test"]] = "test"
@@ -819,9 +831,9 @@ def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str, 
     path = manifest.base_dir / f"cv_{cohort}_fold{k}.parquet"
     ft.write_split_manifest(manifest, rows, split, cols, path)
     extra = [] if BP_ARMS[model]["pretrained"] else ["--preset", args.random_preset]
-    modalities = [m for m in MODALITIES if m != "tabular_clinical" or has_clinical(rows)]
     cfg = bp_config(args, model)
     tag = f"{cohort}_f{k}_{model}" + (f"_lr{lr:g}" if lr is not None else "")
+    tag += "".join(f"_{m}" for m in args.bp_modalities or ())
     r = runner.run(
         tag + (f"_init{args.init_seed}" if init_settings(args) else ""),
         path,
@@ -873,7 +885,10 @@ def summarise(args, cohort: str, role: str, rows, fold_meta: list[dict], results
         return out
 
     diffs = {}
-    for a, b in DIFF_PAIRS:
+    pairs = DIFF_PAIRS
+    if getattr(args, "bp_modalities", None) == ["tabular_clinical"]:  # the ablation's own reference: Cox on them
+        pairs += (("bp_pretrained", "cox_clinical"), ("bp_random", "cox_clinical"))
+    for a, b in pairs:
         other = best if b is None else b
         if "test" in models.get(a, {}) and "test" in models.get(other, {}):
             d = paired_difference(fold_data(a, other), args.n_bootstrap, args.seed)
@@ -1056,6 +1071,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "adds its full and probe arms",
     )
     p.add_argument(
+        "--bp_modalities",
+        nargs="+",
+        default=None,
+        choices=MODALITIES,
+        help="ablation: the trained BioPerceiver arms see only these modalities (default: expression, and the "
+        "clinical covariates where a cohort has them); a cohort with none of them skips those arms",
+    )
+    p.add_argument(
         "--reuse_cache",
         nargs="+",
         default=[],
@@ -1161,6 +1184,7 @@ def main(argv=None) -> dict:
             "probe_epochs": 2 if args.quick else args.probe_epochs,
             "probe_lr": args.probe_lr,
             "arms": list(args.bp_arms),
+            "modalities": args.bp_modalities,
             "random_preset": args.random_preset,
             "pretrained_dir": args.pretrained_dir,
         },

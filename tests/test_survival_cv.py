@@ -598,3 +598,39 @@ def test_reuse_cache_reads_another_run_s_results_and_copies_them(tmp_path):
     rec = cv.lr_grid_record(settings, [3e-4, 1e-3], grid_dir, fit, reuse=[tmp_path / "old" / "cache"])
     assert fitted == [1e-3] and rec["lr"] == 3e-4 and (grid_dir / "bp_random_lr0.0003.json").is_file()
     assert cv.parse_args([]).reuse_cache == []
+
+
+def test_bp_modalities_ablation_restricts_the_trained_arms(tmp_path):
+    """--bp_modalities: the trained arms see only the listed modalities; a cohort without any of them is skipped
+    with a reason (not a crash); without it, clinical covariates are used wherever a cohort has them."""
+    from types import SimpleNamespace
+
+    clin = pd.DataFrame({"tabular_clinical": ['{"age": 50}', '{"age": 60}']})
+    none = pd.DataFrame({"tabular_clinical": [None, None]})
+    args = SimpleNamespace(bp_modalities=None)
+    assert cv.bp_modalities(args, clin) == ["omics_expression", "tabular_clinical"]
+    assert cv.bp_modalities(args, none) == ["omics_expression"]
+    args.bp_modalities = ["tabular_clinical"]
+    assert cv.bp_modalities(args, clin) == ["tabular_clinical"] and cv.bp_modalities(args, none) == []
+    rec = cv.run_bp(args, None, none, {}, None, "NSBCD", 0, "bp_random")
+    assert "NSBCD has none of --bp_modalities" in rec["skipped"]
+    grid = cv.lr_grid_record({"model": "bp_random", "fold": 0}, [1e-3], tmp_path / "c" / "fold0", lambda lr: rec)
+    assert grid == {"skipped": rec["skipped"]}
+    assert cv.parse_args(["--bp_modalities", "tabular_clinical"]).bp_modalities == ["tabular_clinical"]
+
+    rows = pd.DataFrame(
+        {"patient_id": ["a", "b", "c"], "label_survival_time": [1.0, 2.0, 3.0], "label_survival_event": [1, 1, 0]},
+        index=["a", "b", "c"],
+    )
+    rec = {"validation": 0.6, "test": 0.6, "risk_test": [3.0, 2.0, 1.0]}
+    results = {m: [rec] for m in (*cv.BASELINES, "bp_random", "bp_pretrained")}
+    results["cox_clinical"] = [{**rec, "validation": 0.5}]  # not the best baseline (named after it otherwise)
+    meta = [{"test_ids": ["a", "b", "c"]}]
+    ns = SimpleNamespace(n_bootstrap=5, seed=0, bp_modalities=["tabular_clinical"])
+    diffs = cv.summarise(ns, "c", "development", rows, meta, results)["paired_differences"]
+    assert "bp_random - cox_clinical" in diffs and "bp_pretrained - cox_clinical" in diffs  # its own reference
+    ns.bp_modalities = None
+    assert (
+        "bp_random - cox_clinical"
+        not in cv.summarise(ns, "c", "development", rows, meta, results)["paired_differences"]
+    )
