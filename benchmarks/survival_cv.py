@@ -608,14 +608,19 @@ def store(path: Path, settings: dict, rec: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # one cohort
 # ---------------------------------------------------------------------------------------------------------------
-def bp_config(args, model: str) -> dict:
-    """The finetuning setting of a trained BioPerceiver arm (part of its cache key: unchanged for the full arms)."""
+def bp_config(args, model: str, n_modalities: int = 2) -> dict:
+    """The finetuning setting of a trained BioPerceiver arm (part of its cache key: unchanged for the full arms).
+    ``--bp_modality_dropout`` enters only where it can act: full finetuning of a cohort with more than one modality
+    (the collator never hides a sample's last modality, so a one-modality run is the same run without it)."""
     arm = BP_ARMS[model]
     if arm["mode"] == "full":
         lr, epochs = args.bp_lr, args.bp_epochs
     else:
         lr, epochs = args.probe_lr, args.probe_epochs
-    return {"pretrained": arm["pretrained"], "mode": arm["mode"], "lr": lr, "epochs": 2 if args.quick else epochs}
+    cfg = {"pretrained": arm["pretrained"], "mode": arm["mode"], "lr": lr, "epochs": 2 if args.quick else epochs}
+    if arm["mode"] == "full" and getattr(args, "bp_modality_dropout", 0.0) > 0 and n_modalities > 1:
+        cfg["modality_dropout"] = args.bp_modality_dropout
+    return cfg
 
 
 def bp_lrs(args, model: str) -> list[float]:
@@ -732,7 +737,8 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                 "quick": args.quick,
             }
             if model.startswith("bp_"):
-                settings.update(bp_config(args, model), preset=args.random_preset, **init_settings(args))
+                n_mod = len(bp_modalities(args, rows))
+                settings.update(bp_config(args, model, n_mod), preset=args.random_preset, **init_settings(args))
                 if args.bp_modalities:  # only when restricted: the cache keys of earlier runs stay valid
                     settings["modalities"] = list(args.bp_modalities)
                 if BP_ARMS[model]["pretrained"]:
@@ -831,8 +837,9 @@ def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str, 
     path = manifest.base_dir / f"cv_{cohort}_fold{k}.parquet"
     ft.write_split_manifest(manifest, rows, split, cols, path)
     extra = [] if BP_ARMS[model]["pretrained"] else ["--preset", args.random_preset]
-    cfg = bp_config(args, model)
+    cfg = bp_config(args, model, len(modalities))
     tag = f"{cohort}_f{k}_{model}" + (f"_lr{lr:g}" if lr is not None else "")
+    tag += f"_mdrop{cfg['modality_dropout']:g}" if "modality_dropout" in cfg else ""
     tag += "".join(f"_{m}" for m in args.bp_modalities or ())
     r = runner.run(
         tag + (f"_init{args.init_seed}" if init_settings(args) else ""),
@@ -1071,6 +1078,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "adds its full and probe arms",
     )
     p.add_argument(
+        "--bp_modality_dropout",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="full-finetuning arms: hide each present modality of a training sample with probability P (never its "
+        "last one; run_finetune --modality_dropout), so the model cannot lean on one modality alone",
+    )
+    p.add_argument(
         "--bp_modalities",
         nargs="+",
         default=None,
@@ -1185,6 +1200,7 @@ def main(argv=None) -> dict:
             "probe_lr": args.probe_lr,
             "arms": list(args.bp_arms),
             "modalities": args.bp_modalities,
+            "modality_dropout": args.bp_modality_dropout,
             "random_preset": args.random_preset,
             "pretrained_dir": args.pretrained_dir,
         },

@@ -252,6 +252,12 @@ def test_bp_arms_default_and_selection():
         "lr": probe["lr"],
         "epochs": probe["epochs"],
     }
+    # --bp_modality_dropout: in the key (and the run) of full finetuning with two modalities only; a one-modality
+    # cohort's run is the same run, so its cached results stay valid
+    args = cv.parse_args([*base, "--bp_modality_dropout", "0.3"])
+    assert cv.bp_config(args, "bp_random", 2)["modality_dropout"] == 0.3
+    assert cv.bp_config(args, "bp_random", 1) == {"pretrained": False, "mode": "full", "lr": 3e-4, "epochs": 10}
+    assert "modality_dropout" not in cv.bp_config(args, "bp_random_probe", 2)
 
 
 def _emb_fixture(cohort, width=12, seed=7):
