@@ -72,6 +72,7 @@ def _survival(
     pretrained: str = f"{W}/survset/pretrain/final",
     arms: tuple[str, ...] = (),
     extra: tuple[str, ...] = (),
+    epochs: int = 15,
 ) -> list[str]:
     chosen = ["--cohorts", *cohorts] if cohorts else []
     return [
@@ -81,7 +82,7 @@ def _survival(
         "--folds",
         "5",
         "--bp_epochs",
-        "15",
+        str(epochs),
         *(["--bp_arms", *arms] if arms else []),
         "--pretrained_dir",
         pretrained,
@@ -254,6 +255,35 @@ def _seed_parts() -> list[Part]:
             optional=True,
         )
     )
+    # why the finetuned arms lose: the clinical covariates alone (15 and 60 epochs), and modality dropout
+    grid = ("--bp_lrs", *LR_GRID, "--reuse_cache", f"{W}/survset/survival_cv_lrgrid")
+    clinical = ("--bp_modalities", "tabular_clinical")
+    for run, what, cohorts, extra, epochs, minutes in (
+        ("survival_cv_clinical_only", "on the clinical covariates alone", (), clinical, 15, 12),
+        (
+            "survival_cv_clinical_only_e60",
+            "on the clinical covariates alone, 60 epochs, the 4 small clinical cohorts",
+            ("gse1992", "gse4335", "nki70", "GSE7390"),
+            clinical,
+            60,
+            18,
+        ),
+        ("survival_cv_mdrop", "with modality dropout 0.3", (), ("--bp_modality_dropout", "0.3"), 15, 25),
+    ):
+        data = f"{W}/survset/{run}/cohort" if cohorts else f"{W}/survset/cv_cohort"  # a cohort subset: own manifest
+        parts.append(
+            Part(
+                run,
+                f"the full-finetuning arms {what}; learning rate chosen on validation, --init_seed 0",
+                _survival(
+                    f"{W}/survset/{run}", data, *cohorts, arms=FINETUNED_ARMS[:2], extra=(*grid, *extra), epochs=epochs
+                ),
+                f"survset/{run}/survival_cv.json",
+                needs=["survival_cv_lrgrid"],
+                minutes=minutes,
+                optional=True,
+            )
+        )
     return parts
 
 

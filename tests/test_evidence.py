@@ -97,3 +97,6 @@ def test_the_recorded_parts_are_consistent():
         assert set(argv[argv.index("--bp_arms") + 1 :][:4]) == set(evidence.FINETUNED_ARMS)
     spread = next(p for p in evidence.PARTS if p.name == "survset_seed_spread_lrgrid")
     assert spread.needs == ["survival_cv_lrgrid", "survival_cv_lrgrid_init1"]
+    e60 = next(p for p in evidence.PARTS if p.name == "survival_cv_clinical_only_e60").argv
+    assert e60[e60.index("--bp_epochs") + 1] == "60" and e60.count("--bp_epochs") == 1
+    assert e60[e60.index("--data_dir") + 1].endswith("survival_cv_clinical_only_e60/cohort")  # a subset: own manifest
