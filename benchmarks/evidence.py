@@ -2,7 +2,7 @@
 """The whole evidence table of issue 18 in one resumable command (``make evidence``): does pretraining pay off?
 
     python benchmarks/evidence.py                          # every part, in order; finished parts are skipped
-    python benchmarks/evidence.py --with_optional          # also the optional parts (SurvSet seeds 1-4, ~80 min)
+    python benchmarks/evidence.py --with_optional          # also the optional parts (~3.5 h more)
     python benchmarks/evidence.py --list                   # the parts, their commands and whether each is done
     python benchmarks/evidence.py --only survival_cv       # one part (its prerequisites must be done)
     python benchmarks/evidence.py --redo label_efficiency  # run a finished part again
@@ -104,7 +104,8 @@ def _seed_parts() -> list[Part]:
     """Optional: the fold-wise SurvSet backbones and embedding CV again with pretraining seeds 1-4 (``--init_seed``
     the same, so the random-init control is reseeded too), a second finetuning seed (``--init_seed 1``) for the
     finetuned arms, and ``seed_spread.py`` over them (~80 min on 2 idle cores); the finetuned arms with the
-    learning rate chosen on validation (``--bp_lrs``), finetuning seeds 0 and 1, and ``seed_spread.py`` over those."""
+    learning rate chosen on validation (``--bp_lrs``), finetuning seeds 0 and 1, ``seed_spread.py`` over those, and
+    the clinical-only and modality-dropout ablations (~2 h more)."""
     parts = []
     for s in EXTRA_SEEDS:
         parts += [
@@ -504,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--with_optional",
         action="store_true",
-        help="also run the optional parts (more SurvSet seeds, ~80 min more); --only runs any part it names",
+        help="also run the optional parts (more SurvSet seeds ~80 min, the SurvSet lr grid and ablations ~2 h); "
+        "--only runs any part it names",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
