@@ -951,48 +951,35 @@ def report_lines(res: dict) -> list[str]:
                     f"| {role} ({len(d['cohorts'])}) | {name} | {d['difference']:+.3f} | "
                     f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {d['above_zero']} of {len(d['cohorts'])} |"
                 )
-    selected = [m for m in SELECTED_ARMS if m in models]
-    if selected:
-        lines += [
-            "",
-            "| cohort | " + " | ".join(f"{m}: pick per fold (by validation C-index)" for m in selected) + " |",
-            "|---|" + "---|" * len(selected),
-        ]
+
+    def fold_picks(arms: list[str], what: str, cell) -> None:
+        """One row per cohort: what each arm chose per fold (``cell(model summary) -> str``; "–" when absent)."""
+        if not arms:
+            return
+        lines.extend(
+            ["", "| cohort | " + " | ".join(f"{m}: {what}" for m in arms) + " |", "|---|" + "---|" * len(arms)]
+        )
         for c, r in res["cohorts"].items():
-            cells = []
-            for m in selected:
-                picks = r["models"].get(m, {}).get("picked")
-                cells.append(", ".join("probe" if p.endswith("_probe") else "full" for p in picks) if picks else "–")
-            lines.append(f"| {c} | " + " | ".join(cells) + " |")
-    grid = [m for m in models if any("lr" in r["models"].get(m, {}) for r in res["cohorts"].values())]
-    if grid:
-        lines += [
-            "",
-            "| cohort | " + " | ".join(f"{m}: learning rate per fold (by validation C-index)" for m in grid) + " |",
-            "|---|" + "---|" * len(grid),
-        ]
-        for c, r in res["cohorts"].items():
-            cells = [", ".join(f"{x:g}" for x in r["models"].get(m, {}).get("lr", [])) or "–" for m in grid]
-            lines.append(f"| {c} | " + " | ".join(cells) + " |")
-    emb = [m for m in EMB_ARMS if m in models]
-    if emb:
-        lines += [
-            "",
-            "| cohort | " + " | ".join(f"{m}: embedding PCs per fold (by validation)" for m in emb) + " |",
-            "|---|" + "---|" * len(emb),
-        ]
-        for c, r in res["cohorts"].items():
-            cells = []
-            for m in emb:
-                sel = r["models"].get(m, {}).get("selected")
-                cells.append(
-                    ", ".join(
-                        f"{s['n_pcs']}" + (f" (+{s['expr_pcs']} expr.)" if s.get("expr_pcs") else "") for s in sel
-                    )
-                    if sel
-                    else "–"
-                )
-            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+            lines.append(f"| {c} | " + " | ".join(cell(r["models"].get(m, {})) or "–" for m in arms) + " |")
+
+    fold_picks(
+        [m for m in SELECTED_ARMS if m in models],
+        "pick per fold (by validation C-index)",
+        lambda s: ", ".join("probe" if p.endswith("_probe") else "full" for p in s.get("picked") or ()),
+    )
+    fold_picks(
+        [m for m in models if any("lr" in r["models"].get(m, {}) for r in res["cohorts"].values())],
+        "learning rate per fold (by validation C-index)",
+        lambda s: ", ".join(f"{x:g}" for x in s.get("lr", ())),
+    )
+    fold_picks(
+        [m for m in EMB_ARMS if m in models],
+        "embedding PCs per fold (by validation)",
+        lambda s: ", ".join(
+            f"{e['n_pcs']}" + (f" (+{e['expr_pcs']} expr.)" if e.get("expr_pcs") else "")
+            for e in s.get("selected") or ()
+        ),
+    )
     return lines
 
 
