@@ -105,7 +105,7 @@ def _seed_parts() -> list[Part]:
     the same, so the random-init control is reseeded too), a second finetuning seed (``--init_seed 1``) for the
     finetuned arms, and ``seed_spread.py`` over them (~80 min on 2 idle cores); the finetuned arms with the
     learning rate chosen on validation (``--bp_lrs``), finetuning seeds 0 and 1, ``seed_spread.py`` over those, and
-    the clinical-only and modality-dropout ablations (~2 h more)."""
+    the clinical-only, modality-dropout and wide & deep (linear clinical term) runs (~2.5 h more)."""
     parts = []
     for s in EXTRA_SEEDS:
         parts += [
@@ -270,6 +270,15 @@ def _seed_parts() -> list[Part]:
             18,
         ),
         ("survival_cv_mdrop", "with modality dropout 0.3", (), ("--bp_modality_dropout", "0.3"), 15, 25),
+        (
+            "survival_cv_wide",
+            "with the clinical covariates' linear term beside the head (wide & deep; expression-only cohorts read "
+            "back)",
+            (),
+            ("--bp_head_linear",),
+            15,
+            25,
+        ),
     ):
         data = f"{W}/survset/{run}/cohort" if cohorts else f"{W}/survset/cv_cohort"  # a cohort subset: own manifest
         parts.append(
@@ -505,8 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--with_optional",
         action="store_true",
-        help="also run the optional parts (more SurvSet seeds ~80 min, the SurvSet lr grid and ablations ~2 h); "
-        "--only runs any part it names",
+        help="also run the optional parts (more SurvSet seeds ~80 min, the SurvSet lr grid, ablations and wide & "
+        "deep run ~2.5 h); --only runs any part it names",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

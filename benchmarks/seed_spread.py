@@ -19,6 +19,9 @@ Give this script several ``survival_cv.py`` output folders -- the same cohorts, 
   single arm: per cohort against the best baseline (chosen on validation, as in the runs) and against ``CONTROL``
   averaged the same way, then pooled over the cohorts (``survival_cv.py``'s paired patient bootstrap, the same
   draws). An ensemble of pretraining seeds is the usual answer to seed-to-seed spread; this asks whether it pays.
+* with ``--versus ARM...``: runs that differ in one setting (e.g. ``survival_cv.py --bp_head_linear`` against the
+  same run without it): the first run's ARM minus each other run's, paired on the same test patients, per cohort
+  and pooled over the cohorts where the setting changed anything.
 
 Outputs (``--output_dir``): ``seed_spread.json``, ``seed_spread.md`` and ``seed_spread.png`` (each run's interval
 and the mean over runs, per difference).
@@ -236,6 +239,73 @@ def ensemble(runs: list[dict], arm: str, control: str | None, n_boot: int) -> di
     return {"arm": arm, "control": control, "test_c_index": scores, "paired_differences": per_cohort, "pooled": pooled}
 
 
+def versus(runs: list[dict], labels: list[str], arm: str, n_boot: int, roles=("development", "external")) -> dict:
+    """``arm`` of the first run minus ``arm`` of each other run on the same test patients: per cohort the mean over
+    folds with a 95% paired patient-bootstrap interval (the runs' own draws), pooled per role over the cohorts where
+    the two runs' risks differ. Cohorts where they are identical in every fold (a setting that does not apply
+    there, so the result was read back from the other run's cache) are listed under ``same`` and left out of the
+    pooled difference, which would otherwise be diluted by exact zeros."""
+    from bioperceiver.data import read_manifest
+
+    cv = _survival_cv()
+    res0 = runs[0]["res"]
+    table = read_manifest(res0["manifest"]).table
+    out = {}
+    for run, lab in zip(runs[1:], labels[1:]):
+        a, b = f"{arm} ({labels[0]})", f"{arm} ({lab})"
+        cohorts, same = {}, []
+        for cohort, c0 in res0["cohorts"].items():
+            c1 = run["res"]["cohorts"].get(cohort, {})
+            if "test" not in c0["models"].get(arm, {}) or "test" not in c1.get("models", {}).get(arm, {}):
+                continue
+            rows = cv.cohort_rows(table, cohort)
+            folds = []
+            for k, f in enumerate(c0["folds"]):
+                ids = f["test_ids"]
+                risks = np.array([cached_risks(r, cohort, arm, k) for r in (runs[0], run)])
+                folds.append(
+                    {
+                        "time": rows.loc[ids, "label_survival_time"].to_numpy(float),
+                        "event": rows.loc[ids, "label_survival_event"].to_numpy(int),
+                        "patients": rows.loc[ids, "patient_id"].to_numpy(),
+                        "risks": risks,
+                    }
+                )
+            if all(np.array_equal(f["risks"][0], f["risks"][1]) for f in folds):
+                same.append(cohort)
+                continue
+            d = cv.paired_difference(folds, n_boot, res0["seed"])
+            cohorts[cohort] = {"role": c0["role"], "paired_differences": {f"{a} - {b}": {**d, "pair": [a, b]}}}
+        out[f"{a} - {b}"] = {
+            "per_cohort": {
+                c: {k: v for k, v in r["paired_differences"][f"{a} - {b}"].items() if k != "_replicates"}
+                for c, r in cohorts.items()
+            },
+            "pooled": {role: cv.pooled_differences(cohorts, role).get(f"{a} - {b}") for role in roles},
+            "same": same,
+        }
+    return out
+
+
+def versus_lines(vs: dict) -> list[str]:
+    lines = []
+    for key, v in vs.items():
+        lines += [f"### {key}: the same test patients, paired", "", "| cohort | difference | 95% CI |", "|---|---|---|"]
+        for c, d in v["per_cohort"].items():
+            lines.append(f"| {c} | {d['difference']:+.3f} | {_ci(d['ci95'])} |")
+        for role, d in v["pooled"].items():
+            if d:
+                n = len(d["cohorts"])
+                lines.append(
+                    f"| pooled, {role} ({n}) | **{d['difference']:+.3f}** | {_ci(d['ci95'])} ({d['above_zero']} of "
+                    f"{n} above 0) |"
+                )
+        if v["same"]:
+            lines.append(f"\nIdentical risks in both runs (left out of the pooled row): {', '.join(v['same'])}.")
+        lines.append("")
+    return lines
+
+
 def ensemble_lines(ens: dict, n_runs: int) -> list[str]:
     lines = [f"### {ens['arm']}: test risks averaged over the {n_runs} runs (ensemble)", ""]
     if not ens["test_c_index"]:
@@ -355,6 +425,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="ARM [CONTROL]: also score ARM's test risks averaged over the runs, against the best baseline and "
         "CONTROL averaged the same way",
     )
+    p.add_argument(
+        "--versus",
+        nargs="+",
+        metavar="ARM",
+        default=None,
+        help="runs that differ in a setting rather than a seed: each ARM of the first run minus the same ARM of each "
+        "other run, paired on the same test patients, per cohort and pooled",
+    )
     p.add_argument("--output_dir", required=True)
     args = p.parse_args(argv)
     if args.labels is not None and len(args.labels) != len(args.runs):
@@ -385,6 +463,12 @@ def main(argv=None) -> dict:
         arm, control = args.ensemble[0], (args.ensemble[1:] or [None])[0]
         result["ensemble"] = ensemble(runs, arm, control, n_boot)
         lines += ensemble_lines(result["ensemble"], len(runs))
+    if args.versus:
+        n_boot = len(next(iter(runs[0]["replicates"].values()), np.zeros(1000)))
+        result["versus"] = {}
+        for arm in args.versus:
+            result["versus"].update(versus(runs, labels, arm, n_boot, args.roles))
+        lines += versus_lines(result["versus"])
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".seed_spread.json.tmp"

@@ -608,18 +608,22 @@ def store(path: Path, settings: dict, rec: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # one cohort
 # ---------------------------------------------------------------------------------------------------------------
-def bp_config(args, model: str, n_modalities: int = 2) -> dict:
+def bp_config(args, model: str, modalities=tuple(MODALITIES)) -> dict:
     """The finetuning setting of a trained BioPerceiver arm (part of its cache key: unchanged for the full arms).
     ``--bp_modality_dropout`` enters only where it can act: full finetuning of a cohort with more than one modality
-    (the collator never hides a sample's last modality, so a one-modality run is the same run without it)."""
+    (the collator never hides a sample's last modality, so a one-modality run is the same run without it).
+    ``--bp_head_linear`` (the clinical covariates' linear term beside the head) enters only where the arm sees the
+    clinical covariates."""
     arm = BP_ARMS[model]
     if arm["mode"] == "full":
         lr, epochs = args.bp_lr, args.bp_epochs
     else:
         lr, epochs = args.probe_lr, args.probe_epochs
     cfg = {"pretrained": arm["pretrained"], "mode": arm["mode"], "lr": lr, "epochs": 2 if args.quick else epochs}
-    if arm["mode"] == "full" and getattr(args, "bp_modality_dropout", 0.0) > 0 and n_modalities > 1:
+    if arm["mode"] == "full" and getattr(args, "bp_modality_dropout", 0.0) > 0 and len(modalities) > 1:
         cfg["modality_dropout"] = args.bp_modality_dropout
+    if getattr(args, "bp_head_linear", False) and "tabular_clinical" in modalities:
+        cfg["head_linear"] = ["tabular_clinical"]
     return cfg
 
 
@@ -737,8 +741,9 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                 "quick": args.quick,
             }
             if model.startswith("bp_"):
-                n_mod = len(bp_modalities(args, rows))
-                settings.update(bp_config(args, model, n_mod), preset=args.random_preset, **init_settings(args))
+                settings.update(
+                    bp_config(args, model, bp_modalities(args, rows)), preset=args.random_preset, **init_settings(args)
+                )
                 if args.bp_modalities:  # only when restricted: the cache keys of earlier runs stay valid
                     settings["modalities"] = list(args.bp_modalities)
                 if BP_ARMS[model]["pretrained"]:
@@ -837,9 +842,12 @@ def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str, 
     path = manifest.base_dir / f"cv_{cohort}_fold{k}.parquet"
     ft.write_split_manifest(manifest, rows, split, cols, path)
     extra = [] if BP_ARMS[model]["pretrained"] else ["--preset", args.random_preset]
-    cfg = bp_config(args, model, len(modalities))
+    cfg = bp_config(args, model, modalities)
+    if "head_linear" in cfg:
+        extra += ["--head_linear_modalities", *cfg["head_linear"]]
     tag = f"{cohort}_f{k}_{model}" + (f"_lr{lr:g}" if lr is not None else "")
     tag += f"_mdrop{cfg['modality_dropout']:g}" if "modality_dropout" in cfg else ""
+    tag += "_wide" if "head_linear" in cfg else ""
     tag += "".join(f"_{m}" for m in args.bp_modalities or ())
     r = runner.run(
         tag + (f"_init{args.init_seed}" if init_settings(args) else ""),
@@ -1073,6 +1081,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "last one; run_finetune --modality_dropout), so the model cannot lean on one modality alone",
     )
     p.add_argument(
+        "--bp_head_linear",
+        action="store_true",
+        help="trained arms: the clinical covariates also reach the risk through a linear term beside the head (wide "
+        "& deep, run_finetune --head_linear_modalities tabular_clinical; fitted on the training rows with its ridge "
+        "penalty chosen on validation before finetuning); only in cohorts with clinical covariates",
+    )
+    p.add_argument(
         "--bp_modalities",
         nargs="+",
         default=None,
@@ -1188,6 +1203,7 @@ def main(argv=None) -> dict:
             "arms": list(args.bp_arms),
             "modalities": args.bp_modalities,
             "modality_dropout": args.bp_modality_dropout,
+            "head_linear": args.bp_head_linear,
             "random_preset": args.random_preset,
             "pretrained_dir": args.pretrained_dir,
         },

@@ -100,3 +100,14 @@ def test_the_recorded_parts_are_consistent():
     e60 = next(p for p in evidence.PARTS if p.name == "survival_cv_clinical_only_e60").argv
     assert e60[e60.index("--bp_epochs") + 1] == "60" and e60.count("--bp_epochs") == 1
     assert e60[e60.index("--data_dir") + 1].endswith("survival_cv_clinical_only_e60/cohort")  # a subset: own manifest
+
+
+def test_the_wide_and_deep_part_reuses_the_lr_grid_run():
+    """survival_cv_wide: the full arms with --bp_head_linear on the lr grid, reading back the grid run's results
+    (the expression-only cohorts' runs have the same cache key: the linear term applies only with clinical
+    covariates)."""
+    wide = next(p for p in evidence.PARTS if p.name == "survival_cv_wide")
+    argv = wide.argv
+    assert "--bp_head_linear" in argv and wide.optional and wide.needs == ["survival_cv_lrgrid"]
+    assert argv[argv.index("--reuse_cache") + 1].endswith("survset/survival_cv_lrgrid")
+    assert argv[argv.index("--bp_arms") + 1 : argv.index("--bp_arms") + 3] == list(evidence.FINETUNED_ARMS[:2])

@@ -202,6 +202,95 @@ def test_survival_cox_end_to_end_with_ablation_card_and_round_trip(cohort, tmp_p
     np.testing.assert_allclose(reloaded[:, 0], preds["risk"].to_numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_survival_wide_and_deep_on_a_pretrained_backbone_then_reloaded_for_a_linear_probe(cohort, tmp_path):
+    """--head_linear_modalities: the clinical covariates' linear term is fitted (penalty on validation) before
+    finetuning a pretrained backbone; the finetuned folder reloads with it, and finetuning that folder again in
+    linear-probe mode keeps and trains it (latents are then not cached: the term reads the tabular inputs)."""
+    manifest = read_manifest(cohort)
+    settings, embedders = load_processor_settings(ROOT / "tokenizers" / "demo_processors.yaml")
+    mods = ("omics_expression", "tabular_clinical")
+    proc = BioPerceiverProcessor.from_manifest(manifest, settings)
+    proc = BioPerceiverProcessor({m: proc.processors[m] for m in mods}).fit(manifest)
+    torch.manual_seed(0)
+    pre = tmp_path / "pretrained"
+    bp.create_model("bioperceiver_debug", modalities=proc.model_modalities(embedders)).save_pretrained(pre)
+    proc.save_pretrained(pre)
+    quick = ("--max_steps", "3", "--eval_strategy", "no", "--save_strategy", "no", "--interpret", "false")
+    out = tmp_path / "wide"
+    results = _run(
+        cohort,
+        out,
+        "--task",
+        "survival",
+        "--modalities",
+        *mods,
+        "--model_name_or_path",
+        str(pre),
+        "--head_linear_modalities",
+        "tabular_clinical",
+        "--head_linear_l2",
+        "0.1",
+        "10",
+        *quick,
+    )
+    fit = results["linear_term"]
+    assert fit["modalities"] == ["tabular_clinical"] and fit["l2"] in (0.1, 10.0)
+    assert set(fit["validation"]) == {"0.1", "10"} and all(np.isfinite(v) for v in fit["validation"].values())
+    assert fit["selected_on"] == "validation c_index" and fit["nonzero_coefficient_rows"] > 0
+    assert (
+        f"a linear term on tabular_clinical (fitted before finetuning, ridge penalty {fit['l2']:g}"
+        in (out / "README.md").read_text()
+    )
+    model = bp.AutoModelForSurvival.from_pretrained(out)
+    assert model.config.head_linear_modalities == ["tabular_clinical"]
+    assert float(model.linear_term.numeric["tabular_clinical"].detach().abs().sum()) > 0
+    preds = pd.read_csv(predictions_path(out))
+    reloaded = _reload_and_predict(out, bp.AutoModelForSurvival, list(mods))
+    np.testing.assert_allclose(reloaded[:, 0], preds["risk"].to_numpy(), rtol=1e-4, atol=1e-5)
+    # the finetuned folder again, as a linear probe: no flag needed, the term stays and is refitted then trained
+    probe = _run(
+        cohort,
+        tmp_path / "probe",
+        "--task",
+        "survival",
+        "--modalities",
+        *mods,
+        "--model_name_or_path",
+        str(out),
+        "--finetuning_mode",
+        "linear_probe",
+        "--learning_rate",
+        "1e-2",
+        *quick,
+    )
+    assert probe["linear_term"]["modalities"] == ["tabular_clinical"]
+    before, after = load_file(out / "model.safetensors"), load_file(tmp_path / "probe" / "model.safetensors")
+    assert not torch.equal(
+        before["linear_term.numeric.tabular_clinical"], after["linear_term.numeric.tabular_clinical"]
+    )
+    assert torch.equal(
+        before["bioperceiver.encoder.norm.weight"], after["bioperceiver.encoder.norm.weight"]
+    )  # the backbone frozen
+    # differential privacy: a linear term fitted outside DP-SGD is refused before any work
+    with pytest.raises(ValueError, match="head_linear_fit false"):
+        _run(
+            cohort,
+            tmp_path / "dp",
+            "--task",
+            "survival",
+            "--survival_loss",
+            "discrete",
+            "--modalities",
+            *mods,
+            "--head_linear_modalities",
+            "tabular_clinical",
+            "--dp_noise_multiplier",
+            "1.0",
+            *quick,
+        )
+    assert not (tmp_path / "dp").exists()
+
+
 def test_multilabel_linear_probe_on_a_pretrained_backbone_keeps_it_frozen(cohort, tmp_path):
     # a "pretrained" backbone folder as run_pretrain.py writes it: backbone + fitted processors
     manifest = read_manifest(cohort)

@@ -249,3 +249,79 @@ def test_ensemble_reads_the_rate_a_learning_rate_grid_kept(tmp_path):
     path.write_text(json.dumps(rec))
     with pytest.raises(ValueError, match="another run's result \\(lr"):
         ss.cached_risks(run, "c", "bp", 1)
+
+
+def test_versus_pairs_one_arm_across_two_runs_on_the_same_patients(tmp_path):
+    """--versus ARM: the first run's ARM minus the second's on the same test patients (survival_cv's paired
+    bootstrap, per cohort and pooled); a cohort whose risks are identical in both runs (a setting that does not
+    apply there) is listed apart and left out of the pooled row."""
+    import pandas as pd
+
+    from bioperceiver.data import write_manifest
+
+    rng = np.random.default_rng(5)
+    n = 30
+    cohorts = {"nki70": "survset_nki70", "NSBCD": "survset_NSBCD"}
+    frames, folds = [], {}
+    for c, source in cohorts.items():
+        ids = [f"{c}{i}" for i in range(2 * n)]
+        frames.append(
+            pd.DataFrame(
+                {
+                    "sample_id": ids,
+                    "patient_id": [f"p{x}" for x in ids],
+                    "meta_source": source,
+                    "label_survival_time": rng.exponential(size=2 * n),
+                    "label_survival_event": (rng.random(2 * n) < 0.7).astype(int),
+                }
+            )
+        )
+        folds[c] = [{"test_ids": ids[:n]}, {"test_ids": ids[n:]}]
+    table = pd.concat(frames, ignore_index=True)
+    manifest = write_manifest(table, tmp_path / "cohort" / "manifest.parquet")
+    risks = {}
+    runs = []
+    for r in range(2):
+        folder = tmp_path / f"run{r}"
+        for c in cohorts:
+            for k in range(2):
+                ids = folds[c][k]["test_ids"]
+                t = table.set_index("sample_id").loc[ids, "label_survival_time"].to_numpy()
+                risk = -(1.0 if r == 0 else 0.3) * t + rng.normal(size=n) if c == "nki70" else -t
+                risks[r, c, k] = risk
+                settings = {"cohort": c, "fold": k, "model": "bp", "seed": 0, "folds": 2}
+                path = folder / "cache" / c / f"fold{k}" / "bp.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"risk_test": list(map(float, risk)), "settings": settings}))
+        res = {
+            "seed": 0,
+            "folds": 2,
+            "manifest": str(manifest),
+            "bp": {"pretrained_dir": None},
+            "cohorts": {
+                c: {"role": "development", "folds": folds[c], "models": {"bp": {"test": {"mean": 0.6}}}}
+                for c in cohorts
+            },
+        }
+        runs.append({"folder": str(folder), "res": res, "replicates": {}})
+    vs = ss.versus(runs, ["wide", "plain"], "bp", n_boot=200)
+    v = vs["bp (wide) - bp (plain)"]
+    sub = table.set_index("sample_id")
+    ref = cv.paired_difference(
+        [
+            {
+                "time": sub.loc[folds["nki70"][k]["test_ids"], "label_survival_time"].to_numpy(),
+                "event": sub.loc[folds["nki70"][k]["test_ids"], "label_survival_event"].to_numpy(),
+                "patients": sub.loc[folds["nki70"][k]["test_ids"], "patient_id"].to_numpy(),
+                "risks": np.array([risks[0, "nki70", k], risks[1, "nki70", k]]),
+            }
+            for k in range(2)
+        ],
+        200,
+        0,
+    )
+    assert v["per_cohort"]["nki70"]["difference"] == pytest.approx(ref["difference"]) and ref["difference"] > 0
+    assert v["same"] == ["NSBCD"] and v["pooled"]["development"]["cohorts"] == ["nki70"]
+    assert v["pooled"]["development"]["difference"] == pytest.approx(ref["difference"])
+    lines = ss.versus_lines(vs)
+    assert any(line.startswith("| pooled, development (1) |") for line in lines) and "NSBCD" in lines[-2]

@@ -255,9 +255,25 @@ def test_bp_arms_default_and_selection():
     # --bp_modality_dropout: in the key (and the run) of full finetuning with two modalities only; a one-modality
     # cohort's run is the same run, so its cached results stay valid
     args = cv.parse_args([*base, "--bp_modality_dropout", "0.3"])
-    assert cv.bp_config(args, "bp_random", 2)["modality_dropout"] == 0.3
-    assert cv.bp_config(args, "bp_random", 1) == {"pretrained": False, "mode": "full", "lr": 3e-4, "epochs": 10}
-    assert "modality_dropout" not in cv.bp_config(args, "bp_random_probe", 2)
+    both, expression = cv.MODALITIES, ["omics_expression"]
+    assert cv.bp_config(args, "bp_random", both)["modality_dropout"] == 0.3
+    assert cv.bp_config(args, "bp_random", expression) == {
+        "pretrained": False,
+        "mode": "full",
+        "lr": 3e-4,
+        "epochs": 10,
+    }
+    assert "modality_dropout" not in cv.bp_config(args, "bp_random_probe", both)
+    # --bp_head_linear: in the key (and the run) only where the arm sees the clinical covariates
+    args = cv.parse_args([*base, "--bp_head_linear"])
+    assert cv.bp_config(args, "bp_random", both)["head_linear"] == ["tabular_clinical"]
+    assert cv.bp_config(args, "bp_random_probe", both)["head_linear"] == ["tabular_clinical"]
+    assert cv.bp_config(args, "bp_random", expression) == {
+        "pretrained": False,
+        "mode": "full",
+        "lr": 3e-4,
+        "epochs": 10,
+    }
 
 
 def _emb_fixture(cohort, width=12, seed=7):
@@ -640,3 +656,30 @@ def test_bp_modalities_ablation_restricts_the_trained_arms(tmp_path):
         "bp_random - cox_clinical"
         not in cv.summarise(ns, "c", "development", rows, meta, results)["paired_differences"]
     )
+
+
+def test_bp_head_linear_reaches_the_finetuning_run_where_the_cohort_has_clinical_covariates(tmp_path, monkeypatch):
+    """--bp_head_linear: run_finetune gets --head_linear_modalities tabular_clinical (and the run its own folder)
+    in a cohort with clinical covariates; an expression-only cohort's run is unchanged (same argv, same tag)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(cv.ft, "write_split_manifest", lambda *a, **k: None)
+    calls = []
+
+    class Runner:
+        def run(self, tag, path, task_args, cfg, *, seed, modalities, extra):
+            calls.append((tag, list(extra), modalities))
+            pred = pd.DataFrame({"sample_id": ["c"], "risk": [0.5]})
+            return {"pred": pred, "validation": 0.6, "test": 0.7, "epochs": 3}
+
+    args = cv.parse_args(["--bp_head_linear"])
+    manifest = SimpleNamespace(base_dir=tmp_path)
+    part = {"train": ["a"], "validation": ["b"], "test": ["c"]}
+    for clinical in ('{"age": 50}', None):
+        rows = pd.DataFrame({"patient_id": ["a", "b", "c"], "tabular_clinical": [clinical] * 3}, index=["a", "b", "c"])
+        rec = cv.run_bp(args, manifest, rows, part, Runner(), "coh", 0, "bp_random", lr=1e-3)
+        assert rec["test"] == 0.7 and rec["risk_test"] == [0.5]
+    (wide_tag, wide_extra, wide_mods), (plain_tag, plain_extra, plain_mods) = calls
+    assert wide_extra[-2:] == ["--head_linear_modalities", "tabular_clinical"] and wide_tag.endswith("_lr0.001_wide")
+    assert "--head_linear_modalities" not in plain_extra and plain_tag == "coh_f0_bp_random_lr0.001"
+    assert wide_mods == cv.MODALITIES and plain_mods == ["omics_expression"]

@@ -418,6 +418,19 @@ def _narrow(manifest, modalities: Sequence[str]):
     )
 
 
+def _linear_term_text(config, fit: dict | None) -> str:
+    """The card's note on a wide & deep head's linear term (``head_linear_modalities``) and how it was started."""
+    names = getattr(config, "head_linear_modalities", None)
+    if not names:
+        return ""
+    text = f" + a linear term on {', '.join(names)}"
+    if fit:
+        text += (
+            f" (fitted before finetuning, ridge penalty {fit['l2']:g} chosen on {fit.get('selected_on', 'validation')})"
+        )
+    return text
+
+
 def finetuning_card(
     *,
     config,
@@ -488,7 +501,9 @@ def finetuning_card(
     finetune_cfg = {
         "base model": base or f"none: random initialisation from preset {model_args.get('preset')}",
         "finetuning mode": model_args.get("finetuning_mode"),
-        "head": f"{config.head_type}" + (f", MLP {config.head_hidden_size}" if config.head_hidden_size else ""),
+        "head": f"{config.head_type}"
+        + (f", MLP {config.head_hidden_size}" if config.head_hidden_size else "")
+        + _linear_term_text(config, results.get("linear_term")),
         "modalities used": ", ".join(data_args.get("modalities") or config.modality_names),
         "label fraction": data_args.get("label_fraction"),
         "epochs": training_args.num_train_epochs,

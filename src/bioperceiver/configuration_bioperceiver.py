@@ -56,6 +56,10 @@ class BioPerceiverConfig(PreTrainedConfig):
             hazard over ``survival_time_bins``) for ``BioPerceiverForSurvival``.
         survival_ties (`str`, defaults to ``"efron"``): tie handling of the Cox loss, ``"efron"`` or ``"breslow"``.
         survival_time_bins (`list[float]`, optional): increasing cut points of the discrete-time head.
+        head_linear_modalities (`list[str]`, optional): ``tabular`` modalities whose values also reach the task
+            output through a linear term beside the head (wide & deep: one coefficient per numeric feature, on its
+            standardised value, and one per category code; an absent value adds nothing, i.e. the training mean).
+            The backbone then learns what the covariates' linear effect leaves unexplained.
     """
 
     # Outputs ``Trainer`` leaves out of gathered predictions (it keeps ``logits``/``risk``).
@@ -91,6 +95,7 @@ class BioPerceiverConfig(PreTrainedConfig):
     survival_loss: str = "cox"
     survival_ties: str = "efron"
     survival_time_bins: list[float] | None = None
+    head_linear_modalities: list[str] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         positive = (
@@ -145,6 +150,18 @@ class BioPerceiverConfig(PreTrainedConfig):
             if not isinstance(name, str) or not name.isidentifier():
                 raise ValueError(f"modality name {name!r} must be a Python identifier such as 'image_cxr'")
         self.modalities = {name: normalize_modality_config(name, modalities[name]) for name in sorted(modalities)}
+        if self.head_linear_modalities is not None:
+            linear = [str(m) for m in self.head_linear_modalities]
+            for name in linear:
+                kind = self.modalities.get(name, {}).get("kind")
+                if kind != "tabular":
+                    raise ValueError(
+                        f"head_linear_modalities: {name!r} is "
+                        + (f"a {kind!r} modality" if kind else "not a modality of this model")
+                        + f"; the linear term takes tabular modalities, here "
+                        f"{[n for n, m in self.modalities.items() if m.get('kind') == 'tabular']}"
+                    )
+            self.head_linear_modalities = sorted(set(linear)) or None
         super().__post_init__(**kwargs)
 
     @property

@@ -151,6 +151,61 @@ class QueryHead(nn.Module):
         return self.out(self.norm(query[:, 0]))
 
 
+class CoefficientTables(nn.ParameterDict):
+    """One coefficient table per modality (rows: feature ids or category codes; columns: outputs). Its own class
+    so that ``_init_weights`` can zero it: transformers initialises a missing parameter through the module that
+    holds it directly, which is this dict, not :class:`LinearTerm`."""
+
+
+class LinearTerm(nn.Module):
+    """The wide part of a wide & deep head (Cheng et al. 2016): a linear model on ``config.head_linear_modalities``
+    (tabular) added to the head's output. Per modality one coefficient vector per feature, applied to the
+    feature's standardised numeric value, and one per category code (categorical tokens); a token the mask hides
+    (a missing value, an absent modality) adds nothing, which after the processor's standardisation is the
+    training mean. Starts at zero (the plain head); :func:`bioperceiver.training.fit_linear_term` fits it on the
+    training rows before finetuning. It reads the modalities' inputs, not the latents."""
+
+    def __init__(self, config: BioPerceiverConfig, out_features: int):
+        super().__init__()
+        self.names = list(config.head_linear_modalities or [])
+        self.out_features = out_features
+        self.numeric = CoefficientTables()
+        self.categorical = CoefficientTables()
+        for name in self.names:  # zeros here; _BioPerceiverWithHead._init_weights zeroes them on every load path
+            m = config.modalities[name]
+            self.numeric[name] = nn.Parameter(torch.zeros(int(m["num_features"]), out_features))
+            self.categorical[name] = nn.Parameter(torch.zeros(int(m["num_categories"]), out_features))
+
+    def forward(self, modality_inputs: dict[str, Any], batch_size: int, reference: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(batch_size, self.out_features, dtype=reference.dtype, device=reference.device)
+        for name in self.names:
+            arrays = modality_inputs.get(name)
+            if arrays is None:  # the modality is absent from the whole batch
+                continue
+            ids, values = arrays["feature_ids"], arrays["values"]
+            keep = arrays.get("mask")
+            keep = torch.ones_like(ids, dtype=torch.bool) if keep is None else keep.bool()
+            cats = arrays.get("category_ids")
+            cats = torch.zeros_like(ids) if cats is None else cats.masked_fill(~keep, 0)
+            ids = ids.masked_fill(~keep, 0)
+            numeric = ((cats == 0) & keep).to(out.dtype)
+            coef = self.numeric[name][ids]  # (B, F, K)
+            term = coef * (values.to(out.dtype) * numeric)[..., None]
+            term = term + self.categorical[name][cats] * ((cats != 0) & keep).to(out.dtype)[..., None]
+            out = out + term.sum(dim=1)
+        return out
+
+    def resize(self, grown: dict[str, dict[str, tuple[int, int]]]) -> None:
+        """Grow the coefficient tables with the modalities' vocabularies (new rows zero: no effect until trained)."""
+        for name, sizes in grown.items():
+            for key, table in (("num_features", self.numeric), ("num_categories", self.categorical)):
+                if name in table and key in sizes:
+                    old = table[name]
+                    new = torch.zeros(sizes[key][1], old.shape[1], dtype=old.dtype, device=old.device)
+                    new[: old.shape[0]] = old.detach()
+                    table[name] = nn.Parameter(new, requires_grad=old.requires_grad)
+
+
 def build_head(config: BioPerceiverConfig, out_features: int) -> nn.Module:
     if config.head_type == "pooled":
         return PooledHead(config, out_features)
@@ -175,6 +230,32 @@ class _BioPerceiverWithHead(BioPerceiverPreTrainedModel):
         if isinstance(module, QueryHead):
             std = self.config.initializer_range
             init.trunc_normal_(module.query, std=std, a=-2 * std, b=2 * std)
+        elif isinstance(module, CoefficientTables):
+            for table in module.values():
+                init.zeros_(table)
+
+    def _build_linear_term(self, out_features: int) -> None:
+        """``self.linear_term`` when the config asks for one (``head_linear_modalities``), else ``None``."""
+        names = self.config.head_linear_modalities
+        self.linear_term = LinearTerm(self.config, out_features) if names else None
+
+    def _head_output(self, latent_states: torch.Tensor, inputs, modality_inputs: dict[str, Any]) -> torch.Tensor:
+        out = self.head(latent_states)
+        if self.linear_term is not None:
+            merged = {**(inputs or {}), **modality_inputs}
+            if not merged:
+                raise ValueError(
+                    "this model's head has a linear term on "
+                    f"{self.linear_term.names}: it needs the modality inputs, not only precomputed `latents`"
+                )
+            out = out + self.linear_term(merged, out.shape[0], out)
+        return out
+
+    def resize_modality_vocabularies(self, modalities: dict[str, dict[str, Any]]) -> dict[str, dict[str, tuple]]:
+        grown = super().resize_modality_vocabularies(modalities)
+        if getattr(self, "linear_term", None) is not None:
+            self.linear_term.resize(grown)
+        return grown
 
     def _backbone(
         self,
@@ -185,7 +266,7 @@ class _BioPerceiverWithHead(BioPerceiverPreTrainedModel):
         modality_inputs: dict[str, Any],
     ):
         if latents is not None:
-            if inputs or modality_inputs:
+            if (inputs or modality_inputs) and getattr(self, "linear_term", None) is None:
                 raise ValueError("pass either modality inputs or precomputed `latents`, not both")
             if latents.dim() != 3 or latents.shape[-1] != self.config.d_latents:
                 raise ValueError(
@@ -229,6 +310,7 @@ class BioPerceiverForSequenceClassification(_BioPerceiverWithHead):
         self.num_labels = config.num_labels
         self.bioperceiver = BioPerceiverModel(config)
         self.head = build_head(config, config.num_labels)
+        self._build_linear_term(config.num_labels)
         self.post_init()
 
     def forward(
@@ -242,7 +324,7 @@ class BioPerceiverForSequenceClassification(_BioPerceiverWithHead):
         **modality_inputs: Any,
     ) -> BioPerceiverClassifierOutput | tuple:
         latent_states, out = self._backbone(inputs, latents, output_attentions, output_hidden_states, modality_inputs)
-        logits = self.head(latent_states)
+        logits = self._head_output(latent_states, inputs, modality_inputs)
         loss = None
         if labels is not None:
             loss = self._loss(logits, labels)
@@ -292,6 +374,7 @@ class BioPerceiverForSurvival(_BioPerceiverWithHead):
         self.bioperceiver = BioPerceiverModel(config)
         out = 1 if config.survival_loss == "cox" else len(config.survival_time_bins) + 1
         self.head = build_head(config, out)
+        self._build_linear_term(out)
         if config.survival_time_bins:
             self.register_buffer(
                 "time_bins", torch.tensor(config.survival_time_bins, dtype=torch.float32), persistent=False
@@ -311,25 +394,27 @@ class BioPerceiverForSurvival(_BioPerceiverWithHead):
         **modality_inputs: Any,
     ) -> BioPerceiverSurvivalOutput | tuple:
         latent_states, out = self._backbone(inputs, latents, output_attentions, output_hidden_states, modality_inputs)
-        logits = self.head(latent_states)
+        logits = self._head_output(latent_states, inputs, modality_inputs)
         survival = None
         if self.config.survival_loss == "cox":
             risk = logits[:, 0]
         else:
             survival = survival_from_hazard_logits(logits.float())
             risk = -survival.sum(dim=1)  # minus the expected number of intervals survived
-        loss = None
-        if labels is not None:
-            if labels.dim() != 2 or labels.shape[1] != 2:
-                raise ValueError(f"survival labels must be (B, 2) [time, event], got {tuple(labels.shape)}")
-            time, event = labels[:, 0].float(), labels[:, 1].float()
-            if self.config.survival_loss == "cox":
-                loss = cox_ph_loss(risk.float(), time, event, ties=self.config.survival_ties)
-            else:
-                loss = discrete_time_nll(logits.float(), discretize(time, self.time_bins.to(time.device)), event)
+        loss = None if labels is None else self._loss(logits, labels)
         result = BioPerceiverSurvivalOutput(loss=loss, risk=risk, logits=logits, survival=survival, **self._extras(out))
         return_dict = self.config.return_dict if return_dict is None else return_dict
         return result if return_dict else result.to_tuple()
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The survival loss of head outputs ``logits`` against ``labels (B, 2)`` [time, event]."""
+        if labels.dim() != 2 or labels.shape[1] != 2:
+            raise ValueError(f"survival labels must be (B, 2) [time, event], got {tuple(labels.shape)}")
+        labels = labels.to(logits.device)
+        time, event = labels[:, 0].float(), labels[:, 1].float()
+        if self.config.survival_loss == "cox":
+            return cox_ph_loss(logits[:, 0].float(), time, event, ties=self.config.survival_ties)
+        return discrete_time_nll(logits.float(), discretize(time, self.time_bins.to(time.device)), event)
 
 
 class AutoModelForSurvival(_BaseAutoModelClass):
@@ -345,6 +430,7 @@ __all__ = [
     "BioPerceiverForSequenceClassification",
     "BioPerceiverForSurvival",
     "BioPerceiverSurvivalOutput",
+    "LinearTerm",
     "PooledHead",
     "QueryHead",
     "build_head",

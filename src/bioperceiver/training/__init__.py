@@ -17,6 +17,7 @@ from .finetuning import (
     compute_latents,
     configure_finetuning,
     count_parameters,
+    fit_linear_term,
     merge_lora,
 )
 from .loop import NonFiniteLossError, prepare_data, run_pretraining, training_data
@@ -53,6 +54,7 @@ __all__ = [
     "configure_finetuning",
     "count_parameters",
     "evaluate",
+    "fit_linear_term",
     "forward_as",
     "latest_checkpoint",
     "load_checkpoint",

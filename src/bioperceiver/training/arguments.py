@@ -31,6 +31,24 @@ class ModelArguments:
     head_type: str = field(default="pooled", metadata={"help": "pooled | query (Perceiver IO decoder)"})
     head_hidden_size: int = field(default=0, metadata={"help": "pooled head MLP width; 0 = linear"})
     head_dropout: float = 0.1
+    head_linear_modalities: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "tabular modalities (e.g. tabular_clinical) that also reach the output through a linear term "
+            "beside the head (wide & deep): the backbone learns what their linear effect leaves unexplained"
+        },
+    )
+    head_linear_fit: bool = field(
+        default=True,
+        metadata={
+            "help": "fit the linear term alone on the training rows before finetuning (full-batch L-BFGS on the "
+            "task loss, ridge penalty chosen on validation from --head_linear_l2); false: it starts at zero"
+        },
+    )
+    head_linear_l2: list[float] = field(
+        default_factory=lambda: [0.01, 0.1, 1.0, 10.0],
+        metadata={"help": "ridge penalties tried for --head_linear_fit (the best validation metric is kept)"},
+    )
     survival_loss: str = field(default="cox", metadata={"help": "survival task: cox | discrete"})
     survival_ties: str = field(default="efron", metadata={"help": "efron | breslow"})
     num_time_bins: int = field(default=10, metadata={"help": "discrete survival: bins (quantiles of event times)"})

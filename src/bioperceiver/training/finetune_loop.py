@@ -45,6 +45,7 @@ from .finetuning import (
     compute_latents,
     configure_finetuning,
     count_parameters,
+    fit_linear_term,
     merge_lora,
     processor_folder,
     resolve_resume_checkpoint,
@@ -176,6 +177,10 @@ def build_model(model_args, task: Task, processor, embedders, train_records, use
         "head_dropout": model_args.head_dropout,
         **task.config_settings(train_records),
     }
+    if model_args.head_linear_modalities:  # unset: a finetuned model's own setting stays
+        head["head_linear_modalities"] = [m for m in model_args.head_linear_modalities if m in used]
+        if dropped := sorted(set(model_args.head_linear_modalities) - set(used)):
+            logger.warning("--head_linear_modalities %s are not used in this run; left out of the linear term", dropped)
     if model_args.model_name_or_path:
         config = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path, **head)
         missing = sorted(set(used) - set(config.modality_names))
@@ -199,6 +204,12 @@ def run_finetuning(
     normalise_arguments(model_args, training_args)
     out = Path(training_args.output_dir)
     dp = DPSettings.from_arguments(model_args)  # None: no differential privacy
+    if dp is not None and model_args.head_linear_modalities and model_args.head_linear_fit:
+        raise ValueError(
+            "--head_linear_fit fits the linear term on the training rows outside DP-SGD, which the privacy "
+            "guarantee would not cover; pass --head_linear_fit false (the term then starts at zero and trains "
+            "under DP-SGD with the rest)"
+        )
     # before any work: paths, processors vs. model, the output folder (runs never mix), resume
     record, clear, resume = check_before_work(model_args, data_args, training_args)
     set_seed(training_args.seed)
@@ -220,6 +231,14 @@ def run_finetuning(
     model = build_model(model_args, task, processor, embedders, train_recs, used)
     if extension:
         model.resize_modality_vocabularies(processor.model_modalities())
+    train_ds, evals = build_datasets(labelled, processor, manifest.base_dir, used, data_args, training_args)
+    eval_ds, test_ds = evals[data_args.eval_split], evals[data_args.test_split]
+    linear_fit = None
+    if getattr(model, "linear_term", None) is not None and model_args.head_linear_fit and training_args.do_train:
+        if resume:
+            logger.info("resuming: the linear term comes from the checkpoint, not refitted")
+        else:
+            linear_fit = linear_term_start(model, task, modalities, train_ds, eval_ds, model_args, data_args)
     model = configure_finetuning(
         model,
         model_args.finetuning_mode,
@@ -228,8 +247,6 @@ def run_finetuning(
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
     )
-    train_ds, evals = build_datasets(labelled, processor, manifest.base_dir, used, data_args, training_args)
-    eval_ds, test_ds = evals[data_args.eval_split], evals[data_args.test_split]
     trainer = build_trainer(
         model, task, modalities, train_ds, eval_ds, record, model_args, data_args, training_args, dp=dp
     )
@@ -241,6 +258,8 @@ def run_finetuning(
     }
     if extension:
         results["vocabulary_extension"] = extension
+    if linear_fit is not None:
+        results["linear_term"] = linear_fit
     results["manifest"] = str(Path(data_args.manifest).resolve())
     results["modalities"] = used
     results["split_sizes"] = {
@@ -373,6 +392,41 @@ def build_datasets(labelled, processor, base_dir, used: list[str], data_args, tr
     return train_ds, evals
 
 
+def linear_term_start(model, task: Task, modalities, train_ds, eval_ds, model_args, data_args) -> dict[str, Any]:
+    """Fit the wide & deep model's linear term (``--head_linear_modalities``) on the training rows, its ridge
+    penalty chosen on the validation split's primary metric (:func:`~.finetuning.fit_linear_term`); the rows
+    unaugmented, every training row in one full-batch fit."""
+    fixed = ProcessedDataset(
+        train_ds.records,
+        train_ds.targets,
+        train_ds.processor,
+        base_dir=train_ds.base_dir,
+        modalities=list(modalities),
+        on_error=data_args.on_error,
+    )
+    plain = TaskCollator(modalities, train=False)
+
+    def batches(ds) -> list[dict]:
+        return [plain([ds[i] for i in range(s, min(s + 256, len(ds)))]) for s in range(0, len(ds), 256)]
+
+    metric = task.primary_metric
+    sign = -1.0 if metric in task.lower_is_better else 1.0
+
+    def score(outputs: torch.Tensor, labels: torch.Tensor) -> float:
+        values = task.evaluate(outputs.detach().cpu().numpy(), labels.cpu().numpy(), ci=False)
+        return sign * float(values.get(metric, float("nan")))
+
+    fit = fit_linear_term(
+        model,
+        batches(fixed),
+        batches(eval_ds) if len(eval_ds) else [],
+        l2=model_args.head_linear_l2,
+        score=score,
+    )
+    fit["selected_on"] = f"{data_args.eval_split} {metric}" if len(eval_ds) else "no validation rows: the first penalty"
+    return fit
+
+
 def cached_latents(model, modalities, train_ds, eval_ds, processor, base_dir, used, data_args, training_args):
     """Linear probe with a frozen backbone: every sample embedded once (no augmentation, no modality dropout);
     ``(train LatentDataset, eval LatentDataset or None)``."""
@@ -441,7 +495,10 @@ def build_trainer(
         modalities, modality_dropout=data_args.modality_dropout, on_error=on_error, seed=training_args.seed
     )
     trainer_train, trainer_eval = train_ds, eval_ds
-    if model_args.finetuning_mode == "linear_probe" and model_args.cache_embeddings:
+    linear = getattr(model, "linear_term", None) is not None
+    if model_args.finetuning_mode == "linear_probe" and model_args.cache_embeddings and linear:
+        logger.info("linear probe: latents not cached, the head's linear term reads the tabular inputs every step")
+    if model_args.finetuning_mode == "linear_probe" and model_args.cache_embeddings and not linear:
         trainer_train, trainer_eval = cached_latents(
             model,
             modalities,

@@ -59,6 +59,8 @@ def configure_finetuning(
     elif mode in ("linear_probe", "partial"):
         backbone.requires_grad_(False)
         model.head.requires_grad_(True)
+        if getattr(model, "linear_term", None) is not None:
+            model.linear_term.requires_grad_(True)
         if mode == "partial":
             layers = list(backbone.encoder.self_layers)
             if not 0 < unfreeze_last_n_layers <= len(layers):
@@ -84,7 +86,7 @@ def configure_finetuning(
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
             target_modules=targets,
-            modules_to_save=["head"],
+            modules_to_save=["head", *(["linear_term"] if getattr(model, "linear_term", None) is not None else [])],
         )
         model = get_peft_model(model, config)
         wrapped = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and n.split(".")[-1] in _BYPASSED]
@@ -99,6 +101,106 @@ def configure_finetuning(
         100 * counts["trainable"] / max(counts["total"], 1),
     )
     return model
+
+
+LINEAR_TERM_L2 = (0.01, 0.1, 1.0, 10.0)
+
+
+def fit_linear_term(
+    model: nn.Module,
+    train_batches: list[dict],
+    eval_batches: list[dict] = (),
+    *,
+    l2: tuple[float, ...] | list[float] = LINEAR_TERM_L2,
+    score=None,
+    max_iter: int = 100,
+) -> dict[str, Any]:
+    """Fit a wide & deep model's linear term (``model.linear_term``, see
+    :class:`~bioperceiver.modeling_tasks.LinearTerm`) alone, before finetuning: the task's own loss on the linear
+    term's outputs over *all* training rows at once (for a Cox head the exact partial likelihood of the training
+    set, as a Cox model on the covariates is fitted), plus a ridge penalty ``l2 / 2 * ||w||^2``, minimised with
+    full-batch L-BFGS, one fit per penalty in ``l2``. With ``eval_batches`` and ``score(outputs, labels) -> float``
+    (higher is better) the penalty with the best validation score is kept (ties and NaN: the larger penalty);
+    otherwise the first. The fitted intercept goes into the head's output bias, so the model starts as the fitted
+    linear model plus the (small) deep head. Batches are ``TaskCollator`` outputs (``inputs``, ``labels``); the
+    rows must not be augmented. Returns the penalty kept, every penalty's validation score and training loss."""
+    term = getattr(model, "linear_term", None)
+    if term is None:
+        raise ValueError("the model has no linear term (config.head_linear_modalities is unset)")
+    if not train_batches:
+        raise ValueError("fit_linear_term needs training batches")
+    params = list(term.parameters())
+    device, dtype = params[0].device, params[0].dtype
+
+    def outputs(batches) -> torch.Tensor:
+        rows = []
+        for b in batches:
+            inputs = {m: {k: v.to(device) for k, v in a.items()} for m, a in b["inputs"].items() if a is not None}
+            rows.append(term(inputs, len(b["labels"]), params[0]))
+        return torch.cat(rows)
+
+    y_train = torch.cat([b["labels"] for b in train_batches]).to(device)
+    y_eval = torch.cat([b["labels"] for b in eval_batches]).to(device) if eval_batches else None
+    intercept = torch.zeros(term.out_features, device=device, dtype=dtype, requires_grad=True)
+    grid = [float(x) for x in l2]
+    if not grid or any(x < 0 for x in grid):
+        raise ValueError(f"linear term penalties must be >= 0, got {grid}")
+    fits = []
+    with torch.enable_grad():
+        for penalty in grid:
+            with torch.no_grad():
+                for p in (*params, intercept):
+                    p.zero_()
+            opt = torch.optim.LBFGS(
+                [*params, intercept], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-6
+            )
+
+            def closure(penalty=penalty, opt=opt):
+                opt.zero_grad()
+                loss = model._loss(outputs(train_batches) + intercept, y_train)
+                loss = loss + 0.5 * penalty * sum((p.float() ** 2).sum() for p in params)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            with torch.no_grad():
+                train_loss = float(model._loss(outputs(train_batches) + intercept, y_train))
+                val = float(score(outputs(eval_batches) + intercept, y_eval)) if y_eval is not None and score else None
+            state = [p.detach().clone() for p in (*params, intercept)]
+            fits.append({"l2": penalty, "train_loss": train_loss, "validation": val, "state": state})
+    if any(f["validation"] is not None for f in fits):
+        best = max(
+            range(len(fits)),
+            key=lambda i: (v if (v := fits[i]["validation"]) is not None and v == v else -float("inf"), grid[i]),
+        )
+    else:
+        best = 0
+    chosen = fits[best]
+    with torch.no_grad():
+        for p, v in zip((*params, intercept), chosen["state"], strict=True):
+            p.copy_(v)
+        last = [m for m in model.head.modules() if isinstance(m, nn.Linear)][-1]
+        last.bias.add_(intercept.to(last.bias.dtype))
+    used = sum(int((p.detach() != 0).any(dim=1).sum()) for p in params)
+    logger.info(
+        "linear term on %s fitted on %d training rows: penalty %g kept (%s), %d nonzero coefficient rows",
+        term.names,
+        len(y_train),
+        chosen["l2"],
+        ", ".join(
+            f"l2={f['l2']:g}: "
+            + (f"validation {f['validation']:.4f}" if f["validation"] is not None else "no validation")
+            for f in fits
+        ),
+        used,
+    )
+    return {
+        "modalities": list(term.names),
+        "l2": chosen["l2"],
+        "validation": {f"{f['l2']:g}": f["validation"] for f in fits},
+        "train_loss": {f"{f['l2']:g}": f["train_loss"] for f in fits},
+        "nonzero_coefficient_rows": used,
+    }
 
 
 def merge_lora(model: Any) -> nn.Module:

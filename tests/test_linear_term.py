@@ -1,0 +1,178 @@
+"""The wide & deep head's linear term (``config.head_linear_modalities``): what it computes from tabular tokens
+(masks, absent modalities, categories), its fit against lifelines' Cox model and scikit-learn's logistic
+regression, save/load and vocabulary growth, and the finetuning script's use of it (pretrained backbone, linear
+probe, reloading a finetuned folder)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from bioperceiver.modeling_tasks import (
+    AutoModelForSurvival,
+    BioPerceiverForSequenceClassification,
+    BioPerceiverForSurvival,
+)
+from bioperceiver.training import configure_finetuning, fit_linear_term
+
+TAB = {"kind": "tabular", "num_features": 5, "num_categories": 6, "num_value_bands": 4}
+OMICS = {"kind": "omics", "num_genes": 20}
+
+
+def _config(**overrides):
+    overrides.setdefault("head_linear_modalities", ["tabular_clinical"])
+    return tiny_config(modalities={"tabular_clinical": TAB, "omics_expression": OMICS}, **overrides)
+
+
+def _tabular(x: np.ndarray, mask: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    n, f = x.shape
+    out = {
+        "feature_ids": torch.arange(f).expand(n, f).clone(),
+        "values": torch.as_tensor(x, dtype=torch.float32),
+    }
+    if mask is not None:
+        out["mask"] = torch.as_tensor(mask)
+    return out
+
+
+def test_config_takes_only_tabular_modalities_of_the_model():
+    assert _config().head_linear_modalities == ["tabular_clinical"]
+    with pytest.raises(ValueError, match="'omics' modality"):
+        _config(head_linear_modalities=["omics_expression"])
+    with pytest.raises(ValueError, match="not a modality of this model"):
+        _config(head_linear_modalities=["tabular_labs"])
+    assert tiny_config(modalities={"tabular_clinical": TAB}, head_linear_modalities=[]).head_linear_modalities is None
+
+
+def test_linear_term_is_a_linear_model_on_the_observed_tokens():
+    torch.manual_seed(0)
+    model = BioPerceiverForSurvival(_config()).eval()
+    term = model.linear_term
+    assert all(float(p.detach().abs().sum()) == 0 for p in term.parameters())  # starts as the plain head
+    with torch.no_grad():
+        term.numeric["tabular_clinical"].copy_(torch.randn(5, 1))
+        term.categorical["tabular_clinical"].copy_(torch.randn(6, 1))
+    w, c = term.numeric["tabular_clinical"][:, 0].detach(), term.categorical["tabular_clinical"][:, 0].detach()
+    x = torch.randn(4, 3)
+    arrays = {
+        "feature_ids": torch.tensor([[0, 1, 2, 4]] * 4),
+        "values": torch.cat([x, torch.zeros(4, 1)], dim=1),
+        "category_ids": torch.tensor([[0, 0, 0, 3]] * 4),
+        "mask": torch.tensor([[1, 1, 1, 1], [1, 0, 1, 1], [1, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.bool),
+    }
+    out = term({"tabular_clinical": arrays}, 4, torch.zeros(1))[:, 0]
+    keep = arrays["mask"].float()
+    expected = (x * w[:3] * keep[:, :3]).sum(1) + c[3] * keep[:, 3]
+    torch.testing.assert_close(out, expected)
+    assert float(out[3].detach()) == 0.0  # every token masked: the sample's modality is absent, nothing is added
+    # an absent modality adds nothing; padding tokens (masked) change nothing
+    assert float(term({}, 4, torch.zeros(1)).detach().abs().sum()) == 0.0
+    padded = {k: torch.cat([v, v[:, :1]], dim=1) for k, v in arrays.items()}
+    padded["mask"][:, -1] = False
+    torch.testing.assert_close(term({"tabular_clinical": padded}, 4, torch.zeros(1))[:, 0], out)
+    # the model's risk is the head's output plus the term; the term does not need the other modality
+    omics = {"gene_ids": torch.randint(0, 20, (4, 7)), "values": torch.randn(4, 7)}
+    with torch.no_grad():
+        full = model(tabular_clinical=arrays, omics_expression=omics).risk
+        latents = model.bioperceiver(tabular_clinical=arrays, omics_expression=omics).last_hidden_state
+        torch.testing.assert_close(full, model.head(latents)[:, 0] + out)
+
+
+def _cox_data(n=120, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3))
+    beta = np.array([0.8, -0.5, 0.0])
+    t = rng.exponential(1.0 / np.exp(x @ beta))
+    e = (rng.uniform(size=n) < 0.75).astype(float)
+    return x, t, e
+
+
+def test_cox_fit_matches_lifelines():
+    import pandas as pd
+    from lifelines import CoxPHFitter
+
+    x, t, e = _cox_data()
+    torch.manual_seed(0)
+    model = BioPerceiverForSurvival(_config())
+    labels = torch.tensor(np.stack([t, e], 1), dtype=torch.float32)
+    batches = [  # the fit uses every training row at once, whatever the batching
+        {"inputs": {"tabular_clinical": _tabular(x[s : s + 50])}, "labels": labels[s : s + 50]} for s in (0, 50, 100)
+    ]
+    # unpenalised: the maximum partial likelihood (lifelines penalises its internally standardised coefficients)
+    fit = fit_linear_term(model, batches, l2=[0.0])
+    df = pd.DataFrame(x, columns=["a", "b", "c"]).assign(t=t, e=e)
+    ref = CoxPHFitter().fit(df, "t", "e").params_.to_numpy()
+    ours = model.linear_term.numeric["tabular_clinical"][:3, 0].detach().numpy()
+    np.testing.assert_allclose(ours, ref, atol=2e-3)
+    assert fit["nonzero_coefficient_rows"] == 3 and fit["validation"] == {f"{fit['l2']:g}": None}
+
+
+def test_logistic_fit_matches_scikit_learn_and_puts_the_intercept_in_the_head_bias():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 3))
+    y = (rng.uniform(size=200) < 1 / (1 + np.exp(-(0.5 + x @ [1.0, -1.0, 0.3])))).astype(int)
+    torch.manual_seed(0)
+    model = BioPerceiverForSequenceClassification(_config(num_labels=1, problem_type="multi_label_classification"))
+    bias_before = model.head.net[-1].bias.detach().clone()
+    l2 = 0.05
+    batch = {"inputs": {"tabular_clinical": _tabular(x)}, "labels": torch.tensor(y[:, None], dtype=torch.float32)}
+    fit_linear_term(model, [batch], l2=[l2])
+    # scikit-learn: 1/2 ||w||^2 + C sum(loss), intercept unpenalised == mean loss + l2/2 ||w||^2 with C = 1/(l2 n)
+    ref = LogisticRegression(C=1 / (l2 * len(y)), tol=1e-10, max_iter=1000).fit(x, y)
+    ours = model.linear_term.numeric["tabular_clinical"][:3, 0].detach().numpy()
+    np.testing.assert_allclose(ours, ref.coef_[0], atol=2e-3)
+    bias = model.head.net[-1].bias.detach() - bias_before
+    np.testing.assert_allclose(bias.numpy(), ref.intercept_, atol=2e-3)
+
+
+def test_penalty_is_chosen_on_validation_and_never_on_test():
+    x, t, e = _cox_data(n=160, seed=2)
+    x = np.concatenate([x, np.random.default_rng(3).normal(size=(160, 2))], axis=1)  # 2 pure-noise features
+    labels = torch.tensor(np.stack([t, e], 1), dtype=torch.float32)
+    train = [{"inputs": {"tabular_clinical": _tabular(x[:100])}, "labels": labels[:100]}]
+    val = [{"inputs": {"tabular_clinical": _tabular(x[100:])}, "labels": labels[100:]}]
+    seen = []
+
+    def score(outputs, y):
+        seen.append(len(y))
+        return -float(((outputs[:, 0] - outputs[:, 0].mean()) ** 2).mean())  # prefers the most shrunken fit
+
+    model = BioPerceiverForSurvival(_config())
+    fit = fit_linear_term(model, train, val, l2=[0.01, 1.0, 100.0], score=score)
+    assert fit["l2"] == 100.0 and seen == [60, 60, 60] and set(fit["validation"]) == {"0.01", "1", "100"}
+    # the kept coefficients are those of the chosen penalty (small), not the last or the first fit's
+    assert float(model.linear_term.numeric["tabular_clinical"].detach().abs().max()) < 0.1
+
+
+def test_save_load_vocabulary_growth_and_trainability(tmp_path):
+    torch.manual_seed(0)
+    model = BioPerceiverForSurvival(_config())
+    with torch.no_grad():
+        model.linear_term.numeric["tabular_clinical"].copy_(torch.randn(5, 1))
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForSurvival.from_pretrained(tmp_path)
+    assert loaded.config.head_linear_modalities == ["tabular_clinical"]
+    torch.testing.assert_close(
+        loaded.linear_term.numeric["tabular_clinical"], model.linear_term.numeric["tabular_clinical"]
+    )
+    # a pretrained backbone without the term: the term is new and starts at zero (not uninitialised memory)
+    backbone_dir = tmp_path / "backbone"
+    BioPerceiverForSurvival(
+        tiny_config(modalities={"tabular_clinical": TAB, "omics_expression": OMICS})
+    ).save_pretrained(backbone_dir)
+    fresh = BioPerceiverForSurvival.from_pretrained(backbone_dir, head_linear_modalities=["tabular_clinical"])
+    assert float(fresh.linear_term.numeric["tabular_clinical"].abs().sum()) == 0.0
+    # vocabulary growth keeps the fitted rows and adds zero rows
+    old = loaded.linear_term.numeric["tabular_clinical"].detach().clone()
+    loaded.resize_modality_vocabularies({"tabular_clinical": {**TAB, "num_features": 8}})
+    grown = loaded.linear_term.numeric["tabular_clinical"]
+    assert grown.shape == (8, 1) and float(grown[5:].abs().sum()) == 0.0
+    torch.testing.assert_close(grown[:5], old)
+    # a linear probe trains the head and the term, not the backbone
+    probe = configure_finetuning(loaded, "linear_probe")
+    assert all(p.requires_grad for p in probe.linear_term.parameters())
+    assert not any(p.requires_grad for p in probe.bioperceiver.parameters())
