@@ -231,7 +231,7 @@ def test_survival_wide_and_deep_on_a_pretrained_backbone_then_reloaded_for_a_lin
         "--head_linear_l2",
         "0.1",
         "10",
-        *quick,
+        *quick[:-2],  # with explanations: they must see the linear term too
     )
     fit = results["linear_term"]
     assert fit["modalities"] == ["tabular_clinical"] and fit["l2"] in (0.1, 10.0)
@@ -247,6 +247,10 @@ def test_survival_wide_and_deep_on_a_pretrained_backbone_then_reloaded_for_a_lin
     preds = pd.read_csv(predictions_path(out))
     reloaded = _reload_and_predict(out, bp.AutoModelForSurvival, list(mods))
     np.testing.assert_allclose(reloaded[:, 0], preds["risk"].to_numpy(), rtol=1e-4, atol=1e-5)
+    # modality Shapley values add up to the risk: removing the clinical modality removes its linear term too
+    shap = preds["shapley_omics_expression"] + preds["shapley_tabular_clinical"]
+    empty = results["interpretation"]["empty_value"]
+    np.testing.assert_allclose(shap + empty, preds["risk"], rtol=1e-4, atol=1e-4)
     # the finetuned folder again, as a linear probe: no flag needed, the term stays and is refitted then trained
     probe = _run(
         cohort,

@@ -246,7 +246,8 @@ class _BioPerceiverWithHead(BioPerceiverPreTrainedModel):
             if not merged:
                 raise ValueError(
                     "this model's head has a linear term on "
-                    f"{self.linear_term.names}: it needs the modality inputs, not only precomputed `latents`"
+                    f"{self.linear_term.names}: pass their modality inputs with the precomputed `latents` (or "
+                    f"`{self.linear_term.names[0]}=None` where a batch lacks them)"
                 )
             out = out + self.linear_term(merged, out.shape[0], out)
         return out

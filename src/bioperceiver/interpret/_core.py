@@ -126,11 +126,36 @@ def encode(
     return latents, cross, selfs
 
 
-def head_output(model: nn.Module, latents: torch.Tensor) -> Any:
-    """The task model's output on precomputed latents (``model(latents=...)``); the latents for a bare backbone."""
+def linear_inputs(
+    model: nn.Module, emb: Embedded, keep: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None, reps: int = 1
+) -> dict[str, dict | None]:
+    """What a wide & deep model's linear term (``config.head_linear_modalities``) reads, for :func:`head_output`:
+    its modalities' arrays from ``emb`` (restricted to ``rows``, repeated ``reps`` times, as the caller did to the
+    tokens) with ``keep`` as their mask, so that a token or modality an explanation removes leaves the linear term
+    too; ``None`` for a modality the batch lacks. ``{}`` for a model without a linear term."""
+    term = getattr(model, "linear_term", None)
+    if term is None:
+        return {}
+    out: dict[str, dict | None] = {}
+    for name in term.names:
+        if name not in emb.inputs or name not in keep:
+            out[name] = None
+            continue
+        arrays = {k: v for k, v in emb.inputs[name].items() if k in ("feature_ids", "values", "category_ids")}
+        if rows is not None:
+            arrays = {k: v[rows] for k, v in arrays.items()}
+        if reps > 1:
+            arrays = {k: v.repeat(reps, 1) for k, v in arrays.items()}
+        out[name] = {**arrays, "mask": keep[name]}
+    return out
+
+
+def head_output(model: nn.Module, latents: torch.Tensor, linear: Mapping[str, Any] | None = None) -> Any:
+    """The task model's output on precomputed latents (``model(latents=...)``); the latents for a bare backbone.
+    ``linear``: :func:`linear_inputs` for a model whose head has a linear term."""
     if isinstance(model, BioPerceiverModel):
         return latents
-    return model(latents=latents, return_dict=True)
+    return model(latents=latents, return_dict=True, **dict(linear or {}))
 
 
 def output_matrix(model: nn.Module, output: Any) -> torch.Tensor:
@@ -164,7 +189,7 @@ def resolve_target(model: nn.Module, emb: Embedded, target: Target) -> Target:
     if target is None:
         with torch.no_grad():
             latents, _, _ = encode(model, emb.tokens, emb.keep)
-            logits = output_matrix(model, head_output(model, latents))
+            logits = output_matrix(model, head_output(model, latents, linear_inputs(model, emb, emb.keep)))
         return logits.argmax(dim=1) if logits.shape[1] > 1 else torch.zeros(b, dtype=torch.long, device=device)
     target = torch.as_tensor(target, device=device).long()
     if target.dim() == 0:
@@ -174,20 +199,26 @@ def resolve_target(model: nn.Module, emb: Embedded, target: Target) -> Target:
     return target
 
 
-def score(model: nn.Module, latents: torch.Tensor, target: Target) -> torch.Tensor:
-    """The explained scalar per sample ``(B,)`` from latents ``(B, M, D)`` and a resolved target."""
-    output = head_output(model, latents)
+def score(model: nn.Module, latents: torch.Tensor, target: Target, linear: Mapping[str, Any] | None = None):
+    """The explained scalar per sample ``(B,)`` from latents ``(B, M, D)`` and a resolved target (``linear``: see
+    :func:`head_output`)."""
+    output = head_output(model, latents, linear)
     if callable(target) and not torch.is_tensor(target):
         return target(output)
     return output_matrix(model, output).gather(1, target[:, None]).squeeze(1)
 
 
 def forward_score(
-    model: nn.Module, tokens: Mapping[str, torch.Tensor], keep: Mapping[str, torch.Tensor], target: Target
+    model: nn.Module,
+    tokens: Mapping[str, torch.Tensor],
+    keep: Mapping[str, torch.Tensor],
+    target: Target,
+    linear: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
-    """``(B,)`` explained score of the model run on ``tokens``/``keep`` (every sample needs a kept token)."""
+    """``(B,)`` explained score of the model run on ``tokens``/``keep`` (every sample needs a kept token);
+    ``linear``: :func:`linear_inputs` for a model whose head has a linear term."""
     latents, _, _ = encode(model, tokens, keep)
-    return score(model, latents, target)
+    return score(model, latents, target, linear)
 
 
 def processor_map(processors: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ._core import Target, embed, eval_mode, forward_score, resolve_target
+from ._core import Target, embed, eval_mode, forward_score, linear_inputs, resolve_target
 from .mapping import Attribution
 
 DELETION_COLUMNS = ["k", "mean_k", "drop_top", "drop_random", "drop_random_std", "n_random", "n_samples"]
@@ -86,7 +86,7 @@ def deletion_test(
         reps = keep_flat.shape[0] // b
         keeps = dict(zip(names, keep_flat.split(sizes, dim=1)))
         tokens = {n: emb.tokens[n].repeat(reps, 1, 1) for n in names}
-        return forward_score(model, tokens, keeps, tgt).double()
+        return forward_score(model, tokens, keeps, tgt, linear_inputs(model, emb, keeps, reps=reps)).double()
 
     rows = []
     with eval_mode(model):

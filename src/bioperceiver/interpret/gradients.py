@@ -21,7 +21,17 @@ import torch
 from captum.attr import IntegratedGradients
 from torch import nn
 
-from ._core import Target, backbone_of, embed, eval_mode, forward_score, processor_map, resolve_target, split_batch
+from ._core import (
+    Target,
+    backbone_of,
+    embed,
+    eval_mode,
+    forward_score,
+    linear_inputs,
+    processor_map,
+    resolve_target,
+    split_batch,
+)
 from .mapping import Attribution, build_attribution
 
 BASELINES = ("zero", "type")
@@ -77,7 +87,10 @@ def integrated_gradients(
             reps = tokens[0].shape[0] // keep[0].shape[0]  # captum stacks n_steps copies of the batch
             keeps = {n: k.repeat(reps, 1) for n, k in zip(names, keep)}
             tgt = resolved if fixed_target else resolved.repeat(reps)
-            return forward_score(model, dict(zip(names, tokens)), keeps, tgt)
+            # a linear term's share (head_linear_modalities) reads values, not tokens: no gradient attributes it
+            return forward_score(
+                model, dict(zip(names, tokens)), keeps, tgt, linear_inputs(model, emb, keeps, reps=reps)
+            )
 
         xs = tuple(emb.tokens[n].detach() for n in names)
         bases = tuple(token_baseline(model, emb.tokens[n], emb.keep[n], n, baseline) for n in names)

@@ -34,6 +34,7 @@ from ._core import (
     eval_mode,
     forward_score,
     head_output,
+    linear_inputs,
     output_matrix,
     resolve_target,
     score,
@@ -196,7 +197,8 @@ def modality_shapley(
                 n: emb.keep[n][rows] if s >> k & 1 else torch.zeros_like(emb.keep[n][rows]) for k, n in enumerate(names)
             }
             tokens = {n: emb.tokens[n][rows] for n in names}
-            effective[rows, s] = forward_score(model, tokens, keep, _rows_target(resolved, rows)).double()
+            linear = linear_inputs(model, emb, keep, rows)
+            effective[rows, s] = forward_score(model, tokens, keep, _rows_target(resolved, rows), linear).double()
     sets = torch.arange(n_sets, device=device)
     coalitions = effective.gather(1, sets[None, :] & bits[:, None])  # v(S) = v(S ∩ present)
     values = shapley_from_coalitions(coalitions)
@@ -264,10 +266,11 @@ def modality_metric_drop(
 
             def predict(keep: dict[str, torch.Tensor], rows: torch.Tensor, emb=emb, explained=explained):
                 latents, _, _ = encode(model, {n: emb.tokens[n][rows] for n in emb.names}, keep)
+                linear = linear_inputs(model, emb, keep, rows)
                 if explained is None:
-                    out = output_matrix(model, head_output(model, latents))
+                    out = output_matrix(model, head_output(model, latents, linear))
                     return out[:, 0] if survival else out
-                return score(model, latents, _rows_target(explained, rows))
+                return score(model, latents, _rows_target(explained, rows), linear)
 
             present = emb.present()
             full = predict(emb.keep, torch.arange(emb.batch_size, device=present.device)).double()
