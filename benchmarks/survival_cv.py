@@ -612,8 +612,8 @@ def bp_config(args, model: str, modalities=tuple(MODALITIES)) -> dict:
     """The finetuning setting of a trained BioPerceiver arm (part of its cache key: unchanged for the full arms).
     ``--bp_modality_dropout`` enters only where it can act: full finetuning of a cohort with more than one modality
     (the collator never hides a sample's last modality, so a one-modality run is the same run without it).
-    ``--bp_head_linear`` (the clinical covariates' linear term beside the head) enters only where the arm sees the
-    clinical covariates."""
+    ``--bp_head_linear`` (a linear term on those modalities beside the head) enters only where the arm sees one of
+    them."""
     arm = BP_ARMS[model]
     if arm["mode"] == "full":
         lr, epochs = args.bp_lr, args.bp_epochs
@@ -622,8 +622,8 @@ def bp_config(args, model: str, modalities=tuple(MODALITIES)) -> dict:
     cfg = {"pretrained": arm["pretrained"], "mode": arm["mode"], "lr": lr, "epochs": 2 if args.quick else epochs}
     if arm["mode"] == "full" and getattr(args, "bp_modality_dropout", 0.0) > 0 and len(modalities) > 1:
         cfg["modality_dropout"] = args.bp_modality_dropout
-    if getattr(args, "bp_head_linear", False) and "tabular_clinical" in modalities:
-        cfg["head_linear"] = ["tabular_clinical"]
+    if linear := [m for m in getattr(args, "bp_head_linear", None) or () if m in modalities]:
+        cfg["head_linear"] = linear
     return cfg
 
 
@@ -847,7 +847,8 @@ def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str, 
         extra += ["--head_linear_modalities", *cfg["head_linear"]]
     tag = f"{cohort}_f{k}_{model}" + (f"_lr{lr:g}" if lr is not None else "")
     tag += f"_mdrop{cfg['modality_dropout']:g}" if "modality_dropout" in cfg else ""
-    tag += "_wide" if "head_linear" in cfg else ""
+    if "head_linear" in cfg:  # the clinical-only term keeps its first runs' folder names
+        tag += "_wide" if cfg["head_linear"] == ["tabular_clinical"] else "_wide_" + "_".join(cfg["head_linear"])
     tag += "".join(f"_{m}" for m in args.bp_modalities or ())
     r = runner.run(
         tag + (f"_init{args.init_seed}" if init_settings(args) else ""),
@@ -1082,10 +1083,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--bp_head_linear",
-        action="store_true",
-        help="trained arms: the clinical covariates also reach the risk through a linear term beside the head (wide "
-        "& deep, run_finetune --head_linear_modalities tabular_clinical; fitted on the training rows with its ridge "
-        "penalty chosen on validation before finetuning); only in cohorts with clinical covariates",
+        nargs="*",
+        default=None,
+        choices=MODALITIES,
+        metavar="MODALITY",
+        help="trained arms: these modalities (default, no value: tabular_clinical) also reach the risk through a "
+        "linear term beside the head (wide & deep, run_finetune --head_linear_modalities; fitted on the training "
+        "rows with its ridge penalty chosen on validation before finetuning); only where a cohort has them",
     )
     p.add_argument(
         "--bp_modalities",
@@ -1119,6 +1123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.init_seed is None:
         args.init_seed = args.seed
+    if args.bp_head_linear == []:  # the flag alone: the clinical covariates
+        args.bp_head_linear = ["tabular_clinical"]
     return args
 
 

@@ -37,13 +37,32 @@ def _tabular(x: np.ndarray, mask: np.ndarray | None = None) -> dict[str, torch.T
     return out
 
 
-def test_config_takes_only_tabular_modalities_of_the_model():
+def test_config_takes_only_tabular_and_omics_modalities_of_the_model():
     assert _config().head_linear_modalities == ["tabular_clinical"]
-    with pytest.raises(ValueError, match="'omics' modality"):
-        _config(head_linear_modalities=["omics_expression"])
+    both = _config(head_linear_modalities=["tabular_clinical", "omics_expression"]).head_linear_modalities
+    assert both == ["omics_expression", "tabular_clinical"]
+    text = {"kind": "text", "vocab_size": 50, "max_position_embeddings": 16}
+    with pytest.raises(ValueError, match="'text' modality"):
+        tiny_config(modalities={"text_note": text, "tabular_clinical": TAB}, head_linear_modalities=["text_note"])
     with pytest.raises(ValueError, match="not a modality of this model"):
         _config(head_linear_modalities=["tabular_labs"])
     assert tiny_config(modalities={"tabular_clinical": TAB}, head_linear_modalities=[]).head_linear_modalities is None
+
+
+def test_omics_linear_term_is_a_ridge_model_on_the_measured_genes():
+    torch.manual_seed(0)
+    model = BioPerceiverForSurvival(_config(head_linear_modalities=["omics_expression"])).eval()
+    term = model.linear_term
+    assert set(term.numeric) == {"omics_expression"} and not len(term.categorical)
+    with torch.no_grad():
+        term.numeric["omics_expression"].copy_(torch.randn(20, 1))
+    w = term.numeric["omics_expression"][:, 0].detach()
+    ids = torch.tensor([[3, 7, 11], [3, 7, 0]])
+    values = torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.25, float("nan")]])  # a padded slot may hold NaN
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    out = term({"omics_expression": {"gene_ids": ids, "values": values, "mask": mask}}, 2, torch.zeros(1))[:, 0]
+    expected = torch.stack([0.5 * w[3] - w[7] + 2 * w[11], w[3] + 0.25 * w[7]])
+    torch.testing.assert_close(out.detach(), expected)
 
 
 def test_linear_term_is_a_linear_model_on_the_observed_tokens():
@@ -165,7 +184,7 @@ def test_save_load_vocabulary_growth_and_trainability(tmp_path):
         tiny_config(modalities={"tabular_clinical": TAB, "omics_expression": OMICS})
     ).save_pretrained(backbone_dir)
     fresh = BioPerceiverForSurvival.from_pretrained(backbone_dir, head_linear_modalities=["tabular_clinical"])
-    assert float(fresh.linear_term.numeric["tabular_clinical"].abs().sum()) == 0.0
+    assert float(fresh.linear_term.numeric["tabular_clinical"].detach().abs().sum()) == 0.0
     # vocabulary growth keeps the fitted rows and adds zero rows
     old = loaded.linear_term.numeric["tabular_clinical"].detach().clone()
     loaded.resize_modality_vocabularies({"tabular_clinical": {**TAB, "num_features": 8}})

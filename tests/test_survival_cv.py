@@ -274,6 +274,9 @@ def test_bp_arms_default_and_selection():
         "lr": 3e-4,
         "epochs": 10,
     }
+    args = cv.parse_args([*base, "--bp_head_linear", "omics_expression", "tabular_clinical"])
+    assert cv.bp_config(args, "bp_random", both)["head_linear"] == ["omics_expression", "tabular_clinical"]
+    assert cv.bp_config(args, "bp_random", expression)["head_linear"] == ["omics_expression"]
 
 
 def _emb_fixture(cohort, width=12, seed=7):
@@ -681,5 +684,9 @@ def test_bp_head_linear_reaches_the_finetuning_run_where_the_cohort_has_clinical
         assert rec["test"] == 0.7 and rec["risk_test"] == [0.5]
     (wide_tag, wide_extra, wide_mods), (plain_tag, plain_extra, plain_mods) = calls
     assert wide_extra[-2:] == ["--head_linear_modalities", "tabular_clinical"] and wide_tag.endswith("_lr0.001_wide")
+    args = cv.parse_args(["--bp_head_linear", "omics_expression", "tabular_clinical"])
+    cv.run_bp(args, manifest, rows, part, Runner(), "coh", 0, "bp_random")
+    tag, extra, _ = calls[-1]
+    assert extra[-2:] == ["--head_linear_modalities", "omics_expression"] and tag.endswith("_wide_omics_expression")
     assert "--head_linear_modalities" not in plain_extra and plain_tag == "coh_f0_bp_random_lr0.001"
     assert wide_mods == cv.MODALITIES and plain_mods == ["omics_expression"]

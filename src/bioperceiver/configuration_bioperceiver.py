@@ -56,10 +56,10 @@ class BioPerceiverConfig(PreTrainedConfig):
             hazard over ``survival_time_bins``) for ``BioPerceiverForSurvival``.
         survival_ties (`str`, defaults to ``"efron"``): tie handling of the Cox loss, ``"efron"`` or ``"breslow"``.
         survival_time_bins (`list[float]`, optional): increasing cut points of the discrete-time head.
-        head_linear_modalities (`list[str]`, optional): ``tabular`` modalities whose values also reach the task
-            output through a linear term beside the head (wide & deep: one coefficient per numeric feature, on its
-            standardised value, and one per category code; an absent value adds nothing, i.e. the training mean).
-            The backbone then learns what the covariates' linear effect leaves unexplained.
+        head_linear_modalities (`list[str]`, optional): ``tabular`` or ``omics`` modalities whose values also
+            reach the task output through a linear term beside the head (wide & deep: one coefficient per numeric
+            feature or gene, on its standardised value, and one per category code; an absent value adds nothing,
+            i.e. the training mean). The backbone then learns what their linear effect leaves unexplained.
     """
 
     # Outputs ``Trainer`` leaves out of gathered predictions (it keeps ``logits``/``risk``).
@@ -154,12 +154,12 @@ class BioPerceiverConfig(PreTrainedConfig):
             linear = [str(m) for m in self.head_linear_modalities]
             for name in linear:
                 kind = self.modalities.get(name, {}).get("kind")
-                if kind != "tabular":
+                if kind not in ("tabular", "omics"):
                     raise ValueError(
                         f"head_linear_modalities: {name!r} is "
                         + (f"a {kind!r} modality" if kind else "not a modality of this model")
-                        + f"; the linear term takes tabular modalities, here "
-                        f"{[n for n, m in self.modalities.items() if m.get('kind') == 'tabular']}"
+                        + "; the linear term takes tabular and omics modalities, here "
+                        f"{[n for n, m in self.modalities.items() if m.get('kind') in ('tabular', 'omics')]}"
                     )
             self.head_linear_modalities = sorted(set(linear)) or None
         super().__post_init__(**kwargs)

@@ -157,48 +157,62 @@ class CoefficientTables(nn.ParameterDict):
     holds it directly, which is this dict, not :class:`LinearTerm`."""
 
 
+# modality kinds a linear term reads: (id input, vocabulary size key, has category codes)
+LINEAR_TERM_KINDS = {"tabular": ("feature_ids", "num_features", True), "omics": ("gene_ids", "num_genes", False)}
+
+
 class LinearTerm(nn.Module):
     """The wide part of a wide & deep head (Cheng et al. 2016): a linear model on ``config.head_linear_modalities``
-    (tabular) added to the head's output. Per modality one coefficient vector per feature, applied to the
-    feature's standardised numeric value, and one per category code (categorical tokens); a token the mask hides
-    (a missing value, an absent modality) adds nothing, which after the processor's standardisation is the
-    training mean. Starts at zero (the plain head); :func:`bioperceiver.training.fit_linear_term` fits it on the
-    training rows before finetuning. It reads the modalities' inputs, not the latents."""
+    added to the head's output. Per modality one coefficient vector per feature (tabular) or gene (omics), applied
+    to its standardised value, and for tabular one per category code (categorical tokens); a token the mask hides
+    (a missing value, an absent modality) adds nothing, which after the processors' standardisation is the training
+    mean. Starts at zero (the plain head); :func:`bioperceiver.training.fit_linear_term` fits it on the training
+    rows before finetuning. It reads the modalities' inputs, not the latents."""
 
     def __init__(self, config: BioPerceiverConfig, out_features: int):
         super().__init__()
         self.names = list(config.head_linear_modalities or [])
+        self.kinds = {name: config.modalities[name]["kind"] for name in self.names}
         self.out_features = out_features
         self.numeric = CoefficientTables()
         self.categorical = CoefficientTables()
         for name in self.names:  # zeros here; _BioPerceiverWithHead._init_weights zeroes them on every load path
             m = config.modalities[name]
-            self.numeric[name] = nn.Parameter(torch.zeros(int(m["num_features"]), out_features))
-            self.categorical[name] = nn.Parameter(torch.zeros(int(m["num_categories"]), out_features))
+            _, size, has_categories = LINEAR_TERM_KINDS[m["kind"]]
+            self.numeric[name] = nn.Parameter(torch.zeros(int(m[size]), out_features))
+            if has_categories:
+                self.categorical[name] = nn.Parameter(torch.zeros(int(m["num_categories"]), out_features))
 
     def forward(self, modality_inputs: dict[str, Any], batch_size: int, reference: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(batch_size, self.out_features, dtype=reference.dtype, device=reference.device)
+        zero = torch.zeros((), dtype=out.dtype, device=out.device)
         for name in self.names:
             arrays = modality_inputs.get(name)
             if arrays is None:  # the modality is absent from the whole batch
                 continue
-            ids, values = arrays["feature_ids"], arrays["values"]
+            id_key = LINEAR_TERM_KINDS[self.kinds[name]][0]
+            ids, values = arrays[id_key], arrays["values"]
             keep = arrays.get("mask")
             keep = torch.ones_like(ids, dtype=torch.bool) if keep is None else keep.bool()
-            cats = arrays.get("category_ids")
+            cats = arrays.get("category_ids") if name in self.categorical else None
             cats = torch.zeros_like(ids) if cats is None else cats.masked_fill(~keep, 0)
             ids = ids.masked_fill(~keep, 0)
-            numeric = ((cats == 0) & keep).to(out.dtype)
-            coef = self.numeric[name][ids]  # (B, F, K)
-            term = coef * (values.to(out.dtype) * numeric)[..., None]
-            term = term + self.categorical[name][cats] * ((cats != 0) & keep).to(out.dtype)[..., None]
-            out = out + term.sum(dim=1)
+            numeric = (cats == 0) & keep
+            values = torch.where(numeric, values.to(out.dtype), zero)  # a hidden value may be NaN
+            term = (self.numeric[name][ids] * values[..., None]).sum(dim=1)  # (B, K)
+            if name in self.categorical:
+                categorical = ((cats != 0) & keep).to(out.dtype)[..., None]
+                term = term + (self.categorical[name][cats] * categorical).sum(dim=1)
+            out = out + term
         return out
 
     def resize(self, grown: dict[str, dict[str, tuple[int, int]]]) -> None:
         """Grow the coefficient tables with the modalities' vocabularies (new rows zero: no effect until trained)."""
         for name, sizes in grown.items():
-            for key, table in (("num_features", self.numeric), ("num_categories", self.categorical)):
+            if name not in self.kinds:
+                continue
+            size_key = LINEAR_TERM_KINDS[self.kinds[name]][1]
+            for key, table in ((size_key, self.numeric), ("num_categories", self.categorical)):
                 if name in table and key in sizes:
                     old = table[name]
                     new = torch.zeros(sizes[key][1], old.shape[1], dtype=old.dtype, device=old.device)
@@ -425,6 +439,7 @@ class AutoModelForSurvival(_BaseAutoModelClass):
 
 
 __all__ = [
+    "LINEAR_TERM_KINDS",
     "PROBLEM_TYPE_LOSSES",
     "AutoModelForSurvival",
     "BioPerceiverClassifierOutput",

@@ -34,8 +34,9 @@ class ModelArguments:
     head_linear_modalities: list[str] | None = field(
         default=None,
         metadata={
-            "help": "tabular modalities (e.g. tabular_clinical) that also reach the output through a linear term "
-            "beside the head (wide & deep): the backbone learns what their linear effect leaves unexplained"
+            "help": "tabular or omics modalities (e.g. tabular_clinical) that also reach the output through a "
+            "linear term beside the head (wide & deep): the backbone learns what their linear effect leaves "
+            "unexplained"
         },
     )
     head_linear_fit: bool = field(

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.layers import PatchEmbed
 from torch import nn
 
 from ...layers import FourierFeatures, grid_coordinates
@@ -102,6 +101,8 @@ class ImageEmbedder(ModalityEmbedder):
             self.backbone = self._create_backbone(config)
             self.proj = nn.Linear(self.backbone.num_features, d_input)
         elif config.spatial_dims == 2:
+            from timm.layers import PatchEmbed  # here: importing timm costs ~1 s (torchvision, torch._dynamo)
+
             self.patch_embed = PatchEmbed(
                 img_size=None,
                 patch_size=config.patch_size,
