@@ -158,14 +158,22 @@ def test_lora_and_discrete_survival_decompose_per_sample_and_cox_is_refused():
     config = tiny_config(
         modalities=TEXT_TABULAR, survival_loss="discrete", survival_time_bins=[1.0, 2.0, 4.0], hidden_dropout=0.0
     )
-    surv = bp.BioPerceiverForSurvival(config).eval()
     labels = torch.tensor([[0.5, 1.0], [1.5, 0.0], [3.0, 1.0], [5.0, 0.0]])
     batch = {"inputs": random_batch(config, batch_size=4, seed=2), "labels": labels}
-    params = _trainable(surv)
-    grads, _ = per_sample_gradients(surv, batch, params)
-    full = torch.autograd.grad(surv(**batch).loss, params, allow_unused=True)
-    for g, f in zip(grads, full):
-        torch.testing.assert_close(g.mean(0), torch.zeros_like(g[0]) if f is None else f, rtol=1e-4, atol=1e-6)
+    # also with a wide & deep head: its linear term (coefficient tables indexed by feature id) decomposes too
+    for linear in (None, ["tabular"]):
+        torch.manual_seed(0)
+        surv = bp.BioPerceiverForSurvival(tiny_config(**{**config.to_dict(), "head_linear_modalities": linear}))
+        surv.eval()
+        params = _trainable(surv)
+        grads, _ = per_sample_gradients(surv, batch, params)
+        full = torch.autograd.grad(surv(**batch).loss, params, allow_unused=True)
+        for g, f in zip(grads, full):
+            torch.testing.assert_close(g.mean(0), torch.zeros_like(g[0]) if f is None else f, rtol=1e-4, atol=1e-6)
+        if linear:
+            names = [n for n, p in surv.named_parameters() if p.requires_grad]
+            table = grads[names.index("linear_term.numeric.tabular")]
+            assert float(table.abs().sum()) > 0  # every row has its own gradient on the features it has
 
     spec = {"task": "survival", "time_column": "t", "event_column": "e"}
     Task.from_dict({**spec, "loss": "discrete"}).check_differential_privacy()
