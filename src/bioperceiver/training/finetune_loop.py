@@ -235,6 +235,11 @@ def run_finetuning(
     eval_ds, test_ds = evals[data_args.eval_split], evals[data_args.test_split]
     linear_fit = None
     if getattr(model, "linear_term", None) is not None and model_args.head_linear_fit and training_args.do_train:
+        if dp is not None:  # a finetuned folder's own linear term (no --head_linear_modalities given)
+            raise ValueError(
+                f"{model_args.model_name_or_path} has a linear term on {model.linear_term.names}; fitting it outside "
+                "DP-SGD is not covered by the privacy guarantee: pass --head_linear_fit false"
+            )
         if resume:
             logger.info("resuming: the linear term comes from the checkpoint, not refitted")
         else:
