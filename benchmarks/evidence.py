@@ -105,7 +105,8 @@ def _seed_parts() -> list[Part]:
     the same, so the random-init control is reseeded too), a second finetuning seed (``--init_seed 1``) for the
     finetuned arms, and ``seed_spread.py`` over them (~80 min on 2 idle cores); the finetuned arms with the
     learning rate chosen on validation (``--bp_lrs``), finetuning seeds 0 and 1, ``seed_spread.py`` over those, and
-    the clinical-only, modality-dropout and wide & deep (linear clinical term) runs (~2.5 h more)."""
+    the clinical-only, modality-dropout and wide & deep (linear clinical term, 2 finetuning seeds) runs (~2.75 h
+    more)."""
     parts = []
     for s in EXTRA_SEEDS:
         parts += [
@@ -294,6 +295,86 @@ def _seed_parts() -> list[Part]:
                 optional=True,
             )
         )
+    # the wide & deep model again with finetuning seed 1 (its plain twin: survival_cv_lrgrid_init1); wide - plain
+    # paired on the same test patients at each seed; the wide runs over both seeds
+    parts.append(
+        Part(
+            "survival_cv_wide_init1",
+            "survival_cv_wide with --init_seed 1 (expression-only cohorts read back from survival_cv_lrgrid_init1)",
+            _survival(
+                f"{W}/survset/survival_cv_wide_init1",
+                f"{W}/survset/cv_cohort",
+                arms=FINETUNED_ARMS[:2],
+                extra=(
+                    "--bp_lrs",
+                    *LR_GRID,
+                    "--init_seed",
+                    "1",
+                    "--reuse_cache",
+                    f"{W}/survset/survival_cv_lrgrid_init1",
+                    "--bp_head_linear",
+                ),
+            ),
+            "survset/survival_cv_wide_init1/survival_cv.json",
+            needs=["survival_cv_lrgrid_init1"],
+            minutes=15,
+            optional=True,
+        )
+    )
+    for init, wide, plain in (
+        (0, "survival_cv_wide", "survival_cv_lrgrid"),
+        (1, "survival_cv_wide_init1", "survival_cv_lrgrid_init1"),
+    ):
+        parts.append(
+            Part(
+                f"survset_versus_wide_init{init}",
+                f"wide & deep - plain full finetuning, finetuning seed {init}, paired on the same test patients",
+                [
+                    PY,
+                    "benchmarks/seed_spread.py",
+                    "--runs",
+                    f"{W}/survset/{wide}",
+                    f"{W}/survset/{plain}",
+                    "--labels",
+                    "wide",
+                    "plain",
+                    "--output_dir",
+                    f"{W}/survset/versus_wide_init{init}",
+                    "--versus",
+                    "bp_pretrained",
+                    "bp_random",
+                ],
+                f"survset/versus_wide_init{init}/seed_spread.json",
+                needs=[wide, plain],
+                minutes=0.5,
+                optional=True,
+            )
+        )
+    parts.append(
+        Part(
+            "survset_seed_spread_wide",
+            "the wide & deep arms over finetuning seeds 0-1",
+            [
+                PY,
+                "benchmarks/seed_spread.py",
+                "--runs",
+                f"{W}/survset/survival_cv_wide",
+                f"{W}/survset/survival_cv_wide_init1",
+                "--labels",
+                "init0",
+                "init1",
+                "--output_dir",
+                f"{W}/survset/seed_spread_wide",
+                "--ensemble",
+                "bp_pretrained",
+                "bp_random",
+            ],
+            "survset/seed_spread_wide/seed_spread.json",
+            needs=["survival_cv_wide", "survival_cv_wide_init1"],
+            minutes=0.5,
+            optional=True,
+        )
+    )
     return parts
 
 

@@ -111,3 +111,10 @@ def test_the_wide_and_deep_part_reuses_the_lr_grid_run():
     assert "--bp_head_linear" in argv and wide.optional and wide.needs == ["survival_cv_lrgrid"]
     assert argv[argv.index("--reuse_cache") + 1].endswith("survset/survival_cv_lrgrid")
     assert argv[argv.index("--bp_arms") + 1 : argv.index("--bp_arms") + 3] == list(evidence.FINETUNED_ARMS[:2])
+    seed1 = next(p for p in evidence.PARTS if p.name == "survival_cv_wide_init1").argv
+    assert seed1[seed1.index("--init_seed") + 1] == "1" and "--bp_head_linear" in seed1
+    assert seed1[seed1.index("--reuse_cache") + 1].endswith("survival_cv_lrgrid_init1")  # the same seed's plain twin
+    for init, plain in ((0, "survival_cv_lrgrid"), (1, "survival_cv_lrgrid_init1")):
+        versus = next(p for p in evidence.PARTS if p.name == f"survset_versus_wide_init{init}")
+        runs = versus.argv[versus.argv.index("--runs") + 1 : versus.argv.index("--labels")]
+        assert runs[1].endswith(plain) and "--versus" in versus.argv
