@@ -441,6 +441,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give at least two --runs")
     if args.ensemble is not None and len(args.ensemble) > 2:
         p.error("--ensemble takes an arm and at most one control arm")
+    if args.versus and args.ensemble:
+        p.error("--versus compares runs that differ in a setting; --ensemble averages seeds of one setting: pick one")
     return args
 
 
@@ -455,7 +457,10 @@ def main(argv=None) -> dict:
         "runs": dict(zip(labels, args.runs)),
         "labels": labels,
         "argv": {lab: r["res"].get("argv") for lab, r in zip(labels, runs)},
-        "roles": {role: combine(runs, labels, role, args.n_bootstrap, args.seed) for role in args.roles},
+        # runs that differ in a setting (--versus) are not seeds of one estimate: no mean or spread over them
+        "roles": {}
+        if args.versus
+        else {role: combine(runs, labels, role, args.n_bootstrap, args.seed) for role in args.roles},
     }
     lines = report_lines(result)
     if args.ensemble:
