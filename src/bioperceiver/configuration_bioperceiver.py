@@ -9,7 +9,7 @@ from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedConfig
 
-from .modalities import normalize_modality_config
+from .modalities import get_modality, normalize_modality_config
 
 
 @strict
@@ -152,14 +152,15 @@ class BioPerceiverConfig(PreTrainedConfig):
         self.modalities = {name: normalize_modality_config(name, modalities[name]) for name in sorted(modalities)}
         if self.head_linear_modalities is not None:
             linear = [str(m) for m in self.head_linear_modalities]
+            readable = [n for n, m in self.modalities.items() if get_modality(m["kind"]).linear_inputs is not None]
             for name in linear:
-                kind = self.modalities.get(name, {}).get("kind")
-                if kind not in ("tabular", "omics"):
+                if name not in readable:
+                    kind = self.modalities.get(name, {}).get("kind")
                     raise ValueError(
                         f"head_linear_modalities: {name!r} is "
                         + (f"a {kind!r} modality" if kind else "not a modality of this model")
-                        + "; the linear term takes tabular and omics modalities, here "
-                        f"{[n for n, m in self.modalities.items() if m.get('kind') in ('tabular', 'omics')]}"
+                        + "; the linear term takes modalities of (id, value) tokens (a kind whose spec sets "
+                        f"linear_inputs: tabular, omics), here {readable}"
                     )
             self.head_linear_modalities = sorted(set(linear)) or None
         super().__post_init__(**kwargs)

@@ -27,6 +27,7 @@ from transformers.models.auto.auto_factory import _BaseAutoModelClass, _LazyAuto
 from .configuration_bioperceiver import BioPerceiverConfig
 from .layers.attention import CrossAttentionBlock
 from .losses.survival import cox_ph_loss, discrete_time_nll, discretize, survival_from_hazard_logits
+from .modalities import get_modality
 from .modeling_bioperceiver import BioPerceiverModel, BioPerceiverPreTrainedModel
 
 HEAD_TYPES = ("pooled", "query")
@@ -157,31 +158,27 @@ class CoefficientTables(nn.ParameterDict):
     holds it directly, which is this dict, not :class:`LinearTerm`."""
 
 
-# modality kinds a linear term reads: (id input, vocabulary size key, has category codes)
-LINEAR_TERM_KINDS = {"tabular": ("feature_ids", "num_features", True), "omics": ("gene_ids", "num_genes", False)}
-
-
 class LinearTerm(nn.Module):
     """The wide part of a wide & deep head (Cheng et al. 2016): a linear model on ``config.head_linear_modalities``
-    added to the head's output. Per modality one coefficient vector per feature (tabular) or gene (omics), applied
-    to its standardised value, and for tabular one per category code (categorical tokens); a token the mask hides
-    (a missing value, an absent modality) adds nothing, which after the processors' standardisation is the training
-    mean. Starts at zero (the plain head); :func:`bioperceiver.training.fit_linear_term` fits it on the training
-    rows before finetuning. It reads the modalities' inputs, not the latents."""
+    added to the head's output. Per modality one coefficient vector per id (a tabular feature, a gene: the kind's
+    :class:`~bioperceiver.modalities.LinearInputs`), applied to its standardised value, and one per category code
+    where the kind has categorical tokens; a token the mask hides (a missing value, an absent modality) adds
+    nothing, which after the processors' standardisation is the training mean. Starts at zero (the plain head);
+    :func:`bioperceiver.training.fit_linear_term` fits it on the training rows before finetuning. It reads the
+    modalities' inputs, not the latents."""
 
     def __init__(self, config: BioPerceiverConfig, out_features: int):
         super().__init__()
         self.names = list(config.head_linear_modalities or [])
-        self.kinds = {name: config.modalities[name]["kind"] for name in self.names}
+        self.reads = {name: get_modality(config.modalities[name]["kind"]).linear_inputs for name in self.names}
         self.out_features = out_features
         self.numeric = CoefficientTables()
         self.categorical = CoefficientTables()
         for name in self.names:  # zeros here; _BioPerceiverWithHead._init_weights zeroes them on every load path
-            m = config.modalities[name]
-            _, size, has_categories = LINEAR_TERM_KINDS[m["kind"]]
-            self.numeric[name] = nn.Parameter(torch.zeros(int(m[size]), out_features))
-            if has_categories:
-                self.categorical[name] = nn.Parameter(torch.zeros(int(m["num_categories"]), out_features))
+            m, reads = config.modalities[name], self.reads[name]
+            self.numeric[name] = nn.Parameter(torch.zeros(int(m[reads.size_key]), out_features))
+            if reads.category_key:
+                self.categorical[name] = nn.Parameter(torch.zeros(int(m[reads.category_size_key]), out_features))
 
     def forward(self, modality_inputs: dict[str, Any], batch_size: int, reference: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(batch_size, self.out_features, dtype=reference.dtype, device=reference.device)
@@ -190,11 +187,11 @@ class LinearTerm(nn.Module):
             arrays = modality_inputs.get(name)
             if arrays is None:  # the modality is absent from the whole batch
                 continue
-            id_key = LINEAR_TERM_KINDS[self.kinds[name]][0]
-            ids, values = arrays[id_key], arrays["values"]
+            reads = self.reads[name]
+            ids, values = arrays[reads.id_key], arrays["values"]
             keep = arrays.get("mask")
             keep = torch.ones_like(ids, dtype=torch.bool) if keep is None else keep.bool()
-            cats = arrays.get("category_ids") if name in self.categorical else None
+            cats = arrays.get(reads.category_key) if reads.category_key else None
             cats = torch.zeros_like(ids) if cats is None else cats.masked_fill(~keep, 0)
             ids = ids.masked_fill(~keep, 0)
             numeric = (cats == 0) & keep
@@ -209,10 +206,10 @@ class LinearTerm(nn.Module):
     def resize(self, grown: dict[str, dict[str, tuple[int, int]]]) -> None:
         """Grow the coefficient tables with the modalities' vocabularies (new rows zero: no effect until trained)."""
         for name, sizes in grown.items():
-            if name not in self.kinds:
+            if name not in self.reads:
                 continue
-            size_key = LINEAR_TERM_KINDS[self.kinds[name]][1]
-            for key, table in ((size_key, self.numeric), ("num_categories", self.categorical)):
+            reads = self.reads[name]
+            for key, table in ((reads.size_key, self.numeric), (reads.category_size_key, self.categorical)):
                 if name in table and key in sizes:
                     old = table[name]
                     new = torch.zeros(sizes[key][1], old.shape[1], dtype=old.dtype, device=old.device)
@@ -439,7 +436,6 @@ class AutoModelForSurvival(_BaseAutoModelClass):
 
 
 __all__ = [
-    "LINEAR_TERM_KINDS",
     "PROBLEM_TYPE_LOSSES",
     "AutoModelForSurvival",
     "BioPerceiverClassifierOutput",

@@ -141,9 +141,7 @@ def linear_inputs(
         if name not in emb.inputs or name not in keep:
             out[name] = None
             continue
-        arrays = {
-            k: v for k, v in emb.inputs[name].items() if k in ("feature_ids", "gene_ids", "values", "category_ids")
-        }
+        arrays = {k: v for k, v in emb.inputs[name].items() if k in term.reads[name].keys}
         if rows is not None:
             arrays = {k: v[rows] for k, v in arrays.items()}
         if reps > 1:

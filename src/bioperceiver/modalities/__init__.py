@@ -24,10 +24,11 @@ from .registry import (
     register_modality,
     unregister_modality,
 )
-from .spec import ArraySpec, ModalitySpec
+from .spec import ArraySpec, LinearInputs, ModalitySpec
 
 __all__ = [
     "ArraySpec",
+    "LinearInputs",
     "ModalityEmbedder",
     "ModalityProcessor",
     "ModalitySpec",

@@ -59,6 +59,24 @@ class ArraySpec:
     doc: str = ""
 
 
+@dataclass(frozen=True)
+class LinearInputs:
+    """How a wide & deep head's linear term (``BioPerceiverConfig.head_linear_modalities``) reads a kind whose tokens
+    are (id, standardised value) pairs: the id array and the config field holding the vocabulary size, and for
+    kinds with categorical tokens the category-code array (0 = a numeric token) and its vocabulary size. The term
+    has one coefficient per id (times the value) and one per category code."""
+
+    id_key: str
+    size_key: str
+    category_key: str | None = None
+    category_size_key: str | None = None
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The arrays the term reads (besides the keep-mask)."""
+        return (self.id_key, "values", *([self.category_key] if self.category_key else []))
+
+
 class ModalitySpec:
     """The contract of one modality kind. Subclass it in ``modalities/<kind>/spec.py`` and register an instance.
 
@@ -75,6 +93,8 @@ class ModalitySpec:
             options).
         token_unit: what one token is, for people (word, patch, gene, channel patch, feature).
         default_processor_settings: processor settings used when the user gives none for a column.
+        linear_inputs: a :class:`LinearInputs` when a wide & deep head's linear term can read the kind's tokens
+            (``None``: it cannot).
     """
 
     kind: ClassVar[str] = ""
@@ -85,6 +105,7 @@ class ModalitySpec:
     cell_forms: ClassVar[tuple[str, ...]] = ("path",)
     token_unit: ClassVar[str] = "token"
     default_processor_settings: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    linear_inputs: ClassVar[LinearInputs | None] = None
 
     # ---- classes ------------------------------------------------------------------------------------------------
     @property

@@ -10,7 +10,7 @@ from types import MappingProxyType
 import torch
 
 from ...data.errors import Problem
-from ..spec import ArraySpec, ModalitySpec
+from ..spec import ArraySpec, LinearInputs, ModalitySpec
 from .embedder import OmicsEmbedder
 from .processor import OmicsProcessor
 
@@ -30,6 +30,7 @@ class OmicsSpec(ModalitySpec):
     )
     cell_forms = ("mapping", "path")
     token_unit = "gene"
+    linear_inputs = LinearInputs("gene_ids", "num_genes")
 
     def check_mapping(self, mapping):
         out = []

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ...data.errors import Problem
-from ..spec import ArraySpec, ModalitySpec
+from ..spec import ArraySpec, LinearInputs, ModalitySpec
 from .embedder import TabularEmbedder
 from .processor import TabularProcessor
 
@@ -31,6 +31,7 @@ class TabularSpec(ModalitySpec):
     )
     cell_forms = ("mapping",)
     token_unit = "feature"
+    linear_inputs = LinearInputs("feature_ids", "num_features", "category_ids", "num_categories")
 
     def check_mapping(self, mapping):
         out = []
