@@ -9,6 +9,10 @@ Heads (``config.head_type``): ``"pooled"`` (LayerNorm + optional MLP + linear on
 ``"query"`` (a Perceiver IO decoder: a learned query cross-attends to the latents, then a linear layer). Both
 compute the loss when ``labels`` are given and return ``ModelOutput``s. ``latents=`` skips the backbone (cached
 embeddings of a frozen backbone: linear probing without re-running the encoder every epoch).
+
+Wide & deep (``config.head_linear_modalities``): a :class:`LinearTerm` on tabular or omics values is added to the
+head's output, so covariates with a strong linear effect reach the prediction directly (with ``latents=``, pass
+those modalities' inputs too).
 """
 
 from __future__ import annotations
