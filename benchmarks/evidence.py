@@ -350,6 +350,56 @@ def _seed_parts() -> list[Part]:
                 optional=True,
             )
         )
+    # the external cohorts (evaluation only, nothing selected on them): wide & deep and plain, the lr grid, seed 0
+    external = ("gse3143", "DBCD", "DLBCL", "chop", "AML_Bull", "vdv")
+    for run, extra in (
+        ("survival_external_wide", ("--bp_head_linear",)),
+        ("survival_external_plain", ("--reuse_cache", f"{W}/survset/survival_external_wide")),
+    ):
+        parts.append(
+            Part(
+                run,
+                f"the external cohorts' full-finetuning arms, learning rate chosen on validation, {run.split('_')[-1]}",
+                _survival(
+                    f"{W}/survset/{run}",
+                    f"{W}/survset/external_cohort",
+                    *external,
+                    arms=FINETUNED_ARMS[:2],
+                    extra=("--bp_lrs", *LR_GRID, *extra),
+                ),
+                f"survset/{run}/survival_cv.json",
+                needs=["survset_pretrain"] if run.endswith("wide") else ["survival_external_wide"],
+                minutes=12 if run.endswith("wide") else 4,
+                optional=True,
+            )
+        )
+    parts.append(
+        Part(
+            "survset_versus_external_wide",
+            "wide & deep - plain on the external cohorts, paired (only gse3143 has clinical covariates)",
+            [
+                PY,
+                "benchmarks/seed_spread.py",
+                "--runs",
+                f"{W}/survset/survival_external_wide",
+                f"{W}/survset/survival_external_plain",
+                "--labels",
+                "wide",
+                "plain",
+                "--roles",
+                "external",
+                "--output_dir",
+                f"{W}/survset/versus_external_wide_init0",
+                "--versus",
+                "bp_pretrained",
+                "bp_random",
+            ],
+            "survset/versus_external_wide_init0/seed_spread.json",
+            needs=["survival_external_wide", "survival_external_plain"],
+            minutes=0.5,
+            optional=True,
+        )
+    )
     parts.append(
         Part(
             "survset_seed_spread_wide",
