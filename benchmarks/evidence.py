@@ -350,6 +350,38 @@ def _seed_parts() -> list[Part]:
                 optional=True,
             )
         )
+    # a second whole-union pretraining seed under the wide & deep model (the random-init arm read back)
+    parts += [
+        Part(
+            "survset_pretrain_seed1",
+            "survset_pretrain with seed=1",
+            _pretrain(
+                "pretrain/configs/survset_omics.yaml",
+                f"{W}/survset/pretrain_seed1",
+                f"data.manifest={W}/survset/dev_cohort/manifest.parquet",
+                "seed=1",
+            ),
+            "survset/pretrain_seed1/final/config.json",
+            needs=["survset_cohort"],
+            minutes=3,
+            optional=True,
+        ),
+        Part(
+            "survival_cv_wide_pretrain_seed1",
+            "survival_cv_wide's pretrained arm on the seed-1 backbone",
+            _survival(
+                f"{W}/survset/survival_cv_wide_pre1",
+                f"{W}/survset/cv_cohort",
+                pretrained=f"{W}/survset/pretrain_seed1/final",
+                arms=FINETUNED_ARMS[:2],
+                extra=("--bp_lrs", *LR_GRID, "--bp_head_linear", "--reuse_cache", f"{W}/survset/survival_cv_wide"),
+            ),
+            "survset/survival_cv_wide_pre1/survival_cv.json",
+            needs=["survset_pretrain_seed1", "survival_cv_wide"],
+            minutes=9,
+            optional=True,
+        ),
+    ]
     # the external cohorts (evaluation only, nothing selected on them): wide & deep and plain, the lr grid, seed 0
     external = ("gse3143", "DBCD", "DLBCL", "chop", "AML_Bull", "vdv")
     for run, extra in (
