@@ -94,6 +94,21 @@ def _survival(
     ]
 
 
+def _seed_spread(out: str, runs: dict[str, str], *extra: str) -> list[str]:
+    """``seed_spread.py`` over ``runs`` (label -> survset run folder), written to ``survset/<out>``."""
+    return [
+        PY,
+        "benchmarks/seed_spread.py",
+        "--runs",
+        *(f"{W}/survset/{r}" for r in runs.values()),
+        "--labels",
+        *runs,
+        "--output_dir",
+        f"{W}/survset/{out}",
+        *extra,
+    ]
+
+
 EMB_ARMS = ("cox_clinical_emb_pretrained", "cox_clinical_emb_random", "cox_clinical_pcs_emb_pretrained")
 FINETUNED_ARMS = ("bp_random", "bp_pretrained", "bp_random_probe", "bp_pretrained_probe")
 LR_GRID = ("3e-4", "1e-3", "3e-3")  # the optional learning-rate-grid parts (the PadChest label-efficiency grid)
@@ -147,20 +162,16 @@ def _seed_parts() -> list[Part]:
         Part(
             "survset_seed_spread_foldwise",
             "the fold-wise embedding arms over pretraining seeds 0-4: mean, SD, two-level bootstrap CI; seed ensemble",
-            [
-                PY,
-                "benchmarks/seed_spread.py",
-                "--runs",
-                f"{W}/survset/survival_cv_foldwise",
-                *(f"{W}/survset/survival_cv_foldwise_seed{s}" for s in EXTRA_SEEDS),
-                "--labels",
-                *(f"seed{s}" for s in (0, *EXTRA_SEEDS)),
-                "--output_dir",
-                f"{W}/survset/seed_spread_foldwise",
+            _seed_spread(
+                "seed_spread_foldwise",
+                {
+                    "seed0": "survival_cv_foldwise",
+                    **{f"seed{s}": f"survival_cv_foldwise_seed{s}" for s in EXTRA_SEEDS},
+                },
                 "--ensemble",
                 "cox_clinical_emb_pretrained",
                 "cox_clinical_emb_random",
-            ],
+            ),
             "survset/seed_spread_foldwise/seed_spread.json",
             needs=["survival_cv_foldwise", *(f"survival_cv_foldwise_seed{s}" for s in EXTRA_SEEDS)],
             minutes=0.5,
@@ -183,21 +194,13 @@ def _seed_parts() -> list[Part]:
         Part(
             "survset_seed_spread_finetuned",
             "the finetuned arms over finetuning seeds 0-1",
-            [
-                PY,
-                "benchmarks/seed_spread.py",
-                "--runs",
-                f"{W}/survset/survival_cv",
-                f"{W}/survset/survival_cv_init1",
-                "--labels",
-                "init0",
-                "init1",
-                "--output_dir",
-                f"{W}/survset/seed_spread_finetuned",
+            _seed_spread(
+                "seed_spread_finetuned",
+                {"init0": "survival_cv", "init1": "survival_cv_init1"},
                 "--ensemble",
                 "bp_pretrained",
                 "bp_random",
-            ],
+            ),
             "survset/seed_spread_finetuned/seed_spread.json",
             needs=["survival_cv", "survival_cv_init1"],
             minutes=0.5,
@@ -236,21 +239,13 @@ def _seed_parts() -> list[Part]:
         Part(
             "survset_seed_spread_lrgrid",
             "the learning-rate-grid finetuned arms over finetuning seeds 0-1",
-            [
-                PY,
-                "benchmarks/seed_spread.py",
-                "--runs",
-                f"{W}/survset/survival_cv_lrgrid",
-                f"{W}/survset/survival_cv_lrgrid_init1",
-                "--labels",
-                "init0",
-                "init1",
-                "--output_dir",
-                f"{W}/survset/seed_spread_lrgrid",
+            _seed_spread(
+                "seed_spread_lrgrid",
+                {"init0": "survival_cv_lrgrid", "init1": "survival_cv_lrgrid_init1"},
                 "--ensemble",
                 "bp_pretrained",
                 "bp_random",
-            ],
+            ),
             "survset/seed_spread_lrgrid/seed_spread.json",
             needs=["survival_cv_lrgrid", "survival_cv_lrgrid_init1"],
             minutes=0.5,
@@ -329,21 +324,9 @@ def _seed_parts() -> list[Part]:
             Part(
                 f"survset_versus_wide_init{init}",
                 f"wide & deep - plain full finetuning, finetuning seed {init}, paired on the same test patients",
-                [
-                    PY,
-                    "benchmarks/seed_spread.py",
-                    "--runs",
-                    f"{W}/survset/{wide}",
-                    f"{W}/survset/{plain}",
-                    "--labels",
-                    "wide",
-                    "plain",
-                    "--output_dir",
-                    f"{W}/survset/versus_wide_init{init}",
-                    "--versus",
-                    "bp_pretrained",
-                    "bp_random",
-                ],
+                _seed_spread(
+                    f"versus_wide_init{init}", {"wide": wide, "plain": plain}, "--versus", "bp_pretrained", "bp_random"
+                ),
                 f"survset/versus_wide_init{init}/seed_spread.json",
                 needs=[wide, plain],
                 minutes=0.5,
@@ -409,23 +392,15 @@ def _seed_parts() -> list[Part]:
         Part(
             "survset_versus_external_wide",
             "wide & deep - plain on the external cohorts, paired (only gse3143 has clinical covariates)",
-            [
-                PY,
-                "benchmarks/seed_spread.py",
-                "--runs",
-                f"{W}/survset/survival_external_wide",
-                f"{W}/survset/survival_external_plain",
-                "--labels",
-                "wide",
-                "plain",
+            _seed_spread(
+                "versus_external_wide_init0",
+                {"wide": "survival_external_wide", "plain": "survival_external_plain"},
                 "--roles",
                 "external",
-                "--output_dir",
-                f"{W}/survset/versus_external_wide_init0",
                 "--versus",
                 "bp_pretrained",
                 "bp_random",
-            ],
+            ),
             "survset/versus_external_wide_init0/seed_spread.json",
             needs=["survival_external_wide", "survival_external_plain"],
             minutes=0.5,
@@ -436,21 +411,13 @@ def _seed_parts() -> list[Part]:
         Part(
             "survset_seed_spread_wide",
             "the wide & deep arms over finetuning seeds 0-1",
-            [
-                PY,
-                "benchmarks/seed_spread.py",
-                "--runs",
-                f"{W}/survset/survival_cv_wide",
-                f"{W}/survset/survival_cv_wide_init1",
-                "--labels",
-                "init0",
-                "init1",
-                "--output_dir",
-                f"{W}/survset/seed_spread_wide",
+            _seed_spread(
+                "seed_spread_wide",
+                {"init0": "survival_cv_wide", "init1": "survival_cv_wide_init1"},
                 "--ensemble",
                 "bp_pretrained",
                 "bp_random",
-            ],
+            ),
             "survset/seed_spread_wide/seed_spread.json",
             needs=["survival_cv_wide", "survival_cv_wide_init1"],
             minutes=0.5,
