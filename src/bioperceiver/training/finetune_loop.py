@@ -502,7 +502,7 @@ def build_trainer(
     trainer_train, trainer_eval = train_ds, eval_ds
     linear = getattr(model, "linear_term", None) is not None
     if model_args.finetuning_mode == "linear_probe" and model_args.cache_embeddings and linear:
-        logger.info("linear probe: latents not cached, the head's linear term reads the tabular inputs every step")
+        logger.info("linear probe: latents not cached, the head's linear term reads its modalities' inputs every step")
     if model_args.finetuning_mode == "linear_probe" and model_args.cache_embeddings and not linear:
         trainer_train, trainer_eval = cached_latents(
             model,
