@@ -120,7 +120,7 @@ def _seed_parts() -> list[Part]:
     the same, so the random-init control is reseeded too), a second finetuning seed (``--init_seed 1``) for the
     finetuned arms, and ``seed_spread.py`` over them (~80 min on 2 idle cores); the finetuned arms with the
     learning rate chosen on validation (``--bp_lrs``), finetuning seeds 0 and 1, ``seed_spread.py`` over those, and
-    the clinical-only, modality-dropout and wide & deep (linear clinical term, 2 finetuning seeds) runs (~2.75 h
+    the clinical-only, modality-dropout, wide & deep (2 finetuning seeds, a second backbone) and external runs (~3 h
     more)."""
     parts = []
     for s in EXTRA_SEEDS:
@@ -644,8 +644,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--with_optional",
         action="store_true",
-        help="also run the optional parts (more SurvSet seeds ~80 min, the SurvSet lr grid, ablations and wide & "
-        "deep run ~2.5 h); --only runs any part it names",
+        help="also run the optional parts (more SurvSet seeds ~80 min, the SurvSet lr grid, ablations, wide & "
+        "deep and external runs ~3 h); --only runs any part it names",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
