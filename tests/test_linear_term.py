@@ -195,3 +195,21 @@ def test_save_load_vocabulary_growth_and_trainability(tmp_path):
     probe = configure_finetuning(loaded, "linear_probe")
     assert all(p.requires_grad for p in probe.linear_term.parameters())
     assert not any(p.requires_grad for p in probe.bioperceiver.parameters())
+
+
+def test_precomputed_latents_take_only_the_linear_term_s_modalities():
+    torch.manual_seed(0)
+    model = BioPerceiverForSurvival(_config()).eval()
+    tab = _tabular(np.ones((2, 3)))
+    latents = torch.randn(2, model.config.num_latents, model.config.d_latents)
+    with torch.no_grad():
+        with_term = model(latents=latents, tabular_clinical=tab).risk
+        absent = model(latents=latents, tabular_clinical=None).risk
+    torch.testing.assert_close(with_term, absent)  # the term is still zero
+    with pytest.raises(ValueError, match="omics_expression"):
+        model(latents=latents, tabular_clinical=tab, omics_expression={"gene_ids": torch.zeros(2, 1).long()})
+    with pytest.raises(ValueError, match="pass their modality inputs"):
+        model(latents=latents)
+    plain = BioPerceiverForSurvival(tiny_config(modalities={"tabular_clinical": TAB, "omics_expression": OMICS}))
+    with pytest.raises(ValueError, match="not both"):
+        plain(latents=latents, tabular_clinical=tab)

@@ -282,8 +282,10 @@ class _BioPerceiverWithHead(BioPerceiverPreTrainedModel):
         modality_inputs: dict[str, Any],
     ):
         if latents is not None:
-            if (inputs or modality_inputs) and getattr(self, "linear_term", None) is None:
-                raise ValueError("pass either modality inputs or precomputed `latents`, not both")
+            term = getattr(self, "linear_term", None)
+            extra = sorted((set(inputs or {}) | set(modality_inputs)) - set(term.names if term is not None else ()))
+            if extra:  # only a linear term's own modalities may come with precomputed latents
+                raise ValueError(f"pass either modality inputs {extra} or precomputed `latents`, not both")
             if latents.dim() != 3 or latents.shape[-1] != self.config.d_latents:
                 raise ValueError(
                     f"latents must be the backbone's last_hidden_state (B, num_latents, {self.config.d_latents}), "

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..data.errors import DEFAULT_ON_ERROR, ON_ERROR_CHOICES, check_on_error
+from .finetuning import LINEAR_TERM_L2
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class ModelArguments:
         },
     )
     head_linear_l2: list[float] = field(
-        default_factory=lambda: [0.01, 0.1, 1.0, 10.0],
+        default_factory=lambda: list(LINEAR_TERM_L2),
         metadata={"help": "ridge penalties tried for --head_linear_fit (the best validation metric is kept)"},
     )
     survival_loss: str = field(default="cox", metadata={"help": "survival task: cox | discrete"})
