@@ -320,6 +320,7 @@ class BPRunner:
             "validation": res.get("validation", {}).get(primary, float("nan")),
             "test": res.get("test", {}).get(primary, float("nan")),
             "split_sizes": res.get("split_sizes"),
+            "linear_term": res.get("linear_term"),  # a wide & deep run's pre-fit (penalty, the term alone's scores)
             "train_runtime_s": res.get("train", {}).get("train_runtime"),
             "wall_s": round(wall, 1),
             "argv": argv,

@@ -624,6 +624,8 @@ def bp_config(args, model: str, modalities=tuple(MODALITIES)) -> dict:
         cfg["modality_dropout"] = args.bp_modality_dropout
     if linear := [m for m in getattr(args, "bp_head_linear", None) or () if m in modalities]:
         cfg["head_linear"] = linear
+        if len(linear) > 1 and getattr(args, "bp_head_linear_per_modality", False):
+            cfg["head_linear_per_modality"] = True
     return cfg
 
 
@@ -845,10 +847,13 @@ def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str, 
     cfg = bp_config(args, model, modalities)
     if "head_linear" in cfg:
         extra += ["--head_linear_modalities", *cfg["head_linear"]]
+    if cfg.get("head_linear_per_modality"):
+        extra += ["--head_linear_l2_per_modality", "true"]
     tag = f"{cohort}_f{k}_{model}" + (f"_lr{lr:g}" if lr is not None else "")
     tag += f"_mdrop{cfg['modality_dropout']:g}" if "modality_dropout" in cfg else ""
     if "head_linear" in cfg:  # the clinical-only term keeps its first runs' folder names
         tag += "_wide" if cfg["head_linear"] == ["tabular_clinical"] else "_wide_" + "_".join(cfg["head_linear"])
+        tag += "_pm" if cfg.get("head_linear_per_modality") else ""
     tag += "".join(f"_{m}" for m in args.bp_modalities or ())
     r = runner.run(
         tag + (f"_init{args.init_seed}" if init_settings(args) else ""),
@@ -861,7 +866,10 @@ def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str, 
     )
     pred = r["pred"].set_index("sample_id")
     risk = pred.loc[[str(i) for i in part["test"]], "risk"].to_numpy(float)
-    return {"validation": r["validation"], "test": r["test"], "risk_test": risk.tolist(), "epochs": r["epochs"]}
+    out = {"validation": r["validation"], "test": r["test"], "risk_test": risk.tolist(), "epochs": r["epochs"]}
+    if (alone := (r.get("linear_term") or {}).get("term_alone", {}).get("test")) is not None:
+        out["term_alone_test"] = alone  # the pre-fitted linear term alone: reported, never selected on
+    return out
 
 
 def summarise(args, cohort: str, role: str, rows, fold_meta: list[dict], results: dict) -> dict:
@@ -883,6 +891,8 @@ def summarise(args, cohort: str, role: str, rows, fold_meta: list[dict], results
             models[m]["picked"] = [r["picked"] for r in recs]
         if all("lr" in r for r in recs):  # a --bp_lrs grid: the rate kept per fold
             models[m]["lr"] = [r["lr"] for r in recs]
+        if all("term_alone_test" in r for r in recs):  # wide & deep: its linear term alone, before finetuning
+            models[m]["term_alone_test"] = ft._ms(np.array([r["term_alone_test"] for r in recs], float))
     base = [m for m in BASELINES if "test" in models[m]]
     best = max(base, key=lambda m: models[m]["validation"]["mean"])
 
@@ -971,6 +981,21 @@ def report_lines(res: dict) -> list[str]:
         for c, r in res["cohorts"].items():
             lines.append(f"| {c} | " + " | ".join(cell(r["models"].get(m, {})) or "–" for m in arms) + " |")
 
+    alone = [m for m in models if any("term_alone_test" in r["models"].get(m, {}) for r in res["cohorts"].values())]
+    if alone:  # how much of a wide & deep arm is its linear term (fitted before finetuning; selects nothing)
+        lines += [
+            "",
+            "| cohort | " + " | ".join(f"{m}: linear term alone / finetuned, test C-index" for m in alone) + " |",
+            "|---|" + "---|" * len(alone),
+        ]
+        for c, r in res["cohorts"].items():
+            cells = []
+            for m in alone:
+                s = r["models"].get(m, {})
+                cells.append(
+                    f"{s['term_alone_test']['mean']:.3f} / {s['test']['mean']:.3f}" if "term_alone_test" in s else "–"
+                )
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
     fold_picks(
         [m for m in SELECTED_ARMS if m in models],
         "pick per fold (by validation C-index)",
@@ -1092,6 +1117,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "rows with its ridge penalty chosen on validation before finetuning); only where a cohort has them",
     )
     p.add_argument(
+        "--bp_head_linear_per_modality",
+        action="store_true",
+        help="a --bp_head_linear term on several modalities gets one ridge penalty per modality, every combination "
+        "tried on validation (run_finetune --head_linear_l2_per_modality); a cohort with one of them is unchanged",
+    )
+    p.add_argument(
         "--bp_modalities",
         nargs="+",
         default=None,
@@ -1210,6 +1241,7 @@ def main(argv=None) -> dict:
             "modalities": args.bp_modalities,
             "modality_dropout": args.bp_modality_dropout,
             "head_linear": args.bp_head_linear,
+            "head_linear_per_modality": args.bp_head_linear_per_modality,
             "random_preset": args.random_preset,
             "pretrained_dir": args.pretrained_dir,
         },

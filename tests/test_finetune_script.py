@@ -228,21 +228,31 @@ def test_survival_wide_and_deep_on_a_pretrained_backbone_then_reloaded_for_a_lin
         str(pre),
         "--head_linear_modalities",
         "tabular_clinical",
+        "omics_expression",
         "--head_linear_l2",
         "0.1",
         "10",
+        "--head_linear_l2_per_modality",
+        "true",
         *quick[:-2],  # with explanations: they must see the linear term too
     )
     fit = results["linear_term"]
-    assert fit["modalities"] == ["tabular_clinical"] and fit["l2"] in (0.1, 10.0)
-    assert set(fit["validation"]) == {"0.1", "10"} and all(np.isfinite(v) for v in fit["validation"].values())
+    assert fit["modalities"] == list(mods) and fit["per_modality"]
+    assert set(fit["l2"]) == set(mods) and set(fit["l2"].values()) <= {0.1, 10.0}
+    assert len(fit["validation"]) == 4 and all(np.isfinite(v) for v in fit["validation"].values())
     assert fit["selected_on"] == "validation c_index" and fit["nonzero_coefficient_rows"] > 0
+    # the fitted term alone, scored on validation (its choice) and test (reported only)
+    assert set(fit["term_alone"]) == {"validation", "test"} and fit["metric"] == "c_index"
+    assert fit["term_alone"]["validation"] == pytest.approx(max(fit["validation"].values()))
+    l2 = fit["l2"]
     assert (
-        f"a linear term on tabular_clinical (fitted before finetuning, ridge penalty {fit['l2']:g}"
-        in (out / "README.md").read_text()
+        "a linear term on omics_expression, tabular_clinical (fitted before finetuning, ridge penalties "
+        f"omics_expression {l2['omics_expression']:g}, tabular_clinical {l2['tabular_clinical']:g} chosen on "
+        f"validation c_index; the fitted term alone, c_index: validation {fit['term_alone']['validation']:.3f}, "
+        f"test {fit['term_alone']['test']:.3f})" in (out / "README.md").read_text()
     )
     model = bp.AutoModelForSurvival.from_pretrained(out)
-    assert model.config.head_linear_modalities == ["tabular_clinical"]
+    assert model.config.head_linear_modalities == list(mods)
     assert float(model.linear_term.numeric["tabular_clinical"].detach().abs().sum()) > 0
     preds = pd.read_csv(predictions_path(out))
     reloaded = _reload_and_predict(out, bp.AutoModelForSurvival, list(mods))
@@ -267,7 +277,7 @@ def test_survival_wide_and_deep_on_a_pretrained_backbone_then_reloaded_for_a_lin
         "1e-2",
         *quick,
     )
-    assert probe["linear_term"]["modalities"] == ["tabular_clinical"]
+    assert probe["linear_term"]["modalities"] == list(mods) and not probe["linear_term"]["per_modality"]
     before, after = load_file(out / "model.safetensors"), load_file(tmp_path / "probe" / "model.safetensors")
     assert not torch.equal(
         before["linear_term.numeric.tabular_clinical"], after["linear_term.numeric.tabular_clinical"]

@@ -167,6 +167,82 @@ def test_penalty_is_chosen_on_validation_and_never_on_test():
     assert float(model.linear_term.numeric["tabular_clinical"].detach().abs().max()) < 0.1
 
 
+def _two_block_cox(n=150, seed=0):
+    """3 clinical covariates with strong effects and 4 genes with weak ones, standardised (ddof 1, as lifelines
+    standardises internally, so its penalised coefficients are on the same scale as ours)."""
+    rng = np.random.default_rng(seed)
+    xt, xo = rng.normal(size=(n, 3)), rng.normal(size=(n, 4))
+    t = rng.exponential(1.0 / np.exp(xt @ [0.8, -0.5, 0.3] + 0.2 * xo[:, 0]))
+    e = (rng.uniform(size=n) < 0.8).astype(float)
+    xt, xo = ((x - x.mean(0)) / x.std(0, ddof=1) for x in (xt, xo))
+    omics = {"gene_ids": torch.arange(4).expand(n, 4).clone(), "values": torch.tensor(xo, dtype=torch.float32)}
+    labels = torch.tensor(np.stack([t, e], 1), dtype=torch.float32)
+    batch = {"inputs": {"tabular_clinical": _tabular(xt), "omics_expression": omics}, "labels": labels}
+    return batch, np.concatenate([xt, xo], 1), t, e
+
+
+def test_per_modality_penalties_match_lifelines_and_try_every_combination():
+    import pandas as pd
+    from lifelines import CoxPHFitter
+
+    batch, x, t, e = _two_block_cox()
+    df = pd.DataFrame(x, columns=[f"x{i}" for i in range(7)]).assign(time=t, event=e)
+    grid = [0.05, 0.5]
+    combos = [(om, tab) for om in grid for tab in grid]  # modalities in config order: omics, then tabular
+    for k, (om, tab) in enumerate(combos):
+        calls = []
+
+        def pick_kth(outputs, y, k=k, calls=calls):  # a validation score that prefers the k-th candidate only
+            calls.append(len(y))
+            return 1.0 if len(calls) == k + 1 else 0.0
+
+        torch.manual_seed(0)
+        model = BioPerceiverForSurvival(_config(head_linear_modalities=["tabular_clinical", "omics_expression"]))
+        fit = fit_linear_term(model, [batch], [batch], l2=grid, per_modality=True, score=pick_kth)
+        assert len(calls) == 4 and fit["per_modality"] and len(fit["validation"]) == 4
+        assert fit["l2"] == {"omics_expression": om, "tabular_clinical": tab}
+        term = model.linear_term.numeric
+        ours = np.concatenate([term["tabular_clinical"][:3, 0].detach(), term["omics_expression"][:4, 0].detach()])
+        # the Cox loss is the partial likelihood per event, lifelines' per sample: penalty l2 <-> l2 * events / n
+        rate = e.sum() / len(e)
+        ref = CoxPHFitter(penalizer=np.array([tab * rate] * 3 + [om * rate] * 4)).fit(df, "time", "event")
+        np.testing.assert_allclose(ours, ref.params_.to_numpy(), atol=1e-3)  # float32 L-BFGS
+
+
+def test_per_modality_choice_is_at_least_the_shared_one_and_the_term_alone_is_reported():
+    from lifelines.utils import concordance_index
+
+    batch, _, _, _ = _two_block_cox(n=90, seed=4)
+    train = {"inputs": {m: {k: v[:60] for k, v in a.items()} for m, a in batch["inputs"].items()}}
+    val = {"inputs": {m: {k: v[60:] for k, v in a.items()} for m, a in batch["inputs"].items()}}
+    train["labels"], val["labels"] = batch["labels"][:60], batch["labels"][60:]
+
+    def c_index(outputs, y):
+        return concordance_index(y[:, 0].numpy(), -outputs[:, 0].numpy(), y[:, 1].numpy())
+
+    grid = [0.01, 1.0, 100.0]
+    fits = {}
+    for per_modality in (False, True):
+        model = BioPerceiverForSurvival(_config(head_linear_modalities=["tabular_clinical", "omics_expression"]))
+        fits[per_modality] = fit_linear_term(
+            model, [train], [val], l2=grid, per_modality=per_modality, score=c_index, also_score={"test": [val]}
+        )
+        fit = fits[per_modality]
+        # the kept coefficients are the chosen candidate's: the term alone scores its validation value again
+        assert fit["term_alone"]["test"] == pytest.approx(max(fit["validation"].values()), abs=1e-9)
+    shared, per = fits[False], fits[True]
+    assert len(shared["validation"]) == 3 and len(per["validation"]) == 9
+    # the product grid holds the shared grid's diagonal, fitted to the same coefficients
+    for x in grid:
+        diagonal = per["validation"][f"omics_expression={x:g},tabular_clinical={x:g}"]
+        assert diagonal == pytest.approx(shared["validation"][f"{x:g}"], abs=1e-6)
+    assert max(per["validation"].values()) >= max(shared["validation"].values())
+    # one modality: nothing to split, the shared grid
+    model = BioPerceiverForSurvival(_config())
+    single = fit_linear_term(model, [train], [val], l2=grid, per_modality=True, score=c_index)
+    assert not single["per_modality"] and isinstance(single["l2"], float) and len(single["validation"]) == 3
+
+
 def test_save_load_vocabulary_growth_and_trainability(tmp_path):
     torch.manual_seed(0)
     model = BioPerceiverForSurvival(_config())

@@ -277,6 +277,12 @@ def test_bp_arms_default_and_selection():
     args = cv.parse_args([*base, "--bp_head_linear", "omics_expression", "tabular_clinical"])
     assert cv.bp_config(args, "bp_random", both)["head_linear"] == ["omics_expression", "tabular_clinical"]
     assert cv.bp_config(args, "bp_random", expression)["head_linear"] == ["omics_expression"]
+    # --bp_head_linear_per_modality: in the key only where the term has two modalities to penalise apart
+    args = cv.parse_args(
+        [*base, "--bp_head_linear", "omics_expression", "tabular_clinical", "--bp_head_linear_per_modality"]
+    )
+    assert cv.bp_config(args, "bp_random", both)["head_linear_per_modality"] is True
+    assert "head_linear_per_modality" not in cv.bp_config(args, "bp_random", expression)
 
 
 def _emb_fixture(cohort, width=12, seed=7):
@@ -585,8 +591,15 @@ def test_lr_grid_choice_summarised_and_reported():
     from types import SimpleNamespace
 
     recs = [
-        {"validation": 0.7, "test": 0.6, "risk_test": [0.1, 0.2], "lr": lr, "selected": {"lr": lr}}
-        for lr in (1e-3, 3e-3)
+        {
+            "validation": 0.7,
+            "test": 0.6,
+            "risk_test": [0.1, 0.2],
+            "lr": lr,
+            "selected": {"lr": lr},
+            "term_alone_test": x,
+        }
+        for lr, x in ((1e-3, 0.55), (3e-3, 0.65))
     ]
     rows = pd.DataFrame(
         {"patient_id": ["a", "b"], "label_survival_time": [1.0, 2.0], "label_survival_event": [1, 0]}, index=["a", "b"]
@@ -599,6 +612,9 @@ def test_lr_grid_choice_summarised_and_reported():
     assert s["models"]["bp_random"]["lr"] == [1e-3, 3e-3] and "lr" not in s["models"]["cox_clinical_pcs"]
     lines = cv.report_lines({"cohorts": {"c": s}, "folds": 2})
     assert "| c | 0.001, 0.003 |" in lines
+    # a wide & deep arm's linear term alone (before finetuning) beside the finetuned model, reported only
+    assert s["models"]["bp_random"]["term_alone_test"]["mean"] == pytest.approx(0.6)
+    assert "term_alone_test" not in s["models"]["cox_clinical"] and "| c | 0.600 / 0.600 |" in lines
 
 
 def test_reuse_cache_reads_another_run_s_results_and_copies_them(tmp_path):
@@ -690,3 +706,19 @@ def test_bp_head_linear_reaches_the_finetuning_run_where_the_cohort_has_clinical
     assert extra[-2:] == ["--head_linear_modalities", "omics_expression"] and tag.endswith("_wide_omics_expression")
     assert "--head_linear_modalities" not in plain_extra and plain_tag == "coh_f0_bp_random_lr0.001"
     assert wide_mods == cv.MODALITIES and plain_mods == ["omics_expression"]
+    # per-modality penalties: passed on, and the run tagged, only where the term has both modalities
+    args = cv.parse_args(["--bp_head_linear", "omics_expression", "tabular_clinical", "--bp_head_linear_per_modality"])
+    cv.run_bp(args, manifest, rows, part, Runner(), "coh", 0, "bp_random")
+    assert calls[-1][:2] == (tag, extra)  # the expression-only cohort: the same run as without the flag
+    rows["tabular_clinical"] = '{"age": 50}'
+
+    class WideRunner(Runner):
+        def run(self, *a, **k):
+            return {**super().run(*a, **k), "linear_term": {"term_alone": {"validation": 0.61, "test": 0.66}}}
+
+    rec = cv.run_bp(args, manifest, rows, part, WideRunner(), "coh", 0, "bp_random")
+    tag, extra, _ = calls[-1]
+    assert extra[-2:] == ["--head_linear_l2_per_modality", "true"] and tag.endswith(
+        "_wide_omics_expression_tabular_clinical_pm"
+    )
+    assert rec["term_alone_test"] == 0.66

@@ -425,9 +425,18 @@ def _linear_term_text(config, fit: dict | None) -> str:
         return ""
     text = f" + a linear term on {', '.join(names)}"
     if fit:
-        text += (
-            f" (fitted before finetuning, ridge penalty {fit['l2']:g} chosen on {fit.get('selected_on', 'validation')})"
+        l2 = fit["l2"]
+        penalty = (
+            "ridge penalties " + ", ".join(f"{name} {x:g}" for name, x in l2.items())
+            if isinstance(l2, dict)
+            else f"ridge penalty {l2:g}"
         )
+        text += f" (fitted before finetuning, {penalty} chosen on {fit.get('selected_on', 'validation')}"
+        if alone := fit.get("term_alone"):
+            text += f"; the fitted term alone, {fit.get('metric', 'primary metric')}: " + ", ".join(
+                f"{split} {v:.3f}" for split, v in alone.items()
+            )
+        text += ")"
     return text
 
 

@@ -51,6 +51,13 @@ class ModelArguments:
         default_factory=lambda: list(LINEAR_TERM_L2),
         metadata={"help": "ridge penalties tried for --head_linear_fit (the best validation metric is kept)"},
     )
+    head_linear_l2_per_modality: bool = field(
+        default=False,
+        metadata={
+            "help": "a linear term on several modalities gets one ridge penalty per modality, every combination of "
+            "--head_linear_l2 tried on validation (e.g. a few strong clinical covariates beside hundreds of genes)"
+        },
+    )
     survival_loss: str = field(default="cox", metadata={"help": "survival task: cox | discrete"})
     survival_ties: str = field(default="efron", metadata={"help": "efron | breslow"})
     num_time_bins: int = field(default=10, metadata={"help": "discrete survival: bins (quantiles of event times)"})

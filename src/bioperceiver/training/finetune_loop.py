@@ -178,7 +178,7 @@ def build_model(model_args, task: Task, processor, embedders, train_records, use
         **task.config_settings(train_records),
     }
     if model_args.head_linear_modalities:  # unset: a finetuned model's own setting stays
-        head["head_linear_modalities"] = [m for m in model_args.head_linear_modalities if m in used]
+        head["head_linear_modalities"] = sorted({m for m in model_args.head_linear_modalities if m in used})
         if dropped := sorted(set(model_args.head_linear_modalities) - set(used)):
             logger.warning("--head_linear_modalities %s are not used in this run; left out of the linear term", dropped)
     if model_args.model_name_or_path:
@@ -243,7 +243,9 @@ def run_finetuning(
         if resume:
             logger.info("resuming: the linear term comes from the checkpoint, not refitted")
         else:
-            linear_fit = linear_term_start(model, task, modalities, train_ds, eval_ds, model_args, data_args)
+            linear_fit = linear_term_start(
+                model, task, modalities, train_ds, eval_ds, model_args, data_args, test_ds=test_ds
+            )
     model = configure_finetuning(
         model,
         model_args.finetuning_mode,
@@ -397,10 +399,14 @@ def build_datasets(labelled, processor, base_dir, used: list[str], data_args, tr
     return train_ds, evals
 
 
-def linear_term_start(model, task: Task, modalities, train_ds, eval_ds, model_args, data_args) -> dict[str, Any]:
+def linear_term_start(
+    model, task: Task, modalities, train_ds, eval_ds, model_args, data_args, test_ds=None
+) -> dict[str, Any]:
     """Fit the wide & deep model's linear term (``--head_linear_modalities``) on the training rows, its ridge
-    penalty chosen on the validation split's primary metric (:func:`~.finetuning.fit_linear_term`); the rows
-    unaugmented, every training row in one full-batch fit."""
+    penalty (or one per modality, ``--head_linear_l2_per_modality``) chosen on the validation split's primary
+    metric (:func:`~.finetuning.fit_linear_term`); the rows unaugmented, every training row in one full-batch fit.
+    The fitted term alone is also scored on the validation and test splits (``term_alone``): a report of what the
+    finetuned model adds to its linear part, never used to choose anything."""
     fixed = ProcessedDataset(
         train_ds.records,
         train_ds.targets,
@@ -426,8 +432,17 @@ def linear_term_start(model, task: Task, modalities, train_ds, eval_ds, model_ar
         batches(fixed),
         batches(eval_ds) if len(eval_ds) else [],
         l2=model_args.head_linear_l2,
+        per_modality=model_args.head_linear_l2_per_modality,
         score=score,
+        also_score={
+            name: batches(ds)
+            for name, ds in ((data_args.eval_split, eval_ds), (data_args.test_split, test_ds))
+            if ds is not None and len(ds)
+        },
     )
+    if "term_alone" in fit:  # back in the metric's own units (the choice maximised sign * metric)
+        fit["term_alone"] = {split: sign * v for split, v in fit["term_alone"].items()}
+    fit["metric"] = metric
     fit["selected_on"] = f"{data_args.eval_split} {metric}" if len(eval_ds) else "no validation rows: the first penalty"
     return fit
 

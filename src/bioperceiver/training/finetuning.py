@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -112,18 +113,30 @@ def fit_linear_term(
     eval_batches: list[dict] = (),
     *,
     l2: tuple[float, ...] | list[float] = LINEAR_TERM_L2,
+    per_modality: bool = False,
     score=None,
+    also_score: dict[str, list[dict]] | None = None,
     max_iter: int = 100,
 ) -> dict[str, Any]:
     """Fit a wide & deep model's linear term (``model.linear_term``, see
     :class:`~bioperceiver.modeling_tasks.LinearTerm`) alone, before finetuning: the task's own loss on the linear
     term's outputs over *all* training rows at once (for a Cox head the exact partial likelihood of the training
     set, as a Cox model on the covariates is fitted), plus a ridge penalty ``l2 / 2 * ||w||^2``, minimised with
-    full-batch L-BFGS, one fit per penalty in ``l2``. With ``eval_batches`` and ``score(outputs, labels) -> float``
-    (higher is better) the penalty with the best validation score is kept (ties and NaN: the larger penalty);
-    otherwise the first. The fitted intercept goes into the head's output bias, so the model starts as the fitted
-    linear model plus the (small) deep head. Batches are ``TaskCollator`` outputs (``inputs``, ``labels``); the
-    rows must not be augmented. Returns the penalty kept, every penalty's validation score and training loss."""
+    full-batch L-BFGS, one fit per penalty in ``l2``.
+
+    ``per_modality``: a term on several modalities gets one penalty per modality, every combination of ``l2``
+    tried (``len(l2) ** n_modalities`` fits), as integrative penalised models do for clinical + omics blocks
+    (IPF-Lasso, Boulesteix et al. 2017): five strong clinical covariates and hundreds of weak genes need different
+    shrinkage, and one shared penalty suits whichever block dominates the validation score.
+
+    With ``eval_batches`` and ``score(outputs, labels) -> float`` (higher is better) the penalties with the best
+    validation score are kept (ties and NaN: the larger total penalty); otherwise the first. ``also_score``
+    (``{split name: batches}``) scores the kept fit alone on other splits, e.g. the test split, so a report can say
+    how much the finetuned model adds to its linear part; those scores are reported only, never used to choose.
+    The fitted intercept goes into the head's output bias, so the model starts as the fitted linear model plus the
+    (small) deep head. Batches are ``TaskCollator`` outputs (``inputs``, ``labels``); the rows must not be
+    augmented. Returns the penalty kept (a number, or ``{modality: penalty}`` with ``per_modality``), every
+    candidate's validation score and training loss."""
     term = getattr(model, "linear_term", None)
     if term is None:
         raise ValueError("the model has no linear term (config.head_linear_modalities is unset)")
@@ -131,6 +144,9 @@ def fit_linear_term(
         raise ValueError("fit_linear_term needs training batches")
     params = list(term.parameters())
     device, dtype = params[0].device, params[0].dtype
+    blocks = {  # each modality's coefficient tables: what one penalty covers
+        name: [t[name] for t in (term.numeric, term.categorical) if name in t] for name in term.names
+    }
 
     def outputs(batches) -> torch.Tensor:
         rows = []
@@ -145,9 +161,20 @@ def fit_linear_term(
     grid = [float(x) for x in l2]
     if not grid or any(x < 0 for x in grid):
         raise ValueError(f"linear term penalties must be >= 0, got {grid}")
+    if per_modality and len(blocks) > 1:
+        candidates = [dict(zip(blocks, combo, strict=True)) for combo in itertools.product(grid, repeat=len(blocks))]
+    else:
+        per_modality = False
+        candidates = [dict.fromkeys(blocks, x) for x in grid]
+
+    def label(penalties: dict[str, float]) -> str:
+        if not per_modality:
+            return f"{next(iter(penalties.values())):g}"
+        return ",".join(f"{name}={x:g}" for name, x in penalties.items())
+
     fits = []
     with torch.enable_grad():
-        for penalty in grid:
+        for penalties in candidates:
             with torch.no_grad():
                 for p in (*params, intercept):
                     p.zero_()
@@ -155,10 +182,11 @@ def fit_linear_term(
                 [*params, intercept], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-6
             )
 
-            def closure(penalty=penalty, opt=opt):
+            def closure(penalties=penalties, opt=opt):
                 opt.zero_grad()
                 loss = model._loss(outputs(train_batches) + intercept, y_train)
-                loss = loss + 0.5 * penalty * sum((p.float() ** 2).sum() for p in params)
+                for name, tables in blocks.items():
+                    loss = loss + 0.5 * penalties[name] * sum((p.float() ** 2).sum() for p in tables)
                 loss.backward()
                 return loss
 
@@ -167,11 +195,15 @@ def fit_linear_term(
                 train_loss = float(model._loss(outputs(train_batches) + intercept, y_train))
                 val = float(score(outputs(eval_batches) + intercept, y_eval)) if y_eval is not None and score else None
             state = [p.detach().clone() for p in (*params, intercept)]
-            fits.append({"l2": penalty, "train_loss": train_loss, "validation": val, "state": state})
+            fits.append({"l2": penalties, "train_loss": train_loss, "validation": val, "state": state})
     if any(f["validation"] is not None for f in fits):
         best = max(
             range(len(fits)),
-            key=lambda i: (v if (v := fits[i]["validation"]) is not None and v == v else -float("inf"), grid[i]),
+            key=lambda i: (
+                v if (v := fits[i]["validation"]) is not None and v == v else -float("inf"),
+                sum(fits[i]["l2"].values()),
+                tuple(fits[i]["l2"].values()),
+            ),
         )
     else:
         best = 0
@@ -179,28 +211,38 @@ def fit_linear_term(
     with torch.no_grad():
         for p, v in zip((*params, intercept), chosen["state"], strict=True):
             p.copy_(v)
+        scored = {
+            split: float(score(outputs(batches) + intercept, torch.cat([b["labels"] for b in batches]).to(device)))
+            for split, batches in (also_score or {}).items()
+            if batches and score
+        }
         last = [m for m in model.head.modules() if isinstance(m, nn.Linear)][-1]
         last.bias.add_(intercept.to(last.bias.dtype))
     used = sum(int((p.detach() != 0).any(dim=1).sum()) for p in params)
     logger.info(
-        "linear term on %s fitted on %d training rows: penalty %g kept (%s), %d nonzero coefficient rows",
+        "linear term on %s fitted on %d training rows: penalty %s kept (%s), %d nonzero coefficient rows%s",
         term.names,
         len(y_train),
-        chosen["l2"],
-        ", ".join(
-            f"l2={f['l2']:g}: "
+        label(chosen["l2"]),
+        "; ".join(
+            f"l2 {label(f['l2'])}: "
             + (f"validation {f['validation']:.4f}" if f["validation"] is not None else "no validation")
             for f in fits
         ),
         used,
+        "".join(f"; the term alone on {split}: {v:.4f}" for split, v in scored.items()),
     )
-    return {
+    out = {
         "modalities": list(term.names),
-        "l2": chosen["l2"],
-        "validation": {f"{f['l2']:g}": f["validation"] for f in fits},
-        "train_loss": {f"{f['l2']:g}": f["train_loss"] for f in fits},
+        "l2": dict(chosen["l2"]) if per_modality else next(iter(chosen["l2"].values())),
+        "per_modality": per_modality,
+        "validation": {label(f["l2"]): f["validation"] for f in fits},
+        "train_loss": {label(f["l2"]): f["train_loss"] for f in fits},
         "nonzero_coefficient_rows": used,
     }
+    if scored:
+        out["term_alone"] = scored
+    return out
 
 
 def merge_lora(model: Any) -> nn.Module:
