@@ -3,6 +3,7 @@ task type (binary, multiclass, multilabel, regression, survival), plus argument 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import sys
@@ -251,6 +252,11 @@ def test_survival_wide_and_deep_on_a_pretrained_backbone_then_reloaded_for_a_lin
         f"validation c_index; the fitted term alone, c_index: validation {fit['term_alone']['validation']:.3f}, "
         f"test {fit['term_alone']['test']:.3f})" in (out / "README.md").read_text()
     )
+    # a local base is named by folder and weights hash in the published card, never by its path
+    card = (out / "README.md").read_text()
+    digest = hashlib.sha256((pre / "model.safetensors").read_bytes()).hexdigest()[:16]
+    assert f"| base model | a local folder `pretrained` (model.safetensors sha256 {digest}…) |" in card
+    assert str(tmp_path) not in card
     model = bp.AutoModelForSurvival.from_pretrained(out)
     assert model.config.head_linear_modalities == list(mods)
     assert float(model.linear_term.numeric["tabular_clinical"].detach().abs().sum()) > 0

@@ -10,6 +10,7 @@ configuration, evaluation with confidence intervals and the compute used. Prose 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -440,6 +441,25 @@ def _linear_term_text(config, fit: dict | None) -> str:
     return text
 
 
+def describe_base_model(base) -> str | None:
+    """How a finetuned model's card names its base: a hub id as given; a local folder by its name and the sha256
+    of its weights, never its path (a card is published; a path names the machine, the user, often the site), so a
+    reader can still check which weights were finetuned. ``None`` when there is no base (random initialisation)."""
+    if not base:
+        return None
+    path = Path(str(base))
+    if not path.exists():
+        return str(base)
+    weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
+    if weights is None:
+        return f"a local folder `{path.name}`"
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"a local folder `{path.name}` ({weights.name} sha256 {digest.hexdigest()[:16]}…)"
+
+
 def finetuning_card(
     *,
     config,
@@ -508,7 +528,8 @@ def finetuning_card(
     )
     labels = task.card_labels()
     finetune_cfg = {
-        "base model": base or f"none: random initialisation from preset {model_args.get('preset')}",
+        "base model": describe_base_model(base)
+        or f"none: random initialisation from preset {model_args.get('preset')}",
         "finetuning mode": model_args.get("finetuning_mode"),
         "head": f"{config.head_type}"
         + (f", MLP {config.head_hidden_size}" if config.head_hidden_size else "")
@@ -524,7 +545,7 @@ def finetuning_card(
         "bootstrap resamples (by patient)": data_args.get("n_bootstrap"),
     }
     if base and (Path(str(base)) / "README.md").exists():
-        finetune_cfg["pretraining configuration"] = f"in the base model's card, {Path(str(base)) / 'README.md'}"
+        finetune_cfg["pretraining configuration"] = "in the base model's own card (README.md in its folder)"
     for name, counts in (results.get("vocabulary_extension") or {}).items():
         finetune_cfg[f"vocabulary extension ({name})"] = (
             f"{counts['added']} added, {counts['overlap']} overlapping with the pretrained vocabulary "
