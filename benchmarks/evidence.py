@@ -333,6 +333,51 @@ def _seed_parts() -> list[Part]:
                 optional=True,
             )
         )
+    # the linear term on the expression values too: one shared penalty, then one penalty per modality (the
+    # expression-only cohorts, one modality in the term, read back); each paired with the clinical-only term
+    both = ("--bp_head_linear", "omics_expression", "tabular_clinical")
+    for run, what, extra, needs, minutes in (
+        ("survival_cv_wide_all", "one shared ridge penalty", both, ["survival_cv_wide"], 21),
+        (
+            "survival_cv_wide_pm",
+            "one ridge penalty per modality (expression-only cohorts read back from survival_cv_wide_all)",
+            (*both, "--bp_head_linear_per_modality", "--reuse_cache", f"{W}/survset/survival_cv_wide_all"),
+            ["survival_cv_wide_all"],
+            20,
+        ),
+    ):
+        parts += [
+            Part(
+                run,
+                f"wide & deep with a linear term on expression and clinical covariates, {what}; learning rate "
+                "chosen on validation, --init_seed 0",
+                _survival(
+                    f"{W}/survset/{run}",
+                    f"{W}/survset/cv_cohort",
+                    arms=FINETUNED_ARMS[:2],
+                    extra=("--bp_lrs", *LR_GRID, *extra),
+                ),
+                f"survset/{run}/survival_cv.json",
+                needs=needs,
+                minutes=minutes,
+                optional=True,
+            ),
+            Part(
+                f"survset_versus_{run.removeprefix('survival_cv_')}_init0",
+                f"{run} - survival_cv_wide (the clinical-only term), paired on the same test patients",
+                _seed_spread(
+                    f"versus_{run.removeprefix('survival_cv_')}_init0",
+                    {run.removeprefix("survival_cv_"): run, "wide": "survival_cv_wide"},
+                    "--versus",
+                    "bp_pretrained",
+                    "bp_random",
+                ),
+                f"survset/versus_{run.removeprefix('survival_cv_')}_init0/seed_spread.json",
+                needs=[run, "survival_cv_wide"],
+                minutes=0.5,
+                optional=True,
+            ),
+        ]
     # a second whole-union pretraining seed under the wide & deep model (the random-init arm read back)
     parts += [
         Part(

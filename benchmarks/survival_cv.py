@@ -672,7 +672,7 @@ def lr_grid_record(
         return (v if np.isfinite(v) else -np.inf, -i)
 
     lr, best = tried[max(range(len(tried)), key=score)]
-    return {
+    out = {
         "validation": best["validation"],
         "test": best["test"],
         "risk_test": best["risk_test"],
@@ -681,6 +681,9 @@ def lr_grid_record(
         "selected": {"lr": lr, "validation": {f"{c:g}": r["validation"] for c, r in tried}},
         "wall_s": float(sum(r.get("wall_s", 0) for _, r in tried)),
     }
+    if "term_alone_test" in best:  # the kept run's pre-fitted linear term alone (reported only)
+        out["term_alone_test"] = best["term_alone_test"]
+    return out
 
 
 def select_by_validation(full: list[dict], probe: list[dict], names: tuple[str, str]) -> list[dict]:

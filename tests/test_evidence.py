@@ -118,3 +118,22 @@ def test_the_wide_and_deep_part_reuses_the_lr_grid_run():
         versus = next(p for p in evidence.PARTS if p.name == f"survset_versus_wide_init{init}")
         runs = versus.argv[versus.argv.index("--runs") + 1 : versus.argv.index("--labels")]
         assert runs[1].endswith(plain) and "--versus" in versus.argv
+
+
+def test_the_expression_term_parts_pair_with_the_clinical_only_term():
+    """survival_cv_wide_all / survival_cv_wide_pm: the linear term on expression and clinical covariates, one
+    shared penalty and one per modality (which reads the expression-only cohorts back from the shared run, where the
+    term has one modality and the runs are the same); each paired against survival_cv_wide."""
+    parts = {p.name: p for p in evidence.PARTS}
+    shared, per = parts["survival_cv_wide_all"].argv, parts["survival_cv_wide_pm"].argv
+    for argv in (shared, per):
+        i = argv.index("--bp_head_linear")
+        assert argv[i + 1 : i + 3] == ["omics_expression", "tabular_clinical"]
+    assert "--bp_head_linear_per_modality" not in shared and "--bp_head_linear_per_modality" in per
+    assert per[per.index("--reuse_cache") + 1].endswith("survset/survival_cv_wide_all")
+    assert parts["survival_cv_wide_pm"].needs == ["survival_cv_wide_all"]
+    for run in ("wide_all", "wide_pm"):
+        versus = parts[f"survset_versus_{run}_init0"]
+        runs = versus.argv[versus.argv.index("--runs") + 1 : versus.argv.index("--labels")]
+        assert runs[0].endswith(f"survival_cv_{run}") and runs[1].endswith("survival_cv_wide")
+        assert versus.optional and set(versus.needs) == {f"survival_cv_{run}", "survival_cv_wide"}

@@ -565,13 +565,14 @@ def test_lr_grid_keeps_the_best_validation_run_and_reuses_single_rate_caches(tmp
     def fit(lr):
         fitted.append(lr)
         v, t = scores[lr]
-        return {"validation": v, "test": t, "risk_test": [lr], "epochs": 3}
+        return {"validation": v, "test": t, "risk_test": [lr], "epochs": 3, "term_alone_test": t / 2}
 
     origin = []
     rec = cv.lr_grid_record(settings, [3e-4, 1e-3, 3e-3], cache, fit, origin)
     assert fitted == [1e-3, 3e-3]  # 3e-4 read back from the single-rate run's cache
     assert rec["lr"] == 1e-3 and rec["test"] == 0.5 and rec["risk_test"] == [1e-3]  # tie on validation: earlier rate
     assert rec["selected"]["validation"] == {"0.0003": 0.6, "0.001": 0.7, "0.003": 0.7}
+    assert rec["term_alone_test"] == 0.25  # a wide & deep run's linear term alone: the kept run's
     assert [w for w, _ in origin] == ["cached", "ran", "ran"]
     assert cv.cached(cache / "bp_pretrained_lr0.0003.json", settings)["test"] == 0.9  # copied under its own name
     assert (cache / "bp_pretrained_lr0.001.json").is_file() and (cache / "bp_pretrained_lr0.003.json").is_file()
