@@ -188,7 +188,10 @@ class BPRunner:
 
     def _reusable(self, tag: str, argv: list[str], out: Path, primary: str) -> dict | None:
         """A run recorded in ``--reuse_runs`` with the identical argument list whose run folder still holds its
-        predictions and results, with the recorded validation and test metrics (runs are deterministic on CPU)."""
+        predictions and results, with the recorded validation and test metrics. A rerun in a fresh process gives
+        the same numbers; one run after other work in the same process can differ in the last bits, which 15 epochs
+        at lr 3e-3 can amplify to a different fold result (RESULTS.md, "One penalty per modality"), so reading a
+        recorded run back is the reproducible choice."""
         old = self.reuse.get(tag)
         if old is None:
             return None

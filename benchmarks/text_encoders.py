@@ -249,7 +249,7 @@ def main() -> None:
         default=None,
         metavar="JSON",
         help="reuse runs recorded in this results JSON with an identical argument list whose folder under "
-        "--work_dir still holds its results (finetune_tasks.BPRunner; runs are deterministic on CPU)",
+        "--work_dir still holds its results (finetune_tasks.BPRunner; recorded numbers read back)",
     )
     p.add_argument("--n_bootstrap", type=int, default=1000)
     p.add_argument(
