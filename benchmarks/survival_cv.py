@@ -626,6 +626,8 @@ def bp_config(args, model: str, modalities=tuple(MODALITIES)) -> dict:
         cfg["head_linear"] = linear
         if len(linear) > 1 and getattr(args, "bp_head_linear_per_modality", False):
             cfg["head_linear_per_modality"] = True
+    if not arm["pretrained"] and getattr(args, "random_processor_settings", None):  # the pretrained arm: its own
+        cfg["processor_settings"] = str(Path(args.random_processor_settings).resolve())
     return cfg
 
 
@@ -852,11 +854,14 @@ def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str, 
         extra += ["--head_linear_modalities", *cfg["head_linear"]]
     if cfg.get("head_linear_per_modality"):
         extra += ["--head_linear_l2_per_modality", "true"]
+    if "processor_settings" in cfg:
+        extra += ["--processor_settings", cfg["processor_settings"]]
     tag = f"{cohort}_f{k}_{model}" + (f"_lr{lr:g}" if lr is not None else "")
     tag += f"_mdrop{cfg['modality_dropout']:g}" if "modality_dropout" in cfg else ""
     if "head_linear" in cfg:  # the clinical-only term keeps its first runs' folder names
         tag += "_wide" if cfg["head_linear"] == ["tabular_clinical"] else "_wide_" + "_".join(cfg["head_linear"])
         tag += "_pm" if cfg.get("head_linear_per_modality") else ""
+    tag += f"_{Path(cfg['processor_settings']).stem}" if "processor_settings" in cfg else ""
     tag += "".join(f"_{m}" for m in args.bp_modalities or ())
     r = runner.run(
         tag + (f"_init{args.init_seed}" if init_settings(args) else ""),
@@ -1079,6 +1084,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--no_bioperceiver", action="store_true", help="baselines only")
     p.add_argument("--random_preset", default="bioperceiver_debug", help="architecture of the random-init arm")
+    p.add_argument(
+        "--random_processor_settings",
+        default=None,
+        metavar="YAML",
+        help="processor settings the random-init arms fit on each fold's training rows (default: the finetuning "
+        "benchmark's, tokenizers/demo_processors.yaml); the pretrained arms use the backbone's own processors",
+    )
     p.add_argument("--bp_epochs", type=int, default=10)
     p.add_argument("--bp_lr", type=float, default=3e-4, help="learning rate of the full-finetuning arms")
     p.add_argument(
@@ -1246,6 +1258,7 @@ def main(argv=None) -> dict:
             "head_linear": args.bp_head_linear,
             "head_linear_per_modality": args.bp_head_linear_per_modality,
             "random_preset": args.random_preset,
+            "random_processor_settings": args.random_processor_settings,
             "pretrained_dir": args.pretrained_dir,
         },
         "grids": {"cox": {"n_pcs": PCS_GRID, "penalizer": PEN_GRID}, "rsf": RSF_GRID},

@@ -283,6 +283,10 @@ def test_bp_arms_default_and_selection():
     )
     assert cv.bp_config(args, "bp_random", both)["head_linear_per_modality"] is True
     assert "head_linear_per_modality" not in cv.bp_config(args, "bp_random", expression)
+    # --random_processor_settings: in the random-init arms' key only (the pretrained arms use the backbone's)
+    args = cv.parse_args([*base, "--random_processor_settings", "tokenizers/survset_processors_panel.yaml"])
+    assert cv.bp_config(args, "bp_random", both)["processor_settings"].endswith("survset_processors_panel.yaml")
+    assert "processor_settings" not in cv.bp_config(args, "bp_pretrained", both)
 
 
 def _emb_fixture(cohort, width=12, seed=7):
@@ -723,3 +727,8 @@ def test_bp_head_linear_reaches_the_finetuning_run_where_the_cohort_has_clinical
         "_wide_omics_expression_tabular_clinical_pm"
     )
     assert rec["term_alone_test"] == 0.66
+    args = cv.parse_args(["--random_processor_settings", "tokenizers/survset_processors_panel.yaml"])
+    cv.run_bp(args, manifest, rows, part, Runner(), "coh", 0, "bp_random")
+    tag, extra, _ = calls[-1]
+    assert extra[-2] == "--processor_settings" and extra[-1].endswith("tokenizers/survset_processors_panel.yaml")
+    assert tag.endswith("_survset_processors_panel")

@@ -276,3 +276,43 @@ def test_finetune_without_extension_keeps_the_old_error(tmp_path, pretrained):
     manifest = _cohort_manifest(tmp_path, "disjoint", _genes(20, 26), 2.0, 2)
     with pytest.raises(DataError, match=r"none of the .* measured genes is in the fitted vocabulary"):
         _finetune(manifest, pretrained, tmp_path / "ft", "--extend_vocabulary", "false", "--on_error", "raise")
+
+
+def test_top_k_by_variance_keeps_each_cohort_s_most_variable_measured_genes(cohorts):
+    """``top_k_by: variance``: a fixed panel per source (the genes with the largest training SD among those the
+    sample measures), not each profile's highest values; ``value`` (the default) is unchanged."""
+    base, a, b = cohorts
+    train = a[:20] + b[:20]
+    k = 3
+    proc = OmicsProcessor("omics_x", normalization="none", zscore="per_source", top_k=k, top_k_by="variance")
+    proc.fit(train, base_dir=base)
+    genes = proc.state["genes"]
+    for cells, source, rows in ((a, "a.parquet", "a"), (b, "b.parquet", "b")):
+        table = pd.read_parquet(base / source)
+        std = table.loc[[f"{rows}{i}" for i in range(20)]].std(ddof=0)
+        for cell in cells[20:]:
+            out = proc(cell, base_dir=base)
+            measured = table.loc[cell.split("=")[1]].dropna().index
+            expected = sorted(std[measured].sort_values(ascending=False).index[:k])
+            assert [genes[i] for i in out["gene_ids"]] == expected and len(out["values"]) == k
+    # the default ranks each profile by its own values: the same row gives other genes
+    by_value = OmicsProcessor("omics_x", normalization="none", zscore="per_source", top_k=k).fit(train, base_dir=base)
+    raw = pd.read_parquet(base / "b.parquet").loc["b25"].dropna()
+    assert [genes[i] for i in by_value(b[25], base_dir=base)["gene_ids"]] == sorted(raw.nlargest(k).index)
+    # a gene without spread in training (standardised with SD 1) never outranks one that varies
+    const = base / "c.parquet"
+    values = np.random.default_rng(2).normal(0.0, 0.1, size=(10, 3))
+    values[:, 1] = 4.0
+    pd.DataFrame(values, index=[f"c{i}" for i in range(10)], columns=["G0", "G1", "G2"]).to_parquet(const)
+    cells = [f"c.parquet#row=c{i}" for i in range(10)]
+    flat = OmicsProcessor("omics_x", normalization="none", zscore=True, top_k=2, top_k_by="variance").fit(
+        cells, base_dir=base
+    )
+    assert [flat.state["genes"][i] for i in flat(cells[0], base_dir=base)["gene_ids"]] == ["G0", "G2"]
+    # round trip, and the setting needs the z-score statistics
+    again = OmicsProcessor.from_dict(json.loads(json.dumps(proc.to_dict())))
+    np.testing.assert_array_equal(again(b[25], base_dir=base)["gene_ids"], proc(b[25], base_dir=base)["gene_ids"])
+    with pytest.raises(ValueError, match="zscore"):
+        OmicsProcessor("omics_x", top_k=3, top_k_by="variance")
+    with pytest.raises(ValueError, match="top_k_by"):
+        OmicsProcessor("omics_x", top_k=3, top_k_by="abs")

@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 NORMALIZATIONS = ("log1p", "cpm_log1p", "none")
 ZSCORES = (False, True, "per_source")
+TOP_K_BY = ("value", "variance")
 
 
 @dataclass
@@ -34,7 +35,13 @@ class OmicsSettings:
             the pooled statistics, and so do cells without a source (inline mappings, one-sample files). A source not
             seen in fitting is an error naming it at call time: fit it with :meth:`OmicsProcessor.extend` on that
             cohort's training rows (``run_finetune`` does this), or use ``zscore: true``.
-        top_k: keep only the ``top_k`` genes with the highest normalised expression per sample (``None``: all).
+        top_k: keep only ``top_k`` genes per sample (``None``: all), chosen by ``top_k_by``.
+        top_k_by: ``"value"`` (default): each sample's ``top_k`` highest normalised values, its most expressed
+            genes (single-cell practice, e.g. Geneformer's rank-value tokens; for bulk microarrays mostly the same
+            abundant genes in every profile, and under-expression never becomes a token). ``"variance"``: a fixed
+            panel, the ``top_k`` genes with the largest training-set standard deviation among those the sample
+            measures (its source's statistics with ``zscore: per_source``, so each cohort keeps its own most
+            variable genes), as bulk expression models select genes before PCA or Cox; needs ``zscore``.
         drop_zeros: a zero value produces no token (sparse counts); ``False`` keeps zeros as tokens.
         case: gene names are normalised to ``"upper"`` or ``"lower"`` case (``None``: unchanged).
         min_samples: a gene enters the vocabulary when measured in at least this many training samples.
@@ -45,6 +52,7 @@ class OmicsSettings:
     normalization: str = "log1p"
     zscore: bool | str = False
     top_k: int | None = None
+    top_k_by: str = "value"
     drop_zeros: bool = True
     case: str | None = "upper"
     min_samples: int = 1
@@ -62,6 +70,13 @@ class OmicsSettings:
             raise ValueError(f"zscore must be one of {ZSCORES}, got {self.zscore!r}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+        if self.top_k_by not in TOP_K_BY:
+            raise ValueError(f"top_k_by must be one of {TOP_K_BY}, got {self.top_k_by!r}")
+        if self.top_k_by == "variance" and not self.zscore:
+            raise ValueError(
+                "top_k_by: variance ranks genes by their training standard deviation, which is fitted for the "
+                "z-score: set zscore: true (or per_source)"
+            )
 
 
 @functools.lru_cache(maxsize=8)
@@ -488,7 +503,12 @@ class OmicsProcessor(ModalityProcessor):
                 "vocabulary on the new cohort's training rows (run_finetune --extend_vocabulary true)",
             )
         if self.settings.top_k is not None and len(idx) > self.settings.top_k:
-            order = np.argsort(-vals, kind="stable")[: self.settings.top_k]
+            if self.settings.top_k_by == "variance":
+                _, std = self._statistics_for(value, base_dir)
+                spread = np.where(std[idx] == 1.0, 0.0, std[idx])  # _mean_std stores 1.0 for a gene without spread
+                order = np.lexsort((idx, -spread))[: self.settings.top_k]  # largest spread first, ties by gene id
+            else:
+                order = np.argsort(-vals, kind="stable")[: self.settings.top_k]
             order.sort()
             idx, vals = idx[order], vals[order]
         if self.settings.zscore:
