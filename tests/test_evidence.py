@@ -137,3 +137,26 @@ def test_the_expression_term_parts_pair_with_the_clinical_only_term():
         runs = versus.argv[versus.argv.index("--runs") + 1 : versus.argv.index("--labels")]
         assert runs[0].endswith(f"survival_cv_{run}") and runs[1].endswith("survival_cv_wide")
         assert versus.optional and set(versus.needs) == {f"survival_cv_{run}", "survival_cv_wide"}
+
+
+def test_the_panel_parts_use_the_panel_backbone_and_settings_and_pair_with_their_twins():
+    """The fixed-expression-panel parts: the backbone pretrained with tokenizers/survset_processors_panel.yaml, the
+    random-init arm fitting the same settings, each run paired with the same model on the default tokens."""
+    parts = {p.name: p for p in evidence.PARTS}
+    pre = parts["survset_pretrain_panel"].argv
+    assert any(a.startswith("data.processor_settings=") and a.endswith("survset_processors_panel.yaml") for a in pre)
+    assert (ROOT / "tokenizers" / "survset_processors_panel.yaml").is_file()
+    for run, twin in (
+        ("panel_plain", "survival_cv_lrgrid"),
+        ("panel_wide", "survival_cv_wide"),
+        ("panel_wide_pm", "survival_cv_wide_pm"),
+    ):
+        argv = parts[f"survival_cv_{run}"].argv
+        assert argv[argv.index("--pretrained_dir") + 1].endswith("survset/pretrain_panel/final")
+        assert argv[argv.index("--random_processor_settings") + 1] == "tokenizers/survset_processors_panel.yaml"
+        assert "survset_pretrain_panel" in parts[f"survival_cv_{run}"].needs
+        versus = parts[f"survset_versus_{run}_init0"].argv
+        runs = versus[versus.index("--runs") + 1 : versus.index("--labels")]
+        assert runs[0].endswith(f"survival_cv_{run}") and runs[1].endswith(twin)
+    assert "--bp_head_linear_per_modality" in parts["survival_cv_panel_wide_pm"].argv
+    assert "--bp_head_linear" not in parts["survival_cv_panel_plain"].argv
