@@ -427,18 +427,19 @@ def linear_term_start(
         values = task.evaluate(outputs.detach().cpu().numpy(), labels.cpu().numpy(), ci=False)
         return sign * float(values.get(metric, float("nan")))
 
+    held_out = {  # each split processed once: the validation batches serve the choice and the report
+        name: batches(ds)
+        for name, ds in ((data_args.eval_split, eval_ds), (data_args.test_split, test_ds))
+        if ds is not None and len(ds)
+    }
     fit = fit_linear_term(
         model,
         batches(fixed),
-        batches(eval_ds) if len(eval_ds) else [],
+        held_out.get(data_args.eval_split, []),
         l2=model_args.head_linear_l2,
         per_modality=model_args.head_linear_l2_per_modality,
         score=score,
-        also_score={
-            name: batches(ds)
-            for name, ds in ((data_args.eval_split, eval_ds), (data_args.test_split, test_ds))
-            if ds is not None and len(ds)
-        },
+        also_score=held_out,
     )
     if "term_alone" in fit:  # back in the metric's own units (the choice maximised sign * metric)
         fit["term_alone"] = {split: sign * v for split, v in fit["term_alone"].items()}
