@@ -316,3 +316,103 @@ def test_top_k_by_variance_keeps_each_cohort_s_most_variable_measured_genes(coho
         OmicsProcessor("omics_x", top_k=3, top_k_by="variance")
     with pytest.raises(ValueError, match="top_k_by"):
         OmicsProcessor("omics_x", top_k=3, top_k_by="abs")
+
+
+def _reference_pcs(base, cells, train_rows, k, n_genes):
+    """The reference computation of ``pcs``: one source's training rows z-scored with their own statistics (ddof 0),
+    the ``n_genes`` genes with the largest training SD, unmeasured = 0, scikit-learn's PCA, scores scaled to unit SD
+    on the training rows and signed so that each component's largest loading is positive."""
+    from sklearn.decomposition import PCA
+
+    table = pd.read_parquet(base / cells[0].split("#")[0])
+    train = table.loc[train_rows]
+    mean, std = train.mean(), train.std(ddof=0)
+    genes = std.sort_values(ascending=False, kind="stable").index[:n_genes]
+    z = ((table[genes] - mean[genes]) / std[genes]).fillna(0.0)
+    pca = PCA(n_components=k, svd_solver="full").fit(z.loc[train_rows])
+    sign = np.sign(pca.components_[np.arange(k), np.abs(pca.components_).argmax(axis=1)])
+    scores = (pca.transform(z) - pca.transform(z.loc[train_rows]).mean(0)) * sign
+    return pd.DataFrame(scores / (pca.transform(z.loc[train_rows]) * sign).std(0), index=table.index)
+
+
+def test_pcs_are_each_cohort_s_principal_components_as_tokens(cohorts):
+    """``pcs``: the first k principal components of a profile become tokens <PC1>..<PCk>, fitted per source on its
+    training rows (scikit-learn reference), after the gene tokens' top_k; top_k 0 keeps them alone."""
+    base, a, b = cohorts
+    train = a[:20] + b[:20]
+    k, n_genes = 3, 6
+    proc = OmicsProcessor("omics_x", normalization="none", zscore="per_source", top_k=2, pcs=k, pcs_genes=n_genes)
+    proc.fit(train, base_dir=base)
+    genes = proc.state["genes"]
+    assert genes[-k:] == ["<PC1>", "<PC2>", "<PC3>"] and proc.model_settings()["num_genes"] == 12 + k
+    for cells, prefix in ((a, "a"), (b, "b")):
+        ref = _reference_pcs(base, cells, [f"{prefix}{i}" for i in range(20)], k, n_genes)
+        for cell in cells[18:]:  # two training rows and the held-out ones
+            out = proc(cell, base_dir=base)
+            names = [genes[i] for i in out["gene_ids"]]
+            assert len(names) == 2 + k and names[2:] == ["<PC1>", "<PC2>", "<PC3>"]  # 2 gene tokens, then the PCs
+            np.testing.assert_allclose(out["values"][2:], ref.loc[cell.split("=")[1]].to_numpy(), atol=1e-4)
+    # scores have mean 0 / SD 1 on the training rows of each source
+    scores = np.stack([proc(c, base_dir=base)["values"][-k:] for c in a[:20]])
+    np.testing.assert_allclose(scores.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(scores.std(0), 1, atol=1e-5)
+    # top_k 0: only the component tokens; the same scores
+    only = OmicsProcessor("omics_x", normalization="none", zscore="per_source", top_k=0, pcs=k, pcs_genes=n_genes)
+    only.fit(train, base_dir=base)
+    out = only(b[25], base_dir=base)
+    assert [genes[i] for i in out["gene_ids"]] == ["<PC1>", "<PC2>", "<PC3>"]
+    np.testing.assert_allclose(out["values"], proc(b[25], base_dir=base)["values"][-k:], atol=1e-6)
+    # round trip
+    again = OmicsProcessor.from_dict(json.loads(json.dumps(proc.to_dict())))
+    np.testing.assert_allclose(again(b[25], base_dir=base)["values"], proc(b[25], base_dir=base)["values"])
+
+
+def test_pcs_of_a_source_added_by_extension_and_the_settings_checks(cohorts):
+    base, a, b = cohorts
+    k = 2
+    settings = dict(normalization="none", zscore="per_source", top_k=0, pcs=k, pcs_genes=5)
+    proc = OmicsProcessor("omics_x", **settings).fit(a[:20], base_dir=base)
+    report = proc.extend(b[:20], base_dir=base)  # cohort b: new genes G8..G11 appended after the <PC> entries
+    assert report["new_sources"] == ["b.parquet"] and report["added"] == 4
+    fresh = OmicsProcessor("omics_x", **settings).fit(b[:20], base_dir=base)
+    for cell in b[20:]:  # b's components are fitted on its own rows, as a processor fitted on b alone would have
+        np.testing.assert_allclose(proc(cell, base_dir=base)["values"], fresh(cell, base_dir=base)["values"], atol=1e-6)
+    np.testing.assert_allclose(  # cohort a keeps its fit
+        proc(a[25], base_dir=base)["values"],
+        OmicsProcessor("omics_x", **settings).fit(a[:20], base_dir=base)(a[25], base_dir=base)["values"],
+    )
+    with pytest.raises(ValueError, match="zscore"):
+        OmicsProcessor("omics_x", pcs=3)
+    with pytest.raises(ValueError, match="needs pcs"):
+        OmicsProcessor("omics_x", zscore=True, top_k=0)
+    with pytest.raises(NotImplementedError, match="federated"):
+        OmicsProcessor("omics_x", **settings).site_statistics(a[:20], base_dir=base)
+
+
+def test_linear_term_on_pc_tokens_is_cox_on_the_principal_components(cohorts):
+    """With ``top_k: 0`` and ``pcs``, the wide & deep term on the expression modality is a Cox model on the
+    profile's principal components, as the classical expression baseline (lifelines reference)."""
+    from lifelines import CoxPHFitter
+
+    from bioperceiver.modeling_tasks import BioPerceiverForSurvival
+    from bioperceiver.training import fit_linear_term
+
+    base, a, _ = cohorts
+    k = 2
+    proc = OmicsProcessor("omics_x", normalization="none", zscore=True, top_k=0, pcs=k, pcs_genes=6)
+    proc.fit(a, base_dir=base)
+    out = [proc(c, base_dir=base) for c in a]
+    ids = torch.as_tensor(np.stack([o["gene_ids"] for o in out]))
+    x = np.stack([o["values"] for o in out]).astype(np.float64)
+    rng = np.random.default_rng(0)
+    t = rng.exponential(1.0 / np.exp(x @ np.array([0.9, -0.6])))
+    e = (rng.uniform(size=len(t)) < 0.8).astype(float)
+    cfg = tiny_config(
+        modalities={"omics_x": {"kind": "omics", **proc.model_settings()}}, head_linear_modalities=["omics_x"]
+    )
+    model = BioPerceiverForSurvival(cfg)
+    batch = {"inputs": {"omics_x": {"gene_ids": ids, "values": torch.as_tensor(x, dtype=torch.float32)}}}
+    fit_linear_term(model, [{**batch, "labels": torch.tensor(np.stack([t, e], 1), dtype=torch.float32)}], l2=[0.0])
+    ref = CoxPHFitter().fit(pd.DataFrame(x, columns=["pc1", "pc2"]).assign(t=t, e=e), "t", "e").params_.to_numpy()
+    ours = model.linear_term.numeric["omics_x"][ids[0], 0].detach().numpy()
+    np.testing.assert_allclose(ours, ref, atol=2e-3)

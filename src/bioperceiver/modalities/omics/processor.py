@@ -1,4 +1,5 @@
-"""Omics processor: a gene vocabulary fitted from data, expression normalisation, top-k selection."""
+"""Omics processor: a gene vocabulary fitted from data, expression normalisation, top-k selection, and principal
+components of the profile as extra tokens."""
 
 from __future__ import annotations
 
@@ -35,13 +36,24 @@ class OmicsSettings:
             the pooled statistics, and so do cells without a source (inline mappings, one-sample files). A source not
             seen in fitting is an error naming it at call time: fit it with :meth:`OmicsProcessor.extend` on that
             cohort's training rows (``run_finetune`` does this), or use ``zscore: true``.
-        top_k: keep only ``top_k`` genes per sample (``None``: all), chosen by ``top_k_by``.
+        top_k: keep only ``top_k`` genes per sample (``None``: all), chosen by ``top_k_by``; ``0``: no gene token
+            at all, only the ``pcs`` tokens (needs ``pcs``).
         top_k_by: ``"value"`` (default): each sample's ``top_k`` highest normalised values, its most expressed
             genes (single-cell practice, e.g. Geneformer's rank-value tokens; for bulk microarrays mostly the same
             abundant genes in every profile, and under-expression never becomes a token). ``"variance"``: a fixed
             panel, the ``top_k`` genes with the largest training-set standard deviation among those the sample
             measures (its source's statistics with ``zscore: per_source``, so each cohort keeps its own most
             variable genes), as bulk expression models select genes before PCA or Cox; needs ``zscore``.
+        pcs: also emit the profile's first ``pcs`` principal components as tokens ``<PC1>`` ... ``<PCk>`` (vocabulary
+            entries after the genes, values = component scores scaled to unit SD on the training rows), the dense
+            summary of all genes bulk-expression Cox models read (a linear term, ``head_linear_modalities``, then
+            has one coefficient per component). The PCA is fitted on the training rows' z-scored values of the
+            ``pcs_genes`` genes with the largest training SD, per source with ``zscore: per_source`` (a component is
+            a cohort's own axis; a cell without a source, and a source without a fit, use the pooled fit); a gene
+            the profile does not measure counts as the training mean. Computed from every measured gene before
+            ``top_k``; needs ``zscore``. A source added by :meth:`OmicsProcessor.extend` gets its PCA from the
+            rows it is extended on. Not available with federated fitting (it needs the training profiles).
+        pcs_genes: how many of the most variable genes the PCA reads.
         drop_zeros: a zero value produces no token (sparse counts); ``False`` keeps zeros as tokens.
         case: gene names are normalised to ``"upper"`` or ``"lower"`` case (``None``: unchanged).
         min_samples: a gene enters the vocabulary when measured in at least this many training samples.
@@ -53,6 +65,8 @@ class OmicsSettings:
     zscore: bool | str = False
     top_k: int | None = None
     top_k_by: str = "value"
+    pcs: int | None = None
+    pcs_genes: int = 1000
     drop_zeros: bool = True
     case: str | None = "upper"
     min_samples: int = 1
@@ -68,8 +82,19 @@ class OmicsSettings:
             raise ValueError(f"case must be 'upper', 'lower' or None, got {self.case!r}")
         if self.zscore not in ZSCORES:
             raise ValueError(f"zscore must be one of {ZSCORES}, got {self.zscore!r}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 or None, got {self.top_k}")
+        if self.top_k == 0 and not self.pcs:
+            raise ValueError("top_k: 0 keeps no gene token; it needs pcs (the principal-component tokens) to emit any")
+        if self.pcs is not None and self.pcs < 1:
+            raise ValueError(f"pcs must be >= 1 or None, got {self.pcs}")
+        if self.pcs_genes < 1:
+            raise ValueError(f"pcs_genes must be >= 1, got {self.pcs_genes}")
+        if self.pcs and not self.zscore:
+            raise ValueError(
+                "pcs are fitted on z-scored profiles (each gene standardised on the training rows): set zscore: true "
+                "(or per_source)"
+            )
         if self.top_k_by not in TOP_K_BY:
             raise ValueError(f"top_k_by must be one of {TOP_K_BY}, got {self.top_k_by!r}")
         if self.top_k_by == "variance" and not self.zscore:
@@ -184,6 +209,33 @@ def cell_source(value, base_dir: Path | None) -> str | None:
     return ref.path.name if "row" in ref.options else None
 
 
+def pc_names(k: int) -> list[str]:
+    """The vocabulary entries of the principal-component tokens (``OmicsSettings.pcs``): ``<PC1>`` ... ``<PCk>``."""
+    return [f"<PC{j + 1}>" for j in range(k)]
+
+
+POOLED_PCS = "*"  # the key of the PCA fitted on all training rows (cells without a source, sources without a fit)
+
+
+@dataclass
+class _PCAFit:
+    """One fitted PCA of z-scored profiles: ``pos[vocabulary id]`` = column (-1: not read), the column centres, the
+    components (k x columns, zero rows past the data's rank) and the score scales (1 where a component is empty)."""
+
+    pos: np.ndarray
+    center: np.ndarray
+    components: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def from_state(cls, fit: dict, vocabulary_size: int) -> _PCAFit:
+        genes = np.asarray(fit["genes"], dtype=np.int64)
+        pos = np.full(vocabulary_size, -1, dtype=np.int64)
+        pos[genes] = np.arange(len(genes))
+        comp = np.asarray(fit["components"], dtype=np.float64).reshape(-1, len(genes))
+        return cls(pos, np.asarray(fit["center"], dtype=np.float64), comp, np.asarray(fit["scale"], dtype=np.float64))
+
+
 def _mean_std(s1: np.ndarray, s2: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mean = s1 / np.maximum(n, 1)
     std = np.sqrt(np.maximum(s2 / np.maximum(n, 1) - mean**2, 0))
@@ -192,7 +244,8 @@ def _mean_std(s1: np.ndarray, s2: np.ndarray, n: np.ndarray) -> tuple[np.ndarray
 
 
 class OmicsProcessor(ModalityProcessor):
-    """Expression -> ``gene_ids`` (int64) and ``values`` (float32), one token per measured in-vocabulary gene."""
+    """Expression -> ``gene_ids`` (int64) and ``values`` (float32), one token per measured in-vocabulary gene (or
+    per selected gene, ``top_k``), plus one per principal component with ``pcs``."""
 
     kind = "omics"
     Settings = OmicsSettings
@@ -203,6 +256,8 @@ class OmicsProcessor(ModalityProcessor):
         self._mean = self._std = None
         self._sources: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._matrix_cache: dict[str, tuple] = {}
+        self._pcs: dict[str, _PCAFit] = {}
+        self._pc_ids = np.zeros(0, dtype=np.int64)
 
     @property
     def per_source(self) -> bool:
@@ -320,6 +375,15 @@ class OmicsProcessor(ModalityProcessor):
         if self.settings.max_genes:
             vocab = vocab[: self.settings.max_genes]
         vocab = sorted(vocab)
+        if self.settings.pcs:
+            clash = sorted(set(vocab) & set(pc_names(self.settings.pcs)))
+            if clash:
+                raise self.error(
+                    "reserved_gene_name",
+                    f"gene(s) {clash} use the names of the principal-component tokens",
+                    "rename them",
+                )
+            vocab += pc_names(self.settings.pcs)  # no sample measures them: z-score statistics 0 / 1
         self.state = {"genes": vocab, "fitted_on": len(values)}
         self._on_load()
         if self.settings.zscore:
@@ -330,12 +394,79 @@ class OmicsProcessor(ModalityProcessor):
             if self.per_source:
                 self.state["sources"] = self._source_statistics(parsed)
                 self._on_load()
+        if self.settings.pcs:
+            groups = {POOLED_PCS: parsed}
+            if self.per_source:
+                groups.update({s: [p for p in parsed if p[2] == s] for s in self._sources})
+            self.state["pcs"] = {
+                key: self._fit_pca(rows, None if key == POOLED_PCS else key) for key, rows in groups.items()
+            }
+            self._on_load()
         logger.info(
-            "omics processor %r: vocabulary of %d genes%s",
+            "omics processor %r: vocabulary of %d genes%s%s",
             self.name,
-            len(vocab),
+            len(vocab) - (self.settings.pcs or 0),
             f", z-scored per source ({len(self._sources)} sources)" if self.per_source else "",
+            f", {self.settings.pcs} principal-component tokens ({len(self._pcs)} fits)" if self.settings.pcs else "",
         )
+
+    def _fit_pca(self, rows, source: str | None) -> dict:
+        """A PCA of ``rows`` (parsed training profiles of one source, or all of them for ``source=None``), z-scored
+        with that source's statistics (pooled for ``None``), on the ``pcs_genes`` genes with the largest SD among
+        those measured at least twice; unmeasured values count as the mean (z = 0). Deterministic: components are
+        signed so that their largest loading is positive (as scikit-learn's ``svd_flip``)."""
+        k, size = int(self.settings.pcs), len(self.state["genes"])
+        s1, s2, n = self._sums(rows, size)
+        var = np.where(n >= 2, s2 / np.maximum(n, 1) - (s1 / np.maximum(n, 1)) ** 2, -1.0)
+        var[self._pc_ids] = -1.0
+        order = np.lexsort((np.arange(size), -var))
+        genes = np.sort(order[: int(min(self.settings.pcs_genes, (var > 1e-12).sum()))])
+        mean, std = self._pooled_or_source(source)
+        pos = np.full(size, -1, dtype=np.int64)
+        pos[genes] = np.arange(len(genes))
+        x = np.zeros((len(rows), len(genes)))
+        for r, (names, vals, _) in enumerate(rows):
+            idx = self._lookup(names)
+            m = idx >= 0
+            idx, vals = idx[m], vals[m]
+            col = pos[idx]
+            sel = col >= 0
+            x[r, col[sel]] = (vals[sel] - mean[idx[sel]]) / std[idx[sel]]
+        center = x.mean(axis=0) if len(rows) else np.zeros(len(genes))
+        comp = np.zeros((k, len(genes)))
+        scale = np.ones(k)
+        if len(genes) and len(rows) > 1:
+            _, sing, vt = np.linalg.svd(x - center, full_matrices=False)
+            r = int(min(k, (sing > 1e-8 * max(sing.max(), 1e-300)).sum()))
+            vt = vt[:r]
+            vt *= np.where(vt[np.arange(r), np.abs(vt).argmax(axis=1)] < 0, -1.0, 1.0)[:, None]
+            comp[:r] = vt
+            scale[:r] = ((x - center) @ vt.T).std(axis=0)
+        return {
+            "genes": genes.tolist(),
+            "center": center.tolist(),
+            "components": comp.tolist(),
+            "scale": scale.tolist(),
+            "rows": len(rows),
+        }
+
+    def _pooled_or_source(self, source: str | None) -> tuple[np.ndarray, np.ndarray]:
+        return self._sources[source] if source is not None else (self._mean, self._std)
+
+    def _pc_scores(self, value, base_dir, idx: np.ndarray, vals: np.ndarray) -> np.ndarray:
+        """The ``pcs`` component scores of one parsed profile (``idx``: vocabulary ids, -1 unknown; ``vals``:
+        normalised values), with the z-score statistics and PCA of its source."""
+        mean, std = self._statistics_for(value, base_dir)
+        source = cell_source(value, base_dir) if self.per_source else None
+        fit = self._pcs.get(source) if source is not None else None
+        fit = fit if fit is not None else self._pcs[POOLED_PCS]
+        m = idx >= 0
+        idx, vals = idx[m], vals[m]
+        col = fit.pos[idx]
+        sel = col >= 0
+        x = -fit.center.copy()
+        x[col[sel]] += (vals[sel] - mean[idx[sel]]) / std[idx[sel]]
+        return fit.components @ x / fit.scale
 
     def extend(self, values, sample_ids=None, base_dir=None) -> dict:
         """Add what a new cohort brings to a fitted processor, as tokenizers add tokens: genes measured in at least
@@ -386,6 +517,12 @@ class OmicsProcessor(ModalityProcessor):
                 sources[source] = {k: [*old[k], *self.state[k][before:]] for k in ("mean", "std")}
             self.state["sources"] = sources
             self._on_load()
+        if self.settings.pcs and new_sources:
+            self.state["pcs"] = {
+                **self.state["pcs"],
+                **{s: self._fit_pca([p for p in parsed if p[2] == s], s) for s in new_sources},
+            }
+            self._on_load()
         report = {
             "added": len(added),
             "overlap": overlap,
@@ -408,6 +545,11 @@ class OmicsProcessor(ModalityProcessor):
 
     # ---- federated fit: per-gene sample counts (vocabulary union) and per-gene sums (z-score statistics) ---------
     def _site_statistics(self, values, sample_ids, base_dir):
+        if self.settings.pcs:
+            raise NotImplementedError(
+                f"omics processor {self.name!r}: pcs (principal-component tokens) are fitted on the training "
+                "profiles themselves, which a federated fit never shares; leave pcs unset for federated fitting"
+            )
         counts: dict[str, int] = {}
         sums: dict[str, list[float]] = {}
         by_source: dict[str, dict[str, list[float]]] = {}
@@ -462,6 +604,10 @@ class OmicsProcessor(ModalityProcessor):
         self._sources = {
             k: (np.asarray(v["mean"]), np.asarray(v["std"])) for k, v in self.state.get("sources", {}).items()
         }
+        size = len(self._index)
+        self._pcs = {k: _PCAFit.from_state(v, size) for k, v in self.state.get("pcs", {}).items()}
+        names = pc_names(int(self.settings.pcs or 0))
+        self._pc_ids = np.array([self._index[n] for n in names if n in self._index], dtype=np.int64)
 
     def _statistics_for(self, value, base_dir) -> tuple[np.ndarray, np.ndarray]:
         """The z-score mean/std that apply to a cell: its source's with ``zscore: per_source`` (pooled for a cell
@@ -491,18 +637,21 @@ class OmicsProcessor(ModalityProcessor):
                     "unknown_gene", f"{oov} gene(s) not in the vocabulary, e.g. {unknown}", "refit the processor"
                 )
             self.counters["oov_genes"] += oov
-        keep = idx >= 0
-        if self.settings.drop_zeros:
-            keep &= vals != 0
-        idx, vals = idx[keep], vals[keep]
-        if len(genes) and not len(idx) and oov == len(genes):
+        if len(genes) and oov == len(genes):
             raise self.error(
                 "no_known_genes",
                 f"none of the {len(genes)} measured genes is in the fitted vocabulary ({len(self._index)} genes)",
                 "check the gene identifiers (symbols vs Ensembl IDs, case) match the training data, or extend the "
                 "vocabulary on the new cohort's training rows (run_finetune --extend_vocabulary true)",
             )
-        if self.settings.top_k is not None and len(idx) > self.settings.top_k:
+        scores = self._pc_scores(value, base_dir, idx, vals) if self.settings.pcs else None
+        keep = idx >= 0
+        if self.settings.drop_zeros:
+            keep &= vals != 0
+        idx, vals = idx[keep], vals[keep]
+        if self.settings.top_k == 0:
+            idx, vals = idx[:0], vals[:0]
+        elif self.settings.top_k is not None and len(idx) > self.settings.top_k:
             if self.settings.top_k_by == "variance":
                 _, std = self._statistics_for(value, base_dir)
                 spread = np.where(std[idx] == 1.0, 0.0, std[idx])  # _mean_std stores 1.0 for a gene without spread
@@ -514,6 +663,8 @@ class OmicsProcessor(ModalityProcessor):
         if self.settings.zscore:
             mean, std = self._statistics_for(value, base_dir)
             vals = (vals - mean[idx]) / std[idx]
+        if scores is not None:  # already on unit scale: the <PCj> entries' statistics are 0 / 1
+            idx, vals = np.concatenate([idx, self._pc_ids]), np.concatenate([vals, scores])
         order = np.argsort(idx, kind="stable")
         return {"gene_ids": idx[order], "values": vals[order].astype(np.float32)}
 
