@@ -378,76 +378,85 @@ def _seed_parts() -> list[Part]:
                 optional=True,
             ),
         ]
-    # a fixed expression panel per cohort (omics top_k_by: variance) for both arms: a backbone pretrained with it,
-    # the random-init arm fitting it per fold; plain, clinical term, expression + clinical term (per-modality
-    # penalties); each paired with the same model on the default per-profile tokens
-    panel = f"{W}/survset/pretrain_panel/final"
-    panel_settings = ("--random_processor_settings", "tokenizers/survset_processors_panel.yaml")
-    parts.append(
-        Part(
-            "survset_pretrain_panel",
-            "survset_pretrain with the fixed expression panel (tokenizers/survset_processors_panel.yaml)",
-            _pretrain(
-                "pretrain/configs/survset_omics.yaml",
-                f"{W}/survset/pretrain_panel",
-                f"data.manifest={W}/survset/dev_cohort/manifest.parquet",
-                "data.processor_settings={root}/tokenizers/survset_processors_panel.yaml",
-            ),
-            "survset/pretrain_panel/final/config.json",
-            needs=["survset_cohort"],
-            minutes=3,
-            optional=True,
-        )
-    )
-    for run, what, extra, twin in (
-        ("survival_cv_panel_plain", "no linear term", (), "survival_cv_lrgrid"),
-        ("survival_cv_panel_wide", "the clinical term", ("--bp_head_linear",), "survival_cv_wide"),
-        (
-            "survival_cv_panel_wide_pm",
+    # other expression tokens for both arms, each with a backbone pretrained on them and the random-init arm fitting
+    # them per fold, each model paired with the same model on the default per-profile tokens:
+    # - "panel": a fixed panel of each cohort's most variable genes (omics top_k_by: variance); plain, clinical term,
+    #   expression + clinical term (per-modality penalties);
+    # - "pcs": each cohort's first 20 principal components as the only expression tokens (omics pcs, top_k 0), what
+    #   the cox_clinical_pcs baseline reads; plain, expression + clinical term (per-modality penalties)
+    runs = {
+        "plain": ("no linear term", (), "survival_cv_lrgrid"),
+        "wide": ("the clinical term", ("--bp_head_linear",), "survival_cv_wide"),
+        "wide_pm": (
             "the expression + clinical term, one penalty per modality",
             (*both, "--bp_head_linear_per_modality"),
             "survival_cv_wide_pm",
         ),
+    }
+    for tag, tokens, models in (
+        ("panel", "the fixed expression panel", ("plain", "wide", "wide_pm")),
+        ("pcs", "expression as 20 principal components per cohort", ("plain", "wide_pm")),
     ):
-        parts += [
+        settings = f"tokenizers/survset_processors_{tag}.yaml"
+        parts.append(
             Part(
-                run,
-                f"the fixed expression panel, {what}; learning rate chosen on validation, --init_seed 0",
-                _survival(
-                    f"{W}/survset/{run}",
-                    f"{W}/survset/cv_cohort",
-                    pretrained=panel,
-                    arms=FINETUNED_ARMS[:2],
-                    extra=(
-                        "--bp_lrs",
-                        *LR_GRID,
-                        *panel_settings,
-                        *extra,
-                        "--reuse_cache",
-                        f"{W}/survset/survival_cv_lrgrid",  # the baselines
+                f"survset_pretrain_{tag}",
+                f"survset_pretrain with {tokens} ({settings})",
+                _pretrain(
+                    "pretrain/configs/survset_omics.yaml",
+                    f"{W}/survset/pretrain_{tag}",
+                    f"data.manifest={W}/survset/dev_cohort/manifest.parquet",
+                    f"data.processor_settings={{root}}/{settings}",
+                ),
+                f"survset/pretrain_{tag}/final/config.json",
+                needs=["survset_cohort"],
+                minutes=3,
+                optional=True,
+            )
+        )
+        for model in models:
+            what, extra, twin = runs[model]
+            run = f"survival_cv_{tag}_{model}"
+            parts += [
+                Part(
+                    run,
+                    f"{tokens}, {what}; learning rate chosen on validation, --init_seed 0",
+                    _survival(
+                        f"{W}/survset/{run}",
+                        f"{W}/survset/cv_cohort",
+                        pretrained=f"{W}/survset/pretrain_{tag}/final",
+                        arms=FINETUNED_ARMS[:2],
+                        extra=(
+                            "--bp_lrs",
+                            *LR_GRID,
+                            "--random_processor_settings",
+                            settings,
+                            *extra,
+                            "--reuse_cache",
+                            f"{W}/survset/survival_cv_lrgrid",  # the baselines
+                        ),
                     ),
+                    f"survset/{run}/survival_cv.json",
+                    needs=[f"survset_pretrain_{tag}", "survival_cv_lrgrid"],
+                    minutes=20,
+                    optional=True,
                 ),
-                f"survset/{run}/survival_cv.json",
-                needs=["survset_pretrain_panel", "survival_cv_lrgrid"],
-                minutes=20,
-                optional=True,
-            ),
-            Part(
-                f"survset_versus_{run.removeprefix('survival_cv_')}_init0",
-                f"{run} - {twin} (the default per-profile tokens), paired on the same test patients",
-                _seed_spread(
-                    f"versus_{run.removeprefix('survival_cv_')}_init0",
-                    {"panel": run, "top_values": twin},
-                    "--versus",
-                    "bp_pretrained",
-                    "bp_random",
+                Part(
+                    f"survset_versus_{tag}_{model}_init0",
+                    f"{run} - {twin} (the default per-profile tokens), paired on the same test patients",
+                    _seed_spread(
+                        f"versus_{tag}_{model}_init0",
+                        {tag: run, "top_values": twin},
+                        "--versus",
+                        "bp_pretrained",
+                        "bp_random",
+                    ),
+                    f"survset/versus_{tag}_{model}_init0/seed_spread.json",
+                    needs=[run, twin],
+                    minutes=0.5,
+                    optional=True,
                 ),
-                f"survset/versus_{run.removeprefix('survival_cv_')}_init0/seed_spread.json",
-                needs=[run, twin],
-                minutes=0.5,
-                optional=True,
-            ),
-        ]
+            ]
     # a second whole-union pretraining seed under the wide & deep model (the random-init arm read back)
     parts += [
         Part(

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("evidence", ROOT / "benchmarks" / "evidence.py")
 evidence = importlib.util.module_from_spec(_spec)
@@ -139,24 +141,26 @@ def test_the_expression_term_parts_pair_with_the_clinical_only_term():
         assert versus.optional and set(versus.needs) == {f"survival_cv_{run}", "survival_cv_wide"}
 
 
-def test_the_panel_parts_use_the_panel_backbone_and_settings_and_pair_with_their_twins():
-    """The fixed-expression-panel parts: the backbone pretrained with tokenizers/survset_processors_panel.yaml, the
-    random-init arm fitting the same settings, each run paired with the same model on the default tokens."""
+@pytest.mark.parametrize("tag,models", [("panel", ("plain", "wide", "wide_pm")), ("pcs", ("plain", "wide_pm"))])
+def test_the_token_parts_use_their_backbone_and_settings_and_pair_with_their_twins(tag, models):
+    """The other-expression-tokens parts (a fixed panel; principal components): the backbone pretrained with
+    tokenizers/survset_processors_<tag>.yaml, the random-init arm fitting the same settings, each run paired with the
+    same model on the default tokens."""
     parts = {p.name: p for p in evidence.PARTS}
-    pre = parts["survset_pretrain_panel"].argv
-    assert any(a.startswith("data.processor_settings=") and a.endswith("survset_processors_panel.yaml") for a in pre)
-    assert (ROOT / "tokenizers" / "survset_processors_panel.yaml").is_file()
-    for run, twin in (
-        ("panel_plain", "survival_cv_lrgrid"),
-        ("panel_wide", "survival_cv_wide"),
-        ("panel_wide_pm", "survival_cv_wide_pm"),
-    ):
+    pre = parts[f"survset_pretrain_{tag}"].argv
+    settings = f"tokenizers/survset_processors_{tag}.yaml"
+    assert any(a.startswith("data.processor_settings=") and a.endswith(settings) for a in pre)
+    assert (ROOT / settings).is_file()
+    twins = {"plain": "survival_cv_lrgrid", "wide": "survival_cv_wide", "wide_pm": "survival_cv_wide_pm"}
+    assert {n for n in parts if n.startswith(f"survival_cv_{tag}_")} == {f"survival_cv_{tag}_{m}" for m in models}
+    for model in models:
+        run = f"{tag}_{model}"
         argv = parts[f"survival_cv_{run}"].argv
-        assert argv[argv.index("--pretrained_dir") + 1].endswith("survset/pretrain_panel/final")
-        assert argv[argv.index("--random_processor_settings") + 1] == "tokenizers/survset_processors_panel.yaml"
-        assert "survset_pretrain_panel" in parts[f"survival_cv_{run}"].needs
+        assert argv[argv.index("--pretrained_dir") + 1].endswith(f"survset/pretrain_{tag}/final")
+        assert argv[argv.index("--random_processor_settings") + 1] == settings
+        assert f"survset_pretrain_{tag}" in parts[f"survival_cv_{run}"].needs
         versus = parts[f"survset_versus_{run}_init0"].argv
         runs = versus[versus.index("--runs") + 1 : versus.index("--labels")]
-        assert runs[0].endswith(f"survival_cv_{run}") and runs[1].endswith(twin)
-    assert "--bp_head_linear_per_modality" in parts["survival_cv_panel_wide_pm"].argv
-    assert "--bp_head_linear" not in parts["survival_cv_panel_plain"].argv
+        assert runs[0].endswith(f"survival_cv_{run}") and runs[1].endswith(twins[model])
+    assert "--bp_head_linear_per_modality" in parts[f"survival_cv_{tag}_wide_pm"].argv
+    assert "--bp_head_linear" not in parts[f"survival_cv_{tag}_plain"].argv
