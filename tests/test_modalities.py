@@ -54,6 +54,27 @@ def test_omics_unmeasured_gene_is_no_token():
         emb({"gene_ids": torch.tensor([[25]]), "values": torch.zeros(1, 1)})
 
 
+def test_omics_per_gene_value_embedding_adds_value_times_a_vector_per_gene():
+    """``value_embedding: per_gene``: token = the shared token + value x that gene's own vector (FT-Transformer's
+    per-feature linear tokenizer); the default has no such table, and the setting is checked."""
+    torch.manual_seed(0)
+    shared = embedder("omics", num_genes=20)
+    assert shared.gene_value_embeddings is None
+    torch.manual_seed(0)
+    per_gene = embedder("omics", num_genes=20, value_embedding="per_gene")
+    per_gene.load_state_dict(shared.state_dict(), strict=False)  # the shared parts equal
+    ids, values = torch.tensor([[1, 2, 3], [3, 4, 0]]), torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    a, keep = shared({"gene_ids": ids, "values": values, "mask": mask})
+    b, _ = per_gene({"gene_ids": ids, "values": values, "mask": mask})
+    w = per_gene.gene_value_embeddings.weight
+    expected = a + values[..., None] * w[ids] * keep[..., None]
+    torch.testing.assert_close(b[keep], expected[keep])
+    torch.testing.assert_close(b[1, 1], a[1, 1])  # a value of 0 adds nothing
+    with pytest.raises(ValueError, match="value_embedding"):
+        embedder("omics", num_genes=20, value_embedding="binned")
+
+
 def test_tabular_numeric_and_categorical_tokens():
     emb = embedder("tabular", num_features=4, num_categories=5)
     ids = torch.tensor([[0, 1, 2]])

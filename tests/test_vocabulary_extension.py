@@ -190,6 +190,28 @@ def test_model_vocabulary_resize_keeps_rows_and_round_trips(tmp_path):
         model.embedders["omics"].resize_vocabulary({"num_genes": 2}, std=0.02)
 
 
+def test_resize_grows_every_table_a_vocabulary_indexes_and_round_trips(tmp_path):
+    """With ``value_embedding: per_gene`` the gene ids index two tables; growing the vocabulary grows both (rows
+    kept), and a saved model loads with them."""
+    omics = {"kind": "omics", "num_genes": 10, "value_embedding": "per_gene"}
+    torch.manual_seed(0)
+    model = bp.BioPerceiverModel(tiny_config(modalities={"omics": omics}))
+    emb = model.embedders["omics"]
+    old = {a: getattr(emb, a).weight.detach().clone() for a in ("gene_embeddings", "gene_value_embeddings")}
+    assert model.resize_modality_vocabularies({"omics": {**omics, "num_genes": 13}}) == {
+        "omics": {"num_genes": (10, 13)}
+    }
+    for attr, weight in old.items():
+        grown = getattr(model.embedders["omics"], attr).weight
+        assert grown.shape[0] == 13 and torch.equal(grown[:10], weight) and grown[10:].std() > 0
+    model.save_pretrained(tmp_path / "m")
+    again = bp.BioPerceiverModel.from_pretrained(tmp_path / "m")
+    assert again.config.modalities["omics"]["value_embedding"] == "per_gene"
+    batch = {"omics": {"gene_ids": torch.tensor([[12, 1]]), "values": torch.tensor([[0.5, -1.0]])}}
+    model.eval(), again.eval()
+    torch.testing.assert_close(again(**batch).pooler_output, model(**batch).pooler_output)
+
+
 # ---- finetuning a pretrained model on a cohort with new genes ----------------------------------------------------
 
 

@@ -27,9 +27,11 @@ class ModalityEmbedder(nn.Module):
     config_class: ClassVar[type]
     input_keys: ClassVar[tuple[str, ...]] = ()
     optional_input_keys: ClassVar[tuple[str, ...]] = ()
-    vocabulary_embeddings: ClassVar[dict[str, str]] = {}
-    """Config size field -> ``nn.Embedding`` attribute it sizes (e.g. ``{"num_genes": "gene_embeddings"}``): the
-    vocabularies :meth:`resize_vocabulary` can grow when the processor's vocabulary is extended."""
+    vocabulary_embeddings: ClassVar[dict[str, str | tuple[str, ...]]] = {}
+    """Config size field -> the ``nn.Embedding`` attribute(s) it sizes (e.g. ``{"num_genes": "gene_embeddings"}``;
+    a tuple where several tables are indexed by the same ids, an attribute that is ``None`` or absent in this
+    configuration being skipped): the vocabularies :meth:`resize_vocabulary` can grow when the processor's
+    vocabulary is extended."""
 
     def __init__(self, name: str, config: Any, d_input: int) -> None:
         super().__init__()
@@ -51,17 +53,20 @@ class ModalityEmbedder(nn.Module):
                     f"modality {self.name!r} (kind {self.kind!r}) has no resizable vocabulary {key!r}; it has "
                     f"{sorted(self.vocabulary_embeddings)}"
                 )
-            old_emb: nn.Embedding = getattr(self, self.vocabulary_embeddings[key])
-            old = old_emb.num_embeddings
+            attrs = self.vocabulary_embeddings[key]
+            attrs = (attrs,) if isinstance(attrs, str) else tuple(attrs)
+            tables = {a: t for a in attrs if (t := getattr(self, a, None)) is not None}
+            old = getattr(self.config, key)
             if new < old:
                 raise ValueError(f"modality {self.name!r}: cannot shrink {key} from {old} to {new}")
             if new == old:
                 continue
-            emb = nn.Embedding(new, old_emb.embedding_dim, device=old_emb.weight.device, dtype=old_emb.weight.dtype)
-            emb.weight[:old] = old_emb.weight
-            nn.init.normal_(emb.weight[old:], std=std)
-            emb.weight.requires_grad_(old_emb.weight.requires_grad)
-            setattr(self, self.vocabulary_embeddings[key], emb)
+            for attr, old_emb in tables.items():
+                emb = nn.Embedding(new, old_emb.embedding_dim, device=old_emb.weight.device, dtype=old_emb.weight.dtype)
+                emb.weight[:old] = old_emb.weight
+                nn.init.normal_(emb.weight[old:], std=std)
+                emb.weight.requires_grad_(old_emb.weight.requires_grad)
+                setattr(self, attr, emb)
             setattr(self.config, key, new)
             grown[key] = (old, new)
         return grown

@@ -10,6 +10,8 @@ from torch import nn
 from ...layers import ScalarEncoder
 from ..embedder import ModalityEmbedder, require_positive
 
+VALUE_EMBEDDINGS = ("shared", "per_gene")
+
 
 @dataclass
 class OmicsConfig:
@@ -18,19 +20,28 @@ class OmicsConfig:
     Args:
         num_genes: size of the gene vocabulary fitted by the omics processor (ids in ``[0, num_genes)``).
         num_value_bands: learned frequencies of the expression-value encoder.
+        value_embedding: how a gene's value enters its token. ``"shared"`` (default): gene embedding + one value
+            encoding shared by all genes, so a gene-specific effect of its value must be learned as an interaction
+            downstream. ``"per_gene"``: also ``value x`` a learned vector per gene, the per-feature linear tokenizer
+            of FT-Transformer (Gorishniy et al. 2021), which gives each gene's value its own direction from the first
+            layer on (one more ``num_genes x d`` table).
     """
 
     num_genes: int = 20000
     num_value_bands: int = 16
+    value_embedding: str = "shared"
 
     def __post_init__(self) -> None:
         require_positive(num_genes=self.num_genes, num_value_bands=self.num_value_bands)
+        if self.value_embedding not in VALUE_EMBEDDINGS:
+            raise ValueError(f"value_embedding must be one of {VALUE_EMBEDDINGS}, got {self.value_embedding!r}")
 
 
 class OmicsEmbedder(ModalityEmbedder):
     """Inputs: ``gene_ids`` (B, G) int, ``values`` (B, G) float (normalised), optional ``mask`` (B, G).
 
-    Token = gene-id embedding + value encoding. An unmeasured gene is simply not a token (mask False);
+    Token = gene-id embedding + value encoding (+ value x a per-gene vector with ``value_embedding: per_gene``).
+    An unmeasured gene is simply not a token (mask False);
     values are never zero-filled into the model.
     """
 
@@ -38,12 +49,14 @@ class OmicsEmbedder(ModalityEmbedder):
     config_class = OmicsConfig
     input_keys = ("gene_ids", "values")
     optional_input_keys = ("mask",)
-    vocabulary_embeddings = {"num_genes": "gene_embeddings"}  # noqa: RUF012 (class-level constant)
+    vocabulary_embeddings = {"num_genes": ("gene_embeddings", "gene_value_embeddings")}  # noqa: RUF012 (constant)
 
     def __init__(self, name: str, config: OmicsConfig, d_input: int) -> None:
         super().__init__(name, config, d_input)
         self.gene_embeddings = nn.Embedding(config.num_genes, d_input)
         self.value_encoder = ScalarEncoder(d_out=d_input, num_bands=config.num_value_bands)
+        per_gene = config.value_embedding == "per_gene"
+        self.gene_value_embeddings = nn.Embedding(config.num_genes, d_input) if per_gene else None
 
     def matmul_flops(self, inputs):
         fc1, fc2 = self.value_encoder.fc1, self.value_encoder.fc2  # its input depends on learned frequencies
@@ -67,4 +80,6 @@ class OmicsEmbedder(ModalityEmbedder):
             )
         dtype = self.gene_embeddings.weight.dtype
         tokens = self.gene_embeddings(ids) + self.value_encoder(values.to(dtype))  # (B, G, D_in)
+        if self.gene_value_embeddings is not None:
+            tokens = tokens + values.to(dtype)[..., None] * self.gene_value_embeddings(ids)
         return tokens, keep
