@@ -384,6 +384,8 @@ def _seed_parts() -> list[Part]:
     #   expression + clinical term (per-modality penalties);
     # - "pcs": each cohort's first 20 principal components as the only expression tokens (omics pcs, top_k 0), what
     #   the cox_clinical_pcs baseline reads; plain, expression + clinical term (per-modality penalties)
+    # - "pergene": the default tokens, each also carrying value x a learned vector of its gene (the embedder's
+    #   value_embedding: per_gene); plain, expression + clinical term (per-modality penalties)
     runs = {
         "plain": ("no linear term", (), "survival_cv_lrgrid"),
         "wide": ("the clinical term", ("--bp_head_linear",), "survival_cv_wide"),
@@ -396,6 +398,7 @@ def _seed_parts() -> list[Part]:
     for tag, tokens, models in (
         ("panel", "the fixed expression panel", ("plain", "wide", "wide_pm")),
         ("pcs", "expression as 20 principal components per cohort", ("plain", "wide_pm")),
+        ("pergene", "a per-gene value embedding (omics value_embedding: per_gene)", ("plain", "wide_pm")),
     ):
         settings = f"tokenizers/survset_processors_{tag}.yaml"
         parts.append(

@@ -141,7 +141,10 @@ def test_the_expression_term_parts_pair_with_the_clinical_only_term():
         assert versus.optional and set(versus.needs) == {f"survival_cv_{run}", "survival_cv_wide"}
 
 
-@pytest.mark.parametrize("tag,models", [("panel", ("plain", "wide", "wide_pm")), ("pcs", ("plain", "wide_pm"))])
+@pytest.mark.parametrize(
+    "tag,models",
+    [("panel", ("plain", "wide", "wide_pm")), ("pcs", ("plain", "wide_pm")), ("pergene", ("plain", "wide_pm"))],
+)
 def test_the_token_parts_use_their_backbone_and_settings_and_pair_with_their_twins(tag, models):
     """The other-expression-tokens parts (a fixed panel; principal components): the backbone pretrained with
     tokenizers/survset_processors_<tag>.yaml, the random-init arm fitting the same settings, each run paired with the
