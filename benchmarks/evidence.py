@@ -395,10 +395,13 @@ def _seed_parts() -> list[Part]:
             "survival_cv_wide_pm",
         ),
     }
-    for tag, tokens, models in (
-        ("panel", "the fixed expression panel", ("plain", "wide", "wide_pm")),
-        ("pcs", "expression as 20 principal components per cohort", ("plain", "wide_pm")),
-        ("pergene", "a per-gene value embedding (omics value_embedding: per_gene)", ("plain", "wide_pm")),
+    # - "pcs_pergene": the "pcs" tokens with the per-gene value embedding; plain, paired with "pcs" plain (does the
+    #   per-component vector let the network read a linear model of the components?)
+    for tag, tokens, models, twin_tag in (
+        ("panel", "the fixed expression panel", ("plain", "wide", "wide_pm"), None),
+        ("pcs", "expression as 20 principal components per cohort", ("plain", "wide_pm"), None),
+        ("pergene", "a per-gene value embedding (omics value_embedding: per_gene)", ("plain", "wide_pm"), None),
+        ("pcs_pergene", "20 principal components per cohort with a per-component value embedding", ("plain",), "pcs"),
     ):
         settings = f"tokenizers/survset_processors_{tag}.yaml"
         parts.append(
@@ -419,6 +422,8 @@ def _seed_parts() -> list[Part]:
         )
         for model in models:
             what, extra, twin = runs[model]
+            twin = f"survival_cv_{twin_tag}_{model}" if twin_tag else twin
+            twin_label = twin_tag or "top_values"
             run = f"survival_cv_{tag}_{model}"
             parts += [
                 Part(
@@ -446,10 +451,10 @@ def _seed_parts() -> list[Part]:
                 ),
                 Part(
                     f"survset_versus_{tag}_{model}_init0",
-                    f"{run} - {twin} (the default per-profile tokens), paired on the same test patients",
+                    f"{run} - {twin}, paired on the same test patients",
                     _seed_spread(
                         f"versus_{tag}_{model}_init0",
-                        {tag: run, "top_values": twin},
+                        {tag: run, twin_label: twin},
                         "--versus",
                         "bp_pretrained",
                         "bp_random",
@@ -460,6 +465,49 @@ def _seed_parts() -> list[Part]:
                     optional=True,
                 ),
             ]
+    # the per-gene value embedding without a term again, finetuning seed 1 (twin: survival_cv_lrgrid_init1)
+    settings = "tokenizers/survset_processors_pergene.yaml"
+    parts += [
+        Part(
+            "survival_cv_pergene_plain_init1",
+            "a per-gene value embedding, no linear term; learning rate chosen on validation, --init_seed 1",
+            _survival(
+                f"{W}/survset/survival_cv_pergene_plain_init1",
+                f"{W}/survset/cv_cohort",
+                pretrained=f"{W}/survset/pretrain_pergene/final",
+                arms=FINETUNED_ARMS[:2],
+                extra=(
+                    "--bp_lrs",
+                    *LR_GRID,
+                    "--random_processor_settings",
+                    settings,
+                    "--init_seed",
+                    "1",
+                    "--reuse_cache",
+                    f"{W}/survset/survival_cv_lrgrid_init1",  # the baselines
+                ),
+            ),
+            "survset/survival_cv_pergene_plain_init1/survival_cv.json",
+            needs=["survset_pretrain_pergene", "survival_cv_lrgrid_init1"],
+            minutes=20,
+            optional=True,
+        ),
+        Part(
+            "survset_versus_pergene_plain_init1",
+            "survival_cv_pergene_plain_init1 - survival_cv_lrgrid_init1 (the shared value encoding), paired",
+            _seed_spread(
+                "versus_pergene_plain_init1",
+                {"pergene": "survival_cv_pergene_plain_init1", "top_values": "survival_cv_lrgrid_init1"},
+                "--versus",
+                "bp_pretrained",
+                "bp_random",
+            ),
+            "survset/versus_pergene_plain_init1/seed_spread.json",
+            needs=["survival_cv_pergene_plain_init1", "survival_cv_lrgrid_init1"],
+            minutes=0.5,
+            optional=True,
+        ),
+    ]
     # a second whole-union pretraining seed under the wide & deep model (the random-init arm read back)
     parts += [
         Part(

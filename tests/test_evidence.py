@@ -142,20 +142,28 @@ def test_the_expression_term_parts_pair_with_the_clinical_only_term():
 
 
 @pytest.mark.parametrize(
-    "tag,models",
-    [("panel", ("plain", "wide", "wide_pm")), ("pcs", ("plain", "wide_pm")), ("pergene", ("plain", "wide_pm"))],
+    "tag,models,twin_tag",
+    [
+        ("panel", ("plain", "wide", "wide_pm"), None),
+        ("pcs", ("plain", "wide_pm"), None),
+        ("pergene", ("plain", "wide_pm"), None),
+        ("pcs_pergene", ("plain",), "pcs"),
+    ],
 )
-def test_the_token_parts_use_their_backbone_and_settings_and_pair_with_their_twins(tag, models):
-    """The other-expression-tokens parts (a fixed panel; principal components): the backbone pretrained with
-    tokenizers/survset_processors_<tag>.yaml, the random-init arm fitting the same settings, each run paired with the
-    same model on the default tokens."""
+def test_the_token_parts_use_their_backbone_and_settings_and_pair_with_their_twins(tag, models, twin_tag):
+    """The other-expression-token parts (a fixed panel; principal components; a per-gene value embedding; both of
+    the last two): the backbone pretrained with tokenizers/survset_processors_<tag>.yaml, the random-init arm fitting
+    the same settings, each run paired with the same model on the default tokens (or on ``twin_tag``'s)."""
     parts = {p.name: p for p in evidence.PARTS}
     pre = parts[f"survset_pretrain_{tag}"].argv
     settings = f"tokenizers/survset_processors_{tag}.yaml"
     assert any(a.startswith("data.processor_settings=") and a.endswith(settings) for a in pre)
     assert (ROOT / settings).is_file()
     twins = {"plain": "survival_cv_lrgrid", "wide": "survival_cv_wide", "wide_pm": "survival_cv_wide_pm"}
-    assert {n for n in parts if n.startswith(f"survival_cv_{tag}_")} == {f"survival_cv_{tag}_{m}" for m in models}
+    if twin_tag:
+        twins = {m: f"survival_cv_{twin_tag}_{m}" for m in models}
+    built = {n.removeprefix(f"survival_cv_{tag}_") for n in parts if n.startswith(f"survival_cv_{tag}_")}
+    assert built & set(twins) == set(models)
     for model in models:
         run = f"{tag}_{model}"
         argv = parts[f"survival_cv_{run}"].argv
@@ -165,5 +173,24 @@ def test_the_token_parts_use_their_backbone_and_settings_and_pair_with_their_twi
         versus = parts[f"survset_versus_{run}_init0"].argv
         runs = versus[versus.index("--runs") + 1 : versus.index("--labels")]
         assert runs[0].endswith(f"survival_cv_{run}") and runs[1].endswith(twins[model])
-    assert "--bp_head_linear_per_modality" in parts[f"survival_cv_{tag}_wide_pm"].argv
+        assert set(parts[f"survset_versus_{run}_init0"].needs) == {f"survival_cv_{run}", twins[model]}
+    if "wide_pm" in models:
+        assert "--bp_head_linear_per_modality" in parts[f"survival_cv_{tag}_wide_pm"].argv
     assert "--bp_head_linear" not in parts[f"survival_cv_{tag}_plain"].argv
+
+
+def test_the_per_gene_seed_1_run_pairs_with_the_seed_1_plain_run():
+    """The per-gene value embedding without a term at finetuning seed 1: its backbone and settings, --init_seed 1,
+    the baselines read from the seed-1 plain run and paired with it."""
+    parts = {p.name: p for p in evidence.PARTS}
+    run = parts["survival_cv_pergene_plain_init1"]
+    argv = run.argv
+    assert argv[argv.index("--init_seed") + 1] == "1"
+    assert argv[argv.index("--pretrained_dir") + 1].endswith("survset/pretrain_pergene/final")
+    assert argv[argv.index("--random_processor_settings") + 1] == "tokenizers/survset_processors_pergene.yaml"
+    assert argv[argv.index("--reuse_cache") + 1].endswith("survset/survival_cv_lrgrid_init1")
+    assert "--bp_head_linear" not in argv
+    assert run.optional and set(run.needs) == {"survset_pretrain_pergene", "survival_cv_lrgrid_init1"}
+    versus = parts["survset_versus_pergene_plain_init1"].argv
+    runs = versus[versus.index("--runs") + 1 : versus.index("--labels")]
+    assert runs[0].endswith("survival_cv_pergene_plain_init1") and runs[1].endswith("survival_cv_lrgrid_init1")
