@@ -177,6 +177,65 @@ def _seed_parts() -> list[Part]:
             minutes=0.5,
             optional=True,
         ),
+    ]
+    # the fold-wise embedding arms on backbones pretrained with the per-gene value embedding
+    # (tokenizers/survset_processors_pergene.yaml), pretraining seeds 0 and 1, each paired with the same seed's
+    # shared-encoding run above
+    pergene = "tokenizers/survset_processors_pergene.yaml"
+    for s in (0, 1):
+        shared = "survival_cv_foldwise" if s == 0 else f"survival_cv_foldwise_seed{s}"
+        run = f"survival_cv_foldwise_pergene_seed{s}"
+        parts += [
+            Part(
+                f"survset_pretrain_pergene_seed{s}_fold{k}",
+                f"survset_pretrain_fold{k} with seed={s} and {pergene}",
+                _pretrain(
+                    "pretrain/configs/survset_omics.yaml",
+                    f"{W}/survset/pretrain_cvfolds_pergene_seed{s}/fold{k}",
+                    f"data.manifest={W}/survset/dev_cohort/manifest_cvfold{k}.parquet",
+                    f"data.processor_settings={{root}}/{pergene}",
+                    f"seed={s}",
+                ),
+                f"survset/pretrain_cvfolds_pergene_seed{s}/fold{k}/final/config.json",
+                needs=["survset_fold_manifests"],
+                minutes=3,
+                optional=True,
+            )
+            for k in range(5)
+        ]
+        parts += [
+            Part(
+                run,
+                f"survival_cv_foldwise on the per-gene seed-{s} backbones, --init_seed {s}",
+                _survival(
+                    f"{W}/survset/{run}",
+                    f"{W}/survset/cv_cohort",
+                    pretrained=f"{W}/survset/pretrain_cvfolds_pergene_seed{s}/fold{{fold}}/final",
+                    arms=EMB_ARMS,
+                    extra=("--init_seed", str(s)),
+                ),
+                f"survset/{run}/survival_cv.json",
+                needs=[f"survset_pretrain_pergene_seed{s}_fold{k}" for k in range(5)],
+                minutes=6,
+                optional=True,
+            ),
+            Part(
+                f"survset_versus_foldwise_pergene_seed{s}",
+                f"{run} - {shared} (the shared value encoding), paired on the same test patients",
+                _seed_spread(
+                    f"versus_foldwise_pergene_seed{s}",
+                    {"pergene": run, "shared": shared},
+                    "--versus",
+                    "cox_clinical_emb_pretrained",
+                    "cox_clinical_emb_random",
+                ),
+                f"survset/versus_foldwise_pergene_seed{s}/seed_spread.json",
+                needs=[run, shared],
+                minutes=0.5,
+                optional=True,
+            ),
+        ]
+    parts += [
         Part(
             "survival_cv_init1",
             "survival_cv's finetuned arms again with --init_seed 1 (same folds, same pretrained backbone)",

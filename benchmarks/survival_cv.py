@@ -1278,6 +1278,7 @@ def main(argv=None) -> dict:
         "torch": torch.__version__,
         "sklearn": sklearn.__version__,
         "threads": torch.get_num_threads(),
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),  # AVX2 and AVX-512 runs differ in the last bits
     }
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     res["pooled"] = {role: pooled_differences(res["cohorts"], role) for role in ("development", "external")}

@@ -194,3 +194,25 @@ def test_the_per_gene_seed_1_run_pairs_with_the_seed_1_plain_run():
     versus = parts["survset_versus_pergene_plain_init1"].argv
     runs = versus[versus.index("--runs") + 1 : versus.index("--labels")]
     assert runs[0].endswith("survival_cv_pergene_plain_init1") and runs[1].endswith("survival_cv_lrgrid_init1")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_per_gene_fold_wise_parts_pretrain_without_the_folds_test_patients_and_pair_with_the_shared_seed(seed):
+    """The fold-wise embedding arms on per-gene backbones: each fold's backbone from that fold's manifest with the
+    per-gene settings and the seed, the CV run reading them per fold with the same --init_seed, and the pairing with
+    the shared-encoding run of the same seed."""
+    parts = {p.name: p for p in evidence.PARTS}
+    for k in range(5):
+        pre = parts[f"survset_pretrain_pergene_seed{seed}_fold{k}"].argv
+        assert f"data.manifest={evidence.W}/survset/dev_cohort/manifest_cvfold{k}.parquet" in pre
+        assert any(a.endswith("tokenizers/survset_processors_pergene.yaml") for a in pre) and f"seed={seed}" in pre
+    run = parts[f"survival_cv_foldwise_pergene_seed{seed}"]
+    argv = run.argv
+    assert argv[argv.index("--pretrained_dir") + 1].endswith(f"pretrain_cvfolds_pergene_seed{seed}/fold{{fold}}/final")
+    assert argv[argv.index("--init_seed") + 1] == str(seed)
+    assert set(evidence.EMB_ARMS) <= set(argv)
+    shared = "survival_cv_foldwise" if seed == 0 else f"survival_cv_foldwise_seed{seed}"
+    versus = parts[f"survset_versus_foldwise_pergene_seed{seed}"]
+    runs = versus.argv[versus.argv.index("--runs") + 1 : versus.argv.index("--labels")]
+    assert runs[0].endswith(f"survival_cv_foldwise_pergene_seed{seed}") and runs[1].endswith(f"survset/{shared}")
+    assert set(versus.needs) == {run.name, shared}

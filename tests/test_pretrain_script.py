@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 import yaml
 from conftest import synthetic_run_config
 from safetensors.torch import load_file
@@ -92,6 +93,10 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(run_config):
     card_yaml = card.text.split("## Training configuration", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
     assert yaml.safe_load(card_yaml) == resolved.to_dict()  # the card shows the whole resolved config
     assert re.search(r"\| processes \| 1 \|", card.text)
+    # what decides the float results besides code, data and seed: versions, threads, CPU kernels
+    assert re.search(rf"\| torch threads per process \| {torch.get_num_threads()} \|", card.text)
+    assert re.search(rf"\| CPU kernels \| {torch.backends.cpu.get_cpu_capability()} \|", card.text)
+    assert f"transformers {transformers.__version__}" in card.text
     samples = int(re.search(r"\| samples seen \| (\d+) \|", card.text).group(1))
     assert samples == 6 * 8  # 6 steps of 8 samples (no sample of the synthetic cohort is skipped)
     # the resumed run counts samples across both segments

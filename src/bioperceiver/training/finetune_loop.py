@@ -53,6 +53,7 @@ from .finetuning import (
     saved_processor_modalities,
     start_run,
 )
+from .metering import numerics_facts
 from .privacy import DPSettings, DPTaskTrainer, check_dp_run, clear_grad_samples
 from .tasks import (
     EpochSetter,
@@ -650,5 +651,5 @@ def _compute_facts(training_args, results) -> dict[str, Any]:
         "wall-clock": f"{results.get('wall_clock_s', float('nan'))} s",
         "train runtime": f"{results.get('train', {}).get('train_runtime', float('nan'))} s",
         "precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
-        "torch / transformers": f"{torch.__version__} / {transformers.__version__}",
+        **numerics_facts(),
     }

@@ -63,6 +63,22 @@ def cpu_load_warning(device_type: str, load: float | None = None, cores: int | N
     )
 
 
+def numerics_facts() -> dict[str, Any]:
+    """What decides a run's float results besides its code, data and seeds: the library versions, torch's intra-op
+    thread count and the CPU kernels torch dispatches to (``ATEN_CPU_CAPABILITY``; AVX2 and AVX-512 kernels sum in
+    different orders). Runs agree bit for bit only where these agree: the same SurvSet pretraining on 1 vs 2 threads,
+    or on AVX2 vs AVX-512 kernels, ends at different weights (benchmarks/RESULTS.md)."""
+    import accelerate
+    import transformers
+
+    return {
+        "software": f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"accelerate {accelerate.__version__}, bioperceiver {__version__}",
+        "torch threads per process": torch.get_num_threads(),
+        "CPU kernels": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
 def compute_facts(
     accelerator,
     steps: int,
@@ -94,7 +110,7 @@ def compute_facts(
         "optimizer steps": steps,
         "global batch": (local_batch or tr.batch_size) * tr.gradient_accumulation_steps * accelerator.num_processes,
         "samples seen": totals["samples_seen"],
-        "software": f"torch {torch.__version__}, bioperceiver {__version__}",
+        **numerics_facts(),
     }
     if world_changes:
         facts["process count changes"] = "; ".join(
