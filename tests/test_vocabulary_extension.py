@@ -438,3 +438,123 @@ def test_linear_term_on_pc_tokens_is_cox_on_the_principal_components(cohorts):
     ref = CoxPHFitter().fit(pd.DataFrame(x, columns=["pc1", "pc2"]).assign(t=t, e=e), "t", "e").params_.to_numpy()
     ours = model.linear_term.numeric["omics_x"][ids[0], 0].detach().numpy()
     np.testing.assert_allclose(ours, ref, atol=2e-3)
+
+
+def _constant_matrix(path: Path, n: int, prefix: str, values: dict[str, float]) -> list[str]:
+    ids = [f"{prefix}{i}" for i in range(n)]
+    pd.DataFrame({g: np.full(n, v) for g, v in values.items()}, index=pd.Index(ids, name="sample")).to_parquet(path)
+    return [f"{path.name}#row={i}" for i in ids]
+
+
+def test_pcs_of_a_cohort_without_spread_are_zero_not_a_crash(cohorts, caplog):
+    """A PCA with no gene to read (a one-row cohort, genes without training spread) gives all-zero components and
+    scores 0 for that cohort, says so in the log, and round-trips; fitting and extending both."""
+    base, a, _ = cohorts
+    one = _matrix(base / "c.parquet", _genes(0, 8), 1, 0.0, 2, "c")
+    settings = dict(normalization="none", zscore="per_source", top_k=0, pcs=3, pcs_genes=6)
+    with caplog.at_level("WARNING", logger="bioperceiver"):
+        proc = OmicsProcessor("omics_x", **settings).fit(a[:20] + one, base_dir=base)
+    assert "c.parquet" in caplog.text and "no component" in caplog.text
+    np.testing.assert_array_equal(proc(one[0], base_dir=base)["values"], np.zeros(3, dtype=np.float32))
+    again = OmicsProcessor.from_dict(json.loads(json.dumps(proc.to_dict())))
+    np.testing.assert_array_equal(again(one[0], base_dir=base)["values"], proc(one[0], base_dir=base)["values"])
+    np.testing.assert_allclose(  # cohort a's components are those of a processor fitted on a alone
+        proc(a[25], base_dir=base)["values"],
+        OmicsProcessor("omics_x", **settings).fit(a[:20], base_dir=base)(a[25], base_dir=base)["values"],
+        atol=1e-6,
+    )
+    extended = OmicsProcessor("omics_x", **settings).fit(a[:20], base_dir=base)
+    assert extended.extend(one, base_dir=base)["new_sources"] == ["c.parquet"]
+    np.testing.assert_array_equal(extended(one[0], base_dir=base)["values"], np.zeros(3, dtype=np.float32))
+    OmicsProcessor.from_dict(json.loads(json.dumps(extended.to_dict())))
+    # genes constant over the training rows carry no spread, however large their value (no cancellation noise)
+    flat = _constant_matrix(base / "k.parquet", 7, "k", {"A": 12345.678, "B": 0.1 + 0.2, "C": 987.6543})
+    proc = OmicsProcessor("omics_x", normalization="none", zscore=True, top_k=None, pcs=2, pcs_genes=3)
+    proc.fit(flat, base_dir=base)
+    assert proc.state["std"][:3] == [1.0, 1.0, 1.0] and proc.state["pcs"]["*"]["genes"] == []
+    np.testing.assert_allclose(proc(flat[0], base_dir=base)["values"], np.zeros(5), atol=1e-12)
+
+
+def test_a_failed_extension_leaves_the_processor_as_it_was(cohorts, monkeypatch):
+    base, a, b = cohorts
+    proc = OmicsProcessor("omics_x", normalization="none", zscore="per_source", top_k=0, pcs=2, pcs_genes=5)
+    proc.fit(a[:20], base_dir=base)
+    before = json.dumps(proc.to_dict())
+    expected = proc(a[25], base_dir=base)["values"]
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("PCA failed")
+
+    monkeypatch.setattr(proc, "_fit_pca", boom)
+    with pytest.raises(RuntimeError, match="PCA failed"):
+        proc.extend(b[:20], base_dir=base)
+    assert json.dumps(proc.to_dict()) == before
+    np.testing.assert_array_equal(proc(a[25], base_dir=base)["values"], expected)
+    with pytest.raises(DataError, match="was not seen"):
+        proc(b[25], base_dir=base)
+
+
+def test_extension_read_through_a_pca_it_does_not_measure_is_reported(cohorts, caplog):
+    """With pooled statistics a new cohort's profiles go through the development PCA: the share of that PCA's genes
+    the new rows measure is reported; none with only the component tokens (top_k 0) would make every profile the
+    same tokens, which is an error naming the fix."""
+    base, a, b = cohorts
+    other = _matrix(base / "e.parquet", [f"ENSG{i}" for i in range(8)], 30, 0.0, 3, "e")
+    settings = dict(normalization="none", zscore=True, pcs=3, pcs_genes=5)
+    proc = OmicsProcessor("omics_x", top_k=0, **settings).fit(a[:20], base_dir=base)
+    before = json.dumps(proc.to_dict())
+    with pytest.raises(DataError, match="principal components") as err:
+        proc.extend(other[:20], base_dir=base)
+    assert "per_source" in str(err.value) and json.dumps(proc.to_dict()) == before
+    # with gene tokens the cohort still carries information: a warning, and the share in the report
+    proc = OmicsProcessor("omics_x", top_k=2, **settings).fit(a[:20], base_dir=base)
+    with caplog.at_level("WARNING", logger="bioperceiver"):
+        report = proc.extend(other[:20], base_dir=base)
+    assert report["pca_genes_measured"] == 0.0 and "0% of the genes" in caplog.text
+    # partial overlap: b measures G4..G7 of a's genes, 10% of cells unmeasured
+    proc = OmicsProcessor("omics_x", top_k=0, **settings).fit(a[:20], base_dir=base)
+    read = [proc.state["genes"][i] for i in proc.state["pcs"]["*"]["genes"]]
+    report = proc.extend(b[:20], base_dir=base)
+    table = pd.read_parquet(base / "b.parquet").iloc[:20]
+    expected = table[[g for g in read if g in table.columns]].notna().sum(axis=1).mean() / len(read)
+    assert len(read) == 5 and 0 < expected < 1
+    assert report["pca_genes_measured"] == pytest.approx(expected)
+    # per source: a new source gets its own PCA, which reads only its genes
+    proc = OmicsProcessor("omics_x", normalization="none", zscore="per_source", top_k=0, pcs=3, pcs_genes=5)
+    proc.fit(a[:20], base_dir=base)
+    assert proc.extend(other[:20], base_dir=base)["pca_genes_measured"] == pytest.approx(0.9, abs=0.1)
+
+
+def test_pcs_settings_names_and_missing_values():
+    with pytest.raises(ValueError, match="pcs_genes"):
+        OmicsProcessor("omics_x", zscore=True, pcs=8, pcs_genes=5)
+    settings = dict(normalization="none", zscore=True, top_k=None, pcs=2, pcs_genes=3)
+    proc = OmicsProcessor("omics_x", **settings).fit([{"A": 1.0, "B": 2.0, "C": 0.5}, {"A": 2.0, "B": 1.0, "C": 1.5}])
+    with pytest.raises(DataError, match="principal-component tokens"):
+        proc({"A": 1.0, "<pc1>": 3.0})
+    with pytest.raises(DataError, match="principal-component tokens"):
+        proc.extend([{"A": 1.0, "<PC2>": 3.0}, {"A": 2.0, "<PC2>": 1.0}])
+    # a missing value is unmeasured whatever its type: float, numpy float32 NaN, pandas NA
+    expected = proc({"A": 1.0})
+    for missing in (float("nan"), np.float32("nan"), pd.NA, None):
+        out = proc({"A": 1.0, "B": missing})
+        np.testing.assert_array_equal(out["gene_ids"], expected["gene_ids"])
+        np.testing.assert_array_equal(out["values"], expected["values"])
+
+
+def test_finetune_says_which_settings_a_pretrained_folder_overrides(tmp_path, pretrained, caplog):
+    """Processor and embedder settings given with a pretrained model are not applied (its fitted processors and
+    embedders are): each differing entry is named in a warning, matching ones are not."""
+    manifest = _cohort_manifest(tmp_path, "dev2", _genes(0, 8), 0.0, 0)
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(
+        "processors:\n  omics_expression: {normalization: none, zscore: per_source, top_k: 3}\n"
+        "embedders:\n  omics_expression: {value_embedding: per_gene}\n"
+    )
+    with caplog.at_level("WARNING", logger="bioperceiver"):
+        _finetune(manifest, pretrained, tmp_path / "ft", "--processor_settings", str(settings))
+    ignored = [r.getMessage() for r in caplog.records if "--processor_settings entries ignored" in r.getMessage()]
+    assert len(ignored) == 2
+    assert "processors.omics_expression.top_k: 3 given, None used" in ignored[0]
+    assert "normalization" not in ignored[0] and "zscore" not in ignored[0]  # same as the fitted ones
+    assert "embedders.omics_expression.value_embedding: 'per_gene' given, 'shared' used" in ignored[1]

@@ -91,7 +91,10 @@ def load_processor(model_args, data_args, manifest) -> tuple[BioPerceiverProcess
     folder = processor_folder(data_args.processor_dir, model_args.model_name_or_path)
     if folder is not None:
         logger.info("processors from %s", folder)
-        return BioPerceiverProcessor.from_pretrained(folder), embedders
+        proc = BioPerceiverProcessor.from_pretrained(folder)
+        fitted = {m: asdict(p.settings) for m, p in proc.processors.items()}
+        warn_ignored_settings("processors", settings, fitted, f"the fitted processors of {folder} are used")
+        return proc, embedders
     logger.info("fitting processors on the %s split", data_args.train_split)
     wanted = set(data_args.modalities or manifest.modalities)
     settings = {k: v for k, v in settings.items() if k in manifest.modalities and k in wanted}  # others: unused here
@@ -99,6 +102,26 @@ def load_processor(model_args, data_args, manifest) -> tuple[BioPerceiverProcess
     if data_args.modalities:
         proc = BioPerceiverProcessor({m: p for m, p in proc.processors.items() if m in data_args.modalities})
     return proc.fit(manifest, split=data_args.train_split), embedders
+
+
+def warn_ignored_settings(section: str, given: dict, used: dict, why: str) -> list[str]:
+    """Warn about ``--processor_settings`` entries of ``section`` that differ from what the run uses (``used``:
+    ``{column: {key: value}}``) because it loads them from a folder; returns the differences."""
+    differ = []
+    for column, entries in sorted(given.items()):
+        for key, value in sorted((entries or {}).items()):
+            if key == "kind":
+                continue
+            have = used.get(column, {}).get(key, "<unset>") if column in used else "<no such modality>"
+            if have != value:
+                differ.append(f"{section}.{column}.{key}: {value!r} given, {have!r} used")
+    if differ:
+        logger.warning(
+            "--processor_settings entries ignored (%s; change them by fitting or pretraining anew): %s",
+            why,
+            "; ".join(differ),
+        )
+    return differ
 
 
 def _path(p: str | None) -> Path | None:
@@ -191,6 +214,9 @@ def build_model(model_args, task: Task, processor, embedders, train_records, use
                 f"restrict --modalities to {config.modality_names} or pretrain with them"
             )
         model = cls.from_pretrained(model_args.model_name_or_path, config=config)
+        warn_ignored_settings(
+            "embedders", embedders, config.modalities, f"the embedders of {model_args.model_name_or_path} are used"
+        )
     else:
         config = create_config(model_args.preset, modalities=processor.model_modalities(embedders), **head)
         model = cls(config)

@@ -90,6 +90,11 @@ class OmicsSettings:
             raise ValueError(f"pcs must be >= 1 or None, got {self.pcs}")
         if self.pcs_genes < 1:
             raise ValueError(f"pcs_genes must be >= 1, got {self.pcs_genes}")
+        if self.pcs and self.pcs > self.pcs_genes:
+            raise ValueError(
+                f"pcs ({self.pcs}) cannot exceed pcs_genes ({self.pcs_genes}): a PCA of {self.pcs_genes} genes has at "
+                f"most {self.pcs_genes} components"
+            )
         if self.pcs and not self.zscore:
             raise ValueError(
                 "pcs are fitted on z-scored profiles (each gene standardised on the training rows): set zscore: true "
@@ -232,15 +237,23 @@ class _PCAFit:
         genes = np.asarray(fit["genes"], dtype=np.int64)
         pos = np.full(vocabulary_size, -1, dtype=np.int64)
         pos[genes] = np.arange(len(genes))
-        comp = np.asarray(fit["components"], dtype=np.float64).reshape(-1, len(genes))
-        return cls(pos, np.asarray(fit["center"], dtype=np.float64), comp, np.asarray(fit["scale"], dtype=np.float64))
+        scale = np.asarray(fit["scale"], dtype=np.float64)
+        comp = np.asarray(fit["components"], dtype=np.float64).reshape(len(scale), len(genes))  # 0 genes: k x 0
+        return cls(pos, np.asarray(fit["center"], dtype=np.float64), comp, scale)
+
+
+def _moments(s1: np.ndarray, s2: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-gene mean, SD and whether the gene has spread, from sums. ``s2/n - mean**2`` cancels: a gene constant at
+    ``v`` shows a spurious SD of about ``sqrt(eps) * |v|`` (1e-4 at 1e4), so spread is relative to the mean too."""
+    mean = s1 / np.maximum(n, 1)
+    std = np.sqrt(np.maximum(s2 / np.maximum(n, 1) - mean**2, 0))
+    return mean, std, std >= np.maximum(1e-6, 1e-6 * np.abs(mean))
 
 
 def _mean_std(s1: np.ndarray, s2: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean = s1 / np.maximum(n, 1)
-    std = np.sqrt(np.maximum(s2 / np.maximum(n, 1) - mean**2, 0))
-    std[std < 1e-6] = 1.0
-    return mean, std
+    """Mean and SD (1 for a gene without spread: its z-score is then its deviation from the mean, about 0)."""
+    mean, std, spread = _moments(s1, s2, n)
+    return mean, np.where(spread, std, 1.0)
 
 
 class OmicsProcessor(ModalityProcessor):
@@ -275,7 +288,7 @@ class OmicsProcessor(ModalityProcessor):
         mapping = read_expression(value, base_dir, self)
         genes, vals = [], []
         for g, v in mapping.items():
-            if v is None or (isinstance(v, float) and math.isnan(v)):
+            if v is None or v is pd.NA:
                 continue  # not measured
             try:
                 fv = float(v)
@@ -283,7 +296,9 @@ class OmicsProcessor(ModalityProcessor):
                 raise self.error(
                     "bad_value", f"gene {g!r} has non-numeric value {v!r}", "expression values must be numbers"
                 ) from None
-            if not math.isfinite(fv):
+            if math.isnan(fv):
+                continue  # not measured (float or numpy NaN)
+            if math.isinf(fv):
                 raise self.error("non_finite", f"gene {g!r} has value {fv}", "replace inf by a finite value or null")
             genes.append(self._norm_name(g))
             vals.append(fv)
@@ -417,10 +432,11 @@ class OmicsProcessor(ModalityProcessor):
         signed so that their largest loading is positive (as scikit-learn's ``svd_flip``)."""
         k, size = int(self.settings.pcs), len(self.state["genes"])
         s1, s2, n = self._sums(rows, size)
-        var = np.where(n >= 2, s2 / np.maximum(n, 1) - (s1 / np.maximum(n, 1)) ** 2, -1.0)
+        spread = _moments(s1, s2, n)[2] & (n >= 2)
+        var = np.where(spread, s2 / np.maximum(n, 1) - (s1 / np.maximum(n, 1)) ** 2, -1.0)
         var[self._pc_ids] = -1.0
         order = np.lexsort((np.arange(size), -var))
-        genes = np.sort(order[: int(min(self.settings.pcs_genes, (var > 1e-12).sum()))])
+        genes = np.sort(order[: int(min(self.settings.pcs_genes, (var > 0).sum()))])
         mean, std = self._pooled_or_source(source)
         pos = np.full(size, -1, dtype=np.int64)
         pos[genes] = np.arange(len(genes))
@@ -435,6 +451,7 @@ class OmicsProcessor(ModalityProcessor):
         center = x.mean(axis=0) if len(rows) else np.zeros(len(genes))
         comp = np.zeros((k, len(genes)))
         scale = np.ones(k)
+        r = 0
         if len(genes) and len(rows) > 1:
             _, sing, vt = np.linalg.svd(x - center, full_matrices=False)
             r = int(min(k, (sing > 1e-8 * max(sing.max(), 1e-300)).sum()))
@@ -442,6 +459,17 @@ class OmicsProcessor(ModalityProcessor):
             vt *= np.where(vt[np.arange(r), np.abs(vt).argmax(axis=1)] < 0, -1.0, 1.0)[:, None]
             comp[:r] = vt
             scale[:r] = ((x - center) @ vt.T).std(axis=0)
+        if r < k:
+            logger.warning(
+                "omics processor %r: the PCA of %s has %s (%d training rows, %d genes measured at least twice with "
+                "spread); %s score 0 for its profiles",
+                self.name,
+                f"source {source!r}" if source is not None else "all training rows",
+                f"no component of the {k} asked" if r == 0 else f"only {r} of the {k} components",
+                len(rows),
+                len(genes),
+                "all components" if r == 0 else f"<PC{r + 1}> onwards",
+            )
         return {
             "genes": genes.tolist(),
             "center": center.tolist(),
@@ -475,10 +503,22 @@ class OmicsProcessor(ModalityProcessor):
         source not fitted yet gets its statistics from its rows in ``values`` (sources already fitted keep theirs,
         extended to the added genes). Pass the new cohort's *training* rows.
 
-        Returns ``{"added": genes appended, "overlap": measured genes already in the vocabulary, "measured": distinct
-        measured genes, "vocabulary_before": n, "vocabulary_after": n, "new_sources": [...]}``."""
+        With ``pcs`` the report also has ``"pca_genes_measured"``: the mean share, over the rows, of the genes their
+        PCA reads (their source's, else the pooled one) that they measure. A new cohort read through a development
+        PCA whose genes it lacks gets component scores near the training mean: below half a warning says so; none
+        with ``top_k: 0`` (the components are the only tokens, so every profile would be the same) is an error.
+        A failed extension leaves the processor as it was."""
         if not self.is_fitted:
             raise RuntimeError(f"omics processor {self.name!r} is not fitted: fit it before extending it")
+        old = self.state
+        try:
+            return self._extend(values, sample_ids, base_dir)
+        except BaseException:
+            self.state = old  # _extend builds new containers: the old state is untouched
+            self._on_load()
+            raise
+
+    def _extend(self, values, sample_ids, base_dir) -> dict:
         from collections import Counter
 
         vals, ids = self._present(values, sample_ids)
@@ -489,6 +529,10 @@ class OmicsProcessor(ModalityProcessor):
         counts: Counter = Counter()
         for genes, _, _ in parsed:
             counts.update(genes)
+        if clash := sorted(set(counts) & set(pc_names(int(self.settings.pcs or 0)))):
+            raise self.error(
+                "reserved_gene_name", f"gene(s) {clash} use the names of the principal-component tokens", "rename them"
+            )
         before = len(self.state["genes"])
         overlap = sum(1 for g in counts if g in self._index)
         added = sorted(g for g, c in counts.items() if g not in self._index and c >= self.settings.min_samples)
@@ -531,6 +575,8 @@ class OmicsProcessor(ModalityProcessor):
             "vocabulary_after": len(self.state["genes"]),
             "new_sources": new_sources,
         }
+        if self.settings.pcs:
+            report["pca_genes_measured"] = self._pca_share(parsed)
         logger.info(
             "omics processor %r extended on %d values: %d genes added, %d overlapping (vocabulary %d -> %d)%s",
             self.name,
@@ -541,7 +587,42 @@ class OmicsProcessor(ModalityProcessor):
             report["vocabulary_after"],
             f", new sources {new_sources}" if new_sources else "",
         )
+        if self.settings.pcs:
+            self._check_pca_share(report["pca_genes_measured"], len(vals))
         return report
+
+    def _pca_share(self, parsed) -> float | None:
+        """Mean over ``parsed`` rows of the share of their PCA's genes (their source's, else pooled) they measure;
+        rows whose PCA reads no gene (already warned about when it was fitted) are left out (``None``: all are)."""
+        shares = []
+        for genes, _, source in parsed:
+            fit = self._pcs.get(source) if source is not None else None
+            fit = fit if fit is not None else self._pcs[POOLED_PCS]
+            read = int((fit.pos >= 0).sum())
+            if read:
+                idx = self._lookup(genes)
+                shares.append(float((fit.pos[idx[idx >= 0]] >= 0).sum()) / read)
+        return float(np.mean(shares)) if shares else None
+
+    def _check_pca_share(self, share: float | None, rows: int):
+        if share is None:
+            return
+        if share == 0.0 and self.settings.top_k == 0:
+            raise self.error(
+                "pca_not_measured",
+                f"the {rows} extension rows measure none of the genes their principal components read: with top_k: 0 "
+                "the component tokens are this modality's only tokens, so every profile would get the same ones",
+                "use zscore: per_source (a new cohort then gets its own PCA), set top_k so its genes become tokens, or "
+                "check its gene identifiers (symbols vs Ensembl IDs, case) match the development cohorts",
+            )
+        if share < 0.5:
+            logger.warning(
+                "omics processor %r: the extension rows measure on average %.0f%% of the genes their principal "
+                "components read; their component tokens stay near the training mean (zscore: per_source gives a new "
+                "cohort its own PCA)",
+                self.name,
+                100 * share,
+            )
 
     # ---- federated fit: per-gene sample counts (vocabulary union) and per-gene sums (z-score statistics) ---------
     def _site_statistics(self, values, sample_ids, base_dir):
@@ -644,7 +725,16 @@ class OmicsProcessor(ModalityProcessor):
                 "check the gene identifiers (symbols vs Ensembl IDs, case) match the training data, or extend the "
                 "vocabulary on the new cohort's training rows (run_finetune --extend_vocabulary true)",
             )
-        scores = self._pc_scores(value, base_dir, idx, vals) if self.settings.pcs else None
+        scores = None
+        if self.settings.pcs:
+            if np.isin(idx, self._pc_ids).any():
+                raise self.error(
+                    "reserved_gene_name",
+                    f"gene(s) {[g for g, i in zip(genes, idx) if i in set(self._pc_ids.tolist())]} use the names of "
+                    "the principal-component tokens",
+                    "rename them",
+                )
+            scores = self._pc_scores(value, base_dir, idx, vals)
         keep = idx >= 0
         if self.settings.drop_zeros:
             keep &= vals != 0
