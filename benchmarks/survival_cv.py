@@ -64,6 +64,9 @@ BioPerceiver run folders (reports, no weights).
     python benchmarks/survival_cv.py --cohorts gse1992 gse4335 --folds 5
     python benchmarks/survival_cv.py --cohorts nki70 --folds 5 --pretrained_dir /work/evidence/survset/pretrain/final
     python benchmarks/survival_cv.py --cohorts Bergamaschi --quick      # smoke: 2 folds, 2 epochs, fewer settings
+    # label efficiency: every model on a quarter of each fold's training patients, backbones without the fold's test
+    python benchmarks/survival_cv.py --folds 5 --train_fraction 0.25 --bp_arms bp_random bp_pretrained \
+        --pretrained_dir /work/evidence/survset/pretrain_cvfolds/fold{fold}/final --bp_lrs 3e-4 1e-3 3e-3
     python benchmarks/survival_cv.py --cohorts nki70 --bp_arms bp_random bp_random_probe   # some BP arms only
     python benchmarks/survival_cv.py --cohorts nki70 --init_seed 1 --output_dir outputs/survival_cv_init1  # same
         # folds and bootstrap draws, another seed for every neural init (random-init control, finetuning, new genes)
@@ -79,6 +82,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -192,6 +196,38 @@ def make_folds(
         parts = {"train": set(tr), "validation": set(va), "test": set(ids[te_i])}
         out.append({name: per.index[per["patient"].isin(p)].to_numpy() for name, p in parts.items()})
     return out
+
+
+def subsample_train(
+    folds: list[dict[str, np.ndarray]], patients: pd.Series, events: pd.Series, fraction: float, seed: int
+) -> list[dict[str, np.ndarray]]:
+    """Each fold with only a ``fraction`` of its *training* patients (``--train_fraction``, a label-efficiency
+    curve): per event class ``max(2, ceil(fraction * n))`` patients, drawn by one permutation per (seed, fold) so a
+    smaller fraction's patients are a subset of a larger one's; all of a patient's rows together; validation and
+    test untouched (so every fraction is scored on the same patients). ``fraction`` 1 returns ``folds`` itself."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"--train_fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return folds
+    per = pd.DataFrame({"patient": patients.astype(str), "event": events.astype(int)})
+    out = []
+    for k, part in enumerate(folds):
+        train = per.loc[part["train"]]
+        pat = train.groupby("patient", sort=True)["event"].max()
+        rng = np.random.default_rng([seed, k, 7919])  # its own stream: the folds' draws are unchanged
+        keep: list[str] = []
+        for ev in (0, 1):
+            ids = pat.index[pat == ev].to_numpy()
+            ids = ids[rng.permutation(len(ids))]
+            keep.extend(ids[: min(len(ids), max(2, math.ceil(fraction * len(ids))))])
+        out.append({**part, "train": train.index[train["patient"].isin(keep)].to_numpy()})
+    return out
+
+
+def data_settings(args) -> dict:
+    """Cache-key entries of the data each model sees: empty at full data, so earlier caches stay valid."""
+    fraction = getattr(args, "train_fraction", 1.0)
+    return {} if fraction == 1 else {"train_fraction": fraction}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -328,6 +364,17 @@ def fold_backbones(args) -> list[str]:
     return [args.pretrained_dir.replace("{fold}", str(k)) for k in range(args.folds)]
 
 
+class PerFoldRunner:
+    """The pretrained arms' runner with ``--pretrained_dir .../fold{fold}/...``: fold ``k`` finetunes backbone ``k``
+    (pretrained without that fold's test patients); :func:`run_bp` asks it for the fold's runner."""
+
+    def __init__(self, runners: list):
+        self.runners = list(runners)
+
+    def for_fold(self, k: int):
+        return self.runners[k]
+
+
 def write_fold_manifests(args, cv_manifest, pretrain_manifest: str | Path) -> list[Path]:
     """One pretraining manifest per CV fold, beside ``pretrain_manifest`` (``<stem>_cvfold<k>.parquet``, same
     folder, so its relative file references still resolve): the same rows with a ``split`` column in which
@@ -427,6 +474,7 @@ def cohort_embeddings(args, manifest, rows, folds, cohort: str, out: Path, init:
         "seed": args.seed,
         "folds": args.folds,
         "val_fraction": args.val_fraction,
+        **data_settings(args),
         "rows": hashlib.sha1("\n".join(map(str, rows.index)).encode()).hexdigest()[:12],
         **init_settings(args),
     }
@@ -716,6 +764,7 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
     spec = COHORTS[cohort]
     rows = cohort_rows(manifest.table, cohort)
     folds = make_folds(rows["patient_id"], rows["label_survival_event"], args.folds, args.seed, args.val_fraction)
+    folds = subsample_train(folds, rows["patient_id"], rows["label_survival_event"], args.train_fraction, args.seed)
     n_run = 2 if args.quick else len(folds)
     feats = ft.SurvivalFeatures(manifest.base_dir, rows, n_genes=args.n_genes)
     emb_arms = [a for a in EMB_ARMS if a in getattr(args, "bp_arms", ())]
@@ -746,6 +795,7 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                 "model": model,
                 "n_genes": args.n_genes,
                 "quick": args.quick,
+                **data_settings(args),
             }
             if model.startswith("bp_"):
                 settings.update(
@@ -842,6 +892,8 @@ def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str, 
     modalities = bp_modalities(args, rows)
     if not modalities:
         return {"skipped": f"{cohort} has none of --bp_modalities {args.bp_modalities}"}
+    used = rows.index.isin(np.concatenate([np.asarray(part[s]) for s in ("train", "validation", "test")]))
+    rows = rows[used]  # rows --train_fraction leaves out are not in the manifest (they would count as training)
     split = pd.Series("train", index=rows.index)
     split.loc[part["validation"]] = "validation"
     split.loc[part["test"]] = "test"
@@ -863,6 +915,9 @@ def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str, 
         tag += "_pm" if cfg.get("head_linear_per_modality") else ""
     tag += f"_{Path(cfg['processor_settings']).stem}" if "processor_settings" in cfg else ""
     tag += "".join(f"_{m}" for m in args.bp_modalities or ())
+    tag += f"_tf{args.train_fraction:g}" if data_settings(args) else ""
+    if isinstance(runner, PerFoldRunner):
+        runner = runner.for_fold(k)
     r = runner.run(
         tag + (f"_init{args.init_seed}" if init_settings(args) else ""),
         path,
@@ -947,7 +1002,14 @@ def report_lines(res: dict) -> list[str]:
     """Markdown tables: test C-index mean ± SD per cohort and model, then the paired differences with 95% CIs, then
     which arm each selected arm picked per fold."""
     models = present_models(res)
-    lines = [
+    lines = []
+    if res.get("train_fraction", 1.0) != 1.0:
+        lines += [
+            f"Every model fitted on {res['train_fraction']:g} of each fold's training patients (`--train_fraction`; "
+            "validation and test parts unchanged); patients (events) below count the whole cohort.",
+            "",
+        ]
+    lines += [
         "| cohort | patients (events) | " + " | ".join(models) + " | best baseline (validation) |",
         "|---|---|" + "---|" * (len(models) + 1),
     ]
@@ -1069,10 +1131,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--val_fraction", type=float, default=0.2)
     p.add_argument(
+        "--train_fraction",
+        type=float,
+        default=1.0,
+        help="label efficiency: every model is fitted on this share of each fold's training patients (stratified by "
+        "event, at least 2 per class, nested across fractions); validation and test parts unchanged",
+    )
+    p.add_argument(
         "--pretrained_dir",
         default=None,
-        help="pretrained BioPerceiver (adds the pretrained arms); with {fold} in it, one backbone per fold (the "
-        "embedding arms only)",
+        help="pretrained BioPerceiver (adds the pretrained arms); with {fold} in it, one backbone per fold (each "
+        "fold's pretrained arms finetune, or embed with, that fold's backbone)",
     )
     p.add_argument(
         "--write_fold_manifests",
@@ -1080,7 +1149,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="PRETRAIN_MANIFEST",
         help="write one copy of this pretraining manifest per fold with that fold's test patients as split 'test' "
         "(never pretrained on), then exit; pretrain one backbone on each and pass --pretrained_dir "
-        "DIR/fold{fold}/final (the embedding arms)",
+        "DIR/fold{fold}/final",
     )
     p.add_argument("--no_bioperceiver", action="store_true", help="baselines only")
     p.add_argument("--random_preset", default="bioperceiver_debug", help="architecture of the random-init arm")
@@ -1224,13 +1293,9 @@ def main(argv=None) -> dict:
             for folder in sorted(set(fold_backbones(args))):
                 if not (Path(folder) / "config.json").is_file():
                     raise SystemExit(f"--pretrained_dir {folder} holds no config.json (pretrain it first)")
-            trained = sorted(a for a in args.bp_arms if a in BP_ARMS and BP_ARMS[a]["pretrained"])
-            if fold_wise(args) and trained:
-                raise SystemExit(
-                    f"--pretrained_dir with {{fold}} (one backbone per fold) is supported by the embedding arms "
-                    f"{sorted(EMB_ARMS)} only; leave {trained} out of --bp_arms"
-                )
-            if not fold_wise(args):
+            if fold_wise(args):  # each fold's arms finetune that fold's backbone
+                pretrained_runner = PerFoldRunner([ft.BPRunner(args, Path(f)) for f in fold_backbones(args)])
+            else:
                 pretrained_runner = ft.BPRunner(args, Path(args.pretrained_dir))
         for arm in (a for a in BP_ARMS if a in args.bp_arms):
             runners[arm] = pretrained_runner if BP_ARMS[arm]["pretrained"] else random_runner
@@ -1245,6 +1310,7 @@ def main(argv=None) -> dict:
         "seed": args.seed,
         "init_seed": args.init_seed,
         "val_fraction": args.val_fraction,
+        "train_fraction": args.train_fraction,
         "n_bootstrap": args.n_bootstrap,
         "bp": {
             "epochs": 2 if args.quick else args.bp_epochs,

@@ -732,3 +732,84 @@ def test_bp_head_linear_reaches_the_finetuning_run_where_the_cohort_has_clinical
     tag, extra, _ = calls[-1]
     assert extra[-2] == "--processor_settings" and extra[-1].endswith("tokenizers/survset_processors_panel.yaml")
     assert tag.endswith("_survset_processors_panel")
+
+
+def test_train_fraction_keeps_a_nested_stratified_share_of_each_fold_s_training_patients():
+    """--train_fraction: each fold keeps a share of its *training* patients (per event class, at least 2, nested
+    across fractions, all of a patient's rows together); validation and test are untouched; 1 is a no-op."""
+    patients, events = _rows(n_patients=200)
+    folds = cv.make_folds(patients, events, n_folds=5, seed=0)
+    assert cv.subsample_train(folds, patients, events, 1.0, seed=0) is folds
+    quarter = cv.subsample_train(folds, patients, events, 0.25, seed=0)
+    half = cv.subsample_train(folds, patients, events, 0.5, seed=0)
+    again = cv.subsample_train(folds, patients, events, 0.25, seed=0)
+    for k, (full, q, h) in enumerate(zip(folds, quarter, half)):
+        for part in ("validation", "test"):
+            np.testing.assert_array_equal(q[part], full[part])
+        kept, half_kept = set(q["train"]), set(h["train"])
+        assert kept <= half_kept <= set(full["train"])  # nested
+        assert set(patients.loc[q["train"]].value_counts()) == {2}  # a patient's rows together
+        pat = events.loc[full["train"]].groupby(patients.loc[full["train"]]).max()
+        kept_pat = events.loc[q["train"]].groupby(patients.loc[q["train"]]).max()
+        for ev in (0, 1):
+            assert (kept_pat == ev).sum() == max(2, int(np.ceil(0.25 * (pat == ev).sum())))
+        np.testing.assert_array_equal(again[k]["train"], q["train"])  # deterministic
+    other = cv.subsample_train(folds, patients, events, 0.25, seed=1)
+    assert any(set(a["train"]) != set(b["train"]) for a, b in zip(quarter, other))
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="train_fraction"):
+            cv.subsample_train(folds, patients, events, bad, seed=0)
+
+
+def test_train_fraction_reaches_cache_keys_run_folders_and_the_finetuning_manifest(tmp_path, monkeypatch):
+    """A subsampled run never reads a full-data cache (its settings carry the fraction; at 1 they are as before),
+    its finetuning runs get their own folders, and the rows a fold leaves out are not in the manifest it trains
+    on (they would otherwise count as training rows)."""
+    from types import SimpleNamespace
+
+    assert cv.data_settings(cv.parse_args([])) == {}
+    args = cv.parse_args(["--train_fraction", "0.5"])
+    assert args.train_fraction == 0.5 and cv.data_settings(args) == {"train_fraction": 0.5}
+    written = []
+    monkeypatch.setattr(cv.ft, "write_split_manifest", lambda m, rows, split, cols, path: written.append(split))
+    tags = []
+
+    class Runner:
+        def run(self, tag, path, task_args, cfg, *, seed, modalities, extra):
+            tags.append(tag)
+            pred = pd.DataFrame({"sample_id": ["d"], "risk": [0.5]})
+            return {"pred": pred, "validation": 0.6, "test": 0.7, "epochs": 3}
+
+    rows = pd.DataFrame({"patient_id": list("abcde"), "tabular_clinical": [None] * 5}, index=list("abcde"))
+    part = {"train": np.array(["a"]), "validation": np.array(["c"]), "test": np.array(["d"])}  # b, e: left out
+    cv.run_bp(args, SimpleNamespace(base_dir=tmp_path), rows, part, Runner(), "coh", 0, "bp_random", lr=1e-3)
+    assert written[-1].to_dict() == {"a": "train", "c": "validation", "d": "test"}
+    assert tags[-1] == "coh_f0_bp_random_lr0.001_tf0.5"
+    full = {**part, "train": np.array(["e", "a", "b"])}
+    cv.run_bp(cv.parse_args([]), SimpleNamespace(base_dir=tmp_path), rows, full, Runner(), "coh", 0, "bp_random")
+    assert tags[-1] == "coh_f0_bp_random" and list(written[-1].index) == list("abcde")  # full data: as before
+
+
+def test_fold_wise_backbones_are_finetuned_fold_by_fold(tmp_path, monkeypatch):
+    """--pretrained_dir with {fold} and a finetuned pretrained arm: fold k's run finetunes backbone k."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(cv.ft, "write_split_manifest", lambda *a, **k: None)
+
+    class Runner:
+        def __init__(self, name):
+            self.name, self.calls = name, []
+
+        def run(self, tag, path, task_args, cfg, *, seed, modalities, extra):
+            self.calls.append(tag)
+            pred = pd.DataFrame({"sample_id": ["c"], "risk": [0.5]})
+            return {"pred": pred, "validation": 0.6, "test": 0.7, "epochs": 3}
+
+    folds = [Runner(f"fold{k}") for k in range(3)]
+    runner = cv.PerFoldRunner(folds)
+    args = cv.parse_args(["--pretrained_dir", str(tmp_path / "fold{fold}" / "final"), "--folds", "3"])
+    assert cv.fold_wise(args) and cv.resolve_bp_arms(args)  # the finetuned arms are no longer refused
+    rows = pd.DataFrame({"patient_id": list("abc"), "tabular_clinical": [None] * 3}, index=list("abc"))
+    part = {"train": ["a"], "validation": ["b"], "test": ["c"]}
+    rec = cv.run_bp(args, SimpleNamespace(base_dir=tmp_path), rows, part, runner, "coh", 2, "bp_pretrained")
+    assert rec["test"] == 0.7 and [len(r.calls) for r in folds] == [0, 0, 1]
