@@ -112,6 +112,7 @@ def _seed_spread(out: str, runs: dict[str, str], *extra: str) -> list[str]:
 EMB_ARMS = ("cox_clinical_emb_pretrained", "cox_clinical_emb_random", "cox_clinical_pcs_emb_pretrained")
 FINETUNED_ARMS = ("bp_random", "bp_pretrained", "bp_random_probe", "bp_pretrained_probe")
 LR_GRID = ("3e-4", "1e-3", "3e-3")  # the optional learning-rate-grid parts (the PadChest label-efficiency grid)
+LABEL_FRACTIONS = ("0.25", "0.5", "1")  # the optional SurvSet label-efficiency parts (--train_fraction)
 EXTRA_SEEDS = (1, 2, 3, 4)  # the optional seed-spread parts: pretraining seed s with --init_seed s
 
 
@@ -654,6 +655,52 @@ def _seed_parts() -> list[Part]:
             ),
             "survset/seed_spread_wide/seed_spread.json",
             needs=["survival_cv_wide", "survival_cv_wide_init1"],
+            minutes=0.5,
+            optional=True,
+        )
+    )
+    # label efficiency: every model on 25% / 50% / all of each fold's training patients (validation and test
+    # unchanged), the pretrained arm finetuning the fold-wise backbones (no test patient in pretraining), lr grid
+    runs = {f: f"survival_cv_labeff_tf{f}" for f in LABEL_FRACTIONS}
+    for f, run in runs.items():
+        parts.append(
+            Part(
+                run,
+                f"plain full finetuning on a {f} share of each fold's training patients, fold-wise backbones, lr grid",
+                _survival(
+                    f"{W}/survset/{run}",
+                    f"{W}/survset/cv_cohort",
+                    pretrained=f"{W}/survset/pretrain_cvfolds/fold{{fold}}/final",
+                    arms=FINETUNED_ARMS[:2],
+                    extra=(
+                        "--bp_lrs",
+                        *LR_GRID,
+                        "--train_fraction",
+                        f,
+                        "--reuse_cache",
+                        f"{W}/survset/survival_cv_lrgrid",
+                    ),
+                ),
+                f"survset/{run}/survival_cv.json",
+                needs=[*(f"survset_pretrain_fold{k}" for k in range(5)), "survival_cv_lrgrid"],
+                minutes=12,
+                optional=True,
+            )
+        )
+    parts.append(
+        Part(
+            "survset_label_efficiency",
+            "the label-efficiency runs side by side: mean test C-index and pooled differences per training fraction",
+            [
+                PY,
+                "benchmarks/survival_label_efficiency.py",
+                "--runs",
+                *(f"{W}/survset/{r}" for r in runs.values()),
+                "--output_dir",
+                f"{W}/survset/label_efficiency",
+            ],
+            "survset/label_efficiency/label_efficiency.json",
+            needs=list(runs.values()),
             minutes=0.5,
             optional=True,
         )

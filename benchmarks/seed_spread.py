@@ -45,7 +45,8 @@ import numpy as np
 logger = logging.getLogger("seed_spread")
 ROOT = Path(__file__).resolve().parents[1]
 # what every combined run must share (the folds and the bootstrap draws depend on them)
-SHARED = ("folds", "seed", "val_fraction")
+SHARED = ("folds", "seed", "val_fraction", "train_fraction")
+DEFAULTS = {"train_fraction": 1.0}  # runs made before survival_cv.py --train_fraction used every training patient
 
 
 def load_run(folder: str | Path) -> dict:
@@ -77,9 +78,10 @@ def check_compatible(runs: list[dict], labels: list[str]) -> None:
                 f"{sorted(n_ref)}: rerun survival_cv.py with the first run's --n_bootstrap"
             )
         for key in SHARED:
-            if res.get(key) != ref.get(key):
+            mine, first = res.get(key, DEFAULTS.get(key)), ref.get(key, DEFAULTS.get(key))
+            if mine != first:
                 raise ValueError(
-                    f"run {label} ({run['folder']}) has {key}={res.get(key)!r}, the first run {ref.get(key)!r}: "
+                    f"run {label} ({run['folder']}) has {key}={mine!r}, the first run {first!r}: "
                     f"combine runs that share {', '.join(SHARED)} (vary --init_seed or the pretraining seed instead)"
                 )
         for cohort, r in res["cohorts"].items():

@@ -216,3 +216,22 @@ def test_the_per_gene_fold_wise_parts_pretrain_without_the_folds_test_patients_a
     runs = versus.argv[versus.argv.index("--runs") + 1 : versus.argv.index("--labels")]
     assert runs[0].endswith(f"survival_cv_foldwise_pergene_seed{seed}") and runs[1].endswith(f"survset/{shared}")
     assert set(versus.needs) == {run.name, shared}
+
+
+def test_the_label_efficiency_parts_subsample_training_patients_on_the_fold_wise_backbones():
+    """SurvSet label efficiency: one run per --train_fraction, the pretrained arm on the fold-wise backbones (no
+    fold's test patients in its pretraining), the lr grid, the full-data baselines read back from the grid run; the
+    curve part combines the three."""
+    parts = {p.name: p for p in evidence.PARTS}
+    runs = [f"survival_cv_labeff_tf{f}" for f in ("0.25", "0.5", "1")]
+    for run, fraction in zip(runs, ("0.25", "0.5", "1")):
+        argv = parts[run].argv
+        assert argv[argv.index("--train_fraction") + 1] == fraction
+        assert argv[argv.index("--pretrained_dir") + 1].endswith("survset/pretrain_cvfolds/fold{fold}/final")
+        assert argv[argv.index("--bp_lrs") + 1 :][:3] == list(evidence.LR_GRID)
+        assert argv[argv.index("--reuse_cache") + 1].endswith("survset/survival_cv_lrgrid")
+        assert "--init_seed" not in argv and "--bp_head_linear" not in argv  # finetuning seed 0, plain
+        assert parts[run].optional and {f"survset_pretrain_fold{k}" for k in range(5)} <= set(parts[run].needs)
+    curve = parts["survset_label_efficiency"]
+    assert curve.needs == runs and curve.argv[1] == "benchmarks/survival_label_efficiency.py"
+    assert [a.rsplit("/", 1)[-1] for a in curve.argv[curve.argv.index("--runs") + 1 :][:3]] == runs

@@ -119,6 +119,12 @@ def test_runs_that_do_not_pair_are_refused(tmp_path):
     other_seed = _runs(tmp_path / "s1", [0.5], seed=1)[0]
     with pytest.raises(ValueError, match=r"run r1 .* seed=1.*vary --init_seed"):
         ss.check_compatible([ss.load_run(a), ss.load_run(other_seed)], ["r0", "r1"])
+    fraction = json.loads((b / "survival_cv.json").read_text())
+    (b / "survival_cv.json").write_text(json.dumps({**fraction, "train_fraction": 0.5}))
+    with pytest.raises(ValueError, match=r"run r1 .* train_fraction=0\.5, the first run 1\.0"):
+        ss.check_compatible([ss.load_run(a), ss.load_run(b)], ["r0", "r1"])  # a: written before the setting existed
+    (b / "survival_cv.json").write_text(json.dumps({**fraction, "train_fraction": 1.0}))
+    ss.check_compatible([ss.load_run(a), ss.load_run(b)], ["r0", "r1"])
     moved = tmp_path / "moved"
     rng = np.random.default_rng(0)
     d = cv.paired_difference(_fold_data(rng, 0.5), n_boot=300, seed=0)
