@@ -549,7 +549,7 @@ def test_finetune_says_which_settings_a_pretrained_folder_overrides(tmp_path, pr
     settings = tmp_path / "settings.yaml"
     settings.write_text(
         "processors:\n  omics_expression: {normalization: none, zscore: per_source, top_k: 3}\n"
-        "embedders:\n  omics_expression: {value_embedding: per_gene}\n"
+        "embedders:\n  omics_expression: {value_embedding: per_gene}\n  image_2d: {patch_size: 16}\n"
     )
     with caplog.at_level("WARNING", logger="bioperceiver"):
         _finetune(manifest, pretrained, tmp_path / "ft", "--processor_settings", str(settings))
@@ -558,3 +558,4 @@ def test_finetune_says_which_settings_a_pretrained_folder_overrides(tmp_path, pr
     assert "processors.omics_expression.top_k: 3 given, None used" in ignored[0]
     assert "normalization" not in ignored[0] and "zscore" not in ignored[0]  # same as the fitted ones
     assert "embedders.omics_expression.value_embedding: 'per_gene' given, 'shared' used" in ignored[1]
+    assert "image_2d" not in ignored[1]  # not a modality of this run: not an override

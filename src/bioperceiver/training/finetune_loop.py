@@ -106,13 +106,16 @@ def load_processor(model_args, data_args, manifest) -> tuple[BioPerceiverProcess
 
 def warn_ignored_settings(section: str, given: dict, used: dict, why: str) -> list[str]:
     """Warn about ``--processor_settings`` entries of ``section`` that differ from what the run uses (``used``:
-    ``{column: {key: value}}``) because it loads them from a folder; returns the differences."""
+    ``{column: {key: value}}``) because it loads them from a folder; returns the differences. Columns the run
+    does not have are left out (a shared settings file covers many cohorts; the manifest check reports those)."""
     differ = []
     for column, entries in sorted(given.items()):
+        if column not in used:
+            continue
         for key, value in sorted((entries or {}).items()):
             if key == "kind":
                 continue
-            have = used.get(column, {}).get(key, "<unset>") if column in used else "<no such modality>"
+            have = used[column].get(key, "<unset>")
             if have != value:
                 differ.append(f"{section}.{column}.{key}: {value!r} given, {have!r} used")
     if differ:
