@@ -67,15 +67,15 @@ def summarise(runs: list[dict], folders: list[str], role: str = "development") -
             for m, s in r["models"].items():
                 if "test" in s:
                     models.setdefault(m, []).append(s["test"]["mean"])
-        train = [f["n"]["train"] for r in cohorts.values() for f in r["folds"]]
-        events = [f["events"]["train"] for r in cohorts.values() for f in r["folds"]]
+        train = [np.mean([f["n"]["train"] for f in r["folds"]]) for r in cohorts.values()]  # per cohort
+        events = [np.mean([f["events"]["train"] for f in r["folds"]]) for r in cohorts.values()]
         out.append(
             {
                 "run": str(folder),
                 "train_fraction": res["train_fraction"],
                 "n_cohorts": len(cohorts),
-                "train_patients_per_fold": float(np.mean(train)),
-                "train_events_per_fold": float(np.mean(events)),
+                "train_patients_per_fold": {"median": float(np.median(train)), "min": min(train), "max": max(train)},
+                "train_events_per_fold": {"median": float(np.median(events)), "min": min(events), "max": max(events)},
                 "test_c_index": {
                     m: {"mean": float(np.mean(v)), "n_cohorts": len(v)} for m, v in models.items() if len(v)
                 },
@@ -90,18 +90,22 @@ def report(summary: dict) -> str:
     models = [m for m in (*BASELINES, "bp_random", "bp_pretrained") if any(m in r["test_c_index"] for r in runs)]
     models += sorted({m for r in runs for m in r["test_c_index"]} - set(models))
     lines = [
-        f"Test C-index averaged over the {summary['role']} cohorts (each cohort's mean over folds), by share of each "
-        "fold's training patients:",
+        f"Test C-index averaged over the {summary['role']} cohorts a model ran on (each cohort's mean over folds; the "
+        "clinical Cox model only where a cohort has clinical covariates), by share of each fold's training patients:",
         "",
-        "| training fraction | training patients (events) per fold | " + " | ".join(models) + " |",
-        "|---|---|" + "---|" * len(models),
+        "| training fraction | training patients per fold, median over cohorts (range) | training events | "
+        + " | ".join(
+            f"{m} ({max(r['test_c_index'].get(m, {}).get('n_cohorts', 0) for r in runs)} cohorts)" for m in models
+        )
+        + " |",
+        "|---|---|---|" + "---|" * len(models),
     ]
     for r in runs:
         cells = [f"{r['test_c_index'][m]['mean']:.3f}" if m in r["test_c_index"] else "–" for m in models]
+        n, e = r["train_patients_per_fold"], r["train_events_per_fold"]
         lines.append(
-            f"| {r['train_fraction']:g} | {r['train_patients_per_fold']:.0f} ({r['train_events_per_fold']:.0f}) | "
-            + " | ".join(cells)
-            + " |"
+            f"| {r['train_fraction']:g} | {n['median']:.0f} ({n['min']:.0f}–{n['max']:.0f}) | {e['median']:.0f} "
+            f"({e['min']:.0f}–{e['max']:.0f}) | " + " | ".join(cells) + " |"
         )
     names = sorted({n for r in runs for n in r["pooled"]})
     lines += ["", "| difference | " + " | ".join(f"fraction {r['train_fraction']:g}" for r in runs) + " |"]

@@ -60,10 +60,14 @@ def test_runs_are_ordered_by_fraction_averaged_over_cohorts_and_reported(tmp_pat
     q, f = summary["runs"]
     assert q["test_c_index"]["bp_random"]["mean"] == pytest.approx(0.55)  # cohorts a and b, not the external x
     assert "rsf" not in q["test_c_index"] and q["n_cohorts"] == 2
-    assert q["train_patients_per_fold"] == pytest.approx((20 + 22 + 40 + 42) / 4)
+    assert q["train_patients_per_fold"] == {"median": 31.0, "min": 21.0, "max": 41.0}  # per-cohort means 21, 41
     assert f["pooled"] == diff and q["pooled"] == {}
     md = (out / "label_efficiency.md").read_text()
-    assert "| 0.25 | 31 (" in md and "| bp_pretrained - bp_random | – | +0.020 [-0.010, +0.050], 1/2 above 0 |" in md
+    assert (
+        "| 0.25 | 31 (21–41) |" in md
+        and "| bp_random (2 cohorts) |" in md
+        and "| bp_pretrained - bp_random | – | +0.020 [-0.010, +0.050], 1/2 above 0 |" in md
+    )
     assert (out / "label_efficiency.png").stat().st_size > 0
     assert json.loads((out / "label_efficiency.json").read_text())["runs"][0]["train_fraction"] == 0.25
 
