@@ -135,8 +135,10 @@ def plot(summary: dict, path: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for m in sorted({m for r in runs for m in r["test_c_index"]}):
         ys = [r["test_c_index"].get(m, {}).get("mean", np.nan) for r in runs]
-        left.plot(x, ys, marker="o", label=m, linestyle="--" if m in BASELINES else "-")
+        n = max(r["test_c_index"].get(m, {}).get("n_cohorts", 0) for r in runs)
+        left.plot(x, ys, marker="o", label=f"{m} ({n} cohorts)", linestyle="--" if m in BASELINES else "-")
     left.set_xscale("log")
+    left.minorticks_off()
     left.set_xticks(x, [f"{f:g}" for f in x])
     left.set_xlabel("share of each fold's training patients")
     left.set_ylabel(f"test C-index, mean over {summary['role']} cohorts")
@@ -150,6 +152,7 @@ def plot(summary: dict, path: Path) -> Path:
         right.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=n)
     right.axhline(0, color="grey", lw=0.8)
     right.set_xscale("log")
+    right.minorticks_off()
     right.set_xticks(x, [f"{f:g}" for f in x])
     right.set_xlabel("share of each fold's training patients")
     right.set_ylabel("pooled C-index difference (95% bootstrap CI)")
