@@ -660,47 +660,63 @@ def _seed_parts() -> list[Part]:
         )
     )
     # label efficiency: every model on 25% / 50% / all of each fold's training patients (validation and test
-    # unchanged), the pretrained arm finetuning the fold-wise backbones (no test patient in pretraining), lr grid
-    runs = {f: f"survival_cv_labeff_tf{f}" for f in LABEL_FRACTIONS}
-    for f, run in runs.items():
-        parts.append(
-            Part(
-                run,
-                f"plain full finetuning on a {f} share of each fold's training patients, fold-wise backbones, lr grid",
-                _survival(
-                    f"{W}/survset/{run}",
-                    f"{W}/survset/cv_cohort",
-                    pretrained=f"{W}/survset/pretrain_cvfolds/fold{{fold}}/final",
-                    arms=FINETUNED_ARMS[:2],
-                    extra=(
-                        "--bp_lrs",
-                        *LR_GRID,
-                        "--train_fraction",
-                        f,
-                        "--reuse_cache",
-                        f"{W}/survset/survival_cv_lrgrid",
+    # unchanged), the pretrained arm finetuning the fold-wise backbones (no test patient in pretraining), lr grid;
+    # three runs per fraction: (pretraining seed, finetuning seed) = (0, 0), (0, 1), (1, 1)
+    runs = []
+    for f in LABEL_FRACTIONS:
+        for pre, init in ((0, 0), (0, 1), (1, 1)):
+            run = f"survival_cv_labeff_tf{f}" + {(0, 0): "", (0, 1): "_init1", (1, 1): "_pre1"}[(pre, init)]
+            backbones = "pretrain_cvfolds" if pre == 0 else f"pretrain_cvfolds_seed{pre}"
+            # the baselines (and, for (1, 1), the random-init arm) are read back from the run before
+            reuse = {
+                (0, 0): "survival_cv_lrgrid",
+                (0, 1): f"survival_cv_labeff_tf{f}",
+                (1, 1): f"survival_cv_labeff_tf{f}_init1",
+            }[(pre, init)]
+            extra = ["--bp_lrs", *LR_GRID, "--train_fraction", f, "--reuse_cache", f"{W}/survset/{reuse}"]
+            if (pre, init) == (0, 1):  # the full-data random-init arm at finetuning seed 1
+                extra.append(f"{W}/survset/survival_cv_lrgrid_init1")
+            if init:
+                extra += ["--init_seed", str(init)]
+            needs = [
+                f"survset_pretrain_fold{k}" if pre == 0 else f"survset_pretrain_seed{pre}_fold{k}" for k in range(5)
+            ]
+            needs.append(reuse)
+            if (pre, init) == (0, 1):
+                needs.append("survival_cv_lrgrid_init1")
+            parts.append(
+                Part(
+                    run,
+                    f"plain full finetuning on a {f} share of each fold's training patients, fold-wise backbones of "
+                    f"pretraining seed {pre}, finetuning seed {init}, lr grid",
+                    _survival(
+                        f"{W}/survset/{run}",
+                        f"{W}/survset/cv_cohort",
+                        pretrained=f"{W}/survset/{backbones}/fold{{fold}}/final",
+                        arms=FINETUNED_ARMS[:2],
+                        extra=tuple(extra),
                     ),
-                ),
-                f"survset/{run}/survival_cv.json",
-                needs=[*(f"survset_pretrain_fold{k}" for k in range(5)), "survival_cv_lrgrid"],
-                minutes=12,
-                optional=True,
+                    f"survset/{run}/survival_cv.json",
+                    needs=needs,
+                    minutes=10,
+                    optional=True,
+                )
             )
-        )
+            runs.append(run)
     parts.append(
         Part(
             "survset_label_efficiency",
-            "the label-efficiency runs side by side: mean test C-index and pooled differences per training fraction",
+            "the label-efficiency runs side by side: mean C-index, pooled differences and their trend per fraction",
             [
                 PY,
                 "benchmarks/survival_label_efficiency.py",
                 "--runs",
-                *(f"{W}/survset/{r}" for r in runs.values()),
+                *(f"{W}/survset/{r}" for r in runs),
                 "--output_dir",
                 f"{W}/survset/label_efficiency",
             ],
             "survset/label_efficiency/label_efficiency.json",
-            needs=list(runs.values()),
+            needs=runs,
             minutes=0.5,
             optional=True,
         )

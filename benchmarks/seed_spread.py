@@ -65,8 +65,10 @@ def load_run(folder: str | Path) -> dict:
     return {"folder": str(folder), "res": res, "replicates": reps}
 
 
-def check_compatible(runs: list[dict], labels: list[str]) -> None:
-    """Every run has the same folds and bootstrap draws as the first, or a ValueError naming the run and the fix."""
+def check_compatible(runs: list[dict], labels: list[str], shared: tuple[str, ...] = SHARED) -> None:
+    """Every run has the same folds and bootstrap draws as the first, or a ValueError naming the run and the fix;
+    ``shared``: the settings that must agree (``benchmarks/survival_label_efficiency.py`` lets ``train_fraction``
+    differ: the validation and test patients, hence the draws, are the same at every fraction)."""
     ref = runs[0]["res"]
     n_ref = {len(v) for v in runs[0]["replicates"].values()}
     for run, label in zip(runs[1:], labels[1:]):
@@ -77,12 +79,12 @@ def check_compatible(runs: list[dict], labels: list[str]) -> None:
                 f"run {label} ({run['folder']}) has {sorted(n_rep)} bootstrap replicates per difference, the first run "
                 f"{sorted(n_ref)}: rerun survival_cv.py with the first run's --n_bootstrap"
             )
-        for key in SHARED:
+        for key in shared:
             mine, first = res.get(key, DEFAULTS.get(key)), ref.get(key, DEFAULTS.get(key))
             if mine != first:
                 raise ValueError(
                     f"run {label} ({run['folder']}) has {key}={mine!r}, the first run {first!r}: "
-                    f"combine runs that share {', '.join(SHARED)} (vary --init_seed or the pretraining seed instead)"
+                    f"combine runs that share {', '.join(shared)} (vary --init_seed or the pretraining seed instead)"
                 )
         for cohort, r in res["cohorts"].items():
             if cohort not in ref["cohorts"]:

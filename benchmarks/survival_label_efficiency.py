@@ -1,26 +1,33 @@
 #!/usr/bin/env python
-"""SurvSet label efficiency: ``benchmarks/survival_cv.py`` runs that differ only in ``--train_fraction``, side by side.
+"""SurvSet label efficiency: ``benchmarks/survival_cv.py`` runs that differ in ``--train_fraction``, side by side.
 
-Pretraining on unlabelled profiles should matter most when labels are few. Give this script several
-``survival_cv.py`` output folders -- the same cohorts, ``--folds``, ``--seed`` and ``--val_fraction`` (so the same
-folds, the same validation and test patients and the same bootstrap draws), each fitted on another share of every
-fold's training patients (``--train_fraction``; the shares are nested) -- and it reports, per training fraction:
+Pretraining on unlabelled profiles should matter most when labels are few. Give this script ``survival_cv.py``
+output folders -- the same cohorts, ``--folds``, ``--seed``, ``--val_fraction`` and ``--n_bootstrap`` (so the same
+folds, the same validation and test patients and the same bootstrap draws), each fitted on a share of every fold's
+training patients (``--train_fraction``; the shares are nested), optionally several runs per fraction (finetuning
+or pretraining seeds) -- and it reports, per training fraction:
 
-* the test C-index of every model averaged over the development cohorts (each cohort weighted equally), and the
-  mean number of training patients (and events) per fold;
+* the test C-index of every model averaged over the development cohorts it ran on (each cohort weighted equally)
+  and over the fraction's runs, and the training patients and events per fold (median and range over cohorts);
 * every pooled paired difference ``survival_cv.py`` computed (e.g. ``bp_pretrained - bp_random``,
-  ``bp_pretrained - best baseline``) with its 95% patient-bootstrap interval and how many cohorts are above 0.
+  ``bp_pretrained - best baseline``): each run's value, the mean over the fraction's runs and a 95% interval from
+  the patient bootstrap of the run-averaged replicates (the spread between seeds is not in it:
+  ``benchmarks/seed_spread.py`` adds it);
+* the trend: each fraction's run-averaged difference minus the largest fraction's, paired replicate by replicate
+  (the same test patients at every fraction), so "pretraining helps more with fewer labels" is itself a difference
+  with an interval.
 
 Outputs (``--output_dir``): ``label_efficiency.json``, ``label_efficiency.md`` and ``label_efficiency.png`` (mean
 test C-index per model against the training fraction; the pooled differences with their intervals).
 
     python benchmarks/survival_label_efficiency.py --runs outputs/cv_tf0.25 outputs/cv_tf0.5 outputs/cv_tf1 \\
-        --output_dir outputs/survival_label_efficiency
+        outputs/cv_tf0.25_init1 outputs/cv_tf0.5_init1 outputs/cv_tf1_init1 --output_dir outputs/label_efficiency
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -29,98 +36,172 @@ from pathlib import Path
 import numpy as np
 
 logger = logging.getLogger("survival_label_efficiency")
-SHARED = ("folds", "seed", "val_fraction", "init_seed")  # what the runs must share to be compared
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ("folds", "seed", "val_fraction")  # what every run must share (train_fraction and init_seed may differ)
 BASELINES = ("cox_clinical", "cox_clinical_pcs", "rsf")
 
 
-def load(folder: str | Path) -> dict:
-    path = Path(folder) / "survival_cv.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run benchmarks/survival_cv.py --output_dir {folder} first")
-    res = json.loads(path.read_text())
-    res.setdefault("train_fraction", 1.0)  # runs made before --train_fraction existed used every training patient
-    return res
+def _seed_spread():
+    spec = importlib.util.spec_from_file_location("seed_spread", ROOT / "benchmarks" / "seed_spread.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def check_comparable(runs: list[dict], folders: list[str]) -> None:
-    for key in SHARED:
-        values = {json.dumps(r.get(key)) for r in runs}
-        if len(values) > 1:
-            raise ValueError(f"the runs differ in {key} ({sorted(values)}): {folders}; rerun them with one value")
-    cohorts = [sorted(r["cohorts"]) for r in runs]
-    if any(c != cohorts[0] for c in cohorts):
-        raise ValueError(f"the runs have different cohorts: {dict(zip(folders, cohorts))}")
-    fractions = [r["train_fraction"] for r in runs]
-    if len(set(fractions)) != len(fractions):
-        raise ValueError(f"two runs have the same --train_fraction ({fractions}): give one run per fraction")
+def fraction_of(run: dict) -> float:
+    return float(run["res"].get("train_fraction", 1.0))  # runs made before --train_fraction used every patient
 
 
-def summarise(runs: list[dict], folders: list[str], role: str = "development") -> dict:
-    """Per run (sorted by fraction): the cohort-averaged test C-index per model, the training patients and events
-    per fold, and the pooled differences of ``role``."""
-    check_comparable(runs, folders)
-    out = []
-    for res, folder in sorted(zip(runs, folders), key=lambda p: p[0]["train_fraction"]):
-        cohorts = {c: r for c, r in res["cohorts"].items() if r["role"] == role}
+def _interval(x: np.ndarray) -> list[float]:
+    x = x[~np.isnan(x)]
+    return [float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))] if len(x) else [float("nan")] * 2
+
+
+def pooled(ss, runs: list[dict], role: str) -> dict[str, dict]:
+    """Per pooled difference that every run reports over the same cohorts: the run-averaged point (cohorts
+    weighted equally) and the run-averaged pooled replicates (NaN where a draw had no comparable pair)."""
+    per_run = [ss.cohort_differences(r, role) for r in runs]
+    out = {}
+    for key in per_run[0]:
+        if not all(key in p and list(p[key]) == list(per_run[0][key]) for p in per_run):
+            logger.warning("%s: the runs of one fraction cover different cohorts; left out", key)
+            continue
+        cohorts = list(per_run[0][key])
+        point = np.array([[p[key][c][0] for c in cohorts] for p in per_run])  # (runs, cohorts)
+        reps = np.stack([np.stack([p[key][c][1] for c in cohorts]) for p in per_run])  # (runs, cohorts, boot)
+        out[key] = {
+            "cohorts": cohorts,
+            "per_run": point.mean(axis=1).tolist(),
+            "above_zero": [int((row > 0).sum()) for row in point],
+            "mean": float(point.mean()),
+            "_replicates": reps.mean(axis=(0, 1)),
+        }
+    return out
+
+
+def summarise(runs: list[dict], role: str = "development") -> dict:
+    """Per fraction (ascending): the run-averaged cohort-mean test C-index per model, the training patients and
+    events per fold, each pooled difference with its interval, and the trend against the largest fraction."""
+    ss = _seed_spread()
+    ss.check_compatible(runs, [r["folder"] for r in runs], shared=SHARED)
+    groups: dict[float, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(fraction_of(r), []).append(r)
+    fractions = sorted(groups)
+    rows, diffs = [], {}
+    for f in fractions:
+        group = groups[f]
         models: dict[str, list[float]] = {}
-        for r in cohorts.values():
-            for m, s in r["models"].items():
-                if "test" in s:
-                    models.setdefault(m, []).append(s["test"]["mean"])
-        train = [np.mean([f["n"]["train"] for f in r["folds"]]) for r in cohorts.values()]  # per cohort
-        events = [np.mean([f["events"]["train"] for f in r["folds"]]) for r in cohorts.values()]
-        out.append(
+        for run in group:
+            for r in run["res"]["cohorts"].values():
+                if r["role"] != role:
+                    continue
+                for m, s in r["models"].items():
+                    if "test" in s:
+                        models.setdefault(m, []).append(s["test"]["mean"])
+        cohorts = [r for r in group[0]["res"]["cohorts"].values() if r["role"] == role]
+        train = [np.mean([fo["n"]["train"] for fo in r["folds"]]) for r in cohorts]  # per cohort
+        events = [np.mean([fo["events"]["train"] for fo in r["folds"]]) for r in cohorts]
+        n_cohorts = {m: len(v) // len(group) for m, v in models.items()}
+        diffs[f] = pooled(ss, group, role)
+        rows.append(
             {
-                "run": str(folder),
-                "train_fraction": res["train_fraction"],
+                "train_fraction": f,
+                "runs": [r["folder"] for r in group],
                 "n_cohorts": len(cohorts),
                 "train_patients_per_fold": {"median": float(np.median(train)), "min": min(train), "max": max(train)},
                 "train_events_per_fold": {"median": float(np.median(events)), "min": min(events), "max": max(events)},
                 "test_c_index": {
-                    m: {"mean": float(np.mean(v)), "n_cohorts": len(v)} for m, v in models.items() if len(v)
+                    m: {"mean": float(np.mean(v)), "n_cohorts": n_cohorts[m]} for m, v in models.items() if v
                 },
-                "pooled": res.get("pooled", {}).get(role, {}),
+                "pooled": {
+                    k: {**{a: b for a, b in d.items() if a != "_replicates"}, "ci95": _interval(d["_replicates"])}
+                    for k, d in diffs[f].items()
+                },
             }
         )
-    return {"role": role, "runs": out, **{k: runs[0].get(k) for k in SHARED}}
+    top = fractions[-1]
+    for row, f in zip(rows, fractions):
+        row["minus_largest_fraction"] = {}
+        if f == top:
+            continue
+        for k, d in diffs[f].items():
+            ref = diffs[top].get(k)
+            if ref is None or ref["cohorts"] != d["cohorts"]:
+                continue
+            delta = d["_replicates"] - ref["_replicates"]
+            ok = delta[~np.isnan(delta)]
+            row["minus_largest_fraction"][k] = {
+                "difference": d["mean"] - ref["mean"],
+                "ci95": _interval(delta),
+                "p_boot_le_0": float(np.mean(ok <= 0)) if len(ok) else float("nan"),
+            }
+    return {"role": role, "largest_fraction": top, "fractions": rows, **{k: runs[0]["res"].get(k) for k in SHARED}}
 
 
 def report(summary: dict) -> str:
-    runs = summary["runs"]
-    models = [m for m in (*BASELINES, "bp_random", "bp_pretrained") if any(m in r["test_c_index"] for r in runs)]
-    models += sorted({m for r in runs for m in r["test_c_index"]} - set(models))
+    rows = summary["fractions"]
+    models = [m for m in (*BASELINES, "bp_random", "bp_pretrained") if any(m in r["test_c_index"] for r in rows)]
+    models += sorted({m for r in rows for m in r["test_c_index"]} - set(models))
+    n = {m: max(r["test_c_index"].get(m, {}).get("n_cohorts", 0) for r in rows) for m in models}
     lines = [
         f"Test C-index averaged over the {summary['role']} cohorts a model ran on (each cohort's mean over folds; the "
-        "clinical Cox model only where a cohort has clinical covariates), by share of each fold's training patients:",
+        "clinical Cox model only where a cohort has clinical covariates) and over the runs of each fraction:",
         "",
-        "| training fraction | training patients per fold, median over cohorts (range) | training events | "
-        + " | ".join(
-            f"{m} ({max(r['test_c_index'].get(m, {}).get('n_cohorts', 0) for r in runs)} cohorts)" for m in models
-        )
+        "| training fraction | runs | training patients per fold, median over cohorts (range) | training events | "
+        + " | ".join(f"{m} ({n[m]} cohorts)" for m in models)
         + " |",
-        "|---|---|---|" + "---|" * len(models),
+        "|---|---|---|---|" + "---|" * len(models),
     ]
-    for r in runs:
+    for r in rows:
         cells = [f"{r['test_c_index'][m]['mean']:.3f}" if m in r["test_c_index"] else "–" for m in models]
-        n, e = r["train_patients_per_fold"], r["train_events_per_fold"]
+        p, e = r["train_patients_per_fold"], r["train_events_per_fold"]
         lines.append(
-            f"| {r['train_fraction']:g} | {n['median']:.0f} ({n['min']:.0f}–{n['max']:.0f}) | {e['median']:.0f} "
-            f"({e['min']:.0f}–{e['max']:.0f}) | " + " | ".join(cells) + " |"
+            f"| {r['train_fraction']:g} | {len(r['runs'])} | {p['median']:.0f} ({p['min']:.0f}–{p['max']:.0f}) | "
+            f"{e['median']:.0f} ({e['min']:.0f}–{e['max']:.0f}) | " + " | ".join(cells) + " |"
         )
-    names = sorted({n for r in runs for n in r["pooled"]})
-    lines += ["", "| difference | " + " | ".join(f"fraction {r['train_fraction']:g}" for r in runs) + " |"]
-    lines.append("|---|" + "---|" * len(runs))
-    for n in names:
+    names = sorted({k for r in rows for k in r["pooled"]})
+    lines += [
+        "",
+        "Pooled paired differences (cohorts weighted equally): mean over the fraction's runs [95% patient-bootstrap "
+        "CI of the run-averaged replicates]; each run's value after it.",
+        "",
+        "| difference | " + " | ".join(f"fraction {r['train_fraction']:g}" for r in rows) + " |",
+        "|---|" + "---|" * len(rows),
+    ]
+    for k in names:
         cells = []
-        for r in runs:
-            d = r["pooled"].get(n)
+        for r in rows:
+            d = r["pooled"].get(k)
             cells.append(
-                f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], {d['above_zero']}/"
-                f"{len(d['cohorts'])} above 0"
+                f"**{d['mean']:+.3f}** [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]; runs "
+                + ", ".join(f"{v:+.3f}" for v in d["per_run"])
                 if d
                 else "–"
             )
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    trend = [r for r in rows if r["minus_largest_fraction"]]
+    if trend:
+        lines += [
+            "",
+            f"Trend: each fraction's difference minus the same difference at fraction {summary['largest_fraction']:g}, "
+            "paired on the same test patients and bootstrap draws (p: share of draws ≤ 0).",
+            "",
+            "| difference | "
+            + " | ".join(f"{r['train_fraction']:g} − {summary['largest_fraction']:g}" for r in trend)
+            + " |",
+            "|---|" + "---|" * len(trend),
+        ]
+        for k in names:
+            cells = []
+            for r in trend:
+                d = r["minus_largest_fraction"].get(k)
+                cells.append(
+                    f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], p {d['p_boot_le_0']:.3f}"
+                    if d
+                    else "–"
+                )
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -130,33 +211,29 @@ def plot(summary: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = summary["runs"]
-    x = [r["train_fraction"] for r in runs]
+    rows = summary["fractions"]
+    x = [r["train_fraction"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for m in sorted({m for r in runs for m in r["test_c_index"]}):
-        ys = [r["test_c_index"].get(m, {}).get("mean", np.nan) for r in runs]
-        n = max(r["test_c_index"].get(m, {}).get("n_cohorts", 0) for r in runs)
+    for m in sorted({m for r in rows for m in r["test_c_index"]}):
+        ys = [r["test_c_index"].get(m, {}).get("mean", np.nan) for r in rows]
+        n = max(r["test_c_index"].get(m, {}).get("n_cohorts", 0) for r in rows)
         left.plot(x, ys, marker="o", label=f"{m} ({n} cohorts)", linestyle="--" if m in BASELINES else "-")
-    left.set_xscale("log")
-    left.minorticks_off()
-    left.set_xticks(x, [f"{f:g}" for f in x])
-    left.set_xlabel("share of each fold's training patients")
-    left.set_ylabel(f"test C-index, mean over {summary['role']} cohorts")
-    left.legend(fontsize=8)
-    names = sorted({n for r in runs for n in r["pooled"]})
-    for i, n in enumerate(names):
-        pts = [(f, r["pooled"][n]) for f, r in zip(x, runs) if n in r["pooled"]]
+    names = sorted({k for r in rows for k in r["pooled"]})
+    for i, k in enumerate(names):
+        pts = [(f, r["pooled"][k]) for f, r in zip(x, rows) if k in r["pooled"]]
         xs = np.array([f for f, _ in pts]) * (1 + 0.04 * (i - (len(names) - 1) / 2))  # side by side
-        ys = np.array([d["difference"] for _, d in pts])
+        ys = np.array([d["mean"] for _, d in pts])
         err = np.array([[y - d["ci95"][0], d["ci95"][1] - y] for y, (_, d) in zip(ys, pts)]).T
-        right.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=n)
+        right.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=k)
     right.axhline(0, color="grey", lw=0.8)
-    right.set_xscale("log")
-    right.minorticks_off()
-    right.set_xticks(x, [f"{f:g}" for f in x])
-    right.set_xlabel("share of each fold's training patients")
-    right.set_ylabel("pooled C-index difference (95% bootstrap CI)")
-    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(x, [f"{f:g}" for f in x])
+        ax.set_xlabel("share of each fold's training patients")
+        ax.legend(fontsize=8)
+    left.set_ylabel(f"test C-index, mean over {summary['role']} cohorts and runs")
+    right.set_ylabel("pooled C-index difference, run mean (95% patient CI)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -165,13 +242,14 @@ def plot(summary: dict, path: Path) -> Path:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", nargs="+", required=True, help="survival_cv.py output folders, one per fraction")
+    p.add_argument("--runs", nargs="+", required=True, help="survival_cv.py output folders (any number per fraction)")
     p.add_argument("--role", default="development", choices=["development", "external"])
     p.add_argument("--output_dir", required=True)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    runs = [load(f) for f in args.runs]
-    summary = summarise(runs, args.runs, args.role)
+    ss = _seed_spread()
+    runs = [ss.load_run(f) for f in args.runs]
+    summary = summarise(runs, args.role)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".label_efficiency.json.tmp"

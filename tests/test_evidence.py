@@ -219,19 +219,31 @@ def test_the_per_gene_fold_wise_parts_pretrain_without_the_folds_test_patients_a
 
 
 def test_the_label_efficiency_parts_subsample_training_patients_on_the_fold_wise_backbones():
-    """SurvSet label efficiency: one run per --train_fraction, the pretrained arm on the fold-wise backbones (no
-    fold's test patients in its pretraining), the lr grid, the full-data baselines read back from the grid run; the
-    curve part combines the three."""
+    """SurvSet label efficiency: per --train_fraction three runs, (pretraining seed, finetuning seed) = (0, 0),
+    (0, 1), (1, 1), the pretrained arm on the fold-wise backbones of its seed (no fold's test patients in its
+    pretraining), the lr grid, what does not change read back from the run before; the curve part combines all."""
     parts = {p.name: p for p in evidence.PARTS}
-    runs = [f"survival_cv_labeff_tf{f}" for f in ("0.25", "0.5", "1")]
-    for run, fraction in zip(runs, ("0.25", "0.5", "1")):
-        argv = parts[run].argv
-        assert argv[argv.index("--train_fraction") + 1] == fraction
-        assert argv[argv.index("--pretrained_dir") + 1].endswith("survset/pretrain_cvfolds/fold{fold}/final")
-        assert argv[argv.index("--bp_lrs") + 1 :][:3] == list(evidence.LR_GRID)
-        assert argv[argv.index("--reuse_cache") + 1].endswith("survset/survival_cv_lrgrid")
-        assert "--init_seed" not in argv and "--bp_head_linear" not in argv  # finetuning seed 0, plain
-        assert parts[run].optional and {f"survset_pretrain_fold{k}" for k in range(5)} <= set(parts[run].needs)
+    runs = []
+    for fraction in ("0.25", "0.5", "1"):
+        for suffix, backbones, init, reused in (
+            ("", "pretrain_cvfolds", None, "survival_cv_lrgrid"),
+            ("_init1", "pretrain_cvfolds", "1", f"survival_cv_labeff_tf{fraction}"),
+            ("_pre1", "pretrain_cvfolds_seed1", "1", f"survival_cv_labeff_tf{fraction}_init1"),
+        ):
+            run = f"survival_cv_labeff_tf{fraction}{suffix}"
+            runs.append(run)
+            argv = parts[run].argv
+            assert argv[argv.index("--train_fraction") + 1] == fraction
+            assert argv[argv.index("--pretrained_dir") + 1].endswith(f"survset/{backbones}/fold{{fold}}/final")
+            assert argv[argv.index("--bp_lrs") + 1 :][:3] == list(evidence.LR_GRID)
+            assert argv[argv.index("--reuse_cache") + 1].endswith(f"survset/{reused}") and reused in parts[run].needs
+            if init:
+                assert argv[argv.index("--init_seed") + 1] == init
+            else:
+                assert "--init_seed" not in argv
+            assert "--bp_head_linear" not in argv and parts[run].optional
+            seed = "" if backbones == "pretrain_cvfolds" else "seed1_"
+            assert {f"survset_pretrain_{seed}fold{k}" for k in range(5)} <= set(parts[run].needs)
     curve = parts["survset_label_efficiency"]
     assert curve.needs == runs and curve.argv[1] == "benchmarks/survival_label_efficiency.py"
-    assert [a.rsplit("/", 1)[-1] for a in curve.argv[curve.argv.index("--runs") + 1 :][:3]] == runs
+    assert [a.rsplit("/", 1)[-1] for a in curve.argv[curve.argv.index("--runs") + 1 :][: len(runs)]] == runs

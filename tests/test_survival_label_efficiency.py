@@ -6,79 +6,112 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location(
-    "survival_label_efficiency", ROOT / "benchmarks" / "survival_label_efficiency.py"
-)
-le = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(le)
 
 
-def _run(folder: Path, fraction: float | None, c_index: dict, *, seed: int = 0, pooled=None) -> Path:
-    """A survival_cv.json with two development cohorts and one external one; ``c_index``: model -> (a, b)."""
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
-    def cohort(role, i, n):
-        return {
-            "role": role,
-            "models": {m: {"test": {"mean": v[i]}} for m, v in c_index.items()} | {"rsf": {"skipped": "x"}},
-            "folds": [
-                {"n": {"train": n}, "events": {"train": n // 4}},
-                {"n": {"train": n + 2}, "events": {"train": 3}},
-            ],
-        }
 
-    res = {
-        "folds": 2,
-        "seed": seed,
-        "val_fraction": 0.2,
-        "init_seed": 0,
-        "cohorts": {
-            "a": cohort("development", 0, 20),
-            "b": cohort("development", 1, 40),
-            "x": cohort("external", 0, 8),
-        },
-        "pooled": {"development": pooled or {}, "external": {}},
-    }
+cv = _load("survival_cv")
+le = _load("survival_label_efficiency")
+
+
+def _fold_data(rng, shift: float):
+    """Two folds of 50 test patients: model 0's risk mixes in -time by ``shift``, model 1's is noise."""
+    out = []
+    for _ in range(2):
+        t = rng.exponential(size=50)
+        e = (rng.random(50) < 0.7).astype(int)
+        risks = np.array([shift * -t + rng.normal(size=50), rng.normal(size=50)])
+        out.append({"time": t, "event": e, "patients": np.arange(50), "risks": risks})
+    return out
+
+
+def _write_run(folder: Path, fraction: float | None, shift: float, c_index: float, *, seed: int = 0, rng_seed=0):
+    """A survival_cv.py output folder (JSON + replicates): development cohorts a, b and external x, each with
+    'bp_pretrained - bp_random' and 'bp_pretrained - <best baseline>'."""
+    rng = np.random.default_rng(rng_seed)
+    folds = [{"n": {"train": n}, "events": {"train": n // 3}, "test_ids": [f"s{k}"]} for k, n in enumerate((20, 24))]
+    res = {"folds": 2, "seed": seed, "val_fraction": 0.2, "init_seed": 0, "cohorts": {}}
     if fraction is not None:
         res["train_fraction"] = fraction
+    for name, role, base in (
+        ("a", "development", "rsf"),
+        ("b", "development", "cox_clinical"),
+        ("x", "external", "rsf"),
+    ):
+        diffs = {}
+        for key, pair in (("bp_pretrained - bp_random", None), (f"bp_pretrained - {base}", "best baseline")):
+            d = cv.paired_difference(_fold_data(rng, shift), n_boot=200, seed=seed)
+            diffs[key] = {**d, "pair": ["bp_pretrained", pair or "bp_random"]}
+        models = {"bp_pretrained": {"test": {"mean": c_index}}, "bp_random": {"test": {"mean": 0.6}}}
+        if name == "b":
+            models["cox_clinical"] = {"test": {"mean": 0.7}}
+        res["cohorts"][name] = {"role": role, "folds": folds, "models": models, "paired_differences": diffs}
+    res["pooled"] = {role: cv.pooled_differences(res["cohorts"], role) for role in ("development", "external")}
     folder.mkdir(parents=True)
-    (folder / "survival_cv.json").write_text(json.dumps(res))
+    cv.write_replicates(res, folder / "survival_cv_replicates.npz")
+    (folder / "survival_cv.json").write_text(json.dumps(cv._without_replicates(res), default=float))
     return folder
 
 
-def test_runs_are_ordered_by_fraction_averaged_over_cohorts_and_reported(tmp_path):
-    diff = {
-        "bp_pretrained - bp_random": {"difference": 0.02, "ci95": [-0.01, 0.05], "above_zero": 1, "cohorts": ["a", "b"]}
-    }
-    full = _run(tmp_path / "full", None, {"bp_random": (0.6, 0.7), "cox_clinical": (0.65, 0.75)}, pooled=diff)
-    quarter = _run(tmp_path / "q", 0.25, {"bp_random": (0.5, 0.6), "bp_pretrained": (0.55, 0.6)})
+def _pooled_replicates(folder: Path, key: str) -> np.ndarray:
+    with np.load(folder / "survival_cv_replicates.npz") as z:
+        reps = dict(zip(z["names"], z["replicates"]))
+    best = {"a": "rsf", "b": "cox_clinical"}
+    name = {c: key if key.endswith("bp_random") else f"bp_pretrained - {best[c]}" for c in "ab"}
+    return np.mean([reps[f"{c}\t{name[c]}"] for c in "ab"], axis=0)
+
+
+def test_runs_grouped_by_fraction_averaged_and_the_trend_paired(tmp_path):
+    full = [
+        _write_run(tmp_path / "f0", None, 0.2, 0.62, rng_seed=1),
+        _write_run(tmp_path / "f1", 1.0, 0.3, 0.64, rng_seed=2),
+    ]
+    quarter = [
+        _write_run(tmp_path / "q0", 0.25, 1.0, 0.66, rng_seed=3),
+        _write_run(tmp_path / "q1", 0.25, 0.8, 0.68, rng_seed=4),
+    ]
     out = tmp_path / "out"
-    summary = le.main(["--runs", str(full), str(quarter), "--output_dir", str(out)])
-    assert [r["train_fraction"] for r in summary["runs"]] == [0.25, 1.0]  # a run without the key used every patient
-    q, f = summary["runs"]
-    assert q["test_c_index"]["bp_random"]["mean"] == pytest.approx(0.55)  # cohorts a and b, not the external x
-    assert "rsf" not in q["test_c_index"] and q["n_cohorts"] == 2
-    assert q["train_patients_per_fold"] == {"median": 31.0, "min": 21.0, "max": 41.0}  # per-cohort means 21, 41
-    assert f["pooled"] == diff and q["pooled"] == {}
+    summary = le.main(["--runs", *map(str, full + quarter), "--output_dir", str(out)])
+    q, f = summary["fractions"]
+    assert (q["train_fraction"], f["train_fraction"]) == (0.25, 1.0) and summary["largest_fraction"] == 1.0
+    assert len(q["runs"]) == 2 and len(f["runs"]) == 2  # a run without the key used every training patient
+    assert q["test_c_index"]["bp_pretrained"] == {"mean": pytest.approx(0.67), "n_cohorts": 2}  # not external x
+    assert q["test_c_index"]["cox_clinical"]["n_cohorts"] == 1
+    assert q["train_patients_per_fold"] == {"median": 22.0, "min": 22.0, "max": 22.0}
+    for key in ("bp_pretrained - bp_random", "bp_pretrained - best baseline"):
+        recorded = [json.loads((d / "survival_cv.json").read_text())["pooled"]["development"][key] for d in quarter]
+        d = q["pooled"][key]
+        assert d["per_run"] == pytest.approx([r["difference"] for r in recorded])
+        assert d["mean"] == pytest.approx(np.mean([r["difference"] for r in recorded]))
+        reps_q = np.mean([_pooled_replicates(d_, key) for d_ in quarter], axis=0)
+        reps_f = np.mean([_pooled_replicates(d_, key) for d_ in full], axis=0)
+        assert d["ci95"] == pytest.approx(list(np.nanpercentile(reps_q, [2.5, 97.5])))
+        trend = q["minus_largest_fraction"][key]
+        assert trend["difference"] == pytest.approx(d["mean"] - f["pooled"][key]["mean"])
+        delta = reps_q - reps_f
+        assert trend["ci95"] == pytest.approx(list(np.nanpercentile(delta, [2.5, 97.5])))
+        assert trend["difference"] > 0  # the quarter runs mix in more signal
+    assert f["minus_largest_fraction"] == {}
     md = (out / "label_efficiency.md").read_text()
-    assert (
-        "| 0.25 | 31 (21–41) |" in md
-        and "| bp_random (2 cohorts) |" in md
-        and "| bp_pretrained - bp_random | – | +0.020 [-0.010, +0.050], 1/2 above 0 |" in md
-    )
-    assert (out / "label_efficiency.png").stat().st_size > 0
-    assert json.loads((out / "label_efficiency.json").read_text())["runs"][0]["train_fraction"] == 0.25
+    assert "| 0.25 | 2 | 22 (22–22) |" in md and "| bp_pretrained (2 cohorts) |" in md
+    assert "0.25 − 1" in md and (out / "label_efficiency.png").stat().st_size > 0
+    saved = json.loads((out / "label_efficiency.json").read_text())
+    assert "_replicates" not in json.dumps(saved)
 
 
 def test_runs_that_cannot_be_compared_are_refused(tmp_path):
-    a = _run(tmp_path / "a", 0.5, {"bp_random": (0.6, 0.7)})
-    b = _run(tmp_path / "b", 0.25, {"bp_random": (0.6, 0.7)}, seed=1)
-    c = _run(tmp_path / "c", 0.5, {"bp_random": (0.6, 0.7)})
-    with pytest.raises(ValueError, match="differ in seed"):
+    a = _write_run(tmp_path / "a", 0.5, 0.5, 0.6)
+    b = _write_run(tmp_path / "b", 0.25, 0.5, 0.6, seed=1)
+    with pytest.raises(ValueError, match="seed=1"):
         le.main(["--runs", str(a), str(b), "--output_dir", str(tmp_path / "o")])
-    with pytest.raises(ValueError, match="same --train_fraction"):
-        le.main(["--runs", str(a), str(c), "--output_dir", str(tmp_path / "o")])
-    with pytest.raises(FileNotFoundError, match=r"run benchmarks/survival_cv\.py"):
-        le.main(["--runs", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match="is missing"):
+        le.main(["--runs", str(a), str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")])
