@@ -661,17 +661,20 @@ def _seed_parts() -> list[Part]:
     )
     # label efficiency: every model on 25% / 50% / all of each fold's training patients (validation and test
     # unchanged), the pretrained arm finetuning the fold-wise backbones (no test patient in pretraining), lr grid;
-    # three runs per fraction: (pretraining seed, finetuning seed) = (0, 0), (0, 1), (1, 1)
+    # four runs per fraction: (pretraining seed, finetuning seed) = (0, 0), (0, 1), (1, 1), (2, 2)
     runs = []
     for f in LABEL_FRACTIONS:
-        for pre, init in ((0, 0), (0, 1), (1, 1)):
-            run = f"survival_cv_labeff_tf{f}" + {(0, 0): "", (0, 1): "_init1", (1, 1): "_pre1"}[(pre, init)]
+        for pre, init in ((0, 0), (0, 1), (1, 1), (2, 2)):
+            run = f"survival_cv_labeff_tf{f}" + (
+                "" if (pre, init) == (0, 0) else "_init1" if pre == 0 else f"_pre{pre}"
+            )
             backbones = "pretrain_cvfolds" if pre == 0 else f"pretrain_cvfolds_seed{pre}"
             # the baselines (and, for (1, 1), the random-init arm) are read back from the run before
             reuse = {
                 (0, 0): "survival_cv_lrgrid",
                 (0, 1): f"survival_cv_labeff_tf{f}",
                 (1, 1): f"survival_cv_labeff_tf{f}_init1",
+                (2, 2): f"survival_cv_labeff_tf{f}",
             }[(pre, init)]
             extra = ["--bp_lrs", *LR_GRID, "--train_fraction", f, "--reuse_cache", f"{W}/survset/{reuse}"]
             if (pre, init) == (0, 1):  # the full-data random-init arm at finetuning seed 1

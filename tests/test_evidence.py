@@ -219,8 +219,8 @@ def test_the_per_gene_fold_wise_parts_pretrain_without_the_folds_test_patients_a
 
 
 def test_the_label_efficiency_parts_subsample_training_patients_on_the_fold_wise_backbones():
-    """SurvSet label efficiency: per --train_fraction three runs, (pretraining seed, finetuning seed) = (0, 0),
-    (0, 1), (1, 1), the pretrained arm on the fold-wise backbones of its seed (no fold's test patients in its
+    """SurvSet label efficiency: per --train_fraction four runs, (pretraining seed, finetuning seed) = (0, 0),
+    (0, 1), (1, 1), (2, 2), the pretrained arm on the fold-wise backbones of its seed (no fold's test patients in its
     pretraining), the lr grid, what does not change read back from the run before; the curve part combines all."""
     parts = {p.name: p for p in evidence.PARTS}
     runs = []
@@ -229,6 +229,7 @@ def test_the_label_efficiency_parts_subsample_training_patients_on_the_fold_wise
             ("", "pretrain_cvfolds", None, "survival_cv_lrgrid"),
             ("_init1", "pretrain_cvfolds", "1", f"survival_cv_labeff_tf{fraction}"),
             ("_pre1", "pretrain_cvfolds_seed1", "1", f"survival_cv_labeff_tf{fraction}_init1"),
+            ("_pre2", "pretrain_cvfolds_seed2", "2", f"survival_cv_labeff_tf{fraction}"),
         ):
             run = f"survival_cv_labeff_tf{fraction}{suffix}"
             runs.append(run)
@@ -242,7 +243,7 @@ def test_the_label_efficiency_parts_subsample_training_patients_on_the_fold_wise
             else:
                 assert "--init_seed" not in argv
             assert "--bp_head_linear" not in argv and parts[run].optional
-            seed = "" if backbones == "pretrain_cvfolds" else "seed1_"
+            seed = "" if backbones == "pretrain_cvfolds" else f"seed{backbones[-1]}_"
             assert {f"survset_pretrain_{seed}fold{k}" for k in range(5)} <= set(parts[run].needs)
     curve = parts["survset_label_efficiency"]
     assert curve.needs == runs and curve.argv[1] == "benchmarks/survival_label_efficiency.py"
