@@ -15,7 +15,8 @@ or pretraining seeds) -- and it reports, per training fraction:
   ``benchmarks/seed_spread.py`` adds it);
 * the trend: each fraction's run-averaged difference minus the largest fraction's, paired replicate by replicate
   (the same test patients at every fraction), so "pretraining helps more with fewer labels" is itself a difference
-  with an interval.
+  with an interval; when every fraction has the same runs (backbone and ``--init_seed``), also each run's own
+  trend and a two-level interval that redraws the runs, then the patients (as ``seed_spread.py``).
 
 Outputs (``--output_dir``): ``label_efficiency.json``, ``label_efficiency.md`` and ``label_efficiency.png`` (mean
 test C-index per model against the training fraction; the pooled differences with their intervals).
@@ -75,8 +76,25 @@ def pooled(ss, runs: list[dict], role: str) -> dict[str, dict]:
             "above_zero": [int((row > 0).sum()) for row in point],
             "mean": float(point.mean()),
             "_replicates": reps.mean(axis=(0, 1)),
+            "_run_replicates": reps.mean(axis=1),  # (runs, boot)
         }
     return out
+
+
+def run_key(run: dict) -> tuple:
+    """What makes a run a seed: its backbone (``--pretrained_dir``) and ``--init_seed``."""
+    res = run["res"]
+    return ((res.get("bp") or {}).get("pretrained_dir"), res.get("init_seed", res.get("seed")))
+
+
+def two_level(per_run: np.ndarray, n_boot: int = 10000, seed: int = 0) -> list[float]:
+    """95% interval of the mean over runs from ``per_run`` (runs, patient draws): redraw the runs with replacement,
+    then one patient draw (the same for every drawn run: the draws pair across runs)."""
+    rng = np.random.default_rng(seed)
+    n_runs, n_rep = per_run.shape
+    cols = rng.integers(n_rep, size=n_boot)
+    picks = rng.integers(n_runs, size=(n_boot, n_runs))
+    return _interval(per_run[picks, cols[:, None]].mean(axis=1))
 
 
 def summarise(runs: list[dict], role: str = "development") -> dict:
@@ -88,6 +106,9 @@ def summarise(runs: list[dict], role: str = "development") -> dict:
     for r in runs:
         groups.setdefault(fraction_of(r), []).append(r)
     fractions = sorted(groups)
+    for f in fractions:  # one order of runs (seeds) in every fraction, so run i pairs across fractions
+        groups[f].sort(key=lambda r: json.dumps(run_key(r), default=str))
+    paired_runs = len({tuple(json.dumps(run_key(r), default=str) for r in groups[f]) for f in fractions}) == 1
     rows, diffs = [], {}
     for f in fractions:
         group = groups[f]
@@ -115,7 +136,11 @@ def summarise(runs: list[dict], role: str = "development") -> dict:
                     m: {"mean": float(np.mean(v)), "n_cohorts": n_cohorts[m]} for m, v in models.items() if v
                 },
                 "pooled": {
-                    k: {**{a: b for a, b in d.items() if a != "_replicates"}, "ci95": _interval(d["_replicates"])}
+                    k: {
+                        **{a: b for a, b in d.items() if not a.startswith("_")},
+                        "ci95": _interval(d["_replicates"]),
+                        **({"ci95_runs_and_patients": two_level(d["_run_replicates"])} if len(group) > 1 else {}),
+                    }
                     for k, d in diffs[f].items()
                 },
             }
@@ -136,6 +161,12 @@ def summarise(runs: list[dict], role: str = "development") -> dict:
                 "ci95": _interval(delta),
                 "p_boot_le_0": float(np.mean(ok <= 0)) if len(ok) else float("nan"),
             }
+            if paired_runs and len(groups[f]) > 1:  # run i here and run i at the largest fraction: the same seeds
+                per_run = d["_run_replicates"] - ref["_run_replicates"]
+                row["minus_largest_fraction"][k].update(
+                    per_run=(np.array(d["per_run"]) - np.array(ref["per_run"])).tolist(),
+                    ci95_runs_and_patients=two_level(per_run),
+                )
     return {"role": role, "largest_fraction": top, "fractions": rows, **{k: runs[0]["res"].get(k) for k in SHARED}}
 
 
@@ -164,7 +195,7 @@ def report(summary: dict) -> str:
     lines += [
         "",
         "Pooled paired differences (cohorts weighted equally): mean over the fraction's runs [95% patient-bootstrap "
-        "CI of the run-averaged replicates]; each run's value after it.",
+        "CI of the run-averaged replicates] / [95% CI redrawing runs, then patients]; each run's value after it.",
         "",
         "| difference | " + " | ".join(f"fraction {r['train_fraction']:g}" for r in rows) + " |",
         "|---|" + "---|" * len(rows),
@@ -173,8 +204,11 @@ def report(summary: dict) -> str:
         cells = []
         for r in rows:
             d = r["pooled"].get(k)
+            two = d and d.get("ci95_runs_and_patients")
             cells.append(
-                f"**{d['mean']:+.3f}** [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]; runs "
+                f"**{d['mean']:+.3f}** [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+                + (f" / [{two[0]:+.3f}, {two[1]:+.3f}]" if two else "")
+                + "; runs "
                 + ", ".join(f"{v:+.3f}" for v in d["per_run"])
                 if d
                 else "–"
@@ -185,7 +219,8 @@ def report(summary: dict) -> str:
         lines += [
             "",
             f"Trend: each fraction's difference minus the same difference at fraction {summary['largest_fraction']:g}, "
-            "paired on the same test patients and bootstrap draws (p: share of draws ≤ 0).",
+            "paired on the same test patients and bootstrap draws (p: share of draws ≤ 0); with the same runs (seeds) "
+            "at every fraction, also [95% CI redrawing runs, then patients] and each run's own trend.",
             "",
             "| difference | "
             + " | ".join(f"{r['train_fraction']:g} − {summary['largest_fraction']:g}" for r in trend)
@@ -196,8 +231,14 @@ def report(summary: dict) -> str:
             cells = []
             for r in trend:
                 d = r["minus_largest_fraction"].get(k)
+                two = d and d.get("ci95_runs_and_patients")
                 cells.append(
                     f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], p {d['p_boot_le_0']:.3f}"
+                    + (
+                        f" / [{two[0]:+.3f}, {two[1]:+.3f}]; runs " + ", ".join(f"{v:+.3f}" for v in d["per_run"])
+                        if two
+                        else ""
+                    )
                     if d
                     else "–"
                 )

@@ -100,6 +100,10 @@ def test_runs_grouped_by_fraction_averaged_and_the_trend_paired(tmp_path):
         delta = reps_q - reps_f
         assert trend["ci95"] == pytest.approx(list(np.nanpercentile(delta, [2.5, 97.5])))
         assert trend["difference"] > 0  # the quarter runs mix in more signal
+        # the same seeds at both fractions: each run's own trend, and an interval that also redraws the runs
+        assert trend["per_run"] == pytest.approx(np.subtract(d["per_run"], f["pooled"][key]["per_run"]).tolist())
+        lo, hi = trend["ci95_runs_and_patients"]
+        assert lo < trend["difference"] < hi and "ci95_runs_and_patients" in d
     assert f["minus_largest_fraction"] == {}
     md = (out / "label_efficiency.md").read_text()
     assert "| 0.25 | 2 | 22 (22–22) |" in md and "| bp_pretrained (2 cohorts) |" in md
