@@ -706,6 +706,49 @@ def _seed_parts() -> list[Part]:
                 )
             )
             runs.append(run)
+    # wide & deep (expression + clinical term, one penalty per modality) at 25%, seed pairs (0, 0) and (0, 1)
+    for init in (0, 1):
+        plain = "survival_cv_labeff_tf0.25" + ("_init1" if init else "")
+        run = f"{plain.replace('_init1', '')}_wide_pm" + ("_init1" if init else "")
+        parts.append(
+            Part(
+                run,
+                f"{plain} with the expression + clinical linear term, one ridge penalty per modality",
+                _survival(
+                    f"{W}/survset/{run}",
+                    f"{W}/survset/cv_cohort",
+                    pretrained=f"{W}/survset/pretrain_cvfolds/fold{{fold}}/final",
+                    arms=FINETUNED_ARMS[:2],
+                    extra=(
+                        *("--bp_lrs", *LR_GRID, "--train_fraction", "0.25"),
+                        *("--bp_head_linear", "omics_expression", "tabular_clinical", "--bp_head_linear_per_modality"),
+                        *(("--init_seed", "1") if init else ()),
+                        *("--reuse_cache", f"{W}/survset/{plain}"),
+                    ),
+                ),
+                f"survset/{run}/survival_cv.json",
+                needs=[plain],
+                minutes=8,
+                optional=True,
+            )
+        )
+    parts.append(
+        Part(
+            "survset_versus_labeff_tf0.25_wide_pm",
+            "wide & deep - plain at 25% of the training patients, seed pair (0, 0), paired on the same test patients",
+            _seed_spread(
+                "versus_labeff_tf0.25_wide_pm_init0",
+                {"wide_pm": "survival_cv_labeff_tf0.25_wide_pm", "plain": "survival_cv_labeff_tf0.25"},
+                "--versus",
+                "bp_pretrained",
+                "bp_random",
+            ),
+            "survset/versus_labeff_tf0.25_wide_pm_init0/seed_spread.json",
+            needs=["survival_cv_labeff_tf0.25_wide_pm", "survival_cv_labeff_tf0.25"],
+            minutes=0.5,
+            optional=True,
+        )
+    )
     parts.append(
         Part(
             "survset_label_efficiency",

@@ -248,3 +248,17 @@ def test_the_label_efficiency_parts_subsample_training_patients_on_the_fold_wise
     curve = parts["survset_label_efficiency"]
     assert curve.needs == runs and curve.argv[1] == "benchmarks/survival_label_efficiency.py"
     assert [a.rsplit("/", 1)[-1] for a in curve.argv[curve.argv.index("--runs") + 1 :][: len(runs)]] == runs
+
+
+def test_the_wide_and_deep_label_efficiency_parts_add_the_term_to_the_25_percent_runs():
+    parts = {p.name: p for p in evidence.PARTS}
+    for init, plain in (("0", "survival_cv_labeff_tf0.25"), ("1", "survival_cv_labeff_tf0.25_init1")):
+        run = "survival_cv_labeff_tf0.25_wide_pm" + ("_init1" if init == "1" else "")
+        argv = parts[run].argv
+        assert argv[argv.index("--train_fraction") + 1] == "0.25" and "--bp_head_linear_per_modality" in argv
+        assert argv[argv.index("--bp_head_linear") + 1 :][:2] == ["omics_expression", "tabular_clinical"]
+        assert argv[argv.index("--reuse_cache") + 1].endswith(f"survset/{plain}") and parts[run].needs == [plain]
+        assert ("--init_seed" in argv) == (init == "1")
+    versus = parts["survset_versus_labeff_tf0.25_wide_pm"].argv
+    runs = versus[versus.index("--runs") + 1 : versus.index("--labels")]
+    assert runs[0].endswith("survival_cv_labeff_tf0.25_wide_pm") and runs[1].endswith("survival_cv_labeff_tf0.25")
