@@ -111,6 +111,15 @@ def cohort_differences(run: dict, role: str) -> dict[str, dict[str, tuple[float,
     return out
 
 
+def two_level_replicates(per_run: np.ndarray, rng: np.random.Generator, n_boot: int) -> np.ndarray:
+    """The mean over runs resampled at two levels from ``per_run`` ``(runs, patient draws)``: redraw the runs with
+    replacement, then one patient draw (draw ``b`` is the same patients in every run, so it is taken for all)."""
+    n_runs, n_rep = per_run.shape
+    cols = rng.integers(n_rep, size=n_boot)
+    picks = rng.integers(n_runs, size=(n_boot, n_runs))
+    return per_run[picks, cols[:, None]].mean(axis=1)
+
+
 def combine(runs: list[dict], labels: list[str], role: str, n_boot: int = 10000, seed: int = 0) -> dict:
     """Every pooled difference that all ``runs`` report over the same cohorts of ``role``: per run, mean over runs,
     SD, runs above 0, the two-level bootstrap interval of the mean, and the per-cohort means."""
@@ -129,11 +138,8 @@ def combine(runs: list[dict], labels: list[str], role: str, n_boot: int = 10000,
         pooled_reps = reps[:, :, ok].mean(axis=1)  # (runs, boot): each run's pooled replicate
         pooled = point.mean(axis=1)
         recorded = [r["res"]["pooled"][role][key] for r in runs]  # each run's own pooled number and interval
-        n_runs, n_rep = pooled_reps.shape
-        # two-level bootstrap: redraw the runs, then take replicate b (a patient draw) of each drawn run
-        cols = rng.integers(n_rep, size=n_boot)
-        picks = rng.integers(n_runs, size=(n_boot, n_runs))
-        two_level = pooled_reps[picks, cols[:, None]].mean(axis=1)
+        n_runs = pooled_reps.shape[0]
+        two_level = two_level_replicates(pooled_reps, rng, n_boot)
         patients_only = pooled_reps.mean(axis=0)
         out[key] = {
             "cohorts": cohorts,

@@ -87,20 +87,17 @@ def run_key(run: dict) -> tuple:
     return ((res.get("bp") or {}).get("pretrained_dir"), res.get("init_seed", res.get("seed")))
 
 
-def two_level(per_run: np.ndarray, n_boot: int = 10000, seed: int = 0) -> list[float]:
-    """95% interval of the mean over runs from ``per_run`` (runs, patient draws): redraw the runs with replacement,
-    then one patient draw (the same for every drawn run: the draws pair across runs)."""
-    rng = np.random.default_rng(seed)
-    n_runs, n_rep = per_run.shape
-    cols = rng.integers(n_rep, size=n_boot)
-    picks = rng.integers(n_runs, size=(n_boot, n_runs))
-    return _interval(per_run[picks, cols[:, None]].mean(axis=1))
+def two_level(ss, per_run: np.ndarray, n_boot: int = 10000, seed: int = 0) -> list[float]:
+    """95% interval of the mean over runs from ``per_run`` (runs, patient draws), ``seed_spread.py``'s two-level
+    bootstrap (runs, then patients)."""
+    return _interval(ss.two_level_replicates(per_run, np.random.default_rng(seed), n_boot))
 
 
-def summarise(runs: list[dict], role: str = "development") -> dict:
+def summarise(runs: list[dict], role: str = "development", ss=None) -> dict:
     """Per fraction (ascending): the run-averaged cohort-mean test C-index per model, the training patients and
-    events per fold, each pooled difference with its interval, and the trend against the largest fraction."""
-    ss = _seed_spread()
+    events per fold, each pooled difference with its interval, and the trend against the largest fraction.
+    ``ss``: the loaded ``seed_spread`` module (loaded here when not given)."""
+    ss = ss or _seed_spread()
     ss.check_compatible(runs, [r["folder"] for r in runs], shared=SHARED)
     groups: dict[float, list[dict]] = {}
     for r in runs:
@@ -139,7 +136,7 @@ def summarise(runs: list[dict], role: str = "development") -> dict:
                     k: {
                         **{a: b for a, b in d.items() if not a.startswith("_")},
                         "ci95": _interval(d["_replicates"]),
-                        **({"ci95_runs_and_patients": two_level(d["_run_replicates"])} if len(group) > 1 else {}),
+                        **({"ci95_runs_and_patients": two_level(ss, d["_run_replicates"])} if len(group) > 1 else {}),
                     }
                     for k, d in diffs[f].items()
                 },
@@ -165,9 +162,20 @@ def summarise(runs: list[dict], role: str = "development") -> dict:
                 per_run = d["_run_replicates"] - ref["_run_replicates"]
                 row["minus_largest_fraction"][k].update(
                     per_run=(np.array(d["per_run"]) - np.array(ref["per_run"])).tolist(),
-                    ci95_runs_and_patients=two_level(per_run),
+                    ci95_runs_and_patients=two_level(ss, per_run),
                 )
     return {"role": role, "largest_fraction": top, "fractions": rows, **{k: runs[0]["res"].get(k) for k in SHARED}}
+
+
+def _cell(point: str, d: dict, per_run_key: str | None = None, p: bool = False) -> str:
+    """``point [patient CI](, p ...)( / [runs and patients CI])(; runs a, b, ...)``."""
+    text = f"{point} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+    text += f", p {d['p_boot_le_0']:.3f}" if p else ""
+    if two := d.get("ci95_runs_and_patients"):
+        text += f" / [{two[0]:+.3f}, {two[1]:+.3f}]"
+    if per_run_key and per_run_key in d:
+        text += "; runs " + ", ".join(f"{v:+.3f}" for v in d[per_run_key])
+    return text
 
 
 def report(summary: dict) -> str:
@@ -204,15 +212,7 @@ def report(summary: dict) -> str:
         cells = []
         for r in rows:
             d = r["pooled"].get(k)
-            two = d and d.get("ci95_runs_and_patients")
-            cells.append(
-                f"**{d['mean']:+.3f}** [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
-                + (f" / [{two[0]:+.3f}, {two[1]:+.3f}]" if two else "")
-                + "; runs "
-                + ", ".join(f"{v:+.3f}" for v in d["per_run"])
-                if d
-                else "–"
-            )
+            cells.append(_cell(f"**{d['mean']:+.3f}**", d, "per_run") if d else "–")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     trend = [r for r in rows if r["minus_largest_fraction"]]
     if trend:
@@ -231,17 +231,7 @@ def report(summary: dict) -> str:
             cells = []
             for r in trend:
                 d = r["minus_largest_fraction"].get(k)
-                two = d and d.get("ci95_runs_and_patients")
-                cells.append(
-                    f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], p {d['p_boot_le_0']:.3f}"
-                    + (
-                        f" / [{two[0]:+.3f}, {two[1]:+.3f}]; runs " + ", ".join(f"{v:+.3f}" for v in d["per_run"])
-                        if two
-                        else ""
-                    )
-                    if d
-                    else "–"
-                )
+                cells.append(_cell(f"{d['difference']:+.3f}", d, "per_run", p=True) if d else "–")
             lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -290,7 +280,7 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ss = _seed_spread()
     runs = [ss.load_run(f) for f in args.runs]
-    summary = summarise(runs, args.role)
+    summary = summarise(runs, args.role, ss)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".label_efficiency.json.tmp"
