@@ -6,7 +6,6 @@ the samples and the view, a manifest-level problem stops the run before any work
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +16,7 @@ import yaml
 from accelerate import Accelerator
 from conftest import synthetic_run_config
 from safetensors.torch import load_file
+from script_loader import load_script
 
 from bioperceiver.data import BioPerceiverProcessor
 from bioperceiver.training import loop
@@ -27,16 +27,12 @@ from bioperceiver.training.checkpointing import (
     save_checkpoint,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4  # checkpoints at 2 and 4
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("run_pretrain_faults", ROOT / "pretrain" / "run_pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("pretrain/run_pretrain.py", "run_pretrain_faults")
 
 
 @pytest.fixture(scope="module")

@@ -1,23 +1,15 @@
 """pretrain/run_federated.py and finetune/run_federated.py end to end on a tiny two-site synthetic cohort."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 from bioperceiver.data.manifest import read_manifest, write_manifest
 from bioperceiver.data.recipes.synthetic import make_synthetic_cohort
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # end to end through the scripts: ~50 s on 2 busy cores
-
-
-def _script(path):
-    spec = importlib.util.spec_from_file_location(path.stem + "_" + path.parent.name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +38,7 @@ def _no_ids(folder: Path, table) -> None:
 
 def test_federated_pretraining_script_runs_resumes_and_writes_no_ids(cohort, tmp_path):
     manifest, settings, table = cohort
-    run = _script(REPO / "pretrain" / "run_federated.py")
+    run = load_script("pretrain/run_federated.py", "run_federated_pretrain")
     out = tmp_path / "pre"
     base = [
         "--manifest",
@@ -78,7 +70,7 @@ def test_federated_pretraining_script_runs_resumes_and_writes_no_ids(cohort, tmp
 
 def test_federated_finetuning_script_reports_test_metrics_per_site(cohort, tmp_path):
     manifest, settings, table = cohort
-    run = _script(REPO / "finetune" / "run_federated.py")
+    run = load_script("finetune/run_federated.py", "run_federated_finetune")
     out = tmp_path / "ft"
     results = run.main(
         [

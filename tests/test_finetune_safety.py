@@ -4,10 +4,8 @@ and the README's finetuning example runs with both head types from a pretrained 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from script_loader import load_script
 
 import bioperceiver as bp
 from bioperceiver.data import BioPerceiverProcessor, ManifestError, assign_splits, read_manifest, write_manifest
@@ -25,19 +24,10 @@ from bioperceiver.training import finetune_loop
 from bioperceiver.training.arguments import DataArguments
 from bioperceiver.training.finetuning import RUN_RECORD, check_output_dir, resolve_resume_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 USED = ["text_note", "tabular_ehr"]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "finetune" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the script is executed
-    spec.loader.exec_module(module)
-    return module
-
-
-run_finetune = _load("run_finetune")
+run_finetune = load_script("finetune/run_finetune.py")
 
 
 class WorkStarted(Exception):
@@ -273,7 +263,7 @@ def test_readme_example_runs_with_both_head_types_from_a_pretrained_backbone(coh
 
 
 def test_predict_ensemble_names_bad_model_dirs(cohort, tmp_path):
-    ensemble = _load("predict_ensemble")
+    ensemble = load_script("finetune/predict_ensemble.py")
     out = str(tmp_path / "ens")
     with pytest.raises(ValueError, match="does not exist locally"):
         ensemble.main(["--model_dirs", str(tmp_path / "runs" / "s0"), "--output_dir", out])

@@ -4,7 +4,6 @@ task type (binary, multiclass, multilabel, regression, survival), plus argument 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
+from script_loader import load_script
 from transformers import AutoModelForSequenceClassification
 
 import bioperceiver as bp
@@ -29,11 +29,7 @@ pytest.importorskip("data_store", reason="the demo cohort needs the demo-data pa
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("run_finetune", ROOT / "finetune" / "run_finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["run_finetune"] = module  # dataclasses look their module up while the script is executed
-    spec.loader.exec_module(module)
-    return module
+    return load_script("finetune/run_finetune.py")
 
 
 run_finetune = _load_script()
@@ -508,17 +504,9 @@ def test_bad_arguments_fail_with_a_clear_message(cohort, tmp_path):
         _run(cohort, tmp_path / "y", "--task", "survival", "--modalities", "omics_nope")
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "finetune" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("task", ["classification", "survival"])
 def test_deep_ensemble_of_finetuned_seeds(cohort, tmp_path, task):
-    ensemble = _load("predict_ensemble")
+    ensemble = load_script("finetune/predict_ensemble.py")
     args = (
         (
             "--task",

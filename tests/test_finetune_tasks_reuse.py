@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("finetune_tasks", ROOT / "benchmarks" / "finetune_tasks.py")
-ft = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ft)
+from script_loader import load_script
+
+ft = load_script("benchmarks/finetune_tasks.py")
 
 
 def test_recorded_run_reused_only_when_identical(tmp_path, capsys):

@@ -5,9 +5,7 @@ resume write every shard once, and FAISS and exact search agree with a brute-for
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from script_loader import load_script
 
 import bioperceiver as bp
 from bioperceiver.data import BioPerceiverCollator, assign_splits, read_manifest, write_manifest
@@ -31,16 +30,11 @@ from bioperceiver.inference.loading import load_model_folder
 from bioperceiver.inference.retrieval import EmbeddingIndex, EmbeddingSet, faiss_available, normalize, recall_at_k
 from bioperceiver.uncertainty.saved import CALIBRATION_FILE, load_calibration_set
 
-ROOT = Path(__file__).resolve().parents[1]
 MODALITIES = ["text_note", "tabular_ehr", "image_2d"]
 
 
 def _run_finetune(argv):
-    spec = importlib.util.spec_from_file_location("run_finetune_for_inference", ROOT / "finetune" / "run_finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_script("finetune/run_finetune.py", "run_finetune_for_inference").main(argv)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ bounds, and the seed-mean bootstrap's fast macro AUROC equals the library's."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,15 +11,13 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from script_loader import load_script
 
 from bioperceiver.data.manifest import write_manifest
 from bioperceiver.data.splits import split_of
 from bioperceiver.evaluation import compute_task_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("label_efficiency", ROOT / "benchmarks" / "label_efficiency.py")
-le = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(le)
+le = load_script("benchmarks/label_efficiency.py")
 
 
 def _manifest(tmp_path: Path, n_patients: int = 120) -> Path:

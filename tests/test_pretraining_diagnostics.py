@@ -1,20 +1,13 @@
 """Metric functions of benchmarks/pretraining_diagnostics.py on embeddings whose answers are known."""
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from script_loader import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location(
-    "pretraining_diagnostics", ROOT / "benchmarks" / "pretraining_diagnostics.py"
-)
-diag = importlib.util.module_from_spec(_spec)
-sys.modules["diagnostics"] = diag
-_spec.loader.exec_module(diag)
+diag = load_script("benchmarks/pretraining_diagnostics.py")
 
 
 def test_effective_rank_of_known_spectra():

@@ -4,11 +4,9 @@ synthetic cohort whose shared outputs hold no sample or patient id."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import pytest
 import torch
 import yaml
 from conftest import random_batch, tiny_config
+from script_loader import load_script
 
 import bioperceiver as bp
 from bioperceiver.data import assign_splits, read_manifest, write_manifest
@@ -31,7 +30,6 @@ from opacus import GradSampleModule, PrivacyEngine  # noqa: E402
 from opacus.accountants import create_accountant  # noqa: E402
 from opacus.optimizers import DPOptimizer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 TEXT_TABULAR = {k: v for k, v in tiny_config().modalities.items() if v["kind"] in ("text", "tabular", "omics")}
 
 
@@ -234,11 +232,7 @@ def test_accountant_and_noise_equal_opacus_privacy_engine_for_the_same_schedule(
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("run_finetune", ROOT / "finetune" / "run_finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["run_finetune"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("finetune/run_finetune.py")
 
 
 @pytest.fixture(scope="module")

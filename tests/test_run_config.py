@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from script_loader import load_script
 
 from bioperceiver.training.config import PretrainConfig, RunConfigError, load_run_config
 
@@ -18,12 +19,7 @@ DEMO = ROOT / "pretrain" / "configs" / "demo.yaml"
 @pytest.fixture
 def run_pretrain():
     """The script as a module (loaded from its file, not through ``sys.path``), to call ``main(argv)`` in-process."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("run_pretrain_script", ROOT / "pretrain" / "run_pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("pretrain/run_pretrain.py", "run_pretrain_script")
 
 
 def test_typo_on_the_command_line_exits_before_any_work_naming_the_key_and_the_fix(run_pretrain, capsys, monkeypatch):

@@ -3,9 +3,7 @@ and finetuning a pretrained model on a cohort whose genes the pretrained vocabul
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import tiny_config
+from script_loader import load_script
 
 import bioperceiver as bp
 from bioperceiver.data import BioPerceiverProcessor, read_manifest, write_manifest
@@ -20,8 +19,6 @@ from bioperceiver.data.errors import DataError
 from bioperceiver.modalities.omics.processor import OmicsProcessor
 from bioperceiver.modalities.processor import sum_statistics
 from bioperceiver.modalities.tabular.processor import TabularProcessor
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _matrix(path: Path, genes: list[str], n: int, shift: float, seed: int, prefix: str) -> list[str]:
@@ -216,11 +213,7 @@ def test_resize_grows_every_table_a_vocabulary_indexes_and_round_trips(tmp_path)
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("run_finetune", ROOT / "finetune" / "run_finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["run_finetune"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("finetune/run_finetune.py")
 
 
 def _cohort_manifest(base: Path, name: str, genes: list[str], shift: float, seed: int, n: int = 48) -> Path:
