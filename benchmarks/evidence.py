@@ -767,6 +767,61 @@ def _seed_parts() -> list[Part]:
             optional=True,
         )
     )
+    # the same at 25% and 50% with the validation part drawn at the training share too (--subsample_validation: a
+    # user with a share of the labels selects on a share of them); the full-data runs above pair with them
+    val_runs = []
+    for f in LABEL_FRACTIONS[:-1]:
+        first = f"survival_cv_labeff_tf{f}_val"
+        for pre, init in ((0, 0), (0, 1), (1, 1), (2, 2)):
+            run = first + ("" if (pre, init) == (0, 0) else "_init1" if pre == 0 else f"_pre{pre}")
+            backbones = "pretrain_cvfolds" if pre == 0 else f"pretrain_cvfolds_seed{pre}"
+            extra = ["--bp_lrs", *LR_GRID, "--train_fraction", f, "--subsample_validation"]
+            needs = [
+                f"survset_pretrain_fold{k}" if pre == 0 else f"survset_pretrain_seed{pre}_fold{k}" for k in range(5)
+            ]
+            if run != first:  # the baselines are fitted once per fraction and read back
+                extra += ["--reuse_cache", f"{W}/survset/{first}"]
+                needs.append(first)
+            if init:
+                extra += ["--init_seed", str(init)]
+            parts.append(
+                Part(
+                    run,
+                    f"plain full finetuning on a {f} share of each fold's training and validation patients, fold-wise "
+                    f"backbones of pretraining seed {pre}, finetuning seed {init}, lr grid",
+                    _survival(
+                        f"{W}/survset/{run}",
+                        f"{W}/survset/cv_cohort",
+                        pretrained=f"{W}/survset/{backbones}/fold{{fold}}/final",
+                        arms=FINETUNED_ARMS[:2],
+                        extra=tuple(extra),
+                    ),
+                    f"survset/{run}/survival_cv.json",
+                    needs=needs,
+                    minutes=8,
+                    optional=True,
+                )
+            )
+            val_runs.append(run)
+    full = [r for r in runs if r.startswith(f"survival_cv_labeff_tf{LABEL_FRACTIONS[-1]}")]
+    parts.append(
+        Part(
+            "survset_label_efficiency_val",
+            "the label-efficiency curve with validation shrunk with training (full-data runs as above)",
+            [
+                PY,
+                "benchmarks/survival_label_efficiency.py",
+                "--runs",
+                *(f"{W}/survset/{r}" for r in val_runs + full),
+                "--output_dir",
+                f"{W}/survset/label_efficiency_val",
+            ],
+            "survset/label_efficiency_val/label_efficiency.json",
+            needs=val_runs + full,
+            minutes=0.5,
+            optional=True,
+        )
+    )
     return parts
 
 

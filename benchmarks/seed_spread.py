@@ -45,8 +45,9 @@ import numpy as np
 logger = logging.getLogger("seed_spread")
 ROOT = Path(__file__).resolve().parents[1]
 # what every combined run must share (the folds and the bootstrap draws depend on them)
-SHARED = ("folds", "seed", "val_fraction", "train_fraction")
-DEFAULTS = {"train_fraction": 1.0}  # runs made before survival_cv.py --train_fraction used every training patient
+SHARED = ("folds", "seed", "val_fraction", "train_fraction", "subsample_validation")
+# runs made before survival_cv.py --train_fraction / --subsample_validation used every training / validation patient
+DEFAULTS = {"train_fraction": 1.0, "subsample_validation": False}
 
 
 def load_run(folder: str | Path) -> dict:

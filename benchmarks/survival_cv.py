@@ -67,6 +67,7 @@ BioPerceiver run folders (reports, no weights).
     # label efficiency: every model on a quarter of each fold's training patients, backbones without the fold's test
     python benchmarks/survival_cv.py --folds 5 --train_fraction 0.25 --bp_arms bp_random bp_pretrained \
         --pretrained_dir /work/evidence/survset/pretrain_cvfolds/fold{fold}/final --bp_lrs 3e-4 1e-3 3e-3
+        # add --subsample_validation to select on a quarter of each validation part too (the labels a user has)
     python benchmarks/survival_cv.py --cohorts nki70 --bp_arms bp_random bp_random_probe   # some BP arms only
     python benchmarks/survival_cv.py --cohorts nki70 --init_seed 1 --output_dir outputs/survival_cv_init1  # same
         # folds and bootstrap draws, another seed for every neural init (random-init control, finetuning, new genes)
@@ -199,12 +200,24 @@ def make_folds(
 
 
 def subsample_train(
-    folds: list[dict[str, np.ndarray]], patients: pd.Series, events: pd.Series, fraction: float, seed: int
+    folds: list[dict[str, np.ndarray]],
+    patients: pd.Series,
+    events: pd.Series,
+    fraction: float,
+    seed: int,
+    *,
+    validation: bool = False,
+    times: pd.Series | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Each fold with only a ``fraction`` of its *training* patients (``--train_fraction``, a label-efficiency
     curve): per event class ``max(2, ceil(fraction * n))`` patients, drawn by one permutation per (seed, fold) so a
-    smaller fraction's patients are a subset of a larger one's; all of a patient's rows together; validation and
-    test untouched (so every fraction is scored on the same patients). ``fraction`` 1 returns ``folds`` itself."""
+    smaller fraction's patients are a subset of a larger one's; all of a patient's rows together; test untouched (so
+    every fraction is scored on the same patients). ``validation=True`` (``--subsample_validation``) draws the
+    validation part the same way from its own stream (a user with a share of the labels selects on a share too);
+    otherwise it is untouched. ``fraction`` 1 returns ``folds`` itself.
+
+    A subsampled validation part must still rank something: with ``times`` given, a part without an admissible
+    pair (every event at or after every other time) is an error naming the fold."""
     if not 0 < fraction <= 1:
         raise ValueError(f"--train_fraction must be in (0, 1], got {fraction}")
     if fraction == 1:
@@ -212,22 +225,45 @@ def subsample_train(
     per = pd.DataFrame({"patient": patients.astype(str), "event": events.astype(int)})
     out = []
     for k, part in enumerate(folds):
-        train = per.loc[part["train"]]
-        pat = train.groupby("patient", sort=True)["event"].max()
-        rng = np.random.default_rng([seed, k, 7919])  # its own stream: the folds' draws are unchanged
-        keep: list[str] = []
-        for ev in (0, 1):
-            ids = pat.index[pat == ev].to_numpy()
-            ids = ids[rng.permutation(len(ids))]
-            keep.extend(ids[: min(len(ids), max(2, math.ceil(fraction * len(ids))))])
-        out.append({**part, "train": train.index[train["patient"].isin(keep)].to_numpy()})
+        new = dict(part)
+        for name, stream in (("train", [seed, k, 7919]), ("validation", [seed, k, 7919, 1])):
+            if name == "validation" and not validation:
+                continue
+            rows = per.loc[part[name]]
+            pat = rows.groupby("patient", sort=True)["event"].max()
+            rng = np.random.default_rng(stream)  # its own stream per part: the folds' draws are unchanged
+            keep: list[str] = []
+            for ev in (0, 1):
+                ids = pat.index[pat == ev].to_numpy()
+                ids = ids[rng.permutation(len(ids))]
+                keep.extend(ids[: min(len(ids), max(2, math.ceil(fraction * len(ids))))])
+            new[name] = rows.index[rows["patient"].isin(keep)].to_numpy()
+        if validation and times is not None:
+            from bioperceiver.evaluation.metrics import concordance_counts
+
+            va = new["validation"]
+            t, e = times.loc[va].to_numpy(float), events.loc[va].to_numpy(int)
+            if concordance_counts(t, np.zeros(len(va)), e)[2][0] == 0:
+                raise ValueError(
+                    f"fold {k}: the {fraction:g} validation share ({len(set(per.loc[va, 'patient']))} patients, "
+                    f"{int(e.sum())} events) has no admissible pair, so no C-index to select on; use a larger "
+                    "--train_fraction or drop --subsample_validation"
+                )
+        out.append(new)
     return out
 
 
 def data_settings(args) -> dict:
     """Cache-key entries of the data each model sees: empty at full data, so earlier caches stay valid."""
     fraction = getattr(args, "train_fraction", 1.0)
-    return {} if fraction == 1 else {"train_fraction": fraction}
+    if fraction == 1:
+        return {}
+    return {"train_fraction": fraction, **({"subsample_validation": True} if subsample_validation(args) else {})}
+
+
+def subsample_validation(args) -> bool:
+    """Whether the validation parts shrink with the training parts (``--subsample_validation``; a no-op at 1)."""
+    return bool(getattr(args, "subsample_validation", False)) and getattr(args, "train_fraction", 1.0) < 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -764,7 +800,15 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
     spec = COHORTS[cohort]
     rows = cohort_rows(manifest.table, cohort)
     folds = make_folds(rows["patient_id"], rows["label_survival_event"], args.folds, args.seed, args.val_fraction)
-    folds = subsample_train(folds, rows["patient_id"], rows["label_survival_event"], args.train_fraction, args.seed)
+    folds = subsample_train(
+        folds,
+        rows["patient_id"],
+        rows["label_survival_event"],
+        args.train_fraction,
+        args.seed,
+        validation=subsample_validation(args),
+        times=rows["label_survival_time"].astype(float),
+    )
     n_run = 2 if args.quick else len(folds)
     feats = ft.SurvivalFeatures(manifest.base_dir, rows, n_genes=args.n_genes)
     emb_arms = [a for a in EMB_ARMS if a in getattr(args, "bp_arms", ())]
@@ -916,6 +960,7 @@ def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str, 
     tag += f"_{Path(cfg['processor_settings']).stem}" if "processor_settings" in cfg else ""
     tag += "".join(f"_{m}" for m in args.bp_modalities or ())
     tag += f"_tf{args.train_fraction:g}" if data_settings(args) else ""
+    tag += "_val" if subsample_validation(args) else ""
     if isinstance(runner, PerFoldRunner):
         runner = runner.for_fold(k)
     r = runner.run(
@@ -1006,7 +1051,12 @@ def report_lines(res: dict) -> list[str]:
     if res.get("train_fraction", 1.0) != 1.0:
         lines += [
             f"Every model fitted on {res['train_fraction']:g} of each fold's training patients (`--train_fraction`; "
-            "validation and test parts unchanged); patients (events) below count the whole cohort.",
+            + (
+                "validation parts drawn with the same share (`--subsample_validation`), test parts unchanged"
+                if res.get("subsample_validation")
+                else "validation and test parts unchanged"
+            )
+            + "); patients (events) below count the whole cohort.",
             "",
         ]
     lines += [
@@ -1136,6 +1186,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=1.0,
         help="label efficiency: every model is fitted on this share of each fold's training patients (stratified by "
         "event, at least 2 per class, nested across fractions); validation and test parts unchanged",
+    )
+    p.add_argument(
+        "--subsample_validation",
+        action="store_true",
+        help="with --train_fraction < 1, draw each fold's validation part with the same share (and rule) as its "
+        "training part: a user with a share of the labels also selects on a share of them; test unchanged",
     )
     p.add_argument(
         "--pretrained_dir",
@@ -1311,6 +1367,7 @@ def main(argv=None) -> dict:
         "init_seed": args.init_seed,
         "val_fraction": args.val_fraction,
         "train_fraction": args.train_fraction,
+        "subsample_validation": subsample_validation(args),
         "n_bootstrap": args.n_bootstrap,
         "bp": {
             "epochs": 2 if args.quick else args.bp_epochs,

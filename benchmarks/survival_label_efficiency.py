@@ -99,6 +99,12 @@ def summarise(runs: list[dict], role: str = "development", ss=None) -> dict:
     ``ss``: the loaded ``seed_spread`` module (loaded here when not given)."""
     ss = ss or _seed_spread()
     ss.check_compatible(runs, [r["folder"] for r in runs], shared=SHARED)
+    shrunk = {bool(r["res"].get("subsample_validation")) for r in runs if fraction_of(r) < 1}
+    if len(shrunk) > 1:  # at fraction 1 the flag is a no-op, so a full run pairs with either
+        raise ValueError(
+            "some runs drew their validation parts with the training share (--subsample_validation) and some did "
+            "not: combine runs made the same way (the full-data runs pair with either)"
+        )
     groups: dict[float, list[dict]] = {}
     for r in runs:
         groups.setdefault(fraction_of(r), []).append(r)
@@ -120,6 +126,7 @@ def summarise(runs: list[dict], role: str = "development", ss=None) -> dict:
         cohorts = [r for r in group[0]["res"]["cohorts"].values() if r["role"] == role]
         train = [np.mean([fo["n"]["train"] for fo in r["folds"]]) for r in cohorts]  # per cohort
         events = [np.mean([fo["events"]["train"] for fo in r["folds"]]) for r in cohorts]
+        val = [np.mean([fo["n"]["validation"] for fo in r["folds"]]) for r in cohorts]
         n_cohorts = {m: len(v) // len(group) for m, v in models.items()}
         diffs[f] = pooled(ss, group, role)
         rows.append(
@@ -128,6 +135,7 @@ def summarise(runs: list[dict], role: str = "development", ss=None) -> dict:
                 "runs": [r["folder"] for r in group],
                 "n_cohorts": len(cohorts),
                 "train_patients_per_fold": {"median": float(np.median(train)), "min": min(train), "max": max(train)},
+                "validation_patients_per_fold": {"median": float(np.median(val)), "min": min(val), "max": max(val)},
                 "train_events_per_fold": {"median": float(np.median(events)), "min": min(events), "max": max(events)},
                 "test_c_index": {
                     m: {"mean": float(np.mean(v)), "n_cohorts": n_cohorts[m]} for m, v in models.items() if v
@@ -164,7 +172,13 @@ def summarise(runs: list[dict], role: str = "development", ss=None) -> dict:
                     per_run=(np.array(d["per_run"]) - np.array(ref["per_run"])).tolist(),
                     ci95_runs_and_patients=two_level(ss, per_run),
                 )
-    return {"role": role, "largest_fraction": top, "fractions": rows, **{k: runs[0]["res"].get(k) for k in SHARED}}
+    return {
+        "role": role,
+        "largest_fraction": top,
+        "fractions": rows,
+        "subsample_validation": bool(shrunk and shrunk.pop()),
+        **{k: runs[0]["res"].get(k) for k in SHARED},
+    }
 
 
 def _cell(point: str, d: dict, per_run_key: str | None = None, p: bool = False) -> str:
@@ -192,6 +206,15 @@ def report(summary: dict) -> str:
         + " |",
         "|---|---|---|---|" + "---|" * len(models),
     ]
+    if summary.get("subsample_validation"):
+        v = {r["train_fraction"]: r["validation_patients_per_fold"]["median"] for r in rows}
+        lines[1:1] = [
+            "",
+            "Below the largest fraction the validation parts were drawn with the same share as the training parts "
+            "(`--subsample_validation`): median validation patients per fold "
+            + ", ".join(f"{v[f]:.0f} at {f:g}" for f in sorted(v))
+            + ".",
+        ]
     for r in rows:
         cells = [f"{r['test_c_index'][m]['mean']:.3f}" if m in r["test_c_index"] else "–" for m in models]
         p, e = r["train_patients_per_fold"], r["train_events_per_fold"]

@@ -3,18 +3,15 @@ interrupted pretraining runs from their last checkpoint."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("evidence", ROOT / "benchmarks" / "evidence.py")
-evidence = importlib.util.module_from_spec(_spec)
-sys.modules["evidence"] = evidence  # dataclasses look their module up there
-_spec.loader.exec_module(evidence)
+evidence = load_script("benchmarks/evidence.py")
 
 
 def _writer(path: str, text: str = "{}") -> list[str]:
@@ -248,6 +245,36 @@ def test_the_label_efficiency_parts_subsample_training_patients_on_the_fold_wise
     curve = parts["survset_label_efficiency"]
     assert curve.needs == runs and curve.argv[1] == "benchmarks/survival_label_efficiency.py"
     assert [a.rsplit("/", 1)[-1] for a in curve.argv[curve.argv.index("--runs") + 1 :][: len(runs)]] == runs
+
+
+def test_the_shrunk_validation_label_efficiency_parts_pair_with_the_full_data_runs():
+    """--subsample_validation at 25% and 50%: the same four seed pairs and backbones, baselines fitted once per
+    fraction and read back; the curve part adds the full-data runs (where the flag would be a no-op)."""
+    parts = {p.name: p for p in evidence.PARTS}
+    runs = []
+    for fraction in ("0.25", "0.5"):
+        first = f"survival_cv_labeff_tf{fraction}_val"
+        for suffix, backbones, init in (
+            ("", "pretrain_cvfolds", None),
+            ("_init1", "pretrain_cvfolds", "1"),
+            ("_pre1", "pretrain_cvfolds_seed1", "1"),
+            ("_pre2", "pretrain_cvfolds_seed2", "2"),
+        ):
+            run = first + suffix
+            runs.append(run)
+            argv = parts[run].argv
+            assert argv[argv.index("--train_fraction") + 1] == fraction and "--subsample_validation" in argv
+            assert argv[argv.index("--pretrained_dir") + 1].endswith(f"survset/{backbones}/fold{{fold}}/final")
+            assert ("--init_seed" in argv) == bool(init) and (not init or argv[argv.index("--init_seed") + 1] == init)
+            if suffix:
+                assert argv[argv.index("--reuse_cache") + 1].endswith(f"survset/{first}") and first in parts[run].needs
+            else:
+                assert "--reuse_cache" not in argv  # nothing earlier was fitted on these validation patients
+            assert parts[run].optional and "--bp_head_linear" not in argv
+    curve = parts["survset_label_efficiency_val"]
+    full = [f"survival_cv_labeff_tf1{s}" for s in ("", "_init1", "_pre1", "_pre2")]
+    assert curve.needs == runs + full
+    assert [a.rsplit("/", 1)[-1] for a in curve.argv[curve.argv.index("--runs") + 1 :][: len(runs) + 4]] == runs + full
 
 
 def test_the_wide_and_deep_label_efficiency_parts_add_the_term_to_the_25_percent_runs():

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from script_loader import load_script
 
 pytest.importorskip("lifelines")
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cv = _load("survival_cv")
-ss = _load("seed_spread")
+cv = load_script("benchmarks/survival_cv.py")
+ss = load_script("benchmarks/seed_spread.py")
 FOLDS = [{"test_ids": ["s1", "s2"]}, {"test_ids": ["s3", "s4"]}]
 
 
@@ -124,6 +115,11 @@ def test_runs_that_do_not_pair_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"run r1 .* train_fraction=0\.5, the first run 1\.0"):
         ss.check_compatible([ss.load_run(a), ss.load_run(b)], ["r0", "r1"])  # a: written before the setting existed
     (b / "survival_cv.json").write_text(json.dumps({**fraction, "train_fraction": 1.0}))
+    ss.check_compatible([ss.load_run(a), ss.load_run(b)], ["r0", "r1"])
+    (b / "survival_cv.json").write_text(json.dumps({**fraction, "subsample_validation": True}))
+    with pytest.raises(ValueError, match=r"run r1 .* subsample_validation=True, the first run False"):
+        ss.check_compatible([ss.load_run(a), ss.load_run(b)], ["r0", "r1"])  # other validation patients
+    (b / "survival_cv.json").write_text(json.dumps({**fraction, "subsample_validation": False}))
     ss.check_compatible([ss.load_run(a), ss.load_run(b)], ["r0", "r1"])
     moved = tmp_path / "moved"
     rng = np.random.default_rng(0)

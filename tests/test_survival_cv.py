@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from script_loader import load_script
 
 pytest.importorskip("lifelines")
 pytest.importorskip("sksurv")
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("survival_cv", ROOT / "benchmarks" / "survival_cv.py")
-cv = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cv)
+cv = load_script("benchmarks/survival_cv.py")
 
 
 def _rows(n_patients=60, repeats=2, seed=0):
@@ -759,6 +755,63 @@ def test_train_fraction_keeps_a_nested_stratified_share_of_each_fold_s_training_
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="train_fraction"):
             cv.subsample_train(folds, patients, events, bad, seed=0)
+
+
+def test_subsample_validation_draws_the_validation_part_with_the_same_share_and_keeps_the_training_draw():
+    """--subsample_validation: each validation part keeps the same share per event class (at least 2, nested, a
+    patient's rows together, its own stream so the training draw is the one without the flag); test untouched; a
+    part with no admissible pair is an error naming the fold; fraction 1 is still a no-op."""
+    patients, events = _rows(n_patients=300)
+    times = pd.Series(np.arange(len(patients), dtype=float) % 37 + 1, index=patients.index)
+    folds = cv.make_folds(patients, events, n_folds=5, seed=0)
+    plain = cv.subsample_train(folds, patients, events, 0.25, seed=0)
+    quarter = cv.subsample_train(folds, patients, events, 0.25, seed=0, validation=True, times=times)
+    half = cv.subsample_train(folds, patients, events, 0.5, seed=0, validation=True, times=times)
+    assert cv.subsample_train(folds, patients, events, 1.0, seed=0, validation=True, times=times) is folds
+    for full, p, q, h in zip(folds, plain, quarter, half):
+        np.testing.assert_array_equal(q["train"], p["train"])  # the training draw does not depend on the flag
+        np.testing.assert_array_equal(q["test"], full["test"])
+        assert set(q["validation"]) <= set(h["validation"]) < set(full["validation"])  # nested, smaller
+        assert set(patients.loc[q["validation"]].value_counts()) == {2}
+        pat = events.loc[full["validation"]].groupby(patients.loc[full["validation"]]).max()
+        kept = events.loc[q["validation"]].groupby(patients.loc[q["validation"]]).max()
+        for ev in (0, 1):
+            assert (kept == ev).sum() == max(2, int(np.ceil(0.25 * (pat == ev).sum())))
+        assert not set(q["validation"]) & set(q["train"])
+    # every event after every censoring: no pair to rank on validation -> a clear error, not a NaN selection
+    late = pd.Series(np.where(events.to_numpy() == 1, 1000.0, 1.0), index=patients.index)
+    with pytest.raises(ValueError, match=r"fold 0: the 0\.25 validation share .* no admissible pair"):
+        cv.subsample_train(folds, patients, events, 0.25, seed=0, validation=True, times=late)
+    # settings: the flag reaches cache keys and run folders only where it changes anything
+    args = cv.parse_args(["--train_fraction", "0.25", "--subsample_validation"])
+    assert cv.data_settings(args) == {"train_fraction": 0.25, "subsample_validation": True}
+    assert cv.data_settings(cv.parse_args(["--subsample_validation"])) == {}
+    assert not cv.subsample_validation(cv.parse_args(["--subsample_validation"]))
+
+
+def test_subsample_validation_reaches_run_folders_and_the_report(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(cv.ft, "write_split_manifest", lambda *a, **k: None)
+    tags = []
+
+    class Runner:
+        def run(self, tag, path, task_args, cfg, *, seed, modalities, extra):
+            tags.append(tag)
+            return {
+                "pred": pd.DataFrame({"sample_id": ["c"], "risk": [0.5]}),
+                "validation": 0.6,
+                "test": 0.7,
+                "epochs": 3,
+            }
+
+    rows = pd.DataFrame({"patient_id": list("abc"), "tabular_clinical": [None] * 3}, index=list("abc"))
+    part = {"train": np.array(["a"]), "validation": np.array(["b"]), "test": np.array(["c"])}
+    args = cv.parse_args(["--train_fraction", "0.25", "--subsample_validation"])
+    cv.run_bp(args, SimpleNamespace(base_dir=tmp_path), rows, part, Runner(), "coh", 0, "bp_random", lr=1e-3)
+    assert tags[-1] == "coh_f0_bp_random_lr0.001_tf0.25_val"
+    lines = cv.report_lines({"train_fraction": 0.25, "subsample_validation": True, "cohorts": {}, "pooled": {}})
+    assert "validation parts drawn with the same share" in lines[0]
 
 
 def test_train_fraction_reaches_cache_keys_run_folders_and_the_finetuning_manifest(tmp_path, monkeypatch):

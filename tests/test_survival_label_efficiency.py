@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from script_loader import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cv = _load("survival_cv")
-le = _load("survival_label_efficiency")
+cv = load_script("benchmarks/survival_cv.py")
+le = load_script("benchmarks/survival_label_efficiency.py")
 
 
 def _fold_data(rng, shift: float):
@@ -34,14 +24,29 @@ def _fold_data(rng, shift: float):
     return out
 
 
-def _write_run(folder: Path, fraction: float | None, shift: float, c_index: float, *, seed: int = 0, rng_seed=0):
+def _write_run(
+    folder: Path,
+    fraction: float | None,
+    shift: float,
+    c_index: float,
+    *,
+    seed: int = 0,
+    rng_seed=0,
+    shrunk_validation: bool | None = None,
+):
     """A survival_cv.py output folder (JSON + replicates): development cohorts a, b and external x, each with
     'bp_pretrained - bp_random' and 'bp_pretrained - <best baseline>'."""
     rng = np.random.default_rng(rng_seed)
-    folds = [{"n": {"train": n}, "events": {"train": n // 3}, "test_ids": [f"s{k}"]} for k, n in enumerate((20, 24))]
+    n_val = 3 if shrunk_validation else 6
+    folds = [
+        {"n": {"train": n, "validation": n_val}, "events": {"train": n // 3}, "test_ids": [f"s{k}"]}
+        for k, n in enumerate((20, 24))
+    ]
     res = {"folds": 2, "seed": seed, "val_fraction": 0.2, "init_seed": 0, "cohorts": {}}
     if fraction is not None:
         res["train_fraction"] = fraction
+    if shrunk_validation is not None:
+        res["subsample_validation"] = shrunk_validation
     for name, role, base in (
         ("a", "development", "rsf"),
         ("b", "development", "cox_clinical"),
@@ -119,3 +124,22 @@ def test_runs_that_cannot_be_compared_are_refused(tmp_path):
         le.main(["--runs", str(a), str(b), "--output_dir", str(tmp_path / "o")])
     with pytest.raises(FileNotFoundError, match="is missing"):
         le.main(["--runs", str(a), str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")])
+
+
+def test_runs_with_shrunk_validation_pair_with_full_runs_but_not_with_unshrunk_ones(tmp_path):
+    """--subsample_validation runs below 1 combine with full-data runs (where the flag is a no-op), the report says
+    how large validation was; a mix of shrunk and unshrunk runs below 1 is refused."""
+    full = _write_run(tmp_path / "f", 1.0, 0.3, 0.64, rng_seed=2, shrunk_validation=False)
+    quarter = _write_run(tmp_path / "q", 0.25, 1.0, 0.66, rng_seed=3, shrunk_validation=True)
+    summary = le.main(["--runs", str(full), str(quarter), "--output_dir", str(tmp_path / "o")])
+    assert summary["subsample_validation"] is True
+    q, f = summary["fractions"]
+    assert q["validation_patients_per_fold"]["median"] == 3 and f["validation_patients_per_fold"]["median"] == 6
+    md = (tmp_path / "o" / "label_efficiency.md").read_text()
+    assert "median validation patients per fold 3 at 0.25, 6 at 1." in md
+    half = _write_run(tmp_path / "h", 0.5, 1.0, 0.66, rng_seed=4)  # made before the flag: validation untouched
+    with pytest.raises(ValueError, match="subsample_validation"):
+        le.main(["--runs", str(full), str(quarter), str(half), "--output_dir", str(tmp_path / "o2")])
+    plain = le.main(["--runs", str(full), str(half), "--output_dir", str(tmp_path / "o3")])
+    assert plain["subsample_validation"] is False
+    assert "subsample_validation" not in (tmp_path / "o3" / "label_efficiency.md").read_text()
