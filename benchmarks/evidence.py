@@ -803,6 +803,50 @@ def _seed_parts() -> list[Part]:
                 )
             )
             val_runs.append(run)
+    # wide & deep at 25% with the validation part shrunk too, seed pairs (0, 0) and (0, 1), and its pairing with
+    # the plain run: does the one arm that passed the baseline at 25% still pass when it selects on 25%?
+    for init in (0, 1):
+        plain = "survival_cv_labeff_tf0.25_val"
+        run = f"{plain}_wide_pm" + ("_init1" if init else "")
+        parts.append(
+            Part(
+                run,
+                f"{plain} with the expression + clinical linear term, one ridge penalty per modality",
+                _survival(
+                    f"{W}/survset/{run}",
+                    f"{W}/survset/cv_cohort",
+                    pretrained=f"{W}/survset/pretrain_cvfolds/fold{{fold}}/final",
+                    arms=FINETUNED_ARMS[:2],
+                    extra=(
+                        *("--bp_lrs", *LR_GRID, "--train_fraction", "0.25", "--subsample_validation"),
+                        *("--bp_head_linear", "omics_expression", "tabular_clinical", "--bp_head_linear_per_modality"),
+                        *(("--init_seed", "1") if init else ()),
+                        *("--reuse_cache", f"{W}/survset/{plain}"),
+                    ),
+                ),
+                f"survset/{run}/survival_cv.json",
+                needs=[plain],
+                minutes=15,
+                optional=True,
+            )
+        )
+    parts.append(
+        Part(
+            "survset_versus_labeff_tf0.25_val_wide_pm",
+            "wide & deep - plain at 25% of the training and validation patients, seed pair (0, 0)",
+            _seed_spread(
+                "versus_labeff_tf0.25_val_wide_pm_init0",
+                {"wide_pm": "survival_cv_labeff_tf0.25_val_wide_pm", "plain": "survival_cv_labeff_tf0.25_val"},
+                "--versus",
+                "bp_pretrained",
+                "bp_random",
+            ),
+            "survset/versus_labeff_tf0.25_val_wide_pm_init0/seed_spread.json",
+            needs=["survival_cv_labeff_tf0.25_val_wide_pm", "survival_cv_labeff_tf0.25_val"],
+            minutes=0.5,
+            optional=True,
+        )
+    )
     full = [r for r in runs if r.startswith(f"survival_cv_labeff_tf{LABEL_FRACTIONS[-1]}")]
     parts.append(
         Part(

@@ -277,6 +277,20 @@ def test_the_shrunk_validation_label_efficiency_parts_pair_with_the_full_data_ru
     assert [a.rsplit("/", 1)[-1] for a in curve.argv[curve.argv.index("--runs") + 1 :][: len(runs) + 4]] == runs + full
 
 
+def test_the_shrunk_validation_wide_and_deep_parts_read_the_baselines_back_from_the_plain_run():
+    parts = {p.name: p for p in evidence.PARTS}
+    plain = "survival_cv_labeff_tf0.25_val"
+    for init in ("0", "1"):
+        run = f"{plain}_wide_pm" + ("_init1" if init == "1" else "")
+        argv = parts[run].argv
+        assert argv[argv.index("--train_fraction") + 1] == "0.25" and "--subsample_validation" in argv
+        assert "--bp_head_linear_per_modality" in argv and ("--init_seed" in argv) == (init == "1")
+        assert argv[argv.index("--reuse_cache") + 1].endswith(f"survset/{plain}") and parts[run].needs == [plain]
+    versus = parts["survset_versus_labeff_tf0.25_val_wide_pm"]
+    runs = versus.argv[versus.argv.index("--runs") + 1 : versus.argv.index("--labels")]
+    assert runs[0].endswith(f"{plain}_wide_pm") and runs[1].endswith(plain)
+
+
 def test_the_wide_and_deep_label_efficiency_parts_add_the_term_to_the_25_percent_runs():
     parts = {p.name: p for p in evidence.PARTS}
     for init, plain in (("0", "survival_cv_labeff_tf0.25"), ("1", "survival_cv_labeff_tf0.25_init1")):
