@@ -782,6 +782,9 @@ def _seed_parts() -> list[Part]:
             if run != first:  # the baselines are fitted once per fraction and read back
                 extra += ["--reuse_cache", f"{W}/survset/{first}"]
                 needs.append(first)
+            if (pre, init) == (1, 1):  # and the random-init arm at finetuning seed 1 from the (0, 1) run
+                extra.append(f"{W}/survset/{first}_init1")
+                needs.append(f"{first}_init1")
             if init:
                 extra += ["--init_seed", str(init)]
             parts.append(

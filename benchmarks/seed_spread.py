@@ -69,7 +69,8 @@ def load_run(folder: str | Path) -> dict:
 def check_compatible(runs: list[dict], labels: list[str], shared: tuple[str, ...] = SHARED) -> None:
     """Every run has the same folds and bootstrap draws as the first, or a ValueError naming the run and the fix;
     ``shared``: the settings that must agree (``benchmarks/survival_label_efficiency.py`` lets ``train_fraction``
-    differ: the validation and test patients, hence the draws, are the same at every fraction)."""
+    differ: the test patients, hence the draws, are the same at every fraction; it checks
+    ``subsample_validation`` itself)."""
     ref = runs[0]["res"]
     n_ref = {len(v) for v in runs[0]["replicates"].values()}
     for run, label in zip(runs[1:], labels[1:]):

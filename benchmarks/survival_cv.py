@@ -241,13 +241,19 @@ def subsample_train(
         if validation and times is not None:
             from bioperceiver.evaluation.metrics import concordance_counts
 
+            def pairs(ids) -> int:
+                return int(
+                    concordance_counts(times.loc[ids].to_numpy(float), np.zeros(len(ids)), events.loc[ids])[2][0]
+                )
+
             va = new["validation"]
-            t, e = times.loc[va].to_numpy(float), events.loc[va].to_numpy(int)
-            if concordance_counts(t, np.zeros(len(va)), e)[2][0] == 0:
+            if pairs(va) == 0:
+                kept = per.loc[va].groupby("patient")["event"].max()
+                full = "" if pairs(part["validation"]) else " (the full validation part has none either)"
                 raise ValueError(
-                    f"fold {k}: the {fraction:g} validation share ({len(set(per.loc[va, 'patient']))} patients, "
-                    f"{int(e.sum())} events) has no admissible pair, so no C-index to select on; use a larger "
-                    "--train_fraction or drop --subsample_validation"
+                    f"fold {k}: the {fraction:g} validation share ({len(kept)} patients, {int(kept.sum())} with an "
+                    f"event) has no admissible pair, so no C-index to select on{full}; use a larger --train_fraction "
+                    "or drop --subsample_validation"
                 )
         out.append(new)
     return out
@@ -510,7 +516,8 @@ def cohort_embeddings(args, manifest, rows, folds, cohort: str, out: Path, init:
         "seed": args.seed,
         "folds": args.folds,
         "val_fraction": args.val_fraction,
-        **data_settings(args),
+        # the embeddings depend on the training rows only (vocabulary extension), not on a shrunk validation part
+        **{k: v for k, v in data_settings(args).items() if k != "subsample_validation"},
         "rows": hashlib.sha1("\n".join(map(str, rows.index)).encode()).hexdigest()[:12],
         **init_settings(args),
     }
@@ -794,6 +801,28 @@ def select_by_validation(full: list[dict], probe: list[dict], names: tuple[str, 
     return out
 
 
+def fold_record(rows: pd.DataFrame, part: dict[str, np.ndarray], k: int) -> dict:
+    """What a fold's report records about its parts: rows, events and patients per part, the pairs its validation
+    C-index ranks (every selection is made on them; few pairs mean many ties) and the test rows' ids."""
+    from bioperceiver.evaluation.metrics import concordance_counts
+
+    va = part["validation"]
+    return {
+        "fold": k,
+        "n": {s: len(part[s]) for s in part},
+        "events": {s: int(rows.loc[part[s], "label_survival_event"].sum()) for s in part},
+        "patients": {s: int(rows.loc[part[s], "patient_id"].nunique()) for s in part},
+        "validation_pairs": int(
+            concordance_counts(
+                rows.loc[va, "label_survival_time"].to_numpy(float),
+                np.zeros(len(va)),
+                rows.loc[va, "label_survival_event"].to_numpy(int),
+            )[2][0]
+        ),
+        "test_ids": list(part["test"]),
+    }
+
+
 def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
     from bioperceiver.data.recipes.survset import COHORTS
 
@@ -820,14 +849,7 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
     bar = tqdm(total=n_run * len(models), desc=cohort, leave=False)
     for k, part in enumerate(folds[:n_run]):
         tr, va, te = part["train"], part["validation"], part["test"]
-        fold_meta.append(
-            {
-                "fold": k,
-                "n": {s: len(part[s]) for s in part},
-                "events": {s: int(rows.loc[part[s], "label_survival_event"].sum()) for s in part},
-                "test_ids": list(te),
-            }
-        )
+        fold_meta.append(fold_record(rows, part, k))
         fitted = False
         for model in models:
             settings = {
@@ -1185,7 +1207,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         default=1.0,
         help="label efficiency: every model is fitted on this share of each fold's training patients (stratified by "
-        "event, at least 2 per class, nested across fractions); validation and test parts unchanged",
+        "event, at least 2 per class, nested across fractions); test parts unchanged, validation parts too unless "
+        "--subsample_validation",
     )
     p.add_argument(
         "--subsample_validation",

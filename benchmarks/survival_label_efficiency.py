@@ -3,9 +3,10 @@
 
 Pretraining on unlabelled profiles should matter most when labels are few. Give this script ``survival_cv.py``
 output folders -- the same cohorts, ``--folds``, ``--seed``, ``--val_fraction`` and ``--n_bootstrap`` (so the same
-folds, the same validation and test patients and the same bootstrap draws), each fitted on a share of every fold's
-training patients (``--train_fraction``; the shares are nested), optionally several runs per fraction (finetuning
-or pretraining seeds) -- and it reports, per training fraction:
+folds, the same test patients and the same bootstrap draws), each fitted on a share of every fold's training
+patients (``--train_fraction``; the shares are nested; with ``--subsample_validation`` the validation part shrinks
+with it, and every run below fraction 1 must be made the same way), optionally several runs per fraction
+(finetuning or pretraining seeds) -- and it reports, per training fraction:
 
 * the test C-index of every model averaged over the development cohorts it ran on (each cohort weighted equally)
   and over the fraction's runs, and the training patients and events per fold (median and range over cohorts);
@@ -56,6 +57,33 @@ def fraction_of(run: dict) -> float:
 def _interval(x: np.ndarray) -> list[float]:
     x = x[~np.isnan(x)]
     return [float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))] if len(x) else [float("nan")] * 2
+
+
+def _patients(fold: dict, part: str) -> int:
+    """Patients in a fold's part (rows, for results recorded before ``survival_cv.py`` counted patients)."""
+    return (fold.get("patients") or fold["n"])[part]
+
+
+def lr_ties(runs: list[dict], role: str) -> dict[str, dict]:
+    """Per BioPerceiver arm with a learning-rate grid: over the runs' folds of ``role`` cohorts, how many picks were
+    ties (another rate had the same best validation C-index; the tie goes to the first rate of the grid). Few
+    validation patients mean few ranked pairs, and a "choice" that is often the grid's order."""
+    out: dict[str, dict] = {}
+    for run in runs:
+        for r in run["res"]["cohorts"].values():
+            if r["role"] != role:
+                continue
+            for m, s in r["models"].items():
+                for sel in s.get("selected") or []:
+                    vals = [v for v in ((sel or {}).get("validation") or {}).values() if v is not None]
+                    if "lr" not in (sel or {}) or len(vals) < 2:
+                        continue
+                    vals = np.array(vals, float)
+                    best = np.nanmax(vals) if np.isfinite(vals).any() else np.nan
+                    rec = out.setdefault(m, {"tied": 0, "folds": 0})
+                    rec["folds"] += 1
+                    rec["tied"] += int(np.isnan(best) or np.sum(np.isclose(vals, best)) > 1)
+    return out
 
 
 def pooled(ss, runs: list[dict], role: str) -> dict[str, dict]:
@@ -124,9 +152,10 @@ def summarise(runs: list[dict], role: str = "development", ss=None) -> dict:
                     if "test" in s:
                         models.setdefault(m, []).append(s["test"]["mean"])
         cohorts = [r for r in group[0]["res"]["cohorts"].values() if r["role"] == role]
-        train = [np.mean([fo["n"]["train"] for fo in r["folds"]]) for r in cohorts]  # per cohort
+        train = [np.mean([_patients(fo, "train") for fo in r["folds"]]) for r in cohorts]  # per cohort
         events = [np.mean([fo["events"]["train"] for fo in r["folds"]]) for r in cohorts]
-        val = [np.mean([fo["n"]["validation"] for fo in r["folds"]]) for r in cohorts]
+        val = [np.mean([_patients(fo, "validation") for fo in r["folds"]]) for r in cohorts]
+        pairs = [fo["validation_pairs"] for r in cohorts for fo in r["folds"] if "validation_pairs" in fo]
         n_cohorts = {m: len(v) // len(group) for m, v in models.items()}
         diffs[f] = pooled(ss, group, role)
         rows.append(
@@ -137,6 +166,8 @@ def summarise(runs: list[dict], role: str = "development", ss=None) -> dict:
                 "train_patients_per_fold": {"median": float(np.median(train)), "min": min(train), "max": max(train)},
                 "validation_patients_per_fold": {"median": float(np.median(val)), "min": min(val), "max": max(val)},
                 "train_events_per_fold": {"median": float(np.median(events)), "min": min(events), "max": max(events)},
+                **({"validation_pairs_per_fold": {"median": float(np.median(pairs))}} if pairs else {}),
+                "lr_ties": lr_ties(group, role),
                 "test_c_index": {
                     m: {"mean": float(np.mean(v)), "n_cohorts": n_cohorts[m]} for m, v in models.items() if v
                 },
@@ -206,21 +237,44 @@ def report(summary: dict) -> str:
         + " |",
         "|---|---|---|---|" + "---|" * len(models),
     ]
-    if summary.get("subsample_validation"):
-        v = {r["train_fraction"]: r["validation_patients_per_fold"]["median"] for r in rows}
-        lines[1:1] = [
-            "",
-            "Below the largest fraction the validation parts were drawn with the same share as the training parts "
-            "(`--subsample_validation`): median validation patients per fold "
-            + ", ".join(f"{v[f]:.0f} at {f:g}" for f in sorted(v))
-            + ".",
-        ]
     for r in rows:
         cells = [f"{r['test_c_index'][m]['mean']:.3f}" if m in r["test_c_index"] else "–" for m in models]
         p, e = r["train_patients_per_fold"], r["train_events_per_fold"]
         lines.append(
             f"| {r['train_fraction']:g} | {len(r['runs'])} | {p['median']:.0f} ({p['min']:.0f}–{p['max']:.0f}) | "
             f"{e['median']:.0f} ({e['min']:.0f}–{e['max']:.0f}) | " + " | ".join(cells) + " |"
+        )
+    v = {r["train_fraction"]: r["validation_patients_per_fold"]["median"] for r in rows}
+    lines += [
+        "",
+        (
+            "Below fraction 1 the validation parts were drawn with the same share as the training parts "
+            "(`--subsample_validation`)"
+            if summary.get("subsample_validation")
+            else "The validation parts are the same at every fraction"
+        )
+        + ": median validation patients per fold "
+        + ", ".join(f"{v[f]:.0f} at {f:g}" for f in sorted(v))
+        + ".",
+    ]
+    ties = [(r["train_fraction"], m, t) for r in rows for m, t in sorted(r.get("lr_ties", {}).items())]
+    if ties:
+        pairs = {
+            r["train_fraction"]: r["validation_pairs_per_fold"]["median"]
+            for r in rows
+            if "validation_pairs_per_fold" in r
+        }
+        lines.append(
+            "Learning-rate picks that were validation ties (resolved to the grid's first rate): "
+            + "; ".join(f"{m} {t['tied']} of {t['folds']} folds at {f:g}" for f, m, t in ties)
+            + (
+                " (median ranked validation pairs per fold: "
+                + ", ".join(f"{pairs[f]:.0f} at {f:g}" for f in sorted(pairs))
+                + ")"
+                if pairs
+                else ""
+            )
+            + "."
         )
     names = sorted({k for r in rows for k in r["pooled"]})
     lines += [

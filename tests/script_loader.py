@@ -23,10 +23,14 @@ def load_script(relpath: str, name: str | None = None) -> ModuleType:
     name = name or path.stem
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    before = sys.modules.get(name)
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
+    except BaseException:  # leave sys.modules as it was (an earlier copy registered under the name stays)
+        if before is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = before
         raise
     return module

@@ -268,6 +268,9 @@ def test_the_shrunk_validation_label_efficiency_parts_pair_with_the_full_data_ru
             assert ("--init_seed" in argv) == bool(init) and (not init or argv[argv.index("--init_seed") + 1] == init)
             if suffix:
                 assert argv[argv.index("--reuse_cache") + 1].endswith(f"survset/{first}") and first in parts[run].needs
+                if suffix == "_pre1":  # the random-init arm at finetuning seed 1 read back from the (0, 1) run
+                    assert argv[argv.index("--reuse_cache") + 2].endswith(f"survset/{first}_init1")
+                    assert f"{first}_init1" in parts[run].needs
             else:
                 assert "--reuse_cache" not in argv  # nothing earlier was fitted on these validation patients
             assert parts[run].optional and "--bp_head_linear" not in argv

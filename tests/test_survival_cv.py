@@ -789,6 +789,28 @@ def test_subsample_validation_draws_the_validation_part_with_the_same_share_and_
     assert not cv.subsample_validation(cv.parse_args(["--subsample_validation"]))
 
 
+def test_fold_record_counts_patients_and_the_pairs_validation_ranks():
+    """Two rows per patient: the record counts patients apart from rows, and the validation pairs are Harrell's
+    admissible pairs (brute force: an event strictly before another time, or at it when the other is censored)."""
+    patients, events = _rows(n_patients=30)
+    rng = np.random.default_rng(1)
+    times = pd.Series(np.repeat(rng.integers(1, 8, 30), 2).astype(float), index=patients.index)  # ties included
+    rows = pd.DataFrame({"patient_id": patients, "label_survival_event": events, "label_survival_time": times})
+    part = cv.make_folds(patients, events, n_folds=3, seed=0)[0]
+    rec = cv.fold_record(rows, part, 0)
+    for name in ("train", "validation", "test"):
+        assert rec["n"][name] == len(part[name]) == 2 * rec["patients"][name]
+    va = rows.loc[part["validation"]]
+    t, e = va["label_survival_time"].to_numpy(), va["label_survival_event"].to_numpy()
+    brute = sum(
+        1
+        for i in range(len(va))
+        for j in range(len(va))
+        if i != j and e[i] and (t[i] < t[j] or (t[i] == t[j] and not e[j]))
+    )
+    assert rec["validation_pairs"] == brute > 0 and rec["test_ids"] == list(part["test"])
+
+
 def test_subsample_validation_reaches_run_folders_and_the_report(tmp_path, monkeypatch):
     from types import SimpleNamespace
 

@@ -143,3 +143,31 @@ def test_runs_with_shrunk_validation_pair_with_full_runs_but_not_with_unshrunk_o
     plain = le.main(["--runs", str(full), str(half), "--output_dir", str(tmp_path / "o3")])
     assert plain["subsample_validation"] is False
     assert "subsample_validation" not in (tmp_path / "o3" / "label_efficiency.md").read_text()
+
+
+def test_learning_rate_ties_and_patient_counts_are_reported(tmp_path):
+    """The lr picks that were validation ties are counted per arm (NaN-only folds count as ties; folds without a grid
+    are not counted), and patients are read from the fold record when it has them (rows otherwise)."""
+    run = _write_run(tmp_path / "q", 0.25, 1.0, 0.66, rng_seed=3, shrunk_validation=True)
+    res = json.loads((run / "survival_cv.json").read_text())
+    for c in res["cohorts"].values():
+        for fo in c["folds"]:
+            fo["patients"] = {"train": fo["n"]["train"] // 2, "validation": 2}
+            fo["validation_pairs"] = 5
+        c["models"]["bp_pretrained"]["selected"] = [
+            {"lr": 3e-4, "validation": {"0.0003": 1.0, "0.001": 1.0, "0.003": 0.5}},  # tie
+            {"lr": 1e-3, "validation": {"0.0003": 0.5, "0.001": 0.75, "0.003": 0.5}},  # a real pick
+        ]
+        c["models"]["bp_random"]["selected"] = [
+            {"lr": 3e-4, "validation": {"0.0003": float("nan"), "0.001": float("nan")}},  # nothing ranked: a tie
+            {"lr": 3e-4, "validation": {"0.0003": 0.6}},  # one rate: no choice, not counted
+        ]
+    (run / "survival_cv.json").write_text(json.dumps(res))
+    full = _write_run(tmp_path / "f", 1.0, 0.3, 0.64, rng_seed=2)
+    summary = le.main(["--runs", str(run), str(full), "--output_dir", str(tmp_path / "o")])
+    q = summary["fractions"][0]
+    assert q["lr_ties"] == {"bp_pretrained": {"tied": 2, "folds": 4}, "bp_random": {"tied": 2, "folds": 2}}
+    assert q["train_patients_per_fold"]["median"] == 11 and q["validation_patients_per_fold"]["median"] == 2
+    assert q["validation_pairs_per_fold"] == {"median": 5.0}
+    md = (tmp_path / "o" / "label_efficiency.md").read_text()
+    assert "bp_pretrained 2 of 4 folds at 0.25" in md and "median ranked validation pairs per fold: 5 at 0.25" in md
