@@ -257,9 +257,44 @@ def test_readme_example_runs_with_both_head_types_from_a_pretrained_backbone(coh
     probs = preds.filter(like="prob_").to_numpy()
     assert len(preds) == results["test"]["n"] and np.isfinite(probs).all()
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    kept = results["train"]["best_checkpoint"]  # which evaluation --load_best_model_at_end kept, recorded
+    assert kept["metric"] == "eval_auroc" and kept["evaluations"] == 2 and kept["epoch"] in (1.0, 2.0)
+    assert kept["value"] == pytest.approx(results["validation"]["auroc"], abs=1e-4) and kept["tied_evaluations"] >= 1
+    assert "| checkpoint kept | epoch " in (out / "README.md").read_text()
     model = bp.BioPerceiverForSequenceClassification.from_pretrained(out)
     assert model.config.head_type == head_type
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_best_checkpoint_names_the_kept_evaluation_and_its_ties():
+    """The Trainer keeps the first of tied bests: the record says which epoch that was and how many tied."""
+    from types import SimpleNamespace
+
+    from bioperceiver.cards import _kept_text
+    from bioperceiver.training.finetune_loop import best_checkpoint
+
+    history = [
+        {"loss": 1.0, "step": 2, "epoch": 1.0},
+        {"eval_c_index": 1.0, "step": 2, "epoch": 1.0},
+        {"eval_c_index": 0.5, "step": 4, "epoch": 2.0},
+        {"eval_c_index": 1.0, "step": 6, "epoch": 3.0},
+    ]
+    state = SimpleNamespace(best_model_checkpoint="out/checkpoint-2", best_metric=1.0, log_history=history)
+    args = SimpleNamespace(load_best_model_at_end=True, metric_for_best_model="c_index")
+    kept = best_checkpoint(state, args)
+    assert kept == {
+        "metric": "eval_c_index",
+        "value": 1.0,
+        "step": 2,
+        "epoch": 1.0,
+        "evaluations": 3,
+        "tied_evaluations": 2,
+    }
+    assert _kept_text(kept) == (
+        "epoch 1, best validation c_index 1.0000 of 3 evaluations (1 later evaluation(s) tied; the first is kept)"
+    )
+    assert best_checkpoint(state, SimpleNamespace(load_best_model_at_end=False, metric_for_best_model="x")) is None
+    assert best_checkpoint(SimpleNamespace(best_model_checkpoint=None), args) is None
 
 
 def test_predict_ensemble_names_bad_model_dirs(cohort, tmp_path):

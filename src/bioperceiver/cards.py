@@ -460,6 +460,19 @@ def describe_base_model(base) -> str | None:
     return f"a local folder `{path.name}` ({weights.name} sha256 {digest.hexdigest()[:16]}…)"
 
 
+def _kept_text(kept: dict | None) -> str | None:
+    """The card's "checkpoint kept" row: which evaluation ``--load_best_model_at_end`` kept, and its ties."""
+    if not kept:
+        return None
+    where = f"epoch {kept['epoch']:g}" if kept.get("epoch") is not None else f"step {kept['step']}"
+    ties = kept["tied_evaluations"] - 1
+    return (
+        f"{where}, best validation {kept['metric'].removeprefix('eval_')} {kept['value']:.4f} of "
+        f"{kept['evaluations']} evaluations"
+        + (f" ({ties} later evaluation(s) tied; the first is kept)" if ties > 0 else "")
+    )
+
+
 def finetuning_card(
     *,
     config,
@@ -537,6 +550,7 @@ def finetuning_card(
         "modalities used": ", ".join(data_args.get("modalities") or config.modality_names),
         "label fraction": data_args.get("label_fraction"),
         "epochs": training_args.num_train_epochs,
+        "checkpoint kept": _kept_text(results.get("train", {}).get("best_checkpoint")),
         "batch size per device": training_args.per_device_train_batch_size,
         "learning rate": training_args.learning_rate,
         "weight decay": training_args.weight_decay,

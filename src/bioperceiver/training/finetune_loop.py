@@ -308,8 +308,18 @@ def run_finetuning(
         if resume:
             logger.info("resuming run %s from %s", record["run_id"], resume)
         train_result = trainer.train(resume_from_checkpoint=resume)
-        results["train"] = train_result.metrics
+        results["train"] = dict(train_result.metrics)
         trainer.log_metrics("train", train_result.metrics)
+        if kept := best_checkpoint(trainer.state, training_args):
+            results["train"]["best_checkpoint"] = kept
+            logger.info(
+                "kept the checkpoint of epoch %s (validation %s %.4f; %d of %d evaluations tied with it)",
+                kept["epoch"],
+                kept["metric"],
+                kept["value"],
+                kept["tied_evaluations"],
+                kept["evaluations"],
+            )
     if dp is not None:
         results["privacy"] = privacy_results(trainer, model_args, data_args, train_recs)
         clear_grad_samples(trainer.model)
@@ -331,6 +341,30 @@ def run_finetuning(
             train_recs,
         )
     return results
+
+
+def best_checkpoint(state, training_args: TrainingArguments) -> dict | None:
+    """The checkpoint ``--load_best_model_at_end`` kept (``all_results.json["train"]["best_checkpoint"]``, the card):
+    its step and epoch, the metric and its value, how many evaluations there were and how many tied with the kept
+    one. The Trainer keeps the *first* of tied bests, so with a small validation split (few ranked pairs, a C-index
+    of 1.0 at several epochs) many ties mean the earliest checkpoint was kept, not a better one. ``None`` when no
+    best checkpoint was tracked."""
+    if not training_args.load_best_model_at_end or not state.best_model_checkpoint:
+        return None
+    metric = training_args.metric_for_best_model or "loss"
+    key = metric if metric.startswith("eval_") else f"eval_{metric}"
+    evals = [h for h in state.log_history if key in h]
+    step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[-1])  # checkpoint-<global step>
+    at = next((h for h in evals if h.get("step") == step), {})
+    best = float(state.best_metric)
+    return {
+        "metric": key,
+        "value": best,
+        "step": step,
+        "epoch": at.get("epoch"),
+        "evaluations": len(evals),
+        "tied_evaluations": sum(1 for h in evals if math.isclose(float(h[key]), best, rel_tol=1e-9, abs_tol=1e-12)),
+    }
 
 
 def normalise_arguments(model_args: ModelArguments, training_args: TrainingArguments) -> None:
