@@ -268,7 +268,7 @@ class BPRunner:
             "--save_total_limit",
             "1",
             "--load_best_model_at_end",
-            "true",
+            "false" if cfg.get("keep_last") else "true",  # keep_last: the last epoch, no checkpoint selection
             "--metric_for_best_model",
             primary,
             "--greater_is_better",
@@ -325,6 +325,7 @@ class BPRunner:
             "split_sizes": res.get("split_sizes"),
             "linear_term": res.get("linear_term"),  # a wide & deep run's pre-fit (penalty, the term alone's scores)
             "train_runtime_s": res.get("train", {}).get("train_runtime"),
+            "best_checkpoint": res.get("train", {}).get("best_checkpoint"),  # which epoch was kept, and its ties
             "wall_s": round(wall, 1),
             "argv": argv,
             # run_finetune evaluates (checkpoint choice, validation, test) without modality dropout since b04023b

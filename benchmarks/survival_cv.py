@@ -717,6 +717,8 @@ def bp_config(args, model: str, modalities=tuple(MODALITIES)) -> dict:
         cfg["head_linear"] = linear
         if len(linear) > 1 and getattr(args, "bp_head_linear_per_modality", False):
             cfg["head_linear_per_modality"] = True
+    if arm["mode"] == "full" and getattr(args, "bp_keep_last", False):
+        cfg["keep_last"] = True
     if not arm["pretrained"] and getattr(args, "random_processor_settings", None):  # the pretrained arm: its own
         cfg["processor_settings"] = str(Path(args.random_processor_settings).resolve())
     return cfg
@@ -776,6 +778,8 @@ def lr_grid_record(
     }
     if "term_alone_test" in best:  # the kept run's pre-fitted linear term alone (reported only)
         out["term_alone_test"] = best["term_alone_test"]
+    if "best_checkpoint" in best:  # the kept run's kept epoch
+        out["best_checkpoint"] = best["best_checkpoint"]
     return out
 
 
@@ -980,6 +984,7 @@ def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str, 
         tag += "_wide" if cfg["head_linear"] == ["tabular_clinical"] else "_wide_" + "_".join(cfg["head_linear"])
         tag += "_pm" if cfg.get("head_linear_per_modality") else ""
     tag += f"_{Path(cfg['processor_settings']).stem}" if "processor_settings" in cfg else ""
+    tag += "_last" if cfg.get("keep_last") else ""
     tag += "".join(f"_{m}" for m in args.bp_modalities or ())
     tag += f"_tf{args.train_fraction:g}" if data_settings(args) else ""
     tag += "_val" if subsample_validation(args) else ""
@@ -997,6 +1002,8 @@ def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str, 
     pred = r["pred"].set_index("sample_id")
     risk = pred.loc[[str(i) for i in part["test"]], "risk"].to_numpy(float)
     out = {"validation": r["validation"], "test": r["test"], "risk_test": risk.tolist(), "epochs": r["epochs"]}
+    if r.get("best_checkpoint"):  # the epoch --load_best_model_at_end kept and how many evaluations tied with it
+        out["best_checkpoint"] = {k: r["best_checkpoint"][k] for k in ("epoch", "evaluations", "tied_evaluations")}
     if (alone := (r.get("linear_term") or {}).get("term_alone", {}).get("test")) is not None:
         out["term_alone_test"] = alone  # the pre-fitted linear term alone: reported, never selected on
     return out
@@ -1278,6 +1285,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="trained arms: these modalities (default, no value: tabular_clinical) also reach the risk through a "
         "linear term beside the head (wide & deep, run_finetune --head_linear_modalities; fitted on the training "
         "rows with its ridge penalty chosen on validation before finetuning); only where a cohort has them",
+    )
+    p.add_argument(
+        "--bp_keep_last",
+        action="store_true",
+        help="full-finetuning arms keep the last epoch's model instead of the epoch with the best validation C-index "
+        "(no checkpoint selection; the learning rate is still chosen on validation): with few validation patients "
+        "the C-index ties across epochs and the earliest tied checkpoint is kept",
     )
     p.add_argument(
         "--bp_head_linear_per_modality",

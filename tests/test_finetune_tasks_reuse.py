@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
 from script_loader import load_script
 
 ft = load_script("benchmarks/finetune_tasks.py")
@@ -32,3 +33,28 @@ def test_recorded_run_reused_only_when_identical(tmp_path, capsys):
     assert ft.BPRunner._reusable(runner, "t", argv, out, "c_index") is None
     assert "holds other results than recorded" in capsys.readouterr().out
     assert ft.BPRunner._reusable(runner, "unknown", argv, out, "c_index") is None
+
+
+def test_keep_last_turns_checkpoint_selection_off(tmp_path):
+    """cfg keep_last (survival_cv --bp_keep_last): the run keeps its last epoch (--load_best_model_at_end false);
+    otherwise the best validation checkpoint, as before."""
+    from types import SimpleNamespace
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def main(argv):
+        seen.append(argv)
+        raise Stop
+
+    runner = object.__new__(ft.BPRunner)
+    runner.args, runner.reuse, runner.runs = SimpleNamespace(work_dir=str(tmp_path), quick=False), {}, []
+    runner.rf = SimpleNamespace(DataArguments=object, main=main)
+    cfg = {"pretrained": False, "mode": "full", "lr": 1e-3, "epochs": 3}
+    for keep_last, expected in ((False, "true"), (True, "false")):
+        with pytest.raises(Stop):
+            runner.run("t", tmp_path / "m.parquet", ["--task", "survival"], {**cfg, "keep_last": keep_last})
+        argv = seen[-1]
+        assert argv[argv.index("--load_best_model_at_end") + 1] == expected

@@ -789,6 +789,30 @@ def test_subsample_validation_draws_the_validation_part_with_the_same_share_and_
     assert not cv.subsample_validation(cv.parse_args(["--subsample_validation"]))
 
 
+def test_keep_last_reaches_the_full_arms_cache_keys_and_run_folders(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    args = cv.parse_args(["--bp_keep_last"])
+    assert cv.bp_config(args, "bp_random")["keep_last"] is True
+    assert "keep_last" not in cv.bp_config(args, "bp_pretrained_probe")  # a probe has no epochs to select among
+    assert "keep_last" not in cv.bp_config(cv.parse_args([]), "bp_random")  # earlier cache keys stay valid
+    monkeypatch.setattr(cv.ft, "write_split_manifest", lambda *a, **k: None)
+    calls = []
+
+    class Runner:
+        def run(self, tag, path, task_args, cfg, *, seed, modalities, extra):
+            calls.append((tag, cfg))
+            pred = pd.DataFrame({"sample_id": ["c"], "risk": [0.5]})
+            kept = {"epoch": 15.0, "evaluations": 15, "tied_evaluations": 1, "step": 30, "value": 0.7}
+            return {"pred": pred, "validation": 0.6, "test": 0.7, "epochs": 15, "best_checkpoint": kept}
+
+    rows = pd.DataFrame({"patient_id": list("abc"), "tabular_clinical": [None] * 3}, index=list("abc"))
+    part = {"train": np.array(["a"]), "validation": np.array(["b"]), "test": np.array(["c"])}
+    rec = cv.run_bp(args, SimpleNamespace(base_dir=tmp_path), rows, part, Runner(), "coh", 0, "bp_random", lr=1e-3)
+    assert calls[-1][0] == "coh_f0_bp_random_lr0.001_last" and calls[-1][1]["keep_last"] is True
+    assert rec["best_checkpoint"] == {"epoch": 15.0, "evaluations": 15, "tied_evaluations": 1}
+
+
 def test_fold_record_counts_patients_and_the_pairs_validation_ranks():
     """Two rows per patient: the record counts patients apart from rows, and the validation pairs are Harrell's
     admissible pairs (brute force: an event strictly before another time, or at it when the other is censored)."""
