@@ -850,6 +850,46 @@ def _seed_parts() -> list[Part]:
             optional=True,
         )
     )
+    # the 25% shrunk-validation runs again keeping each run's last epoch (--bp_keep_last): on 5-8 validation patients
+    # the C-index ties across epochs and the earliest tied checkpoint is kept; same seeds, baselines read back
+    last_runs = {}
+    for pre, init in ((0, 0), (0, 1), (1, 1), (2, 2)):
+        first = "survival_cv_labeff_tf0.25_val"
+        suffix = "" if (pre, init) == (0, 0) else "_init1" if pre == 0 else f"_pre{pre}"
+        run = f"{first}_last{suffix}"
+        backbones = "pretrain_cvfolds" if pre == 0 else f"pretrain_cvfolds_seed{pre}"
+        parts.append(
+            Part(
+                run,
+                f"{first}{suffix} keeping the last epoch instead of the best validation checkpoint",
+                _survival(
+                    f"{W}/survset/{run}",
+                    f"{W}/survset/cv_cohort",
+                    pretrained=f"{W}/survset/{backbones}/fold{{fold}}/final",
+                    arms=FINETUNED_ARMS[:2],
+                    extra=(
+                        *("--bp_lrs", *LR_GRID, "--train_fraction", "0.25", "--subsample_validation"),
+                        *("--bp_keep_last", "--init_seed", str(init), "--reuse_cache", f"{W}/survset/{first}"),
+                    ),
+                ),
+                f"survset/{run}/survival_cv.json",
+                needs=[first, *(f"survset_pretrain_{'' if pre == 0 else f'seed{pre}_'}fold{k}" for k in range(5))],
+                minutes=8,
+                optional=True,
+            )
+        )
+        last_runs[f"pre{pre}_init{init}"] = run
+    parts.append(
+        Part(
+            "survset_seed_spread_labeff_tf0.25_val_last",
+            "the four last-epoch runs combined (pretrained - random init, - best baseline; runs and patients)",
+            _seed_spread("seed_spread_labeff_tf0.25_val_last", last_runs),
+            "survset/seed_spread_labeff_tf0.25_val_last/seed_spread.json",
+            needs=list(last_runs.values()),
+            minutes=0.5,
+            optional=True,
+        )
+    )
     full = [r for r in runs if r.startswith(f"survival_cv_labeff_tf{LABEL_FRACTIONS[-1]}")]
     parts.append(
         Part(

@@ -294,6 +294,27 @@ def test_the_shrunk_validation_wide_and_deep_parts_read_the_baselines_back_from_
     assert runs[0].endswith(f"{plain}_wide_pm") and runs[1].endswith(plain)
 
 
+def test_the_last_epoch_parts_repeat_the_shrunk_validation_runs_without_checkpoint_selection():
+    parts = {p.name: p for p in evidence.PARTS}
+    runs = []
+    for suffix, backbones, init in (
+        ("", "pretrain_cvfolds", "0"),
+        ("_init1", "pretrain_cvfolds", "1"),
+        ("_pre1", "pretrain_cvfolds_seed1", "1"),
+        ("_pre2", "pretrain_cvfolds_seed2", "2"),
+    ):
+        run = f"survival_cv_labeff_tf0.25_val_last{suffix}"
+        runs.append(run)
+        argv = parts[run].argv
+        assert "--bp_keep_last" in argv and "--subsample_validation" in argv
+        assert argv[argv.index("--train_fraction") + 1] == "0.25" and argv[argv.index("--init_seed") + 1] == init
+        assert argv[argv.index("--pretrained_dir") + 1].endswith(f"survset/{backbones}/fold{{fold}}/final")
+        assert argv[argv.index("--reuse_cache") + 1].endswith("survset/survival_cv_labeff_tf0.25_val")
+        assert "survival_cv_labeff_tf0.25_val" in parts[run].needs
+    spread = parts["survset_seed_spread_labeff_tf0.25_val_last"]
+    assert spread.needs == runs and spread.argv[1] == "benchmarks/seed_spread.py"
+
+
 def test_the_wide_and_deep_label_efficiency_parts_add_the_term_to_the_25_percent_runs():
     parts = {p.name: p for p in evidence.PARTS}
     for init, plain in (("0", "survival_cv_labeff_tf0.25"), ("1", "survival_cv_labeff_tf0.25_init1")):
