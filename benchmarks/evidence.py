@@ -890,6 +890,43 @@ def _seed_parts() -> list[Part]:
             optional=True,
         )
     )
+    # the last epoch against the kept checkpoint, paired per seed pair; and at 100% for seed pair (0, 0)
+    parts.append(
+        Part(
+            "survival_cv_labeff_tf1_last",
+            "survival_cv_labeff_tf1 keeping the last epoch instead of the best validation checkpoint",
+            _survival(
+                f"{W}/survset/survival_cv_labeff_tf1_last",
+                f"{W}/survset/cv_cohort",
+                pretrained=f"{W}/survset/pretrain_cvfolds/fold{{fold}}/final",
+                arms=FINETUNED_ARMS[:2],
+                extra=(
+                    *("--bp_lrs", *LR_GRID, "--bp_keep_last"),
+                    *("--reuse_cache", f"{W}/survset/survival_cv_labeff_tf1"),
+                ),
+            ),
+            "survset/survival_cv_labeff_tf1_last/survival_cv.json",
+            needs=["survival_cv_labeff_tf1", *(f"survset_pretrain_fold{k}" for k in range(5))],
+            minutes=12,
+            optional=True,
+        )
+    )
+    first = "survival_cv_labeff_tf0.25_val"
+    versus = {f"{first}{s}": f"{first}_last{s}" for s in ("", "_init1", "_pre1", "_pre2")}
+    versus["survival_cv_labeff_tf1"] = "survival_cv_labeff_tf1_last"
+    for best, last in versus.items():
+        out = last.replace("survival_cv_", "versus_")
+        parts.append(
+            Part(
+                f"survset_{out}",
+                f"{last} - {best}, each arm paired on the same test patients",
+                _seed_spread(out, {"last": last, "best": best}, "--versus", "bp_pretrained", "bp_random"),
+                f"survset/{out}/seed_spread.json",
+                needs=[last, best],
+                minutes=0.5,
+                optional=True,
+            )
+        )
     full = [r for r in runs if r.startswith(f"survival_cv_labeff_tf{LABEL_FRACTIONS[-1]}")]
     parts.append(
         Part(

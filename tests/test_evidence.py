@@ -313,6 +313,16 @@ def test_the_last_epoch_parts_repeat_the_shrunk_validation_runs_without_checkpoi
         assert "survival_cv_labeff_tf0.25_val" in parts[run].needs
     spread = parts["survset_seed_spread_labeff_tf0.25_val_last"]
     assert spread.needs == runs and spread.argv[1] == "benchmarks/seed_spread.py"
+    full = parts["survival_cv_labeff_tf1_last"].argv
+    assert "--bp_keep_last" in full and "--train_fraction" not in full and "--subsample_validation" not in full
+    assert full[full.index("--reuse_cache") + 1].endswith("survset/survival_cv_labeff_tf1")
+    for last, best in (
+        *zip(runs, [r.replace("_last", "") for r in runs]),
+        ("survival_cv_labeff_tf1_last", "survival_cv_labeff_tf1"),
+    ):
+        versus = parts["survset_" + last.replace("survival_cv_", "versus_")]
+        listed = versus.argv[versus.argv.index("--runs") + 1 : versus.argv.index("--labels")]
+        assert [a.rsplit("/", 1)[-1] for a in listed] == [last, best] and "--versus" in versus.argv
 
 
 def test_the_wide_and_deep_label_efficiency_parts_add_the_term_to_the_25_percent_runs():
