@@ -5,6 +5,7 @@ and the README's finetuning example runs with both head types from a pretrained 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -266,7 +267,7 @@ def test_readme_example_runs_with_both_head_types_from_a_pretrained_backbone(coh
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_best_checkpoint_names_the_kept_evaluation_and_its_ties():
+def test_best_checkpoint_names_the_kept_evaluation_and_its_ties(caplog):
     """The Trainer keeps the first of tied bests: the record says which epoch that was and how many tied."""
     from types import SimpleNamespace
 
@@ -294,6 +295,14 @@ def test_best_checkpoint_names_the_kept_evaluation_and_its_ties():
         "epoch 1, best validation c_index 1.0000 of 3 evaluations (1 later evaluation(s) tied; the first is kept)"
     )
     assert best_checkpoint(state, SimpleNamespace(load_best_model_at_end=False, metric_for_best_model="x")) is None
+    from bioperceiver.training.finetune_loop import log_kept_checkpoint
+
+    with caplog.at_level(logging.INFO, logger="run_finetune"):
+        log_kept_checkpoint(kept)
+        log_kept_checkpoint({**kept, "tied_evaluations": 1})
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "1 later evaluations tied" in warned[0].getMessage()
+    assert "--load_best_model_at_end false" in warned[0].getMessage()
     assert best_checkpoint(SimpleNamespace(best_model_checkpoint=None), args) is None
 
 

@@ -312,14 +312,7 @@ def run_finetuning(
         trainer.log_metrics("train", train_result.metrics)
         if kept := best_checkpoint(trainer.state, training_args):
             results["train"]["best_checkpoint"] = kept
-            logger.info(
-                "kept the checkpoint of epoch %s (validation %s %.4f; %d of %d evaluations tied with it)",
-                kept["epoch"],
-                kept["metric"],
-                kept["value"],
-                kept["tied_evaluations"],
-                kept["evaluations"],
-            )
+            log_kept_checkpoint(kept)
     if dp is not None:
         results["privacy"] = privacy_results(trainer, model_args, data_args, train_recs)
         clear_grad_samples(trainer.model)
@@ -365,6 +358,23 @@ def best_checkpoint(state, training_args: TrainingArguments) -> dict | None:
         "evaluations": len(evals),
         "tied_evaluations": sum(1 for h in evals if math.isclose(float(h[key]), best, rel_tol=1e-9, abs_tol=1e-12)),
     }
+
+
+def log_kept_checkpoint(kept: dict) -> None:
+    """Which checkpoint was kept; a warning when later evaluations tied with it (the first of tied bests is kept)."""
+    text = (
+        f"kept the checkpoint of epoch {kept['epoch']} (validation {kept['metric']} {kept['value']:.4f}, best of "
+        f"{kept['evaluations']} evaluations)"
+    )
+    if kept["tied_evaluations"] > 1:
+        logger.warning(
+            "%s; %d later evaluations tied with it and the earliest was kept. A validation split this small cannot "
+            "tell these checkpoints apart: enlarge it, or keep the last epoch (--load_best_model_at_end false)",
+            text,
+            kept["tied_evaluations"] - 1,
+        )
+    else:
+        logger.info(text)
 
 
 def normalise_arguments(model_args: ModelArguments, training_args: TrainingArguments) -> None:
