@@ -835,6 +835,23 @@ def _seed_parts() -> list[Part]:
         )
     parts.append(
         Part(
+            "survset_seed_spread_labeff_tf0.25_val_wide_pm",
+            "the two wide & deep 25% shrunk-validation runs combined (runs and patients)",
+            _seed_spread(
+                "seed_spread_labeff_tf0.25_val_wide_pm",
+                {
+                    "init0": "survival_cv_labeff_tf0.25_val_wide_pm",
+                    "init1": "survival_cv_labeff_tf0.25_val_wide_pm_init1",
+                },
+            ),
+            "survset/seed_spread_labeff_tf0.25_val_wide_pm/seed_spread.json",
+            needs=["survival_cv_labeff_tf0.25_val_wide_pm", "survival_cv_labeff_tf0.25_val_wide_pm_init1"],
+            minutes=0.5,
+            optional=True,
+        )
+    )
+    parts.append(
+        Part(
             "survset_versus_labeff_tf0.25_val_wide_pm",
             "wide & deep - plain at 25% of the training and validation patients, seed pair (0, 0)",
             _seed_spread(

@@ -338,7 +338,10 @@ def plot(summary: dict, path: Path) -> Path:
         ax.set_xscale("log")
         ax.minorticks_off()
         ax.set_xticks(x, [f"{f:g}" for f in x])
-        ax.set_xlabel("share of each fold's training patients")
+        ax.set_xlabel(
+            "share of each fold's training "
+            + ("and validation patients" if summary.get("subsample_validation") else "patients")
+        )
         ax.legend(fontsize=8)
     left.set_ylabel("test C-index, mean over cohorts and runs")
     right.set_ylabel("pooled C-index difference (95% CI)")

@@ -289,6 +289,8 @@ def test_the_shrunk_validation_wide_and_deep_parts_read_the_baselines_back_from_
         assert argv[argv.index("--train_fraction") + 1] == "0.25" and "--subsample_validation" in argv
         assert "--bp_head_linear_per_modality" in argv and ("--init_seed" in argv) == (init == "1")
         assert argv[argv.index("--reuse_cache") + 1].endswith(f"survset/{plain}") and parts[run].needs == [plain]
+    spread = parts["survset_seed_spread_labeff_tf0.25_val_wide_pm"]
+    assert spread.needs == [f"{plain}_wide_pm", f"{plain}_wide_pm_init1"]
     versus = parts["survset_versus_labeff_tf0.25_val_wide_pm"]
     runs = versus.argv[versus.argv.index("--runs") + 1 : versus.argv.index("--labels")]
     assert runs[0].endswith(f"{plain}_wide_pm") and runs[1].endswith(plain)
