@@ -116,6 +116,65 @@ LABEL_FRACTIONS = ("0.25", "0.5", "1")  # the optional SurvSet label-efficiency 
 EXTRA_SEEDS = (1, 2, 3, 4)  # the optional seed-spread parts: pretraining seed s with --init_seed s
 
 
+SEED_PAIRS = ((0, 0), (0, 1), (1, 1), (2, 2))  # (pretraining seed, finetuning seed) of the label-efficiency runs
+WIDE_PM = ("--bp_head_linear", "omics_expression", "tabular_clinical", "--bp_head_linear_per_modality")
+WIDE_TEXT = "with the expression + clinical linear term, one ridge penalty per modality"
+LAST_TEXT = "keeping the last epoch instead of the best validation checkpoint"
+
+
+def _pair_suffix(pre: int, init: int) -> str:
+    """A label-efficiency run's folder suffix for its (pretraining seed, finetuning seed)."""
+    return "" if (pre, init) == (0, 0) else "_init1" if pre == 0 else f"_pre{pre}"
+
+
+def _seed_text(what: str, pre: int, init: int) -> str:
+    return f"{what}, fold-wise backbones of pretraining seed {pre}, finetuning seed {init}, lr grid"
+
+
+def _backbone_parts(pre: int) -> list[str]:
+    """The parts that pretrain the five fold-wise backbones of pretraining seed ``pre``."""
+    return [f"survset_pretrain_fold{k}" if pre == 0 else f"survset_pretrain_seed{pre}_fold{k}" for k in range(5)]
+
+
+def _finetuned(run: str, what: str, *extra: str, pre: int = 0, needs=(), minutes: float = 8) -> Part:
+    """Optional: ``survival_cv.py`` with the two finetuned arms on the fold-wise backbones of pretraining seed
+    ``pre``, the learning-rate grid, then ``extra``, into ``survset/<run>``."""
+    backbones = "pretrain_cvfolds" if pre == 0 else f"pretrain_cvfolds_seed{pre}"
+    argv = _survival(
+        f"{W}/survset/{run}",
+        f"{W}/survset/cv_cohort",
+        pretrained=f"{W}/survset/{backbones}/fold{{fold}}/final",
+        arms=FINETUNED_ARMS[:2],
+        extra=("--bp_lrs", *LR_GRID, *extra),
+    )
+    return Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=list(needs), minutes=minutes, optional=True)
+
+
+def _spread(out: str, runs: dict[str, str], what: str, *extra: str, name: str | None = None) -> Part:
+    """Optional: ``seed_spread.py`` over ``runs`` (label -> survset run folder) into ``survset/<out>``."""
+    return Part(
+        name or f"survset_{out}",
+        what,
+        _seed_spread(out, runs, *extra),
+        f"survset/{out}/seed_spread.json",
+        needs=list(runs.values()),
+        minutes=0.5,
+        optional=True,
+    )
+
+
+def _versus(out: str, a: str, b: str, what: str, labels=("last", "best"), name: str | None = None) -> Part:
+    """Optional: run ``a``'s finetuned arms against run ``b``'s, paired on the same test patients."""
+    return _spread(out, dict(zip(labels, (a, b))), what, "--versus", "bp_pretrained", "bp_random", name=name)
+
+
+def _curve(name: str, out: str, runs: list[str], what: str) -> Part:
+    """Optional: ``survival_label_efficiency.py`` over ``runs`` into ``survset/<out>``."""
+    argv = [PY, "benchmarks/survival_label_efficiency.py", "--runs", *(f"{W}/survset/{r}" for r in runs)]
+    argv += ["--output_dir", f"{W}/survset/{out}"]
+    return Part(name, what, argv, f"survset/{out}/label_efficiency.json", needs=list(runs), minutes=0.5, optional=True)
+
+
 def _seed_parts() -> list[Part]:
     """Optional: the fold-wise SurvSet backbones and embedding CV again with pretraining seeds 1-4 (``--init_seed``
     the same, so the random-init control is reseeded too), a second finetuning seed (``--init_seed 1``) for the
@@ -661,14 +720,11 @@ def _seed_parts() -> list[Part]:
     )
     # label efficiency: every model on 25% / 50% / all of each fold's training patients (validation and test
     # unchanged), the pretrained arm finetuning the fold-wise backbones (no test patient in pretraining), lr grid;
-    # four runs per fraction: (pretraining seed, finetuning seed) = (0, 0), (0, 1), (1, 1), (2, 2)
+    # four runs per fraction: (pretraining seed, finetuning seed) = SEED_PAIRS
     runs = []
     for f in LABEL_FRACTIONS:
-        for pre, init in ((0, 0), (0, 1), (1, 1), (2, 2)):
-            run = f"survival_cv_labeff_tf{f}" + (
-                "" if (pre, init) == (0, 0) else "_init1" if pre == 0 else f"_pre{pre}"
-            )
-            backbones = "pretrain_cvfolds" if pre == 0 else f"pretrain_cvfolds_seed{pre}"
+        for pre, init in SEED_PAIRS:
+            run = f"survival_cv_labeff_tf{f}{_pair_suffix(pre, init)}"
             # the baselines (and, for (1, 1), the random-init arm) are read back from the run before
             reuse = {
                 (0, 0): "survival_cv_lrgrid",
@@ -676,95 +732,40 @@ def _seed_parts() -> list[Part]:
                 (1, 1): f"survival_cv_labeff_tf{f}_init1",
                 (2, 2): f"survival_cv_labeff_tf{f}",
             }[(pre, init)]
-            extra = ["--bp_lrs", *LR_GRID, "--train_fraction", f, "--reuse_cache", f"{W}/survset/{reuse}"]
+            extra = ["--train_fraction", f, "--reuse_cache", f"{W}/survset/{reuse}"]
+            needs = [*_backbone_parts(pre), reuse]
             if (pre, init) == (0, 1):  # the full-data random-init arm at finetuning seed 1
                 extra.append(f"{W}/survset/survival_cv_lrgrid_init1")
+                needs.append("survival_cv_lrgrid_init1")
             if init:
                 extra += ["--init_seed", str(init)]
-            needs = [
-                f"survset_pretrain_fold{k}" if pre == 0 else f"survset_pretrain_seed{pre}_fold{k}" for k in range(5)
-            ]
-            needs.append(reuse)
-            if (pre, init) == (0, 1):
-                needs.append("survival_cv_lrgrid_init1")
-            parts.append(
-                Part(
-                    run,
-                    f"plain full finetuning on a {f} share of each fold's training patients, fold-wise backbones of "
-                    f"pretraining seed {pre}, finetuning seed {init}, lr grid",
-                    _survival(
-                        f"{W}/survset/{run}",
-                        f"{W}/survset/cv_cohort",
-                        pretrained=f"{W}/survset/{backbones}/fold{{fold}}/final",
-                        arms=FINETUNED_ARMS[:2],
-                        extra=tuple(extra),
-                    ),
-                    f"survset/{run}/survival_cv.json",
-                    needs=needs,
-                    minutes=10,
-                    optional=True,
-                )
-            )
+            what = f"plain full finetuning on a {f} share of each fold's training patients"
+            parts.append(_finetuned(run, _seed_text(what, pre, init), *extra, pre=pre, needs=needs, minutes=10))
             runs.append(run)
     # wide & deep (expression + clinical term, one penalty per modality) at 25%, seed pairs (0, 0) and (0, 1)
     for init in (0, 1):
         plain = "survival_cv_labeff_tf0.25" + ("_init1" if init else "")
         run = f"{plain.replace('_init1', '')}_wide_pm" + ("_init1" if init else "")
+        extra = ("--train_fraction", "0.25", *WIDE_PM, *(("--init_seed", "1") if init else ()))
         parts.append(
-            Part(
-                run,
-                f"{plain} with the expression + clinical linear term, one ridge penalty per modality",
-                _survival(
-                    f"{W}/survset/{run}",
-                    f"{W}/survset/cv_cohort",
-                    pretrained=f"{W}/survset/pretrain_cvfolds/fold{{fold}}/final",
-                    arms=FINETUNED_ARMS[:2],
-                    extra=(
-                        *("--bp_lrs", *LR_GRID, "--train_fraction", "0.25"),
-                        *("--bp_head_linear", "omics_expression", "tabular_clinical", "--bp_head_linear_per_modality"),
-                        *(("--init_seed", "1") if init else ()),
-                        *("--reuse_cache", f"{W}/survset/{plain}"),
-                    ),
-                ),
-                f"survset/{run}/survival_cv.json",
-                needs=[plain],
-                minutes=8,
-                optional=True,
-            )
+            _finetuned(run, f"{plain} {WIDE_TEXT}", *extra, "--reuse_cache", f"{W}/survset/{plain}", needs=[plain])
         )
     parts.append(
-        Part(
-            "survset_versus_labeff_tf0.25_wide_pm",
+        _versus(
+            "versus_labeff_tf0.25_wide_pm_init0",
+            "survival_cv_labeff_tf0.25_wide_pm",
+            "survival_cv_labeff_tf0.25",
             "wide & deep - plain at 25% of the training patients, seed pair (0, 0), paired on the same test patients",
-            _seed_spread(
-                "versus_labeff_tf0.25_wide_pm_init0",
-                {"wide_pm": "survival_cv_labeff_tf0.25_wide_pm", "plain": "survival_cv_labeff_tf0.25"},
-                "--versus",
-                "bp_pretrained",
-                "bp_random",
-            ),
-            "survset/versus_labeff_tf0.25_wide_pm_init0/seed_spread.json",
-            needs=["survival_cv_labeff_tf0.25_wide_pm", "survival_cv_labeff_tf0.25"],
-            minutes=0.5,
-            optional=True,
+            labels=("wide_pm", "plain"),
+            name="survset_versus_labeff_tf0.25_wide_pm",
         )
     )
     parts.append(
-        Part(
+        _curve(
             "survset_label_efficiency",
+            "label_efficiency",
+            runs,
             "the label-efficiency runs side by side: mean C-index, pooled differences and their trend per fraction",
-            [
-                PY,
-                "benchmarks/survival_label_efficiency.py",
-                "--runs",
-                *(f"{W}/survset/{r}" for r in runs),
-                "--output_dir",
-                f"{W}/survset/label_efficiency",
-            ],
-            "survset/label_efficiency/label_efficiency.json",
-            needs=runs,
-            minutes=0.5,
-            optional=True,
         )
     )
     # the same at 25% and 50% with the validation part drawn at the training share too (--subsample_validation: a
@@ -772,13 +773,10 @@ def _seed_parts() -> list[Part]:
     val_runs = []
     for f in LABEL_FRACTIONS[:-1]:
         first = f"survival_cv_labeff_tf{f}_val"
-        for pre, init in ((0, 0), (0, 1), (1, 1), (2, 2)):
-            run = first + ("" if (pre, init) == (0, 0) else "_init1" if pre == 0 else f"_pre{pre}")
-            backbones = "pretrain_cvfolds" if pre == 0 else f"pretrain_cvfolds_seed{pre}"
-            extra = ["--bp_lrs", *LR_GRID, "--train_fraction", f, "--subsample_validation"]
-            needs = [
-                f"survset_pretrain_fold{k}" if pre == 0 else f"survset_pretrain_seed{pre}_fold{k}" for k in range(5)
-            ]
+        for pre, init in SEED_PAIRS:
+            run = first + _pair_suffix(pre, init)
+            extra = ["--train_fraction", f, "--subsample_validation"]
+            needs = _backbone_parts(pre)
             if run != first:  # the baselines are fitted once per fraction and read back
                 extra += ["--reuse_cache", f"{W}/survset/{first}"]
                 needs.append(first)
@@ -787,180 +785,93 @@ def _seed_parts() -> list[Part]:
                 needs.append(f"{first}_init1")
             if init:
                 extra += ["--init_seed", str(init)]
-            parts.append(
-                Part(
-                    run,
-                    f"plain full finetuning on a {f} share of each fold's training and validation patients, fold-wise "
-                    f"backbones of pretraining seed {pre}, finetuning seed {init}, lr grid",
-                    _survival(
-                        f"{W}/survset/{run}",
-                        f"{W}/survset/cv_cohort",
-                        pretrained=f"{W}/survset/{backbones}/fold{{fold}}/final",
-                        arms=FINETUNED_ARMS[:2],
-                        extra=tuple(extra),
-                    ),
-                    f"survset/{run}/survival_cv.json",
-                    needs=needs,
-                    minutes=8,
-                    optional=True,
-                )
-            )
+            what = f"plain full finetuning on a {f} share of each fold's training and validation patients"
+            parts.append(_finetuned(run, _seed_text(what, pre, init), *extra, pre=pre, needs=needs))
             val_runs.append(run)
     # wide & deep at 25% with the validation part shrunk too, seed pairs (0, 0) and (0, 1), and its pairing with
     # the plain run: does the one arm that passed the baseline at 25% still pass when it selects on 25%?
+    plain = "survival_cv_labeff_tf0.25_val"
     for init in (0, 1):
-        plain = "survival_cv_labeff_tf0.25_val"
         run = f"{plain}_wide_pm" + ("_init1" if init else "")
+        extra = (
+            "--train_fraction",
+            "0.25",
+            "--subsample_validation",
+            *WIDE_PM,
+            *(("--init_seed", "1") if init else ()),
+        )
         parts.append(
-            Part(
-                run,
-                f"{plain} with the expression + clinical linear term, one ridge penalty per modality",
-                _survival(
-                    f"{W}/survset/{run}",
-                    f"{W}/survset/cv_cohort",
-                    pretrained=f"{W}/survset/pretrain_cvfolds/fold{{fold}}/final",
-                    arms=FINETUNED_ARMS[:2],
-                    extra=(
-                        *("--bp_lrs", *LR_GRID, "--train_fraction", "0.25", "--subsample_validation"),
-                        *("--bp_head_linear", "omics_expression", "tabular_clinical", "--bp_head_linear_per_modality"),
-                        *(("--init_seed", "1") if init else ()),
-                        *("--reuse_cache", f"{W}/survset/{plain}"),
-                    ),
-                ),
-                f"survset/{run}/survival_cv.json",
-                needs=[plain],
-                minutes=15,
-                optional=True,
+            _finetuned(
+                run, f"{plain} {WIDE_TEXT}", *extra, "--reuse_cache", f"{W}/survset/{plain}", needs=[plain], minutes=15
             )
         )
     parts.append(
-        Part(
-            "survset_seed_spread_labeff_tf0.25_val_wide_pm",
+        _spread(
+            "seed_spread_labeff_tf0.25_val_wide_pm",
+            {"init0": f"{plain}_wide_pm", "init1": f"{plain}_wide_pm_init1"},
             "the two wide & deep 25% shrunk-validation runs combined (runs and patients)",
-            _seed_spread(
-                "seed_spread_labeff_tf0.25_val_wide_pm",
-                {
-                    "init0": "survival_cv_labeff_tf0.25_val_wide_pm",
-                    "init1": "survival_cv_labeff_tf0.25_val_wide_pm_init1",
-                },
-            ),
-            "survset/seed_spread_labeff_tf0.25_val_wide_pm/seed_spread.json",
-            needs=["survival_cv_labeff_tf0.25_val_wide_pm", "survival_cv_labeff_tf0.25_val_wide_pm_init1"],
-            minutes=0.5,
-            optional=True,
         )
     )
     parts.append(
-        Part(
-            "survset_versus_labeff_tf0.25_val_wide_pm",
+        _versus(
+            "versus_labeff_tf0.25_val_wide_pm_init0",
+            f"{plain}_wide_pm",
+            plain,
             "wide & deep - plain at 25% of the training and validation patients, seed pair (0, 0)",
-            _seed_spread(
-                "versus_labeff_tf0.25_val_wide_pm_init0",
-                {"wide_pm": "survival_cv_labeff_tf0.25_val_wide_pm", "plain": "survival_cv_labeff_tf0.25_val"},
-                "--versus",
-                "bp_pretrained",
-                "bp_random",
-            ),
-            "survset/versus_labeff_tf0.25_val_wide_pm_init0/seed_spread.json",
-            needs=["survival_cv_labeff_tf0.25_val_wide_pm", "survival_cv_labeff_tf0.25_val"],
-            minutes=0.5,
-            optional=True,
+            labels=("wide_pm", "plain"),
+            name="survset_versus_labeff_tf0.25_val_wide_pm",
         )
     )
     # the 25% shrunk-validation runs again keeping each run's last epoch (--bp_keep_last): on 5-8 validation patients
     # the C-index ties across epochs and the earliest tied checkpoint is kept; same seeds, baselines read back
-    last_runs = {}
-    for pre, init in ((0, 0), (0, 1), (1, 1), (2, 2)):
-        first = "survival_cv_labeff_tf0.25_val"
-        suffix = "" if (pre, init) == (0, 0) else "_init1" if pre == 0 else f"_pre{pre}"
-        run = f"{first}_last{suffix}"
-        backbones = "pretrain_cvfolds" if pre == 0 else f"pretrain_cvfolds_seed{pre}"
+    last_runs, versus = {}, {}
+    for pre, init in SEED_PAIRS:
+        run = f"{plain}_last{_pair_suffix(pre, init)}"
+        extra = ("--train_fraction", "0.25", "--subsample_validation", "--bp_keep_last", "--init_seed", str(init))
+        what = f"{plain}{_pair_suffix(pre, init)} {LAST_TEXT}"
         parts.append(
-            Part(
+            _finetuned(
                 run,
-                f"{first}{suffix} keeping the last epoch instead of the best validation checkpoint",
-                _survival(
-                    f"{W}/survset/{run}",
-                    f"{W}/survset/cv_cohort",
-                    pretrained=f"{W}/survset/{backbones}/fold{{fold}}/final",
-                    arms=FINETUNED_ARMS[:2],
-                    extra=(
-                        *("--bp_lrs", *LR_GRID, "--train_fraction", "0.25", "--subsample_validation"),
-                        *("--bp_keep_last", "--init_seed", str(init), "--reuse_cache", f"{W}/survset/{first}"),
-                    ),
-                ),
-                f"survset/{run}/survival_cv.json",
-                needs=[first, *(f"survset_pretrain_{'' if pre == 0 else f'seed{pre}_'}fold{k}" for k in range(5))],
-                minutes=8,
-                optional=True,
+                what,
+                *extra,
+                "--reuse_cache",
+                f"{W}/survset/{plain}",
+                pre=pre,
+                needs=[plain, *_backbone_parts(pre)],
             )
         )
         last_runs[f"pre{pre}_init{init}"] = run
+        versus[plain + _pair_suffix(pre, init)] = run
     parts.append(
-        Part(
-            "survset_seed_spread_labeff_tf0.25_val_last",
+        _spread(
+            "seed_spread_labeff_tf0.25_val_last",
+            last_runs,
             "the four last-epoch runs combined (pretrained - random init, - best baseline; runs and patients)",
-            _seed_spread("seed_spread_labeff_tf0.25_val_last", last_runs),
-            "survset/seed_spread_labeff_tf0.25_val_last/seed_spread.json",
-            needs=list(last_runs.values()),
-            minutes=0.5,
-            optional=True,
         )
     )
-    # the last epoch against the kept checkpoint, paired per seed pair; and at 100% for seed pair (0, 0)
+    # the last epoch at 100% for seed pair (0, 0), and every last-epoch run against its kept-checkpoint run
     parts.append(
-        Part(
+        _finetuned(
             "survival_cv_labeff_tf1_last",
-            "survival_cv_labeff_tf1 keeping the last epoch instead of the best validation checkpoint",
-            _survival(
-                f"{W}/survset/survival_cv_labeff_tf1_last",
-                f"{W}/survset/cv_cohort",
-                pretrained=f"{W}/survset/pretrain_cvfolds/fold{{fold}}/final",
-                arms=FINETUNED_ARMS[:2],
-                extra=(
-                    *("--bp_lrs", *LR_GRID, "--bp_keep_last"),
-                    *("--reuse_cache", f"{W}/survset/survival_cv_labeff_tf1"),
-                ),
-            ),
-            "survset/survival_cv_labeff_tf1_last/survival_cv.json",
-            needs=["survival_cv_labeff_tf1", *(f"survset_pretrain_fold{k}" for k in range(5))],
+            f"survival_cv_labeff_tf1 {LAST_TEXT}",
+            "--bp_keep_last",
+            "--reuse_cache",
+            f"{W}/survset/survival_cv_labeff_tf1",
+            needs=["survival_cv_labeff_tf1", *_backbone_parts(0)],
             minutes=12,
-            optional=True,
         )
     )
-    first = "survival_cv_labeff_tf0.25_val"
-    versus = {f"{first}{s}": f"{first}_last{s}" for s in ("", "_init1", "_pre1", "_pre2")}
     versus["survival_cv_labeff_tf1"] = "survival_cv_labeff_tf1_last"
     for best, last in versus.items():
         out = last.replace("survival_cv_", "versus_")
-        parts.append(
-            Part(
-                f"survset_{out}",
-                f"{last} - {best}, each arm paired on the same test patients",
-                _seed_spread(out, {"last": last, "best": best}, "--versus", "bp_pretrained", "bp_random"),
-                f"survset/{out}/seed_spread.json",
-                needs=[last, best],
-                minutes=0.5,
-                optional=True,
-            )
-        )
+        parts.append(_versus(out, last, best, f"{last} - {best}, each arm paired on the same test patients"))
     full = [r for r in runs if r.startswith(f"survival_cv_labeff_tf{LABEL_FRACTIONS[-1]}")]
     parts.append(
-        Part(
+        _curve(
             "survset_label_efficiency_val",
+            "label_efficiency_val",
+            val_runs + full,
             "the label-efficiency curve with validation shrunk with training (full-data runs as above)",
-            [
-                PY,
-                "benchmarks/survival_label_efficiency.py",
-                "--runs",
-                *(f"{W}/survset/{r}" for r in val_runs + full),
-                "--output_dir",
-                f"{W}/survset/label_efficiency_val",
-            ],
-            "survset/label_efficiency_val/label_efficiency.json",
-            needs=val_runs + full,
-            minutes=0.5,
-            optional=True,
         )
     )
     return parts
