@@ -239,12 +239,9 @@ def subsample_train(
                 keep.extend(ids[: min(len(ids), max(2, math.ceil(fraction * len(ids))))])
             new[name] = rows.index[rows["patient"].isin(keep)].to_numpy()
         if validation and times is not None:
-            from bioperceiver.evaluation.metrics import concordance_counts
 
             def pairs(ids) -> int:
-                return int(
-                    concordance_counts(times.loc[ids].to_numpy(float), np.zeros(len(ids)), events.loc[ids])[2][0]
-                )
+                return ranked_pairs(times.loc[ids], events.loc[ids])
 
             va = new["validation"]
             if pairs(va) == 0:
@@ -257,6 +254,14 @@ def subsample_train(
                 )
         out.append(new)
     return out
+
+
+def ranked_pairs(time, event) -> int:
+    """How many pairs Harrell's C-index ranks among these samples (its admissible pairs; 0: no C-index)."""
+    from bioperceiver.evaluation.metrics import concordance_counts
+
+    time = np.asarray(time, float)
+    return int(concordance_counts(time, np.zeros(len(time)), np.asarray(event, int))[2][0])
 
 
 def data_settings(args) -> dict:
@@ -808,21 +813,13 @@ def select_by_validation(full: list[dict], probe: list[dict], names: tuple[str, 
 def fold_record(rows: pd.DataFrame, part: dict[str, np.ndarray], k: int) -> dict:
     """What a fold's report records about its parts: rows, events and patients per part, the pairs its validation
     C-index ranks (every selection is made on them; few pairs mean many ties) and the test rows' ids."""
-    from bioperceiver.evaluation.metrics import concordance_counts
-
     va = part["validation"]
     return {
         "fold": k,
         "n": {s: len(part[s]) for s in part},
         "events": {s: int(rows.loc[part[s], "label_survival_event"].sum()) for s in part},
         "patients": {s: int(rows.loc[part[s], "patient_id"].nunique()) for s in part},
-        "validation_pairs": int(
-            concordance_counts(
-                rows.loc[va, "label_survival_time"].to_numpy(float),
-                np.zeros(len(va)),
-                rows.loc[va, "label_survival_event"].to_numpy(int),
-            )[2][0]
-        ),
+        "validation_pairs": ranked_pairs(rows.loc[va, "label_survival_time"], rows.loc[va, "label_survival_event"]),
         "test_ids": list(part["test"]),
     }
 
