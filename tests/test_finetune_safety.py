@@ -280,7 +280,9 @@ def test_best_checkpoint_names_the_kept_evaluation_and_its_ties(caplog):
         {"eval_c_index": 0.5, "step": 4, "epoch": 2.0},
         {"eval_c_index": 1.0, "step": 6, "epoch": 3.0},
     ]
-    state = SimpleNamespace(best_model_checkpoint="out/checkpoint-2", best_metric=1.0, log_history=history)
+    state = SimpleNamespace(
+        best_model_checkpoint="out/checkpoint-2", best_global_step=2, best_metric=1.0, log_history=history
+    )
     args = SimpleNamespace(load_best_model_at_end=True, metric_for_best_model="c_index")
     kept = best_checkpoint(state, args)
     assert kept == {
@@ -304,6 +306,8 @@ def test_best_checkpoint_names_the_kept_evaluation_and_its_ties(caplog):
     assert len(warned) == 1 and "1 later evaluations tied" in warned[0].getMessage()
     assert "--load_best_model_at_end false" in warned[0].getMessage()
     assert best_checkpoint(SimpleNamespace(best_model_checkpoint=None), args) is None
+    older = SimpleNamespace(best_model_checkpoint="out/checkpoint-2", best_metric=1.0, log_history=history)
+    assert best_checkpoint(older, args) == kept  # a state without best_global_step: read from the folder name
 
 
 def test_predict_ensemble_names_bad_model_dirs(cohort, tmp_path):

@@ -347,7 +347,9 @@ def best_checkpoint(state, training_args: TrainingArguments) -> dict | None:
     metric = training_args.metric_for_best_model or "loss"
     key = metric if metric.startswith("eval_") else f"eval_{metric}"
     evals = [h for h in state.log_history if key in h]
-    step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[-1])  # checkpoint-<global step>
+    step = getattr(state, "best_global_step", None)
+    if step is None:  # states saved before transformers tracked it: the folder is checkpoint-<global step>
+        step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[-1])
     at = next((h for h in evals if h.get("step") == step), {})
     best = float(state.best_metric)
     return {
