@@ -104,6 +104,24 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(run_config):
     assert re.search(r"\| samples seen \| 48 \|", resumed_card)
 
 
+def test_two_runs_in_one_process_may_use_different_precisions(tmp_path):
+    """A notebook or sweep calling ``run_pretraining`` twice: the second run gets its own mixed precision (accelerate
+    keeps one AcceleratorState per process and refused the change before), and each card records its own."""
+    import logging
+
+    from bioperceiver.training import load_run_config
+    from bioperceiver.training.loop import run_pretraining
+
+    logging.getLogger("bioperceiver").setLevel(logging.WARNING)
+    path = synthetic_run_config(tmp_path, max_steps=2, warmup_steps=1, batch_size=8, save_steps=2, keep_last=1)
+    for precision in ("no", "bf16", "no"):
+        out = tmp_path / f"run_{precision}_{len(list(tmp_path.glob('run_*')))}"
+        cfg = load_run_config(path, [f"output_dir={out}", f"train.mixed_precision={precision}"])
+        result = run_pretraining(cfg)
+        assert result["steps"] == 2 and result["losses_finite"], precision
+        assert re.search(rf"mixed precision\W+{precision}\b", (out / "final" / "README.md").read_text()), precision
+
+
 def test_shipped_run_configs_parse():
     """Every shipped run YAML parses against the typed config, with overrides applied on top."""
     from bioperceiver.training import PretrainConfig, load_run_config

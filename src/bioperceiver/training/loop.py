@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
+from accelerate.state import AcceleratorState
 from accelerate.utils import RNG_STATE_NAME, DistributedType, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -434,6 +435,9 @@ def make_accelerator(config: PretrainConfig, trackers: list[str]) -> Accelerator
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
     # a batch rarely holds every modality: the embedders of absent ones get no gradient that step
     handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    # a second run in the same process (a notebook, a sweep) may want another precision or DeepSpeed plugin: forget
+    # the previous run's accelerator settings, as transformers' TrainingArguments does, but keep the process group
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         gradient_accumulation_steps=tr.gradient_accumulation_steps,
         mixed_precision=tr.mixed_precision,
