@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One-GPU benchmark suite for issue 16 (under ~8 minutes on one H100/H200-class GPU): bf16 encoder step time,
-# achieved FLOP/s and MFU of the base preset at 16k and 64k tokens, padded vs packed (and HF PerceiverModel),
-# via benchmarks/backbone.py (each point in a fresh process, MFU against a measured bf16 matmul peak); writes JSON
-# under $OUT (default benchmarks/results/gpu_suite/). CI never runs it.
+# One-GPU suite (under ~8 minutes on one H100/H200-class GPU). First the CUDA-only tests (tests/test_cuda.py: the
+# flash varlen kernel of the packed encoder against float64, packed vs padded under bf16 autocast, a bf16 pretraining
+# run), then issue 16's benchmark: bf16 encoder step time, achieved FLOP/s and MFU of the base preset at 16k and 64k
+# tokens, padded vs packed (and HF PerceiverModel), via benchmarks/backbone.py (each point in a fresh process, MFU
+# against a measured bf16 matmul peak). Writes a JUnit XML and JSON under $OUT (default
+# benchmarks/results/gpu_suite/). CI never runs it.
 #
 #   benchmarks/gpu_suite.sh              # on a GPU machine
 #   benchmarks/gpu_suite.sh --dry-run    # print the commands; no GPU needed
@@ -25,7 +27,12 @@ run() {
   if [ "$MODE" != "--dry-run" ]; then "$@"; fi
 }
 start=$(date +%s)
+tests_rc=0
+if [ "$MODE" != "--cpu-smoke" ]; then  # (on CPU every test in the file skips)
+  run timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py --junitxml "$OUT/test_cuda.xml" || tests_rc=$?
+fi
 run timeout 420 "$PY" benchmarks/backbone.py --device "$DEVICE" --dtype "$DTYPE" --preset "$PRESET" \
   --tokens $TOKENS --batch "$BATCH" --iters "$ITERS" --repeats "$REPEATS" \
   --impls bioperceiver bioperceiver_packed hf_perceiver --output "$OUT/backbone_${PRESET}_${DEVICE}_${DTYPE}.json"
 echo "gpu_suite: done in $(( $(date +%s) - start )) s; results in $OUT"
+exit "$tests_rc"  # the benchmark ran either way; a failed CUDA test still fails the suite

@@ -253,10 +253,12 @@ def merge_lora(model: Any) -> nn.Module:
 
 
 @torch.no_grad()
-def compute_latents(model: nn.Module, batches, device: torch.device | str = "cpu") -> torch.Tensor:
+def compute_latents(model: nn.Module, batches, device: torch.device | str | None = None) -> torch.Tensor:
     """The frozen backbone's ``last_hidden_state`` for every batch (``{"inputs": ...}``), concatenated on CPU:
-    the cache a linear probe trains on instead of re-running the encoder every epoch."""
+    the cache a linear probe trains on instead of re-running the encoder every epoch. ``device``: where the
+    batches go (default: the backbone's, e.g. the GPU the model was moved to)."""
     backbone = model.bioperceiver
+    device = next(backbone.parameters()).device if device is None else device
     was_training = backbone.training
     backbone.eval()
     out = []

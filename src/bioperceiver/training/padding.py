@@ -55,8 +55,11 @@ class RankPadder:
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["sample_id"])
+        # the row was collated on CPU; the batch may already be on the GPU (accelerate's prepared loader)
+        device = next((t.device for arrays in batch["inputs"].values() for t in arrays.values()), torch.device("cpu"))
         inputs = {}
         for name, pad in self.row.items():
+            pad = {k: t.to(device) for k, t in pad.items()}
             real = batch["inputs"].get(name)
             if real is None:  # nobody in the batch has it: n all-absent rows (values copied, masks False)
                 real = {

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..data.collator import select_rows
+from ..data.shards import batch_to_device
 from ..evaluation.bootstrap import Resampler
 from ..losses import ClipLoss, MultiViewLoss, SigLipLoss, grad_cache_step, local_only, patient_index
 from ..modalities.registry import get_modality
@@ -299,6 +300,8 @@ def evaluate(
             res = trainer.loss_fn(v, m)
             return v, m, res["loss"], res.get("uniform_loss")
 
+    # collated on CPU; the model may be on a GPU (its parameters there under DDP, ZeRO-3 and FSDP2 alike)
+    device = next(trainer.parameters()).device
     was_training = trainer.training
     trainer.eval()
     views, masks, losses, patients = [], [], [], []
@@ -307,7 +310,7 @@ def evaluate(
             batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], train=False)
             if batch is None:
                 continue
-            v, m, loss, uniform = trainer(batch["inputs"])
+            v, m, loss, uniform = trainer(batch_to_device(batch["inputs"], device))
             losses.append((float(loss), len(v), None if uniform is None else float(uniform)))
             views.append(v.float().cpu())
             masks.append(m.cpu())
