@@ -294,6 +294,8 @@ class BPRunner:
             argv += ["--warmup_steps", "0.1", "--lr_scheduler_type", "cosine"]
         if cfg.get("modality_dropout"):
             argv += ["--modality_dropout", str(cfg["modality_dropout"])]
+        if cfg.get("best_model_ties", "first") != "first":  # which of tied best epochs is kept (default: the first)
+            argv += ["--best_model_ties", cfg["best_model_ties"]]
         argv += list(extra)  # later flags win
         if modalities:
             argv += ["--modalities", *modalities]

@@ -724,6 +724,8 @@ def bp_config(args, model: str, modalities=tuple(MODALITIES)) -> dict:
             cfg["head_linear_per_modality"] = True
     if arm["mode"] == "full" and getattr(args, "bp_keep_last", False):
         cfg["keep_last"] = True
+    elif arm["mode"] == "full" and getattr(args, "bp_best_model_ties", "first") != "first":
+        cfg["best_model_ties"] = args.bp_best_model_ties
     if not arm["pretrained"] and getattr(args, "random_processor_settings", None):  # the pretrained arm: its own
         cfg["processor_settings"] = str(Path(args.random_processor_settings).resolve())
     return cfg
@@ -982,6 +984,7 @@ def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str, 
         tag += "_pm" if cfg.get("head_linear_per_modality") else ""
     tag += f"_{Path(cfg['processor_settings']).stem}" if "processor_settings" in cfg else ""
     tag += "_last" if cfg.get("keep_last") else ""
+    tag += f"_ties{cfg['best_model_ties']}" if "best_model_ties" in cfg else ""
     tag += "".join(f"_{m}" for m in args.bp_modalities or ())
     tag += f"_tf{args.train_fraction:g}" if data_settings(args) else ""
     tag += "_val" if subsample_validation(args) else ""
@@ -1291,6 +1294,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "the C-index ties across epochs and the earliest tied checkpoint is kept",
     )
     p.add_argument(
+        "--bp_best_model_ties",
+        choices=("first", "last", "loss"),
+        default="first",
+        help="full-finetuning arms: which of the epochs tied on the best validation C-index is kept "
+        "(run_finetune --best_model_ties): first (transformers' rule), last, or loss (the lowest validation Cox "
+        "loss among them); ignored with --bp_keep_last",
+    )
+    p.add_argument(
         "--bp_head_linear_per_modality",
         action="store_true",
         help="a --bp_head_linear term on several modalities gets one ridge penalty per modality, every combination "
@@ -1414,6 +1425,8 @@ def main(argv=None) -> dict:
             "modality_dropout": args.bp_modality_dropout,
             "head_linear": args.bp_head_linear,
             "head_linear_per_modality": args.bp_head_linear_per_modality,
+            "keep_last": args.bp_keep_last,
+            "best_model_ties": "last epoch kept" if args.bp_keep_last else args.bp_best_model_ties,
             "random_preset": args.random_preset,
             "random_processor_settings": args.random_processor_settings,
             "pretrained_dir": args.pretrained_dir,

@@ -292,10 +292,16 @@ def test_best_checkpoint_names_the_kept_evaluation_and_its_ties(caplog):
         "epoch": 1.0,
         "evaluations": 3,
         "tied_evaluations": 2,
+        "ties": "first",
     }
     assert _kept_text(kept) == (
-        "epoch 1, best validation c_index 1.0000 of 3 evaluations (1 later evaluation(s) tied; the first is kept)"
+        "epoch 1, best validation c_index 1.0000 of 3 evaluations (1 other evaluation(s) tied; the earliest was kept, "
+        "--best_model_ties first)"
     )
+    assert "the latest was kept, --best_model_ties last" in _kept_text(best_checkpoint(state, args, "last"))
+    assert "--best_model_ties" not in _kept_text({**kept, "tied_evaluations": 1})
+    legacy = {k: v for k, v in kept.items() if k != "ties"}  # a record written before the rule was recorded
+    assert _kept_text(legacy) == _kept_text(kept)
     assert best_checkpoint(state, SimpleNamespace(load_best_model_at_end=False, metric_for_best_model="x")) is None
     from bioperceiver.training.finetune_loop import log_kept_checkpoint
 
@@ -303,11 +309,77 @@ def test_best_checkpoint_names_the_kept_evaluation_and_its_ties(caplog):
         log_kept_checkpoint(kept)
         log_kept_checkpoint({**kept, "tied_evaluations": 1})
     warned = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warned) == 1 and "1 later evaluations tied" in warned[0].getMessage()
+    assert len(warned) == 1 and "1 other evaluations tied with it and the earliest was kept" in warned[0].getMessage()
+    assert "--best_model_ties first|last|loss" in warned[0].getMessage()
     assert "--load_best_model_at_end false" in warned[0].getMessage()
     assert best_checkpoint(SimpleNamespace(best_model_checkpoint=None), args) is None
     older = SimpleNamespace(best_model_checkpoint="out/checkpoint-2", best_metric=1.0, log_history=history)
     assert best_checkpoint(older, args) == kept  # a state without best_global_step: read from the folder name
+
+
+@pytest.mark.parametrize("ties", ["first", "last", "loss"])
+def test_best_model_ties_choose_among_tied_evaluations_through_the_trainer(tmp_path, ties):
+    """Every evaluation ties on the metric (a constant): transformers keeps the first; ``last`` keeps the final
+    epoch; ``loss`` the epoch with the lowest logged validation loss (the earliest of equal ones). Through
+    ``Trainer.train`` with ``load_best_model_at_end``, so a renamed transformers hook would fail here; the loaded
+    weights are those of the chosen checkpoint."""
+    from transformers import TrainingArguments
+
+    from bioperceiver.training.finetune_loop import best_checkpoint
+    from bioperceiver.training.tasks import TaskTrainer
+
+    class Regressor(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 1)
+
+        def forward(self, x, labels=None):
+            out = self.linear(x).squeeze(-1)
+            return {"loss": torch.nn.functional.mse_loss(out, labels), "logits": out}
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.1 * torch.randn(32, generator=g)
+    rows = [{"x": x[i], "labels": y[i]} for i in range(32)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="const",
+        num_train_epochs=4,
+        per_device_train_batch_size=8,
+        learning_rate=0.3,
+        use_cpu=True,
+        report_to=[],
+        seed=0,
+    )
+    torch.manual_seed(0)
+    trainer = TaskTrainer(
+        model=Regressor(),
+        args=args,
+        train_dataset=rows[:24],
+        eval_dataset=rows[24:],
+        compute_metrics=lambda pred: {"const": 1.0},
+        best_model_ties=ties,
+    )
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_const" in h]
+    assert len(evals) == 4
+    losses = [h["eval_loss"] for h in evals]
+    want = {"first": 0, "last": 3, "loss": losses.index(min(losses))}[ties]
+    kept = best_checkpoint(trainer.state, args, ties)
+    assert kept["step"] == evals[want]["step"] and kept["tied_evaluations"] == 4 and kept["ties"] == ties
+    if ties == "loss":
+        assert len(set(losses)) > 1  # the losses really differ, so the choice was made on them
+    # the model at the end is the kept checkpoint's: its validation loss is the kept evaluation's
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(evals[want]["eval_loss"], rel=1e-6)
+
+
+def test_best_model_ties_is_checked():
+    with pytest.raises(ValueError, match=r"--best_model_ties 'middle': choose one of \('first', 'last', 'loss'\)"):
+        DataArguments(manifest="m", task="survival", best_model_ties="middle")
 
 
 def test_predict_ensemble_names_bad_model_dirs(cohort, tmp_path):

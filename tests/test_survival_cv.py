@@ -813,6 +813,49 @@ def test_keep_last_reaches_the_full_arms_cache_keys_and_run_folders(tmp_path, mo
     assert rec["best_checkpoint"] == {"epoch": 15.0, "evaluations": 15, "tied_evaluations": 1}
 
 
+def test_best_model_ties_reach_the_full_arms_and_the_finetuning_argv(tmp_path, monkeypatch):
+    """--bp_best_model_ties: full arms only, in the cache key, the run folder and the run_finetune argv; the default
+    (transformers' rule) leaves earlier keys and folders unchanged; --bp_keep_last wins (no selection at all)."""
+    from types import SimpleNamespace
+
+    args = cv.parse_args(["--bp_best_model_ties", "loss"])
+    assert cv.bp_config(args, "bp_random")["best_model_ties"] == "loss"
+    assert "best_model_ties" not in cv.bp_config(args, "bp_pretrained_probe")
+    assert "best_model_ties" not in cv.bp_config(cv.parse_args([]), "bp_random")
+    both = cv.bp_config(cv.parse_args(["--bp_best_model_ties", "last", "--bp_keep_last"]), "bp_random")
+    assert both["keep_last"] is True and "best_model_ties" not in both
+    monkeypatch.setattr(cv.ft, "write_split_manifest", lambda *a, **k: None)
+    calls = []
+
+    class Runner:
+        def run(self, tag, path, task_args, cfg, *, seed, modalities, extra):
+            calls.append((tag, cfg))
+            return {
+                "pred": pd.DataFrame({"sample_id": ["c"], "risk": [0.5]}),
+                "validation": 0.6,
+                "test": 0.7,
+                "epochs": 15,
+            }
+
+    rows = pd.DataFrame({"patient_id": list("abc"), "tabular_clinical": [None] * 3}, index=list("abc"))
+    part = {"train": np.array(["a"]), "validation": np.array(["b"]), "test": np.array(["c"])}
+    cv.run_bp(args, SimpleNamespace(base_dir=tmp_path), rows, part, Runner(), "coh", 0, "bp_random", lr=1e-3)
+    assert calls[-1][0] == "coh_f0_bp_random_lr0.001_tiesloss"
+    # the finetuning command the runner builds carries the rule
+    runner = cv.ft.BPRunner(SimpleNamespace(work_dir=str(tmp_path), quick=False), tmp_path)
+    seen = {}
+
+    def main(argv):
+        seen["argv"] = argv
+        raise RuntimeError("stop before finetuning")
+
+    runner.rf = SimpleNamespace(DataArguments=runner.rf.DataArguments, main=main)
+    with pytest.raises(RuntimeError, match="stop before finetuning"):
+        runner.run("t", tmp_path / "m.parquet", ["--task", "survival"], calls[-1][1])
+    argv = seen["argv"]
+    assert argv[argv.index("--best_model_ties") + 1] == "loss"
+
+
 def test_fold_record_counts_patients_and_the_pairs_validation_ranks():
     """Two rows per patient: the record counts patients apart from rows, and the validation pairs are Harrell's
     admissible pairs (brute force: an event strictly before another time, or at it when the other is censored)."""

@@ -460,16 +460,25 @@ def describe_base_model(base) -> str | None:
     return f"a local folder `{path.name}` ({weights.name} sha256 {digest.hexdigest()[:16]}…)"
 
 
+# which of tied best evaluations was kept, by ``--best_model_ties`` rule (the card and the finetuning log)
+KEPT_AMONG_TIES = {
+    "first": "the earliest was kept",
+    "last": "the latest was kept",
+    "loss": "the one with the lowest validation loss was kept",
+}
+
+
 def _kept_text(kept: dict | None) -> str | None:
     """The card's "checkpoint kept" row: which evaluation ``--load_best_model_at_end`` kept, and its ties."""
     if not kept:
         return None
     where = f"epoch {kept['epoch']:g}" if kept.get("epoch") is not None else f"step {kept['step']}"
     ties = kept["tied_evaluations"] - 1
+    rule = kept.get("ties", "first")  # records written before --best_model_ties: transformers' rule
     return (
         f"{where}, best validation {kept['metric'].removeprefix('eval_')} {kept['value']:.4f} of "
         f"{kept['evaluations']} evaluations"
-        + (f" ({ties} later evaluation(s) tied; the first is kept)" if ties > 0 else "")
+        + (f" ({ties} other evaluation(s) tied; {KEPT_AMONG_TIES[rule]}, --best_model_ties {rule})" if ties > 0 else "")
     )
 
 

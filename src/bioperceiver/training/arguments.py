@@ -13,6 +13,9 @@ from .finetuning import LINEAR_TERM_L2
 
 logger = logging.getLogger(__name__)
 
+# which of tied best evaluations --load_best_model_at_end keeps (DataArguments.best_model_ties)
+BEST_MODEL_TIES = ("first", "last", "loss")
+
 # ``skip`` is the older name of ``skip_sample``
 
 
@@ -118,6 +121,15 @@ class DataArguments:
             "Manifest-level problems (duplicate ids, bad splits) always stop the run"
         },
     )
+    best_model_ties: str = field(
+        default="first",
+        metadata={
+            "help": "--load_best_model_at_end: which of several validation evaluations tied on "
+            "--metric_for_best_model is kept: first (transformers' rule: the earliest) | last (the latest) | loss "
+            "(the lowest validation loss among them, the earliest on equal losses). Small validation splits tie "
+            "often (a C-index or AUROC over few pairs takes few values)"
+        },
+    )
     n_bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for the test CIs (by patient)"})
     ablations: bool = field(default=True, metadata={"help": "test metric with each modality removed / alone"})
     min_pattern_samples: int = field(default=10, metadata={"help": "smallest pattern group that gets metrics"})
@@ -144,6 +156,8 @@ class DataArguments:
             self.on_error = check_on_error(self.on_error)
         except ValueError:
             raise ValueError(f"--on_error {self.on_error!r}: choose one of {ON_ERROR_CHOICES}") from None
+        if self.best_model_ties not in BEST_MODEL_TIES:
+            raise ValueError(f"--best_model_ties {self.best_model_ties!r}: choose one of {BEST_MODEL_TIES}")
 
 
 def task_settings(model_args: ModelArguments, data_args: DataArguments) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import torch
 import transformers
 from transformers import TrainingArguments, set_seed
 
-from ..cards import finetuning_card
+from ..cards import KEPT_AMONG_TIES, finetuning_card
 from ..data import (
     BioPerceiverProcessor,
     ManifestDataset,
@@ -63,6 +63,7 @@ from .tasks import (
     TaskCollator,
     TaskTrainer,
     labelled_records,
+    tied,
 )
 
 logger = logging.getLogger("run_finetune")  # the name the script's log lines have always carried
@@ -310,7 +311,7 @@ def run_finetuning(
         train_result = trainer.train(resume_from_checkpoint=resume)
         results["train"] = dict(train_result.metrics)
         trainer.log_metrics("train", train_result.metrics)
-        if kept := best_checkpoint(trainer.state, training_args):
+        if kept := best_checkpoint(trainer.state, training_args, data_args.best_model_ties):
             results["train"]["best_checkpoint"] = kept
             log_kept_checkpoint(kept)
     if dp is not None:
@@ -336,12 +337,12 @@ def run_finetuning(
     return results
 
 
-def best_checkpoint(state, training_args: TrainingArguments) -> dict | None:
+def best_checkpoint(state, training_args: TrainingArguments, ties: str = "first") -> dict | None:
     """The checkpoint ``--load_best_model_at_end`` kept (``all_results.json["train"]["best_checkpoint"]``, the card):
-    its step and epoch, the metric and its value, how many evaluations there were and how many tied with the kept
-    one. The Trainer keeps the *first* of tied bests, so with a small validation split (few ranked pairs, a C-index
-    of 1.0 at several epochs) many ties mean the earliest checkpoint was kept, not a better one. ``None`` when no
-    best checkpoint was tracked."""
+    its step and epoch, the metric and its value, how many evaluations there were, how many tied with the kept one
+    and the rule that chose among them (``--best_model_ties``). transformers keeps the *first* of tied bests, so with
+    a small validation split (few ranked pairs, a C-index of 1.0 at several epochs) many ties under that rule mean
+    the earliest checkpoint was kept, not a better one. ``None`` when no best checkpoint was tracked."""
     if not training_args.load_best_model_at_end or not state.best_model_checkpoint:
         return None
     metric = training_args.metric_for_best_model or "loss"
@@ -358,7 +359,8 @@ def best_checkpoint(state, training_args: TrainingArguments) -> dict | None:
         "step": step,
         "epoch": at.get("epoch"),
         "evaluations": len(evals),
-        "tied_evaluations": sum(1 for h in evals if math.isclose(float(h[key]), best, rel_tol=1e-9, abs_tol=1e-12)),
+        "tied_evaluations": sum(1 for h in evals if tied(h[key], best)),
+        "ties": ties,
     }
 
 
@@ -370,10 +372,12 @@ def log_kept_checkpoint(kept: dict) -> None:
     )
     if kept["tied_evaluations"] > 1:
         logger.warning(
-            "%s; %d later evaluations tied with it and the earliest was kept. A validation split this small cannot "
-            "tell these checkpoints apart: enlarge it, or keep the last epoch (--load_best_model_at_end false)",
+            "%s; %d other evaluations tied with it and %s. A validation split this small cannot tell these "
+            "checkpoints apart: enlarge it, choose among ties otherwise (--best_model_ties first|last|loss) or keep "
+            "the last epoch (--load_best_model_at_end false)",
             text,
             kept["tied_evaluations"] - 1,
+            KEPT_AMONG_TIES[kept.get("ties", "first")],
         )
     else:
         logger.info(text)
@@ -626,6 +630,7 @@ def build_trainer(
         eval_data_collator=TaskCollator(modalities, train=False, on_error=on_error),
         compute_metrics=compute_metrics,
         callbacks=[EpochSetter(trainer_train), RunRecordSaver(record, RUN_RECORD)],
+        best_model_ties=data_args.best_model_ties,
         **kwargs,
     )
 

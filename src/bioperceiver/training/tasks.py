@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 
 from ..data.collator import BioPerceiverCollator, num_tokens
 from ..data.dataset import ERROR_COLUMN, ManifestDataset
@@ -270,15 +271,50 @@ class RunRecordSaver(transformers.TrainerCallback):
             (folder / self.filename).write_text(json.dumps(self.record, indent=1, sort_keys=True) + "\n")
 
 
+def tied(a: float, b: float) -> bool:
+    """Two validation metric values that :class:`TaskTrainer` (``best_model_ties``) and the kept-checkpoint record
+    treat as a tie: equal up to float rounding (a C-index over few pairs repeats exactly)."""
+    return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+
+
 class TaskTrainer(transformers.Trainer):
     """``transformers.Trainer`` for BioPerceiver task models. Only the FLOP estimate differs: the model's input is
     a dict of modalities, not a token tensor, so ``6 × parameters × positions`` is counted over the latent
     positions every sample runs through (``num_latents``), the term that dominates a Perceiver's cost."""
 
-    def __init__(self, *args, eval_data_collator=None, **kwargs):
+    def __init__(self, *args, eval_data_collator=None, best_model_ties: str = "first", **kwargs):
         super().__init__(*args, **kwargs)
         # evaluation and prediction batches: no modality dropout, no augmentation (train collator otherwise)
         self.eval_data_collator = eval_data_collator
+        self.best_model_ties = best_model_ties
+
+    def _determine_best_metric(self, metrics: dict[str, float], trial) -> bool:
+        """transformers' rule (a strictly better ``metric_for_best_model`` replaces the kept evaluation), and for an
+        evaluation that *ties* with the kept one, ``best_model_ties``: ``first`` keeps the earlier (transformers),
+        ``last`` takes the new one, ``loss`` takes it when its ``eval_loss`` is lower than the kept evaluation's
+        (read back from ``state.log_history``, so a resumed run decides the same way)."""
+        metric = self.args.metric_for_best_model
+        if self.best_model_ties == "first" or metric is None or self.state.best_metric is None:
+            return super()._determine_best_metric(metrics, trial)
+        key = metric if metric.startswith("eval_") else f"eval_{metric}"
+        value = metrics.get(key)
+        if value is None or not tied(value, self.state.best_metric):
+            return super()._determine_best_metric(metrics, trial)
+        if self.best_model_ties == "loss":
+            kept = next(
+                (
+                    h["eval_loss"]
+                    for h in self.state.log_history
+                    if h.get("step") == self.state.best_global_step and "eval_loss" in h
+                ),
+                None,
+            )
+            if kept is None or metrics.get("eval_loss") is None or not metrics["eval_loss"] < kept:
+                return False
+        self.state.best_metric = value
+        if self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST):
+            self.state.best_global_step = self.state.global_step
+        return True
 
     @contextlib.contextmanager
     def _evaluation_collator(self):
