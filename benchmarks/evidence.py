@@ -120,6 +120,7 @@ SEED_PAIRS = ((0, 0), (0, 1), (1, 1), (2, 2))  # (pretraining seed, finetuning s
 WIDE_PM = ("--bp_head_linear", "omics_expression", "tabular_clinical", "--bp_head_linear_per_modality")
 WIDE_TEXT = "with the expression + clinical linear term, one ridge penalty per modality"
 LAST_TEXT = "keeping the last epoch instead of the best validation checkpoint"
+TIES_TEXT = {"loss": "lowest-validation-loss one", "last": "latest"}  # --bp_best_model_ties
 
 
 def _pair_suffix(pre: int, init: int) -> str:
@@ -865,6 +866,30 @@ def _seed_parts() -> list[Part]:
     for best, last in versus.items():
         out = last.replace("survival_cv_", "versus_")
         parts.append(_versus(out, last, best, f"{last} - {best}, each arm paired on the same test patients"))
+    # the same 25% shrunk-validation runs choosing among tied best epochs otherwise (--bp_best_model_ties): the
+    # latest of them, or the one with the lowest validation Cox loss; seed pairs (0, 0) and (0, 1), each against
+    # the first-of-ties run (transformers' rule) on the same test patients
+    for rule in ("loss", "last"):
+        for pre, init in SEED_PAIRS[:2]:
+            run = f"{plain}_ties{rule}{_pair_suffix(pre, init)}"
+            base = plain + _pair_suffix(pre, init)
+            extra = ("--train_fraction", "0.25", "--subsample_validation", "--bp_best_model_ties", rule)
+            parts.append(
+                _finetuned(
+                    run,
+                    f"{base} keeping the {TIES_TEXT[rule]} of the epochs tied on the best validation C-index",
+                    *extra,
+                    "--init_seed",
+                    str(init),
+                    "--reuse_cache",
+                    f"{W}/survset/{plain}",
+                    pre=pre,
+                    needs=[plain, *_backbone_parts(pre)],
+                )
+            )
+            out = run.replace("survival_cv_", "versus_")
+            what = f"{run} - {base}, each arm paired on the same test patients"
+            parts.append(_versus(out, run, base, what, labels=(f"ties{rule}", "first")))
     full = [r for r in runs if r.startswith(f"survival_cv_labeff_tf{LABEL_FRACTIONS[-1]}")]
     parts.append(
         _curve(
