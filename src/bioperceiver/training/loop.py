@@ -652,6 +652,7 @@ def run_pretraining(
                     local_batch * world,  # the contrastive batch of a training step
                     n_bootstrap=eval_cfg.n_bootstrap,
                     seed=cfg.seed,
+                    device=accelerator.device,
                 )
         if accelerator.is_main_process and metrics:
             r1 = {

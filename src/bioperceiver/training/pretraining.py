@@ -285,7 +285,13 @@ def forward_as(module: nn.Module, fn):
 
 @torch.no_grad()
 def evaluate(
-    trainer: ContrastivePretrainer, dataset, collator, batch_size: int, n_bootstrap: int = 0, seed: int = 0
+    trainer: ContrastivePretrainer,
+    dataset,
+    collator,
+    batch_size: int,
+    n_bootstrap: int = 0,
+    seed: int = 0,
+    device: torch.device | None = None,
 ) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """Held-out patients: mean contrastive loss and cross-modal retrieval R@1/5/10 for every pair of views, with
     ``n_bootstrap`` percentile-bootstrap 95% intervals (queries resampled by patient).
@@ -300,8 +306,9 @@ def evaluate(
             res = trainer.loss_fn(v, m)
             return v, m, res["loss"], res.get("uniform_loss")
 
-    # collated on CPU; the model may be on a GPU (its parameters there under DDP, ZeRO-3 and FSDP2 alike)
-    device = next(trainer.parameters()).device
+    # collated on CPU, the batches go where the model computes: ``device`` (the loop passes the accelerator's, right
+    # under parameter offloading too), else where its parameters are (a GPU under DDP, ZeRO-3 and FSDP2 alike)
+    device = next(trainer.parameters()).device if device is None else device
     was_training = trainer.training
     trainer.eval()
     views, masks, losses, patients = [], [], [], []
