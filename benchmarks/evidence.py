@@ -869,6 +869,7 @@ def _seed_parts() -> list[Part]:
     # the same 25% shrunk-validation runs choosing among tied best epochs otherwise (--bp_best_model_ties): the
     # latest of them, or the one with the lowest validation Cox loss; seed pairs (0, 0) and (0, 1), each against
     # the first-of-ties run (transformers' rule) on the same test patients
+    ties_runs = {}  # tie-rule run -> its first-of-ties run
     for rule in ("loss", "last"):
         for pre, init in SEED_PAIRS[:2]:
             run = f"{plain}_ties{rule}{_pair_suffix(pre, init)}"
@@ -890,6 +891,22 @@ def _seed_parts() -> list[Part]:
             out = run.replace("survival_cv_", "versus_")
             what = f"{run} - {base}, each arm paired on the same test patients"
             parts.append(_versus(out, run, base, what, labels=(f"ties{rule}", "first")))
+            ties_runs[run] = base
+    # which epoch every selected run kept under each rule, and how often a rule kept another epoch than the first
+    argv = [PY, "benchmarks/kept_checkpoints.py", "--runs", *(f"{W}/survset/{r}" for r in ties_runs)]
+    argv += ["--against", *(f"{W}/survset/{b}" for b in ties_runs.values())]
+    argv += ["--output_dir", f"{W}/survset/kept_labeff_tf0.25_val_ties"]
+    parts.append(
+        Part(
+            "survset_kept_labeff_tf0.25_val_ties",
+            "the epoch each selected run kept under the tie rules, against the first-of-ties runs",
+            argv,
+            "survset/kept_labeff_tf0.25_val_ties/kept_checkpoints.json",
+            needs=sorted({*ties_runs, *ties_runs.values()}),
+            minutes=0.5,
+            optional=True,
+        )
+    )
     full = [r for r in runs if r.startswith(f"survival_cv_labeff_tf{LABEL_FRACTIONS[-1]}")]
     parts.append(
         _curve(
