@@ -892,6 +892,10 @@ def _seed_parts() -> list[Part]:
             what = f"{run} - {base}, each arm paired on the same test patients"
             parts.append(_versus(out, run, base, what, labels=(f"ties{rule}", "first")))
             ties_runs[run] = base
+        pairs = {f"pre{pre}_init{init}": f"{plain}_ties{rule}{_pair_suffix(pre, init)}" for pre, init in SEED_PAIRS[:2]}
+        parts.append(_spread(f"seed_spread_labeff_tf0.25_val_ties{rule}", pairs, f"the two ties-{rule} runs combined"))
+    first2 = {f"pre{pre}_init{init}": plain + _pair_suffix(pre, init) for pre, init in SEED_PAIRS[:2]}
+    parts.append(_spread("seed_spread_labeff_tf0.25_val_first2", first2, "their two first-of-ties runs combined"))
     # which epoch every selected run kept under each rule, and how often a rule kept another epoch than the first
     argv = [PY, "benchmarks/kept_checkpoints.py", "--runs", *(f"{W}/survset/{r}" for r in ties_runs)]
     argv += ["--against", *(f"{W}/survset/{b}" for b in ties_runs.values())]
