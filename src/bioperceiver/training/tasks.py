@@ -278,9 +278,11 @@ def tied(a: float, b: float) -> bool:
 
 
 class TaskTrainer(transformers.Trainer):
-    """``transformers.Trainer`` for BioPerceiver task models. Only the FLOP estimate differs: the model's input is
-    a dict of modalities, not a token tensor, so ``6 × parameters × positions`` is counted over the latent
-    positions every sample runs through (``num_latents``), the term that dominates a Perceiver's cost."""
+    """``transformers.Trainer`` for BioPerceiver task models. Three things differ: evaluation batches use their own
+    collator (no modality dropout or augmentation); ``best_model_ties`` chooses among evaluations tied on
+    ``metric_for_best_model`` (:meth:`_determine_best_metric`); and the FLOP estimate: the model's input is a dict
+    of modalities, not a token tensor, so ``6 × parameters × positions`` is counted over the latent positions every
+    sample runs through (``num_latents``), the term that dominates a Perceiver's cost."""
 
     def __init__(self, *args, eval_data_collator=None, best_model_ties: str = "first", **kwargs):
         super().__init__(*args, **kwargs)
