@@ -1,9 +1,10 @@
 """Which epoch each finetuning run of ``survival_cv.py`` kept, and how often its validation C-index tied.
 
 For every ``--runs`` folder (a ``survival_cv.py --output_dir``) and each finetuned arm, the run the learning-rate
-grid selected in each cohort and fold (``survival_cv.json``) is looked up in ``runs/<tag>/all_results.json``
-(``train.best_checkpoint``, written by ``run_finetune``): the epoch ``--load_best_model_at_end`` kept, how many of
-the evaluations tied with it and the tie rule (``--best_model_ties``). Printed and written as Markdown and JSON:
+grid selected in each cohort and fold: the epoch ``--load_best_model_at_end`` kept, how many of the evaluations tied
+with it and the tie rule (``--best_model_ties``). ``survival_cv.json`` records them per fold (``best_checkpoint``);
+outputs written before it did are read from the selected run's ``runs/<tag>/all_results.json``
+(``train.best_checkpoint``, written by ``run_finetune``). Printed and written as Markdown and JSON:
 per folder and arm, the runs, the share with tied evaluations and the median kept epoch; with ``--against`` (one
 folder for all, or one per ``--runs`` folder), per arm, how many selected runs kept another epoch than the same
 cohort, fold and learning rate there.
@@ -24,14 +25,21 @@ ARMS = ("bp_pretrained", "bp_random")
 
 def kept_epochs(run_dir: Path, arms=ARMS) -> dict[tuple[str, str, int], dict]:
     """``(arm, cohort, fold) -> {"lr", "tag", "epoch", "evaluations", "tied_evaluations", "ties"}`` for the run the
-    learning-rate grid selected; runs without a kept-checkpoint record (``--bp_keep_last``) are left out."""
+    learning-rate grid selected (``tag``: its run folder, None where ``survival_cv.json`` recorded the epoch); runs
+    without a kept-checkpoint record (``--bp_keep_last``) are left out."""
     res = json.loads((run_dir / "survival_cv.json").read_text())
     runs = run_dir / "runs"
     folders = {p.name: p for p in runs.iterdir()} if runs.is_dir() else {}
     out = {}
     for cohort, rec in res["cohorts"].items():
         for arm in arms:
-            lrs = (rec["models"].get(arm) or {}).get("lr") or []
+            model = rec["models"].get(arm) or {}
+            lrs = model.get("lr") or []
+            if (recorded := model.get("best_checkpoint")) is not None:
+                for k, (lr, kept) in enumerate(zip(lrs, recorded, strict=True)):
+                    if kept:
+                        out[arm, cohort, k] = {"lr": lr, "tag": None, **kept, "ties": kept.get("ties", "first")}
+                continue
             for k, lr in enumerate(lrs):
                 prefix = f"{cohort}_f{k}_{arm}_lr{lr:g}"
                 # the tag continues with the run's settings (_ties..., _tf..., _val, _init...): one folder matches

@@ -785,8 +785,8 @@ def lr_grid_record(
     }
     if "term_alone_test" in best:  # the kept run's pre-fitted linear term alone (reported only)
         out["term_alone_test"] = best["term_alone_test"]
-    if "best_checkpoint" in best:  # the kept run's kept epoch
-        out["best_checkpoint"] = best["best_checkpoint"]
+    if "best_checkpoint" in best:  # the kept run's kept epoch; records cached before it was kept: the run's rule
+        out["best_checkpoint"] = {"ties": settings.get("best_model_ties", "first"), **best["best_checkpoint"]}
     return out
 
 
@@ -1002,8 +1002,9 @@ def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str, 
     pred = r["pred"].set_index("sample_id")
     risk = pred.loc[[str(i) for i in part["test"]], "risk"].to_numpy(float)
     out = {"validation": r["validation"], "test": r["test"], "risk_test": risk.tolist(), "epochs": r["epochs"]}
-    if r.get("best_checkpoint"):  # the epoch --load_best_model_at_end kept and how many evaluations tied with it
-        out["best_checkpoint"] = {k: r["best_checkpoint"][k] for k in ("epoch", "evaluations", "tied_evaluations")}
+    if kept := r.get("best_checkpoint"):  # the epoch --load_best_model_at_end kept, its ties and the tie rule
+        out["best_checkpoint"] = {k: kept[k] for k in ("epoch", "evaluations", "tied_evaluations")}
+        out["best_checkpoint"]["ties"] = kept.get("ties", "first")  # records before --best_model_ties: transformers'
     if (alone := (r.get("linear_term") or {}).get("term_alone", {}).get("test")) is not None:
         out["term_alone_test"] = alone  # the pre-fitted linear term alone: reported, never selected on
     return out
@@ -1028,6 +1029,8 @@ def summarise(args, cohort: str, role: str, rows, fold_meta: list[dict], results
             models[m]["picked"] = [r["picked"] for r in recs]
         if all("lr" in r for r in recs):  # a --bp_lrs grid: the rate kept per fold
             models[m]["lr"] = [r["lr"] for r in recs]
+        if any("best_checkpoint" in r for r in recs):  # per fold, the epoch the selected run kept (None: no record)
+            models[m]["best_checkpoint"] = [r.get("best_checkpoint") for r in recs]
         if all("term_alone_test" in r for r in recs):  # wide & deep: its linear term alone, before finetuning
             models[m]["term_alone_test"] = ft._ms(np.array([r["term_alone_test"] for r in recs], float))
     base = [m for m in BASELINES if "test" in models[m]]

@@ -62,3 +62,21 @@ def test_kept_checkpoints_counts_ties_and_changed_epochs(tmp_path):
     )
     with pytest.raises(ValueError, match=r"0 run folders for coh_f0_bp_pretrained_lr0\.001"):
         kc.kept_epochs(_run_dir(tmp_path, "empty", {}, lrs, ""))
+
+
+def test_kept_checkpoints_reads_the_epochs_survival_cv_recorded(tmp_path):
+    """survival_cv.json records each fold's kept epoch: no run folder is needed (they may have been pruned); a fold
+    whose selected run kept no record (keep-last) is left out; an older output without the record is still read from
+    its run folders (the test above)."""
+    kc = load_script("benchmarks/kept_checkpoints.py")
+    d = tmp_path / "recorded"
+    d.mkdir()
+    kept = [_kept(4, 3, "loss"), None]
+    models = {"bp_pretrained": {"lr": [0.001, 0.003], "best_checkpoint": kept}, "bp_random": {"lr": [0.003, 0.003]}}
+    (d / "survival_cv.json").write_text(json.dumps({"cohorts": {"coh": {"models": models}}}))
+    with pytest.raises(ValueError, match=r"0 run folders for coh_f0_bp_random_lr0\.003"):
+        kc.kept_epochs(d)  # bp_random has no record: looked up in run folders, and there are none
+    out = kc.kept_epochs(d, arms=("bp_pretrained",))
+    assert list(out) == [("bp_pretrained", "coh", 0)]
+    assert out["bp_pretrained", "coh", 0] == {"lr": 0.001, "tag": None, **kept[0]}
+    assert kc.summary(out, "bp_pretrained") == {"runs": 1, "tied_share": 1.0, "median_kept_epoch": 4, "rule": ["loss"]}

@@ -23,6 +23,24 @@ def _rows(n_patients=60, repeats=2, seed=0):
     return pd.Series(patients, index=index), pd.Series(events, index=index)
 
 
+class StubRunner:
+    """Stands in for ``finetune_tasks.BPRunner`` in ``run_bp``: records every call's tag, settings, extra argv and
+    modalities, and returns a fixed finetuning result predicting for ``test_id`` (plus ``extra_record``)."""
+
+    def __init__(self, test_id="c", epochs=3, **extra_record):
+        self.test_id, self.epochs, self.extra_record = test_id, epochs, extra_record
+        self.calls = []
+
+    @property
+    def tags(self):
+        return [c["tag"] for c in self.calls]
+
+    def run(self, tag, path, task_args, cfg, *, seed, modalities, extra):
+        self.calls.append({"tag": tag, "cfg": cfg, "extra": list(extra), "modalities": modalities})
+        pred = pd.DataFrame({"sample_id": [self.test_id], "risk": [0.5]})
+        return {"pred": pred, "validation": 0.6, "test": 0.7, "epochs": self.epochs, **self.extra_record}
+
+
 def test_folds_are_patient_level_stratified_and_partition():
     patients, events = _rows()
     folds = cv.make_folds(patients, events, n_folds=5, seed=0, val_fraction=0.2)
@@ -580,6 +598,13 @@ def test_lr_grid_keeps_the_best_validation_run_and_reuses_single_rate_caches(tmp
     assert fitted == [1e-3, 3e-3] and again["lr"] == rec["lr"] and again["test"] == rec["test"]  # all read back
     scores[1e-2] = (float("nan"), 0.99)
     assert cv.lr_grid_record(settings, [1e-2, 1e-3], cache, fit)["lr"] == 1e-3  # NaN validation never wins
+    # the kept run's kept epoch; a record cached before the rule was kept in it gets the run's own rule
+    kept = {"epoch": 9.0, "evaluations": 15, "tied_evaluations": 4}
+    ties = {**settings, "best_model_ties": "loss", "fold": 1}
+    rec = cv.lr_grid_record(ties, [1e-3], tmp_path / "ties", lambda lr: {**fit(lr), "best_checkpoint": kept})
+    assert rec["best_checkpoint"] == {**kept, "ties": "loss"}
+    rec = cv.lr_grid_record(settings, [1e-3], tmp_path / "first", lambda lr: {**fit(lr), "best_checkpoint": kept})
+    assert rec["best_checkpoint"]["ties"] == "first"
 
     args = SimpleNamespace(bp_lrs=[1e-3, 3e-3], bp_lr=3e-4, bp_epochs=15, probe_lr=3e-3, probe_epochs=30, quick=False)
     assert cv.bp_lrs(args, "bp_random") == [1e-3, 3e-3] and cv.bp_lrs(args, "bp_random_probe") == [3e-3]
@@ -602,6 +627,8 @@ def test_lr_grid_choice_summarised_and_reported():
         }
         for lr, x in ((1e-3, 0.55), (3e-3, 0.65))
     ]
+    kept = {"epoch": 7.0, "evaluations": 15, "tied_evaluations": 3, "ties": "loss"}
+    recs[1]["best_checkpoint"] = kept
     rows = pd.DataFrame(
         {"patient_id": ["a", "b"], "label_survival_time": [1.0, 2.0], "label_survival_event": [1, 0]}, index=["a", "b"]
     )
@@ -611,6 +638,9 @@ def test_lr_grid_choice_summarised_and_reported():
     args = SimpleNamespace(n_bootstrap=10, seed=0)
     s = cv.summarise(args, "c", "development", rows, meta, results)
     assert s["models"]["bp_random"]["lr"] == [1e-3, 3e-3] and "lr" not in s["models"]["cox_clinical_pcs"]
+    # per fold, the epoch the selected run kept (fold 0's run left no record: keep-last or written before)
+    assert s["models"]["bp_random"]["best_checkpoint"] == [None, kept]
+    assert "best_checkpoint" not in s["models"]["cox_clinical_pcs"]
     lines = cv.report_lines({"cohorts": {"c": s}, "folds": 2})
     assert "| c | 0.001, 0.003 |" in lines
     # a wide & deep arm's linear term alone (before finetuning) beside the finetuned model, reported only
@@ -684,48 +714,45 @@ def test_bp_head_linear_reaches_the_finetuning_run_where_the_cohort_has_clinical
     from types import SimpleNamespace
 
     monkeypatch.setattr(cv.ft, "write_split_manifest", lambda *a, **k: None)
-    calls = []
+    runner = StubRunner()
+    calls = runner.calls
 
-    class Runner:
-        def run(self, tag, path, task_args, cfg, *, seed, modalities, extra):
-            calls.append((tag, list(extra), modalities))
-            pred = pd.DataFrame({"sample_id": ["c"], "risk": [0.5]})
-            return {"pred": pred, "validation": 0.6, "test": 0.7, "epochs": 3}
+    def last():
+        return calls[-1]["tag"], calls[-1]["extra"], calls[-1]["modalities"]
 
     args = cv.parse_args(["--bp_head_linear"])
     manifest = SimpleNamespace(base_dir=tmp_path)
     part = {"train": ["a"], "validation": ["b"], "test": ["c"]}
     for clinical in ('{"age": 50}', None):
         rows = pd.DataFrame({"patient_id": ["a", "b", "c"], "tabular_clinical": [clinical] * 3}, index=["a", "b", "c"])
-        rec = cv.run_bp(args, manifest, rows, part, Runner(), "coh", 0, "bp_random", lr=1e-3)
+        rec = cv.run_bp(args, manifest, rows, part, runner, "coh", 0, "bp_random", lr=1e-3)
         assert rec["test"] == 0.7 and rec["risk_test"] == [0.5]
-    (wide_tag, wide_extra, wide_mods), (plain_tag, plain_extra, plain_mods) = calls
+    (wide_tag, wide_extra, wide_mods), (plain_tag, plain_extra, plain_mods) = (
+        (c["tag"], c["extra"], c["modalities"]) for c in calls
+    )
     assert wide_extra[-2:] == ["--head_linear_modalities", "tabular_clinical"] and wide_tag.endswith("_lr0.001_wide")
     args = cv.parse_args(["--bp_head_linear", "omics_expression", "tabular_clinical"])
-    cv.run_bp(args, manifest, rows, part, Runner(), "coh", 0, "bp_random")
-    tag, extra, _ = calls[-1]
+    cv.run_bp(args, manifest, rows, part, runner, "coh", 0, "bp_random")
+    tag, extra, _ = last()
     assert extra[-2:] == ["--head_linear_modalities", "omics_expression"] and tag.endswith("_wide_omics_expression")
     assert "--head_linear_modalities" not in plain_extra and plain_tag == "coh_f0_bp_random_lr0.001"
     assert wide_mods == cv.MODALITIES and plain_mods == ["omics_expression"]
     # per-modality penalties: passed on, and the run tagged, only where the term has both modalities
     args = cv.parse_args(["--bp_head_linear", "omics_expression", "tabular_clinical", "--bp_head_linear_per_modality"])
-    cv.run_bp(args, manifest, rows, part, Runner(), "coh", 0, "bp_random")
-    assert calls[-1][:2] == (tag, extra)  # the expression-only cohort: the same run as without the flag
+    cv.run_bp(args, manifest, rows, part, runner, "coh", 0, "bp_random")
+    assert last()[:2] == (tag, extra)  # the expression-only cohort: the same run as without the flag
     rows["tabular_clinical"] = '{"age": 50}'
 
-    class WideRunner(Runner):
-        def run(self, *a, **k):
-            return {**super().run(*a, **k), "linear_term": {"term_alone": {"validation": 0.61, "test": 0.66}}}
-
-    rec = cv.run_bp(args, manifest, rows, part, WideRunner(), "coh", 0, "bp_random")
-    tag, extra, _ = calls[-1]
+    runner.extra_record = {"linear_term": {"term_alone": {"validation": 0.61, "test": 0.66}}}
+    rec = cv.run_bp(args, manifest, rows, part, runner, "coh", 0, "bp_random")
+    tag, extra, _ = last()
     assert extra[-2:] == ["--head_linear_l2_per_modality", "true"] and tag.endswith(
         "_wide_omics_expression_tabular_clinical_pm"
     )
     assert rec["term_alone_test"] == 0.66
     args = cv.parse_args(["--random_processor_settings", "tokenizers/survset_processors_panel.yaml"])
-    cv.run_bp(args, manifest, rows, part, Runner(), "coh", 0, "bp_random")
-    tag, extra, _ = calls[-1]
+    cv.run_bp(args, manifest, rows, part, runner, "coh", 0, "bp_random")
+    tag, extra, _ = last()
     assert extra[-2] == "--processor_settings" and extra[-1].endswith("tokenizers/survset_processors_panel.yaml")
     assert tag.endswith("_survset_processors_panel")
 
@@ -797,20 +824,14 @@ def test_keep_last_reaches_the_full_arms_cache_keys_and_run_folders(tmp_path, mo
     assert "keep_last" not in cv.bp_config(args, "bp_pretrained_probe")  # a probe has no epochs to select among
     assert "keep_last" not in cv.bp_config(cv.parse_args([]), "bp_random")  # earlier cache keys stay valid
     monkeypatch.setattr(cv.ft, "write_split_manifest", lambda *a, **k: None)
-    calls = []
-
-    class Runner:
-        def run(self, tag, path, task_args, cfg, *, seed, modalities, extra):
-            calls.append((tag, cfg))
-            pred = pd.DataFrame({"sample_id": ["c"], "risk": [0.5]})
-            kept = {"epoch": 15.0, "evaluations": 15, "tied_evaluations": 1, "step": 30, "value": 0.7}
-            return {"pred": pred, "validation": 0.6, "test": 0.7, "epochs": 15, "best_checkpoint": kept}
-
+    kept = {"epoch": 15.0, "evaluations": 15, "tied_evaluations": 1, "step": 30, "value": 0.7}
+    runner = StubRunner(epochs=15, best_checkpoint=kept)
     rows = pd.DataFrame({"patient_id": list("abc"), "tabular_clinical": [None] * 3}, index=list("abc"))
     part = {"train": np.array(["a"]), "validation": np.array(["b"]), "test": np.array(["c"])}
-    rec = cv.run_bp(args, SimpleNamespace(base_dir=tmp_path), rows, part, Runner(), "coh", 0, "bp_random", lr=1e-3)
-    assert calls[-1][0] == "coh_f0_bp_random_lr0.001_last" and calls[-1][1]["keep_last"] is True
-    assert rec["best_checkpoint"] == {"epoch": 15.0, "evaluations": 15, "tied_evaluations": 1}
+    rec = cv.run_bp(args, SimpleNamespace(base_dir=tmp_path), rows, part, runner, "coh", 0, "bp_random", lr=1e-3)
+    assert runner.tags[-1] == "coh_f0_bp_random_lr0.001_last" and runner.calls[-1]["cfg"]["keep_last"] is True
+    # the run's record without a rule (written before --best_model_ties): transformers' rule
+    assert rec["best_checkpoint"] == {"epoch": 15.0, "evaluations": 15, "tied_evaluations": 1, "ties": "first"}
 
 
 def test_best_model_ties_reach_the_full_arms_and_the_finetuning_argv(tmp_path, monkeypatch):
@@ -825,22 +846,13 @@ def test_best_model_ties_reach_the_full_arms_and_the_finetuning_argv(tmp_path, m
     both = cv.bp_config(cv.parse_args(["--bp_best_model_ties", "last", "--bp_keep_last"]), "bp_random")
     assert both["keep_last"] is True and "best_model_ties" not in both
     monkeypatch.setattr(cv.ft, "write_split_manifest", lambda *a, **k: None)
-    calls = []
-
-    class Runner:
-        def run(self, tag, path, task_args, cfg, *, seed, modalities, extra):
-            calls.append((tag, cfg))
-            return {
-                "pred": pd.DataFrame({"sample_id": ["c"], "risk": [0.5]}),
-                "validation": 0.6,
-                "test": 0.7,
-                "epochs": 15,
-            }
-
+    kept = {"epoch": 9.0, "evaluations": 15, "tied_evaluations": 3, "step": 18, "value": 0.7, "ties": "loss"}
+    stub = StubRunner(epochs=15, best_checkpoint=kept)
     rows = pd.DataFrame({"patient_id": list("abc"), "tabular_clinical": [None] * 3}, index=list("abc"))
     part = {"train": np.array(["a"]), "validation": np.array(["b"]), "test": np.array(["c"])}
-    cv.run_bp(args, SimpleNamespace(base_dir=tmp_path), rows, part, Runner(), "coh", 0, "bp_random", lr=1e-3)
-    assert calls[-1][0] == "coh_f0_bp_random_lr0.001_tiesloss"
+    rec = cv.run_bp(args, SimpleNamespace(base_dir=tmp_path), rows, part, stub, "coh", 0, "bp_random", lr=1e-3)
+    assert stub.tags[-1] == "coh_f0_bp_random_lr0.001_tiesloss"
+    assert rec["best_checkpoint"] == {"epoch": 9.0, "evaluations": 15, "tied_evaluations": 3, "ties": "loss"}
     # the finetuning command the runner builds carries the rule
     runner = cv.ft.BPRunner(SimpleNamespace(work_dir=str(tmp_path), quick=False), tmp_path)
     seen = {}
@@ -851,7 +863,7 @@ def test_best_model_ties_reach_the_full_arms_and_the_finetuning_argv(tmp_path, m
 
     runner.rf = SimpleNamespace(DataArguments=runner.rf.DataArguments, main=main)
     with pytest.raises(RuntimeError, match="stop before finetuning"):
-        runner.run("t", tmp_path / "m.parquet", ["--task", "survival"], calls[-1][1])
+        runner.run("t", tmp_path / "m.parquet", ["--task", "survival"], stub.calls[-1]["cfg"])
     argv = seen["argv"]
     assert argv[argv.index("--best_model_ties") + 1] == "loss"
 
@@ -882,23 +894,12 @@ def test_subsample_validation_reaches_run_folders_and_the_report(tmp_path, monke
     from types import SimpleNamespace
 
     monkeypatch.setattr(cv.ft, "write_split_manifest", lambda *a, **k: None)
-    tags = []
-
-    class Runner:
-        def run(self, tag, path, task_args, cfg, *, seed, modalities, extra):
-            tags.append(tag)
-            return {
-                "pred": pd.DataFrame({"sample_id": ["c"], "risk": [0.5]}),
-                "validation": 0.6,
-                "test": 0.7,
-                "epochs": 3,
-            }
-
+    runner = StubRunner()
     rows = pd.DataFrame({"patient_id": list("abc"), "tabular_clinical": [None] * 3}, index=list("abc"))
     part = {"train": np.array(["a"]), "validation": np.array(["b"]), "test": np.array(["c"])}
     args = cv.parse_args(["--train_fraction", "0.25", "--subsample_validation"])
-    cv.run_bp(args, SimpleNamespace(base_dir=tmp_path), rows, part, Runner(), "coh", 0, "bp_random", lr=1e-3)
-    assert tags[-1] == "coh_f0_bp_random_lr0.001_tf0.25_val"
+    cv.run_bp(args, SimpleNamespace(base_dir=tmp_path), rows, part, runner, "coh", 0, "bp_random", lr=1e-3)
+    assert runner.tags[-1] == "coh_f0_bp_random_lr0.001_tf0.25_val"
     lines = cv.report_lines({"train_fraction": 0.25, "subsample_validation": True, "cohorts": {}, "pooled": {}})
     assert "validation parts drawn with the same share" in lines[0]
 
@@ -914,22 +915,15 @@ def test_train_fraction_reaches_cache_keys_run_folders_and_the_finetuning_manife
     assert args.train_fraction == 0.5 and cv.data_settings(args) == {"train_fraction": 0.5}
     written = []
     monkeypatch.setattr(cv.ft, "write_split_manifest", lambda m, rows, split, cols, path: written.append(split))
-    tags = []
-
-    class Runner:
-        def run(self, tag, path, task_args, cfg, *, seed, modalities, extra):
-            tags.append(tag)
-            pred = pd.DataFrame({"sample_id": ["d"], "risk": [0.5]})
-            return {"pred": pred, "validation": 0.6, "test": 0.7, "epochs": 3}
-
+    runner = StubRunner(test_id="d")
     rows = pd.DataFrame({"patient_id": list("abcde"), "tabular_clinical": [None] * 5}, index=list("abcde"))
     part = {"train": np.array(["a"]), "validation": np.array(["c"]), "test": np.array(["d"])}  # b, e: left out
-    cv.run_bp(args, SimpleNamespace(base_dir=tmp_path), rows, part, Runner(), "coh", 0, "bp_random", lr=1e-3)
+    cv.run_bp(args, SimpleNamespace(base_dir=tmp_path), rows, part, runner, "coh", 0, "bp_random", lr=1e-3)
     assert written[-1].to_dict() == {"a": "train", "c": "validation", "d": "test"}
-    assert tags[-1] == "coh_f0_bp_random_lr0.001_tf0.5"
+    assert runner.tags[-1] == "coh_f0_bp_random_lr0.001_tf0.5"
     full = {**part, "train": np.array(["e", "a", "b"])}
-    cv.run_bp(cv.parse_args([]), SimpleNamespace(base_dir=tmp_path), rows, full, Runner(), "coh", 0, "bp_random")
-    assert tags[-1] == "coh_f0_bp_random" and list(written[-1].index) == list("abcde")  # full data: as before
+    cv.run_bp(cv.parse_args([]), SimpleNamespace(base_dir=tmp_path), rows, full, runner, "coh", 0, "bp_random")
+    assert runner.tags[-1] == "coh_f0_bp_random" and list(written[-1].index) == list("abcde")  # full data: as before
 
 
 def test_fold_wise_backbones_are_finetuned_fold_by_fold(tmp_path, monkeypatch):
@@ -938,16 +932,7 @@ def test_fold_wise_backbones_are_finetuned_fold_by_fold(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cv.ft, "write_split_manifest", lambda *a, **k: None)
 
-    class Runner:
-        def __init__(self, name):
-            self.name, self.calls = name, []
-
-        def run(self, tag, path, task_args, cfg, *, seed, modalities, extra):
-            self.calls.append(tag)
-            pred = pd.DataFrame({"sample_id": ["c"], "risk": [0.5]})
-            return {"pred": pred, "validation": 0.6, "test": 0.7, "epochs": 3}
-
-    folds = [Runner(f"fold{k}") for k in range(3)]
+    folds = [StubRunner() for _ in range(3)]
     runner = cv.PerFoldRunner(folds)
     args = cv.parse_args(["--pretrained_dir", str(tmp_path / "fold{fold}" / "final"), "--folds", "3"])
     assert cv.fold_wise(args) and cv.resolve_bp_arms(args)  # the finetuned arms are no longer refused
