@@ -232,6 +232,8 @@ def test_rank_padder_and_padded_pretrainer_on_a_batch_already_on_the_gpu(tmp_pat
     padded = padder({**batch, "inputs": batch_to_device(batch["inputs"], CUDA)})
     assert sorted(padded["inputs"]) == names
     assert all(t.is_cuda for arrays in padded["inputs"].values() for t in arrays.values())
+    gpu = next(iter(padded["inputs"][names[0]].values())).device  # the row is moved there once, then reused
+    assert padder.row_on(gpu) is padder.row_on(gpu) and list(padder._on_device) == [gpu]
     torch.manual_seed(0)
     model = bp.create_model("bioperceiver_debug", modalities=processor.model_modalities(embedders))
     trainer = PaddedPretrainer(model, loss="clip").to(CUDA)

@@ -147,6 +147,11 @@ def test_padding_row_leaves_loss_and_gradients_unchanged(run_config):
     )
     padded = padder(batch)
     assert sorted(padded["inputs"]) == names and len(padded["patient_id"]) == len(batch["patient_id"]) + 1
+    # the row is put on the batch's device once and reused at every later step, with the same result
+    cpu = torch.device("cpu")
+    assert padder.row_on(cpu) is padder.row_on(cpu) and list(padder._on_device) == [cpu]
+    again = padder(batch)["inputs"]
+    assert all(torch.equal(t, again[n][k]) for n, a in padded["inputs"].items() for k, t in a.items())
 
     for loss, kw in (("clip", {"leave_one_out": 0.5}), ("multiview", {})):
         torch.manual_seed(0)

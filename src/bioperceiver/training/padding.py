@@ -41,6 +41,13 @@ class RankPadder:
         missing = sorted(set(names) - set(self.row))
         if missing:  # no training sample has them: no rank ever runs these embedders, which is consistent
             logger.warning("no training sample has %s: these embedders are never trained", missing)
+        self._on_device: dict[torch.device, dict[str, dict[str, torch.Tensor]]] = {}
+
+    def row_on(self, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+        """The padding row on ``device``, moved once per device and run rather than at every step."""
+        if device not in self._on_device:
+            self._on_device[device] = {n: {k: t.to(device) for k, t in a.items()} for n, a in self.row.items()}
+        return self._on_device[device]
 
     @staticmethod
     def _fit(t: torch.Tensor, shape: torch.Size, key: str, name: str) -> torch.Tensor:
@@ -58,8 +65,7 @@ class RankPadder:
         # the row was collated on CPU; the batch may already be on the GPU (accelerate's prepared loader)
         device = next((t.device for arrays in batch["inputs"].values() for t in arrays.values()), torch.device("cpu"))
         inputs = {}
-        for name, pad in self.row.items():
-            pad = {k: t.to(device) for k, t in pad.items()}
+        for name, pad in self.row_on(device).items():
             real = batch["inputs"].get(name)
             if real is None:  # nobody in the batch has it: n all-absent rows (values copied, masks False)
                 real = {
