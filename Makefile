@@ -9,10 +9,13 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  := torch==2.14.1 torchvision==0.29.1
+EXTRAS := deepspeed,dev,recipes,privacy,wsi,search,evidence,text
+# The lock file: every package version the README's numbers were measured with (`make lock` re-resolves it).
+LOCK   := constraints.txt
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint format bench evidence clean
+.PHONY: setup demo test lint format bench evidence lock clean
 
 setup: $(VENV)/.deps $(VENV)/.demo-data
 
@@ -26,10 +29,10 @@ $(VENV)/.torch: | $(PY)
 	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PIP) install $(TORCH)
 	touch $@
 
-# The package in editable mode with its extras; re-run whenever pyproject.toml changes. The torch pins go in
-# the same command so that nothing here can swap the torch build.
-$(VENV)/.deps: pyproject.toml $(VENV)/.torch
-	$(PIP) install $(TORCH) -e ".[deepspeed,dev,recipes,privacy,wsi,search,evidence,text]"
+# The package in editable mode with its extras, at the lock file's versions; re-run whenever pyproject.toml or
+# the lock changes. The torch pins go in the same command so that nothing here can swap the torch build.
+$(VENV)/.deps: pyproject.toml $(LOCK) $(VENV)/.torch
+	$(PIP) install $(TORCH) -c $(LOCK) -e ".[$(EXTRAS)]"
 	touch $@
 
 # Real data the demo cohort is built from, as shipped inside these pinned packages (see ../shared/data/README.md).
@@ -38,6 +41,19 @@ DEMO_DATA := torchxrayvision==1.5.7 systole==0.3.1 survset==0.2.11 pydicom-data=
 $(VENV)/.demo-data: Makefile $(VENV)/.deps
 	$(PIP) install --no-deps $(DEMO_DATA)
 	touch $@
+
+# Re-resolve the lock file after changing dependencies: a throwaway venv gets what `make setup` installs, without
+# the lock, and its `pip freeze` becomes $(LOCK) (commit it; tests/test_lock.py checks it covers pyproject.toml).
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet $(TORCH)
+	$(LOCK_VENV)/bin/python -m pip install --quiet $(TORCH) -e ".[$(EXTRAS)]"
+	$(LOCK_VENV)/bin/python -m pip install --quiet --no-deps $(DEMO_DATA)
+	{ echo "# make lock, $$(date -u +%Y-%m-%d), Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())'): what make setup installs"; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK) && rm -rf $(LOCK_VENV)
 
 demo: setup
 	$(PY) pretrain/demo_pipeline.py --output_dir outputs/demo

@@ -11,8 +11,10 @@ Each part is one command (a script of this folder or of ``pretrain/``) that writ
 ``--work_dir`` (default ``outputs/evidence``). A part is *done* when the file it names as its result exists; the
 scripts write results atomically and skip their own finished sub-runs, and an interrupted pretraining resumes from
 its last checkpoint (``--resume latest``), so re-running the same command continues where it stopped.
-``evidence_log.json`` records each part's command, wall time and exit status; at the end ``EVIDENCE.md``
-lists every part with its command and wall time, followed by the tables the parts write (``<result>.md``).
+``evidence_log.json`` records each part's command, wall time, exit status and environment (the hash of the lock
+file ``constraints.txt`` that ``make setup`` installs from, and every locked package installed at another version);
+at the end ``EVIDENCE.md`` lists every part with its command, wall time and environment, followed by the tables the
+parts write (``<result>.md``).
 
 External validation cohorts (SurvSet gse3143, DBCD, DLBCL, chop, AML_Bull, vdv) appear only in evaluation parts,
 with settings fixed beforehand or chosen on validation folds of the development cohorts.
@@ -21,6 +23,8 @@ with settings fixed beforehand or chosen on validation folds of the development 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -30,10 +34,55 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
 from tqdm.auto import tqdm
 
 logger = logging.getLogger("evidence")
 ROOT = Path(__file__).resolve().parents[1]
+LOCK = ROOT / "constraints.txt"  # the versions `make setup` installs (`make lock` writes it)
+
+
+def read_lock(path: Path | None = None) -> dict[str, str]:
+    """``constraints.txt`` (or ``path``) as ``{canonical name: version}`` (``name==version`` lines; comments
+    ignored)."""
+    path = path or LOCK
+    pins = {}
+    for line in path.read_text().splitlines():
+        if line := line.split("#", 1)[0].strip():
+            name, sep, version = line.partition("==")
+            if not sep:
+                raise ValueError(f"{path}: {line!r} is not a 'name==version' pin")
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def environment(lock: Path | None = None) -> dict:
+    """The installed packages against the lock file: its hash (first 12 hex digits of sha256; None without one) and
+    each locked package installed at another version or not at all (``{name: {"locked", "installed"}}``), so that a
+    recorded number can be traced to the versions that produced it. A local build tag (``+cu130``) is not a
+    difference."""
+    lock = lock or LOCK
+    if not lock.is_file():
+        return {"lock": None, "off_lock": {}}
+    off = {}
+    for name, locked in read_lock(lock).items():
+        try:
+            have = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            have = None
+        if have is None or not SpecifierSet(f"=={locked}").contains(have, prereleases=True):
+            off[name] = {"locked": locked, "installed": have}
+    return {"lock": hashlib.sha256(lock.read_bytes()).hexdigest()[:12], "off_lock": off}
+
+
+def environment_text(env: dict | None) -> str:
+    if not env:
+        return "not recorded"
+    if env["lock"] is None:
+        return "no lock file"
+    off = env["off_lock"]
+    return f"lock {env['lock']}" + (f", {len(off)} package(s) off it" if off else "")
 
 
 @dataclass
@@ -1091,7 +1140,9 @@ def is_done(part: Part, work: Path) -> bool:
     return (work / part.result).exists()
 
 
-def run_part(part: Part, work: Path, log: dict) -> bool:
+def run_part(part: Part, work: Path, log: dict, installed: dict | None = None) -> bool:
+    """Runs one part; its log entry records the command, wall time, exit status and ``installed``
+    (``environment()``)."""
     argv = [_fill(a, work) for a in part.argv]
     if "--overwrite_output_dir" in argv:  # a pretraining run: resume an interrupted one from its last checkpoint
         out = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("output_dir=")))
@@ -1106,6 +1157,8 @@ def run_part(part: Part, work: Path, log: dict) -> bool:
     rc = subprocess.call(argv, cwd=ROOT, env=env)
     seconds = time.perf_counter() - start
     log[part.name] = {"argv": argv, "seconds": round(seconds, 1), "returncode": rc, "finished": time.time()}
+    if installed is not None:
+        log[part.name]["environment"] = installed
     if rc == 0 and not is_done(part, work):
         logger.error("%s exited 0 but did not write %s", part.name, part.result)
         return False
@@ -1115,8 +1168,12 @@ def run_part(part: Part, work: Path, log: dict) -> bool:
 def summary(work: Path, log: dict) -> str:
     """``EVIDENCE.md``: every part, whether it is done, the command that made it and its wall time, followed by the
     markdown tables the parts write beside their results (``<result>.md``: survival_cv's per-cohort table)."""
-    lines = ["# Evidence table (benchmarks/evidence.py)", "", "| part | what | result | command | wall time |"]
-    lines.append("|---|---|---|---|---|")
+    lines = [
+        "# Evidence table (benchmarks/evidence.py)",
+        "",
+        "| part | what | result | command | wall time | environment |",
+        "|---|---|---|---|---|---|",
+    ]
     tables = []
     for part in PARTS:
         entry = log.get(part.name, {})
@@ -1124,7 +1181,8 @@ def summary(work: Path, log: dict) -> str:
         cmd = " ".join("python" if a == sys.executable else a for a in entry.get("argv", []))
         wall = f"{entry['seconds'] / 60:.1f} min" if "seconds" in entry else ""
         state = part.result if done else "optional, not run" if part.optional else "not run"
-        lines.append(f"| {part.name} | {part.what} | {state} | `{cmd}` | {wall} |")
+        env = environment_text(entry.get("environment")) if entry else ""
+        lines.append(f"| {part.name} | {part.what} | {state} | `{cmd}` | {wall} | {env} |")
         table = (work / part.result).with_suffix(".md")
         if done and table.exists():
             tables += ["", f"## {part.name}", "", table.read_text().strip()]
@@ -1170,6 +1228,16 @@ def main(argv: list[str] | None = None) -> int:
         logger.info(
             "%d optional parts not run (~%g min; --with_optional runs them)", len(left), sum(p.minutes for p in left)
         )
+    env = environment()
+    if env["lock"] is None:
+        logger.warning("no lock file (%s): the packages behind these numbers are not recorded against one", LOCK)
+    elif env["off_lock"]:
+        logger.warning(
+            "%d installed package(s) differ from %s (make setup installs it): %s",
+            len(env["off_lock"]),
+            LOCK.name,
+            ", ".join(f"{n} {v['installed']} (lock {v['locked']})" for n, v in sorted(env["off_lock"].items())[:10]),
+        )
     failed = []
     for part in tqdm(todo, desc="evidence", unit="part"):
         missing = [n for n in part.needs if not is_done(next(p for p in PARTS if p.name == n), work)]
@@ -1177,7 +1245,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("%s needs %s first; skipped", part.name, missing)
             failed.append(part.name)
             continue
-        ok = run_part(part, work, log)
+        ok = run_part(part, work, log, env)
         log_path.write_text(json.dumps(log, indent=1) + "\n")
         if not ok:
             failed.append(part.name)

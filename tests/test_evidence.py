@@ -45,6 +45,45 @@ def test_parts_run_in_order_skip_when_done_and_respect_prerequisites(tmp_path, m
     assert "| a | first | a/out.json | `python -c" in summary and "| c | fails | not run |" in summary
 
 
+def test_each_part_records_the_installed_packages_against_the_lock_file(tmp_path, monkeypatch):
+    """The lock's hash and every locked package installed at another version or missing are logged per part and
+    shown in EVIDENCE.md; a local build tag is not a difference; a part run before this was recorded says so."""
+    import importlib.metadata
+
+    lock = tmp_path / "constraints.txt"
+    have = importlib.metadata.version("pytest")
+    lock.write_text(f"# made by make lock\nPyTest=={have}\nnumpy==0.0.1\nnot_a_package_bp==1.0\n")
+    env = evidence.environment(lock)
+    assert len(env["lock"]) == 12 and env["lock"] == evidence.hashlib.sha256(lock.read_bytes()).hexdigest()[:12]
+    assert env["off_lock"] == {
+        "numpy": {"locked": "0.0.1", "installed": importlib.metadata.version("numpy")},
+        "not-a-package-bp": {"locked": "1.0", "installed": None},
+    }
+    monkeypatch.setattr(evidence.importlib.metadata, "version", lambda name: "2.14.1+cu130")
+    assert evidence.environment(lock.with_name("t.txt")) == {"lock": None, "off_lock": {}}
+    (tmp_path / "t.txt").write_text("torch==2.14.1\n")
+    assert evidence.environment(tmp_path / "t.txt")["off_lock"] == {}  # the CUDA build of the locked version
+    monkeypatch.undo()
+    (tmp_path / "bad.txt").write_text("torch>=2\n")
+    with pytest.raises(ValueError, match="not a 'name==version' pin"):
+        evidence.read_lock(tmp_path / "bad.txt")
+
+    monkeypatch.setattr(evidence, "LOCK", lock)
+    monkeypatch.setattr(evidence, "PARTS", [evidence.Part("a", "first", _writer("{work}/a/out.json"), "a/out.json")])
+    work = tmp_path / "w"
+    (work).mkdir()
+    (work / "evidence_log.json").write_text(json.dumps({"a": {"argv": ["x"], "seconds": 60.0, "returncode": 0}}))
+    (work / "a").mkdir()
+    (work / "a" / "out.json").write_text("{}")
+    assert evidence.main(["--work_dir", str(work)]) == 0
+    assert "| 1.0 min | not recorded |" in (work / "EVIDENCE.md").read_text()  # run before environments were kept
+    assert evidence.main(["--work_dir", str(work), "--redo", "a"]) == 0
+    assert json.loads((work / "evidence_log.json").read_text())["a"]["environment"] == env
+    assert f"| lock {env['lock']}, 2 package(s) off it |" in (work / "EVIDENCE.md").read_text()
+    # the repository's own lock file parses, and pins what make setup installs (tests/test_lock.py checks which)
+    assert evidence.read_lock(ROOT / "constraints.txt")["torch"] == "2.14.1"
+
+
 def test_an_interrupted_pretraining_part_resumes_instead_of_overwriting(tmp_path, monkeypatch):
     out = tmp_path / "w" / "pre"
     (out / "checkpoints" / "checkpoint-50").mkdir(parents=True)
