@@ -916,11 +916,11 @@ def _seed_parts() -> list[Part]:
         out = last.replace("survival_cv_", "versus_")
         parts.append(_versus(out, last, best, f"{last} - {best}, each arm paired on the same test patients"))
     # the same 25% shrunk-validation runs choosing among tied best epochs otherwise (--bp_best_model_ties): the
-    # latest of them, or the one with the lowest validation Cox loss; seed pairs (0, 0) and (0, 1), each against
-    # the first-of-ties run (transformers' rule) on the same test patients
+    # latest of them, or the one with the lowest validation Cox loss; seed pairs (0, 0), (0, 1) and (1, 1), each
+    # against the first-of-ties run (transformers' rule) on the same test patients
     ties_runs = {}  # tie-rule run -> its first-of-ties run
     for rule in ("loss", "last"):
-        for pre, init in SEED_PAIRS[:2]:
+        for pre, init in SEED_PAIRS[:3]:
             run = f"{plain}_ties{rule}{_pair_suffix(pre, init)}"
             base = plain + _pair_suffix(pre, init)
             extra = ("--train_fraction", "0.25", "--subsample_validation", "--bp_best_model_ties", rule)
@@ -940,12 +940,49 @@ def _seed_parts() -> list[Part]:
             out = run.replace("survival_cv_", "versus_")
             what = f"{run} - {base}, each arm paired on the same test patients"
             parts.append(_versus(out, run, base, what, labels=(f"ties{rule}", "first")))
-            ties_runs[run] = base
-        pairs = {f"pre{pre}_init{init}": f"{plain}_ties{rule}{_pair_suffix(pre, init)}" for pre, init in SEED_PAIRS[:2]}
-        parts.append(_spread(f"seed_spread_labeff_tf0.25_val_ties{rule}", pairs, f"the two ties-{rule} runs combined"))
-    first2 = {f"pre{pre}_init{init}": plain + _pair_suffix(pre, init) for pre, init in SEED_PAIRS[:2]}
-    parts.append(_spread("seed_spread_labeff_tf0.25_val_first2", first2, "their two first-of-ties runs combined"))
-    # which epoch every selected run kept under each rule, and how often a rule kept another epoch than the first
+            if (pre, init) in SEED_PAIRS[:2]:
+                ties_runs[run] = base
+        for n, count in ((2, "two"), (3, "three")):
+            pairs = {f"pre{p}_init{i}": f"{plain}_ties{rule}{_pair_suffix(p, i)}" for p, i in SEED_PAIRS[:n]}
+            out = f"seed_spread_labeff_tf0.25_val_ties{rule}" + ("" if n == 2 else str(n))
+            parts.append(_spread(out, pairs, f"the {count} ties-{rule} runs combined"))
+    for n, count in ((2, "two"), (3, "three")):
+        first = {f"pre{pre}_init{init}": plain + _pair_suffix(pre, init) for pre, init in SEED_PAIRS[:n]}
+        out = f"seed_spread_labeff_tf0.25_val_first{n}"
+        parts.append(_spread(out, first, f"their {count} first-of-ties runs combined"))
+    # wide & deep (expression + clinical term, one penalty per modality) with the loss tie rule, the three seed
+    # pairs; against the plain loss-rule runs and the wide & deep first-of-ties run on the same test patients
+    wide_loss = {}
+    for pre, init in SEED_PAIRS[:3]:
+        run = f"{plain}_wide_pm_tiesloss{_pair_suffix(pre, init)}"
+        reuse = [f"{W}/survset/{plain}"] + ([f"{W}/survset/{plain}_wide_pm_tiesloss_init1"] if pre else [])
+        parts.append(
+            _finetuned(
+                run,
+                f"{plain}_tiesloss{_pair_suffix(pre, init)} {WIDE_TEXT}",
+                "--train_fraction",
+                "0.25",
+                "--subsample_validation",
+                *WIDE_PM,
+                "--bp_best_model_ties",
+                "loss",
+                "--init_seed",
+                str(init),
+                "--reuse_cache",
+                *reuse,
+                pre=pre,
+                needs=[plain, *_backbone_parts(pre), *([f"{plain}_wide_pm_tiesloss_init1"] if pre else [])],
+                minutes=20,
+            )
+        )
+        wide_loss[f"pre{pre}_init{init}"] = run
+    parts.append(_spread("seed_spread_labeff_tf0.25_val_wide_pm_tiesloss", wide_loss, "the three runs combined"))
+    for b, label in ((f"{plain}_tiesloss", "plain"), (f"{plain}_wide_pm", "first")):
+        what = f"{plain}_wide_pm_tiesloss - {b}, each arm paired on the same test patients, seed pair (0, 0)"
+        out = f"versus_labeff_tf0.25_val_wide_pm_tiesloss_{label}"
+        parts.append(_versus(out, f"{plain}_wide_pm_tiesloss", b, what, labels=("wide_pm_tiesloss", label)))
+    # which epoch every selected run kept under each rule (seed pairs (0, 0) and (0, 1)), and how often a rule kept
+    # another epoch than the first-of-ties run
     argv = [PY, "benchmarks/kept_checkpoints.py", "--runs", *(f"{W}/survset/{r}" for r in ties_runs)]
     argv += ["--against", *(f"{W}/survset/{b}" for b in ties_runs.values())]
     argv += ["--output_dir", f"{W}/survset/kept_labeff_tf0.25_val_ties"]

@@ -378,3 +378,54 @@ def test_the_wide_and_deep_label_efficiency_parts_add_the_term_to_the_25_percent
     versus = parts["survset_versus_labeff_tf0.25_wide_pm"].argv
     runs = versus[versus.index("--runs") + 1 : versus.index("--labels")]
     assert runs[0].endswith("survival_cv_labeff_tf0.25_wide_pm") and runs[1].endswith("survival_cv_labeff_tf0.25")
+
+
+def _listed(part) -> list[str]:
+    """The run folders a seed_spread.py / kept_checkpoints.py part reads, by name, in order."""
+    argv = part.argv
+    end = next(i for i in range(argv.index("--runs") + 1, len(argv)) if argv[i].startswith("--"))
+    return [a.rsplit("/", 1)[-1] for a in argv[argv.index("--runs") + 1 : end]]
+
+
+def test_the_tie_rule_parts_cover_three_seed_pairs_and_the_wide_and_deep_loss_rule_runs():
+    """Each tie rule: three seed pairs on their own backbones and finetuning seeds, each against its first-of-ties
+    run; spreads over the first two pairs (the recorded tables) and over all three; the kept-epoch part over the
+    first two. Wide & deep with the loss rule: the term, the rule, the pair's backbones; the (1, 1) run reads the
+    random-init arm back from (0, 1) (it does not depend on the pretraining seed)."""
+    parts = {p.name: p for p in evidence.PARTS}
+    plain = "survival_cv_labeff_tf0.25_val"
+    pairs = (
+        ("", "pretrain_cvfolds", "0"),
+        ("_init1", "pretrain_cvfolds", "1"),
+        ("_pre1", "pretrain_cvfolds_seed1", "1"),
+    )
+    for rule in ("loss", "last"):
+        runs = []
+        for suffix, backbones, init in pairs:
+            run = f"{plain}_ties{rule}{suffix}"
+            argv = parts[run].argv
+            assert argv[argv.index("--bp_best_model_ties") + 1] == rule and "--subsample_validation" in argv
+            assert argv[argv.index("--init_seed") + 1] == init and argv[argv.index("--train_fraction") + 1] == "0.25"
+            assert argv[argv.index("--pretrained_dir") + 1].endswith(f"survset/{backbones}/fold{{fold}}/final")
+            assert _listed(parts[f"survset_versus_labeff_tf0.25_val_ties{rule}{suffix}"]) == [run, plain + suffix]
+            runs.append(run)
+        assert _listed(parts[f"survset_seed_spread_labeff_tf0.25_val_ties{rule}"]) == runs[:2]
+        assert _listed(parts[f"survset_seed_spread_labeff_tf0.25_val_ties{rule}3"]) == runs
+    assert _listed(parts["survset_seed_spread_labeff_tf0.25_val_first3"]) == [plain + s for s, _, _ in pairs]
+    kept = _listed(parts["survset_kept_labeff_tf0.25_val_ties"])
+    assert kept == [f"{plain}_ties{r}{s}" for r in ("loss", "last") for s in ("", "_init1")]
+    wide = []
+    for suffix, backbones, init in pairs:
+        run = f"{plain}_wide_pm_tiesloss{suffix}"
+        argv = parts[run].argv
+        assert argv[argv.index("--bp_head_linear") + 1 :][:2] == ["omics_expression", "tabular_clinical"]
+        assert "--bp_head_linear_per_modality" in argv and argv[argv.index("--bp_best_model_ties") + 1] == "loss"
+        assert argv[argv.index("--init_seed") + 1] == init
+        assert argv[argv.index("--pretrained_dir") + 1].endswith(f"survset/{backbones}/fold{{fold}}/final")
+        reuse = [a.rsplit("/", 1)[-1] for a in argv[argv.index("--reuse_cache") + 1 :]]
+        assert reuse == [plain] + ([f"{plain}_wide_pm_tiesloss_init1"] if suffix == "_pre1" else [])
+        assert set(reuse) <= set(parts[run].needs)
+        wide.append(run)
+    assert _listed(parts["survset_seed_spread_labeff_tf0.25_val_wide_pm_tiesloss"]) == wide
+    assert _listed(parts["survset_versus_labeff_tf0.25_val_wide_pm_tiesloss_plain"]) == [wide[0], f"{plain}_tiesloss"]
+    assert _listed(parts["survset_versus_labeff_tf0.25_val_wide_pm_tiesloss_first"]) == [wide[0], f"{plain}_wide_pm"]
