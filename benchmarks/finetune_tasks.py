@@ -442,8 +442,15 @@ class SurvivalFeatures:
         return pd.concat(parts, axis=1)
 
 
-def cox_select(feats: SurvivalFeatures, rows, tr, va, te, *, pcs_grid, pen_grid, clinical=True) -> dict:
-    """Fit a ridge Cox model on ``tr`` for each (components, penalizer), choose by validation C-index, score test."""
+def cox_select(feats: SurvivalFeatures, rows, tr, va, te, *, pcs_grid, pen_grid, clinical=True, ties="first") -> dict:
+    """Fit a ridge Cox model on ``tr`` for each (components, penalizer), choose by validation C-index, score test.
+
+    Grid points tied on the best validation C-index (common on a handful of validation patients) are broken by
+    ``ties``: ``"first"`` keeps the first in grid order (fewest components, weakest penalty), ``"loss"`` the one
+    with the highest validation partial log-likelihood (lifelines' ``score``; the counterpart of ``run_finetune
+    --best_model_ties loss``). ``best["tied"]`` counts the grid points tied at the best C-index."""
+    if ties not in ("first", "loss"):
+        raise ValueError(f"ties must be 'first' or 'loss', got {ties!r}")
     from lifelines import CoxPHFitter
 
     from bioperceiver.evaluation import concordance_index
@@ -466,18 +473,26 @@ def cox_select(feats: SurvivalFeatures, rows, tr, va, te, *, pcs_grid, pen_grid,
                 grid.append({"n_pcs": n_pcs, "penalizer": pen, "error": type(exc).__name__})
                 continue
             rv, rt = (cph.predict_log_partial_hazard(x).to_numpy() for x in (xva, xte))
+            dva = xva.assign(T=t.loc[va].to_numpy(), E=e.loc[va].to_numpy())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loglik = float(cph.score(dva, scoring_method="log_likelihood"))
             grid.append(
                 {
                     "n_pcs": n_pcs,
                     "penalizer": pen,
                     "n_features": xtr.shape[1],
                     "validation": concordance_index(t.loc[va], rv, e.loc[va]),
+                    "validation_loglik": loglik if np.isfinite(loglik) else -np.inf,
                     "test": concordance_index(t.loc[te], rt, e.loc[te]),
                     "risk_test": rt,
                 }
             )
     ok = [g for g in grid if "validation" in g]
-    best = max(ok, key=lambda g: g["validation"])  # first of ties (grid order)
+    score = [g["validation"] if np.isfinite(g["validation"]) else -np.inf for g in ok]  # NaN never wins
+    tied = [g for g, v in zip(ok, score, strict=True) if v == max(score)]
+    best = tied[0] if ties == "first" else max(tied, key=lambda g: g["validation_loglik"])  # max: first of equals
+    best = {**best, "tied": len(tied)}
     return {
         "best": {k: v for k, v in best.items() if k != "risk_test"},
         "risk_test": best["risk_test"],

@@ -284,12 +284,13 @@ def has_clinical(rows: pd.DataFrame) -> bool:
     return "tabular_clinical" in rows and rows["tabular_clinical"].notna().any()
 
 
-def fit_cox(feats, rows, tr, va, te, *, with_pcs: bool, clinical: bool | None = None) -> dict:
+def fit_cox(feats, rows, tr, va, te, *, with_pcs: bool, clinical: bool | None = None, ties: str = "first") -> dict:
     """Ridge Cox (lifelines) on clinical covariates, optionally + expression PCs; settings chosen on validation.
 
     ``feats``: :class:`SurvivalFeatures`-like (``pca.n_components_``, ``transform(ids, n_pcs, clinical)``);
     ``clinical`` (default: the cohort has clinical covariates) is passed to ``transform`` as whether to include the
-    fixed block (see :class:`EmbeddingFeatures`)."""
+    fixed block (see :class:`EmbeddingFeatures`); ``ties``: how grid points tied on the validation C-index are
+    broken (``cox_select``: first in grid order, or the highest validation partial log-likelihood)."""
     clinical = has_clinical(rows) if clinical is None else clinical
     if not with_pcs and not clinical:
         return {"skipped": "no clinical covariates in this cohort"}
@@ -303,11 +304,13 @@ def fit_cox(feats, rows, tr, va, te, *, with_pcs: bool, clinical: bool | None = 
         pcs_grid=pcs if with_pcs else (0,),
         pen_grid=PEN_GRID,
         clinical=clinical,
+        ties=ties,
     )
     return {
         "validation": res["best"]["validation"],
         "test": res["best"]["test"],
         "selected": {k: res["best"][k] for k in ("n_pcs", "penalizer", "n_features")},
+        "tied": res["best"]["tied"],  # grid points tied on the best validation C-index
         "risk_test": np.asarray(res["risk_test"], float).tolist(),
     }
 
@@ -322,7 +325,7 @@ def fit_rsf(feats, rows, tr, va, te, *, seed: int, n_estimators: int = 200) -> d
     t = rows["label_survival_time"].astype(float)
     e = rows["label_survival_event"].astype(int)
     clinical = has_clinical(rows)
-    best = None
+    best, scores = None, []
     for n_pcs in sorted({min(p, feats.pca.n_components_) for p in RSF_GRID["n_pcs"]}):
         xtr, xva, xte = (feats.transform(list(i), n_pcs, clinical).to_numpy() for i in (tr, va, te))
         y = Surv.from_arrays(event=e.loc[tr].astype(bool).to_numpy(), time=t.loc[tr].to_numpy())
@@ -331,7 +334,8 @@ def fit_rsf(feats, rows, tr, va, te, *, seed: int, n_estimators: int = 200) -> d
                 n_estimators=n_estimators, min_samples_leaf=leaf, max_features="sqrt", n_jobs=1, random_state=seed
             ).fit(xtr, y)
             val = concordance_index(t.loc[va], model.predict(xva), e.loc[va])
-            if best is None or val > best["validation"]:
+            scores.append(val)
+            if best is None or val > best["validation"]:  # ties: the first in grid order
                 rt = model.predict(xte)
                 best = {
                     "validation": val,
@@ -339,6 +343,7 @@ def fit_rsf(feats, rows, tr, va, te, *, seed: int, n_estimators: int = 200) -> d
                     "selected": {"n_pcs": n_pcs, "min_samples_leaf": leaf, "n_estimators": n_estimators},
                     "risk_test": np.asarray(rt, float).tolist(),
                 }
+    best["tied"] = sum(v == best["validation"] for v in scores)  # grid points tied on the best validation C-index
     return best
 
 
@@ -890,6 +895,10 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                 )
             else:
                 settings["grid"] = {"n_pcs": PCS_GRID, "penalizer": PEN_GRID}
+                if (
+                    getattr(args, "baseline_ties", "first") != "first"
+                ):  # only then: the cache keys of earlier runs stay valid
+                    settings["ties"] = args.baseline_ties
             path = out / "cache" / cohort / f"fold{k}" / f"{model}.json"
             if model in BP_ARMS and len(lrs := bp_lrs(args, model)) > 1:
                 grid_origin: list[tuple[str, str]] = []
@@ -928,7 +937,10 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                     elif model == "rsf":
                         rec = fit_rsf(feats, rows, tr, va, te, seed=args.seed)
                     else:
-                        rec = fit_cox(feats, rows, tr, va, te, with_pcs=model == "cox_clinical_pcs")
+                        with_pcs = model == "cox_clinical_pcs"
+                        rec = fit_cox(
+                            feats, rows, tr, va, te, with_pcs=with_pcs, ties=getattr(args, "baseline_ties", "first")
+                        )
                 rec["wall_s"] = round(time.perf_counter() - t0, 1)
                 rec = store(path, settings, rec)
             results[model].append(rec)
@@ -1031,6 +1043,8 @@ def summarise(args, cohort: str, role: str, rows, fold_meta: list[dict], results
             models[m]["lr"] = [r["lr"] for r in recs]
         if any("best_checkpoint" in r for r in recs):  # per fold, the epoch the selected run kept (None: no record)
             models[m]["best_checkpoint"] = [r.get("best_checkpoint") for r in recs]
+        if all("tied" in r for r in recs):  # a baseline's grid points tied on the best validation C-index, per fold
+            models[m]["tied"] = [r["tied"] for r in recs]
         if all("term_alone_test" in r for r in recs):  # wide & deep: its linear term alone, before finetuning
             models[m]["term_alone_test"] = ft._ms(np.array([r["term_alone_test"] for r in recs], float))
     base = [m for m in BASELINES if "test" in models[m]]
@@ -1305,6 +1319,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "loss among them); ignored with --bp_keep_last",
     )
     p.add_argument(
+        "--baseline_ties",
+        choices=("first", "loss"),
+        default="first",
+        help="the Cox baselines: which of the grid points tied on the best validation C-index is kept: the first in "
+        "grid order (fewest components, weakest penalty) or loss (the highest validation partial log-likelihood, "
+        "the counterpart of --bp_best_model_ties loss); the random survival forest keeps the first",
+    )
+    p.add_argument(
         "--bp_head_linear_per_modality",
         action="store_true",
         help="a --bp_head_linear term on several modalities gets one ridge penalty per modality, every combination "
@@ -1435,6 +1457,7 @@ def main(argv=None) -> dict:
             "pretrained_dir": args.pretrained_dir,
         },
         "grids": {"cox": {"n_pcs": PCS_GRID, "penalizer": PEN_GRID}, "rsf": RSF_GRID},
+        "baseline_ties": {"cox": args.baseline_ties, "rsf": "first"},
         "embedding_arms": {a: {**EMB_ARMS[a], "modality": EMB_MODALITY} for a in EMB_ARMS if a in args.bp_arms},
         "manifest": str(manifest.path) if hasattr(manifest, "path") else str(data_dir),
         "cohorts": {},

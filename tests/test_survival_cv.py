@@ -135,6 +135,43 @@ def test_baselines_fit_on_training_rows_only(cohort, model):
     assert not np.allclose(res3["risk_test"], ref["risk_test"])
 
 
+def test_cox_grid_ties_on_a_tiny_validation_part_are_counted_and_broken_by_validation_likelihood(cohort):
+    """Three validation patients rank at most three pairs, so grid points tie on the C-index: ``first`` keeps the
+    first in grid order (the old rule, unchanged), ``loss`` the tied point with the highest validation partial
+    log-likelihood, which is lifelines' own score of that fit; both are counted in ``tied``."""
+    from lifelines import CoxPHFitter
+
+    base, rows, part = cohort
+    va = [i for i in part["validation"] if rows.loc[i, "label_survival_event"]][:2]
+    va += [i for i in part["validation"] if not rows.loc[i, "label_survival_event"]][:1]
+    tr, te = list(part["train"]), list(part["test"])
+    feats = cv.ft.SurvivalFeatures(base, rows, n_genes=30)
+    feats.fit(tr)
+    grid = {"pcs_grid": (0, 2, 5), "pen_grid": (0.01, 0.1, 1.0, 10.0)}
+    first = cv.ft.cox_select(feats, rows, tr, va, te, **grid)
+    loss = cv.ft.cox_select(feats, rows, tr, va, te, **grid, ties="loss")
+    assert first["grid"] == loss["grid"] and first["best"]["tied"] == loss["best"]["tied"] > 1
+    top = max(g["validation"] for g in first["grid"])
+    tied = [g for g in first["grid"] if g["validation"] == top]
+    assert len(tied) == first["best"]["tied"] and first["best"] == {**tied[0], "tied": len(tied)}
+    assert loss["best"]["validation"] == top
+    assert loss["best"]["validation_loglik"] == max(g["validation_loglik"] for g in tied)
+    xtr, xva = (feats.transform(ids, loss["best"]["n_pcs"], True) for ids in (tr, va))
+    keep = xtr.columns[xtr.std() > 0]
+    t, e = rows["label_survival_time"].astype(float), rows["label_survival_event"].astype(int)
+    cph = CoxPHFitter(penalizer=loss["best"]["penalizer"]).fit(
+        xtr[keep].assign(T=t.loc[tr].to_numpy(), E=e.loc[tr].to_numpy()), "T", "E"
+    )
+    ref = cph.score(xva[keep].assign(T=t.loc[va].to_numpy(), E=e.loc[va].to_numpy()), scoring_method="log_likelihood")
+    assert loss["best"]["validation_loglik"] == pytest.approx(ref)
+    # survival_cv: the rule reaches the Cox baselines and the tie count their records
+    rec = cv.fit_cox(feats, rows, tr, va, te, with_pcs=True, ties="loss")
+    assert rec["tied"] > 1 and set(rec["selected"]) == {"n_pcs", "penalizer", "n_features"}
+    assert cv.parse_args([]).baseline_ties == "first" and cv.parse_args(["--baseline_ties", "loss"]).baseline_ties
+    with pytest.raises(ValueError, match="ties must be 'first' or 'loss'"):
+        cv.ft.cox_select(feats, rows, tr, va, te, **grid, ties="last")
+
+
 def test_no_clinical_cohort_skips_clinical_cox(cohort):
     base, rows, part = cohort
     rows = rows.assign(tabular_clinical=None)
