@@ -981,6 +981,46 @@ def _seed_parts() -> list[Part]:
         what = f"{plain}_wide_pm_tiesloss - {b}, each arm paired on the same test patients, seed pair (0, 0)"
         out = f"versus_labeff_tf0.25_val_wide_pm_tiesloss_{label}"
         parts.append(_versus(out, f"{plain}_wide_pm_tiesloss", b, what, labels=("wide_pm_tiesloss", label)))
+    # the Cox baselines with the same tie rule (--baseline_ties loss: among grid points tied on the validation
+    # C-index, the highest validation partial log-likelihood), beside the loss-rule runs of the three seed pairs
+    # (their finetuned arms read back: the baselines are the only fits); the baselines against first-of-ties
+    fair = {}
+    for n, (pre, init) in enumerate(SEED_PAIRS[:3]):
+        run = f"{plain}_tiesloss_bl{_pair_suffix(pre, init)}"
+        twin = f"{plain}_tiesloss{_pair_suffix(pre, init)}"
+        reuse = [twin] + ([f"{plain}_tiesloss_bl"] if n else [plain])
+        parts.append(
+            _finetuned(
+                run,
+                f"{twin} with the Cox baselines breaking validation ties by partial log-likelihood",
+                "--train_fraction",
+                "0.25",
+                "--subsample_validation",
+                "--bp_best_model_ties",
+                "loss",
+                "--baseline_ties",
+                "loss",
+                "--init_seed",
+                str(init),
+                "--reuse_cache",
+                *(f"{W}/survset/{r}" for r in reuse),
+                pre=pre,
+                needs=[*reuse, *_backbone_parts(pre)],
+                minutes=3,
+            )
+        )
+        fair[f"pre{pre}_init{init}"] = run
+    parts.append(_spread("seed_spread_labeff_tf0.25_val_tiesloss_bl3", fair, "the three runs combined"))
+    parts.append(
+        _spread(
+            "versus_labeff_tf0.25_val_tiesloss_bl",
+            {"baselines_tiesloss": f"{plain}_tiesloss_bl", "baselines_first": f"{plain}_tiesloss"},
+            "the Cox baselines breaking ties by validation likelihood - first of ties, same test patients",
+            "--versus",
+            "cox_clinical_pcs",
+            "cox_clinical",
+        )
+    )
     # which epoch every selected run kept under each rule (seed pairs (0, 0) and (0, 1)), and how often a rule kept
     # another epoch than the first-of-ties run
     argv = [PY, "benchmarks/kept_checkpoints.py", "--runs", *(f"{W}/survset/{r}" for r in ties_runs)]

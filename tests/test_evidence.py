@@ -429,3 +429,26 @@ def test_the_tie_rule_parts_cover_three_seed_pairs_and_the_wide_and_deep_loss_ru
     assert _listed(parts["survset_seed_spread_labeff_tf0.25_val_wide_pm_tiesloss"]) == wide
     assert _listed(parts["survset_versus_labeff_tf0.25_val_wide_pm_tiesloss_plain"]) == [wide[0], f"{plain}_tiesloss"]
     assert _listed(parts["survset_versus_labeff_tf0.25_val_wide_pm_tiesloss_first"]) == [wide[0], f"{plain}_wide_pm"]
+
+
+def test_the_fair_baseline_tie_parts_refit_only_the_cox_baselines_beside_the_loss_rule_runs():
+    """--baseline_ties loss beside each loss-rule run: the finetuned arms read back from that run (same settings),
+    the baselines from the first such run after the first; the versus part pairs the Cox baselines across rules."""
+    parts = {p.name: p for p in evidence.PARTS}
+    plain = "survival_cv_labeff_tf0.25_val"
+    runs = []
+    for suffix, init in (("", "0"), ("_init1", "1"), ("_pre1", "1")):
+        run = f"{plain}_tiesloss_bl{suffix}"
+        argv = parts[run].argv
+        assert (
+            argv[argv.index("--baseline_ties") + 1] == "loss" and argv[argv.index("--bp_best_model_ties") + 1] == "loss"
+        )
+        assert argv[argv.index("--init_seed") + 1] == init
+        reuse = [a.rsplit("/", 1)[-1] for a in argv[argv.index("--reuse_cache") + 1 :]]
+        assert reuse == [f"{plain}_tiesloss{suffix}", plain if not suffix else f"{plain}_tiesloss_bl"]
+        assert set(reuse) <= set(parts[run].needs)
+        runs.append(run)
+    assert _listed(parts["survset_seed_spread_labeff_tf0.25_val_tiesloss_bl3"]) == runs
+    versus = parts["survset_versus_labeff_tf0.25_val_tiesloss_bl"]
+    assert _listed(versus) == [runs[0], f"{plain}_tiesloss"]
+    assert versus.argv[versus.argv.index("--versus") + 1 :] == ["cox_clinical_pcs", "cox_clinical"]
