@@ -483,7 +483,7 @@ def cox_select(feats: SurvivalFeatures, rows, tr, va, te, *, pcs_grid, pen_grid,
                     "penalizer": pen,
                     "n_features": xtr.shape[1],
                     "validation": concordance_index(t.loc[va], rv, e.loc[va]),
-                    "validation_loglik": loglik if np.isfinite(loglik) else -np.inf,
+                    "validation_loglik": loglik if np.isfinite(loglik) else None,  # JSON-safe; never chosen
                     "test": concordance_index(t.loc[te], rt, e.loc[te]),
                     "risk_test": rt,
                 }
@@ -491,7 +491,9 @@ def cox_select(feats: SurvivalFeatures, rows, tr, va, te, *, pcs_grid, pen_grid,
     ok = [g for g in grid if "validation" in g]
     score = [g["validation"] if np.isfinite(g["validation"]) else -np.inf for g in ok]  # NaN never wins
     tied = [g for g, v in zip(ok, score, strict=True) if v == max(score)]
-    best = tied[0] if ties == "first" else max(tied, key=lambda g: g["validation_loglik"])  # max: first of equals
+    best = tied[0]
+    if ties == "loss":  # max keeps the first of equal likelihoods; an undefined one never wins
+        best = max(tied, key=lambda g: -np.inf if g["validation_loglik"] is None else g["validation_loglik"])
     best = {**best, "tied": len(tied)}
     return {
         "best": {k: v for k, v in best.items() if k != "risk_test"},
