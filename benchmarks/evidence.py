@@ -1011,6 +1011,34 @@ def _seed_parts() -> list[Part]:
         )
         fair[f"pre{pre}_init{init}"] = run
     parts.append(_spread("seed_spread_labeff_tf0.25_val_tiesloss_bl3", fair, "the three runs combined"))
+    # ... and the wide & deep loss-rule runs beside the same baselines (nothing refitted: both read back)
+    wide_fair = {}
+    for pre, init in SEED_PAIRS[:3]:
+        run = f"{plain}_wide_pm_tiesloss_bl{_pair_suffix(pre, init)}"
+        reuse = [f"{plain}_wide_pm_tiesloss{_pair_suffix(pre, init)}", f"{plain}_tiesloss_bl"]
+        parts.append(
+            _finetuned(
+                run,
+                f"{reuse[0]} beside the Cox baselines breaking validation ties by partial log-likelihood",
+                "--train_fraction",
+                "0.25",
+                "--subsample_validation",
+                *WIDE_PM,
+                "--bp_best_model_ties",
+                "loss",
+                "--baseline_ties",
+                "loss",
+                "--init_seed",
+                str(init),
+                "--reuse_cache",
+                *(f"{W}/survset/{r}" for r in reuse),
+                pre=pre,
+                needs=[*reuse, *_backbone_parts(pre)],
+                minutes=1,
+            )
+        )
+        wide_fair[f"pre{pre}_init{init}"] = run
+    parts.append(_spread("seed_spread_labeff_tf0.25_val_wide_pm_tiesloss_bl3", wide_fair, "the three runs combined"))
     parts.append(
         _spread(
             "versus_labeff_tf0.25_val_tiesloss_bl",

@@ -449,6 +449,18 @@ def test_the_fair_baseline_tie_parts_refit_only_the_cox_baselines_beside_the_los
         assert set(reuse) <= set(parts[run].needs)
         runs.append(run)
     assert _listed(parts["survset_seed_spread_labeff_tf0.25_val_tiesloss_bl3"]) == runs
+    wide = []
+    for suffix, init in (("", "0"), ("_init1", "1"), ("_pre1", "1")):
+        run = f"{plain}_wide_pm_tiesloss_bl{suffix}"
+        argv = parts[run].argv
+        assert argv[argv.index("--baseline_ties") + 1] == "loss" and "--bp_head_linear_per_modality" in argv
+        assert argv[argv.index("--init_seed") + 1] == init
+        reuse = [a.rsplit("/", 1)[-1] for a in argv[argv.index("--reuse_cache") + 1 :]]
+        assert reuse == [f"{plain}_wide_pm_tiesloss{suffix}", f"{plain}_tiesloss_bl"] and set(reuse) <= set(
+            parts[run].needs
+        )
+        wide.append(run)
+    assert _listed(parts["survset_seed_spread_labeff_tf0.25_val_wide_pm_tiesloss_bl3"]) == wide
     versus = parts["survset_versus_labeff_tf0.25_val_tiesloss_bl"]
     assert _listed(versus) == [runs[0], f"{plain}_tiesloss"]
     assert versus.argv[versus.argv.index("--versus") + 1 :] == ["cox_clinical_pcs", "cox_clinical"]
