@@ -1135,7 +1135,9 @@ PARTS: list[Part] = [
             f"{W}/survset/dev_cohort/manifest.parquet",
         ],
         "survset/dev_cohort/manifest_cvfold4.parquet",
-        needs=["survset_cohort", "survival_cv"],
+        # the pretraining manifest; survival_cv.py builds (or reuses) the CV cohort in --data_dir itself, so the
+        # whole-cohort survival_cv part is not needed first
+        needs=["survset_cohort"],
         minutes=0.5,
     ),
     *(

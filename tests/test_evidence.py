@@ -464,3 +464,11 @@ def test_the_fair_baseline_tie_parts_refit_only_the_cox_baselines_beside_the_los
     versus = parts["survset_versus_labeff_tf0.25_val_tiesloss_bl"]
     assert _listed(versus) == [runs[0], f"{plain}_tiesloss"]
     assert versus.argv[versus.argv.index("--versus") + 1 :] == ["cox_clinical_pcs", "cox_clinical"]
+
+
+def test_the_fold_manifests_need_only_the_pretraining_cohort():
+    """survival_cv.py --write_fold_manifests builds (or reuses) the CV cohort itself: the 20-minute whole-cohort
+    survival_cv part is not a prerequisite of the fold-wise backbones."""
+    part = next(p for p in evidence.PARTS if p.name == "survset_fold_manifests")
+    assert part.needs == ["survset_cohort"] and "--write_fold_manifests" in part.argv
+    assert part.argv[part.argv.index("--data_dir") + 1].endswith("survset/cv_cohort")
