@@ -895,10 +895,9 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                 )
             else:
                 settings["grid"] = {"n_pcs": PCS_GRID, "penalizer": PEN_GRID}
-                if (
-                    getattr(args, "baseline_ties", "first") != "first"
-                ):  # only then: the cache keys of earlier runs stay valid
-                    settings["ties"] = args.baseline_ties
+                ties = getattr(args, "baseline_ties", "first")
+                if ties != "first":  # only then: the cache keys of earlier runs stay valid
+                    settings["ties"] = ties
             path = out / "cache" / cohort / f"fold{k}" / f"{model}.json"
             if model in BP_ARMS and len(lrs := bp_lrs(args, model)) > 1:
                 grid_origin: list[tuple[str, str]] = []
@@ -937,10 +936,8 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                     elif model == "rsf":
                         rec = fit_rsf(feats, rows, tr, va, te, seed=args.seed)
                     else:
-                        with_pcs = model == "cox_clinical_pcs"
-                        rec = fit_cox(
-                            feats, rows, tr, va, te, with_pcs=with_pcs, ties=getattr(args, "baseline_ties", "first")
-                        )
+                        ties = getattr(args, "baseline_ties", "first")
+                        rec = fit_cox(feats, rows, tr, va, te, with_pcs=model == "cox_clinical_pcs", ties=ties)
                 rec["wall_s"] = round(time.perf_counter() - t0, 1)
                 rec = store(path, settings, rec)
             results[model].append(rec)

@@ -977,3 +977,32 @@ def test_fold_wise_backbones_are_finetuned_fold_by_fold(tmp_path, monkeypatch):
     part = {"train": ["a"], "validation": ["b"], "test": ["c"]}
     rec = cv.run_bp(args, SimpleNamespace(base_dir=tmp_path), rows, part, runner, "coh", 2, "bp_pretrained")
     assert rec["test"] == 0.7 and [len(r.calls) for r in folds] == [0, 0, 1]
+
+
+def test_baseline_ties_reach_only_the_cox_baselines_cache_keys_end_to_end(tmp_path):
+    """survival_cv.py on a real SurvSet cohort, baselines only: --baseline_ties loss refits the two Cox baselines
+    (their cache keys carry the rule; the default's keys are unchanged) and reads the forest back; the JSON names
+    the rule and counts each baseline's tied grid points per fold."""
+    pytest.importorskip("SurvSet")
+    common = ["--cohorts", "nki70", "--folds", "3", "--no_bioperceiver", "--quick", "--data_dir", str(tmp_path / "c")]
+    first = cv.main([*common, "--output_dir", str(tmp_path / "first")])
+    loss = cv.main(
+        [
+            *common,
+            "--baseline_ties",
+            "loss",
+            "--output_dir",
+            str(tmp_path / "loss"),
+            "--reuse_cache",
+            str(tmp_path / "first"),
+        ]
+    )
+    assert first["baseline_ties"] == {"cox": "first", "rsf": "first"} and loss["baseline_ties"]["cox"] == "loss"
+    assert sorted(loss["cohorts"]["nki70"]["from_cache"]["cached"]) == ["f0:rsf", "f1:rsf"]
+    for run, rule in ((tmp_path / "first", None), (tmp_path / "loss", "loss")):
+        for model in ("cox_clinical", "cox_clinical_pcs", "rsf"):
+            settings = json.loads((run / "cache" / "nki70" / "fold0" / f"{model}.json").read_text())["settings"]
+            assert settings.get("ties") == (rule if model != "rsf" else None), (run.name, model)
+    for res in (first, loss):
+        models = res["cohorts"]["nki70"]["models"]
+        assert all(len(models[m]["tied"]) == 2 and min(models[m]["tied"]) >= 1 for m in cv.BASELINES)
