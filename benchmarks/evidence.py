@@ -1049,6 +1049,30 @@ def _seed_parts() -> list[Part]:
             "cox_clinical",
         )
     )
+    # the loss rule at 50% of the training and validation patients, seed pair (0, 0): against first of ties, and
+    # beside the tie-aware Cox baselines
+    half = "survival_cv_labeff_tf0.5_val"
+    half_extra = ("--train_fraction", "0.5", "--subsample_validation", "--bp_best_model_ties", "loss")
+    for run, extra, reuse in (
+        (f"{half}_tiesloss", half_extra, [half]),
+        (f"{half}_tiesloss_bl", (*half_extra, "--baseline_ties", "loss"), [f"{half}_tiesloss", half]),
+    ):
+        parts.append(
+            _finetuned(
+                run,
+                f"{half} keeping the lowest-validation-loss one of the epochs tied on the best validation C-index"
+                + (", the Cox baselines breaking their ties the same way" if run.endswith("_bl") else ""),
+                *extra,
+                "--reuse_cache",
+                *(f"{W}/survset/{r}" for r in reuse),
+                needs=[*reuse, *_backbone_parts(0)],
+                minutes=12 if run.endswith("tiesloss") else 2,
+            )
+        )
+    what = f"{half}_tiesloss - {half}, each arm paired on the same test patients"
+    parts.append(
+        _versus("versus_labeff_tf0.5_val_tiesloss", f"{half}_tiesloss", half, what, labels=("tiesloss", "first"))
+    )
     # which epoch every selected run kept under each rule (seed pairs (0, 0) and (0, 1)), and how often a rule kept
     # another epoch than the first-of-ties run
     argv = [PY, "benchmarks/kept_checkpoints.py", "--runs", *(f"{W}/survset/{r}" for r in ties_runs)]

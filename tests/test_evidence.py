@@ -461,6 +461,14 @@ def test_the_fair_baseline_tie_parts_refit_only_the_cox_baselines_beside_the_los
         )
         wide.append(run)
     assert _listed(parts["survset_seed_spread_labeff_tf0.25_val_wide_pm_tiesloss_bl3"]) == wide
+    half = "survival_cv_labeff_tf0.5_val"
+    for run, reuse in ((f"{half}_tiesloss", [half]), (f"{half}_tiesloss_bl", [f"{half}_tiesloss", half])):
+        argv = parts[run].argv
+        assert argv[argv.index("--train_fraction") + 1] == "0.5" and "--subsample_validation" in argv
+        assert argv[argv.index("--bp_best_model_ties") + 1] == "loss" and "--init_seed" not in argv
+        assert ("--baseline_ties" in argv) == run.endswith("_bl")
+        assert [a.rsplit("/", 1)[-1] for a in argv[argv.index("--reuse_cache") + 1 :]] == reuse
+    assert _listed(parts["survset_versus_labeff_tf0.5_val_tiesloss"]) == [f"{half}_tiesloss", half]
     versus = parts["survset_versus_labeff_tf0.25_val_tiesloss_bl"]
     assert _listed(versus) == [runs[0], f"{plain}_tiesloss"]
     assert versus.argv[versus.argv.index("--versus") + 1 :] == ["cox_clinical_pcs", "cox_clinical"]
