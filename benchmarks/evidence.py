@@ -983,62 +983,36 @@ def _seed_parts() -> list[Part]:
         parts.append(_versus(out, f"{plain}_wide_pm_tiesloss", b, what, labels=("wide_pm_tiesloss", label)))
     # the Cox baselines with the same tie rule (--baseline_ties loss: among grid points tied on the validation
     # C-index, the highest validation partial log-likelihood), beside the loss-rule runs of the three seed pairs
-    # (their finetuned arms read back: the baselines are the only fits); the baselines against first-of-ties
-    fair = {}
-    for n, (pre, init) in enumerate(SEED_PAIRS[:3]):
-        run = f"{plain}_tiesloss_bl{_pair_suffix(pre, init)}"
-        twin = f"{plain}_tiesloss{_pair_suffix(pre, init)}"
-        reuse = [twin] + ([f"{plain}_tiesloss_bl"] if n else [plain])
-        parts.append(
-            _finetuned(
-                run,
-                f"{twin} with the Cox baselines breaking validation ties by partial log-likelihood",
-                "--train_fraction",
-                "0.25",
-                "--subsample_validation",
-                "--bp_best_model_ties",
-                "loss",
-                "--baseline_ties",
-                "loss",
-                "--init_seed",
-                str(init),
-                "--reuse_cache",
-                *(f"{W}/survset/{r}" for r in reuse),
-                pre=pre,
-                needs=[*reuse, *_backbone_parts(pre)],
-                minutes=3,
+    # (their finetuned arms read back: the baselines are the only fits), then the wide & deep loss-rule runs beside
+    # the same baselines (nothing refitted: both read back)
+    for tag, extra in (("", ()), ("_wide_pm", WIDE_PM)):
+        fair = {}
+        for n, (pre, init) in enumerate(SEED_PAIRS[:3]):
+            twin = f"{plain}{tag}_tiesloss{_pair_suffix(pre, init)}"
+            reuse = [twin, f"{plain}_tiesloss_bl" if n or tag else plain]
+            parts.append(
+                _finetuned(
+                    f"{plain}{tag}_tiesloss_bl{_pair_suffix(pre, init)}",
+                    f"{twin} beside the Cox baselines breaking validation ties by partial log-likelihood",
+                    "--train_fraction",
+                    "0.25",
+                    "--subsample_validation",
+                    *extra,
+                    "--bp_best_model_ties",
+                    "loss",
+                    "--baseline_ties",
+                    "loss",
+                    "--init_seed",
+                    str(init),
+                    "--reuse_cache",
+                    *(f"{W}/survset/{r}" for r in reuse),
+                    pre=pre,
+                    needs=[*reuse, *_backbone_parts(pre)],
+                    minutes=1 if tag else 3,
+                )
             )
-        )
-        fair[f"pre{pre}_init{init}"] = run
-    parts.append(_spread("seed_spread_labeff_tf0.25_val_tiesloss_bl3", fair, "the three runs combined"))
-    # ... and the wide & deep loss-rule runs beside the same baselines (nothing refitted: both read back)
-    wide_fair = {}
-    for pre, init in SEED_PAIRS[:3]:
-        run = f"{plain}_wide_pm_tiesloss_bl{_pair_suffix(pre, init)}"
-        reuse = [f"{plain}_wide_pm_tiesloss{_pair_suffix(pre, init)}", f"{plain}_tiesloss_bl"]
-        parts.append(
-            _finetuned(
-                run,
-                f"{reuse[0]} beside the Cox baselines breaking validation ties by partial log-likelihood",
-                "--train_fraction",
-                "0.25",
-                "--subsample_validation",
-                *WIDE_PM,
-                "--bp_best_model_ties",
-                "loss",
-                "--baseline_ties",
-                "loss",
-                "--init_seed",
-                str(init),
-                "--reuse_cache",
-                *(f"{W}/survset/{r}" for r in reuse),
-                pre=pre,
-                needs=[*reuse, *_backbone_parts(pre)],
-                minutes=1,
-            )
-        )
-        wide_fair[f"pre{pre}_init{init}"] = run
-    parts.append(_spread("seed_spread_labeff_tf0.25_val_wide_pm_tiesloss_bl3", wide_fair, "the three runs combined"))
+            fair[f"pre{pre}_init{init}"] = f"{plain}{tag}_tiesloss_bl{_pair_suffix(pre, init)}"
+        parts.append(_spread(f"seed_spread_labeff_tf0.25_val{tag}_tiesloss_bl3", fair, "the three runs combined"))
     parts.append(
         _spread(
             "versus_labeff_tf0.25_val_tiesloss_bl",
