@@ -919,8 +919,9 @@ def _seed_parts() -> list[Part]:
     # latest of them, or the one with the lowest validation Cox loss; seed pairs (0, 0), (0, 1) and (1, 1), each
     # against the first-of-ties run (transformers' rule) on the same test patients
     ties_runs = {}  # tie-rule run -> its first-of-ties run
-    for rule in ("loss", "last"):
-        for pre, init in SEED_PAIRS[:3]:
+    counts = {2: "two", 3: "three", 4: "four"}
+    for rule, n_pairs in (("loss", 4), ("last", 3)):  # the loss rule also for seed pair (2, 2)
+        for pre, init in SEED_PAIRS[:n_pairs]:
             run = f"{plain}_ties{rule}{_pair_suffix(pre, init)}"
             base = plain + _pair_suffix(pre, init)
             extra = ("--train_fraction", "0.25", "--subsample_validation", "--bp_best_model_ties", rule)
@@ -942,14 +943,14 @@ def _seed_parts() -> list[Part]:
             parts.append(_versus(out, run, base, what, labels=(f"ties{rule}", "first")))
             if (pre, init) in SEED_PAIRS[:2]:
                 ties_runs[run] = base
-        for n, count in ((2, "two"), (3, "three")):
+        for n in range(2, n_pairs + 1):
             pairs = {f"pre{p}_init{i}": f"{plain}_ties{rule}{_pair_suffix(p, i)}" for p, i in SEED_PAIRS[:n]}
             out = f"seed_spread_labeff_tf0.25_val_ties{rule}" + ("" if n == 2 else str(n))
-            parts.append(_spread(out, pairs, f"the {count} ties-{rule} runs combined"))
-    for n, count in ((2, "two"), (3, "three")):
+            parts.append(_spread(out, pairs, f"the {counts[n]} ties-{rule} runs combined"))
+    for n in (2, 3, 4):
         first = {f"pre{pre}_init{init}": plain + _pair_suffix(pre, init) for pre, init in SEED_PAIRS[:n]}
         out = f"seed_spread_labeff_tf0.25_val_first{n}"
-        parts.append(_spread(out, first, f"their {count} first-of-ties runs combined"))
+        parts.append(_spread(out, first, f"their {counts[n]} first-of-ties runs combined"))
     # wide & deep (expression + clinical term, one penalty per modality) with the loss tie rule, the three seed
     # pairs; against the plain loss-rule runs and the wide & deep first-of-ties run on the same test patients
     wide_loss = {}
@@ -985,9 +986,9 @@ def _seed_parts() -> list[Part]:
     # C-index, the highest validation partial log-likelihood), beside the loss-rule runs of the three seed pairs
     # (their finetuned arms read back: the baselines are the only fits), then the wide & deep loss-rule runs beside
     # the same baselines (nothing refitted: both read back)
-    for tag, extra in (("", ()), ("_wide_pm", WIDE_PM)):
+    for tag, extra, n_pairs in (("", (), 4), ("_wide_pm", WIDE_PM, 3)):
         fair = {}
-        for n, (pre, init) in enumerate(SEED_PAIRS[:3]):
+        for n, (pre, init) in enumerate(SEED_PAIRS[:n_pairs]):
             twin = f"{plain}{tag}_tiesloss{_pair_suffix(pre, init)}"
             reuse = [twin, f"{plain}_tiesloss_bl" if n or tag else plain]
             parts.append(
@@ -1012,7 +1013,10 @@ def _seed_parts() -> list[Part]:
                 )
             )
             fair[f"pre{pre}_init{init}"] = f"{plain}{tag}_tiesloss_bl{_pair_suffix(pre, init)}"
-        parts.append(_spread(f"seed_spread_labeff_tf0.25_val{tag}_tiesloss_bl3", fair, "the three runs combined"))
+        for n in range(3, n_pairs + 1):
+            pairs = dict(list(fair.items())[:n])
+            what = f"the {counts[n]} runs combined"
+            parts.append(_spread(f"seed_spread_labeff_tf0.25_val{tag}_tiesloss_bl{n}", pairs, what))
     parts.append(
         _spread(
             "versus_labeff_tf0.25_val_tiesloss_bl",

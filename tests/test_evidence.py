@@ -387,6 +387,10 @@ def _listed(part) -> list[str]:
     return [a.rsplit("/", 1)[-1] for a in argv[argv.index("--runs") + 1 : end]]
 
 
+def runs_loss_4(plain: str) -> list[str]:
+    return [f"{plain}_tiesloss{s}" for s in ("", "_init1", "_pre1", "_pre2")]
+
+
 def test_the_tie_rule_parts_cover_three_seed_pairs_and_the_wide_and_deep_loss_rule_runs():
     """Each tie rule: three seed pairs on their own backbones and finetuning seeds, each against its first-of-ties
     run; spreads over the first two pairs (the recorded tables) and over all three; the kept-epoch part over the
@@ -399,9 +403,10 @@ def test_the_tie_rule_parts_cover_three_seed_pairs_and_the_wide_and_deep_loss_ru
         ("_init1", "pretrain_cvfolds", "1"),
         ("_pre1", "pretrain_cvfolds_seed1", "1"),
     )
+    pair4 = ("_pre2", "pretrain_cvfolds_seed2", "2")  # the loss rule only
     for rule in ("loss", "last"):
         runs = []
-        for suffix, backbones, init in pairs:
+        for suffix, backbones, init in pairs + ((pair4,) if rule == "loss" else ()):
             run = f"{plain}_ties{rule}{suffix}"
             argv = parts[run].argv
             assert argv[argv.index("--bp_best_model_ties") + 1] == rule and "--subsample_validation" in argv
@@ -410,8 +415,11 @@ def test_the_tie_rule_parts_cover_three_seed_pairs_and_the_wide_and_deep_loss_ru
             assert _listed(parts[f"survset_versus_labeff_tf0.25_val_ties{rule}{suffix}"]) == [run, plain + suffix]
             runs.append(run)
         assert _listed(parts[f"survset_seed_spread_labeff_tf0.25_val_ties{rule}"]) == runs[:2]
-        assert _listed(parts[f"survset_seed_spread_labeff_tf0.25_val_ties{rule}3"]) == runs
+        assert _listed(parts[f"survset_seed_spread_labeff_tf0.25_val_ties{rule}3"]) == runs[:3]
+        assert (f"survset_seed_spread_labeff_tf0.25_val_ties{rule}4" in parts) == (rule == "loss")
+    assert _listed(parts["survset_seed_spread_labeff_tf0.25_val_tiesloss4"]) == runs_loss_4(plain)
     assert _listed(parts["survset_seed_spread_labeff_tf0.25_val_first3"]) == [plain + s for s, _, _ in pairs]
+    assert _listed(parts["survset_seed_spread_labeff_tf0.25_val_first4"]) == [plain + s for s, _, _ in (*pairs, pair4)]
     kept = _listed(parts["survset_kept_labeff_tf0.25_val_ties"])
     assert kept == [f"{plain}_ties{r}{s}" for r in ("loss", "last") for s in ("", "_init1")]
     wide = []
@@ -437,7 +445,7 @@ def test_the_fair_baseline_tie_parts_refit_only_the_cox_baselines_beside_the_los
     parts = {p.name: p for p in evidence.PARTS}
     plain = "survival_cv_labeff_tf0.25_val"
     runs = []
-    for suffix, init in (("", "0"), ("_init1", "1"), ("_pre1", "1")):
+    for suffix, init in (("", "0"), ("_init1", "1"), ("_pre1", "1"), ("_pre2", "2")):
         run = f"{plain}_tiesloss_bl{suffix}"
         argv = parts[run].argv
         assert (
@@ -448,7 +456,8 @@ def test_the_fair_baseline_tie_parts_refit_only_the_cox_baselines_beside_the_los
         assert reuse == [f"{plain}_tiesloss{suffix}", plain if not suffix else f"{plain}_tiesloss_bl"]
         assert set(reuse) <= set(parts[run].needs)
         runs.append(run)
-    assert _listed(parts["survset_seed_spread_labeff_tf0.25_val_tiesloss_bl3"]) == runs
+    assert _listed(parts["survset_seed_spread_labeff_tf0.25_val_tiesloss_bl3"]) == runs[:3]
+    assert _listed(parts["survset_seed_spread_labeff_tf0.25_val_tiesloss_bl4"]) == runs
     wide = []
     for suffix, init in (("", "0"), ("_init1", "1"), ("_pre1", "1")):
         run = f"{plain}_wide_pm_tiesloss_bl{suffix}"
