@@ -989,11 +989,11 @@ def _seed_parts() -> list[Part]:
     for tag, extra, n_pairs in (("", (), 4), ("_wide_pm", WIDE_PM, 3)):
         fair = {}
         for n, (pre, init) in enumerate(SEED_PAIRS[:n_pairs]):
-            twin = f"{plain}{tag}_tiesloss{_pair_suffix(pre, init)}"
+            run, twin = (f"{plain}{tag}_tiesloss{kind}{_pair_suffix(pre, init)}" for kind in ("_bl", ""))
             reuse = [twin, f"{plain}_tiesloss_bl" if n or tag else plain]
             parts.append(
                 _finetuned(
-                    f"{plain}{tag}_tiesloss_bl{_pair_suffix(pre, init)}",
+                    run,
                     f"{twin} beside the Cox baselines breaking validation ties by partial log-likelihood",
                     "--train_fraction",
                     "0.25",
@@ -1012,7 +1012,7 @@ def _seed_parts() -> list[Part]:
                     minutes=1 if tag else 3,
                 )
             )
-            fair[f"pre{pre}_init{init}"] = f"{plain}{tag}_tiesloss_bl{_pair_suffix(pre, init)}"
+            fair[f"pre{pre}_init{init}"] = run
         for n in range(3, n_pairs + 1):
             pairs = dict(list(fair.items())[:n])
             what = f"the {counts[n]} runs combined"

@@ -454,6 +454,7 @@ def cox_select(feats: SurvivalFeatures, rows, tr, va, te, *, pcs_grid, pen_grid,
     from lifelines import CoxPHFitter
 
     from bioperceiver.evaluation import concordance_index
+    from bioperceiver.training.tasks import tied as same_metric
 
     t, e = rows["label_survival_time"].astype(float), rows["label_survival_event"].astype(int)
     grid = []
@@ -490,7 +491,7 @@ def cox_select(feats: SurvivalFeatures, rows, tr, va, te, *, pcs_grid, pen_grid,
             )
     ok = [g for g in grid if "validation" in g]
     score = [g["validation"] if np.isfinite(g["validation"]) else -np.inf for g in ok]  # NaN never wins
-    tied = [g for g, v in zip(ok, score, strict=True) if v == max(score)]
+    tied = [g for g, v in zip(ok, score, strict=True) if same_metric(v, max(score))]  # the Trainer's tie test
     best = tied[0]
     if ties == "loss":  # max keeps the first of equal likelihoods; an undefined one never wins
         best = max(tied, key=lambda g: -np.inf if g["validation_loglik"] is None else g["validation_loglik"])

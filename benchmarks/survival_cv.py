@@ -321,6 +321,7 @@ def fit_rsf(feats, rows, tr, va, te, *, seed: int, n_estimators: int = 200) -> d
     from sksurv.util import Surv
 
     from bioperceiver.evaluation import concordance_index
+    from bioperceiver.training.tasks import tied as same_metric
 
     t = rows["label_survival_time"].astype(float)
     e = rows["label_survival_event"].astype(int)
@@ -343,7 +344,7 @@ def fit_rsf(feats, rows, tr, va, te, *, seed: int, n_estimators: int = 200) -> d
                     "selected": {"n_pcs": n_pcs, "min_samples_leaf": leaf, "n_estimators": n_estimators},
                     "risk_test": np.asarray(rt, float).tolist(),
                 }
-    best["tied"] = sum(v == best["validation"] for v in scores)  # grid points tied on the best validation C-index
+    best["tied"] = sum(same_metric(v, best["validation"]) for v in scores)  # grid points tied at the best
     return best
 
 
