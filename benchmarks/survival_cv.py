@@ -122,6 +122,8 @@ EMB_ARMS = {
 }
 EMB_MODALITY = "omics_expression"
 ALL_BP_ARMS = (*BP_ARMS, *SELECTED_ARMS, *EMB_ARMS)
+# every model chosen by cox_select over a (components, penalty) grid: --baseline_ties reaches these
+COX_MODELS = ("cox_clinical", "cox_clinical_pcs", *EMB_ARMS)
 # paired differences reported (when both arms ran); None = the best baseline chosen on validation
 DIFF_PAIRS = (
     ("bp_pretrained", "bp_random"),
@@ -387,14 +389,15 @@ class EmbeddingFeatures:
         return pd.concat(parts, axis=1)
 
 
-def fit_cox_emb(feats, emb: pd.DataFrame, rows, tr, va, te, *, expr_pcs: int = 0) -> dict:
+def fit_cox_emb(feats, emb: pd.DataFrame, rows, tr, va, te, *, expr_pcs: int = 0, ties: str = "first") -> dict:
     """Ridge Cox on clinical covariates (+ ``expr_pcs`` expression PCs) + the embedding's top PCs; the number of
-    embedding PCs (``PCS_GRID``, capped) and the penalty chosen on validation (``cox_select``). ``feats``: the
-    fold's fitted :class:`SurvivalFeatures`. With ``expr_pcs`` the grid's 0 embedding PCs is ``cox_clinical_pcs``
-    at that fold's choice, so the embedding is only taken when validation prefers it."""
+    embedding PCs (``PCS_GRID``, capped) and the penalty chosen on validation (``cox_select``, validation ties
+    broken by ``ties`` as for the Cox baselines). ``feats``: the fold's fitted :class:`SurvivalFeatures`. With
+    ``expr_pcs`` the grid's 0 embedding PCs is ``cox_clinical_pcs`` at that fold's choice, so the embedding is only
+    taken when validation prefers it."""
     clinical = has_clinical(rows)
     efeats = EmbeddingFeatures(feats, emb, expr_pcs=expr_pcs, base_clinical=clinical).fit(list(tr))
-    rec = fit_cox(efeats, rows, tr, va, te, with_pcs=True, clinical=clinical or expr_pcs > 0)
+    rec = fit_cox(efeats, rows, tr, va, te, with_pcs=True, clinical=clinical or expr_pcs > 0, ties=ties)
     rec["selected"] = {"expr_pcs": int(expr_pcs), **rec["selected"]}
     return rec
 
@@ -852,6 +855,7 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
     emb_arms = [a for a in EMB_ARMS if a in getattr(args, "bp_arms", ())]
     models = [*BASELINES, *runners, *emb_arms]
     embeddings: dict[str, list] = {}  # init -> per-fold embedding, computed or read back on first use
+    cox_ties = getattr(args, "baseline_ties", "first")  # how the Cox models break validation ties
     results: dict[str, list[dict]] = {m: [] for m in models}
     fold_meta = []
     origin: dict[str, list[str]] = {"cached": [], "ran": []}  # (fold, model) read back from cache vs fitted now
@@ -896,9 +900,8 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                 )
             else:
                 settings["grid"] = {"n_pcs": PCS_GRID, "penalizer": PEN_GRID}
-                ties = getattr(args, "baseline_ties", "first")
-                if ties != "first":  # only then: the cache keys of earlier runs stay valid
-                    settings["ties"] = ties
+            if model in COX_MODELS and cox_ties != "first":
+                settings["ties"] = cox_ties  # only then: the cache keys of earlier runs stay valid
             path = out / "cache" / cohort / f"fold{k}" / f"{model}.json"
             if model in BP_ARMS and len(lrs := bp_lrs(args, model)) > 1:
                 grid_origin: list[tuple[str, str]] = []
@@ -933,12 +936,11 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                                 args, manifest, rows, folds, cohort, out, init, args.embedding_models
                             )
                         emb = embeddings[init][k]
-                        rec = fit_cox_emb(feats, emb, rows, tr, va, te, expr_pcs=settings["expr_pcs"])
+                        rec = fit_cox_emb(feats, emb, rows, tr, va, te, expr_pcs=settings["expr_pcs"], ties=cox_ties)
                     elif model == "rsf":
                         rec = fit_rsf(feats, rows, tr, va, te, seed=args.seed)
                     else:
-                        ties = getattr(args, "baseline_ties", "first")
-                        rec = fit_cox(feats, rows, tr, va, te, with_pcs=model == "cox_clinical_pcs", ties=ties)
+                        rec = fit_cox(feats, rows, tr, va, te, with_pcs=model == "cox_clinical_pcs", ties=cox_ties)
                 rec["wall_s"] = round(time.perf_counter() - t0, 1)
                 rec = store(path, settings, rec)
             results[model].append(rec)
@@ -1320,9 +1322,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--baseline_ties",
         choices=("first", "loss"),
         default="first",
-        help="the Cox baselines: which of the grid points tied on the best validation C-index is kept: the first in "
-        "grid order (fewest components, weakest penalty) or loss (the highest validation partial log-likelihood, "
-        "the counterpart of --bp_best_model_ties loss); the random survival forest keeps the first",
+        help="the Cox models (the two Cox baselines and the cox_*_emb_* arms): which of the grid points tied on the "
+        "best validation C-index is kept: the first in grid order (fewest components, weakest penalty) or loss (the "
+        "highest validation partial log-likelihood, the counterpart of --bp_best_model_ties loss); the random "
+        "survival forest keeps the first",
     )
     p.add_argument(
         "--bp_head_linear_per_modality",

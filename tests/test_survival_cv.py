@@ -1006,3 +1006,66 @@ def test_baseline_ties_reach_only_the_cox_baselines_cache_keys_end_to_end(tmp_pa
     for res in (first, loss):
         models = res["cohorts"]["nki70"]["models"]
         assert all(len(models[m]["tied"]) == 2 and min(models[m]["tied"]) >= 1 for m in cv.BASELINES)
+
+
+def test_baseline_ties_reach_the_embedding_cox_arms_end_to_end(tmp_path, monkeypatch):
+    """The cox_*_emb_* arms are chosen by the same cox_select grid search as the Cox baselines, so --baseline_ties
+    reaches them too: with loss their cache keys carry the rule and they are refitted (the forest is read back), and
+    each pick is the one fit_cox_emb makes with that rule. The frozen backbone is replaced by a fixed embedding with
+    some survival signal (what is tested is the selection, not the backbone)."""
+    pytest.importorskip("SurvSet")
+    backbone = tmp_path / "backbone"
+    backbone.mkdir()
+    (backbone / "config.json").write_text("{}")
+    embeddings = {}
+
+    def fake_embeddings(args, manifest, rows, folds, cohort, out, init, models):
+        if init not in embeddings:
+            rng = np.random.default_rng(1 if init == "pretrained" else 2)  # seed 1: fold 0 has tied grid points
+            emb = pd.DataFrame(rng.normal(size=(len(rows), 8)), index=rows.index)
+            emb[0] += 0.3 * rows["label_survival_time"].astype(float).rank().to_numpy() / len(rows)
+            embeddings[init] = emb
+        return [embeddings[init]] * len(folds)
+
+    monkeypatch.setattr(cv, "embedding_models", lambda folder, seed: {"folder": folder})
+    monkeypatch.setattr(cv, "cohort_embeddings", fake_embeddings)
+    common = [
+        *("--cohorts", "nki70", "--folds", "3", "--quick", "--data_dir", str(tmp_path / "c")),
+        *("--pretrained_dir", str(backbone), "--bp_arms", *cv.EMB_ARMS),
+    ]
+    first = cv.main([*common, "--output_dir", str(tmp_path / "first")])
+    loss = cv.main(
+        [
+            *common,
+            "--baseline_ties",
+            "loss",
+            "--output_dir",
+            str(tmp_path / "loss"),
+            "--reuse_cache",
+            str(tmp_path / "first"),
+        ]
+    )
+    assert sorted(loss["cohorts"]["nki70"]["from_cache"]["cached"]) == ["f0:rsf", "f1:rsf"]
+    for run, rule in ((tmp_path / "first", None), (tmp_path / "loss", "loss")):
+        for model in cv.EMB_ARMS:
+            settings = json.loads((run / "cache" / "nki70" / "fold0" / f"{model}.json").read_text())["settings"]
+            assert settings.get("ties") == rule, (run.name, model)
+    # the loss run's picks are fit_cox_emb's with the rule, on the same fold (refit here from the cohort's rows)
+    from bioperceiver.data import read_manifest
+
+    manifest = read_manifest(tmp_path / "c" / "manifest.parquet")
+    rows = cv.cohort_rows(manifest.table, "nki70")
+    part = cv.make_folds(rows["patient_id"], rows["label_survival_event"], 3, 0, 0.2)[0]
+    tr, va, te = part["train"], part["validation"], part["test"]
+    feats = cv.ft.SurvivalFeatures(manifest.base_dir, rows, n_genes=1000)
+    feats.fit(list(tr))
+    picks = {}
+    for res, rule in ((first, "first"), (loss, "loss")):
+        rec = cv.fit_cox_emb(feats, embeddings["pretrained"], rows, tr, va, te, ties=rule)
+        assert res["cohorts"]["nki70"]["models"]["cox_clinical_emb_pretrained"]["tied"][0] == rec["tied"]
+        path = tmp_path / rule / "cache" / "nki70" / "fold0" / "cox_clinical_emb_pretrained.json"
+        cached = json.loads(path.read_text())
+        assert cached["selected"] == rec["selected"] and cached["test"] == pytest.approx(rec["test"])
+        picks[rule] = rec
+    assert picks["loss"]["validation"] == pytest.approx(picks["first"]["validation"])  # a tie rule, same best
+    assert picks["first"]["tied"] > 1 and picks["loss"]["selected"] != picks["first"]["selected"]  # and it bites
