@@ -384,7 +384,9 @@ class TabularEncoder:
 
 class SurvivalFeatures:
     """Clinical covariates + cohort indicator, and PCA of expression. Fitted on the training rows only: per-cohort
-    gene standardisation, top-variance genes, PCA, scaling of the components."""
+    gene standardisation, top-variance genes, PCA, scaling of the components -- or, for the expression steps (which
+    use no labels), on ``pca_idx`` when given (e.g. every patient but the test ones, labelled or not, as a backbone
+    pretrained on the unlabelled profiles sees them); the clinical encoder always on the training rows."""
 
     def __init__(self, cohort_dir: Path, rows: pd.DataFrame, n_genes: int = 1000):
         self.rows = rows
@@ -404,10 +406,11 @@ class SurvivalFeatures:
         self.clin["cohort_gse4335"] = (rows["meta_source"] == "survset_gse4335").astype(float)
         self.n_shared_genes = len(genes)
 
-    def fit(self, train_idx):
+    def fit(self, train_idx, pca_idx=None):
         from sklearn.decomposition import PCA
 
         self.tab = TabularEncoder().fit(self.clin.loc[train_idx])
+        train_idx = list(train_idx if pca_idx is None else pca_idx)  # the rows of the expression steps
         tr = self.expr.loc[train_idx]
         src = self.rows.loc[train_idx, "meta_source"]
         self.gene_stats = {}

@@ -258,6 +258,14 @@ def subsample_train(
     return out
 
 
+def non_test_rows(rows: pd.DataFrame, test) -> list:
+    """Every row of the cohort outside the fold's test part -- training and validation patients, labelled or left
+    unlabelled by ``--train_fraction`` -- in row order: what ``--pca_rows non_test`` fits the PCAs on (no labels
+    are read), the rows a fold-wise backbone was pretrained on."""
+    held = set(map(str, test))
+    return [i for i in rows.index if str(i) not in held]
+
+
 def ranked_pairs(time, event) -> int:
     """How many pairs Harrell's C-index ranks among these samples (its admissible pairs; 0: no C-index)."""
     from bioperceiver.evaluation.metrics import concordance_counts
@@ -357,16 +365,16 @@ class EmbeddingFeatures:
     covariates (when ``base_clinical``) and its first ``expr_pcs`` expression PCs (``base`` must be fitted) -- then
     the top ``n_pcs`` principal components of ``emb`` (rows: sample ids). :meth:`fit` standardises the embedding's
     dimensions, fits the PCA and scales the components on the training rows only; ``pca.n_components_`` caps the
-    grid (``min(width, training rows - 1)``)."""
+    grid (``min(width, training rows - 1)``); with ``pca_idx`` those steps use those rows instead (no labels)."""
 
     def __init__(self, base, emb: pd.DataFrame, *, expr_pcs: int = 0, base_clinical: bool = True):
         self.base, self.emb = base, emb
         self.expr_pcs, self.base_clinical = int(expr_pcs), bool(base_clinical)
 
-    def fit(self, train_idx):
+    def fit(self, train_idx, pca_idx=None):
         from sklearn.decomposition import PCA
 
-        x = self.emb.loc[list(train_idx)].to_numpy(float)
+        x = self.emb.loc[list(train_idx if pca_idx is None else pca_idx)].to_numpy(float)
         if not np.isfinite(x).all():
             raise ValueError("the embedding has missing rows among the training rows")
         self.mu, sd = x.mean(0), x.std(0)
@@ -389,14 +397,17 @@ class EmbeddingFeatures:
         return pd.concat(parts, axis=1)
 
 
-def fit_cox_emb(feats, emb: pd.DataFrame, rows, tr, va, te, *, expr_pcs: int = 0, ties: str = "first") -> dict:
+def fit_cox_emb(
+    feats, emb: pd.DataFrame, rows, tr, va, te, *, expr_pcs: int = 0, ties: str = "first", pca_idx=None
+) -> dict:
     """Ridge Cox on clinical covariates (+ ``expr_pcs`` expression PCs) + the embedding's top PCs; the number of
     embedding PCs (``PCS_GRID``, capped) and the penalty chosen on validation (``cox_select``, validation ties
     broken by ``ties`` as for the Cox baselines). ``feats``: the fold's fitted :class:`SurvivalFeatures`. With
     ``expr_pcs`` the grid's 0 embedding PCs is ``cox_clinical_pcs`` at that fold's choice, so the embedding is only
-    taken when validation prefers it."""
+    taken when validation prefers it. ``pca_idx``: the rows the embedding's standardisation and PCA are fitted on
+    (default ``tr``; see ``--pca_rows``)."""
     clinical = has_clinical(rows)
-    efeats = EmbeddingFeatures(feats, emb, expr_pcs=expr_pcs, base_clinical=clinical).fit(list(tr))
+    efeats = EmbeddingFeatures(feats, emb, expr_pcs=expr_pcs, base_clinical=clinical).fit(list(tr), pca_idx)
     rec = fit_cox(efeats, rows, tr, va, te, with_pcs=True, clinical=clinical or expr_pcs > 0, ties=ties)
     rec["selected"] = {"expr_pcs": int(expr_pcs), **rec["selected"]}
     return rec
@@ -856,6 +867,7 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
     models = [*BASELINES, *runners, *emb_arms]
     embeddings: dict[str, list] = {}  # init -> per-fold embedding, computed or read back on first use
     cox_ties = getattr(args, "baseline_ties", "first")  # how the Cox models break validation ties
+    pca_rows = getattr(args, "pca_rows", "train")  # the rows the PCAs (no labels) are fitted on
     results: dict[str, list[dict]] = {m: [] for m in models}
     fold_meta = []
     origin: dict[str, list[str]] = {"cached": [], "ran": []}  # (fold, model) read back from cache vs fitted now
@@ -863,6 +875,7 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
     for k, part in enumerate(folds[:n_run]):
         tr, va, te = part["train"], part["validation"], part["test"]
         fold_meta.append(fold_record(rows, part, k))
+        pca_idx = non_test_rows(rows, te) if pca_rows == "non_test" else None
         fitted = False
         for model in models:
             settings = {
@@ -902,6 +915,8 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                 settings["grid"] = {"n_pcs": PCS_GRID, "penalizer": PEN_GRID}
             if model in COX_MODELS and cox_ties != "first":
                 settings["ties"] = cox_ties  # only then: the cache keys of earlier runs stay valid
+            if model not in ("cox_clinical", *BP_ARMS) and pca_rows != "train":
+                settings["pca_rows"] = pca_rows  # likewise; cox_clinical and the trained arms fit no PCA
             path = out / "cache" / cohort / f"fold{k}" / f"{model}.json"
             if model in BP_ARMS and len(lrs := bp_lrs(args, model)) > 1:
                 grid_origin: list[tuple[str, str]] = []
@@ -927,7 +942,7 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                     rec = run_bp(args, manifest, rows, part, runners[model], cohort, k, model)
                 else:
                     if not fitted:
-                        feats.fit(list(tr))
+                        feats.fit(list(tr), pca_idx)
                         fitted = True
                     if model in EMB_ARMS:
                         init = EMB_ARMS[model]["init"]
@@ -936,7 +951,9 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                                 args, manifest, rows, folds, cohort, out, init, args.embedding_models
                             )
                         emb = embeddings[init][k]
-                        rec = fit_cox_emb(feats, emb, rows, tr, va, te, expr_pcs=settings["expr_pcs"], ties=cox_ties)
+                        rec = fit_cox_emb(
+                            feats, emb, rows, tr, va, te, expr_pcs=settings["expr_pcs"], ties=cox_ties, pca_idx=pca_idx
+                        )
                     elif model == "rsf":
                         rec = fit_rsf(feats, rows, tr, va, te, seed=args.seed)
                     else:
@@ -1103,6 +1120,12 @@ def report_lines(res: dict) -> list[str]:
                 else "validation and test parts unchanged"
             )
             + "); patients (events) below count the whole cohort.",
+            "",
+        ]
+    if res.get("pca_rows", "train") != "train":
+        lines += [
+            "Label-free steps (expression standardisation, gene selection and PCA; the embedding's PCA) fitted on "
+            "every patient of the cohort but the fold's test ones, labelled or not (`--pca_rows non_test`).",
             "",
         ]
     lines += [
@@ -1328,6 +1351,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "survival forest keeps the first",
     )
     p.add_argument(
+        "--pca_rows",
+        choices=("train", "non_test"),
+        default="train",
+        help="the rows the label-free steps of the classical and embedding models are fitted on (expression "
+        "standardisation, top-variance genes, expression PCA; the embedding's standardisation and PCA): the "
+        "labelled training rows, or non_test: every patient of the cohort but the fold's test ones, labelled or "
+        "not (the unlabelled profiles a fold-wise backbone is pretrained on). The Cox and forest fits and every "
+        "selection use labelled training / validation rows either way",
+    )
+    p.add_argument(
         "--bp_head_linear_per_modality",
         action="store_true",
         help="a --bp_head_linear term on several modalities gets one ridge penalty per modality, every combination "
@@ -1459,6 +1492,7 @@ def main(argv=None) -> dict:
         },
         "grids": {"cox": {"n_pcs": PCS_GRID, "penalizer": PEN_GRID}, "rsf": RSF_GRID},
         "baseline_ties": {"cox": args.baseline_ties, "rsf": "first"},
+        "pca_rows": args.pca_rows,
         "embedding_arms": {a: {**EMB_ARMS[a], "modality": EMB_MODALITY} for a in EMB_ARMS if a in args.bp_arms},
         "manifest": str(manifest.path) if hasattr(manifest, "path") else str(data_dir),
         "cohorts": {},

@@ -1069,3 +1069,82 @@ def test_baseline_ties_reach_the_embedding_cox_arms_end_to_end(tmp_path, monkeyp
         picks[rule] = rec
     assert picks["loss"]["validation"] == pytest.approx(picks["first"]["validation"])  # a tie rule, same best
     assert picks["first"]["tied"] > 1 and picks["loss"]["selected"] != picks["first"]["selected"]  # and it bites
+
+
+def test_pca_rows_fit_the_label_free_steps_on_the_given_rows_only(cohort):
+    """SurvivalFeatures / EmbeddingFeatures.fit(train, pca_idx): the expression standardisation, gene choice and
+    PCA (and the embedding's) see exactly the pca_idx rows; the clinical encoder the training rows; a row outside
+    both never reaches the fit; pca_idx=None is the training-rows fit."""
+    from sklearn.decomposition import PCA
+
+    base, rows, part = cohort
+    tr, te = list(part["train"]), list(part["test"])
+    small = tr[:12]  # a label-efficiency fold: few labelled rows
+    non_test = cv.non_test_rows(rows, te)
+    assert set(non_test) == set(rows.index) - set(te) and non_test == [i for i in rows.index if i not in set(te)]
+    default = cv.ft.SurvivalFeatures(base, rows, n_genes=30).fit(small)
+    same = cv.ft.SurvivalFeatures(base, rows, n_genes=30).fit(small, None)
+    np.testing.assert_array_equal(same.pca.components_, default.pca.components_)
+    wide = cv.ft.SurvivalFeatures(base, rows, n_genes=30).fit(small, non_test)
+    assert default.pca.n_components_ == 11 and wide.pca.n_components_ == 30  # capped by rows - 1, then by 30
+    # the PCA is the one fitted on the pca rows' standardised expression (per-source gene statistics of those rows)
+    x = wide.expr.loc[non_test]
+    z = ((x - x.mean()) / x.std().replace(0, 1.0))[wide.genes].to_numpy()
+    np.testing.assert_allclose(np.abs(wide.pca.components_), np.abs(PCA(n_components=30).fit(z).components_), atol=1e-6)
+    # the clinical encoder stays on the labelled training rows
+    assert wide.tab.num == default.tab.num
+    # test rows never reach it: changing their expression leaves every fitted statistic unchanged
+    changed = rows.copy()
+    moved = cv.ft.SurvivalFeatures(base, changed, n_genes=30)
+    moved.expr.loc[te] = moved.expr.loc[te] * 7.0 + 3.0
+    moved.fit(small, non_test)
+    np.testing.assert_allclose(moved.pca.components_, wide.pca.components_)
+    pd.testing.assert_frame_equal(moved.transform(small, 5), wide.transform(small, 5))
+    # the embedding's PCA likewise
+    feats, emb = _emb_fixture(cohort)
+    ef = cv.EmbeddingFeatures(feats, emb, base_clinical=True).fit(small, non_test)
+    assert ef.pca.n_components_ == 12
+    e = emb.loc[non_test].to_numpy(float)
+    np.testing.assert_allclose(ef.mu, e.mean(0))
+    assert cv.EmbeddingFeatures(feats, emb, base_clinical=True).fit(small).pca.n_components_ == 11
+
+
+def test_pca_rows_non_test_refits_only_the_models_with_a_pca_end_to_end(tmp_path):
+    """survival_cv.py --pca_rows non_test on a real SurvSet cohort at a quarter of the labels: Cox + PCs and the
+    forest are refitted with the setting in their cache keys, Cox on clinical covariates alone is read back; the
+    refitted Cox + PCs is cox_select on features whose PCA saw every non-test row; the JSON and the table say so."""
+    pytest.importorskip("SurvSet")
+    common = [
+        *("--cohorts", "nki70", "--folds", "3", "--no_bioperceiver", "--quick", "--data_dir", str(tmp_path / "c")),
+        *("--train_fraction", "0.25"),
+    ]
+    cv.main([*common, "--output_dir", str(tmp_path / "train")])
+    res = cv.main(
+        [
+            *common,
+            "--pca_rows",
+            "non_test",
+            "--output_dir",
+            str(tmp_path / "nt"),
+            "--reuse_cache",
+            str(tmp_path / "train"),
+        ]
+    )
+    assert res["pca_rows"] == "non_test"
+    assert sorted(res["cohorts"]["nki70"]["from_cache"]["cached"]) == ["f0:cox_clinical", "f1:cox_clinical"]
+    for model, rule in (("cox_clinical", None), ("cox_clinical_pcs", "non_test"), ("rsf", "non_test")):
+        settings = json.loads((tmp_path / "nt" / "cache" / "nki70" / "fold0" / f"{model}.json").read_text())["settings"]
+        assert settings.get("pca_rows") == rule, model
+    assert "--pca_rows non_test" in (tmp_path / "nt" / "survival_cv.md").read_text()
+    from bioperceiver.data import read_manifest
+
+    manifest = read_manifest(tmp_path / "c" / "manifest.parquet")
+    rows = cv.cohort_rows(manifest.table, "nki70")
+    folds = cv.make_folds(rows["patient_id"], rows["label_survival_event"], 3, 0, 0.2)
+    part = cv.subsample_train(folds, rows["patient_id"], rows["label_survival_event"], 0.25, 0)[0]
+    tr, va, te = part["train"], part["validation"], part["test"]
+    feats = cv.ft.SurvivalFeatures(manifest.base_dir, rows, n_genes=1000).fit(list(tr), cv.non_test_rows(rows, te))
+    assert feats.pca.n_components_ == 30 > len(tr) - 1  # more components than the labelled rows allow
+    rec = cv.fit_cox(feats, rows, tr, va, te, with_pcs=True)
+    cached = json.loads((tmp_path / "nt" / "cache" / "nki70" / "fold0" / "cox_clinical_pcs.json").read_text())
+    assert cached["selected"] == rec["selected"] and cached["test"] == pytest.approx(rec["test"])
