@@ -186,15 +186,17 @@ def _backbone_parts(pre: int) -> list[str]:
     return [f"survset_pretrain_fold{k}" if pre == 0 else f"survset_pretrain_seed{pre}_fold{k}" for k in range(5)]
 
 
-def _finetuned(run: str, what: str, *extra: str, pre: int = 0, needs=(), minutes: float = 8) -> Part:
-    """Optional: ``survival_cv.py`` with the two finetuned arms on the fold-wise backbones of pretraining seed
-    ``pre``, the learning-rate grid, then ``extra``, into ``survset/<run>``."""
+def _finetuned(
+    run: str, what: str, *extra: str, pre: int = 0, needs=(), minutes: float = 8, arms=FINETUNED_ARMS[:2]
+) -> Part:
+    """Optional: ``survival_cv.py`` with the two finetuned arms (or ``arms``) on the fold-wise backbones of
+    pretraining seed ``pre``, the learning-rate grid, then ``extra``, into ``survset/<run>``."""
     backbones = "pretrain_cvfolds" if pre == 0 else f"pretrain_cvfolds_seed{pre}"
     argv = _survival(
         f"{W}/survset/{run}",
         f"{W}/survset/cv_cohort",
         pretrained=f"{W}/survset/{backbones}/fold{{fold}}/final",
-        arms=FINETUNED_ARMS[:2],
+        arms=tuple(arms),
         extra=("--bp_lrs", *LR_GRID, *extra),
     )
     return Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=list(needs), minutes=minutes, optional=True)
@@ -1025,6 +1027,52 @@ def _seed_parts() -> list[Part]:
             "--versus",
             "cox_clinical_pcs",
             "cox_clinical",
+        )
+    )
+    # the frozen backbones' expression embeddings as Cox features (cox_*_emb_* arms, tie-aware like the baselines)
+    # beside the tie-aware runs of the four seed pairs (finetuned arms and baselines read back), then the same with
+    # every label-free step (expression and embedding PCA) fitted on all non-test patients (--pca_rows non_test:
+    # the unlabelled profiles the fold-wise backbones were pretrained on, given to the baselines too)
+    emb_extra = ("--train_fraction", "0.25", "--subsample_validation", "--bp_best_model_ties", "loss")
+    emb_extra += ("--baseline_ties", "loss")
+    for tag, extra, source, text in (
+        ("_emb", (), "_bl", "with the frozen expression embeddings as Cox features"),
+        ("_emb_nt", ("--pca_rows", "non_test"), "_emb", "with every PCA fitted on all non-test patients"),
+    ):
+        family = {}
+        for n, (pre, init) in enumerate(SEED_PAIRS):
+            run, twin = (f"{plain}_tiesloss{kind}{_pair_suffix(pre, init)}" for kind in (tag, source))
+            reuse = [twin, *([f"{plain}_tiesloss{tag}"] if n else [])]
+            parts.append(
+                _finetuned(
+                    run,
+                    f"{twin} {text}",
+                    *emb_extra,
+                    *extra,
+                    "--init_seed",
+                    str(init),
+                    "--reuse_cache",
+                    *(f"{W}/survset/{r}" for r in reuse),
+                    pre=pre,
+                    needs=[*reuse, *_backbone_parts(pre)],
+                    minutes=3,
+                    arms=(*FINETUNED_ARMS[:2], *EMB_ARMS),
+                )
+            )
+            family[f"pre{pre}_init{init}"] = run
+        ensemble = ("--ensemble", "cox_clinical_emb_pretrained", "cox_clinical_emb_random")
+        parts.append(_spread(f"seed_spread_labeff_tf0.25_val_tiesloss{tag}4", family, "the 4 runs combined", *ensemble))
+    parts.append(
+        _spread(
+            "versus_labeff_tf0.25_val_tiesloss_emb_nt",
+            {"pca_non_test": f"{plain}_tiesloss_emb_nt", "pca_train": f"{plain}_tiesloss_emb"},
+            "every PCA on all non-test patients - on the labelled training patients, same test patients",
+            "--versus",
+            "cox_clinical_pcs",
+            "rsf",
+            "cox_clinical_emb_pretrained",
+            "cox_clinical_emb_random",
+            "cox_clinical_pcs_emb_pretrained",
         )
     )
     # the loss rule at 50% of the training and validation patients, seed pair (0, 0): against first of ties, and

@@ -483,6 +483,50 @@ def test_the_fair_baseline_tie_parts_refit_only_the_cox_baselines_beside_the_los
     assert versus.argv[versus.argv.index("--versus") + 1 :] == ["cox_clinical_pcs", "cox_clinical"]
 
 
+def test_the_embedding_cox_parts_sit_beside_the_tie_aware_runs_and_fit_their_pcas_on_the_chosen_rows():
+    """The cox_*_emb_* arms beside each tie-aware run (4 seed pairs; finetuned arms and baselines read back from
+    it, each later pair also from the first), the same with --pca_rows non_test beside those (reading them back),
+    a 4-pair spread with the embedding ensemble for each, and the non-test - train versus part over every model
+    with a PCA."""
+    parts = {p.name: p for p in evidence.PARTS}
+    plain = "survival_cv_labeff_tf0.25_val"
+    pairs = (("", "pretrain_cvfolds", "0"), ("_init1", "pretrain_cvfolds", "1"))
+    pairs += (("_pre1", "pretrain_cvfolds_seed1", "1"), ("_pre2", "pretrain_cvfolds_seed2", "2"))
+    for tag, source, nt in (("_emb", "_bl", False), ("_emb_nt", "_emb", True)):
+        runs = []
+        for suffix, backbones, init in pairs:
+            run = f"{plain}_tiesloss{tag}{suffix}"
+            argv = parts[run].argv
+            arms = argv[argv.index("--bp_arms") + 1 :][:5]
+            assert arms == ["bp_random", "bp_pretrained", *evidence.EMB_ARMS]
+            assert (
+                argv[argv.index("--baseline_ties") + 1] == "loss"
+                and argv[argv.index("--bp_best_model_ties") + 1] == "loss"
+            )
+            assert argv[argv.index("--train_fraction") + 1] == "0.25" and "--subsample_validation" in argv
+            assert argv[argv.index("--init_seed") + 1] == init
+            assert argv[argv.index("--pretrained_dir") + 1].endswith(f"survset/{backbones}/fold{{fold}}/final")
+            assert (argv[argv.index("--pca_rows") + 1] == "non_test") if nt else "--pca_rows" not in argv
+            reuse = [a.rsplit("/", 1)[-1] for a in argv[argv.index("--reuse_cache") + 1 :]]
+            assert reuse == [f"{plain}_tiesloss{source}{suffix}", *([f"{plain}_tiesloss{tag}"] if suffix else [])]
+            assert set(reuse) <= set(parts[run].needs)
+            runs.append(run)
+        spread = parts[f"survset_seed_spread_labeff_tf0.25_val_tiesloss{tag}4"]
+        assert _listed(spread) == runs
+        assert spread.argv[spread.argv.index("--ensemble") + 1 :] == [
+            "cox_clinical_emb_pretrained",
+            "cox_clinical_emb_random",
+        ]
+    versus = parts["survset_versus_labeff_tf0.25_val_tiesloss_emb_nt"]
+    assert _listed(versus) == [f"{plain}_tiesloss_emb_nt", f"{plain}_tiesloss_emb"]
+    assert versus.argv[versus.argv.index("--versus") + 1 :] == [
+        "cox_clinical_pcs",
+        "rsf",
+        *evidence.EMB_ARMS[:2],
+        evidence.EMB_ARMS[2],
+    ]
+
+
 def test_the_fold_manifests_need_only_the_pretraining_cohort():
     """survival_cv.py --write_fold_manifests builds (or reuses) the CV cohort itself: the 20-minute whole-cohort
     survival_cv part is not a prerequisite of the fold-wise backbones."""

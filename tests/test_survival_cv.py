@@ -743,6 +743,17 @@ def test_bp_modalities_ablation_restricts_the_trained_arms(tmp_path):
         "bp_random - cox_clinical"
         not in cv.summarise(ns, "c", "development", rows, meta, results)["paired_differences"]
     )
+    # where Cox on the clinical covariates is the best baseline the two comparisons keep apart (one key each), and
+    # each is pooled under its own name
+    results["cox_clinical"] = [{**rec, "validation": 0.9, "risk_test": [1.0, 3.0, 2.0]}]
+    ns.bp_modalities = ["tabular_clinical"]
+    summary = cv.summarise(ns, "c", "development", rows, meta, results)
+    diffs = summary["paired_differences"]
+    assert summary["best_baseline_by_validation"] == "cox_clinical"
+    assert diffs["bp_random - cox_clinical"]["pair"] == ["bp_random", "best baseline"]
+    assert diffs["bp_random - cox_clinical (fixed)"]["pair"] == ["bp_random", "cox_clinical"]
+    pooled = cv.pooled_differences({"c": summary})
+    assert pooled["bp_random - best baseline"]["cohorts"] == pooled["bp_random - cox_clinical"]["cohorts"] == ["c"]
 
 
 def test_bp_head_linear_reaches_the_finetuning_run_where_the_cohort_has_clinical_covariates(tmp_path, monkeypatch):
