@@ -394,8 +394,9 @@ def runs_loss_4(plain: str) -> list[str]:
 def test_the_tie_rule_parts_cover_three_seed_pairs_and_the_wide_and_deep_loss_rule_runs():
     """Each tie rule: three seed pairs on their own backbones and finetuning seeds, each against its first-of-ties
     run; spreads over the first two pairs (the recorded tables) and over all three; the kept-epoch part over the
-    first two. Wide & deep with the loss rule: the term, the rule, the pair's backbones; the (1, 1) run reads the
-    random-init arm back from (0, 1) (it does not depend on the pretraining seed)."""
+    first two. Wide & deep with the loss rule, four seed pairs: the term, the rule, the pair's backbones; the (1, 1)
+    run reads the random-init arm back from (0, 1) (it does not depend on the pretraining seed); spreads over the
+    first three (recorded first) and all four."""
     parts = {p.name: p for p in evidence.PARTS}
     plain = "survival_cv_labeff_tf0.25_val"
     pairs = (
@@ -423,7 +424,7 @@ def test_the_tie_rule_parts_cover_three_seed_pairs_and_the_wide_and_deep_loss_ru
     kept = _listed(parts["survset_kept_labeff_tf0.25_val_ties"])
     assert kept == [f"{plain}_ties{r}{s}" for r in ("loss", "last") for s in ("", "_init1")]
     wide = []
-    for suffix, backbones, init in pairs:
+    for suffix, backbones, init in (*pairs, pair4):
         run = f"{plain}_wide_pm_tiesloss{suffix}"
         argv = parts[run].argv
         assert argv[argv.index("--bp_head_linear") + 1 :][:2] == ["omics_expression", "tabular_clinical"]
@@ -431,10 +432,11 @@ def test_the_tie_rule_parts_cover_three_seed_pairs_and_the_wide_and_deep_loss_ru
         assert argv[argv.index("--init_seed") + 1] == init
         assert argv[argv.index("--pretrained_dir") + 1].endswith(f"survset/{backbones}/fold{{fold}}/final")
         reuse = [a.rsplit("/", 1)[-1] for a in argv[argv.index("--reuse_cache") + 1 :]]
-        assert reuse == [plain] + ([f"{plain}_wide_pm_tiesloss_init1"] if suffix == "_pre1" else [])
+        assert reuse == [plain] + ([f"{plain}_wide_pm_tiesloss_init1"] if suffix.startswith("_pre") else [])
         assert set(reuse) <= set(parts[run].needs)
         wide.append(run)
-    assert _listed(parts["survset_seed_spread_labeff_tf0.25_val_wide_pm_tiesloss"]) == wide
+    assert _listed(parts["survset_seed_spread_labeff_tf0.25_val_wide_pm_tiesloss"]) == wide[:3]
+    assert _listed(parts["survset_seed_spread_labeff_tf0.25_val_wide_pm_tiesloss4"]) == wide
     assert _listed(parts["survset_versus_labeff_tf0.25_val_wide_pm_tiesloss_plain"]) == [wide[0], f"{plain}_tiesloss"]
     assert _listed(parts["survset_versus_labeff_tf0.25_val_wide_pm_tiesloss_first"]) == [wide[0], f"{plain}_wide_pm"]
 
@@ -459,7 +461,7 @@ def test_the_fair_baseline_tie_parts_refit_only_the_cox_baselines_beside_the_los
     assert _listed(parts["survset_seed_spread_labeff_tf0.25_val_tiesloss_bl3"]) == runs[:3]
     assert _listed(parts["survset_seed_spread_labeff_tf0.25_val_tiesloss_bl4"]) == runs
     wide = []
-    for suffix, init in (("", "0"), ("_init1", "1"), ("_pre1", "1")):
+    for suffix, init in (("", "0"), ("_init1", "1"), ("_pre1", "1"), ("_pre2", "2")):
         run = f"{plain}_wide_pm_tiesloss_bl{suffix}"
         argv = parts[run].argv
         assert argv[argv.index("--baseline_ties") + 1] == "loss" and "--bp_head_linear_per_modality" in argv
@@ -469,7 +471,8 @@ def test_the_fair_baseline_tie_parts_refit_only_the_cox_baselines_beside_the_los
             parts[run].needs
         )
         wide.append(run)
-    assert _listed(parts["survset_seed_spread_labeff_tf0.25_val_wide_pm_tiesloss_bl3"]) == wide
+    assert _listed(parts["survset_seed_spread_labeff_tf0.25_val_wide_pm_tiesloss_bl3"]) == wide[:3]
+    assert _listed(parts["survset_seed_spread_labeff_tf0.25_val_wide_pm_tiesloss_bl4"]) == wide
     half = "survival_cv_labeff_tf0.5_val"
     for run, reuse in ((f"{half}_tiesloss", [half]), (f"{half}_tiesloss_bl", [f"{half}_tiesloss", half])):
         argv = parts[run].argv
