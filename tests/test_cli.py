@@ -79,3 +79,18 @@ def test_validate_runs_through_the_command_and_library_errors_are_reported(tmp_p
     # a bad argument value the library rejects: one line naming the command, exit status 2
     code = cli.main(["predict", "--model", str(tmp_path / "nowhere"), "--manifest", str(manifest), "--output_dir", "o"])
     assert code == 2 and "bioperceiver predict: error:" in capsys.readouterr().err
+
+
+def test_importing_the_library_leaves_hugging_face_datasets_until_a_dataset_is_built():
+    """`import bioperceiver` (every CLI call, every `from_pretrained`) does not import `datasets` (~1 s); the
+    dataset builders import it when called (their tests in test_data_pipeline.py build real datasets)."""
+    import subprocess
+
+    code = (
+        "import sys, bioperceiver, bioperceiver.data\n"
+        "assert 'datasets' not in sys.modules, 'datasets imported by import bioperceiver'\n"
+        "from bioperceiver.data import build_dataset\n"
+        "assert 'datasets' not in sys.modules\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]

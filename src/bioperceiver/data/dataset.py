@@ -8,9 +8,8 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 import torch
 
@@ -18,6 +17,9 @@ from ..modalities.registry import get_modality
 from .errors import DEFAULT_ON_ERROR, DataError, SkipReport, check_on_error
 from .manifest import Manifest, is_missing
 from .processing import SKIPPED_KEY, BioPerceiverProcessor
+
+if TYPE_CHECKING:  # imported where used: `datasets` costs ~1 s, and `import bioperceiver` should not pay it
+    import datasets
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +166,8 @@ def build_dataset(
     arguments, so a second call is a cache hit. Returns the dataset and the :class:`SkipReport` (logged): under
     ``on_error="skip_modality"`` (default) an unreadable modality is absent from its row and counted, a row left
     with no modality is removed; under ``"skip_sample"`` a row with any unreadable modality is removed."""
+    import datasets
+
     on_error = check_on_error(on_error)
     table = _clean_table(manifest, split)
     raw = datasets.Dataset.from_pandas(table, preserve_index=False)
@@ -227,6 +231,7 @@ def build_iterable_dataset(
     ``datasets.distributed.split_dataset_by_node``. ``num_shards`` defaults to a multiple of ``world_size`` so
     every rank reads whole shards. Skipped rows are logged when met and counted in the returned report (of this
     process)."""
+    import datasets
     from datasets.distributed import split_dataset_by_node
 
     on_error = check_on_error(on_error)
