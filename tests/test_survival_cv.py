@@ -990,24 +990,21 @@ def test_fold_wise_backbones_are_finetuned_fold_by_fold(tmp_path, monkeypatch):
     assert rec["test"] == 0.7 and [len(r.calls) for r in folds] == [0, 0, 1]
 
 
+def _run_then_rerun(tmp_path, common: list[str], flags: list[str], names: tuple[str, str]) -> tuple[dict, dict]:
+    """survival_cv.py with ``common`` into ``tmp_path/names[0]``, then with ``flags`` added into ``names[1]``,
+    reading back from the first run what the flags leave unchanged."""
+    first = cv.main([*common, "--output_dir", str(tmp_path / names[0])])
+    out, reuse = str(tmp_path / names[1]), str(tmp_path / names[0])
+    return first, cv.main([*common, *flags, "--output_dir", out, "--reuse_cache", reuse])
+
+
 def test_baseline_ties_reach_only_the_cox_baselines_cache_keys_end_to_end(tmp_path):
     """survival_cv.py on a real SurvSet cohort, baselines only: --baseline_ties loss refits the two Cox baselines
     (their cache keys carry the rule; the default's keys are unchanged) and reads the forest back; the JSON names
     the rule and counts each baseline's tied grid points per fold."""
     pytest.importorskip("SurvSet")
     common = ["--cohorts", "nki70", "--folds", "3", "--no_bioperceiver", "--quick", "--data_dir", str(tmp_path / "c")]
-    first = cv.main([*common, "--output_dir", str(tmp_path / "first")])
-    loss = cv.main(
-        [
-            *common,
-            "--baseline_ties",
-            "loss",
-            "--output_dir",
-            str(tmp_path / "loss"),
-            "--reuse_cache",
-            str(tmp_path / "first"),
-        ]
-    )
+    first, loss = _run_then_rerun(tmp_path, common, ["--baseline_ties", "loss"], ("first", "loss"))
     assert first["baseline_ties"] == {"cox": "first", "rsf": "first"} and loss["baseline_ties"]["cox"] == "loss"
     assert sorted(loss["cohorts"]["nki70"]["from_cache"]["cached"]) == ["f0:rsf", "f1:rsf"]
     for run, rule in ((tmp_path / "first", None), (tmp_path / "loss", "loss")):
@@ -1044,18 +1041,7 @@ def test_baseline_ties_reach_the_embedding_cox_arms_end_to_end(tmp_path, monkeyp
         *("--cohorts", "nki70", "--folds", "3", "--quick", "--data_dir", str(tmp_path / "c")),
         *("--pretrained_dir", str(backbone), "--bp_arms", *cv.EMB_ARMS),
     ]
-    first = cv.main([*common, "--output_dir", str(tmp_path / "first")])
-    loss = cv.main(
-        [
-            *common,
-            "--baseline_ties",
-            "loss",
-            "--output_dir",
-            str(tmp_path / "loss"),
-            "--reuse_cache",
-            str(tmp_path / "first"),
-        ]
-    )
+    first, loss = _run_then_rerun(tmp_path, common, ["--baseline_ties", "loss"], ("first", "loss"))
     assert sorted(loss["cohorts"]["nki70"]["from_cache"]["cached"]) == ["f0:rsf", "f1:rsf"]
     for run, rule in ((tmp_path / "first", None), (tmp_path / "loss", "loss")):
         for model in cv.EMB_ARMS:
@@ -1129,18 +1115,7 @@ def test_pca_rows_non_test_refits_only_the_models_with_a_pca_end_to_end(tmp_path
         *("--cohorts", "nki70", "--folds", "3", "--no_bioperceiver", "--quick", "--data_dir", str(tmp_path / "c")),
         *("--train_fraction", "0.25"),
     ]
-    cv.main([*common, "--output_dir", str(tmp_path / "train")])
-    res = cv.main(
-        [
-            *common,
-            "--pca_rows",
-            "non_test",
-            "--output_dir",
-            str(tmp_path / "nt"),
-            "--reuse_cache",
-            str(tmp_path / "train"),
-        ]
-    )
+    _, res = _run_then_rerun(tmp_path, common, ["--pca_rows", "non_test"], ("train", "nt"))
     assert res["pca_rows"] == "non_test"
     assert sorted(res["cohorts"]["nki70"]["from_cache"]["cached"]) == ["f0:cox_clinical", "f1:cox_clinical"]
     for model, rule in (("cox_clinical", None), ("cox_clinical_pcs", "non_test"), ("rsf", "non_test")):
