@@ -159,6 +159,7 @@ def _seed_spread(out: str, runs: dict[str, str], *extra: str) -> list[str]:
 
 
 EMB_ARMS = ("cox_clinical_emb_pretrained", "cox_clinical_emb_random", "cox_clinical_pcs_emb_pretrained")
+EXTERNAL_COHORTS = ("gse3143", "DBCD", "DLBCL", "chop", "AML_Bull", "vdv")  # evaluation only
 FINETUNED_ARMS = ("bp_random", "bp_pretrained", "bp_random_probe", "bp_pretrained_probe")
 LR_GRID = ("3e-4", "1e-3", "3e-3")  # the optional learning-rate-grid parts (the PadChest label-efficiency grid)
 LABEL_FRACTIONS = ("0.25", "0.5", "1")  # the optional SurvSet label-efficiency parts (--train_fraction)
@@ -712,7 +713,7 @@ def _seed_parts() -> list[Part]:
         ),
     ]
     # the external cohorts (evaluation only, nothing selected on them): wide & deep and plain, the lr grid, seed 0
-    external = ("gse3143", "DBCD", "DLBCL", "chop", "AML_Bull", "vdv")
+    external = EXTERNAL_COHORTS
     for run, extra in (
         ("survival_external_wide", ("--bp_head_linear",)),
         ("survival_external_plain", ("--reuse_cache", f"{W}/survset/survival_external_wide")),
@@ -1065,6 +1066,22 @@ def _seed_parts() -> list[Part]:
             family[f"pre{pre}_init{init}"] = run
         ensemble = ("--ensemble", "cox_clinical_emb_pretrained", "cox_clinical_emb_random")
         parts.append(_spread(f"seed_spread_labeff_tf0.25_val_tiesloss{tag}4", family, "the 4 runs combined", *ensemble))
+    # the same embedding arms (and the baselines) on the external cohorts, evaluation only, seed pair (0, 0): the
+    # fold-wise backbones never saw these cohorts (their genes are added to the vocabulary per fold, on its training
+    # rows, with random embeddings)
+    run = "survival_cv_ext_labeff_tf0.25_val_tiesloss_emb"
+    argv = _survival(
+        f"{W}/survset/{run}",
+        f"{W}/survset/external_cohort",
+        *EXTERNAL_COHORTS,
+        pretrained=f"{W}/survset/pretrain_cvfolds/fold{{fold}}/final",
+        arms=EMB_ARMS,
+        extra=(*emb_extra[:3], "--baseline_ties", "loss", "--init_seed", "0"),
+    )
+    what = "the embedding-Cox arms and the tie-aware baselines on the external cohorts at 25%, evaluation only"
+    parts.append(
+        Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=_backbone_parts(0), minutes=3, optional=True)
+    )
     parts.append(
         _spread(
             "versus_labeff_tf0.25_val_tiesloss_emb_nt",
@@ -1166,7 +1183,7 @@ PARTS: list[Part] = [
         _survival(
             f"{W}/survset/survival_external",
             f"{W}/survset/external_cohort",
-            *("gse3143", "DBCD", "DLBCL", "chop", "AML_Bull", "vdv"),
+            *EXTERNAL_COHORTS,
         ),
         "survset/survival_external/survival_cv.json",
         needs=["survset_pretrain"],

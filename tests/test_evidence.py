@@ -520,6 +520,14 @@ def test_the_embedding_cox_parts_sit_beside_the_tie_aware_runs_and_fit_their_pca
             "cox_clinical_emb_pretrained",
             "cox_clinical_emb_random",
         ]
+    ext = parts["survival_cv_ext_labeff_tf0.25_val_tiesloss_emb"].argv  # evaluation only: no development cohort
+    assert ext[ext.index("--cohorts") + 1 :][:7] == [*evidence.EXTERNAL_COHORTS, "--folds"]
+    assert ext[ext.index("--bp_arms") + 1 :][:4] == [*evidence.EMB_ARMS, "--pretrained_dir"]
+    assert ext[ext.index("--pretrained_dir") + 1].endswith("survset/pretrain_cvfolds/fold{fold}/final")
+    assert ext[ext.index("--baseline_ties") + 1] == "loss" and "--subsample_validation" in ext
+    from bioperceiver.data.recipes.survset import EXTERNAL_COHORTS
+
+    assert evidence.EXTERNAL_COHORTS == EXTERNAL_COHORTS  # the recipe's evaluation-only cohorts, nothing else
     versus = parts["survset_versus_labeff_tf0.25_val_tiesloss_emb_nt"]
     assert _listed(versus) == [f"{plain}_tiesloss_emb_nt", f"{plain}_tiesloss_emb"]
     assert versus.argv[versus.argv.index("--versus") + 1 :] == [
