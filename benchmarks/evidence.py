@@ -1082,6 +1082,26 @@ def _seed_parts() -> list[Part]:
     parts.append(
         Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=_backbone_parts(0), minutes=3, optional=True)
     )
+    # held-out cross-modal retrieval of the 15 fold-wise backbones (pretraining seeds 0-2) in the latent space
+    # `embed` wrote by default and in the projected space the loss aligned (their heads from the last checkpoints)
+    folders = [
+        f"{W}/survset/{'pretrain_cvfolds' + (f'_seed{p}' if p else '')}/fold{k}" for p in range(3) for k in range(5)
+    ]
+    argv = [PY, "benchmarks/retrieval_space.py", "--runs", *folders, "--head_from_checkpoint"]
+    argv += ["--output_dir", f"{W}/survset/retrieval_space"]
+    what = "held-out retrieval of the fold-wise backbones: latent vs projected space"
+    needs = [part for p in range(3) for part in _backbone_parts(p)]
+    parts.append(
+        Part(
+            "survset_retrieval_space",
+            what,
+            argv,
+            "survset/retrieval_space/retrieval_space.json",
+            needs=needs,
+            minutes=8,
+            optional=True,
+        )
+    )
     parts.append(
         _spread(
             "versus_labeff_tf0.25_val_tiesloss_emb_nt",

@@ -528,6 +528,12 @@ def test_the_embedding_cox_parts_sit_beside_the_tie_aware_runs_and_fit_their_pca
     from bioperceiver.data.recipes.survset import EXTERNAL_COHORTS
 
     assert evidence.EXTERNAL_COHORTS == EXTERNAL_COHORTS  # the recipe's evaluation-only cohorts, nothing else
+    space = parts["survset_retrieval_space"]  # the 15 fold-wise backbones, heads from their last checkpoints
+    runs = _listed(space)
+    assert len(runs) == 15 and "--head_from_checkpoint" in space.argv
+    assert [a.split("/")[-2] for a in space.argv[3:18]] == [
+        f"pretrain_cvfolds{s}" for s in ("", "_seed1", "_seed2") for _ in range(5)
+    ]
     versus = parts["survset_versus_labeff_tf0.25_val_tiesloss_emb_nt"]
     assert _listed(versus) == [f"{plain}_tiesloss_emb_nt", f"{plain}_tiesloss_emb"]
     assert versus.argv[versus.argv.index("--versus") + 1 :] == [

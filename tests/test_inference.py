@@ -208,7 +208,7 @@ def test_two_processes_write_each_shard_once_and_resume_skips_finished_shards(fi
 
     other = bp.create_model("bioperceiver_debug", modalities=loaded.backbone.config.modalities, d_latents=24)
     loaded.model = other  # another config: its hash differs, the finished shards are not silently mixed
-    with pytest.raises(ValueError, match="another model or shard layout"):
+    with pytest.raises(ValueError, match="another model, shard layout or space"):
         embed(loaded, manifest, tmp_path / "two", process_index=0, num_processes=1, **kw)
 
 
@@ -305,3 +305,71 @@ def test_search_from_a_manifest_across_modalities_with_evaluation(finetuned, tmp
     pd.testing.assert_series_equal(again.table["sample_id"], table["sample_id"])
     with pytest.raises(ValueError, match="no embeddings of modality 'image_ct'"):
         bp.search(tmp_path / "emb", manifest, modality="text_note", target="image_ct")
+
+
+# ---- the projected space ----------------------------------------------------------------------------------------
+@pytest.fixture()
+def backbone_with_head(finetuned, tmp_path):
+    """A pretraining-style ``final/`` folder: the finetuned model's backbone and processors, and a seeded
+    projection head saved beside them (``projection_head.safetensors``)."""
+    from bioperceiver.layers.projection import build_projection_head, save_projection_head
+
+    folder, _, small = finetuned
+    loaded = load_model_folder(folder, device="cpu")
+    out = tmp_path / "final"
+    loaded.backbone.save_pretrained(out)
+    loaded.processor.save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = loaded.backbone.config
+    save_projection_head(build_projection_head(cfg.d_latents, cfg.projection_dim).state_dict(), out, cfg)
+    return out, small
+
+
+def test_embed_in_the_projected_space_is_the_head_applied_to_the_latents(backbone_with_head, finetuned, tmp_path):
+    folder, small = backbone_with_head
+    loaded = load_model_folder(folder, device="cpu")
+    assert loaded.projection is not None and not loaded.projection.training
+    for space in ("latent", "projected"):
+        embed(loaded, small, tmp_path / space, process_index=0, num_processes=1, progress=False, space=space)
+    latent, lmeta = read_embeddings(tmp_path / "latent")
+    projected, pmeta = read_embeddings(tmp_path / "projected")
+    cfg = loaded.backbone.config
+    assert (lmeta["space"], lmeta["embedding_dim"]) == ("latent", cfg.d_latents)
+    assert (pmeta["space"], pmeta["embedding_dim"]) == ("projected", cfg.projection_dim)
+    columns = [c for c in latent if c.startswith("embedding")]
+    assert len(columns) == 1 + len(MODALITIES)
+    for c in columns:  # the same rows absent, the head applied to every present vector
+        assert (latent[c].isna() == projected[c].isna()).all(), c
+        for a, b in zip(latent[c].dropna(), projected[c].dropna()):
+            with torch.no_grad():
+                np.testing.assert_allclose(b, loaded.projection(torch.as_tensor(a)).numpy(), rtol=1e-4, atol=1e-5)
+    # a folder written in one space is not resumed in the other
+    with pytest.raises(ValueError, match="space"):
+        embed(loaded, small, tmp_path / "latent", process_index=0, num_processes=1, progress=False, space="projected")
+    # search: a manifest query is embedded in the index's space; an embed-folder query must be in it
+    by_folder = bp.search(tmp_path / "projected", tmp_path / "projected", modality="text_note", target="tabular_ehr")
+    by_manifest = bp.search(tmp_path / "projected", small, modality="text_note", target="tabular_ehr", model=loaded)
+    pd.testing.assert_series_equal(by_manifest.table["sample_id"], by_folder.table["sample_id"])
+    np.testing.assert_allclose(by_manifest.table["score"], by_folder.table["score"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="same --space"):
+        bp.search(tmp_path / "projected", tmp_path / "latent", modality="text_note", target="tabular_ehr")
+    # the finetuned folder has no head: a clear error before any work, naming the fix
+    with pytest.raises(ValueError, match=r"no projection_head\.safetensors.*--space latent"):
+        embed(
+            finetuned[0], small, tmp_path / "none", process_index=0, num_processes=1, progress=False, space="projected"
+        )
+    assert not (tmp_path / "none").exists()
+
+
+def test_a_projection_head_of_another_model_is_refused(backbone_with_head):
+    from bioperceiver.layers.projection import build_projection_head, load_projection_head, save_projection_head
+
+    folder, _ = backbone_with_head
+    cfg = load_model_folder(folder, device="cpu").backbone.config
+    wrong = build_projection_head(cfg.d_latents, cfg.projection_dim + 1).state_dict()
+    with pytest.raises(ValueError, match="does not match"):
+        save_projection_head(wrong, folder, cfg)
+    other = type(cfg).from_dict({**cfg.to_dict(), "projection_dim": cfg.projection_dim + 1})
+    with pytest.raises(ValueError, match="belongs to another model"):
+        load_projection_head(folder, other)
+    assert load_projection_head(folder.parent, cfg) is None  # no head saved there

@@ -318,3 +318,80 @@ def test_ddp_processes_skip_together_when_one_gets_an_empty_batch(tmp_path):
     assert res.returncode == 0, res.stderr[-4000:]
     assert re.search(r"every sample skipped on 1 process\(es\); all skip it", res.stderr)
     assert (tmp_path / "out" / "final" / "model.safetensors").exists()
+
+
+def test_the_saved_projection_head_reproduces_the_runs_held_out_retrieval(run_config, tmp_path):
+    """The contrastive projection head travels with the final backbone (``projection_head.safetensors``, the
+    trained weights), and ``bioperceiver embed --space projected`` on the held-out split gives back the run's own
+    held-out retrieval R@k (eval_results.json, the model card's table) -- the space ``search`` should compare
+    modalities in; ``--space latent`` is the backbone's (another space: other numbers)."""
+    out = run_config / "full"
+    if not (out / "final").is_dir():  # this module's first test made it; alone, run it here
+        assert launch(run_config / "run.yaml", f"output_dir={out}").returncode == 0
+    from bioperceiver.data import assign_splits, read_manifest
+    from bioperceiver.inference.embedding import FUSED, embed, embedding_column, read_embeddings
+    from bioperceiver.inference.loading import load_model_folder
+    from bioperceiver.layers.projection import PROJECTION_HEAD_FILE, projection_state_from_checkpoint
+    from bioperceiver.training import load_run_config
+    from bioperceiver.training.pretraining import retrieval_metrics
+
+    head = load_file(out / "final" / PROJECTION_HEAD_FILE)
+    trained = projection_state_from_checkpoint(out / "checkpoints" / "checkpoint-6")  # the last step's
+    assert head.keys() == trained.keys() and len(head) == 4
+    for k in head:
+        assert torch.equal(head[k], trained[k]), k
+    loaded = load_model_folder(out / "final", device="cpu")
+    assert loaded.projection is not None
+    cfg = load_run_config(out / "final" / "run_config.yaml")
+    held_out = assign_splits(read_manifest(cfg.data.manifest)).split(cfg.eval.split)  # as the run split it
+    metrics = json.loads((out / "eval_results.json").read_text())
+    names = [*loaded.backbone.modality_names, FUSED]
+    recomputed = {}
+    for space in ("projected", "latent"):
+        embed(loaded, held_out, tmp_path / space, process_index=0, num_processes=1, progress=False, space=space)
+        frame, meta = read_embeddings(tmp_path / space)
+        width = loaded.backbone.config.projection_dim if space == "projected" else loaded.backbone.config.d_latents
+        assert meta["space"] == space and meta["embedding_dim"] == width
+        cells = [[frame[embedding_column(n)].iloc[i] for n in names] for i in range(len(frame))]
+        mask = torch.tensor([[c is not None for c in row] for row in cells])
+        views = torch.stack(
+            [torch.stack([torch.as_tensor(c) if c is not None else torch.zeros(width) for c in row]) for row in cells]
+        )
+        recomputed[space] = retrieval_metrics(views, mask, names)
+    pairs = [k.split("/", 1)[1] for k in metrics if k.startswith("queries/")]
+    assert pairs
+    for pair in pairs:
+        assert recomputed["projected"][f"queries/{pair}"] == metrics[f"queries/{pair}"], pair
+        for k in (1, 5, 10):
+            assert recomputed["projected"][f"R@{k}/{pair}"] == pytest.approx(metrics[f"R@{k}/{pair}"], abs=1e-9), (
+                pair,
+                k,
+            )
+    assert any(recomputed["latent"][f"R@1/{p}"] != metrics[f"R@1/{p}"] for p in pairs)
+
+
+def test_retrieval_space_benchmark_reproduces_the_run_and_restores_an_older_runs_head(run_config, tmp_path):
+    """benchmarks/retrieval_space.py on a finished run: its projected R@1 equals the run's own evaluation; a run
+    saved before heads were saved (no projection_head.safetensors in final/) needs --head_from_checkpoint, which
+    takes the last checkpoint's head into a copy (the run folder is left as it was) and gives the same numbers."""
+    import shutil
+
+    from script_loader import load_script
+
+    out = run_config / "full"
+    if not (out / "final").is_dir():
+        assert launch(run_config / "run.yaml", f"output_dir={out}").returncode == 0
+    bench = load_script("benchmarks/retrieval_space.py", "retrieval_space_for_tests")
+    bench.main(["--runs", str(out), "--n_bootstrap", "20", "--output_dir", str(tmp_path / "new")])
+    new = json.loads((tmp_path / "new" / "retrieval_space.json").read_text())["runs"][0]
+    assert new["head"] == "final/" and new["projected_equals_recorded"] and new["pairs"]
+    old = tmp_path / "old_run"
+    shutil.copytree(out, old, ignore=shutil.ignore_patterns("projection_head.safetensors"))
+    with pytest.raises(SystemExit, match="--head_from_checkpoint"):
+        bench.main(["--runs", str(old), "--output_dir", str(tmp_path / "x")])
+    bench.main(
+        ["--runs", str(old), "--head_from_checkpoint", "--n_bootstrap", "20", "--output_dir", str(tmp_path / "o")]
+    )
+    restored = json.loads((tmp_path / "o" / "retrieval_space.json").read_text())["runs"][0]
+    assert restored["head"] == "last checkpoint" and not (old / "final" / "projection_head.safetensors").exists()
+    assert restored["pairs"] == {**new["pairs"]}  # the same head, the same numbers

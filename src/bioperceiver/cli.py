@@ -50,8 +50,8 @@ def _common(p: argparse.ArgumentParser, batch_size: int) -> None:
 
 
 def embed_main(argv: Sequence[str] | None = None) -> int:
+    from .inference.embedding import SPACES, embed
     from .inference.embedding import __doc__ as doc
-    from .inference.embedding import embed
 
     p = _parser("embed", doc.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a pretraining run's final/ folder or a finetuned folder")
@@ -59,6 +59,14 @@ def embed_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--output_dir", required=True, help="shards are written (and resumed) here")
     p.add_argument("--shard_size", type=int, default=1024, help="manifest rows per Parquet shard")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument(
+        "--space",
+        choices=SPACES,
+        default="latent",
+        help="latent: the backbone's pooled latents (features for downstream models); projected: after the "
+        "contrastive projection head saved with a pretraining run's final/ (where the loss aligned the modalities: "
+        "use it to search across modalities)",
+    )
     p.add_argument("--no_progress", action="store_true")
     _common(p, 32)
     args = p.parse_args(argv)
@@ -72,6 +80,7 @@ def embed_main(argv: Sequence[str] | None = None) -> int:
         num_workers=args.num_workers,
         device=args.device,
         progress=not args.no_progress,
+        space=args.space,
     )
     print(result.summary())
     return 0
@@ -118,7 +127,9 @@ def search_main(argv: Sequence[str] | None = None) -> int:
 
     p = _parser("search", doc.split("\n\n")[0])
     p.add_argument("--index", required=True, help="an `embed` output folder (the searched cohort)")
-    p.add_argument("--query", required=True, help="a manifest (embedded with the index's model) or an embed folder")
+    p.add_argument(
+        "--query", required=True, help="a manifest (embedded with the index's model, in its space) or an embed folder"
+    )
     p.add_argument("--modality", required=True, help="the queries' modality (a manifest column, or 'fused')")
     p.add_argument("--target", required=True, help="the index modality searched (a column, or 'fused')")
     p.add_argument("-k", type=int, default=10, help="neighbours per query")

@@ -6,8 +6,13 @@ rows (shard ``k`` holds rows ``[k * shard_size, (k + 1) * shard_size)``). Column
 ``embedding`` (the fused view: the mean of the latents over every present modality, ``list<float32>``),
 ``embedding_<modality>`` (that modality alone through the same backbone; **null** when the sample lacks it, never
 zeros) and the manifest's ``label_*`` columns (as text, for ``search --evaluate``). The Parquet schema metadata key
-``bioperceiver`` holds the model id (its folder), the config hash, the modalities, the embedding width, the shard's
-rows and its skip counts.
+``bioperceiver`` holds the model id (its folder), the config hash, the space, the modalities, the embedding width,
+the shard's rows and its skip counts.
+
+* **Space** (``space``): ``latent`` (default) is the backbone's pooled latents (``d_latents`` wide), the usual
+  features for a downstream model; ``projected`` passes them through the contrastive projection head the
+  pretraining run saved beside the backbone (``projection_head.safetensors``, ``projection_dim`` wide): the space
+  in which the loss aligned a patient's modalities, and the one to search across modalities in.
 
 * **Processes**: shard ``k`` belongs to process ``k % num_processes`` (``accelerate launch`` / ``torchrun`` set
   them; each process writes only its own shards, so no collective is needed and any process count resumes any
@@ -42,6 +47,8 @@ from .loading import LoadedModel, load_model_folder
 
 logger = logging.getLogger(__name__)
 
+SPACES = ("latent", "projected")
+"""Where ``embed`` takes its vectors: the backbone's latents, or after the contrastive projection head."""
 FUSED = "fused"
 """The name ``search`` uses for the fused embedding (column ``embedding``)."""
 EMBEDDING_COLUMN = "embedding"
@@ -123,10 +130,13 @@ def embedding_rows(
     num_workers: int = 0,
     report: SkipReport | None = None,
     progress: tqdm | None = None,
+    space: str = "latent",
 ) -> Iterator[dict[str, Any]]:
     """Embed ``records`` (manifest rows) with ``loaded``'s backbone: one dict per kept row with ``sample_id``,
     ``patient_id``, ``embedding`` (fused, ``float32`` array), ``embedding_<modality>`` (array or ``None`` when
-    absent) and the ``label_*`` cells as text. Skipped rows/modalities are counted into ``report``."""
+    absent) and the ``label_*`` cells as text, in ``space`` (:data:`SPACES`). Skipped rows/modalities are counted
+    into ``report``."""
+    head = projection_of(loaded, space)
     backbone = loaded.backbone
     device = next(backbone.parameters()).device
     names = list(backbone.modality_names)
@@ -148,8 +158,10 @@ def embedding_rows(
         inputs = {n: {k: v.to(device) for k, v in arrays.items()} for n, arrays in batch["inputs"].items()}
         with torch.inference_mode():
             out = backbone(inputs=inputs, return_modality_embeddings=True)
-        fused = out.pooler_output.float().cpu().numpy()  # (B, D)
-        per = out.modality_pooler_output.float().cpu().numpy()  # (B, K, D)
+            fused, per = out.pooler_output, out.modality_pooler_output  # (B, D), (B, K, D)
+            if head is not None:
+                fused, per = head(fused), head(per)
+        fused, per = fused.float().cpu().numpy(), per.float().cpu().numpy()
         present = out.modality_mask.cpu().numpy()  # (B, K)
         for i, sid in enumerate(batch["sample_id"]):
             record = by_id.get(sid, {})
@@ -161,6 +173,23 @@ def embedding_rows(
             yield row
     if report is not None:
         report.update(collator.report)
+
+
+def projection_of(loaded: LoadedModel, space: str):
+    """The head ``space`` needs: ``None`` for ``latent``, the saved projection head for ``projected`` (a
+    ``ValueError`` naming the folder and the fix when it has none)."""
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+    if space == "latent":
+        return None
+    if loaded.projection is None:
+        kind = "a finetuned model" if loaded.task is not None else "a backbone saved without its projection head"
+        raise ValueError(
+            f"--space projected needs the contrastive projection head, and {loaded.folder} is {kind} (no "
+            "projection_head.safetensors): pass a pretraining run's final/ folder saved with it (pretraining saves "
+            "it since 2026-12-04), or use --space latent"
+        )
+    return loaded.projection
 
 
 def rows_to_table(rows: list[dict[str, Any]], modalities: Sequence[str], label_columns: Sequence[str]) -> pa.Table:
@@ -198,6 +227,7 @@ def embed(
     process_index: int | None = None,
     num_processes: int | None = None,
     progress: bool = True,
+    space: str = "latent",
 ) -> EmbedResult:
     """Embed every row of ``manifest`` with the model saved in ``model`` (a pretraining ``final/`` folder or a
     finetuned folder: its backbone) into sharded Parquet in ``output_dir`` (see the module docstring).
@@ -210,6 +240,7 @@ def embed(
         process_index = index if process_index is None else process_index
         num_processes = count if num_processes is None else num_processes
     loaded = model if isinstance(model, LoadedModel) else load_model_folder(model, device=device)
+    head = projection_of(loaded, space)  # before any work: a missing head is an error, not a late surprise
     m = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
     used = list(loaded.modalities)
     if not set(used) & set(m.modalities):
@@ -225,8 +256,11 @@ def embed(
     common = {
         "model_id": loaded.model_id,
         "config_hash": loaded.config_hash,
+        "space": space,
         "modalities": used,
-        "embedding_dim": int(loaded.backbone.config.d_latents),
+        "embedding_dim": int(
+            loaded.backbone.config.d_latents if head is None else loaded.backbone.config.projection_dim
+        ),
         "num_shards": len(ranges),
         "shard_size": shard_size,
         "manifest": str(m.path) if m.path is not None else None,
@@ -238,11 +272,12 @@ def embed(
             stale.unlink()
         if path.exists():
             meta = _shard_metadata(path)
-            if (meta.get("config_hash"), meta.get("num_shards")) != (common["config_hash"], len(ranges)):
+            was = (meta.get("config_hash"), meta.get("num_shards"), meta.get("space", "latent"))
+            if was != (common["config_hash"], len(ranges), space):
                 raise ValueError(
-                    f"{path} was written by another model or shard layout (config hash {meta.get('config_hash')}, "
-                    f"{meta.get('num_shards')} shards; now {common['config_hash']}, {len(ranges)}): pass a new "
-                    "--output_dir, or the same model and --shard_size to resume"
+                    f"{path} was written by another model, shard layout or space (config hash {was[0]}, {was[1]} "
+                    f"shards, {was[2]}; now {common['config_hash']}, {len(ranges)}, {space}): pass a new "
+                    "--output_dir, or the same model, --shard_size and --space to resume"
                 )
             result.resumed.append(k)
             continue
@@ -270,6 +305,7 @@ def embed(
                 num_workers=num_workers,
                 report=report,
                 progress=bar,
+                space=space,
             )
         )
         table = rows_to_table(rows, used, labels)

@@ -31,7 +31,8 @@ _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "architectures
 class LoadedModel:
     """A model folder, loaded: ``model`` (eval mode, on ``device``), its fitted ``processor``, the ``modalities``
     it runs on (``{name: kind}``: for a finetuned model the ones it was finetuned with), the ``task`` of a
-    finetuned folder (``None`` for a backbone), and the ``folder``."""
+    finetuned folder (``None`` for a backbone), the ``folder``, and the contrastive ``projection`` head a pretraining
+    run saved beside its backbone (``None`` for a finetuned model or a backbone saved without one)."""
 
     model: Any
     processor: BioPerceiverProcessor
@@ -39,6 +40,7 @@ class LoadedModel:
     task: Task | None
     folder: Path
     info: dict[str, Any]
+    projection: Any = None
 
     @property
     def backbone(self):
@@ -96,16 +98,18 @@ def load_model_folder(
     device = torch.device(device) if device is not None else default_device()
     processor = BioPerceiverProcessor.from_pretrained(folder)
     info = json.loads((folder / RESULTS_FILE).read_text()) if (folder / RESULTS_FILE).exists() else {}
-    task = None
+    task, projection = None, None
     if is_finetuned_folder(folder):
         task = Task.load(folder)
         model = task.auto_model_class().from_pretrained(folder)
     else:
+        from ..layers.projection import load_projection_head
         from ..modeling_bioperceiver import BioPerceiverModel
 
         model = BioPerceiverModel.from_pretrained(folder)
+        projection = load_projection_head(folder, model.config, device)
     model = model.to(device).eval()
     backbone = getattr(model, model.base_model_prefix, model)
     used = info.get("modalities") or [m for m in processor.modalities if m in backbone.modality_names]
     modalities = {m: processor.modalities[m] for m in used}
-    return LoadedModel(model, processor, modalities, task, folder, info)
+    return LoadedModel(model, processor, modalities, task, folder, info, projection)

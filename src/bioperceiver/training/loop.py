@@ -73,6 +73,7 @@ from ..data.sampler import token_budget_chunks
 from ..data.shards import ShardedDataset, batch_to_device, check_cached_features
 from ..data.validate import ManifestError, check_manifest_before_work
 from ..factory import create_model
+from ..layers.projection import PROJECTION_HEAD_FILE, save_projection_head
 from .checkpointing import (
     RUN_CONFIG,
     atomic_dir,
@@ -827,6 +828,8 @@ def run_pretraining(
         compute = compute_facts(accelerator, step, totals, cfg, local_batch=local_batch, world_changes=world_changes)
         with atomic_dir(final) as tmp:  # all of final/ or none of it: a crash keeps the previous one
             unwrapped.model.save_pretrained(tmp, state_dict=backbone)
+            head = {k[len("projection.") :]: v for k, v in state_dict.items() if k.startswith("projection.")}
+            save_projection_head(head, tmp, unwrapped.model.config)  # embed --space projected: the trained space
             processor.save_pretrained(tmp)
             (tmp / RUN_CONFIG).write_text(run_config_yaml)
             try:
@@ -867,6 +870,7 @@ def _summary(out: Path, final: Path, ckpt_dir: Path, plots, trackers, project, l
         f"Pretraining finished. Run directory: {out.resolve()}",
         f"  backbone (AutoModel)   {final.resolve()}  (config.json + model.safetensors)",
         f"  processors             {final.resolve()}  (BioPerceiverProcessor.from_pretrained)",
+        f"  projection head        {(final / PROJECTION_HEAD_FILE).resolve()}  (embed --space projected)",
         f"  run config             {(final / RUN_CONFIG).resolve()}  (also in every checkpoint)",
         f"  held-out evaluation    {(out / 'eval_results.json').resolve()}",
         f"  step history           {(out / 'history.json').resolve()}",

@@ -20,6 +20,7 @@ from torch import nn
 from ..data.collator import select_rows
 from ..data.shards import batch_to_device
 from ..evaluation.bootstrap import Resampler
+from ..layers.projection import build_projection_head
 from ..losses import ClipLoss, MultiViewLoss, SigLipLoss, grad_cache_step, local_only, patient_index
 from ..modalities.registry import get_modality
 
@@ -42,8 +43,9 @@ class ContrastivePretrainer(nn.Module):
 
     Views: one per configured modality (``modality_pooler_output``, absent ones masked) plus, with
     ``fused_view=True``, the fused embedding of every present modality. A shared two-layer projection head maps
-    views to ``config.projection_dim`` before the loss. Only the backbone is saved with ``save_pretrained``; the
-    head and the loss's temperature live in the training state (checkpoints).
+    views to ``config.projection_dim`` before the loss. The backbone is saved with ``save_pretrained``, the head
+    beside it (``projection_head.safetensors``, :mod:`bioperceiver.layers.projection`: ``embed --space projected``);
+    the loss's temperature lives in the training state (checkpoints).
 
     Masked-subset views (``subset_views=K > 0``, ``multiview`` loss only): the training loss also sees, per sample
     having ``subset_modality``, ``K`` more views of that modality alone, each from a random subset of its tokens
@@ -70,9 +72,7 @@ class ContrastivePretrainer(nn.Module):
         cfg = model.config
         self.fused_view = fused_view
         self.view_names = [*cfg.modality_names, *(["fused"] if fused_view else [])]
-        self.projection = nn.Sequential(
-            nn.Linear(cfg.d_latents, cfg.d_latents), nn.GELU(), nn.Linear(cfg.d_latents, cfg.projection_dim)
-        )
+        self.projection = build_projection_head(cfg.d_latents, cfg.projection_dim)
         self.loss_name = loss
         self.loss_fn = build_loss(loss, self.view_names, **loss_kwargs)
         if leave_one_out < 0:
