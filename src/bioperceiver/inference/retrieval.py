@@ -5,7 +5,7 @@ cosine similarities. Queries are another modality's embeddings (``modality``) of
 with the index's model in the index's space) or of an ``embed`` output folder (in the same space). A query never
 retrieves samples of its own patient. Across modalities, search embeddings made with ``embed --space projected``:
 the space the pretraining loss aligned the modalities in (the ``latent`` vectors are aligned only through the
-head: on a SurvSet backbone, held-out expression <-> clinical R@1 0.046 latent vs 0.073 projected; RESULTS.md).
+head: over 15 SurvSet backbones, held-out expression <-> clinical R@1 0.073 latent vs 0.105 projected; RESULTS.md).
 
 Backends: FAISS (``faiss-cpu``, the ``search`` extra) when installed, exact matmul in numpy otherwise
 (``backend="exact"``). The default FAISS index is ``Flat`` (exhaustive inner product: the same neighbours as the

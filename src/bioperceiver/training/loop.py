@@ -829,7 +829,10 @@ def run_pretraining(
         with atomic_dir(final) as tmp:  # all of final/ or none of it: a crash keeps the previous one
             unwrapped.model.save_pretrained(tmp, state_dict=backbone)
             head = {k[len("projection.") :]: v for k, v in state_dict.items() if k.startswith("projection.")}
-            save_projection_head(head, tmp, unwrapped.model.config)  # embed --space projected: the trained space
+            try:  # embed --space projected: the trained space; a problem here must not lose the saved backbone
+                save_projection_head(head, tmp, unwrapped.model.config)
+            except Exception:
+                logger.exception("could not save the projection head in %s (embed --space projected refuses it)", final)
             processor.save_pretrained(tmp)
             (tmp / RUN_CONFIG).write_text(run_config_yaml)
             try:
