@@ -64,8 +64,8 @@ def embed_main(argv: Sequence[str] | None = None) -> int:
         choices=SPACES,
         default="latent",
         help="latent: the backbone's pooled latents (features for downstream models); projected: after the "
-        "contrastive projection head saved with a pretraining run's final/ (where the loss aligned the modalities: "
-        "use it to search across modalities)",
+        "contrastive projection head saved with a pretraining run's final/ (where the loss aligned the modalities "
+        "and the card measured retrieval; compare both for cross-modal search: benchmarks/retrieval_space.py)",
     )
     p.add_argument("--no_progress", action="store_true")
     _common(p, 32)

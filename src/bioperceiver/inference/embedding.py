@@ -12,7 +12,7 @@ the shard's rows and its skip counts.
 * **Space** (``space``): ``latent`` (default) is the backbone's pooled latents (``d_latents`` wide), the usual
   features for a downstream model; ``projected`` passes them through the contrastive projection head the
   pretraining run saved beside the backbone (``projection_head.safetensors``, ``projection_dim`` wide): the space
-  in which the loss aligned a patient's modalities, and the one to search across modalities in.
+  in which the loss aligned a patient's modalities (and the run's card measured retrieval).
 
 * **Processes**: shard ``k`` belongs to process ``k % num_processes`` (``accelerate launch`` / ``torchrun`` set
   them; each process writes only its own shards, so no collective is needed and any process count resumes any

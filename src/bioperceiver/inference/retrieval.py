@@ -3,9 +3,10 @@
 The index holds one modality's embeddings (``target``, or ``fused``) of a cohort, L2-normalised, so scores are
 cosine similarities. Queries are another modality's embeddings (``modality``) of new samples (a manifest, embedded
 with the index's model in the index's space) or of an ``embed`` output folder (in the same space). A query never
-retrieves samples of its own patient. Across modalities, search embeddings made with ``embed --space projected``:
-the space the pretraining loss aligned the modalities in (the ``latent`` vectors are aligned only through the
-head: over 15 SurvSet backbones, held-out expression <-> clinical R@1 0.073 latent vs 0.105 projected; RESULTS.md).
+retrieves samples of its own patient. Across modalities, ``embed --space projected`` gives the space the
+pretraining loss aligned the modalities in (the one its card's retrieval numbers are in); whether it retrieves
+better than the ``latent`` vectors depends on the backbone (15 SurvSet backbones: R@1 0.105 vs 0.073; the short
+demo run: no better; RESULTS.md): ``benchmarks/retrieval_space.py`` compares both on a held-out split.
 
 Backends: FAISS (``faiss-cpu``, the ``search`` extra) when installed, exact matmul in numpy otherwise
 (``backend="exact"``). The default FAISS index is ``Flat`` (exhaustive inner product: the same neighbours as the
