@@ -1082,6 +1082,19 @@ def _seed_parts() -> list[Part]:
     parts.append(
         Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=_backbone_parts(0), minutes=3, optional=True)
     )
+    # and the finetuned arms there (loss tie rule, the lr grid), the baselines read back from the run above
+    bp_run = "survival_cv_ext_labeff_tf0.25_val_tiesloss"
+    argv = _survival(
+        f"{W}/survset/{bp_run}",
+        f"{W}/survset/external_cohort",
+        *EXTERNAL_COHORTS,
+        pretrained=f"{W}/survset/pretrain_cvfolds/fold{{fold}}/final",
+        arms=FINETUNED_ARMS[:2],
+        extra=("--bp_lrs", *LR_GRID, *emb_extra, "--init_seed", "0", "--reuse_cache", f"{W}/survset/{run}"),
+    )
+    what = "the finetuned arms on the external cohorts at 25%, loss tie rule, evaluation only"
+    out = f"survset/{bp_run}/survival_cv.json"
+    parts.append(Part(bp_run, what, argv, out, needs=[run, *_backbone_parts(0)], minutes=20, optional=True))
     # held-out cross-modal retrieval of the 15 fold-wise backbones (pretraining seeds 0-2) in the latent space
     # `embed` wrote by default and in the projected space the loss aligned (their heads from the last checkpoints)
     folders = [

@@ -525,6 +525,11 @@ def test_the_embedding_cox_parts_sit_beside_the_tie_aware_runs_and_fit_their_pca
     assert ext[ext.index("--bp_arms") + 1 :][:4] == [*evidence.EMB_ARMS, "--pretrained_dir"]
     assert ext[ext.index("--pretrained_dir") + 1].endswith("survset/pretrain_cvfolds/fold{fold}/final")
     assert ext[ext.index("--baseline_ties") + 1] == "loss" and "--subsample_validation" in ext
+    bp = parts["survival_cv_ext_labeff_tf0.25_val_tiesloss"].argv  # the finetuned arms there, baselines read back
+    assert bp[bp.index("--cohorts") + 1 :][:6] == list(evidence.EXTERNAL_COHORTS)
+    assert bp[bp.index("--bp_arms") + 1 :][:3] == ["bp_random", "bp_pretrained", "--pretrained_dir"]
+    assert bp[bp.index("--bp_best_model_ties") + 1] == "loss" and bp[bp.index("--baseline_ties") + 1] == "loss"
+    assert bp[bp.index("--reuse_cache") + 1].endswith("survival_cv_ext_labeff_tf0.25_val_tiesloss_emb")
     from bioperceiver.data.recipes.survset import EXTERNAL_COHORTS
 
     assert evidence.EXTERNAL_COHORTS == EXTERNAL_COHORTS  # the recipe's evaluation-only cohorts, nothing else
