@@ -80,19 +80,12 @@ def paired_r1(views: dict[str, torch.Tensor], mask, a: int, b: int, patients, n_
     """Projected minus latent R@1 for the pair of views ``(a, b)`` over the same queries (both directions averaged
     per query), with a patient-level percentile bootstrap 95% interval."""
     from bioperceiver.evaluation.bootstrap import Resampler
+    from bioperceiver.training.pretraining import retrieval_hits
 
-    both = mask[:, a] & mask[:, b]
-    queries = torch.nonzero(both).squeeze(1)
     hits = {}
-    for space, v in views.items():
-        z = torch.nn.functional.normalize(v.float(), dim=-1)
-        h = torch.zeros(len(queries))
-        for x, y in ((a, b), (b, a)):
-            cand = torch.nonzero(mask[:, y]).squeeze(1)
-            sim = z[queries, x] @ z[cand, y].T
-            target = (cand[None, :] == queries[:, None]).float().argmax(1)
-            h += ((sim > sim.gather(1, target[:, None])).sum(1) < 1).float() / 2
-        hits[space] = h.double().numpy()
+    for space, v in views.items():  # the same queries in both spaces (the same mask)
+        queries, h = retrieval_hits(torch.nn.functional.normalize(v.float(), dim=-1), mask, a, b, ks=(1,))
+        hits[space] = h[1].double().numpy()
     diff = hits["projected"] - hits["latent"]
     groups = np.asarray(patients, dtype=object).astype(str)[queries.numpy()]
     weights = np.concatenate(list(Resampler(len(queries), n_boot, seed, groups).weights()))

@@ -378,15 +378,7 @@ def retrieval_metrics(
             both = mask[:, a] & mask[:, b]
             if int(both.sum()) < min_pairs:
                 continue
-            queries = torch.nonzero(both).squeeze(1)
-            hits = {k: torch.zeros(len(queries)) for k in ks}  # per query: hit rate over the two directions
-            for x, y in ((a, b), (b, a)):
-                cand = torch.nonzero(mask[:, y]).squeeze(1)
-                sim = z[queries, x] @ z[cand, y].T
-                target = (cand[None, :] == queries[:, None]).float().argmax(1)
-                rank = (sim > sim.gather(1, target[:, None])).sum(1)
-                for k in ks:
-                    hits[k] += (rank < k).float() / 2
+            queries, hits = retrieval_hits(z, mask, a, b, ks)
             key = f"{names[a]}-{names[b]}"
             for k in ks:
                 out[f"R@{k}/{key}"] = float(hits[k].mean())
@@ -403,6 +395,25 @@ def retrieval_metrics(
             for k in ks:  # a random ranking puts the own view in the top k with probability k / candidates
                 out[f"chance_R@{k}/{key}"] = chance_recall(k, int(mask[:, b].sum()), int(mask[:, a].sum()))
     return out
+
+
+def retrieval_hits(
+    z: torch.Tensor, mask: torch.Tensor, a: int, b: int, ks: tuple[int, ...] = (1, 5, 10)
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Per query of the views pair ``(a, b)`` (the samples having both): the hit rate at each ``k`` over the two
+    directions (0, 0.5 or 1: its own other view in the top ``k`` of the candidates having that view, ranked by
+    the dot product of the unit vectors ``z (N, V, D)``; a tie counts for the query). Returns ``(queries, {k:
+    hits})``."""
+    queries = torch.nonzero(mask[:, a] & mask[:, b]).squeeze(1)
+    hits = {k: torch.zeros(len(queries)) for k in ks}
+    for x, y in ((a, b), (b, a)):
+        cand = torch.nonzero(mask[:, y]).squeeze(1)
+        sim = z[queries, x] @ z[cand, y].T
+        target = (cand[None, :] == queries[:, None]).float().argmax(1)
+        rank = (sim > sim.gather(1, target[:, None])).sum(1)
+        for k in ks:
+            hits[k] += (rank < k).float() / 2
+    return queries, hits
 
 
 def chance_recall(k: int, candidates_b: int, candidates_a: int | None = None) -> float:
