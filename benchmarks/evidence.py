@@ -1152,6 +1152,24 @@ def _seed_parts() -> list[Part]:
     parts.append(
         _versus("versus_labeff_tf0.5_val_tiesloss", f"{half}_tiesloss", half, what, labels=("tiesloss", "first"))
     )
+    # the embedding-Cox arms beside the tie-aware 50% run, seed pair (0, 0) (everything else read back)
+    run = f"{half}_tiesloss_emb"
+    parts.append(
+        _finetuned(
+            run,
+            f"{half}_tiesloss_bl with the frozen expression embeddings as Cox features",
+            *half_extra,
+            "--baseline_ties",
+            "loss",
+            "--init_seed",
+            "0",
+            "--reuse_cache",
+            f"{W}/survset/{half}_tiesloss_bl",
+            needs=[f"{half}_tiesloss_bl", *_backbone_parts(0)],
+            minutes=4,
+            arms=(*FINETUNED_ARMS[:2], *EMB_ARMS),
+        )
+    )
     # which epoch every selected run kept under each rule (seed pairs (0, 0) and (0, 1)), and how often a rule kept
     # another epoch than the first-of-ties run
     argv = [PY, "benchmarks/kept_checkpoints.py", "--runs", *(f"{W}/survset/{r}" for r in ties_runs)]
