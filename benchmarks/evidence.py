@@ -1152,24 +1152,35 @@ def _seed_parts() -> list[Part]:
     parts.append(
         _versus("versus_labeff_tf0.5_val_tiesloss", f"{half}_tiesloss", half, what, labels=("tiesloss", "first"))
     )
-    # the embedding-Cox arms beside the tie-aware 50% run, seed pair (0, 0) (everything else read back)
-    run = f"{half}_tiesloss_emb"
-    parts.append(
-        _finetuned(
-            run,
-            f"{half}_tiesloss_bl with the frozen expression embeddings as Cox features",
-            *half_extra,
-            "--baseline_ties",
-            "loss",
-            "--init_seed",
-            "0",
-            "--reuse_cache",
-            f"{W}/survset/{half}_tiesloss_bl",
-            needs=[f"{half}_tiesloss_bl", *_backbone_parts(0)],
-            minutes=4,
-            arms=(*FINETUNED_ARMS[:2], *EMB_ARMS),
+    # the embedding-Cox arms beside the tie-aware 50% run, seed pair (0, 0) (everything else read back), then alone
+    # (no finetuned arms: those exist at 50% for (0, 0) only) for the other three seed pairs, and their spread
+    first = f"{half}_tiesloss_emb"
+    family = {}
+    for pre, init in SEED_PAIRS:
+        run = first + _pair_suffix(pre, init)
+        reuse = f"{half}_tiesloss_bl" if run == first else first
+        arms = (*FINETUNED_ARMS[:2], *EMB_ARMS) if run == first else EMB_ARMS
+        extra = half_extra if run == first else half_extra[:3]  # the tie rule only where networks are finetuned
+        parts.append(
+            _finetuned(
+                run,
+                f"{half}_tiesloss_bl with the frozen expression embeddings as Cox features, seed pair ({pre}, {init})",
+                *extra,
+                "--baseline_ties",
+                "loss",
+                "--init_seed",
+                str(init),
+                "--reuse_cache",
+                f"{W}/survset/{reuse}",
+                pre=pre,
+                needs=[reuse, *_backbone_parts(pre)],
+                minutes=4,
+                arms=arms,
+            )
         )
-    )
+        family[f"pre{pre}_init{init}"] = run
+    ensemble = ("--ensemble", "cox_clinical_emb_pretrained", "cox_clinical_emb_random")
+    parts.append(_spread("seed_spread_labeff_tf0.5_val_tiesloss_emb4", family, "the 4 runs combined", *ensemble))
     # which epoch every selected run kept under each rule (seed pairs (0, 0) and (0, 1)), and how often a rule kept
     # another epoch than the first-of-ties run
     argv = [PY, "benchmarks/kept_checkpoints.py", "--runs", *(f"{W}/survset/{r}" for r in ties_runs)]

@@ -481,10 +481,25 @@ def test_the_fair_baseline_tie_parts_refit_only_the_cox_baselines_beside_the_los
         assert ("--baseline_ties" in argv) == run.endswith("_bl")
         assert [a.rsplit("/", 1)[-1] for a in argv[argv.index("--reuse_cache") + 1 :]] == reuse
     assert _listed(parts["survset_versus_labeff_tf0.5_val_tiesloss"]) == [f"{half}_tiesloss", half]
-    emb = parts[f"{half}_tiesloss_emb"].argv  # the embedding-Cox arms beside the tie-aware 50% run
-    assert emb[emb.index("--bp_arms") + 1 :][:5] == ["bp_random", "bp_pretrained", *evidence.EMB_ARMS]
-    assert emb[emb.index("--train_fraction") + 1] == "0.5" and emb[emb.index("--baseline_ties") + 1] == "loss"
-    assert emb[emb.index("--reuse_cache") + 1].endswith(f"{half}_tiesloss_bl")
+    # the embedding-Cox arms beside the tie-aware 50% run (0, 0), then alone for the other seed pairs, and a spread
+    runs = []
+    for suffix, backbones, init in (
+        ("", "pretrain_cvfolds", "0"),
+        ("_init1", "pretrain_cvfolds", "1"),
+        ("_pre1", "pretrain_cvfolds_seed1", "1"),
+        ("_pre2", "pretrain_cvfolds_seed2", "2"),
+    ):
+        run = f"{half}_tiesloss_emb{suffix}"
+        emb = parts[run].argv
+        finetuned = ["bp_random", "bp_pretrained"] if not suffix else []
+        assert emb[emb.index("--bp_arms") + 1 :][: len(finetuned) + 3] == [*finetuned, *evidence.EMB_ARMS]
+        assert emb[emb.index("--train_fraction") + 1] == "0.5" and emb[emb.index("--baseline_ties") + 1] == "loss"
+        assert emb[emb.index("--init_seed") + 1] == init
+        assert emb[emb.index("--pretrained_dir") + 1].endswith(f"survset/{backbones}/fold{{fold}}/final")
+        reuse = emb[emb.index("--reuse_cache") + 1]
+        assert reuse.endswith(f"{half}_tiesloss_bl" if not suffix else f"{half}_tiesloss_emb")
+        runs.append(run)
+    assert _listed(parts["survset_seed_spread_labeff_tf0.5_val_tiesloss_emb4"]) == runs
     versus = parts["survset_versus_labeff_tf0.25_val_tiesloss_bl"]
     assert _listed(versus) == [runs[0], f"{plain}_tiesloss"]
     assert versus.argv[versus.argv.index("--versus") + 1 :] == ["cox_clinical_pcs", "cox_clinical"]
