@@ -482,7 +482,7 @@ def test_the_fair_baseline_tie_parts_refit_only_the_cox_baselines_beside_the_los
         assert [a.rsplit("/", 1)[-1] for a in argv[argv.index("--reuse_cache") + 1 :]] == reuse
     assert _listed(parts["survset_versus_labeff_tf0.5_val_tiesloss"]) == [f"{half}_tiesloss", half]
     # the embedding-Cox arms beside the tie-aware 50% run (0, 0), then alone for the other seed pairs, and a spread
-    runs = []
+    half_runs = []
     for suffix, backbones, init in (
         ("", "pretrain_cvfolds", "0"),
         ("_init1", "pretrain_cvfolds", "1"),
@@ -498,8 +498,8 @@ def test_the_fair_baseline_tie_parts_refit_only_the_cox_baselines_beside_the_los
         assert emb[emb.index("--pretrained_dir") + 1].endswith(f"survset/{backbones}/fold{{fold}}/final")
         reuse = emb[emb.index("--reuse_cache") + 1]
         assert reuse.endswith(f"{half}_tiesloss_bl" if not suffix else f"{half}_tiesloss_emb")
-        runs.append(run)
-    assert _listed(parts["survset_seed_spread_labeff_tf0.5_val_tiesloss_emb4"]) == runs
+        half_runs.append(run)
+    assert _listed(parts["survset_seed_spread_labeff_tf0.5_val_tiesloss_emb4"]) == half_runs
     versus = parts["survset_versus_labeff_tf0.25_val_tiesloss_bl"]
     assert _listed(versus) == [runs[0], f"{plain}_tiesloss"]
     assert versus.argv[versus.argv.index("--versus") + 1 :] == ["cox_clinical_pcs", "cox_clinical"]
