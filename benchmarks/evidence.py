@@ -1181,6 +1181,12 @@ def _seed_parts() -> list[Part]:
         family[f"pre{pre}_init{init}"] = run
     ensemble = ("--ensemble", "cox_clinical_emb_pretrained", "cox_clinical_emb_random")
     parts.append(_spread("seed_spread_labeff_tf0.5_val_tiesloss_emb4", family, "the 4 runs combined", *ensemble))
+    # each pretraining seed once ((0, 1) shares (0, 0)'s backbones): the ensembles over 3 distinct seeds, 50% and 25%
+    quarter = {f"pre{p}_init{i}": f"{plain}_tiesloss_emb{_pair_suffix(p, i)}" for p, i in SEED_PAIRS}
+    for frac, pairs_runs in (("0.5", family), ("0.25", quarter)):
+        distinct = {label: run for label, run in pairs_runs.items() if label != "pre0_init1"}
+        out = f"seed_spread_labeff_tf{frac}_val_tiesloss_emb3"
+        parts.append(_spread(out, distinct, "the 3 distinct pretraining seeds combined", *ensemble))
     # which epoch every selected run kept under each rule (seed pairs (0, 0) and (0, 1)), and how often a rule kept
     # another epoch than the first-of-ties run
     argv = [PY, "benchmarks/kept_checkpoints.py", "--runs", *(f"{W}/survset/{r}" for r in ties_runs)]

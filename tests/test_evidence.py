@@ -500,6 +500,10 @@ def test_the_fair_baseline_tie_parts_refit_only_the_cox_baselines_beside_the_los
         assert reuse.endswith(f"{half}_tiesloss_bl" if not suffix else f"{half}_tiesloss_emb")
         half_runs.append(run)
     assert _listed(parts["survset_seed_spread_labeff_tf0.5_val_tiesloss_emb4"]) == half_runs
+    quarter = [f"survival_cv_labeff_tf0.25_val_tiesloss_emb{s}" for s in ("", "_init1", "_pre1", "_pre2")]
+    for frac, family in (("0.5", half_runs), ("0.25", quarter)):
+        distinct = parts[f"survset_seed_spread_labeff_tf{frac}_val_tiesloss_emb3"]  # each pretraining seed once
+        assert _listed(distinct) == [family[0], *family[2:]] and "--ensemble" in distinct.argv
     versus = parts["survset_versus_labeff_tf0.25_val_tiesloss_bl"]
     assert _listed(versus) == [runs[0], f"{plain}_tiesloss"]
     assert versus.argv[versus.argv.index("--versus") + 1 :] == ["cox_clinical_pcs", "cox_clinical"]
