@@ -1037,8 +1037,8 @@ def _seed_parts() -> list[Part]:
     # beside the tie-aware runs of the four seed pairs (finetuned arms and baselines read back), then the same with
     # every label-free step (expression and embedding PCA) fitted on all non-test patients (--pca_rows non_test:
     # the unlabelled profiles the fold-wise backbones were pretrained on, given to the baselines too)
-    emb_extra = ("--train_fraction", "0.25", "--subsample_validation", "--bp_best_model_ties", "loss")
-    emb_extra += ("--baseline_ties", "loss")
+    quarter_val = ("--train_fraction", "0.25", "--subsample_validation")
+    emb_extra = (*quarter_val, "--bp_best_model_ties", "loss", "--baseline_ties", "loss")
     for tag, extra, source, text in (
         ("_emb", (), "_bl", "with the frozen expression embeddings as Cox features"),
         ("_emb_nt", ("--pca_rows", "non_test"), "_emb", "with every PCA fitted on all non-test patients"),
@@ -1076,7 +1076,7 @@ def _seed_parts() -> list[Part]:
         *EXTERNAL_COHORTS,
         pretrained=f"{W}/survset/pretrain_cvfolds/fold{{fold}}/final",
         arms=EMB_ARMS,
-        extra=(*emb_extra[:3], "--baseline_ties", "loss", "--init_seed", "0"),
+        extra=(*quarter_val, "--baseline_ties", "loss", "--init_seed", "0"),  # no network is finetuned
     )
     what = "the embedding-Cox arms and the tie-aware baselines on the external cohorts at 25%, evaluation only"
     parts.append(

@@ -14,6 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 evidence = load_script("benchmarks/evidence.py")
 
 
+# the label-efficiency runs' seed pairs as (folder suffix, fold-wise backbone folder, --init_seed), as evidence.py
+# names them (evidence.SEED_PAIRS)
+SEED_PAIR_RUNS = (
+    ("", "pretrain_cvfolds", "0"),
+    ("_init1", "pretrain_cvfolds", "1"),
+    ("_pre1", "pretrain_cvfolds_seed1", "1"),
+    ("_pre2", "pretrain_cvfolds_seed2", "2"),
+)
+
+
 def _writer(path: str, text: str = "{}") -> list[str]:
     return [
         "{python}",
@@ -338,12 +348,7 @@ def test_the_shrunk_validation_wide_and_deep_parts_read_the_baselines_back_from_
 def test_the_last_epoch_parts_repeat_the_shrunk_validation_runs_without_checkpoint_selection():
     parts = {p.name: p for p in evidence.PARTS}
     runs = []
-    for suffix, backbones, init in (
-        ("", "pretrain_cvfolds", "0"),
-        ("_init1", "pretrain_cvfolds", "1"),
-        ("_pre1", "pretrain_cvfolds_seed1", "1"),
-        ("_pre2", "pretrain_cvfolds_seed2", "2"),
-    ):
+    for suffix, backbones, init in SEED_PAIR_RUNS:
         run = f"survival_cv_labeff_tf0.25_val_last{suffix}"
         runs.append(run)
         argv = parts[run].argv
@@ -399,12 +404,7 @@ def test_the_tie_rule_parts_cover_three_seed_pairs_and_the_wide_and_deep_loss_ru
     first three (recorded first) and all four."""
     parts = {p.name: p for p in evidence.PARTS}
     plain = "survival_cv_labeff_tf0.25_val"
-    pairs = (
-        ("", "pretrain_cvfolds", "0"),
-        ("_init1", "pretrain_cvfolds", "1"),
-        ("_pre1", "pretrain_cvfolds_seed1", "1"),
-    )
-    pair4 = ("_pre2", "pretrain_cvfolds_seed2", "2")  # the loss rule only
+    pairs, pair4 = SEED_PAIR_RUNS[:3], SEED_PAIR_RUNS[3]  # the fourth: the loss rule only
     for rule in ("loss", "last"):
         runs = []
         for suffix, backbones, init in pairs + ((pair4,) if rule == "loss" else ()):
@@ -483,12 +483,7 @@ def test_the_fair_baseline_tie_parts_refit_only_the_cox_baselines_beside_the_los
     assert _listed(parts["survset_versus_labeff_tf0.5_val_tiesloss"]) == [f"{half}_tiesloss", half]
     # the embedding-Cox arms beside the tie-aware 50% run (0, 0), then alone for the other seed pairs, and a spread
     half_runs = []
-    for suffix, backbones, init in (
-        ("", "pretrain_cvfolds", "0"),
-        ("_init1", "pretrain_cvfolds", "1"),
-        ("_pre1", "pretrain_cvfolds_seed1", "1"),
-        ("_pre2", "pretrain_cvfolds_seed2", "2"),
-    ):
+    for suffix, backbones, init in SEED_PAIR_RUNS:
         run = f"{half}_tiesloss_emb{suffix}"
         emb = parts[run].argv
         finetuned = ["bp_random", "bp_pretrained"] if not suffix else []
@@ -516,8 +511,8 @@ def test_the_embedding_cox_parts_sit_beside_the_tie_aware_runs_and_fit_their_pca
     with a PCA."""
     parts = {p.name: p for p in evidence.PARTS}
     plain = "survival_cv_labeff_tf0.25_val"
-    pairs = (("", "pretrain_cvfolds", "0"), ("_init1", "pretrain_cvfolds", "1"))
-    pairs += (("_pre1", "pretrain_cvfolds_seed1", "1"), ("_pre2", "pretrain_cvfolds_seed2", "2"))
+    pairs = SEED_PAIR_RUNS
+    assert [(evidence._pair_suffix(p, i), str(i)) for p, i in evidence.SEED_PAIRS] == [(s, i) for s, _, i in pairs]
     for tag, source, nt in (("_emb", "_bl", False), ("_emb_nt", "_emb", True)):
         runs = []
         for suffix, backbones, init in pairs:
