@@ -34,19 +34,19 @@ def grads(module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("loss", "packed", "chunks"),
+    ("loss", "packed", "chunks", "extra"),
     [
-        ("clip", False, [[0, 3], [1, 2, 6], [4, 5]]),
-        ("siglip", True, [[6], [0, 1, 2, 3, 4, 5]]),
-        ("multiview", True, [[5, 1], [0], [6, 2, 4, 3]]),
+        ("clip", False, [[0, 3], [1, 2, 6], [4, 5]], {"leave_one_out": 0.5}),
+        ("siglip", True, [[6], [0, 1, 2, 3, 4, 5]], {}),
+        ("multiview", True, [[5, 1], [0], [6, 2, 4, 3]], {}),
+        # the decorrelation term is a batch statistic of the latents: it must see the whole batch, not each chunk
+        ("multiview", False, [[2, 6], [0, 1, 3], [5, 4]], {"decorrelation": 2.0}),
     ],
 )
-def test_grad_cached_pretrainer_step_equals_the_unchunked_step(loss, packed, chunks):
+def test_grad_cached_pretrainer_step_equals_the_unchunked_step(loss, packed, chunks, extra):
     config = tiny_config()
     torch.manual_seed(0)
-    trainer = ContrastivePretrainer(
-        bp.BioPerceiverModel(config).set_packed(packed), loss=loss, leave_one_out=0.5 if loss == "clip" else 0.0
-    )
+    trainer = ContrastivePretrainer(bp.BioPerceiverModel(config).set_packed(packed), loss=loss, **extra)
     batch = mixed_batch(config, 7, seed=6)
     pid = [f"p{i % 5}" for i in range(7)]  # samples 0/5 and 1/6: one patient each
     ref = trainer(batch, pid)

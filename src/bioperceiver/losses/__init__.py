@@ -6,6 +6,7 @@ optional integer patient ids (:func:`patient_index` maps id strings to ids that 
 """
 
 from .clip import ClipLoss, LearnableTemperature
+from .decorrelation import decorrelation_loss
 from .distributed import gather_no_grad, gather_with_grad, local_only, patient_index, world
 from .grad_cache import grad_cache_step
 from .multiview import MultiViewLoss
@@ -29,6 +30,7 @@ __all__ = [
     "MultiViewLoss",
     "SigLipLoss",
     "cox_ph_loss",
+    "decorrelation_loss",
     "discrete_time_nll",
     "discretize",
     "gather_no_grad",

@@ -153,6 +153,12 @@ class LossConfig:
     ``subset_views``: any kind with a per-token keep-mask (omics, tabular, text, signal)."""
     subset_fraction: float = 0.5
     """Share of a sample's tokens kept in each subset view (at least one token), in (0, 1)."""
+    decorrelation: float = 0.0
+    """Weight of a redundancy-reduction term on the latent views (before the projection head, i.e. what ``embed``
+    returns): the mean squared off-diagonal correlation of each view's dimensions over the batch
+    (:func:`bioperceiver.losses.decorrelation_loss`; Barlow Twins' / VICReg's covariance term, scale-free), against
+    dimensional collapse. Logged as ``loss_decorrelation``; computed per process; the held-out ``eval_loss`` leaves it
+    out. 0 (default): off, the step is exactly as without it."""
 
     def __post_init__(self) -> None:
         if self.subset_views < 0:
@@ -163,6 +169,8 @@ class LossConfig:
             raise RunConfigError(
                 f"loss.subset_fraction: the share of tokens kept, in (0, 1); got {self.subset_fraction}"
             )
+        if not self.decorrelation >= 0:
+            raise RunConfigError(f"loss.decorrelation: a loss weight >= 0 (0 turns it off), got {self.decorrelation}")
 
     def check_run(self) -> None:
         """Checks of the loss section as a whole, at run start (a config file stays loadable with any

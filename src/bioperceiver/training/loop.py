@@ -588,6 +588,7 @@ def run_pretraining(
         loss=cfg.loss.name,
         fused_view=cfg.loss.fused_view,
         leave_one_out=cfg.loss.leave_one_out,
+        decorrelation=cfg.loss.decorrelation,
         **cfg.loss.subset_kwargs(),
         **cfg.loss.loss_kwargs(),
     )

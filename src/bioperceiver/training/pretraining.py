@@ -21,7 +21,15 @@ from ..data.collator import select_rows
 from ..data.shards import batch_to_device
 from ..evaluation.bootstrap import Resampler
 from ..layers.projection import build_projection_head
-from ..losses import ClipLoss, MultiViewLoss, SigLipLoss, grad_cache_step, local_only, patient_index
+from ..losses import (
+    ClipLoss,
+    MultiViewLoss,
+    SigLipLoss,
+    decorrelation_loss,
+    grad_cache_step,
+    local_only,
+    patient_index,
+)
 from ..modalities.registry import get_modality
 
 logger = logging.getLogger(__name__)
@@ -54,6 +62,12 @@ class ContrastivePretrainer(nn.Module):
     of one expression profile are positives, next to the modality <-> modality pairs. They are appended after the
     ``view_names`` views of :meth:`embed_views`; :meth:`views` (held-out evaluation) leaves them out. ``K = 0`` (the
     default) leaves the step exactly as without the option.
+
+    ``decorrelation=w > 0`` adds ``w x`` :func:`~bioperceiver.losses.decorrelation_loss` of the **latent** views
+    (before the projection head: what ``embed`` returns and downstream models use; the subset views too) to the
+    training loss, logged as ``loss_decorrelation``: the dimensions of each view are pushed apart over the batch
+    (against dimensional collapse). The held-out ``eval_loss`` stays the contrastive loss alone. ``0`` (the default)
+    leaves the step exactly as without it.
     """
 
     def __init__(
@@ -65,6 +79,7 @@ class ContrastivePretrainer(nn.Module):
         subset_views: int = 0,
         subset_modality: str | None = None,
         subset_fraction: float = 0.5,
+        decorrelation: float = 0.0,
         **loss_kwargs,
     ):
         super().__init__()
@@ -83,6 +98,9 @@ class ContrastivePretrainer(nn.Module):
         self.subset_views = int(subset_views)
         self.subset_modality = subset_modality
         self.subset_fraction = float(subset_fraction)
+        if not decorrelation >= 0:
+            raise ValueError(f"decorrelation is a loss weight and must be >= 0, got {decorrelation}")
+        self.decorrelation = float(decorrelation)
         if self.subset_views < 0:
             raise ValueError(f"subset_views is a number of extra views and must be >= 0, got {subset_views}")
         if self.subset_views:
@@ -102,11 +120,15 @@ class ContrastivePretrainer(nn.Module):
     def _encode(self, inputs: dict[str, Any]):
         return self.model(inputs=inputs, return_modality_embeddings=True, return_leave_one_out=bool(self.loo_loss_fn))
 
-    def _views_from(self, out) -> tuple[torch.Tensor, torch.Tensor]:
+    def _latent_views(self, out) -> tuple[torch.Tensor, torch.Tensor]:
         views, mask = out.modality_pooler_output, out.modality_mask.bool()
         if self.fused_view:
             views = torch.cat([views, out.pooler_output[:, None]], dim=1)
             mask = torch.cat([mask, mask.any(dim=1, keepdim=True)], dim=1)
+        return views, mask
+
+    def _views_from(self, out) -> tuple[torch.Tensor, torch.Tensor]:
+        views, mask = self._latent_views(out)
         return self.projection(views), mask
 
     def views(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,11 +145,15 @@ class ContrastivePretrainer(nn.Module):
         ``mask (B, V)``; with leave-one-out also ``rest (B, K, P)`` (projected fused view of the other modalities)
         and ``rest_mask (B, K)``. Gradient caching embeds a batch in chunks through this."""
         out = self._encode(inputs)
-        views, mask = self._views_from(out)
+        latents, mask = self._latent_views(out)
+        views = self.projection(latents)
         if self.subset_views:
-            extra, extra_mask = self.subset_views_of(inputs)
+            extra, extra_mask, extra_latents = self._subset_views(inputs)
             views, mask = torch.cat([views, extra], dim=1), torch.cat([mask, extra_mask], dim=1)
+            latents = torch.cat([latents, extra_latents], dim=1)
         emb = {"views": views, "mask": mask}
+        if self.decorrelation:
+            emb["latents"] = latents  # (B, V, D), before the head: what the decorrelation term sees
         if self.loo_loss_fn is not None:
             emb["rest"] = self.projection(out.leave_one_out_pooler_output)  # (B, K, P)
             emb["rest_mask"] = out.leave_one_out_mask.bool()
@@ -147,15 +173,24 @@ class ContrastivePretrainer(nn.Module):
     def subset_views_of(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected masked-subset views ``(B, K, P)`` of ``subset_modality`` and their mask ``(B, K)`` (samples
         having the modality): the ``K`` subsets of all those samples go through the backbone in one call."""
+        views, mask, _ = self._subset_views(inputs)
+        return views, mask
+
+    def _subset_views(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`subset_views_of`'s views and mask, and the same views before the head ``(B, K, D)`` (zeros where
+        absent, as the projected ones)."""
         name = self.subset_modality
         arrays = inputs.get(name)
         first = next(v for v in inputs.values() if v is not None)
         b = next(iter(first.values())).shape[0]
-        p = self.model.config.projection_dim
+        p, d = self.model.config.projection_dim, self.model.config.d_latents
         device = next(self.projection.parameters()).device
+        k = self.subset_views
         if arrays is None:
-            return torch.zeros(b, self.subset_views, p, device=device), torch.zeros(
-                b, self.subset_views, dtype=torch.bool, device=device
+            return (
+                torch.zeros(b, k, p, device=device),
+                torch.zeros(b, k, dtype=torch.bool, device=device),
+                torch.zeros(b, k, d, device=device),
             )
         key = get_modality(self.model.config.modalities[name]["kind"]).mask_key
         if key not in arrays or arrays[key].dim() != 2:
@@ -166,18 +201,19 @@ class ContrastivePretrainer(nn.Module):
             )
         keep = arrays[key].bool()  # (B, N)
         rows = keep.any(dim=1).nonzero().flatten()
-        mask = torch.zeros(b, self.subset_views, dtype=torch.bool, device=keep.device)
+        mask = torch.zeros(b, k, dtype=torch.bool, device=keep.device)
         if rows.numel() == 0:
-            return torch.zeros(b, self.subset_views, p, device=device), mask
-        k = self.subset_views
+            return torch.zeros(b, k, p, device=device), mask, torch.zeros(b, k, d, device=device)
         masks = self.subset_masks(keep[rows])  # (K, b_m, N)
         sub = {a: torch.cat([v[rows]] * k) for a, v in arrays.items() if a != key}
         sub[key] = masks.reshape(-1, keep.shape[1]).to(arrays[key].dtype)
         pooled = self.model(inputs={name: sub}).pooler_output  # (K * b_m, D)
         proj = self.projection(pooled).reshape(k, rows.numel(), -1).transpose(0, 1)  # (b_m, K, P)
         views = proj.new_zeros(b, k, proj.shape[-1]).index_put((rows,), proj)
+        pooled = pooled.reshape(k, rows.numel(), -1).transpose(0, 1)  # (b_m, K, D)
+        latents = pooled.new_zeros(b, k, pooled.shape[-1]).index_put((rows,), pooled)
         mask[rows] = True
-        return views, mask
+        return views, mask, latents
 
     def loss_from(self, emb: dict[str, torch.Tensor], pid: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The contrastive loss (plus the weighted leave-one-out term) of :meth:`embed_views`' output."""
@@ -188,6 +224,10 @@ class ContrastivePretrainer(nn.Module):
             loo = self.leave_one_out_loss(views, emb["rest"], emb["rest_mask"], pid)
             result.update(loo)
             result["loss"] = result["loss"] + self.leave_one_out * loo["loss_loo"]
+        if self.decorrelation:
+            decor = decorrelation_loss(emb["latents"], mask)
+            result["loss_decorrelation"] = decor.detach()
+            result["loss"] = result["loss"] + self.decorrelation * decor
         return result
 
     def grad_cached_step(
