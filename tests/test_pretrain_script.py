@@ -395,3 +395,75 @@ def test_retrieval_space_benchmark_reproduces_the_run_and_restores_an_older_runs
     restored = json.loads((tmp_path / "o" / "retrieval_space.json").read_text())["runs"][0]
     assert restored["head"] == "last checkpoint" and not (old / "final" / "projection_head.safetensors").exists()
     assert restored["pairs"] == {**new["pairs"]}  # the same head, the same numbers
+
+
+def test_decorrelation_run_logs_its_term_and_the_spectrum_benchmark_pairs_it_with_the_plain_run(run_config, tmp_path):
+    """``loss.decorrelation`` end to end (a launch with the override), then benchmarks/embedding_spectrum.py on the
+    plain and the decorrelated run: its numbers are the held-out latents' spectra (recomputed here from ``embed``) and
+    the runs' own recorded R@1, and each difference is decorrelated minus plain."""
+    import numpy as np
+    from script_loader import load_script
+
+    from bioperceiver.data import assign_splits, read_manifest
+    from bioperceiver.inference.embedding import embed, embedding_column, read_embeddings
+    from bioperceiver.inference.loading import load_model_folder
+    from bioperceiver.training import load_run_config
+
+    plain, decor = run_config / "full", run_config / "decor"
+    if not (plain / "final").is_dir():
+        assert launch(run_config / "run.yaml", f"output_dir={plain}").returncode == 0
+    res = launch(run_config / "run.yaml", f"output_dir={decor}", "loss.decorrelation=2.0")
+    assert res.returncode == 0, res.stderr[-3000:]
+    logged = [h["loss_decorrelation"] for h in json.loads((decor / "history.json").read_text()) if "loss" in h]
+    assert logged and all(0 < v < 1 for v in logged)
+    assert not any("loss_decorrelation" in h for h in json.loads((plain / "history.json").read_text()))
+    assert load_run_config(decor / "final" / "run_config.yaml").loss.decorrelation == 2.0
+
+    bench = load_script("benchmarks/embedding_spectrum.py", "embedding_spectrum_for_tests")
+    out = tmp_path / "spectrum"
+    bench.main(["--group", "plain", str(plain), "--group", "decor", str(decor), "--output_dir", str(out)])
+    result = json.loads((out / "embedding_spectrum.json").read_text())
+    assert (out / "embedding_spectrum.md").read_text().startswith("| metric | plain | decor |")
+    runs = {g: rs[0] for g, rs in result["groups"].items()}
+    assert runs["decor"]["decorrelation"] == 2.0 and runs["plain"]["decorrelation"] == 0.0
+    cfg = load_run_config(decor / "final" / "run_config.yaml")
+    held_out = assign_splits(read_manifest(cfg.data.manifest)).split(cfg.eval.split)
+    embed(load_model_folder(decor / "final"), held_out, tmp_path / "emb", batch_size=4, progress=False)
+    frame, _ = read_embeddings(tmp_path / "emb")
+    for view, stats in runs["decor"]["views"].items():
+        x = np.stack([np.asarray(c) for c in frame[embedding_column(view)] if c is not None])
+        s = np.linalg.svd(x - x.mean(0), compute_uv=False)
+        p = s / s.sum()
+        assert stats["effective_rank"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-4)
+        corr = np.corrcoef(x, rowvar=False)
+        off = corr[~np.eye(len(corr), dtype=bool)]
+        assert stats["mean_sq_offdiag_corr"] == pytest.approx(float(np.mean(off**2)), rel=1e-4)
+    recorded = json.loads((decor / "eval_results.json").read_text())
+    for pair, rec in runs["decor"]["retrieval"].items():
+        assert rec["R@1"] == recorded[f"R@1/{pair}"]
+    for row in result["summary"].values():
+        assert row["decor"]["difference"] == pytest.approx(row["decor"]["mean"] - row["plain"]["mean"], abs=1e-12)
+    with pytest.raises(SystemExit, match="same number of runs"):
+        bench.main(["--group", "a", str(plain), str(decor), "--group", "b", str(decor), "--output_dir", str(out)])
+
+
+def test_effective_rank_counts_equal_directions():
+    import numpy as np
+    from script_loader import load_script
+
+    bench = load_script("benchmarks/embedding_spectrum.py", "embedding_spectrum_for_tests")
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(50, 20))
+    q, _ = np.linalg.qr(g - g.mean(0))  # orthonormal columns with zero mean
+    v, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    for k in (1, 3, 8):
+        x = q[:, :k] @ np.diag(np.full(k, 5.0)) @ v[:k] + 2.0  # k equal singular values, shifted
+        assert bench.effective_rank(x) == pytest.approx(k, rel=1e-6)
+    # standardising undoes unequal scales of uncorrelated dimensions; the correlations stay 0
+    x = q[:, :4] * np.array([100.0, 1.0, 0.01, 3.0]) * np.sqrt(50)
+    stats = bench.spectrum_stats(x)
+    assert stats["effective_rank"] < 2.0
+    assert stats["effective_rank_standardised"] == pytest.approx(4.0, rel=1e-3)
+    assert stats["mean_sq_offdiag_corr"] == pytest.approx(0.0, abs=1e-6)
+    constant = np.column_stack([x, np.ones(50)])
+    assert bench.spectrum_stats(constant)["constant_dims"] == 1
