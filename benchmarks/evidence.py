@@ -1215,6 +1215,141 @@ def _seed_parts() -> list[Part]:
     return parts
 
 
+DECOR_PROBE = ("1", "10")  # loss.decorrelation weights tried on fold 0 (seed 0), chosen on its pretraining split
+DECOR = "1"  # the weight chosen there (held-out contrastive loss and R@1; no survival label seen)
+
+
+def _decor_backbones(s: int) -> str:
+    return f"pretrain_cvfolds_decor{DECOR}_seed{s}"
+
+
+def _decorrelation_parts() -> list[Part]:
+    """Optional: ``loss.decorrelation`` on SurvSet (``benchmarks/RESULTS.md``, fifteenth session). The weight is
+    chosen among ``DECOR_PROBE`` on fold 0's pretraining validation split (``embedding_spectrum.py``: no survival
+    label); then the fold-wise backbones of pretraining seeds 0-2 with it, their held-out spectra against the plain
+    backbones, the embedding-Cox arms at 25% and 50% for seed pairs (0, 0), (1, 1), (2, 2) (the plain runs' caches
+    give the baselines and the random embeddings), each paired with the plain backbone's run, and the 3 seeds
+    combined (~45 min on 2 cores)."""
+    fold0 = [f"data.manifest={W}/survset/dev_cohort/manifest_cvfold0.parquet", "seed=0"]
+    parts = [
+        Part(
+            f"survset_decor_probe_w{w}",
+            f"survset_pretrain_fold0 with loss.decorrelation={w}",
+            _pretrain(
+                "pretrain/configs/survset_omics.yaml",
+                f"{W}/survset/decor_probe/w{w}_fold0",
+                *fold0,
+                f"loss.decorrelation={w}",
+            ),
+            f"survset/decor_probe/w{w}_fold0/final/config.json",
+            needs=["survset_fold_manifests"],
+            minutes=3,
+            optional=True,
+        )
+        for w in DECOR_PROBE
+    ]
+    probe = [PY, "benchmarks/embedding_spectrum.py", "--group", "plain", f"{W}/survset/pretrain_cvfolds/fold0"]
+    for w in DECOR_PROBE:
+        probe += ["--group", f"w{w}", f"{W}/survset/decor_probe/w{w}_fold0"]
+    parts.append(
+        Part(
+            "survset_decor_probe_spectrum",
+            "the probe weights' held-out spectra, contrastive loss and R@1 on fold 0's pretraining split (the choice)",
+            [*probe, "--output_dir", f"{W}/survset/decor_probe/spectrum"],
+            "survset/decor_probe/spectrum/embedding_spectrum.json",
+            needs=[*(f"survset_decor_probe_w{w}" for w in DECOR_PROBE), *_backbone_parts(0)],
+            minutes=0.5,
+            optional=True,
+        )
+    )
+    for s in range(3):
+        parts += [
+            Part(
+                f"survset_pretrain_decor_seed{s}_fold{k}",
+                f"survset_pretrain_fold{k} with seed={s} and loss.decorrelation={DECOR}",
+                _pretrain(
+                    "pretrain/configs/survset_omics.yaml",
+                    f"{W}/survset/{_decor_backbones(s)}/fold{k}",
+                    f"data.manifest={W}/survset/dev_cohort/manifest_cvfold{k}.parquet",
+                    f"seed={s}",
+                    f"loss.decorrelation={DECOR}",
+                ),
+                f"survset/{_decor_backbones(s)}/fold{k}/final/config.json",
+                needs=["survset_fold_manifests"],
+                minutes=2.5,
+                optional=True,
+            )
+            for k in range(5)
+        ]
+    spectrum = [PY, "benchmarks/embedding_spectrum.py"]
+    for group, folder in (
+        ("plain", lambda s: "pretrain_cvfolds" + (f"_seed{s}" if s else "")),
+        ("decor", _decor_backbones),
+    ):
+        spectrum += ["--group", group, *(f"{W}/survset/{folder(s)}/fold{k}" for s in range(3) for k in range(5))]
+    parts.append(
+        Part(
+            "survset_decor_spectrum",
+            "held-out spectra and R@1 of the 15 decorrelated fold-wise backbones against the plain ones",
+            [*spectrum, "--output_dir", f"{W}/survset/decor_spectrum"],
+            "survset/decor_spectrum/embedding_spectrum.json",
+            needs=[f"survset_pretrain_decor_seed{s}_fold{k}" for s in range(3) for k in range(5)]
+            + [p for s in range(3) for p in _backbone_parts(s)],
+            minutes=1,
+            optional=True,
+        )
+    )
+    ensemble = ("--ensemble", "cox_clinical_emb_pretrained", "cox_clinical_emb_random")
+    for frac in ("0.25", "0.5"):
+        plain = f"survival_cv_labeff_tf{frac}_val_tiesloss_emb"
+        family = {}
+        for pre, init in ((0, 0), (1, 1), (2, 2)):
+            base = plain + _pair_suffix(pre, init)
+            run = f"{plain}_decor{DECOR}" + _pair_suffix(pre, init)
+            argv = _survival(
+                f"{W}/survset/{run}",
+                f"{W}/survset/cv_cohort",
+                pretrained=f"{W}/survset/{_decor_backbones(pre)}/fold{{fold}}/final",
+                arms=EMB_ARMS,
+                extra=(
+                    "--train_fraction",
+                    frac,
+                    "--subsample_validation",
+                    "--baseline_ties",
+                    "loss",
+                    "--init_seed",
+                    str(init),
+                    "--reuse_cache",
+                    f"{W}/survset/{base}",
+                ),
+            )
+            parts.append(
+                Part(
+                    run,
+                    f"{base} on the decorrelated backbones of seed {pre}: the embedding-Cox arms",
+                    argv,
+                    f"survset/{run}/survival_cv.json",
+                    needs=[base, *(f"survset_pretrain_decor_seed{pre}_fold{k}" for k in range(5))],
+                    minutes=3,
+                    optional=True,
+                )
+            )
+            parts.append(
+                _spread(
+                    f"versus_labeff_tf{frac}_decor{DECOR}{_pair_suffix(pre, init)}",
+                    {"decor": run, "plain": base},
+                    "decorrelated - plain backbones, the same seeds, paired on the same test patients",
+                    "--versus",
+                    "cox_clinical_emb_pretrained",
+                    "cox_clinical_pcs_emb_pretrained",
+                )
+            )
+            family[f"pre{pre}_init{init}"] = run
+        out = f"seed_spread_labeff_tf{frac}_val_tiesloss_emb_decor{DECOR}_3"
+        parts.append(_spread(out, family, "the 3 decorrelated pretraining seeds combined", *ensemble))
+    return parts
+
+
 # In run order. Minutes as measured on the shared 2-core VM on 2026-12-03 with other jobs running (load 4-8): about
 # 2.5 h in all there; on idle cores the parts ran about twice as fast.
 PARTS: list[Part] = [
@@ -1372,6 +1507,7 @@ PARTS: list[Part] = [
         minutes=45,
     ),
     *_seed_parts(),
+    *_decorrelation_parts(),
 ]
 
 

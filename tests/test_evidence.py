@@ -573,3 +573,58 @@ def test_the_fold_manifests_need_only_the_pretraining_cohort():
     part = next(p for p in evidence.PARTS if p.name == "survset_fold_manifests")
     assert part.needs == ["survset_cohort"] and "--write_fold_manifests" in part.argv
     assert part.argv[part.argv.index("--data_dir") + 1].endswith("survset/cv_cohort")
+
+
+def test_the_decorrelation_parts_choose_the_weight_without_labels_and_pair_each_seed_with_its_plain_run():
+    """loss.decorrelation: the probe weights pretrain fold 0 (seed 0) and are compared on its pretraining split
+    only; the chosen weight's 15 fold-wise backbones (seeds 0-2, each fold's own manifest); their spectra against
+    the plain ones, paired fold by fold; the embedding-Cox arms at 25% and 50% for seed pairs (0, 0), (1, 1), (2, 2),
+    each reading the baselines and random embeddings back from the plain run of the same pair and compared with it;
+    the 3 seeds combined."""
+    parts = {p.name: p for p in evidence.PARTS}
+    assert evidence.DECOR in evidence.DECOR_PROBE
+    for w in evidence.DECOR_PROBE:
+        argv = parts[f"survset_decor_probe_w{w}"].argv
+        assert f"loss.decorrelation={w}" in argv and "seed=0" in argv
+        assert any(a.endswith("manifest_cvfold0.parquet") for a in argv)
+    probe = parts["survset_decor_probe_spectrum"].argv
+    assert "survival_cv.py" not in " ".join(probe) and probe[1] == "benchmarks/embedding_spectrum.py"
+    backbones = [(suffix, folder, init) for suffix, folder, init in SEED_PAIR_RUNS if suffix != "_init1"]
+    for s, (_, _, init) in enumerate(backbones):
+        assert str(s) == init
+        for k in range(5):
+            argv = parts[f"survset_pretrain_decor_seed{s}_fold{k}"].argv
+            assert f"seed={s}" in argv and f"loss.decorrelation={evidence.DECOR}" in argv
+            assert any(a.endswith(f"dev_cohort/manifest_cvfold{k}.parquet") for a in argv)  # never fold k's test
+    spectrum = parts["survset_decor_spectrum"].argv
+    groups = [i for i, a in enumerate(spectrum) if a == "--group"]
+    plain_runs, decor_runs = (
+        spectrum[groups[0] + 2 : groups[1]],
+        spectrum[groups[1] + 2 : spectrum.index("--output_dir")],
+    )
+    assert [r.split("/")[-2:] for r in plain_runs] == [[b, f"fold{k}"] for _, b, _ in backbones for k in range(5)]
+    assert [r.split("/")[-1] for r in decor_runs] == [r.split("/")[-1] for r in plain_runs]  # paired by fold
+    assert all(f"pretrain_cvfolds_decor{evidence.DECOR}_seed" in r for r in decor_runs)
+    for frac in ("0.25", "0.5"):
+        plain = f"survival_cv_labeff_tf{frac}_val_tiesloss_emb"
+        runs = []
+        for s, (suffix, _, init) in enumerate(backbones):
+            run = f"{plain}_decor{evidence.DECOR}{suffix}"
+            argv = parts[run].argv
+            assert argv[argv.index("--bp_arms") + 1 :][:4] == [*evidence.EMB_ARMS, "--pretrained_dir"]
+            assert argv[argv.index("--pretrained_dir") + 1].endswith(
+                f"pretrain_cvfolds_decor{evidence.DECOR}_seed{s}/fold{{fold}}/final"
+            )
+            assert argv[argv.index("--train_fraction") + 1] == frac and "--subsample_validation" in argv
+            assert argv[argv.index("--baseline_ties") + 1] == "loss" and argv[argv.index("--init_seed") + 1] == init
+            assert argv[argv.index("--reuse_cache") + 1].endswith(f"survset/{plain}{suffix}")
+            assert "--cohorts" not in argv  # the development cohorts, never the external ones
+            versus = parts[f"survset_versus_labeff_tf{frac}_decor{evidence.DECOR}{suffix}"]
+            assert _listed(versus) == [run, plain + suffix]
+            assert versus.argv[versus.argv.index("--versus") + 1 :] == [
+                "cox_clinical_emb_pretrained",
+                "cox_clinical_pcs_emb_pretrained",
+            ]
+            runs.append(run)
+        spread = parts[f"survset_seed_spread_labeff_tf{frac}_val_tiesloss_emb_decor{evidence.DECOR}_3"]
+        assert _listed(spread) == runs and "--ensemble" in spread.argv
