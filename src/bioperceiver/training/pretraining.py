@@ -216,7 +216,8 @@ class ContrastivePretrainer(nn.Module):
         return views, mask, latents
 
     def loss_from(self, emb: dict[str, torch.Tensor], pid: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """The contrastive loss (plus the weighted leave-one-out term) of :meth:`embed_views`' output."""
+        """The contrastive loss (plus the weighted leave-one-out and decorrelation terms) of :meth:`embed_views`'
+        output."""
         views, mask = emb["views"], emb["mask"]
         result = self.loss_fn(views, mask, pid)
         result["num_views"] = mask.sum().detach()
