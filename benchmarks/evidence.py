@@ -1347,6 +1347,53 @@ def _decorrelation_parts() -> list[Part]:
             family[f"pre{pre}_init{init}"] = run
         out = f"seed_spread_labeff_tf{frac}_val_tiesloss_emb_decor{DECOR}_3"
         parts.append(_spread(out, family, "the 3 decorrelated pretraining seeds combined", *ensemble))
+    # secondary: the finetuned network at 25% on the decorrelated backbones (random init and baselines read back)
+    plain = "survival_cv_labeff_tf0.25_val_tiesloss_emb"
+    family = {}
+    for pre, init in ((0, 0), (1, 1), (2, 2)):
+        suffix = _pair_suffix(pre, init)
+        run = f"survival_cv_labeff_tf0.25_val_tiesloss_decor{DECOR}{suffix}"
+        reuse = (plain + suffix, f"{plain}_decor{DECOR}{suffix}")
+        argv = _survival(
+            f"{W}/survset/{run}",
+            f"{W}/survset/cv_cohort",
+            pretrained=f"{W}/survset/{_decor_backbones(pre)}/fold{{fold}}/final",
+            arms=FINETUNED_ARMS[:2],
+            extra=(
+                "--bp_lrs",
+                *LR_GRID,
+                "--train_fraction",
+                "0.25",
+                "--subsample_validation",
+                "--bp_best_model_ties",
+                "loss",
+                "--baseline_ties",
+                "loss",
+                "--init_seed",
+                str(init),
+                "--reuse_cache",
+                *(f"{W}/survset/{r}" for r in reuse),
+            ),
+        )
+        parts.append(
+            Part(
+                run,
+                f"{plain + suffix}'s finetuned arms on the decorrelated backbones of seed {pre}",
+                argv,
+                f"survset/{run}/survival_cv.json",
+                needs=list(reuse),
+                minutes=12,
+                optional=True,
+            )
+        )
+        what = "the finetuned network on decorrelated - plain backbones, the same seeds, the same test patients"
+        parts.append(
+            _versus(f"versus_labeff_tf0.25_bp_decor{DECOR}{suffix}", run, plain + suffix, what, ("decor", "plain"))
+        )
+        family[f"pre{pre}_init{init}"] = run
+    parts.append(
+        _spread(f"seed_spread_labeff_tf0.25_val_tiesloss_decor{DECOR}_3", family, "the 3 decorrelated finetuned runs")
+    )
     return parts
 
 

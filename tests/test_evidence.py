@@ -628,3 +628,24 @@ def test_the_decorrelation_parts_choose_the_weight_without_labels_and_pair_each_
             runs.append(run)
         spread = parts[f"survset_seed_spread_labeff_tf{frac}_val_tiesloss_emb_decor{evidence.DECOR}_3"]
         assert _listed(spread) == runs and "--ensemble" in spread.argv
+    # the finetuned network at 25% (secondary): the decorrelated backbones, the plain run's settings, its random
+    # init and baselines read back, each against the plain run of the same pair
+    plain = "survival_cv_labeff_tf0.25_val_tiesloss_emb"
+    runs = []
+    for s, (suffix, _, init) in enumerate(backbones):
+        run = f"survival_cv_labeff_tf0.25_val_tiesloss_decor{evidence.DECOR}{suffix}"
+        argv = parts[run].argv
+        assert argv[argv.index("--bp_arms") + 1 :][:3] == ["bp_random", "bp_pretrained", "--pretrained_dir"]
+        assert argv[argv.index("--pretrained_dir") + 1].endswith(
+            f"pretrain_cvfolds_decor{evidence.DECOR}_seed{s}/fold{{fold}}/final"
+        )
+        assert (
+            argv[argv.index("--bp_best_model_ties") + 1] == "loss" and argv[argv.index("--baseline_ties") + 1] == "loss"
+        )
+        assert argv[argv.index("--train_fraction") + 1] == "0.25" and argv[argv.index("--init_seed") + 1] == init
+        assert argv[argv.index("--bp_lrs") + 1 :][:3] == list(evidence.LR_GRID)
+        reuse = [a.rsplit("/", 1)[-1] for a in argv[argv.index("--reuse_cache") + 1 :]]
+        assert reuse == [plain + suffix, f"{plain}_decor{evidence.DECOR}{suffix}"] and parts[run].needs == reuse
+        assert _listed(parts[f"survset_versus_labeff_tf0.25_bp_decor{evidence.DECOR}{suffix}"]) == [run, plain + suffix]
+        runs.append(run)
+    assert _listed(parts[f"survset_seed_spread_labeff_tf0.25_val_tiesloss_decor{evidence.DECOR}_3"]) == runs
