@@ -1215,6 +1215,45 @@ def _seed_parts() -> list[Part]:
     return parts
 
 
+def _external_ensemble_parts() -> list[Part]:
+    """Optional: the configuration nearest both SurvSet targets on the development cohorts -- the frozen embedding
+    in a Cox model, each pretraining seed once ((0, 0), (1, 1), (2, 2)), the runs' risks averaged -- on the external
+    cohorts at 25% and 50%, evaluation only (fixed before these runs; nothing is chosen on them). The (0, 0) run at
+    25% is ``survival_cv_ext_labeff_tf0.25_val_tiesloss_emb``; later runs read the baselines back from the same
+    fraction's (0, 0) run."""
+    parts = []
+    ensemble = ("--ensemble", "cox_clinical_emb_pretrained", "cox_clinical_emb_random")
+    for frac in ("0.25", "0.5"):
+        first = f"survival_cv_ext_labeff_tf{frac}_val_tiesloss_emb"
+        family = {}
+        for pre, init in ((0, 0), (1, 1), (2, 2)):
+            run = first + _pair_suffix(pre, init)
+            family[f"pre{pre}_init{init}"] = run
+            if (frac, pre) == ("0.25", 0):
+                continue  # an earlier part
+            reuse = () if run == first else ("--reuse_cache", f"{W}/survset/{first}")
+            backbones = "pretrain_cvfolds" + (f"_seed{pre}" if pre else "")
+            opts = ("--train_fraction", frac, "--subsample_validation", "--baseline_ties", "loss")
+            argv = _survival(
+                f"{W}/survset/{run}",
+                f"{W}/survset/external_cohort",
+                *EXTERNAL_COHORTS,
+                pretrained=f"{W}/survset/{backbones}/fold{{fold}}/final",
+                arms=EMB_ARMS,
+                extra=(*opts, "--init_seed", str(init), *reuse),
+            )
+            what = (
+                f"the embedding-Cox arms on the external cohorts at {frac}, seed pair ({pre}, {init}), evaluation only"
+            )
+            needs = [*([first] if reuse else []), *_backbone_parts(pre)]
+            parts.append(
+                Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=needs, minutes=3, optional=True)
+            )
+        out = f"seed_spread_ext_labeff_tf{frac}_val_tiesloss_emb3"
+        parts.append(_spread(out, family, "the 3 pretraining seeds combined, external cohorts", *ensemble))
+    return parts
+
+
 DECOR_PROBE = ("1", "10")  # loss.decorrelation weights tried on fold 0 (seed 0), chosen on its pretraining split
 DECOR = "1"  # the weight chosen there (held-out contrastive loss and R@1; no survival label seen)
 
@@ -1555,6 +1594,7 @@ PARTS: list[Part] = [
     ),
     *_seed_parts(),
     *_decorrelation_parts(),
+    *_external_ensemble_parts(),
 ]
 
 

@@ -649,3 +649,31 @@ def test_the_decorrelation_parts_choose_the_weight_without_labels_and_pair_each_
         assert _listed(parts[f"survset_versus_labeff_tf0.25_bp_decor{evidence.DECOR}{suffix}"]) == [run, plain + suffix]
         runs.append(run)
     assert _listed(parts[f"survset_seed_spread_labeff_tf0.25_val_tiesloss_decor{evidence.DECOR}_3"]) == runs
+
+
+def test_the_external_ensemble_parts_only_evaluate_the_fixed_configuration():
+    """The 3-seed embedding-Cox ensemble on the external cohorts at 25% and 50%: only the external cohorts, only the
+    embedding arms (nothing finetuned or tuned there), each pair on its own backbones and init seed, the baselines
+    read back from the same fraction's (0, 0) run (at 25% the earlier part), and the ensemble over the three."""
+    parts = {p.name: p for p in evidence.PARTS}
+    backbones = [(suffix, folder, init) for suffix, folder, init in SEED_PAIR_RUNS if suffix != "_init1"]
+    for frac in ("0.25", "0.5"):
+        first = f"survival_cv_ext_labeff_tf{frac}_val_tiesloss_emb"
+        runs = []
+        for suffix, folder, init in backbones:
+            run = first + suffix
+            argv = parts[run].argv
+            assert argv[argv.index("--cohorts") + 1 :][:7] == [*evidence.EXTERNAL_COHORTS, "--folds"]
+            assert argv[argv.index("--bp_arms") + 1 :][:4] == [*evidence.EMB_ARMS, "--pretrained_dir"]
+            assert argv[argv.index("--pretrained_dir") + 1].endswith(f"survset/{folder}/fold{{fold}}/final")
+            assert argv[argv.index("--train_fraction") + 1] == frac and argv[argv.index("--init_seed") + 1] == init
+            assert argv[argv.index("--baseline_ties") + 1] == "loss" and "--subsample_validation" in argv
+            if suffix:
+                assert argv[argv.index("--reuse_cache") + 1].endswith(f"survset/{first}") and first in parts[run].needs
+            runs.append(run)
+        spread = parts[f"survset_seed_spread_ext_labeff_tf{frac}_val_tiesloss_emb3"]
+        assert _listed(spread) == runs
+        assert spread.argv[spread.argv.index("--ensemble") + 1 :] == [
+            "cox_clinical_emb_pretrained",
+            "cox_clinical_emb_random",
+        ]
