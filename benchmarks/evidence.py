@@ -1215,6 +1215,47 @@ def _seed_parts() -> list[Part]:
     return parts
 
 
+FIVE_SEEDS = ((0, 0), (1, 1), (2, 2), (3, 3), (4, 4))  # each pretraining seed once, its own finetuning seed
+
+
+def _five_seed_parts() -> list[Part]:
+    """Optional: the embedding-Cox arms at 25% and 50% for pretraining seeds 3 and 4 (their fold-wise backbones:
+    ``survset_pretrain_seed{3,4}_fold*``), the baselines read back from the same fraction's (0, 0) run, and the
+    5-seed ensembles with each pretraining seed once (fifteenth session; ~40 min with the backbones)."""
+    parts = []
+    ensemble = ("--ensemble", "cox_clinical_emb_pretrained", "cox_clinical_emb_random")
+    for frac in ("0.25", "0.5"):
+        first = f"survival_cv_labeff_tf{frac}_val_tiesloss_emb"
+        for pre, init in FIVE_SEEDS[3:]:
+            run = first + _pair_suffix(pre, init)
+            argv = _survival(
+                f"{W}/survset/{run}",
+                f"{W}/survset/cv_cohort",
+                pretrained=f"{W}/survset/pretrain_cvfolds_seed{pre}/fold{{fold}}/final",
+                arms=EMB_ARMS,
+                extra=(
+                    "--train_fraction",
+                    frac,
+                    "--subsample_validation",
+                    "--baseline_ties",
+                    "loss",
+                    "--init_seed",
+                    str(init),
+                    "--reuse_cache",
+                    f"{W}/survset/{first}",
+                ),
+            )
+            what = f"{first} for seed pair ({pre}, {init}): the embedding-Cox arms"
+            needs = [first, *_backbone_parts(pre)]
+            parts.append(
+                Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=needs, minutes=3, optional=True)
+            )
+        family = {f"pre{p}_init{i}": first + _pair_suffix(p, i) for p, i in FIVE_SEEDS}
+        out = f"seed_spread_labeff_tf{frac}_val_tiesloss_emb5"
+        parts.append(_spread(out, family, "the 5 distinct pretraining seeds combined", *ensemble))
+    return parts
+
+
 def _external_ensemble_parts() -> list[Part]:
     """Optional: the configuration nearest both SurvSet targets on the development cohorts -- the frozen embedding
     in a Cox model, each pretraining seed once ((0, 0), (1, 1), (2, 2)), the runs' risks averaged -- on the external
@@ -1595,6 +1636,7 @@ PARTS: list[Part] = [
     *_seed_parts(),
     *_decorrelation_parts(),
     *_external_ensemble_parts(),
+    *_five_seed_parts(),
 ]
 
 

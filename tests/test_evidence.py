@@ -677,3 +677,27 @@ def test_the_external_ensemble_parts_only_evaluate_the_fixed_configuration():
             "cox_clinical_emb_pretrained",
             "cox_clinical_emb_random",
         ]
+
+
+def test_the_five_seed_parts_add_seeds_3_and_4_and_combine_each_seed_once():
+    """Seeds 3 and 4: the embedding-Cox arms on their own fold-wise backbones and init seeds, baselines read back
+    from the same fraction's (0, 0) run; the 5-seed spreads list each pretraining seed once, in order."""
+    parts = {p.name: p for p in evidence.PARTS}
+    assert [p for p, _ in evidence.FIVE_SEEDS] == [i for _, i in evidence.FIVE_SEEDS] == [0, 1, 2, 3, 4]
+    for frac in ("0.25", "0.5"):
+        first = f"survival_cv_labeff_tf{frac}_val_tiesloss_emb"
+        for s in (3, 4):
+            run = f"{first}_pre{s}"
+            argv = parts[run].argv
+            assert argv[argv.index("--pretrained_dir") + 1].endswith(
+                f"survset/pretrain_cvfolds_seed{s}/fold{{fold}}/final"
+            )
+            assert argv[argv.index("--init_seed") + 1] == str(s) and argv[argv.index("--train_fraction") + 1] == frac
+            assert argv[argv.index("--bp_arms") + 1 :][:4] == [*evidence.EMB_ARMS, "--pretrained_dir"]
+            assert argv[argv.index("--reuse_cache") + 1].endswith(f"survset/{first}")
+            assert set(parts[run].needs) == {first, *(f"survset_pretrain_seed{s}_fold{k}" for k in range(5))}
+            pre = parts[f"survset_pretrain_seed{s}_fold0"].argv
+            assert f"seed={s}" in pre and not any("decorrelation" in a for a in pre)
+        spread = parts[f"survset_seed_spread_labeff_tf{frac}_val_tiesloss_emb5"]
+        assert _listed(spread) == [first, *(f"{first}_pre{s}" for s in range(1, 5))]
+        assert "--ensemble" in spread.argv
