@@ -182,17 +182,44 @@ def _seed_text(what: str, pre: int, init: int) -> str:
     return f"{what}, fold-wise backbones of pretraining seed {pre}, finetuning seed {init}, lr grid"
 
 
+def _fold_backbone(name: str, what: str, folder: str, k: int, *overrides: str, minutes: float = 3, optional=True):
+    """The part that pretrains the SurvSet recipe without CV fold ``k``'s test patients (its fold manifest) into
+    ``survset/<folder>/fold<k>``, with run-config ``overrides``."""
+    return Part(
+        name,
+        what,
+        _pretrain(
+            "pretrain/configs/survset_omics.yaml",
+            f"{W}/survset/{folder}/fold{k}",
+            f"data.manifest={W}/survset/dev_cohort/manifest_cvfold{k}.parquet",
+            *overrides,
+        ),
+        f"survset/{folder}/fold{k}/final/config.json",
+        needs=["survset_fold_manifests"],
+        minutes=minutes,
+        optional=optional,
+    )
+
+
 def _backbone_parts(pre: int) -> list[str]:
     """The parts that pretrain the five fold-wise backbones of pretraining seed ``pre``."""
     return [f"survset_pretrain_fold{k}" if pre == 0 else f"survset_pretrain_seed{pre}_fold{k}" for k in range(5)]
 
 
 def _finetuned(
-    run: str, what: str, *extra: str, pre: int = 0, needs=(), minutes: float = 8, arms=FINETUNED_ARMS[:2]
+    run: str,
+    what: str,
+    *extra: str,
+    pre: int = 0,
+    needs=(),
+    minutes: float = 8,
+    arms=FINETUNED_ARMS[:2],
+    backbones: str | None = None,
 ) -> Part:
     """Optional: ``survival_cv.py`` with the two finetuned arms (or ``arms``) on the fold-wise backbones of
-    pretraining seed ``pre``, the learning-rate grid, then ``extra``, into ``survset/<run>``."""
-    backbones = "pretrain_cvfolds" if pre == 0 else f"pretrain_cvfolds_seed{pre}"
+    pretraining seed ``pre`` (or the ``survset/<backbones>`` folders), the learning-rate grid, then ``extra``, into
+    ``survset/<run>``."""
+    backbones = backbones or ("pretrain_cvfolds" if pre == 0 else f"pretrain_cvfolds_seed{pre}")
     argv = _survival(
         f"{W}/survset/{run}",
         f"{W}/survset/cv_cohort",
@@ -238,19 +265,13 @@ def _seed_parts() -> list[Part]:
     parts = []
     for s in EXTRA_SEEDS:
         parts += [
-            Part(
+            _fold_backbone(
                 f"survset_pretrain_seed{s}_fold{k}",
                 f"survset_pretrain_fold{k} with seed={s}",
-                _pretrain(
-                    "pretrain/configs/survset_omics.yaml",
-                    f"{W}/survset/pretrain_cvfolds_seed{s}/fold{k}",
-                    f"data.manifest={W}/survset/dev_cohort/manifest_cvfold{k}.parquet",
-                    f"seed={s}",
-                ),
-                f"survset/pretrain_cvfolds_seed{s}/fold{k}/final/config.json",
-                needs=["survset_fold_manifests"],
+                f"pretrain_cvfolds_seed{s}",
+                k,
+                f"seed={s}",
                 minutes=5,
-                optional=True,
             )
             for k in range(5)
         ]
@@ -299,20 +320,13 @@ def _seed_parts() -> list[Part]:
         shared = "survival_cv_foldwise" if s == 0 else f"survival_cv_foldwise_seed{s}"
         run = f"survival_cv_foldwise_pergene_seed{s}"
         parts += [
-            Part(
+            _fold_backbone(
                 f"survset_pretrain_pergene_seed{s}_fold{k}",
                 f"survset_pretrain_fold{k} with seed={s} and {pergene}",
-                _pretrain(
-                    "pretrain/configs/survset_omics.yaml",
-                    f"{W}/survset/pretrain_cvfolds_pergene_seed{s}/fold{k}",
-                    f"data.manifest={W}/survset/dev_cohort/manifest_cvfold{k}.parquet",
-                    f"data.processor_settings={{root}}/{pergene}",
-                    f"seed={s}",
-                ),
-                f"survset/pretrain_cvfolds_pergene_seed{s}/fold{k}/final/config.json",
-                needs=["survset_fold_manifests"],
-                minutes=3,
-                optional=True,
+                f"pretrain_cvfolds_pergene_seed{s}",
+                k,
+                f"data.processor_settings={{root}}/{pergene}",
+                f"seed={s}",
             )
             for k in range(5)
         ]
@@ -1070,14 +1084,7 @@ def _seed_parts() -> list[Part]:
     # fold-wise backbones never saw these cohorts (their genes are added to the vocabulary per fold, on its training
     # rows, with random embeddings)
     run = "survival_cv_ext_labeff_tf0.25_val_tiesloss_emb"
-    argv = _survival(
-        f"{W}/survset/{run}",
-        f"{W}/survset/external_cohort",
-        *EXTERNAL_COHORTS,
-        pretrained=f"{W}/survset/pretrain_cvfolds/fold{{fold}}/final",
-        arms=EMB_ARMS,
-        extra=(*quarter_val, "--baseline_ties", "loss", "--init_seed", "0"),  # no network is finetuned
-    )
+    argv = _emb_cox(run, "pretrain_cvfolds", "0.25", 0, cohorts=EXTERNAL_COHORTS, data="external_cohort")
     what = "the embedding-Cox arms and the tie-aware baselines on the external cohorts at 25%, evaluation only"
     parts.append(
         Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=_backbone_parts(0), minutes=3, optional=True)
@@ -1215,6 +1222,22 @@ def _seed_parts() -> list[Part]:
     return parts
 
 
+def _emb_cox(run: str, backbones: str, frac: str, init: int, reuse=(), cohorts=(), data: str = "cv_cohort"):
+    """``survival_cv.py`` argv: the three embedding-Cox arms only, on the fold-wise ``backbones`` (a ``survset/``
+    folder), at ``frac`` of the labels with validation shrunk alike, tie-aware baselines, ``--init_seed init``,
+    reading back the ``reuse`` runs; ``cohorts``: only those (the external ones, in ``data``)."""
+    opts = ("--train_fraction", frac, "--subsample_validation", "--baseline_ties", "loss", "--init_seed", str(init))
+    back = ("--reuse_cache", *(f"{W}/survset/{r}" for r in reuse)) if reuse else ()
+    return _survival(
+        f"{W}/survset/{run}",
+        f"{W}/survset/{data}",
+        *cohorts,
+        pretrained=f"{W}/survset/{backbones}/fold{{fold}}/final",
+        arms=EMB_ARMS,
+        extra=(*opts, *back),
+    )
+
+
 FIVE_SEEDS = ((0, 0), (1, 1), (2, 2), (3, 3), (4, 4))  # each pretraining seed once, its own finetuning seed
 
 
@@ -1228,23 +1251,7 @@ def _five_seed_parts() -> list[Part]:
         first = f"survival_cv_labeff_tf{frac}_val_tiesloss_emb"
         for pre, init in FIVE_SEEDS[3:]:
             run = first + _pair_suffix(pre, init)
-            argv = _survival(
-                f"{W}/survset/{run}",
-                f"{W}/survset/cv_cohort",
-                pretrained=f"{W}/survset/pretrain_cvfolds_seed{pre}/fold{{fold}}/final",
-                arms=EMB_ARMS,
-                extra=(
-                    "--train_fraction",
-                    frac,
-                    "--subsample_validation",
-                    "--baseline_ties",
-                    "loss",
-                    "--init_seed",
-                    str(init),
-                    "--reuse_cache",
-                    f"{W}/survset/{first}",
-                ),
-            )
+            argv = _emb_cox(run, f"pretrain_cvfolds_seed{pre}", frac, init, reuse=(first,))
             what = f"{first} for seed pair ({pre}, {init}): the embedding-Cox arms"
             needs = [first, *_backbone_parts(pre)]
             parts.append(
@@ -1272,17 +1279,9 @@ def _external_ensemble_parts() -> list[Part]:
             family[f"pre{pre}_init{init}"] = run
             if (frac, pre) == ("0.25", 0):
                 continue  # an earlier part
-            reuse = () if run == first else ("--reuse_cache", f"{W}/survset/{first}")
+            reuse = () if run == first else (first,)
             backbones = "pretrain_cvfolds" + (f"_seed{pre}" if pre else "")
-            opts = ("--train_fraction", frac, "--subsample_validation", "--baseline_ties", "loss")
-            argv = _survival(
-                f"{W}/survset/{run}",
-                f"{W}/survset/external_cohort",
-                *EXTERNAL_COHORTS,
-                pretrained=f"{W}/survset/{backbones}/fold{{fold}}/final",
-                arms=EMB_ARMS,
-                extra=(*opts, "--init_seed", str(init), *reuse),
-            )
+            argv = _emb_cox(run, backbones, frac, init, reuse, EXTERNAL_COHORTS, "external_cohort")
             what = (
                 f"the embedding-Cox arms on the external cohorts at {frac}, seed pair ({pre}, {init}), evaluation only"
             )
@@ -1344,20 +1343,14 @@ def _decorrelation_parts() -> list[Part]:
     )
     for s in range(3):
         parts += [
-            Part(
+            _fold_backbone(
                 f"survset_pretrain_decor_seed{s}_fold{k}",
                 f"survset_pretrain_fold{k} with seed={s} and loss.decorrelation={DECOR}",
-                _pretrain(
-                    "pretrain/configs/survset_omics.yaml",
-                    f"{W}/survset/{_decor_backbones(s)}/fold{k}",
-                    f"data.manifest={W}/survset/dev_cohort/manifest_cvfold{k}.parquet",
-                    f"seed={s}",
-                    f"loss.decorrelation={DECOR}",
-                ),
-                f"survset/{_decor_backbones(s)}/fold{k}/final/config.json",
-                needs=["survset_fold_manifests"],
+                _decor_backbones(s),
+                k,
+                f"seed={s}",
+                f"loss.decorrelation={DECOR}",
                 minutes=2.5,
-                optional=True,
             )
             for k in range(5)
         ]
@@ -1386,23 +1379,7 @@ def _decorrelation_parts() -> list[Part]:
         for pre, init in ((0, 0), (1, 1), (2, 2)):
             base = plain + _pair_suffix(pre, init)
             run = f"{plain}_decor{DECOR}" + _pair_suffix(pre, init)
-            argv = _survival(
-                f"{W}/survset/{run}",
-                f"{W}/survset/cv_cohort",
-                pretrained=f"{W}/survset/{_decor_backbones(pre)}/fold{{fold}}/final",
-                arms=EMB_ARMS,
-                extra=(
-                    "--train_fraction",
-                    frac,
-                    "--subsample_validation",
-                    "--baseline_ties",
-                    "loss",
-                    "--init_seed",
-                    str(init),
-                    "--reuse_cache",
-                    f"{W}/survset/{base}",
-                ),
-            )
+            argv = _emb_cox(run, _decor_backbones(pre), frac, init, reuse=(base,))
             parts.append(
                 Part(
                     run,
@@ -1434,36 +1411,16 @@ def _decorrelation_parts() -> list[Part]:
         suffix = _pair_suffix(pre, init)
         run = f"survival_cv_labeff_tf0.25_val_tiesloss_decor{DECOR}{suffix}"
         reuse = (plain + suffix, f"{plain}_decor{DECOR}{suffix}")
-        argv = _survival(
-            f"{W}/survset/{run}",
-            f"{W}/survset/cv_cohort",
-            pretrained=f"{W}/survset/{_decor_backbones(pre)}/fold{{fold}}/final",
-            arms=FINETUNED_ARMS[:2],
-            extra=(
-                "--bp_lrs",
-                *LR_GRID,
-                "--train_fraction",
-                "0.25",
-                "--subsample_validation",
-                "--bp_best_model_ties",
-                "loss",
-                "--baseline_ties",
-                "loss",
-                "--init_seed",
-                str(init),
-                "--reuse_cache",
-                *(f"{W}/survset/{r}" for r in reuse),
-            ),
-        )
         parts.append(
-            Part(
+            _finetuned(
                 run,
                 f"{plain + suffix}'s finetuned arms on the decorrelated backbones of seed {pre}",
-                argv,
-                f"survset/{run}/survival_cv.json",
-                needs=list(reuse),
+                *("--train_fraction", "0.25", "--subsample_validation", "--bp_best_model_ties", "loss"),
+                *("--baseline_ties", "loss", "--init_seed", str(init), "--reuse_cache"),
+                *(f"{W}/survset/{r}" for r in reuse),
+                backbones=_decor_backbones(pre),
+                needs=reuse,
                 minutes=12,
-                optional=True,
             )
         )
         what = "the finetuned network on decorrelated - plain backbones, the same seeds, the same test patients"
@@ -1541,17 +1498,12 @@ PARTS: list[Part] = [
         minutes=0.5,
     ),
     *(
-        Part(
+        _fold_backbone(
             f"survset_pretrain_fold{k}",
             f"the survset_pretrain recipe without CV fold {k}'s test patients",
-            _pretrain(
-                "pretrain/configs/survset_omics.yaml",
-                f"{W}/survset/pretrain_cvfolds/fold{k}",
-                f"data.manifest={W}/survset/dev_cohort/manifest_cvfold{k}.parquet",
-            ),
-            f"survset/pretrain_cvfolds/fold{k}/final/config.json",
-            needs=["survset_fold_manifests"],
-            minutes=3,
+            "pretrain_cvfolds",
+            k,
+            optional=False,
         )
         for k in range(5)
     ),

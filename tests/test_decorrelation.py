@@ -4,16 +4,14 @@ the step unchanged when off."""
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
 from conftest import random_batch, tiny_config
+from test_subset_views import _trainer  # a multiview pretrainer on a copy of the model, seeded head
 
 import bioperceiver as bp
 from bioperceiver.losses import decorrelation_loss
-from bioperceiver.training import ContrastivePretrainer
 from bioperceiver.training.config import PretrainConfig, RunConfigError
 
 
@@ -93,11 +91,6 @@ def setup():
     batch = random_batch(config, batch_size=6)
     batch["omics"]["mask"][2] = False  # sample 2 has no expression profile
     return model, batch
-
-
-def _trainer(model, **kwargs):
-    torch.manual_seed(1)  # the projection head
-    return ContrastivePretrainer(copy.deepcopy(model), loss="multiview", **kwargs)
 
 
 def test_pretrainer_adds_the_term_on_the_latent_views_subset_views_included(setup):

@@ -392,6 +392,14 @@ def _listed(part) -> list[str]:
     return [a.rsplit("/", 1)[-1] for a in argv[argv.index("--runs") + 1 : end]]
 
 
+EMB_ENSEMBLE = ["cox_clinical_emb_pretrained", "cox_clinical_emb_random"]  # --ensemble of the embedding parts
+
+
+def _ensembled(part) -> list[str]:
+    """The arms a seed_spread.py part averages over runs (``--ensemble``, its last option)."""
+    return part.argv[part.argv.index("--ensemble") + 1 :]
+
+
 def runs_loss_4(plain: str) -> list[str]:
     return [f"{plain}_tiesloss{s}" for s in ("", "_init1", "_pre1", "_pre2")]
 
@@ -498,7 +506,7 @@ def test_the_fair_baseline_tie_parts_refit_only_the_cox_baselines_beside_the_los
     quarter = [f"survival_cv_labeff_tf0.25_val_tiesloss_emb{s}" for s in ("", "_init1", "_pre1", "_pre2")]
     for frac, family in (("0.5", half_runs), ("0.25", quarter)):
         distinct = parts[f"survset_seed_spread_labeff_tf{frac}_val_tiesloss_emb3"]  # each pretraining seed once
-        assert _listed(distinct) == [family[0], *family[2:]] and "--ensemble" in distinct.argv
+        assert _listed(distinct) == [family[0], *family[2:]] and _ensembled(distinct) == EMB_ENSEMBLE
     versus = parts["survset_versus_labeff_tf0.25_val_tiesloss_bl"]
     assert _listed(versus) == [runs[0], f"{plain}_tiesloss"]
     assert versus.argv[versus.argv.index("--versus") + 1 :] == ["cox_clinical_pcs", "cox_clinical"]
@@ -534,10 +542,7 @@ def test_the_embedding_cox_parts_sit_beside_the_tie_aware_runs_and_fit_their_pca
             runs.append(run)
         spread = parts[f"survset_seed_spread_labeff_tf0.25_val_tiesloss{tag}4"]
         assert _listed(spread) == runs
-        assert spread.argv[spread.argv.index("--ensemble") + 1 :] == [
-            "cox_clinical_emb_pretrained",
-            "cox_clinical_emb_random",
-        ]
+        assert _ensembled(spread) == EMB_ENSEMBLE
     ext = parts["survival_cv_ext_labeff_tf0.25_val_tiesloss_emb"].argv  # evaluation only: no development cohort
     assert ext[ext.index("--cohorts") + 1 :][:7] == [*evidence.EXTERNAL_COHORTS, "--folds"]
     assert ext[ext.index("--bp_arms") + 1 :][:4] == [*evidence.EMB_ARMS, "--pretrained_dir"]
@@ -627,7 +632,7 @@ def test_the_decorrelation_parts_choose_the_weight_without_labels_and_pair_each_
             ]
             runs.append(run)
         spread = parts[f"survset_seed_spread_labeff_tf{frac}_val_tiesloss_emb_decor{evidence.DECOR}_3"]
-        assert _listed(spread) == runs and "--ensemble" in spread.argv
+        assert _listed(spread) == runs and _ensembled(spread) == EMB_ENSEMBLE
     # the finetuned network at 25% (secondary): the decorrelated backbones, the plain run's settings, its random
     # init and baselines read back, each against the plain run of the same pair
     plain = "survival_cv_labeff_tf0.25_val_tiesloss_emb"
@@ -673,10 +678,7 @@ def test_the_external_ensemble_parts_only_evaluate_the_fixed_configuration():
             runs.append(run)
         spread = parts[f"survset_seed_spread_ext_labeff_tf{frac}_val_tiesloss_emb3"]
         assert _listed(spread) == runs
-        assert spread.argv[spread.argv.index("--ensemble") + 1 :] == [
-            "cox_clinical_emb_pretrained",
-            "cox_clinical_emb_random",
-        ]
+        assert _ensembled(spread) == EMB_ENSEMBLE
 
 
 def test_the_five_seed_parts_add_seeds_3_and_4_and_combine_each_seed_once():
@@ -700,4 +702,4 @@ def test_the_five_seed_parts_add_seeds_3_and_4_and_combine_each_seed_once():
             assert f"seed={s}" in pre and not any("decorrelation" in a for a in pre)
         spread = parts[f"survset_seed_spread_labeff_tf{frac}_val_tiesloss_emb5"]
         assert _listed(spread) == [first, *(f"{first}_pre{s}" for s in range(1, 5))]
-        assert "--ensemble" in spread.argv
+        assert _ensembled(spread) == EMB_ENSEMBLE
