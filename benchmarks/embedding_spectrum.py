@@ -23,6 +23,8 @@ against the first. Outputs (``--output_dir``): ``embedding_spectrum.json`` and `
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
 import logging
 import tempfile
@@ -34,16 +36,21 @@ import numpy as np
 logger = logging.getLogger("embedding_spectrum")
 
 
+@functools.cache
+def _diagnostics():
+    """``benchmarks/pretraining_diagnostics.py`` as a module: its ``effective_rank`` is the one reported there."""
+    spec = importlib.util.spec_from_file_location(
+        "pretraining_diagnostics", Path(__file__).resolve().parent / "pretraining_diagnostics.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def effective_rank(x: np.ndarray) -> float:
-    """Roy & Vetterli's effective rank of the centred rows of ``x`` (N, D): ``exp(H(s / sum s))`` over its singular
-    values ``s``; k for k equal non-zero singular values, 1 for rank one."""
-    x = np.asarray(x, dtype=np.float64)
-    s = np.linalg.svd(x - x.mean(0, keepdims=True), compute_uv=False)
-    s = s[s > 1e-12 * max(s.max(initial=0.0), 1e-300)]
-    if s.size == 0:
-        return 0.0
-    p = s / s.sum()
-    return float(np.exp(-(p * np.log(p)).sum()))
+    """Roy & Vetterli's effective rank of the centred rows of ``x`` (N, D) (``pretraining_diagnostics``'): ``exp``
+    of the entropy of its normalised singular values; k for k equal non-zero singular values, 1 for rank one."""
+    return _diagnostics().effective_rank(x)
 
 
 def spectrum_stats(x: np.ndarray) -> dict:
