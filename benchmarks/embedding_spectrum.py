@@ -37,11 +37,10 @@ logger = logging.getLogger("embedding_spectrum")
 
 
 @functools.cache
-def _diagnostics():
-    """``benchmarks/pretraining_diagnostics.py`` as a module: its ``effective_rank`` is the one reported there."""
-    spec = importlib.util.spec_from_file_location(
-        "pretraining_diagnostics", Path(__file__).resolve().parent / "pretraining_diagnostics.py"
-    )
+def _sibling(name: str):
+    """``benchmarks/<name>.py`` as a module: ``pretraining_diagnostics`` (its ``effective_rank`` is the one reported
+    there) and ``retrieval_space`` (its held-out embedding of a run is the one compared there)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -50,7 +49,7 @@ def _diagnostics():
 def effective_rank(x: np.ndarray) -> float:
     """Roy & Vetterli's effective rank of the centred rows of ``x`` (N, D) (``pretraining_diagnostics``'): ``exp``
     of the entropy of its normalised singular values; k for k equal non-zero singular values, 1 for rank one."""
-    return _diagnostics().effective_rank(x)
+    return _sibling("pretraining_diagnostics").effective_rank(x)
 
 
 def spectrum_stats(x: np.ndarray) -> dict:
@@ -74,27 +73,12 @@ def spectrum_stats(x: np.ndarray) -> dict:
 
 
 def measure(run: Path, work: Path, batch_size: int | None) -> dict:
-    from bioperceiver.data import assign_splits, read_manifest
-    from bioperceiver.inference.embedding import FUSED, embed, embedding_column, read_embeddings
+    from bioperceiver.inference.embedding import embedding_column
     from bioperceiver.inference.loading import load_model_folder
-    from bioperceiver.training import load_run_config
 
     loaded = load_model_folder(run / "final", device="cpu")
-    cfg = load_run_config(run / "final" / "run_config.yaml")
-    held_out = assign_splits(read_manifest(cfg.data.manifest)).split(cfg.eval.split)
-    names = [*loaded.backbone.modality_names, *([FUSED] if cfg.loss.fused_view else [])]
     out = work / f"{run.parent.name}_{run.name}"
-    embed(
-        loaded,
-        held_out,
-        out,
-        batch_size=batch_size or cfg.train.batch_size,
-        process_index=0,
-        num_processes=1,
-        progress=False,
-        space="latent",
-    )
-    frame, _ = read_embeddings(out)
+    frame, _, names, cfg = _sibling("retrieval_space").held_out_embeddings(loaded, run, out, "latent", batch_size)
     views = {}
     for name in names:
         cells = [c for c in frame[embedding_column(name)] if c is not None]
@@ -108,7 +92,7 @@ def measure(run: Path, work: Path, batch_size: int | None) -> dict:
     }
     return {
         "run": str(run),
-        "decorrelation": float(getattr(cfg.loss, "decorrelation", 0.0)),
+        "decorrelation": cfg.loss.decorrelation,
         "eval_loss": recorded.get("eval_loss"),
         "views": views,
         "retrieval": retrieval,

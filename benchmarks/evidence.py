@@ -201,6 +201,11 @@ def _fold_backbone(name: str, what: str, folder: str, k: int, *overrides: str, m
     )
 
 
+def _backbones(pre: int) -> str:
+    """The ``survset/`` folder of the plain recipe's fold-wise backbones of pretraining seed ``pre``."""
+    return "pretrain_cvfolds" if pre == 0 else f"pretrain_cvfolds_seed{pre}"
+
+
 def _backbone_parts(pre: int) -> list[str]:
     """The parts that pretrain the five fold-wise backbones of pretraining seed ``pre``."""
     return [f"survset_pretrain_fold{k}" if pre == 0 else f"survset_pretrain_seed{pre}_fold{k}" for k in range(5)]
@@ -219,7 +224,7 @@ def _finetuned(
     """Optional: ``survival_cv.py`` with the two finetuned arms (or ``arms``) on the fold-wise backbones of
     pretraining seed ``pre`` (or the ``survset/<backbones>`` folders), the learning-rate grid, then ``extra``, into
     ``survset/<run>``."""
-    backbones = backbones or ("pretrain_cvfolds" if pre == 0 else f"pretrain_cvfolds_seed{pre}")
+    backbones = backbones or _backbones(pre)
     argv = _survival(
         f"{W}/survset/{run}",
         f"{W}/survset/cv_cohort",
@@ -268,7 +273,7 @@ def _seed_parts() -> list[Part]:
             _fold_backbone(
                 f"survset_pretrain_seed{s}_fold{k}",
                 f"survset_pretrain_fold{k} with seed={s}",
-                f"pretrain_cvfolds_seed{s}",
+                _backbones(s),
                 k,
                 f"seed={s}",
                 minutes=5,
@@ -1104,9 +1109,7 @@ def _seed_parts() -> list[Part]:
     parts.append(Part(bp_run, what, argv, out, needs=[run, *_backbone_parts(0)], minutes=20, optional=True))
     # held-out cross-modal retrieval of the 15 fold-wise backbones (pretraining seeds 0-2) in the latent space
     # `embed` wrote by default and in the projected space the loss aligned (their heads from the last checkpoints)
-    folders = [
-        f"{W}/survset/{'pretrain_cvfolds' + (f'_seed{p}' if p else '')}/fold{k}" for p in range(3) for k in range(5)
-    ]
+    folders = [f"{W}/survset/{_backbones(p)}/fold{k}" for p in range(3) for k in range(5)]
     argv = [PY, "benchmarks/retrieval_space.py", "--runs", *folders, "--head_from_checkpoint"]
     argv += ["--output_dir", f"{W}/survset/retrieval_space"]
     what = "held-out retrieval of the fold-wise backbones: latent vs projected space"
@@ -1251,7 +1254,7 @@ def _five_seed_parts() -> list[Part]:
         first = f"survival_cv_labeff_tf{frac}_val_tiesloss_emb"
         for pre, init in FIVE_SEEDS[3:]:
             run = first + _pair_suffix(pre, init)
-            argv = _emb_cox(run, f"pretrain_cvfolds_seed{pre}", frac, init, reuse=(first,))
+            argv = _emb_cox(run, _backbones(pre), frac, init, reuse=(first,))
             what = f"{first} for seed pair ({pre}, {init}): the embedding-Cox arms"
             needs = [first, *_backbone_parts(pre)]
             parts.append(
@@ -1280,8 +1283,7 @@ def _external_ensemble_parts() -> list[Part]:
             if (frac, pre) == ("0.25", 0):
                 continue  # an earlier part
             reuse = () if run == first else (first,)
-            backbones = "pretrain_cvfolds" + (f"_seed{pre}" if pre else "")
-            argv = _emb_cox(run, backbones, frac, init, reuse, EXTERNAL_COHORTS, "external_cohort")
+            argv = _emb_cox(run, _backbones(pre), frac, init, reuse, EXTERNAL_COHORTS, "external_cohort")
             what = (
                 f"the embedding-Cox arms on the external cohorts at {frac}, seed pair ({pre}, {init}), evaluation only"
             )
@@ -1356,7 +1358,7 @@ def _decorrelation_parts() -> list[Part]:
         ]
     spectrum = [PY, "benchmarks/embedding_spectrum.py"]
     for group, folder in (
-        ("plain", lambda s: "pretrain_cvfolds" + (f"_seed{s}" if s else "")),
+        ("plain", _backbones),
         ("decor", _decor_backbones),
     ):
         spectrum += ["--group", group, *(f"{W}/survset/{folder(s)}/fold{k}" for s in range(3) for k in range(5))]

@@ -93,24 +93,35 @@ def paired_r1(views: dict[str, torch.Tensor], mask, a: int, b: int, patients, n_
     return {"difference": float(diff.mean()), "ci95": [float(x) for x in np.quantile(reps, [0.025, 0.975])]}
 
 
-def measure(run: Path, work: Path, args) -> dict:
+def held_out_embeddings(loaded, run: Path, out: Path, space: str = "latent", batch_size: int | None = None):
+    """``embed`` (in ``space``) the held-out split of the pretraining ``run``'s own manifest (its run config's
+    ``data.manifest`` and ``eval.split``, split as the run split it) into ``out`` with ``loaded`` (the run's
+    ``final/`` backbone), in the run's batch size unless ``batch_size`` is given (one process, as its evaluation).
+    Returns ``(frame, metadata, view names, run config)``: the view names are the modalities, then ``fused`` when the
+    run scored it."""
     from bioperceiver.data import assign_splits, read_manifest
     from bioperceiver.inference.embedding import FUSED, embed, read_embeddings
-    from bioperceiver.inference.loading import load_model_folder
     from bioperceiver.training import load_run_config
+
+    cfg = load_run_config(run / "final" / "run_config.yaml")
+    held_out = assign_splits(read_manifest(cfg.data.manifest)).split(cfg.eval.split)
+    names = [*loaded.backbone.modality_names, *([FUSED] if cfg.loss.fused_view else [])]
+    batch = batch_size or cfg.train.batch_size
+    embed(loaded, held_out, out, batch_size=batch, process_index=0, num_processes=1, progress=False, space=space)
+    frame, meta = read_embeddings(out)
+    return frame, meta, names, cfg
+
+
+def measure(run: Path, work: Path, args) -> dict:
+    from bioperceiver.inference.loading import load_model_folder
     from bioperceiver.training.pretraining import retrieval_metrics
 
     folder = with_head(run, work, args.head_from_checkpoint)
     loaded = load_model_folder(folder, device="cpu")
-    cfg = load_run_config(run / "final" / "run_config.yaml")
-    held_out = assign_splits(read_manifest(cfg.data.manifest)).split(cfg.eval.split)
-    names = [*loaded.backbone.modality_names, *([FUSED] if cfg.loss.fused_view else [])]
     views, metrics, mask, patients = {}, {}, None, None
     for space in SPACES:
         out = work / run.name / f"emb_{space}"
-        batch = args.batch_size or cfg.train.batch_size  # the run's evaluation batches (one process)
-        embed(loaded, held_out, out, batch_size=batch, process_index=0, num_processes=1, progress=False, space=space)
-        frame, meta = read_embeddings(out)
+        frame, meta, names, _ = held_out_embeddings(loaded, run, out, space, args.batch_size)
         views[space], mask = views_of(frame, names, meta["embedding_dim"])
         patients = list(frame["patient_id"])
         metrics[space] = retrieval_metrics(

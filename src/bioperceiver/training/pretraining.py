@@ -148,9 +148,10 @@ class ContrastivePretrainer(nn.Module):
         latents, mask = self._latent_views(out)
         views = self.projection(latents)
         if self.subset_views:
-            extra, extra_mask, extra_latents = self._subset_views(inputs)
+            extra, extra_mask, extra_latents = self._subset_views(inputs, with_latents=bool(self.decorrelation))
             views, mask = torch.cat([views, extra], dim=1), torch.cat([mask, extra_mask], dim=1)
-            latents = torch.cat([latents, extra_latents], dim=1)
+            if self.decorrelation:
+                latents = torch.cat([latents, extra_latents], dim=1)
         emb = {"views": views, "mask": mask}
         if self.decorrelation:
             emb["latents"] = latents  # (B, V, D), before the head: what the decorrelation term sees
@@ -173,12 +174,14 @@ class ContrastivePretrainer(nn.Module):
     def subset_views_of(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected masked-subset views ``(B, K, P)`` of ``subset_modality`` and their mask ``(B, K)`` (samples
         having the modality): the ``K`` subsets of all those samples go through the backbone in one call."""
-        views, mask, _ = self._subset_views(inputs)
+        views, mask, _ = self._subset_views(inputs, with_latents=False)
         return views, mask
 
-    def _subset_views(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`subset_views_of`'s views and mask, and the same views before the head ``(B, K, D)`` (zeros where
-        absent, as the projected ones)."""
+    def _subset_views(
+        self, inputs: dict[str, Any], with_latents: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`subset_views_of`'s views and mask, and (``with_latents``, else ``None``) the same views before the
+        head ``(B, K, D)`` (zeros where absent, as the projected ones)."""
         name = self.subset_modality
         arrays = inputs.get(name)
         first = next(v for v in inputs.values() if v is not None)
@@ -190,7 +193,7 @@ class ContrastivePretrainer(nn.Module):
             return (
                 torch.zeros(b, k, p, device=device),
                 torch.zeros(b, k, dtype=torch.bool, device=device),
-                torch.zeros(b, k, d, device=device),
+                torch.zeros(b, k, d, device=device) if with_latents else None,
             )
         key = get_modality(self.model.config.modalities[name]["kind"]).mask_key
         if key not in arrays or arrays[key].dim() != 2:
@@ -203,15 +206,21 @@ class ContrastivePretrainer(nn.Module):
         rows = keep.any(dim=1).nonzero().flatten()
         mask = torch.zeros(b, k, dtype=torch.bool, device=keep.device)
         if rows.numel() == 0:
-            return torch.zeros(b, k, p, device=device), mask, torch.zeros(b, k, d, device=device)
+            return (
+                torch.zeros(b, k, p, device=device),
+                mask,
+                torch.zeros(b, k, d, device=device) if with_latents else None,
+            )
         masks = self.subset_masks(keep[rows])  # (K, b_m, N)
         sub = {a: torch.cat([v[rows]] * k) for a, v in arrays.items() if a != key}
         sub[key] = masks.reshape(-1, keep.shape[1]).to(arrays[key].dtype)
         pooled = self.model(inputs={name: sub}).pooler_output  # (K * b_m, D)
         proj = self.projection(pooled).reshape(k, rows.numel(), -1).transpose(0, 1)  # (b_m, K, P)
         views = proj.new_zeros(b, k, proj.shape[-1]).index_put((rows,), proj)
-        pooled = pooled.reshape(k, rows.numel(), -1).transpose(0, 1)  # (b_m, K, D)
-        latents = pooled.new_zeros(b, k, pooled.shape[-1]).index_put((rows,), pooled)
+        latents = None
+        if with_latents:
+            pooled = pooled.reshape(k, rows.numel(), -1).transpose(0, 1)  # (b_m, K, D)
+            latents = pooled.new_zeros(b, k, pooled.shape[-1]).index_put((rows,), pooled)
         mask[rows] = True
         return views, mask, latents
 
