@@ -1225,11 +1225,13 @@ def _seed_parts() -> list[Part]:
     return parts
 
 
-def _emb_cox(run: str, backbones: str, frac: str, init: int, reuse=(), cohorts=(), data: str = "cv_cohort"):
+def _emb_cox(run: str, backbones: str, frac: str, init: int, reuse=(), cohorts=(), data: str = "cv_cohort", extra=()):
     """``survival_cv.py`` argv: the three embedding-Cox arms only, on the fold-wise ``backbones`` (a ``survset/``
     folder), at ``frac`` of the labels with validation shrunk alike, tie-aware baselines, ``--init_seed init``,
-    reading back the ``reuse`` runs; ``cohorts``: only those (the external ones, in ``data``)."""
+    reading back the ``reuse`` runs; ``cohorts``: only those (the external ones, in ``data``); ``extra``: more
+    options (``--pca_rows non_test``)."""
     opts = ("--train_fraction", frac, "--subsample_validation", "--baseline_ties", "loss", "--init_seed", str(init))
+    opts = (*opts, *extra)
     back = ("--reuse_cache", *(f"{W}/survset/{r}" for r in reuse)) if reuse else ()
     return _survival(
         f"{W}/survset/{run}",
@@ -1263,6 +1265,43 @@ def _five_seed_parts() -> list[Part]:
         family = {f"pre{p}_init{i}": first + _pair_suffix(p, i) for p, i in FIVE_SEEDS}
         out = f"seed_spread_labeff_tf{frac}_val_tiesloss_emb5"
         parts.append(_spread(out, family, "the 5 distinct pretraining seeds combined", *ensemble))
+    return parts
+
+
+def _non_test_half_parts() -> list[Part]:
+    """Optional: the 5-seed embedding-Cox ensemble at 50% with every label-free step fitted on all non-test patients
+    (``--pca_rows non_test``), so the baselines' PCA sees the unlabelled profiles the fold-wise backbones were
+    pretrained on (sixteenth session). The (0, 0) run refits the PCA baselines and reads the rest back from the plain
+    50% run; the other seeds read the baselines back from it. Then the 5-seed ensemble, and (0, 0)'s every-PCA
+    settings against the plain run's, on the same test patients (~20 min)."""
+    parts = []
+    ensemble = ("--ensemble", "cox_clinical_emb_pretrained", "cox_clinical_emb_random")
+    plain, first = "survival_cv_labeff_tf0.5_val_tiesloss_emb", "survival_cv_labeff_tf0.5_val_tiesloss_emb_nt"
+    family = {}
+    for pre, init in FIVE_SEEDS:
+        run = first + _pair_suffix(pre, init)
+        family[f"pre{pre}_init{init}"] = run
+        reuse = (plain,) if run == first else (first,)
+        argv = _emb_cox(run, _backbones(pre), "0.5", init, reuse, extra=("--pca_rows", "non_test"))
+        what = f"{plain + _pair_suffix(pre, init)} with every PCA fitted on all non-test patients"
+        needs = [*reuse, *_backbone_parts(pre)]
+        parts.append(Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=needs, minutes=4, optional=True))
+    out = "seed_spread_labeff_tf0.5_val_tiesloss_emb_nt5"
+    parts.append(
+        _spread(out, family, "the 5 distinct pretraining seeds combined, every PCA on non-test patients", *ensemble)
+    )
+    parts.append(
+        _spread(
+            "versus_labeff_tf0.5_val_tiesloss_emb_nt",
+            {"pca_non_test": first, "pca_train": plain},
+            "every PCA on all non-test patients - on the labelled training patients, 50%, same test patients",
+            "--versus",
+            "cox_clinical_pcs",
+            "rsf",
+            "cox_clinical_emb_pretrained",
+            "cox_clinical_emb_random",
+        )
+    )
     return parts
 
 
@@ -1591,6 +1630,7 @@ PARTS: list[Part] = [
     *_decorrelation_parts(),
     *_external_ensemble_parts(),
     *_five_seed_parts(),
+    *_non_test_half_parts(),
 ]
 
 
