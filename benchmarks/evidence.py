@@ -1305,6 +1305,30 @@ def _non_test_half_parts() -> list[Part]:
     return parts
 
 
+def _fusion_parts() -> list[Part]:
+    """Optional: late fusion of the embedding-Cox seed ensembles with each cohort's best baseline (``seed_spread.py
+    --fuse_with best_baseline``: ranks within each test fold averaged, no weight chosen), for the pretrained and the
+    random embeddings alike -- does the pretrained embedding add to the classical model, and more than a random one?
+    On the 5-seed development families at 25% and 50% (and 50% with every PCA on non-test patients) and the 3-seed
+    external families (evaluation only), fixed before they were run (sixteenth session). Each reads the families'
+    caches only (~1 min each)."""
+    fuse = ("--ensemble", "cox_clinical_emb_pretrained", "cox_clinical_emb_random", "--fuse_with", "best_baseline")
+    families = {}
+    for frac in ("0.25", "0.5"):
+        first = f"survival_cv_labeff_tf{frac}_val_tiesloss_emb"
+        families[f"seed_spread_labeff_tf{frac}_val_tiesloss_emb5_fused"] = (first, FIVE_SEEDS, "5 seeds")
+    first = "survival_cv_labeff_tf0.5_val_tiesloss_emb_nt"
+    families["seed_spread_labeff_tf0.5_val_tiesloss_emb_nt5_fused"] = (first, FIVE_SEEDS, "5 seeds, every PCA non-test")
+    for frac in ("0.25", "0.5"):
+        first = f"survival_cv_ext_labeff_tf{frac}_val_tiesloss_emb"
+        families[f"seed_spread_ext_labeff_tf{frac}_val_tiesloss_emb3_fused"] = (first, FIVE_SEEDS[:3], "external")
+    parts = []
+    for out, (first, pairs, what) in families.items():
+        runs = {f"pre{p}_init{i}": first + _pair_suffix(p, i) for p, i in pairs}
+        parts.append(_spread(out, runs, f"the embedding ensembles fused with the best baseline ({what})", *fuse))
+    return parts
+
+
 def _external_ensemble_parts() -> list[Part]:
     """Optional: the configuration nearest both SurvSet targets on the development cohorts -- the frozen embedding
     in a Cox model, each pretraining seed once ((0, 0), (1, 1), (2, 2)), the runs' risks averaged -- on the external
@@ -1631,6 +1655,7 @@ PARTS: list[Part] = [
     *_external_ensemble_parts(),
     *_five_seed_parts(),
     *_non_test_half_parts(),
+    *_fusion_parts(),
 ]
 
 

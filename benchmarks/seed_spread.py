@@ -19,6 +19,9 @@ Give this script several ``survival_cv.py`` output folders -- the same cohorts, 
   single arm: per cohort against the best baseline (chosen on validation, as in the runs) and against ``CONTROL``
   averaged the same way, then pooled over the cohorts (``survival_cv.py``'s paired patient bootstrap, the same
   draws). An ensemble of pretraining seeds is the usual answer to seed-to-seed spread; this asks whether it pays.
+* with ``--fuse_with MODEL`` (and ``--ensemble``): late fusion of each ensemble with a baseline (``best_baseline``:
+  each cohort's validation pick), their ranks within each test fold averaged with equal weights, against the best
+  baseline and fused control against fused arm: does the arm add anything to the classical model?
 * with ``--versus ARM...``: runs that differ in one setting (e.g. ``survival_cv.py --bp_head_linear`` against the
   same run without it): the first run's ARM minus each other run's, paired on the same test patients, per cohort
   and pooled over the cohorts where the setting changed anything.
@@ -196,13 +199,32 @@ def cached_risks(run: dict, cohort: str, model: str, fold: int, *, neural: bool 
     return np.asarray(rec["risk_test"], float)
 
 
-def ensemble(runs: list[dict], arm: str, control: str | None, n_boot: int) -> dict:
+BEST = "best_baseline"  # --fuse_with's name for each cohort's best baseline (validation's pick)
+
+
+def fold_ranks(risk: np.ndarray) -> np.ndarray:
+    """Risks as ranks within one test fold, scaled to (0, 1] (ties share their average rank): a monotone map, so a
+    model's C-index is unchanged, and two models' ranks can be averaged whatever the scale of their risks."""
+    from scipy.stats import rankdata
+
+    return rankdata(risk) / len(risk)
+
+
+def ensemble(runs: list[dict], arm: str, control: str | None, n_boot: int, fuse: str | None = None) -> dict:
     """``arm`` (and ``control``) with each patient's test risk averaged over ``runs``: per cohort the test C-index
-    and the paired differences against the best baseline and the averaged ``control``; pooled per role."""
+    and the paired differences against the best baseline and the averaged ``control``; pooled per role.
+
+    ``fuse``: a baseline model, or ``BEST`` for each cohort's best baseline. Late fusion with it, a fixed rule
+    with no weight chosen: in each test fold the ensemble's risks and ``fuse``'s are turned into ranks
+    (``fold_ranks``) and averaged with equal weights, for ``arm`` and for ``control`` alike. This asks whether the
+    arm adds to the classical model (fused − best baseline) and whether it adds more than ``control`` does (fused
+    arm − fused control). The ranks use the fold's test patients as the reference set (their covariates, no label)."""
     from bioperceiver.data import read_manifest
     from bioperceiver.evaluation import concordance_index
 
     cv = _survival_cv()
+    if fuse not in (None, BEST, *cv.BASELINES):
+        raise ValueError(f"--fuse_with {fuse}: give {BEST} or a classical baseline ({', '.join(cv.BASELINES)})")
     res0 = runs[0]["res"]
     table = read_manifest(res0["manifest"]).table
     cohorts, scores = {}, {}
@@ -217,6 +239,12 @@ def ensemble(runs: list[dict], arm: str, control: str | None, n_boot: int) -> di
         models = {f"{arm} (ensemble)": arm, "best baseline": best}
         if control:
             models[f"{control} (ensemble)"] = control
+        partner = best if fuse == BEST else fuse
+        if partner and partner not in models.values():
+            models[partner] = partner
+        partner_key = next((n for n, m in models.items() if m == partner and n != f"{arm} (ensemble)"), None)
+        label = "best baseline" if fuse == BEST else fuse
+        fused = {f"{n} + {label}, ranks averaged": n for n in models if n.endswith("(ensemble)")} if fuse else {}
         folds = []
         for k, f in enumerate(c0["folds"]):
             ids = f["test_ids"]
@@ -224,6 +252,8 @@ def ensemble(runs: list[dict], arm: str, control: str | None, n_boot: int) -> di
                 name: np.mean([cached_risks(r, cohort, m, k, neural=m not in cv.BASELINES) for r in runs], axis=0)
                 for name, m in models.items()
             }
+            for name, member in fused.items():
+                risks[name] = (fold_ranks(risks[member]) + fold_ranks(risks[partner_key])) / 2
             folds.append(
                 {
                     "time": rows.loc[ids, "label_survival_time"].to_numpy(float),
@@ -234,21 +264,34 @@ def ensemble(runs: list[dict], arm: str, control: str | None, n_boot: int) -> di
             )
         scores[cohort] = {
             name: float(np.mean([concordance_index(f["time"], f["risks"][name], f["event"]) for f in folds]))
-            for name in models
+            for name in [*models, *fused]
         }
         scores[cohort]["best baseline is"] = best
+        pairs = [(f"{arm} (ensemble)", o) for o in models if o not in (f"{arm} (ensemble)", fuse)]
+        if fuse:
+            first, *rest = fused
+            pairs += [(first, "best baseline"), *((first, o) for o in rest)]
+            if partner_key != "best baseline":
+                pairs.append((first, partner_key))
         diffs = {}
-        for other in [o for o in models if o != f"{arm} (ensemble)"]:
-            data = [{**f, "risks": np.array([f["risks"][f"{arm} (ensemble)"], f["risks"][other]])} for f in folds]
+        for a, b in pairs:
+            data = [{**f, "risks": np.array([f["risks"][a], f["risks"][b]])} for f in folds]
             d = cv.paired_difference(data, n_boot, res0["seed"])
-            diffs[f"{arm} (ensemble) - {other}"] = {**d, "pair": [f"{arm} (ensemble)", other]}
+            diffs[f"{a} - {b}"] = {**d, "pair": [a, b]}
         cohorts[cohort] = {"role": c0["role"], "paired_differences": diffs}
     pooled = {role: cv.pooled_differences(cohorts, role) for role in ("development", "external")}
     per_cohort = {
         c: {k: {a: b for a, b in d.items() if a != "_replicates"} for k, d in r["paired_differences"].items()}
         for c, r in cohorts.items()
     }
-    return {"arm": arm, "control": control, "test_c_index": scores, "paired_differences": per_cohort, "pooled": pooled}
+    return {
+        "arm": arm,
+        "control": control,
+        "fuse_with": fuse,
+        "test_c_index": scores,
+        "paired_differences": per_cohort,
+        "pooled": pooled,
+    }
 
 
 def versus(runs: list[dict], labels: list[str], arm: str, n_boot: int, roles=("development", "external")) -> dict:
@@ -438,6 +481,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "CONTROL averaged the same way",
     )
     p.add_argument(
+        "--fuse_with",
+        default=None,
+        metavar="MODEL",
+        help=f"with --ensemble: also average, per test fold, the ranks of each ensemble's risks with MODEL's (a "
+        f"baseline, or {BEST} for each cohort's validation pick): does the arm add to the classical model?",
+    )
+    p.add_argument(
         "--versus",
         nargs="+",
         metavar="ARM",
@@ -453,6 +503,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give at least two --runs")
     if args.ensemble is not None and len(args.ensemble) > 2:
         p.error("--ensemble takes an arm and at most one control arm")
+    if args.fuse_with and not args.ensemble:
+        p.error("--fuse_with fuses the --ensemble arms with a baseline: give --ensemble ARM [CONTROL] too")
     if args.versus and args.ensemble:
         p.error("--versus compares runs that differ in a setting; --ensemble averages seeds of one setting: pick one")
     return args
@@ -478,7 +530,7 @@ def main(argv=None) -> dict:
     if args.ensemble:
         n_boot = len(next(iter(runs[0]["replicates"].values()), np.zeros(1000)))  # the runs' own draws
         arm, control = args.ensemble[0], (args.ensemble[1:] or [None])[0]
-        result["ensemble"] = ensemble(runs, arm, control, n_boot)
+        result["ensemble"] = ensemble(runs, arm, control, n_boot, args.fuse_with)
         lines += ensemble_lines(result["ensemble"], len(runs))
     if args.versus:
         n_boot = len(next(iter(runs[0]["replicates"].values()), np.zeros(1000)))

@@ -396,8 +396,9 @@ EMB_ENSEMBLE = ["cox_clinical_emb_pretrained", "cox_clinical_emb_random"]  # --e
 
 
 def _ensembled(part) -> list[str]:
-    """The arms a seed_spread.py part averages over runs (``--ensemble``, its last option)."""
-    return part.argv[part.argv.index("--ensemble") + 1 :]
+    """The arms a seed_spread.py part averages over runs (``--ensemble``, up to the next option)."""
+    rest = part.argv[part.argv.index("--ensemble") + 1 :]
+    return rest[: next((i for i, a in enumerate(rest) if a.startswith("--")), len(rest))]
 
 
 def runs_loss_4(plain: str) -> list[str]:
@@ -726,3 +727,23 @@ def test_the_non_test_half_parts_give_the_baselines_the_unlabelled_profiles_for_
     spread = parts["survset_seed_spread_labeff_tf0.5_val_tiesloss_emb_nt5"]
     assert _listed(spread) == runs and _ensembled(spread) == EMB_ENSEMBLE
     assert _listed(parts["survset_versus_labeff_tf0.5_val_tiesloss_emb_nt"]) == [first, plain]
+
+
+def test_the_fusion_parts_fuse_each_family_with_the_best_baseline():
+    """Late fusion with each cohort's best baseline, for the pretrained and the random embeddings alike: the 5-seed
+    development families at 25% and 50% (and 50% with every PCA non-test) and the 3-seed external families, each
+    family's runs in seed order, nothing refitted (seed_spread.py reads their caches)."""
+    parts = {p.name: p for p in evidence.PARTS}
+    expect = {
+        "labeff_tf0.25_val_tiesloss_emb5": ("survival_cv_labeff_tf0.25_val_tiesloss_emb", 5),
+        "labeff_tf0.5_val_tiesloss_emb5": ("survival_cv_labeff_tf0.5_val_tiesloss_emb", 5),
+        "labeff_tf0.5_val_tiesloss_emb_nt5": ("survival_cv_labeff_tf0.5_val_tiesloss_emb_nt", 5),
+        "ext_labeff_tf0.25_val_tiesloss_emb3": ("survival_cv_ext_labeff_tf0.25_val_tiesloss_emb", 3),
+        "ext_labeff_tf0.5_val_tiesloss_emb3": ("survival_cv_ext_labeff_tf0.5_val_tiesloss_emb", 3),
+    }
+    for tag, (first, n) in expect.items():
+        part = parts[f"survset_seed_spread_{tag}_fused"]
+        assert _listed(part) == [first, *(f"{first}_pre{s}" for s in range(1, n))]
+        assert _ensembled(part) == EMB_ENSEMBLE and part.optional
+        assert part.argv[part.argv.index("--fuse_with") + 1] == "best_baseline"
+        assert set(part.needs) <= {p.name for p in evidence.PARTS}

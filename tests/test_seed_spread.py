@@ -140,14 +140,12 @@ def test_runs_that_do_not_pair_are_refused(tmp_path):
         ss.parse_args(["--runs", str(a), "--output_dir", str(tmp_path)])  # one run: nothing to combine
 
 
-def test_ensemble_averages_the_runs_cached_risks(tmp_path):
-    """--ensemble: each patient's test risk averaged over the runs (read from their caches, checked to be theirs),
-    scored against the best baseline and the averaged control with survival_cv's paired bootstrap; a cache another
-    run wrote over is refused."""
+def _ensemble_runs(tmp_path):
+    """Two runs of one 2-fold nki70 cohort with cached test risks for an arm ``emb``, a control ``rnd`` and the
+    best baseline ``cox_clinical_pcs``: (runs, risks by (run, model, fold), time, event, n per fold)."""
     import pandas as pd
 
     from bioperceiver.data import write_manifest
-    from bioperceiver.evaluation import concordance_index
 
     rng = np.random.default_rng(3)
     n = 40
@@ -198,6 +196,17 @@ def test_ensemble_averages_the_runs_cached_risks(tmp_path):
             },
         }
         runs.append({"folder": str(folder), "res": res, "replicates": {}})
+    return runs, risks, time, event, n
+
+
+def test_ensemble_averages_the_runs_cached_risks(tmp_path):
+    """--ensemble: each patient's test risk averaged over the runs (read from their caches, checked to be theirs),
+    scored against the best baseline and the averaged control with survival_cv's paired bootstrap; a cache another
+    run wrote over is refused."""
+    from bioperceiver.evaluation import concordance_index
+
+    runs, risks, time, event, n = _ensemble_runs(tmp_path)
+    models = ("emb", "rnd", "cox_clinical_pcs")
     ens = ss.ensemble(runs, "emb", "rnd", n_boot=200)
     mean = {m: [(risks[0, m, k] + risks[1, m, k]) / 2 for k in range(2)] for m in models}
     fold_t = [time[:n], time[n:]]
@@ -327,3 +336,56 @@ def test_versus_pairs_one_arm_across_two_runs_on_the_same_patients(tmp_path):
     assert v["pooled"]["development"]["difference"] == pytest.approx(ref["difference"])
     lines = ss.versus_lines(vs)
     assert any(line.startswith("| pooled, development (1) |") for line in lines) and "NSBCD" in lines[-2]
+
+
+def test_fusion_averages_fold_ranks_of_the_ensemble_and_the_best_baseline(tmp_path):
+    """--fuse_with: in each test fold the ensemble's risks and the best baseline's become ranks in (0, 1] and are
+    averaged (a C-index is unchanged by ranking, ties included); the fused arm is scored against the best baseline
+    and the fused control with survival_cv's paired bootstrap; naming the best baseline's model gives the same."""
+    from scipy.stats import rankdata
+
+    from bioperceiver.evaluation import concordance_index
+
+    runs, risks, time, event, n = _ensemble_runs(tmp_path)
+    tied = np.array([0.3, 0.3, 1.0, -2.0, 0.3])
+    assert ss.fold_ranks(tied).tolist() == [0.6, 0.6, 1.0, 0.2, 0.6]
+    t, e = np.array([1.0, 2.0, 3.0, 4.0, 5.0]), np.array([1, 1, 0, 1, 1])
+    assert concordance_index(t, ss.fold_ranks(tied), e) == pytest.approx(concordance_index(t, tied, e))
+    ens = ss.ensemble(runs, "emb", "rnd", n_boot=200, fuse=ss.BEST)
+    fused, fused_rnd = (
+        "emb (ensemble) + best baseline, ranks averaged",
+        "rnd (ensemble) + best baseline, ranks averaged",
+    )
+    fold_data = []
+    for k in range(2):
+        sl = slice(k * n, (k + 1) * n)
+        mean = {m: (risks[0, m, k] + risks[1, m, k]) / 2 for m in ("emb", "rnd", "cox_clinical_pcs")}
+        base = rankdata(mean["cox_clinical_pcs"]) / n
+        fold_data.append(
+            {
+                "time": time[sl],
+                "event": event[sl],
+                "patients": np.array([f"p{i}" for i in range(k * n, (k + 1) * n)]),
+                "risks": np.array([(rankdata(mean["emb"]) / n + base) / 2, mean["cox_clinical_pcs"]]),
+                "control": (rankdata(mean["rnd"]) / n + base) / 2,
+            }
+        )
+    expect = np.mean([concordance_index(f["time"], f["risks"][0], f["event"]) for f in fold_data])
+    assert ens["test_c_index"]["nki70"][fused] == pytest.approx(expect)
+    assert fused_rnd in ens["test_c_index"]["nki70"]
+    ref = cv.paired_difference(fold_data, 200, 0)
+    got = ens["pooled"]["development"][f"{fused} - best baseline"]
+    assert got["difference"] == pytest.approx(ref["difference"])
+    assert got["ci95"] == pytest.approx(
+        [np.percentile(ref["_replicates"], 2.5), np.percentile(ref["_replicates"], 97.5)]
+    )
+    ref = cv.paired_difference([{**f, "risks": np.array([f["risks"][0], f["control"]])} for f in fold_data], 200, 0)
+    assert ens["pooled"]["development"][f"{fused} - {fused_rnd}"]["difference"] == pytest.approx(ref["difference"])
+    assert "emb (ensemble) - best baseline" in ens["pooled"]["development"]  # the unfused comparisons stay
+    assert any(fused in line for line in ss.ensemble_lines(ens, 2))
+    named = ss.ensemble(runs, "emb", "rnd", n_boot=200, fuse="cox_clinical_pcs")  # the cohort's pick, by name
+    assert named["test_c_index"]["nki70"]["emb (ensemble) + cox_clinical_pcs, ranks averaged"] == pytest.approx(expect)
+    with pytest.raises(ValueError, match="--fuse_with emb: give best_baseline or a classical baseline"):
+        ss.ensemble(runs, "emb", "rnd", n_boot=50, fuse="emb")
+    with pytest.raises(SystemExit):
+        ss.parse_args(["--runs", "a", "b", "--output_dir", str(tmp_path), "--fuse_with", ss.BEST])  # no --ensemble
