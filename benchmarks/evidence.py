@@ -1273,35 +1273,43 @@ def _non_test_half_parts() -> list[Part]:
     (``--pca_rows non_test``), so the baselines' PCA sees the unlabelled profiles the fold-wise backbones were
     pretrained on (sixteenth session). The (0, 0) run refits the PCA baselines and reads the rest back from the plain
     50% run; the other seeds read the baselines back from it. Then the 5-seed ensemble, and (0, 0)'s every-PCA
-    settings against the plain run's, on the same test patients (~20 min)."""
+    settings against the plain run's, on the same test patients (~20 min). The same 5 runs on the external cohorts,
+    evaluation only (their (0, 0) run reads back from the plain external 50% run; ~8 min)."""
     parts = []
     ensemble = ("--ensemble", "cox_clinical_emb_pretrained", "cox_clinical_emb_random")
-    plain, first = "survival_cv_labeff_tf0.5_val_tiesloss_emb", "survival_cv_labeff_tf0.5_val_tiesloss_emb_nt"
-    family = {}
-    for pre, init in FIVE_SEEDS:
-        run = first + _pair_suffix(pre, init)
-        family[f"pre{pre}_init{init}"] = run
-        reuse = (plain,) if run == first else (first,)
-        argv = _emb_cox(run, _backbones(pre), "0.5", init, reuse, extra=("--pca_rows", "non_test"))
-        what = f"{plain + _pair_suffix(pre, init)} with every PCA fitted on all non-test patients"
-        needs = [*reuse, *_backbone_parts(pre)]
-        parts.append(Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=needs, minutes=4, optional=True))
-    out = "seed_spread_labeff_tf0.5_val_tiesloss_emb_nt5"
-    parts.append(
-        _spread(out, family, "the 5 distinct pretraining seeds combined, every PCA on non-test patients", *ensemble)
-    )
-    parts.append(
-        _spread(
-            "versus_labeff_tf0.5_val_tiesloss_emb_nt",
-            {"pca_non_test": first, "pca_train": plain},
-            "every PCA on all non-test patients - on the labelled training patients, 50%, same test patients",
-            "--versus",
-            "cox_clinical_pcs",
-            "rsf",
-            "cox_clinical_emb_pretrained",
-            "cox_clinical_emb_random",
+    for ext in ("", "_ext"):
+        plain = f"survival_cv{ext}_labeff_tf0.5_val_tiesloss_emb"
+        first = f"{plain}_nt"
+        cohorts, data = (EXTERNAL_COHORTS, "external_cohort") if ext else ((), "cv_cohort")
+        family = {}
+        for pre, init in FIVE_SEEDS:
+            run = first + _pair_suffix(pre, init)
+            family[f"pre{pre}_init{init}"] = run
+            reuse = (plain,) if run == first else (first,)
+            argv = _emb_cox(run, _backbones(pre), "0.5", init, reuse, cohorts, data, ("--pca_rows", "non_test"))
+            what = f"{plain + _pair_suffix(pre, init)} with every PCA fitted on all non-test patients"
+            if ext:
+                what += ", evaluation only"
+            needs = [*reuse, *_backbone_parts(pre)]
+            out = f"survset/{run}/survival_cv.json"
+            parts.append(Part(run, what, argv, out, needs=needs, minutes=2 if ext else 4, optional=True))
+        if ext:
+            continue  # the external family is combined by its fusion part
+        out = "seed_spread_labeff_tf0.5_val_tiesloss_emb_nt5"
+        what = "the 5 distinct pretraining seeds combined, every PCA on non-test patients"
+        parts.append(_spread(out, family, what, *ensemble))
+        parts.append(
+            _spread(
+                "versus_labeff_tf0.5_val_tiesloss_emb_nt",
+                {"pca_non_test": first, "pca_train": plain},
+                "every PCA on all non-test patients - on the labelled training patients, 50%, same test patients",
+                "--versus",
+                "cox_clinical_pcs",
+                "rsf",
+                "cox_clinical_emb_pretrained",
+                "cox_clinical_emb_random",
+            )
         )
-    )
     return parts
 
 
@@ -1317,8 +1325,9 @@ def _fusion_parts() -> list[Part]:
     for frac in ("0.25", "0.5"):
         first = f"survival_cv_labeff_tf{frac}_val_tiesloss_emb"
         families[f"seed_spread_labeff_tf{frac}_val_tiesloss_emb5_fused"] = (first, FIVE_SEEDS, "5 seeds")
-    first = "survival_cv_labeff_tf0.5_val_tiesloss_emb_nt"
-    families["seed_spread_labeff_tf0.5_val_tiesloss_emb_nt5_fused"] = (first, FIVE_SEEDS, "5 seeds, every PCA non-test")
+    for ext, what in (("", "5 seeds, every PCA non-test"), ("_ext", "external, 5 seeds, every PCA non-test")):
+        first = f"survival_cv{ext}_labeff_tf0.5_val_tiesloss_emb_nt"
+        families[f"seed_spread{ext}_labeff_tf0.5_val_tiesloss_emb_nt5_fused"] = (first, FIVE_SEEDS, what)
     for frac in ("0.25", "0.5"):
         first = f"survival_cv_ext_labeff_tf{frac}_val_tiesloss_emb"
         families[f"seed_spread_ext_labeff_tf{frac}_val_tiesloss_emb3_fused"] = (first, FIVE_SEEDS[:3], "external")

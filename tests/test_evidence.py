@@ -709,24 +709,35 @@ def test_the_five_seed_parts_add_seeds_3_and_4_and_combine_each_seed_once():
 def test_the_non_test_half_parts_give_the_baselines_the_unlabelled_profiles_for_all_five_seeds():
     """50%, every PCA on all non-test patients: each of the 5 seed pairs on its own backbones and init seed with
     ``--pca_rows non_test``; (0, 0) reads back from the plain 50% run (the baselines without PCA), the others from
-    (0, 0)'s (the refitted baselines); the 5-seed ensemble and (0, 0) against the plain run."""
+    (0, 0)'s (the refitted baselines); the 5-seed ensemble and (0, 0) against the plain run. The same 5 runs on the
+    external cohorts only, evaluation only."""
     parts = {p.name: p for p in evidence.PARTS}
-    plain, first = "survival_cv_labeff_tf0.5_val_tiesloss_emb", "survival_cv_labeff_tf0.5_val_tiesloss_emb_nt"
-    runs = [first, *(f"{first}_pre{s}" for s in range(1, 5))]
-    for s, run in enumerate(runs):
-        argv = parts[run].argv
-        folder = "pretrain_cvfolds" if s == 0 else f"pretrain_cvfolds_seed{s}"
-        assert argv[argv.index("--pretrained_dir") + 1].endswith(f"survset/{folder}/fold{{fold}}/final")
-        assert argv[argv.index("--pca_rows") + 1] == "non_test" and argv[argv.index("--init_seed") + 1] == str(s)
-        assert argv[argv.index("--train_fraction") + 1] == "0.5" and "--subsample_validation" in argv
-        assert argv[argv.index("--baseline_ties") + 1] == "loss"
-        assert argv[argv.index("--bp_arms") + 1 :][:4] == [*evidence.EMB_ARMS, "--pretrained_dir"]
-        reuse = plain if s == 0 else first
-        assert argv[argv.index("--reuse_cache") + 1].endswith(f"survset/{reuse}") and reuse in parts[run].needs
-        assert parts[run].optional
+    for ext in ("", "_ext"):
+        plain = f"survival_cv{ext}_labeff_tf0.5_val_tiesloss_emb"
+        first = f"{plain}_nt"
+        runs = [first, *(f"{first}_pre{s}" for s in range(1, 5))]
+        for s, run in enumerate(runs):
+            argv = parts[run].argv
+            folder = "pretrain_cvfolds" if s == 0 else f"pretrain_cvfolds_seed{s}"
+            assert argv[argv.index("--pretrained_dir") + 1].endswith(f"survset/{folder}/fold{{fold}}/final")
+            assert argv[argv.index("--pca_rows") + 1] == "non_test" and argv[argv.index("--init_seed") + 1] == str(s)
+            assert argv[argv.index("--train_fraction") + 1] == "0.5" and "--subsample_validation" in argv
+            assert argv[argv.index("--baseline_ties") + 1] == "loss"
+            assert argv[argv.index("--bp_arms") + 1 :][:4] == [*evidence.EMB_ARMS, "--pretrained_dir"]
+            reuse = plain if s == 0 else first
+            assert argv[argv.index("--reuse_cache") + 1].endswith(f"survset/{reuse}") and reuse in parts[run].needs
+            assert parts[run].optional
+            data = argv[argv.index("--data_dir") + 1]
+            if ext:
+                assert data.endswith("survset/external_cohort")
+                assert argv[argv.index("--cohorts") + 1 :][:7] == [*evidence.EXTERNAL_COHORTS, "--folds"]
+            else:
+                assert data.endswith("survset/cv_cohort") and "--cohorts" not in argv
+    first = "survival_cv_labeff_tf0.5_val_tiesloss_emb_nt"
     spread = parts["survset_seed_spread_labeff_tf0.5_val_tiesloss_emb_nt5"]
-    assert _listed(spread) == runs and _ensembled(spread) == EMB_ENSEMBLE
-    assert _listed(parts["survset_versus_labeff_tf0.5_val_tiesloss_emb_nt"]) == [first, plain]
+    assert _listed(spread) == [first, *(f"{first}_pre{s}" for s in range(1, 5))]
+    assert _ensembled(spread) == EMB_ENSEMBLE
+    assert _listed(parts["survset_versus_labeff_tf0.5_val_tiesloss_emb_nt"]) == [first, first[: -len("_nt")]]
 
 
 def test_the_fusion_parts_fuse_each_family_with_the_best_baseline():
@@ -738,6 +749,7 @@ def test_the_fusion_parts_fuse_each_family_with_the_best_baseline():
         "labeff_tf0.25_val_tiesloss_emb5": ("survival_cv_labeff_tf0.25_val_tiesloss_emb", 5),
         "labeff_tf0.5_val_tiesloss_emb5": ("survival_cv_labeff_tf0.5_val_tiesloss_emb", 5),
         "labeff_tf0.5_val_tiesloss_emb_nt5": ("survival_cv_labeff_tf0.5_val_tiesloss_emb_nt", 5),
+        "ext_labeff_tf0.5_val_tiesloss_emb_nt5": ("survival_cv_ext_labeff_tf0.5_val_tiesloss_emb_nt", 5),
         "ext_labeff_tf0.25_val_tiesloss_emb3": ("survival_cv_ext_labeff_tf0.25_val_tiesloss_emb", 3),
         "ext_labeff_tf0.5_val_tiesloss_emb3": ("survival_cv_ext_labeff_tf0.5_val_tiesloss_emb", 3),
     }
