@@ -240,6 +240,11 @@ def ensemble(runs: list[dict], arm: str, control: str | None, n_boot: int, fuse:
         if control:
             models[f"{control} (ensemble)"] = control
         partner = best if fuse == BEST else fuse
+        if partner and "test" not in c0["models"].get(partner, {}):
+            logger.info(
+                "%s: no %s to fuse with (the cohort has no such baseline); left out of the ensemble", cohort, fuse
+            )
+            continue
         if partner and partner not in models.values():
             models[partner] = partner
         partner_key = next((n for n, m in models.items() if m == partner and n != f"{arm} (ensemble)"), None)

@@ -385,6 +385,8 @@ def test_fusion_averages_fold_ranks_of_the_ensemble_and_the_best_baseline(tmp_pa
     assert any(fused in line for line in ss.ensemble_lines(ens, 2))
     named = ss.ensemble(runs, "emb", "rnd", n_boot=200, fuse="cox_clinical_pcs")  # the cohort's pick, by name
     assert named["test_c_index"]["nki70"]["emb (ensemble) + cox_clinical_pcs, ranks averaged"] == pytest.approx(expect)
+    absent = ss.ensemble(runs, "emb", "rnd", n_boot=50, fuse="cox_clinical")  # a baseline the cohort lacks
+    assert absent["test_c_index"] == {}
     with pytest.raises(ValueError, match="--fuse_with emb: give best_baseline or a classical baseline"):
         ss.ensemble(runs, "emb", "rnd", n_boot=50, fuse="emb")
     with pytest.raises(SystemExit):
