@@ -1273,8 +1273,8 @@ def _non_test_half_parts() -> list[Part]:
     (``--pca_rows non_test``), so the baselines' PCA sees the unlabelled profiles the fold-wise backbones were
     pretrained on (sixteenth session). The (0, 0) run refits the PCA baselines and reads the rest back from the plain
     50% run; the other seeds read the baselines back from it. Then the 5-seed ensemble, and (0, 0)'s every-PCA
-    settings against the plain run's, on the same test patients (~20 min). The same 5 runs on the external cohorts,
-    evaluation only (their (0, 0) run reads back from the plain external 50% run; ~8 min)."""
+    settings against the plain run's, on the same test patients (~11 min). The same 5 runs on the external cohorts,
+    evaluation only (their (0, 0) run reads back from the plain external 50% run; ~15 min)."""
     parts = []
     ensemble = ("--ensemble", "cox_clinical_emb_pretrained", "cox_clinical_emb_random")
     for ext in ("", "_ext"):
@@ -1292,7 +1292,7 @@ def _non_test_half_parts() -> list[Part]:
                 what += ", evaluation only"
             needs = [*reuse, *_backbone_parts(pre)]
             out = f"survset/{run}/survival_cv.json"
-            parts.append(Part(run, what, argv, out, needs=needs, minutes=2 if ext else 4, optional=True))
+            parts.append(Part(run, what, argv, out, needs=needs, minutes=3, optional=True))
         if ext:
             continue  # the external family is combined by its fusion part
         out = "seed_spread_labeff_tf0.5_val_tiesloss_emb_nt5"
@@ -1317,9 +1317,10 @@ def _fusion_parts() -> list[Part]:
     """Optional: late fusion of the embedding-Cox seed ensembles with each cohort's best baseline (``seed_spread.py
     --fuse_with best_baseline``: ranks within each test fold averaged, no weight chosen), for the pretrained and the
     random embeddings alike -- does the pretrained embedding add to the classical model, and more than a random one?
-    On the 5-seed development families at 25% and 50% (and 50% with every PCA on non-test patients) and the 3-seed
-    external families (evaluation only), fixed before they were run (sixteenth session). Each reads the families'
-    caches only (~1 min each)."""
+    On the 5-seed development families at 25% and 50% (and 50% with every PCA on non-test patients), the 3-seed
+    external families at 25% and 50% and the 5-seed external one at 50% with every PCA on non-test patients
+    (evaluation only), fixed before they were run (sixteenth session). Each reads the families' caches only (~10 s
+    each)."""
     fuse = ("--ensemble", "cox_clinical_emb_pretrained", "cox_clinical_emb_random", "--fuse_with", "best_baseline")
     families = {}
     for frac in ("0.25", "0.5"):
