@@ -159,6 +159,8 @@ def _seed_spread(out: str, runs: dict[str, str], *extra: str) -> list[str]:
 
 
 EMB_ARMS = ("cox_clinical_emb_pretrained", "cox_clinical_emb_random", "cox_clinical_pcs_emb_pretrained")
+# seed_spread.py: the pretrained embedding-Cox arm averaged over runs, against the random-init embedding alike
+EMB_ENSEMBLE = ("--ensemble", "cox_clinical_emb_pretrained", "cox_clinical_emb_random")
 EXTERNAL_COHORTS = ("gse3143", "DBCD", "DLBCL", "chop", "AML_Bull", "vdv")  # evaluation only
 FINETUNED_ARMS = ("bp_random", "bp_pretrained", "bp_random_probe", "bp_pretrained_probe")
 LR_GRID = ("3e-4", "1e-3", "3e-3")  # the optional learning-rate-grid parts (the PadChest label-efficiency grid)
@@ -1083,7 +1085,7 @@ def _seed_parts() -> list[Part]:
                 )
             )
             family[f"pre{pre}_init{init}"] = run
-        ensemble = ("--ensemble", "cox_clinical_emb_pretrained", "cox_clinical_emb_random")
+        ensemble = EMB_ENSEMBLE
         parts.append(_spread(f"seed_spread_labeff_tf0.25_val_tiesloss{tag}4", family, "the 4 runs combined", *ensemble))
     # the same embedding arms (and the baselines) on the external cohorts, evaluation only, seed pair (0, 0): the
     # fold-wise backbones never saw these cohorts (their genes are added to the vocabulary per fold, on its training
@@ -1189,7 +1191,7 @@ def _seed_parts() -> list[Part]:
             )
         )
         family[f"pre{pre}_init{init}"] = run
-    ensemble = ("--ensemble", "cox_clinical_emb_pretrained", "cox_clinical_emb_random")
+    ensemble = EMB_ENSEMBLE
     parts.append(_spread("seed_spread_labeff_tf0.5_val_tiesloss_emb4", family, "the 4 runs combined", *ensemble))
     # each pretraining seed once ((0, 1) shares (0, 0)'s backbones): the ensembles over 3 distinct seeds, 50% and 25%
     quarter = {f"pre{p}_init{i}": f"{plain}_tiesloss_emb{_pair_suffix(p, i)}" for p, i in SEED_PAIRS}
@@ -1251,7 +1253,7 @@ def _five_seed_parts() -> list[Part]:
     ``survset_pretrain_seed{3,4}_fold*``), the baselines read back from the same fraction's (0, 0) run, and the
     5-seed ensembles with each pretraining seed once (fifteenth session; ~40 min with the backbones)."""
     parts = []
-    ensemble = ("--ensemble", "cox_clinical_emb_pretrained", "cox_clinical_emb_random")
+    ensemble = EMB_ENSEMBLE
     for frac in ("0.25", "0.5"):
         first = f"survival_cv_labeff_tf{frac}_val_tiesloss_emb"
         for pre, init in FIVE_SEEDS[3:]:
@@ -1276,7 +1278,7 @@ def _non_test_half_parts() -> list[Part]:
     settings against the plain run's, on the same test patients (~11 min). The same 5 runs on the external cohorts,
     evaluation only (their (0, 0) run reads back from the plain external 50% run; ~15 min)."""
     parts = []
-    ensemble = ("--ensemble", "cox_clinical_emb_pretrained", "cox_clinical_emb_random")
+    ensemble = EMB_ENSEMBLE
     for ext in ("", "_ext"):
         plain = f"survival_cv{ext}_labeff_tf0.5_val_tiesloss_emb"
         first = f"{plain}_nt"
@@ -1321,7 +1323,7 @@ def _fusion_parts() -> list[Part]:
     external families at 25% and 50% and the 5-seed external one at 50% with every PCA on non-test patients
     (evaluation only), fixed before they were run (sixteenth session). Each reads the families' caches only (~10 s
     each)."""
-    fuse = ("--ensemble", "cox_clinical_emb_pretrained", "cox_clinical_emb_random", "--fuse_with", "best_baseline")
+    fuse = (*EMB_ENSEMBLE, "--fuse_with", "best_baseline")
     families = {}
     for frac in ("0.25", "0.5"):
         first = f"survival_cv_labeff_tf{frac}_val_tiesloss_emb"
@@ -1346,7 +1348,7 @@ def _external_ensemble_parts() -> list[Part]:
     25% is ``survival_cv_ext_labeff_tf0.25_val_tiesloss_emb``; later runs read the baselines back from the same
     fraction's (0, 0) run."""
     parts = []
-    ensemble = ("--ensemble", "cox_clinical_emb_pretrained", "cox_clinical_emb_random")
+    ensemble = EMB_ENSEMBLE
     for frac in ("0.25", "0.5"):
         first = f"survival_cv_ext_labeff_tf{frac}_val_tiesloss_emb"
         family = {}
@@ -1447,7 +1449,7 @@ def _decorrelation_parts() -> list[Part]:
             optional=True,
         )
     )
-    ensemble = ("--ensemble", "cox_clinical_emb_pretrained", "cox_clinical_emb_random")
+    ensemble = EMB_ENSEMBLE
     for frac in ("0.25", "0.5"):
         plain = f"survival_cv_labeff_tf{frac}_val_tiesloss_emb"
         family = {}
