@@ -1334,6 +1334,7 @@ def _fusion_parts() -> list[Part]:
     for frac in ("0.25", "0.5"):
         first = f"survival_cv_ext_labeff_tf{frac}_val_tiesloss_emb"
         families[f"seed_spread_ext_labeff_tf{frac}_val_tiesloss_emb3_fused"] = (first, FIVE_SEEDS[:3], "external")
+        families[f"seed_spread_ext_labeff_tf{frac}_val_tiesloss_emb5_fused"] = (first, FIVE_SEEDS, "external, 5 seeds")
     parts = []
     for out, (first, pairs, what) in families.items():
         runs = {f"pre{p}_init{i}": first + _pair_suffix(p, i) for p, i in pairs}
@@ -1346,13 +1347,14 @@ def _external_ensemble_parts() -> list[Part]:
     in a Cox model, each pretraining seed once ((0, 0), (1, 1), (2, 2)), the runs' risks averaged -- on the external
     cohorts at 25% and 50%, evaluation only (fixed before these runs; nothing is chosen on them). The (0, 0) run at
     25% is ``survival_cv_ext_labeff_tf0.25_val_tiesloss_emb``; later runs read the baselines back from the same
-    fraction's (0, 0) run."""
+    fraction's (0, 0) run. Seeds 3 and 4 too (sixteenth session, evaluation only), so the external ensembles have
+    the development cohorts' 5 seeds."""
     parts = []
     ensemble = EMB_ENSEMBLE
     for frac in ("0.25", "0.5"):
         first = f"survival_cv_ext_labeff_tf{frac}_val_tiesloss_emb"
         family = {}
-        for pre, init in ((0, 0), (1, 1), (2, 2)):
+        for pre, init in FIVE_SEEDS:
             run = first + _pair_suffix(pre, init)
             family[f"pre{pre}_init{init}"] = run
             if (frac, pre) == ("0.25", 0):
@@ -1366,8 +1368,11 @@ def _external_ensemble_parts() -> list[Part]:
             parts.append(
                 Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=needs, minutes=3, optional=True)
             )
+        three = dict(list(family.items())[:3])
         out = f"seed_spread_ext_labeff_tf{frac}_val_tiesloss_emb3"
-        parts.append(_spread(out, family, "the 3 pretraining seeds combined, external cohorts", *ensemble))
+        parts.append(_spread(out, three, "the 3 pretraining seeds combined, external cohorts", *ensemble))
+        out = f"seed_spread_ext_labeff_tf{frac}_val_tiesloss_emb5"
+        parts.append(_spread(out, family, "the 5 pretraining seeds combined, external cohorts", *ensemble))
     return parts
 
 

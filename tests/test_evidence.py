@@ -660,7 +660,8 @@ def test_the_decorrelation_parts_choose_the_weight_without_labels_and_pair_each_
 def test_the_external_ensemble_parts_only_evaluate_the_fixed_configuration():
     """The 3-seed embedding-Cox ensemble on the external cohorts at 25% and 50%: only the external cohorts, only the
     embedding arms (nothing finetuned or tuned there), each pair on its own backbones and init seed, the baselines
-    read back from the same fraction's (0, 0) run (at 25% the earlier part), and the ensemble over the three."""
+    read back from the same fraction's (0, 0) run (at 25% the earlier part), and the ensemble over the three; then
+    seeds 3 and 4 the same way and the ensemble over all five."""
     parts = {p.name: p for p in evidence.PARTS}
     backbones = [(suffix, folder, init) for suffix, folder, init in SEED_PAIR_RUNS if suffix != "_init1"]
     for frac in ("0.25", "0.5"):
@@ -679,6 +680,17 @@ def test_the_external_ensemble_parts_only_evaluate_the_fixed_configuration():
             runs.append(run)
         spread = parts[f"survset_seed_spread_ext_labeff_tf{frac}_val_tiesloss_emb3"]
         assert _listed(spread) == runs
+        assert _ensembled(spread) == EMB_ENSEMBLE
+        for s in (3, 4):  # seeds 3 and 4 as well (sixteenth session): their own backbones and init seeds
+            argv = parts[f"{first}_pre{s}"].argv
+            assert argv[argv.index("--cohorts") + 1 :][:7] == [*evidence.EXTERNAL_COHORTS, "--folds"]
+            assert argv[argv.index("--pretrained_dir") + 1].endswith(
+                f"survset/pretrain_cvfolds_seed{s}/fold{{fold}}/final"
+            )
+            assert argv[argv.index("--init_seed") + 1] == str(s) and argv[argv.index("--train_fraction") + 1] == frac
+            assert argv[argv.index("--reuse_cache") + 1].endswith(f"survset/{first}")
+        spread = parts[f"survset_seed_spread_ext_labeff_tf{frac}_val_tiesloss_emb5"]
+        assert _listed(spread) == [*runs, f"{first}_pre3", f"{first}_pre4"]
         assert _ensembled(spread) == EMB_ENSEMBLE
 
 
@@ -752,6 +764,8 @@ def test_the_fusion_parts_fuse_each_family_with_the_best_baseline():
         "ext_labeff_tf0.5_val_tiesloss_emb_nt5": ("survival_cv_ext_labeff_tf0.5_val_tiesloss_emb_nt", 5),
         "ext_labeff_tf0.25_val_tiesloss_emb3": ("survival_cv_ext_labeff_tf0.25_val_tiesloss_emb", 3),
         "ext_labeff_tf0.5_val_tiesloss_emb3": ("survival_cv_ext_labeff_tf0.5_val_tiesloss_emb", 3),
+        "ext_labeff_tf0.25_val_tiesloss_emb5": ("survival_cv_ext_labeff_tf0.25_val_tiesloss_emb", 5),
+        "ext_labeff_tf0.5_val_tiesloss_emb5": ("survival_cv_ext_labeff_tf0.5_val_tiesloss_emb", 5),
     }
     for tag, (first, n) in expect.items():
         part = parts[f"survset_seed_spread_{tag}_fused"]
