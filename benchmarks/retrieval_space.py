@@ -22,6 +22,7 @@ projected, the paired difference over the same queries with a bootstrap interval
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import shutil
@@ -93,18 +94,25 @@ def paired_r1(views: dict[str, torch.Tensor], mask, a: int, b: int, patients, n_
     return {"difference": float(diff.mean()), "ci95": [float(x) for x in np.quantile(reps, [0.025, 0.975])]}
 
 
+@functools.lru_cache(maxsize=4)
+def _held_out_split(run: Path):
+    """The pretraining ``run``'s config and its held-out rows, read once per run (each space embeds the same rows)."""
+    from bioperceiver.data import assign_splits, read_manifest
+    from bioperceiver.training import load_run_config
+
+    cfg = load_run_config(run / "final" / "run_config.yaml")
+    return cfg, assign_splits(read_manifest(cfg.data.manifest)).split(cfg.eval.split)
+
+
 def held_out_embeddings(loaded, run: Path, out: Path, space: str = "latent", batch_size: int | None = None):
     """``embed`` (in ``space``) the held-out split of the pretraining ``run``'s own manifest (its run config's
     ``data.manifest`` and ``eval.split``, split as the run split it) into ``out`` with ``loaded`` (the run's
     ``final/`` backbone), in the run's batch size unless ``batch_size`` is given (one process, as its evaluation).
     Returns ``(frame, metadata, view names, run config)``: the view names are the modalities, then ``fused`` when the
     run scored it."""
-    from bioperceiver.data import assign_splits, read_manifest
     from bioperceiver.inference.embedding import FUSED, embed, read_embeddings
-    from bioperceiver.training import load_run_config
 
-    cfg = load_run_config(run / "final" / "run_config.yaml")
-    held_out = assign_splits(read_manifest(cfg.data.manifest)).split(cfg.eval.split)
+    cfg, held_out = _held_out_split(Path(run))
     names = [*loaded.backbone.modality_names, *([FUSED] if cfg.loss.fused_view else [])]
     batch = batch_size or cfg.train.batch_size
     embed(loaded, held_out, out, batch_size=batch, process_index=0, num_processes=1, progress=False, space=space)
