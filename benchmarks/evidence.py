@@ -1376,6 +1376,54 @@ def _external_ensemble_parts() -> list[Part]:
     return parts
 
 
+GENE_MAP = "tokenizers/gene_maps/survset_genbank_to_symbol.tsv"  # vdv's GenBank accessions -> symbols (org.Hs.eg.db)
+
+
+def _gene_map_parts() -> list[Part]:
+    """Optional: the external check again with vdv's GenBank accessions mapped to gene symbols (``--gene_map``, a
+    data-preparation step fixed before these runs; seventeenth session): the 6 external cohorts rebuilt with the map
+    (only vdv's tokens change: 2,565 of its symbols are in the development vocabulary, 7 tokens before), the
+    embedding-Cox arms for the 5 seed pairs at 50% with every PCA on non-test patients (the setting of the external
+    check) and at 25%, their ensembles fused with the best baseline, and each fraction's (0, 0) run against the same
+    run without the map, on the same test patients (evaluation only; ~25 min)."""
+    parts = []
+    fuse = (*EMB_ENSEMBLE, "--fuse_with", "best_baseline")
+    mapped_opts = ("--gene_map", GENE_MAP)
+    for frac, nt, old in (
+        ("0.5", "_nt", "survival_cv_ext_labeff_tf0.5_val_tiesloss_emb_nt"),
+        ("0.25", "", "survival_cv_ext_labeff_tf0.25_val_tiesloss_emb"),
+    ):
+        first = f"survival_cv_ext_genemap_labeff_tf{frac}_val_tiesloss_emb{nt}"
+        extra = (*mapped_opts, *(("--pca_rows", "non_test") if nt else ()))
+        family = {}
+        for pre, init in FIVE_SEEDS:
+            run = first + _pair_suffix(pre, init)
+            family[f"pre{pre}_init{init}"] = run
+            reuse = () if run == first else (first,)
+            argv = _emb_cox(run, _backbones(pre), frac, init, reuse, EXTERNAL_COHORTS, "external_cohort_genemap", extra)
+            what = f"{old + _pair_suffix(pre, init)} with vdv's accessions mapped to symbols, evaluation only"
+            needs = [*reuse, *_backbone_parts(pre)]
+            parts.append(
+                Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=needs, minutes=3, optional=True)
+            )
+        out = f"seed_spread_ext_genemap_labeff_tf{frac}_val_tiesloss_emb{nt}5_fused"
+        what = f"the 5-seed external ensembles at {frac} with vdv mapped, fused with the best baseline"
+        parts.append(_spread(out, family, what, *fuse))
+        parts.append(
+            _spread(
+                f"versus_ext_genemap_labeff_tf{frac}_val_tiesloss_emb{nt}",
+                {"gene_map": first, "no_map": old},
+                f"vdv's accessions mapped to symbols - as distributed, {frac}, seed pair (0, 0), same test patients",
+                "--versus",
+                "cox_clinical_pcs",
+                "rsf",
+                "cox_clinical_emb_pretrained",
+                "cox_clinical_emb_random",
+            )
+        )
+    return parts
+
+
 DECOR_PROBE = ("1", "10")  # loss.decorrelation weights tried on fold 0 (seed 0), chosen on its pretraining split
 DECOR = "1"  # the weight chosen there (held-out contrastive loss and R@1; no survival label seen)
 
@@ -1673,6 +1721,7 @@ PARTS: list[Part] = [
     *_five_seed_parts(),
     *_non_test_half_parts(),
     *_fusion_parts(),
+    *_gene_map_parts(),
 ]
 
 

@@ -279,11 +279,14 @@ def ranked_pairs(time, event) -> int:
 
 
 def data_settings(args) -> dict:
-    """Cache-key entries of the data each model sees: empty at full data, so earlier caches stay valid."""
+    """Cache-key entries of the data each model sees: empty at full data without a gene map, so earlier caches stay
+    valid. A ``--gene_map`` enters as its sha256 (it changes the tokens of the cohorts it maps)."""
+    mapped = {"gene_map_sha256": sha} if (sha := getattr(args, "gene_map_sha256", None)) else {}
     fraction = getattr(args, "train_fraction", 1.0)
     if fraction == 1:
-        return {}
-    return {"train_fraction": fraction, **({"subsample_validation": True} if subsample_validation(args) else {})}
+        return mapped
+    sub = {"subsample_validation": True} if subsample_validation(args) else {}
+    return {"train_fraction": fraction, **sub, **mapped}
 
 
 def subsample_validation(args) -> bool:
@@ -1401,6 +1404,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="smoke run: 2 folds, 2 epochs")
     p.add_argument("--data_dir", default=None, help="cohort manifest folder (default OUTPUT_DIR/cohort)")
+    p.add_argument(
+        "--gene_map",
+        default=None,
+        help="accession -> symbol TSV given to the SurvSet recipe (tokenizers/gene_maps/survset_genbank_to_symbol.tsv:"
+        " vdv's GenBank accessions become symbols shared with the development cohorts); use its own --data_dir",
+    )
     p.add_argument("--output_dir", default=str(ROOT / "outputs" / "survival_cv"))
     args = p.parse_args(argv)
     if args.init_seed is None:
@@ -1443,9 +1452,13 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     from bioperceiver.data import read_manifest
     from bioperceiver.data.recipes.survset import build_survset_cohort
+    from bioperceiver.modalities.omics.gene_map import read_gene_map
 
+    gene_map = read_gene_map(args.gene_map) if args.gene_map else None
+    args.gene_map_sha256 = gene_map.sha256 if gene_map is not None else None
     data_dir = Path(args.data_dir) if args.data_dir else out / "cohort"
-    manifest = read_manifest(build_survset_cohort(data_dir, sorted(set(args.cohorts), key=args.cohorts.index)))
+    cohorts = sorted(set(args.cohorts), key=args.cohorts.index)
+    manifest = read_manifest(build_survset_cohort(data_dir, cohorts, gene_map=gene_map))
     if args.write_fold_manifests:
         paths = write_fold_manifests(args, manifest, args.write_fold_manifests)
         print("\n".join(map(str, paths)))

@@ -103,6 +103,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ...modalities.omics.gene_map import GeneMap, accession_key, read_gene_map
 from .common import (
     MANIFEST_NAME,
     RecipeError,
@@ -360,9 +361,13 @@ def normalise_symbol(name: str) -> str:
     return re.sub(r"[_.]", "-", s).upper()
 
 
-def feature_tokens(columns: Sequence[str], spec: CohortSpec) -> tuple[dict[str, str], dict[str, list[str]]]:
+def feature_tokens(
+    columns: Sequence[str], spec: CohortSpec, gene_map: GeneMap | None = None
+) -> tuple[dict[str, str], dict[str, list[str]]]:
     """``column -> token`` for a cohort's expression columns, and ``token -> columns`` where several columns
-    become one token (replicate probes, names equal after normalisation; they are averaged)."""
+    become one token (replicate probes, names equal after normalisation, accessions of one gene; they are averaged).
+    With a ``gene_map``, accession-shaped names of a ``"symbol"``-scope cohort that the map knows become the
+    (normalised) symbol of their gene; the others keep their names."""
     raw = {c: re.sub(r"^num_(HS_)?" if spec.scope == "symbol" else r"^num_", "", c) for c in columns}
     if spec.scope == "cohort":
         mapping = {c: f"{spec.name}:{raw[c]}" for c in columns}
@@ -374,7 +379,8 @@ def feature_tokens(columns: Sequence[str], spec: CohortSpec) -> tuple[dict[str, 
         for c in columns:
             base = re.fullmatch(r"(.+)_(\d+)", raw[c])
             name = base.group(1) if base and base.group(1) in present else raw[c]  # replicate probe of a named gene
-            mapping[c] = normalise_symbol(name)
+            symbol = gene_map.symbol(name) if gene_map is not None else None
+            mapping[c] = normalise_symbol(symbol if symbol is not None else name)
     groups: dict[str, list[str]] = {}
     for c, t in mapping.items():
         groups.setdefault(t, []).append(c)
@@ -463,7 +469,9 @@ def _expression_columns(df: pd.DataFrame, spec: CohortSpec) -> list[str]:
     return [c for c in df.columns if c.startswith("num_") and c not in known]
 
 
-def _build_cohort(spec: CohortSpec, out_dir: Path, report: RecipeReport) -> tuple[list[dict], dict, dict, str]:
+def _build_cohort(
+    spec: CohortSpec, out_dir: Path, report: RecipeReport, gene_map: GeneMap | None = None
+) -> tuple[list[dict], dict, dict, str]:
     df, ref = _load_gse7390() if spec.source == "sksurv" else _load_survset(spec.name)
     report.read[f"{spec.source}:{spec.name}"] += len(df)
     df["pid"] = df["pid"].astype(str)
@@ -472,7 +480,16 @@ def _build_cohort(spec: CohortSpec, out_dir: Path, report: RecipeReport) -> tupl
     columns = _expression_columns(df, spec)
     if not columns:
         raise RecipeError(f"{spec.name}: no expression columns found")
-    mapping, merged = feature_tokens(columns, spec)
+    mapping, merged = feature_tokens(columns, spec, gene_map)
+    mapped = {}
+    if gene_map is not None and spec.scope == "symbol":
+        raw = {c: re.sub(r"^num_(HS_)?", "", c) for c in columns}
+        shaped = [c for c in columns if accession_key(raw[c]) is not None]
+        mapped = {c: mapping[c] for c in shaped if gene_map.symbol(raw[c]) is not None}
+        if mapped:
+            report.note(f"{spec.name}:accessions_mapped_to_symbols", len(mapped))
+        if len(shaped) > len(mapped):
+            report.note(f"{spec.name}:accessions_not_in_gene_map", len(shaped) - len(mapped))
     values = df[columns].apply(pd.to_numeric, errors="coerce").astype("float64")
     values.columns = [mapping[c] for c in columns]
     with warnings.catch_warnings():
@@ -521,6 +538,17 @@ def _build_cohort(spec: CohortSpec, out_dir: Path, report: RecipeReport) -> tupl
         "token_examples": list(matrix.columns[:3]),
         "averaged_columns": {t: cs for t, cs in list(merged.items())[:20]},
         "averaged_tokens": len(merged),
+        **(
+            {
+                "gene_map": {
+                    "accessions_mapped": len(mapped),
+                    "symbols": len(set(mapped.values())),
+                    "examples": dict(list(mapped.items())[:5]),
+                }
+            }
+            if gene_map is not None and spec.scope == "symbol"
+            else {}
+        ),
         "clinical": {c.key: c.column for c in spec.clinical},
         "time_unit": spec.time_unit,
         "endpoint": spec.endpoint,
@@ -572,8 +600,11 @@ def _tabular(fields: Mapping[str, Any]) -> str:
     return json.dumps({k: _plain(v) for k, v in fields.items()}, allow_nan=False, ensure_ascii=False)
 
 
-def _params(cohorts: Sequence[str]) -> dict[str, Any]:
-    return {"recipe_version": RECIPE_VERSION, "cohorts": [str(c) for c in cohorts]}
+def _params(cohorts: Sequence[str], gene_map: GeneMap | None = None) -> dict[str, Any]:
+    params: dict[str, Any] = {"recipe_version": RECIPE_VERSION, "cohorts": [str(c) for c in cohorts]}
+    if gene_map is not None:  # only then: manifests built without a map keep their parameters
+        params["gene_map_sha256"] = gene_map.sha256
+    return params
 
 
 def development_rows(table: pd.DataFrame) -> pd.DataFrame:
@@ -585,6 +616,7 @@ def build_survset_cohort(
     output_dir: str | os.PathLike,
     cohorts: Sequence[str] = DEVELOPMENT_COHORTS,
     overwrite: bool = False,
+    gene_map: str | os.PathLike | GeneMap | None = None,
 ) -> Path:
     """Build (or reuse) the multi-cohort expression manifest in ``output_dir``; returns ``manifest.parquet``.
 
@@ -594,6 +626,10 @@ def build_survset_cohort(
             ``meta_cohort_role="external"``: evaluation only).
         overwrite: rebuild even when a manifest with the same parameters exists, or replace one another recipe
             wrote.
+        gene_map: an accession -> symbol map (a TSV from ``tokenizers/build_gene_map.py``, or a loaded
+            :class:`~bioperceiver.modalities.omics.gene_map.GeneMap`): accession-named features of symbol-scope
+            cohorts (vdv's Rosetta reporters, nki70's two accessions) become the symbols of their genes, so they
+            share tokens with symbol-named cohorts. Its sha256 is one of the manifest's parameters.
 
     Raises:
         RecipeError: an unknown cohort name, or a source table not as expected.
@@ -611,7 +647,9 @@ def build_survset_cohort(
         )
     out = Path(output_dir).expanduser().resolve()
     manifest = out / MANIFEST_NAME
-    params = _params(cohorts)
+    if gene_map is not None and not isinstance(gene_map, GeneMap):
+        gene_map = read_gene_map(gene_map)
+    params = _params(cohorts, gene_map)
     if not overwrite and reusable_output(manifest, RECIPE, params):
         logger.info("survset cohort up to date: %s", manifest)
         return manifest
@@ -624,7 +662,7 @@ def build_survset_cohort(
     sources: list[dict[str, Any]] = []
     outputs: list[str] = []
     for name in tqdm(cohorts, desc="SurvSet cohorts", leave=False):
-        part, info, src, rel = _build_cohort(COHORTS[name], out, report)
+        part, info, src, rel = _build_cohort(COHORTS[name], out, report, gene_map)
         rows += part
         infos[name] = info
         sources.append(src)
@@ -649,6 +687,18 @@ def build_survset_cohort(
             "per_cohort": {n: len(v) for n, v in vocab.items()},
             "normalisation": "prefix num_/num_HS_ removed, whitespace stripped, upper case, '_' and '.' -> '-'; "
             "anonymous features '<cohort>:<feature>', Affymetrix probes 'affy:<probe>'",
+            **(
+                {
+                    "gene_map": {
+                        "file": Path(gene_map.path).name,
+                        "sha256": gene_map.sha256,
+                        "accessions": len(gene_map),
+                        "source": gene_map.source.get("source", ""),
+                    }
+                }
+                if gene_map is not None
+                else {}
+            ),
         },
         "processor_settings": PROCESSOR_SETTINGS,
     }
@@ -684,7 +734,9 @@ def build_survset_cohort(
 
 
 def _main(args: argparse.Namespace) -> Path:
-    return build_survset_cohort(args.output_dir, args.cohorts, overwrite=args.overwrite_output_dir)
+    return build_survset_cohort(
+        args.output_dir, args.cohorts, overwrite=args.overwrite_output_dir, gene_map=args.gene_map
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -701,6 +753,12 @@ def parser() -> argparse.ArgumentParser:
         help=f"cohorts; external (evaluation only): {' '.join(EXTERNAL_COHORTS)}",
     )
     p.add_argument("--overwrite_output_dir", "--overwrite", action="store_true", help="rebuild even if up to date")
+    p.add_argument(
+        "--gene_map",
+        default=None,
+        help="accession -> symbol TSV (tokenizers/gene_maps/survset_genbank_to_symbol.tsv): vdv's accessions become "
+        "symbols shared with the other cohorts",
+    )
     p.add_argument("--log_level", default="INFO")
     return p
 
