@@ -773,3 +773,35 @@ def test_the_fusion_parts_fuse_each_family_with_the_best_baseline():
         assert _ensembled(part) == EMB_ENSEMBLE and part.optional
         assert part.argv[part.argv.index("--fuse_with") + 1] == "best_baseline"
         assert set(part.needs) <= {p.name for p in evidence.PARTS}
+
+
+def test_the_gene_map_parts_rebuild_only_the_external_cohorts_with_the_map():
+    """vdv's accessions mapped to symbols (seventeenth session): the external families of the external check (50%,
+    every PCA non-test) and of 25% again, each of the 5 seed pairs on the external cohorts only, in their own data
+    folder built with ``--gene_map`` (never the development cohorts' folder); their fused 5-seed ensembles; and each
+    (0, 0) run against the same run without the map."""
+    parts = {p.name: p for p in evidence.PARTS}
+    assert (evidence.ROOT / evidence.GENE_MAP).is_file()
+    for frac, nt in (("0.5", "_nt"), ("0.25", "")):
+        first = f"survival_cv_ext_genemap_labeff_tf{frac}_val_tiesloss_emb{nt}"
+        runs = [first, *(f"{first}_pre{s}" for s in range(1, 5))]
+        for s, run in enumerate(runs):
+            part = parts[run]
+            argv = part.argv
+            assert argv[argv.index("--gene_map") + 1] == evidence.GENE_MAP and part.optional
+            assert argv[argv.index("--data_dir") + 1].endswith("survset/external_cohort_genemap")
+            assert argv[argv.index("--cohorts") + 1 :][:7] == [*evidence.EXTERNAL_COHORTS, "--folds"]
+            assert argv[argv.index("--train_fraction") + 1] == frac and argv[argv.index("--init_seed") + 1] == str(s)
+            assert ("--pca_rows" in argv) == bool(nt)
+            folder = "pretrain_cvfolds" if s == 0 else f"pretrain_cvfolds_seed{s}"
+            assert argv[argv.index("--pretrained_dir") + 1].endswith(f"survset/{folder}/fold{{fold}}/final")
+            if s == 0:
+                assert "--reuse_cache" not in argv  # nothing cached without the map is read back
+            else:
+                assert argv[argv.index("--reuse_cache") + 1].endswith(f"survset/{first}") and first in part.needs
+        fused = parts[f"survset_seed_spread_ext_genemap_labeff_tf{frac}_val_tiesloss_emb{nt}5_fused"]
+        assert _listed(fused) == runs and _ensembled(fused) == EMB_ENSEMBLE
+        assert fused.argv[fused.argv.index("--fuse_with") + 1] == "best_baseline"
+        versus = parts[f"survset_versus_ext_genemap_labeff_tf{frac}_val_tiesloss_emb{nt}"]
+        assert _listed(versus) == [first, first.replace("_ext_genemap_", "_ext_")]
+        assert set(fused.needs) | set(versus.needs) <= set(parts)

@@ -961,6 +961,12 @@ def test_train_fraction_reaches_cache_keys_run_folders_and_the_finetuning_manife
     assert cv.data_settings(cv.parse_args([])) == {}
     args = cv.parse_args(["--train_fraction", "0.5"])
     assert args.train_fraction == 0.5 and cv.data_settings(args) == {"train_fraction": 0.5}
+    args.gene_map_sha256 = "abc"  # a --gene_map changes the tokens: its digest joins the key, at any fraction
+    assert cv.data_settings(args) == {"train_fraction": 0.5, "gene_map_sha256": "abc"}
+    full = cv.parse_args(["--gene_map", "map.tsv"])
+    full.gene_map_sha256 = "abc"
+    assert cv.data_settings(full) == {"gene_map_sha256": "abc"}
+    args.gene_map_sha256 = None
     written = []
     monkeypatch.setattr(cv.ft, "write_split_manifest", lambda m, rows, split, cols, path: written.append(split))
     runner = StubRunner(test_id="d")

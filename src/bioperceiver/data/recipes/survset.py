@@ -65,6 +65,16 @@ from colliding with another cohort's ``gene_1`` while their profiles still count
 platform-wide identifier (the HG-U133 Plus 2.0 array repeats the HG-U133A probes), so they are scoped by platform
 (``affy:200726_at``), not by cohort. The decision per cohort and its reason are in the sidecar's ``cohorts``.
 
+Accession-named platforms can join the shared vocabulary through an offline map (``gene_map=`` /
+``--gene_map tokenizers/gene_maps/survset_genbank_to_symbol.tsv``, built by ``tokenizers/build_gene_map.py`` from
+Bioconductor's ``org.Hs.eg.db`` 3.16.0, which Debian ships as an SQLite file): in ``"symbol"``-scope cohorts a
+GenBank / RefSeq accession (``AB002301``, ``NM_004702``, ``AA555029_RC``) that the map gives one gene becomes that
+gene's normalised symbol; accessions of several genes or of none keep their names (counted in the sidecar's
+``cohorts[...]["gene_map"]`` and the report). vdv: 3,136 of its 4,705 reporters map to 3,000 symbols (4,569 tokens
+after averaging the accessions of one gene), of which 2,525 are gse1992's tokens (7 without the map); nki70: 1 of
+70 (``NM_004702`` -> ``CCNE2``). The map is off by default, so manifests built without it are unchanged; its content
+digest is one of the manifest's parameters. HG-U133 probe ids (GSE7390, chop) have no offline map here.
+
 Values are as distributed (log-scale ratios or log intensities; negative values occur): process
 ``omics_expression`` with ``normalization="none"`` and a per-cohort standardisation fitted on training patients
 (the sidecar's ``processor_settings``).
