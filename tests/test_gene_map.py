@@ -179,3 +179,24 @@ def _vdv_frame() -> pd.DataFrame:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return SurvLoader().load_dataset("vdv")["df"].reset_index(drop=True)
+
+
+def test_apply_to_your_own_matrix():
+    """A user's accession-named matrix: mapped columns renamed, columns of one gene averaged (NaN skipped), the
+    rest kept; counts say what happened."""
+    gm = read_gene_map(SHIPPED)
+    frame = pd.DataFrame(
+        {
+            "AB002301": [1.0, 2.0, 3.0],  # MAST4
+            "NM_004702": [0.0, float("nan"), 4.0],  # CCNE2
+            "CCNE2": [2.0, 6.0, float("nan")],  # the same gene, named by symbol
+            "Contig63649_RC": [5.0, 5.0, 5.0],  # no accession: kept
+            "AF058988": [7.0, 8.0, 9.0],  # ambiguous, not in the map: kept
+        },
+        index=["p1", "p2", "p3"],
+    )
+    out, counts = gm.apply(frame)
+    assert list(out.columns) == ["MAST4", "CCNE2", "Contig63649_RC", "AF058988"]
+    assert out["CCNE2"].tolist() == [1.0, 6.0, 4.0] and out["MAST4"].tolist() == [1.0, 2.0, 3.0]
+    assert list(out.index) == ["p1", "p2", "p3"] and out["AF058988"].tolist() == [7.0, 8.0, 9.0]
+    assert counts == {"mapped": 2, "accessions_kept": 1, "averaged_into_one": 1}

@@ -12,7 +12,8 @@ Gene's GenBank and RefSeq accessions per gene) as an SQLite file, which Debian s
 
 :func:`build_accession_map` reads it with :mod:`sqlite3` and keeps the accessions asked for;
 ``tokenizers/build_gene_map.py`` writes the result as a small TSV (:func:`write_gene_map`) with its provenance in
-``#`` lines, and :func:`read_gene_map` loads it. An accession that maps to more than one gene is left out (counted),
+``#`` lines, and :func:`read_gene_map` loads it; :meth:`GeneMap.apply` renames a samples x features matrix's
+accession columns (your own CSV) to symbols. An accession that maps to more than one gene is left out (counted),
 never resolved by guessing. The map is a data-preparation asset: it is decided without any outcome, like a
 vocabulary.
 """
@@ -24,9 +25,12 @@ import logging
 import os
 import re
 import sqlite3
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +67,27 @@ class GeneMap:
         """The symbol of an accession-shaped ``name`` (see :func:`accession_key`), or ``None``."""
         key = accession_key(name)
         return None if key is None else self.symbols.get(key)
+
+    def apply(self, frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+        """A samples x features matrix (your own expression CSV read with pandas) with its accession-named columns
+        renamed to their genes' symbols; columns that become one symbol (several reporters of one gene, or a
+        reporter of a gene the matrix also names by symbol) are averaged, a missing value (NaN: not measured)
+        skipped. Other columns are kept as they are. Returns the matrix and counts (``mapped``, ``accessions_kept``:
+        accession-shaped but not in the map, ``averaged_into_one``: columns merged into fewer)."""
+        names = [str(c) for c in frame.columns]
+        renamed = [self.symbol(c) or c for c in names]
+        shaped = sum(accession_key(c) is not None for c in names)
+        mapped = sum(r != c for r, c in zip(renamed, names, strict=True))
+        out = frame.copy()
+        out.columns = renamed
+        merged = len(renamed) - len(set(renamed))
+        if merged:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a group all-NaN for a sample stays NaN
+                out = out.T.groupby(level=0, sort=False).mean().T
+        counts = {"mapped": mapped, "accessions_kept": shaped - mapped, "averaged_into_one": merged}
+        logger.info("gene map %s: %s", Path(self.path).name or "(in memory)", counts)
+        return out, counts
 
 
 @dataclass
