@@ -1421,6 +1421,37 @@ def _gene_map_parts() -> list[Part]:
                 "cox_clinical_emb_random",
             )
         )
+    # the finetuned arms at 25% with the map (protocol part E), the baselines read back from the 25% run above
+    old = "survival_cv_ext_labeff_tf0.25_val_tiesloss"
+    run, emb = (
+        "survival_cv_ext_genemap_labeff_tf0.25_val_tiesloss",
+        "survival_cv_ext_genemap_labeff_tf0.25_val_tiesloss_emb",
+    )
+    emb_extra = ("--train_fraction", "0.25", "--subsample_validation", "--bp_best_model_ties", "loss")
+    argv = _survival(
+        f"{W}/survset/{run}",
+        f"{W}/survset/external_cohort_genemap",
+        *EXTERNAL_COHORTS,
+        pretrained=f"{W}/survset/pretrain_cvfolds/fold{{fold}}/final",
+        arms=FINETUNED_ARMS[:2],
+        extra=(
+            "--bp_lrs",
+            *LR_GRID,
+            *emb_extra,
+            "--baseline_ties",
+            "loss",
+            "--init_seed",
+            "0",
+            *mapped_opts,
+            "--reuse_cache",
+            f"{W}/survset/{emb}",
+        ),
+    )
+    what = f"{old} with vdv's accessions mapped to symbols, evaluation only"
+    needs = [emb, *_backbone_parts(0)]
+    parts.append(Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=needs, minutes=20, optional=True))
+    what = "the finetuned arms with vdv mapped - without, 25%, seed pair (0, 0), same test patients"
+    parts.append(_versus("versus_ext_genemap_labeff_tf0.25_val_tiesloss", run, old, what, ("gene_map", "no_map")))
     return parts
 
 

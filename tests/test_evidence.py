@@ -805,3 +805,17 @@ def test_the_gene_map_parts_rebuild_only_the_external_cohorts_with_the_map():
         versus = parts[f"survset_versus_ext_genemap_labeff_tf{frac}_val_tiesloss_emb{nt}"]
         assert _listed(versus) == [first, first.replace("_ext_genemap_", "_ext_")]
         assert set(fused.needs) | set(versus.needs) <= set(parts)
+    # protocol part E: the finetuned arms at 25% with the map, the baselines read back from the mapped 25% run
+    run, old = "survival_cv_ext_genemap_labeff_tf0.25_val_tiesloss", "survival_cv_ext_labeff_tf0.25_val_tiesloss"
+    new_argv, old_argv = parts[run].argv, parts[old].argv
+    i, j = new_argv.index("--gene_map"), new_argv.index("--reuse_cache")
+    assert new_argv[i + 1] == evidence.GENE_MAP
+    assert new_argv[j + 1].endswith("survset/survival_cv_ext_genemap_labeff_tf0.25_val_tiesloss_emb")
+    strip = [a for k, a in enumerate(new_argv) if k not in (i, i + 1, j + 1)]
+    same = [a.replace("_ext_genemap_", "_ext_").replace("external_cohort_genemap", "external_cohort") for a in strip]
+    assert same == [a for k, a in enumerate(old_argv) if k != old_argv.index("--reuse_cache") + 1]
+    versus = parts["survset_versus_ext_genemap_labeff_tf0.25_val_tiesloss"]
+    assert _listed(versus) == [run, old] and versus.argv[versus.argv.index("--versus") + 1 :] == [
+        "bp_pretrained",
+        "bp_random",
+    ]
