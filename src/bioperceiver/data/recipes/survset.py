@@ -638,8 +638,8 @@ def build_survset_cohort(
             wrote.
         gene_map: an accession -> symbol map (a TSV from ``tokenizers/build_gene_map.py``, or a loaded
             :class:`~bioperceiver.modalities.omics.gene_map.GeneMap`): accession-named features of symbol-scope
-            cohorts (vdv's Rosetta reporters, nki70's two accessions) become the symbols of their genes, so they
-            share tokens with symbol-named cohorts. Its sha256 is one of the manifest's parameters.
+            cohorts (vdv's Rosetta reporters, one of nki70's features) become the symbols of their genes, so they
+            share tokens with symbol-named cohorts. Its content digest is one of the manifest's parameters.
 
     Raises:
         RecipeError: an unknown cohort name, or a source table not as expected.
