@@ -1421,6 +1421,37 @@ def _gene_map_parts() -> list[Part]:
                 "cox_clinical_emb_random",
             )
         )
+    # why sharing identifiers moves little: which gene embeddings pretraining trained (the 5 seed-0 fold backbones),
+    # and the share of each cohort's tokens that use them, vdv with and without the map
+    argv = [
+        PY,
+        "benchmarks/gene_embedding_coverage.py",
+        "--runs",
+        *(f"{W}/survset/pretrain_cvfolds/fold{k}" for k in range(5)),
+    ]
+    argv += [
+        "--manifest",
+        *(f"{W}/survset/{d}/manifest.parquet" for d in ("dev_cohort", "external_cohort", "external_cohort_genemap")),
+    ]
+    argv += ["--output_dir", f"{W}/survset/gene_embedding_coverage"]
+    needs = [
+        "survset_cohort",
+        "survival_cv_ext_labeff_tf0.25_val_tiesloss_emb",
+        "survival_cv_ext_genemap_labeff_tf0.5_val_tiesloss_emb_nt",
+        *_backbone_parts(0),
+    ]
+    what = "the gene embeddings pretraining trained, and each cohort's share of tokens that use them (label-free)"
+    parts.append(
+        Part(
+            "survset_gene_embedding_coverage",
+            what,
+            argv,
+            "survset/gene_embedding_coverage/coverage.json",
+            needs=needs,
+            minutes=2,
+            optional=True,
+        )
+    )
     # the finetuned arms at 25% with the map (protocol part E), the baselines read back from the 25% run above
     old = "survival_cv_ext_labeff_tf0.25_val_tiesloss"
     run, emb = (

@@ -819,3 +819,14 @@ def test_the_gene_map_parts_rebuild_only_the_external_cohorts_with_the_map():
         "bp_pretrained",
         "bp_random",
     ]
+
+
+def test_the_gene_embedding_coverage_part_reads_the_seed_zero_fold_backbones_and_three_manifests():
+    part = {p.name: p for p in evidence.PARTS}["survset_gene_embedding_coverage"]
+    argv = part.argv
+    runs = argv[argv.index("--runs") + 1 : argv.index("--manifest")]
+    assert runs == [f"{evidence.W}/survset/pretrain_cvfolds/fold{k}" for k in range(5)]
+    manifests = argv[argv.index("--manifest") + 1 : argv.index("--output_dir")]
+    assert [m.split("/")[-2] for m in manifests] == ["dev_cohort", "external_cohort", "external_cohort_genemap"]
+    assert set(evidence._backbone_parts(0)) <= set(part.needs) and part.optional
+    assert set(part.needs) <= {p.name for p in evidence.PARTS}

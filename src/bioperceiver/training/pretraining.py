@@ -300,20 +300,21 @@ class _LazyRows:
         return (self[i] for i in range(len(self)))
 
 
+def is_decayed(name: str, dim: int) -> bool:
+    """Whether :func:`parameter_groups` puts a parameter in the weight-decay group: not biases, norms, embeddings,
+    latents or the loss's temperature/bias."""
+    lowered = name.lower()
+    return not (dim < 2 or "norm" in lowered or "embedding" in lowered or name.endswith("latents") or "loss_fn" in name)
+
+
 def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay for biases, norms, embeddings, latents and temperatures/biases of losses."""
+    """AdamW groups: no weight decay for biases, norms, embeddings, latents and temperatures/biases of losses
+    (:func:`is_decayed`); each group keeps ``module.named_parameters()`` order."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        skip = (
-            p.dim() < 2
-            or "norm" in name.lower()
-            or "embedding" in name.lower()
-            or name.endswith("latents")
-            or "loss_fn" in name
-        )
-        (no_decay if skip else decay).append(p)
+        (decay if is_decayed(name, p.dim()) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

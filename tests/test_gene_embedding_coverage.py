@@ -1,0 +1,85 @@
+"""benchmarks/gene_embedding_coverage.py: which gene embeddings a pretraining run trained, read from its optimizer
+state, against an independent reference (the same run with learning rate 0 keeps every row at its initialisation:
+a row is trained exactly when the real run moved it)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import synthetic_run_config
+from safetensors.numpy import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _pretrain(root: Path, lr: float) -> Path:
+    path = synthetic_run_config(
+        root, max_steps=4, warmup_steps=0, batch_size=8, save_steps=4, keep_last=1, eval={"steps": 0}
+    )
+    settings = yaml.safe_load((root / "settings.yaml").read_text())
+    settings["processors"]["omics_expression"] = {"top_k": 2}  # 2 tokens per profile: some genes never trained
+    (root / "settings.yaml").write_text(yaml.safe_dump(settings))
+    cfg = yaml.safe_load(path.read_text())
+    cfg["optim"]["lr"] = lr
+    cfg["output_dir"] = str(root / "run")
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, str(ROOT / "pretrain" / "run_pretrain.py"), "--config", str(path)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    return root / "run"
+
+
+def _gene_rows(run: Path) -> np.ndarray:
+    weights = load_file(str(run / "final" / "model.safetensors"))
+    return next(v for k, v in weights.items() if k.endswith("omics_expression.gene_embeddings.weight"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return _pretrain(tmp_path_factory.mktemp("cov"), 1e-2), _pretrain(tmp_path_factory.mktemp("cov0"), 0.0)
+
+
+def test_trained_rows_are_exactly_the_rows_pretraining_moved(runs):
+    cov = _load("gene_embedding_coverage")
+    run, frozen = runs
+    trained, info = cov.trained_rows(run, "omics_expression")
+    init, final = _gene_rows(frozen), _gene_rows(run)  # lr 0: the frozen twin still holds the initialisation
+    moved = np.any(init != final, axis=1)
+    assert trained.shape == moved.shape and (trained == moved).all()
+    assert 0 < trained.sum() < len(trained), "top_k 2 should leave some genes untrained and train others"
+    assert info["vocabulary"] == len(trained) and info["trained"] == int(trained.sum())
+    assert info["checkpoint"].endswith("checkpoint-4")
+
+
+def test_report_counts_are_consistent(runs, tmp_path):
+    cov = _load("gene_embedding_coverage")
+    run, _ = runs
+    manifest = yaml.safe_load((run / "final" / "run_config.yaml").read_text())["data"]["manifest"]
+    result = cov.main(["--runs", str(run), "--manifest", manifest, "--output_dir", str(tmp_path)])
+    r = result["runs"]["run"]
+    assert r["vocabulary_share_trained"] == pytest.approx(r["trained"] / r["vocabulary"])
+    for name, c in r["cohorts"].items():
+        assert c["genes_trained"] <= c["genes_in_vocabulary"] <= c["genes_measured"], name
+        assert 0 <= c["token_share_trained"] <= c["token_share_in_vocabulary"] <= 1, name
+        assert c["tokens_per_profile"] <= 2  # top_k
+        # min_samples 1: the extension adds exactly the measured genes the vocabulary lacks
+        assert c["extension"]["added"] == c["genes_measured"] - c["genes_in_vocabulary"], name
+    assert json.loads((tmp_path / "coverage.json").read_text())["runs"]["run"]["trained"] == r["trained"]
+    assert (tmp_path / "coverage.png").stat().st_size > 0 and "gene embeddings trained" in (
+        tmp_path / "coverage.md"
+    ).read_text()
+    with pytest.raises(ValueError, match="not an omics modality"):
+        cov.main(["--runs", str(run), "--manifest", manifest, "--output_dir", str(tmp_path), "--modality", "text_note"])
