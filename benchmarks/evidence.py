@@ -1480,7 +1480,7 @@ def _gene_map_parts() -> list[Part]:
     )
     what = f"{old} with vdv's accessions mapped to symbols, evaluation only"
     needs = [emb, *_backbone_parts(0)]
-    parts.append(Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=needs, minutes=20, optional=True))
+    parts.append(Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=needs, minutes=7, optional=True))
     what = "the finetuned arms with vdv mapped - without, 25%, seed pair (0, 0), same test patients"
     parts.append(_versus("versus_ext_genemap_labeff_tf0.25_val_tiesloss", run, old, what, ("gene_map", "no_map")))
     return parts
