@@ -1098,14 +1098,7 @@ def _seed_parts() -> list[Part]:
     )
     # and the finetuned arms there (loss tie rule, the lr grid), the baselines read back from the run above
     bp_run = "survival_cv_ext_labeff_tf0.25_val_tiesloss"
-    argv = _survival(
-        f"{W}/survset/{bp_run}",
-        f"{W}/survset/external_cohort",
-        *EXTERNAL_COHORTS,
-        pretrained=f"{W}/survset/pretrain_cvfolds/fold{{fold}}/final",
-        arms=FINETUNED_ARMS[:2],
-        extra=("--bp_lrs", *LR_GRID, *emb_extra, "--init_seed", "0", "--reuse_cache", f"{W}/survset/{run}"),
-    )
+    argv = _ext_finetuned_quarter(bp_run, "external_cohort", run)
     what = "the finetuned arms on the external cohorts at 25%, loss tie rule, evaluation only"
     out = f"survset/{bp_run}/survival_cv.json"
     parts.append(Part(bp_run, what, argv, out, needs=[run, *_backbone_parts(0)], minutes=20, optional=True))
@@ -1225,6 +1218,22 @@ def _seed_parts() -> list[Part]:
         )
     )
     return parts
+
+
+def _ext_finetuned_quarter(run: str, data: str, reuse: str, extra=()) -> list[str]:
+    """``survival_cv.py`` argv: the finetuned arms on the external cohorts (the ``survset/{data}`` folder) at 25% of
+    the labels with validation shrunk alike, the learning-rate grid, the loss tie rule for networks and baselines,
+    ``--init_seed 0``, ``extra`` options (``--gene_map``), the baselines read back from ``reuse``."""
+    ties = ("--bp_best_model_ties", "loss", "--baseline_ties", "loss")
+    opts = ("--bp_lrs", *LR_GRID, "--train_fraction", "0.25", "--subsample_validation", *ties, "--init_seed", "0")
+    return _survival(
+        f"{W}/survset/{run}",
+        f"{W}/survset/{data}",
+        *EXTERNAL_COHORTS,
+        pretrained=f"{W}/survset/pretrain_cvfolds/fold{{fold}}/final",
+        arms=FINETUNED_ARMS[:2],
+        extra=(*opts, *extra, "--reuse_cache", f"{W}/survset/{reuse}"),
+    )
 
 
 def _emb_cox(run: str, backbones: str, frac: str, init: int, reuse=(), cohorts=(), data: str = "cv_cohort", extra=()):
@@ -1458,26 +1467,7 @@ def _gene_map_parts() -> list[Part]:
         "survival_cv_ext_genemap_labeff_tf0.25_val_tiesloss",
         "survival_cv_ext_genemap_labeff_tf0.25_val_tiesloss_emb",
     )
-    emb_extra = ("--train_fraction", "0.25", "--subsample_validation", "--bp_best_model_ties", "loss")
-    argv = _survival(
-        f"{W}/survset/{run}",
-        f"{W}/survset/external_cohort_genemap",
-        *EXTERNAL_COHORTS,
-        pretrained=f"{W}/survset/pretrain_cvfolds/fold{{fold}}/final",
-        arms=FINETUNED_ARMS[:2],
-        extra=(
-            "--bp_lrs",
-            *LR_GRID,
-            *emb_extra,
-            "--baseline_ties",
-            "loss",
-            "--init_seed",
-            "0",
-            *mapped_opts,
-            "--reuse_cache",
-            f"{W}/survset/{emb}",
-        ),
-    )
+    argv = _ext_finetuned_quarter(run, "external_cohort_genemap", emb, mapped_opts)
     what = f"{old} with vdv's accessions mapped to symbols, evaluation only"
     needs = [emb, *_backbone_parts(0)]
     parts.append(Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=needs, minutes=7, optional=True))
