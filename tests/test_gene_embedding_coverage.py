@@ -62,6 +62,10 @@ def test_trained_rows_are_exactly_the_rows_pretraining_moved(runs):
     assert 0 < trained.sum() < len(trained), "top_k 2 should leave some genes untrained and train others"
     assert info["vocabulary"] == len(trained) and info["trained"] == int(trained.sum())
     assert info["checkpoint"].endswith("checkpoint-4")
+    # the pretraining card says the same, from the optimizer in memory at the end of the run
+    card = (run / "final" / "README.md").read_text()
+    row = f"| vocabulary rows trained (omics_expression.gene_embeddings) | {info['trained']} of {info['vocabulary']} ("
+    assert row in card and "the others keep their random initialisation" in card
 
 
 def test_report_counts_are_consistent(runs, tmp_path):

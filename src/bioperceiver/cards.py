@@ -238,11 +238,13 @@ def pretraining_card(
     template: str | Path = "pretrained",
     train_split: str = "train",
     eval_split: str = "validation",
+    vocabulary_trained: Mapping[str, Mapping[str, int]] | None = None,
 ) -> ModelCard:
     """The card of a pretraining run: ``manifest`` is the full manifest (train and held-out rows; with a
     ``split`` column), ``run_config`` the resolved run config as a dict (``PretrainConfig.to_dict()``; shown as a
     table of the main settings and in full as YAML), ``metrics`` the held-out retrieval metrics, ``compute``
-    free-form facts (hardware, processes, wall-clock, samples seen...)."""
+    free-form facts (hardware, processes, wall-clock, samples seen...), ``vocabulary_trained`` how many rows of each
+    vocabulary embedding table got a gradient (``trained_vocabulary_rows``: a row that never did is still random)."""
     import yaml
 
     train = manifest.split(train_split) if "split" in manifest.table else manifest
@@ -282,6 +284,11 @@ def pretraining_card(
         "cached frozen-encoder features": bool(run_config.get("data", {}).get("cached_features", False)),
         "seed": run_config.get("seed"),
     }
+    for table, n in (vocabulary_trained or {}).items():
+        share = n["trained"] / n["rows"] if n["rows"] else 0.0
+        train_cfg[f"vocabulary rows trained ({table})"] = (
+            f"{n['trained']} of {n['rows']} ({share:.0%}); the others keep their random initialisation"
+        )
     return render_card(
         template,
         card_data,

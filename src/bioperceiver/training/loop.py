@@ -87,7 +87,14 @@ from .checkpointing import (
 from .config import LoggingConfig, OptimConfig, PretrainConfig, RunConfigError, config_hash, resume_conflicts
 from .metering import TokenCounter, compute_facts, cpu_load_warning
 from .padding import PaddedPretrainer, RankPadder
-from .pretraining import ContrastivePretrainer, evaluate, parameter_groups, plot_history, plot_similarity
+from .pretraining import (
+    ContrastivePretrainer,
+    evaluate,
+    parameter_groups,
+    plot_history,
+    plot_similarity,
+    trained_vocabulary_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -826,6 +833,15 @@ def run_pretraining(
             if plot_similarity(views, masks, names, a, b, out / f"similarity_{a}__{b}.png"):
                 plots.append(out / f"similarity_{a}__{b}.png")
         backbone = {k[len("model.") :]: v for k, v in state_dict.items() if k.startswith("model.")}
+        try:  # a fact for the card: a problem here must not lose the trained model
+            vocabulary_trained = trained_vocabulary_rows(unwrapped.model, optimizer)
+        except Exception:
+            logger.exception("could not count the trained vocabulary rows; the card leaves them out")
+            vocabulary_trained = {}
+        for table, n in vocabulary_trained.items():
+            logger.info(
+                "%s: %d of %d rows trained; the others keep their random initialisation", table, n["trained"], n["rows"]
+            )
         compute = compute_facts(accelerator, step, totals, cfg, local_batch=local_batch, world_changes=world_changes)
         with atomic_dir(final) as tmp:  # all of final/ or none of it: a crash keeps the previous one
             unwrapped.model.save_pretrained(tmp, state_dict=backbone)
@@ -845,6 +861,7 @@ def run_pretraining(
                     compute=compute,
                     num_parameters=num_parameters,
                     eval_split=eval_cfg.split,
+                    vocabulary_trained=vocabulary_trained,
                 )
                 card.save(tmp / "README.md")
             except Exception:  # the trained model is saved; a card problem must not lose the run

@@ -318,6 +318,36 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, A
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def trained_vocabulary_rows(model: nn.Module, optimizer) -> dict[str, dict[str, int]]:
+    """Per vocabulary embedding table of ``model``'s embedders (gene, tabular feature and category embeddings):
+    how many rows got a gradient during training (AdamW's second-moment estimate of the row is not 0) out of how
+    many. A row that never did still holds its random initialisation: with ``top_k`` omics tokens, a gene no training
+    profile ranks that high. Tables the optimizer keeps no per-parameter state for (DeepSpeed, FSDP flat parameters)
+    are left out."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+    state = getattr(inner, "state", None)
+    if state is None:
+        return {}
+    managed = {id(p) for g in getattr(inner, "param_groups", []) for p in g["params"]}
+    out: dict[str, dict[str, int]] = {}
+    for name, emb in getattr(model, "embedders", {}).items():
+        for attrs in getattr(emb, "vocabulary_embeddings", {}).values():
+            for attr in (attrs,) if isinstance(attrs, str) else attrs:
+                table = getattr(emb, attr, None)
+                weight = getattr(table, "weight", None)
+                if weight is None or id(weight) not in managed:
+                    continue
+                second = state.get(weight, {}).get("exp_avg_sq")
+                if second is None:  # in the optimizer, never a gradient
+                    trained = 0
+                elif tuple(second.shape) != tuple(weight.shape):
+                    continue
+                else:
+                    trained = int((second.abs().sum(dim=1) > 0).sum())
+                out[f"{name}.{attr}"] = {"trained": trained, "rows": int(weight.shape[0])}
+    return out
+
+
 @contextlib.contextmanager
 def forward_as(module: nn.Module, fn):
     """Temporarily make ``fn`` the module's ``forward``, so that calling ``module(...)`` runs it *through the hooks
