@@ -22,13 +22,8 @@ import logging
 import sys
 from pathlib import Path
 
-from bioperceiver.modalities.omics.gene_map import (
-    DEBIAN_ORGDB,
-    _sha256,
-    build_accession_map,
-    orgdb_metadata,
-    write_gene_map,
-)
+from bioperceiver.hashing import file_sha256
+from bioperceiver.modalities.omics.gene_map import DEBIAN_ORGDB, build_accession_map, orgdb_metadata, write_gene_map
 
 logger = logging.getLogger("build_gene_map")
 
@@ -77,7 +72,7 @@ def main(argv=None) -> int:
         f"(Debian r-bioc-org.hs.eg.db), {meta.get('EGSOURCENAME', 'Entrez Gene')} of "
         f"{meta.get('EGSOURCEDATE', '?')}, organism {meta.get('ORGANISM', '?')}",
         "licence": "org.Hs.eg.db is Artistic-2.0; NCBI Entrez Gene data are in the public domain (NCBI disclaimer)",
-        "sqlite_sha256": _sha256(args.orgdb),
+        "sqlite_sha256": file_sha256(args.orgdb),
         "identifiers_from": "; ".join(asked_from),
         "counts": json.dumps(
             {k: v for k, v in vars(counts).items() if k != "ambiguous_examples"}, separators=(",", ":")

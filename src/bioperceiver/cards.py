@@ -10,7 +10,6 @@ configuration, evaluation with confidence intervals and the compute used. Prose 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import re
@@ -21,6 +20,8 @@ from typing import Any
 
 import numpy as np
 from huggingface_hub import ModelCard, ModelCardData
+
+from .hashing import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -460,11 +461,7 @@ def describe_base_model(base) -> str | None:
     weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
     if weights is None:
         return f"a local folder `{path.name}`"
-    digest = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return f"a local folder `{path.name}` ({weights.name} sha256 {digest.hexdigest()[:16]}…)"
+    return f"a local folder `{path.name}` ({weights.name} sha256 {file_sha256(weights)[:16]}…)"
 
 
 # which of tied best evaluations was kept, by ``--best_model_ties`` rule (the card and the finetuning log)

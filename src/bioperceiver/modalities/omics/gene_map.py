@@ -108,14 +108,6 @@ def map_digest(symbols: Mapping[str, str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def orgdb_metadata(db: str | os.PathLike) -> dict[str, str]:
     """The ``metadata`` table of an ``org.*.eg.db`` SQLite file (source dates, organism), plus the package version
     from the ``DESCRIPTION`` file beside ``extdata/`` when present."""

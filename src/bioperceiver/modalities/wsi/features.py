@@ -4,7 +4,6 @@ per-slide feature file (``features`` (N, D), ``coords`` (N, 2) level-0 x, y; att
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ...data.errors import DataError
+from ...hashing import file_sha256
 from .reader import open_slide
 
 logger = logging.getLogger(__name__)
@@ -48,14 +48,6 @@ class PatchEncoder:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             out = self.model(x)
         return out.float().cpu()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_encoder(
