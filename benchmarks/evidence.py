@@ -1157,6 +1157,27 @@ def _seed_parts() -> list[Part]:
     parts.append(
         _versus("versus_labeff_tf0.5_val_tiesloss", f"{half}_tiesloss", half, what, labels=("tiesloss", "first"))
     )
+    # the loss rule at 50% for the other three seed pairs (seventeenth session), the baselines read back from the
+    # plain 50% run, and the four runs' spread as at 25%
+    loss_half = {"pre0_init0": f"{half}_tiesloss"}
+    for pre, init in SEED_PAIRS[1:]:
+        run = f"{half}_tiesloss{_pair_suffix(pre, init)}"
+        loss_half[f"pre{pre}_init{init}"] = run
+        parts.append(
+            _finetuned(
+                run,
+                f"{half}_tiesloss for seed pair ({pre}, {init})",
+                *half_extra,
+                "--init_seed",
+                str(init),
+                "--reuse_cache",
+                f"{W}/survset/{half}",
+                pre=pre,
+                needs=[half, *_backbone_parts(pre)],
+                minutes=12,
+            )
+        )
+    parts.append(_spread("seed_spread_labeff_tf0.5_val_tiesloss4", loss_half, "the four ties-loss runs combined"))
     # the embedding-Cox arms beside the tie-aware 50% run, seed pair (0, 0) (everything else read back), then alone
     # (no finetuned arms: those exist at 50% for (0, 0) only) for the other three seed pairs, and their spread
     first = f"{half}_tiesloss_emb"
