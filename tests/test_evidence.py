@@ -830,3 +830,20 @@ def test_the_gene_embedding_coverage_part_reads_the_seed_zero_fold_backbones_and
     assert [m.split("/")[-2] for m in manifests] == ["dev_cohort", "external_cohort", "external_cohort_genemap"]
     assert set(evidence._backbone_parts(0)) <= set(part.needs) and part.optional
     assert set(part.needs) <= {p.name for p in evidence.PARTS}
+
+
+def test_the_half_label_loss_rule_parts_cover_the_same_four_seed_pairs_as_at_a_quarter():
+    parts = {p.name: p for p in evidence.PARTS}
+    half = "survival_cv_labeff_tf0.5_val"
+    runs = [f"{half}_tiesloss", *(f"{half}_tiesloss{evidence._pair_suffix(p, i)}" for p, i in evidence.SEED_PAIRS[1:])]
+    for (pre, init), run in zip(evidence.SEED_PAIRS, runs, strict=True):
+        argv = parts[run].argv
+        assert argv[argv.index("--train_fraction") + 1] == "0.5" and "--subsample_validation" in argv
+        assert argv[argv.index("--bp_best_model_ties") + 1] == "loss"
+        assert argv[argv.index("--reuse_cache") + 1].endswith(f"survset/{half}")
+        folder = "pretrain_cvfolds" if pre == 0 else f"pretrain_cvfolds_seed{pre}"
+        assert argv[argv.index("--pretrained_dir") + 1].endswith(f"survset/{folder}/fold{{fold}}/final")
+        if run != runs[0]:  # (0, 0) was recorded without the flag: its default is --seed, 0
+            assert argv[argv.index("--init_seed") + 1] == str(init)
+    spread = parts["survset_seed_spread_labeff_tf0.5_val_tiesloss4"]
+    assert _listed(spread) == runs and set(spread.needs) == set(runs)
