@@ -237,6 +237,23 @@ def _finetuned(
     return Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=list(needs), minutes=minutes, optional=True)
 
 
+def _seeded(
+    run: str,
+    what: str,
+    extra: tuple[str, ...],
+    pre: int,
+    init: int,
+    reuse: str,
+    minutes: float,
+    arms=FINETUNED_ARMS[:2],
+) -> Part:
+    """:func:`_finetuned` for seed pair (``pre``, ``init``): ``extra``, ``--init_seed init``, and the ``reuse`` run's
+    cache read back (the part needs it and seed ``pre``'s backbones)."""
+    back = ("--init_seed", str(init), "--reuse_cache", f"{W}/survset/{reuse}")
+    needs = [reuse, *_backbone_parts(pre)]
+    return _finetuned(run, what, *extra, *back, pre=pre, needs=needs, minutes=minutes, arms=arms)
+
+
 def _spread(out: str, runs: dict[str, str], what: str, *extra: str, name: str | None = None) -> Part:
     """Optional: ``seed_spread.py`` over ``runs`` (label -> survset run folder) into ``survset/<out>``."""
     return Part(
@@ -1163,23 +1180,10 @@ def _seed_parts() -> list[Part]:
     for pre, init in SEED_PAIRS[1:]:
         run = f"{half}_tiesloss{_pair_suffix(pre, init)}"
         loss_half[f"pre{pre}_init{init}"] = run
-        parts.append(
-            _finetuned(
-                run,
-                f"{half}_tiesloss for seed pair ({pre}, {init})",
-                *half_extra,
-                "--init_seed",
-                str(init),
-                "--reuse_cache",
-                f"{W}/survset/{half}",
-                pre=pre,
-                needs=[half, *_backbone_parts(pre)],
-                minutes=12,
-            )
-        )
+        parts.append(_seeded(run, f"{half}_tiesloss for seed pair ({pre}, {init})", half_extra, pre, init, half, 12))
     parts.append(_spread("seed_spread_labeff_tf0.5_val_tiesloss4", loss_half, "the four ties-loss runs combined"))
     # the embedding-Cox arms beside the tie-aware 50% run, seed pair (0, 0) (everything else read back), then alone
-    # (no finetuned arms: those exist at 50% for (0, 0) only) for the other three seed pairs, and their spread
+    # for the other three seed pairs (their finetuned arms are the runs above, recorded later), and their spread
     first = f"{half}_tiesloss_emb"
     family = {}
     for pre, init in SEED_PAIRS:
@@ -1187,23 +1191,9 @@ def _seed_parts() -> list[Part]:
         reuse = f"{half}_tiesloss_bl" if run == first else first
         arms = (*FINETUNED_ARMS[:2], *EMB_ARMS) if run == first else EMB_ARMS
         extra = half_extra if run == first else half_extra[:3]  # the tie rule only where networks are finetuned
-        parts.append(
-            _finetuned(
-                run,
-                f"{half}_tiesloss_bl with the frozen expression embeddings as Cox features, seed pair ({pre}, {init})",
-                *extra,
-                "--baseline_ties",
-                "loss",
-                "--init_seed",
-                str(init),
-                "--reuse_cache",
-                f"{W}/survset/{reuse}",
-                pre=pre,
-                needs=[reuse, *_backbone_parts(pre)],
-                minutes=4,
-                arms=arms,
-            )
-        )
+        what = f"{half}_tiesloss_bl with the frozen expression embeddings as Cox features, seed pair ({pre}, {init})"
+        extra = (*extra, "--baseline_ties", "loss")
+        parts.append(_seeded(run, what, extra, pre, init, reuse, 4, arms))
         family[f"pre{pre}_init{init}"] = run
     ensemble = EMB_ENSEMBLE
     parts.append(_spread("seed_spread_labeff_tf0.5_val_tiesloss_emb4", family, "the 4 runs combined", *ensemble))
