@@ -57,7 +57,7 @@ def trained_rows(run: Path, modality: str) -> tuple[np.ndarray, dict]:
     from safetensors import safe_open
 
     import bioperceiver  # noqa: F401 (registers the Auto classes)
-    from bioperceiver.training.pretraining import is_decayed
+    from bioperceiver.training.pretraining import is_decayed, rows_with_gradient
 
     ckpt = last_checkpoint(run)
     target = f"model.embedders.{modality}.gene_embeddings.weight"
@@ -96,7 +96,7 @@ def trained_rows(run: Path, modality: str) -> tuple[np.ndarray, dict]:
         return np.zeros(shape[0], dtype=bool), {"checkpoint": str(ckpt), "vocabulary": shape[0], "trained": 0}
     if tuple(state["exp_avg_sq"].shape) != shape:
         raise ValueError(f"{ckpt}: optimizer state {index} has shape {tuple(state['exp_avg_sq'].shape)}, not {shape}")
-    trained = (state["exp_avg_sq"].abs().sum(dim=1) > 0).numpy()
+    trained = rows_with_gradient(state["exp_avg_sq"]).numpy()
     return trained, {"checkpoint": str(ckpt), "vocabulary": shape[0], "trained": int(trained.sum())}
 
 
@@ -144,19 +144,19 @@ def cohort_coverage(proc, modality: str, rows: pd.DataFrame, base_dir: Path, tra
     }
 
 
-def run_coverage(run: Path, manifests: list[Path], modality: str | None) -> dict:
-    from bioperceiver.data import BioPerceiverProcessor, read_manifest
+def run_coverage(run: Path, manifests: list, modality: str | None) -> dict:
+    """One run's coverage of the cohorts of ``manifests`` (loaded once for every run)."""
+    from bioperceiver.data import BioPerceiverProcessor
 
     proc = BioPerceiverProcessor.from_pretrained(run / "final")
     modality = omics_modality(proc, modality)
     trained, info = trained_rows(run, modality)
     out = {**info, "modality": modality, "vocabulary_share_trained": float(trained.mean()), "cohorts": {}}
-    for path in manifests:
-        manifest = read_manifest(path)
+    for manifest in manifests:
         label = Path(manifest.path).parent.name if len(manifests) > 1 else ""
         table = manifest.table
         if modality not in table:
-            raise ValueError(f"{path} has no {modality!r} column")
+            raise ValueError(f"{manifest.path} has no {modality!r} column")
         groups = table.groupby("meta_source", sort=False) if "meta_source" in table else [("all", table)]
         for name, rows in groups:
             rec = cohort_coverage(proc, modality, rows, manifest.base_dir, trained)
@@ -237,14 +237,15 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from bioperceiver.data import read_manifest
+
+    manifests = [read_manifest(m) for m in args.manifest]
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "gene_embedding_coverage",
         "argv": sys.argv[1:] if argv is None else list(argv),
-        "runs": {
-            Path(r).name: run_coverage(Path(r), [Path(m) for m in args.manifest], args.modality) for r in args.runs
-        },
+        "runs": {Path(r).name: run_coverage(Path(r), manifests, args.modality) for r in args.runs},
     }
     (out / "coverage.json").write_text(json.dumps(result, indent=1))
     (out / "coverage.md").write_text(report(result))

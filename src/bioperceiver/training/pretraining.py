@@ -318,6 +318,12 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, A
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def rows_with_gradient(exp_avg_sq: torch.Tensor) -> torch.Tensor:
+    """Per row of an embedding table, from its AdamW second-moment estimate: did the row ever get a gradient? (The
+    estimate of a row stays exactly 0 until it does.)"""
+    return exp_avg_sq.abs().sum(dim=1) > 0
+
+
 def trained_vocabulary_rows(model: nn.Module, optimizer) -> dict[str, dict[str, int]]:
     """Per vocabulary embedding table of ``model``'s embedders (gene, tabular feature and category embeddings):
     how many rows got a gradient during training (AdamW's second-moment estimate of the row is not 0) out of how
@@ -343,7 +349,7 @@ def trained_vocabulary_rows(model: nn.Module, optimizer) -> dict[str, dict[str, 
                 elif tuple(second.shape) != tuple(weight.shape):
                     continue
                 else:
-                    trained = int((second.abs().sum(dim=1) > 0).sum())
+                    trained = int(rows_with_gradient(second).sum())
                 out[f"{name}.{attr}"] = {"trained": trained, "rows": int(weight.shape[0])}
     return out
 

@@ -113,7 +113,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ...modalities.omics.gene_map import GeneMap, accession_key, read_gene_map
+from ...modalities.omics.gene_map import GeneMap, accession_key, average_same_named_columns, read_gene_map
 from .common import (
     MANIFEST_NAME,
     RecipeError,
@@ -502,9 +502,7 @@ def _build_cohort(
             report.note(f"{spec.name}:accessions_not_in_gene_map", len(shaped) - len(mapped))
     values = df[columns].apply(pd.to_numeric, errors="coerce").astype("float64")
     values.columns = [mapping[c] for c in columns]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a probe group all-NaN for a sample stays NaN
-        matrix = values.T.groupby(level=0, sort=False).mean().T.astype("float32")
+    matrix = average_same_named_columns(values).astype("float32")
     matrix.index = pd.Index(df["pid"], name="pid")
     n_missing = int(matrix.isna().to_numpy().sum())
     if n_missing:

@@ -49,6 +49,14 @@ def accession_key(name: str) -> str | None:
     return m.group("acc").upper() if m else None
 
 
+def average_same_named_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """One column per name, in first-seen order: columns sharing a name (replicate probes, reporters of one gene)
+    averaged per row, a missing value skipped (a row missing in all of them stays NaN)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN groups: NaN, not a warning per row
+        return frame.T.groupby(level=0, sort=False).mean().T
+
+
 @dataclass
 class GeneMap:
     """``accession -> symbol`` with where it came from (``source``: the file's ``#`` header lines as
@@ -82,9 +90,7 @@ class GeneMap:
         out.columns = renamed
         merged = len(renamed) - len(set(renamed))
         if merged:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # a group all-NaN for a sample stays NaN
-                out = out.T.groupby(level=0, sort=False).mean().T
+            out = average_same_named_columns(out)
         counts = {"mapped": mapped, "accessions_kept": shaped - mapped, "averaged_into_one": merged}
         logger.info("gene map %s: %s", Path(self.path).name or "(in memory)", counts)
         return out, counts
