@@ -333,6 +333,64 @@ def test_top_k_by_variance_keeps_each_cohort_s_most_variable_measured_genes(coho
         OmicsProcessor("omics_x", top_k=3, top_k_by="abs")
 
 
+def test_top_k_by_deviation_keeps_each_profile_s_largest_absolute_z_scores(tmp_path):
+    """``top_k_by: deviation``: each profile's ``top_k`` genes with the largest |z| under its source's training
+    statistics (over- and under-expression alike), so tokens spread over the vocabulary where ``value`` keeps the
+    same abundant genes in every profile; ties by gene id; needs the z-score."""
+    rng = np.random.default_rng(3)
+    genes = _genes(0, 12)
+    values = rng.normal(3.0 * np.arange(12)[::-1], 1.0, size=(40, 12))  # G0 the most abundant gene, G11 the least
+    values[rng.random(values.shape) < 0.1] = np.nan
+    ids = [f"d{i}" for i in range(40)]
+    table = pd.DataFrame(values, index=pd.Index(ids, name="sample"), columns=genes)
+    table.to_parquet(tmp_path / "d.parquet")
+    cells = [f"d.parquet#row={i}" for i in ids]
+    k = 3
+    proc = OmicsProcessor("omics_x", normalization="none", zscore="per_source", top_k=k, top_k_by="deviation")
+    proc.fit(cells[:30], base_dir=tmp_path)
+    vocab = proc.state["genes"]
+    mean, std = _manual(cells, tmp_path, ids[:30], genes)
+    z = (table - mean) / std
+    negative = 0
+    for i, cell in enumerate(cells[30:], start=30):
+        row = z.iloc[i].dropna()
+        expected = row.abs().sort_values(ascending=False).index[:k]
+        out = proc(cell, base_dir=tmp_path)
+        got = [vocab[g] for g in out["gene_ids"]]
+        assert sorted(got) == sorted(expected)
+        np.testing.assert_allclose(out["values"], row[got].to_numpy(), rtol=1e-5, atol=1e-5)
+        negative += int((out["values"] < 0).sum())
+    assert negative > 0  # under-expression becomes a token, which top_k_by: value never gives
+    # over all 40 profiles: deviation reaches every gene, the highest values only the 3 abundant ones (and the next
+    # where one of them is unmeasured)
+    by_value = OmicsProcessor("omics_x", normalization="none", zscore="per_source", top_k=k)
+    by_value.fit(cells[:30], base_dir=tmp_path)
+
+    def reached(p):
+        return {p.state["genes"][g] for c in cells for g in p(c, base_dir=tmp_path)["gene_ids"]}
+
+    assert reached(proc) == set(genes)
+    assert {"G0", "G1", "G2"} <= reached(by_value) <= {"G0", "G1", "G2", "G3", "G4"}
+    # ties in |z| go to the lower gene id: G0 and G2 are +1 SD, G1 -1 SD (training rows 1 and 3 per gene)
+    tie = pd.DataFrame(
+        [[1.0, 1.0, 1.0], [3.0, 3.0, 3.0], [3.0, 1.0, 3.0]], index=pd.Index(["t0", "t1", "q"], name="sample")
+    )
+    tie.columns = ["G0", "G1", "G2"]
+    tie.to_parquet(tmp_path / "t.parquet")
+    tied = OmicsProcessor("omics_x", normalization="none", zscore=True, top_k=2, top_k_by="deviation")
+    tied.fit(["t.parquet#row=t0", "t.parquet#row=t1"], base_dir=tmp_path)
+    out = tied("t.parquet#row=q", base_dir=tmp_path)
+    assert [tied.state["genes"][g] for g in out["gene_ids"]] == ["G0", "G1"]
+    np.testing.assert_allclose(out["values"], [1.0, -1.0])
+    # round trip, and the setting needs the z-score statistics
+    again = OmicsProcessor.from_dict(json.loads(json.dumps(proc.to_dict())))
+    np.testing.assert_array_equal(
+        again(cells[33], base_dir=tmp_path)["gene_ids"], proc(cells[33], base_dir=tmp_path)["gene_ids"]
+    )
+    with pytest.raises(ValueError, match="zscore"):
+        OmicsProcessor("omics_x", top_k=3, top_k_by="deviation")
+
+
 def _reference_pcs(base, cells, train_rows, k, n_genes):
     """The reference computation of ``pcs``: one source's training rows z-scored with their own statistics (ddof 0),
     the ``n_genes`` genes with the largest training SD, unmeasured = 0, scikit-learn's PCA, scores scaled to unit SD

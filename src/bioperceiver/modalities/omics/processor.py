@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 NORMALIZATIONS = ("log1p", "cpm_log1p", "none")
 ZSCORES = (False, True, "per_source")
-TOP_K_BY = ("value", "variance")
+TOP_K_BY = ("value", "variance", "deviation")
 
 
 @dataclass
@@ -44,6 +44,11 @@ class OmicsSettings:
             panel, the ``top_k`` genes with the largest training-set standard deviation among those the sample
             measures (its source's statistics with ``zscore: per_source``, so each cohort keeps its own most
             variable genes), as bulk expression models select genes before PCA or Cox; needs ``zscore``.
+            ``"deviation"``: each sample's ``top_k`` genes with the largest absolute z-score (its source's
+            statistics with ``zscore: per_source``), where this profile departs most from its cohort, over- or
+            under-expressed. Unlike ``value``, which gives mostly the same abundant genes in every profile, any
+            measured gene can become a token, so pretraining reaches (and trains) far more of the vocabulary;
+            needs ``zscore``. Ties by gene id.
         pcs: also emit the profile's first ``pcs`` principal components as tokens ``<PC1>`` ... ``<PCk>`` (vocabulary
             entries after the genes, values = component scores scaled to unit SD on the training rows), the dense
             summary of all genes bulk-expression Cox models read (a linear term, ``head_linear_modalities``, then
@@ -102,10 +107,11 @@ class OmicsSettings:
             )
         if self.top_k_by not in TOP_K_BY:
             raise ValueError(f"top_k_by must be one of {TOP_K_BY}, got {self.top_k_by!r}")
-        if self.top_k_by == "variance" and not self.zscore:
+        if self.top_k_by in ("variance", "deviation") and not self.zscore:
+            ranks = "their training standard deviation" if self.top_k_by == "variance" else "each sample's z-scores"
             raise ValueError(
-                "top_k_by: variance ranks genes by their training standard deviation, which is fitted for the "
-                "z-score: set zscore: true (or per_source)"
+                f"top_k_by: {self.top_k_by} ranks genes by {ranks}, which needs the z-score's training statistics: "
+                "set zscore: true (or per_source)"
             )
 
 
@@ -746,6 +752,10 @@ class OmicsProcessor(ModalityProcessor):
                 _, std = self._statistics_for(value, base_dir)
                 spread = np.where(std[idx] == 1.0, 0.0, std[idx])  # _mean_std stores 1.0 for a gene without spread
                 order = np.lexsort((idx, -spread))[: self.settings.top_k]  # largest spread first, ties by gene id
+            elif self.settings.top_k_by == "deviation":
+                mean, std = self._statistics_for(value, base_dir)
+                deviation = np.abs(vals - mean[idx]) / std[idx]
+                order = np.lexsort((idx, -deviation))[: self.settings.top_k]  # largest |z| first, ties by gene id
             else:
                 order = np.argsort(-vals, kind="stable")[: self.settings.top_k]
             order.sort()
