@@ -1627,6 +1627,119 @@ def _decorrelation_parts() -> list[Part]:
     return parts
 
 
+DEVIATION = "tokenizers/survset_processors_deviation.yaml"  # each profile's 256 largest |z| as its gene tokens
+
+
+def _deviation_backbones(s: int) -> str:
+    return f"pretrain_cvfolds_deviation_seed{s}"
+
+
+def _deviation_parts() -> list[Part]:
+    """Optional: each profile's most deviant genes as its tokens (omics ``top_k_by: deviation``,
+    ``tokenizers/survset_processors_deviation.yaml``; protocol G, eighteenth session). The fold-wise backbones of
+    pretraining seeds 0-2 with it; label-free first: which gene embeddings they trained and each cohort's share of
+    tokens using them (seed 0), and their held-out spectra against the plain backbones; then the embedding-Cox arms at
+    25% and 50% for seed pairs (0, 0), (1, 1), (2, 2) (baselines read back from the plain run of the pair, the random
+    embedding recomputed on the deviation processors), each paired with the plain run, and the 3 runs combined; the
+    external check's setting (vdv mapped, 50%, every PCA on non-test patients) for the same pairs, evaluation only,
+    fused with the best baseline beside the plain backbones' same 3 pairs (~75 min on 2 cores)."""
+    settings = f"data.processor_settings={{root}}/{DEVIATION}"
+    parts = []
+    for s in range(3):
+        parts += [
+            _fold_backbone(
+                f"survset_pretrain_deviation_seed{s}_fold{k}",
+                f"survset_pretrain_fold{k} with seed={s} and {DEVIATION}",
+                _deviation_backbones(s),
+                k,
+                settings,
+                f"seed={s}",
+                minutes=2.5,
+            )
+            for k in range(5)
+        ]
+    seed0 = [f"survset_pretrain_deviation_seed0_fold{k}" for k in range(5)]
+    argv = [PY, "benchmarks/gene_embedding_coverage.py", "--runs"]
+    argv += [f"{W}/survset/{_deviation_backbones(0)}/fold{k}" for k in range(5)]
+    argv += ["--manifest"]
+    argv += [f"{W}/survset/{d}/manifest.parquet" for d in ("dev_cohort", "external_cohort", "external_cohort_genemap")]
+    argv += ["--output_dir", f"{W}/survset/gene_embedding_coverage_deviation"]
+    parts.append(
+        Part(
+            "survset_gene_embedding_coverage_deviation",
+            "survset_gene_embedding_coverage on the seed-0 deviation backbones (label-free)",
+            argv,
+            "survset/gene_embedding_coverage_deviation/coverage.json",
+            needs=["survset_gene_embedding_coverage", *seed0],
+            minutes=2,
+            optional=True,
+        )
+    )
+    spectrum = [PY, "benchmarks/embedding_spectrum.py"]
+    for group, folder in (("plain", _backbones), ("deviation", _deviation_backbones)):
+        spectrum += ["--group", group, *(f"{W}/survset/{folder(s)}/fold{k}" for s in range(3) for k in range(5))]
+    parts.append(
+        Part(
+            "survset_deviation_spectrum",
+            "held-out spectra and R@1 of the 15 deviation fold-wise backbones against the plain ones (label-free)",
+            [*spectrum, "--output_dir", f"{W}/survset/deviation_spectrum"],
+            "survset/deviation_spectrum/embedding_spectrum.json",
+            needs=[f"survset_pretrain_deviation_seed{s}_fold{k}" for s in range(3) for k in range(5)]
+            + [p for s in range(3) for p in _backbone_parts(s)],
+            minutes=1,
+            optional=True,
+        )
+    )
+    pairs = FIVE_SEEDS[:3]
+    for frac in ("0.25", "0.5"):
+        plain = f"survival_cv_labeff_tf{frac}_val_tiesloss_emb"
+        family = {}
+        for pre, init in pairs:
+            base = plain + _pair_suffix(pre, init)
+            run = f"{plain}_deviation" + _pair_suffix(pre, init)
+            argv = _emb_cox(run, _deviation_backbones(pre), frac, init, reuse=(base,))
+            needs = [base, *(f"survset_pretrain_deviation_seed{pre}_fold{k}" for k in range(5))]
+            what = f"{base} on the deviation backbones of seed {pre}: the embedding-Cox arms"
+            parts.append(
+                Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=needs, minutes=3, optional=True)
+            )
+            parts.append(
+                _spread(
+                    f"versus_labeff_tf{frac}_deviation{_pair_suffix(pre, init)}",
+                    {"deviation": run, "plain": base},
+                    "deviation - highest-value tokens, the same seeds, paired on the same test patients",
+                    "--versus",
+                    "cox_clinical_emb_pretrained",
+                    "cox_clinical_pcs_emb_pretrained",
+                )
+            )
+            family[f"pre{pre}_init{init}"] = run
+        out = f"seed_spread_labeff_tf{frac}_val_tiesloss_emb_deviation3"
+        parts.append(_spread(out, family, "the 3 deviation pretraining seeds combined", *EMB_ENSEMBLE))
+    # secondary, evaluation only: the external check's setting with vdv mapped, fused with the best baseline
+    fuse = (*EMB_ENSEMBLE, "--fuse_with", "best_baseline")
+    plain = "survival_cv_ext_genemap_labeff_tf0.5_val_tiesloss_emb_nt"
+    extra = ("--gene_map", GENE_MAP, "--pca_rows", "non_test")
+    family, plain_family = {}, {}
+    for pre, init in pairs:
+        run = f"{plain}_deviation" + _pair_suffix(pre, init)
+        argv = _emb_cox(
+            run, _deviation_backbones(pre), "0.5", init, (plain,), EXTERNAL_COHORTS, "external_cohort_genemap", extra
+        )
+        what = f"{plain + _pair_suffix(pre, init)} on the deviation backbones of seed {pre}, evaluation only"
+        needs = [plain, *(f"survset_pretrain_deviation_seed{pre}_fold{k}" for k in range(5))]
+        parts.append(Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=needs, minutes=3, optional=True))
+        family[f"pre{pre}_init{init}"] = run
+        plain_family[f"pre{pre}_init{init}"] = plain + _pair_suffix(pre, init)
+    for out, runs, what in (
+        ("deviation3_fused", family, "the 3 deviation seeds"),
+        ("3_fused", plain_family, "the same 3 seeds of the plain backbones"),
+    ):
+        out = f"seed_spread_ext_genemap_labeff_tf0.5_val_tiesloss_emb_nt_{out}".replace("_nt_3", "_nt3")
+        parts.append(_spread(out, runs, f"{what}' external ensembles (vdv mapped) fused with the best baseline", *fuse))
+    return parts
+
+
 # In run order. Minutes as measured on the shared 2-core VM on 2026-12-03 with other jobs running (load 4-8): about
 # 2.5 h in all there; on idle cores the parts ran about twice as fast.
 PARTS: list[Part] = [
@@ -1785,6 +1898,7 @@ PARTS: list[Part] = [
     *_non_test_half_parts(),
     *_fusion_parts(),
     *_gene_map_parts(),
+    *_deviation_parts(),
 ]
 
 
