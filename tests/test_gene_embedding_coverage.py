@@ -87,3 +87,26 @@ def test_report_counts_are_consistent(runs, tmp_path):
     ).read_text()
     with pytest.raises(ValueError, match="not an omics modality"):
         cov.main(["--runs", str(run), "--manifest", manifest, "--output_dir", str(tmp_path), "--modality", "text_note"])
+
+
+def test_final_records_the_trained_rows_finetuning_reads(runs):
+    """``final/trained_vocabulary_rows.safetensors`` holds the same mask (the rows the run moved), and finetuning's
+    vocabulary extension counts the overlap with it: extended on the pretraining rows themselves, every gene of the
+    vocabulary overlaps, and exactly the trained ones count as trained."""
+    from bioperceiver.data import BioPerceiverProcessor, read_manifest
+    from bioperceiver.training.finetune_loop import trained_id_rows
+    from bioperceiver.training.pretraining import load_trained_rows
+
+    run, frozen = runs
+    moved = np.any(_gene_rows(frozen) != _gene_rows(run), axis=1)
+    masks = load_trained_rows(run / "final")
+    np.testing.assert_array_equal(masks["omics_expression.gene_embeddings"], moved)
+    proc = BioPerceiverProcessor.from_pretrained(run / "final")
+    trained = trained_id_rows(run / "final", proc)
+    np.testing.assert_array_equal(trained["omics_expression"], moved)
+    cfg = yaml.safe_load((run / "final" / "run_config.yaml").read_text())
+    manifest = read_manifest(cfg["data"]["manifest"])
+    report = proc.extend(manifest, split="train", modalities=["omics_expression"], trained=trained)["omics_expression"]
+    assert report["added"] == 0 and report["overlap"] == len(moved)
+    assert report["overlap_trained"] == int(moved.sum()) < len(moved)
+    assert load_trained_rows(run) is None  # a folder without the file

@@ -287,6 +287,55 @@ def test_finetune_extends_the_pretrained_vocabulary(tmp_path, pretrained):
     assert before.embedders["omics_expression"].gene_embeddings.num_embeddings == 8
 
 
+def test_finetune_counts_the_overlap_with_trained_rows(tmp_path, pretrained):
+    """A backbone's ``trained_vocabulary_rows.safetensors`` (written by pretraining) makes the extension report how
+    many overlapping genes / features have trained embeddings, in the results, the log line and the card; a mask of
+    another vocabulary's length is left out with a warning, never applied."""
+    from bioperceiver.training.pretraining import save_trained_rows
+
+    genes = BioPerceiverProcessor.from_pretrained(pretrained).processors["omics_expression"].state["genes"]
+    gene_mask = torch.tensor([g in ("G4", "G5", "G0") for g in genes])  # G0 is trained but not measured by "new"
+    save_trained_rows(
+        {
+            "omics_expression.gene_embeddings": gene_mask,
+            "omics_expression.gene_value_embeddings": torch.ones(len(genes), dtype=torch.bool),  # not the id table
+            "tabular_clinical.feature_embeddings": torch.zeros(1, dtype=torch.bool),
+        },
+        pretrained,
+    )
+    manifest = _cohort_manifest(tmp_path, "new", _genes(4, 14), 2.0, 1)
+    results = _finetune(manifest, pretrained, tmp_path / "ft")
+    ext = results["vocabulary_extension"]
+    assert ext["omics_expression"]["overlap"] == 4 and ext["omics_expression"]["overlap_trained"] == 2
+    assert ext["tabular_clinical"]["overlap"] == 1 and ext["tabular_clinical"]["overlap_trained"] == 0
+    card = (tmp_path / "ft" / "README.md").read_text()
+    assert "6 added, 4 overlapping with the pretrained vocabulary (2 of them trained in pretraining)" in card
+    # a mask that does not fit the processors' vocabulary is not used
+    save_trained_rows({"omics_expression.gene_embeddings": torch.ones(3, dtype=torch.bool)}, pretrained)
+    results = _finetune(manifest, pretrained, tmp_path / "ft2")
+    assert "overlap_trained" not in results["vocabulary_extension"]["omics_expression"]
+
+
+def test_extend_counts_overlapping_ids_with_trained_rows(cohorts):
+    """``extend(..., trained=mask)``: the overlapping entries whose id is trained in ``mask`` (ids beyond it count
+    as untrained); without a mask the report is as before."""
+    base, a, b = cohorts
+    proc = OmicsProcessor("omics_x", normalization="none", zscore="per_source").fit(a[:20], base_dir=base)
+    genes = proc.state["genes"]  # G0..G7; b measures G4..G11
+    mask = [g in ("G1", "G5", "G6") for g in genes][:-1]  # one id short: the last gene counts as untrained
+    report = proc.extend(b[:20], base_dir=base, trained=mask)
+    expected = sum(1 for i, g in enumerate(genes[:-1]) if mask[i] and g in _genes(4, 12))
+    assert report["overlap"] == 4 and report["overlap_trained"] == expected == 2
+    again = OmicsProcessor("omics_x", normalization="none", zscore="per_source").fit(a[:20], base_dir=base)
+    assert "overlap_trained" not in again.extend(b[:20], base_dir=base)
+    tab = TabularProcessor("tabular_x").fit([{"age": 50.0, "grade": "2"}, {"age": 60.0, "grade": "3"}])
+    ids = {f["name"]: i for i, f in enumerate(tab.state["features"])}
+    trained = [False] * len(ids)
+    trained[ids["grade"]] = True
+    report = tab.extend([{"age": 55.0, "grade": "1", "ki67": 0.2}], trained=trained)
+    assert report["overlap"] == 2 and report["overlap_trained"] == 1 and report["added"] == 1
+
+
 def test_finetune_without_extension_keeps_the_old_error(tmp_path, pretrained):
     manifest = _cohort_manifest(tmp_path, "disjoint", _genes(20, 26), 2.0, 2)
     with pytest.raises(DataError, match=r"none of the .* measured genes is in the fitted vocabulary"):

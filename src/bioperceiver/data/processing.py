@@ -214,11 +214,17 @@ class BioPerceiverProcessor:
         return self
 
     def extend(
-        self, manifest: Manifest, split: str | None = "train", modalities: list[str] | None = None
+        self,
+        manifest: Manifest,
+        split: str | None = "train",
+        modalities: list[str] | None = None,
+        trained: Mapping[str, Any] | None = None,
     ) -> dict[str, dict[str, Any]]:
         """Extend the vocabulary of every extensible processor (:meth:`ModalityProcessor.extend`) with the
         ``split`` rows of ``manifest`` (a new cohort's training split); ``{modality: counts}`` of the extended ones
-        (modalities restricted to ``modalities``; those with no value in the split are left as they are)."""
+        (modalities restricted to ``modalities``; those with no value in the split are left as they are).
+        ``trained``: ``{modality: per existing id, whether pretraining trained its embedding row}``; the counts of
+        those modalities then include ``overlap_trained``."""
         table = manifest.table
         if split is not None and "split" in table:
             table = table[table["split"] == split]
@@ -230,7 +236,9 @@ class BioPerceiverProcessor:
             values = table[name].tolist()
             if all(is_missing(v) for v in values):
                 continue
-            out[name] = proc.extend(values, sample_ids=ids, base_dir=manifest.base_dir)
+            mask = (trained or {}).get(name)
+            extra = {} if mask is None else {"trained": mask}  # a plugin's extend without the argument still works
+            out[name] = proc.extend(values, sample_ids=ids, base_dir=manifest.base_dir, **extra)
         return out
 
     def __call__(

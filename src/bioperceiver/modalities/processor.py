@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -40,6 +40,9 @@ class ModalityProcessor:
 
     kind: ClassVar[str] = ""
     Settings: ClassVar[type] = object
+    # for kinds with :meth:`extend`: (the model-config size field, the embedder's embedding attribute) of the ids
+    # ``extend`` counts as ``overlap`` -- the rows ``trained`` masks (e.g. omics: genes, ``gene_embeddings``)
+    vocabulary_ids: ClassVar[tuple[str, str] | None] = None
 
     def __init__(self, name: str | None = None, **settings: Any):
         self.name = name or self.kind
@@ -140,12 +143,24 @@ class ModalityProcessor:
         values: Iterable[Any],
         sample_ids: Iterable[str] | None = None,
         base_dir: str | os.PathLike | None = None,
+        trained: Sequence[bool] | None = None,
     ) -> dict[str, Any]:
         """Grow the fitted vocabulary with what ``values`` (a new cohort's training rows) bring, keeping every
         existing id, as tokenizers add tokens; returns counts (``added``, ``overlap``, ...). Kinds with a fitted
         vocabulary the model embeds (omics genes, tabular features) implement it, with the embedder's
-        ``vocabulary_embeddings``."""
+        ``vocabulary_embeddings``. ``trained``: per existing id, whether pretraining trained its embedding row (the
+        backbone's ``trained_vocabulary_rows.safetensors``); with it the report also has ``overlap_trained``, the
+        overlapping entries whose rows were trained (the others are still at their random initialisation)."""
         raise NotImplementedError(f"the {self.kind} processor has no vocabulary extension")
+
+    @staticmethod
+    def _overlap_trained(overlapping_ids: Iterable[int], trained: Sequence[bool] | None) -> dict[str, int]:
+        """``{"overlap_trained": n}``: how many of the overlapping vocabulary ids have a trained row in ``trained``
+        (``{}`` without it). An id beyond the mask counts as untrained."""
+        if trained is None:
+            return {}
+        mask = np.asarray(trained, dtype=bool)
+        return {"overlap_trained": int(sum(1 for i in overlapping_ids if i < len(mask) and mask[i]))}
 
     @property
     def extensible(self) -> bool:

@@ -168,6 +168,37 @@ def check_modalities(model_args, data_args, modalities: list[str], source: str) 
     )
 
 
+def trained_id_rows(model_dir, processor) -> dict[str, np.ndarray]:
+    """``{modality: per vocabulary id, whether pretraining trained its embedding row}`` from the backbone's
+    ``trained_vocabulary_rows.safetensors`` (:func:`~bioperceiver.training.pretraining.save_trained_rows`); ``{}``
+    for a backbone without it (not pretrained here, or before it was recorded). A mask whose length is not the
+    processor's vocabulary (processors from elsewhere) is left out, with a warning."""
+    from .pretraining import TRAINED_ROWS_FILE, load_trained_rows
+
+    masks = load_trained_rows(model_dir) if model_dir and Path(model_dir).is_dir() else None
+    out = {}
+    for name, proc in processor.processors.items() if masks else ():
+        if proc.vocabulary_ids is None or not proc.is_fitted:
+            continue
+        size_field, table = proc.vocabulary_ids
+        mask = masks.get(f"{name}.{table}")
+        if mask is None:
+            continue
+        size = proc.model_settings().get(size_field)
+        if size != len(mask):
+            logger.warning(
+                "%s has %d rows for %r, its processor %s ids: trained-row counts left out (processors from another "
+                "run?)",
+                TRAINED_ROWS_FILE,
+                len(mask),
+                name,
+                size,
+            )
+            continue
+        out[name] = mask
+    return out
+
+
 def extend_vocabulary(model_args, data_args, processor, manifest, used: list[str]) -> dict[str, dict]:
     """With a pretrained model and ``--extend_vocabulary`` (default): extend its saved processors' vocabularies
     (genes, tabular features) with the training split (:meth:`BioPerceiverProcessor.extend`); the model's embeddings
@@ -176,15 +207,17 @@ def extend_vocabulary(model_args, data_args, processor, manifest, used: list[str
         return {}
     if processor_folder(data_args.processor_dir, model_args.model_name_or_path) is None:
         return {}  # fitted on this training split: nothing to extend
-    report = processor.extend(manifest, split=data_args.train_split, modalities=used)
+    trained = trained_id_rows(model_args.model_name_or_path, processor)
+    report = processor.extend(manifest, split=data_args.train_split, modalities=used, trained=trained)
     for name, counts in report.items():
         logger.info(
-            "vocabulary of %r extended on the %s split: %d added, %d overlapping with the pretrained vocabulary "
+            "vocabulary of %r extended on the %s split: %d added, %d overlapping with the pretrained vocabulary%s "
             "(%d -> %d)",
             name,
             data_args.train_split,
             counts["added"],
             counts["overlap"],
+            f" ({counts['overlap_trained']} of them trained in pretraining)" if "overlap_trained" in counts else "",
             counts["vocabulary_before"],
             counts["vocabulary_after"],
         )

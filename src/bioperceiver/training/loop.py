@@ -88,11 +88,14 @@ from .config import LoggingConfig, OptimConfig, PretrainConfig, RunConfigError, 
 from .metering import TokenCounter, compute_facts, cpu_load_warning
 from .padding import PaddedPretrainer, RankPadder
 from .pretraining import (
+    TRAINED_ROWS_FILE,
     ContrastivePretrainer,
     evaluate,
     parameter_groups,
     plot_history,
     plot_similarity,
+    save_trained_rows,
+    trained_vocabulary_masks,
     trained_vocabulary_rows,
 )
 
@@ -834,10 +837,11 @@ def run_pretraining(
                 plots.append(out / f"similarity_{a}__{b}.png")
         backbone = {k[len("model.") :]: v for k, v in state_dict.items() if k.startswith("model.")}
         try:  # a fact for the card: a problem here must not lose the trained model
-            vocabulary_trained = trained_vocabulary_rows(unwrapped.model, optimizer)
+            trained_masks = trained_vocabulary_masks(unwrapped.model, optimizer)
         except Exception:
             logger.exception("could not count the trained vocabulary rows; the card leaves them out")
-            vocabulary_trained = {}
+            trained_masks = {}
+        vocabulary_trained = trained_vocabulary_rows(trained_masks)
         for table, n in vocabulary_trained.items():
             logger.info(
                 "%s: %d of %d rows trained; the others keep their random initialisation", table, n["trained"], n["rows"]
@@ -852,6 +856,11 @@ def run_pretraining(
                 logger.exception("could not save the projection head in %s (embed --space projected refuses it)", final)
             processor.save_pretrained(tmp)
             (tmp / RUN_CONFIG).write_text(run_config_yaml)
+            if trained_masks:
+                try:  # finetuning reports the overlap with trained rows from it; never worth losing the model for
+                    save_trained_rows(trained_masks, tmp)
+                except Exception:
+                    logger.exception("could not save %s in %s", TRAINED_ROWS_FILE, final)
             try:
                 card = pretraining_card(
                     config=unwrapped.model.config,

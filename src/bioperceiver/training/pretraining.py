@@ -324,18 +324,21 @@ def rows_with_gradient(exp_avg_sq: torch.Tensor) -> torch.Tensor:
     return exp_avg_sq.abs().sum(dim=1) > 0
 
 
-def trained_vocabulary_rows(model: nn.Module, optimizer) -> dict[str, dict[str, int]]:
-    """Per vocabulary embedding table of ``model``'s embedders (gene, tabular feature and category embeddings):
-    how many rows got a gradient during training (AdamW's second-moment estimate of the row is not 0) out of how
-    many. A row that never did still holds its random initialisation: with ``top_k`` omics tokens, a gene no training
-    profile ranks that high. Tables the optimizer keeps no per-parameter state for (DeepSpeed, FSDP flat parameters)
-    are left out."""
+TRAINED_ROWS_FILE = "trained_vocabulary_rows.safetensors"  # in final/: which vocabulary rows pretraining trained
+
+
+def trained_vocabulary_masks(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
+    """Per vocabulary embedding table of ``model``'s embedders (gene, tabular feature and category embeddings), keyed
+    ``"<modality>.<attribute>"``: a boolean mask of the rows that got a gradient during training (AdamW's
+    second-moment estimate of the row is not 0). A row that never did still holds its random initialisation: with
+    ``top_k`` omics tokens, a gene no training profile ranks that high. Tables the optimizer keeps no per-parameter
+    state for (DeepSpeed, FSDP flat parameters) are left out."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
     state = getattr(inner, "state", None)
     if state is None:
         return {}
     managed = {id(p) for g in getattr(inner, "param_groups", []) for p in g["params"]}
-    out: dict[str, dict[str, int]] = {}
+    out: dict[str, torch.Tensor] = {}
     for name, emb in getattr(model, "embedders", {}).items():
         for attrs in getattr(emb, "vocabulary_embeddings", {}).values():
             for attr in (attrs,) if isinstance(attrs, str) else attrs:
@@ -345,13 +348,42 @@ def trained_vocabulary_rows(model: nn.Module, optimizer) -> dict[str, dict[str, 
                     continue
                 second = state.get(weight, {}).get("exp_avg_sq")
                 if second is None:  # in the optimizer, never a gradient
-                    trained = 0
+                    mask = torch.zeros(weight.shape[0], dtype=torch.bool)
                 elif tuple(second.shape) != tuple(weight.shape):
                     continue
                 else:
-                    trained = int(rows_with_gradient(second).sum())
-                out[f"{name}.{attr}"] = {"trained": trained, "rows": int(weight.shape[0])}
+                    mask = rows_with_gradient(second).cpu()
+                out[f"{name}.{attr}"] = mask
     return out
+
+
+def trained_vocabulary_rows(masks: dict[str, torch.Tensor]) -> dict[str, dict[str, int]]:
+    """``{table: {"trained": rows with a gradient, "rows": rows}}`` of :func:`trained_vocabulary_masks`."""
+    return {table: {"trained": int(mask.sum()), "rows": int(mask.numel())} for table, mask in masks.items()}
+
+
+def save_trained_rows(masks: dict[str, torch.Tensor], folder) -> None:
+    """Write :func:`trained_vocabulary_masks` beside a saved backbone (:data:`TRAINED_ROWS_FILE`, safetensors,
+    one uint8 vector per table), so that finetuning can say how many of a new cohort's overlapping genes or
+    features have trained embeddings."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    save_file({k: v.to(torch.uint8).contiguous() for k, v in masks.items()}, str(Path(folder) / TRAINED_ROWS_FILE))
+
+
+def load_trained_rows(folder) -> dict[str, np.ndarray] | None:
+    """The masks :func:`save_trained_rows` wrote in ``folder`` (boolean arrays), or ``None`` when it has none (a
+    backbone saved before they were recorded, or one not pretrained here)."""
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+
+    path = Path(folder) / TRAINED_ROWS_FILE
+    if not path.is_file():
+        return None
+    return {k: v.astype(bool) for k, v in load_file(str(path)).items()}
 
 
 @contextlib.contextmanager

@@ -267,6 +267,7 @@ class OmicsProcessor(ModalityProcessor):
     per selected gene, ``top_k``), plus one per principal component with ``pcs``."""
 
     kind = "omics"
+    vocabulary_ids = ("num_genes", "gene_embeddings")  # what extend() counts as overlap
     Settings = OmicsSettings
 
     def __init__(self, name=None, **settings):
@@ -502,7 +503,7 @@ class OmicsProcessor(ModalityProcessor):
         x[col[sel]] += (vals[sel] - mean[idx[sel]]) / std[idx[sel]]
         return fit.components @ x / fit.scale
 
-    def extend(self, values, sample_ids=None, base_dir=None) -> dict:
+    def extend(self, values, sample_ids=None, base_dir=None, trained=None) -> dict:
         """Add what a new cohort brings to a fitted processor, as tokenizers add tokens: genes measured in at least
         ``min_samples`` of ``values`` and missing from the vocabulary are appended (existing gene ids unchanged,
         ``max_genes`` not applied), their z-score statistics fitted on ``values``; with ``zscore: per_source`` every
@@ -518,13 +519,13 @@ class OmicsProcessor(ModalityProcessor):
             raise RuntimeError(f"omics processor {self.name!r} is not fitted: fit it before extending it")
         old = self.state
         try:
-            return self._extend(values, sample_ids, base_dir)
+            return self._extend(values, sample_ids, base_dir, trained)
         except BaseException:
             self.state = old  # _extend builds new containers: the old state is untouched
             self._on_load()
             raise
 
-    def _extend(self, values, sample_ids, base_dir) -> dict:
+    def _extend(self, values, sample_ids, base_dir, trained=None) -> dict:
         from collections import Counter
 
         vals, ids = self._present(values, sample_ids)
@@ -540,7 +541,8 @@ class OmicsProcessor(ModalityProcessor):
                 "reserved_gene_name", f"gene(s) {clash} use the names of the principal-component tokens", "rename them"
             )
         before = len(self.state["genes"])
-        overlap = sum(1 for g in counts if g in self._index)
+        overlapping = [self._index[g] for g in counts if g in self._index]
+        overlap = len(overlapping)
         added = sorted(g for g, c in counts.items() if g not in self._index and c >= self.settings.min_samples)
         known_sources = set(self._sources)
         self.state = {**self.state, "genes": [*self.state["genes"], *added]}
@@ -580,6 +582,7 @@ class OmicsProcessor(ModalityProcessor):
             "vocabulary_before": before,
             "vocabulary_after": len(self.state["genes"]),
             "new_sources": new_sources,
+            **self._overlap_trained(overlapping, trained),
         }
         if self.settings.pcs:
             report["pca_genes_measured"] = self._pca_share(parsed)

@@ -62,6 +62,7 @@ class TabularProcessor(ModalityProcessor):
     ``category_ids`` (0 = numeric). A missing value (null/NaN) is no token."""
 
     kind = "tabular"
+    vocabulary_ids = ("num_features", "feature_embeddings")  # what extend() counts as overlap
     Settings = TabularSettings
 
     def __init__(self, name=None, **settings):
@@ -151,14 +152,15 @@ class TabularProcessor(ModalityProcessor):
         self.state = {"features": features, "num_categories": next_cat, "fitted_on": len(values)}
         self._on_load()
 
-    def extend(self, values, sample_ids=None, base_dir=None) -> dict:
+    def extend(self, values, sample_ids=None, base_dir=None, trained=None) -> dict:
         """Add the features (e.g. lab tests) a new cohort brings to a fitted processor, as tokenizers add tokens:
         features present in at least ``min_feature_count`` of ``values`` and missing from the vocabulary are
         appended (existing feature ids, scalings and category codes unchanged; new categorical codes start at the
         old ``num_categories``), their scaling and categories fitted on ``values`` (the new cohort's training rows).
 
         Returns ``{"added": features appended, "overlap": present features already in the vocabulary, "measured":
-        distinct present features, "vocabulary_before": n, "vocabulary_after": n}``."""
+        distinct present features, "vocabulary_before": n, "vocabulary_after": n}``, and with ``trained`` (per
+        existing feature id, whether pretraining trained its embedding) ``"overlap_trained"``."""
         if not self.is_fitted:
             raise RuntimeError(f"tabular processor {self.name!r} is not fitted: fit it before extending it")
         vals, ids = self._present(values, sample_ids)
@@ -170,7 +172,8 @@ class TabularProcessor(ModalityProcessor):
             k for k, c in present.items() if k not in self._features and c >= self.settings.min_feature_count
         )
         features, next_cat = self._feature_entries(names, numbers, cats, self.state["num_categories"])
-        overlap = sum(1 for k in present if k in self._features)
+        overlapping = [self._features[k][0] for k in present if k in self._features]
+        overlap = len(overlapping)
         self.state = {
             **self.state,
             "features": [*self.state["features"], *features],
@@ -184,6 +187,7 @@ class TabularProcessor(ModalityProcessor):
             "measured": len(present),
             "vocabulary_before": before,
             "vocabulary_after": len(self.state["features"]),
+            **self._overlap_trained(overlapping, trained),
         }
         logger.info(
             "tabular processor %r extended on %d values: %d features added, %d overlapping (vocabulary %d -> %d)",
