@@ -1634,6 +1634,10 @@ def _deviation_backbones(s: int) -> str:
     return f"pretrain_cvfolds_deviation_seed{s}"
 
 
+def _deviation_parts_of(s: int) -> list[str]:
+    return [f"survset_pretrain_deviation_seed{s}_fold{k}" for k in range(5)]
+
+
 def _deviation_parts() -> list[Part]:
     """Optional: each profile's most deviant genes as its tokens (omics ``top_k_by: deviation``,
     ``tokenizers/survset_processors_deviation.yaml``; protocol G, eighteenth session). The fold-wise backbones of
@@ -1658,7 +1662,7 @@ def _deviation_parts() -> list[Part]:
             )
             for k in range(5)
         ]
-    seed0 = [f"survset_pretrain_deviation_seed0_fold{k}" for k in range(5)]
+    seed0 = _deviation_parts_of(0)
     argv = [PY, "benchmarks/gene_embedding_coverage.py", "--runs"]
     argv += [f"{W}/survset/{_deviation_backbones(0)}/fold{k}" for k in range(5)]
     argv += ["--manifest"]
@@ -1684,7 +1688,7 @@ def _deviation_parts() -> list[Part]:
             "held-out spectra and R@1 of the 15 deviation fold-wise backbones against the plain ones (label-free)",
             [*spectrum, "--output_dir", f"{W}/survset/deviation_spectrum"],
             "survset/deviation_spectrum/embedding_spectrum.json",
-            needs=[f"survset_pretrain_deviation_seed{s}_fold{k}" for s in range(3) for k in range(5)]
+            needs=[p for s in range(3) for p in _deviation_parts_of(s)]
             + [p for s in range(3) for p in _backbone_parts(s)],
             minutes=1,
             optional=True,
@@ -1698,7 +1702,7 @@ def _deviation_parts() -> list[Part]:
             base = plain + _pair_suffix(pre, init)
             run = f"{plain}_deviation" + _pair_suffix(pre, init)
             argv = _emb_cox(run, _deviation_backbones(pre), frac, init, reuse=(base,))
-            needs = [base, *(f"survset_pretrain_deviation_seed{pre}_fold{k}" for k in range(5))]
+            needs = [base, *_deviation_parts_of(pre)]
             what = f"{base} on the deviation backbones of seed {pre}: the embedding-Cox arms"
             parts.append(
                 Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=needs, minutes=3, optional=True)
@@ -1727,7 +1731,7 @@ def _deviation_parts() -> list[Part]:
             run, _deviation_backbones(pre), "0.5", init, (plain,), EXTERNAL_COHORTS, "external_cohort_genemap", extra
         )
         what = f"{plain + _pair_suffix(pre, init)} on the deviation backbones of seed {pre}, evaluation only"
-        needs = [plain, *(f"survset_pretrain_deviation_seed{pre}_fold{k}" for k in range(5))]
+        needs = [plain, *_deviation_parts_of(pre)]
         parts.append(Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=needs, minutes=3, optional=True))
         family[f"pre{pre}_init{init}"] = run
         plain_family[f"pre{pre}_init{init}"] = plain + _pair_suffix(pre, init)
@@ -1737,6 +1741,32 @@ def _deviation_parts() -> list[Part]:
     ):
         out = f"seed_spread_ext_genemap_labeff_tf0.5_val_tiesloss_emb_nt_{out}".replace("_nt_3", "_nt3")
         parts.append(_spread(out, runs, f"{what}' external ensembles (vdv mapped) fused with the best baseline", *fuse))
+    # protocol H: the finetuned network at 25% on the deviation backbones, random init with the same tokens; the
+    # tie-aware baselines read back from the pair's embedding-Cox run (as the decorrelation runs above)
+    plain = "survival_cv_labeff_tf0.25_val_tiesloss"
+    opts = ("--train_fraction", "0.25", "--subsample_validation", "--bp_best_model_ties", "loss")
+    opts += ("--baseline_ties", "loss", "--random_processor_settings", f"{{root}}/{DEVIATION}")
+    family = {}
+    for pre, init in pairs:
+        suffix = _pair_suffix(pre, init)
+        run = f"{plain}_deviation{suffix}"
+        parts.append(
+            _finetuned(
+                run,
+                f"{plain + suffix}'s finetuned arms on the deviation backbones of seed {pre}, random init alike",
+                *opts,
+                *("--init_seed", str(init), "--reuse_cache", f"{W}/survset/{plain}_emb{suffix}"),
+                backbones=_deviation_backbones(pre),
+                needs=[plain + suffix, f"{plain}_emb{suffix}", *_deviation_parts_of(pre)],
+                minutes=10,
+            )
+        )
+        what = "the finetuned network on deviation - highest-value tokens, the same seeds, the same test patients"
+        parts.append(
+            _versus(f"versus_labeff_tf0.25_bp_deviation{suffix}", run, plain + suffix, what, ("deviation", "plain"))
+        )
+        family[f"pre{pre}_init{init}"] = run
+    parts.append(_spread("seed_spread_labeff_tf0.25_val_tiesloss_deviation3", family, "the 3 deviation finetuned runs"))
     return parts
 
 
