@@ -47,18 +47,24 @@ def last_checkpoint(run: Path) -> Path:
     return ckpts[-1]
 
 
-def trained_rows(run: Path, modality: str) -> tuple[np.ndarray, dict]:
-    """Per vocabulary row of ``modality``'s gene embeddings: did it ever get a gradient (AdamW ``exp_avg_sq`` of
-    the row not all 0 in the last checkpoint)? The optimizer's parameter order is rebuilt as the pretraining loop
-    builds it (``parameter_groups`` over the pretrainer: the model's parameters, then the loss's), and checked
-    against the group sizes the checkpoint records."""
+def trained_rows(run: Path, modality: str, prefer_saved: bool = True) -> tuple[np.ndarray, dict]:
+    """Per vocabulary row of ``modality``'s gene embeddings: did it ever get a gradient? Read from the run's own
+    record (``final/trained_vocabulary_rows.safetensors``, written by pretraining since the eighteenth session) when
+    it has one and ``prefer_saved``; otherwise from AdamW's ``exp_avg_sq`` of the row in the last checkpoint (not all
+    0), the optimizer's parameter order rebuilt as the pretraining loop builds it (``parameter_groups`` over the
+    pretrainer: the model's parameters, then the loss's) and checked against the group sizes the checkpoint
+    records."""
     import torch
     import transformers
     from safetensors import safe_open
 
     import bioperceiver  # noqa: F401 (registers the Auto classes)
-    from bioperceiver.training.pretraining import is_decayed, rows_with_gradient
+    from bioperceiver.training.pretraining import TRAINED_ROWS_FILE, is_decayed, load_trained_rows, rows_with_gradient
 
+    saved_masks = load_trained_rows(run / "final") if prefer_saved else None
+    if saved_masks and (mask := saved_masks.get(f"{modality}.gene_embeddings")) is not None:
+        where = str(run / "final" / TRAINED_ROWS_FILE)
+        return mask, {"checkpoint": where, "vocabulary": len(mask), "trained": int(mask.sum())}
     ckpt = last_checkpoint(run)
     target = f"model.embedders.{modality}.gene_embeddings.weight"
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:

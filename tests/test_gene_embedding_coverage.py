@@ -55,13 +55,17 @@ def runs(tmp_path_factory):
 def test_trained_rows_are_exactly_the_rows_pretraining_moved(runs):
     cov = _load("gene_embedding_coverage")
     run, frozen = runs
-    trained, info = cov.trained_rows(run, "omics_expression")
+    trained, info = cov.trained_rows(run, "omics_expression", prefer_saved=False)  # from the checkpoint
     init, final = _gene_rows(frozen), _gene_rows(run)  # lr 0: the frozen twin still holds the initialisation
     moved = np.any(init != final, axis=1)
     assert trained.shape == moved.shape and (trained == moved).all()
     assert 0 < trained.sum() < len(trained), "top_k 2 should leave some genes untrained and train others"
     assert info["vocabulary"] == len(trained) and info["trained"] == int(trained.sum())
     assert info["checkpoint"].endswith("checkpoint-4")
+    # the run's own record in final/ gives the same rows
+    saved, info_saved = cov.trained_rows(run, "omics_expression")
+    np.testing.assert_array_equal(saved, moved)
+    assert info_saved["checkpoint"].endswith("final/trained_vocabulary_rows.safetensors")
     # the pretraining card says the same, from the optimizer in memory at the end of the run
     card = (run / "final" / "README.md").read_text()
     row = f"| vocabulary rows trained (omics_expression.gene_embeddings) | {info['trained']} of {info['vocabulary']} ("
