@@ -126,11 +126,12 @@ def cohort_coverage(proc, modality: str, rows: pd.DataFrame, base_dir: Path, tra
     values, ids = rows[modality].tolist(), rows["sample_id"].astype(str).tolist()
     ext = omics.extend(values, sample_ids=ids, base_dir=base_dir)
     size = len(trained)
-    in_vocab, used_trained, tokens, measured = [], [], [], set()
+    in_vocab, used_trained, tokens, measured, token_sets = [], [], [], set(), []
     for value, sid in zip(values, ids, strict=True):
         genes, _, _ = omics._parse(value, base_dir)
         measured.update(genes)
         gid = np.asarray(omics(value, sample_id=sid, base_dir=base_dir)["gene_ids"])
+        token_sets.append(gid)
         known = gid < size
         tokens.append(len(gid))
         in_vocab.append(float(known.mean()) if len(gid) else np.nan)
@@ -143,11 +144,32 @@ def cohort_coverage(proc, modality: str, rows: pd.DataFrame, base_dir: Path, tra
         "genes_in_vocabulary": len(genes_known),
         "genes_trained": int(trained[genes_known].sum()) if genes_known else 0,
         "tokens_per_profile": float(np.mean(tokens)),
+        "genes_used_as_tokens": len(np.unique(np.concatenate(token_sets))) if token_sets else 0,
+        "token_overlap_between_profiles": token_overlap(token_sets),
         "token_share_in_vocabulary": float(np.nanmean(in_vocab)),
         "token_share_trained": float(np.nanmean(used_trained)),
         "token_share_trained_per_profile": used_trained,
         "extension": {"added": int(ext["added"]), "overlap": int(ext["overlap"]), "new_sources": ext["new_sources"]},
     }
+
+
+def token_overlap(token_sets: list[np.ndarray]) -> float:
+    """Mean Jaccard overlap of the gene-token sets of two different profiles of a cohort (1: every profile reads
+    the same genes, as a fixed panel; near 0: each reads its own), over all pairs."""
+    from scipy import sparse
+
+    n = len(token_sets)
+    if n < 2:
+        return float("nan")
+    cols = np.concatenate(token_sets)
+    rows = np.repeat(np.arange(n), [len(t) for t in token_sets])
+    a = sparse.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(n, int(cols.max(initial=0)) + 1))
+    inter = (a @ a.T).toarray()
+    sizes = np.diag(inter)
+    union = sizes[:, None] + sizes[None, :] - inter
+    jac = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    off = ~np.eye(n, dtype=bool)
+    return float(jac[off].mean())
 
 
 def run_coverage(run: Path, manifests: list, modality: str | None) -> dict:
@@ -199,6 +221,10 @@ def report(result: dict) -> str:
                 "in vocabulary": v["genes_in_vocabulary"],
                 "trained": v["genes_trained"],
                 "tokens per profile": f"{v['tokens_per_profile']:.0f}",
+                "genes used as tokens": v.get("genes_used_as_tokens", ""),
+                "token overlap between profiles": f"{v['token_overlap_between_profiles']:.2f}"
+                if "token_overlap_between_profiles" in v
+                else "",
                 "tokens in vocabulary": f"{v['token_share_in_vocabulary']:.2f}",
                 "tokens trained": f"{v['token_share_trained']:.2f}",
                 "added by the extension": v["extension"]["added"],

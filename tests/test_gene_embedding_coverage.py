@@ -83,6 +83,7 @@ def test_report_counts_are_consistent(runs, tmp_path):
         assert c["genes_trained"] <= c["genes_in_vocabulary"] <= c["genes_measured"], name
         assert 0 <= c["token_share_trained"] <= c["token_share_in_vocabulary"] <= 1, name
         assert c["tokens_per_profile"] <= 2  # top_k
+        assert c["genes_used_as_tokens"] <= c["genes_measured"] and 0 <= c["token_overlap_between_profiles"] <= 1
         # min_samples 1: the extension adds exactly the measured genes the vocabulary lacks
         assert c["extension"]["added"] == c["genes_measured"] - c["genes_in_vocabulary"], name
     assert json.loads((tmp_path / "coverage.json").read_text())["runs"]["run"]["trained"] == r["trained"]
@@ -114,3 +115,19 @@ def test_final_records_the_trained_rows_finetuning_reads(runs):
     assert report["added"] == 0 and report["overlap"] == len(moved)
     assert report["overlap_trained"] == int(moved.sum()) < len(moved)
     assert load_trained_rows(run) is None  # a folder without the file
+
+
+def test_token_overlap_is_the_mean_pairwise_jaccard():
+    """The cohort's token-set overlap against a brute-force reference; 1 for a fixed panel, 0 for disjoint sets."""
+    import itertools
+
+    cov = _load("gene_embedding_coverage")
+    rng = np.random.default_rng(0)
+    sets = [rng.choice(40, size=rng.integers(1, 12), replace=False) for _ in range(9)]
+    ref = np.mean(
+        [len(set(a) & set(b)) / len(set(a) | set(b)) for a, b in itertools.permutations(sets, 2)]  # ordered pairs
+    )
+    assert cov.token_overlap(sets) == pytest.approx(ref)
+    assert cov.token_overlap([np.arange(5)] * 4) == pytest.approx(1.0)
+    assert cov.token_overlap([np.arange(3), np.arange(3, 6)]) == 0.0
+    assert np.isnan(cov.token_overlap([np.arange(3)]))
