@@ -1715,6 +1715,7 @@ def _deviation_parts() -> list[Part]:
                     "--versus",
                     "cox_clinical_emb_pretrained",
                     "cox_clinical_pcs_emb_pretrained",
+                    "cox_clinical_emb_random",  # protocol I: the tokens' own effect, without pretraining
                 )
             )
             family[f"pre{pre}_init{init}"] = run
