@@ -1491,6 +1491,71 @@ DECOR_PROBE = ("1", "10")  # loss.decorrelation weights tried on fold 0 (seed 0)
 DECOR = "1"  # the weight chosen there (held-out contrastive loss and R@1; no survival label seen)
 
 
+def _variant_backbone_parts(label: str, s: int) -> list[str]:
+    """The parts that pretrain pretraining variant ``label``'s five fold-wise backbones of seed ``s``."""
+    return [f"survset_pretrain_{label}_seed{s}_fold{k}" for k in range(5)]
+
+
+def _variant_backbones(label: str, folder, what: str, *overrides: str) -> list[Part]:
+    """Optional: pretraining variant ``label``'s fold-wise backbones for pretraining seeds 0-2 (into
+    ``survset/<folder(s)>``): the recipe with ``seed=s`` and run-config ``overrides``."""
+    return [
+        _fold_backbone(
+            f"survset_pretrain_{label}_seed{s}_fold{k}",
+            f"survset_pretrain_fold{k} with seed={s} and {what}",
+            folder(s),
+            k,
+            f"seed={s}",
+            *overrides,
+            minutes=2.5,
+        )
+        for s in range(3)
+        for k in range(5)
+    ]
+
+
+def _variant_spectrum(label: str, folder, what: str) -> Part:
+    """Optional: the held-out spectra of variant ``label``'s 15 fold-wise backbones against the plain ones."""
+    spectrum = [PY, "benchmarks/embedding_spectrum.py"]
+    for group, f in (("plain", _backbones), (label, folder)):
+        spectrum += ["--group", group, *(f"{W}/survset/{f(s)}/fold{k}" for s in range(3) for k in range(5))]
+    return Part(
+        f"survset_{label}_spectrum",
+        what,
+        [*spectrum, "--output_dir", f"{W}/survset/{label}_spectrum"],
+        f"survset/{label}_spectrum/embedding_spectrum.json",
+        needs=[p for s in range(3) for p in _variant_backbone_parts(label, s)]
+        + [p for s in range(3) for p in _backbone_parts(s)],
+        minutes=1,
+        optional=True,
+    )
+
+
+def _variant_emb_cox(label: str, tag: str, folder, adjective: str, versus_what: str, versus_arms, sep: str):
+    """Optional: the embedding-Cox arms at 25% and 50% on variant ``label``'s backbones for seed pairs (0, 0),
+    (1, 1), (2, 2) (runs ``..._emb_<tag>``; the baselines read back from the plain run of the pair), each paired
+    with that plain run (``--versus versus_arms``), and the 3 runs combined (``..._emb_<tag><sep>3``)."""
+    parts = []
+    for frac in ("0.25", "0.5"):
+        plain = f"survival_cv_labeff_tf{frac}_val_tiesloss_emb"
+        family = {}
+        for pre, init in FIVE_SEEDS[:3]:
+            base = plain + _pair_suffix(pre, init)
+            run = f"{plain}_{tag}" + _pair_suffix(pre, init)
+            argv = _emb_cox(run, folder(pre), frac, init, reuse=(base,))
+            what = f"{base} on the {adjective} backbones of seed {pre}: the embedding-Cox arms"
+            needs = [base, *_variant_backbone_parts(label, pre)]
+            parts.append(
+                Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=needs, minutes=3, optional=True)
+            )
+            out = f"versus_labeff_tf{frac}_{tag}{_pair_suffix(pre, init)}"
+            parts.append(_spread(out, {label: run, "plain": base}, versus_what, "--versus", *versus_arms))
+            family[f"pre{pre}_init{init}"] = run
+        out = f"seed_spread_labeff_tf{frac}_val_tiesloss_emb_{tag}{sep}3"
+        parts.append(_spread(out, family, f"the 3 {adjective} pretraining seeds combined", *EMB_ENSEMBLE))
+    return parts
+
+
 def _decor_backbones(s: int) -> str:
     return f"pretrain_cvfolds_decor{DECOR}_seed{s}"
 
@@ -1534,69 +1599,18 @@ def _decorrelation_parts() -> list[Part]:
             optional=True,
         )
     )
-    for s in range(3):
-        parts += [
-            _fold_backbone(
-                f"survset_pretrain_decor_seed{s}_fold{k}",
-                f"survset_pretrain_fold{k} with seed={s} and loss.decorrelation={DECOR}",
-                _decor_backbones(s),
-                k,
-                f"seed={s}",
-                f"loss.decorrelation={DECOR}",
-                minutes=2.5,
-            )
-            for k in range(5)
-        ]
-    spectrum = [PY, "benchmarks/embedding_spectrum.py"]
-    for group, folder in (
-        ("plain", _backbones),
-        ("decor", _decor_backbones),
-    ):
-        spectrum += ["--group", group, *(f"{W}/survset/{folder(s)}/fold{k}" for s in range(3) for k in range(5))]
-    parts.append(
-        Part(
-            "survset_decor_spectrum",
-            "held-out spectra and R@1 of the 15 decorrelated fold-wise backbones against the plain ones",
-            [*spectrum, "--output_dir", f"{W}/survset/decor_spectrum"],
-            "survset/decor_spectrum/embedding_spectrum.json",
-            needs=[f"survset_pretrain_decor_seed{s}_fold{k}" for s in range(3) for k in range(5)]
-            + [p for s in range(3) for p in _backbone_parts(s)],
-            minutes=1,
-            optional=True,
-        )
+    parts += _variant_backbones("decor", _decor_backbones, f"loss.decorrelation={DECOR}", f"loss.decorrelation={DECOR}")
+    what = "held-out spectra and R@1 of the 15 decorrelated fold-wise backbones against the plain ones"
+    parts.append(_variant_spectrum("decor", _decor_backbones, what))
+    parts += _variant_emb_cox(
+        "decor",
+        f"decor{DECOR}",
+        _decor_backbones,
+        "decorrelated",
+        "decorrelated - plain backbones, the same seeds, paired on the same test patients",
+        ("cox_clinical_emb_pretrained", "cox_clinical_pcs_emb_pretrained"),
+        "_",
     )
-    ensemble = EMB_ENSEMBLE
-    for frac in ("0.25", "0.5"):
-        plain = f"survival_cv_labeff_tf{frac}_val_tiesloss_emb"
-        family = {}
-        for pre, init in ((0, 0), (1, 1), (2, 2)):
-            base = plain + _pair_suffix(pre, init)
-            run = f"{plain}_decor{DECOR}" + _pair_suffix(pre, init)
-            argv = _emb_cox(run, _decor_backbones(pre), frac, init, reuse=(base,))
-            parts.append(
-                Part(
-                    run,
-                    f"{base} on the decorrelated backbones of seed {pre}: the embedding-Cox arms",
-                    argv,
-                    f"survset/{run}/survival_cv.json",
-                    needs=[base, *(f"survset_pretrain_decor_seed{pre}_fold{k}" for k in range(5))],
-                    minutes=3,
-                    optional=True,
-                )
-            )
-            parts.append(
-                _spread(
-                    f"versus_labeff_tf{frac}_decor{DECOR}{_pair_suffix(pre, init)}",
-                    {"decor": run, "plain": base},
-                    "decorrelated - plain backbones, the same seeds, paired on the same test patients",
-                    "--versus",
-                    "cox_clinical_emb_pretrained",
-                    "cox_clinical_pcs_emb_pretrained",
-                )
-            )
-            family[f"pre{pre}_init{init}"] = run
-        out = f"seed_spread_labeff_tf{frac}_val_tiesloss_emb_decor{DECOR}_3"
-        parts.append(_spread(out, family, "the 3 decorrelated pretraining seeds combined", *ensemble))
     # secondary: the finetuned network at 25% on the decorrelated backbones (random init and baselines read back)
     plain = "survival_cv_labeff_tf0.25_val_tiesloss_emb"
     family = {}
@@ -1634,10 +1648,6 @@ def _deviation_backbones(s: int) -> str:
     return f"pretrain_cvfolds_deviation_seed{s}"
 
 
-def _deviation_parts_of(s: int) -> list[str]:
-    return [f"survset_pretrain_deviation_seed{s}_fold{k}" for k in range(5)]
-
-
 def _deviation_parts() -> list[Part]:
     """Optional: each profile's most deviant genes as its tokens (omics ``top_k_by: deviation``,
     ``tokenizers/survset_processors_deviation.yaml``; protocol G, eighteenth session). The fold-wise backbones of
@@ -1647,22 +1657,9 @@ def _deviation_parts() -> list[Part]:
     embedding recomputed on the deviation processors), each paired with the plain run, and the 3 runs combined; the
     external check's setting (vdv mapped, 50%, every PCA on non-test patients) for the same pairs, evaluation only,
     fused with the best baseline beside the plain backbones' same 3 pairs (~75 min on 2 cores)."""
-    settings = f"data.processor_settings={{root}}/{DEVIATION}"
-    parts = []
-    for s in range(3):
-        parts += [
-            _fold_backbone(
-                f"survset_pretrain_deviation_seed{s}_fold{k}",
-                f"survset_pretrain_fold{k} with seed={s} and {DEVIATION}",
-                _deviation_backbones(s),
-                k,
-                settings,
-                f"seed={s}",
-                minutes=2.5,
-            )
-            for k in range(5)
-        ]
-    seed0 = _deviation_parts_of(0)
+    parts = _variant_backbones(
+        "deviation", _deviation_backbones, DEVIATION, f"data.processor_settings={{root}}/{DEVIATION}"
+    )
     argv = [PY, "benchmarks/gene_embedding_coverage.py", "--runs"]
     argv += [f"{W}/survset/{_deviation_backbones(0)}/fold{k}" for k in range(5)]
     argv += ["--manifest"]
@@ -1674,53 +1671,24 @@ def _deviation_parts() -> list[Part]:
             "survset_gene_embedding_coverage on the seed-0 deviation backbones (label-free)",
             argv,
             "survset/gene_embedding_coverage_deviation/coverage.json",
-            needs=["survset_gene_embedding_coverage", *seed0],
+            needs=["survset_gene_embedding_coverage", *_variant_backbone_parts("deviation", 0)],
             minutes=2,
             optional=True,
         )
     )
-    spectrum = [PY, "benchmarks/embedding_spectrum.py"]
-    for group, folder in (("plain", _backbones), ("deviation", _deviation_backbones)):
-        spectrum += ["--group", group, *(f"{W}/survset/{folder(s)}/fold{k}" for s in range(3) for k in range(5))]
-    parts.append(
-        Part(
-            "survset_deviation_spectrum",
-            "held-out spectra and R@1 of the 15 deviation fold-wise backbones against the plain ones (label-free)",
-            [*spectrum, "--output_dir", f"{W}/survset/deviation_spectrum"],
-            "survset/deviation_spectrum/embedding_spectrum.json",
-            needs=[p for s in range(3) for p in _deviation_parts_of(s)]
-            + [p for s in range(3) for p in _backbone_parts(s)],
-            minutes=1,
-            optional=True,
-        )
+    what = "held-out spectra and R@1 of the 15 deviation fold-wise backbones against the plain ones (label-free)"
+    parts.append(_variant_spectrum("deviation", _deviation_backbones, what))
+    parts += _variant_emb_cox(
+        "deviation",
+        "deviation",
+        _deviation_backbones,
+        "deviation",
+        "deviation - highest-value tokens, the same seeds, paired on the same test patients",
+        # protocol I: the random arm too, the tokens' own effect without pretraining
+        ("cox_clinical_emb_pretrained", "cox_clinical_pcs_emb_pretrained", "cox_clinical_emb_random"),
+        "",
     )
     pairs = FIVE_SEEDS[:3]
-    for frac in ("0.25", "0.5"):
-        plain = f"survival_cv_labeff_tf{frac}_val_tiesloss_emb"
-        family = {}
-        for pre, init in pairs:
-            base = plain + _pair_suffix(pre, init)
-            run = f"{plain}_deviation" + _pair_suffix(pre, init)
-            argv = _emb_cox(run, _deviation_backbones(pre), frac, init, reuse=(base,))
-            needs = [base, *_deviation_parts_of(pre)]
-            what = f"{base} on the deviation backbones of seed {pre}: the embedding-Cox arms"
-            parts.append(
-                Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=needs, minutes=3, optional=True)
-            )
-            parts.append(
-                _spread(
-                    f"versus_labeff_tf{frac}_deviation{_pair_suffix(pre, init)}",
-                    {"deviation": run, "plain": base},
-                    "deviation - highest-value tokens, the same seeds, paired on the same test patients",
-                    "--versus",
-                    "cox_clinical_emb_pretrained",
-                    "cox_clinical_pcs_emb_pretrained",
-                    "cox_clinical_emb_random",  # protocol I: the tokens' own effect, without pretraining
-                )
-            )
-            family[f"pre{pre}_init{init}"] = run
-        out = f"seed_spread_labeff_tf{frac}_val_tiesloss_emb_deviation3"
-        parts.append(_spread(out, family, "the 3 deviation pretraining seeds combined", *EMB_ENSEMBLE))
     # secondary, evaluation only: the external check's setting with vdv mapped, fused with the best baseline
     fuse = (*EMB_ENSEMBLE, "--fuse_with", "best_baseline")
     plain = "survival_cv_ext_genemap_labeff_tf0.5_val_tiesloss_emb_nt"
@@ -1732,7 +1700,7 @@ def _deviation_parts() -> list[Part]:
             run, _deviation_backbones(pre), "0.5", init, (plain,), EXTERNAL_COHORTS, "external_cohort_genemap", extra
         )
         what = f"{plain + _pair_suffix(pre, init)} on the deviation backbones of seed {pre}, evaluation only"
-        needs = [plain, *_deviation_parts_of(pre)]
+        needs = [plain, *_variant_backbone_parts("deviation", pre)]
         parts.append(Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=needs, minutes=3, optional=True))
         family[f"pre{pre}_init{init}"] = run
         plain_family[f"pre{pre}_init{init}"] = plain + _pair_suffix(pre, init)
@@ -1758,7 +1726,7 @@ def _deviation_parts() -> list[Part]:
                 *opts,
                 *("--init_seed", str(init), "--reuse_cache", f"{W}/survset/{plain}_emb{suffix}"),
                 backbones=_deviation_backbones(pre),
-                needs=[plain + suffix, f"{plain}_emb{suffix}", *_deviation_parts_of(pre)],
+                needs=[plain + suffix, f"{plain}_emb{suffix}", *_variant_backbone_parts("deviation", pre)],
                 minutes=10,
             )
         )

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -655,6 +656,71 @@ def test_the_decorrelation_parts_choose_the_weight_without_labels_and_pair_each_
         assert _listed(parts[f"survset_versus_labeff_tf0.25_bp_decor{evidence.DECOR}{suffix}"]) == [run, plain + suffix]
         runs.append(run)
     assert _listed(parts[f"survset_seed_spread_labeff_tf0.25_val_tiesloss_decor{evidence.DECOR}_3"]) == runs
+
+
+def test_the_deviation_parts_pretrain_on_development_folds_and_evaluate_externally_only():
+    """Protocol G/H: the 15 deviation backbones (the settings file, each fold's own development manifest, seeds
+    0-2); coverage on the seed-0 ones; the embedding-Cox arms at 25% and 50% for (0, 0), (1, 1), (2, 2), each paired
+    with the plain run of the pair on the pretrained, PCs + embedding and random arms; the external check's setting
+    on the mapped external cohorts only, fused beside the plain backbones' same 3 seeds; the finetuned network at 25%
+    with random init reading the same tokens."""
+    parts = {p.name: p for p in evidence.PARTS}
+    for s in range(3):
+        for k in range(5):
+            argv = parts[f"survset_pretrain_deviation_seed{s}_fold{k}"].argv
+            assert f"seed={s}" in argv and f"data.processor_settings={{root}}/{evidence.DEVIATION}" in argv
+            assert any(a.endswith(f"dev_cohort/manifest_cvfold{k}.parquet") for a in argv)
+    settings = yaml.safe_load((ROOT / evidence.DEVIATION).read_text())["processors"]["omics_expression"]
+    assert settings == {"normalization": "none", "zscore": "per_source", "top_k": 256, "top_k_by": "deviation"}
+    cov = parts["survset_gene_embedding_coverage_deviation"].argv
+    assert [a for a in cov if "pretrain_cvfolds" in a] == [
+        f"{{work}}/survset/pretrain_cvfolds_deviation_seed0/fold{k}" for k in range(5)
+    ]
+    for frac in ("0.25", "0.5"):
+        plain = f"survival_cv_labeff_tf{frac}_val_tiesloss_emb"
+        runs = []
+        for s, suffix in enumerate(("", "_pre1", "_pre2")):
+            run = f"{plain}_deviation{suffix}"
+            argv = parts[run].argv
+            assert argv[argv.index("--pretrained_dir") + 1].endswith(
+                f"pretrain_cvfolds_deviation_seed{s}/fold{{fold}}/final"
+            )
+            assert argv[argv.index("--train_fraction") + 1] == frac and argv[argv.index("--init_seed") + 1] == str(s)
+            assert (
+                argv[argv.index("--reuse_cache") + 1].endswith(f"survset/{plain}{suffix}") and "--cohorts" not in argv
+            )
+            versus = parts[f"survset_versus_labeff_tf{frac}_deviation{suffix}"]
+            assert _listed(versus) == [run, plain + suffix]
+            assert versus.argv[versus.argv.index("--versus") + 1 :] == [
+                "cox_clinical_emb_pretrained",
+                "cox_clinical_pcs_emb_pretrained",
+                "cox_clinical_emb_random",
+            ]
+            runs.append(run)
+        spread = parts[f"survset_seed_spread_labeff_tf{frac}_val_tiesloss_emb_deviation3"]
+        assert _listed(spread) == runs and _ensembled(spread) == EMB_ENSEMBLE
+    plain = "survival_cv_ext_genemap_labeff_tf0.5_val_tiesloss_emb_nt"
+    for suffix in ("", "_pre1", "_pre2"):
+        argv = parts[f"{plain}_deviation{suffix}"].argv
+        cohorts = argv[argv.index("--cohorts") + 1 : argv.index("--folds")]
+        assert cohorts == list(evidence.EXTERNAL_COHORTS)  # evaluation only
+        assert argv[argv.index("--data_dir") + 1].endswith("survset/external_cohort_genemap")
+        assert (
+            argv[argv.index("--gene_map") + 1] == evidence.GENE_MAP and argv[argv.index("--pca_rows") + 1] == "non_test"
+        )
+        assert argv[argv.index("--reuse_cache") + 1].endswith(f"survset/{plain}")
+    fused = parts["survset_seed_spread_ext_genemap_labeff_tf0.5_val_tiesloss_emb_nt_deviation3_fused"]
+    same_seeds = parts["survset_seed_spread_ext_genemap_labeff_tf0.5_val_tiesloss_emb_nt3_fused"]
+    assert _listed(same_seeds) == [plain, f"{plain}_pre1", f"{plain}_pre2"]
+    assert _listed(fused) == [f"{plain}_deviation{x}" for x in ("", "_pre1", "_pre2")]
+    assert all(p.argv[p.argv.index("--fuse_with") + 1] == "best_baseline" for p in (fused, same_seeds))
+    for s, suffix in enumerate(("", "_pre1", "_pre2")):
+        argv = parts[f"survival_cv_labeff_tf0.25_val_tiesloss_deviation{suffix}"].argv
+        assert argv[argv.index("--random_processor_settings") + 1] == f"{{root}}/{evidence.DEVIATION}"
+        assert argv[argv.index("--reuse_cache") + 1].endswith(f"survival_cv_labeff_tf0.25_val_tiesloss_emb{suffix}")
+        assert argv[argv.index("--pretrained_dir") + 1].endswith(
+            f"pretrain_cvfolds_deviation_seed{s}/fold{{fold}}/final"
+        )
 
 
 def test_the_external_ensemble_parts_only_evaluate_the_fixed_configuration():
