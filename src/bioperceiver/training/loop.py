@@ -838,10 +838,10 @@ def run_pretraining(
         backbone = {k[len("model.") :]: v for k, v in state_dict.items() if k.startswith("model.")}
         try:  # a fact for the card: a problem here must not lose the trained model
             trained_masks = trained_vocabulary_masks(unwrapped.model, optimizer)
+            vocabulary_trained = trained_vocabulary_rows(trained_masks)
         except Exception:
             logger.exception("could not count the trained vocabulary rows; the card leaves them out")
-            trained_masks = {}
-        vocabulary_trained = trained_vocabulary_rows(trained_masks)
+            trained_masks, vocabulary_trained = {}, {}
         for table, n in vocabulary_trained.items():
             logger.info(
                 "%s: %d of %d rows trained; the others keep their random initialisation", table, n["trained"], n["rows"]
