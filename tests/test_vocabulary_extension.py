@@ -309,7 +309,7 @@ def test_finetune_counts_the_overlap_with_trained_rows(tmp_path, pretrained):
     assert ext["omics_expression"]["overlap"] == 4 and ext["omics_expression"]["overlap_trained"] == 2
     assert ext["tabular_clinical"]["overlap"] == 1 and ext["tabular_clinical"]["overlap_trained"] == 0
     card = (tmp_path / "ft" / "README.md").read_text()
-    assert "6 added, 4 overlapping with the pretrained vocabulary (2 of them trained in pretraining)" in card
+    assert "6 added, 4 overlapping with the pretrained vocabulary, 2 of them trained in pretraining (8 -> 14)" in card
     # a mask that does not fit the processors' vocabulary is not used
     save_trained_rows({"omics_expression.gene_embeddings": torch.ones(3, dtype=torch.bool)}, pretrained)
     results = _finetune(manifest, pretrained, tmp_path / "ft2")

@@ -576,7 +576,7 @@ def finetuning_card(
     for name, counts in (results.get("vocabulary_extension") or {}).items():
         finetune_cfg[f"vocabulary extension ({name})"] = (
             f"{counts['added']} added, {counts['overlap']} overlapping with the pretrained vocabulary"
-            + (f" ({counts['overlap_trained']} of them trained in pretraining)" if "overlap_trained" in counts else "")
+            + (f", {counts['overlap_trained']} of them trained in pretraining" if "overlap_trained" in counts else "")
             + f" ({counts['vocabulary_before']} -> {counts['vocabulary_after']})"
             + (f"; new sources {', '.join(counts['new_sources'])}" if counts.get("new_sources") else "")
         )

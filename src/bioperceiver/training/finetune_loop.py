@@ -217,7 +217,7 @@ def extend_vocabulary(model_args, data_args, processor, manifest, used: list[str
             data_args.train_split,
             counts["added"],
             counts["overlap"],
-            f" ({counts['overlap_trained']} of them trained in pretraining)" if "overlap_trained" in counts else "",
+            f", {counts['overlap_trained']} of them trained in pretraining," if "overlap_trained" in counts else "",
             counts["vocabulary_before"],
             counts["vocabulary_after"],
         )
