@@ -1656,7 +1656,8 @@ def _deviation_parts() -> list[Part]:
     25% and 50% for seed pairs (0, 0), (1, 1), (2, 2) (baselines read back from the plain run of the pair, the random
     embedding recomputed on the deviation processors), each paired with the plain run, and the 3 runs combined; the
     external check's setting (vdv mapped, 50%, every PCA on non-test patients) for the same pairs, evaluation only,
-    fused with the best baseline beside the plain backbones' same 3 pairs (~75 min on 2 cores)."""
+    fused with the best baseline beside the plain backbones' same 3 pairs; protocol H: the finetuned network at 25%
+    for the same pairs, random init reading the same tokens (~60 min on 2 idle cores)."""
     parts = _variant_backbones(
         "deviation", _deviation_backbones, DEVIATION, f"data.processor_settings={{root}}/{DEVIATION}"
     )
