@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -366,8 +367,6 @@ def save_trained_rows(masks: dict[str, torch.Tensor], folder) -> None:
     """Write :func:`trained_vocabulary_masks` beside a saved backbone (:data:`TRAINED_ROWS_FILE`, safetensors,
     one uint8 vector per table), so that finetuning can say how many of a new cohort's overlapping genes or
     features have trained embeddings."""
-    from pathlib import Path
-
     from safetensors.torch import save_file
 
     save_file({k: v.to(torch.uint8).contiguous() for k, v in masks.items()}, str(Path(folder) / TRAINED_ROWS_FILE))
@@ -376,8 +375,6 @@ def save_trained_rows(masks: dict[str, torch.Tensor], folder) -> None:
 def load_trained_rows(folder) -> dict[str, np.ndarray] | None:
     """The masks :func:`save_trained_rows` wrote in ``folder`` (boolean arrays), or ``None`` when it has none (a
     backbone saved before they were recorded, or one not pretrained here)."""
-    from pathlib import Path
-
     from safetensors.numpy import load_file
 
     path = Path(folder) / TRAINED_ROWS_FILE
