@@ -114,6 +114,16 @@ def test_final_records_the_trained_rows_finetuning_reads(runs):
     report = proc.extend(manifest, split="train", modalities=["omics_expression"], trained=trained)["omics_expression"]
     assert report["added"] == 0 and report["overlap"] == len(moved)
     assert report["overlap_trained"] == int(moved.sum()) < len(moved)
+    # the token share against the rows the run moved, profile by profile (top_k 2: up to 2 tokens each)
+    omics = proc.processors["omics_expression"]
+    table = manifest.table  # no split column: extend(split="train") reads every row, as here
+    assert "split" not in table
+    train = table[table["omics_expression"].notna()]
+    shares = [
+        moved[omics(v, sample_id=sid, base_dir=manifest.base_dir)["gene_ids"]].mean()
+        for v, sid in zip(train["omics_expression"], train["sample_id"], strict=True)
+    ]
+    assert report["token_share_trained"] == pytest.approx(np.mean(shares))
     assert load_trained_rows(run) is None  # a folder without the file
 
 

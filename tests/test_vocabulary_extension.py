@@ -310,6 +310,8 @@ def test_finetune_counts_the_overlap_with_trained_rows(tmp_path, pretrained):
     assert ext["tabular_clinical"]["overlap"] == 1 and ext["tabular_clinical"]["overlap_trained"] == 0
     card = (tmp_path / "ft" / "README.md").read_text()
     assert "6 added, 4 overlapping with the pretrained vocabulary, 2 of them trained in pretraining (8 -> 14)" in card
+    share = ext["omics_expression"]["token_share_trained"]
+    assert 0 < share < 1 and f"{share:.0%} of the training profiles' tokens use trained embeddings" in card
     # a mask that does not fit the processors' vocabulary is not used
     save_trained_rows({"omics_expression.gene_embeddings": torch.ones(3, dtype=torch.bool)}, pretrained)
     results = _finetune(manifest, pretrained, tmp_path / "ft2")
@@ -326,6 +328,12 @@ def test_extend_counts_overlapping_ids_with_trained_rows(cohorts):
     report = proc.extend(b[:20], base_dir=base, trained=mask)
     expected = sum(1 for i, g in enumerate(genes[:-1]) if mask[i] and g in _genes(4, 12))
     assert report["overlap"] == 4 and report["overlap_trained"] == expected == 2
+    # the share of each profile's tokens (every measured gene here: no top_k) with a trained row, averaged
+    trained_genes = {g for i, g in enumerate(genes[:-1]) if mask[i]}
+    table = pd.read_parquet(base / "b.parquet").loc[[f"b{i}" for i in range(20)]]
+    per_row = [row.dropna().index.isin(list(trained_genes)).mean() for _, row in table.iterrows()]
+    assert report["token_share_trained"] == pytest.approx(np.mean(per_row))
+    assert 0 < report["token_share_trained"] < 1
     again = OmicsProcessor("omics_x", normalization="none", zscore="per_source").fit(a[:20], base_dir=base)
     assert "overlap_trained" not in again.extend(b[:20], base_dir=base)
     tab = TabularProcessor("tabular_x").fit([{"age": 50.0, "grade": "2"}, {"age": 60.0, "grade": "3"}])

@@ -574,12 +574,15 @@ def finetuning_card(
     if base and (Path(str(base)) / "README.md").exists():
         finetune_cfg["pretraining configuration"] = "in the base model's own card (README.md in its folder)"
     for name, counts in (results.get("vocabulary_extension") or {}).items():
-        finetune_cfg[f"vocabulary extension ({name})"] = (
-            f"{counts['added']} added, {counts['overlap']} overlapping with the pretrained vocabulary"
-            + (f", {counts['overlap_trained']} of them trained in pretraining" if "overlap_trained" in counts else "")
-            + f" ({counts['vocabulary_before']} -> {counts['vocabulary_after']})"
-            + (f"; new sources {', '.join(counts['new_sources'])}" if counts.get("new_sources") else "")
-        )
+        text = f"{counts['added']} added, {counts['overlap']} overlapping with the pretrained vocabulary"
+        if "overlap_trained" in counts:
+            text += f", {counts['overlap_trained']} of them trained in pretraining"
+        text += f" ({counts['vocabulary_before']} -> {counts['vocabulary_after']})"
+        if counts.get("new_sources"):
+            text += f"; new sources {', '.join(counts['new_sources'])}"
+        if (share := counts.get("token_share_trained")) is not None:
+            text += f"; {share:.0%} of the training profiles' tokens use trained embeddings"
+        finetune_cfg[f"vocabulary extension ({name})"] = text
     finetune_cfg.update(task.card_settings(config))
     splits = results.get("split_sizes") or {
         s: results.get(s, {}).get("n") for s in (data_args.get("train_split"), data_args.get("eval_split"), test_split)

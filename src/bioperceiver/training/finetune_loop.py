@@ -221,6 +221,13 @@ def extend_vocabulary(model_args, data_args, processor, manifest, used: list[str
             counts["vocabulary_before"],
             counts["vocabulary_after"],
         )
+        if counts.get("token_share_trained") is not None:
+            logger.info(
+                "%r: %.0f%% of the %s profiles' tokens use embeddings pretraining trained (the rest start random)",
+                name,
+                100 * counts["token_share_trained"],
+                data_args.train_split,
+            )
     if model_args.finetuning_mode != "full" and any(c["added"] for c in report.values()):
         logger.warning(
             "finetuning_mode %s: the added vocabulary embeddings stay at their random initialisation (only "

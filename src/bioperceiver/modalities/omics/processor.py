@@ -586,6 +586,8 @@ class OmicsProcessor(ModalityProcessor):
         }
         if self.settings.pcs:
             report["pca_genes_measured"] = self._pca_share(parsed)
+        if trained is not None:
+            report["token_share_trained"] = self._token_share_trained(vals, ids, base, trained)
         logger.info(
             "omics processor %r extended on %d values: %d genes added, %d overlapping (vocabulary %d -> %d)%s",
             self.name,
@@ -599,6 +601,20 @@ class OmicsProcessor(ModalityProcessor):
         if self.settings.pcs:
             self._check_pca_share(report["pca_genes_measured"], len(vals))
         return report
+
+    def _token_share_trained(self, vals, ids, base, trained) -> float | None:
+        """The mean, over the extension rows, of the share of each profile's gene tokens (as the extended processor
+        emits them) whose embedding row ``trained`` marks trained in pretraining: what overlapping gene counts do
+        not say, since ``top_k`` picks each profile's own genes (added genes and the ``<PCj>`` tokens count as
+        untrained beyond the mask); ``None`` when no row has a gene token."""
+        mask = np.asarray(trained, dtype=bool)
+        shares = []
+        for value, sid in zip(vals, ids, strict=True):
+            gid = np.asarray(self(value, sample_id=sid, base_dir=base)["gene_ids"])
+            if len(gid):
+                known = gid < len(mask)
+                shares.append(float(mask[gid[known]].sum()) / len(gid))
+        return float(np.mean(shares)) if shares else None
 
     def _pca_share(self, parsed) -> float | None:
         """Mean over ``parsed`` rows of the share of their PCA's genes (their source's, else pooled) they measure;
