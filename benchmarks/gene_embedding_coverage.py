@@ -121,6 +121,8 @@ def omics_modality(processor, name: str | None) -> str:
 def cohort_coverage(proc, modality: str, rows: pd.DataFrame, base_dir: Path, trained: np.ndarray) -> dict:
     """The coverage of one cohort's rows (those with a ``modality`` value) under a copy of ``proc``'s omics
     processor, extended on these rows if they bring genes or sources it does not know."""
+    from bioperceiver.modalities.omics.processor import trained_token_share
+
     omics = copy.deepcopy(proc.processors[modality])
     rows = rows[rows[modality].notna()]
     values, ids = rows[modality].tolist(), rows["sample_id"].astype(str).tolist()
@@ -135,7 +137,8 @@ def cohort_coverage(proc, modality: str, rows: pd.DataFrame, base_dir: Path, tra
         known = gid < size
         tokens.append(len(gid))
         in_vocab.append(float(known.mean()) if len(gid) else np.nan)
-        used_trained.append(float(trained[gid[known]].sum() / len(gid)) if len(gid) else np.nan)
+        share = trained_token_share(gid, trained)
+        used_trained.append(np.nan if share is None else share)
     index = {g: i for i, g in enumerate(proc.processors[modality].state["genes"])}
     genes_known = [index[g] for g in (omics._norm_name(g) for g in measured) if g in index]
     return {
@@ -153,9 +156,10 @@ def cohort_coverage(proc, modality: str, rows: pd.DataFrame, base_dir: Path, tra
     }
 
 
-def token_overlap(token_sets: list[np.ndarray]) -> float:
+def token_overlap(token_sets: list[np.ndarray], block: int = 1024) -> float:
     """Mean Jaccard overlap of the gene-token sets of two different profiles of a cohort (1: every profile reads
-    the same genes, as a fixed panel; near 0: each reads its own), over all pairs."""
+    the same genes, as a fixed panel; near 0: each reads its own), over all pairs; ``block`` rows at a time, so a
+    large cohort never holds the full pairwise matrix."""
     from scipy import sparse
 
     n = len(token_sets)
@@ -164,12 +168,16 @@ def token_overlap(token_sets: list[np.ndarray]) -> float:
     cols = np.concatenate(token_sets)
     rows = np.repeat(np.arange(n), [len(t) for t in token_sets])
     a = sparse.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(n, int(cols.max(initial=0)) + 1))
-    inter = (a @ a.T).toarray()
-    sizes = np.diag(inter)
-    union = sizes[:, None] + sizes[None, :] - inter
-    jac = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-    off = ~np.eye(n, dtype=bool)
-    return float(jac[off].mean())
+    sizes = np.asarray(a.sum(axis=1)).ravel()
+    total = 0.0
+    for start in range(0, n, block):
+        inter = (a[start : start + block] @ a.T).toarray()
+        union = sizes[start : start + block, None] + sizes[None, :] - inter
+        jac = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        idx = np.arange(start, min(start + block, n))
+        jac[idx - start, idx] = 0.0  # a profile with itself is not a pair
+        total += jac.sum()
+    return float(total / (n * (n - 1)))
 
 
 def run_coverage(run: Path, manifests: list, modality: str | None) -> dict:

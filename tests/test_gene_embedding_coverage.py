@@ -138,6 +138,7 @@ def test_token_overlap_is_the_mean_pairwise_jaccard():
         [len(set(a) & set(b)) / len(set(a) | set(b)) for a, b in itertools.permutations(sets, 2)]  # ordered pairs
     )
     assert cov.token_overlap(sets) == pytest.approx(ref)
+    assert cov.token_overlap(sets, block=2) == pytest.approx(ref)  # blocks of rows give the same mean
     assert cov.token_overlap([np.arange(5)] * 4) == pytest.approx(1.0)
     assert cov.token_overlap([np.arange(3), np.arange(3, 6)]) == 0.0
     assert np.isnan(cov.token_overlap([np.arange(3)]))

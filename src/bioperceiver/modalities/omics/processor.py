@@ -220,6 +220,17 @@ def cell_source(value, base_dir: Path | None) -> str | None:
     return ref.path.name if "row" in ref.options else None
 
 
+def trained_token_share(gene_ids, trained: np.ndarray) -> float | None:
+    """The share of one profile's gene tokens whose embedding row ``trained`` (a boolean mask over vocabulary ids)
+    marks as trained in pretraining; ids beyond the mask (genes added after pretraining) count as untrained;
+    ``None`` for a profile without tokens."""
+    gid = np.asarray(gene_ids)
+    if not len(gid):
+        return None
+    known = gid < len(trained)
+    return float(trained[gid[known]].sum()) / len(gid)
+
+
 def pc_names(k: int) -> list[str]:
     """The vocabulary entries of the principal-component tokens (``OmicsSettings.pcs``): ``<PC1>`` ... ``<PCk>``."""
     return [f"<PC{j + 1}>" for j in range(k)]
@@ -603,17 +614,15 @@ class OmicsProcessor(ModalityProcessor):
         return report
 
     def _token_share_trained(self, vals, ids, base, trained) -> float | None:
-        """The mean, over the extension rows, of the share of each profile's gene tokens (as the extended processor
-        emits them) whose embedding row ``trained`` marks trained in pretraining: what overlapping gene counts do
-        not say, since ``top_k`` picks each profile's own genes (added genes and the ``<PCj>`` tokens count as
-        untrained beyond the mask); ``None`` when no row has a gene token."""
+        """The mean, over the extension rows, of :func:`trained_token_share` of each profile's tokens as the
+        extended processor emits them: what overlapping gene counts do not say, since ``top_k`` picks each
+        profile's own genes; ``None`` when no row has a gene token."""
         mask = np.asarray(trained, dtype=bool)
-        shares = []
-        for value, sid in zip(vals, ids, strict=True):
-            gid = np.asarray(self(value, sample_id=sid, base_dir=base)["gene_ids"])
-            if len(gid):
-                known = gid < len(mask)
-                shares.append(float(mask[gid[known]].sum()) / len(gid))
+        shares = [
+            trained_token_share(self(v, sample_id=sid, base_dir=base)["gene_ids"], mask)
+            for v, sid in zip(vals, ids, strict=True)
+        ]
+        shares = [x for x in shares if x is not None]
         return float(np.mean(shares)) if shares else None
 
     def _pca_share(self, parsed) -> float | None:
