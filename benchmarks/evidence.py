@@ -1612,31 +1612,38 @@ def _decorrelation_parts() -> list[Part]:
         "_",
     )
     # secondary: the finetuned network at 25% on the decorrelated backbones (random init and baselines read back)
+    parts += _variant_finetuned("decor", f"decor{DECOR}", _decor_backbones, "decorrelated", "_")
+    return parts
+
+
+def _variant_finetuned(label: str, tag: str, folder, adjective: str, sep: str) -> list[Part]:
+    """Optional: the finetuned network at 25% (validation shrunk alike, the loss tie rule for networks and baselines)
+    on variant ``label``'s backbones for seed pairs (0, 0), (1, 1), (2, 2): runs ``..._tiesloss_<tag>``, random init
+    and the tie-aware baselines read back from the pair's plain and ``_emb_<tag>`` embedding-Cox runs (a variant of
+    pretraining only: the tokens are the recipe's), each paired with the plain run of the pair, and the 3 combined."""
     plain = "survival_cv_labeff_tf0.25_val_tiesloss_emb"
-    family = {}
-    for pre, init in ((0, 0), (1, 1), (2, 2)):
+    parts, family = [], {}
+    for pre, init in FIVE_SEEDS[:3]:
         suffix = _pair_suffix(pre, init)
-        run = f"survival_cv_labeff_tf0.25_val_tiesloss_decor{DECOR}{suffix}"
-        reuse = (plain + suffix, f"{plain}_decor{DECOR}{suffix}")
+        run = f"survival_cv_labeff_tf0.25_val_tiesloss_{tag}{suffix}"
+        reuse = (plain + suffix, f"{plain}_{tag}{suffix}")
         parts.append(
             _finetuned(
                 run,
-                f"{plain + suffix}'s finetuned arms on the decorrelated backbones of seed {pre}",
+                f"{plain + suffix}'s finetuned arms on the {adjective} backbones of seed {pre}",
                 *("--train_fraction", "0.25", "--subsample_validation", "--bp_best_model_ties", "loss"),
                 *("--baseline_ties", "loss", "--init_seed", str(init), "--reuse_cache"),
                 *(f"{W}/survset/{r}" for r in reuse),
-                backbones=_decor_backbones(pre),
+                backbones=folder(pre),
                 needs=reuse,
                 minutes=12,
             )
         )
-        what = "the finetuned network on decorrelated - plain backbones, the same seeds, the same test patients"
-        parts.append(
-            _versus(f"versus_labeff_tf0.25_bp_decor{DECOR}{suffix}", run, plain + suffix, what, ("decor", "plain"))
-        )
+        what = f"the finetuned network on {adjective} - plain backbones, the same seeds, the same test patients"
+        parts.append(_versus(f"versus_labeff_tf0.25_bp_{tag}{suffix}", run, plain + suffix, what, (label, "plain")))
         family[f"pre{pre}_init{init}"] = run
     parts.append(
-        _spread(f"seed_spread_labeff_tf0.25_val_tiesloss_decor{DECOR}_3", family, "the 3 decorrelated finetuned runs")
+        _spread(f"seed_spread_labeff_tf0.25_val_tiesloss_{tag}{sep}3", family, f"the 3 {adjective} finetuned runs")
     )
     return parts
 
@@ -1646,6 +1653,29 @@ DEVIATION = "tokenizers/survset_processors_deviation.yaml"  # each profile's 256
 
 def _deviation_backbones(s: int) -> str:
     return f"pretrain_cvfolds_deviation_seed{s}"
+
+
+EXT_SPREAD = "seed_spread_ext_genemap_labeff_tf0.5_val_tiesloss_emb_nt"  # + <tag>3_fused: a variant's external check
+EXT_FUSE = (*EMB_ENSEMBLE, "--fuse_with", "best_baseline")
+
+
+def _variant_external(label: str, tag: str, folder, sep: str = "") -> list[Part]:
+    """Optional, evaluation only: the external check's setting (the 6 external cohorts, vdv mapped, 50%, every PCA on
+    non-test patients) on variant ``label``'s backbones for seed pairs (0, 0), (1, 1), (2, 2), baselines read back
+    from the plain (0, 0) run, and the 3 runs' ensemble fused with the best baseline (``..._nt_<tag><sep>3_fused``)."""
+    plain = "survival_cv_ext_genemap_labeff_tf0.5_val_tiesloss_emb_nt"
+    extra = ("--gene_map", GENE_MAP, "--pca_rows", "non_test")
+    parts, family = [], {}
+    for pre, init in FIVE_SEEDS[:3]:
+        run = f"{plain}_{tag}" + _pair_suffix(pre, init)
+        argv = _emb_cox(run, folder(pre), "0.5", init, (plain,), EXTERNAL_COHORTS, "external_cohort_genemap", extra)
+        what = f"{plain + _pair_suffix(pre, init)} on the {label} backbones of seed {pre}, evaluation only"
+        needs = [plain, *_variant_backbone_parts(label, pre)]
+        parts.append(Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=needs, minutes=3, optional=True))
+        family[f"pre{pre}_init{init}"] = run
+    what = f"the 3 {label} seeds' external ensembles (vdv mapped) fused with the best baseline"
+    parts.append(_spread(f"{EXT_SPREAD}_{tag}{sep}3_fused", family, what, *EXT_FUSE))
+    return parts
 
 
 def _deviation_parts() -> list[Part]:
@@ -1691,26 +1721,11 @@ def _deviation_parts() -> list[Part]:
     )
     pairs = FIVE_SEEDS[:3]
     # secondary, evaluation only: the external check's setting with vdv mapped, fused with the best baseline
-    fuse = (*EMB_ENSEMBLE, "--fuse_with", "best_baseline")
+    parts += _variant_external("deviation", "deviation", _deviation_backbones)
     plain = "survival_cv_ext_genemap_labeff_tf0.5_val_tiesloss_emb_nt"
-    extra = ("--gene_map", GENE_MAP, "--pca_rows", "non_test")
-    family, plain_family = {}, {}
-    for pre, init in pairs:
-        run = f"{plain}_deviation" + _pair_suffix(pre, init)
-        argv = _emb_cox(
-            run, _deviation_backbones(pre), "0.5", init, (plain,), EXTERNAL_COHORTS, "external_cohort_genemap", extra
-        )
-        what = f"{plain + _pair_suffix(pre, init)} on the deviation backbones of seed {pre}, evaluation only"
-        needs = [plain, *_variant_backbone_parts("deviation", pre)]
-        parts.append(Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=needs, minutes=3, optional=True))
-        family[f"pre{pre}_init{init}"] = run
-        plain_family[f"pre{pre}_init{init}"] = plain + _pair_suffix(pre, init)
-    for out, runs, what in (
-        ("deviation3_fused", family, "the 3 deviation seeds"),
-        ("3_fused", plain_family, "the same 3 seeds of the plain backbones"),
-    ):
-        out = f"seed_spread_ext_genemap_labeff_tf0.5_val_tiesloss_emb_nt_{out}".replace("_nt_3", "_nt3")
-        parts.append(_spread(out, runs, f"{what}' external ensembles (vdv mapped) fused with the best baseline", *fuse))
+    plain_family = {f"pre{pre}_init{init}": plain + _pair_suffix(pre, init) for pre, init in pairs}
+    what = "the same 3 seeds of the plain backbones' external ensembles (vdv mapped) fused with the best baseline"
+    parts.append(_spread(f"{EXT_SPREAD}3_fused", plain_family, what, *EXT_FUSE))
     # protocol H: the finetuned network at 25% on the deviation backbones, random init with the same tokens; the
     # tie-aware baselines read back from the pair's embedding-Cox run (as the decorrelation runs above)
     plain = "survival_cv_labeff_tf0.25_val_tiesloss"
@@ -1737,6 +1752,39 @@ def _deviation_parts() -> list[Part]:
         )
         family[f"pre{pre}_init{init}"] = run
     parts.append(_spread("seed_spread_labeff_tf0.25_val_tiesloss_deviation3", family, "the 3 deviation finetuned runs"))
+    return parts
+
+
+RECON = "1"  # loss.reconstruction weight, fixed before any run (protocol J, nineteenth session; nothing tuned)
+
+
+def _recon_backbones(s: int) -> str:
+    return f"pretrain_cvfolds_recon{RECON}_seed{s}"
+
+
+def _reconstruction_parts() -> list[Part]:
+    """Optional: the masked-value reconstruction term beside the contrastive loss (``loss.reconstruction``, weight
+    ``RECON`` fixed in advance; protocol J, nineteenth session). The fold-wise backbones of pretraining seeds 0-2 with
+    it; label-free first: their held-out spectra against the plain backbones; then the embedding-Cox arms at 25% and
+    50% for seed pairs (0, 0), (1, 1), (2, 2) (baselines and random embeddings read back from the plain run of the
+    pair: the tokens are the recipe's), each paired with the plain run, and the 3 runs combined; the external check's
+    setting, evaluation only; the finetuned network at 25% for the same pairs (~70 min on 2 idle cores)."""
+    parts = _variant_backbones(
+        "recon", _recon_backbones, f"loss.reconstruction={RECON}", f"loss.reconstruction={RECON}"
+    )
+    what = "held-out spectra and R@1 of the 15 reconstruction fold-wise backbones against the plain ones (label-free)"
+    parts.append(_variant_spectrum("recon", _recon_backbones, what))
+    parts += _variant_emb_cox(
+        "recon",
+        f"recon{RECON}",
+        _recon_backbones,
+        "reconstruction",
+        "reconstruction - plain backbones, the same seeds, paired on the same test patients",
+        ("cox_clinical_emb_pretrained", "cox_clinical_pcs_emb_pretrained"),
+        "_",
+    )
+    parts += _variant_external("recon", f"recon{RECON}", _recon_backbones, "_")
+    parts += _variant_finetuned("recon", f"recon{RECON}", _recon_backbones, "reconstruction", "_")
     return parts
 
 
@@ -1899,6 +1947,7 @@ PARTS: list[Part] = [
     *_fusion_parts(),
     *_gene_map_parts(),
     *_deviation_parts(),
+    *_reconstruction_parts(),
 ]
 
 

@@ -107,7 +107,8 @@ def test_pretrainer_adds_the_term_on_the_latent_views_subset_views_included(setu
     latents = torch.cat([out.modality_pooler_output, out.pooler_output[:, None]], dim=1)
     mask = torch.cat([out.modality_mask.bool(), out.modality_mask.bool().any(1, keepdim=True)], dim=1)
     torch.manual_seed(5)
-    _, sub_mask, sub_latents = decor._subset_views(batch)
+    sub = decor._subset_views(batch)
+    sub_mask, sub_latents = sub["mask"], sub["latents"]
     # the projected subset views are the head of those latents (where present)
     torch.manual_seed(5)
     sub_views, _ = decor.subset_views_of(batch)

@@ -9,6 +9,7 @@ from .attention import (
     SelfAttentionBlock,
     packed_attend,
 )
+from .decoder import TokenValueDecoder
 from .fourier import FourierFeatures, grid_coordinates
 from .value_encoder import ScalarEncoder
 
@@ -21,6 +22,7 @@ __all__ = [
     "ScalarEncoder",
     "SelfAttention",
     "SelfAttentionBlock",
+    "TokenValueDecoder",
     "grid_coordinates",
     "packed_attend",
 ]

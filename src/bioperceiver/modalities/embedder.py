@@ -74,6 +74,21 @@ class ModalityEmbedder(nn.Module):
     def embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def value_queries(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For masked-value reconstruction in pretraining (``loss.reconstruction``): each token's *identity*
+        embedding without its value ``(B, N, d_input)`` (all a decoder may know of a hidden token), its value as the
+        target ``(B, N)``, and which tokens have a value to reconstruct ``(B, N)`` bool (real tokens with a numeric
+        value). Kinds whose tokens are (id, value) pairs implement it; the others cannot be reconstructed."""
+        raise NotImplementedError(
+            f"modality {self.name!r} (kind {self.kind!r}) has no (id, value) tokens to reconstruct; "
+            "loss.reconstruction needs a subset modality of a kind that has them (omics, tabular)"
+        )
+
+    @classmethod
+    def reconstructs_values(cls) -> bool:
+        """Whether the kind implements :meth:`value_queries`."""
+        return cls.value_queries is not ModalityEmbedder.value_queries
+
     def apply_trainability(self) -> None:
         """Re-apply the embedder's own ``requires_grad`` settings (e.g. a frozen pretrained encoder) after a caller
         unfroze the whole model; nothing by default."""

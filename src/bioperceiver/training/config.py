@@ -159,6 +159,13 @@ class LossConfig:
     (:func:`bioperceiver.losses.decorrelation_loss`; Barlow Twins' / VICReg's covariance term, scale-free), against
     dimensional collapse. Logged as ``loss_decorrelation``; computed per process; the held-out ``eval_loss`` leaves it
     out. 0 (default): off, the step is exactly as without it."""
+    reconstruction: float = 0.0
+    """Weight of a masked-value reconstruction term (needs ``subset_views`` on an omics or tabular modality): each
+    subset view also predicts, from its latents, the values of the tokens it hid (the genes left out of that
+    subset), queried by their identity embeddings through a small Perceiver IO decoder; mean squared error of the
+    normalised values. A masked autoencoder's objective beside the contrastive one, so the latents keep what predicts
+    the rest of a profile. Logged as ``loss_reconstruction``; the decoder is pretraining-only (in checkpoints, not in
+    ``final/``); the held-out ``eval_loss`` leaves it out. 0 (default): off, the step is exactly as without it."""
 
     def __post_init__(self) -> None:
         if self.subset_views < 0:
@@ -171,6 +178,13 @@ class LossConfig:
             )
         if not self.decorrelation >= 0:
             raise RunConfigError(f"loss.decorrelation: a loss weight >= 0 (0 turns it off), got {self.decorrelation}")
+        if not self.reconstruction >= 0:
+            raise RunConfigError(f"loss.reconstruction: a loss weight >= 0 (0 turns it off), got {self.reconstruction}")
+        if self.reconstruction and not self.subset_views:
+            raise RunConfigError(
+                "loss.reconstruction predicts the tokens a subset view hides: set loss.subset_views (and "
+                "loss.subset_modality), or loss.reconstruction=0"
+            )
 
     def check_run(self) -> None:
         """Checks of the loss section as a whole, at run start (a config file stays loadable with any
@@ -182,14 +196,15 @@ class LossConfig:
             )
 
     def subset_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`~bioperceiver.training.pretraining.ContrastivePretrainer` for subset views
-        (none when off)."""
+        """Keyword arguments of :class:`~bioperceiver.training.pretraining.ContrastivePretrainer` for subset views and
+        the reconstruction of what they hide (none when off)."""
         if not self.subset_views:
             return {}
         return {
             "subset_views": self.subset_views,
             "subset_modality": self.subset_modality,
             "subset_fraction": self.subset_fraction,
+            **({"reconstruction": self.reconstruction} if self.reconstruction else {}),
         }
 
     def loss_kwargs(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from torch import nn
 from ..data.collator import select_rows
 from ..data.shards import batch_to_device
 from ..evaluation.bootstrap import Resampler
+from ..layers import TokenValueDecoder
 from ..layers.projection import build_projection_head
 from ..losses import (
     ClipLoss,
@@ -69,6 +70,17 @@ class ContrastivePretrainer(nn.Module):
     training loss, logged as ``loss_decorrelation``: the dimensions of each view are pushed apart over the batch
     (against dimensional collapse). The held-out ``eval_loss`` stays the contrastive loss alone. ``0`` (the default)
     leaves the step exactly as without it.
+
+    ``reconstruction=w > 0`` (needs ``subset_views``) adds ``w x`` a masked-value reconstruction term, logged as
+    ``loss_reconstruction``: every subset view also predicts the values of the tokens it hid (the genes of a profile
+    left out of that subset) from its latents, through a :class:`~bioperceiver.layers.TokenValueDecoder` whose
+    queries are the hidden tokens' identity embeddings (the embedder's ``value_queries``: a gene's embedding, not its
+    value); mean squared error over all hidden tokens of the batch (computed per process). A masked autoencoder's
+    objective (He et al. 2022; the masked expression modelling of scGPT / Geneformer) beside the contrastive one:
+    the latents must keep what predicts the rest of the profile, the variance a principal-component baseline
+    captures, not only what tells one patient from another. The decoder is pretraining-only (kept in checkpoints,
+    not in ``final/``). The held-out ``eval_loss`` stays the contrastive loss alone. ``0`` (the default) builds no
+    decoder and leaves the step exactly as without it.
     """
 
     def __init__(
@@ -81,6 +93,7 @@ class ContrastivePretrainer(nn.Module):
         subset_modality: str | None = None,
         subset_fraction: float = 0.5,
         decorrelation: float = 0.0,
+        reconstruction: float = 0.0,
         **loss_kwargs,
     ):
         super().__init__()
@@ -117,6 +130,29 @@ class ContrastivePretrainer(nn.Module):
                 )
             if not 0 < self.subset_fraction < 1:
                 raise ValueError(f"subset_fraction is the share of tokens kept, in (0, 1); got {subset_fraction}")
+        if not reconstruction >= 0:
+            raise ValueError(f"reconstruction is a loss weight and must be >= 0, got {reconstruction}")
+        self.reconstruction = float(reconstruction)
+        self.reconstruction_decoder = None
+        if self.reconstruction:
+            if not self.subset_views:
+                raise ValueError(
+                    "reconstruction predicts the tokens a subset view hides, so it needs subset_views > 0 (and the "
+                    "multiview loss); set loss.subset_views or loss.reconstruction=0"
+                )
+            embedder = model.embedders[subset_modality]
+            if not embedder.reconstructs_values():
+                raise ValueError(
+                    f"reconstruction: modality {subset_modality!r} (kind {embedder.kind!r}) has no (id, value) tokens "
+                    "to reconstruct; choose an omics or tabular loss.subset_modality or set loss.reconstruction=0"
+                )
+            self.reconstruction_decoder = TokenValueDecoder(
+                d_query=cfg.d_input,
+                d_latents=cfg.d_latents,
+                num_heads=cfg.num_cross_attention_heads,
+                widening_factor=cfg.cross_attention_widening_factor,
+                eps=cfg.layer_norm_eps,
+            )
 
     def _encode(self, inputs: dict[str, Any]):
         return self.model(inputs=inputs, return_modality_embeddings=True, return_leave_one_out=bool(self.loo_loss_fn))
@@ -148,12 +184,15 @@ class ContrastivePretrainer(nn.Module):
         out = self._encode(inputs)
         latents, mask = self._latent_views(out)
         views = self.projection(latents)
+        emb = {}
         if self.subset_views:
-            extra, extra_mask, extra_latents = self._subset_views(inputs, with_latents=bool(self.decorrelation))
-            views, mask = torch.cat([views, extra], dim=1), torch.cat([mask, extra_mask], dim=1)
+            sub = self._subset_views(inputs, with_latents=bool(self.decorrelation))
+            views, mask = torch.cat([views, sub["views"]], dim=1), torch.cat([mask, sub["mask"]], dim=1)
             if self.decorrelation:
-                latents = torch.cat([latents, extra_latents], dim=1)
-        emb = {"views": views, "mask": mask}
+                latents = torch.cat([latents, sub["latents"]], dim=1)
+            if self.reconstruction:
+                emb["reconstruction_sse"], emb["reconstruction_count"] = sub["sse"], sub["count"]
+        emb.update(views=views, mask=mask)
         if self.decorrelation:
             emb["latents"] = latents  # (B, V, D), before the head: what the decorrelation term sees
         if self.loo_loss_fn is not None:
@@ -175,27 +214,22 @@ class ContrastivePretrainer(nn.Module):
     def subset_views_of(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected masked-subset views ``(B, K, P)`` of ``subset_modality`` and their mask ``(B, K)`` (samples
         having the modality): the ``K`` subsets of all those samples go through the backbone in one call."""
-        views, mask, _ = self._subset_views(inputs, with_latents=False)
-        return views, mask
+        sub = self._subset_views(inputs, with_latents=False)
+        return sub["views"], sub["mask"]
 
-    def _subset_views(
-        self, inputs: dict[str, Any], with_latents: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """:meth:`subset_views_of`'s views and mask, and (``with_latents``, else ``None``) the same views before the
-        head ``(B, K, D)`` (zeros where absent, as the projected ones)."""
+    def _subset_views(self, inputs: dict[str, Any], with_latents: bool = True) -> dict[str, torch.Tensor]:
+        """:meth:`subset_views_of`'s ``views`` and ``mask``; with ``with_latents`` also ``latents``, the same views
+        before the head ``(B, K, D)`` (zeros where absent, as the projected ones); with ``reconstruction`` also, per
+        batch row, ``sse`` ``(B,)`` (squared error of the predicted values of the tokens its subsets hid, summed over
+        its ``K`` subsets) and ``count`` ``(B,)`` (how many hidden tokens that sums over; float, no gradient)."""
         name = self.subset_modality
         arrays = inputs.get(name)
         first = next(v for v in inputs.values() if v is not None)
         b = next(iter(first.values())).shape[0]
-        p, d = self.model.config.projection_dim, self.model.config.d_latents
         device = next(self.projection.parameters()).device
         k = self.subset_views
         if arrays is None:
-            return (
-                torch.zeros(b, k, p, device=device),
-                torch.zeros(b, k, dtype=torch.bool, device=device),
-                torch.zeros(b, k, d, device=device) if with_latents else None,
-            )
+            return self._no_subset_views(b, device, with_latents)
         key = get_modality(self.model.config.modalities[name]["kind"]).mask_key
         if key not in arrays or arrays[key].dim() != 2:
             raise ValueError(
@@ -205,25 +239,47 @@ class ContrastivePretrainer(nn.Module):
             )
         keep = arrays[key].bool()  # (B, N)
         rows = keep.any(dim=1).nonzero().flatten()
-        mask = torch.zeros(b, k, dtype=torch.bool, device=keep.device)
         if rows.numel() == 0:
-            return (
-                torch.zeros(b, k, p, device=device),
-                mask,
-                torch.zeros(b, k, d, device=device) if with_latents else None,
-            )
+            return self._no_subset_views(b, device, with_latents)
         masks = self.subset_masks(keep[rows])  # (K, b_m, N)
         sub = {a: torch.cat([v[rows]] * k) for a, v in arrays.items() if a != key}
         sub[key] = masks.reshape(-1, keep.shape[1]).to(arrays[key].dtype)
-        pooled = self.model(inputs={name: sub}).pooler_output  # (K * b_m, D)
+        out = self.model(inputs={name: sub})
+        pooled = out.pooler_output  # (K * b_m, D)
         proj = self.projection(pooled).reshape(k, rows.numel(), -1).transpose(0, 1)  # (b_m, K, P)
-        views = proj.new_zeros(b, k, proj.shape[-1]).index_put((rows,), proj)
-        latents = None
+        mask = torch.zeros(b, k, dtype=torch.bool, device=keep.device)
+        mask[rows] = True
+        result = {"views": proj.new_zeros(b, k, proj.shape[-1]).index_put((rows,), proj), "mask": mask}
         if with_latents:
             pooled = pooled.reshape(k, rows.numel(), -1).transpose(0, 1)  # (b_m, K, D)
-            latents = pooled.new_zeros(b, k, pooled.shape[-1]).index_put((rows,), pooled)
-        mask[rows] = True
-        return views, mask, latents
+            result["latents"] = pooled.new_zeros(b, k, pooled.shape[-1]).index_put((rows,), pooled)
+        if self.reconstruction:
+            sub[key] = torch.cat([arrays[key][rows]] * k)  # every real token: the queries of the hidden ones
+            queries, targets, has_value = self.model.embedders[name].value_queries(sub)
+            hidden = has_value & ~masks.reshape(-1, keep.shape[1]).bool()  # (K * b_m, N)
+            pred = self.reconstruction_decoder(queries, out.last_hidden_state)  # (K * b_m, N)
+            err = (pred.float() - targets.float()).square().masked_fill(~hidden, 0.0)
+            sse = err.sum(dim=1).reshape(k, -1).sum(dim=0)  # (b_m,) over the row's K subsets
+            count = hidden.sum(dim=1).reshape(k, -1).sum(dim=0).float()
+            result["sse"] = sse.new_zeros(b).index_put((rows,), sse)
+            result["count"] = count.new_zeros(b).index_put((rows,), count)
+        return result
+
+    def _no_subset_views(self, b: int, device: torch.device, with_latents: bool) -> dict[str, torch.Tensor]:
+        """:meth:`_subset_views` of a batch in which no row has the subset modality: all masked, zero error (an
+        exact zero that still touches the decoder, so DDP sees every parameter used)."""
+        k, p, d = self.subset_views, self.model.config.projection_dim, self.model.config.d_latents
+        result = {
+            "views": torch.zeros(b, k, p, device=device),
+            "mask": torch.zeros(b, k, dtype=torch.bool, device=device),
+        }
+        if with_latents:
+            result["latents"] = torch.zeros(b, k, d, device=device)
+        if self.reconstruction:
+            touch = sum(q.sum() for q in self.reconstruction_decoder.parameters()) * 0.0
+            result["sse"] = torch.zeros(b, device=device) + touch
+            result["count"] = torch.zeros(b, device=device)
+        return result
 
     def loss_from(self, emb: dict[str, torch.Tensor], pid: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The contrastive loss (plus the weighted leave-one-out and decorrelation terms) of :meth:`embed_views`'
@@ -239,6 +295,10 @@ class ContrastivePretrainer(nn.Module):
             decor = decorrelation_loss(emb["latents"], mask)
             result["loss_decorrelation"] = decor.detach()
             result["loss"] = result["loss"] + self.decorrelation * decor
+        if self.reconstruction:
+            rec = emb["reconstruction_sse"].sum() / emb["reconstruction_count"].sum().clamp(min=1.0)
+            result["loss_reconstruction"] = rec.detach()
+            result["loss"] = result["loss"] + self.reconstruction * rec
         return result
 
     def grad_cached_step(

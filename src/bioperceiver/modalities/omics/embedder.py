@@ -83,3 +83,9 @@ class OmicsEmbedder(ModalityEmbedder):
         if self.gene_value_embeddings is not None:
             tokens = tokens + values.to(dtype)[..., None] * self.gene_value_embeddings(ids)
         return tokens, keep
+
+    def value_queries(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gene embedding (no value) as the query, the normalised value as the target, for every measured gene."""
+        ids = inputs["gene_ids"]
+        keep = self._mask(inputs, "mask", ids.shape)
+        return self.gene_embeddings(ids.masked_fill(~keep, 0)), inputs["values"], keep

@@ -84,3 +84,12 @@ class TabularEmbedder(ModalityEmbedder):
             is_numeric[..., None], self.value_encoder(values.to(dtype)), self.category_embeddings(cats)
         )  # (B, F, D_in)
         return self.feature_embeddings(ids) + value_tokens, keep
+
+    def value_queries(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Feature embedding (no value) as the query, the standardised value as the target, for numeric features
+        (a categorical token's category is not reconstructed)."""
+        ids = inputs["feature_ids"]
+        keep = self._mask(inputs, "mask", ids.shape)
+        cats = inputs.get("category_ids")
+        numeric = keep if cats is None else keep & (cats == 0)
+        return self.feature_embeddings(ids.masked_fill(~keep, 0)), inputs["values"], numeric

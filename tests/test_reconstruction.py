@@ -1,0 +1,294 @@
+"""``loss.reconstruction``: the masked-value term beside the contrastive loss. Every subset view predicts the values
+of the tokens it hid from its latents (Perceiver IO decoding, queries = the hidden tokens' identity embeddings). Checked
+against a reference recomputed from the subset masks the step drew; no leak of a hidden value into its prediction;
+gradients; a sample without the modality; the grad-cached step; the decoder learning a low-rank profile; the step
+unchanged when off; settings; and a killed-and-resumed run equal to an uninterrupted one, decoder included."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import random_batch, synthetic_run_config, tiny_config
+from safetensors.torch import load_file
+from test_pretrain_script import launch
+from test_subset_views import _trainer  # a multiview pretrainer on a copy of the model, seeded head
+
+import bioperceiver as bp
+from bioperceiver.layers import TokenValueDecoder
+from bioperceiver.training.config import PretrainConfig, RunConfigError
+
+SUB = {"subset_views": 2, "subset_modality": "omics", "subset_fraction": 0.5}
+
+
+@pytest.fixture
+def setup():
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = bp.BioPerceiverModel(config)
+    batch = random_batch(config, batch_size=5)
+    batch["omics"]["mask"][2] = False  # sample 2 has no expression profile
+    return model, batch
+
+
+def _capture(trainer):
+    """Record the subset call's omics keep-mask and the decoder's inputs and output."""
+    seen = {}
+
+    def embedder_hook(mod, args, kwargs):
+        seen.setdefault("masks", []).append((args[0] if args else kwargs["inputs"])["mask"].clone())
+
+    def decoder_hook(mod, args, out):
+        seen["queries"], seen["latents"], seen["pred"] = args[0], args[1], out
+
+    hooks = [
+        trainer.model.embedders["omics"].register_forward_pre_hook(embedder_hook, with_kwargs=True),
+        trainer.reconstruction_decoder.register_forward_hook(decoder_hook),
+    ]
+    return seen, hooks
+
+
+def test_value_queries_of_omics_and_tabular_and_kinds_without_values(setup):
+    model, batch = setup
+    omics = model.embedders["omics"]
+    q, t, has = omics.value_queries(batch["omics"])
+    keep = batch["omics"]["mask"]
+    ids = batch["omics"]["gene_ids"].masked_fill(~keep, 0)
+    torch.testing.assert_close(q, omics.gene_embeddings(ids), rtol=0, atol=0)  # the gene alone, no value
+    assert torch.equal(t, batch["omics"]["values"]) and torch.equal(has, keep)
+    tab_name = next(n for n, m in model.config.modalities.items() if m["kind"] == "tabular")
+    tab = model.embedders[tab_name]
+    arrays = batch[tab_name]
+    q, t, has = tab.value_queries(arrays)
+    assert torch.equal(has, arrays.get("mask", torch.ones_like(has)).bool() & (arrays["category_ids"] == 0))
+    assert not has[:, 3].any() and has[:, 0].all()  # feature 3 is categorical in the fixture batch
+    torch.testing.assert_close(q, tab.feature_embeddings(arrays["feature_ids"]), rtol=0, atol=0)
+    text = next(n for n, m in model.config.modalities.items() if m["kind"] == "text")
+    assert omics.reconstructs_values() and tab.reconstructs_values()
+    assert not model.embedders[text].reconstructs_values()
+    with pytest.raises(NotImplementedError, match="no \\(id, value\\) tokens"):
+        model.embedders[text].value_queries(batch[text])
+
+
+def test_term_equals_a_reference_over_the_tokens_each_subset_hid(setup):
+    model, batch = setup
+    pid = [f"p{i}" for i in range(5)]
+    plain, rec = _trainer(model, **SUB), _trainer(model, reconstruction=0.5, **SUB)
+    torch.manual_seed(5)
+    a = plain(batch, patient_id=pid)
+    seen, hooks = _capture(rec)
+    torch.manual_seed(5)
+    b = rec(batch, patient_id=pid)
+    for h in hooks:
+        h.remove()
+    # the same subset draws as without the term: the contrastive part is unchanged
+    torch.testing.assert_close(b["loss"] - 0.5 * b["loss_reconstruction"], a["loss"], rtol=1e-6, atol=1e-6)
+    rows = [0, 1, 3, 4]  # samples having a profile; the subset call holds K copies of them, view by view
+    sub_keep = seen["masks"][-1].bool()  # (K * 4, N)
+    real = batch["omics"]["mask"][rows].repeat(2, 1)
+    values = batch["omics"]["values"][rows].repeat(2, 1)
+    hidden = real & ~sub_keep
+    assert hidden.any(1).all() and not (sub_keep & ~real).any()
+    assert (hidden.sum(1) == real.sum(1) - torch.ceil(real.sum(1) * 0.5)).all()
+    # the decoder's queries are the hidden genes' own embeddings, and it reads the subset views' latents
+    ids = batch["omics"]["gene_ids"][rows].repeat(2, 1)
+    emb = rec.model.embedders["omics"].gene_embeddings
+    torch.testing.assert_close(seen["queries"][hidden], emb(ids)[hidden], rtol=0, atol=0)
+    sub = {k: v[rows].repeat(2, *([1] * (v.dim() - 1))) for k, v in batch["omics"].items()}
+    sub["mask"] = sub_keep
+    latents = rec.model(inputs={"omics": sub}).last_hidden_state
+    torch.testing.assert_close(seen["latents"], latents, rtol=1e-6, atol=1e-6)
+    pred = seen["pred"]
+    expected = ((pred - values) ** 2)[hidden].mean()
+    torch.testing.assert_close(b["loss_reconstruction"], expected.detach(), rtol=1e-6, atol=1e-7)
+    assert "loss_reconstruction" not in a
+
+
+def test_a_hidden_value_never_reaches_its_own_prediction(setup):
+    """Changing the values of the tokens a subset hid (K = 1) leaves their predictions unchanged; the error moves."""
+    model, batch = setup
+    rec = _trainer(model, reconstruction=1.0, subset_views=1, subset_modality="omics")
+    seen, hooks = _capture(rec)
+    torch.manual_seed(7)
+    first = rec.embed_views(batch)
+    pred, sub_keep = seen["pred"].detach().clone(), seen["masks"][-1].bool()
+    rows = [0, 1, 3, 4]
+    hidden = batch["omics"]["mask"][rows] & ~sub_keep
+    changed = copy.deepcopy(batch)
+    vals = changed["omics"]["values"][rows]
+    vals[hidden] = vals[hidden] + 5.0
+    changed["omics"]["values"][rows] = vals
+    torch.manual_seed(7)
+    second = rec.embed_views(changed)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(seen["masks"][-1].bool(), sub_keep)  # same draws
+    torch.testing.assert_close(seen["pred"][hidden], pred[hidden], rtol=0, atol=0)
+    assert not torch.allclose(second["reconstruction_sse"], first["reconstruction_sse"])
+    # the decoder: a query's prediction does not depend on which other queries are asked about
+    dec = rec.reconstruction_decoder
+    q, lat = seen["queries"], seen["latents"]
+    torch.testing.assert_close(dec(q[:, :3], lat), dec(q, lat)[:, :3], rtol=1e-6, atol=1e-6)
+
+
+def test_gradients_reach_the_decoder_the_backbone_and_the_hidden_genes(setup):
+    model, batch = setup
+    rec = _trainer(model, reconstruction=1.0, **SUB)
+    torch.manual_seed(3)
+    emb = rec.embed_views(batch)
+    term = emb["reconstruction_sse"].sum() / emb["reconstruction_count"].sum()
+    term.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in rec.reconstruction_decoder.parameters())
+    latents = next(p for n, p in rec.model.named_parameters() if n.endswith("latents"))
+    assert latents.grad.abs().sum() > 0  # through the subset views' latents
+    assert all(p.grad is None for p in rec.projection.parameters())  # the head plays no part
+    assert emb["reconstruction_count"][2] == 0 and emb["reconstruction_sse"][2] == 0  # no profile, no error
+    assert not emb["reconstruction_count"].requires_grad
+
+
+def test_a_batch_without_the_modality_is_a_zero_that_touches_the_decoder(setup):
+    model, batch = setup
+    batch["omics"]["mask"][:] = False
+    rec = _trainer(model, reconstruction=1.0, **SUB)
+    out = rec(batch, patient_id=[f"p{i}" for i in range(5)])
+    assert float(out["loss_reconstruction"]) == 0.0
+    out["loss"].backward()
+    assert all(p.grad is not None for p in rec.reconstruction_decoder.parameters())  # DDP: every parameter used
+
+
+def test_grad_cached_step_equals_embedding_the_same_chunks_with_a_graph(setup):
+    """The per-row error and count pass through gradient caching as embeddings (the count without gradient): the
+    cached gradients equal those of embedding the same chunks straight away, with the same random subsets."""
+    from bioperceiver.data.collator import select_rows
+
+    model, batch = setup
+    rec = _trainer(model, reconstruction=0.7, **SUB)
+    chunks = [[4, 0], [2, 1, 3]]
+    kinds = {n: c["kind"] for n, c in model.config.modalities.items()}
+    pid = [f"p{i}" for i in range(5)]
+    from bioperceiver.losses import patient_index
+
+    torch.manual_seed(11)
+    parts = [rec.embed_views(select_rows(batch, rows, kinds)) for rows in chunks]
+    order = torch.tensor([r for rows in chunks for r in rows]).argsort()
+    emb = {k: torch.cat([p[k] for p in parts])[order] for k in parts[0]}
+    ref_out = rec.loss_from(emb, patient_index(pid))
+    ref_out["loss"].backward()
+    ref = {k: p.grad.clone() for k, p in rec.named_parameters() if p.grad is not None}
+    rec.zero_grad()
+    torch.manual_seed(11)
+    out = rec.grad_cached_step(batch, pid, chunks)
+    torch.testing.assert_close(out["loss_reconstruction"], ref_out["loss_reconstruction"].detach())
+    got = {k: p.grad for k, p in rec.named_parameters() if p.grad is not None}
+    assert got.keys() == ref.keys() and any("reconstruction_decoder" in k for k in got)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_the_decoder_learns_to_predict_hidden_values_of_a_low_rank_profile():
+    """Values = patient factor x gene loading (rank 1) + small noise: half of a profile predicts the other half, so
+    training brings the held-out reconstruction error far below the values' variance (what predicting 0 scores)."""
+    torch.manual_seed(0)
+    config = tiny_config(modalities={"omics": {"kind": "omics", "num_genes": 16, "num_value_bands": 4}})
+    model = bp.BioPerceiverModel(config)
+    rec = _trainer(model, reconstruction=1.0, subset_views=1, subset_modality="omics", subset_fraction=0.5)
+    g = torch.Generator().manual_seed(1)
+    loading = torch.randn(16, generator=g)
+
+    def cohort(n):
+        factor = torch.randn(n, 1, generator=g)
+        values = factor * loading + 0.1 * torch.randn(n, 16, generator=g)
+        ids, mask = torch.arange(16).repeat(n, 1), torch.ones(n, 16, dtype=torch.bool)
+        return {"omics": {"gene_ids": ids, "values": values, "mask": mask}}
+
+    train, held_out = cohort(64), cohort(64)
+
+    def held_out_error():
+        with torch.no_grad():
+            torch.manual_seed(99)
+            emb = rec.embed_views(held_out)
+        return float(emb["reconstruction_sse"].sum() / emb["reconstruction_count"].sum())
+
+    start = held_out_error()
+    opt = torch.optim.Adam(rec.parameters(), lr=3e-3)
+    pid = [f"p{i}" for i in range(64)]
+    for _ in range(300):
+        opt.zero_grad()
+        rec(train, patient_id=pid)["loss"].backward()
+        opt.step()
+    variance = float(held_out["omics"]["values"].var())
+    assert start > 0.5 * variance
+    assert held_out_error() < 0.1 * variance
+
+
+def test_off_is_the_step_as_before_and_settings_are_checked(setup):
+    model, batch = setup
+    pid = [f"p{i}" for i in range(5)]
+    plain, off = _trainer(model, **SUB), _trainer(model, reconstruction=0.0, **SUB)
+    assert off.reconstruction_decoder is None  # no parameters drawn: the random stream is untouched
+    torch.manual_seed(5)
+    a = plain(batch, patient_id=pid)
+    torch.manual_seed(5)
+    b = off(batch, patient_id=pid)
+    assert torch.equal(a["loss"], b["loss"]) and b.keys() == a.keys()
+    assert "reconstruction_sse" not in off.embed_views(batch)
+    with pytest.raises(ValueError, match="needs subset_views"):
+        _trainer(model, reconstruction=1.0)
+    with pytest.raises(ValueError, match="reconstruction is a loss weight"):
+        _trainer(model, reconstruction=-1.0, **SUB)
+    text = next(n for n, m in model.config.modalities.items() if m["kind"] == "text")
+    with pytest.raises(ValueError, match="no \\(id, value\\) tokens"):
+        _trainer(model, reconstruction=1.0, subset_views=1, subset_modality=text)
+    with pytest.raises(RunConfigError, match=r"loss\.reconstruction"):
+        PretrainConfig.from_dict({"loss": {"reconstruction": -0.5}})
+    with pytest.raises(RunConfigError, match="set loss.subset_views"):
+        PretrainConfig.from_dict({"loss": {"reconstruction": 1.0}})
+    cfg = PretrainConfig.from_dict(
+        {"loss": {"name": "multiview", "subset_views": 2, "subset_modality": "omics", "reconstruction": 0.5}}
+    )
+    assert cfg.loss.subset_kwargs()["reconstruction"] == 0.5
+    assert "reconstruction" not in PretrainConfig.from_dict({"loss": SUB}).loss.subset_kwargs()
+
+
+def test_decoder_shapes_are_checked():
+    dec = TokenValueDecoder(d_query=4, d_latents=8, num_heads=2)
+    assert dec(torch.randn(2, 5, 4), torch.randn(2, 3, 8)).shape == (2, 5)
+    with pytest.raises(ValueError, match="must be"):
+        dec(torch.randn(2, 5, 4), torch.randn(3, 3, 8))
+
+
+@pytest.fixture(scope="module")
+def rec_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reconstruction")
+    loss = {"name": "multiview", "subset_views": 2, "subset_modality": "omics_expression", "reconstruction": 1.0}
+    synthetic_run_config(root, max_steps=6, warmup_steps=2, batch_size=8, save_steps=3, keep_last=2, loss=loss)
+    return root
+
+
+def test_killed_and_resumed_run_with_the_term_equals_the_uninterrupted_run(rec_run):
+    """End to end through pretrain/run_pretrain.py: the term is logged, the decoder is trained and checkpointed (so
+    a resume is exact, decoder included), and the final backbone holds no decoder weights and loads as usual."""
+    full = launch(rec_run / "run.yaml", f"output_dir={rec_run / 'full'}")
+    assert full.returncode == 0, full.stderr[-3000:]
+    crashed = launch(rec_run / "run.yaml", f"output_dir={rec_run / 'crash'}", "--crash_after_step", "3")
+    assert crashed.returncode == -9
+    resumed = launch(rec_run / "run.yaml", f"output_dir={rec_run / 'crash'}", "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_file(rec_run / "full" / "checkpoints" / "checkpoint-6" / "model.safetensors")
+    b = load_file(rec_run / "crash" / "checkpoints" / "checkpoint-6" / "model.safetensors")
+    start = load_file(rec_run / "full" / "checkpoints" / "checkpoint-3" / "model.safetensors")
+    dec = [k for k in a if k.startswith("reconstruction_decoder.")]
+    assert dec and a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert any(not torch.equal(a[k], start[k]) for k in dec)  # the decoder trains
+    history = json.loads((rec_run / "full" / "history.json").read_text())
+    logged = [h["loss_reconstruction"] for h in history if "loss" in h]
+    assert len(logged) == 6 and all(v > 0 for v in logged)
+    final = load_file(rec_run / "full" / "final" / "model.safetensors")
+    assert not any("reconstruction" in k for k in final)
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(rec_run / "full" / "final")
