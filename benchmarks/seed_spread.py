@@ -304,7 +304,12 @@ def versus(runs: list[dict], labels: list[str], arm: str, n_boot: int, roles=("d
     folds with a 95% paired patient-bootstrap interval (the runs' own draws), pooled per role over the cohorts where
     the two runs' risks differ. Cohorts where they are identical in every fold (a setting that does not apply
     there, so the result was read back from the other run's cache) are listed under ``same`` and left out of the
-    pooled difference, which would otherwise be diluted by exact zeros."""
+    pooled difference, which would otherwise be diluted by exact zeros.
+
+    ``validation``: the same difference on the runs' *validation* parts (each fold's validation C-index as
+    ``survival_cv.py`` recorded it, at the setting validation chose), mean over folds per cohort and over cohorts per
+    role, with the folds where both runs score 1.0 counted (tiny validation parts saturate). A decision between two
+    settings reads this, not the test folds."""
     from bioperceiver.data import read_manifest
 
     cv = _survival_cv()
@@ -313,7 +318,7 @@ def versus(runs: list[dict], labels: list[str], arm: str, n_boot: int, roles=("d
     out = {}
     for run, lab in zip(runs[1:], labels[1:]):
         a, b = f"{arm} ({labels[0]})", f"{arm} ({lab})"
-        cohorts, same = {}, []
+        cohorts, same, val = {}, [], {}
         for cohort, c0 in res0["cohorts"].items():
             c1 = run["res"]["cohorts"].get(cohort, {})
             if "test" not in c0["models"].get(arm, {}) or "test" not in c1.get("models", {}).get(arm, {}):
@@ -336,6 +341,21 @@ def versus(runs: list[dict], labels: list[str], arm: str, n_boot: int, roles=("d
                 continue
             d = cv.paired_difference(folds, n_boot, res0["seed"])
             cohorts[cohort] = {"role": c0["role"], "paired_differences": {f"{a} - {b}": {**d, "pair": [a, b]}}}
+            vals = [c["models"][arm].get("validation", {}).get("per_fold") for c in (c0, c1)]
+            if all(v is not None for v in vals):
+                v0, v1 = np.asarray(vals[0], float), np.asarray(vals[1], float)
+                both = int(np.sum((v0 == 1.0) & (v1 == 1.0)))
+                val[cohort] = {"difference": float(np.mean(v0 - v1)), "folds": len(v0), "both_saturated": both}
+        validation = {}
+        for role in roles:
+            rows = [v for c, v in val.items() if cohorts[c]["role"] == role]
+            if rows:
+                validation[role] = {
+                    "difference": float(np.mean([v["difference"] for v in rows])),
+                    "cohorts": len(rows),
+                    "folds": sum(v["folds"] for v in rows),
+                    "both_saturated": sum(v["both_saturated"] for v in rows),
+                }
         out[f"{a} - {b}"] = {
             "per_cohort": {
                 c: {k: v for k, v in r["paired_differences"][f"{a} - {b}"].items() if k != "_replicates"}
@@ -343,6 +363,7 @@ def versus(runs: list[dict], labels: list[str], arm: str, n_boot: int, roles=("d
             },
             "pooled": {role: cv.pooled_differences(cohorts, role).get(f"{a} - {b}") for role in roles},
             "same": same,
+            "validation": {"per_cohort": val, "pooled": validation},
         }
     return out
 
@@ -360,6 +381,12 @@ def versus_lines(vs: dict) -> list[str]:
                     f"| pooled, {role} ({n}) | **{d['difference']:+.3f}** | {_ci(d['ci95'])} ({d['above_zero']} of "
                     f"{n} above 0) |"
                 )
+        for role, d in v.get("validation", {}).get("pooled", {}).items():
+            lines.append(
+                f"\nValidation parts, pooled {role} ({d['cohorts']} cohorts; each fold's recorded validation C-index, "
+                f"what a choice between the two may read): {d['difference']:+.3f}; both at 1.0 in "
+                f"{d['both_saturated']} of {d['folds']} folds."
+            )
         if v["same"]:
             lines.append(f"\nIdentical risks in both runs (left out of the pooled row): {', '.join(v['same'])}.")
         lines.append("")

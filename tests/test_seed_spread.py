@@ -304,13 +304,18 @@ def test_versus_pairs_one_arm_across_two_runs_on_the_same_patients(tmp_path):
                 path = folder / "cache" / c / f"fold{k}" / "bp.json"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps({"risk_test": list(map(float, risk)), "settings": settings}))
+        validation = {"nki70": [[1.0, 0.7], [1.0, 0.5]], "NSBCD": [[0.6, 0.6], [0.6, 0.6]]}  # per run, per fold
         res = {
             "seed": 0,
             "folds": 2,
             "manifest": str(manifest),
             "bp": {"pretrained_dir": None},
             "cohorts": {
-                c: {"role": "development", "folds": folds[c], "models": {"bp": {"test": {"mean": 0.6}}}}
+                c: {
+                    "role": "development",
+                    "folds": folds[c],
+                    "models": {"bp": {"test": {"mean": 0.6}, "validation": {"per_fold": validation[c][r]}}},
+                }
                 for c in cohorts
             },
         }
@@ -334,8 +339,15 @@ def test_versus_pairs_one_arm_across_two_runs_on_the_same_patients(tmp_path):
     assert v["per_cohort"]["nki70"]["difference"] == pytest.approx(ref["difference"]) and ref["difference"] > 0
     assert v["same"] == ["NSBCD"] and v["pooled"]["development"]["cohorts"] == ["nki70"]
     assert v["pooled"]["development"]["difference"] == pytest.approx(ref["difference"])
+    # the validation parts: (1.0 - 1.0 + 0.7 - 0.5) / 2 on nki70, one fold where both are 1.0; NSBCD left out
+    assert v["validation"]["per_cohort"] == {
+        "nki70": {"difference": pytest.approx(0.1), "folds": 2, "both_saturated": 1}
+    }
+    assert v["validation"]["pooled"]["development"]["difference"] == pytest.approx(0.1)
     lines = ss.versus_lines(vs)
     assert any(line.startswith("| pooled, development (1) |") for line in lines) and "NSBCD" in lines[-2]
+    assert any("Validation parts, pooled development (1 cohorts" in line and "+0.100" in line for line in lines)
+    assert any("both at 1.0 in 1 of 2 folds" in line for line in lines)
 
 
 def test_fusion_averages_fold_ranks_of_the_ensemble_and_the_best_baseline(tmp_path):
