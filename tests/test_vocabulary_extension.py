@@ -291,7 +291,7 @@ def test_finetune_counts_the_overlap_with_trained_rows(tmp_path, pretrained):
     """A backbone's ``trained_vocabulary_rows.safetensors`` (written by pretraining) makes the extension report how
     many overlapping genes / features have trained embeddings, in the results, the log line and the card; a mask of
     another vocabulary's length is left out with a warning, never applied."""
-    from bioperceiver.training.pretraining import save_trained_rows
+    from bioperceiver.training.pretraining import load_trained_rows, save_trained_rows
 
     genes = BioPerceiverProcessor.from_pretrained(pretrained).processors["omics_expression"].state["genes"]
     gene_mask = torch.tensor([g in ("G4", "G5", "G0") for g in genes])  # G0 is trained but not measured by "new"
@@ -312,6 +312,15 @@ def test_finetune_counts_the_overlap_with_trained_rows(tmp_path, pretrained):
     assert "6 added, 4 overlapping with the pretrained vocabulary, 2 of them trained in pretraining (8 -> 14)" in card
     share = ext["omics_expression"]["token_share_trained"]
     assert 0 < share < 1 and f"{share:.0%} of the training profiles' tokens use trained embeddings" in card
+    # the finetuned folder carries the record, grown with untrained rows for the 6 added genes, so finetuning it on
+    # another cohort still knows which rows pretraining trained (the per-gene value table the tiny model lacks is
+    # not carried)
+    carried = load_trained_rows(tmp_path / "ft")
+    assert sorted(carried) == ["omics_expression.gene_embeddings", "tabular_clinical.feature_embeddings"]
+    assert carried["omics_expression.gene_embeddings"].tolist() == gene_mask.tolist() + [False] * 6
+    assert carried["tabular_clinical.feature_embeddings"].tolist() == [False]
+    again = _finetune(manifest, tmp_path / "ft", tmp_path / "ft_again")["vocabulary_extension"]["omics_expression"]
+    assert again["added"] == 0 and again["overlap"] == 10 and again["overlap_trained"] == 2
     # a mask that does not fit the processors' vocabulary is not used
     save_trained_rows({"omics_expression.gene_embeddings": torch.ones(3, dtype=torch.bool)}, pretrained)
     results = _finetune(manifest, pretrained, tmp_path / "ft2")

@@ -199,6 +199,37 @@ def trained_id_rows(model_dir, processor) -> dict[str, np.ndarray]:
     return out
 
 
+def carry_trained_rows(model_dir, model, out) -> None:
+    """A finetuned model's folder keeps its backbone's record of which vocabulary rows *pretraining* trained
+    (``trained_vocabulary_rows.safetensors``), each mask grown with untrained rows for the ids the vocabulary extension
+    appended (:meth:`~bioperceiver.modalities.embedder.ModalityEmbedder.resize_vocabulary` keeps existing rows
+    first), so that finetuning this folder on another cohort reports the trained overlap too. Nothing when the
+    backbone has no record; a mask longer than the model's table (not this backbone's) is left out, with a warning."""
+    from .pretraining import TRAINED_ROWS_FILE, load_trained_rows, save_trained_rows
+
+    masks = load_trained_rows(model_dir) if model_dir and Path(model_dir).is_dir() else None
+    if not masks:
+        return
+    embedders = getattr(model, model.base_model_prefix, model).embedders  # a task model or the backbone itself
+    carried = {}
+    for key, mask in masks.items():
+        name, table = key.rsplit(".", 1)
+        emb = getattr(embedders[name], table, None) if name in embedders else None
+        if emb is None or emb.num_embeddings < len(mask):
+            logger.warning(
+                "%s: %r has no table of at least %d rows in the finetuned model; not carried over",
+                TRAINED_ROWS_FILE,
+                key,
+                len(mask),
+            )
+            continue
+        grown = torch.zeros(emb.num_embeddings, dtype=torch.bool)
+        grown[: len(mask)] = torch.from_numpy(mask)
+        carried[key] = grown
+    if carried:
+        save_trained_rows(carried, out)
+
+
 def extend_vocabulary(model_args, data_args, processor, manifest, used: list[str]) -> dict[str, dict]:
     """With a pretrained model and ``--extend_vocabulary`` (default): extend its saved processors' vocabularies
     (genes, tabular features) with the training split (:meth:`BioPerceiverProcessor.extend`); the model's embeddings
@@ -710,6 +741,7 @@ def report_run(
     results["wall_clock_s"] = round(time.perf_counter() - t0, 1)
     final_model.save_pretrained(out)
     processor.save_pretrained(out)
+    carry_trained_rows(model_args.model_name_or_path, final_model, out)
     task.save(out)
     card = finetuning_card(
         config=final_model.config,
