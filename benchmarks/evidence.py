@@ -1556,6 +1556,17 @@ def _variant_emb_cox(label: str, tag: str, folder, adjective: str, versus_what: 
     return parts
 
 
+def _loss_variant(label: str, tag: str, folder, override: str, adjective: str, spectrum_what: str) -> list[Part]:
+    """Optional: a pretraining-objective variant of the recipe (run-config ``override``, same tokens): its fold-wise
+    backbones for seeds 0-2, their held-out spectra against the plain ones, and the embedding-Cox arms at 25% and
+    50% paired with the plain runs (:func:`_variant_emb_cox`; the random embedding is the plain run's)."""
+    parts = _variant_backbones(label, folder, override, override)
+    parts.append(_variant_spectrum(label, folder, spectrum_what))
+    what = f"{adjective} - plain backbones, the same seeds, paired on the same test patients"
+    pretrained = ("cox_clinical_emb_pretrained", "cox_clinical_pcs_emb_pretrained")
+    return parts + _variant_emb_cox(label, tag, folder, adjective, what, pretrained, "_")
+
+
 def _decor_backbones(s: int) -> str:
     return f"pretrain_cvfolds_decor{DECOR}_seed{s}"
 
@@ -1599,17 +1610,9 @@ def _decorrelation_parts() -> list[Part]:
             optional=True,
         )
     )
-    parts += _variant_backbones("decor", _decor_backbones, f"loss.decorrelation={DECOR}", f"loss.decorrelation={DECOR}")
     what = "held-out spectra and R@1 of the 15 decorrelated fold-wise backbones against the plain ones"
-    parts.append(_variant_spectrum("decor", _decor_backbones, what))
-    parts += _variant_emb_cox(
-        "decor",
-        f"decor{DECOR}",
-        _decor_backbones,
-        "decorrelated",
-        "decorrelated - plain backbones, the same seeds, paired on the same test patients",
-        ("cox_clinical_emb_pretrained", "cox_clinical_pcs_emb_pretrained"),
-        "_",
+    parts += _loss_variant(
+        "decor", f"decor{DECOR}", _decor_backbones, f"loss.decorrelation={DECOR}", "decorrelated", what
     )
     # secondary: the finetuned network at 25% on the decorrelated backbones (random init and baselines read back)
     parts += _variant_finetuned("decor", f"decor{DECOR}", _decor_backbones, "decorrelated", "_")
@@ -1769,19 +1772,9 @@ def _reconstruction_parts() -> list[Part]:
     50% for seed pairs (0, 0), (1, 1), (2, 2) (baselines and random embeddings read back from the plain run of the
     pair: the tokens are the recipe's), each paired with the plain run, and the 3 runs combined; the external check's
     setting, evaluation only; the finetuned network at 25% for the same pairs (~70 min on 2 idle cores)."""
-    parts = _variant_backbones(
-        "recon", _recon_backbones, f"loss.reconstruction={RECON}", f"loss.reconstruction={RECON}"
-    )
     what = "held-out spectra and R@1 of the 15 reconstruction fold-wise backbones against the plain ones (label-free)"
-    parts.append(_variant_spectrum("recon", _recon_backbones, what))
-    parts += _variant_emb_cox(
-        "recon",
-        f"recon{RECON}",
-        _recon_backbones,
-        "reconstruction",
-        "reconstruction - plain backbones, the same seeds, paired on the same test patients",
-        ("cox_clinical_emb_pretrained", "cox_clinical_pcs_emb_pretrained"),
-        "_",
+    parts = _loss_variant(
+        "recon", f"recon{RECON}", _recon_backbones, f"loss.reconstruction={RECON}", "reconstruction", what
     )
     parts += _variant_external("recon", f"recon{RECON}", _recon_backbones, "_")
     parts += _variant_finetuned("recon", f"recon{RECON}", _recon_backbones, "reconstruction", "_")
