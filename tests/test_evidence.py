@@ -723,6 +723,53 @@ def test_the_deviation_parts_pretrain_on_development_folds_and_evaluate_external
         )
 
 
+def test_the_reconstruction_parts_change_only_the_objective_and_evaluate_externally_only():
+    """Protocol J: the 15 backbones are the recipe with ``loss.reconstruction`` (each fold's own development manifest,
+    seeds 0-2, the recipe's tokens); the embedding-Cox arms at 25% and 50% read the plain run of the pair back (same
+    tokens, so the same random embedding and baselines) and are paired with it; the external check's setting on the
+    mapped external cohorts only; the finetuned network at 25% with random init read back from the plain runs."""
+    parts = {p.name: p for p in evidence.PARTS}
+    for s in range(3):
+        for k in range(5):
+            argv = parts[f"survset_pretrain_recon_seed{s}_fold{k}"].argv
+            assert f"seed={s}" in argv and f"loss.reconstruction={evidence.RECON}" in argv
+            assert not any(a.startswith("data.processor_settings") for a in argv)
+            assert any(a.endswith(f"dev_cohort/manifest_cvfold{k}.parquet") for a in argv)
+    tag = f"recon{evidence.RECON}"
+    for frac in ("0.25", "0.5"):
+        plain = f"survival_cv_labeff_tf{frac}_val_tiesloss_emb"
+        runs = []
+        for s, suffix in enumerate(("", "_pre1", "_pre2")):
+            run = f"{plain}_{tag}{suffix}"
+            argv = parts[run].argv
+            assert argv[argv.index("--pretrained_dir") + 1].endswith(
+                f"pretrain_cvfolds_{tag}_seed{s}/fold{{fold}}/final"
+            )
+            assert argv[argv.index("--train_fraction") + 1] == frac and argv[argv.index("--init_seed") + 1] == str(s)
+            assert (
+                argv[argv.index("--reuse_cache") + 1].endswith(f"survset/{plain}{suffix}") and "--cohorts" not in argv
+            )
+            versus = parts[f"survset_versus_labeff_tf{frac}_{tag}{suffix}"]
+            assert _listed(versus) == [run, plain + suffix]
+            runs.append(run)
+        spread = parts[f"survset_seed_spread_labeff_tf{frac}_val_tiesloss_emb_{tag}_3"]
+        assert _listed(spread) == runs and _ensembled(spread) == EMB_ENSEMBLE
+    plain = "survival_cv_ext_genemap_labeff_tf0.5_val_tiesloss_emb_nt"
+    for suffix in ("", "_pre1", "_pre2"):
+        argv = parts[f"{plain}_{tag}{suffix}"].argv
+        assert argv[argv.index("--cohorts") + 1 : argv.index("--folds")] == list(evidence.EXTERNAL_COHORTS)
+        assert argv[argv.index("--reuse_cache") + 1].endswith(f"survset/{plain}")
+    fused = parts[f"survset_seed_spread_ext_genemap_labeff_tf0.5_val_tiesloss_emb_nt_{tag}_3_fused"]
+    assert _listed(fused) == [f"{plain}_{tag}{x}" for x in ("", "_pre1", "_pre2")]
+    for s, suffix in enumerate(("", "_pre1", "_pre2")):
+        argv = parts[f"survival_cv_labeff_tf0.25_val_tiesloss_{tag}{suffix}"].argv
+        assert "--random_processor_settings" not in argv
+        reuse = argv[argv.index("--reuse_cache") + 1 :][:2]
+        assert reuse[0].endswith(f"survival_cv_labeff_tf0.25_val_tiesloss_emb{suffix}")
+        assert reuse[1].endswith(f"survival_cv_labeff_tf0.25_val_tiesloss_emb_{tag}{suffix}")
+        assert argv[argv.index("--pretrained_dir") + 1].endswith(f"pretrain_cvfolds_{tag}_seed{s}/fold{{fold}}/final")
+
+
 def test_the_external_ensemble_parts_only_evaluate_the_fixed_configuration():
     """The 3-seed embedding-Cox ensemble on the external cohorts at 25% and 50%: only the external cohorts, only the
     embedding arms (nothing finetuned or tuned there), each pair on its own backbones and init seed, the baselines

@@ -243,7 +243,7 @@ def test_off_is_the_step_as_before_and_settings_are_checked(setup):
         _trainer(model, reconstruction=1.0, subset_views=1, subset_modality=text)
     with pytest.raises(RunConfigError, match=r"loss\.reconstruction"):
         PretrainConfig.from_dict({"loss": {"reconstruction": -0.5}})
-    with pytest.raises(RunConfigError, match="set loss.subset_views"):
+    with pytest.raises(RunConfigError, match=r"set loss\.subset_views"):
         PretrainConfig.from_dict({"loss": {"reconstruction": 1.0}})
     cfg = PretrainConfig.from_dict(
         {"loss": {"name": "multiview", "subset_views": 2, "subset_modality": "omics", "reconstruction": 0.5}}
