@@ -223,6 +223,37 @@ def test_the_decoder_learns_to_predict_hidden_values_of_a_low_rank_profile():
     assert held_out_error() < 0.1 * variance
 
 
+def test_held_out_error_is_reported_beside_predicting_the_mean_and_is_deterministic(setup):
+    """``evaluate`` adds the held-out reconstruction error, from subsets drawn from a fixed stream (the same at
+    every evaluation, the training stream untouched), and what predicting every hidden value as 0 scores there."""
+    from bioperceiver.training.pretraining import evaluate
+
+    model, batch = setup
+    rec = _trainer(model, reconstruction=1.0, **SUB)
+
+    def collator(items, train):
+        assert not train
+        return {"inputs": batch, "patient_id": [f"p{i}" for i in range(5)]}
+
+    seen, hooks = _capture(rec)
+    torch.manual_seed(123)
+    first, _, _ = evaluate(rec, [0], collator, batch_size=5, seed=4)
+    after = torch.rand(1)
+    for h in hooks:
+        h.remove()
+    torch.manual_seed(123)
+    again, _, _ = evaluate(rec, [0], collator, batch_size=5, seed=4)
+    assert torch.equal(torch.rand(1), after)  # the training stream is not consumed
+    assert first["eval_loss_reconstruction"] == again["eval_loss_reconstruction"] > 0
+    rows = [0, 1, 3, 4]
+    hidden = batch["omics"]["mask"][rows].repeat(2, 1) & ~seen["masks"][-1].bool()
+    values = batch["omics"]["values"][rows].repeat(2, 1)
+    assert first["eval_loss_reconstruction"] == pytest.approx(float(((seen["pred"] - values) ** 2)[hidden].mean()))
+    assert first["eval_loss_reconstruction_mean"] == pytest.approx(float((values**2)[hidden].mean()))
+    plain, _, _ = evaluate(_trainer(model, **SUB), [0], collator, batch_size=5)
+    assert "eval_loss_reconstruction" not in plain
+
+
 def test_off_is_the_step_as_before_and_settings_are_checked(setup):
     model, batch = setup
     pid = [f"p{i}" for i in range(5)]
@@ -287,6 +318,8 @@ def test_killed_and_resumed_run_with_the_term_equals_the_uninterrupted_run(rec_r
     history = json.loads((rec_run / "full" / "history.json").read_text())
     logged = [h["loss_reconstruction"] for h in history if "loss" in h]
     assert len(logged) == 6 and all(v > 0 for v in logged)
+    evals = [h for h in history if "eval_loss_reconstruction" in h]
+    assert evals and all(h["eval_loss_reconstruction"] > 0 and h["eval_loss_reconstruction_mean"] > 0 for h in evals)
     final = load_file(rec_run / "full" / "final" / "model.safetensors")
     assert not any("reconstruction" in k for k in final)
     from transformers import AutoModel

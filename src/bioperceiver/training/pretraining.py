@@ -221,7 +221,9 @@ class ContrastivePretrainer(nn.Module):
         """:meth:`subset_views_of`'s ``views`` and ``mask``; with ``with_latents`` also ``latents``, the same views
         before the head ``(B, K, D)`` (zeros where absent, as the projected ones); with ``reconstruction`` also, per
         batch row, ``sse`` ``(B,)`` (squared error of the predicted values of the tokens its subsets hid, summed over
-        its ``K`` subsets) and ``count`` ``(B,)`` (how many hidden tokens that sums over; float, no gradient)."""
+        its ``K`` subsets), ``count`` ``(B,)`` (how many hidden tokens that sums over; float, no gradient) and
+        ``sse_mean`` (scalar, no gradient: the squared error of predicting every hidden value as 0, the training mean
+        of a z-scored value, for held-out evaluation)."""
         name = self.subset_modality
         arrays = inputs.get(name)
         first = next(v for v in inputs.values() if v is not None)
@@ -263,6 +265,7 @@ class ContrastivePretrainer(nn.Module):
             count = hidden.sum(dim=1).reshape(k, -1).sum(dim=0).float()
             result["sse"] = sse.new_zeros(b).index_put((rows,), sse)
             result["count"] = count.new_zeros(b).index_put((rows,), count)
+            result["sse_mean"] = targets.float().square().masked_fill(~hidden, 0.0).sum().detach()
         return result
 
     def _no_subset_views(self, b: int, device: torch.device, with_latents: bool) -> dict[str, torch.Tensor]:
@@ -279,6 +282,7 @@ class ContrastivePretrainer(nn.Module):
             touch = sum(q.sum() for q in self.reconstruction_decoder.parameters()) * 0.0
             result["sse"] = torch.zeros(b, device=device) + touch
             result["count"] = torch.zeros(b, device=device)
+            result["sse_mean"] = torch.zeros((), device=device)
         return result
 
     def loss_from(self, emb: dict[str, torch.Tensor], pid: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -472,12 +476,24 @@ def evaluate(
     """Held-out patients: mean contrastive loss and cross-modal retrieval R@1/5/10 for every pair of views, with
     ``n_bootstrap`` percentile-bootstrap 95% intervals (queries resampled by patient).
 
+    With ``trainer.reconstruction``, also ``eval_loss_reconstruction``: the mean squared error of the values the
+    held-out profiles' subset views hide (subsets drawn from a stream seeded by ``seed`` and the batch, the same at
+    every evaluation), beside ``eval_loss_reconstruction_mean``, what predicting every hidden value as 0 scores (the
+    training mean of a z-scored value): below it, the decoder predicts held-out genes from the others.
+
     Returns ``(metrics, views (N, V, P), masks (N, V))``. Every rank calls this with the same data (ZeRO-3/FSDP
     gather parameter shards inside each forward, a collective all ranks must join); the loss is computed per
     process (``local_only``): no cross-rank gather of views."""
+    reconstruction = []  # (sse, count, sse of predicting 0) per batch
 
     def eval_forward(inputs):
         v, m = trainer.views(inputs)
+        if trainer.reconstruction:
+            on_gpu = [device] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=on_gpu):
+                torch.manual_seed(seed + 7919 * len(reconstruction))
+                sub = trainer._subset_views(inputs, with_latents=False)
+            reconstruction.append((float(sub["sse"].sum()), float(sub["count"].sum()), float(sub["sse_mean"])))
         with local_only():
             res = trainer.loss_fn(v, m)
             return v, m, res["loss"], res.get("uniform_loss")
@@ -518,6 +534,10 @@ def evaluate(
     }
     if all(u is not None for _, _, u in used):  # what a uniform guess scores on the same batches (softmax losses)
         metrics["eval_loss_uniform"] = float(np.mean([u for _, _, u in used]))
+    count = sum(c for _, c, _ in reconstruction)
+    if count:
+        metrics["eval_loss_reconstruction"] = sum(e for e, _, _ in reconstruction) / count
+        metrics["eval_loss_reconstruction_mean"] = sum(z for _, _, z in reconstruction) / count
     return metrics, views_t, masks_t
 
 
