@@ -320,6 +320,11 @@ def test_killed_and_resumed_run_with_the_term_equals_the_uninterrupted_run(rec_r
     assert len(logged) == 6 and all(v > 0 for v in logged)
     evals = [h for h in history if "eval_loss_reconstruction" in h]
     assert evals and all(h["eval_loss_reconstruction"] > 0 and h["eval_loss_reconstruction_mean"] > 0 for h in evals)
+    card = (rec_run / "full" / "final" / "README.md").read_text()
+    last = evals[-1]
+    error = last["eval_loss_reconstruction"]
+    assert f"reconstruction error (mean squared, normalised values the subset views hid): {error:.3f}" in card
+    assert f"as its training mean scores {last['eval_loss_reconstruction_mean']:.3f}" in card
     final = load_file(rec_run / "full" / "final" / "model.safetensors")
     assert not any("reconstruction" in k for k in final)
     from transformers import AutoModel

@@ -207,6 +207,18 @@ def _eval_loss_scale(batch_size: int | None, uniform: float | None = None) -> st
     )
 
 
+def _reconstruction_line(metrics: Mapping[str, Any]) -> str:
+    """The held-out masked-value reconstruction error (``loss.reconstruction``) beside what predicting the training
+    mean scores, or nothing without the term."""
+    err, mean = metrics.get("eval_loss_reconstruction"), metrics.get("eval_loss_reconstruction_mean")
+    if err is None or mean is None:
+        return ""
+    return (
+        f". Held-out masked-value reconstruction error (mean squared, normalised values the subset views hid): "
+        f"{err:.3f}; predicting every hidden value as its training mean scores {mean:.3f}"
+    )
+
+
 def retrieval_rows(metrics: Mapping[str, float], ks: Iterable[int] = (1, 5, 10)) -> list[dict[str, Any]]:
     """Rows of the retrieval table from :func:`~bioperceiver.training.retrieval_metrics` output (with CIs when
     the metrics carry ``..._ci_low``/``..._ci_high``)."""
@@ -312,7 +324,8 @@ def pretraining_card(
         run_config_yaml=yaml.safe_dump(dict(run_config), sort_keys=False).rstrip("\n"),
         retrieval_table=markdown_table(retrieval_rows(metrics)),
         eval_loss=_fmt(metrics.get("eval_loss"))
-        + _eval_loss_scale(metrics.get("eval_loss_batch_size"), metrics.get("eval_loss_uniform")),
+        + _eval_loss_scale(metrics.get("eval_loss_batch_size"), metrics.get("eval_loss_uniform"))
+        + _reconstruction_line(metrics),
         compute_table=markdown_table([{"": k, "value": v} for k, v in compute.items()]),
     )
 
