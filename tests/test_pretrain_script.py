@@ -103,6 +103,14 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(run_config):
     resumed_card = (run_config / "crash" / "final" / "README.md").read_text()
     assert re.search(r"\| samples seen \| 48 \|", resumed_card)
 
+    # ... and its history (history.json, the loss curves) holds both segments: the records of steps 1-3 come back
+    # from checkpoint-3, the same as the uninterrupted run's (timings aside)
+    def logged(run):
+        history = json.loads((run_config / run / "history.json").read_text())
+        return [(h["step"], h.get("loss"), h.get("eval_loss"), h.get("lr")) for h in history]
+
+    assert logged("crash") == logged("full") and [s for s, loss, _, _ in logged("full") if loss] == [1, 2, 3, 4, 5, 6]
+
 
 def test_two_runs_in_one_process_may_use_different_precisions(tmp_path):
     """A notebook or sweep calling ``run_pretraining`` twice: the second run gets its own mixed precision (accelerate

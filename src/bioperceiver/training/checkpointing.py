@@ -22,6 +22,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
+HISTORY = "history.json"  # in a checkpoint: the records logged up to it
 RUN_CONFIG = "run_config.yaml"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
@@ -33,6 +34,13 @@ class CheckpointWriteError(OSError):
 def new_run_id() -> str:
     """A fresh run id (made once at the start of a fresh run, kept across its resumes)."""
     return uuid.uuid4().hex
+
+
+def read_history(path: str | os.PathLike) -> list[dict] | None:
+    """The records a checkpoint's run had logged up to it (``history.json``), or ``None`` for a checkpoint written
+    before they were saved with it."""
+    f = Path(path) / HISTORY
+    return json.loads(f.read_text()) if f.is_file() else None
 
 
 def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
@@ -110,15 +118,18 @@ def save_checkpoint(
     batches_seen: int,
     keep_last: int,
     run_config: str | None = None,
+    history: list[dict] | None = None,
     **extra: Any,
 ) -> Path:
     """``save_state`` into a temporary folder, then an atomic rename: a crash never leaves a half checkpoint.
 
     A collective: every rank calls it. ``extra`` (the run id, config hash, number of processes, run totals such as
     samples seen) goes into ``trainer_state.json`` beside the step and data position; ``run_config`` (the resolved
-    run YAML) into ``run_config.yaml``. Only the ``keep_last`` newest checkpoints of the same ``run_id`` are kept
-    (by step); another run's checkpoints are never deleted. An ``OSError`` while writing (a full disk) raises
-    :class:`CheckpointWriteError` naming the folder; the temporary folder is removed and earlier checkpoints stay.
+    run YAML) into ``run_config.yaml``; ``history`` (the records logged so far) into ``history.json``, so a resumed
+    run's history and loss curves start from the beginning (:func:`read_history`). Only the ``keep_last`` newest
+    checkpoints of the same ``run_id`` are kept (by step); another run's checkpoints are never deleted. An
+    ``OSError`` while writing (a full disk) raises :class:`CheckpointWriteError` naming the folder; the temporary
+    folder is removed and earlier checkpoints stay.
     """
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"checkpoint-{step}"
@@ -134,6 +145,8 @@ def save_checkpoint(
             (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, "batches_seen": batches_seen, **extra}) + "\n")
             if run_config is not None:
                 (tmp / RUN_CONFIG).write_text(run_config)
+            if history is not None:
+                (tmp / HISTORY).write_text(json.dumps(history) + "\n")
             replace_dir(tmp, final)
     except OSError as err:
         if accelerator.is_main_process:

@@ -80,6 +80,7 @@ from .checkpointing import (
     checkpoints,
     load_checkpoint,
     new_run_id,
+    read_history,
     read_trainer_state,
     resolve_resume,
     save_checkpoint,
@@ -683,6 +684,13 @@ def run_pretraining(
     n_batches = len(loader) if stream is None else None
     accum = tr.gradient_accumulation_steps
     history: list[dict] = []
+    if resume_path is not None:  # the records before the resumed step, so history.json and the plots start at step 1
+        earlier = read_history(resume_path)
+        if earlier is None:
+            logger.warning(
+                "%s holds no history.json (an older checkpoint): the history starts at step %d", resume_path, step
+            )
+        history = earlier or []
     bar = tqdm(total=opt.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="pretrain")
     t_last, samples_since, grad_norm = time.perf_counter(), 0, None
     while step < opt.max_steps:
@@ -795,6 +803,7 @@ def run_pretraining(
                     batches_seen,
                     ck.keep_last,
                     run_config_yaml,
+                    history,
                     **run_facts,
                     **run_totals(),
                     **({"data_state": stream.state_dict()} if stream is not None else {}),
