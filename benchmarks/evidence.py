@@ -102,7 +102,15 @@ class Part:
 PY, W = "{python}", "{work}"
 
 
+SURVSET_RECIPE = "pretrain/configs/survset_omics.yaml"
+BEFORE_RECON = "loss.reconstruction=0"
+"""The SurvSet recipe as every part recorded before protocol J (nineteenth session) ran it: the recipe has since
+adopted ``loss.reconstruction: 1``; these parts pin it off so that they reproduce their recorded numbers."""
+
+
 def _pretrain(config: str, out: str, *overrides: str) -> list[str]:
+    if config == SURVSET_RECIPE and not any(o.startswith("loss.reconstruction=") for o in overrides):
+        overrides = (BEFORE_RECON, *overrides)
     return [
         PY,
         "pretrain/run_pretrain.py",
@@ -191,7 +199,7 @@ def _fold_backbone(name: str, what: str, folder: str, k: int, *overrides: str, m
         name,
         what,
         _pretrain(
-            "pretrain/configs/survset_omics.yaml",
+            SURVSET_RECIPE,
             f"{W}/survset/{folder}/fold{k}",
             f"data.manifest={W}/survset/dev_cohort/manifest_cvfold{k}.parquet",
             *overrides,
@@ -619,7 +627,7 @@ def _seed_parts() -> list[Part]:
                 f"survset_pretrain_{tag}",
                 f"survset_pretrain with {tokens} ({settings})",
                 _pretrain(
-                    "pretrain/configs/survset_omics.yaml",
+                    SURVSET_RECIPE,
                     f"{W}/survset/pretrain_{tag}",
                     f"data.manifest={W}/survset/dev_cohort/manifest.parquet",
                     f"data.processor_settings={{root}}/{settings}",
@@ -724,7 +732,7 @@ def _seed_parts() -> list[Part]:
             "survset_pretrain_seed1",
             "survset_pretrain with seed=1",
             _pretrain(
-                "pretrain/configs/survset_omics.yaml",
+                SURVSET_RECIPE,
                 f"{W}/survset/pretrain_seed1",
                 f"data.manifest={W}/survset/dev_cohort/manifest.parquet",
                 "seed=1",
@@ -1584,7 +1592,7 @@ def _decorrelation_parts() -> list[Part]:
             f"survset_decor_probe_w{w}",
             f"survset_pretrain_fold0 with loss.decorrelation={w}",
             _pretrain(
-                "pretrain/configs/survset_omics.yaml",
+                SURVSET_RECIPE,
                 f"{W}/survset/decor_probe/w{w}_fold0",
                 *fold0,
                 f"loss.decorrelation={w}",
@@ -1795,7 +1803,7 @@ PARTS: list[Part] = [
         "survset_pretrain",
         "omics <-> clinical + masked-gene-subset views, 400 steps of 128 (development cohorts only)",
         _pretrain(
-            "pretrain/configs/survset_omics.yaml",
+            SURVSET_RECIPE,
             f"{W}/survset/pretrain",
             f"data.manifest={W}/survset/dev_cohort/manifest.parquet",
         ),

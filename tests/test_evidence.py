@@ -728,7 +728,15 @@ def test_the_reconstruction_parts_change_only_the_objective_and_evaluate_externa
     seeds 0-2, the recipe's tokens); the embedding-Cox arms at 25% and 50% read the plain run of the pair back (same
     tokens, so the same random embedding and baselines) and are paired with it; the external check's setting on the
     mapped external cohorts only; the finetuned network at 25% with random init read back from the plain runs."""
+    from bioperceiver.training import load_run_config
+
     parts = {p.name: p for p in evidence.PARTS}
+    # the recipe adopted the term (protocol J's rule); every part recorded before pins it off to reproduce its numbers
+    assert load_run_config(ROOT / evidence.SURVSET_RECIPE).loss.reconstruction == 1.0
+    recipe = [p for p in evidence.PARTS if evidence.SURVSET_RECIPE in p.argv]
+    assert len(recipe) > 60 and all(
+        (evidence.BEFORE_RECON in p.argv) != p.name.startswith("survset_pretrain_recon_") for p in recipe
+    )
     for s in range(3):
         for k in range(5):
             argv = parts[f"survset_pretrain_recon_seed{s}_fold{k}"].argv
