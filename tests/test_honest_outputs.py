@@ -164,3 +164,45 @@ def test_loss_curves_draw_the_measured_uniform_level_not_ln_b_for_multiview(tmp_
     assert uniform_guess_level(old, held_out=False, batch_size=32, loss_name="siglip") is None
     assert uniform_guess_level(old, held_out=False, batch_size=32, loss_name="multiview") is None
     assert "scores 6.250 on the same batches" in _eval_loss_scale(128, 6.25)
+
+
+def test_loss_curves_say_when_the_objective_has_added_terms_and_plot_the_reconstruction(tmp_path, monkeypatch):
+    """With ``loss.reconstruction`` the training curve is contrastive + weighted term: its axis says so, the uniform
+    level is labelled as the contrastive part's, and a third panel shows the reconstruction error, training and
+    held-out, beside the held-out error of predicting the mean."""
+    import matplotlib.figure
+
+    saved = {}
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def keep(fig, path, **kw):
+        saved["axes"] = [
+            (ax.get_title(), ax.get_ylabel(), [(line.get_label(), list(line.get_ydata())) for line in ax.get_lines()])
+            for ax in fig.axes
+        ]
+        return real_savefig(fig, path, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    history = [
+        {"step": s, "loss": 7.0 - 0.1 * s, "uniform_loss": 6.3, "loss_reconstruction": 1.2 - 0.05 * s}
+        for s in range(1, 11)
+    ]
+    history.append(
+        {
+            "step": 10,
+            "eval_loss": 5.5,
+            "eval_loss_batch_size": 128,
+            "eval_loss_uniform": 6.25,
+            "eval_loss_reconstruction": 1.05,
+            "eval_loss_reconstruction_mean": 2.3,
+        }
+    )
+    plot_history(history, tmp_path / "loss_curves.png", batch_size=128, loss_name="multiview")
+    (_, train_y, train_lines), (_, eval_y, _), (rec_title, rec_y, rec_lines) = saved["axes"]
+    assert train_y == "multiview loss + weighted reconstruction"
+    assert eval_y == "multiview loss, held-out patients"
+    assert any(label.startswith("uniform guess (contrastive part), 6.30") for label, _ in train_lines)
+    assert "reconstruction" in rec_title and "mean squared error" in rec_y
+    lines = dict(rec_lines)
+    assert lines["training batch"] == pytest.approx([1.2 - 0.05 * s for s in range(1, 11)])
+    assert lines["held-out"] == [1.05] and lines["predicting the mean, held-out (2.30)"][0] == 2.3

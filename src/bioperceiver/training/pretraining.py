@@ -286,8 +286,8 @@ class ContrastivePretrainer(nn.Module):
         return result
 
     def loss_from(self, emb: dict[str, torch.Tensor], pid: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """The contrastive loss (plus the weighted leave-one-out and decorrelation terms) of :meth:`embed_views`'
-        output."""
+        """The contrastive loss (plus the weighted leave-one-out, decorrelation and reconstruction terms) of
+        :meth:`embed_views`' output."""
         views, mask = emb["views"], emb["mask"]
         result = self.loss_fn(views, mask, pid)
         result["num_views"] = mask.sum().detach()
@@ -488,7 +488,7 @@ def evaluate(
 
     def eval_forward(inputs):
         v, m = trainer.views(inputs)
-        if trainer.reconstruction:
+        if getattr(trainer, "reconstruction", 0.0):  # a pretrainer with the term (stand-ins may lack the attribute)
             on_gpu = [device] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=on_gpu):
                 torch.manual_seed(seed + 7919 * len(reconstruction))
@@ -653,20 +653,29 @@ def plot_history(
     is drawn on each panel: the ``uniform_loss`` / ``eval_loss_uniform`` the loss measured on those batches (softmax
     losses: ``ln`` of the candidates per anchor, which for the multiview loss is about ``ln(B x views)``, not
     ``ln B``); for a history without them (older runs), ``ln B`` with ``batch_size`` and the ``clip`` loss. A sigmoid
-    loss (``siglip``) has no such level and gets no line."""
+    loss (``siglip``) has no such level and gets no line. When the training objective has terms beside the
+    contrastive loss (``loss_loo``, ``loss_decorrelation``, ``loss_reconstruction``), the training panel says so (its
+    curve is their weighted sum; the uniform level is the contrastive part's); with ``loss.reconstruction`` a third
+    panel shows the reconstruction error, training and held-out, beside what predicting the mean scores held out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     evals = [h for h in history if "eval_loss" in h]
-    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
+    terms = [t for t in ADDED_TERMS if any(t in h for h in history)]
+    recon = [h for h in history if "loss_reconstruction" in h or "eval_loss_reconstruction" in h]
+    n = 1 + bool(evals) + bool(recon)
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n if n > 1 else 6, 4), squeeze=False)
     train_ax = axes[0, 0]
     steps = [h["step"] for h in history if "loss" in h]
     train_ax.plot(steps, [h["loss"] for h in history if "loss" in h], label="training batch")
     what = f"batches of {batch_size} samples" if batch_size else "one batch per step"
     train_ax.set_title(f"training loss ({what}" + (f", modality dropout {dropout:g})" if dropout else ")"), fontsize=10)
-    train_ax.set_ylabel(f"{loss_name} loss of one training batch")
+    if terms:  # the curve is the whole objective: say which weighted terms it adds (shown without "loss_")
+        train_ax.set_ylabel(f"{loss_name} loss + weighted {', '.join(t.removeprefix('loss_') for t in terms)}")
+    else:
+        train_ax.set_ylabel(f"{loss_name} loss of one training batch")
     panels = [train_ax]
     if evals:
         eval_ax = axes[0, 1]
@@ -678,12 +687,32 @@ def plot_history(
     for ax in panels:
         level = uniform_guess_level(history, held_out=ax is not train_ax, batch_size=batch_size, loss_name=loss_name)
         if level is not None:
-            ax.axhline(level[0], ls="--", color="grey", lw=1, label=f"uniform guess, {level[1]}")
+            part = " (contrastive part)" if terms and ax is train_ax else ""
+            ax.axhline(level[0], ls="--", color="grey", lw=1, label=f"uniform guess{part}, {level[1]}")
+    if recon:
+        rec_ax = axes[0, n - 1]
+        train = [h for h in recon if "loss_reconstruction" in h]
+        rec_ax.plot([h["step"] for h in train], [h["loss_reconstruction"] for h in train], label="training batch")
+        held = [h for h in recon if "eval_loss_reconstruction" in h]
+        if held:
+            rec_ax.plot(
+                [h["step"] for h in held], [h["eval_loss_reconstruction"] for h in held], "o-", label="held-out"
+            )
+            mean = held[-1]["eval_loss_reconstruction_mean"]
+            rec_ax.axhline(mean, ls="--", color="grey", lw=1, label=f"predicting the mean, held-out ({mean:.2f})")
+        rec_ax.set_title("masked-value reconstruction (the genes subset views hid)", fontsize=10)
+        rec_ax.set_ylabel("mean squared error, normalised values")
+        panels.append(rec_ax)
+    for ax in panels:
         ax.set_xlabel("optimizer step")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+ADDED_TERMS = ("loss_loo", "loss_decorrelation", "loss_reconstruction")
+"""Logged terms a run may add to the contrastive loss (each weighted by its run-config setting)."""
 
 
 def uniform_guess_level(
