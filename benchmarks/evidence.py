@@ -1784,6 +1784,20 @@ def _reconstruction_parts() -> list[Part]:
     parts = _loss_variant(
         "recon", f"recon{RECON}", _recon_backbones, f"loss.reconstruction={RECON}", "reconstruction", what
     )
+    # label-free: the decoder's held-out error against predicting 0 and each gene's training mean (its identity alone)
+    runs = [f"{W}/survset/{_recon_backbones(s)}/fold{k}" for s in range(3) for k in range(5)]
+    argv = [PY, "benchmarks/reconstruction_reference.py", "--runs", *runs]
+    parts.append(
+        Part(
+            "survset_recon_reference",
+            "held-out reconstruction error of the 15 backbones against predicting 0 and each gene's training mean",
+            [*argv, "--output_dir", f"{W}/survset/recon_reference"],
+            "survset/recon_reference/reconstruction_reference.json",
+            needs=[p for s in range(3) for p in _variant_backbone_parts("recon", s)],
+            minutes=0.5,
+            optional=True,
+        )
+    )
     parts += _variant_external("recon", f"recon{RECON}", _recon_backbones, "_")
     parts += _variant_finetuned("recon", f"recon{RECON}", _recon_backbones, "reconstruction", "_")
     return parts

@@ -767,6 +767,10 @@ def test_the_reconstruction_parts_change_only_the_objective_and_evaluate_externa
         argv = parts[f"{plain}_{tag}{suffix}"].argv
         assert argv[argv.index("--cohorts") + 1 : argv.index("--folds")] == list(evidence.EXTERNAL_COHORTS)
         assert argv[argv.index("--reuse_cache") + 1].endswith(f"survset/{plain}")
+    ref = parts["survset_recon_reference"].argv
+    assert [a for a in ref if "pretrain_cvfolds" in a] == [
+        f"{{work}}/survset/pretrain_cvfolds_{tag}_seed{s}/fold{k}" for s in range(3) for k in range(5)
+    ]
     fused = parts[f"survset_seed_spread_ext_genemap_labeff_tf0.5_val_tiesloss_emb_nt_{tag}_3_fused"]
     assert _listed(fused) == [f"{plain}_{tag}{x}" for x in ("", "_pre1", "_pre2")]
     for s, suffix in enumerate(("", "_pre1", "_pre2")):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import random_batch, synthetic_run_config, tiny_config
@@ -330,3 +331,29 @@ def test_killed_and_resumed_run_with_the_term_equals_the_uninterrupted_run(rec_r
     from transformers import AutoModel
 
     AutoModel.from_pretrained(rec_run / "full" / "final")
+
+
+def test_reconstruction_reference_scores_predicting_zero_and_each_gene_s_training_mean(rec_run):
+    """benchmarks/reconstruction_reference.py: the per-gene reference against a pandas groupby (an id unseen in
+    training predicts 0), and end to end on a run: the decoder's recorded error beside the two references."""
+    import pandas as pd
+    from script_loader import load_script
+
+    ref = load_script("benchmarks/reconstruction_reference.py", "reconstruction_reference_for_tests")
+    train = (np.array([0, 0, 1, 3, 3, 3]), np.array([1.0, 3.0, -1.0, 0.5, 0.5, 2.0]))
+    held = (np.array([0, 1, 2, 3]), np.array([2.5, 0.0, 1.0, 1.0]))
+    got = ref.references(train, held)
+    means = pd.Series(train[1]).groupby(train[0]).mean()
+    pred = np.array([means.get(i, 0.0) for i in held[0]])
+    assert got["predict_gene_mean"] == pytest.approx(float(np.mean((held[1] - pred) ** 2)))
+    assert got["predict_zero"] == pytest.approx(float(np.mean(held[1] ** 2)))
+    assert got["held_out_ids_unseen_in_training"] == 1
+    if not (rec_run / "full" / "final").is_dir():
+        assert launch(rec_run / "run.yaml", f"output_dir={rec_run / 'full'}").returncode == 0
+    out = ref.main(["--runs", str(rec_run / "full"), "--output_dir", str(rec_run / "reference")])
+    row = out["runs"][0]
+    recorded = json.loads((rec_run / "full" / "eval_results.json").read_text())
+    assert row["decoder"] == recorded["eval_loss_reconstruction"] and row["modality"] == "omics_expression"
+    assert row["held_out_tokens"] > 0 and row["predict_gene_mean"] > 0 and row["predict_zero"] > 0
+    md = (rec_run / "reference" / "reconstruction_reference.md").read_text()
+    assert md.startswith("| run | held-out tokens | predict 0 |") and f"{row['decoder']:.3f}" in md
