@@ -10,7 +10,8 @@
 Each part is one command (a script of this folder or of ``pretrain/``) that writes its results under
 ``--work_dir`` (default ``outputs/evidence``). A part is *done* when the file it names as its result exists; the
 scripts write results atomically and skip their own finished sub-runs, and an interrupted pretraining resumes from
-its last checkpoint (``--resume latest``), so re-running the same command continues where it stopped.
+its last checkpoint (``--resume latest``), so re-running the same command continues where it stopped (a finished
+pretraining part that ``--redo`` names trains again from scratch).
 ``evidence_log.json`` records each part's command, wall time, exit status and environment (the hash of the lock
 file ``constraints.txt`` that ``make setup`` installs from, and every locked package installed at another version);
 at the end ``EVIDENCE.md`` lists every part with its command, wall time and environment, followed by the tables the
@@ -1980,7 +1981,9 @@ def run_part(part: Part, work: Path, log: dict, installed: dict | None = None) -
     """Runs one part; its log entry records the command, wall time, exit status and ``installed``
     (``environment()``)."""
     argv = [_fill(a, work) for a in part.argv]
-    if "--overwrite_output_dir" in argv:  # a pretraining run: resume an interrupted one from its last checkpoint
+    # a pretraining run: resume an interrupted one from its last checkpoint; a finished one that --redo names is
+    # trained again from scratch (resuming it would only re-evaluate its last checkpoint)
+    if "--overwrite_output_dir" in argv and not is_done(part, work):
         out = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("output_dir=")))
         if any((out / "checkpoints").glob("checkpoint-*")):
             argv[argv.index("--overwrite_output_dir") : argv.index("--overwrite_output_dir") + 1] = [

@@ -95,7 +95,7 @@ def test_each_part_records_the_installed_packages_against_the_lock_file(tmp_path
     assert evidence.read_lock(ROOT / "constraints.txt")["torch"] == "2.14.1"
 
 
-def test_an_interrupted_pretraining_part_resumes_instead_of_overwriting(tmp_path, monkeypatch):
+def test_an_interrupted_pretraining_part_resumes_and_a_redone_finished_one_trains_again(tmp_path, monkeypatch):
     out = tmp_path / "w" / "pre"
     (out / "checkpoints" / "checkpoint-50").mkdir(parents=True)
     seen = {}
@@ -109,6 +109,11 @@ def test_an_interrupted_pretraining_part_resumes_instead_of_overwriting(tmp_path
     assert not evidence.run_part(part, tmp_path / "w", {})
     assert seen["argv"][-2:] == ["--resume", "latest"] and "--overwrite_output_dir" not in seen["argv"]
     assert seen["argv"][0] == sys.executable and f"output_dir={out}" in seen["argv"]
+    # a finished run that --redo names trains again: resuming its last checkpoint would train nothing
+    (out / "final").mkdir()
+    (out / "final" / "config.json").write_text("{}")
+    assert not evidence.run_part(part, tmp_path / "w", {})
+    assert seen["argv"][-1] == "--overwrite_output_dir" and "--resume" not in seen["argv"]
 
 
 def test_optional_parts_run_only_when_asked(tmp_path, monkeypatch):
