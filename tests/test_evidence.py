@@ -587,6 +587,36 @@ def test_the_fold_manifests_need_only_the_pretraining_cohort():
     assert part.argv[part.argv.index("--data_dir") + 1].endswith("survset/cv_cohort")
 
 
+PAIR_CV_ARMS = ("cox_clinical_emb_pretrained", "cox_clinical_pcs_emb_pretrained")
+
+
+def _check_variant_emb_cox(parts: dict, tag: str, sep: str, versus_arms=PAIR_CV_ARMS) -> None:
+    """A pretraining variant's embedding-Cox family (``evidence._variant_emb_cox``): at 25% and 50%, for seed pairs
+    (0, 0), (1, 1), (2, 2), each run on the variant's own backbones of that seed and init seed, on the development
+    cohorts, baselines and random embeddings read back from the plain run of the pair and paired with it on
+    ``versus_arms``; the 3 runs combined."""
+    for frac in ("0.25", "0.5"):
+        plain = f"survival_cv_labeff_tf{frac}_val_tiesloss_emb"
+        runs = []
+        for s, suffix in enumerate(("", "_pre1", "_pre2")):
+            run = f"{plain}_{tag}{suffix}"
+            argv = parts[run].argv
+            assert argv[argv.index("--bp_arms") + 1 :][:4] == [*evidence.EMB_ARMS, "--pretrained_dir"]
+            assert argv[argv.index("--pretrained_dir") + 1].endswith(
+                f"pretrain_cvfolds_{tag}_seed{s}/fold{{fold}}/final"
+            )
+            assert argv[argv.index("--train_fraction") + 1] == frac and "--subsample_validation" in argv
+            assert argv[argv.index("--baseline_ties") + 1] == "loss" and argv[argv.index("--init_seed") + 1] == str(s)
+            assert argv[argv.index("--reuse_cache") + 1].endswith(f"survset/{plain}{suffix}")
+            assert "--cohorts" not in argv  # the development cohorts, never the external ones
+            versus = parts[f"survset_versus_labeff_tf{frac}_{tag}{suffix}"]
+            assert _listed(versus) == [run, plain + suffix]
+            assert versus.argv[versus.argv.index("--versus") + 1 :] == list(versus_arms)
+            runs.append(run)
+        spread = parts[f"survset_seed_spread_labeff_tf{frac}_val_tiesloss_emb_{tag}{sep}3"]
+        assert _listed(spread) == runs and _ensembled(spread) == EMB_ENSEMBLE
+
+
 def test_the_decorrelation_parts_choose_the_weight_without_labels_and_pair_each_seed_with_its_plain_run():
     """loss.decorrelation: the probe weights pretrain fold 0 (seed 0) and are compared on its pretraining split
     only; the chosen weight's 15 fold-wise backbones (seeds 0-2, each fold's own manifest); their spectra against
@@ -617,29 +647,7 @@ def test_the_decorrelation_parts_choose_the_weight_without_labels_and_pair_each_
     assert [r.split("/")[-2:] for r in plain_runs] == [[b, f"fold{k}"] for _, b, _ in backbones for k in range(5)]
     assert [r.split("/")[-1] for r in decor_runs] == [r.split("/")[-1] for r in plain_runs]  # paired by fold
     assert all(f"pretrain_cvfolds_decor{evidence.DECOR}_seed" in r for r in decor_runs)
-    for frac in ("0.25", "0.5"):
-        plain = f"survival_cv_labeff_tf{frac}_val_tiesloss_emb"
-        runs = []
-        for s, (suffix, _, init) in enumerate(backbones):
-            run = f"{plain}_decor{evidence.DECOR}{suffix}"
-            argv = parts[run].argv
-            assert argv[argv.index("--bp_arms") + 1 :][:4] == [*evidence.EMB_ARMS, "--pretrained_dir"]
-            assert argv[argv.index("--pretrained_dir") + 1].endswith(
-                f"pretrain_cvfolds_decor{evidence.DECOR}_seed{s}/fold{{fold}}/final"
-            )
-            assert argv[argv.index("--train_fraction") + 1] == frac and "--subsample_validation" in argv
-            assert argv[argv.index("--baseline_ties") + 1] == "loss" and argv[argv.index("--init_seed") + 1] == init
-            assert argv[argv.index("--reuse_cache") + 1].endswith(f"survset/{plain}{suffix}")
-            assert "--cohorts" not in argv  # the development cohorts, never the external ones
-            versus = parts[f"survset_versus_labeff_tf{frac}_decor{evidence.DECOR}{suffix}"]
-            assert _listed(versus) == [run, plain + suffix]
-            assert versus.argv[versus.argv.index("--versus") + 1 :] == [
-                "cox_clinical_emb_pretrained",
-                "cox_clinical_pcs_emb_pretrained",
-            ]
-            runs.append(run)
-        spread = parts[f"survset_seed_spread_labeff_tf{frac}_val_tiesloss_emb_decor{evidence.DECOR}_3"]
-        assert _listed(spread) == runs and _ensembled(spread) == EMB_ENSEMBLE
+    _check_variant_emb_cox(parts, f"decor{evidence.DECOR}", "_")
     # the finetuned network at 25% (secondary): the decorrelated backbones, the plain run's settings, its random
     # init and baselines read back, each against the plain run of the same pair
     plain = "survival_cv_labeff_tf0.25_val_tiesloss_emb"
@@ -681,29 +689,7 @@ def test_the_deviation_parts_pretrain_on_development_folds_and_evaluate_external
     assert [a for a in cov if "pretrain_cvfolds" in a] == [
         f"{{work}}/survset/pretrain_cvfolds_deviation_seed0/fold{k}" for k in range(5)
     ]
-    for frac in ("0.25", "0.5"):
-        plain = f"survival_cv_labeff_tf{frac}_val_tiesloss_emb"
-        runs = []
-        for s, suffix in enumerate(("", "_pre1", "_pre2")):
-            run = f"{plain}_deviation{suffix}"
-            argv = parts[run].argv
-            assert argv[argv.index("--pretrained_dir") + 1].endswith(
-                f"pretrain_cvfolds_deviation_seed{s}/fold{{fold}}/final"
-            )
-            assert argv[argv.index("--train_fraction") + 1] == frac and argv[argv.index("--init_seed") + 1] == str(s)
-            assert (
-                argv[argv.index("--reuse_cache") + 1].endswith(f"survset/{plain}{suffix}") and "--cohorts" not in argv
-            )
-            versus = parts[f"survset_versus_labeff_tf{frac}_deviation{suffix}"]
-            assert _listed(versus) == [run, plain + suffix]
-            assert versus.argv[versus.argv.index("--versus") + 1 :] == [
-                "cox_clinical_emb_pretrained",
-                "cox_clinical_pcs_emb_pretrained",
-                "cox_clinical_emb_random",
-            ]
-            runs.append(run)
-        spread = parts[f"survset_seed_spread_labeff_tf{frac}_val_tiesloss_emb_deviation3"]
-        assert _listed(spread) == runs and _ensembled(spread) == EMB_ENSEMBLE
+    _check_variant_emb_cox(parts, "deviation", "", (*PAIR_CV_ARMS, "cox_clinical_emb_random"))
     plain = "survival_cv_ext_genemap_labeff_tf0.5_val_tiesloss_emb_nt"
     for suffix in ("", "_pre1", "_pre2"):
         argv = parts[f"{plain}_deviation{suffix}"].argv
@@ -749,24 +735,7 @@ def test_the_reconstruction_parts_change_only_the_objective_and_evaluate_externa
             assert not any(a.startswith("data.processor_settings") for a in argv)
             assert any(a.endswith(f"dev_cohort/manifest_cvfold{k}.parquet") for a in argv)
     tag = f"recon{evidence.RECON}"
-    for frac in ("0.25", "0.5"):
-        plain = f"survival_cv_labeff_tf{frac}_val_tiesloss_emb"
-        runs = []
-        for s, suffix in enumerate(("", "_pre1", "_pre2")):
-            run = f"{plain}_{tag}{suffix}"
-            argv = parts[run].argv
-            assert argv[argv.index("--pretrained_dir") + 1].endswith(
-                f"pretrain_cvfolds_{tag}_seed{s}/fold{{fold}}/final"
-            )
-            assert argv[argv.index("--train_fraction") + 1] == frac and argv[argv.index("--init_seed") + 1] == str(s)
-            assert (
-                argv[argv.index("--reuse_cache") + 1].endswith(f"survset/{plain}{suffix}") and "--cohorts" not in argv
-            )
-            versus = parts[f"survset_versus_labeff_tf{frac}_{tag}{suffix}"]
-            assert _listed(versus) == [run, plain + suffix]
-            runs.append(run)
-        spread = parts[f"survset_seed_spread_labeff_tf{frac}_val_tiesloss_emb_{tag}_3"]
-        assert _listed(spread) == runs and _ensembled(spread) == EMB_ENSEMBLE
+    _check_variant_emb_cox(parts, tag, "_")
     plain = "survival_cv_ext_genemap_labeff_tf0.5_val_tiesloss_emb_nt"
     for suffix in ("", "_pre1", "_pre2"):
         argv = parts[f"{plain}_{tag}{suffix}"].argv

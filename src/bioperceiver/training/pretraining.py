@@ -222,8 +222,8 @@ class ContrastivePretrainer(nn.Module):
         before the head ``(B, K, D)`` (zeros where absent, as the projected ones); with ``reconstruction`` also, per
         batch row, ``sse`` ``(B,)`` (squared error of the predicted values of the tokens its subsets hid, summed over
         its ``K`` subsets), ``count`` ``(B,)`` (how many hidden tokens that sums over; float, no gradient) and
-        ``sse_mean`` (scalar, no gradient: the squared error of predicting every hidden value as 0, the training mean
-        of a z-scored value, for held-out evaluation)."""
+        in eval mode ``sse_mean`` (scalar, no gradient: the squared error of predicting every hidden value as 0, the
+        training mean of a z-scored value, for held-out evaluation)."""
         name = self.subset_modality
         arrays = inputs.get(name)
         first = next(v for v in inputs.values() if v is not None)
@@ -265,7 +265,8 @@ class ContrastivePretrainer(nn.Module):
             count = hidden.sum(dim=1).reshape(k, -1).sum(dim=0).float()
             result["sse"] = sse.new_zeros(b).index_put((rows,), sse)
             result["count"] = count.new_zeros(b).index_put((rows,), count)
-            result["sse_mean"] = targets.float().square().masked_fill(~hidden, 0.0).sum().detach()
+            if not self.training:  # held-out evaluation's reference, not needed by a training step
+                result["sse_mean"] = targets.float().square().masked_fill(~hidden, 0.0).sum().detach()
         return result
 
     def _no_subset_views(self, b: int, device: torch.device, with_latents: bool) -> dict[str, torch.Tensor]:
@@ -282,7 +283,8 @@ class ContrastivePretrainer(nn.Module):
             touch = sum(q.sum() for q in self.reconstruction_decoder.parameters()) * 0.0
             result["sse"] = torch.zeros(b, device=device) + touch
             result["count"] = torch.zeros(b, device=device)
-            result["sse_mean"] = torch.zeros((), device=device)
+            if not self.training:
+                result["sse_mean"] = torch.zeros((), device=device)
         return result
 
     def loss_from(self, emb: dict[str, torch.Tensor], pid: torch.Tensor | None) -> dict[str, torch.Tensor]:
