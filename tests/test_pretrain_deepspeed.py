@@ -116,6 +116,32 @@ def test_deepspeed_zero_on_cpu_trains_saves_a_loadable_model_and_matches_ddp(run
     assert [h["loss"] for h in hist] == pytest.approx(ddp_losses, rel=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_DEEPSPEED, reason="deepspeed is not installed (pip install 'bioperceiver[deepspeed]')")
+def test_zero3_with_subset_views_and_reconstruction_matches_ddp(tmp_path):
+    """The omics recipe's loss (multiview, two masked-gene-subset views, the reconstruction term) under ZeRO-3 on 2
+    processes: the padding row runs the subset views' backbone call and the decoder on every rank but adds nothing
+    to the loss, so the run ends where the unpadded DDP run does."""
+    subset = {"name": "multiview", "subset_views": 2, "subset_modality": "omics_expression", "reconstruction": 1.0}
+    run_yaml = synthetic_run_config(
+        tmp_path, max_steps=STEPS, warmup_steps=1, batch_size=4, save_steps=STEPS, keep_last=1,
+        eval={"steps": 0, "n_bootstrap": 0}, loss=subset,
+    )  # fmt: skip
+    ddp = _launch(run_yaml, tmp_path / "ddp", "cpu_ddp.yaml", {"ACCELERATE_USE_CPU": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-4000:]
+    res = _launch(run_yaml, tmp_path / "zero3", "deepspeed_zero3.yaml")
+    assert res.returncode == 0, res.stderr[-4000:]
+    hist, ref = _history(tmp_path / "zero3"), _history(tmp_path / "ddp")
+    assert [h["step"] for h in hist] == list(range(1, STEPS + 1))
+    assert all(h["loss_reconstruction"] > 0 for h in hist)
+    for key in ("loss", "loss_reconstruction"):
+        assert [h[key] for h in hist] == pytest.approx([h[key] for h in ref], rel=1e-4), key
+    ours = load_file(tmp_path / "zero3" / "final" / "model.safetensors")
+    theirs = load_file(tmp_path / "ddp" / "final" / "model.safetensors")
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_padding_row_leaves_loss_and_gradients_unchanged(run_config):
     """The row RankPadder appends runs through every embedder and encoder pass but has no view in the loss: loss and
     every parameter gradient equal those of the real batch (clip with leave-one-out, and multiview)."""
@@ -153,17 +179,30 @@ def test_padding_row_leaves_loss_and_gradients_unchanged(run_config):
     again = padder(batch)["inputs"]
     assert all(torch.equal(t, again[n][k]) for n, a in padded["inputs"].items() for k, t in a.items())
 
-    for loss, kw in (("clip", {"leave_one_out": 0.5}), ("multiview", {})):
+    omics = next(n for n in names if processor.modalities[n] == "omics")
+    subset = {"subset_views": 2, "subset_modality": omics}
+    for loss, kw in (
+        ("clip", {"leave_one_out": 0.5}),
+        ("multiview", {}),
+        # the padding row holds the subset modality too: its subset views, their decorrelation and their
+        # reconstruction error stay out of the loss like its other views, and it draws its subsets after the real
+        # rows, which get the unpadded batch's draws
+        ("multiview", {**subset, "decorrelation": 0.5, "reconstruction": 1.0}),
+    ):
         torch.manual_seed(0)
         model = bp.create_model("bioperceiver_debug", modalities=processor.model_modalities(embedders))
         ref = ContrastivePretrainer(model, loss=loss, **kw)
         pad = PaddedPretrainer(model, loss=loss, **kw)
         pad.load_state_dict(ref.state_dict())
+        torch.manual_seed(1)  # the same token-subset draws for both
         out_ref = ref(batch["inputs"], batch["patient_id"])
+        rng_ref = torch.get_rng_state()
         out_ref["loss"].backward()
         g_ref = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
         ref.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
         out_pad = pad(padded["inputs"], padded["patient_id"], num_pad=1)
+        assert torch.equal(torch.get_rng_state(), rng_ref)  # the next step draws as the unpadded run does
         out_pad["loss"].backward()
         g_pad = {n: p.grad for n, p in pad.named_parameters() if p.grad is not None}
         torch.testing.assert_close(out_pad["loss"], out_ref["loss"], rtol=1e-5, atol=1e-6)

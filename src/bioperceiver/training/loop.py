@@ -589,11 +589,6 @@ def run_pretraining(
             "train.max_tokens_per_batch (gradient caching) runs its own backward passes and reduces gradients once, "
             "which DeepSpeed and FSDP do not allow; use DDP or one process, or set train.max_tokens_per_batch=null"
         )
-    if pad_ranks and cfg.loss.subset_views:
-        raise RunConfigError(
-            "loss.subset_views runs extra backbone calls whose number depends on the batch, which DeepSpeed ZeRO / "
-            "FSDP with several processes cannot pad across ranks; use DDP or one process, or loss.subset_views=0"
-        )
     trainer = (PaddedPretrainer if pad_ranks else ContrastivePretrainer)(
         model,
         loss=cfg.loss.name,

@@ -83,7 +83,13 @@ class RankPadder:
 class PaddedPretrainer(ContrastivePretrainer):
     """:class:`ContrastivePretrainer` whose last ``num_pad`` batch rows (:class:`RankPadder`) run through the model
     but have no view in the loss: their modality (and leave-one-out) masks are cleared before the loss sees them.
-    The backbone processes samples independently, so the real rows' views are unchanged."""
+    The backbone processes samples independently, so the real rows' views are unchanged.
+
+    With ``subset_views`` the padding row (which holds every modality, the subset one included) makes every rank
+    run the subset views' backbone call (and the reconstruction decoder) once per step; its subset views, their
+    latents and its reconstruction error are masked out alike, and its token subsets are drawn from a forked
+    generator after the real rows', so the real rows get exactly the draws (and the loss) of the unpadded run, at
+    every step."""
 
     _num_pad = 0
 
@@ -93,6 +99,27 @@ class PaddedPretrainer(ContrastivePretrainer):
             return super().forward(inputs, patient_id, **kwargs)
         finally:
             self._num_pad = 0
+
+    def subset_masks(self, keep: torch.Tensor) -> torch.Tensor:
+        # called on the rows holding the subset modality, the padding rows last (they hold every modality); theirs
+        # are drawn from a forked generator, so the real rows' draws, now and at later steps, are the unpadded run's
+        n = self._num_pad
+        if not n:
+            return super().subset_masks(keep)
+        real = super().subset_masks(keep[:-n])
+        with torch.random.fork_rng(devices=[keep.device] if keep.device.type == "cuda" else []):
+            return torch.cat([real, super().subset_masks(keep[-n:])], dim=1)
+
+    def _subset_views(self, inputs, with_latents: bool = True):
+        sub = super()._subset_views(inputs, with_latents)
+        if self._num_pad:
+            real = torch.ones(len(sub["mask"]), dtype=torch.bool, device=sub["mask"].device)
+            real[-self._num_pad :] = False
+            sub["mask"] = sub["mask"] & real[:, None]
+            for key in ("sse", "count"):  # times 0, not cut: the decoder keeps a (zero) gradient on every rank
+                if key in sub:
+                    sub[key] = sub[key] * real
+        return sub
 
     def _encode(self, inputs):
         out = super()._encode(inputs)
