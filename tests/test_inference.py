@@ -206,6 +206,29 @@ def test_two_processes_write_each_shard_once_and_resume_skips_finished_shards(fi
     c, _ = read_embeddings(tmp_path / "two")
     pd.testing.assert_frame_equal(a.drop(columns="embedding"), c.drop(columns="embedding"))
 
+    # the same folder resumed with other rows, other weights of the same architecture or other processors: refused,
+    # never a finished shard of another run passed off as this one's
+    full = read_manifest(finetuned[1])
+    with pytest.raises(ValueError, match="shard layout"):  # more rows: other shard names, never written beside
+        embed(loaded, full, tmp_path / "two", process_index=0, num_processes=1, **kw)
+    with pytest.raises(ValueError, match="another manifest"):  # as many rows, other patients
+        embed(loaded, full.subset(range(8, 16)), tmp_path / "two", process_index=0, num_processes=1, **kw)
+    changed = read_manifest(manifest)
+    changed.table.loc[0, "label_multiclass"] += 1  # one cell of a row differs
+    with pytest.raises(ValueError, match="another manifest"):
+        embed(loaded, changed, tmp_path / "two", process_index=0, num_processes=1, **kw)
+    retrained = load_model_folder(folder, device="cpu")
+    with torch.no_grad():
+        next(retrained.backbone.parameters()).add_(0.01)
+    with pytest.raises(ValueError, match="another model"):
+        embed(retrained, manifest, tmp_path / "two", process_index=0, num_processes=1, **kw)
+    refitted = load_model_folder(folder, device="cpu")
+    text = refitted.processor.processors["text_note"]
+    text.settings.max_length -= 1
+    with pytest.raises(ValueError, match="another model"):
+        embed(refitted, manifest, tmp_path / "two", process_index=0, num_processes=1, **kw)
+    assert embed(loaded, manifest, tmp_path / "two", process_index=0, num_processes=1, **kw).written == []
+
     other = bp.create_model("bioperceiver_debug", modalities=loaded.backbone.config.modalities, d_latents=24)
     loaded.model = other  # another config: its hash differs, the finished shards are not silently mixed
     with pytest.raises(ValueError, match="another model, shard layout or space"):
@@ -305,6 +328,12 @@ def test_search_from_a_manifest_across_modalities_with_evaluation(finetuned, tmp
     pd.testing.assert_series_equal(again.table["sample_id"], table["sample_id"])
     with pytest.raises(ValueError, match="no embeddings of modality 'image_ct'"):
         bp.search(tmp_path / "emb", manifest, modality="text_note", target="image_ct")
+    # queries embedded by a model of the same architecture with other weights are refused, not compared
+    retrained = load_model_folder(folder, device="cpu")
+    with torch.no_grad():
+        next(retrained.backbone.parameters()).add_(0.01)
+    with pytest.raises(ValueError, match="other weights or processors"):
+        bp.search(tmp_path / "emb", manifest, modality="text_note", target="tabular_ehr", model=retrained)
 
 
 # ---- the projected space ----------------------------------------------------------------------------------------

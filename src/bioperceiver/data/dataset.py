@@ -135,8 +135,7 @@ def _fingerprint(table, manifest: Manifest, processor: BioPerceiverProcessor, sp
     if manifest.path is not None:
         st = Path(manifest.path).stat()  # files referenced by the rows may change with the manifest
         h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-    procs = {n: p.to_dict() for n, p in processor.processors.items()}
-    h.update(json.dumps(procs, sort_keys=True, default=str).encode())
+    h.update(processor.fingerprint().encode())  # settings, state and files (a tokenizer's vocabulary)
     from .._version import __version__
 
     h.update(f"{split}:{train}:{seed}:{on_error}:{__version__}".encode())

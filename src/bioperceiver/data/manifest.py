@@ -153,6 +153,15 @@ class Manifest:
             )
         return self.subset(self.table[SPLIT_COLUMN] == name)
 
+    def fingerprint(self) -> str:
+        """A SHA-256 of the rows (every cell, in order) and of the folder relative file paths resolve against: two
+        manifests with one different cell, row or base folder differ (the files the rows point to are not read)."""
+        import hashlib
+
+        digest = hashlib.sha256(self.table.to_json(orient="split", default_handler=str).encode())
+        digest.update(str(Path(self.base_dir).resolve()).encode())
+        return digest.hexdigest()
+
     def records(self) -> list[dict[str, Any]]:
         """Rows as dicts with missing cells normalised to ``None``."""
         cols = list(self.table.columns)

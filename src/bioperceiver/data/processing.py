@@ -356,6 +356,21 @@ class BioPerceiverProcessor:
         os.replace(tmp, directory / PROCESSOR_INDEX)
         return directory
 
+    def fingerprint(self) -> str:
+        """A SHA-256 of everything the processors compute with: what :meth:`save_pretrained` writes (each
+        processor's settings and fitted state, and its files, e.g. a text tokenizer's vocabulary, which
+        ``to_dict`` leaves out)."""
+        import hashlib
+        import tempfile
+
+        digest = hashlib.sha256()
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            for path in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
+                digest.update(path.relative_to(tmp).as_posix().encode() + b"\0")
+                digest.update(path.read_bytes())
+        return digest.hexdigest()
+
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> BioPerceiverProcessor:
         directory = Path(directory)

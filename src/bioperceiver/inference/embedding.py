@@ -43,7 +43,7 @@ from ..data.collator import BioPerceiverCollator
 from ..data.dataset import ManifestDataset
 from ..data.errors import DEFAULT_ON_ERROR, SkipReport
 from ..data.manifest import LABEL_PREFIX, Manifest, read_manifest
-from .loading import LoadedModel, load_model_folder
+from .loading import LoadedModel, load_model_folder, model_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +214,28 @@ def _shard_metadata(path: Path) -> dict[str, Any]:
     return json.loads(meta.get(METADATA_KEY, b"{}"))
 
 
+def _check_resumable(out: Path, common: dict[str, Any], space: str) -> None:
+    """Every shard already in ``out`` (any process's) must be this run's: the same model (config, weights and
+    processors), shard layout, space and manifest rows. Raises ``ValueError`` naming the first that is not, so that
+    a finished shard of another run is never resumed as this one's, nor left beside it to be read with it."""
+    for path in sorted(out.glob(SHARD_GLOB)):
+        meta = _shard_metadata(path)
+        was = (meta.get("config_hash"), meta.get("num_shards"), meta.get("space", "latent"))
+        if was != (common["config_hash"], common["num_shards"], space):
+            raise ValueError(
+                f"{path} was written by another model, shard layout or space (config hash {was[0]}, {was[1]} "
+                f"shards, {was[2]}; now {common['config_hash']}, {common['num_shards']}, {space}): pass a new "
+                "--output_dir, or the same model, manifest, --shard_size and --space to resume"
+            )
+        for key, what in (("model_fingerprint", "another model"), ("manifest_fingerprint", "another manifest")):
+            if meta.get(key) != common[key]:  # same architecture, other weights/processors; other rows
+                raise ValueError(
+                    f"{path} was written by {what} ({key} {meta.get(key)}, now {common[key]}: the weights and "
+                    "processors, or the manifest's rows, differ from the run that wrote it): pass a new "
+                    "--output_dir, or resume with the same --model and --manifest"
+                )
+
+
 def embed(
     model: str | os.PathLike | LoadedModel,
     manifest: str | os.PathLike | Manifest,
@@ -256,6 +278,8 @@ def embed(
     common = {
         "model_id": loaded.model_id,
         "config_hash": loaded.config_hash,
+        "model_fingerprint": model_fingerprint(loaded),
+        "manifest_fingerprint": m.fingerprint()[:16],
         "space": space,
         "modalities": used,
         "embedding_dim": int(
@@ -265,20 +289,13 @@ def embed(
         "shard_size": shard_size,
         "manifest": str(m.path) if m.path is not None else None,
     }
+    _check_resumable(out, common, space)
     todo = []
     for k in mine:
         path = out / shard_name(k, len(ranges))
         for stale in out.glob(f".{path.name}.tmp*"):  # left by a process that stopped while writing
             stale.unlink()
         if path.exists():
-            meta = _shard_metadata(path)
-            was = (meta.get("config_hash"), meta.get("num_shards"), meta.get("space", "latent"))
-            if was != (common["config_hash"], len(ranges), space):
-                raise ValueError(
-                    f"{path} was written by another model, shard layout or space (config hash {was[0]}, {was[1]} "
-                    f"shards, {was[2]}; now {common['config_hash']}, {len(ranges)}, {space}): pass a new "
-                    "--output_dir, or the same model, --shard_size and --space to resume"
-                )
             result.resumed.append(k)
             continue
         todo.append(k)

@@ -56,6 +56,20 @@ class LoadedModel:
         return config_hash(self.backbone.config)
 
 
+def model_fingerprint(loaded: LoadedModel) -> str:
+    """A short SHA-256 of everything an embedding or prediction depends on: every weight of the model (and of the
+    projection head) and the fitted processors (their settings, state and files, e.g. a tokenizer's vocabulary).
+    Two folders of one architecture with other weights or other processors differ, where :func:`config_hash`
+    does not."""
+    digest = hashlib.sha256()
+    for module in (loaded.model, loaded.projection):
+        for name, tensor in sorted((module.state_dict() if module is not None else {}).items()):
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(loaded.processor.fingerprint().encode())
+    return digest.hexdigest()[:16]
+
+
 def config_hash(config) -> str:
     """A short SHA-256 of what a model config computes (its JSON without the save path/library version)."""
     data = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}

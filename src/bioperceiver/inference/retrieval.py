@@ -222,7 +222,7 @@ def _query_set(query, modality: str, model, index_meta: dict[str, Any], batch_si
     import pandas as pd
 
     from ..data.manifest import read_manifest
-    from .loading import LoadedModel, load_model_folder
+    from .loading import LoadedModel, load_model_folder, model_fingerprint
 
     loaded = model if isinstance(model, LoadedModel) else None
     if loaded is None:
@@ -234,6 +234,13 @@ def _query_set(query, modality: str, model, index_meta: dict[str, Any], batch_si
         raise ValueError(
             f"the query model {loaded.folder} (config hash {loaded.config_hash}) is not the one the index was built "
             f"with ({index_meta.get('model_id')}, {index_meta['config_hash']}): embed the queries with that model"
+        )
+    fingerprint = model_fingerprint(loaded) if index_meta.get("model_fingerprint") else None
+    if fingerprint is not None and fingerprint != index_meta["model_fingerprint"]:
+        raise ValueError(
+            f"the query model {loaded.folder} has the index's architecture but other weights or processors (model "
+            f"fingerprint {fingerprint}, the index's {index_meta['model_fingerprint']} from "
+            f"{index_meta.get('model_id')}): embed the queries with the model the index was built with"
         )
     manifest = read_manifest(path)
     rows = list(  # in the index's space
