@@ -29,6 +29,7 @@ import os
 from bioperceiver.data.validate import ManifestError
 from bioperceiver.training import RunConfigError, load_run_config, run_pretraining
 from bioperceiver.training.checkpointing import CheckpointWriteError
+from bioperceiver.training.loop import RunStopped
 
 
 def main(argv=None) -> dict:
@@ -60,8 +61,10 @@ def main(argv=None) -> dict:
             overwrite_output_dir=args.overwrite_output_dir,
             crash_after_step=args.crash_after_step,
         )
-    except (RunConfigError, ManifestError) as err:
-        p.error(str(err))  # exit status 2, before any work
+    except (RunConfigError, ManifestError, FileNotFoundError) as err:
+        p.error(str(err))  # exit status 2, before any work (a missing input, or --resume latest with no checkpoint)
+    except RunStopped as err:  # SIGTERM / Ctrl-C: a checkpoint of the last step is saved
+        p.exit(128 + err.signum, f"{p.prog}: {err}\n")
     except CheckpointWriteError as err:  # a full disk: the message names the folder and what was kept
         p.exit(1, f"{p.prog}: error: {err}\n")
     if result["is_main_process"]:

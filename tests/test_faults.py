@@ -80,10 +80,29 @@ def test_existing_run_is_refused_unless_resume_or_overwrite(cohort, base_run, sc
     assert_same(params(out / "final"), before)  # nothing touched
     old_id = read_trainer_state(out / "checkpoints" / "checkpoint-4")["run_id"]
 
+    (out / "notes.txt").write_text("the user's own notes")  # not the run's: kept by an overwrite
+    (out / "my_data").mkdir()
+    (out / "my_data" / "cohort.csv").write_text("sample_id\n")
+    (out / "checkpoints" / "checkpoint-99").mkdir()  # another run's stray checkpoint: the run's folder, cleared
     script.main(run_args(cohort, out, "--overwrite_output_dir"))
+    assert (out / "notes.txt").read_text() == "the user's own notes" and (out / "my_data" / "cohort.csv").exists()
+    assert not (out / "checkpoints" / "checkpoint-99").exists()
     states = [read_trainer_state(p) for p in sorted((out / "checkpoints").iterdir())]
     assert len(states) == 2 and {s["run_id"] for s in states} != {old_id} and len({s["run_id"] for s in states}) == 1
     assert_same(params(out / "final"), before)  # the same seed retrains the same model, from scratch
+
+
+def test_a_finetuning_folder_is_never_a_pretraining_output_dir(cohort, script, capsys, tmp_path):
+    out = tmp_path / "finetuned"
+    out.mkdir()
+    (out / "finetuning_task.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"weights")
+    for extra in ([], ["--overwrite_output_dir"]):
+        with pytest.raises(SystemExit) as info:
+            script.main(run_args(cohort, out, *extra))
+        assert info.value.code == 2
+        assert "holds a finetuning run or a saved model" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["finetuning_task.json", "model.safetensors"]
 
 
 def test_resume_from_another_folder_into_an_output_dir_holding_a_run_is_refused(
@@ -356,3 +375,34 @@ def test_per_sample_problems_follow_on_error_before_any_work(cohort, script, cap
         else:
             with pytest.raises(ReachedFitting):
                 script.main(args)
+
+
+def test_sigterm_saves_a_checkpoint_of_the_step_and_resume_is_exact(
+    cohort, base_run, script, capsys, monkeypatch, tmp_path
+):
+    """A scheduler's SIGTERM (SLURM preemption) arrives while checkpoint-2 is written: the run finishes step 3,
+    saves checkpoint-3 (not a regular save step), exits with 128 + 15 naming it, and --resume latest ends exactly
+    where the uninterrupted run does. The handlers are put back afterwards."""
+    import os
+    import signal
+
+    save = loop.save_checkpoint
+
+    def save_then_signal(accelerator, ckpt_dir, step, *args, **kwargs):
+        result = save(accelerator, ckpt_dir, step, *args, **kwargs)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_signal)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "preempted"
+    with pytest.raises(SystemExit) as info:
+        script.main(run_args(cohort, out))
+    assert info.value.code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM after step 3" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    assert not (out / "final").exists() and signal.getsignal(signal.SIGTERM) is before
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    script.main(run_args(cohort, out, "--resume", "latest"))
+    assert_same(params(out / "final"), params(base_run / "final"))

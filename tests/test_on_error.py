@@ -281,3 +281,29 @@ def test_deep_validation_reports_an_unexpected_processor_failure_as_a_problem(ba
     failed = [p for p in report.problems if p.reason == "processor_failed"]
     assert {p.sample_id for p in failed} == {f"s{i}" for i in range(12)}
     assert all(p.column == "omics" and "KeyError" in p.message and p.fix for p in failed)
+
+
+def test_skip_report_counts_each_sample_once_over_epochs_and_merged_reports():
+    """A training loop meets a bad sample once per epoch: it is one skipped sample, not one per epoch, and two
+    reports that saw it (two epochs' collators, two loaders) merge into one count; errors without a sample id
+    (fitting) still count every time."""
+    from bioperceiver.data.errors import SkipReport
+
+    def bad(sid, modality="omics", reason="non_finite"):
+        return DataError(reason, "a NaN", sample_id=sid, modality=modality)
+
+    first, second = SkipReport(), SkipReport()
+    for _ in range(3):  # three epochs
+        assert first.add(bad("s1"), scope="modality") in (True, False)
+        first.add(bad("s2", "image_xray", "corrupt_file"))
+    assert first.modality_counts == {("omics", "non_finite"): 1} and first.counts == {("image_xray", "corrupt_file"): 1}
+    assert first.add(bad("s1"), scope="modality") is False and first.add(bad("s3"), scope="modality") is True
+    second.add(bad("s1"), scope="modality")
+    second.add(bad("s4"), scope="modality")
+    first.update(second)
+    assert first.modality_counts == {("omics", "non_finite"): 3}  # s1, s3, s4
+    assert len(first.modality_examples[("omics", "non_finite")]) == 3
+    anonymous = SkipReport()
+    for _ in range(2):
+        anonymous.add(bad(None), scope="modality")
+    assert anonymous.modality_total == 2

@@ -475,3 +475,69 @@ def test_effective_rank_counts_equal_directions():
     assert stats["mean_sq_offdiag_corr"] == pytest.approx(0.0, abs=1e-6)
     constant = np.column_stack([x, np.ones(50)])
     assert bench.spectrum_stats(constant)["constant_dims"] == 1
+
+
+def test_modality_values_dropped_in_training_are_summarised_once_and_named_in_the_card(tmp_path, caplog):
+    """A bad omics value among good rows under the default ``on_error: skip_modality``: the run trains, logs one
+    summary of what it dropped (each sample once, however many epochs met it, one warning per sample) and the card
+    says so beside its presence tables, which count manifest cells."""
+    import logging
+
+    from bioperceiver.data import assign_splits, read_manifest, write_manifest
+    from bioperceiver.training import load_run_config
+    from bioperceiver.training.loop import run_pretraining
+
+    path = synthetic_run_config(tmp_path, max_steps=12, warmup_steps=1, batch_size=8, save_steps=12, keep_last=1)
+    cfg = yaml.safe_load(path.read_text())
+    manifest = read_manifest(cfg["data"]["manifest"])
+    table = manifest.table
+    split = assign_splits(manifest).table["split"]  # the run's split (the salted patient hash)
+    others = table[[m for m in manifest.modalities if m != "omics_expression"]].notna().any(axis=1)
+    train = table.index[(split == "train") & table["omics_expression"].notna() & others]  # kept without omics
+    bad = [str(table.loc[i, "sample_id"]) for i in train[:2]]
+    for i in train[:2]:
+        table.at[i, "omics_expression"] = json.dumps({"TP53": "high"})
+    write_manifest(table, cfg["data"]["manifest"], manifest.metadata)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="bioperceiver"):
+        result = run_pretraining(load_run_config(path, [f"output_dir={out}", "data.on_error=skip_modality"]))
+    assert result["steps"] == 12 and result["losses_finite"]
+    epochs = 12 * 8 // int((split == "train").sum())
+    assert epochs >= 2  # every bad sample was met more than once
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pretraining batches")]
+    assert len(summary) == 1 and "dropped 2 modality value(s)" in summary[0], summary
+    for sid in bad:
+        warnings = [r for r in caplog.records if "modality dropped" in r.getMessage() and repr(sid) in r.getMessage()]
+        assert len(warnings) == 1, (sid, [r.getMessage() for r in warnings])
+    card = (out / "final" / "README.md").read_text()
+    assert re.search(r"skipped in training.*2 omics_expression value\(s\)", card)
+
+
+def test_processors_fitted_with_other_settings_are_refused_not_silently_reused(tmp_path):
+    """``data.processor_dir`` already holds processors (an earlier run, even a failed one): reused when they were
+    fitted with the run's settings, refused, naming the modality and the setting, when the settings changed (they
+    were reused silently and the card showed the new settings file)."""
+    from bioperceiver.data import BioPerceiverProcessor
+    from bioperceiver.training import RunConfigError, load_run_config
+    from bioperceiver.training.loop import prepare_data
+
+    class OneProcess:
+        is_main_process, num_processes = True, 1
+
+        def wait_for_everyone(self):
+            pass
+
+    path = synthetic_run_config(tmp_path, max_steps=1, warmup_steps=1, batch_size=8, save_steps=1, keep_last=1)
+    cfg = load_run_config(path, [f"output_dir={tmp_path / 'run'}"])
+    _, fitted, _ = prepare_data(cfg, OneProcess(), tmp_path / "run")
+    index = tmp_path / "processors" / "bioperceiver_processor.json"
+    stamp = index.stat().st_mtime_ns
+    _, again, _ = prepare_data(cfg, OneProcess(), tmp_path / "run")  # same settings: reused, not refitted
+    assert index.stat().st_mtime_ns == stamp
+    assert again.fingerprint() == fitted.fingerprint()
+    settings = yaml.safe_load((tmp_path / "settings.yaml").read_text())
+    settings["processors"]["image_2d"]["spatial_size"] = [8, 8]
+    (tmp_path / "settings.yaml").write_text(yaml.safe_dump(settings))
+    with pytest.raises(RunConfigError, match=r"image_2d.*spatial_size.*\[16, 16\].*\[8, 8\]"):
+        prepare_data(load_run_config(path, [f"output_dir={tmp_path / 'run'}"]), OneProcess(), tmp_path / "run")
+    assert BioPerceiverProcessor.from_pretrained(tmp_path / "processors").fingerprint() == fitted.fingerprint()

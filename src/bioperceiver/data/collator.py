@@ -131,8 +131,9 @@ class BioPerceiverCollator:
             except DataError as err:
                 if self.on_error == "raise":
                     raise
-                self.report.add(err)
-                logger.warning("skipped: %s", err)
+                # the first time only (a bad sample comes back every epoch); a dataset's skip it already logged
+                if self.report.add(err) and sample.get("__error__") is None:
+                    logger.warning("skipped: %s", err)
             for err in dropped:
                 self.report.add(err, scope="modality")
         if not kept:

@@ -316,6 +316,16 @@ class ManifestDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _first_time(self, i: int, err: DataError) -> bool:
+        """Whether row ``i`` has not met this error (modality, reason) before in this process: a bad row comes back
+        every epoch, its warning is logged once (the collator's report counts it once too)."""
+        warned = self.__dict__.setdefault("_warned", set())
+        key = (i, err.modality, err.reason)
+        if key in warned:
+            return False
+        warned.add(key)
+        return True
+
     def __len__(self) -> int:
         return len(self.records)
 
@@ -329,11 +339,13 @@ class ManifestDataset(torch.utils.data.Dataset):
         except DataError as err:
             if self.on_error == "raise":
                 raise
-            logger.warning("skipped: %s", err)
+            if self._first_time(i, err):
+                logger.warning("skipped: %s", err)
             sid = self.records[i].get("sample_id")
             return {"sample_id": sid, ERROR_COLUMN: err, SKIPPED_KEY: list(getattr(err, "skipped", []))}
         for err in out.get(SKIPPED_KEY, ()):
-            logger.warning("modality dropped: %s", err)
+            if self._first_time(i, err):
+                logger.warning("modality dropped: %s", err)
         if self.targets is not None:
             out["__target__"] = self.targets[i]
         out["__view_seed__"] = int(rng.integers(2**62))  # modality dropout of this sample, this epoch

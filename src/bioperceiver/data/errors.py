@@ -92,38 +92,52 @@ SAMPLE, MODALITY = "sample", "modality"
 class SkipReport:
     """What was skipped, per ``(modality, reason)`` with a few example messages each, in two scopes:
     ``counts`` holds samples dropped whole, ``modality_counts`` modality values dropped while their sample was kept
-    (``on_error="skip_modality"``, or a training value left out of processor fitting)."""
+    (``on_error="skip_modality"``, or a training value left out of processor fitting).
+
+    An error that names its sample counts once per ``(scope, modality, reason, sample)``: a training loop meets a
+    bad sample every epoch, and it is still one sample (``seen`` holds those keys; merged reports count their
+    union). Errors without a sample id (processor fitting) count every time."""
 
     counts: Counter = field(default_factory=Counter)
     examples: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     modality_counts: Counter = field(default_factory=Counter)
     modality_examples: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     max_examples: int = 3
+    seen: set = field(default_factory=set)
 
-    def add(self, error: DataError, scope: str = SAMPLE) -> None:
-        """Count ``error``: ``scope="sample"`` (the sample was dropped) or ``"modality"`` (only its modality)."""
+    def add(self, error: DataError, scope: str = SAMPLE) -> bool:
+        """Count ``error``: ``scope="sample"`` (the sample was dropped) or ``"modality"`` (only its modality).
+        Returns ``False`` when this sample was already counted for the same modality and reason (nothing added)."""
         if scope not in (SAMPLE, MODALITY):
             raise ValueError(f"scope must be {SAMPLE!r} or {MODALITY!r}, got {scope!r}")
         counts, examples = (self.counts, self.examples) if scope == SAMPLE else self._modality_scope()
         key = (error.modality or "-", error.reason)
+        if error.sample_id is not None:
+            if (scope, *key, str(error.sample_id)) in self.seen:
+                return False
+            self.seen.add((scope, *key, str(error.sample_id)))
         counts[key] += 1
         ex = examples.setdefault(key, [])
         if len(ex) < self.max_examples:
             ex.append(str(error))
+        return True
 
     def _modality_scope(self):
         return self.modality_counts, self.modality_examples
 
     def update(self, other: SkipReport) -> None:
-        """Add another report's counts (and examples) to this one."""
-        for mine, theirs in (
-            ((self.counts, self.examples), (other.counts, other.examples)),
-            ((self.modality_counts, self.modality_examples), (other.modality_counts, other.modality_examples)),
+        """Add another report's counts (and examples) to this one; a sample both counted counts once."""
+        both = Counter((scope, modality, reason) for scope, modality, reason, _ in self.seen & other.seen)
+        for scope, mine, theirs in (
+            (SAMPLE, (self.counts, self.examples), (other.counts, other.examples)),
+            (MODALITY, self._modality_scope(), other._modality_scope()),
         ):
             for key, c in theirs[0].items():
-                mine[0][key] += c
+                mine[0][key] += c - both[(scope, *key)]
                 ex = mine[1].setdefault(key, [])
-                ex.extend(theirs[1].get(key, [])[: max(self.max_examples - len(ex), 0)])
+                ex.extend(e for e in theirs[1].get(key, []) if e not in ex)
+                del ex[self.max_examples :]
+        self.seen |= other.seen
 
     @property
     def total(self) -> int:
@@ -160,6 +174,12 @@ class SkipReport:
             for (m, r), c in sorted(counts.items()):
                 lines.append(f"  {c:6d}  {scope:8s}  modality={m}  reason={r}  e.g. {examples[(m, r)][0]}")
         return "\n".join(lines)
+
+    def short(self) -> str:
+        """One line: the samples skipped and modality values dropped per modality and reason."""
+        parts = [f"{c} sample(s) {m}/{r}" for (m, r), c in sorted(self.counts.items())]
+        parts += [f"{c} {m} value(s) {r}" for (m, r), c in sorted(self.modality_counts.items())]
+        return "; ".join(parts) or "nothing skipped"
 
     def log(self, what: str = "data") -> None:
         if self.total or self.modality_total:

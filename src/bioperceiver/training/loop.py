@@ -117,12 +117,39 @@ def existing_run(out: Path) -> list[str]:
     return found + (["final/"] if (out / "final").exists() else [])
 
 
+RUN_OUTPUTS = ("checkpoints", "final", "processor", "eval_results.json", "history.json", "loss_curves.png")
+"""What a pretraining run writes in its ``output_dir`` (besides ``similarity_*.png``, ``.tmp-*`` folders and the
+tracker's project folder): what ``--overwrite_output_dir`` deletes."""
+
+
+def delete_run_outputs(out: Path, config: PretrainConfig) -> None:
+    """``--overwrite_output_dir``: delete what a pretraining run wrote in ``out`` (:data:`RUN_OUTPUTS`, its plots,
+    temporary folders and tracker logs), and nothing else: a user's own files there are kept, and named."""
+    project = config.logging.project or "bioperceiver-pretrain"
+    names = {*RUN_OUTPUTS, project}
+    ours = [p for p in out.iterdir() if p.name in names or p.name.startswith((".tmp-", "similarity_"))]
+    kept = sorted(p.name for p in out.iterdir() if p not in ours)
+    logger.warning("--overwrite_output_dir: deleting the run in %s (%s)", out, ", ".join(sorted(p.name for p in ours)))
+    if kept:
+        logger.warning("--overwrite_output_dir: kept what is not the run's in %s: %s", out, ", ".join(kept))
+    for p in ours:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def check_output_dir(config: PretrainConfig, resume, overwrite_output_dir: bool) -> None:
     """Refuse to start a fresh run into an ``output_dir`` that holds one (unless ``overwrite_output_dir``), and
     refuse an overwrite that would delete the run's own inputs or the working directory. Reads only."""
     out = Path(config.output_dir)
     if resume and overwrite_output_dir:
         raise RunConfigError("--resume and --overwrite_output_dir contradict each other: pass one of them")
+    from .finetuning import run_markers
+
+    finetuned = run_markers(out)  # a finetuning run's or a saved model's files: never written into, nor deleted
+    if finetuned:
+        raise RunConfigError(
+            f"output_dir {out} holds a finetuning run or a saved model ({', '.join(finetuned[:6])}); a pretraining "
+            "run never writes into one, not even with --overwrite_output_dir: choose another output_dir=..."
+        )
     found = existing_run(out)
     if found and not resume and not overwrite_output_dir:
         raise RunConfigError(
@@ -291,12 +318,41 @@ def prepare_data(config: PretrainConfig, accelerator, out: Path, settings_root: 
     settings_path = Path(settings_root or ".") / settings if settings else None
     processors, embedders = load_processor_settings(settings_path)
     proc_dir = Path(data.processor_dir) if data.processor_dir else out / "processor"
-    if accelerator.is_main_process and not (proc_dir / PROCESSOR_INDEX).exists():
+    reused = (proc_dir / PROCESSOR_INDEX).exists()
+    if accelerator.is_main_process and not reused:
         fitted = BioPerceiverProcessor.from_manifest(manifest, processors).fit(manifest, split="train")
         save_processor_atomically(fitted, proc_dir)
     accelerator.wait_for_everyone()
     processor = BioPerceiverProcessor.from_pretrained(proc_dir)
+    if reused:
+        check_reused_processors(processor, BioPerceiverProcessor.from_manifest(manifest, processors), proc_dir)
     return manifest, processor, embedders
+
+
+def check_reused_processors(saved: BioPerceiverProcessor, wanted: BioPerceiverProcessor, proc_dir: Path) -> None:
+    """Processors already in ``data.processor_dir`` (an earlier run's, or fitted by ``fit_processors.py``) are
+    reused only when they were fitted with this run's settings for every modality of the manifest; otherwise a
+    :class:`RunConfigError` names each modality and setting that differs (reusing them silently trained on the
+    old settings while the card showed the new settings file)."""
+    problems = []
+    for name, proc in wanted.processors.items():
+        if name not in saved.processors:
+            problems.append(f"{name}: no saved processor (the manifest has this modality column)")
+            continue
+        # as saved (JSON: a default tuple comes back a list)
+        have, want = (
+            json.loads(json.dumps(p.to_dict()["settings"], default=str)) for p in (saved.processors[name], proc)
+        )
+        diff = [f"{k} {have.get(k)!r} (saved) vs {want.get(k)!r} (now)" for k in sorted(want) if have.get(k) != want[k]]
+        if diff:
+            problems.append(f"{name}: " + ", ".join(diff))
+    if problems:
+        raise RunConfigError(
+            f"data.processor_dir {proc_dir} holds processors fitted with other settings than this run's "
+            f"(data.processor_settings): {'; '.join(problems)}. Delete that folder to refit them, point "
+            "data.processor_dir at a new folder, or restore the settings they were fitted with"
+        )
+    logger.info("reusing the processors in %s (fitted with this run's settings)", proc_dir)
 
 
 def training_data(config: PretrainConfig, manifest, processor) -> tuple[ManifestDataset, BioPerceiverCollator]:
@@ -463,6 +519,48 @@ def make_accelerator(config: PretrainConfig, trackers: list[str]) -> Accelerator
     )
 
 
+class RunStopped(RuntimeError):
+    """The run stopped on a signal after saving a checkpoint of its last step (see :func:`run_pretraining`)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved in {checkpoint}: continue "
+            "with --resume latest"
+        )
+
+
+class StopRequest:
+    """While active (a ``with`` block on the main thread), SIGTERM and a first SIGINT only record that the run
+    should stop (``signum``); a second SIGINT raises ``KeyboardInterrupt`` at once. The previous handlers are put
+    back on exit."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread only
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning(
+            "%s received: finishing this step, saving a checkpoint and stopping (Ctrl-C again to stop at once)",
+            signal.Signals(signum).name,
+        )
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
 def run_pretraining(
     config: PretrainConfig,
     *,
@@ -484,10 +582,36 @@ def run_pretraining(
             :func:`~bioperceiver.training.config.load_run_config` already makes paths absolute).
         crash_after_step: tests only: SIGKILL this process right after the checkpoint of this step is written.
 
+    SIGTERM (a scheduler's notice before it kills a job: SLURM preemption or time limit with ``--signal``) or a
+    first Ctrl-C stops the run gracefully: it finishes the current step, saves a checkpoint of it (every process
+    agrees on the step) and raises :class:`RunStopped`; ``--resume latest`` continues exactly. A second Ctrl-C
+    interrupts at once (the last regular checkpoint stays).
+
     Returns:
         ``{"final": folder of the saved backbone, "history": logged records, "steps", "summary": lines saying where
         everything is, "losses_finite"}``.
     """
+    with StopRequest() as stop:
+        return _run_pretraining(
+            config,
+            resume=resume,
+            overwrite_output_dir=overwrite_output_dir,
+            settings_root=settings_root,
+            crash_after_step=crash_after_step,
+            stop=stop,
+        )
+
+
+def _run_pretraining(
+    config: PretrainConfig,
+    *,
+    resume: str | os.PathLike | None,
+    overwrite_output_dir: bool,
+    settings_root: str | os.PathLike | None,
+    crash_after_step: int | None,
+    stop: StopRequest,
+) -> dict[str, Any]:
+    """:func:`run_pretraining`'s body (``stop`` holds a signal that asked the run to stop)."""
     t_start = time.perf_counter()
     cfg = config
     cfg.loss.check_run()
@@ -546,8 +670,7 @@ def run_pretraining(
                 )
     else:
         if overwrite_output_dir and existing_run(out) and accelerator.is_main_process:
-            logger.warning("--overwrite_output_dir: deleting the run in %s", out)
-            shutil.rmtree(out)
+            delete_run_outputs(out, cfg)
         accelerator.wait_for_everyone()
         run_id = _broadcast(new_run_id(), accelerator)
     run_facts = {
@@ -790,7 +913,13 @@ def run_pretraining(
                 metrics, _, _ = run_eval(step)
                 if metrics:
                     history.append({"step": step, **metrics})
-            if step % ck.save_steps == 0 or step == opt.max_steps:
+            stopping = stop.signum is not None
+            if world > 1:  # a signal reaches the processes at different steps: they stop at the same one
+                flag = torch.tensor([float(stop.signum is not None)], device=accelerator.device)
+                stopping = accelerator.reduce(flag, reduction="sum").item() > 0  # one scalar, every step
+                if stopping and stop.signum is None:
+                    stop.signum = signal.SIGTERM  # another process got the signal
+            if step % ck.save_steps == 0 or step == opt.max_steps or stopping:
                 save_checkpoint(
                     accelerator,
                     ckpt_dir,
@@ -805,12 +934,16 @@ def run_pretraining(
                 )
                 if crash_after_step == step:
                     os.kill(os.getpid(), signal.SIGKILL)
+                if stopping and step < opt.max_steps:
+                    bar.close()
+                    raise RunStopped(stop.signum, step, ckpt_dir / f"checkpoint-{step}")
             t_last += time.perf_counter() - t_pause
             if step >= opt.max_steps:
                 break
     bar.close()
-    if collator.report.total:
-        collator.report.log("pretraining batches")
+    skipped = collator.report
+    if skipped.total or skipped.modality_total:  # samples dropped whole, or modality values (the default policy)
+        skipped.log("pretraining batches (this process, this run segment; each sample counted once)")
     final = out / "final"
     metrics, views, masks = run_eval(step)
     if metrics:
@@ -851,6 +984,8 @@ def run_pretraining(
                 "%s: %d of %d rows trained; the others keep their random initialisation", table, n["trained"], n["rows"]
             )
         compute = compute_facts(accelerator, step, totals, cfg, local_batch=local_batch, world_changes=world_changes)
+        if skipped.total or skipped.modality_total:  # the presence tables count manifest cells, not what was fed
+            compute["skipped in training (main process, last run segment)"] = skipped.short()
         with atomic_dir(final) as tmp:  # all of final/ or none of it: a crash keeps the previous one
             unwrapped.model.save_pretrained(tmp, state_dict=backbone)
             head = {k[len("projection.") :]: v for k, v in state_dict.items() if k.startswith("projection.")}
