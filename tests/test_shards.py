@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import bioperceiver as bp
 from bioperceiver.data import BioPerceiverCollator, BioPerceiverProcessor, assign_splits, read_manifest
 from bioperceiver.data.shards import (
     ShardedDataset,
@@ -316,6 +317,30 @@ def test_sharded_pretraining_run_resumes_bit_identically(tmp_path, monkeypatch):
         assert torch.equal(a[k], b[k]), k
     card = (tmp_path / "full/final/README.md").read_text()
     assert "pre-tokenised shards" in card
+
+
+def test_shards_written_with_other_processors_are_refused(tmp_path):
+    """Shards hold processed tokens: a run whose processors differ (here the image size) from the ones the shards
+    were written with is refused before training, not trained on tokens its processors never produce."""
+    from conftest import synthetic_run_config
+
+    from bioperceiver.training import RunConfigError, load_run_config, loop
+
+    path = synthetic_run_config(tmp_path, max_steps=1, warmup_steps=1, batch_size=4, save_steps=1, keep_last=1)
+    cfg = load_run_config(path, [f"output_dir={tmp_path / 'prep'}"])
+    manifest, processor, _ = loop.prepare_data(cfg, _OneProcess(), tmp_path / "prep")
+    write_shards(manifest, processor, tmp_path / "shards", rows_per_shard=16, split="train", seed=cfg.seed)
+    other = BioPerceiverProcessor.from_pretrained(tmp_path / "processors")
+    other.processors["image_2d"].settings.spatial_size = [8, 8]
+    model = bp.create_model("bioperceiver_debug", modalities=processor.model_modalities({}))
+    shard_cfg = load_run_config(path, [f"output_dir={tmp_path / 'run'}", f"data.shards={tmp_path / 'shards'}"])
+
+    class World(_OneProcess):
+        process_index, num_processes = 0, 1
+
+    assert loop.sharded_training_data(shard_cfg, World(), processor, model, pad_ranks=False) is not None
+    with pytest.raises(RunConfigError, match="written with other processors"):
+        loop.sharded_training_data(shard_cfg, World(), other, model, pad_ranks=False)
 
 
 class _OneProcess:

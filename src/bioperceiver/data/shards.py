@@ -197,6 +197,7 @@ def write_shards(
         "seed": seed,
         "on_error": on_error,
         "cached_features": {n: e.fingerprint for n, e in sorted(encoders.items())},
+        "processors_fingerprint": processor.fingerprint(),  # what a run reading the shards must be using
         "bioperceiver_version": __version__,
     }
     fs, root = _fs(output)
@@ -205,7 +206,8 @@ def write_shards(
     if fs.exists(plan_path):
         with fs.open(plan_path, "r") as f:
             old = json.load(f)
-        changed = sorted(k for k in plan if old.get(k) != plan[k] and k != "bioperceiver_version")
+        # a key an older version did not write is not a change
+        changed = sorted(k for k in plan if k in old and old[k] != plan[k] and k != "bioperceiver_version")
         if changed:
             raise ValueError(
                 f"{output} holds shards written with other settings ({', '.join(changed)} differ); write into an "

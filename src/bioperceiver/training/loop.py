@@ -402,6 +402,16 @@ def sharded_training_data(
             f"data.shards {data.shards} holds modalities {stream.index['modalities']}, the processors have "
             f"{dict(processor.modalities)}: write the shards with this run's processors (--processors)"
         )
+    written_with = stream.index.get("processors_fingerprint")
+    if written_with is None:
+        logger.warning("data.shards %s were written before shards recorded their processors: not checked", data.shards)
+    elif written_with != processor.fingerprint():
+        raise RunConfigError(
+            f"data.shards {data.shards} were written with other processors than this run's (settings, fitted state "
+            "or vocabulary differ): the model would train on tokens its processors do not produce. Write the "
+            "shards with this run's processors (--processors <data.processor_dir>), or point data.processor_dir at "
+            "the processors the shards were written with"
+        )
     try:
         check_cached_features(stream.index, model, data.cached_features)
     except ValueError as err:
