@@ -130,6 +130,29 @@ def test_predict_refuses_a_manifest_without_the_models_modalities(finetuned, tmp
         bp.predict(folder, tmp_path / "ecg.parquet", tmp_path / "out")
 
 
+def test_predict_reports_values_the_processors_do_not_know_and_refuses_when_no_row_is_usable(finetuned, tmp_path):
+    """New patients bring a lab the model never saw: it is left out, counted per modality in predict_results.json
+    and logged (it was counted inside the processor only). A manifest none of whose rows can be predicted stops
+    with the skip reasons, not with numpy's "need at least one array to concatenate"."""
+    folder, manifest, _ = finetuned
+    m = read_manifest(manifest)
+    table = m.table.copy()
+    row = table.index[table["tabular_ehr"].notna()][0]
+    cell = table.at[row, "tabular_ehr"]
+    values = json.loads(cell) if isinstance(cell, str) else dict(cell)
+    table.at[row, "tabular_ehr"] = json.dumps({**values, "a_lab_never_seen": 1.0})
+    write_manifest(table, Path(manifest).parent / "new_lab.parquet", m.metadata)
+    res = bp.predict(folder, Path(manifest).parent / "new_lab.parquet", tmp_path / "out")
+    assert res.results["not_tokenised"]["tabular_ehr"]["unknown_features"] == 1
+    saved = json.loads((tmp_path / "out" / "predict_results.json").read_text())
+    assert saved["not_tokenised"] == res.results["not_tokenised"]
+
+    unusable = table.iloc[:2].assign(text_note=None, tabular_ehr=None, image_2d="no_such_image.npy")
+    write_manifest(unusable, Path(manifest).parent / "unusable.parquet", m.metadata)
+    with pytest.raises(ValueError, match=r"none of the 2 rows .* predicted \(2 x sample: no_readable_modality\)"):
+        bp.predict(folder, Path(manifest).parent / "unusable.parquet", tmp_path / "out2")
+
+
 # ---- embed ------------------------------------------------------------------------------------------------------
 def test_embeddings_match_the_model_and_absent_modalities_are_null(finetuned, tmp_path):
     folder, manifest, _ = finetuned

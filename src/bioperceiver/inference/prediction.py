@@ -120,6 +120,12 @@ def predict(
         on_error=on_error,
     )
     modalities = loaded.modalities
+    if not len(ds):
+        reasons = ", ".join(f"{n} x {mod or 'sample'}: {reason}" for (mod, reason), n in ds.report.items())
+        raise ValueError(
+            f"none of the {len(records)} rows of {m.path or 'the manifest'} could be predicted "
+            f"({reasons or 'no row'}); `bioperceiver validate` names each row's problem and its fix"
+        )
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     pred, keep = predict_outputs(net, ds, modalities, batch_size=batch_size, device=device)
@@ -132,6 +138,10 @@ def predict(
         "skipped": {f"{mod}:{reason}": n for (mod, reason), n in ds.report.items()},
         "bad_labels": dict(bad_labels),
     }
+    unknown = loaded.processor.report()  # e.g. genes, lab features or categories the processors were not fitted on
+    if unknown:
+        results["not_tokenised"] = unknown
+        logger.warning("values the model's processors do not know were left out (counted): %s", unknown)
     extra: dict[str, np.ndarray] = {}
     class_names = task.class_names() if hasattr(task, "class_names") else None
     mc = None
