@@ -91,8 +91,8 @@ def test_image_reads_real_dicom_png_and_npy_consistently(tmp_path):
     raw, _ = proc.load(ct)
     png = tmp_path / "ct.png"
     arr8 = np.clip((raw[0] - raw.min()) / (raw.max() - raw.min()) * 255, 0, 255).astype(np.uint8)
-    # MONAI's PIL reader swaps axes like its DICOM reader: write the transposed array to compare like for like.
-    Image.fromarray(arr8.T).save(png)
+    # DICOM and PNG are both read rows-first (pydicom's pixel_array, PIL's array): the array is saved as it is.
+    Image.fromarray(arr8).save(png)
     y = proc(str(png))["pixel_values"]
     assert np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0.98
     np.save(tmp_path / "ct.npy", raw[0])

@@ -55,3 +55,13 @@ def test_legacy_model_loads_with_auto_model_and_gives_the_saved_outputs(legacy):
         np.testing.assert_allclose(getattr(out, key).numpy(), ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
     np.testing.assert_array_equal(out.modality_mask.numpy(), ref["modality_mask"])
     assert not ref["modality_mask"].all()  # the fixture has absent modalities, and they stay absent
+
+
+def test_legacy_image_processors_keep_the_transposed_axis_order(legacy):
+    # saved before ``axis_order`` existed: they read PNG/DICOM transposed, as their model was trained (the arrays
+    # above check it: the fixture's 2D images differ from the rows-first ones)
+    _expected, processor, *_ = legacy
+    assert {n: p.settings.axis_order for n, p in processor.processors.items() if p.kind == "image"} == {
+        "image_2d": "legacy",
+        "image_3d": "legacy",
+    }

@@ -1,8 +1,19 @@
-"""Image processor: MONAI loading (DICOM file or series folder, NIfTI, PNG/JPEG/TIFF, .npy), orientation and
+"""Image processor: loading (DICOM file or series folder, NIfTI, PNG/JPEG/BMP/TIFF, .npy), orientation and
 spacing for volumes, intensity windowing/normalisation, resize or crop to a fixed size, optional augmentation.
 
-Arrays follow MONAI's convention for every format (channel first, then MONAI's spatial axes order), so images
-from different file types line up.
+Axis order (``axis_order="rows_first"``, the default): every format is read the way its own Python library reads it,
+channel first, so images from different file types line up and ``spatial_size`` is ``[H, W]`` / ``[H, W, D]``:
+
+* PNG/JPEG/BMP/TIFF: ``np.asarray(PIL.Image.open(p))``, ``(H, W[, C])`` -> ``(C, H, W)``;
+* DICOM: pydicom's ``pixel_array`` (rescaled by RescaleSlope/Intercept), ``(rows, columns)``; a multi-frame file
+  ``(frames, rows, columns)`` and a series folder become ``(rows, columns, frames/slices)``, with the affine to match;
+* NIfTI: nibabel's voxel order ``(i, j, k)``, the order its affine describes (a volume has no rows and columns of
+  its own; ``orientation``, ``"RAS"`` by default, reorients DICOM and NIfTI volumes alike from their affines);
+* ``.npy``: the array as saved, ``(H, W)``, ``(C, H, W)``, ``(D1, D2, D3)`` or ``(C, D1, D2, D3)``.
+
+``axis_order="legacy"`` is the loading of processors saved before ``axis_order`` existed, kept so that their models see
+what they were trained on: MONAI's default readers, which transpose PNG/JPEG/DICOM to ``(W, H)``, and RGB->grey
+averaging of 3- or 4-frame volumes. Processors loaded without the setting get it (and a warning).
 """
 
 from __future__ import annotations
@@ -24,6 +35,9 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".dcm", ".dicom", ".nii", ".nii.gz", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy")
 INTENSITY_MODES = ("percentile", "window", "zscore", "dataset", "none")
 RESIZE_MODES = ("resize", "longest_pad", "crop_pad")
+AXIS_ORDERS = ("rows_first", "legacy")
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
 @dataclass
@@ -47,6 +61,9 @@ class ImageSettings:
             pretraining): any of ``flip`` (probability), ``rotate_deg`` (max degrees, 2D), ``zoom`` (max relative
             zoom), ``noise_std`` (Gaussian noise after normalisation), ``gamma`` (max log-gamma contrast change).
         max_fit_samples: images read by ``fit`` for ``intensity="dataset"`` statistics.
+        axis_order: ``"rows_first"`` (PNG/JPEG/DICOM as ``(H, W)``, like PIL, pydicom and ``.npy``; see the module
+            docstring) or ``"legacy"`` (the transposed ``(W, H)`` loading of processors saved before this setting
+            existed, which get it when loaded; fit new processors to use rows-first images).
     """
 
     spatial_dims: int = 2
@@ -60,6 +77,7 @@ class ImageSettings:
     pixdim: list[float] | None = None
     augment: dict[str, float] = field(default_factory=dict)
     max_fit_samples: int = 256
+    axis_order: str = "rows_first"
 
     def __post_init__(self):
         if self.spatial_dims not in (2, 3):
@@ -73,17 +91,56 @@ class ImageSettings:
             raise ValueError("intensity='window' needs window=[low, high]")
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        if self.axis_order not in AXIS_ORDERS:
+            raise ValueError(f"axis_order must be one of {AXIS_ORDERS}, got {self.axis_order!r}")
         unknown = set(self.augment) - {"flip", "rotate_deg", "zoom", "noise_std", "gamma"}
         if unknown:
             raise ValueError(f"unknown augmentation(s) {sorted(unknown)}")
 
 
 def _loader():
+    """MONAI's default readers: NIfTI (and other formats neither PIL nor DICOM) in both axis orders, every format
+    with ``axis_order="legacy"``."""
     from monai.transforms import LoadImage
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return LoadImage(image_only=True, ensure_channel_first=False, simple_keys=True)
+
+
+def _dicom_reader():
+    """MONAI's pydicom reader without its i/j swap: ``pixel_array`` order, the affine computed for it."""
+    from monai.data import PydicomReader
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PydicomReader(swap_ij=False)
+
+
+def _read_pil(path: Path) -> tuple[np.ndarray, int | None]:
+    """``np.asarray(Image.open(path))``: ``(H, W)`` or ``(H, W, C)`` (channel axis -1)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        arr = np.asarray(im, dtype=np.float32)
+    return arr, (-1 if arr.ndim == 3 else None)
+
+
+def _is_dicom(path: Path) -> bool:
+    """A series folder, a ``.dcm``/``.dicom`` file, or a file with the DICOM preamble (any name)."""
+    if path.is_dir() or path.name.lower().endswith(DICOM_SUFFIXES):
+        return True
+    from pydicom.misc import is_dicom
+
+    try:
+        return is_dicom(str(path))
+    except OSError:
+        return False
+
+
+def _frames_and_samples(ds) -> tuple[int, int]:
+    first = ds[0] if isinstance(ds, list) else ds
+    return int(first.get("NumberOfFrames", 1) or 1), int(first.get("SamplesPerPixel", 1) or 1)
 
 
 class ImageProcessor(ModalityProcessor):
@@ -94,8 +151,33 @@ class ImageProcessor(ModalityProcessor):
 
     def __init__(self, name=None, **settings):
         super().__init__(name, **settings)
+        self._axis_order_given = "axis_order" in settings  # False: saved before the setting existed (see _on_load)
         self._load = None
+        self._dicom = None
         self._augment = None
+        self._logged: set[str] = set()
+
+    def _on_load(self):
+        if not self._axis_order_given:  # saved before the setting existed: keep the loading its model was trained with
+            self.settings.axis_order = "legacy"
+        if self.settings.axis_order == "legacy":
+            self._warn_legacy()
+
+    def _warn_legacy(self) -> None:
+        self._log_once(
+            "legacy",
+            logging.WARNING,
+            "image processor %r reads images as processors saved before bioperceiver read them rows-first "
+            "(axis_order='legacy': PNG/JPEG/DICOM transposed to (width, height), 3/4-frame volumes averaged to grey), "
+            "so that its model sees what it was trained on. To use the corrected (height, width) orientation, refit "
+            "the processors (new ones default to axis_order='rows_first') and retrain or finetune the model on them",
+            self.name,
+        )
+
+    def _log_once(self, key: str, level: int, message: str, *args) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            logger.log(level, message, *args)
 
     @property
     def needs_fit(self) -> bool:
@@ -120,6 +202,50 @@ class ImageProcessor(ModalityProcessor):
             if arr.size == 0:
                 raise self.error("empty_image", f"{path.name} has shape {arr.shape}", "re-export the image")
             return self._channel_first(np.asarray(arr, dtype=np.float32), path, has_channel=None), {}
+        if self.settings.axis_order == "legacy":
+            self._warn_legacy()  # once, also for a processor built with axis_order="legacy"
+            return self._load_monai(path)
+        pil = path.name.lower().endswith(PIL_SUFFIXES)
+        if not pil and not _is_dicom(path):  # NIfTI and the like: voxel order as nibabel's, as before
+            return self._load_monai(path)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if pil:
+                    (arr, channel_axis), affine = _read_pil(path), None
+                else:
+                    arr, channel_axis, affine = self._read_dicom(path)
+        except Exception as err:
+            raise self._unreadable(path, err) from None
+        if channel_axis is not None:
+            arr = np.moveaxis(arr, channel_axis, 0)
+        return self._channel_first(arr, path, channel_axis is not None), {"affine": affine, "meta": {}}
+
+    def _read_dicom(self, path: Path) -> tuple[np.ndarray, int | None, torch.Tensor]:
+        """A DICOM file or series folder as ``(rows, columns[, frames or slices][, samples])`` (channel axis or None)
+        and its affine."""
+        if self._dicom is None:
+            self._dicom = _dicom_reader()
+        ds = self._dicom.read(str(path))
+        arr, meta = self._dicom.get_data(ds)
+        arr = np.asarray(arr, dtype=np.float32)
+        frames, samples = _frames_and_samples(ds)
+        if frames > 1 and not isinstance(ds, list):  # (frames, rows, columns[, samples]): frames after the columns,
+            arr = np.moveaxis(arr, 0, 2)  # as a series folder stacks its slices and the affine's third column says
+        channel_axis = None
+        if samples > 1:  # samples per pixel (RGB) last in a file, before the slice axis in a series
+            channel_axis = -2 if isinstance(ds, list) else -1
+        return arr, channel_axis, torch.as_tensor(np.asarray(meta["affine"], dtype=np.float64))
+
+    def _unreadable(self, path: Path, err: Exception) -> DataError:
+        return self.error(
+            "unreadable_image",
+            f"cannot read {path} ({describe_failure(err)})",
+            "check that the file opens (pydicom.dcmread / nibabel.load / PIL.Image.open); compressed DICOM "
+            "transfer syntaxes need the matching pylibjpeg/gdcm codec",
+        )
+
+    def _load_monai(self, path: Path) -> tuple[np.ndarray, dict]:
         if self._load is None:
             self._load = _loader()
         try:
@@ -127,12 +253,7 @@ class ImageProcessor(ModalityProcessor):
                 warnings.simplefilter("ignore")
                 img = self._load(str(path))
         except Exception as err:
-            raise self.error(
-                "unreadable_image",
-                f"cannot read {path} ({describe_failure(err)})",
-                "check that the file opens (pydicom.dcmread / nibabel.load / PIL.Image.open); compressed DICOM "
-                "transfer syntaxes need the matching pylibjpeg/gdcm codec",
-            ) from None
+            raise self._unreadable(path, err) from None
         meta = dict(getattr(img, "meta", {}) or {})
         arr = np.asarray(img, dtype=np.float32)
         ocs = meta.get("original_channel_dim")
@@ -160,11 +281,37 @@ class ImageProcessor(ModalityProcessor):
                 "put volumes in a modality with spatial_dims=3 and 2D images in one with spatial_dims=2",
             )
         c, want = arr.shape[0], self.settings.in_channels
+        legacy = self.settings.axis_order == "legacy"
         if c != want:
-            if want == 1 and c in (3, 4):
+            if want == 1 and c in (3, 4) and sd == 2:  # a colour photograph: RGB(A) -> grey
+                self._log_once(
+                    "grey",
+                    logging.INFO,
+                    "image processor %r turns colour (RGB/RGBA) images into grey (the mean of R, G and B) because "
+                    "in_channels=1; set in_channels=3 to keep the colour",
+                    self.name,
+                )
+                arr = arr[:3].mean(axis=0, keepdims=True)
+            elif want == 1 and c in (3, 4) and legacy:  # how volumes with 3/4 frames were read before: kept
+                self._log_once(
+                    "frames",
+                    logging.WARNING,
+                    "image processor %r (axis_order='legacy') averages the %d frames of %s (and of any other "
+                    "3- or 4-frame volume) into one, as before; processors fitted anew refuse such volumes",
+                    self.name,
+                    c,
+                    path.name,
+                )
                 arr = arr[:3].mean(axis=0, keepdims=True)
             elif want == 3 and c == 1:
                 arr = np.repeat(arr, 3, axis=0)
+            elif sd == 3:
+                raise self.error(
+                    "wrong_channels",
+                    f"{path.name} is a volume with {c} frames/channels, expected {want}",
+                    f"set in_channels={c} if the frames are channels of one volume (e.g. MR sequences), or save the "
+                    "frame to use as its own 3D file (e.g. vol[..., k])",
+                )
             else:
                 raise self.error(
                     "wrong_channels", f"{path.name} has {c} channels, expected {want}", "set in_channels to match"

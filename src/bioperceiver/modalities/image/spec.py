@@ -13,9 +13,8 @@ import torch
 from ...data.errors import DataError, Problem
 from ..spec import NPY_FIX, ArraySpec, ModalitySpec, NpyFileError, describe_failure, npy_shape
 from .embedder import ImageEmbedder
-from .processor import ImageProcessor
+from .processor import PIL_SUFFIXES, ImageProcessor
 
-PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".img", ".hdr")
 
 
