@@ -541,3 +541,9 @@ def test_processors_fitted_with_other_settings_are_refused_not_silently_reused(t
     with pytest.raises(RunConfigError, match=r"image_2d.*spatial_size.*\[16, 16\].*\[8, 8\]"):
         prepare_data(load_run_config(path, [f"output_dir={tmp_path / 'run'}"]), OneProcess(), tmp_path / "run")
     assert BioPerceiverProcessor.from_pretrained(tmp_path / "processors").fingerprint() == fitted.fingerprint()
+    # processors saved before the image axis order was a setting load as "legacy": reused (they warn), not refused
+    from bioperceiver.training.loop import check_reused_processors
+
+    old = BioPerceiverProcessor.from_pretrained(tmp_path / "processors")
+    old.processors["image_2d"].settings.axis_order = "legacy"
+    check_reused_processors(old, BioPerceiverProcessor.from_pretrained(tmp_path / "processors"), tmp_path)

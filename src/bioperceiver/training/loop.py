@@ -343,7 +343,13 @@ def check_reused_processors(saved: BioPerceiverProcessor, wanted: BioPerceiverPr
         have, want = (
             json.loads(json.dumps(p.to_dict()["settings"], default=str)) for p in (saved.processors[name], proc)
         )
-        diff = [f"{k} {have.get(k)!r} (saved) vs {want.get(k)!r} (now)" for k in sorted(want) if have.get(k) != want[k]]
+        # a processor saved before a setting existed loads with its old behaviour ("legacy", e.g. the image
+        # axis order): that is the version it was fitted with, not a changed setting (it warns on its own)
+        diff = [
+            f"{k} {have.get(k)!r} (saved) vs {want.get(k)!r} (now)"
+            for k in sorted(want)
+            if have.get(k) != want[k] and have.get(k) != "legacy"
+        ]
         if diff:
             problems.append(f"{name}: " + ", ".join(diff))
     if problems:
