@@ -178,13 +178,61 @@ def metadata_path(path: str | os.PathLike) -> Path:
 def _read_table(path: Path) -> pd.DataFrame:
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
     if path.suffix == ".parquet":
-        return pd.read_parquet(path)
-    if path.suffix in (".jsonl", ".json") or suffix in (".jsonl.gz",):
-        return pd.read_json(path, lines=True, dtype=False)
-    if path.suffix in (".csv", ".tsv") or suffix in (".csv.gz", ".tsv.gz"):
+        table = pd.read_parquet(path)
+    elif path.suffix in (".jsonl", ".json") or suffix in (".jsonl.gz",):
+        table = pd.read_json(path, lines=True, dtype=False)
+    elif path.suffix in (".csv", ".tsv") or suffix in (".csv.gz", ".tsv.gz"):
         sep = "\t" if ".tsv" in path.name else ","
-        return pd.read_csv(path, sep=sep, dtype={"sample_id": str, "patient_id": str}, keep_default_na=True)
-    raise ValueError(f"manifest {path}: unsupported format {path.suffix!r}; use one of {MANIFEST_SUFFIXES}")
+        table = pd.read_csv(path, sep=sep, dtype={"sample_id": str, "patient_id": str}, keep_default_na=True)
+    else:
+        raise ValueError(f"manifest {path}: unsupported format {path.suffix!r}; use one of {MANIFEST_SUFFIXES}")
+    return pack_wide_columns(table)
+
+
+WIDE_KINDS = ("tabular", "omics")
+"""Kinds whose cell is a ``{feature: value}`` mapping, which a flat table may give one column per feature."""
+
+FLAT_COLUMNS_FIX = (
+    "one feature per column: name the columns '<kind>_<group>.<feature>' (tabular_<group>.<feature>, e.g. "
+    "tabular_clinical.age, or omics_<group>.<gene>): they are packed into one modality per group"
+)
+
+
+def pack_wide_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """A flat table's feature columns ``<kind>_<group>.<feature>`` (kind ``tabular`` or ``omics``: e.g.
+    ``tabular_clinical.age``, ``tabular_clinical.er``, ``omics_expression.TP53``) packed into one modality column
+    per group (``tabular_clinical``) whose cells are ``{feature: value}`` (JSON), in the order of the columns.
+    A missing cell is left out of its row's mapping (an absent feature, never a zero); a row missing all of a
+    group's features has no value for the modality. The feature name is what follows the first dot (gene ids may
+    hold dots). Other columns are returned unchanged."""
+    groups: dict[str, list[str]] = {}
+    for col in table.columns:
+        head, dot, _ = str(col).partition(".")
+        if dot and kind_of_column(head, WIDE_KINDS) is not None:
+            groups.setdefault(head, []).append(col)
+    if not groups:
+        return table
+    both = sorted(g for g in groups if g in table.columns)
+    if both:
+        raise ValueError(
+            f"manifest column(s) {both} are given both as one column and as per-feature columns "
+            f"({', '.join(groups[both[0]][:3])}...): keep one form"
+        )
+
+    def plain(v: Any) -> Any:
+        return v.item() if hasattr(v, "item") else v
+
+    packed = {}
+    for group, cols in groups.items():
+        names = [str(c).partition(".")[2] for c in cols]
+        cells = []
+        for row in table[cols].itertuples(index=False, name=None):
+            values = {n: plain(v) for n, v in zip(names, row, strict=True) if not is_missing(v) and v != ""}
+            cells.append(json.dumps(values) if values else None)
+        packed[group] = cells
+    flat = [c for cols in groups.values() for c in cols]
+    logger.info("packed per-feature columns into %s", ", ".join(f"{g} ({len(c)} features)" for g, c in groups.items()))
+    return pd.concat([table.drop(columns=flat), pd.DataFrame(packed, index=table.index)], axis=1)
 
 
 def resolve_modalities(
@@ -219,7 +267,7 @@ def read_manifest(
     an error (run :func:`validate_manifest` to see every problem at once).
     """
     if isinstance(path, pd.DataFrame):
-        table, src = path.copy(), None
+        table, src = pack_wide_columns(path.copy()), None
         base = Path(base_dir) if base_dir is not None else Path.cwd()
         meta = dict(metadata or {})
     else:
@@ -242,7 +290,7 @@ def read_manifest(
         raise ValueError(
             f"manifest {src or '<DataFrame>'}: column(s) {unknown} are not a known modality, label or meta column. "
             f"Fix: rename them to '<kind>_<name>' (kinds: {_known_kinds()}), 'label_<name>' or 'meta_<name>', "
-            "or pass modalities={column: kind}."
+            f"or pass modalities={{column: kind}}; for {FLAT_COLUMNS_FIX}."
         )
     labels = [c for c in table.columns if c.startswith(LABEL_PREFIX)]
     return Manifest(table, mods, labels, meta, base, src)

@@ -32,7 +32,16 @@ import pandas as pd
 
 from ..modalities.registry import get_modality
 from .errors import Problem, check_on_error
-from .manifest import ID_COLUMNS, LABEL_PREFIX, SPLIT_COLUMN, SPLITS, Manifest, is_missing, resolve_modalities
+from .manifest import (
+    FLAT_COLUMNS_FIX,
+    ID_COLUMNS,
+    LABEL_PREFIX,
+    SPLIT_COLUMN,
+    SPLITS,
+    Manifest,
+    is_missing,
+    resolve_modalities,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +134,9 @@ def validate_manifest(
         table, mods, base = manifest.table, dict(manifest.modalities), manifest.base_dir
     else:
         if isinstance(manifest, pd.DataFrame):
-            table, meta, base = manifest, {}, Path(base_dir) if base_dir else Path.cwd()
+            from .manifest import pack_wide_columns
+
+            table, meta, base = pack_wide_columns(manifest), {}, Path(base_dir) if base_dir else Path.cwd()
         else:
             path = Path(manifest)
             from .manifest import _read_table, metadata_path
@@ -140,7 +151,8 @@ def validate_manifest(
                 Problem(
                     "unknown_column",
                     f"{col!r} is not a modality, label or meta column",
-                    "rename it '<kind>_<name>', 'label_<name>' or 'meta_<name>', or pass --modality col=kind",
+                    "rename it '<kind>_<name>', 'label_<name>' or 'meta_<name>', or pass --modality col=kind; for "
+                    + FLAT_COLUMNS_FIX,
                     column=col,
                 )
             )
