@@ -64,6 +64,26 @@ def test_fit_processors_writes_processors_modalities_and_split_manifest(tmp_path
     assert split.table.groupby("patient_id")["split"].nunique().max() == 1
     assert set(processor.modalities) == set(split.modalities)
 
+    # a folder holding a saved model keeps the processors its model was trained with: refitting there is refused
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"weights")
+    before = (tmp_path / "m" / "bioperceiver_processor.json").stat().st_mtime_ns
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tokenizers/fit_processors.py"),
+            "--manifest",
+            str(manifest),
+            "--output_dir",
+            str(tmp_path / "m"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert proc.returncode != 0 and "holds a saved model" in proc.stderr, proc.stderr[-2000:]
+    assert (tmp_path / "m" / "bioperceiver_processor.json").stat().st_mtime_ns == before
+
 
 def test_shipped_demo_settings_fit_the_real_demo_cohort(tmp_path):
     from bioperceiver.data.recipes.demo import build_demo_cohort

@@ -82,6 +82,13 @@ def fit_processors(
     """Validate ``manifest``, assign patient-level splits, fit the processors on ``split`` and save them, with
     ``model_modalities.json`` and ``split_manifest.parquet``, into ``output_dir``. Raises ``ValueError`` when the
     manifest has problems (the report's summary in the message) unless ``allow_invalid``."""
+    out = Path(output_dir)
+    saved = [n for n in ("model.safetensors", "pytorch_model.bin", "finetuning_task.json") if (out / n).exists()]
+    if saved:  # its model was trained on the processors there: refitting them changes what it sees, silently
+        raise ValueError(
+            f"--output_dir {out} holds a saved model ({', '.join(saved)}) and the processors it was trained with; "
+            "fitting other processors there would change what the model sees. Fit them into a new --output_dir"
+        )
     m = read_manifest(manifest)
     report = validate_manifest(m)
     if not report.ok and not allow_invalid:
@@ -93,7 +100,6 @@ def fit_processors(
     processor_settings, embedders = load_settings(settings, m)
     processor = BioPerceiverProcessor.from_manifest(m, processor_settings)
     processor.fit(m, split=split, on_error=on_error)
-    out = Path(output_dir)
     processor.save_pretrained(out)
     modalities = processor.model_modalities(embedders)
     (out / "model_modalities.json").write_text(json.dumps(modalities, indent=1) + "\n")
