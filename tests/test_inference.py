@@ -88,6 +88,10 @@ def test_finetuning_saves_the_calibration_set(finetuned):
     assert len(cal.outputs) == len(cal.targets) == results["uncertainty"]["n_calibration"]
 
 
+def _no_constant(constant):
+    raise AssertionError(f"predict_results.json is not strict JSON: {constant}")
+
+
 def test_predict_reproduces_the_finetuning_test_predictions_on_unlabelled_rows(finetuned, tmp_path):
     """From the folder alone, unlabelled rows of the test split get the same probabilities, calibrated
     probabilities and conformal sets as the finetuning report's predictions file."""
@@ -107,7 +111,7 @@ def test_predict_reproduces_the_finetuning_test_predictions_on_unlabelled_rows(f
     assert got["label_multiclass"].isna().all() and res.results["labelled"] == 0
     # the test row without any of the model's modalities is skipped and counted, as in finetuning
     assert res.results["predicted"] == len(ref) == len(test) - sum(res.results["skipped"].values())
-    saved = json.loads((tmp_path / "out" / "predict_results.json").read_text())
+    saved = json.loads((tmp_path / "out" / "predict_results.json").read_text(), parse_constant=_no_constant)
     report = json.loads((folder / "all_results.json").read_text())["uncertainty"]
     assert saved["uncertainty"]["temperature"] == pytest.approx(report["temperature"])
 

@@ -15,7 +15,6 @@ modality Shapley columns, ``modality_shapley.csv`` and explanation figures — a
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import Counter
@@ -28,6 +27,7 @@ import torch
 
 from ..data.errors import DEFAULT_ON_ERROR, DataError, check_on_error
 from ..data.manifest import Manifest, read_manifest
+from ..jsonio import dumps
 from ..training.tasks import ProcessedDataset, write_predictions
 from ..training.tasks import predict as predict_outputs
 from ..uncertainty.saved import load_calibration_set
@@ -202,14 +202,6 @@ def predict(
             results["metrics"] = task.evaluate(pred[labelled], y, groups=groups, ci=False)
         except ValueError as err:  # e.g. one class only among the labelled rows
             logger.warning("no metrics on the labelled rows: %s", err)
-    (out / "predict_results.json").write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
+    (out / "predict_results.json").write_text(dumps(results) + "\n")  # strict JSON: NaN / inf as null
     logger.info("%d of %d rows predicted -> %s", results["predicted"], len(records), out / "predictions.csv")
     return PredictResult(pd.read_csv(out / "predictions.csv"), pred, results)
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)

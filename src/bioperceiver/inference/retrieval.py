@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ..jsonio import dumps
 from .embedding import EMBEDDING_COLUMN, FUSED, embedding_column, embedding_rows, read_embeddings, stacked
 
 logger = logging.getLogger(__name__)
@@ -280,7 +281,6 @@ def search(
     ``target`` column) or an :class:`EmbeddingIndex`; ``query``: a manifest, an ``embed`` output folder or an
     :class:`EmbeddingSet`. ``evaluate``: R@1/5/10 with chance level on ``label_column``. ``output``: write
     ``search_results.csv`` (and ``search_metrics.json`` when evaluated) there."""
-    import json
 
     import pandas as pd
 
@@ -327,5 +327,5 @@ def search(
         out.mkdir(parents=True, exist_ok=True)
         result.table.to_csv(out / "search_results.csv", index=False)
         if result.metrics:
-            (out / "search_metrics.json").write_text(json.dumps(result.metrics, indent=1) + "\n")
+            (out / "search_metrics.json").write_text(dumps(result.metrics) + "\n")
     return result

@@ -73,6 +73,7 @@ from ..data.sampler import token_budget_chunks
 from ..data.shards import ShardedDataset, batch_to_device, check_cached_features
 from ..data.validate import ManifestError, check_manifest_before_work
 from ..factory import create_model
+from ..jsonio import dumps
 from ..layers.projection import PROJECTION_HEAD_FILE, save_projection_head
 from .checkpointing import (
     RUN_CONFIG,
@@ -969,7 +970,7 @@ def _run_pretraining(
     totals = run_totals()
     plots: list[Path] = []
     if accelerator.is_main_process:
-        (out / "eval_results.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        (out / "eval_results.json").write_text(dumps(metrics) + "\n")
         plot_history(
             history,
             out / "loss_curves.png",
