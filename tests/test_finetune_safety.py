@@ -156,7 +156,7 @@ def test_an_output_dir_holding_a_run_is_refused_before_any_work(cohort, tmp_path
     with pytest.raises(ValueError, match="would delete"):
         argv = _argv(cohort, cohort["backbone"], "--model_name_or_path", str(cohort["backbone"]))
         run_finetune.main([*argv, "--overwrite_output_dir", "true"])
-    with pytest.raises(ValueError, match="holds no checkpoint"):
+    with pytest.raises(ValueError, match="holds no complete checkpoint"):
         run_finetune.main(_argv(cohort, tmp_path / "fresh", "--resume_from_checkpoint", "latest"))
 
 
@@ -175,6 +175,8 @@ def test_overwrite_clears_and_resume_checks_the_run_record(cohort, tmp_path):
     with pytest.raises(ValueError, match=r"learning_rate: 5e-05 -> 0\.5") as err:
         run_finetune.main(_argv(cohort, out, *save, "--resume_from_checkpoint", "latest", "--learning_rate", "0.5"))
     assert record["run_id"] in str(err.value)
+    (out / "checkpoint-4").mkdir()  # a crash while writing checkpoint-4: resuming continues from checkpoint-2
+    (out / "checkpoint-4" / "config.json").write_text("{}")
     second = run_finetune.main(_argv(cohort, out, *save, "--resume_from_checkpoint", "latest", "--max_steps", "4"))
     assert second["train"]["epoch"] > first["train"]["epoch"]
     assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
@@ -199,8 +201,30 @@ def test_resume_record_check_is_exact_and_names_every_changed_key(tmp_path):
     assert again["run_id"] == record["run_id"]
     with pytest.raises(ValueError, match=r"head_type: 'pooled' -> 'query', seed: 0 -> 1\."):
         check_output_dir(tmp_path, {**args, "seed": 1, "head_type": "query"}, resume=last, overwrite=False)
-    with pytest.raises(ValueError, match="not a checkpoint folder"):
+    with pytest.raises(ValueError, match="not a complete checkpoint folder"):
         resolve_resume_checkpoint(str(tmp_path / "checkpoint-9"), tmp_path)
+
+
+def test_resume_latest_passes_over_a_checkpoint_whose_writing_was_interrupted(tmp_path, caplog):
+    """A run killed while the Trainer wrote checkpoint-12 leaves a folder holding only config.json (the Trainer
+    writes trainer_state.json last): ``latest`` is the last complete checkpoint, never the partial one, and the
+    partial one is named. transformers' own get_last_checkpoint returned checkpoint-12, which the Trainer then
+    refused ("Can't find a valid checkpoint")."""
+    for step in (6, 12):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "config.json").write_text("{}")
+    (tmp_path / "checkpoint-6" / "trainer_state.json").write_text("{}")
+    with caplog.at_level(logging.WARNING, logger="bioperceiver.training.finetuning"):
+        assert resolve_resume_checkpoint("latest", tmp_path) == str(tmp_path / "checkpoint-6")
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "checkpoint-12 incomplete (no trainer_state.json" in warning and "resuming from checkpoint-6" in warning
+    assert (tmp_path / "checkpoint-12").is_dir()  # nothing is deleted: training writes it again
+    with pytest.raises(ValueError, match="not a complete checkpoint folder"):  # passed explicitly: refused
+        resolve_resume_checkpoint(str(tmp_path / "checkpoint-12"), tmp_path)
+    only_partial = tmp_path / "only_partial"
+    (only_partial / "checkpoint-3").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"holds no complete checkpoint-\* folder to resume \(checkpoint-3 incomplete"):
+        resolve_resume_checkpoint("latest", only_partial)
 
 
 def _bad_manifest(cohort, tmp_path: Path, *, duplicate: bool) -> Path:

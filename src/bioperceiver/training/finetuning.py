@@ -449,25 +449,46 @@ def run_markers(folder: str | os.PathLike) -> list[str]:
 
 
 def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str | os.PathLike) -> str | None:
-    """``--resume_from_checkpoint``: ``latest`` (or ``last``/``true``) = the last ``checkpoint-*`` in
-    ``output_dir``; otherwise a checkpoint folder that must exist. ``None``/``false`` = no resume."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """``--resume_from_checkpoint``: ``latest`` (or ``last``/``true``) = the last *complete* ``checkpoint-*`` in
+    ``output_dir`` (one holding ``trainer_state.json``, which the Trainer writes last: a run killed while saving
+    leaves a folder without it, which is passed over with a warning, as pretraining's ``--resume latest`` does);
+    otherwise a checkpoint folder that must be complete. ``None``/``false`` = no resume."""
+    from .checkpointing import TRAINER_STATE, latest_checkpoint
 
     value = resume_from_checkpoint
     if value is None or str(value).lower() in ("", "false", "none", "no"):
         return None
     if str(value).lower() in LATEST:
-        last = get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+        out = Path(output_dir)
+        last = latest_checkpoint(out) if out.is_dir() else None
+        done = int(last.name.rsplit("-", 1)[1]) if last is not None else -1
+        partial = sorted(  # checkpoint-<step> folders newer than the last complete one, without trainer_state.json
+            (int(c.name.rsplit("-", 1)[1]), c.name)
+            for c in (out.glob("checkpoint-*") if out.is_dir() else ())
+            if c.is_dir() and c.name.rsplit("-", 1)[1].isdigit() and not (c / TRAINER_STATE).is_file()
+        )
+        newer = [name for step, name in partial if step > done]
+        why = f"{', '.join(newer)} incomplete (no {TRAINER_STATE}: the run stopped while writing it)"
         if last is None:
             raise ValueError(
-                f"--resume_from_checkpoint {value}: {output_dir} holds no checkpoint-* folder to resume; start a new "
-                "run without it (or in another --output_dir), or pass a checkpoint folder"
+                f"--resume_from_checkpoint {value}: {output_dir} holds no complete checkpoint-* folder to resume"
+                + (f" ({why})" if newer else "")
+                + "; start a new run without it (or in another --output_dir), or pass a checkpoint folder"
             )
-        return last
+        if newer:
+            logger.warning(
+                "--resume_from_checkpoint %s: %s; resuming from %s, the last complete checkpoint (training writes the "
+                "incomplete one again when it gets there)",
+                value,
+                why,
+                last.name,
+            )
+        return str(last)
     if not (Path(value) / "trainer_state.json").exists():
         raise ValueError(
-            f"--resume_from_checkpoint {value} is not a checkpoint folder (no trainer_state.json): pass "
-            "`latest` or one of the checkpoint-* folders of the run's output_dir"
+            f"--resume_from_checkpoint {value} is not a complete checkpoint folder (no trainer_state.json: not a "
+            "checkpoint, or one whose writing was interrupted): pass `latest` (the last complete one) or one of the "
+            "checkpoint-* folders of the run's output_dir"
         )
     return str(value)
 
