@@ -17,7 +17,14 @@ import yaml
 from script_loader import load_script
 
 import bioperceiver as bp
-from bioperceiver.data import BioPerceiverProcessor, ManifestError, assign_splits, read_manifest, write_manifest
+from bioperceiver.data import (
+    BioPerceiverProcessor,
+    DataError,
+    ManifestError,
+    assign_splits,
+    read_manifest,
+    write_manifest,
+)
 from bioperceiver.data.processing import load_processor_settings
 from bioperceiver.data.recipes.synthetic import make_synthetic_cohort
 from bioperceiver.evaluation.report import predictions_path
@@ -415,3 +422,75 @@ def test_predict_ensemble_names_bad_model_dirs(cohort, tmp_path):
         ensemble.main(["--model_dirs", str(tmp_path), "--output_dir", out])
     with pytest.raises(ValueError, match=r"not a run_finetune.py output folder \(no finetuning_task.json\)"):
         ensemble.main(["--model_dirs", str(cohort["backbone"]), "--output_dir", out])
+
+
+def _relabelled(cohort, tmp_path: Path, name: str, column: str, values: dict[int, object], text: bool = False) -> dict:
+    """The cohort with ``column`` changed in the rows ``{position among the split's rows: value}`` of the training
+    split (``text``: the column written as text, as a CSV export with a word in it reads)."""
+    manifest = read_manifest(cohort["manifest"])
+    table = manifest.table.copy()
+    train = table.index[table["split"] == "train"]
+    if text:
+        table[column] = table[column].map(lambda v: None if pd.isna(v) else str(v))
+    for position, value in values.items():
+        table.loc[train[position], column] = value
+    path = cohort["manifest"].parent / f"{tmp_path.name}_{name}.parquet"
+    write_manifest(table, path, manifest.metadata)
+    return {**cohort, "manifest": path, "bad_ids": [table.loc[train[p], "sample_id"] for p in values]}
+
+
+def _task_argv(cohort, out: Path, task: str, *args: str) -> list[str]:
+    argv = _argv(cohort, out, *args)
+    at = argv.index("--task")
+    columns = {
+        "regression": ["--label_column", "label_regression"],
+        "survival": ["--time_column", "label_survival_time", "--event_column", "label_survival_event"],
+    }[task]
+    return [*argv[:at], "--task", task, *columns, *argv[at + 4 :]]
+
+
+@pytest.mark.parametrize(
+    ("task", "column", "value", "reason"),
+    [
+        ("regression", "label_regression", float("inf"), "non_finite_label"),
+        ("regression", "label_regression", "poorly differentiated", "bad_label"),
+        ("survival", "label_survival_time", "abc", "bad_label"),
+    ],
+)
+def test_an_unusable_training_label_is_named_or_skipped_when_asked(
+    cohort, tmp_path, caplog, task, column, value, reason
+):
+    """An inf or a word in a numeric label column: by default an error naming the sample, the column and the fix
+    before training (it trained on the inf and died at evaluation with "predictions contains NaN", or gave a bare
+    "could not convert string to float"); with --on_error skip_sample a counted, logged skip, and the run trains on
+    the other rows only."""
+    data = _relabelled(cohort, tmp_path, reason, column, {0: value}, text=isinstance(value, str))
+    bad = data["bad_ids"][0]
+    with pytest.raises(DataError, match=rf"sample '{bad}', modality '{column}'.*--on_error skip_sample") as err:
+        run_finetune.main(_task_argv(data, tmp_path / "default", task))
+    assert err.value.reason == reason
+    with caplog.at_level(logging.INFO, logger="run_finetune"):
+        results = run_finetune.main(_task_argv(data, tmp_path / "skip", task, "--on_error", "skip_sample"))
+    assert results["label_rows_left_out"]["train"]["bad_label"] == {reason: {"rows": 1, "examples": [bad]}}
+    train_rows = int(results["split_sizes"]["train"].split()[0])
+    assert train_rows == (read_manifest(data["manifest"]).table["split"] == "train").sum() - 1
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"train: 1 of {train_rows + 1} rows with an unusable ['{column}'" in logged and bad in logged
+    metric = "rmse" if task == "regression" else "c_index"
+    assert np.isfinite(results["test"][metric])
+    saved = json.loads((tmp_path / "skip" / "all_results.json").read_text())
+    assert saved["label_rows_left_out"]["train"]["bad_label"][reason]["rows"] == 1
+
+
+def test_rows_without_a_label_are_counted_in_every_split(cohort, tmp_path, caplog, monkeypatch):
+    """A NaN label in the training split was dropped silently (only the validation/test splits said so)."""
+    data = _relabelled(cohort, tmp_path, "nan", "label_regression", {0: None, 3: None})
+    monkeypatch.setattr(finetune_loop, "build_datasets", _stop)  # the count is known before any data processing
+    with caplog.at_level(logging.INFO, logger="run_finetune"), pytest.raises(WorkStarted):
+        run_finetune.main(_task_argv(data, tmp_path / "out", "regression"))
+    n_train = (read_manifest(data["manifest"]).table["split"] == "train").sum()
+    assert f"train: 2 of {n_train} rows have no ['label_regression'] label and are left out" in caplog.text
+
+
+def _stop(*_args, **_kwargs):
+    raise WorkStarted

@@ -32,7 +32,7 @@ from ..data import (
     load_processor_settings,
     read_manifest,
 )
-from ..data.manifest import is_missing
+from ..data.errors import DataError
 from ..evaluation.report import ReportSettings, evaluate_and_report, headline
 from ..factory import create_config
 from ..tasks import Task
@@ -324,7 +324,7 @@ def run_finetuning(
     with training_args.main_process_first(desc="preparing output_dir"):
         if training_args.should_save:
             start_run(out, record, clear)
-    labelled = labelled_splits(manifest, task, data_args, training_args.seed)
+    labelled, labels_left_out = labelled_splits(manifest, task, data_args, training_args.seed)
     train_recs = labelled[data_args.train_split][0]
     processor, embedders = load_processor(model_args, data_args, manifest)
     used = used_modalities(model_args, data_args, processor)
@@ -371,6 +371,8 @@ def run_finetuning(
         results["linear_term"] = linear_fit
     results["manifest"] = str(Path(data_args.manifest).resolve())
     results["modalities"] = used
+    if labels_left_out:
+        results["label_rows_left_out"] = labels_left_out
     results["split_sizes"] = {
         data_args.train_split: _rows_patients(train_recs),
         data_args.eval_split: _rows_patients(eval_ds.samples),
@@ -492,13 +494,18 @@ def load_manifest_and_task(model_args, data_args, training_args):
     return manifest, task
 
 
-def labelled_splits(manifest, task: Task, data_args, seed: int) -> dict[str, tuple[list[dict], list]]:
-    """``{split: (records, targets)}`` of the train/eval/test splits; fits ``task`` on the training split and keeps
-    ``--label_fraction`` of its patients."""
-    splits = {
-        s: manifest.split(s).records() for s in (data_args.train_split, data_args.eval_split, data_args.test_split)
-    }
-    train_raw = [r for r in splits[data_args.train_split] if not any(is_missing(r.get(c)) for c in task.columns)]
+def labelled_splits(
+    manifest, task: Task, data_args, seed: int
+) -> tuple[dict[str, tuple[list[dict], list]], dict[str, dict[str, Any]]]:
+    """``({split: (records, targets)}, {split: rows left out})`` of the train/eval/test splits. Every split's labels
+    are checked first (:func:`rows_with_labels`: rows without a label counted and logged, unusable labels an error
+    or, with ``--on_error skip_sample``, a counted skip); then ``task`` is fitted on the training rows and
+    ``--label_fraction`` of their patients kept."""
+    names = (data_args.train_split, data_args.eval_split, data_args.test_split)
+    checked = {s: rows_with_labels(manifest.split(s).records(), task, s, data_args.on_error) for s in names}
+    splits = {s: rows for s, (rows, _) in checked.items()}
+    left_out = {s: report for s, (_, report) in checked.items() if report}
+    train_raw = splits[data_args.train_split]
     # the label set (classes, top-k) is the task's definition: fixed from the whole training split, so that every
     # --label_fraction solves the same task (pass --label_values to fix it yourself); the patients whose labels
     # are used, and the regression scaling, come from the kept fraction only
@@ -508,7 +515,50 @@ def labelled_splits(manifest, task: Task, data_args, seed: int) -> dict[str, tup
     labelled = {s: labelled_records(recs, task, s, on_error=data_args.on_error) for s, recs in splits.items()}
     if not labelled[data_args.train_split][0]:
         raise ValueError(f"no labelled rows in the {data_args.train_split} split for {task.columns}")
-    return labelled
+    return labelled, left_out
+
+
+def rows_with_labels(records: list[dict], task: Task, split: str, on_error: str) -> tuple[list[dict], dict[str, Any]]:
+    """The rows of ``split`` whose label ``task`` can use (:meth:`~bioperceiver.tasks.Task.check_label`, before the
+    task is fitted: an inf or a text label must never reach the fit or the loss), and what was left out. Rows without
+    a label are counted and logged (every split alike). A row whose label is unusable (text in a numeric column, inf,
+    a negative survival time) is an error naming the sample, the column and the fix, or, with ``--on_error
+    skip_sample`` (a label belongs to the whole sample), a counted skip logged with the first sample ids."""
+    kept, missing, bad, examples = [], 0, Counter(), {}
+    for r in records:
+        try:
+            has = task.check_label(r)
+        except DataError as err:
+            if on_error not in ("skip", "skip_sample"):
+                fix = f"{err.fix.rstrip('.')}; or pass --on_error skip_sample to leave such rows out (counted)"
+                raise DataError(
+                    err.reason, err.message, sample_id=err.sample_id, modality=err.modality, fix=fix
+                ) from None
+            bad[err.reason] += 1
+            examples.setdefault(err.reason, [])
+            if len(examples[err.reason]) < 3:
+                examples[err.reason].append(str(r.get("sample_id")))
+            continue
+        if has:
+            kept.append(r)
+        else:
+            missing += 1
+    if missing:
+        logger.info("%s: %d of %d rows have no %s label and are left out", split, missing, len(records), task.columns)
+    if bad:
+        logger.warning(
+            "%s: %d of %d rows with an unusable %s label skipped (--on_error %s): %s",
+            split,
+            sum(bad.values()),
+            len(records),
+            task.columns,
+            on_error,
+            "; ".join(f"{reason} {n} (e.g. {', '.join(examples[reason])})" for reason, n in sorted(bad.items())),
+        )
+    report = {"no_label": missing} if missing else {}
+    if bad:
+        report["bad_label"] = {reason: {"rows": n, "examples": examples[reason]} for reason, n in sorted(bad.items())}
+    return kept, report
 
 
 def used_modalities(model_args, data_args, processor: BioPerceiverProcessor) -> list[str]:
