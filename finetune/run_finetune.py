@@ -13,6 +13,10 @@ arguments override it). Tasks: ``classification`` (binary/multiclass), ``multila
 ``partial``, ``full``, ``lora``. Without ``--model_name_or_path`` the backbone is randomly initialised from
 ``--preset`` (the no-pretraining baseline).
 
+``--do_train true`` trains (transformers' default is false). Without it the run only evaluates, which needs a model
+with a trained head: a finetuned folder (an earlier run's ``output_dir``) as ``--model_name_or_path``; a backbone (a
+pretraining ``final/``) or no model is refused, as is ``--resume_from_checkpoint`` without ``--do_train``.
+
 Before any work: the model/processor folders, the output folder and the manifest (cheap validation) are checked.
 An ``output_dir`` that holds a run is refused unless ``--resume_from_checkpoint latest|CHECKPOINT`` (arguments must
 match the run's ``finetuning_run.json`` up to the resumable ones) or ``--overwrite_output_dir true`` (clears it).

@@ -494,3 +494,42 @@ def test_rows_without_a_label_are_counted_in_every_split(cohort, tmp_path, caplo
 
 def _stop(*_args, **_kwargs):
     raise WorkStarted
+
+
+def _without_do_train(argv: list[str]) -> list[str]:
+    at = argv.index("--do_train")
+    return argv[:at] + argv[at + 2 :]
+
+
+def test_without_do_train_a_backbone_or_random_model_is_refused_before_any_work(cohort, tmp_path, no_work):
+    """transformers' --do_train defaults to false: the run evaluated and saved a random head on the backbone as a
+    finished finetune ("Finetuning (classification) finished: test auroc 0.4853"), which `bioperceiver predict`
+    then accepted."""
+    backbone = ("--model_name_or_path", str(cohort["backbone"]))
+    for i, extra in enumerate((backbone, ("--model_name_or_path", "none"), ())):
+        with pytest.raises(ValueError, match=r"--do_train is not set.*Pass --do_train true to finetune") as err:
+            run_finetune.main(_without_do_train(_argv(cohort, tmp_path / f"o{i}", *extra)))
+        assert "give a finetuned folder" in str(err.value)
+        assert not (tmp_path / f"o{i}").exists()  # nothing written
+    with pytest.raises(ValueError, match="--resume_from_checkpoint latest without --do_train"):
+        run_finetune.main(_without_do_train(_argv(cohort, tmp_path / "r", "--resume_from_checkpoint", "latest")))
+
+
+def test_without_do_train_a_finetuned_folder_is_evaluated_as_it_is(cohort, tmp_path):
+    """Evaluation only (no --do_train) of a run_finetune.py output folder: its trained head is used, so the test
+    metrics are the finetuned run's own, and the saved weights are unchanged."""
+    from safetensors.torch import load_file
+
+    backbone = ("--model_name_or_path", str(cohort["backbone"]), "--learning_rate", "1e-2")
+    first = run_finetune.main(_argv(cohort, tmp_path / "ft", *backbone))
+    again = run_finetune.main(
+        _without_do_train(_argv(cohort, tmp_path / "eval", "--model_name_or_path", str(tmp_path / "ft")))
+    )
+    assert "train" not in again
+    assert again["test"]["auroc"] == pytest.approx(first["test"]["auroc"], abs=1e-6)
+    trained, evaluated = (
+        load_file(tmp_path / "ft" / "model.safetensors"),
+        load_file(tmp_path / "eval" / "model.safetensors"),
+    )
+    assert trained.keys() == evaluated.keys()
+    assert all(torch.equal(trained[k], evaluated[k]) for k in trained)

@@ -140,6 +140,7 @@ def check_before_work(model_args, data_args, training_args):
     first, checkpoint to resume)``; raises ``ValueError`` saying what to pass instead."""
     if model_args.model_name_or_path:
         check_model_path(model_args.model_name_or_path)
+    check_something_to_evaluate(model_args, training_args)
     folder = processor_folder(data_args.processor_dir, model_args.model_name_or_path)
     if folder is not None:
         check_modalities(model_args, data_args, saved_processor_modalities(folder), f"the processors in {folder}")
@@ -151,6 +152,50 @@ def check_before_work(model_args, data_args, training_args):
         out, arguments, resume=resume, overwrite=data_args.overwrite_output_dir, protected=protected
     )
     return record, clear, resume
+
+
+def has_trained_head(model_name_or_path: str | None) -> bool:
+    """Whether ``model_name_or_path`` is a finetuned model (a ``run_finetune.py`` output folder, with its
+    ``finetuning_task.json``; on the hub, a config of a task architecture) rather than a backbone, whose task head
+    would start at random."""
+    from ..tasks import SPEC_NAME
+
+    if not model_name_or_path:
+        return False
+    if Path(model_name_or_path).expanduser().is_dir():
+        return (Path(model_name_or_path).expanduser() / SPEC_NAME).exists()
+    architectures = transformers.AutoConfig.from_pretrained(model_name_or_path).architectures or []
+    return any(a != "BioPerceiverModel" for a in architectures)
+
+
+def check_something_to_evaluate(model_args, training_args) -> None:
+    """Without ``--do_train`` (transformers' ``TrainingArguments`` defaults it to false) a run only evaluates and
+    saves the model it is given: refused for a backbone (a pretraining ``final/`` folder) or ``none``, whose task head
+    would be random and yet be saved and reported as a finished finetune; allowed for a finetuned folder (evaluation
+    on this manifest). ``--resume_from_checkpoint`` without ``--do_train`` would load no checkpoint: refused."""
+    if training_args.do_train:
+        return
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and str(resume).lower() not in ("", "false", "none", "no"):
+        raise ValueError(
+            f"--resume_from_checkpoint {resume} without --do_train: only training loads a checkpoint, so the run "
+            "would evaluate the model it starts from. Pass --do_train true to continue the run"
+        )
+    path = model_args.model_name_or_path
+    if has_trained_head(path):
+        logger.info("no --do_train: evaluating the finetuned model %s as it is (no training)", path)
+        return
+    what = (
+        f"the backbone {path} (no finetuning_task.json: not a run_finetune.py output folder)"
+        if path
+        else "a randomly initialised model (--model_name_or_path not given or none)"
+    )
+    raise ValueError(
+        f"--do_train is not set (transformers' TrainingArguments default it to false), so nothing would be trained: "
+        f"{what} would be evaluated and saved with a random task head as if finetuned. Pass --do_train true to "
+        "finetune; to evaluate without training, give a finetuned folder (the --output_dir of an earlier "
+        "run_finetune.py run) as --model_name_or_path"
+    )
 
 
 def check_modalities(model_args, data_args, modalities: list[str], source: str) -> list[str]:
