@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from finetune_refusals import refused
 from script_loader import load_script
 
 import bioperceiver as bp
@@ -30,7 +31,11 @@ from bioperceiver.data.recipes.synthetic import make_synthetic_cohort
 from bioperceiver.evaluation.report import predictions_path
 from bioperceiver.training import finetune_loop
 from bioperceiver.training.arguments import DataArguments
-from bioperceiver.training.finetuning import RUN_RECORD, check_output_dir, resolve_resume_checkpoint
+from bioperceiver.training.finetuning import (
+    RUN_RECORD,
+    check_output_dir,
+    resolve_resume_checkpoint,
+)
 
 USED = ["text_note", "tabular_ehr"]
 
@@ -127,47 +132,47 @@ def no_work(monkeypatch):
     monkeypatch.setattr(BioPerceiverProcessor, "fit", refuse)
 
 
-def test_model_and_processor_paths_are_named_before_any_work(cohort, tmp_path, no_work):
+def test_model_and_processor_paths_are_named_before_any_work(cohort, tmp_path, no_work, capsys):
     empty = tmp_path / "not_a_model"
     empty.mkdir()
     (empty / "final").mkdir()
     shutil.copy(cohort["backbone"] / "config.json", empty / "final" / "config.json")
-    with pytest.raises(ValueError, match=r"is a folder but holds no config.json: pass the `final/` folder") as err:
+    with refused(capsys, r"is a folder but holds no config.json: pass the `final/` folder") as err:
         run_finetune.main(_argv(cohort, tmp_path / "a", "--model_name_or_path", str(empty)))
     assert str(empty / "final") in str(err.value)  # the folder below that would do
     missing = tmp_path / "runs" / "pretrain" / "final"
-    with pytest.raises(ValueError, match="does not exist locally") as err:
+    with refused(capsys, "does not exist locally") as err:
         run_finetune.main(_argv(cohort, tmp_path / "b", "--model_name_or_path", str(missing)))
     assert "network access" in str(err.value) and "repo id" not in str(err.value)
-    with pytest.raises(ValueError, match=r"does not exist locally.*network access"):  # hub-id shaped, offline
+    with refused(capsys, r"does not exist locally.*network access"):  # hub-id shaped, offline
         run_finetune.main(_argv(cohort, tmp_path / "c", "--model_name_or_path", "someone/backbone"))
     # processors for a modality the model has no embedder for: both sets named, and what to pass instead
-    with pytest.raises(ValueError, match=r"omics_expression") as err:
+    with refused(capsys, r"omics_expression") as err:
         argv = ["--model_name_or_path", str(cohort["backbone"]), "--processor_dir", str(cohort["three"])]
         run_finetune.main(_argv(cohort, tmp_path / "d", *argv, modalities=()))
     message = str(err.value)
     assert str(sorted([*USED, "omics_expression"])) in message and str(sorted(USED)) in message
     assert "--processor_dir" in message and "--modalities" in message
-    with pytest.raises(ValueError, match=r"holds no bioperceiver_processor\.json"):
+    with refused(capsys, r"holds no bioperceiver_processor\.json"):
         run_finetune.main(_argv(cohort, tmp_path / "e", "--processor_dir", str(empty)))
 
 
-def test_an_output_dir_holding_a_run_is_refused_before_any_work(cohort, tmp_path, no_work):
+def test_an_output_dir_holding_a_run_is_refused_before_any_work(cohort, tmp_path, no_work, capsys):
     for marker in ("all_results.json", "model.safetensors", "checkpoint-3"):
         out = tmp_path / marker.split(".")[0]
         out.mkdir()
         (out / marker).mkdir() if marker.startswith("checkpoint") else (out / marker).write_text("{}")
-        with pytest.raises(ValueError, match=r"already holds a finetuning run.*--resume_from_checkpoint.*--overwrite"):
+        with refused(capsys, r"already holds a finetuning run.*--resume_from_checkpoint.*--overwrite"):
             run_finetune.main(_argv(cohort, out))
     # never clear a folder this run reads from
-    with pytest.raises(ValueError, match="would delete"):
+    with refused(capsys, "would delete"):
         argv = _argv(cohort, cohort["backbone"], "--model_name_or_path", str(cohort["backbone"]))
         run_finetune.main([*argv, "--overwrite_output_dir", "true"])
-    with pytest.raises(ValueError, match="holds no complete checkpoint"):
+    with refused(capsys, "holds no complete checkpoint"):
         run_finetune.main(_argv(cohort, tmp_path / "fresh", "--resume_from_checkpoint", "latest"))
 
 
-def test_overwrite_clears_and_resume_checks_the_run_record(cohort, tmp_path):
+def test_overwrite_clears_and_resume_checks_the_run_record(cohort, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "all_results.json").write_text('{"from": "another run"}')
@@ -179,7 +184,7 @@ def test_overwrite_clears_and_resume_checks_the_run_record(cohort, tmp_path):
     assert len(record["run_id"]) == 12 and len(record["arguments_hash"]) == 64
     assert json.loads((out / "checkpoint-2" / RUN_RECORD).read_text()) == record  # checkpoints carry it too
     # a changed argument that defines the run is named; resuming with the same ones continues the same run
-    with pytest.raises(ValueError, match=r"learning_rate: 5e-05 -> 0\.5") as err:
+    with refused(capsys, r"learning_rate: 5e-05 -> 0\.5") as err:
         run_finetune.main(_argv(cohort, out, *save, "--resume_from_checkpoint", "latest", "--learning_rate", "0.5"))
     assert record["run_id"] in str(err.value)
     (out / "checkpoint-4").mkdir()  # a crash while writing checkpoint-4: resuming continues from checkpoint-2
@@ -191,7 +196,7 @@ def test_overwrite_clears_and_resume_checks_the_run_record(cohort, tmp_path):
     assert resumed["run_id"] == record["run_id"] and resumed["arguments_hash"] == record["arguments_hash"]
     assert resumed["arguments"]["max_steps"] == 4
     # and without either flag the folder is refused
-    with pytest.raises(ValueError, match="already holds a finetuning run"):
+    with refused(capsys, "already holds a finetuning run"):
         run_finetune.main(_argv(cohort, out, *save))
 
 
@@ -247,29 +252,31 @@ def _bad_manifest(cohort, tmp_path: Path, *, duplicate: bool) -> Path:
     return path
 
 
-def test_the_manifest_is_validated_before_any_work(cohort, tmp_path, monkeypatch):
+def test_the_manifest_is_validated_before_any_work(cohort, tmp_path, monkeypatch, capsys):
     def refuse(*_args, **_kwargs):
         raise WorkStarted
 
     monkeypatch.setattr(BioPerceiverProcessor, "fit", refuse)
     dup = {**cohort, "manifest": _bad_manifest(cohort, tmp_path, duplicate=True)}
-    with pytest.raises(ManifestError) as err:  # on_error=raise: every problem is blocking, all listed at once
+    with refused(capsys, "", ManifestError) as err:  # on_error=raise: every problem is blocking, all listed at once
         run_finetune.main(_argv(dup, tmp_path / "a", "--on_error", "raise"))
     assert set(err.value.report.counts()) == {"duplicate_id", "empty_text"}
     assert "duplicate_id=1" in str(err.value) and "empty_text=1" in str(err.value)
     for on_error in ("skip", "skip_sample", "skip_modality"):  # manifest-level problems stop every mode
-        with pytest.raises(ManifestError, match="duplicate_id=1") as err:
+        with refused(capsys, "duplicate_id=1", ManifestError) as err:
             run_finetune.main(_argv(dup, tmp_path / on_error, "--on_error", on_error))
         assert "empty_text" not in str(err.value)
     # per-sample content follows --on_error: the run goes on to fit processors
     note = {**cohort, "manifest": _bad_manifest(cohort, tmp_path, duplicate=False)}
-    with pytest.raises(ManifestError, match="empty_text=1"):
+    with refused(capsys, "empty_text=1", ManifestError):
         run_finetune.main(_argv(note, tmp_path / "b", "--on_error", "raise"))
     for i, on_error in enumerate((None, "skip_sample")):  # None: the default, skip_modality
         with pytest.raises(WorkStarted):
             run_finetune.main(_argv(note, tmp_path / f"c{i}", *(("--on_error", on_error) if on_error else ())))
     with pytest.raises(ValueError, match=r"--on_error 'ignore': choose one of .*skip_modality"):
         DataArguments(manifest="m", task="classification", on_error="ignore")
+    with refused(capsys, r"--on_error 'ignore': choose one of", ValueError):  # on the command line: one line
+        run_finetune.main(_argv(cohort, tmp_path / "d", "--on_error", "ignore"))
 
 
 @pytest.mark.parametrize("head_type", ["pooled", "query"])
@@ -458,7 +465,7 @@ def _task_argv(cohort, out: Path, task: str, *args: str) -> list[str]:
     ],
 )
 def test_an_unusable_training_label_is_named_or_skipped_when_asked(
-    cohort, tmp_path, caplog, task, column, value, reason
+    cohort, tmp_path, caplog, capsys, task, column, value, reason
 ):
     """An inf or a word in a numeric label column: by default an error naming the sample, the column and the fix
     before training (it trained on the inf and died at evaluation with "predictions contains NaN", or gave a bare
@@ -466,7 +473,7 @@ def test_an_unusable_training_label_is_named_or_skipped_when_asked(
     the other rows only."""
     data = _relabelled(cohort, tmp_path, reason, column, {0: value}, text=isinstance(value, str))
     bad = data["bad_ids"][0]
-    with pytest.raises(DataError, match=rf"sample '{bad}', modality '{column}'.*--on_error skip_sample") as err:
+    with refused(capsys, rf"sample '{bad}', modality '{column}'.*--on_error skip_sample", DataError) as err:
         run_finetune.main(_task_argv(data, tmp_path / "default", task))
     assert err.value.reason == reason
     with caplog.at_level(logging.INFO, logger="run_finetune"):
@@ -501,17 +508,17 @@ def _without_do_train(argv: list[str]) -> list[str]:
     return argv[:at] + argv[at + 2 :]
 
 
-def test_without_do_train_a_backbone_or_random_model_is_refused_before_any_work(cohort, tmp_path, no_work):
+def test_without_do_train_a_backbone_or_random_model_is_refused_before_any_work(cohort, tmp_path, no_work, capsys):
     """transformers' --do_train defaults to false: the run evaluated and saved a random head on the backbone as a
     finished finetune ("Finetuning (classification) finished: test auroc 0.4853"), which `bioperceiver predict`
     then accepted."""
     backbone = ("--model_name_or_path", str(cohort["backbone"]))
     for i, extra in enumerate((backbone, ("--model_name_or_path", "none"), ())):
-        with pytest.raises(ValueError, match=r"--do_train is not set.*Pass --do_train true to finetune") as err:
+        with refused(capsys, r"--do_train is not set.*Pass --do_train true to finetune") as err:
             run_finetune.main(_without_do_train(_argv(cohort, tmp_path / f"o{i}", *extra)))
         assert "give a finetuned folder" in str(err.value)
         assert not (tmp_path / f"o{i}").exists()  # nothing written
-    with pytest.raises(ValueError, match="--resume_from_checkpoint latest without --do_train"):
+    with refused(capsys, "--resume_from_checkpoint latest without --do_train"):
         run_finetune.main(_without_do_train(_argv(cohort, tmp_path / "r", "--resume_from_checkpoint", "latest")))
 
 
@@ -533,3 +540,32 @@ def test_without_do_train_a_finetuned_folder_is_evaluated_as_it_is(cohort, tmp_p
     )
     assert trained.keys() == evaluated.keys()
     assert all(torch.equal(trained[k], evaluated[k]) for k in trained)
+
+
+def test_refusals_are_one_error_line_with_exit_status_2(cohort, tmp_path, capsys, monkeypatch):
+    """Every refusal printed a Python traceback; now one ``run_finetune.py: error:`` line (the message names what to
+    pass instead) and exit status 2, as run_pretrain.py and argparse do. A bug (any other exception) keeps its
+    traceback."""
+    monkeypatch.setattr(BioPerceiverProcessor, "fit", _stop)  # every refusal comes before the processors are fitted
+    with refused(capsys, r"--manifest .*nope\.parquet does not exist") as err:
+        run_finetune.main([*_argv(cohort, tmp_path / "a"), "--manifest", str(tmp_path / "nope.parquet")])
+    assert err.stderr.count("\n") == 1 and "Traceback" not in err.stderr
+    argv = _argv(cohort, tmp_path / "b")
+    argv[argv.index("--label_column") + 1] = "label_nope"
+    with refused(capsys, r"label column 'label_nope' is not in the manifest; label columns: \[.*'label_binary'"):
+        run_finetune.main(argv)
+    monkeypatch.setattr(finetune_loop, "read_manifest", _stop)  # a mistyped task: before the manifest is read
+    argv = _argv(cohort, tmp_path / "c")
+    argv[argv.index("--task") + 1] = "clasification"
+    with refused(capsys, r"task 'clasification'; choose one of \[.*'classification'"):
+        run_finetune.main(argv)
+    assert not any((tmp_path / d).exists() for d in "abc")  # nothing written
+
+
+def test_a_bug_keeps_its_traceback(cohort, tmp_path, monkeypatch):
+    def broken(*_args, **_kwargs):
+        raise ValueError("a bug, not the user's input")
+
+    monkeypatch.setattr(finetune_loop, "build_datasets", broken)
+    with pytest.raises(ValueError, match="a bug, not the user's input"):
+        run_finetune.main(_argv(cohort, tmp_path / "out"))

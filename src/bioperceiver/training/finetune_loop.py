@@ -8,6 +8,7 @@ model + processors + task, the model card and ``all_results.json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -33,12 +34,14 @@ from ..data import (
     read_manifest,
 )
 from ..data.errors import DataError
+from ..data.validate import ManifestError
 from ..evaluation.report import ReportSettings, evaluate_and_report, headline
 from ..factory import create_config
 from ..tasks import Task
 from .arguments import DataArguments, ModelArguments, task_settings
 from .finetuning import (
     RUN_RECORD,
+    FinetuneInputError,
     check_modalities_match,
     check_model_path,
     check_output_dir,
@@ -71,12 +74,25 @@ ROOT = Path(__file__).resolve().parents[3]
 LOWER_IS_BETTER = ("loss", "mse", "rmse", "mae", "brier", "log_loss")
 
 
+@contextlib.contextmanager
+def input_errors():
+    """The ``ValueError`` of a check of the user's settings or labels made by another module (the task, the DP
+    settings) as a :class:`~.finetuning.FinetuneInputError` (``DataError``/``ManifestError`` pass unchanged): wrap only
+    calls whose every ``ValueError`` is such a check, so that a bug elsewhere still shows its traceback."""
+    try:
+        yield
+    except (FinetuneInputError, DataError, ManifestError):
+        raise
+    except ValueError as err:
+        raise FinetuneInputError(str(err)) from err
+
+
 def subsample_patients(records: list[dict], fraction: float, seed: int) -> list[dict]:
     """Keep a seeded ``fraction`` of training *patients* (all their rows): the label-efficiency setting."""
     if fraction >= 1.0:
         return records
     if fraction <= 0:
-        raise ValueError(f"label_fraction must be in (0, 1], got {fraction}")
+        raise FinetuneInputError(f"label_fraction must be in (0, 1], got {fraction}")
     patients = sorted({str(r.get("patient_id")) for r in records})
     rng = np.random.default_rng(seed)
     kept = set(rng.choice(patients, size=max(2, math.ceil(fraction * len(patients))), replace=False).tolist())
@@ -141,6 +157,8 @@ def check_before_work(model_args, data_args, training_args):
     if model_args.model_name_or_path:
         check_model_path(model_args.model_name_or_path)
     check_something_to_evaluate(model_args, training_args)
+    with input_errors():  # a mistyped --task (or task setting) before the manifest is read
+        Task.from_dict(task_settings(model_args, data_args))
     folder = processor_folder(data_args.processor_dir, model_args.model_name_or_path)
     if folder is not None:
         check_modalities(model_args, data_args, saved_processor_modalities(folder), f"the processors in {folder}")
@@ -177,7 +195,7 @@ def check_something_to_evaluate(model_args, training_args) -> None:
         return
     resume = training_args.resume_from_checkpoint
     if resume is not None and str(resume).lower() not in ("", "false", "none", "no"):
-        raise ValueError(
+        raise FinetuneInputError(
             f"--resume_from_checkpoint {resume} without --do_train: only training loads a checkpoint, so the run "
             "would evaluate the model it starts from. Pass --do_train true to continue the run"
         )
@@ -190,7 +208,7 @@ def check_something_to_evaluate(model_args, training_args) -> None:
         if path
         else "a randomly initialised model (--model_name_or_path not given or none)"
     )
-    raise ValueError(
+    raise FinetuneInputError(
         f"--do_train is not set (transformers' TrainingArguments default it to false), so nothing would be trained: "
         f"{what} would be evaluated and saved with a random task head as if finetuned. Pass --do_train true to "
         "finetune; to evaluate without training, give a finetuned folder (the --output_dir of an earlier "
@@ -329,7 +347,7 @@ def build_model(model_args, task: Task, processor, embedders, train_records, use
         config = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path, **head)
         missing = sorted(set(used) - set(config.modality_names))
         if missing:
-            raise ValueError(
+            raise FinetuneInputError(
                 f"modalities {missing} are used but {model_args.model_name_or_path} was not built with them; "
                 f"restrict --modalities to {config.modality_names} or pretrain with them"
             )
@@ -350,9 +368,10 @@ def run_finetuning(
     with the test metrics; on the others, what was known before the report)."""
     normalise_arguments(model_args, training_args)
     out = Path(training_args.output_dir)
-    dp = DPSettings.from_arguments(model_args)  # None: no differential privacy
+    with input_errors():
+        dp = DPSettings.from_arguments(model_args)  # None: no differential privacy
     if dp is not None and model_args.head_linear_modalities and model_args.head_linear_fit:
-        raise ValueError(
+        raise FinetuneInputError(
             "--head_linear_fit fits the linear term on the training rows outside DP-SGD, which the privacy "
             "guarantee would not cover; pass --head_linear_fit false (the term then starts at zero and trains "
             "under DP-SGD with the rest)"
@@ -363,7 +382,8 @@ def run_finetuning(
     t0 = time.perf_counter()
     manifest, task = load_manifest_and_task(model_args, data_args, training_args)
     if dp is not None:
-        check_dp_run(training_args, task, resume)
+        with input_errors():
+            check_dp_run(training_args, task, resume)
     with training_args.main_process_first(desc="every process checked output_dir"):
         pass
     with training_args.main_process_first(desc="preparing output_dir"):
@@ -383,7 +403,7 @@ def run_finetuning(
     linear_fit = None
     if getattr(model, "linear_term", None) is not None and model_args.head_linear_fit and training_args.do_train:
         if dp is not None:  # a finetuned folder's own linear term (no --head_linear_modalities given)
-            raise ValueError(
+            raise FinetuneInputError(
                 f"{model_args.model_name_or_path} has a linear term on {model.linear_term.names}; fitting it outside "
                 "DP-SGD is not covered by the privacy guarantee: pass --head_linear_fit false"
             )
@@ -522,6 +542,11 @@ def load_manifest_and_task(model_args, data_args, training_args):
             from ..data.recipes.demo import build_demo_cohort
 
             build_demo_cohort(manifest_path.parent, seed=0)
+    if not manifest_path.exists():
+        raise FinetuneInputError(
+            f"--manifest {data_args.manifest} does not exist (check the path and the working directory {Path.cwd()}"
+            "); the demo cohort is built there with --build_demo_cohort true"
+        )
     manifest = read_manifest(manifest_path)
     # cheap validation: manifest-level problems stop here with the full list; per-sample ones follow --on_error
     check_manifest_before_work(manifest, on_error=data_args.on_error, what="finetuning")
@@ -529,11 +554,12 @@ def load_manifest_and_task(model_args, data_args, training_args):
     if data_args.modalities:
         unknown = sorted(set(data_args.modalities) - set(manifest.modalities))
         if unknown:
-            raise ValueError(
+            raise FinetuneInputError(
                 f"--modalities {unknown} are not modality columns of the manifest {list(manifest.modalities)}"
             )
-    task = Task.from_dict(task_settings(model_args, data_args))
-    task.check_columns(list(manifest.table.columns), manifest.label_columns)
+    with input_errors():  # a mistyped --task or label column
+        task = Task.from_dict(task_settings(model_args, data_args))
+        task.check_columns(list(manifest.table.columns), manifest.label_columns)
     if processor_folder(data_args.processor_dir, model_args.model_name_or_path) is None:  # to be fitted here
         check_modalities(model_args, data_args, list(manifest.modalities), f"the modality columns of {manifest_path}")
     return manifest, task
@@ -554,12 +580,13 @@ def labelled_splits(
     # the label set (classes, top-k) is the task's definition: fixed from the whole training split, so that every
     # --label_fraction solves the same task (pass --label_values to fix it yourself); the patients whose labels
     # are used, and the regression scaling, come from the kept fraction only
-    task.fit(train_raw)
+    with input_errors():  # e.g. a single class in the training split
+        task.fit(train_raw)
     splits[data_args.train_split] = subsample_patients(train_raw, data_args.label_fraction, seed)
     task.refit_on_subset(splits[data_args.train_split])  # regression: scaling of the rows actually trained on
     labelled = {s: labelled_records(recs, task, s, on_error=data_args.on_error) for s, recs in splits.items()}
     if not labelled[data_args.train_split][0]:
-        raise ValueError(f"no labelled rows in the {data_args.train_split} split for {task.columns}")
+        raise FinetuneInputError(f"no labelled rows in the {data_args.train_split} split for {task.columns}")
     return labelled, left_out
 
 
@@ -609,7 +636,7 @@ def rows_with_labels(records: list[dict], task: Task, split: str, on_error: str)
 def used_modalities(model_args, data_args, processor: BioPerceiverProcessor) -> list[str]:
     """The processor's modalities restricted to ``--modalities`` (each must have a processor)."""
     if data_args.modalities and set(data_args.modalities) - set(processor.modalities):
-        raise ValueError(
+        raise FinetuneInputError(
             f"--modalities {sorted(set(data_args.modalities) - set(processor.modalities))} have no processor in "
             f"{data_args.processor_dir or model_args.model_name_or_path} (it has {list(processor.modalities)})"
         )
@@ -785,7 +812,9 @@ def build_trainer(
         return task.evaluate(preds.reshape(len(labels), -1), labels, ci=False)
 
     if training_args.eval_strategy != "no" and not len(eval_ds):
-        raise ValueError(f"eval_strategy={training_args.eval_strategy} but the {data_args.eval_split} split is empty")
+        raise FinetuneInputError(
+            f"eval_strategy={training_args.eval_strategy} but the {data_args.eval_split} split is empty"
+        )
     kwargs = {"dp": dp} if dp is not None else {}
     return (DPTaskTrainer if dp is not None else TaskTrainer)(
         model=model,

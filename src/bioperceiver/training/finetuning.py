@@ -18,6 +18,14 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 FINETUNING_MODES = ("linear_probe", "partial", "full", "lora")
+
+
+class FinetuneInputError(ValueError):
+    """A finetuning run's input cannot be used as given (an argument, the model or processor folder, the output
+    folder, the manifest's columns); the message names it and what to pass instead. ``run_finetune.py`` prints it
+    as one ``error:`` line with exit status 2, as argparse does, instead of a traceback."""
+
+
 # LoRA goes on the latent path (queries, fused QKV, outputs, MLPs). The cross-attention's k_proj/v_proj are applied
 # inside a fused LayerNorm+projection kernel that reads their weights directly (layers.attention._NormKV), so an
 # adapter on them would be silently bypassed: they are never targeted.
@@ -51,7 +59,7 @@ def configure_finetuning(
       merge them after training with ``merge_and_unload()`` to get a plain model again.
     """
     if mode not in FINETUNING_MODES:
-        raise ValueError(f"finetuning mode {mode!r}; choose one of {FINETUNING_MODES}")
+        raise FinetuneInputError(f"finetuning mode {mode!r}; choose one of {FINETUNING_MODES}")
     backbone = model.bioperceiver
     if mode == "full":
         model.requires_grad_(True)
@@ -65,7 +73,7 @@ def configure_finetuning(
         if mode == "partial":
             layers = list(backbone.encoder.self_layers)
             if not 0 < unfreeze_last_n_layers <= len(layers):
-                raise ValueError(
+                raise FinetuneInputError(
                     f"unfreeze_last_n_layers={unfreeze_last_n_layers}: the encoder has {len(layers)} latent "
                     "self-attention layers"
                 )
@@ -78,7 +86,7 @@ def configure_finetuning(
         targets = lora_target_modules or DEFAULT_LORA_TARGETS
         names = [targets] if isinstance(targets, str) else list(targets)
         if any(n.split(".")[-1] in _BYPASSED for n in names):
-            raise ValueError(
+            raise FinetuneInputError(
                 "LoRA on the cross-attention's k_proj/v_proj would be bypassed by the fused LayerNorm+KV kernel; "
                 f"target other layers (default {DEFAULT_LORA_TARGETS!r})"
             )
@@ -92,7 +100,7 @@ def configure_finetuning(
         model = get_peft_model(model, config)
         wrapped = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and n.split(".")[-1] in _BYPASSED]
         if wrapped:  # a regex matched them anyway
-            raise ValueError(f"LoRA target pattern also matched fused projections {wrapped[:3]}; narrow it")
+            raise FinetuneInputError(f"LoRA target pattern also matched fused projections {wrapped[:3]}; narrow it")
     counts = count_parameters(model)
     logger.info(
         "finetuning mode %s: %d of %d parameters trainable (%.2f%%)",
@@ -160,7 +168,7 @@ def fit_linear_term(
     intercept = torch.zeros(term.out_features, device=device, dtype=dtype, requires_grad=True)
     grid = [float(x) for x in l2]
     if not grid or any(x < 0 for x in grid):
-        raise ValueError(f"linear term penalties must be >= 0, got {grid}")
+        raise FinetuneInputError(f"linear term penalties must be >= 0, got {grid}")
     if per_modality and len(blocks) > 1:
         candidates = [dict(zip(blocks, combo, strict=True)) for combo in itertools.product(grid, repeat=len(blocks))]
     else:
@@ -337,22 +345,24 @@ def check_model_path(path: str, *, argument: str = "--model_name_or_path") -> No
         if not config.exists():
             hints = sorted(str(c.parent) for c in p.glob("*/config.json"))[:3]
             hint = f" (folders below it that do: {hints})" if hints else ""
-            raise ValueError(
+            raise FinetuneInputError(
                 f"{argument} {path} is a folder but holds no config.json: pass the `final/` folder of a pretraining "
                 f"run or a finetuned model folder{hint}"
             )
         try:
             model_type = json.loads(config.read_text()).get("model_type")
         except (OSError, ValueError) as err:
-            raise ValueError(f"{argument} {path}: config.json cannot be read ({err}); re-save the model") from err
+            raise FinetuneInputError(
+                f"{argument} {path}: config.json cannot be read ({err}); re-save the model"
+            ) from err
         if model_type != "bioperceiver":
-            raise ValueError(
+            raise FinetuneInputError(
                 f"{argument} {path} holds a {model_type!r} model, not a BioPerceiver one: pass the `final/` folder "
                 "of a pretraining run or a folder written by run_finetune.py"
             )
         return
     if p.exists():
-        raise ValueError(f"{argument} {path} is a file; pass the model's folder (the one holding config.json)")
+        raise FinetuneInputError(f"{argument} {path} is a file; pass the model's folder (the one holding config.json)")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     looks_like_repo = path.count("/") == 1 and not path.startswith((".", "/", "~"))
     message = (
@@ -361,13 +371,13 @@ def check_model_path(path: str, *, argument: str = "--model_name_or_path") -> No
         "access"
     )
     if offline or not looks_like_repo:
-        raise ValueError(message + (" and HF_HUB_OFFLINE is set" if offline else ""))
+        raise FinetuneInputError(message + (" and HF_HUB_OFFLINE is set" if offline else ""))
     from transformers import AutoConfig
 
     try:
         AutoConfig.from_pretrained(path)
     except Exception as err:  # every hub failure gets the same advice, the cause chained
-        raise ValueError(f"{message}, and fetching it from the hub failed: {err}") from err
+        raise FinetuneInputError(f"{message}, and fetching it from the hub failed: {err}") from err
 
 
 def processor_folder(processor_dir: str | None, model_name_or_path: str | None) -> Path | None:
@@ -376,7 +386,7 @@ def processor_folder(processor_dir: str | None, model_name_or_path: str | None) 
     if processor_dir:
         p = Path(processor_dir)
         if not (p / "bioperceiver_processor.json").exists():
-            raise ValueError(
+            raise FinetuneInputError(
                 f"--processor_dir {processor_dir} holds no bioperceiver_processor.json: pass the folder a pretraining "
                 "run or run_finetune.py saved processors in (e.g. the pretraining run's `final/`), or leave "
                 "--processor_dir unset to use the model's processors or fit new ones"
@@ -406,7 +416,7 @@ def check_modalities_match(
     if wanted:
         lacking = sorted(set(wanted) - set(processor_modalities))
         if lacking:
-            raise ValueError(
+            raise FinetuneInputError(
                 f"--modalities {lacking} are not among {processor_source} {sorted(processor_modalities)}: restrict "
                 "--modalities to those, or pass a --processor_dir fitted with them"
             )
@@ -414,7 +424,7 @@ def check_modalities_match(
     extra = sorted(set(used) - set(model_modalities))
     if extra:
         shared = [m for m in used if m in model_modalities]
-        raise ValueError(
+        raise FinetuneInputError(
             f"{processor_source} cover modalities {sorted(used)} but the model {model_source} was built with "
             f"{sorted(model_modalities)} ({extra} have no embedder in it): pass --processor_dir with the processors "
             f"saved beside the model (its own folder), or restrict --modalities to {shared}"
@@ -470,7 +480,7 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: st
         newer = [name for step, name in partial if step > done]
         why = f"{', '.join(newer)} incomplete (no {TRAINER_STATE}: the run stopped while writing it)"
         if last is None:
-            raise ValueError(
+            raise FinetuneInputError(
                 f"--resume_from_checkpoint {value}: {output_dir} holds no complete checkpoint-* folder to resume"
                 + (f" ({why})" if newer else "")
                 + "; start a new run without it (or in another --output_dir), or pass a checkpoint folder"
@@ -485,7 +495,7 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: st
             )
         return str(last)
     if not (Path(value) / "trainer_state.json").exists():
-        raise ValueError(
+        raise FinetuneInputError(
             f"--resume_from_checkpoint {value} is not a complete checkpoint folder (no trainer_state.json: not a "
             "checkpoint, or one whose writing was interrupted): pass `latest` (the last complete one) or one of the "
             "checkpoint-* folders of the run's output_dir"
@@ -516,7 +526,7 @@ def check_output_dir(
         if not found:
             return record, False
         if not overwrite:
-            raise ValueError(
+            raise FinetuneInputError(
                 f"--output_dir {out} already holds a finetuning run or a model ({', '.join(found[:6])}): runs are "
                 "never mixed. Pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir true to "
                 "clear the folder and start again, or another --output_dir"
@@ -524,7 +534,7 @@ def check_output_dir(
         here = out.resolve()
         for p in protected:
             if p is not None and Path(p).exists() and Path(p).resolve().is_relative_to(here):
-                raise ValueError(
+                raise FinetuneInputError(
                     f"--overwrite_output_dir would delete {p}, which this run reads: pass another --output_dir"
                 )
         return record, True
@@ -537,7 +547,7 @@ def check_output_dir(
         before, now = old.get("arguments", {}), arguments
         changed = sorted(k for k in set(before) | set(now) if k not in resumable and before.get(k) != now.get(k))
         detail = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed) or "(unknown keys)"
-        raise ValueError(
+        raise FinetuneInputError(
             f"--resume_from_checkpoint: the run in {previous.parent} (run id {old['run_id']}) was started with other "
             f"arguments: {detail}. Only the training length, logging, saving and reporting arguments may change on "
             "resume (bioperceiver.training.finetuning.RESUMABLE_ARGUMENTS): restore the others, or start a new run "
