@@ -19,7 +19,8 @@ pretraining ``final/``) or no model is refused, as is ``--resume_from_checkpoint
 
 Before any work: the model/processor folders, the output folder and the manifest (cheap validation) are checked.
 An ``output_dir`` that holds a run is refused unless ``--resume_from_checkpoint latest|CHECKPOINT`` (arguments must
-match the run's ``finetuning_run.json`` up to the resumable ones) or ``--overwrite_output_dir true`` (clears it).
+match the run's ``finetuning_run.json`` up to the resumable ones) or ``--overwrite_output_dir true`` (removes what a
+finetuning run writes there; other files are kept and named).
 
 Outputs in ``output_dir``: the model (``save_pretrained``, LoRA merged) + processors + ``finetuning_task.json`` +
 ``README.md`` (model card); ``all_results.json`` (train/validation/test metrics, test with bootstrap 95% CIs);

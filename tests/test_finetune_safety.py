@@ -172,14 +172,25 @@ def test_an_output_dir_holding_a_run_is_refused_before_any_work(cohort, tmp_path
         run_finetune.main(_argv(cohort, tmp_path / "fresh", "--resume_from_checkpoint", "latest"))
 
 
-def test_overwrite_clears_and_resume_checks_the_run_record(cohort, tmp_path, capsys):
+def test_overwrite_clears_and_resume_checks_the_run_record(cohort, tmp_path, capsys, caplog):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "all_results.json").write_text('{"from": "another run"}')
-    (out / "stale.txt").write_text("left over")
+    (out / "all_results.json").write_text('{"from": "another run", "plots": ["odd_plot.png"]}')
+    for written_by_a_run in ("checkpoint-9/trainer_state.json", "roc_pr.png", "odd_plot.png", "local_only/x.csv"):
+        (out / written_by_a_run).parent.mkdir(exist_ok=True)
+        (out / written_by_a_run).write_text("from the other run")
+    (out / "notes.txt").write_text("the user's")  # not a run's: --overwrite_output_dir deleted them, now kept
+    (out / "my_other_data").mkdir()
+    (out / "my_other_data" / "table.csv").write_text("a,b\n")
     save = ("--save_strategy", "steps", "--save_steps", "2", "--lr_scheduler_type", "constant")
-    first = run_finetune.main(_argv(cohort, out, *save, "--overwrite_output_dir", "true"))
-    assert not (out / "stale.txt").exists() and np.isfinite(first["test"]["auroc"])
+    with caplog.at_level(logging.WARNING, logger="bioperceiver.training.finetuning"):
+        first = run_finetune.main(_argv(cohort, out, *save, "--overwrite_output_dir", "true"))
+    assert np.isfinite(first["test"]["auroc"]) and "from" not in json.loads((out / "all_results.json").read_text())
+    assert not (out / "checkpoint-9").exists() and not (out / "odd_plot.png").exists()
+    assert not (out / "local_only" / "x.csv").exists()
+    assert (out / "roc_pr.png").read_bytes() != b"from the other run"  # removed, then written by this run
+    assert (out / "notes.txt").read_text() == "the user's" and (out / "my_other_data" / "table.csv").exists()
+    assert "kept 2 entries of" in caplog.text and "my_other_data/, notes.txt" in caplog.text
     record = json.loads((out / RUN_RECORD).read_text())
     assert len(record["run_id"]) == 12 and len(record["arguments_hash"]) == 64
     assert json.loads((out / "checkpoint-2" / RUN_RECORD).read_text()) == record  # checkpoints carry it too

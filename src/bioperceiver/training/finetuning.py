@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import itertools
 import json
@@ -333,6 +334,38 @@ RESUMABLE_ARGUMENTS = frozenset(
     }
 )
 LATEST = ("latest", "last", "true")  # --resume_from_checkpoint values meaning "the last checkpoint in output_dir"
+# what a finetuning run writes into its output_dir (file names or fnmatch patterns): --overwrite_output_dir removes
+# these and nothing else (a user's notes or data beside a run stay), plus the plots the old all_results.json lists
+RUN_OUTPUTS = (
+    RUN_RECORD,
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+    "training_args.bin",
+    "bioperceiver_processor.json",
+    "bioperceiver_processor.json.tmp",
+    "processors",
+    "finetuning_task.json",
+    "trained_vocabulary_rows.safetensors",
+    "README.md",
+    "all_results.json",
+    "results_by_pattern.csv",
+    "ablation.csv",
+    "calibration_set.npz",
+    "predictions_test.csv",
+    "local_only",
+    "explanations",
+    "ablation.png",
+    "roc_pr.png",
+    "calibration.png",
+    "reliability_diagram.png",
+    "km_by_risk_group.png",
+    "predicted_vs_true.png",
+    "modality_shapley.png",
+    "checkpoint-*",
+    "tmp-checkpoint-*",
+)
 
 
 def check_model_path(path: str, *, argument: str = "--model_name_or_path") -> None:
@@ -557,15 +590,42 @@ def check_output_dir(
     return record, False
 
 
+def run_outputs(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """``(written by a finetuning run, anything else)``: the entries of ``folder`` matching :data:`RUN_OUTPUTS` or
+    named as plots in its ``all_results.json``, and the rest (a user's notes, data), each sorted by name."""
+    out = Path(folder)
+    names = set(RUN_OUTPUTS)
+    try:  # plots a run recorded (a task's own plot names too)
+        results = json.loads((out / "all_results.json").read_text())
+        plots = [*results.get("plots", []), *results.get("test", {}).get("plots", [])]
+        names |= {p for p in plots if isinstance(p, str) and Path(p).name == p}
+    except (OSError, ValueError, AttributeError):
+        pass
+    ours, others = [], []
+    for child in sorted(out.iterdir()) if out.is_dir() else ():
+        (ours if any(fnmatch.fnmatchcase(child.name, n) for n in names) else others).append(child)
+    return ours, others
+
+
 def start_run(output_dir: str | os.PathLike, record: dict[str, Any], clear: bool) -> None:
-    """Clear ``output_dir`` if asked, create it and write the run record (call on the main process only)."""
+    """Clear ``output_dir`` if asked (what a finetuning run writes, :func:`run_outputs`; anything else is kept and
+    named in the log), create it and write the run record (call on the main process only)."""
     out = Path(output_dir)
     if clear and out.is_dir():
-        logger.warning("--overwrite_output_dir: clearing %s", out)
-        for child in out.iterdir():
+        ours, others = run_outputs(out)
+        logger.warning("--overwrite_output_dir: removing the previous run's %d files/folders from %s", len(ours), out)
+        for child in ours:
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
             else:
                 child.unlink()
+        if others:
+            logger.warning(
+                "--overwrite_output_dir: kept %d entries of %s that a finetuning run does not write: %s",
+                len(others),
+                out,
+                ", ".join(c.name + ("/" if c.is_dir() else "") for c in others[:10])
+                + (" ..." if len(others) > 10 else ""),
+            )
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
