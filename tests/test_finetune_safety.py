@@ -580,3 +580,21 @@ def test_a_bug_keeps_its_traceback(cohort, tmp_path, monkeypatch):
     monkeypatch.setattr(finetune_loop, "build_datasets", broken)
     with pytest.raises(ValueError, match="a bug, not the user's input"):
         run_finetune.main(_argv(cohort, tmp_path / "out"))
+
+
+@pytest.mark.parametrize("flag", [(), ("--overwrite_output_dir", "true"), ("--resume_from_checkpoint", "latest")])
+def test_a_pretraining_run_folder_is_never_a_finetuning_output_dir(cohort, tmp_path, capsys, no_work, flag):
+    """A pretrain/run_pretrain.py output folder (checkpoints/, final/, history.json) was accepted as --output_dir and
+    written beside, even with --overwrite_output_dir while its final/ was the model being finetuned."""
+    pre = tmp_path / "pretrain"
+    shutil.copytree(cohort["backbone"], pre / "final")
+    (pre / "checkpoints" / "checkpoint-10").mkdir(parents=True)
+    (pre / "history.json").write_text("[]")
+    before = sorted(str(p.relative_to(pre)) for p in pre.rglob("*"))
+    argv = _argv(cohort, pre, "--model_name_or_path", str(pre / "final"), *flag)
+    with refused(
+        capsys, r"holds a pretraining run of pretrain/run_pretrain.py \(checkpoints/, final/, history.json\)"
+    ) as err:
+        run_finetune.main(argv)
+    assert f"Pass a new --output_dir (e.g. {tmp_path / 'pretrain_finetuned'})" in err.stderr
+    assert sorted(str(p.relative_to(pre)) for p in pre.rglob("*")) == before  # nothing written or removed

@@ -44,6 +44,7 @@ from .finetuning import (
     FinetuneInputError,
     check_modalities_match,
     check_model_path,
+    check_not_a_pretraining_run,
     check_output_dir,
     compute_latents,
     configure_finetuning,
@@ -163,6 +164,7 @@ def check_before_work(model_args, data_args, training_args):
     if folder is not None:
         check_modalities(model_args, data_args, saved_processor_modalities(folder), f"the processors in {folder}")
     out = Path(training_args.output_dir)
+    check_not_a_pretraining_run(out)  # before resolving --resume_from_checkpoint in it
     resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, out)
     arguments = resolved_arguments(model_args, data_args, training_args)
     protected = (model_args.model_name_or_path, data_args.processor_dir, data_args.manifest)

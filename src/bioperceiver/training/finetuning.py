@@ -482,6 +482,31 @@ def arguments_hash(arguments: dict[str, Any], resumable: frozenset[str] = RESUMA
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# what pretrain/run_pretrain.py writes into its output_dir: a folder holding any of them is a pretraining run
+PRETRAINING_MARKERS = ("checkpoints", "final", "history.json")
+
+
+def pretraining_markers(folder: str | os.PathLike) -> list[str]:
+    """The entries of ``folder`` that show it holds a pretraining run (``checkpoints/``, ``final/``,
+    ``history.json``), folders with a trailing ``/``."""
+    p = Path(folder)
+    return [m + ("/" if (p / m).is_dir() else "") for m in PRETRAINING_MARKERS if (p / m).exists()]
+
+
+def check_not_a_pretraining_run(output_dir: str | os.PathLike) -> None:
+    """Refuse an ``output_dir`` holding a pretraining run (:func:`pretraining_markers`): never written into, resumed
+    or cleared by finetuning, since it holds the backbone being finetuned (or another one)."""
+    out = Path(output_dir)
+    pretraining = pretraining_markers(out)
+    if pretraining:
+        raise FinetuneInputError(
+            f"--output_dir {out} holds a pretraining run of pretrain/run_pretrain.py ({', '.join(pretraining)}): a "
+            "finetuning run never writes into one, not with --overwrite_output_dir or --resume_from_checkpoint "
+            f"either. Pass a new --output_dir (e.g. {out.parent / (out.name + '_finetuned')})"
+            + (f"; its backbone is --model_name_or_path {out / 'final'}" if (out / "final").is_dir() else "")
+        )
+
+
 def run_markers(folder: str | os.PathLike) -> list[str]:
     """The files and checkpoints in ``folder`` that show it already holds a finetuning run or a model."""
     p = Path(folder)
@@ -547,11 +572,13 @@ def check_output_dir(
 ) -> tuple[dict[str, Any], bool]:
     """Decide what a run may do with ``output_dir`` without touching it: returns ``(run record, clear first)``.
 
-    A folder that already holds a run (:func:`run_markers`) is refused unless ``resume`` (the run's record, when it
+    A pretraining run's folder (:func:`pretraining_markers`) is always refused. A folder that already holds a run
+    (:func:`run_markers`) is refused unless ``resume`` (the run's record, when it
     has one, must match ``arguments`` up to the ``resumable`` keys: changed ones are named) or ``overwrite`` (the
     folder is cleared first; never a folder that holds one of the ``protected`` paths, e.g. the model being
     finetuned or the manifest)."""
     out = Path(output_dir)
+    check_not_a_pretraining_run(out)
     found = run_markers(out)
     record = {"run_id": uuid.uuid4().hex[:12], "arguments_hash": arguments_hash(arguments, resumable)}
     record["arguments"] = arguments
