@@ -598,3 +598,59 @@ def test_a_pretraining_run_folder_is_never_a_finetuning_output_dir(cohort, tmp_p
         run_finetune.main(argv)
     assert f"Pass a new --output_dir (e.g. {tmp_path / 'pretrain_finetuned'})" in err.stderr
     assert sorted(str(p.relative_to(pre)) for p in pre.rglob("*")) == before  # nothing written or removed
+
+
+def _notes_emptied(cohort, tmp_path: Path, name: str, rows: dict[str, list[int] | str]) -> dict:
+    """The cohort with ``text_note`` blanked (an ``empty_text`` error, dropped under skip_modality) in the given rows
+    of each split (positions among its rows, or ``"all"``)."""
+    manifest = read_manifest(cohort["manifest"])
+    table = manifest.table.copy()
+    blanked = {}
+    for split, positions in rows.items():
+        index = table.index[(table["split"] == split) & table["text_note"].notna()]
+        index = index if positions == "all" else index[positions]
+        table.loc[index, "text_note"] = "   "
+        blanked[split] = list(table.loc[index, "sample_id"])
+    path = cohort["manifest"].parent / f"{tmp_path.name}_{name}.parquet"
+    write_manifest(table, path, manifest.metadata)
+    return {**cohort, "manifest": path, "blanked": blanked}
+
+
+def test_dropped_modality_values_are_summarised_per_split(cohort, tmp_path, caplog):
+    """Values dropped under the default --on_error skip_modality were never summarised: now counted per split and
+    modality with the first sample ids, logged and in all_results.json."""
+    data = _notes_emptied(cohort, tmp_path, "some", {"train": [0, 2], "test": [1]})
+    with caplog.at_level(logging.WARNING, logger="run_finetune"):
+        results = run_finetune.main(_argv(data, tmp_path / "out"))
+    table = read_manifest(data["manifest"]).table
+    notes = {s: int(((table["split"] == s) & table["text_note"].notna()).sum()) for s in ("train", "test")}
+    dropped = results["dropped_modality_values"]
+    assert dropped["train"] == {
+        "text_note": {
+            "values": notes["train"],
+            "dropped": 2,
+            "reasons": {"empty_text": 2},
+            "examples": data["blanked"]["train"],
+        }
+    }
+    assert (
+        dropped["test"]["text_note"]["dropped"] == 1
+        and dropped["test"]["text_note"]["examples"] == data["blanked"]["test"]
+    )
+    assert "validation" not in dropped and "tabular_ehr" not in dropped["train"]
+    assert json.loads((tmp_path / "out" / "all_results.json").read_text())["dropped_modality_values"] == dropped
+    assert f"train: dropped 2 of {notes['train']} 'text_note' value(s) (empty_text 2; e.g. samples " in caplog.text
+    clean = run_finetune.main(_argv(cohort, tmp_path / "clean"))
+    assert clean["dropped_modality_values"] == {}
+
+
+def test_a_modality_that_loses_every_training_value_is_refused(cohort, tmp_path, capsys):
+    """With a pretrained model's processors nothing is fitted, so only this check sees that the training rows hold no
+    usable note (processors fitted here refuse it themselves: no value to fit on)."""
+    data = _notes_emptied(cohort, tmp_path, "all", {"train": "all"})
+    argv = _argv(data, tmp_path / "out", "--model_name_or_path", str(cohort["backbone"]))
+    with refused(capsys, r"every training value of 'text_note' was dropped.*--modalities tabular_ehr") as err:
+        run_finetune.main(argv)
+    assert "empty_text" in str(err.value) and not (tmp_path / "out" / "model.safetensors").exists()
+    with refused(capsys, r"modality 'text_note': no readable value to fit on", DataError):
+        run_finetune.main(_argv(data, tmp_path / "fitted"))

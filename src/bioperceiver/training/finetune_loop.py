@@ -34,6 +34,7 @@ from ..data import (
     read_manifest,
 )
 from ..data.errors import DataError
+from ..data.manifest import is_missing
 from ..data.validate import ManifestError
 from ..evaluation.report import ReportSettings, evaluate_and_report, headline
 from ..factory import create_config
@@ -402,6 +403,7 @@ def run_finetuning(
         model.resize_modality_vocabularies(processor.model_modalities())
     train_ds, evals = build_datasets(labelled, processor, manifest.base_dir, used, data_args, training_args)
     eval_ds, test_ds = evals[data_args.eval_split], evals[data_args.test_split]
+    dropped = dropped_modality_values(labelled, evals, processor, manifest.base_dir, used, data_args)
     linear_fit = None
     if getattr(model, "linear_term", None) is not None and model_args.head_linear_fit and training_args.do_train:
         if dp is not None:  # a finetuned folder's own linear term (no --head_linear_modalities given)
@@ -440,6 +442,7 @@ def run_finetuning(
     results["modalities"] = used
     if labels_left_out:
         results["label_rows_left_out"] = labels_left_out
+    results["dropped_modality_values"] = dropped  # {} when nothing was dropped
     results["split_sizes"] = {
         data_args.train_split: _rows_patients(train_recs),
         data_args.eval_split: _rows_patients(eval_ds.samples),
@@ -672,6 +675,76 @@ def build_datasets(labelled, processor, base_dir, used: list[str], data_args, tr
         len(evals[data_args.test_split]),
     )
     return train_ds, evals
+
+
+def dropped_modality_values(
+    labelled, evals, processor, base_dir, used: list[str], data_args
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per split and modality, the values dropped while processing (``--on_error skip_modality``: the sample goes on
+    without them; a sample left with none, or under ``skip_sample``, is dropped whole and its values count too):
+    ``{split: {modality: {"values", "dropped", "reasons", "examples"}}}``, only modalities that lost some. Logged
+    with the first sample ids. The training rows are processed once more here, unaugmented (training processes
+    them on the fly, possibly in dataloader workers); the evaluation splits' were processed already and only their
+    rows dropped whole are processed again. A modality that loses every value of the training split is an error
+    (the model would train without it while the run and its card say it is used); of an evaluation split, a warning
+    (its metrics are those of the model without it)."""
+    from ..data.dataset import ERROR_COLUMN
+    from ..data.processing import SKIPPED_KEY
+
+    def errors_of(out: dict) -> list[DataError]:
+        err = out.get(ERROR_COLUMN)
+        found = list(out.get(SKIPPED_KEY) or ())
+        if err is not None:
+            found += list(getattr(err, "skipped", ())) or [err]
+        return found
+
+    def scan(records) -> list[DataError]:
+        rows = ManifestDataset(
+            records, processor, base_dir=base_dir, train=False, modalities=used, on_error=data_args.on_error
+        )
+        return [e for i in range(len(rows)) for e in errors_of(rows[i])]
+
+    out = {}
+    for split, (records, _) in labelled.items():
+        if split in evals:
+            kept = {s["sample_id"] for s in evals[split].samples}
+            errors = [e for s in evals[split].samples for e in s.get(SKIPPED_KEY) or ()]
+            errors += scan([r for r in records if r.get("sample_id") not in kept])
+        else:
+            errors = scan(records)
+        per = {}
+        for err in errors:
+            if err.modality not in used:
+                continue
+            entry = per.setdefault(err.modality, {"values": 0, "dropped": 0, "reasons": Counter(), "examples": []})
+            entry["dropped"] += 1
+            entry["reasons"][err.reason] += 1
+            if len(entry["examples"]) < 3:
+                entry["examples"].append(str(err.sample_id))
+        for name, entry in per.items():
+            entry["values"] = sum(not is_missing(r.get(name)) for r in records)
+            entry["reasons"] = dict(entry["reasons"])
+            lost_all = entry["dropped"] >= entry["values"] > 0
+            text = (
+                f"{split}: dropped {entry['dropped']} of {entry['values']} {name!r} value(s) "
+                f"({', '.join(f'{r} {n}' for r, n in sorted(entry['reasons'].items()))}; e.g. samples "
+                f"{', '.join(entry['examples'])}) under --on_error {data_args.on_error}"
+            )
+            if lost_all and split == data_args.train_split:
+                raise FinetuneInputError(
+                    f"{text}: every training value of {name!r} was dropped, so the model would train without it. Fix "
+                    f"the values (the errors are logged above), or leave the modality out with --modalities "
+                    f"{' '.join(m for m in used if m != name)}"
+                )
+            if lost_all:
+                logger.warning(
+                    "%s: EVERY value of %r in this split was dropped: its metrics are without it", text, name
+                )
+            else:
+                logger.warning("%s: those samples went on without it", text)
+        if per:
+            out[split] = per
+    return out
 
 
 def linear_term_start(
