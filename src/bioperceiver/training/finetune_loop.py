@@ -305,7 +305,9 @@ def extend_vocabulary(model_args, data_args, processor, manifest, used: list[str
     if processor_folder(data_args.processor_dir, model_args.model_name_or_path) is None:
         return {}  # fitted on this training split: nothing to extend
     trained = trained_id_rows(model_args.model_name_or_path, processor)
-    report = processor.extend(manifest, split=data_args.train_split, modalities=used, trained=trained)
+    report = processor.extend(
+        manifest, split=data_args.train_split, modalities=used, trained=trained, on_error=data_args.on_error
+    )
     for name, counts in report.items():
         logger.info(
             "vocabulary of %r extended on the %s split: %d added, %d overlapping with the pretrained vocabulary%s "
