@@ -13,9 +13,14 @@ arguments override it). Tasks: ``classification`` (binary/multiclass), ``multila
 ``partial``, ``full``, ``lora``. Without ``--model_name_or_path`` the backbone is randomly initialised from
 ``--preset`` (the no-pretraining baseline).
 
+``--do_train true`` trains (transformers' default is false). Without it the run only evaluates, which needs a model
+with a trained head: a finetuned folder (an earlier run's ``output_dir``) as ``--model_name_or_path``; a backbone (a
+pretraining ``final/``) or no model is refused, as is ``--resume_from_checkpoint`` without ``--do_train``.
+
 Before any work: the model/processor folders, the output folder and the manifest (cheap validation) are checked.
 An ``output_dir`` that holds a run is refused unless ``--resume_from_checkpoint latest|CHECKPOINT`` (arguments must
-match the run's ``finetuning_run.json`` up to the resumable ones) or ``--overwrite_output_dir true`` (clears it).
+match the run's ``finetuning_run.json`` up to the resumable ones) or ``--overwrite_output_dir true`` (removes what a
+finetuning run writes there; other files are kept and named).
 
 Outputs in ``output_dir``: the model (``save_pretrained``, LoRA merged) + processors + ``finetuning_task.json`` +
 ``README.md`` (model card); ``all_results.json`` (train/validation/test metrics, test with bootstrap 95% CIs);
@@ -36,8 +41,22 @@ from typing import Any
 import transformers
 from transformers import HfArgumentParser, TrainingArguments
 
+from bioperceiver.data.errors import DataError
+from bioperceiver.data.validate import ManifestError
 from bioperceiver.training.arguments import DataArguments, ModelArguments
 from bioperceiver.training.finetune_loop import finetuning_summary, run_finetuning
+from bioperceiver.training.finetuning import FinetuneInputError
+
+PROG = "run_finetune.py"
+# what a user can fix (the message says how): one `error:` line and exit status 2, as argparse and run_pretrain.py
+# print them; anything else is a bug and keeps its traceback
+USER_ERRORS = (FinetuneInputError, DataError, ManifestError)
+
+
+def refuse(err: Exception) -> SystemExit:
+    """Print ``run_finetune.py: error: <message>`` on stderr; the ``SystemExit(2)`` to raise (from ``err``)."""
+    print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+    return SystemExit(2)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
@@ -69,13 +88,21 @@ def _to_cli(values: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    model_args, data_args, training_args = parse_args(argv)
+    """Parse the arguments and run; a refusal (a bad argument, path, output folder or manifest, an unusable label)
+    prints one ``run_finetune.py: error: ...`` line and raises ``SystemExit(2)`` whose ``__cause__`` is the error."""
+    try:
+        model_args, data_args, training_args = parse_args(argv)
+    except (ValueError, FileNotFoundError) as err:  # the argument dataclasses' checks; an argument file not there
+        raise refuse(err) from err
     logging.basicConfig(
         level=logging.INFO if training_args.should_log else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     transformers.utils.logging.set_verbosity_warning()
-    results = run_finetuning(model_args, data_args, training_args)
+    try:
+        results = run_finetuning(model_args, data_args, training_args)
+    except USER_ERRORS as err:
+        raise refuse(err) from err
     if training_args.process_index == 0:  # the process that wrote the report
         print("\n".join(finetuning_summary(training_args.output_dir, results, data_args.test_split)), flush=True)
     return results

@@ -14,16 +14,28 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from finetune_refusals import refused
 from script_loader import load_script
 
 import bioperceiver as bp
-from bioperceiver.data import BioPerceiverProcessor, ManifestError, assign_splits, read_manifest, write_manifest
+from bioperceiver.data import (
+    BioPerceiverProcessor,
+    DataError,
+    ManifestError,
+    assign_splits,
+    read_manifest,
+    write_manifest,
+)
 from bioperceiver.data.processing import load_processor_settings
 from bioperceiver.data.recipes.synthetic import make_synthetic_cohort
 from bioperceiver.evaluation.report import predictions_path
 from bioperceiver.training import finetune_loop
 from bioperceiver.training.arguments import DataArguments
-from bioperceiver.training.finetuning import RUN_RECORD, check_output_dir, resolve_resume_checkpoint
+from bioperceiver.training.finetuning import (
+    RUN_RECORD,
+    check_output_dir,
+    resolve_resume_checkpoint,
+)
 
 USED = ["text_note", "tabular_ehr"]
 
@@ -120,61 +132,74 @@ def no_work(monkeypatch):
     monkeypatch.setattr(BioPerceiverProcessor, "fit", refuse)
 
 
-def test_model_and_processor_paths_are_named_before_any_work(cohort, tmp_path, no_work):
+def test_model_and_processor_paths_are_named_before_any_work(cohort, tmp_path, no_work, capsys):
     empty = tmp_path / "not_a_model"
     empty.mkdir()
     (empty / "final").mkdir()
     shutil.copy(cohort["backbone"] / "config.json", empty / "final" / "config.json")
-    with pytest.raises(ValueError, match=r"is a folder but holds no config.json: pass the `final/` folder") as err:
+    with refused(capsys, r"is a folder but holds no config.json: pass the `final/` folder") as err:
         run_finetune.main(_argv(cohort, tmp_path / "a", "--model_name_or_path", str(empty)))
     assert str(empty / "final") in str(err.value)  # the folder below that would do
     missing = tmp_path / "runs" / "pretrain" / "final"
-    with pytest.raises(ValueError, match="does not exist locally") as err:
+    with refused(capsys, "does not exist locally") as err:
         run_finetune.main(_argv(cohort, tmp_path / "b", "--model_name_or_path", str(missing)))
     assert "network access" in str(err.value) and "repo id" not in str(err.value)
-    with pytest.raises(ValueError, match=r"does not exist locally.*network access"):  # hub-id shaped, offline
+    with refused(capsys, r"does not exist locally.*network access"):  # hub-id shaped, offline
         run_finetune.main(_argv(cohort, tmp_path / "c", "--model_name_or_path", "someone/backbone"))
     # processors for a modality the model has no embedder for: both sets named, and what to pass instead
-    with pytest.raises(ValueError, match=r"omics_expression") as err:
+    with refused(capsys, r"omics_expression") as err:
         argv = ["--model_name_or_path", str(cohort["backbone"]), "--processor_dir", str(cohort["three"])]
         run_finetune.main(_argv(cohort, tmp_path / "d", *argv, modalities=()))
     message = str(err.value)
     assert str(sorted([*USED, "omics_expression"])) in message and str(sorted(USED)) in message
     assert "--processor_dir" in message and "--modalities" in message
-    with pytest.raises(ValueError, match=r"holds no bioperceiver_processor\.json"):
+    with refused(capsys, r"holds no bioperceiver_processor\.json"):
         run_finetune.main(_argv(cohort, tmp_path / "e", "--processor_dir", str(empty)))
 
 
-def test_an_output_dir_holding_a_run_is_refused_before_any_work(cohort, tmp_path, no_work):
+def test_an_output_dir_holding_a_run_is_refused_before_any_work(cohort, tmp_path, no_work, capsys):
     for marker in ("all_results.json", "model.safetensors", "checkpoint-3"):
         out = tmp_path / marker.split(".")[0]
         out.mkdir()
         (out / marker).mkdir() if marker.startswith("checkpoint") else (out / marker).write_text("{}")
-        with pytest.raises(ValueError, match=r"already holds a finetuning run.*--resume_from_checkpoint.*--overwrite"):
+        with refused(capsys, r"already holds a finetuning run.*--resume_from_checkpoint.*--overwrite"):
             run_finetune.main(_argv(cohort, out))
     # never clear a folder this run reads from
-    with pytest.raises(ValueError, match="would delete"):
+    with refused(capsys, "would delete"):
         argv = _argv(cohort, cohort["backbone"], "--model_name_or_path", str(cohort["backbone"]))
         run_finetune.main([*argv, "--overwrite_output_dir", "true"])
-    with pytest.raises(ValueError, match="holds no checkpoint"):
+    with refused(capsys, "holds no complete checkpoint"):
         run_finetune.main(_argv(cohort, tmp_path / "fresh", "--resume_from_checkpoint", "latest"))
 
 
-def test_overwrite_clears_and_resume_checks_the_run_record(cohort, tmp_path):
+def test_overwrite_clears_and_resume_checks_the_run_record(cohort, tmp_path, capsys, caplog):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "all_results.json").write_text('{"from": "another run"}')
-    (out / "stale.txt").write_text("left over")
+    (out / "all_results.json").write_text('{"from": "another run", "plots": ["odd_plot.png"]}')
+    for written_by_a_run in ("checkpoint-9/trainer_state.json", "roc_pr.png", "odd_plot.png", "local_only/x.csv"):
+        (out / written_by_a_run).parent.mkdir(exist_ok=True)
+        (out / written_by_a_run).write_text("from the other run")
+    (out / "notes.txt").write_text("the user's")  # not a run's: --overwrite_output_dir deleted them, now kept
+    (out / "my_other_data").mkdir()
+    (out / "my_other_data" / "table.csv").write_text("a,b\n")
     save = ("--save_strategy", "steps", "--save_steps", "2", "--lr_scheduler_type", "constant")
-    first = run_finetune.main(_argv(cohort, out, *save, "--overwrite_output_dir", "true"))
-    assert not (out / "stale.txt").exists() and np.isfinite(first["test"]["auroc"])
+    with caplog.at_level(logging.WARNING, logger="bioperceiver.training.finetuning"):
+        first = run_finetune.main(_argv(cohort, out, *save, "--overwrite_output_dir", "true"))
+    assert np.isfinite(first["test"]["auroc"]) and "from" not in json.loads((out / "all_results.json").read_text())
+    assert not (out / "checkpoint-9").exists() and not (out / "odd_plot.png").exists()
+    assert not (out / "local_only" / "x.csv").exists()
+    assert (out / "roc_pr.png").read_bytes() != b"from the other run"  # removed, then written by this run
+    assert (out / "notes.txt").read_text() == "the user's" and (out / "my_other_data" / "table.csv").exists()
+    assert "kept 2 entries of" in caplog.text and "my_other_data/, notes.txt" in caplog.text
     record = json.loads((out / RUN_RECORD).read_text())
     assert len(record["run_id"]) == 12 and len(record["arguments_hash"]) == 64
     assert json.loads((out / "checkpoint-2" / RUN_RECORD).read_text()) == record  # checkpoints carry it too
     # a changed argument that defines the run is named; resuming with the same ones continues the same run
-    with pytest.raises(ValueError, match=r"learning_rate: 5e-05 -> 0\.5") as err:
+    with refused(capsys, r"learning_rate: 5e-05 -> 0\.5") as err:
         run_finetune.main(_argv(cohort, out, *save, "--resume_from_checkpoint", "latest", "--learning_rate", "0.5"))
     assert record["run_id"] in str(err.value)
+    (out / "checkpoint-4").mkdir()  # a crash while writing checkpoint-4: resuming continues from checkpoint-2
+    (out / "checkpoint-4" / "config.json").write_text("{}")
     second = run_finetune.main(_argv(cohort, out, *save, "--resume_from_checkpoint", "latest", "--max_steps", "4"))
     assert second["train"]["epoch"] > first["train"]["epoch"]
     assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
@@ -182,7 +207,7 @@ def test_overwrite_clears_and_resume_checks_the_run_record(cohort, tmp_path):
     assert resumed["run_id"] == record["run_id"] and resumed["arguments_hash"] == record["arguments_hash"]
     assert resumed["arguments"]["max_steps"] == 4
     # and without either flag the folder is refused
-    with pytest.raises(ValueError, match="already holds a finetuning run"):
+    with refused(capsys, "already holds a finetuning run"):
         run_finetune.main(_argv(cohort, out, *save))
 
 
@@ -199,8 +224,30 @@ def test_resume_record_check_is_exact_and_names_every_changed_key(tmp_path):
     assert again["run_id"] == record["run_id"]
     with pytest.raises(ValueError, match=r"head_type: 'pooled' -> 'query', seed: 0 -> 1\."):
         check_output_dir(tmp_path, {**args, "seed": 1, "head_type": "query"}, resume=last, overwrite=False)
-    with pytest.raises(ValueError, match="not a checkpoint folder"):
+    with pytest.raises(ValueError, match="not a complete checkpoint folder"):
         resolve_resume_checkpoint(str(tmp_path / "checkpoint-9"), tmp_path)
+
+
+def test_resume_latest_passes_over_a_checkpoint_whose_writing_was_interrupted(tmp_path, caplog):
+    """A run killed while the Trainer wrote checkpoint-12 leaves a folder holding only config.json (the Trainer
+    writes trainer_state.json last): ``latest`` is the last complete checkpoint, never the partial one, and the
+    partial one is named. transformers' own get_last_checkpoint returned checkpoint-12, which the Trainer then
+    refused ("Can't find a valid checkpoint")."""
+    for step in (6, 12):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "config.json").write_text("{}")
+    (tmp_path / "checkpoint-6" / "trainer_state.json").write_text("{}")
+    with caplog.at_level(logging.WARNING, logger="bioperceiver.training.finetuning"):
+        assert resolve_resume_checkpoint("latest", tmp_path) == str(tmp_path / "checkpoint-6")
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "checkpoint-12 incomplete (no trainer_state.json" in warning and "resuming from checkpoint-6" in warning
+    assert (tmp_path / "checkpoint-12").is_dir()  # nothing is deleted: training writes it again
+    with pytest.raises(ValueError, match="not a complete checkpoint folder"):  # passed explicitly: refused
+        resolve_resume_checkpoint(str(tmp_path / "checkpoint-12"), tmp_path)
+    only_partial = tmp_path / "only_partial"
+    (only_partial / "checkpoint-3").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"holds no complete checkpoint-\* folder to resume \(checkpoint-3 incomplete"):
+        resolve_resume_checkpoint("latest", only_partial)
 
 
 def _bad_manifest(cohort, tmp_path: Path, *, duplicate: bool) -> Path:
@@ -216,29 +263,31 @@ def _bad_manifest(cohort, tmp_path: Path, *, duplicate: bool) -> Path:
     return path
 
 
-def test_the_manifest_is_validated_before_any_work(cohort, tmp_path, monkeypatch):
+def test_the_manifest_is_validated_before_any_work(cohort, tmp_path, monkeypatch, capsys):
     def refuse(*_args, **_kwargs):
         raise WorkStarted
 
     monkeypatch.setattr(BioPerceiverProcessor, "fit", refuse)
     dup = {**cohort, "manifest": _bad_manifest(cohort, tmp_path, duplicate=True)}
-    with pytest.raises(ManifestError) as err:  # on_error=raise: every problem is blocking, all listed at once
+    with refused(capsys, "", ManifestError) as err:  # on_error=raise: every problem is blocking, all listed at once
         run_finetune.main(_argv(dup, tmp_path / "a", "--on_error", "raise"))
     assert set(err.value.report.counts()) == {"duplicate_id", "empty_text"}
     assert "duplicate_id=1" in str(err.value) and "empty_text=1" in str(err.value)
     for on_error in ("skip", "skip_sample", "skip_modality"):  # manifest-level problems stop every mode
-        with pytest.raises(ManifestError, match="duplicate_id=1") as err:
+        with refused(capsys, "duplicate_id=1", ManifestError) as err:
             run_finetune.main(_argv(dup, tmp_path / on_error, "--on_error", on_error))
         assert "empty_text" not in str(err.value)
     # per-sample content follows --on_error: the run goes on to fit processors
     note = {**cohort, "manifest": _bad_manifest(cohort, tmp_path, duplicate=False)}
-    with pytest.raises(ManifestError, match="empty_text=1"):
+    with refused(capsys, "empty_text=1", ManifestError):
         run_finetune.main(_argv(note, tmp_path / "b", "--on_error", "raise"))
     for i, on_error in enumerate((None, "skip_sample")):  # None: the default, skip_modality
         with pytest.raises(WorkStarted):
             run_finetune.main(_argv(note, tmp_path / f"c{i}", *(("--on_error", on_error) if on_error else ())))
     with pytest.raises(ValueError, match=r"--on_error 'ignore': choose one of .*skip_modality"):
         DataArguments(manifest="m", task="classification", on_error="ignore")
+    with refused(capsys, r"--on_error 'ignore': choose one of", ValueError):  # on the command line: one line
+        run_finetune.main(_argv(cohort, tmp_path / "d", "--on_error", "ignore"))
 
 
 @pytest.mark.parametrize("head_type", ["pooled", "query"])
@@ -391,3 +440,217 @@ def test_predict_ensemble_names_bad_model_dirs(cohort, tmp_path):
         ensemble.main(["--model_dirs", str(tmp_path), "--output_dir", out])
     with pytest.raises(ValueError, match=r"not a run_finetune.py output folder \(no finetuning_task.json\)"):
         ensemble.main(["--model_dirs", str(cohort["backbone"]), "--output_dir", out])
+
+
+def _relabelled(cohort, tmp_path: Path, name: str, column: str, values: dict[int, object], text: bool = False) -> dict:
+    """The cohort with ``column`` changed in the rows ``{position among the split's rows: value}`` of the training
+    split (``text``: the column written as text, as a CSV export with a word in it reads)."""
+    manifest = read_manifest(cohort["manifest"])
+    table = manifest.table.copy()
+    train = table.index[table["split"] == "train"]
+    if text:
+        table[column] = table[column].map(lambda v: None if pd.isna(v) else str(v))
+    for position, value in values.items():
+        table.loc[train[position], column] = value
+    path = cohort["manifest"].parent / f"{tmp_path.name}_{name}.parquet"
+    write_manifest(table, path, manifest.metadata)
+    return {**cohort, "manifest": path, "bad_ids": [table.loc[train[p], "sample_id"] for p in values]}
+
+
+def _task_argv(cohort, out: Path, task: str, *args: str) -> list[str]:
+    argv = _argv(cohort, out, *args)
+    at = argv.index("--task")
+    columns = {
+        "regression": ["--label_column", "label_regression"],
+        "survival": ["--time_column", "label_survival_time", "--event_column", "label_survival_event"],
+    }[task]
+    return [*argv[:at], "--task", task, *columns, *argv[at + 4 :]]
+
+
+@pytest.mark.parametrize(
+    ("task", "column", "value", "reason"),
+    [
+        ("regression", "label_regression", float("inf"), "non_finite_label"),
+        ("regression", "label_regression", "poorly differentiated", "bad_label"),
+        ("survival", "label_survival_time", "abc", "bad_label"),
+    ],
+)
+def test_an_unusable_training_label_is_named_or_skipped_when_asked(
+    cohort, tmp_path, caplog, capsys, task, column, value, reason
+):
+    """An inf or a word in a numeric label column: by default an error naming the sample, the column and the fix
+    before training (it trained on the inf and died at evaluation with "predictions contains NaN", or gave a bare
+    "could not convert string to float"); with --on_error skip_sample a counted, logged skip, and the run trains on
+    the other rows only."""
+    data = _relabelled(cohort, tmp_path, reason, column, {0: value}, text=isinstance(value, str))
+    bad = data["bad_ids"][0]
+    with refused(capsys, rf"sample '{bad}', modality '{column}'.*--on_error skip_sample", DataError) as err:
+        run_finetune.main(_task_argv(data, tmp_path / "default", task))
+    assert err.value.reason == reason
+    with caplog.at_level(logging.INFO, logger="run_finetune"):
+        results = run_finetune.main(_task_argv(data, tmp_path / "skip", task, "--on_error", "skip_sample"))
+    assert results["label_rows_left_out"]["train"]["bad_label"] == {reason: {"rows": 1, "examples": [bad]}}
+    train_rows = int(results["split_sizes"]["train"].split()[0])
+    assert train_rows == (read_manifest(data["manifest"]).table["split"] == "train").sum() - 1
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"train: 1 of {train_rows + 1} rows with an unusable ['{column}'" in logged and bad in logged
+    metric = "rmse" if task == "regression" else "c_index"
+    assert np.isfinite(results["test"][metric])
+    saved = json.loads((tmp_path / "skip" / "all_results.json").read_text())
+    assert saved["label_rows_left_out"]["train"]["bad_label"][reason]["rows"] == 1
+
+
+def test_rows_without_a_label_are_counted_in_every_split(cohort, tmp_path, caplog, monkeypatch):
+    """A NaN label in the training split was dropped silently (only the validation/test splits said so)."""
+    data = _relabelled(cohort, tmp_path, "nan", "label_regression", {0: None, 3: None})
+    monkeypatch.setattr(finetune_loop, "build_datasets", _stop)  # the count is known before any data processing
+    with caplog.at_level(logging.INFO, logger="run_finetune"), pytest.raises(WorkStarted):
+        run_finetune.main(_task_argv(data, tmp_path / "out", "regression"))
+    n_train = (read_manifest(data["manifest"]).table["split"] == "train").sum()
+    assert f"train: 2 of {n_train} rows have no ['label_regression'] label and are left out" in caplog.text
+
+
+def _stop(*_args, **_kwargs):
+    raise WorkStarted
+
+
+def _without_do_train(argv: list[str]) -> list[str]:
+    at = argv.index("--do_train")
+    return argv[:at] + argv[at + 2 :]
+
+
+def test_without_do_train_a_backbone_or_random_model_is_refused_before_any_work(cohort, tmp_path, no_work, capsys):
+    """transformers' --do_train defaults to false: the run evaluated and saved a random head on the backbone as a
+    finished finetune ("Finetuning (classification) finished: test auroc 0.4853"), which `bioperceiver predict`
+    then accepted."""
+    backbone = ("--model_name_or_path", str(cohort["backbone"]))
+    for i, extra in enumerate((backbone, ("--model_name_or_path", "none"), ())):
+        with refused(capsys, r"--do_train is not set.*Pass --do_train true to finetune") as err:
+            run_finetune.main(_without_do_train(_argv(cohort, tmp_path / f"o{i}", *extra)))
+        assert "give a finetuned folder" in str(err.value)
+        assert not (tmp_path / f"o{i}").exists()  # nothing written
+    with refused(capsys, "--resume_from_checkpoint latest without --do_train"):
+        run_finetune.main(_without_do_train(_argv(cohort, tmp_path / "r", "--resume_from_checkpoint", "latest")))
+
+
+def test_without_do_train_a_finetuned_folder_is_evaluated_as_it_is(cohort, tmp_path):
+    """Evaluation only (no --do_train) of a run_finetune.py output folder: its trained head is used, so the test
+    metrics are the finetuned run's own, and the saved weights are unchanged."""
+    from safetensors.torch import load_file
+
+    backbone = ("--model_name_or_path", str(cohort["backbone"]), "--learning_rate", "1e-2")
+    first = run_finetune.main(_argv(cohort, tmp_path / "ft", *backbone))
+    again = run_finetune.main(
+        _without_do_train(_argv(cohort, tmp_path / "eval", "--model_name_or_path", str(tmp_path / "ft")))
+    )
+    assert "train" not in again
+    assert again["test"]["auroc"] == pytest.approx(first["test"]["auroc"], abs=1e-6)
+    trained, evaluated = (
+        load_file(tmp_path / "ft" / "model.safetensors"),
+        load_file(tmp_path / "eval" / "model.safetensors"),
+    )
+    assert trained.keys() == evaluated.keys()
+    assert all(torch.equal(trained[k], evaluated[k]) for k in trained)
+
+
+def test_refusals_are_one_error_line_with_exit_status_2(cohort, tmp_path, capsys, monkeypatch):
+    """Every refusal printed a Python traceback; now one ``run_finetune.py: error:`` line (the message names what to
+    pass instead) and exit status 2, as run_pretrain.py and argparse do. A bug (any other exception) keeps its
+    traceback."""
+    monkeypatch.setattr(BioPerceiverProcessor, "fit", _stop)  # every refusal comes before the processors are fitted
+    with refused(capsys, r"--manifest .*nope\.parquet does not exist") as err:
+        run_finetune.main([*_argv(cohort, tmp_path / "a"), "--manifest", str(tmp_path / "nope.parquet")])
+    assert err.stderr.count("\n") == 1 and "Traceback" not in err.stderr
+    argv = _argv(cohort, tmp_path / "b")
+    argv[argv.index("--label_column") + 1] = "label_nope"
+    with refused(capsys, r"label column 'label_nope' is not in the manifest; label columns: \[.*'label_binary'"):
+        run_finetune.main(argv)
+    monkeypatch.setattr(finetune_loop, "read_manifest", _stop)  # a mistyped task: before the manifest is read
+    argv = _argv(cohort, tmp_path / "c")
+    argv[argv.index("--task") + 1] = "clasification"
+    with refused(capsys, r"task 'clasification'; choose one of \[.*'classification'"):
+        run_finetune.main(argv)
+    assert not any((tmp_path / d).exists() for d in "abc")  # nothing written
+
+
+def test_a_bug_keeps_its_traceback(cohort, tmp_path, monkeypatch):
+    def broken(*_args, **_kwargs):
+        raise ValueError("a bug, not the user's input")
+
+    monkeypatch.setattr(finetune_loop, "build_datasets", broken)
+    with pytest.raises(ValueError, match="a bug, not the user's input"):
+        run_finetune.main(_argv(cohort, tmp_path / "out"))
+
+
+@pytest.mark.parametrize("flag", [(), ("--overwrite_output_dir", "true"), ("--resume_from_checkpoint", "latest")])
+def test_a_pretraining_run_folder_is_never_a_finetuning_output_dir(cohort, tmp_path, capsys, no_work, flag):
+    """A pretrain/run_pretrain.py output folder (checkpoints/, final/, history.json) was accepted as --output_dir and
+    written beside, even with --overwrite_output_dir while its final/ was the model being finetuned."""
+    pre = tmp_path / "pretrain"
+    shutil.copytree(cohort["backbone"], pre / "final")
+    (pre / "checkpoints" / "checkpoint-10").mkdir(parents=True)
+    (pre / "history.json").write_text("[]")
+    before = sorted(str(p.relative_to(pre)) for p in pre.rglob("*"))
+    argv = _argv(cohort, pre, "--model_name_or_path", str(pre / "final"), *flag)
+    with refused(
+        capsys, r"holds a pretraining run of pretrain/run_pretrain.py \(checkpoints/, final/, history.json\)"
+    ) as err:
+        run_finetune.main(argv)
+    assert f"Pass a new --output_dir (e.g. {tmp_path / 'pretrain_finetuned'})" in err.stderr
+    assert sorted(str(p.relative_to(pre)) for p in pre.rglob("*")) == before  # nothing written or removed
+
+
+def _notes_emptied(cohort, tmp_path: Path, name: str, rows: dict[str, list[int] | str]) -> dict:
+    """The cohort with ``text_note`` blanked (an ``empty_text`` error, dropped under skip_modality) in the given rows
+    of each split (positions among its rows, or ``"all"``)."""
+    manifest = read_manifest(cohort["manifest"])
+    table = manifest.table.copy()
+    blanked = {}
+    for split, positions in rows.items():
+        index = table.index[(table["split"] == split) & table["text_note"].notna()]
+        index = index if positions == "all" else index[positions]
+        table.loc[index, "text_note"] = "   "
+        blanked[split] = list(table.loc[index, "sample_id"])
+    path = cohort["manifest"].parent / f"{tmp_path.name}_{name}.parquet"
+    write_manifest(table, path, manifest.metadata)
+    return {**cohort, "manifest": path, "blanked": blanked}
+
+
+def test_dropped_modality_values_are_summarised_per_split(cohort, tmp_path, caplog):
+    """Values dropped under the default --on_error skip_modality were never summarised: now counted per split and
+    modality with the first sample ids, logged and in all_results.json."""
+    data = _notes_emptied(cohort, tmp_path, "some", {"train": [0, 2], "test": [1]})
+    with caplog.at_level(logging.WARNING, logger="run_finetune"):
+        results = run_finetune.main(_argv(data, tmp_path / "out"))
+    table = read_manifest(data["manifest"]).table
+    notes = {s: int(((table["split"] == s) & table["text_note"].notna()).sum()) for s in ("train", "test")}
+    dropped = results["dropped_modality_values"]
+    assert dropped["train"] == {
+        "text_note": {
+            "values": notes["train"],
+            "dropped": 2,
+            "reasons": {"empty_text": 2},
+            "examples": data["blanked"]["train"],
+        }
+    }
+    assert (
+        dropped["test"]["text_note"]["dropped"] == 1
+        and dropped["test"]["text_note"]["examples"] == data["blanked"]["test"]
+    )
+    assert "validation" not in dropped and "tabular_ehr" not in dropped["train"]
+    assert json.loads((tmp_path / "out" / "all_results.json").read_text())["dropped_modality_values"] == dropped
+    assert f"train: dropped 2 of {notes['train']} 'text_note' value(s) (empty_text 2; e.g. samples " in caplog.text
+    clean = run_finetune.main(_argv(cohort, tmp_path / "clean"))
+    assert clean["dropped_modality_values"] == {}
+
+
+def test_a_modality_that_loses_every_training_value_is_refused(cohort, tmp_path, capsys):
+    """With a pretrained model's processors nothing is fitted, so only this check sees that the training rows hold no
+    usable note (processors fitted here refuse it themselves: no value to fit on)."""
+    data = _notes_emptied(cohort, tmp_path, "all", {"train": "all"})
+    argv = _argv(data, tmp_path / "out", "--model_name_or_path", str(cohort["backbone"]))
+    with refused(capsys, r"every training value of 'text_note' was dropped.*--modalities tabular_ehr") as err:
+        run_finetune.main(argv)
+    assert "empty_text" in str(err.value) and not (tmp_path / "out" / "model.safetensors").exists()
+    with refused(capsys, r"modality 'text_note': no readable value to fit on", DataError):
+        run_finetune.main(_argv(data, tmp_path / "fitted"))

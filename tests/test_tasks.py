@@ -410,3 +410,60 @@ def test_every_head_parameter_is_initialised_on_every_load_path(cls, head_type, 
         assert all(torch.isfinite(p).all() for p in model.parameters())
     for name, p in bp.BioPerceiverModel.from_pretrained(tmp_path / "lora_finetuned").state_dict().items():
         torch.testing.assert_close(p, merged.state_dict()[f"bioperceiver.{name}"], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("name", "settings", "column", "value", "reason"),
+    [
+        ("regression", {"label_column": "y"}, "y", float("inf"), "non_finite_label"),
+        ("regression", {"label_column": "y"}, "y", "poorly differentiated", "bad_label"),
+        ("survival", {"time_column": "t", "event_column": "e"}, "t", "abc", "bad_label"),
+        ("survival", {"time_column": "t", "event_column": "e"}, "t", float("-inf"), "non_finite_label"),
+        ("survival", {"time_column": "t", "event_column": "e"}, "t", -1.0, "bad_label"),
+        ("survival", {"time_column": "t", "event_column": "e"}, "e", "maybe", "bad_label"),
+        ("classification", {"label_column": "y"}, "y", float("inf"), "non_finite_label"),
+    ],
+)
+def test_an_unusable_label_is_a_data_error_naming_the_sample_and_the_column(name, settings, column, value, reason):
+    """Text in a numeric label column and an infinite label are named before fitting (``check_label``), by ``fit``
+    and by ``encode``: never a bare ``could not convert string to float`` and never an inf target."""
+    from bioperceiver.data import DataError
+    from bioperceiver.tasks import get_task
+
+    good = [{"sample_id": f"s{i}", "y": float(i % 2), "t": 1.0 + i, "e": i % 2} for i in range(4)]
+    bad = {**good[0], "sample_id": "bad1", column: value}
+    task = get_task(name, **settings)
+    assert all(task.check_label(r) for r in good)
+    assert task.check_label({"sample_id": "m", "y": None, "t": None, "e": None}) is False  # empty: left out, no error
+    with pytest.raises(DataError, match=rf"sample 'bad1', modality '{column}'.*Fix: ") as err:
+        task.check_label(bad)
+    assert err.value.reason == reason
+    fitted = get_task(name, **settings).fit(good)
+    with pytest.raises(DataError, match="sample 'bad1'"):
+        fitted.encode(bad)
+    if name == "regression":
+        with pytest.raises(DataError, match=r"sample 'bad1'.*is not (a|a finite) number"):
+            get_task(name, **settings).fit([*good, bad])
+        assert float(fitted.encode({"y": "2.5"})) == pytest.approx((2.5 - 0.5) / 0.5)  # numbers as text still work
+
+
+def test_classes_from_a_column_of_measurements_are_warned_about(caplog):
+    """A float column with many distinct values as classification targets: each value becomes its own class of a
+    few rows; the user is told to consider --task regression. Grades 1/2/3 (or 1.0/2.0/3.0) are not warned about."""
+    import logging
+
+    from bioperceiver.tasks import get_task
+
+    rng = np.random.default_rng(0)
+    rows = [{"y": float(round(v, 1))} for v in rng.normal(60, 10, 200)]
+    with caplog.at_level(logging.WARNING, logger="bioperceiver.tasks.classification"):
+        task = get_task("classification", label_column="y").fit(rows)
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert f"y: {len(task.classes)} classes" in warning and "from 200 training rows" in warning
+    assert "--task regression" in warning and "fractional" in warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bioperceiver.tasks.classification"):
+        get_task("classification", label_column="y").fit([{"y": float(g)} for g in (1, 2, 3) * 50])
+        get_task("classification", label_column="y").fit([{"y": g} for g in ("a", "b", "c", "d") * 50])
+        get_task("classification", label_column="y", classes=[0.5, 1.5, 2.5]).fit(rows)  # classes given: meant
+    assert not caplog.records

@@ -4,6 +4,7 @@ and finetuning a pretrained model on a cohort whose genes the pretrained vocabul
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -355,8 +356,10 @@ def test_extend_counts_overlapping_ids_with_trained_rows(cohorts):
 
 def test_finetune_without_extension_keeps_the_old_error(tmp_path, pretrained):
     manifest = _cohort_manifest(tmp_path, "disjoint", _genes(20, 26), 2.0, 2)
-    with pytest.raises(DataError, match=r"none of the .* measured genes is in the fitted vocabulary"):
+    with pytest.raises(SystemExit) as err:  # run_finetune.py: error: ... (exit status 2), caused by the DataError
         _finetune(manifest, pretrained, tmp_path / "ft", "--extend_vocabulary", "false", "--on_error", "raise")
+    assert err.value.code == 2 and isinstance(err.value.__cause__, DataError)
+    assert re.search(r"none of the .* measured genes is in the fitted vocabulary", str(err.value.__cause__))
 
 
 def test_top_k_by_variance_keeps_each_cohort_s_most_variable_measured_genes(cohorts):

@@ -219,26 +219,43 @@ class BioPerceiverProcessor:
         split: str | None = "train",
         modalities: list[str] | None = None,
         trained: Mapping[str, Any] | None = None,
+        *,
+        on_error: str = DEFAULT_ON_ERROR,
     ) -> dict[str, dict[str, Any]]:
         """Extend the vocabulary of every extensible processor (:meth:`ModalityProcessor.extend`) with the
         ``split`` rows of ``manifest`` (a new cohort's training split); ``{modality: counts}`` of the extended ones
         (modalities restricted to ``modalities``; those with no value in the split are left as they are).
         ``trained``: ``{modality: per existing id, whether pretraining trained its embedding row}``; the counts of
-        those modalities then include ``overlap_trained``."""
+        those modalities then include ``overlap_trained``. ``on_error`` treats a value that cannot be read as
+        :meth:`fit` does: left out of the extension (counted in :attr:`fit_report`, logged) or, with ``"raise"``,
+        raised."""
+        on_error = check_on_error(on_error)
         table = manifest.table
         if split is not None and "split" in table:
             table = table[table["split"] == split]
-        ids = table["sample_id"].tolist()
-        out = {}
+        out, self.fit_report = {}, SkipReport()
         for name, proc in self.processors.items():
             if not proc.extensible or name not in table or (modalities is not None and name not in modalities):
                 continue
-            values = table[name].tolist()
+            values, ids = table[name].tolist(), table["sample_id"].tolist()
             if all(is_missing(v) for v in values):
                 continue
             mask = (trained or {}).get(name)
             extra = {} if mask is None else {"trained": mask}  # a plugin's extend without the argument still works
-            out[name] = proc.extend(values, sample_ids=ids, base_dir=manifest.base_dir, **extra)
+
+            def extend(vals, sample_ids, proc=proc, extra=extra):  # a failed extend leaves the processor as it was
+                return proc.extend(vals, sample_ids=sample_ids, base_dir=manifest.base_dir, **extra)
+
+            out[name] = proc.dropping_unreadable(
+                extend,
+                values,
+                ids,
+                on_error=on_error,
+                report=self.fit_report,
+                what="the vocabulary extension",
+                aim="to extend the vocabulary with",
+            )
+        self.fit_report.log("vocabulary extension")
         return out
 
     def __call__(

@@ -113,11 +113,34 @@ class ModalityProcessor:
                 fix="check that the training split has samples with this modality, or drop the modality",
             )
         base = Path(base_dir) if base_dir is not None else None
-        while True:  # a bad value is dropped and the fit restarted: fits are cheap next to a run, bad values rare
+
+        def fit_once(vals, ids):
             self.state = {}
+            self._fit(vals, ids, base)
+
+        self.dropping_unreadable(fit_once, vals, ids, on_error=on_error, report=report)
+        logger.info("fitted %s processor %r on %d values", self.kind, self.name, len(vals))
+        return self
+
+    def dropping_unreadable(
+        self,
+        attempt: Callable[[list[Any], list[str]], Any],
+        vals: list[Any],
+        ids: list[str],
+        *,
+        on_error: str,
+        report: SkipReport | None = None,
+        what: str = "fitting",
+        aim: str = "to fit on",
+    ) -> Any:
+        """``attempt(vals, ids)`` (a fit, a vocabulary extension) with the training values' ``on_error``: a
+        :class:`DataError` naming one of ``ids`` drops that value from ``vals``/``ids`` (in place), is counted in
+        ``report`` (scope ``"modality"``) and logged as left out of ``what``, and ``attempt`` runs again (they are
+        cheap next to a run, bad values rare; ``attempt`` must leave the processor as it was when it raises); with
+        ``on_error="raise"``, or an error naming no listed sample, it is raised. Returns what ``attempt`` returns."""
+        while True:
             try:
-                self._fit(vals, ids, base)
-                break
+                return attempt(vals, ids)
             except DataError as err:
                 err = err.located(modality=self.name)
                 if on_error == "raise" or err.sample_id not in ids:
@@ -126,16 +149,14 @@ class ModalityProcessor:
                 del vals[j], ids[j]
                 if report is not None:
                     report.add(err, scope="modality")
-                logger.warning("left out of fitting: %s", err)
+                logger.warning("left out of %s: %s", what, err)
                 if not vals:
                     raise DataError(
                         "no_training_values",
-                        "no readable value to fit on (every training value was left out)",
+                        f"no readable value {aim} (every training value was left out)",
                         modality=self.name,
                         fix="fix the files of this modality (bioperceiver-validate MANIFEST), or drop the modality",
                     ) from None
-        logger.info("fitted %s processor %r on %d values", self.kind, self.name, len(vals))
-        return self
 
     # ---- vocabulary extension (finetuning on a cohort with new genes / features) --------------------------------
     def extend(

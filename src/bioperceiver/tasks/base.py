@@ -18,12 +18,16 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
+
+from ..data.errors import DataError
+from ..data.manifest import is_missing
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +115,25 @@ class Task:
     def check_differential_privacy(self) -> None:
         """Raise ``ValueError`` when this task's loss cannot be trained with DP-SGD (it must be a sum of
         per-sample terms, each depending on its own row only)."""
+
+    def check_label(self, record: dict) -> bool:
+        """Whether ``record`` has this task's label: ``False`` when a label cell is empty (the row is left out of
+        the task); raises :class:`~bioperceiver.data.DataError` naming the sample, the column and the fix for a label
+        nothing could be trained on (base: an infinite number; a numeric task also text). Needs no fitting: run it
+        on every split before :meth:`fit`, which may assume the rows passed it."""
+        values = [record.get(c) for c in self.columns]
+        if any(is_missing(v) for v in values):
+            return False
+        for column, value in zip(self.columns, values):
+            if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+                raise DataError(
+                    "non_finite_label",
+                    f"{column}={value!r} is not a finite value",
+                    sample_id=record.get("sample_id"),
+                    modality=column,
+                    fix="fix the value, or leave the cell empty to leave the row out of this task",
+                )
+        return True
 
     def fit(self, records: Sequence[dict]) -> Task:
         """Fit the label encoding on the training rows (classes, scaling); returns ``self``."""
@@ -309,6 +332,30 @@ def _plain(v: Any) -> Any:
     if isinstance(v, tuple):
         return list(v)
     return v
+
+
+def label_number(value: Any, record: dict, column: str, fix: str) -> float:
+    """A numeric label cell as a finite float; :class:`~bioperceiver.data.DataError` naming the sample and the column
+    for text (``bad_label``) or an infinite/NaN number (``non_finite_label``)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DataError(
+            "bad_label",
+            f"{column}={value!r} is not a number",
+            sample_id=record.get("sample_id"),
+            modality=column,
+            fix=fix,
+        ) from None
+    if not math.isfinite(number):
+        raise DataError(
+            "non_finite_label",
+            f"{column}={value!r} is not a finite number",
+            sample_id=record.get("sample_id"),
+            modality=column,
+            fix=fix,
+        )
+    return number
 
 
 def register_task(cls: type[Task]) -> type[Task]:

@@ -3,6 +3,7 @@ output kind the uncertainty code also accepts; :class:`ProbabilisticTask` holds 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,11 @@ from scipy.special import entr, expit, logsumexp, softmax
 from ..data.errors import DataError
 from ..data.manifest import is_missing
 from .base import Task, register_task
+
+logger = logging.getLogger(__name__)
+# a numeric label column with at least this many distinct values (or any fractional one) reads as a measurement,
+# not categories: classification is warned about (--task regression predicts the number)
+MANY_NUMERIC_CLASSES = 10
 
 
 def as_list(v: Any) -> list:
@@ -209,12 +215,32 @@ class ClassificationTask(ProbabilisticTask):
             self.classes = [f"not {self.positive_label}", str(self.positive_label)]
         elif not self.classes:
             self.classes = sorted({scalar(v) for v in values}, key=lambda x: (str(type(x)), x))
+            self._warn_if_continuous(len(values))
         if len(self.classes) < 2:
             raise ValueError(
                 f"{self.label_column}: the training split has {len(self.classes)} class(es) {self.classes}; a "
                 "classifier needs at least two (check the split or the column)"
             )
         return self
+
+    def _warn_if_continuous(self, rows: int) -> None:
+        """Classes found in a column of numbers that looks like a measurement (many distinct values, or fractional
+        ones): each value would be an unrelated class with a handful of rows. Warned, not refused (ages in years as
+        classes can be meant)."""
+        numbers = [c for c in self.classes if isinstance(c, (int, float)) and not isinstance(c, bool)]
+        fractional = any(isinstance(c, float) for c in numbers)  # scalar() turned whole floats into ints
+        if len(numbers) == len(self.classes) > 2 and (fractional or len(numbers) >= MANY_NUMERIC_CLASSES):
+            logger.warning(
+                "%s: %d classes (%s) from %d training rows (%.1f rows per class): the column holds %s numbers, a "
+                "measurement rather than categories? Pass --task regression to predict the number (or --label_values "
+                "to fix the classes)",
+                self.label_column,
+                len(numbers),
+                ", ".join(map(str, numbers[:5])) + (", ..." if len(numbers) > 5 else ""),
+                rows,
+                rows / len(numbers),
+                "fractional" if fractional else "many distinct",
+            )
 
     def encode(self, record: dict) -> torch.Tensor | None:
         v = record.get(self.label_column)

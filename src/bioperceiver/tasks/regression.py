@@ -10,7 +10,12 @@ import numpy as np
 import torch
 
 from ..data.manifest import is_missing
-from .base import Task, register_task
+from .base import Task, label_number, register_task
+
+FIX = (
+    "write a number, or leave the cell empty to leave the row out of this task (a column of categories: "
+    "--task classification)"
+)
 
 
 @register_task
@@ -27,9 +32,18 @@ class RegressionTask(Task):
         self.label_column = label_column
         self.target_mean, self.target_std = float(target_mean), float(target_std)
 
+    def value(self, record: dict) -> float | None:
+        """The row's label as a finite number, ``None`` when the cell is empty; ``DataError`` (naming the sample and
+        the column) for text or an infinite number, which would otherwise train on inf or fail without a name."""
+        v = record.get(self.label_column)
+        return None if is_missing(v) else label_number(v, record, self.label_column, FIX)
+
+    def check_label(self, record: dict) -> bool:
+        return self.value(record) is not None
+
     def fit(self, records: Sequence[dict]) -> RegressionTask:
-        values = [v for v in (r.get(self.label_column) for r in records) if not is_missing(v)]
-        y = np.asarray([float(v) for v in values], dtype=np.float64)
+        values = [v for v in map(self.value, records) if v is not None]
+        y = np.asarray(values, dtype=np.float64)
         if len(y) < 2:
             raise ValueError(f"{self.label_column}: fewer than two training targets")
         self.target_mean, self.target_std = float(y.mean()), float(y.std() or 1.0)
@@ -39,10 +53,10 @@ class RegressionTask(Task):
         return self.fit(records)
 
     def encode(self, record: dict) -> torch.Tensor | None:
-        v = record.get(self.label_column)
-        if is_missing(v):
+        v = self.value(record)
+        if v is None:
             return None
-        return torch.tensor((float(v) - self.target_mean) / self.target_std, dtype=torch.float32)
+        return torch.tensor((v - self.target_mean) / self.target_std, dtype=torch.float32)
 
     def decode(self, pred: np.ndarray) -> np.ndarray:
         """Standardised values -> the label's units."""

@@ -3,7 +3,6 @@ or a discrete-time logistic-hazard head over quantile time bins."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import torch
 
 from ..data.errors import DataError
 from ..data.manifest import is_missing
-from .base import Task, register_task
+from .base import Task, label_number, register_task
 
 SURVIVAL_LOSSES = ("cox", "discrete")
 
@@ -78,19 +77,30 @@ class SurvivalTask(Task):
             raise ValueError("task 'survival' needs time_column and event_column (e.g. label_survival_time)")
         super().check_columns(available, label_columns)
 
-    def encode(self, record: dict) -> torch.Tensor | None:
+    def label(self, record: dict) -> tuple[float, float] | None:
+        """``(time, event)`` of the row, ``None`` when a cell is empty; ``DataError`` naming the sample and the column
+        for a time that is text, infinite or negative, or an event that is not an indicator."""
         t, e = record.get(self.time_column), record.get(self.event_column)
         if is_missing(t) or is_missing(e):
             return None
-        if not math.isfinite(float(t)) or float(t) < 0:
+        fix = "fix the follow-up time or leave the cell empty to drop the row from this task"
+        time = label_number(t, record, self.time_column, fix)
+        if time < 0:
             raise DataError(
                 "bad_label",
                 f"{self.time_column}={t!r} is not a non-negative number",
                 sample_id=record.get("sample_id"),
                 modality=self.time_column,
-                fix="fix the follow-up time or leave the cell empty to drop the row from this task",
+                fix=fix,
             )
-        return torch.tensor([float(t), event_indicator(e, record, self.event_column)], dtype=torch.float32)
+        return time, event_indicator(e, record, self.event_column)
+
+    def check_label(self, record: dict) -> bool:
+        return self.label(record) is not None
+
+    def encode(self, record: dict) -> torch.Tensor | None:
+        label = self.label(record)
+        return None if label is None else torch.tensor(label, dtype=torch.float32)
 
     # ---- model ------------------------------------------------------------------------------------------------
     def model_class(self) -> type:
@@ -108,8 +118,9 @@ class SurvivalTask(Task):
 
         out: dict[str, Any] = {"survival_loss": self.loss, "survival_ties": self.ties}
         if self.loss == "discrete":
-            times = [float(r[self.time_column]) for r in train_records]
-            events = [int(r[self.event_column]) for r in train_records]
+            labels = [label for label in map(self.label, train_records) if label is not None]
+            times = [t for t, _ in labels]
+            events = [int(e) for _, e in labels]
             out["survival_time_bins"] = [float(b) for b in make_time_bins(times, events, self.num_time_bins)]
         return out
 

@@ -8,6 +8,7 @@ model + processors + task, the model card and ``all_results.json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -32,15 +33,19 @@ from ..data import (
     load_processor_settings,
     read_manifest,
 )
+from ..data.errors import DataError
 from ..data.manifest import is_missing
+from ..data.validate import ManifestError
 from ..evaluation.report import ReportSettings, evaluate_and_report, headline
 from ..factory import create_config
 from ..tasks import Task
 from .arguments import DataArguments, ModelArguments, task_settings
 from .finetuning import (
     RUN_RECORD,
+    FinetuneInputError,
     check_modalities_match,
     check_model_path,
+    check_not_a_pretraining_run,
     check_output_dir,
     compute_latents,
     configure_finetuning,
@@ -71,12 +76,25 @@ ROOT = Path(__file__).resolve().parents[3]
 LOWER_IS_BETTER = ("loss", "mse", "rmse", "mae", "brier", "log_loss")
 
 
+@contextlib.contextmanager
+def input_errors():
+    """The ``ValueError`` of a check of the user's settings or labels made by another module (the task, the DP
+    settings) as a :class:`~.finetuning.FinetuneInputError` (``DataError``/``ManifestError`` pass unchanged): wrap only
+    calls whose every ``ValueError`` is such a check, so that a bug elsewhere still shows its traceback."""
+    try:
+        yield
+    except (FinetuneInputError, DataError, ManifestError):
+        raise
+    except ValueError as err:
+        raise FinetuneInputError(str(err)) from err
+
+
 def subsample_patients(records: list[dict], fraction: float, seed: int) -> list[dict]:
     """Keep a seeded ``fraction`` of training *patients* (all their rows): the label-efficiency setting."""
     if fraction >= 1.0:
         return records
     if fraction <= 0:
-        raise ValueError(f"label_fraction must be in (0, 1], got {fraction}")
+        raise FinetuneInputError(f"label_fraction must be in (0, 1], got {fraction}")
     patients = sorted({str(r.get("patient_id")) for r in records})
     rng = np.random.default_rng(seed)
     kept = set(rng.choice(patients, size=max(2, math.ceil(fraction * len(patients))), replace=False).tolist())
@@ -140,10 +158,14 @@ def check_before_work(model_args, data_args, training_args):
     first, checkpoint to resume)``; raises ``ValueError`` saying what to pass instead."""
     if model_args.model_name_or_path:
         check_model_path(model_args.model_name_or_path)
+    check_something_to_evaluate(model_args, training_args)
+    with input_errors():  # a mistyped --task (or task setting) before the manifest is read
+        Task.from_dict(task_settings(model_args, data_args))
     folder = processor_folder(data_args.processor_dir, model_args.model_name_or_path)
     if folder is not None:
         check_modalities(model_args, data_args, saved_processor_modalities(folder), f"the processors in {folder}")
     out = Path(training_args.output_dir)
+    check_not_a_pretraining_run(out)  # before resolving --resume_from_checkpoint in it
     resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, out)
     arguments = resolved_arguments(model_args, data_args, training_args)
     protected = (model_args.model_name_or_path, data_args.processor_dir, data_args.manifest)
@@ -151,6 +173,50 @@ def check_before_work(model_args, data_args, training_args):
         out, arguments, resume=resume, overwrite=data_args.overwrite_output_dir, protected=protected
     )
     return record, clear, resume
+
+
+def has_trained_head(model_name_or_path: str | None) -> bool:
+    """Whether ``model_name_or_path`` is a finetuned model (a ``run_finetune.py`` output folder, with its
+    ``finetuning_task.json``; on the hub, a config of a task architecture) rather than a backbone, whose task head
+    would start at random."""
+    from ..tasks import SPEC_NAME
+
+    if not model_name_or_path:
+        return False
+    if Path(model_name_or_path).expanduser().is_dir():
+        return (Path(model_name_or_path).expanduser() / SPEC_NAME).exists()
+    architectures = transformers.AutoConfig.from_pretrained(model_name_or_path).architectures or []
+    return any(a != "BioPerceiverModel" for a in architectures)
+
+
+def check_something_to_evaluate(model_args, training_args) -> None:
+    """Without ``--do_train`` (transformers' ``TrainingArguments`` defaults it to false) a run only evaluates and
+    saves the model it is given: refused for a backbone (a pretraining ``final/`` folder) or ``none``, whose task head
+    would be random and yet be saved and reported as a finished finetune; allowed for a finetuned folder (evaluation
+    on this manifest). ``--resume_from_checkpoint`` without ``--do_train`` would load no checkpoint: refused."""
+    if training_args.do_train:
+        return
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and str(resume).lower() not in ("", "false", "none", "no"):
+        raise FinetuneInputError(
+            f"--resume_from_checkpoint {resume} without --do_train: only training loads a checkpoint, so the run "
+            "would evaluate the model it starts from. Pass --do_train true to continue the run"
+        )
+    path = model_args.model_name_or_path
+    if has_trained_head(path):
+        logger.info("no --do_train: evaluating the finetuned model %s as it is (no training)", path)
+        return
+    what = (
+        f"the backbone {path} (no finetuning_task.json: not a run_finetune.py output folder)"
+        if path
+        else "a randomly initialised model (--model_name_or_path not given or none)"
+    )
+    raise FinetuneInputError(
+        f"--do_train is not set (transformers' TrainingArguments default it to false), so nothing would be trained: "
+        f"{what} would be evaluated and saved with a random task head as if finetuned. Pass --do_train true to "
+        "finetune; to evaluate without training, give a finetuned folder (the --output_dir of an earlier "
+        "run_finetune.py run) as --model_name_or_path"
+    )
 
 
 def check_modalities(model_args, data_args, modalities: list[str], source: str) -> list[str]:
@@ -239,7 +305,9 @@ def extend_vocabulary(model_args, data_args, processor, manifest, used: list[str
     if processor_folder(data_args.processor_dir, model_args.model_name_or_path) is None:
         return {}  # fitted on this training split: nothing to extend
     trained = trained_id_rows(model_args.model_name_or_path, processor)
-    report = processor.extend(manifest, split=data_args.train_split, modalities=used, trained=trained)
+    report = processor.extend(
+        manifest, split=data_args.train_split, modalities=used, trained=trained, on_error=data_args.on_error
+    )
     for name, counts in report.items():
         logger.info(
             "vocabulary of %r extended on the %s split: %d added, %d overlapping with the pretrained vocabulary%s "
@@ -284,7 +352,7 @@ def build_model(model_args, task: Task, processor, embedders, train_records, use
         config = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path, **head)
         missing = sorted(set(used) - set(config.modality_names))
         if missing:
-            raise ValueError(
+            raise FinetuneInputError(
                 f"modalities {missing} are used but {model_args.model_name_or_path} was not built with them; "
                 f"restrict --modalities to {config.modality_names} or pretrain with them"
             )
@@ -305,9 +373,10 @@ def run_finetuning(
     with the test metrics; on the others, what was known before the report)."""
     normalise_arguments(model_args, training_args)
     out = Path(training_args.output_dir)
-    dp = DPSettings.from_arguments(model_args)  # None: no differential privacy
+    with input_errors():
+        dp = DPSettings.from_arguments(model_args)  # None: no differential privacy
     if dp is not None and model_args.head_linear_modalities and model_args.head_linear_fit:
-        raise ValueError(
+        raise FinetuneInputError(
             "--head_linear_fit fits the linear term on the training rows outside DP-SGD, which the privacy "
             "guarantee would not cover; pass --head_linear_fit false (the term then starts at zero and trains "
             "under DP-SGD with the rest)"
@@ -318,13 +387,14 @@ def run_finetuning(
     t0 = time.perf_counter()
     manifest, task = load_manifest_and_task(model_args, data_args, training_args)
     if dp is not None:
-        check_dp_run(training_args, task, resume)
+        with input_errors():
+            check_dp_run(training_args, task, resume)
     with training_args.main_process_first(desc="every process checked output_dir"):
         pass
     with training_args.main_process_first(desc="preparing output_dir"):
         if training_args.should_save:
             start_run(out, record, clear)
-    labelled = labelled_splits(manifest, task, data_args, training_args.seed)
+    labelled, labels_left_out = labelled_splits(manifest, task, data_args, training_args.seed)
     train_recs = labelled[data_args.train_split][0]
     processor, embedders = load_processor(model_args, data_args, manifest)
     used = used_modalities(model_args, data_args, processor)
@@ -335,10 +405,11 @@ def run_finetuning(
         model.resize_modality_vocabularies(processor.model_modalities())
     train_ds, evals = build_datasets(labelled, processor, manifest.base_dir, used, data_args, training_args)
     eval_ds, test_ds = evals[data_args.eval_split], evals[data_args.test_split]
+    dropped = dropped_modality_values(labelled, evals, processor, manifest.base_dir, used, data_args)
     linear_fit = None
     if getattr(model, "linear_term", None) is not None and model_args.head_linear_fit and training_args.do_train:
         if dp is not None:  # a finetuned folder's own linear term (no --head_linear_modalities given)
-            raise ValueError(
+            raise FinetuneInputError(
                 f"{model_args.model_name_or_path} has a linear term on {model.linear_term.names}; fitting it outside "
                 "DP-SGD is not covered by the privacy guarantee: pass --head_linear_fit false"
             )
@@ -371,6 +442,9 @@ def run_finetuning(
         results["linear_term"] = linear_fit
     results["manifest"] = str(Path(data_args.manifest).resolve())
     results["modalities"] = used
+    if labels_left_out:
+        results["label_rows_left_out"] = labels_left_out
+    results["dropped_modality_values"] = dropped  # {} when nothing was dropped
     results["split_sizes"] = {
         data_args.train_split: _rows_patients(train_recs),
         data_args.eval_split: _rows_patients(eval_ds.samples),
@@ -475,6 +549,11 @@ def load_manifest_and_task(model_args, data_args, training_args):
             from ..data.recipes.demo import build_demo_cohort
 
             build_demo_cohort(manifest_path.parent, seed=0)
+    if not manifest_path.exists():
+        raise FinetuneInputError(
+            f"--manifest {data_args.manifest} does not exist (check the path and the working directory {Path.cwd()}"
+            "); the demo cohort is built there with --build_demo_cohort true"
+        )
     manifest = read_manifest(manifest_path)
     # cheap validation: manifest-level problems stop here with the full list; per-sample ones follow --on_error
     check_manifest_before_work(manifest, on_error=data_args.on_error, what="finetuning")
@@ -482,39 +561,89 @@ def load_manifest_and_task(model_args, data_args, training_args):
     if data_args.modalities:
         unknown = sorted(set(data_args.modalities) - set(manifest.modalities))
         if unknown:
-            raise ValueError(
+            raise FinetuneInputError(
                 f"--modalities {unknown} are not modality columns of the manifest {list(manifest.modalities)}"
             )
-    task = Task.from_dict(task_settings(model_args, data_args))
-    task.check_columns(list(manifest.table.columns), manifest.label_columns)
+    with input_errors():  # a mistyped --task or label column
+        task = Task.from_dict(task_settings(model_args, data_args))
+        task.check_columns(list(manifest.table.columns), manifest.label_columns)
     if processor_folder(data_args.processor_dir, model_args.model_name_or_path) is None:  # to be fitted here
         check_modalities(model_args, data_args, list(manifest.modalities), f"the modality columns of {manifest_path}")
     return manifest, task
 
 
-def labelled_splits(manifest, task: Task, data_args, seed: int) -> dict[str, tuple[list[dict], list]]:
-    """``{split: (records, targets)}`` of the train/eval/test splits; fits ``task`` on the training split and keeps
-    ``--label_fraction`` of its patients."""
-    splits = {
-        s: manifest.split(s).records() for s in (data_args.train_split, data_args.eval_split, data_args.test_split)
-    }
-    train_raw = [r for r in splits[data_args.train_split] if not any(is_missing(r.get(c)) for c in task.columns)]
+def labelled_splits(
+    manifest, task: Task, data_args, seed: int
+) -> tuple[dict[str, tuple[list[dict], list]], dict[str, dict[str, Any]]]:
+    """``({split: (records, targets)}, {split: rows left out})`` of the train/eval/test splits. Every split's labels
+    are checked first (:func:`rows_with_labels`: rows without a label counted and logged, unusable labels an error
+    or, with ``--on_error skip_sample``, a counted skip); then ``task`` is fitted on the training rows and
+    ``--label_fraction`` of their patients kept."""
+    names = (data_args.train_split, data_args.eval_split, data_args.test_split)
+    checked = {s: rows_with_labels(manifest.split(s).records(), task, s, data_args.on_error) for s in names}
+    splits = {s: rows for s, (rows, _) in checked.items()}
+    left_out = {s: report for s, (_, report) in checked.items() if report}
+    train_raw = splits[data_args.train_split]
     # the label set (classes, top-k) is the task's definition: fixed from the whole training split, so that every
     # --label_fraction solves the same task (pass --label_values to fix it yourself); the patients whose labels
     # are used, and the regression scaling, come from the kept fraction only
-    task.fit(train_raw)
+    with input_errors():  # e.g. a single class in the training split
+        task.fit(train_raw)
     splits[data_args.train_split] = subsample_patients(train_raw, data_args.label_fraction, seed)
     task.refit_on_subset(splits[data_args.train_split])  # regression: scaling of the rows actually trained on
     labelled = {s: labelled_records(recs, task, s, on_error=data_args.on_error) for s, recs in splits.items()}
     if not labelled[data_args.train_split][0]:
-        raise ValueError(f"no labelled rows in the {data_args.train_split} split for {task.columns}")
-    return labelled
+        raise FinetuneInputError(f"no labelled rows in the {data_args.train_split} split for {task.columns}")
+    return labelled, left_out
+
+
+def rows_with_labels(records: list[dict], task: Task, split: str, on_error: str) -> tuple[list[dict], dict[str, Any]]:
+    """The rows of ``split`` whose label ``task`` can use (:meth:`~bioperceiver.tasks.Task.check_label`, before the
+    task is fitted: an inf or a text label must never reach the fit or the loss), and what was left out. Rows without
+    a label are counted and logged (every split alike). A row whose label is unusable (text in a numeric column, inf,
+    a negative survival time) is an error naming the sample, the column and the fix, or, with ``--on_error
+    skip_sample`` (a label belongs to the whole sample), a counted skip logged with the first sample ids."""
+    kept, missing, bad, examples = [], 0, Counter(), {}
+    for r in records:
+        try:
+            has = task.check_label(r)
+        except DataError as err:
+            if on_error not in ("skip", "skip_sample"):
+                fix = f"{err.fix.rstrip('.')}; or pass --on_error skip_sample to leave such rows out (counted)"
+                raise DataError(
+                    err.reason, err.message, sample_id=err.sample_id, modality=err.modality, fix=fix
+                ) from None
+            bad[err.reason] += 1
+            examples.setdefault(err.reason, [])
+            if len(examples[err.reason]) < 3:
+                examples[err.reason].append(str(r.get("sample_id")))
+            continue
+        if has:
+            kept.append(r)
+        else:
+            missing += 1
+    if missing:
+        logger.info("%s: %d of %d rows have no %s label and are left out", split, missing, len(records), task.columns)
+    if bad:
+        logger.warning(
+            "%s: %d of %d rows with an unusable %s label skipped (--on_error %s): %s",
+            split,
+            sum(bad.values()),
+            len(records),
+            task.columns,
+            on_error,
+            "; ".join(f"{reason} {n} (e.g. {', '.join(examples[reason])})" for reason, n in sorted(bad.items())),
+        )
+    report = {"no_label": missing} if missing else {}
+    if bad:
+        report["bad_label"] = {reason: {"rows": n, "examples": examples[reason]} for reason, n in sorted(bad.items())}
+    return kept, report
 
 
 def used_modalities(model_args, data_args, processor: BioPerceiverProcessor) -> list[str]:
     """The processor's modalities restricted to ``--modalities`` (each must have a processor)."""
     if data_args.modalities and set(data_args.modalities) - set(processor.modalities):
-        raise ValueError(
+        raise FinetuneInputError(
             f"--modalities {sorted(set(data_args.modalities) - set(processor.modalities))} have no processor in "
             f"{data_args.processor_dir or model_args.model_name_or_path} (it has {list(processor.modalities)})"
         )
@@ -548,6 +677,76 @@ def build_datasets(labelled, processor, base_dir, used: list[str], data_args, tr
         len(evals[data_args.test_split]),
     )
     return train_ds, evals
+
+
+def dropped_modality_values(
+    labelled, evals, processor, base_dir, used: list[str], data_args
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per split and modality, the values dropped while processing (``--on_error skip_modality``: the sample goes on
+    without them; a sample left with none, or under ``skip_sample``, is dropped whole and its values count too):
+    ``{split: {modality: {"values", "dropped", "reasons", "examples"}}}``, only modalities that lost some. Logged
+    with the first sample ids. The training rows are processed once more here, unaugmented (training processes
+    them on the fly, possibly in dataloader workers); the evaluation splits' were processed already and only their
+    rows dropped whole are processed again. A modality that loses every value of the training split is an error
+    (the model would train without it while the run and its card say it is used); of an evaluation split, a warning
+    (its metrics are those of the model without it)."""
+    from ..data.dataset import ERROR_COLUMN
+    from ..data.processing import SKIPPED_KEY
+
+    def errors_of(out: dict) -> list[DataError]:
+        err = out.get(ERROR_COLUMN)
+        found = list(out.get(SKIPPED_KEY) or ())
+        if err is not None:
+            found += list(getattr(err, "skipped", ())) or [err]
+        return found
+
+    def scan(records) -> list[DataError]:
+        rows = ManifestDataset(
+            records, processor, base_dir=base_dir, train=False, modalities=used, on_error=data_args.on_error
+        )
+        return [e for i in range(len(rows)) for e in errors_of(rows[i])]
+
+    out = {}
+    for split, (records, _) in labelled.items():
+        if split in evals:
+            kept = {s["sample_id"] for s in evals[split].samples}
+            errors = [e for s in evals[split].samples for e in s.get(SKIPPED_KEY) or ()]
+            errors += scan([r for r in records if r.get("sample_id") not in kept])
+        else:
+            errors = scan(records)
+        per = {}
+        for err in errors:
+            if err.modality not in used:
+                continue
+            entry = per.setdefault(err.modality, {"values": 0, "dropped": 0, "reasons": Counter(), "examples": []})
+            entry["dropped"] += 1
+            entry["reasons"][err.reason] += 1
+            if len(entry["examples"]) < 3:
+                entry["examples"].append(str(err.sample_id))
+        for name, entry in per.items():
+            entry["values"] = sum(not is_missing(r.get(name)) for r in records)
+            entry["reasons"] = dict(entry["reasons"])
+            lost_all = entry["dropped"] >= entry["values"] > 0
+            text = (
+                f"{split}: dropped {entry['dropped']} of {entry['values']} {name!r} value(s) "
+                f"({', '.join(f'{r} {n}' for r, n in sorted(entry['reasons'].items()))}; e.g. samples "
+                f"{', '.join(entry['examples'])}) under --on_error {data_args.on_error}"
+            )
+            if lost_all and split == data_args.train_split:
+                raise FinetuneInputError(
+                    f"{text}: every training value of {name!r} was dropped, so the model would train without it. Fix "
+                    f"the values (the errors are logged above), or leave the modality out with --modalities "
+                    f"{' '.join(m for m in used if m != name)}"
+                )
+            if lost_all:
+                logger.warning(
+                    "%s: EVERY value of %r in this split was dropped: its metrics are without it", text, name
+                )
+            else:
+                logger.warning("%s: those samples went on without it", text)
+        if per:
+            out[split] = per
+    return out
 
 
 def linear_term_start(
@@ -690,7 +889,9 @@ def build_trainer(
         return task.evaluate(preds.reshape(len(labels), -1), labels, ci=False)
 
     if training_args.eval_strategy != "no" and not len(eval_ds):
-        raise ValueError(f"eval_strategy={training_args.eval_strategy} but the {data_args.eval_split} split is empty")
+        raise FinetuneInputError(
+            f"eval_strategy={training_args.eval_strategy} but the {data_args.eval_split} split is empty"
+        )
     kwargs = {"dp": dp} if dp is not None else {}
     return (DPTaskTrainer if dp is not None else TaskTrainer)(
         model=model,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import itertools
 import json
@@ -18,6 +19,14 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 FINETUNING_MODES = ("linear_probe", "partial", "full", "lora")
+
+
+class FinetuneInputError(ValueError):
+    """A finetuning run's input cannot be used as given (an argument, the model or processor folder, the output
+    folder, the manifest's columns); the message names it and what to pass instead. ``run_finetune.py`` prints it
+    as one ``error:`` line with exit status 2, as argparse does, instead of a traceback."""
+
+
 # LoRA goes on the latent path (queries, fused QKV, outputs, MLPs). The cross-attention's k_proj/v_proj are applied
 # inside a fused LayerNorm+projection kernel that reads their weights directly (layers.attention._NormKV), so an
 # adapter on them would be silently bypassed: they are never targeted.
@@ -51,7 +60,7 @@ def configure_finetuning(
       merge them after training with ``merge_and_unload()`` to get a plain model again.
     """
     if mode not in FINETUNING_MODES:
-        raise ValueError(f"finetuning mode {mode!r}; choose one of {FINETUNING_MODES}")
+        raise FinetuneInputError(f"finetuning mode {mode!r}; choose one of {FINETUNING_MODES}")
     backbone = model.bioperceiver
     if mode == "full":
         model.requires_grad_(True)
@@ -65,7 +74,7 @@ def configure_finetuning(
         if mode == "partial":
             layers = list(backbone.encoder.self_layers)
             if not 0 < unfreeze_last_n_layers <= len(layers):
-                raise ValueError(
+                raise FinetuneInputError(
                     f"unfreeze_last_n_layers={unfreeze_last_n_layers}: the encoder has {len(layers)} latent "
                     "self-attention layers"
                 )
@@ -78,7 +87,7 @@ def configure_finetuning(
         targets = lora_target_modules or DEFAULT_LORA_TARGETS
         names = [targets] if isinstance(targets, str) else list(targets)
         if any(n.split(".")[-1] in _BYPASSED for n in names):
-            raise ValueError(
+            raise FinetuneInputError(
                 "LoRA on the cross-attention's k_proj/v_proj would be bypassed by the fused LayerNorm+KV kernel; "
                 f"target other layers (default {DEFAULT_LORA_TARGETS!r})"
             )
@@ -92,7 +101,7 @@ def configure_finetuning(
         model = get_peft_model(model, config)
         wrapped = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and n.split(".")[-1] in _BYPASSED]
         if wrapped:  # a regex matched them anyway
-            raise ValueError(f"LoRA target pattern also matched fused projections {wrapped[:3]}; narrow it")
+            raise FinetuneInputError(f"LoRA target pattern also matched fused projections {wrapped[:3]}; narrow it")
     counts = count_parameters(model)
     logger.info(
         "finetuning mode %s: %d of %d parameters trainable (%.2f%%)",
@@ -160,7 +169,7 @@ def fit_linear_term(
     intercept = torch.zeros(term.out_features, device=device, dtype=dtype, requires_grad=True)
     grid = [float(x) for x in l2]
     if not grid or any(x < 0 for x in grid):
-        raise ValueError(f"linear term penalties must be >= 0, got {grid}")
+        raise FinetuneInputError(f"linear term penalties must be >= 0, got {grid}")
     if per_modality and len(blocks) > 1:
         candidates = [dict(zip(blocks, combo, strict=True)) for combo in itertools.product(grid, repeat=len(blocks))]
     else:
@@ -325,6 +334,38 @@ RESUMABLE_ARGUMENTS = frozenset(
     }
 )
 LATEST = ("latest", "last", "true")  # --resume_from_checkpoint values meaning "the last checkpoint in output_dir"
+# what a finetuning run writes into its output_dir (file names or fnmatch patterns): --overwrite_output_dir removes
+# these and nothing else (a user's notes or data beside a run stay), plus the plots the old all_results.json lists
+RUN_OUTPUTS = (
+    RUN_RECORD,
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+    "training_args.bin",
+    "bioperceiver_processor.json",
+    "bioperceiver_processor.json.tmp",
+    "processors",
+    "finetuning_task.json",
+    "trained_vocabulary_rows.safetensors",
+    "README.md",
+    "all_results.json",
+    "results_by_pattern.csv",
+    "ablation.csv",
+    "calibration_set.npz",
+    "predictions_test.csv",
+    "local_only",
+    "explanations",
+    "ablation.png",
+    "roc_pr.png",
+    "calibration.png",
+    "reliability_diagram.png",
+    "km_by_risk_group.png",
+    "predicted_vs_true.png",
+    "modality_shapley.png",
+    "checkpoint-*",
+    "tmp-checkpoint-*",
+)
 
 
 def check_model_path(path: str, *, argument: str = "--model_name_or_path") -> None:
@@ -337,22 +378,24 @@ def check_model_path(path: str, *, argument: str = "--model_name_or_path") -> No
         if not config.exists():
             hints = sorted(str(c.parent) for c in p.glob("*/config.json"))[:3]
             hint = f" (folders below it that do: {hints})" if hints else ""
-            raise ValueError(
+            raise FinetuneInputError(
                 f"{argument} {path} is a folder but holds no config.json: pass the `final/` folder of a pretraining "
                 f"run or a finetuned model folder{hint}"
             )
         try:
             model_type = json.loads(config.read_text()).get("model_type")
         except (OSError, ValueError) as err:
-            raise ValueError(f"{argument} {path}: config.json cannot be read ({err}); re-save the model") from err
+            raise FinetuneInputError(
+                f"{argument} {path}: config.json cannot be read ({err}); re-save the model"
+            ) from err
         if model_type != "bioperceiver":
-            raise ValueError(
+            raise FinetuneInputError(
                 f"{argument} {path} holds a {model_type!r} model, not a BioPerceiver one: pass the `final/` folder "
                 "of a pretraining run or a folder written by run_finetune.py"
             )
         return
     if p.exists():
-        raise ValueError(f"{argument} {path} is a file; pass the model's folder (the one holding config.json)")
+        raise FinetuneInputError(f"{argument} {path} is a file; pass the model's folder (the one holding config.json)")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     looks_like_repo = path.count("/") == 1 and not path.startswith((".", "/", "~"))
     message = (
@@ -361,13 +404,13 @@ def check_model_path(path: str, *, argument: str = "--model_name_or_path") -> No
         "access"
     )
     if offline or not looks_like_repo:
-        raise ValueError(message + (" and HF_HUB_OFFLINE is set" if offline else ""))
+        raise FinetuneInputError(message + (" and HF_HUB_OFFLINE is set" if offline else ""))
     from transformers import AutoConfig
 
     try:
         AutoConfig.from_pretrained(path)
     except Exception as err:  # every hub failure gets the same advice, the cause chained
-        raise ValueError(f"{message}, and fetching it from the hub failed: {err}") from err
+        raise FinetuneInputError(f"{message}, and fetching it from the hub failed: {err}") from err
 
 
 def processor_folder(processor_dir: str | None, model_name_or_path: str | None) -> Path | None:
@@ -376,7 +419,7 @@ def processor_folder(processor_dir: str | None, model_name_or_path: str | None) 
     if processor_dir:
         p = Path(processor_dir)
         if not (p / "bioperceiver_processor.json").exists():
-            raise ValueError(
+            raise FinetuneInputError(
                 f"--processor_dir {processor_dir} holds no bioperceiver_processor.json: pass the folder a pretraining "
                 "run or run_finetune.py saved processors in (e.g. the pretraining run's `final/`), or leave "
                 "--processor_dir unset to use the model's processors or fit new ones"
@@ -406,7 +449,7 @@ def check_modalities_match(
     if wanted:
         lacking = sorted(set(wanted) - set(processor_modalities))
         if lacking:
-            raise ValueError(
+            raise FinetuneInputError(
                 f"--modalities {lacking} are not among {processor_source} {sorted(processor_modalities)}: restrict "
                 "--modalities to those, or pass a --processor_dir fitted with them"
             )
@@ -414,7 +457,7 @@ def check_modalities_match(
     extra = sorted(set(used) - set(model_modalities))
     if extra:
         shared = [m for m in used if m in model_modalities]
-        raise ValueError(
+        raise FinetuneInputError(
             f"{processor_source} cover modalities {sorted(used)} but the model {model_source} was built with "
             f"{sorted(model_modalities)} ({extra} have no embedder in it): pass --processor_dir with the processors "
             f"saved beside the model (its own folder), or restrict --modalities to {shared}"
@@ -439,6 +482,31 @@ def arguments_hash(arguments: dict[str, Any], resumable: frozenset[str] = RESUMA
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# what pretrain/run_pretrain.py writes into its output_dir: a folder holding any of them is a pretraining run
+PRETRAINING_MARKERS = ("checkpoints", "final", "history.json")
+
+
+def pretraining_markers(folder: str | os.PathLike) -> list[str]:
+    """The entries of ``folder`` that show it holds a pretraining run (``checkpoints/``, ``final/``,
+    ``history.json``), folders with a trailing ``/``."""
+    p = Path(folder)
+    return [m + ("/" if (p / m).is_dir() else "") for m in PRETRAINING_MARKERS if (p / m).exists()]
+
+
+def check_not_a_pretraining_run(output_dir: str | os.PathLike) -> None:
+    """Refuse an ``output_dir`` holding a pretraining run (:func:`pretraining_markers`): never written into, resumed
+    or cleared by finetuning, since it holds the backbone being finetuned (or another one)."""
+    out = Path(output_dir)
+    pretraining = pretraining_markers(out)
+    if pretraining:
+        raise FinetuneInputError(
+            f"--output_dir {out} holds a pretraining run of pretrain/run_pretrain.py ({', '.join(pretraining)}): a "
+            "finetuning run never writes into one, not with --overwrite_output_dir or --resume_from_checkpoint "
+            f"either. Pass a new --output_dir (e.g. {out.parent / (out.name + '_finetuned')})"
+            + (f"; its backbone is --model_name_or_path {out / 'final'}" if (out / "final").is_dir() else "")
+        )
+
+
 def run_markers(folder: str | os.PathLike) -> list[str]:
     """The files and checkpoints in ``folder`` that show it already holds a finetuning run or a model."""
     p = Path(folder)
@@ -449,25 +517,46 @@ def run_markers(folder: str | os.PathLike) -> list[str]:
 
 
 def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str | os.PathLike) -> str | None:
-    """``--resume_from_checkpoint``: ``latest`` (or ``last``/``true``) = the last ``checkpoint-*`` in
-    ``output_dir``; otherwise a checkpoint folder that must exist. ``None``/``false`` = no resume."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """``--resume_from_checkpoint``: ``latest`` (or ``last``/``true``) = the last *complete* ``checkpoint-*`` in
+    ``output_dir`` (one holding ``trainer_state.json``, which the Trainer writes last: a run killed while saving
+    leaves a folder without it, which is passed over with a warning, as pretraining's ``--resume latest`` does);
+    otherwise a checkpoint folder that must be complete. ``None``/``false`` = no resume."""
+    from .checkpointing import TRAINER_STATE, latest_checkpoint
 
     value = resume_from_checkpoint
     if value is None or str(value).lower() in ("", "false", "none", "no"):
         return None
     if str(value).lower() in LATEST:
-        last = get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+        out = Path(output_dir)
+        last = latest_checkpoint(out) if out.is_dir() else None
+        done = int(last.name.rsplit("-", 1)[1]) if last is not None else -1
+        partial = sorted(  # checkpoint-<step> folders newer than the last complete one, without trainer_state.json
+            (int(c.name.rsplit("-", 1)[1]), c.name)
+            for c in (out.glob("checkpoint-*") if out.is_dir() else ())
+            if c.is_dir() and c.name.rsplit("-", 1)[1].isdigit() and not (c / TRAINER_STATE).is_file()
+        )
+        newer = [name for step, name in partial if step > done]
+        why = f"{', '.join(newer)} incomplete (no {TRAINER_STATE}: the run stopped while writing it)"
         if last is None:
-            raise ValueError(
-                f"--resume_from_checkpoint {value}: {output_dir} holds no checkpoint-* folder to resume; start a new "
-                "run without it (or in another --output_dir), or pass a checkpoint folder"
+            raise FinetuneInputError(
+                f"--resume_from_checkpoint {value}: {output_dir} holds no complete checkpoint-* folder to resume"
+                + (f" ({why})" if newer else "")
+                + "; start a new run without it (or in another --output_dir), or pass a checkpoint folder"
             )
-        return last
+        if newer:
+            logger.warning(
+                "--resume_from_checkpoint %s: %s; resuming from %s, the last complete checkpoint (training writes the "
+                "incomplete one again when it gets there)",
+                value,
+                why,
+                last.name,
+            )
+        return str(last)
     if not (Path(value) / "trainer_state.json").exists():
-        raise ValueError(
-            f"--resume_from_checkpoint {value} is not a checkpoint folder (no trainer_state.json): pass "
-            "`latest` or one of the checkpoint-* folders of the run's output_dir"
+        raise FinetuneInputError(
+            f"--resume_from_checkpoint {value} is not a complete checkpoint folder (no trainer_state.json: not a "
+            "checkpoint, or one whose writing was interrupted): pass `latest` (the last complete one) or one of the "
+            "checkpoint-* folders of the run's output_dir"
         )
     return str(value)
 
@@ -483,11 +572,13 @@ def check_output_dir(
 ) -> tuple[dict[str, Any], bool]:
     """Decide what a run may do with ``output_dir`` without touching it: returns ``(run record, clear first)``.
 
-    A folder that already holds a run (:func:`run_markers`) is refused unless ``resume`` (the run's record, when it
+    A pretraining run's folder (:func:`pretraining_markers`) is always refused. A folder that already holds a run
+    (:func:`run_markers`) is refused unless ``resume`` (the run's record, when it
     has one, must match ``arguments`` up to the ``resumable`` keys: changed ones are named) or ``overwrite`` (the
     folder is cleared first; never a folder that holds one of the ``protected`` paths, e.g. the model being
     finetuned or the manifest)."""
     out = Path(output_dir)
+    check_not_a_pretraining_run(out)
     found = run_markers(out)
     record = {"run_id": uuid.uuid4().hex[:12], "arguments_hash": arguments_hash(arguments, resumable)}
     record["arguments"] = arguments
@@ -495,7 +586,7 @@ def check_output_dir(
         if not found:
             return record, False
         if not overwrite:
-            raise ValueError(
+            raise FinetuneInputError(
                 f"--output_dir {out} already holds a finetuning run or a model ({', '.join(found[:6])}): runs are "
                 "never mixed. Pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir true to "
                 "clear the folder and start again, or another --output_dir"
@@ -503,7 +594,7 @@ def check_output_dir(
         here = out.resolve()
         for p in protected:
             if p is not None and Path(p).exists() and Path(p).resolve().is_relative_to(here):
-                raise ValueError(
+                raise FinetuneInputError(
                     f"--overwrite_output_dir would delete {p}, which this run reads: pass another --output_dir"
                 )
         return record, True
@@ -516,7 +607,7 @@ def check_output_dir(
         before, now = old.get("arguments", {}), arguments
         changed = sorted(k for k in set(before) | set(now) if k not in resumable and before.get(k) != now.get(k))
         detail = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed) or "(unknown keys)"
-        raise ValueError(
+        raise FinetuneInputError(
             f"--resume_from_checkpoint: the run in {previous.parent} (run id {old['run_id']}) was started with other "
             f"arguments: {detail}. Only the training length, logging, saving and reporting arguments may change on "
             "resume (bioperceiver.training.finetuning.RESUMABLE_ARGUMENTS): restore the others, or start a new run "
@@ -526,15 +617,42 @@ def check_output_dir(
     return record, False
 
 
+def run_outputs(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """``(written by a finetuning run, anything else)``: the entries of ``folder`` matching :data:`RUN_OUTPUTS` or
+    named as plots in its ``all_results.json``, and the rest (a user's notes, data), each sorted by name."""
+    out = Path(folder)
+    names = set(RUN_OUTPUTS)
+    try:  # plots a run recorded (a task's own plot names too)
+        results = json.loads((out / "all_results.json").read_text())
+        plots = [*results.get("plots", []), *results.get("test", {}).get("plots", [])]
+        names |= {p for p in plots if isinstance(p, str) and Path(p).name == p}
+    except (OSError, ValueError, AttributeError):
+        pass
+    ours, others = [], []
+    for child in sorted(out.iterdir()) if out.is_dir() else ():
+        (ours if any(fnmatch.fnmatchcase(child.name, n) for n in names) else others).append(child)
+    return ours, others
+
+
 def start_run(output_dir: str | os.PathLike, record: dict[str, Any], clear: bool) -> None:
-    """Clear ``output_dir`` if asked, create it and write the run record (call on the main process only)."""
+    """Clear ``output_dir`` if asked (what a finetuning run writes, :func:`run_outputs`; anything else is kept and
+    named in the log), create it and write the run record (call on the main process only)."""
     out = Path(output_dir)
     if clear and out.is_dir():
-        logger.warning("--overwrite_output_dir: clearing %s", out)
-        for child in out.iterdir():
+        ours, others = run_outputs(out)
+        logger.warning("--overwrite_output_dir: removing the previous run's %d files/folders from %s", len(ours), out)
+        for child in ours:
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
             else:
                 child.unlink()
+        if others:
+            logger.warning(
+                "--overwrite_output_dir: kept %d entries of %s that a finetuning run does not write: %s",
+                len(others),
+                out,
+                ", ".join(c.name + ("/" if c.is_dir() else "") for c in others[:10])
+                + (" ..." if len(others) > 10 else ""),
+            )
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
