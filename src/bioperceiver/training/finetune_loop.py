@@ -9,7 +9,6 @@ model + processors + task, the model card and ``all_results.json``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -38,6 +37,7 @@ from ..data.manifest import is_missing
 from ..data.validate import ManifestError
 from ..evaluation.report import ReportSettings, evaluate_and_report, headline
 from ..factory import create_config
+from ..jsonio import dumps
 from ..tasks import Task
 from .arguments import DataArguments, ModelArguments, task_settings
 from .finetuning import (
@@ -957,7 +957,7 @@ def report_run(
         license=model_args.license,
     )
     card.save(out / "README.md")
-    (out / "all_results.json").write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
+    (out / "all_results.json").write_text(dumps(results) + "\n")  # strict JSON (NaN / inf as null)
 
 
 def finetuning_summary(output_dir: str | os.PathLike, results: dict, test_split: str) -> list[str]:
@@ -985,14 +985,6 @@ def _summary(out: Path, results: dict, task: Task, test_split: str) -> list[str]
 
 def _rows_patients(rows) -> str:
     return f"{len(rows)} rows / {len({str(r.get('patient_id')) for r in rows})} patients"
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def _compute_facts(training_args, results) -> dict[str, Any]:
