@@ -95,7 +95,11 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--manifest", required=True, help="rows to predict (labels optional)")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--mc_dropout", type=int, default=0, help="MC-dropout passes for the spread (0 = off)")
-    p.add_argument("--explain", action="store_true", help="modality Shapley values + integrated-gradients figures")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="modality Shapley values and, for the first --explain_samples rows, per-modality attribution figures",
+    )
     p.add_argument("--explain_samples", type=int, default=3)
     p.add_argument("--no_uncertainty", action="store_true", help="skip calibration and conformal sets")
     p.add_argument("--seed", type=int, default=0)

@@ -159,7 +159,8 @@ def _macro(values: list[float], metric: str, what: str) -> float:
         _warn("%s undefined for every %s (each has a single class); returning NaN", metric, what)
         return float("nan")
     if not defined.all():
-        _warn("%s macro-averaged over the %d of %d %ss where it is defined", metric, defined.sum(), len(values), what)
+        plural = what + ("es" if what.endswith("s") else "s")  # classes, labels
+        _warn("%s macro-averaged over the %d of %d %s where it is defined", metric, defined.sum(), len(values), plural)
     return float(values[defined].mean())
 
 

@@ -977,8 +977,9 @@ def _summary(out: Path, results: dict, task: Task, test_split: str) -> list[str]
     ]
     test = headline(task, results, test_split)
     lines = ["", "=" * 100, f"Finetuning ({task.name}) finished: test {test}", f"  folder  {out.resolve()}"]
-    lines += [f"  {what:<30}{name}" for what, name in files if (out / name.split(",")[0]).exists()]
-    lines += [f"  {'plot':<30}{p}" for p in results.get("plots", [])]
+    width = max(len(what) for what, _ in files) + 2
+    lines += [f"  {what:<{width}}{name}" for what, name in files if (out / name.split(",")[0]).exists()]
+    lines += [f"  {'plot':<{width}}{p}" for p in results.get("plots", [])]
     lines.append("=" * 100)
     return lines
 
