@@ -126,13 +126,8 @@ class Task:
             return False
         for column, value in zip(self.columns, values):
             if isinstance(value, (float, np.floating)) and not math.isfinite(value):
-                raise DataError(
-                    "non_finite_label",
-                    f"{column}={value!r} is not a finite value",
-                    sample_id=record.get("sample_id"),
-                    modality=column,
-                    fix="fix the value, or leave the cell empty to leave the row out of this task",
-                )
+                fix = "fix the value, or leave the cell empty to leave the row out of this task"
+                raise label_error("non_finite_label", f"{column}={value!r} is not a finite value", record, column, fix)
         return True
 
     def fit(self, records: Sequence[dict]) -> Task:
@@ -334,27 +329,20 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def label_error(reason: str, message: str, record: dict, column: str, fix: str) -> DataError:
+    """A :class:`~bioperceiver.data.DataError` about the label cell ``column`` of ``record`` (its sample named)."""
+    return DataError(reason, message, sample_id=record.get("sample_id"), modality=column, fix=fix)
+
+
 def label_number(value: Any, record: dict, column: str, fix: str) -> float:
     """A numeric label cell as a finite float; :class:`~bioperceiver.data.DataError` naming the sample and the column
     for text (``bad_label``) or an infinite/NaN number (``non_finite_label``)."""
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise DataError(
-            "bad_label",
-            f"{column}={value!r} is not a number",
-            sample_id=record.get("sample_id"),
-            modality=column,
-            fix=fix,
-        ) from None
+        raise label_error("bad_label", f"{column}={value!r} is not a number", record, column, fix) from None
     if not math.isfinite(number):
-        raise DataError(
-            "non_finite_label",
-            f"{column}={value!r} is not a finite number",
-            sample_id=record.get("sample_id"),
-            modality=column,
-            fix=fix,
-        )
+        raise label_error("non_finite_label", f"{column}={value!r} is not a finite number", record, column, fix)
     return number
 
 

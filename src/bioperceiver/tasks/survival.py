@@ -10,9 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.errors import DataError
 from ..data.manifest import is_missing
-from .base import Task, label_number, register_task
+from .base import Task, label_error, label_number, register_task
 
 SURVIVAL_LOSSES = ("cox", "discrete")
 
@@ -24,13 +23,8 @@ def event_indicator(value: Any, record: dict, column: str) -> float:
         return 1.0
     if text in ("0", "0.0", "false", "no"):
         return 0.0
-    raise DataError(
-        "bad_label",
-        f"{column}={value!r} is not an event indicator",
-        sample_id=record.get("sample_id"),
-        modality=column,
-        fix="use 1 (event) / 0 (censored), or leave the cell empty to drop the row from this task",
-    )
+    fix = "use 1 (event) / 0 (censored), or leave the cell empty to drop the row from this task"
+    raise label_error("bad_label", f"{column}={value!r} is not an event indicator", record, column, fix)
 
 
 @register_task
@@ -86,13 +80,8 @@ class SurvivalTask(Task):
         fix = "fix the follow-up time or leave the cell empty to drop the row from this task"
         time = label_number(t, record, self.time_column, fix)
         if time < 0:
-            raise DataError(
-                "bad_label",
-                f"{self.time_column}={t!r} is not a non-negative number",
-                sample_id=record.get("sample_id"),
-                modality=self.time_column,
-                fix=fix,
-            )
+            message = f"{self.time_column}={t!r} is not a non-negative number"
+            raise label_error("bad_label", message, record, self.time_column, fix)
         return time, event_indicator(e, record, self.event_column)
 
     def check_label(self, record: dict) -> bool:
