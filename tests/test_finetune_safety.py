@@ -640,8 +640,11 @@ def test_dropped_modality_values_are_summarised_per_split(cohort, tmp_path, capl
     assert "validation" not in dropped and "tabular_ehr" not in dropped["train"]
     assert json.loads((tmp_path / "out" / "all_results.json").read_text())["dropped_modality_values"] == dropped
     assert f"train: dropped 2 of {notes['train']} 'text_note' value(s) (empty_text 2; e.g. samples " in caplog.text
+    card = (tmp_path / "out" / "README.md").read_text()  # beside its presence tables, which count manifest cells
+    assert f"train: 2 of {notes['train']} text_note (empty_text 2)" in card
     clean = run_finetune.main(_argv(cohort, tmp_path / "clean"))
     assert clean["dropped_modality_values"] == {}
+    assert "modality values dropped" not in (tmp_path / "clean" / "README.md").read_text()
 
 
 def test_a_modality_that_loses_every_training_value_is_refused(cohort, tmp_path, capsys):

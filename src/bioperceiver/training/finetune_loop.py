@@ -998,4 +998,22 @@ def _compute_facts(training_args, results) -> dict[str, Any]:
         "train runtime": f"{results.get('train', {}).get('train_runtime', float('nan'))} s",
         "precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
         **numerics_facts(),
+        **(
+            {"modality values dropped (the presence tables count the manifest's cells)": dropped_text(dropped)}
+            if (dropped := results.get("dropped_modality_values"))
+            else {}
+        ),
     }
+
+
+def dropped_text(dropped: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """``all_results.json["dropped_modality_values"]`` in one line for the card: ``train: 2 of 40 text_note (...)``."""
+
+    def reasons(entry: dict) -> str:
+        return ", ".join(f"{r} {n}" for r, n in sorted(entry["reasons"].items()))
+
+    return "; ".join(
+        f"{split}: {e['dropped']} of {e['values']} {name} ({reasons(e)})"
+        for split, per in dropped.items()
+        for name, e in per.items()
+    )
