@@ -124,3 +124,23 @@ def test_strict_rendering_refuses_missing_values(tmp_path):
     with pytest.raises(FileNotFoundError, match="template"):
         render_card(tmp_path / "missing.md", ModelCardData())
     json.dumps(card.data.to_dict())
+
+
+def test_pretraining_card_shows_local_paths_as_file_names_only(manifest):
+    """A card is what gets shared (pushed to a hub): the run config in it names the manifest, processors and output
+    folder by their last path component, never the machine's absolute paths (a user name, a hospital share); the
+    full paths stay in run_config.yaml beside it."""
+    run_config = yaml.safe_load((bp.cards.TEMPLATE_DIR.parent / "pretrain" / "configs" / "demo.yaml").read_text())
+    run_config["output_dir"] = "/home/alice/runs/pt"
+    run_config["data"].update(manifest="/mnt/hospital/cohort/manifest.parquet", processor_dir="/home/alice/runs/proc")
+    run_config["data"]["shards"] = "s3://bucket/private/shards"
+    card = pretraining_card(
+        config=tiny_config(), manifest=manifest, run_config=run_config, metrics={"eval_loss": 1.0}, compute={}
+    )
+    text = str(card)
+    for private in ("/home/alice", "/mnt/hospital", "s3://bucket/private"):
+        assert private not in text, private
+    shown = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert shown["data"]["manifest"] == "<local>/manifest.parquet" and shown["output_dir"] == "<local>/pt"
+    assert shown["data"]["shards"] == "<local>/shards"
+    assert shown["optim"] == run_config["optim"]  # everything else as it was

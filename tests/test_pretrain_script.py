@@ -19,6 +19,8 @@ import yaml
 from conftest import synthetic_run_config
 from safetensors.torch import load_file
 
+from bioperceiver.cards import shareable_run_config
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "pretrain" / "run_pretrain.py"
 
@@ -91,7 +93,9 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(run_config):
         assert f"{point:.3f} [{lo:.3f}, {hi:.3f}]" in row  # the table shows the run's own numbers
     assert re.search(r"\| optimizer steps \| 6 \|", card.text)
     card_yaml = card.text.split("## Training configuration", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
-    assert yaml.safe_load(card_yaml) == resolved.to_dict()  # the card shows the whole resolved config
+    # the card shows the whole resolved config, local paths cut to their last component (shared, not the machine's)
+    assert yaml.safe_load(card_yaml) == shareable_run_config(resolved.to_dict())
+    assert yaml.safe_load((run_config / "full" / "final" / "run_config.yaml").read_text()) == resolved.to_dict()
     assert re.search(r"\| processes \| 1 \|", card.text)
     # what decides the float results besides code, data and seed: versions, threads, CPU kernels
     assert re.search(rf"\| torch threads per process \| {torch.get_num_threads()} \|", card.text)

@@ -238,6 +238,25 @@ def retrieval_rows(metrics: Mapping[str, float], ks: Iterable[int] = (1, 5, 10))
     return rows
 
 
+def shareable_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """``run_config`` with its path values (:data:`~bioperceiver.training.config.PATH_KEYS`) cut to their last
+    component, ``<local>/manifest.parquet``: a card is shared, and a machine's absolute paths (user names, a
+    hospital's shares, a bucket) are not the reader's to see. ``run_config.yaml`` beside the card keeps them."""
+    import copy
+
+    from .training.config import PATH_KEYS
+
+    out = copy.deepcopy(dict(run_config))
+    for key in PATH_KEYS:
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), str) and node[leaf]:
+            node[leaf] = f"<local>/{node[leaf].rstrip('/').rsplit('/', 1)[-1]}"
+    return out
+
+
 def pretraining_card(
     *,
     config,
@@ -290,7 +309,7 @@ def pretraining_card(
         "mixed precision": run_config.get("train", {}).get("mixed_precision"),
         "modality dropout": run_config.get("data", {}).get("modality_dropout"),
         "training data": (
-            f"pre-tokenised shards {run_config['data']['shards']}"
+            f"pre-tokenised shards {shareable_run_config(run_config)['data']['shards']}"
             if run_config.get("data", {}).get("shards")
             else "manifest rows processed on the fly"
         ),
@@ -321,7 +340,7 @@ def pretraining_card(
         patterns_table=markdown_table(presence_patterns(train)),
         sparse_modalities=sparse,
         training_table=markdown_table([{"setting": k, "value": v} for k, v in train_cfg.items() if v is not None]),
-        run_config_yaml=yaml.safe_dump(dict(run_config), sort_keys=False).rstrip("\n"),
+        run_config_yaml=yaml.safe_dump(shareable_run_config(run_config), sort_keys=False).rstrip("\n"),
         retrieval_table=markdown_table(retrieval_rows(metrics)),
         eval_loss=_fmt(metrics.get("eval_loss"))
         + _eval_loss_scale(metrics.get("eval_loss_batch_size"), metrics.get("eval_loss_uniform"))
