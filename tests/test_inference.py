@@ -125,6 +125,21 @@ def test_predict_mc_dropout_spread_and_metrics_on_labelled_rows(finetuned, tmp_p
     assert 0.0 <= res.results["metrics"]["accuracy"] <= 1.0
 
 
+def test_predict_explain_names_figures_by_row_index_never_by_sample_id(finetuned, tmp_path):
+    """``--explain`` on new patients: modality Shapley values for every row and figures for a few, named by the row's
+    index among the predicted rows (``row-0003_...``; they were named ``test-...`` though the rows are no test split),
+    never by a sample or patient id."""
+    folder, _, small = finetuned
+    res = bp.predict(folder, small, tmp_path / "out", explain=True, explain_samples=2)
+    rows = res.results["interpretation"]["explained_rows"]
+    assert len(rows) == 2 and all(r.startswith("row-") for r in rows)
+    figures = sorted(p.name for p in (tmp_path / "out" / "explanations").iterdir())
+    assert figures and all(name.startswith(tuple(rows)) for name in figures)
+    ids = set(read_manifest(small).table["sample_id"]) | set(read_manifest(small).table["patient_id"])
+    assert not any(i in name for name in figures for i in ids)
+    assert any(c.startswith("shapley_") for c in res.table.columns)
+
+
 def test_predict_refuses_a_manifest_without_the_models_modalities(finetuned, tmp_path):
     folder, manifest, _ = finetuned
     m = read_manifest(manifest)

@@ -250,8 +250,9 @@ def interpretation_section(model, task: Task, ds, modalities, processor, setting
         batch = collator([ds[int(i)] for i in picks], train=False)
         attr = integrated_gradients(model, batch, target=target, processors=processor)
         picked = sh.select([int(i) for i in picks])
-        # figures are shared: named and titled by the row's index in the test split, never by its sample id
-        labels = [f"test-{int(i):04d}" for i in picks]
+        # figures are shared: named and titled by the row's index in the test split (``bioperceiver predict``: in
+        # the predicted rows), never by its sample id
+        labels = [f"{settings.test_split}-{int(i):04d}" for i in picks]
         attr.sample_ids, picked.sample_ids = labels, labels
         res["interpretation"]["explained_rows"] = labels
         for j in range(len(picks)):

@@ -185,7 +185,9 @@ def predict(
     if explain and len(ds):
         from ..evaluation.report import ReportSettings, interpretation_section
 
-        settings = ReportSettings(batch_size=batch_size, device=device, seed=seed, explain_samples=explain_samples)
+        settings = ReportSettings(  # figures named by the row's index among the predicted rows: row-0002_...
+            test_split="row", batch_size=batch_size, device=device, seed=seed, explain_samples=explain_samples
+        )
         val_pred = calibration.outputs if calibration is not None else None
         res: dict[str, Any] = {}
         extra.update(interpretation_section(net, task, ds, modalities, loaded.processor, settings, val_pred, res, out))
