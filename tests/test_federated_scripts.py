@@ -107,3 +107,30 @@ def test_federated_finetuning_script_reports_test_metrics_per_site(cohort, tmp_p
     assert saved["federated"]["strategy"] == "fedprox" and saved["local"]["clip_update_norm"] == 1.0
     assert "Client-side clipping" in (out / "README.md").read_text()
     _no_ids(out, table)
+
+
+def test_federated_finetuning_checks_every_sites_labels_before_fitting_the_task(cohort, tmp_path):
+    """A site's regression label that cannot be used (text in a numeric column) stops the run naming the sample and
+    the column, as run_finetune does (it reached task.fit and failed with a bare float() error); with
+    --on_error skip_sample the row is left out and the run goes on."""
+    from bioperceiver.data import DataError, assign_splits
+
+    manifest, settings, table = cohort
+    bad = table.copy()
+    bad["label_score"] = [float(i) for i in range(len(bad))]
+    train = assign_splits(read_manifest(manifest)).table["split"] == "train"
+    victim = bad.index[train.to_numpy()][0]
+    bad["label_score"] = bad["label_score"].astype(object)
+    bad.at[victim, "label_score"] = "high"
+    path = tmp_path / "bad.csv"  # a CSV column mixes numbers and text
+    write_manifest(bad, path, read_manifest(manifest).metadata)
+    run = load_script("finetune/run_federated.py", "run_federated_finetune_labels")
+    argv = [
+        *("--manifest", str(path), "--processor_settings", str(settings), "--task", "regression"),
+        *("--label_column", "label_score", "--rounds", "1", "--local_steps", "1", "--batch_size", "4"),
+        *("--n_bootstrap", "5"),
+    ]
+    with pytest.raises(DataError, match=rf"'{bad.at[victim, 'sample_id']}'.*label_score='high' is not a number"):
+        run.main([*argv, "--output_dir", str(tmp_path / "raise")])
+    results = run.main([*argv, "--output_dir", str(tmp_path / "skip"), "--on_error", "skip_sample"])
+    assert set(results["test_per_site"]) == {"north", "south"}

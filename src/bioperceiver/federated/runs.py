@@ -245,7 +245,7 @@ def run_federated_finetuning(fed: FederatedArguments, model_args, data_args) -> 
     data is; in simulation also pooled over the sites' test patients)."""
     from ..tasks import Task
     from ..training.arguments import task_settings
-    from ..training.finetune_loop import build_model
+    from ..training.finetune_loop import build_model, rows_with_labels
     from ..training.finetuning import configure_finetuning, merge_lora, processor_folder
     from ..training.tasks import ProcessedDataset, TaskCollator, labelled_records, predict
 
@@ -264,12 +264,14 @@ def run_federated_finetuning(fed: FederatedArguments, model_args, data_args) -> 
     sites = labelled_sites
     # the task's label definition (class set, time range) from the sites' training label columns; in a
     # deployment these few values come from the sites' label summaries, never from their records
-    train_raw = [
-        r
-        for m in sites.values()
-        for r in m.split(data_args.train_split).records()
-        if not any(is_missing(r.get(c)) for c in task.columns)
-    ]
+    # every site's labels checked first, as run_finetune does: rows without a label counted and logged, an unusable
+    # label (inf, text in a numeric column) an error naming the sample or, with --on_error skip_sample, a counted skip
+    split_names = (data_args.train_split, data_args.eval_split, data_args.test_split)
+    checked = {
+        name: {s: rows_with_labels(m.split(s).records(), task, f"site {name}, {s}", on_error)[0] for s in split_names}
+        for name, m in sites.items()
+    }
+    train_raw = [r for name in sites for r in checked[name][data_args.train_split]]
     task.fit(train_raw)
     folder = processor_folder(data_args.processor_dir, model_args.model_name_or_path)
     if folder is not None:
@@ -294,10 +296,7 @@ def run_federated_finetuning(fed: FederatedArguments, model_args, data_args) -> 
     local = fed.local_config()
     clients, datasets = [], {}
     for name, m in sites.items():
-        splits = {
-            s: labelled_records(m.split(s).records(), task, s, on_error=data_args.on_error)
-            for s in (data_args.train_split, data_args.eval_split, data_args.test_split)
-        }
+        splits = {s: labelled_records(checked[name][s], task, s, on_error=data_args.on_error) for s in split_names}
         ds = {
             s: ProcessedDataset(*splits[s], processor, base_dir=m.base_dir, modalities=used, on_error=on_error)
             for s in splits
