@@ -215,8 +215,9 @@ def validate_manifest(
         for i, v in enumerate(table[col]):
             if _bad_number(v) and not is_missing(v):
                 problems.append(Problem("non_finite_label", f"label is {v}", "use null for unknown", i, sid[i], col))
-    if processor is not None:
-        problems.extend(_deep_check(table, mods, base, processor, sid))
+    if processor is not None:  # cells the cheap checks flagged are not reported a second time by their processor
+        flagged = {(p.row, p.column) for p in problems if p.row is not None}
+        problems.extend(_deep_check(table, mods, base, processor, sid, flagged))
     return ValidationReport(n, mods, problems, counts)
 
 
@@ -260,7 +261,7 @@ def _check_cell(col, kind, v, i, sid, base, check_files) -> list[Problem]:
     return [replace(p, row=i, sample_id=sid, column=col) for p in found]
 
 
-def _deep_check(table, mods, base, processor, sid) -> list[Problem]:
+def _deep_check(table, mods, base, processor, sid, flagged=frozenset()) -> list[Problem]:
     out = []
     for col in mods:
         proc = processor.processors.get(col)
@@ -269,7 +270,7 @@ def _deep_check(table, mods, base, processor, sid) -> list[Problem]:
             continue
         spec = get_modality(proc.kind)
         for i, v in enumerate(table[col]):
-            if is_missing(v):
+            if is_missing(v) or (i, col) in flagged:
                 continue
             found = spec.deep_check(proc, v, sample_id=sid[i], base_dir=base)
             out.extend(replace(p, row=i, sample_id=sid[i], column=col) for p in found)
