@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import time
@@ -109,6 +110,9 @@ def main(argv=None) -> dict:
     manifest_path = build_demo_cohort(out / "cohort", padchest_studies=args.padchest_studies, seed=args.seed)
     timings["build_cohort_s"] = time.perf_counter() - t0
     model_dir = out / "model"
+    if model_dir.exists():  # a previous demo's model and processors: this run fits and saves them anew
+        logging.getLogger(__name__).info("replacing the previous demo model in %s", model_dir)
+        shutil.rmtree(model_dir)
     t = time.perf_counter()
     # a step of its own (tokenizers/fit_processors.py), run as the command a user would run: scripts import no script
     subprocess.run(
