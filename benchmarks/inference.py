@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -43,6 +44,8 @@ def prepare(out: Path, max_samples: int) -> tuple[Path, Path]:
     small = manifest.parent / "bench.parquet"
     write_manifest(m.table.sample(n=min(max_samples, len(m)), random_state=0), small, m.metadata)
     model_dir = out / "model"
+    if model_dir.exists():  # this benchmark's own model of an earlier run: fitted and saved anew
+        shutil.rmtree(model_dir)
     fit = fit_processors(
         small, model_dir, settings=str(ROOT / "tokenizers" / "demo_processors.yaml"), allow_invalid=True
     )
