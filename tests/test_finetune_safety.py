@@ -553,6 +553,32 @@ def test_without_do_train_a_finetuned_folder_is_evaluated_as_it_is(cohort, tmp_p
     assert all(torch.equal(trained[k], evaluated[k]) for k in trained)
 
 
+def test_evaluating_a_finetuned_folder_uses_its_own_label_encoding_and_refuses_another_head(cohort, tmp_path, capsys):
+    """Evaluation only, on a manifest whose training labels differ (every one shifted by 100): the predictions are
+    decoded with the scaling the model was trained with (it was refitted on this manifest's training rows, which
+    moved every prediction by about 100), and head arguments that do not match the folder's head are refused (its
+    trained head would have been replaced by a random one)."""
+    backbone = ("--model_name_or_path", str(cohort["backbone"]), "--learning_rate", "1e-2")
+
+    def regression(argv):
+        argv[argv.index("--task") + 1] = "regression"
+        argv[argv.index("--label_column") + 1] = "label_regression"
+        return argv
+
+    first = run_finetune.main(regression(_argv(cohort, tmp_path / "ft", *backbone)))
+    m = read_manifest(cohort["manifest"])
+    table = m.table.copy()
+    train = table["split"] == "train"
+    table.loc[train, "label_regression"] = table.loc[train, "label_regression"] + 100.0
+    write_manifest(table, tmp_path / "shifted.parquet", m.metadata)
+    argv = regression(_argv(cohort, tmp_path / "eval", "--model_name_or_path", str(tmp_path / "ft")))
+    argv[argv.index("--manifest") + 1] = str(tmp_path / "shifted.parquet")
+    again = run_finetune.main(_without_do_train(argv))
+    assert again["test"]["rmse"] == pytest.approx(first["test"]["rmse"], rel=1e-5)
+    with refused(capsys, r"head.*finetuned with|--head_type"):
+        run_finetune.main([*_without_do_train(argv[:]), "--head_type", "query", "--output_dir", str(tmp_path / "q")])
+
+
 def test_refusals_are_one_error_line_with_exit_status_2(cohort, tmp_path, capsys, monkeypatch):
     """Every refusal printed a Python traceback; now one ``run_finetune.py: error:`` line (the message names what to
     pass instead) and exit status 2, as run_pretrain.py and argparse do. A bug (any other exception) keeps its

@@ -336,7 +336,9 @@ def extend_vocabulary(model_args, data_args, processor, manifest, used: list[str
     return report
 
 
-def build_model(model_args, task: Task, processor, embedders, train_records, used: list[str]):
+def build_model(model_args, task: Task, processor, embedders, train_records, used: list[str], strict: bool = False):
+    """The task model: from ``--model_name_or_path`` (a backbone gets a new head; ``strict``: every weight must come
+    from the folder, for evaluating a finetuned model) or randomly initialised from ``--preset``."""
     cls = task.model_class()
     head = {
         "head_type": model_args.head_type,
@@ -356,7 +358,15 @@ def build_model(model_args, task: Task, processor, embedders, train_records, use
                 f"modalities {missing} are used but {model_args.model_name_or_path} was not built with them; "
                 f"restrict --modalities to {config.modality_names} or pretrain with them"
             )
-        model = cls.from_pretrained(model_args.model_name_or_path, config=config)
+        model, loading = cls.from_pretrained(model_args.model_name_or_path, config=config, output_loading_info=True)
+        missing = sorted(loading["missing_keys"])
+        if strict and missing:  # evaluating a finetuned model: nothing of it may start at random
+            raise FinetuneInputError(
+                f"evaluating {model_args.model_name_or_path} (no --do_train): the head the arguments describe "
+                f"(--head_type {model_args.head_type}, ...) is not the one it was finetuned with, so "
+                f"{len(missing)} weight(s) would start at random ({missing[:3]}); "
+                "pass the head arguments of its finetuning_run.json"
+            )
         warn_ignored_settings(
             "embedders", embedders, config.modalities, f"the embedders of {model_args.model_name_or_path} are used"
         )
@@ -394,13 +404,17 @@ def run_finetuning(
     with training_args.main_process_first(desc="preparing output_dir"):
         if training_args.should_save:
             start_run(out, record, clear)
-    labelled, labels_left_out = labelled_splits(manifest, task, data_args, training_args.seed)
+    labelled, labels_left_out = labelled_splits(
+        manifest, task, data_args, training_args.seed, fit=not evaluate_only(model_args, training_args)
+    )
     train_recs = labelled[data_args.train_split][0]
     processor, embedders = load_processor(model_args, data_args, manifest)
     used = used_modalities(model_args, data_args, processor)
     modalities = {m: processor.modalities[m] for m in used}
     extension = extend_vocabulary(model_args, data_args, processor, manifest, used)
-    model = build_model(model_args, task, processor, embedders, train_recs, used)
+    model = build_model(
+        model_args, task, processor, embedders, train_recs, used, strict=evaluate_only(model_args, training_args)
+    )
     if extension:
         model.resize_modality_vocabularies(processor.model_modalities())
     train_ds, evals = build_datasets(labelled, processor, manifest.base_dir, used, data_args, training_args)
@@ -567,13 +581,37 @@ def load_manifest_and_task(model_args, data_args, training_args):
     with input_errors():  # a mistyped --task or label column
         task = Task.from_dict(task_settings(model_args, data_args))
         task.check_columns(list(manifest.table.columns), manifest.label_columns)
+    if evaluate_only(model_args, training_args):
+        task = saved_task(model_args.model_name_or_path, task)
     if processor_folder(data_args.processor_dir, model_args.model_name_or_path) is None:  # to be fitted here
         check_modalities(model_args, data_args, list(manifest.modalities), f"the modality columns of {manifest_path}")
     return manifest, task
 
 
+def evaluate_only(model_args, training_args) -> bool:
+    """No ``--do_train`` on a finetuned folder (:func:`check_something_to_evaluate` refused anything else): the
+    folder's model is evaluated as it was trained, its task (label encoding) and head included."""
+    return not training_args.do_train and has_trained_head(model_args.model_name_or_path)
+
+
+def saved_task(folder, asked: Task) -> Task:
+    """The fitted task saved in the finetuned ``folder`` (its classes, its regression scaling: refitting them on
+    another manifest's training rows would decode the model's outputs wrongly), after checking that the arguments
+    ask for the same task on the same label columns."""
+    if not Path(folder).expanduser().is_dir():  # a hub model: its task is not saved with it
+        return asked
+    saved = Task.load(Path(folder).expanduser())
+    if (saved.name, list(saved.columns)) != (asked.name, list(asked.columns)):
+        raise FinetuneInputError(
+            f"evaluating {folder} (no --do_train): it was finetuned for {saved.name} on {list(saved.columns)}, the "
+            f"arguments ask for {asked.name} on {list(asked.columns)}; pass its --task and label column(s)"
+        )
+    logger.info("evaluating %s with the label encoding it was trained with (its finetuning_task.json)", folder)
+    return saved
+
+
 def labelled_splits(
-    manifest, task: Task, data_args, seed: int
+    manifest, task: Task, data_args, seed: int, *, fit: bool = True
 ) -> tuple[dict[str, tuple[list[dict], list]], dict[str, dict[str, Any]]]:
     """``({split: (records, targets)}, {split: rows left out})`` of the train/eval/test splits. Every split's labels
     are checked first (:func:`rows_with_labels`: rows without a label counted and logged, unusable labels an error
@@ -587,10 +625,12 @@ def labelled_splits(
     # the label set (classes, top-k) is the task's definition: fixed from the whole training split, so that every
     # --label_fraction solves the same task (pass --label_values to fix it yourself); the patients whose labels
     # are used, and the regression scaling, come from the kept fraction only
-    with input_errors():  # e.g. a single class in the training split
-        task.fit(train_raw)
+    if fit:  # (evaluating a finetuned folder: its saved task, fitted where it was trained)
+        with input_errors():  # e.g. a single class in the training split
+            task.fit(train_raw)
     splits[data_args.train_split] = subsample_patients(train_raw, data_args.label_fraction, seed)
-    task.refit_on_subset(splits[data_args.train_split])  # regression: scaling of the rows actually trained on
+    if fit:
+        task.refit_on_subset(splits[data_args.train_split])  # regression: scaling of the rows actually trained on
     labelled = {s: labelled_records(recs, task, s, on_error=data_args.on_error) for s, recs in splits.items()}
     if not labelled[data_args.train_split][0]:
         raise FinetuneInputError(f"no labelled rows in the {data_args.train_split} split for {task.columns}")
