@@ -126,7 +126,7 @@ tracker's project folder): what ``--overwrite_output_dir`` deletes."""
 def delete_run_outputs(out: Path, config: PretrainConfig) -> None:
     """``--overwrite_output_dir``: delete what a pretraining run wrote in ``out`` (:data:`RUN_OUTPUTS`, its plots,
     temporary folders and tracker logs), and nothing else: a user's own files there are kept, and named."""
-    project = config.logging.project or "bioperceiver-pretrain"
+    project = config.logging.project or DEFAULT_PROJECT
     names = {*RUN_OUTPUTS, project}
     ours = [p for p in out.iterdir() if p.name in names or p.name.startswith((".tmp-", "similarity_"))]
     kept = sorted(p.name for p in out.iterdir() if p not in ours)
