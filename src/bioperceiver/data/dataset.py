@@ -308,6 +308,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.targets = None if targets is None else list(targets)
         self.processor, self.base_dir, self.train, self.seed = processor, base_dir, train, seed
         self.on_error, self.modalities, self.epoch = check_on_error(on_error), modalities, 0
+        self._warned: set[tuple[int, str | None, str]] = set()  # (row, modality, reason) already logged
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, processor: BioPerceiverProcessor, **kwargs: Any) -> ManifestDataset:
@@ -319,11 +320,10 @@ class ManifestDataset(torch.utils.data.Dataset):
     def _first_time(self, i: int, err: DataError) -> bool:
         """Whether row ``i`` has not met this error (modality, reason) before in this process: a bad row comes back
         every epoch, its warning is logged once (the collator's report counts it once too)."""
-        warned = self.__dict__.setdefault("_warned", set())
         key = (i, err.modality, err.reason)
-        if key in warned:
+        if key in self._warned:
             return False
-        warned.add(key)
+        self._warned.add(key)
         return True
 
     def __len__(self) -> int:
