@@ -395,7 +395,8 @@ def run_finetuning(
     record, clear, resume = check_before_work(model_args, data_args, training_args)
     set_seed(training_args.seed)
     t0 = time.perf_counter()
-    manifest, task = load_manifest_and_task(model_args, data_args, training_args)
+    eval_only = evaluate_only(model_args, training_args)  # a finetuned folder evaluated as it was trained
+    manifest, task = load_manifest_and_task(model_args, data_args, training_args, eval_only)
     if dp is not None:
         with input_errors():
             check_dp_run(training_args, task, resume)
@@ -404,17 +405,13 @@ def run_finetuning(
     with training_args.main_process_first(desc="preparing output_dir"):
         if training_args.should_save:
             start_run(out, record, clear)
-    labelled, labels_left_out = labelled_splits(
-        manifest, task, data_args, training_args.seed, fit=not evaluate_only(model_args, training_args)
-    )
+    labelled, labels_left_out = labelled_splits(manifest, task, data_args, training_args.seed, fit=not eval_only)
     train_recs = labelled[data_args.train_split][0]
     processor, embedders = load_processor(model_args, data_args, manifest)
     used = used_modalities(model_args, data_args, processor)
     modalities = {m: processor.modalities[m] for m in used}
     extension = extend_vocabulary(model_args, data_args, processor, manifest, used)
-    model = build_model(
-        model_args, task, processor, embedders, train_recs, used, strict=evaluate_only(model_args, training_args)
-    )
+    model = build_model(model_args, task, processor, embedders, train_recs, used, strict=eval_only)
     if extension:
         model.resize_modality_vocabularies(processor.model_modalities())
     train_ds, evals = build_datasets(labelled, processor, manifest.base_dir, used, data_args, training_args)
@@ -554,7 +551,7 @@ def normalise_arguments(model_args: ModelArguments, training_args: TrainingArgum
     training_args.label_names = ["labels"]
 
 
-def load_manifest_and_task(model_args, data_args, training_args):
+def load_manifest_and_task(model_args, data_args, training_args, eval_only: bool = False):
     """The manifest (the demo cohort built first if asked), validated cheaply and split by patient, and the task,
     checked against its columns; modalities fitted here are checked against the model's."""
     manifest_path = Path(data_args.manifest)
@@ -581,7 +578,7 @@ def load_manifest_and_task(model_args, data_args, training_args):
     with input_errors():  # a mistyped --task or label column
         task = Task.from_dict(task_settings(model_args, data_args))
         task.check_columns(list(manifest.table.columns), manifest.label_columns)
-    if evaluate_only(model_args, training_args):
+    if eval_only:  # the task the finetuned folder was trained with, not one refitted on this manifest
         task = saved_task(model_args.model_name_or_path, task)
     if processor_folder(data_args.processor_dir, model_args.model_name_or_path) is None:  # to be fitted here
         check_modalities(model_args, data_args, list(manifest.modalities), f"the modality columns of {manifest_path}")

@@ -617,11 +617,12 @@ def check_output_dir(
     return record, False
 
 
-def run_outputs(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]:
-    """``(written by a finetuning run, anything else)``: the entries of ``folder`` matching :data:`RUN_OUTPUTS` or
-    named as plots in its ``all_results.json``, and the rest (a user's notes, data), each sorted by name."""
+def run_outputs(folder: str | os.PathLike, patterns=RUN_OUTPUTS) -> tuple[list[Path], list[Path]]:
+    """``(written by a run, anything else)``: the entries of ``folder`` matching ``patterns`` (file names or fnmatch
+    patterns; default a finetuning run's, :data:`RUN_OUTPUTS`, plus the plots named in its ``all_results.json``),
+    and the rest (a user's notes, data), each sorted by name."""
     out = Path(folder)
-    names = set(RUN_OUTPUTS)
+    names = set(patterns)
     try:  # plots a run recorded (a task's own plot names too)
         results = json.loads((out / "all_results.json").read_text())
         plots = [*results.get("plots", []), *results.get("test", {}).get("plots", [])]
@@ -634,25 +635,32 @@ def run_outputs(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]:
     return ours, others
 
 
+def remove_run_outputs(folder: str | os.PathLike, patterns=RUN_OUTPUTS, what: str = "finetuning") -> None:
+    """``--overwrite_output_dir``: remove what a ``what`` run writes in ``folder`` (:func:`run_outputs` with
+    ``patterns``) and nothing else; the rest is kept and named in the log. Both scripts use it."""
+    out = Path(folder)
+    ours, others = run_outputs(out, patterns)
+    logger.warning("--overwrite_output_dir: removing the previous run's %d files/folders from %s", len(ours), out)
+    for child in ours:
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    if others:
+        logger.warning(
+            "--overwrite_output_dir: kept %d entries of %s that a %s run does not write: %s",
+            len(others),
+            out,
+            what,
+            ", ".join(c.name + ("/" if c.is_dir() else "") for c in others[:10]) + (" ..." if len(others) > 10 else ""),
+        )
+
+
 def start_run(output_dir: str | os.PathLike, record: dict[str, Any], clear: bool) -> None:
     """Clear ``output_dir`` if asked (what a finetuning run writes, :func:`run_outputs`; anything else is kept and
     named in the log), create it and write the run record (call on the main process only)."""
     out = Path(output_dir)
     if clear and out.is_dir():
-        ours, others = run_outputs(out)
-        logger.warning("--overwrite_output_dir: removing the previous run's %d files/folders from %s", len(ours), out)
-        for child in ours:
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-        if others:
-            logger.warning(
-                "--overwrite_output_dir: kept %d entries of %s that a finetuning run does not write: %s",
-                len(others),
-                out,
-                ", ".join(c.name + ("/" if c.is_dir() else "") for c in others[:10])
-                + (" ..." if len(others) > 10 else ""),
-            )
+        remove_run_outputs(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")

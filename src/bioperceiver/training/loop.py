@@ -87,6 +87,7 @@ from .checkpointing import (
     save_checkpoint,
 )
 from .config import LoggingConfig, OptimConfig, PretrainConfig, RunConfigError, config_hash, resume_conflicts
+from .finetuning import PRETRAINING_MARKERS, remove_run_outputs, run_markers
 from .metering import TokenCounter, compute_facts, cpu_load_warning
 from .padding import PaddedPretrainer, RankPadder
 from .pretraining import (
@@ -118,23 +119,16 @@ def existing_run(out: Path) -> list[str]:
     return found + (["final/"] if (out / "final").exists() else [])
 
 
-RUN_OUTPUTS = ("checkpoints", "final", "processor", "eval_results.json", "history.json", "loss_curves.png")
-"""What a pretraining run writes in its ``output_dir`` (besides ``similarity_*.png``, ``.tmp-*`` folders and the
-tracker's project folder): what ``--overwrite_output_dir`` deletes."""
-
-
-def delete_run_outputs(out: Path, config: PretrainConfig) -> None:
-    """``--overwrite_output_dir``: delete what a pretraining run wrote in ``out`` (:data:`RUN_OUTPUTS`, its plots,
-    temporary folders and tracker logs), and nothing else: a user's own files there are kept, and named."""
-    project = config.logging.project or DEFAULT_PROJECT
-    names = {*RUN_OUTPUTS, project}
-    ours = [p for p in out.iterdir() if p.name in names or p.name.startswith((".tmp-", "similarity_"))]
-    kept = sorted(p.name for p in out.iterdir() if p not in ours)
-    logger.warning("--overwrite_output_dir: deleting the run in %s (%s)", out, ", ".join(sorted(p.name for p in ours)))
-    if kept:
-        logger.warning("--overwrite_output_dir: kept what is not the run's in %s: %s", out, ", ".join(kept))
-    for p in ours:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+PRETRAINING_OUTPUTS = (
+    *PRETRAINING_MARKERS,  # checkpoints/, final/, history.json
+    "processor",
+    "eval_results.json",
+    "loss_curves.png",
+    "similarity_*.png",
+    ".tmp-*",
+)
+"""What a pretraining run writes in its ``output_dir`` (and its tracker's project folder): what
+``--overwrite_output_dir`` deletes (:func:`~bioperceiver.training.finetuning.remove_run_outputs`)."""
 
 
 def check_output_dir(config: PretrainConfig, resume, overwrite_output_dir: bool) -> None:
@@ -143,8 +137,6 @@ def check_output_dir(config: PretrainConfig, resume, overwrite_output_dir: bool)
     out = Path(config.output_dir)
     if resume and overwrite_output_dir:
         raise RunConfigError("--resume and --overwrite_output_dir contradict each other: pass one of them")
-    from .finetuning import run_markers
-
     finetuned = run_markers(out)  # a finetuning run's or a saved model's files: never written into, nor deleted
     if finetuned:
         raise RunConfigError(
@@ -687,7 +679,7 @@ def _run_pretraining(
                 )
     else:
         if overwrite_output_dir and existing_run(out) and accelerator.is_main_process:
-            delete_run_outputs(out, cfg)
+            remove_run_outputs(out, (*PRETRAINING_OUTPUTS, cfg.logging.project or DEFAULT_PROJECT), "pretraining")
         accelerator.wait_for_everyone()
         run_id = _broadcast(new_run_id(), accelerator)
     run_facts = {

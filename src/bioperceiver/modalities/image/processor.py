@@ -38,6 +38,7 @@ RESIZE_MODES = ("resize", "longest_pad", "crop_pad")
 AXIS_ORDERS = ("rows_first", "legacy")
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 @dataclass
@@ -205,8 +206,10 @@ class ImageProcessor(ModalityProcessor):
         if self.settings.axis_order == "legacy":
             self._warn_legacy()  # once, also for a processor built with axis_order="legacy"
             return self._load_monai(path)
-        pil = path.name.lower().endswith(PIL_SUFFIXES)
-        if not pil and not _is_dicom(path):  # NIfTI and the like: voxel order as nibabel's, as before
+        name = path.name.lower()
+        pil = name.endswith(PIL_SUFFIXES)
+        # NIfTI and the like: voxel order as nibabel's, as before (by suffix first: no header read per load)
+        if not pil and (name.endswith(NIFTI_SUFFIXES) or not _is_dicom(path)):
             return self._load_monai(path)
         try:
             with warnings.catch_warnings():
