@@ -506,6 +506,118 @@ def cox_select(feats: SurvivalFeatures, rows, tr, va, te, *, pcs_grid, pen_grid,
     }
 
 
+def breslow_log_likelihood(eta, time, event) -> float:
+    """Cox log partial likelihood of linear predictors ``eta`` (Breslow's handling of tied times): the sum over
+    events ``i`` of ``eta_i - log sum_{j: t_j >= t_i} exp(eta_j)``. Invariant to a constant shift of ``eta``."""
+    eta, time, event = (np.asarray(a, float) for a in (eta, time, event))
+    order = np.argsort(-time, kind="stable")
+    t, e, h = time[order], event[order], eta[order]
+    lse = np.logaddexp.accumulate(h)  # log sum of exp over every row at or before i in descending time
+    last = np.searchsorted(-t, -t, side="right") - 1  # the last row tied with i: its risk set takes every tie
+    return float(np.sum(e * (h - lse[last])))
+
+
+def inner_folds(rows, pool, n_folds: int, seed: int) -> list[np.ndarray]:
+    """``pool``'s rows split into patient-level folds stratified by event (a patient counts as an event when any
+    of its rows has one): the held-out rows of each inner fold. Fewer folds than ``n_folds`` when the pool has fewer
+    patients with (or without) an event, never fewer than 2."""
+    from sklearn.model_selection import StratifiedKFold
+
+    pool = list(pool)
+    per = pd.DataFrame(
+        {
+            "patient": rows.loc[pool, "patient_id"].astype(str).to_numpy(),
+            "event": rows.loc[pool, "label_survival_event"].astype(int).to_numpy(),
+        },
+        index=pool,
+    )
+    pat = per.groupby("patient", sort=True)["event"].max()
+    k = min(n_folds, int(pat.sum()), int((1 - pat).sum()))
+    if k < 2:
+        raise ValueError(
+            f"inner cross-validation needs at least 2 patients with and 2 without an event among the {len(pat)} "
+            f"labelled patients ({int(pat.sum())} with an event); label more patients or select on a validation part"
+        )
+    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    ids = pat.index.to_numpy()
+    return [per.index[per["patient"].isin(ids[held])].to_numpy() for _, held in skf.split(ids, pat.to_numpy())]
+
+
+def cox_select_cv(
+    feats: SurvivalFeatures, rows, pool, te, *, pcs_grid, pen_grid, clinical=True, n_folds: int = 5, seed: int = 0
+) -> dict:
+    """Ridge Cox settings chosen by inner cross-validation on every labelled patient (``pool``), then refitted on
+    all of them and scored once on ``te``.
+
+    For each (components, penalizer) the score is the cross-validated partial log-likelihood of Verweij & van
+    Houwelingen (1993), what ``glmnet``'s ``cv.glmnet(family="cox")`` uses: summed over inner folds, the pool's log
+    partial likelihood at the coefficients fitted without the fold minus the fitted part's own. It stays defined on
+    folds of a few patients, where a per-fold C-index does not. The highest wins (ties: first in grid order);
+    ``best["validation"]`` is the C-index of the chosen setting's pooled out-of-fold risks (comparable across model
+    classes: what picks a cohort's best baseline), ``best["validation_cvpl"]`` its score. ``feats`` must be fitted
+    without test rows (its steps read no labels)."""
+    from lifelines import CoxPHFitter
+
+    from bioperceiver.evaluation import concordance_index
+
+    pool, te = list(pool), list(te)
+    t, e = rows["label_survival_time"].astype(float), rows["label_survival_event"].astype(int)
+    held = inner_folds(rows, pool, n_folds, seed)
+    pos = {r: i for i, r in enumerate(pool)}
+
+    def fit(x: pd.DataFrame, idx, pen):
+        keep = x.columns[x.std() > 0]  # a column constant on these rows carries no coefficient
+        df = x[keep].assign(T=t.loc[idx].to_numpy(), E=e.loc[idx].to_numpy())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return CoxPHFitter(penalizer=pen, l1_ratio=0.0).fit(df, "T", "E"), keep
+
+    tp, ep = t.loc[pool].to_numpy(), e.loc[pool].to_numpy()
+    grid = []
+    for n_pcs in pcs_grid:
+        if not clinical and not n_pcs:
+            continue
+        xp, xte = feats.transform(pool, n_pcs, clinical), feats.transform(te, n_pcs, clinical)
+        for pen in pen_grid:
+            cvpl, oof = 0.0, np.zeros(len(pool))
+            try:
+                for out in held:
+                    out_set = set(out)
+                    fit_idx = [r for r in pool if r not in out_set]
+                    cph, keep = fit(xp.loc[fit_idx], fit_idx, pen)
+                    eta = cph.predict_log_partial_hazard(xp[keep]).to_numpy()
+                    inside = np.array([r not in out_set for r in pool])
+                    cvpl += breslow_log_likelihood(eta, tp, ep) - breslow_log_likelihood(
+                        eta[inside], tp[inside], ep[inside]
+                    )
+                    oof[[pos[r] for r in out]] = eta[~inside]
+            except Exception as exc:  # lifelines ConvergenceError on a grid point: record and skip
+                grid.append({"n_pcs": n_pcs, "penalizer": pen, "error": type(exc).__name__})
+                continue
+            grid.append(
+                {
+                    "n_pcs": n_pcs,
+                    "penalizer": pen,
+                    "n_features": xp.shape[1],
+                    "validation_cvpl": cvpl if np.isfinite(cvpl) else None,
+                    "validation": concordance_index(tp, oof, ep),
+                }
+            )
+    ok = [g for g in grid if g.get("validation_cvpl") is not None]
+    if not ok:
+        raise ValueError(f"no grid point could be fitted in every inner fold: {grid}")
+    best = max(ok, key=lambda g: g["validation_cvpl"])  # max keeps the first of equal scores
+    xp, xte = feats.transform(pool, best["n_pcs"], clinical), feats.transform(te, best["n_pcs"], clinical)
+    cph, keep = fit(xp, pool, best["penalizer"])
+    rt = cph.predict_log_partial_hazard(xte[keep]).to_numpy()
+    best = {
+        **best,
+        "test": concordance_index(t.loc[te], rt, e.loc[te]),
+        "tied": sum(g["validation_cvpl"] == best["validation_cvpl"] for g in ok),
+    }
+    return {"best": best, "risk_test": rt, "grid": grid, "inner_folds": len(held)}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 1 + 4: survival CV and fusion
 # ---------------------------------------------------------------------------------------------------------------

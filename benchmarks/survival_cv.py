@@ -289,6 +289,16 @@ def data_settings(args) -> dict:
     return {"train_fraction": fraction, **sub, **mapped}
 
 
+def inner_cv_folds(args) -> int:
+    """Inner folds of ``--selection inner_cv`` (0: the recorded rule, settings chosen on the validation part)."""
+    return int(getattr(args, "inner_folds", 5)) if getattr(args, "selection", "validation") == "inner_cv" else 0
+
+
+def inner_seed(args, k: int) -> int:
+    """The inner folds' seed in outer fold ``k``: every arm of a fold is cross-validated on the same split."""
+    return int(args.seed) * 1000 + k
+
+
 def subsample_validation(args) -> bool:
     """Whether the validation parts shrink with the training parts (``--subsample_validation``; a no-op at 1)."""
     return bool(getattr(args, "subsample_validation", False)) and getattr(args, "train_fraction", 1.0) < 1
@@ -301,39 +311,52 @@ def has_clinical(rows: pd.DataFrame) -> bool:
     return "tabular_clinical" in rows and rows["tabular_clinical"].notna().any()
 
 
-def fit_cox(feats, rows, tr, va, te, *, with_pcs: bool, clinical: bool | None = None, ties: str = "first") -> dict:
+def fit_cox(
+    feats,
+    rows,
+    tr,
+    va,
+    te,
+    *,
+    with_pcs: bool,
+    clinical: bool | None = None,
+    ties: str = "first",
+    inner_folds: int = 0,
+    seed: int = 0,
+) -> dict:
     """Ridge Cox (lifelines) on clinical covariates, optionally + expression PCs; settings chosen on validation.
 
     ``feats``: :class:`SurvivalFeatures`-like (``pca.n_components_``, ``transform(ids, n_pcs, clinical)``);
     ``clinical`` (default: the cohort has clinical covariates) is passed to ``transform`` as whether to include the
     fixed block (see :class:`EmbeddingFeatures`); ``ties``: how grid points tied on the validation C-index are
-    broken (``cox_select``: first in grid order, or the highest validation partial log-likelihood)."""
+    broken (``cox_select``: first in grid order, or the highest validation partial log-likelihood). With
+    ``inner_folds`` (``--selection inner_cv``) the settings are chosen by that many inner folds of ``tr`` + ``va``
+    and the model is refitted on both (``cox_select_cv``; ``ties`` is not used)."""
     clinical = has_clinical(rows) if clinical is None else clinical
     if not with_pcs and not clinical:
         return {"skipped": "no clinical covariates in this cohort"}
     pcs = tuple(p for p in PCS_GRID if p <= feats.pca.n_components_ and (clinical or p))  # small panels: fewer PCs
-    res = ft.cox_select(
-        feats,
-        rows,
-        list(tr),
-        list(va),
-        list(te),
-        pcs_grid=pcs if with_pcs else (0,),
-        pen_grid=PEN_GRID,
-        clinical=clinical,
-        ties=ties,
-    )
-    return {
+    grid = {"pcs_grid": pcs if with_pcs else (0,), "pen_grid": PEN_GRID, "clinical": clinical}
+    if inner_folds:
+        res = ft.cox_select_cv(feats, rows, [*tr, *va], list(te), **grid, n_folds=inner_folds, seed=seed)
+    else:
+        res = ft.cox_select(feats, rows, list(tr), list(va), list(te), **grid, ties=ties)
+    rec = {
         "validation": res["best"]["validation"],
         "test": res["best"]["test"],
         "selected": {k: res["best"][k] for k in ("n_pcs", "penalizer", "n_features")},
-        "tied": res["best"]["tied"],  # grid points tied on the best validation C-index
+        "tied": res["best"]["tied"],  # grid points tied on the best validation score
         "risk_test": np.asarray(res["risk_test"], float).tolist(),
     }
+    if inner_folds:
+        rec.update(validation_cvpl=res["best"]["validation_cvpl"], inner_folds=res["inner_folds"])
+    return rec
 
 
-def fit_rsf(feats, rows, tr, va, te, *, seed: int, n_estimators: int = 200) -> dict:
-    """scikit-survival random survival forest on clinical + expression PCs; settings chosen on validation."""
+def fit_rsf(feats, rows, tr, va, te, *, seed: int, n_estimators: int = 200, inner_folds: int = 0) -> dict:
+    """scikit-survival random survival forest on clinical + expression PCs; settings chosen on validation, or with
+    ``inner_folds`` by the C-index of pooled out-of-fold risks over that many inner folds of ``tr`` + ``va``, then
+    refitted on both (``--selection inner_cv``)."""
     from sksurv.ensemble import RandomSurvivalForest
     from sksurv.util import Surv
 
@@ -343,25 +366,44 @@ def fit_rsf(feats, rows, tr, va, te, *, seed: int, n_estimators: int = 200) -> d
     t = rows["label_survival_time"].astype(float)
     e = rows["label_survival_event"].astype(int)
     clinical = has_clinical(rows)
+
+    def forest(idx, n_pcs: int, leaf: int):
+        y = Surv.from_arrays(event=e.loc[idx].astype(bool).to_numpy(), time=t.loc[idx].to_numpy())
+        model = RandomSurvivalForest(
+            n_estimators=n_estimators, min_samples_leaf=leaf, max_features="sqrt", n_jobs=1, random_state=seed
+        )
+        return model.fit(feats.transform(list(idx), n_pcs, clinical).to_numpy(), y)
+
+    def predict(model, idx, n_pcs: int) -> np.ndarray:
+        return model.predict(feats.transform(list(idx), n_pcs, clinical).to_numpy())
+
+    pool = [*tr, *va] if inner_folds else list(tr)
+    held = ft.inner_folds(rows, pool, inner_folds, seed) if inner_folds else None
     best, scores = None, []
     for n_pcs in sorted({min(p, feats.pca.n_components_) for p in RSF_GRID["n_pcs"]}):
-        xtr, xva, xte = (feats.transform(list(i), n_pcs, clinical).to_numpy() for i in (tr, va, te))
-        y = Surv.from_arrays(event=e.loc[tr].astype(bool).to_numpy(), time=t.loc[tr].to_numpy())
         for leaf in RSF_GRID["min_samples_leaf"]:
-            model = RandomSurvivalForest(
-                n_estimators=n_estimators, min_samples_leaf=leaf, max_features="sqrt", n_jobs=1, random_state=seed
-            ).fit(xtr, y)
-            val = concordance_index(t.loc[va], model.predict(xva), e.loc[va])
+            if held is None:
+                model = forest(tr, n_pcs, leaf)
+                val = concordance_index(t.loc[va], predict(model, va, n_pcs), e.loc[va])
+            else:  # pooled out-of-fold risks
+                oof = pd.Series(0.0, index=pool)
+                for out in held:
+                    out_set = set(out)
+                    oof.loc[out] = predict(forest([r for r in pool if r not in out_set], n_pcs, leaf), out, n_pcs)
+                val = concordance_index(t.loc[pool], oof.to_numpy(), e.loc[pool])
             scores.append(val)
             if best is None or val > best["validation"]:  # ties: the first in grid order
-                rt = model.predict(xte)
                 best = {
                     "validation": val,
-                    "test": concordance_index(t.loc[te], rt, e.loc[te]),
                     "selected": {"n_pcs": n_pcs, "min_samples_leaf": leaf, "n_estimators": n_estimators},
-                    "risk_test": np.asarray(rt, float).tolist(),
+                    "model": model if held is None else None,
                 }
+    model = best.pop("model") or forest(pool, best["selected"]["n_pcs"], best["selected"]["min_samples_leaf"])
+    rt = predict(model, te, best["selected"]["n_pcs"])
+    best.update(test=concordance_index(t.loc[te], rt, e.loc[te]), risk_test=np.asarray(rt, float).tolist())
     best["tied"] = sum(same_metric(v, best["validation"]) for v in scores)  # grid points tied at the best
+    if held is not None:
+        best["inner_folds"] = len(held)
     return best
 
 
@@ -405,17 +447,41 @@ class EmbeddingFeatures:
 
 
 def fit_cox_emb(
-    feats, emb: pd.DataFrame, rows, tr, va, te, *, expr_pcs: int = 0, ties: str = "first", pca_idx=None
+    feats,
+    emb: pd.DataFrame,
+    rows,
+    tr,
+    va,
+    te,
+    *,
+    expr_pcs: int = 0,
+    ties: str = "first",
+    pca_idx=None,
+    inner_folds: int = 0,
+    seed: int = 0,
 ) -> dict:
     """Ridge Cox on clinical covariates (+ ``expr_pcs`` expression PCs) + the embedding's top PCs; the number of
     embedding PCs (``PCS_GRID``, capped) and the penalty chosen on validation (``cox_select``, validation ties
     broken by ``ties`` as for the Cox baselines). ``feats``: the fold's fitted :class:`SurvivalFeatures`. With
     ``expr_pcs`` the grid's 0 embedding PCs is ``cox_clinical_pcs`` at that fold's choice, so the embedding is only
     taken when validation prefers it. ``pca_idx``: the rows the embedding's standardisation and PCA are fitted on
-    (default ``tr``; see ``--pca_rows``)."""
+    (default ``tr``, or ``tr`` + ``va`` with ``inner_folds``; see ``--pca_rows``). ``inner_folds``: settings chosen
+    by inner cross-validation on ``tr`` + ``va`` (:func:`fit_cox`)."""
     clinical = has_clinical(rows)
-    efeats = EmbeddingFeatures(feats, emb, expr_pcs=expr_pcs, base_clinical=clinical).fit(list(tr), pca_idx)
-    rec = fit_cox(efeats, rows, tr, va, te, with_pcs=True, clinical=clinical or expr_pcs > 0, ties=ties)
+    fit_rows = [*tr, *va] if inner_folds else list(tr)
+    efeats = EmbeddingFeatures(feats, emb, expr_pcs=expr_pcs, base_clinical=clinical).fit(fit_rows, pca_idx)
+    rec = fit_cox(
+        efeats,
+        rows,
+        tr,
+        va,
+        te,
+        with_pcs=True,
+        clinical=clinical or expr_pcs > 0,
+        ties=ties,
+        inner_folds=inner_folds,
+        seed=seed,
+    )
     rec["selected"] = {"expr_pcs": int(expr_pcs), **rec["selected"]}
     return rec
 
@@ -875,6 +941,7 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
     embeddings: dict[str, list] = {}  # init -> per-fold embedding, computed or read back on first use
     cox_ties = getattr(args, "baseline_ties", "first")  # how the Cox models break validation ties
     pca_rows = getattr(args, "pca_rows", "train")  # the rows the PCAs (no labels) are fitted on
+    n_inner = inner_cv_folds(args)  # 0: settings chosen on the validation part
     results: dict[str, list[dict]] = {m: [] for m in models}
     fold_meta = []
     origin: dict[str, list[str]] = {"cached": [], "ran": []}  # (fold, model) read back from cache vs fitted now
@@ -924,6 +991,8 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                 settings["ties"] = cox_ties  # only then: the cache keys of earlier runs stay valid
             if model not in ("cox_clinical", *BP_ARMS) and pca_rows != "train":
                 settings["pca_rows"] = pca_rows  # likewise; cox_clinical and the trained arms fit no PCA
+            if n_inner and model not in BP_ARMS:
+                settings["selection"] = {"inner_cv": n_inner}  # likewise; the trained arms keep the validation part
             path = out / "cache" / cohort / f"fold{k}" / f"{model}.json"
             if model in BP_ARMS and len(lrs := bp_lrs(args, model)) > 1:
                 grid_origin: list[tuple[str, str]] = []
@@ -949,7 +1018,7 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                     rec = run_bp(args, manifest, rows, part, runners[model], cohort, k, model)
                 else:
                     if not fitted:
-                        feats.fit(list(tr), pca_idx)
+                        feats.fit([*tr, *va] if n_inner else list(tr), pca_idx)  # the rows it is fitted on
                         fitted = True
                     if model in EMB_ARMS:
                         init = EMB_ARMS[model]["init"]
@@ -959,12 +1028,32 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                             )
                         emb = embeddings[init][k]
                         rec = fit_cox_emb(
-                            feats, emb, rows, tr, va, te, expr_pcs=settings["expr_pcs"], ties=cox_ties, pca_idx=pca_idx
+                            feats,
+                            emb,
+                            rows,
+                            tr,
+                            va,
+                            te,
+                            expr_pcs=settings["expr_pcs"],
+                            ties=cox_ties,
+                            pca_idx=pca_idx,
+                            inner_folds=n_inner,
+                            seed=inner_seed(args, k),
                         )
                     elif model == "rsf":
-                        rec = fit_rsf(feats, rows, tr, va, te, seed=args.seed)
+                        rec = fit_rsf(feats, rows, tr, va, te, seed=args.seed, inner_folds=n_inner)
                     else:
-                        rec = fit_cox(feats, rows, tr, va, te, with_pcs=model == "cox_clinical_pcs", ties=cox_ties)
+                        rec = fit_cox(
+                            feats,
+                            rows,
+                            tr,
+                            va,
+                            te,
+                            with_pcs=model == "cox_clinical_pcs",
+                            ties=cox_ties,
+                            inner_folds=n_inner,
+                            seed=inner_seed(args, k),
+                        )
                 rec["wall_s"] = round(time.perf_counter() - t0, 1)
                 rec = store(path, settings, rec)
             results[model].append(rec)
@@ -1136,6 +1225,15 @@ def report_lines(res: dict) -> list[str]:
         lines += [
             "Label-free steps (expression standardisation, gene selection and PCA; the embedding's PCA) fitted on "
             "every patient of the cohort but the fold's test ones, labelled or not (`--pca_rows non_test`).",
+            "",
+        ]
+    if res.get("selection", {}).get("rule") == "inner_cv":
+        lines += [
+            f"Models without neural training chose their settings by {res['selection']['inner_folds']}-fold inner "
+            "cross-validation on every labelled patient of the fold (training + validation parts; the cross-validated "
+            "partial likelihood for Cox, the pooled out-of-fold C-index for the forest) and were refitted on all of "
+            "them (`--selection inner_cv`); their *validation* below is the pooled out-of-fold C-index. The trained "
+            "networks chose on the validation part.",
             "",
         ]
     lines += [
@@ -1361,6 +1459,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         "survival forest keeps the first",
     )
     p.add_argument(
+        "--selection",
+        choices=("validation", "inner_cv"),
+        default="validation",
+        help="how the models without neural training (the Cox baselines, the forest, the cox_*_emb_* arms) choose "
+        "their settings: on the fold's validation part, fitted on its training part (the recorded rule), or inner_cv: "
+        "by --inner_folds patient-level folds of training + validation (the cross-validated partial likelihood for "
+        "Cox, the pooled out-of-fold C-index for the forest), then refitted on both; the recorded validation is then "
+        "the pooled out-of-fold C-index. The trained bp_* arms keep the validation part",
+    )
+    p.add_argument("--inner_folds", type=int, default=5, help="inner folds of --selection inner_cv")
+    p.add_argument(
         "--pca_rows",
         choices=("train", "non_test"),
         default="train",
@@ -1416,6 +1525,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.init_seed = args.seed
     if args.bp_head_linear == []:  # the flag alone: the clinical covariates
         args.bp_head_linear = ["tabular_clinical"]
+    if args.inner_folds < 2:
+        p.error(f"--inner_folds must be at least 2, got {args.inner_folds}")
     return args
 
 
@@ -1513,6 +1624,7 @@ def main(argv=None) -> dict:
         "grids": {"cox": {"n_pcs": PCS_GRID, "penalizer": PEN_GRID}, "rsf": RSF_GRID},
         "baseline_ties": {"cox": args.baseline_ties, "rsf": "first"},
         "pca_rows": args.pca_rows,
+        "selection": {"rule": args.selection, **({"inner_folds": args.inner_folds} if inner_cv_folds(args) else {})},
         "embedding_arms": {a: {**EMB_ARMS[a], "modality": EMB_MODALITY} for a in EMB_ARMS if a in args.bp_arms},
         "manifest": str(manifest.path) if hasattr(manifest, "path") else str(data_dir),
         "cohorts": {},

@@ -1140,3 +1140,175 @@ def test_pca_rows_non_test_refits_only_the_models_with_a_pca_end_to_end(tmp_path
     rec = cv.fit_cox(feats, rows, tr, va, te, with_pcs=True)
     cached = json.loads((tmp_path / "nt" / "cache" / "nki70" / "fold0" / "cox_clinical_pcs.json").read_text())
     assert cached["selected"] == rec["selected"] and cached["test"] == pytest.approx(rec["test"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --selection inner_cv: settings chosen by inner cross-validation on every labelled patient
+# ---------------------------------------------------------------------------------------------------------------
+def _breslow_reference(eta, time, event) -> float:
+    """The definition, term by term: each event's linear predictor minus the log of its risk set's sum."""
+    return sum(
+        eta[i] - np.log(sum(np.exp(eta[j]) for j in range(len(time)) if time[j] >= time[i]))
+        for i in range(len(time))
+        if event[i]
+    )
+
+
+def test_breslow_log_likelihood_matches_its_definition_and_lifelines():
+    from lifelines import CoxPHFitter
+
+    rng = np.random.default_rng(0)
+    n = 40
+    eta = rng.normal(size=n)
+    time = rng.integers(1, 12, size=n).astype(float)  # many tied times
+    event = (rng.random(n) < 0.6).astype(int)
+    got = cv.ft.breslow_log_likelihood(eta, time, event)
+    assert got == pytest.approx(_breslow_reference(eta, time, event), rel=1e-12)
+    assert cv.ft.breslow_log_likelihood(eta + 3.7, time, event) == pytest.approx(got, rel=1e-12)  # shift-invariant
+    perm = rng.permutation(n)
+    assert cv.ft.breslow_log_likelihood(eta[perm], time[perm], event[perm]) == pytest.approx(got, rel=1e-12)
+    # without ties it is lifelines' unpenalised log partial likelihood at lifelines' own fit
+    x = rng.normal(size=(n, 3))
+    df = pd.DataFrame(x, columns=list("abc")).assign(T=rng.exponential(size=n), E=event)
+    cph = CoxPHFitter().fit(df, "T", "E")
+    ours = cv.ft.breslow_log_likelihood(x @ cph.params_.to_numpy(), df["T"].to_numpy(), event)
+    assert ours == pytest.approx(cph.log_likelihood_, rel=1e-8)
+
+
+def test_inner_folds_partition_the_pool_by_patient_stratified_by_event():
+    patients, events = _rows(n_patients=40, repeats=2, seed=3)
+    rows = pd.DataFrame({"patient_id": patients, "label_survival_event": events})
+    pool = list(rows.index[:60])  # 30 patients
+    held = cv.ft.inner_folds(rows, pool, 5, seed=0)
+    assert len(held) == 5 and sorted(np.concatenate(held)) == sorted(pool)
+    owner = {}
+    for k, out in enumerate(held):
+        for p in rows.loc[out, "patient_id"]:
+            assert owner.setdefault(p, k) == k  # a patient's rows stay in one fold
+    per_fold = [rows.loc[out].groupby("patient_id")["label_survival_event"].max().sum() for out in held]
+    assert max(per_fold) - min(per_fold) <= 1  # events spread evenly
+    again = cv.ft.inner_folds(rows, pool, 5, seed=0)
+    assert all((a == b).all() for a, b in zip(held, again))
+    # few events: fewer folds, never fewer than 2; one event: an error that says what to do
+    pat_events = rows.groupby("patient_id")["label_survival_event"].max()
+    few = [p for p in pat_events.index if pat_events[p] == 0][:8] + [p for p in pat_events.index if pat_events[p]][:3]
+    few_rows = list(rows.index[rows["patient_id"].isin(few)])
+    assert len(cv.ft.inner_folds(rows, few_rows, 5, seed=0)) == 3
+    one = list(rows.index[rows["patient_id"].isin(few[:9])])
+    with pytest.raises(ValueError, match="at least 2 patients with and 2 without an event"):
+        cv.ft.inner_folds(rows, one, 5, seed=0)
+
+
+def test_cox_select_cv_picks_the_best_cross_validated_partial_likelihood_and_refits_on_the_pool(cohort):
+    """Every grid point's score recomputed by hand (lifelines fitted without each inner fold, the pool's log partial
+    likelihood minus the fitted part's); the pick is the best; the test risks are one lifelines fit on the whole
+    pool at the pick; the recorded validation is the pooled out-of-fold C-index."""
+    from lifelines import CoxPHFitter
+
+    from bioperceiver.evaluation import concordance_index
+
+    base, rows, part = cohort
+    pool, te = [*part["train"], *part["validation"]], list(part["test"])
+    feats = cv.ft.SurvivalFeatures(base, rows, n_genes=30).fit(pool)
+    grid = {"pcs_grid": (0, 2, 5), "pen_grid": (0.1, 1.0)}
+    res = cv.ft.cox_select_cv(feats, rows, pool, te, **grid, n_folds=4, seed=3)
+    held = cv.ft.inner_folds(rows, pool, 4, seed=3)
+    t, e = rows["label_survival_time"].astype(float), rows["label_survival_event"].astype(int)
+
+    def lifelines_fit(idx, n_pcs, pen):
+        x = feats.transform(idx, n_pcs)
+        x = x.loc[:, x.std() > 0]  # the cohort indicator is constant here: no coefficient
+        return CoxPHFitter(penalizer=pen).fit(x.assign(T=t.loc[idx].to_numpy(), E=e.loc[idx].to_numpy()), "T", "E")
+
+    scores = {}
+    for n_pcs in grid["pcs_grid"]:
+        for pen in grid["pen_grid"]:
+            cvpl, oof = 0.0, pd.Series(0.0, index=pool)
+            for out in held:
+                inside = [r for r in pool if r not in set(out)]
+                cph = lifelines_fit(inside, n_pcs, pen)
+                eta = cph.predict_log_partial_hazard(feats.transform(pool, n_pcs)[cph.params_.index]).to_numpy()
+                full = _breslow_reference(eta, t.loc[pool].to_numpy(), e.loc[pool].to_numpy())
+                mask = np.isin(pool, inside)
+                part_ll = _breslow_reference(eta[mask], t.loc[inside].to_numpy(), e.loc[inside].to_numpy())
+                cvpl += full - part_ll
+                oof.loc[out] = eta[~mask]
+            scores[(n_pcs, pen)] = (cvpl, concordance_index(t.loc[pool], oof.to_numpy(), e.loc[pool]))
+    recorded = {(g["n_pcs"], g["penalizer"]): g for g in res["grid"]}
+    for key, (cvpl, oof_c) in scores.items():
+        assert recorded[key]["validation_cvpl"] == pytest.approx(cvpl, rel=1e-6)
+        assert recorded[key]["validation"] == pytest.approx(oof_c)
+        assert "test" not in recorded[key]  # no grid point's test score is computed
+    pick = max(scores, key=lambda k: scores[k][0])
+    assert (res["best"]["n_pcs"], res["best"]["penalizer"]) == pick and res["inner_folds"] == 4
+    assert res["best"]["validation"] == pytest.approx(scores[pick][1])
+    cph = lifelines_fit(pool, *pick)
+    final = cph.predict_log_partial_hazard(feats.transform(te, pick[0])[cph.params_.index]).to_numpy()
+    np.testing.assert_allclose(res["risk_test"], final, rtol=1e-6)
+    assert res["best"]["test"] == pytest.approx(concordance_index(t.loc[te], final, e.loc[te]))
+
+
+@pytest.mark.parametrize("model", ["cox_clinical", "cox_clinical_pcs", "rsf", "cox_clinical_emb_pretrained"])
+def test_inner_cv_reads_every_labelled_patient_and_no_test_label(cohort, model):
+    """--selection inner_cv: test labels never reach the choice or the fit; a validation label does (it is in the
+    pool now), unlike the validation rule's fit."""
+    base, rows, part = cohort
+    tr, va, te = part["train"], part["validation"], list(part["test"])
+
+    def fit(rows):
+        feats = cv.ft.SurvivalFeatures(base, rows, n_genes=30).fit([*tr, *va])
+        if model == "rsf":
+            return cv.fit_rsf(feats, rows, tr, va, te, seed=0, n_estimators=20, inner_folds=3)
+        if model in cv.EMB_ARMS:
+            _, emb = _emb_fixture(cohort)
+            return cv.fit_cox_emb(feats, emb, rows, tr, va, te, inner_folds=3, seed=1)
+        return cv.fit_cox(feats, rows, tr, va, te, with_pcs=model == "cox_clinical_pcs", inner_folds=3, seed=1)
+
+    ref = fit(rows)
+    assert ref["inner_folds"] == 3 and 0 <= ref["test"] <= 1 and len(ref["risk_test"]) == len(te)
+    changed = rows.copy()
+    changed.loc[te, "label_survival_time"] = changed.loc[te, "label_survival_time"].to_numpy()[::-1]
+    changed.loc[te, "label_survival_event"] = 1 - changed.loc[te, "label_survival_event"]
+    res = fit(changed)
+    assert res["selected"] == ref["selected"] and res["validation"] == pytest.approx(ref["validation"])
+    np.testing.assert_allclose(res["risk_test"], ref["risk_test"])
+    moved = rows.copy()
+    va_ids = list(va)
+    moved.loc[va_ids, "label_survival_time"] = np.random.default_rng(5).permutation(
+        moved.loc[va_ids, "label_survival_time"].to_numpy()
+    )
+    assert not np.allclose(fit(moved)["risk_test"], ref["risk_test"])
+
+
+def test_selection_inner_cv_end_to_end_refits_the_classical_models_with_their_own_cache_keys(tmp_path):
+    """survival_cv.py --selection inner_cv on a real SurvSet cohort at a quarter of the labels: every classical
+    model is refitted (its cache key carries the rule; the default's keys are unchanged) and equals fit_cox /
+    fit_rsf with inner folds on features fitted on training + validation; the JSON and the table say so."""
+    pytest.importorskip("SurvSet")
+    common = [
+        *("--cohorts", "nki70", "--folds", "3", "--no_bioperceiver", "--quick", "--data_dir", str(tmp_path / "c")),
+        *("--train_fraction", "0.5", "--subsample_validation"),
+    ]
+    first, res = _run_then_rerun(tmp_path, common, ["--selection", "inner_cv", "--inner_folds", "3"], ("va", "cv"))
+    assert first["selection"] == {"rule": "validation"}
+    assert res["selection"] == {"rule": "inner_cv", "inner_folds": 3}
+    assert res["cohorts"]["nki70"]["from_cache"]["cached"] == []
+    for run, rule in ((tmp_path / "va", None), (tmp_path / "cv", {"inner_cv": 3})):
+        for model in cv.BASELINES:
+            settings = json.loads((run / "cache" / "nki70" / "fold0" / f"{model}.json").read_text())["settings"]
+            assert settings.get("selection") == rule, (run.name, model)
+    assert "`--selection inner_cv`" in (tmp_path / "cv" / "survival_cv.md").read_text()
+    from bioperceiver.data import read_manifest
+
+    manifest = read_manifest(tmp_path / "c" / "manifest.parquet")
+    rows = cv.cohort_rows(manifest.table, "nki70")
+    folds = cv.make_folds(rows["patient_id"], rows["label_survival_event"], 3, 0, 0.2)
+    part = cv.subsample_train(folds, rows["patient_id"], rows["label_survival_event"], 0.5, 0, validation=True)[0]
+    tr, va, te = part["train"], part["validation"], part["test"]
+    feats = cv.ft.SurvivalFeatures(manifest.base_dir, rows, n_genes=1000).fit([*tr, *va])
+    rec = cv.fit_cox(feats, rows, tr, va, te, with_pcs=True, inner_folds=3, seed=cv.inner_seed(cv.parse_args([]), 0))
+    cached = json.loads((tmp_path / "cv" / "cache" / "nki70" / "fold0" / "cox_clinical_pcs.json").read_text())
+    assert cached["selected"] == rec["selected"] and cached["test"] == pytest.approx(rec["test"])
+    assert cached["inner_folds"] == 3 and cached["validation_cvpl"] == pytest.approx(rec["validation_cvpl"])
+    with pytest.raises(SystemExit):
+        cv.parse_args(["--inner_folds", "1"])
