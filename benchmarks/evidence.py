@@ -1804,6 +1804,56 @@ def _reconstruction_parts() -> list[Part]:
     return parts
 
 
+def _inner_cv_parts() -> list[Part]:
+    """Optional: protocol K (twenty-first session): the classical and embedding-Cox models choosing their settings
+    by inner cross-validation on every labelled patient (``survival_cv.py --selection inner_cv``) against the
+    validation-part rule, on the recipe's reconstruction backbones (seeds 0-2), at 25% and 50% of the labels: per
+    seed pair one run of each rule (the inner-CV run reads the embeddings back from the validation run), each arm
+    under inner CV against itself under the validation rule on the same test patients, and each rule's 3 runs
+    combined (~45 min on 2 cores after the backbones)."""
+    parts = []
+    arms = (*("cox_clinical", "cox_clinical_pcs", "rsf"), *EMB_ARMS)
+    for frac in ("0.25", "0.5"):
+        family: dict[str, dict[str, str]] = {"selval": {}, "selcv": {}}
+        for pre, init in FIVE_SEEDS[:3]:
+            sfx = _pair_suffix(pre, init)
+            va, cvr = (f"survival_cv_labeff_tf{frac}_recon{RECON}_{rule}{sfx}" for rule in ("selval", "selcv"))
+            seeds = f"reconstruction backbones of seed {pre}, init seed {init}, {frac} of the labels"
+            parts += [
+                Part(
+                    va,
+                    f"baselines and embedding-Cox arms, settings chosen on the validation part; {seeds}",
+                    _emb_cox(va, _recon_backbones(pre), frac, init),
+                    f"survset/{va}/survival_cv.json",
+                    needs=_variant_backbone_parts("recon", pre),
+                    minutes=4,
+                    optional=True,
+                ),
+                Part(
+                    cvr,
+                    f"the same, settings chosen by 5-fold inner CV on training + validation; {seeds}",
+                    _emb_cox(cvr, _recon_backbones(pre), frac, init, reuse=(va,), extra=("--selection", "inner_cv")),
+                    f"survset/{cvr}/survival_cv.json",
+                    needs=[va],
+                    minutes=6,
+                    optional=True,
+                ),
+                _spread(
+                    f"versus_selection_tf{frac}_recon{RECON}{sfx}",
+                    {"inner_cv": cvr, "validation": va},
+                    "each model under inner CV - under the validation rule, the same test patients",
+                    "--versus",
+                    *arms,
+                ),
+            ]
+            family["selval"][f"pre{pre}_init{init}"] = va
+            family["selcv"][f"pre{pre}_init{init}"] = cvr
+        for rule, runs in family.items():
+            what = f"the 3 seed pairs combined ({'inner CV' if rule == 'selcv' else 'validation part'})"
+            parts.append(_spread(f"seed_spread_labeff_tf{frac}_recon{RECON}_{rule}3", runs, what, *EMB_ENSEMBLE))
+    return parts
+
+
 # In run order. Minutes as measured on the shared 2-core VM on 2026-12-03 with other jobs running (load 4-8): about
 # 2.5 h in all there; on idle cores the parts ran about twice as fast.
 PARTS: list[Part] = [
@@ -1964,6 +2014,7 @@ PARTS: list[Part] = [
     *_gene_map_parts(),
     *_deviation_parts(),
     *_reconstruction_parts(),
+    *_inner_cv_parts(),
 ]
 
 

@@ -87,6 +87,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 import warnings
@@ -621,12 +622,22 @@ def cohort_embeddings(args, manifest, rows, folds, cohort: str, out: Path, init:
     }
     path = out / "cache" / cohort / f"embedding_{init}.npz"
     key = _key(settings)
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["key"]) == key:
-                ids = [str(i) for i in z["ids"]]
-                ft.log(f"{cohort}: {init} expression embeddings read back from {path}")
-                return [pd.DataFrame(z[f"fold{k}"], index=ids) for k in range(len(folds))]
+    # this run's cache, then --reuse_cache's (the same key: the same backbones, rows and folds), copied here
+    for found in (path, *(Path(d) / "cache" / cohort / path.name for d in getattr(args, "reuse_cache", ()))):
+        if not found.is_file():
+            continue
+        with np.load(found, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                continue
+            ids = [str(i) for i in z["ids"]]
+            arrays = {f"fold{k}": z[f"fold{k}"] for k in range(len(folds))}
+        if found != path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(found, path)
+            if found.with_suffix(".json").is_file():
+                shutil.copyfile(found.with_suffix(".json"), path.with_suffix(".json"))
+        ft.log(f"{cohort}: {init} expression embeddings read back from {found}")
+        return [pd.DataFrame(arrays[f"fold{k}"], index=ids) for k in range(len(folds))]
     t0 = time.perf_counter()
     arrays, shared, extensions = {}, None, []
     for k, part in enumerate(folds):

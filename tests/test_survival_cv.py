@@ -565,6 +565,16 @@ def test_fold_wise_backbones_embed_each_fold_with_its_own(tmp_path, monkeypatch)
     args.pretrained_dir = str(tmp_path / "one" / "final")
     out = cv.cohort_embeddings(args, manifest, rows, folds, "c", tmp_path / "o2", "pretrained", [shared] * 3)
     assert calls == [7] and [float(e.iloc[0, 0]) for e in out] == [7.0] * 3  # one backbone: embedded once
+    # --reuse_cache: another run's embeddings with the same key are read back and copied, nothing embedded again;
+    # a different key (another backbone) is embedded anew
+    calls.clear()
+    args.reuse_cache = [str(tmp_path / "o2")]
+    again = cv.cohort_embeddings(args, manifest, rows, folds, "c", tmp_path / "o3", "pretrained", [shared] * 3)
+    assert calls == [] and [float(e.iloc[0, 0]) for e in again] == [7.0] * 3
+    assert (tmp_path / "o3" / "cache" / "c" / "embedding_pretrained.npz").is_file()
+    args.pretrained_dir = str(tmp_path / "other" / "final")
+    cv.cohort_embeddings(args, manifest, rows, folds, "c", tmp_path / "o4", "pretrained", [shared] * 3)
+    assert calls == [7]
 
 
 def test_init_seed_reseeds_the_neural_arms_on_the_same_folds(tmp_path, monkeypatch):
