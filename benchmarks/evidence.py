@@ -1819,22 +1819,32 @@ def _inner_cv_parts() -> list[Part]:
             sfx = _pair_suffix(pre, init)
             va, cvr = (f"survival_cv_labeff_tf{frac}_recon{RECON}_{rule}{sfx}" for rule in ("selval", "selcv"))
             seeds = f"reconstruction backbones of seed {pre}, init seed {init}, {frac} of the labels"
+            # the classical models do not depend on the backbone or the init seed: the first pair's are read back
+            first = {r: f"survival_cv_labeff_tf{frac}_recon{RECON}_{r}" for r in ("selval", "selcv")}
+            back = {r: () if (pre, init) == FIVE_SEEDS[0] else (first[r],) for r in first}
             parts += [
                 Part(
                     va,
                     f"baselines and embedding-Cox arms, settings chosen on the validation part; {seeds}",
-                    _emb_cox(va, _recon_backbones(pre), frac, init),
+                    _emb_cox(va, _recon_backbones(pre), frac, init, reuse=back["selval"]),
                     f"survset/{va}/survival_cv.json",
-                    needs=_variant_backbone_parts("recon", pre),
+                    needs=[*_variant_backbone_parts("recon", pre), *back["selval"]],
                     minutes=4,
                     optional=True,
                 ),
                 Part(
                     cvr,
                     f"the same, settings chosen by 5-fold inner CV on training + validation; {seeds}",
-                    _emb_cox(cvr, _recon_backbones(pre), frac, init, reuse=(va,), extra=("--selection", "inner_cv")),
+                    _emb_cox(
+                        cvr,
+                        _recon_backbones(pre),
+                        frac,
+                        init,
+                        reuse=(va, *back["selcv"]),
+                        extra=("--selection", "inner_cv"),
+                    ),
                     f"survset/{cvr}/survival_cv.json",
-                    needs=[va],
+                    needs=[va, *back["selcv"]],
                     minutes=6,
                     optional=True,
                 ),
