@@ -4,7 +4,11 @@ For each cohort of ``--cohorts`` (built with :mod:`bioperceiver.data.recipes.sur
 
 * **folds** -- patient-level ``--folds``-fold CV stratified by event (:func:`make_folds`); inside the training
   folds a stratified ``--val_fraction`` of patients is the *validation* part. Every model is fitted on *train*,
-  chooses its settings on *validation* only and is scored once on the held-out fold (*test*).
+  chooses its settings on *validation* only and is scored once on the held-out fold (*test*). With
+  ``--selection inner_cv`` the models without neural training instead choose by ``--inner_folds`` patient-level
+  folds of *train* + *validation* (Cox: the cross-validated partial likelihood of Verweij & van Houwelingen, as
+  ``cv.glmnet``; the forest: the C-index of its pooled out-of-fold risks) and are refitted on both; with a few
+  labelled patients a validation part of ~6 is a noisy judge (``benchmarks/RESULTS.md``, protocol K).
 * **models**
   - ``cox_clinical``: ``lifelines.CoxPHFitter`` on the clinical covariates (train-median imputation, one-hot,
     standardisation; ridge penalty chosen on validation). Cohorts without clinical covariates have none.
