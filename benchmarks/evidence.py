@@ -1807,15 +1807,15 @@ def _reconstruction_parts() -> list[Part]:
 def _inner_cv_parts() -> list[Part]:
     """Optional: protocol K (twenty-first session): the classical and embedding-Cox models choosing their settings
     by inner cross-validation on every labelled patient (``survival_cv.py --selection inner_cv``) against the
-    validation-part rule, on the recipe's reconstruction backbones (seeds 0-2), at 25% and 50% of the labels: per
-    seed pair one run of each rule (the inner-CV run reads the embeddings back from the validation run), each arm
-    under inner CV against itself under the validation rule on the same test patients, and each rule's 3 runs
-    combined (~45 min on 2 cores after the backbones)."""
+    validation-part rule, on the recipe's reconstruction backbones (seeds 0-2), at 25% and 50% of the labels (and
+    all of them for the first seed pair, secondary): per seed pair one run of each rule (the inner-CV run reads the
+    embeddings back from the validation run), each arm under inner CV against itself under the validation rule on
+    the same test patients, and each rule's 3 runs combined (~40 min on 2 cores after the backbones)."""
     parts = []
     arms = (*("cox_clinical", "cox_clinical_pcs", "rsf"), *EMB_ARMS)
-    for frac in ("0.25", "0.5"):
+    for frac in ("0.25", "0.5", "1"):  # all the labels: the first seed pair only (secondary)
         family: dict[str, dict[str, str]] = {"selval": {}, "selcv": {}}
-        for pre, init in FIVE_SEEDS[:3]:
+        for pre, init in FIVE_SEEDS[: 1 if frac == "1" else 3]:
             sfx = _pair_suffix(pre, init)
             va, cvr = (f"survival_cv_labeff_tf{frac}_recon{RECON}_{rule}{sfx}" for rule in ("selval", "selcv"))
             seeds = f"reconstruction backbones of seed {pre}, init seed {init}, {frac} of the labels"
@@ -1858,7 +1858,7 @@ def _inner_cv_parts() -> list[Part]:
             ]
             family["selval"][f"pre{pre}_init{init}"] = va
             family["selcv"][f"pre{pre}_init{init}"] = cvr
-        for rule, runs in family.items():
+        for rule, runs in family.items() if frac != "1" else ():
             what = f"the 3 seed pairs combined ({'inner CV' if rule == 'selcv' else 'validation part'})"
             parts.append(_spread(f"seed_spread_labeff_tf{frac}_recon{RECON}_{rule}3", runs, what, *EMB_ENSEMBLE))
     return parts
