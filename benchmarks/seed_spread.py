@@ -327,7 +327,9 @@ def versus(runs: list[dict], labels: list[str], arm: str, n_boot: int, roles=("d
             folds = []
             for k, f in enumerate(c0["folds"]):
                 ids = f["test_ids"]
-                risks = np.array([cached_risks(r, cohort, arm, k) for r in (runs[0], run)])
+                risks = np.array(
+                    [cached_risks(r, cohort, arm, k, neural=arm not in cv.BASELINES) for r in (runs[0], run)]
+                )
                 folds.append(
                     {
                         "time": rows.loc[ids, "label_survival_time"].to_numpy(float),

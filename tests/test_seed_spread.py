@@ -403,3 +403,56 @@ def test_fusion_averages_fold_ranks_of_the_ensemble_and_the_best_baseline(tmp_pa
         ss.ensemble(runs, "emb", "rnd", n_boot=50, fuse="emb")
     with pytest.raises(SystemExit):
         ss.parse_args(["--runs", "a", "b", "--output_dir", str(tmp_path), "--fuse_with", ss.BEST])  # no --ensemble
+
+
+@pytest.mark.parametrize("arm", ["rsf", "bp"])
+def test_versus_reads_a_baseline_another_init_seed_s_run_cached_but_never_a_neural_arm(tmp_path, arm):
+    """Runs that differ in --init_seed read the classical baselines back from each other (they do not depend on
+    it), so --versus on a baseline accepts a cached result without the run's init seed; a BioPerceiver arm's
+    cached result from another init seed is refused, naming it."""
+    import pandas as pd
+
+    from bioperceiver.data import write_manifest
+
+    rng = np.random.default_rng(2)
+    ids = [f"s{i}" for i in range(40)]
+    table = pd.DataFrame(
+        {
+            "sample_id": ids,
+            "patient_id": ids,
+            "meta_source": "survset_nki70",
+            "label_survival_time": rng.exponential(size=40),
+            "label_survival_event": (rng.random(40) < 0.7).astype(int),
+        }
+    )
+    manifest = write_manifest(table, tmp_path / "cohort" / "manifest.parquet")
+    folds = [{"test_ids": ids[:20]}, {"test_ids": ids[20:]}]
+    runs = []
+    for r, init_seed in enumerate((0, 1)):
+        folder = tmp_path / f"run{r}"
+        for k in range(2):
+            settings = {"cohort": "nki70", "fold": k, "model": arm, "seed": 0, "folds": 2}  # written by init seed 0
+            path = folder / "cache" / "nki70" / f"fold{k}" / f"{arm}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"risk_test": rng.normal(size=20).tolist(), "settings": settings}))
+        res = {
+            "seed": 0,
+            "init_seed": init_seed,
+            "folds": 2,
+            "manifest": str(manifest),
+            "bp": {"pretrained_dir": None},
+            "cohorts": {
+                "nki70": {
+                    "role": "development",
+                    "folds": folds,
+                    "models": {arm: {"test": {"mean": 0.6}, "validation": {"per_fold": [0.6, 0.6]}}},
+                }
+            },
+        }
+        runs.append({"folder": str(folder), "res": res, "replicates": {}})
+    if arm == "bp":
+        with pytest.raises(ValueError, match="init_seed differ"):
+            ss.versus(runs, ["a", "b"], arm, n_boot=50)
+    else:
+        vs = ss.versus(runs, ["a", "b"], arm, n_boot=50)
+        assert vs[f"{arm} (a) - {arm} (b)"]["pooled"]["development"]["cohorts"] == ["nki70"]
