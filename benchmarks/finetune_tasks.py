@@ -621,7 +621,8 @@ def cox_select_cv(
 
     For each (components, penalizer) the score is the cross-validated partial log-likelihood of Verweij & van
     Houwelingen (1993), what ``glmnet``'s ``cv.glmnet(family="cox")`` uses: summed over inner folds, the pool's log
-    partial likelihood at the coefficients fitted without the fold minus the fitted part's own. It stays defined on
+    partial likelihood (Breslow, :func:`breslow_log_likelihood`) at the coefficients fitted without the fold minus
+    the fitted part's own. It stays defined on
     folds of a few patients, where a per-fold C-index does not. The highest wins (ties: first in grid order);
     ``best["validation"]`` is the C-index of the chosen setting's pooled out-of-fold risks (comparable across model
     classes: what picks a cohort's best baseline), ``best["validation_cvpl"]`` its score. ``feats`` must be fitted
@@ -650,7 +651,7 @@ def cox_select_cv(
     for n_pcs in pcs_grid:
         if not clinical and not n_pcs:
             continue
-        xp, xte = feats.transform(pool, n_pcs, clinical), feats.transform(te, n_pcs, clinical)
+        xp = feats.transform(pool, n_pcs, clinical)  # no test row is read until the pick is made
         for pen in pen_grid:
             cvpl, oof = 0.0, np.zeros(len(pool))
             try:
