@@ -1864,6 +1864,65 @@ def _inner_cv_parts() -> list[Part]:
     return parts
 
 
+def _inner_cv_external_parts() -> list[Part]:
+    """Optional, evaluation only: protocol L (twenty-first session): protocol K's two selection rules in the external
+    check's setting (the 6 external cohorts, vdv mapped, 50%, every PCA on non-test patients) on the reconstruction
+    backbones, seed pairs (0, 0), (1, 1), (2, 2): per pair one run of each rule and each model under inner CV against
+    itself under the validation rule; per rule the 3 runs' ensemble fused with the best baseline (~25 min)."""
+    parts = []
+    arms = (*("cox_clinical", "cox_clinical_pcs", "rsf"), *EMB_ARMS)
+    extra = ("--gene_map", GENE_MAP, "--pca_rows", "non_test")
+    family: dict[str, dict[str, str]] = {"selval": {}, "selcv": {}}
+    first = {r: f"survival_cv_ext_genemap_labeff_tf0.5_nt_recon{RECON}_{r}" for r in family}
+    for pre, init in FIVE_SEEDS[:3]:
+        sfx = _pair_suffix(pre, init)
+        va, cvr = (first[r] + sfx for r in ("selval", "selcv"))
+        back = {r: () if (pre, init) == FIVE_SEEDS[0] else (first[r],) for r in first}
+        seeds = f"reconstruction backbones of seed {pre}, init seed {init}, evaluation only"
+
+        def external(run: str, reuse: tuple, *more: str, pre=pre, init=init) -> list[str]:
+            opts = (*extra, *more)
+            return _emb_cox(
+                run, _recon_backbones(pre), "0.5", init, reuse, EXTERNAL_COHORTS, "external_cohort_genemap", opts
+            )
+
+        parts += [
+            Part(
+                va,
+                f"the external check's setting, settings chosen on the validation part; {seeds}",
+                external(va, back["selval"]),
+                f"survset/{va}/survival_cv.json",
+                needs=[*_variant_backbone_parts("recon", pre), *back["selval"]],
+                minutes=4,
+                optional=True,
+            ),
+            Part(
+                cvr,
+                f"the same, settings chosen by 5-fold inner CV on training + validation; {seeds}",
+                external(cvr, (va, *back["selcv"]), "--selection", "inner_cv"),
+                f"survset/{cvr}/survival_cv.json",
+                needs=[va, *back["selcv"]],
+                minutes=4,
+                optional=True,
+            ),
+            _spread(
+                f"versus_selection_ext_tf0.5_recon{RECON}{sfx}",
+                {"inner_cv": cvr, "validation": va},
+                "each model under inner CV - under the validation rule, external cohorts, the same test patients",
+                "--versus",
+                *arms,
+            ),
+        ]
+        family["selval"][f"pre{pre}_init{init}"] = va
+        family["selcv"][f"pre{pre}_init{init}"] = cvr
+    for rule, runs in family.items():
+        what = (
+            f"the 3 external ensembles fused with the best baseline ({'inner CV' if rule == 'selcv' else 'validation'})"
+        )
+        parts.append(_spread(f"seed_spread_ext_genemap_tf0.5_nt_recon{RECON}_{rule}3_fused", runs, what, *EXT_FUSE))
+    return parts
+
+
 # In run order. Minutes as measured on the shared 2-core VM on 2026-12-03 with other jobs running (load 4-8): about
 # 2.5 h in all there; on idle cores the parts ran about twice as fast.
 PARTS: list[Part] = [
@@ -2025,6 +2084,7 @@ PARTS: list[Part] = [
     *_deviation_parts(),
     *_reconstruction_parts(),
     *_inner_cv_parts(),
+    *_inner_cv_external_parts(),
 ]
 
 
