@@ -1804,6 +1804,34 @@ def _reconstruction_parts() -> list[Part]:
     return parts
 
 
+def _rule_pair(va: str, cvr: str, argv, needs: list[str], back: dict, seeds: str, versus_out: str, versus_what: str):
+    """Protocols K and L: the run choosing on the validation part (``va``), the same run choosing by inner CV
+    (``cvr``, reading ``va``'s embeddings and ``back``'s classical models back), and every model of one against the
+    other on the same test patients. ``argv(run, reuse, *extra)``: the run's ``survival_cv.py`` argv."""
+    arms = (*("cox_clinical", "cox_clinical_pcs", "rsf"), *EMB_ARMS)
+    return [
+        Part(
+            va,
+            f"baselines and embedding-Cox arms, settings chosen on the validation part; {seeds}",
+            argv(va, back["selval"]),
+            f"survset/{va}/survival_cv.json",
+            needs=[*needs, *back["selval"]],
+            minutes=4,
+            optional=True,
+        ),
+        Part(
+            cvr,
+            f"the same, settings chosen by 5-fold inner CV on training + validation; {seeds}",
+            argv(cvr, (va, *back["selcv"]), "--selection", "inner_cv"),
+            f"survset/{cvr}/survival_cv.json",
+            needs=[va, *back["selcv"]],
+            minutes=4,
+            optional=True,
+        ),
+        _spread(versus_out, {"inner_cv": cvr, "validation": va}, versus_what, "--versus", *arms),
+    ]
+
+
 def _inner_cv_parts() -> list[Part]:
     """Optional: protocol K (twenty-first session): the classical and embedding-Cox models choosing their settings
     by inner cross-validation on every labelled patient (``survival_cv.py --selection inner_cv``) against the
@@ -1812,7 +1840,6 @@ def _inner_cv_parts() -> list[Part]:
     embeddings back from the validation run), each arm under inner CV against itself under the validation rule on
     the same test patients, and each rule's 3 runs combined (~40 min on 2 cores after the backbones)."""
     parts = []
-    arms = (*("cox_clinical", "cox_clinical_pcs", "rsf"), *EMB_ARMS)
     for frac in ("0.25", "0.5", "1"):  # all the labels: the first seed pair only (secondary)
         family: dict[str, dict[str, str]] = {"selval": {}, "selcv": {}}
         for pre, init in FIVE_SEEDS[: 1 if frac == "1" else 3]:
@@ -1822,40 +1849,18 @@ def _inner_cv_parts() -> list[Part]:
             # the classical models do not depend on the backbone or the init seed: the first pair's are read back
             first = {r: f"survival_cv_labeff_tf{frac}_recon{RECON}_{r}" for r in ("selval", "selcv")}
             back = {r: () if (pre, init) == FIVE_SEEDS[0] else (first[r],) for r in first}
-            parts += [
-                Part(
-                    va,
-                    f"baselines and embedding-Cox arms, settings chosen on the validation part; {seeds}",
-                    _emb_cox(va, _recon_backbones(pre), frac, init, reuse=back["selval"]),
-                    f"survset/{va}/survival_cv.json",
-                    needs=[*_variant_backbone_parts("recon", pre), *back["selval"]],
-                    minutes=4,
-                    optional=True,
+            parts += _rule_pair(
+                va,
+                cvr,
+                lambda run, reuse, *extra, pre=pre, init=init, frac=frac: _emb_cox(
+                    run, _recon_backbones(pre), frac, init, reuse=reuse, extra=extra
                 ),
-                Part(
-                    cvr,
-                    f"the same, settings chosen by 5-fold inner CV on training + validation; {seeds}",
-                    _emb_cox(
-                        cvr,
-                        _recon_backbones(pre),
-                        frac,
-                        init,
-                        reuse=(va, *back["selcv"]),
-                        extra=("--selection", "inner_cv"),
-                    ),
-                    f"survset/{cvr}/survival_cv.json",
-                    needs=[va, *back["selcv"]],
-                    minutes=6,
-                    optional=True,
-                ),
-                _spread(
-                    f"versus_selection_tf{frac}_recon{RECON}{sfx}",
-                    {"inner_cv": cvr, "validation": va},
-                    "each model under inner CV - under the validation rule, the same test patients",
-                    "--versus",
-                    *arms,
-                ),
-            ]
+                _variant_backbone_parts("recon", pre),
+                back,
+                seeds,
+                f"versus_selection_tf{frac}_recon{RECON}{sfx}",
+                "each model under inner CV - under the validation rule, the same test patients",
+            )
             family["selval"][f"pre{pre}_init{init}"] = va
             family["selcv"][f"pre{pre}_init{init}"] = cvr
         for rule, runs in family.items() if frac != "1" else ():
@@ -1870,7 +1875,6 @@ def _inner_cv_external_parts() -> list[Part]:
     backbones, seed pairs (0, 0), (1, 1), (2, 2): per pair one run of each rule and each model under inner CV against
     itself under the validation rule; per rule the 3 runs' ensemble fused with the best baseline (~25 min)."""
     parts = []
-    arms = (*("cox_clinical", "cox_clinical_pcs", "rsf"), *EMB_ARMS)
     extra = ("--gene_map", GENE_MAP, "--pca_rows", "non_test")
     family: dict[str, dict[str, str]] = {"selval": {}, "selcv": {}}
     first = {r: f"survival_cv_ext_genemap_labeff_tf0.5_nt_recon{RECON}_{r}" for r in family}
@@ -1878,7 +1882,9 @@ def _inner_cv_external_parts() -> list[Part]:
         sfx = _pair_suffix(pre, init)
         va, cvr = (first[r] + sfx for r in ("selval", "selcv"))
         back = {r: () if (pre, init) == FIVE_SEEDS[0] else (first[r],) for r in first}
-        seeds = f"reconstruction backbones of seed {pre}, init seed {init}, evaluation only"
+        seeds = (
+            f"the external check's setting, reconstruction backbones of seed {pre}, init seed {init}, evaluation only"
+        )
 
         def external(run: str, reuse: tuple, *more: str, pre=pre, init=init) -> list[str]:
             opts = (*extra, *more)
@@ -1886,33 +1892,16 @@ def _inner_cv_external_parts() -> list[Part]:
                 run, _recon_backbones(pre), "0.5", init, reuse, EXTERNAL_COHORTS, "external_cohort_genemap", opts
             )
 
-        parts += [
-            Part(
-                va,
-                f"the external check's setting, settings chosen on the validation part; {seeds}",
-                external(va, back["selval"]),
-                f"survset/{va}/survival_cv.json",
-                needs=[*_variant_backbone_parts("recon", pre), *back["selval"]],
-                minutes=4,
-                optional=True,
-            ),
-            Part(
-                cvr,
-                f"the same, settings chosen by 5-fold inner CV on training + validation; {seeds}",
-                external(cvr, (va, *back["selcv"]), "--selection", "inner_cv"),
-                f"survset/{cvr}/survival_cv.json",
-                needs=[va, *back["selcv"]],
-                minutes=4,
-                optional=True,
-            ),
-            _spread(
-                f"versus_selection_ext_tf0.5_recon{RECON}{sfx}",
-                {"inner_cv": cvr, "validation": va},
-                "each model under inner CV - under the validation rule, external cohorts, the same test patients",
-                "--versus",
-                *arms,
-            ),
-        ]
+        parts += _rule_pair(
+            va,
+            cvr,
+            external,
+            _variant_backbone_parts("recon", pre),
+            back,
+            seeds,
+            f"versus_selection_ext_tf0.5_recon{RECON}{sfx}",
+            "each model under inner CV - under the validation rule, external cohorts, the same test patients",
+        )
         family["selval"][f"pre{pre}_init{init}"] = va
         family["selcv"][f"pre{pre}_init{init}"] = cvr
     for rule, runs in family.items():

@@ -48,6 +48,18 @@ def _write_run(folder: Path, cohorts: dict, *, seed=0, folds=FOLDS) -> Path:
     return folder
 
 
+def _cached_run(folder: Path, manifest, folds, init_seed: int, models: dict, cached: dict, **cohort_extra) -> dict:
+    """A survival_cv.py run as seed_spread.py reads it, on one cohort (nki70): ``cache/nki70/fold<k>/<model>.json``
+    for each ``(model, k) -> (test risks, cache settings)`` of ``cached``, and the run's JSON with ``models``."""
+    for (m, k), (risk, settings) in cached.items():
+        path = folder / "cache" / "nki70" / f"fold{k}" / f"{m}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"risk_test": list(map(float, risk)), "settings": settings}))
+    cohort = {"role": "development", "folds": folds, "models": models, **cohort_extra}
+    res = {"seed": 0, "init_seed": init_seed, "folds": 2, "manifest": str(manifest), "bp": {"pretrained_dir": None}}
+    return {"folder": str(folder), "res": {**res, "cohorts": {"nki70": cohort}}, "replicates": {}}
+
+
 def _runs(tmp_path, shifts, seed=0):
     """One run per shift; cohorts a, b (development) and x (external), each with 'bp - best baseline'."""
     folders = []
@@ -167,7 +179,7 @@ def _ensemble_runs(tmp_path):
     risks = {}  # (run, model, fold) -> risks
     runs = []
     for r in range(2):
-        folder = tmp_path / f"run{r}"
+        cached = {}
         for k in range(2):
             sl = slice(k * n, (k + 1) * n)
             for m in models:
@@ -176,26 +188,10 @@ def _ensemble_runs(tmp_path):
                 risks[r, m, k] = risk
                 init_seed = r if r and m != "cox_clinical_pcs" else None  # a baseline's key never has it
                 settings = {"cohort": "nki70", "fold": k, "model": m, "seed": 0, "folds": 2, "init_seed": init_seed}
-                settings = {a: b for a, b in settings.items() if b is not None}
-                path = folder / "cache" / "nki70" / f"fold{k}" / f"{m}.json"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps({"risk_test": risk.tolist(), "settings": settings}))
-        res = {
-            "seed": 0,
-            "init_seed": r,
-            "folds": 2,
-            "manifest": str(manifest),
-            "bp": {"pretrained_dir": None},
-            "cohorts": {
-                "nki70": {
-                    "role": "development",
-                    "folds": folds,
-                    "models": {m: {"test": {"mean": 0.6}} for m in models},
-                    "best_baseline_by_validation": "cox_clinical_pcs",
-                }
-            },
-        }
-        runs.append({"folder": str(folder), "res": res, "replicates": {}})
+                cached[m, k] = (risk, {a: b for a, b in settings.items() if b is not None})
+        models_res = {m: {"test": {"mean": 0.6}} for m in models}
+        extra = {"best_baseline_by_validation": "cox_clinical_pcs"}
+        runs.append(_cached_run(tmp_path / f"run{r}", manifest, folds, r, models_res, cached, **extra))
     return runs, risks, time, event, n
 
 
@@ -429,27 +425,12 @@ def test_versus_reads_a_baseline_another_init_seed_s_run_cached_but_never_a_neur
     folds = [{"test_ids": ids[:20]}, {"test_ids": ids[20:]}]
     runs = []
     for r, init_seed in enumerate((0, 1)):
-        folder = tmp_path / f"run{r}"
-        for k in range(2):
-            settings = {"cohort": "nki70", "fold": k, "model": arm, "seed": 0, "folds": 2}  # written by init seed 0
-            path = folder / "cache" / "nki70" / f"fold{k}" / f"{arm}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"risk_test": rng.normal(size=20).tolist(), "settings": settings}))
-        res = {
-            "seed": 0,
-            "init_seed": init_seed,
-            "folds": 2,
-            "manifest": str(manifest),
-            "bp": {"pretrained_dir": None},
-            "cohorts": {
-                "nki70": {
-                    "role": "development",
-                    "folds": folds,
-                    "models": {arm: {"test": {"mean": 0.6}, "validation": {"per_fold": [0.6, 0.6]}}},
-                }
-            },
+        cached = {  # written by init seed 0
+            (arm, k): (rng.normal(size=20), {"cohort": "nki70", "fold": k, "model": arm, "seed": 0, "folds": 2})
+            for k in range(2)
         }
-        runs.append({"folder": str(folder), "res": res, "replicates": {}})
+        models_res = {arm: {"test": {"mean": 0.6}, "validation": {"per_fold": [0.6, 0.6]}}}
+        runs.append(_cached_run(tmp_path / f"run{r}", manifest, folds, init_seed, models_res, cached))
     if arm == "bp":
         with pytest.raises(ValueError, match="init_seed differ"):
             ss.versus(runs, ["a", "b"], arm, n_boot=50)
