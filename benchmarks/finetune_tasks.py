@@ -557,9 +557,9 @@ def ridge_cox_coefficients(x, time, event, penalizer: float, *, tol: float = 1e-
     x = np.asarray(x, float)
     time, event = np.asarray(time, float), np.asarray(event, int)
     n, p = x.shape
-    mu, sd = x.mean(0), x.std(0, ddof=1)
-    if not (sd > 0).all():
+    if not (np.ptp(x, axis=0) > 0).all():  # exactly equal values (a float std may come out ~1e-17 for them)
         raise ValueError("a constant column has no coefficient: drop it first")
+    mu, sd = x.mean(0), x.std(0, ddof=1)
     z = (x - mu) / sd
     lam = n * penalizer
 
@@ -575,16 +575,18 @@ def ridge_cox_coefficients(x, time, event, penalizer: float, *, tol: float = 1e-
         while True:
             new = beta + scale * step
             new_obj, new_g, new_h = objective(new)
-            if new_obj >= obj - 1e-12 or scale < 1e-8:
+            if new_obj >= obj - 1e-12:
                 break
+            if scale < 1e-8:  # no step improves the objective: at the optimum to numerical precision
+                return beta / sd
             scale /= 2
         if not np.isfinite(new_obj):
             raise FloatingPointError("the ridge Cox fit diverged")
         done = np.max(np.abs(new - beta)) < tol or abs(new_obj - obj) <= tol * max(1.0, abs(obj))
         beta, obj, g, h = new, new_obj, new_g, new_h
         if done:
-            break
-    return beta / sd
+            return beta / sd
+    raise FloatingPointError(f"the ridge Cox fit did not converge in {max_steps} Newton steps")
 
 
 def inner_folds(rows, pool, n_folds: int, seed: int) -> list[np.ndarray]:
@@ -636,7 +638,9 @@ def cox_select_cv(
     pos = {r: i for i, r in enumerate(pool)}
 
     def fit(x: pd.DataFrame, idx, pen):  # lifelines' model (ridge_cox_coefficients), without its overhead
-        keep = x.columns[x.std() > 0]  # a column constant on these rows carries no coefficient
+        # a column constant on these rows carries no coefficient; equal values, not a std of 0 (floats can give
+        # ~1e-17 there, and the fit would then put an arbitrary coefficient on it)
+        keep = x.columns[x.nunique() > 1]
         coef = ridge_cox_coefficients(x[keep].to_numpy(), t.loc[idx].to_numpy(), e.loc[idx].to_numpy(), pen)
         return pd.Series(coef, index=keep), x[keep].mean()
 
@@ -671,7 +675,7 @@ def cox_select_cv(
                 {
                     "n_pcs": n_pcs,
                     "penalizer": pen,
-                    "n_features": xp.shape[1],
+                    "n_features": int((xp.nunique() > 1).sum()),  # as cox_select counts them: varying columns
                     "validation_cvpl": cvpl if np.isfinite(cvpl) else None,
                     "validation": concordance_index(tp, oof, ep),
                 }

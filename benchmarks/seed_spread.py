@@ -188,6 +188,10 @@ def cached_risks(run: dict, cohort: str, model: str, fold: int, *, neural: bool 
     stale = [k for k, v in want.items() if got.get(k) != v]
     if neural and got.get("init_seed", res["seed"]) != res.get("init_seed", res["seed"]):
         stale.append("init_seed")
+    rule = res.get("selection", {})  # --selection inner_cv reaches every model but the trained bp_* arms
+    want_rule = {"inner_cv": rule["inner_folds"]} if rule.get("rule") == "inner_cv" else None
+    if not model.startswith("bp_") and got.get("selection") != want_rule:
+        stale.append("selection")
     backbone = (res.get("bp") or {}).get("pretrained_dir")
     if "pretrained_dir" in got and backbone and got["pretrained_dir"] != str((ROOT / backbone).resolve()):
         stale.append("pretrained_dir")

@@ -358,10 +358,13 @@ def fit_cox(
     return rec
 
 
-def fit_rsf(feats, rows, tr, va, te, *, seed: int, n_estimators: int = 200, inner_folds: int = 0) -> dict:
+def fit_rsf(
+    feats, rows, tr, va, te, *, seed: int, n_estimators: int = 200, inner_folds: int = 0, inner_seed: int = 0
+) -> dict:
     """scikit-survival random survival forest on clinical + expression PCs; settings chosen on validation, or with
-    ``inner_folds`` by the C-index of pooled out-of-fold risks over that many inner folds of ``tr`` + ``va``, then
-    refitted on both (``--selection inner_cv``)."""
+    ``inner_folds`` by the C-index of pooled out-of-fold risks over that many inner folds of ``tr`` + ``va`` (split
+    with ``inner_seed``: the Cox models' split of the same fold), then refitted on both (``--selection inner_cv``);
+    ``seed``: the forests' own randomness."""
     from sksurv.ensemble import RandomSurvivalForest
     from sksurv.util import Surv
 
@@ -383,7 +386,7 @@ def fit_rsf(feats, rows, tr, va, te, *, seed: int, n_estimators: int = 200, inne
         return model.predict(feats.transform(list(idx), n_pcs, clinical).to_numpy())
 
     pool = [*tr, *va] if inner_folds else list(tr)
-    held = ft.inner_folds(rows, pool, inner_folds, seed) if inner_folds else None
+    held = ft.inner_folds(rows, pool, inner_folds, inner_seed) if inner_folds else None
     best, scores = None, []
     for n_pcs in sorted({min(p, feats.pca.n_components_) for p in RSF_GRID["n_pcs"]}):
         for leaf in RSF_GRID["min_samples_leaf"]:
@@ -1056,7 +1059,9 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                             seed=inner_seed(args, k),
                         )
                     elif model == "rsf":
-                        rec = fit_rsf(feats, rows, tr, va, te, seed=args.seed, inner_folds=n_inner)
+                        rec = fit_rsf(
+                            feats, rows, tr, va, te, seed=args.seed, inner_folds=n_inner, inner_seed=inner_seed(args, k)
+                        )
                     else:
                         rec = fit_cox(
                             feats,

@@ -434,6 +434,34 @@ def test_versus_reads_a_baseline_another_init_seed_s_run_cached_but_never_a_neur
     if arm == "bp":
         with pytest.raises(ValueError, match="init_seed differ"):
             ss.versus(runs, ["a", "b"], arm, n_boot=50)
-    else:
-        vs = ss.versus(runs, ["a", "b"], arm, n_boot=50)
-        assert vs[f"{arm} (a) - {arm} (b)"]["pooled"]["development"]["cohorts"] == ["nki70"]
+        return
+    vs = ss.versus(runs, ["a", "b"], arm, n_boot=50)
+    v = vs[f"{arm} (a) - {arm} (b)"]
+    assert v["pooled"]["development"]["cohorts"] == ["nki70"]
+    # each run's own cached risks were read: the difference is the paired bootstrap's on them
+    risks = [
+        [
+            json.loads((Path(r["folder"]) / "cache" / "nki70" / f"fold{k}" / f"{arm}.json").read_text())["risk_test"]
+            for k in range(2)
+        ]
+        for r in runs
+    ]
+    sub = table.set_index("sample_id")
+    ref = cv.paired_difference(
+        [
+            {
+                "time": sub.loc[f["test_ids"], "label_survival_time"].to_numpy(),
+                "event": sub.loc[f["test_ids"], "label_survival_event"].to_numpy(),
+                "patients": sub.loc[f["test_ids"], "patient_id"].to_numpy(),
+                "risks": np.array([risks[0][k], risks[1][k]]),
+            }
+            for k, f in enumerate(folds)
+        ],
+        50,
+        0,
+    )
+    assert v["per_cohort"]["nki70"]["difference"] == pytest.approx(ref["difference"])
+    # a result cached under the other selection rule is never read as this run's
+    runs[1]["res"]["selection"] = {"rule": "inner_cv", "inner_folds": 5}
+    with pytest.raises(ValueError, match="selection differ"):
+        ss.versus(runs, ["a", "b"], arm, n_boot=50)

@@ -1210,6 +1210,39 @@ def test_ridge_cox_coefficients_are_lifelines_coxphfitter_s(ties):
         cv.ft.ridge_cox_coefficients(np.c_[x, np.ones(n)], time, event, 0.1)
 
 
+def test_ridge_cox_edge_cases_no_event_and_a_float_constant_column():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(12, 3))
+    time = rng.exponential(size=12)
+    np.testing.assert_array_equal(cv.ft.ridge_cox_coefficients(x, time, np.zeros(12, int), 0.1), np.zeros(3))
+    same = np.full(12, 0.1) * 3  # equal values whose float std is not exactly 0
+    assert pd.Series(same).std() != 0
+    with pytest.raises(ValueError, match="constant column"):
+        cv.ft.ridge_cox_coefficients(np.c_[x, same], time, np.ones(12, int), 0.1)
+
+
+def test_cox_select_cv_drops_a_column_constant_on_the_fitted_rows(cohort):
+    """A standardised clinical column whose values are equal on the labelled rows (float std ~1e-17, not 0) gets
+    no coefficient: the choice and the risks are those without it."""
+    base, rows, part = cohort
+    pool, te = [*part["train"], *part["validation"]], list(part["test"])
+    feats = cv.ft.SurvivalFeatures(base, rows, n_genes=30).fit(pool)
+
+    class WithConstant:
+        pca = feats.pca
+
+        def transform(self, idx, n_pcs, clinical=True):
+            x = feats.transform(idx, n_pcs, clinical)
+            return x.assign(flat=np.where(np.isin(idx, pool), 0.1 * 3, 1.7))  # constant on the pool only
+
+    assert WithConstant().transform(pool, 0)["flat"].std() != 0
+    grid = {"pcs_grid": (0, 2), "pen_grid": (0.01, 1.0)}
+    got = cv.ft.cox_select_cv(WithConstant(), rows, pool, te, **grid, n_folds=3, seed=0)
+    ref = cv.ft.cox_select_cv(feats, rows, pool, te, **grid, n_folds=3, seed=0)
+    assert got["best"] == ref["best"]
+    np.testing.assert_allclose(got["risk_test"], ref["risk_test"])
+
+
 def test_inner_folds_partition_the_pool_by_patient_stratified_by_event():
     patients, events = _rows(n_patients=40, repeats=2, seed=3)
     rows = pd.DataFrame({"patient_id": patients, "label_survival_event": events})
