@@ -508,13 +508,14 @@ def cox_select(feats: SurvivalFeatures, rows, tr, va, te, *, pcs_grid, pen_grid,
 
 def breslow_log_likelihood(eta, time, event) -> float:
     """Cox log partial likelihood of linear predictors ``eta`` (Breslow's handling of tied times): the sum over
-    events ``i`` of ``eta_i - log sum_{j: t_j >= t_i} exp(eta_j)``. Invariant to a constant shift of ``eta``."""
-    eta, time, event = (np.asarray(a, float) for a in (eta, time, event))
-    order = np.argsort(-time, kind="stable")
-    t, e, h = time[order], event[order], eta[order]
-    lse = np.logaddexp.accumulate(h)  # log sum of exp over every row at or before i in descending time
-    last = np.searchsorted(-t, -t, side="right") - 1  # the last row tied with i: its risk set takes every tie
-    return float(np.sum(e * (h - lse[last])))
+    events ``i`` of ``eta_i - log sum_{j: t_j >= t_i} exp(eta_j)``. Invariant to a constant shift of ``eta``. The
+    library's survival loss (:func:`bioperceiver.losses.survival.cox_ph_loss`, ``reduction="sum"``) in float64."""
+    import torch
+
+    from bioperceiver.losses.survival import cox_ph_loss
+
+    as64 = (torch.as_tensor(np.asarray(a, float), dtype=torch.float64) for a in (eta, time, event))
+    return -float(cox_ph_loss(*as64, ties="breslow", reduction="sum"))
 
 
 def _efron_terms(x: np.ndarray, time: np.ndarray, event: np.ndarray, beta: np.ndarray):
