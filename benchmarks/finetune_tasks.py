@@ -590,30 +590,36 @@ def ridge_cox_coefficients(x, time, event, penalizer: float, *, tol: float = 1e-
     raise FloatingPointError(f"the ridge Cox fit did not converge in {max_steps} Newton steps")
 
 
+def patient_events(patients: pd.Series, events: pd.Series) -> tuple[pd.DataFrame, pd.Series]:
+    """Each row's patient and event (indexed by row), and each patient's event: 1 when any of its rows has one
+    (indexed by patient id, sorted)."""
+    per = pd.DataFrame({"patient": patients.astype(str), "event": events.astype(int)})
+    return per, per.groupby("patient", sort=True)["event"].max()
+
+
+def patient_splits(pat: pd.Series, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n_folds`` folds of ``pat``'s patients (:func:`patient_events`) stratified by event: per fold the ids of the
+    other patients and of the held-out ones."""
+    from sklearn.model_selection import StratifiedKFold
+
+    ids = pat.index.to_numpy()
+    skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    return [(ids[rest], ids[held]) for rest, held in skf.split(ids, pat.to_numpy())]
+
+
 def inner_folds(rows, pool, n_folds: int, seed: int) -> list[np.ndarray]:
     """``pool``'s rows split into patient-level folds stratified by event (a patient counts as an event when any
     of its rows has one): the held-out rows of each inner fold. Fewer folds than ``n_folds`` when the pool has fewer
     patients with (or without) an event, never fewer than 2."""
-    from sklearn.model_selection import StratifiedKFold
-
     pool = list(pool)
-    per = pd.DataFrame(
-        {
-            "patient": rows.loc[pool, "patient_id"].astype(str).to_numpy(),
-            "event": rows.loc[pool, "label_survival_event"].astype(int).to_numpy(),
-        },
-        index=pool,
-    )
-    pat = per.groupby("patient", sort=True)["event"].max()
+    per, pat = patient_events(rows.loc[pool, "patient_id"], rows.loc[pool, "label_survival_event"])
     k = min(n_folds, int(pat.sum()), int((1 - pat).sum()))
     if k < 2:
         raise ValueError(
             f"inner cross-validation needs at least 2 patients with and 2 without an event among the {len(pat)} "
             f"labelled patients ({int(pat.sum())} with an event); label more patients or select on a validation part"
         )
-    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    ids = pat.index.to_numpy()
-    return [per.index[per["patient"].isin(ids[held])].to_numpy() for _, held in skf.split(ids, pat.to_numpy())]
+    return [per.index[per["patient"].isin(held)].to_numpy() for _, held in patient_splits(pat, k, seed)]
 
 
 def cox_select_cv(
@@ -636,7 +642,7 @@ def cox_select_cv(
     pool, te = list(pool), list(te)
     t, e = rows["label_survival_time"].astype(float), rows["label_survival_event"].astype(int)
     held = inner_folds(rows, pool, n_folds, seed)
-    pos = {r: i for i, r in enumerate(pool)}
+    masks = [~np.isin(pool, out) for out in held]  # per inner fold, the pool rows it is fitted on
 
     def fit(x: pd.DataFrame, idx, pen):  # lifelines' model (ridge_cox_coefficients), without its overhead
         # a column constant on these rows carries no coefficient; equal values, not a std of 0 (floats can give
@@ -660,15 +666,13 @@ def cox_select_cv(
         for pen in pen_grid:
             cvpl, oof = 0.0, np.zeros(len(pool))
             try:
-                for out in held:
-                    out_set = set(out)
-                    fit_idx = [r for r in pool if r not in out_set]
+                for inside in masks:
+                    fit_idx = xp.index[inside]
                     eta = risk(fit(xp.loc[fit_idx], fit_idx, pen), xp)
-                    inside = np.array([r not in out_set for r in pool])
                     cvpl += breslow_log_likelihood(eta, tp, ep) - breslow_log_likelihood(
                         eta[inside], tp[inside], ep[inside]
                     )
-                    oof[[pos[r] for r in out]] = eta[~inside]
+                    oof[~inside] = eta[~inside]
             except (FloatingPointError, np.linalg.LinAlgError) as exc:  # a grid point that cannot be fitted
                 grid.append({"n_pcs": n_pcs, "penalizer": pen, "error": type(exc).__name__})
                 continue

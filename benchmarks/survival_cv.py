@@ -193,19 +193,15 @@ def make_folds(
     event when any of its rows has one). The test parts partition the patients; validation is a stratified
     ``val_fraction`` of each fold's training patients.
     """
-    from sklearn.model_selection import StratifiedKFold, train_test_split
+    from sklearn.model_selection import train_test_split
 
-    per = pd.DataFrame({"patient": patients.astype(str), "event": events.astype(int)})
-    pat = per.groupby("patient", sort=True)["event"].max()
+    per, pat = ft.patient_events(patients, events)
     if pat.sum() < n_folds or (len(pat) - pat.sum()) < n_folds:
         raise ValueError(f"{n_folds} folds need at least {n_folds} patients with and without an event each")
-    ids = pat.index.to_numpy()
-    skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     out = []
-    for k, (trval_i, te_i) in enumerate(skf.split(ids, pat.to_numpy())):
-        trval = ids[trval_i]
+    for k, (trval, test) in enumerate(ft.patient_splits(pat, n_folds, seed)):
         tr, va = train_test_split(trval, test_size=val_fraction, stratify=pat.loc[trval], random_state=seed + k)
-        parts = {"train": set(tr), "validation": set(va), "test": set(ids[te_i])}
+        parts = {"train": set(tr), "validation": set(va), "test": set(test)}
         out.append({name: per.index[per["patient"].isin(p)].to_numpy() for name, p in parts.items()})
     return out
 
@@ -387,6 +383,8 @@ def fit_rsf(
 
     pool = [*tr, *va] if inner_folds else list(tr)
     held = ft.inner_folds(rows, pool, inner_folds, inner_seed) if inner_folds else None
+    # per inner fold: the pool rows the forest is fitted on, and the held-out ones
+    splits = [([r for r, keep in zip(pool, ~np.isin(pool, out)) if keep], out) for out in held or ()]
     best, scores = None, []
     for n_pcs in sorted({min(p, feats.pca.n_components_) for p in RSF_GRID["n_pcs"]}):
         for leaf in RSF_GRID["min_samples_leaf"]:
@@ -395,9 +393,8 @@ def fit_rsf(
                 val = concordance_index(t.loc[va], predict(model, va, n_pcs), e.loc[va])
             else:  # pooled out-of-fold risks
                 oof = pd.Series(0.0, index=pool)
-                for out in held:
-                    out_set = set(out)
-                    oof.loc[out] = predict(forest([r for r in pool if r not in out_set], n_pcs, leaf), out, n_pcs)
+                for fit_rows, out in splits:
+                    oof.loc[out] = predict(forest(fit_rows, n_pcs, leaf), out, n_pcs)
                 val = concordance_index(t.loc[pool], oof.to_numpy(), e.loc[pool])
             scores.append(val)
             if best is None or val > best["validation"]:  # ties: the first in grid order
