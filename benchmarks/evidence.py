@@ -1912,6 +1912,59 @@ def _inner_cv_external_parts() -> list[Part]:
     return parts
 
 
+CORPUS = ("0.25", "0.5")  # shares of each fold manifest's train patients per cohort, nested (protocol M)
+
+
+def _corpus_backbones(frac: str, s: int) -> str:
+    return f"pretrain_cvfolds_recon{RECON}_corpus{frac}_seed{s}"
+
+
+def _corpus_parts() -> list[Part]:
+    """Optional: protocol M (twenty-second session): does the frozen embedding improve with the size of the
+    unlabelled corpus? Nested 25% / 50% subsets of each fold manifest's train patients per cohort (drawn with the
+    pretraining seed), the recipe pretrained on each with the processors of the same fold's full-corpus backbone (so
+    the tokens, and the random-embedding control, are the same at every size); the full corpus is protocol K's
+    backbones (~65 min for the 30 backbones on 2 cores)."""
+    manifests = [f"{W}/survset/dev_cohort/manifest_cvfold{k}.parquet" for k in range(5)]
+    subsets = [PY, "benchmarks/corpus_subsets.py", "--manifest", *manifests, "--fractions", *CORPUS]
+    parts = []
+    for s in range(3):
+        parts.append(
+            Part(
+                f"survset_corpus_subsets_seed{s}",
+                f"nested {' / '.join(CORPUS)} subsets of each fold manifest's train patients per cohort, seed {s}",
+                [*subsets, "--seed", str(s)],
+                f"survset/dev_cohort/manifest_cvfold4_corpus{CORPUS[-1]}_seed{s}.parquet",
+                needs=["survset_fold_manifests"],
+                minutes=0.2,
+                optional=True,
+            )
+        )
+    for frac in CORPUS:
+        for s in range(3):
+            for k in range(5):
+                folder = _corpus_backbones(frac, s)
+                parts.append(
+                    Part(
+                        f"survset_pretrain_recon_corpus{frac}_seed{s}_fold{k}",
+                        f"survset_pretrain_recon_seed{s}_fold{k} on {frac} of its train patients, its processors",
+                        _pretrain(
+                            SURVSET_RECIPE,
+                            f"{W}/survset/{folder}/fold{k}",
+                            f"data.manifest={W}/survset/dev_cohort/manifest_cvfold{k}_corpus{frac}_seed{s}.parquet",
+                            f"data.processor_dir={W}/survset/{_recon_backbones(s)}/fold{k}/processor",
+                            f"seed={s}",
+                            f"loss.reconstruction={RECON}",
+                        ),
+                        f"survset/{folder}/fold{k}/final/config.json",
+                        needs=[f"survset_corpus_subsets_seed{s}", f"survset_pretrain_recon_seed{s}_fold{k}"],
+                        minutes=2.2,
+                        optional=True,
+                    )
+                )
+    return parts
+
+
 # In run order. Minutes as measured on the shared 2-core VM on 2026-12-03 with other jobs running (load 4-8): about
 # 2.5 h in all there; on idle cores the parts ran about twice as fast.
 PARTS: list[Part] = [
@@ -2074,6 +2127,7 @@ PARTS: list[Part] = [
     *_reconstruction_parts(),
     *_inner_cv_parts(),
     *_inner_cv_external_parts(),
+    *_corpus_parts(),
 ]
 
 
