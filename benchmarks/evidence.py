@@ -1912,6 +1912,7 @@ def _inner_cv_external_parts() -> list[Part]:
     return parts
 
 
+SELECT_CV = ("--selection", "inner_cv")
 CORPUS = ("0.25", "0.5")  # shares of each fold manifest's train patients per cohort, nested (protocol M)
 
 
@@ -1962,6 +1963,42 @@ def _corpus_parts() -> list[Part]:
                         optional=True,
                     )
                 )
+    for frac in ("0.5", "0.25"):  # of the labels; 0.5 first: the primary
+        full = {}  # protocol K's inner-CV runs on the full corpus, per seed pair
+        smaller: dict[str, dict[str, str]] = {c: {} for c in CORPUS}
+        for pre, init in FIVE_SEEDS[:3]:
+            sfx = _pair_suffix(pre, init)
+            full[f"pre{pre}_init{init}"] = k_run = f"survival_cv_labeff_tf{frac}_recon{RECON}_selcv{sfx}"
+            for corpus in CORPUS:
+                run = f"survival_cv_labeff_tf{frac}_recon{RECON}_corpus{corpus}_selcv{sfx}"
+                smaller[corpus][f"pre{pre}_init{init}"] = run
+                parts.append(
+                    Part(
+                        run,
+                        f"embedding-Cox arms by inner CV on the {corpus}-corpus backbones of seed {pre}, init seed "
+                        f"{init}, {frac} of the labels (baselines read back from protocol K's run)",
+                        _emb_cox(run, _corpus_backbones(corpus, pre), frac, init, (k_run,), extra=SELECT_CV),
+                        f"survset/{run}/survival_cv.json",
+                        needs=[k_run, *(f"survset_pretrain_recon_corpus{corpus}_seed{pre}_fold{k}" for k in range(5))],
+                        minutes=4,
+                        optional=True,
+                    )
+                )
+        for corpus, runs in smaller.items():
+            what = f"the 3 seed pairs on the {corpus}-corpus backbones combined (inner CV), {frac} of the labels"
+            parts.append(_spread(f"seed_spread_labeff_tf{frac}_recon{RECON}_corpus{corpus}_selcv3", runs, what))
+        # each setting against another on the same seed pairs: the full corpus minus each smaller one, 50% - 25%
+        for (a, runs_a), (b, runs_b) in (
+            (("1", full), (CORPUS[0], smaller[CORPUS[0]])),
+            (("1", full), (CORPUS[1], smaller[CORPUS[1]])),
+            ((CORPUS[1], smaller[CORPUS[1]]), (CORPUS[0], smaller[CORPUS[0]])),
+        ):
+            out = f"corpus_tf{frac}_recon{RECON}_{a}_minus_{b}"
+            against = ("--against", *(f"{W}/survset/{r}" for r in runs_b.values()), "--against_label", f"corpus {b}")
+            spread = _spread(out, runs_a, f"corpus {a} - corpus {b}, paired per seed pair, {frac} of the labels")
+            spread.argv += against
+            spread.needs += list(runs_b.values())
+            parts.append(spread)
     return parts
 
 

@@ -25,6 +25,10 @@ Give this script several ``survival_cv.py`` output folders -- the same cohorts, 
 * with ``--versus ARM...``: runs that differ in one setting (e.g. ``survival_cv.py --bp_head_linear`` against the
   same run without it): the first run's ARM minus each other run's, paired on the same test patients, per cohort
   and pooled over the cohorts where the setting changed anything.
+* with ``--against RUN...``: one partner per run, in the same order, with the same seeds and another setting (e.g.
+  the same seed pairs on backbones pretrained on less data). Every pooled difference becomes the run's minus its
+  partner's on the same test patients and bootstrap draws, and the mean over the pairs gets the two-level interval:
+  a setting's effect with the seed-to-seed spread in its interval, which ``--versus`` (one pair) cannot give.
 
 Outputs (``--output_dir``): ``seed_spread.json``, ``seed_spread.md`` and ``seed_spread.png`` (each run's interval
 and the mean over runs, per difference).
@@ -125,10 +129,34 @@ def two_level_replicates(per_run: np.ndarray, rng: np.random.Generator, n_boot: 
     return per_run[picks, cols[:, None]].mean(axis=1)
 
 
-def combine(runs: list[dict], labels: list[str], role: str, n_boot: int = 10000, seed: int = 0) -> dict:
+def subtract(a: dict, b: dict) -> dict:
+    """:func:`cohort_differences` of one run minus its partner's: every difference both report, per cohort both
+    cover, point and replicates alike (the replicates are the same patient draws in both runs, so they pair)."""
+    return {
+        key: {c: (a[key][c][0] - b[key][c][0], a[key][c][1] - b[key][c][1]) for c in a[key] if c in b[key]}
+        for key in a
+        if key in b
+    }
+
+
+def combine(
+    runs: list[dict],
+    labels: list[str],
+    role: str,
+    n_boot: int = 10000,
+    seed: int = 0,
+    against: list[dict] | None = None,
+) -> dict:
     """Every pooled difference that all ``runs`` report over the same cohorts of ``role``: per run, mean over runs,
-    SD, runs above 0, the two-level bootstrap interval of the mean, and the per-cohort means."""
+    SD, runs above 0, the two-level bootstrap interval of the mean, and the per-cohort means.
+
+    ``against``: one partner run per run (the same seeds, another setting). Each run's differences are then its own
+    minus its partner's, on the same test patients and bootstrap draws: for ``"arm - control"`` that is the arm with
+    the run's setting minus the arm with the partner's, wherever the control is the same model in both (read back
+    from one cache). Each run's interval is then its pooled replicates' (no run recorded one)."""
     per_run = [cohort_differences(r, role) for r in runs]
+    if against is not None:
+        per_run = [subtract(a, cohort_differences(b, role)) for a, b in zip(per_run, against)]
     keys = [k for k in per_run[0] if all(k in p for p in per_run)]
     rng = np.random.default_rng(seed)
     out = {}
@@ -142,7 +170,13 @@ def combine(runs: list[dict], labels: list[str], role: str, n_boot: int = 10000,
         ok = ~np.isnan(reps).any(axis=(0, 1))
         pooled_reps = reps[:, :, ok].mean(axis=1)  # (runs, boot): each run's pooled replicate
         pooled = point.mean(axis=1)
-        recorded = [r["res"]["pooled"][role][key] for r in runs]  # each run's own pooled number and interval
+        if against is None:
+            recorded = [r["res"]["pooled"][role][key] for r in runs]  # each run's own pooled number and interval
+        else:
+            recorded = [
+                {"difference": float(d), "ci95": [float(np.percentile(r, 2.5)), float(np.percentile(r, 97.5))]}
+                for d, r in zip(pooled, pooled_reps)
+            ]
         n_runs = pooled_reps.shape[0]
         two_level = two_level_replicates(pooled_reps, rng, n_boot)
         patients_only = pooled_reps.mean(axis=0)
@@ -427,8 +461,12 @@ def report_lines(result: dict) -> list[str]:
     for role, diffs in result["roles"].items():
         if not diffs:
             continue
+        paired = result.get("against")
+        minus = (
+            f", each run's minus its partner's ({paired['label']}; same seeds, same test patients)" if paired else ""
+        )
         lines += [
-            f"### {role} cohorts: pooled differences over {len(labels)} runs",
+            f"### {role} cohorts: pooled differences over {len(labels)} runs{minus}",
             "",
             "| difference | " + " | ".join(labels) + " | mean over runs [95% CI, runs and patients] | SD between runs "
             "| runs > 0 |",
@@ -496,7 +534,10 @@ def plot(result: dict, path: Path) -> None:
         ax.set_yticks(range(len(diffs)), [k.replace(" - ", "\n- ") for k in diffs], fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel("pooled C-index difference, 95% CI")
-        ax.set_title(f"{role} cohorts, {len(labels)} runs")
+        paired = result.get("against")
+        ax.set_title(
+            f"{role} cohorts, {len(labels)} runs" + (f", each minus its {paired['label']} partner" if paired else "")
+        )
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -533,6 +574,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="runs that differ in a setting rather than a seed: each ARM of the first run minus the same ARM of each "
         "other run, paired on the same test patients, per cohort and pooled",
     )
+    p.add_argument(
+        "--against",
+        nargs="+",
+        default=None,
+        metavar="RUN",
+        help="one partner run per --runs run, in the same order: the same seeds with another setting. Every pooled "
+        "difference becomes the run's minus its partner's (paired on the same test patients), combined over the "
+        "pairs with the two-level bootstrap",
+    )
+    p.add_argument("--against_label", default="against", help="a name for the partner runs' setting, for the report")
     p.add_argument("--output_dir", required=True)
     args = p.parse_args(argv)
     if args.labels is not None and len(args.labels) != len(args.runs):
@@ -545,6 +596,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--fuse_with fuses the --ensemble arms with a baseline: give --ensemble ARM [CONTROL] too")
     if args.versus and args.ensemble:
         p.error("--versus compares runs that differ in a setting; --ensemble averages seeds of one setting: pick one")
+    if args.against is not None:
+        if len(args.against) != len(args.runs):
+            p.error(f"--against has {len(args.against)} runs for {len(args.runs)} --runs: give one partner per run")
+        if args.versus or args.ensemble:
+            p.error("--against pairs every run with a partner; combine it with neither --versus nor --ensemble")
     return args
 
 
@@ -553,7 +609,9 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     labels = args.labels or [Path(r).name for r in args.runs]
     runs = [load_run(r) for r in args.runs]
-    check_compatible(runs, labels)
+    against = [load_run(r) for r in args.against] if args.against else None
+    partner_labels = [f"{lab} ({args.against_label})" for lab in labels]
+    check_compatible(runs + (against or []), labels + (partner_labels if against else []))
     result = {
         "benchmark": "seed_spread",
         "runs": dict(zip(labels, args.runs)),
@@ -562,8 +620,10 @@ def main(argv=None) -> dict:
         # runs that differ in a setting (--versus) are not seeds of one estimate: no mean or spread over them
         "roles": {}
         if args.versus
-        else {role: combine(runs, labels, role, args.n_bootstrap, args.seed) for role in args.roles},
+        else {role: combine(runs, labels, role, args.n_bootstrap, args.seed, against) for role in args.roles},
     }
+    if against:
+        result["against"] = {"label": args.against_label, "runs": dict(zip(labels, args.against))}
     lines = report_lines(result)
     if args.ensemble:
         n_boot = len(next(iter(runs[0]["replicates"].values()), np.zeros(1000)))  # the runs' own draws

@@ -465,3 +465,60 @@ def test_versus_reads_a_baseline_another_init_seed_s_run_cached_but_never_a_neur
     runs[1]["res"]["selection"] = {"rule": "inner_cv", "inner_folds": 5}
     with pytest.raises(ValueError, match="selection differ"):
         ss.versus(runs, ["a", "b"], arm, n_boot=50)
+
+
+def test_against_pairs_each_run_with_its_partner_and_equals_the_direct_difference(tmp_path):
+    """A run (arm with setting A against a control) minus its partner (arm with setting B against the same control,
+    the same patients and draws) is the arm with A minus the arm with B: per run, per cohort and pooled."""
+    n_boot, pairs = 300, []
+    direct = []
+    for i in range(3):
+        rng = np.random.default_rng(7 + i)
+        dirs = {}
+        for name, role in (("a", "development"), ("b", "development"), ("x", "external")):
+            folds = _fold_data(rng, 0.3 + 0.2 * i)
+            extra = rng.normal(size=(len(folds), 60))
+            arm_a = [f["risks"][0] for f in folds]
+            arm_b = [f["risks"][0] * 0.5 + e for f, e in zip(folds, extra)]
+            control = [f["risks"][1] for f in folds]
+
+            def with_risks(r0, r1, folds=folds):
+                return [{**f, "risks": np.array([x, y])} for f, x, y in zip(folds, r0, r1)]
+
+            dirs[name] = (
+                role,
+                cv.paired_difference(with_risks(arm_a, control), n_boot, 0),
+                cv.paired_difference(with_risks(arm_b, control), n_boot, 0),
+                cv.paired_difference(with_risks(arm_a, arm_b), n_boot, 0),
+            )
+        runs = []
+        for j, tag in ((1, "A"), (2, "B")):
+            cohorts = {c: (v[0], {"arm - ctrl": {**v[j], "pair": ["arm", "ctrl"]}}) for c, v in dirs.items()}
+            runs.append(_write_run(tmp_path / f"{tag}{i}", cohorts))
+        pairs.append(runs)
+        direct.append({c: v[3] for c, v in dirs.items()})
+    argv = ["--runs", *(str(p[0]) for p in pairs), "--against", *(str(p[1]) for p in pairs), "--against_label", "B"]
+    out = ss.main([*argv, "--labels", "s0", "s1", "s2", "--output_dir", str(tmp_path / "o"), "--n_bootstrap", "2000"])
+    dev = out["roles"]["development"]["arm - ctrl"]
+    per_run = []
+    for i, lab in enumerate(("s0", "s1", "s2")):
+        want = np.mean([direct[i][c]["difference"] for c in ("a", "b")])
+        reps = np.stack([direct[i][c]["_replicates"] for c in ("a", "b")])
+        pooled = reps[:, ~np.isnan(reps).any(axis=0)].mean(axis=0)
+        assert dev["runs"][lab]["difference"] == pytest.approx(want)
+        assert dev["runs"][lab]["ci95"] == pytest.approx(np.percentile(pooled, [2.5, 97.5]))
+        per_run.append(want)
+    assert dev["mean"] == pytest.approx(np.mean(per_run))
+    assert dev["sd_between_runs"] == pytest.approx(np.std(per_run, ddof=1))
+    assert dev["per_cohort_mean"]["a"] == pytest.approx(np.mean([d["a"]["difference"] for d in direct]))
+    assert out["roles"]["external"]["arm - ctrl"]["cohorts"] == ["x"]
+    assert out["against"]["label"] == "B" and out["against"]["runs"]["s1"] == str(pairs[1][1])
+    md = (tmp_path / "o" / "seed_spread.md").read_text()
+    assert "each run's minus its partner's (B" in md
+    # a partner that does not pair (another bootstrap seed: other draws) is refused; so is a missing partner
+    odd = _runs(tmp_path / "odd", [0.5], seed=1)[0]
+    with pytest.raises(ValueError, match="seed"):
+        argv = ["--runs", str(pairs[0][0]), str(pairs[1][0]), "--against", str(odd), str(pairs[1][1])]
+        ss.main([*argv, "--output_dir", str(tmp_path / "o2")])
+    with pytest.raises(SystemExit):
+        ss.parse_args(["--runs", "r0", "r1", "--against", "p0", "--output_dir", "o"])
