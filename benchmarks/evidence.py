@@ -1999,6 +1999,26 @@ def _corpus_parts() -> list[Part]:
             spread.argv += against
             spread.needs += list(runs_b.values())
             parts.append(spread)
+    # the curve: the backbones' held-out numbers and the embedding's differences against the corpus size
+    argv = [PY, "benchmarks/corpus_curve.py", "--backbones", "1", f"{W}/survset/{_recon_backbones('*')}/fold*"]
+    spreads = []
+    for corpus in CORPUS:
+        argv += ["--backbones", corpus, f"{W}/survset/{_corpus_backbones(corpus, '*')}/fold*"]
+    for frac in ("0.5", "0.25"):
+        for corpus, tag in (("1", ""), *((c, f"_corpus{c}") for c in CORPUS)):
+            spreads.append(f"seed_spread_labeff_tf{frac}_recon{RECON}{tag}_selcv3")
+            argv += ["--spread", frac, corpus, f"{W}/survset/{spreads[-1]}"]
+    parts.append(
+        Part(
+            "survset_corpus_curve",
+            "the corpus-size curve: held-out pretraining numbers and the embedding's differences, 25% / 50% / 100%",
+            [*argv, "--output_dir", f"{W}/survset/corpus_curve"],
+            "survset/corpus_curve/corpus_curve.json",
+            needs=[f"survset_{s}" for s in spreads],
+            minutes=0.5,
+            optional=True,
+        )
+    )
     return parts
 
 

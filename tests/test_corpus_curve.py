@@ -1,0 +1,97 @@
+"""benchmarks/corpus_curve.py: a corpus-size curve from pretraining runs and seed_spread.py outputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from script_loader import load_script
+
+cc = load_script("benchmarks/corpus_curve.py")
+ARM, CTRL = "cox_clinical_emb_pretrained", "cox_clinical_emb_random"
+
+
+def _backbone(folder, manifest, loss, recon):
+    (folder / "final").mkdir(parents=True)
+    (folder / "final" / "run_config.yaml").write_text(f"data:\n  manifest: {manifest}\n")
+    res = {
+        "eval_loss": loss,
+        "eval_loss_uniform": 5.9,
+        "eval_loss_reconstruction": recon,
+        "eval_loss_reconstruction_mean": 2.3,
+        f"R@1/{cc.PAIR}": 0.1,
+        f"chance_R@1/{cc.PAIR}": 0.01,
+    }
+    (folder / "eval_results.json").write_text(json.dumps(res))
+
+
+def _manifest(path, n_train):
+    from bioperceiver.data import write_manifest
+
+    rows = [
+        {"sample_id": f"s{i}", "patient_id": f"p{i // 2}", "tabular_clinical": "{}", "split": "train"}
+        for i in range(2 * n_train)
+    ] + [{"sample_id": "v", "patient_id": "v", "tabular_clinical": "{}", "split": "validation"}]
+    return write_manifest(pd.DataFrame(rows), path, {})
+
+
+def _spread(folder, best, ctrl):
+    def diff(mean):
+        return {
+            "mean": mean,
+            "ci95_runs_and_patients": [mean - 0.03, mean + 0.03],
+            "runs_above_zero": int(mean > 0),
+            "runs": {"a": {}, "b": {}, "c": {}},
+        }
+
+    dev = {f"{ARM} - best baseline": diff(best), f"{ARM} - {CTRL}": diff(ctrl), "other - x": diff(0.0)}
+    folder.mkdir(parents=True)
+    (folder / "seed_spread.json").write_text(json.dumps({"roles": {"development": dev}}))
+
+
+def test_curve_reads_every_backbone_and_spread(tmp_path, caplog):
+    small, full = _manifest(tmp_path / "m" / "small.parquet", 5), _manifest(tmp_path / "m" / "full.parquet", 20)
+    for i, (loss, recon) in enumerate(((4.5, 1.3), (4.3, 1.2))):
+        _backbone(tmp_path / "small" / f"fold{i}", small, loss, recon)
+        _backbone(tmp_path / "full" / f"fold{i}", full, loss - 0.6, recon - 0.2)
+    (tmp_path / "full" / "fold9").mkdir()  # an unfinished run: left out with a warning
+    _spread(tmp_path / "s_small", -0.05, 0.01)
+    _spread(tmp_path / "s_full", -0.02, 0.03)
+    argv = [
+        "--backbones",
+        "0.25",
+        str(tmp_path / "small" / "fold*"),
+        "--backbones",
+        "1",
+        str(tmp_path / "full" / "fold*"),
+    ]
+    argv += ["--spread", "0.5", "0.25", str(tmp_path / "s_small"), "--spread", "0.5", "1", str(tmp_path / "s_full")]
+    out = cc.main([*argv, "--output_dir", str(tmp_path / "o")])
+    assert "fold9 has no eval_results.json" in caplog.text
+    lf = out["label_free"]
+    assert lf["0.25"]["runs"] == 2 and lf["1"]["runs"] == 2
+    assert lf["0.25"]["train_patients"] == 5 and lf["1"]["train_patients"] == 20
+    assert lf["0.25"]["eval_loss"] == pytest.approx(4.4) and lf["1"]["eval_loss"] == pytest.approx(3.8)
+    assert lf["0.25"]["eval_loss_sd"] == pytest.approx(np.std([4.5, 4.3], ddof=1))
+    assert lf["1"]["eval_loss_reconstruction"] == pytest.approx(1.05)
+    ds = out["downstream"]["0.5"]
+    assert ds["0.25"]["best baseline"]["mean"] == -0.05 and ds["1"][CTRL]["ci95"] == [0.0, 0.06]
+    md = (tmp_path / "o" / "corpus_curve.md").read_text()
+    assert "| 0.25 | 5 | -0.050 [-0.080, -0.020] (0 of 3 > 0) | +0.010 [-0.020, +0.040] (1 of 3 > 0) |" in md
+    assert (tmp_path / "o" / "corpus_curve.png").stat().st_size > 0
+
+
+def test_curve_refuses_what_it_cannot_read(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no pretraining run"):
+        cc.main(["--backbones", "1", str(tmp_path / "none*"), "--output_dir", str(tmp_path / "o")])
+    full = _manifest(tmp_path / "full.parquet", 3)
+    _backbone(tmp_path / "b" / "fold0", full, 4.0, 1.0)
+    with pytest.raises(ValueError, match=r"corpus sizes \['0.5'\]"):
+        cc.main(["--backbones", "1", str(tmp_path / "b" / "*"), "--spread", "0.5", "0.5", "x", "--output_dir", "o"])
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "seed_spread.json").write_text(json.dumps({"roles": {"development": {}}}))
+    with pytest.raises(KeyError, match="best baseline"):
+        argv = ["--backbones", "1", str(tmp_path / "b" / "*"), "--spread", "0.5", "1", str(tmp_path / "s")]
+        cc.main([*argv, "--output_dir", str(tmp_path / "o")])
