@@ -205,6 +205,9 @@ def main(argv=None) -> dict:
         if not folders:
             raise FileNotFoundError(f"--backbones {corpus} {pattern!r}: no pretraining run (eval_results.json) matches")
         backbones[corpus] = folders
+    counts = {c: len(fs) for c, fs in backbones.items()}
+    if len(set(counts.values())) > 1:
+        logger.warning("the corpus sizes have different numbers of runs %s: their means are not alike", counts)
     unknown = sorted({c for _, c, _ in args.spread} - set(backbones))
     if unknown:
         raise ValueError(f"--spread names corpus sizes {unknown} that no --backbones gives")

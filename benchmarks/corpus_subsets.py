@@ -41,7 +41,8 @@ def subset_path(manifest: str | Path, fraction: float, seed: int) -> Path:
 
 def kept_patients(table: pd.DataFrame, fractions: list[float], seed: int, stratify: str) -> dict[float, set[str]]:
     """``{fraction: train patient ids kept}``: per stratum one seeded order of its train patients, the first
-    ``round(fraction * n)`` (at least 1) of them, so the subsets are nested."""
+    ``round(fraction * n)`` (Python's rounding, halves to even; at least 1) of them, so the subsets are nested. The
+    order of the ``k``-th stratum (strata sorted by name) is seeded by ``(seed, k)``."""
     if "split" not in table:
         raise ValueError(
             "the manifest has no 'split' column, so its train patients are not known (pretraining would assign "
@@ -92,6 +93,9 @@ def write_subsets(manifest: str | Path, fractions: list[float], seed: int, strat
         path = subset_path(manifest, f, seed)
         meta = {
             **src.metadata,
+            # the source's row counts no longer describe the subset ("counts" stays: the recipe's build record)
+            "rows": len(sub),
+            "rows_per_split": {str(k): int(v) for k, v in sub["split"].value_counts().sort_index().items()},
             "corpus_of": str(manifest),
             "corpus_fraction": f,
             "corpus_seed": seed,

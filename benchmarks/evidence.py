@@ -2000,10 +2000,10 @@ def _corpus_parts() -> list[Part]:
             spread.needs += list(runs_b.values())
             parts.append(spread)
     # the curve: the backbones' held-out numbers and the embedding's differences against the corpus size
-    argv = [PY, "benchmarks/corpus_curve.py", "--backbones", "1", f"{W}/survset/{_recon_backbones('*')}/fold*"]
+    argv = [PY, "benchmarks/corpus_curve.py", "--backbones", "1", f"{W}/survset/{_recon_backbones('[012]')}/fold*"]
     spreads = []
     for corpus in CORPUS:
-        argv += ["--backbones", corpus, f"{W}/survset/{_corpus_backbones(corpus, '*')}/fold*"]
+        argv += ["--backbones", corpus, f"{W}/survset/{_corpus_backbones(corpus, '[012]')}/fold*"]
     for frac in ("0.5", "0.25"):
         for corpus, tag in (("1", ""), *((c, f"_corpus{c}") for c in CORPUS)):
             spreads.append(f"seed_spread_labeff_tf{frac}_recon{RECON}{tag}_selcv3")

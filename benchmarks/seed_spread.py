@@ -129,6 +129,37 @@ def two_level_replicates(per_run: np.ndarray, rng: np.random.Generator, n_boot: 
     return per_run[picks, cols[:, None]].mean(axis=1)
 
 
+# what a run and its --against partner must share besides SHARED: the same seeds and the same model-selection rules,
+# so that the only difference between them is the setting being compared
+PARTNER_SHARED = ("init_seed", "selection", "baseline_ties", "pca_rows")
+
+
+def check_partners(runs: list[dict], against: list[dict], labels: list[str]) -> None:
+    """Each run and its partner share :data:`PARTNER_SHARED` and cover the same cohorts, or a ValueError naming
+    the pair and the setting."""
+    for run, partner, label in zip(runs, against, labels):
+        for key in PARTNER_SHARED:
+            mine, theirs = run["res"].get(key), partner["res"].get(key)
+            if mine != theirs:
+                raise ValueError(
+                    f"run {label} ({run['folder']}) has {key}={mine!r}, its --against partner ({partner['folder']}) "
+                    f"{theirs!r}: pair runs that differ only in the setting compared"
+                )
+        if set(run["res"]["cohorts"]) != set(partner["res"]["cohorts"]):
+            raise ValueError(
+                f"run {label} ({run['folder']}) and its --against partner ({partner['folder']}) cover different "
+                f"cohorts: {sorted(set(run['res']['cohorts']) ^ set(partner['res']['cohorts']))}"
+            )
+
+
+def control_scores(run: dict, cohort: str, control: str) -> tuple:
+    """What identifies ``control`` in one cohort of a run: its per-fold test C-indices (and, for the best baseline,
+    which model validation chose). Two runs with equal tuples scored the same control model."""
+    c = run["res"]["cohorts"][cohort]
+    name = c.get("best_baseline_by_validation") if control in (BEST, "best baseline") else control
+    return name, tuple(c.get("models", {}).get(name, {}).get("test", {}).get("per_fold", ()))
+
+
 def subtract(a: dict, b: dict) -> dict:
     """:func:`cohort_differences` of one run minus its partner's: every difference both report, per cohort both
     cover, point and replicates alike (the replicates are the same patient draws in both runs, so they pair)."""
@@ -158,6 +189,22 @@ def combine(
     if against is not None:
         per_run = [subtract(a, cohort_differences(b, role)) for a, b in zip(per_run, against)]
     keys = [k for k in per_run[0] if all(k in p for p in per_run)]
+    differs: dict[str, list[str]] = {}  # against: where the control was not the same model in run and partner
+    for key in keys if against is not None else ():
+        control = key.split(" - ", 1)[1]
+        differs[key] = [
+            f"{label}: {c}"
+            for run, partner, label, p in zip(runs, against, labels, per_run)
+            for c in p[key]
+            if control_scores(run, c, control) != control_scores(partner, c, control)
+        ]
+        if differs[key]:
+            logger.warning(
+                "%s (%s): the control differs between run and partner in %s, so that row is not the arm's change alone",
+                key,
+                role,
+                ", ".join(differs[key]),
+            )
     rng = np.random.default_rng(seed)
     out = {}
     for key in keys:
@@ -193,6 +240,8 @@ def combine(
             "per_cohort_mean": {c: float(point[:, j].mean()) for j, c in enumerate(cohorts)},
             "n_bootstrap": int(n_boot),
         }
+        if against is not None:
+            out[key]["control_differs"] = differs[key]
     return out
 
 
@@ -474,6 +523,8 @@ def report_lines(result: dict) -> list[str]:
         ]
         for key, d in diffs.items():
             per = " | ".join(f"{d['runs'][lab]['difference']:+.3f} {_ci(d['runs'][lab]['ci95'])}" for lab in labels)
+            if d.get("control_differs"):
+                key = f"{key} (control differs in {len(d['control_differs'])} run-cohorts)"
             lines.append(
                 f"| {key} | {per} | **{d['mean']:+.3f}** {_ci(d['ci95_runs_and_patients'])} | "
                 f"{d['sd_between_runs']:.3f} | {d['runs_above_zero']} of {len(labels)} |"
@@ -612,6 +663,8 @@ def main(argv=None) -> dict:
     against = [load_run(r) for r in args.against] if args.against else None
     partner_labels = [f"{lab} ({args.against_label})" for lab in labels]
     check_compatible(runs + (against or []), labels + (partner_labels if against else []))
+    if against:
+        check_partners(runs, against, labels)
     result = {
         "benchmark": "seed_spread",
         "runs": dict(zip(labels, args.runs)),

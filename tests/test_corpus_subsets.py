@@ -62,6 +62,8 @@ def test_subsets_are_nested_stratified_by_patient_and_keep_other_splits(tmp_path
         assert counts.equals(full["patient_id"].value_counts()[counts.index])
         assert sub.metadata["corpus_fraction"] == f and sub.metadata["corpus_seed"] == 3
         assert sub.metadata["train_patients_kept"] == len(ids) and sub.metadata["recipe"] == "toy"
+        assert sub.metadata["rows"] == len(t)
+        assert sub.metadata["rows_per_split"] == t["split"].value_counts().to_dict()
         kept.append(ids)
     assert kept[0] < kept[1]  # nested
     # the draw is seeded: the same seed gives the same subset, another seed another

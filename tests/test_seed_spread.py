@@ -515,6 +515,19 @@ def test_against_pairs_each_run_with_its_partner_and_equals_the_direct_differenc
     assert out["against"]["label"] == "B" and out["against"]["runs"]["s1"] == str(pairs[1][1])
     md = (tmp_path / "o" / "seed_spread.md").read_text()
     assert "each run's minus its partner's (B" in md
+    assert dev["control_differs"] == [] and "control differs" not in md
+    # a partner whose control is another model (here: other test C-indices) is flagged, not silently subtracted
+    res = json.loads((pairs[2][1] / "survival_cv.json").read_text())
+    res["cohorts"]["b"]["models"] = {"ctrl": {"test": {"per_fold": [0.5, 0.6, 0.7]}}}
+    (pairs[2][1] / "survival_cv.json").write_text(json.dumps(res))
+    out = ss.main([*argv, "--labels", "s0", "s1", "s2", "--output_dir", str(tmp_path / "o3")])
+    assert out["roles"]["development"]["arm - ctrl"]["control_differs"] == ["s2: b"]
+    assert "arm - ctrl (control differs in 1 run-cohorts)" in (tmp_path / "o3" / "seed_spread.md").read_text()
+    # a partner with another init seed (or selection rule) is not the same seeds: refused
+    res["init_seed"] = 1
+    (pairs[2][1] / "survival_cv.json").write_text(json.dumps(res))
+    with pytest.raises(ValueError, match=r"init_seed=None, its --against partner .* 1"):
+        ss.main([*argv, "--output_dir", str(tmp_path / "o4")])
     # a partner that does not pair (another bootstrap seed: other draws) is refused; so is a missing partner
     odd = _runs(tmp_path / "odd", [0.5], seed=1)[0]
     with pytest.raises(ValueError, match="seed"):
