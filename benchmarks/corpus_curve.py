@@ -142,7 +142,7 @@ def plot(result: dict, path: Path) -> None:
     ax = axes[0]
     ax.errorbar(x, [lf[c]["eval_loss"] for c in order], yerr=[lf[c]["eval_loss_sd"] for c in order], fmt="o-")
     ax.axhline(lf[order[0]]["eval_loss_uniform"], color="grey", ls="--", lw=0.8, label="uniform guess")
-    ax.set_ylabel("held-out contrastive loss (one batch, validation patients)")
+    ax.set_ylabel("held-out contrastive loss (validation patients)")
     ax.set_title("pretraining objective, held out")
     ax.legend(fontsize=8)
     ax2 = axes[1]
@@ -166,13 +166,19 @@ def plot(result: dict, path: Path) -> None:
             lo = m - np.array([per[c][other]["ci95"][0] for c in cs])
             hi = np.array([per[c][other]["ci95"][1] for c in cs]) - m
             ax3.errorbar(
-                xs, m, yerr=[lo, hi], fmt=style, color=f"C{2 * i + j}", capsize=3, label=f"{labels}: - {other}"
+                xs,
+                m,
+                yerr=[lo, hi],
+                fmt=style,
+                color=f"C{2 * i + j}",
+                capsize=3,
+                label=f"{labels} of the labels: - {other}",
             )
     ax3.axhline(0, color="grey", lw=0.8)
     if not ds:
         ax3.text(0.5, 0.5, "no --spread given", ha="center", va="center", transform=ax3.transAxes)
     ax3.set_ylabel(f"{result['arm']}\npooled C-index difference, 95% CI")
-    ax3.set_title("downstream (development cohorts), by label fraction")
+    ax3.set_title("downstream, development cohorts")
     if ds:
         ax3.legend(fontsize=7)
     for a in axes:
