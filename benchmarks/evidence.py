@@ -1914,6 +1914,9 @@ def _inner_cv_external_parts() -> list[Part]:
 
 SELECT_CV = ("--selection", "inner_cv")
 CORPUS = ("0.25", "0.5")  # shares of each fold manifest's train patients per cohort, nested (protocol M)
+STEPS_N = "100"  # protocol N: the 25% corpus at the full corpus's ~40 passes (the recipe's 400 steps / 4)
+# every subset backbone family: (folder tag, corpus share, run-config overrides)
+CORPUS_VARIANTS = (*((c, c, ()) for c in CORPUS), (f"0.25_steps{STEPS_N}", "0.25", (f"optim.max_steps={STEPS_N}",)))
 
 
 def _corpus_backbones(frac: str, s: int) -> str:
@@ -1941,14 +1944,15 @@ def _corpus_parts() -> list[Part]:
                 optional=True,
             )
         )
-    for frac in CORPUS:
+    for tag, frac, overrides in CORPUS_VARIANTS:
         for s in range(3):
             for k in range(5):
-                folder = _corpus_backbones(frac, s)
+                folder = _corpus_backbones(tag, s)
                 parts.append(
                     Part(
-                        f"survset_pretrain_recon_corpus{frac}_seed{s}_fold{k}",
-                        f"survset_pretrain_recon_seed{s}_fold{k} on {frac} of its train patients, its processors",
+                        f"survset_pretrain_recon_corpus{tag}_seed{s}_fold{k}",
+                        f"survset_pretrain_recon_seed{s}_fold{k} on {frac} of its train patients, its processors"
+                        + (f", {' '.join(overrides)}" if overrides else ""),
                         _pretrain(
                             SURVSET_RECIPE,
                             f"{W}/survset/{folder}/fold{k}",
@@ -1956,20 +1960,21 @@ def _corpus_parts() -> list[Part]:
                             f"data.processor_dir={W}/survset/{_recon_backbones(s)}/fold{k}/processor",
                             f"seed={s}",
                             f"loss.reconstruction={RECON}",
+                            *overrides,
                         ),
                         f"survset/{folder}/fold{k}/final/config.json",
                         needs=[f"survset_corpus_subsets_seed{s}", f"survset_pretrain_recon_seed{s}_fold{k}"],
-                        minutes=2.2,
+                        minutes=0.7 if overrides else 2.2,
                         optional=True,
                     )
                 )
     for frac in ("0.5", "0.25"):  # of the labels; 0.5 first: the primary
         full = {}  # protocol K's inner-CV runs on the full corpus, per seed pair
-        smaller: dict[str, dict[str, str]] = {c: {} for c in CORPUS}
+        smaller: dict[str, dict[str, str]] = {tag: {} for tag, _, _ in CORPUS_VARIANTS}
         for pre, init in FIVE_SEEDS[:3]:
             sfx = _pair_suffix(pre, init)
             full[f"pre{pre}_init{init}"] = k_run = f"survival_cv_labeff_tf{frac}_recon{RECON}_selcv{sfx}"
-            for corpus in CORPUS:
+            for corpus in smaller:
                 run = f"survival_cv_labeff_tf{frac}_recon{RECON}_corpus{corpus}_selcv{sfx}"
                 smaller[corpus][f"pre{pre}_init{init}"] = run
                 parts.append(
@@ -1987,11 +1992,15 @@ def _corpus_parts() -> list[Part]:
         for corpus, runs in smaller.items():
             what = f"the 3 seed pairs on the {corpus}-corpus backbones combined (inner CV), {frac} of the labels"
             parts.append(_spread(f"seed_spread_labeff_tf{frac}_recon{RECON}_corpus{corpus}_selcv3", runs, what))
-        # each setting against another on the same seed pairs: the full corpus minus each smaller one, 50% - 25%
+        # each setting against another on the same seed pairs: the full corpus minus each smaller one, 50% - 25%;
+        # protocol N: the full corpus minus the 25% corpus at equal passes, and that one minus the 400-step one
+        n_tag = CORPUS_VARIANTS[-1][0]
         for (a, runs_a), (b, runs_b) in (
             (("1", full), (CORPUS[0], smaller[CORPUS[0]])),
             (("1", full), (CORPUS[1], smaller[CORPUS[1]])),
             ((CORPUS[1], smaller[CORPUS[1]]), (CORPUS[0], smaller[CORPUS[0]])),
+            (("1", full), (n_tag, smaller[n_tag])),
+            ((n_tag, smaller[n_tag]), (CORPUS[0], smaller[CORPUS[0]])),
         ):
             out = f"corpus_tf{frac}_recon{RECON}_{a}_minus_{b}"
             against = ("--against", *(f"{W}/survset/{r}" for r in runs_b.values()), "--against_label", f"corpus {b}")
@@ -1999,26 +2008,32 @@ def _corpus_parts() -> list[Part]:
             spread.argv += against
             spread.needs += list(runs_b.values())
             parts.append(spread)
-    # the curve: the backbones' held-out numbers and the embedding's differences against the corpus size
-    argv = [PY, "benchmarks/corpus_curve.py", "--backbones", "1", f"{W}/survset/{_recon_backbones('[012]')}/fold*"]
-    spreads = []
-    for corpus in CORPUS:
-        argv += ["--backbones", corpus, f"{W}/survset/{_corpus_backbones(corpus, '[012]')}/fold*"]
-    for frac in ("0.5", "0.25"):
-        for corpus, tag in (("1", ""), *((c, f"_corpus{c}") for c in CORPUS)):
-            spreads.append(f"seed_spread_labeff_tf{frac}_recon{RECON}{tag}_selcv3")
-            argv += ["--spread", frac, corpus, f"{W}/survset/{spreads[-1]}"]
-    parts.append(
-        Part(
-            "survset_corpus_curve",
-            "the corpus-size curve: held-out pretraining numbers and the embedding's differences, 25% / 50% / 100%",
-            [*argv, "--output_dir", f"{W}/survset/corpus_curve"],
-            "survset/corpus_curve/corpus_curve.json",
-            needs=[f"survset_{s}" for s in spreads],
-            minutes=0.5,
-            optional=True,
+    # the curve: the backbones' held-out numbers and the embedding's differences against the corpus size; protocol
+    # N's: the 25% corpus at both step counts beside the full corpus
+    for name, out, tags in (
+        ("survset_corpus_curve", "corpus_curve", CORPUS),
+        (f"survset_corpus_curve_steps{STEPS_N}", f"corpus_curve_steps{STEPS_N}", (CORPUS[0], n_tag)),
+    ):
+        argv = [PY, "benchmarks/corpus_curve.py", "--backbones", "1", f"{W}/survset/{_recon_backbones('[012]')}/fold*"]
+        spreads = []
+        for tag in tags:
+            argv += ["--backbones", tag, f"{W}/survset/{_corpus_backbones(tag, '[012]')}/fold*"]
+        for frac in ("0.5", "0.25"):
+            for corpus, tag in (("1", ""), *((c, f"_corpus{c}") for c in tags)):
+                spreads.append(f"seed_spread_labeff_tf{frac}_recon{RECON}{tag}_selcv3")
+                argv += ["--spread", frac, corpus, f"{W}/survset/{spreads[-1]}"]
+        parts.append(
+            Part(
+                name,
+                f"the corpus-size curve ({', '.join(('1', *tags))}): held-out pretraining numbers and the embedding's "
+                "differences",
+                [*argv, "--output_dir", f"{W}/survset/{out}"],
+                f"survset/{out}/corpus_curve.json",
+                needs=[f"survset_{s}" for s in spreads],
+                minutes=0.5,
+                optional=True,
+            )
         )
-    )
     return parts
 
 
