@@ -200,6 +200,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
+    from bioperceiver.jsonio import dumps
+
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     backbones = {}
@@ -229,7 +231,7 @@ def main(argv=None) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".corpus_curve.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
+    tmp.write_text(dumps(result))  # strict JSON: a number a run did not record (NaN) is written as null
     os.replace(tmp, out / "corpus_curve.json")
     lines = report(result)
     (out / "corpus_curve.md").write_text("\n".join(lines) + "\n")
