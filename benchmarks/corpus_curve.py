@@ -122,9 +122,9 @@ def report(result: dict) -> list[str]:
             f"| corpus | train patients | - best baseline | - {control} |",
             "|---|---|---|---|",
         ]
-        for c in sorted(per, key=lambda c: lf.get(c, {}).get("train_patients", float(c))):
+        for c in sorted(per, key=lambda c: lf[c]["train_patients"]):  # main() checks every size has backbones
             b, r = per[c]["best baseline"], per[c][control]
-            n = lf.get(c, {}).get("train_patients", float("nan"))
+            n = lf[c]["train_patients"]
             lines.append(f"| {c} | {n:.0f} | {_cell(b)} | {_cell(r)} |")
     return lines
 

@@ -59,27 +59,34 @@ def test_curve_reads_every_backbone_and_spread(tmp_path, caplog):
     (tmp_path / "full" / "fold9").mkdir()  # an unfinished run: left out with a warning
     _spread(tmp_path / "s_small", -0.05, 0.01)
     _spread(tmp_path / "s_full", -0.02, 0.03)
+    # a size's label is any name (here one with a step count in it), ordered by its train patients
+    small, full = str(tmp_path / "small" / "fold*"), str(tmp_path / "full" / "fold*")
     argv = [
         "--backbones",
-        "0.25",
-        str(tmp_path / "small" / "fold*"),
-        "--backbones",
         "1",
-        str(tmp_path / "full" / "fold*"),
+        full,
+        "--backbones",
+        "0.25_steps100",
+        small,
+        "--spread",
+        "0.5",
+        "1",
+        str(tmp_path / "s_full"),
     ]
-    argv += ["--spread", "0.5", "0.25", str(tmp_path / "s_small"), "--spread", "0.5", "1", str(tmp_path / "s_full")]
+    argv += ["--spread", "0.5", "0.25_steps100", str(tmp_path / "s_small")]
     out = cc.main([*argv, "--output_dir", str(tmp_path / "o")])
     assert "fold9 has no eval_results.json" in caplog.text
     lf = out["label_free"]
-    assert lf["0.25"]["runs"] == 2 and lf["1"]["runs"] == 2
-    assert lf["0.25"]["train_patients"] == 5 and lf["1"]["train_patients"] == 20
-    assert lf["0.25"]["eval_loss"] == pytest.approx(4.4) and lf["1"]["eval_loss"] == pytest.approx(3.8)
-    assert lf["0.25"]["eval_loss_sd"] == pytest.approx(np.std([4.5, 4.3], ddof=1))
+    assert lf["0.25_steps100"]["runs"] == 2 and lf["1"]["runs"] == 2
+    assert lf["0.25_steps100"]["train_patients"] == 5 and lf["1"]["train_patients"] == 20
+    assert lf["0.25_steps100"]["eval_loss"] == pytest.approx(4.4) and lf["1"]["eval_loss"] == pytest.approx(3.8)
+    assert lf["0.25_steps100"]["eval_loss_sd"] == pytest.approx(np.std([4.5, 4.3], ddof=1))
     assert lf["1"]["eval_loss_reconstruction"] == pytest.approx(1.05)
     ds = out["downstream"]["0.5"]
-    assert ds["0.25"]["best baseline"]["mean"] == -0.05 and ds["1"][CTRL]["ci95"] == [0.0, 0.06]
+    assert ds["0.25_steps100"]["best baseline"]["mean"] == -0.05 and ds["1"][CTRL]["ci95"] == [0.0, 0.06]
     md = (tmp_path / "o" / "corpus_curve.md").read_text()
-    assert "| 0.25 | 5 | -0.050 [-0.080, -0.020] (0 of 3 > 0) | +0.010 [-0.020, +0.040] (1 of 3 > 0) |" in md
+    row = "| 0.25_steps100 | 5 | -0.050 [-0.080, -0.020] (0 of 3 > 0) | +0.010 [-0.020, +0.040] (1 of 3 > 0) |"
+    assert row in md and md.index(row) < md.index("| 1 | 20 |")  # the smaller corpus first
     assert (tmp_path / "o" / "corpus_curve.png").stat().st_size > 0
 
 
