@@ -230,12 +230,13 @@ def main(argv=None) -> dict:
     }
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".corpus_curve.json.tmp"
-    tmp.write_text(dumps(result))  # strict JSON: a number a run did not record (NaN) is written as null
-    os.replace(tmp, out / "corpus_curve.json")
     lines = report(result)
     (out / "corpus_curve.md").write_text("\n".join(lines) + "\n")
     plot(result, out / "corpus_curve.png")
+    # the JSON last: it marks the output complete (benchmarks/evidence.py reads it as the part's result)
+    tmp = out / ".corpus_curve.json.tmp"
+    tmp.write_text(dumps(result))  # strict JSON: a number a run did not record (NaN) is written as null
+    os.replace(tmp, out / "corpus_curve.json")
     print("\n".join(lines), flush=True)
     return result
 
