@@ -2008,6 +2008,51 @@ def _corpus_parts() -> list[Part]:
             spread.argv += against
             spread.needs += list(runs_b.values())
             parts.append(spread)
+    # protocol O (pilot): the full corpus pretrained for twice the steps, seed pair (0, 0), against K's run
+    steps = "800"
+    folder = f"pretrain_cvfolds_recon{RECON}_steps{steps}_seed0"
+    for k in range(5):
+        parts.append(
+            Part(
+                f"survset_pretrain_recon_steps{steps}_seed0_fold{k}",
+                f"survset_pretrain_recon_seed0_fold{k} with optim.max_steps={steps}, its processors",
+                _pretrain(
+                    SURVSET_RECIPE,
+                    f"{W}/survset/{folder}/fold{k}",
+                    f"data.manifest={W}/survset/dev_cohort/manifest_cvfold{k}.parquet",
+                    f"data.processor_dir={W}/survset/{_recon_backbones(0)}/fold{k}/processor",
+                    "seed=0",
+                    f"loss.reconstruction={RECON}",
+                    f"optim.max_steps={steps}",
+                ),
+                f"survset/{folder}/fold{k}/final/config.json",
+                needs=[f"survset_pretrain_recon_seed0_fold{k}"],
+                minutes=4,
+                optional=True,
+            )
+        )
+    for frac in ("0.5", "0.25"):
+        k_run = f"survival_cv_labeff_tf{frac}_recon{RECON}_selcv"
+        run = f"survival_cv_labeff_tf{frac}_recon{RECON}_steps{steps}_selcv"
+        parts.append(
+            Part(
+                run,
+                f"embedding-Cox arms by inner CV on the {steps}-step backbones of seed 0, {frac} of the labels",
+                _emb_cox(run, folder, frac, 0, (k_run,), extra=SELECT_CV),
+                f"survset/{run}/survival_cv.json",
+                needs=[k_run, *(f"survset_pretrain_recon_steps{steps}_seed0_fold{k}" for k in range(5))],
+                minutes=2,
+                optional=True,
+            )
+        )
+        spread = _spread(
+            f"steps_tf{frac}_recon{RECON}_{steps}_minus_400",
+            {"pre0_init0": run},
+            f"{steps} - 400 pretraining steps, seed pair (0, 0), {frac} of the labels (pilot)",
+        )
+        spread.argv += ["--against", f"{W}/survset/{k_run}", "--against_label", "400 steps"]
+        spread.needs.append(k_run)
+        parts.append(spread)
     # the curve: the backbones' held-out numbers and the embedding's differences against the corpus size; protocol
     # N's: the 25% corpus at both step counts beside the full corpus
     for name, out, tags in (

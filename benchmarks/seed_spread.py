@@ -639,7 +639,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.labels is not None and len(args.labels) != len(args.runs):
         p.error(f"--labels has {len(args.labels)} names for {len(args.runs)} --runs")
-    if len(args.runs) < 2:
+    if len(args.runs) < 2 and args.against is None:  # one run against its partner is one paired difference
         p.error("give at least two --runs")
     if args.ensemble is not None and len(args.ensemble) > 2:
         p.error("--ensemble takes an arm and at most one control arm")

@@ -516,6 +516,10 @@ def test_against_pairs_each_run_with_its_partner_and_equals_the_direct_differenc
     md = (tmp_path / "o" / "seed_spread.md").read_text()
     assert "each run's minus its partner's (B" in md
     assert dev["control_differs"] == [] and "control differs" not in md
+    # one run against its partner is one paired difference (no spread between pairs)
+    one = ss.main(["--runs", str(pairs[0][0]), "--against", str(pairs[0][1]), "--output_dir", str(tmp_path / "o1")])
+    d1 = one["roles"]["development"]["arm - ctrl"]
+    assert d1["mean"] == pytest.approx(per_run[0]) and d1["sd_between_runs"] == 0.0
     # a partner whose control is another model (here: other test C-indices) is flagged, not silently subtracted
     res = json.loads((pairs[2][1] / "survival_cv.json").read_text())
     res["cohorts"]["b"]["models"] = {"ctrl": {"test": {"per_fold": [0.5, 0.6, 0.7]}}}
