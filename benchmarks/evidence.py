@@ -263,14 +263,20 @@ def _seeded(
     return _finetuned(run, what, *extra, *back, pre=pre, needs=needs, minutes=minutes, arms=arms)
 
 
-def _spread(out: str, runs: dict[str, str], what: str, *extra: str, name: str | None = None) -> Part:
-    """Optional: ``seed_spread.py`` over ``runs`` (label -> survset run folder) into ``survset/<out>``."""
+def _spread(
+    out: str, runs: dict[str, str], what: str, *extra: str, name: str | None = None, against: tuple[dict, str] = ()
+) -> Part:
+    """Optional: ``seed_spread.py`` over ``runs`` (label -> survset run folder) into ``survset/<out>``; ``against``:
+    ``(partner runs in the same order, their setting's name)`` for ``--against``."""
+    partners, label = against or ({}, "")
+    if partners:
+        extra = (*extra, "--against", *(f"{W}/survset/{r}" for r in partners.values()), "--against_label", label)
     return Part(
         name or f"survset_{out}",
         what,
         _seed_spread(out, runs, *extra),
         f"survset/{out}/seed_spread.json",
-        needs=list(runs.values()),
+        needs=[*runs.values(), *partners.values()],
         minutes=0.5,
         optional=True,
     )
@@ -1928,7 +1934,7 @@ def _corpus_parts() -> list[Part]:
     unlabelled corpus? Nested 25% / 50% subsets of each fold manifest's train patients per cohort (drawn with the
     pretraining seed), the recipe pretrained on each with the processors of the same fold's full-corpus backbone (so
     the tokens, and the random-embedding control, are the same at every size); the full corpus is protocol K's
-    backbones (~65 min for the 30 backbones on 2 cores)."""
+    backbones (57 min for the 30 backbones on 2 cores)."""
     manifests = [f"{W}/survset/dev_cohort/manifest_cvfold{k}.parquet" for k in range(5)]
     subsets = [PY, "benchmarks/corpus_subsets.py", "--manifest", *manifests, "--fractions", *CORPUS]
     parts = []
@@ -2002,12 +2008,10 @@ def _corpus_parts() -> list[Part]:
             (("1", full), (n_tag, smaller[n_tag])),
             ((n_tag, smaller[n_tag]), (CORPUS[0], smaller[CORPUS[0]])),
         ):
-            out = f"corpus_tf{frac}_recon{RECON}_{a}_minus_{b}"
-            against = ("--against", *(f"{W}/survset/{r}" for r in runs_b.values()), "--against_label", f"corpus {b}")
-            spread = _spread(out, runs_a, f"corpus {a} - corpus {b}, paired per seed pair, {frac} of the labels")
-            spread.argv += against
-            spread.needs += list(runs_b.values())
-            parts.append(spread)
+            what = f"corpus {a} - corpus {b}, paired per seed pair, {frac} of the labels"
+            parts.append(
+                _spread(f"corpus_tf{frac}_recon{RECON}_{a}_minus_{b}", runs_a, what, against=(runs_b, f"corpus {b}"))
+            )
     # protocol O (pilot): the full corpus pretrained for twice the steps, seed pair (0, 0), against K's run
     steps = "800"
     folder = f"pretrain_cvfolds_recon{RECON}_steps{steps}_seed0"
@@ -2045,14 +2049,9 @@ def _corpus_parts() -> list[Part]:
                 optional=True,
             )
         )
-        spread = _spread(
-            f"steps_tf{frac}_recon{RECON}_{steps}_minus_400",
-            {"pre0_init0": run},
-            f"{steps} - 400 pretraining steps, seed pair (0, 0), {frac} of the labels (pilot)",
-        )
-        spread.argv += ["--against", f"{W}/survset/{k_run}", "--against_label", "400 steps"]
-        spread.needs.append(k_run)
-        parts.append(spread)
+        what = f"{steps} - 400 pretraining steps, seed pair (0, 0), {frac} of the labels (pilot)"
+        out = f"steps_tf{frac}_recon{RECON}_{steps}_minus_400"
+        parts.append(_spread(out, {"pre0_init0": run}, what, against=({"pre0_init0": k_run}, "400 steps")))
     # the curve: the backbones' held-out numbers and the embedding's differences against the corpus size; protocol
     # N's: the 25% corpus at both step counts beside the full corpus
     for name, out, tags in (
