@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""A corpus-size curve: the pretrained backbones' own held-out numbers and their downstream differences, against the
-number of unlabelled patients they were pretrained on.
+"""A corpus-size (or step-count) curve: the pretrained backbones' own held-out numbers and their downstream
+differences, against the number of unlabelled patients they were pretrained on (``--x steps``: against their
+pretraining steps, ``optim.max_steps``).
 
 Inputs are what a corpus-size experiment already wrote (``benchmarks/corpus_subsets.py`` for the subsets, pretraining
 runs on each, ``benchmarks/survival_cv.py`` runs combined over seeds by ``benchmarks/seed_spread.py``):
 
 * ``--backbones CORPUS GLOB`` (repeatable): the pretraining output folders of one corpus size (e.g. every seed and
   fold). Read from each: ``eval_results.json`` (held-out contrastive loss and its uniform level, reconstruction error,
-  expression <-> clinical R@1 beside its chance level) and the number of train patients in the run's manifest.
+  expression <-> clinical R@1 beside its chance level), the number of train patients in the run's manifest and the
+  run's ``optim.max_steps``.
 * ``--spread LABELS CORPUS DIR`` (repeatable): a ``seed_spread.py`` output folder for one label fraction and corpus
   size. Read from it: the development cohorts' pooled differences of ``--arm`` against the best baseline and against
   ``--control``, the mean over runs with its two-level interval.
@@ -32,10 +34,11 @@ import numpy as np
 
 logger = logging.getLogger("corpus_curve")
 PAIR = "omics_expression-tabular_clinical"
+X_LABELS = {"train_patients": "unlabelled train patients in the pretraining corpus", "steps": "pretraining steps"}
 
 
 def backbone_numbers(folder: Path) -> dict:
-    """One pretraining run's held-out numbers and the number of train patients it was pretrained on."""
+    """One pretraining run's held-out numbers, the number of train patients and of steps it was pretrained on."""
     from bioperceiver.data import assign_splits, read_manifest
     from bioperceiver.training import load_run_config
 
@@ -45,6 +48,7 @@ def backbone_numbers(folder: Path) -> dict:
     return {
         "run": str(folder),
         "train_patients": int(table.loc[table["split"] == "train", "patient_id"].nunique()),
+        "steps": int(cfg.optim.max_steps),
         "eval_loss": float(res["eval_loss"]),
         "eval_loss_uniform": float(res.get("eval_loss_uniform", np.nan)),
         "eval_loss_reconstruction": float(res.get("eval_loss_reconstruction", np.nan)),
@@ -95,20 +99,28 @@ def _cell(d: dict) -> str:
     return f"{d['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] ({d['runs_above_zero']} of {d['runs']} > 0)"
 
 
+def _order(result: dict) -> list[str]:
+    """The backbone families by the curve's x-axis (``train_patients`` or ``steps``)."""
+    lf, x = result["label_free"], result["x"]
+    return sorted(lf, key=lambda c: lf[c][x])
+
+
 def report(result: dict) -> list[str]:
     lf, ds = result["label_free"], result["downstream"]
-    order = sorted(lf, key=lambda c: lf[c]["train_patients"])
+    x = result["x"]
+    order = _order(result)
     lines = [
-        "### The backbones' own held-out numbers (the same validation patients at every size)",
+        "### The backbones' own held-out numbers (the same validation patients for every family)",
         "",
-        "| corpus | runs | train patients | held-out contrastive loss (uniform) | reconstruction error (predict 0) | "
-        "R@1 expression <-> clinical (chance) |",
-        "|---|---|---|---|---|---|",
+        "| backbones | runs | train patients | steps | held-out contrastive loss (uniform) | reconstruction error "
+        "(predict 0) | R@1 expression <-> clinical (chance) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for c in order:
         r = lf[c]
         lines.append(
-            f"| {c} | {r['runs']} | {r['train_patients']:.0f} | {r['eval_loss']:.3f} ± {r['eval_loss_sd']:.3f} "
+            f"| {c} | {r['runs']} | {r['train_patients']:.0f} | {r['steps']:.0f} | {r['eval_loss']:.3f} ± "
+            f"{r['eval_loss_sd']:.3f} "
             f"({r['eval_loss_uniform']:.2f}) | {r['eval_loss_reconstruction']:.3f} ± "
             f"{r['eval_loss_reconstruction_sd']:.3f} ({r['eval_loss_reconstruction_mean']:.2f}) | "
             f"{r['r1']:.3f} ({r['r1_chance']:.3f}) |"
@@ -119,12 +131,12 @@ def report(result: dict) -> list[str]:
             "",
             f"### {arm}, {labels} of the labels: pooled development differences, mean over runs [two-level 95% CI]",
             "",
-            f"| corpus | train patients | - best baseline | - {control} |",
+            f"| backbones | {x.replace('_', ' ')} | - best baseline | - {control} |",
             "|---|---|---|---|",
         ]
-        for c in sorted(per, key=lambda c: lf[c]["train_patients"]):  # main() checks every size has backbones
+        for c in [c for c in order if c in per]:  # main() checks every spread's family has backbones
             b, r = per[c]["best baseline"], per[c][control]
-            n = lf[c]["train_patients"]
+            n = lf[c][x]
             lines.append(f"| {c} | {n:.0f} | {_cell(b)} | {_cell(r)} |")
     return lines
 
@@ -136,8 +148,9 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     lf, ds = result["label_free"], result["downstream"]
-    order = sorted(lf, key=lambda c: lf[c]["train_patients"])
-    x = [lf[c]["train_patients"] for c in order]
+    xkey = result["x"]
+    order = _order(result)
+    x = [lf[c][xkey] for c in order]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
     ax.errorbar(x, [lf[c]["eval_loss"] for c in order], yerr=[lf[c]["eval_loss_sd"] for c in order], fmt="o-")
@@ -161,7 +174,7 @@ def plot(result: dict, path: Path) -> None:
     for i, (labels, per) in enumerate(ds.items()):
         for j, (other, style) in enumerate((("best baseline", "o-"), (result["control"], "s--"))):
             cs = [c for c in order if c in per]
-            xs = np.array([lf[c]["train_patients"] for c in cs]) * (1 + 0.02 * (2 * i + j - 1.5))
+            xs = np.array([lf[c][xkey] for c in cs]) * (1 + 0.02 * (2 * i + j - 1.5))
             m = np.array([per[c][other]["mean"] for c in cs])
             lo = m - np.array([per[c][other]["ci95"][0] for c in cs])
             hi = np.array([per[c][other]["ci95"][1] for c in cs]) - m
@@ -183,7 +196,7 @@ def plot(result: dict, path: Path) -> None:
         ax3.legend(fontsize=7)
     for a in axes:
         a.set_xscale("log", base=2)
-        a.set_xlabel("unlabelled train patients in the pretraining corpus")
+        a.set_xlabel(X_LABELS[xkey])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -195,6 +208,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--spread", nargs=3, action="append", default=[], metavar=("LABELS", "CORPUS", "DIR"))
     p.add_argument("--arm", default="cox_clinical_emb_pretrained")
     p.add_argument("--control", default="cox_clinical_emb_random")
+    p.add_argument("--x", choices=sorted(X_LABELS), default="train_patients", help="the curve's x-axis")
     p.add_argument("--output_dir", required=True)
     return p.parse_args(argv)
 
@@ -223,6 +237,7 @@ def main(argv=None) -> dict:
         "benchmark": "corpus_curve",
         "arm": args.arm,
         "control": args.control,
+        "x": args.x,
         "backbones": {c: [str(f) for f in fs] for c, fs in backbones.items()},
         "spreads": [list(s) for s in args.spread],
         "label_free": label_free(backbones),

@@ -2012,46 +2012,6 @@ def _corpus_parts() -> list[Part]:
             parts.append(
                 _spread(f"corpus_tf{frac}_recon{RECON}_{a}_minus_{b}", runs_a, what, against=(runs_b, f"corpus {b}"))
             )
-    # protocol O (pilot): the full corpus pretrained for twice the steps, seed pair (0, 0), against K's run
-    steps = "800"
-    folder = f"pretrain_cvfolds_recon{RECON}_steps{steps}_seed0"
-    for k in range(5):
-        parts.append(
-            Part(
-                f"survset_pretrain_recon_steps{steps}_seed0_fold{k}",
-                f"survset_pretrain_recon_seed0_fold{k} with optim.max_steps={steps}, its processors",
-                _pretrain(
-                    SURVSET_RECIPE,
-                    f"{W}/survset/{folder}/fold{k}",
-                    f"data.manifest={W}/survset/dev_cohort/manifest_cvfold{k}.parquet",
-                    f"data.processor_dir={W}/survset/{_recon_backbones(0)}/fold{k}/processor",
-                    "seed=0",
-                    f"loss.reconstruction={RECON}",
-                    f"optim.max_steps={steps}",
-                ),
-                f"survset/{folder}/fold{k}/final/config.json",
-                needs=[f"survset_pretrain_recon_seed0_fold{k}"],
-                minutes=4,
-                optional=True,
-            )
-        )
-    for frac in ("0.5", "0.25"):
-        k_run = f"survival_cv_labeff_tf{frac}_recon{RECON}_selcv"
-        run = f"survival_cv_labeff_tf{frac}_recon{RECON}_steps{steps}_selcv"
-        parts.append(
-            Part(
-                run,
-                f"embedding-Cox arms by inner CV on the {steps}-step backbones of seed 0, {frac} of the labels",
-                _emb_cox(run, folder, frac, 0, (k_run,), extra=SELECT_CV),
-                f"survset/{run}/survival_cv.json",
-                needs=[k_run, *(f"survset_pretrain_recon_steps{steps}_seed0_fold{k}" for k in range(5))],
-                minutes=2,
-                optional=True,
-            )
-        )
-        what = f"{steps} - 400 pretraining steps, seed pair (0, 0), {frac} of the labels (pilot)"
-        out = f"steps_tf{frac}_recon{RECON}_{steps}_minus_400"
-        parts.append(_spread(out, {"pre0_init0": run}, what, against=({"pre0_init0": k_run}, "400 steps")))
     # the curve: the backbones' held-out numbers and the embedding's differences against the corpus size; protocol
     # N's: the 25% corpus at both step counts beside the full corpus
     for name, out, tags in (
@@ -2074,6 +2034,126 @@ def _corpus_parts() -> list[Part]:
                 [*argv, "--output_dir", f"{W}/survset/{out}"],
                 f"survset/{out}/corpus_curve.json",
                 needs=[f"survset_{s}" for s in spreads],
+                minutes=0.5,
+                optional=True,
+            )
+        )
+    return parts
+
+
+STEPS_P = "800"  # protocol P (twenty-third session): the recipe's 400 steps doubled, 3 seed pairs
+STEPS_Q = "1600"  # protocol Q: a one-seed pilot at 4x, run only if time allowed
+
+
+def _steps_backbones(steps: str, s: int) -> str:
+    return f"pretrain_cvfolds_recon{RECON}_steps{steps}_seed{s}"
+
+
+def _steps_parts() -> list[Part]:
+    """Optional: protocols P and Q (twenty-third session): the recipe on the full fold manifests with more pretraining
+    steps (P: 800, seeds 0-2; Q: 1,600, seed 0, a pilot), each with the processors of protocol K's 400-step backbone of
+    the same fold and seed (the same tokens, the same random-embedding control); the embedding-Cox arms by inner CV
+    with K's baselines read back, each run paired with K's run of the same seed pair (``--against``), and the
+    label-free numbers and pooled differences against the step count (P: ~70 min of backbones on 2 idle cores)."""
+    parts = []
+    seeds_of = {STEPS_P: range(3), STEPS_Q: range(1)}
+    for steps, seeds in seeds_of.items():
+        for s in seeds:
+            folder = _steps_backbones(steps, s)
+            parts += [
+                Part(
+                    f"survset_pretrain_recon_steps{steps}_seed{s}_fold{k}",
+                    f"survset_pretrain_recon_seed{s}_fold{k} with optim.max_steps={steps}, its processors",
+                    _pretrain(
+                        SURVSET_RECIPE,
+                        f"{W}/survset/{folder}/fold{k}",
+                        f"data.manifest={W}/survset/dev_cohort/manifest_cvfold{k}.parquet",
+                        f"data.processor_dir={W}/survset/{_recon_backbones(s)}/fold{k}/processor",
+                        f"seed={s}",
+                        f"loss.reconstruction={RECON}",
+                        f"optim.max_steps={steps}",
+                    ),
+                    f"survset/{folder}/fold{k}/final/config.json",
+                    needs=[f"survset_pretrain_recon_seed{s}_fold{k}"],
+                    minutes=2.2 * int(steps) / 400,
+                    optional=True,
+                )
+                for k in range(5)
+            ]
+    spreads = {}  # (labels, steps) -> seed_spread part's folder, for the curve
+    for frac in ("0.5", "0.25"):  # of the labels; 0.5 first: the primary
+        k_runs = {
+            f"pre{pre}_init{init}": f"survival_cv_labeff_tf{frac}_recon{RECON}_selcv{_pair_suffix(pre, init)}"
+            for pre, init in FIVE_SEEDS[:3]
+        }
+        spreads[frac, "400"] = f"seed_spread_labeff_tf{frac}_recon{RECON}_selcv3"
+        runs_of = {}
+        for steps, seeds in seeds_of.items():
+            runs = runs_of[steps] = {}
+            for pre, init in FIVE_SEEDS[: len(seeds)]:
+                key = f"pre{pre}_init{init}"
+                run = runs[key] = (
+                    f"survival_cv_labeff_tf{frac}_recon{RECON}_steps{steps}_selcv{_pair_suffix(pre, init)}"
+                )
+                parts.append(
+                    Part(
+                        run,
+                        f"embedding-Cox arms by inner CV on the {steps}-step backbones of seed {pre}, init seed "
+                        f"{init}, {frac} of the labels (baselines read back from protocol K's run)",
+                        _emb_cox(run, _steps_backbones(steps, pre), frac, init, (k_runs[key],), extra=SELECT_CV),
+                        f"survset/{run}/survival_cv.json",
+                        needs=[
+                            k_runs[key],
+                            *(f"survset_pretrain_recon_steps{steps}_seed{pre}_fold{k}" for k in range(5)),
+                        ],
+                        minutes=2,
+                        optional=True,
+                    )
+                )
+            n = len(runs)
+            what = f"the {n} seed pair(s) on the {steps}-step backbones combined (inner CV), {frac} of the labels"
+            if n > 1:  # one run's own differences are in its survival_cv.json
+                spreads[frac, steps] = f"seed_spread_labeff_tf{frac}_recon{RECON}_steps{steps}_selcv{n}"
+                parts.append(_spread(spreads[frac, steps], runs, what))
+            what = f"{steps} - 400 pretraining steps, paired per seed pair ({n}), {frac} of the labels"
+            partners = {key: k_runs[key] for key in runs}
+            out = f"steps_tf{frac}_recon{RECON}_{steps}_minus_400"
+            parts.append(_spread(out, runs, what, against=(partners, "400 steps")))
+        # Q against P on its one seed pair
+        q = runs_of[STEPS_Q]
+        what = f"{STEPS_Q} - {STEPS_P} pretraining steps, seed pair (0, 0), {frac} of the labels (pilot)"
+        partners = {key: runs_of[STEPS_P][key] for key in q}
+        out = f"steps_tf{frac}_recon{RECON}_{STEPS_Q}_minus_{STEPS_P}"
+        parts.append(_spread(out, q, what, against=(partners, f"{STEPS_P} steps")))
+    for name, step_list in (
+        ("survset_steps_curve", ("400", STEPS_P)),
+        ("survset_steps_curve_pilot", ("400", STEPS_P, STEPS_Q)),
+    ):
+        out = name.removeprefix("survset_")
+        argv = [PY, "benchmarks/corpus_curve.py", "--x", "steps"]
+        seeds = "0" if STEPS_Q in step_list else "[012]"
+        for steps in step_list:
+            folder = _recon_backbones(seeds) if steps == "400" else _steps_backbones(steps, seeds)
+            argv += ["--backbones", steps, f"{W}/survset/{folder}/fold*"]
+        needs = []
+        if STEPS_Q not in step_list:  # the pilot's spreads have one pair at 1,600 and 3 elsewhere: not alike
+            for frac in ("0.5", "0.25"):
+                for steps in step_list:
+                    argv += ["--spread", frac, steps, f"{W}/survset/{spreads[frac, steps]}"]
+                    needs.append(f"survset_{spreads[frac, steps]}")
+        else:
+            needs = [f"survset_pretrain_recon_steps{STEPS_Q}_seed0_fold{k}" for k in range(5)]
+            needs += [f"survset_pretrain_recon_steps{STEPS_P}_seed0_fold{k}" for k in range(5)]
+        parts.append(
+            Part(
+                name,
+                f"the step-count curve ({', '.join(step_list)} steps"
+                + (", seed 0 only: label-free numbers" if STEPS_Q in step_list else "")
+                + "): the backbones' held-out numbers"
+                + ("" if STEPS_Q in step_list else " and the embedding's differences"),
+                [*argv, "--output_dir", f"{W}/survset/{out}"],
+                f"survset/{out}/corpus_curve.json",
+                needs=needs,
                 minutes=0.5,
                 optional=True,
             )
@@ -2244,6 +2324,7 @@ PARTS: list[Part] = [
     *_inner_cv_parts(),
     *_inner_cv_external_parts(),
     *_corpus_parts(),
+    *_steps_parts(),
 ]
 
 

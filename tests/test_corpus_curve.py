@@ -13,9 +13,9 @@ cc = load_script("benchmarks/corpus_curve.py")
 ARM, CTRL = "cox_clinical_emb_pretrained", "cox_clinical_emb_random"
 
 
-def _backbone(folder, manifest, loss, recon):
+def _backbone(folder, manifest, loss, recon, steps=400):
     (folder / "final").mkdir(parents=True)
-    (folder / "final" / "run_config.yaml").write_text(f"data:\n  manifest: {manifest}\n")
+    (folder / "final" / "run_config.yaml").write_text(f"data:\n  manifest: {manifest}\noptim:\n  max_steps: {steps}\n")
     res = {
         "eval_loss": loss,
         "eval_loss_uniform": 5.9,
@@ -88,6 +88,29 @@ def test_curve_reads_every_backbone_and_spread(tmp_path, caplog):
     row = "| 0.25_steps100 | 5 | -0.050 [-0.080, -0.020] (0 of 3 > 0) | +0.010 [-0.020, +0.040] (1 of 3 > 0) |"
     assert row in md and md.index(row) < md.index("| 1 | 20 |")  # the smaller corpus first
     assert (tmp_path / "o" / "corpus_curve.png").stat().st_size > 0
+
+
+def test_curve_against_the_step_count(tmp_path):
+    """``--x steps``: the same corpus pretrained for more steps; families ordered and plotted by ``optim.max_steps``."""
+    full = _manifest(tmp_path / "m" / "full.parquet", 20)
+    for i in range(2):
+        _backbone(tmp_path / "long" / f"fold{i}", full, 3.9, 1.0, steps=800)
+        _backbone(tmp_path / "short" / f"fold{i}", full, 3.8, 1.1, steps=400)
+    _spread(tmp_path / "s_long", -0.01, 0.04)
+    _spread(tmp_path / "s_short", -0.02, 0.03)
+    argv = ["--x", "steps", "--backbones", "800", str(tmp_path / "long" / "fold*")]
+    argv += ["--backbones", "400", str(tmp_path / "short" / "fold*")]
+    argv += ["--spread", "0.5", "800", str(tmp_path / "s_long"), "--spread", "0.5", "400", str(tmp_path / "s_short")]
+    out = cc.main([*argv, "--output_dir", str(tmp_path / "o")])
+    lf = out["label_free"]
+    assert out["x"] == "steps" and lf["800"]["steps"] == 800 and lf["400"]["steps"] == 400
+    assert lf["800"]["train_patients"] == lf["400"]["train_patients"] == 20
+    md = (tmp_path / "o" / "corpus_curve.md").read_text()
+    assert "| backbones | steps | - best baseline |" in md
+    short = "| 400 | 400 | -0.020 [-0.050, +0.010] (0 of 3 > 0) |"
+    assert short in md and md.index(short) < md.index("| 800 | 800 | -0.010")  # fewer steps first
+    assert md.index("| 400 | 2 | 20 | 400 | 3.800") < md.index("| 800 | 2 | 20 | 800 | 3.900")
+    assert json.loads((tmp_path / "o" / "corpus_curve.json").read_text())["x"] == "steps"
 
 
 def test_curve_refuses_what_it_cannot_read(tmp_path):
