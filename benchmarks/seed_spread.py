@@ -190,20 +190,31 @@ def combine(
         per_run = [subtract(a, cohort_differences(b, role)) for a, b in zip(per_run, against)]
     keys = [k for k in per_run[0] if all(k in p for p in per_run)]
     differs: dict[str, list[str]] = {}  # against: where the control was not the same model in run and partner
+    unchecked: dict[str, list[str]] = {}  # against: where run or partner recorded no test scores for the control
     for key in keys if against is not None else ():
         control = key.split(" - ", 1)[1]
-        differs[key] = [
-            f"{label}: {c}"
-            for run, partner, label, p in zip(runs, against, labels, per_run)
-            for c in p[key]
-            if control_scores(run, c, control) != control_scores(partner, c, control)
-        ]
+        differs[key], unchecked[key] = [], []
+        for run, partner, label, p in zip(runs, against, labels, per_run):
+            for c in p[key]:
+                ours, theirs = control_scores(run, c, control), control_scores(partner, c, control)
+                if not ours[1] or not theirs[1]:
+                    unchecked[key].append(f"{label}: {c}")
+                elif ours != theirs:
+                    differs[key].append(f"{label}: {c}")
         if differs[key]:
             logger.warning(
                 "%s (%s): the control differs between run and partner in %s, so that row is not the arm's change alone",
                 key,
                 role,
                 ", ".join(differs[key]),
+            )
+        if unchecked[key]:
+            logger.warning(
+                "%s (%s): run or partner recorded no test C-indices for the control in %s, so whether it is the same "
+                "model could not be checked",
+                key,
+                role,
+                ", ".join(unchecked[key]),
             )
     rng = np.random.default_rng(seed)
     out = {}
@@ -242,6 +253,7 @@ def combine(
         }
         if against is not None:
             out[key]["control_differs"] = differs[key]
+            out[key]["control_unchecked"] = unchecked[key]
     return out
 
 
@@ -525,6 +537,8 @@ def report_lines(result: dict) -> list[str]:
             per = " | ".join(f"{d['runs'][lab]['difference']:+.3f} {_ci(d['runs'][lab]['ci95'])}" for lab in labels)
             if d.get("control_differs"):
                 key = f"{key} (control differs in {len(d['control_differs'])} run-cohorts)"
+            if d.get("control_unchecked"):
+                key = f"{key} (control unchecked in {len(d['control_unchecked'])} run-cohorts)"
             lines.append(
                 f"| {key} | {per} | **{d['mean']:+.3f}** {_ci(d['ci95_runs_and_patients'])} | "
                 f"{d['sd_between_runs']:.3f} | {d['runs_above_zero']} of {len(labels)} |"

@@ -495,6 +495,10 @@ def test_against_pairs_each_run_with_its_partner_and_equals_the_direct_differenc
         for j, tag in ((1, "A"), (2, "B")):
             cohorts = {c: (v[0], {"arm - ctrl": {**v[j], "pair": ["arm", "ctrl"]}}) for c, v in dirs.items()}
             runs.append(_write_run(tmp_path / f"{tag}{i}", cohorts))
+            res = json.loads((runs[-1] / "survival_cv.json").read_text())
+            for c in res["cohorts"]:  # the control's test C-indices: one model, so the same in run and partner
+                res["cohorts"][c]["models"] = {"ctrl": {"test": {"per_fold": [0.6 + 0.01 * i, 0.7]}}}
+            (runs[-1] / "survival_cv.json").write_text(json.dumps(res))
         pairs.append(runs)
         direct.append({c: v[3] for c, v in dirs.items()})
     argv = ["--runs", *(str(p[0]) for p in pairs), "--against", *(str(p[1]) for p in pairs), "--against_label", "B"]
@@ -516,6 +520,7 @@ def test_against_pairs_each_run_with_its_partner_and_equals_the_direct_differenc
     md = (tmp_path / "o" / "seed_spread.md").read_text()
     assert "each run's minus its partner's (B" in md
     assert dev["control_differs"] == [] and "control differs" not in md
+    assert dev["control_unchecked"] == [] and "control unchecked" not in md
     # one run against its partner is one paired difference (no spread between pairs)
     one = ss.main(["--runs", str(pairs[0][0]), "--against", str(pairs[0][1]), "--output_dir", str(tmp_path / "o1")])
     d1 = one["roles"]["development"]["arm - ctrl"]
@@ -523,10 +528,14 @@ def test_against_pairs_each_run_with_its_partner_and_equals_the_direct_differenc
     # a partner whose control is another model (here: other test C-indices) is flagged, not silently subtracted
     res = json.loads((pairs[2][1] / "survival_cv.json").read_text())
     res["cohorts"]["b"]["models"] = {"ctrl": {"test": {"per_fold": [0.5, 0.6, 0.7]}}}
+    # ... and one that recorded no scores for the control (a name that is not one of its models) cannot be checked
+    res["cohorts"]["a"]["models"] = {}
     (pairs[2][1] / "survival_cv.json").write_text(json.dumps(res))
     out = ss.main([*argv, "--labels", "s0", "s1", "s2", "--output_dir", str(tmp_path / "o3")])
     assert out["roles"]["development"]["arm - ctrl"]["control_differs"] == ["s2: b"]
-    assert "arm - ctrl (control differs in 1 run-cohorts)" in (tmp_path / "o3" / "seed_spread.md").read_text()
+    assert out["roles"]["development"]["arm - ctrl"]["control_unchecked"] == ["s2: a"]
+    md3 = (tmp_path / "o3" / "seed_spread.md").read_text()
+    assert "arm - ctrl (control differs in 1 run-cohorts) (control unchecked in 1 run-cohorts)" in md3
     # a partner with another init seed (or selection rule) is not the same seeds: refused
     res["init_seed"] = 1
     (pairs[2][1] / "survival_cv.json").write_text(json.dumps(res))
