@@ -14,7 +14,8 @@ runs on each, ``benchmarks/survival_cv.py`` runs combined over seeds by ``benchm
   size. Read from it: the development cohorts' pooled differences of ``--arm`` against the best baseline and against
   ``--control``, the mean over runs with its two-level interval.
 
-Outputs (``--output_dir``): ``corpus_curve.{json,md,png}``. Nothing is fitted or chosen here.
+Outputs (``--output_dir``): ``corpus_curve.{json,md,png}``, with each family's runs also paired with the family before
+it by seed and fold (in how many pairs each held-out number is lower). Nothing is fitted or chosen here.
 
     python benchmarks/corpus_curve.py --backbones 0.25 'runs/corpus0.25_seed*/fold*' \\
         --backbones 1 'runs/full_seed*/fold*' --spread 0.5 0.25 outputs/spread_corpus0.25 \\
@@ -25,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -58,16 +61,42 @@ def backbone_numbers(folder: Path) -> dict:
     }
 
 
-def label_free(backbones: dict[str, list[Path]]) -> dict[str, dict]:
-    """Per corpus size: the mean (and SD over runs) of every number :func:`backbone_numbers` reads."""
+def label_free(numbers: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per family (corpus size, step count): the mean (and SD over runs) of every number :func:`backbone_numbers`
+    read from its runs."""
     out = {}
-    for corpus, folders in backbones.items():
-        rows = [backbone_numbers(f) for f in folders]
+    for corpus, rows in numbers.items():
         keys = [k for k in rows[0] if k != "run"]
         out[corpus] = {
             "runs": len(rows),
             **{k: float(np.mean([r[k] for r in rows])) for k in keys},
             **{f"{k}_sd": float(np.std([r[k] for r in rows], ddof=1)) if len(rows) > 1 else 0.0 for k in keys},
+        }
+    return out
+
+
+PAIRED = {"eval_loss": "contrastive loss", "eval_loss_reconstruction": "reconstruction error", "r1": "R@1"}
+
+
+def pair_key(run: str) -> tuple[str, str]:
+    """What pairs a run with its counterpart in another family: the pretraining seed in its parent folder's name
+    (``..._seed2/fold3``) and its own folder name (the fold)."""
+    path = Path(run)
+    seed = re.search(r"seed(\d+)", path.parent.name)
+    return (seed.group(1) if seed else "", path.name)
+
+
+def paired(numbers: dict[str, list[dict]], order: list[str]) -> dict[str, dict]:
+    """Each family against the one before it in ``order``, run by run (the same seed and fold): the number of pairs
+    and in how many each of :data:`PAIRED` is lower in the later family."""
+    out = {}
+    for prev, cur in itertools.pairwise(order):
+        a = {pair_key(r["run"]): r for r in numbers[prev]}
+        b = {pair_key(r["run"]): r for r in numbers[cur]}
+        common = sorted(set(a) & set(b))
+        out[f"{cur} vs {prev}"] = {
+            "pairs": len(common),
+            "lower": {m: int(sum(b[k][m] < a[k][m] for k in common)) for m in PAIRED},
         }
     return out
 
@@ -125,6 +154,17 @@ def report(result: dict) -> list[str]:
             f"{r['eval_loss_reconstruction_sd']:.3f} ({r['eval_loss_reconstruction_mean']:.2f}) | "
             f"{r['r1']:.3f} ({r['r1_chance']:.3f}) |"
         )
+    if result.get("paired"):
+        lines += [
+            "",
+            "Run by run (the same seed and fold), each family against the one before it: pairs in which the later "
+            "family's number is lower",
+            "",
+            "| backbones | pairs | " + " | ".join(f"{v} lower" for v in PAIRED.values()) + " |",
+            "|---|---|" + "---|" * len(PAIRED),
+        ]
+        for name, d in result["paired"].items():
+            lines.append(f"| {name} | {d['pairs']} | " + " | ".join(str(d["lower"][m]) for m in PAIRED) + " |")
     arm, control = result["arm"], result["control"]
     for labels, per in ds.items():
         lines += [
@@ -227,6 +267,11 @@ def main(argv=None) -> dict:
         if not folders:
             raise FileNotFoundError(f"--backbones {corpus} {pattern!r}: no pretraining run (eval_results.json) matches")
         backbones[corpus] = folders
+    numbers = {c: [backbone_numbers(f) for f in fs] for c, fs in backbones.items()}
+    mixed = {c: sorted({r["steps"] for r in rows}) for c, rows in numbers.items()}
+    for c, steps in mixed.items():
+        if len(steps) > 1:
+            logger.warning("--backbones %s mixes runs of %s steps: its means are not one step count's", c, steps)
     counts = {c: len(fs) for c, fs in backbones.items()}
     if len(set(counts.values())) > 1:
         logger.warning("the corpus sizes have different numbers of runs %s: their means are not alike", counts)
@@ -240,9 +285,10 @@ def main(argv=None) -> dict:
         "x": args.x,
         "backbones": {c: [str(f) for f in fs] for c, fs in backbones.items()},
         "spreads": [list(s) for s in args.spread],
-        "label_free": label_free(backbones),
+        "label_free": label_free(numbers),
         "downstream": downstream(args.spread, args.arm, args.control),
     }
+    result["paired"] = paired(numbers, _order(result))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = report(result)

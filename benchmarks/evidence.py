@@ -2051,48 +2051,51 @@ def _steps_backbones(steps: str, s: int) -> str:
 
 def _steps_parts() -> list[Part]:
     """Optional: protocols P and Q (twenty-third session): the recipe on the full fold manifests with more pretraining
-    steps (P: 800, seeds 0-2; Q: 1,600, seed 0, a pilot), each with the processors of protocol K's 400-step backbone of
-    the same fold and seed (the same tokens, the same random-embedding control); the embedding-Cox arms by inner CV
-    with K's baselines read back, each run paired with K's run of the same seed pair (``--against``), and the
-    label-free numbers and pooled differences against the step count (P: ~70 min of backbones on 2 idle cores)."""
+    steps (P: 800, seeds 0-2; Q: 1,600, seed 0, a pilot run only after P), each with the processors of protocol K's
+    400-step backbone of the same fold and seed (the same tokens, the same random-embedding control); the
+    embedding-Cox arms by inner CV with K's baselines read back, each run paired with K's run of the same seed pair
+    (``--against``; Q's also with P's), and the label-free numbers and pooled differences against the step count
+    (P: ~70 min of backbones on 2 idle cores, Q ~45)."""
     parts = []
-    seeds_of = {STEPS_P: range(3), STEPS_Q: range(1)}
-    for steps, seeds in seeds_of.items():
-        for s in seeds:
-            folder = _steps_backbones(steps, s)
+    k_runs = {  # protocol K's inner-CV runs (400 steps), per label fraction and seed pair
+        frac: {
+            f"pre{pre}_init{init}": f"survival_cv_labeff_tf{frac}_recon{RECON}_selcv{_pair_suffix(pre, init)}"
+            for pre, init in FIVE_SEEDS[:3]
+        }
+        for frac in ("0.5", "0.25")
+    }
+    spreads = {(frac, "400"): f"seed_spread_labeff_tf{frac}_recon{RECON}_selcv3" for frac in k_runs}
+    runs_of: dict[tuple[str, str], dict[str, str]] = {}  # (steps, label fraction) -> {seed pair: run}
+    # P first, then Q (its backbones must not hold up P's comparisons); each block: backbones, runs, comparisons
+    for steps, n_seeds, partners in ((STEPS_P, 3, ("400",)), (STEPS_Q, 1, ("400", STEPS_P))):
+        folder = {s: _steps_backbones(steps, s) for s in range(n_seeds)}
+        for s in range(n_seeds):
             parts += [
                 Part(
                     f"survset_pretrain_recon_steps{steps}_seed{s}_fold{k}",
                     f"survset_pretrain_recon_seed{s}_fold{k} with optim.max_steps={steps}, its processors",
                     _pretrain(
                         SURVSET_RECIPE,
-                        f"{W}/survset/{folder}/fold{k}",
+                        f"{W}/survset/{folder[s]}/fold{k}",
                         f"data.manifest={W}/survset/dev_cohort/manifest_cvfold{k}.parquet",
                         f"data.processor_dir={W}/survset/{_recon_backbones(s)}/fold{k}/processor",
                         f"seed={s}",
                         f"loss.reconstruction={RECON}",
                         f"optim.max_steps={steps}",
                     ),
-                    f"survset/{folder}/fold{k}/final/config.json",
+                    f"survset/{folder[s]}/fold{k}/final/config.json",
                     needs=[f"survset_pretrain_recon_seed{s}_fold{k}"],
                     minutes=2.2 * int(steps) / 400,
                     optional=True,
                 )
                 for k in range(5)
             ]
-    spreads = {}  # (labels, steps) -> seed_spread part's folder, for the curve
-    for frac in ("0.5", "0.25"):  # of the labels; 0.5 first: the primary
-        k_runs = {
-            f"pre{pre}_init{init}": f"survival_cv_labeff_tf{frac}_recon{RECON}_selcv{_pair_suffix(pre, init)}"
-            for pre, init in FIVE_SEEDS[:3]
-        }
-        spreads[frac, "400"] = f"seed_spread_labeff_tf{frac}_recon{RECON}_selcv3"
-        runs_of = {}
-        for steps, seeds in seeds_of.items():
-            runs = runs_of[steps] = {}
-            for pre, init in FIVE_SEEDS[: len(seeds)]:
+        for frac in ("0.5", "0.25"):  # of the labels; 0.5 first: the primary
+            runs = runs_of[steps, frac] = {}
+            for pre, init in FIVE_SEEDS[:n_seeds]:
                 key = f"pre{pre}_init{init}"
-                run = runs[key] = (
+                reuse = k_runs[frac][key]
+                runs[key] = run = (
                     f"survival_cv_labeff_tf{frac}_recon{RECON}_steps{steps}_selcv{_pair_suffix(pre, init)}"
                 )
                 parts.append(
@@ -2100,57 +2103,52 @@ def _steps_parts() -> list[Part]:
                         run,
                         f"embedding-Cox arms by inner CV on the {steps}-step backbones of seed {pre}, init seed "
                         f"{init}, {frac} of the labels (baselines read back from protocol K's run)",
-                        _emb_cox(run, _steps_backbones(steps, pre), frac, init, (k_runs[key],), extra=SELECT_CV),
+                        _emb_cox(run, folder[pre], frac, init, (reuse,), extra=SELECT_CV),
                         f"survset/{run}/survival_cv.json",
-                        needs=[
-                            k_runs[key],
-                            *(f"survset_pretrain_recon_steps{steps}_seed{pre}_fold{k}" for k in range(5)),
-                        ],
+                        needs=[reuse, *(f"survset_pretrain_recon_steps{steps}_seed{pre}_fold{k}" for k in range(5))],
                         minutes=2,
                         optional=True,
                     )
                 )
-            n = len(runs)
-            what = f"the {n} seed pair(s) on the {steps}-step backbones combined (inner CV), {frac} of the labels"
-            if n > 1:  # one run's own differences are in its survival_cv.json
-                spreads[frac, steps] = f"seed_spread_labeff_tf{frac}_recon{RECON}_steps{steps}_selcv{n}"
+            if n_seeds > 1:  # one run's own differences are in its survival_cv.json
+                what = (
+                    f"the {n_seeds} seed pairs on the {steps}-step backbones combined (inner CV), {frac} of the labels"
+                )
+                spreads[frac, steps] = f"seed_spread_labeff_tf{frac}_recon{RECON}_steps{steps}_selcv{n_seeds}"
                 parts.append(_spread(spreads[frac, steps], runs, what))
-            what = f"{steps} - 400 pretraining steps, paired per seed pair ({n}), {frac} of the labels"
-            partners = {key: k_runs[key] for key in runs}
-            out = f"steps_tf{frac}_recon{RECON}_{steps}_minus_400"
-            parts.append(_spread(out, runs, what, against=(partners, "400 steps")))
-        # Q against P on its one seed pair
-        q = runs_of[STEPS_Q]
-        what = f"{STEPS_Q} - {STEPS_P} pretraining steps, seed pair (0, 0), {frac} of the labels (pilot)"
-        partners = {key: runs_of[STEPS_P][key] for key in q}
-        out = f"steps_tf{frac}_recon{RECON}_{STEPS_Q}_minus_{STEPS_P}"
-        parts.append(_spread(out, q, what, against=(partners, f"{STEPS_P} steps")))
-    for name, step_list in (
-        ("survset_steps_curve", ("400", STEPS_P)),
-        ("survset_steps_curve_pilot", ("400", STEPS_P, STEPS_Q)),
-    ):
-        out = name.removeprefix("survset_")
+            for other in partners:
+                theirs = k_runs[frac] if other == "400" else runs_of[other, frac]
+                what = f"{steps} - {other} pretraining steps, paired per seed pair ({n_seeds}), {frac} of the labels"
+                out = f"steps_tf{frac}_recon{RECON}_{steps}_minus_{other}"
+                pair = ({key: theirs[key] for key in runs}, f"{other} steps")
+                parts.append(_spread(out, runs, what, against=pair))
+        # the curve: label-free numbers per step count (P: 3 seeds, with the pooled differences; Q: seed 0 only)
+        step_list = ("400", *partners[1:], steps)
+        seeds = "[012]" if n_seeds == 3 else "0"
         argv = [PY, "benchmarks/corpus_curve.py", "--x", "steps"]
-        seeds = "0" if STEPS_Q in step_list else "[012]"
-        for steps in step_list:
-            folder = _recon_backbones(seeds) if steps == "400" else _steps_backbones(steps, seeds)
-            argv += ["--backbones", steps, f"{W}/survset/{folder}/fold*"]
-        needs = []
-        if STEPS_Q not in step_list:  # the pilot's spreads have one pair at 1,600 and 3 elsewhere: not alike
+        for st in step_list:
+            argv += [
+                "--backbones",
+                st,
+                f"{W}/survset/{_recon_backbones(seeds) if st == '400' else _steps_backbones(st, seeds)}/fold*",
+            ]
+        needs = [
+            f"survset_pretrain_recon_steps{st}_seed{s}_fold{k}"
+            for st in step_list[1:]
+            for s in range(n_seeds)
+            for k in range(5)
+        ]
+        if n_seeds > 1:  # a one-pair pilot's differences are not alike the 3 pairs' means beside it: not plotted
             for frac in ("0.5", "0.25"):
-                for steps in step_list:
-                    argv += ["--spread", frac, steps, f"{W}/survset/{spreads[frac, steps]}"]
-                    needs.append(f"survset_{spreads[frac, steps]}")
-        else:
-            needs = [f"survset_pretrain_recon_steps{STEPS_Q}_seed0_fold{k}" for k in range(5)]
-            needs += [f"survset_pretrain_recon_steps{STEPS_P}_seed0_fold{k}" for k in range(5)]
+                for st in step_list:
+                    argv += ["--spread", frac, st, f"{W}/survset/{spreads[frac, st]}"]
+                    needs.append(f"survset_{spreads[frac, st]}")
+        out = "steps_curve" if n_seeds > 1 else "steps_curve_pilot"
         parts.append(
             Part(
-                name,
-                f"the step-count curve ({', '.join(step_list)} steps"
-                + (", seed 0 only: label-free numbers" if STEPS_Q in step_list else "")
-                + "): the backbones' held-out numbers"
-                + ("" if STEPS_Q in step_list else " and the embedding's differences"),
+                f"survset_{out}",
+                f"the step-count curve ({', '.join(step_list)} steps, seeds {seeds}): the backbones' held-out numbers"
+                + (" and the embedding's pooled differences" if n_seeds > 1 else ""),
                 [*argv, "--output_dir", f"{W}/survset/{out}"],
                 f"survset/{out}/corpus_curve.json",
                 needs=needs,

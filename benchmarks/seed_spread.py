@@ -160,6 +160,12 @@ def control_scores(run: dict, cohort: str, control: str) -> tuple:
     return name, tuple(c.get("models", {}).get(name, {}).get("test", {}).get("per_fold", ()))
 
 
+def _recorded(scores: tuple) -> bool:
+    """Whether :func:`control_scores` found the control: a model name and at least one finite per-fold C-index."""
+    name, per_fold = scores
+    return name is not None and any(v is not None and np.isfinite(v) for v in per_fold)
+
+
 def subtract(a: dict, b: dict) -> dict:
     """:func:`cohort_differences` of one run minus its partner's: every difference both report, per cohort both
     cover, point and replicates alike (the replicates are the same patient draws in both runs, so they pair)."""
@@ -197,7 +203,7 @@ def combine(
         for run, partner, label, p in zip(runs, against, labels, per_run):
             for c in p[key]:
                 ours, theirs = control_scores(run, c, control), control_scores(partner, c, control)
-                if not ours[1] or not theirs[1]:
+                if not _recorded(ours) or not _recorded(theirs):
                     unchecked[key].append(f"{label}: {c}")
                 elif ours != theirs:
                     differs[key].append(f"{label}: {c}")

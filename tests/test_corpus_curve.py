@@ -111,6 +111,30 @@ def test_curve_against_the_step_count(tmp_path):
     assert short in md and md.index(short) < md.index("| 800 | 800 | -0.010")  # fewer steps first
     assert md.index("| 400 | 2 | 20 | 400 | 3.800") < md.index("| 800 | 2 | 20 | 800 | 3.900")
     assert json.loads((tmp_path / "o" / "corpus_curve.json").read_text())["x"] == "steps"
+    # run by run: fold0 and fold1 of each family pair up; 800 steps has the higher loss in both, lower recon in both
+    assert out["paired"] == {
+        "800 vs 400": {"pairs": 2, "lower": {"eval_loss": 0, "eval_loss_reconstruction": 2, "r1": 0}}
+    }
+    assert "| 800 vs 400 | 2 | 0 | 2 | 0 |" in md
+
+
+def test_curve_pairs_runs_by_seed_and_fold_and_warns_on_mixed_steps(tmp_path, caplog):
+    full = _manifest(tmp_path / "full.parquet", 4)
+    for seed, fold, loss in ((0, 0, 4.0), (1, 0, 4.0), (1, 1, 4.0)):
+        _backbone(tmp_path / f"a_seed{seed}" / f"fold{fold}", full, loss, 1.0)
+    for seed, fold, loss in ((0, 0, 3.0), (1, 0, 5.0), (2, 0, 1.0)):  # seed 2 has no partner; seed 1 fold 1 neither
+        _backbone(tmp_path / f"b_seed{seed}" / f"fold{fold}", full, loss, 1.0, steps=800 if seed == 2 else 400)
+    argv = [
+        "--backbones",
+        "a",
+        str(tmp_path / "a_seed*" / "fold*"),
+        "--backbones",
+        "b",
+        str(tmp_path / "b_seed*" / "*"),
+    ]
+    out = cc.main([*argv, "--output_dir", str(tmp_path / "o")])
+    assert out["paired"]["b vs a"] == {"pairs": 2, "lower": {"eval_loss": 1, "eval_loss_reconstruction": 0, "r1": 0}}
+    assert "--backbones b mixes runs of [400, 800] steps" in caplog.text
 
 
 def test_curve_refuses_what_it_cannot_read(tmp_path):

@@ -536,6 +536,19 @@ def test_against_pairs_each_run_with_its_partner_and_equals_the_direct_differenc
     assert out["roles"]["development"]["arm - ctrl"]["control_unchecked"] == ["s2: a"]
     md3 = (tmp_path / "o3" / "seed_spread.md").read_text()
     assert "arm - ctrl (control differs in 1 run-cohorts) (control unchecked in 1 run-cohorts)" in md3
+    # the run's side counts as well, and scores that are all null (NaN) are no record either
+    for c, models in (("a", {"ctrl": {"test": {"per_fold": [None, None]}}}), ("b", {})):
+        res0 = json.loads((pairs[0][0] / "survival_cv.json").read_text())
+        res0["cohorts"][c]["models"] = models
+        (pairs[0][0] / "survival_cv.json").write_text(json.dumps(res0))
+    out = ss.main([*argv, "--labels", "s0", "s1", "s2", "--output_dir", str(tmp_path / "o3b")])
+    assert out["roles"]["development"]["arm - ctrl"]["control_unchecked"] == ["s0: a", "s0: b", "s2: a"]
+    # the best baseline is identified by the model validation chose; a run that did not record it is unchecked
+    run = {"res": {"cohorts": {"a": {"models": {"cox": {"test": {"per_fold": [0.6]}}}}}}}
+    assert not ss._recorded(ss.control_scores(run, "a", "best baseline"))
+    run["res"]["cohorts"]["a"]["best_baseline_by_validation"] = "cox"
+    assert ss.control_scores(run, "a", "best baseline") == ("cox", (0.6,))
+    assert ss._recorded(ss.control_scores(run, "a", "best baseline"))
     # a partner with another init seed (or selection rule) is not the same seeds: refused
     res["init_seed"] = 1
     (pairs[2][1] / "survival_cv.json").write_text(json.dumps(res))
