@@ -74,6 +74,11 @@ def main(argv=None) -> dict:
                 "--output_dir folders of finetuning runs"
             )
     manifest_path = args.manifest or json.loads((folders[0] / "all_results.json").read_text())["manifest"]
+    if args.manifest is None and not Path(manifest_path).exists():
+        raise FileNotFoundError(
+            f"the manifest {folders[0]} was trained on ({manifest_path}, recorded in its all_results.json) is not "
+            "there (moved, or the model folder came from another machine): pass --manifest PATH"
+        )
     manifest = read_manifest(manifest_path)
     manifest = assign_splits(manifest)  # adds patient-level splits, or checks the manifest's own
 

@@ -558,6 +558,15 @@ def test_deep_ensemble_of_finetuned_seeds(cohort, tmp_path, task):
         risks = [m["risk"] - m["risk"].mean() for m in members]
         np.testing.assert_allclose(table["ensemble_mean"], (risks[0] + risks[1]) / 2, rtol=1e-4, atol=1e-5)
         assert np.isfinite(res["ensemble"]["c_index"]) and set(res["members_metrics"]) == {"seed0", "seed1"}
+    # model folders copied from another machine: the recorded manifest path is gone; the error says what to pass
+    recorded = json.loads((dirs[0] / "all_results.json").read_text())
+    (dirs[0] / "all_results.json").write_text(json.dumps({**recorded, "manifest": str(tmp_path / "gone.parquet")}))
+    with pytest.raises(FileNotFoundError, match=r"gone.parquet, recorded in its all_results.json.*--manifest PATH"):
+        ensemble.main(["--model_dirs", *map(str, dirs), "--output_dir", str(tmp_path / "ens2")])
+    argv = ["--model_dirs", *map(str, dirs), "--output_dir", str(tmp_path / "ens3"), "--n_bootstrap", "20"]
+    again = ensemble.main([*argv, "--manifest", str(cohort)])
+    assert pd.read_csv(tmp_path / "ens3" / "ensemble_predictions.csv").equals(table)
+    assert again["members_metrics"] == res["members_metrics"]
 
 
 def test_processor_settings_for_modalities_the_manifest_lacks_are_ignored(cohort, tmp_path):
