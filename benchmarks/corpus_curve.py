@@ -236,6 +236,8 @@ def plot(result: dict, path: Path) -> None:
         ax3.legend(fontsize=7)
     for a in axes:
         a.set_xscale("log", base=2)
+        a.set_xticks(x, [f"{v:,.0f}" for v in x])  # the families' own values, not powers of 2
+        a.minorticks_off()
         a.set_xlabel(X_LABELS[xkey])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
