@@ -193,9 +193,12 @@ def _seed_text(what: str, pre: int, init: int) -> str:
     return f"{what}, fold-wise backbones of pretraining seed {pre}, finetuning seed {init}, lr grid"
 
 
-def _fold_backbone(name: str, what: str, folder: str, k: int, *overrides: str, minutes: float = 3, optional=True):
+def _fold_backbone(
+    name: str, what: str, folder: str, k: int, *overrides: str, minutes: float = 3, optional=True, needs=()
+):
     """The part that pretrains the SurvSet recipe without CV fold ``k``'s test patients (its fold manifest) into
-    ``survset/<folder>/fold<k>``, with run-config ``overrides``."""
+    ``survset/<folder>/fold<k>``, with run-config ``overrides``; ``needs``: parts it needs besides the fold manifests
+    (e.g. the backbone whose processors ``data.processor_dir`` reads)."""
     return Part(
         name,
         what,
@@ -206,7 +209,7 @@ def _fold_backbone(name: str, what: str, folder: str, k: int, *overrides: str, m
             *overrides,
         ),
         f"survset/{folder}/fold{k}/final/config.json",
-        needs=["survset_fold_manifests"],
+        needs=["survset_fold_manifests", *needs],
         minutes=minutes,
         optional=optional,
     )
@@ -2071,22 +2074,17 @@ def _steps_parts() -> list[Part]:
         folder = {s: _steps_backbones(steps, s) for s in range(n_seeds)}
         for s in range(n_seeds):
             parts += [
-                Part(
+                _fold_backbone(
                     f"survset_pretrain_recon_steps{steps}_seed{s}_fold{k}",
                     f"survset_pretrain_recon_seed{s}_fold{k} with optim.max_steps={steps}, its processors",
-                    _pretrain(
-                        SURVSET_RECIPE,
-                        f"{W}/survset/{folder[s]}/fold{k}",
-                        f"data.manifest={W}/survset/dev_cohort/manifest_cvfold{k}.parquet",
-                        f"data.processor_dir={W}/survset/{_recon_backbones(s)}/fold{k}/processor",
-                        f"seed={s}",
-                        f"loss.reconstruction={RECON}",
-                        f"optim.max_steps={steps}",
-                    ),
-                    f"survset/{folder[s]}/fold{k}/final/config.json",
-                    needs=[f"survset_pretrain_recon_seed{s}_fold{k}"],
+                    folder[s],
+                    k,
+                    f"data.processor_dir={W}/survset/{_recon_backbones(s)}/fold{k}/processor",
+                    f"seed={s}",
+                    f"loss.reconstruction={RECON}",
+                    f"optim.max_steps={steps}",
                     minutes=1.8 * int(steps) / 400,  # measured: 3.5 min at 800 steps, 7 at 1,600
-                    optional=True,
+                    needs=[f"survset_pretrain_recon_seed{s}_fold{k}"],
                 )
                 for k in range(5)
             ]
