@@ -2053,12 +2053,14 @@ def _steps_backbones(steps: str, s: int) -> str:
 
 
 def _steps_parts() -> list[Part]:
-    """Optional: protocols P and Q (twenty-third session): the recipe on the full fold manifests with more pretraining
-    steps (P: 800, seeds 0-2; Q: 1,600, seed 0, a pilot run only after P), each with the processors of protocol K's
-    400-step backbone of the same fold and seed (the same tokens, the same random-embedding control); the
-    embedding-Cox arms by inner CV with K's baselines read back, each run paired with K's run of the same seed pair
-    (``--against``; Q's also with P's), and the label-free numbers and pooled differences against the step count
-    (measured on 2 idle cores: P 63 min, 53 of them for the backbones; Q 37 min)."""
+    """Optional: protocols P and Q (twenty-third session) and R (twenty-fourth): the recipe on the full fold manifests
+    with more pretraining steps (P: 800, seeds 0-2; Q: 1,600, seed 0, a pilot run only after P; R: Q completed with
+    seeds 1 and 2), each with the processors of protocol K's 400-step backbone of the same fold and seed (the same
+    tokens, the same random-embedding control); the embedding-Cox arms by inner CV with K's baselines read back, each
+    run paired with K's run of the same seed pair (``--against``; Q's and R's also with P's), and the label-free
+    numbers and pooled differences against the step count (measured on 2 idle cores: P 63 min, 53 of them for the
+    backbones; Q 37 min). R reuses Q's seed-0 parts and writes its comparisons and curve under names of its own
+    (``_3pairs``), so Q's recorded outputs stay as they are."""
     parts = []
     k_runs = {  # protocol K's inner-CV runs (400 steps), per label fraction and seed pair
         frac: {
@@ -2069,10 +2071,16 @@ def _steps_parts() -> list[Part]:
     }
     spreads = {(frac, "400"): f"seed_spread_labeff_tf{frac}_recon{RECON}_selcv3" for frac in k_runs}
     runs_of: dict[tuple[str, str], dict[str, str]] = {}  # (steps, label fraction) -> {seed pair: run}
-    # P first, then Q (its backbones must not hold up P's comparisons); each block: backbones, runs, comparisons
-    for steps, n_seeds, partners in ((STEPS_P, 3, ("400",)), (STEPS_Q, 1, ("400", STEPS_P))):
+    defined: set[str] = set()  # R's seed-0 backbones and runs are Q's parts: defined once
+    # P first, then Q (its backbones must not hold up P's comparisons), then R; each block: backbones, runs,
+    # comparisons. The suffix names R's comparisons and curve apart from Q's one-pair ones.
+    blocks = ((STEPS_P, 3, ("400",), ""), (STEPS_Q, 1, ("400", STEPS_P), ""), (STEPS_Q, 3, ("400", STEPS_P), "_3pairs"))
+    for steps, n_seeds, partners, suffix in blocks:
         folder = {s: _steps_backbones(steps, s) for s in range(n_seeds)}
         for s in range(n_seeds):
+            if f"survset_pretrain_recon_steps{steps}_seed{s}_fold0" in defined:
+                continue
+            defined.add(f"survset_pretrain_recon_steps{steps}_seed{s}_fold0")
             parts += [
                 _fold_backbone(
                     f"survset_pretrain_recon_steps{steps}_seed{s}_fold{k}",
@@ -2096,6 +2104,9 @@ def _steps_parts() -> list[Part]:
                 runs[key] = run = (
                     f"survival_cv_labeff_tf{frac}_recon{RECON}_steps{steps}_selcv{_pair_suffix(pre, init)}"
                 )
+                if run in defined:
+                    continue
+                defined.add(run)
                 parts.append(
                     Part(
                         run,
@@ -2117,9 +2128,14 @@ def _steps_parts() -> list[Part]:
             for other in partners:
                 theirs = k_runs[frac] if other == "400" else runs_of[other, frac]
                 what = f"{steps} - {other} pretraining steps, paired per seed pair ({n_seeds}), {frac} of the labels"
-                out = f"steps_tf{frac}_recon{RECON}_{steps}_minus_{other}"
+                out = f"steps_tf{frac}_recon{RECON}_{steps}_minus_{other}{suffix}"
                 pair = ({key: theirs[key] for key in runs}, f"{other} steps")
                 parts.append(_spread(out, runs, what, against=pair))
+            if suffix and partners[0] == "400":  # R: the pairs Q's pilot had not shown, alone (the protocol's check)
+                new = {key: run for key, run in runs.items() if key != "pre0_init0"}
+                what = f"{steps} - 400 pretraining steps, seed pairs 1 and 2 only (not seen by Q), {frac} of the labels"
+                out = f"steps_tf{frac}_recon{RECON}_{steps}_minus_400_pairs12"
+                parts.append(_spread(out, new, what, against=({key: k_runs[frac][key] for key in new}, "400 steps")))
         # the curve: label-free numbers per step count (P: 3 seeds, with the pooled differences; Q: seed 0 only)
         step_list = ("400", *partners[1:], steps)
         seeds = "[012]" if n_seeds == 3 else "0"
@@ -2141,7 +2157,7 @@ def _steps_parts() -> list[Part]:
                 for st in step_list:
                     argv += ["--spread", frac, st, f"{W}/survset/{spreads[frac, st]}"]
                     needs.append(f"survset_{spreads[frac, st]}")
-        out = "steps_curve" if n_seeds > 1 else "steps_curve_pilot"
+        out = ("steps_curve" if n_seeds > 1 else "steps_curve_pilot") + (f"_{steps}{suffix}" if suffix else "")
         parts.append(
             Part(
                 f"survset_{out}",
