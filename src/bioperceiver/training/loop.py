@@ -959,6 +959,13 @@ def _run_pretraining(
         history.append({"step": step, **metrics})
     # The full state dict, gathered from the shards under ZeRO-3/FSDP: a collective, every rank calls it.
     state_dict = accelerator.get_state_dict(trainer)
+    unwrapped = accelerator.unwrap_model(trainer)
+    try:  # a fact for the card (a collective under FSDP2, like the state dict); a problem must not lose the model
+        trained_masks = trained_vocabulary_masks(unwrapped.model, optimizer)
+        vocabulary_trained = trained_vocabulary_rows(trained_masks)
+    except Exception:
+        logger.exception("could not count the trained vocabulary rows; the card leaves them out")
+        trained_masks, vocabulary_trained = {}, {}
     totals = run_totals()
     plots: list[Path] = []
     if accelerator.is_main_process:
@@ -971,7 +978,6 @@ def _run_pretraining(
             dropout=cfg.data.modality_dropout,
         )
         plots.append(out / "loss_curves.png")
-        unwrapped = accelerator.unwrap_model(trainer)
         names = unwrapped.view_names
         pairs = sorted(
             (k.split("/", 1)[1] for k in metrics if k.startswith("queries/") and not k.endswith("-fused")),
@@ -982,12 +988,6 @@ def _run_pretraining(
             if plot_similarity(views, masks, names, a, b, out / f"similarity_{a}__{b}.png"):
                 plots.append(out / f"similarity_{a}__{b}.png")
         backbone = {k[len("model.") :]: v for k, v in state_dict.items() if k.startswith("model.")}
-        try:  # a fact for the card: a problem here must not lose the trained model
-            trained_masks = trained_vocabulary_masks(unwrapped.model, optimizer)
-            vocabulary_trained = trained_vocabulary_rows(trained_masks)
-        except Exception:
-            logger.exception("could not count the trained vocabulary rows; the card leaves them out")
-            trained_masks, vocabulary_trained = {}, {}
         for table, n in vocabulary_trained.items():
             logger.info(
                 "%s: %d of %d rows trained; the others keep their random initialisation", table, n["trained"], n["rows"]
