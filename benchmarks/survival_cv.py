@@ -43,13 +43,20 @@ For each cohort of ``--cohorts`` (built with :mod:`bioperceiver.data.recipes.sur
   - ``cox_clinical_pcs_emb_pretrained``: clinical covariates + as many expression PCs as ``cox_clinical_pcs`` chose
     in that fold + embedding PCs chosen on validation; 0 embedding PCs reproduces ``cox_clinical_pcs``, so it
     asks whether the embedding adds to the classical expression PCs.
+  - ``cox_clinical_emb_selected`` (only with ``--emb_candidates LABEL=DIR ...``, e.g. one recipe pretrained for
+    several step counts): per fold, the candidate backbone whose ``cox_clinical_emb_pretrained`` record scores
+    highest on validation (by inner CV with ``--selection inner_cv``; ties: the first candidate given) and that
+    record as it stands; the candidates' records are read back from other runs of those backbones
+    (``--reuse_cache``) or fitted, and the candidate kept per fold is recorded. A rule that reads no test label,
+    unlike comparing the backbones' test C-indices.
   ``--bp_arms`` chooses the BioPerceiver arms (default: all; the pretrained ones and the three ``*_emb_*`` arms
   only with ``--pretrained_dir``). The ``*_emb_*`` arms are BioPerceiver-derived, never candidates for the best
   baseline.
 * **report** per cohort: test C-index mean ± SD over folds; paired patient-bootstrap differences (``bp_pretrained``
   - ``bp_random``, ``bp_pretrained`` - best baseline, ``bp_random`` - best baseline, the same for the probe and
   selected arms, ``bp_pretrained_probe`` - ``bp_pretrained``, ``cox_clinical_emb_pretrained`` - best baseline, -
-  ``cox_clinical_emb_random`` and - ``cox_clinical_pcs``, ``cox_clinical_pcs_emb_pretrained`` - ``cox_clinical_pcs``;
+  ``cox_clinical_emb_random`` and - ``cox_clinical_pcs``, ``cox_clinical_pcs_emb_pretrained`` - ``cox_clinical_pcs``,
+  ``cox_clinical_emb_selected`` - best baseline, - ``cox_clinical_emb_random`` and - ``cox_clinical_emb_pretrained``;
   a fixed comparison that names the cohort's best baseline is keyed ``"... (fixed)"``) with 95% CIs: in each of
   ``--n_bootstrap`` resamples every fold's test patients are redrawn with replacement (the same draw for both
   models), the fold's C-index difference is computed, and the differences are averaged over folds. The *best
@@ -95,6 +102,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +135,11 @@ EMB_ARMS = {
     "cox_clinical_pcs_emb_pretrained": {"init": "pretrained", "expr_pcs": True},
 }
 EMB_MODALITY = "omics_expression"
-ALL_BP_ARMS = (*BP_ARMS, *SELECTED_ARMS, *EMB_ARMS)
+# the embedding arm with the backbone chosen per fold among --emb_candidates (e.g. one pretraining recipe at several
+# step counts): each candidate's cox_clinical_emb_pretrained record as it stands (its own grid chosen on validation or
+# by inner CV), the candidate with the highest such score kept (ties: the first candidate given); nothing else fitted
+CANDIDATE_ARM = "cox_clinical_emb_selected"
+ALL_BP_ARMS = (*BP_ARMS, *SELECTED_ARMS, *EMB_ARMS, CANDIDATE_ARM)
 # every model chosen by cox_select over a (components, penalty) grid: --baseline_ties reaches these
 COX_MODELS = ("cox_clinical", "cox_clinical_pcs", *EMB_ARMS)
 # paired differences reported (when both arms ran); None = the best baseline chosen on validation
@@ -146,6 +158,9 @@ DIFF_PAIRS = (
     # the pretrained embedding instead of the expression PCs in the same Cox recipe, whichever baseline validation
     # chose (the best-baseline comparison moves with that per-cohort choice, which is noisy on small validation parts)
     ("cox_clinical_emb_pretrained", "cox_clinical_pcs"),
+    (CANDIDATE_ARM, None),
+    (CANDIDATE_ARM, "cox_clinical_emb_random"),
+    (CANDIDATE_ARM, "cox_clinical_emb_pretrained"),  # the choice against --pretrained_dir's backbone alone
 )
 logger = logging.getLogger("survival_cv")
 
@@ -605,17 +620,30 @@ def embed_view(loaded, rows: pd.DataFrame, base_dir, train_ids, seed: int) -> tu
     return x.astype(np.float32), ext
 
 
-def cohort_embeddings(args, manifest, rows, folds, cohort: str, out: Path, init: str, models: list) -> list:
+def cohort_embeddings(
+    args,
+    manifest,
+    rows,
+    folds,
+    cohort: str,
+    out: Path,
+    init: str,
+    models: list,
+    pretrained_dir: str | None = None,
+    tag: str = "",
+) -> list:
     """Per fold, the ``init`` backbone's expression-view embedding of the cohort's rows (a DataFrame indexed by
-    sample id), cached in ``cache/<cohort>/embedding_<init>.npz``. ``models``: per fold ``{init: LoadedModel}``
-    (the same dict for every fold, or each fold's own backbone with ``--pretrained_dir`` holding ``{fold}``). A
-    cohort the processors know is embedded once per backbone (the same rows for every fold that shares it); one
-    that needs the vocabulary extended is embedded per fold, extended on that fold's training rows only."""
+    sample id), cached in ``cache/<cohort>/embedding_<init><tag>.npz``. ``models``: per fold ``{init: LoadedModel}``
+    (the same dict for every fold, or each fold's own backbone with ``--pretrained_dir`` holding ``{fold}``);
+    ``pretrained_dir``: the backbones' folder pattern when they are not ``--pretrained_dir``'s (an
+    ``--emb_candidates`` candidate, ``tag`` naming its file). A cohort the processors know is embedded once per
+    backbone (the same rows for every fold that shares it); one that needs the vocabulary extended is embedded per
+    fold, extended on that fold's training rows only."""
     settings = {
         "cohort": cohort,
         "init": init,
         "modality": EMB_MODALITY,
-        "pretrained_dir": str(Path(args.pretrained_dir).resolve()),
+        "pretrained_dir": str(Path(pretrained_dir or args.pretrained_dir).resolve()),
         "seed": args.seed,
         "folds": args.folds,
         "val_fraction": args.val_fraction,
@@ -624,10 +652,13 @@ def cohort_embeddings(args, manifest, rows, folds, cohort: str, out: Path, init:
         "rows": hashlib.sha1("\n".join(map(str, rows.index)).encode()).hexdigest()[:12],
         **init_settings(args),
     }
-    path = out / "cache" / cohort / f"embedding_{init}.npz"
+    path = out / "cache" / cohort / f"embedding_{init}{tag}.npz"
     key = _key(settings)
-    # this run's cache, then --reuse_cache's (the same key: the same backbones, rows and folds), copied here
-    for found in (path, *(Path(d) / "cache" / cohort / path.name for d in getattr(args, "reuse_cache", ()))):
+    # this run's cache, then --reuse_cache's (the same key: the same backbones, rows and folds), copied here; a
+    # candidate's embedding may be another run's --pretrained_dir embedding (the name without the tag)
+    names = dict.fromkeys((path.name, f"embedding_{init}.npz"))
+    elsewhere = [Path(d) / "cache" / cohort / n for d in getattr(args, "reuse_cache", ()) for n in names]
+    for found in (path, *elsewhere):
         if not found.is_file():
             continue
         with np.load(found, allow_pickle=False) as z:
@@ -672,6 +703,44 @@ def cohort_embeddings(args, manifest, rows, folds, cohort: str, out: Path, init:
         )
     )
     return [pd.DataFrame(arrays[f"fold{k}"], index=[str(i) for i in rows.index]) for k in range(len(folds))]
+
+
+def emb_candidates(args) -> dict[str, str]:
+    """``--emb_candidates LABEL=DIR ...`` as ``{label: resolved folder pattern}``, in the order given."""
+    out = {}
+    for item in getattr(args, "emb_candidates", None) or ():
+        label, sep, folder = item.partition("=")
+        if not sep or not label or not folder:
+            raise SystemExit(
+                f"--emb_candidates {item!r}: expected LABEL=DIR (e.g. 800=/runs/steps800/fold{{fold}}/final)"
+            )
+        if label in out:
+            raise SystemExit(f"--emb_candidates: the label {label!r} is given twice")
+        out[label] = str(Path(folder).resolve())
+    return out
+
+
+def select_candidate(records: dict[str, dict]) -> dict:
+    """``CANDIDATE_ARM``'s record of one fold from its candidates' ``cox_clinical_emb_pretrained`` records
+    (``{label: record}`` in the order given): the one with the highest ``validation`` (the inner-CV pooled
+    out-of-fold C-index under ``--selection inner_cv``; the candidate's own choice of embedding PCs and penalty
+    stands), ties (equal to the metric's tolerance) to the first. Only validation scores are read to choose."""
+    from bioperceiver.training.tasks import tied as same_metric
+
+    best = None
+    for label, rec in records.items():
+        if "validation" not in rec:
+            raise ValueError(f"candidate {label!r} has no validation score: {rec.get('skipped', rec)}")
+        if best is None or (
+            rec["validation"] > records[best]["validation"]
+            and not same_metric(rec["validation"], records[best]["validation"])
+        ):
+            best = label
+    kept = records[best]
+    out = {k: v for k, v in kept.items() if k not in ("selected", "wall_s", "key", "settings")}
+    out["selected"] = {"backbone": best, **kept.get("selected", {})}
+    out["candidates_validation"] = {label: rec["validation"] for label, rec in records.items()}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -951,8 +1020,9 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
     )
     n_run = 2 if args.quick else len(folds)
     feats = ft.SurvivalFeatures(manifest.base_dir, rows, n_genes=args.n_genes)
-    emb_arms = [a for a in EMB_ARMS if a in getattr(args, "bp_arms", ())]
+    emb_arms = [a for a in (*EMB_ARMS, CANDIDATE_ARM) if a in getattr(args, "bp_arms", ())]
     models = [*BASELINES, *runners, *emb_arms]
+    settings_of: dict[str, dict] = {}  # the fold's settings per model (a candidate's: cox_clinical_emb_pretrained's)
     embeddings: dict[str, list] = {}  # init -> per-fold embedding, computed or read back on first use
     cox_ties = getattr(args, "baseline_ties", "first")  # how the Cox models break validation ties
     pca_rows = getattr(args, "pca_rows", "train")  # the rows the PCAs (no labels) are fitted on
@@ -967,6 +1037,32 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
         pca_idx = non_test_rows(rows, te) if pca_rows == "non_test" else None
         fitted = False
         for model in models:
+            if model == CANDIDATE_ARM:
+                recs = {}
+                for label, folder in emb_candidates(args).items():
+                    where, recs[label], fitted = candidate_record(
+                        args,
+                        manifest,
+                        rows,
+                        folds,
+                        cohort,
+                        out,
+                        k,
+                        label,
+                        folder,
+                        settings_of,
+                        results,
+                        embeddings,
+                        feats,
+                        fitted,
+                        pca_idx,
+                        n_inner,
+                        cox_ties,
+                    )
+                    origin[where].append(f"f{k}:{CANDIDATE_ARM}[{label}]")
+                results[model].append(select_candidate(recs))
+                bar.update(1)
+                continue
             settings = {
                 "cohort": cohort,
                 "fold": k,
@@ -1008,6 +1104,7 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                 settings["pca_rows"] = pca_rows  # likewise; cox_clinical and the trained arms fit no PCA
             if n_inner and model not in BP_ARMS:
                 settings["selection"] = {"inner_cv": n_inner}  # likewise; the trained arms keep the validation part
+            settings_of[model] = settings
             path = out / "cache" / cohort / f"fold{k}" / f"{model}.json"
             if model in BP_ARMS and len(lrs := bp_lrs(args, model)) > 1:
                 grid_origin: list[tuple[str, str]] = []
@@ -1088,6 +1185,72 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
     summary = summarise(args, cohort, spec.role, rows, fold_meta, results)
     summary["from_cache"] = origin
     return summary
+
+
+def candidate_record(
+    args,
+    manifest,
+    rows,
+    folds,
+    cohort,
+    out,
+    k,
+    label,
+    folder,
+    settings_of,
+    results,
+    embeddings,
+    feats,
+    fitted,
+    pca_idx,
+    n_inner,
+    cox_ties,
+) -> tuple[str, dict, bool]:
+    """One ``--emb_candidates`` candidate's ``cox_clinical_emb_pretrained`` record for fold ``k`` (this run's own when
+    the candidate is ``--pretrained_dir``; else read back under the same settings with the candidate's folder, from
+    this run's cache or ``--reuse_cache``'s -- another run's ``cox_clinical_emb_pretrained`` of that backbone -- or
+    fitted here): ``(cached or ran, record, whether feats is fitted now)``."""
+    base = settings_of["cox_clinical_emb_pretrained"]
+    if folder == base["pretrained_dir"]:
+        return "cached", results["cox_clinical_emb_pretrained"][k], fitted
+    settings = {**base, "pretrained_dir": folder}
+    tr, va, te = (folds[k][s] for s in ("train", "validation", "test"))
+    path = out / "cache" / cohort / f"fold{k}" / f"cox_clinical_emb_pretrained@{label}.json"
+    names = dict.fromkeys((path.name, "cox_clinical_emb_pretrained.json"))
+    rec = find_cached(
+        path, settings, [Path(d) / "cache" / cohort / f"fold{k}" / n for d in args.reuse_cache for n in names]
+    )
+    if rec is not None:
+        return "cached", rec, fitted
+    t0 = time.perf_counter()
+    if not fitted:
+        feats.fit([*tr, *va] if n_inner else list(tr), pca_idx)
+    if ("pretrained", label) not in embeddings:
+        models = args.candidate_models.setdefault(label, [])
+        if not models:
+            loaded = {
+                f: embedding_models(f, args.init_seed)
+                for f in sorted({folder.replace("{fold}", str(j)) for j in range(args.folds)})
+            }
+            models += [loaded[folder.replace("{fold}", str(j))] for j in range(args.folds)]
+        embeddings["pretrained", label] = cohort_embeddings(
+            args, manifest, rows, folds, cohort, out, "pretrained", models, pretrained_dir=folder, tag=f"@{label}"
+        )
+    rec = fit_cox_emb(
+        feats,
+        embeddings["pretrained", label][k],
+        rows,
+        tr,
+        va,
+        te,
+        expr_pcs=settings["expr_pcs"],
+        ties=cox_ties,
+        pca_idx=pca_idx,
+        inner_folds=n_inner,
+        seed=inner_seed(args, k),
+    )
+    rec["wall_s"] = round(time.perf_counter() - t0, 1)
+    return "ran", store(path, settings, rec), True
 
 
 def bp_modalities(args, rows: pd.DataFrame) -> list[str]:
@@ -1320,6 +1483,19 @@ def report_lines(res: dict) -> list[str]:
         "learning rate per fold (by validation C-index)",
         lambda s: ", ".join(f"{x:g}" for x in s.get("lr", ())),
     )
+    if CANDIDATE_ARM in models:  # which candidate each fold kept, and how often each was kept
+        fold_picks(
+            [CANDIDATE_ARM],
+            "backbone per fold (by validation)",
+            lambda s: ", ".join(str(e.get("backbone")) for e in s.get("selected") or ()),
+        )
+        kept = Counter(
+            e.get("backbone")
+            for r in res["cohorts"].values()
+            for e in r["models"].get(CANDIDATE_ARM, {}).get("selected") or ()
+        )
+        order = [*res.get("emb_candidates", {}), *(c for c in kept if c not in res.get("emb_candidates", {}))]
+        lines += ["", f"{CANDIDATE_ARM}: kept " + ", ".join(f"{c} in {kept[c]}" for c in order) + " (cohort folds)"]
     fold_picks(
         [m for m in EMB_ARMS if m in models],
         "embedding PCs per fold (by validation)",
@@ -1393,6 +1569,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="pretrained BioPerceiver (adds the pretrained arms); with {fold} in it, one backbone per fold (each "
         "fold's pretrained arms finetune, or embed with, that fold's backbone)",
+    )
+    p.add_argument(
+        "--emb_candidates",
+        nargs="+",
+        default=None,
+        metavar="LABEL=DIR",
+        help=f"backbones (each like --pretrained_dir, {{fold}} allowed) among which the {CANDIDATE_ARM} arm chooses "
+        "per fold: the one whose cox_clinical_emb_pretrained scores highest on validation (by inner CV with "
+        "--selection inner_cv), ties to the first given; records of the same settings are read back from "
+        "--reuse_cache (another run of that backbone), else fitted",
     )
     p.add_argument(
         "--write_fold_manifests",
@@ -1560,12 +1746,24 @@ def resolve_bp_arms(args) -> list[str]:
         return []
 
     def needs_pretrained(a: str) -> bool:  # the embedding arms' random control reuses the pretrained processors
-        return "pretrained" in a or a in EMB_ARMS
+        return "pretrained" in a or a in EMB_ARMS or a == CANDIDATE_ARM
 
-    wanted = set(args.bp_arms or (a for a in ALL_BP_ARMS if args.pretrained_dir or not needs_pretrained(a)))
+    candidates = getattr(args, "emb_candidates", None)
+    default = (
+        a
+        for a in ALL_BP_ARMS
+        if (args.pretrained_dir or not needs_pretrained(a)) and (a != CANDIDATE_ARM or candidates)
+    )
+    wanted = set(args.bp_arms or default)
     for sel, parts in SELECTED_ARMS.items():
         if sel in wanted:
             wanted.update(parts)
+    if CANDIDATE_ARM in wanted:  # the candidates' records are that arm's, one per backbone
+        if not candidates:
+            raise SystemExit(f"--bp_arms {CANDIDATE_ARM} needs --emb_candidates LABEL=DIR ...")
+        wanted.add("cox_clinical_emb_pretrained")
+    elif candidates:
+        raise SystemExit(f"--emb_candidates is read by the {CANDIDATE_ARM} arm only: add it to --bp_arms")
     if not args.pretrained_dir and any(needs_pretrained(a) for a in wanted):
         raise SystemExit(f"--bp_arms {sorted(a for a in wanted if needs_pretrained(a))} need --pretrained_dir")
     return [a for a in ALL_BP_ARMS if a in wanted]
@@ -1607,6 +1805,7 @@ def main(argv=None) -> dict:
                 pretrained_runner = ft.BPRunner(args, Path(args.pretrained_dir))
         for arm in (a for a in BP_ARMS if a in args.bp_arms):
             runners[arm] = pretrained_runner if BP_ARMS[arm]["pretrained"] else random_runner
+        args.candidate_models = {}  # --emb_candidates' backbones, loaded when a record must be fitted
         if any(a in EMB_ARMS for a in args.bp_arms):
             loaded = {folder: embedding_models(folder, args.init_seed) for folder in sorted(set(fold_backbones(args)))}
             args.embedding_models = [loaded[folder] for folder in fold_backbones(args)]  # per fold
@@ -1643,6 +1842,7 @@ def main(argv=None) -> dict:
         "pca_rows": args.pca_rows,
         "selection": {"rule": args.selection, **({"inner_folds": args.inner_folds} if inner_cv_folds(args) else {})},
         "embedding_arms": {a: {**EMB_ARMS[a], "modality": EMB_MODALITY} for a in EMB_ARMS if a in args.bp_arms},
+        "emb_candidates": emb_candidates(args),
         "manifest": str(manifest.path) if hasattr(manifest, "path") else str(data_dir),
         "cohorts": {},
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -288,7 +289,7 @@ def test_bp_arms_default_and_selection():
     args = cv.parse_args(base)
     assert cv.resolve_bp_arms(args) == ["bp_random", "bp_random_probe", "bp_random_selected"]
     args = cv.parse_args([*base, "--pretrained_dir", "x"])
-    assert cv.resolve_bp_arms(args) == list(cv.ALL_BP_ARMS)
+    assert cv.resolve_bp_arms(args) == [a for a in cv.ALL_BP_ARMS if a != cv.CANDIDATE_ARM]  # it needs candidates
     args = cv.parse_args([*base, "--pretrained_dir", "x", "--bp_arms", "bp_pretrained_selected"])
     assert cv.resolve_bp_arms(args) == ["bp_pretrained", "bp_pretrained_probe", "bp_pretrained_selected"]
     with pytest.raises(SystemExit):
@@ -1380,3 +1381,127 @@ def test_selection_inner_cv_end_to_end_refits_the_classical_models_with_their_ow
     assert cached["inner_folds"] == 3 and cached["validation_cvpl"] == pytest.approx(rec["validation_cvpl"])
     with pytest.raises(SystemExit):
         cv.parse_args(["--inner_folds", "1"])
+
+
+def test_select_candidate_keeps_the_best_validation_never_reads_test():
+    recs = {
+        "400": {"validation": 0.70, "test": 0.90, "risk_test": [1.0], "selected": {"n_pcs": 2}, "tied": 1},
+        "800": {"validation": 0.72, "test": 0.50, "risk_test": [2.0], "selected": {"n_pcs": 5}, "tied": 3},
+        "1600": {"validation": 0.72 + 1e-12, "test": 0.99, "risk_test": [3.0], "selected": {"n_pcs": 0}, "tied": 1},
+    }
+    rec = cv.select_candidate(recs)
+    # 800 beats 400 on validation (whatever the test says); 1600 ties it within the metric's tolerance: the first stays
+    assert rec["selected"] == {"backbone": "800", "n_pcs": 5}
+    assert rec["test"] == 0.50 and rec["risk_test"] == [2.0] and rec["tied"] == 3
+    assert rec["candidates_validation"] == {"400": 0.70, "800": 0.72, "1600": 0.72 + 1e-12}
+    assert cv.select_candidate({"a": recs["400"]})["selected"]["backbone"] == "a"
+    with pytest.raises(ValueError, match="candidate 'b' has no validation score: no clinical"):
+        cv.select_candidate({"a": recs["400"], "b": {"skipped": "no clinical"}})
+
+
+def test_emb_candidates_parsed_and_the_arm_resolved(tmp_path):
+    base = ["--cohorts", "nki70", "--pretrained_dir", str(tmp_path / "a")]
+    args = cv.parse_args([*base, "--emb_candidates", f"400={tmp_path}/a/fold{{fold}}", f"800={tmp_path}/b"])
+    assert cv.emb_candidates(args) == {"400": f"{tmp_path}/a/fold{{fold}}", "800": f"{tmp_path}/b"}
+    arms = cv.resolve_bp_arms(args)  # by default with candidates, and the arm whose records it compares
+    assert cv.CANDIDATE_ARM in arms and "cox_clinical_emb_pretrained" in arms
+    assert cv.CANDIDATE_ARM not in cv.resolve_bp_arms(cv.parse_args(base))  # without candidates: not run
+    only = cv.parse_args([*base, "--bp_arms", cv.CANDIDATE_ARM, "--emb_candidates", f"x={tmp_path}"])
+    assert cv.resolve_bp_arms(only) == ["cox_clinical_emb_pretrained", cv.CANDIDATE_ARM]
+    for bad, message in (
+        (["--bp_arms", cv.CANDIDATE_ARM], "needs --emb_candidates"),
+        (["--bp_arms", "cox_clinical_emb_pretrained", "--emb_candidates", "x=y"], "add it to --bp_arms"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            cv.resolve_bp_arms(cv.parse_args([*base, *bad]))
+    for bad in (["noequals"], ["=dir"], ["x=a", "x=b"]):
+        with pytest.raises(SystemExit, match="--emb_candidates"):
+            cv.emb_candidates(cv.parse_args([*base, "--emb_candidates", *bad]))
+
+
+def test_candidate_arm_end_to_end_reads_each_backbone_s_run_back_and_refits_the_same(tmp_path, monkeypatch):
+    """Three runs of cox_clinical_emb_pretrained on three "backbones" (fixed embeddings: one with survival signal,
+    two of noise), then the candidate arm over them: its per-fold records are those runs' records read back under
+    the same settings (nothing fitted), each fold keeps the candidate with the best inner-CV score, and a run that
+    finds nothing to read back fits the same records. The paired difference against --pretrained_dir's backbone
+    alone is reported."""
+    pytest.importorskip("SurvSet")
+    dirs = {}
+    for name in ("noise", "signal", "noise2"):
+        dirs[name] = tmp_path / name
+        dirs[name].mkdir()
+        (dirs[name] / "config.json").write_text("{}")
+    seeds = {"noise": 1, "signal": 2, "noise2": 3}
+    calls = []
+
+    def fake_embeddings(args, manifest, rows, folds, cohort, out, init, models, pretrained_dir=None, tag=""):
+        folder = Path(pretrained_dir or args.pretrained_dir).name
+        calls.append((folder, init, tag))
+        rng = np.random.default_rng(seeds[folder] + (10 if init == "random_init" else 0))
+        emb = pd.DataFrame(rng.normal(size=(len(rows), 6)), index=rows.index)
+        if folder == "signal" and init == "pretrained":
+            emb[0] += 6.0 * rows["label_survival_time"].astype(float).rank().to_numpy() / len(rows)
+        return [emb] * len(folds)
+
+    monkeypatch.setattr(cv, "embedding_models", lambda folder, seed: {"folder": folder})
+    monkeypatch.setattr(cv, "cohort_embeddings", fake_embeddings)
+    common = [
+        *("--cohorts", "nki70", "--folds", "3", "--quick", "--data_dir", str(tmp_path / "c")),
+        *("--selection", "inner_cv", "--inner_folds", "3"),
+    ]
+    for name in dirs:
+        out = ["--output_dir", str(tmp_path / f"run_{name}")]
+        cv.main([*common, "--pretrained_dir", str(dirs[name]), "--bp_arms", "cox_clinical_emb_pretrained", *out])
+    candidates = ["--emb_candidates", *(f"{n}={d}" for n, d in dirs.items())]
+    arms = ["--bp_arms", cv.CANDIDATE_ARM, "cox_clinical_emb_random"]
+    reuse = ["--reuse_cache", *(str(tmp_path / f"run_{n}") for n in dirs)]
+    calls.clear()
+    sel = cv.main(
+        [
+            *common,
+            "--pretrained_dir",
+            str(dirs["noise"]),
+            *arms,
+            *candidates,
+            *reuse,
+            "--output_dir",
+            str(tmp_path / "sel"),
+        ]
+    )
+    r = sel["cohorts"]["nki70"]
+    assert not [c for c in calls if c[1] == "pretrained" and c[2]], "a candidate was embedded: nothing read back"
+    assert not [o for o in r["from_cache"]["ran"] if "[" in o]
+    assert sorted(o for o in r["from_cache"]["cached"] if cv.CANDIDATE_ARM in o) == sorted(
+        f"f{k}:{cv.CANDIDATE_ARM}[{n}]" for k in range(2) for n in dirs
+    )
+    model = r["models"][cv.CANDIDATE_ARM]
+    for k in range(2):
+        recs = {
+            n: json.loads(
+                (
+                    tmp_path / f"run_{n}" / "cache" / "nki70" / f"fold{k}" / "cox_clinical_emb_pretrained.json"
+                ).read_text()
+            )
+            for n in dirs
+        }
+        best = max(dirs, key=lambda n: recs[n]["validation"])
+        assert model["selected"][k]["backbone"] == best
+        assert model["selected"][k]["n_pcs"] == recs[best]["selected"]["n_pcs"]
+    assert {s["backbone"] for s in model["selected"]} == {"signal"}  # the signal beats noise on inner CV here
+    assert f"{cv.CANDIDATE_ARM} - cox_clinical_emb_pretrained" in r["paired_differences"]
+    assert f"{cv.CANDIDATE_ARM} - cox_clinical_emb_random" in r["paired_differences"]
+    assert sel["emb_candidates"] == {n: str(d) for n, d in dirs.items()}
+    md = (tmp_path / "sel" / "survival_cv.md").read_text()
+    assert "| nki70 | signal, signal |" in md and f"{cv.CANDIDATE_ARM}: kept noise in 0, signal in 2, noise2 in 0" in md
+    # without runs to read back: the candidates are embedded (tagged files) and fitted, to the same records
+    calls.clear()
+    fresh = cv.main(
+        [*common, "--pretrained_dir", str(dirs["noise"]), *arms, *candidates, "--output_dir", str(tmp_path / "fresh")]
+    )
+    assert sorted(c[0] for c in calls if c[2]) == ["noise2", "signal"] and {c[2] for c in calls if c[2]} == {
+        "@signal",
+        "@noise2",
+    }
+    f = fresh["cohorts"]["nki70"]["models"][cv.CANDIDATE_ARM]
+    assert f["selected"] == model["selected"]
+    assert f["test"]["per_fold"] == pytest.approx(model["test"]["per_fold"])
