@@ -1265,11 +1265,21 @@ def _ext_finetuned_quarter(run: str, data: str, reuse: str, extra=()) -> list[st
     )
 
 
-def _emb_cox(run: str, backbones: str, frac: str, init: int, reuse=(), cohorts=(), data: str = "cv_cohort", extra=()):
-    """``survival_cv.py`` argv: the three embedding-Cox arms only, on the fold-wise ``backbones`` (a ``survset/``
-    folder), at ``frac`` of the labels with validation shrunk alike, tie-aware baselines, ``--init_seed init``,
-    reading back the ``reuse`` runs; ``cohorts``: only those (the external ones, in ``data``); ``extra``: more
-    options (``--pca_rows non_test``)."""
+def _emb_cox(
+    run: str,
+    backbones: str,
+    frac: str,
+    init: int,
+    reuse=(),
+    cohorts=(),
+    data: str = "cv_cohort",
+    extra=(),
+    arms: tuple[str, ...] = EMB_ARMS,
+):
+    """``survival_cv.py`` argv: the three embedding-Cox arms only (or ``arms``), on the fold-wise ``backbones`` (a
+    ``survset/`` folder), at ``frac`` of the labels with validation shrunk alike, tie-aware baselines,
+    ``--init_seed init``, reading back the ``reuse`` runs; ``cohorts``: only those (the external ones, in ``data``);
+    ``extra``: more options (``--pca_rows non_test``)."""
     opts = ("--train_fraction", frac, "--subsample_validation", "--baseline_ties", "loss", "--init_seed", str(init))
     opts = (*opts, *extra)
     back = ("--reuse_cache", *(f"{W}/survset/{r}" for r in reuse)) if reuse else ()
@@ -1278,7 +1288,7 @@ def _emb_cox(run: str, backbones: str, frac: str, init: int, reuse=(), cohorts=(
         f"{W}/survset/{data}",
         *cohorts,
         pretrained=f"{W}/survset/{backbones}/fold{{fold}}/final",
-        arms=EMB_ARMS,
+        arms=arms,
         extra=(*opts, *back),
     )
 
@@ -2173,6 +2183,48 @@ def _steps_parts() -> list[Part]:
     return parts
 
 
+def _step_choice_parts() -> list[Part]:
+    """Optional: protocol S (twenty-fourth session): the step count chosen per fold by inner CV among the 400-,
+    800- and 1,600-step backbones of the same seed (K's, P's and Q/R's), ``survival_cv.py``'s
+    ``cox_clinical_emb_selected`` arm with every candidate's records read back from those runs (nothing fitted but
+    the choice); 3 seed pairs at 50% and 25% of the labels, each family combined by ``seed_spread.py``."""
+    parts = []
+    steps = ("400", STEPS_P, STEPS_Q)
+    for frac in ("0.5", "0.25"):
+        runs = {}
+        for pre, init in FIVE_SEEDS[:3]:
+            suffix = _pair_suffix(pre, init)
+            of = {
+                st: f"survival_cv_labeff_tf{frac}_recon{RECON}" + ("" if st == "400" else f"_steps{st}") for st in steps
+            }
+            reuse = tuple(f"{run}_selcv{suffix}" for run in of.values())
+            folders = {st: _recon_backbones(pre) if st == "400" else _steps_backbones(st, pre) for st in steps}
+            candidates = (
+                "--emb_candidates",
+                *(f"{st}={W}/survset/{f}/fold{{fold}}/final" for st, f in folders.items()),
+            )
+            runs[f"pre{pre}_init{init}"] = run = f"survival_cv_labeff_tf{frac}_recon{RECON}_stepchoice_selcv{suffix}"
+            argv = _emb_cox(
+                run,
+                folders["400"],
+                frac,
+                init,
+                reuse,
+                extra=(*SELECT_CV, *candidates),
+                arms=(*EMB_ARMS, "cox_clinical_emb_selected"),
+            )
+            what = (
+                f"the step count (400, 800 or 1,600) chosen per fold by inner CV, seed pair ({pre}, {init}), {frac} of "
+                "the labels (every candidate read back from its run)"
+            )
+            parts.append(
+                Part(run, what, argv, f"survset/{run}/survival_cv.json", needs=list(reuse), minutes=2, optional=True)
+            )
+        what = f"the 3 seed pairs with the step count chosen by inner CV combined, {frac} of the labels"
+        parts.append(_spread(f"seed_spread_labeff_tf{frac}_recon{RECON}_stepchoice_selcv3", runs, what))
+    return parts
+
+
 # In run order. Minutes as measured on the shared 2-core VM on 2026-12-03 with other jobs running (load 4-8): about
 # 2.5 h in all there; on idle cores the parts ran about twice as fast.
 PARTS: list[Part] = [
@@ -2337,6 +2389,7 @@ PARTS: list[Part] = [
     *_inner_cv_external_parts(),
     *_corpus_parts(),
     *_steps_parts(),
+    *_step_choice_parts(),
 ]
 
 
