@@ -98,6 +98,7 @@ import logging
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -710,6 +711,8 @@ def emb_candidates(args) -> dict[str, str]:
     out = {}
     for item in getattr(args, "emb_candidates", None) or ():
         label, sep, folder = item.partition("=")
+        if sep and label and not re.fullmatch(r"[A-Za-z0-9._-]+", label):
+            raise SystemExit(f"--emb_candidates {item!r}: a label is letters, digits, '.', '_' or '-' (a file name)")
         if not sep or not label or not folder:
             raise SystemExit(
                 f"--emb_candidates {item!r}: expected LABEL=DIR (e.g. 800=/runs/steps800/fold{{fold}}/final)"
@@ -724,17 +727,19 @@ def select_candidate(records: dict[str, dict]) -> dict:
     """``CANDIDATE_ARM``'s record of one fold from its candidates' ``cox_clinical_emb_pretrained`` records
     (``{label: record}`` in the order given): the one with the highest ``validation`` (the inner-CV pooled
     out-of-fold C-index under ``--selection inner_cv``; the candidate's own choice of embedding PCs and penalty
-    stands), ties (equal to the metric's tolerance) to the first. Only validation scores are read to choose."""
+    stands), ties (equal to the metric's tolerance) to the first; a NaN score never wins. Only validation scores
+    are read to choose."""
     from bioperceiver.training.tasks import tied as same_metric
+
+    def score(label: str) -> float:
+        value = float(records[label]["validation"])
+        return value if math.isfinite(value) else -math.inf
 
     best = None
     for label, rec in records.items():
         if "validation" not in rec:
             raise ValueError(f"candidate {label!r} has no validation score: {rec.get('skipped', rec)}")
-        if best is None or (
-            rec["validation"] > records[best]["validation"]
-            and not same_metric(rec["validation"], records[best]["validation"])
-        ):
+        if best is None or (score(label) > score(best) and not same_metric(score(label), score(best))):
             best = label
     kept = records[best]
     out = {k: v for k, v in kept.items() if k not in ("selected", "wall_s", "key", "settings")}
@@ -1059,7 +1064,8 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                         n_inner,
                         cox_ties,
                     )
-                    origin[where].append(f"f{k}:{CANDIDATE_ARM}[{label}]")
+                    if where:  # not the candidate that is --pretrained_dir: its record is counted as its arm's
+                        origin[where].append(f"f{k}:{CANDIDATE_ARM}[{label}]")
                 results[model].append(select_candidate(recs))
                 bar.update(1)
                 continue
@@ -1209,10 +1215,10 @@ def candidate_record(
     """One ``--emb_candidates`` candidate's ``cox_clinical_emb_pretrained`` record for fold ``k`` (this run's own when
     the candidate is ``--pretrained_dir``; else read back under the same settings with the candidate's folder, from
     this run's cache or ``--reuse_cache``'s -- another run's ``cox_clinical_emb_pretrained`` of that backbone -- or
-    fitted here): ``(cached or ran, record, whether feats is fitted now)``."""
+    fitted here): ``("cached" or "ran" or "" for --pretrained_dir's own, record, whether feats is fitted now)``."""
     base = settings_of["cox_clinical_emb_pretrained"]
     if folder == base["pretrained_dir"]:
-        return "cached", results["cox_clinical_emb_pretrained"][k], fitted
+        return "", results["cox_clinical_emb_pretrained"][k], fitted
     settings = {**base, "pretrained_dir": folder}
     tr, va, te = (folds[k][s] for s in ("train", "validation", "test"))
     path = out / "cache" / cohort / f"fold{k}" / f"cox_clinical_emb_pretrained@{label}.json"
@@ -1332,6 +1338,8 @@ def summarise(args, cohort: str, role: str, rows, fold_meta: list[dict], results
         }
         if m in SELECTED_ARMS:
             models[m]["picked"] = [r["picked"] for r in recs]
+        if m == CANDIDATE_ARM:  # per fold, every candidate's validation score: how close the choice was
+            models[m]["candidates_validation"] = [r["candidates_validation"] for r in recs]
         if all("lr" in r for r in recs):  # a --bp_lrs grid: the rate kept per fold
             models[m]["lr"] = [r["lr"] for r in recs]
         if any("best_checkpoint" in r for r in recs):  # per fold, the epoch the selected run kept (None: no record)
@@ -1749,6 +1757,11 @@ def resolve_bp_arms(args) -> list[str]:
         return "pretrained" in a or a in EMB_ARMS or a == CANDIDATE_ARM
 
     candidates = getattr(args, "emb_candidates", None)
+    if candidates and not args.pretrained_dir:
+        raise SystemExit(
+            "--emb_candidates needs --pretrained_dir: the backbone the candidates are compared with, whose processors "
+            "the random-embedding control uses (usually one of the candidates)"
+        )
     default = (
         a
         for a in ALL_BP_ARMS

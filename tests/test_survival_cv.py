@@ -1395,6 +1395,8 @@ def test_select_candidate_keeps_the_best_validation_never_reads_test():
     assert rec["test"] == 0.50 and rec["risk_test"] == [2.0] and rec["tied"] == 3
     assert rec["candidates_validation"] == {"400": 0.70, "800": 0.72, "1600": 0.72 + 1e-12}
     assert cv.select_candidate({"a": recs["400"]})["selected"]["backbone"] == "a"
+    nan_first = {"x": {**recs["400"], "validation": float("nan")}, "y": recs["400"]}
+    assert cv.select_candidate(nan_first)["selected"]["backbone"] == "y"  # a NaN score never wins
     with pytest.raises(ValueError, match="candidate 'b' has no validation score: no clinical"):
         cv.select_candidate({"a": recs["400"], "b": {"skipped": "no clinical"}})
 
@@ -1414,7 +1416,9 @@ def test_emb_candidates_parsed_and_the_arm_resolved(tmp_path):
     ):
         with pytest.raises(SystemExit, match=message):
             cv.resolve_bp_arms(cv.parse_args([*base, *bad]))
-    for bad in (["noequals"], ["=dir"], ["x=a", "x=b"]):
+    with pytest.raises(SystemExit, match="needs --pretrained_dir"):
+        cv.resolve_bp_arms(cv.parse_args(["--cohorts", "nki70", "--emb_candidates", f"x={tmp_path}"]))
+    for bad in (["noequals"], ["=dir"], ["x=a", "x=b"], ["a/b=dir"]):
         with pytest.raises(SystemExit, match="--emb_candidates"):
             cv.emb_candidates(cv.parse_args([*base, "--emb_candidates", *bad]))
 
@@ -1472,8 +1476,8 @@ def test_candidate_arm_end_to_end_reads_each_backbone_s_run_back_and_refits_the_
     assert not [c for c in calls if c[1] == "pretrained" and c[2]], "a candidate was embedded: nothing read back"
     assert not [o for o in r["from_cache"]["ran"] if "[" in o]
     assert sorted(o for o in r["from_cache"]["cached"] if cv.CANDIDATE_ARM in o) == sorted(
-        f"f{k}:{cv.CANDIDATE_ARM}[{n}]" for k in range(2) for n in dirs
-    )
+        f"f{k}:{cv.CANDIDATE_ARM}[{n}]" for k in range(2) for n in dirs if n != "noise"
+    )  # "noise" is --pretrained_dir: its record is this run's cox_clinical_emb_pretrained, counted once as that
     model = r["models"][cv.CANDIDATE_ARM]
     for k in range(2):
         recs = {
@@ -1486,6 +1490,7 @@ def test_candidate_arm_end_to_end_reads_each_backbone_s_run_back_and_refits_the_
         }
         best = max(dirs, key=lambda n: recs[n]["validation"])
         assert model["selected"][k]["backbone"] == best
+        assert model["candidates_validation"][k] == {n: recs[n]["validation"] for n in dirs}
         assert model["selected"][k]["n_pcs"] == recs[best]["selected"]["n_pcs"]
     assert {s["backbone"] for s in model["selected"]} == {"signal"}  # the signal beats noise on inner CV here
     assert f"{cv.CANDIDATE_ARM} - cox_clinical_emb_pretrained" in r["paired_differences"]

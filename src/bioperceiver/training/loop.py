@@ -960,11 +960,15 @@ def _run_pretraining(
     # The full state dict, gathered from the shards under ZeRO-3/FSDP: a collective, every rank calls it.
     state_dict = accelerator.get_state_dict(trainer)
     unwrapped = accelerator.unwrap_model(trainer)
-    try:  # a fact for the card (a collective under FSDP2, like the state dict); a problem must not lose the model
+    # A fact for the card (a collective under FSDP2, like the state dict): an error raised alike on every process
+    # must not lose the model; one raised by a single process inside the gather would leave the others waiting in it,
+    # as any failed collective does (the checkpoint of the last step is already written).
+    try:
         trained_masks = trained_vocabulary_masks(unwrapped.model, optimizer)
         vocabulary_trained = trained_vocabulary_rows(trained_masks)
     except Exception:
-        logger.exception("could not count the trained vocabulary rows; the card leaves them out")
+        if accelerator.is_main_process:
+            logger.exception("could not count the trained vocabulary rows; the card leaves them out")
         trained_masks, vocabulary_trained = {}, {}
     totals = run_totals()
     plots: list[Path] = []

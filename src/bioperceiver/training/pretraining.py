@@ -394,12 +394,14 @@ def rows_with_gradient(exp_avg_sq: torch.Tensor) -> torch.Tensor:
 TRAINED_ROWS_FILE = "trained_vocabulary_rows.safetensors"  # in final/: which vocabulary rows pretraining trained
 
 
-def _gathered(tensor: torch.Tensor | None) -> torch.Tensor | None:
+def _gathered(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` whole: a ``DTensor`` (FSDP2's sharded parameters and optimizer state) is gathered from every
     process (a collective); a local tensor is returned as it is. Read locally, a row-sharded state would count only
     this process's rows (FSDP2 on 2 processes: 3 of the 4 trained rows on rank 0)."""
-    from torch.distributed.tensor import DTensor
-
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without distributed support: no DTensor can exist
+        return tensor
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
@@ -409,8 +411,8 @@ def trained_vocabulary_masks(model: nn.Module, optimizer) -> dict[str, torch.Ten
     second-moment estimate of the row is not 0). A row that never did still holds its random initialisation: with
     ``top_k`` omics tokens, a gene no training profile ranks that high. Tables the optimizer keeps no per-parameter
     state for (DeepSpeed, FSDP flat parameters) are left out. Under FSDP2 each process holds the state of a shard of
-    the rows (a ``DTensor``); it is gathered whole here, a collective: every process must call this, as it calls
-    ``accelerator.get_state_dict``, and every one gets the full masks."""
+    the rows (a ``DTensor``): each reduces its rows to flags and the flags are gathered, a collective: every process
+    must call this, as it calls ``accelerator.get_state_dict``, and every one gets the full masks."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
     state = getattr(inner, "state", None)
     if state is None:
@@ -424,13 +426,13 @@ def trained_vocabulary_masks(model: nn.Module, optimizer) -> dict[str, torch.Ten
                 weight = getattr(table, "weight", None)
                 if weight is None or id(weight) not in managed:
                     continue
-                second = _gathered(state.get(weight, {}).get("exp_avg_sq"))
+                second = state.get(weight, {}).get("exp_avg_sq")
                 if second is None:  # in the optimizer, never a gradient
                     mask = torch.zeros(weight.shape[0], dtype=torch.bool)
-                elif tuple(second.shape) != tuple(weight.shape):
+                elif tuple(second.shape) != tuple(weight.shape):  # a DTensor's shape is the whole table's
                     continue
-                else:
-                    mask = rows_with_gradient(second).cpu()
+                else:  # each process reduces its own rows; only the per-row flags are gathered (as bytes)
+                    mask = _gathered(rows_with_gradient(second).to(torch.uint8)).cpu().bool()
                 out[f"{name}.{attr}"] = mask
     return out
 
