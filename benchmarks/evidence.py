@@ -2069,8 +2069,8 @@ def _steps_parts() -> list[Part]:
     tokens, the same random-embedding control); the embedding-Cox arms by inner CV with K's baselines read back, each
     run paired with K's run of the same seed pair (``--against``; Q's and R's also with P's), and the label-free
     numbers and pooled differences against the step count (measured on 2 idle cores: P 63 min, 53 of them for the
-    backbones; Q 37 min). R reuses Q's seed-0 parts and writes its comparisons and curve under names of its own
-    (``_3pairs``), so Q's recorded outputs stay as they are."""
+    backbones; Q 37 min; R 75 min, 69 of them for its 10 backbones). R reuses Q's seed-0 parts and writes its
+    comparisons and curve under names of its own (``_3pairs``), so Q's recorded outputs stay as they are."""
     parts = []
     k_runs = {  # protocol K's inner-CV runs (400 steps), per label fraction and seed pair
         frac: {
