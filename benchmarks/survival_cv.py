@@ -105,6 +105,7 @@ import time
 import warnings
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -1044,26 +1045,14 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
         for model in models:
             if model == CANDIDATE_ARM:
                 recs = {}
+                fold = SimpleNamespace(
+                    k=k, pca_idx=pca_idx, fitted=fitted, settings=settings_of, results=results, embeddings=embeddings
+                )
                 for label, folder in emb_candidates(args).items():
-                    where, recs[label], fitted = candidate_record(
-                        args,
-                        manifest,
-                        rows,
-                        folds,
-                        cohort,
-                        out,
-                        k,
-                        label,
-                        folder,
-                        settings_of,
-                        results,
-                        embeddings,
-                        feats,
-                        fitted,
-                        pca_idx,
-                        n_inner,
-                        cox_ties,
+                    where, recs[label] = candidate_record(
+                        args, manifest, rows, folds, cohort, out, feats, fold, label, folder, cox_ties
                     )
+                    fitted = fold.fitted
                     if where:  # not the candidate that is --pretrained_dir: its record is counted as its arm's
                         origin[where].append(f"f{k}:{CANDIDATE_ARM}[{label}]")
                 results[model].append(select_candidate(recs))
@@ -1194,31 +1183,18 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
 
 
 def candidate_record(
-    args,
-    manifest,
-    rows,
-    folds,
-    cohort,
-    out,
-    k,
-    label,
-    folder,
-    settings_of,
-    results,
-    embeddings,
-    feats,
-    fitted,
-    pca_idx,
-    n_inner,
-    cox_ties,
-) -> tuple[str, dict, bool]:
-    """One ``--emb_candidates`` candidate's ``cox_clinical_emb_pretrained`` record for fold ``k`` (this run's own when
-    the candidate is ``--pretrained_dir``; else read back under the same settings with the candidate's folder, from
-    this run's cache or ``--reuse_cache``'s -- another run's ``cox_clinical_emb_pretrained`` of that backbone -- or
-    fitted here): ``("cached" or "ran" or "" for --pretrained_dir's own, record, whether feats is fitted now)``."""
-    base = settings_of["cox_clinical_emb_pretrained"]
+    args, manifest, rows, folds, cohort: str, out: Path, feats, fold, label: str, folder: str, cox_ties: str
+) -> tuple[str, dict]:
+    """One ``--emb_candidates`` candidate's ``cox_clinical_emb_pretrained`` record for fold ``fold.k`` (this run's
+    own when the candidate is ``--pretrained_dir``; else read back under the same settings with the candidate's
+    folder, from this run's cache or ``--reuse_cache``'s -- another run's ``cox_clinical_emb_pretrained`` of that
+    backbone -- or fitted here): ``("cached" or "ran" or "" for --pretrained_dir's own, record)``. ``fold``: the
+    fold's state in ``run_cohort`` (``k``, ``pca_idx``, ``settings`` and ``results`` per model, ``embeddings``, and
+    ``fitted``: whether ``feats`` is fitted on the fold, set here when this fits it)."""
+    k, n_inner = fold.k, inner_cv_folds(args)
+    base = fold.settings["cox_clinical_emb_pretrained"]
     if folder == base["pretrained_dir"]:
-        return "", results["cox_clinical_emb_pretrained"][k], fitted
+        return "", fold.results["cox_clinical_emb_pretrained"][k]
     settings = {**base, "pretrained_dir": folder}
     tr, va, te = (folds[k][s] for s in ("train", "validation", "test"))
     path = out / "cache" / cohort / f"fold{k}" / f"cox_clinical_emb_pretrained@{label}.json"
@@ -1227,11 +1203,12 @@ def candidate_record(
         path, settings, [Path(d) / "cache" / cohort / f"fold{k}" / n for d in args.reuse_cache for n in names]
     )
     if rec is not None:
-        return "cached", rec, fitted
+        return "cached", rec
     t0 = time.perf_counter()
-    if not fitted:
-        feats.fit([*tr, *va] if n_inner else list(tr), pca_idx)
-    if ("pretrained", label) not in embeddings:
+    if not fold.fitted:
+        feats.fit([*tr, *va] if n_inner else list(tr), fold.pca_idx)
+        fold.fitted = True
+    if ("pretrained", label) not in fold.embeddings:
         models = args.candidate_models.setdefault(label, [])
         if not models:
             loaded = {
@@ -1239,24 +1216,24 @@ def candidate_record(
                 for f in sorted({folder.replace("{fold}", str(j)) for j in range(args.folds)})
             }
             models += [loaded[folder.replace("{fold}", str(j))] for j in range(args.folds)]
-        embeddings["pretrained", label] = cohort_embeddings(
+        fold.embeddings["pretrained", label] = cohort_embeddings(
             args, manifest, rows, folds, cohort, out, "pretrained", models, pretrained_dir=folder, tag=f"@{label}"
         )
     rec = fit_cox_emb(
         feats,
-        embeddings["pretrained", label][k],
+        fold.embeddings["pretrained", label][k],
         rows,
         tr,
         va,
         te,
         expr_pcs=settings["expr_pcs"],
         ties=cox_ties,
-        pca_idx=pca_idx,
+        pca_idx=fold.pca_idx,
         inner_folds=n_inner,
         seed=inner_seed(args, k),
     )
     rec["wall_s"] = round(time.perf_counter() - t0, 1)
-    return "ran", store(path, settings, rec), True
+    return "ran", store(path, settings, rec)
 
 
 def bp_modalities(args, rows: pd.DataFrame) -> list[str]:
