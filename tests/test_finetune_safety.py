@@ -668,6 +668,9 @@ def test_dropped_modality_values_are_summarised_per_split(cohort, tmp_path, capl
     assert f"train: dropped 2 of {notes['train']} 'text_note' value(s) (empty_text 2; e.g. samples " in caplog.text
     card = (tmp_path / "out" / "README.md").read_text()  # beside its presence tables, which count manifest cells
     assert f"train: 2 of {notes['train']} text_note (empty_text 2)" in card
+    # checked in 2 dataloader workers (--dataloader_num_workers): the same summary
+    workers = run_finetune.main([*_argv(data, tmp_path / "workers"), "--dataloader_num_workers", "2"])
+    assert workers["dropped_modality_values"] == dropped
     clean = run_finetune.main(_argv(cohort, tmp_path / "clean"))
     assert clean["dropped_modality_values"] == {}
     assert "modality values dropped" not in (tmp_path / "clean" / "README.md").read_text()

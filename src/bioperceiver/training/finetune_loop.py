@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
+from tqdm.auto import tqdm
 from transformers import TrainingArguments, set_seed
 
 from ..cards import KEPT_AMONG_TIES, finetuning_card
@@ -416,7 +417,16 @@ def run_finetuning(
         model.resize_modality_vocabularies(processor.model_modalities())
     train_ds, evals = build_datasets(labelled, processor, manifest.base_dir, used, data_args, training_args)
     eval_ds, test_ds = evals[data_args.eval_split], evals[data_args.test_split]
-    dropped = dropped_modality_values(labelled, evals, processor, manifest.base_dir, used, data_args)
+    dropped = dropped_modality_values(
+        labelled,
+        evals,
+        processor,
+        manifest.base_dir,
+        used,
+        data_args,
+        num_workers=training_args.dataloader_num_workers,
+        progress=training_args.process_index == 0,
+    )
     linear_fit = None
     if getattr(model, "linear_term", None) is not None and model_args.head_linear_fit and training_args.do_train:
         if dp is not None:  # a finetuned folder's own linear term (no --head_linear_modalities given)
@@ -716,50 +726,77 @@ def build_datasets(labelled, processor, base_dir, used: list[str], data_args, tr
     return train_ds, evals
 
 
+class _DroppedValues(torch.utils.data.Dataset):
+    """Per row of a :class:`ManifestDataset`, the values processing dropped, as ``(modality, reason, sample_id)``
+    (plain tuples: all the summary reads, and cheap to send back from dataloader workers)."""
+
+    def __init__(self, rows: ManifestDataset):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> list[tuple[str | None, str, str | None]]:
+        from ..data.dataset import ERROR_COLUMN
+        from ..data.processing import SKIPPED_KEY
+
+        out = self.rows[i]
+        found = list(out.get(SKIPPED_KEY) or ())
+        if (err := out.get(ERROR_COLUMN)) is not None:
+            found += list(getattr(err, "skipped", ())) or [err]
+        return [(e.modality, e.reason, None if e.sample_id is None else str(e.sample_id)) for e in found]
+
+
+def _as_is(item):
+    """The dataloader's ``collate_fn`` for unbatched items: each item as it is."""
+    return item
+
+
 def dropped_modality_values(
-    labelled, evals, processor, base_dir, used: list[str], data_args
+    labelled, evals, processor, base_dir, used: list[str], data_args, num_workers: int = 0, progress: bool = False
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Per split and modality, the values dropped while processing (``--on_error skip_modality``: the sample goes on
     without them; a sample left with none, or under ``skip_sample``, is dropped whole and its values count too):
     ``{split: {modality: {"values", "dropped", "reasons", "examples"}}}``, only modalities that lost some. Logged
     with the first sample ids. The training rows are processed once more here, unaugmented (training processes
-    them on the fly, possibly in dataloader workers); the evaluation splits' were processed already and only their
-    rows dropped whole are processed again. A modality that loses every value of the training split is an error
-    (the model would train without it while the run and its card say it is used); of an evaluation split, a warning
-    (its metrics are those of the model without it)."""
-    from ..data.dataset import ERROR_COLUMN
+    them on the fly), in ``num_workers`` dataloader workers (``--dataloader_num_workers``; on an image cohort this
+    is a full decoding pass), with a progress bar when ``progress``; the evaluation splits' were processed already
+    and only their rows dropped whole are processed again. A modality that loses every value of the training split
+    is an error (the model would train without it while the run and its card say it is used); of an evaluation
+    split, a warning (its metrics are those of the model without it)."""
     from ..data.processing import SKIPPED_KEY
 
-    def errors_of(out: dict) -> list[DataError]:
-        err = out.get(ERROR_COLUMN)
-        found = list(out.get(SKIPPED_KEY) or ())
-        if err is not None:
-            found += list(getattr(err, "skipped", ())) or [err]
-        return found
-
-    def scan(records) -> list[DataError]:
+    def scan(records, split: str) -> list[tuple[str | None, str, str | None]]:
         rows = ManifestDataset(
             records, processor, base_dir=base_dir, train=False, modalities=used, on_error=data_args.on_error
         )
-        return [e for i in range(len(rows)) for e in errors_of(rows[i])]
+        loader = torch.utils.data.DataLoader(
+            _DroppedValues(rows), batch_size=None, num_workers=num_workers if len(rows) else 0, collate_fn=_as_is
+        )
+        bar = tqdm(loader, total=len(rows), desc=f"checking the {split} values", disable=not progress or not rows)
+        return [e for found in bar for e in found]
 
     out = {}
     for split, (records, _) in labelled.items():
         if split in evals:
             kept = {s["sample_id"] for s in evals[split].samples}
-            errors = [e for s in evals[split].samples for e in s.get(SKIPPED_KEY) or ()]
-            errors += scan([r for r in records if r.get("sample_id") not in kept])
+            errors = [
+                (e.modality, e.reason, None if e.sample_id is None else str(e.sample_id))
+                for s in evals[split].samples
+                for e in s.get(SKIPPED_KEY) or ()
+            ]
+            errors += scan([r for r in records if r.get("sample_id") not in kept], split)
         else:
-            errors = scan(records)
+            errors = scan(records, split)
         per = {}
-        for err in errors:
-            if err.modality not in used:
+        for modality, reason, sample_id in errors:
+            if modality not in used:
                 continue
-            entry = per.setdefault(err.modality, {"values": 0, "dropped": 0, "reasons": Counter(), "examples": []})
+            entry = per.setdefault(modality, {"values": 0, "dropped": 0, "reasons": Counter(), "examples": []})
             entry["dropped"] += 1
-            entry["reasons"][err.reason] += 1
+            entry["reasons"][reason] += 1
             if len(entry["examples"]) < 3:
-                entry["examples"].append(str(err.sample_id))
+                entry["examples"].append(str(sample_id))
         for name, entry in per.items():
             entry["values"] = sum(not is_missing(r.get(name)) for r in records)
             entry["reasons"] = dict(entry["reasons"])
