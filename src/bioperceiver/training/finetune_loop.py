@@ -726,6 +726,11 @@ def build_datasets(labelled, processor, base_dir, used: list[str], data_args, tr
     return train_ds, evals
 
 
+def _dropped(err: DataError) -> tuple[str | None, str, str | None]:
+    """What the dropped-value summary reads of an error: ``(modality, reason, sample_id)``."""
+    return err.modality, err.reason, None if err.sample_id is None else str(err.sample_id)
+
+
 class _DroppedValues(torch.utils.data.Dataset):
     """Per row of a :class:`ManifestDataset`, the values processing dropped, as ``(modality, reason, sample_id)``
     (plain tuples: all the summary reads, and cheap to send back from dataloader workers)."""
@@ -744,7 +749,7 @@ class _DroppedValues(torch.utils.data.Dataset):
         found = list(out.get(SKIPPED_KEY) or ())
         if (err := out.get(ERROR_COLUMN)) is not None:
             found += list(getattr(err, "skipped", ())) or [err]
-        return [(e.modality, e.reason, None if e.sample_id is None else str(e.sample_id)) for e in found]
+        return [_dropped(e) for e in found]
 
 
 def _as_is(item):
@@ -780,11 +785,7 @@ def dropped_modality_values(
     for split, (records, _) in labelled.items():
         if split in evals:
             kept = {s["sample_id"] for s in evals[split].samples}
-            errors = [
-                (e.modality, e.reason, None if e.sample_id is None else str(e.sample_id))
-                for s in evals[split].samples
-                for e in s.get(SKIPPED_KEY) or ()
-            ]
+            errors = [_dropped(e) for s in evals[split].samples for e in s.get(SKIPPED_KEY) or ()]
             errors += scan([r for r in records if r.get("sample_id") not in kept], split)
         else:
             errors = scan(records, split)
