@@ -776,7 +776,13 @@ def dropped_modality_values(
             records, processor, base_dir=base_dir, train=False, modalities=used, on_error=data_args.on_error
         )
         loader = torch.utils.data.DataLoader(
-            _DroppedValues(rows), batch_size=None, num_workers=num_workers if len(rows) else 0, collate_fn=_as_is
+            _DroppedValues(rows),
+            batch_size=None,
+            num_workers=num_workers if len(rows) else 0,
+            collate_fn=_as_is,
+            # its own generator: iterating a loader draws a seed, which from the global one would shift every later
+            # random draw of the run (initialisation, shuffling) and change its results
+            generator=torch.Generator().manual_seed(0),
         )
         bar = tqdm(loader, total=len(rows), desc=f"checking the {split} values", disable=not progress or not rows)
         return [e for found in bar for e in found]
