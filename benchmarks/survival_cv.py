@@ -1029,6 +1029,7 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
     emb_arms = [a for a in (*EMB_ARMS, CANDIDATE_ARM) if a in getattr(args, "bp_arms", ())]
     models = [*BASELINES, *runners, *emb_arms]
     settings_of: dict[str, dict] = {}  # the fold's settings per model (a candidate's: cox_clinical_emb_pretrained's)
+    candidates = emb_candidates(args) if CANDIDATE_ARM in emb_arms else {}  # parsed once, not per fold
     embeddings: dict[str, list] = {}  # init -> per-fold embedding, computed or read back on first use
     cox_ties = getattr(args, "baseline_ties", "first")  # how the Cox models break validation ties
     pca_rows = getattr(args, "pca_rows", "train")  # the rows the PCAs (no labels) are fitted on
@@ -1048,7 +1049,7 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                 fold = SimpleNamespace(
                     k=k, pca_idx=pca_idx, fitted=fitted, settings=settings_of, results=results, embeddings=embeddings
                 )
-                for label, folder in emb_candidates(args).items():
+                for label, folder in candidates.items():
                     where, recs[label] = candidate_record(
                         args, manifest, rows, folds, cohort, out, feats, fold, label, folder, cox_ties
                     )
