@@ -2225,6 +2225,94 @@ def _step_choice_parts() -> list[Part]:
     return parts
 
 
+GENE_FEATURES = "tokenizers/gene_features/org_hs_go_kegg_svd64.safetensors"  # GO + KEGG, org.Hs.eg.db 3.16.0
+
+
+def _gene_feature_parts() -> list[Part]:
+    """Optional: protocol T (twenty-fifth session): gene identities with a shared term from GO / KEGG annotation
+    (``gene_features_file``, the committed ``GENE_FEATURES`` table). Protocol K's processors of each fold and seed
+    with the table attached (the same tokens), K's recipe on them (15 backbones), the embedding-Cox arms by inner CV
+    at 50% and 25% of the labels for seed pairs (0, 0), (1, 1), (2, 2) with K's baselines read back, each run paired
+    with K's run of the same seed pair (``--against``), and the label-free numbers beside K's."""
+    parts = []
+    folder = {s: f"pretrain_cvfolds_recon{RECON}_genefeat_seed{s}" for s in range(3)}
+    for s in range(3):
+        for k in range(5):
+            procs = f"genefeat_processors/seed{s}_fold{k}"
+            parts.append(
+                Part(
+                    f"survset_genefeat_processors_seed{s}_fold{k}",
+                    f"survset_pretrain_recon_seed{s}_fold{k}'s processors with the gene feature table attached",
+                    [
+                        PY,
+                        "tokenizers/build_gene_features.py",
+                        "--features",
+                        GENE_FEATURES,
+                        "--attach_to",
+                        f"{W}/survset/{_recon_backbones(s)}/fold{k}/processor",
+                        "--output_dir",
+                        f"{W}/survset/{procs}",
+                    ],
+                    f"survset/{procs}/gene_features_attached.json",
+                    needs=[f"survset_pretrain_recon_seed{s}_fold{k}"],
+                    minutes=0.2,
+                    optional=True,
+                )
+            )
+            parts.append(
+                _fold_backbone(
+                    f"survset_pretrain_recon_genefeat_seed{s}_fold{k}",
+                    f"survset_pretrain_recon_seed{s}_fold{k} with gene features (its processors, the table attached)",
+                    folder[s],
+                    k,
+                    f"data.processor_dir={W}/survset/{procs}",
+                    "data.processor_settings=tokenizers/survset_processors_genefeat.yaml",
+                    f"seed={s}",
+                    f"loss.reconstruction={RECON}",
+                    minutes=2,
+                    needs=[f"survset_genefeat_processors_seed{s}_fold{k}"],
+                )
+            )
+    for frac in ("0.5", "0.25"):  # of the labels; 0.5 first: the primary
+        runs, k_runs = {}, {}
+        for pre, init in FIVE_SEEDS[:3]:
+            key, sfx = f"pre{pre}_init{init}", _pair_suffix(pre, init)
+            k_runs[key] = reuse = f"survival_cv_labeff_tf{frac}_recon{RECON}_selcv{sfx}"
+            runs[key] = run = f"survival_cv_labeff_tf{frac}_recon{RECON}_genefeat_selcv{sfx}"
+            parts.append(
+                Part(
+                    run,
+                    f"embedding-Cox arms by inner CV on the gene-feature backbones of seed {pre}, init seed {init}, "
+                    f"{frac} of the labels (baselines read back from protocol K's run)",
+                    _emb_cox(run, folder[pre], frac, init, (reuse,), extra=SELECT_CV),
+                    f"survset/{run}/survival_cv.json",
+                    needs=[reuse, *(f"survset_pretrain_recon_genefeat_seed{pre}_fold{k}" for k in range(5))],
+                    minutes=2,
+                    optional=True,
+                )
+            )
+        what = f"the 3 seed pairs on the gene-feature backbones combined (inner CV), {frac} of the labels"
+        parts.append(_spread(f"seed_spread_labeff_tf{frac}_recon{RECON}_genefeat_selcv3", runs, what))
+        what = f"with - without gene features, paired per seed pair (3), {frac} of the labels"
+        out = f"genefeat_tf{frac}_recon{RECON}_minus_plain"
+        parts.append(_spread(out, runs, what, against=(k_runs, "without gene features")))
+    argv = [PY, "benchmarks/corpus_curve.py", "--x", "steps"]  # both 400 steps: the families in the order given
+    argv += ["--backbones", "plain", f"{W}/survset/{_recon_backbones('[012]')}/fold*"]
+    argv += ["--backbones", "gene features", f"{W}/survset/{folder[0].replace('seed0', 'seed[012]')}/fold*"]
+    parts.append(
+        Part(
+            "survset_genefeat_label_free",
+            "the gene-feature backbones' held-out numbers beside K's (the same folds and seeds)",
+            [*argv, "--output_dir", f"{W}/survset/genefeat_label_free"],
+            "survset/genefeat_label_free/corpus_curve.json",
+            needs=[f"survset_pretrain_recon_genefeat_seed{s}_fold{k}" for s in range(3) for k in range(5)],
+            minutes=0.5,
+            optional=True,
+        )
+    )
+    return parts
+
+
 # In run order. Minutes as measured on the shared 2-core VM on 2026-12-03 with other jobs running (load 4-8): about
 # 2.5 h in all there; on idle cores the parts ran about twice as fast.
 PARTS: list[Part] = [
@@ -2390,6 +2478,7 @@ PARTS: list[Part] = [
     *_corpus_parts(),
     *_steps_parts(),
     *_step_choice_parts(),
+    *_gene_feature_parts(),
 ]
 
 

@@ -201,22 +201,29 @@ class ModalitySpec:
         """Pad one modality's samples (``None`` = absent) into batch tensors.
 
         The default pads every rank-1 array along its token axis to ``pad_len(longest)`` and adds the
-        ``(B, L)`` keep-mask :attr:`mask_key` (AND-ed with the processor's own mask when it emits one); rank-0
-        arrays become ``(B,)``.
+        ``(B, L)`` keep-mask :attr:`mask_key` (AND-ed with the processor's own mask when it emits one); an array of
+        higher rank padded on its first axis only (per-token vectors, ``(L, F)``) becomes ``(B, L, F)``, its
+        trailing sizes those of the samples (which must agree); rank-0 arrays become ``(B,)``.
         """
         b = len(column)
-        keys = [k for k, s in self.arrays.items() if s.rank == 1]
+        keys = [k for k, s in self.arrays.items() if s.rank == 1 or (s.rank and s.pad_axes == (0,))]
         first = keys[0]
         length = pad_len(max(len(a[first]) for a in column if a is not None))
-        out = {k: torch.full((b, length), self.arrays[k].pad_value, dtype=self.arrays[k].dtype) for k in keys}
+        trailing = {k: self._trailing_shape(k, column, sample_ids, name) for k in keys if self.arrays[k].rank > 1}
+        trailing = {k: t for k, t in trailing.items() if t is not None}  # None: no sample holds it
+        out = {
+            k: torch.full((b, length, *trailing.get(k, ())), self.arrays[k].pad_value, dtype=self.arrays[k].dtype)
+            for k in keys
+            if self.arrays[k].rank == 1 or k in trailing
+        }
         scalars = {k: torch.zeros(b, dtype=s.dtype) for k, s in self.arrays.items() if s.rank == 0}
         mask = torch.zeros((b, length), dtype=torch.bool)
         for i, a in enumerate(column):
             if a is None:
                 continue
             n = len(a[first])
-            for k in keys:
-                if k in a:
+            for k in out:
+                if k in a and k in keys:
                     if len(a[k]) != n:
                         raise DataError(
                             "wrong_shape",
@@ -239,6 +246,23 @@ class ModalitySpec:
                 out.pop(k, None)
                 scalars.pop(k, None)
         return {**out, **scalars}
+
+    def _trailing_shape(self, key, column, sample_ids, name) -> tuple[int, ...] | None:
+        """The sizes after the token axis of a per-token array, the same in every sample that holds it."""
+        shapes = {i: tuple(np.shape(a[key])[1:]) for i, a in enumerate(column) if a is not None and key in a}
+        if not shapes:
+            return None
+        first = next(iter(shapes.values()))
+        for i, shape in shapes.items():
+            if shape != first:
+                raise DataError(
+                    "wrong_shape",
+                    f"{key} has per-token shape {shape}, other samples of the batch {first}",
+                    sample_id=sample_ids[i],
+                    modality=name,
+                    fix="process every sample with the same (saved) processor",
+                )
+        return first
 
     def rows_length(self, arrays: Mapping[str, torch.Tensor], index: torch.Tensor) -> int | None:
         """The padded length the batch rows ``index`` need alone (their longest real run along the token axis), for

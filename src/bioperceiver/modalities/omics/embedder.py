@@ -25,14 +25,22 @@ class OmicsConfig:
             downstream. ``"per_gene"``: also ``value x`` a learned vector per gene, the per-feature linear tokenizer
             of FT-Transformer (Gorishniy et al. 2021), which gives each gene's value its own direction from the first
             layer on (one more ``num_genes x d`` table).
+        gene_feature_dim: ``0`` (default): a gene's identity is its learned row. ``> 0``: the processor also gives
+            each token its gene's fixed feature vector (``gene_features``, annotation-derived, from the processor's
+            ``gene_features_file``; set from the processor), and the identity is ``row + W @ features`` with one
+            learned ``d x gene_feature_dim`` matrix ``W`` shared by all genes, so what ``W`` learns reaches genes
+            that were never tokens in pretraining and genes added later.
     """
 
     num_genes: int = 20000
     num_value_bands: int = 16
     value_embedding: str = "shared"
+    gene_feature_dim: int = 0
 
     def __post_init__(self) -> None:
         require_positive(num_genes=self.num_genes, num_value_bands=self.num_value_bands)
+        if self.gene_feature_dim < 0:
+            raise ValueError(f"gene_feature_dim must be >= 0, got {self.gene_feature_dim}")
         if self.value_embedding not in VALUE_EMBEDDINGS:
             raise ValueError(f"value_embedding must be one of {VALUE_EMBEDDINGS}, got {self.value_embedding!r}")
 
@@ -40,7 +48,8 @@ class OmicsConfig:
 class OmicsEmbedder(ModalityEmbedder):
     """Inputs: ``gene_ids`` (B, G) int, ``values`` (B, G) float (normalised), optional ``mask`` (B, G).
 
-    Token = gene-id embedding + value encoding (+ value x a per-gene vector with ``value_embedding: per_gene``).
+    Token = gene-id embedding (+ ``W @ gene_features`` with ``gene_feature_dim``) + value encoding (+ value x a
+    per-gene vector with ``value_embedding: per_gene``).
     An unmeasured gene is simply not a token (mask False);
     values are never zero-filled into the model.
     """
@@ -48,7 +57,7 @@ class OmicsEmbedder(ModalityEmbedder):
     kind = "omics"
     config_class = OmicsConfig
     input_keys = ("gene_ids", "values")
-    optional_input_keys = ("mask",)
+    optional_input_keys = ("mask", "gene_features")
     vocabulary_embeddings = {"num_genes": ("gene_embeddings", "gene_value_embeddings")}  # noqa: RUF012 (constant)
 
     def __init__(self, name: str, config: OmicsConfig, d_input: int) -> None:
@@ -57,6 +66,30 @@ class OmicsEmbedder(ModalityEmbedder):
         self.value_encoder = ScalarEncoder(d_out=d_input, num_bands=config.num_value_bands)
         per_gene = config.value_embedding == "per_gene"
         self.gene_value_embeddings = nn.Embedding(config.num_genes, d_input) if per_gene else None
+        dim = config.gene_feature_dim
+        self.gene_feature_proj = nn.Linear(dim, d_input, bias=False) if dim else None
+
+    def _gene_vectors(self, inputs: dict[str, torch.Tensor], ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """A token's gene identity: its embedding row, plus ``W @ features`` with ``gene_feature_dim`` (B, G, D)."""
+        out = self.gene_embeddings(ids)
+        feats = inputs.get("gene_features")
+        if self.gene_feature_proj is None:
+            if feats is not None:
+                raise ValueError(
+                    f"modality {self.name!r}: the inputs hold gene_features but this model was built without them "
+                    "(gene_feature_dim 0); process the data with the processor saved with the model"
+                )
+            return out
+        dim = self.config.gene_feature_dim
+        if feats is None or tuple(feats.shape) != (*ids.shape, dim):
+            got = "none" if feats is None else tuple(feats.shape)
+            raise ValueError(
+                f"modality {self.name!r}: this model reads {dim}-d gene features per token (gene_features of shape "
+                f"{(*ids.shape, dim)}), got {got}; process the data with the processor saved with the model (its "
+                "gene_features_file)"
+            )
+        feats = torch.where(keep[..., None], feats.to(out.dtype), torch.zeros((), dtype=out.dtype, device=out.device))
+        return out + self.gene_feature_proj(feats)
 
     def matmul_flops(self, inputs):
         fc1, fc2 = self.value_encoder.fc1, self.value_encoder.fc2  # its input depends on learned frequencies
@@ -79,7 +112,7 @@ class OmicsEmbedder(ModalityEmbedder):
                 f"[{int(ids.min())}, {int(ids.max())}]; refit the gene vocabulary or raise num_genes"
             )
         dtype = self.gene_embeddings.weight.dtype
-        tokens = self.gene_embeddings(ids) + self.value_encoder(values.to(dtype))  # (B, G, D_in)
+        tokens = self._gene_vectors(inputs, ids, keep) + self.value_encoder(values.to(dtype))  # (B, G, D_in)
         if self.gene_value_embeddings is not None:
             tokens = tokens + values.to(dtype)[..., None] * self.gene_value_embeddings(ids)
         return tokens, keep
@@ -88,4 +121,4 @@ class OmicsEmbedder(ModalityEmbedder):
         """Gene embedding (no value) as the query, the normalised value as the target, for every measured gene."""
         ids = inputs["gene_ids"]
         keep = self._mask(inputs, "mask", ids.shape)
-        return self.gene_embeddings(ids.masked_fill(~keep, 0)), inputs["values"], keep
+        return self._gene_vectors(inputs, ids.masked_fill(~keep, 0), keep), inputs["values"], keep

@@ -3,10 +3,12 @@ components of the profile as extra tokens."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..processor import ModalityProcessor
+from .gene_features import GeneFeatures
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,13 @@ class OmicsSettings:
         min_samples: a gene enters the vocabulary when measured in at least this many training samples.
         max_genes: cap on the vocabulary (most frequently measured genes first; ties by name).
         oov: ``"count"`` (unknown genes produce no token and are counted in ``report()``) or ``"error"``.
+        gene_features_file: a gene feature file (:class:`~.gene_features.GeneFeatures`, built by
+            ``tokenizers/build_gene_features.py`` from GO / KEGG annotation): every token then also carries its
+            gene's fixed feature vector (``gene_features``, zeros for a gene the file does not know), which the
+            embedder maps into the token with one learned matrix (``OmicsConfig.gene_feature_dim``), so genes that
+            pretraining never made tokens, or that a new cohort adds, share what similar genes learned. The table is
+            copied into the saved processor (``gene_features.safetensors``): a saved model does not need the file.
+            A relative path in a settings YAML resolves against the YAML's folder.
     """
 
     normalization: str = "log1p"
@@ -77,6 +87,7 @@ class OmicsSettings:
     min_samples: int = 1
     max_genes: int | None = None
     oov: str = "count"
+    gene_features_file: str | None = None
 
     def __post_init__(self):
         if self.normalization not in NORMALIZATIONS:
@@ -289,6 +300,8 @@ class OmicsProcessor(ModalityProcessor):
         self._matrix_cache: dict[str, tuple] = {}
         self._pcs: dict[str, _PCAFit] = {}
         self._pc_ids = np.zeros(0, dtype=np.int64)
+        self._gene_table: GeneFeatures | None = None  # the whole feature file (saved with the processor)
+        self._gene_features: np.ndarray | None = None  # (vocabulary, dim): the rows of the vocabulary's genes
 
     @property
     def per_source(self) -> bool:
@@ -442,6 +455,14 @@ class OmicsProcessor(ModalityProcessor):
             f", z-scored per source ({len(self._sources)} sources)" if self.per_source else "",
             f", {self.settings.pcs} principal-component tokens ({len(self._pcs)} fits)" if self.settings.pcs else "",
         )
+        if cov := self.gene_feature_coverage():
+            logger.info(
+                "omics processor %r: gene features (%d dims) for %d of %d vocabulary genes; the others' are zero",
+                self.name,
+                cov["dim"],
+                cov["with_features"],
+                cov["genes"],
+            )
 
     def _fit_pca(self, rows, source: str | None) -> dict:
         """A PCA of ``rows`` (parsed training profiles of one source, or all of them for ``source=None``), z-scored
@@ -595,6 +616,8 @@ class OmicsProcessor(ModalityProcessor):
             "new_sources": new_sources,
             **self._overlap_trained(overlapping, trained),
         }
+        if self._gene_features is not None:  # of the added genes, how many the feature file knows
+            report["added_with_features"] = int(self._feature_table().rows(added)[1].sum())
         if self.settings.pcs:
             report["pca_genes_measured"] = self._pca_share(parsed)
         if trained is not None:
@@ -723,6 +746,50 @@ class OmicsProcessor(ModalityProcessor):
         self._pcs = {k: _PCAFit.from_state(v, size) for k, v in self.state.get("pcs", {}).items()}
         names = pc_names(int(self.settings.pcs or 0))
         self._pc_ids = np.array([self._index[n] for n in names if n in self._index], dtype=np.int64)
+        self._gene_features = None
+        if self.settings.gene_features_file and self._index:
+            feats, found = self._feature_table().rows(self.state["genes"])
+            feats[self._pc_ids] = 0.0  # <PCj> tokens are not genes (an alias could share the name)
+            found[self._pc_ids] = False
+            self._gene_features = feats
+            self._features_found = int(found.sum())
+
+    GENE_FEATURES_NAME = "gene_features.safetensors"
+
+    def _feature_table(self) -> GeneFeatures:
+        if self._gene_table is None:
+            self._gene_table = GeneFeatures.load(self.settings.gene_features_file)
+        return self._gene_table
+
+    def attach_gene_features(self, path: str | os.PathLike) -> dict[str, int]:
+        """Give an already fitted processor gene features (``gene_features_file``) without refitting it: the same
+        vocabulary, statistics and tokens, plus each token's feature vector. Returns how many vocabulary genes the
+        file knows. A model built from the processor then has ``gene_feature_dim`` set (a new model: the pretrained
+        weights of one built without features do not fit it)."""
+        if not self.is_fitted:
+            raise RuntimeError(f"omics processor {self.name!r} is not fitted: fit it before attaching gene features")
+        table = GeneFeatures.load(path)
+        self.settings = dataclasses.replace(self.settings, gene_features_file=str(path))
+        self._gene_table = table
+        self._on_load()
+        return self.gene_feature_coverage()
+
+    def gene_feature_coverage(self) -> dict[str, int]:
+        """``{"genes": vocabulary genes, "with_features": those the feature file knows, "dim": ...}`` (empty without
+        ``gene_features_file``)."""
+        if self._gene_features is None:
+            return {}
+        genes = len(self.state["genes"]) - len(self._pc_ids)
+        return {"genes": genes, "with_features": self._features_found, "dim": int(self._gene_features.shape[1])}
+
+    def _save_files(self, directory: Path) -> None:
+        if self._gene_features is not None:
+            self._feature_table().save(directory / self.GENE_FEATURES_NAME)
+
+    def _load_files(self, directory: Path) -> None:
+        path = directory / self.GENE_FEATURES_NAME
+        if self.settings.gene_features_file and path.exists():
+            self._gene_table = GeneFeatures.load(path)
 
     def _statistics_for(self, value, base_dir) -> tuple[np.ndarray, np.ndarray]:
         """The z-score mean/std that apply to a cell: its source's with ``zscore: per_source`` (pooled for a cell
@@ -794,7 +861,13 @@ class OmicsProcessor(ModalityProcessor):
         if scores is not None:  # already on unit scale: the <PCj> entries' statistics are 0 / 1
             idx, vals = np.concatenate([idx, self._pc_ids]), np.concatenate([vals, scores])
         order = np.argsort(idx, kind="stable")
-        return {"gene_ids": idx[order], "values": vals[order].astype(np.float32)}
+        out = {"gene_ids": idx[order], "values": vals[order].astype(np.float32)}
+        if self._gene_features is not None:
+            out["gene_features"] = self._gene_features[out["gene_ids"]]
+        return out
 
     def model_settings(self):
-        return {"kind": "omics", "num_genes": max(1, len(self.state["genes"]))}
+        out = {"kind": "omics", "num_genes": max(1, len(self.state["genes"]))}
+        if self._gene_features is not None:
+            out["gene_feature_dim"] = int(self._gene_features.shape[1])
+        return out

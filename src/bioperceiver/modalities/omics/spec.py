@@ -26,6 +26,12 @@ class OmicsSpec(ModalitySpec):
         {
             "gene_ids": ArraySpec(torch.long, doc="index into the fitted gene vocabulary (G,)"),
             "values": ArraySpec(torch.float32, doc="normalised expression (G,)"),
+            "gene_features": ArraySpec(
+                torch.float32,
+                rank=2,
+                required=False,
+                doc="each token's fixed gene feature vector (G, F), with the processor's gene_features_file",
+            ),
         }
     )
     cell_forms = ("mapping", "path")
