@@ -144,3 +144,11 @@ def test_pretraining_card_shows_local_paths_as_file_names_only(manifest):
     assert shown["data"]["manifest"] == "<local>/manifest.parquet" and shown["output_dir"] == "<local>/pt"
     assert shown["data"]["shards"] == "<local>/shards"
     assert shown["optim"] == run_config["optim"]  # everything else as it was
+
+
+def test_pretraining_card_shows_what_the_processors_note(manifest):
+    """``ModalityProcessor.card_notes`` (e.g. an omics processor's gene features: source, licence, coverage) reach
+    the card's training table."""
+    note = "4-d for 7 of 10 genes (the others: zeros); licence: GO is CC BY 4.0"
+    card, _ = _card(manifest, processor_notes={"gene features (omics_expression)": note})
+    assert f"| gene features (omics_expression) | {note} |" in str(card)

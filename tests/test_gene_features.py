@@ -189,6 +189,7 @@ def test_tokens_carry_their_gene_s_features_and_the_processor_saves_the_table(tm
     table = GeneFeatures.load(features)
     assert proc.gene_feature_coverage() == {"genes": 10, "with_features": 7, "dim": 4}
     assert proc.model_settings() == {"kind": "omics", "num_genes": 12, "gene_feature_dim": 4}
+    assert proc.card_notes()["gene features"].startswith("4-d for 7 of 10 genes") and plain.card_notes() == {}
     for cell in cells[15:]:
         out, ref = proc(cell, base_dir=tmp_path), plain(cell, base_dir=tmp_path)
         # the same tokens as without features; each token's features are its gene's (zeros: unknown genes, <PCj>)
@@ -364,6 +365,7 @@ def test_finetune_with_new_genes_gives_them_features(tmp_path, pretrained):
     assert ext["added"] == 2 and ext["overlap"] == 4 and ext["added_with_features"] == 1  # G20 known, G30 not
     proc = BioPerceiverProcessor.from_pretrained(tmp_path / "ft").processors["omics_expression"]
     assert proc.gene_feature_coverage() == {"genes": 10, "with_features": 8, "dim": 4}
+    assert "1 of the added genes have gene features" in (tmp_path / "ft" / "README.md").read_text()
     model = bp.AutoModelForSequenceClassification.from_pretrained(tmp_path / "ft")
     assert model.bioperceiver.embedders["omics_expression"].gene_feature_proj.weight.shape == (32, 4)
 

@@ -271,12 +271,15 @@ def pretraining_card(
     train_split: str = "train",
     eval_split: str = "validation",
     vocabulary_trained: Mapping[str, Mapping[str, int]] | None = None,
+    processor_notes: Mapping[str, str] | None = None,
 ) -> ModelCard:
     """The card of a pretraining run: ``manifest`` is the full manifest (train and held-out rows; with a
     ``split`` column), ``run_config`` the resolved run config as a dict (``PretrainConfig.to_dict()``; shown as a
     table of the main settings and in full as YAML), ``metrics`` the held-out retrieval metrics, ``compute``
     free-form facts (hardware, processes, wall-clock, samples seen...), ``vocabulary_trained`` how many rows of each
-    vocabulary embedding table got a gradient (``trained_vocabulary_rows``: a row that never did is still random)."""
+    vocabulary embedding table got a gradient (``trained_vocabulary_rows``: a row that never did is still random),
+    ``processor_notes`` what the processors say about themselves (``ModalityProcessor.card_notes``: e.g. the source
+    and licence of an omics processor's gene features)."""
     import yaml
 
     train = manifest.split(train_split) if "split" in manifest.table else manifest
@@ -321,6 +324,7 @@ def pretraining_card(
         train_cfg[f"vocabulary rows trained ({table})"] = (
             f"{n['trained']} of {n['rows']} ({share:.0%}); the others keep their random initialisation"
         )
+    train_cfg.update(processor_notes or {})
     return render_card(
         template,
         card_data,
@@ -612,6 +616,8 @@ def finetuning_card(
         text += f" ({counts['vocabulary_before']} -> {counts['vocabulary_after']})"
         if counts.get("new_sources"):
             text += f"; new sources {', '.join(counts['new_sources'])}"
+        if "added_with_features" in counts:
+            text += f"; {counts['added_with_features']} of the added genes have gene features"
         if (share := counts.get("token_share_trained")) is not None:
             text += f"; {share:.0%} of the training profiles' tokens use trained embeddings"
         finetune_cfg[f"vocabulary extension ({name})"] = text

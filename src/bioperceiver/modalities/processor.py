@@ -65,6 +65,11 @@ class ModalityProcessor:
         """Settings of this modality in ``BioPerceiverConfig.modalities`` implied by the processor (vocab sizes)."""
         return {"kind": self.kind}
 
+    def card_notes(self) -> dict[str, str]:
+        """``{setting: one line}`` a model card should show about this processor beyond its settings (e.g. the
+        source and licence of an asset it carries); none by default."""
+        return {}
+
     def _save_files(self, directory: Path) -> None:  # extra files beside processor_config.json
         pass
 

@@ -1035,6 +1035,11 @@ def _run_pretraining(
                     num_parameters=num_parameters,
                     eval_split=eval_cfg.split,
                     vocabulary_trained=vocabulary_trained,
+                    processor_notes={
+                        f"{key} ({name})": text
+                        for name, proc in processor.processors.items()
+                        for key, text in proc.card_notes().items()
+                    },
                 )
                 card.save(tmp / "README.md")
             except Exception:  # the trained model is saved; a card problem must not lose the run

@@ -782,6 +782,18 @@ class OmicsProcessor(ModalityProcessor):
         genes = len(self.state["genes"]) - len(self._pc_ids)
         return {"genes": genes, "with_features": self._features_found, "dim": int(self._gene_features.shape[1])}
 
+    def card_notes(self) -> dict[str, str]:
+        """With ``gene_features_file``: the table's dimension, source, licence and how many genes it covers."""
+        cov = self.gene_feature_coverage()
+        if not cov:
+            return {}
+        src = self._feature_table().source
+        return {
+            "gene features": f"{cov['dim']}-d for {cov['with_features']} of {cov['genes']} genes (the others: zeros); "
+            f"{src.get('method', '?')}; {src.get('tables', '?')} annotation from {src.get('database', '?')}; "
+            f"licence: {src.get('licence', 'not recorded')}"
+        }
+
     def _save_files(self, directory: Path) -> None:
         if self._gene_features is not None:
             self._feature_table().save(directory / self.GENE_FEATURES_NAME)
