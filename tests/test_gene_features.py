@@ -14,13 +14,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from omics_fixtures import cohort_manifest, expression_matrix
 from scipy import sparse
 from script_loader import load_script
 from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import TfidfTransformer
 
 import bioperceiver as bp
-from bioperceiver.data import BioPerceiverProcessor, read_manifest, write_manifest
+from bioperceiver.data import BioPerceiverProcessor, read_manifest
 from bioperceiver.data.errors import DataError
 from bioperceiver.modalities.omics.embedder import OmicsConfig, OmicsEmbedder
 from bioperceiver.modalities.omics.gene_features import GeneFeatures, build_gene_features
@@ -166,11 +167,7 @@ def features(tmp_path) -> Path:
 
 
 def _cohort(tmp_path: Path, name: str, genes: list[str], n: int, seed: int) -> list[str]:
-    rng = np.random.default_rng(seed)
-    values = rng.normal(5, 1 + 0.1 * np.arange(len(genes)), size=(n, len(genes)))
-    ids = [f"{name}{i}" for i in range(n)]
-    pd.DataFrame(values, index=pd.Index(ids, name="sample"), columns=genes).to_parquet(tmp_path / f"{name}.parquet")
-    return [f"{name}.parquet#row={i}" for i in ids]
+    return expression_matrix(tmp_path / f"{name}.parquet", genes, n, 0.0, seed, name)
 
 
 def _expected(proc: OmicsProcessor, table: GeneFeatures, ids) -> np.ndarray:
@@ -292,20 +289,7 @@ def test_embedder_adds_the_shared_map_of_each_token_s_features():
 
 
 def _manifest(tmp_path: Path, name: str, genes: list[str], n: int, seed: int) -> Path:
-    cells = _cohort(tmp_path, name, genes, n, seed)
-    rng = np.random.default_rng(seed)
-    split = ["train"] * (n // 2) + ["validation"] * (n // 4) + ["test"] * (n - n // 2 - n // 4)
-    table = pd.DataFrame(
-        {
-            "sample_id": [c.split("=")[1] for c in cells],
-            "patient_id": [c.split("=")[1] for c in cells],
-            "split": split,
-            "omics_expression": cells,
-            "tabular_clinical": [json.dumps({"age": float(rng.normal(60, 10))}) for _ in cells],
-            "label_y": ["yes" if i % 2 else "no" for i in range(n)],
-        }
-    )
-    return write_manifest(table, tmp_path / f"{name}_manifest.parquet")
+    return cohort_manifest(tmp_path, name, genes, 0.0, seed, n)
 
 
 @pytest.fixture

@@ -12,24 +12,16 @@ import pandas as pd
 import pytest
 import torch
 from conftest import tiny_config
+from omics_fixtures import cohort_manifest as _cohort_manifest
+from omics_fixtures import expression_matrix as _matrix
 from script_loader import load_script
 
 import bioperceiver as bp
-from bioperceiver.data import BioPerceiverProcessor, read_manifest, write_manifest
+from bioperceiver.data import BioPerceiverProcessor, read_manifest
 from bioperceiver.data.errors import DataError
 from bioperceiver.modalities.omics.processor import OmicsProcessor
 from bioperceiver.modalities.processor import sum_statistics
 from bioperceiver.modalities.tabular.processor import TabularProcessor
-
-
-def _matrix(path: Path, genes: list[str], n: int, shift: float, seed: int, prefix: str) -> list[str]:
-    """A samples x genes expression matrix (log scale, a cohort-wide ``shift``: a batch effect); its cells."""
-    rng = np.random.default_rng(seed)
-    values = rng.normal(5 + shift, 1 + 0.2 * np.arange(len(genes)), size=(n, len(genes)))
-    values[rng.random(values.shape) < 0.1] = np.nan  # unmeasured
-    ids = [f"{prefix}{i}" for i in range(n)]
-    pd.DataFrame(values, index=pd.Index(ids, name="sample"), columns=genes).to_parquet(path)
-    return [f"{path.name}#row={i}" for i in ids]
 
 
 def _genes(a: int, b: int) -> list[str]:
@@ -215,23 +207,6 @@ def test_resize_grows_every_table_a_vocabulary_indexes_and_round_trips(tmp_path)
 
 def _load_script():
     return load_script("finetune/run_finetune.py")
-
-
-def _cohort_manifest(base: Path, name: str, genes: list[str], shift: float, seed: int, n: int = 48) -> Path:
-    cells = _matrix(base / f"{name}.parquet", genes, n, shift, seed, name)
-    rng = np.random.default_rng(seed)
-    split = ["train"] * (n // 2) + ["validation"] * (n // 4) + ["test"] * (n - n // 2 - n // 4)
-    table = pd.DataFrame(
-        {
-            "sample_id": [c.split("=")[1] for c in cells],
-            "patient_id": [c.split("=")[1] for c in cells],
-            "split": split,
-            "omics_expression": cells,
-            "tabular_clinical": [json.dumps({"age": float(rng.normal(60, 10))}) for _ in cells],
-            "label_y": ["yes" if i % 2 else "no" for i in range(n)],
-        }
-    )
-    return write_manifest(table, base / f"{name}_manifest.parquet")
 
 
 @pytest.fixture
