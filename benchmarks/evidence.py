@@ -2228,17 +2228,45 @@ def _step_choice_parts() -> list[Part]:
 GENE_FEATURES = "tokenizers/gene_features/org_hs_go_kegg_svd64.safetensors"  # GO + KEGG, org.Hs.eg.db 3.16.0
 
 
-def _gene_feature_parts() -> list[Part]:
-    """Optional: protocol T (twenty-fifth session): gene identities with a shared term from GO / KEGG annotation
-    (``gene_features_file``, the committed ``GENE_FEATURES`` table). Protocol K's processors of each fold and seed
-    with the table attached (the same tokens), K's recipe on them (15 backbones), the embedding-Cox arms by inner CV
-    at 50% and 25% of the labels for seed pairs (0, 0), (1, 1), (2, 2) with K's baselines read back, each run paired
-    with K's run of the same seed pair (``--against``), and the label-free numbers beside K's."""
+GENE_FEATURE_VARIANTS = {  # protocol -> (name in parts and folders, processor settings, what)
+    "T": ("genefeat", "tokenizers/survset_processors_genefeat.yaml", "with gene features"),
+    "U": (
+        "genefeat_replace",
+        "tokenizers/survset_processors_genefeat_replace.yaml",
+        "with gene identities from features alone",
+    ),
+}
+
+
+def _gene_feature_parts(protocol: str = "T") -> list[Part]:
+    """Optional: protocols T and U (twenty-fifth session): gene identities from GO / KEGG annotation
+    (``gene_features_file``, the committed ``GENE_FEATURES`` table). T: ``row + W @ features``; U: ``W @ features``
+    alone for annotated genes (``gene_feature_mode: replace``). Protocol K's processors of each fold and seed with the
+    table attached (the same tokens; U reuses T's), K's recipe on them (15 backbones), the embedding-Cox arms by inner
+    CV at 50% and 25% of the labels for seed pairs (0, 0), (1, 1), (2, 2) with K's baselines read back, each run paired
+    with K's run of the same seed pair (``--against``; U's also with T's), and the label-free numbers beside K's."""
     parts = []
-    folder = {s: f"pretrain_cvfolds_recon{RECON}_genefeat_seed{s}" for s in range(3)}
+    tag, settings, label = GENE_FEATURE_VARIANTS[protocol]
+    folder = {s: f"pretrain_cvfolds_recon{RECON}_{tag}_seed{s}" for s in range(3)}
     for s in range(3):
         for k in range(5):
             procs = f"genefeat_processors/seed{s}_fold{k}"
+            if protocol != "T":  # T's parts attach the table
+                parts.append(
+                    _fold_backbone(
+                        f"survset_pretrain_recon_{tag}_seed{s}_fold{k}",
+                        f"survset_pretrain_recon_seed{s}_fold{k}, {label} (its processors, the table attached)",
+                        folder[s],
+                        k,
+                        f"data.processor_dir={W}/survset/{procs}",
+                        f"data.processor_settings={settings}",
+                        f"seed={s}",
+                        f"loss.reconstruction={RECON}",
+                        minutes=2,
+                        needs=[f"survset_genefeat_processors_seed{s}_fold{k}"],
+                    )
+                )
+                continue
             parts.append(
                 Part(
                     f"survset_genefeat_processors_seed{s}_fold{k}",
@@ -2274,38 +2302,47 @@ def _gene_feature_parts() -> list[Part]:
                 )
             )
     for frac in ("0.5", "0.25"):  # of the labels; 0.5 first: the primary
-        runs, k_runs = {}, {}
+        runs, k_runs, t_runs = {}, {}, {}
         for pre, init in FIVE_SEEDS[:3]:
             key, sfx = f"pre{pre}_init{init}", _pair_suffix(pre, init)
             k_runs[key] = reuse = f"survival_cv_labeff_tf{frac}_recon{RECON}_selcv{sfx}"
-            runs[key] = run = f"survival_cv_labeff_tf{frac}_recon{RECON}_genefeat_selcv{sfx}"
+            t_runs[key] = f"survival_cv_labeff_tf{frac}_recon{RECON}_genefeat_selcv{sfx}"
+            runs[key] = run = f"survival_cv_labeff_tf{frac}_recon{RECON}_{tag}_selcv{sfx}"
             parts.append(
                 Part(
                     run,
-                    f"embedding-Cox arms by inner CV on the gene-feature backbones of seed {pre}, init seed {init}, "
+                    f"embedding-Cox arms by inner CV on the backbones {label}, seed {pre}, init seed {init}, "
                     f"{frac} of the labels (baselines read back from protocol K's run)",
                     _emb_cox(run, folder[pre], frac, init, (reuse,), extra=SELECT_CV),
                     f"survset/{run}/survival_cv.json",
-                    needs=[reuse, *(f"survset_pretrain_recon_genefeat_seed{pre}_fold{k}" for k in range(5))],
+                    needs=[reuse, *(f"survset_pretrain_recon_{tag}_seed{pre}_fold{k}" for k in range(5))],
                     minutes=2,
                     optional=True,
                 )
             )
-        what = f"the 3 seed pairs on the gene-feature backbones combined (inner CV), {frac} of the labels"
-        parts.append(_spread(f"seed_spread_labeff_tf{frac}_recon{RECON}_genefeat_selcv3", runs, what))
-        what = f"with - without gene features, paired per seed pair (3), {frac} of the labels"
-        out = f"genefeat_tf{frac}_recon{RECON}_minus_plain"
+        what = f"the 3 seed pairs on the backbones {label} combined (inner CV), {frac} of the labels"
+        parts.append(_spread(f"seed_spread_labeff_tf{frac}_recon{RECON}_{tag}_selcv3", runs, what))
+        what = f"{label} - without gene features, paired per seed pair (3), {frac} of the labels"
+        out = f"{tag}_tf{frac}_recon{RECON}_minus_plain"
         parts.append(_spread(out, runs, what, against=(k_runs, "without gene features")))
-    argv = [PY, "benchmarks/corpus_curve.py", "--x", "steps"]  # both 400 steps: the families in the order given
+        if protocol != "T":
+            what = f"{label} - protocol T's row + W @ features, paired per seed pair (3), {frac} of the labels"
+            out = f"{tag}_tf{frac}_recon{RECON}_minus_genefeat"
+            parts.append(_spread(out, runs, what, against=(t_runs, "row + W @ features")))
+    argv = [PY, "benchmarks/corpus_curve.py", "--x", "steps"]  # all 400 steps: the families in the order given
     argv += ["--backbones", "plain", f"{W}/survset/{_recon_backbones('[012]')}/fold*"]
-    argv += ["--backbones", "gene features", f"{W}/survset/{folder[0].replace('seed0', 'seed[012]')}/fold*"]
+    names = ["genefeat"] if protocol == "T" else ["genefeat", tag]
+    for name in names:
+        pattern = f"{W}/survset/pretrain_cvfolds_recon{RECON}_{name}_seed[012]/fold*"
+        argv += ["--backbones", GENE_FEATURE_VARIANTS["T" if name == "genefeat" else protocol][2], pattern]
+    out = "genefeat_label_free" if protocol == "T" else f"{tag}_label_free"
     parts.append(
         Part(
-            "survset_genefeat_label_free",
-            "the gene-feature backbones' held-out numbers beside K's (the same folds and seeds)",
-            [*argv, "--output_dir", f"{W}/survset/genefeat_label_free"],
-            "survset/genefeat_label_free/corpus_curve.json",
-            needs=[f"survset_pretrain_recon_genefeat_seed{s}_fold{k}" for s in range(3) for k in range(5)],
+            f"survset_{out}",
+            f"the backbones {label}: their held-out numbers beside K's (the same folds and seeds)",
+            [*argv, "--output_dir", f"{W}/survset/{out}"],
+            f"survset/{out}/corpus_curve.json",
+            needs=[f"survset_pretrain_recon_{n}_seed{s}_fold{k}" for n in names for s in range(3) for k in range(5)],
             minutes=0.5,
             optional=True,
         )
@@ -2478,7 +2515,8 @@ PARTS: list[Part] = [
     *_corpus_parts(),
     *_steps_parts(),
     *_step_choice_parts(),
-    *_gene_feature_parts(),
+    *_gene_feature_parts("T"),
+    *_gene_feature_parts("U"),
 ]
 
 

@@ -387,3 +387,24 @@ def test_reused_processors_accept_the_same_feature_file_named_differently(tmp_pa
     assert not _same_file("gene_features_file", str(features), str(other))
     assert not _same_file("top_k", "1", "1")  # only file settings
     assert not _same_file("gene_features_file", str(features), str(tmp_path / "missing"))
+
+
+def test_replace_mode_reads_features_alone_where_a_gene_has_them():
+    """``gene_feature_mode: replace``: an annotated gene's identity is ``W @ features`` only (its row gets no
+    gradient); a gene without features (all zeros) keeps its row."""
+    torch.manual_seed(0)
+    emb = OmicsEmbedder("omics", OmicsConfig(num_genes=6, gene_feature_dim=4, gene_feature_mode="replace"), 8)
+    ids = torch.tensor([[1, 4, 5]])
+    values = torch.tensor([[0.5, -1.0, 0.3]])
+    feats = torch.randn(1, 3, 4)
+    feats[0, 2] = 0.0  # gene 5: no annotation
+    tokens, _ = emb.embed({"gene_ids": ids, "values": values, "gene_features": feats})
+    identity = feats @ emb.gene_feature_proj.weight.T
+    identity[0, 2] = emb.gene_embeddings.weight[5]
+    torch.testing.assert_close(tokens, identity + emb.value_encoder(values))
+    (tokens**2).sum().backward()
+    grad = emb.gene_embeddings.weight.grad
+    assert not grad[[1, 4]].any() and grad[5].abs().sum() > 0
+    assert emb.gene_feature_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="gene_feature_mode"):
+        OmicsConfig(gene_feature_dim=4, gene_feature_mode="concat")

@@ -11,6 +11,7 @@ from ...layers import ScalarEncoder
 from ..embedder import ModalityEmbedder, require_positive
 
 VALUE_EMBEDDINGS = ("shared", "per_gene")
+GENE_FEATURE_MODES = ("add", "replace")
 
 
 @dataclass
@@ -30,17 +31,24 @@ class OmicsConfig:
             ``gene_features_file``; set from the processor), and the identity is ``row + W @ features`` with one
             learned ``d x gene_feature_dim`` matrix ``W`` shared by all genes, so what ``W`` learns reaches genes
             that were never tokens in pretraining and genes added later.
+        gene_feature_mode: with ``gene_feature_dim``: ``"add"`` (default) ``row + W @ features``; ``"replace"``: a
+            gene with features is ``W @ features`` alone (its row is never read, so it never trains), a gene without
+            (all-zero features: no annotation, anonymous ids) keeps its row. The model cannot learn a free identity
+            per annotated gene, only what its annotation implies.
     """
 
     num_genes: int = 20000
     num_value_bands: int = 16
     value_embedding: str = "shared"
     gene_feature_dim: int = 0
+    gene_feature_mode: str = "add"
 
     def __post_init__(self) -> None:
         require_positive(num_genes=self.num_genes, num_value_bands=self.num_value_bands)
         if self.gene_feature_dim < 0:
             raise ValueError(f"gene_feature_dim must be >= 0, got {self.gene_feature_dim}")
+        if self.gene_feature_mode not in GENE_FEATURE_MODES:
+            raise ValueError(f"gene_feature_mode must be one of {GENE_FEATURE_MODES}, got {self.gene_feature_mode!r}")
         if self.value_embedding not in VALUE_EMBEDDINGS:
             raise ValueError(f"value_embedding must be one of {VALUE_EMBEDDINGS}, got {self.value_embedding!r}")
 
@@ -70,7 +78,8 @@ class OmicsEmbedder(ModalityEmbedder):
         self.gene_feature_proj = nn.Linear(dim, d_input, bias=False) if dim else None
 
     def _gene_vectors(self, inputs: dict[str, torch.Tensor], ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """A token's gene identity: its embedding row, plus ``W @ features`` with ``gene_feature_dim`` (B, G, D)."""
+        """A token's gene identity (B, G, D): its embedding row, plus ``W @ features`` with ``gene_feature_dim``
+        (``gene_feature_mode: replace``: ``W @ features`` alone where the features are not all zero)."""
         out = self.gene_embeddings(ids)
         feats = inputs.get("gene_features")
         if self.gene_feature_proj is None:
@@ -89,7 +98,10 @@ class OmicsEmbedder(ModalityEmbedder):
                 "gene_features_file)"
             )
         feats = torch.where(keep[..., None], feats.to(out.dtype), torch.zeros((), dtype=out.dtype, device=out.device))
-        return out + self.gene_feature_proj(feats)
+        mapped = self.gene_feature_proj(feats)
+        if self.config.gene_feature_mode == "replace":
+            return torch.where((feats != 0).any(-1, keepdim=True), mapped, out)
+        return out + mapped
 
     def matmul_flops(self, inputs):
         fc1, fc2 = self.value_encoder.fc1, self.value_encoder.fc2  # its input depends on learned frequencies
