@@ -180,6 +180,40 @@ def token_overlap(token_sets: list[np.ndarray], block: int = 1024) -> float:
     return float(total / (n * (n - 1)))
 
 
+def identity_lengths(run: Path, modality: str, proc, trained: np.ndarray) -> dict:
+    """How long each part of a gene's identity is after pretraining (mean Euclidean length over genes): its embedding
+    row, for trained and untrained rows apart, and with gene features (``gene_feature_dim``) the shared map's
+    ``W @ features`` over the genes that have features, and how the parts combine (``gene_feature_mode``). A part
+    that pretraining left near its initialisation stays at about the length it started with."""
+    from safetensors import safe_open
+
+    prefix = f"embedders.{modality}."
+    with safe_open(str(run / "final" / "model.safetensors"), framework="numpy") as f:
+        names = set(f.keys())  # safetensors' handle lists its tensors only through keys()
+        rows = f.get_tensor(prefix + "gene_embeddings.weight")
+        key = prefix + "gene_feature_proj.weight"
+        proj = f.get_tensor(key) if key in names else None
+    norms = np.linalg.norm(rows, axis=1)
+    mask = np.zeros(len(rows), dtype=bool)
+    mask[: len(trained)] = trained[: len(rows)]
+    out = {
+        "row_trained": float(norms[mask].mean()) if mask.any() else None,
+        "row_untrained": float(norms[~mask].mean()) if (~mask).any() else None,
+    }
+    feats = getattr(proc.processors[modality], "_gene_features", None)
+    if proj is not None and feats is not None:
+        has = np.abs(feats).sum(axis=1) > 0
+        mapped = np.linalg.norm(feats[has] @ proj.T, axis=1)
+        config = json.loads((run / "final" / "config.json").read_text())["modalities"][modality]
+        out |= {
+            "features_map": float(mapped.mean()),
+            "genes_with_features": int(has.sum()),
+            "mode": config.get("gene_feature_mode", "add"),
+            "map_entry_sd": float(proj.std()),
+        }
+    return out
+
+
 def run_coverage(run: Path, manifests: list, modality: str | None) -> dict:
     """One run's coverage of the cohorts of ``manifests`` (loaded once for every run)."""
     from bioperceiver.data import BioPerceiverProcessor
@@ -188,6 +222,7 @@ def run_coverage(run: Path, manifests: list, modality: str | None) -> dict:
     modality = omics_modality(proc, modality)
     trained, info = trained_rows(run, modality)
     out = {**info, "modality": modality, "vocabulary_share_trained": float(trained.mean()), "cohorts": {}}
+    out["identity_lengths"] = identity_lengths(run, modality, proc, trained)
     for manifest in manifests:
         label = Path(manifest.path).parent.name if len(manifests) > 1 else ""
         table = manifest.table
@@ -220,6 +255,18 @@ def report(result: dict) -> str:
             f"### {run}: {r['trained']} of {r['vocabulary']} gene embeddings trained "
             f"({r['vocabulary_share_trained']:.3f}); `{r['checkpoint']}`\n"
         )
+        if lengths := r.get("identity_lengths"):
+            text = ", ".join(
+                f"{what} {lengths[key]:.3f}"
+                for key, what in (
+                    ("row_trained", "trained rows"),
+                    ("row_untrained", "untrained rows"),
+                    ("features_map", "W @ features"),
+                )
+                if lengths.get(key) is not None
+            )
+            mode = f" (gene_feature_mode {lengths['mode']})" if "mode" in lengths else ""
+            lines.append(f"Mean length of a gene's identity parts: {text}{mode}.\n")
         rows = [
             {
                 "cohort": c,
@@ -265,6 +312,17 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def run_names(runs: list[str]) -> dict[str, str]:
+    """Each run folder's name in the outputs: its own (``fold0``), or with its parent's where two would share one
+    (``..._seed1/fold0`` and ``..._seed2/fold0``)."""
+    names = [Path(r).name for r in runs]
+    clash = len(set(names)) < len(names)
+    out = {f"{Path(r).parent.name}/{Path(r).name}" if clash else Path(r).name: r for r in runs}
+    if len(out) < len(runs):
+        raise ValueError(f"--runs names the same folder twice: {runs}")
+    return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", nargs="+", required=True, help="pretraining output_dir(s) (checkpoints/ and final/)")
@@ -285,7 +343,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "gene_embedding_coverage",
         "argv": sys.argv[1:] if argv is None else list(argv),
-        "runs": {Path(r).name: run_coverage(Path(r), manifests, args.modality) for r in args.runs},
+        "runs": {name: run_coverage(Path(r), manifests, args.modality) for name, r in run_names(args.runs).items()},
     }
     (out / "coverage.json").write_text(json.dumps(result, indent=1))
     (out / "coverage.md").write_text(report(result))

@@ -408,3 +408,33 @@ def test_replace_mode_reads_features_alone_where_a_gene_has_them():
     assert emb.gene_feature_proj.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="gene_feature_mode"):
         OmicsConfig(gene_feature_dim=4, gene_feature_mode="concat")
+
+
+def test_coverage_reports_the_length_of_each_part_of_a_gene_s_identity(tmp_path, pretrained):
+    """``benchmarks/gene_embedding_coverage.py``'s identity lengths: the rows' (trained and untrained apart) and the
+    shared map's ``W @ features`` over the genes with features, against a computation by hand."""
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    cov = load_script("benchmarks/gene_embedding_coverage.py")
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run / "final")
+    proc = BioPerceiverProcessor.from_pretrained(run / "final")
+    weights = load_file(str(run / "final" / "model.safetensors"))
+    rows = weights["embedders.omics_expression.gene_embeddings.weight"]
+    proj = weights["embedders.omics_expression.gene_feature_proj.weight"]
+    trained = np.array([True, False] * 4)
+    got = cov.identity_lengths(run, "omics_expression", proc, trained)
+    norms = np.linalg.norm(rows, axis=1)
+    feats = proc.processors["omics_expression"]._gene_features
+    has = np.abs(feats).sum(1) > 0
+    assert got["row_trained"] == pytest.approx(norms[trained].mean())
+    assert got["row_untrained"] == pytest.approx(norms[~trained].mean())
+    assert got["features_map"] == pytest.approx(np.linalg.norm(feats[has] @ proj.T, axis=1).mean(), rel=1e-5)
+    assert got["genes_with_features"] == 7 and got["mode"] == "add"
+    assert cov.run_names(["a/seed1/fold0", "a/seed2/fold0"]) == {
+        "seed1/fold0": "a/seed1/fold0",
+        "seed2/fold0": "a/seed2/fold0",
+    }
+    assert cov.run_names(["a/fold0", "a/fold1"]) == {"fold0": "a/fold0", "fold1": "a/fold1"}
