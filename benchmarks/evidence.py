@@ -2335,6 +2335,22 @@ def _gene_feature_parts(protocol: str = "T") -> list[Part]:
     for name in names:
         pattern = f"{W}/survset/pretrain_cvfolds_recon{RECON}_{name}_seed[012]/fold*"
         argv += ["--backbones", GENE_FEATURE_VARIANTS["T" if name == "genefeat" else protocol][2], pattern]
+    coverage = f"{tag}_identity_lengths"  # the parts of a gene's identity after pretraining (T: also K's rows)
+    folders = [folder[s] for s in range(3)] + ([_recon_backbones(s) for s in range(3)] if protocol == "T" else [])
+    argv_cov = [PY, "benchmarks/gene_embedding_coverage.py", "--runs"]
+    argv_cov += [f"{W}/survset/{f}/fold{k}" for f in folders for k in range(5)]
+    argv_cov += ["--manifest", f"{W}/survset/dev_cohort/manifest.parquet", "--output_dir", f"{W}/survset/{coverage}"]
+    parts.append(
+        Part(
+            f"survset_{coverage}",
+            f"the backbones {label}: the length of each part of a gene identity after pretraining, the trained rows",
+            argv_cov,
+            f"survset/{coverage}/coverage.json",
+            needs=[f"survset_pretrain_recon_{tag}_seed{s}_fold{k}" for s in range(3) for k in range(5)],
+            minutes=3,
+            optional=True,
+        )
+    )
     out = "genefeat_label_free" if protocol == "T" else f"{tag}_label_free"
     parts.append(
         Part(
