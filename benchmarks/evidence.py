@@ -2346,7 +2346,12 @@ def _gene_feature_parts(protocol: str = "T") -> list[Part]:
             f"the backbones {label}: the length of each part of a gene identity after pretraining, the trained rows",
             argv_cov,
             f"survset/{coverage}/coverage.json",
-            needs=[f"survset_pretrain_recon_{tag}_seed{s}_fold{k}" for s in range(3) for k in range(5)],
+            needs=[
+                f"survset_pretrain_recon_{name}seed{s}_fold{k}"
+                for name in ([f"{tag}_", ""] if protocol == "T" else [f"{tag}_"])
+                for s in range(3)
+                for k in range(5)
+            ],
             minutes=3,
             optional=True,
         )
