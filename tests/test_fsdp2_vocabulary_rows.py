@@ -50,6 +50,9 @@ def _worker(rank, world, port, queue):
         masks = trained_vocabulary_masks(model, optimizer)  # every process calls it: a collective
         local = {k: v.to_local() if hasattr(v, "to_local") else v for k, v in masks.items()}  # a shard: its rows
         queue.put((rank, {k: (type(v).__name__, local[k].numpy().copy()) for k, v in masks.items()}))
+        # both ranks tear down together: a rank that destroys its gloo group while its peer is still in the last
+        # collective can die in teardown ("terminate called without an active exception"; seen once under load)
+        dist.barrier()
     except Exception as e:  # the test reports it at once instead of waiting on the queue
         queue.put((rank, repr(e)))
         raise
