@@ -38,3 +38,28 @@ def cohort_manifest(base: Path, name: str, genes: list[str], shift: float, seed:
         }
     )
     return write_manifest(table, base / f"{name}_manifest.parquet")
+
+
+def pretrained_backbone(base: Path, **omics_settings) -> Path:
+    """A backbone as a user downloads one: random-init ``bioperceiver_debug`` weights saved with processors fitted on
+    a development cohort (genes G0..G7, per-source z-scores, ``omics_settings`` added), in ``base/pretrained``."""
+    import torch
+
+    import bioperceiver as bp
+    from bioperceiver.data import BioPerceiverProcessor, read_manifest
+    from bioperceiver.modalities.omics.processor import OmicsProcessor
+    from bioperceiver.modalities.tabular.processor import TabularProcessor
+
+    manifest = read_manifest(cohort_manifest(base, "dev", [f"G{i}" for i in range(8)], 0.0, 0))
+    proc = BioPerceiverProcessor(
+        {
+            "omics_expression": OmicsProcessor(normalization="none", zscore="per_source", **omics_settings),
+            "tabular_clinical": TabularProcessor(),
+        }
+    ).fit(manifest)
+    torch.manual_seed(0)
+    backbone = bp.create_model("bioperceiver_debug", modalities=proc.model_modalities())
+    pre = base / "pretrained"
+    backbone.save_pretrained(pre)
+    proc.save_pretrained(pre)
+    return pre

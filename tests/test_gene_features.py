@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from omics_fixtures import cohort_manifest, expression_matrix
+from omics_fixtures import cohort_manifest, expression_matrix, pretrained_backbone
 from scipy import sparse
 from script_loader import load_script
 from sklearn.decomposition import TruncatedSVD
@@ -294,21 +294,7 @@ def _manifest(tmp_path: Path, name: str, genes: list[str], n: int, seed: int) ->
 
 @pytest.fixture
 def pretrained(tmp_path, features) -> Path:
-    manifest = read_manifest(_manifest(tmp_path, "dev", [f"G{i}" for i in range(8)], 48, 0))
-    proc = BioPerceiverProcessor(
-        {
-            "omics_expression": OmicsProcessor(
-                normalization="none", zscore="per_source", gene_features_file=str(features)
-            ),
-            "tabular_clinical": TabularProcessor(),
-        }
-    ).fit(manifest)
-    torch.manual_seed(0)
-    backbone = bp.create_model("bioperceiver_debug", modalities=proc.model_modalities())
-    pre = tmp_path / "pretrained"
-    backbone.save_pretrained(pre)
-    proc.save_pretrained(pre)
-    return pre
+    return pretrained_backbone(tmp_path, gene_features_file=str(features))
 
 
 def test_a_saved_model_with_gene_features_loads_and_embeds_alike(tmp_path, pretrained):

@@ -14,10 +14,11 @@ import torch
 from conftest import tiny_config
 from omics_fixtures import cohort_manifest as _cohort_manifest
 from omics_fixtures import expression_matrix as _matrix
+from omics_fixtures import pretrained_backbone
 from script_loader import load_script
 
 import bioperceiver as bp
-from bioperceiver.data import BioPerceiverProcessor, read_manifest
+from bioperceiver.data import BioPerceiverProcessor
 from bioperceiver.data.errors import DataError
 from bioperceiver.modalities.omics.processor import OmicsProcessor
 from bioperceiver.modalities.processor import sum_statistics
@@ -211,19 +212,7 @@ def _load_script():
 
 @pytest.fixture
 def pretrained(tmp_path) -> Path:
-    manifest = read_manifest(_cohort_manifest(tmp_path, "dev", _genes(0, 8), 0.0, 0))
-    proc = BioPerceiverProcessor(
-        {
-            "omics_expression": OmicsProcessor(normalization="none", zscore="per_source"),
-            "tabular_clinical": TabularProcessor(),
-        }
-    ).fit(manifest)
-    torch.manual_seed(0)
-    backbone = bp.create_model("bioperceiver_debug", modalities=proc.model_modalities())
-    pre = tmp_path / "pretrained"
-    backbone.save_pretrained(pre)
-    proc.save_pretrained(pre)
-    return pre
+    return pretrained_backbone(tmp_path)
 
 
 def _finetune(manifest: Path, pre: Path, out: Path, *args: str) -> dict:
