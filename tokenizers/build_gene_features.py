@@ -63,7 +63,7 @@ def attach(features: Path, processor_dir: Path, output_dir: Path, modalities: li
     if output_dir.resolve() == processor_dir.resolve():
         raise ValueError(f"--output_dir {output_dir} is the fitted folder itself: write the copy elsewhere")
     processor = BioPerceiverProcessor.from_pretrained(processor_dir)
-    omics = [name for name, proc in processor.processors.items() if proc.kind == "omics"]
+    omics = [name for name, proc in processor.processors.items() if hasattr(proc, "attach_gene_features")]
     chosen = modalities or omics
     unknown = sorted(set(chosen) - set(omics))
     if unknown or not chosen:
