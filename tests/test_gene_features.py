@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ import bioperceiver as bp
 from bioperceiver.data import BioPerceiverProcessor, read_manifest
 from bioperceiver.data.errors import DataError
 from bioperceiver.modalities.omics.embedder import OmicsConfig, OmicsEmbedder
-from bioperceiver.modalities.omics.gene_features import GeneFeatures, build_gene_features
+from bioperceiver.modalities.omics.gene_features import FILE_FORMAT, GeneFeatures, build_gene_features
 from bioperceiver.modalities.omics.processor import OmicsProcessor
 from bioperceiver.modalities.registry import get_modality
 from bioperceiver.modalities.tabular.processor import TabularProcessor
@@ -133,6 +135,27 @@ def test_file_round_trip_and_errors(orgdb, tmp_path):
     assert again.symbols == table.symbols and again.aliases == table.aliases and again.source == table.source
     np.testing.assert_allclose(again.matrix, table.matrix, atol=1e-3)  # float16 on disk
     assert again.sha256 == table.sha256
+    # the same bytes from another process (another hash seed): a saved processor's fingerprint must not change
+    code = (
+        "import sys; from bioperceiver.modalities.omics.gene_features import GeneFeatures; "
+        "GeneFeatures.load(sys.argv[1]).save(sys.argv[2])"
+    )
+    for seed in ("1", "2"):
+        other = tmp_path / f"again{seed}.safetensors"
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-c", code, str(path), str(other)], check=True, env=env)
+        assert other.read_bytes() == path.read_bytes()
+    # a file of the first layout (one metadata entry per field) still loads
+    from safetensors.torch import save_file as save_torch
+
+    legacy = {k: json.dumps(getattr(table, k)) for k in ("symbols", "aliases", "source")}
+    old = tmp_path / "first_layout.safetensors"
+    save_torch(
+        {"features": torch.from_numpy(table.matrix.astype(np.float16))},
+        str(old),
+        metadata={"format": FILE_FORMAT, **legacy},
+    )
+    assert GeneFeatures.load(old).sha256 == table.sha256
     with pytest.raises(FileNotFoundError, match=r"build_gene_features\.py"):
         GeneFeatures.load(tmp_path / "missing.safetensors")
     from safetensors.torch import save_file

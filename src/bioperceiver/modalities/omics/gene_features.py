@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 # org.Hs.eg.db table -> its term column (each row: an Entrez gene's internal ``_id`` and one term)
 ANNOTATION_TABLES = {"go_bp": "go_id", "go_mf": "go_id", "go_cc": "go_id", "kegg": "path_id"}
 FILE_FORMAT = "bioperceiver-gene-features/1"
+META_KEY = "bioperceiver_gene_features"
 
 
 @dataclass
@@ -103,11 +104,13 @@ class GeneFeatures:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        # one metadata entry: safetensors writes several in hash order, which would make the bytes (and so a saved
+        # processor's fingerprint, which shards and caches check) differ from process to process
         meta = {
-            "format": FILE_FORMAT,
-            "symbols": json.dumps(self.symbols),
-            "aliases": json.dumps(self.aliases, sort_keys=True),
-            "source": json.dumps(self.source, sort_keys=True),
+            META_KEY: json.dumps(
+                {"format": FILE_FORMAT, "symbols": self.symbols, "aliases": self.aliases, "source": self.source},
+                sort_keys=True,
+            )
         }
         tmp = path.with_name(path.name + ".tmp")
         save_file({"features": torch.from_numpy(self.matrix.astype(np.float16))}, str(tmp), metadata=meta)
@@ -129,11 +132,15 @@ class GeneFeatures:
             )
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
-            if meta.get("format") != FILE_FORMAT:
-                fmt = meta.get("format")
+            if META_KEY in meta:
+                fields = json.loads(meta[META_KEY])
+            else:  # one entry per field, each a JSON string: the first files' layout (before 2026-12-06 13:10)
+                fields = {k: v if k == "format" else json.loads(v) for k, v in meta.items()}
+            if fields.get("format") != FILE_FORMAT:
+                fmt = fields.get("format")
                 raise ValueError(f"{path} is not a gene feature file (format {fmt!r}, not {FILE_FORMAT})")
             matrix = f.get_tensor("features").astype(np.float32)
-        return cls(json.loads(meta["symbols"]), matrix, json.loads(meta["aliases"]), json.loads(meta["source"]))
+        return cls(fields["symbols"], matrix, fields["aliases"], fields["source"])
 
 
 def _annotations(con: sqlite3.Connection, tables: Iterable[str]) -> dict[int, set[str]]:
