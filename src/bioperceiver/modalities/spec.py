@@ -223,7 +223,7 @@ class ModalitySpec:
                 continue
             n = len(a[first])
             for k in out:
-                if k in a and k in keys:
+                if k in a:
                     if len(a[k]) != n:
                         raise DataError(
                             "wrong_shape",
