@@ -384,18 +384,18 @@ def test_cli_attaches_features_to_a_fitted_folder_without_touching_it(tmp_path, 
         script.attach(features, tmp_path / "fitted", tmp_path / "x", ["tabular_clinical"])
 
 
-def test_reused_processors_accept_the_same_feature_file_named_differently(tmp_path, features):
-    from bioperceiver.training.loop import _same_file
+def test_settings_checks_accept_the_same_feature_file_named_differently(tmp_path, features):
+    from bioperceiver.data.processing import same_setting
 
     copy = tmp_path / "copy.safetensors"
     copy.write_bytes(features.read_bytes())
     relative = os.path.relpath(features)
-    assert _same_file("gene_features_file", str(features), relative)
-    assert _same_file("gene_features_file", str(features), str(copy))  # the same bytes
+    assert same_setting("gene_features_file", str(features), relative)
+    assert same_setting("gene_features_file", str(features), str(copy))  # the same bytes
     other = GeneFeatures(["A", "B"], np.eye(2), {}, {}).save(tmp_path / "other.safetensors")
-    assert not _same_file("gene_features_file", str(features), str(other))
-    assert not _same_file("top_k", "1", "1")  # only file settings
-    assert not _same_file("gene_features_file", str(features), str(tmp_path / "missing"))
+    assert not same_setting("gene_features_file", str(features), str(other))
+    assert same_setting("top_k", 1, 1) and not same_setting("top_k", "a", "./a")  # paths only for file settings
+    assert not same_setting("gene_features_file", str(features), str(tmp_path / "missing"))
 
 
 def test_replace_mode_reads_features_alone_where_a_gene_has_them():

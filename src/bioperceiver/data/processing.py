@@ -127,6 +127,22 @@ def load_processor_settings(path: str | os.PathLike | None) -> ProcessorSettings
     return ProcessorSettings(processors, embedders, source=path, unknown_keys=unknown)
 
 
+def same_setting(key: str, a: Any, b: Any) -> bool:
+    """Whether two values of one processor setting mean the same: equal, or for a file setting (``..._file``) the
+    same path written differently (relative / absolute) or a copy with the same bytes. Used wherever a run compares
+    the settings it was given with those a saved processor was fitted with."""
+    if a == b:
+        return True
+    if not key.endswith("_file") or not isinstance(a, str) or not isinstance(b, str):
+        return False
+    pa, pb = Path(a), Path(b)
+    if not (pa.is_file() and pb.is_file()):
+        return False
+    from ..hashing import file_sha256
+
+    return pa.resolve() == pb.resolve() or file_sha256(pa) == file_sha256(pb)
+
+
 def _resolve(value: Any, key: str, folder: Path) -> Any:
     if isinstance(value, str) and key.endswith(_PATH_SUFFIXES) and value and not Path(value).is_absolute():
         return str(folder / value)

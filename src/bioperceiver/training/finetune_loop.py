@@ -35,6 +35,7 @@ from ..data import (
 )
 from ..data.errors import DataError
 from ..data.manifest import is_missing
+from ..data.processing import same_setting
 from ..data.validate import ManifestError
 from ..evaluation.report import ReportSettings, evaluate_and_report, headline
 from ..factory import create_config
@@ -136,7 +137,7 @@ def warn_ignored_settings(section: str, given: dict, used: dict, why: str) -> li
             if key == "kind":
                 continue
             have = used[column].get(key, "<unset>")
-            if have != value:
+            if not same_setting(key, have, value):
                 differ.append(f"{section}.{column}.{key}: {value!r} given, {have!r} used")
     if differ:
         logger.warning(

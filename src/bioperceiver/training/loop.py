@@ -68,12 +68,11 @@ from ..data import (
     read_manifest,
 )
 from ..data.errors import check_on_error
-from ..data.processing import PROCESSOR_INDEX
+from ..data.processing import PROCESSOR_INDEX, same_setting
 from ..data.sampler import token_budget_chunks
 from ..data.shards import ShardedDataset, batch_to_device, check_cached_features
 from ..data.validate import ManifestError, check_manifest_before_work
 from ..factory import create_model
-from ..hashing import file_sha256
 from ..jsonio import dumps
 from ..layers.projection import PROJECTION_HEAD_FILE, save_projection_head
 from .checkpointing import (
@@ -323,17 +322,6 @@ def prepare_data(config: PretrainConfig, accelerator, out: Path, settings_root: 
     return manifest, processor, embedders
 
 
-def _same_file(key: str, a, b) -> bool:
-    """Two values of a file setting (``..._file``) name the same content: the same path written differently
-    (relative / absolute), or a copy with the same bytes."""
-    if not key.endswith("_file") or not isinstance(a, str) or not isinstance(b, str):
-        return False
-    pa, pb = Path(a), Path(b)
-    if not (pa.is_file() and pb.is_file()):
-        return False
-    return pa.resolve() == pb.resolve() or file_sha256(pa) == file_sha256(pb)
-
-
 def check_reused_processors(saved: BioPerceiverProcessor, wanted: BioPerceiverProcessor, proc_dir: Path) -> None:
     """Processors already in ``data.processor_dir`` (an earlier run's, or fitted by ``fit_processors.py``) are
     reused only when they were fitted with this run's settings for every modality of the manifest; otherwise a
@@ -353,7 +341,7 @@ def check_reused_processors(saved: BioPerceiverProcessor, wanted: BioPerceiverPr
         diff = [
             f"{k} {have.get(k)!r} (saved) vs {want.get(k)!r} (now)"
             for k in sorted(want)
-            if have.get(k) != want[k] and have.get(k) != "legacy" and not _same_file(k, have.get(k), want[k])
+            if have.get(k) != want[k] and have.get(k) != "legacy" and not same_setting(k, have.get(k), want[k])
         ]
         if diff:
             problems.append(f"{name}: " + ", ".join(diff))
