@@ -2371,6 +2371,73 @@ def _gene_feature_parts(protocol: str = "T") -> list[Part]:
     return parts
 
 
+WIDER = ("model.overrides.d_latents=64", "model.overrides.d_input=64", "model.overrides.num_latents=16")
+WIDER = (*WIDER, "model.overrides.projection_dim=32")  # protocol V: 2x the preset's width and latents
+
+
+def _wider_parts() -> list[Part]:
+    """Optional: protocol V (twenty-sixth session): a wider backbone (``WIDER``: 64 wide, 16 latents, a 32-d
+    projection, against the recipe's ``bioperceiver_debug`` 32 / 8 / 16). Protocol K's processors of each fold and
+    seed (the same tokens), K's recipe otherwise (15 backbones), the embedding-Cox arms by inner CV at 50% and 25% of
+    the labels for seed pairs (0, 0), (1, 1), (2, 2) with K's baselines read back, each run paired with K's run of the
+    same seed pair (``--against``), and the label-free numbers beside K's."""
+    parts = []
+    folder = {s: f"pretrain_cvfolds_recon{RECON}_wide64_seed{s}" for s in range(3)}
+    for s in range(3):
+        for k in range(5):
+            parts.append(
+                _fold_backbone(
+                    f"survset_pretrain_recon_wide64_seed{s}_fold{k}",
+                    f"survset_pretrain_recon_seed{s}_fold{k} 64 wide with 16 latents (its processors)",
+                    folder[s],
+                    k,
+                    f"data.processor_dir={W}/survset/{_recon_backbones(s)}/fold{k}/processor",
+                    f"seed={s}",
+                    f"loss.reconstruction={RECON}",
+                    *WIDER,
+                    minutes=3.5,
+                    needs=[f"survset_pretrain_recon_seed{s}_fold{k}"],
+                )
+            )
+    for frac in ("0.5", "0.25"):  # of the labels; 0.5 first: the primary
+        runs, k_runs = {}, {}
+        for pre, init in FIVE_SEEDS[:3]:
+            key, sfx = f"pre{pre}_init{init}", _pair_suffix(pre, init)
+            k_runs[key] = reuse = f"survival_cv_labeff_tf{frac}_recon{RECON}_selcv{sfx}"
+            runs[key] = run = f"survival_cv_labeff_tf{frac}_recon{RECON}_wide64_selcv{sfx}"
+            parts.append(
+                Part(
+                    run,
+                    f"embedding-Cox arms by inner CV on the 64-wide backbones, seed {pre}, init seed {init}, "
+                    f"{frac} of the labels (baselines read back from protocol K's run)",
+                    _emb_cox(run, folder[pre], frac, init, (reuse,), extra=SELECT_CV),
+                    f"survset/{run}/survival_cv.json",
+                    needs=[reuse, *(f"survset_pretrain_recon_wide64_seed{pre}_fold{k}" for k in range(5))],
+                    minutes=3.5,
+                    optional=True,
+                )
+            )
+        what = f"the 3 seed pairs on the 64-wide backbones combined (inner CV), {frac} of the labels"
+        parts.append(_spread(f"seed_spread_labeff_tf{frac}_recon{RECON}_wide64_selcv3", runs, what))
+        what = f"64 wide - 32 wide (protocol K), paired per seed pair (3), {frac} of the labels"
+        parts.append(_spread(f"wide64_tf{frac}_recon{RECON}_minus_plain", runs, what, against=(k_runs, "32 wide")))
+    argv = [PY, "benchmarks/corpus_curve.py", "--x", "steps"]  # all 400 steps: the families in the order given
+    argv += ["--backbones", "plain", f"{W}/survset/{_recon_backbones('[012]')}/fold*"]
+    argv += ["--backbones", "64 wide", f"{W}/survset/pretrain_cvfolds_recon{RECON}_wide64_seed[012]/fold*"]
+    parts.append(
+        Part(
+            "survset_wide64_label_free",
+            "the 64-wide backbones: their held-out numbers beside K's (the same folds and seeds)",
+            [*argv, "--output_dir", f"{W}/survset/wide64_label_free"],
+            "survset/wide64_label_free/corpus_curve.json",
+            needs=[f"survset_pretrain_recon_wide64_seed{s}_fold{k}" for s in range(3) for k in range(5)],
+            minutes=0.5,
+            optional=True,
+        )
+    )
+    return parts
+
+
 # In run order. Minutes as measured on the shared 2-core VM on 2026-12-03 with other jobs running (load 4-8): about
 # 2.5 h in all there; on idle cores the parts ran about twice as fast.
 PARTS: list[Part] = [
@@ -2538,6 +2605,7 @@ PARTS: list[Part] = [
     *_step_choice_parts(),
     *_gene_feature_parts("T"),
     *_gene_feature_parts("U"),
+    *_wider_parts(),
 ]
 
 
