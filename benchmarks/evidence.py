@@ -2371,66 +2371,88 @@ def _gene_feature_parts(protocol: str = "T") -> list[Part]:
     return parts
 
 
-WIDER = ("model.overrides.d_latents=64", "model.overrides.d_input=64", "model.overrides.num_latents=16")
-WIDER = (*WIDER, "model.overrides.projection_dim=32")  # protocol V: 2x the preset's width and latents
+WIDTHS = {  # protocol -> (width, latents, pretraining seeds); the projection is half the width (the preset's ratio)
+    "V": (64, 16, (0, 1, 2)),
+    "W": (128, 32, (0,)),  # a one-seed pilot (exploratory)
+}
 
 
-def _wider_parts() -> list[Part]:
-    """Optional: protocol V (twenty-sixth session): a wider backbone (``WIDER``: 64 wide, 16 latents, a 32-d
-    projection, against the recipe's ``bioperceiver_debug`` 32 / 8 / 16). Protocol K's processors of each fold and
-    seed (the same tokens), K's recipe otherwise (15 backbones), the embedding-Cox arms by inner CV at 50% and 25% of
-    the labels for seed pairs (0, 0), (1, 1), (2, 2) with K's baselines read back, each run paired with K's run of the
-    same seed pair (``--against``), and the label-free numbers beside K's."""
+def _wider_overrides(width: int, latents: int) -> tuple[str, ...]:
+    return tuple(
+        f"model.overrides.{k}={v}"
+        for k, v in (("d_latents", width), ("d_input", width), ("num_latents", latents), ("projection_dim", width // 2))
+    )
+
+
+def _wider_parts(protocol: str = "V") -> list[Part]:
+    """Optional: protocols V and W (twenty-sixth session): a wider backbone than the recipe's ``bioperceiver_debug``
+    (32 wide, 8 latents, a 16-d projection): ``WIDTHS[protocol]``. Protocol K's processors of each fold and seed (the
+    same tokens), K's recipe otherwise, the embedding-Cox arms by inner CV at 50% and 25% of the labels for the seed
+    pairs (s, s) with K's baselines read back, each run paired with K's run of the same seed pair (``--against``; W's
+    also with V's), and the label-free numbers beside K's."""
+    width, latents, seeds = WIDTHS[protocol]
+    tag = f"wide{width}"
     parts = []
-    folder = {s: f"pretrain_cvfolds_recon{RECON}_wide64_seed{s}" for s in range(3)}
-    for s in range(3):
+    folder = {s: f"pretrain_cvfolds_recon{RECON}_{tag}_seed{s}" for s in seeds}
+    for s in seeds:
         for k in range(5):
             parts.append(
                 _fold_backbone(
-                    f"survset_pretrain_recon_wide64_seed{s}_fold{k}",
-                    f"survset_pretrain_recon_seed{s}_fold{k} 64 wide with 16 latents (its processors)",
+                    f"survset_pretrain_recon_{tag}_seed{s}_fold{k}",
+                    f"survset_pretrain_recon_seed{s}_fold{k} {width} wide with {latents} latents (its processors)",
                     folder[s],
                     k,
                     f"data.processor_dir={W}/survset/{_recon_backbones(s)}/fold{k}/processor",
                     f"seed={s}",
                     f"loss.reconstruction={RECON}",
-                    *WIDER,
-                    minutes=3.5,
+                    *_wider_overrides(width, latents),
+                    minutes=3.5 * (width // 64) ** 1.6,
                     needs=[f"survset_pretrain_recon_seed{s}_fold{k}"],
                 )
             )
     for frac in ("0.5", "0.25"):  # of the labels; 0.5 first: the primary
-        runs, k_runs = {}, {}
-        for pre, init in FIVE_SEEDS[:3]:
-            key, sfx = f"pre{pre}_init{init}", _pair_suffix(pre, init)
+        runs, k_runs, v_runs = {}, {}, {}
+        for s in seeds:
+            key, sfx = f"pre{s}_init{s}", _pair_suffix(s, s)
             k_runs[key] = reuse = f"survival_cv_labeff_tf{frac}_recon{RECON}_selcv{sfx}"
-            runs[key] = run = f"survival_cv_labeff_tf{frac}_recon{RECON}_wide64_selcv{sfx}"
+            v_runs[key] = f"survival_cv_labeff_tf{frac}_recon{RECON}_wide64_selcv{sfx}"
+            runs[key] = run = f"survival_cv_labeff_tf{frac}_recon{RECON}_{tag}_selcv{sfx}"
             parts.append(
                 Part(
                     run,
-                    f"embedding-Cox arms by inner CV on the 64-wide backbones, seed {pre}, init seed {init}, "
+                    f"embedding-Cox arms by inner CV on the {width}-wide backbones, seed {s}, init seed {s}, "
                     f"{frac} of the labels (baselines read back from protocol K's run)",
-                    _emb_cox(run, folder[pre], frac, init, (reuse,), extra=SELECT_CV),
+                    _emb_cox(run, folder[s], frac, s, (reuse,), extra=SELECT_CV),
                     f"survset/{run}/survival_cv.json",
-                    needs=[reuse, *(f"survset_pretrain_recon_wide64_seed{pre}_fold{k}" for k in range(5))],
+                    needs=[reuse, *(f"survset_pretrain_recon_{tag}_seed{s}_fold{k}" for k in range(5))],
                     minutes=3.5,
                     optional=True,
                 )
             )
-        what = f"the 3 seed pairs on the 64-wide backbones combined (inner CV), {frac} of the labels"
-        parts.append(_spread(f"seed_spread_labeff_tf{frac}_recon{RECON}_wide64_selcv3", runs, what))
-        what = f"64 wide - 32 wide (protocol K), paired per seed pair (3), {frac} of the labels"
-        parts.append(_spread(f"wide64_tf{frac}_recon{RECON}_minus_plain", runs, what, against=(k_runs, "32 wide")))
+        n = len(seeds)
+        what = f"the {n} seed pair(s) on the {width}-wide backbones combined (inner CV), {frac} of the labels"
+        parts.append(_spread(f"seed_spread_labeff_tf{frac}_recon{RECON}_{tag}_selcv{n}", runs, what))
+        what = f"{width} wide - 32 wide (protocol K), paired per seed pair ({n}), {frac} of the labels"
+        parts.append(_spread(f"{tag}_tf{frac}_recon{RECON}_minus_plain", runs, what, against=(k_runs, "32 wide")))
+        if protocol != "V":
+            what = f"{width} wide - 64 wide (protocol V), paired per seed pair ({n}), {frac} of the labels"
+            parts.append(_spread(f"{tag}_tf{frac}_recon{RECON}_minus_wide64", runs, what, against=(v_runs, "64 wide")))
     argv = [PY, "benchmarks/corpus_curve.py", "--x", "steps"]  # all 400 steps: the families in the order given
     argv += ["--backbones", "plain", f"{W}/survset/{_recon_backbones('[012]')}/fold*"]
-    argv += ["--backbones", "64 wide", f"{W}/survset/pretrain_cvfolds_recon{RECON}_wide64_seed[012]/fold*"]
+    for p in ("V", "W")[: ("V", "W").index(protocol) + 1]:
+        w, _, ss = WIDTHS[p]
+        argv += [
+            "--backbones",
+            f"{w} wide",
+            f"{W}/survset/pretrain_cvfolds_recon{RECON}_wide{w}_seed[{''.join(map(str, ss))}]/fold*",
+        ]
     parts.append(
         Part(
-            "survset_wide64_label_free",
-            "the 64-wide backbones: their held-out numbers beside K's (the same folds and seeds)",
-            [*argv, "--output_dir", f"{W}/survset/wide64_label_free"],
-            "survset/wide64_label_free/corpus_curve.json",
-            needs=[f"survset_pretrain_recon_wide64_seed{s}_fold{k}" for s in range(3) for k in range(5)],
+            f"survset_{tag}_label_free",
+            f"the {width}-wide backbones: their held-out numbers beside K's (the same folds and seeds)",
+            [*argv, "--output_dir", f"{W}/survset/{tag}_label_free"],
+            f"survset/{tag}_label_free/corpus_curve.json",
+            needs=[f"survset_pretrain_recon_{tag}_seed{s}_fold{k}" for s in seeds for k in range(5)],
             minutes=0.5,
             optional=True,
         )
@@ -2605,7 +2627,8 @@ PARTS: list[Part] = [
     *_step_choice_parts(),
     *_gene_feature_parts("T"),
     *_gene_feature_parts("U"),
-    *_wider_parts(),
+    *_wider_parts("V"),
+    *_wider_parts("W"),
 ]
 
 
