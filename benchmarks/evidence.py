@@ -2406,7 +2406,7 @@ def _wider_parts(protocol: str = "V") -> list[Part]:
                     f"seed={s}",
                     f"loss.reconstruction={RECON}",
                     *_wider_overrides(width, latents),
-                    minutes=3.5 * (width // 64) ** 1.6,
+                    minutes=3.5 if width == 64 else 10,
                     needs=[f"survset_pretrain_recon_seed{s}_fold{k}"],
                 )
             )
@@ -2438,14 +2438,11 @@ def _wider_parts(protocol: str = "V") -> list[Part]:
             what = f"{width} wide - 64 wide (protocol V), paired per seed pair ({n}), {frac} of the labels"
             parts.append(_spread(f"{tag}_tf{frac}_recon{RECON}_minus_wide64", runs, what, against=(v_runs, "64 wide")))
     argv = [PY, "benchmarks/corpus_curve.py", "--x", "steps"]  # all 400 steps: the families in the order given
-    argv += ["--backbones", "plain", f"{W}/survset/{_recon_backbones('[012]')}/fold*"]
+    pick = f"[{''.join(map(str, seeds))}]"  # every family on this protocol's seeds: the same folds and seeds
+    argv += ["--backbones", "plain", f"{W}/survset/{_recon_backbones(pick)}/fold*"]
     for p in ("V", "W")[: ("V", "W").index(protocol) + 1]:
-        w, _, ss = WIDTHS[p]
-        argv += [
-            "--backbones",
-            f"{w} wide",
-            f"{W}/survset/pretrain_cvfolds_recon{RECON}_wide{w}_seed[{''.join(map(str, ss))}]/fold*",
-        ]
+        w = WIDTHS[p][0]
+        argv += ["--backbones", f"{w} wide", f"{W}/survset/pretrain_cvfolds_recon{RECON}_wide{w}_seed{pick}/fold*"]
     parts.append(
         Part(
             f"survset_{tag}_label_free",
