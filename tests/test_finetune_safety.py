@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -674,6 +676,121 @@ def test_dropped_modality_values_are_summarised_per_split(cohort, tmp_path, capl
     clean = run_finetune.main(_argv(cohort, tmp_path / "clean"))
     assert clean["dropped_modality_values"] == {}
     assert "modality values dropped" not in (tmp_path / "clean" / "README.md").read_text()
+
+
+def test_dropped_values_are_checked_once_across_processes(cohort, tmp_path, monkeypatch):
+    """In a multi-process run each process checks every world-th row and the findings are gathered (before, every
+    process processed every row again: a full decoding pass per process on an image cohort). Threads stand in for
+    the processes and a barrier for ``all_gather_object``: with 2 and 3 of them each gets the one-process summary,
+    examples in the same order, and every row is processed once in all."""
+    data = _notes_emptied(cohort, tmp_path, "shared", {"train": [0, 1, 3, 4], "test": [1]})
+    captured = {}
+    real = finetune_loop.dropped_modality_values
+
+    def spy(*args, **kwargs):
+        captured.update(args=args, kwargs=kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_loop, "dropped_modality_values", spy)
+    whole = run_finetune.main(_argv(data, tmp_path / "out"))["dropped_modality_values"]
+    assert whole["train"]["text_note"]["dropped"] == 4 and whole["test"]["text_note"]["dropped"] == 1
+    assert whole["train"]["text_note"]["examples"] == data["blanked"]["train"][:3]
+
+    calls, lock = Counter(), threading.Lock()
+    checked = finetune_loop._DroppedValues.__getitem__
+
+    def counted(self, i):
+        with lock:
+            calls[threading.current_thread().name] += 1
+        return checked(self, i)
+
+    monkeypatch.setattr(finetune_loop._DroppedValues, "__getitem__", counted)
+    args, kwargs = captured["args"], {**captured["kwargs"], "num_workers": 0, "progress": False}
+    alone = real(*args, **kwargs)
+    assert alone == whole
+    one = calls.pop("MainThread")
+    assert one == len(cohort_rows(data, "train"))  # the validation and test rows were processed already
+    for world in (2, 3):
+        results = _as_processes(
+            world, lambda rank, gather, w=world: real(*args, **kwargs, share=(rank, w), gather=gather)
+        )
+        assert results == [whole] * world
+        assert sum(calls.values()) == one and max(calls.values()) <= -(-one // world)
+        calls.clear()
+
+
+def _as_processes(world: int, fn) -> list:
+    """``fn(rank, gather)`` in ``world`` threads named ``rank<r>``, standing in for processes; ``gather(obj)``: every
+    thread's obj in rank order (a barrier, like ``all_gather_object``). The results in rank order."""
+    barrier, slots, results = threading.Barrier(world, timeout=60), [None] * world, [None] * world
+
+    def gather(obj, rank):
+        slots[rank] = obj
+        barrier.wait()
+        out = list(slots)
+        barrier.wait()  # nobody writes the next gather's slot before every thread has read this one
+        return out
+
+    def run(rank):
+        results[rank] = fn(rank, lambda obj: gather(obj, rank))
+
+    threads = [threading.Thread(target=run, args=(r,), name=f"rank{r}") for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def _gather_worker(rank, world, port, queue):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        share = finetune_loop._process_share()
+        queue.put((rank, share, finetune_loop._all_gather_objects([(rank, f"found by {rank}")])))
+        dist.barrier()
+    except Exception as e:  # reported at once instead of waiting on the queue
+        queue.put((rank, repr(e), None))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_default_share_and_gather_are_the_process_groups():
+    """What ``dropped_modality_values`` uses when a launcher started the processes (2 gloo processes): each its
+    ``(rank, world)`` and every process's findings in rank order; ``(0, 1)`` without a process group."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    assert finetune_loop._process_share() == (0, 1)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_gather_worker, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = {rank: (share, gathered) for rank, share, gathered in (queue.get(timeout=180) for _ in procs)}
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    expected = [[(0, "found by 0")], [(1, "found by 1")]]
+    assert got == {0: ((0, 2), expected), 1: ((1, 2), expected)}
+    assert all(p.exitcode == 0 for p in procs)
+
+
+def cohort_rows(data, split: str) -> list[str]:
+    table = read_manifest(data["manifest"]).table
+    return list(table.loc[table["split"] == split, "sample_id"])
 
 
 def test_a_modality_that_loses_every_training_value_is_refused(cohort, tmp_path, capsys):

@@ -758,8 +758,35 @@ def _as_is(item):
     return item
 
 
+def _all_gather_objects(obj) -> list:
+    """``obj`` of every process, in rank order (``torch.distributed.all_gather_object``, a collective)."""
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _process_share() -> tuple[int, int]:
+    """``(rank, world size)`` of this process in the initialised default process group, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def dropped_modality_values(
-    labelled, evals, processor, base_dir, used: list[str], data_args, num_workers: int = 0, progress: bool = False
+    labelled,
+    evals,
+    processor,
+    base_dir,
+    used: list[str],
+    data_args,
+    num_workers: int = 0,
+    progress: bool = False,
+    share: tuple[int, int] | None = None,
+    gather=None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Per split and modality, the values dropped while processing (``--on_error skip_modality``: the sample goes on
     without them; a sample left with none, or under ``skip_sample``, is dropped whole and its values count too):
@@ -769,12 +796,27 @@ def dropped_modality_values(
     is a full decoding pass), with a progress bar when ``progress``; the evaluation splits' were processed already
     and only their rows dropped whole are processed again. A modality that loses every value of the training split
     is an error (the model would train without it while the run and its card say it is used); of an evaluation
-    split, a warning (its metrics are those of the model without it)."""
+    split, a warning (its metrics are those of the model without it).
+
+    In a multi-process run (``share``: ``(rank, world size)``, by default the initialised process group's) each
+    process scans every ``world``-th row from its rank and the per-row findings are gathered (``gather``: obj ->
+    every process's obj in rank order, by default ``torch.distributed.all_gather_object``, a collective: every process
+    calls this), so the pass costs each process 1/world of it and every process gets the whole summary, in row order
+    as one process would find it."""
     from ..data.processing import SKIPPED_KEY
 
+    rank, world = share or _process_share()
+    gather = gather or (_all_gather_objects if world > 1 else (lambda obj: [obj]))
+
     def scan(records, split: str) -> list[tuple[str | None, str, str | None]]:
+        positions = range(rank, len(records), world)
         rows = ManifestDataset(
-            records, processor, base_dir=base_dir, train=False, modalities=used, on_error=data_args.on_error
+            [records[i] for i in positions],
+            processor,
+            base_dir=base_dir,
+            train=False,
+            modalities=used,
+            on_error=data_args.on_error,
         )
         loader = torch.utils.data.DataLoader(
             _DroppedValues(rows),
@@ -786,7 +828,8 @@ def dropped_modality_values(
             generator=torch.Generator().manual_seed(0),
         )
         bar = tqdm(loader, total=len(rows), desc=f"checking the {split} values", disable=not progress or not rows)
-        return [e for found in bar for e in found]
+        mine = [(i, found) for i, found in zip(positions, bar, strict=True) if found]
+        return [e for _, found in sorted(f for part in gather(mine) for f in part) for e in found]
 
     out = {}
     for split, (records, _) in labelled.items():
