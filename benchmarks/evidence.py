@@ -2639,6 +2639,23 @@ def is_done(part: Part, work: Path) -> bool:
     return (work / part.result).exists()
 
 
+def record_part(log_path: Path, name: str, entry: dict) -> dict:
+    """Write part ``name``'s ``entry`` into ``log_path`` and return the whole log as it now stands on disk. The file
+    is re-read under an exclusive lock (``<log>.lock``) and replaced atomically, so evidence processes running side by
+    side keep each other's entries (each used to write back the log it read at its start, dropping the parts another
+    process finished meanwhile)."""
+    import fcntl
+
+    with open(log_path.with_name(log_path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        log = json.loads(log_path.read_text()) if log_path.exists() else {}
+        log[name] = entry
+        tmp = log_path.with_name(f"{log_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(log, indent=1) + "\n")
+        os.replace(tmp, log_path)
+    return log
+
+
 def run_part(part: Part, work: Path, log: dict, installed: dict | None = None) -> bool:
     """Runs one part; its log entry records the command, wall time, exit status and ``installed``
     (``environment()``)."""
@@ -2747,7 +2764,7 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(part.name)
             continue
         ok = run_part(part, work, log, env)
-        log_path.write_text(json.dumps(log, indent=1) + "\n")
+        log = record_part(log_path, part.name, log[part.name])
         if not ok:
             failed.append(part.name)
     (work / "EVIDENCE.md").write_text(summary(work, log))

@@ -56,6 +56,27 @@ def test_parts_run_in_order_skip_when_done_and_respect_prerequisites(tmp_path, m
     assert "| a | first | a/out.json | `python -c" in summary and "| c | fails | not run |" in summary
 
 
+def test_evidence_processes_side_by_side_keep_each_others_log_entries(tmp_path, monkeypatch):
+    """Two evidence processes may run at once (e.g. runs beside backbones). Each wrote back the log it read at its
+    start, dropping the parts the other finished meanwhile (seen in the twenty-sixth session). Part ``a``'s command
+    stands in for the other process: it records a part of its own while ``a`` runs."""
+    log_path = tmp_path / "w" / "evidence_log.json"
+    other = (
+        f"import sys; sys.path.insert(0, r'{evidence.ROOT / 'benchmarks'}'); import pathlib, evidence; "
+        f"evidence.record_part(pathlib.Path(r'{log_path}'), 'other', {{'returncode': 0}}); "
+        f"out = pathlib.Path(r'{tmp_path / 'w' / 'a' / 'out.json'}'); out.parent.mkdir(); out.write_text('{{}}')"
+    )
+    monkeypatch.setattr(evidence, "PARTS", [evidence.Part("a", "first", ["{python}", "-c", other], "a/out.json")])
+    work = tmp_path / "w"
+    work.mkdir()
+    log_path.write_text(json.dumps({"before": {"returncode": 0}}))
+    assert evidence.main(["--work_dir", str(work)]) == 0
+    log = json.loads(log_path.read_text())
+    assert set(log) == {"before", "other", "a"} and log["a"]["returncode"] == 0
+    assert not list(work.glob("*.tmp"))
+    assert "| a | first | a/out.json |" in (work / "EVIDENCE.md").read_text()
+
+
 def test_each_part_records_the_installed_packages_against_the_lock_file(tmp_path, monkeypatch):
     """The lock's hash and every locked package installed at another version or missing are logged per part and
     shown in EVIDENCE.md; a local build tag is not a difference; a part run before this was recorded says so."""
