@@ -37,7 +37,11 @@ import numpy as np
 
 logger = logging.getLogger("corpus_curve")
 PAIR = "omics_expression-tabular_clinical"
-X_LABELS = {"train_patients": "unlabelled train patients in the pretraining corpus", "steps": "pretraining steps"}
+X_LABELS = {
+    "train_patients": "unlabelled train patients in the pretraining corpus",
+    "steps": "pretraining steps",
+    "family": "backbones",  # the families side by side in the order given (e.g. widths at one step count)
+}
 
 
 def backbone_numbers(folder: Path) -> dict:
@@ -129,9 +133,9 @@ def _cell(d: dict) -> str:
 
 
 def _order(result: dict) -> list[str]:
-    """The backbone families by the curve's x-axis (``train_patients`` or ``steps``)."""
+    """The backbone families by the curve's x-axis (``train_patients`` or ``steps``; ``family``: as given)."""
     lf, x = result["label_free"], result["x"]
-    return sorted(lf, key=lambda c: lf[c][x])
+    return list(lf) if x == "family" else sorted(lf, key=lambda c: lf[c][x])
 
 
 def report(result: dict) -> list[str]:
@@ -171,13 +175,13 @@ def report(result: dict) -> list[str]:
             "",
             f"### {arm}, {labels} of the labels: pooled development differences, mean over runs [two-level 95% CI]",
             "",
-            f"| backbones | {x.replace('_', ' ')} | - best baseline | - {control} |",
-            "|---|---|---|---|",
+            f"| backbones |{'' if x == 'family' else ' ' + x.replace('_', ' ') + ' |'} - best baseline | - {control} |",
+            "|---|---|---|" + ("" if x == "family" else "---|"),
         ]
         for c in [c for c in order if c in per]:  # main() checks every spread's family has backbones
             b, r = per[c]["best baseline"], per[c][control]
-            n = lf[c][x]
-            lines.append(f"| {c} | {n:.0f} | {_cell(b)} | {_cell(r)} |")
+            n = "" if x == "family" else f" {lf[c][x]:.0f} |"
+            lines.append(f"| {c} |{n} {_cell(b)} | {_cell(r)} |")
     return lines
 
 
@@ -190,7 +194,8 @@ def plot(result: dict, path: Path) -> None:
     lf, ds = result["label_free"], result["downstream"]
     xkey = result["x"]
     order = _order(result)
-    x = [lf[c][xkey] for c in order]
+    x = list(range(len(order))) if xkey == "family" else [lf[c][xkey] for c in order]
+    at = dict(zip(order, x, strict=True))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
     ax.errorbar(x, [lf[c]["eval_loss"] for c in order], yerr=[lf[c]["eval_loss_sd"] for c in order], fmt="o-")
@@ -214,7 +219,8 @@ def plot(result: dict, path: Path) -> None:
     for i, (labels, per) in enumerate(ds.items()):
         for j, (other, style) in enumerate((("best baseline", "o-"), (result["control"], "s--"))):
             cs = [c for c in order if c in per]
-            xs = np.array([lf[c][xkey] for c in cs]) * (1 + 0.02 * (2 * i + j - 1.5))
+            shift = 2 * i + j - 1.5  # the series side by side at each x
+            xs = np.array([at[c] + 0.06 * shift if xkey == "family" else at[c] * (1 + 0.02 * shift) for c in cs])
             m = np.array([per[c][other]["mean"] for c in cs])
             lo = m - np.array([per[c][other]["ci95"][0] for c in cs])
             hi = np.array([per[c][other]["ci95"][1] for c in cs]) - m
@@ -235,9 +241,13 @@ def plot(result: dict, path: Path) -> None:
     if ds:
         ax3.legend(fontsize=7)
     for a in axes:
-        a.set_xscale("log", base=2)
-        a.set_xticks(x, [f"{v:,.0f}" for v in x])  # the families' own values, not powers of 2
-        a.minorticks_off()
+        if xkey == "family":
+            a.set_xticks(x, order)
+            a.set_xlim(-0.5, len(order) - 0.5)
+        else:
+            a.set_xscale("log", base=2)
+            a.set_xticks(x, [f"{v:,.0f}" for v in x])  # the families' own values, not powers of 2
+            a.minorticks_off()
         a.set_xlabel(X_LABELS[xkey])
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -2437,19 +2437,27 @@ def _wider_parts(protocol: str = "V") -> list[Part]:
         if protocol != "V":
             what = f"{width} wide - 64 wide (protocol V), paired per seed pair ({n}), {frac} of the labels"
             parts.append(_spread(f"{tag}_tf{frac}_recon{RECON}_minus_wide64", runs, what, against=(v_runs, "64 wide")))
-    argv = [PY, "benchmarks/corpus_curve.py", "--x", "steps"]  # all 400 steps: the families in the order given
+    argv = [PY, "benchmarks/corpus_curve.py", "--x", "family"]  # all 400 steps: the families in the order given
     pick = f"[{''.join(map(str, seeds))}]"  # every family on this protocol's seeds: the same folds and seeds
-    argv += ["--backbones", "plain", f"{W}/survset/{_recon_backbones(pick)}/fold*"]
+    argv += ["--backbones", "32 wide", f"{W}/survset/{_recon_backbones(pick)}/fold*"]
+    spreads = []  # the downstream panel: each family's 3 seed pairs (V only; W's one pair is not alike)
     for p in ("V", "W")[: ("V", "W").index(protocol) + 1]:
         w = WIDTHS[p][0]
         argv += ["--backbones", f"{w} wide", f"{W}/survset/pretrain_cvfolds_recon{RECON}_wide{w}_seed{pick}/fold*"]
+    if protocol == "V":
+        for frac in ("0.5", "0.25"):
+            for family, run in (("32 wide", ""), ("64 wide", "_wide64")):
+                spreads.append(f"seed_spread_labeff_tf{frac}_recon{RECON}{run}_selcv3")
+                argv += ["--spread", f"{float(frac):.0%}", family, f"{W}/survset/{spreads[-1]}"]
     parts.append(
         Part(
             f"survset_{tag}_label_free",
-            f"the {width}-wide backbones: their held-out numbers beside K's (the same folds and seeds)",
+            f"the {width}-wide backbones: their held-out numbers beside K's (the same folds and seeds)"
+            + (", and the embedding's downstream differences" if spreads else ""),
             [*argv, "--output_dir", f"{W}/survset/{tag}_label_free"],
             f"survset/{tag}_label_free/corpus_curve.json",
-            needs=[f"survset_pretrain_recon_{tag}_seed{s}_fold{k}" for s in seeds for k in range(5)],
+            needs=[f"survset_pretrain_recon_{tag}_seed{s}_fold{k}" for s in seeds for k in range(5)]
+            + [f"survset_{sp}" for sp in spreads],
             minutes=0.5,
             optional=True,
         )

@@ -118,6 +118,38 @@ def test_curve_against_the_step_count(tmp_path):
     assert "| 800 vs 400 | 2 | 0 | 2 | 0 |" in md
 
 
+def test_families_side_by_side_keep_the_order_given(tmp_path):
+    """``--x family``: backbone families at one step count and corpus (e.g. widths) in the order given, each paired
+    with the one before it, the downstream table without an x column, and a categorical plot."""
+    full = _manifest(tmp_path / "m" / "full.parquet", 20)
+    for i in range(2):
+        _backbone(tmp_path / "narrow" / f"fold{i}", full, 3.9, 1.1)
+        _backbone(tmp_path / "wide" / f"fold{i}", full, 3.8, 1.0)
+    _spread(tmp_path / "s_narrow", -0.02, 0.03)
+    _spread(tmp_path / "s_wide", -0.01, 0.05)
+    argv = ["--x", "family", "--backbones", "wide", str(tmp_path / "wide" / "fold*")]
+    argv += ["--backbones", "narrow", str(tmp_path / "narrow" / "fold*")]
+    argv += [
+        "--spread",
+        "50%",
+        "narrow",
+        str(tmp_path / "s_narrow"),
+        "--spread",
+        "50%",
+        "wide",
+        str(tmp_path / "s_wide"),
+    ]
+    out = cc.main([*argv, "--output_dir", str(tmp_path / "o")])
+    assert list(out["label_free"]) == ["wide", "narrow"]  # as given, not sorted
+    assert out["paired"] == {
+        "narrow vs wide": {"pairs": 2, "lower": {"eval_loss": 0, "eval_loss_reconstruction": 0, "r1": 0}}
+    }
+    md = (tmp_path / "o" / "corpus_curve.md").read_text()
+    assert "| backbones | - best baseline | - cox_clinical_emb_random |" in md
+    assert md.index("| wide | -0.010 [") < md.index("| narrow | -0.020 [")
+    assert (tmp_path / "o" / "corpus_curve.png").stat().st_size > 0
+
+
 def test_curve_pairs_runs_by_seed_and_fold_and_warns_on_mixed_steps(tmp_path, caplog):
     full = _manifest(tmp_path / "full.parquet", 4)
     for seed, fold, loss in ((0, 0, 4.0), (1, 0, 4.0), (1, 1, 4.0)):
