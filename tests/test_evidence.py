@@ -967,3 +967,52 @@ def test_the_half_label_loss_rule_parts_cover_the_same_four_seed_pairs_as_at_a_q
             assert argv[argv.index("--init_seed") + 1] == str(init)
     spread = parts["survset_seed_spread_labeff_tf0.5_val_tiesloss4"]
     assert _listed(spread) == runs and set(spread.needs) == set(runs)
+
+
+def test_the_width_parts_change_only_the_width_and_pair_with_the_recipes_runs():
+    """Protocols V and W (twenty-sixth session): K's recipe and processors with a wider model, the embedding-Cox runs
+    reading K's baselines back and paired with K's runs of the same seed pair (W's also with V's)."""
+    parts = {p.name: p for p in evidence.PARTS}
+    for protocol, (width, latents, seeds) in evidence.WIDTHS.items():
+        tag = f"wide{width}"
+        for s in seeds:
+            for k in range(5):
+                part = parts[f"survset_pretrain_recon_{tag}_seed{s}_fold{k}"]
+                argv = part.argv
+                overrides = {a.split("=")[0]: a.split("=")[1] for a in argv if a.startswith("model.overrides.")}
+                assert overrides == {
+                    "model.overrides.d_latents": str(width),
+                    "model.overrides.d_input": str(width),
+                    "model.overrides.num_latents": str(latents),
+                    "model.overrides.projection_dim": str(width // 2),
+                }
+                assert (
+                    f"data.processor_dir={evidence.W}/survset/pretrain_cvfolds_recon1_seed{s}/fold{k}/processor" in argv
+                )
+                assert f"seed={s}" in argv and "loss.reconstruction=1" in argv and part.optional
+                assert f"data.manifest={evidence.W}/survset/dev_cohort/manifest_cvfold{k}.parquet" in argv
+        for frac in ("0.5", "0.25"):
+            runs = []
+            for s in seeds:
+                sfx = evidence._pair_suffix(s, s)
+                run = f"survival_cv_labeff_tf{frac}_recon1_{tag}_selcv{sfx}"
+                argv = parts[run].argv
+                assert argv[argv.index("--reuse_cache") + 1].endswith(
+                    f"survset/survival_cv_labeff_tf{frac}_recon1_selcv{sfx}"
+                )
+                assert argv[argv.index("--pretrained_dir") + 1].endswith(
+                    f"survset/pretrain_cvfolds_recon1_{tag}_seed{s}/fold{{fold}}/final"
+                )
+                assert argv[argv.index("--selection") + 1] == "inner_cv" and argv[argv.index("--init_seed") + 1] == str(
+                    s
+                )
+                runs.append(run)
+            minus = parts[f"survset_{tag}_tf{frac}_recon1_minus_plain"].argv
+            partners = minus[minus.index("--against") + 1 : minus.index("--against_label")]
+            assert [p.split("/")[-1] for p in partners] == [r.replace(f"_{tag}_", "_") for r in runs]
+            assert (f"survset_{tag}_tf{frac}_recon1_minus_wide64" in parts) == (protocol == "W")
+        curve = parts[f"survset_{tag}_label_free"]
+        assert set(curve.needs) <= set(parts) and curve.argv[curve.argv.index("--x") + 1] == "family"
+    assert (
+        evidence.WIDTHS["V"][2] == (0, 1, 2) and "survset_seed_spread_labeff_tf0.5_recon1_wide128_selcv1" not in parts
+    )
