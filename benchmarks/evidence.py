@@ -2238,6 +2238,28 @@ GENE_FEATURE_VARIANTS = {  # protocol -> (name in parts and folders, processor s
 }
 
 
+def _paired_emb_cox(
+    frac: str, pre: int, init: int, tag: str, folder: str, what: str, minutes: float
+) -> tuple[str, str, Part]:
+    """``(K's run, this run, its part)``: the embedding-Cox arms by inner CV on the fold-wise backbones ``folder``
+    (``what`` they are; parts ``survset_pretrain_recon_<tag>_seed<pre>_fold*``) at ``frac`` of the labels, seed pair
+    ``(pre, init)``, with protocol K's baselines read back from K's run of the same pair and fraction."""
+    sfx = _pair_suffix(pre, init)
+    reuse = f"survival_cv_labeff_tf{frac}_recon{RECON}_selcv{sfx}"
+    run = f"survival_cv_labeff_tf{frac}_recon{RECON}_{tag}_selcv{sfx}"
+    part = Part(
+        run,
+        f"embedding-Cox arms by inner CV on {what}, seed {pre}, init seed {init}, "
+        f"{frac} of the labels (baselines read back from protocol K's run)",
+        _emb_cox(run, folder, frac, init, (reuse,), extra=SELECT_CV),
+        f"survset/{run}/survival_cv.json",
+        needs=[reuse, *(f"survset_pretrain_recon_{tag}_seed{pre}_fold{k}" for k in range(5))],
+        minutes=minutes,
+        optional=True,
+    )
+    return reuse, run, part
+
+
 def _gene_feature_parts(protocol: str = "T") -> list[Part]:
     """Optional: protocols T and U (twenty-fifth session): gene identities from GO / KEGG annotation
     (``gene_features_file``, the committed ``GENE_FEATURES`` table). T: ``row + W @ features``; U: ``W @ features``
@@ -2305,21 +2327,11 @@ def _gene_feature_parts(protocol: str = "T") -> list[Part]:
         runs, k_runs, t_runs = {}, {}, {}
         for pre, init in FIVE_SEEDS[:3]:
             key, sfx = f"pre{pre}_init{init}", _pair_suffix(pre, init)
-            k_runs[key] = reuse = f"survival_cv_labeff_tf{frac}_recon{RECON}_selcv{sfx}"
             t_runs[key] = f"survival_cv_labeff_tf{frac}_recon{RECON}_genefeat_selcv{sfx}"
-            runs[key] = run = f"survival_cv_labeff_tf{frac}_recon{RECON}_{tag}_selcv{sfx}"
-            parts.append(
-                Part(
-                    run,
-                    f"embedding-Cox arms by inner CV on the backbones {label}, seed {pre}, init seed {init}, "
-                    f"{frac} of the labels (baselines read back from protocol K's run)",
-                    _emb_cox(run, folder[pre], frac, init, (reuse,), extra=SELECT_CV),
-                    f"survset/{run}/survival_cv.json",
-                    needs=[reuse, *(f"survset_pretrain_recon_{tag}_seed{pre}_fold{k}" for k in range(5))],
-                    minutes=2,
-                    optional=True,
-                )
+            k_runs[key], runs[key], part = _paired_emb_cox(
+                frac, pre, init, tag, folder[pre], f"the backbones {label}", 2
             )
+            parts.append(part)
         what = f"the 3 seed pairs on the backbones {label} combined (inner CV), {frac} of the labels"
         parts.append(_spread(f"seed_spread_labeff_tf{frac}_recon{RECON}_{tag}_selcv3", runs, what))
         what = f"{label} - without gene features, paired per seed pair (3), {frac} of the labels"
@@ -2414,21 +2426,11 @@ def _wider_parts(protocol: str = "V") -> list[Part]:
         runs, k_runs, v_runs = {}, {}, {}
         for s in seeds:
             key, sfx = f"pre{s}_init{s}", _pair_suffix(s, s)
-            k_runs[key] = reuse = f"survival_cv_labeff_tf{frac}_recon{RECON}_selcv{sfx}"
             v_runs[key] = f"survival_cv_labeff_tf{frac}_recon{RECON}_wide64_selcv{sfx}"
-            runs[key] = run = f"survival_cv_labeff_tf{frac}_recon{RECON}_{tag}_selcv{sfx}"
-            parts.append(
-                Part(
-                    run,
-                    f"embedding-Cox arms by inner CV on the {width}-wide backbones, seed {s}, init seed {s}, "
-                    f"{frac} of the labels (baselines read back from protocol K's run)",
-                    _emb_cox(run, folder[s], frac, s, (reuse,), extra=SELECT_CV),
-                    f"survset/{run}/survival_cv.json",
-                    needs=[reuse, *(f"survset_pretrain_recon_{tag}_seed{s}_fold{k}" for k in range(5))],
-                    minutes=3.5,
-                    optional=True,
-                )
+            k_runs[key], runs[key], part = _paired_emb_cox(
+                frac, s, s, tag, folder[s], f"the {width}-wide backbones", 3.5
             )
+            parts.append(part)
         n = len(seeds)
         if n > 1:  # one run's own differences are in its survival_cv.md
             what = f"the {n} seed pairs on the {width}-wide backbones combined (inner CV), {frac} of the labels"
