@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -143,3 +144,10 @@ def synthetic_run_config(
         cfg.setdefault(name, {}).update(values)
     (root / "run.yaml").write_text(yaml.safe_dump(cfg))
     return root / "run.yaml"
+
+
+def free_port() -> int:
+    """A free local TCP port for a test's process group (``MASTER_PORT``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import free_port
 from finetune_refusals import refused
 from script_loader import load_script
 
@@ -31,6 +32,7 @@ from bioperceiver.data import (
 from bioperceiver.data.processing import load_processor_settings
 from bioperceiver.data.recipes.synthetic import make_synthetic_cohort
 from bioperceiver.evaluation.report import predictions_path
+from bioperceiver.losses.distributed import world as distributed_world
 from bioperceiver.training import finetune_loop
 from bioperceiver.training.arguments import DataArguments
 from bioperceiver.training.finetuning import (
@@ -750,7 +752,7 @@ def _gather_worker(rank, world, port, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        share = finetune_loop._process_share()
+        share = distributed_world()
         queue.put((rank, share, finetune_loop._all_gather_objects([(rank, f"found by {rank}")])))
         dist.barrier()
     except Exception as e:  # reported at once instead of waiting on the queue
@@ -763,14 +765,10 @@ def _gather_worker(rank, world, port, queue):
 def test_the_default_share_and_gather_are_the_process_groups():
     """What ``dropped_modality_values`` uses when a launcher started the processes (2 gloo processes): each its
     ``(rank, world)`` and every process's findings in rank order; ``(0, 1)`` without a process group."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    assert finetune_loop._process_share() == (0, 1)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    assert distributed_world() == (0, 1)
+    port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_gather_worker, args=(r, 2, port, queue)) for r in range(2)]

@@ -5,11 +5,10 @@ state counted only the rows of the process's own shard (the card's figure was wr
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
-from conftest import TINY_MODALITIES, random_batch, tiny_config
+from conftest import TINY_MODALITIES, free_port, random_batch, tiny_config
 
 import bioperceiver as bp
 from bioperceiver.training.pretraining import save_trained_rows, trained_vocabulary_masks, trained_vocabulary_rows
@@ -60,12 +59,6 @@ def _worker(rank, world, port, queue):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_fsdp2_masks_are_the_full_masks_of_one_unsharded_process(tmp_path):
     torch.set_num_threads(1)
     model = _model()
@@ -80,7 +73,7 @@ def test_fsdp2_masks_are_the_full_masks_of_one_unsharded_process(tmp_path):
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, queue)) for r in range(2)]
     for p in procs:
         p.start()

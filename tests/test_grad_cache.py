@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import tiny_config
+from conftest import free_port, tiny_config
 from test_packing import mixed_batch
 
 import bioperceiver as bp
@@ -149,12 +148,6 @@ def _worker(rank, world, port, name, shards, queue):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("name", ["clip"])
 def test_two_processes_with_grad_cache_equal_one_unchunked_process(name):
     x, mask, pid = _data()
@@ -169,7 +162,7 @@ def test_two_processes_with_grad_cache_equal_one_unchunked_process(name):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     shards = [(0, 4), (4, 10)]  # unequal local batches
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, name, shards, queue)) for r in range(2)]
     for p in procs:
         p.start()

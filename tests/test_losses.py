@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import free_port
 
 from bioperceiver.losses import ClipLoss, MultiViewLoss, SigLipLoss, patient_index
 
@@ -191,12 +191,6 @@ def _worker(rank, world, port, name, shards, queue):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("name", ["clip", "siglip", "multiview"])
 def test_two_processes_equal_one_process_loss_and_gradients(name):
     x, mask, pid = _data()
@@ -206,7 +200,7 @@ def test_two_processes_equal_one_process_loss_and_gradients(name):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     shards = [(0, 4), (4, 10)]  # unequal local batches
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, name, shards, queue)) for r in range(2)]
     for p in procs:
         p.start()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -58,12 +57,6 @@ def _worker(rank: int, world: int, port: int, run_yaml: str, overrides: list[str
     worker_loop.run_pretraining(load_run_config(run_yaml, overrides), crash_after_step=CRASH_AT)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _OneProcess:
     is_main_process = True
 
@@ -73,7 +66,7 @@ class _OneProcess:
 
 @pytest.mark.slow
 def test_two_process_sharded_run_resumed_on_one_process_sees_exactly_the_rest_of_the_epoch(tmp_path, monkeypatch):
-    from conftest import synthetic_run_config
+    from conftest import free_port, synthetic_run_config
 
     from bioperceiver.training import load_run_config
 
@@ -96,7 +89,7 @@ def test_two_process_sharded_run_resumed_on_one_process_sees_exactly_the_rest_of
     ids = tmp_path / "ids"
     ids.mkdir()
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, str(run), overrides, str(ids))) for r in range(2)]
     for p in procs:
         p.start()

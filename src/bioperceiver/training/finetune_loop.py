@@ -40,6 +40,7 @@ from ..data.validate import ManifestError
 from ..evaluation.report import ReportSettings, evaluate_and_report, headline
 from ..factory import create_config
 from ..jsonio import dumps
+from ..losses.distributed import world as distributed_world
 from ..tasks import Task
 from .arguments import DataArguments, ModelArguments, task_settings
 from .finetuning import (
@@ -767,15 +768,6 @@ def _all_gather_objects(obj) -> list:
     return out
 
 
-def _process_share() -> tuple[int, int]:
-    """``(rank, world size)`` of this process in the initialised default process group, else ``(0, 1)``."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def dropped_modality_values(
     labelled,
     evals,
@@ -805,7 +797,7 @@ def dropped_modality_values(
     as one process would find it."""
     from ..data.processing import SKIPPED_KEY
 
-    rank, world = share or _process_share()
+    rank, world = share or distributed_world()
     gather = gather or (_all_gather_objects if world > 1 else (lambda obj: [obj]))
 
     def scan(records, split: str) -> list[tuple[str | None, str, str | None]]:
