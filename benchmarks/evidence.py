@@ -1524,8 +1524,8 @@ def _variant_backbone_parts(label: str, s: int) -> list[str]:
     return [f"survset_pretrain_{label}_seed{s}_fold{k}" for k in range(5)]
 
 
-def _variant_backbones(label: str, folder, what: str, *overrides: str) -> list[Part]:
-    """Optional: pretraining variant ``label``'s fold-wise backbones for pretraining seeds 0-2 (into
+def _variant_backbones(label: str, folder, what: str, *overrides: str, seeds=range(3)) -> list[Part]:
+    """Optional: pretraining variant ``label``'s fold-wise backbones for pretraining ``seeds`` (into
     ``survset/<folder(s)>``): the recipe with ``seed=s`` and run-config ``overrides``."""
     return [
         _fold_backbone(
@@ -1537,7 +1537,7 @@ def _variant_backbones(label: str, folder, what: str, *overrides: str) -> list[P
             *overrides,
             minutes=2.5,
         )
-        for s in range(3)
+        for s in seeds
         for k in range(5)
     ]
 
@@ -2396,32 +2396,45 @@ def _wider_overrides(width: int, latents: int) -> tuple[str, ...]:
     )
 
 
+def _wider_folder(width: int, s: int | str) -> str:
+    """The ``survset/`` folder of the fold-wise backbones ``width`` wide (``WIDTHS``) of pretraining seed ``s``."""
+    return f"pretrain_cvfolds_recon{RECON}_wide{width}_seed{s}"
+
+
+def _wider_backbones(protocol: str, seeds) -> tuple[dict[int, str], list[Part]]:
+    """``({seed: folder}, parts)``: protocol ``protocol``'s width (``WIDTHS``) pretrained fold-wise for ``seeds`` on
+    protocol K's processors of the same fold and seed, K's recipe otherwise."""
+    width, latents, _ = WIDTHS[protocol]
+    tag = f"wide{width}"
+    folder = {s: _wider_folder(width, s) for s in seeds}
+    parts = [
+        _fold_backbone(
+            f"survset_pretrain_recon_{tag}_seed{s}_fold{k}",
+            f"survset_pretrain_recon_seed{s}_fold{k} {width} wide with {latents} latents (its processors)",
+            folder[s],
+            k,
+            f"data.processor_dir={W}/survset/{_recon_backbones(s)}/fold{k}/processor",
+            f"seed={s}",
+            f"loss.reconstruction={RECON}",
+            *_wider_overrides(width, latents),
+            minutes=3.5 if width == 64 else 10,
+            needs=[f"survset_pretrain_recon_seed{s}_fold{k}"],
+        )
+        for s in seeds
+        for k in range(5)
+    ]
+    return folder, parts
+
+
 def _wider_parts(protocol: str = "V") -> list[Part]:
     """Optional: protocols V and W (twenty-sixth session): a wider backbone than the recipe's ``bioperceiver_debug``
     (32 wide, 8 latents, a 16-d projection): ``WIDTHS[protocol]``. Protocol K's processors of each fold and seed (the
     same tokens), K's recipe otherwise, the embedding-Cox arms by inner CV at 50% and 25% of the labels for the seed
     pairs (s, s) with K's baselines read back, each run paired with K's run of the same seed pair (``--against``; W's
     also with V's), and the label-free numbers beside K's."""
-    width, latents, seeds = WIDTHS[protocol]
+    width, _, seeds = WIDTHS[protocol]
     tag = f"wide{width}"
-    parts = []
-    folder = {s: f"pretrain_cvfolds_recon{RECON}_{tag}_seed{s}" for s in seeds}
-    for s in seeds:
-        for k in range(5):
-            parts.append(
-                _fold_backbone(
-                    f"survset_pretrain_recon_{tag}_seed{s}_fold{k}",
-                    f"survset_pretrain_recon_seed{s}_fold{k} {width} wide with {latents} latents (its processors)",
-                    folder[s],
-                    k,
-                    f"data.processor_dir={W}/survset/{_recon_backbones(s)}/fold{k}/processor",
-                    f"seed={s}",
-                    f"loss.reconstruction={RECON}",
-                    *_wider_overrides(width, latents),
-                    minutes=3.5 if width == 64 else 10,
-                    needs=[f"survset_pretrain_recon_seed{s}_fold{k}"],
-                )
-            )
+    folder, parts = _wider_backbones(protocol, seeds)
     for frac in ("0.5", "0.25"):  # of the labels; 0.5 first: the primary
         runs, k_runs, v_runs = {}, {}, {}
         for s in seeds:
@@ -2446,7 +2459,7 @@ def _wider_parts(protocol: str = "V") -> list[Part]:
     spreads = []  # the downstream panel: each family's 3 seed pairs (V only; W's one pair is not alike)
     for p in ("V", "W")[: ("V", "W").index(protocol) + 1]:
         w = WIDTHS[p][0]
-        argv += ["--backbones", f"{w} wide", f"{W}/survset/pretrain_cvfolds_recon{RECON}_wide{w}_seed{pick}/fold*"]
+        argv += ["--backbones", f"{w} wide", f"{W}/survset/{_wider_folder(w, pick)}/fold*"]
     if protocol == "V":
         for frac in ("0.5", "0.25"):
             for family, run in (("32 wide", ""), ("64 wide", "_wide64")):
@@ -2465,6 +2478,99 @@ def _wider_parts(protocol: str = "V") -> list[Part]:
             optional=True,
         )
     )
+    return parts
+
+
+FRESH_SEEDS = (3, 4)  # protocol X: pretraining seeds no K or V backbone had before the twenty-seventh session
+
+
+def _fresh_seed_parts() -> list[Part]:
+    """Optional: protocol X (twenty-seventh session): two fresh seed pairs, (3, 3) and (4, 4), for protocol V (64
+    wide) and for protocol K beside it. K's reconstruction recipe and V's on its processors at pretraining seeds 3
+    and 4 (20 backbones), the embedding-Cox arms by inner CV at 50% and 25% of the labels (K's with the classical
+    baselines read back from K's (0, 0) run, V's from K's run of the same pair), V - K and V alone on the fresh pairs
+    and on all 5 pairs, K's 5 pairs combined, and the label-free numbers of the fresh backbones and of all 25."""
+    width = WIDTHS["V"][0]
+    tag = f"wide{width}"
+    override = f"loss.reconstruction={RECON}"
+    parts = _variant_backbones("recon", _recon_backbones, override, override, seeds=FRESH_SEEDS)
+    folder, wider = _wider_backbones("V", FRESH_SEEDS)
+    parts += wider
+    spreads: dict[str, dict[str, str]] = {}  # label-free plots' downstream panels: family -> fraction -> spread
+    for frac in ("0.5", "0.25"):  # of the labels; 0.5 first: the primary
+        first = f"survival_cv_labeff_tf{frac}_recon{RECON}_selcv"  # K's (0, 0) run: the classical baselines
+        k_runs, v_runs = {}, {}
+        for s in (*range(3), *FRESH_SEEDS):
+            key, sfx = f"pre{s}_init{s}", _pair_suffix(s, s)
+            k_runs[key], v_runs[key] = first + sfx, f"survival_cv_labeff_tf{frac}_recon{RECON}_{tag}_selcv{sfx}"
+            if s in FRESH_SEEDS:
+                parts.append(
+                    Part(
+                        k_runs[key],
+                        f"embedding-Cox arms by inner CV on the reconstruction backbones of seed {s}, init seed {s}, "
+                        f"{frac} of the labels (baselines read back from the (0, 0) run)",
+                        _emb_cox(k_runs[key], _recon_backbones(s), frac, s, (first,), extra=SELECT_CV),
+                        f"survset/{k_runs[key]}/survival_cv.json",
+                        needs=[first, *_variant_backbone_parts("recon", s)],
+                        minutes=2,
+                        optional=True,
+                    )
+                )
+                parts.append(_paired_emb_cox(frac, s, s, tag, folder[s], f"the {width}-wide backbones", 3.5)[2])
+        fresh = [f"pre{s}_init{s}" for s in FRESH_SEEDS]
+        pick = {"fresh": fresh, "5": list(k_runs)}
+        for group, keys in pick.items():
+            k_sub, v_sub = ({key: runs[key] for key in keys} for runs in (k_runs, v_runs))
+            pairs = f"the {len(keys)} {'fresh ' if group == 'fresh' else ''}seed pairs"
+            what = f"{width} wide - 32 wide (protocol K), paired per seed pair: {pairs}, {frac} of the labels"
+            parts.append(
+                _spread(f"{tag}_tf{frac}_recon{RECON}_minus_plain_{group}", v_sub, what, against=(k_sub, "32 wide"))
+            )
+            for family, runs, extra in (("64 wide", v_sub, ()), ("32 wide", k_sub, EMB_ENSEMBLE)):
+                if group == "fresh" and family == "32 wide":
+                    continue  # K's fresh pairs alone are read through V - K only
+                out = (
+                    f"seed_spread_labeff_tf{frac}_recon{RECON}{'_' + tag if family == '64 wide' else ''}_selcv_{group}"
+                )
+                parts.append(
+                    _spread(
+                        out,
+                        runs,
+                        f"{pairs} on the {family} backbones combined (inner CV), {frac} of the labels",
+                        *extra,
+                    )
+                )
+                if group == "5":
+                    spreads.setdefault(family, {})[frac] = out
+    for group, seeds in (("fresh", FRESH_SEEDS), ("5", (*range(3), *FRESH_SEEDS))):
+        pick = f"[{''.join(map(str, seeds))}]"
+        argv = [PY, "benchmarks/corpus_curve.py", "--x", "family"]
+        argv += ["--backbones", "32 wide", f"{W}/survset/{_recon_backbones(pick)}/fold*"]
+        argv += ["--backbones", f"{width} wide", f"{W}/survset/{_wider_folder(width, pick)}/fold*"]
+        needs = [
+            f"survset_pretrain_recon{'_' + tag if w else ''}_seed{s}_fold{k}"
+            for w in (0, 1)
+            for s in seeds
+            for k in range(5)
+        ]
+        if group == "5":
+            for family in ("32 wide", "64 wide"):
+                for frac, out in spreads[family].items():
+                    argv += ["--spread", f"{float(frac):.0%}", family, f"{W}/survset/{out}"]
+                    needs.append(f"survset_{out}")
+        out = f"{tag}_label_free_{group}"
+        parts.append(
+            Part(
+                f"survset_{out}",
+                f"the {width}-wide backbones of seeds {', '.join(map(str, seeds))}: their held-out numbers beside K's"
+                + (", and the embedding's downstream differences over the 5 seed pairs" if group == "5" else ""),
+                [*argv, "--output_dir", f"{W}/survset/{out}"],
+                f"survset/{out}/corpus_curve.json",
+                needs=needs,
+                minutes=0.5,
+                optional=True,
+            )
+        )
     return parts
 
 
@@ -2637,6 +2743,7 @@ PARTS: list[Part] = [
     *_gene_feature_parts("U"),
     *_wider_parts("V"),
     *_wider_parts("W"),
+    *_fresh_seed_parts(),
 ]
 
 

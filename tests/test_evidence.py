@@ -1016,3 +1016,43 @@ def test_the_width_parts_change_only_the_width_and_pair_with_the_recipes_runs():
     assert (
         evidence.WIDTHS["V"][2] == (0, 1, 2) and "survset_seed_spread_labeff_tf0.5_recon1_wide128_selcv1" not in parts
     )
+
+
+def test_the_fresh_seed_parts_add_pairs_3_and_4_for_k_and_v_and_keep_the_fresh_pairs_apart():
+    """Protocol X (twenty-seventh session): K's recipe at seeds 3 and 4 fits its own processors, V's reads them; K's
+    fresh runs read only the classical baselines back from K's (0, 0) run; V - K is paired per seed pair on the 2
+    fresh pairs alone and on all 5, in the same order on both sides."""
+    parts = {p.name: p for p in evidence.PARTS}
+    assert evidence.FRESH_SEEDS == (3, 4)
+    for s in evidence.FRESH_SEEDS:
+        for k in range(5):
+            k_argv = parts[f"survset_pretrain_recon_seed{s}_fold{k}"].argv
+            assert f"seed={s}" in k_argv and "loss.reconstruction=1" in k_argv
+            assert not any(a.startswith(("data.processor_dir=", "model.overrides.")) for a in k_argv)
+            v_argv = parts[f"survset_pretrain_recon_wide64_seed{s}_fold{k}"].argv
+            assert (
+                f"data.processor_dir={evidence.W}/survset/pretrain_cvfolds_recon1_seed{s}/fold{k}/processor" in v_argv
+            )
+            assert f"{evidence.W}/survset/pretrain_cvfolds_recon1_wide64_seed{s}/fold{k}" in " ".join(v_argv)
+    for frac in ("0.5", "0.25"):
+        for s in evidence.FRESH_SEEDS:
+            argv = parts[f"survival_cv_labeff_tf{frac}_recon1_selcv_pre{s}"].argv
+            assert argv[argv.index("--reuse_cache") + 1 :] == [
+                f"{evidence.W}/survset/survival_cv_labeff_tf{frac}_recon1_selcv"
+            ]  # only the (0, 0) run: its baselines; the embeddings' cache keys name other backbones and seeds
+            assert argv[argv.index("--init_seed") + 1] == str(s) and argv[argv.index("--selection") + 1] == "inner_cv"
+            assert argv[argv.index("--pretrained_dir") + 1].endswith(
+                f"pretrain_cvfolds_recon1_seed{s}/fold{{fold}}/final"
+            )
+        for group, seeds in (("fresh", (3, 4)), ("5", (0, 1, 2, 3, 4))):
+            argv = parts[f"survset_wide64_tf{frac}_recon1_minus_plain_{group}"].argv
+            runs = argv[argv.index("--runs") + 1 : argv.index("--labels")]
+            partners = argv[argv.index("--against") + 1 : argv.index("--against_label")]
+            sfx = [evidence._pair_suffix(s, s) for s in seeds]
+            assert [r.split("/")[-1] for r in runs] == [
+                f"survival_cv_labeff_tf{frac}_recon1_wide64_selcv{x}" for x in sfx
+            ]
+            assert [r.split("/")[-1] for r in partners] == [f"survival_cv_labeff_tf{frac}_recon1_selcv{x}" for x in sfx]
+    curve = parts["survset_wide64_label_free_5"]
+    assert curve.argv.count("--spread") == 4 and set(curve.needs) <= set(parts)
+    assert "pretrain_cvfolds_recon1_seed[01234]/fold*" in " ".join(curve.argv)
