@@ -357,3 +357,38 @@ def test_reconstruction_reference_scores_predicting_zero_and_each_gene_s_trainin
     assert row["held_out_tokens"] > 0 and row["predict_gene_mean"] > 0 and row["predict_zero"] > 0
     md = (rec_run / "reference" / "reconstruction_reference.md").read_text()
     assert md.startswith("| run | held-out tokens | predict 0 |") and f"{row['decoder']:.3f}" in md
+
+
+def test_generalization_gap_reproduces_the_held_out_numbers_and_evaluates_as_many_training_patients(rec_run):
+    """benchmarks/generalization_gap.py: the pretrainer rebuilt from the last checkpoint reproduces the recorded
+    held-out loss, reconstruction error and R@1 exactly; the training set has as many samples, whole patients of the
+    training split only; the gap is held-out - training."""
+    from script_loader import load_script
+
+    from bioperceiver.data import assign_splits, read_manifest
+    from bioperceiver.training import load_run_config
+
+    gap = load_script("benchmarks/generalization_gap.py", "generalization_gap_for_tests")
+    if not (rec_run / "full" / "final").is_dir():
+        assert launch(rec_run / "run.yaml", f"output_dir={rec_run / 'full'}").returncode == 0
+    run = rec_run / "full"
+    out = gap.main(["--backbones", "tiny", str(run), "--output_dir", str(rec_run / "gap")])
+    row = out["runs"]["tiny"][0]
+    recorded = json.loads((run / "eval_results.json").read_text())
+    assert row["reproduced"] and row["step"] == 6
+    assert row["pair"] == gap.retrieval_pair(recorded) and f"R@1/{row['pair']}" in recorded
+    for key in gap.NUMBERS:
+        assert row["held_out"][key] == pytest.approx(recorded[key if key != "R@1" else f"R@1/{row['pair']}"], abs=1e-6)
+        assert row["gap"][key] == pytest.approx(row["held_out"][key] - row["training"][key], nan_ok=True)
+    assert row["training"]["eval_loss"] != row["held_out"]["eval_loss"]
+    cfg = load_run_config(run / "final" / "run_config.yaml")
+    manifest = assign_splits(read_manifest(cfg.data.manifest))
+    train, held = manifest.split("train"), manifest.split(cfg.eval.split)
+    sample = gap.training_sample(train, len(held), seed=0)
+    assert len(sample) == len(held) and set(sample.table["patient_id"]) <= set(train.table["patient_id"])
+    drawn = set(sample.table["patient_id"])  # whole patients, but the last one drawn may be cut
+    whole = train.table[train.table["patient_id"].isin(drawn)].groupby("patient_id").size()
+    assert (whole > sample.table.groupby("patient_id").size().reindex(whole.index)).sum() <= 1
+    assert gap.training_sample(train, len(held), seed=0).table.equals(sample.table)
+    md = (rec_run / "gap" / "generalization_gap.md").read_text()
+    assert "| tiny | 1 (1) | contrastive loss |" in md and (rec_run / "gap" / "generalization_gap.png").stat().st_size

@@ -354,6 +354,22 @@ def check_reused_processors(saved: BioPerceiverProcessor, wanted: BioPerceiverPr
     logger.info("reusing the processors in %s (fitted with this run's settings)", proc_dir)
 
 
+def build_pretrainer(config: PretrainConfig, model, padded: bool = False) -> ContrastivePretrainer:
+    """The pretrainer ``config`` describes around the backbone ``model``: its loss, views and added terms (projection
+    head, subset views, decoder). ``padded``: the rank-padding one ZeRO and FSDP need on several processes
+    (:class:`~bioperceiver.training.padding.PaddedPretrainer`)."""
+    loss = config.loss
+    return (PaddedPretrainer if padded else ContrastivePretrainer)(
+        model,
+        loss=loss.name,
+        fused_view=loss.fused_view,
+        leave_one_out=loss.leave_one_out,
+        decorrelation=loss.decorrelation,
+        **loss.subset_kwargs(),
+        **loss.loss_kwargs(),
+    )
+
+
 def training_data(config: PretrainConfig, manifest, processor) -> tuple[ManifestDataset, BioPerceiverCollator]:
     """The training split as an augmenting dataset, and its collator (modality dropout, skip policy)."""
     on_error = check_on_error(config.data.on_error)
@@ -721,15 +737,7 @@ def _run_pretraining(
             "train.max_tokens_per_batch (gradient caching) runs its own backward passes and reduces gradients once, "
             "which DeepSpeed and FSDP do not allow; use DDP or one process, or set train.max_tokens_per_batch=null"
         )
-    trainer = (PaddedPretrainer if pad_ranks else ContrastivePretrainer)(
-        model,
-        loss=cfg.loss.name,
-        fused_view=cfg.loss.fused_view,
-        leave_one_out=cfg.loss.leave_one_out,
-        decorrelation=cfg.loss.decorrelation,
-        **cfg.loss.subset_kwargs(),
-        **cfg.loss.loss_kwargs(),
-    )
+    trainer = build_pretrainer(cfg, model, padded=pad_ranks)
     if deepspeed:
         deepspeed_setup(accelerator, trainer, opt)
     train_ds, collator = training_data(cfg, manifest, processor)
