@@ -2574,6 +2574,47 @@ def _fresh_seed_parts() -> list[Part]:
     return parts
 
 
+def _generalization_gap_part() -> Part:
+    """Optional: protocol Y (twenty-seventh session, exploratory, label-free): pretraining's own evaluation on held-out
+    and on as many training patients, from the last checkpoint of the recipe's backbones at 32 / 64 / 128 wide, at
+    800 and 1,600 steps, and on the 25% and 50% corpora (seeds 0-2; 128 wide: seed 0)."""
+    families = {  # label -> (backbone folder of a seed, seeds, the parts that pretrain them)
+        "32 wide": (_recon_backbones, range(3), "survset_pretrain_recon_seed{s}_fold{k}"),
+        "64 wide": (lambda s: _wider_folder(64, s), range(3), "survset_pretrain_recon_wide64_seed{s}_fold{k}"),
+        "128 wide": (lambda s: _wider_folder(128, s), range(1), "survset_pretrain_recon_wide128_seed{s}_fold{k}"),
+        **{
+            f"{n} steps": (
+                lambda s, n=n: _steps_backbones(n, s),
+                range(3),
+                f"survset_pretrain_recon_steps{n}" + "_seed{s}_fold{k}",
+            )
+            for n in ("800", "1600")
+        },
+        **{
+            f"{float(c):.0%} corpus": (
+                lambda s, c=c: _corpus_backbones(c, s),
+                range(3),
+                f"survset_pretrain_recon_corpus{c}" + "_seed{s}_fold{k}",
+            )
+            for c in CORPUS
+        },
+    }
+    argv, needs = [PY, "benchmarks/generalization_gap.py"], []
+    for label, (folder, seeds, part) in families.items():
+        pick = f"[{''.join(map(str, seeds))}]"  # every seed's folder: a glob
+        argv += ["--backbones", label, f"{W}/survset/{folder(pick)}/fold*"]
+        needs += [part.format(s=s, k=k) for s in seeds for k in range(5)]
+    return Part(
+        "survset_generalization_gap",
+        "the objective on training and held-out patients: width, steps and corpus size (label-free)",
+        [*argv, "--output_dir", f"{W}/survset/generalization_gap"],
+        "survset/generalization_gap/generalization_gap.json",
+        needs=needs,
+        minutes=15,
+        optional=True,
+    )
+
+
 # In run order. Minutes as measured on the shared 2-core VM on 2026-12-03 with other jobs running (load 4-8): about
 # 2.5 h in all there; on idle cores the parts ran about twice as fast.
 PARTS: list[Part] = [
@@ -2744,6 +2785,7 @@ PARTS: list[Part] = [
     *_wider_parts("V"),
     *_wider_parts("W"),
     *_fresh_seed_parts(),
+    _generalization_gap_part(),
 ]
 
 

@@ -3,6 +3,7 @@ interrupted pretraining runs from their last checkpoint."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import sys
 from pathlib import Path
@@ -1056,3 +1057,21 @@ def test_the_fresh_seed_parts_add_pairs_3_and_4_for_k_and_v_and_keep_the_fresh_p
     curve = parts["survset_wide64_label_free_5"]
     assert curve.argv.count("--spread") == 4 and set(curve.needs) <= set(parts)
     assert "pretrain_cvfolds_recon1_seed[01234]/fold*" in " ".join(curve.argv)
+
+
+def test_the_generalization_gap_part_reads_every_family_s_backbones_and_needs_them():
+    """Protocol Y: one generalization_gap.py run over the width, step and corpus families, each glob naming the
+    folders its needed parts pretrain (seeds 0-2; 128 wide: seed 0)."""
+    part = next(p for p in evidence.PARTS if p.name == "survset_generalization_gap")
+    argv = part.argv
+    families = {argv[i + 1]: argv[i + 2] for i, a in enumerate(argv) if a == "--backbones"}
+    assert list(families) == ["32 wide", "64 wide", "128 wide", "800 steps", "1600 steps", "25% corpus", "50% corpus"]
+    assert families["128 wide"].endswith("survset/pretrain_cvfolds_recon1_wide128_seed[0]/fold*")
+    assert families["25% corpus"].endswith("survset/pretrain_cvfolds_recon1_corpus0.25_seed[012]/fold*")
+    assert len(part.needs) == 6 * 15 + 5 and "survset_pretrain_recon_steps1600_seed2_fold4" in part.needs
+    folders = {
+        p.argv[p.argv.index("--config") + 2].split("output_dir=")[1] for p in evidence.PARTS if p.name in part.needs
+    }
+    for label, pattern in families.items():
+        matched = [f for f in folders if fnmatch.fnmatch(f, pattern)]
+        assert len(matched) == (5 if label == "128 wide" else 15), label
