@@ -158,14 +158,14 @@ def plot(families: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = list(NUMBERS)[:2]
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6))
+    fig, axes = plt.subplots(1, len(keys), figsize=(max(5, 0.9 * len(families) + 2) * len(keys), 4.2))
     x = np.arange(len(families))
-    for ax, key in zip(axes, keys):
-        for part, marker in (("training", "s--"), ("held_out", "o-")):
+    for ax, key in zip(axes, keys):  # families are categories: markers, no line between them
+        for part, marker, shift in (("training", "s", -0.08), ("held_out", "o", 0.08)):
             mean = [s[f"{part}/{key}"] for s in families.values()]
             sd = [s[f"{part}/{key}_sd"] for s in families.values()]
-            ax.errorbar(x, mean, yerr=sd, fmt=marker, capsize=3, label=part.replace("_", "-") + " patients")
-        ax.set_xticks(x, list(families))
+            ax.errorbar(x + shift, mean, yerr=sd, fmt=marker, capsize=3, label=part.replace("_", "-") + " patients")
+        ax.set_xticks(x, list(families), rotation=30, ha="right")
         ax.set_ylabel(NUMBERS[key] + " (lower is better)")
         ax.legend()
     fig.suptitle("The same evaluation on training and held-out patients (mean ± SD over runs)")
