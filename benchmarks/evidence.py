@@ -285,6 +285,19 @@ def _spread(
     )
 
 
+def _curve_part(out: str, what: str, argv: list[str], needs, name: str | None = None) -> Part:
+    """Optional: ``benchmarks/corpus_curve.py`` (``argv``, all but its output folder) into ``survset/<out>``."""
+    return Part(
+        name or f"survset_{out}",
+        what,
+        [*argv, "--output_dir", f"{W}/survset/{out}"],
+        f"survset/{out}/corpus_curve.json",
+        needs=list(needs),
+        minutes=0.5,
+        optional=True,
+    )
+
+
 def _versus(out: str, a: str, b: str, what: str, labels=("last", "best"), name: str | None = None) -> Part:
     """Optional: run ``a``'s finetuned arms against run ``b``'s, paired on the same test patients."""
     return _spread(out, dict(zip(labels, (a, b))), what, "--versus", "bp_pretrained", "bp_random", name=name)
@@ -2040,15 +2053,13 @@ def _corpus_parts() -> list[Part]:
                 spreads.append(f"seed_spread_labeff_tf{frac}_recon{RECON}{tag}_selcv3")
                 argv += ["--spread", frac, corpus, f"{W}/survset/{spreads[-1]}"]
         parts.append(
-            Part(
-                name,
+            _curve_part(
+                out,
                 f"the corpus-size curve ({', '.join(('1', *tags))}): held-out pretraining numbers and the embedding's "
                 "differences",
-                [*argv, "--output_dir", f"{W}/survset/{out}"],
-                f"survset/{out}/corpus_curve.json",
-                needs=[f"survset_{s}" for s in spreads],
-                minutes=0.5,
-                optional=True,
+                argv,
+                [f"survset_{s}" for s in spreads],
+                name=name,
             )
         )
     return parts
@@ -2169,15 +2180,12 @@ def _steps_parts() -> list[Part]:
                     needs.append(f"survset_{spreads[frac, st]}")
         out = ("steps_curve" if n_seeds > 1 else "steps_curve_pilot") + (f"_{steps}{suffix}" if suffix else "")
         parts.append(
-            Part(
-                f"survset_{out}",
+            _curve_part(
+                out,
                 f"the step-count curve ({', '.join(step_list)} steps, seeds {seeds}): the backbones' held-out numbers"
                 + (" and the embedding's pooled differences" if n_seeds > 1 else ""),
-                [*argv, "--output_dir", f"{W}/survset/{out}"],
-                f"survset/{out}/corpus_curve.json",
-                needs=needs,
-                minutes=0.5,
-                optional=True,
+                argv,
+                needs,
             )
         )
     return parts
@@ -2370,14 +2378,11 @@ def _gene_feature_parts(protocol: str = "T") -> list[Part]:
     )
     out = "genefeat_label_free" if protocol == "T" else f"{tag}_label_free"
     parts.append(
-        Part(
-            f"survset_{out}",
+        _curve_part(
+            out,
             f"the backbones {label}: their held-out numbers beside K's (the same folds and seeds)",
-            [*argv, "--output_dir", f"{W}/survset/{out}"],
-            f"survset/{out}/corpus_curve.json",
-            needs=[f"survset_pretrain_recon_{n}_seed{s}_fold{k}" for n in names for s in range(3) for k in range(5)],
-            minutes=0.5,
-            optional=True,
+            argv,
+            [f"survset_pretrain_recon_{n}_seed{s}_fold{k}" for n in names for s in range(3) for k in range(5)],
         )
     )
     return parts
@@ -2466,16 +2471,13 @@ def _wider_parts(protocol: str = "V") -> list[Part]:
                 spreads.append(f"seed_spread_labeff_tf{frac}_recon{RECON}{run}_selcv3")
                 argv += ["--spread", f"{float(frac):.0%}", family, f"{W}/survset/{spreads[-1]}"]
     parts.append(
-        Part(
-            f"survset_{tag}_label_free",
+        _curve_part(
+            f"{tag}_label_free",
             f"the {width}-wide backbones: their held-out numbers beside K's (the same folds and seeds)"
             + (", and the embedding's downstream differences" if spreads else ""),
-            [*argv, "--output_dir", f"{W}/survset/{tag}_label_free"],
-            f"survset/{tag}_label_free/corpus_curve.json",
-            needs=[f"survset_pretrain_recon_{tag}_seed{s}_fold{k}" for s in seeds for k in range(5)]
+            argv,
+            [f"survset_pretrain_recon_{tag}_seed{s}_fold{k}" for s in seeds for k in range(5)]
             + [f"survset_{sp}" for sp in spreads],
-            minutes=0.5,
-            optional=True,
         )
     )
     return parts
@@ -2558,17 +2560,13 @@ def _fresh_seed_parts() -> list[Part]:
                 for frac, out in spreads[family].items():
                     argv += ["--spread", f"{float(frac):.0%}", family, f"{W}/survset/{out}"]
                     needs.append(f"survset_{out}")
-        out = f"{tag}_label_free_{group}"
         parts.append(
-            Part(
-                f"survset_{out}",
+            _curve_part(
+                f"{tag}_label_free_{group}",
                 f"the {width}-wide backbones of seeds {', '.join(map(str, seeds))}: their held-out numbers beside K's"
                 + (", and the embedding's downstream differences over the 5 seed pairs" if group == "5" else ""),
-                [*argv, "--output_dir", f"{W}/survset/{out}"],
-                f"survset/{out}/corpus_curve.json",
-                needs=needs,
-                minutes=0.5,
-                optional=True,
+                argv,
+                needs,
             )
         )
     return parts
