@@ -32,7 +32,7 @@ def _loss(model, batch) -> torch.Tensor:
     return model(**batch).pooler_output.square().mean()
 
 
-def _worker(rank, world, port, queue):
+def _worker(rank, world, port, queue, fail_rank=None):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -41,6 +41,13 @@ def _worker(rank, world, port, queue):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
+        if rank == fail_rank:  # this process alone fails while reducing its rows, before any gather
+            import bioperceiver.training.pretraining as pretraining
+
+            def boom(_):
+                raise MemoryError(f"rank {rank}: out of memory (a stand-in)")
+
+            pretraining.rows_with_gradient = boom
         model = _model()
         fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -59,6 +66,23 @@ def _worker(rank, world, port, queue):
         dist.destroy_process_group()
 
 
+def _run_workers(fail_rank=None) -> tuple[dict, list]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, queue, fail_rank)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(queue.get(timeout=180) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    return got, procs
+
+
 def test_fsdp2_masks_are_the_full_masks_of_one_unsharded_process(tmp_path):
     torch.set_num_threads(1)
     model = _model()
@@ -71,19 +95,7 @@ def test_fsdp2_masks_are_the_full_masks_of_one_unsharded_process(tmp_path):
     assert genes[:16].any() and not genes[16:].any(), "genes 16+ are in no batch: untrained"
     assert genes[:8].any() and genes[8:16].any(), "each process's batch trains rows of its own"
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        got = dict(queue.get(timeout=180) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
+    got, procs = _run_workers()
     assert set(got) == {0, 1}
     for rank, masks in got.items():
         assert isinstance(masks, dict), f"rank {rank}: {masks}"
@@ -109,3 +121,16 @@ def test_masks_of_local_tensors_are_unchanged():
     genes = masks["omics.gene_embeddings"]
     assert genes[:8].any() and not genes[8:].any()
     assert all(type(v) is torch.Tensor for v in masks.values())
+
+
+def test_one_process_failing_before_the_gather_stops_every_process_instead_of_a_hang():
+    """Rank 1 alone fails while reducing its rows: both processes raise the same error (rank 1's is its cause) and
+    exit. Before, rank 0 went into the gather alone: here it waited until rank 1's exit closed the gloo connection;
+    in the pretraining loop, which catches the error and goes on, rank 1 would reach the next collective (the run
+    totals' all-reduce) while rank 0 still waited in the gather: mismatched collectives (under NCCL, a hang until
+    the timeout). Now every process catches it alike and saves the model without the card's figure."""
+    got, procs = _run_workers(fail_rank=1)
+    assert set(got) == {0, 1}
+    for rank in (0, 1):
+        assert isinstance(got[rank], str) and got[rank].startswith("RuntimeError('a process could not reduce"), got
+    assert all(p.exitcode not in (0, None) for p in procs)  # both ended, with the error

@@ -968,9 +968,9 @@ def _run_pretraining(
     # The full state dict, gathered from the shards under ZeRO-3/FSDP: a collective, every rank calls it.
     state_dict = accelerator.get_state_dict(trainer)
     unwrapped = accelerator.unwrap_model(trainer)
-    # A fact for the card (a collective under FSDP2, like the state dict): an error raised alike on every process
-    # must not lose the model; one raised by a single process inside the gather would leave the others waiting in it,
-    # as any failed collective does (the checkpoint of the last step is already written).
+    # A fact for the card (a collective under FSDP2, like the state dict): an error must not lose the model. One raised
+    # by a single process is shared before the gather (trained_vocabulary_masks agrees first), so every process
+    # raises here and none waits in the gather; the checkpoint of the last step is already written.
     try:
         trained_masks = trained_vocabulary_masks(unwrapped.model, optimizer)
         vocabulary_trained = trained_vocabulary_rows(trained_masks)

@@ -398,11 +398,27 @@ def _gathered(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` whole: a ``DTensor`` (FSDP2's sharded parameters and optimizer state) is gathered from every
     process (a collective); a local tensor is returned as it is. Read locally, a row-sharded state would count only
     this process's rows (FSDP2 on 2 processes: 3 of the 4 trained rows on rank 0)."""
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+
+def _is_dtensor(tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch without distributed support: no DTensor can exist
-        return tensor
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def _all_succeeded(ok: bool, device) -> bool:
+    """Whether every process of the default group got ``ok`` (one all-reduce, a collective every process must join):
+    a process that failed before a collective tells the others, who would otherwise wait in it for ever."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    flag = torch.tensor([0 if ok else 1], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return not bool(flag.item())
 
 
 def trained_vocabulary_masks(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
@@ -412,29 +428,40 @@ def trained_vocabulary_masks(model: nn.Module, optimizer) -> dict[str, torch.Ten
     ``top_k`` omics tokens, a gene no training profile ranks that high. Tables the optimizer keeps no per-parameter
     state for (DeepSpeed, FSDP flat parameters) are left out. Under FSDP2 each process holds the state of a shard of
     the rows (a ``DTensor``): each reduces its rows to flags and the flags are gathered, a collective: every process
-    must call this, as it calls ``accelerator.get_state_dict``, and every one gets the full masks."""
+    must call this, as it calls ``accelerator.get_state_dict``, and every one gets the full masks. The processes first
+    agree that each reduced its rows (an all-reduce): if one failed, every one raises instead of the others waiting in
+    the gather."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
     state = getattr(inner, "state", None)
     if state is None:
         return {}
     managed = {id(p) for g in getattr(inner, "param_groups", []) for p in g["params"]}
-    out: dict[str, torch.Tensor] = {}
+    tables = []  # (key, weight): decided by the model and optimizer alone, the same on every process
     for name, emb in getattr(model, "embedders", {}).items():
         for attrs in getattr(emb, "vocabulary_embeddings", {}).values():
             for attr in (attrs,) if isinstance(attrs, str) else attrs:
-                table = getattr(emb, attr, None)
-                weight = getattr(table, "weight", None)
-                if weight is None or id(weight) not in managed:
-                    continue
-                second = state.get(weight, {}).get("exp_avg_sq")
-                if second is None:  # in the optimizer, never a gradient
-                    mask = torch.zeros(weight.shape[0], dtype=torch.bool)
-                elif tuple(second.shape) != tuple(weight.shape):  # a DTensor's shape is the whole table's
-                    continue
-                else:  # each process reduces its own rows; only the per-row flags are gathered (as bytes)
-                    mask = _gathered(rows_with_gradient(second).to(torch.uint8)).cpu().bool()
-                out[f"{name}.{attr}"] = mask
-    return out
+                weight = getattr(getattr(emb, attr, None), "weight", None)
+                if weight is not None and id(weight) in managed:
+                    tables.append((f"{name}.{attr}", weight))
+    sharded = [weight for _, weight in tables if _is_dtensor(weight)]
+    flags: dict[str, torch.Tensor] = {}
+    error: Exception | None = None
+    try:
+        for key, weight in tables:
+            second = state.get(weight, {}).get("exp_avg_sq")
+            if second is None:  # in the optimizer, never a gradient
+                flags[key] = torch.zeros(weight.shape[0], dtype=torch.uint8)
+            elif tuple(second.shape) == tuple(weight.shape):  # a DTensor's shape is the whole table's
+                flags[key] = rows_with_gradient(second).to(torch.uint8)  # this process's rows (a DTensor's own shard)
+    except Exception as err:  # raised below, once the others know
+        error = err
+    if sharded and not _all_succeeded(error is None, sharded[0].device):
+        message = "a process could not reduce its rows of the vocabulary tables; every process stops here"
+        raise RuntimeError(message) from error
+    if error is not None:
+        raise error
+    # only the per-row flags are gathered (as bytes); a local tensor is returned as it is
+    return {key: _gathered(flag).cpu().bool() for key, flag in flags.items()}
 
 
 def trained_vocabulary_rows(masks: dict[str, torch.Tensor]) -> dict[str, dict[str, int]]:
