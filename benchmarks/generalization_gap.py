@@ -79,14 +79,12 @@ def run_row(run: Path, seed: int = 0) -> dict:
 
     import bioperceiver  # noqa: F401 (registers the Auto classes)
     from bioperceiver.data import (
-        BioPerceiverCollator,
         BioPerceiverProcessor,
-        ManifestDataset,
         assign_splits,
         read_manifest,
     )
     from bioperceiver.training import load_run_config
-    from bioperceiver.training.loop import build_pretrainer
+    from bioperceiver.training.loop import build_pretrainer, evaluation_data
     from bioperceiver.training.pretraining import evaluate
 
     cfg = load_run_config(run / "final" / "run_config.yaml")
@@ -108,8 +106,7 @@ def run_row(run: Path, seed: int = 0) -> dict:
     pair = retrieval_pair(recorded)
     row: dict = {"run": str(run), "step": step, "samples": len(held), "pair": pair}
     for name, part in sets.items():
-        ds = ManifestDataset.from_manifest(part, processor, train=False, seed=cfg.seed, on_error="skip")
-        collator = BioPerceiverCollator(processor.modalities, on_error="skip")
+        ds, collator = evaluation_data(cfg, part, processor)
         torch.manual_seed(cfg.seed)
         metrics, _, _ = evaluate(trainer, ds, collator, batch, n_bootstrap=0, seed=cfg.seed, device=torch.device("cpu"))
         row[name] = {**_numbers(metrics, pair), "eval_loss_uniform": float(metrics.get("eval_loss_uniform", np.nan))}

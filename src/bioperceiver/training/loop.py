@@ -386,6 +386,13 @@ def training_data(config: PretrainConfig, manifest, processor) -> tuple[Manifest
     return train_ds, collator
 
 
+def evaluation_data(config: PretrainConfig, manifest, processor) -> tuple[ManifestDataset, BioPerceiverCollator]:
+    """``manifest``'s rows (the evaluation split, or any other) as pretraining's held-out evaluation reads them: no
+    augmentation, no modality dropout, a sample that cannot be processed skipped."""
+    dataset = ManifestDataset.from_manifest(manifest, processor, train=False, seed=config.seed, on_error="skip")
+    return dataset, BioPerceiverCollator(processor.modalities, on_error="skip")
+
+
 def sharded_training_data(
     config: PretrainConfig, accelerator, processor, model, pad_ranks: bool, batch_size: int | None = None
 ):
@@ -775,10 +782,7 @@ def _run_pretraining(
         init_kwargs = {"wandb": {"name": lg.run_name}} if lg.run_name and "wandb" in trackers else {}
         accelerator.init_trackers(project, config=flat_config(cfg.to_dict()), init_kwargs=init_kwargs)
 
-    eval_ds = ManifestDataset.from_manifest(
-        manifest.split(eval_cfg.split), processor, train=False, seed=cfg.seed, on_error="skip"
-    )
-    eval_collator = BioPerceiverCollator(processor.modalities, on_error="skip")
+    eval_ds, eval_collator = evaluation_data(cfg, manifest.split(eval_cfg.split), processor)
 
     def run_totals() -> dict[str, float]:
         """Samples seen (all processes, all run segments) and training seconds so far: one all-reduce."""
