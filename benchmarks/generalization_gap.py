@@ -78,11 +78,7 @@ def run_row(run: Path, seed: int = 0) -> dict:
     from safetensors.torch import load_file
 
     import bioperceiver  # noqa: F401 (registers the Auto classes)
-    from bioperceiver.data import (
-        BioPerceiverProcessor,
-        assign_splits,
-        read_manifest,
-    )
+    from bioperceiver.data import BioPerceiverProcessor, assign_splits, read_manifest
     from bioperceiver.training import load_run_config
     from bioperceiver.training.loop import build_pretrainer, evaluation_data
     from bioperceiver.training.pretraining import evaluate
