@@ -2613,6 +2613,64 @@ def _generalization_gap_part() -> Part:
     )
 
 
+DROPOUT = "0.1"  # protocol Z: model.overrides.hidden_dropout, one value fixed in advance
+
+
+def _dropout_pilot_parts() -> list[Part]:
+    """Optional: protocol Z (twenty-seventh session, a one-seed pilot): K's recipe with dropout on the backbone's
+    residual branches (``model.overrides.hidden_dropout``) on K's processors of seed 0, the embedding-Cox runs of
+    pair (0, 0) at 50% and 25% of the labels paired with K's, and the objective's gap beside K's seed-0 backbones."""
+    tag = f"dropout{DROPOUT}"
+    folder = f"pretrain_cvfolds_recon{RECON}_{tag}_seed0"
+    parts = [
+        _fold_backbone(
+            f"survset_pretrain_recon_{tag}_seed0_fold{k}",
+            f"survset_pretrain_recon_seed0_fold{k} with hidden_dropout {DROPOUT} (its processors)",
+            folder,
+            k,
+            f"data.processor_dir={W}/survset/{_recon_backbones(0)}/fold{k}/processor",
+            "seed=0",
+            f"loss.reconstruction={RECON}",
+            f"model.overrides.hidden_dropout={DROPOUT}",
+            minutes=2,
+            needs=[f"survset_pretrain_recon_seed0_fold{k}"],
+        )
+        for k in range(5)
+    ]
+    for frac in ("0.5", "0.25"):
+        k_run, run, part = _paired_emb_cox(frac, 0, 0, tag, folder, f"the backbones with dropout {DROPOUT}", 2)
+        parts.append(part)
+        what = f"dropout {DROPOUT} - none (protocol K), pair (0, 0), {frac} of the labels"
+        parts.append(
+            _spread(
+                f"{tag}_tf{frac}_recon{RECON}_minus_plain",
+                {"pre0_init0": run},
+                what,
+                against=({"pre0_init0": k_run}, "no dropout"),
+            )
+        )
+    argv = [
+        PY,
+        "benchmarks/generalization_gap.py",
+        "--backbones",
+        "no dropout",
+        f"{W}/survset/{_recon_backbones(0)}/fold*",
+    ]
+    argv += ["--backbones", f"dropout {DROPOUT}", f"{W}/survset/{folder}/fold*"]
+    parts.append(
+        Part(
+            f"survset_{tag}_generalization_gap",
+            f"the objective on training and held-out patients, dropout {DROPOUT} beside none (seed 0, label-free)",
+            [*argv, "--output_dir", f"{W}/survset/{tag}_generalization_gap"],
+            f"survset/{tag}_generalization_gap/generalization_gap.json",
+            needs=[f"survset_pretrain_recon{t}_seed0_fold{k}" for t in ("", f"_{tag}") for k in range(5)],
+            minutes=0.5,
+            optional=True,
+        )
+    )
+    return parts
+
+
 # In run order. Minutes as measured on the shared 2-core VM on 2026-12-03 with other jobs running (load 4-8): about
 # 2.5 h in all there; on idle cores the parts ran about twice as fast.
 PARTS: list[Part] = [
@@ -2784,6 +2842,7 @@ PARTS: list[Part] = [
     *_wider_parts("W"),
     *_fresh_seed_parts(),
     _generalization_gap_part(),
+    *_dropout_pilot_parts(),
 ]
 
 
