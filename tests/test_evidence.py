@@ -1075,3 +1075,22 @@ def test_the_generalization_gap_part_reads_every_family_s_backbones_and_needs_th
     for label, pattern in families.items():
         matched = [f for f in folders if fnmatch.fnmatch(f, pattern)]
         assert len(matched) == (5 if label == "128 wide" else 15), label
+
+
+def test_the_dropout_pilot_changes_only_the_backbone_dropout_and_pairs_with_k_s_seed_0_runs():
+    """Protocol Z: K's recipe and processors (seed 0) with hidden_dropout, its runs reading K's (0, 0) baselines back
+    and paired with K's (0, 0) runs, and the gap beside K's seed-0 backbones."""
+    parts = {p.name: p for p in evidence.PARTS}
+    for k in range(5):
+        argv = parts[f"survset_pretrain_recon_dropout{evidence.DROPOUT}_seed0_fold{k}"].argv
+        assert [a for a in argv if a.startswith("model.overrides.")] == [
+            f"model.overrides.hidden_dropout={evidence.DROPOUT}"
+        ]
+        assert f"data.processor_dir={evidence.W}/survset/pretrain_cvfolds_recon1_seed0/fold{k}/processor" in argv
+    for frac in ("0.5", "0.25"):
+        argv = parts[f"survival_cv_labeff_tf{frac}_recon1_dropout{evidence.DROPOUT}_selcv"].argv
+        assert argv[argv.index("--reuse_cache") + 1].endswith(f"survset/survival_cv_labeff_tf{frac}_recon1_selcv")
+        minus = parts[f"survset_dropout{evidence.DROPOUT}_tf{frac}_recon1_minus_plain"].argv
+        assert minus[minus.index("--against") + 1].endswith(f"survset/survival_cv_labeff_tf{frac}_recon1_selcv")
+    gap = parts[f"survset_dropout{evidence.DROPOUT}_generalization_gap"]
+    assert len(gap.needs) == 10 and set(gap.needs) <= set(parts)
