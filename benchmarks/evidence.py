@@ -2406,29 +2406,36 @@ def _wider_folder(width: int, s: int | str) -> str:
     return f"pretrain_cvfolds_recon{RECON}_wide{width}_seed{s}"
 
 
-def _wider_backbones(protocol: str, seeds) -> tuple[dict[int, str], list[Part]]:
-    """``({seed: folder}, parts)``: protocol ``protocol``'s width (``WIDTHS``) pretrained fold-wise for ``seeds`` on
-    protocol K's processors of the same fold and seed, K's recipe otherwise."""
-    width, latents, _ = WIDTHS[protocol]
-    tag = f"wide{width}"
-    folder = {s: _wider_folder(width, s) for s in seeds}
+def _on_k_processors(tag: str, what: str, overrides, seeds, minutes: float) -> tuple[dict[int, str], list[Part]]:
+    """``({seed: folder}, parts)``: K's recipe with run-config ``overrides`` (``what`` they are) pretrained fold-wise
+    for ``seeds`` on protocol K's processors of the same fold and seed (the same tokens), into
+    ``pretrain_cvfolds_recon<RECON>_<tag>_seed<s>`` (parts ``survset_pretrain_recon_<tag>_seed<s>_fold<k>``)."""
+    folder = {s: f"pretrain_cvfolds_recon{RECON}_{tag}_seed{s}" for s in seeds}
     parts = [
         _fold_backbone(
             f"survset_pretrain_recon_{tag}_seed{s}_fold{k}",
-            f"survset_pretrain_recon_seed{s}_fold{k} {width} wide with {latents} latents (its processors)",
+            f"survset_pretrain_recon_seed{s}_fold{k} {what} (its processors)",
             folder[s],
             k,
             f"data.processor_dir={W}/survset/{_recon_backbones(s)}/fold{k}/processor",
             f"seed={s}",
             f"loss.reconstruction={RECON}",
-            *_wider_overrides(width, latents),
-            minutes=3.5 if width == 64 else 10,
+            *overrides,
+            minutes=minutes,
             needs=[f"survset_pretrain_recon_seed{s}_fold{k}"],
         )
         for s in seeds
         for k in range(5)
     ]
     return folder, parts
+
+
+def _wider_backbones(protocol: str, seeds) -> tuple[dict[int, str], list[Part]]:
+    """``({seed: folder}, parts)``: protocol ``protocol``'s width (``WIDTHS``) on K's processors
+    (:func:`_on_k_processors`)."""
+    width, latents, _ = WIDTHS[protocol]
+    what = f"{width} wide with {latents} latents"
+    return _on_k_processors(f"wide{width}", what, _wider_overrides(width, latents), seeds, 3.5 if width == 64 else 10)
 
 
 def _wider_parts(protocol: str = "V") -> list[Part]:
@@ -2597,18 +2604,28 @@ def _generalization_gap_part() -> Part:
             for c in CORPUS
         },
     }
-    argv, needs = [PY, "benchmarks/generalization_gap.py"], []
+    globs, needs = {}, []
     for label, (folder, seeds, part) in families.items():
         pick = f"[{''.join(map(str, seeds))}]"  # every seed's folder: a glob
-        argv += ["--backbones", label, f"{W}/survset/{folder(pick)}/fold*"]
+        globs[label] = f"{folder(pick)}/fold*"
         needs += [part.format(s=s, k=k) for s in seeds for k in range(5)]
+    what = "the objective on training and held-out patients: width, steps and corpus size (label-free)"
+    return _gap_part("generalization_gap", what, globs, needs, minutes=15)
+
+
+def _gap_part(out: str, what: str, families: dict[str, str], needs, minutes: float = 0.5) -> Part:
+    """Optional: ``benchmarks/generalization_gap.py`` over ``families`` (label -> a glob of run folders under
+    ``survset/``) into ``survset/<out>``."""
+    argv = [PY, "benchmarks/generalization_gap.py"]
+    for label, pattern in families.items():
+        argv += ["--backbones", label, f"{W}/survset/{pattern}"]
     return Part(
-        "survset_generalization_gap",
-        "the objective on training and held-out patients: width, steps and corpus size (label-free)",
-        [*argv, "--output_dir", f"{W}/survset/generalization_gap"],
-        "survset/generalization_gap/generalization_gap.json",
-        needs=needs,
-        minutes=15,
+        f"survset_{out}",
+        what,
+        [*argv, "--output_dir", f"{W}/survset/{out}"],
+        f"survset/{out}/generalization_gap.json",
+        needs=list(needs),
+        minutes=minutes,
         optional=True,
     )
 
@@ -2621,22 +2638,10 @@ def _dropout_pilot_parts() -> list[Part]:
     residual branches (``model.overrides.hidden_dropout``) on K's processors of seed 0, the embedding-Cox runs of
     pair (0, 0) at 50% and 25% of the labels paired with K's, and the objective's gap beside K's seed-0 backbones."""
     tag = f"dropout{DROPOUT}"
-    folder = f"pretrain_cvfolds_recon{RECON}_{tag}_seed0"
-    parts = [
-        _fold_backbone(
-            f"survset_pretrain_recon_{tag}_seed0_fold{k}",
-            f"survset_pretrain_recon_seed0_fold{k} with hidden_dropout {DROPOUT} (its processors)",
-            folder,
-            k,
-            f"data.processor_dir={W}/survset/{_recon_backbones(0)}/fold{k}/processor",
-            "seed=0",
-            f"loss.reconstruction={RECON}",
-            f"model.overrides.hidden_dropout={DROPOUT}",
-            minutes=2,
-            needs=[f"survset_pretrain_recon_seed0_fold{k}"],
-        )
-        for k in range(5)
-    ]
+    folders, parts = _on_k_processors(
+        tag, f"with hidden_dropout {DROPOUT}", (f"model.overrides.hidden_dropout={DROPOUT}",), (0,), 2
+    )
+    folder = folders[0]
     for frac in ("0.5", "0.25"):
         k_run, run, part = _paired_emb_cox(frac, 0, 0, tag, folder, f"the backbones with dropout {DROPOUT}", 2)
         parts.append(part)
@@ -2649,25 +2654,10 @@ def _dropout_pilot_parts() -> list[Part]:
                 against=({"pre0_init0": k_run}, "no dropout"),
             )
         )
-    argv = [
-        PY,
-        "benchmarks/generalization_gap.py",
-        "--backbones",
-        "no dropout",
-        f"{W}/survset/{_recon_backbones(0)}/fold*",
-    ]
-    argv += ["--backbones", f"dropout {DROPOUT}", f"{W}/survset/{folder}/fold*"]
-    parts.append(
-        Part(
-            f"survset_{tag}_generalization_gap",
-            f"the objective on training and held-out patients, dropout {DROPOUT} beside none (seed 0, label-free)",
-            [*argv, "--output_dir", f"{W}/survset/{tag}_generalization_gap"],
-            f"survset/{tag}_generalization_gap/generalization_gap.json",
-            needs=[f"survset_pretrain_recon{t}_seed0_fold{k}" for t in ("", f"_{tag}") for k in range(5)],
-            minutes=0.5,
-            optional=True,
-        )
-    )
+    families = {"no dropout": f"{_recon_backbones(0)}/fold*", f"dropout {DROPOUT}": f"{folder}/fold*"}
+    needs = [f"survset_pretrain_recon{t}_seed0_fold{k}" for t in ("", f"_{tag}") for k in range(5)]
+    what = f"the objective on training and held-out patients, dropout {DROPOUT} beside none (seed 0, label-free)"
+    parts.append(_gap_part(f"{tag}_generalization_gap", what, families, needs))
     return parts
 
 

@@ -103,7 +103,6 @@ def run_row(run: Path, seed: int = 0) -> dict:
     row: dict = {"run": str(run), "step": step, "samples": len(held), "pair": pair}
     for name, part in sets.items():
         ds, collator = evaluation_data(cfg, part, processor)
-        torch.manual_seed(cfg.seed)
         metrics, _, _ = evaluate(trainer, ds, collator, batch, n_bootstrap=0, seed=cfg.seed, device=torch.device("cpu"))
         row[name] = {**_numbers(metrics, pair), "eval_loss_uniform": float(metrics.get("eval_loss_uniform", np.nan))}
     row["recorded"] = _numbers(recorded, pair)
