@@ -2632,32 +2632,62 @@ def _gap_part(out: str, what: str, families: dict[str, str], needs, minutes: flo
 
 DROPOUT = "0.1"  # protocol Z: model.overrides.hidden_dropout, one value fixed in advance
 
+# Protocol AA (twenty-eighth session): one-seed pilots of regularisers for the contrastive part, each one setting of
+# K's recipe at one value fixed in advance: tag -> (its name, run-config overrides, minutes per backbone).
+REGULARISERS: dict[str, tuple[str, tuple[str, ...], float]] = {
+    "subset0.25": ("views keeping 0.25 of the genes", ("loss.subset_fraction=0.25",), 2),
+    "wd0.5": ("weight decay 0.5", ("optim.weight_decay=0.5",), 2),
+    "fixedtemp": ("a fixed temperature 0.1", ("loss.learnable_temperature=false",), 2),
+    "steps200": ("200 steps", ("optim.max_steps=200",), 1),
+}
 
-def _dropout_pilot_parts() -> list[Part]:
-    """Optional: protocol Z (twenty-seventh session, a one-seed pilot): K's recipe with dropout on the backbone's
-    residual branches (``model.overrides.hidden_dropout``) on K's processors of seed 0, the embedding-Cox runs of
-    pair (0, 0) at 50% and 25% of the labels paired with K's, and the objective's gap beside K's seed-0 backbones."""
-    tag = f"dropout{DROPOUT}"
-    folders, parts = _on_k_processors(
-        tag, f"with hidden_dropout {DROPOUT}", (f"model.overrides.hidden_dropout={DROPOUT}",), (0,), 2
-    )
+
+def _pilot_parts(
+    tag: str, name: str, overrides: tuple[str, ...], minutes: float, k_label: str, versus: str, backbone_what: str
+) -> list[Part]:
+    """A one-seed pilot of K's recipe with run-config ``overrides`` (the setting ``name``, e.g. "weight decay 0.5";
+    ``backbone_what`` describes the backbones) on K's processors of seed 0 (:func:`_on_k_processors`): the
+    embedding-Cox runs of pair (0, 0) at 50% and 25% of the labels paired with K's (labelled ``k_label``; ``versus``
+    names K's setting in the descriptions), and the objective's gap beside K's seed-0 backbones."""
+    folders, parts = _on_k_processors(tag, backbone_what, overrides, (0,), minutes)
     folder = folders[0]
     for frac in ("0.5", "0.25"):
-        k_run, run, part = _paired_emb_cox(frac, 0, 0, tag, folder, f"the backbones with dropout {DROPOUT}", 2)
+        k_run, run, part = _paired_emb_cox(frac, 0, 0, tag, folder, f"the backbones with {name}", 2)
         parts.append(part)
-        what = f"dropout {DROPOUT} - none (protocol K), pair (0, 0), {frac} of the labels"
-        parts.append(
-            _spread(
-                f"{tag}_tf{frac}_recon{RECON}_minus_plain",
-                {"pre0_init0": run},
-                what,
-                against=({"pre0_init0": k_run}, "no dropout"),
-            )
+        what = f"{name} - {versus} (protocol K), pair (0, 0), {frac} of the labels"
+        spread = _spread(
+            f"{tag}_tf{frac}_recon{RECON}_minus_plain",
+            {"pre0_init0": run},
+            what,
+            against=({"pre0_init0": k_run}, k_label),
         )
-    families = {"no dropout": f"{_recon_backbones(0)}/fold*", f"dropout {DROPOUT}": f"{folder}/fold*"}
+        parts.append(spread)
+    families = {k_label: f"{_recon_backbones(0)}/fold*", name: f"{folder}/fold*"}
     needs = [f"survset_pretrain_recon{t}_seed0_fold{k}" for t in ("", f"_{tag}") for k in range(5)]
-    what = f"the objective on training and held-out patients, dropout {DROPOUT} beside none (seed 0, label-free)"
+    what = f"the objective on training and held-out patients, {name} beside {versus} (seed 0, label-free)"
     parts.append(_gap_part(f"{tag}_generalization_gap", what, families, needs))
+    return parts
+
+
+def _dropout_pilot_parts() -> list[Part]:
+    """Optional: protocol Z (twenty-seventh session, a one-seed pilot, :func:`_pilot_parts`): K's recipe with dropout
+    on the backbone's residual branches (``model.overrides.hidden_dropout``)."""
+    overrides = (f"model.overrides.hidden_dropout={DROPOUT}",)
+    name, what = f"dropout {DROPOUT}", f"with hidden_dropout {DROPOUT}"
+    return _pilot_parts(f"dropout{DROPOUT}", name, overrides, 2, "no dropout", "none", what)
+
+
+def _regulariser_pilot_parts() -> list[Part]:
+    """Optional: protocol AA (twenty-eighth session): a one-seed pilot (:func:`_pilot_parts`) of each of
+    ``REGULARISERS``, then the objective's gap of all four beside K's seed-0 backbones in one table."""
+    parts, families, needs = [], {"K": f"{_recon_backbones(0)}/fold*"}, []
+    for tag, (name, overrides, minutes) in REGULARISERS.items():
+        parts += _pilot_parts(tag, name, overrides, minutes, "K", "K's recipe", f"with {name}")
+        families[name] = f"pretrain_cvfolds_recon{RECON}_{tag}_seed0/fold*"
+        needs += [f"survset_pretrain_recon_{tag}_seed0_fold{k}" for k in range(5)]
+    needs += [f"survset_pretrain_recon_seed0_fold{k}" for k in range(5)]
+    what = "the objective on training and held-out patients, the four regularisers of protocol AA beside K (seed 0)"
+    parts.append(_gap_part("regularisers_generalization_gap", what, families, needs, minutes=2))
     return parts
 
 
@@ -2833,6 +2863,7 @@ PARTS: list[Part] = [
     *_fresh_seed_parts(),
     _generalization_gap_part(),
     *_dropout_pilot_parts(),
+    *_regulariser_pilot_parts(),
 ]
 
 

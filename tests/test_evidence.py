@@ -1094,3 +1094,36 @@ def test_the_dropout_pilot_changes_only_the_backbone_dropout_and_pairs_with_k_s_
         assert minus[minus.index("--against") + 1].endswith(f"survset/survival_cv_labeff_tf{frac}_recon1_selcv")
     gap = parts[f"survset_dropout{evidence.DROPOUT}_generalization_gap"]
     assert len(gap.needs) == 10 and set(gap.needs) <= set(parts)
+
+
+def test_each_regulariser_pilot_changes_one_setting_of_k_s_recipe_on_k_s_processors():
+    """Protocol AA: each pilot's backbones are Z's (K's recipe on K's seed-0 processors) with its own override in place
+    of the dropout, that override changes exactly the one setting of the recipe it names, the runs read K's (0, 0)
+    baselines back and pair with K's runs, and the joint gap table reads K's and all four pilots' backbones."""
+    from bioperceiver.training.config import changed_keys, load_run_config
+
+    parts = {p.name: p for p in evidence.PARTS}
+    recipe = Path(__file__).resolve().parents[1] / evidence.SURVSET_RECIPE
+    base = load_run_config(recipe, ["loss.reconstruction=1"])
+    dropout = f"model.overrides.hidden_dropout={evidence.DROPOUT}"
+    assert set(evidence.REGULARISERS) == {"subset0.25", "wd0.5", "fixedtemp", "steps200"}
+    for tag, (_, overrides, _) in evidence.REGULARISERS.items():
+        (setting,) = overrides
+        key = setting.split("=")[0]
+        assert changed_keys(base, load_run_config(recipe, ["loss.reconstruction=1", setting])) == [key]
+        for k in range(5):
+            argv = parts[f"survset_pretrain_recon_{tag}_seed0_fold{k}"].argv
+            z = parts[f"survset_pretrain_recon_dropout{evidence.DROPOUT}_seed0_fold{k}"].argv
+            assert argv[z.index(dropout)] == setting
+            expected = [a.replace(f"_dropout{evidence.DROPOUT}_", f"_{tag}_") for a in z]
+            assert [a for a in argv if a != setting] == [a for a in expected if a != dropout]
+        for frac in ("0.5", "0.25"):
+            argv = parts[f"survival_cv_labeff_tf{frac}_recon1_{tag}_selcv"].argv
+            assert argv[argv.index("--reuse_cache") + 1].endswith(f"survset/survival_cv_labeff_tf{frac}_recon1_selcv")
+            minus = parts[f"survset_{tag}_tf{frac}_recon1_minus_plain"].argv
+            assert minus[minus.index("--against") + 1].endswith(f"survset/survival_cv_labeff_tf{frac}_recon1_selcv")
+    gap = parts["survset_regularisers_generalization_gap"]
+    assert len(gap.needs) == 25 and set(gap.needs) <= set(parts)
+    globs = [gap.argv[i + 2] for i, a in enumerate(gap.argv) if a == "--backbones"]
+    folders = ["pretrain_cvfolds_recon1_seed0", *(f"pretrain_cvfolds_recon1_{t}_seed0" for t in evidence.REGULARISERS)]
+    assert globs == [f"{evidence.W}/survset/{f}/fold*" for f in folders]
