@@ -46,17 +46,6 @@ def last_evaluation_step(run: Path) -> int:
     return int(steps[-1])
 
 
-def training_sample(train, n: int, seed: int):
-    """``n`` samples of the training split ``train`` (a Manifest), whole patients drawn in a seeded order (the
-    last one cut to make ``n``): as many samples as the held-out evaluation, so its batches are alike."""
-    table = train.table
-    patients = table["patient_id"].drop_duplicates().to_numpy()
-    order = np.random.default_rng(seed).permutation(len(patients))
-    rank = {p: i for i, p in enumerate(patients[order])}
-    rows = table.index[np.argsort(table["patient_id"].map(rank).to_numpy(), kind="stable")][:n]
-    return train.subset(rows)
-
-
 def retrieval_pair(recorded: dict) -> str:
     """The pair of views whose R@1 is reported: of the recorded pairs (not the fused view), the one with the most
     held-out queries (the loop plots the same ones first)."""
@@ -80,7 +69,7 @@ def run_row(run: Path, seed: int = 0) -> dict:
     import bioperceiver  # noqa: F401 (registers the Auto classes)
     from bioperceiver.data import BioPerceiverProcessor, assign_splits, read_manifest
     from bioperceiver.training import load_run_config
-    from bioperceiver.training.loop import build_pretrainer, evaluation_data
+    from bioperceiver.training.loop import build_pretrainer, evaluation_data, training_sample
     from bioperceiver.training.pretraining import evaluate
 
     cfg = load_run_config(run / "final" / "run_config.yaml")

@@ -367,6 +367,7 @@ def test_generalization_gap_reproduces_the_held_out_numbers_and_evaluates_as_man
 
     from bioperceiver.data import assign_splits, read_manifest
     from bioperceiver.training import load_run_config
+    from bioperceiver.training.loop import training_sample
 
     gap = load_script("benchmarks/generalization_gap.py", "generalization_gap_for_tests")
     if not (rec_run / "full" / "final").is_dir():
@@ -384,11 +385,52 @@ def test_generalization_gap_reproduces_the_held_out_numbers_and_evaluates_as_man
     cfg = load_run_config(run / "final" / "run_config.yaml")
     manifest = assign_splits(read_manifest(cfg.data.manifest))
     train, held = manifest.split("train"), manifest.split(cfg.eval.split)
-    sample = gap.training_sample(train, len(held), seed=0)
+    sample = training_sample(train, len(held), seed=0)
     assert len(sample) == len(held) and set(sample.table["patient_id"]) <= set(train.table["patient_id"])
     drawn = set(sample.table["patient_id"])  # whole patients, but the last one drawn may be cut
     whole = train.table[train.table["patient_id"].isin(drawn)].groupby("patient_id").size()
     assert (whole > sample.table.groupby("patient_id").size().reindex(whole.index)).sum() <= 1
-    assert gap.training_sample(train, len(held), seed=0).table.equals(sample.table)
+    assert training_sample(train, len(held), seed=0).table.equals(sample.table)
     md = (rec_run / "gap" / "generalization_gap.md").read_text()
     assert "| tiny | 1 (1) | contrastive loss |" in md and (rec_run / "gap" / "generalization_gap.png").stat().st_size
+
+
+def test_the_gap_logged_during_pretraining_is_the_scripts_and_leaves_training_unchanged(rec_run):
+    """``eval.training_patients``: every evaluation also runs on as many training patients (logged as
+    ``train_patients/...`` with ``eval_gap``); the final numbers equal benchmarks/generalization_gap.py's on the same
+    model, the trained weights are bit-identical to the run without it, and the card and the plot show it."""
+    from script_loader import load_script
+
+    gap = load_script("benchmarks/generalization_gap.py", "generalization_gap_for_tests")
+    if not (rec_run / "full" / "final").is_dir():
+        assert launch(rec_run / "run.yaml", f"output_dir={rec_run / 'full'}").returncode == 0
+    out = f"output_dir={rec_run / 'logged'}"
+    logged = launch(rec_run / "run.yaml", out, "eval.training_patients=true", "eval.steps=3")  # and at step 3
+    assert logged.returncode == 0, logged.stderr[-3000:]
+    for name in ("final/model.safetensors", "checkpoints/checkpoint-6/model.safetensors"):
+        a, b = load_file(rec_run / "full" / name), load_file(rec_run / "logged" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    history = json.loads((rec_run / "logged" / "history.json").read_text())
+    plain = json.loads((rec_run / "full" / "history.json").read_text())
+    evals = [h for h in history if "eval_loss" in h]
+    (last,) = [h for h in plain if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [3, 6] and last["step"] == 6
+    assert evals[-1]["eval_loss"] == last["eval_loss"]  # the held-out numbers are untouched
+    for h in evals:
+        assert h["eval_gap"] == pytest.approx(h["eval_loss"] - h["train_patients/eval_loss"])
+        assert h["train_patients/eval_loss_reconstruction"] > 0
+        assert not any(k.startswith("train_patients/queries") for k in h)
+    recorded = json.loads((rec_run / "logged" / "eval_results.json").read_text())
+    row = gap.run_row(rec_run / "full", seed=0)  # the script's training draw on the same model (seed = run seed 0)
+    assert row["reproduced"]
+    assert recorded["train_patients/eval_loss"] == pytest.approx(row["training"]["eval_loss"], abs=1e-6)
+    rec = recorded["train_patients/eval_loss_reconstruction"]
+    assert rec == pytest.approx(row["training"]["eval_loss_reconstruction"], abs=1e-6)
+    r1 = recorded.get(f"train_patients/R@1/{row['pair']}", float("nan"))  # nan: no such pair on training patients
+    assert r1 == pytest.approx(row["training"]["R@1"], abs=1e-6, nan_ok=True)
+    assert any(k.startswith("train_patients/R@1/") for k in recorded)
+    card = (rec_run / "logged" / "final" / "README.md").read_text()
+    on_train, gap_value = recorded["train_patients/eval_loss"], recorded["eval_gap"]
+    assert f"training samples (whole training patients): {on_train:.3f}" in card
+    assert f"gap of the objective is {gap_value:.3f}" in card
+    assert "training samples" not in (rec_run / "full" / "final" / "README.md").read_text()

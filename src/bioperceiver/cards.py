@@ -219,6 +219,17 @@ def _reconstruction_line(metrics: Mapping[str, Any]) -> str:
     )
 
 
+def _generalization_line(metrics: Mapping[str, Any]) -> str:
+    """The same evaluation on as many training patients (``eval.training_patients``) and the gap, or nothing."""
+    on_train, gap = metrics.get("train_patients/eval_loss"), metrics.get("eval_gap")
+    if on_train is None or gap is None:
+        return ""
+    return (
+        f". The same evaluation on as many training samples (whole training patients): {on_train:.3f}, so the "
+        f"held-out − training gap of the objective is {gap:.3f} (a large gap: pretraining fits its own patients)"
+    )
+
+
 def retrieval_rows(metrics: Mapping[str, float], ks: Iterable[int] = (1, 5, 10)) -> list[dict[str, Any]]:
     """Rows of the retrieval table from :func:`~bioperceiver.training.retrieval_metrics` output (with CIs when
     the metrics carry ``..._ci_low``/``..._ci_high``)."""
@@ -348,6 +359,7 @@ def pretraining_card(
         retrieval_table=markdown_table(retrieval_rows(metrics)),
         eval_loss=_fmt(metrics.get("eval_loss"))
         + _eval_loss_scale(metrics.get("eval_loss_batch_size"), metrics.get("eval_loss_uniform"))
+        + _generalization_line(metrics)
         + _reconstruction_line(metrics),
         compute_table=markdown_table([{"": k, "value": v} for k, v in compute.items()]),
     )

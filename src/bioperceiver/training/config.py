@@ -279,6 +279,13 @@ class EvalConfig:
     """Evaluate every this many optimizer steps; 0: only at the end."""
     n_bootstrap: int = 1000
     """Bootstrap resamples (by patient) of the retrieval R@k intervals; 0: no intervals."""
+    training_patients: bool = False
+    """Also run the same evaluation, at every evaluation, on as many training samples as the held-out split holds
+    (whole training patients, drawn once with ``seed``): logged as ``train_patients/<key>`` (e.g.
+    ``train_patients/eval_loss``) beside ``eval_gap``, the held-out − training contrastive loss. Unlike the logged
+    training loss (other views, added terms, another uniform level), this is the held-out number's like for like: the
+    objective's generalisation gap, drawn on ``loss_curves.png``. Costs a second evaluation; training is unchanged
+    (the evaluation draws from its own random stream)."""
 
 
 @dataclass

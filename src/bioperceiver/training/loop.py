@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.state import AcceleratorState
@@ -91,6 +92,7 @@ from .finetuning import PRETRAINING_MARKERS, remove_run_outputs, run_markers
 from .metering import TokenCounter, compute_facts, cpu_load_warning
 from .padding import PaddedPretrainer, RankPadder
 from .pretraining import (
+    TRAIN_PATIENTS,
     TRAINED_ROWS_FILE,
     ContrastivePretrainer,
     evaluate,
@@ -391,6 +393,18 @@ def evaluation_data(config: PretrainConfig, manifest, processor) -> tuple[Manife
     augmentation, no modality dropout, a sample that cannot be processed skipped."""
     dataset = ManifestDataset.from_manifest(manifest, processor, train=False, seed=config.seed, on_error="skip")
     return dataset, BioPerceiverCollator(processor.modalities, on_error="skip")
+
+
+def training_sample(train, n: int, seed: int):
+    """``n`` samples of the training split ``train`` (a :class:`~bioperceiver.data.Manifest`), whole patients drawn in
+    an order seeded by ``seed`` (the last one cut to make ``n``): as many samples as the held-out evaluation, so
+    that its batches, and so its loss's level, are alike (``eval.training_patients``)."""
+    table = train.table
+    patients = table["patient_id"].drop_duplicates().to_numpy()
+    order = np.random.default_rng(seed).permutation(len(patients))
+    rank = {p: i for i, p in enumerate(patients[order])}
+    rows = table.index[np.argsort(table["patient_id"].map(rank).to_numpy(), kind="stable")][:n]
+    return train.subset(rows)
 
 
 def sharded_training_data(
@@ -782,7 +796,13 @@ def _run_pretraining(
         init_kwargs = {"wandb": {"name": lg.run_name}} if lg.run_name and "wandb" in trackers else {}
         accelerator.init_trackers(project, config=flat_config(cfg.to_dict()), init_kwargs=init_kwargs)
 
-    eval_ds, eval_collator = evaluation_data(cfg, manifest.split(eval_cfg.split), processor)
+    held_out = manifest.split(eval_cfg.split)
+    eval_ds, eval_collator = evaluation_data(cfg, held_out, processor)
+    train_eval_ds = None
+    if eval_cfg.training_patients and len(held_out):
+        train_eval_ds, _ = evaluation_data(
+            cfg, training_sample(manifest.split("train"), len(held_out), cfg.seed), processor
+        )
 
     def run_totals() -> dict[str, float]:
         """Samples seen (all processes, all run segments) and training seconds so far: one all-reduce."""
@@ -806,6 +826,19 @@ def _run_pretraining(
                     seed=cfg.seed,
                     device=accelerator.device,
                 )
+                if train_eval_ds is not None:  # the same evaluation on training patients (eval.training_patients)
+                    on_train, _, _ = evaluate(
+                        accelerator.unwrap_model(trainer),
+                        train_eval_ds,
+                        eval_collator,
+                        local_batch * world,
+                        n_bootstrap=0,
+                        seed=cfg.seed,
+                        device=accelerator.device,
+                    )
+                    metrics |= {TRAIN_PATIENTS + k: x for k, x in on_train.items() if not k.startswith("queries/")}
+                    if "eval_loss" in on_train and "eval_loss" in metrics:
+                        metrics["eval_gap"] = metrics["eval_loss"] - on_train["eval_loss"]
         if accelerator.is_main_process and metrics:
             r1 = {
                 k.split("/", 1)[
@@ -815,6 +848,14 @@ def _run_pretraining(
                 if k.startswith("R@1/")
             }
             logger.info("step %d held-out loss %.4f, R@1 %s", step, metrics.get("eval_loss", float("nan")), r1)
+            if "eval_gap" in metrics:
+                logger.info(
+                    "step %d the same evaluation on %d training samples: loss %.4f (gap %.4f)",
+                    step,
+                    len(train_eval_ds),
+                    metrics[TRAIN_PATIENTS + "eval_loss"],
+                    metrics["eval_gap"],
+                )
             if trackers:
                 accelerator.log({k: x for k, x in metrics.items() if not k.startswith("queries")}, step=step)
         accelerator.wait_for_everyone()

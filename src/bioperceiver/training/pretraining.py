@@ -698,7 +698,9 @@ def plot_history(
     loss (``siglip``) has no such level and gets no line. When the training objective has terms beside the
     contrastive loss (``loss_loo``, ``loss_decorrelation``, ``loss_reconstruction``), the training panel says so (its
     curve is their weighted sum; the uniform level is the contrastive part's); with ``loss.reconstruction`` a third
-    panel shows the reconstruction error, training and held-out, beside what predicting the mean scores held out."""
+    panel shows the reconstruction error, training and held-out, beside what predicting the mean scores held out.
+    With ``eval.training_patients`` the same evaluation on as many training patients is drawn beside the held-out
+    one (both panels): the objective's generalisation gap, like for like."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -722,9 +724,18 @@ def plot_history(
     if evals:
         eval_ax = axes[0, 1]
         eval_ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", color="C1", label="held-out")
+        on_train = [h for h in evals if TRAIN_PATIENTS_LOSS in h]  # eval.training_patients: the same evaluation
+        if on_train:
+            eval_ax.plot(
+                [h["step"] for h in on_train],
+                [h[TRAIN_PATIENTS_LOSS] for h in on_train],
+                "s--",
+                color="C2",
+                label="as many training patients, the same evaluation",
+            )
         size = evals[-1].get("eval_loss_batch_size", batch_size)
         eval_ax.set_title(f"held-out loss (mean over batches of {size} samples)", fontsize=10)
-        eval_ax.set_ylabel(f"{loss_name} loss, held-out patients")
+        eval_ax.set_ylabel(f"{loss_name} loss, held-out patients" + (" (and training ones)" if on_train else ""))
         panels.append(eval_ax)
     for ax in panels:
         level = uniform_guess_level(history, held_out=ax is not train_ax, batch_size=batch_size, loss_name=loss_name)
@@ -740,6 +751,10 @@ def plot_history(
             rec_ax.plot(
                 [h["step"] for h in held], [h["eval_loss_reconstruction"] for h in held], "o-", label="held-out"
             )
+            key = "train_patients/eval_loss_reconstruction"
+            if on_train := [h for h in held if key in h]:
+                label = "training patients, the held-out evaluation"
+                rec_ax.plot([h["step"] for h in on_train], [h[key] for h in on_train], "s--", label=label)
             mean = held[-1]["eval_loss_reconstruction_mean"]
             rec_ax.axhline(mean, ls="--", color="grey", lw=1, label=f"predicting the mean, held-out ({mean:.2f})")
         rec_ax.set_title("masked-value reconstruction (the genes subset views hid)", fontsize=10)
@@ -752,6 +767,10 @@ def plot_history(
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
+
+TRAIN_PATIENTS = "train_patients/"
+"""Prefix of the metrics ``eval.training_patients`` adds: the held-out evaluation's keys, on training patients."""
+TRAIN_PATIENTS_LOSS = TRAIN_PATIENTS + "eval_loss"
 
 ADDED_TERMS = ("loss_loo", "loss_decorrelation", "loss_reconstruction")
 """Logged terms a run may add to the contrastive loss (each weighted by its run-config setting)."""
