@@ -180,12 +180,13 @@ def test_resume_conflicts_name_changed_keys_outside_the_allow_list():
             "checkpoint.keep_last=5",
             "eval.steps=3",
             "eval.n_bootstrap=0",
+            "eval.training_patients=true",  # an extra evaluation: training is unchanged (test_reconstruction.py)
             "logging.report_to=none",
             "logging.log_steps=1",
             "output_dir=/elsewhere",
         ],
     )
-    assert len(changed_keys(saved, allowed)) == 8 and resume_conflicts(saved, allowed) == []
+    assert len(changed_keys(saved, allowed)) == 9 and resume_conflicts(saved, allowed) == []
     assert config_hash(saved) != config_hash(allowed) and config_hash(saved) == config_hash(load_run_config(DEMO))
     changed = load_run_config(
         DEMO, ["optim.lr=0.1", "model.overrides.d_latents=64", "train.batch_size=4", "seed=1", "data.on_error=raise"]

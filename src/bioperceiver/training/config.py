@@ -72,6 +72,7 @@ RESUME_MUTABLE_KEYS = (
     "checkpoint.keep_last",
     "eval.steps",
     "eval.n_bootstrap",
+    "eval.training_patients",
     "logging.*",
 )
 """Keys a resumed run may change (``section.*``: the whole section). Everything else (model, data, loss, optimiser
