@@ -2691,6 +2691,38 @@ def _regulariser_pilot_parts() -> list[Part]:
     return parts
 
 
+AB_CHOICE: str | None = None  # protocol AB: the one pilot of REGULARISERS its rule chose from AA's numbers, or None
+AB_SEEDS = (1, 2, 3, 4)  # protocol AB: the fresh pretraining seeds (pair (0, 0) chose the setting, so it is not fresh)
+
+
+def _confirmation_parts(tag: str | None = None, seeds=AB_SEEDS) -> list[Part]:
+    """Optional: protocol AB (twenty-eighth session): the regulariser ``tag`` (``AB_CHOICE``; nothing when the rule
+    chose none) on K's processors of the fresh ``seeds`` (:func:`_on_k_processors`), the embedding-Cox runs of pairs
+    (s, s) at 50% and 25% of the labels paired with K's, and the differences from K and on their own over the fresh
+    pairs and over all of them with pair (0, 0)."""
+    tag = tag or AB_CHOICE
+    if tag is None:
+        return []
+    name, overrides, minutes = REGULARISERS[tag]
+    folder, parts = _on_k_processors(tag, f"with {name}", overrides, seeds, minutes)
+    for frac in ("0.5", "0.25"):  # of the labels; 0.5 first: the primary
+        k_runs, runs = {}, {}
+        key0 = "pre0_init0"  # the pilot's pair (AA)
+        k_runs[key0], runs[key0] = (f"survival_cv_labeff_tf{frac}_recon{RECON}{t}_selcv" for t in ("", f"_{tag}"))
+        for s in seeds:
+            key = f"pre{s}_init{s}"
+            k_runs[key], runs[key], part = _paired_emb_cox(frac, s, s, tag, folder[s], f"the backbones with {name}", 2)
+            parts.append(part)
+        for group, keys in (("fresh", [f"pre{s}_init{s}" for s in seeds]), ("all", list(runs))):
+            sub, k_sub = ({key: r[key] for key in keys} for r in (runs, k_runs))
+            pairs = f"the {len(keys)} {'fresh ' if group == 'fresh' else ''}seed pairs, {frac} of the labels"
+            what = f"{name} - K's recipe (protocol K), paired per seed pair: {pairs}"
+            parts.append(_spread(f"{tag}_tf{frac}_recon{RECON}_minus_plain_{group}", sub, what, against=(k_sub, "K")))
+            what = f"{pairs} on the backbones with {name} combined (inner CV)"
+            parts.append(_spread(f"seed_spread_labeff_tf{frac}_recon{RECON}_{tag}_selcv_{group}", sub, what))
+    return parts
+
+
 # In run order. Minutes as measured on the shared 2-core VM on 2026-12-03 with other jobs running (load 4-8): about
 # 2.5 h in all there; on idle cores the parts ran about twice as fast.
 PARTS: list[Part] = [
@@ -2864,6 +2896,7 @@ PARTS: list[Part] = [
     _generalization_gap_part(),
     *_dropout_pilot_parts(),
     *_regulariser_pilot_parts(),
+    *_confirmation_parts(),
 ]
 
 
