@@ -2691,18 +2691,15 @@ def _regulariser_pilot_parts() -> list[Part]:
     return parts
 
 
-AB_CHOICE: str | None = None  # protocol AB: the one pilot of REGULARISERS its rule chose from AA's numbers, or None
-AB_SEEDS = (1, 2, 3, 4)  # protocol AB: the fresh pretraining seeds (pair (0, 0) chose the setting, so it is not fresh)
+CONFIRMED = "wd0.5"  # protocol AC: AB's rule chose none of AA's pilots; AC tests the one that led on fresh pairs
+CONFIRM_SEEDS = (1, 2, 3, 4)  # the fresh pretraining seeds (pair (0, 0) chose the setting, so it is not fresh)
 
 
-def _confirmation_parts(tag: str | None = None, seeds=AB_SEEDS) -> list[Part]:
-    """Optional: protocol AB (twenty-eighth session): the regulariser ``tag`` (``AB_CHOICE``; nothing when the rule
-    chose none) on K's processors of the fresh ``seeds`` (:func:`_on_k_processors`), the embedding-Cox runs of pairs
-    (s, s) at 50% and 25% of the labels paired with K's, and the differences from K and on their own over the fresh
-    pairs and over all of them with pair (0, 0)."""
-    tag = tag or AB_CHOICE
-    if tag is None:
-        return []
+def _confirmation_parts(tag: str = CONFIRMED, seeds=CONFIRM_SEEDS) -> list[Part]:
+    """Optional: protocol AC (twenty-eighth session): the regulariser ``tag`` of ``REGULARISERS`` on K's processors
+    of the fresh ``seeds`` (:func:`_on_k_processors`), the embedding-Cox runs of pairs (s, s) at 50% and 25% of the
+    labels paired with K's, and the differences from K and on their own over the fresh pairs and over all of them
+    with the pilot's pair (0, 0)."""
     name, overrides, minutes = REGULARISERS[tag]
     folder, parts = _on_k_processors(tag, f"with {name}", overrides, seeds, minutes)
     for frac in ("0.5", "0.25"):  # of the labels; 0.5 first: the primary

@@ -1131,24 +1131,24 @@ def test_each_regulariser_pilot_changes_one_setting_of_k_s_recipe_on_k_s_process
 
 @pytest.mark.parametrize("tag", ["wd0.5", "steps200"])
 def test_a_confirmed_regulariser_pairs_each_fresh_seed_with_k_s_run_of_that_pair(tag):
-    """Protocol AB: the chosen pilot's setting on K's processors of seeds 1-4, each run paired with K's run of the
-    same seed pair (its baselines read back from it); the fresh comparison leaves out the pilot's pair (0, 0), the
-    all-pairs one adds it, and both list the partners in the same order as the runs."""
+    """Protocol AC: the chosen pilot's setting on K's processors of seeds 1-4, each run paired with K's run of the same
+    seed pair (its baselines read back from it); the fresh comparison leaves out the pilot's pair (0, 0), the all-pairs
+    one adds it, and both list the partners in the same order as the runs."""
     parts = {p.name: p for p in evidence._confirmation_parts(tag)}
     every = {p.name for p in evidence.PARTS} | set(parts)
     _, (setting,), _ = evidence.REGULARISERS[tag]
-    assert evidence._confirmation_parts(None) == [] or evidence.AB_CHOICE is not None
-    for s in evidence.AB_SEEDS:
+    assert evidence.CONFIRMED in evidence.REGULARISERS
+    for s in evidence.CONFIRM_SEEDS:
         for k in range(5):
             argv = parts[f"survset_pretrain_recon_{tag}_seed{s}_fold{k}"].argv
             assert setting in argv and f"seed={s}" in argv
             assert f"data.processor_dir={evidence.W}/survset/pretrain_cvfolds_recon1_seed{s}/fold{k}/processor" in argv
     for frac in ("0.5", "0.25"):
-        for s in evidence.AB_SEEDS:
+        for s in evidence.CONFIRM_SEEDS:
             run = parts[f"survival_cv_labeff_tf{frac}_recon1_{tag}_selcv_pre{s}"]
             assert run.argv[run.argv.index("--reuse_cache") + 1].endswith(f"tf{frac}_recon1_selcv_pre{s}")
             assert set(run.needs) <= every
-        for group, seeds in (("fresh", evidence.AB_SEEDS), ("all", (0, *evidence.AB_SEEDS))):
+        for group, seeds in (("fresh", evidence.CONFIRM_SEEDS), ("all", (0, *evidence.CONFIRM_SEEDS))):
             argv = parts[f"survset_{tag}_tf{frac}_recon1_minus_plain_{group}"].argv
             runs = argv[argv.index("--runs") + 1 : argv.index("--labels")]
             partners = argv[argv.index("--against") + 1 : argv.index("--against_label")]
