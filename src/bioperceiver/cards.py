@@ -226,8 +226,8 @@ def _generalization_line(metrics: Mapping[str, Any]) -> str:
         return ""
     return (
         f". The same evaluation on as many training samples (whole training patients): {on_train:.3f}, so the "
-        f"held-out − training gap of the objective is {gap:.3f} (the larger, the more pretraining fits its own patients "
-        "rather than patients it has not seen)"
+        f"held-out − training gap of the objective is {gap:.3f} (the larger, the more pretraining fits its own "
+        "patients rather than patients it has not seen)"
     )
 
 
