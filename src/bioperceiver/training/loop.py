@@ -798,9 +798,9 @@ def _run_pretraining(
 
     held_out = manifest.split(eval_cfg.split)
     eval_ds, eval_collator = evaluation_data(cfg, held_out, processor)
-    train_eval_ds = None
+    train_eval_ds = train_eval_collator = None
     if eval_cfg.training_patients and len(held_out):
-        train_eval_ds, _ = evaluation_data(
+        train_eval_ds, train_eval_collator = evaluation_data(
             cfg, training_sample(manifest.split("train"), len(held_out), cfg.seed), processor
         )
 
@@ -830,7 +830,7 @@ def _run_pretraining(
                     on_train, _, _ = evaluate(
                         accelerator.unwrap_model(trainer),
                         train_eval_ds,
-                        eval_collator,
+                        train_eval_collator,
                         local_batch * world,
                         n_bootstrap=0,
                         seed=cfg.seed,

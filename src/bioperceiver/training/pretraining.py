@@ -751,7 +751,7 @@ def plot_history(
             rec_ax.plot(
                 [h["step"] for h in held], [h["eval_loss_reconstruction"] for h in held], "o-", label="held-out"
             )
-            key = "train_patients/eval_loss_reconstruction"
+            key = TRAIN_PATIENTS + "eval_loss_reconstruction"
             if on_train := [h for h in held if key in h]:
                 label = "training patients, the held-out evaluation"
                 rec_ax.plot([h["step"] for h in on_train], [h[key] for h in on_train], "s--", label=label)
