@@ -2246,15 +2246,22 @@ GENE_FEATURE_VARIANTS = {  # protocol -> (name in parts and folders, processor s
 }
 
 
+def _paired_run_names(frac: str, pre: int, init: int, tag: str) -> tuple[str, str]:
+    """``(K's run, the variant ``tag``'s run)`` of seed pair ``(pre, init)`` at ``frac`` of the labels."""
+    sfx = _pair_suffix(pre, init)
+    return (
+        f"survival_cv_labeff_tf{frac}_recon{RECON}_selcv{sfx}",
+        f"survival_cv_labeff_tf{frac}_recon{RECON}_{tag}_selcv{sfx}",
+    )
+
+
 def _paired_emb_cox(
     frac: str, pre: int, init: int, tag: str, folder: str, what: str, minutes: float
 ) -> tuple[str, str, Part]:
     """``(K's run, this run, its part)``: the embedding-Cox arms by inner CV on the fold-wise backbones ``folder``
     (``what`` they are; parts ``survset_pretrain_recon_<tag>_seed<pre>_fold*``) at ``frac`` of the labels, seed pair
     ``(pre, init)``, with protocol K's baselines read back from K's run of the same pair and fraction."""
-    sfx = _pair_suffix(pre, init)
-    reuse = f"survival_cv_labeff_tf{frac}_recon{RECON}_selcv{sfx}"
-    run = f"survival_cv_labeff_tf{frac}_recon{RECON}_{tag}_selcv{sfx}"
+    reuse, run = _paired_run_names(frac, pre, init, tag)
     part = Part(
         run,
         f"embedding-Cox arms by inner CV on {what}, seed {pre}, init seed {init}, "
@@ -2406,11 +2413,16 @@ def _wider_folder(width: int, s: int | str) -> str:
     return f"pretrain_cvfolds_recon{RECON}_wide{width}_seed{s}"
 
 
+def _k_proc_folder(tag: str, s: int) -> str:
+    """The ``survset/`` folder of K's recipe with the overrides ``tag`` on K's processors, pretraining seed ``s``."""
+    return f"pretrain_cvfolds_recon{RECON}_{tag}_seed{s}"
+
+
 def _on_k_processors(tag: str, what: str, overrides, seeds, minutes: float) -> tuple[dict[int, str], list[Part]]:
     """``({seed: folder}, parts)``: K's recipe with run-config ``overrides`` (``what`` they are) pretrained fold-wise
     for ``seeds`` on protocol K's processors of the same fold and seed (the same tokens), into
     ``pretrain_cvfolds_recon<RECON>_<tag>_seed<s>`` (parts ``survset_pretrain_recon_<tag>_seed<s>_fold<k>``)."""
-    folder = {s: f"pretrain_cvfolds_recon{RECON}_{tag}_seed{s}" for s in seeds}
+    folder = {s: _k_proc_folder(tag, s) for s in seeds}
     parts = [
         _fold_backbone(
             f"survset_pretrain_recon_{tag}_seed{s}_fold{k}",
@@ -2683,7 +2695,7 @@ def _regulariser_pilot_parts() -> list[Part]:
     parts, families, needs = [], {"K": f"{_recon_backbones(0)}/fold*"}, []
     for tag, (name, overrides, minutes) in REGULARISERS.items():
         parts += _pilot_parts(tag, name, overrides, minutes, "K", "K's recipe", f"with {name}")
-        families[name] = f"pretrain_cvfolds_recon{RECON}_{tag}_seed0/fold*"
+        families[name] = f"{_k_proc_folder(tag, 0)}/fold*"
         needs += [f"survset_pretrain_recon_{tag}_seed0_fold{k}" for k in range(5)]
     needs += [f"survset_pretrain_recon_seed0_fold{k}" for k in range(5)]
     what = "the objective on training and held-out patients, the four regularisers of protocol AA beside K (seed 0)"
@@ -2705,7 +2717,7 @@ def _confirmation_parts(tag: str = CONFIRMED, seeds=CONFIRM_SEEDS) -> list[Part]
     for frac in ("0.5", "0.25"):  # of the labels; 0.5 first: the primary
         k_runs, runs = {}, {}
         key0 = "pre0_init0"  # the pilot's pair (AA)
-        k_runs[key0], runs[key0] = (f"survival_cv_labeff_tf{frac}_recon{RECON}{t}_selcv" for t in ("", f"_{tag}"))
+        k_runs[key0], runs[key0] = _paired_run_names(frac, 0, 0, tag)
         for s in seeds:
             key = f"pre{s}_init{s}"
             k_runs[key], runs[key], part = _paired_emb_cox(frac, s, s, tag, folder[s], f"the backbones with {name}", 2)

@@ -398,7 +398,7 @@ def test_generalization_gap_reproduces_the_held_out_numbers_and_evaluates_as_man
 def test_the_gap_logged_during_pretraining_is_the_scripts_and_leaves_training_unchanged(rec_run):
     """``eval.training_patients``: every evaluation also runs on as many training patients (logged as
     ``train_patients/...`` with ``eval_gap``); the final numbers equal benchmarks/generalization_gap.py's on the same
-    model, the trained weights are bit-identical to the run without it, and the card and the plot show it."""
+    model, the trained weights are bit-identical to the run without it, and the card states it."""
     from script_loader import load_script
 
     gap = load_script("benchmarks/generalization_gap.py", "generalization_gap_for_tests")
