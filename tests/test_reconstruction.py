@@ -215,7 +215,7 @@ def test_the_decoder_learns_to_predict_hidden_values_of_a_low_rank_profile():
     start = held_out_error()
     opt = torch.optim.Adam(rec.parameters(), lr=3e-3)
     pid = [f"p{i}" for i in range(64)]
-    for _ in range(300):
+    for _ in range(600):  # 300 was borderline: 0.02-0.16 of the variance, by thread count and RNG state
         opt.zero_grad()
         rec(train, patient_id=pid)["loss"].backward()
         opt.step()
