@@ -37,8 +37,12 @@ NUMBERS = {  # key in pretraining's metrics (R@1: of the run's retrieval pair) -
 REPRODUCED = 1e-4  # the held-out numbers re-evaluated here against the recorded ones
 
 
-def last_evaluation_step(run: Path) -> int:
-    """The step of the run's last held-out evaluation (the one ``eval_results.json`` holds)."""
+def evaluated_step(run: Path) -> int:
+    """The step whose weights ``eval_results.json``'s numbers are of: its ``step`` (the best evaluation's under
+    ``eval.load_best_model_at_end``), or, for a run written before it was recorded, the last held-out evaluation."""
+    recorded = json.loads((run / "eval_results.json").read_text())
+    if "step" in recorded:
+        return int(recorded["step"])
     history = json.loads((run / "history.json").read_text())
     steps = [h["step"] for h in history if "eval_loss" in h]
     if not steps:
@@ -61,7 +65,8 @@ def _numbers(metrics: dict, pair: str) -> dict[str, float]:
 
 
 def run_row(run: Path, seed: int = 0) -> dict:
-    """One run: pretraining's evaluation of its last checkpoint on its held-out split and on training patients."""
+    """One run: pretraining's evaluation of the checkpoint its ``final/`` holds (the last, or the best with
+    ``eval.load_best_model_at_end``) on its held-out split and on training patients."""
     import torch
     import transformers
     from safetensors.torch import load_file
@@ -74,7 +79,7 @@ def run_row(run: Path, seed: int = 0) -> dict:
 
     cfg = load_run_config(run / "final" / "run_config.yaml")
     recorded = json.loads((run / "eval_results.json").read_text())
-    step = last_evaluation_step(run)
+    step = evaluated_step(run)
     ckpt = run / "checkpoints" / f"checkpoint-{step}" / "model.safetensors"
     if not ckpt.is_file():
         raise FileNotFoundError(
@@ -119,7 +124,7 @@ def family_summary(rows: list[dict]) -> dict:
 
 def report_lines(families: dict[str, dict], seed: int) -> list[str]:
     lines = [
-        "Pretraining's own evaluation of each run's last checkpoint on its held-out split and on as many training "
+        "Pretraining's own evaluation of each run's kept checkpoint on its held-out split and on as many training "
         f"samples (whole patients, drawn with seed {seed}); gap = held-out − training. Mean ± SD over runs.",
         "",
         "| family | runs (held-out reproduced) | number | training patients | held-out | gap |",

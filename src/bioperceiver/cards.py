@@ -231,6 +231,22 @@ def _generalization_line(metrics: Mapping[str, Any]) -> str:
     )
 
 
+def _kept_line(best_model: Mapping[str, Any] | None) -> str:
+    """Which evaluation's weights the card's model holds (``eval.load_best_model_at_end``), or nothing."""
+    if not best_model or best_model.get("step") is None:
+        return ""
+    better = "highest" if best_model["greater_is_better"] else "lowest"
+    line = (
+        f". These held-out numbers, and the weights, are step {best_model['step']}'s: of {best_model['evaluations']} "
+        f"held-out evaluations it had the {better} {best_model['metric']} ({best_model['value']:.4f}; "
+        f"eval.load_best_model_at_end), while training ran to step {best_model['last_step']}"
+    )
+    if best_model.get("stopped_early"):
+        n = best_model["patience"]
+        line += f", where it stopped early after {n} evaluation{'s' if n != 1 else ''} in a row without a better one"
+    return line
+
+
 def retrieval_rows(metrics: Mapping[str, float], ks: Iterable[int] = (1, 5, 10)) -> list[dict[str, Any]]:
     """Rows of the retrieval table from :func:`~bioperceiver.training.retrieval_metrics` output (with CIs when
     the metrics carry ``..._ci_low``/``..._ci_high``)."""
@@ -284,6 +300,7 @@ def pretraining_card(
     eval_split: str = "validation",
     vocabulary_trained: Mapping[str, Mapping[str, int]] | None = None,
     processor_notes: Mapping[str, str] | None = None,
+    best_model: Mapping[str, Any] | None = None,
 ) -> ModelCard:
     """The card of a pretraining run: ``manifest`` is the full manifest (train and held-out rows; with a
     ``split`` column), ``run_config`` the resolved run config as a dict (``PretrainConfig.to_dict()``; shown as a
@@ -291,7 +308,8 @@ def pretraining_card(
     free-form facts (hardware, processes, wall-clock, samples seen...), ``vocabulary_trained`` how many rows of each
     vocabulary embedding table got a gradient (``trained_vocabulary_rows``: a row that never did is still random),
     ``processor_notes`` what the processors say about themselves (``ModalityProcessor.card_notes``: e.g. the source
-    and licence of an omics processor's gene features)."""
+    and licence of an omics processor's gene features), ``best_model`` which evaluation's weights the model holds
+    (``eval.load_best_model_at_end``: ``BestModel.summary()`` with the run's ``last_step``)."""
     import yaml
 
     train = manifest.split(train_split) if "split" in manifest.table else manifest
@@ -361,7 +379,8 @@ def pretraining_card(
         eval_loss=_fmt(metrics.get("eval_loss"))
         + _eval_loss_scale(metrics.get("eval_loss_batch_size"), metrics.get("eval_loss_uniform"))
         + _generalization_line(metrics)
-        + _reconstruction_line(metrics),
+        + _reconstruction_line(metrics)
+        + _kept_line(best_model),
         compute_table=markdown_table([{"": k, "value": v} for k, v in compute.items()]),
     )
 

@@ -119,6 +119,7 @@ def save_checkpoint(
     keep_last: int,
     run_config: str | None = None,
     history: list[dict] | None = None,
+    protect: str | None = None,
     **extra: Any,
 ) -> Path:
     """``save_state`` into a temporary folder, then an atomic rename: a crash never leaves a half checkpoint.
@@ -127,7 +128,8 @@ def save_checkpoint(
     samples seen) goes into ``trainer_state.json`` beside the step and data position; ``run_config`` (the resolved
     run YAML) into ``run_config.yaml``; ``history`` (the records logged so far) into ``history.json``, so a resumed
     run's history and loss curves start from the beginning (:func:`read_history`). Only the ``keep_last`` newest
-    checkpoints of the same ``run_id`` are kept (by step); another run's checkpoints are never deleted. An
+    checkpoints of the same ``run_id`` are kept (by step), and the one named ``protect`` (the best evaluation's
+    checkpoint, ``eval.load_best_model_at_end``) besides; another run's checkpoints are never deleted. An
     ``OSError`` while writing (a full disk) raises :class:`CheckpointWriteError` naming the folder; the temporary
     folder is removed and earlier checkpoints stay.
     """
@@ -155,7 +157,8 @@ def save_checkpoint(
     if accelerator.is_main_process:
         run_id = extra.get("run_id")
         for old in checkpoints(ckpt_dir, run_id)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old)
+            if old.name != protect:
+                shutil.rmtree(old)
         logger.info("saved %s", final)
     accelerator.wait_for_everyone()
     return final

@@ -287,6 +287,35 @@ class EvalConfig:
     training loss (other views, added terms, another uniform level), this is the held-out number's like for like: the
     objective's generalisation gap, drawn on ``loss_curves.png``. Costs a second evaluation; training is unchanged
     (the evaluation draws from its own random stream)."""
+    load_best_model_at_end: bool = False
+    """As transformers' ``TrainingArguments.load_best_model_at_end``: ``final/`` holds the weights of the evaluation
+    with the best ``metric_for_best_model`` (ties keep the earlier), not the last step's; that checkpoint is written
+    when it is evaluated and never rotated away. Needs ``eval.steps`` > 0. The card, ``eval_results.json`` and
+    ``loss_curves.png`` say which step was kept."""
+    metric_for_best_model: str = "eval_loss"
+    """The held-out number that chooses: ``eval_loss``, ``eval_loss_reconstruction`` (with ``loss.reconstruction``)
+    or a pair's retrieval ``R@k/<view>-<view>`` (k = 1, 5, 10)."""
+    greater_is_better: bool | None = None
+    """``None``: lower is better for ``eval_loss*``, higher for ``R@k``."""
+    early_stopping_patience: int = 0
+    """As transformers' ``EarlyStoppingCallback``: stop after this many evaluations in a row without a better
+    ``metric_for_best_model``; 0: run all ``optim.max_steps``. Needs ``load_best_model_at_end``."""
+
+    def __post_init__(self) -> None:
+        if self.early_stopping_patience < 0:
+            raise RunConfigError(
+                f"eval.early_stopping_patience: 0 or more evaluations, got {self.early_stopping_patience}"
+            )
+        if self.early_stopping_patience and not self.load_best_model_at_end:
+            raise RunConfigError(
+                "eval.early_stopping_patience needs eval.load_best_model_at_end=true (as transformers' "
+                "EarlyStoppingCallback): a stopped run keeps its best evaluation, not its last step"
+            )
+        if self.load_best_model_at_end and self.steps <= 0:
+            raise RunConfigError(
+                "eval.load_best_model_at_end: the run evaluates only at its end (eval.steps=0), so there is nothing to "
+                "choose among; set eval.steps to evaluate every that many optimizer steps"
+            )
 
 
 @dataclass

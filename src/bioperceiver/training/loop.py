@@ -89,6 +89,7 @@ from .checkpointing import (
 )
 from .config import LoggingConfig, OptimConfig, PretrainConfig, RunConfigError, config_hash, resume_conflicts
 from .finetuning import PRETRAINING_MARKERS, remove_run_outputs, run_markers
+from .keep_best import BestModel
 from .metering import TokenCounter, compute_facts, cpu_load_warning
 from .padding import PaddedPretrainer, RankPadder
 from .pretraining import (
@@ -759,6 +760,7 @@ def _run_pretraining(
             "which DeepSpeed and FSDP do not allow; use DDP or one process, or set train.max_tokens_per_batch=null"
         )
     trainer = build_pretrainer(cfg, model, padded=pad_ranks)
+    best = BestModel.from_config(eval_cfg, trainer.view_names, bool(cfg.loss.reconstruction))  # None: keep the last
     if deepspeed:
         deepspeed_setup(accelerator, trainer, opt)
     train_ds, collator = training_data(cfg, manifest, processor)
@@ -790,6 +792,8 @@ def _run_pretraining(
         if saved_procs != world and not (resume_path / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl").is_file():
             set_seed(derived_seed(cfg.seed, step, accelerator.process_index))  # a new rank: no saved random state
         samples_before, seconds_before = state.get("samples_seen", 0), state.get("train_seconds", 0.0)
+        if best is not None:
+            best.load_state_dict(state.get("best_model"))
         if stream is not None:
             stream.load_state_dict(state["data_state"])
     if trackers:
@@ -812,8 +816,20 @@ def _run_pretraining(
             "train_seconds": seconds_before + time.perf_counter() - t_start,
         }
 
-    def run_eval(step: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        """Every rank runs the same forwards (sharded parameters are gathered collectively); the main one logs."""
+    def choose(step: int, metrics: dict) -> bool:
+        """Count an evaluation for ``eval.load_best_model_at_end``: ``True`` when it is the new best. The main
+        process decides and every process takes its state, so all of them save, stop and load alike."""
+        if best is None or not metrics:
+            return False
+        best.update(step, metrics)
+        best.load_state_dict(_broadcast(best.state_dict(), accelerator))
+        if best.step == step and accelerator.is_main_process:
+            logger.info("step %d: the best held-out %s so far (%.4f)", step, best.metric, best.value)
+        return best.step == step
+
+    def run_eval(step: int, track: bool = True) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """Every rank runs the same forwards (sharded parameters are gathered collectively); the main one logs (to
+        the trackers too unless ``track`` is false: the kept weights' evaluation repeats an earlier step's)."""
         metrics, v, m = ({}, None, None)
         if len(eval_ds):
             with accelerator.autocast():
@@ -856,7 +872,7 @@ def _run_pretraining(
                     metrics[TRAIN_PATIENTS + "eval_loss"],
                     metrics["eval_gap"],
                 )
-            if trackers:
+            if trackers and track:
                 accelerator.log({k: x for k, x in metrics.items() if not k.startswith("queries")}, step=step)
         accelerator.wait_for_everyone()
         return metrics, v, m
@@ -873,7 +889,8 @@ def _run_pretraining(
         history = earlier or []
     bar = tqdm(total=opt.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="pretrain")
     t_last, samples_since, grad_norm = time.perf_counter(), 0, None
-    while step < opt.max_steps:
+    stopped_early = best is not None and best.stopped_early  # a resumed run that had stopped: nothing left to train
+    while step < opt.max_steps and not stopped_early:
         if stream is not None:  # the stream's own position says where the epoch continues
             if stream.steps_left() == 0:
                 stream.set_epoch(stream.epoch + 1)
@@ -971,17 +988,30 @@ def _run_pretraining(
                 if trackers:
                     accelerator.log(rec, step=step)
             t_pause = time.perf_counter()  # evaluation and checkpoints do not count against the throughput
+            improved = False
             if eval_cfg.steps and step % eval_cfg.steps == 0 and step < opt.max_steps:
                 metrics, _, _ = run_eval(step)
                 if metrics:
                     history.append({"step": step, **metrics})
+                improved = choose(step, metrics)
+                stopped_early = best is not None and best.stopped_early
+                if stopped_early and accelerator.is_main_process:
+                    logger.warning(
+                        "step %d: early stopping, %d evaluations in a row without a better held-out %s than step "
+                        "%d's %.4f (eval.early_stopping_patience)",
+                        step,
+                        best.since_best,
+                        best.metric,
+                        best.step,
+                        best.value,
+                    )
             stopping = stop.signum is not None
             if world > 1:  # a signal reaches the processes at different steps: they stop at the same one
                 flag = torch.tensor([float(stop.signum is not None)], device=accelerator.device)
                 stopping = accelerator.reduce(flag, reduction="sum").item() > 0  # one scalar, every step
                 if stopping and stop.signum is None:
                     stop.signum = signal.SIGTERM  # another process got the signal
-            if step % ck.save_steps == 0 or step == opt.max_steps or stopping:
+            if step % ck.save_steps == 0 or step == opt.max_steps or stopping or improved or stopped_early:
                 save_checkpoint(
                     accelerator,
                     ckpt_dir,
@@ -990,7 +1020,9 @@ def _run_pretraining(
                     ck.keep_last,
                     run_config_yaml,
                     history,
+                    protect=best.checkpoint if best is not None else None,
                     **run_facts,
+                    **({"best_model": best.state_dict()} if best is not None else {}),
                     **run_totals(),
                     **({"data_state": stream.state_dict()} if stream is not None else {}),
                 )
@@ -1000,16 +1032,36 @@ def _run_pretraining(
                     bar.close()
                     raise RunStopped(stop.signum, step, ckpt_dir / f"checkpoint-{step}")
             t_last += time.perf_counter() - t_pause
-            if step >= opt.max_steps:
+            if step >= opt.max_steps or stopped_early:
                 break
     bar.close()
     skipped = collator.report
     if skipped.total or skipped.modality_total:  # samples dropped whole, or modality values (the default policy)
         skipped.log("pretraining batches (this process, this run segment; each sample counted once)")
     final = out / "final"
-    metrics, views, masks = run_eval(step)
-    if metrics:
-        history.append({"step": step, **metrics})
+    metrics, views, masks = {}, None, None
+    if not stopped_early:  # an early stop ends on an evaluation the loop already counted and recorded
+        metrics, views, masks = run_eval(step)
+        if metrics:
+            history.append({"step": step, **metrics})
+        choose(step, metrics)
+    kept_step = step
+    if best is not None and best.step is not None and best.step != step:
+        # final/ gets the best evaluation's weights (and its optimizer state, which the trained-rows count reads)
+        accelerator.load_state(str(ckpt_dir / best.checkpoint))
+        kept_step = best.step
+    if kept_step != step or stopped_early:  # the held-out numbers (and views for the plots) of the kept weights
+        metrics, views, masks = run_eval(kept_step, track=False)
+        if kept_step != step and accelerator.is_main_process:
+            logger.info(
+                "kept step %d's weights: the best held-out %s (%.4f) of %d evaluations; the last step was %d",
+                kept_step,
+                best.metric,
+                best.value,
+                best.evaluations,
+                step,
+            )
+    best_model = {**best.summary(), "last_step": step} if best is not None else None
     # The full state dict, gathered from the shards under ZeRO-3/FSDP: a collective, every rank calls it.
     state_dict = accelerator.get_state_dict(trainer)
     unwrapped = accelerator.unwrap_model(trainer)
@@ -1026,13 +1078,15 @@ def _run_pretraining(
     totals = run_totals()
     plots: list[Path] = []
     if accelerator.is_main_process:
-        (out / "eval_results.json").write_text(dumps(metrics) + "\n")
+        kept = {"step": kept_step, **({"best_model": best_model} if best_model else {})}
+        (out / "eval_results.json").write_text(dumps({**metrics, **kept}) + "\n")
         plot_history(
             history,
             out / "loss_curves.png",
             batch_size=local_batch * world,
             loss_name=cfg.loss.name,
             dropout=cfg.data.modality_dropout,
+            best_model=best_model,
         )
         plots.append(out / "loss_curves.png")
         names = unwrapped.view_names
@@ -1076,6 +1130,7 @@ def _run_pretraining(
                     num_parameters=num_parameters,
                     eval_split=eval_cfg.split,
                     vocabulary_trained=vocabulary_trained,
+                    best_model=best_model,
                     processor_notes={
                         f"{key} ({name})": text
                         for name, proc in processor.processors.items()
@@ -1090,7 +1145,7 @@ def _run_pretraining(
     accelerator.wait_for_everyone()
     if trackers:
         accelerator.end_training()
-    summary = _summary(out, final, ckpt_dir, plots, trackers, project, lg, accelerator)
+    summary = _summary(out, final, ckpt_dir, plots, trackers, project, lg, accelerator, best_model)
     return {
         "final": str(final),
         "history": history,
@@ -1101,7 +1156,9 @@ def _run_pretraining(
     }
 
 
-def _summary(out: Path, final: Path, ckpt_dir: Path, plots, trackers, project, lg, accelerator) -> list[str]:
+def _summary(
+    out: Path, final: Path, ckpt_dir: Path, plots, trackers, project, lg, accelerator, best_model: dict | None = None
+) -> list[str]:
     """Where everything is, for the script to print at the end of the run."""
     ckpts = checkpoints(ckpt_dir)
     lines = [
@@ -1109,6 +1166,15 @@ def _summary(out: Path, final: Path, ckpt_dir: Path, plots, trackers, project, l
         "=" * 100,
         f"Pretraining finished. Run directory: {out.resolve()}",
         f"  backbone (AutoModel)   {final.resolve()}  (config.json + model.safetensors)",
+        *(
+            [
+                f"  kept weights           step {best_model['step']} of {best_model['last_step']}: the best held-out "
+                f"{best_model['metric']} ({best_model['value']:.4f}) of {best_model['evaluations']} evaluations"
+                + (" (stopped early)" if best_model["stopped_early"] else "")
+            ]
+            if best_model and best_model.get("step") is not None
+            else []
+        ),
         f"  processors             {final.resolve()}  (BioPerceiverProcessor.from_pretrained)",
         f"  projection head        {(final / PROJECTION_HEAD_FILE).resolve()}  (embed --space projected)",
         f"  run config             {(final / RUN_CONFIG).resolve()}  (also in every checkpoint)",

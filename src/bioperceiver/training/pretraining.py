@@ -583,12 +583,16 @@ def evaluate(
     return metrics, views_t, masks_t
 
 
+RETRIEVAL_KS = (1, 5, 10)
+"""The k of the held-out R@k every evaluation reports."""
+
+
 @torch.no_grad()
 def retrieval_metrics(
     views: torch.Tensor,
     mask: torch.Tensor,
     names: list[str],
-    ks: tuple[int, ...] = (1, 5, 10),
+    ks: tuple[int, ...] = RETRIEVAL_KS,
     min_pairs: int = 2,
     *,
     n_bootstrap: int = 0,
@@ -636,7 +640,7 @@ def retrieval_metrics(
 
 
 def retrieval_hits(
-    z: torch.Tensor, mask: torch.Tensor, a: int, b: int, ks: tuple[int, ...] = (1, 5, 10)
+    z: torch.Tensor, mask: torch.Tensor, a: int, b: int, ks: tuple[int, ...] = RETRIEVAL_KS
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Per query of the views pair ``(a, b)`` (the samples having both): the hit rate at each ``k`` over the two
     directions (0, 0.5 or 1: its own other view in the top ``k`` of the candidates having that view, ranked by
@@ -687,7 +691,13 @@ def plot_similarity(views: torch.Tensor, mask: torch.Tensor, names: list[str], a
 
 
 def plot_history(
-    history: list[dict], path, *, batch_size: int | None = None, loss_name: str = "clip", dropout: float = 0.0
+    history: list[dict],
+    path,
+    *,
+    batch_size: int | None = None,
+    loss_name: str = "clip",
+    dropout: float = 0.0,
+    best_model: dict | None = None,
 ) -> None:
     """``loss_curves.png``: the training loss (one contrastive batch per logged step, with modality dropout and
     augmentation) and the held-out loss (mean over held-out batches of the same size, nothing dropped) on separate
@@ -700,7 +710,9 @@ def plot_history(
     curve is their weighted sum; the uniform level is the contrastive part's); with ``loss.reconstruction`` a third
     panel shows the reconstruction error, training and held-out, beside what predicting the mean scores held out.
     With ``eval.training_patients`` the same evaluation on as many training patients is drawn beside the held-out
-    one (both panels): the objective's generalisation gap, like for like."""
+    one (both panels): the objective's generalisation gap, like for like. With ``best_model``
+    (``eval.load_best_model_at_end``: its ``step`` and ``metric``) a dotted line on every panel marks the step whose
+    weights ``final/`` holds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -761,6 +773,9 @@ def plot_history(
         rec_ax.set_ylabel("mean squared error, normalised values")
         panels.append(rec_ax)
     for ax in panels:
+        if best_model and best_model.get("step") is not None:
+            label = f"kept: step {best_model['step']} (best held-out {best_model['metric']})"
+            ax.axvline(best_model["step"], ls=":", color="black", lw=1, label=label)
         ax.set_xlabel("optimizer step")
         ax.legend(fontsize=8)
     fig.tight_layout()
