@@ -142,6 +142,30 @@ def test_zero3_with_subset_views_and_reconstruction_matches_ddp(tmp_path):
         torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_DEEPSPEED, reason="deepspeed is not installed (pip install 'bioperceiver[deepspeed]')")
+def test_zero3_keeps_the_best_evaluation_as_ddp_does(tmp_path):
+    """``eval.load_best_model_at_end`` under ZeRO-3: the kept checkpoint is loaded back into the sharded engine
+    (``load_state``) and gathered into ``final/``. The same run under DDP keeps the same step, and the two final
+    models are equal up to float summation order."""
+    best = {"steps": 1, "n_bootstrap": 0, "load_best_model_at_end": True, "early_stopping_patience": 1}
+    run_yaml = synthetic_run_config(
+        tmp_path, max_steps=6, warmup_steps=1, batch_size=4, save_steps=100, keep_last=1, eval=best
+    )
+    ddp = _launch(run_yaml, tmp_path / "ddp", "cpu_ddp.yaml", {"ACCELERATE_USE_CPU": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-4000:]
+    res = _launch(run_yaml, tmp_path / "zero3", "deepspeed_zero3.yaml")
+    assert res.returncode == 0, res.stderr[-4000:]
+    kept = {run: json.loads((tmp_path / run / "eval_results.json").read_text()) for run in ("ddp", "zero3")}
+    assert kept["zero3"]["step"] == kept["ddp"]["step"] < kept["zero3"]["best_model"]["last_step"], kept
+    assert kept["zero3"]["eval_loss"] == pytest.approx(kept["ddp"]["eval_loss"], rel=1e-4)
+    ours = load_file(tmp_path / "zero3" / "final" / "model.safetensors")
+    theirs = load_file(tmp_path / "ddp" / "final" / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_padding_row_leaves_loss_and_gradients_unchanged(run_config):
     """The row RankPadder appends runs through every embedder and encoder pass but has no view in the loss: loss and
     every parameter gradient equal those of the real batch (clip with leave-one-out, and multiview)."""
