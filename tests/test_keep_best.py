@@ -6,8 +6,6 @@ chooses as an uninterrupted one, and a re-run of a stopped run trains nothing mo
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,22 +13,11 @@ import pytest
 import torch
 from conftest import synthetic_run_config
 from safetensors.torch import load_file
+from test_pretrain_deepspeed import _launch as accelerate_launch  # 2 processes, a free port
+from test_pretrain_script import launch
 
 from bioperceiver.training import RunConfigError, load_run_config
 from bioperceiver.training.keep_best import BestModel, best_metric_choices
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "pretrain" / "run_pretrain.py"
-
-
-def launch(config: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), "--config", str(config), *extra],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
 
 
 def _eval_cfg(**kw):
@@ -214,28 +201,11 @@ def test_two_ddp_processes_stop_together_and_keep_the_same_step(tmp_path):
     """2 CPU processes (gloo): early stopping and the choice are decided once and taken by both, so both stop at the
     same step (a process that went on alone would hang in its next all-reduce until the timeout); the training-
     patient evaluation (``eval.training_patients``) runs beside the held-out one on both."""
-    import os
-
     evals = {"steps": 1, "load_best_model_at_end": True, "early_stopping_patience": 1, "training_patients": True}
     run = synthetic_run_config(
         tmp_path, max_steps=8, warmup_steps=1, batch_size=4, save_steps=100, keep_last=1, eval=evals
     )
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        str(Path(sys.executable).parent / "accelerate"),
-        "launch",
-        "--config_file",
-        str(ROOT / "pretrain" / "configs" / "accelerate" / "cpu_ddp.yaml"),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        "0",
-        str(SCRIPT),
-        "--config",
-        str(run),
-        f"output_dir={tmp_path / 'out'}",
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    res = accelerate_launch(run, tmp_path / "out", "cpu_ddp.yaml", {"ACCELERATE_USE_CPU": "1"})
     assert res.returncode == 0, res.stderr[-4000:]
     out = tmp_path / "out"
     results = json.loads((out / "eval_results.json").read_text())
