@@ -2,7 +2,8 @@
 #   make demo   the main job (see README)
 #   make test   lint + the CPU test suite (what CI runs)
 #   make evidence  issue 18's evidence table (SurvSet + full-PadChest pretraining, survival CV, label efficiency;
-#               ~75 min on a 2-core CPU, resumable: re-run to continue; writes outputs/evidence/EVIDENCE.md)
+#               under two hours on a 2-core CPU (1:50 with setup, cores shared, 2026-12-06), resumable: re-run to
+#               continue; writes outputs/evidence/EVIDENCE.md)
 #   make bench  the speed/memory benchmarks (write benchmarks/results/; finetune_tasks.py is run on its own)
 VENV   ?= .venv
 PYTHON ?= python3
