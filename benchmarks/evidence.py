@@ -13,7 +13,8 @@ scripts write results atomically and skip their own finished sub-runs, and an in
 its last checkpoint (``--resume latest``), so re-running the same command continues where it stopped (a finished
 pretraining part that ``--redo`` names trains again from scratch).
 ``evidence_log.json`` records each part's command, wall time, exit status and environment (the hash of the lock
-file ``constraints.txt`` that ``make setup`` installs from, and every locked package installed at another version);
+file ``constraints.txt`` that ``make setup`` installs from, every locked package installed at another version, and
+the host: CPU model, CPU kernels, thread count, GPUs);
 at the end ``EVIDENCE.md`` lists every part with its command, wall time and environment, followed by the tables the
 parts write (``<result>.md``).
 
@@ -29,6 +30,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -58,14 +60,56 @@ def read_lock(path: Path | None = None) -> dict[str, str]:
     return pins
 
 
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (``/proc/cpuinfo``), else ``platform.processor()``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def host() -> dict:
+    """The machine behind a part's numbers, beside the packages: the CPU model, the CPUs this process may use, the
+    CPU kernels torch dispatches to (``ATEN_CPU_CAPABILITY``, inherited by the parts) and its default thread count,
+    and the GPUs. The same code, data and seeds end at different weights on AVX2 and AVX-512 kernels or on another
+    thread count (benchmarks/RESULTS.md, "The recorded fold-wise backbones are not reproduced bit for bit"), so a
+    re-run that disagrees with a recorded number is first compared on these."""
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpus = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
+    return {
+        "cpu": cpu_model(),
+        "cpus": cpus,
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "gpus": gpus,
+    }
+
+
+def host_text(facts: dict | None) -> str:
+    if not facts:
+        return "host not recorded"
+    gpus = f", {len(facts['gpus'])}× {facts['gpus'][0]}" if facts.get("gpus") else ""
+    return (
+        f"{facts['cpu']}, {facts['cpus']} CPUs, {facts['cpu_kernels']} kernels, {facts['torch_threads']} threads{gpus}"
+    )
+
+
 def environment(lock: Path | None = None) -> dict:
     """The installed packages against the lock file: its hash (first 12 hex digits of sha256; None without one) and
     each locked package installed at another version or not at all (``{name: {"locked", "installed"}}``), so that a
-    recorded number can be traced to the versions that produced it. A local build tag (``+cu130``) is not a
-    difference."""
+    recorded number can be traced to the versions that produced it, and the machine (``host``: :func:`host`). A
+    local build tag (``+cu130``) is not a difference."""
     lock = lock or LOCK
     if not lock.is_file():
-        return {"lock": None, "off_lock": {}}
+        return {"lock": None, "off_lock": {}, "host": host()}
     off = {}
     for name, locked in read_lock(lock).items():
         try:
@@ -74,16 +118,19 @@ def environment(lock: Path | None = None) -> dict:
             have = None
         if have is None or not SpecifierSet(f"=={locked}").contains(have, prereleases=True):
             off[name] = {"locked": locked, "installed": have}
-    return {"lock": hashlib.sha256(lock.read_bytes()).hexdigest()[:12], "off_lock": off}
+    return {"lock": hashlib.sha256(lock.read_bytes()).hexdigest()[:12], "off_lock": off, "host": host()}
 
 
 def environment_text(env: dict | None) -> str:
     if not env:
         return "not recorded"
-    if env["lock"] is None:
-        return "no lock file"
     off = env["off_lock"]
-    return f"lock {env['lock']}" + (f", {len(off)} package(s) off it" if off else "")
+    packages = (
+        "no lock file"
+        if env["lock"] is None
+        else f"lock {env['lock']}" + (f", {len(off)} package(s) off it" if off else "")
+    )
+    return f"{packages}; {host_text(env.get('host'))}"
 
 
 @dataclass
@@ -2984,7 +3031,25 @@ def summary(work: Path, log: dict) -> str:
         table = (work / part.result).with_suffix(".md")
         if done and table.exists():
             tables += ["", f"## {part.name}", "", table.read_text().strip()]
+    hosts = distinct_hosts(log)
+    if len(hosts) > 1:
+        lines[1:1] = [
+            "",
+            f"**These parts ran on {len(hosts)} hosts** ({'; '.join(hosts)}). Runs agree bit for bit only on the "
+            "same CPU kernels and thread count: compare a part with a re-run of it on the same host.",
+        ]
     return "\n".join(lines + tables) + "\n"
+
+
+def distinct_hosts(log: dict) -> list[str]:
+    """The hosts the log's parts ran on (:func:`host_text`), in first-seen order; parts logged before hosts were
+    recorded are left out."""
+    seen = []
+    for entry in log.values():
+        facts = (entry.get("environment") or {}).get("host")
+        if facts and host_text(facts) not in seen:
+            seen.append(host_text(facts))
+    return seen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -3035,6 +3100,15 @@ def main(argv: list[str] | None = None) -> int:
             len(env["off_lock"]),
             LOCK.name,
             ", ".join(f"{n} {v['installed']} (lock {v['locked']})" for n, v in sorted(env["off_lock"].items())[:10]),
+        )
+    other = [h for h in distinct_hosts(log) if h != host_text(env["host"])]
+    if other and todo:
+        logger.warning(
+            "finished parts in %s ran on another host (%s; this one: %s): their numbers may differ from a re-run "
+            "here in the last digits (CPU kernels and thread counts sum in different orders)",
+            work,
+            "; ".join(other),
+            host_text(env["host"]),
         )
     failed = []
     for part in tqdm(todo, desc="evidence", unit="part"):

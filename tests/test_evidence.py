@@ -35,6 +35,45 @@ def _writer(path: str, text: str = "{}") -> list[str]:
     ]
 
 
+def test_each_part_records_the_host_and_the_summary_says_when_parts_ran_on_different_hosts(
+    tmp_path, monkeypatch, caplog
+):
+    """The CPU model, CPU kernels, thread count and GPUs are logged per part (AVX2 and AVX-512 kernels end the same
+    SurvSet pretraining at different weights); EVIDENCE.md and the log warn when finished parts ran elsewhere."""
+    import torch
+
+    facts = evidence.host()
+    assert facts["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()
+    assert facts["torch_threads"] == torch.get_num_threads() and facts["cpus"] >= 1
+    assert facts["cpu"] and facts["cpu"] != "unknown"
+    assert facts["gpus"] == ([] if not torch.cuda.is_available() else facts["gpus"])
+    if Path("/proc/cpuinfo").exists():  # the model name line as the kernel writes it
+        names = [
+            ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln
+        ]
+        assert facts["cpu"] == names[0]
+
+    monkeypatch.setattr(
+        evidence, "PARTS", [evidence.Part(n, n, _writer(f"{{work}}/{n}.json"), f"{n}.json") for n in "ab"]
+    )
+    work = tmp_path / "w"
+    assert evidence.main(["--work_dir", str(work), "--only", "a"]) == 0
+    log = json.loads((work / "evidence_log.json").read_text())
+    assert log["a"]["environment"]["host"] == facts
+    assert "hosts" not in (work / "EVIDENCE.md").read_text()
+    elsewhere = {**facts, "cpu": "Intel(R) Xeon(R) Platinum 8488C", "cpu_kernels": "AVX512"}
+    log["a"]["environment"]["host"] = elsewhere  # as if part a had run on another machine
+    (work / "evidence_log.json").write_text(json.dumps(log))
+    with caplog.at_level("WARNING", logger="evidence"):
+        assert evidence.main(["--work_dir", str(work), "--only", "b"]) == 0
+    assert "ran on another host (Intel(R) Xeon(R) Platinum 8488C" in caplog.text
+    text = (work / "EVIDENCE.md").read_text()
+    assert f"These parts ran on 2 hosts** ({evidence.host_text(elsewhere)}; {evidence.host_text(facts)})" in text
+    assert "AVX512 kernels" in evidence.host_text(elsewhere)
+    assert evidence.host_text(None) == "host not recorded"
+    assert evidence.host_text({**facts, "gpus": ["NVIDIA H100"] * 2}).endswith(", 2× NVIDIA H100")
+
+
 def test_parts_run_in_order_skip_when_done_and_respect_prerequisites(tmp_path, monkeypatch):
     parts = [
         evidence.Part("a", "first", _writer("{work}/a/out.json"), "a/out.json"),
@@ -93,7 +132,7 @@ def test_each_part_records_the_installed_packages_against_the_lock_file(tmp_path
         "not-a-package-bp": {"locked": "1.0", "installed": None},
     }
     monkeypatch.setattr(evidence.importlib.metadata, "version", lambda name: "2.14.1+cu130")
-    assert evidence.environment(lock.with_name("t.txt")) == {"lock": None, "off_lock": {}}
+    assert evidence.environment(lock.with_name("t.txt")) == {"lock": None, "off_lock": {}, "host": env["host"]}
     (tmp_path / "t.txt").write_text("torch==2.14.1\n")
     assert evidence.environment(tmp_path / "t.txt")["off_lock"] == {}  # the CUDA build of the locked version
     monkeypatch.undo()
@@ -112,7 +151,9 @@ def test_each_part_records_the_installed_packages_against_the_lock_file(tmp_path
     assert "| 1.0 min | not recorded |" in (work / "EVIDENCE.md").read_text()  # run before environments were kept
     assert evidence.main(["--work_dir", str(work), "--redo", "a"]) == 0
     assert json.loads((work / "evidence_log.json").read_text())["a"]["environment"] == env
-    assert f"| lock {env['lock']}, 2 package(s) off it |" in (work / "EVIDENCE.md").read_text()
+    text = (work / "EVIDENCE.md").read_text()
+    assert f"| lock {env['lock']}, 2 package(s) off it; {evidence.host_text(env['host'])} |" in text
+    assert "ran on 2 hosts" not in text  # the part logged before hosts were recorded counts as no host
     # the repository's own lock file parses, and pins what make setup installs (tests/test_lock.py checks which)
     assert evidence.read_lock(ROOT / "constraints.txt")["torch"] == "2.14.1"
 
