@@ -24,6 +24,8 @@ finetuning run writes there; other files are kept and named).
 
 Outputs in ``output_dir``: the model (``save_pretrained``, LoRA merged) + processors + ``finetuning_task.json`` +
 ``README.md`` (model card); ``all_results.json`` (train/validation/test metrics, test with bootstrap 95% CIs);
+``trainer_state.json`` (the Trainer's log history: training loss and every evaluation) and ``learning_curves.png``
+(training loss, validation loss and metric per epoch, the kept epoch marked);
 ``local_only/predictions_test.csv`` (per sample, with ids: keep it at the site); ``results_by_pattern.csv``
 (metrics per missing-modality pattern); ``ablation.csv`` (each modality removed / alone); PNGs (ROC/PR,
 calibration, Kaplan–Meier, ablation). With ``--dp_target_epsilon`` the run trains with DP-SGD (Opacus) and reports

@@ -680,3 +680,73 @@ def test_trainer_evaluates_without_modality_dropout(tmp_path):
     assert trainer.get_test_dataloader(data).collate_fn is eval_col
     assert trainer.get_train_dataloader().collate_fn is train_col
     assert trainer.data_collator is train_col  # restored
+
+
+def test_the_log_history_and_learning_curves_show_every_evaluation_and_the_kept_epoch(cohort, tmp_path, monkeypatch):
+    """``trainer_state.json`` (HF's ``save_state``) holds the training loss and every per-epoch evaluation, the
+    epoch ``all_results.json`` says was kept is the best of them, and ``learning_curves.png`` draws the training
+    loss, validation loss and metric on separate panels with the kept epoch marked. Run again into the same folder
+    with ``--overwrite_output_dir`` and no evaluation, both files are the new run's."""
+    import matplotlib.figure
+
+    drawn = {}
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def keep(fig, path, **kw):
+        drawn[Path(path).name] = [
+            (ax.get_title(), [(line.get_label(), list(line.get_xdata())) for line in ax.get_lines()])
+            for ax in fig.axes
+        ]
+        return real_savefig(fig, path, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    out = tmp_path / "curves"
+    common = ("--task", "survival", "--modalities", "tabular_clinical", "--ablations", "false")
+    results = _run(
+        cohort,
+        out,
+        *common,
+        "--num_train_epochs",
+        "4",
+        "--learning_rate",
+        "3e-3",
+        "--load_best_model_at_end",
+        "true",
+        "--metric_for_best_model",
+        "c_index",
+        "--greater_is_better",
+        "true",
+    )
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    evals = [h for h in history if "eval_c_index" in h]
+    assert [h["epoch"] for h in evals] == [1.0, 2.0, 3.0, 4.0]
+    assert any("loss" in h for h in history)  # the training loss, every --logging_steps 5
+    kept = results["train"]["best_checkpoint"]
+    best = max(h["eval_c_index"] for h in evals)
+    assert kept["epoch"] == next(h["epoch"] for h in evals if h["eval_c_index"] == best)  # the first of tied bests
+    assert kept["value"] == pytest.approx(best)
+    assert results["plots"][0] == "learning_curves.png" and (out / "learning_curves.png").stat().st_size > 0
+    assert "learning_curves.png" in json.loads((out / "all_results.json").read_text())["plots"]
+    panels = drawn["learning_curves.png"]
+    assert [title for title, _ in panels] == [
+        "training loss (batches, as trained)",
+        "validation loss (whole split)",
+        "validation c_index",
+    ]
+    for title, lines in panels:
+        marks = [x for label, x in lines if label.startswith("kept")]
+        assert marks == [[kept["epoch"], kept["epoch"]]], title
+    assert [x for label, x in panels[2][1] if not label.startswith("kept")] == [[1.0, 2.0, 3.0, 4.0]]
+
+    drawn.clear()
+    _run(cohort, out, *common, "--num_train_epochs", "1", "--eval_strategy", "no", "--overwrite_output_dir", "true")
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert not any("eval_loss" in h for h in history) and history[-1]["epoch"] == 1.0
+    assert [title for title, _ in drawn["learning_curves.png"]] == ["training loss (batches, as trained)"]
+
+
+def test_no_learning_curves_without_training_loss(tmp_path):
+    from bioperceiver.evaluation.plots import plot_learning_curves
+
+    assert plot_learning_curves([{"eval_loss": 1.0, "epoch": 1.0}], tmp_path / "c.png", "c_index") is None
+    assert not (tmp_path / "c.png").exists()

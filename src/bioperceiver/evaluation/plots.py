@@ -1,5 +1,5 @@
-"""Figures a finetuning run writes (PNG): ROC and precision-recall curves, calibration, Kaplan–Meier curves by
-predicted risk group, predicted-vs-true scatter and the modality ablation bars."""
+"""Figures a finetuning run writes (PNG): learning curves, ROC and precision-recall curves, calibration, Kaplan–Meier
+curves by predicted risk group, predicted-vs-true scatter and the modality ablation bars."""
 
 from __future__ import annotations
 
@@ -144,6 +144,41 @@ def plot_ablation(rows: Sequence[dict], metric: str, path: Path) -> Path | None:
     ax.axvline(vals[0], color="k", lw=0.8, ls="--")
     ax.set(xlabel=f"test {metric} (95% bootstrap CI)", title="modality ablation")
     ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_learning_curves(
+    history: Sequence[dict], path: Path, metric: str, kept: dict | None = None, split: str = "validation"
+) -> Path | None:
+    """``learning_curves.png`` of a finetuning run, from the Trainer's ``log_history``: the training loss (the mean
+    over each logging window of training batches, with modality dropout and augmentation), the validation loss and
+    the validation ``metric`` per evaluation, on separate panels (a batch's loss is not the loss over the validation
+    split: the Cox partial likelihood, for one, depends on the risk set a batch holds). ``kept``
+    (``all_results.json["train"]["best_checkpoint"]``) draws a dotted line at the epoch whose weights the run kept.
+    ``None`` when the history holds no training loss (``--do_train false``)."""
+    train = [h for h in history if "loss" in h and "epoch" in h]
+    if not train:
+        return None
+    key = metric if metric.startswith("eval_") else f"eval_{metric}"
+    evals = [h for h in history if "eval_loss" in h and "epoch" in h]
+    scored = [h for h in evals if isinstance(h.get(key), (int, float)) and np.isfinite(h[key])]
+    panels = [("training loss (batches, as trained)", train, "loss")]
+    if evals:
+        panels.append((f"{split} loss (whole split)", evals, "eval_loss"))
+    if scored:
+        panels.append((f"{split} {key.removeprefix('eval_')}", scored, key))
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (title, rows, k) in zip(axes[0], panels):
+        ax.plot([h["epoch"] for h in rows], [h[k] for h in rows], marker="o" if k != "loss" else None, ms=3)
+        ax.set(title=title, xlabel="epoch")
+        ax.title.set_fontsize(10)
+        if kept and kept.get("epoch") is not None:
+            ax.axvline(kept["epoch"], color="k", ls=":", lw=1, label=f"kept: epoch {kept['epoch']:g}")
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

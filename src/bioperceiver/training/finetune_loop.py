@@ -37,6 +37,7 @@ from ..data.errors import DataError
 from ..data.manifest import is_missing
 from ..data.processing import same_setting
 from ..data.validate import ManifestError
+from ..evaluation.plots import plot_learning_curves
 from ..evaluation.report import ReportSettings, evaluate_and_report, headline
 from ..factory import create_config
 from ..jsonio import dumps
@@ -44,6 +45,7 @@ from ..losses.distributed import world as distributed_world
 from ..tasks import Task
 from .arguments import DataArguments, ModelArguments, task_settings
 from .finetuning import (
+    LEARNING_CURVES,
     RUN_RECORD,
     FinetuneInputError,
     check_modalities_match,
@@ -473,15 +475,28 @@ def run_finetuning(
         data_args.eval_split: _rows_patients(eval_ds.samples),
         data_args.test_split: _rows_patients(test_ds.samples),
     }
+    plots: list[str] = []  # figures training writes (learning_curves.png), listed in all_results.json
     if training_args.do_train:
         if resume:
             logger.info("resuming run %s from %s", record["run_id"], resume)
         train_result = trainer.train(resume_from_checkpoint=resume)
         results["train"] = dict(train_result.metrics)
         trainer.log_metrics("train", train_result.metrics)
-        if kept := best_checkpoint(trainer.state, training_args, data_args.best_model_ties):
+        kept = best_checkpoint(trainer.state, training_args, data_args.best_model_ties)
+        if kept:
             results["train"]["best_checkpoint"] = kept
             log_kept_checkpoint(kept)
+        # trainer_state.json: the whole log history (training loss, every evaluation), as HF's example scripts save it
+        trainer.save_state()
+        if trainer.is_world_process_zero():
+            curves = plot_learning_curves(
+                trainer.state.log_history,
+                Path(training_args.output_dir) / LEARNING_CURVES,
+                training_args.metric_for_best_model or task.primary_metric,
+                kept=kept,
+                split=data_args.eval_split,
+            )
+            plots = [curves.name] if curves else []
     if dp is not None:
         results["privacy"] = privacy_results(trainer, model_args, data_args, train_recs)
         clear_grad_samples(trainer.model)
@@ -501,6 +516,7 @@ def run_finetuning(
             data_args,
             training_args,
             train_recs,
+            plots=plots,
         )
     return results
 
@@ -1037,9 +1053,11 @@ def report_run(
     data_args,
     training_args,
     train_recs,
+    plots=(),
 ) -> None:
     """Main process: evaluation and reports into ``output_dir`` (added to ``results``), then the model,
-    processors, task, model card and ``all_results.json``."""
+    processors, task, model card and ``all_results.json``. ``plots``: figures training wrote (file names in
+    ``output_dir``), listed before the evaluation's."""
     out = Path(training_args.output_dir)
     settings = ReportSettings(
         test_split=data_args.test_split,
@@ -1056,6 +1074,7 @@ def report_run(
         explain_samples=data_args.explain_samples,
     )
     results.update(evaluate_and_report(final_model, task, modalities, processor, evals, manifest, out, settings))
+    results["plots"] = [*plots, *results.get("plots", [])]
     results["wall_clock_s"] = round(time.perf_counter() - t0, 1)
     final_model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -1088,6 +1107,7 @@ def _summary(out: Path, results: dict, task: Task, test_split: str) -> list[str]
         ("model + processors", "config.json, model.safetensors, bioperceiver_processor.json, finetuning_task.json"),
         ("model card", "README.md"),
         ("all metrics", "all_results.json"),
+        ("log history (every evaluation)", "trainer_state.json"),
         ("per-sample predictions (ids: keep local)", "local_only/predictions_test.csv"),
         ("per missing-modality pattern", "results_by_pattern.csv"),
         ("modality ablation", "ablation.csv"),

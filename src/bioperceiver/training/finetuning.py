@@ -281,6 +281,7 @@ def compute_latents(model: nn.Module, batches, device: torch.device | str | None
 # ---- safety before any work: model/processor paths, the output folder, resume ------------------------------------
 
 RUN_RECORD = "finetuning_run.json"
+LEARNING_CURVES = "learning_curves.png"  # training loss, validation loss and metric per evaluation
 # files whose presence means a folder already holds a finetuning run (or a model): never mixed into silently
 RUN_MARKERS = ("all_results.json", "model.safetensors", "config.json", "finetuning_task.json", RUN_RECORD)
 # arguments a resumed run may change: how long to train, logging, saving and what is reported at the end
@@ -350,6 +351,8 @@ RUN_OUTPUTS = (
     "trained_vocabulary_rows.safetensors",
     "README.md",
     "all_results.json",
+    "trainer_state.json",
+    LEARNING_CURVES,
     "results_by_pattern.csv",
     "ablation.csv",
     "calibration_set.npz",
