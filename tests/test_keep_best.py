@@ -32,8 +32,11 @@ def test_the_best_is_strictly_better_ties_keep_the_earlier_and_patience_counts_e
     assert not best.update(2, {"eval_loss": 3.0}) and best.step == 1  # a tie keeps the earlier, as transformers does
     assert best.since_best == 1 and not best.stopped_early
     assert best.update(3, {"eval_loss": 2.5}) and best.since_best == 0
-    assert not best.update(4, {}) and best.since_best == 1  # an evaluation without the metric cannot be the best
-    assert not best.update(5, {"eval_loss": 2.6}) and best.stopped_early and best.checkpoint == "checkpoint-3"
+    # an evaluation without the metric is not counted at all: it cannot be the best, nor use up the patience (a pair
+    # the held-out split never reports would otherwise stop every run with no best at all)
+    assert not best.update(4, {}) and best.since_best == 0 and best.evaluations == 3
+    assert not best.update(5, {"eval_loss": float("nan")}) and best.since_best == 1  # diverged: counts, never best
+    assert not best.update(6, {"eval_loss": 2.6}) and best.stopped_early and best.checkpoint == "checkpoint-3"
     assert best.summary() == {
         "metric": "eval_loss",
         "greater_is_better": False,
@@ -43,6 +46,15 @@ def test_the_best_is_strictly_better_ties_keep_the_earlier_and_patience_counts_e
         "stopped_early": True,
         "patience": 2,
     }
+    first_nan = BestModel.from_config(_eval_cfg(early_stopping_patience=3), ["a"], reconstruction=False)
+    assert not first_nan.update(1, {"eval_loss": float("nan")}) and first_nan.step is None  # not a best to beat
+    assert first_nan.update(2, {"eval_loss": 9.0}) and first_nan.step == 2 and first_nan.value == 9.0
+    never = BestModel.from_config(_eval_cfg(early_stopping_patience=1), ["a", "b"], reconstruction=False)
+    assert not any(never.update(s, {}) for s in range(1, 5)) and not never.stopped_early and never.evaluations == 0
+    # the last evaluation can be the best, and it does not stop the run early: the run ends there anyway
+    last = BestModel.from_config(_eval_cfg(early_stopping_patience=1), ["a"], reconstruction=False)
+    assert last.update(2, {"eval_loss": 1.0}) and not last.update(4, {"eval_loss": 1.5}, final=True)
+    assert last.since_best == 1 and not last.stopped_early
     again = BestModel.from_config(_eval_cfg(early_stopping_patience=2), ["a", "b"], reconstruction=False)
     again.load_state_dict(best.state_dict())
     assert again == best
@@ -217,3 +229,74 @@ def test_two_ddp_processes_stop_together_and_keep_the_same_step(tmp_path):
     assert _same(load_file(out / "final" / "model.safetensors"), _backbone(out, f"checkpoint-{results['step']}"))
     for h in history:
         assert h["eval_gap"] == pytest.approx(h["eval_loss"] - h["train_patients/eval_loss"])
+
+
+def test_a_finished_run_extended_with_more_steps_remembers_its_last_evaluation(kept):
+    """The last step is evaluated before its checkpoint is written, so a finished run resumed with a larger
+    ``optim.max_steps`` (an allowed change) chooses among all its evaluations, the last one included; that last
+    evaluation never stops a run early (it ends there anyway); and re-running the finished run trains and counts
+    nothing more."""
+    patient = kept / "patient"  # evaluations at 2, 4, 6; the best is step 2's, so 6 is the second without a better one
+    res = launch(kept / "run.yaml", f"output_dir={patient}", "eval.early_stopping_patience=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    evals = _evals(patient)
+    assert [h["step"] for h in evals] == [2, 4, 6] and min(evals, key=lambda h: h["eval_loss"])["step"] == 2, "fixture"
+    best = json.loads((patient / "eval_results.json").read_text())["best_model"]
+    assert best["stopped_early"] is False and best["evaluations"] == 3 and best["last_step"] == 6
+    assert "stopped early" not in (patient / "final" / "README.md").read_text()
+
+    out = kept / "extend"  # 4 steps (another schedule): the last evaluation is the best
+    short = launch(kept / "run.yaml", f"output_dir={out}", "optim.max_steps=4")
+    assert short.returncode == 0, short.stderr[-3000:]
+    four = _evals(out)
+    assert [h["step"] for h in four] == [2, 4] and four[1]["eval_loss"] < four[0]["eval_loss"], "fixture"
+    state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["best_model"]["step"] == 4 and state["best_model"]["evaluations"] == 2  # saved with its checkpoint
+    longer = launch(kept / "run.yaml", f"output_dir={out}", "optim.max_steps=6", "--resume", "latest")
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    evals = _evals(out)
+    assert [h["step"] for h in evals] == [2, 4, 6]  # each evaluation once, the step-4 one kept across the resume
+    results = json.loads((out / "eval_results.json").read_text())
+    chosen = min(evals, key=lambda h: h["eval_loss"])
+    assert results["best_model"]["evaluations"] == 3 and results["step"] == chosen["step"]
+    assert _same(load_file(out / "final" / "model.safetensors"), _backbone(out, f"checkpoint-{chosen['step']}"))
+    history, weights = (out / "history.json").read_text(), load_file(out / "final" / "model.safetensors")
+    again = launch(kept / "run.yaml", f"output_dir={out}", "optim.max_steps=6", "--resume", "latest")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "history.json").read_text() == history  # the re-run's repeated evaluation is not counted again
+    assert json.loads((out / "eval_results.json").read_text())["best_model"] == results["best_model"]
+    assert _same(load_file(out / "final" / "model.safetensors"), weights)
+
+
+def test_resuming_elsewhere_brings_the_best_checkpoint_and_a_deleted_one_falls_back_to_the_last_weights(kept):
+    """``--resume PATH`` into a new output_dir copies the best checkpoint from beside PATH, so final/ still gets its
+    weights; a best checkpoint deleted by hand does not fail the run at its end (after all the training): final/
+    holds the last weights, and the card, eval_results.json and the log say why."""
+    import shutil
+
+    source = kept / "full" / "checkpoints" / "checkpoint-6"
+    kept_step = json.loads((kept / "full" / "eval_results.json").read_text())["step"]
+    assert kept_step != 6, "fixture"
+    moved = launch(kept / "run.yaml", f"output_dir={kept / 'moved'}", "optim.max_steps=7", "--resume", str(source))
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    results = json.loads((kept / "moved" / "eval_results.json").read_text())
+    if results["step"] == kept_step:  # no later evaluation (step 6's repeat, step 7) beat it: its weights are final/
+        assert _same(
+            load_file(kept / "moved" / "final" / "model.safetensors"),
+            load_file(kept / "full" / "final" / "model.safetensors"),
+        )
+        assert (kept / "moved" / "checkpoints" / f"checkpoint-{kept_step}").is_dir()
+
+    gone = kept / "gone"
+    shutil.copytree(kept / "full", gone)
+    shutil.rmtree(gone / "checkpoints" / f"checkpoint-{kept_step}")
+    res = launch(kept / "run.yaml", f"output_dir={gone}", "optim.max_steps=7", "--resume", "latest")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"checkpoint-{kept_step} is gone" in res.stderr
+    results = json.loads((gone / "eval_results.json").read_text())
+    best = results["best_model"]
+    if best["step"] == kept_step:  # still the best: its weights are gone, so final/ is the last step's
+        assert results["step"] == 7 and best["checkpoint_missing"].endswith(f"checkpoint-{kept_step}")
+        assert _same(load_file(gone / "final" / "model.safetensors"), _backbone(gone, "checkpoint-7"))
+        card = (gone / "final" / "README.md").read_text()
+        assert "its checkpoint was deleted before the run ended" in card and "the last step's (7)" in card

@@ -233,8 +233,19 @@ def _generalization_line(metrics: Mapping[str, Any]) -> str:
 
 def _kept_line(best_model: Mapping[str, Any] | None) -> str:
     """Which evaluation's weights the card's model holds (``eval.load_best_model_at_end``), or nothing."""
-    if not best_model or best_model.get("step") is None:
+    if not best_model:
         return ""
+    if best_model.get("step") is None:
+        return (
+            f". No held-out evaluation reported {best_model['metric']} (eval.metric_for_best_model), so these numbers "
+            f"and weights are the last step's ({best_model['last_step']})"
+        )
+    if best_model.get("checkpoint_missing"):
+        return (
+            f". The best held-out {best_model['metric']} was step {best_model['step']}'s ({best_model['value']:.4f}), "
+            f"but its checkpoint was deleted before the run ended, so these numbers and weights are the last step's "
+            f"({best_model['last_step']})"
+        )
     better = "highest" if best_model["greater_is_better"] else "lowest"
     line = (
         f". These held-out numbers, and the weights, are step {best_model['step']}'s: of {best_model['evaluations']} "

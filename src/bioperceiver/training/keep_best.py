@@ -16,6 +16,7 @@ What ``TrainingArguments(load_best_model_at_end=True, metric_for_best_model=...,
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -73,22 +74,32 @@ class BestModel:
         """The folder name of the best checkpoint (under ``output_dir/checkpoints``)."""
         return None if self.step is None else f"checkpoint-{self.step}"
 
-    def update(self, step: int, metrics: dict[str, Any]) -> bool:
-        """Count the evaluation of ``step``; ``True`` when it is the new best. An evaluation without the metric (a
-        retrieval pair with fewer than 2 held-out queries) does not improve and is logged."""
-        self.evaluations += 1
+    def update(self, step: int, metrics: dict[str, Any], final: bool = False) -> bool:
+        """Count the evaluation of ``step``; ``True`` when it is the new best.
+
+        - An evaluation without the metric (a retrieval pair with fewer than 2 held-out queries) is logged and is not
+          counted at all: it neither improves nor counts toward the patience, so a metric the held-out split never
+          reports cannot stop a run (the card then says that no evaluation reported it).
+        - A non-finite value (a diverged loss) is never the best, and counts toward the patience.
+        - ``final``: the run's last evaluation; it can be the best, and it does not stop the run early (the run ends
+          there anyway)."""
         value = metrics.get(self.metric)
         if value is None:
             logger.warning("step %d: the held-out evaluation has no %s; it cannot be the best", step, self.metric)
+            return False
+        self.evaluations += 1
+        value = float(value)
+        if not math.isfinite(value):
+            logger.warning("step %d: the held-out %s is %s; it cannot be the best", step, self.metric, value)
             improved = False
         else:
-            value = float(value)
-            improved = self.value is None or (value > self.value if self.greater_is_better else value < self.value)
+            better = self.value is None or (value > self.value if self.greater_is_better else value < self.value)
+            improved = better
         if improved:
             self.step, self.value, self.since_best = step, value, 0
         else:
             self.since_best += 1
-            if self.patience and self.since_best >= self.patience:
+            if self.patience and self.since_best >= self.patience and not final:
                 self.stopped_early = True
         return improved
 

@@ -241,6 +241,46 @@ def save_processor_atomically(processor: BioPerceiverProcessor, directory: Path)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def kept_weights_text(best_model: dict) -> str:
+    """The summary's line on which weights ``final/`` holds under ``eval.load_best_model_at_end``."""
+    last = best_model["last_step"]
+    if best_model.get("step") is None:
+        return f"step {last} (the last): no held-out evaluation reported {best_model['metric']}"
+    if best_model.get("checkpoint_missing"):
+        return (
+            f"step {last} (the last): the best held-out {best_model['metric']} was step {best_model['step']}'s, whose "
+            f"checkpoint {best_model['checkpoint_missing']} was deleted"
+        )
+    return (
+        f"step {best_model['step']} of {last}: the best held-out {best_model['metric']} ({best_model['value']:.4f}) "
+        f"of {best_model['evaluations']} evaluations" + (" (stopped early)" if best_model["stopped_early"] else "")
+    )
+
+
+def keep_best_checkpoint_at_hand(best: BestModel, resume_path: Path, ckpt_dir: Path, accelerator) -> None:
+    """On resume, the best checkpoint the saved state names must be in this run's ``checkpoints/`` for ``final/`` to
+    load it at the end. Resumed from another run's folder (``--resume PATH``), it is copied over from beside
+    ``PATH``; gone altogether (deleted by hand), the run says so now: unless a later evaluation is better, ``final/``
+    will hold the last step's weights."""
+    if best.checkpoint is None or (ckpt_dir / best.checkpoint).is_dir():
+        return
+    source = Path(resume_path).parent / best.checkpoint
+    if source.is_dir():
+        if accelerator.is_main_process:
+            shutil.copytree(source, ckpt_dir / best.checkpoint)
+            logger.info("copied the best checkpoint so far, %s, into %s", source, ckpt_dir)
+        accelerator.wait_for_everyone()
+    elif accelerator.is_main_process:
+        logger.warning(
+            "the best held-out %s so far (%.4f) was step %d's, but %s is gone: unless a later evaluation is better, "
+            "final/ will hold the last step's weights",
+            best.metric,
+            best.value,
+            best.step,
+            ckpt_dir / best.checkpoint,
+        )
+
+
 def _broadcast(value: Any, accelerator) -> Any:
     """``value`` of the main process on every process (one object)."""
     if getattr(accelerator, "num_processes", 1) <= 1:
@@ -794,6 +834,7 @@ def _run_pretraining(
         samples_before, seconds_before = state.get("samples_seen", 0), state.get("train_seconds", 0.0)
         if best is not None:
             best.load_state_dict(state.get("best_model"))
+            keep_best_checkpoint_at_hand(best, resume_path, ckpt_dir, accelerator)
         if stream is not None:
             stream.load_state_dict(state["data_state"])
     if trackers:
@@ -816,12 +857,13 @@ def _run_pretraining(
             "train_seconds": seconds_before + time.perf_counter() - t_start,
         }
 
-    def choose(step: int, metrics: dict) -> bool:
+    def choose(step: int, metrics: dict, final: bool = False) -> bool:
         """Count an evaluation for ``eval.load_best_model_at_end``: ``True`` when it is the new best. The main
-        process decides and every process takes its state, so all of them save, stop and load alike."""
+        process decides and every process takes its state, so all of them save, stop and load alike. ``final``: the
+        last step's evaluation, which does not stop the run early."""
         if best is None or not metrics:
             return False
-        best.update(step, metrics)
+        best.update(step, metrics, final=final)
         best.load_state_dict(_broadcast(best.state_dict(), accelerator))
         if best.step == step and accelerator.is_main_process:
             logger.info("step %d: the best held-out %s so far (%.4f)", step, best.metric, best.value)
@@ -890,6 +932,7 @@ def _run_pretraining(
     bar = tqdm(total=opt.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="pretrain")
     t_last, samples_since, grad_norm = time.perf_counter(), 0, None
     stopped_early = best is not None and best.stopped_early  # a resumed run that had stopped: nothing left to train
+    final_eval = None  # the last step's evaluation (metrics, views, masks), when this segment trains up to it
     while step < opt.max_steps and not stopped_early:
         if stream is not None:  # the stream's own position says where the epoch continues
             if stream.steps_left() == 0:
@@ -989,11 +1032,16 @@ def _run_pretraining(
                     accelerator.log(rec, step=step)
             t_pause = time.perf_counter()  # evaluation and checkpoints do not count against the throughput
             improved = False
-            if eval_cfg.steps and step % eval_cfg.steps == 0 and step < opt.max_steps:
-                metrics, _, _ = run_eval(step)
+            last = step >= opt.max_steps
+            # the last step is evaluated here too, before its checkpoint is written, so that the checkpoint's history
+            # and best-model state include it (a run resumed from it with more steps chooses as an uninterrupted one)
+            if (eval_cfg.steps and step % eval_cfg.steps == 0) or last:
+                metrics, views, masks = run_eval(step)
+                if last:
+                    final_eval = (metrics, views, masks)
                 if metrics:
                     history.append({"step": step, **metrics})
-                improved = choose(step, metrics)
+                improved = choose(step, metrics, final=last)
                 stopped_early = best is not None and best.stopped_early
                 if stopped_early and accelerator.is_main_process:
                     logger.warning(
@@ -1039,17 +1087,36 @@ def _run_pretraining(
     if skipped.total or skipped.modality_total:  # samples dropped whole, or modality values (the default policy)
         skipped.log("pretraining batches (this process, this run segment; each sample counted once)")
     final = out / "final"
-    metrics, views, masks = {}, None, None
-    if not stopped_early:  # an early stop ends on an evaluation the loop already counted and recorded
-        metrics, views, masks = run_eval(step)
-        if metrics:
-            history.append({"step": step, **metrics})
-        choose(step, metrics)
-    kept_step = step
+    metrics, views, masks = final_eval if final_eval is not None else ({}, None, None)
+    if final_eval is None and not stopped_early:  # an early stop ends on an evaluation the loop already counted
+        # this segment trained no step (a finished run resumed, or optim.max_steps lowered to a saved step): the
+        # checkpoint's own evaluation, if it has one, was counted when it was first run; it is repeated for the
+        # held-out numbers and views only
+        if any(h.get("step") == step and "eval_loss" in h for h in history):
+            metrics, views, masks = run_eval(step, track=False)
+        else:
+            metrics, views, masks = run_eval(step)
+            if metrics:
+                history.append({"step": step, **metrics})
+            choose(step, metrics, final=True)
+    kept_step, best_missing = step, None
     if best is not None and best.step is not None and best.step != step:
-        # final/ gets the best evaluation's weights (and its optimizer state, which the trained-rows count reads)
-        accelerator.load_state(str(ckpt_dir / best.checkpoint))
-        kept_step = best.step
+        if (ckpt_dir / best.checkpoint).is_dir():
+            # final/ gets the best evaluation's weights (and its optimizer state, which the trained-rows count reads)
+            accelerator.load_state(str(ckpt_dir / best.checkpoint))
+            kept_step = best.step
+        else:  # deleted by hand after it was chosen: the run keeps its last weights and says so, it does not fail
+            best_missing = str(ckpt_dir / best.checkpoint)
+            if accelerator.is_main_process:
+                logger.error(
+                    "the best held-out %s (%.4f) was step %d's, but %s is gone: final/ holds the last step's (%d) "
+                    "weights instead",
+                    best.metric,
+                    best.value,
+                    best.step,
+                    best_missing,
+                    step,
+                )
     if kept_step != step or stopped_early:  # the held-out numbers (and views for the plots) of the kept weights
         metrics, views, masks = run_eval(kept_step, track=False)
         if kept_step != step and accelerator.is_main_process:
@@ -1062,6 +1129,8 @@ def _run_pretraining(
                 step,
             )
     best_model = {**best.summary(), "last_step": step} if best is not None else None
+    if best_missing:
+        best_model["checkpoint_missing"] = best_missing
     # The full state dict, gathered from the shards under ZeRO-3/FSDP: a collective, every rank calls it.
     state_dict = accelerator.get_state_dict(trainer)
     unwrapped = accelerator.unwrap_model(trainer)
@@ -1166,15 +1235,7 @@ def _summary(
         "=" * 100,
         f"Pretraining finished. Run directory: {out.resolve()}",
         f"  backbone (AutoModel)   {final.resolve()}  (config.json + model.safetensors)",
-        *(
-            [
-                f"  kept weights           step {best_model['step']} of {best_model['last_step']}: the best held-out "
-                f"{best_model['metric']} ({best_model['value']:.4f}) of {best_model['evaluations']} evaluations"
-                + (" (stopped early)" if best_model["stopped_early"] else "")
-            ]
-            if best_model and best_model.get("step") is not None
-            else []
-        ),
+        *([f"  kept weights           {kept_weights_text(best_model)}"] if best_model else []),
         f"  processors             {final.resolve()}  (BioPerceiverProcessor.from_pretrained)",
         f"  projection head        {(final / PROJECTION_HEAD_FILE).resolve()}  (embed --space projected)",
         f"  run config             {(final / RUN_CONFIG).resolve()}  (also in every checkpoint)",
