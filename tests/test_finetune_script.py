@@ -694,8 +694,7 @@ def test_the_log_history_and_learning_curves_show_every_evaluation_and_the_kept_
 
     def keep(fig, path, **kw):
         drawn[Path(path).name] = [
-            (ax.get_title(), [(line.get_label(), list(line.get_xdata())) for line in ax.get_lines()])
-            for ax in fig.axes
+            (ax.get_title(), [(line.get_label(), list(line.get_xdata())) for line in ax.get_lines()]) for ax in fig.axes
         ]
         return real_savefig(fig, path, **kw)
 
