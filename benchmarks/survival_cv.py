@@ -1100,9 +1100,22 @@ def run_cohort(args, manifest, cohort: str, runners: dict, out: Path) -> dict:
                 settings["pca_rows"] = pca_rows  # likewise; cox_clinical and the trained arms fit no PCA
             if n_inner and model not in BP_ARMS:
                 settings["selection"] = {"inner_cv": n_inner}  # likewise; the trained arms keep the validation part
+            bp_inner = bp_inner_cv_folds(args, model)
+            if bp_inner:  # --bp_selection inner_cv: its own cache key (the rates are part of it)
+                settings["selection"] = {"inner_cv": bp_inner, "lrs": bp_lrs(args, model)}
             settings_of[model] = settings
             path = out / "cache" / cohort / f"fold{k}" / f"{model}.json"
-            if model in BP_ARMS and len(lrs := bp_lrs(args, model)) > 1:
+            if bp_inner:
+                path = path.with_name(f"{model}_innercv.json")
+                rel = path.relative_to(out / "cache")
+                rec = find_cached(path, settings, [Path(d) / "cache" / rel for d in args.reuse_cache])
+                origin["cached" if rec is not None else "ran"].append(f"f{k}:{model}")
+                if rec is None:
+                    t0 = time.perf_counter()
+                    rec = bp_inner_cv(args, manifest, rows, part, runners[model], cohort, k, model, bp_inner)
+                    rec["wall_s"] = round(time.perf_counter() - t0, 1)
+                    rec = store(path, settings, rec)
+            elif model in BP_ARMS and len(lrs := bp_lrs(args, model)) > 1:
                 grid_origin: list[tuple[str, str]] = []
                 rec = lr_grid_record(
                     settings,
@@ -1244,9 +1257,113 @@ def bp_modalities(args, rows: pd.DataFrame) -> list[str]:
     return [m for m in present if not args.bp_modalities or m in args.bp_modalities]
 
 
-def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str, lr: float | None = None) -> dict:
+def bp_inner_cv_folds(args, model: str) -> int:
+    """Inner folds of ``--bp_selection inner_cv`` for a full-finetuning trained arm (0: the validation part)."""
+    if getattr(args, "bp_selection", "validation") != "inner_cv" or model not in BP_ARMS:
+        return 0
+    return int(args.inner_folds) if BP_ARMS[model]["mode"] == "full" else 0
+
+
+def inner_cv_curve(histories: list[list[dict]], events: list[int]) -> np.ndarray:
+    """The held-out Cox loss per epoch over the inner folds: each fold's ``eval_loss`` (the mean negative log
+    partial likelihood per event of its held-out patients) weighted by the fold's events, i.e. their partial
+    likelihoods summed over folds and divided by all the events. Folds without an event have no partial likelihood
+    and carry no weight. ``histories``: each inner run's ``log_history``."""
+    per_fold = [[h["eval_loss"] for h in hist if "eval_loss" in h] for hist in histories]
+    n = min(len(c) for c in per_fold)
+    curves, weights = np.array([c[:n] for c in per_fold], float), np.asarray(events, float)
+    usable = (weights > 0)[:, None] & np.isfinite(curves)
+    total = np.where(usable, curves * weights[:, None], 0.0).sum(0)
+    return total / np.where(usable, weights[:, None], 0.0).sum(0)
+
+
+def bp_inner_cv(args, manifest, rows, part, runner, cohort: str, k: int, model: str, n_folds: int) -> dict:
+    """``--bp_selection inner_cv``: fold ``k``'s learning rate and epoch count chosen by ``n_folds`` inner folds of
+    every labelled patient (training + validation; :func:`finetune_tasks.inner_folds`, the Cox models' split of the
+    same fold), then one run refitted on all of them and scored once on test.
+
+    Each rate of ``--bp_lrs`` trains on every inner fold's rest for the arm's epochs, evaluated on the held-out
+    inner fold every epoch, keeping its last epoch (no checkpoint selection); the (rate, epoch) whose held-out Cox loss
+    over the inner folds (:func:`inner_cv_curve`) is lowest wins (ties: the earlier epoch, then the earlier rate), as
+    ``xgb.cv`` chooses a number of rounds. The refit trains that many epochs (its cosine schedule spans them) on
+    training + validation without evaluation. The inner runs' test predictions are never read. The record's
+    ``validation`` is the chosen setting's mean inner C-index (reported, never used)."""
+    pool = np.concatenate([np.asarray(part["train"]), np.asarray(part["validation"])])
+    held = ft.inner_folds(rows, pool, n_folds, inner_seed(args, k))
+    events = [int(rows.loc[h, "label_survival_event"].astype(int).sum()) for h in held]
+    curves, c_index = {}, {}
+    for lr in bp_lrs(args, model):
+        histories = []
+        for j, h in enumerate(held):
+            inner = {"train": np.setdiff1d(pool, h), "validation": np.asarray(h), "test": np.asarray(part["test"])}
+            r = run_bp(
+                args,
+                manifest,
+                rows,
+                inner,
+                runner,
+                cohort,
+                k,
+                model,
+                lr=lr,
+                suffix=f"_inner{j}of{len(held)}",
+                cfg_update={"keep_last": True},
+                more=("--save_strategy", "no"),
+            )
+            histories.append(json.loads((Path(r["run_dir"]) / "trainer_state.json").read_text())["log_history"])
+        curves[lr] = inner_cv_curve(histories, events)
+        c_index[lr] = np.nanmean(
+            [[h["eval_c_index"] for h in hist if "eval_c_index" in h][: len(curves[lr])] for hist in histories], 0
+        )
+    order = [(lr, e) for lr in curves for e in range(len(curves[lr]))]  # ties: the earlier epoch, the earlier rate
+    finite = [(lr, e) for lr, e in order if np.isfinite(curves[lr][e])]
+    if not finite:
+        return {"skipped": f"{cohort} fold {k}: no inner fold had an event to score"}
+    lr, e = min(finite, key=lambda le: (curves[le[0]][le[1]], le[1], list(curves).index(le[0])))
+    refit = run_bp(
+        args,
+        manifest,
+        rows,
+        {"train": pool, "validation": np.array([], dtype=pool.dtype), "test": np.asarray(part["test"])},
+        runner,
+        cohort,
+        k,
+        model,
+        lr=lr,
+        suffix="_refit",
+        cfg_update={"keep_last": True, "epochs": e + 1},
+        more=("--eval_strategy", "no", "--save_strategy", "no"),
+    )
+    return {
+        "validation": float(c_index[lr][e]),
+        "test": refit["test"],
+        "risk_test": refit["risk_test"],
+        "epochs": e + 1,
+        "lr": lr,
+        "selected": {"lr": lr, "epochs": e + 1, "inner_folds": len(held), "inner_events": events},
+        "inner_cv_loss": {f"{lr:g}": [round(float(x), 6) for x in c] for lr, c in curves.items()},
+    }
+
+
+def run_bp(
+    args,
+    manifest,
+    rows,
+    part,
+    runner,
+    cohort: str,
+    k: int,
+    model: str,
+    lr: float | None = None,
+    *,
+    suffix: str = "",
+    cfg_update: dict | None = None,
+    more: tuple[str, ...] = (),
+) -> dict:
     """One finetuning run of a trained BioPerceiver arm on fold ``k``; ``lr`` overrides the arm's rate (a
-    ``--bp_lrs`` grid point, whose run folder is tagged with it)."""
+    ``--bp_lrs`` grid point, whose run folder is tagged with it). ``suffix`` tags the run folder further,
+    ``cfg_update`` changes the finetuning setting and ``more`` adds run_finetune arguments (the inner-CV runs of
+    :func:`bp_inner_cv`). The record carries ``run_dir``, the run's output folder."""
     modalities = bp_modalities(args, rows)
     if not modalities:
         return {"skipped": f"{cohort} has none of --bp_modalities {args.bp_modalities}"}
@@ -1259,7 +1376,7 @@ def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str, 
     path = manifest.base_dir / f"cv_{cohort}_fold{k}.parquet"
     ft.write_split_manifest(manifest, rows, split, cols, path)
     extra = [] if BP_ARMS[model]["pretrained"] else ["--preset", args.random_preset]
-    cfg = bp_config(args, model, modalities)
+    cfg = {**bp_config(args, model, modalities), **(cfg_update or {})}
     if "head_linear" in cfg:
         extra += ["--head_linear_modalities", *cfg["head_linear"]]
     if cfg.get("head_linear_per_modality"):
@@ -1279,18 +1396,21 @@ def run_bp(args, manifest, rows, part, runner, cohort: str, k: int, model: str, 
     tag += "_val" if subsample_validation(args) else ""
     if isinstance(runner, PerFoldRunner):
         runner = runner.for_fold(k)
+    tag += (f"_init{args.init_seed}" if init_settings(args) else "") + suffix
     r = runner.run(
-        tag + (f"_init{args.init_seed}" if init_settings(args) else ""),
+        tag,
         path,
         ["--task", "survival"],
         cfg if lr is None else {**cfg, "lr": lr},
         seed=args.init_seed,
         modalities=modalities,
-        extra=extra,
+        extra=[*extra, *more],
     )
     pred = r["pred"].set_index("sample_id")
     risk = pred.loc[[str(i) for i in part["test"]], "risk"].to_numpy(float)
     out = {"validation": r["validation"], "test": r["test"], "risk_test": risk.tolist(), "epochs": r["epochs"]}
+    if getattr(runner, "args", None) is not None and hasattr(runner.args, "work_dir"):
+        out["run_dir"] = str(Path(runner.args.work_dir) / "runs" / tag)
     if kept := r.get("best_checkpoint"):  # the epoch --load_best_model_at_end kept, its ties and the tie rule
         out["best_checkpoint"] = {k: kept[k] for k in ("epoch", "evaluations", "tied_evaluations")}
         out["best_checkpoint"]["ties"] = kept.get("ties", "first")  # records before --best_model_ties: transformers'
@@ -1393,13 +1513,23 @@ def report_lines(res: dict) -> list[str]:
             "every patient of the cohort but the fold's test ones, labelled or not (`--pca_rows non_test`).",
             "",
         ]
+    bp_inner = res.get("bp_selection", {}).get("inner_folds")
     if res.get("selection", {}).get("rule") == "inner_cv":
         lines += [
             f"Models without neural training chose their settings by {res['selection']['inner_folds']}-fold inner "
             "cross-validation on every labelled patient of the fold (training + validation parts; the cross-validated "
             "partial likelihood for Cox, the pooled out-of-fold C-index for the forest) and were refitted on all of "
-            "them (`--selection inner_cv`); their *validation* below is the pooled out-of-fold C-index. The trained "
-            "networks chose on the validation part.",
+            "them (`--selection inner_cv`); their *validation* below is the pooled out-of-fold C-index."
+            + (" The trained networks chose on the validation part." if not bp_inner else ""),
+            "",
+        ]
+    if bp_inner:
+        lines += [
+            f"The full-finetuning networks chose their learning rate and epoch count by {bp_inner}-fold inner "
+            "cross-validation on every labelled patient of the fold (the lowest held-out Cox loss over the inner "
+            "folds, every epoch of every rate) and were refitted on all of them for that many epochs without "
+            "validation (`--bp_selection inner_cv`); their *validation* below is the chosen setting's mean inner "
+            "C-index.",
             "",
         ]
     lines += [
@@ -1466,8 +1596,13 @@ def report_lines(res: dict) -> list[str]:
     )
     fold_picks(
         [m for m in models if any("lr" in r["models"].get(m, {}) for r in res["cohorts"].values())],
-        "learning rate per fold (by validation C-index)",
-        lambda s: ", ".join(f"{x:g}" for x in s.get("lr", ())),
+        "learning rate per fold (by inner CV, with epochs)"
+        if bp_inner
+        else "learning rate per fold (by validation C-index)",
+        lambda s: ", ".join(
+            f"{x:g}" + (f" × {e['epochs']}" if bp_inner and isinstance(e, dict) and "epochs" in e else "")
+            for x, e in zip(s.get("lr", ()), s.get("selected") or [None] * len(s.get("lr", ())))
+        ),
     )
     if CANDIDATE_ARM in models:  # which candidate each fold kept, and how often each was kept
         fold_picks(
@@ -1659,6 +1794,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--inner_folds", type=int, default=5, help="inner folds of --selection inner_cv")
     p.add_argument(
+        "--bp_selection",
+        choices=("validation", "inner_cv"),
+        default="validation",
+        help="how the full-finetuning bp_* arms choose their learning rate (--bp_lrs) and epoch: on the fold's "
+        "validation part, trained on its training part (the recorded rule), or inner_cv: by --inner_folds patient-"
+        "level folds of training + validation (the same folds as the Cox models' with --selection inner_cv), each "
+        "rate's runs evaluated every epoch; the (rate, epoch) with the lowest held-out Cox loss over the inner "
+        "folds (their partial likelihoods summed, weighted by events) is refitted on training + validation for that "
+        "many epochs, without any validation, and scored once on test",
+    )
+    p.add_argument(
         "--pca_rows",
         choices=("train", "non_test"),
         default="train",
@@ -1832,6 +1978,10 @@ def main(argv=None) -> dict:
         "baseline_ties": {"cox": args.baseline_ties, "rsf": "first"},
         "pca_rows": args.pca_rows,
         "selection": {"rule": args.selection, **({"inner_folds": args.inner_folds} if inner_cv_folds(args) else {})},
+        "bp_selection": {
+            "rule": args.bp_selection,
+            **({"inner_folds": args.inner_folds} if args.bp_selection == "inner_cv" else {}),
+        },
         "embedding_arms": {a: {**EMB_ARMS[a], "modality": EMB_MODALITY} for a in EMB_ARMS if a in args.bp_arms},
         "emb_candidates": emb_candidates(args),
         "manifest": str(manifest.path) if hasattr(manifest, "path") else str(data_dir),

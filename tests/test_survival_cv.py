@@ -1510,3 +1510,73 @@ def test_candidate_arm_end_to_end_reads_each_backbone_s_run_back_and_refits_the_
     f = fresh["cohorts"]["nki70"]["models"][cv.CANDIDATE_ARM]
     assert f["selected"] == model["selected"]
     assert f["test"]["per_fold"] == pytest.approx(model["test"]["per_fold"])
+
+
+def test_inner_cv_curve_weights_each_inner_fold_by_its_events():
+    hist = [
+        [{"eval_loss": 2.0, "epoch": 1}, {"loss": 9.0}, {"eval_loss": 1.0, "epoch": 2}],
+        [{"eval_loss": 4.0, "epoch": 1}, {"eval_loss": 3.0, "epoch": 2}],
+        [{"eval_loss": float("nan"), "epoch": 1}, {"eval_loss": 50.0, "epoch": 2}],  # no event: no weight
+    ]
+    curve = cv.inner_cv_curve(hist, [1, 3, 0])
+    np.testing.assert_allclose(curve, [(2.0 * 1 + 4.0 * 3) / 4, (1.0 * 1 + 3.0 * 3) / 4])
+
+
+def test_bp_inner_cv_chooses_rate_and_epoch_on_inner_folds_and_refits_on_every_labelled_patient(tmp_path, monkeypatch):
+    """--bp_selection inner_cv: each rate trains on every inner fold's rest of training + validation (the Cox
+    models' inner split), evaluated each epoch on the held-out inner fold, keeping its last epoch; the (rate, epoch)
+    with the lowest event-weighted held-out loss is refitted on all labelled patients for that many epochs, without
+    validation; no test patient is ever trained or validated on, and the record's test is the refit's."""
+    from types import SimpleNamespace
+
+    n = 20
+    ids = [f"p{i}" for i in range(n)]
+    rows = pd.DataFrame(
+        {"patient_id": ids, "tabular_clinical": [None] * n, "label_survival_event": [i % 2 for i in range(n)]},
+        index=ids,
+    )
+    part = {"train": np.array(ids[:12]), "validation": np.array(ids[12:16]), "test": np.array(ids[16:])}
+    splits = []
+    monkeypatch.setattr(cv.ft, "write_split_manifest", lambda m, r, split, cols, path: splits.append(split.copy()))
+    # the scripted held-out loss per (rate, epoch): rate 1e-3 reaches the lowest at epoch 2 (ties with 3e-3's epoch 2,
+    # which comes later in the grid), 3e-4 never gets there
+    loss = {3e-4: [3.0, 2.9, 2.8], 1e-3: [2.5, 2.0, 2.2], 3e-3: [2.4, 2.0, 2.6]}
+
+    class Runner:
+        args = SimpleNamespace(work_dir=str(tmp_path))
+
+        def __init__(self):
+            self.calls = []
+
+        def run(self, tag, path, task_args, cfg, *, seed, modalities, extra):
+            self.calls.append({"tag": tag, "cfg": cfg, "extra": list(extra)})
+            out = tmp_path / "runs" / tag
+            out.mkdir(parents=True, exist_ok=True)
+            if "_inner" in tag:
+                hist = [{"epoch": e + 1, "eval_loss": x, "eval_c_index": 0.6} for e, x in enumerate(loss[cfg["lr"]])]
+                (out / "trainer_state.json").write_text(json.dumps({"log_history": hist}))
+            pred = pd.DataFrame({"sample_id": ids[16:], "risk": np.linspace(0, 1, 4)})
+            return {"pred": pred, "validation": float("nan"), "test": 0.71, "epochs": cfg["epochs"]}
+
+    runner = Runner()
+    args = cv.parse_args(["--bp_selection", "inner_cv", "--bp_lrs", "3e-4", "1e-3", "3e-3", "--inner_folds", "4"])
+    assert cv.bp_inner_cv_folds(args, "bp_pretrained") == 4 and cv.bp_inner_cv_folds(args, "bp_pretrained_probe") == 0
+    assert cv.bp_inner_cv_folds(cv.parse_args([]), "bp_pretrained") == 0
+    rec = cv.bp_inner_cv(args, SimpleNamespace(base_dir=tmp_path), rows, part, runner, "coh", 0, "bp_pretrained", 4)
+    pool = set(ids[:16])
+    held = cv.ft.inner_folds(rows, np.array(ids[:16]), 4, cv.inner_seed(args, 0))
+    assert len(runner.calls) == 3 * 4 + 1
+    for i, split in enumerate(splits[:-1]):  # the inner runs: rate-major, then inner fold
+        fold = set(held[i % 4])
+        assert set(split[split == "validation"].index) == fold
+        assert set(split[split == "train"].index) == pool - fold
+        assert set(split[split == "test"].index) == set(ids[16:])  # predicted, never read
+        assert runner.calls[i]["cfg"]["keep_last"] is True and "--save_strategy" in runner.calls[i]["extra"]
+    refit = splits[-1]
+    assert set(refit[refit == "train"].index) == pool and not (refit == "validation").any()
+    last = runner.calls[-1]
+    assert last["cfg"]["lr"] == 1e-3 and last["cfg"]["epochs"] == 2 and last["tag"].endswith("_refit")
+    assert last["extra"][last["extra"].index("--eval_strategy") + 1] == "no"
+    assert rec["lr"] == 1e-3 and rec["epochs"] == 2 and rec["test"] == 0.71 and rec["validation"] == 0.6
+    assert rec["selected"]["inner_folds"] == 4 and sum(rec["selected"]["inner_events"]) == 8
+    assert rec["inner_cv_loss"]["0.001"] == [2.5, 2.0, 2.2]
