@@ -382,6 +382,50 @@ def test_cli_attaches_features_to_a_fitted_folder_without_touching_it(tmp_path, 
         script.attach(features, out, out, None)
     with pytest.raises(ValueError, match="no omics modality"):
         script.attach(features, tmp_path / "fitted", tmp_path / "x", ["tabular_clinical"])
+    # re-running into the copy it wrote replaces it; a folder it did not write, or one holding the fitted folder,
+    # is refused and left as it was (it used to be deleted: a run folder with its model, for one)
+    assert script.main(argv) == 0
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "model.safetensors").write_bytes(b"weights")
+    (run / "results.json").write_text("{}")
+    for output in (run, run / "final"):
+        with pytest.raises(ValueError, match="is not a copy this command wrote"):
+            script.attach(features, tmp_path / "fitted", output, None)
+    with pytest.raises(ValueError, match="holds --attach_to"):
+        script.attach(features, tmp_path / "fitted", tmp_path, None)
+    assert (run / "final" / "model.safetensors").read_bytes() == b"weights" and (run / "results.json").exists()
+
+
+def test_a_table_built_elsewhere_is_matched_case_blind_and_checked(tmp_path):
+    """Names and aliases match in any case; a duplicate gene, NaN, inf or a value float16 cannot hold is refused
+    when the table is made (not per sample at batching); a truncated or foreign file names itself and the fix."""
+    table = GeneFeatures(["Actb", "C1orf43", "TP53"], np.eye(3), {"p53alias": "tp53"})
+    assert [table.row_of(n) for n in ("ACTB", "actb", "c1orf43", "P53ALIAS", "tp53")] == [0, 0, 1, 2, 2]
+    with pytest.raises(ValueError, match="more than once"):
+        GeneFeatures(["ACTB", "actb"], np.eye(2))
+    for bad in (np.nan, np.inf, 1e5):
+        with pytest.raises(ValueError, match="NaN, inf or values beyond float16"):
+            GeneFeatures(["A", "B"], np.array([[bad, 0.0], [0.0, 1.0]]))
+    path = table.save(tmp_path / "t.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[:40])
+    (tmp_path / "csv.safetensors").write_text("gene,f1\nACTB,0.1\n")
+    for name in ("cut.safetensors", "csv.safetensors"):
+        with pytest.raises(ValueError, match=rf"{name}.*build_gene_features\.py"):
+            GeneFeatures.load(tmp_path / name)
+
+
+def test_features_that_know_no_vocabulary_gene_are_refused_and_replace_needs_features(tmp_path, features):
+    cells = _cohort(tmp_path, "ens", [f"ENSG{i:011d}" for i in range(10)], 12, 0)
+    with pytest.raises(DataError, match="knows none of the 10 vocabulary genes"):
+        OmicsProcessor("omics", normalization="none", zscore=True, gene_features_file=str(features)).fit(
+            cells, base_dir=tmp_path
+        )
+    proc = OmicsProcessor("omics", normalization="none", zscore=True).fit(cells, base_dir=tmp_path)
+    with pytest.raises(DataError, match="gene_features_file unset"):
+        proc.attach_gene_features(features)
+    with pytest.raises(ValueError, match="needs gene features"):
+        OmicsConfig(gene_feature_mode="replace")
 
 
 def test_settings_checks_accept_the_same_feature_file_named_differently(tmp_path, features):

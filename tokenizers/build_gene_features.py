@@ -62,6 +62,13 @@ def attach(features: Path, processor_dir: Path, output_dir: Path, modalities: li
 
     if output_dir.resolve() == processor_dir.resolve():
         raise ValueError(f"--output_dir {output_dir} is the fitted folder itself: write the copy elsewhere")
+    if processor_dir.resolve().is_relative_to(output_dir.resolve()):
+        raise ValueError(f"--output_dir {output_dir} holds --attach_to {processor_dir}: write the copy elsewhere")
+    if output_dir.exists() and not (output_dir / "gene_features_attached.json").is_file() and any(output_dir.iterdir()):
+        # only a folder this command wrote is replaced: anything else there (a run, a model) is the user's
+        raise ValueError(
+            f"--output_dir {output_dir} exists and is not a copy this command wrote: choose a new or empty folder"
+        )
     processor = BioPerceiverProcessor.from_pretrained(processor_dir)
     omics = [name for name, proc in processor.processors.items() if hasattr(proc, "attach_gene_features")]
     chosen = modalities or omics

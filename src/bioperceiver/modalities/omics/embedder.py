@@ -49,6 +49,11 @@ class OmicsConfig:
             raise ValueError(f"gene_feature_dim must be >= 0, got {self.gene_feature_dim}")
         if self.gene_feature_mode not in GENE_FEATURE_MODES:
             raise ValueError(f"gene_feature_mode must be one of {GENE_FEATURE_MODES}, got {self.gene_feature_mode!r}")
+        if self.gene_feature_mode != "add" and not self.gene_feature_dim:
+            raise ValueError(
+                f"gene_feature_mode={self.gene_feature_mode!r} needs gene features (gene_feature_dim > 0): give the "
+                "omics processor a gene_features_file, or drop the mode"
+            )
         if self.value_embedding not in VALUE_EMBEDDINGS:
             raise ValueError(f"value_embedding must be one of {VALUE_EMBEDDINGS}, got {self.value_embedding!r}")
 

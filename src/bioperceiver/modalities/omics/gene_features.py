@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 ANNOTATION_TABLES = {"go_bp": "go_id", "go_mf": "go_id", "go_cc": "go_id", "kegg": "path_id"}
 FILE_FORMAT = "bioperceiver-gene-features/1"
 META_KEY = "bioperceiver_gene_features"
+FLOAT16_MAX = 65504.0  # the file stores float16
 
 
 @dataclass
@@ -63,6 +64,23 @@ class GeneFeatures:
         self.matrix = np.asarray(self.matrix, dtype=np.float32)
         if self.matrix.ndim != 2 or self.matrix.shape[0] != len(self.symbols):
             raise ValueError(f"matrix {self.matrix.shape} must be (len(symbols)={len(self.symbols)}, dim)")
+        # names are matched upper case (row_of); a table built elsewhere may hold mixed case
+        self.symbols = [str(s).strip().upper() for s in self.symbols]
+        self.aliases = {str(a).strip().upper(): str(s).strip().upper() for a, s in self.aliases.items()}
+        dupes = sorted(s for s, n in Counter(self.symbols).items() if n > 1)
+        if dupes:
+            raise ValueError(
+                f"gene feature table: {len(dupes)} symbol(s) appear more than once (case ignored), e.g. {dupes[:5]}; "
+                "keep one row per gene"
+            )
+        bad = ~np.isfinite(self.matrix).all(axis=1) | (np.abs(self.matrix) > FLOAT16_MAX).any(axis=1)
+        if bad.any():
+            rows = [self.symbols[i] for i in np.flatnonzero(bad)[:5]]
+            raise ValueError(
+                f"gene feature table: {int(bad.sum())} row(s) hold NaN, inf or values beyond float16's range "
+                f"(|x| > {FLOAT16_MAX:g}, which the saved float16 file cannot hold), e.g. {rows}; the features are "
+                "meant to be within [-1, 1] (build_gene_features.py's are)"
+            )
         self._row = {s: i for i, s in enumerate(self.symbols)}
 
     @property
@@ -130,17 +148,28 @@ class GeneFeatures:
                 f"no gene feature file at {path}. Fix: build one with tokenizers/build_gene_features.py (from "
                 "Bioconductor's org.Hs.eg.db), or use the one shipped in tokenizers/gene_features/"
             )
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            if META_KEY in meta:
-                fields = json.loads(meta[META_KEY])
-            else:  # one entry per field, each a JSON string: the first files' layout (before 2026-12-06 13:10)
-                fields = {k: v if k == "format" else json.loads(v) for k, v in meta.items()}
-            if fields.get("format") != FILE_FORMAT:
-                fmt = fields.get("format")
-                raise ValueError(f"{path} is not a gene feature file (format {fmt!r}, not {FILE_FORMAT})")
-            matrix = f.get_tensor("features").astype(np.float32)
-        return cls(fields["symbols"], matrix, fields["aliases"], fields["source"])
+        fix = (
+            "Fix: rebuild it with tokenizers/build_gene_features.py, or copy it again from where it was built (a "
+            "saved processor folder holds its own copy)"
+        )
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                if META_KEY in meta:
+                    fields = json.loads(meta[META_KEY])
+                else:  # one entry per field, each a JSON string: the first files' layout (before 2026-12-06 13:10)
+                    fields = {k: v if k == "format" else json.loads(v) for k, v in meta.items()}
+                if fields.get("format") != FILE_FORMAT:
+                    fmt = fields.get("format")
+                    raise ValueError(f"{path} is not a gene feature file (format {fmt!r}, not {FILE_FORMAT}). {fix}")
+                matrix = f.get_tensor("features").astype(np.float32)
+            return cls(fields["symbols"], matrix, fields.get("aliases", {}), fields.get("source", {}))
+        except ValueError as exc:
+            if str(path) in str(exc):
+                raise
+            raise ValueError(f"gene feature file {path}: {exc}. {fix}") from exc
+        except Exception as exc:  # a truncated or foreign file: safetensors' own error does not name the path
+            raise ValueError(f"gene feature file {path} cannot be read ({type(exc).__name__}: {exc}). {fix}") from exc
 
 
 def _annotations(con: sqlite3.Connection, tables: Iterable[str]) -> dict[int, set[str]]:

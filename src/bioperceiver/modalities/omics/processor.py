@@ -413,6 +413,8 @@ class OmicsProcessor(ModalityProcessor):
     def _fit(self, values, sample_ids, base_dir):
         from collections import Counter
 
+        if self.settings.gene_features_file:  # a bad file fails now, not after every training profile is parsed
+            self._feature_table()
         parsed = self._parse_all(values, sample_ids, base_dir)
         counts: Counter = Counter()
         for genes, _, _ in parsed:
@@ -432,6 +434,7 @@ class OmicsProcessor(ModalityProcessor):
             vocab += pc_names(self.settings.pcs)  # no sample measures them: z-score statistics 0 / 1
         self.state = {"genes": vocab, "fitted_on": len(values)}
         self._on_load()
+        self._check_feature_coverage()
         if self.settings.zscore:
             mean, std = _mean_std(*self._sums(parsed, len(vocab)))
             self.state["mean"] = mean.tolist()
@@ -772,7 +775,33 @@ class OmicsProcessor(ModalityProcessor):
         self.settings = dataclasses.replace(self.settings, gene_features_file=str(path))
         self._gene_table = table
         self._on_load()
+        self._check_feature_coverage()
         return self.gene_feature_coverage()
+
+    def _check_feature_coverage(self) -> None:
+        """A feature table that knows none of the vocabulary's genes would build a model with an all-zero input
+        (and make ``gene_feature_mode: replace`` a plain run): refused, naming the file and the vocabulary's
+        first genes; under 10% known is logged as a warning."""
+        cov = self.gene_feature_coverage()
+        if not cov or not cov["genes"]:
+            return
+        if cov["with_features"] == 0:
+            genes = [g for g in self.state["genes"] if g not in set(pc_names(int(self.settings.pcs or 0)))][:5]
+            raise self.error(
+                "gene_features_match_nothing",
+                f"the gene feature file {self.settings.gene_features_file} knows none of the {cov['genes']} "
+                f"vocabulary genes (e.g. {genes}); it is keyed by gene symbols",
+                "map the identifiers to gene symbols first (tokenizers/build_gene_map.py, --gene_map) or leave "
+                "gene_features_file unset",
+            )
+        if cov["with_features"] < 0.1 * cov["genes"]:
+            logger.warning(
+                "omics processor %r: the gene feature file %s knows only %d of %d vocabulary genes",
+                self.name,
+                self.settings.gene_features_file,
+                cov["with_features"],
+                cov["genes"],
+            )
 
     def gene_feature_coverage(self) -> dict[str, int]:
         """``{"genes": vocabulary genes, "with_features": those the feature file knows, "dim": ...}`` (empty without
