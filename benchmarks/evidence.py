@@ -2675,7 +2675,8 @@ def _generalization_gap_part() -> Part:
 def _gap_part(out: str, what: str, families: dict[str, str], needs, minutes: float = 0.5) -> Part:
     """Optional: ``benchmarks/generalization_gap.py`` over ``families`` (label -> a glob of run folders under
     ``survset/``) into ``survset/<out>``."""
-    argv = [PY, "benchmarks/generalization_gap.py"]
+    # seed 0 for every run, as recorded (the script's default became each run's own seed in the thirtieth session)
+    argv = [PY, "benchmarks/generalization_gap.py", "--seed", "0"]
     for label, pattern in families.items():
         argv += ["--backbones", label, f"{W}/survset/{pattern}"]
     return Part(

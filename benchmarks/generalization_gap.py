@@ -7,7 +7,8 @@ training batches with the subset views and the added terms, so its level (and it
 script rebuilds each run's pretrainer (backbone, projection head, loss, decoder) from the checkpoint of its last
 evaluation and runs pretraining's evaluation (:func:`bioperceiver.training.pretraining.evaluate`) twice, with the
 run's batch size, seed and processing: on its evaluation split, which must reproduce the recorded numbers (checked
-and reported), and on as many of its training samples, drawn by patient with ``--seed``. Held-out − training is the
+and reported), and on as many of its training samples, drawn by patient with the run's own seed (as
+``eval.training_patients`` draws them; ``--seed`` overrides). Held-out − training is the
 objective's generalisation gap: it grows as a model fits its own training patients better than it generalises.
 
 Inputs: ``--backbones LABEL GLOB`` (repeatable), the pretraining output folders of one family (e.g. one width, every
@@ -64,9 +65,10 @@ def _numbers(metrics: dict, pair: str) -> dict[str, float]:
     return {name: float(metrics.get(key, np.nan)) for name, key in keys.items()}
 
 
-def run_row(run: Path, seed: int = 0) -> dict:
+def run_row(run: Path, seed: int | None = None) -> dict:
     """One run: pretraining's evaluation of the checkpoint its ``final/`` holds (the last, or the best with
-    ``eval.load_best_model_at_end``) on its held-out split and on training patients."""
+    ``eval.load_best_model_at_end``) on its held-out split and on training patients, drawn with ``seed`` (``None``:
+    the run's own seed, which ``eval.training_patients`` draws with, so the numbers equal the ones the run logged)."""
     import torch
     import transformers
     from safetensors.torch import load_file
@@ -91,10 +93,12 @@ def run_row(run: Path, seed: int = 0) -> dict:
     trainer.load_state_dict(load_file(str(ckpt)), strict=True)
     manifest = assign_splits(read_manifest(cfg.data.manifest))
     held = manifest.split(cfg.eval.split)
+    seed = cfg.seed if seed is None else seed
     sets = {"held_out": held, "training": training_sample(manifest.split("train"), len(held), seed)}
     batch = int(recorded.get("eval_loss_batch_size", cfg.train.batch_size))
     pair = retrieval_pair(recorded)
-    row: dict = {"run": str(run), "step": step, "samples": len(held), "pair": pair}
+    row: dict = {"run": str(run), "step": step, "samples": len(held), "pair": pair, "seed": seed}
+    row["training_samples"] = len(sets["training"])  # fewer than the held-out split when training has fewer
     for name, part in sets.items():
         ds, collator = evaluation_data(cfg, part, processor)
         metrics, _, _ = evaluate(trainer, ds, collator, batch, n_bootstrap=0, seed=cfg.seed, device=torch.device("cpu"))
@@ -122,10 +126,11 @@ def family_summary(rows: list[dict]) -> dict:
     return out
 
 
-def report_lines(families: dict[str, dict], seed: int) -> list[str]:
+def report_lines(families: dict[str, dict], seed: int | None) -> list[str]:
+    drawn = "each run's own seed" if seed is None else f"seed {seed}"
     lines = [
         "Pretraining's own evaluation of each run's kept checkpoint on its held-out split and on as many training "
-        f"samples (whole patients, drawn with seed {seed}); gap = held-out − training. Mean ± SD over runs.",
+        f"samples (whole patients, drawn with {drawn}); gap = held-out − training. Mean ± SD over runs.",
         "",
         "| family | runs (held-out reproduced) | number | training patients | held-out | gap |",
         "|---|---|---|---|---|---|",
@@ -163,7 +168,12 @@ def plot(families: dict[str, dict], path: Path) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backbones", nargs=2, action="append", metavar=("LABEL", "GLOB"), required=True)
-    p.add_argument("--seed", type=int, default=0, help="draws the training patients")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="draws the training patients (default: each run's own seed, as eval.training_patients draws them)",
+    )
     p.add_argument("--output_dir", type=Path, required=True)
     return p.parse_args(argv)
 

@@ -45,6 +45,28 @@ def test_held_out_loss_is_the_mean_over_training_sized_batches_only():
     assert metrics["queries/text-image"] == 10
 
 
+def test_held_out_loss_treats_a_patient_s_other_rows_as_the_training_loss_does():
+    """Rows of one patient in a held-out batch are not each other's negatives, as in the training loss (which passes
+    the batch's patient index): the held-out loss is the training loss's quantity, whatever the row order, and a
+    sample of training patients drawn whole is scored like the held-out split."""
+    from bioperceiver.losses import patient_index
+
+    trainer = _FixedViews(8)
+    pids = ["a", "a", "b", "c", "c", "c", "d", "e"]
+
+    def collate(items, train=False):
+        return {"inputs": {"rows": torch.tensor(items)}, "patient_id": [pids[i] for i in items]}
+
+    metrics, _, _ = evaluate(trainer, list(range(8)), collate, batch_size=8)
+    mask = torch.ones(8, 2, dtype=torch.bool)
+    with torch.no_grad():
+        with_ids = float(trainer.loss_fn(trainer.table, mask, patient_index(pids))["loss"])
+        without = float(trainer.loss_fn(trainer.table, mask)["loss"])
+    assert metrics["eval_loss"] == pytest.approx(with_ids, rel=1e-6) and with_ids != pytest.approx(without, rel=1e-3)
+    one_each, _, _ = evaluate(trainer, list(range(8)), _collate, batch_size=8)  # one row per patient: as before
+    assert one_each["eval_loss"] == pytest.approx(without, rel=1e-6)
+
+
 def test_held_out_set_smaller_than_a_batch_reports_its_own_size():
     metrics, _, _ = evaluate(_FixedViews(3), [0, 1, 2], _collate, batch_size=8)
     assert metrics["eval_loss_batch_size"] == 3 and metrics["eval_loss_batches"] == 1
@@ -206,3 +228,16 @@ def test_loss_curves_say_when_the_objective_has_added_terms_and_plot_the_reconst
     lines = dict(rec_lines)
     assert lines["training batch"] == pytest.approx([1.2 - 0.05 * s for s in range(1, 11)])
     assert lines["held-out"] == [1.05] and lines["predicting the mean, held-out (2.30)"][0] == 2.3
+
+
+def test_card_and_legend_say_when_the_training_split_has_fewer_samples_than_held_out():
+    from bioperceiver.cards import _generalization_line
+    from bioperceiver.training.pretraining import _training_label
+
+    fewer = {"train_patients/eval_loss": 1.0, "eval_gap": 0.2, "train_patients/samples": 12}
+    fewer["train_patients/held_out_samples"] = 28
+    assert "12 training samples (all the training split has; 28 held out" in _generalization_line(fewer)
+    assert _training_label(fewer).startswith("12 training samples (all there are; 28 held out)")
+    alike = {**fewer, "train_patients/samples": 28}
+    assert "as many training samples" in _generalization_line(alike)
+    assert _training_label(alike) == "as many training patients, the same evaluation"

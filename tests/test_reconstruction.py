@@ -431,6 +431,8 @@ def test_the_gap_logged_during_pretraining_is_the_scripts_and_leaves_training_un
     assert any(k.startswith("train_patients/R@1/") for k in recorded)
     card = (rec_run / "logged" / "final" / "README.md").read_text()
     on_train, gap_value = recorded["train_patients/eval_loss"], recorded["eval_gap"]
-    assert f"training samples (whole training patients): {on_train:.3f}" in card
+    many = "as many training samples (whole patients drawn from the training split, the last one cut to fit)"
+    assert f"{many}: {on_train:.3f}" in card
+    assert recorded["train_patients/samples"] == recorded["train_patients/held_out_samples"]
     assert f"gap of the objective is {gap_value:.3f}" in card
     assert "training samples" not in (rec_run / "full" / "final" / "README.md").read_text()

@@ -224,10 +224,14 @@ def _generalization_line(metrics: Mapping[str, Any]) -> str:
     on_train, gap = metrics.get("train_patients/eval_loss"), metrics.get("eval_gap")
     if on_train is None or gap is None:
         return ""
+    n, held = metrics.get("train_patients/samples"), metrics.get("train_patients/held_out_samples")
+    if n is not None and held is not None and n < held:
+        many = f"{int(n)} training samples (all the training split has; {int(held)} held out, so its batches differ)"
+    else:
+        many = "as many training samples (whole patients drawn from the training split, the last one cut to fit)"
     return (
-        f". The same evaluation on as many training samples (whole training patients): {on_train:.3f}, so the "
-        f"held-out − training gap of the objective is {gap:.3f} (the larger, the more pretraining fits its own "
-        "patients rather than patients it has not seen)"
+        f". The same evaluation on {many}: {on_train:.3f}, so the held-out − training gap of the objective is "
+        f"{gap:.3f} (the larger, the more pretraining fits its own patients rather than patients it has not seen)"
     )
 
 

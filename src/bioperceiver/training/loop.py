@@ -895,6 +895,9 @@ def _run_pretraining(
                         device=accelerator.device,
                     )
                     metrics |= {TRAIN_PATIENTS + k: x for k, x in on_train.items() if not k.startswith("queries/")}
+                    # how many: fewer training than held-out samples when the training split is the smaller
+                    metrics[TRAIN_PATIENTS + "samples"] = len(train_eval_ds)
+                    metrics[TRAIN_PATIENTS + "held_out_samples"] = len(eval_ds)
                     if "eval_loss" in on_train and "eval_loss" in metrics:
                         metrics["eval_gap"] = metrics["eval_loss"] - on_train["eval_loss"]
         if accelerator.is_main_process and metrics:

@@ -527,6 +527,7 @@ def evaluate(
     gather parameter shards inside each forward, a collective all ranks must join); the loss is computed per
     process (``local_only``): no cross-rank gather of views."""
     reconstruction = []  # (sse, count, sse of predicting 0) per batch
+    batch_pid: list[torch.Tensor | None] = [None]  # the batch's patient index: one patient's rows are not negatives
 
     def eval_forward(inputs):
         v, m = trainer.views(inputs)
@@ -536,8 +537,8 @@ def evaluate(
                 torch.manual_seed(seed + 7919 * len(reconstruction))
                 sub = trainer._subset_views(inputs, with_latents=False)
             reconstruction.append((float(sub["sse"].sum()), float(sub["count"].sum()), float(sub["sse_mean"])))
-        with local_only():
-            res = trainer.loss_fn(v, m)
+        with local_only():  # like the training loss: a patient's other rows in the batch are not its negatives
+            res = trainer.loss_fn(v, m, batch_pid[0])
             return v, m, res["loss"], res.get("uniform_loss")
 
     # collated on CPU, the batches go where the model computes: ``device`` (the loop passes the accelerator's, right
@@ -551,6 +552,8 @@ def evaluate(
             batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], train=False)
             if batch is None:
                 continue
+            ids = batch.get("patient_id")
+            batch_pid[0] = patient_index([str(p) for p in ids], device=device) if ids is not None else None
             v, m, loss, uniform = trainer(batch_to_device(batch["inputs"], device))
             losses.append((float(loss), len(v), None if uniform is None else float(uniform)))
             views.append(v.float().cpu())
@@ -690,6 +693,14 @@ def plot_similarity(views: torch.Tensor, mask: torch.Tensor, names: list[str], a
     return True
 
 
+def _training_label(record: dict) -> str:
+    """The legend of the training-patient curve: how many samples, said plainly when fewer than held out."""
+    n, held = record.get(TRAIN_PATIENTS + "samples"), record.get(TRAIN_PATIENTS + "held_out_samples")
+    if n is None or held is None or n >= held:
+        return "as many training patients, the same evaluation"
+    return f"{int(n)} training samples (all there are; {int(held)} held out), the same evaluation"
+
+
 def plot_history(
     history: list[dict],
     path,
@@ -743,7 +754,7 @@ def plot_history(
                 [h[TRAIN_PATIENTS_LOSS] for h in on_train],
                 "s--",
                 color="C2",
-                label="as many training patients, the same evaluation",
+                label=_training_label(on_train[-1]),
             )
         size = evals[-1].get("eval_loss_batch_size", batch_size)
         eval_ax.set_title(f"held-out loss (mean over batches of {size} samples)", fontsize=10)
