@@ -1580,3 +1580,38 @@ def test_bp_inner_cv_chooses_rate_and_epoch_on_inner_folds_and_refits_on_every_l
     assert rec["lr"] == 1e-3 and rec["epochs"] == 2 and rec["test"] == 0.71 and rec["validation"] == 0.6
     assert rec["selected"]["inner_folds"] == 4 and sum(rec["selected"]["inner_events"]) == 8
     assert rec["inner_cv_loss"]["0.001"] == [2.5, 2.0, 2.2]
+
+
+def test_bp_selection_inner_cv_end_to_end_with_the_real_finetuning_script(tmp_path):
+    """--bp_selection inner_cv through run_finetune on a real SurvSet cohort: each inner run evaluates every epoch
+    on its held-out inner fold and saves its log history; the refit trains on training + validation (no validation
+    rows) for the chosen number of epochs; the record keeps its own cache file beside the validation rule's."""
+    pytest.importorskip("SurvSet")
+    args = [
+        "--cohorts",
+        "nki70",
+        "--folds",
+        "3",
+        "--quick",
+        "--bp_arms",
+        "bp_random",
+        "--data_dir",
+        str(tmp_path / "c"),
+    ]
+    args += ["--output_dir", str(tmp_path / "cv"), "--bp_selection", "inner_cv", "--inner_folds", "2"]
+    res = cv.main([*args, "--bp_lrs", "1e-3", "3e-3"])
+    model = res["cohorts"]["nki70"]["models"]["bp_random"]
+    assert res["bp_selection"] == {"rule": "inner_cv", "inner_folds": 2}
+    runs = tmp_path / "cv" / "runs"
+    for k, (lr, picked) in enumerate(zip(model["lr"], model["selected"])):
+        assert picked["inner_folds"] == 2 and picked["lr"] == lr and 1 <= picked["epochs"] <= 2  # --quick: 2 epochs
+        inner = sorted(runs.glob(f"nki70_f{k}_bp_random_lr*_inner*of2"))
+        assert len(inner) == 4  # 2 rates x 2 inner folds
+        for run in inner:
+            history = json.loads((run / "trainer_state.json").read_text())["log_history"]
+            assert [h["epoch"] for h in history if "eval_loss" in h] == [1.0, 2.0]
+        (refit,) = runs.glob(f"nki70_f{k}_bp_random_lr{lr:g}_*refit")
+        sizes = json.loads((refit / "all_results.json").read_text())["split_sizes"]
+        assert sizes["validation"].startswith("0 rows") and not sizes["train"].startswith("0 rows")
+        cached = tmp_path / "cv" / "cache" / "nki70" / f"fold{k}" / "bp_random_innercv.json"
+        assert json.loads(cached.read_text())["settings"]["selection"] == {"inner_cv": 2, "lrs": [1e-3, 3e-3]}
