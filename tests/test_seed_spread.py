@@ -561,3 +561,25 @@ def test_against_pairs_each_run_with_its_partner_and_equals_the_direct_differenc
         ss.main([*argv, "--output_dir", str(tmp_path / "o2")])
     with pytest.raises(SystemExit):
         ss.parse_args(["--runs", "r0", "r1", "--against", "p0", "--output_dir", "o"])
+
+
+def test_a_network_chosen_by_inner_cv_is_read_from_its_refit_record(tmp_path):
+    """survival_cv.py --bp_selection inner_cv: one record per fold (the refit, its rate chosen inside it) under
+    ``<arm>_innercv.json``, read instead of the per-rate files a --bp_lrs grid writes; a baseline is read as before."""
+    folder = tmp_path / "run"
+    for k in range(2):
+        base = {"cohort": "c", "fold": k, "seed": 0, "folds": 2}
+        cv.store(
+            folder / "cache" / "c" / f"fold{k}" / "bp_pretrained_innercv.json",
+            {**base, "model": "bp_pretrained"},
+            {"risk_test": [k, 1.0]},
+        )
+        cv.store(folder / "cache" / "c" / f"fold{k}" / "rsf.json", {**base, "model": "rsf"}, {"risk_test": [5.0, k]})
+    models = {"bp_pretrained": {"lr": [3e-3, 1e-3]}, "rsf": {}}
+    res = {"seed": 0, "init_seed": 0, "folds": 2, "cohorts": {"c": {"models": models}}}
+    run = {"folder": str(folder), "res": {**res, "bp_selection": {"rule": "inner_cv", "inner_folds": 3}}}
+    for k in range(2):
+        np.testing.assert_array_equal(ss.cached_risks(run, "c", "bp_pretrained", k), [k, 1.0])
+        np.testing.assert_array_equal(ss.cached_risks(run, "c", "rsf", k, neural=False), [5.0, k])
+    with pytest.raises(FileNotFoundError, match=r"bp_pretrained_lr0\.003\.json is missing"):  # validation rule
+        ss.cached_risks({"folder": str(folder), "res": res}, "c", "bp_pretrained", 0)
