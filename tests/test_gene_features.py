@@ -358,7 +358,10 @@ def test_finetune_with_new_genes_gives_them_features(tmp_path, pretrained):
     assert ext["added"] == 2 and ext["overlap"] == 4 and ext["added_with_features"] == 1  # G20 known, G30 not
     proc = BioPerceiverProcessor.from_pretrained(tmp_path / "ft").processors["omics_expression"]
     assert proc.gene_feature_coverage() == {"genes": 10, "with_features": 8, "dim": 4}
-    assert "1 of the added genes have gene features" in (tmp_path / "ft" / "README.md").read_text()
+    card = (tmp_path / "ft" / "README.md").read_text()
+    assert "1 of the added genes have gene features" in card
+    # the finetuned folder redistributes the feature table: its card names the table's source and licence too
+    assert "gene features (omics_expression)" in card and "licence:" in card
     model = bp.AutoModelForSequenceClassification.from_pretrained(tmp_path / "ft")
     assert model.bioperceiver.embedders["omics_expression"].gene_feature_proj.weight.shape == (32, 4)
 

@@ -582,11 +582,14 @@ def finetuning_card(
     train_manifest=None,
     license: str = "other",
     template: str | Path = "finetuned",
+    processor_notes: Mapping[str, str] | None = None,
 ) -> ModelCard:
     """The card of a finetuned model: task, labels, base model, finetuning configuration, the test metrics with
     bootstrap CIs, results per missing-modality pattern and per modality ablation. ``task``: the
     :class:`~bioperceiver.tasks.Task` (or its saved dict); the results section is the task's
-    (:func:`bioperceiver.evaluation.report.card_results`)."""
+    (:func:`bioperceiver.evaluation.report.card_results`). ``processor_notes``: what the saved processors say about
+    themselves (``ModalityProcessor.card_notes``: the gene feature table's source and licence, which the folder
+    redistributes), as in the pretraining card."""
     from .evaluation.report import card_results
     from .tasks import Task
 
@@ -669,6 +672,7 @@ def finetuning_card(
             text += f"; {share:.0%} of the training profiles' tokens use trained embeddings"
         finetune_cfg[f"vocabulary extension ({name})"] = text
     finetune_cfg.update(task.card_settings(config))
+    finetune_cfg.update(processor_notes or {})
     splits = results.get("split_sizes") or {
         s: results.get(s, {}).get("n") for s in (data_args.get("train_split"), data_args.get("eval_split"), test_split)
     }
