@@ -85,6 +85,8 @@ def test_the_run_config_refuses_settings_that_cannot_work(tmp_path):
         load_run_config(run, ["eval.steps=0", "eval.load_best_model_at_end=true"])
     with pytest.raises(RunConfigError, match=r"needs eval\.load_best_model_at_end=true"):
         load_run_config(run, ["eval.steps=2", "eval.early_stopping_patience=2"])
+    with pytest.raises(RunConfigError, match="no held-out − training gap"):
+        load_run_config(run, ["eval.split=train", "eval.training_patients=true"])
     with pytest.raises(RunConfigError, match="0 or more"):
         load_run_config(run, ["eval.steps=2", "eval.load_best_model_at_end=true", "eval.early_stopping_patience=-1"])
     wrong = launch(

@@ -316,6 +316,12 @@ class EvalConfig:
                 "eval.load_best_model_at_end: the run evaluates only at its end (eval.steps=0), so there is nothing to "
                 "choose among; set eval.steps to evaluate every that many optimizer steps"
             )
+        if self.training_patients and self.split == "train":
+            raise RunConfigError(
+                "eval.training_patients compares the held-out split with training patients, but eval.split=train "
+                "evaluates on training patients already (no held-out − training gap to measure); set eval.split to "
+                "a held-out split or eval.training_patients=false"
+            )
 
 
 @dataclass
