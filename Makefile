@@ -71,7 +71,7 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 
 # Two pytest workers (pytest-xdist; one test file per worker, so module fixtures are built once), one torch thread
-# each: on the 2-core CI machine this took the suite from 15:26 to 3:14-3:25 (6:53 for 885 tests on 2026-12-06, idle; 893 tests since). TEST_WORKERS=0 runs it in one process.
+# each: on the 2-core CI machine this took the suite from 15:26 to 3:14-3:25 (6:53 for 885 tests on 2026-12-06, idle; 906 tests since 2026-12-07). TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 test: lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=15 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
