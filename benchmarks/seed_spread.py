@@ -46,7 +46,6 @@ import json
 import logging
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -279,12 +278,9 @@ def cached_risks(run: dict, cohort: str, model: str, fold: int, *, neural: bool 
     res = run["res"]
     lrs = res["cohorts"].get(cohort, {}).get("models", {}).get(model, {}).get("lr")  # a --bp_lrs grid's pick
     name = f"{model}_lr{lrs[fold]:g}.json" if lrs else f"{model}.json"
-    if (
-        neural
-        and res.get("bp_selection", {}).get("rule") == "inner_cv"
-        and _survival_cv().bp_inner_cv_folds(SimpleNamespace(bp_selection="inner_cv", inner_folds=2), model)
-    ):  # --bp_selection inner_cv: one record per fold (the refit), its rate and epochs chosen inside it
-        name, lrs = f"{model}_innercv.json", None
+    inner = Path(run["folder"]) / "cache" / cohort / f"fold{fold}" / f"{model}_innercv.json"
+    if neural and res.get("bp_selection", {}).get("rule") == "inner_cv" and inner.is_file():
+        name, lrs = inner.name, None  # --bp_selection inner_cv: one record per fold (the refit), its rate chosen inside
     path = Path(run["folder"]) / "cache" / cohort / f"fold{fold}" / name
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: rerun survival_cv.py into {run['folder']} with its arguments")

@@ -378,6 +378,16 @@ class BioPerceiverProcessor:
         """Per modality, what was seen at call time but not tokenised (out-of-vocabulary genes, channels...)."""
         return {name: proc.report() for name, proc in self.processors.items() if proc.report()}
 
+    def card_notes(self, modalities=None) -> dict[str, str]:
+        """What each processor says about itself for a model card (``ModalityProcessor.card_notes``: e.g. the gene
+        feature table's source and licence), keyed ``"<note> (<modality>)"``; ``modalities``: only those."""
+        return {
+            f"{key} ({name})": text
+            for name, proc in self.processors.items()
+            if modalities is None or name in modalities
+            for key, text in proc.card_notes().items()
+        }
+
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

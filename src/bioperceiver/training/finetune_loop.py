@@ -1091,12 +1091,7 @@ def report_run(
         compute=_compute_facts(training_args, results),
         train_manifest=manifest.subset(manifest.table["sample_id"].isin({r["sample_id"] for r in train_recs})),
         license=model_args.license,
-        processor_notes={
-            f"{key} ({name})": text
-            for name, proc in processor.processors.items()
-            if name in modalities
-            for key, text in proc.card_notes().items()
-        },
+        processor_notes=processor.card_notes(modalities),
     )
     card.save(out / "README.md")
     (out / "all_results.json").write_text(dumps(results) + "\n")  # strict JSON (NaN / inf as null)

@@ -1203,11 +1203,7 @@ def _run_pretraining(
                     eval_split=eval_cfg.split,
                     vocabulary_trained=vocabulary_trained,
                     best_model=best_model,
-                    processor_notes={
-                        f"{key} ({name})": text
-                        for name, proc in processor.processors.items()
-                        for key, text in proc.card_notes().items()
-                    },
+                    processor_notes=processor.card_notes(),
                 )
                 card.save(tmp / "README.md")
             except Exception:  # the trained model is saved; a card problem must not lose the run
